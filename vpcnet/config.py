@@ -1,0 +1,239 @@
+"""vpcnet configuration: one flat table of settings, built once into a `Config`.
+
+Every setting has one name used three ways: the environment variable (`VPCNET_CLUSTER_CIDR`), the
+TOML key in `/etc/vpcnet/vpcnet.toml` (`cluster_cidr`, lower case without the prefix), and the managed
+plugin's settable `Env`. The environment wins over the file, the file over the default. `SETTINGS` is the
+single source of truth: the README's configuration table and `plugin/config.json` are checked against
+it by the tests.
+
+Invalid configuration raises `ConfigError` with one line naming the key and the problem.
+"""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+DEFAULT_CONFIG_FILE = "/etc/vpcnet/vpcnet.toml"
+
+
+class ConfigError(Exception):
+    """A configuration value is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    attr: str                  # Config attribute and TOML key
+    default: Any
+    description: str
+    parse: Callable[[str], Any] = str
+    secret: bool = False
+
+    @property
+    def env(self) -> str:
+        return "VPCNET_" + self.attr.upper()
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _cidr_list(text: str) -> tuple[str, ...]:
+    items = [part.strip() for part in text.replace(" ", ",").split(",") if part.strip()]
+    return tuple(str(ipaddress.IPv4Network(item, strict=True)) for item in items)
+
+
+def _cidr_or_empty(text: str) -> str:
+    text = text.strip()
+    return str(ipaddress.IPv4Network(text, strict=True)) if text else ""
+
+
+def _int(text: str) -> int:
+    return int(str(text).strip())
+
+
+def _float(text: str) -> float:
+    return float(str(text).strip())
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("socket", "/run/docker/plugins/vpcnet.sock",
+            "Unix socket the plugin serves; its file name (without .sock) is the driver name"),
+    Setting("state_dir", "/var/lib/vpcnet", "Directory for the sqlite state and the local route table"),
+    Setting("provider", "local", "Route provider: local (embedded, no network calls), aliyun or aws"),
+    Setting("cluster_cidr", "10.200.0.0/16",
+            "Default cluster CIDR: every host's block is carved from it", _cidr_or_empty),
+    Setting("host_prefix", 24, "Prefix length of each host's block (its host CIDR)", _int),
+    Setting("host_cidr", "", "Static host CIDR for the default cluster CIDR (skips claiming)",
+            _cidr_or_empty),
+    Setting("no_nat_cidrs", (), "Destinations reached without masquerade, besides the cluster CIDR "
+            "(comma-separated CIDRs)", _cidr_list),
+    Setting("mtu", 0, "Container MTU; 0 takes the MTU of the uplink (the default route's interface)",
+            _int),
+    Setting("log_level", "INFO", "Log level: DEBUG, INFO, WARNING, ERROR"),
+    Setting("workers", 1, "gunicorn worker processes (state is shared through sqlite)", _int),
+    Setting("threads", 8, "Threads per gunicorn worker", _int),
+    Setting("reconcile_interval", 30.0, "Seconds between route reconcile passes", _float),
+    Setting("instance_id", "", "This host's instance id for the local provider (default: hostname)"),
+    # Alibaba Cloud
+    Setting("aliyun_endpoint", "", "Alibaba Cloud VPC API URL (default https://vpc.<region>.aliyuncs.com/)"),
+    Setting("aliyun_region_id", "", "Alibaba Cloud region id (default: from instance metadata)"),
+    Setting("aliyun_route_table_id", "", "Route table to program (default: the VPC's system table)"),
+    Setting("aliyun_vpc_id", "", "VPC id, used to find the route table (default: from metadata)"),
+    Setting("aliyun_instance_id", "", "This ECS instance's id (default: from metadata)"),
+    Setting("aliyun_access_key_id", "", "AccessKey id (or use a credentials file or RAM role)"),
+    Setting("aliyun_access_key_secret", "", "AccessKey secret", secret=True),
+    Setting("aliyun_credentials_file", "", "File holding access_key_id/access_key_secret "
+            "(must not be group- or world-readable)"),
+    Setting("aliyun_ram_role", "", "RAM role attached to the instance, for temporary credentials"),
+    Setting("aliyun_metadata_url", "http://100.100.100.200", "Alibaba Cloud instance metadata service"),
+    # AWS
+    Setting("aws_region", "", "AWS region (default: from instance metadata)"),
+    Setting("aws_route_table_id", "", "EC2 route table to program"),
+    Setting("aws_instance_id", "", "This EC2 instance's id (default: from metadata)"),
+    Setting("aws_endpoint_url", "", "EC2 API URL override (e.g. a VPC endpoint, or moto in tests)"),
+    Setting("aws_metadata_url", "http://169.254.169.254", "EC2 instance metadata service (IMDSv2)"),
+)
+
+_BY_ATTR = {s.attr: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Config:
+    socket: str = "/run/docker/plugins/vpcnet.sock"
+    state_dir: str = "/var/lib/vpcnet"
+    provider: str = "local"
+    cluster_cidr: str = "10.200.0.0/16"
+    host_prefix: int = 24
+    host_cidr: str = ""
+    no_nat_cidrs: tuple[str, ...] = ()
+    mtu: int = 0
+    log_level: str = "INFO"
+    workers: int = 1
+    threads: int = 8
+    reconcile_interval: float = 30.0
+    instance_id: str = ""
+    aliyun_endpoint: str = ""
+    aliyun_region_id: str = ""
+    aliyun_route_table_id: str = ""
+    aliyun_vpc_id: str = ""
+    aliyun_instance_id: str = ""
+    aliyun_access_key_id: str = ""
+    aliyun_access_key_secret: str = field(default="", repr=False)
+    aliyun_credentials_file: str = ""
+    aliyun_ram_role: str = ""
+    aliyun_metadata_url: str = "http://100.100.100.200"
+    aws_region: str = ""
+    aws_route_table_id: str = ""
+    aws_instance_id: str = ""
+    aws_endpoint_url: str = ""
+    aws_metadata_url: str = "http://169.254.169.254"
+    source: str = field(default="defaults", compare=False)
+
+    @property
+    def driver_name(self) -> str:
+        name = os.path.basename(self.socket)
+        return name[:-5] if name.endswith(".sock") else name
+
+    @property
+    def db_path(self) -> str:
+        return os.path.join(self.state_dir, "vpcnet.db")
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    def redacted(self) -> dict[str, Any]:
+        """Settings as a dict with secrets masked: safe for logs and `status`."""
+        out = {}
+        for s in SETTINGS:
+            value = getattr(self, s.attr)
+            out[s.attr] = ("***" if value else "") if s.secret else value
+        return out
+
+
+assert {s.attr for s in SETTINGS} == {f.name for f in dataclasses.fields(Config)} - {"source"}
+
+
+def load(path: str | None = None, environ: dict[str, str] | None = None,
+         check_socket_dir: bool = True) -> Config:
+    """Build the Config from defaults, the TOML file, then the environment; validate it."""
+    environ = os.environ if environ is None else environ
+    explicit = path is not None or "VPCNET_CONFIG" in environ
+    path = path or environ.get("VPCNET_CONFIG") or DEFAULT_CONFIG_FILE
+    values: dict[str, Any] = {}
+    sources = []
+    if os.path.exists(path):
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+        for key, raw in data.items():
+            setting = _BY_ATTR.get(key.lower())
+            if setting is None:
+                raise ConfigError(f"config file {path}: unknown key {key!r}")
+            values[setting.attr] = _parse(setting, raw, f"{key} in {path}")
+        sources.append(path)
+    elif explicit:
+        raise ConfigError(f"config file {path}: no such file")
+    for setting in SETTINGS:
+        if setting.env in environ:
+            values[setting.attr] = _parse(setting, environ[setting.env], setting.env)
+            sources.append(setting.env) if "env" not in sources else None
+    config = Config(**values, source=", ".join(sources) or "defaults")
+    validate(config, check_socket_dir=check_socket_dir)
+    return config
+
+
+def _parse(setting: Setting, raw: Any, where: str) -> Any:
+    if isinstance(raw, list) and setting.parse is _cidr_list:
+        raw = ",".join(str(x) for x in raw)
+    try:
+        return setting.parse(raw if isinstance(raw, str) else str(raw))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: invalid value {'***' if setting.secret else repr(raw)}: {exc}") from None
+
+
+def validate(config: Config, check_socket_dir: bool = True) -> None:
+    from vpcnet import cloud  # late import: cloud imports config
+
+    if config.provider not in cloud.provider_names():
+        raise ConfigError(f"VPCNET_PROVIDER: unknown provider {config.provider!r} "
+                          f"(choose one of {', '.join(cloud.provider_names())})")
+    if not 8 <= config.host_prefix <= 30:
+        raise ConfigError(f"VPCNET_HOST_PREFIX: /{config.host_prefix} is out of range: a host block needs "
+                          "a gateway and at least one container address, so the prefix must be 8..30")
+    if not config.cluster_cidr:
+        raise ConfigError("VPCNET_CLUSTER_CIDR: must be set")
+    cluster = ipaddress.IPv4Network(config.cluster_cidr)
+    if cluster.prefixlen >= config.host_prefix:
+        raise ConfigError(f"VPCNET_CLUSTER_CIDR: {cluster} must be larger than one host block "
+                          f"(/{config.host_prefix}, VPCNET_HOST_PREFIX)")
+    if config.host_cidr:
+        host = ipaddress.IPv4Network(config.host_cidr)
+        if not host.subnet_of(cluster):
+            raise ConfigError(f"VPCNET_HOST_CIDR: {host} is outside the cluster CIDR {cluster}")
+        if host.prefixlen > 30:
+            raise ConfigError(f"VPCNET_HOST_CIDR: {host} is too small for a gateway and one container "
+                              "(at most /30)")
+    if config.mtu and not 576 <= config.mtu <= 65535:
+        raise ConfigError(f"VPCNET_MTU: {config.mtu} is out of range (0 = from uplink, else 576..65535)")
+    if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"VPCNET_LOG_LEVEL: unknown level {config.log_level!r}")
+    if config.workers < 1 or config.threads < 1:
+        raise ConfigError("VPCNET_WORKERS/VPCNET_THREADS: must be at least 1")
+    if config.reconcile_interval <= 0:
+        raise ConfigError("VPCNET_RECONCILE_INTERVAL: must be positive")
+    if not config.socket.endswith(".sock"):
+        raise ConfigError(f"VPCNET_SOCKET: {config.socket} must end in .sock (Docker discovers plugins by it)")
+    sock_dir = os.path.dirname(config.socket) or "."
+    if check_socket_dir and not os.path.isdir(sock_dir):
+        raise ConfigError(f"VPCNET_SOCKET: directory {sock_dir} does not exist")

@@ -1,0 +1,55 @@
+"""The small exception family every layer raises, mapped to protocol answers in `transport` only."""
+
+
+class VpcnetError(Exception):
+    """Base class: the message is shown to the user (Docker prints it), so it must name the problem."""
+
+    http_status = 500
+
+
+class InvalidRequest(VpcnetError):
+    """The request is malformed or asks for something vpcnet refuses."""
+
+    http_status = 400
+
+
+class NotFound(VpcnetError):
+    """The named network, endpoint, pool or address does not exist."""
+
+    http_status = 404
+
+
+class Conflict(VpcnetError):
+    """The request collides with existing state (address in use, host CIDR already used)."""
+
+    http_status = 409
+
+
+class Exhausted(VpcnetError):
+    """A pool has no free address left."""
+
+    http_status = 507
+
+
+class NotReady(VpcnetError):
+    """Something the request needs is not there yet (host CIDR not yet claimed)."""
+
+    http_status = 503
+
+
+class Retryable(VpcnetError):
+    """A transient failure: the same call may succeed later (cloud throttling, conflicts, 5xx)."""
+
+    http_status = 503
+
+
+class Fatal(VpcnetError):
+    """A failure that retrying cannot fix (bad credentials, full route table)."""
+
+    http_status = 500
+
+
+class DataplaneError(VpcnetError):
+    """The kernel refused a change."""
+
+    http_status = 500

@@ -1,0 +1,254 @@
+"""The plugin's memory across restarts: one sqlite file (WAL) in the state dir.
+
+Docker never replays CreateNetwork, so everything a later call needs is written here before the call
+answers. Every change is one `BEGIN IMMEDIATE` transaction: sqlite serialises writers across threads and
+gunicorn workers, so two concurrent RequestAddress calls can never take the same address, and a crash
+mid-call leaves either the old state or the new one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- This host's block inside each cluster CIDR (static, or claimed in the route table).
+CREATE TABLE IF NOT EXISTS claims (
+    cluster_cidr TEXT PRIMARY KEY,
+    host_cidr    TEXT,                -- NULL while wanted but not yet claimed
+    static       INTEGER NOT NULL DEFAULT 0,
+    reason       TEXT NOT NULL DEFAULT '',   -- why not claimed yet, or the last route problem
+    route_ok     INTEGER NOT NULL DEFAULT 0, -- 1 when the last reconcile found the route Available here
+    updated      REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pools (
+    pool_id      TEXT PRIMARY KEY,    -- the host CIDR itself: deterministic, so replays match
+    cluster_cidr TEXT NOT NULL,
+    gateway      TEXT NOT NULL,
+    cursor       INTEGER NOT NULL     -- next-fit position: released addresses wait for a full turn
+);
+CREATE TABLE IF NOT EXISTS addresses (
+    pool_id      TEXT NOT NULL REFERENCES pools(pool_id),
+    address      TEXT NOT NULL,
+    replay_epoch INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (pool_id, address)
+);
+CREATE TABLE IF NOT EXISTS networks (
+    network_id   TEXT PRIMARY KEY,
+    host_cidr    TEXT NOT NULL UNIQUE,
+    cluster_cidr TEXT NOT NULL,
+    gateway      TEXT NOT NULL,
+    bridge       TEXT NOT NULL UNIQUE,
+    mtu          INTEGER NOT NULL,
+    internal     INTEGER NOT NULL,
+    no_nat       TEXT NOT NULL,       -- JSON list
+    created      REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS endpoints (
+    endpoint_id  TEXT PRIMARY KEY,
+    network_id   TEXT NOT NULL REFERENCES networks(network_id),
+    address      TEXT NOT NULL,       -- bare IP
+    mac          TEXT NOT NULL,
+    host_veth    TEXT NOT NULL UNIQUE,
+    peer_veth    TEXT NOT NULL UNIQUE,
+    created      REAL NOT NULL,
+    UNIQUE (network_id, address)
+);
+"""
+
+
+@dataclass(frozen=True)
+class Network:
+    network_id: str
+    host_cidr: str
+    cluster_cidr: str
+    gateway: str
+    bridge: str
+    mtu: int
+    internal: bool
+    no_nat: tuple[str, ...]
+    created: float = 0.0
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    endpoint_id: str
+    network_id: str
+    address: str
+    mac: str
+    host_veth: str
+    peer_veth: str
+    created: float = 0.0
+
+
+@dataclass(frozen=True)
+class Claim:
+    cluster_cidr: str
+    host_cidr: str | None
+    static: bool
+    reason: str
+    route_ok: bool
+    updated: float
+
+
+class Store:
+    def __init__(self, path: str):
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+        self._local = threading.local()
+        self._migrate()
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None or getattr(self._local, "pid", None) != os.getpid():
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn, self._local.pid = conn, os.getpid()
+        return conn
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; taken immediately so concurrent writers queue instead of racing."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+
+    def read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        return self._conn().execute(sql, args).fetchall()
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def _migrate(self) -> None:
+        with self.tx() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            version = int(row["value"]) if row else 0
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(f"state {self.path} has schema version {version}, newer than this "
+                                   f"vpcnet ({SCHEMA_VERSION}): upgrade vpcnet or move the state away")
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('schema_version', ?)",
+                       (str(SCHEMA_VERSION),))
+        os.chmod(self.path, 0o600)
+
+    # -- meta -------------------------------------------------------------------------------------
+    def get_meta(self, key: str, default: str = "") -> str:
+        rows = self.read("SELECT value FROM meta WHERE key=?", (key,))
+        return rows[0]["value"] if rows else default
+
+    def set_meta(self, db: sqlite3.Connection, key: str, value: str) -> None:
+        db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)", (key, value))
+
+    # -- claims -----------------------------------------------------------------------------------
+    def claims(self) -> list[Claim]:
+        return [_claim(r) for r in self.read("SELECT * FROM claims ORDER BY cluster_cidr")]
+
+    def claim(self, cluster_cidr: str) -> Claim | None:
+        rows = self.read("SELECT * FROM claims WHERE cluster_cidr=?", (cluster_cidr,))
+        return _claim(rows[0]) if rows else None
+
+    def want_claim(self, cluster_cidr: str, reason: str) -> None:
+        with self.tx() as db:
+            db.execute("INSERT OR IGNORE INTO claims(cluster_cidr, host_cidr, reason, updated) "
+                       "VALUES(?, NULL, ?, ?)", (cluster_cidr, reason, time.time()))
+
+    def record_claim(self, cluster_cidr: str, host_cidr: str | None, static: bool = False,
+                     reason: str = "", route_ok: bool = False) -> None:
+        with self.tx() as db:
+            db.execute("INSERT OR REPLACE INTO claims(cluster_cidr, host_cidr, static, reason, route_ok, "
+                       "updated) VALUES(?, ?, ?, ?, ?, ?)",
+                       (cluster_cidr, host_cidr, int(static), reason, int(route_ok), time.time()))
+
+    def forget_claim(self, cluster_cidr: str) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM claims WHERE cluster_cidr=?", (cluster_cidr,))
+
+    # -- networks and endpoints -------------------------------------------------------------------
+    def networks(self) -> list[Network]:
+        return [_network(r) for r in self.read("SELECT * FROM networks ORDER BY created")]
+
+    def network(self, network_id: str) -> Network | None:
+        rows = self.read("SELECT * FROM networks WHERE network_id=?", (network_id,))
+        return _network(rows[0]) if rows else None
+
+    def network_by_host_cidr(self, host_cidr: str) -> Network | None:
+        rows = self.read("SELECT * FROM networks WHERE host_cidr=?", (host_cidr,))
+        return _network(rows[0]) if rows else None
+
+    def add_network(self, db: sqlite3.Connection, net: Network) -> None:
+        row = asdict(net)
+        row["no_nat"] = json.dumps(list(net.no_nat))
+        row["internal"] = int(net.internal)
+        db.execute(f"INSERT INTO networks({', '.join(row)}) VALUES({', '.join('?' * len(row))})",
+                   tuple(row.values()))
+
+    def delete_network(self, network_id: str) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM endpoints WHERE network_id=?", (network_id,))
+            db.execute("DELETE FROM networks WHERE network_id=?", (network_id,))
+
+    def endpoints(self, network_id: str | None = None) -> list[Endpoint]:
+        if network_id is None:
+            rows = self.read("SELECT * FROM endpoints ORDER BY created")
+        else:
+            rows = self.read("SELECT * FROM endpoints WHERE network_id=? ORDER BY created", (network_id,))
+        return [Endpoint(**dict(r)) for r in rows]
+
+    def endpoint(self, endpoint_id: str) -> Endpoint | None:
+        rows = self.read("SELECT * FROM endpoints WHERE endpoint_id=?", (endpoint_id,))
+        return Endpoint(**dict(rows[0])) if rows else None
+
+    def add_endpoint(self, db: sqlite3.Connection, ep: Endpoint) -> None:
+        row = asdict(ep)
+        db.execute(f"INSERT INTO endpoints({', '.join(row)}) VALUES({', '.join('?' * len(row))})",
+                   tuple(row.values()))
+
+    def delete_endpoint(self, endpoint_id: str) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM endpoints WHERE endpoint_id=?", (endpoint_id,))
+
+    # -- pools and addresses (the allocation logic itself lives in ipam) -----------------------------
+    def pools(self) -> list[sqlite3.Row]:
+        return self.read("SELECT * FROM pools ORDER BY pool_id")
+
+    def addresses(self, pool_id: str) -> list[str]:
+        return [r["address"] for r in self.read("SELECT address FROM addresses WHERE pool_id=?", (pool_id,))]
+
+
+def _network(row: sqlite3.Row) -> Network:
+    data = dict(row)
+    data["no_nat"] = tuple(json.loads(data["no_nat"]))
+    data["internal"] = bool(data["internal"])
+    return Network(**data)
+
+
+def _claim(row: sqlite3.Row) -> Claim:
+    data = dict(row)
+    data["static"] = bool(data["static"])
+    data["route_ok"] = bool(data["route_ok"])
+    return Claim(**data)

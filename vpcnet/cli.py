@@ -1,0 +1,66 @@
+"""The `vpcnet` command. Each sub-command lives in the module of the piece it drives; that module
+exposes `register(subparsers)`, which adds its parser and sets `func(args) -> int` as the default."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from vpcnet import __version__
+from vpcnet.config import ConfigError
+from vpcnet.errors import VpcnetError
+
+# Modules providing sub-commands, in help order.
+COMMAND_MODULES = (
+    "vpcnet.serve",         # vpcnet serve
+    "vpcnet.status",        # vpcnet status
+    "vpcnet.routes_cli",    # vpcnet routes list|sync|release|gc
+    "vpcnet.emulator.cli",  # vpcnet emulator
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vpcnet", description="Docker network plugin routing containers "
+                                     "through the VPC route table (no overlay).")
+    parser.add_argument("--version", action="version", version=f"vpcnet {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue   # a piece not installed in this build
+        module.register(sub)
+    return parser
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="TOML configuration file (default /etc/vpcnet/vpcnet.toml if present; "
+                             "VPCNET_* environment variables override it)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"vpcnet: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except VpcnetError as exc:
+        print(f"vpcnet: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            if exc.name != name:
+            if not name.startswith(exc.name or "?"):
                 raise
             continue   # a piece not installed in this build
         module.register(sub)
@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # pyroute2 and urllib3 narrate every message at DEBUG: keep them to warnings.
+    for noisy in ("pyroute2", "urllib3", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 if __name__ == "__main__":

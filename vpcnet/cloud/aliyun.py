@@ -1,0 +1,721 @@
+"""The `aliyun` provider: this host's route in an Alibaba Cloud VPC route table.
+
+Speaks the VPC OpenAPI 2016-04-28 (RPC style) over one `requests.Session`: CreateRouteEntry,
+DeleteRouteEntry, DescribeRouteEntryList (NextToken paging), DescribeRouteTableList (to find the VPC's
+system table), DescribeVSwitches (CIDRs a host block must avoid) and ECS DescribeInstances (for
+`routes gc`). Each call is made once: retries with backoff live in `vpcnet.routes`, which sees
+`Retryable` / `DuplicateRoute` / `QuotaExceeded` / `Fatal` from here.
+
+Requests are POSTed with the signed parameters in a form body, never in the URL, so neither the
+signature nor an STS token can reach a URL-logging library (urllib3 logs request lines at DEBUG) or the
+text of a connection error.
+
+Identity: a value given in the configuration wins; otherwise it is read from the instance metadata
+service (`VPCNET_ALIYUN_METADATA_URL`), lazily, only for the values that are missing, and only once.
+The metadata service is used in hardened mode (a session token from `PUT /latest/api/token`) and falls
+back to plain GETs when the token request is refused.
+
+Credentials, first match wins:
+1. `VPCNET_ALIYUN_ACCESS_KEY_ID` + `VPCNET_ALIYUN_ACCESS_KEY_SECRET` (config file or environment);
+2. `VPCNET_ALIYUN_CREDENTIALS_FILE`: a file readable by its owner only (mode 0600 or stricter; anything
+   group- or world-readable is refused). Its format is forgiving so the usual files all work: one
+   `key = value` (or `key: value`) per line; `#`/`;` comments, `[section]` headers (INI, TOML) and
+   quotes around values (TOML) are ignored; the first occurrence of a key wins. Keys:
+   `access_key_id` and `access_key_secret` (case, `-`/`_` and an `aliyun_`/`alibaba_cloud_` prefix do
+   not matter, so `ALIBABA_CLOUD_ACCESS_KEY_ID=...` works too), optionally `security_token`. Example::
+
+       # /etc/vpcnet/aliyun.credentials   (chmod 600)
+       access_key_id = LTAI5t...
+       access_key_secret = ...
+
+   The file is re-read when it changes, so keys can be rotated without a restart;
+3. `VPCNET_ALIYUN_RAM_ROLE`: temporary STS keys of the RAM role attached to the instance, from
+   `<metadata>/latest/meta-data/ram/security-credentials/<role>`, refreshed when less than five minutes
+   remain before their `Expiration`, and sent with their `SecurityToken`.
+
+Secrets (the AccessKey secret, the STS token, request signatures) never appear in a log line, an
+exception message or a repr: error messages from the API are scrubbed of them before they are raised.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+
+from vpcnet import __version__
+from vpcnet.cloud import DuplicateRoute, Provider, QuotaExceeded, Route
+from vpcnet.cloud.aliyun_signature import percent_encode, sign
+from vpcnet.errors import Fatal, Retryable, VpcnetError
+
+log = logging.getLogger(__name__)
+
+VPC_API_VERSION = "2016-04-28"
+ECS_API_VERSION = "2014-05-26"
+API_TIMEOUT = (3.0, 10.0)           # (connect, read) seconds for every API call
+METADATA_TIMEOUT = 2.0              # the metadata service is link-local: answer fast or not at all
+METADATA_TOKEN_TTL = 21600          # seconds asked for a hardened-mode metadata token
+REFRESH_MARGIN = 300.0              # refresh STS keys when fewer seconds than this remain
+PAGE_SIZE = 100                     # DescribeRouteEntryList's MaxResult ceiling
+MAX_PAGES = 50                      # 5000 entries: far above any route table quota
+VSWITCH_CACHE_SECONDS = 300.0
+DEFAULT_QUOTA = 200                 # custom entries per route table unless raised with Alibaba Cloud
+_NO_PROXY = {"http": None, "https": None}   # the metadata service is never reached through a proxy
+
+# -- error codes ---------------------------------------------------------------------------------------
+# Compared case-insensitively: Alibaba's own spelling varies (InvalidCIDRBlock vs InvalidCidrBlock).
+RETRYABLE_CODES = {c.lower() for c in (
+    "TaskConflict", "OperationConflict", "IncorrectRouteEntryStatus", "IncorrectStatus.RouteTableStatus",
+    "IncorrectVpcStatus", "IncorrectInstanceStatus", "Throttling", "Throttling.User", "Throttling.Api",
+    "ServiceUnavailable", "InternalError", "SystemBusy", "ServiceBusy", "UnknownError",
+    "SignatureNonceUsed", "OperationFailed.LastTokenProcessing", "LastTokenProcessing",
+)}
+RETRYABLE_PREFIXES = ("throttling", "incorrectstatus", "serviceunavailable", "internalerror")
+DUPLICATE_CODES = {c.lower() for c in (
+    "InvalidCIDRBlock.Duplicate", "InvalidRouteEntry.Duplicate", "RouterEntryConflict.Duplicated",
+)}
+# DeleteRouteEntry answers these for an entry that is already gone.
+GONE_CODES = {c.lower() for c in (
+    "InvalidRouteEntry.NotFound", "InvalidRouteEntryId.NotFound", "InvalidRouteEntry.NotExist",
+    "InvalidRouteEntryId.NotExist", "InvalidRouteEntry.NotExists", "RouteEntryNotExist",
+)}
+UNSUPPORTED_CODES = {c.lower() for c in ("InvalidAction.NotFound", "InvalidAction", "UnsupportedOperation",
+                                          "InvalidApi.NotFound")}
+STS_EXPIRED_CODES = {c.lower() for c in ("InvalidSecurityToken.Expired",)}
+
+_PERMISSIONS = ("vpc:CreateRouteEntry, vpc:DeleteRouteEntry, vpc:DescribeRouteEntryList, "
+                "vpc:DescribeRouteTableList, vpc:DescribeVSwitches and ecs:DescribeInstances")
+# What to check, per fatal code (matched case-insensitively, longest prefix first).
+FATAL_HINTS = {k.lower(): v for k, v in {
+    "SignatureDoesNotMatch": "check the AccessKey secret (VPCNET_ALIYUN_ACCESS_KEY_SECRET or the "
+                             "credentials file) and that no proxy rewrites requests",
+    "IncompleteSignature": "check the AccessKey secret and that no proxy rewrites requests",
+    "InvalidAccessKeyId.NotFound": "check the AccessKey id (VPCNET_ALIYUN_ACCESS_KEY_ID or the "
+                                   "credentials file): Alibaba Cloud does not know it",
+    "InvalidAccessKeyId.Inactive": "the AccessKey is disabled: enable it or use another one",
+    "InvalidAccessKeyId": "check the AccessKey id (VPCNET_ALIYUN_ACCESS_KEY_ID or the credentials file)",
+    "Forbidden.RAM": f"the RAM user or role lacks a permission: grant it {_PERMISSIONS}",
+    "Forbidden": f"the RAM user or role lacks a permission: grant it {_PERMISSIONS}",
+    "NoPermission": f"the RAM user or role lacks a permission: grant it {_PERMISSIONS}",
+    "InvalidTimeStamp": "this host's clock is off by more than 15 minutes: check NTP (chrony, "
+                        "systemd-timesyncd)",
+    "InvalidSecurityToken": "the STS token of the RAM role is not valid: check VPCNET_ALIYUN_RAM_ROLE",
+    "InvalidRouteTableId.NotFound": "check VPCNET_ALIYUN_ROUTE_TABLE_ID and VPCNET_ALIYUN_REGION_ID",
+    "InvalidInstanceId.NotFound": "the next-hop instance is not in this region: check "
+                                  "VPCNET_ALIYUN_INSTANCE_ID and VPCNET_ALIYUN_REGION_ID",
+    "InvalidCidrBlock.Malformed": "the destination is not a valid CIDR",
+    "InvalidCidrBlock": "the destination overlaps a vSwitch CIDR or 100.64.0.0/10: choose another "
+                        "VPCNET_CLUSTER_CIDR",
+    "InvalidDestinationCidrBlock": "the destination overlaps a vSwitch CIDR or a reserved range: choose "
+                                   "another VPCNET_CLUSTER_CIDR",
+    "InvalidRegionId": "check VPCNET_ALIYUN_REGION_ID",
+    "InvalidVpcId.NotFound": "check VPCNET_ALIYUN_VPC_ID and VPCNET_ALIYUN_REGION_ID",
+    "InvalidAction": "the endpoint does not know this action: check VPCNET_ALIYUN_ENDPOINT",
+    "MissingParameter": "vpcnet sent an incomplete request: please report it",
+    "InvalidParameter": "the API refused a parameter: check the configured ids",
+}.items()}
+
+
+def _code_in(code: str, codes: set[str]) -> bool:
+    return code.lower() in codes
+
+
+def _hint(code: str) -> str:
+    low = code.lower()
+    for key in sorted(FATAL_HINTS, key=len, reverse=True):
+        if low == key or low.startswith(key + ".") or low.startswith(key):
+            return FATAL_HINTS[key]
+    return "see the Alibaba Cloud VPC API error reference"
+
+
+def _error(cls: type[VpcnetError], message: str, code: str = "") -> VpcnetError:
+    """An exception of the vpcnet family that also carries the API error code."""
+    exc = cls(message)
+    exc.code = code  # type: ignore[attr-defined]
+    return exc
+
+
+def _parse_expiration(text: str) -> float:
+    """STS `Expiration` (ISO 8601 UTC, e.g. 2024-05-01T10:00:00Z) as a Unix time."""
+    value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.timestamp()
+
+
+# -- instance metadata -------------------------------------------------------------------------------
+class _Metadata:
+    """The ECS instance metadata service, hardened (token) mode first, plain GETs when refused.
+
+    Contacted only when a value is missing from the configuration; every call has a short timeout,
+    since a host outside ECS would otherwise hang on an address nobody answers.
+    """
+
+    def __init__(self, base_url: str, session: requests.Session):
+        self.base_url = base_url.rstrip("/")
+        self._session = session
+        self._token = ""
+        self._token_expires = 0.0
+        self._plain = False            # the token PUT was refused: plain mode from now on
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"_Metadata({self.base_url!r}, mode={'plain' if self._plain else 'token'})"
+
+    def _unreachable(self, exc: Exception) -> Retryable:
+        return Retryable(f"instance metadata service {self.base_url} unreachable ({type(exc).__name__}): "
+                         "is this an ECS instance? Otherwise set the VPCNET_ALIYUN_* identity settings")
+
+    def _get_token(self, renew: bool = False) -> str:
+        with self._lock:
+            if self._plain:
+                return ""
+            if self._token and not renew and time.monotonic() < self._token_expires:
+                return self._token
+            try:
+                resp = self._session.put(
+                    f"{self.base_url}/latest/api/token",
+                    headers={"X-aliyun-ecs-metadata-token-ttl-seconds": str(METADATA_TOKEN_TTL)},
+                    timeout=METADATA_TIMEOUT, allow_redirects=False, proxies=_NO_PROXY)
+            except requests.RequestException as exc:
+                raise self._unreachable(exc) from None
+            if resp.status_code in (403, 404, 405):
+                log.info("metadata service %s refused a session token (HTTP %d): using plain mode",
+                         self.base_url, resp.status_code)
+                self._plain = True
+                return ""
+            if resp.status_code != 200 or not resp.text.strip():
+                raise Retryable(f"instance metadata service {self.base_url}: token request answered "
+                                f"HTTP {resp.status_code}")
+            self._token = resp.text.strip()
+            self._token_expires = time.monotonic() + METADATA_TOKEN_TTL - 60
+            return self._token
+
+    def get(self, path: str, what: str) -> str:
+        """The text at `/latest/meta-data/<path>`; `what` names it in error messages."""
+        url = f"{self.base_url}/latest/meta-data/{path}"
+        token = self._get_token()
+        for attempt in (1, 2):   # a second try only when the token was rejected (expired)
+            headers = {"X-aliyun-ecs-metadata-token": token} if token else {}
+            try:
+                resp = self._session.get(url, headers=headers, timeout=METADATA_TIMEOUT,
+                                         allow_redirects=False, proxies=_NO_PROXY)
+            except requests.RequestException as exc:
+                raise self._unreachable(exc) from None
+            if resp.status_code == 401 and token and attempt == 1:
+                token = self._get_token(renew=True)
+                continue
+            break
+        if resp.status_code == 404:
+            raise Fatal(f"instance metadata has no {what} ({url} answered 404)")
+        if resp.status_code != 200:
+            raise Retryable(f"instance metadata service: {what} answered HTTP {resp.status_code}")
+        return resp.text.strip()
+
+
+# -- credentials -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Keys:
+    access_key_id: str
+    secret: str = field(repr=False)
+    token: str = field(default="", repr=False)
+    expires: float = 0.0     # Unix time; 0 = long-lived keys
+    source: str = ""
+
+    def secrets(self) -> tuple[str, ...]:
+        return tuple(s for s in (self.secret, self.token) if s)
+
+
+def _credential_key(name: str) -> str:
+    key = name.strip().lower().replace("-", "_")
+    if key.startswith("export "):
+        key = key[len("export "):].strip()
+    for prefix in ("alibaba_cloud_", "alicloud_", "aliyun_"):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+    return {"accesskeyid": "access_key_id", "accesskeysecret": "access_key_secret",
+            "securitytoken": "security_token", "sts_token": "security_token"}.get(key.replace("_", ""),
+                                                                                    key) \
+        if key.replace("_", "") in ("accesskeyid", "accesskeysecret", "securitytoken", "ststoken") else key
+
+
+def parse_credentials_text(text: str) -> dict[str, str]:
+    """`access_key_id` / `access_key_secret` / `security_token` from INI, TOML or key=value text."""
+    found: dict[str, str] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;[":
+            continue
+        cut = min((i for i in (line.find("="), line.find(":")) if i > 0), default=-1)
+        if cut < 0:
+            continue
+        key = _credential_key(line[:cut])
+        value = line[cut + 1:].strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        if key in ("access_key_id", "access_key_secret", "security_token") and value:
+            found.setdefault(key, value)
+    return found
+
+
+class _Credentials:
+    """Where the AccessKey comes from, and the current keys (refreshed before they expire)."""
+
+    def __init__(self, config, metadata: _Metadata):
+        self._config = config
+        self._metadata = metadata
+        self._keys: _Keys | None = None
+        self._file_stamp: tuple | None = None
+        self._lock = threading.Lock()
+        if config.aliyun_access_key_id or config.aliyun_access_key_secret:
+            if not (config.aliyun_access_key_id and config.aliyun_access_key_secret):
+                missing = ("VPCNET_ALIYUN_ACCESS_KEY_SECRET" if config.aliyun_access_key_id
+                           else "VPCNET_ALIYUN_ACCESS_KEY_ID")
+                raise Fatal(f"aliyun credentials: {missing} is not set (an AccessKey needs both its id "
+                            "and its secret)")
+            self.source = "config"
+        elif config.aliyun_credentials_file:
+            self.source = "file"
+        elif config.aliyun_ram_role:
+            self.source = "ram-role"
+        else:
+            raise Fatal("aliyun credentials: none configured. Set VPCNET_ALIYUN_ACCESS_KEY_ID and "
+                        "VPCNET_ALIYUN_ACCESS_KEY_SECRET, or VPCNET_ALIYUN_CREDENTIALS_FILE (a file "
+                        "with access_key_id/access_key_secret, mode 0600), or VPCNET_ALIYUN_RAM_ROLE "
+                        "(the RAM role attached to this instance)")
+
+    def __repr__(self) -> str:
+        key_id = self._keys.access_key_id if self._keys else "?"
+        return f"_Credentials(source={self.source!r}, access_key_id={key_id!r})"
+
+    def get(self) -> _Keys:
+        with self._lock:
+            if self.source == "config":
+                if self._keys is None:
+                    self._keys = _Keys(self._config.aliyun_access_key_id,
+                                       self._config.aliyun_access_key_secret, source="config")
+            elif self.source == "file":
+                self._load_file()
+            else:
+                self._refresh_role()
+            assert self._keys is not None
+            return self._keys
+
+    def invalidate(self) -> None:
+        """Forget temporary keys the API called expired, so the next call fetches new ones."""
+        with self._lock:
+            if self.source == "ram-role":
+                self._keys = None
+
+    def _load_file(self) -> None:
+        path = self._config.aliyun_credentials_file
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) * 0)
+        except OSError as exc:
+            raise Fatal(f"aliyun credentials file {path}: cannot open it: {exc.strerror}") from None
+        try:
+            st = os.fstat(fd)   # checked on the open file, so the mode is that of what is read
+            if not stat.S_ISREG(st.st_mode):
+                raise Fatal(f"aliyun credentials file {path}: not a regular file")
+            if st.st_mode & 0o077:
+                raise Fatal(f"aliyun credentials file {path} is readable or writable by group or others "
+                            f"(mode {stat.S_IMODE(st.st_mode):04o}): refusing it; run "
+                            f"`chmod 600 {path}`")
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if self._keys is not None and stamp == self._file_stamp:
+                return
+            with os.fdopen(os.dup(fd), encoding="utf-8") as fh:
+                text = fh.read()
+        finally:
+            os.close(fd)
+        values = parse_credentials_text(text)
+        missing = [k for k in ("access_key_id", "access_key_secret") if k not in values]
+        if missing:
+            raise Fatal(f"aliyun credentials file {path}: no {' or '.join(missing)} found (expected "
+                        "lines `access_key_id = ...` and `access_key_secret = ...`)")
+        if self._keys is not None:
+            log.info("aliyun credentials file %s changed: reloaded", path)
+        self._keys = _Keys(values["access_key_id"], values["access_key_secret"],
+                           values.get("security_token", ""), source=f"file {path}")
+        self._file_stamp = stamp
+
+    def _refresh_role(self) -> None:
+        keys = self._keys
+        if keys is not None and keys.expires - time.time() > REFRESH_MARGIN:
+            return
+        role = self._config.aliyun_ram_role
+        try:
+            text = self._metadata.get(f"ram/security-credentials/{role}", f"credentials of RAM role {role}")
+            data = json.loads(text)
+            if data.get("Code", "Success") != "Success":
+                raise Retryable(f"RAM role {role}: metadata answered Code={data.get('Code')!r}")
+            fresh = _Keys(str(data["AccessKeyId"]), str(data["AccessKeySecret"]),
+                          str(data.get("SecurityToken", "")),
+                          _parse_expiration(str(data["Expiration"])), source=f"RAM role {role}")
+        except Fatal as exc:
+            if "answered 404" in str(exc):
+                raise Fatal(f"RAM role {role} is not attached to this instance (metadata has no "
+                            "credentials for it): check VPCNET_ALIYUN_RAM_ROLE") from None
+            raise
+        except (ValueError, KeyError, TypeError, Retryable) as exc:
+            detail = str(exc) if isinstance(exc, Retryable) else f"unreadable answer ({type(exc).__name__})"
+            if keys is not None and keys.expires > time.time():
+                log.warning("RAM role %s: refreshing credentials failed (%s); the current ones are valid "
+                            "for %.0f s more", role, detail, keys.expires - time.time())
+                return
+            raise Retryable(f"RAM role {role}: cannot get credentials: {detail}") from None
+        log.info("RAM role %s: got temporary credentials %s, valid until %s", role, fresh.access_key_id,
+                 datetime.fromtimestamp(fresh.expires, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+        self._keys = fresh
+
+
+# -- the RPC client ----------------------------------------------------------------------------------
+class _RpcClient:
+    """Signed RPC calls to one Alibaba Cloud API endpoint, mapped to vpcnet's exception family."""
+
+    def __init__(self, session: requests.Session, endpoint: str, version: str, region: str,
+                 credentials: _Credentials):
+        self.endpoint = endpoint
+        self.version = version
+        self.region = region
+        self._session = session
+        self._credentials = credentials
+
+    def __repr__(self) -> str:
+        return f"_RpcClient({self.endpoint!r}, version={self.version!r}, region={self.region!r})"
+
+    def call(self, action: str, params: dict[str, str] | None = None) -> dict:
+        keys = self._credentials.get()
+        body = {
+            "Action": action,
+            "Version": self.version,
+            "Format": "JSON",
+            "AccessKeyId": keys.access_key_id,
+            "SignatureMethod": "HMAC-SHA1",
+            "SignatureVersion": "1.0",
+            "SignatureNonce": str(uuid.uuid4()),
+            "Timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "RegionId": self.region,
+        }
+        if keys.token:
+            body["SecurityToken"] = keys.token
+        body.update({k: str(v) for k, v in (params or {}).items()})
+        body["Signature"] = sign("POST", body, keys.secret)
+        secrets = keys.secrets() + (body["Signature"],)
+        try:
+            resp = self._session.post(self.endpoint, data=body, timeout=API_TIMEOUT, allow_redirects=False,
+                                      headers={"Accept": "application/json",
+                                               "User-Agent": f"vpcnet/{__version__}"})
+        except requests.exceptions.SSLError as exc:
+            raise _error(Fatal, f"{action}: TLS with {self.endpoint} failed: "
+                                f"{_scrub(str(exc), secrets)}: check VPCNET_ALIYUN_ENDPOINT and the CA "
+                                "certificates") from None
+        except requests.Timeout:
+            raise _error(Retryable, f"{action}: {self.endpoint} did not answer within "
+                                    f"{API_TIMEOUT[0]:.0f}+{API_TIMEOUT[1]:.0f} s") from None
+        except requests.RequestException as exc:
+            raise _error(Retryable, f"{action}: cannot reach {self.endpoint} ({type(exc).__name__}: "
+                                    f"{_scrub(_short(str(exc)), secrets)})") from None
+        return self._answer(action, resp, secrets)
+
+    def _answer(self, action: str, resp: requests.Response, secrets: tuple[str, ...]) -> dict:
+        status = resp.status_code
+        try:
+            data = resp.json()
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            if status >= 500 or status == 429:
+                raise _error(Retryable, f"{action}: {self.endpoint} answered HTTP {status}")
+            if status == 200:
+                raise _error(Retryable, f"{action}: {self.endpoint} answered HTTP 200 without JSON")
+            raise _error(Fatal, f"{action}: {self.endpoint} answered HTTP {status} without an Alibaba "
+                                "Cloud error body: check VPCNET_ALIYUN_ENDPOINT")
+        if 200 <= status < 300 and "Code" not in data:
+            return data
+        if 200 <= status < 300 and str(data.get("Code")) in ("200", "Success", "OK"):
+            return data
+        code = str(data.get("Code") or f"HTTP{status}")
+        message = _scrub(_short(str(data.get("Message", ""))), secrets)
+        where = f"{action} ({code}: {message}; RequestId {data.get('RequestId', '?')})"
+        if _code_in(code, DUPLICATE_CODES):
+            raise _error(DuplicateRoute, f"{where}: the destination already has an entry", code)
+        if code.lower().startswith("quotaexceeded"):
+            raise _error(QuotaExceeded, where, code)
+        if _code_in(code, STS_EXPIRED_CODES) and self._credentials.source == "ram-role":
+            self._credentials.invalidate()
+            raise _error(Retryable, f"{where}: fetching new RAM role credentials", code)
+        if (_code_in(code, RETRYABLE_CODES) or code.lower().startswith(RETRYABLE_PREFIXES)
+                or status >= 500 or status == 429):
+            raise _error(Retryable, where, code)
+        raise _error(Fatal, f"{where}: {_hint(code)}", code)
+
+
+def _short(text: str, limit: int = 300) -> str:
+    """An API message without the echoed string-to-sign (it holds the STS token), bounded in length."""
+    for marker in ("server string to sign is", "string to sign is", "StringToSign"):
+        cut = text.find(marker)
+        if cut >= 0:
+            text = text[:cut].rstrip(" :,;")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _scrub(text: str, secrets: tuple[str, ...]) -> str:
+    """Mask each secret, raw or percent-encoded once or twice (as an echoed string-to-sign has it)."""
+    for secret in secrets:
+        if not secret:
+            continue
+        once = percent_encode(secret)
+        for form in (percent_encode(once), once, secret):
+            text = text.replace(form, "***")
+    return text
+
+
+def _ecs_endpoint(vpc_endpoint: str) -> str:
+    """ECS's endpoint next to a VPC endpoint: vpc.<region>.aliyuncs.com -> ecs.<region>.aliyuncs.com.
+
+    Any other host (a private gateway, the emulator) is assumed to serve both APIs.
+    """
+    parts = urlsplit(vpc_endpoint)
+    host = parts.hostname or ""
+    if host.startswith(("vpc.", "vpc-")):
+        netloc = parts.netloc.replace(host, "ecs" + host[3:], 1)
+        return urlunsplit(parts._replace(netloc=netloc))
+    return vpc_endpoint
+
+
+# -- the provider ------------------------------------------------------------------------------------
+class AliyunProvider(Provider):
+    """The route table of one Alibaba Cloud VPC, seen from one ECS instance."""
+
+    name = "aliyun"
+    instant = False
+
+    def __init__(self, config, ecs_endpoint: str = ""):
+        self._config = config
+        self._session = requests.Session()
+        self._metadata = _Metadata(config.aliyun_metadata_url, self._session)
+        self._credentials = _Credentials(config, self._metadata)
+        self._ecs_endpoint = ecs_endpoint or getattr(config, "aliyun_ecs_endpoint", "")
+        self._values: dict[str, str] = {}
+        self._lock = threading.RLock()
+        self._vpc: _RpcClient | None = None
+        self._ecs: _RpcClient | None = None
+        self._vswitches: tuple[float, list[str]] | None = None
+
+    def __repr__(self) -> str:
+        known = ", ".join(f"{k}={v!r}" for k, v in sorted(self._values.items()))
+        return f"AliyunProvider({known}, credentials={self._credentials.source!r})"
+
+    # -- identity, resolved lazily ----------------------------------------------------------------
+    def _value(self, name: str, configured: str, path: str, what: str) -> str:
+        with self._lock:
+            if name not in self._values:
+                if configured:
+                    self._values[name] = configured
+                else:
+                    value = self._metadata.get(path, what)
+                    if not value:
+                        raise Fatal(f"instance metadata gave an empty {what}")
+                    log.info("aliyun %s from instance metadata: %s", what, value)
+                    self._values[name] = value
+            return self._values[name]
+
+    def region(self) -> str:
+        return self._value("region", self._config.aliyun_region_id, "region-id",
+                           "region id (VPCNET_ALIYUN_REGION_ID)")
+
+    def instance_id(self) -> str:
+        return self._value("instance", self._config.aliyun_instance_id, "instance-id",
+                           "instance id (VPCNET_ALIYUN_INSTANCE_ID)")
+
+    def vpc_id(self) -> str:
+        return self._value("vpc", self._config.aliyun_vpc_id, "vpc-id", "VPC id (VPCNET_ALIYUN_VPC_ID)")
+
+    def endpoint(self) -> str:
+        return self._config.aliyun_endpoint or f"https://vpc.{self.region()}.aliyuncs.com/"
+
+    def _client(self) -> _RpcClient:
+        with self._lock:
+            if self._vpc is None:
+                self._vpc = _RpcClient(self._session, self.endpoint(), VPC_API_VERSION, self.region(),
+                                       self._credentials)
+            return self._vpc
+
+    def _route_table(self) -> str:
+        with self._lock:
+            if "table" not in self._values:
+                self._values["table"] = self._config.aliyun_route_table_id or self._discover_table()
+            return self._values["table"]
+
+    def _discover_table(self) -> str:
+        """The VPC's system route table (the VRouter's), the one every vSwitch uses by default.
+
+        vSwitches bound to custom route tables need VPCNET_ALIYUN_ROUTE_TABLE_ID set explicitly.
+        """
+        vpc = self.vpc_id()
+        tables: list[dict] = []
+        for page in range(1, 11):
+            data = self._client().call("DescribeRouteTableList",
+                                       {"VpcId": vpc, "PageSize": "50", "PageNumber": str(page)})
+            batch = _items(data, "RouterTableList", "RouterTableListType") or _items(
+                data, "RouteTables", "RouteTable")
+            tables += batch
+            total = int(data.get("TotalCount") or 0)
+            if not batch or len(tables) >= total:
+                break
+        tables = [t for t in tables if t.get("VpcId", vpc) == vpc and t.get("RouteTableId")]
+        if not tables:
+            raise Fatal(f"no route table found for VPC {vpc} in region {self.region()}: check "
+                        "VPCNET_ALIYUN_VPC_ID, or set VPCNET_ALIYUN_ROUTE_TABLE_ID")
+
+        def rank(t: dict) -> tuple:
+            return (t.get("RouteTableType", "System") != "System", t.get("RouterType", "VRouter") != "VRouter")
+
+        table = sorted(tables, key=rank)[0]["RouteTableId"]
+        log.info("aliyun route table of VPC %s: %s", vpc, table)
+        return table
+
+    def table_id(self) -> str:
+        """The table's id; a description instead when it cannot be found yet (messages only)."""
+        try:
+            return self._route_table()
+        except VpcnetError as exc:
+            return f"(route table not yet known: {exc})"
+
+    # -- routes -----------------------------------------------------------------------------------
+    def list_routes(self) -> list[Route]:
+        table = self._route_table()
+        routes: list[Route] = []
+        token = ""
+        seen: set[str] = set()
+        for _ in range(MAX_PAGES):
+            params = {"RouteTableId": table, "MaxResult": str(PAGE_SIZE)}
+            if token:
+                params["NextToken"] = token
+            data = self._client().call("DescribeRouteEntryList", params)
+            routes += [_route(e) for e in _items(data, "RouteEntrys", "RouteEntry")]
+            token = str(data.get("NextToken") or "")
+            if not token:
+                return routes
+            if token in seen:
+                raise Retryable(f"DescribeRouteEntryList of {table}: NextToken repeated; listing again later")
+            seen.add(token)
+        raise Retryable(f"DescribeRouteEntryList of {table}: more than {MAX_PAGES} pages; giving up this pass")
+
+    def create_route(self, destination: str, name: str, description: str, client_token: str) -> None:
+        table = self._route_table()
+        try:
+            self._client().call("CreateRouteEntry", {
+                "RouteTableId": table, "DestinationCidrBlock": destination, "NextHopType": "Instance",
+                "NextHopId": self.instance_id(), "RouteEntryName": name, "Description": description,
+                "ClientToken": client_token})
+        except QuotaExceeded as exc:
+            raise _error(QuotaExceeded, f"route table {table} has no room for another custom entry (the "
+                                        f"default limit is {DEFAULT_QUOTA} custom entries per table; "
+                                        f"remove unused entries or ask Alibaba Cloud for a higher quota): "
+                                        f"{exc}", getattr(exc, "code", "")) from None
+        except DuplicateRoute as exc:
+            raise _error(DuplicateRoute, f"route table {table} already has an entry for {destination}: {exc}",
+                         getattr(exc, "code", "")) from None
+
+    def delete_route(self, route: Route) -> None:
+        params = {"RouteTableId": self._route_table()}
+        if route.route_id:
+            params["RouteEntryId"] = route.route_id
+        else:
+            params["DestinationCidrBlock"] = route.destination
+            if route.next_hop:
+                params["NextHopId"] = route.next_hop
+        try:
+            self._client().call("DeleteRouteEntry", params)
+        except Fatal as exc:
+            code = getattr(exc, "code", "").lower()
+            if code in GONE_CODES or (code.startswith("invalidrouteentry") and "notfound" in code):
+                log.info("route %s -> %s was already gone", route.destination, route.next_hop or "?")
+                return
+            raise
+
+    # -- the rest of the interface ----------------------------------------------------------------
+    def reserved_cidrs(self) -> list[str]:
+        """The VPC's vSwitch CIDRs (a route may not overlap them); [] where DescribeVSwitches is missing."""
+        with self._lock:
+            if self._vswitches and time.monotonic() - self._vswitches[0] < VSWITCH_CACHE_SECONDS:
+                return list(self._vswitches[1])
+        vpc = self.vpc_id()
+        cidrs: list[str] = []
+        try:
+            for page in range(1, 11):
+                data = self._client().call("DescribeVSwitches",
+                                           {"VpcId": vpc, "PageSize": "50", "PageNumber": str(page)})
+                batch = _items(data, "VSwitches", "VSwitch")
+                cidrs += [str(v["CidrBlock"]) for v in batch if v.get("CidrBlock")]
+                if not batch or len(cidrs) >= int(data.get("TotalCount") or 0):
+                    break
+        except Fatal as exc:
+            if getattr(exc, "code", "").lower() in UNSUPPORTED_CODES or "HTTP 404" in str(exc):
+                log.info("endpoint does not support DescribeVSwitches: no vSwitch CIDRs to avoid")
+                cidrs = []
+            else:
+                raise
+        with self._lock:
+            self._vswitches = (time.monotonic(), cidrs)
+        return list(cidrs)
+
+    def instance_exists(self, instance_id: str) -> bool:
+        """Whether ECS still knows the instance. True whenever unsure: `routes gc` must never delete
+        the route of a live host because an API call failed."""
+        try:
+            with self._lock:
+                if self._ecs is None:
+                    self._ecs = _RpcClient(self._session, self._ecs_endpoint or _ecs_endpoint(self.endpoint()),
+                                           ECS_API_VERSION, self.region(), self._credentials)
+            data = self._ecs.call("DescribeInstances", {"InstanceIds": json.dumps([instance_id]),
+                                                        "PageSize": "10"})
+            instances = data.get("Instances")
+            if not isinstance(instances, dict) or not isinstance(instances.get("Instance"), list):
+                log.warning("DescribeInstances answered an unexpected shape; assuming %s exists", instance_id)
+                return True
+            return any(i.get("InstanceId") == instance_id for i in instances["Instance"])
+        except VpcnetError as exc:
+            log.warning("cannot tell whether instance %s exists (%s); assuming it does", instance_id, exc)
+            return True
+
+    def close(self) -> None:
+        self._session.close()
+
+
+def _items(data: dict, outer: str, inner: str) -> list[dict]:
+    """`data[outer][inner]` as a list of dicts, tolerating the missing or empty shapes Alibaba uses."""
+    box = data.get(outer)
+    if isinstance(box, dict):
+        box = box.get(inner)
+    if isinstance(box, dict):
+        box = [box]
+    return [x for x in box if isinstance(x, dict)] if isinstance(box, list) else []
+
+
+def _route(entry: dict) -> Route:
+    """One RouteEntry as a Route; `next_hop` is the instance id only for a single Instance next hop."""
+    hops = _items(entry, "NextHops", "NextHop")
+    if not hops and (entry.get("NextHopId") or entry.get("InstanceId")):
+        hops = [{"NextHopId": entry.get("NextHopId") or entry.get("InstanceId"),
+                 "NextHopType": entry.get("NextHopType", "Instance")}]
+    if len(hops) == 1:
+        hop_type = str(hops[0].get("NextHopType") or "")
+        next_hop = str(hops[0].get("NextHopId") or "") if hop_type == "Instance" else ""
+    else:
+        hop_type = "ECMP" if hops else ""
+        next_hop = ""
+    return Route(destination=str(entry.get("DestinationCidrBlock", "")), next_hop=next_hop,
+                 status=str(entry.get("Status") or "Available"), kind=str(entry.get("Type") or "Custom"),
+                 name=str(entry.get("RouteEntryName") or ""), description=str(entry.get("Description") or ""),
+                 route_id=str(entry.get("RouteEntryId") or ""), next_hop_type=hop_type)

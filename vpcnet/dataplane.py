@@ -1,0 +1,285 @@
+"""Every kernel change vpcnet makes: bridges, veth pairs, MTU, forwarding, and a few firewall rules.
+
+Per network: a bridge (`vpc-<network id[:11]>`) holding the gateway address; per endpoint: a veth pair,
+host end (`vh<endpoint id[:11]>`) on the bridge, container end (`vc...`) handed to Docker to move into
+the sandbox. Links and addresses go through pyroute2; the firewall through `iptables` (the same binary
+Docker uses, so both see one rule set).
+
+Firewall, in chains of vpcnet's own so removing a network removes exactly its rules:
+- filter `VPCNET-FORWARD` (jumped to from FORWARD): accepts the network's traffic even though Docker
+  sets FORWARD's policy to DROP; one chain per network `VPCNET-F-<id12>`.
+- nat `VPCNET-POSTROUTING` (jumped to from POSTROUTING): per network `VPCNET-N-<id12>` masquerades
+  traffic from the host CIDR only when it leaves for a destination outside the cluster CIDR and the
+  no-NAT list. Container-to-container traffic inside the VPC keeps its own source address.
+- `--internal` networks: forwarding only within the cluster CIDR, no masquerade.
+
+Every operation is idempotent: create what is missing, accept what exists, ignore what is gone.
+"""
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import subprocess
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute, NetlinkError
+
+from vpcnet.errors import DataplaneError
+
+log = logging.getLogger(__name__)
+
+FORWARD_CHAIN = "VPCNET-FORWARD"
+NAT_CHAIN = "VPCNET-POSTROUTING"
+DEFAULT_MTU = 1500
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    tag: str                    # short stable id (network id prefix) for names and chains
+    bridge: str
+    gateway: str                # bare IP
+    host_cidr: str
+    cluster_cidr: str
+    mtu: int
+    internal: bool = False
+    no_nat: tuple[str, ...] = ()
+
+    @property
+    def prefixlen(self) -> int:
+        return ipaddress.IPv4Network(self.host_cidr).prefixlen
+
+    @property
+    def filter_chain(self) -> str:
+        return f"VPCNET-F-{self.tag}"
+
+    @property
+    def nat_chain(self) -> str:
+        return f"VPCNET-N-{self.tag}"
+
+
+def bridge_name(network_id: str) -> str:
+    return f"vpc-{network_id[:11]}"           # 15 characters: the kernel's limit
+
+
+def veth_names(endpoint_id: str) -> tuple[str, str]:
+    return f"vh{endpoint_id[:11]}", f"vc{endpoint_id[:11]}"
+
+
+def mac_for(ip: str) -> str:
+    """Deterministic MAC from the IPv4 address (as Docker's bridge does): a reused address keeps its MAC,
+    so peers' ARP caches stay right."""
+    octets = ipaddress.IPv4Address(ip).packed
+    return "02:42:" + ":".join(f"{b:02x}" for b in octets)
+
+
+class Dataplane:
+    def __init__(self, netns: str | None = None, iptables: str = "iptables"):
+        self.netns = netns
+        self.iptables = iptables
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    def _ipr(self) -> IPRoute:
+        return IPRoute(netns=self.netns) if self.netns else IPRoute()
+
+    def _cmd(self, *args: str) -> list[str]:
+        return (["ip", "netns", "exec", self.netns] if self.netns else []) + list(args)
+
+    def _ipt(self, table: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        cmd = self._cmd(self.iptables, "-w", "10", "-t", table, *args)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise DataplaneError(f"{' '.join(cmd)}: {exc}") from None
+        if check and proc.returncode != 0:
+            raise DataplaneError(f"{' '.join(cmd)} failed: {proc.stderr.strip() or proc.returncode}")
+        return proc
+
+    def _chain_exists(self, table: str, chain: str) -> bool:
+        return self._ipt(table, "-S", chain, check=False).returncode == 0
+
+    def _ensure_chain(self, table: str, chain: str) -> None:
+        if not self._chain_exists(table, chain):
+            proc = self._ipt(table, "-N", chain, check=False)
+            if proc.returncode != 0 and not self._chain_exists(table, chain):
+                raise DataplaneError(f"cannot create chain {chain} in table {table}: {proc.stderr.strip()}")
+
+    def _ensure_rule(self, table: str, chain: str, rule: list[str], position: int | None = None) -> None:
+        if self._ipt(table, "-C", chain, *rule, check=False).returncode == 0:
+            return
+        if position is None:
+            self._ipt(table, "-A", chain, *rule)
+        else:
+            self._ipt(table, "-I", chain, str(position), *rule)
+
+    def _delete_rule(self, table: str, chain: str, rule: list[str]) -> None:
+        for _ in range(8):     # a rule added twice by a crash-and-retry is removed too (bounded)
+            if self._ipt(table, "-D", chain, *rule, check=False).returncode != 0:
+                return
+
+    def _drop_chain(self, table: str, parent: str, chain: str) -> None:
+        self._delete_rule(table, parent, ["-j", chain])
+        if self._chain_exists(table, chain):
+            self._ipt(table, "-F", chain, check=False)
+            self._ipt(table, "-X", chain, check=False)
+
+    def _sysctl(self, key: str, value: str) -> None:
+        path = "/proc/sys/" + key.replace(".", "/")
+        if self.netns:
+            subprocess.run(self._cmd("sysctl", "-qw", f"{key}={value}"), check=False, timeout=10,
+                           capture_output=True)
+            return
+        try:
+            with open(path) as fh:
+                if fh.read().strip() == value:
+                    return
+            with open(path, "w") as fh:
+                fh.write(value)
+        except OSError as exc:
+            raise DataplaneError(f"cannot set {key}={value}: {exc}") from None
+
+    # -- host-wide --------------------------------------------------------------------------------
+    def uplink_mtu(self) -> int:
+        """MTU of the interface carrying the default route (the VPC link), 1500 without one."""
+        with self._ipr() as ipr:
+            for route in ipr.route("dump", table=254, family=2):
+                if route.get("dst_len") == 0 and route.get("RTA_OIF"):
+                    links = ipr.link("get", index=route.get("RTA_OIF"))
+                    return int(links[0].get("IFLA_MTU") or DEFAULT_MTU)
+        return DEFAULT_MTU
+
+    def ensure_host(self) -> None:
+        """ip_forward and the top-level chains, jumped to first from FORWARD and POSTROUTING."""
+        self._sysctl("net.ipv4.ip_forward", "1")
+        self._ensure_chain("filter", FORWARD_CHAIN)
+        self._ensure_rule("filter", "FORWARD", ["-j", FORWARD_CHAIN], position=1)
+        self._ensure_chain("nat", NAT_CHAIN)
+        self._ensure_rule("nat", "POSTROUTING", ["-j", NAT_CHAIN], position=1)
+
+    # -- networks ---------------------------------------------------------------------------------
+    def ensure_network(self, spec: NetworkSpec) -> None:
+        self.ensure_host()
+        with self._ipr() as ipr:
+            idx = self._link_index(ipr, spec.bridge)
+            if idx is None:
+                try:
+                    ipr.link("add", ifname=spec.bridge, kind="bridge")
+                except NetlinkError as exc:
+                    if exc.code != errno.EEXIST:
+                        raise DataplaneError(f"cannot create bridge {spec.bridge}: {exc}") from None
+                idx = self._link_index(ipr, spec.bridge)
+            try:
+                ipr.link("set", index=idx, mtu=spec.mtu)
+                ipr.addr("add", index=idx, address=spec.gateway, prefixlen=spec.prefixlen)
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise DataplaneError(f"cannot configure bridge {spec.bridge}: {exc}") from None
+            ipr.link("set", index=idx, state="up")
+        self._ensure_firewall(spec)
+
+    def _ensure_firewall(self, spec: NetworkSpec) -> None:
+        br, cluster, tag = spec.bridge, spec.cluster_cidr, spec.tag
+        comment = ["-m", "comment", "--comment", f"vpcnet {tag}"]
+        if spec.internal:
+            rules = [["-i", br, "-o", br, "-j", "ACCEPT"],
+                     ["-i", br, "-d", cluster, "-j", "ACCEPT"],
+                     ["-o", br, "-s", cluster, "-j", "ACCEPT"],
+                     ["-i", br, "-j", "DROP"],
+                     ["-o", br, "-j", "DROP"]]
+        else:
+            rules = [["-i", br, "-j", "ACCEPT"],
+                     ["-o", br, "-j", "ACCEPT"]]
+        self._sync_chain("filter", spec.filter_chain, [rule + comment for rule in rules])
+        self._ensure_rule("filter", FORWARD_CHAIN, ["-j", spec.filter_chain])
+        if spec.internal:
+            self._delete_rule("nat", NAT_CHAIN, ["-s", spec.host_cidr, "-j", spec.nat_chain])
+            self._drop_chain("nat", NAT_CHAIN, spec.nat_chain)
+            return
+        nat = [["-d", dest, "-j", "RETURN"] for dest in (cluster, *spec.no_nat)]
+        nat += [["-o", br, "-j", "RETURN"], ["-j", "MASQUERADE"]]
+        self._sync_chain("nat", spec.nat_chain, [rule + comment for rule in nat])
+        self._ensure_rule("nat", NAT_CHAIN, ["-s", spec.host_cidr, "-j", spec.nat_chain])
+
+    def _sync_chain(self, table: str, chain: str, rules: list[list[str]]) -> None:
+        """Make `chain` hold exactly `rules`, in order. Left alone when it already does, so a restart
+        never opens a window in which the network's traffic meets Docker's DROP policy."""
+        self._ensure_chain(table, chain)
+        listed = [line for line in self._ipt(table, "-S", chain).stdout.splitlines() if line.startswith("-A ")]
+        if len(listed) == len(rules) and all(
+                self._ipt(table, "-C", chain, *rule, check=False).returncode == 0 for rule in rules):
+            return
+        self._ipt(table, "-F", chain)
+        for rule in rules:
+            self._ipt(table, "-A", chain, *rule)
+
+    def delete_network(self, spec: NetworkSpec) -> None:
+        self._drop_chain("filter", FORWARD_CHAIN, spec.filter_chain)
+        self._delete_rule("nat", NAT_CHAIN, ["-s", spec.host_cidr, "-j", spec.nat_chain])
+        self._drop_chain("nat", NAT_CHAIN, spec.nat_chain)
+        self._delete_link(spec.bridge)
+
+    def network_exists(self, spec: NetworkSpec) -> bool:
+        with self._ipr() as ipr:
+            return self._link_index(ipr, spec.bridge) is not None
+
+    def stale_chains(self, known_tags: set[str]) -> list[tuple[str, str]]:
+        """(table, chain) of per-network chains whose network vpcnet no longer knows."""
+        out = []
+        for table, prefix in (("filter", "VPCNET-F-"), ("nat", "VPCNET-N-")):
+            proc = self._ipt(table, "-S", check=False)
+            for line in proc.stdout.splitlines():
+                parts = line.split()
+                if len(parts) == 2 and parts[0] == "-N" and parts[1].startswith(prefix):
+                    if parts[1][len(prefix):] not in known_tags:
+                        out.append((table, parts[1]))
+        return out
+
+    def drop_stale_chain(self, table: str, chain: str) -> None:
+        parent = FORWARD_CHAIN if table == "filter" else NAT_CHAIN
+        proc = self._ipt(table, "-S", parent, check=False)
+        for line in proc.stdout.splitlines():      # jumps may carry a -s match: delete them as listed
+            parts = line.split()
+            if parts[:2] == ["-A", parent] and parts[-2:] == ["-j", chain]:
+                self._ipt(table, "-D", parent, *parts[2:], check=False)
+        self._drop_chain(table, parent, chain)
+
+    # -- endpoints --------------------------------------------------------------------------------
+    def ensure_endpoint(self, bridge: str, host_veth: str, peer_veth: str, mac: str, mtu: int) -> None:
+        with self._ipr() as ipr:
+            br = self._link_index(ipr, bridge)
+            if br is None:
+                raise DataplaneError(f"bridge {bridge} is missing")
+            host_idx = self._link_index(ipr, host_veth)
+            if host_idx is None:
+                try:
+                    ipr.link("add", ifname=host_veth, kind="veth", mtu=mtu,
+                             peer={"ifname": peer_veth, "address": mac, "mtu": mtu})
+                except NetlinkError as exc:
+                    if exc.code != errno.EEXIST:
+                        raise DataplaneError(f"cannot create veth {host_veth}: {exc}") from None
+                host_idx = self._link_index(ipr, host_veth)
+            ipr.link("set", index=host_idx, master=br, mtu=mtu, state="up")
+
+    def delete_endpoint(self, host_veth: str) -> None:
+        self._delete_link(host_veth)       # the peer goes with it, wherever it is
+
+    def link_exists(self, name: str) -> bool:
+        with self._ipr() as ipr:
+            return self._link_index(ipr, name) is not None
+
+    # -- helpers ----------------------------------------------------------------------------------
+    @staticmethod
+    def _link_index(ipr: IPRoute, name: str) -> int | None:
+        found = ipr.link_lookup(ifname=name)
+        return found[0] if found else None
+
+    def _delete_link(self, name: str) -> None:
+        with self._ipr() as ipr:
+            idx = self._link_index(ipr, name)
+            if idx is None:
+                return
+            try:
+                ipr.link("del", index=idx)
+            except NetlinkError as exc:
+                if exc.code not in (errno.ENODEV, errno.ENOENT):
+                    raise DataplaneError(f"cannot delete {name}: {exc}") from None

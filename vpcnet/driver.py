@@ -1,0 +1,242 @@
+"""The network driver: Docker's network model on top of the store and the dataplane.
+
+Knows which calls Docker makes in which order, and which must be idempotent: Docker never replays
+CreateNetwork (so the network is stored before it answers), and at daemon start it sends Leave,
+DeleteEndpoint and ReleaseAddress for sandboxes that may already be gone — those succeed.
+A failed call changes no state: kernel changes made before the failure are undone.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+
+from vpcnet.dataplane import NetworkSpec, bridge_name, mac_for, veth_names
+from vpcnet.errors import Conflict, InvalidRequest, NotFound
+from vpcnet.store import Endpoint, Network
+
+log = logging.getLogger(__name__)
+
+GENERIC = "com.docker.network.generic"
+MTU_OPTION = "com.docker.network.driver.mtu"
+INTERNAL_OPTION = "com.docker.network.internal"
+IPV6_OPTION = "com.docker.network.enable_ipv6"
+KNOWN_GENERIC_OPTIONS = {MTU_OPTION}
+
+
+class NetworkDriver:
+    def __init__(self, config, store, dataplane):
+        self.config = config
+        self.store = store
+        self.dataplane = dataplane
+
+    @staticmethod
+    def capabilities() -> dict:
+        # Scope local: Docker keeps the network per engine (no swarm store needed). The connectivity
+        # is cross-host, through the VPC route table.
+        return {"Scope": "local", "ConnectivityScope": "global"}
+
+    # -- networks ---------------------------------------------------------------------------------
+    def create_network(self, network_id: str, options: dict, ipv4_data: list, ipv6_data: list) -> dict:
+        _require_id("NetworkID", network_id)
+        options = options or {}
+        generic = options.get(GENERIC) or {}
+        if not isinstance(generic, dict):
+            raise InvalidRequest(f"{GENERIC} must be an object")
+        unknown = sorted(set(generic) - KNOWN_GENERIC_OPTIONS)
+        if unknown:
+            raise InvalidRequest(f"unknown option -o {', '.join(unknown)} (vpcnet knows: "
+                                 f"{', '.join(sorted(KNOWN_GENERIC_OPTIONS))})")
+        if ipv6_data or _truthy(options.get(IPV6_OPTION)):
+            raise InvalidRequest("IPv6 is not supported by vpcnet: create the network without --ipv6")
+        if not ipv4_data or len(ipv4_data) != 1:
+            raise InvalidRequest(f"a vpcnet network needs exactly one IPv4 pool, got {len(ipv4_data or [])}")
+        pool = (ipv4_data[0] or {}).get("Pool", "")
+        pools = {r["pool_id"]: r for r in self.store.pools()}
+        if pool not in pools:
+            raise InvalidRequest(f"pool {pool or '(none)'} is not a vpcnet pool: create the network with "
+                                 f"--ipam-driver {self.config.driver_name}")
+        mtu = self._mtu(generic.get(MTU_OPTION))
+        net = Network(network_id=network_id, host_cidr=pool, cluster_cidr=pools[pool]["cluster_cidr"],
+                      gateway=pools[pool]["gateway"], bridge=bridge_name(network_id), mtu=mtu,
+                      internal=_truthy(options.get(INTERNAL_OPTION)),
+                      no_nat=tuple(self.config.no_nat_cidrs), created=time.time())
+        existing = self.store.network(network_id)
+        if existing is not None:
+            if existing.host_cidr == net.host_cidr:
+                self.dataplane.ensure_network(spec_of(existing))
+                return {}
+            raise Conflict(f"network {network_id[:12]} already exists with pool {existing.host_cidr}")
+        holder = self.store.network_by_host_cidr(pool)
+        if holder is not None:
+            raise Conflict(f"host CIDR {pool} (cluster CIDR {net.cluster_cidr}) is already used by network "
+                           f"{holder.network_id[:12]} on this host: one vpcnet network per cluster CIDR per "
+                           "host; create this one with --subnet <another cluster CIDR>")
+        spec = spec_of(net)
+        try:
+            self.dataplane.ensure_network(spec)
+            with self.store.tx() as db:
+                self.store.add_network(db, net)
+        except Exception:
+            self._undo(lambda: self.dataplane.delete_network(spec))
+            raise
+        log.info("network %s: bridge %s, %s via %s, mtu %d%s", network_id[:12], net.bridge, net.host_cidr,
+                 net.gateway, net.mtu, ", internal" if net.internal else "")
+        return {}
+
+    def _mtu(self, raw) -> int:
+        if raw in (None, ""):
+            return self.config.mtu or self.dataplane.uplink_mtu()
+        try:
+            mtu = int(str(raw).strip())
+        except ValueError:
+            raise InvalidRequest(f"-o {MTU_OPTION}={raw}: not a number") from None
+        if not 576 <= mtu <= 65535:
+            raise InvalidRequest(f"-o {MTU_OPTION}={mtu}: out of range (576..65535)")
+        return mtu
+
+    def delete_network(self, network_id: str) -> dict:
+        _require_id("NetworkID", network_id)
+        net = self.store.network(network_id)
+        if net is None:
+            log.info("DeleteNetwork %s: not known (already gone)", network_id[:12])
+            return {}
+        for ep in self.store.endpoints(network_id):      # leftovers of a crash: take them along
+            self.dataplane.delete_endpoint(ep.host_veth)
+        self.dataplane.delete_network(spec_of(net))
+        self.store.delete_network(network_id)
+        log.info("network %s deleted", network_id[:12])
+        return {}
+
+    # -- endpoints --------------------------------------------------------------------------------
+    def create_endpoint(self, network_id: str, endpoint_id: str, interface: dict | None,
+                        options: dict | None) -> dict:
+        _require_id("NetworkID", network_id)
+        _require_id("EndpointID", endpoint_id)
+        net = self._network(network_id)
+        interface = interface or {}
+        if interface.get("AddressIPv6"):
+            raise InvalidRequest("IPv6 is not supported by vpcnet")
+        address = interface.get("Address") or ""
+        if not address:
+            raise InvalidRequest("CreateEndpoint without an IPv4 address: use --ipam-driver "
+                                 f"{self.config.driver_name}")
+        try:
+            ip = ipaddress.IPv4Interface(address).ip
+        except ValueError:
+            raise InvalidRequest(f"Interface.Address {address!r} is not an IPv4 CIDR address") from None
+        if ip not in ipaddress.IPv4Network(net.host_cidr):
+            raise InvalidRequest(f"address {ip} is outside the network's host CIDR {net.host_cidr}")
+        given_mac = interface.get("MacAddress") or ""
+        mac = given_mac or mac_for(str(ip))
+        host_veth, peer_veth = veth_names(endpoint_id)
+        existing = self.store.endpoint(endpoint_id)
+        if existing is not None:
+            if existing.address != str(ip) or existing.network_id != network_id:
+                raise Conflict(f"endpoint {endpoint_id[:12]} already exists with address {existing.address}")
+            self.dataplane.ensure_endpoint(net.bridge, existing.host_veth, existing.peer_veth, existing.mac,
+                                           net.mtu)
+            return {"Interface": {} if given_mac else {"MacAddress": existing.mac}}
+        clash = [e for e in self.store.endpoints(network_id) if e.address == str(ip)]
+        if clash:
+            raise Conflict(f"address {ip} is already used by endpoint {clash[0].endpoint_id[:12]}")
+        ep = Endpoint(endpoint_id=endpoint_id, network_id=network_id, address=str(ip), mac=mac,
+                      host_veth=host_veth, peer_veth=peer_veth, created=time.time())
+        try:
+            self.dataplane.ensure_endpoint(net.bridge, host_veth, peer_veth, mac, net.mtu)
+            with self.store.tx() as db:
+                self.store.add_endpoint(db, ep)
+        except Exception:
+            self._undo(lambda: self.dataplane.delete_endpoint(host_veth))
+            raise
+        return {"Interface": {} if given_mac else {"MacAddress": mac}}
+
+    def delete_endpoint(self, network_id: str, endpoint_id: str) -> dict:
+        _require_id("EndpointID", endpoint_id)
+        ep = self.store.endpoint(endpoint_id)
+        if ep is None:
+            return {}
+        self.dataplane.delete_endpoint(ep.host_veth)
+        self.store.delete_endpoint(endpoint_id)
+        return {}
+
+    def endpoint_info(self, network_id: str, endpoint_id: str) -> dict:
+        ep = self._endpoint(network_id, endpoint_id)
+        return {"Value": {"address": ep.address, "mac": ep.mac, "host_veth": ep.host_veth}}
+
+    def join(self, network_id: str, endpoint_id: str, sandbox_key: str, options: dict | None) -> dict:
+        net = self._network(network_id)
+        ep = self._endpoint(network_id, endpoint_id)
+        if not sandbox_key:
+            raise InvalidRequest("Join without a SandboxKey")
+        if not self.dataplane.link_exists(ep.peer_veth):
+            # After a host reboot, or a Leave that let the sandbox delete it: make a fresh pair.
+            self.dataplane.delete_endpoint(ep.host_veth)
+            self.dataplane.ensure_endpoint(net.bridge, ep.host_veth, ep.peer_veth, ep.mac, net.mtu)
+        return {"InterfaceName": {"SrcName": ep.peer_veth, "DstPrefix": "eth"},
+                "Gateway": net.gateway, "StaticRoutes": [], "DisableGatewayService": True}
+
+    def leave(self, network_id: str, endpoint_id: str) -> dict:
+        return {}      # Docker moves the interface back out of the sandbox; DeleteEndpoint removes it
+
+    def program_external_connectivity(self, network_id: str, endpoint_id: str, options: dict | None) -> dict:
+        self._endpoint(network_id, endpoint_id)
+        bindings = (options or {}).get("com.docker.network.portmap") or []
+        if bindings:
+            raise InvalidRequest("vpcnet does not publish ports (-p): containers are routed; reach them at "
+                                 "their own address from anywhere in the VPC")
+        return {}
+
+    def revoke_external_connectivity(self, network_id: str, endpoint_id: str) -> dict:
+        return {}
+
+    # -- restart ----------------------------------------------------------------------------------
+    def restore(self) -> None:
+        """At start: rebuild each known network's bridge, rules and veths (after a reboot, or rules
+        flushed by someone), and drop per-network chains of networks vpcnet no longer knows."""
+        nets = self.store.networks()
+        self.dataplane.ensure_host()
+        for net in nets:
+            try:
+                self.dataplane.ensure_network(spec_of(net))
+            except Exception as exc:
+                log.error("cannot restore network %s: %s", net.network_id[:12], exc)
+        for table, chain in self.dataplane.stale_chains({spec_of(n).tag for n in nets}):
+            log.info("removing stale chain %s/%s", table, chain)
+            self.dataplane.drop_stale_chain(table, chain)
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _network(self, network_id: str) -> Network:
+        _require_id("NetworkID", network_id)
+        net = self.store.network(network_id)
+        if net is None:
+            raise NotFound(f"unknown network {network_id[:12]}: vpcnet has no such network")
+        return net
+
+    def _endpoint(self, network_id: str, endpoint_id: str) -> Endpoint:
+        _require_id("EndpointID", endpoint_id)
+        ep = self.store.endpoint(endpoint_id)
+        if ep is None:
+            raise NotFound(f"unknown endpoint {endpoint_id[:12]} in network {network_id[:12]}")
+        return ep
+
+    @staticmethod
+    def _undo(action) -> None:
+        try:
+            action()
+        except Exception:
+            log.exception("undo failed")
+
+
+def spec_of(net: Network) -> NetworkSpec:
+    return NetworkSpec(tag=net.network_id[:12], bridge=net.bridge, gateway=net.gateway, host_cidr=net.host_cidr,
+                       cluster_cidr=net.cluster_cidr, mtu=net.mtu, internal=net.internal, no_nat=net.no_nat)
+
+
+def _require_id(field: str, value) -> None:
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(f"missing field {field}")
+
+
+def _truthy(value) -> bool:
+    return value is True or str(value).lower() in ("true", "1", "yes")

@@ -1,0 +1,207 @@
+"""The IPAM driver: a pool is this host's block (host CIDR) inside a cluster CIDR.
+
+- `RequestPool` with no `--subnet` gives this host's block in the default cluster CIDR; `--subnet` equal
+  to a cluster CIDR (any range wider than a host block) gives this host's block inside it; `--subnet`
+  equal to a block this host owns is Docker replaying an earlier answer. Anything else is refused.
+- The pool ID is the host CIDR itself, so every replay gets the identical answer.
+- Addresses are handed out next-fit: a cursor walks the pool, so a just-released address is not handed
+  out again before the rest of the pool has been used (stale ARP caches in peers).
+- Replays: Docker (with `RequiresRequestReplay`) re-requests every address it kept after a daemon restart,
+  and our state remembers them as in use. `Plugin.Activate` opens a replay window in which each address
+  already in use may be re-requested once and gets its identical answer; outside the window, or a second
+  time inside it, a request for an address in use is refused.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+
+from vpcnet.errors import Conflict, Exhausted, InvalidRequest, NotFound
+
+log = logging.getLogger(__name__)
+
+GATEWAY_KEY = "com.docker.network.gateway"
+REQUEST_TYPE_KEY = "RequestAddressType"
+REPLAY_WINDOW = 300.0   # seconds after Plugin.Activate in which replays of in-use addresses are honoured
+LOCAL_SPACE = "vpcnet-local"
+GLOBAL_SPACE = "vpcnet-global"
+
+
+class Ipam:
+    def __init__(self, config, store, routes, clock=time.time):
+        self.config = config
+        self.store = store
+        self.routes = routes
+        self.clock = clock
+
+    # -- capabilities -----------------------------------------------------------------------------
+    @staticmethod
+    def capabilities() -> dict:
+        return {"RequiresMACAddress": False, "RequiresRequestReplay": True}
+
+    @staticmethod
+    def default_address_spaces() -> dict:
+        return {"LocalDefaultAddressSpace": LOCAL_SPACE, "GlobalDefaultAddressSpace": GLOBAL_SPACE}
+
+    def open_replay_window(self) -> None:
+        with self.store.tx() as db:
+            epoch = int(self.store.get_meta("replay_epoch", "0")) + 1
+            self.store.set_meta(db, "replay_epoch", str(epoch))
+            self.store.set_meta(db, "replay_until", str(self.clock() + REPLAY_WINDOW))
+
+    def _replay_epoch(self) -> int:
+        """The open replay epoch, or 0 when no replay window is open."""
+        if self.clock() > float(self.store.get_meta("replay_until", "0")):
+            return 0
+        return int(self.store.get_meta("replay_epoch", "0"))
+
+    # -- pools ------------------------------------------------------------------------------------
+    def request_pool(self, pool: str = "", sub_pool: str = "", options: dict | None = None,
+                     v6: bool = False, address_space: str = "") -> dict:
+        if v6:
+            raise InvalidRequest("IPv6 is not supported by vpcnet: create the network without --ipv6")
+        if sub_pool:
+            raise InvalidRequest(f"--ip-range {sub_pool} is not supported: a vpcnet network uses the "
+                                 "host's whole block")
+        if options:
+            raise InvalidRequest(f"unknown --ipam-opt {', '.join(sorted(options))}: vpcnet's IPAM takes "
+                                 "no options")
+        if address_space and address_space not in (LOCAL_SPACE, GLOBAL_SPACE):
+            raise InvalidRequest(f"unknown address space {address_space!r}")
+        cluster, host = self._resolve_pool(pool)
+        gateway = _gateway(host)
+        with self.store.tx() as db:
+            db.execute("INSERT OR IGNORE INTO pools(pool_id, cluster_cidr, gateway, cursor) VALUES(?,?,?,?)",
+                       (str(host), str(cluster), str(gateway), int(gateway) + 1))
+        log.info("pool %s (cluster %s, gateway %s)", host, cluster, gateway)
+        return {"PoolID": str(host), "Pool": str(host),
+                "Data": {GATEWAY_KEY: f"{gateway}/{host.prefixlen}"}}
+
+    def _resolve_pool(self, pool: str) -> tuple[ipaddress.IPv4Network, ipaddress.IPv4Network]:
+        """(cluster CIDR, host CIDR) for a RequestPool's `Pool`."""
+        if not pool:
+            cluster = ipaddress.IPv4Network(self.config.cluster_cidr)
+            return cluster, ipaddress.IPv4Network(self.routes.host_cidr(str(cluster)))
+        try:
+            requested = ipaddress.ip_network(pool, strict=True)
+        except ValueError as exc:
+            raise InvalidRequest(f"--subnet {pool}: not a valid network ({exc})") from None
+        if requested.version != 4:
+            raise InvalidRequest(f"--subnet {pool}: IPv6 is not supported by vpcnet")
+        for claim in self.store.claims():                 # a replay of an earlier answer
+            if claim.host_cidr == str(requested):
+                return ipaddress.IPv4Network(claim.cluster_cidr), requested
+        if requested.prefixlen >= self.config.host_prefix:
+            raise InvalidRequest(
+                f"--subnet {pool} is neither a cluster CIDR (a range wider than the /{self.config.host_prefix} "
+                f"host blocks, e.g. the default {self.config.cluster_cidr}) nor a block this host owns; "
+                "omit --subnet to use the default cluster CIDR")
+        for claim in self.store.claims():
+            other = ipaddress.IPv4Network(claim.cluster_cidr)
+            if other != requested and other.overlaps(requested):
+                raise Conflict(f"--subnet {pool} overlaps the cluster CIDR {other} already in use on this "
+                               "host: use it exactly, or a range that does not overlap it")
+        return requested, ipaddress.IPv4Network(self.routes.host_cidr(str(requested)))
+
+    def release_pool(self, pool_id: str) -> dict:
+        if self.store.network_by_host_cidr(pool_id) is not None:
+            # Another network of ours still uses it (e.g. a refused duplicate create releasing its
+            # request): keep it.
+            log.info("pool %s still used by a network: kept", pool_id)
+            return {}
+        with self.store.tx() as db:
+            db.execute("DELETE FROM addresses WHERE pool_id=?", (pool_id,))
+            db.execute("DELETE FROM pools WHERE pool_id=?", (pool_id,))
+        return {}
+
+    # -- addresses --------------------------------------------------------------------------------
+    def request_address(self, pool_id: str, address: str = "", options: dict | None = None) -> dict:
+        options = options or {}
+        pool = self._pool(pool_id)
+        host = ipaddress.IPv4Network(pool_id)
+        gateway = ipaddress.IPv4Address(pool["gateway"])
+        if options.get(REQUEST_TYPE_KEY) == GATEWAY_KEY:
+            if address and _bare(address) != gateway:
+                raise InvalidRequest(f"gateway {address} is not the gateway of pool {pool_id}: vpcnet's "
+                                     f"gateway is {gateway}; omit --gateway")
+            return {"Address": f"{gateway}/{host.prefixlen}", "Data": {}}
+        if address:
+            ip = self._check_requested(address, host, gateway)
+            self._take_requested(pool_id, ip)
+        else:
+            ip = self._take_next(pool_id, host, gateway)
+        return {"Address": f"{ip}/{host.prefixlen}", "Data": {}}
+
+    def _pool(self, pool_id: str):
+        rows = self.store.read("SELECT * FROM pools WHERE pool_id=?", (pool_id,))
+        if not rows:
+            raise NotFound(f"unknown pool {pool_id!r}: no such vpcnet pool on this host")
+        return rows[0]
+
+    @staticmethod
+    def _check_requested(address: str, host: ipaddress.IPv4Network, gateway) -> ipaddress.IPv4Address:
+        try:
+            ip = _bare(address)
+        except ValueError:
+            raise InvalidRequest(f"address {address!r} is not a valid IPv4 address") from None
+        if ip not in host:
+            raise InvalidRequest(f"address {ip} is outside pool {host}")
+        if ip in (host.network_address, host.broadcast_address):
+            raise InvalidRequest(f"address {ip} is the {'network' if ip == host.network_address else 'broadcast'}"
+                                 f" address of pool {host}")
+        if ip == gateway:
+            raise InvalidRequest(f"address {ip} is the gateway of pool {host}")
+        return ip
+
+    def _take_requested(self, pool_id: str, ip: ipaddress.IPv4Address) -> None:
+        epoch = self._replay_epoch()
+        with self.store.tx() as db:
+            row = db.execute("SELECT replay_epoch FROM addresses WHERE pool_id=? AND address=?",
+                             (pool_id, str(ip))).fetchone()
+            if row is None:
+                db.execute("INSERT INTO addresses(pool_id, address, replay_epoch) VALUES(?,?,?)",
+                           (pool_id, str(ip), epoch))
+                return
+            if epoch and row["replay_epoch"] < epoch:
+                db.execute("UPDATE addresses SET replay_epoch=? WHERE pool_id=? AND address=?",
+                           (epoch, pool_id, str(ip)))
+                log.info("replayed address %s in pool %s", ip, pool_id)
+                return
+        raise Conflict(f"address {ip} is already in use in pool {pool_id}")
+
+    def _take_next(self, pool_id: str, host: ipaddress.IPv4Network, gateway) -> ipaddress.IPv4Address:
+        first, last = int(host.network_address) + 1, int(host.broadcast_address) - 1
+        usable = last - first       # minus the gateway
+        with self.store.tx() as db:
+            cursor = db.execute("SELECT cursor FROM pools WHERE pool_id=?", (pool_id,)).fetchone()["cursor"]
+            used = {int(ipaddress.IPv4Address(r["address"])) for r in
+                    db.execute("SELECT address FROM addresses WHERE pool_id=?", (pool_id,))}
+            used.add(int(gateway))
+            if not first <= cursor <= last:
+                cursor = first
+            for step in range(last - first + 1):          # one full turn at most
+                candidate = first + (cursor - first + step) % (last - first + 1)
+                if candidate not in used:
+                    db.execute("INSERT INTO addresses(pool_id, address, replay_epoch) VALUES(?,?,0)",
+                               (pool_id, str(ipaddress.IPv4Address(candidate))))
+                    db.execute("UPDATE pools SET cursor=? WHERE pool_id=?", (candidate + 1, pool_id))
+                    return ipaddress.IPv4Address(candidate)
+        raise Exhausted(f"pool {pool_id} is exhausted: all {usable} container addresses are in use")
+
+    def release_address(self, pool_id: str, address: str) -> dict:
+        try:
+            ip = _bare(address)
+        except ValueError:
+            raise InvalidRequest(f"address {address!r} is not a valid IPv4 address") from None
+        with self.store.tx() as db:
+            db.execute("DELETE FROM addresses WHERE pool_id=? AND address=?", (pool_id, str(ip)))
+        return {}
+
+
+def _gateway(host: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
+    return host.network_address + 1
+
+
+def _bare(address: str) -> ipaddress.IPv4Address:
+    return ipaddress.IPv4Address(address.split("/")[0].strip())

@@ -1,0 +1,70 @@
+"""`vpcnet status`: host CIDRs, networks, endpoints and their addresses, read from the state.
+
+Reads the store directly, so it works whether or not the plugin is running, and makes no cloud call.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from vpcnet import config as config_mod
+from vpcnet.store import Store
+
+
+def collect(config) -> dict:
+    if not os.path.exists(config.db_path):
+        return {"state_dir": config.state_dir, "provider": config.provider, "socket": config.socket,
+                "socket_up": os.path.exists(config.socket), "host_cidrs": [], "networks": []}
+    store = Store(config.db_path)
+    try:
+        networks = []
+        for net in store.networks():
+            networks.append({
+                "network_id": net.network_id, "bridge": net.bridge, "host_cidr": net.host_cidr,
+                "cluster_cidr": net.cluster_cidr, "gateway": net.gateway, "mtu": net.mtu,
+                "internal": net.internal,
+                "endpoints": [{"endpoint_id": ep.endpoint_id, "address": ep.address, "mac": ep.mac,
+                               "host_veth": ep.host_veth} for ep in store.endpoints(net.network_id)],
+            })
+        claims = [{"cluster_cidr": c.cluster_cidr, "host_cidr": c.host_cidr, "static": c.static,
+                   "route_ok": c.route_ok, "reason": c.reason} for c in store.claims()]
+        return {"state_dir": config.state_dir, "provider": config.provider, "socket": config.socket,
+                "socket_up": os.path.exists(config.socket), "host_cidrs": claims, "networks": networks}
+    finally:
+        store.close()
+
+
+def render(status: dict) -> str:
+    lines = [f"provider {status['provider']}, socket {status['socket']} "
+             f"({'up' if status['socket_up'] else 'down'}), state {status['state_dir']}", "host CIDRs:"]
+    if not status["host_cidrs"]:
+        lines.append("  (none claimed yet)")
+    for c in status["host_cidrs"]:
+        state = "route ok" if c["route_ok"] else (c["reason"] or "route not checked yet")
+        lines.append(f"  {c['cluster_cidr']:<18} -> {c['host_cidr'] or '(not claimed)':<18} "
+                     f"{'static, ' if c['static'] else ''}{state}")
+    lines.append("networks:")
+    if not status["networks"]:
+        lines.append("  (none)")
+    for n in status["networks"]:
+        lines.append(f"  {n['network_id'][:12]}  {n['bridge']:<15} {n['host_cidr']:<18} gw {n['gateway']} "
+                     f"mtu {n['mtu']}{' internal' if n['internal'] else ''}  {len(n['endpoints'])} endpoint(s)")
+        for ep in n["endpoints"]:
+            lines.append(f"    {ep['endpoint_id'][:12]}  {ep['address']:<15} {ep['mac']}  {ep['host_veth']}")
+    return "\n".join(lines)
+
+
+def register(sub) -> None:
+    from vpcnet.cli import add_config_argument
+
+    parser = sub.add_parser("status", help="show host CIDRs, networks, endpoints and addresses")
+    add_config_argument(parser)
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+    def func(args) -> int:
+        config = config_mod.load(args.config, check_socket_dir=False)
+        status = collect(config)
+        print(json.dumps(status, indent=2) if args.json else render(status))
+        return 0
+
+    parser.set_defaults(func=func)

@@ -1,0 +1,95 @@
+"""Route entries as kernel routes in a "VPC router" network namespace.
+
+Each Available entry `DEST -> instance` becomes `DEST via <instance's underlay IP>` in the namespace's
+main table, so packets between simulated hosts really follow the emulated route table. Only routes with
+our own `proto` value are ever listed, replaced or removed: routes someone else installed are left alone.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+
+#: The rtnetlink protocol number marking routes installed by the emulator (unassigned upstream).
+RTPROT_EMULATOR = 188
+MAIN_TABLE = 254
+
+
+class KernelRouteError(Exception):
+    pass
+
+
+class KernelRoutes:
+    """Keeps the emulator's routes in one network namespace (IPv4, main table)."""
+
+    def __init__(self, netns: str, proto: int = RTPROT_EMULATOR, table: int = MAIN_TABLE):
+        if not netns or "/" in netns or netns in (".", ".."):
+            raise KernelRouteError(f"invalid network namespace name {netns!r}")
+        if not os.path.exists(os.path.join("/run/netns", netns)):
+            raise KernelRouteError(f"network namespace {netns!r} does not exist (create it with "
+                                   f"`ip netns add {netns}`)")
+        self.netns = netns
+        self.proto = proto
+        self.table = table
+
+    def _open(self):
+        from pyroute2 import NetNS
+        # flags=0: never create the namespace, only enter an existing one.
+        return NetNS(self.netns, flags=0)
+
+    def current(self) -> dict[str, str]:
+        """destination -> gateway of the routes carrying our proto."""
+        ns = self._open()
+        try:
+            return self._current(ns)
+        finally:
+            ns.close()
+
+    def _current(self, ns) -> dict[str, str]:
+        return self._routes(ns)[0]
+
+    def _routes(self, ns) -> tuple[dict[str, str], set[str]]:
+        """(ours: dest -> gateway, foreign: destinations of other routes in the same table)."""
+        ours, foreign = {}, set()
+        for route in ns.get_routes(family=2, table=self.table):
+            if route.get_attr("RTA_TABLE", route["table"]) != self.table:
+                continue
+            dst = route.get_attr("RTA_DST") or "0.0.0.0"
+            net = str(ipaddress.IPv4Network(f"{dst}/{route['dst_len']}", strict=False))
+            if route["proto"] == self.proto:
+                ours[net] = route.get_attr("RTA_GATEWAY") or ""
+            else:
+                foreign.add(net)
+        return ours, foreign
+
+    def sync(self, desired: dict[str, str]) -> list[str]:
+        """Replace/add routes so ours are exactly `desired` (dest -> gateway). Idempotent.
+        Returns one message per route that could not be set (e.g. gateway not reachable yet)."""
+        problems: list[str] = []
+        ns = self._open()
+        try:
+            current, foreign = self._routes(ns)
+            for dest in current:
+                if dest not in desired:
+                    try:
+                        ns.route("del", dst=dest, proto=self.proto, table=self.table)
+                    except Exception as exc:  # already gone or not ours: nothing to undo
+                        if getattr(exc, "code", None) != 3:
+                            problems.append(f"cannot remove route {dest}: {exc}")
+            for dest, gateway in desired.items():
+                if current.get(dest) == gateway:
+                    continue
+                if dest in foreign and dest not in current:
+                    problems.append(f"not installing {dest} via {gateway}: the namespace already has a "
+                                    "route to it that the emulator did not install")
+                    continue
+                try:
+                    ns.route("replace", dst=dest, gateway=gateway, proto=self.proto, table=self.table)
+                except Exception as exc:
+                    problems.append(f"cannot install route {dest} via {gateway}: {exc}")
+        finally:
+            ns.close()
+        return problems
+
+    def clear(self) -> list[str]:
+        """Remove every route we installed."""
+        return self.sync({})

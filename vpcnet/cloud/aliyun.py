@@ -234,17 +234,20 @@ class _Keys:
         return tuple(s for s in (self.secret, self.token) if s)
 
 
+_CREDENTIAL_KEYS = {"accesskeyid": "access_key_id", "accesskeysecret": "access_key_secret",
+                    "securitytoken": "security_token", "ststoken": "security_token"}
+
+
 def _credential_key(name: str) -> str:
-    key = name.strip().lower().replace("-", "_")
+    """`ALIBABA_CLOUD_ACCESS_KEY_ID`, `AccessKeyId`, `access-key-id` ... -> `access_key_id`."""
+    key = name.strip().lower()
     if key.startswith("export "):
         key = key[len("export "):].strip()
-    for prefix in ("alibaba_cloud_", "alicloud_", "aliyun_"):
-        if key.startswith(prefix):
-            key = key[len(prefix):]
-    return {"accesskeyid": "access_key_id", "accesskeysecret": "access_key_secret",
-            "securitytoken": "security_token", "sts_token": "security_token"}.get(key.replace("_", ""),
-                                                                                    key) \
-        if key.replace("_", "") in ("accesskeyid", "accesskeysecret", "securitytoken", "ststoken") else key
+    compact = key.replace("-", "").replace("_", "")
+    for prefix in ("alibabacloud", "alicloud", "aliyun"):
+        if compact.startswith(prefix):
+            compact = compact[len(prefix):]
+    return _CREDENTIAL_KEYS.get(compact, key)
 
 
 def parse_credentials_text(text: str) -> dict[str, str]:
@@ -275,28 +278,32 @@ class _Credentials:
         self._keys: _Keys | None = None
         self._file_stamp: tuple | None = None
         self._lock = threading.Lock()
+        self._problem = ""     # a configuration mistake, raised on first use (construction never fails)
         if config.aliyun_access_key_id or config.aliyun_access_key_secret:
+            self.source = "config"
             if not (config.aliyun_access_key_id and config.aliyun_access_key_secret):
                 missing = ("VPCNET_ALIYUN_ACCESS_KEY_SECRET" if config.aliyun_access_key_id
                            else "VPCNET_ALIYUN_ACCESS_KEY_ID")
-                raise Fatal(f"aliyun credentials: {missing} is not set (an AccessKey needs both its id "
-                            "and its secret)")
-            self.source = "config"
+                self._problem = (f"aliyun credentials: {missing} is not set (an AccessKey needs both its "
+                                 "id and its secret)")
         elif config.aliyun_credentials_file:
             self.source = "file"
         elif config.aliyun_ram_role:
             self.source = "ram-role"
         else:
-            raise Fatal("aliyun credentials: none configured. Set VPCNET_ALIYUN_ACCESS_KEY_ID and "
-                        "VPCNET_ALIYUN_ACCESS_KEY_SECRET, or VPCNET_ALIYUN_CREDENTIALS_FILE (a file "
-                        "with access_key_id/access_key_secret, mode 0600), or VPCNET_ALIYUN_RAM_ROLE "
-                        "(the RAM role attached to this instance)")
+            self.source = "none"
+            self._problem = ("aliyun credentials: none configured. Set VPCNET_ALIYUN_ACCESS_KEY_ID and "
+                             "VPCNET_ALIYUN_ACCESS_KEY_SECRET, or VPCNET_ALIYUN_CREDENTIALS_FILE (a file "
+                             "with access_key_id/access_key_secret, mode 0600), or VPCNET_ALIYUN_RAM_ROLE "
+                             "(the RAM role attached to this instance)")
 
     def __repr__(self) -> str:
         key_id = self._keys.access_key_id if self._keys else "?"
         return f"_Credentials(source={self.source!r}, access_key_id={key_id!r})"
 
     def get(self) -> _Keys:
+        if self._problem:
+            raise Fatal(self._problem)
         with self._lock:
             if self.source == "config":
                 if self._keys is None:
@@ -318,7 +325,7 @@ class _Credentials:
     def _load_file(self) -> None:
         path = self._config.aliyun_credentials_file
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) * 0)
+            fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
             raise Fatal(f"aliyun credentials file {path}: cannot open it: {exc.strerror}") from None
         try:
@@ -353,28 +360,33 @@ class _Credentials:
             return
         role = self._config.aliyun_ram_role
         try:
-            text = self._metadata.get(f"ram/security-credentials/{role}", f"credentials of RAM role {role}")
-            data = json.loads(text)
-            if data.get("Code", "Success") != "Success":
-                raise Retryable(f"RAM role {role}: metadata answered Code={data.get('Code')!r}")
-            fresh = _Keys(str(data["AccessKeyId"]), str(data["AccessKeySecret"]),
-                          str(data.get("SecurityToken", "")),
-                          _parse_expiration(str(data["Expiration"])), source=f"RAM role {role}")
-        except Fatal as exc:
-            if "answered 404" in str(exc):
-                raise Fatal(f"RAM role {role} is not attached to this instance (metadata has no "
-                            "credentials for it): check VPCNET_ALIYUN_RAM_ROLE") from None
-            raise
-        except (ValueError, KeyError, TypeError, Retryable) as exc:
-            detail = str(exc) if isinstance(exc, Retryable) else f"unreadable answer ({type(exc).__name__})"
+            fresh = self._fetch_role(role)
+        except VpcnetError as exc:
             if keys is not None and keys.expires > time.time():
                 log.warning("RAM role %s: refreshing credentials failed (%s); the current ones are valid "
-                            "for %.0f s more", role, detail, keys.expires - time.time())
+                            "for %.0f s more", role, exc, keys.expires - time.time())
                 return
-            raise Retryable(f"RAM role {role}: cannot get credentials: {detail}") from None
+            raise
         log.info("RAM role %s: got temporary credentials %s, valid until %s", role, fresh.access_key_id,
                  datetime.fromtimestamp(fresh.expires, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
         self._keys = fresh
+
+    def _fetch_role(self, role: str) -> _Keys:
+        try:
+            text = self._metadata.get(f"ram/security-credentials/{role}", f"credentials of RAM role {role}")
+        except Fatal:   # 404: no such role on this instance
+            raise Fatal(f"RAM role {role} is not attached to this instance (the metadata service has no "
+                        "credentials for it): check VPCNET_ALIYUN_RAM_ROLE") from None
+        try:
+            data = json.loads(text)
+            code = data.get("Code", "Success")
+            if code == "Success":
+                return _Keys(str(data["AccessKeyId"]), str(data["AccessKeySecret"]),
+                             str(data.get("SecurityToken", "")), _parse_expiration(str(data["Expiration"])),
+                             source=f"RAM role {role}")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise Retryable(f"RAM role {role}: unreadable credentials answer ({type(exc).__name__})") from None
+        raise Retryable(f"RAM role {role}: the metadata service answered Code={code!r}")
 
 
 # -- the RPC client ----------------------------------------------------------------------------------
@@ -422,8 +434,7 @@ class _RpcClient:
             raise _error(Retryable, f"{action}: {self.endpoint} did not answer within "
                                     f"{API_TIMEOUT[0]:.0f}+{API_TIMEOUT[1]:.0f} s") from None
         except requests.RequestException as exc:
-            raise _error(Retryable, f"{action}: cannot reach {self.endpoint} ({type(exc).__name__}: "
-                                    f"{_scrub(_short(str(exc)), secrets)})") from None
+            raise _error(Retryable, f"{action}: cannot reach {self.endpoint}: {_reason(exc)}") from None
         return self._answer(action, resp, secrets)
 
     def _answer(self, action: str, resp: requests.Response, secrets: tuple[str, ...]) -> dict:
@@ -457,6 +468,19 @@ class _RpcClient:
                 or status >= 500 or status == 429):
             raise _error(Retryable, where, code)
         raise _error(Fatal, f"{where}: {_hint(code)}", code)
+
+
+def _reason(exc: requests.RequestException) -> str:
+    """A short cause for a failed request, without echoing the request (urllib3's text is long)."""
+    text = str(exc)
+    for needle, reason in (("refused", "connection refused"), ("Name or service not known", "unknown host"),
+                           ("name resolution", "unknown host"), ("Connection reset", "connection reset"),
+                           ("aborted", "connection closed by the server"),
+                           ("RemoteDisconnected", "connection closed by the server"),
+                           ("unreachable", "network unreachable")):
+        if needle in text:
+            return reason
+    return type(exc).__name__
 
 
 def _short(text: str, limit: int = 300) -> str:

@@ -1,0 +1,166 @@
+"""The emulator's router namespace: Available entries become kernel routes (proto 188) in a netns.
+
+Needs root and `ip` (iproute2); makes a uniquely named namespace and always deletes it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from vpcnet.emulator import Emulator, serve_in_thread
+from vpcnet.emulator.kernel import RTPROT_EMULATOR, KernelRouteError
+
+from test_emulator import TABLE, Client, assert_error, wait_for
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
+    pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2's `ip`"),
+]
+
+
+def ip(*args: str, check: bool = True) -> str:
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+@pytest.fixture
+def router_ns():
+    """A router namespace with a link to the underlay 192.168.77.0/24 (a veth pair inside it)."""
+    name = f"vpcemu-{uuid.uuid4().hex[:8]}"
+    ip("netns", "add", name)
+    try:
+        ip("-n", name, "link", "set", "lo", "up")
+        ip("-n", name, "link", "add", "under0", "type", "veth", "peer", "name", "under1")
+        ip("-n", name, "addr", "add", "192.168.77.1/24", "dev", "under0")
+        ip("-n", name, "link", "set", "under0", "up")
+        ip("-n", name, "link", "set", "under1", "up")
+        yield name
+    finally:
+        ip("netns", "del", name, check=False)
+
+
+def routes(ns: str) -> list[str]:
+    return [" ".join(line.split()) for line in ip("-n", ns, "route").splitlines() if line.strip()]
+
+
+def our_routes(ns: str) -> dict[str, str]:
+    out = {}
+    for line in ip("-n", ns, "route", "show", "proto", str(RTPROT_EMULATOR)).splitlines():
+        words = line.split()
+        if words and "via" in words:
+            out[words[0]] = words[words.index("via") + 1]
+    return out
+
+
+def has_route(ns: str, dest: str, gateway: str) -> bool:
+    return any(r.startswith(f"{dest} via {gateway} ") for r in routes(ns))
+
+
+@pytest.fixture
+def started(router_ns, tmp_path):
+    """Start emulators on the router namespace; all are stopped at the end, even on failure."""
+    made = []
+
+    def start(**kwargs):
+        kwargs.setdefault("router_netns", router_ns)
+        emu = Emulator(**kwargs)
+        url, stop = serve_in_thread(emu)
+        made.append((emu, stop))
+        return emu, Client(url)
+
+    yield start
+    for emu, stop in made:
+        stop()
+        emu.close()
+
+
+def test_available_entries_become_kernel_routes(router_ns, started, tmp_path):
+    # a route someone else installed must survive everything below
+    ip("-n", router_ns, "route", "add", "10.99.0.0/24", "via", "192.168.77.3")
+    emu, client = started(pending_delay=0.5, state_file=str(tmp_path / "emu.json"))
+    emu.register_instance("i-host1", "192.168.77.2")
+    emu.register_instance("i-host2", "192.168.77.3")
+
+    entry = client.create("10.201.1.0/24")[1]["RouteEntryId"]
+    assert not has_route(router_ns, "10.201.1.0/24", "192.168.77.2")      # still Pending
+    assert wait_for(lambda: has_route(router_ns, "10.201.1.0/24", "192.168.77.2"), timeout=10)
+    assert "via 192.168.77.2" in ip("-n", router_ns, "route", "get", "10.201.1.77")   # packets follow it
+    assert wait_for(lambda: client.create("10.201.2.0/24", hop="i-host2")[0] == 200, timeout=10)
+    assert wait_for(lambda: has_route(router_ns, "10.201.2.0/24", "192.168.77.3"), timeout=10)
+
+    # an instance that moves: the route is replaced, not duplicated
+    emu.register_instance("i-host2", "192.168.77.4")
+    assert wait_for(lambda: has_route(router_ns, "10.201.2.0/24", "192.168.77.4"), timeout=10)
+    assert [r for r in routes(router_ns) if r.startswith("10.201.2.0/24")] == \
+        [r for r in routes(router_ns) if r.startswith("10.201.2.0/24 via 192.168.77.4")]
+    assert len([r for r in routes(router_ns) if r.startswith("10.201.2.0/24")]) == 1
+
+    # a hand-made entry whose destination already has a foreign kernel route: the foreign route stays
+    emu.add_custom_entry("10.99.0.0/24", "i-host1", name="by-hand")
+    emu.sync_kernel()
+    assert has_route(router_ns, "10.99.0.0/24", "192.168.77.3")
+    assert "10.99.0.0/24" not in our_routes(router_ns)
+
+    # delete -> gone from the kernel too
+    assert client.call("DeleteRouteEntry", RouteTableId=TABLE, RouteEntryId=entry)[0] == 200
+    assert wait_for(lambda: "10.201.1.0/24" not in our_routes(router_ns), timeout=10)
+    assert has_route(router_ns, "10.201.2.0/24", "192.168.77.4")
+    assert has_route(router_ns, "10.99.0.0/24", "192.168.77.3")
+
+
+def test_restart_reconciles_kernel_routes(router_ns, started, tmp_path):
+    state = str(tmp_path / "emu.json")
+    emu, client = started(state_file=state)
+    emu.register_instance("i-host1", "192.168.77.2")
+    for i in range(3):
+        assert client.create(f"10.202.{i}.0/24")[0] == 200
+    assert wait_for(lambda: len(our_routes(router_ns)) == 3, timeout=10)
+    emu.close()
+
+    # while the emulator is down: one of its routes vanishes, a stale one of its proto appears,
+    # and a foreign route is added
+    ip("-n", router_ns, "route", "del", "10.202.1.0/24")
+    ip("-n", router_ns, "route", "add", "10.202.9.0/24", "via", "192.168.77.2", "proto", str(RTPROT_EMULATOR))
+    ip("-n", router_ns, "route", "add", "10.203.0.0/24", "via", "192.168.77.2")
+    emu2, client2 = started(state_file=state)      # reconciles in its constructor
+    assert our_routes(router_ns) == {f"10.202.{i}.0/24": "192.168.77.2" for i in range(3)}
+    assert has_route(router_ns, "10.203.0.0/24", "192.168.77.2")       # not ours: untouched
+
+    # a kernel route removed by hand while running comes back on the next pass
+    ip("-n", router_ns, "route", "del", "10.202.2.0/24")
+    emu2.sync_kernel()
+    assert "10.202.2.0/24" in our_routes(router_ns)
+
+    # an instance that disappears takes its routes out of the kernel (the entries stay)
+    emu2.deregister_instance("i-host1")
+    assert wait_for(lambda: our_routes(router_ns) == {}, timeout=10)
+    assert len([e for e in client2.list() if e["Type"] == "Custom"]) == 3
+    assert_error(client2.create("10.202.5.0/24"), 404, "InvalidInstanceId.NotFound")
+
+
+def test_unreachable_gateway_is_reported_not_fatal(router_ns, started):
+    emu, client = started()
+    emu.register_instance("i-far", "172.31.0.9")       # no link to it in the router namespace
+    assert client.create("10.204.0.0/24", hop="i-far")[0] == 200
+    problems = emu.sync_kernel()
+    assert problems and "10.204.0.0/24" in problems[0]
+    assert "10.204.0.0/24" not in our_routes(router_ns)
+    # the API keeps working
+    assert [e["Status"] for e in client.list() if e["Type"] == "Custom"] == ["Available"]
+
+
+def test_missing_namespace_is_a_clear_error():
+    name = f"vpcemu-missing-{uuid.uuid4().hex[:6]}"
+    started = time.monotonic()
+    with pytest.raises(KernelRouteError, match=name):
+        Emulator(router_netns=name)
+    assert time.monotonic() - started < 5
+    assert not os.path.exists(f"/run/netns/{name}")

@@ -421,3 +421,18 @@ def test_route_keeper_claims_a_block_through_the_emulator_despite_faults(emu, tm
     finally:
         keeper.provider.close()
         store.close()
+
+
+def test_reserved_cidrs_is_empty_when_describe_vswitches_is_forbidden(fake_api, make):
+    fake_api.answers["DescribeVSwitches"] = (403, {"Code": "Forbidden.RAM", "Message": "no"})
+    assert make(fake_api.url).reserved_cidrs() == []
+
+
+@pytest.mark.parametrize("vpc,ecs", [
+    ("https://vpc.cn-hangzhou.aliyuncs.com/", "https://ecs.cn-hangzhou.aliyuncs.com/"),
+    ("https://vpc.aliyuncs.com", "https://ecs.aliyuncs.com"),
+    ("https://vpc-vpc.cn-hangzhou.aliyuncs.com/", "https://ecs-vpc.cn-hangzhou.aliyuncs.com/"),
+    ("http://127.0.0.1:8080/", "http://127.0.0.1:8080/"),
+])
+def test_ecs_endpoint_sits_next_to_the_vpc_endpoint(vpc, ecs):
+    assert aliyun._ecs_endpoint(vpc) == ecs

@@ -107,7 +107,10 @@ FATAL_HINTS = {k.lower(): v for k, v in {
     "NoPermission": f"the RAM user or role lacks a permission: grant it {_PERMISSIONS}",
     "InvalidTimeStamp": "this host's clock is off by more than 15 minutes: check NTP (chrony, "
                         "systemd-timesyncd)",
-    "InvalidSecurityToken": "the STS token of the RAM role is not valid: check VPCNET_ALIYUN_RAM_ROLE",
+    "InvalidSecurityToken": "the STS SecurityToken is not valid for this AccessKey: check "
+                            "VPCNET_ALIYUN_RAM_ROLE or the credentials file's security_token",
+    "MissingSecurityToken": "this AccessKey is a temporary (STS) key: put its security_token in the "
+                            "credentials file, or use VPCNET_ALIYUN_RAM_ROLE",
     "InvalidRouteTableId.NotFound": "check VPCNET_ALIYUN_ROUTE_TABLE_ID and VPCNET_ALIYUN_REGION_ID",
     "InvalidInstanceId.NotFound": "the next-hop instance is not in this region: check "
                                   "VPCNET_ALIYUN_INSTANCE_ID and VPCNET_ALIYUN_REGION_ID",
@@ -131,7 +134,7 @@ def _code_in(code: str, codes: set[str]) -> bool:
 def _hint(code: str) -> str:
     low = code.lower()
     for key in sorted(FATAL_HINTS, key=len, reverse=True):
-        if low == key or low.startswith(key + ".") or low.startswith(key):
+        if low.startswith(key):
             return FATAL_HINTS[key]
     return "see the Alibaba Cloud VPC API error reference"
 
@@ -670,7 +673,8 @@ class AliyunProvider(Provider):
 
     # -- the rest of the interface ----------------------------------------------------------------
     def reserved_cidrs(self) -> list[str]:
-        """The VPC's vSwitch CIDRs (a route may not overlap them); [] where DescribeVSwitches is missing."""
+        """The VPC's vSwitch CIDRs (a route may not overlap them); [] where DescribeVSwitches is missing
+        or not permitted. Cached for a few minutes: vSwitches rarely change and claims are rare."""
         with self._lock:
             if self._vswitches and time.monotonic() - self._vswitches[0] < VSWITCH_CACHE_SECONDS:
                 return list(self._vswitches[1])
@@ -685,11 +689,13 @@ class AliyunProvider(Provider):
                 if not batch or len(cidrs) >= int(data.get("TotalCount") or 0):
                     break
         except Fatal as exc:
+            # Optional knowledge: without it a clash shows up as CreateRouteEntry's InvalidCidrBlock.
             if getattr(exc, "code", "").lower() in UNSUPPORTED_CODES or "HTTP 404" in str(exc):
                 log.info("endpoint does not support DescribeVSwitches: no vSwitch CIDRs to avoid")
-                cidrs = []
             else:
-                raise
+                log.warning("cannot list the vSwitches of %s (%s): claiming without avoiding their CIDRs",
+                            vpc, exc)
+            cidrs = []
         with self._lock:
             self._vswitches = (time.monotonic(), cidrs)
         return list(cidrs)

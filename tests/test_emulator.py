@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -450,6 +451,31 @@ def test_client_token_idempotency(make_emu):
     status, body = client.create("10.47.1.0/24", ClientToken=token, RouteEntryName="vpcnet")
     assert status == 400 and body["Code"] == "IdempotentParameterMismatch"
     assert len(client.list(RouteEntryType="Custom")) == 1
+
+
+def test_concurrent_creates_never_duplicate(make_emu):
+    emu, client = make_emu()
+    results: list[tuple[int, dict]] = []
+    lock = threading.Lock()
+
+    def worker(dest: str, hop: str):
+        mine = Client(client.url)
+        outcome = mine.create(dest, hop=hop)
+        with lock:
+            results.append((outcome[0], outcome[1]))
+
+    threads = [threading.Thread(target=worker, args=("10.60.0.0/24", f"i-host{1 + i % 2}")) for i in range(8)]
+    threads += [threading.Thread(target=worker, args=(f"10.61.{i}.0/24", "i-host1")) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+    custom = [e["DestinationCidrBlock"] for e in client.list(RouteEntryType="Custom")]
+    assert custom.count("10.60.0.0/24") == 1
+    assert sorted(set(custom)) == sorted(custom) and len(custom) == 9
+    codes = sorted(body.get("Code", "ok") for status, body in results)
+    assert codes.count("InvalidCIDRBlock.Duplicate") == 7 and codes.count("ok") == 9
 
 
 # ---------------------------------------------------------------------- faults

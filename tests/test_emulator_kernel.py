@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 
@@ -15,7 +16,8 @@ import pytest
 from vpcnet.emulator import Emulator, serve_in_thread
 from vpcnet.emulator.kernel import RTPROT_EMULATOR, KernelRouteError
 
-from test_emulator import TABLE, Client, assert_error, wait_for
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # share the signed client (any import mode)
+from test_emulator import TABLE, Client, assert_error, wait_for  # noqa: E402
 
 pytestmark = [
     pytest.mark.root,

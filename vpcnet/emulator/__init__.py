@@ -58,7 +58,8 @@ def serve_in_thread(emulator: Emulator, host: str = "127.0.0.1", port: int = 0):
             if done:
                 return
             done.append(True)
-            server.shutdown()
+            if thread.is_alive():       # serve_forever sets its shut-down flag even when it fails
+                server.shutdown()
             thread.join(timeout=timeout)
             server.server_close()
 

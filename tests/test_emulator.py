@@ -274,6 +274,24 @@ def test_describe_route_table_list(emu_client):
     assert client.list(RouteTableId="vtb-emu0002", RouteEntryType="System")
 
 
+def test_describe_vswitches_is_opt_in(make_emu):
+    _, client = make_emu()
+    assert_error(client.call("DescribeVSwitches", VpcId="vpc-emu0001"), 404, "InvalidAction.NotFound")
+
+
+def test_describe_vswitches(make_emu):
+    emu, client = make_emu(vswitch_api=True)
+    emu.add_system_entry("192.168.1.0/24")
+    emu.add_route_table("vtb-othervpc", vpc_id="vpc-other")
+    body = client.ok("DescribeVSwitches", VpcId="vpc-emu0001", PageSize=50)
+    assert body["TotalCount"] == 2
+    assert [v["CidrBlock"] for v in body["VSwitches"]["VSwitch"]] == ["192.168.0.0/24", "192.168.1.0/24"]
+    assert all(v["VpcId"] == "vpc-emu0001" and v["VSwitchId"] for v in body["VSwitches"]["VSwitch"])
+    page2 = client.ok("DescribeVSwitches", VpcId="vpc-emu0001", PageSize=1, PageNumber=2)
+    assert [v["CidrBlock"] for v in page2["VSwitches"]["VSwitch"]] == ["192.168.1.0/24"]
+    assert client.ok("DescribeVSwitches", VpcId="vpc-nope")["TotalCount"] == 0
+
+
 def test_describe_instances(emu_client):
     _, client = emu_client
     body = client.ok("DescribeInstances", InstanceIds=json.dumps(["i-host1", "i-gone"]))

@@ -84,6 +84,14 @@ def _describe_route_table_list(emu: Emulator, p: dict) -> dict:
             "RouterTableList": {"RouterTableListType": tables[(page - 1) * size: page * size]}}
 
 
+def _describe_vswitches(emu: Emulator, p: dict) -> dict:
+    page = _int_param(p, "PageNumber", 1, 1, 1_000_000)
+    size = _int_param(p, "PageSize", 10, 1, 50)
+    vswitches = emu.describe_vswitches(p.get("VpcId", ""))
+    return {"TotalCount": len(vswitches), "PageNumber": page, "PageSize": size,
+            "VSwitches": {"VSwitch": vswitches[(page - 1) * size: page * size]}}
+
+
 def _describe_instances(emu: Emulator, p: dict) -> dict:
     page = _int_param(p, "PageNumber", 1, 1, 1_000_000)
     size = _int_param(p, "PageSize", 10, 1, 100)
@@ -107,6 +115,7 @@ ACTIONS = {
     "DeleteRouteEntry": _delete_route_entry,
     "DescribeRouteEntryList": _describe_route_entry_list,
     "DescribeRouteTableList": _describe_route_table_list,
+    "DescribeVSwitches": _describe_vswitches,
     "DescribeInstances": _describe_instances,
 }
 
@@ -137,6 +146,8 @@ def create_app(emulator: Emulator) -> Flask:
                 time.sleep(latency)
             emulator.authenticate(request.method, params)
             handler = ACTIONS.get(action)
+            if action == "DescribeVSwitches" and not emulator.vswitch_api:
+                handler = None
             if handler is None:
                 raise ApiError("InvalidAction.NotFound", f"Specified api {action} is not found "
                                "(the emulator implements " + ", ".join(ACTIONS) + ").", 404)

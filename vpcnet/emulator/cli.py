@@ -41,6 +41,8 @@ def register(subparsers) -> None:
     p.add_argument("--route-table-id", default="vtb-emu0001")
     p.add_argument("--vswitch-cidr", action="append", default=None, metavar="CIDR",
                    help="a vSwitch CIDR shown as a System entry (repeatable; default 192.168.0.0/24)")
+    p.add_argument("--describe-vswitches", action="store_true",
+                   help="also serve DescribeVSwitches (the vSwitch CIDRs of the System entries)")
     p.add_argument("--access-key", action="append", default=[], metavar="ID:SECRET",
                    help="accept this AccessKey (repeatable; also $" + ACCESS_KEYS_ENV + "; "
                         "default: the test key emu-key-id)")
@@ -101,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
             if not sep or not iid or not ip:
                 raise ValueError(f"--instance wants ID=IP, got {item!r}")
             instances.append((iid, ip))
-        kwargs = {}
+        kwargs = {"vswitch_api": args.describe_vswitches}
         if args.vswitch_cidr:
             kwargs["vswitch_cidrs"] = args.vswitch_cidr
         emu = Emulator(region=args.region, vpc_id=args.vpc_id, route_table_id=args.route_table_id,

@@ -104,12 +104,16 @@ class Emulator:
                  pending_delay: float = 0.0, deleting_delay: float = 0.0, quota: int = 200,
                  state_file: str | None = None, router_netns: str | None = None,
                  seed: int | None = None,
-                 vswitch_cidrs: tuple[str, ...] | list[str] = DEFAULT_VSWITCH_CIDRS):
+                 vswitch_cidrs: tuple[str, ...] | list[str] = DEFAULT_VSWITCH_CIDRS,
+                 vswitch_api: bool = False):
         self.region = region
         self.vpc_id = vpc_id
         self.route_table_id = route_table_id
         self.state_file = state_file
         self.router_netns = router_netns
+        #: Whether DescribeVSwitches is served (off by default: an endpoint without it is a case the
+        #: provider must handle, and the agreed interface does not include it).
+        self.vswitch_api = bool(vswitch_api)
         self._vswitch_cidrs = [str(ipaddress.IPv4Network(c, strict=True)) for c in vswitch_cidrs]
 
         self._lock = threading.RLock()
@@ -615,6 +619,24 @@ class Emulator:
                             "Status": "Available", "RouteTableName": "", "Description": "",
                             "VSwitchIds": {"VSwitchId": []}, "ResourceGroupId": ""})
             return out
+
+    def describe_vswitches(self, vpc_id: str = "") -> list[dict]:
+        """vSwitches of a VPC: the destinations of System entries with next hop `local` in its tables."""
+        with self._lock:
+            out: dict[str, dict] = {}
+            for table in self._tables.values():
+                if vpc_id and table["vpc_id"] != vpc_id:
+                    continue
+                for entry in sorted(table["entries"].values(), key=lambda e: e["_seq"]):
+                    if entry["Type"] != "System" or entry["NextHops"]["NextHop"][0]["NextHopType"] != "local":
+                        continue
+                    cidr = entry["DestinationCidrBlock"]
+                    key = (table["vpc_id"], cidr)
+                    if key not in out:
+                        out[key] = {"VSwitchId": f"vsw-emu{len(out) + 1:04d}", "VpcId": table["vpc_id"],
+                                    "CidrBlock": cidr, "ZoneId": f"{self.region}-a", "Status": "Available",
+                                    "VSwitchName": "", "Description": ""}
+            return list(out.values())
 
     def describe_instances(self, instance_ids: list[str] | None = None) -> list[dict]:
         with self._lock:

@@ -29,11 +29,13 @@ GLOBAL_SPACE = "vpcnet-global"
 
 
 class Ipam:
-    def __init__(self, config, store, routes, clock=time.time):
+    def __init__(self, config, store, routes, clock=time.time, host_routes=None):
         self.config = config
         self.store = store
         self.routes = routes
         self.clock = clock
+        # host_routes(cidr) -> descriptions of kernel routes overlapping cidr (the dataplane's view)
+        self.host_routes = host_routes
 
     # -- capabilities -----------------------------------------------------------------------------
     @staticmethod
@@ -82,7 +84,10 @@ class Ipam:
         """(cluster CIDR, host CIDR) for a RequestPool's `Pool`."""
         if not pool:
             cluster = ipaddress.IPv4Network(self.config.cluster_cidr)
-            return cluster, ipaddress.IPv4Network(self.routes.host_cidr(str(cluster)))
+            self._refuse_overlap(cluster, f"the default cluster CIDR {cluster} (VPCNET_CLUSTER_CIDR)")
+            host = ipaddress.IPv4Network(self.routes.host_cidr(str(cluster)))
+            self._refuse_auto_pool_in_use(host, cluster)
+            return cluster, host
         try:
             requested = ipaddress.ip_network(pool, strict=True)
         except ValueError as exc:
@@ -97,12 +102,31 @@ class Ipam:
                 f"--subnet {pool} is neither a cluster CIDR (a range wider than the /{self.config.host_prefix} "
                 f"host blocks, e.g. the default {self.config.cluster_cidr}) nor a block this host owns; "
                 "omit --subnet to use the default cluster CIDR")
+        self._refuse_overlap(requested, f"--subnet {pool}")
+        return requested, ipaddress.IPv4Network(self.routes.host_cidr(str(requested)))
+
+    def _refuse_overlap(self, cluster: ipaddress.IPv4Network, what: str) -> None:
+        """Cluster CIDRs in use on this host are equal or disjoint, whichever path asked for them (a
+        default request must not slip inside a wider --subnet cluster CIDR claimed earlier)."""
         for claim in self.store.claims():
             other = ipaddress.IPv4Network(claim.cluster_cidr)
-            if other != requested and other.overlaps(requested):
-                raise Conflict(f"--subnet {pool} overlaps the cluster CIDR {other} already in use on this "
+            if other != cluster and other.overlaps(cluster):
+                raise Conflict(f"{what} overlaps the cluster CIDR {other} already in use on this "
                                "host: use it exactly, or a range that does not overlap it")
-        return requested, ipaddress.IPv4Network(self.routes.host_cidr(str(requested)))
+
+    def _refuse_auto_pool_in_use(self, host: ipaddress.IPv4Network, cluster: ipaddress.IPv4Network) -> None:
+        """Without --subnet, Docker checks the pool against the host's routes and, on an overlap, asks
+        again — forever, since this host has one block per cluster CIDR. Refuse clearly instead.
+        (Replays always name their pool, so they never come this way.)"""
+        holder = self.store.network_by_host_cidr(str(host))
+        if holder is not None:
+            raise Conflict(f"this host's block {host} of the default cluster CIDR {cluster} is already used by "
+                           f"network {holder.network_id[:12]}: one vpcnet network per cluster CIDR per host; "
+                           "create this one with --subnet <another cluster CIDR>")
+        overlapping = self.host_routes(str(host)) if self.host_routes else []
+        if overlapping:
+            raise Conflict(f"this host's block {host} overlaps route(s) on this host: {'; '.join(overlapping)}; "
+                           "remove them or choose another VPCNET_CLUSTER_CIDR")
 
     def release_pool(self, pool_id: str) -> dict:
         if self.store.network_by_host_cidr(pool_id) is not None:
@@ -173,6 +197,10 @@ class Ipam:
     def _take_next(self, pool_id: str, host: ipaddress.IPv4Network, gateway) -> ipaddress.IPv4Address:
         first, last = int(host.network_address) + 1, int(host.broadcast_address) - 1
         usable = last - first       # minus the gateway
+        # Stamped with the open replay epoch (as `_take_requested` does): an address handed out inside a
+        # replay window was not in use when the window opened, so it is not replayable in it; stamping 0
+        # would let a later `--ip` for it pass as a "replay" and hand out a duplicate.
+        epoch = self._replay_epoch()
         with self.store.tx() as db:
             cursor = db.execute("SELECT cursor FROM pools WHERE pool_id=?", (pool_id,)).fetchone()["cursor"]
             used = {int(ipaddress.IPv4Address(r["address"])) for r in
@@ -183,8 +211,8 @@ class Ipam:
             for step in range(last - first + 1):          # one full turn at most
                 candidate = first + (cursor - first + step) % (last - first + 1)
                 if candidate not in used:
-                    db.execute("INSERT INTO addresses(pool_id, address, replay_epoch) VALUES(?,?,0)",
-                               (pool_id, str(ipaddress.IPv4Address(candidate))))
+                    db.execute("INSERT INTO addresses(pool_id, address, replay_epoch) VALUES(?,?,?)",
+                               (pool_id, str(ipaddress.IPv4Address(candidate)), epoch))
                     db.execute("UPDATE pools SET cursor=? WHERE pool_id=?", (candidate + 1, pool_id))
                     return ipaddress.IPv4Address(candidate)
         raise Exhausted(f"pool {pool_id} is exhausted: all {usable} container addresses are in use")

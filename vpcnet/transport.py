@@ -13,6 +13,7 @@ import time
 from typing import Any, Callable
 
 from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException
 
 from vpcnet.errors import InvalidRequest, VpcnetError
 
@@ -109,6 +110,12 @@ def create_app(driver, ipam) -> Flask:
         log.log(logging.INFO if status != 200 else logging.DEBUG, "%s -> %d %s (%.1f ms)", path, status,
                 answer.get("Err", ""), (time.perf_counter() - started) * 1000)
         return _answer(answer, status)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        # What the dispatcher never sees (`POST /`, a GET, a body over the limit): still Docker's form,
+        # `{"Err": ...}` in the plugin media type, not Flask's HTML page.
+        return _answer({"Err": f"{request.method} {request.path}: {exc.name}"}, exc.code or 500)
 
     return app
 

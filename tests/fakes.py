@@ -1,0 +1,193 @@
+"""Shared test doubles and helpers for the unit tests of IPAM, driver and transport.
+
+`FakeDataplane` has the same methods as `vpcnet.dataplane.Dataplane` and records what it was asked; the
+real dataplane is tested against the kernel elsewhere. `make_plugin` assembles a real Store, RouteKeeper
+(local provider, inside tmp_path), Ipam and NetworkDriver around the fake, the way `serve.Plugin` does.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import sqlite3
+from dataclasses import dataclass
+from typing import Any
+
+from vpcnet import config as config_mod
+from vpcnet.errors import DataplaneError
+
+MEDIA_TYPE = "application/vnd.docker.plugins.v1.2+json"
+
+DATAPLANE_METHODS = ("ensure_host", "ensure_network", "delete_network", "network_exists", "stale_chains",
+                     "drop_stale_chain", "ensure_endpoint", "delete_endpoint", "link_exists", "uplink_mtu",
+                     "overlapping_routes")
+
+
+class FakeDataplane:
+    """In-memory stand-in for `Dataplane`: bridges, veth pairs and per-network chains as dicts/sets.
+
+    `fail[method] = exc` makes the next calls of that method raise `exc` (before changing anything).
+    """
+
+    def __init__(self, uplink: int = 1500):
+        self.uplink = uplink
+        self.host_ready = False
+        self.networks: dict[str, Any] = {}          # bridge -> NetworkSpec
+        self.links: dict[str, dict] = {}            # host veth -> {peer, bridge, mac, mtu}
+        self.chains: set[tuple[str, str]] = set()   # (table, chain)
+        self.calls: list[tuple] = []
+        self.fail: dict[str, Exception] = {}
+        self.kernel_routes: list[str] = []         # what overlapping_routes() finds, e.g. "10.200.0.0/16 dev x"
+
+    def _call(self, name: str, *args) -> None:
+        self.calls.append((name, *args))
+        if name in self.fail:
+            raise self.fail[name]
+
+    def called(self, name: str) -> list[tuple]:
+        return [c for c in self.calls if c[0] == name]
+
+    def state(self) -> dict:
+        """Everything the kernel would hold (not the call log): for before/after comparisons."""
+        return copy.deepcopy({"host": self.host_ready, "networks": dict(self.networks),
+                              "links": self.links, "chains": sorted(self.chains)})
+
+    # -- the Dataplane interface ------------------------------------------------------------------
+    def uplink_mtu(self) -> int:
+        self._call("uplink_mtu")
+        return self.uplink
+
+    def overlapping_routes(self, cidr: str) -> list[str]:
+        self._call("overlapping_routes", cidr)
+        return list(self.kernel_routes)
+
+    def ensure_host(self) -> None:
+        self._call("ensure_host")
+        self.host_ready = True
+
+    def ensure_network(self, spec) -> None:
+        self._call("ensure_network", spec)
+        self.networks[spec.bridge] = spec
+        self.chains.add(("filter", spec.filter_chain))
+        self.chains.add(("nat", spec.nat_chain))
+
+    def delete_network(self, spec) -> None:
+        self._call("delete_network", spec)
+        self.networks.pop(spec.bridge, None)
+        self.chains.discard(("filter", spec.filter_chain))
+        self.chains.discard(("nat", spec.nat_chain))
+
+    def network_exists(self, spec) -> bool:
+        self._call("network_exists", spec)
+        return spec.bridge in self.networks
+
+    def stale_chains(self, known_tags: set[str]) -> list[tuple[str, str]]:
+        self._call("stale_chains", frozenset(known_tags))
+        out = []
+        for table, chain in sorted(self.chains):
+            prefix = "VPCNET-F-" if table == "filter" else "VPCNET-N-"
+            if chain.startswith(prefix) and chain[len(prefix):] not in known_tags:
+                out.append((table, chain))
+        return out
+
+    def drop_stale_chain(self, table: str, chain: str) -> None:
+        self._call("drop_stale_chain", table, chain)
+        self.chains.discard((table, chain))
+
+    def ensure_endpoint(self, bridge: str, host_veth: str, peer_veth: str, mac: str, mtu: int) -> None:
+        self._call("ensure_endpoint", bridge, host_veth, peer_veth, mac, mtu)
+        if bridge not in self.networks:
+            raise DataplaneError(f"bridge {bridge} is missing")
+        if host_veth not in self.links:        # like the real one: an existing pair is kept as it is
+            self.links[host_veth] = {"peer": peer_veth, "mac": mac, "peer_present": True}
+        self.links[host_veth].update(bridge=bridge, mtu=mtu)
+
+    def delete_endpoint(self, host_veth: str) -> None:
+        self._call("delete_endpoint", host_veth)
+        self.links.pop(host_veth, None)
+
+    def link_exists(self, name: str) -> bool:
+        self._call("link_exists", name)
+        if name in self.links:
+            return True
+        return any(link["peer"] == name and link.get("peer_present", True) for link in self.links.values())
+
+    # -- test helpers -----------------------------------------------------------------------------
+    def lose_peer(self, host_veth: str) -> None:
+        """The container end vanished (a sandbox deleted it, or a reboot took the whole pair)."""
+        self.links[host_veth]["peer_present"] = False
+
+
+def make_config(tmp_path, **env: str):
+    """A Config from the environment only (no TOML file), with state and socket inside tmp_path."""
+    os.makedirs(tmp_path, exist_ok=True)
+    environ = {"VPCNET_CONFIG": os.devnull, "VPCNET_STATE_DIR": str(tmp_path / "state"),
+               "VPCNET_SOCKET": str(tmp_path / "vpcnet.sock"), "VPCNET_INSTANCE_ID": "i-test-host"}
+    environ.update({k if k.startswith("VPCNET_") else "VPCNET_" + k.upper(): str(v) for k, v in env.items()})
+    return config_mod.load(environ=environ)
+
+
+@dataclass
+class Assembled:
+    config: Any
+    store: Any
+    routes: Any
+    ipam: Any
+    driver: Any
+    dataplane: FakeDataplane
+    clock: Any = None
+
+    def app(self):
+        from vpcnet.transport import create_app
+
+        return create_app(self.driver, self.ipam)
+
+    def snapshot(self) -> dict:
+        """Every sqlite table (as sorted rows) plus the fake dataplane's state."""
+        return {"db": dump_db(self.config.db_path), "dataplane": self.dataplane.state()}
+
+
+class Clock:
+    """A settable clock for the replay window."""
+
+    def __init__(self, now: float = 1_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_plugin(tmp_path, dataplane: FakeDataplane | None = None, clock=None, **env: str) -> Assembled:
+    from vpcnet.driver import NetworkDriver
+    from vpcnet.ipam import Ipam
+    from vpcnet.routes import RouteKeeper
+    from vpcnet.store import Store
+
+    config = make_config(tmp_path, **env)
+    os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
+    store = Store(config.db_path)
+    routes = RouteKeeper(config, store)
+    clock = clock or Clock()
+    ipam = Ipam(config, store, routes, clock=clock)
+    dataplane = dataplane or FakeDataplane()
+    driver = NetworkDriver(config, store, dataplane)
+    return Assembled(config, store, routes, ipam, driver, dataplane, clock)
+
+
+def dump_db(path: str) -> dict[str, list[tuple]]:
+    """All rows of all tables, sorted, read through a fresh connection (sees only committed data).
+
+    `claims.updated` is a timestamp rewritten by every claim refresh; it is left out so a snapshot only
+    compares what matters.
+    """
+    conn = sqlite3.connect(path)
+    try:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
+        out = {}
+        for table in tables:
+            cols = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
+            keep = [c for c in cols if not (table == "claims" and c == "updated")]
+            rows = conn.execute(f"SELECT {', '.join(keep)} FROM {table}").fetchall()
+            out[table] = sorted(rows, key=repr)
+        return out
+    finally:
+        conn.close()

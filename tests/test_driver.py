@@ -1,0 +1,314 @@
+"""NetworkDriver logic not covered through the transport: MTU, --internal, idempotent replays, Join
+repairing a missing veth pair, restore() at start-up. The dataplane is the recording fake."""
+from __future__ import annotations
+
+import pytest
+
+from fakes import FakeDataplane, make_plugin
+from vpcnet.dataplane import bridge_name, mac_for, veth_names
+from vpcnet.driver import GENERIC, INTERNAL_OPTION, MTU_OPTION, spec_of
+from vpcnet.errors import Conflict, DataplaneError, InvalidRequest, NotFound
+
+NID = "c0ffee" * 10 + "abcd"
+NID2 = "d00d" * 16
+EID = "beef" * 16
+EID2 = "fade" * 16
+
+
+@pytest.fixture
+def plug(tmp_path):
+    return make_plugin(tmp_path)
+
+
+def pool_of(plug, subnet: str = "") -> str:
+    return plug.ipam.request_pool(pool=subnet)["PoolID"]
+
+
+def create(plug, nid=NID, pool=None, generic=None, **options):
+    pool = pool or pool_of(plug)
+    opts = {GENERIC: generic or {}}
+    opts.update(options)
+    plug.driver.create_network(nid, opts, [{"Pool": pool, "Gateway": ""}], [])
+    return plug.store.network(nid)
+
+
+def endpoint(plug, nid=NID, eid=EID, mac=""):
+    net = plug.store.network(nid)
+    address = plug.ipam.request_address(net.host_cidr)["Address"]
+    answer = plug.driver.create_endpoint(nid, eid, {"Address": address, "MacAddress": mac}, {})
+    return address, answer
+
+
+# -- MTU ----------------------------------------------------------------------------------------------
+def test_mtu_from_uplink_by_default(tmp_path):
+    plug = make_plugin(tmp_path, dataplane=FakeDataplane(uplink=8950))
+    assert create(plug).mtu == 8950
+    assert plug.dataplane.called("uplink_mtu")
+
+
+def test_mtu_from_config_beats_uplink(tmp_path):
+    plug = make_plugin(tmp_path, dataplane=FakeDataplane(uplink=8950), VPCNET_MTU="1400")
+    assert create(plug).mtu == 1400
+    assert not plug.dataplane.called("uplink_mtu")
+
+
+@pytest.mark.parametrize("raw,mtu", [("9000", 9000), (" 1280 ", 1280), (576, 576), ("65535", 65535)])
+def test_mtu_option(plug, raw, mtu):
+    net = create(plug, generic={MTU_OPTION: raw})
+    assert net.mtu == mtu
+    assert plug.dataplane.networks[net.bridge].mtu == mtu
+    assert not plug.dataplane.called("uplink_mtu")
+
+
+def test_mtu_option_empty_means_default(plug):
+    assert create(plug, generic={MTU_OPTION: ""}).mtu == 1500
+
+
+@pytest.mark.parametrize("raw,text", [("575", "out of range"), ("65536", "out of range"), ("0", "out of range"),
+                                      ("-1", "out of range"), ("jumbo", "not a number"), ("9000.5", "not a number")])
+def test_mtu_option_refused(plug, raw, text):
+    pool = pool_of(plug)
+    with pytest.raises(InvalidRequest, match=text) as info:
+        create(plug, pool=pool, generic={MTU_OPTION: raw})
+    assert MTU_OPTION in str(info.value)
+    assert plug.store.networks() == [] and plug.dataplane.networks == {}
+
+
+def test_endpoint_gets_network_mtu(plug):
+    create(plug, generic={MTU_OPTION: "9000"})
+    endpoint(plug)
+    assert plug.dataplane.links[veth_names(EID)[0]]["mtu"] == 9000
+
+
+# -- internal -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value,internal", [(True, True), ("true", True), ("1", True), (False, False),
+                                            ("false", False), (None, False)])
+def test_internal_flag(plug, value, internal):
+    options = {} if value is None else {INTERNAL_OPTION: value}
+    net = create(plug, **options)
+    assert net.internal is internal
+    assert plug.dataplane.networks[net.bridge].internal is internal
+
+
+def test_no_nat_from_config(tmp_path):
+    plug = make_plugin(tmp_path, VPCNET_NO_NAT_CIDRS="192.168.0.0/16")
+    net = create(plug)
+    assert net.no_nat == ("192.168.0.0/16",)
+    assert plug.dataplane.networks[net.bridge].no_nat == ("192.168.0.0/16",)
+
+
+def test_network_record(plug):
+    pool = pool_of(plug)
+    net = create(plug, pool=pool)
+    assert net.host_cidr == pool and net.cluster_cidr == "10.200.0.0/16"
+    assert net.gateway == pool.split("/")[0][:-1] + "1"
+    assert net.bridge == bridge_name(NID) and len(net.bridge) <= 15
+    assert spec_of(net).tag == NID[:12]
+
+
+# -- idempotent replays -------------------------------------------------------------------------------
+def test_create_network_replay_is_idempotent(plug):
+    pool = pool_of(plug)
+    first = create(plug, pool=pool)
+    plug.dataplane.networks.clear()                     # the bridge went away meanwhile
+    assert plug.driver.create_network(NID, {GENERIC: {}}, [{"Pool": pool}], []) == {}
+    assert plug.store.networks() == [first]             # same record, not a second one
+    assert bridge_name(NID) in plug.dataplane.networks  # and the bridge is back
+
+
+def test_create_network_same_id_other_pool_conflicts(plug):
+    create(plug)
+    other = pool_of(plug, "10.77.0.0/16")
+    with pytest.raises(Conflict, match="already exists"):
+        create(plug, pool=other)
+
+
+def test_two_networks_on_two_cluster_cidrs(plug):
+    a = create(plug, NID, pool_of(plug))
+    b = create(plug, NID2, pool_of(plug, "10.77.0.0/16"))
+    assert a.host_cidr != b.host_cidr and a.bridge != b.bridge
+    assert set(plug.dataplane.networks) == {a.bridge, b.bridge}
+
+
+def test_create_endpoint_replay_is_idempotent(plug):
+    create(plug)
+    address, first = endpoint(plug)
+    host_veth, peer_veth = veth_names(EID)
+    assert first == {"Interface": {"MacAddress": mac_for(address.split("/")[0])}}
+    calls = len(plug.dataplane.called("ensure_endpoint"))
+    again = plug.driver.create_endpoint(NID, EID, {"Address": address, "MacAddress": ""}, {})
+    assert again == first
+    assert len(plug.dataplane.called("ensure_endpoint")) == calls + 1    # re-ensured, not duplicated
+    assert len(plug.store.endpoints()) == 1
+    # with the MAC Docker already set, nothing is filled in
+    assert plug.driver.create_endpoint(NID, EID, {"Address": address, "MacAddress": first["Interface"]
+                                                  ["MacAddress"]}, {}) == {"Interface": {}}
+
+
+def test_create_endpoint_same_id_other_address_conflicts(plug):
+    create(plug)
+    endpoint(plug)
+    other = plug.ipam.request_address(plug.store.network(NID).host_cidr)["Address"]
+    with pytest.raises(Conflict, match="already exists"):
+        plug.driver.create_endpoint(NID, EID, {"Address": other}, {})
+
+
+def test_endpoint_mac(plug):
+    create(plug)
+    address, answer = endpoint(plug)
+    ep = plug.store.endpoint(EID)
+    assert ep.mac == mac_for(ep.address) == answer["Interface"]["MacAddress"]
+    assert ep.mac.startswith("02:42:")
+    _, answer2 = endpoint(plug, eid=EID2, mac="02:00:00:aa:bb:cc")
+    assert answer2 == {"Interface": {}}
+    assert plug.store.endpoint(EID2).mac == "02:00:00:aa:bb:cc"
+    assert plug.dataplane.links[veth_names(EID2)[0]]["mac"] == "02:00:00:aa:bb:cc"
+
+
+def test_create_endpoint_on_missing_bridge_fails_cleanly(plug):
+    create(plug)
+    plug.dataplane.networks.clear()                     # the real one raises "bridge ... is missing"
+    address = plug.ipam.request_address(plug.store.network(NID).host_cidr)["Address"]
+    with pytest.raises(DataplaneError, match="missing"):
+        plug.driver.create_endpoint(NID, EID, {"Address": address}, {})
+    assert plug.store.endpoints() == [] and plug.dataplane.links == {}
+
+
+# -- Join ---------------------------------------------------------------------------------------------
+def test_join_answer(plug):
+    net = create(plug)
+    endpoint(plug)
+    answer = plug.driver.join(NID, EID, "/var/run/docker/netns/x", {})
+    assert answer == {"InterfaceName": {"SrcName": veth_names(EID)[1], "DstPrefix": "eth"},
+                      "Gateway": net.gateway, "StaticRoutes": [], "DisableGatewayService": True}
+    assert not plug.dataplane.called("delete_endpoint")          # pair present: left alone
+
+
+def test_join_recreates_missing_veth_pair(plug):
+    net = create(plug, generic={MTU_OPTION: "9000"})
+    endpoint(plug)
+    host_veth, peer_veth = veth_names(EID)
+    plug.dataplane.lose_peer(host_veth)
+    plug.dataplane.calls.clear()
+    plug.driver.join(NID, EID, "/var/run/docker/netns/x", {})
+    ep = plug.store.endpoint(EID)
+    assert plug.dataplane.calls == [
+        ("link_exists", peer_veth),
+        ("delete_endpoint", host_veth),
+        ("ensure_endpoint", net.bridge, host_veth, peer_veth, ep.mac, 9000),
+    ]
+    assert plug.dataplane.link_exists(peer_veth)
+
+
+def test_join_after_reboot_recreates_pair(plug):
+    create(plug)
+    endpoint(plug)
+    plug.dataplane.links.clear()                           # the whole pair is gone
+    plug.driver.join(NID, EID, "/var/run/docker/netns/x", {})
+    assert veth_names(EID)[0] in plug.dataplane.links
+
+
+def test_join_unknown(plug):
+    with pytest.raises(NotFound, match="unknown network"):
+        plug.driver.join(NID, EID, "/x", {})
+    create(plug)
+    with pytest.raises(NotFound, match="unknown endpoint"):
+        plug.driver.join(NID, EID, "/x", {})
+    endpoint(plug)
+    with pytest.raises(InvalidRequest, match="SandboxKey"):
+        plug.driver.join(NID, EID, "", {})
+
+
+# -- deletion -----------------------------------------------------------------------------------------
+def test_delete_network_takes_leftover_endpoints(plug):
+    create(plug)
+    endpoint(plug)
+    endpoint(plug, eid=EID2)
+    plug.driver.delete_network(NID)
+    assert plug.store.networks() == [] and plug.store.endpoints() == []
+    assert plug.dataplane.links == {} and plug.dataplane.networks == {} and plug.dataplane.chains == set()
+
+
+def test_delete_endpoint_twice(plug):
+    create(plug)
+    endpoint(plug)
+    assert plug.driver.delete_endpoint(NID, EID) == {}
+    assert plug.driver.delete_endpoint(NID, EID) == {}
+    assert plug.driver.delete_endpoint("", EID) == {}
+    assert plug.store.endpoints() == [] and plug.dataplane.links == {}
+
+
+def test_program_external_connectivity(plug):
+    create(plug)
+    endpoint(plug)
+    assert plug.driver.program_external_connectivity(NID, EID, {}) == {}
+    assert plug.driver.program_external_connectivity(NID, EID, {"com.docker.network.portmap": []}) == {}
+    assert plug.driver.revoke_external_connectivity(NID, EID) == {}
+
+
+# -- restore ------------------------------------------------------------------------------------------
+def test_restore_ensures_known_networks_and_drops_stale_chains(tmp_path):
+    plug = make_plugin(tmp_path)
+    a = create(plug, NID, pool_of(plug))
+    b = create(plug, NID2, pool_of(plug, "10.77.0.0/16"), **{INTERNAL_OPTION: True})
+    endpoint(plug)
+
+    # A host reboot: a fresh (empty) kernel, plus leftover chains of a network vpcnet no longer knows.
+    fresh = FakeDataplane()
+    fresh.chains |= {("filter", "VPCNET-F-0123456789ab"), ("nat", "VPCNET-N-0123456789ab"),
+                     ("filter", "VPCNET-FORWARD")}
+    restarted = make_plugin(tmp_path, dataplane=fresh)
+    restarted.driver.restore()
+
+    assert fresh.host_ready and fresh.calls[0] == ("ensure_host",)
+    assert fresh.networks == {a.bridge: spec_of(a), b.bridge: spec_of(b)}
+    assert fresh.networks[b.bridge].internal
+    assert sorted(c[1:] for c in fresh.called("drop_stale_chain")) == [
+        ("filter", "VPCNET-F-0123456789ab"), ("nat", "VPCNET-N-0123456789ab")]
+    assert ("filter", "VPCNET-FORWARD") in fresh.chains
+    assert {("filter", spec_of(a).filter_chain), ("nat", spec_of(b).nat_chain)} <= fresh.chains
+    assert fresh.called("stale_chains") == [("stale_chains", frozenset({NID[:12], NID2[:12]}))]
+    # then Join brings the endpoint's veth pair back
+    restarted.driver.join(NID, EID, "/var/run/docker/netns/x", {})
+    assert veth_names(EID)[0] in fresh.links
+
+
+def test_restore_keeps_going_when_one_network_fails(tmp_path):
+    plug = make_plugin(tmp_path)
+    create(plug, NID, pool_of(plug))
+    create(plug, NID2, pool_of(plug, "10.77.0.0/16"))
+
+    class Flaky(FakeDataplane):
+        def ensure_network(self, spec):
+            if spec.tag == NID[:12]:
+                self.calls.append(("ensure_network", spec))
+                raise DataplaneError("bridge refused")
+            super().ensure_network(spec)
+
+    fresh = Flaky()
+    make_plugin(tmp_path, dataplane=fresh).driver.restore()
+    assert list(fresh.networks) == [bridge_name(NID2)]
+    assert len(fresh.called("stale_chains")) == 1
+
+
+def test_restore_with_nothing_known(plug):
+    plug.dataplane.chains.add(("nat", "VPCNET-N-feedfeedfeed"))
+    plug.driver.restore()
+    assert plug.dataplane.chains == set()
+    assert plug.dataplane.called("ensure_network") == []
+
+
+def test_fake_dataplane_matches_the_real_interface():
+    """The fake must offer every public method of the real Dataplane (and nothing it lacks)."""
+    import inspect
+
+    from fakes import DATAPLANE_METHODS
+    from vpcnet.dataplane import Dataplane
+
+    real = {name for name, _ in inspect.getmembers(Dataplane, inspect.isfunction) if not name.startswith("_")}
+    assert real <= set(DATAPLANE_METHODS), f"FakeDataplane is missing {real - set(DATAPLANE_METHODS)}"
+    for name in DATAPLANE_METHODS:
+        if name in real:
+            fake_params = list(inspect.signature(getattr(FakeDataplane, name)).parameters)
+            real_params = list(inspect.signature(getattr(Dataplane, name)).parameters)
+            assert fake_params == real_params, name

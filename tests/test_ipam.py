@@ -1,0 +1,526 @@
+"""IPAM against a real Store and a real RouteKeeper with the local provider (all inside tmp_path)."""
+from __future__ import annotations
+
+import ipaddress
+import multiprocessing
+import os
+import threading
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from fakes import Clock, make_config
+from vpcnet.errors import Conflict, Exhausted, InvalidRequest, NotFound
+from vpcnet.ipam import GATEWAY_KEY, REPLAY_WINDOW, REQUEST_TYPE_KEY, Ipam
+from vpcnet.routes import RouteKeeper
+from vpcnet.store import Network, Store
+
+GATEWAY_OPTS = {REQUEST_TYPE_KEY: GATEWAY_KEY}
+
+
+def build(tmp_path, clock=None, **env):
+    config = make_config(tmp_path, **env)
+    store = Store(config.db_path)
+    routes = RouteKeeper(config, store)
+    return Ipam(config, store, routes, clock=clock or Clock())
+
+
+@pytest.fixture
+def ipam(tmp_path):
+    return build(tmp_path)
+
+
+@pytest.fixture
+def small(tmp_path):
+    """A /28 host block: 14 usable addresses, the gateway and 13 for containers."""
+    return build(tmp_path / "small", VPCNET_HOST_PREFIX="28")
+
+
+def ip_of(answer: dict) -> str:
+    return answer["Address"].split("/")[0]
+
+
+# -- capabilities -------------------------------------------------------------------------------------
+def test_capabilities(ipam):
+    assert ipam.capabilities() == {"RequiresMACAddress": False, "RequiresRequestReplay": True}
+    spaces = ipam.default_address_spaces()
+    assert set(spaces) == {"LocalDefaultAddressSpace", "GlobalDefaultAddressSpace"}
+
+
+# -- pools --------------------------------------------------------------------------------------------
+def test_default_pool_is_host_block_with_gateway(ipam):
+    answer = ipam.request_pool()
+    host = ipaddress.IPv4Network(answer["Pool"])
+    assert answer["PoolID"] == answer["Pool"]
+    assert host.prefixlen == 24 and host.subnet_of(ipaddress.IPv4Network("10.200.0.0/16"))
+    assert answer["Data"] == {GATEWAY_KEY: f"{host.network_address + 1}/24"}
+    # the claim is recorded and the local route table holds host block -> this instance
+    assert ipam.store.claim("10.200.0.0/16").host_cidr == answer["Pool"]
+    routes = ipam.routes.provider.list_routes()
+    assert [(r.destination, r.next_hop) for r in routes] == [(answer["Pool"], "i-test-host")]
+
+
+def test_default_pool_again_is_identical(ipam):
+    assert ipam.request_pool() == ipam.request_pool()
+    assert len(ipam.store.pools()) == 1
+
+
+def test_subnet_equal_to_cluster_gives_block_inside(ipam):
+    answer = ipam.request_pool(pool="10.77.0.0/16")
+    assert ipaddress.IPv4Network(answer["Pool"]).subnet_of(ipaddress.IPv4Network("10.77.0.0/16"))
+    assert ipaddress.IPv4Network(answer["Pool"]).prefixlen == 24
+
+
+def test_two_cluster_cidrs_coexist(ipam):
+    a = ipam.request_pool()
+    b = ipam.request_pool(pool="10.77.0.0/16")
+    c = ipam.request_pool(pool="172.20.0.0/20")
+    pools = {a["Pool"], b["Pool"], c["Pool"]}
+    assert len(pools) == 3
+    assert {r["pool_id"] for r in ipam.store.pools()} == pools
+    assert {c.cluster_cidr for c in ipam.store.claims()} == {"10.200.0.0/16", "10.77.0.0/16", "172.20.0.0/20"}
+
+
+def test_replay_of_host_cidr_is_identical(ipam):
+    first = ipam.request_pool()
+    assert ipam.request_pool(pool=first["Pool"]) == first
+    other = ipam.request_pool(pool="10.77.0.0/16")
+    assert ipam.request_pool(pool=other["Pool"]) == other
+
+
+def test_static_host_cidr(tmp_path):
+    ipam = build(tmp_path, VPCNET_HOST_CIDR="10.200.42.0/24")
+    answer = ipam.request_pool()
+    assert answer["Pool"] == "10.200.42.0/24"
+    assert answer["Data"][GATEWAY_KEY] == "10.200.42.1/24"
+
+
+@pytest.mark.parametrize("subnet", ["10.200.9.0/24", "10.200.9.0/25", "192.168.1.0/24"])
+def test_subnet_neither_cluster_nor_ours_refused(ipam, subnet):
+    ipam.request_pool()
+    with pytest.raises(InvalidRequest) as info:
+        ipam.request_pool(pool=subnet)
+    message = str(info.value)
+    assert subnet in message and "neither a cluster CIDR" in message and "omit --subnet" in message
+
+
+@pytest.mark.parametrize("subnet", ["10.200.0.1/16", "nonsense", "10.200.0.0/40"])
+def test_invalid_subnet_refused(ipam, subnet):
+    with pytest.raises(InvalidRequest, match="not a valid network"):
+        ipam.request_pool(pool=subnet)
+
+
+@pytest.mark.parametrize("subnet", ["10.200.0.0/17", "10.0.0.0/8", "10.200.128.0/20"])
+def test_overlapping_cluster_cidr_refused(ipam, subnet):
+    ipam.request_pool()                                     # 10.200.0.0/16 in use
+    before = ipam.store.claims()
+    with pytest.raises(Conflict, match="overlaps the cluster CIDR 10.200.0.0/16"):
+        ipam.request_pool(pool=subnet)
+    assert ipam.store.claims() == before
+
+
+def test_default_cluster_overlapping_a_wider_subnet_in_use_refused(ipam):
+    ipam.request_pool(pool="10.0.0.0/8")                   # contains the default 10.200.0.0/16
+    with pytest.raises(Conflict, match="overlaps the cluster CIDR 10.0.0.0/8"):
+        ipam.request_pool()
+
+
+def test_v6_subpool_options_refused(ipam):
+    with pytest.raises(InvalidRequest, match="IPv6"):
+        ipam.request_pool(v6=True)
+    with pytest.raises(InvalidRequest, match="IPv6"):
+        ipam.request_pool(pool="fd00::/64")
+    with pytest.raises(InvalidRequest, match="--ip-range"):
+        ipam.request_pool(sub_pool="10.200.0.0/26")
+    with pytest.raises(InvalidRequest, match="unknown --ipam-opt color"):
+        ipam.request_pool(options={"color": "blue"})
+    with pytest.raises(InvalidRequest, match="address space"):
+        ipam.request_pool(address_space="elsewhere")
+    assert ipam.store.pools() == []
+    assert ipam.request_pool(address_space="vpcnet-local")["Pool"]
+
+
+def test_release_unknown_pool_succeeds(ipam):
+    assert ipam.release_pool("10.9.9.0/24") == {}
+    assert ipam.release_pool("garbage") == {}
+
+
+def test_release_pool_forgets_addresses(ipam):
+    pool = ipam.request_pool()["PoolID"]
+    ipam.request_address(pool)
+    ipam.release_pool(pool)
+    assert ipam.store.pools() == [] and ipam.store.addresses(pool) == []
+    with pytest.raises(NotFound):
+        ipam.request_address(pool)
+    # requesting it again gives the same block (the claim stays)
+    assert ipam.request_pool()["PoolID"] == pool
+
+
+def test_release_pool_keeps_pool_used_by_network(ipam):
+    answer = ipam.request_pool()
+    pool = answer["PoolID"]
+    addr = ip_of(ipam.request_address(pool))
+    with ipam.store.tx() as db:
+        ipam.store.add_network(db, Network("n" * 64, pool, "10.200.0.0/16", "10.200.0.1", "vpc-nnnnnnnnnnn",
+                                           1500, False, ()))
+    assert ipam.release_pool(pool) == {}
+    assert [r["pool_id"] for r in ipam.store.pools()] == [pool]
+    assert ipam.store.addresses(pool) == [addr]
+
+
+# -- addresses ----------------------------------------------------------------------------------------
+def test_gateway_request_answers_gateway(ipam):
+    answer = ipam.request_pool()
+    pool = answer["PoolID"]
+    gateway = answer["Data"][GATEWAY_KEY]
+    assert ipam.request_address(pool, options=GATEWAY_OPTS) == {"Address": gateway, "Data": {}}
+    assert ipam.request_address(pool, gateway, options=GATEWAY_OPTS) == {"Address": gateway, "Data": {}}
+    assert ipam.request_address(pool, gateway.split("/")[0], options=GATEWAY_OPTS)["Address"] == gateway
+    assert ipam.store.addresses(pool) == []                # the gateway is not a container address
+
+
+def test_wrong_gateway_refused(ipam):
+    pool = ipam.request_pool()["PoolID"]
+    net = ipaddress.IPv4Network(pool)
+    with pytest.raises(InvalidRequest, match="not the gateway") as info:
+        ipam.request_address(pool, f"{net.network_address + 254}", options=GATEWAY_OPTS)
+    assert "omit --gateway" in str(info.value)
+
+
+def test_first_address_follows_gateway(ipam):
+    pool = ipam.request_pool()["PoolID"]
+    net = ipaddress.IPv4Network(pool)
+    assert ipam.request_address(pool) == {"Address": f"{net.network_address + 2}/24", "Data": {}}
+    assert ip_of(ipam.request_address(pool)) == str(net.network_address + 3)
+
+
+def test_requested_address_honoured(ipam):
+    pool = ipam.request_pool()["PoolID"]
+    net = ipaddress.IPv4Network(pool)
+    want = str(net.network_address + 77)
+    assert ipam.request_address(pool, want) == {"Address": f"{want}/24", "Data": {}}
+    assert ipam.request_address(pool, str(net.network_address + 78) + "/24")["Address"] == \
+        f"{net.network_address + 78}/24"
+    assert sorted(ipam.store.addresses(pool)) == sorted([want, str(net.network_address + 78)])
+
+
+def test_requested_address_refusals(ipam):
+    pool = ipam.request_pool()["PoolID"]
+    net = ipaddress.IPv4Network(pool)
+    taken = ip_of(ipam.request_address(pool))
+    before = sorted(ipam.store.addresses(pool))
+    cases = {
+        "10.9.9.9": (InvalidRequest, "outside pool"),
+        str(net.network_address): (InvalidRequest, "network address"),
+        str(net.broadcast_address): (InvalidRequest, "broadcast address"),
+        str(net.network_address + 1): (InvalidRequest, "gateway"),
+        "not-an-ip": (InvalidRequest, "not a valid IPv4 address"),
+        taken: (Conflict, f"address {taken} is already in use in pool {pool}"),
+    }
+    for address, (kind, text) in cases.items():
+        with pytest.raises(kind, match=text):
+            ipam.request_address(pool, address)
+    assert sorted(ipam.store.addresses(pool)) == before
+
+
+def test_unknown_pool(ipam):
+    with pytest.raises(NotFound, match="unknown pool"):
+        ipam.request_address("10.1.1.0/24")
+
+
+def test_next_fit_does_not_reuse_released_address_early(small):
+    pool = small.request_pool()["PoolID"]
+    first = [ip_of(small.request_address(pool)) for _ in range(5)]
+    small.release_address(pool, first[1])
+    rest = [ip_of(small.request_address(pool)) for _ in range(8)]    # the 8 never-used ones
+    assert first[1] not in rest
+    assert len(set(first + rest)) == 13
+    assert ip_of(small.request_address(pool)) == first[1]              # only now, after a full turn
+
+
+def test_released_address_comes_back_after_full_turn_in_cursor_order(small):
+    pool = small.request_pool()["PoolID"]
+    got = [ip_of(small.request_address(pool)) for _ in range(13)]
+    small.release_address(pool, got[9])
+    small.release_address(pool, got[2])
+    assert ip_of(small.request_address(pool)) == got[2]    # the cursor wrapped to the start
+    assert ip_of(small.request_address(pool)) == got[9]
+
+
+def test_exhaustion_says_how_many_in_use(small):
+    pool = small.request_pool()["PoolID"]
+    got = {ip_of(small.request_address(pool)) for _ in range(13)}
+    assert len(got) == 13
+    with pytest.raises(Exhausted) as info:
+        small.request_address(pool)
+    assert f"pool {pool} is exhausted" in str(info.value) and "13" in str(info.value)
+    assert len(small.store.addresses(pool)) == 13
+
+
+def test_release_unknown_address_succeeds(ipam):
+    pool = ipam.request_pool()["PoolID"]
+    assert ipam.release_address(pool, "10.200.0.99/24") == {}
+    assert ipam.release_address("10.123.0.0/24", "10.123.0.5") == {}
+    ip = ip_of(ipam.request_address(pool))
+    assert ipam.release_address(pool, ip + "/24") == {}
+    assert ipam.release_address(pool, ip) == {}             # twice: still fine
+    assert ipam.store.addresses(pool) == []
+
+
+# -- replays ------------------------------------------------------------------------------------------
+def test_replay_window(tmp_path):
+    clock = Clock()
+    ipam = build(tmp_path, clock=clock)
+    pool = ipam.request_pool()["PoolID"]
+    a = ipam.request_address(pool)
+    b = ipam.request_address(pool, "10.200.0.50")
+    with pytest.raises(Conflict):                           # no window open: in use
+        ipam.request_address(pool, ip_of(a))
+
+    ipam.open_replay_window()                               # Plugin.Activate after a daemon restart
+    assert ipam.request_pool(pool=pool)["PoolID"] == pool
+    assert ipam.request_address(pool, a["Address"]) == a    # identical answers
+    assert ipam.request_address(pool, ip_of(b)) == b
+    with pytest.raises(Conflict, match="already in use"):   # once only
+        ipam.request_address(pool, ip_of(a))
+
+    clock.now += REPLAY_WINDOW + 1                          # window closed
+    ipam.open_replay_window()
+    clock.now += REPLAY_WINDOW + 1
+    with pytest.raises(Conflict):
+        ipam.request_address(pool, ip_of(a))
+    assert sorted(ipam.store.addresses(pool)) == sorted([ip_of(a), ip_of(b)])
+
+
+def test_replay_window_reopens_for_next_restart(tmp_path):
+    clock = Clock()
+    ipam = build(tmp_path, clock=clock)
+    pool = ipam.request_pool()["PoolID"]
+    a = ipam.request_address(pool)
+    for _ in range(3):                                      # three daemon restarts
+        clock.now += 1000
+        ipam.open_replay_window()
+        assert ipam.request_address(pool, a["Address"]) == a
+        with pytest.raises(Conflict):
+            ipam.request_address(pool, a["Address"])
+
+
+def test_address_allocated_inside_window_is_not_replayable(tmp_path):
+    """A container started during the replay window gets an address; a `--ip` for that same address a
+    moment later must be refused, not treated as a replay (that would hand out a duplicate)."""
+    clock = Clock()
+    ipam = build(tmp_path, clock=clock)
+    pool = ipam.request_pool()["PoolID"]
+    ipam.open_replay_window()
+    fresh = ip_of(ipam.request_address(pool))
+    with pytest.raises(Conflict, match="already in use"):
+        ipam.request_address(pool, fresh)
+    requested = ip_of(ipam.request_address(pool, "10.200.0.99"))
+    with pytest.raises(Conflict, match="already in use"):
+        ipam.request_address(pool, requested)
+
+
+# -- property tests -----------------------------------------------------------------------------------
+_counter = iter(range(10**9))
+
+
+class AllocationMachine(RuleBasedStateMachine):
+    """Random sequences of request/release/replay against a model of the in-use set of a /28."""
+
+    def __init__(self):
+        super().__init__()
+        import tempfile
+
+        self._dir = tempfile.TemporaryDirectory(prefix="vpcnet-ipam-")
+        from pathlib import Path
+
+        self.clock = Clock()
+        self.ipam = build(Path(self._dir.name), clock=self.clock, VPCNET_HOST_PREFIX="28")
+        answer = self.ipam.request_pool()
+        self.pool = answer["PoolID"]
+        self.net = ipaddress.IPv4Network(self.pool)
+        self.gateway = str(self.net.network_address + 1)
+        self.in_use: set[str] = set()
+        self.handed: list[str] = []           # every address handed out, in order (for next-fit)
+        self.replayable: set[str] = set()     # may be replayed in the open window
+        self.usable = [str(a) for a in self.net.hosts() if str(a) != self.gateway]
+
+    def teardown(self):
+        self.ipam.store.close()
+        self._dir.cleanup()
+
+    def stored(self) -> set[str]:
+        return set(self.ipam.store.addresses(self.pool))
+
+    @rule()
+    def request_any(self):
+        if len(self.in_use) == len(self.usable):
+            with pytest.raises(Exhausted):
+                self.ipam.request_address(self.pool)
+            return
+        answer = self.ipam.request_address(self.pool)
+        ip = ip_of(answer)
+        assert answer["Address"] == f"{ip}/28"
+        assert ip not in self.in_use, f"duplicate {ip}"
+        assert ip in self.usable
+        self.in_use.add(ip)
+        self.handed.append(ip)
+
+    @rule(data=st.data())
+    def request_specific(self, data):
+        ip = data.draw(st.sampled_from(self.usable))
+        if ip in self.in_use:
+            if ip in self.replayable:
+                assert self.ipam.request_address(self.pool, ip) == {"Address": f"{ip}/28", "Data": {}}
+                self.replayable.discard(ip)
+            else:
+                with pytest.raises(Conflict):
+                    self.ipam.request_address(self.pool, ip)
+            return
+        assert ip_of(self.ipam.request_address(self.pool, ip)) == ip
+        self.in_use.add(ip)
+
+    @precondition(lambda self: self.in_use)
+    @rule(data=st.data())
+    def release(self, data):
+        ip = data.draw(st.sampled_from(sorted(self.in_use)))
+        before = self.stored()
+        self.ipam.release_address(self.pool, ip)
+        after = self.stored()
+        assert after == before - {ip}                    # exact: only X went, and X is free
+        self.in_use.discard(ip)
+        self.replayable.discard(ip)
+
+    @rule(data=st.data())
+    def release_free(self, data):
+        ip = data.draw(st.sampled_from(self.usable))
+        if ip in self.in_use:
+            return
+        before = self.stored()
+        assert self.ipam.release_address(self.pool, ip) == {}
+        assert self.stored() == before
+
+    @rule()
+    def daemon_restart(self):
+        self.clock.now += REPLAY_WINDOW + 1
+        self.ipam.open_replay_window()
+        self.replayable = set(self.in_use)
+        assert self.ipam.request_pool(pool=self.pool)["PoolID"] == self.pool
+
+    @rule()
+    def window_closes(self):
+        self.clock.now += REPLAY_WINDOW + 1
+        self.replayable = set()
+
+    @invariant()
+    def allocations_equal_model(self):
+        assert self.stored() == self.in_use
+        assert self.gateway not in self.stored()
+
+
+TestAllocationMachine = AllocationMachine.TestCase
+TestAllocationMachine.settings = settings(max_examples=50, stateful_step_count=40, deadline=None,
+                                          suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_next_fit_property(tmp_path):
+    """Deterministic sweep: across random-ish release patterns, a released address is handed out only
+    after every never-used address of the pool has been."""
+    ipam = build(tmp_path, VPCNET_HOST_PREFIX="28")
+    pool = ipam.request_pool()["PoolID"]
+    got = [ip_of(ipam.request_address(pool)) for _ in range(6)]
+    for ip in got[::2]:
+        ipam.release_address(pool, ip)
+    later = [ip_of(ipam.request_address(pool)) for _ in range(7)]   # the 7 never used
+    assert not set(later) & set(got)
+    assert [ip_of(ipam.request_address(pool)) for _ in range(3)] == got[::2]
+
+
+# -- concurrency --------------------------------------------------------------------------------------
+def test_threads_never_get_the_same_address(tmp_path):
+    ipam = build(tmp_path)
+    pool = ipam.request_pool()["PoolID"]
+    threads, per_thread = 24, 5
+    results: list[str] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    start = threading.Barrier(threads)
+
+    def worker():
+        try:
+            start.wait(timeout=10)
+            mine = [ip_of(ipam.request_address(pool)) for _ in range(per_thread)]
+            with lock:
+                results.extend(mine)
+        except BaseException as exc:      # noqa: BLE001
+            errors.append(exc)
+        finally:
+            ipam.store.close()
+
+    workers = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(timeout=60)
+    assert not errors
+    assert len(results) == threads * per_thread
+    assert len(set(results)) == len(results)
+    assert set(ipam.store.addresses(pool)) == set(results)
+
+
+def test_threads_racing_for_one_requested_address(tmp_path):
+    ipam = build(tmp_path)
+    pool = ipam.request_pool()["PoolID"]
+    wins, losses = [], []
+    start = threading.Barrier(20)
+
+    def worker():
+        start.wait(timeout=10)
+        try:
+            wins.append(ipam.request_address(pool, "10.200.0.123"))
+        except Conflict:
+            losses.append(1)
+        finally:
+            ipam.store.close()
+
+    workers = [threading.Thread(target=worker) for _ in range(20)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(timeout=60)
+    assert len(wins) == 1 and len(losses) == 19
+
+
+def _process_worker(state_dir: str, socket: str, count: int, out, barrier) -> None:
+    environ = {"VPCNET_CONFIG": os.devnull, "VPCNET_STATE_DIR": state_dir, "VPCNET_SOCKET": socket,
+               "VPCNET_INSTANCE_ID": "i-test-host"}
+    from vpcnet import config as config_mod
+
+    config = config_mod.load(environ=environ)
+    store = Store(config.db_path)
+    ipam = Ipam(config, store, RouteKeeper(config, store))
+    pool = ipam.request_pool()["PoolID"]              # the same pool: the claim is in the shared store
+    barrier.wait(timeout=30)                           # all four request at once
+    got = [ipam.request_address(pool)["Address"] for _ in range(count)]
+    store.close()
+    out.put((pool, got))
+
+
+def test_processes_never_get_the_same_address(tmp_path):
+    config = make_config(tmp_path)
+    pool = build(tmp_path).request_pool()["PoolID"]
+    ctx = multiprocessing.get_context("fork")     # each child opens its own Store
+    out, barrier = ctx.Queue(), ctx.Barrier(4)
+    procs = [ctx.Process(target=_process_worker, args=(config.state_dir, config.socket, 25, out, barrier))
+             for _ in range(4)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    addresses = [a for _, got in results for a in got]
+    assert {p for p, _ in results} == {pool}
+    assert len(addresses) == 100 and len(set(addresses)) == 100

@@ -1,0 +1,155 @@
+"""The sqlite store: schema versioning, WAL, file mode, serialised writers."""
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import threading
+
+import pytest
+
+from vpcnet.store import SCHEMA_VERSION, Endpoint, Network, Store
+
+
+@pytest.fixture
+def db_path(tmp_path):
+    return str(tmp_path / "state" / "vpcnet.db")
+
+
+def test_schema_version_recorded(db_path):
+    store = Store(db_path)
+    assert store.get_meta("schema_version") == str(SCHEMA_VERSION)
+    conn = sqlite3.connect(db_path)
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    conn.close()
+    assert {"meta", "claims", "pools", "addresses", "networks", "endpoints"} <= tables
+    store.close()
+
+
+def test_reopen_keeps_data(db_path):
+    store = Store(db_path)
+    with store.tx() as db:
+        store.set_meta(db, "k", "v")
+    store.close()
+    again = Store(db_path)
+    assert again.get_meta("k") == "v"
+    assert again.get_meta("schema_version") == str(SCHEMA_VERSION)
+    again.close()
+
+
+def test_newer_schema_refused(db_path):
+    Store(db_path).close()
+    conn = sqlite3.connect(db_path)
+    conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION + 1),))
+    conn.commit()
+    conn.close()
+    with pytest.raises(RuntimeError) as info:
+        Store(db_path)
+    message = str(info.value)
+    assert f"schema version {SCHEMA_VERSION + 1}" in message and "newer" in message and db_path in message
+    # the refusal left the recorded version alone
+    conn = sqlite3.connect(db_path)
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == \
+        str(SCHEMA_VERSION + 1)
+    conn.close()
+
+
+def test_wal_mode(db_path):
+    store = Store(db_path)
+    assert store.read("PRAGMA journal_mode")[0][0] == "wal"
+    conn = sqlite3.connect(db_path)                    # WAL is persistent: any opener sees it
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+    store.close()
+
+
+def test_file_mode_0600(db_path):
+    old = os.umask(0o022)
+    try:
+        Store(db_path).close()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(db_path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(db_path)).st_mode) & 0o077 == 0
+
+
+def test_tx_rolls_back_on_error(db_path):
+    store = Store(db_path)
+    with pytest.raises(ValueError):
+        with store.tx() as db:
+            store.set_meta(db, "half", "done")
+            raise ValueError("boom")
+    assert store.get_meta("half", "absent") == "absent"
+    store.close()
+
+
+def test_networks_and_endpoints_round_trip(db_path):
+    store = Store(db_path)
+    net = Network("n" * 64, "10.200.0.0/24", "10.200.0.0/16", "10.200.0.1", "vpc-nnnnnnnnnnn", 1500, True,
+                  ("192.168.0.0/16",), 1.0)
+    ep = Endpoint("e" * 64, net.network_id, "10.200.0.2", "02:42:0a:c8:00:02", "vheeeeeeeeeee", "vceeeeeeeeeee",
+                  2.0)
+    with store.tx() as db:
+        store.add_network(db, net)
+        store.add_endpoint(db, ep)
+    assert store.network(net.network_id) == net
+    assert store.network_by_host_cidr("10.200.0.0/24") == net
+    assert store.endpoint(ep.endpoint_id) == ep
+    assert store.endpoints(net.network_id) == [ep]
+    store.delete_network(net.network_id)              # takes its endpoints along
+    assert store.network(net.network_id) is None and store.endpoints() == []
+    store.close()
+
+
+def test_claims(db_path):
+    store = Store(db_path)
+    store.want_claim("10.200.0.0/16", "claim in progress")
+    store.want_claim("10.200.0.0/16", "ignored: already wanted")
+    claim = store.claim("10.200.0.0/16")
+    assert claim.host_cidr is None and claim.reason == "claim in progress"
+    store.record_claim("10.200.0.0/16", "10.200.3.0/24", route_ok=True)
+    claim = store.claim("10.200.0.0/16")
+    assert claim.host_cidr == "10.200.3.0/24" and claim.route_ok and not claim.static
+    store.forget_claim("10.200.0.0/16")
+    assert store.claims() == []
+    store.close()
+
+
+def test_concurrent_writers_from_threads_lose_no_update(db_path):
+    store = Store(db_path)
+    with store.tx() as db:
+        store.set_meta(db, "counter", "0")
+    threads, rounds = 16, 25
+    errors: list[BaseException] = []
+    start = threading.Barrier(threads)
+
+    def bump():
+        try:
+            start.wait(timeout=10)
+            for _ in range(rounds):
+                with store.tx() as db:      # read-modify-write inside one transaction
+                    value = int(db.execute("SELECT value FROM meta WHERE key='counter'").fetchone()[0])
+                    store.set_meta(db, "counter", str(value + 1))
+        except BaseException as exc:      # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            store.close()
+
+    workers = [threading.Thread(target=bump) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(timeout=60)
+    assert not errors
+    assert not any(t.is_alive() for t in workers)
+    assert store.get_meta("counter") == str(threads * rounds)
+    store.close()
+
+
+def test_separate_store_objects_share_one_file(db_path):
+    a, b = Store(db_path), Store(db_path)
+    with a.tx() as db:
+        a.set_meta(db, "x", "1")
+    assert b.get_meta("x") == "1"
+    a.close()
+    b.close()

@@ -1,0 +1,472 @@
+"""The plugin protocol over HTTP: Flask's test client against `create_app(driver, ipam)`, with a real
+Store/Ipam/RouteKeeper (local provider, in tmp_path) and the recording fake dataplane."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fakes import MEDIA_TYPE, make_plugin
+from vpcnet.dataplane import mac_for, veth_names
+from vpcnet.errors import DataplaneError
+from vpcnet.transport import endpoint_table
+
+NID = "a1" * 32
+NID2 = "b2" * 32
+EID = "e3" * 32
+EID2 = "f4" * 32
+SANDBOX = "/var/run/docker/netns/0123456789ab"
+
+# Every route: (required fields, {typed field: a value of the wrong type}). The test below checks that
+# this table covers `endpoint_table` exactly, so a new route cannot go untested.
+ROUTES: dict[str, tuple[tuple[str, ...], dict]] = {
+    "/Plugin.Activate": ((), {}),
+    "/NetworkDriver.GetCapabilities": ((), {}),
+    "/NetworkDriver.CreateNetwork": (("NetworkID",), {"NetworkID": 7, "Options": "x", "IPv4Data": {},
+                                                      "IPv6Data": "x"}),
+    "/NetworkDriver.DeleteNetwork": (("NetworkID",), {"NetworkID": ["x"]}),
+    "/NetworkDriver.CreateEndpoint": (("NetworkID", "EndpointID"), {"NetworkID": 1, "EndpointID": {},
+                                                                    "Interface": "x", "Options": []}),
+    "/NetworkDriver.EndpointOperInfo": (("NetworkID", "EndpointID"), {"NetworkID": 1, "EndpointID": 2}),
+    "/NetworkDriver.DeleteEndpoint": (("EndpointID",), {"NetworkID": 1, "EndpointID": 2}),
+    "/NetworkDriver.Join": (("NetworkID", "EndpointID", "SandboxKey"),
+                            {"NetworkID": 1, "EndpointID": 2, "SandboxKey": 3, "Options": "x"}),
+    "/NetworkDriver.Leave": (("EndpointID",), {"NetworkID": 1, "EndpointID": 2}),
+    "/NetworkDriver.ProgramExternalConnectivity": (("NetworkID", "EndpointID"),
+                                                   {"NetworkID": 1, "EndpointID": 2, "Options": "x"}),
+    "/NetworkDriver.RevokeExternalConnectivity": (("EndpointID",), {"NetworkID": 1, "EndpointID": 2}),
+    "/NetworkDriver.DiscoverNew": ((), {}),
+    "/NetworkDriver.DiscoverDelete": ((), {}),
+    "/NetworkDriver.AllocateNetwork": ((), {}),
+    "/NetworkDriver.FreeNetwork": ((), {}),
+    "/IpamDriver.GetCapabilities": ((), {}),
+    "/IpamDriver.GetDefaultAddressSpaces": ((), {}),
+    "/IpamDriver.RequestPool": ((), {"Pool": 1, "SubPool": 2, "Options": "x", "V6": "yes", "AddressSpace": 3}),
+    "/IpamDriver.ReleasePool": (("PoolID",), {"PoolID": 1}),
+    "/IpamDriver.RequestAddress": (("PoolID",), {"PoolID": 1, "Address": 2, "Options": "x"}),
+    "/IpamDriver.ReleaseAddress": (("PoolID", "Address"), {"PoolID": 1, "Address": 2}),
+}
+NO_ARGS = [path for path, (required, typed) in ROUTES.items() if not required]
+
+
+@pytest.fixture
+def plug(tmp_path):
+    return make_plugin(tmp_path)
+
+
+@pytest.fixture
+def client(plug):
+    return plug.app().test_client()
+
+
+def post(client, path: str, body=None, raw: bytes | None = None, content_type: str | None = None):
+    """POST like Docker: JSON body, Accept the plugin media type, and no Content-Type unless asked."""
+    data = raw if raw is not None else json.dumps(body).encode()
+    headers = {"Accept": MEDIA_TYPE}
+    if content_type:
+        headers["Content-Type"] = content_type
+    resp = client.post(path, data=data, headers=headers)
+    assert resp.mimetype == MEDIA_TYPE, (path, resp.mimetype)
+    return resp.status_code, json.loads(resp.data)
+
+
+def ok(client, path: str, body=None) -> dict:
+    status, answer = post(client, path, body)
+    assert status == 200, (path, answer)
+    assert "Err" not in answer
+    return answer
+
+
+def refused(client, path: str, body=None, status: int | None = None) -> str:
+    code, answer = post(client, path, body)
+    assert code != 200, (path, answer)
+    if status is not None:
+        assert code == status, (path, code, answer)
+    assert set(answer) == {"Err"} and isinstance(answer["Err"], str) and answer["Err"], answer
+    return answer["Err"]
+
+
+def setup_network(client, nid=NID, pool_body=None, options=None) -> dict:
+    pool = ok(client, "/IpamDriver.RequestPool", pool_body or {"AddressSpace": "vpcnet-local", "Pool": "",
+                                                               "SubPool": "", "Options": {}, "V6": False})
+    gateway = pool["Data"]["com.docker.network.gateway"]
+    ok(client, "/NetworkDriver.CreateNetwork", {
+        "NetworkID": nid, "Options": options or {"com.docker.network.enable_ipv6": False,
+                                                 "com.docker.network.generic": {}},
+        "IPv4Data": [{"AddressSpace": "vpcnet-local", "Pool": pool["Pool"], "Gateway": gateway,
+                      "AuxAddresses": None}],
+        "IPv6Data": []})
+    return pool
+
+
+def setup_endpoint(client, pool, nid=NID, eid=EID, mac="") -> str:
+    address = ok(client, "/IpamDriver.RequestAddress", {"PoolID": pool["PoolID"], "Address": "",
+                                                        "Options": {}})["Address"]
+    ok(client, "/NetworkDriver.CreateEndpoint", {"NetworkID": nid, "EndpointID": eid, "Options": {},
+                                                 "Interface": {"Address": address, "AddressIPv6": "",
+                                                               "MacAddress": mac}})
+    return address
+
+
+def valid_body(path: str, pool_id: str = "10.200.0.0/24") -> dict:
+    """A body with every required field present and well typed."""
+    values = {"NetworkID": NID, "EndpointID": EID, "SandboxKey": SANDBOX, "PoolID": pool_id,
+              "Address": "10.200.0.77"}
+    return {name: values[name] for name in ROUTES[path][0]}
+
+
+# -- the table --------------------------------------------------------------------------------------
+def test_route_table_is_covered(plug):
+    assert set(endpoint_table(plug.driver, plug.ipam)) == set(ROUTES)
+
+
+# -- bodies -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", NO_ARGS)
+@pytest.mark.parametrize("raw", [b"null", b"", b"  \n", b"{}"], ids=["null", "empty", "blank", "object"])
+def test_no_arg_calls_accept_null_and_empty_bodies(client, path, raw):
+    status, answer = post(client, path, raw=raw)
+    assert status == 200, answer
+    assert "Err" not in answer
+
+
+@pytest.mark.parametrize("path", sorted(ROUTES))
+@pytest.mark.parametrize("raw", [b"{", b"{'NetworkID': 'x'}", b"\xff\xfe\x00", b"nul"],
+                         ids=["truncated", "single-quotes", "binary", "bad-literal"])
+def test_malformed_json(client, path, raw):
+    status, answer = post(client, path, raw=raw)
+    assert status == 400
+    assert answer["Err"].startswith("malformed JSON")
+
+
+@pytest.mark.parametrize("path", sorted(ROUTES))
+@pytest.mark.parametrize("body", [[], [{"NetworkID": NID}], 5, "text", True])
+def test_non_object_json(client, path, body):
+    assert "must be a JSON object" in refused(client, path, body, status=400)
+
+
+@pytest.mark.parametrize("path,field", [(p, f) for p, (req, _) in ROUTES.items() for f in req])
+def test_missing_required_field(client, path, field):
+    body = valid_body(path)
+    del body[field]
+    assert refused(client, path, body, status=400) == f"missing field {field}"
+    body[field] = None                               # null counts as missing
+    assert refused(client, path, body, status=400) == f"missing field {field}"
+
+
+@pytest.mark.parametrize("path", [p for p, (req, _) in ROUTES.items() if req])
+def test_null_body_on_call_with_arguments(client, path):
+    assert refused(client, path, None, status=400).startswith("missing field ")
+
+
+@pytest.mark.parametrize("path,field", [(p, f) for p, (_, typed) in ROUTES.items() for f in typed])
+def test_wrong_field_type(client, path, field):
+    body = valid_body(path)
+    body[field] = ROUTES[path][1][field]
+    message = refused(client, path, body, status=400)
+    assert message.startswith(f"field {field} must be "), message
+
+
+@pytest.mark.parametrize("content_type", [None, "application/json", "text/plain", MEDIA_TYPE,
+                                          "application/x-www-form-urlencoded"])
+def test_body_parsed_whatever_the_content_type(client, content_type):
+    status, answer = post(client, "/IpamDriver.RequestPool", raw=json.dumps({"Pool": "10.77.0.0/16"}).encode(),
+                          content_type=content_type)
+    assert status == 200 and answer["Pool"].startswith("10.77."), answer
+
+
+def test_unknown_path_404(client):
+    status, answer = post(client, "/NetworkDriver.Teleport", {})
+    assert status == 404 and "not implemented" in answer["Err"]
+    status, answer = post(client, "/", {})
+    assert status == 404 and answer["Err"]
+    resp = client.get("/Plugin.Activate")
+    assert resp.status_code == 405 and resp.mimetype == MEDIA_TYPE and json.loads(resp.data)["Err"]
+
+
+# -- capabilities and activation --------------------------------------------------------------------
+def test_activate_implements_both(client):
+    assert ok(client, "/Plugin.Activate") == {"Implements": ["NetworkDriver", "IpamDriver"]}
+
+
+def test_capabilities(client):
+    caps = ok(client, "/NetworkDriver.GetCapabilities")
+    assert caps["Scope"] == "local" and caps["ConnectivityScope"] == "global"
+    assert ok(client, "/IpamDriver.GetCapabilities") == {"RequiresMACAddress": False,
+                                                         "RequiresRequestReplay": True}
+    spaces = ok(client, "/IpamDriver.GetDefaultAddressSpaces")
+    assert spaces["LocalDefaultAddressSpace"] and spaces["GlobalDefaultAddressSpace"]
+    assert ok(client, "/NetworkDriver.AllocateNetwork", {"NetworkID": NID}) == {"Options": {}}
+    assert ok(client, "/NetworkDriver.FreeNetwork", {"NetworkID": NID}) == {}
+    assert ok(client, "/NetworkDriver.DiscoverNew", {"DiscoveryType": 1, "DiscoveryData": {}}) == {}
+    assert ok(client, "/NetworkDriver.DiscoverDelete", {"DiscoveryType": 1, "DiscoveryData": {}}) == {}
+
+
+# -- the whole life of a network, as Docker calls it ------------------------------------------------
+def test_full_docker_sequence(plug, client):
+    fake = plug.dataplane
+    assert ok(client, "/Plugin.Activate")["Implements"] == ["NetworkDriver", "IpamDriver"]
+    space = ok(client, "/IpamDriver.GetDefaultAddressSpaces")["LocalDefaultAddressSpace"]
+    pool = ok(client, "/IpamDriver.RequestPool", {"AddressSpace": space, "Pool": "", "SubPool": "",
+                                                  "Options": {}, "V6": False})
+    assert set(pool) == {"PoolID", "Pool", "Data"}
+    host = pool["Pool"]
+    prefix = host.split("/")[1]
+    base = host.split("/")[0].rsplit(".", 1)[0]
+    gateway_cidr = f"{base}.1/{prefix}"
+    assert pool["Data"] == {"com.docker.network.gateway": gateway_cidr}
+
+    assert ok(client, "/NetworkDriver.CreateNetwork", {
+        "NetworkID": NID, "Options": {"com.docker.network.enable_ipv6": False,
+                                      "com.docker.network.generic": {"com.docker.network.driver.mtu": "1400"}},
+        "IPv4Data": [{"AddressSpace": space, "Pool": host, "Gateway": gateway_cidr, "AuxAddresses": None}],
+        "IPv6Data": []}) == {}
+    [spec] = fake.networks.values()
+    assert (spec.host_cidr, spec.gateway, spec.mtu) == (host, f"{base}.1", 1400)
+
+    addr = ok(client, "/IpamDriver.RequestAddress", {"PoolID": pool["PoolID"], "Address": "", "Options": {}})
+    assert addr == {"Address": f"{base}.2/{prefix}", "Data": {}}
+
+    created = ok(client, "/NetworkDriver.CreateEndpoint", {
+        "NetworkID": NID, "EndpointID": EID, "Options": {},
+        "Interface": {"Address": addr["Address"], "AddressIPv6": "", "MacAddress": ""}})
+    assert created == {"Interface": {"MacAddress": mac_for(f"{base}.2")}}     # never echoes Address
+    host_veth, peer_veth = veth_names(EID)
+    assert fake.links[host_veth]["bridge"] == spec.bridge and fake.links[host_veth]["mtu"] == 1400
+
+    joined = ok(client, "/NetworkDriver.Join", {"NetworkID": NID, "EndpointID": EID, "SandboxKey": SANDBOX,
+                                                "Options": {}})
+    assert joined == {"InterfaceName": {"SrcName": peer_veth, "DstPrefix": "eth"}, "Gateway": f"{base}.1",
+                      "StaticRoutes": [], "DisableGatewayService": True}
+    assert "/" not in joined["Gateway"]
+    assert ok(client, "/NetworkDriver.ProgramExternalConnectivity",
+              {"NetworkID": NID, "EndpointID": EID, "Options": {}}) == {}
+    info = ok(client, "/NetworkDriver.EndpointOperInfo", {"NetworkID": NID, "EndpointID": EID})
+    assert info["Value"]["address"] == f"{base}.2"
+
+    assert ok(client, "/NetworkDriver.RevokeExternalConnectivity", {"NetworkID": NID, "EndpointID": EID}) == {}
+    assert ok(client, "/NetworkDriver.Leave", {"NetworkID": NID, "EndpointID": EID}) == {}
+    assert ok(client, "/NetworkDriver.DeleteEndpoint", {"NetworkID": NID, "EndpointID": EID}) == {}
+    assert host_veth not in fake.links
+    assert ok(client, "/IpamDriver.ReleaseAddress", {"PoolID": pool["PoolID"], "Address": addr["Address"]}) == {}
+    assert ok(client, "/NetworkDriver.DeleteNetwork", {"NetworkID": NID}) == {}
+    assert fake.networks == {} and fake.chains == set()
+    assert ok(client, "/IpamDriver.ReleasePool", {"PoolID": pool["PoolID"]}) == {}
+
+    db = plug.snapshot()["db"]
+    assert db["pools"] == [] and db["addresses"] == [] and db["networks"] == [] and db["endpoints"] == []
+
+
+def test_create_endpoint_keeps_given_mac(client):
+    pool = setup_network(client)
+    address = ok(client, "/IpamDriver.RequestAddress", {"PoolID": pool["PoolID"]})["Address"]
+    answer = ok(client, "/NetworkDriver.CreateEndpoint", {
+        "NetworkID": NID, "EndpointID": EID,
+        "Interface": {"Address": address, "AddressIPv6": "", "MacAddress": "02:00:00:00:00:07"}})
+    assert answer == {"Interface": {}}
+
+
+def test_gateway_request_over_http(client):
+    pool = ok(client, "/IpamDriver.RequestPool", None)
+    answer = ok(client, "/IpamDriver.RequestAddress", {
+        "PoolID": pool["PoolID"], "Address": "", "Options": {"RequestAddressType": "com.docker.network.gateway"}})
+    assert answer == {"Address": pool["Data"]["com.docker.network.gateway"], "Data": {}}
+
+
+def test_activate_opens_replay_window(client):
+    pool = setup_network(client)
+    address = setup_endpoint(client, pool)
+    body = {"PoolID": pool["PoolID"], "Address": address.split("/")[0], "Options": {}}
+    assert "already in use" in refused(client, "/IpamDriver.RequestAddress", body, status=409)
+    ok(client, "/Plugin.Activate")                                # the daemon restarted
+    assert ok(client, "/IpamDriver.RequestPool", {"Pool": pool["Pool"]}) == pool
+    assert ok(client, "/IpamDriver.RequestAddress", body) == {"Address": address, "Data": {}}
+    assert "already in use" in refused(client, "/IpamDriver.RequestAddress", body, status=409)
+
+
+def test_exhausted_pool_error(tmp_path):
+    client = make_plugin(tmp_path, VPCNET_HOST_PREFIX="29").app().test_client()
+    pool = ok(client, "/IpamDriver.RequestPool", None)
+    for _ in range(5):
+        ok(client, "/IpamDriver.RequestAddress", {"PoolID": pool["PoolID"]})
+    message = refused(client, "/IpamDriver.RequestAddress", {"PoolID": pool["PoolID"]}, status=507)
+    assert "exhausted" in message and "all 5" in message
+
+
+# -- stale clean-up at daemon start -----------------------------------------------------------------
+def test_stale_cleanup_calls_succeed(client):
+    assert ok(client, "/NetworkDriver.Leave", {"NetworkID": NID, "EndpointID": EID}) == {}
+    assert ok(client, "/NetworkDriver.DeleteEndpoint", {"NetworkID": NID, "EndpointID": EID}) == {}
+    assert ok(client, "/NetworkDriver.RevokeExternalConnectivity", {"NetworkID": NID, "EndpointID": EID}) == {}
+    assert ok(client, "/IpamDriver.ReleaseAddress", {"PoolID": "10.200.9.0/24", "Address": "10.200.9.5/24"}) == {}
+    assert ok(client, "/NetworkDriver.DeleteNetwork", {"NetworkID": NID}) == {}
+    assert ok(client, "/IpamDriver.ReleasePool", {"PoolID": "10.200.9.0/24"}) == {}
+    # the same for things that existed and are already gone
+    pool = setup_network(client)
+    address = setup_endpoint(client, pool)
+    for _ in range(2):
+        ok(client, "/NetworkDriver.Leave", {"NetworkID": NID, "EndpointID": EID})
+        ok(client, "/NetworkDriver.DeleteEndpoint", {"NetworkID": NID, "EndpointID": EID})
+        ok(client, "/IpamDriver.ReleaseAddress", {"PoolID": pool["PoolID"], "Address": address})
+    for _ in range(2):
+        ok(client, "/NetworkDriver.DeleteNetwork", {"NetworkID": NID})
+        ok(client, "/IpamDriver.ReleasePool", {"PoolID": pool["PoolID"]})
+
+
+def test_unknown_network_and_endpoint_named(client):
+    message = refused(client, "/NetworkDriver.CreateEndpoint", {
+        "NetworkID": NID, "EndpointID": EID, "Interface": {"Address": "10.200.0.2/24"}}, status=404)
+    assert "unknown network" in message and NID[:12] in message
+    message = refused(client, "/NetworkDriver.Join", {"NetworkID": NID, "EndpointID": EID,
+                                                      "SandboxKey": SANDBOX}, status=404)
+    assert "unknown network" in message
+    setup_network(client)
+    message = refused(client, "/NetworkDriver.Join", {"NetworkID": NID, "EndpointID": EID,
+                                                      "SandboxKey": SANDBOX}, status=404)
+    assert "unknown endpoint" in message and EID[:12] in message
+    assert "unknown pool" in refused(client, "/IpamDriver.RequestAddress", {"PoolID": "10.1.2.0/24"})
+
+
+# -- a failed call changes no state -----------------------------------------------------------------
+def _network_body(pool: str, nid: str = NID, generic: dict | None = None, **options) -> dict:
+    opts = {"com.docker.network.generic": generic or {}}
+    opts.update(options)
+    return {"NetworkID": nid, "Options": opts, "IPv4Data": [{"Pool": pool, "Gateway": ""}], "IPv6Data": []}
+
+
+def refused_without_change(plug, client, path: str, body, status: int | None = None) -> str:
+    before = plug.snapshot()
+    message = refused(client, path, body, status)
+    assert plug.snapshot() == before, f"{path} refused ({message}) but changed state"
+    return message
+
+
+def test_refused_network_creates_change_nothing(plug, client):
+    pool = ok(client, "/IpamDriver.RequestPool", None)["Pool"]
+    other_pool = ok(client, "/IpamDriver.RequestPool", {"Pool": "10.77.0.0/16"})["Pool"]
+    cases = [
+        (_network_body(pool, generic={"com.docker.network.bridge.name": "br0"}), "unknown option -o"),
+        (_network_body("192.168.5.0/24"), "not a vpcnet pool"),
+        (_network_body(""), "not a vpcnet pool"),
+        (_network_body(pool, generic={"com.docker.network.driver.mtu": "9x"}), "not a number"),
+        (_network_body(pool, generic={"com.docker.network.driver.mtu": "100"}), "out of range"),
+        (_network_body(pool, **{"com.docker.network.enable_ipv6": True}), "IPv6"),
+        ({**_network_body(pool), "IPv6Data": [{"Pool": "fd00::/64"}]}, "IPv6"),
+        ({**_network_body(pool), "IPv4Data": []}, "exactly one IPv4 pool"),
+        ({**_network_body(pool), "IPv4Data": [{"Pool": pool}, {"Pool": other_pool}]}, "exactly one IPv4 pool"),
+        (_network_body(pool, generic="mtu=9000"), "must be an object"),
+    ]
+    for body, text in cases:
+        assert text in refused_without_change(plug, client, "/NetworkDriver.CreateNetwork", body, status=400)
+    ok(client, "/NetworkDriver.CreateNetwork", _network_body(pool))
+    # a second network on the same host CIDR, and the same network id with another pool
+    message = refused_without_change(plug, client, "/NetworkDriver.CreateNetwork", _network_body(pool, NID2),
+                                     status=409)
+    assert "already used by network" in message and "--subnet" in message
+    message = refused_without_change(plug, client, "/NetworkDriver.CreateNetwork",
+                                     _network_body(other_pool, NID), status=409)
+    assert "already exists" in message
+    # Docker then releases the refused network's pool request: the pool stays, it is in use
+    ok(client, "/IpamDriver.ReleasePool", {"PoolID": pool})
+    assert pool in {r["pool_id"] for r in plug.store.pools()}
+
+
+def test_refused_endpoint_and_address_calls_change_nothing(plug, client):
+    pool = setup_network(client)
+    address = setup_endpoint(client, pool)
+    pid = pool["PoolID"]
+    cases = [
+        ("/NetworkDriver.CreateEndpoint", {"NetworkID": NID, "EndpointID": EID2,
+                                           "Interface": {"Address": "10.99.0.5/24"}}, "outside"),
+        ("/NetworkDriver.CreateEndpoint", {"NetworkID": NID, "EndpointID": EID2,
+                                           "Interface": {"Address": address}}, "already used by endpoint"),
+        ("/NetworkDriver.CreateEndpoint", {"NetworkID": NID, "EndpointID": EID2, "Interface": {}},
+         "without an IPv4 address"),
+        ("/NetworkDriver.CreateEndpoint", {"NetworkID": NID, "EndpointID": EID2,
+                                           "Interface": {"Address": "bogus"}}, "not an IPv4"),
+        ("/NetworkDriver.CreateEndpoint", {"NetworkID": NID, "EndpointID": EID2,
+                                           "Interface": {"Address": address, "AddressIPv6": "fd00::2/64"}},
+         "IPv6"),
+        ("/NetworkDriver.CreateEndpoint", {"NetworkID": NID, "EndpointID": EID,
+                                           "Interface": {"Address": "10.200.0.99/24"}}, "already exists"),
+        ("/NetworkDriver.CreateEndpoint", {"NetworkID": NID2, "EndpointID": EID2,
+                                           "Interface": {"Address": address}}, "unknown network"),
+        ("/IpamDriver.RequestAddress", {"PoolID": pid, "Address": address}, "already in use"),
+        ("/IpamDriver.RequestAddress", {"PoolID": pid, "Address": "10.99.0.5"}, "outside pool"),
+        ("/IpamDriver.RequestAddress", {"PoolID": "10.1.0.0/24"}, "unknown pool"),
+        ("/IpamDriver.RequestAddress", {"PoolID": pid, "Address": "10.200.0.200",
+                                        "Options": {"RequestAddressType": "com.docker.network.gateway"}},
+         "not the gateway"),
+        ("/IpamDriver.RequestPool", {"Pool": "10.200.0.0/17"}, "overlaps"),
+        ("/IpamDriver.RequestPool", {"Pool": "10.200.99.0/24"}, "neither a cluster CIDR"),
+        ("/IpamDriver.RequestPool", {"V6": True}, "IPv6"),
+        ("/IpamDriver.RequestPool", {"Options": {"x": "y"}}, "--ipam-opt"),
+        ("/IpamDriver.ReleaseAddress", {"PoolID": pid, "Address": "nope"}, "not a valid"),
+        ("/NetworkDriver.ProgramExternalConnectivity", {
+            "NetworkID": NID, "EndpointID": EID,
+            "Options": {"com.docker.network.portmap": [{"Proto": 6, "Port": 80, "HostPort": 8080}]}},
+         "does not publish ports"),
+    ]
+    for path, body, text in cases:
+        message = refused_without_change(plug, client, path, body)
+        assert text in message, (path, message)
+
+
+def test_ipv4data_entry_of_wrong_type_is_refused_without_change(plug, client):
+    ok(client, "/IpamDriver.RequestPool", None)
+    before = plug.snapshot()
+    status, answer = post(client, "/NetworkDriver.CreateNetwork",
+                          {"NetworkID": NID, "Options": {}, "IPv4Data": ["10.200.0.0/24"], "IPv6Data": []})
+    assert status != 200 and answer["Err"]
+    assert plug.snapshot() == before
+
+
+# -- dataplane failures are undone ------------------------------------------------------------------
+def test_dataplane_failure_during_create_network(plug, client):
+    pool = ok(client, "/IpamDriver.RequestPool", None)["Pool"]
+    plug.dataplane.fail["ensure_network"] = DataplaneError("cannot create bridge: boom")
+    before = plug.snapshot()
+    message = refused(client, "/NetworkDriver.CreateNetwork", _network_body(pool), status=500)
+    assert "boom" in message
+    assert plug.snapshot() == before
+    assert plug.store.network(NID) is None
+    assert [c[1].bridge for c in plug.dataplane.called("delete_network")] == [f"vpc-{NID[:11]}"]  # the undo
+    del plug.dataplane.fail["ensure_network"]
+    ok(client, "/NetworkDriver.CreateNetwork", _network_body(pool))                  # and a retry works
+    assert plug.store.network(NID) is not None
+
+
+def test_store_failure_during_create_network_undoes_the_bridge(plug, client, monkeypatch):
+    pool = ok(client, "/IpamDriver.RequestPool", None)["Pool"]
+    before = plug.snapshot()
+
+    def broken(db, net):
+        raise DataplaneError("disk full (simulated)")
+
+    monkeypatch.setattr(plug.store, "add_network", broken)
+    refused(client, "/NetworkDriver.CreateNetwork", _network_body(pool), status=500)
+    assert plug.snapshot() == before                       # the bridge that was made is gone again
+    assert plug.dataplane.called("ensure_network") and plug.dataplane.called("delete_network")
+
+
+def test_dataplane_failure_during_create_endpoint(plug, client):
+    pool = setup_network(client)
+    address = ok(client, "/IpamDriver.RequestAddress", {"PoolID": pool["PoolID"]})["Address"]
+    plug.dataplane.fail["ensure_endpoint"] = DataplaneError("cannot create veth: boom")
+    before = plug.snapshot()
+    body = {"NetworkID": NID, "EndpointID": EID, "Interface": {"Address": address, "MacAddress": ""}}
+    assert "boom" in refused(client, "/NetworkDriver.CreateEndpoint", body, status=500)
+    assert plug.snapshot() == before
+    assert plug.store.endpoint(EID) is None
+    assert plug.dataplane.called("delete_endpoint") == [("delete_endpoint", veth_names(EID)[0])]
+    del plug.dataplane.fail["ensure_endpoint"]
+    ok(client, "/NetworkDriver.CreateEndpoint", body)
+    assert plug.store.endpoint(EID).address == address.split("/")[0]
+
+
+def test_unexpected_exception_still_answers_err(plug, client, monkeypatch):
+    def bug(*args, **kwargs):
+        raise KeyError("oops")
+
+    monkeypatch.setattr(plug.driver, "capabilities", bug)
+    message = refused(client, "/NetworkDriver.GetCapabilities", None, status=500)
+    assert "internal error" in message and "KeyError" in message

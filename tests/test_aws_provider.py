@@ -1,0 +1,568 @@
+"""The `aws` provider against moto's real EC2 server (ThreadedMotoServer on 127.0.0.1), a fake IMDSv2 on
+127.0.0.1, and vpcnet's RouteKeeper end to end.
+
+Network safety: every URL here is 127.0.0.1; the metadata URL is always a local fake or a closed local
+port, so nothing can reach 169.254.169.254 or a real AWS endpoint.
+
+What moto cannot do (tested otherwise or not at all): it has no route quota (RouteLimitExceeded) and never
+throttles, so those two answers come from a tiny fake EC2 endpoint below; its routes are always
+`active` (no `blackhole` after an instance terminates); and its ModifyInstanceAttribute(SourceDestCheck)
+does not update the primary ENI's own attribute as AWS does (the provider checks the instance attribute,
+and only secondary ENIs separately).
+"""
+from __future__ import annotations
+
+import http.server
+import json
+import logging
+import socket
+import threading
+import time
+
+import boto3
+import pytest
+from moto.server import ThreadedMotoServer
+
+from vpcnet.cloud import DuplicateRoute, QuotaExceeded
+from vpcnet.cloud.aws import AwsProvider, tag_key
+from vpcnet.config import Config
+from vpcnet.errors import Fatal, Retryable
+from vpcnet.routes import Backoff, RouteKeeper
+from vpcnet.store import Store
+
+REGION = "us-east-1"
+SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzzSECRETzzKEY"
+TOKEN = "FwoGZXIvYXdzEXAMPLEzzSESSIONzzTOKENzz0123456789abcdef"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def moto_url():
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        assert host == "127.0.0.1"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def aws_env(monkeypatch, tmp_path):
+    """Fake keys in the environment, no shared config files, nothing else that could reach AWS."""
+    for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_EC2_METADATA_DISABLED", "AWS_DEFAULTS_MODE",
+                "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", TOKEN)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+class Vpc:
+    """A VPC, a subnet, a route table and instances in moto, driven with boto3 (the 'hand' of a user)."""
+
+    _image = ""   # moto's default AMIs: listed once (the listing is large and slow)
+
+    def __init__(self, url: str):
+        self.url = url
+        self.ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=url)
+        self.vpc = self.ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
+        self.subnet = self.ec2.create_subnet(VpcId=self.vpc, CidrBlock="10.0.1.0/24")["Subnet"]["SubnetId"]
+        self.table = self.ec2.create_route_table(VpcId=self.vpc)["RouteTable"]["RouteTableId"]
+        self.ec2.associate_route_table(RouteTableId=self.table, SubnetId=self.subnet)
+        if not Vpc._image:
+            Vpc._image = self.ec2.describe_images(Owners=["amazon"], MaxResults=5)["Images"][0]["ImageId"]
+        self.image = Vpc._image
+
+    def instance(self) -> str:
+        return self.ec2.run_instances(ImageId=self.image, MinCount=1, MaxCount=1,
+                                      SubnetId=self.subnet)["Instances"][0]["InstanceId"]
+
+    def config(self, instance: str, **extra) -> Config:
+        values = dict(provider="aws", aws_region=REGION, aws_route_table_id=self.table,
+                      aws_instance_id=instance, aws_endpoint_url=self.url,
+                      aws_metadata_url=f"http://127.0.0.1:{_free_port()}")  # closed: never used
+        values.update(extra)
+        return Config(**values)
+
+    def routes(self) -> dict[str, dict]:
+        table = self.ec2.describe_route_tables(RouteTableIds=[self.table])["RouteTables"][0]
+        return {r.get("DestinationCidrBlock"): r for r in table["Routes"]}
+
+    def tags(self) -> dict[str, str]:
+        table = self.ec2.describe_route_tables(RouteTableIds=[self.table])["RouteTables"][0]
+        return {t["Key"]: t["Value"] for t in table.get("Tags", [])}
+
+
+@pytest.fixture
+def vpc(moto_url, aws_env):
+    return Vpc(moto_url)
+
+
+@pytest.fixture
+def provider_for():
+    made = []
+
+    def make(config):
+        p = AwsProvider(config)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.close()
+
+
+# -- routes ---------------------------------------------------------------------------------------
+def test_create_list_delete(vpc, provider_for):
+    me = vpc.instance()
+    p = provider_for(vpc.config(me))
+    assert p.instance_id() == me and p.table_id() == vpc.table
+
+    before = p.list_routes()
+    local = next(r for r in before if r.destination == "10.0.0.0/16")
+    assert local.kind == "System" and local.next_hop == "local" and local.status == "Available"
+    assert not local.marked
+
+    p.create_route("10.200.3.0/24", "vpcnet-x", "vpcnet: x", "tok-1")
+    route = next(r for r in p.list_routes() if r.destination == "10.200.3.0/24")
+    assert (route.next_hop, route.next_hop_type, route.kind, route.status) == (me, "Instance", "Custom", "Available")
+    assert route.marked and route.name.startswith("vpcnet") and route.description.startswith("vpcnet")
+    assert vpc.tags()[tag_key("10.200.3.0/24")] == me
+    assert vpc.routes()["10.200.3.0/24"]["InstanceId"] == me
+
+    p.delete_route(route)
+    assert "10.200.3.0/24" not in vpc.routes()
+    assert tag_key("10.200.3.0/24") not in vpc.tags()
+    p.delete_route(route)                       # already gone: not an error
+    assert [r.destination for r in p.list_routes()] == [r.destination for r in before]
+
+
+def test_duplicate_route(vpc, provider_for):
+    a, b = vpc.instance(), vpc.instance()
+    pa, pb = provider_for(vpc.config(a)), provider_for(vpc.config(b))
+    pa.create_route("10.200.5.0/24", "vpcnet-5", "vpcnet: 5", "tok-a")
+    with pytest.raises(DuplicateRoute, match="10.200.5.0/24"):
+        pb.create_route("10.200.5.0/24", "vpcnet-5", "vpcnet: 5", "tok-b")
+    with pytest.raises(DuplicateRoute):          # our own route, a fresh create: still a duplicate
+        pa.create_route("10.200.5.0/24", "vpcnet-5", "vpcnet: 5", "tok-a2")
+    assert vpc.routes()["10.200.5.0/24"]["InstanceId"] == a
+    assert vpc.tags()[tag_key("10.200.5.0/24")] == a
+
+
+def test_ownership_marker(vpc, provider_for):
+    me, other = vpc.instance(), vpc.instance()
+    p = provider_for(vpc.config(me))
+    p.create_route("10.200.1.0/24", "", "", "t1")
+    provider_for(vpc.config(other)).create_route("10.200.2.0/24", "", "", "t2")
+    vpc.ec2.create_route(RouteTableId=vpc.table, DestinationCidrBlock="10.200.9.0/24", InstanceId=me)
+    # a hand-made route re-pointed at another instance no longer matches its tag
+    p.create_route("10.200.4.0/24", "", "", "t4")
+    vpc.ec2.replace_route(RouteTableId=vpc.table, DestinationCidrBlock="10.200.4.0/24", InstanceId=other)
+
+    routes = {r.destination: r for r in p.list_routes()}
+    assert routes["10.200.1.0/24"].marked and routes["10.200.1.0/24"].next_hop == me
+    assert routes["10.200.2.0/24"].marked and routes["10.200.2.0/24"].next_hop == other
+    hand = routes["10.200.9.0/24"]
+    assert hand.next_hop == me and hand.kind == "Custom" and not hand.marked
+    assert routes["10.200.4.0/24"].next_hop == other and not routes["10.200.4.0/24"].marked
+    assert not routes["10.0.0.0/16"].marked
+
+    # delete_route does not remove a route that was re-pointed since it was listed
+    stale = routes["10.200.1.0/24"]
+    vpc.ec2.replace_route(RouteTableId=vpc.table, DestinationCidrBlock="10.200.1.0/24", InstanceId=other)
+    p.delete_route(stale)
+    assert vpc.routes()["10.200.1.0/24"]["InstanceId"] == other
+
+    # replace_route points a route here and marks it
+    p.replace_route("10.200.4.0/24")
+    assert {r.destination: r for r in p.list_routes()}["10.200.4.0/24"].marked
+
+
+def test_retried_create_that_landed_is_completed(vpc, provider_for):
+    """A create whose answer was lost lands; the retry with the same token tags it, not a duplicate."""
+    me = vpc.instance()
+    p = provider_for(vpc.config(me))
+    vpc.ec2.create_route(RouteTableId=vpc.table, DestinationCidrBlock="10.200.7.0/24", InstanceId=me)
+    with pytest.raises(DuplicateRoute):          # no earlier uncertain attempt: a hand-made route
+        p.create_route("10.200.7.0/24", "", "", "fresh")
+    assert not {r.destination: r for r in p.list_routes()}["10.200.7.0/24"].marked
+    p._uncertain.add(("lost", "10.200.7.0/24"))  # as after a timeout on the first attempt
+    p.create_route("10.200.7.0/24", "", "", "lost")
+    assert {r.destination: r for r in p.list_routes()}["10.200.7.0/24"].marked
+
+
+# -- instance checks ------------------------------------------------------------------------------
+def test_source_dest_check_warning(vpc, provider_for):
+    me = vpc.instance()
+    p = provider_for(vpc.config(me))
+    warnings = p.preflight()
+    assert len(warnings) == 1, warnings
+    assert f"source/destination check is enabled on instance {me}" in warnings[0]
+    assert f"aws ec2 modify-instance-attribute --instance-id {me} --no-source-dest-check" in warnings[0]
+    vpc.ec2.modify_instance_attribute(InstanceId=me, SourceDestCheck={"Value": False})
+    assert p.preflight() == []
+
+
+def test_source_dest_check_on_secondary_eni(vpc, provider_for):
+    me = vpc.instance()
+    vpc.ec2.modify_instance_attribute(InstanceId=me, SourceDestCheck={"Value": False})
+    eni = vpc.ec2.create_network_interface(SubnetId=vpc.subnet)["NetworkInterface"]["NetworkInterfaceId"]
+    vpc.ec2.attach_network_interface(NetworkInterfaceId=eni, InstanceId=me, DeviceIndex=1)
+    p = provider_for(vpc.config(me))
+    warnings = p.preflight()
+    assert len(warnings) == 1 and eni in warnings[0] and "--no-source-dest-check" in warnings[0], warnings
+    vpc.ec2.modify_network_interface_attribute(NetworkInterfaceId=eni, SourceDestCheck={"Value": False})
+    assert p.preflight() == []
+
+
+def test_instance_exists(vpc, provider_for):
+    me, other = vpc.instance(), vpc.instance()
+    p = provider_for(vpc.config(me))
+    assert p.instance_exists(other)
+    vpc.ec2.terminate_instances(InstanceIds=[other])
+    assert not p.instance_exists(other)
+    assert not p.instance_exists("i-0123456789abcdef0")      # never existed: NotFound
+    assert p.instance_exists("eni-0123456789abcdef0")        # not an instance: in doubt, exists
+
+
+def test_reserved_cidrs(vpc, provider_for):
+    p = provider_for(vpc.config(vpc.instance()))
+    assert p.reserved_cidrs() == ["10.0.1.0/24"]
+
+
+def test_missing_table_is_fatal(vpc, provider_for):
+    p = provider_for(vpc.config(vpc.instance(), aws_route_table_id="rtb-0000000000000000a"))
+    with pytest.raises(Fatal, match="rtb-0000000000000000a does not exist"):
+        p.list_routes()
+
+
+# -- errors ---------------------------------------------------------------------------------------
+def test_unreachable_endpoint_is_retryable_quickly(aws_env, provider_for):
+    config = Config(provider="aws", aws_region=REGION, aws_route_table_id="rtb-1", aws_instance_id="i-1",
+                    aws_endpoint_url=f"http://127.0.0.1:{_free_port()}",
+                    aws_metadata_url=f"http://127.0.0.1:{_free_port()}")
+    p = provider_for(config)
+    start = time.monotonic()
+    with pytest.raises(Retryable, match="unreachable") as info:
+        p.list_routes()
+    assert time.monotonic() - start < 5
+    with pytest.raises(Retryable):
+        p.create_route("10.200.0.0/24", "", "", "t")
+    assert SECRET not in str(info.value) and TOKEN not in str(info.value)
+
+
+class _FakeEc2(http.server.BaseHTTPRequestHandler):
+    """Answers every EC2 call with the error in `server.answer` = (status, code)."""
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.requests.append(self.path)
+        status, code = self.server.answer
+        body = (f'<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error><Code>{code}</Code>'
+                f"<Message>fake {code}</Message></Error></Errors><RequestID>r-1</RequestID></Response>")
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/xml")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def _serve(handler):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.requests = []
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    return server, thread
+
+
+@pytest.fixture
+def fake_ec2():
+    server, thread = _serve(_FakeEc2)
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+@pytest.mark.parametrize("status,code,error", [
+    (400, "RouteLimitExceeded", QuotaExceeded),        # moto has no route quota
+    (503, "RequestLimitExceeded", Retryable),          # moto never throttles
+    (500, "InternalError", Retryable),
+    (400, "ConcurrentTagAccess", Retryable),
+    (400, "RouteAlreadyExists", DuplicateRoute),
+    (403, "UnauthorizedOperation", Fatal),
+])
+def test_error_mapping(aws_env, fake_ec2, provider_for, status, code, error):
+    fake_ec2.answer = (status, code)
+    config = Config(provider="aws", aws_region=REGION, aws_route_table_id="rtb-full", aws_instance_id="i-1",
+                    aws_endpoint_url=f"http://127.0.0.1:{fake_ec2.server_address[1]}",
+                    aws_metadata_url=f"http://127.0.0.1:{_free_port()}")
+    p = provider_for(config)
+    with pytest.raises(error) as info:
+        p.create_route("10.200.0.0/24", "", "", "t")
+    assert len(fake_ec2.requests) == 1                 # botocore's own retries are off
+    if error is QuotaExceeded:
+        assert "rtb-full" in str(info.value) and "50 routes per route table" in str(info.value)
+    if error is Fatal:
+        assert not isinstance(info.value, DuplicateRoute) and code in str(info.value)
+    if error is Retryable:
+        assert ("t", "10.200.0.0/24") in p._uncertain
+
+
+# -- IMDSv2 ---------------------------------------------------------------------------------------
+class _FakeImds(http.server.BaseHTTPRequestHandler):
+    """IMDSv2: PUT /latest/api/token (TTL header required), then GETs carrying the token."""
+
+    protocol_version = "HTTP/1.0"
+
+    def _reply(self, status, body=""):
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_PUT(self):  # noqa: N802
+        self.server.requests.append(("PUT", self.path, {k.lower(): v for k, v in self.headers.items()}))
+        if self.path != "/latest/api/token" or not self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
+            return self._reply(400)
+        self._reply(200, self.server.token)
+
+    def do_GET(self):  # noqa: N802
+        self.server.requests.append(("GET", self.path, {k.lower(): v for k, v in self.headers.items()}))
+        if self.headers.get("X-aws-ec2-metadata-token") != self.server.token:
+            return self._reply(401)
+        body = self.server.data.get(self.path)
+        if body is None:
+            return self._reply(404)
+        self._reply(200, body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_imds():
+    server, thread = _serve(_FakeImds)
+    server.token = "imds-token-123"
+    server.data = {}
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def test_imds_identity(vpc, fake_imds, provider_for):
+    me = vpc.instance()
+    mac = "02:00:00:00:00:01"
+    fake_imds.data.update({
+        "/latest/meta-data/instance-id": me,
+        "/latest/meta-data/placement/region": REGION,
+        "/latest/meta-data/mac": mac,
+        f"/latest/meta-data/network/interfaces/macs/{mac}/subnet-id": vpc.subnet,
+        f"/latest/meta-data/network/interfaces/macs/{mac}/vpc-id": vpc.vpc,
+    })
+    p = provider_for(vpc.config("", aws_region="", aws_route_table_id="", aws_metadata_url=fake_imds.url))
+    assert p.instance_id() == me
+    assert p.region() == REGION
+    assert p.table_id() == vpc.table                      # the subnet's table, found through EC2
+    p.create_route("10.200.8.0/24", "", "", "t")
+    assert vpc.routes()["10.200.8.0/24"]["InstanceId"] == me
+    puts = [r for r in fake_imds.requests if r[0] == "PUT"]
+    gets = [r for r in fake_imds.requests if r[0] == "GET"]
+    assert len(puts) == 1 and puts[0][2].get("x-aws-ec2-metadata-token-ttl-seconds") == "21600"
+    assert gets and all(r[2].get("x-aws-ec2-metadata-token") == "imds-token-123" for r in gets)
+    assert fake_imds.requests[0][0] == "PUT"
+    # botocore took the keys from the environment and asked IMDS for nothing
+    assert not any("security-credentials" in r[1] for r in fake_imds.requests)
+
+
+def test_imds_region_from_identity_document(vpc, fake_imds, provider_for):
+    fake_imds.data["/latest/dynamic/instance-identity/document"] = json.dumps({"region": "eu-west-3"})
+    p = provider_for(vpc.config("i-1", aws_region="", aws_metadata_url=fake_imds.url))
+    assert p.region() == "eu-west-3"
+
+
+def test_config_values_win(vpc, fake_imds, provider_for):
+    me = vpc.instance()
+    p = provider_for(vpc.config(me, aws_metadata_url=fake_imds.url))
+    assert p.instance_id() == me
+    p.list_routes()
+    p.create_route("10.200.6.0/24", "", "", "t")
+    p.preflight()
+    assert fake_imds.requests == []
+
+
+def test_imds_credentials_go_to_configured_url(vpc, fake_imds, provider_for, monkeypatch):
+    """No keys in the environment: botocore's instance-profile lookup uses the configured URL."""
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(var)
+    fake_imds.data.update({
+        "/latest/meta-data/iam/security-credentials/": "vpcnet-role",
+        "/latest/meta-data/iam/security-credentials/vpcnet-role": json.dumps({
+            "Code": "Success", "Type": "AWS-HMAC", "AccessKeyId": "ASIAEXAMPLEEXAMPLE01",
+            "SecretAccessKey": SECRET, "Token": TOKEN, "Expiration": "2099-01-01T00:00:00Z"}),
+    })
+    me = vpc.instance()
+    p = provider_for(vpc.config(me, aws_metadata_url=fake_imds.url))
+    assert any(r.destination == "10.0.0.0/16" for r in p.list_routes())
+    assert any(r[1].startswith("/latest/meta-data/iam/security-credentials/") for r in fake_imds.requests)
+
+
+def test_imds_unreachable_is_a_clear_fatal(aws_env, provider_for):
+    p = provider_for(Config(provider="aws", aws_route_table_id="rtb-1",
+                            aws_metadata_url=f"http://127.0.0.1:{_free_port()}"))
+    with pytest.raises(Fatal, match="hop limit must be at least 2") as info:
+        p.instance_id()
+    assert "VPCNET_AWS_INSTANCE_ID" in str(info.value)
+
+
+def test_imds_silent_times_out(aws_env, provider_for):
+    """The hop-limit symptom: the token PUT's answer never arrives."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)                   # accepts connections (backlog), never answers
+        port = listener.getsockname()[1]
+        p = provider_for(Config(provider="aws", aws_route_table_id="rtb-1",
+                                aws_metadata_url=f"http://127.0.0.1:{port}"))
+        start = time.monotonic()
+        with pytest.raises(Fatal, match="hop limit"):
+            p.instance_id()
+        assert time.monotonic() - start < 6
+
+
+def test_no_secret_in_logs_or_errors(vpc, fake_imds, provider_for, monkeypatch, caplog):
+    """Instance-profile keys (from the fake IMDS) never reach a log record or an error, even at DEBUG."""
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(var)
+    role_secret, role_token = "RoleSecretKeyEXAMPLEzz0123456789abcdefXYZ", "RoleSessionTokenEXAMPLEzz" + "x" * 40
+    fake_imds.data.update({
+        "/latest/meta-data/iam/security-credentials/": "vpcnet-role",
+        "/latest/meta-data/iam/security-credentials/vpcnet-role": json.dumps({
+            "Code": "Success", "Type": "AWS-HMAC", "AccessKeyId": "ASIAEXAMPLEEXAMPLE01",
+            "SecretAccessKey": role_secret, "Token": role_token, "Expiration": "2099-01-01T00:00:00Z"}),
+    })
+    me = vpc.instance()                         # the test's own boto3 calls happen before capture
+    caplog.set_level(logging.DEBUG)
+    p = provider_for(vpc.config(me, aws_metadata_url=fake_imds.url))
+    messages = []
+    p.create_route("10.200.11.0/24", "", "", "t")
+    p.list_routes()
+    for call in (lambda: p.create_route("10.200.11.0/24", "", "", "t2"),
+                 lambda: provider_for(vpc.config(me, aws_route_table_id="rtb-0000000000000000b")).list_routes()):
+        with pytest.raises(Fatal) as info:
+            call()
+        messages.append(str(info.value))
+    messages.extend(p.preflight())
+    text = caplog.text + "\n".join(messages)
+    assert "security-credentials" in caplog.text or any(
+        "security-credentials" in r[1] for r in fake_imds.requests)   # the role keys were really used
+    assert role_secret not in text and role_token not in text
+
+
+# -- end to end with the RouteKeeper --------------------------------------------------------------
+def _keeper(vpc, tmp_path, name, instance):
+    (tmp_path / name).mkdir()
+    config = vpc.config(instance, state_dir=str(tmp_path / name), cluster_cidr="10.200.0.0/16", host_prefix=24)
+    store = Store(str(tmp_path / name / "s.db"))
+    keeper = RouteKeeper(config, store, provider_factory=lambda: AwsProvider(config),
+                         backoff=Backoff(attempts=3, base=0.01, cap=0.05, deadline=5))
+    return keeper, store
+
+
+def test_route_keeper_end_to_end(vpc, tmp_path):
+    a, b = vpc.instance(), vpc.instance()
+    ka, sa = _keeper(vpc, tmp_path, "a", a)
+    kb, sb = _keeper(vpc, tmp_path, "b", b)
+    try:
+        # a hand-made route to host a inside the cluster CIDR: never adopted, never deleted
+        vpc.ec2.create_route(RouteTableId=vpc.table, DestinationCidrBlock="10.200.0.0/24", InstanceId=a)
+        assert ka.reconcile().ok
+        block_a = sa.claim("10.200.0.0/16").host_cidr
+        assert block_a == "10.200.1.0/24"
+        assert kb.reconcile().ok
+        block_b = sb.claim("10.200.0.0/16").host_cidr
+        assert block_b not in (block_a, "10.200.0.0/24")
+        routes = vpc.routes()
+        assert routes[block_a]["InstanceId"] == a and routes[block_b]["InstanceId"] == b
+        assert vpc.tags() == {tag_key(block_a): a, tag_key(block_b): b}
+
+        # restart of host a: same block, found through the table (store forgotten)
+        sa.forget_claim("10.200.0.0/16")
+        assert ka.reconcile().ok and sa.claim("10.200.0.0/16").host_cidr == block_a
+
+        # drift: host b's route deleted behind vpcnet's back is re-created
+        vpc.ec2.delete_route(RouteTableId=vpc.table, DestinationCidrBlock=block_b)
+        assert kb.reconcile().ok and vpc.routes()[block_b]["InstanceId"] == b
+
+        removed = ka.release()
+        assert [r.destination for r in removed] == [block_a]
+        routes = vpc.routes()
+        assert block_a not in routes
+        assert routes[block_b]["InstanceId"] == b
+        assert routes["10.200.0.0/24"]["InstanceId"] == a      # hand-made: untouched
+        assert vpc.tags() == {tag_key(block_b): b}
+
+        # gc: host b terminated; host a's keeper finds b's route as garbage and removes it
+        vpc.ec2.terminate_instances(InstanceIds=[b])
+        garbage = ka.garbage()
+        assert [r.destination for r in garbage] == [block_b]
+        ka.delete_garbage(garbage)
+        assert block_b not in vpc.routes() and vpc.tags() == {}
+        assert "10.200.0.0/24" in vpc.routes()
+    finally:
+        for keeper, store in ((ka, sa), (kb, sb)):
+            if keeper._provider is not None:
+                keeper._provider.close()
+            store.close()
+
+
+def test_two_hosts_claim_at_once(vpc, tmp_path):
+    instances = [vpc.instance() for _ in range(4)]
+    keepers = [_keeper(vpc, tmp_path, f"h{i}", inst) for i, inst in enumerate(instances)]
+    results = {}
+    barrier = threading.Barrier(len(keepers))
+
+    def run(i, keeper):
+        barrier.wait(5)
+        results[i] = keeper.reconcile()
+
+    threads = [threading.Thread(target=run, args=(i, k)) for i, (k, _) in enumerate(keepers)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert all(r.ok for r in results.values()) and len(results) == len(keepers), results
+        blocks = [s.claim("10.200.0.0/16").host_cidr for _, s in keepers]
+        assert len(set(blocks)) == len(blocks)
+        routes = vpc.routes()
+        tags = vpc.tags()
+        for block, inst in zip(blocks, instances):
+            assert routes[block]["InstanceId"] == inst and tags[tag_key(block)] == inst
+    finally:
+        for keeper, store in keepers:
+            if keeper._provider is not None:
+                keeper._provider.close()
+            store.close()

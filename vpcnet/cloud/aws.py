@@ -1,0 +1,534 @@
+"""The `aws` provider: one EC2 route table, `host CIDR -> this instance`, through botocore.
+
+Calls: DescribeRouteTables, CreateRoute (`InstanceId`), DeleteRoute, ReplaceRoute, CreateTags/DeleteTags
+on the route table, DescribeInstances, DescribeInstanceAttribute, DescribeNetworkInterfaces and
+DescribeSubnets. The IAM policy of the instance (or of the keys given) must allow those `ec2:` actions.
+Requests are signed by botocore (never by hand); credentials come from botocore's normal chain
+(environment, shared config/credentials files, container role, instance profile).
+
+Ownership marker. EC2 routes carry no name, description or tags, so vpcnet records the routes it made as
+tags on the route table itself: key `vpcnet:route:<destination>` (e.g. `vpcnet:route:10.200.3.0/24`),
+value = the instance id the route was created for. The tag is written (CreateTags) right after a
+successful CreateRoute and removed (DeleteTags, conditional on the same value) right after DeleteRoute.
+`list_routes` fills a route's `name`/`description` with the `vpcnet` marker only when the table carries
+the tag for its destination AND the tag's value equals the route's next-hop instance, so `Route.marked`
+is True exactly for routes vpcnet made: a hand-made route to the same destination and the same instance
+has no tag of its own and stays unmarked if vpcnet never created it, and a route someone re-pointed by
+hand (ReplaceRoute) no longer matches its tag and is unmarked too. If the tag cannot be written after a
+create, the fresh route is deleted again rather than left behind unowned.
+
+Retries belong to `vpcnet.routes.RouteKeeper` (bounded exponential backoff with jitter), so botocore's
+own retries are switched off (`total_max_attempts=1`): one provider call = one HTTP request, and a
+throttled or failed call comes back at once as `Retryable`. CreateRoute has no ClientToken; the keeper's
+token is used instead to recognise "our own earlier attempt landed but its answer was lost": when a
+create that ended in a retryable failure is retried with the same token and EC2 says
+RouteAlreadyExists for a route that points at this instance, the create is completed (tagged) instead of
+reported as a duplicate.
+
+Identity: `VPCNET_AWS_INSTANCE_ID` / `VPCNET_AWS_REGION` / `VPCNET_AWS_ROUTE_TABLE_ID` win; what is missing
+comes from IMDSv2 at `VPCNET_AWS_METADATA_URL` (token PUT, then GETs; 2 s timeouts, no proxy). The route
+table, when not configured, is the one associated with this instance's subnet, else the VPC's main table.
+botocore's own metadata lookups (instance-profile credentials) are pointed at the same URL through the
+session's `ec2_metadata_service_endpoint` variable (this session only, not the process environment), and
+when credentials are present in the environment the instance-profile provider is removed from this
+session's chain, so botocore never touches a metadata service at all.
+
+Secrets: no secret key or session token is ever formatted into a message; messages are also scrubbed of
+the session's secret values as a second line of defence, and botocore's DEBUG logging (which prints
+request headers, including `X-Amz-Security-Token`) is capped at INFO unless the operator configured the
+`botocore` logger explicitly.
+"""
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import json
+import logging
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import botocore.config
+import botocore.exceptions
+import botocore.session
+
+from vpcnet.cloud import ROUTE_MARKER, DuplicateRoute, Provider, QuotaExceeded, Route
+from vpcnet.errors import Fatal, Retryable, VpcnetError
+
+log = logging.getLogger(__name__)
+
+TAG_PREFIX = f"{ROUTE_MARKER}:route:"     # route-table tag key prefix: vpcnet:route:<destination>
+DEFAULT_ROUTE_LIMIT = 50                  # routes per route table, AWS default quota
+IMDS_TIMEOUT = 2.0
+IMDS_TOKEN_TTL = 21600
+MAX_PAGES = 100                           # bound on any paged listing
+
+# Error codes worth retrying (besides any HTTP 5xx). ConcurrentTagAccess: two hosts tagging the same
+# route table at the same moment.
+RETRYABLE_CODES = frozenset({
+    "RequestLimitExceeded", "Throttling", "ThrottlingException", "RequestThrottled",
+    "RequestThrottledException", "TooManyRequestsException", "SlowDown", "InternalError",
+    "InternalFailure", "ServiceUnavailable", "Unavailable", "RequestTimeout", "RequestTimeoutException",
+    "ConcurrentTagAccess", "PriorRequestNotComplete",
+})
+
+_CONNECTION_ERRORS = (
+    botocore.exceptions.EndpointConnectionError,
+    botocore.exceptions.ConnectionError,
+    botocore.exceptions.HTTPClientError,      # ReadTimeoutError, ConnectionClosedError, ...
+)
+_CREDENTIAL_ERRORS = (
+    botocore.exceptions.NoCredentialsError,
+    botocore.exceptions.PartialCredentialsError,
+    botocore.exceptions.CredentialRetrievalError,
+)
+
+# Route.next_hop for routes that do not point at an instance or ENI.
+_GATEWAY_KEYS = (
+    ("GatewayId", "Gateway"), ("NatGatewayId", "NatGateway"), ("TransitGatewayId", "TransitGateway"),
+    ("VpcPeeringConnectionId", "VpcPeeringConnection"), ("LocalGatewayId", "LocalGateway"),
+    ("EgressOnlyInternetGatewayId", "EgressOnlyInternetGateway"), ("CarrierGatewayId", "CarrierGateway"),
+    ("CoreNetworkArn", "CoreNetwork"),
+)
+_STATUS = {"active": "Available", "blackhole": "Blackhole"}
+# Origins of routes that are part of the table itself, not anybody's custom entry.
+_SYSTEM_ORIGINS = ("CreateRouteTable", "EnableVgwRoutePropagation")
+
+_HOP_LIMIT_HINT = (
+    "set VPCNET_AWS_INSTANCE_ID and VPCNET_AWS_REGION (and VPCNET_AWS_ROUTE_TABLE_ID), or make IMDSv2 "
+    "reachable: from inside a managed Docker plugin the metadata token's hop limit must be at least 2 "
+    "(aws ec2 modify-instance-metadata-options --instance-id <id> --http-endpoint enabled "
+    "--http-put-response-hop-limit 2)")
+
+
+def _cap_botocore_debug() -> None:
+    """botocore's DEBUG records print request headers (the session token among them): keep them out."""
+    logger = logging.getLogger("botocore")
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+
+
+def tag_key(destination: str) -> str:
+    return TAG_PREFIX + destination
+
+
+class _ApiError(Exception):
+    """An EC2 error answer, before it is mapped to vpcnet's error family."""
+
+    def __init__(self, what: str, code: str, message: str, status: int):
+        super().__init__(f"{what}: {code}: {message}")
+        self.what, self.code, self.message, self.status = what, code, message, status
+
+    def mapped(self) -> VpcnetError:
+        text = f"{self.what}: EC2 answered {self.code or 'HTTP ' + str(self.status)}: {self.message}"
+        if self.code in RETRYABLE_CODES or self.status >= 500:
+            return Retryable(text)
+        return Fatal(text)
+
+
+class _ImdsMissing(Fatal):
+    """IMDS answered, but not this path (HTTP 404)."""
+
+
+class _Imds:
+    """IMDSv2 client: a session token (PUT), then GETs carrying it. Never through a proxy."""
+
+    def __init__(self, url: str):
+        self.url = (url or "http://169.254.169.254").rstrip("/")
+        self._token = ""
+        self._token_expires = 0.0
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        self._lock = threading.Lock()
+
+    def _fail(self, what: str, reason: object) -> Fatal:
+        return Fatal(f"EC2 instance metadata service (IMDSv2) at {self.url} did not answer {what} "
+                     f"({reason}); {_HOP_LIMIT_HINT}")
+
+    def _open(self, request: urllib.request.Request, what: str) -> str:
+        if os.environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
+            raise Fatal(f"cannot read {what}: the instance metadata service is disabled "
+                        "(AWS_EC2_METADATA_DISABLED=true); set VPCNET_AWS_INSTANCE_ID and VPCNET_AWS_REGION")
+        try:
+            with self._opener.open(request, timeout=IMDS_TIMEOUT) as resp:
+                return resp.read(65536).decode("utf-8", "replace").strip()
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                raise _ImdsMissing(f"EC2 instance metadata at {self.url} has no {what} (HTTP 404)") from None
+            raise self._fail(what, f"HTTP {exc.code}") from None
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise self._fail(what, f"{type(reason).__name__}: {reason}" if str(reason) else
+                             type(reason).__name__) from None
+
+    def token(self) -> str:
+        with self._lock:
+            if not self._token or time.monotonic() >= self._token_expires:
+                req = urllib.request.Request(
+                    self.url + "/latest/api/token", method="PUT", data=b"",
+                    headers={"X-aws-ec2-metadata-token-ttl-seconds": str(IMDS_TOKEN_TTL)})
+                self._token = self._open(req, "the token request (PUT /latest/api/token)")
+                if not self._token:
+                    raise self._fail("the token request", "empty token")
+                self._token_expires = time.monotonic() + IMDS_TOKEN_TTL - 60
+            return self._token
+
+    def get(self, path: str) -> str:
+        req = urllib.request.Request(self.url + path, headers={"X-aws-ec2-metadata-token": self.token()})
+        return self._open(req, f"GET {path}")
+
+
+class AwsProvider(Provider):
+    name = "aws"
+    instant = False
+
+    def __init__(self, config, session: botocore.session.Session | None = None):
+        self.config = config
+        self._given_session = session
+        self._imds = _Imds(config.aws_metadata_url)
+        self._instance = config.aws_instance_id
+        self._region = config.aws_region
+        self._table = config.aws_route_table_id
+        self._vpc_id = ""
+        self._session: botocore.session.Session | None = None
+        self._client = None
+        self._lock = threading.RLock()
+        # (client_token, destination) of creates whose outcome is unknown (retryable failure, or the
+        # route landed but tagging failed): a retry with the same token may finish them.
+        self._uncertain: set[tuple[str, str]] = set()
+        _cap_botocore_debug()
+
+    # -- identity ---------------------------------------------------------------------------------
+    def instance_id(self) -> str:
+        with self._lock:
+            if not self._instance:
+                self._instance = self._imds.get("/latest/meta-data/instance-id")
+            return self._instance
+
+    def region(self) -> str:
+        with self._lock:
+            if not self._region:
+                try:
+                    self._region = self._imds.get("/latest/meta-data/placement/region")
+                except _ImdsMissing:
+                    doc = self._imds.get("/latest/dynamic/instance-identity/document")
+                    try:
+                        self._region = str(json.loads(doc)["region"])
+                    except (ValueError, KeyError, TypeError):
+                        raise Fatal(f"EC2 instance identity document at {self._imds.url} has no region; "
+                                    "set VPCNET_AWS_REGION") from None
+            return self._region
+
+    def table_id(self) -> str:
+        with self._lock:
+            if not self._table:
+                self._table = self._discover_table()
+            return self._table
+
+    def _discover_table(self) -> str:
+        """The table associated with this instance's subnet, else the VPC's main table."""
+        mac = self._imds.get("/latest/meta-data/mac")
+        base = f"/latest/meta-data/network/interfaces/macs/{mac}"
+        subnet = self._imds.get(base + "/subnet-id")
+        vpc = self._imds.get(base + "/vpc-id")
+        for filters in ([{"Name": "association.subnet-id", "Values": [subnet]}],
+                        [{"Name": "vpc-id", "Values": [vpc]}, {"Name": "association.main", "Values": ["true"]}]):
+            tables = self._call("find the route table", "describe_route_tables", Filters=filters)["RouteTables"]
+            if tables:
+                log.info("aws: using route table %s (subnet %s, vpc %s)", tables[0]["RouteTableId"], subnet, vpc)
+                return tables[0]["RouteTableId"]
+        raise Fatal(f"no route table found for subnet {subnet} or as main table of {vpc}; "
+                    "set VPCNET_AWS_ROUTE_TABLE_ID")
+
+    # -- botocore ---------------------------------------------------------------------------------
+    def _make_session(self) -> botocore.session.Session:
+        session = self._given_session or botocore.session.get_session()
+        # botocore's own IMDS lookups (instance-profile credentials) go to the configured URL, for this
+        # session only; no process-wide environment change.
+        session.set_config_variable("ec2_metadata_service_endpoint", self._imds.url + "/")
+        session.set_config_variable("metadata_service_timeout", IMDS_TIMEOUT)
+        session.set_config_variable("metadata_service_num_attempts", 1)
+        # "auto" defaults mode would ask IMDS for the region: fixed defaults instead.
+        session.set_config_variable("defaults_mode", "legacy")
+        if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+            # Keys in the environment: the chain stops there anyway; removing the instance-profile
+            # provider makes sure this session never contacts a metadata service.
+            try:
+                session.get_component("credential_provider").remove("iam-role")
+            except Exception:  # noqa: BLE001 - best effort, the env provider comes first regardless
+                pass
+        return session
+
+    def _ec2(self):
+        with self._lock:
+            if self._client is None:
+                region = self.region()
+                self._session = self._make_session()
+                self._client = self._session.create_client(
+                    "ec2", region_name=region, endpoint_url=self.config.aws_endpoint_url or None,
+                    config=botocore.config.Config(
+                        connect_timeout=3, read_timeout=10,
+                        # botocore's retries are OFF (one attempt per call): the RouteKeeper retries
+                        # Retryable answers with its own bounded backoff and jitter.
+                        retries={"total_max_attempts": 1, "mode": "standard"}))
+            return self._client
+
+    def _secrets(self) -> list[str]:
+        creds = None
+        try:
+            creds = self._session._credentials if self._session else None  # resolved by create_client
+        except AttributeError:
+            pass
+        if creds is None:
+            return []
+        values = []
+        for attr in ("_secret_key", "secret_key", "_token", "token"):
+            value = vars(creds).get(attr)
+            if isinstance(value, str) and len(value) >= 8:
+                values.append(value)
+        return values
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets():
+            text = text.replace(secret, "***")
+        return text
+
+    def _api(self, what: str, op: str, **params):
+        """One EC2 call; EC2 error answers raise `_ApiError`, everything else vpcnet's errors."""
+        client = self._ec2()
+        try:
+            return getattr(client, op)(**params)
+        except botocore.exceptions.ClientError as exc:
+            err = exc.response.get("Error", {}) or {}
+            status = int((exc.response.get("ResponseMetadata", {}) or {}).get("HTTPStatusCode") or 0)
+            raise _ApiError(what, str(err.get("Code", "")), self._scrub(str(err.get("Message", ""))),
+                            status) from None
+        except _CREDENTIAL_ERRORS as exc:
+            raise Fatal(f"{what}: no usable AWS credentials ({self._scrub(str(exc))}): give the instance "
+                        "an instance profile, or set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY") from None
+        except _CONNECTION_ERRORS as exc:
+            raise Retryable(f"{what}: EC2 API unreachable: {self._scrub(str(exc))}") from None
+        except botocore.exceptions.BotoCoreError as exc:
+            raise Fatal(f"{what}: {type(exc).__name__}: {self._scrub(str(exc))}") from None
+
+    def _call(self, what: str, op: str, **params):
+        try:
+            return self._api(what, op, **params)
+        except _ApiError as exc:
+            raise exc.mapped() from None
+
+    def _describe_table(self) -> dict:
+        table = self.table_id()
+        try:
+            tables = self._api(f"describe route table {table}", "describe_route_tables",
+                               RouteTableIds=[table])["RouteTables"]
+        except _ApiError as exc:
+            if exc.code == "InvalidRouteTableID.NotFound":
+                raise Fatal(f"route table {table} does not exist in {self.region()} "
+                            "(VPCNET_AWS_ROUTE_TABLE_ID)") from None
+            raise exc.mapped() from None
+        if not tables:
+            raise Fatal(f"route table {table} does not exist in {self.region()} (VPCNET_AWS_ROUTE_TABLE_ID)")
+        self._vpc_id = tables[0].get("VpcId", "") or self._vpc_id
+        return tables[0]
+
+    # -- routes -----------------------------------------------------------------------------------
+    def list_routes(self) -> list[Route]:
+        table = self._describe_table()
+        tags = {t.get("Key", ""): t.get("Value", "") for t in table.get("Tags", []) or []}
+        return [self._route(r, tags) for r in table.get("Routes", []) or []]
+
+    def _route(self, r: dict, tags: dict[str, str]) -> Route:
+        destination = (r.get("DestinationCidrBlock") or r.get("DestinationIpv6CidrBlock")
+                       or r.get("DestinationPrefixListId") or "")
+        if r.get("InstanceId"):
+            hop, hop_type = r["InstanceId"], "Instance"
+        elif r.get("NetworkInterfaceId"):
+            hop, hop_type = r["NetworkInterfaceId"], "NetworkInterface"
+        else:
+            hop, hop_type = "", ""
+            for key, kind in _GATEWAY_KEYS:
+                if r.get(key):
+                    hop, hop_type = r[key], kind
+                    break
+        state = r.get("State", "")
+        status = _STATUS.get(state, state.capitalize() if state else "Available")
+        kind = "System" if r.get("Origin") in _SYSTEM_ORIGINS else "Custom"
+        name = description = ""
+        owner = tags.get(tag_key(destination))
+        if kind == "Custom" and hop_type == "Instance" and owner and owner == hop:
+            name = f"{ROUTE_MARKER}-{destination.replace('.', '-').replace('/', '-')}"
+            description = f"{ROUTE_MARKER}: host CIDR {destination} of {hop} (route table tag {tag_key(destination)})"
+        return Route(destination=destination, next_hop=hop, status=status, kind=kind, name=name,
+                     description=description, route_id="", next_hop_type=hop_type)
+
+    def _find(self, destination: str) -> dict | None:
+        for r in self._describe_table().get("Routes", []) or []:
+            if destination in (r.get("DestinationCidrBlock"), r.get("DestinationIpv6CidrBlock")):
+                return r
+        return None
+
+    @staticmethod
+    def _dest_param(destination: str) -> dict:
+        if ":" in destination:
+            return {"DestinationIpv6CidrBlock": destination}
+        return {"DestinationCidrBlock": destination}
+
+    def create_route(self, destination: str, name: str, description: str, client_token: str) -> None:
+        me, table = self.instance_id(), self.table_id()
+        key = (client_token, destination)
+        what = f"create route {destination} -> {me} in {table}"
+        try:
+            self._api(what, "create_route", RouteTableId=table, InstanceId=me, **self._dest_param(destination))
+        except _ApiError as exc:
+            if exc.code == "RouteAlreadyExists":
+                existing = self._find(destination) if key in self._uncertain else None
+                if existing is not None and existing.get("InstanceId") == me:
+                    log.info("aws: route %s -> %s from an earlier attempt is in place; tagging it",
+                             destination, me)
+                    self._tag(destination, me, key)
+                    return
+                raise DuplicateRoute(f"route table {table} already has a route for {destination}") from None
+            if exc.code == "RouteLimitExceeded":
+                raise QuotaExceeded(
+                    f"route table {table} holds as many routes as it may (AWS default: {DEFAULT_ROUTE_LIMIT} "
+                    f"routes per route table; raise it through Service Quotas or use a larger host "
+                    f"prefix): {exc.message}") from None
+            mapped = exc.mapped()
+            if isinstance(mapped, Retryable):
+                self._uncertain.add(key)
+            raise mapped from None
+        except Retryable:
+            self._uncertain.add(key)     # timeout or dropped connection: the create may have landed
+            raise
+        self._tag(destination, me, key)
+
+    def _tag(self, destination: str, me: str, key: tuple[str, str]) -> None:
+        table = self.table_id()
+        try:
+            self._call(f"tag route table {table} for {destination}", "create_tags",
+                       Resources=[table], Tags=[{"Key": tag_key(destination), "Value": me}])
+        except Retryable:
+            self._uncertain.add(key)     # the retry (same token) finds the route and tags it
+            raise
+        except Fatal as exc:
+            # An untagged route would look hand-made and never be released: take it back out.
+            self._uncertain.discard(key)
+            try:
+                self._call(f"delete untagged route {destination}", "delete_route", RouteTableId=table,
+                           **self._dest_param(destination))
+            except VpcnetError as undo:
+                log.warning("aws: could not remove untagged route %s from %s: %s", destination, table, undo)
+            raise Fatal(f"route {destination} -> {me} could not be marked as vpcnet's (ec2:CreateTags on "
+                        f"{table} is needed): {exc}") from None
+        self._uncertain.discard(key)
+
+    def delete_route(self, route: Route) -> None:
+        table = self.table_id()
+        current = self._find(route.destination)
+        if current is not None:
+            hop = current.get("InstanceId") or current.get("NetworkInterfaceId") or ""
+            if route.next_hop and hop != route.next_hop:
+                # Re-pointed since it was listed: it is not the route we were asked to delete.
+                log.warning("aws: not deleting %s from %s: it now points at %s, not %s",
+                            route.destination, table, hop or "?", route.next_hop)
+                return
+            try:
+                self._api(f"delete route {route.destination} from {table}", "delete_route",
+                          RouteTableId=table, **self._dest_param(route.destination))
+            except _ApiError as exc:
+                if exc.code != "InvalidRoute.NotFound":
+                    raise exc.mapped() from None
+        if route.next_hop:
+            # Conditional on the value: a tag another host wrote for this destination since stays.
+            self._call(f"untag route table {table} for {route.destination}", "delete_tags",
+                       Resources=[table], Tags=[{"Key": tag_key(route.destination), "Value": route.next_hop}])
+
+    def replace_route(self, destination: str) -> None:
+        """Point an existing route at this instance (ReplaceRoute) and mark it as vpcnet's."""
+        me, table = self.instance_id(), self.table_id()
+        self._call(f"replace route {destination} -> {me} in {table}", "replace_route",
+                   RouteTableId=table, InstanceId=me, **self._dest_param(destination))
+        self._tag(destination, me, ("replace", destination))
+
+    # -- instances and the VPC --------------------------------------------------------------------
+    def instance_exists(self, instance_id: str) -> bool:
+        if not instance_id.startswith("i-"):
+            return True
+        try:
+            resp = self._api(f"describe instance {instance_id}", "describe_instances", InstanceIds=[instance_id])
+        except _ApiError as exc:
+            return exc.code != "InvalidInstanceID.NotFound"
+        except VpcnetError:
+            return True                  # unreachable, throttled ...: when in doubt it exists
+        states = [i.get("State", {}).get("Name", "") for r in resp.get("Reservations", [])
+                  for i in r.get("Instances", []) if i.get("InstanceId") == instance_id]
+        return not (states and all(s == "terminated" for s in states))
+
+    def reserved_cidrs(self) -> list[str]:
+        """The VPC's subnet CIDRs (a host block must not overlap them)."""
+        if not self._vpc_id:
+            self._describe_table()
+        if not self._vpc_id:
+            return []
+        cidrs: list[str] = []
+        params: dict = {"Filters": [{"Name": "vpc-id", "Values": [self._vpc_id]}]}
+        for _ in range(MAX_PAGES):
+            try:
+                resp = self._api(f"describe subnets of {self._vpc_id}", "describe_subnets", **params)
+            except _ApiError as exc:
+                if exc.code == "UnauthorizedOperation":
+                    log.warning("aws: not allowed to list subnets of %s (ec2:DescribeSubnets); host blocks "
+                                "are not checked against subnet CIDRs", self._vpc_id)
+                    return []
+                raise exc.mapped() from None
+            for subnet in resp.get("Subnets", []):
+                cidr = subnet.get("CidrBlock")
+                if cidr:
+                    cidrs.append(str(ipaddress.IPv4Network(cidr, strict=False)))
+            token = resp.get("NextToken")
+            if not token:
+                break
+            params["NextToken"] = token
+        return sorted(set(cidrs), key=ipaddress.IPv4Network)
+
+    def preflight(self) -> list[str]:
+        warnings: list[str] = []
+        try:
+            me = self.instance_id()
+            attr = self._call(f"check source/destination check of {me}", "describe_instance_attribute",
+                              InstanceId=me, Attribute="sourceDestCheck")
+        except VpcnetError as exc:
+            return [f"could not check the source/destination check of this instance: {exc}"]
+        if (attr.get("SourceDestCheck") or {}).get("Value"):
+            warnings.append(
+                f"source/destination check is enabled on instance {me}: the VPC will drop routed "
+                f"container traffic; disable it with `aws ec2 modify-instance-attribute --instance-id {me} "
+                "--no-source-dest-check`")
+        # The instance attribute is its primary ENI's; other ENIs have their own, and container traffic
+        # leaving through one of them is dropped too.
+        try:
+            enis = self._call(f"list network interfaces of {me}", "describe_network_interfaces",
+                              Filters=[{"Name": "attachment.instance-id", "Values": [me]}])
+        except VpcnetError as exc:
+            warnings.append(f"could not check the network interfaces of {me}: {exc}")
+            return warnings
+        for eni in enis.get("NetworkInterfaces", []):
+            index = (eni.get("Attachment") or {}).get("DeviceIndex", 0)
+            if index != 0 and eni.get("SourceDestCheck"):
+                eni_id = eni.get("NetworkInterfaceId", "?")
+                warnings.append(
+                    f"source/destination check is enabled on network interface {eni_id} of instance {me}: "
+                    "container traffic through it will be dropped; disable it with `aws ec2 "
+                    f"modify-network-interface-attribute --network-interface-id {eni_id} --no-source-dest-check`")
+        return warnings
+
+    def close(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001
+                pass

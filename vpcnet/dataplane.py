@@ -148,6 +148,21 @@ class Dataplane:
                     return int(links[0].get("IFLA_MTU") or DEFAULT_MTU)
         return DEFAULT_MTU
 
+    def overlapping_routes(self, cidr: str) -> list[str]:
+        """Kernel routes (main table, not the default route) overlapping `cidr`, described for humans."""
+        net = ipaddress.IPv4Network(cidr)
+        found = []
+        with self._ipr() as ipr:
+            names = {link["index"]: link.get("IFLA_IFNAME") for link in ipr.get_links()}
+            for route in ipr.route("dump", table=254, family=2):
+                dst, dst_len = route.get("RTA_DST"), route.get("dst_len")
+                if not dst or not dst_len:
+                    continue
+                other = ipaddress.IPv4Network(f"{dst}/{dst_len}", strict=False)
+                if other.overlaps(net):
+                    found.append(f"{other} dev {names.get(route.get('RTA_OIF'), '?')}")
+        return found
+
     def ensure_host(self) -> None:
         """ip_forward and the top-level chains, jumped to first from FORWARD and POSTROUTING."""
         self._sysctl("net.ipv4.ip_forward", "1")

@@ -33,7 +33,7 @@ class Plugin:
         self.store = Store(config.db_path)
         self.dataplane = dataplane or Dataplane()
         self.routes = RouteKeeper(config, self.store, provider_factory)
-        self.ipam = Ipam(config, self.store, self.routes)
+        self.ipam = Ipam(config, self.store, self.routes, host_routes=self.dataplane.overlapping_routes)
         self.driver = NetworkDriver(config, self.store, self.dataplane)
         self.app = create_app(self.driver, self.ipam)
 

@@ -1,0 +1,273 @@
+"""Shared fixtures: root/kernel/Docker checks, a vpcnet plugin process per test, clean-up that runs
+even when a test fails.
+
+Tests that need root, the kernel or a Docker engine skip with a reason when those are missing; with
+VPCNET_TEST_STRICT=1 (set by .ci/run, where all three are provided) a missing one fails instead, so in CI
+nothing of the core skips silently.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+STRICT = os.environ.get("VPCNET_TEST_STRICT") == "1"
+PLUGIN_DIR = "/run/docker/plugins"
+_cluster_counter = itertools.count()
+
+
+def require(condition: bool, reason: str) -> None:
+    if condition:
+        return
+    if STRICT:
+        pytest.fail(f"required by VPCNET_TEST_STRICT=1: {reason}")
+    pytest.skip(reason)
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def docker_up(docker: list[str] | None = None) -> bool:
+    if not shutil.which("docker"):
+        return False
+    return subprocess.run([*(docker or ["docker"]), "info"], capture_output=True, timeout=30).returncode == 0
+
+
+def run(cmd: list[str], check: bool = True, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}")
+    return proc
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:6]}"
+
+
+def next_cluster() -> str:
+    """A cluster CIDR no other plugin of this session uses (10.100.0.0/16 … 10.227.0.0/16)."""
+    n = (next(_cluster_counter) + os.getpid()) % 128
+    return f"10.{100 + n}.0.0/16"
+
+
+@pytest.fixture
+def root():
+    require(is_root(), "needs root (network namespaces, bridges, iptables)")
+
+
+@pytest.fixture(scope="session")
+def docker_engine():
+    require(is_root(), "needs root")
+    require(docker_up(), "needs a running Docker engine (docker info failed)")
+    return ["docker"]
+
+
+@pytest.fixture(scope="session")
+def test_image(docker_engine):
+    from vpcnet import image
+
+    return image.build(docker_engine)
+
+
+class PluginProcess:
+    """`vpcnet serve` as a child process, with its own socket name (= driver name), state and cluster."""
+
+    def __init__(self, tmp_path, env: dict[str, str] | None = None, netns: str | None = None,
+                 plugin_dir: str = PLUGIN_DIR):
+        self.name = unique("vpcnet-t")
+        self.socket = os.path.join(plugin_dir, self.name + ".sock")
+        self.state_dir = str(tmp_path / f"state-{self.name}")
+        self.log_path = str(tmp_path / f"{self.name}.log")
+        self.netns = netns
+        self.env = dict(os.environ)
+        self.env.update({"VPCNET_SOCKET": self.socket, "VPCNET_STATE_DIR": self.state_dir,
+                         "VPCNET_CLUSTER_CIDR": next_cluster(), "VPCNET_LOG_LEVEL": "DEBUG",
+                         "VPCNET_CONFIG": os.devnull})
+        self.env.update(env or {})
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def cluster(self) -> str:
+        return self.env["VPCNET_CLUSTER_CIDR"]
+
+    def start(self, wait: float = 10.0) -> float:
+        """Start and wait until the socket answers; returns the seconds it took."""
+        prefix = ["nsenter", f"--net=/run/netns/{self.netns}"] if self.netns else []
+        started = time.monotonic()
+        log = open(self.log_path, "a")
+        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "vpcnet.cli", "serve"], env=self.env,
+                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        deadline = started + wait
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"vpcnet serve exited {self.proc.returncode}:\n{self.log()}")
+            if self.answers():
+                return time.monotonic() - started
+            time.sleep(0.02)
+        raise AssertionError(f"socket {self.socket} not up within {wait}s:\n{self.log()}")
+
+    def answers(self) -> bool:
+        try:
+            return self.call("/Plugin.Activate", None)[0] == 200
+        except OSError:
+            return False
+
+    def call(self, path: str, body) -> tuple[int, dict]:
+        """One raw plugin call over the unix socket (what Docker does)."""
+        payload = json.dumps(body).encode()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(self.socket)
+            sock.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: plugin\r\nConnection: close\r\n"
+                         b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+            data = b""
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        head, _, body_bytes = data.partition(b"\r\n\r\n")
+        status = int(head.split()[1])
+        return status, json.loads(body_bytes or b"{}")
+
+    def kill9(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait(timeout=10)
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=10)
+        try:   # workers orphaned by a kill -9 of the master
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, AttributeError, TypeError):
+            pass
+        if os.path.exists(self.socket):
+            os.unlink(self.socket)
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path) as fh:
+                return fh.read()[-20000:]
+        except OSError:
+            return ""
+
+    def status(self) -> dict:
+        out = run([sys.executable, "-m", "vpcnet.cli", "status", "--json"], env=self.env)
+        return json.loads(out.stdout)
+
+
+class DockerSession:
+    """Docker CLI helpers that remember what a test made and remove it afterwards."""
+
+    def __init__(self, docker: list[str], image: str):
+        self.docker = docker
+        self.image = image
+        self.label = unique("vpcnet-test-")
+        self.networks: list[str] = []
+
+    def __call__(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+        return run([*self.docker, *args], check=check, timeout=timeout)
+
+    def network_create(self, plugin: PluginProcess, name: str | None = None, *extra: str,
+                       check: bool = True) -> subprocess.CompletedProcess:
+        name = name or unique("vnet")
+        proc = self("network", "create", "-d", plugin.name, "--ipam-driver", plugin.name, *extra, name,
+                    check=check)
+        if proc.returncode == 0:
+            self.networks.append(name)
+        proc.name = name
+        return proc
+
+    def run_container(self, network: str, *args: str, name: str | None = None, detach: bool = True,
+                      check: bool = True, cmd: tuple[str, ...] = ("sleep", "3600")) -> subprocess.CompletedProcess:
+        name = name or unique("c")
+        proc = self("run", *(("-d",) if detach else ("--rm",)), "--label", self.label, "--name", name,
+                    "--network", network, *args, self.image, *cmd, check=check)
+        proc.name = name
+        return proc
+
+    def exec(self, container: str, *cmd: str, check: bool = True, timeout: float = 60):
+        return self("exec", container, *cmd, check=check, timeout=timeout)
+
+    def ip_of(self, container: str) -> str:
+        out = self("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", container)
+        return out.stdout.split()[0]
+
+    def cleanup(self) -> None:
+        ids = self("ps", "-aq", "--filter", f"label={self.label}", check=False).stdout.split()
+        if ids:
+            self("rm", "-f", *ids, check=False)
+        for net in reversed(self.networks):
+            self("network", "rm", net, check=False)
+
+
+@pytest.fixture
+def plugin_factory(tmp_path, root):
+    made: list[PluginProcess] = []
+
+    def make(env: dict[str, str] | None = None, start: bool = True, **kw) -> PluginProcess:
+        plugin = PluginProcess(tmp_path, env, **kw)
+        made.append(plugin)
+        if start:
+            plugin.start()
+        return plugin
+
+    yield make
+    for plugin in made:
+        plugin.cleanup()
+
+
+@pytest.fixture
+def dock(docker_engine, test_image):
+    session = DockerSession(docker_engine, test_image)
+    yield session
+    session.cleanup()
+
+
+@pytest.fixture
+def netns_factory(root):
+    """Network namespaces named uniquely, deleted at the end whatever happens."""
+    made: list[str] = []
+
+    def make(prefix: str = "vpct") -> str:
+        name = unique(prefix)
+        run(["ip", "netns", "add", name])
+        made.append(name)
+        run(["ip", "-n", name, "link", "set", "lo", "up"])
+        return name
+
+    yield make
+    for name in made:
+        subprocess.run(["ip", "netns", "pids", name], capture_output=True)
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)

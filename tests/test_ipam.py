@@ -524,3 +524,41 @@ def test_processes_never_get_the_same_address(tmp_path):
     addresses = [a for _, got in results for a in got]
     assert {p for p, _ in results} == {pool}
     assert len(addresses) == 100 and len(set(addresses)) == 100
+
+
+def _pool_worker(state_dir: str, socket: str, out, barrier) -> None:
+    environ = {"VPCNET_CONFIG": os.devnull, "VPCNET_STATE_DIR": state_dir, "VPCNET_SOCKET": socket,
+               "VPCNET_INSTANCE_ID": "i-test-host"}
+    from vpcnet import config as config_mod
+
+    config = config_mod.load(environ=environ)
+    store = Store(config.db_path)
+    ipam = Ipam(config, store, RouteKeeper(config, store))
+    barrier.wait(timeout=30)
+    pool = ipam.request_pool()                          # first claim, raced by four workers
+    address = ipam.request_address(pool["PoolID"])["Address"]
+    store.close()
+    out.put((pool, address))
+
+
+def test_processes_racing_for_the_first_pool_agree(tmp_path):
+    """Four gunicorn-like workers on a fresh state dir all ask for the default pool at once: one claim,
+    one route, one identical answer for all, and still distinct addresses."""
+    config = make_config(tmp_path)
+    os.makedirs(config.state_dir, exist_ok=True)
+    Store(config.db_path).close()                       # the master creates the schema before forking
+    ctx = multiprocessing.get_context("fork")
+    out, barrier = ctx.Queue(), ctx.Barrier(4)
+    procs = [ctx.Process(target=_pool_worker, args=(config.state_dir, config.socket, out, barrier))
+             for _ in range(4)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    pools = [pool for pool, _ in results]
+    assert all(p == pools[0] for p in pools)
+    assert len({a for _, a in results}) == 4
+    routes = RouteKeeper(config, Store(config.db_path)).provider.list_routes()
+    assert [r.destination for r in routes] == [pools[0]["Pool"]]

@@ -314,10 +314,6 @@ def test_fake_dataplane_matches_the_real_interface():
             assert fake_params == real_params, name
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="driver.create_endpoint: two endpoint ids sharing their first 11 characters get the same "
-                   "veth names; the store insert then fails (UNIQUE host_veth) and the undo deletes the FIRST "
-                   "endpoint's veth pair. Needs a name-collision check before touching the dataplane.")
 def test_endpoint_id_prefix_collision_leaves_the_other_endpoint_alone(plug):
     create(plug)
     endpoint(plug, eid="0123456789a" + "1" * 53)

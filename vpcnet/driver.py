@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import time
 
 from vpcnet.dataplane import NetworkSpec, bridge_name, mac_for, veth_names
@@ -17,6 +18,7 @@ from vpcnet.store import Endpoint, Network
 
 log = logging.getLogger(__name__)
 
+_MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 GENERIC = "com.docker.network.generic"
 MTU_OPTION = "com.docker.network.driver.mtu"
 INTERNAL_OPTION = "com.docker.network.internal"
@@ -51,7 +53,10 @@ class NetworkDriver:
             raise InvalidRequest("IPv6 is not supported by vpcnet: create the network without --ipv6")
         if not ipv4_data or len(ipv4_data) != 1:
             raise InvalidRequest(f"a vpcnet network needs exactly one IPv4 pool, got {len(ipv4_data or [])}")
-        pool = (ipv4_data[0] or {}).get("Pool", "")
+        entry = ipv4_data[0] or {}
+        if not isinstance(entry, dict) or not isinstance(entry.get("Pool", ""), str):
+            raise InvalidRequest("IPv4Data[0] must be an object with a string Pool")
+        pool = entry.get("Pool", "")
         pools = {r["pool_id"]: r for r in self.store.pools()}
         if pool not in pools:
             raise InvalidRequest(f"pool {pool or '(none)'} is not a vpcnet pool: create the network with "
@@ -72,6 +77,10 @@ class NetworkDriver:
             raise Conflict(f"host CIDR {pool} (cluster CIDR {net.cluster_cidr}) is already used by network "
                            f"{holder.network_id[:12]} on this host: one vpcnet network per cluster CIDR per "
                            "host; create this one with --subnet <another cluster CIDR>")
+        namesake = next((n for n in self.store.networks() if n.bridge == net.bridge), None)
+        if namesake is not None:     # ids sharing the prefix the bridge name is made of: never touch theirs
+            raise Conflict(f"network {network_id[:12]} would reuse bridge {net.bridge} of network "
+                           f"{namesake.network_id[:12]}")
         spec = spec_of(net)
         try:
             self.dataplane.ensure_network(spec)
@@ -128,6 +137,8 @@ class NetworkDriver:
         if ip not in ipaddress.IPv4Network(net.host_cidr):
             raise InvalidRequest(f"address {ip} is outside the network's host CIDR {net.host_cidr}")
         given_mac = interface.get("MacAddress") or ""
+        if given_mac and (not isinstance(given_mac, str) or not _MAC.fullmatch(given_mac)):
+            raise InvalidRequest(f"Interface.MacAddress {given_mac!r} is not a MAC address")
         mac = given_mac or mac_for(str(ip))
         host_veth, peer_veth = veth_names(endpoint_id)
         existing = self.store.endpoint(endpoint_id)
@@ -140,6 +151,10 @@ class NetworkDriver:
         clash = [e for e in self.store.endpoints(network_id) if e.address == str(ip)]
         if clash:
             raise Conflict(f"address {ip} is already used by endpoint {clash[0].endpoint_id[:12]}")
+        namesake = [e for e in self.store.endpoints() if e.host_veth == host_veth]
+        if namesake:                 # ids sharing the prefix veth names are made of: never touch theirs
+            raise Conflict(f"endpoint {endpoint_id[:12]} would reuse veth {host_veth} of endpoint "
+                           f"{namesake[0].endpoint_id[:12]}")
         ep = Endpoint(endpoint_id=endpoint_id, network_id=network_id, address=str(ip), mac=mac,
                       host_veth=host_veth, peer_veth=peer_veth, created=time.time())
         try:

@@ -237,3 +237,17 @@ def validate(config: Config, check_socket_dir: bool = True) -> None:
     sock_dir = os.path.dirname(config.socket) or "."
     if check_socket_dir and not os.path.isdir(sock_dir):
         raise ConfigError(f"VPCNET_SOCKET: directory {sock_dir} does not exist")
+
+
+def markdown_table() -> str:
+    """The README's configuration table, generated from SETTINGS (`python3 -m vpcnet.config`)."""
+    rows = ["| Environment variable | TOML key | Default | Meaning |", "|---|---|---|---|"]
+    for s in SETTINGS:
+        default = ",".join(s.default) if isinstance(s.default, tuple) else s.default
+        rows.append(f"| `{s.env}` | `{s.attr}` | `{default}` | {s.description} |" if default != ""
+                    else f"| `{s.env}` | `{s.attr}` | | {s.description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

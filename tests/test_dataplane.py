@@ -1,0 +1,157 @@
+"""The dataplane against the real kernel, inside network namespaces the tests make (never the host's)."""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from conftest import run, unique
+from vpcnet.dataplane import Dataplane, NetworkSpec, bridge_name, mac_for, veth_names
+
+pytestmark = pytest.mark.root
+
+
+def spec(tag="a1b2c3d4e5f6", host="10.77.3.0/24", cluster="10.77.0.0/16", mtu=1500, internal=False,
+         no_nat=()) -> NetworkSpec:
+    gateway = host.rsplit(".", 1)[0] + ".1"
+    return NetworkSpec(tag=tag, bridge=bridge_name(tag + "0" * 52), gateway=gateway, host_cidr=host,
+                       cluster_cidr=cluster, mtu=mtu, internal=internal, no_nat=tuple(no_nat))
+
+
+def ns_run(ns: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run(["ip", "netns", "exec", ns, *cmd], check=check)
+
+
+def rules(ns: str, table: str) -> str:
+    return ns_run(ns, "iptables", "-t", table, "-S").stdout
+
+
+@pytest.fixture
+def host(netns_factory):
+    """A simulated host: a netns with an uplink (a veth, MTU 9001) holding the default route."""
+    ns = netns_factory("vpcdp")
+    run(["ip", "-n", ns, "link", "add", "uplink0", "mtu", "9001", "type", "veth", "peer", "name", "uplink0p",
+         "mtu", "9001"])
+    run(["ip", "-n", ns, "addr", "add", "192.0.2.10/24", "dev", "uplink0"])
+    run(["ip", "-n", ns, "link", "set", "uplink0p", "up"])
+    run(["ip", "-n", ns, "link", "set", "uplink0", "up"])
+    run(["ip", "-n", ns, "route", "add", "default", "via", "192.0.2.1"])
+    return ns
+
+
+def attach_container(host_ns: str, dp: Dataplane, netspec: NetworkSpec, netns_factory, ip: str, eid: str):
+    """What Docker does at Join: move the container end into a sandbox, name it eth0, address it."""
+    sandbox = netns_factory("vpcsb")
+    host_veth, peer = veth_names(eid)
+    dp.ensure_endpoint(netspec.bridge, host_veth, peer, mac_for(ip), netspec.mtu)
+    run(["ip", "-n", host_ns, "link", "set", peer, "netns", sandbox])
+    run(["ip", "-n", sandbox, "link", "set", peer, "name", "eth0"])
+    run(["ip", "-n", sandbox, "addr", "add", f"{ip}/{netspec.prefixlen}", "dev", "eth0"])
+    run(["ip", "-n", sandbox, "link", "set", "eth0", "up"])
+    run(["ip", "-n", sandbox, "route", "add", "default", "via", netspec.gateway])
+    return sandbox
+
+
+def test_network_bridge_gateway_mtu_forwarding_and_idempotence(host):
+    dp = Dataplane(netns=host)
+    s = spec()
+    dp.ensure_network(s)
+    dp.ensure_network(s)                                   # twice: accepts what exists
+    link = run(["ip", "-n", host, "-d", "link", "show", s.bridge]).stdout
+    assert "bridge" in link and "mtu 1500" in link and "UP" in link
+    addrs = run(["ip", "-n", host, "-4", "-o", "addr", "show", s.bridge]).stdout
+    assert addrs.count("inet ") == 1 and f"{s.gateway}/24" in addrs
+    assert ns_run(host, "sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "1"
+    nat = rules(host, "nat")
+    assert nat.count("-j MASQUERADE") == 1 and nat.count(f"-s {s.host_cidr}") == 1
+    assert f"-d {s.cluster_cidr}" in nat
+    assert rules(host, "filter").count(f"-A {s.filter_chain}") == 2
+    assert dp.uplink_mtu() == 9001
+
+
+def test_delete_network_removes_bridge_and_its_rules_and_ignores_what_is_gone(host):
+    dp = Dataplane(netns=host)
+    s = spec()
+    dp.ensure_network(s)
+    dp.ensure_endpoint(s.bridge, *veth_names("e" * 64), mac_for("10.77.3.2"), 1500)
+    dp.delete_endpoint(veth_names("e" * 64)[0])
+    dp.delete_endpoint(veth_names("e" * 64)[0])            # already gone: fine
+    dp.delete_network(s)
+    dp.delete_network(s)
+    assert s.bridge not in run(["ip", "-n", host, "link"]).stdout
+    assert s.tag not in rules(host, "filter") + rules(host, "nat")
+
+
+def test_containers_talk_inside_and_are_masqueraded_only_when_leaving_the_cluster(host, netns_factory):
+    dp = Dataplane(netns=host)
+    s = spec(mtu=1400, no_nat=["203.0.113.0/24"])
+    dp.ensure_network(s)
+    a = attach_container(host, dp, s, netns_factory, "10.77.3.2", "a" * 64)
+    b = attach_container(host, dp, s, netns_factory, "10.77.3.3", "b" * 64)
+    assert "mtu 1400" in run(["ip", "-n", a, "link", "show", "eth0"]).stdout
+    assert run(["ip", "netns", "exec", a, "busybox", "ping", "-c1", "-W2", "10.77.3.3"]).returncode == 0
+    assert run(["ip", "netns", "exec", b, "busybox", "ping", "-c1", "-W2", s.gateway]).returncode == 0
+    # Docker's FORWARD DROP policy does not stop routed traffic: vpcnet's chain accepts it first.
+    ns_run(host, "iptables", "-P", "FORWARD", "DROP")
+    # An "outside" netns reached through a second link of the host; it records source addresses with
+    # a counting rule per source.
+    outside = netns_factory("vpcout")
+    link = unique("vo")
+    run(["ip", "-n", host, "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", outside])
+    run(["ip", "-n", host, "addr", "add", "198.51.100.1/24", "dev", link])
+    run(["ip", "-n", host, "link", "set", link, "up"])
+    run(["ip", "-n", host, "addr", "add", "203.0.113.1/24", "dev", link])
+    run(["ip", "-n", outside, "addr", "add", "198.51.100.2/24", "dev", "eth0"])
+    run(["ip", "-n", outside, "addr", "add", "203.0.113.2/24", "dev", "eth0"])
+    run(["ip", "-n", outside, "link", "set", "eth0", "up"])
+    run(["ip", "-n", outside, "route", "add", "10.77.0.0/16", "via", "198.51.100.1"])
+    for source in ("198.51.100.1", "10.77.3.2"):
+        ns_run(outside, "iptables", "-A", "INPUT", "-p", "icmp", "-s", source, "-j", "ACCEPT")
+    assert run(["ip", "netns", "exec", a, "busybox", "ping", "-c1", "-W2", "198.51.100.2"]).returncode == 0
+    assert run(["ip", "netns", "exec", a, "busybox", "ping", "-c1", "-W2", "203.0.113.2"]).returncode == 0
+    counts = ns_run(outside, "iptables", "-L", "INPUT", "-v", "-n", "-x").stdout
+    by_source = {line.split()[7]: int(line.split()[0]) for line in counts.splitlines()[2:] if line.strip()}
+    assert by_source["198.51.100.1"] >= 1, "outside the cluster: masqueraded to the host's address"
+    assert by_source["10.77.3.2"] >= 1, "no-NAT destination: the container's own source address"
+
+
+def test_internal_network_forwards_only_inside_the_cluster(host, netns_factory):
+    dp = Dataplane(netns=host)
+    s = spec(internal=True)
+    dp.ensure_network(s)
+    a = attach_container(host, dp, s, netns_factory, "10.77.3.2", "a" * 64)
+    attach_container(host, dp, s, netns_factory, "10.77.3.3", "b" * 64)
+    assert run(["ip", "netns", "exec", a, "busybox", "ping", "-c1", "-W2", "10.77.3.3"]).returncode == 0
+    assert s.nat_chain not in rules(host, "nat")
+    filt = rules(host, "filter")
+    assert f"-A {s.filter_chain} -i {s.bridge} -j DROP" in filt.replace(' -m comment --comment "vpcnet a1b2c3d4e5f6"', "")
+
+
+def test_changing_a_network_to_internal_leaves_no_old_rule(host):
+    dp = Dataplane(netns=host)
+    dp.ensure_network(spec())
+    dp.ensure_network(spec(internal=True))
+    assert "MASQUERADE" not in rules(host, "nat")
+
+
+def test_stale_chains_of_forgotten_networks_are_found_and_dropped(host):
+    dp = Dataplane(netns=host)
+    keep, gone = spec(), spec(tag="ffffffffffff", host="10.77.4.0/24")
+    dp.ensure_network(keep)
+    dp.ensure_network(gone)
+    stale = dp.stale_chains({keep.tag})
+    assert sorted(stale) == [("filter", gone.filter_chain), ("nat", gone.nat_chain)]
+    for table, chain in stale:
+        dp.drop_stale_chain(table, chain)
+    text = rules(host, "filter") + rules(host, "nat")
+    assert gone.tag not in text and keep.tag in text
+
+
+def test_overlapping_routes_names_the_device(host):
+    dp = Dataplane(netns=host)
+    assert dp.overlapping_routes("192.0.2.128/25") == ["192.0.2.0/24 dev uplink0"]
+    assert dp.overlapping_routes("10.9.0.0/24") == []
+
+
+def test_uplink_mtu_without_a_default_route_is_1500(netns_factory):
+    assert Dataplane(netns=netns_factory("vpcdp")).uplink_mtu() == 1500

@@ -1,0 +1,158 @@
+"""Docker daemon restarts, with and without live-restore, on a dedicated engine in its own netns.
+
+The engine and its vpcnet plugin share a network namespace (the plugin's bridges and veths live where
+the engine's containers do); the main engine is never touched. Docker replays RequestPool and
+RequestAddress after a restart and cleans up stale sandboxes; both must go through.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import docker_up, require, run, unique
+from vpcnet import image
+
+pytestmark = pytest.mark.docker
+
+
+class Engine:
+    def __init__(self, netns: str):
+        self.name = unique("eng")
+        self.netns = netns
+        self.data_root = f"/var/lib/vpcnet-test-engines/{self.name}"
+        self.exec_root = f"/run/vpcnet-test-{self.name}"
+        self.sock = f"{self.exec_root}.sock"
+        self.log_path = f"{self.data_root}.log"
+        self.docker = ["docker", "-H", f"unix://{self.sock}"]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, live_restore: bool) -> None:
+        os.makedirs(self.data_root, exist_ok=True)
+        cmd = ["nsenter", f"--net=/run/netns/{self.netns}", "dockerd", "--data-root", self.data_root,
+               "--exec-root", self.exec_root, "--pidfile", f"{self.exec_root}.pid", "-H", f"unix://{self.sock}",
+               "--bridge", "none"]
+        if live_restore:
+            cmd.append("--live-restore")
+        with open(self.log_path, "a") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"dockerd exited {self.proc.returncode}: {self.log()}")
+            if docker_up(self.docker):
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"dedicated dockerd not up in 60 s: {self.log()}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+
+    def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return run([*self.docker, *args], check=check)
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path) as fh:
+                return fh.read()[-5000:]
+        except OSError:
+            return ""
+
+    def destroy(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            ids = self("ps", "-aq", check=False).stdout.split()
+            if ids:
+                self("rm", "-f", *ids, check=False)
+            for net in self("network", "ls", "-q", "--filter", "driver=" + "vpcnet", check=False).stdout.split():
+                self("network", "rm", net, check=False)
+        self.stop()
+        # containerd-shims of live-restored containers outlive dockerd: end them with the netns' pids
+        subprocess.run(["umount", "-R", f"{self.data_root}"], capture_output=True)
+        shutil.rmtree(self.data_root, ignore_errors=True)
+        shutil.rmtree(self.exec_root, ignore_errors=True)
+        for path in (self.sock, f"{self.exec_root}.pid", self.log_path):
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+@pytest.fixture
+def engine_host(netns_factory, plugin_factory, root):
+    require(shutil.which("dockerd") is not None, "needs dockerd (apt-get install docker.io)")
+    ns = netns_factory("vpceng")
+    engine = Engine(ns)
+    yield engine, ns
+    engine.destroy()
+    pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+    subprocess.run(["bash", "-c", f"umount $(grep -o '{engine.data_root}[^ ]*' /proc/mounts) 2>/dev/null"],
+                   capture_output=True)
+    shutil.rmtree(engine.data_root, ignore_errors=True)
+
+
+def ping(engine: Engine, container: str, target: str) -> bool:
+    return engine("exec", container, "ping", "-c1", "-W2", target, check=False).returncode == 0
+
+
+def ip_of(engine: Engine, container: str) -> str:
+    return engine("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", container).stdout.strip()
+
+
+def errors_in(plugin) -> list[str]:
+    return [line for line in plugin.log().splitlines() if "vpcnet.transport" in line and " -> 200" not in line
+            and " -> " in line]
+
+
+@pytest.mark.parametrize("live_restore", [True, False], ids=["live-restore", "no-live-restore"])
+def test_daemon_restart_keeps_networks_and_containers_working(engine_host, plugin_factory, live_restore):
+    engine, ns = engine_host
+    plugin = plugin_factory(netns=ns)
+    engine.start(live_restore)
+    img = image.build(engine.docker)
+    engine("network", "create", "-d", plugin.name, "--ipam-driver", plugin.name, "vpc0")
+    subnet_before = engine("network", "inspect", "vpc0", "-f", "{{json .IPAM.Config}}").stdout
+    engine("run", "-d", "--name", "one", "--network", "vpc0", img, "sleep", "3600")
+    engine("run", "-d", "--name", "two", "--network", "vpc0", img, "sleep", "3600")
+    ip_one, ip_two = ip_of(engine, "one"), ip_of(engine, "two")
+    assert ping(engine, "one", ip_two)
+
+    engine.stop()
+    if live_restore:   # containers kept running, and talking, while the daemon was away
+        shim_pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+        assert shim_pids, "live-restore keeps the containers' processes"
+    calls_before = plugin.log().count("/IpamDriver.RequestAddress")
+    engine.start(live_restore)
+
+    replays = plugin.log().count("/IpamDriver.RequestAddress") - calls_before
+    assert replays >= (2 if live_restore else 0), "Docker replayed the kept endpoints' addresses"
+    assert engine("network", "inspect", "vpc0", "-f", "{{json .IPAM.Config}}").stdout == subnet_before
+    if not live_restore:
+        engine("start", "one", "two")
+    assert ping(engine, "one", "two"), "by name after the restart"
+    assert {ip_of(engine, "one"), ip_of(engine, "two")} == {ip_one, ip_two} or not live_restore
+    engine("run", "-d", "--name", "three", "--network", "vpc0", img, "sleep", "3600")
+    ip_three = ip_of(engine, "three")
+    assert ip_three not in (ip_of(engine, "one"), ip_of(engine, "two")), "no duplicate address after replays"
+    assert ping(engine, "three", "one")
+    assert errors_in(plugin) == [], "every replay and stale clean-up call succeeded"
+    endpoints = plugin.status()["networks"][0]["endpoints"]
+    assert sorted(ep["address"] for ep in endpoints) == sorted(
+        ip_of(engine, c) for c in ("one", "two", "three")), "no leaked endpoint or address"
+
+    engine("rm", "-f", "one", "two", "three")
+    engine("network", "rm", "vpc0")
+    assert plugin.status()["networks"] == []
+    assert "vpc-" not in run(["ip", "-n", ns, "link"]).stdout

@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "vpcnet.status",        # vpcnet status
     "vpcnet.routes_cli",    # vpcnet routes list|sync|release|gc
     "vpcnet.emulator.cli",  # vpcnet emulator
+    "vpcnet.lab.cli",       # vpcnet lab up|status|down
 )
 
 

@@ -1,0 +1,252 @@
+"""End to end on the multi-host lab: engines in separate host namespaces, routes in the emulated VPC.
+
+Needs root, dockerd, nsenter/unshare, iperf3, busybox and tcpdump (skipped with a reason otherwise; a
+failure under VPCNET_TEST_STRICT=1). The lab's names are fixed (vpclab-*), so these tests refuse to run
+next to a lab someone already has up. Everything is taken down in finalizers, whatever happens.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import is_root, require, run, unique
+
+pytestmark = pytest.mark.docker
+
+CLUSTER = "10.241.0.0/16"
+TOOLS = ("dockerd", "docker", "nsenter", "unshare", "iperf3", "busybox", "tcpdump", "ip")
+
+
+def _require_lab_prerequisites() -> None:
+    require(is_root(), "needs root (network namespaces, Docker engines, mounts)")
+    missing = [t for t in TOOLS if not shutil.which(t)]
+    require(not missing, f"needs {', '.join(missing)}")
+    from vpcnet.lab import Lab
+    left = {k: v for k, v in Lab.leftovers().items() if v}
+    require(not left, f"a vpcnet lab is already on this machine ({left}): `vpcnet lab down` first")
+
+
+def vpcnet_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "vpcnet.cli", *args], check=False, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def lab(request):
+    _require_lab_prerequisites()
+    from vpcnet.lab import Lab
+
+    lab = Lab(hosts=2, cluster_cidr=CLUSTER, reconcile_interval=2.0)
+    request.addfinalizer(lambda: lab.down())
+    lab.up()
+    return lab
+
+
+class Box:
+    """A test container on one lab host."""
+
+    def __init__(self, lab, host: int, network: str = "vpc0"):
+        self.lab, self.host = lab, host
+        self.name = unique(f"lab{host}-")
+        lab.docker(host, "run", "-d", "--name", self.name, "--network", network, "vpcnet-testbox:latest",
+                   "sleep", "3600")
+        self.ip = lab.docker(host, "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+                             self.name).stdout.strip()
+        self.pid = int(lab.docker(host, "inspect", "-f", "{{.State.Pid}}", self.name).stdout.strip())
+
+    def sh(self, *cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+        return self.lab.docker(self.host, "exec", self.name, *cmd, check=check, timeout=timeout)
+
+    def pings(self, ip: str, wait: int = 2) -> bool:
+        return self.sh("ping", "-c1", f"-W{wait}", ip, check=False).returncode == 0
+
+    def remove(self) -> None:
+        self.lab.docker(self.host, "rm", "-f", self.name, check=False)
+
+
+@pytest.fixture
+def boxes(lab):
+    made: list[Box] = []
+
+    def make(host: int) -> Box:
+        box = Box(lab, host)
+        made.append(box)
+        return box
+
+    yield make
+    for box in made:
+        box.remove()
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+# First in the file: it needs the machine without a lab, before the module's lab fixture builds one.
+
+def test_cli_up_twice_status_and_down_leave_nothing(request):
+    _require_lab_prerequisites()
+    request.addfinalizer(lambda: vpcnet_cli("lab", "down", timeout=180))
+    up = vpcnet_cli("lab", "up", "--hosts", "2", "--cluster-cidr", CLUSTER, "--no-image")
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert "DOCKER_HOST=unix:///run/vpclab/h1/docker.sock" in up.stdout
+    assert "DOCKER_HOST=unix:///run/vpclab/h2/docker.sock" in up.stdout
+
+    again = vpcnet_cli("lab", "up", "--hosts", "2", "--cluster-cidr", CLUSTER, "--no-image")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.count("already up") == 2
+
+    other = vpcnet_cli("lab", "up", "--cluster-cidr", "10.242.0.0/16")
+    assert other.returncode == 1 and "already up with cluster CIDR" in other.stderr
+
+    status = vpcnet_cli("lab", "status", "--json")
+    assert status.returncode == 0, status.stdout + status.stderr
+    data = json.loads(status.stdout)
+    assert [h["host"] for h in data["hosts"]] == ["h1", "h2"]
+    cidrs = [h["host_cidr"] for h in data["hosts"]]
+    assert len(set(cidrs)) == 2
+    for h in data["hosts"]:
+        assert ipaddress.IPv4Network(h["host_cidr"]).subnet_of(ipaddress.IPv4Network(CLUSTER))
+        assert h["route_available"] and h["route"]["destination"] == h["host_cidr"]
+        assert any(line.startswith(f"{h['host_cidr']} via {h['underlay_ip']}") for line in data["kernel_routes"])
+    human = vpcnet_cli("lab", "status")
+    assert human.returncode == 0 and "Available" in human.stdout and "i-vpclab-h2" in human.stdout
+
+    down = vpcnet_cli("lab", "down", timeout=180)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert not [n for n in run(["ip", "netns", "list"]).stdout.split() if n.startswith("vpclab-")]
+    assert "/run/vpclab/" not in run(["ps", "-eo", "args"]).stdout
+    assert "vpclab" not in run(["cat", "/proc/self/mountinfo"]).stdout
+    assert not os.path.exists("/run/vpclab") and not os.path.exists("/var/lib/vpclab")
+    after = vpcnet_cli("lab", "status")
+    assert after.returncode == 3 and "lab is down" in after.stdout
+
+
+def test_down_after_a_half_failed_up_removes_it_all(request):
+    """A lab whose second host never got an engine (as if `up` died there) is removed completely."""
+    _require_lab_prerequisites()
+    from vpcnet.lab import Lab, lab as lab_mod
+    from vpcnet.lab import netns
+
+    request.addfinalizer(lambda: Lab().down())
+    half = Lab(hosts=1, cluster_cidr=CLUSTER, load_image=False)
+    half.up()
+    netns.add(lab_mod.host_netns(2))                               # h2 begun, never finished
+    netns.p2p_link(lab_mod.ROUTER_NS, "to-h2", lab_mod.ROUTER_IP, lab_mod.host_netns(2), "uplink",
+                   lab_mod.host_ip(2))
+    os.makedirs("/var/lib/vpclab/h2/docker", exist_ok=True)
+    assert Lab().down() == []
+    assert Lab.leftovers() == {"netns": [], "processes": [], "mounts": [], "dirs": []}
+
+
+# ------------------------------------------------------------------------------------------ datapath
+
+def test_containers_on_two_hosts_talk_over_plain_ip_through_the_router(lab, boxes):
+    a, b = boxes(1), boxes(2)
+    h1, h2 = ipaddress.IPv4Network(lab.host_cidr(1)), ipaddress.IPv4Network(lab.host_cidr(2))
+    assert h1 != h2 and ipaddress.IPv4Address(a.ip) in h1 and ipaddress.IPv4Address(b.ip) in h2
+    assert a.sh("cat", "/sys/class/net/eth0/mtu").stdout.strip() == "1500"     # no encapsulation overhead
+
+    # The router sees the containers' own addresses, on plain IP, both ways; nothing on UDP 4789.
+    capture = subprocess.Popen(
+        ["ip", "netns", "exec", lab.router_netns, "timeout", "20", "tcpdump", "-lnni", "to-h2", "-c", "4",
+         f"(host {a.ip} and host {b.ip}) or udp port 4789"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)                                            # tcpdump attaching
+        assert a.pings(b.ip) and b.pings(a.ip)
+        out, _ = capture.communicate(timeout=25)
+    finally:
+        if capture.poll() is None:
+            capture.kill()
+            capture.wait()
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 4, out
+    assert any(f"IP {a.ip} > {b.ip}: ICMP echo request" in line for line in lines), out
+    assert any(f"IP {b.ip} > {a.ip}: ICMP echo request" in line for line in lines), out
+    assert not any("4789" in line or "VXLAN" in line.upper() for line in lines), out
+
+    # TCP data, both directions across the VPC.
+    b.sh("sh", "-c", "iperf3 -s -1 -D")
+    assert wait_for(lambda: a.sh("iperf3", "-c", b.ip, "-t", "1", "-J", check=False).returncode == 0, 15)
+    b.sh("sh", "-c", "iperf3 -s -1 -D")
+    time.sleep(0.5)
+    result = json.loads(a.sh("iperf3", "-c", b.ip, "-t", "2", "-R", "-J").stdout)
+    assert result["end"]["sum_received"]["bytes"] > 10_000_000
+
+    # No vxlan device anywhere in the lab: neither in its namespaces nor in the containers.
+    for ns in [lab.router_netns] + [lab.host_netns(k) for k in lab.host_indexes()]:
+        assert "vxlan" not in run(["ip", "-n", ns, "-d", "link", "show"]).stdout, ns
+    for box in (a, b):
+        assert "vxlan" not in run(["nsenter", "-t", str(box.pid), "-n", "ip", "-d", "link", "show"]).stdout
+
+
+def test_a_deleted_route_breaks_traffic_until_the_reconciler_restores_it(lab, boxes):
+    a, b = boxes(1), boxes(2)
+    assert a.pings(b.ip)
+    entry = lab.route_of(2)
+    assert entry and entry["Status"] == "Available"
+    plugin = lab.host(2).plugin_pid()
+    os.killpg(plugin, signal.SIGSTOP)               # hold h2's reconciler while we look at the break
+    try:
+        lab.emulator("DELETE", f"/_emulator/entries/{entry['RouteEntryId']}")
+        assert wait_for(lambda: not any(r.startswith(entry["DestinationCidrBlock"] + " ")
+                                        for r in lab.kernel_routes()), 10)
+        assert not a.pings(b.ip, wait=1), "h1 -> h2 still works without h2's route"
+    finally:
+        os.killpg(plugin, signal.SIGCONT)
+    restored = wait_for(lambda: (lab.route_of(2) or {}).get("Status") == "Available", 30, 0.5)
+    assert restored, lab.status()["route_table"]
+    assert lab.route_of(2)["DestinationCidrBlock"] == entry["DestinationCidrBlock"]
+    assert wait_for(lambda: a.pings(b.ip, wait=1), 15)
+
+
+def test_killing_and_restarting_h2s_plugin_does_not_interrupt_a_flow(lab, boxes):
+    a, b = boxes(1), boxes(2)
+    b.sh("sh", "-c", "iperf3 -s -1 -D")
+    time.sleep(0.5)
+    client = subprocess.Popen([*lab.docker_cmd(1), "exec", a.name, "iperf3", "-c", b.ip, "-t", "10", "-i", "1",
+                               "-J"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(3)
+        lab.kill_plugin(2)
+        assert lab.host(2).plugin_pid() is None
+        time.sleep(2)
+        lab.start_plugin(2)
+        out, err = client.communicate(timeout=40)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    assert client.returncode == 0, err
+    result = json.loads(out)
+    rates = [i["sum"]["bits_per_second"] for i in result["intervals"]]
+    assert len(rates) >= 9 and min(rates) > 1e6, rates           # every second moved data
+    # The restarted plugin serves again: a new container on h2 gets an address in h2's block.
+    c = boxes(2)
+    assert ipaddress.IPv4Address(c.ip) in ipaddress.IPv4Network(lab.host_cidr(2))
+    assert a.pings(c.ip)
+
+
+def test_a_third_host_joining_later_gets_its_own_block_and_is_reachable(lab, boxes):
+    k = lab.add_host()
+    assert k == 3
+    blocks = [ipaddress.IPv4Network(lab.host_cidr(h)) for h in (1, 2, 3)]
+    assert len(set(blocks)) == 3
+    assert all(b.subnet_of(ipaddress.IPv4Network(CLUSTER)) for b in blocks)
+    assert (lab.route_of(3) or {}).get("Status") == "Available"
+    a, b, c = boxes(1), boxes(2), boxes(3)
+    assert a.pings(c.ip) and b.pings(c.ip) and c.pings(a.ip) and c.pings(b.ip)

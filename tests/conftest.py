@@ -101,7 +101,8 @@ class PluginProcess:
         return self.env["VPCNET_CLUSTER_CIDR"]
 
     def start(self, wait: float = 10.0) -> float:
-        """Start and wait until the socket answers; returns the seconds it took."""
+        """Start and wait until the socket answers; returns the seconds until it accepted connections
+        (the socket is "up": Docker's calls queue in its backlog until the worker is ready)."""
         prefix = ["nsenter", f"--net=/run/netns/{self.netns}"] if self.netns else []
         started = time.monotonic()
         log = open(self.log_path, "a")
@@ -109,13 +110,24 @@ class PluginProcess:
                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         deadline = started + wait
+        up_after = None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"vpcnet serve exited {self.proc.returncode}:\n{self.log()}")
-            if self.answers():
-                return time.monotonic() - started
+            if up_after is None and self.connectable():
+                up_after = time.monotonic() - started
+            if up_after is not None and self.answers():
+                return up_after
             time.sleep(0.02)
         raise AssertionError(f"socket {self.socket} not up within {wait}s:\n{self.log()}")
+
+    def connectable(self) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            try:
+                sock.connect(self.socket)
+                return True
+            except OSError:
+                return False
 
     def answers(self) -> bool:
         try:

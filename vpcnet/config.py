@@ -95,6 +95,8 @@ SETTINGS: tuple[Setting, ...] = (
             "(must not be group- or world-readable)"),
     Setting("aliyun_ram_role", "", "RAM role attached to the instance, for temporary credentials"),
     Setting("aliyun_metadata_url", "http://100.100.100.200", "Alibaba Cloud instance metadata service"),
+    Setting("aliyun_ecs_endpoint", "", "ECS API URL used by routes gc to check instances (default: the VPC "
+            "endpoint with vpc→ecs)"),
     # AWS
     Setting("aws_region", "", "AWS region (default: from instance metadata)"),
     Setting("aws_route_table_id", "", "EC2 route table to program"),
@@ -131,6 +133,7 @@ class Config:
     aliyun_credentials_file: str = ""
     aliyun_ram_role: str = ""
     aliyun_metadata_url: str = "http://100.100.100.200"
+    aliyun_ecs_endpoint: str = ""
     aws_region: str = ""
     aws_route_table_id: str = ""
     aws_instance_id: str = ""

@@ -238,15 +238,19 @@ class Dataplane:
             return self._link_index(ipr, spec.bridge) is not None
 
     def stale_chains(self, known_tags: set[str]) -> list[tuple[str, str]]:
-        """(table, chain) of per-network chains whose network vpcnet no longer knows."""
+        """(table, chain) of per-network chains whose network vpcnet no longer knows and whose bridge is
+        gone. A chain whose bridge still exists may belong to another vpcnet instance on this host (a
+        managed plugin beside a systemd one, say): never touch it."""
         out = []
-        for table, prefix in (("filter", "VPCNET-F-"), ("nat", "VPCNET-N-")):
-            proc = self._ipt(table, "-S", check=False)
-            for line in proc.stdout.splitlines():
-                parts = line.split()
-                if len(parts) == 2 and parts[0] == "-N" and parts[1].startswith(prefix):
-                    if parts[1][len(prefix):] not in known_tags:
-                        out.append((table, parts[1]))
+        with self._ipr() as ipr:
+            for table, prefix in (("filter", "VPCNET-F-"), ("nat", "VPCNET-N-")):
+                proc = self._ipt(table, "-S", check=False)
+                for line in proc.stdout.splitlines():
+                    parts = line.split()
+                    if len(parts) == 2 and parts[0] == "-N" and parts[1].startswith(prefix):
+                        tag = parts[1][len(prefix):]
+                        if tag not in known_tags and self._link_index(ipr, bridge_name(tag)) is None:
+                            out.append((table, parts[1]))
         return out
 
     def drop_stale_chain(self, table: str, chain: str) -> None:
@@ -285,8 +289,14 @@ class Dataplane:
     # -- helpers ----------------------------------------------------------------------------------
     @staticmethod
     def _link_index(ipr: IPRoute, name: str) -> int | None:
-        found = ipr.link_lookup(ifname=name)
-        return found[0] if found else None
+        # A targeted RTM_GETLINK by name: link_lookup() would dump every link, which grows with the
+        # number of endpoints on the host.
+        try:
+            return ipr.link("get", ifname=name)[0]["index"]
+        except NetlinkError as exc:
+            if exc.code in (errno.ENODEV, errno.ENOENT):
+                return None
+            raise
 
     def _delete_link(self, name: str) -> None:
         with self._ipr() as ipr:

@@ -148,13 +148,13 @@ class NetworkDriver:
             self.dataplane.ensure_endpoint(net.bridge, existing.host_veth, existing.peer_veth, existing.mac,
                                            net.mtu)
             return {"Interface": {} if given_mac else {"MacAddress": existing.mac}}
-        clash = [e for e in self.store.endpoints(network_id) if e.address == str(ip)]
+        clash = self.store.endpoint_where(network_id=network_id, address=str(ip))
         if clash:
-            raise Conflict(f"address {ip} is already used by endpoint {clash[0].endpoint_id[:12]}")
-        namesake = [e for e in self.store.endpoints() if e.host_veth == host_veth]
+            raise Conflict(f"address {ip} is already used by endpoint {clash.endpoint_id[:12]}")
+        namesake = self.store.endpoint_where(host_veth=host_veth)
         if namesake:                 # ids sharing the prefix veth names are made of: never touch theirs
             raise Conflict(f"endpoint {endpoint_id[:12]} would reuse veth {host_veth} of endpoint "
-                           f"{namesake[0].endpoint_id[:12]}")
+                           f"{namesake.endpoint_id[:12]}")
         ep = Endpoint(endpoint_id=endpoint_id, network_id=network_id, address=str(ip), mac=mac,
                       host_veth=host_veth, peer_veth=peer_veth, created=time.time())
         try:

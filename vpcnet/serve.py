@@ -1,25 +1,24 @@
 """`vpcnet serve`: the plugin process — gunicorn serving the Flask app on the plugin socket.
 
-Start-up order matters for Docker: configuration is checked, the datapath of known networks is restored
-(after a reboot the bridges are gone but the state is not), then the socket is bound — well inside a
-second, because nothing here waits on a cloud. The route keeper runs in the background of the one worker
-holding the reconciler lock. SIGTERM stops serving and removes the socket; the datapath stays, so
-running containers keep talking.
+Start-up order matters for Docker: configuration and the state's schema are checked, then the socket is
+bound — well inside a second, because nothing here waits on a cloud. The gunicorn master stays lean (it
+imports neither Flask nor pyroute2: every process's memory counts); each worker assembles the plugin,
+restores the datapath of known networks (after a reboot the bridges are gone but the state is not; done
+under a lock, and idempotent) and then serves. Calls arriving meanwhile wait in the socket's backlog. The
+route keeper runs in the background of the one worker holding the reconciler lock. SIGTERM stops
+serving and removes the socket; the datapath stays, so running containers keep talking.
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import sys
 
 from gunicorn.app.base import BaseApplication
 
 from vpcnet import config as config_mod
-from vpcnet.dataplane import Dataplane
-from vpcnet.driver import NetworkDriver
-from vpcnet.ipam import Ipam
-from vpcnet.routes import RouteKeeper
 from vpcnet.store import Store
-from vpcnet.transport import create_app
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +26,13 @@ log = logging.getLogger(__name__)
 class Plugin:
     """The assembled plugin: one of each piece, wired the way imports flow (transport → driver → …)."""
 
-    def __init__(self, config, dataplane: Dataplane | None = None, provider_factory=None):
+    def __init__(self, config, dataplane=None, provider_factory=None):
+        from vpcnet.dataplane import Dataplane
+        from vpcnet.driver import NetworkDriver
+        from vpcnet.ipam import Ipam
+        from vpcnet.routes import RouteKeeper
+        from vpcnet.transport import create_app
+
         self.config = config
         os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
         self.store = Store(config.db_path)
@@ -37,15 +42,21 @@ class Plugin:
         self.driver = NetworkDriver(config, self.store, self.dataplane)
         self.app = create_app(self.driver, self.ipam)
 
+    def restore(self) -> None:
+        """Rebuild the datapath of known networks; one worker at a time."""
+        with open(os.path.join(self.config.state_dir, "restore.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.driver.restore()
+
 
 class _Gunicorn(BaseApplication):
-    def __init__(self, plugin: Plugin):
-        self.plugin = plugin
+    def __init__(self, config):
+        self.config = config
+        self.plugin: Plugin | None = None
         super().__init__()
 
     def load_config(self) -> None:
-        cfg = self.plugin.config
-        keeper = self.plugin.routes
+        cfg = self.config
         settings = {
             "bind": f"unix:{cfg.socket}",
             "workers": cfg.workers,
@@ -59,35 +70,60 @@ class _Gunicorn(BaseApplication):
             "accesslog": None,
             "proc_name": "vpcnet",
             "control_socket_disable": True,
-            "post_worker_init": lambda worker: keeper.start_background(),
-            "worker_exit": lambda server, worker: keeper.stop(),
+            "post_worker_init": lambda worker: self.plugin.routes.start_background(),
+            "worker_exit": lambda server, worker: self.plugin and self.plugin.routes.stop(),
         }
         for key, value in settings.items():
             self.cfg.set(key, value)
 
     def load(self):
+        """In each worker, before it accepts: assemble the plugin and restore the datapath."""
+        from vpcnet.cli import setup_logging
+
+        setup_logging(self.config.log_level)
+        self.plugin = Plugin(self.config)
+        self.plugin.restore()
         return self.plugin.app
 
 
 def run(config) -> int:
-    plugin = Plugin(config)
     log.info("vpcnet starting: driver %s, socket %s, provider %s, cluster %s, config from %s",
              config.driver_name, config.socket, config.provider, config.cluster_cidr, config.source)
-    plugin.driver.restore()
-    plugin.store.close()       # connections are per process: workers open their own after the fork
-    _Gunicorn(plugin).run()
+    os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
+    Store(config.db_path).close()      # schema checked (and migrated) before the socket is bound
+    _Gunicorn(config).run()
     return 0
 
 
-def register(sub) -> None:
+def main(argv: list[str]) -> int:
+    """`vpcnet serve [--config FILE]`, entered without building the full CLI (whose other sub-commands
+    import Flask, pyroute2 and more): the master process imports only what it needs."""
+    import argparse
+
     from vpcnet.cli import add_config_argument, setup_logging
 
-    parser = sub.add_parser("serve", help="run the plugin (network + IPAM driver) on its socket")
+    parser = argparse.ArgumentParser(prog="vpcnet serve", description=SERVE_HELP)
     add_config_argument(parser)
-
-    def func(args) -> int:
+    args = parser.parse_args(argv)
+    try:
         config = config_mod.load(args.config)
-        setup_logging(config.log_level)
-        return run(config)
+    except config_mod.ConfigError as exc:
+        print(f"vpcnet: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level)
+    return run(config)
 
-    parser.set_defaults(func=func)
+
+SERVE_HELP = "run the plugin (network + IPAM driver) on its socket"
+
+
+def register(sub) -> None:
+    from vpcnet.cli import add_config_argument
+
+    parser = sub.add_parser("serve", help=SERVE_HELP)   # for `vpcnet --help`; cli.main routes serve to main()
+    add_config_argument(parser)
+    parser.set_defaults(func=lambda args: main(["--config", args.config] if args.config else []))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -223,6 +223,12 @@ class Store:
         rows = self.read("SELECT * FROM endpoints WHERE endpoint_id=?", (endpoint_id,))
         return Endpoint(**dict(rows[0])) if rows else None
 
+    def endpoint_where(self, **match: str) -> Endpoint | None:
+        """The endpoint whose columns equal `match` (e.g. host_veth=..., or network_id=... address=...)."""
+        where = " AND ".join(f"{column}=?" for column in match)
+        rows = self.read(f"SELECT * FROM endpoints WHERE {where} LIMIT 1", tuple(match.values()))
+        return Endpoint(**dict(rows[0])) if rows else None
+
     def add_endpoint(self, db: sqlite3.Connection, ep: Endpoint) -> None:
         row = asdict(ep)
         db.execute(f"INSERT INTO endpoints({', '.join(row)}) VALUES({', '.join('?' * len(row))})",

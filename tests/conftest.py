@@ -55,9 +55,25 @@ def unique(prefix: str) -> str:
 
 
 def next_cluster() -> str:
-    """A cluster CIDR no other plugin of this session uses (10.100.0.0/16 … 10.227.0.0/16)."""
-    n = (next(_cluster_counter) + os.getpid()) % 128
-    return f"10.{100 + n}.0.0/16"
+    """A cluster CIDR no other plugin of this session uses (10.100.0.0/16 … 10.227.0.0/16), skipping any
+    that overlaps a route on this machine (another run's or another test's network)."""
+    import ipaddress
+
+    routes = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True).stdout
+    taken = []
+    for line in routes.splitlines():
+        first = line.split()[0] if line.split() else ""
+        if first.startswith("10."):
+            try:
+                taken.append(ipaddress.IPv4Network(first, strict=False))
+            except ValueError:
+                pass
+    for _ in range(128):
+        n = (next(_cluster_counter) + os.getpid()) % 128
+        candidate = ipaddress.IPv4Network(f"10.{100 + n}.0.0/16")
+        if not any(candidate.overlaps(t) for t in taken):
+            return str(candidate)
+    raise RuntimeError("no free 10.100-227.0.0/16 cluster CIDR for a test plugin")
 
 
 @pytest.fixture

@@ -20,8 +20,12 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import os
 import subprocess
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 from pyroute2 import IPRoute, NetlinkError
 
@@ -77,10 +81,27 @@ class Dataplane:
     def __init__(self, netns: str | None = None, iptables: str = "iptables"):
         self.netns = netns
         self.iptables = iptables
+        self._local = threading.local()
 
     # -- plumbing ---------------------------------------------------------------------------------
-    def _ipr(self) -> IPRoute:
-        return IPRoute(netns=self.netns) if self.netns else IPRoute()
+    @contextmanager
+    def _ipr(self) -> Iterator[IPRoute]:
+        """This thread's netlink socket, opened once: opening one costs more than the request itself."""
+        ipr = getattr(self._local, "ipr", None)
+        if ipr is None or self._local.pid != os.getpid():
+            ipr = IPRoute(netns=self.netns) if self.netns else IPRoute()
+            self._local.ipr, self._local.pid = ipr, os.getpid()
+        try:
+            yield ipr
+        except NetlinkError:
+            raise                               # the kernel said no; the socket is fine
+        except BaseException:
+            self._local.ipr = None              # anything else may have broken it: open a new one next time
+            try:
+                ipr.close()
+            except Exception:
+                pass
+            raise
 
     def _cmd(self, *args: str) -> list[str]:
         return (["ip", "netns", "exec", self.netns] if self.netns else []) + list(args)
@@ -268,15 +289,14 @@ class Dataplane:
             br = self._link_index(ipr, bridge)
             if br is None:
                 raise DataplaneError(f"bridge {bridge} is missing")
-            host_idx = self._link_index(ipr, host_veth)
-            if host_idx is None:
-                try:
-                    ipr.link("add", ifname=host_veth, kind="veth", mtu=mtu,
-                             peer={"ifname": peer_veth, "address": mac, "mtu": mtu})
-                except NetlinkError as exc:
-                    if exc.code != errno.EEXIST:
-                        raise DataplaneError(f"cannot create veth {host_veth}: {exc}") from None
-                host_idx = self._link_index(ipr, host_veth)
+            try:   # one request: the pair is born on the bridge and up
+                ipr.link("add", ifname=host_veth, kind="veth", mtu=mtu, master=br, state="up",
+                         peer={"ifname": peer_veth, "address": mac, "mtu": mtu})
+                return
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise DataplaneError(f"cannot create veth {host_veth}: {exc}") from None
+            host_idx = self._link_index(ipr, host_veth)      # it exists: make sure it is right
             ipr.link("set", index=host_idx, master=br, mtu=mtu, state="up")
 
     def delete_endpoint(self, host_veth: str) -> None:

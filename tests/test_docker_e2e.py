@@ -250,3 +250,29 @@ def test_removal_leaves_nothing_behind(plugin_factory, dock):
     rules = run(["iptables-save"]).stdout
     assert tag not in rules
     assert status["host_cidr"] not in run(["ip", "route"]).stdout
+
+
+def test_start_after_a_reboot_rebuilds_bridge_and_rules_from_state(plugin_factory, dock):
+    plugin = plugin_factory()
+    net = dock.network_create(plugin).name
+    status = plugin.status()["networks"][0]
+    bridge, tag = status["bridge"], status["network_id"][:12]
+    assert plugin.stop() == 0
+    # what a reboot leaves: state on disk, no bridge, no rules
+    run(["ip", "link", "del", bridge])
+    for table, parent, chain in (("filter", "VPCNET-FORWARD", f"VPCNET-F-{tag}"),
+                                 ("nat", "VPCNET-POSTROUTING", f"VPCNET-N-{tag}")):
+        rules = run(["iptables", "-t", table, "-S", parent]).stdout.splitlines()
+        for rule in rules:
+            if rule.endswith(f"-j {chain}"):
+                run(["iptables", "-t", table, "-D", *rule.split()[1:]])
+        run(["iptables", "-t", table, "-F", chain])
+        run(["iptables", "-t", table, "-X", chain])
+    plugin.start()
+    addrs = run(["ip", "-4", "-o", "addr", "show", bridge]).stdout
+    assert f"{status['gateway']}/" in addrs
+    rules = run(["iptables-save"]).stdout
+    assert f"VPCNET-F-{tag}" in rules and f"VPCNET-N-{tag}" in rules
+    a = dock.run_container(net).name
+    b = dock.run_container(net).name
+    assert ping(dock, a, b) and ping(dock, a, status["gateway"])

@@ -1,0 +1,307 @@
+#!/usr/bin/env python3
+"""Cloud API cost of vpcnet's routes, and how fast a host's route is in place.
+
+    python3 bench/cloud_calls.py [--runs 12] [--out bench/results/cloud_calls.json]
+
+Everything runs on 127.0.0.1: an in-process VPC emulator (Alibaba-compatible API, signed requests) and
+real `vpcnet serve` processes (gunicorn on a unix socket in a temporary directory) configured with
+VPCNET_PROVIDER=aliyun and pointed at it; the metadata URL is a closed local port.
+
+1. API calls per host, counted by the emulator (HTTP requests received, per Action), with a 1 s
+   Pending delay and no faults:
+   - first start: empty state dir, `vpcnet serve` until its route is Available;
+   - restart: same state dir, `vpcnet serve` again, until its first reconcile pass is done;
+   - per container: IpamDriver.RequestAddress + ReleaseAddress repeated N times on the running plugin
+     (a container's IPAM calls; CreateEndpoint/Join are kernel-only and the network driver holds no
+     reference to the route keeper at all).
+2. Time from starting `vpcnet serve` to the host's route being Available in the emulator, with a 1 s
+   Pending delay and 20 % injected retryable faults (Throttling, ServiceUnavailable, InternalError) on
+   every API call; fresh state dir and fresh route table each run; median of --runs runs (target <= 5 s).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from vpcnet.emulator import Emulator, serve_in_thread  # noqa: E402
+
+KEY_ID, SECRET = "bench-key-id", "bench-key-secret"
+TABLE, VPC, REGION = "vtb-bench001", "vpc-bench001", "cn-emu-1"
+ME = "i-bench-host"
+CLUSTER = "10.230.0.0/16"
+PENDING_DELAY = 1.0
+FAULT_RATE = 0.2
+TARGET_MEDIAN = 5.0
+PER_CONTAINER_N = 20
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def call(sock_path: str, path: str, body) -> tuple[int, dict]:
+    """One plugin call over the unix socket, as Docker makes it."""
+    payload = json.dumps(body).encode()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(sock_path)
+        sock.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: plugin\r\nConnection: close\r\n"
+                     b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(rest or b"{}")
+
+
+class Serve:
+    """One `vpcnet serve` process; always stopped (SIGTERM, then SIGKILL) by stop()."""
+
+    def __init__(self, workdir: str, endpoint: str, state_dir: str, name: str):
+        self.socket = os.path.join(workdir, f"{name}.sock")
+        self.log_path = os.path.join(workdir, f"{name}.log")
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("VPCNET_")}
+        self.env.update({
+            "VPCNET_CONFIG": os.devnull, "VPCNET_SOCKET": self.socket, "VPCNET_STATE_DIR": state_dir,
+            "VPCNET_CLUSTER_CIDR": CLUSTER, "VPCNET_LOG_LEVEL": "INFO", "VPCNET_RECONCILE_INTERVAL": "300",
+            "VPCNET_PROVIDER": "aliyun", "VPCNET_ALIYUN_ENDPOINT": endpoint, "VPCNET_ALIYUN_REGION_ID": REGION,
+            "VPCNET_ALIYUN_ROUTE_TABLE_ID": TABLE, "VPCNET_ALIYUN_VPC_ID": VPC,
+            "VPCNET_ALIYUN_INSTANCE_ID": ME, "VPCNET_ALIYUN_ACCESS_KEY_ID": KEY_ID,
+            "VPCNET_ALIYUN_ACCESS_KEY_SECRET": SECRET,
+            "VPCNET_ALIYUN_METADATA_URL": f"http://127.0.0.1:{closed_port()}/",
+        })
+        self.proc: subprocess.Popen | None = None
+        self.started = 0.0
+
+    def start(self) -> None:
+        with open(self.log_path, "a") as log:
+            self.started = time.monotonic()
+            self.proc = subprocess.Popen([sys.executable, "-m", "vpcnet.cli", "serve"], env=self.env, cwd=REPO,
+                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_socket(self, timeout: float = 15.0) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vpcnet serve exited {self.proc.returncode}: see {self.log_path}")
+            try:
+                if call(self.socket, "/Plugin.Activate", None)[0] == 200:
+                    return time.monotonic() - self.started
+            except OSError:
+                pass
+            time.sleep(0.01)
+        raise RuntimeError(f"socket not up within {timeout}s: see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+
+def wait_until(predicate, timeout: float, step: float = 0.01):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    return None
+
+
+def my_route(emu: Emulator) -> dict | None:
+    for entry in emu.entries(TABLE):
+        if entry["Type"] == "Custom" and entry["NextHops"]["NextHop"][0]["NextHopId"] == ME:
+            return entry
+    return None
+
+
+def available(emu: Emulator) -> bool:
+    entry = my_route(emu)
+    return bool(entry and entry["Status"] == "Available")
+
+
+def settle(emu: Emulator, quiet: float = 1.0, timeout: float = 15.0) -> None:
+    """Wait until the emulator has seen no request for `quiet` seconds (the pass is over)."""
+    deadline = time.monotonic() + timeout
+    last, since = dict(emu.request_counts), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = dict(emu.request_counts)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+
+
+def new_emulator(pending: float) -> tuple[Emulator, str, callable]:
+    emu = Emulator(region=REGION, vpc_id=VPC, route_table_id=TABLE, credentials={KEY_ID: SECRET},
+                   pending_delay=pending)
+    emu.register_instance(ME, "192.168.0.10")
+    url, stop = serve_in_thread(emu)
+    return emu, url, stop
+
+
+def measure_calls(workdir: str) -> dict:
+    emu, url, stop_http = new_emulator(PENDING_DELAY)
+    state = os.path.join(workdir, "calls-state")
+    try:
+        first = Serve(workdir, url, state, "calls-first")
+        try:
+            first.start()
+            first.wait_socket()
+            if not wait_until(lambda: available(emu), 30):
+                raise RuntimeError(f"route not Available within 30 s: see {first.log_path}")
+            settle(emu)
+            first_counts = dict(emu.request_counts)
+
+            # per container: a network's pool, then N containers' addresses, on the running plugin
+            status, pool = call(first.socket, "/IpamDriver.RequestPool",
+                                {"AddressSpace": "vpcnet-local", "Pool": "", "SubPool": "", "Options": {},
+                                 "V6": False})
+            if status != 200:
+                raise RuntimeError(f"RequestPool failed: {pool}")
+            emu.reset_request_counts()
+            for _ in range(PER_CONTAINER_N):
+                status, addr = call(first.socket, "/IpamDriver.RequestAddress",
+                                    {"PoolID": pool["PoolID"], "Address": "", "Options": {}})
+                if status != 200:
+                    raise RuntimeError(f"RequestAddress failed: {addr}")
+                call(first.socket, "/IpamDriver.ReleaseAddress",
+                     {"PoolID": pool["PoolID"], "Address": addr["Address"].split("/")[0]})
+            container_counts = dict(emu.request_counts)
+        finally:
+            first.stop()
+        route_kept = available(emu)
+
+        emu.reset_request_counts()
+        again = Serve(workdir, url, state, "calls-restart")
+        try:
+            again.start()
+            again.wait_socket()
+            if not wait_until(lambda: emu.request_counts.get("DescribeRouteEntryList", 0) >= 1, 30):
+                raise RuntimeError(f"no listing after restart: see {again.log_path}")
+            settle(emu)
+            restart_counts = dict(emu.request_counts)
+        finally:
+            again.stop()
+    finally:
+        stop_http()
+        emu.close()
+    return {
+        "pending_delay_s": PENDING_DELAY, "faults": 0.0,
+        "first_start": first_counts, "first_start_total": sum(first_counts.values()),
+        "restart": restart_counts, "restart_total": sum(restart_counts.values()),
+        "per_container": {k: v / PER_CONTAINER_N for k, v in container_counts.items()},
+        "per_container_total": sum(container_counts.values()) / PER_CONTAINER_N,
+        "per_container_sample": PER_CONTAINER_N,
+        "route_kept_after_sigterm": route_kept,
+    }
+
+
+def measure_time(workdir: str, runs: int) -> dict:
+    samples, requests, sockets = [], [], []
+    for i in range(runs):
+        emu, url, stop_http = new_emulator(PENDING_DELAY)
+        emu.set_faults(rate=FAULT_RATE, seed=1000 + i)
+        serve = Serve(workdir, url, os.path.join(workdir, f"time-state-{i}"), f"time-{i}")
+        try:
+            serve.start()
+            started = serve.started
+            sockets.append(serve.wait_socket())
+            if not wait_until(lambda: available(emu), 60, step=0.005):
+                raise RuntimeError(f"run {i}: route not Available within 60 s: see {serve.log_path}")
+            samples.append(time.monotonic() - started)
+            requests.append(sum(emu.request_counts.values()))
+        finally:
+            serve.stop()
+            stop_http()
+            emu.close()
+        print(f"  run {i + 1:2d}/{runs}: route Available after {samples[-1]:.2f} s "
+              f"({requests[-1]} API requests incl. faulted ones)", flush=True)
+    median = statistics.median(samples)
+    return {
+        "pending_delay_s": PENDING_DELAY, "fault_rate": FAULT_RATE,
+        "fault_codes": ["Throttling", "ServiceUnavailable", "InternalError"],
+        "runs": len(samples), "seconds": [round(s, 3) for s in samples],
+        "median_s": round(median, 3), "min_s": round(min(samples), 3), "max_s": round(max(samples), 3),
+        "socket_up_median_s": round(statistics.median(sockets), 3),
+        "api_requests_median": statistics.median(requests),
+        "target_median_s": TARGET_MEDIAN, "target_met": median <= TARGET_MEDIAN,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=12, help="timed runs (at least 10)")
+    parser.add_argument("--out", default=os.path.join(REPO, "bench", "results", "cloud_calls.json"))
+    args = parser.parse_args()
+    runs = max(10, args.runs)
+    with tempfile.TemporaryDirectory(prefix="vpcnet-bench-") as workdir:
+        print("API calls per host (emulator request counts, 1 s Pending delay, no faults) ...", flush=True)
+        calls = measure_calls(workdir)
+        print(f"time from `vpcnet serve` to route Available ({runs} runs, 1 s Pending, "
+              f"{FAULT_RATE:.0%} faults) ...", flush=True)
+        timing = measure_time(workdir, runs)
+    result = {
+        "benchmark": "cloud_calls",
+        "generated": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "host": {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+                 "load_avg_1m": round(os.getloadavg()[0], 2)},
+        "api_calls_per_host": calls,
+        "time_to_route_available": timing,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=2)
+        fh.write("\n")
+
+    def fmt(counts: dict) -> str:
+        return ", ".join(f"{k} {v:g}" for k, v in sorted(counts.items())) or "none"
+
+    rows = [
+        ("first start", f"{calls['first_start_total']:g}", fmt(calls["first_start"])),
+        ("restart", f"{calls['restart_total']:g}", fmt(calls["restart"])),
+        ("per container", f"{calls['per_container_total']:g}",
+         f"{fmt(calls['per_container'])} (over {PER_CONTAINER_N} address requests)"),
+    ]
+    print()
+    print(f"{'API calls per host':<20} {'total':>6}  by action")
+    for name, total, detail in rows:
+        print(f"{name:<20} {total:>6}  {detail}")
+    print(f"route kept after SIGTERM: {calls['route_kept_after_sigterm']}")
+    print()
+    print(f"time from `vpcnet serve` to route Available, {timing['runs']} runs, "
+          f"{PENDING_DELAY:g} s Pending, {FAULT_RATE:.0%} faults:")
+    print(f"  median {timing['median_s']:.2f} s (min {timing['min_s']:.2f}, max {timing['max_s']:.2f}); "
+          f"target <= {TARGET_MEDIAN:g} s: {'met' if timing['target_met'] else 'NOT met'}")
+    print(f"  socket up after {timing['socket_up_median_s']:.2f} s (median); "
+          f"{timing['api_requests_median']:g} API requests per run (median, faulted ones included)")
+    print(f"written to {os.path.relpath(args.out, REPO)}")
+    return 0 if timing["target_met"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

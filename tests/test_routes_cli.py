@@ -1,0 +1,171 @@
+"""`vpcnet routes list|sync|release|gc` as subprocesses, configured through the environment, against the
+real emulator on 127.0.0.1 (the metadata URL is a closed local port: nothing leaves the host)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from vpcnet.emulator import Emulator, serve_in_thread
+
+KEY_ID, SECRET = "cli-key-id", "cli-S3cret-never-printed-0a9d"
+TABLE, VPC, REGION = "vtb-cli0001", "vpc-cli0001", "cn-emu-1"
+CLUSTER = "10.210.0.0/16"
+ME, OTHER, DEAD = "i-cli-me", "i-cli-other", "i-cli-dead"
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def emu():
+    e = Emulator(region=REGION, vpc_id=VPC, route_table_id=TABLE, credentials={KEY_ID: SECRET}, seed=5)
+    e.register_instance(ME, "192.168.0.10")
+    e.register_instance(OTHER, "192.168.0.11")
+    url, stop = serve_in_thread(e)
+    e.test_url = url
+    try:
+        yield e
+    finally:
+        stop()
+        e.close()
+
+
+@pytest.fixture
+def vpcnet(emu, tmp_path):
+    """vpcnet(*args, **env) -> CompletedProcess; stdout and stderr are checked for the secret."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VPCNET_")}
+    env.update({
+        "VPCNET_CONFIG": os.devnull, "VPCNET_STATE_DIR": str(tmp_path / "state"),
+        "VPCNET_SOCKET": str(tmp_path / "vpcnet-cli.sock"), "VPCNET_LOG_LEVEL": "DEBUG",
+        "VPCNET_PROVIDER": "aliyun", "VPCNET_CLUSTER_CIDR": CLUSTER,
+        "VPCNET_ALIYUN_ENDPOINT": emu.test_url, "VPCNET_ALIYUN_REGION_ID": REGION,
+        "VPCNET_ALIYUN_VPC_ID": VPC,            # the table is found through DescribeRouteTableList
+        "VPCNET_ALIYUN_INSTANCE_ID": ME,
+        "VPCNET_ALIYUN_ACCESS_KEY_ID": KEY_ID, "VPCNET_ALIYUN_ACCESS_KEY_SECRET": SECRET,
+        "VPCNET_ALIYUN_METADATA_URL": "http://127.0.0.1:9/",
+    })
+
+    def run(*args: str, timeout: float = 60, **extra: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, "-m", "vpcnet.cli", "routes", *args], env={**env, **extra},
+                              capture_output=True, text=True, timeout=timeout)
+        assert SECRET not in proc.stdout and SECRET not in proc.stderr
+        return proc
+
+    return run
+
+
+def custom(emu) -> dict[str, dict]:
+    return {e["DestinationCidrBlock"]: e for e in emu.entries(TABLE) if e["Type"] == "Custom"}
+
+
+def hop(entry: dict) -> str:
+    return entry["NextHops"]["NextHop"][0]["NextHopId"]
+
+
+def test_sync_then_list(emu, vpcnet):
+    emu.add_custom_entry("10.210.0.0/24", OTHER, name="vpcnet-10-210-0-0-24")     # another host's block
+    emu.configure(pending_delay=0.5)
+    sync = vpcnet("sync", "--wait", "10")
+    assert sync.returncode == 0, sync.stderr
+    assert "10.210.0.0/16 -> 10.210.1.0/24: route Available" in sync.stdout
+    assert "routes in place" in sync.stdout
+    entry = custom(emu)["10.210.1.0/24"]
+    assert hop(entry) == ME and entry["Status"] == "Available"
+
+    again = vpcnet("sync", "--wait", "0")             # restart-like: nothing to do, still exit 0
+    assert again.returncode == 0, again.stderr
+    assert len(custom(emu)) == 2
+
+    table = vpcnet("list")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].startswith(f"route table {TABLE} (aliyun), this instance {ME}")
+    mine = next(line for line in lines if line.startswith("10.210.1.0/24"))
+    assert ME in mine and "Available" in mine and "Custom" in mine and mine.endswith("mine")
+    assert next(line for line in lines if line.startswith("10.210.0.0/24")).endswith("ours-other-host")
+    assert next(line for line in lines if line.startswith("100.64.0.0/10")).endswith("foreign")
+
+    data = json.loads(vpcnet("list", "--json").stdout)
+    assert data["route_table"] == TABLE and data["instance"] == ME and data["cluster_cidrs"] == [CLUSTER]
+    owners = {r["destination"]: r["owner"] for r in data["routes"]}
+    assert owners["10.210.1.0/24"] == "mine" and owners["10.210.0.0/24"] == "ours-other-host"
+    assert owners["192.168.0.0/24"] == "foreign"
+    assert data["claims"] == [{"cluster_cidr": CLUSTER, "host_cidr": "10.210.1.0/24", "route_ok": True,
+                               "reason": ""}]
+
+
+def test_sync_reports_pending_then_succeeds_with_a_longer_wait(emu, vpcnet):
+    emu.configure(pending_delay=1.5)
+    short = vpcnet("sync", "--wait", "0")
+    assert short.returncode == 1
+    assert "is Pending" in short.stderr and "try a longer --wait" in short.stderr
+    assert "10.210.0.0/24" in short.stdout
+    longer = vpcnet("sync", "--wait", "10")
+    assert longer.returncode == 0, longer.stderr
+    assert emu.request_counts["CreateRouteEntry"] == 1
+
+
+def test_sync_fails_clearly_on_a_full_table(emu, vpcnet):
+    emu.configure(quota=1)
+    emu.add_custom_entry("10.210.0.0/24", OTHER, name="vpcnet-10-210-0-0-24")
+    proc = vpcnet("sync", "--wait", "2")
+    assert proc.returncode == 1
+    assert TABLE in proc.stderr and "full" in proc.stderr and "quota is 1" in proc.stderr
+    assert "(not claimed)" in proc.stdout
+
+
+def test_sync_fails_clearly_when_the_cloud_is_unreachable(vpcnet):
+    proc = vpcnet("sync", "--wait", "1", VPCNET_ALIYUN_ENDPOINT=f"http://127.0.0.1:{closed_port()}/",
+                  VPCNET_ALIYUN_ROUTE_TABLE_ID=TABLE, timeout=30)
+    assert proc.returncode == 1
+    assert "unreachable" in proc.stderr and "connection refused" in proc.stderr
+
+
+def test_release_removes_only_this_hosts_routes(emu, vpcnet):
+    emu.add_custom_entry("10.210.0.0/24", OTHER, name="vpcnet-10-210-0-0-24")
+    emu.add_custom_entry("10.210.9.0/24", ME, name="by-hand")                    # hand-made, to us
+    assert vpcnet("sync", "--wait", "5").returncode == 0
+    assert hop(custom(emu)["10.210.1.0/24"]) == ME
+    proc = vpcnet("release")
+    assert proc.returncode == 0, proc.stderr
+    assert f"removed 10.210.1.0/24 -> {ME}" in proc.stdout
+    assert "1 route(s) removed" in proc.stdout
+    assert set(custom(emu)) == {"10.210.0.0/24", "10.210.9.0/24"}
+    again = vpcnet("release")
+    assert again.returncode == 0 and "0 route(s) removed" in again.stdout
+    assert set(custom(emu)) == {"10.210.0.0/24", "10.210.9.0/24"}
+
+
+def test_gc_is_a_dry_run_unless_yes(emu, vpcnet):
+    emu.add_custom_entry("10.210.5.0/24", DEAD, name="vpcnet-10-210-5-0-24")     # vpcnet's, instance gone
+    emu.add_custom_entry("10.210.6.0/24", DEAD, name="by-hand")                  # hand-made, instance gone
+    emu.add_custom_entry("10.210.7.0/24", OTHER, name="vpcnet-10-210-7-0-24")    # vpcnet's, live
+    dry = vpcnet("gc")
+    assert dry.returncode == 0, dry.stderr
+    assert f"would remove 10.210.5.0/24 -> {DEAD}" in dry.stdout and "--yes" in dry.stdout
+    assert "10.210.6.0/24" not in dry.stdout and "10.210.7.0/24" not in dry.stdout
+    assert set(custom(emu)) == {"10.210.5.0/24", "10.210.6.0/24", "10.210.7.0/24"}
+    wet = vpcnet("gc", "--yes")
+    assert wet.returncode == 0, wet.stderr
+    assert f"removed 10.210.5.0/24 -> {DEAD}" in wet.stdout
+    assert set(custom(emu)) == {"10.210.6.0/24", "10.210.7.0/24"}
+    assert "no vpcnet route points at a vanished instance" in vpcnet("gc").stdout
+
+
+def test_configuration_error_exits_2(vpcnet):
+    proc = vpcnet("list", VPCNET_PROVIDER="nowhere")
+    assert proc.returncode == 2 and "configuration error" in proc.stderr
+
+
+def test_bad_credentials_exit_1_with_a_hint(vpcnet):
+    proc = vpcnet("list", VPCNET_ALIYUN_ACCESS_KEY_SECRET="wrong-secret-value")
+    assert proc.returncode == 1
+    assert "SignatureDoesNotMatch" in proc.stderr and "wrong-secret-value" not in proc.stderr

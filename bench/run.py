@@ -202,6 +202,7 @@ class Bench:
             "command": "python3 bench/run.py " + " ".join(sys.argv[1:]),
             "rounds": self.args.rounds, "duration_s": self.args.duration, "rr_count": self.args.rr_count,
             "kernel": platform.release(), "cpus": os.cpu_count(),
+            "loadavg_at_end": open("/proc/loadavg").read().split()[:3],   # other work on the machine skews it
             "docker": sh(self.lab.docker_cmd(1) + ["version", "-f", "{{.Server.Version}}"]).stdout.strip(),
             "iperf3": sh(["iperf3", "--version"]).stdout.splitlines()[0],
             "contenders": {

@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "vpcnet.routes_cli",    # vpcnet routes list|sync|release|gc
     "vpcnet.emulator.cli",  # vpcnet emulator
     "vpcnet.lab.cli",       # vpcnet lab up|status|down
+    "vpcnet.install",       # vpcnet install-systemd
 )
 
 
@@ -66,9 +67,18 @@ def main(argv: list[str] | None = None) -> int:
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # pyroute2 and urllib3 narrate every message at DEBUG: keep them to warnings.
-    for noisy in ("pyroute2", "urllib3", "asyncio"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    # pyroute2 and urllib3 narrate every message at DEBUG: keep them to warnings. A handler filter,
+    # because pyroute2 resets its logger's level when it is imported.
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
+            handler.addFilter(_QuietLibraries())
+
+
+class _QuietLibraries(logging.Filter):
+    NOISY = ("pyroute2", "urllib3", "asyncio")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.name.startswith(self.NOISY)
 
 
 if __name__ == "__main__":

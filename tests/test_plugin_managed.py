@@ -1,0 +1,351 @@
+"""The managed plugin, the way a user installs and runs it: plugin/build.sh (no registry), `docker plugin
+set` while disabled, enable, `docker network create -d NAME --ipam-driver NAME`, containers that ping each
+other, disable/enable, the offline upgrade (rm + a newer build) keeping state and settings, and the enable
+time with an unreachable or silent cloud.
+
+One plugin per module, built under a unique name (`vpcnet-ci-<hex>:latest`) with its own state dir on
+the host and its own cluster CIDR; containers, networks and the plugin are removed at the end whatever
+happens. The main engine is never restarted (other tests share it).
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+
+from conftest import is_root, docker_up, require, run, unique
+
+pytestmark = pytest.mark.docker
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUILD = os.path.join(REPO, "plugin", "build.sh")
+CACHE = os.environ.get("VPCNET_PLUGIN_CACHE", "/var/cache/vpcnet-plugin")
+ENABLE_TARGET = 3.0          # seconds: Docker dials 0.5 s after start, then every 3 s
+
+
+# -- config.json against SETTINGS (no root, no Docker) ---------------------------------------------------
+def test_config_json_env_is_exactly_the_settings():
+    from vpcnet.config import SETTINGS
+
+    sys.path.insert(0, os.path.join(REPO, "plugin"))
+    try:
+        import genconfig
+    finally:
+        sys.path.pop(0)
+    with open(os.path.join(REPO, "plugin", "config.json")) as fh:
+        cfg = json.load(fh)
+    assert fh.name and cfg == json.loads(genconfig.render()), \
+        "plugin/config.json is stale: run python3 plugin/genconfig.py -o plugin/config.json"
+    env = cfg["Env"]
+    assert [e["Name"] for e in env] == [s.env for s in SETTINGS]
+    for entry, setting in zip(env, SETTINGS):
+        assert entry["Description"] == setting.description
+        assert entry["Settable"] == ["value"]
+        assert entry["Value"] == genconfig.env_value(setting.default)
+        # the default, written as `docker plugin set` would, parses back to the default
+        assert setting.parse(entry["Value"]) == setting.default, setting.env
+    assert cfg["Interface"] == {"Types": ["docker.networkdriver/1.0", "docker.ipamdriver/1.0"],
+                                "Socket": "vpcnet.sock"}
+    assert cfg["Network"] == {"Type": "host"}
+    assert cfg["Linux"]["Capabilities"] == ["CAP_NET_ADMIN"]
+    socket_default = next(e["Value"] for e in env if e["Name"] == "VPCNET_SOCKET")
+    assert socket_default == "/run/docker/plugins/" + cfg["Interface"]["Socket"]
+    state = next(m for m in cfg["Mounts"] if m["Name"] == "state")
+    state_default = next(e["Value"] for e in env if e["Name"] == "VPCNET_STATE_DIR")
+    assert state["Type"] == "bind" and state["Destination"] == state_default == state["Source"]
+    assert "rbind" in state["Options"] and state["Settable"] == ["source"]
+
+
+def test_genconfig_check_mode():
+    proc = run([sys.executable, os.path.join(REPO, "plugin", "genconfig.py"), "--check"], check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+# -- the real thing ---------------------------------------------------------------------------------------
+def _free_cluster(exclude: tuple[str, ...] = ()) -> str:
+    """A /16 in 10.228-250 that no route or address on this machine touches."""
+    routes = run(["ip", "-4", "route", "show", "table", "all"]).stdout + run(["ip", "-4", "addr"]).stdout
+    taken = [ipaddress.IPv4Network(e) for e in exclude]
+    for word in routes.split():
+        if word.startswith("10."):
+            try:
+                taken.append(ipaddress.IPv4Network(word, strict=False))
+            except ValueError:
+                pass
+    candidates = list(range(228, 251))
+    random.shuffle(candidates)
+    for n in candidates:
+        net = ipaddress.IPv4Network(f"10.{n}.0.0/16")
+        if not any(net.overlaps(t) for t in taken):
+            return str(net)
+    pytest.skip("no free 10.228-250.0.0/16 for the managed plugin test")
+
+
+class Managed:
+    """One managed plugin and what the tests made with it."""
+
+    def __init__(self, state_dir: str):
+        self.name = f"vpcnet-ci-{uuid.uuid4().hex[:8]}:latest"
+        self.state_dir = state_dir
+        self.cluster = _free_cluster()
+        self.cluster2 = _free_cluster((self.cluster,))    # a second network needs its own cluster CIDR
+        self.cluster3 = _free_cluster((self.cluster, self.cluster2))     # one never claimed
+        self.label = unique("vpcnet-managed-")
+        self.networks: list[str] = []
+        self.containers: list[str] = []
+        self.build_seconds: list[float] = []
+        self.enable_seconds: list[float] = []
+
+    def docker(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+        return run(["docker", *args], check=check, timeout=timeout)
+
+    def build(self, *settings: str) -> str:
+        started = time.monotonic()
+        proc = run(["bash", BUILD, self.name, *settings], timeout=1200)
+        self.build_seconds.append(time.monotonic() - started)
+        return proc.stdout + proc.stderr
+
+    def inspect(self) -> dict:
+        return json.loads(self.docker("plugin", "inspect", self.name).stdout)[0]
+
+    def env(self) -> dict[str, str]:
+        return dict(item.split("=", 1) for item in self.inspect()["Settings"]["Env"])
+
+    def enable(self) -> float:
+        started = time.monotonic()
+        self.docker("plugin", "enable", self.name, timeout=60)
+        took = time.monotonic() - started
+        self.enable_seconds.append(took)
+        return took
+
+    def disable(self) -> None:
+        self.docker("plugin", "disable", "-f", self.name, timeout=60)
+
+    def network(self, *extra: str) -> str:
+        name = unique("vmnet")
+        self.docker("network", "create", "-d", self.name, "--ipam-driver", self.name, *extra, name)
+        self.networks.append(name)
+        return name
+
+    def container(self, network: str, image: str) -> str:
+        name = unique("vmc")
+        self.docker("run", "-d", "--label", self.label, "--name", name, "--network", network, image,
+                    "sleep", "3600")
+        self.containers.append(name)
+        return name
+
+    def ip_of(self, container: str) -> str:
+        out = self.docker("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", container)
+        return out.stdout.split()[0]
+
+    def ping(self, container: str, target: str) -> bool:
+        return self.docker("exec", container, "ping", "-c", "2", "-W", "2", target,
+                           check=False, timeout=30).returncode == 0
+
+    def plugin_log(self) -> str:
+        try:
+            plugin_id = self.inspect()["Id"]
+        except Exception:
+            return ""
+        for path in ("/var/log/dockerd.log", "/var/log/docker.log"):
+            if os.path.exists(path):
+                with open(path, errors="replace") as fh:
+                    return "\n".join(line for line in fh.read().splitlines()[-5000:] if plugin_id in line)[-6000:]
+        return ""
+
+    def cleanup(self) -> None:
+        ids = self.docker("ps", "-aq", "--filter", f"label={self.label}", check=False).stdout.split()
+        if ids:
+            self.docker("rm", "-f", *ids, check=False)
+        if self.docker("plugin", "inspect", self.name, check=False).returncode == 0:
+            if not self.inspect()["Enabled"]:      # removing a network needs its driver
+                self.docker("plugin", "set", self.name, "VPCNET_PROVIDER=local", check=False)
+                self.docker("plugin", "enable", self.name, check=False)
+        mine = self.docker("network", "ls", "-q", "--filter", f"driver={self.name}", check=False).stdout.split()
+        for net in self.networks + mine:
+            self.docker("network", "rm", net, check=False)
+        self.docker("plugin", "disable", "-f", self.name, check=False)
+        self.docker("plugin", "rm", "-f", self.name, check=False)
+
+
+@pytest.fixture(scope="module")
+def managed(tmp_path_factory, test_image):
+    require(is_root(), "needs root")
+    require(docker_up(), "needs a running Docker engine")
+    have_base = os.path.isdir(CACHE) and any(f.startswith("runtime-") for f in os.listdir(CACHE))
+    require(shutil.which("debootstrap") is not None or have_base,
+            "needs debootstrap (apt-get install debootstrap) to build the plugin rootfs")
+    state_dir = str(tmp_path_factory.mktemp("managed-state"))
+    os.chmod(state_dir, 0o700)
+    plugin = Managed(state_dir)
+    plugin.image = test_image
+    try:
+        yield plugin
+    finally:
+        plugin.cleanup()
+        shutil.rmtree(state_dir, ignore_errors=True)
+        print(f"\nmanaged plugin {plugin.name}: build {['%.1fs' % s for s in plugin.build_seconds]}, "
+              f"enable {['%.2fs' % s for s in plugin.enable_seconds]}")
+
+
+@pytest.fixture(scope="module")
+def built(managed):
+    """The plugin built and installed by plugin/build.sh, with its settings given on the command line."""
+    out = managed.build(f"state.source={managed.state_dir}", f"VPCNET_CLUSTER_CIDR={managed.cluster}",
+                        "VPCNET_LOG_LEVEL=DEBUG")
+    assert "rootfs ready" in out and "enabled" in out, out
+    return managed
+
+
+def test_build_leaves_the_plugin_installed_and_enabled(built):
+    info = built.inspect()
+    assert info["Enabled"] is True
+    assert built.env()["VPCNET_CLUSTER_CIDR"] == built.cluster
+    mount = next(m for m in info["Settings"]["Mounts"] if m["Name"] == "state")
+    assert mount["Source"] == built.state_dir
+    assert set(info["Config"]["Interface"]["Types"]) == {"docker.networkdriver/1.0", "docker.ipamdriver/1.0"}
+
+
+def test_network_and_two_containers_that_ping_each_other(built):
+    net = built.network()
+    a, b = built.container(net, built.image), built.container(net, built.image)
+    ip_a, ip_b = built.ip_of(a), built.ip_of(b)
+    cluster = ipaddress.IPv4Network(built.cluster)
+    assert ipaddress.IPv4Address(ip_a) in cluster and ipaddress.IPv4Address(ip_b) in cluster
+    assert built.ping(a, ip_b) and built.ping(b, ip_a), built.plugin_log()
+    # the state is on the host, in the bind-mounted directory
+    assert os.path.exists(os.path.join(built.state_dir, "vpcnet.db"))
+    built.first = (net, a, b, ip_a, ip_b)
+
+
+def test_plugin_set_only_while_disabled(built):
+    refused = built.docker("plugin", "set", built.name, "VPCNET_MTU=1400", check=False)
+    assert refused.returncode != 0, "docker plugin set must be refused while the plugin is enabled"
+    built.disable()
+    built.docker("plugin", "set", built.name, "VPCNET_MTU=1400")
+    assert built.env()["VPCNET_MTU"] == "1400"
+    took = built.enable()
+    assert took < ENABLE_TARGET, f"enable took {took:.2f}s"
+    net = built.network("--subnet", built.cluster2)
+    c = built.container(net, built.image)
+    mtu = built.docker("exec", c, "cat", "/sys/class/net/eth0/mtu").stdout.strip()
+    assert mtu == "1400"
+
+
+def test_disable_enable_keeps_networks_and_containers(built):
+    net, a, b, ip_a, ip_b = built.first
+    built.disable()
+    assert built.ping(a, ip_b), "the datapath must not depend on the plugin process"
+    took = built.enable()
+    assert took < ENABLE_TARGET, f"enable took {took:.2f}s"
+    assert built.ping(a, ip_b) and built.ping(b, ip_a)
+    assert net in built.docker("network", "ls", "--format", "{{.Name}}").stdout.split()
+    c = built.container(net, built.image)
+    ip_c = built.ip_of(c)
+    assert ip_c not in (ip_a, ip_b)
+    assert built.ping(c, ip_a), built.plugin_log()
+    built.first = (net, a, b, ip_a, ip_b, c, ip_c)
+
+
+def test_upgrade_by_a_newer_build_keeps_state_and_settings(built):
+    net, a, b, ip_a, ip_b, c, ip_c = built.first
+    old_id = built.inspect()["Id"]
+    out = built.build()                            # rm -f + create + carried-over settings + enable
+    info = built.inspect()
+    assert info["Id"] != old_id and info["Enabled"], out
+    env = built.env()
+    assert env["VPCNET_CLUSTER_CIDR"] == built.cluster and env["VPCNET_MTU"] == "1400"
+    assert next(m for m in info["Settings"]["Mounts"] if m["Name"] == "state")["Source"] == built.state_dir
+    # running containers kept their datapath, the network its pool, the store its addresses
+    assert built.ping(a, ip_b) and built.ping(c, ip_a)
+    d = built.container(net, built.image)
+    ip_d = built.ip_of(d)
+    assert ip_d not in (ip_a, ip_b, ip_c), "a new build must not hand out an address in use"
+    assert built.ping(d, ip_b), built.plugin_log()
+    # removing a container and the network still works through the new build
+    built.docker("rm", "-f", d)
+    built.containers.remove(d)
+
+
+class SilentServer:
+    """A TCP listener on 127.0.0.1 that accepts and never answers: a cloud API that hangs."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+                self.conns.append(conn)
+            except OSError:
+                continue
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        for conn in self.conns:
+            conn.close()
+        self.sock.close()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]      # closed once we return: connections are refused
+
+
+def test_enable_time_with_an_unreachable_or_silent_cloud(built):
+    # the network of the earlier tests would need its host CIDR from the (now unreachable) cloud:
+    # remove containers and networks first, as a user switching providers would
+    ids = built.docker("ps", "-aq", "--filter", f"label={built.label}").stdout.split()
+    if ids:
+        built.docker("rm", "-f", *ids)
+    for net in list(built.networks):
+        built.docker("network", "rm", net)
+        built.networks.remove(net)
+    silent = SilentServer()
+    try:
+        timings = []
+        built.disable()
+        for endpoint, metadata in ((f"http://127.0.0.1:{_closed_port()}/", f"http://127.0.0.1:{_closed_port()}"),
+                                   (f"http://127.0.0.1:{silent.port}/", f"http://127.0.0.1:{silent.port}")):
+            built.docker("plugin", "set", built.name, "VPCNET_PROVIDER=aliyun",
+                         f"VPCNET_ALIYUN_ENDPOINT={endpoint}", f"VPCNET_ALIYUN_METADATA_URL={metadata}")
+            for _ in range(2):
+                timings.append(built.enable())
+                # the plugin answers Docker at once: a network create fails fast with the reason
+                started = time.monotonic()
+                name = unique("vmnet")
+                built.networks.append(name)
+                proc = built.docker("network", "create", "-d", built.name, "--ipam-driver", built.name,
+                                    "--subnet", built.cluster3, name, check=False, timeout=60)
+                assert proc.returncode != 0, "a block of a cluster never claimed cannot come from a dead cloud"
+                assert time.monotonic() - started < 15, "IPAM must not wait on the cloud"
+                assert "claim" in proc.stderr.lower() or "metadata" in proc.stderr.lower(), proc.stderr
+                built.disable()
+        print(f"enable with an unreachable/silent cloud: {['%.2f' % t for t in timings]} s")
+        assert max(timings) < ENABLE_TARGET, f"enable took {timings} s (target < {ENABLE_TARGET} s)"
+        assert statistics.median(timings) < 1.5
+    finally:
+        silent.close()
+        built.docker("plugin", "set", built.name, "VPCNET_PROVIDER=local", check=False)

@@ -7,7 +7,9 @@ thread on a free port; `stop()` shuts it down and is safe to call twice.
 from __future__ import annotations
 
 import json
+import socket
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlsplit
@@ -139,3 +141,27 @@ class ApiHandler(_Quiet):
     def _error(self, status: int, code: str, message: str) -> None:
         self._send(status, json.dumps({"RequestId": "req-fake", "HostId": "fake", "Code": code,
                                        "Message": message}), "application/json")
+
+
+def closed_port() -> int:
+    """A 127.0.0.1 port nothing listens on: an unreachable endpoint that answers at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serving_emulator(instances: dict[str, str], **emulator_args):
+    """The real emulator on 127.0.0.1 with `instances` (id -> underlay IP) registered; `.test_url` set."""
+    from vpcnet.emulator import Emulator, serve_in_thread
+
+    emu = Emulator(**emulator_args)
+    for instance_id, ip in instances.items():
+        emu.register_instance(instance_id, ip)
+    url, stop = serve_in_thread(emu)
+    emu.test_url = url
+    try:
+        yield emu
+    finally:
+        stop()
+        emu.close()

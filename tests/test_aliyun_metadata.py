@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 
 import pytest
 
-from aliyun_fakes import ApiHandler, ApiState, MetadataHandler, MetadataState, serve
+from aliyun_fakes import ApiHandler, ApiState, MetadataHandler, MetadataState, closed_port, serve
 from vpcnet.cloud.aliyun import AliyunProvider, parse_credentials_text
 from vpcnet.cloud.aliyun_signature import percent_encode
 from vpcnet.config import Config
@@ -61,12 +60,6 @@ def make(providers, **kw) -> AliyunProvider:
 
 def iso_in(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + seconds))
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sts(key_id: str, secret: str, token: str, expires_in: float) -> dict:

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 
 import pytest
 
-from aliyun_fakes import ApiHandler, ApiState, serve
+from aliyun_fakes import ApiHandler, ApiState, closed_port, serve, serving_emulator
 from vpcnet.cloud import DuplicateRoute, QuotaExceeded, Route
 from vpcnet.cloud import aliyun
 from vpcnet.cloud.aliyun import AliyunProvider
 from vpcnet.config import Config
-from vpcnet.emulator import Emulator, serve_in_thread
 from vpcnet.emulator.state import FAULT_STATUS
 from vpcnet.errors import Fatal, Retryable
 
@@ -23,25 +21,12 @@ ME, OTHER = "i-emu-h1", "i-emu-h2"
 TABLE, VPC, REGION = "vtb-emu0001", "vpc-emu0001", "cn-emu-1"
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def emu():
-    e = Emulator(region=REGION, vpc_id=VPC, route_table_id=TABLE, credentials={KEY_ID: SECRET},
-                 pending_delay=0.0, quota=200, seed=7)
-    e.register_instance(ME, "192.168.77.2")
-    e.register_instance(OTHER, "192.168.77.3")
-    url, stop = serve_in_thread(e)
-    e.test_url = url
-    try:
+    with serving_emulator({ME: "192.168.77.2", OTHER: "192.168.77.3"}, region=REGION, vpc_id=VPC,
+                          route_table_id=TABLE, credentials={KEY_ID: SECRET}, pending_delay=0.0, quota=200,
+                          seed=7) as e:
         yield e
-    finally:
-        stop()
-        e.close()
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import threading
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from fakes import Clock, make_config
 from vpcnet.errors import Conflict, Exhausted, InvalidRequest, NotFound

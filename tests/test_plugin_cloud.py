@@ -4,12 +4,12 @@ unreachable cloud never stops the plugin from starting and answering; one reconc
 of workers; a clean SIGTERM keeps the route. Needs root (the plugin socket lives in /run/docker/plugins)."""
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
 
-from vpcnet.emulator import Emulator, serve_in_thread
+from aliyun_fakes import closed_port, serving_emulator
+
 
 KEY_ID, SECRET = "plugin-key-id", "plugin-S3cret-never-logged-77e1"
 TABLE, VPC, REGION = "vtb-plug0001", "vpc-plug0001", "cn-emu-1"
@@ -17,24 +17,11 @@ ME = "i-plugin-me"
 POOL_REQUEST = {"AddressSpace": "vpcnet-local", "Pool": "", "SubPool": "", "Options": {}, "V6": False}
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def emu():
-    e = Emulator(region=REGION, vpc_id=VPC, route_table_id=TABLE, credentials={KEY_ID: SECRET}, seed=9,
-                 pending_delay=0.5)
-    e.register_instance(ME, "192.168.0.10")
-    url, stop = serve_in_thread(e)
-    e.test_url = url
-    try:
+    with serving_emulator({ME: "192.168.0.10"}, region=REGION, vpc_id=VPC, route_table_id=TABLE,
+                          credentials={KEY_ID: SECRET}, seed=9, pending_delay=0.5) as e:
         yield e
-    finally:
-        stop()
-        e.close()
 
 
 def cloud_env(endpoint: str, **extra: str) -> dict[str, str]:

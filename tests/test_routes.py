@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
 
 import pytest
 
+from aliyun_fakes import closed_port, serving_emulator
+
 from vpcnet import routes as routes_mod
 from vpcnet.cloud import Route
 from vpcnet.cloud.aliyun import AliyunProvider
 from vpcnet.config import Config
-from vpcnet.emulator import Emulator, serve_in_thread
 from vpcnet.errors import Fatal, NotReady, Retryable
 from vpcnet.routes import FATAL, PENDING, TRANSIENT, Backoff, RouteKeeper
 from vpcnet.store import Store
@@ -28,12 +28,6 @@ TABLE, VPC, REGION = "vtb-routes01", "vpc-routes01", "cn-emu-1"
 CLUSTER = "10.200.0.0/16"
 ME, OTHER, DEAD = "i-routes-me", "i-routes-other", "i-routes-dead"
 FAULT_CODES = ("Throttling", "ServiceUnavailable", "InternalError", "TaskConflict")
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)
@@ -49,18 +43,10 @@ def no_secret_logged(caplog):
 
 @pytest.fixture
 def emu():
-    e = Emulator(region=REGION, vpc_id=VPC, route_table_id=TABLE, credentials={KEY_ID: SECRET},
-                 pending_delay=0.0, seed=11)
-    e.add_sts_credentials(STS_KEY, STS_SECRET, STS_TOKEN)
-    for i, iid in enumerate((ME, OTHER)):
-        e.register_instance(iid, f"192.168.0.{10 + i}")
-    url, stop = serve_in_thread(e)
-    e.test_url = url
-    try:
+    with serving_emulator({ME: "192.168.0.10", OTHER: "192.168.0.11"}, region=REGION, vpc_id=VPC,
+                          route_table_id=TABLE, credentials={KEY_ID: SECRET}, pending_delay=0.0, seed=11) as e:
+        e.add_sts_credentials(STS_KEY, STS_SECRET, STS_TOKEN)
         yield e
-    finally:
-        stop()
-        e.close()
 
 
 def make_config(emu, state_dir, instance=ME, **kw) -> Config:

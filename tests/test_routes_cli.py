@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from vpcnet.emulator import Emulator, serve_in_thread
+from aliyun_fakes import closed_port, serving_emulator
+
 
 KEY_ID, SECRET = "cli-key-id", "cli-S3cret-never-printed-0a9d"
 TABLE, VPC, REGION = "vtb-cli0001", "vpc-cli0001", "cn-emu-1"
@@ -18,24 +18,11 @@ CLUSTER = "10.210.0.0/16"
 ME, OTHER, DEAD = "i-cli-me", "i-cli-other", "i-cli-dead"
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def emu():
-    e = Emulator(region=REGION, vpc_id=VPC, route_table_id=TABLE, credentials={KEY_ID: SECRET}, seed=5)
-    e.register_instance(ME, "192.168.0.10")
-    e.register_instance(OTHER, "192.168.0.11")
-    url, stop = serve_in_thread(e)
-    e.test_url = url
-    try:
+    with serving_emulator({ME: "192.168.0.10", OTHER: "192.168.0.11"}, region=REGION, vpc_id=VPC,
+                          route_table_id=TABLE, credentials={KEY_ID: SECRET}, seed=5) as e:
         yield e
-    finally:
-        stop()
-        e.close()
 
 
 @pytest.fixture

@@ -69,12 +69,14 @@ class FakeDataplane:
         self.networks[spec.bridge] = spec
         self.chains.add(("filter", spec.filter_chain))
         self.chains.add(("nat", spec.nat_chain))
+        self.chains.add(("raw", spec.raw_chain))
 
     def delete_network(self, spec) -> None:
         self._call("delete_network", spec)
         self.networks.pop(spec.bridge, None)
         self.chains.discard(("filter", spec.filter_chain))
         self.chains.discard(("nat", spec.nat_chain))
+        self.chains.discard(("raw", spec.raw_chain))
 
     def network_exists(self, spec) -> bool:
         self._call("network_exists", spec)
@@ -84,7 +86,7 @@ class FakeDataplane:
         self._call("stale_chains", frozenset(known_tags))
         out = []
         for table, chain in sorted(self.chains):
-            prefix = "VPCNET-F-" if table == "filter" else "VPCNET-N-"
+            prefix = {"filter": "VPCNET-F-", "nat": "VPCNET-N-", "raw": "VPCNET-R-"}[table]
             if chain.startswith(prefix) and chain[len(prefix):] not in known_tags:
                 out.append((table, chain))
         return out

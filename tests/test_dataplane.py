@@ -1,6 +1,7 @@
 """The dataplane against the real kernel, inside network namespaces the tests make (never the host's)."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 
 import pytest
@@ -52,6 +53,35 @@ def attach_container(host_ns: str, dp: Dataplane, netspec: NetworkSpec, netns_fa
     return sandbox
 
 
+def peer_host(host_ns: str, netns_factory) -> str:
+    """Another 'host' behind a link of `host_ns`: 198.51.100.2 (outside the cluster) and 10.77.9.2 (a
+    container address of another host's block inside the cluster CIDR 10.77.0.0/16)."""
+    peer = netns_factory("vpcpeer")
+    link = unique("vp")
+    run(["ip", "-n", host_ns, "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", peer])
+    run(["ip", "-n", host_ns, "addr", "add", "198.51.100.1/24", "dev", link])
+    run(["ip", "-n", host_ns, "link", "set", link, "up"])
+    run(["ip", "-n", host_ns, "route", "add", "10.77.9.0/24", "via", "198.51.100.2"])
+    run(["ip", "-n", peer, "addr", "add", "198.51.100.2/24", "dev", "eth0"])
+    run(["ip", "-n", peer, "addr", "add", "10.77.9.2/32", "dev", "eth0"])
+    run(["ip", "-n", peer, "link", "set", "eth0", "up"])
+    run(["ip", "-n", peer, "route", "add", "10.77.0.0/16", "via", "198.51.100.1"])
+    return peer
+
+
+def counters(ns: str, table: str, chain: str) -> dict[str, int]:
+    """Packets per rule comment in `chain` (counting rules the tests add, each with a comment)."""
+    out = {}
+    for line in ns_run(ns, "iptables", "-t", table, "-L", chain, "-v", "-n", "-x").stdout.splitlines()[2:]:
+        if "/* " in line:
+            out[line.split("/* ")[1].split(" */")[0]] = int(line.split()[0])
+    return out
+
+
+def count_rule(ns: str, table: str, chain: str, name: str, *match: str) -> None:
+    ns_run(ns, "iptables", "-t", table, "-I", chain, "1", *match, "-m", "comment", "--comment", name)
+
+
 def test_network_bridge_gateway_mtu_forwarding_and_idempotence(host):
     dp = Dataplane(netns=host)
     s = spec()
@@ -79,7 +109,7 @@ def test_delete_network_removes_bridge_and_its_rules_and_ignores_what_is_gone(ho
     dp.delete_network(s)
     dp.delete_network(s)
     assert s.bridge not in run(["ip", "-n", host, "link"]).stdout
-    assert s.tag not in rules(host, "filter") + rules(host, "nat")
+    assert s.tag not in rules(host, "filter") + rules(host, "nat") + rules(host, "raw")
 
 
 def test_containers_talk_inside_and_are_masqueraded_only_when_leaving_the_cluster(host, netns_factory):
@@ -142,10 +172,10 @@ def test_stale_chains_of_forgotten_networks_are_found_and_dropped(host):
     assert dp.stale_chains({keep.tag}) == [], "its bridge exists: maybe another vpcnet instance's network"
     run(["ip", "-n", host, "link", "del", gone.bridge])
     stale = dp.stale_chains({keep.tag})
-    assert sorted(stale) == [("filter", gone.filter_chain), ("nat", gone.nat_chain)]
+    assert sorted(stale) == [("filter", gone.filter_chain), ("nat", gone.nat_chain), ("raw", gone.raw_chain)]
     for table, chain in stale:
         dp.drop_stale_chain(table, chain)
-    text = rules(host, "filter") + rules(host, "nat")
+    text = rules(host, "filter") + rules(host, "nat") + rules(host, "raw")
     assert gone.tag not in text and keep.tag in text
 
 
@@ -157,3 +187,37 @@ def test_overlapping_routes_names_the_device(host):
 
 def test_uplink_mtu_without_a_default_route_is_1500(netns_factory):
     assert Dataplane(netns=netns_factory("vpcdp")).uplink_mtu() == 1500
+
+
+@pytest.mark.parametrize("internal", [False, True])
+def test_cluster_traffic_is_untracked_but_gateway_and_outside_traffic_is_tracked(host, netns_factory, internal):
+    dp = Dataplane(netns=host)
+    s = spec(internal=internal)
+    dp.ensure_network(s)
+    dp.ensure_network(s)                                   # idempotent: still one rule set
+    raw = rules(host, "raw")
+    assert "-A PREROUTING -j VPCNET-RAW" in raw and raw.count(f"-A VPCNET-RAW -j {s.raw_chain}") == 1
+    assert f"-A {s.raw_chain} -d {s.gateway}/32" in raw and f"-A {s.raw_chain} -s {s.gateway}/32" in raw
+    assert f"-s {s.host_cidr} -d {s.cluster_cidr}" in raw and f"-s {s.cluster_cidr} -d {s.host_cidr}" in raw
+    assert raw.count("--notrack") == 2
+    a = attach_container(host, dp, s, netns_factory, "10.77.3.2", "a" * 64)
+    peer = peer_host(host, netns_factory)
+    ns_run(host, "iptables", "-P", "FORWARD", "DROP")      # as Docker leaves it
+    for name, match in (("out-untracked", ["-s", "10.77.3.2", "-d", "10.77.9.2"]),
+                        ("back-untracked", ["-s", "10.77.9.2", "-d", "10.77.3.2"])):
+        count_rule(host, "filter", "FORWARD", name, *match, "-m", "conntrack", "--ctstate", "UNTRACKED")
+    count_rule(host, "filter", "INPUT", "gw-untracked", "-d", s.gateway, "-m", "conntrack", "--ctstate", "UNTRACKED")
+    count_rule(host, "filter", "INPUT", "gw-tracked", "-d", s.gateway, "-m", "conntrack", "--ctstate", "NEW")
+    assert run(["ip", "netns", "exec", a, "busybox", "ping", "-c2", "-W2", "10.77.9.2"]).returncode == 0
+    assert run(["ip", "netns", "exec", a, "busybox", "ping", "-c1", "-W2", s.gateway]).returncode == 0
+    fwd, inp = counters(host, "filter", "FORWARD"), counters(host, "filter", "INPUT")
+    assert fwd["out-untracked"] >= 2 and fwd["back-untracked"] >= 2, "cluster traffic: no conntrack entry"
+    assert inp["gw-tracked"] >= 1 and inp["gw-untracked"] == 0, "host <-> container stays tracked"
+    if shutil.which("conntrack"):
+        entries = ns_run(host, "conntrack", "-L", "-p", "icmp", check=False).stdout
+        assert "dst=10.77.9.2" not in entries and f"dst={s.gateway}" in entries
+    outside = run(["ip", "netns", "exec", a, "busybox", "ping", "-c1", "-W2", "198.51.100.2"], check=False)
+    assert (outside.returncode == 0) is (not internal), "outside: masqueraded, or dropped when internal"
+    dp.delete_network(s)
+    assert s.tag not in rules(host, "raw")
+    assert "VPCNET-RAW" in rules(host, "raw"), "the top-level chain stays, like VPCNET-FORWARD"

@@ -95,13 +95,17 @@ class FakeDataplane:
         self._call("drop_stale_chain", table, chain)
         self.chains.discard((table, chain))
 
-    def ensure_endpoint(self, bridge: str, host_veth: str, peer_veth: str, mac: str, mtu: int) -> None:
-        self._call("ensure_endpoint", bridge, host_veth, peer_veth, mac, mtu)
+    def ensure_endpoint(self, bridge: str, host_veth: str, peer_veth: str, mac: str, mtu: int,
+                        address: str | None = None) -> None:
+        # the call is logged with the routed address only when there is one (bridge mode: 5 arguments)
+        self._call("ensure_endpoint", bridge, host_veth, peer_veth, mac, mtu, *([address] if address else []))
         if bridge not in self.networks:
             raise DataplaneError(f"bridge {bridge} is missing")
         if host_veth not in self.links:        # like the real one: an existing pair is kept as it is
             self.links[host_veth] = {"peer": peer_veth, "mac": mac, "peer_present": True}
         self.links[host_veth].update(bridge=bridge, mtu=mtu)
+        if address:                            # routed mode: a /32 route to the host end
+            self.links[host_veth]["route"] = f"{address}/32"
 
     def delete_endpoint(self, host_veth: str) -> None:
         self._call("delete_endpoint", host_veth)

@@ -7,16 +7,16 @@ import subprocess
 import pytest
 
 from conftest import run, unique
-from vpcnet.dataplane import Dataplane, NetworkSpec, bridge_name, mac_for, veth_names
+from vpcnet.dataplane import Dataplane, NetworkSpec, anchor_peer, bridge_name, mac_for, veth_names
 
 pytestmark = pytest.mark.root
 
 
 def spec(tag="a1b2c3d4e5f6", host="10.77.3.0/24", cluster="10.77.0.0/16", mtu=1500, internal=False,
-         no_nat=()) -> NetworkSpec:
+         no_nat=(), mode="bridge") -> NetworkSpec:
     gateway = host.rsplit(".", 1)[0] + ".1"
     return NetworkSpec(tag=tag, bridge=bridge_name(tag + "0" * 52), gateway=gateway, host_cidr=host,
-                       cluster_cidr=cluster, mtu=mtu, internal=internal, no_nat=tuple(no_nat))
+                       cluster_cidr=cluster, mtu=mtu, internal=internal, no_nat=tuple(no_nat), mode=mode)
 
 
 def ns_run(ns: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -44,7 +44,7 @@ def attach_container(host_ns: str, dp: Dataplane, netspec: NetworkSpec, netns_fa
     """What Docker does at Join: move the container end into a sandbox, name it eth0, address it."""
     sandbox = netns_factory("vpcsb")
     host_veth, peer = veth_names(eid)
-    dp.ensure_endpoint(netspec.bridge, host_veth, peer, mac_for(ip), netspec.mtu)
+    dp.ensure_endpoint(netspec.bridge, host_veth, peer, mac_for(ip), netspec.mtu, ip if netspec.routed else None)
     run(["ip", "-n", host_ns, "link", "set", peer, "netns", sandbox])
     run(["ip", "-n", sandbox, "link", "set", peer, "name", "eth0"])
     run(["ip", "-n", sandbox, "addr", "add", f"{ip}/{netspec.prefixlen}", "dev", "eth0"])
@@ -55,15 +55,18 @@ def attach_container(host_ns: str, dp: Dataplane, netspec: NetworkSpec, netns_fa
 
 def peer_host(host_ns: str, netns_factory) -> str:
     """Another 'host' behind a link of `host_ns`: 198.51.100.2 (outside the cluster) and 10.77.9.2 (a
-    container address of another host's block inside the cluster CIDR 10.77.0.0/16)."""
+    container address of another host's block inside the cluster CIDR 10.77.0.0/16), and 203.0.113.2 (a
+    destination a test may put on the no-NAT list)."""
     peer = netns_factory("vpcpeer")
     link = unique("vp")
     run(["ip", "-n", host_ns, "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", peer])
     run(["ip", "-n", host_ns, "addr", "add", "198.51.100.1/24", "dev", link])
+    run(["ip", "-n", host_ns, "addr", "add", "203.0.113.1/24", "dev", link])
     run(["ip", "-n", host_ns, "link", "set", link, "up"])
     run(["ip", "-n", host_ns, "route", "add", "10.77.9.0/24", "via", "198.51.100.2"])
     run(["ip", "-n", peer, "addr", "add", "198.51.100.2/24", "dev", "eth0"])
     run(["ip", "-n", peer, "addr", "add", "10.77.9.2/32", "dev", "eth0"])
+    run(["ip", "-n", peer, "addr", "add", "203.0.113.2/24", "dev", "eth0"])
     run(["ip", "-n", peer, "link", "set", "eth0", "up"])
     run(["ip", "-n", peer, "route", "add", "10.77.0.0/16", "via", "198.51.100.1"])
     return peer
@@ -221,3 +224,84 @@ def test_cluster_traffic_is_untracked_but_gateway_and_outside_traffic_is_tracked
     dp.delete_network(s)
     assert s.tag not in rules(host, "raw")
     assert "VPCNET-RAW" in rules(host, "raw"), "the top-level chain stays, like VPCNET-FORWARD"
+
+
+def ping(ns: str, target: str) -> bool:
+    return run(["ip", "netns", "exec", ns, "busybox", "ping", "-c1", "-W2", target], check=False).returncode == 0
+
+
+def test_routed_network_has_no_bridge_and_containers_reach_each_other_the_host_and_outside(host, netns_factory):
+    dp = Dataplane(netns=host)
+    s = spec(mode="routed", mtu=1400, no_nat=["203.0.113.0/24"])
+    dp.ensure_network(s)
+    dp.ensure_network(s)                                   # idempotent
+    anchor = run(["ip", "-n", host, "-d", "link", "show", s.bridge]).stdout
+    assert "veth" in anchor and "bridge" not in anchor and "UP" in anchor
+    assert run(["ip", "-n", host, "-4", "-o", "addr", "show", s.bridge]).stdout.count("inet ") == 1
+    assert f"{s.gateway}/24" in run(["ip", "-n", host, "-4", "-o", "addr", "show", s.bridge]).stdout
+    a = attach_container(host, dp, s, netns_factory, "10.77.3.2", "a" * 64)
+    b = attach_container(host, dp, s, netns_factory, "10.77.3.3", "b" * 64)
+    ha, hb = veth_names("a" * 64)[0], veth_names("b" * 64)[0]
+    link = run(["ip", "-n", host, "-d", "link", "show", ha]).stdout
+    assert "master" not in link and "mtu 1400" in link
+    assert "inet " not in run(["ip", "-n", host, "-4", "addr", "show", ha]).stdout
+    assert ns_run(host, "sysctl", "-n", f"net.ipv4.conf.{ha}.proxy_arp").stdout.strip() == "1"
+    routes = run(["ip", "-n", host, "-4", "route", "show"]).stdout
+    assert f"10.77.3.2 dev {ha} " in routes and f"10.77.3.3 dev {hb} " in routes and "scope link" in routes
+    ns_run(host, "iptables", "-P", "FORWARD", "DROP")      # as Docker leaves it
+    assert ping(a, "10.77.3.3") and ping(b, "10.77.3.2"), "container <-> container (proxy ARP, /32 routes)"
+    assert ping(a, s.gateway), "container -> gateway"
+    assert ns_run(host, "busybox", "ping", "-c1", "-W2", "10.77.3.2", check=False).returncode == 0, "host -> container"
+    assert "10.77.3.0/24" in run(["ip", "-n", a, "-4", "route"]).stdout, "the container keeps the pool prefix"
+    # cluster traffic is untracked; outside traffic is masqueraded; no-NAT destinations keep the source
+    peer = peer_host(host, netns_factory)
+    count_rule(host, "filter", "FORWARD", "untracked", "-s", "10.77.3.2", "-d", "10.77.9.2",
+               "-m", "conntrack", "--ctstate", "UNTRACKED")
+    for source in ("198.51.100.1", "10.77.3.2"):
+        ns_run(peer, "iptables", "-A", "INPUT", "-p", "icmp", "-s", source, "-m", "comment", "--comment", source)
+    assert ping(a, "10.77.9.2") and ping(a, "198.51.100.2") and ping(a, "203.0.113.2")
+    assert counters(host, "filter", "FORWARD")["untracked"] >= 1
+    seen = counters(peer, "filter", "INPUT")
+    assert seen["198.51.100.1"] >= 1, "outside the cluster: masqueraded to the host's address"
+    assert seen["10.77.3.2"] >= 2, "cluster and no-NAT destinations: the container's own address"
+    filt = rules(host, "filter")
+    mine = [line for line in filt.splitlines() if line.startswith(f"-A {s.filter_chain} ")]
+    assert len(mine) == 2 and all("vh+" in line and s.host_cidr in line for line in mine), mine
+    assert f"-i {s.bridge}" not in filt and f"-o {s.bridge}" not in filt
+    # removal: the veth takes its /32 route, the network its anchor (and peer), chains and rules
+    dp.delete_endpoint(ha)
+    assert "10.77.3.2 " not in run(["ip", "-n", host, "-4", "route", "show"]).stdout
+    dp.delete_endpoint(hb)
+    dp.delete_network(s)
+    dp.delete_network(s)
+    links = run(["ip", "-n", host, "link"]).stdout
+    assert s.bridge not in links and anchor_peer(s.bridge) not in links
+    assert "10.77.3." not in run(["ip", "-n", host, "-4", "route", "show"]).stdout
+    assert s.tag not in rules(host, "filter") + rules(host, "nat") + rules(host, "raw")
+
+
+def test_routed_internal_network_forwards_only_inside_the_cluster(host, netns_factory):
+    dp = Dataplane(netns=host)
+    s = spec(mode="routed", internal=True)
+    dp.ensure_network(s)
+    a = attach_container(host, dp, s, netns_factory, "10.77.3.2", "a" * 64)
+    attach_container(host, dp, s, netns_factory, "10.77.3.3", "b" * 64)
+    peer_host(host, netns_factory)
+    ns_run(host, "iptables", "-P", "FORWARD", "ACCEPT")   # even then: vpcnet's own DROPs hold
+    assert ping(a, "10.77.3.3") and ping(a, "10.77.9.2") and ping(a, s.gateway)
+    assert not ping(a, "198.51.100.2"), "internal: no outside access"
+    assert s.nat_chain not in rules(host, "nat")
+
+
+def test_routed_endpoint_ensured_again_gets_its_route_back(host, netns_factory):
+    dp = Dataplane(netns=host)
+    s = spec(mode="routed")
+    dp.ensure_network(s)
+    a = attach_container(host, dp, s, netns_factory, "10.77.3.2", "a" * 64)
+    ha, pa = veth_names("a" * 64)
+    run(["ip", "-n", host, "route", "del", "10.77.3.2/32"])       # e.g. flushed by someone
+    dp.ensure_endpoint(s.bridge, ha, pa, mac_for("10.77.3.2"), s.mtu, "10.77.3.2")   # what restore() does
+    assert f"10.77.3.2 dev {ha}" in run(["ip", "-n", host, "-4", "route", "show"]).stdout
+    assert ping(a, s.gateway)
+    with pytest.raises(Exception, match="missing"):
+        dp.ensure_endpoint("vpc-nosuchanchr", *veth_names("c" * 64), mac_for("10.77.3.4"), 1500, "10.77.3.4")

@@ -276,3 +276,29 @@ def test_start_after_a_reboot_rebuilds_bridge_and_rules_from_state(plugin_factor
     a = dock.run_container(net).name
     b = dock.run_container(net).name
     assert ping(dock, a, b) and ping(dock, a, status["gateway"])
+
+
+def test_routed_mode_network_without_a_bridge(plugin_factory, dock, outside):
+    """`-o vpcnet.mode=routed`: no bridge, proxy ARP and a /32 route per container; same behaviour."""
+    plugin = plugin_factory()
+    net = dock.network_create(plugin, None, "-o", "vpcnet.mode=routed").name
+    status = plugin.status()["networks"][0]
+    anchor, gateway = status["bridge"], status["gateway"]
+    assert "bridge" not in run(["ip", "-d", "link", "show", anchor]).stdout
+    a = dock.run_container(net).name
+    b = dock.run_container(net).name
+    ip_a = dock.ip_of(a)
+    host_veth = next(ep["host_veth"] for ep in plugin.status()["networks"][0]["endpoints"] if ep["address"] == ip_a)
+    assert "master" not in run(["ip", "-d", "link", "show", host_veth]).stdout
+    assert f"{ip_a} dev {host_veth}" in run(["ip", "-4", "route", "show"]).stdout
+    assert ping(dock, b, a), "by name through Docker's embedded DNS"
+    assert ping(dock, a, dock.ip_of(b))
+    assert ping(dock, a, gateway), "container -> host (gateway)"
+    assert run(["busybox", "ping", "-c1", "-W2", ip_a], check=False).returncode == 0, "host -> container"
+    assert peer_seen_by(outside, dock, a) == OUTSIDE_HOST_IP, "outside: masqueraded"
+    bad = dock.network_create(plugin, None, "-o", "vpcnet.mode=ipvlan", "--subnet", "10.98.0.0/16", check=False)
+    assert bad.returncode != 0 and "unknown mode" in bad.stderr
+    dock.cleanup()
+    assert anchor not in run(["ip", "-o", "link"]).stdout and host_veth not in run(["ip", "-o", "link"]).stdout
+    assert ip_a not in run(["ip", "-4", "route", "show"]).stdout
+    assert status["network_id"][:12] not in run(["iptables-save"]).stdout

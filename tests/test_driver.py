@@ -6,7 +6,7 @@ import pytest
 
 from fakes import FakeDataplane, make_plugin
 from vpcnet.dataplane import bridge_name, mac_for, veth_names
-from vpcnet.driver import GENERIC, INTERNAL_OPTION, MTU_OPTION, spec_of
+from vpcnet.driver import GENERIC, INTERNAL_OPTION, MODE_OPTION, MTU_OPTION, spec_of
 from vpcnet.errors import Conflict, DataplaneError, InvalidRequest, NotFound
 
 NID = "c0ffee" * 10 + "abcd"
@@ -323,3 +323,95 @@ def test_endpoint_id_prefix_collision_leaves_the_other_endpoint_alone(plug):
     except Exception:            # refusing is fine; breaking the first endpoint is not
         pass
     assert host_veth in plug.dataplane.links, "the first endpoint's veth was deleted by the undo"
+
+
+
+# -- routed mode --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("raw,mode", [(None, "bridge"), ("", "bridge"), ("bridge", "bridge"), ("routed", "routed"),
+                                      (" Routed ", "routed")])
+def test_mode_option_is_stored_and_handed_to_the_dataplane(plug, raw, mode):
+    net = create(plug, generic={} if raw is None else {MODE_OPTION: raw})
+    assert net.mode == mode and spec_of(net).mode == mode
+    assert plug.dataplane.networks[net.bridge].mode == mode
+    assert plug.store.network(NID).mode == mode
+
+
+@pytest.mark.parametrize("raw", ["ipvlan", "bridged", "1", "route"])
+def test_unknown_mode_is_refused_and_changes_nothing(plug, raw):
+    pool = pool_of(plug)
+    with pytest.raises(InvalidRequest, match="unknown mode") as info:
+        create(plug, pool=pool, generic={MODE_OPTION: raw})
+    assert MODE_OPTION in str(info.value) and "bridge, routed" in str(info.value)
+    assert plug.store.networks() == [] and plug.dataplane.networks == {}
+
+
+def test_unknown_option_message_names_the_mode_option(plug):
+    with pytest.raises(InvalidRequest, match="vpcnet.mode"):
+        create(plug, generic={"vpcnet.moed": "routed"})
+
+
+def test_routed_endpoint_join_and_restore_pass_the_address(tmp_path):
+    plug = make_plugin(tmp_path)
+    net = create(plug, generic={MODE_OPTION: "routed"})
+    address, _ = endpoint(plug)
+    ip = address.split("/")[0]
+    host_veth, peer_veth = veth_names(EID)
+    assert plug.dataplane.called("ensure_endpoint")[-1] == (
+        "ensure_endpoint", net.bridge, host_veth, peer_veth, mac_for(ip), net.mtu, ip)
+    assert plug.dataplane.links[host_veth]["route"] == f"{ip}/32"
+    answer = plug.driver.join(NID, EID, "/var/run/docker/netns/x", {})
+    assert answer["InterfaceName"]["SrcName"] == peer_veth and answer["Gateway"] == net.gateway
+    plug.dataplane.lose_peer(host_veth)
+    plug.driver.join(NID, EID, "/var/run/docker/netns/x", {})
+    assert plug.dataplane.called("ensure_endpoint")[-1][-1] == ip
+    # a plugin restart: the host veth is still there (the container lives on), its route must come back
+    fresh = FakeDataplane()
+    fresh.networks[net.bridge] = spec_of(net)
+    fresh.links[host_veth] = {"peer": peer_veth, "mac": mac_for(ip), "peer_present": True}
+    make_plugin(tmp_path, dataplane=fresh).driver.restore()
+    assert fresh.networks[net.bridge].mode == "routed"
+    assert fresh.links[host_veth]["route"] == f"{ip}/32"
+    # ... but an endpoint whose veth is gone (a reboot) is left for Join to recreate
+    gone = FakeDataplane()
+    make_plugin(tmp_path, dataplane=gone).driver.restore()
+    assert gone.links == {} and not gone.called("ensure_endpoint")
+
+
+def test_bridge_endpoints_are_not_touched_by_restore(tmp_path):
+    plug = make_plugin(tmp_path)
+    create(plug)
+    endpoint(plug)
+    fresh = FakeDataplane()
+    fresh.links[veth_names(EID)[0]] = {"peer": veth_names(EID)[1], "mac": "x", "peer_present": True}
+    make_plugin(tmp_path, dataplane=fresh).driver.restore()
+    assert not fresh.called("ensure_endpoint")
+
+
+def test_a_version_1_state_file_is_migrated_and_keeps_its_networks(tmp_path):
+    import sqlite3
+
+    from vpcnet.store import SCHEMA_VERSION, Store
+
+    path = str(tmp_path / "state" / "vpcnet.db")
+    (tmp_path / "state").mkdir()
+    conn = sqlite3.connect(path)       # what vpcnet with schema 1 wrote
+    conn.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema_version', '1');
+        CREATE TABLE networks (network_id TEXT PRIMARY KEY, host_cidr TEXT NOT NULL UNIQUE,
+            cluster_cidr TEXT NOT NULL, gateway TEXT NOT NULL, bridge TEXT NOT NULL UNIQUE,
+            mtu INTEGER NOT NULL, internal INTEGER NOT NULL, no_nat TEXT NOT NULL, created REAL NOT NULL);
+        INSERT INTO networks VALUES ('n1', '10.200.1.0/24', '10.200.0.0/16', '10.200.1.1', 'vpc-n1', 1500, 0,
+            '[]', 1.0);
+    """)
+    conn.commit()
+    conn.close()
+    store = Store(path)
+    assert SCHEMA_VERSION == 2 and store.get_meta("schema_version") == "2"
+    (net,) = store.networks()
+    assert net.network_id == "n1" and net.mode == "bridge" and net.host_cidr == "10.200.1.0/24"
+    assert spec_of(net).mode == "bridge"
+    store.close()
+    again = Store(path)                # opening a migrated file again is a no-op
+    assert again.networks() == [net]
+    again.close()

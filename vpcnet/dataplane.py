@@ -5,6 +5,17 @@ host end (`vh<endpoint id[:11]>`) on the bridge, container end (`vc...`) handed 
 the sandbox. Links and addresses go through pyroute2; the firewall through `iptables` (the same binary
 Docker uses, so both see one rule set).
 
+Routed mode (`-o vpcnet.mode=routed`, per network): a leaner path with no bridge. The gateway address
+sits on a per-network anchor (one end of a veth pair `vpc-<id11>`/`vpp-<id11>`: this kernel may lack the
+dummy driver), so the host answers for it and its connected route keeps unknown addresses of the host
+CIDR off the default route. Per endpoint the host end of the veth is on no bridge and has no address;
+it has `proxy_arp=1` (`proxy_delay=0`) and the host routes `<container ip>/32 dev <host end>`. The
+container keeps the pool prefix Docker assigns: it ARPs for neighbours and the gateway, the host end
+answers, and the host routes by /32. Each packet between hosts thus skips the bridge and br_netfilter
+(Docker turns bridge-nf-call-iptables on host-wide): one device and one netfilter pass fewer per
+direction. Firewall rules match the veths (`vh+`) and the host CIDR instead of `-i <bridge>`;
+masquerade and --internal behave as in bridge mode.
+
 Firewall, in chains of vpcnet's own so removing a network removes exactly its rules:
 - filter `VPCNET-FORWARD` (jumped to from FORWARD): accepts the network's traffic even though Docker
   sets FORWARD's policy to DROP; one chain per network `VPCNET-F-<id12>`.
@@ -44,6 +55,9 @@ NAT_CHAIN = "VPCNET-POSTROUTING"
 RAW_CHAIN = "VPCNET-RAW"
 PARENTS = {"filter": FORWARD_CHAIN, "nat": NAT_CHAIN, "raw": RAW_CHAIN}
 PREFIXES = {"filter": "VPCNET-F-", "nat": "VPCNET-N-", "raw": "VPCNET-R-"}
+MODES = ("bridge", "routed")
+HOST_VETHS = "vh+"            # iptables wildcard for every endpoint's host end (veth_names)
+SCOPE_LINK = 253
 DEFAULT_MTU = 1500
 
 
@@ -57,6 +71,11 @@ class NetworkSpec:
     mtu: int
     internal: bool = False
     no_nat: tuple[str, ...] = ()
+    mode: str = "bridge"        # "routed": no bridge, proxy ARP and a /32 route per endpoint
+
+    @property
+    def routed(self) -> bool:
+        return self.mode == "routed"
 
     @property
     def prefixlen(self) -> int:
@@ -77,6 +96,11 @@ class NetworkSpec:
 
 def bridge_name(network_id: str) -> str:
     return f"vpc-{network_id[:11]}"           # 15 characters: the kernel's limit
+
+
+def anchor_peer(anchor: str) -> str:
+    """The other end of a routed network's anchor veth (`vpc-<id11>` -> `vpp-<id11>`)."""
+    return "vpp-" + anchor[4:]
 
 
 def veth_names(endpoint_id: str) -> tuple[str, str]:
@@ -214,11 +238,19 @@ class Dataplane:
             idx = self._link_index(ipr, spec.bridge)
             if idx is None:
                 try:
-                    ipr.link("add", ifname=spec.bridge, kind="bridge")
+                    if spec.routed:     # the anchor: one end of a veth pair (no dummy driver needed)
+                        ipr.link("add", ifname=spec.bridge, kind="veth", mtu=spec.mtu,
+                                 peer={"ifname": anchor_peer(spec.bridge), "mtu": spec.mtu})
+                    else:
+                        ipr.link("add", ifname=spec.bridge, kind="bridge")
                 except NetlinkError as exc:
                     if exc.code != errno.EEXIST:
-                        raise DataplaneError(f"cannot create bridge {spec.bridge}: {exc}") from None
+                        raise DataplaneError(f"cannot create {spec.bridge}: {exc}") from None
                 idx = self._link_index(ipr, spec.bridge)
+            if spec.routed:
+                peer = self._link_index(ipr, anchor_peer(spec.bridge))
+                if peer is not None:
+                    ipr.link("set", index=peer, state="up")
             try:
                 ipr.link("set", index=idx, mtu=spec.mtu)
                 ipr.addr("add", index=idx, address=spec.gateway, prefixlen=spec.prefixlen)
@@ -231,15 +263,21 @@ class Dataplane:
     def _ensure_firewall(self, spec: NetworkSpec) -> None:
         br, cluster, tag = spec.bridge, spec.cluster_cidr, spec.tag
         comment = ["-m", "comment", "--comment", f"vpcnet {tag}"]
-        if spec.internal:
-            rules = [["-i", br, "-o", br, "-j", "ACCEPT"],
-                     ["-i", br, "-d", cluster, "-j", "ACCEPT"],
-                     ["-o", br, "-s", cluster, "-j", "ACCEPT"],
-                     ["-i", br, "-j", "DROP"],
-                     ["-o", br, "-j", "DROP"]]
+        if spec.routed:     # no bridge to name: the endpoints' veths and the network's addresses
+            came, goes = ["-i", HOST_VETHS, "-s", spec.host_cidr], ["-o", HOST_VETHS, "-d", spec.host_cidr]
         else:
-            rules = [["-i", br, "-j", "ACCEPT"],
-                     ["-o", br, "-j", "ACCEPT"]]
+            came, goes = ["-i", br], ["-o", br]
+        if spec.internal:
+            rules = [came + goes[:2] + ["-j", "ACCEPT"],
+                     came + ["-d", cluster, "-j", "ACCEPT"],
+                     goes + ["-s", cluster, "-j", "ACCEPT"],
+                     came + ["-j", "DROP"],
+                     goes + ["-j", "DROP"]]
+            if spec.routed:     # the first rule is covered by the second (host CIDR within cluster)
+                rules = rules[1:]
+        else:
+            rules = [came + ["-j", "ACCEPT"],
+                     goes + ["-j", "ACCEPT"]]
         self._sync_chain("filter", spec.filter_chain, [rule + comment for rule in rules])
         self._ensure_rule("filter", FORWARD_CHAIN, ["-j", spec.filter_chain])
         # Conntrack bypass for forwarded traffic inside the cluster: it is accepted statelessly above and
@@ -257,7 +295,7 @@ class Dataplane:
             self._drop_chain("nat", NAT_CHAIN, spec.nat_chain)
             return
         nat = [["-d", dest, "-j", "RETURN"] for dest in (cluster, *spec.no_nat)]
-        nat += [["-o", br, "-j", "RETURN"], ["-j", "MASQUERADE"]]
+        nat += ([] if spec.routed else [["-o", br, "-j", "RETURN"]]) + [["-j", "MASQUERADE"]]
         self._sync_chain("nat", spec.nat_chain, [rule + comment for rule in nat])
         self._ensure_rule("nat", NAT_CHAIN, ["-s", spec.host_cidr, "-j", spec.nat_chain])
 
@@ -310,20 +348,39 @@ class Dataplane:
         self._drop_chain(table, parent, chain)
 
     # -- endpoints --------------------------------------------------------------------------------
-    def ensure_endpoint(self, bridge: str, host_veth: str, peer_veth: str, mac: str, mtu: int) -> None:
+    def ensure_endpoint(self, bridge: str, host_veth: str, peer_veth: str, mac: str, mtu: int,
+                        address: str | None = None) -> None:
+        """A veth pair for an endpoint. Bridge mode (`address` None): host end on the bridge. Routed mode
+        (`address` = the container's IP; `bridge` names the network's anchor): host end on no bridge,
+        answering ARP for the container's neighbours and gateway (proxy ARP), and a route
+        `<address>/32 dev <host end>`; the route goes with the veth."""
         with self._ipr() as ipr:
             br = self._link_index(ipr, bridge)
             if br is None:
-                raise DataplaneError(f"bridge {bridge} is missing")
-            try:   # one request: the pair is born on the bridge and up
-                ipr.link("add", ifname=host_veth, kind="veth", mtu=mtu, master=br, state="up",
+                raise DataplaneError(f"{'anchor' if address else 'bridge'} {bridge} is missing")
+            master = {} if address else {"master": br}
+            host_idx = None
+            try:   # one request: the pair is born (on the bridge) and up
+                ipr.link("add", ifname=host_veth, kind="veth", mtu=mtu, state="up", **master,
                          peer={"ifname": peer_veth, "address": mac, "mtu": mtu})
-                return
             except NetlinkError as exc:
                 if exc.code != errno.EEXIST:
                     raise DataplaneError(f"cannot create veth {host_veth}: {exc}") from None
-            host_idx = self._link_index(ipr, host_veth)      # it exists: make sure it is right
-            ipr.link("set", index=host_idx, master=br, mtu=mtu, state="up")
+                host_idx = self._link_index(ipr, host_veth)      # it exists: make sure it is right
+                ipr.link("set", index=host_idx, mtu=mtu, state="up", **master)
+            if not address:
+                return
+            if host_idx is None:
+                host_idx = self._link_index(ipr, host_veth)
+        # Proxy ARP answers the container for every address the host routes elsewhere (its neighbours
+        # on other veths, the cluster); the gateway is a local address, answered anyway. No delay.
+        self._sysctl(f"net.ipv4.conf.{host_veth}.proxy_arp", "1")
+        self._sysctl(f"net.ipv4.neigh.{host_veth}.proxy_delay", "0")
+        with self._ipr() as ipr:
+            try:
+                ipr.route("replace", dst=address, dst_len=32, oif=host_idx, scope=SCOPE_LINK)
+            except NetlinkError as exc:
+                raise DataplaneError(f"cannot route {address} to {host_veth}: {exc}") from None
 
     def delete_endpoint(self, host_veth: str) -> None:
         self._delete_link(host_veth)       # the peer goes with it, wherever it is

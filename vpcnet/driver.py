@@ -4,6 +4,10 @@ Knows which calls Docker makes in which order, and which must be idempotent: Doc
 CreateNetwork (so the network is stored before it answers), and at daemon start it sends Leave,
 DeleteEndpoint and ReleaseAddress for sandboxes that may already be gone — those succeed.
 A failed call changes no state: kernel changes made before the failure are undone.
+
+Options: `-o com.docker.network.driver.mtu=N`, and `-o vpcnet.mode=bridge|routed` (default bridge): the
+datapath of the network, stored with it (see vpcnet.dataplane: routed mode has no bridge, proxy ARP and
+a /32 route per endpoint, for a shorter per-packet path). Unknown options and modes are refused.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import logging
 import re
 import time
 
-from vpcnet.dataplane import NetworkSpec, bridge_name, mac_for, veth_names
+from vpcnet.dataplane import MODES, NetworkSpec, bridge_name, mac_for, veth_names
 from vpcnet.errors import Conflict, InvalidRequest, NotFound
 from vpcnet.store import Endpoint, Network
 
@@ -23,7 +27,8 @@ GENERIC = "com.docker.network.generic"
 MTU_OPTION = "com.docker.network.driver.mtu"
 INTERNAL_OPTION = "com.docker.network.internal"
 IPV6_OPTION = "com.docker.network.enable_ipv6"
-KNOWN_GENERIC_OPTIONS = {MTU_OPTION}
+MODE_OPTION = "vpcnet.mode"
+KNOWN_GENERIC_OPTIONS = {MTU_OPTION, MODE_OPTION}
 
 
 class NetworkDriver:
@@ -61,11 +66,12 @@ class NetworkDriver:
         if pool not in pools:
             raise InvalidRequest(f"pool {pool or '(none)'} is not a vpcnet pool: create the network with "
                                  f"--ipam-driver {self.config.driver_name}")
+        mode = _mode(generic.get(MODE_OPTION))
         mtu = self._mtu(generic.get(MTU_OPTION))
         net = Network(network_id=network_id, host_cidr=pool, cluster_cidr=pools[pool]["cluster_cidr"],
                       gateway=pools[pool]["gateway"], bridge=bridge_name(network_id), mtu=mtu,
                       internal=_truthy(options.get(INTERNAL_OPTION)),
-                      no_nat=tuple(self.config.no_nat_cidrs), created=time.time())
+                      no_nat=tuple(self.config.no_nat_cidrs), created=time.time(), mode=mode)
         existing = self.store.network(network_id)
         if existing is not None:
             if existing.host_cidr == net.host_cidr:
@@ -89,8 +95,9 @@ class NetworkDriver:
         except Exception:
             self._undo(lambda: self.dataplane.delete_network(spec))
             raise
-        log.info("network %s: bridge %s, %s via %s, mtu %d%s", network_id[:12], net.bridge, net.host_cidr,
-                 net.gateway, net.mtu, ", internal" if net.internal else "")
+        log.info("network %s: %s %s, %s via %s, mtu %d%s", network_id[:12],
+                 "anchor" if mode == "routed" else "bridge", net.bridge, net.host_cidr, net.gateway, net.mtu,
+                 ", internal" if net.internal else "")
         return {}
 
     def _mtu(self, raw) -> int:
@@ -145,8 +152,7 @@ class NetworkDriver:
         if existing is not None:
             if existing.address != str(ip) or existing.network_id != network_id:
                 raise Conflict(f"endpoint {endpoint_id[:12]} already exists with address {existing.address}")
-            self.dataplane.ensure_endpoint(net.bridge, existing.host_veth, existing.peer_veth, existing.mac,
-                                           net.mtu)
+            self._ensure_endpoint(net, existing)
             return {"Interface": {} if given_mac else {"MacAddress": existing.mac}}
         clash = self.store.endpoint_where(network_id=network_id, address=str(ip))
         if clash:
@@ -158,7 +164,7 @@ class NetworkDriver:
         ep = Endpoint(endpoint_id=endpoint_id, network_id=network_id, address=str(ip), mac=mac,
                       host_veth=host_veth, peer_veth=peer_veth, created=time.time())
         try:
-            self.dataplane.ensure_endpoint(net.bridge, host_veth, peer_veth, mac, net.mtu)
+            self._ensure_endpoint(net, ep)
             with self.store.tx() as db:
                 self.store.add_endpoint(db, ep)
         except Exception:
@@ -187,7 +193,7 @@ class NetworkDriver:
         if not self.dataplane.link_exists(ep.peer_veth):
             # After a host reboot, or a Leave that let the sandbox delete it: make a fresh pair.
             self.dataplane.delete_endpoint(ep.host_veth)
-            self.dataplane.ensure_endpoint(net.bridge, ep.host_veth, ep.peer_veth, ep.mac, net.mtu)
+            self._ensure_endpoint(net, ep)
         return {"InterfaceName": {"SrcName": ep.peer_veth, "DstPrefix": "eth"},
                 "Gateway": net.gateway, "StaticRoutes": [], "DisableGatewayService": True}
 
@@ -214,6 +220,10 @@ class NetworkDriver:
         for net in nets:
             try:
                 self.dataplane.ensure_network(spec_of(net))
+                if net.mode == "routed":     # a /32 route per endpoint whose host veth is still there
+                    for ep in self.store.endpoints(net.network_id):
+                        if self.dataplane.link_exists(ep.host_veth):
+                            self._ensure_endpoint(net, ep)
             except Exception as exc:
                 log.error("cannot restore network %s: %s", net.network_id[:12], exc)
         for table, chain in self.dataplane.stale_chains({spec_of(n).tag for n in nets}):
@@ -221,6 +231,12 @@ class NetworkDriver:
             self.dataplane.drop_stale_chain(table, chain)
 
     # -- helpers ----------------------------------------------------------------------------------
+    def _ensure_endpoint(self, net: Network, ep: Endpoint) -> None:
+        if net.mode == "routed":
+            self.dataplane.ensure_endpoint(net.bridge, ep.host_veth, ep.peer_veth, ep.mac, net.mtu, ep.address)
+        else:
+            self.dataplane.ensure_endpoint(net.bridge, ep.host_veth, ep.peer_veth, ep.mac, net.mtu)
+
     def _network(self, network_id: str) -> Network:
         _require_id("NetworkID", network_id)
         net = self.store.network(network_id)
@@ -245,12 +261,22 @@ class NetworkDriver:
 
 def spec_of(net: Network) -> NetworkSpec:
     return NetworkSpec(tag=net.network_id[:12], bridge=net.bridge, gateway=net.gateway, host_cidr=net.host_cidr,
-                       cluster_cidr=net.cluster_cidr, mtu=net.mtu, internal=net.internal, no_nat=net.no_nat)
+                       cluster_cidr=net.cluster_cidr, mtu=net.mtu, internal=net.internal, no_nat=net.no_nat,
+                       mode=net.mode)
 
 
 def _require_id(field: str, value) -> None:
     if not isinstance(value, str) or not value:
         raise InvalidRequest(f"missing field {field}")
+
+
+def _mode(raw) -> str:
+    if raw in (None, ""):
+        return "bridge"
+    mode = str(raw).strip().lower()
+    if mode not in MODES:
+        raise InvalidRequest(f"-o {MODE_OPTION}={raw}: unknown mode (vpcnet knows: {', '.join(MODES)})")
+    return mode
 
 
 def _truthy(value) -> bool:

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2     # 2: networks.mode (bridge | routed)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -50,7 +50,8 @@ CREATE TABLE IF NOT EXISTS networks (
     mtu          INTEGER NOT NULL,
     internal     INTEGER NOT NULL,
     no_nat       TEXT NOT NULL,       -- JSON list
-    created      REAL NOT NULL
+    created      REAL NOT NULL,
+    mode         TEXT NOT NULL DEFAULT 'bridge'   -- datapath: 'bridge' or 'routed' (schema 2)
 );
 CREATE TABLE IF NOT EXISTS endpoints (
     endpoint_id  TEXT PRIMARY KEY,
@@ -76,6 +77,7 @@ class Network:
     internal: bool
     no_nat: tuple[str, ...]
     created: float = 0.0
+    mode: str = "bridge"
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,10 @@ class Store:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
+            # 1 -> 2: networks gain their datapath mode; every network of a v1 state is a bridge one.
+            columns = {r["name"] for r in db.execute("PRAGMA table_info(networks)")}
+            if "mode" not in columns:
+                db.execute("ALTER TABLE networks ADD COLUMN mode TEXT NOT NULL DEFAULT 'bridge'")
             db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('schema_version', ?)",
                        (str(SCHEMA_VERSION),))
         os.chmod(self.path, 0o600)

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import docker_up, require, run, unique
+from conftest import docker_up, next_cluster, require, run, unique
 from vpcnet import image
 
 pytestmark = pytest.mark.docker
@@ -73,8 +73,10 @@ class Engine:
             ids = self("ps", "-aq", check=False).stdout.split()
             if ids:
                 self("rm", "-f", *ids, check=False)
-            for net in self("network", "ls", "-q", "--filter", "driver=" + "vpcnet", check=False).stdout.split():
+            for net in self("network", "ls", "-q", "--filter", "type=custom", check=False).stdout.split():
                 self("network", "rm", net, check=False)
+            for plugin in self("plugin", "ls", "-q", check=False).stdout.split():
+                self("plugin", "rm", "-f", plugin, check=False)
         self.stop()
         # containerd-shims of live-restored containers outlive dockerd: end them with the netns' pids
         subprocess.run(["umount", "-R", f"{self.data_root}"], capture_output=True)
@@ -156,3 +158,39 @@ def test_daemon_restart_keeps_networks_and_containers_working(engine_host, plugi
     engine("network", "rm", "vpc0")
     assert plugin.status()["networks"] == []
     assert "vpc-" not in run(["ip", "-n", ns, "link"]).stdout
+
+
+def test_managed_plugin_brings_containers_back_after_a_daemon_restart(engine_host, tmp_path):
+    """The managed plugin (plugin/build.sh) on its own engine: Docker starts the plugin at daemon start,
+    then restarts `--restart always` containers on its network; they get their addresses and talk."""
+    engine, ns = engine_host
+    engine.start(live_restore=False)
+    name = unique("vpcnet-dr") + ":latest"
+    state = f"{engine.data_root}-plugin-state"
+    os.makedirs(state, exist_ok=True)
+    build = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "plugin", "build.sh")
+    run(["bash", build, name, f"state.source={state}", f"VPCNET_CLUSTER_CIDR={next_cluster()}"],
+        env=dict(os.environ, DOCKER_HOST=f"unix://{engine.sock}"), timeout=1200)
+    try:
+        img = image.build(engine.docker)
+        engine("network", "create", "-d", name, "--ipam-driver", name, "vpc0")
+        for c in ("one", "two"):
+            engine("run", "-d", "--restart", "always", "--name", c, "--network", "vpc0", img, "sleep", "3600")
+        assert ping(engine, "one", "two")
+
+        engine.stop()
+        engine.start(live_restore=False)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            states = engine("inspect", "-f", "{{.State.Running}}", "one", "two").stdout.split()
+            if states == ["true", "true"]:
+                break
+            time.sleep(1)
+        assert states == ["true", "true"], engine.log()
+        assert ping(engine, "one", "two"), "by name, after Docker restarted the plugin and the containers"
+        engine("run", "-d", "--name", "three", "--network", "vpc0", img, "sleep", "3600")
+        assert ip_of(engine, "three") not in (ip_of(engine, "one"), ip_of(engine, "two"))
+        assert ping(engine, "three", "one")
+    finally:
+        engine.destroy()
+        shutil.rmtree(state, ignore_errors=True)

@@ -7,6 +7,7 @@ Builds a `vpcnet lab` (root; refuses to run next to a lab already up), then meas
 and host 2 of the lab:
   underlay  host namespace <-> host namespace (the limit of this setup: every packet crosses the router)
   vpcnet    container on the vpcnet network on h1 <-> container on h2 (routed by the emulated VPC)
+  vpcnet-routed  the same on a second vpcnet network in routed mode (`-o vpcnet.mode=routed`, no bridge)
   overlay   Docker's overlay (swarm across the lab engines, `-d overlay --attachable`), same two hosts
   bridge    Docker's default bridge on each host, server port published on h2 (NAT both ends)
 Each round runs every metric for every contender, in a rotated order, so drifts hit all alike.
@@ -40,9 +41,13 @@ from vpcnet.lab import Lab, LabError  # noqa: E402
 
 IMAGE = "vpcnet-testbox:latest"
 CLUSTER = "10.240.0.0/16"
+ROUTED_CLUSTER = "10.241.0.0/16"         # the routed-mode network's own cluster CIDR
+ROUTED = "vpcnet-routed"
+NAMES = ("underlay", "vpcnet", ROUTED, "overlay", "bridge")
 RR = os.path.join(HERE, "rr.py")
 # per contender: (iperf3 port, rr port)
-PORTS = {"underlay": (5201, 5301), "vpcnet": (5202, 5302), "overlay": (5203, 5303), "bridge": (5204, 5304)}
+PORTS = {"underlay": (5201, 5301), "vpcnet": (5202, 5302), "overlay": (5203, 5303), "bridge": (5204, 5304),
+         ROUTED: (5205, 5305)}
 METRICS = [  # key, label, unit, higher is better
     ("tcp_1stream_bps", "TCP throughput, 1 stream", "Gbit/s", True),
     ("tcp_4stream_bps", "TCP throughput, 4 streams", "Gbit/s", True),
@@ -106,6 +111,21 @@ class Bench:
         self.pairs["underlay"] = (h1, h2, h2.address)
         a, b = self.container(1, "bench-vpc1", "vpc0"), self.container(2, "bench-vpc2", "vpc0")
         self.pairs["vpcnet"] = (a, b, b.address)
+        if not self.args.no_routed:
+            for k in (1, 2):      # the host's block of the new cluster CIDR is claimed on first request
+                deadline, proc = time.monotonic() + 90, None
+                while time.monotonic() < deadline:
+                    proc = lab.docker(k, "network", "create", "-d", "vpcnet", "--ipam-driver", "vpcnet", "-o",
+                                      "vpcnet.mode=routed", "--subnet", ROUTED_CLUSTER, "vpcr", timeout=60,
+                                      check=False)
+                    if proc.returncode == 0:
+                        break
+                    time.sleep(2.0)
+                else:
+                    raise RuntimeError(f"h{k}: routed network not created: {proc.stderr.strip()}")
+            a, b = self.container(1, "bench-vpr1", "vpcr"), self.container(2, "bench-vpr2", "vpcr")
+            self.pairs[ROUTED] = (a, b, b.address)
+            self.wait_reachable(ROUTED)     # each host's route for the new cluster CIDR: a reconcile away
         # Docker's overlay: a swarm across the lab's two engines (lab engines only, never the default one).
         lab.docker(1, "swarm", "init", "--advertise-addr", lab.host_ip(1), "--listen-addr", f"{lab.host_ip(1)}:2377")
         token = lab.docker(1, "swarm", "join-token", "-q", "worker").stdout.strip()
@@ -128,6 +148,15 @@ class Bench:
                                                      start_new_session=True))
             self.mtu[name] = client.mtu()
         time.sleep(1.0)
+
+    def wait_reachable(self, name: str, timeout: float = 60.0) -> None:
+        client, _server, target = self.pairs[name]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if sh(client.cmd("busybox", "ping", "-c1", "-W1", target), check=False).returncode == 0:
+                return
+            time.sleep(1.0)
+        raise RuntimeError(f"{name}: {target} not reachable within {timeout:.0f}s")
 
     def teardown(self) -> None:
         for proc in self.servers:
@@ -168,7 +197,7 @@ class Bench:
             self._rr[name] = json.loads(proc.stdout)
             return self._rr[name]["p50_us"]
         if metric == "container_start_s":
-            network = {"vpcnet": "vpc0", "overlay": "ov", "bridge": "bridge"}.get(name)
+            network = {"vpcnet": "vpc0", ROUTED: "vpcr", "overlay": "ov", "bridge": "bridge"}.get(name)
             if network is None:
                 return None
             cname = f"bench-start-{name}"
@@ -208,6 +237,8 @@ class Bench:
             "contenders": {
                 "underlay": "host netns h1 <-> host netns h2 (through the router netns)",
                 "vpcnet": "container on vpcnet network vpc0 on h1 <-> on h2 (routed by the emulated VPC)",
+                ROUTED: f"container on vpcnet network vpcr (-o vpcnet.mode=routed, --subnet {ROUTED_CLUSTER}) "
+                        "on h1 <-> on h2",
                 "overlay": "container on swarm overlay `ov` (VXLAN) on h1 <-> on h2",
                 "bridge": "container on docker0 on h1 -> published port on h2 (NAT both ends)",
             },
@@ -221,16 +252,20 @@ class Bench:
         ratios = {}
         for metric, *_ in METRICS:
             data = out[metric]
-            if "vpcnet" in data:
-                for other in ("underlay", "overlay", "bridge"):
-                    if other in data and data[other]["median"]:
-                        ratios[f"{metric}:vpcnet/{other}"] = data["vpcnet"]["median"] / data[other]["median"]
+            for mine in ("vpcnet", ROUTED):
+                if mine in data:
+                    for other in ("underlay", "overlay", "bridge"):
+                        if other in data and data[other]["median"]:
+                            ratios[f"{metric}:{mine}/{other}"] = data[mine]["median"] / data[other]["median"]
         out["ratios"] = ratios
         goals = []
-        for metric, versus, op, bound, text in GOALS:
-            ratio = ratios.get(f"{metric}:vpcnet/{versus}")
-            ok = ratio is not None and (ratio >= bound if op == ">=" else ratio <= bound)
-            goals.append({"goal": text, "ratio": ratio, "met": ok})
+        for mine in ("vpcnet", ROUTED):
+            for metric, versus, op, bound, text in GOALS:
+                ratio = ratios.get(f"{metric}:{mine}/{versus}")
+                if ratio is None and mine == ROUTED:
+                    continue
+                ok = ratio is not None and (ratio >= bound if op == ">=" else ratio <= bound)
+                goals.append({"goal": f"{mine}: {text}", "contender": mine, "ratio": ratio, "met": ok})
         out["goals"] = goals
         return out
 
@@ -246,23 +281,26 @@ def fmt(metric: str, value: float) -> str:
 
 
 def markdown(res: dict) -> str:
-    names = [n for n in ("underlay", "vpcnet", "overlay", "bridge") if n in res["mtu"]]
+    names = [n for n in NAMES if n in res["mtu"]]
+    mine = [n for n in ("vpcnet", ROUTED) if n in names]
     m = res["meta"]
     lines = [f"Benchmark {m['date']}: {m['rounds']} rounds interleaved, iperf3 runs of {m['duration_s']} s, "
              f"{m['rr_count']} ping-pongs per RR sample; kernel {m['kernel']}, {m['cpus']} CPUs, Docker {m['docker']}, "
              f"{m['iperf3']}. Median (min–max) per contender.", "",
-             "| metric | " + " | ".join(names) + " | vpcnet/underlay | vpcnet/overlay |",
-             "|---|" + "---|" * len(names) + "---|---|"]
+             "| metric | " + " | ".join(names) + " | " + " | ".join(f"{c}/{o}" for c in mine
+                                                                 for o in ("underlay", "overlay")) + " |",
+             "|---|" + "---|" * len(names) + "---|" * (2 * len(mine))]
     for metric, label, unit, _hib in METRICS:
         row = [f"{label} ({unit})"]
         for n in names:
             d = res[metric].get(n)
             row.append(f"{fmt(metric, d['median'])} ({fmt(metric, d['min'])}–{fmt(metric, d['max'])})" if d else "–")
-        for other in ("underlay", "overlay"):
-            r = res["ratios"].get(f"{metric}:vpcnet/{other}")
-            row.append(f"{r:.2f}" if r is not None else "–")
+        for c in mine:
+            for other in ("underlay", "overlay"):
+                r = res["ratios"].get(f"{metric}:{c}/{other}")
+                row.append(f"{r:.2f}" if r is not None else "–")
         lines.append("| " + " | ".join(row) + " |")
-    lines.append("| MTU in the container | " + " | ".join(str(res["mtu"][n]) for n in names) + " | | |")
+    lines.append("| MTU in the container | " + " | ".join(str(res["mtu"][n]) for n in names) + " |" + " |" * (2 * len(mine)))
     lines += ["", "| goal | ratio | met |", "|---|---|---|"]
     for g in res["goals"]:
         lines.append(f"| {g['goal']} | {g['ratio']:.2f} | {'yes' if g['met'] else '**no**'} |")
@@ -275,8 +313,8 @@ def chart(res: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in ("underlay", "vpcnet", "overlay", "bridge") if n in res["mtu"]]
-    colors = {"underlay": "#7f7f7f", "vpcnet": "#2ca02c", "overlay": "#d62728", "bridge": "#1f77b4"}
+    names = [n for n in NAMES if n in res["mtu"]]
+    colors = {"underlay": "#7f7f7f", "vpcnet": "#2ca02c", ROUTED: "#98df8a", "overlay": "#d62728", "bridge": "#1f77b4"}
     panels = [("tcp_1stream_bps", "TCP 1 stream (Gbit/s)", 1e9), ("tcp_4stream_bps", "TCP 4 streams (Gbit/s)", 1e9),
               ("udp_64b_pps", "UDP 64 B received (kpps)", 1e3), ("rr_p50_us", "TCP RR p50 (µs, lower is better)", 1),
               ("rr_p99_us", "TCP RR p99 (µs, lower is better)", 1),
@@ -305,6 +343,7 @@ def main() -> int:
     p.add_argument("--duration", type=int, default=5, help="seconds per iperf3 run (default 5)")
     p.add_argument("--rr-count", type=int, default=5000, help="ping-pongs per RR sample (default 5000)")
     p.add_argument("--no-bridge", action="store_true", help="leave out Docker's bridge + published port")
+    p.add_argument("--no-routed", action="store_true", help="leave out vpcnet's routed mode")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder (default bench/results)")
     args = p.parse_args()
     if os.geteuid() != 0:

@@ -65,7 +65,7 @@ class NetworkDriver:
         pools = {r["pool_id"]: r for r in self.store.pools()}
         if pool not in pools:
             raise InvalidRequest(f"pool {pool or '(none)'} is not a vpcnet pool: create the network with "
-                                 f"--ipam-driver {self.config.driver_name}")
+                                 f"vpcnet as its IPAM driver too (--ipam-driver, the same name as -d)")
         mode = _mode(generic.get(MODE_OPTION))
         mtu = self._mtu(generic.get(MTU_OPTION))
         net = Network(network_id=network_id, host_cidr=pool, cluster_cidr=pools[pool]["cluster_cidr"],
@@ -135,8 +135,8 @@ class NetworkDriver:
             raise InvalidRequest("IPv6 is not supported by vpcnet")
         address = interface.get("Address") or ""
         if not address:
-            raise InvalidRequest("CreateEndpoint without an IPv4 address: use --ipam-driver "
-                                 f"{self.config.driver_name}")
+            raise InvalidRequest("CreateEndpoint without an IPv4 address: create the network with vpcnet as "
+                                 "its IPAM driver too (--ipam-driver, the same name as -d)")
         try:
             ip = ipaddress.IPv4Interface(address).ip
         except ValueError:

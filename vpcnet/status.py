@@ -21,7 +21,7 @@ def collect(config) -> dict:
         for net in store.networks():
             networks.append({
                 "network_id": net.network_id, "bridge": net.bridge, "host_cidr": net.host_cidr,
-                "cluster_cidr": net.cluster_cidr, "gateway": net.gateway, "mtu": net.mtu,
+                "cluster_cidr": net.cluster_cidr, "gateway": net.gateway, "mtu": net.mtu, "mode": net.mode,
                 "internal": net.internal,
                 "endpoints": [{"endpoint_id": ep.endpoint_id, "address": ep.address, "mac": ep.mac,
                                "host_veth": ep.host_veth} for ep in store.endpoints(net.network_id)],
@@ -48,7 +48,8 @@ def render(status: dict) -> str:
         lines.append("  (none)")
     for n in status["networks"]:
         lines.append(f"  {n['network_id'][:12]}  {n['bridge']:<15} {n['host_cidr']:<18} gw {n['gateway']} "
-                     f"mtu {n['mtu']}{' internal' if n['internal'] else ''}  {len(n['endpoints'])} endpoint(s)")
+                     f"mtu {n['mtu']} {n['mode']}{' internal' if n['internal'] else ''}  "
+                     f"{len(n['endpoints'])} endpoint(s)")
         for ep in n["endpoints"]:
             lines.append(f"    {ep['endpoint_id'][:12]}  {ep['address']:<15} {ep['mac']}  {ep['host_veth']}")
     return "\n".join(lines)

@@ -21,6 +21,29 @@ import uuid
 import pytest
 
 STRICT = os.environ.get("VPCNET_TEST_STRICT") == "1"
+
+# Defense in depth: nothing in the test process may reach a cloud metadata address, whatever a
+# configuration says (plugins started as subprocesses get closed 127.0.0.1 ports in their environment).
+FORBIDDEN_ADDRESSES = {"100.100.100.200", "169.254.169.254"}
+_real_connect, _real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+
+def _guard(address) -> None:
+    if isinstance(address, tuple) and address and address[0] in FORBIDDEN_ADDRESSES:
+        raise AssertionError(f"a test tried to reach the metadata address {address[0]}")
+
+
+def _guarded_connect(self, address):
+    _guard(address)
+    return _real_connect(self, address)
+
+
+def _guarded_connect_ex(self, address):
+    _guard(address)
+    return _real_connect_ex(self, address)
+
+
+socket.socket.connect, socket.socket.connect_ex = _guarded_connect, _guarded_connect_ex
 PLUGIN_DIR = "/run/docker/plugins"
 _cluster_counter = itertools.count()
 

@@ -28,3 +28,4 @@ def test_ci_runs_the_readme_test_command():
     with open(os.path.join(os.path.dirname(__file__), "..", ".ci", "run")) as fh:
         ci = fh.read()
     assert re.search(r"^python3 -m pytest -q$", ci, re.M)
+

@@ -77,26 +77,45 @@ def unique(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:6]}"
 
 
-def next_cluster() -> str:
-    """A cluster CIDR no other plugin of this session uses (10.100.0.0/16 … 10.227.0.0/16), skipping any
-    that overlaps a route on this machine (another run's or another test's network)."""
+def free_cluster(first: int, last: int, exclude: tuple[str, ...] = (), shuffle: bool = False) -> str:
+    """A 10.N.0.0/16 (first <= N <= last) that no route or address on this machine overlaps (another
+    run's or another test's network), nor any of `exclude`."""
     import ipaddress
+    import random
 
-    routes = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True).stdout
-    taken = []
-    for line in routes.splitlines():
-        first = line.split()[0] if line.split() else ""
-        if first.startswith("10."):
+    text = (subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True).stdout
+            + subprocess.run(["ip", "-4", "addr"], capture_output=True, text=True).stdout)
+    taken = [ipaddress.IPv4Network(e) for e in exclude]
+    for word in text.split():
+        if word.startswith("10."):
             try:
-                taken.append(ipaddress.IPv4Network(first, strict=False))
+                taken.append(ipaddress.IPv4Network(word, strict=False))
             except ValueError:
                 pass
-    for _ in range(128):
-        n = (next(_cluster_counter) + os.getpid()) % 128
-        candidate = ipaddress.IPv4Network(f"10.{100 + n}.0.0/16")
+    span = last - first + 1
+    offsets = random.sample(range(span), span) if shuffle else [
+        (next(_cluster_counter) + os.getpid() + i) % span for i in range(span)]
+    for offset in offsets:
+        candidate = ipaddress.IPv4Network(f"10.{first + offset}.0.0/16")
         if not any(candidate.overlaps(t) for t in taken):
             return str(candidate)
-    raise RuntimeError("no free 10.100-227.0.0/16 cluster CIDR for a test plugin")
+    raise RuntimeError(f"no free cluster CIDR in 10.{first}-{last}.0.0/16 on this machine")
+
+
+def next_cluster() -> str:
+    """A cluster CIDR for a test plugin (10.100-227.0.0/16), clear of everything else on the machine."""
+    return free_cluster(100, 227)
+
+
+def wait_for(predicate, seconds: float, step: float = 0.05):
+    """Poll `predicate` until it returns something truthy or `seconds` pass (bounded); its last value."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    return predicate()
 
 
 @pytest.fixture

@@ -204,7 +204,7 @@ def test_cluster_traffic_is_untracked_but_gateway_and_outside_traffic_is_tracked
     assert f"-s {s.host_cidr} -d {s.cluster_cidr}" in raw and f"-s {s.cluster_cidr} -d {s.host_cidr}" in raw
     assert raw.count("--notrack") == 2
     a = attach_container(host, dp, s, netns_factory, "10.77.3.2", "a" * 64)
-    peer = peer_host(host, netns_factory)
+    peer_host(host, netns_factory)        # the other host the untracked traffic goes to
     ns_run(host, "iptables", "-P", "FORWARD", "DROP")      # as Docker leaves it
     for name, match in (("out-untracked", ["-s", "10.77.3.2", "-d", "10.77.9.2"]),
                         ("back-untracked", ["-s", "10.77.9.2", "-d", "10.77.3.2"])):

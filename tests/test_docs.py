@@ -11,10 +11,8 @@ Every `sh` block must carry one of the two tags: no untested commands.
 """
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -23,7 +21,7 @@ import uuid
 
 import pytest
 
-from conftest import docker_up, is_root, require, run, unique
+from conftest import docker_up, free_cluster, is_root, require, unique
 from vpcnet import config as config_mod
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,24 +165,6 @@ def test_systemd_guide_commands(tmp_path):
 
 
 # -- managed-plugin.md on the real engine ------------------------------------------------------------------
-def _free_cluster() -> ipaddress.IPv4Network:
-    taken = []
-    text = run(["ip", "-4", "route", "show", "table", "all"]).stdout + run(["ip", "-4", "addr"]).stdout
-    for word in text.split():
-        if word.startswith("10."):
-            try:
-                taken.append(ipaddress.IPv4Network(word, strict=False))
-            except ValueError:
-                pass
-    candidates = list(range(228, 251))
-    random.shuffle(candidates)
-    for n in candidates:
-        net = ipaddress.IPv4Network(f"10.{n}.0.0/16")
-        if not any(net.overlaps(t) for t in taken):
-            return net
-    pytest.skip("no free 10.228-250.0.0/16 for the guide's plugin")
-
-
 @pytest.fixture
 def guide_names(tmp_path, test_image):
     require(is_root(), "needs root")
@@ -195,7 +175,7 @@ def guide_names(tmp_path, test_image):
     names = {
         "plugin": f"vpcnet-doc-{uuid.uuid4().hex[:8]}:latest",
         "state": str(tmp_path / "state"),
-        "cluster": str(_free_cluster()),
+        "cluster": free_cluster(228, 250, shuffle=True),
         "net": unique("docnet"),
         "web": unique("docweb"),
         "dir": str(tmp_path / "plugin-dir"),

@@ -13,6 +13,8 @@ import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
+
+from conftest import wait_for
 import requests
 
 from vpcnet.cloud.aliyun_signature import sign
@@ -85,16 +87,6 @@ def assert_error(result: tuple[int, dict], status: int, code: str) -> dict:
     assert (got_status, body.get("Code")) == (status, code), body
     assert set(body) >= {"RequestId", "HostId", "Code", "Message"}
     return body
-
-
-def wait_for(predicate, timeout: float = 5.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
 
 
 @pytest.fixture
@@ -352,7 +344,7 @@ def test_pending_then_available_after_delay(make_emu):
         entries = client.list(RouteEntryType="Custom")
         return entries[0]["Status"] == "Available"
 
-    assert wait_for(available, timeout=5.0)
+    assert wait_for(available, 5.0)
     elapsed = time.monotonic() - started
     assert 0.5 <= elapsed < 3.0, elapsed
     # the ticker moves the entry even when nobody lists it
@@ -369,7 +361,7 @@ def test_task_conflict_while_pending(make_emu):
     entry_id = client.list(RouteEntryType="Custom")[0]["RouteEntryId"]
     assert_error(client.call("DeleteRouteEntry", RouteTableId=TABLE, RouteEntryId=entry_id), 400,
                  "IncorrectRouteEntryStatus")
-    assert wait_for(lambda: client.list(RouteEntryType="Custom")[0]["Status"] == "Available")
+    assert wait_for(lambda: client.list(RouteEntryType="Custom")[0]["Status"] == "Available", 5.0)
     assert client.create("10.41.1.0/24", hop="i-host2")[0] == 200
     # other tables are not blocked by this one's change
     emu.add_route_table("vtb-emu0002")
@@ -389,7 +381,7 @@ def test_deleting_then_gone(make_emu):
                  400, "TaskConflict")
     assert_error(client.call("DeleteRouteEntry", RouteTableId=TABLE, RouteEntryId=entry_id), 400,
                  "IncorrectRouteEntryStatus")
-    assert wait_for(lambda: entry_id not in {e["RouteEntryId"] for e in client.list()})
+    assert wait_for(lambda: entry_id not in {e["RouteEntryId"] for e in client.list()}, 5.0)
     assert client.create("10.42.2.0/24")[0] == 200
     assert_error(client.call("DeleteRouteEntry", RouteTableId=TABLE, RouteEntryId=entry_id), 404,
                  "InvalidRouteEntry.NotFound")
@@ -461,7 +453,7 @@ def test_client_token_idempotency(make_emu):
     # a retry with the same token and parameters: same id, no TaskConflict, no second entry
     status, again = client.create("10.47.0.0/24", ClientToken=token, RouteEntryName="vpcnet")
     assert status == 200 and again["RouteEntryId"] == first["RouteEntryId"]
-    assert wait_for(lambda: client.list(RouteEntryType="Custom")[0]["Status"] == "Available")
+    assert wait_for(lambda: client.list(RouteEntryType="Custom")[0]["Status"] == "Available", 5.0)
     status, third = client.create("10.47.0.0/24", ClientToken=token, RouteEntryName="vpcnet")
     assert status == 200 and third["RouteEntryId"] == first["RouteEntryId"]
     assert len(client.list(RouteEntryType="Custom")) == 1
@@ -630,7 +622,7 @@ def test_persistence_across_restart(make_emu, tmp_path):
     emu2, client2 = make_emu(state_file=path, pending_delay=0.3)
     entries = {e["DestinationCidrBlock"]: e for e in client2.list(RouteEntryType="Custom")}
     assert entries["10.54.0.0/24"]["RouteEntryId"] == first
-    assert wait_for(lambda: client2.list(RouteEntryType="Custom")[0]["Status"] == "Available")
+    assert wait_for(lambda: client2.list(RouteEntryType="Custom")[0]["Status"] == "Available", 5.0)
     assert emu2.instances()["i-late"] == "192.168.77.7"
     assert "vtb-emu0002" in [t["RouteTableId"] for t in emu2.route_tables()]
     # the ClientToken and the nonce are remembered too
@@ -640,7 +632,7 @@ def test_persistence_across_restart(make_emu, tmp_path):
     second = client2.create("10.54.1.0/24")[1]["RouteEntryId"]
     assert second != first
     # deletions persist as well
-    assert wait_for(lambda: client2.call("DeleteRouteEntry", RouteTableId=TABLE, RouteEntryId=first)[0] == 200)
+    assert wait_for(lambda: client2.call("DeleteRouteEntry", RouteTableId=TABLE, RouteEntryId=first)[0] == 200, 5.0)
     emu3 = Emulator(state_file=path)
     try:
         assert [e["RouteEntryId"] for e in emu3.entries(TABLE) if e["Type"] == "Custom"] == [second]
@@ -681,7 +673,7 @@ def test_cli_serves_and_stops_on_sigterm(tmp_path):
             except requests.ConnectionError:
                 return False
 
-        assert wait_for(up, timeout=15.0, interval=0.1), "emulator did not come up"
+        assert wait_for(up, 15.0, 0.1), "emulator did not come up"
         state_body = requests.get(url + "_emulator/state", timeout=5).json()
         assert state_body["config"]["quota"] == 7 and state_body["instances"] == {"i-cli": "192.168.77.5"}
         client = Client(url, key_id="cli-key", secret=secret)

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import is_root, require, run, unique
+from conftest import is_root, require, run, unique, wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -83,15 +83,6 @@ def boxes(lab):
     yield make
     for box in made:
         box.remove()
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 # ------------------------------------------------------------------------------------------ the CLI

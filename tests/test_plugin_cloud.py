@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from conftest import wait_for
+
 from aliyun_fakes import closed_port, serving_emulator
 
 
@@ -37,16 +39,6 @@ def cloud_env(endpoint: str, **extra: str) -> dict[str, str]:
 def mine(emu) -> list[dict]:
     return [e for e in emu.entries(TABLE)
             if e["Type"] == "Custom" and e["NextHops"]["NextHop"][0]["NextHopId"] == ME]
-
-
-def wait_for(predicate, seconds: float, step: float = 0.05):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    return predicate()
 
 
 def request_pool(plugin) -> tuple[int, dict]:

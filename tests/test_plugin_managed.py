@@ -12,7 +12,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import random
 import shutil
 import socket
 import statistics
@@ -24,7 +23,7 @@ import uuid
 
 import pytest
 
-from conftest import is_root, docker_up, require, run, unique
+from conftest import docker_up, free_cluster, is_root, require, run, unique
 
 pytestmark = pytest.mark.docker
 
@@ -73,34 +72,15 @@ def test_genconfig_check_mode():
 
 
 # -- the real thing ---------------------------------------------------------------------------------------
-def _free_cluster(exclude: tuple[str, ...] = ()) -> str:
-    """A /16 in 10.228-250 that no route or address on this machine touches."""
-    routes = run(["ip", "-4", "route", "show", "table", "all"]).stdout + run(["ip", "-4", "addr"]).stdout
-    taken = [ipaddress.IPv4Network(e) for e in exclude]
-    for word in routes.split():
-        if word.startswith("10."):
-            try:
-                taken.append(ipaddress.IPv4Network(word, strict=False))
-            except ValueError:
-                pass
-    candidates = list(range(228, 251))
-    random.shuffle(candidates)
-    for n in candidates:
-        net = ipaddress.IPv4Network(f"10.{n}.0.0/16")
-        if not any(net.overlaps(t) for t in taken):
-            return str(net)
-    pytest.skip("no free 10.228-250.0.0/16 for the managed plugin test")
-
-
 class Managed:
     """One managed plugin and what the tests made with it."""
 
     def __init__(self, state_dir: str):
         self.name = f"vpcnet-ci-{uuid.uuid4().hex[:8]}:latest"
         self.state_dir = state_dir
-        self.cluster = _free_cluster()
-        self.cluster2 = _free_cluster((self.cluster,))    # a second network needs its own cluster CIDR
-        self.cluster3 = _free_cluster((self.cluster, self.cluster2))     # one never claimed
+        self.cluster = free_cluster(228, 250, shuffle=True)
+        self.cluster2 = free_cluster(228, 250, (self.cluster,), shuffle=True)    # a second network needs its own cluster CIDR
+        self.cluster3 = free_cluster(228, 250, (self.cluster, self.cluster2), shuffle=True)     # one never claimed
         self.label = unique("vpcnet-managed-")
         self.networks: list[str] = []
         self.containers: list[str] = []

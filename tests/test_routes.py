@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from conftest import wait_for
+
 from aliyun_fakes import closed_port, serving_emulator
 
 from vpcnet import routes as routes_mod
@@ -435,16 +437,6 @@ def test_gc_keeps_routes_when_it_cannot_tell_whether_the_instance_exists(emu, ho
 
 
 # -- the background reconciler ----------------------------------------------------------------------------
-def wait_for(predicate, seconds: float, step: float = 0.05):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    return predicate()
-
-
 def test_background_reconciler_claims_repairs_and_stops(emu, hosts, caplog):
     keeper, store = hosts(ME, reconcile_interval=0.5)
     thread = keeper.start_background()

@@ -17,7 +17,8 @@ from vpcnet.emulator import Emulator, serve_in_thread
 from vpcnet.emulator.kernel import RTPROT_EMULATOR, KernelRouteError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # share the signed client (any import mode)
-from test_emulator import TABLE, Client, assert_error, wait_for  # noqa: E402
+from conftest import wait_for  # noqa: E402
+from test_emulator import TABLE, Client, assert_error  # noqa: E402
 
 pytestmark = [
     pytest.mark.root,
@@ -27,7 +28,7 @@ pytestmark = [
 
 
 def ip(*args: str, check: bool = True) -> str:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10)
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True, 10)
     if check and proc.returncode != 0:
         raise AssertionError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
     return proc.stdout
@@ -93,14 +94,14 @@ def test_available_entries_become_kernel_routes(router_ns, started, tmp_path):
 
     entry = client.create("10.201.1.0/24")[1]["RouteEntryId"]
     assert not has_route(router_ns, "10.201.1.0/24", "192.168.77.2")      # still Pending
-    assert wait_for(lambda: has_route(router_ns, "10.201.1.0/24", "192.168.77.2"), timeout=10)
+    assert wait_for(lambda: has_route(router_ns, "10.201.1.0/24", "192.168.77.2"), 10)
     assert "via 192.168.77.2" in ip("-n", router_ns, "route", "get", "10.201.1.77")   # packets follow it
-    assert wait_for(lambda: client.create("10.201.2.0/24", hop="i-host2")[0] == 200, timeout=10)
-    assert wait_for(lambda: has_route(router_ns, "10.201.2.0/24", "192.168.77.3"), timeout=10)
+    assert wait_for(lambda: client.create("10.201.2.0/24", hop="i-host2")[0] == 200, 10)
+    assert wait_for(lambda: has_route(router_ns, "10.201.2.0/24", "192.168.77.3"), 10)
 
     # an instance that moves: the route is replaced, not duplicated
     emu.register_instance("i-host2", "192.168.77.4")
-    assert wait_for(lambda: has_route(router_ns, "10.201.2.0/24", "192.168.77.4"), timeout=10)
+    assert wait_for(lambda: has_route(router_ns, "10.201.2.0/24", "192.168.77.4"), 10)
     assert [r for r in routes(router_ns) if r.startswith("10.201.2.0/24")] == \
         [r for r in routes(router_ns) if r.startswith("10.201.2.0/24 via 192.168.77.4")]
     assert len([r for r in routes(router_ns) if r.startswith("10.201.2.0/24")]) == 1
@@ -113,7 +114,7 @@ def test_available_entries_become_kernel_routes(router_ns, started, tmp_path):
 
     # delete -> gone from the kernel too
     assert client.call("DeleteRouteEntry", RouteTableId=TABLE, RouteEntryId=entry)[0] == 200
-    assert wait_for(lambda: "10.201.1.0/24" not in our_routes(router_ns), timeout=10)
+    assert wait_for(lambda: "10.201.1.0/24" not in our_routes(router_ns), 10)
     assert has_route(router_ns, "10.201.2.0/24", "192.168.77.4")
     assert has_route(router_ns, "10.99.0.0/24", "192.168.77.3")
 
@@ -124,7 +125,7 @@ def test_restart_reconciles_kernel_routes(router_ns, started, tmp_path):
     emu.register_instance("i-host1", "192.168.77.2")
     for i in range(3):
         assert client.create(f"10.202.{i}.0/24")[0] == 200
-    assert wait_for(lambda: len(our_routes(router_ns)) == 3, timeout=10)
+    assert wait_for(lambda: len(our_routes(router_ns)) == 3, 10)
     emu.close()
 
     # while the emulator is down: one of its routes vanishes, a stale one of its proto appears,
@@ -143,7 +144,7 @@ def test_restart_reconciles_kernel_routes(router_ns, started, tmp_path):
 
     # an instance that disappears takes its routes out of the kernel (the entries stay)
     emu2.deregister_instance("i-host1")
-    assert wait_for(lambda: our_routes(router_ns) == {}, timeout=10)
+    assert wait_for(lambda: our_routes(router_ns) == {}, 10)
     assert len([e for e in client2.list() if e["Type"] == "Custom"]) == 3
     assert_error(client2.create("10.202.5.0/24"), 404, "InvalidInstanceId.NotFound")
 

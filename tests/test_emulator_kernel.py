@@ -28,7 +28,7 @@ pytestmark = [
 
 
 def ip(*args: str, check: bool = True) -> str:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True, 10)
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10)
     if check and proc.returncode != 0:
         raise AssertionError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
     return proc.stdout

@@ -37,6 +37,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from vpcnet.emulator import Emulator, serve_in_thread  # noqa: E402
+from vpcnet.plugin_client import call  # noqa: E402
 
 KEY_ID, SECRET = "bench-key-id", "bench-key-secret"
 TABLE, VPC, REGION = "vtb-bench001", "vpc-bench001", "cn-emu-1"
@@ -52,24 +53,6 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def call(sock_path: str, path: str, body) -> tuple[int, dict]:
-    """One plugin call over the unix socket, as Docker makes it."""
-    payload = json.dumps(body).encode()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(10)
-        sock.connect(sock_path)
-        sock.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: plugin\r\nConnection: close\r\n"
-                     b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
-        data = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), json.loads(rest or b"{}")
 
 
 class Serve:

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import uuid
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from vpcnet import image  # noqa: E402
+from vpcnet import image, plugin_client  # noqa: E402
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -36,18 +35,8 @@ def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def call(sock_path: str, path: str, body) -> dict:
-    payload = json.dumps(body).encode()
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.settimeout(30)
-        sock.connect(sock_path)
-        sock.sendall(b"POST %s HTTP/1.1\r\nHost: p\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
-                     % (path.encode(), len(payload), payload))
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    head, _, raw = data.partition(b"\r\n\r\n")
-    answer = json.loads(raw or b"{}")
-    if b" 200 " not in head.split(b"\r\n")[0]:
+    status, answer = plugin_client.call(sock_path, path, body, timeout=30)
+    if status != 200:
         raise RuntimeError(f"{path}: {answer}")
     return answer
 

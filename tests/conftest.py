@@ -20,6 +20,8 @@ import uuid
 
 import pytest
 
+from vpcnet import plugin_client
+
 STRICT = os.environ.get("VPCNET_TEST_STRICT") == "1"
 
 # Defense in depth: nothing in the test process may reach a cloud metadata address, whatever a
@@ -195,21 +197,7 @@ class PluginProcess:
 
     def call(self, path: str, body) -> tuple[int, dict]:
         """One raw plugin call over the unix socket (what Docker does)."""
-        payload = json.dumps(body).encode()
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(10)
-            sock.connect(self.socket)
-            sock.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: plugin\r\nConnection: close\r\n"
-                         b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
-            data = b""
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        head, _, body_bytes = data.partition(b"\r\n\r\n")
-        status = int(head.split()[1])
-        return status, json.loads(body_bytes or b"{}")
+        return plugin_client.call(self.socket, path, body)
 
     def kill9(self) -> None:
         os.killpg(self.proc.pid, signal.SIGKILL)

@@ -9,8 +9,8 @@ Routed mode (`-o vpcnet.mode=routed`, per network): a leaner path with no bridge
 sits on a per-network anchor (one end of a veth pair `vpc-<id11>`/`vpp-<id11>`: this kernel may lack the
 dummy driver), so the host answers for it and its connected route keeps unknown addresses of the host
 CIDR off the default route. Per endpoint the host end of the veth is on no bridge and has no address;
-it has `proxy_arp=1` (`proxy_delay=0`) and the host routes `<container ip>/32 dev <host end>`. The
-container keeps the pool prefix Docker assigns: it ARPs for neighbours and the gateway, the host end
+it has `proxy_arp=1` and `proxy_delay=0` (set over netlink by vpcnet.rtnl: /proc/sys is read-only in a
+managed plugin) and the host routes `<container ip>/32 dev <host end>`. The container keeps the pool prefix Docker assigns: it ARPs for neighbours and the gateway, the host end
 answers, and the host routes by /32. Each packet between hosts thus skips the bridge and br_netfilter
 (Docker turns bridge-nf-call-iptables on host-wide): one device and one netfilter pass fewer per
 direction. Firewall rules match the veths (`vh+`) and the host CIDR instead of `-i <bridge>`;
@@ -46,6 +46,7 @@ from typing import Iterator
 
 from pyroute2 import IPRoute, NetlinkError
 
+from vpcnet import rtnl
 from vpcnet.errors import DataplaneError
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,14 @@ class Dataplane:
             except Exception:
                 pass
             raise
+
+    def _rtnl(self):
+        """This thread's raw rtnetlink socket (vpcnet.rtnl), for what pyroute2 has no call for."""
+        sock = getattr(self._local, "rtnl", None)
+        if sock is None or self._local.rtnl_pid != os.getpid():
+            sock = rtnl.open_socket(self.netns)
+            self._local.rtnl, self._local.rtnl_pid = sock, os.getpid()
+        return sock
 
     def _cmd(self, *args: str) -> list[str]:
         return (["ip", "netns", "exec", self.netns] if self.netns else []) + list(args)
@@ -374,8 +383,14 @@ class Dataplane:
                 host_idx = self._link_index(ipr, host_veth)
         # Proxy ARP answers the container for every address the host routes elsewhere (its neighbours
         # on other veths, the cluster); the gateway is a local address, answered anyway. No delay.
-        self._sysctl(f"net.ipv4.conf.{host_veth}.proxy_arp", "1")
-        self._sysctl(f"net.ipv4.neigh.{host_veth}.proxy_delay", "0")
+        # Over netlink: a managed plugin's /proc/sys is read-only.
+        try:
+            sock = self._rtnl()
+            rtnl.set_proxy_arp(sock, host_idx)
+            rtnl.set_arp_proxy_delay(sock, host_idx, 0)
+        except OSError as exc:
+            self._local.rtnl = None
+            raise DataplaneError(f"cannot turn on proxy ARP for {host_veth}: {exc}") from None
         with self._ipr() as ipr:
             try:
                 ipr.route("replace", dst=address, dst_len=32, oif=host_idx, scope=SCOPE_LINK)

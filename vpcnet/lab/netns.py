@@ -8,7 +8,6 @@ VPC, where every packet goes through the vRouter.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import subprocess
@@ -17,8 +16,7 @@ import urllib.error
 import urllib.request
 from typing import Any, Callable
 
-NETNS_DIR = "/run/netns"
-CLONE_NEWNET = 0x40000000
+from vpcnet.rtnl import CLONE_NEWNET, NETNS_DIR, setns
 
 
 class LabError(Exception):
@@ -103,21 +101,6 @@ def ip_d_link(name: str) -> str:
 
 # -- doing things inside a namespace from this process -------------------------------------------
 
-_libc = None
-
-
-def _setns(fd: int, nstype: int) -> None:
-    global _libc
-    if hasattr(os, "setns"):
-        os.setns(fd, nstype)
-        return
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    if _libc.setns(fd, nstype) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
 def call_in(name: str, fn: Callable[[], Any], timeout: float = 30.0) -> Any:
     """Run fn() in a fresh thread that has joined network namespace `name` (network namespaces are per
     thread), so its sockets live there; the rest of the process stays where it was."""
@@ -127,7 +110,7 @@ def call_in(name: str, fn: Callable[[], Any], timeout: float = 30.0) -> Any:
         try:
             fd = os.open(path(name), os.O_RDONLY)
             try:
-                _setns(fd, CLONE_NEWNET)
+                setns(fd, CLONE_NEWNET)
             finally:
                 os.close(fd)
             box["value"] = fn()

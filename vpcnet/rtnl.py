@@ -1,0 +1,112 @@
+"""Raw rtnetlink for the few per-interface settings pyroute2 has no call for, and network namespaces.
+
+Routed and ebpf modes need two settings on each endpoint's host veth: `proxy_arp` (the host answers the
+container's ARP for its neighbours) and the ARP `proxy_delay` of 0 (or each broadcast request waits up to
+0.8 s). Both are usually written under /proc/sys, which is read-only inside a managed plugin; the kernel
+takes them over netlink as well, with CAP_NET_ADMIN: RTM_SETLINK with the interface's IPv4 devconf, and
+RTM_SETNEIGHTBL with the interface's parameters of the ARP table.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import itertools
+import os
+import socket
+import struct
+import threading
+
+CLONE_NEWNET = 0x40000000
+NETNS_DIR = "/run/netns"
+
+NLMSG_ERROR, RTM_SETLINK, RTM_SETNEIGHTBL = 2, 19, 67
+NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
+NLA_F_NESTED = 0x8000
+IFLA_AF_SPEC, IFLA_INET_CONF, IPV4_DEVCONF_PROXY_ARP = 26, 1, 3
+NDTA_NAME, NDTA_PARMS, NDTPA_IFINDEX, NDTPA_PROXY_DELAY = 1, 6, 1, 13
+
+_libc = None
+_seq = itertools.count(1)
+
+
+def setns(fd: int, nstype: int = CLONE_NEWNET) -> None:
+    """setns(2) for the calling thread (os.setns from Python 3.12, libc before)."""
+    global _libc
+    if hasattr(os, "setns"):
+        os.setns(fd, nstype)
+        return
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if _libc.setns(fd, nstype) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def open_socket(netns: str | None = None) -> socket.socket:
+    """An rtnetlink socket in `netns` (a name under /run/netns), or in this process's namespace. A socket
+    stays in the namespace it was made in, so it is made by a thread that joined the namespace."""
+    def make() -> socket.socket:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        sock.settimeout(10.0)
+        sock.bind((0, 0))
+        return sock
+
+    if not netns:
+        return make()
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            fd = os.open(os.path.join(NETNS_DIR, netns), os.O_RDONLY)
+            try:
+                setns(fd)
+            finally:
+                os.close(fd)
+            box["sock"] = make()
+        except BaseException as exc:       # handed to the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name=f"rtnl-{netns}", daemon=True)
+    thread.start()
+    thread.join(10.0)
+    if "sock" not in box:
+        raise box.get("error") or OSError(errno.ETIMEDOUT, f"joining network namespace {netns}")
+    return box["sock"]
+
+
+def _attr(kind: int, payload: bytes, nested: bool = False) -> bytes:
+    length = 4 + len(payload)
+    return struct.pack("=HH", length, kind | (NLA_F_NESTED if nested else 0)) + payload + b"\0" * (-length % 4)
+
+
+def _request(sock: socket.socket, msg_type: int, body: bytes) -> None:
+    """Send one request and wait for its acknowledgement; a refusal raises OSError(errno)."""
+    seq = next(_seq)
+    sock.send(struct.pack("=IHHII", 16 + len(body), msg_type, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body)
+    for _ in range(16):                                  # only our acknowledgement is expected
+        data = sock.recv(65536)
+        while len(data) >= 16:
+            length, kind, _flags, got_seq, _pid = struct.unpack_from("=IHHII", data)
+            if kind == NLMSG_ERROR and got_seq == seq:
+                code = -struct.unpack_from("=i", data, 16)[0]
+                if code:
+                    raise OSError(code, os.strerror(code))
+                return
+            data = data[(length + 3) & ~3:]
+    raise OSError(errno.EPROTO, "no netlink acknowledgement")
+
+
+def set_proxy_arp(sock: socket.socket, index: int, on: bool = True) -> None:
+    """net.ipv4.conf.<dev>.proxy_arp, by RTM_SETLINK (IFLA_AF_SPEC / AF_INET / IFLA_INET_CONF)."""
+    conf = _attr(IPV4_DEVCONF_PROXY_ARP, struct.pack("=I", int(on)))
+    spec = _attr(socket.AF_INET, _attr(IFLA_INET_CONF, conf, nested=True), nested=True)
+    ifinfo = struct.pack("=BBHiII", socket.AF_UNSPEC, 0, 0, index, 0, 0)
+    _request(sock, RTM_SETLINK, ifinfo + _attr(IFLA_AF_SPEC, spec, nested=True))
+
+
+def set_arp_proxy_delay(sock: socket.socket, index: int, msecs: int = 0) -> None:
+    """net.ipv4.neigh.<dev>.proxy_delay, by RTM_SETNEIGHTBL (the ARP table's parameters of that device)."""
+    parms = _attr(NDTPA_IFINDEX, struct.pack("=I", index)) + _attr(NDTPA_PROXY_DELAY, struct.pack("=Q", msecs))
+    body = struct.pack("=BBH", socket.AF_INET, 0, 0) + _attr(NDTA_NAME, b"arp_cache\0") + \
+        _attr(NDTA_PARMS, parms, nested=True)
+    _request(sock, RTM_SETNEIGHTBL, body)

@@ -13,9 +13,12 @@ checkout it was made from.
 Capabilities (Docker adds its default set — CHOWN, DAC_OVERRIDE, NET_RAW, SETUID, ... — to these):
 - CAP_NET_ADMIN: netlink (bridges, veth pairs, addresses, MTU) and the firewall (iptables-nft talks
   netlink to nf_tables; iptables-legacy uses setsockopt on a raw socket, which CAP_NET_RAW from the
-  default set covers). Nothing else: no CAP_SYS_ADMIN (vpcnet never enters a network namespace in the
-  plugin; Docker moves the container end of the veth itself), no CAP_SYS_MODULE (the host's Docker has
-  already loaded the netfilter and bridge modules).
+  default set covers).
+- CAP_BPF: loading the tc programs of `-o vpcnet.mode=ebpf` networks (with CAP_NET_ADMIN, which
+  networking program types need too). Without it only that mode is refused, with the reason.
+Nothing else: no CAP_SYS_ADMIN (vpcnet never enters a network namespace in the plugin; Docker moves the
+container end of the veth itself), no CAP_SYS_MODULE (the host's Docker has already loaded the netfilter
+and bridge modules).
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from vpcnet.config import SETTINGS  # noqa: E402
 
 STATE_DIR = "/var/lib/vpcnet"
 ENTRYPOINT = ["/usr/local/sbin/vpcnet-entrypoint", "serve"]
-CAPABILITIES = ["CAP_NET_ADMIN"]
+CAPABILITIES = ["CAP_NET_ADMIN", "CAP_BPF"]
 
 
 def env_value(default) -> str:

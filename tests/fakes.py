@@ -18,8 +18,8 @@ from vpcnet.errors import DataplaneError
 MEDIA_TYPE = "application/vnd.docker.plugins.v1.2+json"
 
 DATAPLANE_METHODS = ("ensure_host", "ensure_network", "delete_network", "network_exists", "stale_chains",
-                     "drop_stale_chain", "ensure_endpoint", "delete_endpoint", "link_exists", "uplink_mtu",
-                     "overlapping_routes")
+                     "drop_stale_chain", "drop_stale_uplink_programs", "ensure_endpoint", "delete_endpoint",
+                     "link_exists", "uplink_mtu", "overlapping_routes")
 
 
 class FakeDataplane:
@@ -95,16 +95,20 @@ class FakeDataplane:
         self._call("drop_stale_chain", table, chain)
         self.chains.discard((table, chain))
 
-    def ensure_endpoint(self, bridge: str, host_veth: str, peer_veth: str, mac: str, mtu: int,
-                        address: str | None = None) -> None:
-        # the call is logged with the routed address only when there is one (bridge mode: 5 arguments)
-        self._call("ensure_endpoint", bridge, host_veth, peer_veth, mac, mtu, *([address] if address else []))
+    def drop_stale_uplink_programs(self, known_tags: set[str]) -> list[str]:
+        self._call("drop_stale_uplink_programs", frozenset(known_tags))
+        return []
+
+    def ensure_endpoint(self, spec, host_veth: str, peer_veth: str, mac: str, address: str) -> None:
+        # logged with the address only when the mode routes one (bridge mode: 5 arguments)
+        bridge, mtu = spec.bridge, spec.mtu
+        self._call("ensure_endpoint", bridge, host_veth, peer_veth, mac, mtu, *([address] if spec.routed else []))
         if bridge not in self.networks:
             raise DataplaneError(f"bridge {bridge} is missing")
         if host_veth not in self.links:        # like the real one: an existing pair is kept as it is
             self.links[host_veth] = {"peer": peer_veth, "mac": mac, "peer_present": True}
         self.links[host_veth].update(bridge=bridge, mtu=mtu)
-        if address:                            # routed mode: a /32 route to the host end
+        if spec.routed:                        # routed modes: a /32 route to the host end
             self.links[host_veth]["route"] = f"{address}/32"
 
     def delete_endpoint(self, host_veth: str) -> None:

@@ -1,15 +1,20 @@
 """The dataplane against the real kernel, inside network namespaces the tests make (never the host's)."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
+import time
+from dataclasses import replace
 
 import pytest
 
-from conftest import run, unique
+from conftest import require, run, unique
 from vpcnet.dataplane import Dataplane, NetworkSpec, anchor_peer, bridge_name, mac_for, veth_names
 
 pytestmark = pytest.mark.root
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def spec(tag="a1b2c3d4e5f6", host="10.77.3.0/24", cluster="10.77.0.0/16", mtu=1500, internal=False,
@@ -44,7 +49,7 @@ def attach_container(host_ns: str, dp: Dataplane, netspec: NetworkSpec, netns_fa
     """What Docker does at Join: move the container end into a sandbox, name it eth0, address it."""
     sandbox = netns_factory("vpcsb")
     host_veth, peer = veth_names(eid)
-    dp.ensure_endpoint(netspec.bridge, host_veth, peer, mac_for(ip), netspec.mtu, ip if netspec.routed else None)
+    dp.ensure_endpoint(netspec, host_veth, peer, mac_for(ip), ip)
     run(["ip", "-n", host_ns, "link", "set", peer, "netns", sandbox])
     run(["ip", "-n", sandbox, "link", "set", peer, "name", "eth0"])
     run(["ip", "-n", sandbox, "addr", "add", f"{ip}/{netspec.prefixlen}", "dev", "eth0"])
@@ -106,7 +111,7 @@ def test_delete_network_removes_bridge_and_its_rules_and_ignores_what_is_gone(ho
     dp = Dataplane(netns=host)
     s = spec()
     dp.ensure_network(s)
-    dp.ensure_endpoint(s.bridge, *veth_names("e" * 64), mac_for("10.77.3.2"), 1500)
+    dp.ensure_endpoint(s, *veth_names("e" * 64), mac_for("10.77.3.2"), "10.77.3.2")
     dp.delete_endpoint(veth_names("e" * 64)[0])
     dp.delete_endpoint(veth_names("e" * 64)[0])            # already gone: fine
     dp.delete_network(s)
@@ -300,8 +305,175 @@ def test_routed_endpoint_ensured_again_gets_its_route_back(host, netns_factory):
     a = attach_container(host, dp, s, netns_factory, "10.77.3.2", "a" * 64)
     ha, pa = veth_names("a" * 64)
     run(["ip", "-n", host, "route", "del", "10.77.3.2/32"])       # e.g. flushed by someone
-    dp.ensure_endpoint(s.bridge, ha, pa, mac_for("10.77.3.2"), s.mtu, "10.77.3.2")   # what restore() does
+    dp.ensure_endpoint(s, ha, pa, mac_for("10.77.3.2"), "10.77.3.2")   # what restore() does
     assert f"10.77.3.2 dev {ha}" in run(["ip", "-n", host, "-4", "route", "show"]).stdout
     assert ping(a, s.gateway)
     with pytest.raises(Exception, match="missing"):
-        dp.ensure_endpoint("vpc-nosuchanchr", *veth_names("c" * 64), mac_for("10.77.3.4"), 1500, "10.77.3.4")
+        dp.ensure_endpoint(replace(s, bridge="vpc-nosuchanchr"), *veth_names("c" * 64), mac_for("10.77.3.4"),
+                           "10.77.3.4")
+
+
+# -- ebpf mode: the tc fast path ------------------------------------------------------------------------
+
+@pytest.fixture
+def two_hosts(netns_factory):
+    """Two simulated hosts whose uplinks are the two ends of one link (the VPC), each routing the other's
+    host CIDR to it as the VPC route table would: A holds 10.77.3.0/24, B 10.77.4.0/24."""
+    a, b = netns_factory("vpcha"), netns_factory("vpchb")
+    run(["ip", "-n", a, "link", "add", "uplink0", "type", "veth", "peer", "name", "uplink0", "netns", b])
+    for ns, me, other, block in ((a, "192.0.2.10", "192.0.2.20", "10.77.4.0/24"),
+                                 (b, "192.0.2.20", "192.0.2.10", "10.77.3.0/24")):
+        run(["ip", "-n", ns, "addr", "add", f"{me}/24", "dev", "uplink0"])
+        run(["ip", "-n", ns, "link", "set", "uplink0", "up"])
+        run(["ip", "-n", ns, "route", "add", "default", "via", other])
+        run(["ip", "-n", ns, "route", "add", block, "via", other])
+    return a, b
+
+
+def tc_filters(ns: str, dev: str) -> str:
+    return run(["ip", "netns", "exec", ns, "tc", "filter", "show", "dev", dev, "ingress"]).stdout
+
+
+def forward_counts(ns: str, *pairs: tuple[str, str]) -> None:
+    """Counting rules at the top of FORWARD for each (source, destination): what the host's stack saw."""
+    for src, dst in pairs:
+        count_rule(ns, "filter", "FORWARD", f"{src}>{dst}", "-s", src, "-d", dst)
+
+
+def tcp_transfer(client: str, server: str, address: str) -> int:
+    """Bytes of a 1 s iperf3 TCP run from netns `client` to netns `server` (GSO-sized packets)."""
+    import json
+    daemon = subprocess.Popen(["ip", "netns", "exec", server, "iperf3", "-s", "-1"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(50):      # until the server listens (iperf3 3.12 exits 0 on a refused connection)
+            proc = run(["ip", "netns", "exec", client, "iperf3", "-c", address, "-t", "1", "-J"], check=False)
+            try:
+                return json.loads(proc.stdout)["end"]["sum_received"]["bytes"]
+            except (ValueError, KeyError):
+                time.sleep(0.1)
+        raise AssertionError(f"iperf3 to {address} failed: {proc.stdout[-300:]} {proc.stderr[-300:]}")
+    finally:
+        daemon.kill()
+        daemon.wait(timeout=10)
+
+
+@pytest.mark.parametrize("mode", ["routed", "ebpf"])
+def test_ebpf_mode_carries_cluster_traffic_past_the_hosts_ip_stack_and_routed_mode_does_not(two_hosts,
+                                                                                            netns_factory, mode):
+    require(shutil.which("iperf3") is not None, "needs iperf3")
+    a, b = two_hosts
+    sa = spec(mode=mode, host="10.77.3.0/24")
+    sb = spec(mode=mode, tag="b1b2c3d4e5f6", host="10.77.4.0/24")
+    dpa, dpb = Dataplane(netns=a), Dataplane(netns=b)
+    for dp, s in ((dpa, sa), (dpb, sb), (dpa, sa)):         # A twice: idempotent
+        dp.ensure_network(s)
+    ca = attach_container(a, dpa, sa, netns_factory, "10.77.3.2", "a" * 64)
+    cb = attach_container(b, dpb, sb, netns_factory, "10.77.4.2", "b" * 64)
+    dpa.ensure_endpoint(sa, *veth_names("a" * 64), mac_for("10.77.3.2"), "10.77.3.2")   # again, as restore()
+    for ns in (a, b):
+        ns_run(ns, "iptables", "-P", "FORWARD", "DROP")      # as Docker leaves it
+        forward_counts(ns, ("10.77.3.2", "10.77.4.2"), ("10.77.4.2", "10.77.3.2"))
+    if mode == "ebpf":
+        assert tc_filters(a, "uplink0").count(f"vpcnet-{sa.tag}") == 1, tc_filters(a, "uplink0")
+        host_filters = tc_filters(a, veth_names("a" * 64)[0])
+        assert host_filters.count("direct-action") == 1 and "vpcnet_ctr" in host_filters, host_filters
+    else:
+        assert "vpcnet" not in tc_filters(a, "uplink0") if "clsact" in ns_run(a, "tc", "qdisc").stdout else True
+
+    out = run(["ip", "netns", "exec", ca, "busybox", "ping", "-c3", "-W2", "10.77.4.2"]).stdout
+    assert "ttl=62" in out, out                               # both hosts decremented it, fast path or not
+    assert tcp_transfer(ca, cb, "10.77.4.2") > 1_000_000
+    assert tcp_transfer(cb, ca, "10.77.3.2") > 1_000_000
+    seen = {ns: counters(ns, "filter", "FORWARD") for ns in (a, b)}
+    for ns in (a, b):
+        if mode == "ebpf":     # only the packets before a neighbour was resolved
+            assert max(seen[ns].values()) <= 3 and len(seen[ns]) == 2, seen
+        else:
+            assert min(seen[ns].values()) > 100, seen     # every packet through the host's FORWARD chain
+
+    # TTL semantics survive: a traceroute shows host A, host B, then the container.
+    trace = run(["ip", "netns", "exec", ca, "busybox", "traceroute", "-n", "-q", "1", "-w", "2", "-m", "4",
+                 "10.77.4.2"]).stdout
+    hops = [line.split() for line in trace.splitlines()[1:] if line.strip()]
+    assert len(hops) == 3 and hops[2][1] == "10.77.4.2" and "*" not in (hops[0][1], hops[1][1]), trace
+
+
+def test_ebpf_mode_keeps_the_slow_path_for_the_host_this_hosts_containers_outside_and_big_packets(
+        two_hosts, netns_factory):
+    a, b = two_hosts
+    sa = spec(mode="ebpf", host="10.77.3.0/24", mtu=9000, no_nat=["203.0.113.0/24"])   # uplink: 1500
+    sb = spec(mode="ebpf", tag="b1b2c3d4e5f6", host="10.77.4.0/24", mtu=9000)
+    dpa, dpb = Dataplane(netns=a), Dataplane(netns=b)
+    dpa.ensure_network(sa)
+    dpb.ensure_network(sb)
+    ca = attach_container(a, dpa, sa, netns_factory, "10.77.3.2", "a" * 64)
+    ca2 = attach_container(a, dpa, sa, netns_factory, "10.77.3.3", "c" * 64)
+    attach_container(b, dpb, sb, netns_factory, "10.77.4.2", "b" * 64)
+    ns_run(a, "iptables", "-P", "FORWARD", "DROP")
+    assert ping(ca, "10.77.3.3") and ping(ca2, "10.77.3.2"), "this host's containers: the routed path"
+    assert ping(ca, sa.gateway) and ns_run(a, "busybox", "ping", "-c1", "-W2", "10.77.3.2",
+                                           check=False).returncode == 0, "gateway and host"
+    # 4000-byte datagrams exceed the uplink's MTU: the helper says so and the stack fragments them
+    big = run(["ip", "netns", "exec", ca, "busybox", "ping", "-c2", "-W2", "-s", "4000", "10.77.4.2"], check=False)
+    assert big.returncode == 0, big.stdout + big.stderr
+    # leaving the cluster: masqueraded by the stack; a no-NAT destination keeps the container's address
+    outside = peer_host(a, netns_factory)
+    for source in ("198.51.100.1", "10.77.3.2"):
+        ns_run(outside, "iptables", "-A", "INPUT", "-p", "icmp", "-s", source, "-m", "comment", "--comment", source)
+    assert ping(ca, "198.51.100.2") and ping(ca, "203.0.113.2")
+    seen = counters(outside, "filter", "INPUT")
+    assert seen["198.51.100.1"] >= 1 and seen["10.77.3.2"] >= 1, seen
+
+
+def test_ebpf_internal_network_still_reaches_only_the_cluster(two_hosts, netns_factory):
+    a, b = two_hosts
+    sa = spec(mode="ebpf", host="10.77.3.0/24", internal=True)
+    sb = spec(mode="ebpf", tag="b1b2c3d4e5f6", host="10.77.4.0/24", internal=True)
+    Dataplane(netns=a).ensure_network(sa)
+    Dataplane(netns=b).ensure_network(sb)
+    ca = attach_container(a, Dataplane(netns=a), sa, netns_factory, "10.77.3.2", "a" * 64)
+    attach_container(b, Dataplane(netns=b), sb, netns_factory, "10.77.4.2", "b" * 64)
+    peer_host(a, netns_factory)
+    ns_run(a, "iptables", "-P", "FORWARD", "ACCEPT")          # even then: vpcnet's own DROPs hold
+    assert ping(ca, "10.77.4.2") and ping(ca, "10.77.9.2"), "the cluster, on the fast path"
+    assert not ping(ca, "198.51.100.2"), "internal: no outside access"
+
+
+def test_ebpf_programs_go_with_their_network_and_stale_ones_are_dropped(two_hosts, netns_factory):
+    a, _b = two_hosts
+    dp = Dataplane(netns=a)
+    keep, gone = spec(mode="ebpf"), spec(mode="ebpf", tag="ffffffffffff", host="10.77.5.0/24")
+    dp.ensure_network(keep)
+    dp.ensure_network(gone)
+    attach_container(a, dp, keep, netns_factory, "10.77.3.2", "a" * 64)
+    assert dp.drop_stale_uplink_programs({keep.tag}) == [], "its anchor exists: maybe another instance's"
+    run(["ip", "-n", a, "link", "del", gone.bridge])
+    assert dp.drop_stale_uplink_programs({keep.tag}) == [f"vpcnet-{gone.tag}"]
+    filters = tc_filters(a, "uplink0")
+    assert f"vpcnet-{gone.tag}" not in filters and f"vpcnet-{keep.tag}" in filters
+    dp.delete_endpoint(veth_names("a" * 64)[0])
+    dp.delete_network(keep)
+    dp.delete_network(keep)                                   # already gone: fine
+    assert "vpcnet-" not in tc_filters(a, "uplink0")
+    assert keep.tag not in rules(a, "filter") + rules(a, "nat") + rules(a, "raw")
+    assert keep.bridge not in run(["ip", "-n", a, "link"]).stdout
+
+
+def test_ebpf_network_without_the_right_to_load_programs_fails_clearly_and_is_undone(two_hosts):
+    """A plugin lacking CAP_BPF and CAP_SYS_ADMIN (a managed plugin configured without them, say): the
+    network is refused with the reason, and the undo the driver runs leaves nothing behind."""
+    require(shutil.which("setpriv") is not None, "needs setpriv (util-linux)")
+    a, _b = two_hosts
+    s = spec(mode="ebpf")
+    script = (f"from vpcnet.dataplane import Dataplane, NetworkSpec\n"
+              f"s = NetworkSpec(**{s.__dict__!r})\n"
+              "dp = Dataplane()\n"
+              "try:\n    dp.ensure_network(s)\nexcept Exception as exc:\n    print('ERROR', exc)\n"
+              "    dp.delete_network(s)\n")
+    proc = run(["ip", "netns", "exec", a, "setpriv", "--bounding-set", "-bpf,-sys_admin", "--inh-caps",
+                "-bpf,-sys_admin", sys.executable, "-c", script], cwd=REPO)
+    assert "ERROR cannot load eBPF program" in proc.stdout and "CAP_BPF" in proc.stdout, proc.stdout + proc.stderr
+    assert s.bridge not in run(["ip", "-n", a, "link"]).stdout
+    assert s.tag not in rules(a, "filter") + rules(a, "nat") + rules(a, "raw")
+    assert "vpcnet-" not in (ns_run(a, "tc", "filter", "show", "dev", "uplink0", "ingress", check=False).stdout)

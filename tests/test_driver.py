@@ -328,7 +328,7 @@ def test_endpoint_id_prefix_collision_leaves_the_other_endpoint_alone(plug):
 
 # -- routed mode --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("raw,mode", [(None, "bridge"), ("", "bridge"), ("bridge", "bridge"), ("routed", "routed"),
-                                      (" Routed ", "routed")])
+                                      (" Routed ", "routed"), ("ebpf", "ebpf"), ("eBPF", "ebpf")])
 def test_mode_option_is_stored_and_handed_to_the_dataplane(plug, raw, mode):
     net = create(plug, generic={} if raw is None else {MODE_OPTION: raw})
     assert net.mode == mode and spec_of(net).mode == mode
@@ -350,9 +350,10 @@ def test_unknown_option_message_names_the_mode_option(plug):
         create(plug, generic={"vpcnet.moed": "routed"})
 
 
-def test_routed_endpoint_join_and_restore_pass_the_address(tmp_path):
+@pytest.mark.parametrize("mode", ["routed", "ebpf"])
+def test_routed_endpoint_join_and_restore_pass_the_address(tmp_path, mode):
     plug = make_plugin(tmp_path)
-    net = create(plug, generic={MODE_OPTION: "routed"})
+    net = create(plug, generic={MODE_OPTION: mode})
     address, _ = endpoint(plug)
     ip = address.split("/")[0]
     host_veth, peer_veth = veth_names(EID)
@@ -369,8 +370,9 @@ def test_routed_endpoint_join_and_restore_pass_the_address(tmp_path):
     fresh.networks[net.bridge] = spec_of(net)
     fresh.links[host_veth] = {"peer": peer_veth, "mac": mac_for(ip), "peer_present": True}
     make_plugin(tmp_path, dataplane=fresh).driver.restore()
-    assert fresh.networks[net.bridge].mode == "routed"
+    assert fresh.networks[net.bridge].mode == mode
     assert fresh.links[host_veth]["route"] == f"{ip}/32"
+    assert fresh.called("drop_stale_uplink_programs") == [("drop_stale_uplink_programs", frozenset({NID[:12]}))]
     # ... but an endpoint whose veth is gone (a reboot) is left for Join to recreate
     gone = FakeDataplane()
     make_plugin(tmp_path, dataplane=gone).driver.restore()

@@ -57,7 +57,7 @@ def test_config_json_env_is_exactly_the_settings():
     assert cfg["Interface"] == {"Types": ["docker.networkdriver/1.0", "docker.ipamdriver/1.0"],
                                 "Socket": "vpcnet.sock"}
     assert cfg["Network"] == {"Type": "host"}
-    assert cfg["Linux"]["Capabilities"] == ["CAP_NET_ADMIN"]
+    assert cfg["Linux"]["Capabilities"] == ["CAP_NET_ADMIN", "CAP_BPF"]
     socket_default = next(e["Value"] for e in env if e["Name"] == "VPCNET_SOCKET")
     assert socket_default == "/run/docker/plugins/" + cfg["Interface"]["Socket"]
     state = next(m for m in cfg["Mounts"] if m["Name"] == "state")
@@ -81,6 +81,7 @@ class Managed:
         self.cluster = free_cluster(228, 250, shuffle=True)
         self.cluster2 = free_cluster(228, 250, (self.cluster,), shuffle=True)    # a second network needs its own cluster CIDR
         self.cluster3 = free_cluster(228, 250, (self.cluster, self.cluster2), shuffle=True)     # one never claimed
+        self.cluster4 = free_cluster(228, 250, (self.cluster, self.cluster2, self.cluster3), shuffle=True)
         self.label = unique("vpcnet-managed-")
         self.networks: list[str] = []
         self.containers: list[str] = []
@@ -256,6 +257,25 @@ def test_upgrade_by_a_newer_build_keeps_state_and_settings(built):
     # removing a container and the network still works through the new build
     built.docker("rm", "-f", d)
     built.containers.remove(d)
+
+
+def test_ebpf_mode_works_with_the_capabilities_the_plugin_is_given(built):
+    """CAP_BPF in config.json is what loading the ebpf mode's programs takes inside the plugin."""
+    net = built.network("--subnet", built.cluster4, "-o", "vpcnet.mode=ebpf")
+    a, b = built.container(net, built.image), built.container(net, built.image)
+    ip_a, ip_b = built.ip_of(a), built.ip_of(b)
+    assert built.ping(a, ip_b) and built.ping(b, ip_a), built.plugin_log()
+    host_veth = run(["ip", "-4", "route", "get", ip_a]).stdout.split(" dev ")[1].split()[0]
+    filters = run(["tc", "filter", "show", "dev", host_veth, "ingress"]).stdout
+    assert "vpcnet_ctr" in filters and "direct-action" in filters, filters
+    tag = built.docker("network", "inspect", "-f", "{{.Id}}", net).stdout.strip()[:12]
+    uplink = run(["ip", "-4", "route", "show", "default"]).stdout.split(" dev ")[1].split()[0]
+    assert f"vpcnet-{tag}" in run(["tc", "filter", "show", "dev", uplink, "ingress"]).stdout
+    built.docker("rm", "-f", a, b)
+    built.docker("network", "rm", net)
+    built.networks.remove(net)
+    assert host_veth not in run(["ip", "link"]).stdout, "the endpoint's veth (and its program) went"
+    assert f"vpcnet-{tag}" not in run(["tc", "filter", "show", "dev", uplink, "ingress"], check=False).stdout
 
 
 class SilentServer:

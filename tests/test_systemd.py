@@ -37,7 +37,7 @@ def test_service_ordering_and_hardening():
     for wanted in ("Before=docker.service", "After=network-online.target", "Restart=on-failure",
                    "EnvironmentFile=-/etc/vpcnet/vpcnet.env", "StateDirectory=vpcnet", "NoNewPrivileges=yes",
                    "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes",
-                   "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW",
+                   "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW CAP_BPF", "SystemCallFilter=@system-service bpf",
                    "RestrictAddressFamilies=AF_UNIX AF_NETLINK AF_INET AF_INET6",
                    "ExecStartPre=+/bin/mkdir -p /run/docker/plugins", "ExecStart=/usr/local/bin/vpcnet serve"):
         assert wanted in lines, wanted

@@ -16,6 +16,13 @@ answers, and the host routes by /32. Each packet between hosts thus skips the br
 direction. Firewall rules match the veths (`vh+`) and the host CIDR instead of `-i <bridge>`;
 masquerade and --internal behave as in bridge mode.
 
+eBPF mode (`-o vpcnet.mode=ebpf`, per network): routed mode, plus the fast path of vpcnet.ebpf. A tc
+program on each endpoint's host veth (ingress) and one per network on the uplink (ingress of the default
+route's device; filter `vpcnet-<id12>`, one handle per network) hand the traffic between the host CIDR and
+the rest of the cluster CIDR straight between the container and the uplink: no pass through the host's
+IP forwarding or netfilter (the same traffic the conntrack bypass below already accepts statelessly and
+never NATs). Everything else, and anything the programs cannot resolve, takes routed mode's path.
+
 Firewall, in chains of vpcnet's own so removing a network removes exactly its rules:
 - filter `VPCNET-FORWARD` (jumped to from FORWARD): accepts the network's traffic even though Docker
   sets FORWARD's policy to DROP; one chain per network `VPCNET-F-<id12>`.
@@ -40,13 +47,14 @@ import logging
 import os
 import subprocess
 import threading
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
 from pyroute2 import IPRoute, NetlinkError
 
-from vpcnet import rtnl
+from vpcnet import ebpf, rtnl
 from vpcnet.errors import DataplaneError
 
 log = logging.getLogger(__name__)
@@ -56,10 +64,14 @@ NAT_CHAIN = "VPCNET-POSTROUTING"
 RAW_CHAIN = "VPCNET-RAW"
 PARENTS = {"filter": FORWARD_CHAIN, "nat": NAT_CHAIN, "raw": RAW_CHAIN}
 PREFIXES = {"filter": "VPCNET-F-", "nat": "VPCNET-N-", "raw": "VPCNET-R-"}
-MODES = ("bridge", "routed")
+MODES = ("bridge", "routed", "ebpf")
 HOST_VETHS = "vh+"            # iptables wildcard for every endpoint's host end (veth_names)
 SCOPE_LINK = 253
 DEFAULT_MTU = 1500
+TC_INGRESS = 0xFFFFFFF2           # clsact's ingress hook
+ETH_P_IP = 0x0800
+ENDPOINT_FILTER = (0x7F00, 1)     # (prio, handle) of the program on an endpoint's host veth
+UPLINK_PRIO = 0x7F01              # the uplink's programs: one handle per network (uplink_handle)
 
 
 @dataclass(frozen=True)
@@ -72,11 +84,21 @@ class NetworkSpec:
     mtu: int
     internal: bool = False
     no_nat: tuple[str, ...] = ()
-    mode: str = "bridge"        # "routed": no bridge, proxy ARP and a /32 route per endpoint
+    mode: str = "bridge"        # "routed": no bridge, proxy ARP and a /32 route per endpoint; "ebpf": routed
+                                # plus the tc fast path
 
     @property
     def routed(self) -> bool:
-        return self.mode == "routed"
+        """No bridge: the anchor, proxy ARP and /32 routes (routed and ebpf modes)."""
+        return self.mode in ("routed", "ebpf")
+
+    @property
+    def ebpf(self) -> bool:
+        return self.mode == "ebpf"
+
+    @property
+    def tc_name(self) -> str:
+        return f"vpcnet-{self.tag}"
 
     @property
     def prefixlen(self) -> int:
@@ -106,6 +128,11 @@ def anchor_peer(anchor: str) -> str:
 
 def veth_names(endpoint_id: str) -> tuple[str, str]:
     return f"vh{endpoint_id[:11]}", f"vc{endpoint_id[:11]}"
+
+
+def uplink_handle(tag: str) -> int:
+    """The tc filter handle of a network's program on the uplink: stable, never 0."""
+    return zlib.crc32(tag.encode()) or 1
 
 
 def mac_for(ip: str) -> str:
@@ -209,11 +236,20 @@ class Dataplane:
     def uplink_mtu(self) -> int:
         """MTU of the interface carrying the default route (the VPC link), 1500 without one."""
         with self._ipr() as ipr:
-            for route in ipr.route("dump", table=254, family=2):
-                if route.get("dst_len") == 0 and route.get("RTA_OIF"):
-                    links = ipr.link("get", index=route.get("RTA_OIF"))
-                    return int(links[0].get("IFLA_MTU") or DEFAULT_MTU)
+            for index in self._uplinks(ipr):
+                links = ipr.link("get", index=index)
+                return int(links[0].get("IFLA_MTU") or DEFAULT_MTU)
         return DEFAULT_MTU
+
+    @staticmethod
+    def _uplinks(ipr: IPRoute) -> list[int]:
+        """Indexes of the devices carrying the default route (main table), in route order."""
+        out: list[int] = []
+        for route in ipr.route("dump", table=254, family=2):
+            if route.get("dst_len") == 0:
+                hops = [route.get("RTA_OIF")] + [hop["oif"] for hop in route.get("RTA_MULTIPATH") or []]
+                out += [index for index in hops if index and index not in out]
+        return out
 
     def overlapping_routes(self, cidr: str) -> list[str]:
         """Kernel routes (main table, not the default route) overlapping `cidr`, described for humans."""
@@ -268,6 +304,71 @@ class Dataplane:
                     raise DataplaneError(f"cannot configure bridge {spec.bridge}: {exc}") from None
             ipr.link("set", index=idx, state="up")
         self._ensure_firewall(spec)
+        if spec.ebpf:
+            self._ensure_uplink_programs(spec, idx)
+
+    def _ensure_uplink_programs(self, spec: NetworkSpec, anchor: int) -> None:
+        """The network's program on each uplink, replaced in place (a restart never opens a gap). Without a
+        default route there is no uplink yet: traffic from other hosts takes the routed path meanwhile."""
+        program = ebpf.uplink_program(spec.host_cidr, spec.cluster_cidr, anchor)
+        with self._ipr() as ipr:
+            uplinks = self._uplinks(ipr)
+            if not uplinks:
+                log.warning("network %s: no default route, so no uplink for the eBPF fast path yet; traffic "
+                            "from other hosts takes the routed path", spec.tag)
+            for index in uplinks:
+                self._attach(ipr, index, program, "vpcnet_uplink", spec.tc_name, UPLINK_PRIO,
+                             uplink_handle(spec.tag))
+
+    def _attach(self, ipr: IPRoute, index: int, program: bytes, prog_name: str, filter_name: str, prio: int,
+                handle: int) -> None:
+        fd = ebpf.load(program, prog_name)
+        try:
+            try:
+                ipr.tc("add", "clsact", index)
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise DataplaneError(f"cannot add the clsact qdisc to link {index}: {exc}") from None
+            try:
+                ipr.tc("replace-filter", "bpf", index, handle, fd=fd, name=filter_name, parent=TC_INGRESS,
+                       classid=1, direct_action=True, prio=prio, protocol=ETH_P_IP)
+            except NetlinkError as exc:
+                raise DataplaneError(f"cannot attach eBPF program {filter_name} to link {index}: {exc}") from None
+        finally:
+            os.close(fd)               # the filter holds the program now
+
+    def _uplink_programs(self, ipr: IPRoute) -> Iterator[tuple[int, int, str]]:
+        """(link index, handle, name) of every vpcnet uplink program on this host: one qdisc dump finds
+        the links with a clsact qdisc, only those are asked for their filters."""
+        for index in sorted({q["index"] for q in ipr.get_qdiscs() if q.get_attr("TCA_KIND") == "clsact"}):
+            try:
+                filters = ipr.get_filters(index=index, parent=TC_INGRESS)
+            except NetlinkError:
+                continue                 # the link went away meanwhile
+            for f in filters:
+                options = f.get_attr("TCA_OPTIONS")
+                fname = options.get_attr("TCA_BPF_NAME") if options else None
+                if f["info"] >> 16 == UPLINK_PRIO and fname and fname.startswith("vpcnet-"):
+                    yield index, f["handle"], fname
+
+    def _drop_uplink_program(self, ipr: IPRoute, index: int, handle: int) -> None:
+        try:
+            ipr.tc("del-filter", "bpf", index, handle, parent=TC_INGRESS, prio=UPLINK_PRIO, protocol=ETH_P_IP)
+        except NetlinkError as exc:
+            if exc.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
+                raise DataplaneError(f"cannot remove eBPF program from link {index}: {exc}") from None
+
+    def drop_stale_uplink_programs(self, known_tags: set[str]) -> list[str]:
+        """Remove uplink programs of networks vpcnet no longer knows and whose anchor is gone (as for
+        chains: an anchor that exists may be another vpcnet instance's network). Returns their names."""
+        dropped = []
+        with self._ipr() as ipr:
+            for index, handle, name in list(self._uplink_programs(ipr)):
+                tag = name[len("vpcnet-"):]
+                if tag not in known_tags and self._link_index(ipr, bridge_name(tag)) is None:
+                    self._drop_uplink_program(ipr, index, handle)
+                    dropped.append(name)
+        return dropped
 
     def _ensure_firewall(self, spec: NetworkSpec) -> None:
         br, cluster, tag = spec.bridge, spec.cluster_cidr, spec.tag
@@ -325,6 +426,11 @@ class Dataplane:
         self._drop_chain("filter", FORWARD_CHAIN, spec.filter_chain)
         self._delete_rule("nat", NAT_CHAIN, ["-s", spec.host_cidr, "-j", spec.nat_chain])
         self._drop_chain("nat", NAT_CHAIN, spec.nat_chain)
+        if spec.ebpf:
+            with self._ipr() as ipr:
+                for index, handle, name in list(self._uplink_programs(ipr)):
+                    if name == spec.tc_name:
+                        self._drop_uplink_program(ipr, index, handle)
         self._delete_link(spec.bridge)
 
     def network_exists(self, spec: NetworkSpec) -> bool:
@@ -357,27 +463,26 @@ class Dataplane:
         self._drop_chain(table, parent, chain)
 
     # -- endpoints --------------------------------------------------------------------------------
-    def ensure_endpoint(self, bridge: str, host_veth: str, peer_veth: str, mac: str, mtu: int,
-                        address: str | None = None) -> None:
-        """A veth pair for an endpoint. Bridge mode (`address` None): host end on the bridge. Routed mode
-        (`address` = the container's IP; `bridge` names the network's anchor): host end on no bridge,
-        answering ARP for the container's neighbours and gateway (proxy ARP), and a route
-        `<address>/32 dev <host end>`; the route goes with the veth."""
+    def ensure_endpoint(self, spec: NetworkSpec, host_veth: str, peer_veth: str, mac: str, address: str) -> None:
+        """A veth pair for an endpoint of network `spec`. Bridge mode: host end on the bridge. Routed and
+        ebpf modes: host end on no bridge, answering ARP for the container's neighbours and gateway (proxy
+        ARP), and a route `<address>/32 dev <host end>` (it goes with the veth); ebpf mode also attaches the
+        container program to the host end (it goes with the veth too)."""
         with self._ipr() as ipr:
-            br = self._link_index(ipr, bridge)
+            br = self._link_index(ipr, spec.bridge)
             if br is None:
-                raise DataplaneError(f"{'anchor' if address else 'bridge'} {bridge} is missing")
-            master = {} if address else {"master": br}
+                raise DataplaneError(f"{'anchor' if spec.routed else 'bridge'} {spec.bridge} is missing")
+            master = {} if spec.routed else {"master": br}
             host_idx = None
             try:   # one request: the pair is born (on the bridge) and up
-                ipr.link("add", ifname=host_veth, kind="veth", mtu=mtu, state="up", **master,
-                         peer={"ifname": peer_veth, "address": mac, "mtu": mtu})
+                ipr.link("add", ifname=host_veth, kind="veth", mtu=spec.mtu, state="up", **master,
+                         peer={"ifname": peer_veth, "address": mac, "mtu": spec.mtu})
             except NetlinkError as exc:
                 if exc.code != errno.EEXIST:
                     raise DataplaneError(f"cannot create veth {host_veth}: {exc}") from None
                 host_idx = self._link_index(ipr, host_veth)      # it exists: make sure it is right
-                ipr.link("set", index=host_idx, mtu=mtu, state="up", **master)
-            if not address:
+                ipr.link("set", index=host_idx, mtu=spec.mtu, state="up", **master)
+            if not spec.routed:
                 return
             if host_idx is None:
                 host_idx = self._link_index(ipr, host_veth)
@@ -396,6 +501,9 @@ class Dataplane:
                 ipr.route("replace", dst=address, dst_len=32, oif=host_idx, scope=SCOPE_LINK)
             except NetlinkError as exc:
                 raise DataplaneError(f"cannot route {address} to {host_veth}: {exc}") from None
+            if spec.ebpf:
+                self._attach(ipr, host_idx, ebpf.container_program(spec.host_cidr, spec.cluster_cidr),
+                             "vpcnet_ctr", spec.tc_name, *ENDPOINT_FILTER)
 
     def delete_endpoint(self, host_veth: str) -> None:
         self._delete_link(host_veth)       # the peer goes with it, wherever it is

@@ -5,9 +5,10 @@ CreateNetwork (so the network is stored before it answers), and at daemon start 
 DeleteEndpoint and ReleaseAddress for sandboxes that may already be gone — those succeed.
 A failed call changes no state: kernel changes made before the failure are undone.
 
-Options: `-o com.docker.network.driver.mtu=N`, and `-o vpcnet.mode=bridge|routed` (default bridge): the
-datapath of the network, stored with it (see vpcnet.dataplane: routed mode has no bridge, proxy ARP and
-a /32 route per endpoint, for a shorter per-packet path). Unknown options and modes are refused.
+Options: `-o com.docker.network.driver.mtu=N`, and `-o vpcnet.mode=bridge|routed|ebpf` (default bridge):
+the datapath of the network, stored with it (see vpcnet.dataplane: routed mode has no bridge, proxy ARP
+and a /32 route per endpoint, for a shorter per-packet path; ebpf mode adds a tc fast path that skips
+the host's IP stack for cluster traffic). Unknown options and modes are refused.
 """
 from __future__ import annotations
 
@@ -95,8 +96,8 @@ class NetworkDriver:
         except Exception:
             self._undo(lambda: self.dataplane.delete_network(spec))
             raise
-        log.info("network %s: %s %s, %s via %s, mtu %d%s", network_id[:12],
-                 "anchor" if mode == "routed" else "bridge", net.bridge, net.host_cidr, net.gateway, net.mtu,
+        log.info("network %s: %s mode, %s %s, %s via %s, mtu %d%s", network_id[:12], mode,
+                 "anchor" if spec.routed else "bridge", net.bridge, net.host_cidr, net.gateway, net.mtu,
                  ", internal" if net.internal else "")
         return {}
 
@@ -220,22 +221,22 @@ class NetworkDriver:
         for net in nets:
             try:
                 self.dataplane.ensure_network(spec_of(net))
-                if net.mode == "routed":     # a /32 route per endpoint whose host veth is still there
+                if spec_of(net).routed:     # route (and program) per endpoint whose host veth is still there
                     for ep in self.store.endpoints(net.network_id):
                         if self.dataplane.link_exists(ep.host_veth):
                             self._ensure_endpoint(net, ep)
             except Exception as exc:
                 log.error("cannot restore network %s: %s", net.network_id[:12], exc)
-        for table, chain in self.dataplane.stale_chains({spec_of(n).tag for n in nets}):
+        known = {spec_of(n).tag for n in nets}
+        for table, chain in self.dataplane.stale_chains(known):
             log.info("removing stale chain %s/%s", table, chain)
             self.dataplane.drop_stale_chain(table, chain)
+        for name in self.dataplane.drop_stale_uplink_programs(known):
+            log.info("removed stale uplink program %s", name)
 
     # -- helpers ----------------------------------------------------------------------------------
     def _ensure_endpoint(self, net: Network, ep: Endpoint) -> None:
-        if net.mode == "routed":
-            self.dataplane.ensure_endpoint(net.bridge, ep.host_veth, ep.peer_veth, ep.mac, net.mtu, ep.address)
-        else:
-            self.dataplane.ensure_endpoint(net.bridge, ep.host_veth, ep.peer_veth, ep.mac, net.mtu)
+        self.dataplane.ensure_endpoint(spec_of(net), ep.host_veth, ep.peer_veth, ep.mac, ep.address)
 
     def _network(self, network_id: str) -> Network:
         _require_id("NetworkID", network_id)

@@ -54,9 +54,9 @@ StateDirectoryMode=0700
 UMask=0077
 
 # Hardening that still allows netlink (bridges, veths, addresses) and the firewall (iptables):
-# root without any capability but CAP_NET_ADMIN (netlink, nf_tables, ip_forward) and CAP_NET_RAW
-# (iptables-legacy's raw socket).
-CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW
+# root without any capability but CAP_NET_ADMIN (netlink, nf_tables, ip_forward), CAP_NET_RAW
+# (iptables-legacy's raw socket) and CAP_BPF (the tc programs of -o vpcnet.mode=ebpf networks).
+CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW CAP_BPF
 AmbientCapabilities=
 NoNewPrivileges=yes
 ProtectSystem=strict
@@ -76,7 +76,8 @@ RestrictRealtime=yes
 RestrictSUIDSGID=yes
 LockPersonality=yes
 SystemCallArchitectures=native
-SystemCallFilter=@system-service
+# bpf(2) for the ebpf mode's programs: not in @system-service
+SystemCallFilter=@system-service bpf
 
 [Install]
 WantedBy=multi-user.target

@@ -51,7 +51,7 @@ CREATE TABLE IF NOT EXISTS networks (
     internal     INTEGER NOT NULL,
     no_nat       TEXT NOT NULL,       -- JSON list
     created      REAL NOT NULL,
-    mode         TEXT NOT NULL DEFAULT 'bridge'   -- datapath: 'bridge' or 'routed' (schema 2)
+    mode         TEXT NOT NULL DEFAULT 'bridge'   -- datapath: 'bridge', 'routed' or 'ebpf' (schema 2)
 );
 CREATE TABLE IF NOT EXISTS endpoints (
     endpoint_id  TEXT PRIMARY KEY,

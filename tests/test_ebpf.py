@@ -1,0 +1,224 @@
+"""The ebpf mode's programs: their encoding, the kernel's verifier, and what they do to crafted packets
+(BPF_PROG_TEST_RUN, inside network namespaces the tests make, with routes and neighbours set up so each
+program reaches its lookup). Traffic through real veths is in test_dataplane."""
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import os
+import platform
+import struct
+
+import pytest
+
+from conftest import is_root, require, run
+from vpcnet import ebpf
+from vpcnet.errors import DataplaneError
+
+HOST, CLUSTER = "10.77.3.0/24", "10.77.0.0/16"
+TC_ACT_REDIRECT, UNSPEC = 7, -1
+
+
+# -- encoding (no kernel needed) ----------------------------------------------------------------------
+
+def test_instructions_encode_as_the_kernel_defines_them():
+    a = ebpf.Asm()
+    a.mov(6, 1)                      # BPF_MOV64_REG(R6, R1)            bf 16 0000 00000000
+    a.ldx(4, 2, 6, 76)               # BPF_LDX_MEM(BPF_W, R2, R6, 76)   61 62 4c00 00000000
+    a.jump(ebpf.JNE, 4, "out", imm=8, wide=False)   # BPF_JMP32_IMM(JNE, R4, 8, +1)
+    a.movi(0, -1)                    # BPF_MOV64_IMM(R0, -1)             b7 00 0000 ffffffff
+    a.label("out")
+    a.call(ebpf.FIB_LOOKUP)          # call 69                           85 00 0000 45000000
+    a.exit()                         # 95 00 0000 00000000
+    code = a.assemble()
+    assert code.hex() == ("bf16000000000000" "61624c0000000000" "5604010008000000" "b7000000ffffffff"
+                          "8500000045000000" "9500000000000000")
+
+
+def test_a_label_defined_twice_is_refused():
+    a = ebpf.Asm()
+    a.label("x")
+    with pytest.raises(ValueError, match="twice"):
+        a.label("x")
+
+
+@pytest.mark.parametrize("cidr,expected", [("10.77.0.0/16", (0x00004D0A, 0x0000FFFF)),
+                                           ("192.168.1.128/25", (0x8001A8C0, 0x80FFFFFF))])
+def test_addresses_are_compared_as_a_load_from_the_packet_sees_them(cidr, expected):
+    assert ebpf._net(cidr) == expected
+
+
+# -- the kernel -----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def kernel():
+    require(is_root(), "needs root (bpf(2) with CAP_BPF)")
+    require(platform.machine() in ebpf.SYS_BPF, f"no bpf syscall number known for {platform.machine()}")
+
+
+@pytest.mark.parametrize("host,cluster", [(HOST, CLUSTER), ("10.200.1.128/25", "10.200.0.0/16"),
+                                          ("192.168.255.0/24", "192.168.0.0/16"), ("10.1.0.0/16", "10.0.0.0/8")])
+def test_the_verifier_accepts_both_programs(kernel, host, cluster):
+    for program in (ebpf.container_program(host, cluster), ebpf.uplink_program(host, cluster, 7)):
+        os.close(ebpf.load(program, "vpcnet_test"))
+
+
+def test_a_program_the_verifier_refuses_is_reported_with_its_log(kernel):
+    a = ebpf.Asm()
+    a.mov(0, 5)                    # r5 was never written: the verifier says so
+    a.exit()
+    with pytest.raises(DataplaneError, match="verifier: .*R5"):
+        ebpf.load(a.assemble(), "vpcnet_bad")
+
+
+BPF_PROG_TEST_RUN = 10
+
+
+def prog_test_run(fd: int, packet: bytes, ifindex: int = 0) -> tuple[int, bytes]:
+    """Run the program once on `packet` (BPF_PROG_TEST_RUN); the skb arrives on `ifindex`."""
+    data_in = ctypes.create_string_buffer(packet, len(packet))
+    data_out = ctypes.create_string_buffer(len(packet) + 256)
+    ctx = ctypes.create_string_buffer(192)          # struct __sk_buff, all zero but ifindex
+    struct.pack_into("<I", ctx, ebpf.SKB_IFINDEX, ifindex)
+    attr = bytearray(80)
+    struct.pack_into("<IIIIQQII", attr, 0, fd, 0, len(packet), len(data_out), ctypes.addressof(data_in),
+                     ctypes.addressof(data_out), 1, 0)
+    if ifindex:
+        struct.pack_into("<IIQQ", attr, 40, len(ctx), 0, ctypes.addressof(ctx), 0)
+    buf = ctypes.create_string_buffer(bytes(attr), len(attr))
+    if ebpf._libc.syscall(ebpf.SYS_BPF[platform.machine()], BPF_PROG_TEST_RUN, buf, len(attr)) != 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    retval, _size_in, size_out = struct.unpack_from("<iII", buf.raw, 4)
+    return retval, data_out.raw[:size_out]
+
+
+def checksum(header: bytes) -> int:
+    total = sum(struct.unpack(f"!{len(header) // 2}H", header))
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total ^ 0xFFFF
+
+
+def ipv4(src: str, dst: str, ttl: int = 64, ident: int = 1, proto: int = 17, dst_mac: bytes = b"\x02" * 6,
+         ethertype: int = 0x0800) -> bytes:
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, ident, 0, ttl, proto, 0,
+                         ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed)
+    header = header[:10] + struct.pack("!H", checksum(header)) + header[12:]
+    return dst_mac + b"\x02\x00\x00\x00\x00\x01" + struct.pack("!H", ethertype) + header + b"\x00" * 8
+
+
+def forwarded_checksum(packet: bytes) -> bytes:
+    """The checksum bytes the kernel's ip_decrease_ttl() writes when it forwards `packet`."""
+    check = struct.unpack_from("<H", packet, 24)[0] + 0x0001        # htons(0x0100) on little-endian
+    return struct.pack("<H", (check + (check >= 0xFFFF)) & 0xFFFF)
+
+
+def ident_for_checksum(src: str, dst: str, ttl: int, wanted_le: int) -> int:
+    """An IP id giving the header a checksum whose little-endian load is `wanted_le` (the carry case)."""
+    for ident in range(1 << 16):
+        if struct.unpack_from("<H", ipv4(src, dst, ttl, ident), 24)[0] == wanted_le:
+            return ident
+    raise AssertionError("no such id")
+
+
+@pytest.fixture
+def routed_host(kernel, netns_factory):
+    """A netns like a vpcnet host: forwarding on, an uplink with a resolved next hop 192.0.2.1 for the
+    cluster, the anchor holding the gateway, and one endpoint's veth with the container's /32 route
+    and resolved neighbour. Returns (netns, {name: ifindex})."""
+    ns = netns_factory("vpcbpf")
+    run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+    for a, b in (("uplink0", "uplink0p"), ("vpc-anchor", "vpp-anchor"), ("vhendpoint", "vcendpoint")):
+        run(["ip", "-n", ns, "link", "add", a, "type", "veth", "peer", "name", b])
+        run(["ip", "-n", ns, "link", "set", a, "up"])
+        run(["ip", "-n", ns, "link", "set", b, "up"])
+    run(["ip", "-n", ns, "link", "set", "vhendpoint", "address", "02:aa:00:00:00:01"])
+    run(["ip", "-n", ns, "addr", "add", "192.0.2.10/24", "dev", "uplink0"])
+    run(["ip", "-n", ns, "addr", "add", "10.77.3.1/24", "dev", "vpc-anchor"])
+    run(["ip", "-n", ns, "route", "add", CLUSTER, "via", "192.0.2.1"])
+    run(["ip", "-n", ns, "neigh", "replace", "192.0.2.1", "lladdr", "02:bb:00:00:00:01", "dev", "uplink0",
+         "nud", "permanent"])
+    run(["ip", "-n", ns, "route", "add", "10.77.3.2/32", "dev", "vhendpoint", "scope", "link"])
+    run(["ip", "-n", ns, "neigh", "replace", "10.77.3.2", "lladdr", "02:42:0a:4d:03:02", "dev", "vhendpoint",
+         "nud", "permanent"])
+    # what the uplink program's guards are for: a resolved neighbour behind the anchor, and an address of
+    # the block routed back out of the uplink
+    run(["ip", "-n", ns, "neigh", "replace", "10.77.3.9", "lladdr", "02:cc:00:00:00:01", "dev", "vpc-anchor",
+         "nud", "permanent"])
+    run(["ip", "-n", ns, "route", "add", "10.77.3.10/32", "via", "192.0.2.1"])
+    index = {}
+    for line in run(["ip", "-n", ns, "-o", "link"]).stdout.splitlines():
+        number, name = line.split(":")[:2]
+        index[name.strip().split("@")[0]] = int(number)
+    return ns, index
+
+
+def run_in(ns: str, fn):
+    from vpcnet.lab import netns as lab_netns
+    return lab_netns.call_in(ns, fn)
+
+
+def test_container_program_forwards_cluster_traffic_with_ttl_and_checksum_right(routed_host):
+    ns, index = routed_host
+
+    def check():
+        fd = ebpf.load(ebpf.container_program(HOST, CLUSTER), "vpcnet_test")
+        try:
+            out = {}
+            for case, packet in {
+                "to another host": ipv4("10.77.3.2", "10.77.4.2"),
+                "checksum carry": ipv4("10.77.3.2", "10.77.4.2", ident=ident_for_checksum(
+                    "10.77.3.2", "10.77.4.2", 64, 0xFFFE)),
+                "to this host's block": ipv4("10.77.3.2", "10.77.3.3"),
+                "leaving the cluster": ipv4("10.77.3.2", "198.51.100.2"),
+                "spoofed source": ipv4("10.77.9.9", "10.77.4.2"),
+                "ttl 1": ipv4("10.77.3.2", "10.77.4.2", ttl=1),
+                "not IPv4": ipv4("10.77.3.2", "10.77.4.2", ethertype=0x0806),
+            }.items():
+                out[case] = (packet, *prog_test_run(fd, packet, index["vhendpoint"]))
+            return out
+        finally:
+            os.close(fd)
+
+    results = run_in(ns, check)
+    for case in ("to another host", "checksum carry"):
+        packet, verdict, data = results[case]
+        assert verdict == TC_ACT_REDIRECT, case
+        assert data[22] == packet[22] - 1, "TTL decremented"
+        assert checksum(data[14:34]) == 0, f"{case}: the header checksum still adds up"
+        assert data[24:26] == forwarded_checksum(packet), f"{case}: the very bytes the kernel's forwarding writes"
+        assert data[:22] == packet[:22] and data[23:24] == packet[23:24] and data[26:] == packet[26:]
+    for case in ("to this host's block", "leaving the cluster", "spoofed source", "ttl 1", "not IPv4"):
+        packet, verdict, data = results[case]
+        assert verdict == UNSPEC, case
+        assert data == packet, f"{case}: left as it was, for the normal path"
+
+
+def test_uplink_program_hands_this_networks_endpoints_their_packets(routed_host):
+    ns, index = routed_host
+
+    def check():
+        fd = ebpf.load(ebpf.uplink_program(HOST, CLUSTER, index["vpc-anchor"]), "vpcnet_test")
+        try:
+            return {case: (packet, *prog_test_run(fd, packet, index["uplink0"])) for case, packet in {
+                "from another host": ipv4("10.77.4.2", "10.77.3.2"),
+                "an address behind the anchor": ipv4("10.77.4.2", "10.77.3.9"),
+                "routed back out of the uplink": ipv4("10.77.4.2", "10.77.3.10"),
+                "the gateway": ipv4("10.77.4.2", "10.77.3.1"),
+                "from outside the cluster": ipv4("198.51.100.2", "10.77.3.2"),
+                "another network's block": ipv4("10.77.4.2", "10.77.5.2"),
+                "ttl 1": ipv4("10.77.4.2", "10.77.3.2", ttl=1),
+            }.items()}
+        finally:
+            os.close(fd)
+
+    results = run_in(ns, check)
+    packet, verdict, data = results["from another host"]
+    assert verdict == TC_ACT_REDIRECT
+    assert data[0:6] == bytes.fromhex("02420a4d0302"), "destination MAC: the container's"
+    assert data[6:12] == bytes.fromhex("02aa00000001"), "source MAC: the endpoint's host veth"
+    assert data[22] == 63 and data[24:26] == forwarded_checksum(packet) and checksum(data[14:34]) == 0
+    for case in ("an address behind the anchor", "routed back out of the uplink", "the gateway",
+                 "from outside the cluster", "another network's block", "ttl 1"):
+        packet, verdict, data = results[case]
+        assert verdict == UNSPEC and data == packet, (case, packet.hex(), data.hex())

@@ -24,6 +24,8 @@ def register(subparsers) -> None:
                     help=f"cluster CIDR the hosts' blocks are carved from (default {DEFAULT_CLUSTER})")
     up.add_argument("--network", default=DEFAULT_NETWORK, metavar="NAME",
                     help=f"name of the vpcnet network created on every host (default {DEFAULT_NETWORK})")
+    up.add_argument("--mode", default="bridge", metavar="MODE",
+                    help="datapath of that network: bridge (default), routed or ebpf (-o vpcnet.mode=MODE)")
     up.add_argument("--reconcile-interval", type=float, default=DEFAULT_RECONCILE, metavar="S",
                     help=f"each plugin's VPCNET_RECONCILE_INTERVAL (default {DEFAULT_RECONCILE:g})")
     up.add_argument("--no-image", action="store_true", help="do not load the test image into the engines")
@@ -41,7 +43,7 @@ def _up(args) -> int:
     from vpcnet.lab.lab import Lab
     from vpcnet.lab.netns import LabError
 
-    lab = Lab(hosts=args.hosts, cluster_cidr=args.cluster_cidr, network=args.network,
+    lab = Lab(hosts=args.hosts, cluster_cidr=args.cluster_cidr, network=args.network, mode=args.mode,
               reconcile_interval=args.reconcile_interval, load_image=not args.no_image, out=sys.stdout)
     try:
         lab.up()
@@ -49,7 +51,7 @@ def _up(args) -> int:
         print(f"vpcnet lab up: {exc}\n(run `vpcnet lab down` to remove what was made)", file=sys.stderr)
         return 1
     print(f"lab up: {len(lab.state['hosts'])} host(s), cluster {lab.cluster_cidr}, network "
-          f"{lab.network}; `vpcnet lab status` shows the route table, `vpcnet lab down` removes it all")
+          f"{lab.network} ({lab.mode} mode); `vpcnet lab status` shows the route table, `vpcnet lab down` removes it all")
     return 0
 
 
@@ -65,7 +67,7 @@ def _status(args) -> int:
         print("lab is down" + (f" (leftovers: {left}; run `vpcnet lab down`)" if left else ""))
         return 3
     print(f"lab {'up' if status['up'] else 'DEGRADED'}: cluster {status['cluster_cidr']}, network "
-          f"{status['network']}, router {status['router_netns']}, emulator {status['emulator_url']} "
+          f"{status['network']} ({status['mode']} mode), router {status['router_netns']}, emulator {status['emulator_url']} "
           f"({'up' if status['emulator_up'] else 'down'})")
     print(f"{'host':<5} {'netns':<11} {'underlay':<15} {'host CIDR':<16} {'engine':<7} {'plugin':<7} route")
     for h in status["hosts"]:

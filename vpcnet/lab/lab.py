@@ -78,15 +78,19 @@ class Lab:
 
     def __init__(self, hosts: int = 2, cluster_cidr: str = DEFAULT_CLUSTER, network: str = DEFAULT_NETWORK,
                  reconcile_interval: float = DEFAULT_RECONCILE, load_image: bool = True,
-                 out=None):
+                 out=None, mode: str = "bridge"):
         if not 1 <= hosts <= MAX_HOSTS:
             raise LabError(f"--hosts must be 1..{MAX_HOSTS}")
+        from vpcnet.dataplane import MODES     # here: the lab's CLI stays free of pyroute2 until used
+        if mode not in MODES:
+            raise LabError(f"--mode {mode}: unknown vpcnet mode (known: {', '.join(MODES)})")
         cluster = ipaddress.IPv4Network(cluster_cidr, strict=True)
         if cluster.overlaps(UNDERLAY):
             raise LabError(f"cluster CIDR {cluster} overlaps the lab underlay {UNDERLAY}")
         self.hosts = hosts
         self.cluster_cidr = str(cluster)
         self.network = network
+        self.mode = mode
         self.reconcile_interval = float(reconcile_interval)
         self.load_image = load_image
         self.out = out
@@ -192,12 +196,13 @@ class Lab:
                 raise LabError(f"the lab is already up with cluster CIDR {state.get('cluster_cidr')}; "
                                "run `vpcnet lab down` first to change it")
             if not state:
-                self.state = {"cluster_cidr": self.cluster_cidr, "network": self.network,
+                self.state = {"cluster_cidr": self.cluster_cidr, "network": self.network, "mode": self.mode,
                               "reconcile_interval": self.reconcile_interval,
                               "key_secret": secrets.token_hex(16), "hosts": {}}
                 self._save_state()
             else:
                 self.network = state.get("network", self.network)
+                self.mode = state.get("mode", "bridge")
                 self.reconcile_interval = state.get("reconcile_interval", self.reconcile_interval)
             self._router_up()
             wanted = max(self.hosts, len(self.state["hosts"]))
@@ -309,19 +314,31 @@ class Lab:
         cidr = self.host_cidr(k)
         if cidr:
             return cidr
-        deadline = time.monotonic() + timeout
-        last = ""
-        while time.monotonic() < deadline:
-            proc = self.docker(k, "network", "create", "-d", "vpcnet", "--ipam-driver", "vpcnet", self.network,
-                               check=False, timeout=60)
-            if proc.returncode == 0 or "already exists" in proc.stderr:
-                cidr = self.host_cidr(k)
-                if cidr:
-                    return cidr
-            last = proc.stderr.strip()
-            time.sleep(1.0)
-        raise LabError(f"h{k}: network {self.network} not created within {timeout:.0f}s: {last}\n"
-                       + engine_mod._tail(self.host(k).paths.plugin_log))
+        self.create_network(self.network, mode=self.mode, hosts=[k], timeout=timeout)
+        cidr = self.host_cidr(k)
+        if not cidr:
+            raise LabError(f"h{k}: network {self.network} has no host CIDR")
+        return cidr
+
+    def create_network(self, name: str, cluster_cidr: str | None = None, mode: str = "bridge",
+                       hosts: list[int] | None = None, timeout: float = NETWORK_TIMEOUT) -> None:
+        """A vpcnet network on each host (all by default), on `cluster_cidr` (default: the lab's) in
+        `mode`. A host claims its block of a new cluster CIDR on the first request ("claim in
+        progress"), so each create is retried until it succeeds or `timeout` passes. Safe to repeat."""
+        options = ["--subnet", cluster_cidr] if cluster_cidr else []
+        if mode != "bridge":
+            options += ["-o", f"vpcnet.mode={mode}"]
+        for k in hosts or self.host_indexes():
+            deadline = time.monotonic() + timeout
+            while True:
+                proc = self.docker(k, "network", "create", "-d", "vpcnet", "--ipam-driver", "vpcnet", *options,
+                                   name, check=False, timeout=60)
+                if proc.returncode == 0 or "already exists" in proc.stderr:
+                    break
+                if time.monotonic() > deadline:
+                    raise LabError(f"h{k}: network {name} not created within {timeout:.0f}s: "
+                                   f"{proc.stderr.strip()}\n" + engine_mod._tail(self.host(k).paths.plugin_log))
+                time.sleep(1.0)
 
     # -- plugin control (tests) ----------------------------------------------------------------------
     def kill_plugin(self, k: int) -> None:
@@ -357,6 +374,7 @@ class Lab:
             })
         return {"up": emulator_up and all(h["engine_up"] and h["plugin_up"] for h in hosts),
                 "cluster_cidr": state.get("cluster_cidr"), "network": state.get("network"),
+                "mode": state.get("mode", "bridge"),
                 "router_netns": ROUTER_NS, "emulator_url": self.emulator_url, "emulator_up": emulator_up,
                 "hosts": hosts,
                 "route_table": [{"destination": e["DestinationCidrBlock"], "type": e["Type"],

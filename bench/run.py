@@ -8,6 +8,7 @@ and host 2 of the lab:
   underlay  host namespace <-> host namespace (the limit of this setup: every packet crosses the router)
   vpcnet    container on the vpcnet network on h1 <-> container on h2 (routed by the emulated VPC)
   vpcnet-routed  the same on a second vpcnet network in routed mode (`-o vpcnet.mode=routed`, no bridge)
+  vpcnet-ebpf    the same on a third, in ebpf mode (`-o vpcnet.mode=ebpf`: routed plus the tc fast path)
   overlay   Docker's overlay (swarm across the lab engines, `-d overlay --attachable`), same two hosts
   bridge    Docker's default bridge on each host, server port published on h2 (NAT both ends)
 Each round runs every metric for every contender, in a rotated order, so drifts hit all alike.
@@ -28,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -37,17 +39,22 @@ from datetime import datetime, timezone
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+import cpu_profile  # noqa: E402  (bench/, next to this file)
 from vpcnet.lab import Lab, LabError  # noqa: E402
 
 IMAGE = "vpcnet-testbox:latest"
 CLUSTER = "10.240.0.0/16"
 ROUTED_CLUSTER = "10.241.0.0/16"         # the routed-mode network's own cluster CIDR
-ROUTED = "vpcnet-routed"
-NAMES = ("underlay", "vpcnet", ROUTED, "overlay", "bridge")
+EBPF_CLUSTER = "10.242.0.0/16"           # the ebpf-mode network's
+ROUTED, EBPF = "vpcnet-routed", "vpcnet-ebpf"
+MINE = ("vpcnet", ROUTED, EBPF)          # vpcnet's contenders, one per mode
+NAMES = ("underlay", "vpcnet", ROUTED, EBPF, "overlay", "bridge")
+NETWORKS = {"vpcnet": "vpc0", ROUTED: "vpcr", EBPF: "vpce", "overlay": "ov", "bridge": "bridge"}
+EXTRA_MODES = {ROUTED: ("routed", ROUTED_CLUSTER), EBPF: ("ebpf", EBPF_CLUSTER)}
 RR = os.path.join(HERE, "rr.py")
 # per contender: (iperf3 port, rr port)
 PORTS = {"underlay": (5201, 5301), "vpcnet": (5202, 5302), "overlay": (5203, 5303), "bridge": (5204, 5304),
-         ROUTED: (5205, 5305)}
+         ROUTED: (5205, 5305), EBPF: (5206, 5306)}
 METRICS = [  # key, label, unit, higher is better
     ("tcp_1stream_bps", "TCP throughput, 1 stream", "Gbit/s", True),
     ("tcp_4stream_bps", "TCP throughput, 4 streams", "Gbit/s", True),
@@ -111,21 +118,14 @@ class Bench:
         self.pairs["underlay"] = (h1, h2, h2.address)
         a, b = self.container(1, "bench-vpc1", "vpc0"), self.container(2, "bench-vpc2", "vpc0")
         self.pairs["vpcnet"] = (a, b, b.address)
-        if not self.args.no_routed:
-            for k in (1, 2):      # the host's block of the new cluster CIDR is claimed on first request
-                deadline, proc = time.monotonic() + 90, None
-                while time.monotonic() < deadline:
-                    proc = lab.docker(k, "network", "create", "-d", "vpcnet", "--ipam-driver", "vpcnet", "-o",
-                                      "vpcnet.mode=routed", "--subnet", ROUTED_CLUSTER, "vpcr", timeout=60,
-                                      check=False)
-                    if proc.returncode == 0:
-                        break
-                    time.sleep(2.0)
-                else:
-                    raise RuntimeError(f"h{k}: routed network not created: {proc.stderr.strip()}")
-            a, b = self.container(1, "bench-vpr1", "vpcr"), self.container(2, "bench-vpr2", "vpcr")
-            self.pairs[ROUTED] = (a, b, b.address)
-            self.wait_reachable(ROUTED)     # each host's route for the new cluster CIDR: a reconcile away
+        for name, (mode, cluster) in EXTRA_MODES.items():
+            if mode in self.args.skip_mode:
+                continue
+            lab.create_network(NETWORKS[name], cluster, mode=mode, timeout=90)
+            a = self.container(1, f"bench-{mode}1", NETWORKS[name])
+            b = self.container(2, f"bench-{mode}2", NETWORKS[name])
+            self.pairs[name] = (a, b, b.address)
+            self.wait_reachable(name)       # each host's route for the new cluster CIDR: a reconcile away
         # Docker's overlay: a swarm across the lab's two engines (lab engines only, never the default one).
         lab.docker(1, "swarm", "init", "--advertise-addr", lab.host_ip(1), "--listen-addr", f"{lab.host_ip(1)}:2377")
         token = lab.docker(1, "swarm", "join-token", "-q", "worker").stdout.strip()
@@ -165,10 +165,13 @@ class Bench:
             proc.wait(timeout=10)
 
     # -- one measurement --------------------------------------------------------------------------
-    def iperf(self, name: str, *extra: str) -> dict:
+    def iperf_cmd(self, name: str, *extra: str) -> list[str]:
         client, _server, target = self.pairs[name]
-        port = PORTS[name][0]
-        cmd = client.cmd("iperf3", "-c", target, "-p", str(port), "-t", str(self.args.duration), "-J", *extra)
+        return client.cmd("iperf3", "-c", target, "-p", str(PORTS[name][0]), "-t", str(self.args.duration), "-J",
+                          *extra)
+
+    def iperf(self, name: str, *extra: str) -> dict:
+        cmd = self.iperf_cmd(name, *extra)
         for attempt in range(3):              # the server is busy for a moment after a run: retry, bounded
             proc = sh(cmd, timeout=self.args.duration + 30, check=False)
             try:
@@ -197,7 +200,7 @@ class Bench:
             self._rr[name] = json.loads(proc.stdout)
             return self._rr[name]["p50_us"]
         if metric == "container_start_s":
-            network = {"vpcnet": "vpc0", ROUTED: "vpcr", "overlay": "ov", "bridge": "bridge"}.get(name)
+            network = NETWORKS.get(name)
             if network is None:
                 return None
             cname = f"bench-start-{name}"
@@ -224,6 +227,22 @@ class Bench:
                   + ", ".join(f"{n} {self.samples['tcp_1stream_bps'][n][-1] / 1e9:.2f}" for n in names)
                   + " Gbit/s (1 stream)", flush=True)
 
+    def profile(self) -> None:
+        """One more TCP stream per contender under perf: CPU ms per GB by datapath piece (cpu_profile)."""
+        self.cpu: dict[str, dict[str, float]] = {}
+        for name in self.pairs:
+            for attempt in range(3):
+                proc, seconds = cpu_profile.record(self.iperf_cmd(name), timeout=self.args.duration + 60)
+                try:
+                    delivered = json.loads(proc.stdout)["end"]["sum_received"]["bytes"]
+                    break
+                except (ValueError, KeyError):
+                    time.sleep(1.0)
+            else:
+                raise RuntimeError(f"{name}: iperf3 under perf failed: {proc.stderr.strip()[-300:]}")
+            self.cpu[name] = cpu_profile.per_gigabyte(seconds, delivered)
+            print(f"profile {name}: {self.cpu[name]['total']:.0f} CPU ms/GB", flush=True)
+
     # -- results ----------------------------------------------------------------------------------
     def results(self) -> dict:
         out: dict = {"meta": {
@@ -239,6 +258,8 @@ class Bench:
                 "vpcnet": "container on vpcnet network vpc0 on h1 <-> on h2 (routed by the emulated VPC)",
                 ROUTED: f"container on vpcnet network vpcr (-o vpcnet.mode=routed, --subnet {ROUTED_CLUSTER}) "
                         "on h1 <-> on h2",
+                EBPF: f"container on vpcnet network vpce (-o vpcnet.mode=ebpf, --subnet {EBPF_CLUSTER}) "
+                      "on h1 <-> on h2",
                 "overlay": "container on swarm overlay `ov` (VXLAN) on h1 <-> on h2",
                 "bridge": "container on docker0 on h1 -> published port on h2 (NAT both ends)",
             },
@@ -249,20 +270,22 @@ class Bench:
             out[metric] = {name: {"median": statistics.median(v), "min": min(v), "max": max(v), "samples": v}
                            for name, v in self.samples[metric].items()}
         out["mtu"] = dict(self.mtu)
+        if getattr(self, "cpu", None):
+            out["cpu_ms_per_gb"] = self.cpu
         ratios = {}
         for metric, *_ in METRICS:
             data = out[metric]
-            for mine in ("vpcnet", ROUTED):
+            for mine in MINE:
                 if mine in data:
                     for other in ("underlay", "overlay", "bridge"):
                         if other in data and data[other]["median"]:
                             ratios[f"{metric}:{mine}/{other}"] = data[mine]["median"] / data[other]["median"]
         out["ratios"] = ratios
         goals = []
-        for mine in ("vpcnet", ROUTED):
+        for mine in MINE:
             for metric, versus, op, bound, text in GOALS:
                 ratio = ratios.get(f"{metric}:{mine}/{versus}")
-                if ratio is None and mine == ROUTED:
+                if ratio is None and mine != "vpcnet":
                     continue
                 ok = ratio is not None and (ratio >= bound if op == ">=" else ratio <= bound)
                 goals.append({"goal": f"{mine}: {text}", "contender": mine, "ratio": ratio, "met": ok})
@@ -282,28 +305,37 @@ def fmt(metric: str, value: float) -> str:
 
 def markdown(res: dict) -> str:
     names = [n for n in NAMES if n in res["mtu"]]
-    mine = [n for n in ("vpcnet", ROUTED) if n in names]
+    mine = [n for n in MINE if n in names]
     m = res["meta"]
     lines = [f"Benchmark {m['date']}: {m['rounds']} rounds interleaved, iperf3 runs of {m['duration_s']} s, "
              f"{m['rr_count']} ping-pongs per RR sample; kernel {m['kernel']}, {m['cpus']} CPUs, Docker {m['docker']}, "
              f"{m['iperf3']}. Median (min–max) per contender.", "",
-             "| metric | " + " | ".join(names) + " | " + " | ".join(f"{c}/{o}" for c in mine
-                                                                 for o in ("underlay", "overlay")) + " |",
-             "|---|" + "---|" * len(names) + "---|" * (2 * len(mine))]
+             "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for metric, label, unit, _hib in METRICS:
         row = [f"{label} ({unit})"]
         for n in names:
             d = res[metric].get(n)
             row.append(f"{fmt(metric, d['median'])} ({fmt(metric, d['min'])}–{fmt(metric, d['max'])})" if d else "–")
-        for c in mine:
-            for other in ("underlay", "overlay"):
-                r = res["ratios"].get(f"{metric}:{c}/{other}")
-                row.append(f"{r:.2f}" if r is not None else "–")
         lines.append("| " + " | ".join(row) + " |")
-    lines.append("| MTU in the container | " + " | ".join(str(res["mtu"][n]) for n in names) + " |" + " |" * (2 * len(mine)))
+    lines.append("| MTU in the container | " + " | ".join(str(res["mtu"][n]) for n in names) + " |")
+    pairs = [(c, o) for c in mine for o in ("underlay", "overlay")]
+    lines += ["", "Ratios of medians:", "", "| metric | " + " | ".join(f"{c}/{o}" for c, o in pairs) + " |",
+              "|---|" + "---|" * len(pairs)]
+    for metric, label, _unit, _hib in METRICS:
+        cells = [res["ratios"].get(f"{metric}:{c}/{o}") for c, o in pairs]
+        if any(r is not None for r in cells):
+            lines.append(f"| {label} | " + " | ".join(f"{r:.2f}" if r is not None else "–" for r in cells) + " |")
     lines += ["", "| goal | ratio | met |", "|---|---|---|"]
     for g in res["goals"]:
         lines.append(f"| {g['goal']} | {g['ratio']:.2f} | {'yes' if g['met'] else '**no**'} |")
+    cpu = res.get("cpu_ms_per_gb")
+    if cpu:
+        shown = [n for n in names if n in cpu]
+        lines += ["", "Where the CPU goes (`--profile`): CPU milliseconds per GB delivered during one TCP stream, "
+                  "both CPUs sampled by perf, kernel symbols grouped by datapath piece (bench/cpu_profile.py).", "",
+                  "| piece | " + " | ".join(shown) + " |", "|---|" + "---|" * len(shown)]
+        for group in cpu_profile.ORDER + ["total"]:
+            lines.append(f"| {group} | " + " | ".join(f"{cpu[n][group]:.0f}" for n in shown) + " |")
     lines += ["", f"Reproduce: `{m['command']}` (root; builds and removes its own `vpcnet lab`)."]
     return "\n".join(lines) + "\n"
 
@@ -314,12 +346,14 @@ def chart(res: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     names = [n for n in NAMES if n in res["mtu"]]
-    colors = {"underlay": "#7f7f7f", "vpcnet": "#2ca02c", ROUTED: "#98df8a", "overlay": "#d62728", "bridge": "#1f77b4"}
+    colors = {"underlay": "#7f7f7f", "vpcnet": "#2ca02c", ROUTED: "#98df8a", EBPF: "#006d2c", "overlay": "#d62728",
+              "bridge": "#1f77b4"}
     panels = [("tcp_1stream_bps", "TCP 1 stream (Gbit/s)", 1e9), ("tcp_4stream_bps", "TCP 4 streams (Gbit/s)", 1e9),
               ("udp_64b_pps", "UDP 64 B received (kpps)", 1e3), ("rr_p50_us", "TCP RR p50 (µs, lower is better)", 1),
               ("rr_p99_us", "TCP RR p99 (µs, lower is better)", 1),
               ("container_start_s", "docker run -d (s, lower is better)", 1)]
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
+    cpu = res.get("cpu_ms_per_gb") or {}
+    fig, axes = plt.subplots(2, 4 if cpu else 3, figsize=(19 if cpu else 14, 8))
     for ax, (metric, title, scale) in zip(axes.flat, panels):
         shown = [n for n in names if n in res[metric]]
         med = [res[metric][n]["median"] / scale for n in shown]
@@ -329,11 +363,28 @@ def chart(res: dict, path: str) -> None:
         ax.set_title(title, fontsize=10)
         for i, v in enumerate(med):
             ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=8)
+    if cpu:                     # where the CPU goes: one stacked bar per contender, a colour per piece
+        ax = axes.flat[len(panels)]
+        shown = [n for n in names if n in cpu]
+        bottom = [0.0] * len(shown)
+        for group, colour in zip(cpu_profile.ORDER, plt.get_cmap("tab20").colors):
+            values = [cpu[n][group] for n in shown]
+            ax.bar(shown, values, bottom=bottom, color=colour, label=group)
+            bottom = [b + v for b, v in zip(bottom, values)]
+        ax.set_title("CPU ms per GB, one TCP stream (lower is better)", fontsize=10)
+        axes.flat[len(panels) + 1].legend(*ax.get_legend_handles_labels(), loc="center", fontsize=9)
+        axes.flat[len(panels) + 1].axis("off")
+    for ax in axes.flat:
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     fig.suptitle(f"vpcnet vs underlay vs Docker overlay — {res['meta']['rounds']} rounds, median with min–max "
                  f"({res['meta']['date']})", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _interrupted(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def main() -> int:
@@ -343,7 +394,10 @@ def main() -> int:
     p.add_argument("--duration", type=int, default=5, help="seconds per iperf3 run (default 5)")
     p.add_argument("--rr-count", type=int, default=5000, help="ping-pongs per RR sample (default 5000)")
     p.add_argument("--no-bridge", action="store_true", help="leave out Docker's bridge + published port")
-    p.add_argument("--no-routed", action="store_true", help="leave out vpcnet's routed mode")
+    p.add_argument("--skip-mode", action="append", default=[], choices=[m for m, _ in EXTRA_MODES.values()],
+                   help="leave out vpcnet's contender in that mode (repeatable)")
+    p.add_argument("--profile", action="store_true",
+                   help="also sample the CPU (perf) during one TCP stream per contender: where the cost goes")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder (default bench/results)")
     args = p.parse_args()
     if os.geteuid() != 0:
@@ -356,18 +410,28 @@ def main() -> int:
     if left:
         print(f"a vpcnet lab is already on this machine ({left}); run `vpcnet lab down` first", file=sys.stderr)
         return 2
+    if args.profile and not cpu_profile.available():
+        print("--profile needs perf (Debian: apt-get install linux-perf) allowed to sample every CPU",
+              file=sys.stderr)
+        return 2
     os.makedirs(args.out, exist_ok=True)
     lab = Lab(hosts=args.hosts, cluster_cidr=CLUSTER, out=sys.stdout)
     bench = None
+    signal.signal(signal.SIGTERM, _interrupted)      # a kill still stops the servers and takes the lab down
     try:
         lab.up()
         bench = Bench(lab, args)
         bench.setup()
         bench.run()
+        if args.profile:
+            bench.profile()
         res = bench.results()
     except (LabError, RuntimeError, subprocess.TimeoutExpired) as exc:
         print(f"bench failed: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("bench interrupted", file=sys.stderr)
+        return 130
     finally:
         if bench is not None:
             bench.teardown()

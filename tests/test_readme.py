@@ -20,7 +20,7 @@ def test_configuration_table_is_generated_from_the_settings():
 
 def test_the_two_commands_are_there():
     text = readme()
-    assert "sudo sh -c 'pip install . && vpcnet serve'" in text
+    assert "sudo sh -c 'python3 -m vpcnet.bootstrap && vpcnet serve'" in text
     assert "\npython3 -m pytest -q\n" in text
 
 

@@ -7,7 +7,8 @@ ever overwritten — and the state dir `<prefix>/var/lib/vpcnet` (0700). `system
 only when the prefix is `/` and systemd is PID 1. `--dry-run` prints what it would do.
 
 The unit files in the source tree's `systemd/` are this module's output for `/usr/local/bin/vpcnet`
-(a test checks they match), so there is one definition of each unit.
+(a test checks they match), so there is one definition of each unit. That path is the link
+`python3 -m vpcnet.bootstrap` makes to the venv in `/opt/vpcnet` (the README's install).
 """
 from __future__ import annotations
 

@@ -1,12 +1,16 @@
 """`vpcnet routes list|sync|release|gc`: this host's VPC routes, from the command line.
 
-- `list` shows the route table with vpcnet's view of each entry: `mine` (this host's, vpcnet may delete
-  it), `ours-other-host` (made by vpcnet for another instance), `ours-other-cluster` (made by vpcnet for
-  this instance outside this host's cluster CIDRs) or `foreign` (system, hand-made, anything else).
+- `list` shows every route table this host programs, with its custom entries against its quota
+  (`used/quota`), and vpcnet's view of each entry: `mine` (this host's, vpcnet may delete it),
+  `ours-other-host` (made by vpcnet for another instance of this host's clusters), `ours-other-cluster`
+  (made by vpcnet for another cluster, or for this instance outside this host's cluster CIDRs) or
+  `foreign` (system, hand-made, anything else).
 - `sync` runs one reconcile pass (claim the block if needed, re-create a missing route) and waits, within
   `--wait` seconds, for Pending routes to become Available. Exit 0 when this host's routes are in place.
-- `release` removes this host's routes and forgets its claims (decommissioning). It asks nothing.
-- `gc` lists vpcnet-made routes whose next-hop instance no longer exists; `--yes` deletes them.
+- `release` removes this host's routes from every table and forgets its claims (decommissioning). It
+  asks nothing.
+- `gc` lists vpcnet-made routes of this host's clusters, in every table, whose next-hop instance no
+  longer exists; `--yes` deletes them.
 
 Exit codes: 0 done; 1 a cloud or route problem (the reason on stderr); 2 a configuration error.
 All of them read the same configuration and state dir as `vpcnet serve`.
@@ -80,10 +84,14 @@ def _line(route: Route, owner: str) -> str:
     return f"{route.destination:<20} {hop:<24} {route.status:<10} {route.kind:<8} {owner}"
 
 
+def _usage(used: int, quota: int) -> str:
+    return f"{used}/{quota}" if quota else f"{used}/?"
+
+
 def _route_json(route: Route, owner: str) -> dict:
     return {"destination": route.destination, "next_hop": route.next_hop, "next_hop_type": route.next_hop_type,
             "status": route.status, "kind": route.kind, "name": route.name, "description": route.description,
-            "route_id": route.route_id, "owner": owner}
+            "route_id": route.route_id, "route_table": route.table, "owner": owner}
 
 
 def _warn_if_serving(config, what: str) -> None:
@@ -96,25 +104,35 @@ def _warn_if_serving(config, what: str) -> None:
 def cmd_list(args: argparse.Namespace) -> int:
     config, store, keeper = _open(args)
     try:
-        table, me, routes = keeper.table()
+        tables, me, routes = keeper.table()
         clusters = keeper.clusters()
         rows = [(r, keeper.ownership(r, me, clusters)) for r in routes]
         claims = store.claims()
+        usage = keeper.route_table_usage()
+        names = {c: keeper.cluster_name(c) for c in clusters}
     finally:
         _close(store, keeper)
     if args.json:
         print(json.dumps({
-            "provider": config.provider, "route_table": table, "instance": me, "cluster_cidrs": clusters,
+            "provider": config.provider, "route_table": tables[0], "instance": me, "cluster_cidrs": clusters,
+            "cluster_names": names,
+            "route_tables": [{"id": t, "entries": usage.get(t, (0, 0))[0], "quota": usage.get(t, (0, 0))[1]}
+                             for t in tables],
             "claims": [{"cluster_cidr": c.cluster_cidr, "host_cidr": c.host_cidr, "route_ok": c.route_ok,
                         "reason": c.reason} for c in claims],
             "routes": [_route_json(r, owner) for r, owner in rows]}, indent=2))
         return 0
-    print(f"route table {table} ({config.provider}), this instance {me}, cluster CIDRs {', '.join(clusters)}")
-    print(f"{'DESTINATION':<20} {'NEXT HOP':<24} {'STATUS':<10} {'KIND':<8} OWNER")
-    for route, owner in rows:
-        print(_line(route, owner))
+    print(f"provider {config.provider}, this instance {me}, cluster CIDRs "
+          + ", ".join(f"{c} ({names[c]})" for c in clusters))
+    for table in tables:
+        used, quota = usage.get(table, (0, 0))
+        print(f"\nroute table {table}: {_usage(used, quota)} custom entries used")
+        print(f"{'DESTINATION':<20} {'NEXT HOP':<24} {'STATUS':<10} {'KIND':<8} OWNER")
+        for route, owner in rows:
+            if route.table == table:
+                print(_line(route, owner))
     mine = sum(1 for _, owner in rows if owner == "mine")
-    print(f"{len(rows)} entries, {mine} of them this host's")
+    print(f"\n{len(rows)} entries in {len(tables)} table(s), {mine} of them this host's")
     return 0
 
 
@@ -149,7 +167,7 @@ def cmd_release(args: argparse.Namespace) -> int:
     finally:
         _close(store, keeper)
     for route in removed:
-        print(f"removed {route.destination} -> {route.next_hop} ({route.route_id or 'no id'})")
+        print(f"removed {route.destination} -> {route.next_hop} from {route.table} ({route.route_id or 'no id'})")
     print(f"released: {len(removed)} route(s) removed, claims forgotten")
     return 0
 
@@ -164,7 +182,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
         _close(store, keeper)
     verb = "removed" if args.yes else "would remove"
     for route in garbage:
-        print(f"{verb} {route.destination} -> {route.next_hop} ({route.route_id or 'no id'}): instance gone")
+        print(f"{verb} {route.destination} -> {route.next_hop} from {route.table} ({route.route_id or 'no id'}): "
+              "instance gone")
     if not garbage:
         print("no vpcnet route points at a vanished instance")
     elif not args.yes:

@@ -65,7 +65,7 @@ def make_config(emu, state_dir, instance=ME, **kw) -> Config:
     return Config(**values)
 
 
-FAST = dict(attempts=12, base=0.01, cap=0.1, deadline=20)
+FAST = dict(attempts=12, base=0.01, cap=0.1, deadline=20, busy_base=0.01, busy_cap=0.1)
 
 
 @pytest.fixture
@@ -699,3 +699,47 @@ def test_a_create_that_landed_without_an_answer_is_adopted(emu, hosts):
     assert store.claim(CLUSTER).host_cidr == B[0]
     assert custom_in(emu, TABLE) == {B[0]: ME}                        # the landed one, no second block
     assert not os.path.exists(state)
+
+
+# -- boot storms: busy answers and where the search starts ---------------------------------------------
+def test_busy_answers_do_not_use_up_the_attempts_but_stop_at_their_deadline():
+    from vpcnet.errors import Busy
+    answers = iter([Busy("TaskConflict")] * 20 + ["done"])
+
+    def call():
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    waits = []
+    backoff = Backoff(attempts=3, base=0.01, cap=0.02, deadline=1, busy_base=0.01, busy_cap=0.02,
+                      sleep=waits.append)
+    assert backoff.run("create", call) == "done"                      # 20 busy answers, 3 attempts allowed
+    assert len(waits) == 20 and max(waits) <= 0.02
+    always_busy = Backoff(attempts=3, busy_deadline=0.2, busy_base=0.01, busy_cap=0.05)
+    started = time.monotonic()
+    with pytest.raises(Retryable, match="stayed busy"):
+        always_busy.run("create", lambda: (_ for _ in ()).throw(Busy("TaskConflict")))
+    assert 0.2 <= time.monotonic() - started < 1.0
+    # a real failure still counts: three attempts, whatever the busy answers in between
+    failing = iter([Busy("x"), Retryable("5xx"), Busy("x"), Retryable("5xx"), Retryable("5xx"), "never"])
+
+    def flaky():
+        answer = next(failing)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    with pytest.raises(Retryable, match="still failing after 5 attempts"):
+        Backoff(attempts=3, base=0.001, cap=0.001, busy_base=0.001, busy_cap=0.001).run("create", flaky)
+
+
+def test_the_search_starts_at_a_stable_block_spread_over_the_cluster():
+    import ipaddress
+    net = ipaddress.IPv4Network(CLUSTER)
+    starts = [routes_mod.start_index(f"i-host-{k}", net, 24) for k in range(50)]
+    assert starts == [routes_mod.start_index(f"i-host-{k}", net, 24) for k in range(50)]   # stable
+    assert len(set(starts)) >= 40 and all(0 <= s < 256 for s in starts)                    # spread
+    taken = [ipaddress.IPv4Network(f"10.200.{k}.0/24") for k in range(250, 256)]
+    assert str(routes_mod._first_free(net, 24, taken, 250)) == "10.200.0.0/24"              # wraps around

@@ -45,8 +45,9 @@ def register(sub) -> None:
     p = actions.add_parser("sync", help="one reconcile pass; exit 0 when this host's routes are in place")
     add_config_argument(p)
     p.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
-                   help="how long to keep trying: retries of failing cloud calls (at least 2 s) and "
-                        "Pending routes becoming Available (default 60)")
+                   help="how long to keep trying: retries of failing cloud calls (at least 2 s, at most "
+                        "60), a busy VPC (TaskConflict, throttling: a boot storm) and Pending routes "
+                        "becoming Available (default 60)")
     p.set_defaults(func=cmd_sync)
 
     p = actions.add_parser("release", help="remove this host's routes (decommissioning); asks nothing")
@@ -60,9 +61,10 @@ def register(sub) -> None:
 
 
 # -- plumbing ---------------------------------------------------------------------------------------
-def _open(args, deadline: float | None = None):
+def _open(args, deadline: float | None = None, busy_deadline: float | None = None):
     """(config, store, keeper) for a command; logging to stderr, quiet unless VPCNET_LOG_LEVEL=DEBUG.
-    `deadline` bounds the retries of one failing cloud call (default: the keeper's 60 s)."""
+    `deadline` bounds the retries of one failing cloud call (default: the keeper's 60 s),
+    `busy_deadline` those of a busy cloud (default: the keeper's BUSY_DEADLINE)."""
     from vpcnet.cli import setup_logging
     from vpcnet.routes import Backoff, RouteKeeper
     from vpcnet.store import Store
@@ -70,7 +72,9 @@ def _open(args, deadline: float | None = None):
     config = config_mod.load(args.config, check_socket_dir=False)
     setup_logging("DEBUG" if config.log_level.upper() == "DEBUG" else "WARNING")
     store = Store(config.db_path)
-    backoff = Backoff(deadline=deadline) if deadline is not None else None
+    backoff = None
+    if deadline is not None or busy_deadline is not None:
+        backoff = Backoff(deadline=60.0 if deadline is None else deadline, busy_deadline=busy_deadline)
     return config, store, RouteKeeper(config, store, backoff=backoff)
 
 
@@ -140,7 +144,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     if args.wait < 0:
         print("vpcnet: --wait must be 0 or more seconds", file=sys.stderr)
         return 2
-    config, store, keeper = _open(args, deadline=max(2.0, min(60.0, args.wait)))
+    config, store, keeper = _open(args, deadline=max(2.0, min(60.0, args.wait)), busy_deadline=max(2.0, args.wait))
     try:
         result = keeper.reconcile(wait_pending=args.wait)
         claims = store.claims()

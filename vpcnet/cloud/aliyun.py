@@ -94,8 +94,8 @@ BUSY_CODES = {c.lower() for c in ("TaskConflict", "OperationConflict", "LastToke
                                    "OperationFailed.LastTokenProcessing", "IncorrectStatus.RouteTableStatus",
                                    "IncorrectVpcStatus", "SystemBusy", "ServiceBusy")}
 QUOTA_HINT = ("raise the quota of custom route entries per route table in the Alibaba Cloud Quota Center "
-              "(https://quotas.console.aliyun.com/, product VPC, \"custom route entries per route table\"), "
-              "remove unused entries (`vpcnet routes gc`), or use a larger VPCNET_HOST_PREFIX block per host")
+              "(https://quotas.console.aliyun.com/, product VPC, \"custom route entries per route table\"), then "
+              "set VPCNET_ROUTE_TABLE_QUOTA to the new figure; or remove unused entries (`vpcnet routes gc`)")
 DUPLICATE_CODES = {c.lower() for c in (
     "InvalidCIDRBlock.Duplicate", "InvalidRouteEntry.Duplicate", "RouterEntryConflict.Duplicated",
 )}

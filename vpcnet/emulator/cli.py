@@ -36,7 +36,11 @@ def register(subparsers) -> None:
                    help="the VPC takes one route-table write per S seconds, answering TaskConflict to "
                         "writes in between (default 0: only while an entry is Pending/Deleting)")
     p.add_argument("--route-table", action="append", default=[], metavar="ID[=VSW:CIDR,...]",
-                   help="an extra (custom) route table, with the vSwitches bound to it (repeatable)")
+                   help="an extra (custom) route table, with the vSwitches bound to it (repeatable; the "
+                        "--route-table-id table binds vSwitches the same way)")
+    p.add_argument("--kernel-table", action="append", default=[], metavar="ID=N",
+                   help="with --router-netns: install route table ID's routes in kernel table N (repeatable; "
+                        "default: every table into the main table)")
     p.add_argument("--fault-rate", type=float, default=0.0, metavar="P",
                    help="probability (0..1) that a signed request fails with an injected fault")
     p.add_argument("--fault-codes", default="Throttling,ServiceUnavailable,InternalError", metavar="A,B",
@@ -122,7 +126,14 @@ def run(args: argparse.Namespace) -> int:
             if not table_id:
                 raise ValueError(f"--route-table wants ID[=VSW:CIDR,...], got {item!r}")
             tables.append((table_id, vswitches))
-        kwargs = {"vswitch_api": args.describe_vswitches, "write_interval": args.write_interval}
+        kernel_tables = {}
+        for item in args.kernel_table:
+            table_id, sep, number = item.partition("=")
+            if not sep or not table_id or not number.isdigit() or not 0 < int(number) < 2 ** 31:
+                raise ValueError(f"--kernel-table wants ID=N (N a kernel table number), got {item!r}")
+            kernel_tables[table_id] = int(number)
+        kwargs = {"vswitch_api": args.describe_vswitches, "write_interval": args.write_interval,
+                  "kernel_tables": kernel_tables}
         if args.vswitch_cidr:
             kwargs["vswitch_cidrs"] = args.vswitch_cidr
         emu = Emulator(region=args.region, vpc_id=args.vpc_id, route_table_id=args.route_table_id,

@@ -121,12 +121,18 @@ class Emulator:
                  state_file: str | None = None, router_netns: str | None = None,
                  seed: int | None = None,
                  vswitch_cidrs: tuple[str, ...] | list[str] = DEFAULT_VSWITCH_CIDRS,
-                 vswitch_api: bool = False, write_interval: float = 0.0):
+                 vswitch_api: bool = False, write_interval: float = 0.0,
+                 kernel_tables: dict[str, int] | None = None):
         self.region = region
         self.vpc_id = vpc_id
         self.route_table_id = route_table_id
         self.state_file = state_file
         self.router_netns = router_netns
+        #: Emulated route table -> kernel routing table number in the router namespace. Empty: every
+        #: table's routes go into the main table (the first table wins a destination held by several).
+        #: Given: each emulated table gets its own kernel table, so a router forwarding by the table of
+        #: the packet's vSwitch (policy rules, set up by the lab) sees exactly that table's routes.
+        self.kernel_tables = dict(kernel_tables or {})
         #: Whether DescribeVSwitches is served (off by default: an endpoint without it is a case the
         #: provider must handle, and the agreed interface does not include it).
         self.vswitch_api = bool(vswitch_api)
@@ -171,13 +177,15 @@ class Emulator:
                 self._add_table_locked(route_table_id, vpc_id)
             self._save_locked()
 
-        self._kernel = None
+        self._kernel: dict[int, object] = {}
         self._kernel_lock = threading.Lock()
         self._kernel_dirty = threading.Event()
         self._threads: list[threading.Thread] = []
         if router_netns:
             from vpcnet.emulator.kernel import KernelRoutes
-            self._kernel = KernelRoutes(router_netns)
+            from vpcnet.emulator.kernel import MAIN_TABLE
+            for number in sorted(set(self.kernel_tables.values()) or {MAIN_TABLE}):
+                self._kernel[number] = KernelRoutes(router_netns, table=number)
             self.sync_kernel()          # reconcile the namespace with the table at start
             self._start_thread(self._kernel_loop, "vpcnet-emulator-kernel")
         self._start_thread(self._tick_loop, "vpcnet-emulator-ticker")
@@ -887,7 +895,7 @@ class Emulator:
         """Called with the lock held after every change: persist, wake the ticker and the kernel."""
         self._save_locked()
         self._cond.notify_all()
-        if getattr(self, "_kernel", None) is not None:
+        if getattr(self, "_kernel", None):
             self._kernel_dirty.set()
 
     def _tick_loop(self) -> None:
@@ -900,13 +908,16 @@ class Emulator:
 
     # ------------------------------------------------------------------ kernel routes
 
-    def desired_kernel_routes(self) -> dict[str, str]:
+    def desired_kernel_routes(self, route_table_id: str | None = None) -> dict[str, str]:
         """destination -> underlay IP of the next hop, for every Available (or Deleting) instance entry
-        whose instance is registered. The first table wins when two tables hold the same destination."""
+        whose instance is registered, of one table (default: all; the first table wins a destination
+        two tables hold)."""
         with self._lock:
             self._advance()
             out: dict[str, str] = {}
-            for table in self._tables.values():
+            for tid, table in self._tables.items():
+                if route_table_id is not None and tid != route_table_id:
+                    continue
                 for entry in sorted(table["entries"].values(), key=lambda e: e["_seq"]):
                     if entry["Type"] == "System" or entry["Status"] not in ("Available", "Deleting"):
                         continue
@@ -917,12 +928,21 @@ class Emulator:
             return out
 
     def sync_kernel(self) -> list[str]:
-        """Make the router namespace's routes (our proto only) match the table now. Returns problems."""
-        if self._kernel is None:
+        """Make the router namespace's routes (our proto only) match the tables now. Returns problems."""
+        if not self._kernel:
             return []
+        problems = []
         with self._kernel_lock:
-            desired = self.desired_kernel_routes()
-            problems = self._kernel.sync(desired)
+            for number, kernel in self._kernel.items():
+                tables = [t for t, n in self.kernel_tables.items() if n == number]
+                if not self.kernel_tables:
+                    desired = self.desired_kernel_routes()
+                else:
+                    desired = {}
+                    for table in tables:
+                        for dest, ip in self.desired_kernel_routes(table).items():
+                            desired.setdefault(dest, ip)
+                problems += kernel.sync(desired)
         for problem in problems:
             log.warning("router netns %s: %s", self.router_netns, problem)
         return problems

@@ -666,12 +666,16 @@ def test_overlapping_cluster_cidrs_are_refused_clearly(emu, hosts):
         assert "cluster alpha" in r.problems[0] and "disjoint" in r.problems[0]
     assert sb2.claim(CLUSTER).host_cidr is None
     assert by_dest(emu) == before                                     # beta made nothing, touched nothing
-    # and alpha, seeing a route of beta's inside its own CIDR, refuses too instead of "repairing" it
-    emu.add_custom_entry("10.200.200.0/24", OTHER, name="vpcnet-x",
-                         description="vpcnet: host CIDR 10.200.200.0/24 of x cluster=beta")
-    result = a.reconcile()
-    assert not result.ok and "cluster beta" in result.problems[0]
-    assert sa.claim(CLUSTER).host_cidr in by_dest(emu)                # refused, nothing removed
+    # alpha, seeing a route of beta's inside its own CIDR, reports it, keeps its own route in place (a
+    # route deleted behind its back comes back) and leaves beta's alone
+    beta = emu.add_custom_entry("10.200.200.0/24", OTHER, name="vpcnet-x",
+                                description="vpcnet: host CIDR 10.200.200.0/24 of x cluster=beta")
+    mine = sa.claim(CLUSTER).host_cidr
+    emu.remove_entry(by_dest(emu)[mine]["RouteEntryId"])
+    result = a.reconcile(wait_pending=5)
+    assert not result.ok and result.kinds == [FATAL] and "cluster beta" in result.problems[0]
+    assert hop(by_dest(emu)[mine]) == ME
+    assert by_dest(emu)["10.200.200.0/24"]["RouteEntryId"] == beta
 
 
 # -- leaks: a create whose outcome or marking is uncertain -------------------------------------------------

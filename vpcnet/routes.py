@@ -20,7 +20,8 @@ answers at once, and IPAM never waits on the cloud: until a claim exists it answ
 Clusters: every route carries a cluster identity (`cluster=<name>` in its description or AWS tag;
 `VPCNET_CLUSTER_NAME`, default the cluster CIDR as `10.200.0.0-16`). A route of another cluster is
 never claimed, adopted, released, collected or repaired; one inside this host's cluster CIDR means the
-two clusters' CIDRs overlap, and the pass refuses with an error naming the other cluster. Routes made
+two clusters' CIDRs overlap: a host without a block refuses to claim one, and a host with one keeps its
+own route in place but reports the overlap as a FATAL problem naming the other cluster. Routes made
 before routes carried a name count as this cluster's.
 
 Ownership: vpcnet only ever deletes a route whose next hop is this instance, whose destination lies in
@@ -411,7 +412,8 @@ class RouteKeeper:
 
     def _reconcile_cluster(self, cluster: str, listings: dict[str, list[Route]],
                            me: str) -> tuple[str, str, dict[str, list[Route]]]:
-        self._refuse_overlap(cluster, listings)
+        problems: list[tuple[str, str]] = []
+        overlap = self._overlap(cluster, listings)
         claim = self.store.claim(cluster)
         static = self._static_host_cidr(cluster)
         wanted = static or (claim.host_cidr if claim else None)
@@ -420,10 +422,14 @@ class RouteKeeper:
             if wanted:
                 log.info("found this host's block %s in cluster %s (route tables %s)",
                          wanted, cluster, ", ".join(listings))
+        if overlap and not wanted:
+            raise Fatal(overlap)            # claiming now could take a block of the other cluster
+        if overlap:                         # keep this host's own block in place, and say it loudly
+            log.warning("%s", overlap)
+            problems.append((overlap, FATAL))
         if not wanted:
             wanted, listings = self._claim_new(cluster, listings, me)
             self.store.record_claim(cluster, wanted, reason="route created, waiting for Available")
-        problems: list[tuple[str, str]] = []
         for table in list(listings):
             entry = next((r for r in listings[table] if r.destination == wanted), None)
             if entry is None:
@@ -466,19 +472,20 @@ class RouteKeeper:
             self._delete(route)
         return [r for r in routes if r not in stale]
 
-    def _refuse_overlap(self, cluster: str, listings: dict[str, list[Route]]) -> None:
-        """Another vpcnet cluster's routes inside this cluster CIDR: two clusters would claim each other's
-        blocks. Refused, never repaired."""
+    def _overlap(self, cluster: str, listings: dict[str, list[Route]]) -> str:
+        """Another vpcnet cluster's route inside this cluster CIDR (two clusters would claim each other's
+        blocks): the refusal to give, or "". Such routes are never claimed, adopted or repaired."""
         net, name = ipaddress.IPv4Network(cluster), self.cluster_name(cluster)
         for table, routes in listings.items():
             for r in routes:
                 if (r.kind == "Custom" and r.cluster and r.cluster != name and _is_v4(r.destination)
                         and ipaddress.IPv4Network(r.destination).overlaps(net)):
-                    raise Fatal(f"cluster CIDR {cluster} (cluster {name}) overlaps route {r.destination} -> "
-                                f"{r.next_hop or '?'} of vpcnet cluster {r.cluster} in route table {table}: two "
-                                "clusters sharing a VPC need disjoint cluster CIDRs; choose another "
-                                f"VPCNET_CLUSTER_CIDR, or set VPCNET_CLUSTER_NAME={r.cluster} if this host "
-                                "belongs to that cluster")
+                    return (f"cluster CIDR {cluster} (cluster {name}) overlaps route {r.destination} -> "
+                            f"{r.next_hop or '?'} of vpcnet cluster {r.cluster} in route table {table}: two "
+                            "clusters sharing a VPC need disjoint cluster CIDRs; choose another "
+                            f"VPCNET_CLUSTER_CIDR, or set VPCNET_CLUSTER_NAME={r.cluster} if this host "
+                            "belongs to that cluster")
+        return ""
 
     def _owned_in(self, route: Route, me: str, cluster: str) -> bool:
         return (route.kind == "Custom" and route.marked and route.next_hop == me

@@ -564,16 +564,8 @@ class Emulator:
         """CreateRouteEntries: up to MAX_BATCH entries ({RouteTableId, DstCidrBlock, NextHopType, NextHop,
         Name, Description}), one write for the VPC write lock. Returns (ids created, failures as
         {DstCidrBlock, NextHop, RouteTableId, FailedCode, FailedMessage})."""
-        if not entries:
-            raise ApiError("MissingParameter", "RouteEntries must hold at least one entry.")
-        if len(entries) > MAX_BATCH:
-            raise ApiError("InvalidParameter.RouteEntries", f"At most {MAX_BATCH} route entries per request "
-                           f"({len(entries)} given).")
         with self._lock:
-            self._advance()
-            vpcs = {self._table(e.get("RouteTableId", ""))["vpc_id"] for e in entries}
-            for vpc in vpcs:
-                self._check_writable(vpc)
+            vpcs = self._batch_locked(entries)
             ids, failed = [], []
             for i, e in enumerate(entries):
                 token = f"{client_token}#{i}" if client_token else ""
@@ -590,6 +582,20 @@ class Emulator:
                 for vpc in vpcs:
                     self._wrote(vpc)
             return ids, failed
+
+    def _batch_locked(self, entries: list[dict]) -> set[str]:
+        """A batch call's checks: 1..MAX_BATCH entries, known tables, their VPCs not busy (one write).
+        Returns the VPCs it writes to. Caller holds the lock."""
+        if not entries:
+            raise ApiError("MissingParameter", "RouteEntries must hold at least one entry.")
+        if len(entries) > MAX_BATCH:
+            raise ApiError("InvalidParameter.RouteEntries", f"At most {MAX_BATCH} route entries per request "
+                           f"({len(entries)} given).")
+        self._advance()
+        vpcs = {self._table(e.get("RouteTableId", ""))["vpc_id"] for e in entries}
+        for vpc in vpcs:
+            self._check_writable(vpc)
+        return vpcs
 
     def _create_locked(self, route_table_id: str, destination: str, next_hop_type: str, next_hop_id: str,
                        name: str, description: str, client_token: str, check_writable: bool) -> str:
@@ -660,16 +666,8 @@ class Emulator:
     def delete_route_entries(self, entries: list[dict]) -> tuple[list[str], list[dict]]:
         """DeleteRouteEntries: up to MAX_BATCH entries ({RouteTableId, RouteEntryId} or {RouteTableId,
         DstCidrBlock, NextHop}), one write. Returns (ids deleted, failures)."""
-        if not entries:
-            raise ApiError("MissingParameter", "RouteEntries must hold at least one entry.")
-        if len(entries) > MAX_BATCH:
-            raise ApiError("InvalidParameter.RouteEntries", f"At most {MAX_BATCH} route entries per request "
-                           f"({len(entries)} given).")
         with self._lock:
-            self._advance()
-            vpcs = {self._table(e.get("RouteTableId", ""))["vpc_id"] for e in entries}
-            for vpc in vpcs:
-                self._check_writable(vpc)
+            vpcs = self._batch_locked(entries)
             done, failed = [], []
             for e in entries:
                 try:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Cloud API cost of vpcnet's routes, and how fast a host's route is in place.
 
-    python3 bench/cloud_calls.py [--runs 12] [--out bench/results/cloud_calls.json]
+    python3 bench/cloud_calls.py [--runs 12] [--storm 50,200] [--out bench/results/cloud_calls.json]
 
 Everything runs on 127.0.0.1: an in-process VPC emulator (Alibaba-compatible API, signed requests) and
 real `vpcnet serve` processes (gunicorn on a unix socket in a temporary directory) configured with
@@ -17,6 +17,15 @@ VPCNET_PROVIDER=aliyun and pointed at it; the metadata URL is a closed local por
 2. Time from starting `vpcnet serve` to the host's route being Available in the emulator, with a 1 s
    Pending delay and 20 % injected retryable faults (Throttling, ServiceUnavailable, InternalError) on
    every API call; fresh state dir and fresh route table each run; median of --runs runs (target <= 5 s).
+3. Boot storms (`--storm`, default 50 and 200 hosts): that many real `vpcnet routes sync` processes,
+   distinct instance ids and state dirs, started at the same moment against an emulator that takes one
+   route-table write per 0.3 s for the whole VPC and answers TaskConflict in between, with a hand-made
+   and another host's route in the table beforehand (vpcnet.emulator.storm). Reported: hosts, hosts that
+   exited 0, seconds until the last exited, API calls per host (emulator requests / hosts), creates,
+   TaskConflicts, distinct blocks, foreign entries untouched. Targets: 50 hosts each exit 0 within 60 s
+   with <= 10 calls per host on average; 200 hosts within 180 s. After the largest storm the table
+   holds 200 custom entries (the default quota; the foreign ones are removed first): a further host must
+   stop with a clear quota error, creating nothing and touching nothing.
 """
 from __future__ import annotations
 
@@ -37,6 +46,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from vpcnet.emulator import Emulator, serve_in_thread  # noqa: E402
+from vpcnet.emulator.storm import boot_storm  # noqa: E402
 from vpcnet.plugin_client import call  # noqa: E402
 
 KEY_ID, SECRET = "bench-key-id", "bench-key-secret"
@@ -236,18 +246,94 @@ def measure_time(workdir: str, runs: int) -> dict:
     }
 
 
+STORM_WRITE_INTERVAL = 0.3
+STORM_CLUSTER = "10.224.0.0/16"
+STORM_TARGETS = {50: (60.0, 10.0), 200: (180.0, None)}     # hosts -> (seconds per host, calls per host)
+FOREIGN = "i-bench-foreign"
+
+
+def measure_storm(workdir: str, hosts: int, quota_check: bool) -> dict:
+    emu = Emulator(region=REGION, vpc_id=VPC, route_table_id=TABLE, credentials={KEY_ID: SECRET},
+                   write_interval=STORM_WRITE_INTERVAL, quota=max(200, hosts + 2))
+    emu.register_instance(FOREIGN, "172.31.0.2")
+    url, stop_http = serve_in_thread(emu)
+    try:
+        foreign = [emu.add_custom_entry("10.224.250.0/24", FOREIGN, name="by-hand", description="ops"),
+                   emu.add_custom_entry("10.224.251.0/24", FOREIGN, name="vpcnet-10-224-251-0-24",
+                                        description=f"vpcnet: host CIDR 10.224.251.0/24 of {FOREIGN} "
+                                                    "cluster=10.224.0.0-16")]
+        before = {e["RouteEntryId"]: e for e in emu.entries(TABLE) if e["RouteEntryId"] in foreign}
+        wait = 60.0 if hosts <= 50 else 175.0
+        result = boot_storm(emu, url, os.path.join(workdir, f"storm-{hosts}"), hosts, cluster=STORM_CLUSTER,
+                            key_id=KEY_ID, secret=SECRET, wait=wait, timeout=wait + 60)
+        blocks = [b for v in result.blocks.values() for b in v]
+        after = {e["RouteEntryId"]: e for e in emu.entries(TABLE)}
+        limit_s, limit_calls = STORM_TARGETS.get(hosts, (180.0, None))
+        out = {**result.summary(), "write_interval_s": STORM_WRITE_INTERVAL,
+               "distinct_blocks": len(set(blocks)), "routes_of_storm_hosts": len(blocks),
+               "foreign_untouched": all(after.get(i) == e for i, e in before.items()),
+               "target_seconds": limit_s, "target_calls_per_host": limit_calls,
+               "failures": {i: result.stderr.get(i, "")[-300:] for i, c in result.exits.items() if c != 0}}
+        out["target_met"] = (out["converged"] == hosts and result.slowest <= limit_s
+                             and out["distinct_blocks"] == hosts == len(blocks) and out["foreign_untouched"]
+                             and (limit_calls is None or result.calls_per_host <= limit_calls))
+        if quota_check:
+            out["quota_check"] = quota_after_storm(emu, url, workdir, hosts)
+            out["target_met"] = out["target_met"] and out["quota_check"]["ok"]
+        return out
+    finally:
+        stop_http()
+        emu.close()
+
+
+def quota_after_storm(emu: Emulator, url: str, workdir: str, hosts: int) -> dict:
+    """Fill the table to exactly 200 custom entries (the default quota), then one more host boots."""
+    for entry in emu.entries(TABLE):
+        if entry["Type"] == "Custom" and entry["NextHops"]["NextHop"][0]["NextHopId"] == FOREIGN:
+            emu.remove_entry(entry["RouteEntryId"])
+    custom = [e for e in emu.entries(TABLE) if e["Type"] == "Custom"]
+    for k in range(200 - len(custom)):
+        emu.add_custom_entry(f"10.225.{k}.0/24", FOREIGN, name="filler")
+    emu.configure(quota=200)
+    before = emu.entries(TABLE)
+    extra = boot_storm(emu, url, os.path.join(workdir, "storm-quota"), 1, cluster=STORM_CLUSTER,
+                       key_id=KEY_ID, secret=SECRET, wait=30, timeout=90, first=hosts + 1)
+    [(instance, code)] = extra.exits.items()
+    stderr = extra.stderr.get(instance, "")
+    ok = (code == 1 and f"{TABLE} is full: 200/200" in stderr and "Quota Center" in stderr
+          and emu.entries(TABLE) == before and extra.requests.get("CreateRouteEntry", 0) == 0)
+    return {"host": instance, "exit": code, "error": stderr.strip().splitlines()[-1] if stderr.strip() else "",
+            "creates": extra.requests.get("CreateRouteEntry", 0), "table_unchanged": emu.entries(TABLE) == before,
+            "ok": ok}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=12, help="timed runs (at least 10)")
     parser.add_argument("--out", default=os.path.join(REPO, "bench", "results", "cloud_calls.json"))
+    parser.add_argument("--storm", default="50,200", metavar="N,M",
+                        help="boot storms to run: host counts (default 50,200; '' for none)")
+    parser.add_argument("--only-storm", action="store_true", help="skip parts 1 and 2")
     args = parser.parse_args()
     runs = max(10, args.runs)
+    storms = [int(n) for n in args.storm.split(",") if n.strip()]
+    calls = timing = None
+    storm_results = []
     with tempfile.TemporaryDirectory(prefix="vpcnet-bench-") as workdir:
-        print("API calls per host (emulator request counts, 1 s Pending delay, no faults) ...", flush=True)
-        calls = measure_calls(workdir)
-        print(f"time from `vpcnet serve` to route Available ({runs} runs, 1 s Pending, "
-              f"{FAULT_RATE:.0%} faults) ...", flush=True)
-        timing = measure_time(workdir, runs)
+        if not args.only_storm:
+            print("API calls per host (emulator request counts, 1 s Pending delay, no faults) ...", flush=True)
+            calls = measure_calls(workdir)
+            print(f"time from `vpcnet serve` to route Available ({runs} runs, 1 s Pending, "
+                  f"{FAULT_RATE:.0%} faults) ...", flush=True)
+            timing = measure_time(workdir, runs)
+        for n in storms:
+            print(f"boot storm: {n} hosts running `vpcnet routes sync` at once, one write per "
+                  f"{STORM_WRITE_INTERVAL:g} s ...", flush=True)
+            storm_results.append(measure_storm(workdir, n, quota_check=(n == max(storms) and n >= 200)))
+    if args.only_storm and os.path.exists(args.out):
+        with open(args.out) as fh:
+            previous = json.load(fh)
+        calls, timing = previous.get("api_calls_per_host"), previous.get("time_to_route_available")
     result = {
         "benchmark": "cloud_calls",
         "generated": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -255,6 +341,7 @@ def main() -> int:
                  "load_avg_1m": round(os.getloadavg()[0], 2)},
         "api_calls_per_host": calls,
         "time_to_route_available": timing,
+        "boot_storms": storm_results,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
@@ -264,26 +351,43 @@ def main() -> int:
     def fmt(counts: dict) -> str:
         return ", ".join(f"{k} {v:g}" for k, v in sorted(counts.items())) or "none"
 
-    rows = [
-        ("first start", f"{calls['first_start_total']:g}", fmt(calls["first_start"])),
-        ("restart", f"{calls['restart_total']:g}", fmt(calls["restart"])),
-        ("per container", f"{calls['per_container_total']:g}",
-         f"{fmt(calls['per_container'])} (over {PER_CONTAINER_N} address requests)"),
-    ]
-    print()
-    print(f"{'API calls per host':<20} {'total':>6}  by action")
-    for name, total, detail in rows:
-        print(f"{name:<20} {total:>6}  {detail}")
-    print(f"route kept after SIGTERM: {calls['route_kept_after_sigterm']}")
-    print()
-    print(f"time from `vpcnet serve` to route Available, {timing['runs']} runs, "
-          f"{PENDING_DELAY:g} s Pending, {FAULT_RATE:.0%} faults:")
-    print(f"  median {timing['median_s']:.2f} s (min {timing['min_s']:.2f}, max {timing['max_s']:.2f}); "
-          f"target <= {TARGET_MEDIAN:g} s: {'met' if timing['target_met'] else 'NOT met'}")
-    print(f"  socket up after {timing['socket_up_median_s']:.2f} s (median); "
-          f"{timing['api_requests_median']:g} API requests per run (median, faulted ones included)")
+    ok = True
+    if calls and timing:
+        rows = [
+            ("first start", f"{calls['first_start_total']:g}", fmt(calls["first_start"])),
+            ("restart", f"{calls['restart_total']:g}", fmt(calls["restart"])),
+            ("per container", f"{calls['per_container_total']:g}",
+             f"{fmt(calls['per_container'])} (over {PER_CONTAINER_N} address requests)"),
+        ]
+        print()
+        print(f"{'API calls per host':<20} {'total':>6}  by action")
+        for name, total, detail in rows:
+            print(f"{name:<20} {total:>6}  {detail}")
+        print(f"route kept after SIGTERM: {calls['route_kept_after_sigterm']}")
+        print()
+        print(f"time from `vpcnet serve` to route Available, {timing['runs']} runs, "
+              f"{PENDING_DELAY:g} s Pending, {FAULT_RATE:.0%} faults:")
+        print(f"  median {timing['median_s']:.2f} s (min {timing['min_s']:.2f}, max {timing['max_s']:.2f}); "
+              f"target <= {TARGET_MEDIAN:g} s: {'met' if timing['target_met'] else 'NOT met'}")
+        print(f"  socket up after {timing['socket_up_median_s']:.2f} s (median); "
+              f"{timing['api_requests_median']:g} API requests per run (median, faulted ones included)")
+        ok = ok and timing["target_met"]
+    if storm_results:
+        print()
+        print(f"boot storms (one write per {STORM_WRITE_INTERVAL:g} s per VPC, TaskConflict in between):")
+        print(f"  {'hosts':>5} {'exit 0':>6} {'seconds':>8} {'calls/host':>10} {'creates':>8} {'conflicts':>9} "
+              f"{'blocks':>6}  foreign untouched  target")
+        for r in storm_results:
+            print(f"  {r['hosts']:>5} {r['converged']:>6} {r['seconds']:>8.1f} {r['calls_per_host']:>10.2f} "
+                  f"{r['creates']:>8} {r['conflicts']:>9} {r['distinct_blocks']:>6}  "
+                  f"{str(r['foreign_untouched']):<17}  {'met' if r['target_met'] else 'NOT met'}")
+            if "quota_check" in r:
+                q = r["quota_check"]
+                print(f"  host {r['hosts'] + 1} on a full 200-entry table: exit {q['exit']}, {q['creates']} "
+                      f"creates, table unchanged {q['table_unchanged']}: {q['error']}")
+            ok = ok and r["target_met"]
     print(f"written to {os.path.relpath(args.out, REPO)}")
-    return 0 if timing["target_met"] else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from aliyun_fakes import ApiHandler, ApiState, closed_port, serve, serving_emulator
-from vpcnet.cloud import DuplicateRoute, QuotaExceeded, Route
+from aliyun_fakes import ApiHandler, ApiState, blocks_of, closed_port, serve, serving_emulator
+from vpcnet.cloud import DuplicateRoute, QuotaExceeded, Route, route_name
 from vpcnet.cloud import aliyun
 from vpcnet.cloud.aliyun import AliyunProvider
 from vpcnet.config import Config
@@ -392,17 +392,18 @@ def test_route_keeper_claims_a_block_through_the_emulator_despite_faults(emu, tm
     from vpcnet.store import Store
 
     emu.set_faults(rate=0.3, codes=("Throttling", "ServiceUnavailable", "InternalError"))
-    emu.add_custom_entry("10.200.0.0/24", OTHER, name="vpcnet-10-200-0-0-24")   # another host's block
+    first, second = blocks_of(ME, "10.200.0.0/16", 2)
+    emu.add_custom_entry(first, OTHER, name=route_name(first))                 # another host's block
     cfg = config(emu.test_url, state_dir=str(tmp_path))
     store = Store(cfg.db_path)
     keeper = RouteKeeper(cfg, store, backoff=Backoff(attempts=12, base=0.01, cap=0.1, deadline=20))
     try:
         result = keeper.reconcile(wait_pending=5)
         assert result.ok, result.problems
-        assert store.claim(cfg.cluster_cidr).host_cidr == "10.200.1.0/24"
+        assert store.claim(cfg.cluster_cidr).host_cidr == second
         emu.set_faults(rate=0.0)
         mine = [e for e in emu.entries(TABLE) if e["NextHops"]["NextHop"][0]["NextHopId"] == ME]
-        assert [e["DestinationCidrBlock"] for e in mine] == ["10.200.1.0/24"]
+        assert [e["DestinationCidrBlock"] for e in mine] == [second]
     finally:
         keeper.provider.close()
         store.close()

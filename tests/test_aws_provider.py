@@ -23,6 +23,8 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
+from aliyun_fakes import blocks_of
+
 from vpcnet.cloud import DuplicateRoute, QuotaExceeded
 from vpcnet.cloud.aws import AwsProvider, tag_key
 from vpcnet.config import Config
@@ -201,21 +203,38 @@ def test_retried_create_that_landed_is_completed(vpc, provider_for):
     with pytest.raises(DuplicateRoute):          # no earlier uncertain attempt: a hand-made route
         p.create_route("10.200.7.0/24", "", "", "fresh")
     assert not {r.destination: r for r in p.list_routes()}["10.200.7.0/24"].marked
-    p._uncertain.add(("lost", "10.200.7.0/24"))  # as after a timeout on the first attempt
+    p._uncertain.add(("lost", "10.200.7.0/24", vpc.table))  # as after a timeout on the first attempt
     p.create_route("10.200.7.0/24", "", "", "lost")
     assert {r.destination: r for r in p.list_routes()}["10.200.7.0/24"].marked
 
 
 # -- instance checks ------------------------------------------------------------------------------
-def test_source_dest_check_warning(vpc, provider_for):
+def test_source_dest_check_reported_when_vpcnet_may_not_change_it(vpc, provider_for):
     me = vpc.instance()
     p = provider_for(vpc.config(me))
-    warnings = p.preflight()
-    assert len(warnings) == 1, warnings
-    assert f"source/destination check is enabled on instance {me}" in warnings[0]
-    assert f"aws ec2 modify-instance-attribute --instance-id {me} --no-source-dest-check" in warnings[0]
+    problems = p.check_forwarding(disable=False)
+    assert len(problems) == 1, problems
+    assert f"source/destination check is enabled on {me}" in problems[0]
+    assert f"aws ec2 modify-instance-attribute --instance-id {me} --no-source-dest-check" in problems[0]
+    attr = vpc.ec2.describe_instance_attribute(InstanceId=me, Attribute="sourceDestCheck")
+    assert attr["SourceDestCheck"]["Value"] is True                  # only looked
     vpc.ec2.modify_instance_attribute(InstanceId=me, SourceDestCheck={"Value": False})
-    assert p.preflight() == []
+    assert p.check_forwarding(disable=False) == []
+
+
+def test_source_dest_check_turned_off_and_kept_off(vpc, provider_for, caplog):
+    me = vpc.instance()
+    p = provider_for(vpc.config(me))
+    assert p.check_forwarding(disable=True) == []
+    attr = vpc.ec2.describe_instance_attribute(InstanceId=me, Attribute="sourceDestCheck")
+    assert attr["SourceDestCheck"]["Value"] is False                 # ModifyInstanceAttribute, through moto
+    # someone turns it on again: the next check turns it off again, and says so
+    vpc.ec2.modify_instance_attribute(InstanceId=me, SourceDestCheck={"Value": True})
+    caplog.set_level(logging.WARNING)
+    assert p.check_forwarding(disable=True) == []
+    assert vpc.ec2.describe_instance_attribute(InstanceId=me, Attribute="sourceDestCheck")[
+        "SourceDestCheck"]["Value"] is False
+    assert "turned on again" in caplog.text
 
 
 def test_source_dest_check_on_secondary_eni(vpc, provider_for):
@@ -224,10 +243,12 @@ def test_source_dest_check_on_secondary_eni(vpc, provider_for):
     eni = vpc.ec2.create_network_interface(SubnetId=vpc.subnet)["NetworkInterface"]["NetworkInterfaceId"]
     vpc.ec2.attach_network_interface(NetworkInterfaceId=eni, InstanceId=me, DeviceIndex=1)
     p = provider_for(vpc.config(me))
-    warnings = p.preflight()
-    assert len(warnings) == 1 and eni in warnings[0] and "--no-source-dest-check" in warnings[0], warnings
-    vpc.ec2.modify_network_interface_attribute(NetworkInterfaceId=eni, SourceDestCheck={"Value": False})
-    assert p.preflight() == []
+    problems = p.check_forwarding(disable=False)
+    assert len(problems) == 1 and eni in problems[0] and "--no-source-dest-check" in problems[0], problems
+    assert p.check_forwarding(disable=True) == []
+    [desc] = vpc.ec2.describe_network_interfaces(NetworkInterfaceIds=[eni])["NetworkInterfaces"]
+    assert desc["SourceDestCheck"] is False
+    assert p.check_forwarding(disable=False) == []
 
 
 def test_instance_exists(vpc, provider_for):
@@ -321,11 +342,12 @@ def test_error_mapping(aws_env, fake_ec2, provider_for, status, code, error):
         p.create_route("10.200.0.0/24", "", "", "t")
     assert len(fake_ec2.requests) == 1                 # botocore's own retries are off
     if error is QuotaExceeded:
-        assert "rtb-full" in str(info.value) and "50 routes per route table" in str(info.value)
+        assert "rtb-full" in str(info.value) and "quota 50" in str(info.value)
+        assert "L-93826ACB" in str(info.value) and "VPCNET_ROUTE_TABLE_QUOTA" in str(info.value)
     if error is Fatal:
         assert not isinstance(info.value, DuplicateRoute) and code in str(info.value)
     if error is Retryable:
-        assert ("t", "10.200.0.0/24") in p._uncertain
+        assert ("t", "10.200.0.0/24", "rtb-full") in p._uncertain
 
 
 # -- IMDSv2 ---------------------------------------------------------------------------------------
@@ -410,7 +432,7 @@ def test_config_values_win(vpc, fake_imds, provider_for):
     assert p.instance_id() == me
     p.list_routes()
     p.create_route("10.200.6.0/24", "", "", "t")
-    p.preflight()
+    p.check_forwarding(disable=False)
     assert fake_imds.requests == []
 
 
@@ -474,7 +496,7 @@ def test_no_secret_in_logs_or_errors(vpc, fake_imds, provider_for, monkeypatch, 
         with pytest.raises(Fatal) as info:
             call()
         messages.append(str(info.value))
-    messages.extend(p.preflight())
+    messages.extend(p.check_forwarding(disable=False))
     text = caplog.text + "\n".join(messages)
     assert "security-credentials" in caplog.text or any(
         "security-credentials" in r[1] for r in fake_imds.requests)   # the role keys were really used
@@ -497,16 +519,18 @@ def test_route_keeper_end_to_end(vpc, tmp_path):
     kb, sb = _keeper(vpc, tmp_path, "b", b)
     try:
         # a hand-made route to host a inside the cluster CIDR: never adopted, never deleted
-        vpc.ec2.create_route(RouteTableId=vpc.table, DestinationCidrBlock="10.200.0.0/24", InstanceId=a)
+        hand = blocks_of(a, "10.200.0.0/16")[0]      # the block host a would try first
+        vpc.ec2.create_route(RouteTableId=vpc.table, DestinationCidrBlock=hand, InstanceId=a)
         assert ka.reconcile().ok
         block_a = sa.claim("10.200.0.0/16").host_cidr
-        assert block_a == "10.200.1.0/24"
+        assert block_a == blocks_of(a, "10.200.0.0/16")[1]
         assert kb.reconcile().ok
         block_b = sb.claim("10.200.0.0/16").host_cidr
-        assert block_b not in (block_a, "10.200.0.0/24")
+        assert block_b not in (block_a, hand)
         routes = vpc.routes()
         assert routes[block_a]["InstanceId"] == a and routes[block_b]["InstanceId"] == b
-        assert vpc.tags() == {tag_key(block_a): a, tag_key(block_b): b}
+        assert vpc.tags() == {tag_key(block_a): f"{a} cluster=10.200.0.0-16",
+                              tag_key(block_b): f"{b} cluster=10.200.0.0-16"}
 
         # restart of host a: same block, found through the table (store forgotten)
         sa.forget_claim("10.200.0.0/16")
@@ -521,8 +545,8 @@ def test_route_keeper_end_to_end(vpc, tmp_path):
         routes = vpc.routes()
         assert block_a not in routes
         assert routes[block_b]["InstanceId"] == b
-        assert routes["10.200.0.0/24"]["InstanceId"] == a      # hand-made: untouched
-        assert vpc.tags() == {tag_key(block_b): b}
+        assert routes[hand]["InstanceId"] == a      # hand-made: untouched
+        assert vpc.tags() == {tag_key(block_b): f"{b} cluster=10.200.0.0-16"}
 
         # gc: host b terminated; host a's keeper finds b's route as garbage and removes it
         vpc.ec2.terminate_instances(InstanceIds=[b])
@@ -530,7 +554,7 @@ def test_route_keeper_end_to_end(vpc, tmp_path):
         assert [r.destination for r in garbage] == [block_b]
         ka.delete_garbage(garbage)
         assert block_b not in vpc.routes() and vpc.tags() == {}
-        assert "10.200.0.0/24" in vpc.routes()
+        assert hand in vpc.routes()
     finally:
         for keeper, store in ((ka, sa), (kb, sb)):
             if keeper._provider is not None:
@@ -560,9 +584,122 @@ def test_two_hosts_claim_at_once(vpc, tmp_path):
         routes = vpc.routes()
         tags = vpc.tags()
         for block, inst in zip(blocks, instances):
-            assert routes[block]["InstanceId"] == inst and tags[tag_key(block)] == inst
+            assert routes[block]["InstanceId"] == inst and tags[tag_key(block)] == f"{inst} cluster=10.200.0.0-16"
     finally:
         for keeper, store in keepers:
             if keeper._provider is not None:
                 keeper._provider.close()
             store.close()
+
+
+# -- several route tables, discovery, leaks -------------------------------------------------------
+class ZonedVpc(Vpc):
+    """A VPC with two zones: subnets a and b, each associated with its own route table, and a third
+    subnet left on the main table."""
+
+    def __init__(self, url: str):
+        super().__init__(url)
+        self.subnet_b = self.ec2.create_subnet(VpcId=self.vpc, CidrBlock="10.0.2.0/24")["Subnet"]["SubnetId"]
+        self.table_b = self.ec2.create_route_table(VpcId=self.vpc)["RouteTable"]["RouteTableId"]
+        self.ec2.associate_route_table(RouteTableId=self.table_b, SubnetId=self.subnet_b)
+        self.subnet_c = self.ec2.create_subnet(VpcId=self.vpc, CidrBlock="10.0.3.0/24")["Subnet"]["SubnetId"]
+        self.main = next(t["RouteTableId"] for t in self.ec2.describe_route_tables(
+            Filters=[{"Name": "vpc-id", "Values": [self.vpc]}, {"Name": "association.main", "Values": ["true"]}]
+        )["RouteTables"])
+
+    def routes_of(self, table: str) -> dict[str, dict]:
+        described = self.ec2.describe_route_tables(RouteTableIds=[table])["RouteTables"][0]
+        return {r.get("DestinationCidrBlock"): r for r in described["Routes"]}
+
+
+def test_tables_discovered_from_subnet_associations_and_the_main_table(moto_url, aws_env, provider_for, fake_imds):
+    zoned = ZonedVpc(moto_url)
+    me = zoned.instance()
+    mac = "02:00:00:00:00:09"
+    fake_imds.data.update({"/latest/meta-data/mac": mac,
+                           f"/latest/meta-data/network/interfaces/macs/{mac}/vpc-id": zoned.vpc})
+    p = provider_for(zoned.config(me, aws_route_table_id="", aws_metadata_url=fake_imds.url))
+    assert p.table_ids() == sorted([zoned.table, zoned.table_b, zoned.main])
+    # the subnets named in a setting instead: only their tables
+    q = provider_for(zoned.config(me, aws_route_table_id="", aws_subnet_ids=f"{zoned.subnet},{zoned.subnet_c}"))
+    assert q.table_ids() == sorted([zoned.table, zoned.main])
+
+
+def test_route_keeper_keeps_one_block_in_every_table(moto_url, aws_env, tmp_path):
+    zoned = ZonedVpc(moto_url)
+    a, b = zoned.instance(), zoned.instance()
+    tables = f"{zoned.table},{zoned.table_b}"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    made = []
+    for name, inst in (("a", a), ("b", b)):
+        config = zoned.config(inst, aws_route_table_id=tables, state_dir=str(tmp_path / name),
+                              cluster_cidr="10.200.0.0/16", host_prefix=24)
+        store = Store(str(tmp_path / name / "s.db"))
+        made.append((RouteKeeper(config, store, provider_factory=lambda c=config: AwsProvider(c),
+                                 backoff=Backoff(attempts=3, base=0.01, cap=0.05, deadline=5)), store))
+    (ka, sa), (kb, sb) = made
+    try:
+        assert ka.reconcile().ok and kb.reconcile().ok
+        block_a, block_b = sa.claim("10.200.0.0/16").host_cidr, sb.claim("10.200.0.0/16").host_cidr
+        assert block_a != block_b
+        for table in (zoned.table, zoned.table_b):
+            routes = zoned.routes_of(table)
+            assert routes[block_a]["InstanceId"] == a and routes[block_b]["InstanceId"] == b
+        # source/destination check turned off by the pass
+        assert zoned.ec2.describe_instance_attribute(InstanceId=a, Attribute="sourceDestCheck")[
+            "SourceDestCheck"]["Value"] is False
+        # host a's route lost from the second table only: re-created there, same block
+        zoned.ec2.delete_route(RouteTableId=zoned.table_b, DestinationCidrBlock=block_a)
+        assert ka.reconcile().ok
+        assert zoned.routes_of(zoned.table_b)[block_a]["InstanceId"] == a
+        removed = ka.release()
+        assert sorted(r.table for r in removed) == sorted([zoned.table, zoned.table_b])
+        assert block_a not in zoned.routes_of(zoned.table) and block_a not in zoned.routes_of(zoned.table_b)
+        assert zoned.routes_of(zoned.table_b)[block_b]["InstanceId"] == b
+    finally:
+        for keeper, store in made:
+            if keeper._provider is not None:
+                keeper._provider.close()
+            store.close()
+
+
+class TagsFailing(AwsProvider):
+    """CreateTags answers RequestLimitExceeded while `failing` is set (CreateRoute itself works)."""
+
+    failing = True
+
+    def _api(self, what, op, **params):
+        if op == "create_tags" and TagsFailing.failing:
+            from vpcnet.cloud.aws import _ApiError
+            raise _ApiError(what, "RequestLimitExceeded", "Request limit exceeded.", 503)
+        return super()._api(what, op, **params)
+
+
+def test_a_route_whose_tagging_failed_is_adopted_on_the_next_pass(vpc, tmp_path):
+    """CreateRoute lands, CreateTags keeps failing: the untagged route must not become foreign forever."""
+    me = vpc.instance()
+    (tmp_path / "h").mkdir()
+    config = vpc.config(me, state_dir=str(tmp_path / "h"), cluster_cidr="10.200.0.0/16", host_prefix=24)
+    store = Store(str(tmp_path / "h" / "s.db"))
+    TagsFailing.failing = True
+    keeper = RouteKeeper(config, store, provider_factory=lambda: TagsFailing(config),
+                         backoff=Backoff(attempts=3, base=0.01, cap=0.02, deadline=2, busy_deadline=0.5))
+    try:
+        result = keeper.reconcile()
+        assert not result.ok
+        [landed] = [d for d, r in vpc.routes().items() if r.get("InstanceId") == me]
+        assert tag_key(landed) not in vpc.tags()                       # untagged: looks hand-made
+        # a restart in between: what is uncertain is on disk, not only in the provider's memory
+        keeper.close()
+        TagsFailing.failing = False
+        keeper = RouteKeeper(config, store, provider_factory=lambda: TagsFailing(config),
+                             backoff=Backoff(attempts=3, base=0.01, cap=0.02, deadline=2))
+        assert keeper.reconcile().ok
+        assert store.claim("10.200.0.0/16").host_cidr == landed         # adopted, no second block
+        assert vpc.tags()[tag_key(landed)] == f"{me} cluster=10.200.0.0-16"
+        assert [d for d, r in vpc.routes().items() if r.get("InstanceId") == me] == [landed]
+        assert [r.destination for r in keeper.release()] == [landed]  # and it can be released
+    finally:
+        keeper.close()
+        store.close()

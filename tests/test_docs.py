@@ -36,8 +36,25 @@ ALIYUN_ACTIONS = {"vpc:CreateRouteEntry", "vpc:DeleteRouteEntry", "vpc:DescribeR
 ALIYUN_MUTATING = {"vpc:CreateRouteEntry", "vpc:DeleteRouteEntry"}
 AWS_ACTIONS = {"ec2:DescribeRouteTables", "ec2:CreateRoute", "ec2:DeleteRoute", "ec2:ReplaceRoute",
                "ec2:CreateTags", "ec2:DeleteTags", "ec2:DescribeInstances", "ec2:DescribeInstanceAttribute",
-               "ec2:DescribeNetworkInterfaces", "ec2:DescribeSubnets"}
+               "ec2:DescribeNetworkInterfaces", "ec2:DescribeSubnets", "ec2:ModifyInstanceAttribute",
+               "ec2:ModifyNetworkInterfaceAttribute"}
 AWS_MUTATING = {"ec2:CreateRoute", "ec2:DeleteRoute", "ec2:ReplaceRoute", "ec2:CreateTags", "ec2:DeleteTags"}
+AWS_FORWARDING = {"ec2:ModifyInstanceAttribute", "ec2:ModifyNetworkInterfaceAttribute"}
+
+
+def _called_actions(module: str, pattern: str) -> set[str]:
+    """The API actions a provider module really calls, read from its source."""
+    with open(os.path.join(REPO, "vpcnet", "cloud", module)) as fh:
+        return set(re.findall(pattern, fh.read()))
+
+
+def test_the_policies_name_exactly_the_actions_the_providers_call():
+    aws = {"ec2:" + "".join(w.capitalize() for w in op.split("_"))
+           for op in _called_actions("aws.py", r'"((?:describe|create|delete|replace|modify)_[a-z_]+)"')}
+    assert aws == AWS_ACTIONS
+    aliyun = {"vpc:" + a for a in _called_actions("aliyun.py", r'\._client\(\)\.call\("(\w+)"')}
+    aliyun |= {"ecs:" + a for a in _called_actions("aliyun.py", r'self\._ecs\.call\("(\w+)"')}
+    assert aliyun == ALIYUN_ACTIONS
 
 
 def blocks(doc: str, info: str | None = None) -> list[str]:
@@ -125,12 +142,18 @@ def test_aws_iam_policy_is_least_privilege():
     actions = set().union(*(_policy_actions(s) for s in policy["Statement"]))
     assert actions == AWS_ACTIONS
     for statement in policy["Statement"]:
+        resources = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
         if _policy_actions(statement) & AWS_MUTATING:
             assert _policy_actions(statement) <= AWS_MUTATING
-            assert re.fullmatch(r"arn:aws:ec2:[a-z0-9-]+:\d{12}:route-table/rtb-[0-9a-f]+", statement["Resource"])
+            assert all(re.fullmatch(r"arn:aws:ec2:[a-z0-9-]+:\d{12}:route-table/rtb-[0-9a-f]+", r) for r in resources)
+        if _policy_actions(statement) & AWS_FORWARDING:
+            assert _policy_actions(statement) <= AWS_FORWARDING
+            assert all(re.fullmatch(r"arn:aws:ec2:[a-z0-9-]+:\d{12}:(instance|network-interface)/\*", r)
+                       for r in resources)
     with open(os.path.join(DOCS, "deploy-aws.md")) as fh:
         text = fh.read()
     assert "--no-source-dest-check" in text and "--http-put-response-hop-limit 2" in text
+    assert "L-93826ACB" in text and "VPCNET_AWS_DISABLE_SOURCE_DEST_CHECK" in text
 
 
 @pytest.mark.parametrize("doc", ("systemd.md", "deploy-aliyun.md", "deploy-aws.md"))

@@ -255,7 +255,8 @@ def test_describe_route_table_list(emu_client):
     tables = body["RouterTableList"]["RouterTableListType"]
     assert sorted(t["RouteTableId"] for t in tables) == [TABLE, "vtb-emu0002"]
     assert body["TotalCount"] == 2
-    assert all(t["VpcId"] == "vpc-emu0001" and t["RouteTableType"] == "System" for t in tables)
+    assert all(t["VpcId"] == "vpc-emu0001" for t in tables)
+    assert {t["RouteTableId"]: t["RouteTableType"] for t in tables} == {TABLE: "System", "vtb-emu0002": "Custom"}
     body = client.ok("DescribeRouteTableList", RouteTableId="vtb-othervpc")
     assert [t["VpcId"] for t in body["RouterTableList"]["RouterTableListType"]] == ["vpc-other"]
     assert client.ok("DescribeRouteTableList", VpcId="vpc-nope")["TotalCount"] == 0
@@ -363,9 +364,103 @@ def test_task_conflict_while_pending(make_emu):
                  "IncorrectRouteEntryStatus")
     assert wait_for(lambda: client.list(RouteEntryType="Custom")[0]["Status"] == "Available", 5.0)
     assert client.create("10.41.1.0/24", hop="i-host2")[0] == 200
-    # other tables are not blocked by this one's change
+    # the write lock is the VPC's: another table of the same VPC waits too, another VPC's does not
     emu.add_route_table("vtb-emu0002")
+    emu.add_route_table("vtb-othervpc", vpc_id="vpc-other")
+    assert_error(client.create("10.41.2.0/24", RouteTableId="vtb-emu0002"), 400, "TaskConflict")
+    assert client.create("10.41.2.0/24", RouteTableId="vtb-othervpc")[0] == 200
+    assert wait_for(lambda: {e["Status"] for e in emu.entries("vtb-emu0001")} == {"Available"}, 5.0)
     assert client.create("10.41.2.0/24", RouteTableId="vtb-emu0002")[0] == 200
+
+
+def test_vswitches_bound_to_route_tables(make_emu):
+    emu, client = make_emu(vswitch_api=True)
+    emu.add_vswitch("vsw-a", "192.168.10.0/24")                       # the system table
+    emu.add_route_table("vtb-zone-b", vswitches={"vsw-b": "192.168.20.0/24"})
+    tables = {t["RouteTableId"]: t for t in
+              client.ok("DescribeRouteTableList", VpcId="vpc-emu0001")["RouterTableList"]["RouterTableListType"]}
+    assert tables[TABLE]["VSwitchIds"]["VSwitchId"] == ["vsw-a"]
+    assert tables["vtb-zone-b"]["VSwitchIds"]["VSwitchId"] == ["vsw-b"]
+    assert tables["vtb-zone-b"]["RouteTableType"] == "Custom"
+    only = client.ok("DescribeRouteTableList", VpcId="vpc-emu0001", VSwitchId="vsw-b")
+    assert [t["RouteTableId"] for t in only["RouterTableList"]["RouterTableListType"]] == ["vtb-zone-b"]
+    # a vSwitch is bound to exactly one table: binding it elsewhere moves it
+    emu.add_vswitch("vsw-a", "192.168.10.0/24", "vtb-zone-b")
+    tables = {t["RouteTableId"]: t for t in
+              client.ok("DescribeRouteTableList", VpcId="vpc-emu0001")["RouterTableList"]["RouterTableListType"]}
+    assert tables[TABLE]["VSwitchIds"]["VSwitchId"] == []
+    assert tables["vtb-zone-b"]["VSwitchIds"]["VSwitchId"] == ["vsw-a", "vsw-b"]
+    cidrs = {v["VSwitchId"]: v["CidrBlock"] for v in client.ok("DescribeVSwitches", VpcId="vpc-emu0001",
+                                                                PageSize=50)["VSwitches"]["VSwitch"]}
+    assert cidrs["vsw-a"] == "192.168.10.0/24" and cidrs["vsw-b"] == "192.168.20.0/24"
+    r = requests.post(client.url + "_emulator/vswitches", json={"vswitch_id": "vsw-c", "cidr": "192.168.30.0/24",
+                                                                "route_table_id": "vtb-nope"}, timeout=5)
+    assert r.status_code == 404 and "InvalidRouteTableId.NotFound" in r.json()["error"]
+
+
+def test_per_table_quota(make_emu):
+    emu, client = make_emu(quota=3)
+    emu.add_route_table("vtb-small", quota=1)
+    assert client.create("10.60.0.0/24", RouteTableId="vtb-small")[0] == 200
+    body = assert_error(client.create("10.60.1.0/24", RouteTableId="vtb-small"), 400, "QuotaExceeded.RouteEntry")
+    assert "vtb-small" in body["Message"] and "quota is 1" in body["Message"]
+    for i in range(3):                                             # the other table keeps the default
+        assert client.create(f"10.61.{i}.0/24")[0] == 200
+    assert_error(client.create("10.61.9.0/24"), 400, "QuotaExceeded.RouteEntry")
+    r = requests.post(client.url + "_emulator/route-tables/vtb-small", json={"quota": 2}, timeout=5)
+    assert r.json() == {"route_table_id": "vtb-small", "quota": 2}
+    assert client.create("10.60.1.0/24", RouteTableId="vtb-small")[0] == 200
+
+
+def test_vpc_write_lock_serialises_writes(make_emu):
+    emu, client = make_emu(write_interval=0.4)
+    emu.add_route_table("vtb-emu0002")
+    assert client.create("10.62.0.0/24")[0] == 200
+    # any write in the VPC within write_interval of the last one is refused, whatever the table
+    assert_error(client.create("10.62.1.0/24", RouteTableId="vtb-emu0002"), 400, "TaskConflict")
+    assert_error(client.call("DeleteRouteEntry", RouteTableId=TABLE, DestinationCidrBlock="10.62.0.0/24"),
+                 400, "TaskConflict")
+    assert emu.conflicts == 2
+    assert [e["DestinationCidrBlock"] for e in emu.entries("vtb-emu0002") if e["Type"] == "Custom"] == []
+    time.sleep(0.45)
+    assert client.create("10.62.1.0/24", RouteTableId="vtb-emu0002")[0] == 200
+    # reads are never refused
+    assert client.list(RouteEntryType="Custom")
+
+
+def test_batch_create_and_delete(make_emu):
+    emu, client = make_emu(write_interval=0.3)
+    emu.add_route_table("vtb-emu0002")
+    params = {}
+    for i, table in enumerate((TABLE, "vtb-emu0002", "vtb-emu0002"), start=1):
+        params.update({f"RouteEntries.{i}.RouteTableId": table, f"RouteEntries.{i}.DstCidrBlock": "10.63.0.0/24",
+                       f"RouteEntries.{i}.NextHopType": "Instance", f"RouteEntries.{i}.NextHop": "i-host1",
+                       f"RouteEntries.{i}.Name": "vpcnet-x", f"RouteEntries.{i}.Describption": "vpcnet: x"})
+    body = client.ok("CreateRouteEntries", **params)
+    # one write: both tables got the entry; the third (same destination again) failed on its own
+    assert (body["SuccessCount"], body["FailedCount"]) == (2, 1)
+    assert body["FailedRouteEntries"][0]["FailedCode"] == "InvalidCIDRBlock.Duplicate"
+    for table in (TABLE, "vtb-emu0002"):
+        [entry] = [e for e in emu.entries(table) if e["Type"] == "Custom"]
+        assert entry["DestinationCidrBlock"] == "10.63.0.0/24" and entry["Description"] == "vpcnet: x"
+    assert_error(client.call("CreateRouteEntries", **{"RouteEntries.1.RouteTableId": TABLE,
+                                                      "RouteEntries.1.DstCidrBlock": "10.63.1.0/24",
+                                                      "RouteEntries.1.NextHop": "i-host1"}), 400, "TaskConflict")
+    time.sleep(0.35)
+    too_many = {}
+    for i in range(1, 52):
+        too_many.update({f"RouteEntries.{i}.RouteTableId": TABLE, f"RouteEntries.{i}.DstCidrBlock": f"10.64.{i}.0/24",
+                         f"RouteEntries.{i}.NextHop": "i-host1"})
+    assert_error(client.call("CreateRouteEntries", **too_many), 400, "InvalidParameter.RouteEntries")
+    body = client.ok("DeleteRouteEntries", **{"RouteEntries.1.RouteTableId": TABLE,
+                                               "RouteEntries.1.DstCidrBlock": "10.63.0.0/24",
+                                               "RouteEntries.2.RouteTableId": "vtb-emu0002",
+                                               "RouteEntries.2.DstCidrBlock": "10.63.0.0/24",
+                                               "RouteEntries.3.RouteTableId": TABLE,
+                                               "RouteEntries.3.DstCidrBlock": "10.63.9.0/24"})
+    assert (body["SuccessCount"], body["FailedCount"]) == (2, 1)
+    assert body["FailedRouteEntries"][0]["FailedCode"] == "InvalidRouteEntry.NotFound"
+    assert not [e for e in emu.entries() if e["Type"] == "Custom"]
 
 
 def test_deleting_then_gone(make_emu):
@@ -573,7 +668,7 @@ def test_admin_endpoints(emu_client):
     assert client.ok("DescribeInstances", InstanceIds='["i-new"]')["TotalCount"] == 0
     r = requests.post(client.url + "_emulator/config", json={"pending_delay": 0.2, "deleting_delay": 0.1},
                       timeout=5)
-    assert r.json() == {"pending_delay": 0.2, "deleting_delay": 0.1, "quota": 200}
+    assert r.json() == {"pending_delay": 0.2, "deleting_delay": 0.1, "quota": 200, "write_interval": 0.0}
     assert requests.post(client.url + "_emulator/config", json={"quota": -1}, timeout=5).status_code == 400
     # hand-made entries and removals behind the plugin's back
     r = requests.post(client.url + "_emulator/entries",

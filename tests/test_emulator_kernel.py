@@ -167,3 +167,33 @@ def test_missing_namespace_is_a_clear_error():
         Emulator(router_netns=name)
     assert time.monotonic() - started < 5
     assert not os.path.exists(f"/run/netns/{name}")
+
+
+def test_each_route_table_in_its_own_kernel_table(router_ns):
+    """With kernel_tables, each emulated table's routes go into its own kernel table and none into main:
+    a router forwarding by the packet's vSwitch sees exactly that vSwitch's table."""
+    emu = Emulator(router_netns=router_ns, kernel_tables={TABLE: 101, "vtb-zone2": 102})
+    try:
+        emu.add_route_table("vtb-zone2")
+        emu.register_instance("i-a", "192.168.77.2")
+        emu.register_instance("i-b", "192.168.77.3")
+        emu.create_route_entry(TABLE, "10.70.1.0/24", "Instance", "i-a")
+        emu.create_route_entry("vtb-zone2", "10.70.1.0/24", "Instance", "i-a")
+        emu.create_route_entry("vtb-zone2", "10.70.2.0/24", "Instance", "i-b")
+
+        def table(number):
+            out = ip("-n", router_ns, "route", "show", "table", str(number), "proto", str(RTPROT_EMULATOR),
+                     check=False)      # "FIB table does not exist" until the first route lands
+            return sorted(" ".join(line.split()[:3]) for line in out.splitlines() if line.strip())
+
+        assert wait_for(lambda: table(101) == ["10.70.1.0/24 via 192.168.77.2"], 5), table(101)
+        assert wait_for(lambda: table(102) == ["10.70.1.0/24 via 192.168.77.2", "10.70.2.0/24 via 192.168.77.3"], 5)
+        assert our_routes(router_ns) == {}                                  # nothing in main
+        [entry] = [e for e in emu.entries("vtb-zone2") if e["DestinationCidrBlock"] == "10.70.1.0/24"]
+        emu.remove_entry(entry["RouteEntryId"])
+        assert wait_for(lambda: table(102) == ["10.70.2.0/24 via 192.168.77.3"], 5), table(102)
+        assert table(101) == ["10.70.1.0/24 via 192.168.77.2"]             # the other table keeps it
+    finally:
+        emu.close()
+        for number in (101, 102):
+            ip("-n", router_ns, "route", "flush", "table", str(number), check=False)

@@ -3,6 +3,7 @@ each host with its own Store in tmp_path: claim, restart, faults, racing hosts, 
 ownership (sync, release, gc), the background reconciler, and no secret in any log."""
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import threading
@@ -12,10 +13,10 @@ import pytest
 
 from conftest import wait_for
 
-from aliyun_fakes import closed_port, serving_emulator
+from aliyun_fakes import blocks_of, closed_port, serving_emulator
 
 from vpcnet import routes as routes_mod
-from vpcnet.cloud import Route
+from vpcnet.cloud import Route, route_name
 from vpcnet.cloud.aliyun import AliyunProvider
 from vpcnet.config import Config
 from vpcnet.errors import Fatal, NotReady, Retryable
@@ -28,6 +29,9 @@ STS_KEY, STS_SECRET, STS_TOKEN = "STS.routes", "sts-S3cret-never-logged-91c2", "
 SECRETS = (SECRET, STS_SECRET, STS_TOKEN)
 TABLE, VPC, REGION = "vtb-routes01", "vpc-routes01", "cn-emu-1"
 CLUSTER = "10.200.0.0/16"
+
+
+B = blocks_of("i-routes-me", CLUSTER)
 ME, OTHER, DEAD = "i-routes-me", "i-routes-other", "i-routes-dead"
 FAULT_CODES = ("Throttling", "ServiceUnavailable", "InternalError", "TaskConflict")
 
@@ -61,7 +65,7 @@ def make_config(emu, state_dir, instance=ME, **kw) -> Config:
     return Config(**values)
 
 
-FAST = dict(attempts=12, base=0.01, cap=0.1, deadline=20)
+FAST = dict(attempts=12, base=0.01, cap=0.1, deadline=20, busy_base=0.01, busy_cap=0.1)
 
 
 @pytest.fixture
@@ -113,19 +117,20 @@ def test_first_start_claims_and_restart_lists_once(emu, hosts, tmp_path):
     result = keeper.reconcile(wait_pending=5)
     assert result.ok, result.problems
     claim = store.claim(CLUSTER)
-    assert (claim.host_cidr, claim.route_ok, claim.reason) == ("10.200.0.0/24", True, "")
+    assert (claim.host_cidr, claim.route_ok, claim.reason) == (B[0], True, "")
     [entry] = custom(emu)
-    assert (entry["DestinationCidrBlock"], hop(entry), entry["Status"]) == ("10.200.0.0/24", ME, "Available")
+    assert (entry["DestinationCidrBlock"], hop(entry), entry["Status"]) == (B[0], ME, "Available")
     assert entry["RouteEntryName"].startswith("vpcnet") and entry["Description"].startswith("vpcnet")
     # first start: 1 listing pass + 1 create + 1 listing that sees it Available (+ the vSwitch lookup)
     assert keeper.calls == {"list": 2, "create": 1, "delete": 0, "reserved": 1, "instance": 0}
+    assert keeper.route_table_usage() == {TABLE: (1, 200)}
     counts = emu.request_counts
     assert counts["CreateRouteEntry"] == 1 and counts["DescribeRouteEntryList"] == 2
 
     # per container: IPAM reads the store, no cloud call at all
     emu.reset_request_counts()
     for _ in range(50):
-        assert keeper.host_cidr(CLUSTER) == "10.200.0.0/24"
+        assert keeper.host_cidr(CLUSTER) == B[0]
     assert emu.request_counts == {}
 
     # restart (same state dir): one listing pass, no create
@@ -141,7 +146,7 @@ def test_first_start_claims_and_restart_lists_once(emu, hosts, tmp_path):
     emu.reset_request_counts()
     keeper3, store3 = hosts(ME, name="h-reinstalled")
     assert keeper3.reconcile().ok
-    assert store3.claim(CLUSTER).host_cidr == "10.200.0.0/24"
+    assert store3.claim(CLUSTER).host_cidr == B[0]
     assert keeper3.calls["create"] == 0 and keeper3.calls["list"] == 1
     assert emu.request_counts == {"DescribeRouteEntryList": 1}
     assert len(custom(emu)) == 1
@@ -154,7 +159,7 @@ def test_sts_credentials_from_a_file_work_and_stay_out_of_logs(emu, hosts, tmp_p
     keeper, store = hosts(ME, aliyun_access_key_id="", aliyun_access_key_secret="",
                           aliyun_credentials_file=str(path))
     assert keeper.reconcile(wait_pending=5).ok
-    assert store.claim(CLUSTER).host_cidr == "10.200.0.0/24"
+    assert store.claim(CLUSTER).host_cidr == B[0]
     assert STS_TOKEN not in repr(keeper.provider) and STS_SECRET not in repr(keeper.provider)
 
 
@@ -245,8 +250,8 @@ def test_pending_is_waited_for_boundedly(emu, hosts):
     assert not result.ok and result.pending_only and result.kinds == [PENDING]
     assert "Pending" in result.problems[0]
     claim = store.claim(CLUSTER)
-    assert claim.host_cidr == "10.200.0.0/24" and not claim.route_ok
-    assert keeper.host_cidr(CLUSTER) == "10.200.0.0/24"     # IPAM answers once the block is claimed
+    assert claim.host_cidr == B[0] and not claim.route_ok
+    assert keeper.host_cidr(CLUSTER) == B[0]     # IPAM answers once the block is claimed
     started = time.monotonic()
     result = keeper.reconcile(wait_pending=5)
     waited = time.monotonic() - started
@@ -267,14 +272,14 @@ def test_pending_is_waited_for_boundedly(emu, hosts):
 
 def test_full_route_table_is_a_clear_fatal_error(emu, hosts):
     emu.configure(quota=2)
-    emu.add_custom_entry("10.200.0.0/24", OTHER, name="vpcnet-10-200-0-0-24")
-    emu.add_custom_entry("10.200.1.0/24", OTHER, name="vpcnet-10-200-1-0-24")
+    emu.add_custom_entry(B[0], OTHER, name=route_name(B[0]))
+    emu.add_custom_entry(B[1], OTHER, name=route_name(B[1]))
     keeper, store = hosts(ME)
     result = keeper.reconcile(wait_pending=5)
     assert not result.ok and result.kinds == [FATAL]
     problem = result.problems[0]
     assert TABLE in problem and "full" in problem
-    assert "quota is 2" in problem and "default limit is 200" in problem
+    assert "quota is 2" in problem and "Quota Center" in problem and "does not retry" in problem
     claim = store.claim(CLUSTER)
     assert claim.host_cidr is None and "full" in claim.reason and TABLE in claim.reason
     with pytest.raises(NotReady, match=r"^host CIDR not yet claimed: .*full"):
@@ -321,7 +326,7 @@ def test_reserved_cidrs_failing_means_none_known(emu, hosts, exc, caplog):
     keeper, store = hosts(ME, provider_factory=factory, backoff=Backoff(attempts=3, base=0.01, cap=0.02))
     cfg = keeper.config
     assert keeper.reconcile(wait_pending=5).ok
-    assert store.claim(CLUSTER).host_cidr == "10.200.0.0/24"
+    assert store.claim(CLUSTER).host_cidr == B[0]
     assert made[0].reserved_calls == (3 if isinstance(exc, Retryable) else 1)   # through the backoff
     assert "claiming without avoiding them" in caplog.text
 
@@ -329,11 +334,11 @@ def test_reserved_cidrs_failing_means_none_known(emu, hosts, exc, caplog):
 def test_reserved_cidrs_are_avoided(emu, hosts):
     class Reserved(AliyunProvider):
         def reserved_cidrs(self):
-            return ["10.200.0.0/23", "fd00::/64"]
+            return [B[0], B[1], "fd00::/64"]
 
     keeper, store = hosts(ME, provider_factory=lambda: Reserved(keeper.config))
     assert keeper.reconcile(wait_pending=5).ok
-    assert store.claim(CLUSTER).host_cidr == "10.200.2.0/24"
+    assert store.claim(CLUSTER).host_cidr == B[2]
 
 
 class StaleFirstListing(AliyunProvider):
@@ -344,54 +349,54 @@ class StaleFirstListing(AliyunProvider):
         super().__init__(config)
         self.listings = 0
 
-    def list_routes(self):
+    def list_routes(self, table=""):
         self.listings += 1
-        routes = super().list_routes()
+        routes = super().list_routes(table)
         return [r for r in routes if r.kind == "System"] if self.listings == 1 else routes
 
 
 def test_duplicate_on_our_own_marked_route_adopts_it(emu, hosts):
     # a vpcnet-marked route to this instance the first listing did not show (an earlier create of ours)
-    emu.add_custom_entry("10.200.0.0/24", ME, name="vpcnet-10-200-0-0-24", description="vpcnet: host CIDR")
+    emu.add_custom_entry(B[0], ME, name=route_name(B[0]), description="vpcnet: host CIDR")
     keeper, store = hosts(ME, provider_factory=lambda: StaleFirstListing(keeper.config))
     result = keeper.reconcile(wait_pending=5)
     assert result.ok, result.problems
-    assert store.claim(CLUSTER).host_cidr == "10.200.0.0/24"
+    assert store.claim(CLUSTER).host_cidr == B[0]
     assert keeper.calls["create"] == 1 and len(custom(emu)) == 1
 
 
 def test_duplicate_on_a_hand_made_route_to_us_never_adopts_it(emu, hosts):
     # hand-made (unmarked) route to this very instance on the first block: never adopted, but a
     # vpcnet-marked route to this instance seen in the fresh listing is this host's block
-    emu.add_custom_entry("10.200.0.0/24", ME, name="by-hand", description="ops made this")
-    emu.add_custom_entry("10.200.1.0/24", ME, name="vpcnet-10-200-1-0-24", description="vpcnet: host CIDR")
+    emu.add_custom_entry(B[0], ME, name="by-hand", description="ops made this")
+    emu.add_custom_entry(B[1], ME, name=route_name(B[1]), description="vpcnet: host CIDR")
     keeper, store = hosts(ME, provider_factory=lambda: StaleFirstListing(keeper.config))
     result = keeper.reconcile(wait_pending=5)
     assert result.ok, result.problems
-    assert store.claim(CLUSTER).host_cidr == "10.200.1.0/24"
+    assert store.claim(CLUSTER).host_cidr == B[1]
     assert keeper.calls["create"] == 1                     # only the duplicate attempt on 10.200.0.0/24
     assert len(custom(emu)) == 2
 
 
 def test_duplicate_held_by_a_hand_made_route_to_us_moves_on(emu, hosts):
-    emu.add_custom_entry("10.200.0.0/24", ME, name="by-hand")
-    emu.add_custom_entry("10.200.1.0/24", OTHER, name="vpcnet-10-200-1-0-24")
+    emu.add_custom_entry(B[0], ME, name="by-hand")
+    emu.add_custom_entry(B[1], OTHER, name=route_name(B[1]))
     keeper, store = hosts(ME, provider_factory=lambda: StaleFirstListing(keeper.config))
     assert keeper.reconcile(wait_pending=5).ok
-    assert store.claim(CLUSTER).host_cidr == "10.200.2.0/24"
+    assert store.claim(CLUSTER).host_cidr == B[2]
     dests = by_dest(emu)
-    assert hop(dests["10.200.0.0/24"]) == ME and dests["10.200.0.0/24"]["RouteEntryName"] == "by-hand"
-    assert hop(dests["10.200.1.0/24"]) == OTHER
-    assert hop(dests["10.200.2.0/24"]) == ME
+    assert hop(dests[B[0]]) == ME and dests[B[0]]["RouteEntryName"] == "by-hand"
+    assert hop(dests[B[1]]) == OTHER
+    assert hop(dests[B[2]]) == ME
 
 
 # -- ownership: sync, release, gc --------------------------------------------------------------------------
 def test_ownership_foreign_system_and_hand_made_routes_survive(emu, hosts):
     emu.register_instance(DEAD, "192.168.0.99")
-    emu.add_custom_entry("10.200.0.0/24", OTHER, name="vpcnet-10-200-0-0-24")         # another live host
-    emu.add_custom_entry("10.200.1.0/24", ME, name="by-hand", description="ops")       # hand-made, to us
-    emu.add_custom_entry("10.200.2.0/24", DEAD, name="by-hand-dead")                   # hand-made, dead hop
-    emu.add_custom_entry("10.200.3.0/24", DEAD, name="vpcnet-10-200-3-0-24")          # vpcnet's, dead hop
+    emu.add_custom_entry(B[0], OTHER, name=route_name(B[0]))         # another live host
+    emu.add_custom_entry(B[1], ME, name="by-hand", description="ops")       # hand-made, to us
+    emu.add_custom_entry(B[2], DEAD, name="by-hand-dead")                   # hand-made, dead hop
+    emu.add_custom_entry(B[3], DEAD, name=route_name(B[3]))          # vpcnet's, dead hop
     emu.add_custom_entry("10.99.0.0/24", ME, name="vpcnet-10-99-0-0-24")              # ours, other cluster
     emu.add_custom_entry("10.99.1.0/24", DEAD, name="vpcnet-10-99-1-0-24")            # dead, other cluster
     emu.add_custom_entry("0.0.0.0/0", OTHER, name="nat-gateway")                      # wide, foreign
@@ -402,38 +407,38 @@ def test_ownership_foreign_system_and_hand_made_routes_survive(emu, hosts):
 
     assert keeper.reconcile(wait_pending=5).ok                    # sync
     mine = store.claim(CLUSTER).host_cidr
-    assert mine == "10.200.4.0/24"                                # neither adopted nor overlapped anything
+    assert mine == B[4]                                # neither adopted nor overlapped anything
     after_sync = by_dest(emu)
     assert set(after_sync) == set(before) | {mine}
     for dest, entry in before.items():
         assert after_sync[dest]["RouteEntryId"] == entry["RouteEntryId"]
 
-    table, me, routes = keeper.table()
+    tables, me, routes = keeper.table()
     owners = {r.destination: keeper.ownership(r, me, keeper.clusters()) for r in routes}
-    assert table == TABLE and me == ME
+    assert tables == [TABLE] and me == ME and {r.table for r in routes} == {TABLE}
     assert owners[mine] == "mine"
-    assert owners["10.200.0.0/24"] == owners["10.200.3.0/24"] == "ours-other-host"
-    assert owners["10.200.1.0/24"] == owners["10.200.2.0/24"] == owners["0.0.0.0/0"] == "foreign"
+    assert owners[B[0]] == owners[B[3]] == "ours-other-host"
+    assert owners[B[1]] == owners[B[2]] == owners["0.0.0.0/0"] == "foreign"
     assert owners["10.99.0.0/24"] == "ours-other-cluster"
     assert owners["100.64.0.0/10"] == "foreign"
 
     garbage = keeper.garbage()                                      # gc: only vpcnet's dead-hop route
-    assert [r.destination for r in garbage] == ["10.200.3.0/24"]
+    assert [r.destination for r in garbage] == [B[3]]
     assert keeper.delete_garbage(garbage) == garbage
-    assert set(by_dest(emu)) == (set(before) | {mine}) - {"10.200.3.0/24"}
+    assert set(by_dest(emu)) == (set(before) | {mine}) - {B[3]}
 
     removed = keeper.release()                                      # release: only this host's route
     assert [r.destination for r in removed] == [mine]
-    assert set(by_dest(emu)) == set(before) - {"10.200.3.0/24"}
+    assert set(by_dest(emu)) == set(before) - {B[3]}
     assert store.claims() == []
     assert keeper.calls["delete"] == 2
 
 
 def test_gc_keeps_routes_when_it_cannot_tell_whether_the_instance_exists(emu, hosts, tmp_path):
-    emu.add_custom_entry("10.200.5.0/24", DEAD, name="vpcnet-10-200-5-0-24")
+    emu.add_custom_entry(B[5], DEAD, name=route_name(B[5]))
     keeper, _ = hosts(ME, aliyun_ecs_endpoint=f"http://127.0.0.1:{closed_port()}/")
     assert keeper.garbage() == []
-    assert "10.200.5.0/24" in by_dest(emu)
+    assert B[5] in by_dest(emu)
 
 
 # -- the background reconciler ----------------------------------------------------------------------------
@@ -523,3 +528,222 @@ def test_a_block_taken_by_another_instance_is_reported_not_touched(emu, hosts):
 def test_route_dataclass_marker():
     assert Route("10.0.0.0/24", ME, name="vpcnet-x").marked
     assert not Route("10.0.0.0/24", ME, name="x", description="made by vpcnet").marked
+
+
+# -- several route tables -----------------------------------------------------------------------------
+TABLE_B = "vtb-routes02"
+
+
+def custom_in(emu, table) -> dict[str, str]:
+    return {e["DestinationCidrBlock"]: hop(e) for e in emu.entries(table) if e["Type"] == "Custom"}
+
+
+def test_every_host_route_goes_into_every_listed_table_with_one_block(emu, hosts):
+    emu.add_route_table(TABLE_B)
+    both = f"{TABLE},{TABLE_B}"
+    # another host holds B[0] in the second table only: taken, whatever the first table says
+    emu.add_custom_entry(B[0], OTHER, name=route_name(B[0]), route_table_id=TABLE_B)
+    keeper, store = hosts(ME, aliyun_route_table_id=both)
+    assert keeper.reconcile(wait_pending=5).ok
+    block = store.claim(CLUSTER).host_cidr
+    assert block == B[1]
+    assert custom_in(emu, TABLE)[block] == ME and custom_in(emu, TABLE_B)[block] == ME
+    assert B[0] not in custom_in(emu, TABLE)                      # nothing made for the taken block
+    assert set(keeper.route_table_usage()) == {TABLE, TABLE_B}
+
+    other, other_store = hosts(OTHER, aliyun_route_table_id=both)
+    assert other.reconcile(wait_pending=5).ok
+    assert other_store.claim(CLUSTER).host_cidr == B[0]           # found its own block, in the second table
+    assert custom_in(emu, TABLE)[B[0]] == OTHER                   # and completed it in the first
+
+    # a host missing from one table re-creates it there (same block), and only there
+    [entry] = [e for e in emu.entries(TABLE_B) if e["DestinationCidrBlock"] == block]
+    emu.remove_entry(entry["RouteEntryId"])
+    emu.reset_request_counts()
+    assert keeper.reconcile(wait_pending=5).ok
+    assert custom_in(emu, TABLE_B)[block] == ME
+    assert emu.request_counts["CreateRouteEntry"] == 1
+
+    # restart with the state dir lost: the block is found again, no create
+    emu.reset_request_counts()
+    again, again_store = hosts(ME, name="me-again", aliyun_route_table_id=both)
+    assert again.reconcile().ok and again_store.claim(CLUSTER).host_cidr == block
+    assert "CreateRouteEntry" not in emu.request_counts
+
+    # release and gc act on every table
+    removed = keeper.release()
+    assert sorted(r.table for r in removed) == [TABLE, TABLE_B]
+    assert block not in custom_in(emu, TABLE) and block not in custom_in(emu, TABLE_B)
+    emu.deregister_instance(OTHER)
+    garbage = keeper.garbage()
+    assert sorted((r.destination, r.table) for r in garbage) == [(B[0], TABLE), (B[0], TABLE_B)]
+
+
+def test_never_two_blocks_for_one_host(emu, hosts):
+    """Different blocks of this host in different tables (an old claim, a hand-edited table): the first
+    table's block wins and the other is removed, so every table ends with the same block."""
+    emu.add_route_table(TABLE_B)
+    emu.add_custom_entry(B[2], ME, name=route_name(B[2]), description="vpcnet: host CIDR", route_table_id=TABLE)
+    emu.add_custom_entry(B[3], ME, name=route_name(B[3]), description="vpcnet: host CIDR", route_table_id=TABLE_B)
+    keeper, store = hosts(ME, aliyun_route_table_id=f"{TABLE},{TABLE_B}")
+    assert converge(keeper).ok
+    assert store.claim(CLUSTER).host_cidr == B[2]
+    assert custom_in(emu, TABLE) == {B[2]: ME} and custom_in(emu, TABLE_B) == {B[2]: ME}
+
+
+def test_tables_are_discovered_from_the_vswitches_bound_to_them(emu, hosts):
+    emu.add_vswitch("vsw-a", "192.168.0.0/24")                          # bound to the system table
+    emu.add_route_table(TABLE_B, vswitches={"vsw-b": "192.168.1.0/24"})
+    emu.add_route_table("vtb-unused")                                   # bound to no vSwitch: not used
+    keeper, store = hosts(ME, aliyun_route_table_id="")
+    assert keeper.reconcile(wait_pending=5).ok
+    block = store.claim(CLUSTER).host_cidr
+    assert custom_in(emu, TABLE) == {block: ME} and custom_in(emu, TABLE_B) == {block: ME}
+    assert custom_in(emu, "vtb-unused") == {}
+
+
+def test_ambiguous_discovery_is_refused_naming_the_candidates(emu, hosts):
+    emu.add_route_table(TABLE_B)                                        # two tables, no vSwitch bound
+    keeper, store = hosts(ME, aliyun_route_table_id="")
+    result = keeper.reconcile()
+    assert not result.ok and result.kinds == [FATAL]
+    assert TABLE in result.problems[0] and TABLE_B in result.problems[0]
+    assert "VPCNET_ALIYUN_ROUTE_TABLE_ID" in result.problems[0]
+    assert custom_in(emu, TABLE) == {} and custom_in(emu, TABLE_B) == {}
+
+
+# -- quota ---------------------------------------------------------------------------------------------
+def test_quota_is_checked_before_the_create(emu, hosts):
+    emu.add_custom_entry(B[0], OTHER, name=route_name(B[0]))
+    emu.add_custom_entry("10.99.0.0/24", OTHER, name="by-hand")
+    keeper, store = hosts(ME, route_table_quota=2)
+    emu.reset_request_counts()
+    result = keeper.reconcile(wait_pending=5)
+    assert not result.ok and result.kinds == [FATAL]
+    assert f"route table {TABLE} is full: 2/2 custom entries" in result.problems[0]
+    assert "Quota Center" in result.problems[0] and "does not retry" in result.problems[0]
+    assert "CreateRouteEntry" not in emu.request_counts and keeper.calls["create"] == 0
+    assert keeper.route_table_usage() == {TABLE: (2, 2)}
+    assert "full" in store.claim(CLUSTER).reason
+
+
+# -- clusters sharing a VPC ------------------------------------------------------------------------------
+def test_two_clusters_in_one_table_never_touch_each_others_routes(emu, hosts):
+    a, sa = hosts(ME, name="a", cluster_name="alpha")
+    b, sb = hosts(OTHER, name="b", cluster_name="beta", cluster_cidr="10.201.0.0/16")
+    assert a.reconcile(wait_pending=5).ok and b.reconcile(wait_pending=5).ok
+    block_a, block_b = sa.claim(CLUSTER).host_cidr, sb.claim("10.201.0.0/16").host_cidr
+    entries = by_dest(emu)
+    assert "cluster=alpha" in entries[block_a]["Description"] and "cluster=beta" in entries[block_b]["Description"]
+    # a route of cluster beta's next hop in alpha's CIDR (another host of beta, say): alpha leaves it
+    emu.add_custom_entry(B[4], ME, name=route_name(B[4]), description=f"vpcnet: host CIDR {B[4]} of {ME} "
+                         "cluster=gamma")
+    tables, me, routes = a.table()
+    owners = {r.destination: a.ownership(r, me, a.clusters()) for r in routes}
+    assert owners[block_a] == "mine" and owners[block_b] == "ours-other-cluster"
+    result = a.reconcile()
+    assert not result.ok and "overlaps route" in result.problems[0] and "cluster gamma" in result.problems[0]
+    assert "VPCNET_CLUSTER_NAME=gamma" in result.problems[0]
+    emu.remove_entry(by_dest(emu)[B[4]]["RouteEntryId"])
+    emu.deregister_instance(OTHER)
+    assert a.garbage() == []                                       # beta's dead host is not alpha's to collect
+    assert [r.destination for r in a.release()] == [block_a]
+    assert block_b in by_dest(emu)
+
+
+def test_overlapping_cluster_cidrs_are_refused_clearly(emu, hosts):
+    a, sa = hosts(ME, name="a", cluster_name="alpha")
+    assert a.reconcile(wait_pending=5).ok
+    before = by_dest(emu)
+    b, sb = hosts(OTHER, name="b", cluster_name="beta", cluster_cidr="10.200.0.0/17")
+    result = b.reconcile(wait_pending=5) if ipaddress.IPv4Network(sa.claim(CLUSTER).host_cidr).subnet_of(
+        ipaddress.IPv4Network("10.200.0.0/17")) else None
+    b2, sb2 = hosts(OTHER, name="b2", cluster_name="beta", cluster_cidr=CLUSTER)   # the same CIDR
+    for r in (result, b2.reconcile(wait_pending=5)):
+        if r is None:
+            continue
+        assert not r.ok and r.kinds == [FATAL]
+        assert "cluster alpha" in r.problems[0] and "disjoint" in r.problems[0]
+    assert sb2.claim(CLUSTER).host_cidr is None
+    assert by_dest(emu) == before                                     # beta made nothing, touched nothing
+    # alpha, seeing a route of beta's inside its own CIDR, reports it, keeps its own route in place (a
+    # route deleted behind its back comes back) and leaves beta's alone
+    beta = emu.add_custom_entry("10.200.200.0/24", OTHER, name="vpcnet-x",
+                                description="vpcnet: host CIDR 10.200.200.0/24 of x cluster=beta")
+    mine = sa.claim(CLUSTER).host_cidr
+    emu.remove_entry(by_dest(emu)[mine]["RouteEntryId"])
+    result = a.reconcile(wait_pending=5)
+    assert not result.ok and result.kinds == [FATAL] and "cluster beta" in result.problems[0]
+    assert hop(by_dest(emu)[mine]) == ME
+    assert by_dest(emu)["10.200.200.0/24"]["RouteEntryId"] == beta
+
+
+# -- leaks: a create whose outcome or marking is uncertain -------------------------------------------------
+class LostAnswer(AliyunProvider):
+    """CreateRouteEntry lands but its answer is lost (times out) `lose` times."""
+
+    lose = 0
+
+    def create_route(self, destination, name, description, client_token, table=""):
+        super().create_route(destination, name, description, client_token, table=table)
+        if LostAnswer.lose > 0:
+            LostAnswer.lose -= 1
+            raise Retryable("CreateRouteEntry: did not answer within 3+10 s")
+
+
+def test_a_create_that_landed_without_an_answer_is_adopted(emu, hosts):
+    LostAnswer.lose = 100           # every answer lost for this pass
+    keeper, store = hosts(ME, provider_factory=lambda: LostAnswer(keeper.config),
+                          backoff=Backoff(attempts=2, base=0.01, cap=0.02, deadline=2))
+    assert not keeper.reconcile().ok
+    state = os.path.join(keeper.config.state_dir, routes_mod.UNCERTAIN_FILE)
+    assert os.path.exists(state)                                    # persisted, not only in memory
+    LostAnswer.lose = 0
+    assert keeper.reconcile(wait_pending=5).ok
+    assert store.claim(CLUSTER).host_cidr == B[0]
+    assert custom_in(emu, TABLE) == {B[0]: ME}                        # the landed one, no second block
+    assert not os.path.exists(state)
+
+
+# -- boot storms: busy answers and where the search starts ---------------------------------------------
+def test_busy_answers_do_not_use_up_the_attempts_but_stop_at_their_deadline():
+    from vpcnet.errors import Busy
+    answers = iter([Busy("TaskConflict")] * 20 + ["done"])
+
+    def call():
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    waits = []
+    backoff = Backoff(attempts=3, base=0.01, cap=0.02, deadline=1, busy_base=0.01, busy_cap=0.02,
+                      sleep=waits.append)
+    assert backoff.run("create", call) == "done"                      # 20 busy answers, 3 attempts allowed
+    assert len(waits) == 20 and max(waits) <= 0.02
+    always_busy = Backoff(attempts=3, busy_deadline=0.2, busy_base=0.01, busy_cap=0.05)
+    started = time.monotonic()
+    with pytest.raises(Retryable, match="stayed busy"):
+        always_busy.run("create", lambda: (_ for _ in ()).throw(Busy("TaskConflict")))
+    assert 0.2 <= time.monotonic() - started < 1.0
+    # a real failure still counts: three attempts, whatever the busy answers in between
+    failing = iter([Busy("x"), Retryable("5xx"), Busy("x"), Retryable("5xx"), Retryable("5xx"), "never"])
+
+    def flaky():
+        answer = next(failing)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    with pytest.raises(Retryable, match="still failing after 5 attempts"):
+        Backoff(attempts=3, base=0.001, cap=0.001, busy_base=0.001, busy_cap=0.001).run("create", flaky)
+
+
+def test_the_search_starts_at_a_stable_block_spread_over_the_cluster():
+    import ipaddress
+    net = ipaddress.IPv4Network(CLUSTER)
+    starts = [routes_mod.start_index(f"i-host-{k}", net, 24) for k in range(50)]
+    assert starts == [routes_mod.start_index(f"i-host-{k}", net, 24) for k in range(50)]   # stable
+    assert len(set(starts)) >= 40 and all(0 <= s < 256 for s in starts)                    # spread
+    taken = [ipaddress.IPv4Network(f"10.200.{k}.0/24") for k in range(250, 256)]
+    assert str(routes_mod._first_free(net, 24, taken, 250)) == "10.200.0.0/24"              # wraps around

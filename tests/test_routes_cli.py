@@ -9,13 +9,16 @@ import sys
 
 import pytest
 
-from aliyun_fakes import closed_port, serving_emulator
+from aliyun_fakes import blocks_of, closed_port, serving_emulator
+
+from vpcnet.cloud import route_name
 
 
 KEY_ID, SECRET = "cli-key-id", "cli-S3cret-never-printed-0a9d"
 TABLE, VPC, REGION = "vtb-cli0001", "vpc-cli0001", "cn-emu-1"
 CLUSTER = "10.210.0.0/16"
 ME, OTHER, DEAD = "i-cli-me", "i-cli-other", "i-cli-dead"
+B = blocks_of(ME, CLUSTER, 10)
 
 
 @pytest.fixture
@@ -58,13 +61,13 @@ def hop(entry: dict) -> str:
 
 
 def test_sync_then_list(emu, vpcnet):
-    emu.add_custom_entry("10.210.0.0/24", OTHER, name="vpcnet-10-210-0-0-24")     # another host's block
+    emu.add_custom_entry(B[0], OTHER, name=route_name(B[0]))     # another host's block
     emu.configure(pending_delay=0.5)
     sync = vpcnet("sync", "--wait", "10")
     assert sync.returncode == 0, sync.stderr
-    assert "10.210.0.0/16 -> 10.210.1.0/24: route Available" in sync.stdout
+    assert f"10.210.0.0/16 -> {B[1]}: route Available" in sync.stdout
     assert "routes in place" in sync.stdout
-    entry = custom(emu)["10.210.1.0/24"]
+    entry = custom(emu)[B[1]]
     assert hop(entry) == ME and entry["Status"] == "Available"
 
     again = vpcnet("sync", "--wait", "0")             # restart-like: nothing to do, still exit 0
@@ -74,18 +77,20 @@ def test_sync_then_list(emu, vpcnet):
     table = vpcnet("list")
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
-    assert lines[0].startswith(f"route table {TABLE} (aliyun), this instance {ME}")
-    mine = next(line for line in lines if line.startswith("10.210.1.0/24"))
+    assert lines[0].startswith(f"provider aliyun, this instance {ME}, cluster CIDRs {CLUSTER} (10.210.0.0-16)")
+    assert f"route table {TABLE}: 2/200 custom entries used" in lines
+    mine = next(line for line in lines if line.startswith(B[1]))
     assert ME in mine and "Available" in mine and "Custom" in mine and mine.endswith("mine")
-    assert next(line for line in lines if line.startswith("10.210.0.0/24")).endswith("ours-other-host")
+    assert next(line for line in lines if line.startswith(B[0])).endswith("ours-other-host")
     assert next(line for line in lines if line.startswith("100.64.0.0/10")).endswith("foreign")
 
     data = json.loads(vpcnet("list", "--json").stdout)
     assert data["route_table"] == TABLE and data["instance"] == ME and data["cluster_cidrs"] == [CLUSTER]
+    assert data["route_tables"] == [{"id": TABLE, "entries": 2, "quota": 200}]
     owners = {r["destination"]: r["owner"] for r in data["routes"]}
-    assert owners["10.210.1.0/24"] == "mine" and owners["10.210.0.0/24"] == "ours-other-host"
+    assert owners[B[1]] == "mine" and owners[B[0]] == "ours-other-host"
     assert owners["192.168.0.0/24"] == "foreign"
-    assert data["claims"] == [{"cluster_cidr": CLUSTER, "host_cidr": "10.210.1.0/24", "route_ok": True,
+    assert data["claims"] == [{"cluster_cidr": CLUSTER, "host_cidr": B[1], "route_ok": True,
                                "reason": ""}]
 
 
@@ -94,7 +99,7 @@ def test_sync_reports_pending_then_succeeds_with_a_longer_wait(emu, vpcnet):
     short = vpcnet("sync", "--wait", "0")
     assert short.returncode == 1
     assert "is Pending" in short.stderr and "try a longer --wait" in short.stderr
-    assert "10.210.0.0/24" in short.stdout
+    assert B[0] in short.stdout
     longer = vpcnet("sync", "--wait", "10")
     assert longer.returncode == 0, longer.stderr
     assert emu.request_counts["CreateRouteEntry"] == 1
@@ -102,7 +107,7 @@ def test_sync_reports_pending_then_succeeds_with_a_longer_wait(emu, vpcnet):
 
 def test_sync_fails_clearly_on_a_full_table(emu, vpcnet):
     emu.configure(quota=1)
-    emu.add_custom_entry("10.210.0.0/24", OTHER, name="vpcnet-10-210-0-0-24")
+    emu.add_custom_entry(B[0], OTHER, name=route_name(B[0]))
     proc = vpcnet("sync", "--wait", "2")
     assert proc.returncode == 1
     assert TABLE in proc.stderr and "full" in proc.stderr and "quota is 1" in proc.stderr
@@ -117,33 +122,33 @@ def test_sync_fails_clearly_when_the_cloud_is_unreachable(vpcnet):
 
 
 def test_release_removes_only_this_hosts_routes(emu, vpcnet):
-    emu.add_custom_entry("10.210.0.0/24", OTHER, name="vpcnet-10-210-0-0-24")
-    emu.add_custom_entry("10.210.9.0/24", ME, name="by-hand")                    # hand-made, to us
+    emu.add_custom_entry(B[0], OTHER, name=route_name(B[0]))
+    emu.add_custom_entry(B[9], ME, name="by-hand")                    # hand-made, to us
     assert vpcnet("sync", "--wait", "5").returncode == 0
-    assert hop(custom(emu)["10.210.1.0/24"]) == ME
+    assert hop(custom(emu)[B[1]]) == ME
     proc = vpcnet("release")
     assert proc.returncode == 0, proc.stderr
-    assert f"removed 10.210.1.0/24 -> {ME}" in proc.stdout
+    assert f"removed {B[1]} -> {ME} from {TABLE}" in proc.stdout
     assert "1 route(s) removed" in proc.stdout
-    assert set(custom(emu)) == {"10.210.0.0/24", "10.210.9.0/24"}
+    assert set(custom(emu)) == {B[0], B[9]}
     again = vpcnet("release")
     assert again.returncode == 0 and "0 route(s) removed" in again.stdout
-    assert set(custom(emu)) == {"10.210.0.0/24", "10.210.9.0/24"}
+    assert set(custom(emu)) == {B[0], B[9]}
 
 
 def test_gc_is_a_dry_run_unless_yes(emu, vpcnet):
-    emu.add_custom_entry("10.210.5.0/24", DEAD, name="vpcnet-10-210-5-0-24")     # vpcnet's, instance gone
-    emu.add_custom_entry("10.210.6.0/24", DEAD, name="by-hand")                  # hand-made, instance gone
-    emu.add_custom_entry("10.210.7.0/24", OTHER, name="vpcnet-10-210-7-0-24")    # vpcnet's, live
+    emu.add_custom_entry(B[5], DEAD, name=route_name(B[5]))     # vpcnet's, instance gone
+    emu.add_custom_entry(B[6], DEAD, name="by-hand")                  # hand-made, instance gone
+    emu.add_custom_entry(B[7], OTHER, name=route_name(B[7]))    # vpcnet's, live
     dry = vpcnet("gc")
     assert dry.returncode == 0, dry.stderr
-    assert f"would remove 10.210.5.0/24 -> {DEAD}" in dry.stdout and "--yes" in dry.stdout
-    assert "10.210.6.0/24" not in dry.stdout and "10.210.7.0/24" not in dry.stdout
-    assert set(custom(emu)) == {"10.210.5.0/24", "10.210.6.0/24", "10.210.7.0/24"}
+    assert f"would remove {B[5]} -> {DEAD}" in dry.stdout and "--yes" in dry.stdout
+    assert B[6] not in dry.stdout and B[7] not in dry.stdout
+    assert set(custom(emu)) == {B[5], B[6], B[7]}
     wet = vpcnet("gc", "--yes")
     assert wet.returncode == 0, wet.stderr
-    assert f"removed 10.210.5.0/24 -> {DEAD}" in wet.stdout
-    assert set(custom(emu)) == {"10.210.6.0/24", "10.210.7.0/24"}
+    assert f"removed {B[5]} -> {DEAD}" in wet.stdout
+    assert set(custom(emu)) == {B[6], B[7]}
     assert "no vpcnet route points at a vanished instance" in vpcnet("gc").stdout
 
 

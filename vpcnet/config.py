@@ -56,6 +56,22 @@ def _cidr_or_empty(text: str) -> str:
     return str(ipaddress.IPv4Network(text, strict=True)) if text else ""
 
 
+def _id_list(text: str) -> str:
+    """Comma-separated cloud ids, normalised (`a, b` -> `a,b`)."""
+    items = [part.strip() for part in text.split(",") if part.strip()]
+    for item in items:
+        if not all(c.isalnum() or c in "-_" for c in item):
+            raise ValueError(f"{item!r} is not a cloud resource id")
+    return ",".join(items)
+
+
+def _cluster_name(text: str) -> str:
+    text = text.strip()
+    if text and (len(text) > 63 or not all(c.isalnum() or c in "._-" for c in text)):
+        raise ValueError("a cluster name is 1-63 letters, digits, '.', '_' or '-'")
+    return text
+
+
 def _int(text: str) -> int:
     return int(str(text).strip())
 
@@ -83,10 +99,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("threads", 8, "Threads per gunicorn worker", _int),
     Setting("reconcile_interval", 30.0, "Seconds between route reconcile passes", _float),
     Setting("instance_id", "", "This host's instance id for the local provider (default: hostname)"),
+    Setting("cluster_name", "", "This cluster's identity, written into its routes so clusters sharing a VPC "
+            "never touch each other's (default: derived from the cluster CIDR, e.g. 10.200.0.0-16)",
+            _cluster_name),
+    Setting("route_table_quota", 0, "Custom entries each route table may hold (0: the cloud's default, "
+            "Alibaba 200, AWS 50); vpcnet stops before exceeding it", _int),
     # Alibaba Cloud
     Setting("aliyun_endpoint", "", "Alibaba Cloud VPC API URL (default https://vpc.<region>.aliyuncs.com/)"),
     Setting("aliyun_region_id", "", "Alibaba Cloud region id (default: from instance metadata)"),
-    Setting("aliyun_route_table_id", "", "Route table to program (default: the VPC's system table)"),
+    Setting("aliyun_route_table_id", "", "Route table(s) to program, comma-separated (default: the tables the "
+            "VPC's vSwitches are bound to)", _id_list),
     Setting("aliyun_vpc_id", "", "VPC id, used to find the route table (default: from metadata)"),
     Setting("aliyun_instance_id", "", "This ECS instance's id (default: from metadata)"),
     Setting("aliyun_access_key_id", "", "AccessKey id (or use a credentials file or RAM role)"),
@@ -99,7 +121,12 @@ SETTINGS: tuple[Setting, ...] = (
             "endpoint with vpc→ecs)"),
     # AWS
     Setting("aws_region", "", "AWS region (default: from instance metadata)"),
-    Setting("aws_route_table_id", "", "EC2 route table to program"),
+    Setting("aws_route_table_id", "", "EC2 route table(s) to program, comma-separated (default: the tables of "
+            "the VPC's subnets, else its main table)", _id_list),
+    Setting("aws_subnet_ids", "", "Subnets whose route tables to program when no table is given "
+            "(comma-separated; default: every subnet of the VPC)", _id_list),
+    Setting("aws_disable_source_dest_check", True, "Turn off this instance's source/destination check "
+            "(ModifyInstanceAttribute) at start and on every pass; false: only report it", _bool),
     Setting("aws_instance_id", "", "This EC2 instance's id (default: from metadata)"),
     Setting("aws_endpoint_url", "", "EC2 API URL override (e.g. a VPC endpoint, or moto in tests)"),
     Setting("aws_metadata_url", "http://169.254.169.254", "EC2 instance metadata service (IMDSv2)"),
@@ -123,6 +150,8 @@ class Config:
     threads: int = 8
     reconcile_interval: float = 30.0
     instance_id: str = ""
+    cluster_name: str = ""
+    route_table_quota: int = 0
     aliyun_endpoint: str = ""
     aliyun_region_id: str = ""
     aliyun_route_table_id: str = ""
@@ -136,6 +165,8 @@ class Config:
     aliyun_ecs_endpoint: str = ""
     aws_region: str = ""
     aws_route_table_id: str = ""
+    aws_subnet_ids: str = ""
+    aws_disable_source_dest_check: bool = True
     aws_instance_id: str = ""
     aws_endpoint_url: str = ""
     aws_metadata_url: str = "http://169.254.169.254"
@@ -233,6 +264,8 @@ def validate(config: Config, check_socket_dir: bool = True) -> None:
         raise ConfigError(f"VPCNET_LOG_LEVEL: unknown level {config.log_level!r}")
     if config.workers < 1 or config.threads < 1:
         raise ConfigError("VPCNET_WORKERS/VPCNET_THREADS: must be at least 1")
+    if config.route_table_quota < 0:
+        raise ConfigError("VPCNET_ROUTE_TABLE_QUOTA: must be 0 (the cloud's default) or more")
     if config.reconcile_interval <= 0:
         raise ConfigError("VPCNET_RECONCILE_INTERVAL: must be positive")
     if not config.socket.endswith(".sock"):

@@ -43,6 +43,11 @@ class Retryable(VpcnetError):
     http_status = 503
 
 
+class Busy(Retryable):
+    """The cloud is busy rather than failing: another route-table write in progress (Alibaba TaskConflict,
+    OperationConflict) or throttling. Retried until a deadline long enough to cover a boot storm."""
+
+
 class Fatal(VpcnetError):
     """A failure that retrying cannot fix (bad credentials, full route table)."""
 

@@ -1,39 +1,79 @@
 """This host's blocks and their VPC routes: claim a host CIDR, keep `host CIDR -> this instance` in place.
 
-The route table is the cluster's shared record of who owns which block. A host finds its block as the
-vpcnet-marked custom entry inside the cluster CIDR whose next hop is this instance; failing that it
-picks the first free block (not equal to, inside or around any entry's destination, nor a reserved
-vSwitch/subnet CIDR when the provider knows them) and creates its route; a duplicate-destination answer
-means another host won that block, so it takes the next one (an existing entry is adopted only when it
-points at this instance AND carries vpcnet's marker). The claim is written to the store so IPAM answers
-at once, and IPAM never waits on the cloud: until a claim exists it answers
+The route tables are the cluster's shared record of who owns which block. A provider programs one or
+more tables (`Provider.table_ids()`: a multi-zone VPC has a table per zone, and hosts behind one table
+reach this host only if that table holds its route), and every table gets this host's route with the
+same block. A host finds its block as the vpcnet-marked custom entry inside the cluster CIDR whose next
+hop is this instance (in the first table that has one); failing that it picks a free block (not equal
+to, inside or around any entry of ANY table, nor a reserved vSwitch/subnet CIDR when the provider knows
+them) and creates its route in the first table, the arbiter every host of the cluster writes to first;
+a duplicate-destination answer means another host won that block, so it takes the next. The search
+starts at a block derived from the instance id (`start_index`), not at the lowest block, so hosts
+booting together spread over the cluster CIDR instead of all racing for the same block (the local
+provider, a file on one host, starts at the lowest). Then every other table gets the same route; a
+route missing from one table is re-created there, and an earlier block of this host in any table is
+removed: a host never ends with different blocks in different tables. An existing entry is adopted only
+when it points at this instance AND carries vpcnet's marker. The claim is written to the store so IPAM
+answers at once, and IPAM never waits on the cloud: until a claim exists it answers
 "host CIDR not yet claimed: <reason>".
 
-Ownership: vpcnet only ever deletes a route whose next hop is this instance, whose destination lies in
-one of this host's cluster CIDRs, and which carries vpcnet's marker (`Route.marked`) — or, for
-`routes gc`, a marked route in those cluster CIDRs whose next-hop instance the cloud says no longer
-exists. System routes, other live hosts' routes and hand-made routes are never touched, not even
-hand-made ones pointing at this instance.
+Clusters: every route carries a cluster identity (`cluster=<name>` in its description or AWS tag;
+`VPCNET_CLUSTER_NAME`, default the cluster CIDR as `10.200.0.0-16`). A route of another cluster is
+never claimed, adopted, released, collected or repaired; one inside this host's cluster CIDR means the
+two clusters' CIDRs overlap: a host without a block refuses to claim one, and a host with one keeps its
+own route in place but reports the overlap as a FATAL problem naming the other cluster. Routes made
+before routes carried a name count as this cluster's.
 
-Retries: every cloud call goes through `Backoff` (bounded exponential backoff with full jitter, bounded
-in attempts and in time, interruptible by `stop()`); a create keeps one ClientToken across its retries.
-Every wait is bounded; the background loop never spins (a pass is followed by a pause of at least
-`MIN_PASS_GAP`), and an unreachable cloud only delays the claim: the plugin keeps serving.
+Ownership: vpcnet only ever deletes a route whose next hop is this instance, whose destination lies in
+one of this host's cluster CIDRs, which carries vpcnet's marker (`Route.marked`) and this cluster's
+identity — or, for `routes gc`, such a route of this cluster whose next-hop instance the cloud says no
+longer exists. System routes, other live hosts' routes, other clusters' routes and hand-made routes are
+never touched, not even hand-made ones pointing at this instance.
+
+Retries: every cloud call goes through `Backoff` (bounded exponential backoff with full jitter,
+interruptible by `stop()`); a create keeps one ClientToken across its retries. `Busy` answers (another
+host's write in progress — Alibaba's VPC takes one route-table write at a time — or throttling) are
+retried without an attempt limit until BUSY_DEADLINE (120 s; a 200-host boot storm against a VPC that
+takes one write per 0.3 s converges well within it, see bench/cloud_calls.py); other retryable failures
+get `attempts` tries within `deadline`. Every wait is bounded; the background loop never spins (a pass
+is followed by a pause of at least `MIN_PASS_GAP`), and an unreachable cloud only delays the claim: the
+plugin keeps serving.
+
+Quota: before each create the table's custom entries (every owner's, from the listing just made) are
+compared with `Provider.table_quota()` (`VPCNET_ROUTE_TABLE_QUOTA`, default the cloud's); at the quota,
+and on the cloud's own quota error, the pass stops with a FATAL problem naming the table, the figures
+and how to raise the quota — no create is tried and nothing retries in a loop. For metrics,
+`RouteKeeper.route_table_usage()` returns `{table id: (custom entries, quota)}` as of the last listing
+(quota 0 = unknown): the values of `vpcnet_route_table_entries{table}` and
+`vpcnet_route_table_quota{table}`.
+
+Uncertain creates (leaks): before each create `(table, destination, cluster)` is written to
+`<state_dir>/uncertain-routes.json` and removed once the create is known to have landed marked (or not
+at all). A create whose answer was lost, or whose marking failed after the route landed (AWS CreateRoute
+ok, CreateTags failing), stays recorded across restarts; the next pass, before claiming anything, marks
+such a route (`Provider.mark_route`) and so adopts it — it is then this host's block, or an earlier one
+that the pass removes — instead of leaving an unmarked route that would look hand-made forever.
+
+Forwarding: on AWS every pass also checks the instance's source/destination check and turns it off
+(`Provider.check_forwarding`); what it cannot fix is reported with the command to run.
 
 One reconciler runs per host whatever the number of gunicorn workers: the worker holding an exclusive
 flock on `<state_dir>/reconciler.lock` runs it; if that worker dies the lock passes to another (within
 `LEADER_POLL` seconds). Each pass (and `routes sync`/`release`/`gc` from the CLI) also holds
 `<state_dir>/routes.lock`, so the plugin and the CLI never claim for the same host at the same time.
 
-Cloud-call accounting (`RouteKeeper.calls`, logical calls; a retried call counts once): first start =
-1 listing pass + 1 create (+ the listings needed to see Pending -> Available, + one `reserved` lookup
-of vSwitch CIDRs, cached by the provider); restart = 1 listing pass; per container = 0 (IPAM reads
-the store only).
+Cloud-call accounting (`RouteKeeper.calls`, logical calls; a retried call counts once), per table T:
+first start = T listings + T creates (+ the listings needed to see Pending -> Available, + one
+`reserved` lookup of vSwitch CIDRs, cached by the provider, + on AWS one `forwarding` check); restart =
+T listings (+ the forwarding check); per container = 0 (IPAM reads the store only).
 """
 from __future__ import annotations
 
+import dataclasses
 import fcntl
+import hashlib
 import ipaddress
+import json
 import logging
 import os
 import random
@@ -44,8 +84,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from vpcnet.cloud import ROUTE_MARKER, DuplicateRoute, Provider, QuotaExceeded, Route, make_provider
-from vpcnet.errors import Fatal, NotReady, Retryable, VpcnetError
+from vpcnet.cloud import (DuplicateRoute, Provider, QuotaExceeded, Route, make_provider, route_description,
+                          route_name)
+from vpcnet.errors import Busy, Fatal, NotReady, Retryable, VpcnetError
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +97,13 @@ MAX_CLAIM_ATTEMPTS = 64     # creates tried for one block claim in one pass befo
 LEADER_POLL = 5.0           # a worker waiting to become the reconciler retries the flock this often
 RESERVED_DEADLINE = 5.0     # longest retrying of the optional reserved-CIDR lookup
 PASS_LOCK_WAIT = 150.0      # longest wait for another process's pass (a pass is bounded by the backoff)
+BUSY_DEADLINE = 120.0       # how long "busy" answers (TaskConflict, throttling) are retried: a boot storm
+# Pauses while the cloud is busy: uniform(0, min(BUSY_CAP, BUSY_BASE * 2**n)) after the n-th busy answer.
+# Settled with bench/cloud_calls.py's boot storms (one write per 0.3 s per VPC): a cap of 5 s gave 8.2
+# calls per host for 50 hosts (32 s) and 17.7 for 200 (105 s); 10 s gives 7.7 (35 s) and 14.1 (115 s).
+BUSY_BASE = 0.5
+BUSY_CAP = 10.0
+UNCERTAIN_FILE = "uncertain-routes.json"   # creates whose outcome or marking is not known yet
 
 # Kinds of problem a pass reports (SyncResult.kinds): what waiting can fix, and what it cannot.
 PENDING = "pending"         # the route is Pending/Deleting: list again shortly
@@ -65,13 +113,20 @@ FATAL = "fatal"             # configuration, quota, a block held by someone else
 
 @dataclass
 class Backoff:
-    """Bounded exponential backoff with full jitter for retryable cloud answers."""
+    """Bounded exponential backoff with full jitter for retryable cloud answers.
+
+    A `Busy` answer (the VPC is taking another host's write, or throttling) is not a failure: it is
+    retried without counting against `attempts`, until `busy_deadline` seconds have passed (default
+    BUSY_DEADLINE, long enough to cover a boot storm; see bench/cloud_calls.py)."""
 
     attempts: int = 8
     base: float = 0.2
     cap: float = 5.0
     deadline: float = 60.0
     sleep: Callable[[float], None] = time.sleep
+    busy_deadline: float | None = None
+    busy_base: float = BUSY_BASE
+    busy_cap: float = BUSY_CAP
 
     def run(self, what: str, fn: Callable, on_retry: Callable[[Exception], None] | None = None,
             stop: threading.Event | None = None):
@@ -79,26 +134,40 @@ class Backoff:
 
         `on_retry(exc)` is told about each retryable failure; `stop`, once set, ends the waiting."""
         start = time.monotonic()
-        for attempt in range(1, self.attempts + 1):
+        busy_deadline = BUSY_DEADLINE if self.busy_deadline is None else self.busy_deadline
+        failures = busy = 0
+        while True:
             try:
                 return fn()
-            except Retryable as exc:
+            except Busy as exc:
+                last: Exception = exc
+                busy += 1
                 elapsed = time.monotonic() - start
-                if attempt == self.attempts or elapsed >= self.deadline:
-                    raise Retryable(f"{what}: still failing after {attempt} attempts: {exc}") from None
-                if stop is not None and stop.is_set():
-                    raise Retryable(f"{what}: stopped while retrying: {exc}") from None
-                delay = random.uniform(0, min(self.cap, self.base * 2 ** attempt))
+                if elapsed >= busy_deadline:
+                    raise Retryable(f"{what}: the cloud stayed busy for {elapsed:.0f} s ({busy} answers; last: "
+                                    f"{exc})") from None
+                delay = random.uniform(0, min(self.busy_cap, self.busy_base * 2 ** min(busy, 16)))
+                delay = min(delay, max(0.0, busy_deadline - elapsed))
+                attempt = failures + busy
+            except Retryable as exc:
+                last = exc
+                failures += 1
+                elapsed = time.monotonic() - start
+                if failures >= self.attempts or elapsed >= self.deadline:
+                    raise Retryable(f"{what}: still failing after {failures + busy} attempts: {exc}") from None
+                delay = random.uniform(0, min(self.cap, self.base * 2 ** failures))
                 delay = min(delay, max(0.0, self.deadline - elapsed))
-                log.info("%s: retryable (%s), attempt %d, retrying in %.2fs", what, exc, attempt, delay)
-                if on_retry is not None:
-                    on_retry(exc)
-                if stop is not None and self.sleep is time.sleep:
-                    if stop.wait(delay):
-                        raise Retryable(f"{what}: stopped while retrying: {exc}") from None
-                else:
-                    self.sleep(delay)
-        raise AssertionError("unreachable")
+                attempt = failures + busy
+            if stop is not None and stop.is_set():
+                raise Retryable(f"{what}: stopped while retrying: {last}") from None
+            log.info("%s: retryable (%s), attempt %d, retrying in %.2fs", what, last, attempt, delay)
+            if on_retry is not None:
+                on_retry(last)
+            if stop is not None and self.sleep is time.sleep:
+                if stop.wait(delay):
+                    raise Retryable(f"{what}: stopped while retrying: {last}") from None
+            else:
+                self.sleep(delay)
 
 
 @dataclass
@@ -136,6 +205,8 @@ class RouteKeeper:
         self.backoff = backoff or Backoff()
         # Logical cloud calls, for the benchmark: a call retried by the backoff counts once.
         self.calls = {"list": 0, "create": 0, "delete": 0, "reserved": 0, "instance": 0}
+        # Entries and quota per route table, as of the last listing (for `routes list` and metrics).
+        self.table_usage: dict[str, TableUsage] = {}
 
     # -- provider ---------------------------------------------------------------------------------
     @property
@@ -162,9 +233,26 @@ class RouteKeeper:
     def _retry(self, what: str, fn: Callable, on_retry: Callable[[Exception], None] | None = None):
         return self.backoff.run(what, fn, on_retry=on_retry, stop=self._stop)
 
-    def _list(self, on_retry: Callable[[Exception], None] | None = None) -> list[Route]:
+    def _tables(self) -> list[str]:
+        return self._retry("find the route tables", self.provider.table_ids)
+
+    def _list(self, table: str = "", on_retry: Callable[[Exception], None] | None = None) -> list[Route]:
+        table = table or self.provider.table_id()
         self.calls["list"] += 1
-        return self._retry(f"list routes of {self.provider.table_id()}", self.provider.list_routes, on_retry)
+        routes = self._retry(f"list routes of {table}", lambda: self.provider.list_routes(table), on_retry)
+        routes = [r if r.table else dataclasses.replace(r, table=table) for r in routes]
+        self.table_usage[table] = TableUsage(table, sum(1 for r in routes if r.kind == "Custom"),
+                                             self.provider.table_quota(table))
+        return routes
+
+    def route_table_usage(self) -> dict[str, tuple[int, int]]:
+        """{table id: (custom entries, quota)} as of the last listing; quota 0 = unknown. For
+        `vpcnet_route_table_entries{table}` / `vpcnet_route_table_quota{table}`."""
+        return {t: (u.entries, u.quota) for t, u in self.table_usage.items()}
+
+    def cluster_name(self, cluster: str) -> str:
+        """The cluster identity written into this host's routes of `cluster`."""
+        return self.config.cluster_name or default_cluster_name(cluster)
 
     def _me(self) -> str:
         return self._retry("find this instance's id", self.provider.instance_id)
@@ -263,7 +351,8 @@ class RouteKeeper:
                                         "retrying")
 
         try:
-            routes = self._list(on_retry=still_trying)
+            tables = self._tables()
+            listings = {table: self._list(table, on_retry=still_trying) for table in tables}
             me = self._me()
         except VpcnetError as exc:
             if isinstance(exc, Retryable):
@@ -282,9 +371,13 @@ class RouteKeeper:
                 self._note(cluster, reason)
             result.add(reason, TRANSIENT)
             return result
+        for problem, kind in self._forwarding():
+            result.add(problem, kind)
+        for problem in self._settle_uncertain(listings, me):
+            result.add(problem, TRANSIENT)
         for cluster in clusters:
             try:
-                problem, kind, routes = self._reconcile_cluster(cluster, routes, me)
+                problem, kind, listings = self._reconcile_cluster(cluster, listings, me)
             except VpcnetError as exc:
                 problem, kind = str(exc), _kind(exc)
                 self._note(cluster, problem)
@@ -296,6 +389,20 @@ class RouteKeeper:
                 result.add(f"{cluster}: {problem}", kind)
         return result
 
+    def _forwarding(self) -> list[tuple[str, str]]:
+        """The cloud's source/destination check, re-checked every pass (AWS only)."""
+        if not getattr(self.provider, "checks_forwarding", False):
+            return []
+        self.calls["forwarding"] = self.calls.get("forwarding", 0) + 1
+        try:
+            problems = self._retry("check the source/destination check", lambda: self.provider.check_forwarding(
+                disable=self.config.aws_disable_source_dest_check))
+        except VpcnetError as exc:
+            return [(f"cannot check the source/destination check: {exc}", _kind(exc))]
+        for problem in problems:
+            log.warning("%s", problem)
+        return [(p, FATAL) for p in problems]
+
     def _note(self, cluster: str, reason: str) -> None:
         claim = self.store.claim(cluster)
         if claim is None or not claim.host_cidr:
@@ -303,47 +410,98 @@ class RouteKeeper:
         else:
             self.store.record_claim(cluster, claim.host_cidr, claim.static, reason=reason, route_ok=False)
 
-    def _reconcile_cluster(self, cluster: str, routes: list[Route], me: str) -> tuple[str, str, list[Route]]:
+    def _reconcile_cluster(self, cluster: str, listings: dict[str, list[Route]],
+                           me: str) -> tuple[str, str, dict[str, list[Route]]]:
+        problems: list[tuple[str, str]] = []
+        overlap = self._overlap(cluster, listings)
         claim = self.store.claim(cluster)
         static = self._static_host_cidr(cluster)
         wanted = static or (claim.host_cidr if claim else None)
         if not wanted:
-            wanted = self._find_mine(cluster, routes, me)
+            wanted = self._find_mine(cluster, listings, me)
             if wanted:
-                log.info("found this host's block %s in cluster %s (route table %s)",
-                         wanted, cluster, self.provider.table_id())
+                log.info("found this host's block %s in cluster %s (route tables %s)",
+                         wanted, cluster, ", ".join(listings))
+        if overlap and not wanted:
+            raise Fatal(overlap)            # claiming now could take a block of the other cluster
+        if overlap:                         # keep this host's own block in place, and say it loudly
+            log.warning("%s", overlap)
+            problems.append((overlap, FATAL))
         if not wanted:
-            wanted, routes = self._claim_new(cluster, routes, me)
+            wanted, listings = self._claim_new(cluster, listings, me)
             self.store.record_claim(cluster, wanted, reason="route created, waiting for Available")
-        entry = next((r for r in routes if r.destination == wanted), None)
-        if entry is None:
-            log.warning("route %s -> %s missing from %s: creating it", wanted, me, self.provider.table_id())
-            self._create(wanted, me)
-            routes = self._list()
-            entry = next((r for r in routes if r.destination == wanted), None)
-        problem, kind = "", ""
-        if entry is None:
-            problem, kind = f"route {wanted} -> {me} not visible after create", TRANSIENT
-        elif entry.next_hop != me:
-            problem, kind = (f"route for {wanted} in {self.provider.table_id()} points at "
-                             f"{entry.next_hop or entry.next_hop_type or '?'}, not this instance {me}: another "
-                             "host or a hand-made route holds this block; vpcnet does not touch routes it "
-                             "does not own"), FATAL
-        elif entry.status in ("Pending", "Deleting"):
-            problem, kind = f"route {wanted} -> {me} is {entry.status}", PENDING
-        elif entry.status != "Available":
-            problem, kind = f"route {wanted} -> {me} is {entry.status}", TRANSIENT
+        for table in list(listings):
+            entry = next((r for r in listings[table] if r.destination == wanted), None)
+            if entry is None:
+                log.warning("route %s -> %s missing from %s: creating it", wanted, me, table)
+                try:
+                    self._create(wanted, me, table, cluster, listings[table])
+                except DuplicateRoute:
+                    pass                       # someone else's meanwhile: reported below
+                except VpcnetError as exc:
+                    problems.append((str(exc), _kind(exc)))
+                    continue
+                listings[table] = self._list(table)
+                entry = next((r for r in listings[table] if r.destination == wanted), None)
+            if entry is None:
+                problems.append((f"route {wanted} -> {me} not visible in {table} after create", TRANSIENT))
+            elif entry.next_hop != me:
+                problems.append((f"route for {wanted} in {table} points at "
+                                 f"{entry.next_hop or entry.next_hop_type or '?'}, not this instance {me}: another "
+                                 "host or a hand-made route holds this block; vpcnet does not touch routes it "
+                                 "does not own", FATAL))
+            elif entry.status in ("Pending", "Deleting"):
+                problems.append((f"route {wanted} -> {me} is {entry.status} in {table}", PENDING))
+            elif entry.status != "Available":
+                problems.append((f"route {wanted} -> {me} is {entry.status} in {table}", TRANSIENT))
+            else:
+                listings[table] = self._drop_stale(cluster, wanted, me, listings[table])
+        # the worst kind decides what waiting can fix
+        kind = next((k for k in (FATAL, TRANSIENT, PENDING) if any(pk == k for _, pk in problems)), "")
+        problem = "; ".join(p for p, _ in problems)
         self.store.record_claim(cluster, wanted, static=bool(static), reason=problem, route_ok=not problem)
-        return problem, kind, routes
+        return problem, kind, listings
 
-    def _find_mine(self, cluster: str, routes: list[Route], me: str) -> str | None:
-        net = ipaddress.IPv4Network(cluster)
-        mine = sorted(
-            (r.destination for r in routes
-             if r.kind == "Custom" and r.next_hop == me and r.marked and _inside(r.destination, net)
-             and ipaddress.IPv4Network(r.destination).prefixlen == self.config.host_prefix),
-            key=lambda d: ipaddress.IPv4Network(d))
-        return mine[0] if mine else None
+    def _drop_stale(self, cluster: str, wanted: str, me: str, routes: list[Route]) -> list[Route]:
+        """This host's other blocks of `cluster` in one table (an earlier claim): one block per cluster."""
+        stale = [r for r in routes if r.destination != wanted and self._owned_in(r, me, cluster)
+                 and r.status == "Available"]
+        for route in stale:
+            log.warning("route %s -> %s in %s is an earlier block of this host in cluster %s (now %s): "
+                        "removing it", route.destination, me, route.table, cluster, wanted)
+            self._delete(route)
+        return [r for r in routes if r not in stale]
+
+    def _overlap(self, cluster: str, listings: dict[str, list[Route]]) -> str:
+        """Another vpcnet cluster's route inside this cluster CIDR (two clusters would claim each other's
+        blocks): the refusal to give, or "". Such routes are never claimed, adopted or repaired."""
+        net, name = ipaddress.IPv4Network(cluster), self.cluster_name(cluster)
+        for table, routes in listings.items():
+            for r in routes:
+                if (r.kind == "Custom" and r.cluster and r.cluster != name and _is_v4(r.destination)
+                        and ipaddress.IPv4Network(r.destination).overlaps(net)):
+                    return (f"cluster CIDR {cluster} (cluster {name}) overlaps route {r.destination} -> "
+                            f"{r.next_hop or '?'} of vpcnet cluster {r.cluster} in route table {table}: two "
+                            "clusters sharing a VPC need disjoint cluster CIDRs; choose another "
+                            f"VPCNET_CLUSTER_CIDR, or set VPCNET_CLUSTER_NAME={r.cluster} if this host "
+                            "belongs to that cluster")
+        return ""
+
+    def _owned_in(self, route: Route, me: str, cluster: str) -> bool:
+        return (route.kind == "Custom" and route.marked and route.next_hop == me
+                and route.cluster in ("", self.cluster_name(cluster))
+                and _inside(route.destination, ipaddress.IPv4Network(cluster)))
+
+    def _find_mine(self, cluster: str, listings: dict[str, list[Route]], me: str) -> str | None:
+        """This host's block of `cluster`: the one in the first table that has one (the claiming
+        table), else the lowest; one block whatever the tables say."""
+        for routes in listings.values():
+            mine = sorted((r.destination for r in routes if self._owned_in(r, me, cluster)
+                           and ipaddress.IPv4Network(r.destination).prefixlen == self.config.host_prefix),
+                          key=ipaddress.IPv4Network)
+            if mine:
+                return mine[0]
+        return None
 
     def _reserved(self) -> list[ipaddress.IPv4Network]:
         """The provider's reserved CIDRs (vSwitches/subnets); none known when it cannot tell."""
@@ -366,105 +524,203 @@ class RouteKeeper:
                 log.debug("ignoring reserved CIDR %r (not IPv4)", cidr)
         return out
 
-    def _claim_new(self, cluster: str, routes: list[Route], me: str) -> tuple[str, list[Route]]:
+    def _claim_new(self, cluster: str, listings: dict[str, list[Route]],
+                   me: str) -> tuple[str, dict[str, list[Route]]]:
+        """Claim a free block by creating its route in the first table (the arbiter every host of the
+        cluster writes to first); a block is taken when any table has an entry overlapping it. The
+        search starts at a block derived from the instance id, so hosts booting together spread out."""
         net = ipaddress.IPv4Network(cluster)
         reserved = self._reserved()
+        first = next(iter(listings))
 
-        def taken_by(listing: list[Route]) -> list[ipaddress.IPv4Network]:
+        def taken_by(all_listings: dict[str, list[Route]]) -> list[ipaddress.IPv4Network]:
             # Entries inside the cluster CIDR block what they overlap; wider ones (a default route, a VPN
             # route covering the whole cluster) do not, since a host route is more specific than them.
-            return [d for d in (ipaddress.IPv4Network(r.destination) for r in listing if _is_v4(r.destination))
+            return [d for routes in all_listings.values()
+                    for d in (ipaddress.IPv4Network(r.destination) for r in routes if _is_v4(r.destination))
                     if d.overlaps(net) and d.prefixlen > net.prefixlen]
 
-        taken = taken_by(routes) + reserved
+        start = 0 if self.instant else start_index(me, net, self.config.host_prefix)
+        taken = taken_by(listings) + reserved
         for _ in range(MAX_CLAIM_ATTEMPTS):
-            candidate = _first_free(net, self.config.host_prefix, taken)
+            candidate = _first_free(net, self.config.host_prefix, taken, start)
             if candidate is None:
                 raise Fatal(f"no free /{self.config.host_prefix} block left in cluster CIDR {cluster} "
-                            f"(route table {self.provider.table_id()})")
+                            f"(route tables {', '.join(listings)})")
             try:
-                self._create(str(candidate), me)
+                self._create(str(candidate), me, first, cluster, listings[first])
             except DuplicateRoute:
-                routes = self._list()
-                entry = next((r for r in routes if r.destination == str(candidate)), None)
-                if entry is not None and entry.kind == "Custom" and entry.next_hop == me and entry.marked:
+                listings = {**listings, first: self._list(first)}
+                entry = next((r for r in listings[first] if r.destination == str(candidate)), None)
+                if entry is not None and self._owned_in(entry, me, cluster):
                     log.info("block %s already routed to this instance by vpcnet: adopted", candidate)
-                    return str(candidate), routes          # our own earlier create: done
-                found = self._find_mine(cluster, routes, me)
+                    return str(candidate), listings          # our own earlier create: done
+                found = self._find_mine(cluster, listings, me)
                 if found:                                  # ours appeared elsewhere meanwhile (another
                     log.info("found this host's block %s meanwhile: adopted", found)   # process of ours)
-                    return found, routes
+                    return found, listings
                 if entry is not None and entry.next_hop == me:
                     log.info("block %s has a hand-made route to this instance: not adopted, trying the next "
                              "block", candidate)
                 else:
                     log.info("block %s was taken by %s meanwhile; trying the next one",
                              candidate, (entry.next_hop if entry else "") or "another host")
-                taken = taken_by(routes) + reserved + [candidate]
+                taken = taken_by(listings) + reserved + [candidate]
                 continue
-            log.info("claimed block %s in cluster %s (route table %s)", candidate, cluster,
-                     self.provider.table_id())
-            return str(candidate), self._list()
+            log.info("claimed block %s in cluster %s (route table %s)", candidate, cluster, first)
+            return str(candidate), {**listings, first: self._list(first)}
         raise Retryable(f"no block of {cluster} claimed after {MAX_CLAIM_ATTEMPTS} attempts (other hosts "
                         "keep winning them); trying again on the next pass")
 
-    def _create(self, destination: str, me: str) -> None:
+    def _create(self, destination: str, me: str, table: str, cluster: str, routes: list[Route]) -> None:
+        """Create `destination -> me` in `table`, after checking the table's quota against `routes`
+        (its current listing). The attempt is recorded as uncertain until it is known to have landed
+        marked, so a create whose marking failed is adopted or cleaned on a later pass."""
+        used = sum(1 for r in routes if r.kind == "Custom")
+        quota = self.provider.table_quota(table)
+        if quota and used >= quota:
+            raise Fatal(self._quota_message(table, used, quota))
         token = uuid.uuid4().hex   # one token per logical create, reused by its retries
-        name = f"{ROUTE_MARKER}-{destination.replace('.', '-').replace('/', '-')}"
-        description = f"{ROUTE_MARKER}: host CIDR {destination} of {me}"
+        name = route_name(destination)
+        description = route_description(destination, me, self.cluster_name(cluster))
         self.calls["create"] += 1
+        self._uncertain_add(table, destination, cluster)
         try:
-            self._retry(f"create route {destination} -> {me}",
-                        lambda: self.provider.create_route(destination, name, description, token))
+            self._retry(f"create route {destination} -> {me} in {table}",
+                        lambda: self.provider.create_route(destination, name, description, token, table=table))
         except QuotaExceeded as exc:
-            raise Fatal(f"route table {self.provider.table_id()} is full: {exc}") from None
+            self._uncertain_drop(table, destination)
+            raise Fatal(f"{self._quota_message(table, used, quota)} (the cloud says: {exc})") from None
+        except (DuplicateRoute, Fatal):
+            self._uncertain_drop(table, destination)
+            raise
+        self._uncertain_drop(table, destination)
+
+    def _quota_message(self, table: str, used: int, quota: int) -> str:
+        hint = getattr(self.provider, "quota_hint", "") or "raise the route table quota with your cloud"
+        return (f"route table {table} is full: {used}/{quota or '?'} custom entries; vpcnet does not create "
+                f"more and does not retry: {hint}")
+
+    # -- creates whose outcome is not known yet (leaks) ---------------------------------------------
+    def _uncertain_path(self) -> str:
+        return os.path.join(self.config.state_dir, UNCERTAIN_FILE)
+
+    def _uncertain(self) -> list[dict]:
+        try:
+            with open(self._uncertain_path()) as fh:
+                data = json.load(fh)
+            return [d for d in data if isinstance(d, dict) and d.get("table") and d.get("destination")]
+        except (OSError, ValueError):
+            return []
+
+    def _uncertain_write(self, records: list[dict]) -> None:
+        os.makedirs(self.config.state_dir, mode=0o700, exist_ok=True)
+        path = self._uncertain_path()
+        if not records:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            return
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump(records, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    def _uncertain_add(self, table: str, destination: str, cluster: str) -> None:
+        records = [r for r in self._uncertain() if (r["table"], r["destination"]) != (table, destination)]
+        self._uncertain_write(records + [{"table": table, "destination": destination, "cluster": cluster,
+                                          "since": time.time()}])
+
+    def _uncertain_drop(self, table: str, destination: str) -> None:
+        records = self._uncertain()
+        kept = [r for r in records if (r["table"], r["destination"]) != (table, destination)]
+        if len(kept) != len(records):
+            self._uncertain_write(kept)
+
+    def _settle_uncertain(self, listings: dict[str, list[Route]], me: str) -> list[str]:
+        """Creates recorded as uncertain: a route to this instance that landed without vpcnet's marker is
+        marked (adopted, and then kept or removed like any of this host's routes); anything else (never
+        landed, marked after all, someone else's) is forgotten."""
+        problems = []
+        for record in self._uncertain():
+            table, destination = record["table"], record["destination"]
+            entry = next((r for r in listings.get(table, []) if r.destination == destination), None)
+            if entry is not None and entry.kind == "Custom" and entry.next_hop == me and not entry.marked:
+                cluster = record.get("cluster") or self.config.cluster_cidr
+                name = route_name(destination)
+                description = route_description(destination, me, self.cluster_name(cluster))
+                try:
+                    marked = self._retry(f"mark route {destination} in {table}",
+                                         lambda: self.provider.mark_route(entry, name, description))
+                except VpcnetError as exc:
+                    problems.append(f"route {destination} -> {me} in {table} landed without vpcnet's marker and "
+                                    f"cannot be marked yet ({exc}); trying again on the next pass")
+                    continue
+                if marked:
+                    log.warning("route %s -> %s in %s had landed without vpcnet's marker: marked (adopted)",
+                                destination, me, table)
+                    listings[table] = [dataclasses.replace(r, name=name, description=description)
+                                       if r is entry else r for r in listings[table]]
+                else:
+                    log.warning("route %s -> %s in %s is unmarked and this provider cannot mark it afterwards: "
+                                "left alone", destination, me, table)
+            self._uncertain_drop(table, destination)
+        return problems
 
     # -- ownership and removal --------------------------------------------------------------------
     def owned(self, route: Route, me: str, clusters: list[str] | None = None) -> bool:
-        """A route this host may delete: vpcnet's, to this instance, inside one of its cluster CIDRs."""
+        """A route this host may delete: vpcnet's, to this instance, inside one of its cluster CIDRs and
+        of that cluster's identity (or made before routes carried one)."""
         clusters = clusters or self.clusters()
-        return (route.kind == "Custom" and route.marked and route.next_hop == me
-                and any(_inside(route.destination, ipaddress.IPv4Network(c)) for c in clusters))
+        return any(self._owned_in(route, me, c) for c in clusters)
 
     def ownership(self, route: Route, me: str, clusters: list[str] | None = None) -> str:
-        """How `routes list` labels a route: mine, ours-other-host (vpcnet's, another instance),
-        ours-other-cluster (vpcnet's, this instance, outside this host's cluster CIDRs) or foreign."""
+        """How `routes list` labels a route: mine, ours-other-host (vpcnet's, another instance, this
+        host's clusters), ours-other-cluster (vpcnet's, another cluster or outside this host's cluster
+        CIDRs) or foreign."""
         clusters = clusters or self.clusters()
         if self.owned(route, me, clusters):
             return "mine"
         if route.kind == "Custom" and route.marked:
-            return "ours-other-cluster" if route.next_hop == me else "ours-other-host"
+            same = any(_inside(route.destination, ipaddress.IPv4Network(c))
+                       and route.cluster in ("", self.cluster_name(c)) for c in clusters)
+            return "ours-other-host" if same and route.next_hop != me else "ours-other-cluster"
         return "foreign"
 
-    def table(self) -> tuple[str, str, list[Route]]:
-        """(route table id, this instance id, every entry) for `routes list`. Changes nothing."""
+    def table(self) -> tuple[list[str], str, list[Route]]:
+        """(route table ids, this instance id, every entry of every table) for `routes list`."""
         with self._lock:
-            routes = self._list()
-            return self.provider.table_id(), self._me(), routes
+            tables = self._tables()
+            routes = [r for table in tables for r in self._list(table)]
+            return tables, self._me(), routes
 
     def release(self) -> list[Route]:
-        """Remove this host's routes (decommissioning) and forget its claims."""
+        """Remove this host's routes from every table (decommissioning) and forget its claims."""
         with self._lock, self._exclusive():
             me = self._me()
             clusters = self.clusters()
-            removed = [r for r in self._list() if self.owned(r, me, clusters)]
+            removed = [r for table in self._tables() for r in self._list(table) if self.owned(r, me, clusters)]
             for route in removed:
                 self._delete(route)
-                log.info("released route %s -> %s", route.destination, me)
+                log.info("released route %s -> %s from %s", route.destination, me, route.table)
             for cluster in clusters:
                 self.store.forget_claim(cluster)
             return removed
 
     def garbage(self) -> list[Route]:
-        """vpcnet-marked routes in our cluster CIDRs whose next-hop instance no longer exists."""
+        """vpcnet-marked routes of this host's clusters, in any table, whose next-hop instance is gone."""
         with self._lock:
             me = self._me()
-            clusters = [ipaddress.IPv4Network(c) for c in self.clusters()]
+            clusters = self.clusters()
             exists: dict[str, bool] = {}
             out = []
-            for route in self._list():
+            for route in (r for table in self._tables() for r in self._list(table)):
                 if not (route.kind == "Custom" and route.marked and route.next_hop and route.next_hop != me
-                        and any(_inside(route.destination, c) for c in clusters)):
+                        and any(_inside(route.destination, ipaddress.IPv4Network(c))
+                                and route.cluster in ("", self.cluster_name(c)) for c in clusters)):
                     continue
                 if route.next_hop not in exists:
                     self.calls["instance"] += 1
@@ -475,14 +731,16 @@ class RouteKeeper:
 
     def _delete(self, route: Route) -> None:
         self.calls["delete"] += 1
-        self._retry(f"delete route {route.destination}", lambda: self.provider.delete_route(route))
+        self._retry(f"delete route {route.destination} from {route.table or self.provider.table_id()}",
+                    lambda: self.provider.delete_route(route))
 
     def delete_garbage(self, routes: list[Route]) -> list[Route]:
         """Delete routes `garbage()` found; returns those deleted."""
         with self._lock, self._exclusive():
             for route in routes:
                 self._delete(route)
-                log.info("removed route %s -> %s (instance gone)", route.destination, route.next_hop)
+                log.info("removed route %s -> %s from %s (instance gone)", route.destination, route.next_hop,
+                         route.table)
             return list(routes)
 
     # -- the background reconciler ----------------------------------------------------------------
@@ -569,10 +827,33 @@ def _inside(cidr: str, net: ipaddress.IPv4Network) -> bool:
     return _is_v4(cidr) and ipaddress.IPv4Network(cidr).subnet_of(net)
 
 
-def _first_free(cluster: ipaddress.IPv4Network, prefix: int,
-                taken: list[ipaddress.IPv4Network]) -> ipaddress.IPv4Network | None:
-    """The first block of the cluster not equal to, inside or around any taken destination."""
-    for block in cluster.subnets(new_prefix=prefix):
+@dataclass(frozen=True)
+class TableUsage:
+    table: str
+    entries: int      # custom entries, every owner's
+    quota: int        # 0 = unknown
+
+
+def default_cluster_name(cluster: str) -> str:
+    """A cluster's identity when VPCNET_CLUSTER_NAME is not set: its CIDR, e.g. `10.200.0.0-16`."""
+    return cluster.replace("/", "-")
+
+
+def start_index(instance: str, cluster: ipaddress.IPv4Network, prefix: int) -> int:
+    """Where this instance starts looking for a free block: stable for it, spread across instances."""
+    blocks = 2 ** (prefix - cluster.prefixlen)
+    return int.from_bytes(hashlib.sha256(instance.encode()).digest()[:8], "big") % blocks
+
+
+def _first_free(cluster: ipaddress.IPv4Network, prefix: int, taken: list[ipaddress.IPv4Network],
+                start: int = 0) -> ipaddress.IPv4Network | None:
+    """The first block of the cluster, from block number `start` on (wrapping around), not equal to,
+    inside or around any taken destination."""
+    blocks = 2 ** (prefix - cluster.prefixlen)
+    size = 2 ** (32 - prefix)
+    base = int(cluster.network_address)
+    for i in range(blocks):
+        block = ipaddress.IPv4Network((base + ((start + i) % blocks) * size, prefix))
         if not any(block.overlaps(t) for t in taken):
             return block
     return None

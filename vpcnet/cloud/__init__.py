@@ -1,20 +1,30 @@
 """Cloud route providers: one small interface, one module per cloud, chosen by name.
 
-A provider only moves routes: list the route table, create `destination -> this instance`, delete a
-route, and say who this instance is. Claiming blocks, ownership and retries live in `vpcnet.routes`, so
+A provider only moves routes: list a route table, create `destination -> this instance` in one, delete
+a route, and say who this instance is. A provider programs one or more route tables (`table_ids()`: a
+multi-zone VPC has one per zone, and every one of them needs every host's route); each call names its
+table, and `""` means the first one. Claiming blocks, ownership and retries live in `vpcnet.routes`, so
 a new cloud is one new module registered in `PROVIDERS`, not an edit across the tree (flannel's backends).
 
-Errors a provider raises (from `vpcnet.errors`): `Retryable` for anything worth retrying (throttling,
-conflicts, 5xx, timeouts), `DuplicateRoute` when the destination already has an entry, `QuotaExceeded`
-when the table is full, `Fatal` for the rest. Messages never contain a secret.
+Errors a provider raises (from `vpcnet.errors`): `Busy` (a `Retryable`) when the cloud says "not now"
+(a concurrent route-table write, throttling), `Retryable` for anything else worth retrying (5xx,
+timeouts), `DuplicateRoute` when the destination already has an entry, `QuotaExceeded` when the table is
+full, `Fatal` for the rest. Messages never contain a secret.
+
+The ownership marker: vpcnet names its routes `vpcnet-...` and describes them
+`vpcnet: host CIDR <dest> of <instance> cluster=<name>` (`route_description`); a provider without
+names or descriptions (AWS) keeps the same facts elsewhere and fills `Route.name`/`description` from
+them. `Route.cluster` is the cluster identity parsed back out ("" for routes made before clusters had
+names).
 """
 from __future__ import annotations
 
 import abc
 import importlib
+import re
 from dataclasses import dataclass
 
-from vpcnet.errors import Fatal, Retryable  # noqa: F401  (re-exported for providers)
+from vpcnet.errors import Busy, Fatal, Retryable  # noqa: F401  (re-exported for providers)
 
 # Every vpcnet-created route carries this marker in its name (Alibaba RouteEntryName, the local table's
 # name field) and description, so vpcnet can tell its own routes from system and hand-made ones.
@@ -29,6 +39,27 @@ class QuotaExceeded(Fatal):
     """The route table holds as many custom routes as it may."""
 
 
+_CLUSTER_RE = re.compile(r"(?:^|\s)cluster=([A-Za-z0-9._-]+)")
+
+
+def route_name(destination: str) -> str:
+    return f"{ROUTE_MARKER}-{destination.replace('.', '-').replace('/', '-')}"
+
+
+def route_description(destination: str, instance: str, cluster: str) -> str:
+    return f"{ROUTE_MARKER}: host CIDR {destination} of {instance} cluster={cluster}"
+
+
+def table_list(value) -> list[str]:
+    """A table setting (`"vtb-a, vtb-b"` or a sequence) as a list of ids, order kept, no duplicates."""
+    items = value.split(",") if isinstance(value, str) else list(value or ())
+    out: list[str] = []
+    for item in (str(i).strip() for i in items):
+        if item and item not in out:
+            out.append(item)
+    return out
+
+
 @dataclass(frozen=True)
 class Route:
     destination: str              # CIDR, e.g. "10.200.3.0/24"
@@ -39,11 +70,20 @@ class Route:
     description: str = ""
     route_id: str = ""
     next_hop_type: str = "Instance"
+    table: str = ""               # the route table holding it ("" = the provider's first table)
 
     @property
     def marked(self) -> bool:
         """Carries vpcnet's marker: created by vpcnet (on some host)."""
         return self.name.startswith(ROUTE_MARKER) or self.description.startswith(ROUTE_MARKER)
+
+    @property
+    def cluster(self) -> str:
+        """The cluster identity in vpcnet's marker; "" when unmarked or made before clusters had names."""
+        if not self.marked:
+            return ""
+        found = _CLUSTER_RE.search(self.description)
+        return found.group(1) if found else ""
 
 
 class Provider(abc.ABC):
@@ -52,6 +92,10 @@ class Provider(abc.ABC):
     name = "?"
     #: True when calls are local and instant (no network): IPAM may then claim inline.
     instant = False
+    #: True when `check_forwarding` asks the cloud something (it is then called every pass).
+    checks_forwarding = False
+    #: How to raise a full table's quota, for the error that stops at it.
+    quota_hint = ""
 
     @abc.abstractmethod
     def instance_id(self) -> str:
@@ -59,19 +103,40 @@ class Provider(abc.ABC):
 
     @abc.abstractmethod
     def table_id(self) -> str:
-        """The route table's id, for messages and `routes list`."""
+        """The first route table's id, for messages."""
+
+    def table_ids(self) -> list[str]:
+        """Every route table this host's routes go into (configured, or discovered), first one first.
+        Raises Fatal when discovery is ambiguous."""
+        return [self.table_id()]
+
+    def table_quota(self, table: str = "") -> int:
+        """Custom entries the table may hold (0: unknown)."""
+        return 0
 
     @abc.abstractmethod
-    def list_routes(self) -> list[Route]:
+    def list_routes(self, table: str = "") -> list[Route]:
         """Every entry of the table (all pages), custom and system."""
 
     @abc.abstractmethod
-    def create_route(self, destination: str, name: str, description: str, client_token: str) -> None:
+    def create_route(self, destination: str, name: str, description: str, client_token: str,
+                     table: str = "") -> None:
         """Create `destination -> this instance`. Raises DuplicateRoute if the destination is taken."""
 
     @abc.abstractmethod
     def delete_route(self, route: Route) -> None:
-        """Delete one entry; an entry already gone is not an error."""
+        """Delete one entry (from `route.table`); an entry already gone is not an error."""
+
+    def mark_route(self, route: Route, name: str, description: str) -> bool:
+        """Mark an existing route to this instance as vpcnet's, where the marker is written apart from
+        the route (AWS tags). False when the provider cannot (its marker is part of the create)."""
+        return False
+
+    def check_forwarding(self, disable: bool) -> list[str]:
+        """Make sure the cloud forwards traffic this instance routes for others (AWS source/destination
+        check): turn the check off when `disable`, else only look. Returns problems, each saying what to
+        run; [] when all is well or the provider has no such check."""
+        return []
 
     def instance_exists(self, instance_id: str) -> bool:
         """Whether an instance still exists (for `routes gc`). Providers that cannot tell say True."""
@@ -79,10 +144,6 @@ class Provider(abc.ABC):
 
     def reserved_cidrs(self) -> list[str]:
         """CIDRs a host block must not overlap (vSwitch/subnet CIDRs), when the provider knows them."""
-        return []
-
-    def preflight(self) -> list[str]:
-        """Problems with this instance's setup worth a warning (e.g. AWS source/dest check on)."""
         return []
 
     def close(self) -> None:

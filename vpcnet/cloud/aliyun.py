@@ -2,9 +2,18 @@
 
 Speaks the VPC OpenAPI 2016-04-28 (RPC style) over one `requests.Session`: CreateRouteEntry,
 DeleteRouteEntry, DescribeRouteEntryList (NextToken paging), DescribeRouteTableList (to find the VPC's
-system table), DescribeVSwitches (CIDRs a host block must avoid) and ECS DescribeInstances (for
-`routes gc`). Each call is made once: retries with backoff live in `vpcnet.routes`, which sees
-`Retryable` / `DuplicateRoute` / `QuotaExceeded` / `Fatal` from here.
+route tables), DescribeVSwitches (CIDRs a host block must avoid) and ECS DescribeInstances (for
+`routes gc`). Each call is made once, and every request passes through `_RpcClient.call` (the one
+place to count or time API calls): retries with backoff live in `vpcnet.routes`, which sees `Busy`
+(TaskConflict, OperationConflict, throttling) / `Retryable` / `DuplicateRoute` / `QuotaExceeded` /
+`Fatal` from here.
+
+Route tables: `VPCNET_ALIYUN_ROUTE_TABLE_ID` takes one id or a comma-separated list (every host's route
+goes into each, in that order; the first is where blocks are claimed, so give every host the same
+list). Without it the tables are discovered once: those the VPC's vSwitches are bound to
+(DescribeRouteTableList's `VSwitchIds`), or the VPC's only table. A VPC with several tables none of
+which shows a bound vSwitch is ambiguous: vpcnet refuses, naming the candidates and the setting. A
+table's quota is `VPCNET_ROUTE_TABLE_QUOTA`, or Alibaba's default of 200 custom entries.
 
 Requests are POSTed with the signed parameters in a form body, never in the URL, so neither the
 signature nor an STS token can reach a URL-logging library (urllib3 logs request lines at DEBUG) or the
@@ -52,9 +61,9 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 
 from vpcnet import __version__
-from vpcnet.cloud import DuplicateRoute, Provider, QuotaExceeded, Route
+from vpcnet.cloud import DuplicateRoute, Provider, QuotaExceeded, Route, table_list
 from vpcnet.cloud.aliyun_signature import percent_encode, sign
-from vpcnet.errors import Fatal, Retryable, VpcnetError
+from vpcnet.errors import Busy, Fatal, Retryable, VpcnetError
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +88,14 @@ RETRYABLE_CODES = {c.lower() for c in (
     "SignatureNonceUsed", "OperationFailed.LastTokenProcessing", "LastTokenProcessing",
 )}
 RETRYABLE_PREFIXES = ("throttling", "incorrectstatus", "serviceunavailable", "internalerror")
+# "Not now" rather than "failed": another write of the VPC in progress, or throttling (vpcnet.routes
+# keeps retrying these until a deadline that covers a boot storm).
+BUSY_CODES = {c.lower() for c in ("TaskConflict", "OperationConflict", "LastTokenProcessing",
+                                   "OperationFailed.LastTokenProcessing", "IncorrectStatus.RouteTableStatus",
+                                   "IncorrectVpcStatus", "SystemBusy", "ServiceBusy")}
+QUOTA_HINT = ("raise the quota of custom route entries per route table in the Alibaba Cloud Quota Center "
+              "(https://quotas.console.aliyun.com/, product VPC, \"custom route entries per route table\"), then "
+              "set VPCNET_ROUTE_TABLE_QUOTA to the new figure; or remove unused entries (`vpcnet routes gc`)")
 DUPLICATE_CODES = {c.lower() for c in (
     "InvalidCIDRBlock.Duplicate", "InvalidRouteEntry.Duplicate", "RouterEntryConflict.Duplicated",
 )}
@@ -111,7 +128,8 @@ FATAL_HINTS = {k.lower(): v for k, v in {
                             "VPCNET_ALIYUN_RAM_ROLE or the credentials file's security_token",
     "MissingSecurityToken": "this AccessKey is a temporary (STS) key: put its security_token in the "
                             "credentials file, or use VPCNET_ALIYUN_RAM_ROLE",
-    "InvalidRouteTableId.NotFound": "check VPCNET_ALIYUN_ROUTE_TABLE_ID and VPCNET_ALIYUN_REGION_ID",
+    "InvalidRouteTableId.NotFound": "check VPCNET_ALIYUN_ROUTE_TABLE_ID (every id of the list) and "
+                                    "VPCNET_ALIYUN_REGION_ID",
     "InvalidInstanceId.NotFound": "the next-hop instance is not in this region: check "
                                   "VPCNET_ALIYUN_INSTANCE_ID and VPCNET_ALIYUN_REGION_ID",
     "InvalidCidrBlock.Malformed": "the destination is not a valid CIDR",
@@ -467,8 +485,10 @@ class _RpcClient:
         if _code_in(code, STS_EXPIRED_CODES) and self._credentials.source == "ram-role":
             self._credentials.invalidate()
             raise _error(Retryable, f"{where}: fetching new RAM role credentials", code)
+        if _code_in(code, BUSY_CODES) or code.lower().startswith("throttling") or status == 429:
+            raise _error(Busy, where, code)
         if (_code_in(code, RETRYABLE_CODES) or code.lower().startswith(RETRYABLE_PREFIXES)
-                or status >= 500 or status == 429):
+                or status >= 500):
             raise _error(Retryable, where, code)
         raise _error(Fatal, f"{where}: {_hint(code)}", code)
 
@@ -525,6 +545,7 @@ class AliyunProvider(Provider):
 
     name = "aliyun"
     instant = False
+    quota_hint = QUOTA_HINT
 
     def __init__(self, config, ecs_endpoint: str = ""):
         self._config = config
@@ -577,17 +598,18 @@ class AliyunProvider(Provider):
                                        self._credentials)
             return self._vpc
 
-    def _route_table(self) -> str:
+    def _route_tables(self) -> list[str]:
         with self._lock:
-            if "table" not in self._values:
-                self._values["table"] = self._config.aliyun_route_table_id or self._discover_table()
-            return self._values["table"]
+            if "tables" not in self._values:
+                configured = table_list(self._config.aliyun_route_table_id)
+                self._values["tables"] = ",".join(configured or self._discover_tables())
+            return self._values["tables"].split(",")
 
-    def _discover_table(self) -> str:
-        """The VPC's system route table (the VRouter's), the one every vSwitch uses by default.
+    def _route_table(self, table: str = "") -> str:
+        return table or self._route_tables()[0]
 
-        vSwitches bound to custom route tables need VPCNET_ALIYUN_ROUTE_TABLE_ID set explicitly.
-        """
+    def _discover_tables(self) -> list[str]:
+        """The tables the VPC's vSwitches are bound to; the VPC's only table; else refuse to guess."""
         vpc = self.vpc_id()
         tables: list[dict] = []
         for page in range(1, 11):
@@ -599,28 +621,47 @@ class AliyunProvider(Provider):
             total = int(data.get("TotalCount") or 0)
             if not batch or len(tables) >= total:
                 break
-        tables = [t for t in tables if t.get("VpcId", vpc) == vpc and t.get("RouteTableId")]
+        tables = [t for t in tables if t.get("VpcId", vpc) == vpc and t.get("RouteTableId")
+                  and t.get("RouterType", "VRouter") == "VRouter"]
         if not tables:
             raise Fatal(f"no route table found for VPC {vpc} in region {self.region()}: check "
                         "VPCNET_ALIYUN_VPC_ID, or set VPCNET_ALIYUN_ROUTE_TABLE_ID")
 
         def rank(t: dict) -> tuple:
-            return (t.get("RouteTableType", "System") != "System", t.get("RouterType", "VRouter") != "VRouter")
+            return (t.get("RouteTableType", "System") != "System", t["RouteTableId"])
 
-        table = sorted(tables, key=rank)[0]["RouteTableId"]
-        log.info("aliyun route table of VPC %s: %s", vpc, table)
-        return table
+        tables.sort(key=rank)
+        if len(tables) == 1:
+            found = [tables[0]["RouteTableId"]]
+        else:
+            found = [t["RouteTableId"] for t in tables if _items(t, "VSwitchIds", "VSwitchId")
+                     or (isinstance((t.get("VSwitchIds") or {}).get("VSwitchId"), list)
+                         and t["VSwitchIds"]["VSwitchId"])]
+            if not found:
+                names = ", ".join(f"{t['RouteTableId']} ({t.get('RouteTableType', '?')})" for t in tables)
+                raise Fatal(f"VPC {vpc} has {len(tables)} route tables ({names}) and none shows a bound "
+                            "vSwitch: vpcnet does not guess which ones carry container traffic; set "
+                            "VPCNET_ALIYUN_ROUTE_TABLE_ID to the comma-separated list of the tables your "
+                            "hosts' vSwitches use")
+        log.info("aliyun route tables of VPC %s: %s", vpc, ", ".join(found))
+        return found
 
     def table_id(self) -> str:
-        """The table's id; a description instead when it cannot be found yet (messages only)."""
+        """The first table's id; a description instead when it cannot be found yet (messages only)."""
         try:
             return self._route_table()
         except VpcnetError as exc:
             return f"(route table not yet known: {exc})"
 
+    def table_ids(self) -> list[str]:
+        return list(self._route_tables())
+
+    def table_quota(self, table: str = "") -> int:
+        return int(getattr(self._config, "route_table_quota", 0) or 0) or DEFAULT_QUOTA
+
     # -- routes -----------------------------------------------------------------------------------
-    def list_routes(self) -> list[Route]:
-        table = self._route_table()
+    def list_routes(self, table: str = "") -> list[Route]:
+        table = self._route_table(table)
         routes: list[Route] = []
         token = ""
         seen: set[str] = set()
@@ -629,7 +670,7 @@ class AliyunProvider(Provider):
             if token:
                 params["NextToken"] = token
             data = self._client().call("DescribeRouteEntryList", params)
-            routes += [_route(e) for e in _items(data, "RouteEntrys", "RouteEntry")]
+            routes += [_route(e, table) for e in _items(data, "RouteEntrys", "RouteEntry")]
             token = str(data.get("NextToken") or "")
             if not token:
                 return routes
@@ -638,24 +679,24 @@ class AliyunProvider(Provider):
             seen.add(token)
         raise Retryable(f"DescribeRouteEntryList of {table}: more than {MAX_PAGES} pages; giving up this pass")
 
-    def create_route(self, destination: str, name: str, description: str, client_token: str) -> None:
-        table = self._route_table()
+    def create_route(self, destination: str, name: str, description: str, client_token: str,
+                     table: str = "") -> None:
+        table = self._route_table(table)
         try:
             self._client().call("CreateRouteEntry", {
                 "RouteTableId": table, "DestinationCidrBlock": destination, "NextHopType": "Instance",
                 "NextHopId": self.instance_id(), "RouteEntryName": name, "Description": description,
                 "ClientToken": client_token})
         except QuotaExceeded as exc:
-            raise _error(QuotaExceeded, f"route table {table} has no room for another custom entry (the "
-                                        f"default limit is {DEFAULT_QUOTA} custom entries per table; "
-                                        f"remove unused entries or ask Alibaba Cloud for a higher quota): "
-                                        f"{exc}", getattr(exc, "code", "")) from None
+            raise _error(QuotaExceeded, f"route table {table} has no room for another custom entry (quota "
+                                        f"{self.table_quota(table)} custom entries per table; "
+                                        f"{QUOTA_HINT}): {exc}", getattr(exc, "code", "")) from None
         except DuplicateRoute as exc:
             raise _error(DuplicateRoute, f"route table {table} already has an entry for {destination}: {exc}",
                          getattr(exc, "code", "")) from None
 
     def delete_route(self, route: Route) -> None:
-        params = {"RouteTableId": self._route_table()}
+        params = {"RouteTableId": self._route_table(route.table)}
         if route.route_id:
             params["RouteEntryId"] = route.route_id
         else:
@@ -733,7 +774,7 @@ def _items(data: dict, outer: str, inner: str) -> list[dict]:
     return [x for x in box if isinstance(x, dict)] if isinstance(box, list) else []
 
 
-def _route(entry: dict) -> Route:
+def _route(entry: dict, table: str = "") -> Route:
     """One RouteEntry as a Route; `next_hop` is the instance id only for a single Instance next hop."""
     hops = _items(entry, "NextHops", "NextHop")
     if not hops and (entry.get("NextHopId") or entry.get("InstanceId")):
@@ -748,4 +789,5 @@ def _route(entry: dict) -> Route:
     return Route(destination=str(entry.get("DestinationCidrBlock", "")), next_hop=next_hop,
                  status=str(entry.get("Status") or "Available"), kind=str(entry.get("Type") or "Custom"),
                  name=str(entry.get("RouteEntryName") or ""), description=str(entry.get("Description") or ""),
-                 route_id=str(entry.get("RouteEntryId") or ""), next_hop_type=hop_type)
+                 route_id=str(entry.get("RouteEntryId") or ""), next_hop_type=hop_type,
+                 table=str(entry.get("RouteTableId") or table))

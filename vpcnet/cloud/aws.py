@@ -1,21 +1,39 @@
-"""The `aws` provider: one EC2 route table, `host CIDR -> this instance`, through botocore.
+"""The `aws` provider: EC2 route tables, `host CIDR -> this instance` in each, through botocore.
 
 Calls: DescribeRouteTables, CreateRoute (`InstanceId`), DeleteRoute, ReplaceRoute, CreateTags/DeleteTags
-on the route table, DescribeInstances, DescribeInstanceAttribute, DescribeNetworkInterfaces and
-DescribeSubnets. The IAM policy of the instance (or of the keys given) must allow those `ec2:` actions.
+on the route tables, DescribeInstances, DescribeInstanceAttribute, ModifyInstanceAttribute,
+DescribeNetworkInterfaces, ModifyNetworkInterfaceAttribute and DescribeSubnets. The IAM policy of the
+instance (or of the keys given) must allow those `ec2:` actions. Every request passes through `_api`
+(the one place to count or time API calls).
+
+Route tables: `VPCNET_AWS_ROUTE_TABLE_ID` takes one id or a comma-separated list. Without it the tables
+are discovered once: for each subnet of the VPC (or each subnet named in `VPCNET_AWS_SUBNET_IDS`), the
+table explicitly associated with it (`association.subnet-id`), else the VPC's main table; sorted by id,
+so every host derives the same list. A subnet that is neither (no association and no main table) is
+refused, naming the candidates and the settings. The quota per table is `VPCNET_ROUTE_TABLE_QUOTA`, or
+AWS's default of 50 routes (Service Quotas code L-93826ACB, raisable to 1,000).
+
+Source/destination check: `check_forwarding` reads the instance's SourceDestCheck (and that of its
+secondary ENIs) and, unless `VPCNET_AWS_DISABLE_SOURCE_DEST_CHECK=false`, turns it off
+(ModifyInstanceAttribute / ModifyNetworkInterfaceAttribute, as flannel's aws-vpc backend did); when that
+is not allowed it says exactly what to run.
 Requests are signed by botocore (never by hand); credentials come from botocore's normal chain
 (environment, shared config/credentials files, container role, instance profile).
 
 Ownership marker. EC2 routes carry no name, description or tags, so vpcnet records the routes it made as
 tags on the route table itself: key `vpcnet:route:<destination>` (e.g. `vpcnet:route:10.200.3.0/24`),
-value = the instance id the route was created for. The tag is written (CreateTags) right after a
+value = the instance id the route was created for, then ` cluster=<name>` (older tags hold the
+instance id alone). A table holds at most 50 tags, so past 50 vpcnet routes per table the marker cannot
+be written: the create is undone and reported. The tag is written (CreateTags) right after a
 successful CreateRoute and removed (DeleteTags, conditional on the same value) right after DeleteRoute.
 `list_routes` fills a route's `name`/`description` with the `vpcnet` marker only when the table carries
 the tag for its destination AND the tag's value equals the route's next-hop instance, so `Route.marked`
 is True exactly for routes vpcnet made: a hand-made route to the same destination and the same instance
 has no tag of its own and stays unmarked if vpcnet never created it, and a route someone re-pointed by
 hand (ReplaceRoute) no longer matches its tag and is unmarked too. If the tag cannot be written after a
-create, the fresh route is deleted again rather than left behind unowned.
+create for a reason retrying cannot fix, the fresh route is deleted again rather than left behind
+unowned; if tagging keeps failing retryably, the RouteKeeper has recorded the create as uncertain in its
+state dir and tags (adopts) the route on a later pass (`mark_route`).
 
 Retries belong to `vpcnet.routes.RouteKeeper` (bounded exponential backoff with jitter), so botocore's
 own retries are switched off (`total_max_attempts=1`): one provider call = one HTTP request, and a
@@ -54,8 +72,9 @@ import botocore.config
 import botocore.exceptions
 import botocore.session
 
-from vpcnet.cloud import ROUTE_MARKER, DuplicateRoute, Provider, QuotaExceeded, Route
-from vpcnet.errors import Fatal, Retryable, VpcnetError
+from vpcnet.cloud import (ROUTE_MARKER, DuplicateRoute, Provider, QuotaExceeded, Route, route_description,
+                          route_name, table_list)
+from vpcnet.errors import Busy, Fatal, Retryable, VpcnetError
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +92,18 @@ RETRYABLE_CODES = frozenset({
     "InternalFailure", "ServiceUnavailable", "Unavailable", "RequestTimeout", "RequestTimeoutException",
     "ConcurrentTagAccess", "PriorRequestNotComplete",
 })
+# Of those, the ones meaning "not now" (throttled, or another change in progress): retried until a
+# deadline that covers a boot storm.
+BUSY_CODES = frozenset({
+    "RequestLimitExceeded", "Throttling", "ThrottlingException", "RequestThrottled",
+    "RequestThrottledException", "TooManyRequestsException", "SlowDown", "ConcurrentTagAccess",
+    "PriorRequestNotComplete",
+})
+QUOTA_CODE = "L-93826ACB"               # Service Quotas: Amazon VPC "Routes per route table"
+QUOTA_HINT = (f"raise \"Routes per route table\" (Service Quotas code {QUOTA_CODE}, up to 1,000): `aws "
+              f"service-quotas request-service-quota-increase --service-code vpc --quota-code {QUOTA_CODE} "
+              "--desired-value N`, then set VPCNET_ROUTE_TABLE_QUOTA=N; or remove unused routes "
+              "(`vpcnet routes gc`)")
 
 _CONNECTION_ERRORS = (
     botocore.exceptions.EndpointConnectionError,
@@ -114,6 +145,24 @@ def tag_key(destination: str) -> str:
     return TAG_PREFIX + destination
 
 
+def _tag_value(instance: str, description: str) -> str:
+    """The tag value: the instance, then ` cluster=<name>` when the description names one."""
+    cluster = Route(destination="", next_hop="", name=ROUTE_MARKER, description=description).cluster
+    return f"{instance} cluster={cluster}" if cluster else instance
+
+
+def _tag_owner(value: str) -> tuple[str, str]:
+    """(instance, cluster) from a tag value ("" for what it does not hold)."""
+    parts = value.split()
+    instance = parts[0] if parts else ""
+    cluster = next((p[len("cluster="):] for p in parts[1:] if p.startswith("cluster=")), "")
+    return instance, cluster
+
+
+def _tags(described: dict) -> dict[str, str]:
+    return {t.get("Key", ""): t.get("Value", "") for t in described.get("Tags", []) or []}
+
+
 class _ApiError(Exception):
     """An EC2 error answer, before it is mapped to vpcnet's error family."""
 
@@ -123,6 +172,8 @@ class _ApiError(Exception):
 
     def mapped(self) -> VpcnetError:
         text = f"{self.what}: EC2 answered {self.code or 'HTTP ' + str(self.status)}: {self.message}"
+        if self.code in BUSY_CODES or self.status == 429:
+            return Busy(text)
         if self.code in RETRYABLE_CODES or self.status >= 500:
             return Retryable(text)
         return Fatal(text)
@@ -182,6 +233,8 @@ class _Imds:
 class AwsProvider(Provider):
     name = "aws"
     instant = False
+    checks_forwarding = True
+    quota_hint = QUOTA_HINT
 
     def __init__(self, config, session: botocore.session.Session | None = None):
         self.config = config
@@ -189,7 +242,7 @@ class AwsProvider(Provider):
         self._imds = _Imds(config.aws_metadata_url)
         self._instance = config.aws_instance_id
         self._region = config.aws_region
-        self._table = config.aws_route_table_id
+        self._tables = table_list(config.aws_route_table_id)
         self._vpc_id = ""
         self._session: botocore.session.Session | None = None
         self._client = None
@@ -197,6 +250,7 @@ class AwsProvider(Provider):
         # (client_token, destination) of creates whose outcome is unknown (retryable failure, or the
         # route landed but tagging failed): a retry with the same token may finish them.
         self._uncertain: set[tuple[str, str]] = set()
+        self._disabled_checks: set[str] = set()   # instance/ENI ids whose check vpcnet turned off
         _cap_botocore_debug()
 
     # -- identity ---------------------------------------------------------------------------------
@@ -221,25 +275,57 @@ class AwsProvider(Provider):
             return self._region
 
     def table_id(self) -> str:
-        with self._lock:
-            if not self._table:
-                self._table = self._discover_table()
-            return self._table
+        return self.table_ids()[0]
 
-    def _discover_table(self) -> str:
-        """The table associated with this instance's subnet, else the VPC's main table."""
-        mac = self._imds.get("/latest/meta-data/mac")
-        base = f"/latest/meta-data/network/interfaces/macs/{mac}"
-        subnet = self._imds.get(base + "/subnet-id")
-        vpc = self._imds.get(base + "/vpc-id")
-        for filters in ([{"Name": "association.subnet-id", "Values": [subnet]}],
-                        [{"Name": "vpc-id", "Values": [vpc]}, {"Name": "association.main", "Values": ["true"]}]):
-            tables = self._call("find the route table", "describe_route_tables", Filters=filters)["RouteTables"]
-            if tables:
-                log.info("aws: using route table %s (subnet %s, vpc %s)", tables[0]["RouteTableId"], subnet, vpc)
-                return tables[0]["RouteTableId"]
-        raise Fatal(f"no route table found for subnet {subnet} or as main table of {vpc}; "
-                    "set VPCNET_AWS_ROUTE_TABLE_ID")
+    def table_ids(self) -> list[str]:
+        with self._lock:
+            if not self._tables:
+                self._tables = self._discover_tables()
+            return list(self._tables)
+
+    def table_quota(self, table: str = "") -> int:
+        return int(getattr(self.config, "route_table_quota", 0) or 0) or DEFAULT_ROUTE_LIMIT
+
+    def _discover_tables(self) -> list[str]:
+        """For each subnet of the VPC (or of VPCNET_AWS_SUBNET_IDS): its associated table, else the
+        VPC's main table. Sorted, so every host derives the same list."""
+        named = table_list(getattr(self.config, "aws_subnet_ids", ""))
+        if named:
+            subnets_resp = self._call("describe the subnets of VPCNET_AWS_SUBNET_IDS", "describe_subnets",
+                                      SubnetIds=named)
+            vpcs = {s.get("VpcId", "") for s in subnets_resp.get("Subnets", [])}
+            if len(vpcs) != 1:
+                raise Fatal(f"VPCNET_AWS_SUBNET_IDS ({', '.join(named)}) must name subnets of one VPC "
+                            f"(they are in: {', '.join(sorted(vpcs)) or 'none'})")
+            vpc, subnets = vpcs.pop(), named
+        else:
+            mac = self._imds.get("/latest/meta-data/mac")
+            vpc = self._imds.get(f"/latest/meta-data/network/interfaces/macs/{mac}/vpc-id")
+            subnets = sorted(s["SubnetId"] for s in self._call(
+                f"list the subnets of {vpc}", "describe_subnets",
+                Filters=[{"Name": "vpc-id", "Values": [vpc]}]).get("Subnets", []))
+        tables = self._call(f"list the route tables of {vpc}", "describe_route_tables",
+                            Filters=[{"Name": "vpc-id", "Values": [vpc]}]).get("RouteTables", [])
+        main = [t["RouteTableId"] for t in tables
+                if any(a.get("Main") for a in t.get("Associations", []) or [])]
+        by_subnet = {a["SubnetId"]: t["RouteTableId"] for t in tables
+                     for a in t.get("Associations", []) or [] if a.get("SubnetId")}
+        found: set[str] = set()
+        for subnet in subnets:
+            table = by_subnet.get(subnet) or (main[0] if len(main) == 1 else "")
+            if not table:
+                candidates = ", ".join(sorted(t["RouteTableId"] for t in tables)) or "none"
+                raise Fatal(f"subnet {subnet} of {vpc} has no associated route table and the VPC has no "
+                            f"single main table (candidates: {candidates}): vpcnet does not guess; set "
+                            "VPCNET_AWS_ROUTE_TABLE_ID to the comma-separated list of tables, or "
+                            "VPCNET_AWS_SUBNET_IDS to the subnets your hosts use")
+            found.add(table)
+        if not found:
+            raise Fatal(f"no subnet found in {vpc}: set VPCNET_AWS_ROUTE_TABLE_ID or VPCNET_AWS_SUBNET_IDS")
+        self._vpc_id = vpc
+        result = sorted(found)
+        log.info("aws: route tables of %s: %s", vpc, ", ".join(result))
+        return result
 
     # -- botocore ---------------------------------------------------------------------------------
     def _make_session(self) -> botocore.session.Session:
@@ -318,8 +404,8 @@ class AwsProvider(Provider):
         except _ApiError as exc:
             raise exc.mapped() from None
 
-    def _describe_table(self) -> dict:
-        table = self.table_id()
+    def _describe_table(self, table: str = "") -> dict:
+        table = table or self.table_id()
         try:
             tables = self._api(f"describe route table {table}", "describe_route_tables",
                                RouteTableIds=[table])["RouteTables"]
@@ -334,12 +420,13 @@ class AwsProvider(Provider):
         return tables[0]
 
     # -- routes -----------------------------------------------------------------------------------
-    def list_routes(self) -> list[Route]:
-        table = self._describe_table()
-        tags = {t.get("Key", ""): t.get("Value", "") for t in table.get("Tags", []) or []}
-        return [self._route(r, tags) for r in table.get("Routes", []) or []]
+    def list_routes(self, table: str = "") -> list[Route]:
+        table = table or self.table_id()
+        described = self._describe_table(table)
+        tags = _tags(described)
+        return [self._route(r, tags, table) for r in described.get("Routes", []) or []]
 
-    def _route(self, r: dict, tags: dict[str, str]) -> Route:
+    def _route(self, r: dict, tags: dict[str, str], table: str) -> Route:
         destination = (r.get("DestinationCidrBlock") or r.get("DestinationIpv6CidrBlock")
                        or r.get("DestinationPrefixListId") or "")
         if r.get("InstanceId"):
@@ -356,18 +443,21 @@ class AwsProvider(Provider):
         status = _STATUS.get(state, state.capitalize() if state else "Available")
         kind = "System" if r.get("Origin") in _SYSTEM_ORIGINS else "Custom"
         name = description = ""
-        owner = tags.get(tag_key(destination))
+        owner, cluster = _tag_owner(tags.get(tag_key(destination), ""))
         if kind == "Custom" and hop_type == "Instance" and owner and owner == hop:
-            name = f"{ROUTE_MARKER}-{destination.replace('.', '-').replace('/', '-')}"
-            description = f"{ROUTE_MARKER}: host CIDR {destination} of {hop} (route table tag {tag_key(destination)})"
+            name = route_name(destination)
+            description = (route_description(destination, hop, cluster) if cluster else
+                           f"{ROUTE_MARKER}: host CIDR {destination} of {hop}")
+            description += f" (route table tag {tag_key(destination)})"
         return Route(destination=destination, next_hop=hop, status=status, kind=kind, name=name,
-                     description=description, route_id="", next_hop_type=hop_type)
+                     description=description, route_id="", next_hop_type=hop_type, table=table)
 
-    def _find(self, destination: str) -> dict | None:
-        for r in self._describe_table().get("Routes", []) or []:
+    def _find(self, destination: str, table: str) -> tuple[dict | None, dict[str, str]]:
+        described = self._describe_table(table)
+        for r in described.get("Routes", []) or []:
             if destination in (r.get("DestinationCidrBlock"), r.get("DestinationIpv6CidrBlock")):
-                return r
-        return None
+                return r, _tags(described)
+        return None, _tags(described)
 
     @staticmethod
     def _dest_param(destination: str) -> dict:
@@ -375,26 +465,27 @@ class AwsProvider(Provider):
             return {"DestinationIpv6CidrBlock": destination}
         return {"DestinationCidrBlock": destination}
 
-    def create_route(self, destination: str, name: str, description: str, client_token: str) -> None:
-        me, table = self.instance_id(), self.table_id()
-        key = (client_token, destination)
+    def create_route(self, destination: str, name: str, description: str, client_token: str,
+                     table: str = "") -> None:
+        me, table = self.instance_id(), table or self.table_id()
+        key = (client_token, destination, table)
+        value = _tag_value(me, description)
         what = f"create route {destination} -> {me} in {table}"
         try:
             self._api(what, "create_route", RouteTableId=table, InstanceId=me, **self._dest_param(destination))
         except _ApiError as exc:
             if exc.code == "RouteAlreadyExists":
-                existing = self._find(destination) if key in self._uncertain else None
+                existing = self._find(destination, table)[0] if key in self._uncertain else None
                 if existing is not None and existing.get("InstanceId") == me:
                     log.info("aws: route %s -> %s from an earlier attempt is in place; tagging it",
                              destination, me)
-                    self._tag(destination, me, key)
+                    self._tag(destination, me, value, key, table)
                     return
                 raise DuplicateRoute(f"route table {table} already has a route for {destination}") from None
             if exc.code == "RouteLimitExceeded":
                 raise QuotaExceeded(
-                    f"route table {table} holds as many routes as it may (AWS default: {DEFAULT_ROUTE_LIMIT} "
-                    f"routes per route table; raise it through Service Quotas or use a larger host "
-                    f"prefix): {exc.message}") from None
+                    f"route table {table} holds as many routes as it may (quota {self.table_quota(table)}; "
+                    f"{QUOTA_HINT}): {exc.message}") from None
             mapped = exc.mapped()
             if isinstance(mapped, Retryable):
                 self._uncertain.add(key)
@@ -402,13 +493,12 @@ class AwsProvider(Provider):
         except Retryable:
             self._uncertain.add(key)     # timeout or dropped connection: the create may have landed
             raise
-        self._tag(destination, me, key)
+        self._tag(destination, me, value, key, table)
 
-    def _tag(self, destination: str, me: str, key: tuple[str, str]) -> None:
-        table = self.table_id()
+    def _tag(self, destination: str, me: str, value: str, key: tuple, table: str) -> None:
         try:
             self._call(f"tag route table {table} for {destination}", "create_tags",
-                       Resources=[table], Tags=[{"Key": tag_key(destination), "Value": me}])
+                       Resources=[table], Tags=[{"Key": tag_key(destination), "Value": value}])
         except Retryable:
             self._uncertain.add(key)     # the retry (same token) finds the route and tags it
             raise
@@ -421,12 +511,20 @@ class AwsProvider(Provider):
             except VpcnetError as undo:
                 log.warning("aws: could not remove untagged route %s from %s: %s", destination, table, undo)
             raise Fatal(f"route {destination} -> {me} could not be marked as vpcnet's (ec2:CreateTags on "
-                        f"{table} is needed): {exc}") from None
+                        f"{table} is needed; a route table holds at most 50 tags): {exc}") from None
         self._uncertain.discard(key)
 
+    def mark_route(self, route: Route, name: str, description: str) -> bool:
+        """Tag an existing route to this instance (a create whose tagging failed, found again later)."""
+        me = self.instance_id()
+        table = route.table or self.table_id()
+        self._call(f"tag route table {table} for {route.destination}", "create_tags",
+                   Resources=[table], Tags=[{"Key": tag_key(route.destination), "Value": _tag_value(me, description)}])
+        return True
+
     def delete_route(self, route: Route) -> None:
-        table = self.table_id()
-        current = self._find(route.destination)
+        table = route.table or self.table_id()
+        current, tags = self._find(route.destination, table)
         if current is not None:
             hop = current.get("InstanceId") or current.get("NetworkInterfaceId") or ""
             if route.next_hop and hop != route.next_hop:
@@ -440,17 +538,18 @@ class AwsProvider(Provider):
             except _ApiError as exc:
                 if exc.code != "InvalidRoute.NotFound":
                     raise exc.mapped() from None
-        if route.next_hop:
+        value = tags.get(tag_key(route.destination), "")
+        if route.next_hop and value and _tag_owner(value)[0] == route.next_hop:
             # Conditional on the value: a tag another host wrote for this destination since stays.
             self._call(f"untag route table {table} for {route.destination}", "delete_tags",
-                       Resources=[table], Tags=[{"Key": tag_key(route.destination), "Value": route.next_hop}])
+                       Resources=[table], Tags=[{"Key": tag_key(route.destination), "Value": value}])
 
-    def replace_route(self, destination: str) -> None:
+    def replace_route(self, destination: str, description: str = "", table: str = "") -> None:
         """Point an existing route at this instance (ReplaceRoute) and mark it as vpcnet's."""
-        me, table = self.instance_id(), self.table_id()
+        me, table = self.instance_id(), table or self.table_id()
         self._call(f"replace route {destination} -> {me} in {table}", "replace_route",
                    RouteTableId=table, InstanceId=me, **self._dest_param(destination))
-        self._tag(destination, me, ("replace", destination))
+        self._tag(destination, me, _tag_value(me, description), ("replace", destination, table), table)
 
     # -- instances and the VPC --------------------------------------------------------------------
     def instance_exists(self, instance_id: str) -> bool:
@@ -493,36 +592,52 @@ class AwsProvider(Provider):
             params["NextToken"] = token
         return sorted(set(cidrs), key=ipaddress.IPv4Network)
 
-    def preflight(self) -> list[str]:
-        warnings: list[str] = []
-        try:
-            me = self.instance_id()
-            attr = self._call(f"check source/destination check of {me}", "describe_instance_attribute",
-                              InstanceId=me, Attribute="sourceDestCheck")
-        except VpcnetError as exc:
-            return [f"could not check the source/destination check of this instance: {exc}"]
+    def check_forwarding(self, disable: bool) -> list[str]:
+        """SourceDestCheck of this instance and its secondary ENIs: turned off when `disable` (and
+        allowed), else reported with the command that turns it off."""
+        problems: list[str] = []
+        me = self.instance_id()
+        attr = self._call(f"check source/destination check of {me}", "describe_instance_attribute",
+                          InstanceId=me, Attribute="sourceDestCheck")
         if (attr.get("SourceDestCheck") or {}).get("Value"):
-            warnings.append(
-                f"source/destination check is enabled on instance {me}: the VPC will drop routed "
-                f"container traffic; disable it with `aws ec2 modify-instance-attribute --instance-id {me} "
-                "--no-source-dest-check`")
+            problems += self._turn_off(
+                me, disable, f"aws ec2 modify-instance-attribute --instance-id {me} --no-source-dest-check",
+                "ModifyInstanceAttribute", "modify_instance_attribute", InstanceId=me,
+                SourceDestCheck={"Value": False})
         # The instance attribute is its primary ENI's; other ENIs have their own, and container traffic
         # leaving through one of them is dropped too.
-        try:
-            enis = self._call(f"list network interfaces of {me}", "describe_network_interfaces",
-                              Filters=[{"Name": "attachment.instance-id", "Values": [me]}])
-        except VpcnetError as exc:
-            warnings.append(f"could not check the network interfaces of {me}: {exc}")
-            return warnings
+        enis = self._call(f"list network interfaces of {me}", "describe_network_interfaces",
+                          Filters=[{"Name": "attachment.instance-id", "Values": [me]}])
         for eni in enis.get("NetworkInterfaces", []):
             index = (eni.get("Attachment") or {}).get("DeviceIndex", 0)
             if index != 0 and eni.get("SourceDestCheck"):
                 eni_id = eni.get("NetworkInterfaceId", "?")
-                warnings.append(
-                    f"source/destination check is enabled on network interface {eni_id} of instance {me}: "
-                    "container traffic through it will be dropped; disable it with `aws ec2 "
-                    f"modify-network-interface-attribute --network-interface-id {eni_id} --no-source-dest-check`")
-        return warnings
+                problems += self._turn_off(
+                    eni_id, disable, f"aws ec2 modify-network-interface-attribute --network-interface-id "
+                    f"{eni_id} --no-source-dest-check", "ModifyNetworkInterfaceAttribute",
+                    "modify_network_interface_attribute", NetworkInterfaceId=eni_id,
+                    SourceDestCheck={"Value": False})
+        return problems
+
+    def _turn_off(self, what: str, disable: bool, command: str, action: str, op: str, **params) -> list[str]:
+        on = (f"source/destination check is enabled on {what}: the VPC drops routed container traffic "
+              f"to and from this host")
+        if not disable:
+            return [f"{on}; turn it off with `{command}` (VPCNET_AWS_DISABLE_SOURCE_DEST_CHECK=false keeps "
+                    "vpcnet from doing it)"]
+        try:
+            self._api(f"turn off source/destination check of {what}", op, **params)
+        except _ApiError as exc:
+            if exc.code in ("UnauthorizedOperation", "AccessDenied", "AccessDeniedException"):
+                return [f"{on}, and this host may not turn it off (ec2:{action} is not allowed): run "
+                        f"`{command}`, or grant ec2:{action} to the instance's role"]
+            raise exc.mapped() from None
+        if what in self._disabled_checks:
+            log.warning("aws: source/destination check of %s was turned on again; turned it off again", what)
+        else:
+            log.info("aws: turned off the source/destination check of %s", what)
+        self._disabled_checks.add(what)
+        return []
 
     def close(self) -> None:
         with self._lock:

@@ -51,11 +51,12 @@ class LocalProvider(Provider):
                     os.fsync(fh.fileno())
                 os.replace(tmp, self._path)
 
-    def list_routes(self) -> list[Route]:
+    def list_routes(self, table: str = "") -> list[Route]:
         with self._table(write=False) as entries:
-            return [Route(**e) for e in entries]
+            return [Route(**{**e, "table": self._path}) for e in entries]
 
-    def create_route(self, destination: str, name: str, description: str, client_token: str) -> None:
+    def create_route(self, destination: str, name: str, description: str, client_token: str,
+                     table: str = "") -> None:
         with self._table(write=True) as entries:
             if any(e["destination"] == destination for e in entries):
                 raise DuplicateRoute(f"local route table already has an entry for {destination}")

@@ -67,6 +67,34 @@ def _delete_route_entry(emu: Emulator, p: dict) -> dict:
     return {}
 
 
+def _indexed(p: dict, prefix: str) -> list[dict]:
+    """`Prefix.1.Field=...`, `Prefix.2.Field=...` -> [{Field: ...}, ...] in index order (RPC lists)."""
+    items: dict[int, dict] = {}
+    for key, value in p.items():
+        if not key.startswith(prefix + "."):
+            continue
+        index, _, name = key[len(prefix) + 1:].partition(".")
+        if not index.isdigit() or not name:
+            raise ApiError("InvalidParameter", f"The parameter {key} is malformed.")
+        items.setdefault(int(index), {})[name] = value
+    return [items[i] for i in sorted(items)]
+
+
+def _create_route_entries(emu: Emulator, p: dict) -> dict:
+    entries = _indexed(p, "RouteEntries")
+    for e in entries:       # Alibaba spells the field `Describption` in this call
+        if "Describption" in e:
+            e.setdefault("Description", e.pop("Describption"))
+    ids, failed = emu.create_route_entries(entries, client_token=p.get("ClientToken", ""))
+    return {"SuccessCount": len(ids), "FailedCount": len(failed), "RouteEntryIds": ids,
+            "FailedRouteEntries": failed}
+
+
+def _delete_route_entries(emu: Emulator, p: dict) -> dict:
+    done, failed = emu.delete_route_entries(_indexed(p, "RouteEntries"))
+    return {"SuccessCount": len(done), "FailedCount": len(failed), "FailedRouteEntries": failed}
+
+
 def _describe_route_entry_list(emu: Emulator, p: dict) -> dict:
     max_result = _int_param(p, "MaxResult", 100, 1, 100)
     filters = {k: p.get(k, "") for k in ("RouteEntryId", "RouteEntryName", "DestinationCidrBlock",
@@ -79,7 +107,7 @@ def _describe_route_entry_list(emu: Emulator, p: dict) -> dict:
 def _describe_route_table_list(emu: Emulator, p: dict) -> dict:
     page = _int_param(p, "PageNumber", 1, 1, 1_000_000)
     size = _int_param(p, "PageSize", 10, 1, 50)
-    tables = emu.describe_route_tables(p.get("VpcId", ""), p.get("RouteTableId", ""))
+    tables = emu.describe_route_tables(p.get("VpcId", ""), p.get("RouteTableId", ""), p.get("VSwitchId", ""))
     return {"TotalCount": len(tables), "PageNumber": page, "PageSize": size,
             "RouterTableList": {"RouterTableListType": tables[(page - 1) * size: page * size]}}
 
@@ -113,6 +141,8 @@ def _describe_instances(emu: Emulator, p: dict) -> dict:
 ACTIONS = {
     "CreateRouteEntry": _create_route_entry,
     "DeleteRouteEntry": _delete_route_entry,
+    "CreateRouteEntries": _create_route_entries,
+    "DeleteRouteEntries": _delete_route_entries,
     "DescribeRouteEntryList": _describe_route_entry_list,
     "DescribeRouteTableList": _describe_route_table_list,
     "DescribeVSwitches": _describe_vswitches,
@@ -213,7 +243,8 @@ def create_app(emulator: Emulator) -> Flask:
         try:
             config = emulator.configure(pending_delay=data.get("pending_delay"),
                                         deleting_delay=data.get("deleting_delay"),
-                                        quota=data.get("quota"))
+                                        quota=data.get("quota"),
+                                        write_interval=data.get("write_interval"))
         except (TypeError, ValueError) as exc:
             return _bad(str(exc))
         return _json(config)
@@ -224,11 +255,43 @@ def create_app(emulator: Emulator) -> Flask:
         table_id = data.get("route_table_id")
         if not isinstance(table_id, str) or not table_id:
             return _bad("need {\"route_table_id\": str, \"vpc_id\": str (optional)}")
+        vswitches = data.get("vswitches") or {}
+        if not isinstance(vswitches, dict):
+            return _bad("vswitches must be {vSwitch id: CIDR}")
         try:
-            emulator.add_route_table(table_id, data.get("vpc_id"))
-        except ValueError as exc:
+            emulator.add_route_table(table_id, data.get("vpc_id"), quota=data.get("quota"), vswitches=vswitches)
+        except ApiError as exc:
+            return _bad(f"{exc.code}: {exc.message}", exc.status)
+        except (TypeError, ValueError) as exc:
             return _bad(str(exc), 409)
         return _json({"route_table_id": table_id})
+
+    @app.post("/_emulator/route-tables/<table_id>")
+    def admin_table_quota(table_id):
+        """{"quota": N or null}: this table's custom-entry quota."""
+        data = _body()
+        try:
+            emulator.set_table_quota(table_id, data.get("quota"))
+        except ApiError as exc:
+            return _bad(f"{exc.code}: {exc.message}", exc.status)
+        except (TypeError, ValueError) as exc:
+            return _bad(str(exc))
+        return _json({"route_table_id": table_id, "quota": emulator.table_quota(table_id)})
+
+    @app.post("/_emulator/vswitches")
+    def admin_add_vswitch():
+        """{"vswitch_id", "cidr", "route_table_id" (default: the system table), "zone_id"}."""
+        data = _body()
+        vsw, cidr = data.get("vswitch_id"), data.get("cidr")
+        if not isinstance(vsw, str) or not vsw or not isinstance(cidr, str):
+            return _bad("need {\"vswitch_id\": str, \"cidr\": str, \"route_table_id\": str (optional)}")
+        try:
+            emulator.add_vswitch(vsw, cidr, data.get("route_table_id"), data.get("zone_id", ""))
+        except ApiError as exc:
+            return _bad(f"{exc.code}: {exc.message}", exc.status)
+        except (TypeError, ValueError) as exc:
+            return _bad(str(exc))
+        return _json({"vswitch_id": vsw, "cidr": cidr})
 
     @app.post("/_emulator/entries")
     def admin_add_entry():

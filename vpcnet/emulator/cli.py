@@ -16,8 +16,10 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "emulator", help="run an Alibaba-Cloud-compatible VPC API emulator (for tests and the lab)",
         description="Serve a subset of the Alibaba Cloud VPC API (CreateRouteEntry, DeleteRouteEntry, "
-                    "DescribeRouteEntryList, DescribeRouteTableList, DescribeInstances) with signature "
-                    "checks, Pending/Deleting delays, quota, TaskConflict and fault injection. Admin "
+                    "CreateRouteEntries, DeleteRouteEntries, DescribeRouteEntryList, DescribeRouteTableList, "
+                    "DescribeInstances) with signature checks, Pending/Deleting delays, per-table quotas, a "
+                    "VPC-wide write lock (TaskConflict), several route tables bound to vSwitches and fault "
+                    "injection. Admin "
                     "endpoints (unsigned JSON) live under /_emulator/.")
     p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
                    help=f"address to listen on (default {DEFAULT_LISTEN})")
@@ -30,6 +32,15 @@ def register(subparsers) -> None:
                    help="seconds an entry stays Deleting (default 0)")
     p.add_argument("--quota", type=int, default=200, metavar="N",
                    help="custom entries per route table (default 200)")
+    p.add_argument("--write-interval", type=float, default=0.0, metavar="S",
+                   help="the VPC takes one route-table write per S seconds, answering TaskConflict to "
+                        "writes in between (default 0: only while an entry is Pending/Deleting)")
+    p.add_argument("--route-table", action="append", default=[], metavar="ID[=VSW:CIDR,...]",
+                   help="an extra (custom) route table, with the vSwitches bound to it (repeatable; the "
+                        "--route-table-id table binds vSwitches the same way)")
+    p.add_argument("--kernel-table", action="append", default=[], metavar="ID=N",
+                   help="with --router-netns: install route table ID's routes in kernel table N (repeatable; "
+                        "default: every table into the main table)")
     p.add_argument("--fault-rate", type=float, default=0.0, metavar="P",
                    help="probability (0..1) that a signed request fails with an injected fault")
     p.add_argument("--fault-codes", default="Throttling,ServiceUnavailable,InternalError", metavar="A,B",
@@ -103,7 +114,26 @@ def run(args: argparse.Namespace) -> int:
             if not sep or not iid or not ip:
                 raise ValueError(f"--instance wants ID=IP, got {item!r}")
             instances.append((iid, ip))
-        kwargs = {"vswitch_api": args.describe_vswitches}
+        tables = []
+        for item in args.route_table:
+            table_id, _, binds = item.partition("=")
+            vswitches = {}
+            for bind in (b for b in binds.split(",") if b):
+                vsw, sep, cidr = bind.partition(":")
+                if not sep or not vsw or not cidr:
+                    raise ValueError(f"--route-table wants ID[=VSW:CIDR,...], got {item!r}")
+                vswitches[vsw] = cidr
+            if not table_id:
+                raise ValueError(f"--route-table wants ID[=VSW:CIDR,...], got {item!r}")
+            tables.append((table_id, vswitches))
+        kernel_tables = {}
+        for item in args.kernel_table:
+            table_id, sep, number = item.partition("=")
+            if not sep or not table_id or not number.isdigit() or not 0 < int(number) < 2 ** 31:
+                raise ValueError(f"--kernel-table wants ID=N (N a kernel table number), got {item!r}")
+            kernel_tables[table_id] = int(number)
+        kwargs = {"vswitch_api": args.describe_vswitches, "write_interval": args.write_interval,
+                  "kernel_tables": kernel_tables}
         if args.vswitch_cidr:
             kwargs["vswitch_cidrs"] = args.vswitch_cidr
         emu = Emulator(region=args.region, vpc_id=args.vpc_id, route_table_id=args.route_table_id,
@@ -120,6 +150,13 @@ def run(args: argparse.Namespace) -> int:
             emu.add_sts_credentials(key_id, secret, token)
         for iid, ip in instances:
             emu.register_instance(iid, ip)
+        known = {t["RouteTableId"] for t in emu.route_tables()}
+        for table_id, vswitches in tables:
+            if table_id not in known:          # a state file may hold it already
+                emu.add_route_table(table_id, vswitches=vswitches)
+            else:
+                for vsw, cidr in vswitches.items():
+                    emu.add_vswitch(vsw, cidr, table_id)
         emu.set_faults(rate=args.fault_rate, codes=args.fault_codes, latency=args.latency)
         server = make_emulator_server(emu, host, port)
     except (ValueError, OSError) as exc:

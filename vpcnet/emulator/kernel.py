@@ -1,7 +1,8 @@
 """Route entries as kernel routes in a "VPC router" network namespace.
 
 Each Available entry `DEST -> instance` becomes `DEST via <instance's underlay IP>` in the namespace's
-main table, so packets between simulated hosts really follow the emulated route table. Only routes with
+main table (or, with several emulated tables, in the kernel table given for its emulated table), so
+packets between simulated hosts really follow the emulated route table. Only routes with
 our own `proto` value are ever listed, replaced or removed: routes someone else installed are left alone.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ class KernelRouteError(Exception):
 
 
 class KernelRoutes:
-    """Keeps the emulator's routes in one network namespace (IPv4, main table)."""
+    """Keeps the emulator's routes in one kernel routing table of one network namespace (IPv4)."""
 
     def __init__(self, netns: str, proto: int = RTPROT_EMULATOR, table: int = MAIN_TABLE):
         if not netns or "/" in netns or netns in (".", ".."):

@@ -7,6 +7,13 @@ here, so tests and the lab can also drive it directly.
 Entries move `Pending -> Available` after `pending_delay` seconds and `Deleting -> gone` after
 `deleting_delay`. Transitions happen lazily on every access and in a small ticker thread (so kernel
 routes and the state file follow promptly even when nobody asks).
+
+Like the real VPC, route-table writes are serialised per VPC, not per table: while any entry of any
+table of the VPC is Pending or Deleting, or less than `write_interval` seconds after the VPC's last
+accepted write, every create or delete in that VPC answers `TaskConflict`. The batch calls
+(CreateRouteEntries / DeleteRouteEntries, at most 50 entries each) are one write. Each table has its
+own custom-entry quota (default: the emulator's `quota`), and vSwitches are bound to tables (one table
+per vSwitch; DescribeRouteTableList shows each table's `VSwitchIds`).
 """
 from __future__ import annotations
 
@@ -23,6 +30,9 @@ from datetime import datetime, timezone
 from vpcnet.cloud.aliyun_signature import verify
 
 log = logging.getLogger(__name__)
+
+#: Most entries one CreateRouteEntries / DeleteRouteEntries call takes (Alibaba's limit).
+MAX_BATCH = 50
 
 #: Fault codes the emulator can inject, with their HTTP status.
 FAULT_STATUS = {
@@ -88,6 +98,12 @@ def _parse_timestamp(value: str) -> float:
                    "The specified Timestamp is not in the format YYYY-MM-DDThh:mm:ssZ (UTC).")
 
 
+def _quota(value) -> int:
+    if isinstance(value, bool) or int(value) != value or int(value) < 0:
+        raise ValueError("quota must be a non-negative integer")
+    return int(value)
+
+
 def _public(entry: dict) -> dict:
     """An entry as the API shows it (internal bookkeeping fields start with '_')."""
     out = {k: v for k, v in entry.items() if not k.startswith("_")}
@@ -105,12 +121,18 @@ class Emulator:
                  state_file: str | None = None, router_netns: str | None = None,
                  seed: int | None = None,
                  vswitch_cidrs: tuple[str, ...] | list[str] = DEFAULT_VSWITCH_CIDRS,
-                 vswitch_api: bool = False):
+                 vswitch_api: bool = False, write_interval: float = 0.0,
+                 kernel_tables: dict[str, int] | None = None):
         self.region = region
         self.vpc_id = vpc_id
         self.route_table_id = route_table_id
         self.state_file = state_file
         self.router_netns = router_netns
+        #: Emulated route table -> kernel routing table number in the router namespace. Empty: every
+        #: table's routes go into the main table (the first table wins a destination held by several).
+        #: Given: each emulated table gets its own kernel table, so a router forwarding by the table of
+        #: the packet's vSwitch (policy rules, set up by the lab) sees exactly that table's routes.
+        self.kernel_tables = dict(kernel_tables or {})
         #: Whether DescribeVSwitches is served (off by default: an endpoint without it is a case the
         #: provider must handle, and the agreed interface does not include it).
         self.vswitch_api = bool(vswitch_api)
@@ -129,7 +151,11 @@ class Emulator:
         self.pending_delay = 0.0
         self.deleting_delay = 0.0
         self.quota = 200
-        self.configure(pending_delay=pending_delay, deleting_delay=deleting_delay, quota=quota)
+        self.write_interval = 0.0
+        self.configure(pending_delay=pending_delay, deleting_delay=deleting_delay, quota=quota,
+                       write_interval=write_interval)
+        self._last_write: dict[str, float] = {}     # vpc id -> time of its last accepted write
+        self._conflicts = 0                          # TaskConflicts answered for the write lock
 
         self._rng = random.Random(seed)
         self._fault_rate = 0.0
@@ -138,7 +164,8 @@ class Emulator:
         self._request_counts: dict[str, int] = {}
 
         self._seq = 0
-        self._tables: dict[str, dict] = {}          # id -> {"vpc_id", "entries": {entry id -> entry}}
+        self._tables: dict[str, dict] = {}          # id -> {"vpc_id", "entries", "kind", "quota"}
+        self._vswitches: dict[str, dict] = {}       # vSwitch id -> {"vpc_id", "cidr", "zone", "table"}
         self._instances: dict[str, str] = {}         # instance id -> underlay IP
         self._client_tokens: dict[str, dict] = {}   # token -> {"fingerprint": [...], "entry_id": ...}
         self._nonces: dict[str, float] = {}         # nonce -> time seen
@@ -150,13 +177,15 @@ class Emulator:
                 self._add_table_locked(route_table_id, vpc_id)
             self._save_locked()
 
-        self._kernel = None
+        self._kernel: dict[int, object] = {}
         self._kernel_lock = threading.Lock()
         self._kernel_dirty = threading.Event()
         self._threads: list[threading.Thread] = []
         if router_netns:
             from vpcnet.emulator.kernel import KernelRoutes
-            self._kernel = KernelRoutes(router_netns)
+            from vpcnet.emulator.kernel import MAIN_TABLE
+            for number in sorted(set(self.kernel_tables.values()) or {MAIN_TABLE}):
+                self._kernel[number] = KernelRoutes(router_netns, table=number)
             self.sync_kernel()          # reconcile the namespace with the table at start
             self._start_thread(self._kernel_loop, "vpcnet-emulator-kernel")
         self._start_thread(self._tick_loop, "vpcnet-emulator-ticker")
@@ -188,7 +217,7 @@ class Emulator:
     # ------------------------------------------------------------------ configuration
 
     def configure(self, *, pending_delay: float | None = None, deleting_delay: float | None = None,
-                  quota: int | None = None) -> dict:
+                  quota: int | None = None, write_interval: float | None = None) -> dict:
         with self._lock:
             if pending_delay is not None:
                 pending_delay = float(pending_delay)
@@ -201,11 +230,14 @@ class Emulator:
                     raise ValueError("deleting_delay must be between 0 and 3600 seconds")
                 self.deleting_delay = deleting_delay
             if quota is not None:
-                if isinstance(quota, bool) or int(quota) != quota or int(quota) < 0:
-                    raise ValueError("quota must be a non-negative integer")
-                self.quota = int(quota)
+                self.quota = _quota(quota)
+            if write_interval is not None:
+                write_interval = float(write_interval)
+                if not 0.0 <= write_interval <= 60.0:
+                    raise ValueError("write_interval must be between 0 and 60 seconds")
+                self.write_interval = write_interval
             return {"pending_delay": self.pending_delay, "deleting_delay": self.deleting_delay,
-                    "quota": self.quota}
+                    "quota": self.quota, "write_interval": self.write_interval}
 
     def add_credentials(self, key_id: str, secret: str) -> None:
         with self._lock:
@@ -284,22 +316,88 @@ class Emulator:
         with self._lock:
             return dict(self._instances)
 
-    def add_route_table(self, route_table_id: str, vpc_id: str | None = None) -> None:
+    def add_route_table(self, route_table_id: str, vpc_id: str | None = None, quota: int | None = None,
+                        vswitches: dict[str, str] | None = None) -> None:
+        """A custom route table (the first table of a VPC is its system table). `quota` overrides
+        the emulator-wide custom-entry quota for this table; `vswitches` ({vSwitch id: CIDR}) are created
+        (or re-bound) and bound to it."""
         with self._lock:
             if route_table_id in self._tables:
                 raise ValueError(f"route table {route_table_id} already exists")
-            self._add_table_locked(route_table_id, vpc_id or self.vpc_id)
+            vpc = vpc_id or self.vpc_id
+            first = not any(t["vpc_id"] == vpc for t in self._tables.values())
+            self._add_table_locked(route_table_id, vpc, kind="System" if first else "Custom")
+            if quota is not None:
+                self._tables[route_table_id]["quota"] = _quota(quota)
+            for vsw, cidr in (vswitches or {}).items():
+                self._bind_locked(vsw, cidr, route_table_id)
             self._changed()
+
+    def set_table_quota(self, route_table_id: str, quota: int | None) -> None:
+        """This table's custom-entry quota (None: the emulator-wide `quota`)."""
+        with self._lock:
+            self._table(route_table_id)["quota"] = None if quota is None else _quota(quota)
+            self._changed()
+
+    def table_quota(self, route_table_id: str) -> int:
+        with self._lock:
+            table = self._table(route_table_id)
+            return self.quota if table.get("quota") is None else table["quota"]
+
+    def add_vswitch(self, vswitch_id: str, cidr: str, route_table_id: str | None = None,
+                    zone_id: str = "") -> None:
+        """A vSwitch (CIDR), bound to `route_table_id` (default: the VPC's system table). A vSwitch is
+        bound to exactly one table: adding it again re-binds it."""
+        with self._lock:
+            self._bind_locked(vswitch_id, cidr, route_table_id or self.route_table_id, zone_id)
+            self._changed()
+
+    def _bind_locked(self, vswitch_id: str, cidr: str, route_table_id: str, zone_id: str = "") -> None:
+        table = self._table(route_table_id)
+        net = str(ipaddress.IPv4Network(cidr, strict=True))
+        self._vswitches[vswitch_id] = {"vpc_id": table["vpc_id"], "cidr": net, "table": route_table_id,
+                                       "zone": zone_id or f"{self.region}-a"}
+
+    def vswitches(self) -> dict[str, dict]:
+        with self._lock:
+            return {k: dict(v) for k, v in self._vswitches.items()}
 
     def route_tables(self) -> list[dict]:
         with self._lock:
             return [{"RouteTableId": tid, "VpcId": t["vpc_id"]} for tid, t in self._tables.items()]
 
-    def _add_table_locked(self, route_table_id: str, vpc_id: str) -> None:
-        self._tables[route_table_id] = {"vpc_id": vpc_id, "entries": {}}
+    def _add_table_locked(self, route_table_id: str, vpc_id: str, kind: str = "System") -> None:
+        self._tables[route_table_id] = {"vpc_id": vpc_id, "entries": {}, "kind": kind, "quota": None}
         for cidr in self._vswitch_cidrs:
             self._insert_entry(route_table_id, cidr, "System", "", "local", status="Available")
         self._insert_entry(route_table_id, SERVICE_CIDR, "System", "", "service", status="Available")
+
+    def _check_writable(self, vpc_id: str, now: float | None = None) -> None:
+        """The VPC-wide write lock: TaskConflict while any table of the VPC is changing, or within
+        `write_interval` seconds of the VPC's last accepted write. Caller holds the lock."""
+        now = _now() if now is None else now
+        for tid, table in self._tables.items():
+            if table["vpc_id"] != vpc_id:
+                continue
+            for entry in table["entries"].values():
+                if entry["Status"] in ("Pending", "Deleting"):
+                    self._conflicts += 1
+                    raise ApiError("TaskConflict", f"The VPC {vpc_id} is being changed ({entry['RouteEntryId']}"
+                                   f" in route table {tid} is {entry['Status']}); try again later.")
+        last = self._last_write.get(vpc_id)
+        if last is not None and now - last < self.write_interval:
+            self._conflicts += 1
+            raise ApiError("TaskConflict", f"The VPC {vpc_id} is processing another route table change; "
+                           "try again later.")
+
+    def _wrote(self, vpc_id: str) -> None:
+        self._last_write[vpc_id] = _now()
+
+    @property
+    def conflicts(self) -> int:
+        """TaskConflicts answered because of the VPC write lock (injected faults not counted)."""
+        with self._lock:
+            return self._conflicts
 
     def _table(self, route_table_id: str) -> dict:
         if not route_table_id:
@@ -459,110 +557,179 @@ class Emulator:
         """CreateRouteEntry; returns the RouteEntryId (the same one again for a repeated ClientToken)."""
         with self._lock:
             self._advance()
-            table = self._table(route_table_id)
-            dest = _normalize_cidr(destination)
-            if next_hop_type != "Instance":
-                raise ApiError("InvalidNextHopType.NotSupported",
-                               f"The emulator supports NextHopType=Instance only, not {next_hop_type!r}.")
-            if not next_hop_id:
-                raise ApiError("MissingParameter", "The input parameter NextHopId that is mandatory for "
-                               "processing this request is not supplied.")
-            if next_hop_id not in self._instances:
-                raise ApiError("InvalidInstanceId.NotFound",
-                               f"The specified instance {next_hop_id} does not exist.", 404)
-            fingerprint = [route_table_id, dest, next_hop_type, next_hop_id, name, description]
-            if client_token:
-                seen = self._client_tokens.get(client_token)
-                if seen is not None:
-                    if seen["fingerprint"] != fingerprint:
-                        raise ApiError("IdempotentParameterMismatch", "The request uses the same "
-                                       "ClientToken as a previous, but non-identical request.")
-                    return seen["entry_id"]
-            entries = table["entries"].values()
+            return self._create_locked(route_table_id, destination, next_hop_type, next_hop_id, name,
+                                       description, client_token, check_writable=True)
+
+    def create_route_entries(self, entries: list[dict], client_token: str = "") -> tuple[list[str], list[dict]]:
+        """CreateRouteEntries: up to MAX_BATCH entries ({RouteTableId, DstCidrBlock, NextHopType, NextHop,
+        Name, Description}), one write for the VPC write lock. Returns (ids created, failures as
+        {DstCidrBlock, NextHop, RouteTableId, FailedCode, FailedMessage})."""
+        with self._lock:
+            vpcs = self._batch_locked(entries)
+            ids, failed = [], []
+            for i, e in enumerate(entries):
+                token = f"{client_token}#{i}" if client_token else ""
+                try:
+                    ids.append(self._create_locked(e.get("RouteTableId", ""), e.get("DstCidrBlock", ""),
+                                                   e.get("NextHopType") or "Instance", e.get("NextHop", ""),
+                                                   e.get("Name", ""), e.get("Description", ""), token,
+                                                   check_writable=False))
+                except ApiError as exc:
+                    failed.append({"DstCidrBlock": e.get("DstCidrBlock", ""), "NextHop": e.get("NextHop", ""),
+                                   "RouteTableId": e.get("RouteTableId", ""), "FailedCode": exc.code,
+                                   "FailedMessage": exc.message})
+            if ids:
+                for vpc in vpcs:
+                    self._wrote(vpc)
+            return ids, failed
+
+    def _batch_locked(self, entries: list[dict]) -> set[str]:
+        """A batch call's checks: 1..MAX_BATCH entries, known tables, their VPCs not busy (one write).
+        Returns the VPCs it writes to. Caller holds the lock."""
+        if not entries:
+            raise ApiError("MissingParameter", "RouteEntries must hold at least one entry.")
+        if len(entries) > MAX_BATCH:
+            raise ApiError("InvalidParameter.RouteEntries", f"At most {MAX_BATCH} route entries per request "
+                           f"({len(entries)} given).")
+        self._advance()
+        vpcs = {self._table(e.get("RouteTableId", ""))["vpc_id"] for e in entries}
+        for vpc in vpcs:
+            self._check_writable(vpc)
+        return vpcs
+
+    def _create_locked(self, route_table_id: str, destination: str, next_hop_type: str, next_hop_id: str,
+                       name: str, description: str, client_token: str, check_writable: bool) -> str:
+        table = self._table(route_table_id)
+        dest = _normalize_cidr(destination)
+        if next_hop_type != "Instance":
+            raise ApiError("InvalidNextHopType.NotSupported",
+                           f"The emulator supports NextHopType=Instance only, not {next_hop_type!r}.")
+        if not next_hop_id:
+            raise ApiError("MissingParameter", "The input parameter NextHopId that is mandatory for "
+                           "processing this request is not supplied.")
+        if next_hop_id not in self._instances:
+            raise ApiError("InvalidInstanceId.NotFound",
+                           f"The specified instance {next_hop_id} does not exist.", 404)
+        fingerprint = [route_table_id, dest, next_hop_type, next_hop_id, name, description]
+        if client_token:
+            seen = self._client_tokens.get(client_token)
+            if seen is not None:
+                if seen["fingerprint"] != fingerprint:
+                    raise ApiError("IdempotentParameterMismatch", "The request uses the same "
+                                   "ClientToken as a previous, but non-identical request.")
+                return seen["entry_id"]
+        entries = table["entries"].values()
+        for entry in entries:
+            if entry["DestinationCidrBlock"] == dest:
+                raise ApiError("InvalidCIDRBlock.Duplicate", f"The specified DestinationCidrBlock {dest} "
+                               f"already exists in route table {route_table_id}.")
+        net = ipaddress.IPv4Network(dest)
+        if net.prefixlen > 0:
             for entry in entries:
-                if entry["DestinationCidrBlock"] == dest:
-                    raise ApiError("InvalidCIDRBlock.Duplicate", f"The specified DestinationCidrBlock {dest} "
-                                   f"already exists in route table {route_table_id}.")
-            net = ipaddress.IPv4Network(dest)
-            if net.prefixlen > 0:
-                for entry in entries:
-                    if entry["Type"] == "System" and net.overlaps(
-                            ipaddress.IPv4Network(entry["DestinationCidrBlock"])):
-                        raise ApiError("InvalidCidrBlock", f"The specified DestinationCidrBlock {dest} "
-                                       f"overlaps the system route {entry['DestinationCidrBlock']}.")
-            custom = sum(1 for e in entries if e["Type"] != "System")
-            if custom >= self.quota:
-                raise ApiError("QuotaExceeded.RouteEntry", f"The route table {route_table_id} already "
-                               f"holds {custom} custom route entries; its quota is {self.quota}.")
-            busy = [e for e in entries if e["Status"] in ("Pending", "Deleting")]
-            if busy:
-                raise ApiError("TaskConflict", f"The route table {route_table_id} is being changed "
-                               f"({busy[0]['RouteEntryId']} is {busy[0]['Status']}); try again later.")
-            delay = self.pending_delay
-            entry = self._insert_entry(route_table_id, dest, "Custom", next_hop_id, next_hop_type,
-                                       name=name, description=description,
-                                       status="Pending" if delay > 0 else "Available",
-                                       due=_now() + delay if delay > 0 else None)
-            if client_token:
-                self._client_tokens[client_token] = {"fingerprint": fingerprint,
-                                                     "entry_id": entry["RouteEntryId"]}
-                while len(self._client_tokens) > MAX_CLIENT_TOKENS:
-                    del self._client_tokens[next(iter(self._client_tokens))]
-            self._changed()
-            return entry["RouteEntryId"]
+                if entry["Type"] == "System" and net.overlaps(
+                        ipaddress.IPv4Network(entry["DestinationCidrBlock"])):
+                    raise ApiError("InvalidCidrBlock", f"The specified DestinationCidrBlock {dest} "
+                                   f"overlaps the system route {entry['DestinationCidrBlock']}.")
+        custom = sum(1 for e in entries if e["Type"] != "System")
+        quota = self.quota if table.get("quota") is None else table["quota"]
+        if custom >= quota:
+            raise ApiError("QuotaExceeded.RouteEntry", f"The route table {route_table_id} already "
+                           f"holds {custom} custom route entries; its quota is {quota}.")
+        if check_writable:
+            self._check_writable(table["vpc_id"])
+        delay = self.pending_delay
+        entry = self._insert_entry(route_table_id, dest, "Custom", next_hop_id, next_hop_type,
+                                   name=name, description=description,
+                                   status="Pending" if delay > 0 else "Available",
+                                   due=_now() + delay if delay > 0 else None)
+        if client_token:
+            self._client_tokens[client_token] = {"fingerprint": fingerprint,
+                                                 "entry_id": entry["RouteEntryId"]}
+            while len(self._client_tokens) > MAX_CLIENT_TOKENS:
+                del self._client_tokens[next(iter(self._client_tokens))]
+        if check_writable:
+            self._wrote(table["vpc_id"])
+        self._changed()
+        return entry["RouteEntryId"]
 
     def delete_route_entry(self, route_table_id: str = "", entry_id: str = "", destination: str = "",
                            next_hop_id: str = "") -> str:
         """DeleteRouteEntry by RouteEntryId, or by DestinationCidrBlock (+NextHopId). Returns the id."""
         with self._lock:
             self._advance()
-            if route_table_id:
-                self._table(route_table_id)
-            tables = [route_table_id] if route_table_id else list(self._tables)
-            found = None
-            if entry_id:
-                for tid in tables:
-                    found = self._tables[tid]["entries"].get(entry_id) or found
-            elif destination:
-                try:
-                    dest = _normalize_cidr(destination)
-                except ApiError:
-                    dest = destination
-                for tid in tables:
-                    for entry in self._tables[tid]["entries"].values():
-                        if entry["DestinationCidrBlock"] != dest:
-                            continue
-                        if next_hop_id and entry["NextHops"]["NextHop"][0]["NextHopId"] != next_hop_id:
-                            continue
-                        found = entry
-                        break
-                    if found:
-                        break
-            else:
-                raise ApiError("MissingParameter", "Either RouteEntryId or DestinationCidrBlock must be "
-                               "supplied.")
-            if found is None:
-                raise ApiError("InvalidRouteEntry.NotFound", "The specified route entry "
-                               f"{entry_id or destination} does not exist.", 404)
-            if found["Type"] == "System":
-                raise ApiError("OperationDenied.SystemRouteEntry",
-                               f"The route entry {found['RouteEntryId']} is a System entry and cannot be "
-                               "deleted.", 403)
-            if found["Status"] != "Available":
-                raise ApiError("IncorrectRouteEntryStatus", f"The route entry {found['RouteEntryId']} is "
-                               f"{found['Status']}; only Available entries can be deleted.")
-            table = self._tables[found["RouteTableId"]]
-            busy = [e for e in table["entries"].values() if e["Status"] in ("Pending", "Deleting")]
-            if busy:
-                raise ApiError("TaskConflict", f"The route table {found['RouteTableId']} is being changed "
-                               f"({busy[0]['RouteEntryId']} is {busy[0]['Status']}); try again later.")
-            if self.deleting_delay > 0:
-                found["Status"] = "Deleting"
-                found["_due"] = _now() + self.deleting_delay
-            else:
-                del table["entries"][found["RouteEntryId"]]
-            self._changed()
+            found = self._find_locked(route_table_id, entry_id, destination, next_hop_id)
+            self._check_writable(self._tables[found["RouteTableId"]]["vpc_id"])
+            self._delete_locked(found)
+            self._wrote(self._tables[found["RouteTableId"]]["vpc_id"])
             return found["RouteEntryId"]
+
+    def delete_route_entries(self, entries: list[dict]) -> tuple[list[str], list[dict]]:
+        """DeleteRouteEntries: up to MAX_BATCH entries ({RouteTableId, RouteEntryId} or {RouteTableId,
+        DstCidrBlock, NextHop}), one write. Returns (ids deleted, failures)."""
+        with self._lock:
+            vpcs = self._batch_locked(entries)
+            done, failed = [], []
+            for e in entries:
+                try:
+                    found = self._find_locked(e.get("RouteTableId", ""), e.get("RouteEntryId", ""),
+                                              e.get("DstCidrBlock", ""), e.get("NextHop", ""))
+                    self._delete_locked(found)
+                    done.append(found["RouteEntryId"])
+                except ApiError as exc:
+                    failed.append({"RouteEntryId": e.get("RouteEntryId", ""), "DstCidrBlock": e.get("DstCidrBlock", ""),
+                                   "RouteTableId": e.get("RouteTableId", ""), "FailedCode": exc.code,
+                                   "FailedMessage": exc.message})
+            if done:
+                for vpc in vpcs:
+                    self._wrote(vpc)
+            return done, failed
+
+    def _find_locked(self, route_table_id: str, entry_id: str, destination: str, next_hop_id: str) -> dict:
+        if route_table_id:
+            self._table(route_table_id)
+        tables = [route_table_id] if route_table_id else list(self._tables)
+        found = None
+        if entry_id:
+            for tid in tables:
+                found = self._tables[tid]["entries"].get(entry_id) or found
+        elif destination:
+            try:
+                dest = _normalize_cidr(destination)
+            except ApiError:
+                dest = destination
+            for tid in tables:
+                for entry in self._tables[tid]["entries"].values():
+                    if entry["DestinationCidrBlock"] != dest:
+                        continue
+                    if next_hop_id and entry["NextHops"]["NextHop"][0]["NextHopId"] != next_hop_id:
+                        continue
+                    found = entry
+                    break
+                if found:
+                    break
+        else:
+            raise ApiError("MissingParameter", "Either RouteEntryId or DestinationCidrBlock must be "
+                           "supplied.")
+        if found is None:
+            raise ApiError("InvalidRouteEntry.NotFound", "The specified route entry "
+                           f"{entry_id or destination} does not exist.", 404)
+        if found["Type"] == "System":
+            raise ApiError("OperationDenied.SystemRouteEntry",
+                           f"The route entry {found['RouteEntryId']} is a System entry and cannot be "
+                           "deleted.", 403)
+        if found["Status"] != "Available":
+            raise ApiError("IncorrectRouteEntryStatus", f"The route entry {found['RouteEntryId']} is "
+                           f"{found['Status']}; only Available entries can be deleted.")
+        return found
+
+    def _delete_locked(self, found: dict) -> None:
+        table = self._tables[found["RouteTableId"]]
+        if self.deleting_delay > 0:
+            found["Status"] = "Deleting"
+            found["_due"] = _now() + self.deleting_delay
+        else:
+            del table["entries"][found["RouteEntryId"]]
+        self._changed()
 
     def describe_route_entries(self, route_table_id: str, filters: dict[str, str] | None = None,
                                max_result: int = 100, next_token: str = "") -> tuple[list[dict], str]:
@@ -606,7 +773,8 @@ class Emulator:
             token = f"nt-{page[-1]['_seq']}" if len(matching) > max_result else ""
             return [_public(e) for e in page], token
 
-    def describe_route_tables(self, vpc_id: str = "", route_table_id: str = "") -> list[dict]:
+    def describe_route_tables(self, vpc_id: str = "", route_table_id: str = "",
+                              vswitch_id: str = "") -> list[dict]:
         with self._lock:
             out = []
             for tid, table in self._tables.items():
@@ -614,16 +782,29 @@ class Emulator:
                     continue
                 if route_table_id and tid != route_table_id:
                     continue
-                out.append({"RouteTableId": tid, "VpcId": table["vpc_id"], "RouteTableType": "System",
+                bound = sorted(v for v, sw in self._vswitches.items() if sw["table"] == tid)
+                if vswitch_id and vswitch_id not in bound:
+                    continue
+                out.append({"RouteTableId": tid, "VpcId": table["vpc_id"],
+                            "RouteTableType": table.get("kind", "System"),
                             "RouterType": "VRouter", "RouterId": "vrt-" + tid.split("-", 1)[-1],
                             "Status": "Available", "RouteTableName": "", "Description": "",
-                            "VSwitchIds": {"VSwitchId": []}, "ResourceGroupId": ""})
+                            "VSwitchIds": {"VSwitchId": bound}, "ResourceGroupId": ""})
             return out
 
     def describe_vswitches(self, vpc_id: str = "") -> list[dict]:
-        """vSwitches of a VPC: the destinations of System entries with next hop `local` in its tables."""
+        """vSwitches of a VPC: those added with `add_vswitch`, then the destinations of System entries with
+        next hop `local` in its tables that no added vSwitch covers."""
         with self._lock:
-            out: dict[str, dict] = {}
+            out: dict[tuple, dict] = {}
+            for vsw, sw in self._vswitches.items():
+                if vpc_id and sw["vpc_id"] != vpc_id:
+                    continue
+                out[(sw["vpc_id"], sw["cidr"])] = {
+                    "VSwitchId": vsw, "VpcId": sw["vpc_id"], "CidrBlock": sw["cidr"], "ZoneId": sw["zone"],
+                    "Status": "Available", "VSwitchName": "", "Description": "",
+                    "RouteTable": {"RouteTableId": sw["table"],
+                                   "RouteTableType": self._tables[sw["table"]].get("kind", "System")}}
             for table in self._tables.values():
                 if vpc_id and table["vpc_id"] != vpc_id:
                     continue
@@ -662,12 +843,17 @@ class Emulator:
                 "region": self.region,
                 "vpc_id": self.vpc_id,
                 "route_table_id": self.route_table_id,
-                "route_tables": [{"RouteTableId": tid, "VpcId": t["vpc_id"],
+                "route_tables": [{"RouteTableId": tid, "VpcId": t["vpc_id"], "RouteTableType": t.get("kind"),
+                                  "quota": self.quota if t.get("quota") is None else t["quota"],
+                                  "VSwitchIds": sorted(v for v, sw in self._vswitches.items()
+                                                       if sw["table"] == tid),
                                   "entries": [_public(e) for e in t["entries"].values()]}
                                  for tid, t in self._tables.items()],
+                "vswitches": {k: dict(v) for k, v in self._vswitches.items()},
+                "write_conflicts": self._conflicts,
                 "instances": dict(self._instances),
                 "config": {"pending_delay": self.pending_delay, "deleting_delay": self.deleting_delay,
-                           "quota": self.quota},
+                           "quota": self.quota, "write_interval": self.write_interval},
                 "faults": self.faults(),
                 "request_counts": dict(self._request_counts),
                 "router_netns": self.router_netns,
@@ -707,7 +893,7 @@ class Emulator:
         """Called with the lock held after every change: persist, wake the ticker and the kernel."""
         self._save_locked()
         self._cond.notify_all()
-        if getattr(self, "_kernel", None) is not None:
+        if getattr(self, "_kernel", None):
             self._kernel_dirty.set()
 
     def _tick_loop(self) -> None:
@@ -720,13 +906,16 @@ class Emulator:
 
     # ------------------------------------------------------------------ kernel routes
 
-    def desired_kernel_routes(self) -> dict[str, str]:
+    def desired_kernel_routes(self, route_table_id: str | None = None) -> dict[str, str]:
         """destination -> underlay IP of the next hop, for every Available (or Deleting) instance entry
-        whose instance is registered. The first table wins when two tables hold the same destination."""
+        whose instance is registered, of one table (default: all; the first table wins a destination
+        two tables hold)."""
         with self._lock:
             self._advance()
             out: dict[str, str] = {}
-            for table in self._tables.values():
+            for tid, table in self._tables.items():
+                if route_table_id is not None and tid != route_table_id:
+                    continue
                 for entry in sorted(table["entries"].values(), key=lambda e: e["_seq"]):
                     if entry["Type"] == "System" or entry["Status"] not in ("Available", "Deleting"):
                         continue
@@ -737,12 +926,21 @@ class Emulator:
             return out
 
     def sync_kernel(self) -> list[str]:
-        """Make the router namespace's routes (our proto only) match the table now. Returns problems."""
-        if self._kernel is None:
+        """Make the router namespace's routes (our proto only) match the tables now. Returns problems."""
+        if not self._kernel:
             return []
+        problems = []
         with self._kernel_lock:
-            desired = self.desired_kernel_routes()
-            problems = self._kernel.sync(desired)
+            for number, kernel in self._kernel.items():
+                tables = [t for t, n in self.kernel_tables.items() if n == number]
+                if not self.kernel_tables:
+                    desired = self.desired_kernel_routes()
+                else:
+                    desired = {}
+                    for table in tables:
+                        for dest, ip in self.desired_kernel_routes(table).items():
+                            desired.setdefault(dest, ip)
+                problems += kernel.sync(desired)
         for problem in problems:
             log.warning("router netns %s: %s", self.router_netns, problem)
         return problems
@@ -768,8 +966,10 @@ class Emulator:
         data = {
             "version": STATE_VERSION,
             "seq": self._seq,
-            "tables": {tid: {"vpc_id": t["vpc_id"], "entries": list(t["entries"].values())}
+            "tables": {tid: {"vpc_id": t["vpc_id"], "entries": list(t["entries"].values()),
+                             "kind": t.get("kind", "System"), "quota": t.get("quota")}
                        for tid, t in self._tables.items()},
+            "vswitches": self._vswitches,
             "instances": self._instances,
             "client_tokens": self._client_tokens,
             "nonces": self._nonces,
@@ -799,8 +999,10 @@ class Emulator:
             tables = {}
             for tid, t in data["tables"].items():
                 tables[tid] = {"vpc_id": t["vpc_id"],
-                               "entries": {e["RouteEntryId"]: e for e in t["entries"]}}
+                               "entries": {e["RouteEntryId"]: e for e in t["entries"]},
+                               "kind": t.get("kind", "System"), "quota": t.get("quota")}
             self._tables = tables
+            self._vswitches = {k: dict(v) for k, v in data.get("vswitches", {}).items()}
             self._seq = int(data["seq"])
             self._instances = dict(data.get("instances", {}))
             self._client_tokens = dict(data.get("client_tokens", {}))

@@ -20,6 +20,9 @@ def register(subparsers) -> None:
 
     up = sub.add_parser("up", help="build the lab (safe to run again; adds hosts up to --hosts)")
     up.add_argument("--hosts", type=int, default=2, metavar="N", help="number of hosts (default 2)")
+    up.add_argument("--zones", type=int, default=1, metavar="Z",
+                    help="zones (1..4): host K in zone (K-1)%%Z+1, each zone a vSwitch bound to its own route "
+                         "table; the router forwards by the table of the packet's zone (default 1)")
     up.add_argument("--cluster-cidr", default=DEFAULT_CLUSTER, metavar="CIDR",
                     help=f"cluster CIDR the hosts' blocks are carved from (default {DEFAULT_CLUSTER})")
     up.add_argument("--network", default=DEFAULT_NETWORK, metavar="NAME",
@@ -44,13 +47,14 @@ def _up(args) -> int:
     from vpcnet.lab.netns import LabError
 
     lab = Lab(hosts=args.hosts, cluster_cidr=args.cluster_cidr, network=args.network, mode=args.mode,
+              zones=args.zones,
               reconcile_interval=args.reconcile_interval, load_image=not args.no_image, out=sys.stdout)
     try:
         lab.up()
     except LabError as exc:
         print(f"vpcnet lab up: {exc}\n(run `vpcnet lab down` to remove what was made)", file=sys.stderr)
         return 1
-    print(f"lab up: {len(lab.state['hosts'])} host(s), cluster {lab.cluster_cidr}, network "
+    print(f"lab up: {len(lab.state['hosts'])} host(s) in {lab.zones} zone(s), cluster {lab.cluster_cidr}, network "
           f"{lab.network} ({lab.mode} mode); `vpcnet lab status` shows the route table, `vpcnet lab down` removes it all")
     return 0
 
@@ -76,6 +80,8 @@ def _status(args) -> int:
         print(f"{h['host']:<5} {h['netns']:<11} {h['underlay_ip']:<15} {h['host_cidr'] or '-':<16} "
               f"{'up' if h['engine_up'] else 'down':<7} {'up' if h['plugin_up'] else 'down':<7} {shown}")
         print(f"      DOCKER_HOST={h['docker_host']}")
+    for table, entries in status.get("route_tables", {}).items():
+        print(f"zone route table {table}: {', '.join(entries) or 'no custom entry'}")
     print("emulated route table:")
     for e in status["route_table"]:
         print(f"  {e['destination']:<18} {e['type']:<7} {e['status']:<10} {e['next_hop'] or '-':<14} {e['entry_id']}")

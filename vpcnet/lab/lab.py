@@ -10,6 +10,18 @@ Addresses (all inside namespaces the lab creates; the machine's own interfaces a
                    plugin as a route `host CIDR -> i-vpclab-hK` in the emulated route table, which the
                    emulator installs in the router namespace as `host CIDR via 192.168.240.(10+K)`
 
+Zones (`--zones N`, N <= 4): host K is in zone z = (K-1) % N + 1, with underlay address
+192.168.(239+z).(10+K) in vSwitch `vsw-zone<z>` (192.168.(239+z).0/24). Zone 1's vSwitch is bound to the
+VPC's system table vtb-emu0001, zone z's to its own custom table vtb-emu000<z>. The emulator installs
+each emulated table into its own kernel table (100+z) of the router namespace, and the router forwards
+a packet by the table of the zone it came from: one `ip rule iif to-hK lookup 100+z` per host (by
+incoming link, not source address: container packets keep their own source addresses), with an
+`unreachable` route for the cluster CIDR in each zone table so a missing host route never falls through
+to another table. So cross-zone traffic works only while both tables hold both hosts' routes, as in a
+VPC with a route table per zone. The hosts' plugins are not told the tables: they discover them from
+the vSwitches bound to them (DescribeRouteTableList). With one zone (the default) everything is in the
+main table and the addresses are those above.
+
 Files: /run/vpclab (lab.json with pids and settings, sockets, exec roots), /var/lib/vpclab (data roots,
 plugin state, logs, the emulator's state). `down()` removes all of it, also after a half-failed `up()`,
 by looking at what exists (namespaces, folders, cgroups) rather than trusting lab.json alone.
@@ -40,6 +52,10 @@ log = logging.getLogger(__name__)
 PREFIX = "vpclab-"
 ROUTER_NS = "vpclab-vpc"
 UNDERLAY = ipaddress.IPv4Network("192.168.240.0/24")
+UNDERLAY_ALL = ipaddress.IPv4Network("192.168.240.0/22")   # every zone's vSwitch
+MAX_ZONES = 4
+ZONE_KERNEL_TABLE_BASE = 100          # zone z's route table is kernel table 100+z in the router netns
+RULE_PREF_BASE = 1000                 # host K's `ip rule iif to-hK` has priority 1000+K
 ROUTER_IP = "192.168.240.1"
 HOST_IP_BASE = 10                      # host K is 192.168.240.(10+K)
 MAX_HOSTS = 200
@@ -63,10 +79,23 @@ def host_netns(k: int) -> str:
     return f"{PREFIX}h{k}"
 
 
-def host_ip(k: int) -> str:
+def host_ip(k: int, zone: int = 1) -> str:
     if not 1 <= k <= MAX_HOSTS:
         raise LabError(f"host number {k} is out of range 1..{MAX_HOSTS}")
-    return str(UNDERLAY.network_address + HOST_IP_BASE + k)
+    return str(zone_subnet(zone).network_address + HOST_IP_BASE + k)
+
+
+def zone_subnet(zone: int) -> ipaddress.IPv4Network:
+    """Zone z's vSwitch: 192.168.(239+z).0/24."""
+    return ipaddress.IPv4Network((int(UNDERLAY.network_address) + (zone - 1) * 256, 24))
+
+
+def zone_table(zone: int) -> str:
+    return TABLE_ID if zone == 1 else f"vtb-emu{zone:04d}"
+
+
+def zone_vswitch(zone: int) -> str:
+    return f"vsw-zone{zone}"
 
 
 def instance_id(k: int) -> str:
@@ -78,19 +107,22 @@ class Lab:
 
     def __init__(self, hosts: int = 2, cluster_cidr: str = DEFAULT_CLUSTER, network: str = DEFAULT_NETWORK,
                  reconcile_interval: float = DEFAULT_RECONCILE, load_image: bool = True,
-                 out=None, mode: str = "bridge"):
+                 out=None, mode: str = "bridge", zones: int = 1):
         if not 1 <= hosts <= MAX_HOSTS:
             raise LabError(f"--hosts must be 1..{MAX_HOSTS}")
+        if not 1 <= zones <= MAX_ZONES:
+            raise LabError(f"--zones must be 1..{MAX_ZONES}")
         from vpcnet.dataplane import MODES     # here: the lab's CLI stays free of pyroute2 until used
         if mode not in MODES:
             raise LabError(f"--mode {mode}: unknown vpcnet mode (known: {', '.join(MODES)})")
         cluster = ipaddress.IPv4Network(cluster_cidr, strict=True)
-        if cluster.overlaps(UNDERLAY):
-            raise LabError(f"cluster CIDR {cluster} overlaps the lab underlay {UNDERLAY}")
+        if cluster.overlaps(UNDERLAY_ALL):
+            raise LabError(f"cluster CIDR {cluster} overlaps the lab underlay {UNDERLAY_ALL}")
         self.hosts = hosts
         self.cluster_cidr = str(cluster)
         self.network = network
         self.mode = mode
+        self.zones = zones
         self.reconcile_interval = float(reconcile_interval)
         self.load_image = load_image
         self.out = out
@@ -104,9 +136,14 @@ class Lab:
     def host_netns(k: int) -> str:
         return host_netns(k)
 
-    @staticmethod
-    def host_ip(k: int) -> str:
-        return host_ip(k)
+    def zone_of(self, k: int) -> int:
+        return (k - 1) % self.zones + 1
+
+    def host_ip(self, k: int) -> str:
+        return host_ip(k, self.zone_of(k))
+
+    def zone_tables(self) -> list[str]:
+        return [zone_table(z) for z in range(1, self.zones + 1)]
 
     @staticmethod
     def host(k: int) -> Host:
@@ -125,16 +162,16 @@ class Lab:
         """An admin call to the emulator (`/_emulator/...`), made from inside the router namespace."""
         return netns.http_json(ROUTER_NS, method, self.emulator_url.rstrip("/") + path, body, timeout)
 
-    def routes(self) -> list[dict]:
-        """The emulated route table's entries."""
+    def routes(self, table: str = TABLE_ID) -> list[dict]:
+        """The entries of one emulated route table (default: the system table, zone 1's)."""
         state = self.emulator("GET", "/_emulator/state")
-        for table in state["route_tables"]:
-            if table["RouteTableId"] == TABLE_ID:
-                return table["entries"]
+        for found in state["route_tables"]:
+            if found["RouteTableId"] == table:
+                return found["entries"]
         return []
 
-    def route_of(self, k: int) -> dict | None:
-        for entry in self.routes():
+    def route_of(self, k: int, table: str = TABLE_ID) -> dict | None:
+        for entry in self.routes(table):
             hops = entry.get("NextHops", {}).get("NextHop", [])
             if entry.get("Type") == "Custom" and any(h.get("NextHopId") == instance_id(k) for h in hops):
                 return entry
@@ -145,8 +182,10 @@ class Lab:
                            "{{range .IPAM.Config}}{{.Subnet}} {{end}}", check=False, timeout=30)
         return proc.stdout.split()[0] if proc.returncode == 0 and proc.stdout.split() else ""
 
-    def kernel_routes(self) -> list[str]:
-        return run(["ip", "-n", ROUTER_NS, "-4", "route", "show"], check=False).stdout.splitlines()
+    def kernel_routes(self, zone: int | None = None) -> list[str]:
+        """The router's routes: of the main table, or of zone `zone`'s kernel table."""
+        table = ["table", str(ZONE_KERNEL_TABLE_BASE + zone)] if zone else []
+        return run(["ip", "-n", ROUTER_NS, "-4", "route", "show", *table], check=False).stdout.splitlines()
 
     def _say(self, text: str) -> None:
         if self.out is not None:
@@ -159,6 +198,8 @@ class Lab:
                 self.state = json.load(fh)
         except (OSError, ValueError):
             self.state = {}
+        if self.state:
+            self.zones = int(self.state.get("zones", 1))
         return self.state
 
     def _save_state(self) -> None:
@@ -191,12 +232,18 @@ class Lab:
     def up(self) -> "Lab":
         self._check_tools()
         with self._locked():
+            wanted_zones = self.zones
             state = self._load_state()
+            if state and int(state.get("zones", 1)) != wanted_zones:
+                raise LabError(f"the lab is already up with {state.get('zones', 1)} zone(s); run "
+                               "`vpcnet lab down` first to change it")
+            self.zones = wanted_zones
             if state and state.get("cluster_cidr") != self.cluster_cidr:
                 raise LabError(f"the lab is already up with cluster CIDR {state.get('cluster_cidr')}; "
                                "run `vpcnet lab down` first to change it")
             if not state:
                 self.state = {"cluster_cidr": self.cluster_cidr, "network": self.network, "mode": self.mode,
+                              "zones": self.zones,
                               "reconcile_interval": self.reconcile_interval,
                               "key_secret": secrets.token_hex(16), "hosts": {}}
                 self._save_state()
@@ -246,9 +293,16 @@ class Lab:
         cmd = ["nsenter", f"--net={netns.path(ROUTER_NS)}", "--", sys.executable, "-m", "vpcnet.cli",
                "emulator", "--router-netns", ROUTER_NS, "--listen", f"{ROUTER_IP}:{EMULATOR_PORT}",
                "--state", EMULATOR_STATE, "--region", REGION, "--vpc-id", VPC_ID, "--route-table-id", TABLE_ID,
-               "--vswitch-cidr", str(UNDERLAY), "--log-level", "warning"]
+               "--log-level", "warning"]
+        if self.zones == 1:
+            cmd += ["--vswitch-cidr", str(UNDERLAY)]
+        else:
+            for z in range(1, self.zones + 1):
+                cmd += ["--vswitch-cidr", str(zone_subnet(z)),
+                        "--route-table", f"{zone_table(z)}={zone_vswitch(z)}:{zone_subnet(z)}",
+                        "--kernel-table", f"{zone_table(z)}={ZONE_KERNEL_TABLE_BASE + z}"]
         for k in sorted(int(h) for h in self.state["hosts"]):
-            cmd += ["--instance", f"{instance_id(k)}={host_ip(k)}"]
+            cmd += ["--instance", f"{instance_id(k)}={self.host_ip(k)}"]
         with open(EMULATOR_LOG, "ab") as logf:
             proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True, env=env)
@@ -261,10 +315,29 @@ class Lab:
             if proc.poll() is not None:
                 raise LabError(f"the emulator exited {proc.returncode}:\n" + engine_mod._tail(EMULATOR_LOG))
             if self._emulator_answers():
-                self._say(f"router {ROUTER_NS}: emulator on {self.emulator_url} (router netns)")
+                self._say(f"router {ROUTER_NS}: emulator on {self.emulator_url} (router netns)"
+                          + (f", {self.zones} zones: tables {', '.join(self.zone_tables())}" if self.zones > 1
+                             else ""))
+                self._zone_tables_up(self.cluster_cidr)
                 return
             time.sleep(0.2)
         raise LabError("the emulator did not answer within 20s:\n" + engine_mod._tail(EMULATOR_LOG))
+
+    def _zone_tables_up(self, cluster_cidr: str) -> None:
+        """Each zone's kernel table ends in `unreachable <cluster CIDR>`: a host route missing from the
+        zone's table must not fall through to another table."""
+        for z in range(1, self.zones + 1) if self.zones > 1 else ():
+            run(["ip", "-n", ROUTER_NS, "route", "replace", "unreachable", cluster_cidr,
+                 "table", str(ZONE_KERNEL_TABLE_BASE + z)])
+
+    def _zone_rule(self, k: int) -> None:
+        """Packets from host K are routed by its zone's table (by incoming link)."""
+        if self.zones == 1:
+            return
+        pref = str(RULE_PREF_BASE + k)
+        run(["ip", "-n", ROUTER_NS, "rule", "del", "pref", pref], check=False)
+        run(["ip", "-n", ROUTER_NS, "rule", "add", "pref", pref, "iif", f"to-h{k}",
+             "lookup", str(ZONE_KERNEL_TABLE_BASE + self.zone_of(k))])
 
     def _emulator_answers(self) -> bool:
         try:
@@ -282,7 +355,8 @@ class Lab:
             "VPCNET_ALIYUN_ENDPOINT": self.emulator_url,
             "VPCNET_ALIYUN_REGION_ID": REGION,
             "VPCNET_ALIYUN_VPC_ID": VPC_ID,
-            "VPCNET_ALIYUN_ROUTE_TABLE_ID": TABLE_ID,
+            # several zones: the plugin finds the tables from the vSwitches bound to them
+            "VPCNET_ALIYUN_ROUTE_TABLE_ID": TABLE_ID if self.zones == 1 else "",
             "VPCNET_ALIYUN_INSTANCE_ID": instance_id(k),
             "VPCNET_ALIYUN_ACCESS_KEY_ID": KEY_ID,
             "VPCNET_ALIYUN_ACCESS_KEY_SECRET": self.state["key_secret"],
@@ -290,11 +364,12 @@ class Lab:
         }
 
     def _host_up(self, k: int) -> None:
-        name, ip = host_netns(k), host_ip(k)
-        self.state["hosts"].setdefault(str(k), {"netns": name, "ip": ip})
+        name, ip = host_netns(k), self.host_ip(k)
+        self.state["hosts"].setdefault(str(k), {"netns": name, "ip": ip, "zone": self.zone_of(k)})
         self._save_state()
         netns.add(name)
         netns.p2p_link(ROUTER_NS, f"to-h{k}", ROUTER_IP, name, HOST_IF, ip)
+        self._zone_rule(k)
         netns.sysctl(name, "net.ipv4.ip_forward", "1")
         self.emulator("POST", "/_emulator/instances", {"instance_id": instance_id(k), "ip": ip})
         host = self.host(k)
@@ -326,6 +401,8 @@ class Lab:
         `mode`. A host claims its block of a new cluster CIDR on the first request ("claim in
         progress"), so each create is retried until it succeeds or `timeout` passes. Safe to repeat."""
         options = ["--subnet", cluster_cidr] if cluster_cidr else []
+        if cluster_cidr:
+            self._zone_tables_up(cluster_cidr)
         if mode != "bridge":
             options += ["-o", f"vpcnet.mode={mode}"]
         for k in hosts or self.host_indexes():
@@ -366,7 +443,8 @@ class Lab:
                     route = {"destination": entry["DestinationCidrBlock"], "status": entry["Status"],
                              "entry_id": entry["RouteEntryId"]}
             hosts.append({
-                "host": f"h{k}", "netns": host_netns(k), "underlay_ip": host_ip(k), "instance_id": instance_id(k),
+                "host": f"h{k}", "netns": host_netns(k), "underlay_ip": self.host_ip(k), "instance_id": instance_id(k),
+                "zone": self.zone_of(k),
                 "docker_host": host.paths.docker_host, "engine_up": engine_up,
                 "plugin_up": host.plugin_pid() is not None,
                 "host_cidr": (self.host_cidr(k) if engine_up else "") or state["hosts"][str(k)].get("host_cidr", ""),
@@ -377,6 +455,11 @@ class Lab:
                 "mode": state.get("mode", "bridge"),
                 "router_netns": ROUTER_NS, "emulator_url": self.emulator_url, "emulator_up": emulator_up,
                 "hosts": hosts,
+                "zones": self.zones,
+                "route_tables": {t: [e["DestinationCidrBlock"] + " -> " + ",".join(
+                    h.get("NextHopId", "") for h in e.get("NextHops", {}).get("NextHop", []))
+                    for e in (self.routes(t) if emulator_up else []) if e["Type"] == "Custom"]
+                    for t in self.zone_tables()} if self.zones > 1 else {},
                 "route_table": [{"destination": e["DestinationCidrBlock"], "type": e["Type"],
                                  "status": e["Status"], "entry_id": e["RouteEntryId"],
                                  "next_hop": ",".join(h.get("NextHopId", "") for h in

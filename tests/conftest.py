@@ -4,6 +4,10 @@ even when a test fails.
 Tests that need root, the kernel or a Docker engine skip with a reason when those are missing; with
 VPCNET_TEST_STRICT=1 (set by .ci/run, where all three are provided) a missing one fails instead, so in CI
 nothing of the core skips silently.
+
+Engines: the tests drive whatever `docker` answers (DOCKER_HOST). tests/engines/with-docker.sh runs them
+against a current engine in a sandbox and sets VPCNET_TEST_ENGINE to its version; the engine then has
+to be that one. Tests of what only current engines send (`current_docker`) skip on older ones.
 """
 from __future__ import annotations
 
@@ -125,11 +129,35 @@ def root():
     require(is_root(), "needs root (network namespaces, bridges, iptables)")
 
 
+def engine_version(docker: list[str] | None = None) -> str:
+    return run([*(docker or ["docker"]), "version", "--format", "{{.Server.Version}}"], timeout=30).stdout.strip()
+
+
+def engine_major(docker: list[str] | None = None) -> int:
+    return int(engine_version(docker).split(".")[0])
+
+
+CURRENT_DOCKER = 28       # the engine the protocol cases of Docker 28/29 are tested on
+
+
 @pytest.fixture(scope="session")
 def docker_engine():
     require(is_root(), "needs root")
     require(docker_up(), "needs a running Docker engine (docker info failed)")
+    expected = os.environ.get("VPCNET_TEST_ENGINE")
+    if expected and engine_version() != expected:
+        pytest.fail(f"VPCNET_TEST_ENGINE={expected} but docker answers with {engine_version()}: check DOCKER_HOST")
     return ["docker"]
+
+
+@pytest.fixture(scope="session")
+def current_docker(docker_engine):
+    """Docker 28 or newer (what users run): protocol cases older engines never send."""
+    version = engine_version(docker_engine)
+    if int(version.split(".")[0]) < CURRENT_DOCKER:
+        pytest.skip(f"needs Docker >= {CURRENT_DOCKER} (this engine is {version}); .ci/run runs it on a "
+                    "current engine through tests/engines/with-docker.sh")
+    return docker_engine
 
 
 @pytest.fixture(scope="session")

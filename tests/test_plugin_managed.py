@@ -139,8 +139,8 @@ class Managed:
             plugin_id = self.inspect()["Id"]
         except Exception:
             return ""
-        for path in ("/var/log/dockerd.log", "/var/log/docker.log"):
-            if os.path.exists(path):
+        for path in (os.environ.get("VPCNET_TEST_DOCKERD_LOG", ""), "/var/log/dockerd.log", "/var/log/docker.log"):
+            if path and os.path.exists(path):
                 with open(path, errors="replace") as fh:
                     return "\n".join(line for line in fh.read().splitlines()[-5000:] if plugin_id in line)[-6000:]
         return ""

@@ -335,6 +335,56 @@ def dock(docker_engine, test_image):
     session.cleanup()
 
 
+def source_seen_by(ns: str, listen_ip: str, dock, container: str, port: int = 7007) -> str:
+    """Connect from the container to a TCP server on listen_ip in `ns`; the source address the server saw
+    ("" when nothing arrived)."""
+    import textwrap
+
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", textwrap.dedent(f"""
+            import socket
+            s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("{listen_ip}", {port})); s.listen(1); s.settimeout(20)
+            c, addr = s.accept(); print(addr[0], flush=True); c.close()
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.3)
+        dock.exec(container, "sh", "-c", f"echo hi | nc -w 3 {listen_ip} {port}", check=False)
+        out, _ = server.communicate(timeout=25)
+        return out.strip()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+@pytest.fixture
+def remote_host(netns_factory):
+    """make(cluster CIDR) -> (netns, address): 'another host' of the cluster behind a veth of this host,
+    holding an address in a block of the cluster CIDR that is not this host's, routed both ways as the
+    VPC route table would. Its link is removed at the end."""
+    import ipaddress
+
+    links: list[str] = []
+
+    def make(cluster: str) -> tuple[str, str]:
+        block = list(ipaddress.IPv4Network(cluster).subnets(new_prefix=24))[-2]   # far from claimed blocks
+        ns, link = netns_factory("vpcrh"), unique("vr")
+        host_ip, peer_ip = str(block[1]), str(block[2])
+        run(["ip", "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", ns])
+        links.append(link)
+        run(["ip", "addr", "add", f"{host_ip}/24", "dev", link])
+        run(["ip", "link", "set", link, "up"])
+        run(["ip", "-n", ns, "addr", "add", f"{peer_ip}/24", "dev", "eth0"])
+        run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+        run(["ip", "-n", ns, "route", "add", "default", "via", host_ip])
+        return ns, peer_ip
+
+    yield make
+    for link in links:
+        subprocess.run(["ip", "link", "del", link], capture_output=True)
+
+
 @pytest.fixture
 def netns_factory(root):
     """Network namespaces named uniquely, deleted at the end whatever happens."""

@@ -143,3 +143,78 @@ def test_docker28_forward_chains_and_direct_routing_drops_leave_vpcnet_traffic_a
         assert ping(dock, a, dock.ip_of(b)) and ping(dock, b, dock.ip_of(a))
     finally:
         run(["iptables", "-P", "FORWARD", policy])
+
+
+# -- Compose v2 -----------------------------------------------------------------------------------------
+COMPOSE_FILE = """\
+services:
+  a:
+    image: {image}
+    command: ["sleep", "3600"]
+    networks: [vnet]
+  b:
+    image: {image}
+    command: ["sleep", "3600"]
+    networks: [vnet]
+networks:
+  vnet:
+    driver: {driver}
+    driver_opts:
+      vpcnet.mode: {mode}
+    ipam:
+      driver: {driver}
+"""
+SUBNET = """      config:
+        - subnet: {subnet}
+"""
+
+
+def compose_up_and_down(docker: list[str], tmp_path, driver: str, image: str, mode: str = "bridge",
+                        subnet: str = "") -> dict:
+    """`docker compose up -d` of two services on a vpcnet network (`subnet`: a cluster CIDR), check they
+    reach each other by service name, then `down`; returns what was seen while it was up."""
+    require_compose(docker)
+    project = unique("vpcc")
+    path = tmp_path / f"{project}.yml"
+    path.write_text(COMPOSE_FILE.format(image=image, driver=driver, mode=mode)
+                    + (SUBNET.format(subnet=subnet) if subnet else ""))
+    compose = [*docker, "compose", "-p", project, "-f", str(path)]
+    try:
+        run([*compose, "up", "-d"], timeout=180)
+        network = f"{project}_vnet"
+        seen = {"network": network,
+                "driver": run([*docker, "network", "inspect", "-f", "{{.Driver}} {{.IPAM.Driver}} {{.Id}}",
+                               network]).stdout.split(),
+                "ping": run([*compose, "exec", "-T", "a", "ping", "-c1", "-W2", "b"], check=False).returncode == 0}
+    finally:
+        down = run([*compose, "down", "--timeout", "1"], check=False, timeout=180)
+    assert down.returncode == 0, down.stderr
+    seen["left"] = run([*docker, "network", "ls", "-q", "--filter", f"name={network}"]).stdout.split()
+    return seen
+
+
+def require_compose(docker: list[str]) -> None:
+    if run([*docker, "compose", "version"], check=False).returncode != 0:
+        pytest.fail("needs Compose v2 (`docker compose`): tests/engines/with-docker.sh provides it")
+
+
+@pytest.mark.parametrize("mode", ["bridge", "routed"])
+def test_compose_up_and_down_on_a_vpcnet_network_leaves_nothing_behind(current_docker, plugin_factory, dock,
+                                                                      tmp_path, mode):
+    plugin = plugin_factory()
+    seen = compose_up_and_down(current_docker, tmp_path, plugin.name, dock.image, mode)
+    assert seen["driver"][:2] == [plugin.name, plugin.name]
+    assert seen["ping"], "service b by name from a, over vpcnet"
+    assert seen["left"] == [], "compose down removed the network"
+    assert plugin.status()["networks"] == [], "no network, endpoint or address left in vpcnet's store"
+    assert leftovers(plugin) == (0, []), "no veth left"
+    assert_network_gone(seen["driver"][2])
+
+
+def assert_network_gone(network_id: str) -> None:
+    """No bridge (or anchor), firewall chain or route of the network is left on this host."""
+    from vpcnet.dataplane import bridge_name
+
+    tag = network_id[:12]
+    assert tag not in run(["iptables-save"]).stdout, "no chain or rule of the network"
+    assert bridge_name(network_id) not in run(["ip", "-o", "link"]).stdout, "no bridge or anchor"

@@ -46,6 +46,11 @@ IPV4_OPTION = "com.docker.network.enable_ipv4"            # Docker 28+: false wi
 IFNAME_OPTION = "com.docker.network.endpoint.ifname"      # Docker 28+: driver-opt / Compose interface_name
 MODE_OPTION = "vpcnet.mode"
 KNOWN_GENERIC_OPTIONS = {MTU_OPTION, MODE_OPTION}
+# A swarm-scoped network made in one line reaches the nodes with Docker's default IPAM: say what works.
+SWARM_HINT = ("For a swarm-scoped network, give each node its IPAM config: on every node `docker network create "
+              "--config-only --ipam-driver <this driver> [--subnet <cluster CIDR>] NET-config`, then on a manager "
+              "`docker network create -d <this driver> --scope swarm --attachable --config-from NET-config NET` "
+              "(docs/swarm.md)")
 ROUTE_NEXTHOP = 0                                         # Join's StaticRoutes[].RouteType: via NextHop
 
 
@@ -102,7 +107,7 @@ class NetworkDriver:
         pools = {r["pool_id"]: r for r in self.store.pools()}
         if pool not in pools:
             raise InvalidRequest(f"pool {pool or '(none)'} is not a vpcnet pool: create the network with "
-                                 f"vpcnet as its IPAM driver too (--ipam-driver, the same name as -d)")
+                                 f"vpcnet as its IPAM driver too (--ipam-driver, the same name as -d). {SWARM_HINT}")
         mode = _mode(generic.get(MODE_OPTION))
         mtu = self._mtu(generic.get(MTU_OPTION))
         net = Network(network_id=network_id, host_cidr=pool, cluster_cidr=pools[pool]["cluster_cidr"],

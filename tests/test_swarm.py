@@ -154,3 +154,45 @@ def test_the_one_line_swarm_form_fails_saying_what_to_run_instead(swarm):
                                                             "{{.Error}}", service).stdout.splitlines() if line], 60, 1.0)
     lab.docker(1, "service", "rm", service)
     assert errors and "--config-only" in errors[0] and "--config-from" in errors[0], errors
+
+
+STACK = """\
+services:
+  app:
+    image: vpcnet-testbox:latest
+    command: ["sleep", "3600"]
+    networks: [vpcs]
+    deploy:
+      replicas: 2
+      placement:
+        max_replicas_per_node: 1
+networks:
+  vpcs:
+    external: true
+"""
+
+
+def test_a_stack_on_the_external_swarm_network(swarm, tmp_path):
+    lab = swarm
+    path = tmp_path / "stack.yml"
+    path.write_text(STACK)
+    stack = unique("st")
+    lab.docker(1, "stack", "deploy", "--resolve-image", "never", "--detach=true", "-c", str(path), stack)
+    try:
+        found = converged(lab, f"{stack}_app", 2)
+        assert sorted(t["host"] for t in found) == [1, 2]
+        for t in found:
+            assert ipaddress.IPv4Address(t["ip"]) in lab_swarm_block(lab, t["host"]), t
+        one, two = sorted(found, key=lambda t: t["host"])
+        assert lab.docker(1, "exec", one["id"], "ping", "-c1", "-W2", f"tasks.{stack}_app",
+                          check=False).returncode == 0
+        assert lab.docker(1, "exec", one["id"], "ping", "-c1", "-W2", two["ip"], check=False).returncode == 0
+    finally:
+        lab.docker(1, "stack", "rm", stack)
+    assert wait_for(lambda: tasks(lab, f"{stack}_app") == [], 60, 1.0)
+
+
+def lab_swarm_block(lab, k: int) -> ipaddress.IPv4Network:
+    block = block_of(lab, k, SWARM_CLUSTER)
+    assert block is not None
+    return block

@@ -4,6 +4,10 @@ even when a test fails.
 Tests that need root, the kernel or a Docker engine skip with a reason when those are missing; with
 VPCNET_TEST_STRICT=1 (set by .ci/run, where all three are provided) a missing one fails instead, so in CI
 nothing of the core skips silently.
+
+Engines: the tests drive whatever `docker` answers (DOCKER_HOST). tests/engines/with-docker.sh runs them
+against a current engine in a sandbox and sets VPCNET_TEST_ENGINE to its version; the engine then has
+to be that one. Tests of what only current engines send (`current_docker`) skip on older ones.
 """
 from __future__ import annotations
 
@@ -125,11 +129,35 @@ def root():
     require(is_root(), "needs root (network namespaces, bridges, iptables)")
 
 
+def engine_version(docker: list[str] | None = None) -> str:
+    return run([*(docker or ["docker"]), "version", "--format", "{{.Server.Version}}"], timeout=30).stdout.strip()
+
+
+def engine_major(docker: list[str] | None = None) -> int:
+    return int(engine_version(docker).split(".")[0])
+
+
+CURRENT_DOCKER = 28       # the engine the protocol cases of Docker 28/29 are tested on
+
+
 @pytest.fixture(scope="session")
 def docker_engine():
     require(is_root(), "needs root")
     require(docker_up(), "needs a running Docker engine (docker info failed)")
+    expected = os.environ.get("VPCNET_TEST_ENGINE")
+    if expected and engine_version() != expected:
+        pytest.fail(f"VPCNET_TEST_ENGINE={expected} but docker answers with {engine_version()}: check DOCKER_HOST")
     return ["docker"]
+
+
+@pytest.fixture(scope="session")
+def current_docker(docker_engine):
+    """Docker 28 or newer (what users run): protocol cases older engines never send."""
+    version = engine_version(docker_engine)
+    if int(version.split(".")[0]) < CURRENT_DOCKER:
+        pytest.skip(f"needs Docker >= {CURRENT_DOCKER} (this engine is {version}); .ci/run runs it on a "
+                    "current engine through tests/engines/with-docker.sh")
+    return docker_engine
 
 
 @pytest.fixture(scope="session")
@@ -305,6 +333,56 @@ def dock(docker_engine, test_image):
     session = DockerSession(docker_engine, test_image)
     yield session
     session.cleanup()
+
+
+def source_seen_by(ns: str, listen_ip: str, dock, container: str, port: int = 7007) -> str:
+    """Connect from the container to a TCP server on listen_ip in `ns`; the source address the server saw
+    ("" when nothing arrived)."""
+    import textwrap
+
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", textwrap.dedent(f"""
+            import socket
+            s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("{listen_ip}", {port})); s.listen(1); s.settimeout(20)
+            c, addr = s.accept(); print(addr[0], flush=True); c.close()
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.3)
+        dock.exec(container, "sh", "-c", f"echo hi | nc -w 3 {listen_ip} {port}", check=False)
+        out, _ = server.communicate(timeout=25)
+        return out.strip()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+@pytest.fixture
+def remote_host(netns_factory):
+    """make(cluster CIDR) -> (netns, address): 'another host' of the cluster behind a veth of this host,
+    holding an address in a block of the cluster CIDR that is not this host's, routed both ways as the
+    VPC route table would. Its link is removed at the end."""
+    import ipaddress
+
+    links: list[str] = []
+
+    def make(cluster: str) -> tuple[str, str]:
+        block = list(ipaddress.IPv4Network(cluster).subnets(new_prefix=24))[-2]   # far from claimed blocks
+        ns, link = netns_factory("vpcrh"), unique("vr")
+        host_ip, peer_ip = str(block[1]), str(block[2])
+        run(["ip", "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", ns])
+        links.append(link)
+        run(["ip", "addr", "add", f"{host_ip}/24", "dev", link])
+        run(["ip", "link", "set", link, "up"])
+        run(["ip", "-n", ns, "addr", "add", f"{peer_ip}/24", "dev", "eth0"])
+        run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+        run(["ip", "-n", ns, "route", "add", "default", "via", host_ip])
+        return ns, peer_ip
+
+    yield make
+    for link in links:
+        subprocess.run(["ip", "link", "del", link], capture_output=True)
 
 
 @pytest.fixture

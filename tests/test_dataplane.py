@@ -478,3 +478,34 @@ def test_ebpf_network_without_the_right_to_load_programs_fails_clearly_and_is_un
     assert s.bridge not in run(["ip", "-n", a, "link"]).stdout
     assert s.tag not in rules(a, "filter") + rules(a, "nat") + rules(a, "raw")
     assert "vpcnet-" not in tc_filters(a, "uplink0")
+
+
+def forward_jumps(ns: str) -> list[str]:
+    return [line.split()[-1] for line in ns_run(ns, "iptables", "-S", "FORWARD").stdout.splitlines()
+            if line.startswith("-A FORWARD -j ")]
+
+
+def test_vpcnets_forward_jump_follows_docker_user_so_the_users_rules_apply(host):
+    """Docker puts `-j DOCKER-USER` first in FORWARD (and Docker 28 `-j DOCKER-FORWARD` second); vpcnet's
+    jump goes right after DOCKER-USER, and a jump left ahead of it (vpcnet started before Docker) moves."""
+    dp = Dataplane(netns=host)
+    dp.ensure_host()
+    assert forward_jumps(host) == ["VPCNET-FORWARD"], "no Docker: first"
+    for chain in ("DOCKER-USER", "DOCKER-FORWARD"):
+        ns_run(host, "iptables", "-N", chain)
+    ns_run(host, "iptables", "-I", "FORWARD", "1", "-j", "DOCKER-FORWARD")
+    ns_run(host, "iptables", "-I", "FORWARD", "1", "-j", "DOCKER-USER")      # what Docker does at start
+    ns_run(host, "iptables", "-A", "FORWARD", "-j", "VPCNET-FORWARD")        # a second, later one: kept
+    assert forward_jumps(host) == ["DOCKER-USER", "DOCKER-FORWARD", "VPCNET-FORWARD", "VPCNET-FORWARD"]
+    ns_run(host, "iptables", "-D", "FORWARD", "-j", "VPCNET-FORWARD")
+    dp.ensure_host()
+    assert forward_jumps(host) == ["DOCKER-USER", "DOCKER-FORWARD", "VPCNET-FORWARD"], "after it: left alone"
+    ns_run(host, "iptables", "-F", "FORWARD")
+    dp.ensure_host()
+    assert forward_jumps(host) == ["VPCNET-FORWARD"]
+    ns_run(host, "iptables", "-I", "FORWARD", "2", "-j", "DOCKER-USER")
+    dp.ensure_network(spec())
+    assert forward_jumps(host) == ["DOCKER-USER", "VPCNET-FORWARD"], "moved behind DOCKER-USER"
+    dp.ensure_host()
+    assert forward_jumps(host) == ["DOCKER-USER", "VPCNET-FORWARD"], "idempotent"
+    dp.delete_network(spec())

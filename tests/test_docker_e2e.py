@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import subprocess
-import sys
-import textwrap
 import time
 
 import pytest
 
-from conftest import run, unique
+from conftest import run, source_seen_by, unique
 
 pytestmark = pytest.mark.docker
 
@@ -35,23 +33,8 @@ def outside(netns_factory):
 
 
 def peer_seen_by(ns: str, dock, container: str, port: int = 7007) -> str:
-    """Connect from the container to a TCP server in `ns`; return the source address the server saw."""
-    server = subprocess.Popen(
-        ["ip", "netns", "exec", ns, sys.executable, "-c", textwrap.dedent(f"""
-            import socket
-            s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("{OUTSIDE_PEER_IP}", {port})); s.listen(1); s.settimeout(20)
-            c, addr = s.accept(); print(addr[0], flush=True); c.close()
-        """)], stdout=subprocess.PIPE, text=True)
-    try:
-        time.sleep(0.3)
-        dock.exec(container, "sh", "-c", f"echo hi | nc -w 3 {OUTSIDE_PEER_IP} {port}", check=False)
-        out, _ = server.communicate(timeout=25)
-        return out.strip()
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+    """The source address the outside peer saw for a TCP connection from the container."""
+    return source_seen_by(ns, OUTSIDE_PEER_IP, dock, container, port)
 
 
 def test_two_containers_reach_each_other_by_name_and_address_and_the_host(plugin_factory, dock):

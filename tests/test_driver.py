@@ -180,8 +180,50 @@ def test_join_answer(plug):
     endpoint(plug)
     answer = plug.driver.join(NID, EID, "/var/run/docker/netns/x", {})
     assert answer == {"InterfaceName": {"SrcName": veth_names(EID)[1], "DstPrefix": "eth"},
-                      "Gateway": net.gateway, "StaticRoutes": [], "DisableGatewayService": True}
+                      "Gateway": net.gateway, "DisableGatewayService": True,
+                      "StaticRoutes": [{"Destination": net.cluster_cidr, "RouteType": 0, "NextHop": net.gateway}]}
     assert not plug.dataplane.called("delete_endpoint")          # pair present: left alone
+
+
+def test_join_routes_each_networks_own_cluster_cidr_through_its_gateway(plug):
+    """A container on two vpcnet networks (two cluster CIDRs) reaches each cluster through its own
+    interface, whichever network gives the default route."""
+    net = create(plug)
+    net2 = create(plug, nid=NID2, pool=pool_of(plug, "10.77.0.0/16"))
+    endpoint(plug)
+    endpoint(plug, nid=NID2, eid=EID2)
+    routes = [plug.driver.join(n.network_id, e, "/var/run/docker/netns/x", {})["StaticRoutes"]
+              for n, e in ((net, EID), (net2, EID2))]
+    assert routes == [[{"Destination": "10.200.0.0/16", "RouteType": 0, "NextHop": net.gateway}],
+                      [{"Destination": "10.77.0.0/16", "RouteType": 0, "NextHop": net2.gateway}]]
+
+
+def test_endpoint_labels_of_current_docker(plug):
+    """sysctls are Docker's to apply (accepted); ifname cannot be honoured by a plugin (refused, nothing
+    made)."""
+    create(plug)
+    address = plug.ipam.request_address(plug.store.network(NID).host_cidr)["Address"]
+    sysctls = {"com.docker.network.endpoint.sysctls": "net.ipv4.conf.IFNAME.log_martians=1"}
+    assert "MacAddress" in plug.driver.create_endpoint(NID, EID, {"Address": address}, sysctls)["Interface"]
+    address2 = plug.ipam.request_address(plug.store.network(NID).host_cidr)["Address"]
+    with pytest.raises(InvalidRequest, match="ifname=app0: Docker does not let a network plugin name"):
+        plug.driver.create_endpoint(NID, EID2, {"Address": address2}, {"com.docker.network.endpoint.ifname": "app0"})
+    assert [ep.endpoint_id for ep in plug.store.endpoints()] == [EID]
+    assert veth_names(EID2)[0] not in plug.dataplane.links
+
+
+@pytest.mark.parametrize("options,text", [
+    ({"com.docker.network.enable_ipv4": False}, r"IPv4 is disabled for this network \(--ipv4=false\)"),
+    ({"com.docker.network.enable_ipv4": "false"}, "--ipv4=false"),
+    ({"com.docker.network.enable_ipv6": True}, "without --ipv6")])
+def test_ip_family_options_refused_by_create_and_gw_alloc_check(plug, options, text):
+    with pytest.raises(InvalidRequest, match=text):
+        plug.driver.gw_alloc_check(options)
+    with pytest.raises(InvalidRequest, match=text):
+        plug.driver.create_network(NID, {GENERIC: {}, **options}, [], [])
+    assert plug.store.networks() == [] and plug.dataplane.networks == {}
+    assert plug.driver.gw_alloc_check({"com.docker.network.enable_ipv4": True}) == {"SkipIPv4": False,
+                                                                                    "SkipIPv6": False}
 
 
 def test_join_recreates_missing_veth_pair(plug):
@@ -244,6 +286,18 @@ def test_program_external_connectivity(plug):
     assert plug.driver.program_external_connectivity(NID, EID, {}) == {}
     assert plug.driver.program_external_connectivity(NID, EID, {"com.docker.network.portmap": []}) == {}
     assert plug.driver.revoke_external_connectivity(NID, EID) == {}
+
+
+def test_nothing_depends_on_program_external_connectivity(plug):
+    """Docker 29 sends it (and Revoke) only to the endpoint that is the container's gateway: everything an
+    endpoint needs is made by CreateEndpoint and Join, so these calls change no kernel or store state."""
+    create(plug)
+    endpoint(plug)
+    plug.driver.join(NID, EID, "/var/run/docker/netns/x", {})
+    calls, state = list(plug.dataplane.calls), plug.snapshot()
+    assert plug.driver.program_external_connectivity(NID, EID, {"com.docker.network.portmap": []}) == {}
+    assert plug.driver.revoke_external_connectivity(NID, EID) == {}
+    assert plug.dataplane.calls == calls and plug.snapshot() == state
 
 
 # -- restore ------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import uuid
 
 import pytest
 
-from conftest import docker_up, free_cluster, is_root, require, run, unique
+from conftest import CURRENT_DOCKER, docker_up, engine_major, free_cluster, is_root, require, run, unique
 
 pytestmark = pytest.mark.docker
 
@@ -139,8 +139,8 @@ class Managed:
             plugin_id = self.inspect()["Id"]
         except Exception:
             return ""
-        for path in ("/var/log/dockerd.log", "/var/log/docker.log"):
-            if os.path.exists(path):
+        for path in (os.environ.get("VPCNET_TEST_DOCKERD_LOG", ""), "/var/log/dockerd.log", "/var/log/docker.log"):
+            if path and os.path.exists(path):
                 with open(path, errors="replace") as fh:
                     return "\n".join(line for line in fh.read().splitlines()[-5000:] if plugin_id in line)[-6000:]
         return ""
@@ -276,6 +276,21 @@ def test_ebpf_mode_works_with_the_capabilities_the_plugin_is_given(built):
     built.networks.remove(net)
     assert host_veth not in run(["ip", "link"]).stdout, "the endpoint's veth (and its program) went"
     assert f"vpcnet-{tag}" not in run(["tc", "filter", "show", "dev", uplink, "ingress"], check=False).stdout
+
+
+def test_compose_with_the_managed_plugins_name(built, tmp_path):
+    """Compose v2 with `driver: vpcnet-ci-...:latest` (the managed plugin's name) on both: up, reach by
+    service name, down leaves nothing (Docker 28+, where CI provides Compose v2)."""
+    from test_docker_current import assert_network_gone, compose_up_and_down
+
+    if engine_major() < CURRENT_DOCKER:
+        pytest.skip(f"Compose v2 is tested on Docker >= {CURRENT_DOCKER} (tests/engines/with-docker.sh)")
+    seen = compose_up_and_down(["docker"], tmp_path, built.name, built.image, subnet=built.cluster4)
+    assert seen["driver"][:2] == [built.name, built.name] and seen["ping"], built.plugin_log()
+    assert seen["left"] == []
+    assert_network_gone(seen["driver"][2])
+    assert not [n for n in built.docker("network", "ls", "-q", "--filter", f"driver={built.name}").stdout.split()
+                if n.startswith(seen["driver"][2][:12])]
 
 
 class SilentServer:

@@ -22,6 +22,7 @@ SANDBOX = "/var/run/docker/netns/0123456789ab"
 ROUTES: dict[str, tuple[tuple[str, ...], dict]] = {
     "/Plugin.Activate": ((), {}),
     "/NetworkDriver.GetCapabilities": ((), {}),
+    "/NetworkDriver.GwAllocCheck": ((), {"Options": "x"}),
     "/NetworkDriver.CreateNetwork": (("NetworkID",), {"NetworkID": 7, "Options": "x", "IPv4Data": {},
                                                       "IPv6Data": "x"}),
     "/NetworkDriver.DeleteNetwork": (("NetworkID",), {"NetworkID": ["x"]}),
@@ -190,7 +191,7 @@ def test_activate_implements_both(client):
 
 def test_capabilities(client):
     caps = ok(client, "/NetworkDriver.GetCapabilities")
-    assert caps["Scope"] == "local" and caps["ConnectivityScope"] == "global"
+    assert caps == {"Scope": "local", "ConnectivityScope": "global", "GwAllocChecker": True}
     assert ok(client, "/IpamDriver.GetCapabilities") == {"RequiresMACAddress": False,
                                                          "RequiresRequestReplay": True}
     spaces = ok(client, "/IpamDriver.GetDefaultAddressSpaces")
@@ -236,7 +237,8 @@ def test_full_docker_sequence(plug, client):
     joined = ok(client, "/NetworkDriver.Join", {"NetworkID": NID, "EndpointID": EID, "SandboxKey": SANDBOX,
                                                 "Options": {}})
     assert joined == {"InterfaceName": {"SrcName": peer_veth, "DstPrefix": "eth"}, "Gateway": f"{base}.1",
-                      "StaticRoutes": [], "DisableGatewayService": True}
+                      "StaticRoutes": [{"Destination": "10.200.0.0/16", "RouteType": 0, "NextHop": f"{base}.1"}],
+                      "DisableGatewayService": True}
     assert "/" not in joined["Gateway"]
     assert ok(client, "/NetworkDriver.ProgramExternalConnectivity",
               {"NetworkID": NID, "EndpointID": EID, "Options": {}}) == {}
@@ -352,6 +354,7 @@ def test_refused_network_creates_change_nothing(plug, client):
         (_network_body(pool, **{"com.docker.network.enable_ipv6": True}), "IPv6"),
         ({**_network_body(pool), "IPv6Data": [{"Pool": "fd00::/64"}]}, "IPv6"),
         ({**_network_body(pool), "IPv4Data": []}, "exactly one IPv4 pool"),
+        ({**_network_body(pool, **{"com.docker.network.enable_ipv4": False}), "IPv4Data": []}, "--ipv4=false"),
         ({**_network_body(pool), "IPv4Data": [{"Pool": pool}, {"Pool": other_pool}]}, "exactly one IPv4 pool"),
         (_network_body(pool, generic="mtu=9000"), "must be an object"),
     ]
@@ -370,6 +373,24 @@ def test_refused_network_creates_change_nothing(plug, client):
     assert pool in {r["pool_id"] for r in plug.store.pools()}
 
 
+def test_gw_alloc_check_answers_allocate_and_refuses_before_any_pool(plug, client):
+    """Docker 28+ posts GwAllocCheck with the network's options before RequestPool (GwAllocChecker)."""
+    options = {"com.docker.network.enable_ipv4": True, "com.docker.network.enable_ipv6": False,
+               "com.docker.network.generic": {"vpcnet.mode": "routed"}}
+    assert ok(client, "/NetworkDriver.GwAllocCheck", {"Options": options}) == {"SkipIPv4": False,
+                                                                               "SkipIPv6": False}
+    assert ok(client, "/NetworkDriver.GwAllocCheck", None) == {"SkipIPv4": False, "SkipIPv6": False}
+    cases = [({"com.docker.network.enable_ipv4": False}, "--ipv4=false"),
+             ({"com.docker.network.enable_ipv4": False, "com.docker.network.enable_ipv6": True}, "--ipv4=false"),
+             ({"com.docker.network.enable_ipv6": True}, "without --ipv6"),
+             ({"com.docker.network.generic": {"com.docker.network.bridge.name": "br0"}}, "unknown option -o"),
+             ({"com.docker.network.generic": {"vpcnet.mode": "ipvlan"}}, "unknown mode")]
+    for options, text in cases:
+        message = refused_without_change(plug, client, "/NetworkDriver.GwAllocCheck", {"Options": options})
+        assert text in message, (options, message)
+    assert plug.store.pools() == [] and plug.store.claims() == []
+
+
 def test_refused_endpoint_and_address_calls_change_nothing(plug, client):
     pool = setup_network(client)
     address = setup_endpoint(client, pool)
@@ -381,6 +402,10 @@ def test_refused_endpoint_and_address_calls_change_nothing(plug, client):
                                            "Interface": {"Address": address}}, "already used by endpoint"),
         ("/NetworkDriver.CreateEndpoint", {"NetworkID": NID, "EndpointID": EID2, "Interface": {}},
          "without an IPv4 address"),
+        ("/NetworkDriver.CreateEndpoint", {"NetworkID": NID, "EndpointID": EID2,
+                                           "Interface": {"Address": address.replace(".2/", ".9/")},
+                                           "Options": {"com.docker.network.endpoint.ifname": "app0"}},
+         "com.docker.network.endpoint.ifname=app0: Docker does not let a network plugin name"),
         ("/NetworkDriver.CreateEndpoint", {"NetworkID": NID, "EndpointID": EID2,
                                            "Interface": {"Address": "bogus"}}, "not an IPv4"),
         ("/NetworkDriver.CreateEndpoint", {"NetworkID": NID, "EndpointID": EID2,

@@ -25,7 +25,10 @@ never NATs). Everything else, and anything the programs cannot resolve, takes ro
 
 Firewall, in chains of vpcnet's own so removing a network removes exactly its rules:
 - filter `VPCNET-FORWARD` (jumped to from FORWARD): accepts the network's traffic even though Docker
-  sets FORWARD's policy to DROP; one chain per network `VPCNET-F-<id12>`.
+  sets FORWARD's policy to DROP; one chain per network `VPCNET-F-<id12>`. Its jump sits right after
+  Docker's `-j DOCKER-USER` when there is one (first otherwise), so a user's DOCKER-USER rules apply to
+  vpcnet's traffic as to Docker's own networks; Docker 28's DOCKER-FORWARD comes after it and matches
+  only Docker's bridges.
 - nat `VPCNET-POSTROUTING` (jumped to from POSTROUTING): per network `VPCNET-N-<id12>` masquerades
   traffic from the host CIDR only when it leaves for a destination outside the cluster CIDR and the
   no-NAT list. Container-to-container traffic inside the VPC keeps its own source address.
@@ -60,6 +63,7 @@ from vpcnet.errors import DataplaneError
 log = logging.getLogger(__name__)
 
 FORWARD_CHAIN = "VPCNET-FORWARD"
+USER_CHAIN = "DOCKER-USER"          # Docker's chain for the user's own forwarding rules
 NAT_CHAIN = "VPCNET-POSTROUTING"
 RAW_CHAIN = "VPCNET-RAW"
 PARENTS = {"filter": FORWARD_CHAIN, "nat": NAT_CHAIN, "raw": RAW_CHAIN}
@@ -270,11 +274,27 @@ class Dataplane:
         """ip_forward and the top-level chains, jumped to first from FORWARD and POSTROUTING."""
         self._sysctl("net.ipv4.ip_forward", "1")
         self._ensure_chain("filter", FORWARD_CHAIN)
-        self._ensure_rule("filter", "FORWARD", ["-j", FORWARD_CHAIN], position=1)
+        self._ensure_forward_jump()
         self._ensure_chain("nat", NAT_CHAIN)
         self._ensure_rule("nat", "POSTROUTING", ["-j", NAT_CHAIN], position=1)
         self._ensure_chain("raw", RAW_CHAIN)
         self._ensure_rule("raw", "PREROUTING", ["-j", RAW_CHAIN], position=1)
+
+    def _ensure_forward_jump(self) -> None:
+        """FORWARD -> VPCNET-FORWARD after FORWARD -> DOCKER-USER (when Docker made it), else first. A
+        misplaced jump (vpcnet started before Docker put DOCKER-USER first) is moved: the new one is
+        inserted before the old one is deleted, so the network's traffic never meets the DROP policy."""
+        jump, user = ["-A", "FORWARD", "-j", FORWARD_CHAIN], ["-A", "FORWARD", "-j", USER_CHAIN]
+        listed = [line.split() for line in self._ipt("filter", "-S", "FORWARD").stdout.splitlines()
+                  if line.startswith("-A FORWARD")]
+        ours = [i for i, rule in enumerate(listed) if rule == jump]
+        theirs = [i for i, rule in enumerate(listed) if rule == user]
+        misplaced = [i for i in ours if theirs and i < theirs[0]]
+        if ours and not misplaced:
+            return
+        self._ipt("filter", "-I", "FORWARD", str(theirs[0] + 2 if theirs else 1), "-j", FORWARD_CHAIN)
+        for _ in misplaced:     # the first match of each -D is a misplaced one, ahead of DOCKER-USER
+            self._ipt("filter", "-D", "FORWARD", "-j", FORWARD_CHAIN)
 
     # -- networks ---------------------------------------------------------------------------------
     def ensure_network(self, spec: NetworkSpec) -> None:

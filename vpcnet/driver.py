@@ -9,6 +9,20 @@ Options: `-o com.docker.network.driver.mtu=N`, and `-o vpcnet.mode=bridge|routed
 the datapath of the network, stored with it (see vpcnet.dataplane: routed mode has no bridge, proxy ARP
 and a /32 route per endpoint, for a shorter per-packet path; ebpf mode adds a tc fast path that skips
 the host's IP stack for cluster traffic). Unknown options and modes are refused.
+
+What current engines (Docker 28/29) add:
+- `GwAllocChecker: true`: Docker then posts GwAllocCheck with the network's options before it asks IPAM
+  for a pool, so a network vpcnet would refuse (unknown -o, --ipv4=false, --ipv6) is refused before its
+  RequestPool claims a host block. The answer is always "allocate the gateway" (vpcnet's IPAM gives
+  it). Docker before 28 ignores the field and never calls GwAllocCheck.
+- `--ipv4=false` (`com.docker.network.enable_ipv4: false`, empty IPv4Data): refused, naming the flag.
+- Endpoint label `com.docker.network.endpoint.sysctls`: Docker applies it itself in the container, to
+  the interface vpcnet hands over; nothing to do here. `com.docker.network.endpoint.ifname`: refused,
+  since Docker names a plugin's interface from `DstPrefix` and never from this label.
+- `gw-priority`, and Docker 29 sending ProgramExternalConnectivity only to the gateway endpoint: Join
+  always offers the gateway and a static route for the cluster CIDR through it, so cluster traffic
+  keeps vpcnet's interface when another network gives the default route; nothing else depends on
+  ProgramExternalConnectivity (it only refuses port publishing).
 """
 from __future__ import annotations
 
@@ -28,8 +42,16 @@ GENERIC = "com.docker.network.generic"
 MTU_OPTION = "com.docker.network.driver.mtu"
 INTERNAL_OPTION = "com.docker.network.internal"
 IPV6_OPTION = "com.docker.network.enable_ipv6"
+IPV4_OPTION = "com.docker.network.enable_ipv4"            # Docker 28+: false with --ipv4=false
+IFNAME_OPTION = "com.docker.network.endpoint.ifname"      # Docker 28+: driver-opt / Compose interface_name
 MODE_OPTION = "vpcnet.mode"
 KNOWN_GENERIC_OPTIONS = {MTU_OPTION, MODE_OPTION}
+# A swarm-scoped network made in one line reaches the nodes with Docker's default IPAM: say what works.
+SWARM_HINT = ("For a swarm-scoped network, give each node its IPAM config: on every node `docker network create "
+              "--config-only --ipam-driver <this driver> [--subnet <cluster CIDR>] NET-config`, then on a manager "
+              "`docker network create -d <this driver> --scope swarm --attachable --config-from NET-config NET` "
+              "(docs/swarm.md)")
+ROUTE_NEXTHOP = 0                                         # Join's StaticRoutes[].RouteType: via NextHop
 
 
 class NetworkDriver:
@@ -42,12 +64,18 @@ class NetworkDriver:
     def capabilities() -> dict:
         # Scope local: Docker keeps the network per engine (no swarm store needed). The connectivity
         # is cross-host, through the VPC route table.
-        return {"Scope": "local", "ConnectivityScope": "global"}
+        # GwAllocChecker: Docker 28+ then calls gw_alloc_check() before IPAM (see the module docstring).
+        return {"Scope": "local", "ConnectivityScope": "global", "GwAllocChecker": True}
 
-    # -- networks ---------------------------------------------------------------------------------
-    def create_network(self, network_id: str, options: dict, ipv4_data: list, ipv6_data: list) -> dict:
-        _require_id("NetworkID", network_id)
-        options = options or {}
+    def gw_alloc_check(self, options: dict) -> dict:
+        """Docker 28+, before RequestPool: refuse what create_network would, while no block is claimed
+        yet; vpcnet always wants its gateway address."""
+        self._check_network_options(options or {})
+        return {"SkipIPv4": False, "SkipIPv6": False}
+
+    @staticmethod
+    def _check_network_options(options: dict) -> dict:
+        """The `-o` options (generic) of a network, once every option vpcnet cannot honour is refused."""
         generic = options.get(GENERIC) or {}
         if not isinstance(generic, dict):
             raise InvalidRequest(f"{GENERIC} must be an object")
@@ -55,7 +83,20 @@ class NetworkDriver:
         if unknown:
             raise InvalidRequest(f"unknown option -o {', '.join(unknown)} (vpcnet knows: "
                                  f"{', '.join(sorted(KNOWN_GENERIC_OPTIONS))})")
-        if ipv6_data or _truthy(options.get(IPV6_OPTION)):
+        if options.get(IPV4_OPTION) is False or str(options.get(IPV4_OPTION)).lower() == "false":
+            raise InvalidRequest("IPv4 is disabled for this network (--ipv4=false): vpcnet networks are "
+                                 "IPv4 networks; create it without --ipv4=false")
+        if _truthy(options.get(IPV6_OPTION)):
+            raise InvalidRequest("IPv6 is not supported by vpcnet: create the network without --ipv6")
+        _mode(generic.get(MODE_OPTION))
+        return generic
+
+    # -- networks ---------------------------------------------------------------------------------
+    def create_network(self, network_id: str, options: dict, ipv4_data: list, ipv6_data: list) -> dict:
+        _require_id("NetworkID", network_id)
+        options = options or {}
+        generic = self._check_network_options(options)
+        if ipv6_data:
             raise InvalidRequest("IPv6 is not supported by vpcnet: create the network without --ipv6")
         if not ipv4_data or len(ipv4_data) != 1:
             raise InvalidRequest(f"a vpcnet network needs exactly one IPv4 pool, got {len(ipv4_data or [])}")
@@ -66,7 +107,7 @@ class NetworkDriver:
         pools = {r["pool_id"]: r for r in self.store.pools()}
         if pool not in pools:
             raise InvalidRequest(f"pool {pool or '(none)'} is not a vpcnet pool: create the network with "
-                                 f"vpcnet as its IPAM driver too (--ipam-driver, the same name as -d)")
+                                 f"vpcnet as its IPAM driver too (--ipam-driver, the same name as -d). {SWARM_HINT}")
         mode = _mode(generic.get(MODE_OPTION))
         mtu = self._mtu(generic.get(MTU_OPTION))
         net = Network(network_id=network_id, host_cidr=pool, cluster_cidr=pools[pool]["cluster_cidr"],
@@ -132,6 +173,11 @@ class NetworkDriver:
         _require_id("EndpointID", endpoint_id)
         net = self._network(network_id)
         interface = interface or {}
+        ifname = (options or {}).get(IFNAME_OPTION)
+        if ifname:
+            raise InvalidRequest(f"{IFNAME_OPTION}={ifname}: Docker does not let a network plugin name the "
+                                 "container's interface (it is eth<N>); remove the option (Compose: "
+                                 "interface_name)")
         if interface.get("AddressIPv6"):
             raise InvalidRequest("IPv6 is not supported by vpcnet")
         address = interface.get("Address") or ""
@@ -195,8 +241,11 @@ class NetworkDriver:
             # After a host reboot, or a Leave that let the sandbox delete it: make a fresh pair.
             self.dataplane.delete_endpoint(ep.host_veth)
             self._ensure_endpoint(net, ep)
+        # The cluster CIDR through the gateway: other hosts' containers stay on this interface even when
+        # another network of the container gives the default route (gw-priority, Docker 28+).
+        cluster_route = {"Destination": net.cluster_cidr, "RouteType": ROUTE_NEXTHOP, "NextHop": net.gateway}
         return {"InterfaceName": {"SrcName": ep.peer_veth, "DstPrefix": "eth"},
-                "Gateway": net.gateway, "StaticRoutes": [], "DisableGatewayService": True}
+                "Gateway": net.gateway, "StaticRoutes": [cluster_route], "DisableGatewayService": True}
 
     def leave(self, network_id: str, endpoint_id: str) -> dict:
         return {}      # Docker moves the interface back out of the sandbox; DeleteEndpoint removes it

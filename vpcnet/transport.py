@@ -43,6 +43,7 @@ def endpoint_table(driver, ipam) -> dict[str, Callable[[Body], dict]]:
         "/Plugin.Activate": lambda b: _activate(ipam),
         # NetworkDriver
         "/NetworkDriver.GetCapabilities": lambda b: driver.capabilities(),
+        "/NetworkDriver.GwAllocCheck": lambda b: driver.gw_alloc_check(b.field("Options", dict, {})),
         "/NetworkDriver.CreateNetwork": lambda b: driver.create_network(
             b.field("NetworkID", required=True), b.field("Options", dict, {}),
             b.field("IPv4Data", list, []), b.field("IPv6Data", list, [])),

@@ -1,0 +1,198 @@
+"""Swarm services on vpcnet across lab hosts, with the managed plugin on every node (Docker refuses
+legacy socket plugins in swarm mode), on a current engine (Docker 28+: tests/engines/with-docker.sh).
+
+A 2-host lab (its own engines and emulated VPC); the lab's own `vpcnet serve` are stopped and each
+engine gets the managed plugin (plugin/build.sh) set up as the lab's plugin was (aliyun provider against
+the emulator), on a cluster CIDR of its own. Then a swarm across both engines, the per-node config-only
+networks and the swarm-scoped network made from them (docs/swarm.md), and a service on it.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import sys
+
+import pytest
+
+from conftest import CURRENT_DOCKER, engine_major, is_root, require, run, unique, wait_for
+from vpcnet.lab import swarm as lab_swarm
+
+pytestmark = pytest.mark.docker
+
+LAB_CLUSTER = "10.241.0.0/16"
+SWARM_CLUSTER = "10.247.0.0/16"
+PLUGIN = "vpcnet-swarm:latest"
+
+
+@pytest.fixture(scope="module")
+def swarm(request, docker_engine):
+    require(is_root(), "needs root")
+    if engine_major(docker_engine) < CURRENT_DOCKER:
+        pytest.skip(f"Swarm on vpcnet is tested on Docker >= {CURRENT_DOCKER} (tests/engines/with-docker.sh)")
+    missing = [t for t in ("dockerd", "nsenter", "unshare", "debootstrap") if not shutil.which(t)]
+    require(not missing, f"needs {', '.join(missing)}")
+    from vpcnet.lab import Lab
+
+    left = {k: v for k, v in Lab.leftovers().items() if v}
+    require(not left, f"a vpcnet lab is already on this machine ({left}): `vpcnet lab down` first")
+    lab = Lab(hosts=2, cluster_cidr=LAB_CLUSTER, reconcile_interval=2.0)
+    request.addfinalizer(lambda: lab.down())
+    lab.up()
+    for k in (1, 2):
+        lab_swarm.install_managed_plugin(lab, k, SWARM_CLUSTER, PLUGIN)
+    lab_swarm.init_swarm(lab, [1, 2])
+    return lab
+
+
+def tasks(lab, service: str) -> list[dict]:
+    """The service's running tasks: node, container id, address (from the node that runs it)."""
+    out = []
+    for k in (1, 2):
+        ids = lab.docker(k, "ps", "-q", "--filter", "status=running",
+                         "--filter", f"label=com.docker.swarm.service.name={service}").stdout.split()
+        for cid in ids:
+            inspect = lab.docker(k, "inspect", cid, check=False)
+            if inspect.returncode != 0:        # removed in between (a task moving)
+                continue
+            info = json.loads(inspect.stdout)[0]
+            nets = info["NetworkSettings"]["Networks"]
+            out.append({"host": k, "id": cid, "ip": next(iter(nets.values()))["IPAddress"]})
+    return out
+
+
+def block_of(lab, k: int, cluster: str) -> ipaddress.IPv4Network | None:
+    """Host k's block of `cluster`: its route in the emulated VPC route table."""
+    for entry in lab.routes():
+        hops = [h.get("NextHopId") for h in entry.get("NextHops", {}).get("NextHop", [])]
+        dest = ipaddress.IPv4Network(entry["DestinationCidrBlock"])
+        if f"i-vpclab-h{k}" in hops and dest.subnet_of(ipaddress.IPv4Network(cluster)):
+            return dest
+    return None
+
+
+def test_a_service_on_a_swarm_scoped_vpcnet_network_across_two_hosts(swarm):
+    lab = swarm
+    lab_swarm.swarm_network(lab, [1, 2], "vpcs", SWARM_CLUSTER, PLUGIN)
+    service = unique("web")
+    lab.docker(1, "service", "create", "--detach", "--no-resolve-image", "--name", service, "--network", "vpcs",
+               "--replicas", "2", "--replicas-max-per-node", "1", "vpcnet-testbox:latest",
+               "sh", "-c", "while true; do echo hi | nc -l -p 8080; done", timeout=120)
+    running = wait_for(lambda: len(tasks(lab, service)) == 2, 90, 1.0)
+    ps = lab.docker(1, "service", "ps", "--no-trunc", service).stdout
+    assert running, ps
+    found = tasks(lab, service)
+    blocks = {k: block_of(lab, k, SWARM_CLUSTER) for k in (1, 2)}
+    assert None not in blocks.values() and blocks[1] != blocks[2], blocks
+    for t in found:
+        assert ipaddress.IPv4Address(t["ip"]) in blocks[t["host"]], (t, blocks)
+    one, two = sorted(found, key=lambda t: t["host"])
+    assert lab.docker(1, "exec", one["id"], "ping", "-c1", "-W2", two["ip"], check=False).returncode == 0
+    answer = lab.docker(1, "exec", one["id"], "sh", "-c", f"nc -w 3 {service} 8080", check=False)
+    assert "hi" in answer.stdout, ("the service VIP", answer.stderr)
+    assert lab.docker(2, "exec", two["id"], "ping", "-c1", "-W2", f"tasks.{service}", check=False).returncode == 0
+    lab.swarm_service = service
+
+
+def endpoints_on(lab, k: int) -> list[str]:
+    """Addresses the managed plugin of host k holds (its state, on the host)."""
+    out = run([sys.executable, "-m", "vpcnet.cli", "status", "--json"],
+              env=dict(os.environ, VPCNET_STATE_DIR=lab_swarm.managed_state_dir(k),
+                       VPCNET_CONFIG=os.devnull)).stdout
+    return sorted(ep["address"] for n in json.loads(out)["networks"] for ep in n["endpoints"])
+
+
+def converged(lab, service: str, replicas: int) -> list[dict]:
+    """Wait (bounded) until the service runs `replicas` tasks; they are returned."""
+    assert wait_for(lambda: len(tasks(lab, service)) == replicas, 90, 1.0), \
+        lab.docker(1, "service", "ps", "--no-trunc", service).stdout
+    return tasks(lab, service)
+
+
+def test_scale_drain_and_a_daemon_restart(swarm):
+    lab, service = swarm, swarm.swarm_service
+    lab.docker(1, "service", "update", "--detach", "--replicas-max-per-node", "0", service)
+    lab.docker(1, "service", "scale", "--detach", f"{service}=4")
+    found = converged(lab, service, 4)
+    assert len({t["ip"] for t in found}) == 4, found
+    for k in (1, 2):
+        assert sorted(t["ip"] for t in found if t["host"] == k) == endpoints_on(lab, k)
+    # drain h2: its tasks move to h1, and nothing they held is left on h2
+    lab.docker(1, "node", "update", "--availability", "drain", lab.docker(2, "info", "-f", "{{.Swarm.NodeID}}")
+               .stdout.strip())
+    assert wait_for(lambda: [t["host"] for t in tasks(lab, service)] == [1] * 4, 90, 1.0), tasks(lab, service)
+    assert endpoints_on(lab, 2) == [] and "vh" not in run(["ip", "-n", lab.host_netns(2), "-o", "link"]).stdout
+    lab.docker(1, "node", "update", "--availability", "active", lab.docker(2, "info", "-f", "{{.Swarm.NodeID}}")
+               .stdout.strip())
+    lab.docker(1, "service", "scale", "--detach", f"{service}=2")
+    lab.docker(1, "service", "update", "--detach", "--force", "--replicas-max-per-node", "1", service)
+    assert wait_for(lambda: sorted(t["host"] for t in tasks(lab, service)) == [1, 2], 120, 1.0), tasks(lab, service)
+    # h2's daemon restarts: the managed plugin and the task come back, and reach h1's
+    host = lab.host(2)
+    pid = host.engine_pid()
+    os.kill(pid, signal.SIGTERM)
+    assert wait_for(lambda: host.engine_pid() is None, 60, 0.5)
+    host.start_engine()
+    back = wait_for(lambda: sorted(t["host"] for t in tasks(lab, service)) == [1, 2], 120, 1.0)
+    assert back, lab.docker(1, "service", "ps", "--no-trunc", service).stdout
+    one, two = sorted(tasks(lab, service), key=lambda t: t["host"])
+    assert wait_for(lambda: lab.docker(2, "exec", two["id"], "ping", "-c1", "-W2", one["ip"],
+                                       check=False).returncode == 0, 30, 1.0)
+    assert endpoints_on(lab, 2) == [two["ip"]], "no address leaked by the restart"
+
+
+def test_the_one_line_swarm_form_fails_saying_what_to_run_instead(swarm):
+    lab = swarm
+    lab.docker(1, "network", "create", "-d", PLUGIN, "--ipam-driver", PLUGIN, "--scope", "swarm", "--attachable",
+               "--subnet", "10.248.0.0/16", "vpcbad")
+    service = unique("bad")
+    lab.docker(1, "service", "create", "--detach", "--no-resolve-image", "--name", service, "--network", "vpcbad",
+               "vpcnet-testbox:latest", "sleep", "3600")
+    errors = wait_for(lambda: [line for line in lab.docker(1, "service", "ps", "--no-trunc", "--format",
+                                                            "{{.Error}}", service).stdout.splitlines() if line], 60, 1.0)
+    lab.docker(1, "service", "rm", service)
+    assert errors and "--config-only" in errors[0] and "--config-from" in errors[0], errors
+
+
+STACK = """\
+services:
+  app:
+    image: vpcnet-testbox:latest
+    command: ["sleep", "3600"]
+    networks: [vpcs]
+    deploy:
+      replicas: 2
+      placement:
+        max_replicas_per_node: 1
+networks:
+  vpcs:
+    external: true
+"""
+
+
+def test_a_stack_on_the_external_swarm_network(swarm, tmp_path):
+    lab = swarm
+    path = tmp_path / "stack.yml"
+    path.write_text(STACK)
+    stack = unique("st")
+    lab.docker(1, "stack", "deploy", "--resolve-image", "never", "--detach=true", "-c", str(path), stack)
+    try:
+        found = converged(lab, f"{stack}_app", 2)
+        assert sorted(t["host"] for t in found) == [1, 2]
+        for t in found:
+            assert ipaddress.IPv4Address(t["ip"]) in lab_swarm_block(lab, t["host"]), t
+        one, two = sorted(found, key=lambda t: t["host"])
+        assert lab.docker(1, "exec", one["id"], "ping", "-c1", "-W2", f"tasks.{stack}_app",
+                          check=False).returncode == 0
+        assert lab.docker(1, "exec", one["id"], "ping", "-c1", "-W2", two["ip"], check=False).returncode == 0
+    finally:
+        lab.docker(1, "stack", "rm", stack)
+    assert wait_for(lambda: tasks(lab, f"{stack}_app") == [], 60, 1.0)
+
+
+def lab_swarm_block(lab, k: int) -> ipaddress.IPv4Network:
+    block = block_of(lab, k, SWARM_CLUSTER)
+    assert block is not None
+    return block

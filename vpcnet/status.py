@@ -1,6 +1,8 @@
 """`vpcnet status`: host CIDRs, networks, endpoints and their addresses, read from the state.
 
-Reads the store directly, so it works whether or not the plugin is running, and makes no cloud call.
+Reads the store directly, so it works whether or not the plugin is running, and makes no cloud call. The
+store is opened read-only: never migrated or written, so a running plugin's database (possibly of another
+schema version) stays exactly as the plugin left it.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ def collect(config) -> dict:
     if not os.path.exists(config.db_path):
         return {"state_dir": config.state_dir, "provider": config.provider, "socket": config.socket,
                 "socket_up": os.path.exists(config.socket), "host_cidrs": [], "networks": []}
-    store = Store(config.db_path)
+    store = Store(config.db_path, readonly=True)
     try:
         networks = []
         for net in store.networks():

@@ -102,20 +102,33 @@ class Claim:
 
 
 class Store:
-    def __init__(self, path: str):
+    """`readonly=True` (for `vpcnet status` and other readers beside a running plugin): the file is
+    opened read-only and never migrated; a missing file is an error rather than a new empty store."""
+
+    def __init__(self, path: str, readonly: bool = False):
         self.path = path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+        self.readonly = readonly
         self._local = threading.local()
+        if readonly:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"no vpcnet state at {path}")
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
         self._migrate()
 
     # -- plumbing ---------------------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None or getattr(self._local, "pid", None) != os.getpid():
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            if self.readonly:
+                conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30, isolation_level=None,
+                                       check_same_thread=False)
+            else:
+                conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
+            if not self.readonly:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=30000")
             conn.execute("PRAGMA foreign_keys=ON")
             self._local.conn, self._local.pid = conn, os.getpid()
@@ -128,11 +141,25 @@ class Store:
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        else:
             conn.execute("COMMIT")
+        except BaseException:
+            # Also after a failed COMMIT (disk full, a deferred constraint): sqlite may keep the
+            # transaction open, and this thread's connection would then refuse every later BEGIN.
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    self._drop_connection()
+            raise
+
+    def _drop_connection(self) -> None:
+        """Forget this thread's connection (a broken one): the next call opens a fresh one."""
+        conn, self._local.conn = getattr(self._local, "conn", None), None
+        if conn is not None:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
 
     def read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
         return self._conn().execute(sql, args).fetchall()

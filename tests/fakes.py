@@ -37,6 +37,7 @@ class FakeDataplane:
         self.calls: list[tuple] = []
         self.fail: dict[str, Exception] = {}
         self.kernel_routes: list[str] = []         # what overlapping_routes() finds, e.g. "10.200.0.0/16 dev x"
+        self.routes: dict[str, str] = {}           # routed modes: container address -> host veth (/32 routes)
 
     def _call(self, name: str, *args) -> None:
         self.calls.append((name, *args))
@@ -108,12 +109,15 @@ class FakeDataplane:
         if host_veth not in self.links:        # like the real one: an existing pair is kept as it is
             self.links[host_veth] = {"peer": peer_veth, "mac": mac, "peer_present": True}
         self.links[host_veth].update(bridge=bridge, mtu=mtu)
-        if spec.routed:                        # routed modes: a /32 route to the host end
+        if spec.routed:                        # routed modes: a /32 route to the host end ("replace")
             self.links[host_veth]["route"] = f"{address}/32"
+            self.routes[address] = host_veth
 
     def delete_endpoint(self, host_veth: str) -> None:
         self._call("delete_endpoint", host_veth)
         self.links.pop(host_veth, None)
+        for address in [a for a, veth in self.routes.items() if veth == host_veth]:
+            del self.routes[address]           # a route goes with its device
 
     def link_exists(self, name: str) -> bool:
         self._call("link_exists", name)

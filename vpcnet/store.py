@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
-SCHEMA_VERSION = 2     # 2: networks.mode (bridge | routed)
+SCHEMA_VERSION = 3     # 2: networks.mode (bridge | routed); 3: leftovers
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -62,6 +62,13 @@ CREATE TABLE IF NOT EXISTS endpoints (
     peer_veth    TEXT NOT NULL UNIQUE,
     created      REAL NOT NULL,
     UNIQUE (network_id, address)
+);
+-- Kernel state of deleted networks and endpoints not removed yet (the row went first, a later datapath
+-- pass removes what the kernel still holds). Never blocks a new network, it is not in `networks`.
+CREATE TABLE IF NOT EXISTS leftovers (
+    name         TEXT PRIMARY KEY,    -- 'network:<id>' or 'endpoint:<host veth>'
+    data         TEXT NOT NULL,       -- JSON: the deleted row (a network also lists its host veths)
+    since        REAL NOT NULL
 );
 """
 
@@ -240,8 +247,18 @@ class Store:
         db.execute(f"INSERT INTO networks({', '.join(row)}) VALUES({', '.join('?' * len(row))})",
                    tuple(row.values()))
 
-    def delete_network(self, network_id: str) -> None:
+    def delete_network(self, network_id: str, leftover: bool = False) -> None:
+        """Forget a network and its endpoints; with `leftover`, in the same transaction record their
+        kernel state as still to be removed (see `leftovers`)."""
         with self.tx() as db:
+            if leftover:
+                net = db.execute("SELECT * FROM networks WHERE network_id=?", (network_id,)).fetchone()
+                veths = [r["host_veth"] for r in
+                         db.execute("SELECT host_veth FROM endpoints WHERE network_id=?", (network_id,))]
+                if net is not None:
+                    data = dict(net) | {"host_veths": veths}
+                    db.execute("INSERT OR REPLACE INTO leftovers(name, data, since) VALUES(?, ?, ?)",
+                               (f"network:{network_id}", json.dumps(data), time.time()))
             db.execute("DELETE FROM endpoints WHERE network_id=?", (network_id,))
             db.execute("DELETE FROM networks WHERE network_id=?", (network_id,))
 
@@ -267,9 +284,22 @@ class Store:
         db.execute(f"INSERT INTO endpoints({', '.join(row)}) VALUES({', '.join('?' * len(row))})",
                    tuple(row.values()))
 
-    def delete_endpoint(self, endpoint_id: str) -> None:
+    def delete_endpoint(self, endpoint_id: str, leftover: bool = False) -> None:
         with self.tx() as db:
+            if leftover:
+                row = db.execute("SELECT * FROM endpoints WHERE endpoint_id=?", (endpoint_id,)).fetchone()
+                if row is not None:
+                    db.execute("INSERT OR REPLACE INTO leftovers(name, data, since) VALUES(?, ?, ?)",
+                               (f"endpoint:{row['host_veth']}", json.dumps(dict(row)), time.time()))
             db.execute("DELETE FROM endpoints WHERE endpoint_id=?", (endpoint_id,))
+
+    def leftovers(self) -> list[tuple[str, dict]]:
+        """(name, data) of deleted objects whose kernel state may still be there."""
+        return [(r["name"], json.loads(r["data"])) for r in self.read("SELECT * FROM leftovers ORDER BY since")]
+
+    def forget_leftover(self, name: str) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM leftovers WHERE name=?", (name,))
 
     # -- pools and addresses (the allocation logic itself lives in ipam) -----------------------------
     def pools(self) -> list[sqlite3.Row]:

@@ -263,6 +263,9 @@ fi
 if [ -z "${VPCNET_PLUGIN_NO_ENABLE:-}" ]; then
     state=$("$DOCKER" plugin inspect -f '{{range .Settings.Mounts}}{{if eq .Name "state"}}{{.Source}}{{end}}{{end}}' "$NAME")
     if [ -n "$state" ] && [ ! -d "$state" ]; then install -d -m 0700 "$state"; fi
+    # the host's iptables lock (a bind-mounted file must exist; iptables-legacy makes it on first use)
+    lock=$("$DOCKER" plugin inspect -f '{{range .Settings.Mounts}}{{if eq .Name "xtables-lock"}}{{.Source}}{{end}}{{end}}' "$NAME")
+    if [ -n "$lock" ] && [ ! -e "$lock" ]; then install -m 0600 /dev/null "$lock"; fi
     t1=$(date +%s%N)
     "$DOCKER" plugin enable "$NAME" >/dev/null
     t2=$(date +%s%N)

@@ -478,3 +478,45 @@ def test_ebpf_network_without_the_right_to_load_programs_fails_clearly_and_is_un
     assert s.bridge not in run(["ip", "-n", a, "link"]).stdout
     assert s.tag not in rules(a, "filter") + rules(a, "nat") + rules(a, "raw")
     assert "vpcnet-" not in tc_filters(a, "uplink0")
+
+
+# -- the review's bugs ------------------------------------------------------------------------------------
+
+def test_a_failed_proxy_arp_call_closes_its_netlink_socket(host, monkeypatch):
+    from vpcnet import rtnl
+
+    opened = []
+    real_open = rtnl.open_socket
+
+    def recording_open(netns=None):
+        opened.append(real_open(netns))
+        return opened[-1]
+
+    def refuse(sock, index, on=True):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(rtnl, "open_socket", recording_open)
+    monkeypatch.setattr(rtnl, "set_proxy_arp", refuse)
+    dp = Dataplane(netns=host)
+    s = spec(mode="routed")
+    dp.ensure_network(s)
+    for n in range(3):
+        with pytest.raises(Exception, match="proxy ARP"):
+            dp.ensure_endpoint(s, *veth_names(f"{n}" * 64), mac_for(f"10.77.3.{n + 2}"), f"10.77.3.{n + 2}")
+    assert len(opened) == 3 and all(sock.fileno() == -1 for sock in opened), "each failed socket is closed"
+
+
+def test_ebpf_uplink_programs_follow_the_default_route_to_a_new_uplink(two_hosts):
+    a, _b = two_hosts
+    run(["ip", "-n", a, "link", "add", "uplink1", "type", "veth", "peer", "name", "uplink1p"])
+    run(["ip", "-n", a, "addr", "add", "198.18.0.10/24", "dev", "uplink1"])
+    for dev in ("uplink1", "uplink1p"):
+        run(["ip", "-n", a, "link", "set", dev, "up"])
+    dp = Dataplane(netns=a)
+    s = spec(mode="ebpf")
+    dp.ensure_network(s)
+    assert s.tc_name in tc_filters(a, "uplink0") and s.tc_name not in tc_filters(a, "uplink1")
+    run(["ip", "-n", a, "route", "replace", "default", "via", "198.18.0.1", "dev", "uplink1"])
+    dp.ensure_network(s)                         # what every reconcile pass does
+    assert s.tc_name in tc_filters(a, "uplink1")
+    assert s.tc_name not in tc_filters(a, "uplink0"), "the old uplink keeps no program"

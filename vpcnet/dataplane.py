@@ -176,6 +176,12 @@ class Dataplane:
             self._local.rtnl, self._local.rtnl_pid = sock, os.getpid()
         return sock
 
+    def _drop_rtnl(self) -> None:
+        """Close and forget this thread's rtnetlink socket (after a failure it may be out of step)."""
+        sock, self._local.rtnl = getattr(self._local, "rtnl", None), None
+        if sock is not None:
+            sock.close()
+
     def _cmd(self, *args: str) -> list[str]:
         return (["ip", "netns", "exec", self.netns] if self.netns else []) + list(args)
 
@@ -319,6 +325,13 @@ class Dataplane:
             for index in uplinks:
                 self._attach(ipr, index, program, "vpcnet_uplink", spec.tc_name, UPLINK_PRIO,
                              uplink_handle(spec.tag))
+            # The default route moved (a new uplink, a renamed or replaced device): the program leaves the
+            # devices that no longer carry it.
+            for index, handle, name in list(self._uplink_programs(ipr)):
+                if name == spec.tc_name and index not in uplinks:
+                    log.warning("network %s: eBPF uplink program left on link %d, which no longer carries "
+                                "the default route: removed", spec.tag, index)
+                    self._drop_uplink_program(ipr, index, handle)
 
     def _attach(self, ipr: IPRoute, index: int, program: bytes, prog_name: str, filter_name: str, prio: int,
                 handle: int) -> None:
@@ -494,7 +507,7 @@ class Dataplane:
             rtnl.set_proxy_arp(sock, host_idx)
             rtnl.set_arp_proxy_delay(sock, host_idx, 0)
         except OSError as exc:
-            self._local.rtnl = None
+            self._drop_rtnl()
             raise DataplaneError(f"cannot turn on proxy ARP for {host_veth}: {exc}") from None
         with self._ipr() as ipr:
             try:

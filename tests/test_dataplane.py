@@ -520,3 +520,25 @@ def test_ebpf_uplink_programs_follow_the_default_route_to_a_new_uplink(two_hosts
     dp.ensure_network(s)                         # what every reconcile pass does
     assert s.tc_name in tc_filters(a, "uplink1")
     assert s.tc_name not in tc_filters(a, "uplink0"), "the old uplink keeps no program"
+
+
+@pytest.mark.parametrize("mode", ["routed", "ebpf"])
+def test_a_routed_container_cannot_send_as_another_networks_container(host, netns_factory, mode):
+    """Routed modes accept forwarding by `-i vh+` and source address: without a reverse-path check, a
+    container of network A could send with network B's addresses (B's rule accepts them)."""
+    dp = Dataplane(netns=host)
+    a = spec(mode=mode)
+    b = spec(mode=mode, tag="b1b2c3d4e5f6", host="10.88.3.0/24", cluster="10.88.0.0/16")
+    dp.ensure_network(a)
+    dp.ensure_network(b)
+    peer_host(host, netns_factory)
+    ca = attach_container(host, dp, a, netns_factory, "10.77.3.2", "a" * 64)
+    attach_container(host, dp, b, netns_factory, "10.88.3.2", "b" * 64)
+    ns_run(host, "iptables", "-P", "FORWARD", "DROP")            # as Docker sets it
+    count_rule(host, "filter", "FORWARD", "spoofed", "-s", "10.88.3.2")
+    count_rule(host, "filter", "FORWARD", "own", "-s", "10.77.3.2")
+    run(["ip", "-n", ca, "addr", "add", "10.88.3.2/32", "dev", "eth0"])
+    ns_run(ca, "busybox", "ping", "-c", "2", "-W", "1", "-I", "10.88.3.2", "198.51.100.2", check=False)
+    assert ping(ca, "198.51.100.2"), "its own address still goes out"
+    seen = counters(host, "filter", "FORWARD")
+    assert seen["own"] > 0 and seen["spoofed"] == 0, seen

@@ -55,17 +55,14 @@ from typing import Iterator
 from pyroute2 import IPRoute, NetlinkError
 
 from vpcnet import ebpf, rtnl
+from vpcnet.datapath.firewall import (  # noqa: F401 - re-exported: vpcnet.dataplane's public names
+    FORWARD_CHAIN, HOST_VETHS, NAT_CHAIN, PARENTS, PREFIXES, RAW_CHAIN, FirewallTable)
+from vpcnet.datapath.modes import strategy
 from vpcnet.errors import DataplaneError
 
 log = logging.getLogger(__name__)
 
-FORWARD_CHAIN = "VPCNET-FORWARD"
-NAT_CHAIN = "VPCNET-POSTROUTING"
-RAW_CHAIN = "VPCNET-RAW"
-PARENTS = {"filter": FORWARD_CHAIN, "nat": NAT_CHAIN, "raw": RAW_CHAIN}
-PREFIXES = {"filter": "VPCNET-F-", "nat": "VPCNET-N-", "raw": "VPCNET-R-"}
 MODES = ("bridge", "routed", "ebpf")
-HOST_VETHS = "vh+"            # iptables wildcard for every endpoint's host end (veth_names)
 SCOPE_LINK = 253
 DEFAULT_MTU = 1500
 TC_INGRESS = 0xFFFFFFF2           # clsact's ingress hook
@@ -147,6 +144,7 @@ class Dataplane:
         self.netns = netns
         self.iptables = iptables
         self._local = threading.local()
+        self.firewall = FirewallTable(self._cmd(), iptables)
 
     # -- plumbing ---------------------------------------------------------------------------------
     @contextmanager
@@ -184,44 +182,6 @@ class Dataplane:
 
     def _cmd(self, *args: str) -> list[str]:
         return (["ip", "netns", "exec", self.netns] if self.netns else []) + list(args)
-
-    def _ipt(self, table: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        cmd = self._cmd(self.iptables, "-w", "10", "-t", table, *args)
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise DataplaneError(f"{' '.join(cmd)}: {exc}") from None
-        if check and proc.returncode != 0:
-            raise DataplaneError(f"{' '.join(cmd)} failed: {proc.stderr.strip() or proc.returncode}")
-        return proc
-
-    def _chain_exists(self, table: str, chain: str) -> bool:
-        return self._ipt(table, "-S", chain, check=False).returncode == 0
-
-    def _ensure_chain(self, table: str, chain: str) -> None:
-        if not self._chain_exists(table, chain):
-            proc = self._ipt(table, "-N", chain, check=False)
-            if proc.returncode != 0 and not self._chain_exists(table, chain):
-                raise DataplaneError(f"cannot create chain {chain} in table {table}: {proc.stderr.strip()}")
-
-    def _ensure_rule(self, table: str, chain: str, rule: list[str], position: int | None = None) -> None:
-        if self._ipt(table, "-C", chain, *rule, check=False).returncode == 0:
-            return
-        if position is None:
-            self._ipt(table, "-A", chain, *rule)
-        else:
-            self._ipt(table, "-I", chain, str(position), *rule)
-
-    def _delete_rule(self, table: str, chain: str, rule: list[str]) -> None:
-        for _ in range(8):     # a rule added twice by a crash-and-retry is removed too (bounded)
-            if self._ipt(table, "-D", chain, *rule, check=False).returncode != 0:
-                return
-
-    def _drop_chain(self, table: str, parent: str, chain: str) -> None:
-        self._delete_rule(table, parent, ["-j", chain])
-        if self._chain_exists(table, chain):
-            self._ipt(table, "-F", chain, check=False)
-            self._ipt(table, "-X", chain, check=False)
 
     def _sysctl(self, key: str, value: str) -> None:
         path = "/proc/sys/" + key.replace(".", "/")
@@ -272,19 +232,15 @@ class Dataplane:
                     found.append(f"{other} dev {names.get(route.get('RTA_OIF'), '?')}")
         return found
 
-    def ensure_host(self) -> None:
-        """ip_forward and the top-level chains, jumped to first from FORWARD and POSTROUTING."""
+    def ensure_host(self) -> list[str]:
+        """ip_forward, the shared chains, the builtin chains' jumps to them, the anti-spoofing rule.
+        Returns what was wrong."""
         self._sysctl("net.ipv4.ip_forward", "1")
-        self._ensure_chain("filter", FORWARD_CHAIN)
-        self._ensure_rule("filter", "FORWARD", ["-j", FORWARD_CHAIN], position=1)
-        self._ensure_chain("nat", NAT_CHAIN)
-        self._ensure_rule("nat", "POSTROUTING", ["-j", NAT_CHAIN], position=1)
-        self._ensure_chain("raw", RAW_CHAIN)
-        self._ensure_rule("raw", "PREROUTING", ["-j", RAW_CHAIN], position=1)
+        return self.firewall.apply([], host=True)
 
     # -- networks ---------------------------------------------------------------------------------
     def ensure_network(self, spec: NetworkSpec) -> None:
-        self.ensure_host()
+        self._sysctl("net.ipv4.ip_forward", "1")
         with self._ipr() as ipr:
             idx = self._link_index(ipr, spec.bridge)
             if idx is None:
@@ -383,62 +339,12 @@ class Dataplane:
                     dropped.append(name)
         return dropped
 
-    def _ensure_firewall(self, spec: NetworkSpec) -> None:
-        br, cluster, tag = spec.bridge, spec.cluster_cidr, spec.tag
-        comment = ["-m", "comment", "--comment", f"vpcnet {tag}"]
-        if spec.routed:     # no bridge to name: the endpoints' veths and the network's addresses
-            came, goes = ["-i", HOST_VETHS, "-s", spec.host_cidr], ["-o", HOST_VETHS, "-d", spec.host_cidr]
-        else:
-            came, goes = ["-i", br], ["-o", br]
-        if spec.internal:
-            rules = [came + goes[:2] + ["-j", "ACCEPT"],
-                     came + ["-d", cluster, "-j", "ACCEPT"],
-                     goes + ["-s", cluster, "-j", "ACCEPT"],
-                     came + ["-j", "DROP"],
-                     goes + ["-j", "DROP"]]
-            if spec.routed:     # the first rule is covered by the second (host CIDR within cluster)
-                rules = rules[1:]
-        else:
-            rules = [came + ["-j", "ACCEPT"],
-                     goes + ["-j", "ACCEPT"]]
-        self._sync_chain("filter", spec.filter_chain, [rule + comment for rule in rules])
-        self._ensure_rule("filter", FORWARD_CHAIN, ["-j", spec.filter_chain])
-        # Conntrack bypass for forwarded traffic inside the cluster: it is accepted statelessly above and
-        # never NATed, so tracking it only costs. Traffic to or from the gateway (host <-> container, local
-        # delivery) stays tracked: a host firewall may rely on conntrack in INPUT/OUTPUT.
-        gateway = spec.gateway + "/32"
-        raw = [["-d", gateway, "-j", "RETURN"],
-               ["-s", gateway, "-j", "RETURN"],
-               ["-s", spec.host_cidr, "-d", cluster, "-j", "CT", "--notrack"],
-               ["-s", cluster, "-d", spec.host_cidr, "-j", "CT", "--notrack"]]
-        self._sync_chain("raw", spec.raw_chain, [rule + comment for rule in raw])
-        self._ensure_rule("raw", RAW_CHAIN, ["-j", spec.raw_chain])
-        if spec.internal:
-            self._delete_rule("nat", NAT_CHAIN, ["-s", spec.host_cidr, "-j", spec.nat_chain])
-            self._drop_chain("nat", NAT_CHAIN, spec.nat_chain)
-            return
-        nat = [["-d", dest, "-j", "RETURN"] for dest in (cluster, *spec.no_nat)]
-        nat += ([] if spec.routed else [["-o", br, "-j", "RETURN"]]) + [["-j", "MASQUERADE"]]
-        self._sync_chain("nat", spec.nat_chain, [rule + comment for rule in nat])
-        self._ensure_rule("nat", NAT_CHAIN, ["-s", spec.host_cidr, "-j", spec.nat_chain])
-
-    def _sync_chain(self, table: str, chain: str, rules: list[list[str]]) -> None:
-        """Make `chain` hold exactly `rules`, in order. Left alone when it already does, so a restart
-        never opens a window in which the network's traffic meets Docker's DROP policy."""
-        self._ensure_chain(table, chain)
-        listed = [line for line in self._ipt(table, "-S", chain).stdout.splitlines() if line.startswith("-A ")]
-        if len(listed) == len(rules) and all(
-                self._ipt(table, "-C", chain, *rule, check=False).returncode == 0 for rule in rules):
-            return
-        self._ipt(table, "-F", chain)
-        for rule in rules:
-            self._ipt(table, "-A", chain, *rule)
+    def _ensure_firewall(self, spec: NetworkSpec) -> list[str]:
+        """The network's chains and the host's, in one transaction; returns what was wrong."""
+        return self.firewall.apply([strategy(spec.mode).firewall(spec)], host=True)
 
     def delete_network(self, spec: NetworkSpec) -> None:
-        self._drop_chain("raw", RAW_CHAIN, spec.raw_chain)
-        self._drop_chain("filter", FORWARD_CHAIN, spec.filter_chain)
-        self._delete_rule("nat", NAT_CHAIN, ["-s", spec.host_cidr, "-j", spec.nat_chain])
-        self._drop_chain("nat", NAT_CHAIN, spec.nat_chain)
+        self.firewall.apply([], unwanted=[spec.tag], host=False)
         if spec.ebpf:
             with self._ipr() as ipr:
                 for index, handle, name in list(self._uplink_programs(ipr)):
@@ -455,25 +361,18 @@ class Dataplane:
         gone. A chain whose bridge still exists may belong to another vpcnet instance on this host (a
         managed plugin beside a systemd one, say): never touch it."""
         out = []
+        saved = self.firewall.save()
         with self._ipr() as ipr:
             for table, prefix in PREFIXES.items():
-                proc = self._ipt(table, "-S", check=False)
-                for line in proc.stdout.splitlines():
-                    parts = line.split()
-                    if len(parts) == 2 and parts[0] == "-N" and parts[1].startswith(prefix):
-                        tag = parts[1][len(prefix):]
-                        if tag not in known_tags and self._link_index(ipr, bridge_name(tag)) is None:
-                            out.append((table, parts[1]))
+                for chain in saved.chains(table):
+                    tag = chain[len(prefix):]
+                    if chain.startswith(prefix) and tag not in known_tags and \
+                            self._link_index(ipr, bridge_name(tag)) is None:
+                        out.append((table, chain))
         return out
 
     def drop_stale_chain(self, table: str, chain: str) -> None:
-        parent = PARENTS[table]
-        proc = self._ipt(table, "-S", parent, check=False)
-        for line in proc.stdout.splitlines():      # jumps may carry a -s match: delete them as listed
-            parts = line.split()
-            if parts[:2] == ["-A", parent] and parts[-2:] == ["-j", chain]:
-                self._ipt(table, "-D", parent, *parts[2:], check=False)
-        self._drop_chain(table, parent, chain)
+        self.firewall.drop([(table, chain)])
 
     # -- endpoints --------------------------------------------------------------------------------
     def ensure_endpoint(self, spec: NetworkSpec, host_veth: str, peer_veth: str, mac: str, address: str) -> None:

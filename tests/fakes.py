@@ -19,7 +19,7 @@ MEDIA_TYPE = "application/vnd.docker.plugins.v1.2+json"
 
 DATAPLANE_METHODS = ("ensure_host", "ensure_network", "delete_network", "network_exists", "stale_chains",
                      "drop_stale_chain", "drop_stale_uplink_programs", "ensure_endpoint", "delete_endpoint",
-                     "link_exists", "uplink_mtu", "overlapping_routes")
+                     "link_exists", "uplink_mtu", "overlapping_routes", "repair")
 
 
 class FakeDataplane:
@@ -61,9 +61,35 @@ class FakeDataplane:
         self._call("overlapping_routes", cidr)
         return list(self.kernel_routes)
 
-    def ensure_host(self) -> None:
+    def ensure_host(self) -> list[str]:
         self._call("ensure_host")
+        problems = [] if self.host_ready else ["host chains missing"]
         self.host_ready = True
+        return problems
+
+    def repair(self, networks, lock_for=None) -> list:
+        """As the real pass: compare with what the 'kernel' holds, repair and report the differences."""
+        from vpcnet.dataplane import Repair
+
+        self._call("repair", tuple(spec.tag for spec, _ in networks))
+        repairs = [Repair("firewall", "-", p) for p in self.ensure_host()]
+        for spec, endpoints in networks:
+            try:
+                if self.networks.get(spec.bridge) != spec:
+                    self.ensure_network(spec)
+                    repairs.append(Repair("link", spec.tag, f"bridge {spec.bridge} missing"))
+                for ep in endpoints:
+                    link = self.links.get(ep.host_veth)
+                    if link is None:
+                        continue
+                    if link.get("bridge") != spec.bridge or (spec.routed and
+                                                             self.routes.get(ep.address) != ep.host_veth):
+                        self.ensure_endpoint(spec, ep.host_veth, ep.peer_veth, ep.mac, ep.address)
+                        repairs.append(Repair("route" if spec.routed else "link", spec.tag,
+                                              f"{ep.host_veth} of {ep.address}"))
+            except Exception:       # as the real one: one broken network never stops the pass
+                continue
+        return repairs
 
     def ensure_network(self, spec) -> None:
         self._call("ensure_network", spec)

@@ -305,8 +305,16 @@ def test_fake_dataplane_matches_the_real_interface():
     from fakes import DATAPLANE_METHODS
     from vpcnet.dataplane import Dataplane
 
+    from vpcnet.datapath.protocol import Datapath
+
+    protocol = {name for name, _ in inspect.getmembers(Datapath, inspect.isfunction) if not name.startswith("_")}
+    assert protocol == set(DATAPLANE_METHODS), "the Protocol names every method the driver may call"
+    for name in protocol:                     # the real one and the fake, each as the Protocol says
+        spelled = list(inspect.signature(getattr(Datapath, name)).parameters)
+        assert list(inspect.signature(getattr(Dataplane, name)).parameters) == spelled, name
+        assert list(inspect.signature(getattr(FakeDataplane, name)).parameters) == spelled, name
     real = {name for name, _ in inspect.getmembers(Dataplane, inspect.isfunction) if not name.startswith("_")}
-    assert real <= set(DATAPLANE_METHODS), f"FakeDataplane is missing {real - set(DATAPLANE_METHODS)}"
+    assert real - {"view"} <= set(DATAPLANE_METHODS), f"FakeDataplane is missing {real - set(DATAPLANE_METHODS)}"
     for name in DATAPLANE_METHODS:
         if name in real:
             fake_params = list(inspect.signature(getattr(FakeDataplane, name)).parameters)
@@ -384,9 +392,21 @@ def test_bridge_endpoints_are_not_touched_by_restore(tmp_path):
     create(plug)
     endpoint(plug)
     fresh = FakeDataplane()
+    fresh.links[veth_names(EID)[0]] = {"peer": veth_names(EID)[1], "mac": "x", "peer_present": True,
+                                       "bridge": bridge_name(NID)}
+    make_plugin(tmp_path, dataplane=fresh).driver.restore()
+    assert not fresh.called("ensure_endpoint")           # on its bridge already: left alone
+
+
+def test_restore_puts_a_bridge_endpoint_back_on_its_bridge(tmp_path):
+    """The bridge was deleted and rebuilt: its ports fell off it."""
+    plug = make_plugin(tmp_path)
+    create(plug)
+    endpoint(plug)
+    fresh = FakeDataplane()
     fresh.links[veth_names(EID)[0]] = {"peer": veth_names(EID)[1], "mac": "x", "peer_present": True}
     make_plugin(tmp_path, dataplane=fresh).driver.restore()
-    assert not fresh.called("ensure_endpoint")
+    assert fresh.links[veth_names(EID)[0]]["bridge"] == bridge_name(NID)
 
 
 def test_a_version_1_state_file_is_migrated_and_keeps_its_networks(tmp_path):
@@ -438,7 +458,7 @@ def test_delete_network_forgets_the_row_even_when_the_kernel_refuses(tmp_path):
     del plug.dataplane.fail["delete_network"]
     plug.dataplane.calls.clear()
     plug.driver.restore()
-    assert [c[1].tag for c in plug.dataplane.called("ensure_network")] == [NID2[:12]]
+    assert NID[:12] not in [c[1].tag for c in plug.dataplane.called("ensure_network")]
     assert [c[1].tag for c in plug.dataplane.called("delete_network")] == [NID[:12]]
     assert plug.store.leftovers() == [] and net.bridge not in plug.dataplane.networks
 

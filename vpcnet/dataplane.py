@@ -48,9 +48,9 @@ import os
 import subprocess
 import threading
 import zlib
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, ContextManager, Iterator, Sequence
 
 from pyroute2 import IPRoute, NetlinkError
 
@@ -61,6 +61,7 @@ from vpcnet.datapath.modes import strategy
 from vpcnet.errors import DataplaneError
 
 log = logging.getLogger(__name__)
+_no_lock = nullcontext
 
 MODES = ("bridge", "routed", "ebpf")
 SCOPE_LINK = 253
@@ -112,6 +113,34 @@ class NetworkSpec:
     @property
     def raw_chain(self) -> str:
         return f"VPCNET-R-{self.tag}"
+
+
+@dataclass(frozen=True)
+class EndpointSpec:
+    host_veth: str
+    peer_veth: str
+    mac: str
+    address: str                # bare IP
+
+
+@dataclass(frozen=True)
+class Repair:
+    """One thing the kernel had wrong, found by reading it, and put right."""
+    kind: str                   # firewall | link | address | route | tc
+    network: str                # the network's tag
+    what: str                   # what was wrong, for the log
+
+
+@dataclass
+class KernelView:
+    """One read of what the kernel holds (a link dump, a route dump, a qdisc dump): the periodic pass
+    compares every network against it, and only suspects get a second, targeted look."""
+    links: dict[str, dict]      # name -> {index, master, up, mtu}
+    addresses: dict[int, set]   # link index -> {"ip/len"}
+    routes: dict[str, int]      # "<ip>/32" (main table) -> output link index
+    clsact: set[int]            # link indexes with a clsact qdisc
+    uplinks: list[int]
+    uplink_programs: dict[str, set[int]]   # tc filter name -> link indexes
 
 
 def bridge_name(network_id: str) -> str:
@@ -423,6 +452,127 @@ class Dataplane:
     def link_exists(self, name: str) -> bool:
         with self._ipr() as ipr:
             return self._link_index(ipr, name) is not None
+
+    # -- the periodic pass: drift found by reading the kernel -------------------------------------------
+    def view(self) -> KernelView:
+        with self._ipr() as ipr:
+            links = {}
+            for link in ipr.get_links():
+                links[link.get_attr("IFLA_IFNAME")] = {
+                    "index": link["index"], "master": link.get_attr("IFLA_MASTER"),
+                    "up": bool(link["flags"] & 1), "mtu": link.get_attr("IFLA_MTU")}
+            addresses: dict[int, set] = {}
+            for addr in ipr.get_addr(family=2):
+                addresses.setdefault(addr["index"], set()).add(f"{addr.get_attr('IFA_ADDRESS')}/{addr['prefixlen']}")
+            routes = {}
+            for route in ipr.route("dump", table=254, family=2):
+                if route.get("dst_len") == 32 and route.get("RTA_DST"):
+                    routes[f"{route.get('RTA_DST')}/32"] = route.get("RTA_OIF")
+            clsact = {q["index"] for q in ipr.get_qdiscs() if q.get_attr("TCA_KIND") == "clsact"}
+            programs: dict[str, set[int]] = {}
+            for index, _handle, name in self._uplink_programs(ipr):
+                programs.setdefault(name, set()).add(index)
+            return KernelView(links, addresses, routes, clsact, self._uplinks(ipr), programs)
+
+    def repair(self, networks: Sequence[tuple[NetworkSpec, Sequence[EndpointSpec]]],
+               lock_for: Callable[[NetworkSpec], ContextManager] | None = None) -> list[Repair]:
+        """Make the kernel hold what `networks` want, reading it first; returns what was wrong (nothing,
+        on a host left alone). A network that looks wrong in the dumps is looked at again under its
+        lock (`lock_for`), where no Docker call is changing it, and only then repaired."""
+        repairs: list[Repair] = []
+        view = self.view()
+        saved = self.firewall.save()
+        repairs += [Repair("firewall", "-", p) for p in self.firewall.apply([], host=True, saved=saved)]
+        for spec, endpoints in networks:
+            wanted = strategy(spec.mode).firewall(spec)
+            suspect = self.firewall.differs(saved, wanted) or self._suspect(spec, endpoints, view)
+            if not suspect:
+                continue
+            with (lock_for(spec) if lock_for else _no_lock()):
+                try:
+                    repairs += self._repair_network(spec, endpoints, wanted)
+                except Exception as exc:          # one broken network never stops the pass
+                    log.error("network %s: cannot repair the datapath: %s", spec.tag, exc)
+        return repairs
+
+    def _suspect(self, spec: NetworkSpec, endpoints: Sequence[EndpointSpec], view: KernelView) -> bool:
+        link = view.links.get(spec.bridge)
+        if link is None or not link["up"] or link["mtu"] != spec.mtu:
+            return True
+        if f"{spec.gateway}/{spec.prefixlen}" not in view.addresses.get(link["index"], set()):
+            return True
+        if spec.ebpf and view.uplink_programs.get(spec.tc_name, set()) != set(view.uplinks):
+            return True
+        for ep in endpoints:
+            host = view.links.get(ep.host_veth)
+            if host is None:
+                continue                          # no veth: the container is gone, Docker will say so
+            if not spec.routed and host["master"] != link["index"]:
+                return True
+            if spec.routed and view.routes.get(f"{ep.address}/32") != host["index"]:
+                return True
+            if spec.ebpf and host["index"] not in view.clsact:
+                return True
+        return False
+
+    def _repair_network(self, spec: NetworkSpec, endpoints: Sequence[EndpointSpec], wanted) -> list[Repair]:
+        """Under the network's lock: a targeted look at each piece, repaired where still wrong."""
+        repairs = [Repair("firewall", spec.tag, p) for p in self.firewall.apply([wanted], host=False)]
+        with self._ipr() as ipr:
+            idx = self._link_index(ipr, spec.bridge)
+            state = ipr.link("get", index=idx)[0] if idx is not None else None
+            addrs = {f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" for a in ipr.get_addr(index=idx)} \
+                if idx is not None else set()
+            uplinks = self._uplinks(ipr)
+            programs = {i for i, _h, name in self._uplink_programs(ipr) if name == spec.tc_name} \
+                if spec.ebpf else set()
+        what = "anchor" if spec.routed else "bridge"
+        if state is None:
+            repairs.append(Repair("link", spec.tag, f"{what} {spec.bridge} missing"))
+        elif not state["flags"] & 1:
+            repairs.append(Repair("link", spec.tag, f"{what} {spec.bridge} down"))
+        elif state.get_attr("IFLA_MTU") != spec.mtu:
+            repairs.append(Repair("link", spec.tag, f"{what} {spec.bridge} has MTU {state.get_attr('IFLA_MTU')}"))
+        elif f"{spec.gateway}/{spec.prefixlen}" not in addrs:
+            repairs.append(Repair("address", spec.tag, f"gateway {spec.gateway} missing on {spec.bridge}"))
+        elif spec.ebpf and programs != set(uplinks):
+            repairs.append(Repair("tc", spec.tag, f"uplink programs on links {sorted(programs)}, default "
+                                                   f"route on {sorted(uplinks)}"))
+        if len(repairs) > sum(r.kind == "firewall" for r in repairs):
+            self.ensure_network(spec)         # rebuilds what is missing, accepts what is there
+        for ep in endpoints:
+            repairs += self._repair_endpoint(spec, ep)
+        return repairs
+
+    def _repair_endpoint(self, spec: NetworkSpec, ep: EndpointSpec) -> list[Repair]:
+        with self._ipr() as ipr:
+            host_idx = self._link_index(ipr, ep.host_veth)
+            if host_idx is None:
+                return []
+            link = ipr.link("get", index=host_idx)[0]
+            problem = ""
+            if not spec.routed:
+                master = self._link_index(ipr, spec.bridge)
+                if link.get_attr("IFLA_MASTER") != master:
+                    problem = f"host veth {ep.host_veth} of {ep.address} not on bridge {spec.bridge}"
+            else:
+                try:
+                    got = ipr.route("get", dst=ep.address)
+                    oif = got[0].get_attr("RTA_OIF") if got else None
+                except NetlinkError:
+                    oif = None
+                if oif != host_idx:
+                    problem = f"route {ep.address}/32 dev {ep.host_veth} missing"
+                elif spec.ebpf and not any(f.get_attr("TCA_KIND") == "bpf"
+                                           for f in ipr.get_filters(index=host_idx, parent=TC_INGRESS)):
+                    problem = f"eBPF program on {ep.host_veth} missing"
+            if not problem and not link["flags"] & 1:
+                problem = f"host veth {ep.host_veth} down"
+        if not problem:
+            return []
+        self.ensure_endpoint(spec, ep.host_veth, ep.peer_veth, ep.mac, ep.address)
+        kind = "route" if "route" in problem else "tc" if "eBPF" in problem else "link"
+        return [Repair(kind, spec.tag, problem)]
 
     # -- helpers ----------------------------------------------------------------------------------
     @staticmethod

@@ -17,16 +17,19 @@ the host's IP stack for cluster traffic). Unknown options and modes are refused.
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import re
 import sqlite3
 import time
 
-from vpcnet.dataplane import MODES, NetworkSpec, bridge_name, mac_for, veth_names
+from vpcnet.dataplane import MODES, bridge_name, mac_for, veth_names
+from vpcnet.datapath.protocol import Datapath
+from vpcnet.datapath.reconciler import DatapathReconciler, spec_of
 from vpcnet.errors import Conflict, InvalidRequest, NotFound
 from vpcnet.locks import object_lock
 from vpcnet.store import Endpoint, Network
+
+__all__ = ["NetworkDriver", "spec_of"]
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +43,11 @@ KNOWN_GENERIC_OPTIONS = {MTU_OPTION, MODE_OPTION}
 
 
 class NetworkDriver:
-    def __init__(self, config, store, dataplane):
+    def __init__(self, config, store, dataplane: Datapath):
         self.config = config
         self.store = store
         self.dataplane = dataplane
+        self.reconciler = DatapathReconciler(config, store, dataplane)
 
     @staticmethod
     def capabilities() -> dict:
@@ -80,29 +84,22 @@ class NetworkDriver:
                       gateway=pools[pool]["gateway"], bridge=bridge_name(network_id), mtu=mtu,
                       internal=_truthy(options.get(INTERNAL_OPTION)),
                       no_nat=tuple(self.config.no_nat_cidrs), created=time.time(), mode=mode)
-        existing = self.store.network(network_id)
-        if existing is not None:
-            if existing.host_cidr == net.host_cidr:
-                with self._locked(network_id):
-                    self.dataplane.ensure_network(spec_of(existing))
-                return {}
-            raise Conflict(f"network {network_id[:12]} already exists with pool {existing.host_cidr}")
-        holder = self.store.network_by_host_cidr(pool)
-        if holder is not None:
-            raise Conflict(f"host CIDR {pool} (cluster CIDR {net.cluster_cidr}) is already used by network "
-                           f"{holder.network_id[:12]} on this host: one vpcnet network per cluster CIDR per "
-                           "host; create this one with --subnet <another cluster CIDR>")
-        namesake = next((n for n in self.store.networks() if n.bridge == net.bridge), None)
-        if namesake is not None:     # ids sharing the prefix the bridge name is made of: never touch theirs
-            raise Conflict(f"network {network_id[:12]} would reuse bridge {net.bridge} of network "
-                           f"{namesake.network_id[:12]}")
         with self._locked(network_id):
-            existing = self.store.network(network_id)      # again, under the lock: a racing call won
+            existing = self.store.network(network_id)      # under the lock: a racing identical call won
             if existing is not None:
                 if existing.host_cidr == net.host_cidr:
                     self.dataplane.ensure_network(spec_of(existing))
                     return {}
                 raise Conflict(f"network {network_id[:12]} already exists with pool {existing.host_cidr}")
+            holder = self.store.network_by_host_cidr(pool)
+            if holder is not None:
+                raise Conflict(f"host CIDR {pool} (cluster CIDR {net.cluster_cidr}) is already used by network "
+                               f"{holder.network_id[:12]} on this host: one vpcnet network per cluster CIDR per "
+                               "host; create this one with --subnet <another cluster CIDR>")
+            namesake = next((n for n in self.store.networks() if n.bridge == net.bridge), None)
+            if namesake is not None:     # ids sharing the prefix the bridge name is made of: never touch theirs
+                raise Conflict(f"network {network_id[:12]} would reuse bridge {net.bridge} of network "
+                               f"{namesake.network_id[:12]}")
             # The store first (the desired state), the kernel after: a full state disk or a lost race
             # fails here, before anything is in the kernel.
             try:
@@ -151,28 +148,7 @@ class NetworkDriver:
         return {}
 
     def remove_leftovers(self, only: str | None = None) -> int:
-        """Remove the kernel state of deleted networks and endpoints (all, or the one named `only`);
-        forget each once it is gone. A failure is logged and retried by the next call. Returns how many
-        are still left."""
-        left = 0
-        for name, data in self.store.leftovers():
-            if only is not None and name != only:
-                continue
-            try:
-                if name.startswith("network:"):
-                    for veth in data.get("host_veths", []):
-                        self.dataplane.delete_endpoint(veth)
-                    data = {k: v for k, v in data.items() if k != "host_veths"}
-                    data["no_nat"] = tuple(json.loads(data["no_nat"]))
-                    data["internal"] = bool(data["internal"])
-                    self.dataplane.delete_network(spec_of(Network(**data)))
-                else:
-                    self.dataplane.delete_endpoint(data["host_veth"])
-                self.store.forget_leftover(name)
-            except Exception as exc:
-                left += 1
-                log.warning("cannot remove the kernel state of deleted %s yet (retried later): %s", name, exc)
-        return left
+        return self.reconciler.remove_leftovers(only)
 
     # -- endpoints --------------------------------------------------------------------------------
     def create_endpoint(self, network_id: str, endpoint_id: str, interface: dict | None,
@@ -281,20 +257,12 @@ class NetworkDriver:
 
     # -- restart ----------------------------------------------------------------------------------
     def restore(self) -> None:
-        """At start: rebuild each known network's bridge, rules and veths (after a reboot, or rules
-        flushed by someone), and drop per-network chains of networks vpcnet no longer knows."""
+        """At start: one datapath pass (vpcnet.datapath.reconciler) rebuilds what each known network and
+        endpoint lacks (after a reboot, or rules flushed by someone), removes deleted objects' leftovers,
+        then per-network chains and uplink programs of networks vpcnet no longer knows are dropped."""
         nets = self.store.networks()
         self.dataplane.ensure_host()
-        for net in nets:
-            try:
-                self.dataplane.ensure_network(spec_of(net))
-                if spec_of(net).routed:     # route (and program) per endpoint whose host veth is still there
-                    for ep in self.store.endpoints(net.network_id):
-                        if self.dataplane.link_exists(ep.host_veth):
-                            self._ensure_endpoint(net, ep)
-            except Exception as exc:
-                log.error("cannot restore network %s: %s", net.network_id[:12], exc)
-        self.remove_leftovers()
+        self.reconciler.reconcile()
         known = {spec_of(n).tag for n in nets}
         for table, chain in self.dataplane.stale_chains(known):
             log.info("removing stale chain %s/%s", table, chain)
@@ -330,12 +298,6 @@ class NetworkDriver:
             action()
         except Exception:
             log.exception("undo failed")
-
-
-def spec_of(net: Network) -> NetworkSpec:
-    return NetworkSpec(tag=net.network_id[:12], bridge=net.bridge, gateway=net.gateway, host_cidr=net.host_cidr,
-                       cluster_cidr=net.cluster_cidr, mtu=net.mtu, internal=net.internal, no_nat=net.no_nat,
-                       mode=net.mode)
 
 
 def _require_id(field: str, value) -> None:

@@ -42,6 +42,15 @@ class Plugin:
         self.driver = NetworkDriver(config, self.store, self.dataplane)
         self.app = create_app(self.driver, self.ipam)
 
+    def start_background(self) -> None:
+        """The route keeper and the periodic datapath pass (each in one worker per host)."""
+        self.routes.start_background()
+        self.driver.reconciler.start_background()
+
+    def stop_background(self) -> None:
+        self.routes.stop()
+        self.driver.reconciler.stop()
+
     def restore(self) -> None:
         """Rebuild the datapath of known networks; one worker at a time."""
         with open(os.path.join(self.config.state_dir, "restore.lock"), "a") as lock:
@@ -70,8 +79,8 @@ class _Gunicorn(BaseApplication):
             "accesslog": None,
             "proc_name": "vpcnet",
             "control_socket_disable": True,
-            "post_worker_init": lambda worker: self.plugin.routes.start_background(),
-            "worker_exit": lambda server, worker: self.plugin and self.plugin.routes.stop(),
+            "post_worker_init": lambda worker: self.plugin.start_background(),
+            "worker_exit": lambda server, worker: self.plugin and self.plugin.stop_background(),
         }
         for key, value in settings.items():
             self.cfg.set(key, value)

@@ -139,6 +139,10 @@ class FirewallTable:
                 error = proc.stderr.strip()
             raise DataplaneError(f"{self.restore_cmd} failed: {error}")
 
+    def differs(self, saved: Saved, net: NetworkRules) -> bool:
+        """Whether the kernel's rules (as `saved`) differ from what `net` wants."""
+        return bool(self._diff(saved, [net], [], False)[1])
+
     def drop(self, chains: Sequence[tuple[str, str]]) -> None:
         """Remove these (table, chain) and every jump to them, in one transaction."""
         with self._lock:

@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from vpcnet.errors import StateError
 from vpcnet.store import SCHEMA_VERSION, Endpoint, Network, Store
 
 
@@ -186,7 +187,7 @@ def test_readonly_store_never_migrates_or_writes(db_path):
     before = os.stat(db_path).st_mtime_ns
     store = Store(db_path, readonly=True)
     assert [n.network_id for n in store.networks()] == ["n1"] and store.networks()[0].mode == "bridge"
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(StateError, match="cannot write"):
         with store.tx() as db:
             store.set_meta(db, "x", "1")
     store.close()

@@ -55,8 +55,7 @@ from typing import Callable, ContextManager, Iterator, Sequence
 from pyroute2 import IPRoute, NetlinkError
 
 from vpcnet import ebpf, rtnl
-from vpcnet.datapath.firewall import (  # noqa: F401 - re-exported: vpcnet.dataplane's public names
-    FORWARD_CHAIN, HOST_VETHS, NAT_CHAIN, PARENTS, PREFIXES, RAW_CHAIN, FirewallTable)
+from vpcnet.datapath.firewall import FORWARD_CHAIN, HOST_VETHS, NAT_CHAIN, PARENTS, PREFIXES, RAW_CHAIN, FirewallTable  # noqa: F401 - re-exported: vpcnet.dataplane's public names
 from vpcnet.datapath.modes import strategy
 from vpcnet.errors import DataplaneError
 

@@ -22,9 +22,9 @@ import re
 import sqlite3
 import time
 
-from vpcnet.dataplane import MODES, bridge_name, mac_for, veth_names
 from vpcnet.datapath.protocol import Datapath
 from vpcnet.datapath.reconciler import DatapathReconciler, spec_of
+from vpcnet.dataplane import MODES, bridge_name, mac_for, veth_names
 from vpcnet.errors import Conflict, InvalidRequest, NotFound
 from vpcnet.locks import object_lock
 from vpcnet.store import Endpoint, Network

@@ -18,7 +18,7 @@ import sys
 from gunicorn.app.base import BaseApplication
 
 from vpcnet import config as config_mod
-from vpcnet.store import Store
+from vpcnet.store import DamagedState, Store, check_state
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,11 @@ class _Gunicorn(BaseApplication):
 
 
 def run(config) -> int:
+    try:
+        check_state(config.db_path)     # a damaged file: refuse, never start empty beside live containers
+    except DamagedState as exc:
+        print(f"vpcnet: {exc}", file=sys.stderr)
+        return 1
     log.info("vpcnet starting: driver %s, socket %s, provider %s, cluster %s, config from %s",
              config.driver_name, config.socket, config.provider, config.cluster_cidr, config.source)
     os.makedirs(config.state_dir, mode=0o700, exist_ok=True)

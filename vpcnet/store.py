@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
+from vpcnet.errors import StateError
+
 SCHEMA_VERSION = 3     # 2: networks.mode (bridge | routed); 3: leftovers
 
 SCHEMA = """
@@ -145,11 +147,11 @@ class Store:
     def tx(self) -> Iterator[sqlite3.Connection]:
         """One write transaction; taken immediately so concurrent writers queue instead of racing."""
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
         try:
+            conn.execute("BEGIN IMMEDIATE")
             yield conn
             conn.execute("COMMIT")
-        except BaseException:
+        except BaseException as exc:
             # Also after a failed COMMIT (disk full, a deferred constraint): sqlite may keep the
             # transaction open, and this thread's connection would then refuse every later BEGIN.
             if conn.in_transaction:
@@ -157,6 +159,9 @@ class Store:
                     conn.execute("ROLLBACK")
                 except sqlite3.Error:
                     self._drop_connection()
+            if isinstance(exc, sqlite3.OperationalError) and _storage_failure(exc):
+                raise StateError(f"cannot write vpcnet's state {self.path}: {exc}; nothing was changed "
+                                 "(free space on its filesystem, then retry)") from None
             raise
 
     def _drop_connection(self) -> None:
@@ -307,6 +312,39 @@ class Store:
 
     def addresses(self, pool_id: str) -> list[str]:
         return [r["address"] for r in self.read("SELECT address FROM addresses WHERE pool_id=?", (pool_id,))]
+
+
+def _storage_failure(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return any(word in text for word in ("disk is full", "disk i/o error", "readonly database",
+                                         "unable to open database"))
+
+
+class DamagedState(Exception):
+    """The state file exists but is not a sound vpcnet store."""
+
+
+def check_state(path: str) -> None:
+    """Refuse a damaged state file rather than start on it (or, worse, start empty while containers
+    exist): an existing file must be a sound sqlite database holding vpcnet's schema. A missing file is a
+    new host. Read-only: nothing is written."""
+    if not os.path.exists(path):
+        return
+    recovery = (f"restore {path} from a backup, or move it aside (mv {path} {path}.damaged) and re-create "
+                "this host's vpcnet networks; see the README, 'A damaged state file'")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        try:
+            verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise DamagedState(f"state file {path} is damaged ({exc}): {recovery}") from None
+    if verdict != "ok":
+        raise DamagedState(f"state file {path} is damaged (integrity check: {verdict}): {recovery}")
+    if not {"meta", "networks", "endpoints"} <= tables:
+        raise DamagedState(f"state file {path} holds no vpcnet state (empty or truncated): {recovery}")
 
 
 def _network(row: sqlite3.Row) -> Network:

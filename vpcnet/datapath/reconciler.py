@@ -22,8 +22,8 @@ import time
 from collections import Counter
 from typing import Callable, ContextManager
 
-from vpcnet.dataplane import EndpointSpec, NetworkSpec, Repair
 from vpcnet.datapath.protocol import Datapath
+from vpcnet.dataplane import EndpointSpec, NetworkSpec, Repair
 from vpcnet.locks import object_lock
 from vpcnet.store import Network, Store
 

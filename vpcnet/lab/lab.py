@@ -81,7 +81,7 @@ class Lab:
                  out=None, mode: str = "bridge"):
         if not 1 <= hosts <= MAX_HOSTS:
             raise LabError(f"--hosts must be 1..{MAX_HOSTS}")
-        from vpcnet.dataplane import MODES     # here: the lab's CLI stays free of pyroute2 until used
+        from vpcnet.dataplane import MODES  # here: the lab's CLI stays free of pyroute2 until used
         if mode not in MODES:
             raise LabError(f"--mode {mode}: unknown vpcnet mode (known: {', '.join(MODES)})")
         cluster = ipaddress.IPv4Network(cluster_cidr, strict=True)

@@ -171,7 +171,7 @@ assert {s.attr for s in SETTINGS} == {f.name for f in dataclasses.fields(Config)
 def load(path: str | None = None, environ: dict[str, str] | None = None,
          check_socket_dir: bool = True) -> Config:
     """Build the Config from defaults, the TOML file, then the environment; validate it."""
-    environ = os.environ if environ is None else environ
+    environ = dict(os.environ) if environ is None else environ
     explicit = path is not None or "VPCNET_CONFIG" in environ
     path = path or environ.get("VPCNET_CONFIG") or DEFAULT_CONFIG_FILE
     values: dict[str, Any] = {}

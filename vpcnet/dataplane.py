@@ -10,11 +10,13 @@ sits on a per-network anchor (one end of a veth pair `vpc-<id11>`/`vpp-<id11>`: 
 dummy driver), so the host answers for it and its connected route keeps unknown addresses of the host
 CIDR off the default route. Per endpoint the host end of the veth is on no bridge and has no address;
 it has `proxy_arp=1` and `proxy_delay=0` (set over netlink by vpcnet.rtnl: /proc/sys is read-only in a
-managed plugin) and the host routes `<container ip>/32 dev <host end>`. The container keeps the pool prefix Docker assigns: it ARPs for neighbours and the gateway, the host end
-answers, and the host routes by /32. Each packet between hosts thus skips the bridge and br_netfilter
-(Docker turns bridge-nf-call-iptables on host-wide): one device and one netfilter pass fewer per
-direction. Firewall rules match the veths (`vh+`) and the host CIDR instead of `-i <bridge>`;
-masquerade and --internal behave as in bridge mode.
+managed plugin) and the host routes `<container ip>/32 dev <host end>`. The container keeps the pool
+prefix Docker assigns: it ARPs for neighbours and the gateway, the host end answers, and the host
+routes by /32. Each packet between hosts thus skips the bridge and br_netfilter (Docker turns
+bridge-nf-call-iptables on host-wide): one device and one netfilter pass fewer per direction. Firewall
+rules match the veths (`vh+`) and the host CIDR instead of `-i <bridge>`, and a reverse-path check
+drops what a veth sends from an address not routed back to it; masquerade and --internal behave as in
+bridge mode.
 
 eBPF mode (`-o vpcnet.mode=ebpf`, per network): routed mode, plus the fast path of vpcnet.ebpf. A tc
 program on each endpoint's host veth (ingress) and one per network on the uplink (ingress of the default
@@ -23,21 +25,27 @@ the rest of the cluster CIDR straight between the container and the uplink: no p
 IP forwarding or netfilter (the same traffic the conntrack bypass below already accepts statelessly and
 never NATs). Everything else, and anything the programs cannot resolve, takes routed mode's path.
 
-Firewall, in chains of vpcnet's own so removing a network removes exactly its rules:
+Firewall: computed per mode by vpcnet.datapath.modes and written by vpcnet.datapath.firewall in one
+`iptables-restore --noflush` transaction, in chains of vpcnet's own so removing a network removes exactly
+its rules:
 - filter `VPCNET-FORWARD` (jumped to from FORWARD): accepts the network's traffic even though Docker
   sets FORWARD's policy to DROP; one chain per network `VPCNET-F-<id12>`.
 - nat `VPCNET-POSTROUTING` (jumped to from POSTROUTING): per network `VPCNET-N-<id12>` masquerades
   traffic from the host CIDR only when it leaves for a destination outside the cluster CIDR and the
   no-NAT list. Container-to-container traffic inside the VPC keeps its own source address.
 - `--internal` networks: forwarding only within the cluster CIDR, no masquerade.
-- raw `VPCNET-RAW` (jumped to from raw PREROUTING): per network `VPCNET-R-<id12>` marks forwarded
-  traffic between the host CIDR and the cluster CIDR NOTRACK. That traffic is accepted statelessly and
-  never NATed, so conntrack (a lookup and an entry per flow, on every packet) buys nothing; bypassing it
-  lifted cross-host TCP and UDP packet rate on the lab. Traffic to or from the gateway (host <->
-  container, local delivery) stays tracked, so a host firewall relying on conntrack in INPUT keeps
-  working. Untracked packets skip the nat table: fine, cluster traffic is never masqueraded.
+- raw `VPCNET-RAW` (jumped to from raw PREROUTING): the routed modes' anti-spoofing rule, and per network
+  `VPCNET-R-<id12>` marks forwarded traffic between the host CIDR and the cluster CIDR NOTRACK. That
+  traffic is accepted statelessly and never NATed, so conntrack (a lookup and an entry per flow, on every
+  packet) buys nothing; bypassing it lifted cross-host TCP and UDP packet rate on the lab. Traffic to or
+  from the gateway (host <-> container, local delivery) stays tracked, so a host firewall relying on
+  conntrack in INPUT keeps working. Untracked packets skip the nat table: fine, cluster traffic is never
+  masqueraded.
 
-Every operation is idempotent: create what is missing, accept what exists, ignore what is gone.
+Every operation is idempotent: create what is missing, accept what exists, ignore what is gone. `repair`
+is the periodic pass's half (vpcnet.datapath.reconciler): one dump of links, addresses, routes and
+qdiscs and one iptables-save find what differs from the store; only those networks get a targeted look
+under their lock, and each difference put right is returned as a `Repair`.
 """
 from __future__ import annotations
 
@@ -293,6 +301,8 @@ class Dataplane:
                 if exc.code != errno.EEXIST:
                     raise DataplaneError(f"cannot configure bridge {spec.bridge}: {exc}") from None
             ipr.link("set", index=idx, state="up")
+        if idx is None:
+            raise DataplaneError(f"{spec.bridge} vanished while it was being configured")
         self._ensure_firewall(spec)
         if spec.ebpf:
             self._ensure_uplink_programs(spec, idx)
@@ -426,6 +436,8 @@ class Dataplane:
                 return
             if host_idx is None:
                 host_idx = self._link_index(ipr, host_veth)
+            if host_idx is None:
+                raise DataplaneError(f"veth {host_veth} vanished while it was being configured")
         # Proxy ARP answers the container for every address the host routes elsewhere (its neighbours
         # on other veths, the cluster); the gateway is a local address, answered anyway. No delay.
         # Over netlink: a managed plugin's /proc/sys is read-only.

@@ -79,11 +79,15 @@ class _Gunicorn(BaseApplication):
             "accesslog": None,
             "proc_name": "vpcnet",
             "control_socket_disable": True,
-            "post_worker_init": lambda worker: self.plugin.start_background(),
-            "worker_exit": lambda server, worker: self.plugin and self.plugin.stop_background(),
+            "post_worker_init": lambda worker: self._plugin_call("start_background"),
+            "worker_exit": lambda server, worker: self._plugin_call("stop_background"),
         }
         for key, value in settings.items():
             self.cfg.set(key, value)
+
+    def _plugin_call(self, name: str) -> None:
+        if self.plugin is not None:
+            getattr(self.plugin, name)()
 
     def load(self):
         """In each worker, before it accepts: assemble the plugin and restore the datapath."""

@@ -85,7 +85,7 @@ class Provider(abc.ABC):
         """Problems with this instance's setup worth a warning (e.g. AWS source/dest check on)."""
         return []
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: a provider without connections keeps this no-op
         """Release connections."""
 
 

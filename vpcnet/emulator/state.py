@@ -74,7 +74,8 @@ def _normalize_cidr(value: str) -> str:
         net = ipaddress.IPv4Network(text, strict=True)
     except (ValueError, TypeError) as exc:
         raise ApiError("InvalidCidrBlock.Malformed",
-                       f"The specified DestinationCidrBlock {value!r} is not a valid IPv4 CIDR block ({exc}).")
+                       f"The specified DestinationCidrBlock {value!r} is not a valid IPv4 CIDR block ({exc}).") \
+            from None
     return str(net)
 
 
@@ -376,7 +377,7 @@ class Emulator:
         with self._lock:
             self._advance()
             tables = [route_table_id] if route_table_id else list(self._tables)
-            out = []
+            out: list[dict] = []
             for tid in tables:
                 table = self._tables.get(tid)
                 if table is None:
@@ -580,7 +581,7 @@ class Emulator:
                     raise ValueError
                 after = int(next_token[3:])
             except ValueError:
-                raise ApiError("InvalidNextToken", "The specified NextToken is invalid.")
+                raise ApiError("InvalidNextToken", "The specified NextToken is invalid.") from None
         with self._lock:
             self._advance()
             table = self._table(route_table_id)
@@ -623,7 +624,7 @@ class Emulator:
     def describe_vswitches(self, vpc_id: str = "") -> list[dict]:
         """vSwitches of a VPC: the destinations of System entries with next hop `local` in its tables."""
         with self._lock:
-            out: dict[str, dict] = {}
+            out: dict[tuple[str, str], dict] = {}
             for table in self._tables.values():
                 if vpc_id and table["vpc_id"] != vpc_id:
                     continue

@@ -181,7 +181,7 @@ class Lab:
                     break
                 except BlockingIOError:
                     if time.monotonic() > deadline:
-                        raise LabError("another `vpcnet lab` command holds the lab lock (waited 120s)")
+                        raise LabError("another `vpcnet lab` command holds the lab lock (waited 120s)") from None
                     time.sleep(0.2)
             yield
         finally:

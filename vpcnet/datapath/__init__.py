@@ -1,4 +1,5 @@
-"""The datapath as desired state (see the README's "Datapath" section).
+"""The datapath as desired state: the store says what each network and endpoint should be, this makes the
+kernel match (see the README's Usage and Layout).
 
 - `modes`: one strategy per datapath mode (bridge, routed, ebpf): what a network wants from the kernel.
 - `firewall`: vpcnet's chains diffed against `iptables-save` and written in one `iptables-restore

@@ -75,6 +75,9 @@ class FakeDataplane:
         repairs = [Repair("firewall", "-", p) for p in self.ensure_host()]
         for spec, endpoints in networks:
             try:
+                if lock_for is not None:            # as the real one: the store decides under the lock
+                    with lock_for(spec):
+                        pass
                 if self.networks.get(spec.bridge) != spec:
                     self.ensure_network(spec)
                     repairs.append(Repair("link", spec.tag, f"bridge {spec.bridge} missing"))

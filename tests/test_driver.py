@@ -544,3 +544,18 @@ def test_racing_identical_calls_all_succeed_one_at_a_time_and_undo_nothing(tmp_p
     assert len(plug.store.networks()) == 1 and len(plug.store.endpoints()) == 1
     assert plug.dataplane.overlaps == 0                                 # never two at once
     assert not plug.dataplane.called("delete_endpoint") and not plug.dataplane.called("delete_network")
+
+
+def test_the_datapath_pass_never_rebuilds_a_network_deleted_while_it_waited(tmp_path):
+    """The pass read the store, then waited for the network's lock while DeleteNetwork ran: it must not
+    put the deleted network back."""
+    plug = make_plugin(tmp_path)
+    create(plug)
+    nets = [(spec_of(n), []) for n in plug.store.networks()]
+    plug.dataplane.networks.clear()                 # looks broken to the pass
+    plug.store.delete_network(NID)                  # ... and is deleted before the pass holds its lock
+    lock_for = plug.driver.reconciler._lock_for({NID[:12]: NID})
+    from vpcnet.dataplane import NetworkGone
+    with pytest.raises(NetworkGone):
+        with lock_for(nets[0][0]):
+            pass

@@ -122,6 +122,10 @@ class NetworkSpec:
         return f"VPCNET-R-{self.tag}"
 
 
+class NetworkGone(Exception):
+    """Raised by a repair pass's lock when the network left the store while the pass waited for it."""
+
+
 @dataclass(frozen=True)
 class EndpointSpec:
     host_veth: str
@@ -499,11 +503,13 @@ class Dataplane:
             suspect = self.firewall.differs(saved, wanted) or self._suspect(spec, endpoints, view)
             if not suspect:
                 continue
-            with (lock_for(spec) if lock_for else _no_lock()):
-                try:
+            try:
+                with (lock_for(spec) if lock_for else _no_lock()):
                     repairs += self._repair_network(spec, endpoints, wanted)
-                except Exception as exc:          # one broken network never stops the pass
-                    log.error("network %s: cannot repair the datapath: %s", spec.tag, exc)
+            except NetworkGone:                   # deleted (or its creation undone) meanwhile
+                continue
+            except Exception as exc:              # one broken network never stops the pass
+                log.error("network %s: cannot repair the datapath: %s", spec.tag, exc)
         return repairs
 
     def _suspect(self, spec: NetworkSpec, endpoints: Sequence[EndpointSpec], view: KernelView) -> bool:

@@ -20,10 +20,11 @@ import os
 import threading
 import time
 from collections import Counter
-from typing import Callable, ContextManager
+from contextlib import contextmanager
+from typing import Callable, ContextManager, Iterator
 
 from vpcnet.datapath.protocol import Datapath
-from vpcnet.dataplane import EndpointSpec, NetworkSpec, Repair
+from vpcnet.dataplane import EndpointSpec, NetworkGone, NetworkSpec, Repair
 from vpcnet.locks import object_lock
 from vpcnet.store import Network, Store
 
@@ -57,7 +58,14 @@ class DatapathReconciler:
         self.passes = 0
 
     def _lock_for(self, ids: dict[str, str]) -> Callable[[NetworkSpec], ContextManager]:
-        return lambda spec: object_lock(self.config.state_dir, ids.get(spec.tag, spec.tag))
+        @contextmanager
+        def locked(spec: NetworkSpec) -> Iterator[None]:
+            network_id = ids.get(spec.tag, spec.tag)
+            with object_lock(self.config.state_dir, network_id):
+                if self.store.network(network_id) is None:
+                    raise NetworkGone(network_id)
+                yield
+        return locked
 
     def reconcile(self) -> list[Repair]:
         """One pass over every network of the store; returns the repairs made."""

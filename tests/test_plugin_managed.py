@@ -9,6 +9,7 @@ happens. The main engine is never restarted (other tests share it).
 """
 from __future__ import annotations
 
+import glob
 import ipaddress
 import json
 import os
@@ -202,6 +203,11 @@ def test_build_leaves_the_plugin_installed_and_enabled(built):
     pids = [p for p in os.listdir("/proc") if p.isdigit() and _same_file(f"/proc/{p}/root/var/lib/vpcnet", state)]
     assert pids, "a process of the plugin (its rootfs holds the state mount)"
     assert os.stat(f"/proc/{pids[0]}/root/run/xtables.lock").st_ino == os.stat("/run/xtables.lock").st_ino
+    # what a host runs only: no emulator, lab or image builder in the rootfs
+    (site,) = glob.glob(f"/proc/{pids[0]}/root/opt/vpcnet/lib/python3.*/site-packages/vpcnet")
+    assert os.path.exists(f"{site}/serve.py") and os.path.exists(f"{site}/datapath/reconciler.py")
+    for test_only in ("emulator", "lab", "image.py", "install.py"):
+        assert not os.path.exists(f"{site}/{test_only}"), test_only
     assert set(info["Config"]["Interface"]["Types"]) == {"docker.networkdriver/1.0", "docker.ipamdriver/1.0"}
 
 

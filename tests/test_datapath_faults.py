@@ -130,3 +130,25 @@ def test_ebpf_programs_follow_a_replaced_uplink(tmp_path, two_hosts, netns_facto
     run(["ip", "-n", a, "route", "replace", "default", "via", "198.18.0.1", "dev", "uplink9"])
     repaired_within(box, lambda: s.tc_name in tc_filters(a, "uplink9") and s.tc_name not in tc_filters(a, "uplink0"))
     assert repair_counts(box.store).get("tc", 0) >= 1
+
+
+def test_the_plugin_process_repairs_a_flushed_firewall_and_counts_it(plugin_factory, host):  # noqa: F811
+    """`vpcnet serve` itself: its periodic pass (VPCNET_DATAPATH_INTERVAL) brings flushed chains back and
+    `vpcnet status` counts the repair."""
+    plugin = plugin_factory({"VPCNET_DATAPATH_INTERVAL": "0.5"}, netns=host)
+    status, pool = plugin.call("/IpamDriver.RequestPool", {"Pool": ""})
+    assert status == 200, pool
+    nid = "d1" * 32
+    status, answer = plugin.call("/NetworkDriver.CreateNetwork", {
+        "NetworkID": nid, "Options": {"com.docker.network.generic": {"vpcnet.mode": "routed"}},
+        "IPv4Data": [{"Pool": pool["Pool"], "Gateway": pool["Data"]["com.docker.network.gateway"]}]})
+    assert status == 200, answer
+    chain = f"VPCNET-F-{nid[:12]}"
+    assert f"-A {chain}" in ns_run(host, "iptables-save", "-t", "filter").stdout
+    for table in ("filter", "nat", "raw"):
+        ns_run(host, "iptables", "-t", table, "-F")
+    assert wait_for(lambda: f"-A {chain}" in ns_run(host, "iptables-save", "-t", "filter").stdout, 5.0), \
+        plugin.log()
+    assert wait_for(lambda: plugin.status()["datapath_repairs"].get("firewall", 0) >= 1, 5.0)
+    assert "datapath repaired (firewall, network" in plugin.log()
+    plugin.call("/NetworkDriver.DeleteNetwork", {"NetworkID": nid})

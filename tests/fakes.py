@@ -67,7 +67,7 @@ class FakeDataplane:
         self.host_ready = True
         return problems
 
-    def repair(self, networks, lock_for=None) -> list:
+    def repair(self, networks, lock_for=None, still_wanted=None) -> list:
         """As the real pass: compare with what the 'kernel' holds, repair and report the differences."""
         from vpcnet.dataplane import Repair
 

@@ -280,6 +280,11 @@ class Dataplane:
 
     # -- networks ---------------------------------------------------------------------------------
     def ensure_network(self, spec: NetworkSpec) -> None:
+        self._ensure_links(spec, firewall=True)
+
+    def _ensure_links(self, spec: NetworkSpec, firewall: bool = False) -> None:
+        """The bridge or anchor, its address, MTU and state, the uplink programs; with `firewall`, the
+        network's rules (between the links and the programs, as a first creation needs)."""
         self._sysctl("net.ipv4.ip_forward", "1")
         with self._ipr() as ipr:
             idx = self._link_index(ipr, spec.bridge)
@@ -307,7 +312,8 @@ class Dataplane:
             ipr.link("set", index=idx, state="up")
         if idx is None:
             raise DataplaneError(f"{spec.bridge} vanished while it was being configured")
-        self._ensure_firewall(spec)
+        if firewall:
+            self._ensure_firewall(spec)
         if spec.ebpf:
             self._ensure_uplink_programs(spec, idx)
 
@@ -348,10 +354,13 @@ class Dataplane:
         finally:
             os.close(fd)               # the filter holds the program now
 
-    def _uplink_programs(self, ipr: IPRoute) -> Iterator[tuple[int, int, str]]:
+    def _uplink_programs(self, ipr: IPRoute, clsact: set[int] | None = None) -> Iterator[tuple[int, int, str]]:
         """(link index, handle, name) of every vpcnet uplink program on this host: one qdisc dump finds
-        the links with a clsact qdisc, only those are asked for their filters."""
-        for index in sorted({q["index"] for q in ipr.get_qdiscs() if q.get_attr("TCA_KIND") == "clsact"}):
+        the links with a clsact qdisc (unless `clsact` lists them already), only those are asked for
+        their filters."""
+        if clsact is None:
+            clsact = {q["index"] for q in ipr.get_qdiscs() if q.get_attr("TCA_KIND") == "clsact"}
+        for index in sorted(clsact):
             try:
                 filters = ipr.get_filters(index=index, parent=TC_INGRESS)
             except NetlinkError:
@@ -469,43 +478,53 @@ class Dataplane:
             return self._link_index(ipr, name) is not None
 
     # -- the periodic pass: drift found by reading the kernel -------------------------------------------
-    def view(self) -> KernelView:
-        with self._ipr() as ipr:
-            links = {}
-            for link in ipr.get_links():
-                links[link.get_attr("IFLA_IFNAME")] = {
-                    "index": link["index"], "master": link.get_attr("IFLA_MASTER"),
-                    "up": bool(link["flags"] & 1), "mtu": link.get_attr("IFLA_MTU")}
-            addresses: dict[int, set] = {}
-            for addr in ipr.get_addr(family=2):
-                addresses.setdefault(addr["index"], set()).add(f"{addr.get_attr('IFA_ADDRESS')}/{addr['prefixlen']}")
-            routes = {}
-            for route in ipr.route("dump", table=254, family=2):
-                if route.get("dst_len") == 32 and route.get("RTA_DST"):
-                    routes[f"{route.get('RTA_DST')}/32"] = route.get("RTA_OIF")
-            clsact = {q["index"] for q in ipr.get_qdiscs() if q.get_attr("TCA_KIND") == "clsact"}
-            programs: dict[str, set[int]] = {}
-            for index, _handle, name in self._uplink_programs(ipr):
-                programs.setdefault(name, set()).add(index)
-            return KernelView(links, addresses, routes, clsact, self._uplinks(ipr), programs)
+    def view(self, with_tc: bool = True) -> KernelView:
+        """One read of the kernel: links, addresses, routes (raw netlink dumps, vpcnet.rtnl: a fraction of
+        pyroute2's cost per message) and, with `with_tc` (ebpf networks exist), qdiscs and uplink programs."""
+        try:
+            sock = self._rtnl()
+            links = rtnl.dump_links(sock)
+            addresses = rtnl.dump_addresses(sock)
+            routes, uplinks = rtnl.dump_routes(sock)
+            clsact = {i for i, kinds in rtnl.dump_qdisc_kinds(sock).items() if "clsact" in kinds} \
+                if with_tc else set()
+        except OSError as exc:
+            self._drop_rtnl()
+            raise DataplaneError(f"cannot read the kernel's links and routes: {exc}") from None
+        programs: dict[str, set[int]] = {}
+        if with_tc:
+            with self._ipr() as ipr:
+                for index, _handle, name in self._uplink_programs(ipr, clsact):
+                    programs.setdefault(name, set()).add(index)
+        return KernelView(links, addresses, routes, clsact, uplinks, programs)
 
     def repair(self, networks: Sequence[tuple[NetworkSpec, Sequence[EndpointSpec]]],
-               lock_for: Callable[[NetworkSpec], ContextManager] | None = None) -> list[Repair]:
+               lock_for: Callable[[NetworkSpec], ContextManager] | None = None,
+               still_wanted: Callable[[str], bool] | None = None) -> list[Repair]:
         """Make the kernel hold what `networks` want, reading it first; returns what was wrong (nothing,
         on a host left alone). A network that looks wrong in the dumps is looked at again under its
         lock (`lock_for`), where no Docker call is changing it, and only then repaired."""
         repairs: list[Repair] = []
-        view = self.view()
+        view = self.view(with_tc=any(spec.ebpf for spec, _ in networks))
         saved = self.firewall.save()
         repairs += [Repair("firewall", "-", p) for p in self.firewall.apply([], host=True, saved=saved)]
+        # The firewall of every drifted network in one transaction (a mass flush costs one restore, not one
+        # per network). The rules are the store rows' (fixed for a network's life); a network deleted
+        # since the store was read is dropped first by `still_wanted`.
+        drifted = [strategy(spec.mode).firewall(spec) for spec, _ in networks
+                   if self.firewall.differs(saved, strategy(spec.mode).firewall(spec))]
+        if still_wanted is not None:
+            drifted = [rules for rules in drifted if still_wanted(rules.tag)]
+        if drifted:
+            for problem in self.firewall.apply(drifted, host=False):
+                tag = next((r.tag for r in drifted if r.tag in problem), "-")
+                repairs.append(Repair("firewall", tag, problem))
         for spec, endpoints in networks:
-            wanted = strategy(spec.mode).firewall(spec)
-            suspect = self.firewall.differs(saved, wanted) or self._suspect(spec, endpoints, view)
-            if not suspect:
+            if not self._suspect(spec, endpoints, view):
                 continue
             try:
                 with (lock_for(spec) if lock_for else _no_lock()):
-                    repairs += self._repair_network(spec, endpoints, wanted)
+                    repairs += self._repair_network(spec, endpoints)
             except NetworkGone:                   # deleted (or its creation undone) meanwhile
                 continue
             except Exception as exc:              # one broken network never stops the pass
@@ -532,9 +551,9 @@ class Dataplane:
                 return True
         return False
 
-    def _repair_network(self, spec: NetworkSpec, endpoints: Sequence[EndpointSpec], wanted) -> list[Repair]:
+    def _repair_network(self, spec: NetworkSpec, endpoints: Sequence[EndpointSpec]) -> list[Repair]:
         """Under the network's lock: a targeted look at each piece, repaired where still wrong."""
-        repairs = [Repair("firewall", spec.tag, p) for p in self.firewall.apply([wanted], host=False)]
+        repairs: list[Repair] = []
         with self._ipr() as ipr:
             idx = self._link_index(ipr, spec.bridge)
             state = ipr.link("get", index=idx)[0] if idx is not None else None
@@ -555,8 +574,8 @@ class Dataplane:
         elif spec.ebpf and programs != set(uplinks):
             repairs.append(Repair("tc", spec.tag, f"uplink programs on links {sorted(programs)}, default "
                                                    f"route on {sorted(uplinks)}"))
-        if len(repairs) > sum(r.kind == "firewall" for r in repairs):
-            self.ensure_network(spec)         # rebuilds what is missing, accepts what is there
+        if repairs:
+            self._ensure_links(spec)          # rebuilds what is missing, accepts what is there
         for ep in endpoints:
             repairs += self._repair_endpoint(spec, ep)
         return repairs

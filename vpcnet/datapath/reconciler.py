@@ -76,7 +76,8 @@ class DatapathReconciler:
             eps = [EndpointSpec(e.host_veth, e.peer_veth, e.mac, e.address)
                    for e in self.store.endpoints(net.network_id)]
             wanted.append((spec_of(net), eps))
-        repairs = self.dataplane.repair(wanted, self._lock_for(ids))
+        repairs = self.dataplane.repair(wanted, self._lock_for(ids),
+                                        lambda tag: self.store.network(ids.get(tag, tag)) is not None)
         self.passes += 1
         for r in repairs:
             log.warning("datapath repaired (%s%s): %s", r.kind,

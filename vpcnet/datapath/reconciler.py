@@ -142,7 +142,7 @@ class DatapathReconciler:
                         if self._stop.wait(LEADER_POLL):
                             return
                 interval = self.config.datapath_interval
-                log.info("datapath reconciler running (pid %d, every %.0fs)", os.getpid(), interval)
+                log.info("datapath pass every %.0fs in this worker (pid %d)", interval, os.getpid())
                 while not self._stop.wait(interval):
                     started = time.monotonic()
                     try:

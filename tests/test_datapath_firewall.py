@@ -94,3 +94,15 @@ def test_network_create_and_delete_cost_a_few_iptables_runs(ns):
     assert dp.firewall.runs == 4
     saved = run(["ip", "netns", "exec", ns, "iptables-save"]).stdout
     assert s.tag not in saved and "VPCNET-FORWARD" in saved and ANTI_SPOOFING in saved
+
+
+def test_the_forward_jump_comes_after_docker_user_and_a_misplaced_one_moves():
+    saved = "*filter\n:FORWARD DROP [0:0]\n-A FORWARD -j VPCNET-FORWARD\n-A FORWARD -j DOCKER-USER\nCOMMIT\n"
+    problems, script = FirewallTable._diff(parse_save(saved), [], [], True)
+    assert "-I FORWARD 3 -j VPCNET-FORWARD\n-D FORWARD -j VPCNET-FORWARD\n" in script
+    assert any("ahead of DOCKER-USER" in p for p in problems)
+    placed = "*filter\n:FORWARD DROP [0:0]\n-A FORWARD -j DOCKER-USER\n-A FORWARD -j VPCNET-FORWARD\nCOMMIT\n"
+    assert "FORWARD" not in FirewallTable._diff(parse_save(placed), [], [], True)[1].replace("VPCNET-FORWARD - ", "")
+    _, fresh = FirewallTable._diff(parse_save("*filter\n:FORWARD DROP [0:0]\n-A FORWARD -j DOCKER-USER\nCOMMIT\n"),
+                                   [], [], True)
+    assert "-I FORWARD 2 -j VPCNET-FORWARD" in fresh

@@ -27,6 +27,7 @@ from vpcnet.errors import DataplaneError
 log = logging.getLogger(__name__)
 
 FORWARD_CHAIN = "VPCNET-FORWARD"
+USER_CHAIN = "DOCKER-USER"          # Docker's chain for the user's own forwarding rules
 NAT_CHAIN = "VPCNET-POSTROUTING"
 RAW_CHAIN = "VPCNET-RAW"
 PARENTS = {"filter": FORWARD_CHAIN, "nat": NAT_CHAIN, "raw": RAW_CHAIN}
@@ -167,7 +168,9 @@ class FirewallTable:
                 if saved.chain(table, parent) is None:
                     problems.append(f"{table} chain {parent} missing")
                     lines[table].append(f":{parent} - [0:0]")
-                if f"-j {parent}" not in (saved.chain(table, builtin) or []):
+                if table == "filter":
+                    problems += _forward_jump(saved, lines[table])
+                elif f"-j {parent}" not in (saved.chain(table, builtin) or []):
                     problems.append(f"{table} {builtin} has no jump to {parent}")
                     lines[table].append(f"-I {builtin} 1 -j {parent}")
             if ANTI_SPOOFING not in (saved.chain("raw", RAW_CHAIN) or []):
@@ -202,6 +205,22 @@ class FirewallTable:
         script = "".join(f"*{t}\n" + "".join(line + "\n" for line in lines[t]) + "COMMIT\n"
                          for t in TABLES if lines[t])
         return problems, script
+
+
+def _forward_jump(saved: Saved, lines: list[str]) -> list[str]:
+    """FORWARD -> VPCNET-FORWARD after FORWARD -> DOCKER-USER (when Docker made it; the user's own rules
+    come first), else first. A misplaced jump is moved in the same transaction: the new one inserted,
+    then the first match deleted (the misplaced one, ahead of DOCKER-USER)."""
+    forward = saved.chain("filter", "FORWARD") or []
+    jump, user = f"-j {FORWARD_CHAIN}", f"-j {USER_CHAIN}"
+    ours = [i for i, r in enumerate(forward) if r == jump]
+    theirs = [i for i, r in enumerate(forward) if r == user]
+    misplaced = [i for i in ours if theirs and i < theirs[0]]
+    if ours and not misplaced:
+        return []
+    lines.append(f"-I FORWARD {theirs[0] + 2 if theirs else 1} {jump}")
+    lines += [f"-D FORWARD {jump}" for _ in misplaced]
+    return [f"filter FORWARD's jump to {FORWARD_CHAIN} " + ("is ahead of DOCKER-USER" if misplaced else "missing")]
 
 
 def _jumps_to(saved: Saved, chains: set[tuple[str, str]]) -> list[tuple[str, str, str]]:

@@ -203,6 +203,10 @@ had_build=no; [ -e "$REPO/build" ] && had_build=yes
 "$PYTHON" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' \
     "$(ls "$WORK"/wheel/vpcnet-*.whl)" "$ROOT/$SITE"
 rm -rf "$WORK/wheel"
+# What a host runs, not the test infrastructure: the emulator, the lab, the test image builder and the
+# systemd installer stay out of the plugin (the CLI skips sub-commands whose module is absent).
+rm -rf "$ROOT/$SITE/vpcnet/emulator" "$ROOT/$SITE/vpcnet/lab" "$ROOT/$SITE/vpcnet/image.py" \
+    "$ROOT/$SITE/vpcnet/install.py"
 cat >"$ROOT/opt/vpcnet/bin/vpcnet" <<'EOF'
 #!/opt/vpcnet/bin/python
 import sys
@@ -263,6 +267,9 @@ fi
 if [ -z "${VPCNET_PLUGIN_NO_ENABLE:-}" ]; then
     state=$("$DOCKER" plugin inspect -f '{{range .Settings.Mounts}}{{if eq .Name "state"}}{{.Source}}{{end}}{{end}}' "$NAME")
     if [ -n "$state" ] && [ ! -d "$state" ]; then install -d -m 0700 "$state"; fi
+    # the host's iptables lock (a bind-mounted file must exist; iptables-legacy makes it on first use)
+    lock=$("$DOCKER" plugin inspect -f '{{range .Settings.Mounts}}{{if eq .Name "xtables-lock"}}{{.Source}}{{end}}{{end}}' "$NAME")
+    if [ -n "$lock" ] && [ ! -e "$lock" ]; then install -m 0600 /dev/null "$lock"; fi
     t1=$(date +%s%N)
     "$DOCKER" plugin enable "$NAME" >/dev/null
     t2=$(date +%s%N)

@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 from vpcnet.config import SETTINGS  # noqa: E402
 
 STATE_DIR = "/var/lib/vpcnet"
+XTABLES_LOCK = "/run/xtables.lock"      # XT_LOCK_NAME of iptables(8)
 ENTRYPOINT = ["/usr/local/sbin/vpcnet-entrypoint", "serve"]
 CAPABILITIES = ["CAP_NET_ADMIN", "CAP_BPF"]
 
@@ -72,6 +73,19 @@ def config() -> dict:
             "Destination": STATE_DIR,
             "Type": "bind",
             "Options": ["rbind", "rw"],
+        }, {
+            # iptables-legacy serialises every writer of the host's rule set with flock on this file:
+            # without the host's own file, the plugin's iptables and Docker's (or firewalld's) could
+            # interleave and lose each other's rules. iptables-nft ignores it. A bind mount needs the
+            # file to exist: build.sh (and `touch`, see docs/managed-plugin.md) makes it.
+            "Name": "xtables-lock",
+            "Description": "The host's iptables lock file, so the plugin's rule changes and the host's "
+                           "(Docker, firewalld) never interleave",
+            "Settable": ["source"],
+            "Source": XTABLES_LOCK,
+            "Destination": XTABLES_LOCK,
+            "Type": "bind",
+            "Options": ["bind", "rw"],
         }],
         "Env": env_entries(),
     }

@@ -19,7 +19,7 @@ MEDIA_TYPE = "application/vnd.docker.plugins.v1.2+json"
 
 DATAPLANE_METHODS = ("ensure_host", "ensure_network", "delete_network", "network_exists", "stale_chains",
                      "drop_stale_chain", "drop_stale_uplink_programs", "ensure_endpoint", "delete_endpoint",
-                     "link_exists", "uplink_mtu", "overlapping_routes")
+                     "link_exists", "uplink_mtu", "overlapping_routes", "repair")
 
 
 class FakeDataplane:
@@ -37,6 +37,7 @@ class FakeDataplane:
         self.calls: list[tuple] = []
         self.fail: dict[str, Exception] = {}
         self.kernel_routes: list[str] = []         # what overlapping_routes() finds, e.g. "10.200.0.0/16 dev x"
+        self.routes: dict[str, str] = {}           # routed modes: container address -> host veth (/32 routes)
 
     def _call(self, name: str, *args) -> None:
         self.calls.append((name, *args))
@@ -60,9 +61,38 @@ class FakeDataplane:
         self._call("overlapping_routes", cidr)
         return list(self.kernel_routes)
 
-    def ensure_host(self) -> None:
+    def ensure_host(self) -> list[str]:
         self._call("ensure_host")
+        problems = [] if self.host_ready else ["host chains missing"]
         self.host_ready = True
+        return problems
+
+    def repair(self, networks, lock_for=None, still_wanted=None) -> list:
+        """As the real pass: compare with what the 'kernel' holds, repair and report the differences."""
+        from vpcnet.dataplane import Repair
+
+        self._call("repair", tuple(spec.tag for spec, _ in networks))
+        repairs = [Repair("firewall", "-", p) for p in self.ensure_host()]
+        for spec, endpoints in networks:
+            try:
+                if lock_for is not None:            # as the real one: the store decides under the lock
+                    with lock_for(spec):
+                        pass
+                if self.networks.get(spec.bridge) != spec:
+                    self.ensure_network(spec)
+                    repairs.append(Repair("link", spec.tag, f"bridge {spec.bridge} missing"))
+                for ep in endpoints:
+                    link = self.links.get(ep.host_veth)
+                    if link is None:
+                        continue
+                    if link.get("bridge") != spec.bridge or (spec.routed and
+                                                             self.routes.get(ep.address) != ep.host_veth):
+                        self.ensure_endpoint(spec, ep.host_veth, ep.peer_veth, ep.mac, ep.address)
+                        repairs.append(Repair("route" if spec.routed else "link", spec.tag,
+                                              f"{ep.host_veth} of {ep.address}"))
+            except Exception:       # as the real one: one broken network never stops the pass
+                continue
+        return repairs
 
     def ensure_network(self, spec) -> None:
         self._call("ensure_network", spec)
@@ -108,12 +138,15 @@ class FakeDataplane:
         if host_veth not in self.links:        # like the real one: an existing pair is kept as it is
             self.links[host_veth] = {"peer": peer_veth, "mac": mac, "peer_present": True}
         self.links[host_veth].update(bridge=bridge, mtu=mtu)
-        if spec.routed:                        # routed modes: a /32 route to the host end
+        if spec.routed:                        # routed modes: a /32 route to the host end ("replace")
             self.links[host_veth]["route"] = f"{address}/32"
+            self.routes[address] = host_veth
 
     def delete_endpoint(self, host_veth: str) -> None:
         self._call("delete_endpoint", host_veth)
         self.links.pop(host_veth, None)
+        for address in [a for a, veth in self.routes.items() if veth == host_veth]:
+            del self.routes[address]           # a route goes with its device
 
     def link_exists(self, name: str) -> bool:
         self._call("link_exists", name)

@@ -509,3 +509,67 @@ def test_vpcnets_forward_jump_follows_docker_user_so_the_users_rules_apply(host)
     dp.ensure_host()
     assert forward_jumps(host) == ["DOCKER-USER", "VPCNET-FORWARD"], "idempotent"
     dp.delete_network(spec())
+
+
+# -- the review's bugs ------------------------------------------------------------------------------------
+
+def test_a_failed_proxy_arp_call_closes_its_netlink_socket(host, monkeypatch):
+    from vpcnet import rtnl
+
+    opened = []
+    real_open = rtnl.open_socket
+
+    def recording_open(netns=None):
+        opened.append(real_open(netns))
+        return opened[-1]
+
+    def refuse(sock, index, on=True):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(rtnl, "open_socket", recording_open)
+    monkeypatch.setattr(rtnl, "set_proxy_arp", refuse)
+    dp = Dataplane(netns=host)
+    s = spec(mode="routed")
+    dp.ensure_network(s)
+    for n in range(3):
+        with pytest.raises(Exception, match="proxy ARP"):
+            dp.ensure_endpoint(s, *veth_names(f"{n}" * 64), mac_for(f"10.77.3.{n + 2}"), f"10.77.3.{n + 2}")
+    assert len(opened) == 3 and all(sock.fileno() == -1 for sock in opened), "each failed socket is closed"
+
+
+def test_ebpf_uplink_programs_follow_the_default_route_to_a_new_uplink(two_hosts):
+    a, _b = two_hosts
+    run(["ip", "-n", a, "link", "add", "uplink1", "type", "veth", "peer", "name", "uplink1p"])
+    run(["ip", "-n", a, "addr", "add", "198.18.0.10/24", "dev", "uplink1"])
+    for dev in ("uplink1", "uplink1p"):
+        run(["ip", "-n", a, "link", "set", dev, "up"])
+    dp = Dataplane(netns=a)
+    s = spec(mode="ebpf")
+    dp.ensure_network(s)
+    assert s.tc_name in tc_filters(a, "uplink0") and s.tc_name not in tc_filters(a, "uplink1")
+    run(["ip", "-n", a, "route", "replace", "default", "via", "198.18.0.1", "dev", "uplink1"])
+    dp.ensure_network(s)                         # what every reconcile pass does
+    assert s.tc_name in tc_filters(a, "uplink1")
+    assert s.tc_name not in tc_filters(a, "uplink0"), "the old uplink keeps no program"
+
+
+@pytest.mark.parametrize("mode", ["routed", "ebpf"])
+def test_a_routed_container_cannot_send_as_another_networks_container(host, netns_factory, mode):
+    """Routed modes accept forwarding by `-i vh+` and source address: without a reverse-path check, a
+    container of network A could send with network B's addresses (B's rule accepts them)."""
+    dp = Dataplane(netns=host)
+    a = spec(mode=mode)
+    b = spec(mode=mode, tag="b1b2c3d4e5f6", host="10.88.3.0/24", cluster="10.88.0.0/16")
+    dp.ensure_network(a)
+    dp.ensure_network(b)
+    peer_host(host, netns_factory)
+    ca = attach_container(host, dp, a, netns_factory, "10.77.3.2", "a" * 64)
+    attach_container(host, dp, b, netns_factory, "10.88.3.2", "b" * 64)
+    ns_run(host, "iptables", "-P", "FORWARD", "DROP")            # as Docker sets it
+    count_rule(host, "filter", "FORWARD", "spoofed", "-s", "10.88.3.2")
+    count_rule(host, "filter", "FORWARD", "own", "-s", "10.77.3.2")
+    run(["ip", "-n", ca, "addr", "add", "10.88.3.2/32", "dev", "eth0"])
+    ns_run(ca, "busybox", "ping", "-c", "2", "-W", "1", "-I", "10.88.3.2", "198.51.100.2", check=False)
+    assert ping(ca, "198.51.100.2"), "its own address still goes out"
+    seen = counters(host, "filter", "FORWARD")
+    assert seen["own"] > 0 and seen["spoofed"] == 0, seen

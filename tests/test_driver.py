@@ -359,8 +359,16 @@ def test_fake_dataplane_matches_the_real_interface():
     from fakes import DATAPLANE_METHODS
     from vpcnet.dataplane import Dataplane
 
+    from vpcnet.datapath.protocol import Datapath
+
+    protocol = {name for name, _ in inspect.getmembers(Datapath, inspect.isfunction) if not name.startswith("_")}
+    assert protocol == set(DATAPLANE_METHODS), "the Protocol names every method the driver may call"
+    for name in protocol:                     # the real one and the fake, each as the Protocol says
+        spelled = list(inspect.signature(getattr(Datapath, name)).parameters)
+        assert list(inspect.signature(getattr(Dataplane, name)).parameters) == spelled, name
+        assert list(inspect.signature(getattr(FakeDataplane, name)).parameters) == spelled, name
     real = {name for name, _ in inspect.getmembers(Dataplane, inspect.isfunction) if not name.startswith("_")}
-    assert real <= set(DATAPLANE_METHODS), f"FakeDataplane is missing {real - set(DATAPLANE_METHODS)}"
+    assert real - {"view"} <= set(DATAPLANE_METHODS), f"FakeDataplane is missing {real - set(DATAPLANE_METHODS)}"
     for name in DATAPLANE_METHODS:
         if name in real:
             fake_params = list(inspect.signature(getattr(FakeDataplane, name)).parameters)
@@ -438,9 +446,21 @@ def test_bridge_endpoints_are_not_touched_by_restore(tmp_path):
     create(plug)
     endpoint(plug)
     fresh = FakeDataplane()
+    fresh.links[veth_names(EID)[0]] = {"peer": veth_names(EID)[1], "mac": "x", "peer_present": True,
+                                       "bridge": bridge_name(NID)}
+    make_plugin(tmp_path, dataplane=fresh).driver.restore()
+    assert not fresh.called("ensure_endpoint")           # on its bridge already: left alone
+
+
+def test_restore_puts_a_bridge_endpoint_back_on_its_bridge(tmp_path):
+    """The bridge was deleted and rebuilt: its ports fell off it."""
+    plug = make_plugin(tmp_path)
+    create(plug)
+    endpoint(plug)
+    fresh = FakeDataplane()
     fresh.links[veth_names(EID)[0]] = {"peer": veth_names(EID)[1], "mac": "x", "peer_present": True}
     make_plugin(tmp_path, dataplane=fresh).driver.restore()
-    assert not fresh.called("ensure_endpoint")
+    assert fresh.links[veth_names(EID)[0]]["bridge"] == bridge_name(NID)
 
 
 def test_a_version_1_state_file_is_migrated_and_keeps_its_networks(tmp_path):
@@ -463,7 +483,7 @@ def test_a_version_1_state_file_is_migrated_and_keeps_its_networks(tmp_path):
     conn.commit()
     conn.close()
     store = Store(path)
-    assert SCHEMA_VERSION == 2 and store.get_meta("schema_version") == "2"
+    assert store.get_meta("schema_version") == str(SCHEMA_VERSION)
     (net,) = store.networks()
     assert net.network_id == "n1" and net.mode == "bridge" and net.host_cidr == "10.200.1.0/24"
     assert spec_of(net).mode == "bridge"
@@ -471,3 +491,125 @@ def test_a_version_1_state_file_is_migrated_and_keeps_its_networks(tmp_path):
     again = Store(path)                # opening a migrated file again is a no-op
     assert again.networks() == [net]
     again.close()
+
+
+# -- the review's bugs: deletion order, races ---------------------------------------------------------
+def test_delete_network_forgets_the_row_even_when_the_kernel_refuses(tmp_path):
+    """Docker ignores DeleteNetwork's error: a kept row would be rebuilt at every start and its host CIDR
+    would block the next network. The kernel's leftovers go at the next start instead."""
+    plug = make_plugin(tmp_path)
+    net = create(plug)
+    endpoint(plug)
+    plug.dataplane.fail["delete_network"] = DataplaneError("bridge busy")
+    plug.driver.delete_network(NID)
+    assert plug.store.network(NID) is None and plug.store.endpoints() == []
+    assert [name for name, _ in plug.store.leftovers()] == [f"network:{NID}"]
+    assert veth_names(EID)[0] not in plug.dataplane.links       # what could go, went
+    # the next default network gets the same block
+    create(plug, NID2, pool_of(plug))
+    assert plug.store.network(NID2).host_cidr == net.host_cidr
+    # a restart (kernel willing again) removes the leftover and never rebuilds the deleted network
+    del plug.dataplane.fail["delete_network"]
+    plug.dataplane.calls.clear()
+    plug.driver.restore()
+    assert NID[:12] not in [c[1].tag for c in plug.dataplane.called("ensure_network")]
+    assert [c[1].tag for c in plug.dataplane.called("delete_network")] == [NID[:12]]
+    assert plug.store.leftovers() == [] and net.bridge not in plug.dataplane.networks
+
+
+def test_delete_endpoint_forgets_the_row_even_when_the_kernel_refuses(plug):
+    create(plug)
+    endpoint(plug)
+    plug.dataplane.fail["delete_endpoint"] = DataplaneError("busy")
+    assert plug.driver.delete_endpoint(NID, EID) == {}
+    assert plug.store.endpoint(EID) is None
+    del plug.dataplane.fail["delete_endpoint"]
+    assert plug.driver.remove_leftovers() == 0
+    assert plug.dataplane.links == {} and plug.store.leftovers() == []
+
+
+def test_losing_a_race_for_an_address_is_a_conflict_and_keeps_the_winners_route(tmp_path, monkeypatch):
+    """Two endpoints given one address at once (both passed the clash check): the loser is refused with a
+    409 before it touches the kernel, so its undo cannot take the winner's /32 route along."""
+    plug = make_plugin(tmp_path)
+    create(plug, generic={MODE_OPTION: "routed"})
+    address, _ = endpoint(plug)
+    monkeypatch.setattr(plug.store, "endpoint_where", lambda **match: None)    # the race's window
+    with pytest.raises(Conflict, match="taken by another endpoint"):
+        plug.driver.create_endpoint(NID, EID2, {"Address": address}, {})
+    ip = address.split("/")[0]
+    assert plug.dataplane.routes == {ip: veth_names(EID)[0]}
+    assert list(plug.dataplane.links) == [veth_names(EID)[0]]
+
+
+def test_losing_a_race_for_a_host_cidr_is_a_conflict(plug, monkeypatch):
+    pool = pool_of(plug)
+    create(plug, NID, pool)
+    monkeypatch.setattr(plug.store, "network_by_host_cidr", lambda cidr: None)
+    with pytest.raises(Conflict, match="taken by another network"):
+        plug.driver.create_network(NID2, {GENERIC: {}}, [{"Pool": pool}], [])
+    assert list(plug.dataplane.networks) == [bridge_name(NID)]
+
+
+def test_racing_identical_calls_all_succeed_one_at_a_time_and_undo_nothing(tmp_path):
+    import threading
+    import time
+
+    class Slow(FakeDataplane):
+        """Records whether two calls ever configured the same object at once."""
+        def __init__(self):
+            super().__init__()
+            self.busy: set[str] = set()
+            self.overlaps = 0
+
+        def _call(self, name, *args):
+            super()._call(name, *args)
+            if not name.startswith(("ensure_", "delete_")):
+                return
+            key = name.split("_")[-1]
+            if key in self.busy:
+                self.overlaps += 1
+            self.busy.add(key)
+            time.sleep(0.01)
+            self.busy.discard(key)
+
+    plug = make_plugin(tmp_path, dataplane=Slow())
+    pool = pool_of(plug)
+    address = plug.ipam.request_address(pool)["Address"]
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def both():
+        try:
+            start.wait(timeout=10)
+            plug.driver.create_network(NID, {GENERIC: {}}, [{"Pool": pool}], [])
+            plug.driver.create_endpoint(NID, EID, {"Address": address}, {})
+        except BaseException as exc:            # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            plug.store.close()
+
+    threads = [threading.Thread(target=both) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors
+    assert len(plug.store.networks()) == 1 and len(plug.store.endpoints()) == 1
+    assert plug.dataplane.overlaps == 0                                 # never two at once
+    assert not plug.dataplane.called("delete_endpoint") and not plug.dataplane.called("delete_network")
+
+
+def test_the_datapath_pass_never_rebuilds_a_network_deleted_while_it_waited(tmp_path):
+    """The pass read the store, then waited for the network's lock while DeleteNetwork ran: it must not
+    put the deleted network back."""
+    plug = make_plugin(tmp_path)
+    create(plug)
+    nets = [(spec_of(n), []) for n in plug.store.networks()]
+    plug.dataplane.networks.clear()                 # looks broken to the pass
+    plug.store.delete_network(NID)                  # ... and is deleted before the pass holds its lock
+    lock_for = plug.driver.reconciler._lock_for({NID[:12]: NID})
+    from vpcnet.dataplane import NetworkGone
+    with pytest.raises(NetworkGone):
+        with lock_for(nets[0][0]):
+            pass

@@ -222,3 +222,29 @@ def test_uplink_program_hands_this_networks_endpoints_their_packets(routed_host)
                  "from outside the cluster", "another network's block", "ttl 1"):
         packet, verdict, data = results[case]
         assert verdict == UNSPEC and data == packet, (case, packet.hex(), data.hex())
+
+
+class _RecordingLibc:
+    """Wraps libc to record the verifier log level of every BPF_PROG_LOAD (bpf_attr offset 24)."""
+
+    def __init__(self, real):
+        self.real = real
+        self.log_levels: list[int] = []
+
+    def syscall(self, nr, cmd, buf, size):
+        if cmd == ebpf.BPF_PROG_LOAD:
+            self.log_levels.append(struct.unpack_from("<I", buf.raw, 24)[0])
+        return self.real.syscall(nr, cmd, buf, size)
+
+
+def test_a_program_is_loaded_without_the_verifier_log_and_only_a_refusal_asks_for_it(kernel, monkeypatch):
+    recorder = _RecordingLibc(ebpf._libc)
+    monkeypatch.setattr(ebpf, "_libc", recorder)
+    os.close(ebpf.load(ebpf.container_program(HOST, CLUSTER), "vpcnet_ctr"))
+    assert recorder.log_levels == [0]                     # accepted: one load, no log
+    a = ebpf.Asm()
+    a.mov(0, 5)
+    a.exit()
+    with pytest.raises(DataplaneError, match="verifier: .*R5"):
+        ebpf.load(a.assemble(), "vpcnet_bad")
+    assert recorder.log_levels == [0, 0, 1]               # refused: loaded again with the log, to say why

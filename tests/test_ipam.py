@@ -562,3 +562,20 @@ def test_processes_racing_for_the_first_pool_agree(tmp_path):
     assert len({a for _, a in results}) == 4
     routes = RouteKeeper(config, Store(config.db_path)).provider.list_routes()
     assert [r.destination for r in routes] == [pools[0]["Pool"]]
+
+
+def test_allocation_reads_the_pool_outside_the_write_lock(tmp_path):
+    """Inside BEGIN IMMEDIATE .. COMMIT (which every other writer of the host waits for) an allocation runs
+    a bounded number of indexed statements: never a read of the whole pool's addresses."""
+    ipam = build(tmp_path)
+    pool = ipam.request_pool()["PoolID"]
+    for _ in range(20):
+        ipam.request_address(pool)
+    statements: list[str] = []
+    ipam.store._conn().set_trace_callback(statements.append)
+    ipam.request_address(pool)
+    ipam.store._conn().set_trace_callback(None)
+    begin = statements.index("BEGIN IMMEDIATE")
+    inside = statements[begin:statements.index("COMMIT", begin)]
+    assert not [s for s in inside if "FROM addresses" in s], inside
+    assert len(inside) <= 4, inside

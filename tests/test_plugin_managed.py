@@ -9,6 +9,7 @@ happens. The main engine is never restarted (other tests share it).
 """
 from __future__ import annotations
 
+import glob
 import ipaddress
 import json
 import os
@@ -64,6 +65,8 @@ def test_config_json_env_is_exactly_the_settings():
     state_default = next(e["Value"] for e in env if e["Name"] == "VPCNET_STATE_DIR")
     assert state["Type"] == "bind" and state["Destination"] == state_default == state["Source"]
     assert "rbind" in state["Options"] and state["Settable"] == ["source"]
+    lock = next(m for m in cfg["Mounts"] if m["Name"] == "xtables-lock")   # the host's iptables lock
+    assert lock["Source"] == lock["Destination"] == "/run/xtables.lock" and lock["Type"] == "bind"
 
 
 def test_genconfig_check_mode():
@@ -195,6 +198,16 @@ def test_build_leaves_the_plugin_installed_and_enabled(built):
     assert built.env()["VPCNET_CLUSTER_CIDR"] == built.cluster
     mount = next(m for m in info["Settings"]["Mounts"] if m["Name"] == "state")
     assert mount["Source"] == built.state_dir
+    # the plugin's iptables lock is the host's file (one inode), so their rule changes never interleave
+    state = os.stat(built.state_dir)
+    pids = [p for p in os.listdir("/proc") if p.isdigit() and _same_file(f"/proc/{p}/root/var/lib/vpcnet", state)]
+    assert pids, "a process of the plugin (its rootfs holds the state mount)"
+    assert os.stat(f"/proc/{pids[0]}/root/run/xtables.lock").st_ino == os.stat("/run/xtables.lock").st_ino
+    # what a host runs only: no emulator, lab or image builder in the rootfs
+    (site,) = glob.glob(f"/proc/{pids[0]}/root/opt/vpcnet/lib/python3.*/site-packages/vpcnet")
+    assert os.path.exists(f"{site}/serve.py") and os.path.exists(f"{site}/datapath/reconciler.py")
+    for test_only in ("emulator", "lab", "image.py", "install.py"):
+        assert not os.path.exists(f"{site}/{test_only}"), test_only
     assert set(info["Config"]["Interface"]["Types"]) == {"docker.networkdriver/1.0", "docker.ipamdriver/1.0"}
 
 
@@ -364,3 +377,11 @@ def test_enable_time_with_an_unreachable_or_silent_cloud(built):
     finally:
         silent.close()
         built.docker("plugin", "set", built.name, "VPCNET_PROVIDER=local", check=False)
+
+
+def _same_file(path: str, st: os.stat_result) -> bool:
+    try:
+        other = os.stat(path)
+    except OSError:
+        return False
+    return (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)

@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from vpcnet.errors import StateError
 from vpcnet.store import SCHEMA_VERSION, Endpoint, Network, Store
 
 
@@ -153,3 +154,51 @@ def test_separate_store_objects_share_one_file(db_path):
     assert b.get_meta("x") == "1"
     a.close()
     b.close()
+
+
+def test_failed_commit_leaves_the_connection_usable(db_path):
+    """A COMMIT refused by sqlite (here a deferred foreign key; in life a full disk) must not leave the
+    thread's connection inside the transaction, or every later write of that thread fails."""
+    store = Store(db_path)
+    ep = Endpoint("e" * 64, "no-such-network", "10.200.0.2", "02:42:0a:c8:00:02", "vheeeeeeeeeee",
+                  "vceeeeeeeeeee", 2.0)
+    with pytest.raises(sqlite3.IntegrityError):
+        with store.tx() as db:
+            db.execute("PRAGMA defer_foreign_keys=ON")
+            store.add_endpoint(db, ep)            # refused only at COMMIT
+    assert store.endpoints() == []
+    with store.tx() as db:                        # the same thread's next write works
+        store.set_meta(db, "after", "ok")
+    assert store.get_meta("after") == "ok"
+    store.close()
+
+
+def test_readonly_store_never_migrates_or_writes(db_path):
+    """`vpcnet status` beside a running plugin: an older schema stays as it is, no write happens."""
+    Store(db_path).close()
+    conn = sqlite3.connect(db_path)
+    conn.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+    conn.execute("ALTER TABLE networks DROP COLUMN mode")
+    conn.execute("INSERT INTO networks(network_id, host_cidr, cluster_cidr, gateway, bridge, mtu, internal, "
+                 "no_nat, created) VALUES('n1', '10.200.0.0/24', '10.200.0.0/16', '10.200.0.1', 'vpc-n1', "
+                 "1500, 0, '[]', 1.0)")
+    conn.commit()
+    conn.close()
+    before = os.stat(db_path).st_mtime_ns
+    store = Store(db_path, readonly=True)
+    assert [n.network_id for n in store.networks()] == ["n1"] and store.networks()[0].mode == "bridge"
+    with pytest.raises(StateError, match="cannot write"):
+        with store.tx() as db:
+            store.set_meta(db, "x", "1")
+    store.close()
+    conn = sqlite3.connect(db_path)
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "1"
+    assert "mode" not in {r[1] for r in conn.execute("PRAGMA table_info(networks)")}
+    conn.close()
+    assert os.stat(db_path).st_mtime_ns == before
+
+
+def test_readonly_store_of_a_missing_file_is_an_error_not_a_new_file(db_path):
+    with pytest.raises(FileNotFoundError):
+        Store(db_path, readonly=True)
+    assert not os.path.exists(db_path)

@@ -48,7 +48,7 @@ def add_config_argument(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:
-        from vpcnet import serve      # the plugin process stays lean: no other sub-command imported
+        from vpcnet import serve  # the plugin process stays lean: no other sub-command imported
 
         return serve.main(argv[1:])
     args = build_parser().parse_args(argv)

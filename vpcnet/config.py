@@ -98,6 +98,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("workers", 1, "gunicorn worker processes (state is shared through sqlite)", _int),
     Setting("threads", 8, "Threads per gunicorn worker", _int),
     Setting("reconcile_interval", 30.0, "Seconds between route reconcile passes", _float),
+    Setting("datapath_interval", 30.0, "Seconds between datapath passes, which read the kernel and repair "
+            "drift (firewall, bridges, routes, eBPF programs)", _float),
     Setting("instance_id", "", "This host's instance id for the local provider (default: hostname)"),
     Setting("cluster_name", "", "This cluster's identity, written into its routes so clusters sharing a VPC "
             "never touch each other's (default: derived from the cluster CIDR, e.g. 10.200.0.0-16)",
@@ -149,6 +151,7 @@ class Config:
     workers: int = 1
     threads: int = 8
     reconcile_interval: float = 30.0
+    datapath_interval: float = 30.0
     instance_id: str = ""
     cluster_name: str = ""
     route_table_quota: int = 0
@@ -199,7 +202,7 @@ assert {s.attr for s in SETTINGS} == {f.name for f in dataclasses.fields(Config)
 def load(path: str | None = None, environ: dict[str, str] | None = None,
          check_socket_dir: bool = True) -> Config:
     """Build the Config from defaults, the TOML file, then the environment; validate it."""
-    environ = os.environ if environ is None else environ
+    environ = dict(os.environ) if environ is None else environ
     explicit = path is not None or "VPCNET_CONFIG" in environ
     path = path or environ.get("VPCNET_CONFIG") or DEFAULT_CONFIG_FILE
     values: dict[str, Any] = {}
@@ -268,6 +271,8 @@ def validate(config: Config, check_socket_dir: bool = True) -> None:
         raise ConfigError("VPCNET_ROUTE_TABLE_QUOTA: must be 0 (the cloud's default) or more")
     if config.reconcile_interval <= 0:
         raise ConfigError("VPCNET_RECONCILE_INTERVAL: must be positive")
+    if config.datapath_interval <= 0:
+        raise ConfigError("VPCNET_DATAPATH_INTERVAL: must be positive")
     if not config.socket.endswith(".sock"):
         raise ConfigError(f"VPCNET_SOCKET: {config.socket} must end in .sock (Docker discovers plugins by it)")
     sock_dir = os.path.dirname(config.socket) or "."

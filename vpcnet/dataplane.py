@@ -10,11 +10,13 @@ sits on a per-network anchor (one end of a veth pair `vpc-<id11>`/`vpp-<id11>`: 
 dummy driver), so the host answers for it and its connected route keeps unknown addresses of the host
 CIDR off the default route. Per endpoint the host end of the veth is on no bridge and has no address;
 it has `proxy_arp=1` and `proxy_delay=0` (set over netlink by vpcnet.rtnl: /proc/sys is read-only in a
-managed plugin) and the host routes `<container ip>/32 dev <host end>`. The container keeps the pool prefix Docker assigns: it ARPs for neighbours and the gateway, the host end
-answers, and the host routes by /32. Each packet between hosts thus skips the bridge and br_netfilter
-(Docker turns bridge-nf-call-iptables on host-wide): one device and one netfilter pass fewer per
-direction. Firewall rules match the veths (`vh+`) and the host CIDR instead of `-i <bridge>`;
-masquerade and --internal behave as in bridge mode.
+managed plugin) and the host routes `<container ip>/32 dev <host end>`. The container keeps the pool
+prefix Docker assigns: it ARPs for neighbours and the gateway, the host end answers, and the host
+routes by /32. Each packet between hosts thus skips the bridge and br_netfilter (Docker turns
+bridge-nf-call-iptables on host-wide): one device and one netfilter pass fewer per direction. Firewall
+rules match the veths (`vh+`) and the host CIDR instead of `-i <bridge>`, and a reverse-path check
+drops what a veth sends from an address not routed back to it; masquerade and --internal behave as in
+bridge mode.
 
 eBPF mode (`-o vpcnet.mode=ebpf`, per network): routed mode, plus the fast path of vpcnet.ebpf. A tc
 program on each endpoint's host veth (ingress) and one per network on the uplink (ingress of the default
@@ -23,7 +25,9 @@ the rest of the cluster CIDR straight between the container and the uplink: no p
 IP forwarding or netfilter (the same traffic the conntrack bypass below already accepts statelessly and
 never NATs). Everything else, and anything the programs cannot resolve, takes routed mode's path.
 
-Firewall, in chains of vpcnet's own so removing a network removes exactly its rules:
+Firewall: computed per mode by vpcnet.datapath.modes and written by vpcnet.datapath.firewall in one
+`iptables-restore --noflush` transaction, in chains of vpcnet's own so removing a network removes exactly
+its rules:
 - filter `VPCNET-FORWARD` (jumped to from FORWARD): accepts the network's traffic even though Docker
   sets FORWARD's policy to DROP; one chain per network `VPCNET-F-<id12>`. Its jump sits right after
   Docker's `-j DOCKER-USER` when there is one (first otherwise), so a user's DOCKER-USER rules apply to
@@ -33,14 +37,18 @@ Firewall, in chains of vpcnet's own so removing a network removes exactly its ru
   traffic from the host CIDR only when it leaves for a destination outside the cluster CIDR and the
   no-NAT list. Container-to-container traffic inside the VPC keeps its own source address.
 - `--internal` networks: forwarding only within the cluster CIDR, no masquerade.
-- raw `VPCNET-RAW` (jumped to from raw PREROUTING): per network `VPCNET-R-<id12>` marks forwarded
-  traffic between the host CIDR and the cluster CIDR NOTRACK. That traffic is accepted statelessly and
-  never NATed, so conntrack (a lookup and an entry per flow, on every packet) buys nothing; bypassing it
-  lifted cross-host TCP and UDP packet rate on the lab. Traffic to or from the gateway (host <->
-  container, local delivery) stays tracked, so a host firewall relying on conntrack in INPUT keeps
-  working. Untracked packets skip the nat table: fine, cluster traffic is never masqueraded.
+- raw `VPCNET-RAW` (jumped to from raw PREROUTING): the routed modes' anti-spoofing rule, and per network
+  `VPCNET-R-<id12>` marks forwarded traffic between the host CIDR and the cluster CIDR NOTRACK. That
+  traffic is accepted statelessly and never NATed, so conntrack (a lookup and an entry per flow, on every
+  packet) buys nothing; bypassing it lifted cross-host TCP and UDP packet rate on the lab. Traffic to or
+  from the gateway (host <-> container, local delivery) stays tracked, so a host firewall relying on
+  conntrack in INPUT keeps working. Untracked packets skip the nat table: fine, cluster traffic is never
+  masqueraded.
 
-Every operation is idempotent: create what is missing, accept what exists, ignore what is gone.
+Every operation is idempotent: create what is missing, accept what exists, ignore what is gone. `repair`
+is the periodic pass's half (vpcnet.datapath.reconciler): one dump of links, addresses, routes and
+qdiscs and one iptables-save find what differs from the store; only those networks get a targeted look
+under their lock, and each difference put right is returned as a `Repair`.
 """
 from __future__ import annotations
 
@@ -51,25 +59,21 @@ import os
 import subprocess
 import threading
 import zlib
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, ContextManager, Iterator, Sequence
 
 from pyroute2 import IPRoute, NetlinkError
 
 from vpcnet import ebpf, rtnl
+from vpcnet.datapath.firewall import FORWARD_CHAIN, HOST_VETHS, NAT_CHAIN, PARENTS, PREFIXES, RAW_CHAIN, FirewallTable  # noqa: F401 - re-exported: vpcnet.dataplane's public names
+from vpcnet.datapath.modes import strategy
 from vpcnet.errors import DataplaneError
 
 log = logging.getLogger(__name__)
+_no_lock = nullcontext
 
-FORWARD_CHAIN = "VPCNET-FORWARD"
-USER_CHAIN = "DOCKER-USER"          # Docker's chain for the user's own forwarding rules
-NAT_CHAIN = "VPCNET-POSTROUTING"
-RAW_CHAIN = "VPCNET-RAW"
-PARENTS = {"filter": FORWARD_CHAIN, "nat": NAT_CHAIN, "raw": RAW_CHAIN}
-PREFIXES = {"filter": "VPCNET-F-", "nat": "VPCNET-N-", "raw": "VPCNET-R-"}
 MODES = ("bridge", "routed", "ebpf")
-HOST_VETHS = "vh+"            # iptables wildcard for every endpoint's host end (veth_names)
 SCOPE_LINK = 253
 DEFAULT_MTU = 1500
 TC_INGRESS = 0xFFFFFFF2           # clsact's ingress hook
@@ -121,6 +125,38 @@ class NetworkSpec:
         return f"VPCNET-R-{self.tag}"
 
 
+class NetworkGone(Exception):
+    """Raised by a repair pass's lock when the network left the store while the pass waited for it."""
+
+
+@dataclass(frozen=True)
+class EndpointSpec:
+    host_veth: str
+    peer_veth: str
+    mac: str
+    address: str                # bare IP
+
+
+@dataclass(frozen=True)
+class Repair:
+    """One thing the kernel had wrong, found by reading it, and put right."""
+    kind: str                   # firewall | link | address | route | tc
+    network: str                # the network's tag
+    what: str                   # what was wrong, for the log
+
+
+@dataclass
+class KernelView:
+    """One read of what the kernel holds (a link dump, a route dump, a qdisc dump): the periodic pass
+    compares every network against it, and only suspects get a second, targeted look."""
+    links: dict[str, dict]      # name -> {index, master, up, mtu}
+    addresses: dict[int, set]   # link index -> {"ip/len"}
+    routes: dict[str, int]      # "<ip>/32" (main table) -> output link index
+    clsact: set[int]            # link indexes with a clsact qdisc
+    uplinks: list[int]
+    uplink_programs: dict[str, set[int]]   # tc filter name -> link indexes
+
+
 def bridge_name(network_id: str) -> str:
     return f"vpc-{network_id[:11]}"           # 15 characters: the kernel's limit
 
@@ -151,6 +187,7 @@ class Dataplane:
         self.netns = netns
         self.iptables = iptables
         self._local = threading.local()
+        self.firewall = FirewallTable(self._cmd(), iptables)
 
     # -- plumbing ---------------------------------------------------------------------------------
     @contextmanager
@@ -180,46 +217,14 @@ class Dataplane:
             self._local.rtnl, self._local.rtnl_pid = sock, os.getpid()
         return sock
 
+    def _drop_rtnl(self) -> None:
+        """Close and forget this thread's rtnetlink socket (after a failure it may be out of step)."""
+        sock, self._local.rtnl = getattr(self._local, "rtnl", None), None
+        if sock is not None:
+            sock.close()
+
     def _cmd(self, *args: str) -> list[str]:
         return (["ip", "netns", "exec", self.netns] if self.netns else []) + list(args)
-
-    def _ipt(self, table: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        cmd = self._cmd(self.iptables, "-w", "10", "-t", table, *args)
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise DataplaneError(f"{' '.join(cmd)}: {exc}") from None
-        if check and proc.returncode != 0:
-            raise DataplaneError(f"{' '.join(cmd)} failed: {proc.stderr.strip() or proc.returncode}")
-        return proc
-
-    def _chain_exists(self, table: str, chain: str) -> bool:
-        return self._ipt(table, "-S", chain, check=False).returncode == 0
-
-    def _ensure_chain(self, table: str, chain: str) -> None:
-        if not self._chain_exists(table, chain):
-            proc = self._ipt(table, "-N", chain, check=False)
-            if proc.returncode != 0 and not self._chain_exists(table, chain):
-                raise DataplaneError(f"cannot create chain {chain} in table {table}: {proc.stderr.strip()}")
-
-    def _ensure_rule(self, table: str, chain: str, rule: list[str], position: int | None = None) -> None:
-        if self._ipt(table, "-C", chain, *rule, check=False).returncode == 0:
-            return
-        if position is None:
-            self._ipt(table, "-A", chain, *rule)
-        else:
-            self._ipt(table, "-I", chain, str(position), *rule)
-
-    def _delete_rule(self, table: str, chain: str, rule: list[str]) -> None:
-        for _ in range(8):     # a rule added twice by a crash-and-retry is removed too (bounded)
-            if self._ipt(table, "-D", chain, *rule, check=False).returncode != 0:
-                return
-
-    def _drop_chain(self, table: str, parent: str, chain: str) -> None:
-        self._delete_rule(table, parent, ["-j", chain])
-        if self._chain_exists(table, chain):
-            self._ipt(table, "-F", chain, check=False)
-            self._ipt(table, "-X", chain, check=False)
 
     def _sysctl(self, key: str, value: str) -> None:
         path = "/proc/sys/" + key.replace(".", "/")
@@ -270,35 +275,20 @@ class Dataplane:
                     found.append(f"{other} dev {names.get(route.get('RTA_OIF'), '?')}")
         return found
 
-    def ensure_host(self) -> None:
-        """ip_forward and the top-level chains, jumped to first from FORWARD and POSTROUTING."""
+    def ensure_host(self) -> list[str]:
+        """ip_forward, the shared chains, the builtin chains' jumps to them, the anti-spoofing rule.
+        Returns what was wrong."""
         self._sysctl("net.ipv4.ip_forward", "1")
-        self._ensure_chain("filter", FORWARD_CHAIN)
-        self._ensure_forward_jump()
-        self._ensure_chain("nat", NAT_CHAIN)
-        self._ensure_rule("nat", "POSTROUTING", ["-j", NAT_CHAIN], position=1)
-        self._ensure_chain("raw", RAW_CHAIN)
-        self._ensure_rule("raw", "PREROUTING", ["-j", RAW_CHAIN], position=1)
-
-    def _ensure_forward_jump(self) -> None:
-        """FORWARD -> VPCNET-FORWARD after FORWARD -> DOCKER-USER (when Docker made it), else first. A
-        misplaced jump (vpcnet started before Docker put DOCKER-USER first) is moved: the new one is
-        inserted before the old one is deleted, so the network's traffic never meets the DROP policy."""
-        jump, user = ["-A", "FORWARD", "-j", FORWARD_CHAIN], ["-A", "FORWARD", "-j", USER_CHAIN]
-        listed = [line.split() for line in self._ipt("filter", "-S", "FORWARD").stdout.splitlines()
-                  if line.startswith("-A FORWARD")]
-        ours = [i for i, rule in enumerate(listed) if rule == jump]
-        theirs = [i for i, rule in enumerate(listed) if rule == user]
-        misplaced = [i for i in ours if theirs and i < theirs[0]]
-        if ours and not misplaced:
-            return
-        self._ipt("filter", "-I", "FORWARD", str(theirs[0] + 2 if theirs else 1), "-j", FORWARD_CHAIN)
-        for _ in misplaced:     # the first match of each -D is a misplaced one, ahead of DOCKER-USER
-            self._ipt("filter", "-D", "FORWARD", "-j", FORWARD_CHAIN)
+        return self.firewall.apply([], host=True)
 
     # -- networks ---------------------------------------------------------------------------------
     def ensure_network(self, spec: NetworkSpec) -> None:
-        self.ensure_host()
+        self._ensure_links(spec, firewall=True)
+
+    def _ensure_links(self, spec: NetworkSpec, firewall: bool = False) -> None:
+        """The bridge or anchor, its address, MTU and state, the uplink programs; with `firewall`, the
+        network's rules (between the links and the programs, as a first creation needs)."""
+        self._sysctl("net.ipv4.ip_forward", "1")
         with self._ipr() as ipr:
             idx = self._link_index(ipr, spec.bridge)
             if idx is None:
@@ -323,7 +313,10 @@ class Dataplane:
                 if exc.code != errno.EEXIST:
                     raise DataplaneError(f"cannot configure bridge {spec.bridge}: {exc}") from None
             ipr.link("set", index=idx, state="up")
-        self._ensure_firewall(spec)
+        if idx is None:
+            raise DataplaneError(f"{spec.bridge} vanished while it was being configured")
+        if firewall:
+            self._ensure_firewall(spec)
         if spec.ebpf:
             self._ensure_uplink_programs(spec, idx)
 
@@ -339,6 +332,13 @@ class Dataplane:
             for index in uplinks:
                 self._attach(ipr, index, program, "vpcnet_uplink", spec.tc_name, UPLINK_PRIO,
                              uplink_handle(spec.tag))
+            # The default route moved (a new uplink, a renamed or replaced device): the program leaves the
+            # devices that no longer carry it.
+            for index, handle, name in list(self._uplink_programs(ipr)):
+                if name == spec.tc_name and index not in uplinks:
+                    log.warning("network %s: eBPF uplink program left on link %d, which no longer carries "
+                                "the default route: removed", spec.tag, index)
+                    self._drop_uplink_program(ipr, index, handle)
 
     def _attach(self, ipr: IPRoute, index: int, program: bytes, prog_name: str, filter_name: str, prio: int,
                 handle: int) -> None:
@@ -357,10 +357,13 @@ class Dataplane:
         finally:
             os.close(fd)               # the filter holds the program now
 
-    def _uplink_programs(self, ipr: IPRoute) -> Iterator[tuple[int, int, str]]:
+    def _uplink_programs(self, ipr: IPRoute, clsact: set[int] | None = None) -> Iterator[tuple[int, int, str]]:
         """(link index, handle, name) of every vpcnet uplink program on this host: one qdisc dump finds
-        the links with a clsact qdisc, only those are asked for their filters."""
-        for index in sorted({q["index"] for q in ipr.get_qdiscs() if q.get_attr("TCA_KIND") == "clsact"}):
+        the links with a clsact qdisc (unless `clsact` lists them already), only those are asked for
+        their filters."""
+        if clsact is None:
+            clsact = {q["index"] for q in ipr.get_qdiscs() if q.get_attr("TCA_KIND") == "clsact"}
+        for index in sorted(clsact):
             try:
                 filters = ipr.get_filters(index=index, parent=TC_INGRESS)
             except NetlinkError:
@@ -390,62 +393,12 @@ class Dataplane:
                     dropped.append(name)
         return dropped
 
-    def _ensure_firewall(self, spec: NetworkSpec) -> None:
-        br, cluster, tag = spec.bridge, spec.cluster_cidr, spec.tag
-        comment = ["-m", "comment", "--comment", f"vpcnet {tag}"]
-        if spec.routed:     # no bridge to name: the endpoints' veths and the network's addresses
-            came, goes = ["-i", HOST_VETHS, "-s", spec.host_cidr], ["-o", HOST_VETHS, "-d", spec.host_cidr]
-        else:
-            came, goes = ["-i", br], ["-o", br]
-        if spec.internal:
-            rules = [came + goes[:2] + ["-j", "ACCEPT"],
-                     came + ["-d", cluster, "-j", "ACCEPT"],
-                     goes + ["-s", cluster, "-j", "ACCEPT"],
-                     came + ["-j", "DROP"],
-                     goes + ["-j", "DROP"]]
-            if spec.routed:     # the first rule is covered by the second (host CIDR within cluster)
-                rules = rules[1:]
-        else:
-            rules = [came + ["-j", "ACCEPT"],
-                     goes + ["-j", "ACCEPT"]]
-        self._sync_chain("filter", spec.filter_chain, [rule + comment for rule in rules])
-        self._ensure_rule("filter", FORWARD_CHAIN, ["-j", spec.filter_chain])
-        # Conntrack bypass for forwarded traffic inside the cluster: it is accepted statelessly above and
-        # never NATed, so tracking it only costs. Traffic to or from the gateway (host <-> container, local
-        # delivery) stays tracked: a host firewall may rely on conntrack in INPUT/OUTPUT.
-        gateway = spec.gateway + "/32"
-        raw = [["-d", gateway, "-j", "RETURN"],
-               ["-s", gateway, "-j", "RETURN"],
-               ["-s", spec.host_cidr, "-d", cluster, "-j", "CT", "--notrack"],
-               ["-s", cluster, "-d", spec.host_cidr, "-j", "CT", "--notrack"]]
-        self._sync_chain("raw", spec.raw_chain, [rule + comment for rule in raw])
-        self._ensure_rule("raw", RAW_CHAIN, ["-j", spec.raw_chain])
-        if spec.internal:
-            self._delete_rule("nat", NAT_CHAIN, ["-s", spec.host_cidr, "-j", spec.nat_chain])
-            self._drop_chain("nat", NAT_CHAIN, spec.nat_chain)
-            return
-        nat = [["-d", dest, "-j", "RETURN"] for dest in (cluster, *spec.no_nat)]
-        nat += ([] if spec.routed else [["-o", br, "-j", "RETURN"]]) + [["-j", "MASQUERADE"]]
-        self._sync_chain("nat", spec.nat_chain, [rule + comment for rule in nat])
-        self._ensure_rule("nat", NAT_CHAIN, ["-s", spec.host_cidr, "-j", spec.nat_chain])
-
-    def _sync_chain(self, table: str, chain: str, rules: list[list[str]]) -> None:
-        """Make `chain` hold exactly `rules`, in order. Left alone when it already does, so a restart
-        never opens a window in which the network's traffic meets Docker's DROP policy."""
-        self._ensure_chain(table, chain)
-        listed = [line for line in self._ipt(table, "-S", chain).stdout.splitlines() if line.startswith("-A ")]
-        if len(listed) == len(rules) and all(
-                self._ipt(table, "-C", chain, *rule, check=False).returncode == 0 for rule in rules):
-            return
-        self._ipt(table, "-F", chain)
-        for rule in rules:
-            self._ipt(table, "-A", chain, *rule)
+    def _ensure_firewall(self, spec: NetworkSpec) -> list[str]:
+        """The network's chains and the host's, in one transaction; returns what was wrong."""
+        return self.firewall.apply([strategy(spec.mode).firewall(spec)], host=True)
 
     def delete_network(self, spec: NetworkSpec) -> None:
-        self._drop_chain("raw", RAW_CHAIN, spec.raw_chain)
-        self._drop_chain("filter", FORWARD_CHAIN, spec.filter_chain)
-        self._delete_rule("nat", NAT_CHAIN, ["-s", spec.host_cidr, "-j", spec.nat_chain])
-        self._drop_chain("nat", NAT_CHAIN, spec.nat_chain)
+        self.firewall.apply([], unwanted=[spec.tag], host=False)
         if spec.ebpf:
             with self._ipr() as ipr:
                 for index, handle, name in list(self._uplink_programs(ipr)):
@@ -462,25 +415,18 @@ class Dataplane:
         gone. A chain whose bridge still exists may belong to another vpcnet instance on this host (a
         managed plugin beside a systemd one, say): never touch it."""
         out = []
+        saved = self.firewall.save()
         with self._ipr() as ipr:
             for table, prefix in PREFIXES.items():
-                proc = self._ipt(table, "-S", check=False)
-                for line in proc.stdout.splitlines():
-                    parts = line.split()
-                    if len(parts) == 2 and parts[0] == "-N" and parts[1].startswith(prefix):
-                        tag = parts[1][len(prefix):]
-                        if tag not in known_tags and self._link_index(ipr, bridge_name(tag)) is None:
-                            out.append((table, parts[1]))
+                for chain in saved.chains(table):
+                    tag = chain[len(prefix):]
+                    if chain.startswith(prefix) and tag not in known_tags and \
+                            self._link_index(ipr, bridge_name(tag)) is None:
+                        out.append((table, chain))
         return out
 
     def drop_stale_chain(self, table: str, chain: str) -> None:
-        parent = PARENTS[table]
-        proc = self._ipt(table, "-S", parent, check=False)
-        for line in proc.stdout.splitlines():      # jumps may carry a -s match: delete them as listed
-            parts = line.split()
-            if parts[:2] == ["-A", parent] and parts[-2:] == ["-j", chain]:
-                self._ipt(table, "-D", parent, *parts[2:], check=False)
-        self._drop_chain(table, parent, chain)
+        self.firewall.drop([(table, chain)])
 
     # -- endpoints --------------------------------------------------------------------------------
     def ensure_endpoint(self, spec: NetworkSpec, host_veth: str, peer_veth: str, mac: str, address: str) -> None:
@@ -506,6 +452,8 @@ class Dataplane:
                 return
             if host_idx is None:
                 host_idx = self._link_index(ipr, host_veth)
+            if host_idx is None:
+                raise DataplaneError(f"veth {host_veth} vanished while it was being configured")
         # Proxy ARP answers the container for every address the host routes elsewhere (its neighbours
         # on other veths, the cluster); the gateway is a local address, answered anyway. No delay.
         # Over netlink: a managed plugin's /proc/sys is read-only.
@@ -514,7 +462,7 @@ class Dataplane:
             rtnl.set_proxy_arp(sock, host_idx)
             rtnl.set_arp_proxy_delay(sock, host_idx, 0)
         except OSError as exc:
-            self._local.rtnl = None
+            self._drop_rtnl()
             raise DataplaneError(f"cannot turn on proxy ARP for {host_veth}: {exc}") from None
         with self._ipr() as ipr:
             try:
@@ -531,6 +479,139 @@ class Dataplane:
     def link_exists(self, name: str) -> bool:
         with self._ipr() as ipr:
             return self._link_index(ipr, name) is not None
+
+    # -- the periodic pass: drift found by reading the kernel -------------------------------------------
+    def view(self, with_tc: bool = True) -> KernelView:
+        """One read of the kernel: links, addresses, routes (raw netlink dumps, vpcnet.rtnl: a fraction of
+        pyroute2's cost per message) and, with `with_tc` (ebpf networks exist), qdiscs and uplink programs."""
+        try:
+            sock = self._rtnl()
+            links = rtnl.dump_links(sock)
+            addresses = rtnl.dump_addresses(sock)
+            routes, uplinks = rtnl.dump_routes(sock)
+            clsact = {i for i, kinds in rtnl.dump_qdisc_kinds(sock).items() if "clsact" in kinds} \
+                if with_tc else set()
+        except OSError as exc:
+            self._drop_rtnl()
+            raise DataplaneError(f"cannot read the kernel's links and routes: {exc}") from None
+        programs: dict[str, set[int]] = {}
+        if with_tc:
+            with self._ipr() as ipr:
+                for index, _handle, name in self._uplink_programs(ipr, clsact):
+                    programs.setdefault(name, set()).add(index)
+        return KernelView(links, addresses, routes, clsact, uplinks, programs)
+
+    def repair(self, networks: Sequence[tuple[NetworkSpec, Sequence[EndpointSpec]]],
+               lock_for: Callable[[NetworkSpec], ContextManager] | None = None,
+               still_wanted: Callable[[str], bool] | None = None) -> list[Repair]:
+        """Make the kernel hold what `networks` want, reading it first; returns what was wrong (nothing,
+        on a host left alone). A network that looks wrong in the dumps is looked at again under its
+        lock (`lock_for`), where no Docker call is changing it, and only then repaired."""
+        repairs: list[Repair] = []
+        view = self.view(with_tc=any(spec.ebpf for spec, _ in networks))
+        saved = self.firewall.save()
+        repairs += [Repair("firewall", "-", p) for p in self.firewall.apply([], host=True, saved=saved)]
+        # The firewall of every drifted network in one transaction (a mass flush costs one restore, not one
+        # per network). The rules are the store rows' (fixed for a network's life); a network deleted
+        # since the store was read is dropped first by `still_wanted`.
+        drifted = [strategy(spec.mode).firewall(spec) for spec, _ in networks
+                   if self.firewall.differs(saved, strategy(spec.mode).firewall(spec))]
+        if still_wanted is not None:
+            drifted = [rules for rules in drifted if still_wanted(rules.tag)]
+        if drifted:
+            for problem in self.firewall.apply(drifted, host=False):
+                tag = next((r.tag for r in drifted if r.tag in problem), "-")
+                repairs.append(Repair("firewall", tag, problem))
+        for spec, endpoints in networks:
+            if not self._suspect(spec, endpoints, view):
+                continue
+            try:
+                with (lock_for(spec) if lock_for else _no_lock()):
+                    repairs += self._repair_network(spec, endpoints)
+            except NetworkGone:                   # deleted (or its creation undone) meanwhile
+                continue
+            except Exception as exc:              # one broken network never stops the pass
+                log.error("network %s: cannot repair the datapath: %s", spec.tag, exc)
+        return repairs
+
+    def _suspect(self, spec: NetworkSpec, endpoints: Sequence[EndpointSpec], view: KernelView) -> bool:
+        link = view.links.get(spec.bridge)
+        if link is None or not link["up"] or link["mtu"] != spec.mtu:
+            return True
+        if f"{spec.gateway}/{spec.prefixlen}" not in view.addresses.get(link["index"], set()):
+            return True
+        if spec.ebpf and view.uplink_programs.get(spec.tc_name, set()) != set(view.uplinks):
+            return True
+        for ep in endpoints:
+            host = view.links.get(ep.host_veth)
+            if host is None:
+                continue                          # no veth: the container is gone, Docker will say so
+            if not spec.routed and host["master"] != link["index"]:
+                return True
+            if spec.routed and view.routes.get(f"{ep.address}/32") != host["index"]:
+                return True
+            if spec.ebpf and host["index"] not in view.clsact:
+                return True
+        return False
+
+    def _repair_network(self, spec: NetworkSpec, endpoints: Sequence[EndpointSpec]) -> list[Repair]:
+        """Under the network's lock: a targeted look at each piece, repaired where still wrong."""
+        repairs: list[Repair] = []
+        with self._ipr() as ipr:
+            idx = self._link_index(ipr, spec.bridge)
+            state = ipr.link("get", index=idx)[0] if idx is not None else None
+            addrs = {f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" for a in ipr.get_addr(index=idx)} \
+                if idx is not None else set()
+            uplinks = self._uplinks(ipr)
+            programs = {i for i, _h, name in self._uplink_programs(ipr) if name == spec.tc_name} \
+                if spec.ebpf else set()
+        what = "anchor" if spec.routed else "bridge"
+        if state is None:
+            repairs.append(Repair("link", spec.tag, f"{what} {spec.bridge} missing"))
+        elif not state["flags"] & 1:
+            repairs.append(Repair("link", spec.tag, f"{what} {spec.bridge} down"))
+        elif state.get_attr("IFLA_MTU") != spec.mtu:
+            repairs.append(Repair("link", spec.tag, f"{what} {spec.bridge} has MTU {state.get_attr('IFLA_MTU')}"))
+        elif f"{spec.gateway}/{spec.prefixlen}" not in addrs:
+            repairs.append(Repair("address", spec.tag, f"gateway {spec.gateway} missing on {spec.bridge}"))
+        elif spec.ebpf and programs != set(uplinks):
+            repairs.append(Repair("tc", spec.tag, f"uplink programs on links {sorted(programs)}, default "
+                                                   f"route on {sorted(uplinks)}"))
+        if repairs:
+            self._ensure_links(spec)          # rebuilds what is missing, accepts what is there
+        for ep in endpoints:
+            repairs += self._repair_endpoint(spec, ep)
+        return repairs
+
+    def _repair_endpoint(self, spec: NetworkSpec, ep: EndpointSpec) -> list[Repair]:
+        with self._ipr() as ipr:
+            host_idx = self._link_index(ipr, ep.host_veth)
+            if host_idx is None:
+                return []
+            link = ipr.link("get", index=host_idx)[0]
+            problem = ""
+            if not spec.routed:
+                master = self._link_index(ipr, spec.bridge)
+                if link.get_attr("IFLA_MASTER") != master:
+                    problem = f"host veth {ep.host_veth} of {ep.address} not on bridge {spec.bridge}"
+            else:
+                try:
+                    got = ipr.route("get", dst=ep.address)
+                    oif = got[0].get_attr("RTA_OIF") if got else None
+                except NetlinkError:
+                    oif = None
+                if oif != host_idx:
+                    problem = f"route {ep.address}/32 dev {ep.host_veth} missing"
+                elif spec.ebpf and not any(f.get_attr("TCA_KIND") == "bpf"
+                                           for f in ipr.get_filters(index=host_idx, parent=TC_INGRESS)):
+                    problem = f"eBPF program on {ep.host_veth} missing"
+            if not problem and not link["flags"] & 1:
+                problem = f"host veth {ep.host_veth} down"
+        if not problem:
+            return []
+        self.ensure_endpoint(spec, ep.host_veth, ep.peer_veth, ep.mac, ep.address)
+        kind = "route" if "route" in problem else "tc" if "eBPF" in problem else "link"
+        return [Repair(kind, spec.tag, problem)]
 
     # -- helpers ----------------------------------------------------------------------------------
     @staticmethod

@@ -3,7 +3,11 @@
 Knows which calls Docker makes in which order, and which must be idempotent: Docker never replays
 CreateNetwork (so the network is stored before it answers), and at daemon start it sends Leave,
 DeleteEndpoint and ReleaseAddress for sandboxes that may already be gone — those succeed.
-A failed call changes no state: kernel changes made before the failure are undone.
+A failed call changes no state: the store is written first (the desired state: a full state disk or a
+lost race fails before the kernel is touched), and on a kernel failure both are undone. Deletion
+removes the row first and then the kernel state; what the kernel refuses to give up is recorded as a
+leftover and removed by the next start or datapath pass. Calls about one network are serialised by a
+file lock (vpcnet.locks), across threads and gunicorn workers.
 
 Options: `-o com.docker.network.driver.mtu=N`, and `-o vpcnet.mode=bridge|routed|ebpf` (default bridge):
 the datapath of the network, stored with it (see vpcnet.dataplane: routed mode has no bridge, proxy ARP
@@ -29,11 +33,17 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
+import sqlite3
 import time
 
-from vpcnet.dataplane import MODES, NetworkSpec, bridge_name, mac_for, veth_names
+from vpcnet.datapath.protocol import Datapath
+from vpcnet.datapath.reconciler import DatapathReconciler, spec_of
+from vpcnet.dataplane import MODES, bridge_name, mac_for, veth_names
 from vpcnet.errors import Conflict, InvalidRequest, NotFound
+from vpcnet.locks import object_lock
 from vpcnet.store import Endpoint, Network
+
+__all__ = ["NetworkDriver", "spec_of"]
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +65,11 @@ ROUTE_NEXTHOP = 0                                         # Join's StaticRoutes[
 
 
 class NetworkDriver:
-    def __init__(self, config, store, dataplane):
+    def __init__(self, config, store, dataplane: Datapath):
         self.config = config
         self.store = store
         self.dataplane = dataplane
+        self.reconciler = DatapathReconciler(config, store, dataplane)
 
     @staticmethod
     def capabilities() -> dict:
@@ -114,29 +125,37 @@ class NetworkDriver:
                       gateway=pools[pool]["gateway"], bridge=bridge_name(network_id), mtu=mtu,
                       internal=_truthy(options.get(INTERNAL_OPTION)),
                       no_nat=tuple(self.config.no_nat_cidrs), created=time.time(), mode=mode)
-        existing = self.store.network(network_id)
-        if existing is not None:
-            if existing.host_cidr == net.host_cidr:
-                self.dataplane.ensure_network(spec_of(existing))
-                return {}
-            raise Conflict(f"network {network_id[:12]} already exists with pool {existing.host_cidr}")
-        holder = self.store.network_by_host_cidr(pool)
-        if holder is not None:
-            raise Conflict(f"host CIDR {pool} (cluster CIDR {net.cluster_cidr}) is already used by network "
-                           f"{holder.network_id[:12]} on this host: one vpcnet network per cluster CIDR per "
-                           "host; create this one with --subnet <another cluster CIDR>")
-        namesake = next((n for n in self.store.networks() if n.bridge == net.bridge), None)
-        if namesake is not None:     # ids sharing the prefix the bridge name is made of: never touch theirs
-            raise Conflict(f"network {network_id[:12]} would reuse bridge {net.bridge} of network "
-                           f"{namesake.network_id[:12]}")
-        spec = spec_of(net)
-        try:
-            self.dataplane.ensure_network(spec)
-            with self.store.tx() as db:
-                self.store.add_network(db, net)
-        except Exception:
-            self._undo(lambda: self.dataplane.delete_network(spec))
-            raise
+        with self._locked(network_id):
+            existing = self.store.network(network_id)      # under the lock: a racing identical call won
+            if existing is not None:
+                if existing.host_cidr == net.host_cidr:
+                    self.dataplane.ensure_network(spec_of(existing))
+                    return {}
+                raise Conflict(f"network {network_id[:12]} already exists with pool {existing.host_cidr}")
+            holder = self.store.network_by_host_cidr(pool)
+            if holder is not None:
+                raise Conflict(f"host CIDR {pool} (cluster CIDR {net.cluster_cidr}) is already used by network "
+                               f"{holder.network_id[:12]} on this host: one vpcnet network per cluster CIDR per "
+                               "host; create this one with --subnet <another cluster CIDR>")
+            namesake = next((n for n in self.store.networks() if n.bridge == net.bridge), None)
+            if namesake is not None:     # ids sharing the prefix the bridge name is made of: never touch theirs
+                raise Conflict(f"network {network_id[:12]} would reuse bridge {net.bridge} of network "
+                               f"{namesake.network_id[:12]}")
+            # The store first (the desired state), the kernel after: a full state disk or a lost race
+            # fails here, before anything is in the kernel.
+            try:
+                with self.store.tx() as db:
+                    self.store.add_network(db, net)
+            except sqlite3.IntegrityError:
+                raise Conflict(f"host CIDR {pool} or bridge {net.bridge} was taken by another network "
+                               "meanwhile") from None
+            spec = spec_of(net)
+            try:
+                self.dataplane.ensure_network(spec)
+            except Exception:
+                self._undo(lambda: self.store.delete_network(network_id))
+                self._undo(lambda: self.dataplane.delete_network(spec))
+                raise
         log.info("network %s: %s mode, %s %s, %s via %s, mtu %d%s", network_id[:12], mode,
                  "anchor" if spec.routed else "bridge", net.bridge, net.host_cidr, net.gateway, net.mtu,
                  ", internal" if net.internal else "")
@@ -154,17 +173,23 @@ class NetworkDriver:
         return mtu
 
     def delete_network(self, network_id: str) -> dict:
+        """The row first (with its kernel state recorded as a leftover), then the kernel. Docker ignores
+        an error here, so a kernel failure must not keep the network: it would be rebuilt at every start
+        and its host CIDR would block the next network. Whatever the kernel kept is removed later, by the
+        next start or datapath pass (`remove_leftovers`)."""
         _require_id("NetworkID", network_id)
-        net = self.store.network(network_id)
-        if net is None:
-            log.info("DeleteNetwork %s: not known (already gone)", network_id[:12])
-            return {}
-        for ep in self.store.endpoints(network_id):      # leftovers of a crash: take them along
-            self.dataplane.delete_endpoint(ep.host_veth)
-        self.dataplane.delete_network(spec_of(net))
-        self.store.delete_network(network_id)
+        with self._locked(network_id):
+            net = self.store.network(network_id)
+            if net is None:
+                log.info("DeleteNetwork %s: not known (already gone)", network_id[:12])
+                return {}
+            self.store.delete_network(network_id, leftover=True)
+            self.remove_leftovers(f"network:{network_id}")
         log.info("network %s deleted", network_id[:12])
         return {}
+
+    def remove_leftovers(self, only: str | None = None) -> int:
+        return self.reconciler.remove_leftovers(only)
 
     # -- endpoints --------------------------------------------------------------------------------
     def create_endpoint(self, network_id: str, endpoint_id: str, interface: dict | None,
@@ -199,7 +224,8 @@ class NetworkDriver:
         if existing is not None:
             if existing.address != str(ip) or existing.network_id != network_id:
                 raise Conflict(f"endpoint {endpoint_id[:12]} already exists with address {existing.address}")
-            self._ensure_endpoint(net, existing)
+            with self._locked(network_id):
+                self._ensure_endpoint(net, existing)
             return {"Interface": {} if given_mac else {"MacAddress": existing.mac}}
         clash = self.store.endpoint_where(network_id=network_id, address=str(ip))
         if clash:
@@ -210,13 +236,27 @@ class NetworkDriver:
                            f"{namesake.endpoint_id[:12]}")
         ep = Endpoint(endpoint_id=endpoint_id, network_id=network_id, address=str(ip), mac=mac,
                       host_veth=host_veth, peer_veth=peer_veth, created=time.time())
-        try:
-            self._ensure_endpoint(net, ep)
-            with self.store.tx() as db:
-                self.store.add_endpoint(db, ep)
-        except Exception:
-            self._undo(lambda: self.dataplane.delete_endpoint(host_veth))
-            raise
+        with self._locked(network_id):
+            again = self.store.endpoint(endpoint_id)       # a racing identical call won: its answer
+            if again is not None:
+                if again.address != str(ip) or again.network_id != network_id:
+                    raise Conflict(f"endpoint {endpoint_id[:12]} already exists with address {again.address}")
+                self._ensure_endpoint(net, again)
+                return {"Interface": {} if given_mac else {"MacAddress": again.mac}}
+            # The row first: it reserves the address and the veth names, so the undo below can only ever
+            # remove this endpoint's veth and /32 route, never a racing winner's.
+            try:
+                with self.store.tx() as db:
+                    self.store.add_endpoint(db, ep)
+            except sqlite3.IntegrityError:
+                raise Conflict(f"address {ip} or veth {host_veth} was taken by another endpoint "
+                               "meanwhile") from None
+            try:
+                self._ensure_endpoint(net, ep)
+            except Exception:
+                self._undo(lambda: self.store.delete_endpoint(endpoint_id))
+                self._undo(lambda: self.dataplane.delete_endpoint(host_veth))
+                raise
         return {"Interface": {} if given_mac else {"MacAddress": mac}}
 
     def delete_endpoint(self, network_id: str, endpoint_id: str) -> dict:
@@ -224,8 +264,11 @@ class NetworkDriver:
         ep = self.store.endpoint(endpoint_id)
         if ep is None:
             return {}
-        self.dataplane.delete_endpoint(ep.host_veth)
-        self.store.delete_endpoint(endpoint_id)
+        with self._locked(ep.network_id):
+            if self.store.endpoint(endpoint_id) is None:
+                return {}
+            self.store.delete_endpoint(endpoint_id, leftover=True)
+            self.remove_leftovers(f"endpoint:{ep.host_veth}")
         return {}
 
     def endpoint_info(self, network_id: str, endpoint_id: str) -> dict:
@@ -263,19 +306,12 @@ class NetworkDriver:
 
     # -- restart ----------------------------------------------------------------------------------
     def restore(self) -> None:
-        """At start: rebuild each known network's bridge, rules and veths (after a reboot, or rules
-        flushed by someone), and drop per-network chains of networks vpcnet no longer knows."""
+        """At start: one datapath pass (vpcnet.datapath.reconciler) rebuilds what each known network and
+        endpoint lacks (after a reboot, or rules flushed by someone), removes deleted objects' leftovers,
+        then per-network chains and uplink programs of networks vpcnet no longer knows are dropped."""
         nets = self.store.networks()
         self.dataplane.ensure_host()
-        for net in nets:
-            try:
-                self.dataplane.ensure_network(spec_of(net))
-                if spec_of(net).routed:     # route (and program) per endpoint whose host veth is still there
-                    for ep in self.store.endpoints(net.network_id):
-                        if self.dataplane.link_exists(ep.host_veth):
-                            self._ensure_endpoint(net, ep)
-            except Exception as exc:
-                log.error("cannot restore network %s: %s", net.network_id[:12], exc)
+        self.reconciler.reconcile()
         known = {spec_of(n).tag for n in nets}
         for table, chain in self.dataplane.stale_chains(known):
             log.info("removing stale chain %s/%s", table, chain)
@@ -301,18 +337,16 @@ class NetworkDriver:
             raise NotFound(f"unknown endpoint {endpoint_id[:12]} in network {network_id[:12]}")
         return ep
 
+    def _locked(self, network_id: str):
+        """Calls about one network, and the datapath pass over it, one at a time (threads and workers)."""
+        return object_lock(self.config.state_dir, network_id)
+
     @staticmethod
     def _undo(action) -> None:
         try:
             action()
         except Exception:
             log.exception("undo failed")
-
-
-def spec_of(net: Network) -> NetworkSpec:
-    return NetworkSpec(tag=net.network_id[:12], bridge=net.bridge, gateway=net.gateway, host_cidr=net.host_cidr,
-                       cluster_cidr=net.cluster_cidr, mtu=net.mtu, internal=net.internal, no_nat=net.no_nat,
-                       mode=net.mode)
 
 
 def _require_id(field: str, value) -> None:

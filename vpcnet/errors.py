@@ -58,3 +58,9 @@ class DataplaneError(VpcnetError):
     """The kernel refused a change."""
 
     http_status = 500
+
+
+class StateError(VpcnetError):
+    """The state (sqlite store) cannot be written or read: a full or failing disk, a damaged file."""
+
+    http_status = 507

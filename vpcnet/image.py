@@ -53,6 +53,7 @@ def build(docker: list[str] | None = None, name: str = DEFAULT_IMAGE, force: boo
         with open(os.path.join(root, "etc/group"), "w") as fh:
             fh.write("root:x:0:\nnogroup:x:65534:\n")
         tar = subprocess.Popen(["tar", "-C", root, "-c", "."], stdout=subprocess.PIPE)
+        assert tar.stdout is not None
         subprocess.run([*docker, "import", "-c", "CMD [\"sh\"]", "-", name], stdin=tar.stdout, check=True,
                        capture_output=True, timeout=300)
         tar.stdout.close()

@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import logging
 import time
@@ -201,18 +202,21 @@ class Ipam:
         # replay window was not in use when the window opened, so it is not replayable in it; stamping 0
         # would let a later `--ip` for it pass as a "replay" and hand out a duplicate.
         epoch = self._replay_epoch()
+        # The pool's free addresses come from a read outside the write lock (WAL readers never wait for
+        # a writer): inside it, one indexed read of the cursor, then an insert that the primary key
+        # refuses if someone took that address since the read (try the next free one). An address
+        # released since the read counts as used, which next-fit wants anyway.
+        used = {int(ipaddress.IPv4Address(a)) for a in self.store.addresses(pool_id)} | {int(gateway)}
+        free = [a for a in range(first, last + 1) if a not in used]
+        if not free:
+            raise Exhausted(f"pool {pool_id} is exhausted: all {usable} container addresses are in use")
         with self.store.tx() as db:
             cursor = db.execute("SELECT cursor FROM pools WHERE pool_id=?", (pool_id,)).fetchone()["cursor"]
-            used = {int(ipaddress.IPv4Address(r["address"])) for r in
-                    db.execute("SELECT address FROM addresses WHERE pool_id=?", (pool_id,))}
-            used.add(int(gateway))
-            if not first <= cursor <= last:
-                cursor = first
-            for step in range(last - first + 1):          # one full turn at most
-                candidate = first + (cursor - first + step) % (last - first + 1)
-                if candidate not in used:
-                    db.execute("INSERT INTO addresses(pool_id, address, replay_epoch) VALUES(?,?,?)",
-                               (pool_id, str(ipaddress.IPv4Address(candidate)), epoch))
+            start = bisect.bisect_left(free, cursor) if first <= cursor <= last else 0
+            for step in range(len(free)):
+                candidate = free[(start + step) % len(free)]
+                if db.execute("INSERT OR IGNORE INTO addresses(pool_id, address, replay_epoch) VALUES(?,?,?)",
+                              (pool_id, str(ipaddress.IPv4Address(candidate)), epoch)).rowcount:
                     db.execute("UPDATE pools SET cursor=? WHERE pool_id=?", (candidate + 1, pool_id))
                     return ipaddress.IPv4Address(candidate)
         raise Exhausted(f"pool {pool_id} is exhausted: all {usable} container addresses are in use")

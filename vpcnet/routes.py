@@ -84,8 +84,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from vpcnet.cloud import (DuplicateRoute, Provider, QuotaExceeded, Route, make_provider, route_description,
-                          route_name)
+from vpcnet.cloud import DuplicateRoute, Provider, QuotaExceeded, Route, make_provider, route_description, route_name
 from vpcnet.errors import Busy, Fatal, NotReady, Retryable, VpcnetError
 
 log = logging.getLogger(__name__)
@@ -654,7 +653,8 @@ class RouteKeeper:
                 description = route_description(destination, me, self.cluster_name(cluster))
                 try:
                     marked = self._retry(f"mark route {destination} in {table}",
-                                         lambda: self.provider.mark_route(entry, name, description))
+                                         lambda entry=entry, name=name, description=description:
+                                         self.provider.mark_route(entry, name, description))
                 except VpcnetError as exc:
                     problems.append(f"route {destination} -> {me} in {table} landed without vpcnet's marker and "
                                     f"cannot be marked yet ({exc}); trying again on the next pass")

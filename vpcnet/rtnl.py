@@ -110,3 +110,115 @@ def set_arp_proxy_delay(sock: socket.socket, index: int, msecs: int = 0) -> None
     body = struct.pack("=BBH", socket.AF_INET, 0, 0) + _attr(NDTA_NAME, b"arp_cache\0") + \
         _attr(NDTA_PARMS, parms, nested=True)
     _request(sock, RTM_SETNEIGHTBL, body)
+
+
+# -- dumps, parsed only as far as the datapath pass needs ------------------------------------------------
+# pyroute2 decodes every attribute of every message; on a host with a thousand veths a link dump then
+# costs most of a second of CPU. The periodic pass reads four fields per link, so it parses those only.
+NLMSG_DONE = 3
+NLM_F_DUMP = 0x300
+RTM_GETLINK, RTM_GETADDR, RTM_GETROUTE, RTM_GETQDISC = 18, 22, 26, 38
+IFLA_IFNAME, IFLA_MTU, IFLA_MASTER = 3, 4, 10
+IFA_ADDRESS, IFA_LOCAL = 1, 2
+RTA_DST, RTA_OIF, RTA_MULTIPATH, RTA_TABLE = 1, 4, 9, 15
+TCA_KIND = 1
+IFF_UP = 0x1
+
+
+def _dump(sock: socket.socket, msg_type: int, body: bytes):
+    """Yield (type, payload) of every message of one dump."""
+    seq = next(_seq)
+    sock.send(struct.pack("=IHHII", 16 + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
+    for _ in range(100000):                              # bounded: a dump ends with NLMSG_DONE
+        data = sock.recv(1 << 20)
+        offset = 0
+        while offset + 16 <= len(data):
+            length, kind, _flags, got_seq, _pid = struct.unpack_from("=IHHII", data, offset)
+            if length < 16:
+                raise OSError(errno.EPROTO, "malformed netlink message")
+            if got_seq == seq:
+                if kind == NLMSG_DONE:
+                    return
+                if kind == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", data, offset + 16)[0]
+                    if code:
+                        raise OSError(code, os.strerror(code))
+                    return
+                yield kind, data[offset + 16:offset + length]
+            offset += (length + 3) & ~3
+    raise OSError(errno.EPROTO, "netlink dump did not end")
+
+
+def _attrs(payload: bytes, start: int) -> dict[int, bytes]:
+    out = {}
+    offset = start
+    while offset + 4 <= len(payload):
+        length, kind = struct.unpack_from("=HH", payload, offset)
+        if length < 4:
+            break
+        out[kind & 0x3FFF] = payload[offset + 4:offset + length]
+        offset += (length + 3) & ~3
+    return out
+
+
+def _u32(raw: bytes | None) -> int | None:
+    return struct.unpack("=I", raw[:4])[0] if raw is not None and len(raw) >= 4 else None
+
+
+def dump_links(sock: socket.socket) -> dict[str, dict]:
+    """name -> {index, master, up, mtu} of every link."""
+    out = {}
+    for _kind, payload in _dump(sock, RTM_GETLINK, struct.pack("=BBHiII", socket.AF_UNSPEC, 0, 0, 0, 0, 0)):
+        _family, _pad, _type, index, flags, _change = struct.unpack_from("=BBHiII", payload)
+        attrs = _attrs(payload, 16)
+        name = attrs.get(IFLA_IFNAME, b"").split(b"\0", 1)[0].decode()
+        out[name] = {"index": index, "master": _u32(attrs.get(IFLA_MASTER)), "up": bool(flags & IFF_UP),
+                     "mtu": _u32(attrs.get(IFLA_MTU))}
+    return out
+
+
+def dump_addresses(sock: socket.socket) -> dict[int, set[str]]:
+    """link index -> {"a.b.c.d/len"} (IPv4)."""
+    out: dict[int, set[str]] = {}
+    for _kind, payload in _dump(sock, RTM_GETADDR, struct.pack("=BBBBI", socket.AF_INET, 0, 0, 0, 0)):
+        _family, prefixlen, _flags, _scope, index = struct.unpack_from("=BBBBI", payload)
+        attrs = _attrs(payload, 8)
+        raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
+        if raw and len(raw) == 4:
+            out.setdefault(index, set()).add(f"{socket.inet_ntoa(raw)}/{prefixlen}")
+    return out
+
+
+def dump_routes(sock: socket.socket, table: int = 254) -> tuple[dict[str, int], list[int]]:
+    """(IPv4 /32 routes of `table` as "a.b.c.d/32" -> output link, the default route's output links)."""
+    hosts: dict[str, int] = {}
+    uplinks: list[int] = []
+    for _kind, payload in _dump(sock, RTM_GETROUTE, struct.pack("=BBBBBBBBI", socket.AF_INET, 0, 0, 0, 0, 0, 0,
+                                                                 0, 0)):
+        _family, dst_len, _src_len, _tos, rtm_table = struct.unpack_from("=BBBBB", payload)
+        attrs = _attrs(payload, 12)
+        if (_u32(attrs.get(RTA_TABLE)) or rtm_table) != table:
+            continue
+        oif = _u32(attrs.get(RTA_OIF))
+        if dst_len == 32 and RTA_DST in attrs and oif:
+            hosts[f"{socket.inet_ntoa(attrs[RTA_DST][:4])}/32"] = oif
+        elif dst_len == 0:
+            hops = [oif] if oif else []
+            multipath = attrs.get(RTA_MULTIPATH, b"")
+            offset = 0
+            while offset + 8 <= len(multipath):          # struct rtnexthop: len, flags, hops, ifindex
+                length, _f, _h, ifindex = struct.unpack_from("=HBBi", multipath, offset)
+                hops.append(ifindex)
+                offset += max(8, (length + 3) & ~3)
+            uplinks += [h for h in hops if h and h not in uplinks]
+    return hosts, uplinks
+
+
+def dump_qdisc_kinds(sock: socket.socket) -> dict[int, set[str]]:
+    """link index -> kinds of its qdiscs (e.g. {"clsact", "noqueue"})."""
+    out: dict[int, set[str]] = {}
+    for _kind, payload in _dump(sock, RTM_GETQDISC, struct.pack("=BBHiIII", socket.AF_UNSPEC, 0, 0, 0, 0, 0, 0)):
+        index = struct.unpack_from("=i", payload, 4)[0]
+        kind = _attrs(payload, 20).get(TCA_KIND, b"").split(b"\0", 1)[0].decode()
+        out.setdefault(index, set()).add(kind)
+    return out

@@ -18,7 +18,7 @@ import sys
 from gunicorn.app.base import BaseApplication
 
 from vpcnet import config as config_mod
-from vpcnet.store import Store
+from vpcnet.store import DamagedState, Store, check_state
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,15 @@ class Plugin:
         self.ipam = Ipam(config, self.store, self.routes, host_routes=self.dataplane.overlapping_routes)
         self.driver = NetworkDriver(config, self.store, self.dataplane)
         self.app = create_app(self.driver, self.ipam)
+
+    def start_background(self) -> None:
+        """The route keeper and the periodic datapath pass (each in one worker per host)."""
+        self.routes.start_background()
+        self.driver.reconciler.start_background()
+
+    def stop_background(self) -> None:
+        self.routes.stop()
+        self.driver.reconciler.stop()
 
     def restore(self) -> None:
         """Rebuild the datapath of known networks; one worker at a time."""
@@ -70,11 +79,15 @@ class _Gunicorn(BaseApplication):
             "accesslog": None,
             "proc_name": "vpcnet",
             "control_socket_disable": True,
-            "post_worker_init": lambda worker: self.plugin.routes.start_background(),
-            "worker_exit": lambda server, worker: self.plugin and self.plugin.routes.stop(),
+            "post_worker_init": lambda worker: self._plugin_call("start_background"),
+            "worker_exit": lambda server, worker: self._plugin_call("stop_background"),
         }
         for key, value in settings.items():
             self.cfg.set(key, value)
+
+    def _plugin_call(self, name: str) -> None:
+        if self.plugin is not None:
+            getattr(self.plugin, name)()
 
     def load(self):
         """In each worker, before it accepts: assemble the plugin and restore the datapath."""
@@ -87,6 +100,11 @@ class _Gunicorn(BaseApplication):
 
 
 def run(config) -> int:
+    try:
+        check_state(config.db_path)     # a damaged file: refuse, never start empty beside live containers
+    except DamagedState as exc:
+        print(f"vpcnet: {exc}", file=sys.stderr)
+        return 1
     log.info("vpcnet starting: driver %s, socket %s, provider %s, cluster %s, config from %s",
              config.driver_name, config.socket, config.provider, config.cluster_cidr, config.source)
     os.makedirs(config.state_dir, mode=0o700, exist_ok=True)

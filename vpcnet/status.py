@@ -1,6 +1,8 @@
 """`vpcnet status`: host CIDRs, networks, endpoints and their addresses, read from the state.
 
-Reads the store directly, so it works whether or not the plugin is running, and makes no cloud call.
+Reads the store directly, so it works whether or not the plugin is running, and makes no cloud call. The
+store is opened read-only: never migrated or written, so a running plugin's database (possibly of another
+schema version) stays exactly as the plugin left it.
 """
 from __future__ import annotations
 
@@ -8,14 +10,16 @@ import json
 import os
 
 from vpcnet import config as config_mod
+from vpcnet.datapath.reconciler import repair_counts
 from vpcnet.store import Store
 
 
 def collect(config) -> dict:
     if not os.path.exists(config.db_path):
         return {"state_dir": config.state_dir, "provider": config.provider, "socket": config.socket,
-                "socket_up": os.path.exists(config.socket), "host_cidrs": [], "networks": []}
-    store = Store(config.db_path)
+                "socket_up": os.path.exists(config.socket), "host_cidrs": [], "networks": [],
+                "datapath_repairs": {}}
+    store = Store(config.db_path, readonly=True)
     try:
         networks = []
         for net in store.networks():
@@ -26,10 +30,12 @@ def collect(config) -> dict:
                 "endpoints": [{"endpoint_id": ep.endpoint_id, "address": ep.address, "mac": ep.mac,
                                "host_veth": ep.host_veth} for ep in store.endpoints(net.network_id)],
             })
+        repairs = repair_counts(store)
         claims = [{"cluster_cidr": c.cluster_cidr, "host_cidr": c.host_cidr, "static": c.static,
                    "route_ok": c.route_ok, "reason": c.reason} for c in store.claims()]
         return {"state_dir": config.state_dir, "provider": config.provider, "socket": config.socket,
-                "socket_up": os.path.exists(config.socket), "host_cidrs": claims, "networks": networks}
+                "socket_up": os.path.exists(config.socket), "host_cidrs": claims, "networks": networks,
+                "datapath_repairs": repairs}
     finally:
         store.close()
 
@@ -52,6 +58,9 @@ def render(status: dict) -> str:
                      f"{len(n['endpoints'])} endpoint(s)")
         for ep in n["endpoints"]:
             lines.append(f"    {ep['endpoint_id'][:12]}  {ep['address']:<15} {ep['mac']}  {ep['host_veth']}")
+    repairs = status.get("datapath_repairs") or {}
+    lines.append("datapath repairs (drift found in the kernel and put right): " +
+                 (", ".join(f"{kind} {n}" for kind, n in sorted(repairs.items())) or "none"))
     return "\n".join(lines)
 
 

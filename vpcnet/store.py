@@ -16,7 +16,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
-SCHEMA_VERSION = 2     # 2: networks.mode (bridge | routed)
+from vpcnet.errors import StateError
+
+SCHEMA_VERSION = 3     # 2: networks.mode (bridge | routed); 3: leftovers
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -63,6 +65,13 @@ CREATE TABLE IF NOT EXISTS endpoints (
     created      REAL NOT NULL,
     UNIQUE (network_id, address)
 );
+-- Kernel state of deleted networks and endpoints not removed yet (the row went first, a later datapath
+-- pass removes what the kernel still holds). Never blocks a new network, it is not in `networks`.
+CREATE TABLE IF NOT EXISTS leftovers (
+    name         TEXT PRIMARY KEY,    -- 'network:<id>' or 'endpoint:<host veth>'
+    data         TEXT NOT NULL,       -- JSON: the deleted row (a network also lists its host veths)
+    since        REAL NOT NULL
+);
 """
 
 
@@ -102,20 +111,33 @@ class Claim:
 
 
 class Store:
-    def __init__(self, path: str):
+    """`readonly=True` (for `vpcnet status` and other readers beside a running plugin): the file is
+    opened read-only and never migrated; a missing file is an error rather than a new empty store."""
+
+    def __init__(self, path: str, readonly: bool = False):
         self.path = path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+        self.readonly = readonly
         self._local = threading.local()
+        if readonly:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"no vpcnet state at {path}")
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
         self._migrate()
 
     # -- plumbing ---------------------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None or getattr(self._local, "pid", None) != os.getpid():
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            if self.readonly:
+                conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30, isolation_level=None,
+                                       check_same_thread=False)
+            else:
+                conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
+            if not self.readonly:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=30000")
             conn.execute("PRAGMA foreign_keys=ON")
             self._local.conn, self._local.pid = conn, os.getpid()
@@ -125,14 +147,31 @@ class Store:
     def tx(self) -> Iterator[sqlite3.Connection]:
         """One write transaction; taken immediately so concurrent writers queue instead of racing."""
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
         try:
+            conn.execute("BEGIN IMMEDIATE")
             yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        else:
             conn.execute("COMMIT")
+        except BaseException as exc:
+            # Also after a failed COMMIT (disk full, a deferred constraint): sqlite may keep the
+            # transaction open, and this thread's connection would then refuse every later BEGIN.
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    self._drop_connection()
+            if isinstance(exc, sqlite3.OperationalError) and _storage_failure(exc):
+                raise StateError(f"cannot write vpcnet's state {self.path}: {exc}; nothing was changed "
+                                 "(free space on its filesystem, then retry)") from None
+            raise
+
+    def _drop_connection(self) -> None:
+        """Forget this thread's connection (a broken one): the next call opens a fresh one."""
+        conn, self._local.conn = getattr(self._local, "conn", None), None
+        if conn is not None:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
 
     def read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
         return self._conn().execute(sql, args).fetchall()
@@ -213,8 +252,18 @@ class Store:
         db.execute(f"INSERT INTO networks({', '.join(row)}) VALUES({', '.join('?' * len(row))})",
                    tuple(row.values()))
 
-    def delete_network(self, network_id: str) -> None:
+    def delete_network(self, network_id: str, leftover: bool = False) -> None:
+        """Forget a network and its endpoints; with `leftover`, in the same transaction record their
+        kernel state as still to be removed (see `leftovers`)."""
         with self.tx() as db:
+            if leftover:
+                net = db.execute("SELECT * FROM networks WHERE network_id=?", (network_id,)).fetchone()
+                veths = [r["host_veth"] for r in
+                         db.execute("SELECT host_veth FROM endpoints WHERE network_id=?", (network_id,))]
+                if net is not None:
+                    data = dict(net) | {"host_veths": veths}
+                    db.execute("INSERT OR REPLACE INTO leftovers(name, data, since) VALUES(?, ?, ?)",
+                               (f"network:{network_id}", json.dumps(data), time.time()))
             db.execute("DELETE FROM endpoints WHERE network_id=?", (network_id,))
             db.execute("DELETE FROM networks WHERE network_id=?", (network_id,))
 
@@ -240,9 +289,22 @@ class Store:
         db.execute(f"INSERT INTO endpoints({', '.join(row)}) VALUES({', '.join('?' * len(row))})",
                    tuple(row.values()))
 
-    def delete_endpoint(self, endpoint_id: str) -> None:
+    def delete_endpoint(self, endpoint_id: str, leftover: bool = False) -> None:
         with self.tx() as db:
+            if leftover:
+                row = db.execute("SELECT * FROM endpoints WHERE endpoint_id=?", (endpoint_id,)).fetchone()
+                if row is not None:
+                    db.execute("INSERT OR REPLACE INTO leftovers(name, data, since) VALUES(?, ?, ?)",
+                               (f"endpoint:{row['host_veth']}", json.dumps(dict(row)), time.time()))
             db.execute("DELETE FROM endpoints WHERE endpoint_id=?", (endpoint_id,))
+
+    def leftovers(self) -> list[tuple[str, dict]]:
+        """(name, data) of deleted objects whose kernel state may still be there."""
+        return [(r["name"], json.loads(r["data"])) for r in self.read("SELECT * FROM leftovers ORDER BY since")]
+
+    def forget_leftover(self, name: str) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM leftovers WHERE name=?", (name,))
 
     # -- pools and addresses (the allocation logic itself lives in ipam) -----------------------------
     def pools(self) -> list[sqlite3.Row]:
@@ -250,6 +312,39 @@ class Store:
 
     def addresses(self, pool_id: str) -> list[str]:
         return [r["address"] for r in self.read("SELECT address FROM addresses WHERE pool_id=?", (pool_id,))]
+
+
+def _storage_failure(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return any(word in text for word in ("disk is full", "disk i/o error", "readonly database",
+                                         "unable to open database"))
+
+
+class DamagedState(Exception):
+    """The state file exists but is not a sound vpcnet store."""
+
+
+def check_state(path: str) -> None:
+    """Refuse a damaged state file rather than start on it (or, worse, start empty while containers
+    exist): an existing file must be a sound sqlite database holding vpcnet's schema. A missing file is a
+    new host. Read-only: nothing is written."""
+    if not os.path.exists(path):
+        return
+    recovery = (f"restore {path} from a backup, or move it aside (mv {path} {path}.damaged) and re-create "
+                "this host's vpcnet networks; see the README, 'A damaged state file'")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        try:
+            verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise DamagedState(f"state file {path} is damaged ({exc}): {recovery}") from None
+    if verdict != "ok":
+        raise DamagedState(f"state file {path} is damaged (integrity check: {verdict}): {recovery}")
+    if not {"meta", "networks", "endpoints"} <= tables:
+        raise DamagedState(f"state file {path} holds no vpcnet state (empty or truncated): {recovery}")
 
 
 def _network(row: sqlite3.Row) -> Network:

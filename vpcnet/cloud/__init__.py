@@ -146,7 +146,7 @@ class Provider(abc.ABC):
         """CIDRs a host block must not overlap (vSwitch/subnet CIDRs), when the provider knows them."""
         return []
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: a provider without connections keeps this no-op
         """Release connections."""
 
 

@@ -77,7 +77,7 @@ PAGE_SIZE = 100                     # DescribeRouteEntryList's MaxResult ceiling
 MAX_PAGES = 50                      # 5000 entries: far above any route table quota
 VSWITCH_CACHE_SECONDS = 300.0
 DEFAULT_QUOTA = 200                 # custom entries per route table unless raised with Alibaba Cloud
-_NO_PROXY = {"http": None, "https": None}   # the metadata service is never reached through a proxy
+_NO_PROXY: dict = {"http": None, "https": None}   # the metadata service is never reached through a proxy
 
 # -- error codes ---------------------------------------------------------------------------------------
 # Compared case-insensitively: Alibaba's own spelling varies (InvalidCIDRBlock vs InvalidCidrBlock).

@@ -72,8 +72,16 @@ import botocore.config
 import botocore.exceptions
 import botocore.session
 
-from vpcnet.cloud import (ROUTE_MARKER, DuplicateRoute, Provider, QuotaExceeded, Route, route_description,
-                          route_name, table_list)
+from vpcnet.cloud import (
+    ROUTE_MARKER,
+    DuplicateRoute,
+    Provider,
+    QuotaExceeded,
+    Route,
+    route_description,
+    route_name,
+    table_list,
+)
 from vpcnet.errors import Busy, Fatal, Retryable, VpcnetError
 
 log = logging.getLogger(__name__)
@@ -249,7 +257,7 @@ class AwsProvider(Provider):
         self._lock = threading.RLock()
         # (client_token, destination) of creates whose outcome is unknown (retryable failure, or the
         # route landed but tagging failed): a retry with the same token may finish them.
-        self._uncertain: set[tuple[str, str]] = set()
+        self._uncertain: set[tuple[str, str, str]] = set()   # (client token, destination, table)
         self._disabled_checks: set[str] = set()   # instance/ENI ids whose check vpcnet turned off
         _cap_botocore_debug()
 

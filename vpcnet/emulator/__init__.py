@@ -51,7 +51,7 @@ def serve_in_thread(emulator: Emulator, host: str = "127.0.0.1", port: int = 0):
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{server.server_port}/"
     stopped = threading.Lock()
-    done = []
+    done: list[bool] = []
 
     def stop(timeout: float = 5.0) -> None:
         with stopped:

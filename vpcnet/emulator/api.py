@@ -41,7 +41,7 @@ def _int_param(params: dict, name: str, default: int, low: int, high: int) -> in
     try:
         value = int(raw)
     except ValueError:
-        raise ApiError(f"InvalidParameter.{name}", f"The specified {name} {raw!r} is not an integer.")
+        raise ApiError(f"InvalidParameter.{name}", f"The specified {name} {raw!r} is not an integer.") from None
     if not low <= value <= high:
         raise ApiError(f"InvalidParameter.{name}", f"The specified {name} must be between {low} and {high}.")
     return value
@@ -130,7 +130,7 @@ def _describe_instances(emu: Emulator, p: dict) -> dict:
             if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
                 raise ValueError
         except ValueError:
-            raise ApiError("InvalidInstanceIds.Malformed", "InstanceIds must be a JSON list of strings.")
+            raise ApiError("InvalidInstanceIds.Malformed", "InstanceIds must be a JSON list of strings.") from None
         if len(ids) > 100:
             raise ApiError("InvalidInstanceIds.ValueNotSupported", "At most 100 InstanceIds per request.")
     instances = emu.describe_instances(ids)

@@ -26,8 +26,12 @@ import tempfile
 import threading
 import time
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 from vpcnet.cloud.aliyun_signature import verify
+
+if TYPE_CHECKING:
+    from vpcnet.emulator.kernel import KernelRoutes
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +88,8 @@ def _normalize_cidr(value: str) -> str:
         net = ipaddress.IPv4Network(text, strict=True)
     except (ValueError, TypeError) as exc:
         raise ApiError("InvalidCidrBlock.Malformed",
-                       f"The specified DestinationCidrBlock {value!r} is not a valid IPv4 CIDR block ({exc}).")
+                       f"The specified DestinationCidrBlock {value!r} is not a valid IPv4 CIDR block ({exc}).") \
+            from None
     return str(net)
 
 
@@ -177,13 +182,12 @@ class Emulator:
                 self._add_table_locked(route_table_id, vpc_id)
             self._save_locked()
 
-        self._kernel: dict[int, object] = {}
+        self._kernel: dict[int, KernelRoutes] = {}
         self._kernel_lock = threading.Lock()
         self._kernel_dirty = threading.Event()
         self._threads: list[threading.Thread] = []
         if router_netns:
-            from vpcnet.emulator.kernel import KernelRoutes
-            from vpcnet.emulator.kernel import MAIN_TABLE
+            from vpcnet.emulator.kernel import MAIN_TABLE, KernelRoutes
             for number in sorted(set(self.kernel_tables.values()) or {MAIN_TABLE}):
                 self._kernel[number] = KernelRoutes(router_netns, table=number)
             self.sync_kernel()          # reconcile the namespace with the table at start
@@ -474,7 +478,7 @@ class Emulator:
         with self._lock:
             self._advance()
             tables = [route_table_id] if route_table_id else list(self._tables)
-            out = []
+            out: list[dict] = []
             for tid in tables:
                 table = self._tables.get(tid)
                 if table is None:
@@ -747,7 +751,7 @@ class Emulator:
                     raise ValueError
                 after = int(next_token[3:])
             except ValueError:
-                raise ApiError("InvalidNextToken", "The specified NextToken is invalid.")
+                raise ApiError("InvalidNextToken", "The specified NextToken is invalid.") from None
         with self._lock:
             self._advance()
             table = self._table(route_table_id)

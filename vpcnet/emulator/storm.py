@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from vpcnet.emulator.state import Emulator
 
@@ -96,7 +97,7 @@ def boot_storm(emu: Emulator, url: str, workdir: str, hosts: int, *, cluster: st
     emu.reset_request_counts()
     conflicts_before = emu.conflicts
     procs: dict[str, tuple[subprocess.Popen, float]] = {}
-    errs = {}
+    errs: dict[str, Any] = {}     # instance -> its stderr file, then the text it held
     started = time.monotonic()
     try:
         for instance in instances:
@@ -117,7 +118,7 @@ def boot_storm(emu: Emulator, url: str, workdir: str, hosts: int, *, cluster: st
             time.sleep(0.02)
         result.seconds = time.monotonic() - started
     finally:
-        for instance, (proc, _) in procs.items():
+        for proc, _ in procs.values():
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
@@ -126,7 +127,7 @@ def boot_storm(emu: Emulator, url: str, workdir: str, hosts: int, *, cluster: st
             text = fh.read()
             fh.close()
             if text.strip():
-                errs[instance] = text          # type: ignore[assignment]
+                errs[instance] = text
     for instance in instances:
         result.exits.setdefault(instance, None)   # type: ignore[arg-type]
     result.stderr = {i: t for i, t in errs.items() if isinstance(t, str)}

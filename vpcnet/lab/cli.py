@@ -54,8 +54,9 @@ def _up(args) -> int:
     except LabError as exc:
         print(f"vpcnet lab up: {exc}\n(run `vpcnet lab down` to remove what was made)", file=sys.stderr)
         return 1
-    print(f"lab up: {len(lab.state['hosts'])} host(s) in {lab.zones} zone(s), cluster {lab.cluster_cidr}, network "
-          f"{lab.network} ({lab.mode} mode); `vpcnet lab status` shows the route table, `vpcnet lab down` removes it all")
+    print(f"lab up: {len(lab.state['hosts'])} host(s) in {lab.zones} zone(s), cluster {lab.cluster_cidr}, "
+          f"network {lab.network} ({lab.mode} mode); `vpcnet lab status` shows the route table, "
+          "`vpcnet lab down` removes it all")
     return 0
 
 
@@ -71,7 +72,8 @@ def _status(args) -> int:
         print("lab is down" + (f" (leftovers: {left}; run `vpcnet lab down`)" if left else ""))
         return 3
     print(f"lab {'up' if status['up'] else 'DEGRADED'}: cluster {status['cluster_cidr']}, network "
-          f"{status['network']} ({status['mode']} mode), router {status['router_netns']}, emulator {status['emulator_url']} "
+          f"{status['network']} ({status['mode']} mode), router {status['router_netns']}, "
+          f"emulator {status['emulator_url']} "
           f"({'up' if status['emulator_up'] else 'down'})")
     print(f"{'host':<5} {'netns':<11} {'underlay':<15} {'host CIDR':<16} {'engine':<7} {'plugin':<7} route")
     for h in status["hosts"]:

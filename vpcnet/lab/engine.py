@@ -97,7 +97,7 @@ def _wait_gone(pid: int, timeout: float) -> bool:
 
 def _stop_pid(pid: int | None, group: bool = False, timeout: float = STOP_TIMEOUT) -> None:
     """SIGTERM, bounded wait, then SIGKILL (the process group too when `group`)."""
-    if not alive(pid):
+    if pid is None or not alive(pid):
         return
     try:
         if group:
@@ -376,7 +376,7 @@ def kill_cgroup(name: str) -> None:
     dirs = [d for d in glob.glob(os.path.join(CGROUP_ROOT, "*", name)) + [os.path.join(CGROUP_ROOT, name)]
             if os.path.isdir(d)]
     for _ in range(10):
-        pids = set()
+        pids: set[int] = set()
         for d in dirs:
             for procs in glob.glob(os.path.join(d, "**", "cgroup.procs"), recursive=True):
                 try:

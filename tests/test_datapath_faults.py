@@ -1,0 +1,154 @@
+"""Faults a host throws at the datapath, against the real kernel (in test namespaces): the periodic pass
+finds each by reading the kernel and repairs it, logs it and counts it."""
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+
+from conftest import run, wait_for
+from test_dataplane import attach_container, count_rule, host, ns_run, peer_host, ping, spec, tc_filters, two_hosts  # noqa: F401
+from vpcnet.dataplane import Dataplane, veth_names
+from vpcnet.datapath.reconciler import DatapathReconciler, repair_counts
+from vpcnet.store import Endpoint, Network, Store
+
+pytestmark = pytest.mark.root
+INTERVAL = 0.3
+
+
+class Host:
+    """A store holding one network per spec, the real dataplane in `ns`, and the reconciler over both."""
+
+    def __init__(self, tmp_path, ns: str, netns_factory):
+        self.ns, self.netns_factory = ns, netns_factory
+        self.config = type("Config", (), {"state_dir": str(tmp_path), "datapath_interval": INTERVAL})()
+        self.store = Store(str(tmp_path / "vpcnet.db"))
+        self.dp = Dataplane(netns=ns)
+        self.reconciler = DatapathReconciler(self.config, self.store, self.dp)
+
+    def network(self, s):
+        net = Network(network_id=s.tag + "0" * 52, host_cidr=s.host_cidr, cluster_cidr=s.cluster_cidr,
+                      gateway=s.gateway, bridge=s.bridge, mtu=s.mtu, internal=s.internal, no_nat=s.no_nat,
+                      mode=s.mode)
+        with self.store.tx() as db:
+            self.store.add_network(db, net)
+        self.dp.ensure_network(s)
+        return net
+
+    def container(self, s, ip: str, eid: str) -> str:
+        sandbox = attach_container(self.ns, self.dp, s, self.netns_factory, ip, eid)
+        host_veth, peer = veth_names(eid)
+        with self.store.tx() as db:
+            self.store.add_endpoint(db, Endpoint(eid, s.tag + "0" * 52, ip, "02:42:00:00:00:01", host_veth, peer))
+        return sandbox
+
+
+@pytest.fixture
+def box(tmp_path, host, netns_factory):  # noqa: F811
+    return Host(tmp_path, host, netns_factory)
+
+
+def repaired_within(box: Host, check, intervals: float = 2) -> float:
+    """Run the periodic pass in the background; seconds until `check()` holds (fails after `intervals`)."""
+    started = time.monotonic()
+    thread = box.reconciler.start_background()
+    try:
+        assert wait_for(check, INTERVAL * intervals + 3.0), "not repaired in time"
+        return time.monotonic() - started
+    finally:
+        box.reconciler.stop()
+        thread.join(timeout=10)
+
+
+def test_an_undisturbed_host_needs_no_repair_and_no_write(box):
+    s = spec(mode="routed")
+    box.network(s)
+    box.container(s, "10.77.3.2", "a" * 64)
+    box.reconciler.reconcile()                         # the first pass may add the host's shared rules
+    runs = box.dp.firewall.runs
+    assert box.reconciler.reconcile() == []
+    assert box.dp.firewall.runs == runs + 1, "one iptables-save, nothing written"
+
+
+def test_firewall_flushed_with_forward_drop_comes_back(box, netns_factory, caplog):
+    s = spec(mode="routed")
+    box.network(s)
+    peer_host(box.ns, netns_factory)
+    a = box.container(s, "10.77.3.2", "a" * 64)
+    b = box.container(s, "10.77.3.3", "b" * 64)
+    ns_run(box.ns, "iptables", "-P", "FORWARD", "DROP")
+    assert ping(a, "10.77.3.3") and ping(a, "10.77.9.2")
+    for table in ("filter", "nat", "raw"):             # what `iptables -F` plus a chain clean-up does
+        ns_run(box.ns, "iptables", "-t", table, "-F")
+    assert not ping(a, "10.77.9.2")
+    caplog.set_level(logging.WARNING, logger="vpcnet.datapath.reconciler")
+    took = repaired_within(box, lambda: ping(a, "10.77.9.2") and ping(b, "10.77.3.2"))
+    assert any("VPCNET-F-" in r.getMessage() and "firewall" in r.getMessage() for r in caplog.records)
+    assert repair_counts(box.store).get("firewall", 0) >= 1
+    print(f"firewall repaired in {took:.2f}s")
+
+
+@pytest.mark.parametrize("mode", ["routed", "ebpf"])
+def test_a_containers_deleted_route_comes_back(box, netns_factory, mode, caplog):
+    s = spec(mode=mode)
+    box.network(s)
+    a = box.container(s, "10.77.3.2", "a" * 64)
+    b = box.container(s, "10.77.3.3", "b" * 64)
+    assert ping(a, "10.77.3.3")
+    run(["ip", "-n", box.ns, "route", "del", "10.77.3.3/32"])
+    assert not ping(a, "10.77.3.3")
+    caplog.set_level(logging.WARNING, logger="vpcnet.datapath.reconciler")
+    repaired_within(box, lambda: ping(a, "10.77.3.3") and ping(b, "10.77.3.2"))
+    assert any("route 10.77.3.3/32" in r.getMessage() for r in caplog.records)
+    assert repair_counts(box.store).get("route", 0) >= 1
+
+
+def test_a_deleted_bridge_comes_back_with_its_endpoints_on_it(box):
+    s = spec(mode="bridge")
+    box.network(s)
+    a = box.container(s, "10.77.3.2", "a" * 64)
+    box.container(s, "10.77.3.3", "b" * 64)
+    assert ping(a, "10.77.3.3")
+    run(["ip", "-n", box.ns, "link", "del", s.bridge])
+    assert not ping(a, "10.77.3.3")
+    repaired_within(box, lambda: ping(a, "10.77.3.3") and ping(a, s.gateway))
+    for eid in ("a" * 64, "b" * 64):
+        assert f"master {s.bridge}" in run(["ip", "-n", box.ns, "link", "show", veth_names(eid)[0]]).stdout
+    assert repair_counts(box.store).get("link", 0) >= 1
+
+
+def test_ebpf_programs_follow_a_replaced_uplink(tmp_path, two_hosts, netns_factory):  # noqa: F811
+    a, _b = two_hosts
+    box = Host(tmp_path, a, netns_factory)
+    s = spec(mode="ebpf")
+    box.network(s)
+    run(["ip", "-n", a, "link", "add", "uplink9", "type", "veth", "peer", "name", "uplink9p"])
+    run(["ip", "-n", a, "addr", "add", "198.18.0.10/24", "dev", "uplink9"])
+    for dev in ("uplink9", "uplink9p"):
+        run(["ip", "-n", a, "link", "set", dev, "up"])
+    run(["ip", "-n", a, "route", "replace", "default", "via", "198.18.0.1", "dev", "uplink9"])
+    repaired_within(box, lambda: s.tc_name in tc_filters(a, "uplink9") and s.tc_name not in tc_filters(a, "uplink0"))
+    assert repair_counts(box.store).get("tc", 0) >= 1
+
+
+def test_the_plugin_process_repairs_a_flushed_firewall_and_counts_it(plugin_factory, host):  # noqa: F811
+    """`vpcnet serve` itself: its periodic pass (VPCNET_DATAPATH_INTERVAL) brings flushed chains back and
+    `vpcnet status` counts the repair."""
+    plugin = plugin_factory({"VPCNET_DATAPATH_INTERVAL": "0.5"}, netns=host)
+    status, pool = plugin.call("/IpamDriver.RequestPool", {"Pool": ""})
+    assert status == 200, pool
+    nid = "d1" * 32
+    status, answer = plugin.call("/NetworkDriver.CreateNetwork", {
+        "NetworkID": nid, "Options": {"com.docker.network.generic": {"vpcnet.mode": "routed"}},
+        "IPv4Data": [{"Pool": pool["Pool"], "Gateway": pool["Data"]["com.docker.network.gateway"]}]})
+    assert status == 200, answer
+    chain = f"VPCNET-F-{nid[:12]}"
+    assert f"-A {chain}" in ns_run(host, "iptables-save", "-t", "filter").stdout
+    for table in ("filter", "nat", "raw"):
+        ns_run(host, "iptables", "-t", table, "-F")
+    assert wait_for(lambda: f"-A {chain}" in ns_run(host, "iptables-save", "-t", "filter").stdout, 5.0), \
+        plugin.log()
+    assert wait_for(lambda: plugin.status()["datapath_repairs"].get("firewall", 0) >= 1, 5.0)
+    assert "datapath repaired (firewall, network" in plugin.log()
+    plugin.call("/NetworkDriver.DeleteNetwork", {"NetworkID": nid})

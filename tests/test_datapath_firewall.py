@@ -1,0 +1,108 @@
+"""vpcnet's firewall as one transaction: the diff (pure) and the real iptables inside a test netns."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import is_root, require, run
+from vpcnet.dataplane import Dataplane, NetworkSpec, bridge_name
+from vpcnet.datapath.firewall import ANTI_SPOOFING, FirewallTable, parse_save
+from vpcnet.datapath.modes import strategy
+
+
+def spec(tag="a1b2c3d4e5f6", host="10.77.3.0/24", mode="bridge", internal=False) -> NetworkSpec:
+    return NetworkSpec(tag=tag, bridge=bridge_name(tag + "0" * 52), gateway=host.rsplit(".", 1)[0] + ".1",
+                       host_cidr=host, cluster_cidr="10.77.0.0/16", mtu=1500, internal=internal, mode=mode)
+
+
+def script_for(saved_text: str, *specs: NetworkSpec, unwanted=()) -> tuple[list[str], str]:
+    wanted = [strategy(s.mode).firewall(s) for s in specs]
+    return FirewallTable._diff(parse_save(saved_text), wanted, list(unwanted), True)
+
+
+def test_a_chain_that_differs_is_emptied_and_refilled_in_the_same_transaction():
+    s = spec()
+    problems, script = script_for("*filter\n:FORWARD DROP [0:0]\n:VPCNET-F-a1b2c3d4e5f6 - [0:0]\nCOMMIT\n", s)
+    assert "filter chain VPCNET-F-a1b2c3d4e5f6 holds 0 rule(s), 0 of 2 wanted" in problems
+    filter_part = script.split("*filter\n")[1].split("COMMIT")[0].splitlines()
+    at = filter_part.index(":VPCNET-F-a1b2c3d4e5f6 - [0:0]")
+    assert filter_part[at + 1].startswith("-A VPCNET-F-a1b2c3d4e5f6 -i vpc-") and len(filter_part) > at + 2
+    assert script.count("COMMIT") == 3                     # raw, filter, nat: one restore for all
+
+
+def test_a_kernel_that_matches_needs_no_write():
+    s = spec(mode="routed")
+    _, script = script_for("", s)
+    restored = parse_save(_as_save(script))
+    problems, again = FirewallTable._diff(restored, [strategy("routed").firewall(s)], [], True)
+    assert problems == [] and again == ""
+
+
+def _as_save(script: str) -> str:
+    """What iptables-save would print after `script` on an empty kernel (no -I/-D/-X in a first write)."""
+    out = []
+    for line in script.splitlines():
+        out.append(line.replace("-I FORWARD 1 ", "-A FORWARD ").replace("-I POSTROUTING 1 ", "-A POSTROUTING ")
+                   .replace("-I PREROUTING 1 ", "-A PREROUTING "))
+    return "\n".join(out)
+
+
+def test_shared_chains_are_never_declared_once_they_exist():
+    """They may hold another vpcnet instance's jumps: only missing rules are added."""
+    saved = ("*filter\n:VPCNET-FORWARD - [0:0]\n-A FORWARD -j VPCNET-FORWARD\n-A VPCNET-FORWARD -j VPCNET-F-other0000000\n"
+             "COMMIT\n")
+    _, script = script_for(saved, spec())
+    assert ":VPCNET-FORWARD" not in script and "-D VPCNET-FORWARD" not in script
+    assert "-A VPCNET-FORWARD -j VPCNET-F-a1b2c3d4e5f6" in script
+
+
+def test_an_unwanted_network_loses_its_chains_and_jumps():
+    saved = ("*nat\n:VPCNET-POSTROUTING - [0:0]\n:VPCNET-N-a1b2c3d4e5f6 - [0:0]\n"
+             "-A VPCNET-POSTROUTING -s 10.77.3.0/24 -j VPCNET-N-a1b2c3d4e5f6\n"
+             "-A VPCNET-N-a1b2c3d4e5f6 -j MASQUERADE\nCOMMIT\n")
+    _, script = FirewallTable._diff(parse_save(saved), [], ["a1b2c3d4e5f6"], False)
+    assert script == ("*nat\n-D VPCNET-POSTROUTING -s 10.77.3.0/24 -j VPCNET-N-a1b2c3d4e5f6\n"
+                      ":VPCNET-N-a1b2c3d4e5f6 - [0:0]\n-X VPCNET-N-a1b2c3d4e5f6\nCOMMIT\n")
+
+
+# -- the real iptables ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def ns(netns_factory):
+    require(is_root(), "needs root")
+    return netns_factory("vpcfw")
+
+
+@pytest.mark.parametrize("mode,internal", [("bridge", False), ("bridge", True), ("routed", False),
+                                           ("routed", True), ("ebpf", False)])
+def test_written_rules_read_back_identical_so_a_second_pass_writes_nothing(ns, mode, internal):
+    """The desired rules are spelled as iptables-save prints them; otherwise every pass would rewrite."""
+    dp = Dataplane(netns=ns)
+    s = spec(mode=mode, internal=internal)
+    first = dp.firewall.apply([strategy(mode).firewall(s)])
+    assert first, "an empty kernel: everything was missing"
+    runs = dp.firewall.runs
+    assert dp.firewall.apply([strategy(mode).firewall(s)]) == []
+    assert dp.firewall.runs == runs + 1, "one iptables-save, no restore"
+
+
+def test_network_create_and_delete_cost_a_few_iptables_runs(ns):
+    dp = Dataplane(netns=ns)
+    s = spec()
+    dp.ensure_network(s)
+    assert dp.firewall.runs == 2                          # one save, one restore
+    dp.delete_network(s)
+    assert dp.firewall.runs == 4
+    saved = run(["ip", "netns", "exec", ns, "iptables-save"]).stdout
+    assert s.tag not in saved and "VPCNET-FORWARD" in saved and ANTI_SPOOFING in saved
+
+
+def test_the_forward_jump_comes_after_docker_user_and_a_misplaced_one_moves():
+    saved = "*filter\n:FORWARD DROP [0:0]\n-A FORWARD -j VPCNET-FORWARD\n-A FORWARD -j DOCKER-USER\nCOMMIT\n"
+    problems, script = FirewallTable._diff(parse_save(saved), [], [], True)
+    assert "-I FORWARD 3 -j VPCNET-FORWARD\n-D FORWARD -j VPCNET-FORWARD\n" in script
+    assert any("ahead of DOCKER-USER" in p for p in problems)
+    placed = "*filter\n:FORWARD DROP [0:0]\n-A FORWARD -j DOCKER-USER\n-A FORWARD -j VPCNET-FORWARD\nCOMMIT\n"
+    assert "FORWARD" not in FirewallTable._diff(parse_save(placed), [], [], True)[1].replace("VPCNET-FORWARD - ", "")
+    _, fresh = FirewallTable._diff(parse_save("*filter\n:FORWARD DROP [0:0]\n-A FORWARD -j DOCKER-USER\nCOMMIT\n"),
+                                   [], [], True)
+    assert "-I FORWARD 2 -j VPCNET-FORWARD" in fresh

@@ -1,0 +1,248 @@
+"""vpcnet's firewall as desired state, written in one `iptables-restore --noflush` transaction.
+
+A network's rules are computed whole (vpcnet.datapath.modes) as chains of vpcnet's own, plus the rules
+other chains need to reach them (a jump from `VPCNET-FORWARD`, say). `FirewallTable.apply` reads what the
+kernel holds with one `iptables-save`, diffs it against what is wanted, and writes only the difference
+with one `iptables-restore --noflush`: a chain that differs is declared (which empties it) and refilled in
+the same transaction, so no packet ever meets it empty, and an up-to-date network costs one process run
+(the save) and no write. The diff is also the drift report: each difference is named, so a repair can be
+logged and counted.
+
+Rules are written exactly as `iptables-save` prints them (`-s`, `-d`, `-i`, `-o`, then matches, then the
+target; comments quoted), so text equality is rule equality. Shared chains (`VPCNET-FORWARD`,
+`VPCNET-POSTROUTING`, `VPCNET-RAW`) are never declared once they exist: they may hold the jumps of another
+vpcnet instance on the host (a managed plugin beside a systemd one); only missing rules are added to them
+and only named rules removed.
+"""
+from __future__ import annotations
+
+import logging
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from vpcnet.errors import DataplaneError
+
+log = logging.getLogger(__name__)
+
+FORWARD_CHAIN = "VPCNET-FORWARD"
+USER_CHAIN = "DOCKER-USER"          # Docker's chain for the user's own forwarding rules
+NAT_CHAIN = "VPCNET-POSTROUTING"
+RAW_CHAIN = "VPCNET-RAW"
+PARENTS = {"filter": FORWARD_CHAIN, "nat": NAT_CHAIN, "raw": RAW_CHAIN}
+BUILTIN = {"filter": "FORWARD", "nat": "POSTROUTING", "raw": "PREROUTING"}
+PREFIXES = {"filter": "VPCNET-F-", "nat": "VPCNET-N-", "raw": "VPCNET-R-"}
+TABLES = ("raw", "filter", "nat")
+HOST_VETHS = "vh+"            # iptables wildcard for every endpoint's host end
+# Routed modes: a packet from a container's veth whose source address is not routed back to that veth
+# (another network's address, anyone else's) is dropped before anything else sees it. The kernel's own
+# strict reverse-path check, per packet, independent of the host's rp_filter sysctls (which take the
+# loosest of `all` and the device).
+ANTI_SPOOFING = f'-i {HOST_VETHS} -m rpfilter --invert -m comment --comment "vpcnet anti-spoofing" -j DROP'
+
+
+def rule(src: str = "", dst: str = "", iif: str = "", oif: str = "", match: str = "", comment: str = "",
+         target: str = "") -> str:
+    """One rule in iptables-save's canonical order."""
+    parts = []
+    for flag, value in (("-s", src), ("-d", dst), ("-i", iif), ("-o", oif)):
+        if value:
+            parts += [flag, value]
+    if match:
+        parts.append(match)
+    if comment:
+        parts.append(f'-m comment --comment "{comment}"')
+    parts += ["-j", target]
+    return " ".join(parts)
+
+
+@dataclass
+class NetworkRules:
+    """What one network wants: its own chains (whole), and the rules reaching them from shared chains."""
+    tag: str
+    chains: dict[tuple[str, str], list[str]] = field(default_factory=dict)        # (table, chain) -> rules
+    links: list[tuple[str, str, str]] = field(default_factory=list)               # (table, chain, rule)
+
+    def owned(self) -> set[tuple[str, str]]:
+        return set(self.chains)
+
+
+@dataclass
+class Saved:
+    """The kernel's rules as `iptables-save` printed them: per table, chain -> rules (in order)."""
+    tables: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+
+    def chain(self, table: str, chain: str) -> list[str] | None:
+        return self.tables.get(table, {}).get(chain)
+
+    def chains(self, table: str) -> dict[str, list[str]]:
+        return self.tables.get(table, {})
+
+
+def parse_save(text: str) -> Saved:
+    saved = Saved()
+    table: dict[str, list[str]] | None = None
+    for line in text.splitlines():
+        if line.startswith("*"):
+            table = saved.tables.setdefault(line[1:].strip(), {})
+        elif table is None or not line or line.startswith("#") or line == "COMMIT":
+            continue
+        elif line.startswith(":"):
+            table.setdefault(line[1:].split()[0], [])
+        elif line.startswith("-A "):
+            _, chain, rest = line.split(" ", 2)
+            table.setdefault(chain, []).append(rest)
+    return saved
+
+
+Runner = Callable[[list[str], str | None], subprocess.CompletedProcess]
+
+
+class FirewallTable:
+    """The applier: `apply(wanted, unwanted)` makes the kernel hold `wanted` networks' rules and none of
+    the `unwanted` tags', and returns what it found wrong (empty when the kernel already matched)."""
+
+    def __init__(self, command_prefix: Sequence[str] = (), iptables: str = "iptables"):
+        self.prefix = list(command_prefix)
+        save, restore = _pair(iptables)
+        self.save_cmd, self.restore_cmd = save, restore
+        self._lock = threading.Lock()
+        self.runs = 0                 # process runs so far (the benchmark's figure)
+
+    def _run(self, cmd: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
+        self.runs += 1
+        full = self.prefix + cmd
+        try:
+            return subprocess.run(full, input=stdin, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise DataplaneError(f"{' '.join(full)}: {exc}") from None
+
+    def save(self) -> Saved:
+        proc = self._run([self.save_cmd])
+        if proc.returncode != 0:
+            raise DataplaneError(f"{self.save_cmd} failed: {proc.stderr.strip() or proc.returncode}")
+        return parse_save(proc.stdout)
+
+    def apply(self, wanted: Sequence[NetworkRules], unwanted: Sequence[str] = (), host: bool = True,
+              saved: Saved | None = None) -> list[str]:
+        """One save (unless `saved` is given), one restore if anything differs. `host`: also the shared
+        chains, the builtin chains' jumps to them and the anti-spoofing rule."""
+        with self._lock:
+            for attempt in range(2):          # a concurrent writer (another worker) may win once
+                current = saved if saved is not None and attempt == 0 else self.save()
+                problems, script = self._diff(current, wanted, unwanted, host)
+                if not script:
+                    return problems
+                proc = self._run([self.restore_cmd, "-w", "10", "--noflush"], script)
+                if proc.returncode == 0:
+                    return problems
+                error = proc.stderr.strip()
+            raise DataplaneError(f"{self.restore_cmd} failed: {error}")
+
+    def differs(self, saved: Saved, net: NetworkRules) -> bool:
+        """Whether the kernel's rules (as `saved`) differ from what `net` wants."""
+        return bool(self._diff(saved, [net], [], False)[1])
+
+    def drop(self, chains: Sequence[tuple[str, str]]) -> None:
+        """Remove these (table, chain) and every jump to them, in one transaction."""
+        with self._lock:
+            saved = self.save()
+            lines = {t: [line for table, chain in chains if table == t and saved.chain(t, chain) is not None
+                         for line in _drop(saved, t, chain)] for t in TABLES}
+            script = "".join(f"*{t}\n" + "".join(x + "\n" for x in lines[t]) + "COMMIT\n"
+                             for t in TABLES if lines[t])
+            if script:
+                proc = self._run([self.restore_cmd, "-w", "10", "--noflush"], script)
+                if proc.returncode != 0:
+                    raise DataplaneError(f"{self.restore_cmd} failed: {proc.stderr.strip()}")
+
+    @staticmethod
+    def _diff(saved: Saved, wanted: Sequence[NetworkRules], unwanted: Sequence[str],
+              host: bool) -> tuple[list[str], str]:
+        problems: list[str] = []
+        lines: dict[str, list[str]] = {t: [] for t in TABLES}
+        if host:
+            for table in TABLES:
+                parent, builtin = PARENTS[table], BUILTIN[table]
+                if saved.chain(table, parent) is None:
+                    problems.append(f"{table} chain {parent} missing")
+                    lines[table].append(f":{parent} - [0:0]")
+                if table == "filter":
+                    problems += _forward_jump(saved, lines[table])
+                elif f"-j {parent}" not in (saved.chain(table, builtin) or []):
+                    problems.append(f"{table} {builtin} has no jump to {parent}")
+                    lines[table].append(f"-I {builtin} 1 -j {parent}")
+            if ANTI_SPOOFING not in (saved.chain("raw", RAW_CHAIN) or []):
+                problems.append("raw anti-spoofing rule missing")
+                lines["raw"].append(f"-A {RAW_CHAIN} {ANTI_SPOOFING}")
+        for net in wanted:
+            for (table, chain), rules in net.chains.items():
+                have = saved.chain(table, chain)
+                if have != rules:
+                    problems.append(f"{table} chain {chain} " + ("missing" if have is None else
+                                    f"holds {len(have)} rule(s), {sum(r in rules for r in have)} of "
+                                    f"{len(rules)} wanted"))
+                    lines[table].append(f":{chain} - [0:0]")
+                    lines[table] += [f"-A {chain} {r}" for r in rules]
+            for table, chain, r in net.links:
+                if r not in (saved.chain(table, chain) or []):
+                    problems.append(f"{table} {chain} has no rule '{r}'")
+                    lines[table].append(f"-A {chain} {r}")
+            # chains of this network it no longer wants (a network changed to --internal loses its NAT)
+            for table, prefix in PREFIXES.items():
+                chain = prefix + net.tag
+                if (table, chain) not in net.chains and saved.chain(table, chain) is not None:
+                    lines[table] += _drop(saved, table, chain)
+            # stale jumps of this network's chains (a host CIDR that changed)
+            for table, chain, r in _jumps_to(saved, net.owned()):
+                if (table, chain, r) not in net.links:
+                    lines[table].append(f"-D {chain} {r}")
+        for tag in unwanted:
+            for table, prefix in PREFIXES.items():
+                if saved.chain(table, prefix + tag) is not None:
+                    lines[table] += _drop(saved, table, prefix + tag)
+        script = "".join(f"*{t}\n" + "".join(line + "\n" for line in lines[t]) + "COMMIT\n"
+                         for t in TABLES if lines[t])
+        return problems, script
+
+
+def _forward_jump(saved: Saved, lines: list[str]) -> list[str]:
+    """FORWARD -> VPCNET-FORWARD after FORWARD -> DOCKER-USER (when Docker made it; the user's own rules
+    come first), else first. A misplaced jump is moved in the same transaction: the new one inserted,
+    then the first match deleted (the misplaced one, ahead of DOCKER-USER)."""
+    forward = saved.chain("filter", "FORWARD") or []
+    jump, user = f"-j {FORWARD_CHAIN}", f"-j {USER_CHAIN}"
+    ours = [i for i, r in enumerate(forward) if r == jump]
+    theirs = [i for i, r in enumerate(forward) if r == user]
+    misplaced = [i for i in ours if theirs and i < theirs[0]]
+    if ours and not misplaced:
+        return []
+    lines.append(f"-I FORWARD {theirs[0] + 2 if theirs else 1} {jump}")
+    lines += [f"-D FORWARD {jump}" for _ in misplaced]
+    return [f"filter FORWARD's jump to {FORWARD_CHAIN} " + ("is ahead of DOCKER-USER" if misplaced else "missing")]
+
+
+def _jumps_to(saved: Saved, chains: set[tuple[str, str]]) -> list[tuple[str, str, str]]:
+    """(table, chain, rule) of the rules in shared chains that jump to one of `chains`."""
+    out = []
+    for table, chain_name in chains:
+        for parent in (PARENTS[table], BUILTIN[table]):
+            for r in saved.chain(table, parent) or []:
+                if r.endswith(f"-j {chain_name}"):
+                    out.append((table, parent, r))
+    return out
+
+
+def _drop(saved: Saved, table: str, chain: str) -> list[str]:
+    """Lines removing `chain`: every jump to it as listed, then the chain (declared first: empties it)."""
+    return [f"-D {parent} {r}" for _t, parent, r in _jumps_to(saved, {(table, chain)})] + \
+        [f":{chain} - [0:0]", f"-X {chain}"]
+
+
+def _pair(iptables: str) -> tuple[str, str]:
+    """The save/restore binaries of an iptables binary name (iptables-legacy -> iptables-legacy-save)."""
+    if iptables.endswith("-legacy") or iptables.endswith("-nft"):
+        base, _, variant = iptables.rpartition("-")
+        return f"{base}-{variant}-save", f"{base}-{variant}-restore"
+    return f"{iptables}-save", f"{iptables}-restore"

@@ -82,6 +82,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("workers", 1, "gunicorn worker processes (state is shared through sqlite)", _int),
     Setting("threads", 8, "Threads per gunicorn worker", _int),
     Setting("reconcile_interval", 30.0, "Seconds between route reconcile passes", _float),
+    Setting("metrics_addr", "127.0.0.1:9753", "HOST:PORT serving Prometheus /metrics and /healthz "
+            "(loopback by default; empty turns them off)"),
     Setting("instance_id", "", "This host's instance id for the local provider (default: hostname)"),
     # Alibaba Cloud
     Setting("aliyun_endpoint", "", "Alibaba Cloud VPC API URL (default https://vpc.<region>.aliyuncs.com/)"),
@@ -122,6 +124,7 @@ class Config:
     workers: int = 1
     threads: int = 8
     reconcile_interval: float = 30.0
+    metrics_addr: str = "127.0.0.1:9753"
     instance_id: str = ""
     aliyun_endpoint: str = ""
     aliyun_region_id: str = ""
@@ -235,6 +238,13 @@ def validate(config: Config, check_socket_dir: bool = True) -> None:
         raise ConfigError("VPCNET_WORKERS/VPCNET_THREADS: must be at least 1")
     if config.reconcile_interval <= 0:
         raise ConfigError("VPCNET_RECONCILE_INTERVAL: must be positive")
+    if config.metrics_addr:
+        from vpcnet.health import parse_addr
+
+        try:
+            parse_addr(config.metrics_addr)
+        except ValueError as exc:
+            raise ConfigError(f"VPCNET_METRICS_ADDR: {exc} (e.g. 127.0.0.1:9753; empty turns metrics off)") from None
     if not config.socket.endswith(".sock"):
         raise ConfigError(f"VPCNET_SOCKET: {config.socket} must end in .sock (Docker discovers plugins by it)")
     sock_dir = os.path.dirname(config.socket) or "."

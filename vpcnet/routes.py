@@ -44,6 +44,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+from vpcnet import metrics
 from vpcnet.cloud import ROUTE_MARKER, DuplicateRoute, Provider, QuotaExceeded, Route, make_provider
 from vpcnet.errors import Fatal, NotReady, Retryable, VpcnetError
 
@@ -136,6 +137,7 @@ class RouteKeeper:
         self.backoff = backoff or Backoff()
         # Logical cloud calls, for the benchmark: a call retried by the backoff counts once.
         self.calls = {"list": 0, "create": 0, "delete": 0, "reserved": 0, "instance": 0}
+        self.on_leader: Callable[[], None] = lambda: None   # told when this process becomes the reconciler
 
     # -- provider ---------------------------------------------------------------------------------
     @property
@@ -164,7 +166,9 @@ class RouteKeeper:
 
     def _list(self, on_retry: Callable[[Exception], None] | None = None) -> list[Route]:
         self.calls["list"] += 1
-        return self._retry(f"list routes of {self.provider.table_id()}", self.provider.list_routes, on_retry)
+        routes = self._retry(f"list routes of {self.provider.table_id()}", self.provider.list_routes, on_retry)
+        metrics.RECONCILER.table_listed(self.provider, routes)
+        return routes
 
     def _me(self) -> str:
         return self._retry("find this instance's id", self.provider.instance_id)
@@ -508,6 +512,7 @@ class RouteKeeper:
                             return
                 log.info("reconciler running (pid %d, every %.0fs)", os.getpid(),
                          self.config.reconcile_interval)
+                self.on_leader()
                 self._loop()
         except Exception:   # never take the worker down; the flock passes to another worker
             log.exception("reconciler stopped by an unexpected error")
@@ -515,12 +520,13 @@ class RouteKeeper:
     def _loop(self) -> None:
         failures = 0
         while not self._stop.is_set():
-            started, started_wall = time.monotonic(), time.time()
+            started, started_wall, creates = time.monotonic(), time.time(), self.calls["create"]
             try:
                 result = self.reconcile()
             except Exception as exc:
                 log.exception("reconcile pass failed")
                 result = SyncResult(ok=False, problems=[f"{type(exc).__name__}: {exc}"], kinds=[TRANSIENT])
+            metrics.reconcile_pass(result.ok, repaired=self.calls["create"] > creates)
             if result.ok:
                 failures = 0
                 pause = self.config.reconcile_interval

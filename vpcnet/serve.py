@@ -29,6 +29,7 @@ class Plugin:
     def __init__(self, config, dataplane=None, provider_factory=None):
         from vpcnet.dataplane import Dataplane
         from vpcnet.driver import NetworkDriver
+        from vpcnet.health import Observer
         from vpcnet.ipam import Ipam
         from vpcnet.routes import RouteKeeper
         from vpcnet.transport import create_app
@@ -41,6 +42,16 @@ class Plugin:
         self.ipam = Ipam(config, self.store, self.routes, host_routes=self.dataplane.overlapping_routes)
         self.driver = NetworkDriver(config, self.store, self.dataplane)
         self.app = create_app(self.driver, self.ipam)
+        self.observer = Observer(config, self.store, self.routes)
+        self.routes.on_leader = self.observer.start     # one listener per host: the reconciler's process
+
+    def start_background(self) -> None:
+        """In a worker, once it serves: the reconciler (and, in the one that wins its lock, /metrics)."""
+        self.observer.reconciler_thread = self.routes.start_background()
+
+    def stop(self) -> None:
+        self.routes.stop()
+        self.observer.stop()
 
     def restore(self) -> None:
         """Rebuild the datapath of known networks; one worker at a time."""
@@ -70,8 +81,8 @@ class _Gunicorn(BaseApplication):
             "accesslog": None,
             "proc_name": "vpcnet",
             "control_socket_disable": True,
-            "post_worker_init": lambda worker: self.plugin.routes.start_background(),
-            "worker_exit": lambda server, worker: self.plugin and self.plugin.routes.stop(),
+            "post_worker_init": lambda worker: self.plugin.start_background(),
+            "worker_exit": lambda server, worker: self.plugin and self.plugin.stop(),
         }
         for key, value in settings.items():
             self.cfg.set(key, value)
@@ -91,8 +102,23 @@ def run(config) -> int:
              config.driver_name, config.socket, config.provider, config.cluster_cidr, config.source)
     os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
     Store(config.db_path).close()      # schema checked (and migrated) before the socket is bound
+    _prepare_multiprocess_metrics(config)
     _Gunicorn(config).run()
     return 0
+
+
+def _prepare_multiprocess_metrics(config) -> None:
+    """Several workers share their counters through prometheus_client's multiprocess files, in a fresh
+    directory made before the fork (vpcnet.metrics). Here, not there: the master imports no client."""
+    import shutil
+
+    path = os.path.join(config.state_dir, "metrics-multiproc")
+    shutil.rmtree(path, ignore_errors=True)     # counters restart with the plugin, as Prometheus expects
+    if config.workers > 1 and config.metrics_addr:
+        os.makedirs(path, mode=0o700)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    else:
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
 
 
 def main(argv: list[str]) -> int:

@@ -15,6 +15,7 @@ from typing import Any, Callable
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
+from vpcnet import metrics
 from vpcnet.errors import InvalidRequest, VpcnetError
 
 log = logging.getLogger(__name__)
@@ -95,10 +96,11 @@ def create_app(driver, ipam) -> Flask:
     @app.route("/<path:call>", methods=["POST"])
     def dispatch(call: str) -> Response:
         path = "/" + call
+        started = time.perf_counter()
         handler = table.get(path)
         if handler is None:
+            metrics.docker_call(None, 404, time.perf_counter() - started)
             return _answer({"Err": f"{path} is not implemented by vpcnet"}, 404)
-        started = time.perf_counter()
         try:
             answer = handler(_parse_body())
             status = 200
@@ -107,8 +109,10 @@ def create_app(driver, ipam) -> Flask:
         except Exception as exc:     # a bug: still answer Docker with a message, and log the trace
             log.exception("%s failed", path)
             answer, status = {"Err": f"vpcnet internal error in {path}: {type(exc).__name__}: {exc}"}, 500
+        elapsed = time.perf_counter() - started
+        metrics.docker_call(path, status, elapsed)
         log.log(logging.INFO if status != 200 else logging.DEBUG, "%s -> %d %s (%.1f ms)", path, status,
-                answer.get("Err", ""), (time.perf_counter() - started) * 1000)
+                answer.get("Err", ""), elapsed * 1000)
         return _answer(answer, status)
 
     @app.errorhandler(HTTPException)

@@ -15,6 +15,7 @@ from vpcnet.errors import VpcnetError
 COMMAND_MODULES = (
     "vpcnet.serve",         # vpcnet serve
     "vpcnet.status",        # vpcnet status
+    "vpcnet.doctor",        # vpcnet doctor
     "vpcnet.routes_cli",    # vpcnet routes list|sync|release|gc
     "vpcnet.emulator.cli",  # vpcnet emulator
     "vpcnet.lab.cli",       # vpcnet lab up|status|down

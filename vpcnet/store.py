@@ -102,16 +102,28 @@ class Claim:
 
 
 class Store:
-    def __init__(self, path: str):
+    def __init__(self, path: str, readonly: bool = False):
+        """`readonly`: for diagnostics (`vpcnet doctor`): opened read-only, never created or migrated."""
         self.path = path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+        self.readonly = readonly
         self._local = threading.local()
+        if readonly:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"no vpcnet state at {path}")
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
         self._migrate()
 
     # -- plumbing ---------------------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None or getattr(self._local, "pid", None) != os.getpid():
+            if self.readonly:
+                conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30, isolation_level=None,
+                                       check_same_thread=False)
+                conn.row_factory = sqlite3.Row
+                self._local.conn, self._local.pid = conn, os.getpid()
+                return conn
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")

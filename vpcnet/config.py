@@ -79,6 +79,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("mtu", 0, "Container MTU; 0 takes the MTU of the uplink (the default route's interface)",
             _int),
     Setting("log_level", "INFO", "Log level: DEBUG, INFO, WARNING, ERROR"),
+    Setting("log_format", "text", "Log format: text, or json (one object per line with the Docker call, its "
+            "duration and the network/endpoint ids)"),
     Setting("workers", 1, "gunicorn worker processes (state is shared through sqlite)", _int),
     Setting("threads", 8, "Threads per gunicorn worker", _int),
     Setting("reconcile_interval", 30.0, "Seconds between route reconcile passes", _float),
@@ -121,6 +123,7 @@ class Config:
     no_nat_cidrs: tuple[str, ...] = ()
     mtu: int = 0
     log_level: str = "INFO"
+    log_format: str = "text"
     workers: int = 1
     threads: int = 8
     reconcile_interval: float = 30.0
@@ -234,6 +237,8 @@ def validate(config: Config, check_socket_dir: bool = True) -> None:
         raise ConfigError(f"VPCNET_MTU: {config.mtu} is out of range (0 = from uplink, else 576..65535)")
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError(f"VPCNET_LOG_LEVEL: unknown level {config.log_level!r}")
+    if config.log_format not in ("text", "json"):
+        raise ConfigError(f"VPCNET_LOG_FORMAT: unknown format {config.log_format!r} (text or json)")
     if config.workers < 1 or config.threads < 1:
         raise ConfigError("VPCNET_WORKERS/VPCNET_THREADS: must be at least 1")
     if config.reconcile_interval <= 0:

@@ -18,6 +18,7 @@ import sys
 from gunicorn.app.base import BaseApplication
 
 from vpcnet import config as config_mod
+from vpcnet.logs import gunicorn_logger_class
 from vpcnet.store import Store
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class _Gunicorn(BaseApplication):
             "graceful_timeout": 5,
             "loglevel": cfg.log_level.lower(),
             "errorlog": "-",
+            "logger_class": gunicorn_logger_class(cfg.log_format),
             "accesslog": None,
             "proc_name": "vpcnet",
             "control_socket_disable": True,
@@ -91,7 +93,7 @@ class _Gunicorn(BaseApplication):
         """In each worker, before it accepts: assemble the plugin and restore the datapath."""
         from vpcnet.cli import setup_logging
 
-        setup_logging(self.config.log_level)
+        setup_logging(self.config.log_level, self.config.log_format)
         self.plugin = Plugin(self.config)
         self.plugin.restore()
         return self.plugin.app
@@ -136,7 +138,7 @@ def main(argv: list[str]) -> int:
     except config_mod.ConfigError as exc:
         print(f"vpcnet: configuration error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     return run(config)
 
 

@@ -101,8 +101,10 @@ def create_app(driver, ipam) -> Flask:
         if handler is None:
             metrics.docker_call(None, 404, time.perf_counter() - started)
             return _answer({"Err": f"{path} is not implemented by vpcnet"}, 404)
+        body = Body()
         try:
-            answer = handler(_parse_body())
+            body = _parse_body()
+            answer = handler(body)
             status = 200
         except VpcnetError as exc:
             answer, status = {"Err": str(exc)}, exc.http_status
@@ -112,7 +114,7 @@ def create_app(driver, ipam) -> Flask:
         elapsed = time.perf_counter() - started
         metrics.docker_call(path, status, elapsed)
         log.log(logging.INFO if status != 200 else logging.DEBUG, "%s -> %d %s (%.1f ms)", path, status,
-                answer.get("Err", ""), elapsed * 1000)
+                answer.get("Err", ""), elapsed * 1000, extra=_log_fields(path, status, elapsed, body))
         return _answer(answer, status)
 
     @app.errorhandler(HTTPException)
@@ -122,6 +124,13 @@ def create_app(driver, ipam) -> Flask:
         return _answer({"Err": f"{request.method} {request.path}: {exc.name}"}, exc.code or 500)
 
     return app
+
+
+def _log_fields(path: str, status: int, elapsed: float, body: Body) -> dict:
+    """What a JSON log line carries about a call (vpcnet.logs); ids cut to Docker's short form."""
+    ids = {key: value[:12] for key, name in (("network", "NetworkID"), ("endpoint", "EndpointID"))
+           if isinstance(value := body.get(name), str)}
+    return {"call": path[1:], "status": status, "duration_ms": round(elapsed * 1000, 3), **ids}
 
 
 def _parse_body() -> Body:

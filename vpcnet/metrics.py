@@ -49,8 +49,9 @@ DOCKER_REQUESTS = Counter("vpcnet_docker_requests_total", "Plugin calls Docker m
 DOCKER_DURATION = Histogram("vpcnet_docker_request_duration_seconds", "Time to answer a plugin call",
                             ["call"], registry=EVENTS,
                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-RECONCILES = Counter("vpcnet_route_reconcile_total", "Route reconcile passes: ok (nothing to change), "
-                     "repaired (a route had to be written), error", ["outcome"], registry=EVENTS)
+RECONCILES = Counter("vpcnet_route_reconcile_total", "Route reconcile passes: ok (nothing to change, or a "
+                     "route still settling), repaired (a route had to be written), error", ["outcome"],
+                     registry=EVENTS)
 CLOUD_REQUESTS = Counter("vpcnet_cloud_api_requests_total", "Cloud API requests (each attempt), by outcome: "
                          "ok, throttled, conflict, error", ["provider", "action", "outcome"], registry=EVENTS)
 CLOUD_DURATION = Histogram("vpcnet_cloud_api_duration_seconds", "Time of one cloud API request",
@@ -58,6 +59,18 @@ CLOUD_DURATION = Histogram("vpcnet_cloud_api_duration_seconds", "Time of one clo
                            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 for _outcome in ("ok", "repaired", "error"):
     RECONCILES.labels(_outcome)       # present at 0 from the start, so rate() and alerts see them
+
+
+#: The families of the contract (issue 10): dashboards, alerts and docs/monitoring.md rely on these names.
+FAMILIES = (
+    "vpcnet_build_info", "vpcnet_docker_requests_total", "vpcnet_docker_request_duration_seconds",
+    "vpcnet_endpoints", "vpcnet_ipam_addresses_in_use", "vpcnet_ipam_addresses_capacity",
+    "vpcnet_route_available", "vpcnet_route_reconcile_total", "vpcnet_cloud_api_requests_total",
+    "vpcnet_cloud_api_duration_seconds", "vpcnet_route_table_entries", "vpcnet_route_table_quota",
+    "vpcnet_endpoint_receive_bytes_total", "vpcnet_endpoint_transmit_bytes_total",
+    "vpcnet_endpoint_receive_packets_total", "vpcnet_endpoint_transmit_packets_total",
+    "vpcnet_endpoint_receive_drops_total", "vpcnet_endpoint_transmit_drops_total",
+)
 
 
 # -- event hooks ------------------------------------------------------------------------------------
@@ -69,10 +82,13 @@ def docker_call(path: str | None, status: int, seconds: float) -> None:
     DOCKER_DURATION.labels(call).observe(seconds)
 
 
-def reconcile_pass(ok: bool, repaired: bool) -> None:
-    """One reconcile pass ended (the reconciler's loop): ok, repaired (it wrote a route), or error."""
-    RECONCILES.labels("error" if not ok else "repaired" if repaired else "ok").inc()
-    RECONCILER.passed(ok)
+def reconcile_pass(result, repaired: bool) -> None:
+    """One reconcile pass ended (the reconciler's loop; `result` a routes.SyncResult): `repaired` when it
+    wrote a route (the route is then Pending for a while: not an error), `error` when a problem other
+    than a route in transition remained, else `ok`."""
+    fine = result.ok or result.pending_only
+    RECONCILES.labels("repaired" if repaired else "ok" if fine else "error").inc()
+    RECONCILER.passed(fine)
 
 
 def cloud_outcome(code: str, exc: BaseException | None) -> str:

@@ -526,7 +526,7 @@ class RouteKeeper:
             except Exception as exc:
                 log.exception("reconcile pass failed")
                 result = SyncResult(ok=False, problems=[f"{type(exc).__name__}: {exc}"], kinds=[TRANSIENT])
-            metrics.reconcile_pass(result.ok, repaired=self.calls["create"] > creates)
+            metrics.reconcile_pass(result, repaired=self.calls["create"] > creates)
             if result.ok:
                 failures = 0
                 pause = self.config.reconcile_interval

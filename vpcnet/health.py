@@ -126,9 +126,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
-            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+            from prometheus_client import CONTENT_TYPE_LATEST
 
-            self._send(200, generate_latest(self.server.registry), CONTENT_TYPE_LATEST)
+            self._send(200, self.server.exposition.render(), CONTENT_TYPE_LATEST)
         elif path == "/healthz":
             status, body = health_body(self.server.health.run())
             self._send(status, json.dumps(body).encode() + b"\n", "application/json")
@@ -179,7 +179,7 @@ class Observer:
             # Metrics are worth a loud warning, never the plugin: Docker's calls keep being served.
             log.error("metrics and health listener not started on %s: %s", self.config.metrics_addr, exc)
             return
-        server.registry = metrics.serving_registry(self.store)
+        server.exposition = metrics.Exposition(self.store)
         server.health = self.health
         self.server = server
         bound = f"{server.server_address[0]}:{server.server_address[1]}"

@@ -110,3 +110,54 @@ def set_arp_proxy_delay(sock: socket.socket, index: int, msecs: int = 0) -> None
     body = struct.pack("=BBH", socket.AF_INET, 0, 0) + _attr(NDTA_NAME, b"arp_cache\0") + \
         _attr(NDTA_PARMS, parms, nested=True)
     _request(sock, RTM_SETNEIGHTBL, body)
+
+
+# -- link counters (read-only) ------------------------------------------------------------------------
+RTM_GETLINK, NLMSG_DONE, NLM_F_DUMP = 18, 3, 0x300
+IFLA_IFNAME, IFLA_STATS64 = 3, 23
+STATS64_FIELDS = ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes", "rx_errors", "tx_errors", "rx_dropped",
+                  "tx_dropped")
+
+
+def link_stats(prefix: str = "", netns: str | None = None) -> dict[str, dict[str, int]]:
+    """Interface name -> its 64-bit counters (struct rtnl_link_stats64's first fields), for every link
+    whose name starts with `prefix`: one RTM_GETLINK dump, parsed here, in well under a millisecond per
+    hundred links (a scrape-time read: no pyroute2 socket to set up)."""
+    out: dict[str, dict[str, int]] = {}
+    wanted = prefix.encode()
+    with open_socket(netns) as sock:
+        seq = next(_seq)
+        ifinfo = struct.pack("=BBHiII", socket.AF_UNSPEC, 0, 0, 0, 0, 0)
+        sock.send(struct.pack("=IHHII", 16 + len(ifinfo), RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + ifinfo)
+        while True:
+            data = sock.recv(1 << 20)
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind, _flags, got_seq, _pid = struct.unpack_from("=IHHII", data, offset)
+                if length < 16:
+                    raise OSError(errno.EPROTO, "malformed netlink message")
+                if got_seq == seq:
+                    if kind == NLMSG_DONE:
+                        return out
+                    if kind == NLMSG_ERROR:
+                        code = -struct.unpack_from("=i", data, offset + 16)[0]
+                        raise OSError(code, os.strerror(code))
+                    _parse_link(data, offset + 16 + 16, offset + length, wanted, out)
+                offset += (length + 3) & ~3
+
+
+def _parse_link(data: bytes, start: int, end: int, wanted: bytes, out: dict) -> None:
+    name, stats = None, None
+    while start + 4 <= end:
+        length, kind = struct.unpack_from("=HH", data, start)
+        if length < 4:
+            return
+        if kind == IFLA_IFNAME:
+            name = data[start + 4:start + length].rstrip(b"\0")
+            if not name.startswith(wanted):
+                return
+        elif kind == IFLA_STATS64 and length >= 4 + 8 * len(STATS64_FIELDS):
+            stats = struct.unpack_from("=" + "Q" * len(STATS64_FIELDS), data, start + 4)
+        start += (length + 3) & ~3
+    if name is not None and stats is not None:
+        out[name.decode()] = dict(zip(STATS64_FIELDS, stats))

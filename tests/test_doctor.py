@@ -44,7 +44,8 @@ def test_doctor_text_output_names_problem_and_fix(plugin_factory):
                env=plugin.env, check=False)
     assert proc.returncode == 1
     [line] = [line for line in proc.stdout.splitlines() if line.startswith("PROBLEM")]
-    assert line.startswith("PROBLEM docker: the Docker engine at /nonexistent.sock does not answer") and "; fix: " in line
+    assert line.startswith("PROBLEM docker: the Docker engine at /nonexistent.sock does not answer")
+    assert "; fix: start Docker" in line
     assert proc.stdout.splitlines()[-1].startswith("vpcnet doctor: 1 problem(s)")
 
 

@@ -7,9 +7,14 @@
    dataplane (veths in a namespace of the bench's own): p50 / p99 (target p99 <= 25 ms), and the split
    between the two calls.
 3. Plugin RSS (master + workers) with 200 endpoints (target <= 80 MB).
+4. The cost of metrics (issue 10): two plugins at once, each in a namespace of its own, one with
+   VPCNET_METRICS_ADDR off and one with it on (and scraped every --scrape-every seconds meanwhile),
+   CreateEndpoint + Join calls alternating between them so both see the same machine: p99 on versus off
+   (target within 5 %); then the scrape time of `/metrics` with 500 endpoints (target <= 50 ms) and the
+   RSS of the plugin with metrics on (target <= 80 MB).
 
-Writes bench/results/plugin.json and prints a Markdown table.
-    python3 bench/plugin_bench.py [--rounds 20] [--endpoints 200]
+Writes bench/results/plugin.json (1-3) and bench/results/metrics.json (4), and prints Markdown tables.
+    python3 bench/plugin_bench.py [--rounds 20] [--endpoints 200] [--metrics-endpoints 500] [--only metrics]
 """
 from __future__ import annotations
 
@@ -21,7 +26,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -43,10 +50,11 @@ def call(sock_path: str, path: str, body) -> dict:
 
 class Plugin:
     def __init__(self, name: str, state: str, netns: str | None = None, cluster: str = "10.230.0.0/16",
-                 prefix: int = 24):
+                 prefix: int = 24, metrics_addr: str = ""):
         self.sock = f"/run/docker/plugins/{name}.sock"
         env = dict(os.environ, VPCNET_SOCKET=self.sock, VPCNET_STATE_DIR=state, VPCNET_CLUSTER_CIDR=cluster,
-                   VPCNET_HOST_PREFIX=str(prefix), VPCNET_LOG_LEVEL="WARNING", VPCNET_CONFIG=os.devnull)
+                   VPCNET_HOST_PREFIX=str(prefix), VPCNET_LOG_LEVEL="WARNING", VPCNET_CONFIG=os.devnull,
+                   VPCNET_METRICS_ADDR=metrics_addr)
         prefix_cmd = ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
         self.proc = subprocess.Popen([*prefix_cmd, sys.executable, "-m", "vpcnet.cli", "serve"], env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -150,18 +158,158 @@ def bench_endpoints(count: int) -> dict:
             "rss_mb": {"idle": round(rss_idle / 2**20, 1), f"with_{count}_endpoints": round(rss_full / 2**20, 1)}}
 
 
+class Network:
+    """One network of a running plugin, for making endpoints on it."""
+
+    def __init__(self, plugin: Plugin):
+        self.plugin = plugin
+        self.pool = call(plugin.sock, "/IpamDriver.RequestPool", {"Pool": ""})
+        self.nid = uuid.uuid4().hex + uuid.uuid4().hex
+        call(plugin.sock, "/NetworkDriver.CreateNetwork", {
+            "NetworkID": self.nid, "Options": {},
+            "IPv4Data": [{"Pool": self.pool["Pool"], "Gateway": self.pool["Data"]["com.docker.network.gateway"]}]})
+
+    def endpoint(self) -> float:
+        """RequestAddress (not timed), then CreateEndpoint + Join as Docker calls them: their seconds."""
+        eid = uuid.uuid4().hex + uuid.uuid4().hex
+        addr = call(self.plugin.sock, "/IpamDriver.RequestAddress", {"PoolID": self.pool["PoolID"]})["Address"]
+        t0 = time.perf_counter()
+        call(self.plugin.sock, "/NetworkDriver.CreateEndpoint",
+             {"NetworkID": self.nid, "EndpointID": eid, "Interface": {"Address": addr}})
+        call(self.plugin.sock, "/NetworkDriver.Join", {"NetworkID": self.nid, "EndpointID": eid,
+                                                       "SandboxKey": "/var/run/docker/netns/bench"})
+        return time.perf_counter() - t0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _enter_netns(name: str) -> None:
+    """Move the calling thread (only) into a named network namespace: setns(2) is per thread."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, 0x40000000) != 0:            # CLONE_NEWNET
+            raise OSError(ctypes.get_errno(), f"setns {name}")
+    finally:
+        os.close(fd)
+
+
+def _scrape(url: str) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    body = urllib.request.urlopen(url, timeout=10).read()
+    return time.perf_counter() - t0, len(body)
+
+
+def bench_metrics(count: int, scrape_every: float, scrapes: int = 30) -> dict:
+    """Metrics on versus off, interleaved; then scrape time and RSS with `count` endpoints."""
+    tag = uuid.uuid4().hex[:6]
+    namespaces = [f"vpcbench{tag}{side}" for side in ("off", "on")]
+    for ns in namespaces:
+        sh("ip", "netns", "add", ns)
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+    addr = f"127.0.0.1:{_free_port()}"
+    url = f"http://{addr}/metrics"
+    stop = threading.Event()
+    scraped: list[float] = []
+    try:
+        with tempfile.TemporaryDirectory() as state_off, tempfile.TemporaryDirectory() as state_on:
+            off = Plugin(f"vpcbench{tag}off", state_off, netns=namespaces[0], cluster="10.232.0.0/16", prefix=23)
+            on = Plugin(f"vpcbench{tag}on", state_on, netns=namespaces[1], cluster="10.233.0.0/16", prefix=23,
+                        metrics_addr=addr)
+            # The listener is on the loopback of the plugin's namespace: scrape from a thread in it.
+            from concurrent.futures import ThreadPoolExecutor
+
+            inside = ThreadPoolExecutor(1, initializer=_enter_netns, initargs=(namespaces[1],))
+            try:
+                nets = {"off": Network(off), "on": Network(on)}
+
+                def scraper():
+                    while not stop.wait(scrape_every):
+                        try:
+                            scraped.append(inside.submit(_scrape, url).result()[0])
+                        except OSError:
+                            pass
+                thread = threading.Thread(target=scraper, daemon=True)
+                thread.start()
+                times: dict[str, list[float]] = {"off": [], "on": []}
+                for i in range(count):
+                    for side in (("off", "on") if i % 2 == 0 else ("on", "off")):
+                        times[side].append(nets[side].endpoint())
+                stop.set()
+                thread.join(timeout=15)
+                inside.submit(_scrape, url).result()                  # warm
+                samples = [inside.submit(_scrape, url).result() for _ in range(scrapes)]
+                scrape_s = [t for t, _ in samples]
+                rss = on.rss_bytes()
+                rss_off = off.rss_bytes()
+                text = inside.submit(lambda: urllib.request.urlopen(url, timeout=10).read().decode()).result()
+                series = sum(1 for line in text.splitlines() if line.startswith("vpcnet_endpoint_"))
+            finally:
+                inside.shutdown(wait=False)
+                for plugin in (off, on):
+                    plugin.stop()
+    finally:
+        stop.set()
+        for ns in namespaces:
+            sh("ip", "netns", "del", ns, check=False)
+    ms = lambda v: round(v * 1000, 2)   # noqa: E731
+    p99 = {side: pct(v, 0.99) for side, v in times.items()}
+    return {"endpoints_per_plugin": count, "scrape_every_s_during_calls": scrape_every,
+            "scrapes_during_calls": len(scraped),
+            "create_endpoint_plus_join_ms": {side: {"p50": ms(pct(v, 0.5)), "p99": ms(pct(v, 0.99)),
+                                                    "max": ms(max(v))} for side, v in times.items()},
+            "p99_on_over_off": round(p99["on"] / p99["off"], 3),
+            "scrape_ms_with_endpoints": {"median": ms(statistics.median(scrape_s)), "p99": ms(pct(scrape_s, 0.99)),
+                                         "max": ms(max(scrape_s)), "scrapes": scrapes,
+                                         "bytes": samples[-1][1], "endpoint_series": series},
+            "rss_mb": {"metrics_on": round(rss / 2**20, 1), "metrics_off": round(rss_off / 2**20, 1)}}
+
+
+def print_metrics(m: dict) -> None:
+    on, off = m["create_endpoint_plus_join_ms"]["on"], m["create_endpoint_plus_join_ms"]["off"]
+    s = m["scrape_ms_with_endpoints"]
+    print("| metric | value | target |\n|---|---|---|")
+    print(f"| CreateEndpoint + Join p99, metrics off / on ({m['endpoints_per_plugin']} each, interleaved, "
+          f"scraped every {m['scrape_every_s_during_calls']:g} s) | {off['p99']} / {on['p99']} ms | |")
+    print(f"| ratio on / off | {m['p99_on_over_off']} | <= 1.05 |")
+    print(f"| /metrics scrape with {m['endpoints_per_plugin']} endpoints, median / max of {s['scrapes']} | "
+          f"{s['median']} / {s['max']} ms | <= 50 ms |")
+    print(f"| plugin RSS, metrics on / off, {m['endpoints_per_plugin']} endpoints | {m['rss_mb']['metrics_on']} / "
+          f"{m['rss_mb']['metrics_off']} MB | <= 80 MB |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--endpoints", type=int, default=200)
     parser.add_argument("--endpoints-only", metavar="FILE",
                         help="only the CreateEndpoint + Join latency (no Docker engine needed), to FILE")
+    parser.add_argument("--metrics-endpoints", type=int, default=500)
+    parser.add_argument("--scrape-every", type=float, default=5.0, metavar="S",
+                        help="seconds between scrapes during the on/off comparison (Prometheus' default is 15)")
+    parser.add_argument("--only", choices=("all", "metrics"), default="all")
     args = parser.parse_args()
     if args.endpoints_only:
         only = {"plugin": bench_endpoints(args.endpoints), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         with open(args.endpoints_only, "w") as fh:
             json.dump(only, fh, indent=2)
         print(json.dumps(only["plugin"], indent=2))
+        return 0
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    metrics = bench_metrics(args.metrics_endpoints, args.scrape_every)
+    metrics["when"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    with open(os.path.join(HERE, "results", "metrics.json"), "w") as fh:
+        json.dump(metrics, fh, indent=2)
+    print_metrics(metrics)
+    if args.only == "metrics":
         return 0
     img = image.build()
     result = {"docker_run": bench_docker_run(args.rounds, img), "plugin": bench_endpoints(args.endpoints),

@@ -180,7 +180,9 @@ class PluginProcess:
         self.env = dict(os.environ)
         self.env.update({"VPCNET_SOCKET": self.socket, "VPCNET_STATE_DIR": self.state_dir,
                          "VPCNET_CLUSTER_CIDR": next_cluster(), "VPCNET_LOG_LEVEL": "DEBUG",
-                         "VPCNET_CONFIG": os.devnull})
+                         "VPCNET_CONFIG": os.devnull,
+                         # a free loopback port each: test plugins never fight over the default one
+                         "VPCNET_METRICS_ADDR": "127.0.0.1:0"})
         self.env.update(env or {})
         self.proc: subprocess.Popen | None = None
 
@@ -261,6 +263,15 @@ class PluginProcess:
                 return fh.read()[-20000:]
         except OSError:
             return ""
+
+    def metrics_url(self, wait: float = 10.0) -> str:
+        """http://HOST:PORT of this plugin's /metrics and /healthz listener (it writes the bound address
+        to its state dir once it is the reconciler)."""
+        from vpcnet.health import read_addr
+
+        addr = wait_for(lambda: read_addr(self.state_dir), wait)
+        assert addr, f"no metrics listener within {wait}s:\n{self.log()}"
+        return f"http://{addr}"
 
     def status(self) -> dict:
         out = run([sys.executable, "-m", "vpcnet.cli", "status", "--json"], env=self.env)

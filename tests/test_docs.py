@@ -7,6 +7,8 @@ Block tags (the info string after ```):
                 `VPCNET_*` name must be a real setting.
 - `json policy` a RAM/IAM policy: must parse and name exactly the actions vpcnet calls.
 - `toml config` a vpcnet.toml example: must load with vpcnet.config.load.
+- `yaml prometheus` / `yaml rules` (monitoring.md): must pass `promtool check config` / `check rules`, and
+                the alerts `promtool test rules` below; every `vpcnet_*` name must be a served family.
 Every `sh` block must carry one of the two tags: no untested commands.
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ from vpcnet import config as config_mod
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(REPO, "docs")
-GUIDES = ("managed-plugin.md", "systemd.md", "deploy-aliyun.md", "deploy-aws.md")
+GUIDES = ("managed-plugin.md", "systemd.md", "deploy-aliyun.md", "deploy-aws.md", "monitoring.md")
 BLOCK = re.compile(r"^```([^\n`]*)\n(.*?)^```\s*$", re.S | re.M)
 SKIP_MARK = re.compile(r"#\s*not run in tests")
 SETTING_NAMES = {s.env for s in config_mod.SETTINGS}
@@ -225,3 +227,103 @@ def test_managed_plugin_guide_commands(guide_names):
     # the guide removed what it made, and the state stayed on the host
     assert subprocess.run(["docker", "plugin", "inspect", n["plugin"]], capture_output=True).returncode != 0
     assert os.path.exists(os.path.join(n["state"], "vpcnet.db"))
+
+
+# -- monitoring.md: the Prometheus configuration and alerts -------------------------------------------
+ALERT_TESTS = """
+rule_files: [vpcnet-rules.yml]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'vpcnet_route_available{instance="h1", cluster_cidr="10.200.0.0/16", host_cidr="10.200.1.0/24"}'
+        values: '1 1 0 0 0 0 0'
+      - series: 'vpcnet_route_available{instance="h2", cluster_cidr="10.200.0.0/16", host_cidr="10.200.2.0/24"}'
+        values: '1 1 1 1 1 1 1'
+      - series: 'vpcnet_route_reconcile_total{instance="h1", outcome="error"}'
+        values: '0+1x20'
+      - series: 'vpcnet_route_table_entries{instance="h1", table="vtb-1"}'
+        values: '170x20'
+      - series: 'vpcnet_route_table_quota{instance="h1", table="vtb-1"}'
+        values: '200x20'
+      - series: 'vpcnet_route_table_entries{instance="h1", table="vtb-2"}'
+        values: '150x20'
+      - series: 'vpcnet_route_table_quota{instance="h1", table="vtb-2"}'
+        values: '200x20'
+      - series: 'vpcnet_cloud_api_requests_total{instance="h1", provider="aliyun", action="CreateRouteEntry", outcome="throttled"}'
+        values: '0+2x20'
+      - series: 'vpcnet_cloud_api_requests_total{instance="h2", provider="aliyun", action="CreateRouteEntry", outcome="throttled"}'
+        values: '5x20'
+      - series: 'up{job="vpcnet", instance="h1"}'
+        values: '1x20'
+    alert_rule_test:
+      - eval_time: 5m
+        alertname: VpcnetRouteNotAvailable
+        exp_alerts:
+          - exp_labels: {severity: critical, instance: h1, cluster_cidr: 10.200.0.0/16, host_cidr: 10.200.1.0/24}
+            exp_annotations:
+              summary: "vpcnet route 10.200.1.0/24 of h1 is not Available"
+              description: "Containers on this host are unreachable from other hosts. Run `vpcnet doctor` there."
+      - eval_time: 3m
+        alertname: VpcnetRouteNotAvailable
+      - eval_time: 16m
+        alertname: VpcnetReconcileErrors
+        exp_alerts:
+          - exp_labels: {severity: warning, instance: h1, outcome: error}
+            exp_annotations:
+              summary: "vpcnet on h1 keeps failing to reconcile its routes"
+              description: "See the plugin's log and `vpcnet doctor` (cloud reachable, credentials, quota)."
+      - eval_time: 15m
+        alertname: VpcnetRouteTableQuotaHigh
+        exp_alerts:
+          - exp_labels: {severity: warning, table: vtb-1}
+            exp_annotations:
+              summary: "route table vtb-1 is 85% full"
+              description: "New hosts cannot claim a block once it is full: `vpcnet routes gc`, or raise the quota."
+      - eval_time: 16m
+        alertname: VpcnetCloudThrottled
+        exp_alerts:
+          - exp_labels: {severity: warning, instance: h1, provider: aliyun}
+            exp_annotations:
+              summary: "the aliyun API throttles vpcnet on h1"
+              description: "Other tools share the account's API rate; vpcnet backs off, but claims and repairs wait."
+      - eval_time: 10m
+        alertname: VpcnetDown
+"""
+
+
+@pytest.fixture
+def monitoring_files(tmp_path):
+    require(shutil.which("promtool") is not None, "needs promtool (Debian's prometheus package)")
+    [config] = blocks("monitoring.md", "yaml prometheus")
+    [rules] = blocks("monitoring.md", "yaml rules")
+    (tmp_path / "prometheus.yml").write_text(config)
+    (tmp_path / "vpcnet-rules.yml").write_text(rules)
+    return tmp_path
+
+
+def test_monitoring_config_and_rules_pass_promtool(monitoring_files):
+    for args in (["check", "config", "prometheus.yml"], ["check", "rules", "vpcnet-rules.yml"]):
+        proc = subprocess.run(["promtool", *args], cwd=monitoring_files, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_monitoring_alerts_fire_on_their_data_only(monitoring_files):
+    (monitoring_files / "alerts-test.yml").write_text(ALERT_TESTS)
+    proc = subprocess.run(["promtool", "test", "rules", "alerts-test.yml"], cwd=monitoring_files,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [rules] = blocks("monitoring.md", "yaml rules")
+    tested = set(re.findall(r"alertname: (\w+)", ALERT_TESTS))
+    assert tested == set(re.findall(r"alert: (\w+)", rules)), "every alert has a test"
+
+
+def test_monitoring_names_only_served_families():
+    from vpcnet.metrics import FAMILIES
+
+    with open(os.path.join(DOCS, "monitoring.md")) as fh:
+        text = fh.read()
+    named = set(re.findall(r"\bvpcnet_[a-z_]*[a-z]\b", text))
+    served = set(FAMILIES) | {f + suffix for f in FAMILIES for suffix in ("_bucket", "_count", "_sum")}
+    assert named - {"vpcnet_"} <= served, sorted(named - served)
+    assert set(FAMILIES) <= named, f"families not documented: {sorted(set(FAMILIES) - named)}"

@@ -223,6 +223,20 @@ def test_network_and_two_containers_that_ping_each_other(built):
     built.first = (net, a, b, ip_a, ip_b)
 
 
+def test_doctor_checks_the_managed_plugin(built):
+    """`vpcnet doctor --plugin NAME` on the host takes the plugin's settings, state mount and socket from
+    `docker plugin inspect`: all well with its network and containers, its /healthz answering on the
+    host's loopback (the plugin runs in the host's network namespace)."""
+    assert built.first, "runs after test_network_and_two_containers_that_ping_each_other"
+    proc = run([sys.executable, "-m", "vpcnet.cli", "doctor", "--plugin", built.name, "--json"], check=False)
+    report = json.loads(proc.stdout)
+    problems = [f for f in report["findings"] if not f["ok"]]
+    assert proc.returncode == 0 and not problems, (problems, built.plugin_log()[-3000:])
+    details = {f["check"]: f["detail"] for f in report["findings"]}
+    assert built.inspect()["Id"] in details["socket"] and "passing" in details["health"]
+    assert "for 1 network(s)" in details["discovery"]
+
+
 def test_plugin_set_only_while_disabled(built):
     refused = built.docker("plugin", "set", built.name, "VPCNET_MTU=1400", check=False)
     assert refused.returncode != 0, "docker plugin set must be refused while the plugin is enabled"

@@ -39,7 +39,9 @@ def test_service_ordering_and_hardening():
                    "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes",
                    "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW CAP_BPF", "SystemCallFilter=@system-service bpf",
                    "RestrictAddressFamilies=AF_UNIX AF_NETLINK AF_INET AF_INET6",
-                   "ExecStartPre=+/bin/mkdir -p /run/docker/plugins", "ExecStart=/usr/local/bin/vpcnet serve"):
+                   "ExecStartPre=+/bin/mkdir -p /run/docker/plugins", "ExecStart=/usr/local/bin/vpcnet serve",
+                   # the watchdog is pinged by a worker (vpcnet.health), not by gunicorn's master
+                   "WatchdogSec=60s", "NotifyAccess=all"):
         assert wanted in lines, wanted
     rw = next(line for line in lines if line.startswith("ReadWritePaths="))
     for path in ("/run/docker/plugins", "/var/lib/vpcnet", "/run/xtables.lock"):

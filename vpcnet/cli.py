@@ -15,6 +15,7 @@ from vpcnet.errors import VpcnetError
 COMMAND_MODULES = (
     "vpcnet.serve",         # vpcnet serve
     "vpcnet.status",        # vpcnet status
+    "vpcnet.doctor",        # vpcnet doctor
     "vpcnet.routes_cli",    # vpcnet routes list|sync|release|gc
     "vpcnet.emulator.cli",  # vpcnet emulator
     "vpcnet.lab.cli",       # vpcnet lab up|status|down
@@ -64,12 +65,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """Root logging to stderr in `fmt` (vpcnet.logs: text, or one JSON object per line)."""
+    from vpcnet.logs import TEXT_FORMAT, formatter
+
+    logging.basicConfig(level=level.upper(), stream=sys.stderr, format=TEXT_FORMAT)
+    logging.getLogger().setLevel(level.upper())
     # pyroute2 and urllib3 narrate every message at DEBUG: keep them to warnings. A handler filter,
     # because pyroute2 resets its logger's level when it is imported.
     for handler in logging.getLogger().handlers:
+        if fmt != "text":
+            handler.setFormatter(formatter(fmt))
         if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
             handler.addFilter(_QuietLibraries())
 

@@ -95,11 +95,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("mtu", 0, "Container MTU; 0 takes the MTU of the uplink (the default route's interface)",
             _int),
     Setting("log_level", "INFO", "Log level: DEBUG, INFO, WARNING, ERROR"),
+    Setting("log_format", "text", "Log format: text, or json (one object per line with the Docker call, its "
+            "duration and the network/endpoint ids)"),
     Setting("workers", 1, "gunicorn worker processes (state is shared through sqlite)", _int),
     Setting("threads", 8, "Threads per gunicorn worker", _int),
     Setting("reconcile_interval", 30.0, "Seconds between route reconcile passes", _float),
     Setting("datapath_interval", 30.0, "Seconds between datapath passes, which read the kernel and repair "
             "drift (firewall, bridges, routes, eBPF programs)", _float),
+    Setting("metrics_addr", "127.0.0.1:9753", "HOST:PORT serving Prometheus /metrics and /healthz "
+            "(loopback by default; empty turns them off)"),
     Setting("instance_id", "", "This host's instance id for the local provider (default: hostname)"),
     Setting("cluster_name", "", "This cluster's identity, written into its routes so clusters sharing a VPC "
             "never touch each other's (default: derived from the cluster CIDR, e.g. 10.200.0.0-16)",
@@ -148,10 +152,12 @@ class Config:
     no_nat_cidrs: tuple[str, ...] = ()
     mtu: int = 0
     log_level: str = "INFO"
+    log_format: str = "text"
     workers: int = 1
     threads: int = 8
     reconcile_interval: float = 30.0
     datapath_interval: float = 30.0
+    metrics_addr: str = "127.0.0.1:9753"
     instance_id: str = ""
     cluster_name: str = ""
     route_table_quota: int = 0
@@ -265,6 +271,8 @@ def validate(config: Config, check_socket_dir: bool = True) -> None:
         raise ConfigError(f"VPCNET_MTU: {config.mtu} is out of range (0 = from uplink, else 576..65535)")
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError(f"VPCNET_LOG_LEVEL: unknown level {config.log_level!r}")
+    if config.log_format not in ("text", "json"):
+        raise ConfigError(f"VPCNET_LOG_FORMAT: unknown format {config.log_format!r} (text or json)")
     if config.workers < 1 or config.threads < 1:
         raise ConfigError("VPCNET_WORKERS/VPCNET_THREADS: must be at least 1")
     if config.route_table_quota < 0:
@@ -273,6 +281,13 @@ def validate(config: Config, check_socket_dir: bool = True) -> None:
         raise ConfigError("VPCNET_RECONCILE_INTERVAL: must be positive")
     if config.datapath_interval <= 0:
         raise ConfigError("VPCNET_DATAPATH_INTERVAL: must be positive")
+    if config.metrics_addr:
+        from vpcnet.health import parse_addr
+
+        try:
+            parse_addr(config.metrics_addr)
+        except ValueError as exc:
+            raise ConfigError(f"VPCNET_METRICS_ADDR: {exc} (e.g. 127.0.0.1:9753; empty turns metrics off)") from None
     if not config.socket.endswith(".sock"):
         raise ConfigError(f"VPCNET_SOCKET: {config.socket} must end in .sock (Docker discovers plugins by it)")
     sock_dir = os.path.dirname(config.socket) or "."

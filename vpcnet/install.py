@@ -39,9 +39,12 @@ After=network-online.target
 Before=docker.service
 
 [Service]
-# gunicorn tells systemd when the socket is bound (sd_notify READY=1): docker.service starts after that
+# gunicorn tells systemd when the socket is bound (sd_notify READY=1): docker.service starts after that.
+# The worker running the reconciler pings the watchdog (WATCHDOG=1) only while /healthz passes, so a
+# wedged plugin is restarted; it is not the main process, hence NotifyAccess=all.
 Type=notify
-NotifyAccess=main
+NotifyAccess=all
+WatchdogSec=60s
 EnvironmentFile=-{env_file}
 # '+': outside the sandbox below, which makes /run read-only
 ExecStartPre=+/bin/mkdir -p /run/docker/plugins

@@ -84,6 +84,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+from vpcnet import metrics
 from vpcnet.cloud import DuplicateRoute, Provider, QuotaExceeded, Route, make_provider, route_description, route_name
 from vpcnet.errors import Busy, Fatal, NotReady, Retryable, VpcnetError
 
@@ -206,6 +207,7 @@ class RouteKeeper:
         self.calls = {"list": 0, "create": 0, "delete": 0, "reserved": 0, "instance": 0}
         # Entries and quota per route table, as of the last listing (for `routes list` and metrics).
         self.table_usage: dict[str, TableUsage] = {}
+        self.on_leader: Callable[[], None] = lambda: None   # told when this process becomes the reconciler
 
     # -- provider ---------------------------------------------------------------------------------
     @property
@@ -240,8 +242,9 @@ class RouteKeeper:
         self.calls["list"] += 1
         routes = self._retry(f"list routes of {table}", lambda: self.provider.list_routes(table), on_retry)
         routes = [r if r.table else dataclasses.replace(r, table=table) for r in routes]
-        self.table_usage[table] = TableUsage(table, sum(1 for r in routes if r.kind == "Custom"),
-                                             self.provider.table_quota(table))
+        usage = self.table_usage[table] = TableUsage(table, sum(1 for r in routes if r.kind == "Custom"),
+                                                     self.provider.table_quota(table))
+        metrics.RECONCILER.table_listed(table, usage.entries, usage.quota)
         return routes
 
     def route_table_usage(self) -> dict[str, tuple[int, int]]:
@@ -766,6 +769,7 @@ class RouteKeeper:
                             return
                 log.info("reconciler running (pid %d, every %.0fs)", os.getpid(),
                          self.config.reconcile_interval)
+                self.on_leader()
                 self._loop()
         except Exception:   # never take the worker down; the flock passes to another worker
             log.exception("reconciler stopped by an unexpected error")
@@ -773,12 +777,13 @@ class RouteKeeper:
     def _loop(self) -> None:
         failures = 0
         while not self._stop.is_set():
-            started, started_wall = time.monotonic(), time.time()
+            started, started_wall, creates = time.monotonic(), time.time(), self.calls["create"]
             try:
                 result = self.reconcile()
             except Exception as exc:
                 log.exception("reconcile pass failed")
                 result = SyncResult(ok=False, problems=[f"{type(exc).__name__}: {exc}"], kinds=[TRANSIENT])
+            metrics.reconcile_pass(result, repaired=self.calls["create"] > creates)
             if result.ok:
                 failures = 0
                 pause = self.config.reconcile_interval

@@ -222,3 +222,39 @@ def dump_qdisc_kinds(sock: socket.socket) -> dict[int, set[str]]:
         kind = _attrs(payload, 20).get(TCA_KIND, b"").split(b"\0", 1)[0].decode()
         out.setdefault(index, set()).add(kind)
     return out
+
+
+# -- link counters (read-only, for metrics) ------------------------------------------------------------
+IFLA_STATS64 = 23
+STATS64_FIELDS = ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes", "rx_errors", "tx_errors", "rx_dropped",
+                  "tx_dropped")
+
+
+def link_stats(prefix: str = "", netns: str | None = None) -> dict[str, dict[str, int]]:
+    """Interface name -> its 64-bit counters (struct rtnl_link_stats64's first fields), for every link
+    whose name starts with `prefix`: one RTM_GETLINK dump, parsed here, in well under a millisecond per
+    hundred links (a scrape-time read: no pyroute2 socket to set up)."""
+    out: dict[str, dict[str, int]] = {}
+    wanted = prefix.encode()
+    with open_socket(netns) as sock:
+        for _kind, payload in _dump(sock, RTM_GETLINK, struct.pack("=BBHiII", socket.AF_UNSPEC, 0, 0, 0, 0, 0)):
+            _parse_link(payload, 16, len(payload), wanted, out)
+    return out
+
+
+def _parse_link(data: bytes, start: int, end: int, wanted: bytes, out: dict) -> None:
+    """Only as far as the name when it is not wanted: most of a host's links are not vpcnet's."""
+    name, stats = None, None
+    while start + 4 <= end:
+        length, kind = struct.unpack_from("=HH", data, start)
+        if length < 4:
+            return
+        if kind == IFLA_IFNAME:
+            name = data[start + 4:start + length].rstrip(b"\0")
+            if not name.startswith(wanted):
+                return
+        elif kind == IFLA_STATS64 and length >= 4 + 8 * len(STATS64_FIELDS):
+            stats = struct.unpack_from("=" + "Q" * len(STATS64_FIELDS), data, start + 4)
+        start += (length + 3) & ~3
+    if name is not None and stats is not None:
+        out[name.decode()] = dict(zip(STATS64_FIELDS, stats, strict=True))

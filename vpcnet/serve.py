@@ -18,6 +18,7 @@ import sys
 from gunicorn.app.base import BaseApplication
 
 from vpcnet import config as config_mod
+from vpcnet.logs import gunicorn_logger_class
 from vpcnet.store import DamagedState, Store, check_state
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ class Plugin:
     def __init__(self, config, dataplane=None, provider_factory=None):
         from vpcnet.dataplane import Dataplane
         from vpcnet.driver import NetworkDriver
+        from vpcnet.health import Observer
         from vpcnet.ipam import Ipam
         from vpcnet.routes import RouteKeeper
         from vpcnet.transport import create_app
@@ -41,15 +43,19 @@ class Plugin:
         self.ipam = Ipam(config, self.store, self.routes, host_routes=self.dataplane.overlapping_routes)
         self.driver = NetworkDriver(config, self.store, self.dataplane)
         self.app = create_app(self.driver, self.ipam)
+        self.observer = Observer(config, self.store, self.routes)
+        self.routes.on_leader = self.observer.start     # one listener per host: the reconciler's process
 
     def start_background(self) -> None:
-        """The route keeper and the periodic datapath pass (each in one worker per host)."""
-        self.routes.start_background()
+        """In a worker, once it serves: the route keeper (and, in the worker that wins its lock,
+        /metrics) and the periodic datapath pass (each in one worker per host)."""
+        self.observer.reconciler_thread = self.routes.start_background()
         self.driver.reconciler.start_background()
 
     def stop_background(self) -> None:
         self.routes.stop()
         self.driver.reconciler.stop()
+        self.observer.stop()
 
     def restore(self) -> None:
         """Rebuild the datapath of known networks; one worker at a time."""
@@ -76,6 +82,7 @@ class _Gunicorn(BaseApplication):
             "graceful_timeout": 5,
             "loglevel": cfg.log_level.lower(),
             "errorlog": "-",
+            "logger_class": gunicorn_logger_class(cfg.log_format),
             "accesslog": None,
             "proc_name": "vpcnet",
             "control_socket_disable": True,
@@ -93,7 +100,7 @@ class _Gunicorn(BaseApplication):
         """In each worker, before it accepts: assemble the plugin and restore the datapath."""
         from vpcnet.cli import setup_logging
 
-        setup_logging(self.config.log_level)
+        setup_logging(self.config.log_level, self.config.log_format)
         self.plugin = Plugin(self.config)
         self.plugin.restore()
         return self.plugin.app
@@ -109,8 +116,23 @@ def run(config) -> int:
              config.driver_name, config.socket, config.provider, config.cluster_cidr, config.source)
     os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
     Store(config.db_path).close()      # schema checked (and migrated) before the socket is bound
+    _prepare_multiprocess_metrics(config)
     _Gunicorn(config).run()
     return 0
+
+
+def _prepare_multiprocess_metrics(config) -> None:
+    """Several workers share their counters through prometheus_client's multiprocess files, in a fresh
+    directory made before the fork (vpcnet.metrics). Here, not there: the master imports no client."""
+    import shutil
+
+    path = os.path.join(config.state_dir, "metrics-multiproc")
+    shutil.rmtree(path, ignore_errors=True)     # counters restart with the plugin, as Prometheus expects
+    if config.workers > 1 and config.metrics_addr:
+        os.makedirs(path, mode=0o700)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    else:
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
 
 
 def main(argv: list[str]) -> int:
@@ -128,7 +150,7 @@ def main(argv: list[str]) -> int:
     except config_mod.ConfigError as exc:
         print(f"vpcnet: configuration error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     return run(config)
 
 

@@ -111,7 +111,7 @@ class Claim:
 
 
 class Store:
-    """`readonly=True` (for `vpcnet status` and other readers beside a running plugin): the file is
+    """`readonly=True` (for `vpcnet status`, `vpcnet doctor` and other readers beside a running plugin): the file is
     opened read-only and never migrated; a missing file is an error rather than a new empty store."""
 
     def __init__(self, path: str, readonly: bool = False):

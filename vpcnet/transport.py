@@ -15,6 +15,7 @@ from typing import Any, Callable
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
+from vpcnet import metrics
 from vpcnet.errors import InvalidRequest, VpcnetError
 
 log = logging.getLogger(__name__)
@@ -96,20 +97,25 @@ def create_app(driver, ipam) -> Flask:
     @app.route("/<path:call>", methods=["POST"])
     def dispatch(call: str) -> Response:
         path = "/" + call
+        started = time.perf_counter()
         handler = table.get(path)
         if handler is None:
+            metrics.docker_call(None, 404, time.perf_counter() - started)
             return _answer({"Err": f"{path} is not implemented by vpcnet"}, 404)
-        started = time.perf_counter()
+        body = Body()
         try:
-            answer = handler(_parse_body())
+            body = _parse_body()
+            answer = handler(body)
             status = 200
         except VpcnetError as exc:
             answer, status = {"Err": str(exc)}, exc.http_status
         except Exception as exc:     # a bug: still answer Docker with a message, and log the trace
             log.exception("%s failed", path)
             answer, status = {"Err": f"vpcnet internal error in {path}: {type(exc).__name__}: {exc}"}, 500
+        elapsed = time.perf_counter() - started
+        metrics.docker_call(path, status, elapsed)
         log.log(logging.INFO if status != 200 else logging.DEBUG, "%s -> %d %s (%.1f ms)", path, status,
-                answer.get("Err", ""), (time.perf_counter() - started) * 1000)
+                answer.get("Err", ""), elapsed * 1000, extra=_log_fields(path, status, elapsed, body))
         return _answer(answer, status)
 
     @app.errorhandler(HTTPException)
@@ -119,6 +125,13 @@ def create_app(driver, ipam) -> Flask:
         return _answer({"Err": f"{request.method} {request.path}: {exc.name}"}, exc.code or 500)
 
     return app
+
+
+def _log_fields(path: str, status: int, elapsed: float, body: Body) -> dict:
+    """What a JSON log line carries about a call (vpcnet.logs); ids cut to Docker's short form."""
+    ids = {key: value[:12] for key, name in (("network", "NetworkID"), ("endpoint", "EndpointID"))
+           if isinstance(value := body.get(name), str)}
+    return {"call": path[1:], "status": status, "duration_ms": round(elapsed * 1000, 3), **ids}
 
 
 def _parse_body() -> Body:

@@ -60,7 +60,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import requests
 
-from vpcnet import __version__
+from vpcnet import __version__, metrics
 from vpcnet.cloud import DuplicateRoute, Provider, QuotaExceeded, Route, table_list
 from vpcnet.cloud.aliyun_signature import percent_encode, sign
 from vpcnet.errors import Busy, Fatal, Retryable, VpcnetError
@@ -425,6 +425,7 @@ class _RpcClient:
     def __repr__(self) -> str:
         return f"_RpcClient({self.endpoint!r}, version={self.version!r}, region={self.region!r})"
 
+    @metrics.cloud_call("aliyun")
     def call(self, action: str, params: dict[str, str] | None = None) -> dict:
         keys = self._credentials.get()
         body = {

@@ -72,6 +72,7 @@ import botocore.config
 import botocore.exceptions
 import botocore.session
 
+from vpcnet import metrics
 from vpcnet.cloud import (
     ROUTE_MARKER,
     DuplicateRoute,
@@ -366,6 +367,7 @@ class AwsProvider(Provider):
                         # botocore's retries are OFF (one attempt per call): the RouteKeeper retries
                         # Retryable answers with its own bounded backoff and jitter.
                         retries={"total_max_attempts": 1, "mode": "standard"}))
+                metrics.instrument_botocore(self._client, "aws")
             return self._client
 
     def _secrets(self) -> list[str]:

@@ -1,0 +1,125 @@
+"""`vpcnet doctor` against a real `vpcnet serve`: a healthy host answers exit 0, then one fault at a time
+is made for real and doctor names exactly that fault (and its fix), and is green again once the fault is
+undone. Kernel faults (the FORWARD jump, ip_forward, a stale veth) are made in a network namespace of
+the test's own, where its plugin runs; cloud faults (the route deleted, the cloud unreachable) against
+the real emulator on 127.0.0.1."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import run, unique, wait_for
+
+from test_plugin_cloud import ME, TABLE, cloud_env, mine
+
+POOL_REQUEST = {"AddressSpace": "vpcnet-local", "Pool": "", "SubPool": "", "Options": {}, "V6": False}
+
+
+def doctor(plugin, netns: str | None = None, **env: str) -> tuple[int, dict[str, list[dict]]]:
+    """Run `vpcnet doctor --json` as an operator would (same configuration as the plugin); returns the
+    exit code and the problems by check name."""
+    prefix = ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
+    proc = subprocess.run([*prefix, sys.executable, "-m", "vpcnet.cli", "doctor", "--json"],
+                          env={**plugin.env, **env}, capture_output=True, text=True, timeout=120)
+    report = json.loads(proc.stdout)
+    problems: dict[str, list[dict]] = {}
+    for finding in report["findings"]:
+        if not finding["ok"]:
+            problems.setdefault(finding["check"], []).append(finding)
+    assert report["ok"] == (proc.returncode == 0) == (not problems), (proc.returncode, report, proc.stderr)
+    return proc.returncode, problems
+
+
+def only(problems: dict, check: str) -> dict:
+    assert set(problems) == {check}, problems
+    [finding] = problems[check]
+    assert finding["fix"], finding
+    return finding
+
+
+def test_doctor_text_output_names_problem_and_fix(plugin_factory):
+    plugin = plugin_factory({"VPCNET_METRICS_ADDR": ""})
+    proc = run([sys.executable, "-m", "vpcnet.cli", "doctor", "--docker-socket", "/nonexistent.sock"],
+               env=plugin.env, check=False)
+    assert proc.returncode == 1
+    [line] = [line for line in proc.stdout.splitlines() if line.startswith("PROBLEM")]
+    assert line.startswith("PROBLEM docker: the Docker engine at /nonexistent.sock does not answer")
+    assert "; fix: start Docker" in line
+    assert proc.stdout.splitlines()[-1].startswith("vpcnet doctor: 1 problem(s)")
+
+
+def test_kernel_faults_are_named_one_at_a_time(plugin_factory, netns_factory, docker_engine):
+    ns = netns_factory("vpdoc")
+    plugin = plugin_factory(netns=ns)
+    status, pool = plugin.call("/IpamDriver.RequestPool", POOL_REQUEST)
+    assert status == 200, pool
+    nid, eid = unique("d0c7") + "0" * 54, unique("e0c7") + "1" * 54
+    status, answer = plugin.call("/NetworkDriver.CreateNetwork", {
+        "NetworkID": nid, "Options": {}, "IPv6Data": [],
+        "IPv4Data": [{"AddressSpace": "vpcnet-local", "Pool": pool["Pool"],
+                      "Gateway": pool["Data"]["com.docker.network.gateway"]}]})
+    assert status == 200, answer
+    address = plugin.call("/IpamDriver.RequestAddress", {"PoolID": pool["PoolID"], "Address": ""})[1]["Address"]
+    assert plugin.call("/NetworkDriver.CreateEndpoint", {"NetworkID": nid, "EndpointID": eid,
+                                                          "Interface": {"Address": address}})[0] == 200
+    ip = ["ip", "netns", "exec", ns]
+
+    assert doctor(plugin, ns) == (0, {}), "a healthy host"
+
+    run([*ip, "iptables", "-D", "FORWARD", "-j", "VPCNET-FORWARD"])
+    finding = only(doctor(plugin, ns)[1], "forward_chain")
+    assert "no jump to VPCNET-FORWARD" in finding["detail"] and "iptables -I FORWARD 1" in finding["fix"]
+    run([*ip, "iptables", "-I", "FORWARD", "1", "-j", "VPCNET-FORWARD"])
+    # a rule that drops before vpcnet's jump is named; one that only sees another interface is not
+    run([*ip, "iptables", "-I", "FORWARD", "1", "-o", "docker0", "-j", "DROP"])
+    assert doctor(plugin, ns) == (0, {})
+    run([*ip, "iptables", "-I", "FORWARD", "1", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"])
+    assert "FORWARD rule 1" in only(doctor(plugin, ns)[1], "forward_chain")["detail"]
+    run([*ip, "iptables", "-D", "FORWARD", "1"])
+    run([*ip, "iptables", "-D", "FORWARD", "1"])
+    assert doctor(plugin, ns) == (0, {})
+
+    run([*ip, "sysctl", "-qw", "net.ipv4.ip_forward=0"])       # this namespace's only, never the machine's
+    assert "sysctl -w net.ipv4.ip_forward=1" in only(doctor(plugin, ns)[1], "ip_forward")["fix"]
+    run([*ip, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+    assert doctor(plugin, ns) == (0, {})
+
+    stale = "vh" + unique("")[:6] + "stal"
+    bridge = "vpc-" + nid[:11]
+    run(["ip", "-n", ns, "link", "add", stale, "type", "veth", "peer", "name", "vc" + stale[2:]])
+    run(["ip", "-n", ns, "link", "set", stale, "master", bridge])
+    finding = only(doctor(plugin, ns)[1], "stale_veth")
+    assert stale in finding["detail"] and finding["fix"] == f"ip link del {stale}"
+    run(["ip", "-n", ns, "link", "del", stale])
+    assert doctor(plugin, ns) == (0, {})
+
+
+def test_cloud_faults_are_named_one_at_a_time(plugin_factory, docker_engine):
+    from vpcnet.emulator import Emulator, serve_in_thread
+
+    from test_plugin_cloud import KEY_ID, REGION, SECRET, VPC
+
+    emu = Emulator(region=REGION, vpc_id=VPC, route_table_id=TABLE, credentials={KEY_ID: SECRET}, seed=3)
+    emu.register_instance(ME, "192.168.0.10")
+    url, stop = serve_in_thread(emu)
+    try:
+        plugin = plugin_factory(cloud_env(url, VPCNET_RECONCILE_INTERVAL="600"))
+        assert wait_for(lambda: [e for e in mine(emu) if e["Status"] == "Available"], 15), plugin.log()
+        plugin.metrics_url()
+        assert doctor(plugin) == (0, {}), "a healthy host"
+
+        [entry] = mine(emu)
+        assert emu.remove_entry(entry["RouteEntryId"])            # deleted behind vpcnet's back
+        finding = only(doctor(plugin)[1], "route")
+        assert "is missing from" in finding["detail"] and "vpcnet routes sync" in finding["fix"]
+        assert run([sys.executable, "-m", "vpcnet.cli", "routes", "sync"], env=plugin.env).returncode == 0
+        assert doctor(plugin) == (0, {})
+
+        stop()                                                    # the cloud's API no longer answers
+        finding = only(doctor(plugin)[1], "cloud")
+        assert "unreachable" in finding["detail"]
+        assert SECRET not in json.dumps(finding)
+    finally:
+        stop()
+        emu.close()

@@ -6,14 +6,18 @@ state dir serialises them across threads and processes alike (each `open` is its
 description, so two threads of one process exclude each other too). Objects map onto a fixed number of
 lock files (stripes), so the state dir never fills up with them; two objects sharing a stripe only wait
 for each other.
+
+`become_leader` is the other kind: one holder per host for as long as it runs (the route reconciler, the
+datapath pass), the other workers waiting their turn in case it dies.
 """
 from __future__ import annotations
 
 import fcntl
 import os
+import threading
 import zlib
 from contextlib import contextmanager
-from typing import Iterator
+from typing import IO, Iterator
 
 STRIPES = 64
 
@@ -29,3 +33,19 @@ def object_lock(state_dir: str, key: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+#: A worker waiting to become a leader retries the flock this often (seconds).
+LEADER_POLL = 5.0
+
+
+def become_leader(lock: IO, stop: threading.Event, poll: float = LEADER_POLL) -> bool:
+    """Hold `lock` (an open file) exclusively: True once held, False when `stop` is set first. The kernel
+    drops the flock when the holder's process dies, and a waiting worker takes over within `poll`."""
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if stop.wait(poll):
+                return False

@@ -87,6 +87,7 @@ from typing import Callable, Iterator
 from vpcnet import metrics
 from vpcnet.cloud import DuplicateRoute, Provider, QuotaExceeded, Route, make_provider, route_description, route_name
 from vpcnet.errors import Busy, Fatal, NotReady, Retryable, VpcnetError
+from vpcnet.locks import LEADER_POLL, become_leader
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,6 @@ PENDING_POLL = 1.0          # seconds between listings while a route is Pending
 MIN_PASS_GAP = 0.5          # background passes start at least this far apart, however often woken
 MAX_FAILURE_PAUSE = 60.0    # cap of the growing pause after failed passes (also capped by the interval)
 MAX_CLAIM_ATTEMPTS = 64     # creates tried for one block claim in one pass before giving up until the next
-LEADER_POLL = 5.0           # a worker waiting to become the reconciler retries the flock this often
 RESERVED_DEADLINE = 5.0     # longest retrying of the optional reserved-CIDR lookup
 PASS_LOCK_WAIT = 150.0      # longest wait for another process's pass (a pass is bounded by the backoff)
 BUSY_DEADLINE = 120.0       # how long "busy" answers (TaskConflict, throttling) are retried: a boot storm
@@ -760,13 +760,8 @@ class RouteKeeper:
         try:
             lock_path = os.path.join(self.config.state_dir, "reconciler.lock")
             with open(lock_path, "a") as lock:
-                while True:                         # wait to become the host's one reconciler
-                    try:
-                        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        if self._stop.wait(LEADER_POLL):
-                            return
+                if not become_leader(lock, self._stop, LEADER_POLL):     # the host's one reconciler
+                    return
                 log.info("reconciler running (pid %d, every %.0fs)", os.getpid(),
                          self.config.reconcile_interval)
                 self.on_leader()

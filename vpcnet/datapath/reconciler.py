@@ -13,7 +13,6 @@ route reconciler does with its own lock), every `VPCNET_DATAPATH_INTERVAL` secon
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -25,13 +24,12 @@ from typing import Callable, ContextManager, Iterator
 
 from vpcnet.datapath.protocol import Datapath
 from vpcnet.dataplane import EndpointSpec, NetworkGone, NetworkSpec, Repair
-from vpcnet.locks import object_lock
+from vpcnet.locks import become_leader, object_lock
 from vpcnet.store import Network, Store
 
 log = logging.getLogger(__name__)
 
 REPAIRS_KEY = "datapath_repairs"
-LEADER_POLL = 5.0
 
 
 def spec_of(net: Network) -> NetworkSpec:
@@ -134,13 +132,8 @@ class DatapathReconciler:
     def _run(self) -> None:
         try:
             with open(os.path.join(self.config.state_dir, "datapath.lock"), "a") as lock:
-                while True:                          # one pass per host: wait to hold the lock
-                    try:
-                        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        if self._stop.wait(LEADER_POLL):
-                            return
+                if not become_leader(lock, self._stop):      # one pass per host
+                    return
                 interval = self.config.datapath_interval
                 log.info("datapath pass every %.0fs in this worker (pid %d)", interval, os.getpid())
                 while not self._stop.wait(interval):

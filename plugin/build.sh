@@ -203,10 +203,11 @@ had_build=no; [ -e "$REPO/build" ] && had_build=yes
 "$PYTHON" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' \
     "$(ls "$WORK"/wheel/vpcnet-*.whl)" "$ROOT/$SITE"
 rm -rf "$WORK/wheel"
-# What a host runs, not the test infrastructure: the emulator, the lab, the test image builder and the
-# systemd installer stay out of the plugin (the CLI skips sub-commands whose module is absent).
+# What a host runs, not the test infrastructure: the emulator, the lab, the test image builder, the
+# systemd installer and the host installer stay out of the plugin (the CLI skips sub-commands whose
+# module is absent).
 rm -rf "$ROOT/$SITE/vpcnet/emulator" "$ROOT/$SITE/vpcnet/lab" "$ROOT/$SITE/vpcnet/image.py" \
-    "$ROOT/$SITE/vpcnet/install.py"
+    "$ROOT/$SITE/vpcnet/install.py" "$ROOT/$SITE/vpcnet/bootstrap.py"
 cat >"$ROOT/opt/vpcnet/bin/vpcnet" <<'EOF'
 #!/opt/vpcnet/bin/python
 import sys

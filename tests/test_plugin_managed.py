@@ -206,7 +206,7 @@ def test_build_leaves_the_plugin_installed_and_enabled(built):
     # what a host runs only: no emulator, lab or image builder in the rootfs
     (site,) = glob.glob(f"/proc/{pids[0]}/root/opt/vpcnet/lib/python3.*/site-packages/vpcnet")
     assert os.path.exists(f"{site}/serve.py") and os.path.exists(f"{site}/datapath/reconciler.py")
-    for test_only in ("emulator", "lab", "image.py", "install.py"):
+    for test_only in ("emulator", "lab", "image.py", "install.py", "bootstrap.py"):
         assert not os.path.exists(f"{site}/{test_only}"), test_only
     assert set(info["Config"]["Interface"]["Types"]) == {"docker.networkdriver/1.0", "docker.ipamdriver/1.0"}
 

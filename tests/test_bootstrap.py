@@ -79,15 +79,27 @@ def install_locations(fresh_clone):
         os.rename(aside, path)
 
 
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 def stop_group(proc: subprocess.Popen) -> None:
-    """The command's shell, vpcnet serve and its worker: one session we started."""
-    if proc.poll() is None:
+    """The command's shell, vpcnet serve and its worker: one session we started, ended as Ctrl-C ends a
+    foreground job (every process of it signalled), and waited for as a whole: the shell exits at once,
+    gunicorn's master only once its worker has stopped and it has removed the socket."""
+    try:
         os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+    except ProcessLookupError:
+        return
+    proc.wait(timeout=20)
+    if wait_for(lambda: not group_alive(proc.pid), 30, 0.1):
+        return
+    os.killpg(proc.pid, signal.SIGKILL)
+    wait_for(lambda: not group_alive(proc.pid), 10, 0.1)
 
 
 def test_readme_first_command_installs_and_serves_on_the_system_python(fresh_clone, install_locations,

@@ -123,3 +123,12 @@ def test_cloud_faults_are_named_one_at_a_time(plugin_factory, docker_engine):
     finally:
         stop()
         emu.close()
+
+
+def test_doctor_talks_to_the_engine_docker_host_names():
+    """Like the docker CLI: a rootless engine or a second one is found through DOCKER_HOST."""
+    from vpcnet.doctor import DOCKER_SOCKET, default_docker_socket
+
+    assert default_docker_socket({"DOCKER_HOST": "unix:///run/user/1000/docker.sock"}) == "/run/user/1000/docker.sock"
+    assert default_docker_socket({"DOCKER_HOST": "tcp://127.0.0.1:2375"}) == DOCKER_SOCKET
+    assert default_docker_socket({}) == DOCKER_SOCKET

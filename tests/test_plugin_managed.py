@@ -229,6 +229,7 @@ def test_doctor_checks_the_managed_plugin(built):
     host's loopback (the plugin runs in the host's network namespace)."""
     assert built.first, "runs after test_network_and_two_containers_that_ping_each_other"
     proc = run([sys.executable, "-m", "vpcnet.cli", "doctor", "--plugin", built.name, "--json"], check=False)
+    assert proc.stdout.startswith("{"), f"exit {proc.returncode}: {proc.stderr}"
     report = json.loads(proc.stdout)
     problems = [f for f in report["findings"] if not f["ok"]]
     assert proc.returncode == 0 and not problems, (problems, built.plugin_log()[-3000:])

@@ -616,6 +616,13 @@ _HEALTH_FIXES = {
 
 
 # -- the command ---------------------------------------------------------------------------------------
+def default_docker_socket(environ=os.environ) -> str:
+    """The engine the docker CLI would talk to: DOCKER_HOST when it names a unix socket (rootless Docker,
+    a second engine), else the standard socket."""
+    host = environ.get("DOCKER_HOST", "")
+    return host[len("unix://"):] if host.startswith("unix://") else DOCKER_SOCKET
+
+
 def managed_plugin(name: str, docker_socket: str) -> tuple[dict, dict[str, str]]:
     """(`docker plugin inspect NAME`, its VPCNET_* settings with the state dir as seen from the host)."""
     from urllib.parse import quote
@@ -639,8 +646,9 @@ def register(sub) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="also list the checks that pass")
     parser.add_argument("--plugin", metavar="NAME", help="check a managed plugin (settings from docker plugin "
                                                          "inspect NAME)")
-    parser.add_argument("--docker-socket", default=DOCKER_SOCKET, metavar="PATH",
-                        help=f"the Docker engine's API socket (default {DOCKER_SOCKET})")
+    parser.add_argument("--docker-socket", default=default_docker_socket(), metavar="PATH",
+                        help=f"the Docker engine's API socket (default: DOCKER_HOST's unix:// path, else "
+                             f"{DOCKER_SOCKET})")
 
     def func(args) -> int:
         plugin = None

@@ -19,7 +19,7 @@ MEDIA_TYPE = "application/vnd.docker.plugins.v1.2+json"
 
 DATAPLANE_METHODS = ("ensure_host", "ensure_network", "delete_network", "network_exists", "stale_chains",
                      "drop_stale_chain", "drop_stale_uplink_programs", "ensure_endpoint", "delete_endpoint",
-                     "link_exists", "uplink_mtu", "overlapping_routes", "repair")
+                     "link_exists", "uplink_mtu", "overlapping_routes", "repair", "features")
 
 
 class FakeDataplane:
@@ -28,8 +28,12 @@ class FakeDataplane:
     `fail[method] = exc` makes the next calls of that method raise `exc` (before changing anything).
     """
 
-    def __init__(self, uplink: int = 1500):
+    def __init__(self, uplink: int = 1500, features=None):
+        from vpcnet.datapath.features import Features
+
         self.uplink = uplink
+        # what the host supports (the real probe's answer type); ebpf, as on the machines the tests run on
+        self.host_features = features or Features("ebpf")
         self.host_ready = False
         self.networks: dict[str, Any] = {}          # bridge -> NetworkSpec
         self.links: dict[str, dict] = {}            # host veth -> {peer, bridge, mac, mtu}
@@ -56,6 +60,9 @@ class FakeDataplane:
     def uplink_mtu(self) -> int:
         self._call("uplink_mtu")
         return self.uplink
+
+    def features(self):
+        return self.host_features
 
     def overlapping_routes(self, cidr: str) -> list[str]:
         self._call("overlapping_routes", cidr)

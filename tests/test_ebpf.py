@@ -128,7 +128,8 @@ def routed_host(kernel, netns_factory):
     and resolved neighbour. Returns (netns, {name: ifindex})."""
     ns = netns_factory("vpcbpf")
     run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
-    for a, b in (("uplink0", "uplink0p"), ("vpc-anchor", "vpp-anchor"), ("vhendpoint", "vcendpoint")):
+    for a, b in (("uplink0", "uplink0p"), ("vpc-anchor", "vpp-anchor"), ("vhendpoint", "vcendpoint"),
+                 ("vhother", "vcother")):
         run(["ip", "-n", ns, "link", "add", a, "type", "veth", "peer", "name", b])
         run(["ip", "-n", ns, "link", "set", a, "up"])
         run(["ip", "-n", ns, "link", "set", b, "up"])
@@ -140,6 +141,11 @@ def routed_host(kernel, netns_factory):
          "nud", "permanent"])
     run(["ip", "-n", ns, "route", "add", "10.77.3.2/32", "dev", "vhendpoint", "scope", "link"])
     run(["ip", "-n", ns, "neigh", "replace", "10.77.3.2", "lladdr", "02:42:0a:4d:03:02", "dev", "vhendpoint",
+         "nud", "permanent"])
+    # a second endpoint of the same network on this host
+    run(["ip", "-n", ns, "link", "set", "vhother", "address", "02:aa:00:00:00:02"])
+    run(["ip", "-n", ns, "route", "add", "10.77.3.3/32", "dev", "vhother", "scope", "link"])
+    run(["ip", "-n", ns, "neigh", "replace", "10.77.3.3", "lladdr", "02:42:0a:4d:03:03", "dev", "vhother",
          "nud", "permanent"])
     # what the uplink program's guards are for: a resolved neighbour behind the anchor, and an address of
     # the block routed back out of the uplink
@@ -162,16 +168,21 @@ def test_container_program_forwards_cluster_traffic_with_ttl_and_checksum_right(
     ns, index = routed_host
 
     def check():
-        fd = ebpf.load(ebpf.container_program(HOST, CLUSTER), "vpcnet_test")
+        fd = ebpf.load(ebpf.container_program(HOST, CLUSTER, "10.77.3.2", index["vpc-anchor"]), "vpcnet_test")
         try:
             out = {}
             for case, packet in {
                 "to another host": ipv4("10.77.3.2", "10.77.4.2"),
                 "checksum carry": ipv4("10.77.3.2", "10.77.4.2", ident=ident_for_checksum(
                     "10.77.3.2", "10.77.4.2", 64, 0xFFFE)),
-                "to this host's block": ipv4("10.77.3.2", "10.77.3.3"),
+                "to another container of this host": ipv4("10.77.3.2", "10.77.3.3"),
+                "back to itself": ipv4("10.77.3.2", "10.77.3.2"),
+                "an address behind the anchor": ipv4("10.77.3.2", "10.77.3.9"),
+                "the gateway": ipv4("10.77.3.2", "10.77.3.1"),
                 "leaving the cluster": ipv4("10.77.3.2", "198.51.100.2"),
                 "spoofed source": ipv4("10.77.9.9", "10.77.4.2"),
+                "a neighbour's source": ipv4("10.77.3.3", "10.77.4.2"),
+                "a neighbour's source, locally": ipv4("10.77.3.3", "10.77.3.2"),
                 "ttl 1": ipv4("10.77.3.2", "10.77.4.2", ttl=1),
                 "not IPv4": ipv4("10.77.3.2", "10.77.4.2", ethertype=0x0806),
             }.items():
@@ -188,7 +199,13 @@ def test_container_program_forwards_cluster_traffic_with_ttl_and_checksum_right(
         assert checksum(data[14:34]) == 0, f"{case}: the header checksum still adds up"
         assert data[24:26] == forwarded_checksum(packet), f"{case}: the very bytes the kernel's forwarding writes"
         assert data[:22] == packet[:22] and data[23:24] == packet[23:24] and data[26:] == packet[26:]
-    for case in ("to this host's block", "leaving the cluster", "spoofed source", "ttl 1", "not IPv4"):
+    packet, verdict, data = results["to another container of this host"]
+    assert verdict == TC_ACT_REDIRECT, "same host: straight into the other container"
+    assert data[0:6] == bytes.fromhex("02420a4d0303"), "destination MAC: the other container's"
+    assert data[6:12] == bytes.fromhex("02aa00000002"), "source MAC: its host veth's"
+    assert data[22] == 63 and data[24:26] == forwarded_checksum(packet) and checksum(data[14:34]) == 0
+    for case in ("back to itself", "an address behind the anchor", "the gateway", "leaving the cluster",
+                 "spoofed source", "a neighbour's source", "a neighbour's source, locally", "ttl 1", "not IPv4"):
         packet, verdict, data = results[case]
         assert verdict == UNSPEC, case
         assert data == packet, f"{case}: left as it was, for the normal path"

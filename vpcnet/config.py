@@ -94,6 +94,10 @@ SETTINGS: tuple[Setting, ...] = (
             "(comma-separated CIDRs)", _cidr_list),
     Setting("mtu", 0, "Container MTU; 0 takes the MTU of the uplink (the default route's interface)",
             _int),
+    Setting("default_mode", "auto", "Datapath of a network created without -o vpcnet.mode: auto (the best this "
+            "kernel and the plugin's capabilities allow: ebpf, else routed, else bridge), bridge, routed or ebpf "
+            "(a mode the host cannot do is refused at network create); networks keep the mode they were made with",
+            lambda text: text.strip().lower()),
     Setting("log_level", "INFO", "Log level: DEBUG, INFO, WARNING, ERROR"),
     Setting("log_format", "text", "Log format: text, or json (one object per line with the Docker call, its "
             "duration and the network/endpoint ids)"),
@@ -151,6 +155,7 @@ class Config:
     host_cidr: str = ""
     no_nat_cidrs: tuple[str, ...] = ()
     mtu: int = 0
+    default_mode: str = "auto"
     log_level: str = "INFO"
     log_format: str = "text"
     workers: int = 1
@@ -269,6 +274,8 @@ def validate(config: Config, check_socket_dir: bool = True) -> None:
                               "(at most /30)")
     if config.mtu and not 576 <= config.mtu <= 65535:
         raise ConfigError(f"VPCNET_MTU: {config.mtu} is out of range (0 = from uplink, else 576..65535)")
+    if config.default_mode not in ("auto", "bridge", "routed", "ebpf"):
+        raise ConfigError(f"VPCNET_DEFAULT_MODE: unknown mode {config.default_mode!r} (auto, bridge, routed or ebpf)")
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError(f"VPCNET_LOG_LEVEL: unknown level {config.log_level!r}")
     if config.log_format not in ("text", "json"):

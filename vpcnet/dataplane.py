@@ -67,6 +67,7 @@ from pyroute2 import IPRoute, NetlinkError
 
 from vpcnet import ebpf, rtnl
 from vpcnet.datapath.firewall import FORWARD_CHAIN, HOST_VETHS, NAT_CHAIN, PARENTS, PREFIXES, RAW_CHAIN, FirewallTable  # noqa: F401 - re-exported: vpcnet.dataplane's public names
+from vpcnet.datapath.features import Features, probe
 from vpcnet.datapath.modes import strategy
 from vpcnet.errors import DataplaneError
 
@@ -259,6 +260,10 @@ class Dataplane:
                 hops = [route.get("RTA_OIF")] + [hop["oif"] for hop in route.get("RTA_MULTIPATH") or []]
                 out += [index for index in hops if index and index not in out]
         return out
+
+    def features(self) -> Features:
+        """What each datapath mode needs, probed once per process on this namespace (vpcnet.datapath.features)."""
+        return probe(self.netns)
 
     def overlapping_routes(self, cidr: str) -> list[str]:
         """Kernel routes (main table, not the default route) overlapping `cidr`, described for humans."""
@@ -470,7 +475,7 @@ class Dataplane:
             except NetlinkError as exc:
                 raise DataplaneError(f"cannot route {address} to {host_veth}: {exc}") from None
             if spec.ebpf:
-                self._attach(ipr, host_idx, ebpf.container_program(spec.host_cidr, spec.cluster_cidr),
+                self._attach(ipr, host_idx, ebpf.container_program(spec.host_cidr, spec.cluster_cidr, address, br),
                              "vpcnet_ctr", spec.tc_name, *ENDPOINT_FILTER)
 
     def delete_endpoint(self, host_veth: str) -> None:

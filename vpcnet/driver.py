@@ -9,10 +9,14 @@ removes the row first and then the kernel state; what the kernel refuses to give
 leftover and removed by the next start or datapath pass. Calls about one network are serialised by a
 file lock (vpcnet.locks), across threads and gunicorn workers.
 
-Options: `-o com.docker.network.driver.mtu=N`, and `-o vpcnet.mode=bridge|routed|ebpf` (default bridge):
-the datapath of the network, stored with it (see vpcnet.dataplane: routed mode has no bridge, proxy ARP
-and a /32 route per endpoint, for a shorter per-packet path; ebpf mode adds a tc fast path that skips
-the host's IP stack for cluster traffic). Unknown options and modes are refused.
+Options: `-o com.docker.network.driver.mtu=N`, and `-o vpcnet.mode=bridge|routed|ebpf`: the datapath of
+the network, stored with it (see vpcnet.dataplane: routed mode has no bridge, proxy ARP and a /32 route
+per endpoint, for a shorter per-packet path; ebpf mode adds a tc fast path that skips the host's IP stack
+for cluster traffic). Without it the network gets the host's default mode (`default_mode`):
+`VPCNET_DEFAULT_MODE=auto` takes the best mode this kernel and the plugin's capabilities allow, as probed
+once per process by vpcnet.datapath.features (ebpf, else routed, else bridge); a pinned mode the host
+cannot do is refused, naming why. The mode is stored, so a network keeps it across restarts and upgrades
+whatever the default becomes. Unknown options and modes are refused.
 
 What current engines (Docker 28/29) add:
 - `GwAllocChecker: true`: Docker then posts GwAllocCheck with the network's options before it asks IPAM
@@ -31,11 +35,13 @@ What current engines (Docker 28/29) add:
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import re
 import sqlite3
 import time
 
+from vpcnet.datapath.features import DefaultMode, default_mode
 from vpcnet.datapath.protocol import Datapath
 from vpcnet.datapath.reconciler import DatapathReconciler, spec_of
 from vpcnet.dataplane import MODES, bridge_name, mac_for, veth_names
@@ -46,6 +52,8 @@ from vpcnet.store import Endpoint, Network
 __all__ = ["NetworkDriver", "spec_of"]
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MODE_KEY = "datapath_default"                     # store meta: the plugin's resolved default mode
 
 _MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 GENERIC = "com.docker.network.generic"
@@ -81,8 +89,27 @@ class NetworkDriver:
     def gw_alloc_check(self, options: dict) -> dict:
         """Docker 28+, before RequestPool: refuse what create_network would, while no block is claimed
         yet; vpcnet always wants its gateway address."""
-        self._check_network_options(options or {})
+        generic = self._check_network_options(options or {})
+        self._network_mode(generic.get(MODE_OPTION))
         return {"SkipIPv4": False, "SkipIPv6": False}
+
+    def default_mode(self) -> DefaultMode:
+        """The mode a network created without `-o vpcnet.mode` gets on this host, and why."""
+        return default_mode(self.config.default_mode, self.dataplane.features())
+
+    def _network_mode(self, raw) -> str:
+        """The mode asked for with -o vpcnet.mode, else the host's default; a pinned default the host cannot
+        do is refused (an explicit -o is tried as asked: the kernel's refusal names the reason)."""
+        mode = _mode(raw)
+        if mode is not None:
+            return mode
+        default = self.default_mode()
+        features = self.dataplane.features()
+        if not features.supports(default.mode):
+            raise InvalidRequest(f"VPCNET_DEFAULT_MODE={default.setting}: this host cannot do {default.mode} mode "
+                                 f"({features.why_not(default.mode)}); set VPCNET_DEFAULT_MODE=auto or "
+                                 f"{features.best}, or create the network with -o {MODE_OPTION}={features.best}")
+        return default.mode
 
     @staticmethod
     def _check_network_options(options: dict) -> dict:
@@ -119,7 +146,7 @@ class NetworkDriver:
         if pool not in pools:
             raise InvalidRequest(f"pool {pool or '(none)'} is not a vpcnet pool: create the network with "
                                  f"vpcnet as its IPAM driver too (--ipam-driver, the same name as -d). {SWARM_HINT}")
-        mode = _mode(generic.get(MODE_OPTION))
+        mode = self._network_mode(generic.get(MODE_OPTION))
         mtu = self._mtu(generic.get(MTU_OPTION))
         net = Network(network_id=network_id, host_cidr=pool, cluster_cidr=pools[pool]["cluster_cidr"],
                       gateway=pools[pool]["gateway"], bridge=bridge_name(network_id), mtu=mtu,
@@ -310,6 +337,7 @@ class NetworkDriver:
         endpoint lacks (after a reboot, or rules flushed by someone), removes deleted objects' leftovers,
         then per-network chains and uplink programs of networks vpcnet no longer knows are dropped."""
         nets = self.store.networks()
+        self._record_default_mode()
         self.dataplane.ensure_host()
         self.reconciler.reconcile()
         known = {spec_of(n).tag for n in nets}
@@ -318,6 +346,22 @@ class NetworkDriver:
             self.dataplane.drop_stale_chain(table, chain)
         for name in self.dataplane.drop_stale_uplink_programs(known):
             log.info("removed stale uplink program %s", name)
+
+    def _record_default_mode(self) -> None:
+        """Probe once at start, log the default and keep it in the store for `vpcnet status`/`doctor` (which
+        may run with other capabilities than the plugin's)."""
+        default = self.default_mode()
+        if default.fallback:
+            log.warning("networks created without -o %s get %s mode: %s", MODE_OPTION, default.mode,
+                        default.fallback)
+        else:
+            log.info("networks created without -o %s get %s mode (VPCNET_DEFAULT_MODE=%s)", MODE_OPTION,
+                     default.mode, default.setting)
+        try:
+            with self.store.tx() as db:
+                self.store.set_meta(db, DEFAULT_MODE_KEY, json.dumps(default.to_dict(), sort_keys=True))
+        except Exception as exc:        # a full disk must not stop the start: the log has it
+            log.warning("cannot record the default mode: %s", exc)
 
     # -- helpers ----------------------------------------------------------------------------------
     def _ensure_endpoint(self, net: Network, ep: Endpoint) -> None:
@@ -354,9 +398,9 @@ def _require_id(field: str, value) -> None:
         raise InvalidRequest(f"missing field {field}")
 
 
-def _mode(raw) -> str:
+def _mode(raw) -> str | None:
     if raw in (None, ""):
-        return "bridge"
+        return None
     mode = str(raw).strip().lower()
     if mode not in MODES:
         raise InvalidRequest(f"-o {MODE_OPTION}={raw}: unknown mode (vpcnet knows: {', '.join(MODES)})")

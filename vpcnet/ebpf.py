@@ -243,17 +243,30 @@ def _pass(a: Asm) -> None:
     a.exit()
 
 
-def container_program(host_cidr: str, cluster_cidr: str) -> bytes:
-    """tc ingress of an endpoint's host veth: container -> another host of the cluster."""
+def container_program(host_cidr: str, cluster_cidr: str, address: str | None = None,
+                      anchor_ifindex: int = 0) -> bytes:
+    """tc ingress of an endpoint's host veth: container -> another host of the cluster, or -> another
+    container of this network on this host. `address`: the endpoint's own address, the only source that
+    takes the fast path (what the routed path's anti-spoofing check would let through); without it, any
+    source in the host CIDR (the probe's form)."""
     a = Asm()
     _parse(a)
-    _require_in(a, 7, host_cidr)
+    if address is not None:
+        a.jump(JNE, 7, "pass", imm=_s32(_le(ipaddress.IPv4Address(address))), wide=False)
+    else:
+        _require_in(a, 7, host_cidr)
     _require_in(a, 8, cluster_cidr)
-    _require_in(a, 8, host_cidr, inside=False)    # this host's own containers: the normal path
+    net, mask = _net(host_cidr)
+    a.mov(4, 8)
+    a.andi32(4, mask)
+    a.jump(JEQ, 4, "local", imm=net, wide=False)     # this host's own containers: straight into theirs
     _fib_lookup(a)
     a.jump(JNE, 0, "pass", imm=FIB_SUCCESS)
     _decrement_ttl(a, "ttl_done")
     _redirect_neigh(a)
+    a.label("local")
+    _fib_lookup(a)
+    _to_endpoint(a, anchor_ifindex, "local_ttl_done")
     _pass(a)
     return a.assemble()
 
@@ -265,14 +278,23 @@ def uplink_program(host_cidr: str, cluster_cidr: str, anchor_ifindex: int) -> by
     _require_in(a, 7, cluster_cidr)
     _require_in(a, 8, host_cidr)
     _fib_lookup(a)
+    _to_endpoint(a, anchor_ifindex, "ttl_done")
+    _pass(a)
+    return a.assemble()
+
+
+def _to_endpoint(a: Asm, anchor_ifindex: int, done: str) -> None:
+    """After a fib lookup towards the host CIDR: into the container behind the /32 route's host veth
+    (MACs from the lookup, TTL decremented, bpf_redirect_peer: no second queueing on the veth)."""
     # Only to an endpoint's veth: not back out where it came from, not to the network's anchor (an
-    # address no endpoint holds, routed by the connected route: the normal path answers it).
+    # address no endpoint holds, routed by the connected route: the normal path answers it). The gateway
+    # is a local address: the lookup does not succeed for it.
     a.ldx(4, 5, FP, F_IFINDEX)
     a.jump(JEQ, 5, "pass", imm=anchor_ifindex)
     a.ldx(4, 4, 6, SKB_IFINDEX)
     a.jump(JEQ, 5, "pass", src=4)
     a.jump(JNE, 0, "pass", imm=FIB_SUCCESS)
-    _decrement_ttl(a, "ttl_done")
+    _decrement_ttl(a, done)
     for off in range(0, 6, 2):                    # dst MAC = the container's, src MAC = the host veth's
         a.ldx(2, 4, FP, F_DMAC + off)
         a.stx(2, 2, ETH_DST + off, 4)
@@ -282,8 +304,6 @@ def uplink_program(host_cidr: str, cluster_cidr: str, anchor_ifindex: int) -> by
     a.movi(2, 0)
     a.call(REDIRECT_PEER)
     a.exit()
-    _pass(a)
-    return a.assemble()
 
 
 # -- loading ------------------------------------------------------------------------------------------

@@ -8,11 +8,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable, ContextManager, Protocol, Sequence
 
 if TYPE_CHECKING:
+    from vpcnet.datapath.features import Features
     from vpcnet.dataplane import EndpointSpec, NetworkSpec, Repair
 
 
 class Datapath(Protocol):
     def uplink_mtu(self) -> int: ...
+
+    def features(self) -> Features: ...
 
     def overlapping_routes(self, cidr: str) -> list[str]: ...
 

@@ -1,0 +1,201 @@
+"""What each datapath mode needs, checked on this kernel with this process's capabilities.
+
+A network created without `-o vpcnet.mode` gets the best mode this host can do (ebpf, else routed, else
+bridge; `VPCNET_DEFAULT_MODE` pins one). "Can do" is found by doing it once, on a throwaway veth pair that
+is deleted again, never assumed from a kernel version:
+
+- ebpf: both fast-path programs of vpcnet.ebpf pass BPF_PROG_LOAD (the verifier then has also checked
+  the helpers they call, bpf_fib_lookup, bpf_redirect_neigh and bpf_redirect_peer), and a clsact qdisc
+  with a direct-action bpf filter attaches. Refused without CAP_BPF (or CAP_SYS_ADMIN) or on kernels
+  before 5.10.
+- routed: a veth pair can be made (the anchor and the endpoints' veths) and proxy ARP and its delay can be
+  set on it over netlink.
+- bridge: always (what every vpcnet host already needs).
+
+The probe costs a few milliseconds (two program loads, one veth pair) and runs once per process and
+network namespace (`probe` caches it). The throwaway pair is named `vpt<pid>` and lives in the namespace
+the datapath works in, so a crash in between leaves at most one down veth pair, which the next probe of a
+process with that pid replaces.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import logging
+import os
+import threading
+from dataclasses import asdict, dataclass, field
+
+from pyroute2 import IPRoute, NetlinkError
+
+from vpcnet import ebpf, rtnl
+from vpcnet.errors import DataplaneError
+
+log = logging.getLogger(__name__)
+
+ORDER = ("ebpf", "routed", "bridge")          # best first
+TC_INGRESS = 0xFFFFFFF2
+ETH_P_IP = 0x0800
+# CIDRs only for assembling the programs; nothing is routed by them
+_HOST, _CLUSTER = "10.255.0.0/24", "10.255.0.0/16"
+
+
+@dataclass(frozen=True)
+class Features:
+    """The probe's answer: the best mode this host supports, and why each better one is not."""
+    best: str
+    missing: dict[str, str] = field(default_factory=dict)    # mode -> one line a user understands
+
+    def supports(self, mode: str) -> bool:
+        return ORDER.index(mode) >= ORDER.index(self.best)
+
+    def why_not(self, mode: str) -> str:
+        return self.missing.get(mode, "")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DefaultMode:
+    """The mode a network created without `-o vpcnet.mode` gets, and why (for status and doctor)."""
+    mode: str
+    setting: str                 # VPCNET_DEFAULT_MODE: auto | bridge | routed | ebpf
+    fallback: str = ""           # auto chose less than ebpf: why, and what to do
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_mode(setting: str, features: Features) -> DefaultMode:
+    """`auto`: the best supported mode; a pinned mode as given (create_network refuses one the host cannot
+    do, naming why)."""
+    if setting != "auto":
+        return DefaultMode(setting, setting)
+    if features.best == "ebpf":
+        return DefaultMode("ebpf", setting)
+    why = "; ".join(f"{m}: {features.missing[m]}" for m in ORDER if m in features.missing)
+    return DefaultMode(features.best, setting, f"{why}. Give the plugin what is missing, or pin "
+                                               f"VPCNET_DEFAULT_MODE={features.best} to silence this")
+
+
+_cache: dict[str | None, Features] = {}
+_lock = threading.Lock()
+
+
+def probe(netns: str | None = None, fresh: bool = False) -> Features:
+    """The host's features, probed once per process (and network namespace)."""
+    with _lock:
+        if fresh or netns not in _cache:
+            _cache[netns] = _probe(netns)
+            log.info("datapath features: best mode %s%s", _cache[netns].best,
+                     "".join(f"; no {m}: {why}" for m, why in _cache[netns].missing.items()))
+        return _cache[netns]
+
+
+def _probe(netns: str | None) -> Features:
+    missing: dict[str, str] = {}
+    name = f"vpt{os.getpid() % 10**11}"
+    try:
+        with IPRoute(netns=netns) if netns else IPRoute() as ipr:
+            index, why = _scratch_veth(ipr, name)
+            try:
+                if index is None:
+                    missing["routed"] = missing["ebpf"] = why
+                else:
+                    why = _routed(index, netns)
+                    if why:
+                        missing["routed"] = missing["ebpf"] = why
+                    else:
+                        why = _ebpf(ipr, index)
+                        if why:
+                            missing["ebpf"] = why
+            finally:
+                if index is not None:
+                    _delete(ipr, index)
+    except (OSError, NetlinkError) as exc:
+        missing["routed"] = missing["ebpf"] = f"netlink is not usable here: {exc}"
+    best = next(m for m in ORDER if m not in missing)
+    return Features(best, {m: why for m, why in missing.items() if ORDER.index(m) < ORDER.index(best)})
+
+
+def _scratch_veth(ipr: IPRoute, name: str) -> tuple[int | None, str]:
+    try:
+        ipr.link("del", ifname=name)              # a pair left by a crashed process of this pid
+    except NetlinkError:
+        pass
+    try:
+        ipr.link("add", ifname=name, kind="veth", peer={"ifname": name + "p"})
+        return ipr.link("get", ifname=name)[0]["index"], ""
+    except NetlinkError as exc:
+        return None, f"cannot create a veth pair ({_errstr(exc)}): the kernel needs the veth driver"
+
+
+def _routed(index: int, netns: str | None) -> str:
+    sock = None
+    try:
+        sock = rtnl.open_socket(netns)
+        rtnl.set_proxy_arp(sock, index)
+        rtnl.set_arp_proxy_delay(sock, index, 0)
+        return ""
+    except OSError as exc:
+        return f"cannot set proxy ARP over netlink ({exc})"
+    finally:
+        if sock is not None:
+            sock.close()
+
+
+def _ebpf(ipr: IPRoute, index: int) -> str:
+    fds = []
+    try:
+        for program, prog_name in ((ebpf.container_program(_HOST, _CLUSTER, "10.255.0.2"), "vpcnet_probe_c"),
+                                   (ebpf.uplink_program(_HOST, _CLUSTER, index), "vpcnet_probe_u")):
+            fds.append(ebpf.load(program, prog_name))
+    except DataplaneError as exc:
+        return str(exc).replace("cannot load eBPF program", "the kernel refuses the fast-path program", 1)
+    try:
+        try:
+            ipr.tc("add", "clsact", index)
+        except NetlinkError as exc:
+            return f"cannot add a clsact qdisc ({_errstr(exc)}): the kernel needs sch_ingress/clsact"
+        try:
+            ipr.tc("add-filter", "bpf", index, 1, fd=fds[0], name="vpcnet-probe", parent=TC_INGRESS,
+                   classid=1, direct_action=True, prio=1, protocol=ETH_P_IP)
+        except NetlinkError as exc:
+            return f"cannot attach a tc bpf filter ({_errstr(exc)}): the kernel needs cls_bpf"
+        return ""
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _delete(ipr: IPRoute, index: int) -> None:
+    try:
+        ipr.link("del", index=index)               # its peer, qdisc and filter go with it
+    except NetlinkError as exc:
+        if exc.code not in (errno.ENODEV, errno.ENOENT):
+            log.warning("cannot delete the probe's veth (link %d): %s", index, exc)
+
+
+def _errstr(exc: NetlinkError) -> str:
+    return os.strerror(exc.code) if exc.code else str(exc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python3 -m vpcnet.datapath.features [--json]`: probe this process's view of the host."""
+    parser = argparse.ArgumentParser(prog="python3 -m vpcnet.datapath.features")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    features = probe()
+    if args.json:
+        print(json.dumps(features.to_dict()))
+    else:
+        print(f"best mode: {features.best}")
+        for mode, why in features.missing.items():
+            print(f"no {mode}: {why}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -55,8 +55,8 @@ def test_kernel_faults_are_named_one_at_a_time(plugin_factory, netns_factory, do
     status, pool = plugin.call("/IpamDriver.RequestPool", POOL_REQUEST)
     assert status == 200, pool
     nid, eid = unique("d0c7") + "0" * 54, unique("e0c7") + "1" * 54
-    status, answer = plugin.call("/NetworkDriver.CreateNetwork", {
-        "NetworkID": nid, "Options": {}, "IPv6Data": [],
+    status, answer = plugin.call("/NetworkDriver.CreateNetwork", {         # a bridge to hang a stale veth on
+        "NetworkID": nid, "Options": {"com.docker.network.generic": {"vpcnet.mode": "bridge"}}, "IPv6Data": [],
         "IPv4Data": [{"AddressSpace": "vpcnet-local", "Pool": pool["Pool"],
                       "Gateway": pool["Data"]["com.docker.network.gateway"]}]})
     assert status == 200, answer

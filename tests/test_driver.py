@@ -2,9 +2,12 @@
 repairing a missing veth pair, restore() at start-up. The dataplane is the recording fake."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from fakes import FakeDataplane, make_plugin
+from vpcnet.datapath.features import Features
 from vpcnet.dataplane import bridge_name, mac_for, veth_names
 from vpcnet.driver import GENERIC, INTERNAL_OPTION, MODE_OPTION, MTU_OPTION, spec_of
 from vpcnet.errors import Conflict, DataplaneError, InvalidRequest, NotFound
@@ -227,7 +230,7 @@ def test_ip_family_options_refused_by_create_and_gw_alloc_check(plug, options, t
 
 
 def test_join_recreates_missing_veth_pair(plug):
-    net = create(plug, generic={MTU_OPTION: "9000"})
+    net = create(plug, generic={MTU_OPTION: "9000", MODE_OPTION: "bridge"})
     endpoint(plug)
     host_veth, peer_veth = veth_names(EID)
     plug.dataplane.lose_peer(host_veth)
@@ -389,13 +392,67 @@ def test_endpoint_id_prefix_collision_leaves_the_other_endpoint_alone(plug):
 
 
 # -- routed mode --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("raw,mode", [(None, "bridge"), ("", "bridge"), ("bridge", "bridge"), ("routed", "routed"),
-                                      (" Routed ", "routed"), ("ebpf", "ebpf"), ("eBPF", "ebpf")])
+@pytest.mark.parametrize("raw,mode", [("bridge", "bridge"), ("routed", "routed"), (" Routed ", "routed"),
+                                      ("ebpf", "ebpf"), ("eBPF", "ebpf")])
 def test_mode_option_is_stored_and_handed_to_the_dataplane(plug, raw, mode):
     net = create(plug, generic={} if raw is None else {MODE_OPTION: raw})
     assert net.mode == mode and spec_of(net).mode == mode
     assert plug.dataplane.networks[net.bridge].mode == mode
     assert plug.store.network(NID).mode == mode
+
+
+@pytest.mark.parametrize("raw", [None, ""])
+def test_a_network_without_a_mode_gets_the_best_mode_the_host_supports(tmp_path, raw):
+    for features, want in ((Features("ebpf"), "ebpf"),
+                           (Features("routed", {"ebpf": "no CAP_BPF"}), "routed"),
+                           (Features("bridge", {"ebpf": "no veth", "routed": "no veth"}), "bridge")):
+        plug = make_plugin(tmp_path / want, dataplane=FakeDataplane(features=features))
+        net = create(plug, generic={} if raw is None else {MODE_OPTION: raw})
+        assert net.mode == want and plug.dataplane.networks[net.bridge].mode == want
+        default = plug.driver.default_mode()
+        assert default.mode == want and default.setting == "auto"
+        assert bool(default.fallback) == (want != "ebpf")
+        if want == "routed":
+            assert "ebpf: no CAP_BPF" in default.fallback and "VPCNET_DEFAULT_MODE=routed" in default.fallback
+
+
+@pytest.mark.parametrize("pinned", ["bridge", "routed", "ebpf"])
+def test_a_pinned_default_mode_is_used_and_an_explicit_option_still_wins(tmp_path, pinned):
+    plug = make_plugin(tmp_path, VPCNET_DEFAULT_MODE=pinned)
+    assert create(plug).mode == pinned
+    assert plug.driver.default_mode().fallback == ""
+    other = "routed" if pinned != "routed" else "bridge"
+    assert create(plug, nid=NID2, pool=pool_of(plug, "10.201.0.0/16"), generic={MODE_OPTION: other}).mode == other
+
+
+def test_a_pinned_default_the_host_cannot_do_is_refused_before_anything_is_made(tmp_path):
+    fake = FakeDataplane(features=Features("routed", {"ebpf": "the kernel refuses the fast-path program: needs "
+                                                               "CAP_BPF"}))
+    plug = make_plugin(tmp_path, dataplane=fake, VPCNET_DEFAULT_MODE="ebpf")
+    pool = pool_of(plug)
+    for call in (lambda: plug.driver.gw_alloc_check({GENERIC: {}}), lambda: create(plug, pool=pool)):
+        with pytest.raises(InvalidRequest) as info:
+            call()
+        message = str(info.value)
+        assert "VPCNET_DEFAULT_MODE=ebpf" in message and "needs CAP_BPF" in message
+        assert "VPCNET_DEFAULT_MODE=auto" in message and "-o vpcnet.mode=routed" in message
+    assert plug.store.networks() == [] and fake.networks == {}
+    assert create(plug, pool=pool, generic={MODE_OPTION: "routed"}).mode == "routed"
+
+
+def test_a_network_stored_as_bridge_keeps_its_mode_when_the_default_is_ebpf(tmp_path):
+    """An old version's network (bridge, the old default) survives an upgrade and restart as bridge."""
+    plug = make_plugin(tmp_path, VPCNET_DEFAULT_MODE="bridge")
+    net = create(plug)
+    endpoint(plug)
+    assert net.mode == "bridge"
+    fresh = FakeDataplane()
+    upgraded = make_plugin(tmp_path, dataplane=fresh)              # auto: ebpf on this host
+    upgraded.driver.restore()
+    assert upgraded.driver.default_mode().mode == "ebpf"
+    assert upgraded.store.network(NID).mode == "bridge"
+    assert fresh.networks[net.bridge].mode == "bridge"
+    assert json.loads(upgraded.store.get_meta("datapath_default"))["mode"] == "ebpf"
 
 
 @pytest.mark.parametrize("raw", ["ipvlan", "bridged", "1", "route"])
@@ -443,7 +500,7 @@ def test_routed_endpoint_join_and_restore_pass_the_address(tmp_path, mode):
 
 def test_bridge_endpoints_are_not_touched_by_restore(tmp_path):
     plug = make_plugin(tmp_path)
-    create(plug)
+    create(plug, generic={MODE_OPTION: "bridge"})
     endpoint(plug)
     fresh = FakeDataplane()
     fresh.links[veth_names(EID)[0]] = {"peer": veth_names(EID)[1], "mac": "x", "peer_present": True,
@@ -455,7 +512,7 @@ def test_bridge_endpoints_are_not_touched_by_restore(tmp_path):
 def test_restore_puts_a_bridge_endpoint_back_on_its_bridge(tmp_path):
     """The bridge was deleted and rebuilt: its ports fell off it."""
     plug = make_plugin(tmp_path)
-    create(plug)
+    create(plug, generic={MODE_OPTION: "bridge"})
     endpoint(plug)
     fresh = FakeDataplane()
     fresh.links[veth_names(EID)[0]] = {"peer": veth_names(EID)[1], "mac": "x", "peer_present": True}

@@ -171,12 +171,13 @@ class PluginProcess:
     """`vpcnet serve` as a child process, with its own socket name (= driver name), state and cluster."""
 
     def __init__(self, tmp_path, env: dict[str, str] | None = None, netns: str | None = None,
-                 plugin_dir: str = PLUGIN_DIR):
+                 plugin_dir: str = PLUGIN_DIR, wrap: tuple[str, ...] = ()):
         self.name = unique("vpcnet-t")
         self.socket = os.path.join(plugin_dir, self.name + ".sock")
         self.state_dir = str(tmp_path / f"state-{self.name}")
         self.log_path = str(tmp_path / f"{self.name}.log")
         self.netns = netns
+        self.wrap = list(wrap)          # a command the plugin runs under, e.g. setpriv dropping capabilities
         self.env = dict(os.environ)
         self.env.update({"VPCNET_SOCKET": self.socket, "VPCNET_STATE_DIR": self.state_dir,
                          "VPCNET_CLUSTER_CIDR": next_cluster(), "VPCNET_LOG_LEVEL": "DEBUG",
@@ -196,7 +197,7 @@ class PluginProcess:
         prefix = ["nsenter", f"--net=/run/netns/{self.netns}"] if self.netns else []
         started = time.monotonic()
         log = open(self.log_path, "a")
-        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "vpcnet.cli", "serve"], env=self.env,
+        self.proc = subprocess.Popen([*prefix, *self.wrap, sys.executable, "-m", "vpcnet.cli", "serve"], env=self.env,
                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         deadline = started + wait

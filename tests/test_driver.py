@@ -436,6 +436,8 @@ def test_a_pinned_default_the_host_cannot_do_is_refused_before_anything_is_made(
         message = str(info.value)
         assert "VPCNET_DEFAULT_MODE=ebpf" in message and "needs CAP_BPF" in message
         assert "VPCNET_DEFAULT_MODE=auto" in message and "-o vpcnet.mode=routed" in message
+    with pytest.raises(InvalidRequest, match="-o vpcnet.mode=ebpf: this host cannot do ebpf mode .*needs CAP_BPF"):
+        create(plug, pool=pool, generic={MODE_OPTION: "ebpf"})
     assert plug.store.networks() == [] and fake.networks == {}
     assert create(plug, pool=pool, generic={MODE_OPTION: "routed"}).mode == "routed"
 

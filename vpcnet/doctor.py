@@ -175,7 +175,8 @@ class Doctor:
     def checks(self) -> list[Callable[[], list[Finding]]]:
         return [self.check_state, self.check_socket, self.check_health, self.check_kernel, self.check_forwarding,
                 self.check_firewall, self.check_routed_sysctls, self.check_mtu, self.check_docker,
-                self.check_kernel_objects, self.check_routes, self.check_clock, self.check_metadata]
+                self.check_kernel_objects, self.check_routes, self.check_clock, self.check_metadata,
+                self.check_default_mode]
 
     def run(self) -> list[Finding]:
         findings: list[Finding] = []
@@ -267,6 +268,29 @@ class Doctor:
             out.append(problem("kernel", "this kernel has no bpf(2) (CONFIG_BPF_SYSCALL), needed by ebpf mode",
                                "recreate the networks with -o vpcnet.mode=routed, or use a kernel with BPF"))
         return out
+
+    def check_default_mode(self) -> list[Finding]:
+        """The mode a network made without -o vpcnet.mode gets: as the plugin resolved it at its start, with
+        its capabilities (a managed plugin's differ from doctor's); probed here only if it never said."""
+        import json as json_mod
+
+        from vpcnet.datapath.features import DEFAULT_MODE_KEY, DefaultMode, default_mode, probe
+
+        raw = self.store.get_meta(DEFAULT_MODE_KEY, "") if self.store is not None else ""
+        if raw:
+            default, source = DefaultMode(**json_mod.loads(raw)), "as the plugin resolved it at its start"
+        else:
+            default, source = default_mode(self.config.default_mode, probe()), "probed by doctor itself"
+        line = f"networks created without -o vpcnet.mode get {default.describe()} ({source})"
+        if default.unsupported:
+            return [problem("default_mode", line, "give the plugin what the mode needs, or set "
+                                                  "VPCNET_DEFAULT_MODE=auto and restart the plugin")]
+        if default.fallback:
+            return [problem("default_mode", line, "give the plugin CAP_BPF and CAP_NET_ADMIN (the managed plugin "
+                                                  "and the systemd unit have them) on Linux 5.10 or newer and "
+                                                  "restart it, or pin VPCNET_DEFAULT_MODE to the mode it fell "
+                                                  "back to")]
+        return [ok("default_mode", line)]
 
     def check_forwarding(self) -> list[Finding]:
         value = _sysctl("net.ipv4.ip_forward")

@@ -41,7 +41,7 @@ import re
 import sqlite3
 import time
 
-from vpcnet.datapath.features import DefaultMode, default_mode
+from vpcnet.datapath.features import DEFAULT_MODE_KEY, DefaultMode, default_mode
 from vpcnet.datapath.protocol import Datapath
 from vpcnet.datapath.reconciler import DatapathReconciler, spec_of
 from vpcnet.dataplane import MODES, bridge_name, mac_for, veth_names
@@ -52,8 +52,6 @@ from vpcnet.store import Endpoint, Network
 __all__ = ["NetworkDriver", "spec_of"]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MODE_KEY = "datapath_default"                     # store meta: the plugin's resolved default mode
 
 _MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 GENERIC = "com.docker.network.generic"
@@ -98,17 +96,20 @@ class NetworkDriver:
         return default_mode(self.config.default_mode, self.dataplane.features())
 
     def _network_mode(self, raw) -> str:
-        """The mode asked for with -o vpcnet.mode, else the host's default; a pinned default the host cannot
-        do is refused (an explicit -o is tried as asked: the kernel's refusal names the reason)."""
+        """The mode asked for with -o vpcnet.mode, else the host's default; a mode the host cannot do is
+        refused, naming why (before a pool is claimed, through gw_alloc_check, on Docker 28+)."""
         mode = _mode(raw)
         if mode is not None:
+            features = self.dataplane.features()
+            if not features.supports(mode):
+                raise InvalidRequest(f"-o {MODE_OPTION}={mode}: this host cannot do {mode} mode "
+                                     f"({features.why_not(mode)}); use -o {MODE_OPTION}={features.best}")
             return mode
         default = self.default_mode()
-        features = self.dataplane.features()
-        if not features.supports(default.mode):
+        if default.unsupported:
+            best = self.dataplane.features().best
             raise InvalidRequest(f"VPCNET_DEFAULT_MODE={default.setting}: this host cannot do {default.mode} mode "
-                                 f"({features.why_not(default.mode)}); set VPCNET_DEFAULT_MODE=auto or "
-                                 f"{features.best}, or create the network with -o {MODE_OPTION}={features.best}")
+                                 f"({default.unsupported}), or create the network with -o {MODE_OPTION}={best}")
         return default.mode
 
     @staticmethod
@@ -351,7 +352,10 @@ class NetworkDriver:
         """Probe once at start, log the default and keep it in the store for `vpcnet status`/`doctor` (which
         may run with other capabilities than the plugin's)."""
         default = self.default_mode()
-        if default.fallback:
+        if default.unsupported:
+            log.error("VPCNET_DEFAULT_MODE=%s: this host cannot do it (%s); networks created without -o %s "
+                      "are refused", default.setting, default.unsupported, MODE_OPTION)
+        elif default.fallback:
             log.warning("networks created without -o %s get %s mode: %s", MODE_OPTION, default.mode,
                         default.fallback)
         else:

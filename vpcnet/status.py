@@ -10,6 +10,7 @@ import json
 import os
 
 from vpcnet import config as config_mod
+from vpcnet.datapath.features import DEFAULT_MODE_KEY, DefaultMode
 from vpcnet.datapath.reconciler import repair_counts
 from vpcnet.store import Store
 
@@ -18,7 +19,7 @@ def collect(config) -> dict:
     if not os.path.exists(config.db_path):
         return {"state_dir": config.state_dir, "provider": config.provider, "socket": config.socket,
                 "socket_up": os.path.exists(config.socket), "host_cidrs": [], "networks": [],
-                "datapath_repairs": {}}
+                "datapath_repairs": {}, "default_mode": None}
     store = Store(config.db_path, readonly=True)
     try:
         networks = []
@@ -31,13 +32,28 @@ def collect(config) -> dict:
                                "host_veth": ep.host_veth} for ep in store.endpoints(net.network_id)],
             })
         repairs = repair_counts(store)
+        default = _recorded_default(store)
         claims = [{"cluster_cidr": c.cluster_cidr, "host_cidr": c.host_cidr, "static": c.static,
                    "route_ok": c.route_ok, "reason": c.reason} for c in store.claims()]
         return {"state_dir": config.state_dir, "provider": config.provider, "socket": config.socket,
                 "socket_up": os.path.exists(config.socket), "host_cidrs": claims, "networks": networks,
-                "datapath_repairs": repairs}
+                "datapath_repairs": repairs, "default_mode": default}
     finally:
         store.close()
+
+
+def _recorded_default(store: Store) -> dict | None:
+    """The default mode the plugin resolved at its last start (with its own capabilities), if recorded."""
+    try:
+        return json.loads(store.get_meta(DEFAULT_MODE_KEY, "")) or None
+    except ValueError:
+        return None
+
+
+def default_line(default: dict | None) -> str:
+    if not default:
+        return "default mode for new networks: not recorded yet (the plugin records it when it starts)"
+    return "default mode for new networks: " + DefaultMode(**default).describe()
 
 
 def render(status: dict) -> str:
@@ -58,6 +74,7 @@ def render(status: dict) -> str:
                      f"{len(n['endpoints'])} endpoint(s)")
         for ep in n["endpoints"]:
             lines.append(f"    {ep['endpoint_id'][:12]}  {ep['address']:<15} {ep['mac']}  {ep['host_veth']}")
+    lines.append(default_line(status.get("default_mode")))
     repairs = status.get("datapath_repairs") or {}
     lines.append("datapath repairs (drift found in the kernel and put right): " +
                  (", ".join(f"{kind} {n}" for kind, n in sorted(repairs.items())) or "none"))

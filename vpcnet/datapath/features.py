@@ -35,6 +35,7 @@ from vpcnet.errors import DataplaneError
 log = logging.getLogger(__name__)
 
 ORDER = ("ebpf", "routed", "bridge")          # best first
+DEFAULT_MODE_KEY = "datapath_default"         # store meta: the default the plugin resolved at its start
 TC_INGRESS = 0xFFFFFFF2
 ETH_P_IP = 0x0800
 # CIDRs only for assembling the programs; nothing is routed by them
@@ -63,16 +64,25 @@ class DefaultMode:
     mode: str
     setting: str                 # VPCNET_DEFAULT_MODE: auto | bridge | routed | ebpf
     fallback: str = ""           # auto chose less than ebpf: why, and what to do
+    unsupported: str = ""        # a pinned mode this host cannot do: why (network create refuses it)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def describe(self) -> str:
+        """One line for `vpcnet status` and `vpcnet doctor`."""
+        text = f"{self.mode} (VPCNET_DEFAULT_MODE={self.setting})"
+        if self.unsupported:
+            return f"{text}, which this host cannot do: {self.unsupported}"
+        return f"{text}, fell back: {self.fallback}" if self.fallback else text
 
 
 def default_mode(setting: str, features: Features) -> DefaultMode:
     """`auto`: the best supported mode; a pinned mode as given (create_network refuses one the host cannot
     do, naming why)."""
     if setting != "auto":
-        return DefaultMode(setting, setting)
+        return DefaultMode(setting, setting, unsupported="" if features.supports(setting) else
+                           f"{features.why_not(setting)}; set VPCNET_DEFAULT_MODE=auto or {features.best}")
     if features.best == "ebpf":
         return DefaultMode("ebpf", setting)
     why = "; ".join(f"{m}: {features.missing[m]}" for m in ORDER if m in features.missing)

@@ -1,0 +1,116 @@
+"""The feature probe and the default mode, against the real kernel: with all of root's capabilities the
+default is ebpf; a plugin started without CAP_BPF and CAP_SYS_ADMIN (setpriv drops them from its bounding
+set, so BPF_PROG_LOAD really fails) falls back to routed, and says so in its log, `vpcnet status` and
+`vpcnet doctor`."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import is_root, require, run, unique
+from vpcnet.datapath import features
+
+NO_BPF = ("setpriv", "--bounding-set=-bpf,-sys_admin", "--")
+POOL_REQUEST = {"AddressSpace": "vpcnet-local", "Pool": "", "SubPool": "", "Options": {}, "V6": False}
+
+
+@pytest.fixture
+def privileged():
+    require(is_root(), "needs root (veth pairs, bpf(2))")
+    require(shutil.which("setpriv") is not None, "needs setpriv (util-linux)")
+
+
+def links(ns: str | None = None) -> str:
+    return run(["ip", *(["-n", ns] if ns else []), "-o", "link"]).stdout
+
+
+def test_with_roots_capabilities_the_best_mode_is_ebpf_and_nothing_is_left_behind(privileged, netns_factory):
+    ns = netns_factory("vpfeat")
+    found = features.probe(ns, fresh=True)
+    assert found == features.Features("ebpf", {})
+    assert features.probe(ns) is found, "cached per process and namespace"
+    assert "vpt" not in links(ns), "the probe's veth pair is deleted"
+    assert features.default_mode("auto", found) == features.DefaultMode("ebpf", "auto")
+
+
+def test_without_cap_bpf_the_probe_really_fails_to_load_and_the_best_mode_is_routed(privileged, netns_factory):
+    ns = netns_factory("vpfeat")
+    proc = run(["ip", "netns", "exec", ns, *NO_BPF, sys.executable, "-m", "vpcnet.datapath.features", "--json"])
+    found = features.Features(**json.loads(proc.stdout))
+    assert found.best == "routed"
+    assert set(found.missing) == {"ebpf"}
+    assert "CAP_BPF" in found.missing["ebpf"], found
+    assert "vpt" not in links(ns)
+    fallback = features.default_mode("auto", found)
+    assert fallback.mode == "routed" and "CAP_BPF" in fallback.fallback
+    assert "VPCNET_DEFAULT_MODE=routed" in fallback.fallback
+    pinned = features.default_mode("ebpf", found)
+    assert pinned.mode == "ebpf" and "CAP_BPF" in pinned.unsupported
+
+
+def create_network(plugin, generic: dict | None = None, cluster: str = "") -> tuple[int, dict, str]:
+    status, pool = plugin.call("/IpamDriver.RequestPool", {**POOL_REQUEST, "Pool": cluster})
+    assert status == 200, pool
+    nid = unique("fea7") + "0" * 58
+    status, answer = plugin.call("/NetworkDriver.CreateNetwork", {
+        "NetworkID": nid, "Options": {"com.docker.network.generic": generic or {}}, "IPv6Data": [],
+        "IPv4Data": [{"AddressSpace": "vpcnet-local", "Pool": pool["Pool"],
+                      "Gateway": pool["Data"]["com.docker.network.gateway"]}]})
+    return status, answer, nid
+
+
+def status_of(plugin, ns: str) -> dict:
+    proc = run(["ip", "netns", "exec", ns, sys.executable, "-m", "vpcnet.cli", "status", "--json"], env=plugin.env)
+    return json.loads(proc.stdout)
+
+
+def test_a_plugin_without_cap_bpf_makes_routed_networks_by_default_and_says_why(privileged, netns_factory,
+                                                                                 plugin_factory):
+    ns = netns_factory("vpfeat")
+    plugin = plugin_factory(netns=ns, wrap=NO_BPF)
+    status, answer, nid = create_network(plugin)
+    assert status == 200, answer
+    [net] = [n for n in status_of(plugin, ns)["networks"] if n["network_id"] == nid]
+    assert net["mode"] == "routed"
+    assert f"vpc-{nid[:11]}" in links(ns) and f"vpp-{nid[:11]}" in links(ns), "routed mode's anchor"
+    assert "vpt" not in links(ns)
+    # an explicit ebpf network is refused too, saying why and what works
+    status, answer, _ = create_network(plugin, {"vpcnet.mode": "ebpf"}, "10.250.0.0/16")  # outside next_cluster()'s
+    assert status == 400 and "CAP_BPF" in answer["Err"] and "-o vpcnet.mode=routed" in answer["Err"], answer
+
+    default = status_of(plugin, ns)["default_mode"]
+    assert default["mode"] == "routed" and default["setting"] == "auto" and "CAP_BPF" in default["fallback"]
+    text = run(["ip", "netns", "exec", ns, sys.executable, "-m", "vpcnet.cli", "status"], env=plugin.env).stdout
+    assert "default mode for new networks: routed (VPCNET_DEFAULT_MODE=auto), fell back: ebpf: " in text
+    assert "networks created without -o vpcnet.mode get routed mode" in plugin.log()
+
+    proc = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "vpcnet.cli", "doctor", "--json"],
+                          env=plugin.env, capture_output=True, text=True, timeout=120)
+    [finding] = [f for f in json.loads(proc.stdout)["findings"] if f["check"] == "default_mode"]
+    assert not finding["ok"] and "routed" in finding["detail"] and "CAP_BPF" in finding["detail"]
+    assert "as the plugin resolved it" in finding["detail"] and "CAP_BPF" in finding["fix"]
+
+
+def test_a_pinned_default_the_plugin_cannot_do_is_refused_at_network_create(privileged, netns_factory,
+                                                                             plugin_factory):
+    ns = netns_factory("vpfeat")
+    plugin = plugin_factory({"VPCNET_DEFAULT_MODE": "ebpf"}, netns=ns, wrap=NO_BPF)
+    status, answer, nid = create_network(plugin)
+    assert status == 400, answer
+    assert "VPCNET_DEFAULT_MODE=ebpf" in answer["Err"] and "CAP_BPF" in answer["Err"]
+    assert "-o vpcnet.mode=routed" in answer["Err"]
+    assert f"vpc-{nid[:11]}" not in links(ns) and status_of(plugin, ns)["networks"] == []
+    assert "cannot do it" in plugin.log()
+
+
+def test_the_probe_is_cheap(privileged, netns_factory):
+    ns = netns_factory("vpfeat")
+    started = time.monotonic()
+    for _ in range(5):
+        features.probe(ns, fresh=True)
+    assert (time.monotonic() - started) / 5 < 0.5

@@ -66,8 +66,8 @@ from typing import Callable, ContextManager, Iterator, Sequence
 from pyroute2 import IPRoute, NetlinkError
 
 from vpcnet import ebpf, rtnl
-from vpcnet.datapath.firewall import FORWARD_CHAIN, HOST_VETHS, NAT_CHAIN, PARENTS, PREFIXES, RAW_CHAIN, FirewallTable  # noqa: F401 - re-exported: vpcnet.dataplane's public names
 from vpcnet.datapath.features import Features, probe
+from vpcnet.datapath.firewall import FORWARD_CHAIN, HOST_VETHS, NAT_CHAIN, PARENTS, PREFIXES, RAW_CHAIN, FirewallTable  # noqa: F401 - re-exported: vpcnet.dataplane's public names
 from vpcnet.datapath.modes import strategy
 from vpcnet.errors import DataplaneError
 

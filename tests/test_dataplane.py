@@ -400,8 +400,32 @@ def test_ebpf_mode_carries_cluster_traffic_past_the_hosts_ip_stack_and_routed_mo
     assert len(hops) == 3 and hops[2][1] == "10.77.4.2" and "*" not in (hops[0][1], hops[1][1]), trace
 
 
-def test_ebpf_mode_keeps_the_slow_path_for_the_host_this_hosts_containers_outside_and_big_packets(
-        two_hosts, netns_factory):
+@pytest.mark.parametrize("mode", ["routed", "ebpf"])
+def test_ebpf_mode_carries_same_host_container_traffic_straight_into_the_other_container(two_hosts,
+                                                                                         netns_factory, mode):
+    """Container -> container on one host: routed mode forwards it through the host's stack (FORWARD sees
+    every packet); ebpf mode's container program redirects it into the other container's namespace."""
+    require(shutil.which("iperf3") is not None, "needs iperf3")
+    a, _b = two_hosts
+    sa = spec(mode=mode, host="10.77.3.0/24")
+    dpa = Dataplane(netns=a)
+    dpa.ensure_network(sa)
+    ca = attach_container(a, dpa, sa, netns_factory, "10.77.3.2", "a" * 64)
+    ca2 = attach_container(a, dpa, sa, netns_factory, "10.77.3.3", "c" * 64)
+    ns_run(a, "iptables", "-P", "FORWARD", "DROP")          # as Docker leaves it
+    forward_counts(a, ("10.77.3.2", "10.77.3.3"), ("10.77.3.3", "10.77.3.2"))
+    out = run(["ip", "netns", "exec", ca, "busybox", "ping", "-c3", "-W2", "10.77.3.3"]).stdout
+    assert "ttl=63" in out, out                               # one hop, fast path or not
+    assert tcp_transfer(ca, ca2, "10.77.3.3") > 1_000_000
+    assert tcp_transfer(ca2, ca, "10.77.3.2") > 1_000_000
+    seen = counters(a, "filter", "FORWARD")
+    if mode == "ebpf":         # only the packets before a neighbour was resolved
+        assert max(seen.values()) <= 3 and len(seen) == 2, seen
+    else:
+        assert min(seen.values()) > 100, seen                # every packet through the host's FORWARD chain
+
+
+def test_ebpf_mode_keeps_the_slow_path_for_the_host_outside_and_big_packets(two_hosts, netns_factory):
     a, b = two_hosts
     sa = spec(mode="ebpf", host="10.77.3.0/24", mtu=9000, no_nat=["203.0.113.0/24"])   # uplink: 1500
     sb = spec(mode="ebpf", tag="b1b2c3d4e5f6", host="10.77.4.0/24", mtu=9000)
@@ -412,7 +436,7 @@ def test_ebpf_mode_keeps_the_slow_path_for_the_host_this_hosts_containers_outsid
     ca2 = attach_container(a, dpa, sa, netns_factory, "10.77.3.3", "c" * 64)
     attach_container(b, dpb, sb, netns_factory, "10.77.4.2", "b" * 64)
     ns_run(a, "iptables", "-P", "FORWARD", "DROP")
-    assert ping(ca, "10.77.3.3") and ping(ca2, "10.77.3.2"), "this host's containers: the routed path"
+    assert ping(ca, "10.77.3.3") and ping(ca2, "10.77.3.2"), "this host's containers (the fast path)"
     assert ping(ca, sa.gateway) and ns_run(a, "busybox", "ping", "-c1", "-W2", "10.77.3.2",
                                            check=False).returncode == 0, "gateway and host"
     # 4000-byte datagrams exceed the uplink's MTU: the helper says so and the stack fragments them

@@ -27,8 +27,9 @@ def register(subparsers) -> None:
                     help=f"cluster CIDR the hosts' blocks are carved from (default {DEFAULT_CLUSTER})")
     up.add_argument("--network", default=DEFAULT_NETWORK, metavar="NAME",
                     help=f"name of the vpcnet network created on every host (default {DEFAULT_NETWORK})")
-    up.add_argument("--mode", default="bridge", metavar="MODE",
-                    help="datapath of that network: bridge (default), routed or ebpf (-o vpcnet.mode=MODE)")
+    up.add_argument("--mode", default="default", metavar="MODE",
+                    help="datapath of that network: default (no -o: the plugins' default mode, ebpf where "
+                         "supported), bridge, routed or ebpf (-o vpcnet.mode=MODE)")
     up.add_argument("--reconcile-interval", type=float, default=DEFAULT_RECONCILE, metavar="S",
                     help=f"each plugin's VPCNET_RECONCILE_INTERVAL (default {DEFAULT_RECONCILE:g})")
     up.add_argument("--no-image", action="store_true", help="do not load the test image into the engines")

@@ -107,14 +107,14 @@ class Lab:
 
     def __init__(self, hosts: int = 2, cluster_cidr: str = DEFAULT_CLUSTER, network: str = DEFAULT_NETWORK,
                  reconcile_interval: float = DEFAULT_RECONCILE, load_image: bool = True,
-                 out=None, mode: str = "bridge", zones: int = 1):
+                 out=None, mode: str = "default", zones: int = 1):
         if not 1 <= hosts <= MAX_HOSTS:
             raise LabError(f"--hosts must be 1..{MAX_HOSTS}")
         if not 1 <= zones <= MAX_ZONES:
             raise LabError(f"--zones must be 1..{MAX_ZONES}")
         from vpcnet.dataplane import MODES  # here: the lab's CLI stays free of pyroute2 until used
-        if mode not in MODES:
-            raise LabError(f"--mode {mode}: unknown vpcnet mode (known: {', '.join(MODES)})")
+        if mode not in ("default", *MODES):     # default: no -o, the mode the plugins resolve (VPCNET_DEFAULT_MODE)
+            raise LabError(f"--mode {mode}: unknown vpcnet mode (known: default, {', '.join(MODES)})")
         cluster = ipaddress.IPv4Network(cluster_cidr, strict=True)
         if cluster.overlaps(UNDERLAY_ALL):
             raise LabError(f"cluster CIDR {cluster} overlaps the lab underlay {UNDERLAY_ALL}")
@@ -249,7 +249,7 @@ class Lab:
                 self._save_state()
             else:
                 self.network = state.get("network", self.network)
-                self.mode = state.get("mode", "bridge")
+                self.mode = state.get("mode", "default")
                 self.reconcile_interval = state.get("reconcile_interval", self.reconcile_interval)
             self._router_up()
             wanted = max(self.hosts, len(self.state["hosts"]))
@@ -395,15 +395,15 @@ class Lab:
             raise LabError(f"h{k}: network {self.network} has no host CIDR")
         return cidr
 
-    def create_network(self, name: str, cluster_cidr: str | None = None, mode: str = "bridge",
+    def create_network(self, name: str, cluster_cidr: str | None = None, mode: str = "default",
                        hosts: list[int] | None = None, timeout: float = NETWORK_TIMEOUT) -> None:
         """A vpcnet network on each host (all by default), on `cluster_cidr` (default: the lab's) in
-        `mode`. A host claims its block of a new cluster CIDR on the first request ("claim in
+        `mode` (default: no -o vpcnet.mode, so the plugin's default). A host claims its block of a new cluster CIDR on the first request ("claim in
         progress"), so each create is retried until it succeeds or `timeout` passes. Safe to repeat."""
         options = ["--subnet", cluster_cidr] if cluster_cidr else []
         if cluster_cidr:
             self._zone_tables_up(cluster_cidr)
-        if mode != "bridge":
+        if mode != "default":
             options += ["-o", f"vpcnet.mode={mode}"]
         for k in hosts or self.host_indexes():
             deadline = time.monotonic() + timeout

@@ -18,10 +18,12 @@ rules match the veths (`vh+`) and the host CIDR instead of `-i <bridge>`, and a 
 drops what a veth sends from an address not routed back to it; masquerade and --internal behave as in
 bridge mode.
 
-eBPF mode (`-o vpcnet.mode=ebpf`, per network): routed mode, plus the fast path of vpcnet.ebpf. A tc
+eBPF mode (`-o vpcnet.mode=ebpf`, and the default where vpcnet.datapath.features finds the kernel and
+capabilities for it): routed mode, plus the fast path of vpcnet.ebpf. A tc
 program on each endpoint's host veth (ingress) and one per network on the uplink (ingress of the default
 route's device; filter `vpcnet-<id12>`, one handle per network) hand the traffic between the host CIDR and
-the rest of the cluster CIDR straight between the container and the uplink: no pass through the host's
+the rest of the cluster CIDR straight between the container and the uplink (and between two
+containers of the network on this host, veth to veth): no pass through the host's
 IP forwarding or netfilter (the same traffic the conntrack bypass below already accepts statelessly and
 never NATs). Everything else, and anything the programs cannot resolve, takes routed mode's path.
 

@@ -1,4 +1,5 @@
-"""The eBPF fast path of `-o vpcnet.mode=ebpf` networks: two small tc programs, assembled here.
+"""The eBPF fast path of ebpf-mode networks (the default where vpcnet.datapath.features finds the kernel and
+capabilities for it, else `-o vpcnet.mode=ebpf`): two small tc programs, assembled here.
 
 Why: on the lab, the cost of a vpcnet packet over the underlay's is the host namespace's own IP stack on
 both hosts — the forward (fib lookups, ip_forward) and netfilter (Docker's and vpcnet's iptables-nft
@@ -7,21 +8,28 @@ NATs: host CIDR <-> cluster CIDR (the conntrack bypass in vpcnet.dataplane). The
 traffic straight between the container's veth and the uplink, as Cilium's "BPF host routing" does:
 
 - `container_program` (tc ingress of each endpoint's host veth, i.e. packets leaving the container):
-  source in the host CIDR, destination in the cluster CIDR but outside the host CIDR, TTL > 1 ->
-  `bpf_fib_lookup` in the host namespace (its routing table decides the egress and next hop), TTL
-  decremented, `bpf_redirect_neigh` out of that device (the neighbour subsystem fills L2 and keeps the
-  entry confirmed).
+  source the endpoint's own address (what the routed path's anti-spoofing rule lets through),
+  destination in the cluster CIDR, TTL > 1 -> `bpf_fib_lookup` in the host namespace (its routing table
+  decides the egress and next hop), TTL decremented, then
+  - outside the host CIDR (another host): `bpf_redirect_neigh` out of that device (the neighbour
+    subsystem fills L2 and keeps the entry confirmed);
+  - inside it (another container of this network on this host): as the uplink program below, MACs from
+    the lookup and `bpf_redirect_peer` into the other container (a redirect from tc ingress into a
+    veth's peer in another namespace, which the kernel allows since 5.10), so same-host traffic skips
+    the host's forwarding and netfilter too.
 - `uplink_program` (tc ingress of the uplink, one filter per network): source in the cluster CIDR,
   destination in the host CIDR, TTL > 1 -> `bpf_fib_lookup` (the endpoint's /32 route gives its host
   veth), MACs rewritten from the lookup, TTL decremented, `bpf_redirect_peer` straight into the
   container's namespace (no second queueing on the veth).
 
 Only a lookup that succeeds is taken: the helper then has also checked the packet (GSO included) against
-the egress MTU. Everything else — ARP, the gateway, other containers of this host, traffic leaving the
-VPC (masqueraded), a TTL about to expire, a packet needing fragmentation, a next hop whose neighbour is not
-resolved yet (the stack resolves it; the following packets go the short way) — returns TC_ACT_UNSPEC and
-takes the normal path, with vpcnet's firewall rules. So the fast path only ever shortens what the slow
-path would have done, never decides anything the routing table did not.
+the egress MTU. Everything else — ARP, the gateway, the host itself, traffic leaving the VPC
+(masqueraded), a spoofed source, a TTL about to expire, a packet needing fragmentation, a next hop whose
+neighbour is not resolved yet (the stack resolves it; the following packets go the short way) — returns
+TC_ACT_UNSPEC and takes the normal path, with vpcnet's firewall rules. So the fast path only ever
+shortens what the slow path would have done (vpcnet's own rules accept that traffic statelessly), never
+decides anything the routing table did not; what it bypasses is the host's other rules, DOCKER-USER
+included (README, Firewall).
 
 The programs are a few dozen instructions: assembled from this file at load time (no compiler, no object
 file), loaded with the bpf(2) syscall and attached by vpcnet.dataplane through netlink. They are declared

@@ -13,10 +13,11 @@ traffic straight between the container's veth and the uplink, as Cilium's "BPF h
   decides the egress and next hop), TTL decremented, then
   - outside the host CIDR (another host): `bpf_redirect_neigh` out of that device (the neighbour
     subsystem fills L2 and keeps the entry confirmed);
-  - inside it (another container of this network on this host): as the uplink program below, MACs from
-    the lookup and `bpf_redirect_peer` into the other container (a redirect from tc ingress into a
-    veth's peer in another namespace, which the kernel allows since 5.10), so same-host traffic skips
-    the host's forwarding and netfilter too.
+  - inside it (another container of this network on this host): MACs from the lookup, as the uplink
+    program below, and `bpf_redirect` out of the other container's host veth, so same-host traffic
+    skips the host's forwarding and netfilter too. Not `bpf_redirect_peer` (tc ingress may use it into
+    any veth's peer since 5.10, and it would save the veth's queueing): it bypasses the host veth's
+    transmit counters, which vpcnet's per-container receive metrics read.
 - `uplink_program` (tc ingress of the uplink, one filter per network): source in the cluster CIDR,
   destination in the host CIDR, TTL > 1 -> `bpf_fib_lookup` (the endpoint's /32 route gives its host
   veth), MACs rewritten from the lookup, TTL decremented, `bpf_redirect_peer` straight into the
@@ -59,7 +60,7 @@ SIZES = {1: B, 2: H, 4: W, 8: DW}
 FP = 10                                    # the frame pointer register (read only)
 
 # helpers (enum bpf_func_id)
-FIB_LOOKUP, REDIRECT_NEIGH, REDIRECT_PEER = 69, 152, 155
+REDIRECT, FIB_LOOKUP, REDIRECT_NEIGH, REDIRECT_PEER = 23, 69, 152, 155
 # bpf_fib_lookup() results
 FIB_SUCCESS = 0
 # tc verdicts
@@ -274,7 +275,7 @@ def container_program(host_cidr: str, cluster_cidr: str, address: str | None = N
     _redirect_neigh(a)
     a.label("local")
     _fib_lookup(a)
-    _to_endpoint(a, anchor_ifindex, "local_ttl_done")
+    _to_endpoint(a, anchor_ifindex, "local_ttl_done", peer=False)
     _pass(a)
     return a.assemble()
 
@@ -291,9 +292,11 @@ def uplink_program(host_cidr: str, cluster_cidr: str, anchor_ifindex: int) -> by
     return a.assemble()
 
 
-def _to_endpoint(a: Asm, anchor_ifindex: int, done: str) -> None:
+def _to_endpoint(a: Asm, anchor_ifindex: int, done: str, peer: bool = True) -> None:
     """After a fib lookup towards the host CIDR: into the container behind the /32 route's host veth
-    (MACs from the lookup, TTL decremented, bpf_redirect_peer: no second queueing on the veth)."""
+    (MACs from the lookup, TTL decremented). `peer`: bpf_redirect_peer, straight into the container's
+    namespace (no second queueing on the veth); else bpf_redirect out of the host veth, which then counts
+    the packet as the container's (vpcnet_endpoint_receive_* read the host veth's transmit counters)."""
     # Only to an endpoint's veth: not back out where it came from, not to the network's anchor (an
     # address no endpoint holds, routed by the connected route: the normal path answers it). The gateway
     # is a local address: the lookup does not succeed for it.
@@ -310,7 +313,7 @@ def _to_endpoint(a: Asm, anchor_ifindex: int, done: str) -> None:
         a.stx(2, 2, ETH_SRC + off, 4)
     a.ldx(4, 1, FP, F_IFINDEX)
     a.movi(2, 0)
-    a.call(REDIRECT_PEER)
+    a.call(REDIRECT_PEER if peer else REDIRECT)
     a.exit()
 
 

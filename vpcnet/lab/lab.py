@@ -112,7 +112,7 @@ class Lab:
             raise LabError(f"--hosts must be 1..{MAX_HOSTS}")
         if not 1 <= zones <= MAX_ZONES:
             raise LabError(f"--zones must be 1..{MAX_ZONES}")
-        from vpcnet.dataplane import MODES  # here: the lab's CLI stays free of pyroute2 until used
+        from vpcnet.datapath.spec import MODES  # here: the lab's CLI stays free of pyroute2 until used
         if mode not in ("default", *MODES):     # default: no -o, the mode the plugins resolve (VPCNET_DEFAULT_MODE)
             raise LabError(f"--mode {mode}: unknown vpcnet mode (known: default, {', '.join(MODES)})")
         cluster = ipaddress.IPv4Network(cluster_cidr, strict=True)
@@ -398,8 +398,9 @@ class Lab:
     def create_network(self, name: str, cluster_cidr: str | None = None, mode: str = "default",
                        hosts: list[int] | None = None, timeout: float = NETWORK_TIMEOUT) -> None:
         """A vpcnet network on each host (all by default), on `cluster_cidr` (default: the lab's) in
-        `mode` (default: no -o vpcnet.mode, so the plugin's default). A host claims its block of a new cluster CIDR on the first request ("claim in
-        progress"), so each create is retried until it succeeds or `timeout` passes. Safe to repeat."""
+        `mode` (default: no -o vpcnet.mode, so the plugin's default). A host claims its block of a new
+        cluster CIDR on the first request ("claim in progress"), so each create is retried until it
+        succeeds or `timeout` passes. Safe to repeat."""
         options = ["--subnet", cluster_cidr] if cluster_cidr else []
         if cluster_cidr:
             self._zone_tables_up(cluster_cidr)

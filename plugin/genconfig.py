@@ -14,8 +14,9 @@ Capabilities (Docker adds its default set — CHOWN, DAC_OVERRIDE, NET_RAW, SETU
 - CAP_NET_ADMIN: netlink (bridges, veth pairs, addresses, MTU) and the firewall (iptables-nft talks
   netlink to nf_tables; iptables-legacy uses setsockopt on a raw socket, which CAP_NET_RAW from the
   default set covers).
-- CAP_BPF: loading the tc programs of `-o vpcnet.mode=ebpf` networks (with CAP_NET_ADMIN, which
-  networking program types need too). Without it only that mode is refused, with the reason.
+- CAP_BPF: loading the tc programs of ebpf-mode networks, the default mode where the kernel allows it
+  (with CAP_NET_ADMIN, which networking program types need too). Without it new networks default to
+  routed mode (vpcnet status and doctor say why) and -o vpcnet.mode=ebpf is refused, with the reason.
 Nothing else: no CAP_SYS_ADMIN (vpcnet never enters a network namespace in the plugin; Docker moves the
 container end of the veth itself), no CAP_SYS_MODULE (the host's Docker has already loaded the netfilter
 and bridge modules).

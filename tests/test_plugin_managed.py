@@ -236,6 +236,8 @@ def test_doctor_checks_the_managed_plugin(built):
     details = {f["check"]: f["detail"] for f in report["findings"]}
     assert built.inspect()["Id"] in details["socket"] and "passing" in details["health"]
     assert "for 1 network(s)" in details["discovery"]
+    # with the capabilities config.json gives it, the plugin's networks are ebpf by default
+    assert "get ebpf (VPCNET_DEFAULT_MODE=auto) (as the plugin resolved it" in details["default_mode"], details
 
 
 def test_plugin_set_only_while_disabled(built):

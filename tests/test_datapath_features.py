@@ -114,3 +114,22 @@ def test_the_probe_is_cheap(privileged, netns_factory):
     for _ in range(5):
         features.probe(ns, fresh=True)
     assert (time.monotonic() - started) / 5 < 0.5
+
+
+def test_a_network_made_as_bridge_stays_bridge_when_the_plugin_restarts_with_the_ebpf_default(
+        privileged, netns_factory, plugin_factory):
+    """What an upgrade does to a host: networks created under the old default (bridge) keep their mode
+    through the restart and its datapath pass; only new networks get the new default."""
+    ns = netns_factory("vpfeat")
+    plugin = plugin_factory({"VPCNET_DEFAULT_MODE": "bridge"}, netns=ns)      # as the old default did
+    status, answer, old = create_network(plugin)
+    assert status == 200, answer
+    plugin.stop()
+    plugin.env["VPCNET_DEFAULT_MODE"] = "auto"
+    plugin.start()
+    status, answer, new = create_network(plugin, {}, "10.250.0.0/16")
+    assert status == 200, answer
+    modes = {n["network_id"]: n["mode"] for n in status_of(plugin, ns)["networks"]}
+    assert modes == {old: "bridge", new: "ebpf"}
+    assert "bridge" in run(["ip", "-n", ns, "-d", "link", "show", f"vpc-{old[:11]}"]).stdout, "still a bridge"
+    assert f"vpp-{new[:11]}" in links(ns), "the new one: routed mode's anchor (plus the fast path)"

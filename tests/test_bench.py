@@ -280,3 +280,40 @@ def test_wanted_modes_leaves_out_the_default_and_skipped_ones():
 def test_every_contender_has_its_own_ports():
     seen = [p for group, name in run.ALL for p in run.ports(group, name)]
     assert len(seen) == len(set(seen))
+
+
+# -- plugin_bench's goals -------------------------------------------------------------------------
+def _endpoints(n: int, p99: float, rss: float) -> dict:
+    return {"endpoints": n, "create_endpoint_plus_join_ms": {"p50": 1.0, "p99": p99, "max": p99},
+            "rss_mb": {"idle": 60.0, f"with_{n}_endpoints": rss}}
+
+
+def test_plugin_bench_goals_per_mode():
+    import plugin_bench
+
+    result = {"endpoints": {"default": _endpoints(500, 14.9, 79.0), "ebpf": _endpoints(500, 15.1, 81.0)},
+              "docker_run": {"ratio_over_bridge": {"vpcnet": 1.04, "vpcnet-ebpf": 1.06}}}
+    verdicts = {(g["mode"], g["goal"].split()[0]): g["met"] for g in plugin_bench.check_goals(result)}
+    assert verdicts == {("default", "CreateEndpoint"): True, ("default", "plugin"): True,
+                        ("ebpf", "CreateEndpoint"): False, ("ebpf", "plugin"): False,
+                        ("default", "docker"): True, ("ebpf", "docker"): False}
+    assert "| ebpf | plugin RSS <= 80 MB | 81.0 | **no** |" in plugin_bench.goals_markdown(result)
+
+
+def test_plugin_bench_goals_need_500_endpoints():
+    import plugin_bench
+
+    goals_ = plugin_bench.check_goals({"endpoints": {"routed": _endpoints(40, 5.0, 70.0)}})
+    assert [g["met"] for g in goals_] == [None, None]
+    assert all("measured at 40 endpoints, not 500" in g["goal"] for g in goals_)
+
+
+def test_plugin_bench_options():
+    import plugin_bench
+
+    assert plugin_bench.generic_options("default") == {}
+    assert plugin_bench.generic_options("ebpf") == {"com.docker.network.generic": {"vpcnet.mode": "ebpf"}}
+    assert plugin_bench._modes("ebpf, default,ebpf") == ["ebpf", "default"]
+    with pytest.raises(Exception, match="fast unknown"):
+        plugin_bench._modes("fast")
+    assert plugin_bench._prefix_for(500) == 23 and plugin_bench._prefix_for(200) == 24

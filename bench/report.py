@@ -110,6 +110,8 @@ def _goal_table(res: dict) -> list[str]:
         if n in mine:
             met, measured, missing = goals.summary(verdicts, n)
             what = "the default network" if n == goals.DEFAULT else "the fastest mode"
+            if n == goals.DEFAULT == fastest:
+                what += " (also the fastest)"
             lines.append(f"- {what}, `{n}`: {met} of {measured} goals met"
                          + (f" ({missing} not measured in this run)" if missing else "") + ".")
     return lines

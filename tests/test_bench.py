@@ -317,3 +317,9 @@ def test_plugin_bench_options():
     with pytest.raises(Exception, match="fast unknown"):
         plugin_bench._modes("fast")
     assert plugin_bench._prefix_for(500) == 23 and plugin_bench._prefix_for(200) == 24
+
+
+def test_summary_says_when_the_default_is_the_fastest():
+    res = _result()
+    res["fastest"] = "vpcnet"
+    assert "- the default network (also the fastest), `vpcnet`:" in report.markdown(res)

@@ -20,8 +20,9 @@ from test_dataplane import (  # noqa: F401
     two_hosts,
 )
 
+from vpcnet.datapath.dataplane import Dataplane
 from vpcnet.datapath.reconciler import DatapathReconciler, repair_counts
-from vpcnet.dataplane import Dataplane, veth_names
+from vpcnet.datapath.spec import veth_names
 from vpcnet.store import Endpoint, Network, Store
 
 pytestmark = pytest.mark.root

@@ -12,12 +12,22 @@ on a host whose containers run):
 
 Writes bench/results/datapath.json and prints a Markdown table.
     python3 bench/datapath_bench.py [--scales 10x10,25x10,50x10]
+
+With --repair-times, instead: the time from each fault of issue 12 until the kernel is right again, with
+the periodic pass running in the background at a short interval (what a host sees: detection, up to one
+interval, plus the repair), repeated; medians with min-max, to bench/results/datapath_repair.json.
+One bridge, one routed and one ebpf network with an endpoint each. The faults: the firewall flushed
+(filter, nat, raw), a /32 route deleted, the bridge deleted, the uplink replaced (the default route
+moved to another device: the eBPF uplink program must follow; a plain rename keeps the device's index
+and its programs, so it needs no repair), and FORWARD reordered (vpcnet's jump moved behind a DROP).
+    python3 bench/datapath_bench.py --repair-times [--repeats 7] [--interval 0.5]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -131,11 +141,135 @@ def measure(networks: int, per: int) -> dict:
     return out
 
 
+def run_out(*cmd: str) -> str:
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=60).stdout
+
+
+def repair_times(repeats: int, interval: float) -> dict:
+    from vpcnet.datapath.reconciler import DatapathReconciler
+
+    ns = f"vpcbench-{uuid.uuid4().hex[:6]}"
+    state = tempfile.mkdtemp(prefix="vpcnet-bench-")
+    sh("ip", "netns", "add", ns)
+    try:
+        for dev in ("uplink0", "uplink1"):       # two candidate uplinks; the default route starts on uplink0
+            sh("ip", "-n", ns, "link", "add", dev, "type", "veth", "peer", "name", dev + "p")
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+            sh("ip", "-n", ns, "link", "set", dev + "p", "up")
+        sh("ip", "-n", ns, "addr", "add", "192.0.2.10/24", "dev", "uplink0")
+        sh("ip", "-n", ns, "addr", "add", "198.18.0.10/24", "dev", "uplink1")
+        sh("ip", "-n", ns, "route", "add", "default", "via", "192.0.2.1", "dev", "uplink0")
+        store = Store(os.path.join(state, "vpcnet.db"))
+        dp = Dataplane(netns=ns)
+        nets = {}
+        for n, mode in enumerate(("bridge", "routed", "ebpf")):
+            nid = (f"{n:04d}" + uuid.uuid4().hex * 2)[:64]
+            net = Network(network_id=nid, host_cidr=f"10.{100 + n}.1.0/24", cluster_cidr=f"10.{100 + n}.0.0/16",
+                          gateway=f"10.{100 + n}.1.1", bridge=bridge_name(nid), mtu=1500, internal=False,
+                          no_nat=(), mode=mode)
+            with store.tx() as db:
+                store.add_network(db, net)
+            dp.ensure_network(spec_of(net))
+            eid = (f"{n:04d}001" + uuid.uuid4().hex * 2)[:64]
+            ip, (host, peer) = f"10.{100 + n}.1.2", veth_names(eid)
+            dp.ensure_endpoint(spec_of(net), host, peer, mac_for(ip), ip)
+            with store.tx() as db:
+                store.add_endpoint(db, Endpoint(eid, nid, ip, mac_for(ip), host, peer))
+            nets[mode] = (net, host, ip)
+        config = type("Config", (), {"state_dir": state, "datapath_interval": interval})()
+        reconciler = DatapathReconciler(config, store, dp)
+        bridged, bridge_veth, _ = nets["bridge"]
+        _, _, routed_ip = nets["routed"]
+        tc_name = spec_of(nets["ebpf"][0]).tc_name
+        chain = f"VPCNET-F-{bridged.network_id[:12]}"
+        uplink = ["uplink0"]
+
+        def filters(dev: str) -> str:
+            return run_out("ip", "netns", "exec", ns, "tc", "filter", "show", "dev", dev, "ingress")
+
+        def move_uplink() -> None:
+            uplink[0] = "uplink1" if uplink[0] == "uplink0" else "uplink0"
+            via = "198.18.0.1" if uplink[0] == "uplink1" else "192.0.2.1"
+            sh("ip", "-n", ns, "route", "replace", "default", "via", via, "dev", uplink[0])
+
+        def reorder() -> None:
+            sh("ip", "netns", "exec", ns, "iptables", "-D", "FORWARD", "-j", "VPCNET-FORWARD")
+            sh("ip", "netns", "exec", ns, "iptables", "-A", "FORWARD", "-j", "DROP")
+            sh("ip", "netns", "exec", ns, "iptables", "-A", "FORWARD", "-j", "VPCNET-FORWARD")
+
+        def jump_first() -> bool:
+            rules = run_out("ip", "netns", "exec", ns, "iptables", "-S", "FORWARD").splitlines()
+            return [r for r in rules if r.startswith("-A ")][:1] == ["-A FORWARD -j VPCNET-FORWARD"]
+
+        faults = {   # name: (inject, repaired?, tidy-up after the repair)
+            "firewall flushed": (
+                lambda: [sh("ip", "netns", "exec", ns, "iptables", "-t", t, "-F") for t in ("filter", "nat", "raw")],
+                lambda: f"-A {chain}" in run_out("ip", "netns", "exec", ns, "iptables-save", "-t", "filter")
+                and jump_first(), None),
+            "route deleted": (
+                lambda: sh("ip", "-n", ns, "route", "del", f"{routed_ip}/32"),
+                lambda: bool(run_out("ip", "-n", ns, "route", "show", f"{routed_ip}/32").strip()), None),
+            "bridge deleted": (
+                lambda: sh("ip", "-n", ns, "link", "del", bridged.bridge),
+                lambda: f"master {bridged.bridge}" in run_out("ip", "-n", ns, "link", "show", bridge_veth), None),
+            "uplink replaced": (
+                move_uplink,
+                lambda: tc_name in filters(uplink[0])
+                and tc_name not in filters("uplink1" if uplink[0] == "uplink0" else "uplink0"), None),
+            "FORWARD reordered": (
+                reorder, jump_first,
+                lambda: sh("ip", "netns", "exec", ns, "iptables", "-D", "FORWARD", "-j", "DROP")),
+        }
+        reconciler.reconcile()
+        times: dict[str, list[float]] = {name: [] for name in faults}
+        thread = reconciler.start_background()
+        try:
+            for i in range(repeats):
+                for name, (inject, repaired, tidy) in faults.items():
+                    time.sleep(interval * (0.3 + 0.7 * ((i * 7 + len(name)) % 10) / 10))   # vary the phase
+                    assert repaired(), f"{name}: not right before the fault"
+                    inject()
+                    t0 = time.monotonic()
+                    deadline = t0 + 10 * interval + 10
+                    while not repaired():
+                        assert time.monotonic() < deadline, f"{name}: not repaired in {deadline - t0:.0f} s"
+                        time.sleep(0.01)
+                    times[name].append(time.monotonic() - t0)
+                    if tidy:
+                        tidy()
+        finally:
+            reconciler.stop()
+            thread.join(timeout=30)
+        counts = {k: int(v) for k, v in reconciler.repairs.items()}
+        store.close()
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+        subprocess.run(["rm", "-rf", state], check=False)
+    return {"interval_s": interval, "repeats": repeats, "repairs_counted": counts,
+            "repair_s": {name: {"median": round(statistics.median(t), 3), "min": round(min(t), 3),
+                                "max": round(max(t), 3)} for name, t in times.items()}}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scales", default="10x10,25x10,50x10", help="NETWORKSxENDPOINTS_EACH,...")
-    parser.add_argument("--json", default=os.path.join(HERE, "results", "datapath.json"))
+    parser.add_argument("--json", help="default: bench/results/datapath.json (datapath_repair.json)")
+    parser.add_argument("--repair-times", action="store_true", help="time to repair each fault (see above)")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--interval", type=float, default=0.5, help="the pass's interval for --repair-times")
     args = parser.parse_args()
+    if args.repair_times:
+        result = repair_times(args.repeats, args.interval)
+        with open(args.json or os.path.join(HERE, "results", "datapath_repair.json"), "w") as fh:
+            json.dump({"command": f"python3 bench/datapath_bench.py --repair-times --repeats {args.repeats} "
+                                  f"--interval {args.interval}", **result}, fh, indent=2)
+            fh.write("\n")
+        print(f"| fault (pass every {args.interval} s, {args.repeats} repeats) | median | min-max |")
+        print("|---|---|---|")
+        for name, t in result["repair_s"].items():
+            print(f"| {name} | {t['median']} s | {t['min']}-{t['max']} s |")
+        return 0
+    args.json = args.json or os.path.join(HERE, "results", "datapath.json")
     results = [measure(*map(int, scale.split("x"))) for scale in args.scales.split(",")]
     with open(args.json, "w") as fh:
         json.dump({"command": "python3 bench/datapath_bench.py --scales " + args.scales, "results": results},

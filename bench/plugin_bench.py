@@ -1,20 +1,26 @@
 #!/usr/bin/env python3
-"""Single-host plugin benchmark (root, a running Docker engine).
+"""Single-host plugin benchmark (root; a running Docker engine for 1 and 4's docker run).
 
-1. `docker run --rm --network <net> IMAGE true` on a vpcnet network versus Docker's built-in bridge
-   network, interleaved in one run, N rounds each: medians and their ratio (target <= 1.10).
-2. Plugin-side CreateEndpoint + Join latency over the unix socket, as Docker calls it, with the real
-   dataplane (veths in a namespace of the bench's own): p50 / p99 (target p99 <= 25 ms), and the split
-   between the two calls.
-3. Plugin RSS (master + workers) with 200 endpoints (target <= 80 MB).
+1. `docker run --rm --network <net> IMAGE true` on a vpcnet network per mode (`--modes`: the default one,
+   created with no -o option, and each explicit `-o vpcnet.mode=`) versus Docker's built-in bridge
+   network, interleaved in one run, N rounds each: medians and their ratio (goal <= 1.05, issue 13).
+2. Per mode, plugin-side CreateEndpoint + Join latency over the unix socket, as Docker calls it, with the
+   real datapath (veths in a namespace of the bench's own, a fresh plugin per mode): p50 / p99 at
+   --endpoints endpoints (goal p99 <= 15 ms at 500), and the split between the two calls;
+3. and the plugin's RSS (master + workers) with those endpoints (goal <= 80 MB at 500).
 4. The cost of metrics (issue 10): two plugins at once, each in a namespace of its own, one with
    VPCNET_METRICS_ADDR off and one with it on (and scraped every --scrape-every seconds meanwhile),
    CreateEndpoint + Join calls alternating between them so both see the same machine: p99 on versus off
    (target within 5 %); then the scrape time of `/metrics` with 500 endpoints (target <= 50 ms) and the
    RSS of the plugin with metrics on (target <= 80 MB).
 
-Writes bench/results/plugin.json (1-3) and bench/results/metrics.json (4), and prints Markdown tables.
-    python3 bench/plugin_bench.py [--rounds 20] [--endpoints 200] [--metrics-endpoints 500] [--only metrics]
+`default` is what a user gets without -o: the mode the plugin resolves it to is read back from its
+store (`vpcnet status`) and reported. Each goal is checked and printed with its verdict.
+
+Writes plugin.json (1-3) and metrics.json (4) into --out (default bench/results), and prints Markdown.
+    python3 bench/plugin_bench.py [--rounds 20] [--endpoints 500] [--modes default,ebpf] [--out DIR]
+                                  [--only all|metrics|endpoints|docker-run] [--metrics-endpoints 500]
+    python3 bench/plugin_bench.py --endpoints-only FILE    2 and 3 only (no Docker engine needed), to FILE
 """
 from __future__ import annotations
 
@@ -93,45 +99,91 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def bench_docker_run(rounds: int, img: str) -> dict:
+MODES = ("default", "bridge", "routed", "ebpf")         # default: no -o vpcnet.mode, the plugin's choice
+MODE_CLUSTERS = {"default": "", "bridge": "10.234.0.0/16", "routed": "10.235.0.0/16", "ebpf": "10.236.0.0/16"}
+GOALS = {  # issue 13's per-container cost
+    "docker_run_ratio": 1.05,        # docker run on vpcnet / on Docker's bridge network
+    "create_join_p99_ms": 15.0,      # CreateEndpoint + Join p99, at 500 endpoints
+    "rss_mb": 80.0,                  # plugin RSS (master + workers), at 500 endpoints
+}
+GOAL_ENDPOINTS = 500
+VERDICT = {True: "yes", False: "**no**", None: "not checked"}
+
+
+def generic_options(mode: str) -> dict:
+    """CreateNetwork's Options for a mode, as Docker sends `-o vpcnet.mode=...` (none for the default)."""
+    return {} if mode == "default" else {"com.docker.network.generic": {"vpcnet.mode": mode}}
+
+
+def stored_modes(state: str) -> dict[str, str]:
+    """Network ID -> the mode the plugin stored for it (`vpcnet status --json` on its state dir)."""
+    env = dict(os.environ, VPCNET_STATE_DIR=state)
+    proc = subprocess.run([sys.executable, "-m", "vpcnet.cli", "status", "--config", os.devnull, "--json"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    try:
+        return {n["network_id"]: n["mode"] for n in json.loads(proc.stdout)["networks"]}
+    except (ValueError, KeyError):
+        return {}
+
+
+def bench_docker_run(rounds: int, img: str, modes: list[str]) -> dict:
     name = f"vpcbench{uuid.uuid4().hex[:6]}"
+    nets = {f"vpcnet-{m}" if m != "default" else "vpcnet": (f"{name}-{m}", m) for m in modes}
+    bnet = f"{name}-b"
     with tempfile.TemporaryDirectory() as state:
         plugin = Plugin(name, state)
-        vnet, bnet = f"{name}-v", f"{name}-b"
         try:
-            sh("docker", "network", "create", "-d", name, "--ipam-driver", name, vnet)
+            resolved = {}
+            for label, (net, mode) in nets.items():
+                extra = ["--subnet", MODE_CLUSTERS[mode], "-o", f"vpcnet.mode={mode}"] if mode != "default" else []
+                sh("docker", "network", "create", "-d", name, "--ipam-driver", name, *extra, net)
+                nid = sh("docker", "network", "inspect", "-f", "{{.Id}}", net).stdout.strip()
+                resolved[label] = stored_modes(state).get(nid, "unknown")
             sh("docker", "network", "create", "-d", "bridge", bnet)
-            times = {"vpcnet": [], "bridge": []}
-            for net in (vnet, bnet):       # warm-up, not counted
+            everything = [*((label, net) for label, (net, _m) in nets.items()), ("bridge", bnet)]
+            times: dict[str, list[float]] = {label: [] for label, _ in everything}
+            for _label, net in everything:       # warm-up, not counted
                 sh("docker", "run", "--rm", "--network", net, img, "true")
-            for _ in range(rounds):
-                for label, net in (("vpcnet", vnet), ("bridge", bnet)):
+            for r in range(rounds):
+                k = r % len(everything)
+                for label, net in everything[k:] + everything[:k]:
                     started = time.perf_counter()
                     sh("docker", "run", "--rm", "--network", net, img, "true")
                     times[label].append(time.perf_counter() - started)
         finally:
-            sh("docker", "network", "rm", vnet, check=False)
+            for net, _mode in nets.values():
+                sh("docker", "network", "rm", net, check=False)
             sh("docker", "network", "rm", bnet, check=False)
             plugin.stop()
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"rounds": rounds, "median_s": med, "min_s": {k: min(v) for k, v in times.items()},
-            "max_s": {k: max(v) for k, v in times.items()}, "ratio_vpcnet_over_bridge": med["vpcnet"] / med["bridge"]}
+    return {"rounds": rounds, "resolved_modes": resolved, "median_s": med,
+            "min_s": {k: min(v) for k, v in times.items()}, "max_s": {k: max(v) for k, v in times.items()},
+            "ratio_over_bridge": {k: med[k] / med["bridge"] for k in med if k != "bridge"}}
 
 
-def bench_endpoints(count: int) -> dict:
+def _prefix_for(count: int) -> int:
+    """The smallest host block holding `count` endpoints plus network, gateway and broadcast addresses."""
+    prefix = 32
+    while 2 ** (32 - prefix) < count + 4:
+        prefix -= 1
+    return max(prefix, 16)
+
+
+def bench_endpoints(count: int, mode: str = "default") -> dict:
     netns = f"vpcbench{uuid.uuid4().hex[:6]}"
     sh("ip", "netns", "add", netns)
     name = f"vpcbench{uuid.uuid4().hex[:6]}"
     try:
         with tempfile.TemporaryDirectory() as state:
-            plugin = Plugin(name, state, netns=netns, cluster="10.231.0.0/16", prefix=23)
+            plugin = Plugin(name, state, netns=netns, cluster="10.231.0.0/16", prefix=_prefix_for(count))
             try:
                 rss_idle = plugin.rss_bytes()
                 pool = call(plugin.sock, "/IpamDriver.RequestPool", {"Pool": ""})
                 nid = uuid.uuid4().hex + uuid.uuid4().hex
+                gateway = pool["Data"]["com.docker.network.gateway"]
                 call(plugin.sock, "/NetworkDriver.CreateNetwork", {
-                    "NetworkID": nid, "Options": {}, "IPv4Data": [{"Pool": pool["Pool"],
-                                                                   "Gateway": pool["Data"]["com.docker.network.gateway"]}]})
+                    "NetworkID": nid, "Options": generic_options(mode),
+                    "IPv4Data": [{"Pool": pool["Pool"], "Gateway": gateway}]})
                 create, join, both = [], [], []
                 for _ in range(count):
                     eid = uuid.uuid4().hex + uuid.uuid4().hex
@@ -147,15 +199,66 @@ def bench_endpoints(count: int) -> dict:
                 rss_full = plugin.rss_bytes()
             finally:
                 plugin.stop()
+            resolved = stored_modes(state).get(nid, "unknown")
     finally:
         sh("ip", "netns", "del", netns, check=False)
     ms = lambda v: round(v * 1000, 2)   # noqa: E731
-    return {"endpoints": count,
+    return {"endpoints": count, "mode": mode, "resolved_mode": resolved,
             "create_endpoint_plus_join_ms": {"p50": ms(pct(both, 0.5)), "p99": ms(pct(both, 0.99)),
                                              "max": ms(max(both))},
             "create_endpoint_ms": {"p50": ms(pct(create, 0.5)), "p99": ms(pct(create, 0.99))},
             "join_ms": {"p50": ms(pct(join, 0.5)), "p99": ms(pct(join, 0.99))},
             "rss_mb": {"idle": round(rss_idle / 2**20, 1), f"with_{count}_endpoints": round(rss_full / 2**20, 1)}}
+
+
+def check_goals(result: dict) -> list[dict]:
+    """Issue 13's per-container goals against a plugin.json-shaped result: one verdict per mode and goal.
+    Latency and memory goals are set at 500 endpoints: a run with fewer is not a verdict (met None)."""
+    out = []
+    for mode, r in result.get("endpoints", {}).items():
+        n = r["endpoints"]
+        scale = "" if n == GOAL_ENDPOINTS else f" (measured at {n} endpoints, not {GOAL_ENDPOINTS})"
+        p99 = r["create_endpoint_plus_join_ms"]["p99"]
+        rss = r["rss_mb"][f"with_{n}_endpoints"]
+        out.append({"mode": mode, "goal": f"CreateEndpoint + Join p99 <= {GOALS['create_join_p99_ms']:g} ms{scale}",
+                    "value": p99, "met": p99 <= GOALS["create_join_p99_ms"] if n >= GOAL_ENDPOINTS else None})
+        out.append({"mode": mode, "goal": f"plugin RSS <= {GOALS['rss_mb']:g} MB{scale}", "value": rss,
+                    "met": rss <= GOALS["rss_mb"] if n >= GOAL_ENDPOINTS else None})
+    for label, ratio in result.get("docker_run", {}).get("ratio_over_bridge", {}).items():
+        mode = "default" if label == "vpcnet" else label.removeprefix("vpcnet-")
+        out.append({"mode": mode, "goal": f"docker run <= {GOALS['docker_run_ratio']:g} x Docker's bridge network",
+                    "value": round(ratio, 3), "met": ratio <= GOALS["docker_run_ratio"]})
+    return out
+
+
+def goals_markdown(result: dict) -> str:
+    lines = ["| mode | goal (issue 13) | value | met |", "|---|---|---|---|"]
+    for g in check_goals(result):
+        lines.append(f"| {g['mode']} | {g['goal']} | {g['value']} | {VERDICT[g['met']]} |")
+    return "\n".join(lines)
+
+
+def endpoints_markdown(by_mode: dict) -> str:
+    lines = ["| mode | endpoints | CreateEndpoint + Join p50 / p99 / max | CreateEndpoint p50 / p99 | "
+             "Join p50 / p99 | RSS idle / full |", "|---|---|---|---|---|---|"]
+    for mode, r in by_mode.items():
+        both, c, j = r["create_endpoint_plus_join_ms"], r["create_endpoint_ms"], r["join_ms"]
+        label = mode if mode != "default" else f"default (resolved: {r['resolved_mode']})"
+        full = r["rss_mb"][f"with_{r['endpoints']}_endpoints"]
+        lines.append(f"| {label} | {r['endpoints']} | {both['p50']} / {both['p99']} / {both['max']} ms | "
+                     f"{c['p50']} / {c['p99']} ms | {j['p50']} / {j['p99']} ms | {r['rss_mb']['idle']} / {full} MB |")
+    return "\n".join(lines)
+
+
+def docker_run_markdown(d: dict) -> str:
+    lines = [f"| network | docker run --rm true, median ({d['rounds']} rounds, interleaved) | ratio to bridge |",
+             "|---|---|---|"]
+    for label, med in d["median_s"].items():
+        resolved = d.get("resolved_modes", {}).get(label)
+        name = label + (f" (no -o: {resolved})" if label == "vpcnet" and resolved else "")
+        ratio = d["ratio_over_bridge"].get(label)
+        lines.append(f"| {name} | {med * 1000:.0f} ms | {f'{ratio:.3f}' if ratio is not None else '–'} |")
+    return "\n".join(lines)
 
 
 class Network:
@@ -286,48 +389,67 @@ def print_metrics(m: dict) -> None:
           f"{m['rss_mb']['metrics_off']} MB | <= 80 MB |")
 
 
+def _modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"{', '.join(unknown) or '(none)'} unknown "
+                                         f"(known: {', '.join(MODES)})")
+    return list(dict.fromkeys(modes))
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--endpoints", type=int, default=200)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    parser.add_argument("--rounds", type=int, default=20, help="docker run rounds (default 20)")
+    parser.add_argument("--endpoints", type=int, default=GOAL_ENDPOINTS,
+                        help=f"endpoints per mode for the latency and memory figures (default {GOAL_ENDPOINTS})")
+    parser.add_argument("--modes", type=_modes, default=list(MODES),
+                        help=f"comma-separated modes to measure (default {','.join(MODES)}; default = no -o)")
     parser.add_argument("--endpoints-only", metavar="FILE",
-                        help="only the CreateEndpoint + Join latency (no Docker engine needed), to FILE")
+                        help="only the CreateEndpoint + Join latency and RSS (no Docker engine needed), to FILE")
     parser.add_argument("--metrics-endpoints", type=int, default=500)
     parser.add_argument("--scrape-every", type=float, default=5.0, metavar="S",
                         help="seconds between scrapes during the on/off comparison (Prometheus' default is 15)")
-    parser.add_argument("--only", choices=("all", "metrics"), default="all")
+    parser.add_argument("--only", choices=("all", "metrics", "endpoints", "docker-run"), default="all")
+    parser.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder (default bench/results)")
     args = parser.parse_args()
+    if not 1 <= args.endpoints <= 4000 or not 1 <= args.rounds <= 500:
+        parser.error("--endpoints 1..4000, --rounds 1..500")
     if args.endpoints_only:
-        only = {"plugin": bench_endpoints(args.endpoints), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        by_mode = {m: bench_endpoints(args.endpoints, m) for m in args.modes}
+        only = {"endpoints": by_mode, "when": _now()}
+        only["goals"] = check_goals(only)
         with open(args.endpoints_only, "w") as fh:
             json.dump(only, fh, indent=2)
-        print(json.dumps(only["plugin"], indent=2))
+        print(endpoints_markdown(by_mode) + "\n\n" + goals_markdown(only))
         return 0
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    metrics = bench_metrics(args.metrics_endpoints, args.scrape_every)
-    metrics["when"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    with open(os.path.join(HERE, "results", "metrics.json"), "w") as fh:
-        json.dump(metrics, fh, indent=2)
-    print_metrics(metrics)
-    if args.only == "metrics":
-        return 0
-    img = image.build()
-    result = {"docker_run": bench_docker_run(args.rounds, img), "plugin": bench_endpoints(args.endpoints),
-              "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "plugin.json"), "w") as fh:
+    os.makedirs(args.out, exist_ok=True)
+    if args.only in ("all", "metrics"):
+        metrics = bench_metrics(args.metrics_endpoints, args.scrape_every)
+        metrics["when"] = _now()
+        with open(os.path.join(args.out, "metrics.json"), "w") as fh:
+            json.dump(metrics, fh, indent=2)
+        print_metrics(metrics)
+        if args.only == "metrics":
+            return 0
+    result: dict = {}
+    if args.only in ("all", "docker-run"):
+        result["docker_run"] = bench_docker_run(args.rounds, image.build(), args.modes)
+    if args.only in ("all", "endpoints"):
+        result["endpoints"] = {m: bench_endpoints(args.endpoints, m) for m in args.modes}
+    result["when"] = _now()
+    result["goals"] = check_goals(result)
+    with open(os.path.join(args.out, "plugin.json"), "w") as fh:
         json.dump(result, fh, indent=2)
-    d, p = result["docker_run"], result["plugin"]
-    print("| metric | value | target |\n|---|---|---|")
-    print(f"| docker run --rm true, vpcnet median | {d['median_s']['vpcnet']*1000:.0f} ms | |")
-    print(f"| docker run --rm true, bridge median | {d['median_s']['bridge']*1000:.0f} ms | |")
-    print(f"| ratio vpcnet / bridge ({d['rounds']} rounds, interleaved) | {d['ratio_vpcnet_over_bridge']:.3f} | <= 1.10 |")
-    print(f"| CreateEndpoint + Join p50 / p99 | {p['create_endpoint_plus_join_ms']['p50']} / "
-          f"{p['create_endpoint_plus_join_ms']['p99']} ms | p99 <= 25 ms |")
-    print(f"| of which CreateEndpoint p50 / p99 | {p['create_endpoint_ms']['p50']} / {p['create_endpoint_ms']['p99']} ms | |")
-    print(f"| of which Join p50 / p99 | {p['join_ms']['p50']} / {p['join_ms']['p99']} ms | |")
-    full = p["rss_mb"]["with_%d_endpoints" % p["endpoints"]]
-    print(f"| plugin RSS idle / with {p['endpoints']} endpoints | {p['rss_mb']['idle']} / {full} MB | <= 80 MB |")
+    if "docker_run" in result:
+        print(docker_run_markdown(result["docker_run"]) + "\n")
+    if "endpoints" in result:
+        print(endpoints_markdown(result["endpoints"]) + "\n")
+    print(goals_markdown(result))
     return 0
 
 

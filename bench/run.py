@@ -1,27 +1,59 @@
 #!/usr/bin/env python3
-"""vpcnet versus the underlay and Docker's VXLAN overlay, on one lab, in one run.
+"""vpcnet versus the underlay, Docker's VXLAN overlay and Docker's bridge network, on one lab, in one run.
 
-    python3 bench/run.py [--rounds 5] [--hosts 2] [--duration 5] [--no-bridge]
+    python3 bench/run.py [--rounds 9] [--duration 3] [--crr-seconds 2] [--flows-seconds 2] [--profile]
+    python3 bench/run.py --rounds 9 --profile --estimate      how long that takes, without running it
 
-Builds a `vpcnet lab` (root; refuses to run next to a lab already up), then measures, between host 1
-and host 2 of the lab:
-  underlay  host namespace <-> host namespace (the limit of this setup: every packet crosses the router)
-  vpcnet    container on the vpcnet network on h1 <-> container on h2 (routed by the emulated VPC)
-  vpcnet-routed  the same on a second vpcnet network in routed mode (`-o vpcnet.mode=routed`, no bridge)
-  vpcnet-ebpf    the same on a third, in ebpf mode (`-o vpcnet.mode=ebpf`: routed plus the tc fast path)
-  overlay   Docker's overlay (swarm across the lab engines, `-d overlay --attachable`), same two hosts
-  bridge    Docker's default bridge on each host, server port published on h2 (NAT both ends)
+Builds a `vpcnet lab` (root; refuses to run next to a lab already up) and measures two groups of
+contenders.
+
+Across hosts (a client on host 1, its server on host 2):
+  underlay       host namespace <-> host namespace (the limit of this setup: every packet crosses the router)
+  vpcnet         container <-> container on `vpc0`, the lab's vpcnet network, created with no -o option:
+                 what a user gets from the README's commands (the mode it resolves to is in the results)
+  vpcnet-bridge, vpcnet-routed, vpcnet-ebpf
+                 the same on a network per explicit mode (`-o vpcnet.mode=<mode>`, a cluster CIDR each).
+                 The explicit mode the default resolves to is left out (it is the same datapath twice)
+                 unless --all-modes.
+  overlay        Docker's overlay (swarm across the lab engines, `-d overlay --attachable`)
+  bridge         Docker's default bridge on each host, the server's ports published on h2 (NAT both ends)
+On one host (client and server containers both on host 1):
+  vpcnet, vpcnet-<mode>   two containers on the same vpcnet network
+  docker-bridge           two containers on a user-defined `docker network create` bridge network
 Each round runs every metric for every contender, in a rotated order, so drifts hit all alike.
 
 The measuring programs are the host's own iperf3 and bench/rr.py, entered into each contender's network
 namespace with `nsenter --net=` (for containers: /proc/<container pid>/ns/net), so the only thing that
 differs between contenders is the network path.
 
-Metrics: iperf3 TCP throughput, 1 and 4 streams (receiver bits/s); iperf3 UDP 64-byte datagrams
-(`-u -l 64 -b 0`, datagrams/s received = (packets - lost) / seconds); TCP request-response latency p50
-and p99 of 64-byte ping-pongs (bench/rr.py); `docker run -d` wall time per network; each contender's MTU.
+Metrics:
+  TCP throughput, 1 and 4 streams   iperf3, receiver bits/s, --duration seconds
+  UDP 64 B datagrams                iperf3 `-u -l 64 -b 0`: (packets - lost) / seconds
+  RR p50, p99                       bench/rr.py client: 64-byte ping-pongs on one warm connection
+  connections/s (TCP_CRR shape)     bench/rr.py crr: connect, one 64-byte request and response, close,
+                                    for --crr-seconds; also each connection's p50/p99
+  64 flows transactions/s           bench/rr.py flows: 64 connections with a request in flight each, for
+                                    --flows-seconds. Why this one for "many flows": with 64 in flight
+                                    the CPUs never idle, so the rate is set by the CPU each transaction
+                                    costs, i.e. by what the path does per packet of every flow (rule
+                                    walks, conntrack lookups, forwarding, the bridge), where the
+                                    one-connection RR measures the delay and leaves the CPUs idle; and
+                                    CRR covers the per-connection cost (conntrack entries, SYN handling).
+                                    64 parallel bulk streams would measure bytes, which GRO and TSO
+                                    batch, and hide a per-flow cost.
+  docker run -d                     wall time on host 1, per network (the ratio to Docker's bridge
+                                    network is a goal)
+  MTU                               each contender's client interface
+  CPU ms per GB (--profile)         perf during one more TCP stream per cross-host contender
+                                    (bench/cpu_profile.py)
+The Python of rr.py costs the same on every path; it is part of each figure, so ratios between paths
+understate the paths' own differences a little (absolute rates are rr.py's, not the kernel's limit).
 
-Writes bench/results/latest.json, latest.md and latest.png. The lab is always taken down at the end.
+Goals (issue 13, checked by bench/goals.py for the default network and each explicit mode, naming the
+fastest): in the results' `goals` and the Markdown's goal table.
+
+Writes latest.json, latest.md and latest.png into --out (default bench/results); --readme also puts the
+table into README.md between its markers. The lab is always taken down at the end.
 """
 from __future__ import annotations
 
@@ -34,50 +66,48 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import cpu_profile  # noqa: E402  (bench/, next to this file)
+import goals  # noqa: E402
+import report  # noqa: E402
+
 from vpcnet.lab import Lab, LabError  # noqa: E402
 
 IMAGE = "vpcnet-testbox:latest"
-CLUSTER = "10.240.0.0/16"
-ROUTED_CLUSTER = "10.241.0.0/16"         # the routed-mode network's own cluster CIDR
-EBPF_CLUSTER = "10.242.0.0/16"           # the ebpf-mode network's
-ROUTED, EBPF = "vpcnet-routed", "vpcnet-ebpf"
-MINE = ("vpcnet", ROUTED, EBPF)          # vpcnet's contenders, one per mode
-NAMES = ("underlay", "vpcnet", ROUTED, EBPF, "overlay", "bridge")
-NETWORKS = {"vpcnet": "vpc0", ROUTED: "vpcr", EBPF: "vpce", "overlay": "ov", "bridge": "bridge"}
-EXTRA_MODES = {ROUTED: ("routed", ROUTED_CLUSTER), EBPF: ("ebpf", EBPF_CLUSTER)}
+CLUSTER = "10.240.0.0/16"                # vpc0, the lab's network: no -o option
+DEFAULT_NET = "vpc0"
+MODES = ("bridge", "routed", "ebpf")
+MODE_NETWORKS = {"bridge": ("vpcb", "10.243.0.0/16"), "routed": ("vpcr", "10.241.0.0/16"),
+                 "ebpf": ("vpce", "10.242.0.0/16")}
+DOCKER_BRIDGE_NET = "benchbr"            # the same-host baseline: a user-defined bridge network on h1
+CROSS, SAME = goals.CROSS, goals.SAME
+CROSS_NAMES, SAME_NAMES, METRICS, FLOWS = report.CROSS_NAMES, report.SAME_NAMES, report.METRICS, report.FLOWS
+ALL = [(CROSS, n) for n in CROSS_NAMES] + [(SAME, n) for n in SAME_NAMES]
 RR = os.path.join(HERE, "rr.py")
-# per contender: (iperf3 port, rr port)
-PORTS = {"underlay": (5201, 5301), "vpcnet": (5202, 5302), "overlay": (5203, 5303), "bridge": (5204, 5304),
-         ROUTED: (5205, 5305), EBPF: (5206, 5306)}
-METRICS = [  # key, label, unit, higher is better
-    ("tcp_1stream_bps", "TCP throughput, 1 stream", "Gbit/s", True),
-    ("tcp_4stream_bps", "TCP throughput, 4 streams", "Gbit/s", True),
-    ("udp_64b_pps", "UDP 64 B datagrams received", "kpps", True),
-    ("rr_p50_us", "TCP request-response p50", "µs", False),
-    ("rr_p99_us", "TCP request-response p99", "µs", False),
-    ("container_start_s", "container start (docker run -d)", "s", False),
-]
-GOALS = [  # (metric, versus, comparison, bound, text)
-    ("tcp_1stream_bps", "underlay", ">=", 0.95, "TCP 1 stream ≥ 0.95 × underlay"),
-    ("tcp_4stream_bps", "underlay", ">=", 0.95, "TCP 4 streams ≥ 0.95 × underlay"),
-    ("tcp_1stream_bps", "overlay", ">=", 1.20, "TCP 1 stream ≥ 1.20 × overlay"),
-    ("tcp_4stream_bps", "overlay", ">=", 1.20, "TCP 4 streams ≥ 1.20 × overlay"),
-    ("rr_p50_us", "underlay", "<=", 1.10, "RR p50 ≤ 1.10 × underlay"),
-    ("udp_64b_pps", "overlay", ">=", 1.20, "UDP 64 B pps ≥ 1.2 × overlay"),
-]
+PROBES = ("tcp1", "tcp4", "udp", "rr", "crr", "flows", "start")   # one measurement each, in this order
+# Seconds each step takes on this 2-CPU machine, for --estimate (a 1-round run at --duration 2, load ~4:
+# 113 s for 10 contenders and 7 networks, 144 s in all; set-up and take-down padded for a slower start).
+COST = {"iperf_overhead": 0.15, "rr_per_pingpong": 50e-6, "client_start": 0.1, "flows_connect": 0.05,
+        "docker_run": 0.8, "setup": 60.0, "setup_per_container": 1.0, "profile_per_contender": 8.0,
+        "teardown": 20.0}
 
 
-def sh(cmd: list[str], timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+def sh(cmd: list[str], timeout: float = 120, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
     if check and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr.strip() or proc.stdout.strip()}")
     return proc
+
+
+def ports(group: str, name: str) -> tuple[int, int, int]:
+    """(iperf3, rr, rr flows) ports of a contender: distinct for every contender."""
+    i = ALL.index((group, name))
+    return 5201 + i, 5301 + i, 5401 + i
 
 
 class Endpoint:
@@ -94,14 +124,64 @@ class Endpoint:
         return int(words[words.index("mtu") + 1])       # (/sys is the host's under nsenter --net)
 
 
+@dataclass
+class Contender:
+    group: str
+    name: str
+    client: Endpoint
+    server: Endpoint
+    target: str                       # the address the client sends to
+    network: str | None               # the Docker network (for `docker run` time); None: no containers
+
+    @property
+    def ports(self) -> tuple[int, int, int]:
+        return ports(self.group, self.name)
+
+    @property
+    def key(self) -> str:
+        return f"{self.group}:{self.name}"
+
+
+def wanted_modes(args, default_mode: str | None) -> list[str]:
+    """The explicit modes to measure: all but --skip-mode, and but the one the default already is."""
+    return [m for m in MODES if m not in args.skip_mode and (args.all_modes or m != default_mode)]
+
+
+def estimate(args, default_mode: str | None = "bridge") -> dict:
+    """Expected seconds of a run with these options (COST: this machine's figures)."""
+    modes = len(wanted_modes(args, default_mode))
+    cross = 3 + modes + (0 if args.no_bridge else 1)            # underlay, vpcnet, overlay (+ bridge)
+    same = 0 if args.no_same_host else 2 + modes                # vpcnet, docker-bridge
+    networks = 2 + modes + (0 if args.no_bridge else 1) + (0 if args.no_same_host else 1)
+    c = COST
+    per_contender = (3 * (args.duration + c["iperf_overhead"]) + args.rr_count * c["rr_per_pingpong"]
+                     + args.crr_seconds + args.flows_seconds + c["flows_connect"] + 3 * c["client_start"])
+    per_round = (cross + same) * per_contender + networks * c["docker_run"]
+    setup = c["setup"] + c["setup_per_container"] * 2 * (cross - 1 + same)
+    profile = cross * (args.duration + c["profile_per_contender"]) if args.profile else 0.0
+    total = setup + args.rounds * per_round + profile + c["teardown"]
+    return {"contenders": {"cross": cross, "same": same}, "setup_s": setup, "per_round_s": per_round,
+            "profile_s": profile, "total_s": total}
+
+
+def estimate_text(est: dict, rounds: int) -> str:
+    return (f"{est['contenders']['cross']} cross-host + {est['contenders']['same']} same-host contenders, "
+            f"{rounds} rounds: expected ~{est['total_s'] / 60:.0f} min (set-up {est['setup_s'] / 60:.1f} min, "
+            f"{est['per_round_s']:.0f} s per round, profile {est['profile_s'] / 60:.1f} min; "
+            "this 2-CPU machine's figures, more when it is busy)")
+
+
 class Bench:
     def __init__(self, lab: Lab, args):
         self.lab, self.args = lab, args
         self.servers: list[subprocess.Popen] = []
-        self.pairs: dict[str, tuple[Endpoint, Endpoint, str]] = {}   # name -> (client, server, target)
-        self.samples: dict[str, dict[str, list[float]]] = {m[0]: {} for m in METRICS}
-        self.mtu: dict[str, int] = {}
-        self.notes: list[str] = []
+        self.contenders: list[Contender] = []
+        self.samples: dict[str, dict[str, dict[str, list[float]]]] = {
+            g: {m[0]: {} for m in METRICS} for g in (CROSS, SAME)}
+        self.mtu: dict[str, dict[str, int]] = {CROSS: {}, SAME: {}}
+        self.default_mode: str | None = None
+        self.modes: list[str] = []
+        self.cpu: dict[str, dict[str, float]] = {}
 
     # -- set-up -----------------------------------------------------------------------------------
     def container(self, k: int, name: str, network: str, *extra: str) -> Endpoint:
@@ -111,21 +191,63 @@ class Bench:
                              name).stdout.strip()
         return Endpoint(f"/proc/{pid}/ns/net", ip, "eth0")
 
+    def create_vpcnet_network(self, name: str, cluster: str, mode: str, timeout: float = 90.0) -> None:
+        """`-o vpcnet.mode=<mode>` on every lab host (Lab.create_network's "bridge" may mean no -o). A host
+        claims its block of a new cluster CIDR on the first request, so retry until created."""
+        for k in self.lab.host_indexes():
+            deadline = time.monotonic() + timeout
+            while True:
+                proc = self.lab.docker(k, "network", "create", "-d", "vpcnet", "--ipam-driver", "vpcnet",
+                                       "--subnet", cluster, "-o", f"vpcnet.mode={mode}", name, check=False, timeout=60)
+                if proc.returncode == 0 or "already exists" in proc.stderr:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"h{k}: network {name} not created within {timeout:.0f}s: {proc.stderr.strip()}")
+                time.sleep(1.0)
+
+    def network_mode(self, k: int, network: str) -> str | None:
+        """The mode host k's plugin stored for a network (`vpcnet status`); None if it cannot be read."""
+        nid = self.lab.docker(k, "network", "inspect", "-f", "{{.Id}}", network).stdout.strip()
+        env = dict(os.environ, VPCNET_STATE_DIR=self.lab.host(k).paths.state_dir)
+        proc = sh([sys.executable, "-m", "vpcnet.cli", "status", "--config", os.devnull, "--json"], env=env,
+                  check=False, timeout=60)
+        try:
+            found = [n for n in json.loads(proc.stdout)["networks"] if n["network_id"] == nid]
+        except (ValueError, KeyError):
+            return None
+        return found[0].get("mode") if found else None
+
+    def check_default_network(self) -> None:
+        options = self.lab.docker(1, "network", "inspect", "-f", "{{json .Options}}", DEFAULT_NET).stdout
+        if "vpcnet.mode" in options:
+            raise RuntimeError(f"the lab created {DEFAULT_NET} with {options.strip()}: the default contender must "
+                               "have no -o vpcnet.mode option")
+        self.default_mode = self.network_mode(1, DEFAULT_NET)
+
+    def add(self, group: str, name: str, client: Endpoint, server: Endpoint, target: str,
+            network: str | None) -> None:
+        self.contenders.append(Contender(group, name, client, server, target, network))
+
     def setup(self) -> None:
-        lab = self.lab
+        lab, args = self.lab, self.args
+        self.check_default_network()
+        self.modes = wanted_modes(args, self.default_mode)
+        print(f"default network {DEFAULT_NET} (no -o): mode {self.default_mode or 'unknown'}; explicit modes "
+              f"measured: {', '.join(self.modes) or 'none'}", flush=True)
         h1 = Endpoint(f"/run/netns/{lab.host_netns(1)}", lab.host_ip(1), "uplink")
         h2 = Endpoint(f"/run/netns/{lab.host_netns(2)}", lab.host_ip(2), "uplink")
-        self.pairs["underlay"] = (h1, h2, h2.address)
-        a, b = self.container(1, "bench-vpc1", "vpc0"), self.container(2, "bench-vpc2", "vpc0")
-        self.pairs["vpcnet"] = (a, b, b.address)
-        for name, (mode, cluster) in EXTRA_MODES.items():
-            if mode in self.args.skip_mode:
-                continue
-            lab.create_network(NETWORKS[name], cluster, mode=mode, timeout=90)
-            a = self.container(1, f"bench-{mode}1", NETWORKS[name])
-            b = self.container(2, f"bench-{mode}2", NETWORKS[name])
-            self.pairs[name] = (a, b, b.address)
-            self.wait_reachable(name)       # each host's route for the new cluster CIDR: a reconcile away
+        self.add(CROSS, "underlay", h1, h2, h2.address, None)
+        vpcnets = [("vpcnet", DEFAULT_NET)]
+        for mode in self.modes:
+            network, cluster = MODE_NETWORKS[mode]
+            self.create_vpcnet_network(network, cluster, mode)
+            vpcnets.append((f"vpcnet-{mode}", network))
+        for name, network in vpcnets:
+            a, b = self.container(1, f"bench-{network}-1", network), self.container(2, f"bench-{network}-2", network)
+            self.add(CROSS, name, a, b, b.address, network)
+            if not args.no_same_host:
+                s = self.container(1, f"bench-{network}-s", network)
+                self.add(SAME, name, a, s, s.address, network)
         # Docker's overlay: a swarm across the lab's two engines (lab engines only, never the default one).
         lab.docker(1, "swarm", "init", "--advertise-addr", lab.host_ip(1), "--listen-addr", f"{lab.host_ip(1)}:2377")
         token = lab.docker(1, "swarm", "join-token", "-q", "worker").stdout.strip()
@@ -133,30 +255,37 @@ class Bench:
                    "--listen-addr", f"{lab.host_ip(2)}:2377", f"{lab.host_ip(1)}:2377", timeout=60)
         lab.docker(1, "network", "create", "-d", "overlay", "--attachable", "ov")
         a, b = self.container(1, "bench-ov1", "ov"), self.container(2, "bench-ov2", "ov")
-        self.pairs["overlay"] = (a, b, b.address)
-        if not self.args.no_bridge:
-            ip, rr = PORTS["bridge"]
+        self.add(CROSS, "overlay", a, b, b.address, "ov")
+        if not args.no_bridge:
+            ip, rr, fl = ports(CROSS, "bridge")
             a = self.container(1, "bench-br1", "bridge")
             b = self.container(2, "bench-br2", "bridge", "-p", f"{ip}:{ip}", "-p", f"{ip}:{ip}/udp",
-                               "-p", f"{rr}:{rr}")
-            self.pairs["bridge"] = (a, b, lab.host_ip(2))             # published port on h2's address
-        for name, (client, server, _target) in self.pairs.items():
-            ip, rr = PORTS[name]
-            for cmd in (server.cmd("iperf3", "-s", "-p", str(ip)),
-                        server.cmd(sys.executable, RR, "server", "--port", str(rr), "--max-seconds", "7200")):
+                               "-p", f"{rr}:{rr}", "-p", f"{fl}:{fl}")
+            self.add(CROSS, "bridge", a, b, lab.host_ip(2), "bridge")     # published ports on h2's address
+        if not args.no_same_host:
+            lab.docker(1, "network", "create", "-d", "bridge", DOCKER_BRIDGE_NET)
+            a = self.container(1, "bench-dbr1", DOCKER_BRIDGE_NET)
+            b = self.container(1, "bench-dbr2", DOCKER_BRIDGE_NET)
+            self.add(SAME, "docker-bridge", a, b, b.address, DOCKER_BRIDGE_NET)
+        for c in self.contenders:
+            ip, rr, fl = c.ports
+            for cmd in (c.server.cmd("iperf3", "-s", "-p", str(ip)),
+                        c.server.cmd(sys.executable, RR, "server", "--port", str(rr), "--flows-port", str(fl),
+                                     "--max-seconds", "7200")):
                 self.servers.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                                      start_new_session=True))
-            self.mtu[name] = client.mtu()
+            self.mtu[c.group][c.name] = c.client.mtu()
+        for c in self.contenders:           # a new cluster CIDR's route on each host is a reconcile away
+            self.wait_reachable(c)
         time.sleep(1.0)
 
-    def wait_reachable(self, name: str, timeout: float = 60.0) -> None:
-        client, _server, target = self.pairs[name]
+    def wait_reachable(self, c: Contender, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if sh(client.cmd("busybox", "ping", "-c1", "-W1", target), check=False).returncode == 0:
+            if sh(c.client.cmd("busybox", "ping", "-c1", "-W1", c.target), check=False).returncode == 0:
                 return
             time.sleep(1.0)
-        raise RuntimeError(f"{name}: {target} not reachable within {timeout:.0f}s")
+        raise RuntimeError(f"{c.key}: {c.target} not reachable within {timeout:.0f}s")
 
     def teardown(self) -> None:
         for proc in self.servers:
@@ -165,14 +294,13 @@ class Bench:
             proc.wait(timeout=10)
 
     # -- one measurement --------------------------------------------------------------------------
-    def iperf_cmd(self, name: str, *extra: str) -> list[str]:
-        client, _server, target = self.pairs[name]
-        return client.cmd("iperf3", "-c", target, "-p", str(PORTS[name][0]), "-t", str(self.args.duration), "-J",
-                          *extra)
+    def iperf_cmd(self, c: Contender, *extra: str) -> list[str]:
+        return c.client.cmd("iperf3", "-c", c.target, "-p", str(c.ports[0]), "-t", str(self.args.duration), "-J",
+                            *extra)
 
-    def iperf(self, name: str, *extra: str) -> dict:
-        cmd = self.iperf_cmd(name, *extra)
-        for attempt in range(3):              # the server is busy for a moment after a run: retry, bounded
+    def iperf(self, c: Contender, *extra: str) -> dict:
+        cmd = self.iperf_cmd(c, *extra)
+        for _attempt in range(3):             # the server is busy for a moment after a run: retry, bounded
             proc = sh(cmd, timeout=self.args.duration + 30, check=False)
             try:
                 data = json.loads(proc.stdout)
@@ -181,206 +309,168 @@ class Bench:
             if "error" not in data:
                 return data
             time.sleep(1.0)
-        raise RuntimeError(f"{name}: iperf3 {' '.join(extra)} failed: {data['error']}")
+        raise RuntimeError(f"{c.key}: iperf3 {' '.join(extra)} failed: {data['error']}")
 
-    def measure(self, name: str, metric: str) -> float | None:
-        if metric == "tcp_1stream_bps":
-            return self.iperf(name)["end"]["sum_received"]["bits_per_second"]
-        if metric == "tcp_4stream_bps":
-            return self.iperf(name, "-P", "4")["end"]["sum_received"]["bits_per_second"]
-        if metric == "udp_64b_pps":
-            end = self.iperf(name, "-u", "-l", "64", "-b", "0")["end"]["sum"]
-            return (end["packets"] - end["lost_packets"]) / end["seconds"]
-        if metric in ("rr_p50_us", "rr_p99_us"):
-            if metric == "rr_p99_us":
-                return self._rr[name]["p99_us"]
-            client, _server, target = self.pairs[name]
-            proc = sh(client.cmd(sys.executable, RR, "client", "--host", target, "--port", str(PORTS[name][1]),
-                                 "--count", str(self.args.rr_count)), timeout=120)
-            self._rr[name] = json.loads(proc.stdout)
-            return self._rr[name]["p50_us"]
-        if metric == "container_start_s":
-            network = NETWORKS.get(name)
-            if network is None:
-                return None
-            cname = f"bench-start-{name}"
-            self.lab.docker(1, "rm", "-f", cname, check=False)
-            t0 = time.monotonic()
-            self.lab.docker(1, "run", "-d", "--name", cname, "--network", network, IMAGE, "sleep", "60")
-            took = time.monotonic() - t0
-            self.lab.docker(1, "rm", "-f", cname, check=False)
-            return took
-        raise KeyError(metric)
+    def rr(self, c: Contender, mode: str, port: int, *extra: str, timeout: float = 120) -> dict:
+        proc = sh(c.client.cmd(sys.executable, RR, mode, "--host", c.target, "--port", str(port), *extra),
+                  timeout=timeout, check=False)
+        return parse_rr(c.key, mode, proc.stdout, proc.stderr)
+
+    def measure(self, c: Contender, probe: str) -> dict[str, float]:
+        """Metric -> value of one probe on one contender."""
+        a = self.args
+        if probe == "tcp1":
+            return {"tcp_1stream_bps": self.iperf(c)["end"]["sum_received"]["bits_per_second"]}
+        if probe == "tcp4":
+            return {"tcp_4stream_bps": self.iperf(c, "-P", "4")["end"]["sum_received"]["bits_per_second"]}
+        if probe == "udp":
+            end = self.iperf(c, "-u", "-l", "64", "-b", "0")["end"]["sum"]
+            return {"udp_64b_pps": (end["packets"] - end["lost_packets"]) / end["seconds"]}
+        if probe == "rr":
+            out = self.rr(c, "client", c.ports[1], "--count", str(a.rr_count))
+            return {"rr_p50_us": out["p50_us"], "rr_p99_us": out["p99_us"]}
+        if probe == "crr":
+            out = self.rr(c, "crr", c.ports[1], "--seconds", str(a.crr_seconds), timeout=a.crr_seconds + 60)
+            return {"crr_cps": out["cps"], "crr_p50_us": out["p50_us"], "crr_p99_us": out["p99_us"]}
+        if probe == "flows":
+            out = self.rr(c, "flows", c.ports[2], "--flows", str(FLOWS), "--seconds", str(a.flows_seconds),
+                          timeout=a.flows_seconds + 60)
+            return {"flows_tps": out["tps"]}
+        raise KeyError(probe)
+
+    def docker_run_time(self, network: str) -> float:
+        cname = "bench-start"
+        self.lab.docker(1, "rm", "-f", cname, check=False)
+        t0 = time.monotonic()
+        self.lab.docker(1, "run", "-d", "--name", cname, "--network", network, IMAGE, "sleep", "60")
+        took = time.monotonic() - t0
+        self.lab.docker(1, "rm", "-f", cname, check=False)
+        return took
+
+    def record(self, c: Contender, values: dict[str, float]) -> None:
+        for metric, value in values.items():
+            self.samples[c.group][metric].setdefault(c.name, []).append(value)
 
     def run(self) -> None:
-        names = list(self.pairs)
-        self._rr: dict[str, dict] = {}
+        order = list(self.contenders)
+        networks = list(dict.fromkeys(c.network for c in order if c.network))
+        started_all = time.monotonic()
         for r in range(self.args.rounds):
-            order = names[r % len(names):] + names[:r % len(names)]
+            turn = order[r % len(order):] + order[:r % len(order)]
             started = time.monotonic()
-            for metric, *_ in METRICS:
-                for name in order:
-                    value = self.measure(name, metric)
-                    if value is not None:
-                        self.samples[metric].setdefault(name, []).append(value)
-            print(f"round {r + 1}/{self.args.rounds} done in {time.monotonic() - started:.0f}s: "
-                  + ", ".join(f"{n} {self.samples['tcp_1stream_bps'][n][-1] / 1e9:.2f}" for n in names)
-                  + " Gbit/s (1 stream)", flush=True)
+            for probe in PROBES:
+                if probe == "start":        # per network, once: every contender on it gets the figure
+                    k = r % len(networks)
+                    for network in networks[k:] + networks[:k]:
+                        took = self.docker_run_time(network)
+                        for c in order:
+                            if c.network == network:
+                                self.record(c, {"container_start_s": took})
+                    continue
+                for c in turn:
+                    self.record(c, self.measure(c, probe))
+            took = time.monotonic() - started
+            left = (self.args.rounds - r - 1) * (time.monotonic() - started_all) / (r + 1)
+            tcp = self.samples[CROSS]["tcp_1stream_bps"]
+            print(f"round {r + 1}/{self.args.rounds} done in {took:.0f}s (about {left / 60:.0f} min of rounds "
+                  "left): " + ", ".join(f"{n} {v[-1] / 1e9:.2f}" for n, v in tcp.items()) + " Gbit/s (1 stream)",
+                  flush=True)
 
     def profile(self) -> None:
-        """One more TCP stream per contender under perf: CPU ms per GB by datapath piece (cpu_profile)."""
-        self.cpu: dict[str, dict[str, float]] = {}
-        for name in self.pairs:
-            for attempt in range(3):
-                proc, seconds = cpu_profile.record(self.iperf_cmd(name), timeout=self.args.duration + 60)
+        """One more TCP stream per cross-host contender under perf: CPU ms per GB by datapath piece."""
+        for c in self.contenders:
+            if c.group != CROSS:
+                continue
+            for _attempt in range(3):
+                proc, seconds = cpu_profile.record(self.iperf_cmd(c), timeout=self.args.duration + 60)
                 try:
                     delivered = json.loads(proc.stdout)["end"]["sum_received"]["bytes"]
                     break
                 except (ValueError, KeyError):
                     time.sleep(1.0)
             else:
-                raise RuntimeError(f"{name}: iperf3 under perf failed: {proc.stderr.strip()[-300:]}")
-            self.cpu[name] = cpu_profile.per_gigabyte(seconds, delivered)
-            print(f"profile {name}: {self.cpu[name]['total']:.0f} CPU ms/GB", flush=True)
+                raise RuntimeError(f"{c.key}: iperf3 under perf failed: {proc.stderr.strip()[-300:]}")
+            self.cpu[c.name] = cpu_profile.per_gigabyte(seconds, delivered)
+            print(f"profile {c.name}: {self.cpu[c.name]['total']:.0f} CPU ms/GB", flush=True)
 
     # -- results ----------------------------------------------------------------------------------
-    def results(self) -> dict:
-        out: dict = {"meta": {
+    def meta(self, elapsed_s: float) -> dict:
+        a = self.args
+        explicit = {f"vpcnet-{m}": f"-o vpcnet.mode={m} (network {MODE_NETWORKS[m][0]}, --subnet "
+                                   f"{MODE_NETWORKS[m][1]})" for m in self.modes}
+        return {
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": "python3 bench/run.py " + " ".join(sys.argv[1:]),
-            "rounds": self.args.rounds, "duration_s": self.args.duration, "rr_count": self.args.rr_count,
+            "rounds": a.rounds, "duration_s": a.duration, "rr_count": a.rr_count, "crr_seconds": a.crr_seconds,
+            "flows": FLOWS, "flows_seconds": a.flows_seconds, "elapsed_s": round(elapsed_s),
             "kernel": platform.release(), "cpus": os.cpu_count(),
             "loadavg_at_end": open("/proc/loadavg").read().split()[:3],   # other work on the machine skews it
             "docker": sh(self.lab.docker_cmd(1) + ["version", "-f", "{{.Server.Version}}"]).stdout.strip(),
             "iperf3": sh(["iperf3", "--version"]).stdout.splitlines()[0],
+            "default_mode": self.default_mode,
             "contenders": {
-                "underlay": "host netns h1 <-> host netns h2 (through the router netns)",
-                "vpcnet": "container on vpcnet network vpc0 on h1 <-> on h2 (routed by the emulated VPC)",
-                ROUTED: f"container on vpcnet network vpcr (-o vpcnet.mode=routed, --subnet {ROUTED_CLUSTER}) "
-                        "on h1 <-> on h2",
-                EBPF: f"container on vpcnet network vpce (-o vpcnet.mode=ebpf, --subnet {EBPF_CLUSTER}) "
-                      "on h1 <-> on h2",
-                "overlay": "container on swarm overlay `ov` (VXLAN) on h1 <-> on h2",
-                "bridge": "container on docker0 on h1 -> published port on h2 (NAT both ends)",
+                CROSS: {
+                    "underlay": "host netns h1 <-> host netns h2 (through the router netns)",
+                    "vpcnet": f"container on vpcnet network {DEFAULT_NET} (no -o option: mode "
+                              f"{self.default_mode or 'unknown'}) on h1 <-> on h2 (routed by the emulated VPC)",
+                    **{n: f"container on {d} on h1 <-> on h2" for n, d in explicit.items()},
+                    "overlay": "container on swarm overlay `ov` (VXLAN) on h1 <-> on h2",
+                    "bridge": "container on docker0 on h1 -> published port on h2 (NAT both ends)",
+                },
+                SAME: {
+                    "vpcnet": f"two containers on {DEFAULT_NET} on h1",
+                    **{n: f"two containers on {d} on h1" for n, d in explicit.items()},
+                    "docker-bridge": f"two containers on a user-defined bridge network ({DOCKER_BRIDGE_NET}) on h1",
+                },
             },
-            "method": "iperf3 and bench/rr.py (64-byte TCP ping-pong, TCP_NODELAY) from the host, entered into "
-                      "each contender's network namespace with nsenter; rounds interleave contenders",
-        }}
-        for metric, *_ in METRICS:
-            out[metric] = {name: {"median": statistics.median(v), "min": min(v), "max": max(v), "samples": v}
-                           for name, v in self.samples[metric].items()}
-        out["mtu"] = dict(self.mtu)
-        if getattr(self, "cpu", None):
-            out["cpu_ms_per_gb"] = self.cpu
-        ratios = {}
-        for metric, *_ in METRICS:
-            data = out[metric]
-            for mine in MINE:
-                if mine in data:
-                    for other in ("underlay", "overlay", "bridge"):
-                        if other in data and data[other]["median"]:
-                            ratios[f"{metric}:{mine}/{other}"] = data[mine]["median"] / data[other]["median"]
-        out["ratios"] = ratios
-        goals = []
-        for mine in MINE:
-            for metric, versus, op, bound, text in GOALS:
-                ratio = ratios.get(f"{metric}:{mine}/{versus}")
-                if ratio is None and mine != "vpcnet":
-                    continue
-                ok = ratio is not None and (ratio >= bound if op == ">=" else ratio <= bound)
-                goals.append({"goal": f"{mine}: {text}", "contender": mine, "ratio": ratio, "met": ok})
-        out["goals"] = goals
-        return out
+            "method": "iperf3 and bench/rr.py (64-byte TCP request-response, TCP_NODELAY) from the host, entered "
+                      "into each contender's network namespace with nsenter; rounds interleave contenders",
+        }
+
+    def results(self, elapsed_s: float) -> dict:
+        return assemble(self.meta(elapsed_s), self.samples, self.mtu, self.cpu)
 
 
-def fmt(metric: str, value: float) -> str:
-    if metric.endswith("_bps"):
-        return f"{value / 1e9:.2f}"
-    if metric == "udp_64b_pps":
-        return f"{value / 1e3:.0f}"
-    if metric.endswith("_us"):
-        return f"{value:.1f}"
-    return f"{value:.2f}"
+def parse_rr(key: str, mode: str, stdout: str, stderr: str = "") -> dict:
+    """rr.py's one JSON line; a clear error naming the contender if it failed."""
+    try:
+        out = json.loads(stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise RuntimeError(f"{key}: rr.py {mode} printed no result: {stderr.strip()[-300:] or stdout[-300:]}") from None
+    if not isinstance(out, dict) or "error" in out:
+        raise RuntimeError(f"{key}: rr.py {mode} failed: {out.get('error') if isinstance(out, dict) else out}")
+    return out
 
 
-def markdown(res: dict) -> str:
-    names = [n for n in NAMES if n in res["mtu"]]
-    mine = [n for n in MINE if n in names]
-    m = res["meta"]
-    lines = [f"Benchmark {m['date']}: {m['rounds']} rounds interleaved, iperf3 runs of {m['duration_s']} s, "
-             f"{m['rr_count']} ping-pongs per RR sample; kernel {m['kernel']}, {m['cpus']} CPUs, Docker {m['docker']}, "
-             f"{m['iperf3']}. Median (min–max) per contender.", "",
-             "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for metric, label, unit, _hib in METRICS:
-        row = [f"{label} ({unit})"]
-        for n in names:
-            d = res[metric].get(n)
-            row.append(f"{fmt(metric, d['median'])} ({fmt(metric, d['min'])}–{fmt(metric, d['max'])})" if d else "–")
-        lines.append("| " + " | ".join(row) + " |")
-    lines.append("| MTU in the container | " + " | ".join(str(res["mtu"][n]) for n in names) + " |")
-    pairs = [(c, o) for c in mine for o in ("underlay", "overlay")]
-    lines += ["", "Ratios of medians:", "", "| metric | " + " | ".join(f"{c}/{o}" for c, o in pairs) + " |",
-              "|---|" + "---|" * len(pairs)]
-    for metric, label, _unit, _hib in METRICS:
-        cells = [res["ratios"].get(f"{metric}:{c}/{o}") for c, o in pairs]
-        if any(r is not None for r in cells):
-            lines.append(f"| {label} | " + " | ".join(f"{r:.2f}" if r is not None else "–" for r in cells) + " |")
-    lines += ["", "| goal | ratio | met |", "|---|---|---|"]
-    for g in res["goals"]:
-        lines.append(f"| {g['goal']} | {g['ratio']:.2f} | {'yes' if g['met'] else '**no**'} |")
-    cpu = res.get("cpu_ms_per_gb")
+def summarize(samples: dict[str, list[float]]) -> dict[str, dict]:
+    return {name: {"median": statistics.median(v), "min": min(v), "max": max(v), "samples": v}
+            for name, v in samples.items() if v}
+
+
+def assemble(meta: dict, samples: dict, mtu: dict, cpu: dict) -> dict:
+    """The results document: per metric and contender median/min/max/samples, ratios, goal verdicts."""
+    out: dict = {"meta": meta}
+    for metric, *_ in METRICS:                       # cross-host at the top level, as before
+        out[metric] = summarize(samples[CROSS][metric])
+    out["same_host"] = {metric: summarize(samples[SAME][metric]) for metric, *_ in METRICS}
+    out["mtu"] = dict(mtu[CROSS])
+    out["same_host_mtu"] = dict(mtu[SAME])
     if cpu:
-        shown = [n for n in names if n in cpu]
-        lines += ["", "Where the CPU goes (`--profile`): CPU milliseconds per GB delivered during one TCP stream, "
-                  "both CPUs sampled by perf, kernel symbols grouped by datapath piece (bench/cpu_profile.py).", "",
-                  "| piece | " + " | ".join(shown) + " |", "|---|" + "---|" * len(shown)]
-        for group in cpu_profile.ORDER + ["total"]:
-            lines.append(f"| {group} | " + " | ".join(f"{cpu[n][group]:.0f}" for n in shown) + " |")
-    lines += ["", f"Reproduce: `{m['command']}` (root; builds and removes its own `vpcnet lab`)."]
-    return "\n".join(lines) + "\n"
-
-
-def chart(res: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [n for n in NAMES if n in res["mtu"]]
-    colors = {"underlay": "#7f7f7f", "vpcnet": "#2ca02c", ROUTED: "#98df8a", EBPF: "#006d2c", "overlay": "#d62728",
-              "bridge": "#1f77b4"}
-    panels = [("tcp_1stream_bps", "TCP 1 stream (Gbit/s)", 1e9), ("tcp_4stream_bps", "TCP 4 streams (Gbit/s)", 1e9),
-              ("udp_64b_pps", "UDP 64 B received (kpps)", 1e3), ("rr_p50_us", "TCP RR p50 (µs, lower is better)", 1),
-              ("rr_p99_us", "TCP RR p99 (µs, lower is better)", 1),
-              ("container_start_s", "docker run -d (s, lower is better)", 1)]
-    cpu = res.get("cpu_ms_per_gb") or {}
-    fig, axes = plt.subplots(2, 4 if cpu else 3, figsize=(19 if cpu else 14, 8))
-    for ax, (metric, title, scale) in zip(axes.flat, panels):
-        shown = [n for n in names if n in res[metric]]
-        med = [res[metric][n]["median"] / scale for n in shown]
-        low = [med[i] - res[metric][n]["min"] / scale for i, n in enumerate(shown)]
-        high = [res[metric][n]["max"] / scale - med[i] for i, n in enumerate(shown)]
-        ax.bar(shown, med, yerr=[low, high], capsize=4, color=[colors[n] for n in shown])
-        ax.set_title(title, fontsize=10)
-        for i, v in enumerate(med):
-            ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=8)
-    if cpu:                     # where the CPU goes: one stacked bar per contender, a colour per piece
-        ax = axes.flat[len(panels)]
-        shown = [n for n in names if n in cpu]
-        bottom = [0.0] * len(shown)
-        for group, colour in zip(cpu_profile.ORDER, plt.get_cmap("tab20").colors):
-            values = [cpu[n][group] for n in shown]
-            ax.bar(shown, values, bottom=bottom, color=colour, label=group)
-            bottom = [b + v for b, v in zip(bottom, values)]
-        ax.set_title("CPU ms per GB, one TCP stream (lower is better)", fontsize=10)
-        axes.flat[len(panels) + 1].legend(*ax.get_legend_handles_labels(), loc="center", fontsize=9)
-        axes.flat[len(panels) + 1].axis("off")
-    for ax in axes.flat:
-        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-    fig.suptitle(f"vpcnet vs underlay vs Docker overlay — {res['meta']['rounds']} rounds, median with min–max "
-                 f"({res['meta']['date']})", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        out["cpu_ms_per_gb"] = cpu
+    ratios = {}
+    for group, versus, prefix in ((CROSS, ("underlay", "overlay", "bridge"), ""), (SAME, ("docker-bridge",), "same:")):
+        for metric, *_ in METRICS:
+            data = out[metric] if group == CROSS else out["same_host"][metric]
+            for mine in data:
+                if not goals.is_vpcnet(mine):
+                    continue
+                for other in versus:
+                    if other in data and data[other]["median"]:
+                        ratios[f"{prefix}{metric}:{mine}/{other}"] = data[mine]["median"] / data[other]["median"]
+    out["ratios"] = ratios
+    out["goals"] = goals.evaluate(out)
+    out["fastest"] = goals.fastest(out["goals"], out)
+    return out
 
 
 def _interrupted(signum, frame) -> None:
@@ -389,22 +479,36 @@ def _interrupted(signum, frame) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=5, help="rounds, each running every contender (default 5)")
+    p.add_argument("--rounds", type=int, default=9, help="rounds, each running every contender (default 9)")
     p.add_argument("--hosts", type=int, default=2, help="lab hosts (default 2; the bench uses h1 and h2)")
-    p.add_argument("--duration", type=int, default=5, help="seconds per iperf3 run (default 5)")
+    p.add_argument("--duration", type=int, default=3, help="seconds per iperf3 run (default 3)")
     p.add_argument("--rr-count", type=int, default=5000, help="ping-pongs per RR sample (default 5000)")
+    p.add_argument("--crr-seconds", type=float, default=2.0, help="seconds per connection-rate sample (default 2)")
+    p.add_argument("--flows-seconds", type=float, default=2.0,
+                   help=f"seconds per {FLOWS}-flow sample (default 2)")
     p.add_argument("--no-bridge", action="store_true", help="leave out Docker's bridge + published port")
-    p.add_argument("--skip-mode", action="append", default=[], choices=[m for m, _ in EXTRA_MODES.values()],
-                   help="leave out vpcnet's contender in that mode (repeatable)")
+    p.add_argument("--no-same-host", action="store_true", help="leave out the same-host contenders")
+    p.add_argument("--skip-mode", action="append", default=[], choices=MODES,
+                   help="leave out vpcnet's explicit contender in that mode (repeatable)")
+    p.add_argument("--all-modes", action="store_true",
+                   help="also measure the explicit mode the default network resolves to")
     p.add_argument("--profile", action="store_true",
                    help="also sample the CPU (perf) during one TCP stream per contender: where the cost goes")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder (default bench/results)")
+    p.add_argument("--readme", action="store_true", help="also put the Markdown table into README.md")
+    p.add_argument("--estimate", action="store_true", help="print how long the run would take, and stop")
     args = p.parse_args()
-    if os.geteuid() != 0:
-        print("bench/run.py needs root (it builds a vpcnet lab)", file=sys.stderr)
-        return 2
     if not 1 <= args.rounds <= 50 or not 1 <= args.duration <= 60 or args.hosts < 2:
         print("--rounds 1..50, --duration 1..60, --hosts >= 2", file=sys.stderr)
+        return 2
+    if not 0.2 <= args.crr_seconds <= 60 or not 0.2 <= args.flows_seconds <= 60 or not 100 <= args.rr_count <= 10**6:
+        print("--crr-seconds and --flows-seconds 0.2..60, --rr-count 100..1000000", file=sys.stderr)
+        return 2
+    print(estimate_text(estimate(args), args.rounds), flush=True)
+    if args.estimate:
+        return 0
+    if os.geteuid() != 0:
+        print("bench/run.py needs root (it builds a vpcnet lab)", file=sys.stderr)
         return 2
     left = {k: v for k, v in Lab.leftovers().items() if v}
     if left:
@@ -417,6 +521,7 @@ def main() -> int:
     os.makedirs(args.out, exist_ok=True)
     lab = Lab(hosts=args.hosts, cluster_cidr=CLUSTER, out=sys.stdout)
     bench = None
+    started = time.monotonic()
     signal.signal(signal.SIGTERM, _interrupted)      # a kill still stops the servers and takes the lab down
     try:
         lab.up()
@@ -425,7 +530,7 @@ def main() -> int:
         bench.run()
         if args.profile:
             bench.profile()
-        res = bench.results()
+        res = bench.results(time.monotonic() - started)
     except (LabError, RuntimeError, subprocess.TimeoutExpired) as exc:
         print(f"bench failed: {exc}", file=sys.stderr)
         return 1
@@ -440,11 +545,14 @@ def main() -> int:
             print("lab down left: " + "; ".join(left), file=sys.stderr)
     with open(os.path.join(args.out, "latest.json"), "w") as fh:
         json.dump(res, fh, indent=2)
-    md = markdown(res)
+    md = report.markdown(res)
     with open(os.path.join(args.out, "latest.md"), "w") as fh:
         fh.write(md)
-    chart(res, os.path.join(args.out, "latest.png"))
+    report.chart(res, os.path.join(args.out, "latest.png"))
+    if args.readme:
+        report.update_readme(os.path.join(os.path.dirname(HERE), "README.md"), md)
     print(md)
+    print(f"whole run: {(time.monotonic() - started) / 60:.1f} min", flush=True)
     return 0
 
 

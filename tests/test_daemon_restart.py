@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import docker_up, next_cluster, require, run, unique
+from conftest import docker_up, next_cluster, require, run, unique, wait_for
 from vpcnet import image
 
 pytestmark = pytest.mark.docker
@@ -194,3 +194,55 @@ def test_managed_plugin_brings_containers_back_after_a_daemon_restart(engine_hos
     finally:
         engine.destroy()
         shutil.rmtree(state, ignore_errors=True)
+
+
+def forward_jumps(ns: str) -> list[str]:
+    saved = run(["ip", "netns", "exec", ns, "iptables", "-S", "FORWARD"]).stdout.splitlines()
+    return [line.split(" -j ")[1] for line in saved if line.startswith("-A FORWARD") and " -j " in line]
+
+
+def test_a_daemon_restart_or_a_reordered_forward_chain_keeps_vpcnet_traffic_flowing(engine_host, plugin_factory):
+    """FORWARD policy DROP, a routed network (its traffic crosses FORWARD). Docker re-creates its chains at
+    start and puts its jumps first; vpcnet's traffic keeps flowing and, within the datapath interval,
+    vpcnet's jump sits right after DOCKER-USER again (Docker's own
+    chains may sit between). The same when another tool moved it behind a DROP."""
+    engine, ns = engine_host
+    plugin = plugin_factory({"VPCNET_DATAPATH_INTERVAL": "1"}, netns=ns)
+    engine.start(live_restore=True)
+    img = image.build(engine.docker)
+    engine("network", "create", "-d", plugin.name, "--ipam-driver", plugin.name, "-o", "vpcnet.mode=routed",
+           "vpc0")
+    for c in ("one", "two"):
+        engine("run", "-d", "--name", c, "--network", "vpc0", img, "sleep", "3600")
+    run(["ip", "netns", "exec", ns, "iptables", "-P", "FORWARD", "DROP"])
+    assert ping(engine, "one", ip_of(engine, "two"))
+
+    def in_place() -> bool:     # after DOCKER-USER, only Docker's own chains between (28: DOCKER-FORWARD)
+        jumps = forward_jumps(ns)
+        if "DOCKER-USER" not in jumps or jumps.count("VPCNET-FORWARD") != 1:
+            return False
+        between = jumps[jumps.index("DOCKER-USER") + 1:jumps.index("VPCNET-FORWARD")]
+        return jumps.index("VPCNET-FORWARD") > jumps.index("DOCKER-USER") and \
+            all(j.startswith("DOCKER") for j in between)
+
+    assert wait_for(in_place, 5), forward_jumps(ns)
+    engine.stop()
+    engine.start(live_restore=True)
+    assert ping(engine, "one", ip_of(engine, "two")), "across the restart"
+    assert wait_for(in_place, 3), f"not back after DOCKER-USER: {forward_jumps(ns)}"
+    assert ping(engine, "two", ip_of(engine, "one"))
+
+    before = plugin.status()["datapath_repairs"].get("firewall", 0)
+    run(["ip", "netns", "exec", ns, "iptables", "-D", "FORWARD", "-j", "VPCNET-FORWARD"])
+    run(["ip", "netns", "exec", ns, "iptables", "-A", "FORWARD", "-j", "DROP"])
+    run(["ip", "netns", "exec", ns, "iptables", "-A", "FORWARD", "-j", "VPCNET-FORWARD"])
+    assert not ping(engine, "one", ip_of(engine, "two")), "the DROP ahead of vpcnet's jump decides first"
+    started = time.monotonic()
+    assert wait_for(in_place, 3), f"not moved back: {forward_jumps(ns)}"
+    assert ping(engine, "one", ip_of(engine, "two"))
+    print(f"FORWARD jump moved back in {time.monotonic() - started:.2f}s")
+    assert plugin.status()["datapath_repairs"].get("firewall", 0) > before
+    assert "is behind '-j DROP'" in plugin.log()
+    assert errors_in(plugin) == []
+    engine("rm", "-f", "one", "two")
+    engine("network", "rm", "vpc0")

@@ -6,12 +6,23 @@ import logging
 import time
 
 import pytest
-
 from conftest import run, wait_for
-from test_dataplane import attach_container, count_rule, host, ns_run, peer_host, ping, spec, tc_filters, two_hosts  # noqa: F401
+from test_dataplane import (  # noqa: F401
+    attach_container,
+    count_rule,
+    counters,
+    host,
+    ns_run,
+    peer_host,
+    ping,
+    spec,
+    tc_filters,
+    two_hosts,
+)
+
 from vpcnet.datapath.dataplane import Dataplane
-from vpcnet.datapath.spec import veth_names
 from vpcnet.datapath.reconciler import DatapathReconciler, repair_counts
+from vpcnet.datapath.spec import veth_names
 from vpcnet.store import Endpoint, Network, Store
 
 pytestmark = pytest.mark.root
@@ -119,18 +130,63 @@ def test_a_deleted_bridge_comes_back_with_its_endpoints_on_it(box):
     assert repair_counts(box.store).get("link", 0) >= 1
 
 
-def test_ebpf_programs_follow_a_replaced_uplink(tmp_path, two_hosts, netns_factory):  # noqa: F811
-    a, _b = two_hosts
+def fast_pings(src: str, dst: str, count: int = 10) -> None:
+    out = run(["ip", "netns", "exec", src, "busybox", "ping", "-c", str(count), "-i", "0.1", "-W", "2", dst],
+              check=False).stdout
+    assert f"{count} packets received" in out, out
+
+
+def test_ebpf_fast_path_follows_a_replaced_and_then_renamed_uplink(tmp_path, two_hosts, netns_factory):  # noqa: F811
+    """Host A's default route moves to a new device (a second link to host B): within one pass the
+    network's uplink program leaves uplink0 for the new device, counted as a `tc` repair, and B's
+    replies still skip A's FORWARD chain (its counters stay flat: the fast path, not just connectivity).
+    Renaming the device keeps its index, so the program stays on it and the fast path keeps working."""
+    a, b = two_hosts
     box = Host(tmp_path, a, netns_factory)
-    s = spec(mode="ebpf")
-    box.network(s)
-    run(["ip", "-n", a, "link", "add", "uplink9", "type", "veth", "peer", "name", "uplink9p"])
-    run(["ip", "-n", a, "addr", "add", "198.18.0.10/24", "dev", "uplink9"])
-    for dev in ("uplink9", "uplink9p"):
-        run(["ip", "-n", a, "link", "set", dev, "up"])
-    run(["ip", "-n", a, "route", "replace", "default", "via", "198.18.0.1", "dev", "uplink9"])
-    repaired_within(box, lambda: s.tc_name in tc_filters(a, "uplink9") and s.tc_name not in tc_filters(a, "uplink0"))
+    sa, sb = spec(mode="ebpf"), spec(mode="ebpf", tag="b1b2c3d4e5f6", host="10.77.4.0/24")
+    box.network(sa)
+    dpb = Dataplane(netns=b)
+    dpb.ensure_network(sb)
+    ca = box.container(sa, "10.77.3.2", "a" * 64)
+    attach_container(b, dpb, sb, netns_factory, "10.77.4.2", "b" * 64)
+    ns_run(a, "iptables", "-P", "FORWARD", "DROP")
+    forward = (("10.77.3.2", "10.77.4.2"), ("10.77.4.2", "10.77.3.2"))
+    for src, dst in forward:
+        count_rule(a, "filter", "FORWARD", f"{src}>{dst}", "-s", src, "-d", dst)
+
+    def slow_path_packets() -> int:
+        return sum(counters(a, "filter", "FORWARD").values())
+
+    fast_pings(ca, "10.77.4.2")
+    assert slow_path_packets() <= 3, counters(a, "filter", "FORWARD")    # only before the neighbour resolved
+
+    # The replacement uplink: a second link between the hosts; both move their routes onto it.
+    run(["ip", "-n", a, "link", "add", "wan1", "type", "veth", "peer", "name", "wan1", "netns", b])
+    for ns, me, other, block in ((a, "198.18.0.10", "198.18.0.20", "10.77.4.0/24"),
+                                 (b, "198.18.0.20", "198.18.0.10", "10.77.3.0/24")):
+        run(["ip", "-n", ns, "addr", "add", f"{me}/24", "dev", "wan1"])
+        run(["ip", "-n", ns, "link", "set", "wan1", "up"])
+        run(["ip", "-n", ns, "route", "replace", "default", "via", other, "dev", "wan1"])
+        run(["ip", "-n", ns, "route", "replace", block, "via", other, "dev", "wan1"])
+    took = repaired_within(box, lambda: sa.tc_name in tc_filters(a, "wan1")
+                           and sa.tc_name not in tc_filters(a, "uplink0"), intervals=1)
     assert repair_counts(box.store).get("tc", 0) >= 1
+    ns_run(a, "iptables", "-Z", "FORWARD")
+    fast_pings(ca, "10.77.4.2")
+    assert slow_path_packets() <= 3, f"B's replies took A's slow path: {counters(a, 'filter', 'FORWARD')}"
+    print(f"uplink programs moved in {took:.2f}s")
+
+    # Renamed: the device keeps its index and its programs; the pass has nothing to repair.
+    run(["ip", "-n", a, "link", "set", "wan1", "down"])
+    run(["ip", "-n", a, "link", "set", "wan1", "name", "wan9"])
+    run(["ip", "-n", a, "link", "set", "wan9", "up"])
+    run(["ip", "-n", a, "route", "replace", "default", "via", "198.18.0.20", "dev", "wan9"])
+    run(["ip", "-n", a, "route", "replace", "10.77.4.0/24", "via", "198.18.0.20", "dev", "wan9"])
+    assert [r for r in box.reconciler.reconcile() if r.kind == "tc"] == []
+    assert sa.tc_name in tc_filters(a, "wan9") and sa.tc_name not in tc_filters(a, "uplink0")
+    ns_run(a, "iptables", "-Z", "FORWARD")
+    fast_pings(ca, "10.77.4.2")
+    assert slow_path_packets() <= 3, counters(a, "filter", "FORWARD")
 
 
 def test_the_plugin_process_repairs_a_flushed_firewall_and_counts_it(plugin_factory, host):  # noqa: F811

@@ -100,10 +100,33 @@ def test_network_create_and_delete_cost_a_few_iptables_runs(ns):
 def test_the_forward_jump_comes_after_docker_user_and_a_misplaced_one_moves():
     saved = "*filter\n:FORWARD DROP [0:0]\n-A FORWARD -j VPCNET-FORWARD\n-A FORWARD -j DOCKER-USER\nCOMMIT\n"
     problems, script = FirewallTable._diff(parse_save(saved), [], [], True)
-    assert "-I FORWARD 3 -j VPCNET-FORWARD\n-D FORWARD -j VPCNET-FORWARD\n" in script
+    assert "-D FORWARD 1\n-I FORWARD 2 -j VPCNET-FORWARD\n" in script
     assert any("ahead of DOCKER-USER" in p for p in problems)
     placed = "*filter\n:FORWARD DROP [0:0]\n-A FORWARD -j DOCKER-USER\n-A FORWARD -j VPCNET-FORWARD\nCOMMIT\n"
     assert "FORWARD" not in FirewallTable._diff(parse_save(placed), [], [], True)[1].replace("VPCNET-FORWARD - ", "")
     _, fresh = FirewallTable._diff(parse_save("*filter\n:FORWARD DROP [0:0]\n-A FORWARD -j DOCKER-USER\nCOMMIT\n"),
                                    [], [], True)
     assert "-I FORWARD 2 -j VPCNET-FORWARD" in fresh
+
+
+def test_a_forward_jump_behind_another_rule_moves_back_but_not_behind_dockers_own():
+    """After a Docker restart or a firewall tool's reload the jump may sit behind a DROP: it moves back to
+    right after DOCKER-USER. Docker's own rules between (its chains, docker0, br- bridges) are left alone."""
+    def diff(*rules: str) -> tuple[list[str], str]:
+        saved = "*filter\n:FORWARD DROP [0:0]\n" + "".join(f"-A FORWARD {r}\n" for r in rules) + "COMMIT\n"
+        problems, script = FirewallTable._diff(parse_save(saved), [], [], True)
+        return [p for p in problems if "FORWARD's jump" in p], script
+
+    problems, script = diff("-j DOCKER-USER", "-j DOCKER-FORWARD", "-j DROP", "-j VPCNET-FORWARD")
+    assert "-D FORWARD 4\n-I FORWARD 2 -j VPCNET-FORWARD\n" in script
+    assert problems == ["filter FORWARD's jump to VPCNET-FORWARD is behind '-j DROP'"]
+    problems, script = diff("-s 10.0.0.0/8 -j DROP", "-j VPCNET-FORWARD")       # no Docker: first
+    assert "-D FORWARD 2\n-I FORWARD 1 -j VPCNET-FORWARD\n" in script and problems
+    problems, script = diff("-j DOCKER-USER", "-j VPCNET-FORWARD", "-j DROP", "-j VPCNET-FORWARD")
+    assert "-D FORWARD 4\n-D FORWARD 2\n-I FORWARD 2 -j VPCNET-FORWARD\n" in script
+    assert problems == ["filter FORWARD's jump to VPCNET-FORWARD is there 2 times"]
+    for fine in (("-j DOCKER-USER", "-j VPCNET-FORWARD", "-j DROP"),
+                 ("-j DOCKER-USER", "-j DOCKER-ISOLATION-STAGE-1", "-o docker0 -j DOCKER",
+                  "-i br-0123abcd -o br-0123abcd -j ACCEPT", "-j VPCNET-FORWARD")):
+        problems, script = diff(*fine)
+        assert problems == [] and " FORWARD " not in script, (fine, script)

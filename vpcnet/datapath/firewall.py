@@ -17,6 +17,7 @@ and only named rules removed.
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import threading
 from dataclasses import dataclass, field
@@ -207,20 +208,31 @@ class FirewallTable:
         return problems, script
 
 
+# Rules that may sit between DOCKER-USER and vpcnet's jump: Docker's own, which never see vpcnet's packets
+# (jumps to its chains, rules for docker0 and its br- bridges). Anything else there (a DROP, say) would
+# decide vpcnet's traffic first, so the jump moves back.
+_DOCKERS_OWN = re.compile(r"-j DOCKER\S*$|-[io] (docker0|br-[0-9a-f]+)\b")
+
+
 def _forward_jump(saved: Saved, lines: list[str]) -> list[str]:
-    """FORWARD -> VPCNET-FORWARD after FORWARD -> DOCKER-USER (when Docker made it; the user's own rules
-    come first), else first. A misplaced jump is moved in the same transaction: the new one inserted,
-    then the first match deleted (the misplaced one, ahead of DOCKER-USER)."""
+    """FORWARD -> VPCNET-FORWARD right after FORWARD -> DOCKER-USER (when Docker made it; the user's own
+    rules come first), else first; only Docker's own rules may come between. A misplaced jump (ahead of
+    DOCKER-USER, or behind another rule, as after a Docker restart or a firewall tool's reload) is moved
+    in the same transaction: every copy deleted by number, then one inserted where it belongs."""
     forward = saved.chain("filter", "FORWARD") or []
     jump, user = f"-j {FORWARD_CHAIN}", f"-j {USER_CHAIN}"
     ours = [i for i, r in enumerate(forward) if r == jump]
     theirs = [i for i, r in enumerate(forward) if r == user]
-    misplaced = [i for i in ours if theirs and i < theirs[0]]
-    if ours and not misplaced:
+    start = theirs[0] + 1 if theirs else 0
+    if len(ours) == 1 and ours[0] >= start and all(_DOCKERS_OWN.search(r) for r in forward[start:ours[0]]):
         return []
-    lines.append(f"-I FORWARD {theirs[0] + 2 if theirs else 1} {jump}")
-    lines += [f"-D FORWARD {jump}" for _ in misplaced]
-    return [f"filter FORWARD's jump to {FORWARD_CHAIN} " + ("is ahead of DOCKER-USER" if misplaced else "missing")]
+    lines += [f"-D FORWARD {i + 1}" for i in sorted(ours, reverse=True)]
+    lines.append(f"-I FORWARD {start - sum(1 for i in ours if i < start) + 1} {jump}")
+    if not ours:
+        return [f"filter FORWARD's jump to {FORWARD_CHAIN} missing"]
+    where = "ahead of DOCKER-USER" if theirs and ours[0] < start else \
+        f"behind {forward[ours[0] - 1]!r}" if len(ours) == 1 else f"there {len(ours)} times"
+    return [f"filter FORWARD's jump to {FORWARD_CHAIN} is {where}"]
 
 
 def _jumps_to(saved: Saved, chains: set[tuple[str, str]]) -> list[tuple[str, str, str]]:

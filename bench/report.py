@@ -1,0 +1,224 @@
+"""bench/run.py's results as Markdown (latest.md, and README.md between its markers) and a chart.
+
+What is reported lives here too: the metrics with their labels and units, and the contenders' order.
+"""
+from __future__ import annotations
+
+import cpu_profile
+import goals
+
+CROSS, SAME = goals.CROSS, goals.SAME
+CROSS_NAMES = ("underlay", "vpcnet", "vpcnet-bridge", "vpcnet-routed", "vpcnet-ebpf", "overlay", "bridge")
+SAME_NAMES = ("vpcnet", "vpcnet-bridge", "vpcnet-routed", "vpcnet-ebpf", "docker-bridge")
+FLOWS = 64
+METRICS = [  # key, label, unit, higher is better
+    ("tcp_1stream_bps", "TCP throughput, 1 stream", "Gbit/s", True),
+    ("tcp_4stream_bps", "TCP throughput, 4 streams", "Gbit/s", True),
+    ("udp_64b_pps", "UDP 64 B datagrams received", "kpps", True),
+    ("rr_p50_us", "TCP request-response p50", "µs", False),
+    ("rr_p99_us", "TCP request-response p99", "µs", False),
+    ("crr_cps", "TCP connect + request + close", "k conn/s", True),
+    ("crr_p50_us", "… per connection, p50", "µs", False),
+    ("crr_p99_us", "… per connection, p99", "µs", False),
+    ("flows_tps", f"{FLOWS} concurrent flows, request-response", "k trans/s", True),
+    ("container_start_s", "container start (docker run -d)", "s", False),
+]
+README_START = "<!-- latest bench/run.py table -->"
+README_END = "<!-- end of the latest bench/run.py table -->"
+
+
+def fmt(metric: str, value: float) -> str:
+    if metric.endswith("_bps"):
+        return f"{value / 1e9:.2f}"
+    if metric == "udp_64b_pps":
+        return f"{value / 1e3:.0f}"
+    if metric in ("crr_cps", "flows_tps"):
+        return f"{value / 1e3:.2f}"
+    if metric.endswith("_us"):
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def group_data(res: dict, group: str, metric: str) -> dict:
+    return res.get(metric, {}) if group == CROSS else res.get("same_host", {}).get(metric, {})
+
+
+def present(res: dict, group: str) -> list[str]:
+    order = CROSS_NAMES if group == CROSS else SAME_NAMES
+    mtu = res.get("mtu" if group == CROSS else "same_host_mtu", {})
+    return [n for n in order if n in mtu]
+
+
+def _metric_table(res: dict, group: str) -> list[str]:
+    names = present(res, group)
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for metric, label, unit, _hib in METRICS:
+        data = group_data(res, group, metric)
+        if not data:
+            continue
+        row = [f"{label} ({unit})"]
+        for n in names:
+            d = data.get(n)
+            row.append(f"{fmt(metric, d['median'])} ({fmt(metric, d['min'])}–{fmt(metric, d['max'])})" if d else "–")
+        lines.append("| " + " | ".join(row) + " |")
+    mtu = res["mtu" if group == CROSS else "same_host_mtu"]
+    lines.append("| MTU in the container | " + " | ".join(str(mtu[n]) for n in names) + " |")
+    return lines
+
+
+def _ratio_table(res: dict, group: str) -> list[str]:
+    names = present(res, group)
+    versus = ("underlay", "overlay") if group == CROSS else ("docker-bridge",)
+    prefix = "" if group == CROSS else "same:"
+    pairs = [(c, o) for c in names if goals.is_vpcnet(c) for o in versus if o in names]
+    if not pairs:
+        return []
+    lines = ["| metric | " + " | ".join(f"{c}/{o}" for c, o in pairs) + " |", "|---|" + "---|" * len(pairs)]
+    for metric, label, _unit, _hib in METRICS:
+        cells = [res["ratios"].get(f"{prefix}{metric}:{c}/{o}") for c, o in pairs]
+        if any(r is not None for r in cells):
+            lines.append(f"| {label.strip()} | " + " | ".join(f"{r:.2f}" if r is not None else "–" for r in cells)
+                         + " |")
+    return lines
+
+
+def _goal_table(res: dict) -> list[str]:
+    verdicts = res["goals"]
+    mine = goals.vpcnet_contenders(res)
+    if not mine:
+        return []
+    fastest = res.get("fastest")
+    mode = res["meta"].get("default_mode") or "unknown"
+
+    def head(n: str) -> str:
+        tags = (["no -o: " + mode] if n == goals.DEFAULT else []) + (["fastest"] if n == fastest else [])
+        return n + (f" ({', '.join(tags)})" if tags else "")
+
+    by = {(v["contender"], v["goal"]): v for v in verdicts}
+    lines = ["| goal (issue 13) | " + " | ".join(head(n) for n in mine) + " |", "|---|" + "---|" * len(mine)]
+    for goal in goals.GOALS:
+        cells = []
+        for n in mine:
+            v = by.get((n, goal.text()))
+            if v is None or v["ratio"] is None:
+                cells.append("–")
+            else:
+                cells.append(f"{v['ratio']:.2f} {'yes' if v['met'] else '**no**'}")
+        lines.append(f"| {goal.text()} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for n in dict.fromkeys([goals.DEFAULT, fastest]):
+        if n in mine:
+            met, measured, missing = goals.summary(verdicts, n)
+            what = "the default network" if n == goals.DEFAULT else "the fastest mode"
+            if n == goals.DEFAULT == fastest:
+                what += " (also the fastest)"
+            lines.append(f"- {what}, `{n}`: {met} of {measured} goals met"
+                         + (f" ({missing} not measured in this run)" if missing else "") + ".")
+    return lines
+
+
+def markdown(res: dict) -> str:
+    m = res["meta"]
+    mode = m.get("default_mode") or "unknown"
+    lines = [f"Benchmark {m['date']}: {m['rounds']} rounds interleaved, iperf3 runs of {m['duration_s']} s, "
+             f"{m['rr_count']} ping-pongs per RR sample, {m.get('crr_seconds', '–')} s of connections per CRR "
+             f"sample, {m.get('flows', FLOWS)} flows for {m.get('flows_seconds', '–')} s per flows sample; "
+             f"kernel {m['kernel']}, {m['cpus']} CPUs, Docker {m['docker']}, {m['iperf3']}; load average at the end "
+             f"{' '.join(m.get('loadavg_at_end', []))}. Median (min–max) per contender. `vpcnet` is the network "
+             f"created with no `-o` option (here: {mode} mode); `vpcnet-<mode>` has `-o vpcnet.mode=<mode>`.", "",
+             "Across hosts (client container on h1, server on h2):", "", *_metric_table(res, CROSS)]
+    if present(res, SAME):
+        lines += ["", "On one host (both containers on h1; `docker-bridge` is a user-defined Docker bridge "
+                  "network):", "", *_metric_table(res, SAME)]
+    lines += ["", "Ratios of medians:", "", *_ratio_table(res, CROSS)]
+    if present(res, SAME):
+        lines += ["", *_ratio_table(res, SAME)]
+    goal_lines = _goal_table(res)
+    if goal_lines:
+        lines += ["", *goal_lines]
+    cpu = res.get("cpu_ms_per_gb")
+    if cpu:
+        shown = [n for n in present(res, CROSS) if n in cpu]
+        lines += ["", "Where the CPU goes (`--profile`): CPU milliseconds per GB delivered during one TCP stream, "
+                  "both CPUs sampled by perf, kernel symbols grouped by datapath piece (bench/cpu_profile.py).", "",
+                  "| piece | " + " | ".join(shown) + " |", "|---|" + "---|" * len(shown)]
+        for group in cpu_profile.ORDER + ["total"]:
+            lines.append(f"| {group} | " + " | ".join(f"{cpu[n][group]:.0f}" for n in shown) + " |")
+    lines += ["", f"Reproduce: `{m['command']}` (root; builds and removes its own `vpcnet lab`"
+              + (f"; this run took {m['elapsed_s'] / 60:.0f} min" if m.get("elapsed_s") else "") + ")."]
+    return "\n".join(lines) + "\n"
+
+
+def replace_readme_table(text: str, md: str) -> str:
+    """README text with everything between the two markers replaced by `md`."""
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(f"README.md needs the markers {README_START} and, after it, {README_END}")
+    return text[:start + len(README_START)] + "\n" + md.rstrip("\n") + "\n" + text[end:]
+
+
+def update_readme(path: str, md: str) -> None:
+    with open(path) as fh:
+        text = fh.read()
+    with open(path, "w") as fh:
+        fh.write(replace_readme_table(text, md))
+
+
+def chart(res: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"underlay": "#7f7f7f", "vpcnet": "#2ca02c", "vpcnet-bridge": "#c7e9c0", "vpcnet-routed": "#98df8a",
+              "vpcnet-ebpf": "#006d2c", "overlay": "#d62728", "bridge": "#1f77b4", "docker-bridge": "#1f77b4"}
+    panels = [("tcp_1stream_bps", "TCP 1 stream (Gbit/s)", 1e9), ("tcp_4stream_bps", "TCP 4 streams (Gbit/s)", 1e9),
+              ("udp_64b_pps", "UDP 64 B received (kpps)", 1e3), ("rr_p50_us", "TCP RR p50 (µs, lower is better)", 1),
+              ("rr_p99_us", "TCP RR p99 (µs, lower is better)", 1), ("crr_cps", "connections/s (k)", 1e3),
+              ("flows_tps", f"{FLOWS} flows, transactions/s (k)", 1e3),
+              ("container_start_s", "docker run -d (s, lower is better)", 1)]
+    cpu = res.get("cpu_ms_per_gb") or {}
+    same = bool(present(res, SAME))
+    cols = 5
+    rows = 2 + (2 if same else 0)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.6 * rows))
+    flat = list(axes.flat)
+    for a in flat:
+        a.axis("off")
+
+    def bars(ax, group: str, metric: str, title: str, scale: float) -> None:
+        data = group_data(res, group, metric)
+        shown = [n for n in present(res, group) if n in data]
+        if not shown:
+            return
+        ax.axis("on")
+        med = [data[n]["median"] / scale for n in shown]
+        low = [med[i] - data[n]["min"] / scale for i, n in enumerate(shown)]
+        high = [data[n]["max"] / scale - med[i] for i, n in enumerate(shown)]
+        ax.bar(shown, med, yerr=[low, high], capsize=4, color=[colors.get(n, "#999999") for n in shown])
+        ax.set_title(("same host: " if group == SAME else "") + title, fontsize=9)
+        for i, v in enumerate(med):
+            ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=7)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+
+    for ax, (metric, title, scale) in zip(flat, panels, strict=False):
+        bars(ax, CROSS, metric, title, scale)
+    if cpu:                     # where the CPU goes: one stacked bar per contender, a colour per piece
+        ax = flat[len(panels)]
+        ax.axis("on")
+        shown = [n for n in present(res, CROSS) if n in cpu]
+        bottom = [0.0] * len(shown)
+        for group, colour in zip(cpu_profile.ORDER, plt.get_cmap("tab20").colors, strict=False):
+            values = [cpu[n][group] for n in shown]
+            ax.bar(shown, values, bottom=bottom, color=colour, label=group)
+            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+        ax.set_title("CPU ms per GB, one TCP stream (lower is better)", fontsize=9)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+        ax.legend(fontsize=6, loc="lower left", ncol=2)
+    if same:
+        for ax, (metric, title, scale) in zip(flat[2 * cols:], panels, strict=False):
+            bars(ax, SAME, metric, title, scale)
+    fig.suptitle(f"vpcnet vs underlay, Docker overlay and bridge — {res['meta']['rounds']} rounds, median with "
+                 f"min–max ({res['meta']['date']})", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

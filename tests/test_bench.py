@@ -1,0 +1,325 @@
+"""The benchmark harness's own logic: rr.py's clients against its server on loopback (real sockets), how
+bench/run.py aggregates samples, checks issue 13's goals (bench/goals.py) and writes its Markdown
+(bench/report.py), and that the default run fits its time budget. The lab runs themselves are not here:
+they are benchmarks, run by hand (bench/run.py's docstring)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
+sys.path.insert(0, BENCH)
+
+import goals  # noqa: E402
+import report  # noqa: E402
+import rr  # noqa: E402
+import run  # noqa: E402
+
+README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def rr_server():
+    yield from _server()
+
+
+@pytest.fixture
+def fresh_rr_server():
+    yield from _server()
+
+
+def _server():
+    port, flows_port = _free_port(), _free_port()
+    proc = subprocess.Popen([sys.executable, os.path.join(BENCH, "rr.py"), "server", "--port", str(port),
+                             "--flows-port", str(flows_port), "--max-seconds", "120"], start_new_session=True)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", flows_port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield port, flows_port
+    proc.kill()
+    proc.wait(timeout=10)
+
+
+def _rr(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "rr.py"), *args], capture_output=True, text=True,
+                          timeout=60)
+    return run.parse_rr("test", args[0], proc.stdout, proc.stderr)
+
+
+def test_rr_client_reports_round_trip_percentiles(rr_server):
+    out = _rr("client", "--host", "127.0.0.1", "--port", str(rr_server[0]), "--count", "300", "--warmup", "10")
+    assert out["count"] == 300
+    assert 0 < out["min_us"] <= out["p50_us"] <= out["p99_us"]
+
+
+def test_crr_makes_one_connection_per_request_and_the_server_closes_first(fresh_rr_server):
+    rr_server = fresh_rr_server
+    out = _rr("crr", "--host", "127.0.0.1", "--port", str(rr_server[0]), "--seconds", "0.3", "--warmup", "5")
+    assert out["connections"] > 10
+    assert out["cps"] == pytest.approx(out["connections"] / out["seconds"])
+    assert 0.3 <= out["seconds"] < 5
+    assert out["p50_us"] <= out["p99_us"]
+    # the client took no TIME_WAIT: it closed only after the server's FIN (passive close)
+    ss = subprocess.run(["ss", "-tan", "state", "time-wait", f"dport = :{rr_server[0]}"], capture_output=True,
+                        text=True)
+    if ss.returncode == 0:
+        assert len(ss.stdout.strip().splitlines()) <= 1, ss.stdout
+
+
+def test_crr_stops_at_max_count(rr_server):
+    out = _rr("crr", "--host", "127.0.0.1", "--port", str(rr_server[0]), "--seconds", "30", "--max-count", "40",
+              "--warmup", "0")
+    assert out["connections"] == 40
+
+
+def test_flows_keeps_every_connection_busy(rr_server):
+    out = _rr("flows", "--host", "127.0.0.1", "--port", str(rr_server[1]), "--flows", "16", "--seconds", "0.4",
+              "--warmup-seconds", "0.1")
+    assert out["flows"] == 16
+    assert out["transactions"] > 16
+    assert out["tps"] == pytest.approx(out["transactions"] / out["seconds"])
+
+
+def test_a_client_that_cannot_connect_says_so():
+    with pytest.raises(RuntimeError, match="test: rr.py crr failed: ConnectionRefusedError"):
+        _rr("crr", "--host", "127.0.0.1", "--port", str(_free_port()), "--seconds", "0.2")
+
+
+def test_parse_rr_names_the_contender_on_garbage():
+    with pytest.raises(RuntimeError, match="cross:vpcnet: rr.py flows printed no result: Traceback"):
+        run.parse_rr("cross:vpcnet", "flows", "", "Traceback ...")
+    assert run.parse_rr("k", "crr", 'noise\n{"cps": 5.0}\n')["cps"] == 5.0
+
+
+def test_percentiles():
+    p = rr.percentiles_us([i * 1000 for i in range(1, 101)])     # 1..100 µs
+    assert (p["p50_us"], p["p99_us"], p["min_us"], p["mean_us"]) == (51.0, 100.0, 1.0, 50.5)
+    with pytest.raises(ValueError):
+        rr.percentiles_us([])
+
+
+# -- aggregation and goals ------------------------------------------------------------------------
+CROSS_MEDIANS = {  # metric -> contender -> median (underlay 100 / overlay 70 where higher is better)
+    "tcp_1stream_bps": {"underlay": 100, "vpcnet": 98, "vpcnet-routed": 90, "overlay": 70},
+    "tcp_4stream_bps": {"underlay": 100, "vpcnet": 97, "vpcnet-routed": 99, "overlay": 80},
+    "udp_64b_pps": {"underlay": 100, "vpcnet": 94, "vpcnet-routed": 96, "overlay": 50},
+    "rr_p50_us": {"underlay": 40, "vpcnet": 42, "vpcnet-routed": 43, "overlay": 50},
+    "rr_p99_us": {"underlay": 80, "vpcnet": 89, "vpcnet-routed": 89, "overlay": 100},
+    "crr_cps": {"underlay": 1000, "vpcnet": 900, "vpcnet-routed": 950, "overlay": 900},
+    "flows_tps": {"underlay": 1000, "vpcnet": 950, "vpcnet-routed": 800, "overlay": 700},
+}
+SAME_MEDIANS = {
+    "tcp_1stream_bps": {"vpcnet": 100, "vpcnet-routed": 90, "docker-bridge": 95},
+    "rr_p50_us": {"vpcnet": 30, "vpcnet-routed": 30, "docker-bridge": 30},
+    "container_start_s": {"vpcnet": 0.43, "vpcnet-routed": 0.40, "docker-bridge": 0.40},
+}
+
+
+def _samples(medians: dict) -> dict:
+    out: dict = {m[0]: {} for m in run.METRICS}
+    for metric, by in medians.items():
+        for name, value in by.items():
+            out[metric][name] = [value * 0.9, value, value * 1.2]            # median: value
+    return out
+
+
+def _result(cpu: dict | None = None, same: bool = True) -> dict:
+    samples = {goals.CROSS: _samples(CROSS_MEDIANS), goals.SAME: _samples(SAME_MEDIANS if same else {})}
+    mtu = {goals.CROSS: {n: 1500 for n in ("underlay", "vpcnet", "vpcnet-routed", "overlay")},
+           goals.SAME: {n: 1500 for n in ("vpcnet", "vpcnet-routed", "docker-bridge")} if same else {}}
+    meta = {"date": "2026-12-01T00:00:00+00:00", "command": "python3 bench/run.py --rounds 3", "rounds": 3,
+            "duration_s": 3, "rr_count": 5000, "crr_seconds": 2, "flows": 64, "flows_seconds": 2,
+            "kernel": "6.1", "cpus": 2, "docker": "28.5.2", "iperf3": "iperf 3.12", "default_mode": "ebpf",
+            "loadavg_at_end": ["1.0", "1.0", "1.0"], "elapsed_s": 600}
+    return run.assemble(meta, samples, mtu, cpu or {})
+
+
+def _verdict(res: dict, contender: str, text: str) -> dict:
+    found = [v for v in res["goals"] if v["contender"] == contender and v["goal"] == text]
+    assert len(found) == 1, (contender, text)
+    return found[0]
+
+
+def test_assemble_keeps_cross_host_at_the_top_and_same_host_apart():
+    res = _result()
+    assert res["tcp_1stream_bps"]["vpcnet"]["median"] == 98
+    assert res["tcp_1stream_bps"]["vpcnet"]["samples"] == pytest.approx([88.2, 98, 117.6])
+    assert res["same_host"]["tcp_1stream_bps"]["docker-bridge"]["median"] == 95
+    assert res["ratios"]["tcp_1stream_bps:vpcnet/underlay"] == pytest.approx(0.98)
+    assert res["ratios"]["same:tcp_1stream_bps:vpcnet/docker-bridge"] == pytest.approx(100 / 95)
+    assert "tcp_1stream_bps:overlay/underlay" not in res["ratios"]               # only vpcnet's ratios
+    json.dumps(res)                                                              # latest.json
+
+
+def test_goals_are_issue_13s_bounds():
+    res = _result()
+    assert _verdict(res, "vpcnet", "TCP 1 stream ≥ 0.97 × underlay")["met"] is True        # 0.98
+    assert _verdict(res, "vpcnet", "TCP 4 streams ≥ 0.97 × underlay")["met"] is True       # 0.97: the bound
+    assert _verdict(res, "vpcnet", "UDP 64 B pps ≥ 0.95 × underlay")["met"] is False       # 0.94
+    assert _verdict(res, "vpcnet", "RR p50 ≤ 1.05 × underlay")["met"] is True              # 1.05
+    assert _verdict(res, "vpcnet", "RR p99 ≤ 1.1 × underlay")["met"] is False              # 1.10 + ε
+    assert _verdict(res, "vpcnet", "TCP 1 stream ≥ 1.25 × overlay")["met"] is True         # 1.40
+    assert _verdict(res, "vpcnet", "connections/s ≥ 0.9 × underlay")["met"] is True        # 0.90
+    assert _verdict(res, "vpcnet", "connections/s > 1 × overlay")["met"] is False          # equal is not ahead
+    assert _verdict(res, "vpcnet-routed", "64 flows transactions/s ≥ 0.9 × underlay")["met"] is False
+    assert _verdict(res, "vpcnet", "same host: TCP 1 stream ≥ 1 × docker-bridge")["met"] is True
+    assert _verdict(res, "vpcnet", "same host: RR p50 ≤ 1 × docker-bridge")["met"] is True  # equal latency
+    assert _verdict(res, "vpcnet", "same host: docker run -d time ≤ 1.05 × docker-bridge")["met"] is False
+    assert _verdict(res, "vpcnet-routed", "same host: docker run -d time ≤ 1.05 × docker-bridge")["met"] is True
+
+
+def test_a_goal_not_measured_is_neither_met_nor_missed():
+    res = _result()
+    v = _verdict(res, "vpcnet", "CPU ms per GB ≤ 1 × underlay")                           # no --profile
+    assert v["ratio"] is None and v["met"] is None
+    assert _verdict(res, "vpcnet", "same host: UDP 64 B pps ≥ 1 × docker-bridge")["met"] is None
+    met, measured, missing = goals.summary(res["goals"], "vpcnet")
+    assert measured + missing == len(goals.GOALS) and missing >= 2
+
+
+def test_cpu_goal_uses_the_profile_totals():
+    cpu = {n: {"total": t} for n, t in (("underlay", 600), ("vpcnet", 590), ("vpcnet-routed", 800),
+                                        ("overlay", 900))}
+    res = _result(cpu=cpu)
+    assert _verdict(res, "vpcnet", "CPU ms per GB ≤ 1 × underlay")["met"] is True
+    assert _verdict(res, "vpcnet-routed", "CPU ms per GB ≤ 1 × underlay")["ratio"] == pytest.approx(800 / 600)
+
+
+def test_fastest_is_the_contender_meeting_most_goals():
+    res = _result()
+    counts = {n: goals.summary(res["goals"], n)[0] for n in ("vpcnet", "vpcnet-routed")}
+    assert res["fastest"] == max(counts, key=counts.get)
+    # a tie goes to the higher TCP 1 stream median
+    tie = [{"contender": "a", "met": True}, {"contender": "b", "met": True}]
+    assert goals.fastest(tie, {"tcp_1stream_bps": {"a": {"median": 1}, "b": {"median": 2}}}) == "b"
+    assert goals.fastest([], {}) is None
+
+
+def test_default_contender_comes_first():
+    assert goals.vpcnet_contenders(_result())[0] == "vpcnet"
+    assert not goals.is_vpcnet("overlay") and goals.is_vpcnet("vpcnet-ebpf")
+
+
+# -- Markdown and the README ---------------------------------------------------------------------
+def test_markdown_has_both_groups_the_goal_table_and_the_summary():
+    md = report.markdown(_result())
+    assert "Across hosts" in md and "On one host" in md
+    assert "| goal (issue 13) | vpcnet (no -o: ebpf" in md
+    assert "| TCP 1 stream ≥ 0.97 × underlay | 0.98 yes |" in md
+    assert "| UDP 64 B pps ≥ 0.95 × underlay | 0.94 **no** |" in md
+    assert "| CPU ms per GB ≤ 1 × underlay | – | – |" in md
+    assert "- the default network" in md and "goals met" in md
+    assert "| TCP connect + request + close (k conn/s) | 1.00 (0.90–1.20) | 0.90 (0.81–1.08) |" in md
+
+
+def test_markdown_without_same_host_contenders():
+    md = report.markdown(_result(same=False))
+    assert "On one host" not in md and "Across hosts" in md
+
+
+def test_readme_table_is_replaced_between_the_markers_only():
+    text = f"intro\n{report.README_START}\nold table\n{report.README_END}\nHow to read it\n"
+    new = report.replace_readme_table(text, "| new |\n")
+    assert new == f"intro\n{report.README_START}\n| new |\n{report.README_END}\nHow to read it\n"
+    assert report.replace_readme_table(new, "| new |\n") == new
+    with pytest.raises(ValueError, match="markers"):
+        report.replace_readme_table("no markers here", "x")
+
+
+def test_readme_has_the_bench_table_markers():
+    with open(README) as fh:
+        text = fh.read()
+    start, end = text.find(report.README_START), text.find(report.README_END)
+    assert 0 <= start < end, "README.md needs both bench/run.py table markers, in order"
+    assert "Benchmark " in text[start:end]
+
+
+# -- time budget ----------------------------------------------------------------------------------
+def _args(**kw):
+    defaults = {"rounds": 9, "duration": 3, "rr_count": 5000, "crr_seconds": 2.0, "flows_seconds": 2.0,
+                "no_bridge": False, "no_same_host": False, "skip_mode": [], "all_modes": False, "profile": True}
+    defaults.update(kw)
+    return type("Args", (), defaults)()
+
+
+def test_a_default_nine_round_profiled_run_fits_in_half_an_hour():
+    est = run.estimate(_args())
+    assert est["contenders"] == {"cross": 6, "same": 4}          # the default's own mode is not measured twice
+    assert est["total_s"] <= 30 * 60, run.estimate_text(est, 9)
+
+
+def test_estimate_grows_with_what_is_measured():
+    base = run.estimate(_args())["total_s"]
+    assert run.estimate(_args(all_modes=True))["total_s"] > base
+    assert run.estimate(_args(no_same_host=True, no_bridge=True))["total_s"] < base
+    assert run.estimate(_args(rounds=18))["total_s"] > base
+
+
+def test_wanted_modes_leaves_out_the_default_and_skipped_ones():
+    assert run.wanted_modes(_args(), "ebpf") == ["bridge", "routed"]
+    assert run.wanted_modes(_args(all_modes=True), "ebpf") == ["bridge", "routed", "ebpf"]
+    assert run.wanted_modes(_args(skip_mode=["bridge"]), None) == ["routed", "ebpf"]
+
+
+def test_every_contender_has_its_own_ports():
+    seen = [p for group, name in run.ALL for p in run.ports(group, name)]
+    assert len(seen) == len(set(seen))
+
+
+# -- plugin_bench's goals -------------------------------------------------------------------------
+def _endpoints(n: int, p99: float, rss: float) -> dict:
+    return {"endpoints": n, "create_endpoint_plus_join_ms": {"p50": 1.0, "p99": p99, "max": p99},
+            "rss_mb": {"idle": 60.0, f"with_{n}_endpoints": rss}}
+
+
+def test_plugin_bench_goals_per_mode():
+    import plugin_bench
+
+    result = {"endpoints": {"default": _endpoints(500, 14.9, 79.0), "ebpf": _endpoints(500, 15.1, 81.0)},
+              "docker_run": {"ratio_over_bridge": {"vpcnet": 1.04, "vpcnet-ebpf": 1.06}}}
+    verdicts = {(g["mode"], g["goal"].split()[0]): g["met"] for g in plugin_bench.check_goals(result)}
+    assert verdicts == {("default", "CreateEndpoint"): True, ("default", "plugin"): True,
+                        ("ebpf", "CreateEndpoint"): False, ("ebpf", "plugin"): False,
+                        ("default", "docker"): True, ("ebpf", "docker"): False}
+    assert "| ebpf | plugin RSS <= 80 MB | 81.0 | **no** |" in plugin_bench.goals_markdown(result)
+
+
+def test_plugin_bench_goals_need_500_endpoints():
+    import plugin_bench
+
+    goals_ = plugin_bench.check_goals({"endpoints": {"routed": _endpoints(40, 5.0, 70.0)}})
+    assert [g["met"] for g in goals_] == [None, None]
+    assert all("measured at 40 endpoints, not 500" in g["goal"] for g in goals_)
+
+
+def test_plugin_bench_options():
+    import plugin_bench
+
+    assert plugin_bench.generic_options("default") == {}
+    assert plugin_bench.generic_options("ebpf") == {"com.docker.network.generic": {"vpcnet.mode": "ebpf"}}
+    assert plugin_bench._modes("ebpf, default,ebpf") == ["ebpf", "default"]
+    with pytest.raises(Exception, match="fast unknown"):
+        plugin_bench._modes("fast")
+    assert plugin_bench._prefix_for(500) == 23 and plugin_bench._prefix_for(200) == 24
+
+
+def test_summary_says_when_the_default_is_the_fastest():
+    res = _result()
+    res["fastest"] = "vpcnet"
+    assert "- the default network (also the fastest), `vpcnet`:" in report.markdown(res)

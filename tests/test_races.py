@@ -1,0 +1,175 @@
+"""Racing calls against the real plugin (`vpcnet serve`: gunicorn on a unix socket, two workers, threads)
+and the real kernel, and against the real Docker engine: concurrent CreateNetwork / CreateEndpoint /
+Join / Delete calls on the same objects never answer 500, never configure one object twice, never
+remove another endpoint's state, and leave nothing behind (links, routes, addresses, store rows,
+iptables chains). The unit-level races (tests/test_driver.py, test_ipam.py) use the fake dataplane;
+these use the real one, across processes."""
+from __future__ import annotations
+
+import concurrent.futures
+import re
+import uuid
+
+import pytest
+from conftest import run, unique
+from test_dataplane import host  # noqa: F401
+
+RACERS = 8
+SANDBOX = "/var/run/docker/netns/race"
+
+
+def burst(calls) -> list:
+    """Run the (function, args...) tuples all at once; their results, in order."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        return list(pool.map(lambda c: c[0](*c[1:]), calls))
+
+
+def kernel(ns: str, tag: str) -> dict:
+    """What the kernel holds of network `tag` and of any endpoint: links, routes, addresses, chains."""
+    links = re.findall(r"^\d+: ([^:@]+)", run(["ip", "-n", ns, "-o", "link"]).stdout, re.M)
+    return {"links": sorted(name for name in links if name.startswith(("vpc-", "vpp-", "vh", "vc"))),
+            "routes": run(["ip", "-n", ns, "route", "show", "proto", "static"]).stdout.splitlines()
+            + [r for r in run(["ip", "-n", ns, "route"]).stdout.splitlines() if "/32" in r or "vpc-" in r],
+            "addresses": [a for a in run(["ip", "-n", ns, "-o", "addr"]).stdout.splitlines() if "vpc-" in a],
+            "chains": [line for line in run(["ip", "netns", "exec", ns, "iptables-save"]).stdout.splitlines()
+                       if tag in line]}
+
+
+def no_500(answers: list[tuple[int, dict]], what: str) -> list[int]:
+    statuses = [status for status, _ in answers]
+    assert 500 not in statuses and all(status < 500 for status in statuses), (what, answers)
+    return statuses
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("mode", ["bridge", "routed"])
+def test_racing_raw_calls_on_the_same_ids_against_the_real_plugin(plugin_factory, host, mode):  # noqa: F811
+    plugin = plugin_factory({"VPCNET_WORKERS": "2", "VPCNET_THREADS": "8"}, netns=host)
+    status, pool = plugin.call("/IpamDriver.RequestPool", {"Pool": ""})
+    assert status == 200, pool
+    nid = uuid.uuid4().hex * 2
+    tag = nid[:12]
+    create_net = {"NetworkID": nid, "Options": {"com.docker.network.generic": {"vpcnet.mode": mode}},
+                  "IPv4Data": [{"Pool": pool["Pool"], "Gateway": pool["Data"]["com.docker.network.gateway"]}]}
+    statuses = no_500(burst([(plugin.call, "/NetworkDriver.CreateNetwork", create_net)] * RACERS),
+                      "CreateNetwork")
+    assert statuses.count(200) >= 1, statuses
+    assert len(plugin.status()["networks"]) == 1
+    assert len([link for link in kernel(host, tag)["links"] if link.startswith("vpc-")]) == 1
+
+    # Two endpoints, each created and joined by several racers at once.
+    eids = [uuid.uuid4().hex * 2 for _ in range(2)]
+    addrs = []
+    for _ in eids:
+        status, answer = plugin.call("/IpamDriver.RequestAddress", {"PoolID": pool["PoolID"]})
+        assert status == 200, answer
+        addrs.append(answer["Address"])
+    calls = []
+    for eid, addr in zip(eids, addrs, strict=True):
+        calls += [(plugin.call, "/NetworkDriver.CreateEndpoint",
+                   {"NetworkID": nid, "EndpointID": eid, "Interface": {"Address": addr}})] * (RACERS // 2)
+    statuses = no_500(burst(calls), "CreateEndpoint")
+    assert statuses.count(200) >= 2, statuses
+    no_500(burst([(plugin.call, "/NetworkDriver.Join", {"NetworkID": nid, "EndpointID": eid,
+                                                         "SandboxKey": SANDBOX}) for eid in eids] * 4), "Join")
+    state = kernel(host, tag)
+    host_veths = [link for link in state["links"] if link.startswith("vh")]
+    assert len(host_veths) == 2, state                              # one veth pair per endpoint
+    endpoints = plugin.status()["networks"][0]["endpoints"]
+    assert sorted(ep["address"] for ep in endpoints) == sorted(a.split("/")[0] for a in addrs)
+    if mode == "routed":
+        for addr in addrs:
+            ip = addr.split("/")[0]
+            assert len([r for r in state["routes"] if r.startswith(f"{ip} ")]) == 1, state["routes"]
+
+    # A third and a fourth endpoint racing for one address: one wins, the other is refused (not a 500),
+    # and the loser's undo leaves the winner's veth and route.
+    status, answer = plugin.call("/IpamDriver.RequestAddress", {"PoolID": pool["PoolID"]})
+    shared = answer["Address"]
+    rivals = [uuid.uuid4().hex * 2 for _ in range(2)]
+    answers = burst([(plugin.call, "/NetworkDriver.CreateEndpoint",
+                      {"NetworkID": nid, "EndpointID": eid, "Interface": {"Address": shared}})
+                     for eid in rivals for _ in range(RACERS // 2)])
+    statuses = no_500(answers, "CreateEndpoint, one address")
+    winners = {eid for eid, (status, _) in zip([e for e in rivals for _ in range(RACERS // 2)], answers, strict=True)
+               if status == 200}
+    assert len(winners) == 1, answers
+    (winner,) = winners
+    loser = next(e for e in rivals if e != winner)
+    state = kernel(host, tag)
+    assert len([link for link in state["links"] if link.startswith("vh")]) == 3, state
+    if mode == "routed":
+        ip = shared.split("/")[0]
+        assert len([r for r in state["routes"] if r.startswith(f"{ip} ")]) == 1, state["routes"]
+
+    # Deleting one endpoint (several racers) while others re-create and delete another: the rest stays.
+    keep = eids[1]
+    calls = [(plugin.call, "/NetworkDriver.DeleteEndpoint", {"NetworkID": nid, "EndpointID": eids[0]})] * 4
+    calls += [(plugin.call, "/NetworkDriver.DeleteEndpoint", {"NetworkID": nid, "EndpointID": winner})] * 2
+    calls += [(plugin.call, "/NetworkDriver.DeleteEndpoint", {"NetworkID": nid, "EndpointID": loser})] * 2
+    calls += [(plugin.call, "/NetworkDriver.CreateEndpoint",
+               {"NetworkID": nid, "EndpointID": keep, "Interface": {"Address": addrs[1]}})] * 2
+    no_500(burst(calls), "DeleteEndpoint")
+    state = kernel(host, tag)
+    assert [link for link in state["links"] if link.startswith("vh")] == \
+        [link for link in host_veths if link[2:13] == keep[:11]], state
+    assert [ep["address"] for ep in plugin.status()["networks"][0]["endpoints"]] == [addrs[1].split("/")[0]]
+    if mode == "routed":
+        ip = addrs[1].split("/")[0]
+        assert len([r for r in state["routes"] if r.startswith(f"{ip} ")]) == 1, state["routes"]
+
+    # Then everything goes, by racers: nothing is left anywhere.
+    burst([(plugin.call, "/NetworkDriver.DeleteEndpoint", {"NetworkID": nid, "EndpointID": keep})] * 4)
+    no_500(burst([(plugin.call, "/NetworkDriver.DeleteNetwork", {"NetworkID": nid})] * RACERS), "DeleteNetwork")
+    for addr in [*addrs, shared]:
+        plugin.call("/IpamDriver.ReleaseAddress", {"PoolID": pool["PoolID"], "Address": addr.split("/")[0]})
+    plugin.call("/IpamDriver.ReleasePool", {"PoolID": pool["PoolID"]})
+    assert plugin.status()["networks"] == []
+    state = kernel(host, tag)
+    assert state == {"links": [], "routes": [r for r in state["routes"] if "vpc-" not in r and "/32" not in r],
+                     "addresses": [], "chains": []}, state
+    assert " -> 500" not in plugin.log()
+
+
+@pytest.mark.docker
+def test_racing_docker_run_rm_and_network_rm_on_one_network(plugin_factory, dock):
+    """Concurrent `docker run` and `docker rm -f` on one network, then `docker network rm` racing the
+    last runs: Docker may refuse (active endpoints) but the plugin never answers 500, each container has
+    one veth and its own address, and once all is gone nothing is left."""
+    plugin = plugin_factory({"VPCNET_WORKERS": "2"})
+    net = dock.network_create(plugin, None, "-o", "vpcnet.mode=routed").name
+    tag = dock("network", "inspect", net, "-f", "{{.Id}}").stdout.strip()[:12]
+    names = [unique("race") for _ in range(6)]
+    runs = burst([(lambda n=n: dock.run_container(net, name=n),) for n in names[:4]])
+    assert all(r.returncode == 0 for r in runs)
+    # two more start while two of the first are removed
+    results = burst([(lambda n=n: dock.run_container(net, name=n),) for n in names[4:]]
+                    + [(lambda n=n: dock("rm", "-f", n),) for n in names[:2]])
+    assert all(r.returncode == 0 for r in results)
+    alive = names[2:]
+    ips = [dock.ip_of(n) for n in alive]
+    assert len(set(ips)) == len(ips), ips
+    endpoints = plugin.status()["networks"][0]["endpoints"]
+    assert sorted(ep["address"] for ep in endpoints) == sorted(ips)
+    veths = [link for link in re.findall(r"^\d+: ([^:@]+)", run(["ip", "-o", "link"]).stdout, re.M)
+             if link.startswith("vh") and any(link[2:13] == ep["endpoint_id"][:11] for ep in endpoints)]
+    assert len(veths) == len(alive), (veths, endpoints)
+    routes = run(["ip", "route"]).stdout.splitlines()
+    for ip in ips:
+        assert len([r for r in routes if r.startswith(f"{ip} ")]) == 1, routes
+    assert dock.exec(alive[0], "ping", "-c1", "-W2", ips[-1], check=False).returncode == 0
+
+    # network rm while containers are removed and one more is started: Docker decides, vpcnet never 500s.
+    last = unique("race")
+    burst([(lambda: dock("network", "rm", net, check=False),), (lambda: dock.run_container(net, name=last,
+                                                                                            check=False),)]
+          + [(lambda n=n: dock("rm", "-f", n),) for n in alive])
+    dock("rm", "-f", last, check=False)
+    dock("network", "rm", net, check=False)
+    assert net not in dock("network", "ls", "--format", "{{.Name}}").stdout.split()
+    assert plugin.status()["networks"] == []
+    assert not [line for line in plugin.log().splitlines() if " -> 500" in line]
+    assert tag not in run(["iptables-save"]).stdout
+    assert not [link for link in re.findall(r"^\d+: ([^:@]+)", run(["ip", "-o", "link"]).stdout, re.M)
+                if link.startswith("vpc-" + tag[:11])]
+    assert not [r for r in run(["ip", "route"]).stdout.splitlines() if any(r.startswith(f"{ip} ") for ip in ips)]

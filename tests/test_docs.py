@@ -33,9 +33,9 @@ BLOCK = re.compile(r"^```([^\n`]*)\n(.*?)^```\s*$", re.S | re.M)
 SKIP_MARK = re.compile(r"#\s*not run in tests")
 SETTING_NAMES = {s.env for s in config_mod.SETTINGS}
 
-ALIYUN_ACTIONS = {"vpc:CreateRouteEntry", "vpc:DeleteRouteEntry", "vpc:DescribeRouteEntryList",
+ALIYUN_ACTIONS = {"vpc:CreateRouteEntry", "vpc:CreateRouteEntries", "vpc:DeleteRouteEntry", "vpc:DescribeRouteEntryList",
                   "vpc:DescribeRouteTableList", "vpc:DescribeVSwitches", "ecs:DescribeInstances"}
-ALIYUN_MUTATING = {"vpc:CreateRouteEntry", "vpc:DeleteRouteEntry"}
+ALIYUN_MUTATING = {"vpc:CreateRouteEntry", "vpc:CreateRouteEntries", "vpc:DeleteRouteEntry"}
 AWS_ACTIONS = {"ec2:DescribeRouteTables", "ec2:CreateRoute", "ec2:DeleteRoute", "ec2:ReplaceRoute",
                "ec2:CreateTags", "ec2:DeleteTags", "ec2:DescribeTags", "ec2:DescribeInstances", "ec2:DescribeInstanceAttribute",
                "ec2:DescribeNetworkInterfaces", "ec2:DescribeSubnets", "ec2:ModifyInstanceAttribute",

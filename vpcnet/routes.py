@@ -432,8 +432,14 @@ class RouteKeeper:
         if not wanted:
             wanted, listings = self._claim_new(cluster, listings, me)
             self.store.record_claim(cluster, wanted, reason="route created, waiting for Available")
+        batched = self._create_batch(wanted, me, cluster, listings, problems)
         for table in list(listings):
             entry = next((r for r in listings[table] if r.destination == wanted), None)
+            if entry is None and batched.get(table):
+                continue                       # failed in the batch just now: its problem is recorded
+            if entry is None and table in batched:
+                problems.append((f"route {wanted} -> {me} not visible in {table} after create", TRANSIENT))
+                continue
             if entry is None:
                 log.warning("route %s -> %s missing from %s: creating it", wanted, me, table)
                 try:
@@ -597,6 +603,63 @@ class RouteKeeper:
             self._uncertain_drop(table, destination)
             raise
         self._uncertain_drop(table, destination)
+
+    def _create_batch(self, destination: str, me: str, cluster: str, listings: dict[str, list[Route]],
+                      problems: list[tuple[str, str]]) -> dict[str, bool]:
+        """`destination -> me` into every table missing it in one batch call, where the provider has one
+        (Alibaba's CreateRouteEntries) and more than one table needs it. Returns {table tried: failed}: a
+        failed table's problem is in `problems`; the others' listings are refreshed. Tables not tried
+        go through `_create`.
+
+        A failure of the whole call (busy, lost answer) is retried with the same ClientToken and the same
+        entries, so entries that landed are not created twice; a failure of single entries is final for
+        this pass (duplicate: someone else's route, reported below; quota: FATAL; anything else: retried
+        on the next pass with a fresh token), and the entries that landed stay: each entry is whole."""
+        missing = [t for t in listings if not any(r.destination == destination for r in listings[t])]
+        if not getattr(self.provider, "batch_create", False) or len(missing) < 2:
+            return {}
+        tables, failed = [], set()
+        for table in missing:
+            used = sum(1 for r in listings[table] if r.kind == "Custom")
+            quota = self.provider.table_quota(table)
+            if quota and used >= quota:
+                problems.append((self._quota_message(table, used, quota), FATAL))
+                failed.add(table)
+            else:
+                tables.append(table)
+        if len(tables) < 2:           # one table left: the single create (and its checks) handles it
+            return {t: True for t in failed}
+        log.warning("route %s -> %s missing from %s: creating it in one call", destination, me, ", ".join(tables))
+        token = uuid.uuid4().hex
+        name = route_name(destination)
+        description = route_description(destination, me, self.cluster_name(cluster))
+        self.calls["create"] += 1
+        for table in tables:
+            self._uncertain_add(table, destination, cluster)
+        try:
+            results = self._retry(f"create route {destination} -> {me} in {', '.join(tables)}",
+                                  lambda: self.provider.create_routes(destination, name, description, token, tables))
+        except VpcnetError as exc:
+            if not isinstance(exc, Retryable):
+                for table in tables:
+                    self._uncertain_drop(table, destination)
+            problems.append((str(exc), _kind(exc)))   # Retryable: the creates stay uncertain until listed
+            return {t: True for t in missing}
+        for table in tables:
+            error = results.get(table)
+            if not isinstance(error, Retryable):
+                self._uncertain_drop(table, destination)  # landed (marked: the marker is in the create) or not
+            if error is None or isinstance(error, DuplicateRoute):
+                listings[table] = self._list(table)       # checked by the caller like any listed entry
+                continue
+            failed.add(table)
+            if isinstance(error, QuotaExceeded):
+                used = sum(1 for r in listings[table] if r.kind == "Custom")
+                problems.append((f"{self._quota_message(table, used, self.provider.table_quota(table))} "
+                                 f"(the cloud says: {error})", FATAL))
+            else:
+                problems.append((str(error), _kind(error)))
+        return {t: t in failed for t in missing}
 
     def _quota_message(self, table: str, used: int, quota: int) -> str:
         hint = getattr(self.provider, "quota_hint", "") or "raise the route table quota with your cloud"

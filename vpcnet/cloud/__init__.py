@@ -96,6 +96,8 @@ class Provider(abc.ABC):
     checks_forwarding = False
     #: How to raise a full table's quota, for the error that stops at it.
     quota_hint = ""
+    #: True when `create_routes` writes several tables in one call (Alibaba's CreateRouteEntries).
+    batch_create = False
 
     @abc.abstractmethod
     def instance_id(self) -> str:
@@ -122,6 +124,22 @@ class Provider(abc.ABC):
     def create_route(self, destination: str, name: str, description: str, client_token: str,
                      table: str = "") -> None:
         """Create `destination -> this instance`. Raises DuplicateRoute if the destination is taken."""
+
+    def create_routes(self, destination: str, name: str, description: str, client_token: str,
+                      tables: list[str]) -> dict:
+        """Create `destination -> this instance` in each of `tables`: {table: None, or the error of that
+        table's create}. A provider with a batch call (`batch_create`) makes it one call and raises what
+        failed the whole call (retry it with the same token); this default makes one create per table."""
+        out: dict = {}
+        for table in tables:
+            try:
+                self.create_route(destination, name, description, f"{client_token}-{table}", table=table)
+                out[table] = None
+            except Fatal as exc:           # DuplicateRoute, QuotaExceeded included
+                out[table] = exc
+            except Retryable as exc:
+                out[table] = exc
+        return out
 
     @abc.abstractmethod
     def delete_route(self, route: Route) -> None:

@@ -480,14 +480,26 @@ def test_a_busy_vpc_fails_the_whole_batch_retryably(emu, make):
     assert _mine(emu, TABLE_B) == [] and _mine(emu, TABLE_C) == []                # nothing half-written
 
 
-def test_an_endpoint_without_the_batch_call_gets_one_create_per_table(make):
+def test_an_endpoint_without_the_batch_call_gets_one_create_per_table(make, tmp_path):
+    from vpcnet.cloud import BatchUnsupported
     with serving_emulator({ME: "192.168.77.2"}, region=REGION, vpc_id=VPC, route_table_id=TABLE,
                           credentials={KEY_ID: SECRET}, batch_api=False) as emu:
-        p = make(emu.test_url, aliyun_route_table_id=_three_tables(emu))
-        results = p.create_routes("10.200.4.0/24", "vpcnet-4", "vpcnet: 4", "t4", [TABLE_B, TABLE_C])
-        assert results == {TABLE_B: None, TABLE_C: None} and not p.batch_create
-        assert emu.request_counts == {"CreateRouteEntries": 1, "CreateRouteEntry": 2}
-        assert _mine(emu, TABLE_B) == _mine(emu, TABLE_C) == ["10.200.4.0/24"]
+        tables = _three_tables(emu)
+        p = make(emu.test_url, aliyun_route_table_id=tables)
+        with pytest.raises(BatchUnsupported):
+            p.create_routes("10.200.4.0/24", "vpcnet-4", "vpcnet: 4", "t4", [TABLE_B, TABLE_C])
+        assert not p.batch_create and _mine(emu, TABLE_B) == []
+        keeper, store, cfg = _keeper(emu, tmp_path, tables)
+        try:
+            emu.reset_request_counts()
+            assert keeper.reconcile(wait_pending=5).ok
+            block = store.claim(cfg.cluster_cidr).host_cidr
+            assert all(_mine(emu, t) == [block] for t in (TABLE, TABLE_B, TABLE_C))
+            counts = emu.request_counts
+            assert counts.get("CreateRouteEntries") == 1 and counts.get("CreateRouteEntry") == 3, counts
+        finally:
+            keeper.close()
+            store.close()
 
 
 def _keeper(emu, tmp_path, tables: str, instance: str = ME):

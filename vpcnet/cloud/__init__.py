@@ -39,6 +39,10 @@ class QuotaExceeded(Fatal):
     """The route table holds as many custom routes as it may."""
 
 
+class BatchUnsupported(Fatal):
+    """The provider (or its endpoint) has no call writing several tables at once: create one by one."""
+
+
 _CLUSTER_RE = re.compile(r"(?:^|\s)cluster=([A-Za-z0-9._-]+)")
 
 
@@ -127,19 +131,10 @@ class Provider(abc.ABC):
 
     def create_routes(self, destination: str, name: str, description: str, client_token: str,
                       tables: list[str]) -> dict:
-        """Create `destination -> this instance` in each of `tables`: {table: None, or the error of that
-        table's create}. A provider with a batch call (`batch_create`) makes it one call and raises what
-        failed the whole call (retry it with the same token); this default makes one create per table."""
-        out: dict = {}
-        for table in tables:
-            try:
-                self.create_route(destination, name, description, f"{client_token}-{table}", table=table)
-                out[table] = None
-            except Fatal as exc:           # DuplicateRoute, QuotaExceeded included
-                out[table] = exc
-            except Retryable as exc:
-                out[table] = exc
-        return out
+        """Create `destination -> this instance` in each of `tables` with one call (`batch_create`):
+        {table: None, or the error of that table's entry}. What fails the whole call is raised (retry it
+        with the same token); BatchUnsupported when there is no such call (then create one by one)."""
+        raise BatchUnsupported(f"the {self.name} provider has no batch create")
 
     @abc.abstractmethod
     def delete_route(self, route: Route) -> None:

@@ -47,13 +47,14 @@ Several tables: when this host's route is missing from more than one table (ever
 claiming one after a claim, or a repair), `create_routes` writes them all with one CreateRouteEntries
 call (up to 50 entries, one VPC write). A failure of the whole call (TaskConflict while another host
 writes, throttling, a lost answer) is raised and retried by the RouteKeeper with the same ClientToken
-and the same entries, so an entry that landed is not created twice (the API keys each entry's
-idempotency on the token and its position). A failure of single entries comes back in
+and the same entries, so an entry that landed is not created twice (the ClientToken makes the repeated
+call idempotent; the emulator keys each entry on the token and its position). A failure of single entries comes back in
 `FailedRouteEntries`, per table: each entry is created whole or not at all, so nothing is half-written
 and nothing is rolled back; a duplicate means another route holds the block in that table (reported,
-never touched), a quota error names the table, the figures and the Quota Center, anything else is
-tried again on the next pass with a fresh token. An endpoint without the batch call (InvalidAction)
-gets one CreateRouteEntry per table from then on.
+never touched), a quota error names the table, the figures and the Quota Center, a retryable one
+gets that table its own CreateRouteEntry (a fresh token: the batch's token covers the whole list).
+An endpoint without the batch call (InvalidAction) gets one CreateRouteEntry per table from then on
+(BatchUnsupported tells the RouteKeeper).
 
 Source/destination check: not checked or changed here (AWS's provider does). The API facts this module is
 built against (PROTOCOL.md: VPC 2016-04-28 route calls, ECS DescribeInstances) expose no ENI or instance
@@ -79,7 +80,7 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 
 from vpcnet import __version__, metrics
-from vpcnet.cloud import DuplicateRoute, Provider, QuotaExceeded, Route, table_list
+from vpcnet.cloud import BatchUnsupported, DuplicateRoute, Provider, QuotaExceeded, Route, table_list
 from vpcnet.cloud.aliyun_signature import percent_encode, sign
 from vpcnet.errors import Busy, Fatal, Retryable, VpcnetError
 
@@ -728,9 +729,9 @@ class AliyunProvider(Provider):
         to MAX_BATCH entries). A failure of the whole call (TaskConflict, throttling, a lost answer) is
         raised, so the caller retries the same entries with the same ClientToken (entries that landed are
         not created twice); failures of single entries come back per table, nothing of them retried here.
-        Where the endpoint has no batch call, one CreateRouteEntry per table."""
-        if self._no_batch or len(tables) == 1:
-            return super().create_routes(destination, name, description, client_token, tables)
+        Where the endpoint has no batch call: BatchUnsupported (and `batch_create` turns False)."""
+        if self._no_batch:
+            raise BatchUnsupported(f"{self.endpoint()} has no CreateRouteEntries")
         if len(tables) > MAX_BATCH:
             raise Fatal(f"{len(tables)} route tables: CreateRouteEntries takes at most {MAX_BATCH} entries")
         params = {"ClientToken": client_token}
@@ -748,7 +749,7 @@ class AliyunProvider(Provider):
             log.info("aliyun: the endpoint has no CreateRouteEntries; creating one entry per call")
             self._no_batch = True
             self.batch_create = False
-            return super().create_routes(destination, name, description, client_token, tables)
+            raise BatchUnsupported(f"{self.endpoint()} has no CreateRouteEntries ({exc})") from None
         failed = data.get("FailedRouteEntries") or []
         if isinstance(failed, dict):         # {"FailedRouteEntry": [...]} in some answers
             failed = next(iter(failed.values()), []) or []

@@ -832,3 +832,35 @@ def test_a_marker_removed_by_hand_from_a_live_instance_makes_no_tombstone(vpc, t
     vpc.ec2.delete_tags(Resources=[other], Tags=[{"Key": tag_key("10.200.4.0/24")}])
     assert not {r.destination: r for r in p.list_routes()}["10.200.4.0/24"].marked
     assert vpc.tags() == {}
+
+
+class DescribeThrottled(AwsProvider):
+    """DescribeInstances answers RequestLimitExceeded while `throttled` is set."""
+
+    throttled = False
+
+    def _api(self, what, op, **params):
+        if op == "describe_instances" and self.throttled:
+            from vpcnet.cloud.aws import _ApiError
+            raise _ApiError(what, "RequestLimitExceeded", "Request limit exceeded.", 503)
+        return super()._api(what, op, **params)
+
+
+def test_a_gone_instance_is_tombstoned_once_ec2_can_say_so(vpc, tmp_path, provider_for):
+    """While EC2 cannot say whether the instance is gone, the marker is remembered, not dropped."""
+    me, other = vpc.instance(), vpc.instance()
+    provider_for(vpc.config(other)).create_route("10.200.6.0/24", "", "vpcnet: x cluster=c", "t")
+    p = DescribeThrottled(vpc.config(me, state_dir=str(tmp_path)))
+    try:
+        assert {r.destination: r for r in p.list_routes()}["10.200.6.0/24"].marked
+        vpc.ec2.terminate_instances(InstanceIds=[other])
+        vpc.ec2.delete_tags(Resources=[other], Tags=[{"Key": tag_key("10.200.6.0/24")}])
+        p.throttled = True
+        assert not {r.destination: r for r in p.list_routes()}["10.200.6.0/24"].marked
+        assert vpc.tags() == {}
+        p.throttled = False
+        route = {r.destination: r for r in p.list_routes()}["10.200.6.0/24"]
+        assert route.marked and route.next_hop == other and route.cluster == "c"
+        assert vpc.tags() == {tag_key("10.200.6.0/24"): f"{other} cluster=c"}
+    finally:
+        p.close()

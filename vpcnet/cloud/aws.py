@@ -580,7 +580,11 @@ class AwsProvider(Provider):
             r, route = by_dest[destination]
             if route.marked or not _hops(r) & {instance, eni}:
                 continue                        # marked otherwise, or re-pointed: nothing to keep
-            if self.instance_exists(instance):
+            gone = self._gone(instance)
+            if gone is None:                    # cannot tell now: remember it for the next listing
+                now[destination] = [instance, eni, cluster]
+                continue
+            if not gone:
                 log.warning("aws: the marker tag %s of live instance %s was removed by hand: route %s in %s is "
                             "no longer vpcnet's", tag_key(destination), instance, destination, table)
                 continue
@@ -594,6 +598,7 @@ class AwsProvider(Provider):
                             "the table (%s); `vpcnet routes gc` will not see it: remove it with `aws ec2 "
                             "delete-route --route-table-id %s --destination-cidr-block %s`",
                             destination, instance, table, exc, table, destination)
+                now[destination] = [instance, eni, cluster]      # tried again on the next listing
                 continue
             log.info("aws: instance %s is gone: kept the marker of its route %s on %s for `vpcnet routes gc`",
                      instance, destination, table)
@@ -727,8 +732,13 @@ class AwsProvider(Provider):
             self._api(f"untag instance {route.next_hop} for {route.destination}", "delete_tags",
                       Resources=[route.next_hop], Tags=[{"Key": tag_key(route.destination), "Value": value}])
         except _ApiError as exc:
-            if exc.code != "InvalidInstanceID.NotFound":
-                raise exc.mapped() from None
+            if exc.code == "InvalidInstanceID.NotFound":
+                return
+            if route.next_hop == self.instance_id():
+                raise exc.mapped() from None      # this host's own marker: the retry removes it
+            # another (gone) host's marker: its route is deleted, which is what gc is for
+            log.warning("aws: route %s deleted; the marker tag on %s stays: %s", route.destination,
+                        route.next_hop, exc.mapped())
 
     def replace_route(self, destination: str, description: str = "", table: str = "") -> None:
         """Point an existing route at this instance (ReplaceRoute) and mark it as vpcnet's."""
@@ -739,17 +749,20 @@ class AwsProvider(Provider):
 
     # -- instances and the VPC --------------------------------------------------------------------
     def instance_exists(self, instance_id: str) -> bool:
-        if not instance_id.startswith("i-"):
-            return True
+        return not instance_id.startswith("i-") or self._gone(instance_id) is not True
+
+    def _gone(self, instance_id: str) -> bool | None:
+        """True when the instance is terminated or unknown to EC2, False when it exists, None when EC2
+        cannot say now (unreachable, throttled, not allowed)."""
         try:
             resp = self._api(f"describe instance {instance_id}", "describe_instances", InstanceIds=[instance_id])
         except _ApiError as exc:
-            return exc.code != "InvalidInstanceID.NotFound"
+            return True if exc.code == "InvalidInstanceID.NotFound" else None
         except VpcnetError:
-            return True                  # unreachable, throttled ...: when in doubt it exists
+            return None
         states = [i.get("State", {}).get("Name", "") for r in resp.get("Reservations", [])
                   for i in r.get("Instances", []) if i.get("InstanceId") == instance_id]
-        return not (states and all(s == "terminated" for s in states))
+        return bool(states) and all(s == "terminated" for s in states)
 
     def reserved_cidrs(self) -> list[str]:
         """The VPC's subnet CIDRs (a host block must not overlap them)."""

@@ -28,7 +28,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from vpcnet import config as config_mod  # noqa: E402
-from vpcnet.dataplane import Dataplane, bridge_name, mac_for, veth_names  # noqa: E402
+from vpcnet.datapath.dataplane import Dataplane  # noqa: E402
+from vpcnet.datapath.spec import bridge_name, mac_for, veth_names
 from vpcnet.datapath.reconciler import spec_of  # noqa: E402
 from vpcnet.driver import NetworkDriver  # noqa: E402
 from vpcnet.store import Endpoint, Network, Store  # noqa: E402

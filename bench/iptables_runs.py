@@ -21,8 +21,10 @@ def main() -> int:
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
 
-    from vpcnet.dataplane import Dataplane, NetworkSpec, bridge_name, mac_for, veth_names
+    from vpcnet.datapath.dataplane import Dataplane
 
+
+    from vpcnet.datapath.spec import NetworkSpec, bridge_name, mac_for, veth_names
     runs = {"n": 0}
     real_run = subprocess.run
 

@@ -1,6 +1,6 @@
 """Shared test doubles and helpers for the unit tests of IPAM, driver and transport.
 
-`FakeDataplane` has the same methods as `vpcnet.dataplane.Dataplane` and records what it was asked; the
+`FakeDataplane` has the same methods as `vpcnet.datapath.dataplane.Dataplane` and records what it was asked; the
 real dataplane is tested against the kernel elsewhere. `make_plugin` assembles a real Store, RouteKeeper
 (local provider, inside tmp_path), Ipam and NetworkDriver around the fake, the way `serve.Plugin` does.
 """
@@ -69,7 +69,7 @@ class FakeDataplane:
 
     def repair(self, networks, lock_for=None, still_wanted=None) -> list:
         """As the real pass: compare with what the 'kernel' holds, repair and report the differences."""
-        from vpcnet.dataplane import Repair
+        from vpcnet.datapath.spec import Repair
 
         self._call("repair", tuple(spec.tag for spec, _ in networks))
         repairs = [Repair("firewall", "-", p) for p in self.ensure_host()]

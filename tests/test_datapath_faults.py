@@ -9,7 +9,8 @@ import pytest
 
 from conftest import run, wait_for
 from test_dataplane import attach_container, count_rule, host, ns_run, peer_host, ping, spec, tc_filters, two_hosts  # noqa: F401
-from vpcnet.dataplane import Dataplane, veth_names
+from vpcnet.datapath.dataplane import Dataplane
+from vpcnet.datapath.spec import veth_names
 from vpcnet.datapath.reconciler import DatapathReconciler, repair_counts
 from vpcnet.store import Endpoint, Network, Store
 

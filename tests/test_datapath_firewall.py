@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import is_root, require, run
-from vpcnet.dataplane import Dataplane, NetworkSpec, bridge_name
+from vpcnet.datapath.dataplane import Dataplane
+from vpcnet.datapath.spec import NetworkSpec, bridge_name
 from vpcnet.datapath.firewall import ANTI_SPOOFING, FirewallTable, parse_save
 from vpcnet.datapath.modes import strategy
 

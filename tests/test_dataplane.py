@@ -11,8 +11,9 @@ from dataclasses import replace
 import pytest
 
 from conftest import require, run, unique
-from vpcnet.dataplane import Dataplane, NetworkSpec, anchor_peer, bridge_name, mac_for, veth_names
+from vpcnet.datapath.dataplane import Dataplane
 
+from vpcnet.datapath.spec import NetworkSpec, anchor_peer, bridge_name, mac_for, veth_names
 pytestmark = pytest.mark.root
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -467,7 +468,7 @@ def test_ebpf_network_without_the_right_to_load_programs_fails_clearly_and_is_un
     require(shutil.which("setpriv") is not None, "needs setpriv (util-linux)")
     a, _b = two_hosts
     s = spec(mode="ebpf")
-    script = (f"from vpcnet.dataplane import Dataplane, NetworkSpec\n"
+    script = (f"from vpcnet.datapath.dataplane import Dataplane\nfrom vpcnet.datapath.spec import NetworkSpec\n"
               f"s = NetworkSpec(**{s.__dict__!r})\n"
               "dp = Dataplane()\n"
               "try:\n    dp.ensure_network(s)\nexcept Exception as exc:\n    print('ERROR', exc)\n"

@@ -213,7 +213,7 @@ def test_compose_up_and_down_on_a_vpcnet_network_leaves_nothing_behind(current_d
 
 def assert_network_gone(network_id: str) -> None:
     """No bridge (or anchor), firewall chain or route of the network is left on this host."""
-    from vpcnet.dataplane import bridge_name
+    from vpcnet.datapath.spec import bridge_name
 
     tag = network_id[:12]
     assert tag not in run(["iptables-save"]).stdout, "no chain or rule of the network"

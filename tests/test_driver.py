@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fakes import FakeDataplane, make_plugin
-from vpcnet.dataplane import bridge_name, mac_for, veth_names
+from vpcnet.datapath.spec import bridge_name, mac_for, veth_names
 from vpcnet.driver import GENERIC, INTERNAL_OPTION, MODE_OPTION, MTU_OPTION, spec_of
 from vpcnet.errors import Conflict, DataplaneError, InvalidRequest, NotFound
 
@@ -357,7 +357,7 @@ def test_fake_dataplane_matches_the_real_interface():
     import inspect
 
     from fakes import DATAPLANE_METHODS
-    from vpcnet.dataplane import Dataplane
+    from vpcnet.datapath.dataplane import Dataplane
 
     from vpcnet.datapath.protocol import Datapath
 
@@ -609,7 +609,7 @@ def test_the_datapath_pass_never_rebuilds_a_network_deleted_while_it_waited(tmp_
     plug.dataplane.networks.clear()                 # looks broken to the pass
     plug.store.delete_network(NID)                  # ... and is deleted before the pass holds its lock
     lock_for = plug.driver.reconciler._lock_for({NID[:12]: NID})
-    from vpcnet.dataplane import NetworkGone
+    from vpcnet.datapath.spec import NetworkGone
     with pytest.raises(NetworkGone):
         with lock_for(nets[0][0]):
             pass

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from fakes import MEDIA_TYPE, make_plugin
-from vpcnet.dataplane import mac_for, veth_names
+from vpcnet.datapath.spec import mac_for, veth_names
 from vpcnet.errors import DataplaneError
 from vpcnet.transport import endpoint_table
 

@@ -277,7 +277,7 @@ class Doctor:
         return [ok("ip_forward", "net.ipv4.ip_forward is 1")]
 
     def check_firewall(self) -> list[Finding]:
-        from vpcnet.dataplane import FORWARD_CHAIN, NAT_CHAIN, RAW_CHAIN
+        from vpcnet.datapath.firewall import FORWARD_CHAIN, NAT_CHAIN, RAW_CHAIN
         from vpcnet.driver import spec_of
 
         out = []
@@ -341,11 +341,11 @@ class Doctor:
         if not hasattr(self, "_uplinks"):
             from pyroute2 import IPRoute
 
-            from vpcnet.dataplane import Dataplane
+            from vpcnet.datapath.netlink import Netlink
 
             with IPRoute() as ipr:
                 names = {link["index"]: link.get("IFLA_IFNAME") for link in ipr.get_links()}
-                self._uplinks = {names.get(i) for i in Dataplane._uplinks(ipr)}
+                self._uplinks = {names.get(i) for i in Netlink.uplinks(ipr)}
         return name.rstrip("+") in self._uplinks or any(u and u.startswith(name.rstrip("+"))
                                                          for u in self._uplinks if name.endswith("+"))
 
@@ -373,7 +373,7 @@ class Doctor:
         return out or [ok("rp_filter", f"no strict rp_filter on {len(veths)} routed veth(s)")]
 
     def check_mtu(self) -> list[Finding]:
-        from vpcnet.dataplane import Dataplane
+        from vpcnet.datapath.dataplane import Dataplane
 
         uplink = Dataplane().uplink_mtu()
         out = []
@@ -427,7 +427,8 @@ class Doctor:
     def check_kernel_objects(self) -> list[Finding]:
         from pyroute2 import IPRoute
 
-        from vpcnet.dataplane import Dataplane, anchor_peer
+        from vpcnet.datapath.dataplane import Dataplane
+        from vpcnet.datapath.spec import anchor_peer
         from vpcnet.driver import spec_of
 
         with IPRoute() as ipr:

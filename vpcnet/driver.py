@@ -10,7 +10,7 @@ leftover and removed by the next start or datapath pass. Calls about one network
 file lock (vpcnet.locks), across threads and gunicorn workers.
 
 Options: `-o com.docker.network.driver.mtu=N`, and `-o vpcnet.mode=bridge|routed|ebpf` (default bridge):
-the datapath of the network, stored with it (see vpcnet.dataplane: routed mode has no bridge, proxy ARP
+the datapath of the network, stored with it (see vpcnet.datapath: routed mode has no bridge, proxy ARP
 and a /32 route per endpoint, for a shorter per-packet path; ebpf mode adds a tc fast path that skips
 the host's IP stack for cluster traffic). Unknown options and modes are refused.
 
@@ -38,7 +38,7 @@ import time
 
 from vpcnet.datapath.protocol import Datapath
 from vpcnet.datapath.reconciler import DatapathReconciler, spec_of
-from vpcnet.dataplane import MODES, bridge_name, mac_for, veth_names
+from vpcnet.datapath.spec import MODES, bridge_name, mac_for, veth_names
 from vpcnet.errors import Conflict, InvalidRequest, NotFound
 from vpcnet.locks import object_lock
 from vpcnet.store import Endpoint, Network

@@ -3,7 +3,7 @@
 Why: on the lab, the cost of a vpcnet packet over the underlay's is the host namespace's own IP stack on
 both hosts — the forward (fib lookups, ip_forward) and netfilter (Docker's and vpcnet's iptables-nft
 chains). The traffic that pays it is exactly the traffic vpcnet already accepts statelessly and never
-NATs: host CIDR <-> cluster CIDR (the conntrack bypass in vpcnet.dataplane). These programs hand that
+NATs: host CIDR <-> cluster CIDR (the conntrack bypass in vpcnet.datapath). These programs hand that
 traffic straight between the container's veth and the uplink, as Cilium's "BPF host routing" does:
 
 - `container_program` (tc ingress of each endpoint's host veth, i.e. packets leaving the container):
@@ -24,7 +24,7 @@ takes the normal path, with vpcnet's firewall rules. So the fast path only ever 
 path would have done, never decides anything the routing table did not.
 
 The programs are a few dozen instructions: assembled from this file at load time (no compiler, no object
-file), loaded with the bpf(2) syscall and attached by vpcnet.dataplane through netlink. They are declared
+file), loaded with the bpf(2) syscall and attached by vpcnet.datapath.tc through netlink. They are declared
 "Dual BSD/GPL" to the kernel (bpf_fib_lookup is a GPL-only helper), as Cilium's datapath is.
 Little-endian machines only (x86_64, arm64): packet fields are compared as loaded.
 """

@@ -72,7 +72,7 @@ FAMILIES = (
     "vpcnet_datapath_repairs_total",
 )
 
-#: Kernel objects the datapath pass repairs (vpcnet.dataplane's Repair kinds): their series exist at 0.
+#: Kernel objects the datapath pass repairs (vpcnet.datapath.spec.Repair kinds): their series exist at 0.
 REPAIR_OBJECTS = ("firewall", "link", "address", "route", "tc")
 
 

@@ -28,7 +28,7 @@ class Plugin:
     """The assembled plugin: one of each piece, wired the way imports flow (transport → driver → …)."""
 
     def __init__(self, config, dataplane=None, provider_factory=None):
-        from vpcnet.dataplane import Dataplane
+        from vpcnet.datapath.dataplane import Dataplane
         from vpcnet.driver import NetworkDriver
         from vpcnet.health import Observer
         from vpcnet.ipam import Ipam

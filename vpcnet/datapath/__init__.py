@@ -4,5 +4,11 @@ kernel match (see the README's Usage and Layout).
 - `modes`: one strategy per datapath mode (bridge, routed, ebpf): what a network wants from the kernel.
 - `firewall`: vpcnet's chains diffed against `iptables-save` and written in one `iptables-restore
   --noflush` transaction.
-- vpcnet.dataplane: the links, addresses, routes and tc programs, applied over netlink.
+- `spec`: the desired state as values (a network's and an endpoint's specs, vpcnet's names, `Repair`).
+- `netlink`: this thread's netlink sockets in one namespace, sysctls, link lookups.
+- `links`: bridges, anchors, veth pairs, addresses, routes, proxy ARP.
+- `tc`: the eBPF fast path's programs (vpcnet.ebpf) attached, found and removed.
+- `dataplane`: `Dataplane`, the real implementation of `protocol.Datapath`, composing the appliers; its
+  `repair` reads the kernel and puts drift right.
+- `reconciler`: the periodic pass that calls `repair` for every network in the store.
 """

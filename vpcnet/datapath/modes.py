@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from vpcnet.datapath.firewall import FORWARD_CHAIN, HOST_VETHS, NAT_CHAIN, RAW_CHAIN, NetworkRules, rule
 
 if TYPE_CHECKING:
-    from vpcnet.dataplane import NetworkSpec
+    from vpcnet.datapath.spec import NetworkSpec
 
 
 class BridgeMode:

@@ -1,6 +1,6 @@
 """The datapath's written interface: what the driver and the reconciler need from the kernel side.
 
-`vpcnet.dataplane.Dataplane` (netlink, iptables-restore, tc) implements it; so does tests/fakes.py's
+`vpcnet.datapath.dataplane.Dataplane` (netlink, iptables-restore, tc) implements it; so does tests/fakes.py's
 `FakeDataplane`, and a test checks both against this Protocol, so the fake cannot drift from the real.
 """
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable, ContextManager, Protocol, Sequence
 
 if TYPE_CHECKING:
-    from vpcnet.dataplane import EndpointSpec, NetworkSpec, Repair
+    from vpcnet.datapath.spec import EndpointSpec, NetworkSpec, Repair
 
 
 class Datapath(Protocol):

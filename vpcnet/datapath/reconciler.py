@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from typing import Callable, ContextManager, Iterator
 
 from vpcnet.datapath.protocol import Datapath
-from vpcnet.dataplane import EndpointSpec, NetworkGone, NetworkSpec, Repair
+from vpcnet.datapath.spec import EndpointSpec, NetworkGone, NetworkSpec, Repair
 from vpcnet.locks import become_leader, object_lock
 from vpcnet.store import Network, Store
 

@@ -112,7 +112,7 @@ class Lab:
             raise LabError(f"--hosts must be 1..{MAX_HOSTS}")
         if not 1 <= zones <= MAX_ZONES:
             raise LabError(f"--zones must be 1..{MAX_ZONES}")
-        from vpcnet.dataplane import MODES  # here: the lab's CLI stays free of pyroute2 until used
+        from vpcnet.datapath.spec import MODES  # here: the lab's CLI stays free of pyroute2 until used
         if mode not in MODES:
             raise LabError(f"--mode {mode}: unknown vpcnet mode (known: {', '.join(MODES)})")
         cluster = ipaddress.IPv4Network(cluster_cidr, strict=True)

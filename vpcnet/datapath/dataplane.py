@@ -1,0 +1,293 @@
+"""The real datapath (vpcnet.datapath.protocol.Datapath): every kernel change vpcnet makes, composed from
+vpcnet.datapath's appliers: `links` (bridges, anchors, veth pairs, addresses, routes), `tc` (the eBPF fast
+path's programs), `firewall` (the chains, one iptables-restore transaction), all over `netlink`.
+
+Per network: a bridge (`vpc-<network id[:11]>`) holding the gateway address; per endpoint: a veth pair,
+host end (`vh<endpoint id[:11]>`) on the bridge, container end (`vc...`) handed to Docker to move into
+the sandbox. Links and addresses go through pyroute2; the firewall through `iptables-restore` (the same
+binary family Docker uses, so both see one rule set).
+
+Routed mode (`-o vpcnet.mode=routed`, per network): a leaner path with no bridge. The gateway address
+sits on a per-network anchor (one end of a veth pair `vpc-<id11>`/`vpp-<id11>`: this kernel may lack the
+dummy driver), so the host answers for it and its connected route keeps unknown addresses of the host
+CIDR off the default route. Per endpoint the host end of the veth is on no bridge and has no address;
+it has `proxy_arp=1` and `proxy_delay=0` (set over netlink by vpcnet.rtnl: /proc/sys is read-only in a
+managed plugin) and the host routes `<container ip>/32 dev <host end>`. The container keeps the pool
+prefix Docker assigns: it ARPs for neighbours and the gateway, the host end answers, and the host
+routes by /32. Each packet between hosts thus skips the bridge and br_netfilter (Docker turns
+bridge-nf-call-iptables on host-wide): one device and one netfilter pass fewer per direction. Firewall
+rules match the veths (`vh+`) and the host CIDR instead of `-i <bridge>`, and a reverse-path check
+drops what a veth sends from an address not routed back to it; masquerade and --internal behave as in
+bridge mode.
+
+eBPF mode (`-o vpcnet.mode=ebpf`, per network): routed mode, plus the fast path of vpcnet.ebpf. A tc
+program on each endpoint's host veth (ingress) and one per network on the uplink (ingress of the default
+route's device; filter `vpcnet-<id12>`, one handle per network) hand the traffic between the host CIDR and
+the rest of the cluster CIDR straight between the container and the uplink: no pass through the host's
+IP forwarding or netfilter (the same traffic the conntrack bypass below already accepts statelessly and
+never NATs). Everything else, and anything the programs cannot resolve, takes routed mode's path.
+
+Firewall: computed per mode by vpcnet.datapath.modes and written by vpcnet.datapath.firewall in one
+`iptables-restore --noflush` transaction, in chains of vpcnet's own so removing a network removes exactly
+its rules:
+- filter `VPCNET-FORWARD` (jumped to from FORWARD): accepts the network's traffic even though Docker
+  sets FORWARD's policy to DROP; one chain per network `VPCNET-F-<id12>`. Its jump sits right after
+  Docker's `-j DOCKER-USER` when there is one (first otherwise), so a user's DOCKER-USER rules apply to
+  vpcnet's traffic as to Docker's own networks; Docker 28's DOCKER-FORWARD comes after it and matches
+  only Docker's bridges.
+- nat `VPCNET-POSTROUTING` (jumped to from POSTROUTING): per network `VPCNET-N-<id12>` masquerades
+  traffic from the host CIDR only when it leaves for a destination outside the cluster CIDR and the
+  no-NAT list. Container-to-container traffic inside the VPC keeps its own source address.
+- `--internal` networks: forwarding only within the cluster CIDR, no masquerade.
+- raw `VPCNET-RAW` (jumped to from raw PREROUTING): the routed modes' anti-spoofing rule, and per network
+  `VPCNET-R-<id12>` marks forwarded traffic between the host CIDR and the cluster CIDR NOTRACK. That
+  traffic is accepted statelessly and never NATed, so conntrack (a lookup and an entry per flow, on every
+  packet) buys nothing; bypassing it lifted cross-host TCP and UDP packet rate on the lab. Traffic to or
+  from the gateway (host <-> container, local delivery) stays tracked, so a host firewall relying on
+  conntrack in INPUT keeps working. Untracked packets skip the nat table: fine, cluster traffic is never
+  masqueraded.
+
+Every operation is idempotent: create what is missing, accept what exists, ignore what is gone. `repair`
+is the periodic pass's half (vpcnet.datapath.reconciler): one dump of links, addresses, routes and
+qdiscs and one iptables-save find what differs from the store; only those networks get a targeted look
+under their lock, and each difference put right is returned as a `Repair`.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Sequence
+
+from vpcnet import rtnl
+from vpcnet.datapath.firewall import PREFIXES, FirewallTable
+from vpcnet.datapath.links import Links
+from vpcnet.datapath.modes import strategy
+from vpcnet.datapath.netlink import Netlink
+from vpcnet.datapath.spec import EndpointSpec, KernelView, NetworkGone, NetworkSpec, Repair, bridge_name
+from vpcnet.datapath.tc import TcPrograms
+from vpcnet.errors import DataplaneError
+
+log = logging.getLogger(__name__)
+_no_lock = nullcontext
+
+
+class Dataplane:
+    def __init__(self, netns: str | None = None, iptables: str = "iptables"):
+        self.netns = netns
+        self.iptables = iptables
+        self.nl = Netlink(netns)
+        self.links = Links(self.nl)
+        self.tc = TcPrograms(self.nl)
+        self.firewall = FirewallTable(self.nl.cmd(), iptables)
+
+    # -- host-wide --------------------------------------------------------------------------------
+    def uplink_mtu(self) -> int:
+        """MTU of the interface carrying the default route (the VPC link), 1500 without one."""
+        return self.nl.uplink_mtu()
+
+    def overlapping_routes(self, cidr: str) -> list[str]:
+        return self.links.overlapping_routes(cidr)
+
+    def ensure_host(self) -> list[str]:
+        """ip_forward, the shared chains, the builtin chains' jumps to them, the anti-spoofing rule.
+        Returns what was wrong."""
+        self.nl.sysctl("net.ipv4.ip_forward", "1")
+        return self.firewall.apply([], host=True)
+
+    # -- networks ---------------------------------------------------------------------------------
+    def ensure_network(self, spec: NetworkSpec) -> None:
+        self._ensure_links(spec, firewall=True)
+
+    def _ensure_links(self, spec: NetworkSpec, firewall: bool = False) -> None:
+        """The bridge or anchor, its address, MTU and state, the uplink programs; with `firewall`, the
+        network's rules (between the links and the programs, as a first creation needs)."""
+        self.nl.sysctl("net.ipv4.ip_forward", "1")
+        idx = self.links.ensure_gateway_link(spec)
+        if firewall:
+            self._ensure_firewall(spec)
+        if spec.ebpf:
+            self.tc.ensure_uplink_programs(spec, idx)
+
+    def _ensure_firewall(self, spec: NetworkSpec) -> list[str]:
+        """The network's chains and the host's, in one transaction; returns what was wrong."""
+        return self.firewall.apply([strategy(spec.mode).firewall(spec)], host=True)
+
+    def delete_network(self, spec: NetworkSpec) -> None:
+        self.firewall.apply([], unwanted=[spec.tag], host=False)
+        if spec.ebpf:
+            self.tc.drop_network_programs(spec)
+        self.nl.delete_link(spec.bridge)
+
+    def network_exists(self, spec: NetworkSpec) -> bool:
+        return self.link_exists(spec.bridge)
+
+    def stale_chains(self, known_tags: set[str]) -> list[tuple[str, str]]:
+        """(table, chain) of per-network chains whose network vpcnet no longer knows and whose bridge is
+        gone. A chain whose bridge still exists may belong to another vpcnet instance on this host (a
+        managed plugin beside a systemd one, say): never touch it."""
+        out = []
+        saved = self.firewall.save()
+        with self.nl.ipr() as ipr:
+            for table, prefix in PREFIXES.items():
+                for chain in saved.chains(table):
+                    tag = chain[len(prefix):]
+                    if chain.startswith(prefix) and tag not in known_tags and \
+                            self.nl.link_index(ipr, bridge_name(tag)) is None:
+                        out.append((table, chain))
+        return out
+
+    def drop_stale_chain(self, table: str, chain: str) -> None:
+        self.firewall.drop([(table, chain)])
+
+    def drop_stale_uplink_programs(self, known_tags: set[str]) -> list[str]:
+        return self.tc.drop_stale_uplink_programs(known_tags)
+
+    # -- endpoints --------------------------------------------------------------------------------
+    def ensure_endpoint(self, spec: NetworkSpec, host_veth: str, peer_veth: str, mac: str, address: str) -> None:
+        """A veth pair for an endpoint of network `spec`. Bridge mode: host end on the bridge. Routed and
+        ebpf modes: host end on no bridge, answering ARP for the container's neighbours and gateway (proxy
+        ARP), and a route `<address>/32 dev <host end>` (it goes with the veth); ebpf mode also attaches the
+        container program to the host end (it goes with the veth too)."""
+        with self.nl.ipr() as ipr:
+            host_idx = self.links.ensure_veth(ipr, spec, host_veth, peer_veth, mac)
+        if not spec.routed or host_idx is None:
+            return
+        self.links.proxy_arp(host_idx, host_veth)
+        with self.nl.ipr() as ipr:
+            self.links.route_endpoint(ipr, address, host_idx, host_veth)
+            if spec.ebpf:
+                self.tc.attach_endpoint(ipr, spec, host_idx)
+
+    def delete_endpoint(self, host_veth: str) -> None:
+        self.nl.delete_link(host_veth)       # the peer goes with it, wherever it is
+
+    def link_exists(self, name: str) -> bool:
+        with self.nl.ipr() as ipr:
+            return self.nl.link_index(ipr, name) is not None
+
+    # -- the periodic pass: drift found by reading the kernel -------------------------------------------
+    def view(self, with_tc: bool = True) -> KernelView:
+        """One read of the kernel: links, addresses, routes (raw netlink dumps, vpcnet.rtnl: a fraction of
+        pyroute2's cost per message) and, with `with_tc` (ebpf networks exist), qdiscs and uplink programs."""
+        try:
+            sock = self.nl.rtnl()
+            links = rtnl.dump_links(sock)
+            addresses = rtnl.dump_addresses(sock)
+            routes, uplinks = rtnl.dump_routes(sock)
+            clsact = {i for i, kinds in rtnl.dump_qdisc_kinds(sock).items() if "clsact" in kinds} \
+                if with_tc else set()
+        except OSError as exc:
+            self.nl.drop_rtnl()
+            raise DataplaneError(f"cannot read the kernel's links and routes: {exc}") from None
+        programs: dict[str, set[int]] = {}
+        if with_tc:
+            with self.nl.ipr() as ipr:
+                for index, _handle, name in self.tc.uplink_programs(ipr, clsact):
+                    programs.setdefault(name, set()).add(index)
+        return KernelView(links, addresses, routes, clsact, uplinks, programs)
+
+    def repair(self, networks: Sequence[tuple[NetworkSpec, Sequence[EndpointSpec]]],
+               lock_for: Callable[[NetworkSpec], ContextManager] | None = None,
+               still_wanted: Callable[[str], bool] | None = None) -> list[Repair]:
+        """Make the kernel hold what `networks` want, reading it first; returns what was wrong (nothing,
+        on a host left alone). A network that looks wrong in the dumps is looked at again under its
+        lock (`lock_for`), where no Docker call is changing it, and only then repaired."""
+        repairs: list[Repair] = []
+        view = self.view(with_tc=any(spec.ebpf for spec, _ in networks))
+        saved = self.firewall.save()
+        repairs += [Repair("firewall", "-", p) for p in self.firewall.apply([], host=True, saved=saved)]
+        # The firewall of every drifted network in one transaction (a mass flush costs one restore, not one
+        # per network). The rules are the store rows' (fixed for a network's life); a network deleted
+        # since the store was read is dropped first by `still_wanted`.
+        drifted = [strategy(spec.mode).firewall(spec) for spec, _ in networks
+                   if self.firewall.differs(saved, strategy(spec.mode).firewall(spec))]
+        if still_wanted is not None:
+            drifted = [rules for rules in drifted if still_wanted(rules.tag)]
+        if drifted:
+            for problem in self.firewall.apply(drifted, host=False):
+                tag = next((r.tag for r in drifted if r.tag in problem), "-")
+                repairs.append(Repair("firewall", tag, problem))
+        for spec, endpoints in networks:
+            if not self._suspect(spec, endpoints, view):
+                continue
+            try:
+                with (lock_for(spec) if lock_for else _no_lock()):
+                    repairs += self._repair_network(spec, endpoints)
+            except NetworkGone:                   # deleted (or its creation undone) meanwhile
+                continue
+            except Exception as exc:              # one broken network never stops the pass
+                log.error("network %s: cannot repair the datapath: %s", spec.tag, exc)
+        return repairs
+
+    def _suspect(self, spec: NetworkSpec, endpoints: Sequence[EndpointSpec], view: KernelView) -> bool:
+        link = view.links.get(spec.bridge)
+        if link is None or not link["up"] or link["mtu"] != spec.mtu:
+            return True
+        if f"{spec.gateway}/{spec.prefixlen}" not in view.addresses.get(link["index"], set()):
+            return True
+        if spec.ebpf and view.uplink_programs.get(spec.tc_name, set()) != set(view.uplinks):
+            return True
+        for ep in endpoints:
+            host = view.links.get(ep.host_veth)
+            if host is None:
+                continue                          # no veth: the container is gone, Docker will say so
+            if not spec.routed and host["master"] != link["index"]:
+                return True
+            if spec.routed and view.routes.get(f"{ep.address}/32") != host["index"]:
+                return True
+            if spec.ebpf and host["index"] not in view.clsact:
+                return True
+        return False
+
+    def _repair_network(self, spec: NetworkSpec, endpoints: Sequence[EndpointSpec]) -> list[Repair]:
+        """Under the network's lock: a targeted look at each piece, repaired where still wrong."""
+        repairs: list[Repair] = []
+        with self.nl.ipr() as ipr:
+            idx = self.nl.link_index(ipr, spec.bridge)
+            state = ipr.link("get", index=idx)[0] if idx is not None else None
+            addrs = {f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" for a in ipr.get_addr(index=idx)} \
+                if idx is not None else set()
+            uplinks = self.nl.uplinks(ipr)
+            programs = self.tc.network_uplinks(ipr, spec) if spec.ebpf else set()
+        what = "anchor" if spec.routed else "bridge"
+        if state is None:
+            repairs.append(Repair("link", spec.tag, f"{what} {spec.bridge} missing"))
+        elif not state["flags"] & 1:
+            repairs.append(Repair("link", spec.tag, f"{what} {spec.bridge} down"))
+        elif state.get_attr("IFLA_MTU") != spec.mtu:
+            repairs.append(Repair("link", spec.tag, f"{what} {spec.bridge} has MTU {state.get_attr('IFLA_MTU')}"))
+        elif f"{spec.gateway}/{spec.prefixlen}" not in addrs:
+            repairs.append(Repair("address", spec.tag, f"gateway {spec.gateway} missing on {spec.bridge}"))
+        elif spec.ebpf and programs != set(uplinks):
+            repairs.append(Repair("tc", spec.tag, f"uplink programs on links {sorted(programs)}, default "
+                                                   f"route on {sorted(uplinks)}"))
+        if repairs:
+            self._ensure_links(spec)          # rebuilds what is missing, accepts what is there
+        for ep in endpoints:
+            repairs += self._repair_endpoint(spec, ep)
+        return repairs
+
+    def _repair_endpoint(self, spec: NetworkSpec, ep: EndpointSpec) -> list[Repair]:
+        with self.nl.ipr() as ipr:
+            host_idx = self.nl.link_index(ipr, ep.host_veth)
+            if host_idx is None:
+                return []
+            link = ipr.link("get", index=host_idx)[0]
+            problem = ""
+            if not spec.routed:
+                master = self.nl.link_index(ipr, spec.bridge)
+                if link.get_attr("IFLA_MASTER") != master:
+                    problem = f"host veth {ep.host_veth} of {ep.address} not on bridge {spec.bridge}"
+            else:
+                if self.links.routed_via(ipr, ep.address) != host_idx:
+                    problem = f"route {ep.address}/32 dev {ep.host_veth} missing"
+                elif spec.ebpf and not self.tc.endpoint_has_program(ipr, host_idx):
+                    problem = f"eBPF program on {ep.host_veth} missing"
+            if not problem and not link["flags"] & 1:
+                problem = f"host veth {ep.host_veth} down"
+        if not problem:
+            return []
+        self.ensure_endpoint(spec, ep.host_veth, ep.peer_veth, ep.mac, ep.address)
+        kind = "route" if "route" in problem else "tc" if "eBPF" in problem else "link"
+        return [Repair(kind, spec.tag, problem)]

@@ -1,0 +1,127 @@
+"""Links, addresses and routes over netlink: a network's bridge or anchor holding its gateway, an endpoint's
+veth pair, routed mode's proxy ARP and `/32` route.
+
+- Bridge mode: a Linux bridge `vpc-<id11>` holds the gateway address; each endpoint's host veth is on it.
+- Routed and ebpf modes: an anchor (one end of a veth pair `vpc-<id11>`/`vpp-<id11>`: this kernel may lack
+  the dummy driver) holds the gateway, so the host answers for it and its connected route keeps unknown
+  addresses of the host CIDR off the default route. Each endpoint's host veth is on no bridge, has
+  `proxy_arp=1`, `proxy_delay=0` (over netlink, vpcnet.rtnl: /proc/sys is read-only in a managed plugin),
+  and the host routes `<container ip>/32 dev <host veth>`.
+Every call is idempotent: create what is missing, accept what exists.
+"""
+from __future__ import annotations
+
+import errno
+import ipaddress
+
+from pyroute2 import IPRoute, NetlinkError
+
+from vpcnet import rtnl
+from vpcnet.datapath.netlink import Netlink
+from vpcnet.datapath.spec import NetworkSpec, anchor_peer
+from vpcnet.errors import DataplaneError
+
+SCOPE_LINK = 253
+
+
+class Links:
+    def __init__(self, netlink: Netlink):
+        self.nl = netlink
+
+    def ensure_gateway_link(self, spec: NetworkSpec) -> int:
+        """The bridge or anchor, its address, MTU and state. Returns its index."""
+        with self.nl.ipr() as ipr:
+            idx = self.nl.link_index(ipr, spec.bridge)
+            if idx is None:
+                try:
+                    if spec.routed:     # the anchor: one end of a veth pair (no dummy driver needed)
+                        ipr.link("add", ifname=spec.bridge, kind="veth", mtu=spec.mtu,
+                                 peer={"ifname": anchor_peer(spec.bridge), "mtu": spec.mtu})
+                    else:
+                        ipr.link("add", ifname=spec.bridge, kind="bridge")
+                except NetlinkError as exc:
+                    if exc.code != errno.EEXIST:
+                        raise DataplaneError(f"cannot create {spec.bridge}: {exc}") from None
+                idx = self.nl.link_index(ipr, spec.bridge)
+            if idx is None:
+                raise DataplaneError(f"{spec.bridge} vanished while it was being configured")
+            if spec.routed:
+                peer = self.nl.link_index(ipr, anchor_peer(spec.bridge))
+                if peer is not None:
+                    ipr.link("set", index=peer, state="up")
+            try:
+                ipr.link("set", index=idx, mtu=spec.mtu)
+                ipr.addr("add", index=idx, address=spec.gateway, prefixlen=spec.prefixlen)
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise DataplaneError(f"cannot configure bridge {spec.bridge}: {exc}") from None
+            ipr.link("set", index=idx, state="up")
+        return idx
+
+    def ensure_veth(self, ipr: IPRoute, spec: NetworkSpec, host_veth: str, peer_veth: str,
+                    mac: str) -> int | None:
+        """The endpoint's veth pair, up, with the network's MTU (bridge mode: host end on the bridge).
+        Returns the host end's index; None for a pair just made in bridge mode, which needs nothing more
+        (one lookup fewer per endpoint)."""
+        br = self.nl.link_index(ipr, spec.bridge)
+        if br is None:
+            raise DataplaneError(f"{'anchor' if spec.routed else 'bridge'} {spec.bridge} is missing")
+        master = {} if spec.routed else {"master": br}
+        host_idx = None
+        try:   # one request: the pair is born (on the bridge) and up
+            ipr.link("add", ifname=host_veth, kind="veth", mtu=spec.mtu, state="up", **master,
+                     peer={"ifname": peer_veth, "address": mac, "mtu": spec.mtu})
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise DataplaneError(f"cannot create veth {host_veth}: {exc}") from None
+            host_idx = self.nl.link_index(ipr, host_veth)      # it exists: make sure it is right
+            ipr.link("set", index=host_idx, mtu=spec.mtu, state="up", **master)
+        if not spec.routed:
+            return host_idx
+        if host_idx is None:
+            host_idx = self.nl.link_index(ipr, host_veth)
+        if host_idx is None:
+            raise DataplaneError(f"veth {host_veth} vanished while it was being configured")
+        return host_idx
+
+    def proxy_arp(self, host_idx: int, host_veth: str) -> None:
+        """Proxy ARP answers the container for every address the host routes elsewhere (its neighbours on
+        other veths, the cluster); the gateway is a local address, answered anyway. No delay."""
+        try:
+            sock = self.nl.rtnl()
+            rtnl.set_proxy_arp(sock, host_idx)
+            rtnl.set_arp_proxy_delay(sock, host_idx, 0)
+        except OSError as exc:
+            self.nl.drop_rtnl()
+            raise DataplaneError(f"cannot turn on proxy ARP for {host_veth}: {exc}") from None
+
+    @staticmethod
+    def route_endpoint(ipr: IPRoute, address: str, host_idx: int, host_veth: str) -> None:
+        try:
+            ipr.route("replace", dst=address, dst_len=32, oif=host_idx, scope=SCOPE_LINK)
+        except NetlinkError as exc:
+            raise DataplaneError(f"cannot route {address} to {host_veth}: {exc}") from None
+
+    @staticmethod
+    def routed_via(ipr: IPRoute, address: str) -> int | None:
+        """The link the host routes `address` over, or None."""
+        try:
+            got = ipr.route("get", dst=address)
+            return got[0].get_attr("RTA_OIF") if got else None
+        except NetlinkError:
+            return None
+
+    def overlapping_routes(self, cidr: str) -> list[str]:
+        """Kernel routes (main table, not the default route) overlapping `cidr`, described for humans."""
+        net = ipaddress.IPv4Network(cidr)
+        found = []
+        with self.nl.ipr() as ipr:
+            names = {link["index"]: link.get("IFLA_IFNAME") for link in ipr.get_links()}
+            for route in ipr.route("dump", table=254, family=2):
+                dst, dst_len = route.get("RTA_DST"), route.get("dst_len")
+                if not dst or not dst_len:
+                    continue
+                other = ipaddress.IPv4Network(f"{dst}/{dst_len}", strict=False)
+                if other.overlaps(net):
+                    found.append(f"{other} dev {names.get(route.get('RTA_OIF'), '?')}")
+        return found

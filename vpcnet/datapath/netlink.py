@@ -1,0 +1,119 @@
+"""Access to one network namespace's kernel: this thread's netlink sockets (pyroute2's and vpcnet.rtnl's
+raw one), sysctls, and the few lookups every applier needs (a link by name, the uplinks, a link's removal).
+
+Sockets are opened once per thread and process (opening one costs more than the request itself) and
+dropped after any failure that may have put them out of step.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+from pyroute2 import IPRoute, NetlinkError
+
+from vpcnet import rtnl
+from vpcnet.datapath.spec import DEFAULT_MTU
+from vpcnet.errors import DataplaneError
+
+
+class Netlink:
+    def __init__(self, netns: str | None = None):
+        self.netns = netns
+        self._local = threading.local()
+
+    @contextmanager
+    def ipr(self) -> Iterator[IPRoute]:
+        """This thread's pyroute2 socket."""
+        ipr = getattr(self._local, "ipr", None)
+        if ipr is None or self._local.pid != os.getpid():
+            ipr = IPRoute(netns=self.netns) if self.netns else IPRoute()
+            self._local.ipr, self._local.pid = ipr, os.getpid()
+        try:
+            yield ipr
+        except NetlinkError:
+            raise                               # the kernel said no; the socket is fine
+        except BaseException:
+            self._local.ipr = None              # anything else may have broken it: open a new one next time
+            try:
+                ipr.close()
+            except Exception:
+                pass
+            raise
+
+    def rtnl(self):
+        """This thread's raw rtnetlink socket (vpcnet.rtnl), for what pyroute2 has no call for."""
+        sock = getattr(self._local, "rtnl", None)
+        if sock is None or self._local.rtnl_pid != os.getpid():
+            sock = rtnl.open_socket(self.netns)
+            self._local.rtnl, self._local.rtnl_pid = sock, os.getpid()
+        return sock
+
+    def drop_rtnl(self) -> None:
+        """Close and forget this thread's rtnetlink socket (after a failure it may be out of step)."""
+        sock, self._local.rtnl = getattr(self._local, "rtnl", None), None
+        if sock is not None:
+            sock.close()
+
+    def cmd(self, *args: str) -> list[str]:
+        """A command line run inside the namespace."""
+        return (["ip", "netns", "exec", self.netns] if self.netns else []) + list(args)
+
+    def sysctl(self, key: str, value: str) -> None:
+        path = "/proc/sys/" + key.replace(".", "/")
+        if self.netns:
+            subprocess.run(self.cmd("sysctl", "-qw", f"{key}={value}"), check=False, timeout=10,
+                           capture_output=True)
+            return
+        try:
+            with open(path) as fh:
+                if fh.read().strip() == value:
+                    return
+            with open(path, "w") as fh:
+                fh.write(value)
+        except OSError as exc:
+            raise DataplaneError(f"cannot set {key}={value}: {exc}") from None
+
+    @staticmethod
+    def link_index(ipr: IPRoute, name: str) -> int | None:
+        # A targeted RTM_GETLINK by name: link_lookup() would dump every link, which grows with the
+        # number of endpoints on the host.
+        try:
+            return ipr.link("get", ifname=name)[0]["index"]
+        except NetlinkError as exc:
+            if exc.code in (errno.ENODEV, errno.ENOENT):
+                return None
+            raise
+
+    @staticmethod
+    def uplinks(ipr: IPRoute) -> list[int]:
+        """Indexes of the devices carrying the default route (main table), in route order."""
+        out: list[int] = []
+        for route in ipr.route("dump", table=254, family=2):
+            if route.get("dst_len") == 0:
+                hops = [route.get("RTA_OIF")] + [hop["oif"] for hop in route.get("RTA_MULTIPATH") or []]
+                out += [index for index in hops if index and index not in out]
+        return out
+
+    def uplink_mtu(self) -> int:
+        """MTU of the interface carrying the default route (the VPC link), 1500 without one."""
+        with self.ipr() as ipr:
+            for index in self.uplinks(ipr):
+                links = ipr.link("get", index=index)
+                return int(links[0].get("IFLA_MTU") or DEFAULT_MTU)
+        return DEFAULT_MTU
+
+    def delete_link(self, name: str) -> None:
+        """Delete a link if it exists (a veth's peer goes with it, wherever it is)."""
+        with self.ipr() as ipr:
+            idx = self.link_index(ipr, name)
+            if idx is None:
+                return
+            try:
+                ipr.link("del", index=idx)
+            except NetlinkError as exc:
+                if exc.code not in (errno.ENODEV, errno.ENOENT):
+                    raise DataplaneError(f"cannot delete {name}: {exc}") from None

@@ -1,0 +1,113 @@
+"""What the store wants of the kernel, as values: a network's and an endpoint's specs, the names vpcnet gives
+its links, filters and chains, and what a repair pass reports (`Repair`, the `KernelView` it reads).
+
+Every other piece of vpcnet.datapath takes these; none of them holds kernel state.
+"""
+from __future__ import annotations
+
+import ipaddress
+import zlib
+from dataclasses import dataclass
+
+MODES = ("bridge", "routed", "ebpf")
+DEFAULT_MTU = 1500
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    tag: str                    # short stable id (network id prefix) for names and chains
+    bridge: str
+    gateway: str                # bare IP
+    host_cidr: str
+    cluster_cidr: str
+    mtu: int
+    internal: bool = False
+    no_nat: tuple[str, ...] = ()
+    mode: str = "bridge"        # "routed": no bridge, proxy ARP and a /32 route per endpoint; "ebpf": routed
+                                # plus the tc fast path
+
+    @property
+    def routed(self) -> bool:
+        """No bridge: the anchor, proxy ARP and /32 routes (routed and ebpf modes)."""
+        return self.mode in ("routed", "ebpf")
+
+    @property
+    def ebpf(self) -> bool:
+        return self.mode == "ebpf"
+
+    @property
+    def tc_name(self) -> str:
+        return f"vpcnet-{self.tag}"
+
+    @property
+    def prefixlen(self) -> int:
+        return ipaddress.IPv4Network(self.host_cidr).prefixlen
+
+    @property
+    def filter_chain(self) -> str:
+        return f"VPCNET-F-{self.tag}"
+
+    @property
+    def nat_chain(self) -> str:
+        return f"VPCNET-N-{self.tag}"
+
+    @property
+    def raw_chain(self) -> str:
+        return f"VPCNET-R-{self.tag}"
+
+
+class NetworkGone(Exception):
+    """Raised by a repair pass's lock when the network left the store while the pass waited for it."""
+
+
+@dataclass(frozen=True)
+class EndpointSpec:
+    host_veth: str
+    peer_veth: str
+    mac: str
+    address: str                # bare IP
+
+
+@dataclass(frozen=True)
+class Repair:
+    """One thing the kernel had wrong, found by reading it, and put right."""
+    kind: str                   # firewall | link | address | route | tc
+    network: str                # the network's tag
+    what: str                   # what was wrong, for the log
+
+
+@dataclass
+class KernelView:
+    """One read of what the kernel holds (a link dump, a route dump, a qdisc dump): the periodic pass
+    compares every network against it, and only suspects get a second, targeted look."""
+    links: dict[str, dict]      # name -> {index, master, up, mtu}
+    addresses: dict[int, set]   # link index -> {"ip/len"}
+    routes: dict[str, int]      # "<ip>/32" (main table) -> output link index
+    clsact: set[int]            # link indexes with a clsact qdisc
+    uplinks: list[int]
+    uplink_programs: dict[str, set[int]]   # tc filter name -> link indexes
+
+
+def bridge_name(network_id: str) -> str:
+    return f"vpc-{network_id[:11]}"           # 15 characters: the kernel's limit
+
+
+def anchor_peer(anchor: str) -> str:
+    """The other end of a routed network's anchor veth (`vpc-<id11>` -> `vpp-<id11>`)."""
+    return "vpp-" + anchor[4:]
+
+
+def veth_names(endpoint_id: str) -> tuple[str, str]:
+    return f"vh{endpoint_id[:11]}", f"vc{endpoint_id[:11]}"
+
+
+def uplink_handle(tag: str) -> int:
+    """The tc filter handle of a network's program on the uplink: stable, never 0."""
+    return zlib.crc32(tag.encode()) or 1
+
+
+def mac_for(ip: str) -> str:
+    """Deterministic MAC from the IPv4 address (as Docker's bridge does): a reused address keeps its MAC,
+    so peers' ARP caches stay right."""
+    octets = ipaddress.IPv4Address(ip).packed
+    return "02:42:" + ":".join(f"{b:02x}" for b in octets)

@@ -1,0 +1,127 @@
+"""The eBPF fast path's tc side (ebpf mode): vpcnet.ebpf's programs attached, found and removed over netlink.
+
+- Per endpoint: the container program on the ingress of its host veth (clsact, prio/handle
+  `ENDPOINT_FILTER`); it goes with the veth.
+- Per network: the uplink program on the ingress of every device carrying the default route (filter
+  `vpcnet-<tag>`, prio `UPLINK_PRIO`, one handle per network: `uplink_handle`). It follows the default
+  route: a device that no longer carries it loses the program.
+Programs are replaced in place (`replace-filter`), so re-applying never opens a gap.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from typing import Iterator
+
+from pyroute2 import IPRoute, NetlinkError
+
+from vpcnet import ebpf
+from vpcnet.datapath.netlink import Netlink
+from vpcnet.datapath.spec import NetworkSpec, bridge_name, uplink_handle
+from vpcnet.errors import DataplaneError
+
+log = logging.getLogger(__name__)
+
+TC_INGRESS = 0xFFFFFFF2           # clsact's ingress hook
+ETH_P_IP = 0x0800
+ENDPOINT_FILTER = (0x7F00, 1)     # (prio, handle) of the program on an endpoint's host veth
+UPLINK_PRIO = 0x7F01              # the uplink's programs: one handle per network (uplink_handle)
+
+
+class TcPrograms:
+    def __init__(self, netlink: Netlink):
+        self.nl = netlink
+
+    def attach(self, ipr: IPRoute, index: int, program: bytes, prog_name: str, filter_name: str, prio: int,
+               handle: int) -> None:
+        fd = ebpf.load(program, prog_name)
+        try:
+            try:
+                ipr.tc("add", "clsact", index)
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise DataplaneError(f"cannot add the clsact qdisc to link {index}: {exc}") from None
+            try:
+                ipr.tc("replace-filter", "bpf", index, handle, fd=fd, name=filter_name, parent=TC_INGRESS,
+                       classid=1, direct_action=True, prio=prio, protocol=ETH_P_IP)
+            except NetlinkError as exc:
+                raise DataplaneError(f"cannot attach eBPF program {filter_name} to link {index}: {exc}") from None
+        finally:
+            os.close(fd)               # the filter holds the program now
+
+    # -- per endpoint -------------------------------------------------------------------------------
+    def attach_endpoint(self, ipr: IPRoute, spec: NetworkSpec, host_idx: int) -> None:
+        self.attach(ipr, host_idx, ebpf.container_program(spec.host_cidr, spec.cluster_cidr),
+                    "vpcnet_ctr", spec.tc_name, *ENDPOINT_FILTER)
+
+    @staticmethod
+    def endpoint_has_program(ipr: IPRoute, host_idx: int) -> bool:
+        return any(f.get_attr("TCA_KIND") == "bpf" for f in ipr.get_filters(index=host_idx, parent=TC_INGRESS))
+
+    # -- per network, on the uplinks ----------------------------------------------------------------
+    def ensure_uplink_programs(self, spec: NetworkSpec, anchor: int) -> None:
+        """The network's program on each uplink, replaced in place (a restart never opens a gap). Without a
+        default route there is no uplink yet: traffic from other hosts takes the routed path meanwhile."""
+        program = ebpf.uplink_program(spec.host_cidr, spec.cluster_cidr, anchor)
+        with self.nl.ipr() as ipr:
+            uplinks = self.nl.uplinks(ipr)
+            if not uplinks:
+                log.warning("network %s: no default route, so no uplink for the eBPF fast path yet; traffic "
+                            "from other hosts takes the routed path", spec.tag)
+            for index in uplinks:
+                self.attach(ipr, index, program, "vpcnet_uplink", spec.tc_name, UPLINK_PRIO,
+                            uplink_handle(spec.tag))
+            # The default route moved (a new uplink, a renamed or replaced device): the program leaves the
+            # devices that no longer carry it.
+            for index, handle, name in list(self.uplink_programs(ipr)):
+                if name == spec.tc_name and index not in uplinks:
+                    log.warning("network %s: eBPF uplink program left on link %d, which no longer carries "
+                                "the default route: removed", spec.tag, index)
+                    self.drop_uplink_program(ipr, index, handle)
+
+    def uplink_programs(self, ipr: IPRoute, clsact: set[int] | None = None) -> Iterator[tuple[int, int, str]]:
+        """(link index, handle, name) of every vpcnet uplink program on this host: one qdisc dump finds
+        the links with a clsact qdisc (unless `clsact` lists them already), only those are asked for
+        their filters."""
+        if clsact is None:
+            clsact = {q["index"] for q in ipr.get_qdiscs() if q.get_attr("TCA_KIND") == "clsact"}
+        for index in sorted(clsact):
+            try:
+                filters = ipr.get_filters(index=index, parent=TC_INGRESS)
+            except NetlinkError:
+                continue                 # the link went away meanwhile
+            for f in filters:
+                options = f.get_attr("TCA_OPTIONS")
+                fname = options.get_attr("TCA_BPF_NAME") if options else None
+                if f["info"] >> 16 == UPLINK_PRIO and fname and fname.startswith("vpcnet-"):
+                    yield index, f["handle"], fname
+
+    def network_uplinks(self, ipr: IPRoute, spec: NetworkSpec) -> set[int]:
+        """The links carrying this network's uplink program."""
+        return {i for i, _h, name in self.uplink_programs(ipr) if name == spec.tc_name}
+
+    def drop_uplink_program(self, ipr: IPRoute, index: int, handle: int) -> None:
+        try:
+            ipr.tc("del-filter", "bpf", index, handle, parent=TC_INGRESS, prio=UPLINK_PRIO, protocol=ETH_P_IP)
+        except NetlinkError as exc:
+            if exc.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
+                raise DataplaneError(f"cannot remove eBPF program from link {index}: {exc}") from None
+
+    def drop_network_programs(self, spec: NetworkSpec) -> None:
+        with self.nl.ipr() as ipr:
+            for index, handle, name in list(self.uplink_programs(ipr)):
+                if name == spec.tc_name:
+                    self.drop_uplink_program(ipr, index, handle)
+
+    def drop_stale_uplink_programs(self, known_tags: set[str]) -> list[str]:
+        """Remove uplink programs of networks vpcnet no longer knows and whose anchor is gone (as for
+        chains: an anchor that exists may be another vpcnet instance's network). Returns their names."""
+        dropped = []
+        with self.nl.ipr() as ipr:
+            for index, handle, name in list(self.uplink_programs(ipr)):
+                tag = name[len("vpcnet-"):]
+                if tag not in known_tags and self.nl.link_index(ipr, bridge_name(tag)) is None:
+                    self.drop_uplink_program(ipr, index, handle)
+                    dropped.append(name)
+        return dropped

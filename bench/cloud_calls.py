@@ -26,6 +26,11 @@ VPCNET_PROVIDER=aliyun and pointed at it; the metadata URL is a closed local por
    with <= 10 calls per host on average; 200 hosts within 180 s. After the largest storm the table
    holds 200 custom entries (the default quota; the foreign ones are removed first): a further host must
    stop with a clear quota error, creating nothing and touching nothing.
+4. Several route tables (`--tables N --table-hosts H`, default 3 tables and 10 hosts; `--tables 1` for
+   none): H hosts boot at once (as in 3.) with their route going into N tables, once with the batch call
+   (CreateRouteEntries: the claim in the first table, then one call for the N-1 others) and once against
+   an endpoint without it (one CreateRouteEntry per table; each host's first batch call is refused, and
+   counted). Reported: route writes per host by action, calls per host, every block in every table.
 """
 from __future__ import annotations
 
@@ -307,6 +312,33 @@ def quota_after_storm(emu: Emulator, url: str, workdir: str, hosts: int) -> dict
             "ok": ok}
 
 
+TABLES_CLUSTER = "10.226.0.0/16"
+
+
+def measure_tables(workdir: str, hosts: int, tables: int, batch: bool) -> dict:
+    """A small boot storm whose hosts' routes go into `tables` route tables; `batch=False` makes the
+    emulator an endpoint without CreateRouteEntries."""
+    emu = Emulator(region=REGION, vpc_id=VPC, route_table_id=TABLE, credentials={KEY_ID: SECRET},
+                   write_interval=STORM_WRITE_INTERVAL, quota=max(200, hosts + 2), batch_api=batch)
+    ids = [TABLE] + [f"vtb-bench00{chr(ord('b') + k)}" for k in range(tables - 1)]
+    for table in ids[1:]:
+        emu.add_route_table(table)
+    url, stop_http = serve_in_thread(emu)
+    try:
+        name = f"tables-{tables}-{'batch' if batch else 'single'}"
+        result = boot_storm(emu, url, os.path.join(workdir, name), hosts, cluster=TABLES_CLUSTER,
+                            table=",".join(ids), key_id=KEY_ID, secret=SECRET, wait=60.0, timeout=120.0)
+        writes = {a: n for a, n in result.requests.items() if a.startswith("CreateRouteEntr")}
+        blocks = [b for v in result.blocks.values() for b in v]
+        return {"tables": tables, "batch_call": batch, **result.summary(),
+                "writes_per_host": {a: round(n / hosts, 2) for a, n in sorted(writes.items())},
+                "distinct_blocks": len(set(blocks)), "same_block_in_every_table": result.same_everywhere,
+                "ok": len(result.converged) == hosts == len(set(blocks)) and result.same_everywhere}
+    finally:
+        stop_http()
+        emu.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=12, help="timed runs (at least 10)")
@@ -314,6 +346,8 @@ def main() -> int:
     parser.add_argument("--storm", default="50,200", metavar="N,M",
                         help="boot storms to run: host counts (default 50,200; '' for none)")
     parser.add_argument("--only-storm", action="store_true", help="skip parts 1 and 2")
+    parser.add_argument("--tables", type=int, default=3, help="route tables of part 4 (1: skip part 4)")
+    parser.add_argument("--table-hosts", type=int, default=10, help="hosts of part 4")
     args = parser.parse_args()
     runs = max(10, args.runs)
     storms = [int(n) for n in args.storm.split(",") if n.strip()]
@@ -330,6 +364,12 @@ def main() -> int:
             print(f"boot storm: {n} hosts running `vpcnet routes sync` at once, one write per "
                   f"{STORM_WRITE_INTERVAL:g} s ...", flush=True)
             storm_results.append(measure_storm(workdir, n, quota_check=(n == max(storms) and n >= 200)))
+        table_results = []
+        if args.tables > 1:
+            for batch in (True, False):
+                print(f"{args.table_hosts} hosts booting with {args.tables} route tables, "
+                      f"{'with' if batch else 'without'} CreateRouteEntries ...", flush=True)
+                table_results.append(measure_tables(workdir, args.table_hosts, args.tables, batch))
     if args.only_storm and os.path.exists(args.out):
         with open(args.out) as fh:
             previous = json.load(fh)
@@ -342,6 +382,7 @@ def main() -> int:
         "api_calls_per_host": calls,
         "time_to_route_available": timing,
         "boot_storms": storm_results,
+        "several_tables": table_results,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
@@ -386,6 +427,18 @@ def main() -> int:
                 print(f"  host {r['hosts'] + 1} on a full 200-entry table: exit {q['exit']}, {q['creates']} "
                       f"creates, table unchanged {q['table_unchanged']}: {q['error']}")
             ok = ok and r["target_met"]
+    if table_results:
+        print()
+        print("several route tables (each host's route in every table; one write per "
+              f"{STORM_WRITE_INTERVAL:g} s per VPC):")
+        print(f"  {'tables':>6} {'batch':>5} {'hosts':>5} {'exit 0':>6} {'seconds':>8} {'calls/host':>10}  "
+              "route writes per host by action")
+        for r in table_results:
+            writes = ", ".join(f"{a} {n:g}" for a, n in r["writes_per_host"].items())
+            print(f"  {r['tables']:>6} {str(r['batch_call']):>5} {r['hosts']:>5} {r['converged']:>6} "
+                  f"{r['seconds']:>8.1f} {r['calls_per_host']:>10.2f}  {writes}; same block in every table: "
+                  f"{r['same_block_in_every_table']}")
+            ok = ok and r["ok"]
     print(f"written to {os.path.relpath(args.out, REPO)}")
     return 0 if ok else 1
 

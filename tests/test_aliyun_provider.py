@@ -422,3 +422,142 @@ def test_reserved_cidrs_is_empty_when_describe_vswitches_is_forbidden(fake_api, 
 ])
 def test_ecs_endpoint_sits_next_to_the_vpc_endpoint(vpc, ecs):
     assert aliyun._ecs_endpoint(vpc) == ecs
+
+
+# -- several tables: CreateRouteEntries ------------------------------------------------------------------
+TABLE_B, TABLE_C = "vtb-emu000b", "vtb-emu000c"
+
+
+def _three_tables(emu) -> str:
+    emu.add_route_table(TABLE_B)
+    emu.add_route_table(TABLE_C)
+    return f"{TABLE},{TABLE_B},{TABLE_C}"
+
+
+def _mine(emu, table: str, instance: str = ME) -> list[str]:
+    return [e["DestinationCidrBlock"] for e in emu.entries(table)
+            if e["Type"] == "Custom" and e["NextHops"]["NextHop"][0]["NextHopId"] == instance]
+
+
+def test_create_routes_writes_several_tables_in_one_call(emu, make):
+    p = make(emu.test_url, aliyun_route_table_id=_three_tables(emu))
+    emu.reset_request_counts()
+    results = p.create_routes("10.200.3.0/24", "vpcnet-x", "vpcnet: x", "tok-1", [TABLE, TABLE_B, TABLE_C])
+    assert results == {TABLE: None, TABLE_B: None, TABLE_C: None}
+    assert emu.request_counts == {"CreateRouteEntries": 1}
+    for table in (TABLE, TABLE_B, TABLE_C):
+        [entry] = [e for e in emu.entries(table) if e["DestinationCidrBlock"] == "10.200.3.0/24"]
+        assert entry["RouteEntryName"] == "vpcnet-x" and entry["Description"] == "vpcnet: x"   # the marker
+    # the same call again (its answer was lost): the same token creates nothing twice
+    assert p.create_routes("10.200.3.0/24", "vpcnet-x", "vpcnet: x", "tok-1", [TABLE, TABLE_B, TABLE_C]) == \
+        {TABLE: None, TABLE_B: None, TABLE_C: None}
+    assert all(_mine(emu, t) == ["10.200.3.0/24"] for t in (TABLE, TABLE_B, TABLE_C))
+
+
+def test_a_partial_batch_failure_is_reported_per_table(emu, make):
+    """One entry lands, one table already routes the block elsewhere, one is full: each table gets its own
+    answer and nothing is rolled back or retried; the quota error names the table, figures and remedy."""
+    p = make(emu.test_url, aliyun_route_table_id=_three_tables(emu))
+    emu.add_custom_entry("10.200.3.0/24", OTHER, name="vpcnet-other")          # in the first table
+    emu.set_table_quota(TABLE_C, 0)
+    results = p.create_routes("10.200.3.0/24", "vpcnet-x", "vpcnet: x", "tok-2", [TABLE, TABLE_B, TABLE_C])
+    assert results[TABLE_B] is None
+    assert isinstance(results[TABLE], DuplicateRoute) and TABLE in str(results[TABLE])
+    assert isinstance(results[TABLE_C], QuotaExceeded)
+    assert TABLE_C in str(results[TABLE_C]) and "quota 200" in str(results[TABLE_C])
+    assert "Quota Center" in str(results[TABLE_C])
+    assert _mine(emu, TABLE_B) == ["10.200.3.0/24"] and _mine(emu, TABLE_C) == []
+    assert _mine(emu, TABLE, OTHER) == ["10.200.3.0/24"]
+
+
+def test_a_busy_vpc_fails_the_whole_batch_retryably(emu, make):
+    p = make(emu.test_url, aliyun_route_table_id=_three_tables(emu))
+    emu.configure(write_interval=30)
+    p.create_route("10.200.8.0/24", "vpcnet-8", "vpcnet: 8", "t8", table=TABLE)    # the VPC's last write
+    from vpcnet.errors import Busy
+    with pytest.raises(Busy, match="TaskConflict"):
+        p.create_routes("10.200.8.0/24", "vpcnet-8", "vpcnet: 8", "t9", [TABLE_B, TABLE_C])
+    assert _mine(emu, TABLE_B) == [] and _mine(emu, TABLE_C) == []                # nothing half-written
+
+
+def test_an_endpoint_without_the_batch_call_gets_one_create_per_table(make, tmp_path):
+    from vpcnet.cloud import BatchUnsupported
+    with serving_emulator({ME: "192.168.77.2"}, region=REGION, vpc_id=VPC, route_table_id=TABLE,
+                          credentials={KEY_ID: SECRET}, batch_api=False) as emu:
+        tables = _three_tables(emu)
+        p = make(emu.test_url, aliyun_route_table_id=tables)
+        with pytest.raises(BatchUnsupported):
+            p.create_routes("10.200.4.0/24", "vpcnet-4", "vpcnet: 4", "t4", [TABLE_B, TABLE_C])
+        assert not p.batch_create and _mine(emu, TABLE_B) == []
+        keeper, store, cfg = _keeper(emu, tmp_path, tables)
+        try:
+            emu.reset_request_counts()
+            assert keeper.reconcile(wait_pending=5).ok
+            block = store.claim(cfg.cluster_cidr).host_cidr
+            assert all(_mine(emu, t) == [block] for t in (TABLE, TABLE_B, TABLE_C))
+            counts = emu.request_counts
+            assert counts.get("CreateRouteEntries") == 1 and counts.get("CreateRouteEntry") == 3, counts
+        finally:
+            keeper.close()
+            store.close()
+
+
+def _keeper(emu, tmp_path, tables: str, instance: str = ME):
+    from vpcnet.routes import Backoff, RouteKeeper
+    from vpcnet.store import Store
+
+    cfg = config(emu.test_url, state_dir=str(tmp_path / instance), aliyun_route_table_id=tables,
+                 aliyun_instance_id=instance)
+    os.makedirs(cfg.state_dir, exist_ok=True)
+    store = Store(cfg.db_path)
+    return RouteKeeper(cfg, store, backoff=Backoff(attempts=6, base=0.01, cap=0.05, deadline=10,
+                                                   busy_base=0.05, busy_cap=0.2)), store, cfg
+
+
+def test_route_keeper_fills_the_other_tables_with_one_batch(emu, tmp_path):
+    tables = _three_tables(emu)
+    keeper, store, cfg = _keeper(emu, tmp_path, tables)
+    try:
+        emu.reset_request_counts()
+        assert keeper.reconcile(wait_pending=5).ok
+        block = store.claim(cfg.cluster_cidr).host_cidr
+        assert all(_mine(emu, t) == [block] for t in (TABLE, TABLE_B, TABLE_C))
+        counts = emu.request_counts
+        # the claim in the first table (the arbiter), then one call for the two others
+        assert counts.get("CreateRouteEntry") == 1 and counts.get("CreateRouteEntries") == 1, counts
+        # the route lost from two tables: one batch puts it back in both
+        for table in (TABLE_B, TABLE_C):
+            [entry] = [e for e in emu.entries(table) if e["DestinationCidrBlock"] == block]
+            emu.remove_entry(entry["RouteEntryId"])
+        emu.reset_request_counts()
+        assert keeper.reconcile(wait_pending=5).ok
+        assert emu.request_counts.get("CreateRouteEntries") == 1 and "CreateRouteEntry" not in emu.request_counts
+        assert all(_mine(emu, t) == [block] for t in (TABLE, TABLE_B, TABLE_C))
+        assert not os.path.exists(os.path.join(cfg.state_dir, "uncertain-routes.json"))
+    finally:
+        keeper.close()
+        store.close()
+
+
+def test_route_keeper_reports_a_full_table_of_a_batch_and_keeps_the_rest(emu, tmp_path):
+    tables = _three_tables(emu)
+    emu.set_table_quota(TABLE_C, 0)
+    keeper, store, cfg = _keeper(emu, tmp_path, tables)
+    try:
+        result = keeper.reconcile(wait_pending=5)
+        assert not result.ok and "fatal" in result.kinds
+        block = store.claim(cfg.cluster_cidr).host_cidr
+        text = " ".join(result.problems)
+        assert f"{TABLE_C} is full: 0/200" in text or f"route table {TABLE_C}" in text, text
+        assert _mine(emu, TABLE) == _mine(emu, TABLE_B) == [block] and _mine(emu, TABLE_C) == []
+        # the cloud's own quota answer inside the batch (vpcnet's figure said there was room)
+        emu.set_table_quota(TABLE_C, None)
+        emu.set_table_quota(TABLE_B, 0)
+        [entry] = [e for e in emu.entries(TABLE_B) if e["DestinationCidrBlock"] == block]
+        emu.remove_entry(entry["RouteEntryId"])
+        result = keeper.reconcile(wait_pending=5)
+        assert _mine(emu, TABLE_C) == [block] and _mine(emu, TABLE_B) == []
+        assert not result.ok and any(TABLE_B in p and "Quota Center" in p for p in result.problems), result.problems
+    finally:
+        keeper.close()
+        store.close()

@@ -106,8 +106,14 @@ class Vpc:
         return {r.get("DestinationCidrBlock"): r for r in table["Routes"]}
 
     def tags(self) -> dict[str, str]:
+        """The route table's tags (older markers, tombstones)."""
         table = self.ec2.describe_route_tables(RouteTableIds=[self.table])["RouteTables"][0]
         return {t["Key"]: t["Value"] for t in table.get("Tags", [])}
+
+    def markers(self, instance: str) -> dict[str, str]:
+        """vpcnet's marker tags on an instance."""
+        tags = self.ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [instance]}])["Tags"]
+        return {t["Key"]: t["Value"] for t in tags if t["Key"].startswith("vpcnet:")}
 
 
 @pytest.fixture
@@ -144,12 +150,13 @@ def test_create_list_delete(vpc, provider_for):
     route = next(r for r in p.list_routes() if r.destination == "10.200.3.0/24")
     assert (route.next_hop, route.next_hop_type, route.kind, route.status) == (me, "Instance", "Custom", "Available")
     assert route.marked and route.name.startswith("vpcnet") and route.description.startswith("vpcnet")
-    assert vpc.tags()[tag_key("10.200.3.0/24")] == me
+    assert vpc.markers(me) == {tag_key("10.200.3.0/24"): ""}     # on the instance, not the table
+    assert vpc.tags() == {}
     assert vpc.routes()["10.200.3.0/24"]["InstanceId"] == me
 
     p.delete_route(route)
     assert "10.200.3.0/24" not in vpc.routes()
-    assert tag_key("10.200.3.0/24") not in vpc.tags()
+    assert vpc.markers(me) == {}
     p.delete_route(route)                       # already gone: not an error
     assert [r.destination for r in p.list_routes()] == [r.destination for r in before]
 
@@ -163,7 +170,7 @@ def test_duplicate_route(vpc, provider_for):
     with pytest.raises(DuplicateRoute):          # our own route, a fresh create: still a duplicate
         pa.create_route("10.200.5.0/24", "vpcnet-5", "vpcnet: 5", "tok-a2")
     assert vpc.routes()["10.200.5.0/24"]["InstanceId"] == a
-    assert vpc.tags()[tag_key("10.200.5.0/24")] == a
+    assert tag_key("10.200.5.0/24") in vpc.markers(a) and vpc.markers(b) == {}
 
 
 def test_ownership_marker(vpc, provider_for):
@@ -529,8 +536,9 @@ def test_route_keeper_end_to_end(vpc, tmp_path):
         assert block_b not in (block_a, hand)
         routes = vpc.routes()
         assert routes[block_a]["InstanceId"] == a and routes[block_b]["InstanceId"] == b
-        assert vpc.tags() == {tag_key(block_a): f"{a} cluster=10.200.0.0-16",
-                              tag_key(block_b): f"{b} cluster=10.200.0.0-16"}
+        assert vpc.markers(a) == {tag_key(block_a): "cluster=10.200.0.0-16"}
+        assert vpc.markers(b) == {tag_key(block_b): "cluster=10.200.0.0-16"}
+        assert vpc.tags() == {}
 
         # restart of host a: same block, found through the table (store forgotten)
         sa.forget_claim("10.200.0.0/16")
@@ -546,7 +554,7 @@ def test_route_keeper_end_to_end(vpc, tmp_path):
         assert block_a not in routes
         assert routes[block_b]["InstanceId"] == b
         assert routes[hand]["InstanceId"] == a      # hand-made: untouched
-        assert vpc.tags() == {tag_key(block_b): f"{b} cluster=10.200.0.0-16"}
+        assert vpc.markers(a) == {} and vpc.markers(b) == {tag_key(block_b): "cluster=10.200.0.0-16"}
 
         # gc: host b terminated; host a's keeper finds b's route as garbage and removes it
         vpc.ec2.terminate_instances(InstanceIds=[b])
@@ -582,9 +590,9 @@ def test_two_hosts_claim_at_once(vpc, tmp_path):
         blocks = [s.claim("10.200.0.0/16").host_cidr for _, s in keepers]
         assert len(set(blocks)) == len(blocks)
         routes = vpc.routes()
-        tags = vpc.tags()
         for block, inst in zip(blocks, instances):
-            assert routes[block]["InstanceId"] == inst and tags[tag_key(block)] == f"{inst} cluster=10.200.0.0-16"
+            assert routes[block]["InstanceId"] == inst
+            assert vpc.markers(inst) == {tag_key(block): "cluster=10.200.0.0-16"}
     finally:
         for keeper, store in keepers:
             if keeper._provider is not None:
@@ -689,7 +697,7 @@ def test_a_route_whose_tagging_failed_is_adopted_on_the_next_pass(vpc, tmp_path)
         result = keeper.reconcile()
         assert not result.ok
         [landed] = [d for d, r in vpc.routes().items() if r.get("InstanceId") == me]
-        assert tag_key(landed) not in vpc.tags()                       # untagged: looks hand-made
+        assert vpc.markers(me) == {}                                   # untagged: looks hand-made
         # a restart in between: what is uncertain is on disk, not only in the provider's memory
         keeper.close()
         TagsFailing.failing = False
@@ -697,9 +705,162 @@ def test_a_route_whose_tagging_failed_is_adopted_on_the_next_pass(vpc, tmp_path)
                              backoff=Backoff(attempts=3, base=0.01, cap=0.02, deadline=2))
         assert keeper.reconcile().ok
         assert store.claim("10.200.0.0/16").host_cidr == landed         # adopted, no second block
-        assert vpc.tags()[tag_key(landed)] == f"{me} cluster=10.200.0.0-16"
+        assert vpc.markers(me) == {tag_key(landed): "cluster=10.200.0.0-16"}
         assert [d for d, r in vpc.routes().items() if r.get("InstanceId") == me] == [landed]
         assert [r.destination for r in keeper.release()] == [landed]  # and it can be released
     finally:
         keeper.close()
         store.close()
+
+
+# -- the marker at scale: more than 50 routes, two clusters, older table tags, gone instances ----------
+def _keeper_for(vpc, tmp_path, name, instance, cluster_cidr, **extra):
+    (tmp_path / name).mkdir()
+    config = vpc.config(instance, state_dir=str(tmp_path / name), cluster_cidr=cluster_cidr, host_prefix=24,
+                        route_table_quota=1000, **extra)
+    store = Store(str(tmp_path / name / "s.db"))
+    keeper = RouteKeeper(config, store, provider_factory=lambda: AwsProvider(config),
+                         backoff=Backoff(attempts=3, base=0.01, cap=0.05, deadline=5))
+    return keeper, store
+
+
+def _close(*pairs):
+    for keeper, store in pairs:
+        keeper.close()
+        store.close()
+
+
+def test_sixty_routes_of_two_clusters_in_one_table(vpc, tmp_path, provider_for):
+    """A table with 60 vpcnet routes (more than the 50 tags a table holds) of many instances and two
+    clusters: every route is marked, and each cluster's keeper claims, releases and collects only its own."""
+    instances = [i["InstanceId"] for i in vpc.ec2.run_instances(
+        ImageId=vpc.image, MinCount=62, MaxCount=62, SubnetId=vpc.subnet)["Instances"]]
+    red, blue = instances[:40], instances[40:60]
+    for n, inst in enumerate(red):       # cluster "red": 10.200.0.0/16
+        provider_for(vpc.config(inst)).create_route(f"10.200.{n}.0/24", "", f"vpcnet: x cluster=red", f"r{n}")
+    for n, inst in enumerate(blue):      # cluster "blue": 10.201.0.0/16
+        provider_for(vpc.config(inst)).create_route(f"10.201.{n}.0/24", "", f"vpcnet: x cluster=blue", f"b{n}")
+    listed = {r.destination: r for r in provider_for(vpc.config(red[0])).list_routes()}
+    vpcnet_routes = [r for r in listed.values() if r.marked]
+    assert len(vpcnet_routes) == 60 and vpc.tags() == {}
+    assert {r.cluster for r in vpcnet_routes} == {"red", "blue"}
+    assert all(listed[f"10.200.{n}.0/24"].next_hop == inst for n, inst in enumerate(red))
+
+    ka, sa = _keeper_for(vpc, tmp_path, "red", instances[60], "10.200.0.0/16", cluster_name="red")
+    kb, sb = _keeper_for(vpc, tmp_path, "blue", instances[61], "10.201.0.0/16", cluster_name="blue")
+    try:
+        assert ka.reconcile().ok and kb.reconcile().ok
+        block_a, block_b = sa.claim("10.200.0.0/16").host_cidr, sb.claim("10.201.0.0/16").host_cidr
+        assert block_a not in listed and block_b not in listed       # free blocks, nothing claimed twice
+        assert len([r for r in ka.provider.list_routes() if r.marked]) == 62
+        ownership = {r.destination: ka.ownership(r, instances[60]) for r in ka.provider.list_routes()}
+        assert ownership[block_a] == "mine" and ownership["10.200.7.0/24"] == "ours-other-host"
+        assert ownership[block_b] == "ours-other-cluster" and ownership["10.201.3.0/24"] == "ours-other-cluster"
+        # a blue host's CIDR overlapping red's is refused, naming the other cluster
+        kc, sc = _keeper_for(vpc, tmp_path, "clash", instances[59], "10.200.0.0/15", cluster_name="green")
+        try:
+            result = kc.reconcile()
+            assert not result.ok and "overlaps" in " ".join(result.problems)
+            assert sc.claim("10.200.0.0/15").host_cidr is None
+        finally:
+            _close((kc, sc))
+        # gc: three red hosts and two blue ones terminated; each cluster collects only its own
+        vpc.ec2.terminate_instances(InstanceIds=red[:3] + blue[:2])
+        garbage = ka.garbage()
+        assert sorted(r.destination for r in garbage) == sorted(f"10.200.{n}.0/24" for n in range(3))
+        ka.delete_garbage(garbage)
+        routes = vpc.routes()
+        assert not any(f"10.200.{n}.0/24" in routes for n in range(3))
+        assert all(f"10.201.{n}.0/24" in routes for n in range(20))     # blue's dead routes: blue's to collect
+        assert sorted(r.destination for r in kb.garbage()) == ["10.201.0.0/24", "10.201.1.0/24"]
+        # release: only this host's route
+        assert [r.destination for r in ka.release()] == [block_a]
+        assert block_a not in vpc.routes() and len([r for r in kb.provider.list_routes() if r.marked]) == 58
+    finally:
+        _close((ka, sa), (kb, sb))
+
+
+def test_routes_marked_by_older_table_tags_still_count(vpc, tmp_path):
+    """A deployment from before instance tags: its routes are marked by table tags, and stay vpcnet's."""
+    me, other = vpc.instance(), vpc.instance()
+    for inst, block in ((me, "10.200.1.0/24"), (other, "10.200.2.0/24")):
+        vpc.ec2.create_route(RouteTableId=vpc.table, DestinationCidrBlock=block, InstanceId=inst)
+        vpc.ec2.create_tags(Resources=[vpc.table], Tags=[{"Key": tag_key(block),
+                                                          "Value": f"{inst} cluster=10.200.0.0-16"}])
+    keeper, store = _keeper_for(vpc, tmp_path, "old", me, "10.200.0.0/16")
+    try:
+        assert keeper.reconcile().ok
+        assert store.claim("10.200.0.0/16").host_cidr == "10.200.1.0/24"       # found, not claimed anew
+        assert [d for d, r in vpc.routes().items() if r.get("InstanceId") == me] == ["10.200.1.0/24"]
+        assert [r.destination for r in keeper.release()] == ["10.200.1.0/24"]
+        assert vpc.tags() == {tag_key("10.200.2.0/24"): f"{other} cluster=10.200.0.0-16"}  # its tag went with it
+    finally:
+        _close((keeper, store))
+
+
+def test_gc_after_the_instance_and_its_tags_are_gone(vpc, tmp_path):
+    """A terminated instance is visible (with its tags) for a while only: a live host keeps the marker of
+    its routes on the table (a tombstone), so `routes gc` still removes them later; nothing else is kept."""
+    a, b = vpc.instance(), vpc.instance()
+    ka, sa = _keeper_for(vpc, tmp_path, "a", a, "10.200.0.0/16")
+    kb, sb = _keeper_for(vpc, tmp_path, "b", b, "10.200.0.0/16")
+    try:
+        assert ka.reconcile().ok and kb.reconcile().ok
+        block_b = sb.claim("10.200.0.0/16").host_cidr
+        hand = "10.200.250.0/24"           # a hand-made route to b: never tombstoned, never collected
+        vpc.ec2.create_route(RouteTableId=vpc.table, DestinationCidrBlock=hand, InstanceId=b)
+        assert ka.reconcile().ok           # host a has seen b's route marked
+        vpc.ec2.terminate_instances(InstanceIds=[b])
+        vpc.ec2.delete_tags(Resources=[b], Tags=[{"Key": tag_key(block_b)}])   # AWS forgets the instance
+        assert ka.reconcile().ok           # host a's pass keeps the marker on the table
+        assert vpc.tags() == {tag_key(block_b): f"{b} cluster=10.200.0.0-16"}
+        # a fresh keeper (another host, no memory of its own) sees it as vpcnet's garbage too
+        garbage = ka.garbage()
+        assert [r.destination for r in garbage] == [block_b]
+        ka.delete_garbage(garbage)
+        assert block_b not in vpc.routes() and vpc.tags() == {}
+        assert vpc.routes()[hand]["InstanceId"] == b
+    finally:
+        _close((ka, sa), (kb, sb))
+
+
+def test_a_marker_removed_by_hand_from_a_live_instance_makes_no_tombstone(vpc, tmp_path, provider_for):
+    me, other = vpc.instance(), vpc.instance()
+    p = provider_for(vpc.config(me, state_dir=str(tmp_path)))
+    provider_for(vpc.config(other)).create_route("10.200.4.0/24", "", "vpcnet: x cluster=c", "t")
+    assert {r.destination: r for r in p.list_routes()}["10.200.4.0/24"].marked
+    vpc.ec2.delete_tags(Resources=[other], Tags=[{"Key": tag_key("10.200.4.0/24")}])
+    assert not {r.destination: r for r in p.list_routes()}["10.200.4.0/24"].marked
+    assert vpc.tags() == {}
+
+
+class DescribeThrottled(AwsProvider):
+    """DescribeInstances answers RequestLimitExceeded while `throttled` is set."""
+
+    throttled = False
+
+    def _api(self, what, op, **params):
+        if op == "describe_instances" and self.throttled:
+            from vpcnet.cloud.aws import _ApiError
+            raise _ApiError(what, "RequestLimitExceeded", "Request limit exceeded.", 503)
+        return super()._api(what, op, **params)
+
+
+def test_a_gone_instance_is_tombstoned_once_ec2_can_say_so(vpc, tmp_path, provider_for):
+    """While EC2 cannot say whether the instance is gone, the marker is remembered, not dropped."""
+    me, other = vpc.instance(), vpc.instance()
+    provider_for(vpc.config(other)).create_route("10.200.6.0/24", "", "vpcnet: x cluster=c", "t")
+    p = DescribeThrottled(vpc.config(me, state_dir=str(tmp_path)))
+    try:
+        assert {r.destination: r for r in p.list_routes()}["10.200.6.0/24"].marked
+        vpc.ec2.terminate_instances(InstanceIds=[other])
+        vpc.ec2.delete_tags(Resources=[other], Tags=[{"Key": tag_key("10.200.6.0/24")}])
+        p.throttled = True
+        assert not {r.destination: r for r in p.list_routes()}["10.200.6.0/24"].marked
+        assert vpc.tags() == {}
+        p.throttled = False
+        route = {r.destination: r for r in p.list_routes()}["10.200.6.0/24"]
+        assert route.marked and route.next_hop == other and route.cluster == "c"
+        assert vpc.tags() == {tag_key("10.200.6.0/24"): f"{other} cluster=c"}
+    finally:
+        p.close()

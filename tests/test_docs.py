@@ -33,14 +33,15 @@ BLOCK = re.compile(r"^```([^\n`]*)\n(.*?)^```\s*$", re.S | re.M)
 SKIP_MARK = re.compile(r"#\s*not run in tests")
 SETTING_NAMES = {s.env for s in config_mod.SETTINGS}
 
-ALIYUN_ACTIONS = {"vpc:CreateRouteEntry", "vpc:DeleteRouteEntry", "vpc:DescribeRouteEntryList",
+ALIYUN_ACTIONS = {"vpc:CreateRouteEntry", "vpc:CreateRouteEntries", "vpc:DeleteRouteEntry", "vpc:DescribeRouteEntryList",
                   "vpc:DescribeRouteTableList", "vpc:DescribeVSwitches", "ecs:DescribeInstances"}
-ALIYUN_MUTATING = {"vpc:CreateRouteEntry", "vpc:DeleteRouteEntry"}
+ALIYUN_MUTATING = {"vpc:CreateRouteEntry", "vpc:CreateRouteEntries", "vpc:DeleteRouteEntry"}
 AWS_ACTIONS = {"ec2:DescribeRouteTables", "ec2:CreateRoute", "ec2:DeleteRoute", "ec2:ReplaceRoute",
-               "ec2:CreateTags", "ec2:DeleteTags", "ec2:DescribeInstances", "ec2:DescribeInstanceAttribute",
+               "ec2:CreateTags", "ec2:DeleteTags", "ec2:DescribeTags", "ec2:DescribeInstances", "ec2:DescribeInstanceAttribute",
                "ec2:DescribeNetworkInterfaces", "ec2:DescribeSubnets", "ec2:ModifyInstanceAttribute",
                "ec2:ModifyNetworkInterfaceAttribute"}
-AWS_MUTATING = {"ec2:CreateRoute", "ec2:DeleteRoute", "ec2:ReplaceRoute", "ec2:CreateTags", "ec2:DeleteTags"}
+AWS_MUTATING = {"ec2:CreateRoute", "ec2:DeleteRoute", "ec2:ReplaceRoute"}
+AWS_TAGGING = {"ec2:CreateTags", "ec2:DeleteTags"}     # the marker: on instances and route tables
 AWS_FORWARDING = {"ec2:ModifyInstanceAttribute", "ec2:ModifyNetworkInterfaceAttribute"}
 
 
@@ -148,6 +149,10 @@ def test_aws_iam_policy_is_least_privilege():
         if _policy_actions(statement) & AWS_MUTATING:
             assert _policy_actions(statement) <= AWS_MUTATING
             assert all(re.fullmatch(r"arn:aws:ec2:[a-z0-9-]+:\d{12}:route-table/rtb-[0-9a-f]+", r) for r in resources)
+        if _policy_actions(statement) & AWS_TAGGING:
+            assert _policy_actions(statement) <= AWS_TAGGING
+            assert all(re.fullmatch(r"arn:aws:ec2:[a-z0-9-]+:\d{12}:(route-table/rtb-[0-9a-f]+|instance/\*)", r)
+                       for r in resources)
         if _policy_actions(statement) & AWS_FORWARDING:
             assert _policy_actions(statement) <= AWS_FORWARDING
             assert all(re.fullmatch(r"arn:aws:ec2:[a-z0-9-]+:\d{12}:(instance|network-interface)/\*", r)

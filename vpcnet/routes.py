@@ -62,8 +62,14 @@ flock on `<state_dir>/reconciler.lock` runs it; if that worker dies the lock pas
 `LEADER_POLL` seconds). Each pass (and `routes sync`/`release`/`gc` from the CLI) also holds
 `<state_dir>/routes.lock`, so the plugin and the CLI never claim for the same host at the same time.
 
+Batch creates: where the provider has a call writing several tables at once (`Provider.batch_create`,
+Alibaba's CreateRouteEntries) and the route is missing from more than one table, those tables get it in
+one call (`_create_batch`): the claim itself stays a single create in the first table (the arbiter), so
+T tables cost 2 creates instead of T. A failure of the whole call is retried with the same token; each
+entry's own failure is final for that table this pass, except a retryable one, which gets a single create.
+
 Cloud-call accounting (`RouteKeeper.calls`, logical calls; a retried call counts once), per table T:
-first start = T listings + T creates (+ the listings needed to see Pending -> Available, + one
+first start = T listings + T creates (2 with a batch call) (+ the listings needed to see Pending -> Available, + one
 `reserved` lookup of vSwitch CIDRs, cached by the provider, + on AWS one `forwarding` check); restart =
 T listings (+ the forwarding check); per container = 0 (IPAM reads the store only).
 """
@@ -85,7 +91,16 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from vpcnet import metrics
-from vpcnet.cloud import DuplicateRoute, Provider, QuotaExceeded, Route, make_provider, route_description, route_name
+from vpcnet.cloud import (
+    BatchUnsupported,
+    DuplicateRoute,
+    Provider,
+    QuotaExceeded,
+    Route,
+    make_provider,
+    route_description,
+    route_name,
+)
 from vpcnet.errors import Busy, Fatal, NotReady, Retryable, VpcnetError
 from vpcnet.locks import LEADER_POLL, become_leader
 
@@ -432,8 +447,14 @@ class RouteKeeper:
         if not wanted:
             wanted, listings = self._claim_new(cluster, listings, me)
             self.store.record_claim(cluster, wanted, reason="route created, waiting for Available")
+        batched = self._create_batch(wanted, me, cluster, listings, problems)
         for table in list(listings):
             entry = next((r for r in listings[table] if r.destination == wanted), None)
+            if entry is None and batched.get(table):
+                continue                       # failed in the batch just now: its problem is recorded
+            if entry is None and table in batched:
+                problems.append((f"route {wanted} -> {me} not visible in {table} after create", TRANSIENT))
+                continue
             if entry is None:
                 log.warning("route %s -> %s missing from %s: creating it", wanted, me, table)
                 try:
@@ -597,6 +618,72 @@ class RouteKeeper:
             self._uncertain_drop(table, destination)
             raise
         self._uncertain_drop(table, destination)
+
+    def _create_batch(self, destination: str, me: str, cluster: str, listings: dict[str, list[Route]],
+                      problems: list[tuple[str, str]]) -> dict[str, bool]:
+        """`destination -> me` into every table missing it in one batch call, where the provider has one
+        (Alibaba's CreateRouteEntries) and more than one table needs it. Returns {table tried: failed}: a
+        failed table's problem is in `problems`; the others' listings are refreshed. Tables not tried
+        go through `_create`.
+
+        A failure of the whole call (busy, lost answer) is retried with the same ClientToken and the same
+        entries, so entries that landed are not created twice; a failure of single entries is final for
+        this pass (duplicate: someone else's route, reported by the caller; quota and other fatal answers:
+        FATAL), except a retryable one, whose table then gets its own create (a fresh token: the batch's
+        token belongs to the whole entry list); the entries that landed stay: each entry is whole."""
+        missing = [t for t in listings if not any(r.destination == destination for r in listings[t])]
+        if not getattr(self.provider, "batch_create", False) or len(missing) < 2:
+            return {}
+        tables, failed = [], set()
+        for table in missing:
+            used = sum(1 for r in listings[table] if r.kind == "Custom")
+            quota = self.provider.table_quota(table)
+            if quota and used >= quota:
+                problems.append((self._quota_message(table, used, quota), FATAL))
+                failed.add(table)
+            else:
+                tables.append(table)
+        if len(tables) < 2:           # one table left: the single create (and its checks) handles it
+            return {t: True for t in failed}
+        log.warning("route %s -> %s missing from %s: creating it in one call", destination, me, ", ".join(tables))
+        token = uuid.uuid4().hex
+        name = route_name(destination)
+        description = route_description(destination, me, self.cluster_name(cluster))
+        self.calls["create"] += 1
+        for table in tables:
+            self._uncertain_add(table, destination, cluster)
+        try:
+            results = self._retry(f"create route {destination} -> {me} in {', '.join(tables)}",
+                                  lambda: self.provider.create_routes(destination, name, description, token, tables))
+        except BatchUnsupported as exc:       # nothing written: create one by one, as without a batch call
+            log.info("%s; creating route %s one table at a time", exc, destination)
+            for table in tables:
+                self._uncertain_drop(table, destination)
+            return {t: True for t in failed}
+        except VpcnetError as exc:
+            if not isinstance(exc, Retryable):
+                for table in tables:
+                    self._uncertain_drop(table, destination)
+            problems.append((str(exc), _kind(exc)))   # Retryable: the creates stay uncertain until listed
+            return {t: True for t in missing}
+        retry_single = set()
+        for table in tables:
+            error = results.get(table)
+            if isinstance(error, Retryable):
+                retry_single.add(table)    # this entry only: created on its own below (fresh token, backoff)
+                continue
+            self._uncertain_drop(table, destination)      # landed (marked: the marker is in the create) or not
+            if error is None or isinstance(error, DuplicateRoute):
+                listings[table] = self._list(table)       # checked by the caller like any listed entry
+                continue
+            failed.add(table)
+            if isinstance(error, QuotaExceeded):
+                used = sum(1 for r in listings[table] if r.kind == "Custom")
+                problems.append((f"{self._quota_message(table, used, self.provider.table_quota(table))} "
+                                 f"(the cloud says: {error})", FATAL))
+            else:
+                problems.append((str(error), _kind(error)))
+        return {t: t in failed for t in missing if t not in retry_single}
 
     def _quota_message(self, table: str, used: int, quota: int) -> str:
         hint = getattr(self.provider, "quota_hint", "") or "raise the route table quota with your cloud"

@@ -39,6 +39,10 @@ class QuotaExceeded(Fatal):
     """The route table holds as many custom routes as it may."""
 
 
+class BatchUnsupported(Fatal):
+    """The provider (or its endpoint) has no call writing several tables at once: create one by one."""
+
+
 _CLUSTER_RE = re.compile(r"(?:^|\s)cluster=([A-Za-z0-9._-]+)")
 
 
@@ -96,6 +100,8 @@ class Provider(abc.ABC):
     checks_forwarding = False
     #: How to raise a full table's quota, for the error that stops at it.
     quota_hint = ""
+    #: True when `create_routes` writes several tables in one call (Alibaba's CreateRouteEntries).
+    batch_create = False
 
     @abc.abstractmethod
     def instance_id(self) -> str:
@@ -122,6 +128,13 @@ class Provider(abc.ABC):
     def create_route(self, destination: str, name: str, description: str, client_token: str,
                      table: str = "") -> None:
         """Create `destination -> this instance`. Raises DuplicateRoute if the destination is taken."""
+
+    def create_routes(self, destination: str, name: str, description: str, client_token: str,
+                      tables: list[str]) -> dict:
+        """Create `destination -> this instance` in each of `tables` with one call (`batch_create`):
+        {table: None, or the error of that table's entry}. What fails the whole call is raised (retry it
+        with the same token); BatchUnsupported when there is no such call (then create one by one)."""
+        raise BatchUnsupported(f"the {self.name} provider has no batch create")
 
     @abc.abstractmethod
     def delete_route(self, route: Route) -> None:

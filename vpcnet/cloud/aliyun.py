@@ -1,7 +1,8 @@
 """The `aliyun` provider: this host's route in an Alibaba Cloud VPC route table.
 
 Speaks the VPC OpenAPI 2016-04-28 (RPC style) over one `requests.Session`: CreateRouteEntry,
-DeleteRouteEntry, DescribeRouteEntryList (NextToken paging), DescribeRouteTableList (to find the VPC's
+CreateRouteEntries (a host's route into several tables in one call), DeleteRouteEntry,
+DescribeRouteEntryList (NextToken paging), DescribeRouteTableList (to find the VPC's
 route tables), DescribeVSwitches (CIDRs a host block must avoid) and ECS DescribeInstances (for
 `routes gc`). Each call is made once, and every request passes through `_RpcClient.call` (the one
 place to count or time API calls): retries with backoff live in `vpcnet.routes`, which sees `Busy`
@@ -42,6 +43,24 @@ Credentials, first match wins:
    `<metadata>/latest/meta-data/ram/security-credentials/<role>`, refreshed when less than five minutes
    remain before their `Expiration`, and sent with their `SecurityToken`.
 
+Several tables: when this host's route is missing from more than one table (every table but the
+claiming one after a claim, or a repair), `create_routes` writes them all with one CreateRouteEntries
+call (up to 50 entries, one VPC write). A failure of the whole call (TaskConflict while another host
+writes, throttling, a lost answer) is raised and retried by the RouteKeeper with the same ClientToken
+and the same entries, so an entry that landed is not created twice (the ClientToken makes the repeated
+call idempotent; the emulator keys each entry on the token and its position). A failure of single entries comes back in
+`FailedRouteEntries`, per table: each entry is created whole or not at all, so nothing is half-written
+and nothing is rolled back; a duplicate means another route holds the block in that table (reported,
+never touched), a quota error names the table, the figures and the Quota Center, a retryable one
+gets that table its own CreateRouteEntry (a fresh token: the batch's token covers the whole list).
+An endpoint without the batch call (InvalidAction) gets one CreateRouteEntry per table from then on
+(BatchUnsupported tells the RouteKeeper).
+
+Source/destination check: not checked or changed here (AWS's provider does). The API facts this module is
+built against (PROTOCOL.md: VPC 2016-04-28 route calls, ECS DescribeInstances) expose no ENI or instance
+attribute for Alibaba's ENI source/destination check, and no ECS action and parameter for it could be
+confirmed, so vpcnet makes no guessed call; docs/deploy-aliyun.md tells the operator to turn it off.
+
 Secrets (the AccessKey secret, the STS token, request signatures) never appear in a log line, an
 exception message or a repr: error messages from the API are scrubbed of them before they are raised.
 """
@@ -61,7 +80,7 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 
 from vpcnet import __version__, metrics
-from vpcnet.cloud import DuplicateRoute, Provider, QuotaExceeded, Route, table_list
+from vpcnet.cloud import BatchUnsupported, DuplicateRoute, Provider, QuotaExceeded, Route, table_list
 from vpcnet.cloud.aliyun_signature import percent_encode, sign
 from vpcnet.errors import Busy, Fatal, Retryable, VpcnetError
 
@@ -77,6 +96,7 @@ PAGE_SIZE = 100                     # DescribeRouteEntryList's MaxResult ceiling
 MAX_PAGES = 50                      # 5000 entries: far above any route table quota
 VSWITCH_CACHE_SECONDS = 300.0
 DEFAULT_QUOTA = 200                 # custom entries per route table unless raised with Alibaba Cloud
+MAX_BATCH = 50                      # entries one CreateRouteEntries call takes
 _NO_PROXY: dict = {"http": None, "https": None}   # the metadata service is never reached through a proxy
 
 # -- error codes ---------------------------------------------------------------------------------------
@@ -108,7 +128,7 @@ UNSUPPORTED_CODES = {c.lower() for c in ("InvalidAction.NotFound", "InvalidActio
                                           "InvalidApi.NotFound")}
 STS_EXPIRED_CODES = {c.lower() for c in ("InvalidSecurityToken.Expired",)}
 
-_PERMISSIONS = ("vpc:CreateRouteEntry, vpc:DeleteRouteEntry, vpc:DescribeRouteEntryList, "
+_PERMISSIONS = ("vpc:CreateRouteEntry, vpc:CreateRouteEntries, vpc:DeleteRouteEntry, vpc:DescribeRouteEntryList, "
                 "vpc:DescribeRouteTableList, vpc:DescribeVSwitches and ecs:DescribeInstances")
 # What to check, per fatal code (matched case-insensitively, longest prefix first).
 FATAL_HINTS = {k.lower(): v for k, v in {
@@ -479,19 +499,24 @@ class _RpcClient:
         code = str(data.get("Code") or f"HTTP{status}")
         message = _scrub(_short(str(data.get("Message", ""))), secrets)
         where = f"{action} ({code}: {message}; RequestId {data.get('RequestId', '?')})"
-        if _code_in(code, DUPLICATE_CODES):
-            raise _error(DuplicateRoute, f"{where}: the destination already has an entry", code)
-        if code.lower().startswith("quotaexceeded"):
-            raise _error(QuotaExceeded, where, code)
         if _code_in(code, STS_EXPIRED_CODES) and self._credentials.source == "ram-role":
             self._credentials.invalidate()
             raise _error(Retryable, f"{where}: fetching new RAM role credentials", code)
-        if _code_in(code, BUSY_CODES) or code.lower().startswith("throttling") or status == 429:
-            raise _error(Busy, where, code)
-        if (_code_in(code, RETRYABLE_CODES) or code.lower().startswith(RETRYABLE_PREFIXES)
-                or status >= 500):
-            raise _error(Retryable, where, code)
-        raise _error(Fatal, f"{where}: {_hint(code)}", code)
+        raise _classify(code, where, status)
+
+
+def _classify(code: str, where: str, status: int = 400) -> VpcnetError:
+    """The vpcnet error for an API error code (of a whole call, or of one entry of a batch call)."""
+    if _code_in(code, DUPLICATE_CODES):
+        return _error(DuplicateRoute, f"{where}: the destination already has an entry", code)
+    if code.lower().startswith("quotaexceeded"):
+        return _error(QuotaExceeded, where, code)
+    if _code_in(code, BUSY_CODES) or code.lower().startswith("throttling") or status == 429:
+        return _error(Busy, where, code)
+    if (_code_in(code, RETRYABLE_CODES) or code.lower().startswith(RETRYABLE_PREFIXES)
+            or status >= 500):
+        return _error(Retryable, where, code)
+    return _error(Fatal, f"{where}: {_hint(code)}", code)
 
 
 def _reason(exc: requests.RequestException) -> str:
@@ -547,6 +572,7 @@ class AliyunProvider(Provider):
     name = "aliyun"
     instant = False
     quota_hint = QUOTA_HINT
+    batch_create = True      # CreateRouteEntries; turned off for an endpoint that does not know it
 
     def __init__(self, config, ecs_endpoint: str = ""):
         self._config = config
@@ -559,6 +585,7 @@ class AliyunProvider(Provider):
         self._vpc: _RpcClient | None = None
         self._ecs: _RpcClient | None = None
         self._vswitches: tuple[float, list[str]] | None = None
+        self._no_batch = False
 
     def __repr__(self) -> str:
         known = ", ".join(f"{k}={v!r}" for k, v in sorted(self._values.items()))
@@ -695,6 +722,56 @@ class AliyunProvider(Provider):
         except DuplicateRoute as exc:
             raise _error(DuplicateRoute, f"route table {table} already has an entry for {destination}: {exc}",
                          getattr(exc, "code", "")) from None
+
+    def create_routes(self, destination: str, name: str, description: str, client_token: str,
+                      tables: list[str]) -> dict[str, VpcnetError | None]:
+        """`destination -> this instance` in several tables with CreateRouteEntries (one VPC write for up
+        to MAX_BATCH entries). A failure of the whole call (TaskConflict, throttling, a lost answer) is
+        raised, so the caller retries the same entries with the same ClientToken (entries that landed are
+        not created twice); failures of single entries come back per table, nothing of them retried here.
+        Where the endpoint has no batch call: BatchUnsupported (and `batch_create` turns False)."""
+        if self._no_batch:
+            raise BatchUnsupported(f"{self.endpoint()} has no CreateRouteEntries")
+        if len(tables) > MAX_BATCH:
+            raise Fatal(f"{len(tables)} route tables: CreateRouteEntries takes at most {MAX_BATCH} entries")
+        params = {"ClientToken": client_token}
+        for i, table in enumerate(tables, 1):
+            params.update({f"RouteEntries.{i}.RouteTableId": table, f"RouteEntries.{i}.DstCidrBlock": destination,
+                           f"RouteEntries.{i}.NextHopType": "Instance",
+                           f"RouteEntries.{i}.NextHop": self.instance_id(), f"RouteEntries.{i}.Name": name,
+                           # Alibaba's spelling of this field in CreateRouteEntries
+                           f"RouteEntries.{i}.Describption": description})
+        try:
+            data = self._client().call("CreateRouteEntries", params)
+        except Fatal as exc:
+            if getattr(exc, "code", "").lower() not in UNSUPPORTED_CODES:
+                raise
+            log.info("aliyun: the endpoint has no CreateRouteEntries; creating one entry per call")
+            self._no_batch = True
+            self.batch_create = False
+            raise BatchUnsupported(f"{self.endpoint()} has no CreateRouteEntries ({exc})") from None
+        failed = data.get("FailedRouteEntries") or []
+        if isinstance(failed, dict):         # {"FailedRouteEntry": [...]} in some answers
+            failed = next(iter(failed.values()), []) or []
+        out: dict[str, VpcnetError | None] = {t: None for t in tables}
+        for entry in failed:
+            table = str(entry.get("RouteTableId", ""))
+            if table not in out:
+                raise Retryable(f"CreateRouteEntries answered a failure for unknown route table {table!r}; "
+                                "listing again")
+            code = str(entry.get("FailedCode", "") or "UnknownError")
+            where = (f"CreateRouteEntries, entry {destination} in {table} ({code}: "
+                     f"{_short(str(entry.get('FailedMessage', '')))})")
+            err = _classify(code, where)
+            if isinstance(err, QuotaExceeded):
+                err = _error(QuotaExceeded, f"route table {table} has no room for another custom entry (quota "
+                                            f"{self.table_quota(table)} custom entries per table; {QUOTA_HINT}): "
+                                            f"{where}", code)
+            elif isinstance(err, DuplicateRoute):
+                err = _error(DuplicateRoute, f"route table {table} already has an entry for {destination}: {where}",
+                             code)
+            out[table] = err
+        return out
 
     def delete_route(self, route: Route) -> None:
         params = {"RouteTableId": self._route_table(route.table)}

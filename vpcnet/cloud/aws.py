@@ -1,7 +1,8 @@
 """The `aws` provider: EC2 route tables, `host CIDR -> this instance` in each, through botocore.
 
 Calls: DescribeRouteTables, CreateRoute (`InstanceId`), DeleteRoute, ReplaceRoute, CreateTags/DeleteTags
-on the route tables, DescribeInstances, DescribeInstanceAttribute, ModifyInstanceAttribute,
+on this instance (the marker) and on route tables (older markers, tombstones), DescribeTags,
+DescribeInstances, DescribeInstanceAttribute, ModifyInstanceAttribute,
 DescribeNetworkInterfaces, ModifyNetworkInterfaceAttribute and DescribeSubnets. The IAM policy of the
 instance (or of the keys given) must allow those `ec2:` actions. Every request passes through `_api`
 (the one place to count or time API calls).
@@ -20,20 +21,41 @@ is not allowed it says exactly what to run.
 Requests are signed by botocore (never by hand); credentials come from botocore's normal chain
 (environment, shared config/credentials files, container role, instance profile).
 
-Ownership marker. EC2 routes carry no name, description or tags, so vpcnet records the routes it made as
-tags on the route table itself: key `vpcnet:route:<destination>` (e.g. `vpcnet:route:10.200.3.0/24`),
-value = the instance id the route was created for, then ` cluster=<name>` (older tags hold the
-instance id alone). A table holds at most 50 tags, so past 50 vpcnet routes per table the marker cannot
-be written: the create is undone and reported. The tag is written (CreateTags) right after a
-successful CreateRoute and removed (DeleteTags, conditional on the same value) right after DeleteRoute.
-`list_routes` fills a route's `name`/`description` with the `vpcnet` marker only when the table carries
-the tag for its destination AND the tag's value equals the route's next-hop instance, so `Route.marked`
-is True exactly for routes vpcnet made: a hand-made route to the same destination and the same instance
-has no tag of its own and stays unmarked if vpcnet never created it, and a route someone re-pointed by
-hand (ReplaceRoute) no longer matches its tag and is unmarked too. If the tag cannot be written after a
-create for a reason retrying cannot fix, the fresh route is deleted again rather than left behind
-unowned; if tagging keeps failing retryably, the RouteKeeper has recorded the create as uncertain in its
-state dir and tags (adopts) the route on a later pass (`mark_route`).
+Ownership marker. EC2 routes carry no name, description or tags, and a route table holds at most 50
+tags, so vpcnet marks each route on its *target*: the instance a route `D -> i-x` points at carries the
+tag `vpcnet:route:<D>` = `cluster=<name>` (e.g. `vpcnet:route:10.200.3.0/24` = `cluster=10.200.0.0-16`).
+A route is vpcnet's exactly when its next-hop instance carries the tag naming its destination, so a
+table holds as many vpcnet routes as its route quota allows (L-93826ACB, up to 1,000): each instance
+carries one tag per block it owns (one per cluster CIDR; an instance holds 50 tags), whatever the number
+of hosts. The same tag marks the host's route in every table (vpcnet puts the same block in each). A
+hand-made route to an instance that carries no tag for that destination stays unmarked, and a route
+re-pointed by hand (ReplaceRoute) to another instance no longer matches a tag of its target. The tags
+are read with one DescribeTags call per 200 next-hop instances of the table (filters `resource-type =
+instance`, `key = vpcnet:route:*`, `resource-id`), so a listing is DescribeRouteTables + ceil(n/200)
+DescribeTags. The tag is written (CreateTags on this instance) right after a successful CreateRoute and
+removed (DeleteTags, conditional on its value) once no listed table routes that destination to the
+instance any more.
+
+Table tags (the marker of older vpcnet versions, and tombstones). Routes made by older versions are marked
+by a route-table tag `vpcnet:route:<D>` = `<instance>[ cluster=<name>]`; those tags are still read (a
+route is vpcnet's when the table tag names its next-hop instance) and removed with their route, so an
+existing deployment keeps working without a migration, and its new routes are marked on the instance.
+The same table tag is the tombstone that keeps `routes gc` working after an instance is gone: a
+terminated instance stays visible (with its tags) for about an hour only, and then its routes (now
+`blackhole`, sometimes naming only the deleted ENI) would look foreign forever. So every listing
+remembers, in `<state_dir>/aws-route-markers.json`, which routes it saw marked through their instance;
+when such a route is still there unchanged but its instance's tag has gone and the instance no longer
+exists (DescribeInstances), the provider writes the table tag `vpcnet:route:<D>` = `<instance>
+eni=<eni> cluster=<name>` for it. Any live host of the cluster does this on its next pass; `routes gc`
+then sees the route as vpcnet's (the next hop is reported as the instance even when the blackhole route
+names only the ENI) and deletes it with its tombstone. Tombstones only exist between a host's death and
+the next gc, so the 50-tag limit of a table bounds how many dead hosts' routes can wait for gc (past it
+the provider logs the `aws ec2 delete-route` to run by hand), not the number of live routes.
+
+Uncertain creates: if the tag cannot be written after a create for a reason retrying cannot fix, the
+fresh route is deleted again rather than left behind unowned; if tagging keeps failing retryably, the
+RouteKeeper has recorded the create as uncertain in its state dir and tags (adopts) the route on a later
+pass (`mark_route`).
 
 Retries belong to `vpcnet.routes.RouteKeeper` (bounded exponential backoff with jitter), so botocore's
 own retries are switched off (`total_max_attempts=1`): one provider call = one HTTP request, and a
@@ -87,7 +109,9 @@ from vpcnet.errors import Busy, Fatal, Retryable, VpcnetError
 
 log = logging.getLogger(__name__)
 
-TAG_PREFIX = f"{ROUTE_MARKER}:route:"     # route-table tag key prefix: vpcnet:route:<destination>
+TAG_PREFIX = f"{ROUTE_MARKER}:route:"     # marker tag key prefix (instance or table): vpcnet:route:<destination>
+MARKER_FILE = "aws-route-markers.json"   # routes last seen marked through their instance (for tombstones)
+TAG_FILTER_VALUES = 200                  # most values one EC2 filter takes
 DEFAULT_ROUTE_LIMIT = 50                  # routes per route table, AWS default quota
 IMDS_TIMEOUT = 2.0
 IMDS_TOKEN_TTL = 21600
@@ -154,18 +178,37 @@ def tag_key(destination: str) -> str:
     return TAG_PREFIX + destination
 
 
+def _cluster_of(description: str) -> str:
+    """The cluster identity a route description names ("" when none)."""
+    return Route(destination="", next_hop="", name=ROUTE_MARKER, description=description).cluster
+
+
+def _marker_value(description: str) -> str:
+    """The instance tag's value: ` cluster=<name>` when the description names one."""
+    cluster = _cluster_of(description)
+    return f"cluster={cluster}" if cluster else ""
+
+
 def _tag_value(instance: str, description: str) -> str:
-    """The tag value: the instance, then ` cluster=<name>` when the description names one."""
-    cluster = Route(destination="", next_hop="", name=ROUTE_MARKER, description=description).cluster
+    """A table tag's value (older marker): the instance, then ` cluster=<name>`."""
+    cluster = _cluster_of(description)
     return f"{instance} cluster={cluster}" if cluster else instance
 
 
-def _tag_owner(value: str) -> tuple[str, str]:
-    """(instance, cluster) from a tag value ("" for what it does not hold)."""
+def _tag_owner(value: str) -> tuple[str, str, str]:
+    """(instance, cluster, eni) from a table tag value ("" for what it does not hold)."""
     parts = value.split()
-    instance = parts[0] if parts else ""
-    cluster = next((p[len("cluster="):] for p in parts[1:] if p.startswith("cluster=")), "")
-    return instance, cluster
+    instance = parts[0] if parts and "=" not in parts[0] else ""
+
+    def field(name: str) -> str:
+        return next((p[len(name) + 1:] for p in parts if p.startswith(name + "=")), "")
+
+    return instance, field("cluster"), field("eni")
+
+
+def _hops(r: dict) -> set[str]:
+    """The instance and ENI a described route points at (either may be missing)."""
+    return {h for h in (r.get("InstanceId"), r.get("NetworkInterfaceId")) if h}
 
 
 def _tags(described: dict) -> dict[str, str]:
@@ -260,6 +303,7 @@ class AwsProvider(Provider):
         # route landed but tagging failed): a retry with the same token may finish them.
         self._uncertain: set[tuple[str, str, str]] = set()   # (client token, destination, table)
         self._disabled_checks: set[str] = set()   # instance/ENI ids whose check vpcnet turned off
+        self._seen_markers: dict[str, dict[str, list[str]]] | None = None   # see _tombstones
         _cap_botocore_debug()
 
     # -- identity ---------------------------------------------------------------------------------
@@ -433,10 +477,42 @@ class AwsProvider(Provider):
     def list_routes(self, table: str = "") -> list[Route]:
         table = table or self.table_id()
         described = self._describe_table(table)
-        tags = _tags(described)
-        return [self._route(r, tags, table) for r in described.get("Routes", []) or []]
+        raw = described.get("Routes", []) or []
+        table_tags = _tags(described)
+        markers = self._instance_markers(sorted({r["InstanceId"] for r in raw if r.get("InstanceId")}))
+        routes = [self._route(r, table_tags, markers, table) for r in raw]
+        by_instance = {route.destination for r, route in zip(raw, routes, strict=True)
+                       if route.marked and tag_key(route.destination) in markers.get(r.get("InstanceId", ""), {})}
+        return self._tombstones(table, raw, routes, by_instance)
 
-    def _route(self, r: dict, tags: dict[str, str], table: str) -> Route:
+    def _instance_markers(self, instances: list[str]) -> dict[str, dict[str, str]]:
+        """{instance: {tag key: value}} of the vpcnet marker tags the instances carry (DescribeTags, one
+        call per TAG_FILTER_VALUES instances and page)."""
+        found: dict[str, dict[str, str]] = {}
+        for i in range(0, len(instances), TAG_FILTER_VALUES):
+            params: dict = {"Filters": [{"Name": "resource-type", "Values": ["instance"]},
+                                        {"Name": "key", "Values": [TAG_PREFIX + "*"]},
+                                        {"Name": "resource-id", "Values": instances[i:i + TAG_FILTER_VALUES]}],
+                            "MaxResults": 1000}
+            for _ in range(MAX_PAGES):
+                try:
+                    resp = self._api("read the vpcnet marker tags of the route targets", "describe_tags", **params)
+                except _ApiError as exc:
+                    if exc.code in ("UnauthorizedOperation", "AccessDenied"):
+                        raise Fatal(f"not allowed to read instance tags (ec2:DescribeTags): vpcnet marks its routes "
+                                    f"with a tag on their target instance and cannot tell them apart without it: "
+                                    f"{exc.message}") from None
+                    raise exc.mapped() from None
+                for tag in resp.get("Tags", []) or []:
+                    found.setdefault(tag.get("ResourceId", ""), {})[tag.get("Key", "")] = tag.get("Value", "")
+                token = resp.get("NextToken")
+                if not token:
+                    break
+                params["NextToken"] = token
+        return found
+
+    def _route(self, r: dict, table_tags: dict[str, str], markers: dict[str, dict[str, str]],
+               table: str) -> Route:
         destination = (r.get("DestinationCidrBlock") or r.get("DestinationIpv6CidrBlock")
                        or r.get("DestinationPrefixListId") or "")
         if r.get("InstanceId"):
@@ -453,15 +529,97 @@ class AwsProvider(Provider):
         status = _STATUS.get(state, state.capitalize() if state else "Available")
         kind = "System" if r.get("Origin") in _SYSTEM_ORIGINS else "Custom"
         name = description = ""
-        owner, cluster = _tag_owner(tags.get(tag_key(destination), ""))
-        if kind == "Custom" and hop_type == "Instance" and owner and owner == hop:
-            name = route_name(destination)
-            description = (route_description(destination, hop, cluster) if cluster else
-                           f"{ROUTE_MARKER}: host CIDR {destination} of {hop}")
-            description += f" (route table tag {tag_key(destination)})"
+        key = tag_key(destination)
+        owner, table_cluster, eni = _tag_owner(table_tags.get(key, ""))
+        if kind == "Custom" and r.get("InstanceId") and key in markers.get(r["InstanceId"], {}):
+            cluster = _tag_owner(markers[r["InstanceId"]][key])[1]
+            name, description = route_name(destination), self._description(destination, hop, cluster)
+            description += f" (tag {key} on {hop})"
+        elif kind == "Custom" and owner and (owner == r.get("InstanceId") or (
+                not r.get("InstanceId") and eni and eni == r.get("NetworkInterfaceId"))):
+            # The older table-tag marker, or a tombstone: its next hop is the instance it names (a
+            # blackhole route of a gone instance may name only the deleted ENI).
+            hop, hop_type = owner, "Instance"
+            name, description = route_name(destination), self._description(destination, hop, table_cluster)
+            description += f" (route table tag {key})"
         return Route(destination=destination, next_hop=hop, status=status, kind=kind, name=name,
                      description=description, route_id="", next_hop_type=hop_type, table=table)
 
+    @staticmethod
+    def _description(destination: str, hop: str, cluster: str) -> str:
+        return (route_description(destination, hop, cluster) if cluster else
+                f"{ROUTE_MARKER}: host CIDR {destination} of {hop}")
+
+    # -- tombstones: the marker of a gone instance's routes, kept on the table until gc --------------
+    def _markers_path(self) -> str:
+        return os.path.join(getattr(self.config, "state_dir", "") or ".", MARKER_FILE)
+
+    def _seen(self) -> dict[str, dict[str, list[str]]]:
+        """{table: {destination: [instance, eni, cluster]}}: routes last seen marked through their instance."""
+        if self._seen_markers is None:
+            try:
+                with open(self._markers_path()) as fh:
+                    data = json.load(fh)
+                self._seen_markers = data if isinstance(data, dict) else {}
+            except (OSError, ValueError):
+                self._seen_markers = {}
+        return self._seen_markers
+
+    def _tombstones(self, table: str, raw: list[dict], routes: list[Route], by_instance: set[str]) -> list[Route]:
+        """Remember the routes marked through their instance; write the tombstone table tag of a route
+        that was marked so, is still there unchanged, and whose instance (with its tag) is gone."""
+        seen = self._seen()
+        before = seen.get(table, {})
+        by_dest = {route.destination: (r, route) for r, route in zip(raw, routes, strict=True)}
+        now = {route.destination: [route.next_hop, r.get("NetworkInterfaceId", ""), route.cluster]
+               for r, route in zip(raw, routes, strict=True) if route.destination in by_instance}
+        out = list(routes)
+        for destination, (instance, eni, cluster) in before.items():
+            if destination in now or destination not in by_dest:
+                continue
+            r, route = by_dest[destination]
+            if route.marked or not _hops(r) & {instance, eni}:
+                continue                        # marked otherwise, or re-pointed: nothing to keep
+            gone = self._gone(instance)
+            if gone is None:                    # cannot tell now: remember it for the next listing
+                now[destination] = [instance, eni, cluster]
+                continue
+            if not gone:
+                log.warning("aws: the marker tag %s of live instance %s was removed by hand: route %s in %s is "
+                            "no longer vpcnet's", tag_key(destination), instance, destination, table)
+                continue
+            value = " ".join(v for v in (instance, f"eni={eni}" if eni else "",
+                                         f"cluster={cluster}" if cluster else "") if v)
+            try:
+                self._call(f"keep the marker of {destination} (instance {instance} gone) on {table}",
+                           "create_tags", Resources=[table], Tags=[{"Key": tag_key(destination), "Value": value}])
+            except VpcnetError as exc:
+                log.warning("aws: route %s -> %s in %s belongs to a gone instance and its marker cannot be kept on "
+                            "the table (%s); `vpcnet routes gc` will not see it: remove it with `aws ec2 "
+                            "delete-route --route-table-id %s --destination-cidr-block %s`",
+                            destination, instance, table, exc, table, destination)
+                now[destination] = [instance, eni, cluster]      # tried again on the next listing
+                continue
+            log.info("aws: instance %s is gone: kept the marker of its route %s on %s for `vpcnet routes gc`",
+                     instance, destination, table)
+            marked = self._route(r, {tag_key(destination): value}, {}, table)
+            out = [marked if x is route else x for x in out]
+        if now != before:
+            seen[table] = now
+            self._save_seen()
+        return out
+
+    def _save_seen(self) -> None:
+        path = self._markers_path()
+        try:
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as fh:
+                json.dump(self._seen(), fh)
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.debug("aws: cannot write %s: %s", path, exc)
+
+    # -- writes -----------------------------------------------------------------------------------
     def _find(self, destination: str, table: str) -> tuple[dict | None, dict[str, str]]:
         described = self._describe_table(table)
         for r in described.get("Routes", []) or []:
@@ -479,7 +637,6 @@ class AwsProvider(Provider):
                      table: str = "") -> None:
         me, table = self.instance_id(), table or self.table_id()
         key = (client_token, destination, table)
-        value = _tag_value(me, description)
         what = f"create route {destination} -> {me} in {table}"
         try:
             self._api(what, "create_route", RouteTableId=table, InstanceId=me, **self._dest_param(destination))
@@ -489,7 +646,7 @@ class AwsProvider(Provider):
                 if existing is not None and existing.get("InstanceId") == me:
                     log.info("aws: route %s -> %s from an earlier attempt is in place; tagging it",
                              destination, me)
-                    self._tag(destination, me, value, key, table)
+                    self._tag(destination, me, description, key, table)
                     return
                 raise DuplicateRoute(f"route table {table} already has a route for {destination}") from None
             if exc.code == "RouteLimitExceeded":
@@ -503,12 +660,16 @@ class AwsProvider(Provider):
         except Retryable:
             self._uncertain.add(key)     # timeout or dropped connection: the create may have landed
             raise
-        self._tag(destination, me, value, key, table)
+        self._tag(destination, me, description, key, table)
 
-    def _tag(self, destination: str, me: str, value: str, key: tuple, table: str) -> None:
+    def _mark(self, destination: str, me: str, description: str) -> None:
+        """The marker: tag `vpcnet:route:<destination>` on this instance."""
+        self._call(f"tag instance {me} for {destination}", "create_tags",
+                   Resources=[me], Tags=[{"Key": tag_key(destination), "Value": _marker_value(description)}])
+
+    def _tag(self, destination: str, me: str, description: str, key: tuple, table: str) -> None:
         try:
-            self._call(f"tag route table {table} for {destination}", "create_tags",
-                       Resources=[table], Tags=[{"Key": tag_key(destination), "Value": value}])
+            self._mark(destination, me, description)
         except Retryable:
             self._uncertain.add(key)     # the retry (same token) finds the route and tags it
             raise
@@ -521,26 +682,26 @@ class AwsProvider(Provider):
             except VpcnetError as undo:
                 log.warning("aws: could not remove untagged route %s from %s: %s", destination, table, undo)
             raise Fatal(f"route {destination} -> {me} could not be marked as vpcnet's (ec2:CreateTags on "
-                        f"{table} is needed; a route table holds at most 50 tags): {exc}") from None
+                        f"instance {me} is needed; an instance holds at most 50 tags): {exc}") from None
         self._uncertain.discard(key)
 
     def mark_route(self, route: Route, name: str, description: str) -> bool:
-        """Tag an existing route to this instance (a create whose tagging failed, found again later)."""
-        me = self.instance_id()
-        table = route.table or self.table_id()
-        self._call(f"tag route table {table} for {route.destination}", "create_tags",
-                   Resources=[table], Tags=[{"Key": tag_key(route.destination), "Value": _tag_value(me, description)}])
+        """Tag this instance for an existing route to it (a create whose tagging failed, found again later)."""
+        self._mark(route.destination, self.instance_id(), description)
         return True
 
     def delete_route(self, route: Route) -> None:
         table = route.table or self.table_id()
         current, tags = self._find(route.destination, table)
         if current is not None:
-            hop = current.get("InstanceId") or current.get("NetworkInterfaceId") or ""
-            if route.next_hop and hop != route.next_hop:
+            hops = _hops(current)
+            owner, _, eni = _tag_owner(tags.get(tag_key(route.destination), ""))
+            if owner and eni in hops:
+                hops.add(owner)              # a tombstone's blackhole route naming only the gone ENI
+            if route.next_hop and route.next_hop not in hops:
                 # Re-pointed since it was listed: it is not the route we were asked to delete.
                 log.warning("aws: not deleting %s from %s: it now points at %s, not %s",
-                            route.destination, table, hop or "?", route.next_hop)
+                            route.destination, table, ", ".join(sorted(hops)) or "?", route.next_hop)
                 return
             try:
                 self._api(f"delete route {route.destination} from {table}", "delete_route",
@@ -553,27 +714,55 @@ class AwsProvider(Provider):
             # Conditional on the value: a tag another host wrote for this destination since stays.
             self._call(f"untag route table {table} for {route.destination}", "delete_tags",
                        Resources=[table], Tags=[{"Key": tag_key(route.destination), "Value": value}])
+        if route.next_hop.startswith("i-"):
+            self._unmark(route, table)
+
+    def _unmark(self, route: Route, table: str) -> None:
+        """Remove the instance's marker for `route.destination` once no table of this host routes it there
+        any more (the same tag marks the route in every table)."""
+        for other in self.table_ids():
+            if other != table:
+                r = self._find(route.destination, other)[0]
+                if r is not None and route.next_hop in (r.get("InstanceId"), r.get("NetworkInterfaceId")):
+                    return
+        value = self._instance_markers([route.next_hop]).get(route.next_hop, {}).get(tag_key(route.destination))
+        if value is None:
+            return
+        try:   # conditional on the value; a gone instance's tags are gone with it
+            self._api(f"untag instance {route.next_hop} for {route.destination}", "delete_tags",
+                      Resources=[route.next_hop], Tags=[{"Key": tag_key(route.destination), "Value": value}])
+        except _ApiError as exc:
+            if exc.code == "InvalidInstanceID.NotFound":
+                return
+            if route.next_hop == self.instance_id():
+                raise exc.mapped() from None      # this host's own marker: the retry removes it
+            # another (gone) host's marker: its route is deleted, which is what gc is for
+            log.warning("aws: route %s deleted; the marker tag on %s stays: %s", route.destination,
+                        route.next_hop, exc.mapped())
 
     def replace_route(self, destination: str, description: str = "", table: str = "") -> None:
         """Point an existing route at this instance (ReplaceRoute) and mark it as vpcnet's."""
         me, table = self.instance_id(), table or self.table_id()
         self._call(f"replace route {destination} -> {me} in {table}", "replace_route",
                    RouteTableId=table, InstanceId=me, **self._dest_param(destination))
-        self._tag(destination, me, _tag_value(me, description), ("replace", destination, table), table)
+        self._tag(destination, me, description, ("replace", destination, table), table)
 
     # -- instances and the VPC --------------------------------------------------------------------
     def instance_exists(self, instance_id: str) -> bool:
-        if not instance_id.startswith("i-"):
-            return True
+        return not instance_id.startswith("i-") or self._gone(instance_id) is not True
+
+    def _gone(self, instance_id: str) -> bool | None:
+        """True when the instance is terminated or unknown to EC2, False when it exists, None when EC2
+        cannot say now (unreachable, throttled, not allowed)."""
         try:
             resp = self._api(f"describe instance {instance_id}", "describe_instances", InstanceIds=[instance_id])
         except _ApiError as exc:
-            return exc.code != "InvalidInstanceID.NotFound"
+            return True if exc.code == "InvalidInstanceID.NotFound" else None
         except VpcnetError:
-            return True                  # unreachable, throttled ...: when in doubt it exists
+            return None
         states = [i.get("State", {}).get("Name", "") for r in resp.get("Reservations", [])
                   for i in r.get("Instances", []) if i.get("InstanceId") == instance_id]
-        return not (states and all(s == "terminated" for s in states))
+        return bool(states) and all(s == "terminated" for s in states)
 
     def reserved_cidrs(self) -> list[str]:
         """The VPC's subnet CIDRs (a host block must not overlap them)."""

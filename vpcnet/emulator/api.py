@@ -178,6 +178,8 @@ def create_app(emulator: Emulator) -> Flask:
             handler = ACTIONS.get(action)
             if action == "DescribeVSwitches" and not emulator.vswitch_api:
                 handler = None
+            if action in ("CreateRouteEntries", "DeleteRouteEntries") and not emulator.batch_api:
+                handler = None
             if handler is None:
                 raise ApiError("InvalidAction.NotFound", f"Specified api {action} is not found "
                                "(the emulator implements " + ", ".join(ACTIONS) + ").", 404)

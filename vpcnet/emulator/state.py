@@ -126,7 +126,7 @@ class Emulator:
                  state_file: str | None = None, router_netns: str | None = None,
                  seed: int | None = None,
                  vswitch_cidrs: tuple[str, ...] | list[str] = DEFAULT_VSWITCH_CIDRS,
-                 vswitch_api: bool = False, write_interval: float = 0.0,
+                 vswitch_api: bool = False, write_interval: float = 0.0, batch_api: bool = True,
                  kernel_tables: dict[str, int] | None = None):
         self.region = region
         self.vpc_id = vpc_id
@@ -141,6 +141,8 @@ class Emulator:
         #: Whether DescribeVSwitches is served (off by default: an endpoint without it is a case the
         #: provider must handle, and the agreed interface does not include it).
         self.vswitch_api = bool(vswitch_api)
+        # False: CreateRouteEntries/DeleteRouteEntries are unknown actions (an endpoint without them)
+        self.batch_api = bool(batch_api)
         self._vswitch_cidrs = [str(ipaddress.IPv4Network(c, strict=True)) for c in vswitch_cidrs]
 
         self._lock = threading.RLock()

@@ -35,6 +35,12 @@ class StormResult:
     requests: dict[str, int] = field(default_factory=dict)     # emulator requests per action
     conflicts: int = 0                           # TaskConflicts answered for the VPC write lock
     stderr: dict[str, str] = field(default_factory=dict)
+    others: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # further table -> like `blocks`
+
+    @property
+    def same_everywhere(self) -> bool:
+        """Every further table holds exactly each host's block of the claiming table."""
+        return all(o == self.blocks for o in self.others.values())
 
     @property
     def calls_per_host(self) -> float:
@@ -52,6 +58,7 @@ class StormResult:
         return {"hosts": self.hosts, "converged": len(self.converged), "seconds": round(self.seconds, 2),
                 "slowest_host_s": round(self.slowest, 2), "calls_per_host": round(self.calls_per_host, 2),
                 "creates": self.requests.get("CreateRouteEntry", 0),
+                "batch_creates": self.requests.get("CreateRouteEntries", 0),
                 "listings": self.requests.get("DescribeRouteEntryList", 0),
                 "conflicts": self.conflicts, "requests": dict(sorted(self.requests.items()))}
 
@@ -83,7 +90,8 @@ def boot_storm(emu: Emulator, url: str, workdir: str, hosts: int, *, cluster: st
                secret: str = "emu-key-secret", wait: float = 60.0, timeout: float = 240.0,
                first: int = 1, prefix: int = 24) -> StormResult:
     """Start `hosts` `vpcnet routes sync --wait <wait>` processes at once (instances i-storm-<first>...),
-    wait for all of them (killing any still running after `timeout` s) and report."""
+    wait for all of them (killing any still running after `timeout` s) and report. `table` may be a
+    comma-separated list (the first is the claiming table)."""
     table, region, vpc = table or emu.route_table_id, region or emu.region, vpc or emu.vpc_id
     instances = [f"i-storm-{k:04d}" for k in range(first, first + hosts)]
     for k, instance in enumerate(instances, start=first):
@@ -133,8 +141,15 @@ def boot_storm(emu: Emulator, url: str, workdir: str, hosts: int, *, cluster: st
     result.stderr = {i: t for i, t in errs.items() if isinstance(t, str)}
     result.requests = emu.request_counts
     result.conflicts = emu.conflicts - conflicts_before
-    for entry in emu.entries(table):
+    tables = [t.strip() for t in table.split(",") if t.strip()]
+    for entry in emu.entries(tables[0]):          # the claiming table
         hop = entry["NextHops"]["NextHop"][0]["NextHopId"]
         if entry["Type"] == "Custom" and hop in envs:
             result.blocks.setdefault(hop, []).append(entry["DestinationCidrBlock"])
+    for other in tables[1:]:
+        result.others[other] = {}
+        for entry in emu.entries(other):
+            hop = entry["NextHops"]["NextHop"][0]["NextHopId"]
+            if entry["Type"] == "Custom" and hop in envs:
+                result.others[other].setdefault(hop, []).append(entry["DestinationCidrBlock"])
     return result

@@ -7,9 +7,11 @@ Two kinds of family:
   (the reconciler's loop). Those modules call `docker_call`, `cloud_call`/`instrument_botocore` and
   `reconcile_pass` here and nothing else, so a rewrite of theirs keeps a line or two to carry over.
 - State, computed at scrape time from the store and the kernel (`StateCollector`): endpoints, IPAM
-  addresses, route availability, route-table entries and quota, per-endpoint traffic (the host-side
-  veth's counters read over netlink, named from the container's side: what the host end transmits the
-  container receives). No per-call bookkeeping can drift, and an endpoint's series go with it.
+  addresses, route availability, route-table entries and quota, per-endpoint traffic (the veth's
+  counters read over netlink, named from the container's side: what the container sent is what the host
+  end received; what it received is read on the container's own end, which also counts what the ebpf
+  fast path redirects into it past the host end). No per-call bookkeeping can drift, and an endpoint's
+  series go with it.
 
 Several gunicorn workers: counters and histograms then use prometheus_client's multiprocess mode
 (`vpcnet serve` points PROMETHEUS_MULTIPROC_DIR at a fresh directory under the state dir before it forks,
@@ -194,7 +196,7 @@ def route_quota(provider, table: str) -> int | None:
 
 
 # -- state computed at scrape time ------------------------------------------------------------------
-LINK_STATS = (   # (family suffix, container-side direction, host-veth counter)
+LINK_STATS = (   # (family suffix, container-side direction, host-veth counter; see _counter for the peer's)
     ("receive_bytes_total", "Bytes the container received", "tx_bytes"),
     ("transmit_bytes_total", "Bytes the container sent", "rx_bytes"),
     ("receive_packets_total", "Packets the container received", "tx_packets"),
@@ -205,10 +207,19 @@ LINK_STATS = (   # (family suffix, container-side direction, host-veth counter)
 
 
 def veth_stats() -> dict[str, dict[str, int]]:
-    """Endpoint host veth name (`vh...`) -> its 64-bit counters: one netlink dump (vpcnet.rtnl)."""
+    """Endpoint host veth name (`vh...`) -> its 64-bit counters, and its container end's receive counters
+    (`peer_rx_*`): one netlink dump and one request per endpoint (vpcnet.rtnl)."""
     from vpcnet.rtnl import link_stats
 
-    return link_stats(prefix="vh")
+    return link_stats(prefix="vh", peers=True)
+
+
+def _counter(counters: dict[str, int], key: str) -> int:
+    """What the container received is read on its own end when that end could be read: in ebpf mode
+    traffic from other hosts enters the container's namespace without passing the host end's transmit
+    side (bpf_redirect_peer), and only the container end counts it."""
+    peer = {"tx_bytes": "peer_rx_bytes", "tx_packets": "peer_rx_packets"}.get(key)
+    return counters[peer] if peer and peer in counters else counters[key]
 
 
 class StateCollector:
@@ -276,7 +287,7 @@ class StateCollector:
         for suffix, text, key in LINK_STATS:
             name = f"vpcnet_endpoint_{suffix}"
             out.append(f"# HELP {name} {text}\n# TYPE {name} counter\n")
-            out.extend(f"{name}{labels}{float(counters[key])!r}\n" for labels, counters in rows)
+            out.extend(f"{name}{labels}{float(_counter(counters, key))!r}\n" for labels, counters in rows)
         return "".join(out)
 
     def _ipam(self):

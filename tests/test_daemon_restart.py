@@ -236,7 +236,8 @@ def test_a_daemon_restart_or_a_reordered_forward_chain_keeps_vpcnet_traffic_flow
     run(["ip", "netns", "exec", ns, "iptables", "-D", "FORWARD", "-j", "VPCNET-FORWARD"])
     run(["ip", "netns", "exec", ns, "iptables", "-A", "FORWARD", "-j", "DROP"])
     run(["ip", "netns", "exec", ns, "iptables", "-A", "FORWARD", "-j", "VPCNET-FORWARD"])
-    assert not ping(engine, "one", ip_of(engine, "two")), "the DROP ahead of vpcnet's jump decides first"
+    # No "the ping now fails" check: the 1 s pass may move the jump back before a ping could tell. The
+    # log line and the repair count below show the pass found the jump behind the DROP and moved it.
     started = time.monotonic()
     assert wait_for(in_place, 3), f"not moved back: {forward_jumps(ns)}"
     assert ping(engine, "one", ip_of(engine, "two"))

@@ -125,10 +125,12 @@ TCA_KIND = 1
 IFF_UP = 0x1
 
 
-def _dump(sock: socket.socket, msg_type: int, body: bytes):
-    """Yield (type, payload) of every message of one dump."""
+def _dump(sock: socket.socket, msg_type: int, body: bytes, dump: bool = True):
+    """Yield (type, payload) of every message of one dump; with `dump=False`, of the one answer to a
+    targeted request."""
     seq = next(_seq)
-    sock.send(struct.pack("=IHHII", 16 + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
+    flags = NLM_F_REQUEST | (NLM_F_DUMP if dump else 0)
+    sock.send(struct.pack("=IHHII", 16 + len(body), msg_type, flags, seq, 0) + body)
     for _ in range(100000):                              # bounded: a dump ends with NLMSG_DONE
         data = sock.recv(1 << 20)
         offset = 0
@@ -145,6 +147,8 @@ def _dump(sock: socket.socket, msg_type: int, body: bytes):
                         raise OSError(code, os.strerror(code))
                     return
                 yield kind, data[offset + 16:offset + length]
+                if not dump:
+                    return
             offset += (length + 3) & ~3
     raise OSError(errno.EPROTO, "netlink dump did not end")
 
@@ -271,34 +275,11 @@ def _peer_stats(sock: socket.socket, nsid: int, index: int) -> dict[str, int] | 
                                                                                  struct.pack("=i", nsid))
     found: dict[str, dict[str, int]] = {}
     try:
-        for _kind, payload in _get(sock, RTM_GETLINK, body):
+        for _kind, payload in _dump(sock, RTM_GETLINK, body, dump=False):
             _parse_link(payload, 16, len(payload), b"", found)
     except OSError:
         return None
     return next(iter(found.values()), None)
-
-
-def _get(sock: socket.socket, msg_type: int, body: bytes):
-    """Yield (type, payload) of the answer to one non-dump request."""
-    seq = next(_seq)
-    sock.send(struct.pack("=IHHII", 16 + len(body), msg_type, NLM_F_REQUEST, seq, 0) + body)
-    for _ in range(16):                                  # one answer (or an error) is expected
-        data = sock.recv(65536)
-        offset = 0
-        while offset + 16 <= len(data):
-            length, kind, _flags, got_seq, _pid = struct.unpack_from("=IHHII", data, offset)
-            if length < 16:
-                raise OSError(errno.EPROTO, "malformed netlink message")
-            if got_seq == seq:
-                if kind == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", data, offset + 16)[0]
-                    if code:
-                        raise OSError(code, os.strerror(code))
-                    return
-                yield kind, data[offset + 16:offset + length]
-                return
-            offset += (length + 3) & ~3
-    raise OSError(errno.EPROTO, "no netlink answer")
 
 
 def _parse_link(data: bytes, start: int, end: int, wanted: bytes, out: dict) -> None:

@@ -20,7 +20,7 @@ VPCNET_PROVIDER=aliyun and pointed at it; the metadata URL is a closed local por
 3. Boot storms (`--storm`, default 50 and 200 hosts): that many real `vpcnet routes sync` processes,
    distinct instance ids and state dirs, started at the same moment against an emulator that takes one
    route-table write per 0.3 s for the whole VPC and answers TaskConflict in between, with a hand-made
-   and another host's route in the table beforehand (vpcnet.emulator.storm). Reported: hosts, hosts that
+   and another host's route in the table beforehand (vpcnet_lab.emulator.storm). Reported: hosts, hosts that
    exited 0, seconds until the last exited, API calls per host (emulator requests / hosts), creates,
    TaskConflicts, distinct blocks, foreign entries untouched. Targets: 50 hosts each exit 0 within 60 s
    with <= 10 calls per host on average; 200 hosts within 180 s. After the largest storm the table
@@ -50,9 +50,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from vpcnet.emulator import Emulator, serve_in_thread  # noqa: E402
-from vpcnet.emulator.storm import boot_storm  # noqa: E402
-from vpcnet.plugin_client import call  # noqa: E402
+from vpcnet_lab.emulator import Emulator, serve_in_thread  # noqa: E402
+from vpcnet_lab.emulator.storm import boot_storm  # noqa: E402
+from vpcnet_lab.plugin_client import call  # noqa: E402
 
 KEY_ID, SECRET = "bench-key-id", "bench-key-secret"
 TABLE, VPC, REGION = "vtb-bench001", "vpc-bench001", "cn-emu-1"

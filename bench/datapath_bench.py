@@ -13,7 +13,7 @@ on a host whose containers run):
 Writes bench/results/datapath.json and prints a Markdown table.
     python3 bench/datapath_bench.py [--scales 10x10,25x10,50x10]
 
-With --repair-times, instead: the time from each fault of issue 12 until the kernel is right again, with
+With --repair-times, instead: the time from each datapath fault until the kernel is right again, with
 the periodic pass running in the background at a short interval (what a host sees: detection, up to one
 interval, plus the repair), repeated; medians with min-max, to bench/results/datapath_repair.json.
 One bridge, one routed and one ebpf network with an endpoint each. The faults: the firewall flushed
@@ -39,10 +39,10 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from vpcnet import config as config_mod  # noqa: E402
 from vpcnet.datapath.dataplane import Dataplane  # noqa: E402
-from vpcnet.datapath.spec import bridge_name, mac_for, veth_names
 from vpcnet.datapath.reconciler import spec_of  # noqa: E402
-from vpcnet.driver import NetworkDriver  # noqa: E402
-from vpcnet.store import Endpoint, Network, Store  # noqa: E402
+from vpcnet.datapath.spec import bridge_name, mac_for, veth_names
+from vpcnet.docker.driver import NetworkDriver  # noqa: E402
+from vpcnet.state.store import Endpoint, Network, Store  # noqa: E402
 
 INTERVAL = 30.0
 

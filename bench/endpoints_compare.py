@@ -55,8 +55,8 @@ def main() -> int:
     parser.add_argument("--json", default=os.path.join(HERE, "results", "endpoints_compare.json"))
     args = parser.parse_args()
     other = os.path.abspath(args.other)
-    if not os.path.isfile(os.path.join(other, "vpcnet", "cli.py")):
-        parser.error(f"--other {other}: not a vpcnet checkout (no vpcnet/cli.py)")
+    if not os.path.isfile(os.path.join(other, "vpcnet", "__init__.py")):
+        parser.error(f"--other {other}: not a vpcnet checkout (no vpcnet/__init__.py)")
     trees = {"this": THIS, "other": other}
     runs: dict[int, dict[str, list[dict]]] = {}
     for count in map(int, args.counts.split(",")):

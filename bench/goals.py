@@ -5,7 +5,7 @@ Pure functions over the results dictionary (no I/O), so the verdicts can be test
 Two groups of contenders: `cross` (container on host 1 <-> container on host 2, against the underlay and
 Docker's overlay) and `same` (two containers on host 1, against Docker's bridge network). Each vpcnet
 contender is checked: the default network (`vpcnet`, created without any `-o` option) and every explicit
-mode (`vpcnet-<mode>`); the fastest of them is named, because the issue wants both the default and the
+mode (`vpcnet-<mode>`); the fastest of them is named, because both the default and the
 fastest mode to meet every goal.
 
 A ratio is mine / versus on medians. For "lower is better" metrics (latency, CPU, `docker run` time)

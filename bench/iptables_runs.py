@@ -22,8 +22,6 @@ def main() -> int:
     args = parser.parse_args()
 
     from vpcnet.datapath.dataplane import Dataplane
-
-
     from vpcnet.datapath.spec import NetworkSpec, bridge_name, mac_for, veth_names
     runs = {"n": 0}
     real_run = subprocess.run

@@ -3,12 +3,12 @@
 
 1. `docker run --rm --network <net> IMAGE true` on a vpcnet network per mode (`--modes`: the default one,
    created with no -o option, and each explicit `-o vpcnet.mode=`) versus Docker's built-in bridge
-   network, interleaved in one run, N rounds each: medians and their ratio (goal <= 1.05, issue 13).
+   network, interleaved in one run, N rounds each: medians and their ratio (goal <= 1.05).
 2. Per mode, plugin-side CreateEndpoint + Join latency over the unix socket, as Docker calls it, with the
    real datapath (veths in a namespace of the bench's own, a fresh plugin per mode): p50 / p99 at
    --endpoints endpoints (goal p99 <= 15 ms at 500), and the split between the two calls;
 3. and the plugin's RSS (master + workers) with those endpoints (goal <= 80 MB at 500).
-4. The cost of metrics (issue 10): two plugins at once, each in a namespace of its own, one with
+4. The cost of metrics: two plugins at once, each in a namespace of its own, one with
    VPCNET_METRICS_ADDR off and one with it on (and scraped every --scrape-every seconds meanwhile),
    CreateEndpoint + Join calls alternating between them so both see the same machine: p99 on versus off
    (target within 5 %); then the scrape time of `/metrics` with 500 endpoints (target <= 50 ms) and the
@@ -40,7 +40,7 @@ import uuid
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from vpcnet import image, plugin_client  # noqa: E402
+from vpcnet_lab import image, plugin_client  # noqa: E402
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -101,7 +101,7 @@ def pct(values: list[float], q: float) -> float:
 
 MODES = ("default", "bridge", "routed", "ebpf")         # default: no -o vpcnet.mode, the plugin's choice
 MODE_CLUSTERS = {"default": "", "bridge": "10.234.0.0/16", "routed": "10.235.0.0/16", "ebpf": "10.236.0.0/16"}
-GOALS = {  # issue 13's per-container cost
+GOALS = {  # the per-container cost goals
     "docker_run_ratio": 1.05,        # docker run on vpcnet / on Docker's bridge network
     "create_join_p99_ms": 15.0,      # CreateEndpoint + Join p99, at 500 endpoints
     "rss_mb": 80.0,                  # plugin RSS (master + workers), at 500 endpoints
@@ -232,7 +232,7 @@ def check_goals(result: dict) -> list[dict]:
 
 
 def goals_markdown(result: dict) -> str:
-    lines = ["| mode | goal (issue 13) | value | met |", "|---|---|---|---|"]
+    lines = ["| mode | goal | value | met |", "|---|---|---|---|"]
     for g in check_goals(result):
         lines.append(f"| {g['mode']} | {g['goal']} | {g['value']} | {VERDICT[g['met']]} |")
     return "\n".join(lines)

@@ -95,7 +95,7 @@ def _goal_table(res: dict) -> list[str]:
         return n + (f" ({', '.join(tags)})" if tags else "")
 
     by = {(v["contender"], v["goal"]): v for v in verdicts}
-    lines = ["| goal (issue 13) | " + " | ".join(head(n) for n in mine) + " |", "|---|" + "---|" * len(mine)]
+    lines = ["| goal | " + " | ".join(head(n) for n in mine) + " |", "|---|" + "---|" * len(mine)]
     for goal in goals.GOALS:
         cells = []
         for n in mine:

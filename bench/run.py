@@ -49,7 +49,7 @@ Metrics:
 The Python of rr.py costs the same on every path; it is part of each figure, so ratios between paths
 understate the paths' own differences a little (absolute rates are rr.py's, not the kernel's limit).
 
-Goals (issue 13, checked by bench/goals.py for the default network and each explicit mode, naming the
+Goals (checked by bench/goals.py for the default network and each explicit mode, naming the
 fastest): in the results' `goals` and the Markdown's goal table.
 
 Writes latest.json, latest.md and latest.png into --out (default bench/results); --readme also puts the
@@ -76,7 +76,7 @@ import cpu_profile  # noqa: E402  (bench/, next to this file)
 import goals  # noqa: E402
 import report  # noqa: E402
 
-from vpcnet.lab import Lab, LabError  # noqa: E402
+from vpcnet_lab import Lab, LabError  # noqa: E402
 
 IMAGE = "vpcnet-testbox:latest"
 CLUSTER = "10.240.0.0/16"                # vpc0, the lab's network: no -o option

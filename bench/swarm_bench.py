@@ -20,8 +20,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from vpcnet.lab import Lab  # noqa: E402
-from vpcnet.lab import swarm as lab_swarm  # noqa: E402
+from vpcnet_lab import Lab  # noqa: E402
+from vpcnet_lab import swarm as lab_swarm  # noqa: E402
 
 LAB_CLUSTER = "10.241.0.0/16"
 SWARM_CLUSTER = "10.247.0.0/16"

@@ -61,16 +61,7 @@ die() { echo "build.sh: $*" >&2; exit 1; }
 command -v "$PYTHON" >/dev/null || die "$PYTHON not found"
 [ -n "$OUTDIR" ] || command -v "$DOCKER" >/dev/null || die "docker CLI not found"
 
-host_mirror() {
-    # the first Debian URI the host's apt uses, so the build follows the host's (reachable) mirror
-    local uri
-    uri=$(sed -n 's/^URIs:[[:space:]]*\([^[:space:]]*\).*/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null \
-          | grep -v security | head -n1 || true)
-    [ -n "$uri" ] || uri=$(awk '$1=="deb" && $2 !~ /security/ && $2 ~ /^http/ {print $2; exit}' \
-                          /etc/apt/sources.list 2>/dev/null || true)
-    echo "${uri:-http://deb.debian.org/debian}"
-}
-MIRROR=${VPCNET_PLUGIN_MIRROR:-$(host_mirror)}
+MIRROR=${VPCNET_PLUGIN_MIRROR:-$("$(dirname "$0")/host-mirror.sh")} || die "no Debian mirror: set VPCNET_PLUGIN_MIRROR"
 ARCH=$(uname -m)
 case "$ARCH" in
     x86_64|aarch64) ;;
@@ -122,11 +113,10 @@ if [ ! -s "$BASE_TAR" ]; then
 fi
 
 # -- layer 2: a venv with the dependencies (wheels from the host's pip configuration) ----------------
-REQS=$("$PYTHON" - "$REPO/setup.cfg" <<'EOF'
-import configparser, sys
-cfg = configparser.ConfigParser()
-cfg.read(sys.argv[1])
-reqs = cfg["options"]["install_requires"].split("\n") + cfg["options.extras_require"]["aws"].split("\n")
+REQS=$("$PYTHON" - "$REPO/pyproject.toml" <<'EOF'
+import sys, tomllib
+project = tomllib.load(open(sys.argv[1], "rb"))["project"]
+reqs = project["dependencies"] + project["optional-dependencies"]["aws"]
 print("\n".join(sorted({r.strip() for r in reqs if r.strip()})))
 EOF
 )
@@ -203,15 +193,10 @@ had_build=no; [ -e "$REPO/build" ] && had_build=yes
 "$PYTHON" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' \
     "$(ls "$WORK"/wheel/vpcnet-*.whl)" "$ROOT/$SITE"
 rm -rf "$WORK/wheel"
-# What a host runs, not the test infrastructure: the emulator, the lab, the test image builder, the
-# systemd installer and the host installer stay out of the plugin (the CLI skips sub-commands whose
-# module is absent).
-rm -rf "$ROOT/$SITE/vpcnet/emulator" "$ROOT/$SITE/vpcnet/lab" "$ROOT/$SITE/vpcnet/image.py" \
-    "$ROOT/$SITE/vpcnet/install.py" "$ROOT/$SITE/vpcnet/bootstrap.py"
 cat >"$ROOT/opt/vpcnet/bin/vpcnet" <<'EOF'
 #!/opt/vpcnet/bin/python
 import sys
-from vpcnet.cli import main
+from vpcnet.cli.main import main
 sys.exit(main())
 EOF
 chmod 0755 "$ROOT/opt/vpcnet/bin/vpcnet"
@@ -227,7 +212,7 @@ done
 : >"$ROOT/etc/resolv.conf"          # Docker bind-mounts the host's /etc/hosts and /etc/resolv.conf
 # byte-compile vpcnet here (the dependencies came compiled), so no start pays for it
 chroot "$ROOT" /opt/vpcnet/bin/python -m compileall -q "/$SITE/vpcnet" >/dev/null
-chroot "$ROOT" /opt/vpcnet/bin/python -I -c 'import vpcnet.serve, vpcnet.cloud.aliyun, vpcnet.cloud.aws' \
+chroot "$ROOT" /opt/vpcnet/bin/python -I -c 'import vpcnet.cli.serve, vpcnet.cloud.aliyun, vpcnet.cloud.aws' \
     || die "vpcnet does not import in the rootfs"
 chroot "$ROOT" iptables -V >/dev/null || die "iptables does not run in the rootfs"
 VERSION=$(chroot "$ROOT" /opt/vpcnet/bin/vpcnet --version)

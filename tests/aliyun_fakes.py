@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
-from vpcnet.cloud.aliyun_signature import string_to_sign, verify
+from vpcnet.cloud.aliyun.signature import string_to_sign, verify
 
 
 def serve(handler_cls, state) -> tuple[str, callable]:
@@ -153,7 +153,7 @@ def closed_port() -> int:
 @contextmanager
 def serving_emulator(instances: dict[str, str], **emulator_args):
     """The real emulator on 127.0.0.1 with `instances` (id -> underlay IP) registered; `.test_url` set."""
-    from vpcnet.emulator import Emulator, serve_in_thread
+    from vpcnet_lab.emulator import Emulator, serve_in_thread
 
     emu = Emulator(**emulator_args)
     for instance_id, ip in instances.items():

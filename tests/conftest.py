@@ -24,7 +24,7 @@ import uuid
 
 import pytest
 
-from vpcnet import plugin_client
+from vpcnet_lab import plugin_client
 
 STRICT = os.environ.get("VPCNET_TEST_STRICT") == "1"
 
@@ -162,7 +162,7 @@ def current_docker(docker_engine):
 
 @pytest.fixture(scope="session")
 def test_image(docker_engine):
-    from vpcnet import image
+    from vpcnet_lab import image
 
     return image.build(docker_engine)
 
@@ -268,7 +268,7 @@ class PluginProcess:
     def metrics_url(self, wait: float = 10.0) -> str:
         """http://HOST:PORT of this plugin's /metrics and /healthz listener (it writes the bound address
         to its state dir once it is the reconciler)."""
-        from vpcnet.health import read_addr
+        from vpcnet.observability.health import read_addr
 
         addr = wait_for(lambda: read_addr(self.state_dir), wait)
         assert addr, f"no metrics listener within {wait}s:\n{self.log()}"

@@ -187,7 +187,7 @@ class Assembled:
     clock: Any = None
 
     def app(self):
-        from vpcnet.transport import create_app
+        from vpcnet.docker.transport import create_app
 
         return create_app(self.driver, self.ipam)
 
@@ -207,10 +207,10 @@ class Clock:
 
 
 def make_plugin(tmp_path, dataplane: FakeDataplane | None = None, clock=None, **env: str) -> Assembled:
-    from vpcnet.driver import NetworkDriver
-    from vpcnet.ipam import Ipam
+    from vpcnet.docker.driver import NetworkDriver
+    from vpcnet.docker.ipam import Ipam
     from vpcnet.routes import RouteKeeper
-    from vpcnet.store import Store
+    from vpcnet.state.store import Store
 
     config = make_config(tmp_path, **env)
     os.makedirs(config.state_dir, mode=0o700, exist_ok=True)

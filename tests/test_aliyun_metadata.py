@@ -8,10 +8,10 @@ import os
 import time
 
 import pytest
-
 from aliyun_fakes import ApiHandler, ApiState, MetadataHandler, MetadataState, closed_port, serve
+
 from vpcnet.cloud.aliyun import AliyunProvider, parse_credentials_text
-from vpcnet.cloud.aliyun_signature import percent_encode
+from vpcnet.cloud.aliyun.signature import percent_encode
 from vpcnet.config import Config
 from vpcnet.errors import Fatal, Retryable
 

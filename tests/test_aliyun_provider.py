@@ -7,14 +7,13 @@ import os
 import time
 
 import pytest
-
 from aliyun_fakes import ApiHandler, ApiState, blocks_of, closed_port, serve, serving_emulator
-from vpcnet.cloud import DuplicateRoute, QuotaExceeded, Route, route_name
-from vpcnet.cloud import aliyun
+
+from vpcnet.cloud import DuplicateRoute, QuotaExceeded, Route, aliyun, route_name
 from vpcnet.cloud.aliyun import AliyunProvider
 from vpcnet.config import Config
-from vpcnet.emulator.state import FAULT_STATUS
 from vpcnet.errors import Fatal, Retryable
+from vpcnet_lab.emulator.state import FAULT_STATUS
 
 KEY_ID, SECRET = "emu-key-id", "emu-key-secret"
 ME, OTHER = "i-emu-h1", "i-emu-h2"
@@ -389,7 +388,7 @@ def test_paging_that_never_ends_is_bounded(fake_api, make):
 # -- with the route keeper ---------------------------------------------------------------------------------
 def test_route_keeper_claims_a_block_through_the_emulator_despite_faults(emu, tmp_path):
     from vpcnet.routes import Backoff, RouteKeeper
-    from vpcnet.store import Store
+    from vpcnet.state.store import Store
 
     emu.set_faults(rate=0.3, codes=("Throttling", "ServiceUnavailable", "InternalError"))
     first, second = blocks_of(ME, "10.200.0.0/16", 2)
@@ -504,7 +503,7 @@ def test_an_endpoint_without_the_batch_call_gets_one_create_per_table(make, tmp_
 
 def _keeper(emu, tmp_path, tables: str, instance: str = ME):
     from vpcnet.routes import Backoff, RouteKeeper
-    from vpcnet.store import Store
+    from vpcnet.state.store import Store
 
     cfg = config(emu.test_url, state_dir=str(tmp_path / instance), aliyun_route_table_id=tables,
                  aliyun_instance_id=instance)

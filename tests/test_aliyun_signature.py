@@ -1,5 +1,5 @@
 """The Alibaba RPC signer: the published vector, the encoding rules, and verification."""
-from vpcnet.cloud.aliyun_signature import percent_encode, sign, string_to_sign, verify
+from vpcnet.cloud.aliyun.signature import percent_encode, sign, string_to_sign, verify
 
 VECTOR = {
     "AccessKeyId": "testid",

@@ -21,16 +21,15 @@ import time
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
-
 from aliyun_fakes import blocks_of
+from moto.server import ThreadedMotoServer
 
 from vpcnet.cloud import DuplicateRoute, QuotaExceeded
 from vpcnet.cloud.aws import AwsProvider, tag_key
 from vpcnet.config import Config
 from vpcnet.errors import Fatal, Retryable
 from vpcnet.routes import Backoff, RouteKeeper
-from vpcnet.store import Store
+from vpcnet.state.store import Store
 
 REGION = "us-east-1"
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzzSECRETzzKEY"
@@ -737,9 +736,9 @@ def test_sixty_routes_of_two_clusters_in_one_table(vpc, tmp_path, provider_for):
         ImageId=vpc.image, MinCount=62, MaxCount=62, SubnetId=vpc.subnet)["Instances"]]
     red, blue = instances[:40], instances[40:60]
     for n, inst in enumerate(red):       # cluster "red": 10.200.0.0/16
-        provider_for(vpc.config(inst)).create_route(f"10.200.{n}.0/24", "", f"vpcnet: x cluster=red", f"r{n}")
+        provider_for(vpc.config(inst)).create_route(f"10.200.{n}.0/24", "", "vpcnet: x cluster=red", f"r{n}")
     for n, inst in enumerate(blue):      # cluster "blue": 10.201.0.0/16
-        provider_for(vpc.config(inst)).create_route(f"10.201.{n}.0/24", "", f"vpcnet: x cluster=blue", f"b{n}")
+        provider_for(vpc.config(inst)).create_route(f"10.201.{n}.0/24", "", "vpcnet: x cluster=blue", f"b{n}")
     listed = {r.destination: r for r in provider_for(vpc.config(red[0])).list_routes()}
     vpcnet_routes = [r for r in listed.values() if r.marked]
     assert len(vpcnet_routes) == 60 and vpc.tags() == {}

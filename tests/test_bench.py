@@ -1,5 +1,5 @@
 """The benchmark harness's own logic: rr.py's clients against its server on loopback (real sockets), how
-bench/run.py aggregates samples, checks issue 13's goals (bench/goals.py) and writes its Markdown
+bench/run.py aggregates samples, checks the benchmark goals (bench/goals.py) and writes its Markdown
 (bench/report.py), and that the default run fits its time budget. The lab runs themselves are not here:
 they are benchmarks, run by hand (bench/run.py's docstring)."""
 from __future__ import annotations
@@ -220,7 +220,7 @@ def test_default_contender_comes_first():
 def test_markdown_has_both_groups_the_goal_table_and_the_summary():
     md = report.markdown(_result())
     assert "Across hosts" in md and "On one host" in md
-    assert "| goal (issue 13) | vpcnet (no -o: ebpf" in md
+    assert "| goal | vpcnet (no -o: ebpf" in md
     assert "| TCP 1 stream ≥ 0.97 × underlay | 0.98 yes |" in md
     assert "| UDP 64 B pps ≥ 0.95 × underlay | 0.94 **no** |" in md
     assert "| CPU ms per GB ≤ 1 × underlay | – | – |" in md

@@ -1,17 +1,16 @@
 """50 hosts boot at once: 50 real `vpcnet routes sync` processes against the emulator, which takes one
 route-table write per 0.3 s for the whole VPC and answers TaskConflict in between (as the real VPC does).
 
-The bar (issue 11): every host exits 0 within 60 s, 50 distinct blocks, one route per host, nothing
+The bar: every host exits 0 within 60 s, 50 distinct blocks, one route per host, nothing
 foreign touched, at most 10 API calls per host on average. bench/cloud_calls.py measures the same storm
 (and 200 hosts, and a 201st host on a full table) and reports the figures.
 """
 from __future__ import annotations
 
 import pytest
-
 from aliyun_fakes import serving_emulator
 
-from vpcnet.emulator.storm import boot_storm
+from vpcnet_lab.emulator.storm import boot_storm
 
 HOSTS = 50
 CLUSTER = "10.230.0.0/16"

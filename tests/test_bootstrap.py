@@ -14,8 +14,8 @@ import signal
 import subprocess
 
 import pytest
-
 from conftest import PLUGIN_DIR, next_cluster, require, run, unique, wait_for
+
 from vpcnet import bootstrap
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

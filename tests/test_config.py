@@ -235,7 +235,7 @@ def test_secret_never_in_errors(tmp_path, env):
 
 
 def test_secret_parse_error_masks_value():
-    from vpcnet.config import _parse, Setting
+    from vpcnet.config import Setting, _parse
 
     def boom(text):
         raise ValueError("bad")

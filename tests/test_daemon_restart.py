@@ -13,9 +13,9 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import docker_up, next_cluster, require, run, unique, wait_for
-from vpcnet import image
+
+from vpcnet_lab import image
 
 pytestmark = pytest.mark.docker
 
@@ -114,7 +114,7 @@ def ip_of(engine: Engine, container: str) -> str:
 
 
 def errors_in(plugin) -> list[str]:
-    return [line for line in plugin.log().splitlines() if "vpcnet.transport" in line and " -> 200" not in line
+    return [line for line in plugin.log().splitlines() if "vpcnet.docker.transport" in line and " -> 200" not in line
             and " -> " in line]
 
 

@@ -21,9 +21,9 @@ from test_dataplane import (  # noqa: F401
 )
 
 from vpcnet.datapath.dataplane import Dataplane
-from vpcnet.datapath.reconciler import DatapathReconciler, repair_counts
+from vpcnet.datapath.reconciler import DatapathReconciler
 from vpcnet.datapath.spec import veth_names
-from vpcnet.store import Endpoint, Network, Store
+from vpcnet.state.store import Endpoint, Network, Store
 
 pytestmark = pytest.mark.root
 INTERVAL = 0.3
@@ -97,7 +97,7 @@ def test_firewall_flushed_with_forward_drop_comes_back(box, netns_factory, caplo
     caplog.set_level(logging.WARNING, logger="vpcnet.datapath.reconciler")
     took = repaired_within(box, lambda: ping(a, "10.77.9.2") and ping(b, "10.77.3.2"))
     assert any("VPCNET-F-" in r.getMessage() and "firewall" in r.getMessage() for r in caplog.records)
-    assert repair_counts(box.store).get("firewall", 0) >= 1
+    assert box.store.repair_counts().get("firewall", 0) >= 1
     print(f"firewall repaired in {took:.2f}s")
 
 
@@ -113,7 +113,7 @@ def test_a_containers_deleted_route_comes_back(box, netns_factory, mode, caplog)
     caplog.set_level(logging.WARNING, logger="vpcnet.datapath.reconciler")
     repaired_within(box, lambda: ping(a, "10.77.3.3") and ping(b, "10.77.3.2"))
     assert any("route 10.77.3.3/32" in r.getMessage() for r in caplog.records)
-    assert repair_counts(box.store).get("route", 0) >= 1
+    assert box.store.repair_counts().get("route", 0) >= 1
 
 
 def test_a_deleted_bridge_comes_back_with_its_endpoints_on_it(box):
@@ -127,7 +127,7 @@ def test_a_deleted_bridge_comes_back_with_its_endpoints_on_it(box):
     repaired_within(box, lambda: ping(a, "10.77.3.3") and ping(a, s.gateway))
     for eid in ("a" * 64, "b" * 64):
         assert f"master {s.bridge}" in run(["ip", "-n", box.ns, "link", "show", veth_names(eid)[0]]).stdout
-    assert repair_counts(box.store).get("link", 0) >= 1
+    assert box.store.repair_counts().get("link", 0) >= 1
 
 
 def fast_pings(src: str, dst: str, count: int = 10) -> None:
@@ -170,7 +170,7 @@ def test_ebpf_fast_path_follows_a_replaced_and_then_renamed_uplink(tmp_path, two
         run(["ip", "-n", ns, "route", "replace", block, "via", other, "dev", "wan1"])
     took = repaired_within(box, lambda: sa.tc_name in tc_filters(a, "wan1")
                            and sa.tc_name not in tc_filters(a, "uplink0"), intervals=1)
-    assert repair_counts(box.store).get("tc", 0) >= 1
+    assert box.store.repair_counts().get("tc", 0) >= 1
     ns_run(a, "iptables", "-Z", "FORWARD")
     fast_pings(ca, "10.77.4.2")
     assert slow_path_packets() <= 3, f"B's replies took A's slow path: {counters(a, 'filter', 'FORWARD')}"

@@ -11,8 +11,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import is_root, require, run, unique
+
 from vpcnet.datapath import features
 
 NO_BPF = ("setpriv", "--bounding-set=-bpf,-sys_admin", "--")

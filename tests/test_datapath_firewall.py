@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import is_root, require, run
+
 from vpcnet.datapath.dataplane import Dataplane
-from vpcnet.datapath.spec import NetworkSpec, bridge_name
 from vpcnet.datapath.firewall import ANTI_SPOOFING, FirewallTable, parse_save
 from vpcnet.datapath.modes import strategy
+from vpcnet.datapath.spec import NetworkSpec, bridge_name
 
 
 def spec(tag="a1b2c3d4e5f6", host="10.77.3.0/24", mode="bridge", internal=False) -> NetworkSpec:

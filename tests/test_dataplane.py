@@ -9,11 +9,11 @@ import time
 from dataclasses import replace
 
 import pytest
-
 from conftest import require, run, unique
-from vpcnet.datapath.dataplane import Dataplane
 
+from vpcnet.datapath.dataplane import Dataplane
 from vpcnet.datapath.spec import NetworkSpec, anchor_peer, bridge_name, mac_for, veth_names
+
 pytestmark = pytest.mark.root
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -539,7 +539,7 @@ def test_vpcnets_forward_jump_follows_docker_user_so_the_users_rules_apply(host)
 # -- the review's bugs ------------------------------------------------------------------------------------
 
 def test_a_failed_proxy_arp_call_closes_its_netlink_socket(host, monkeypatch):
-    from vpcnet import rtnl
+    from vpcnet.datapath import rtnl
 
     opened = []
     real_open = rtnl.open_socket
@@ -604,9 +604,9 @@ def test_a_routed_container_cannot_send_as_another_networks_container(host, netn
 def test_a_containers_received_traffic_is_counted_on_every_path(two_hosts, netns_factory, mode):
     """What the container receives from another host: in ebpf mode the uplink program hands it straight
     into the container's namespace, past the host veth's transmit counters; the container end counts it,
-    and vpcnet.rtnl.link_stats(peers=True) reads that end through its namespace id."""
+    and vpcnet.datapath.rtnl.link_stats(peers=True) reads that end through its namespace id."""
     require(shutil.which("iperf3") is not None, "needs iperf3")
-    from vpcnet.rtnl import link_stats
+    from vpcnet.datapath.rtnl import link_stats
 
     a, b = two_hosts
     sa = spec(mode=mode, host="10.77.3.0/24")

@@ -7,7 +7,6 @@ and skip on older engines; the firewall test for DOCKER-USER runs on every engin
 from __future__ import annotations
 
 import pytest
-
 from conftest import run, source_seen_by, unique
 
 pytestmark = pytest.mark.docker

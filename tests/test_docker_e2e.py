@@ -6,7 +6,6 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import run, source_seen_by, unique
 
 pytestmark = pytest.mark.docker

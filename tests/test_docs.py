@@ -22,8 +22,8 @@ import sys
 import uuid
 
 import pytest
-
 from conftest import docker_up, free_cluster, is_root, require, unique
+
 from vpcnet import config as config_mod
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -324,7 +324,7 @@ def test_monitoring_alerts_fire_on_their_data_only(monitoring_files):
 
 
 def test_monitoring_names_only_served_families():
-    from vpcnet.metrics import FAMILIES
+    from vpcnet.observability.events import FAMILIES
 
     with open(os.path.join(DOCS, "monitoring.md")) as fh:
         text = fh.read()

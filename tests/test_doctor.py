@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 from conftest import run, unique, wait_for
-
 from test_plugin_cloud import ME, TABLE, cloud_env, mine
 
 POOL_REQUEST = {"AddressSpace": "vpcnet-local", "Pool": "", "SubPool": "", "Options": {}, "V6": False}
@@ -96,9 +95,9 @@ def test_kernel_faults_are_named_one_at_a_time(plugin_factory, netns_factory, do
 
 
 def test_cloud_faults_are_named_one_at_a_time(plugin_factory, docker_engine):
-    from vpcnet.emulator import Emulator, serve_in_thread
-
     from test_plugin_cloud import KEY_ID, REGION, SECRET, VPC
+
+    from vpcnet_lab.emulator import Emulator, serve_in_thread
 
     emu = Emulator(region=REGION, vpc_id=VPC, route_table_id=TABLE, credentials={KEY_ID: SECRET}, seed=3)
     emu.register_instance(ME, "192.168.0.10")
@@ -127,7 +126,7 @@ def test_cloud_faults_are_named_one_at_a_time(plugin_factory, docker_engine):
 
 def test_doctor_talks_to_the_engine_docker_host_names():
     """Like the docker CLI: a rootless engine or a second one is found through DOCKER_HOST."""
-    from vpcnet.doctor import DOCKER_SOCKET, default_docker_socket
+    from vpcnet.cli.doctor import DOCKER_SOCKET, default_docker_socket
 
     assert default_docker_socket({"DOCKER_HOST": "unix:///run/user/1000/docker.sock"}) == "/run/user/1000/docker.sock"
     assert default_docker_socket({"DOCKER_HOST": "tcp://127.0.0.1:2375"}) == DOCKER_SOCKET

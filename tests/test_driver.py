@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from fakes import FakeDataplane, make_plugin
+
 from vpcnet.datapath.features import Features
 from vpcnet.datapath.spec import bridge_name, mac_for, veth_names
-from vpcnet.driver import GENERIC, INTERNAL_OPTION, MODE_OPTION, MTU_OPTION, spec_of
+from vpcnet.docker.driver import GENERIC, INTERNAL_OPTION, MODE_OPTION, MTU_OPTION, spec_of
 from vpcnet.errors import Conflict, DataplaneError, InvalidRequest, NotFound
 
 NID = "c0ffee" * 10 + "abcd"
@@ -360,8 +360,8 @@ def test_fake_dataplane_matches_the_real_interface():
     import inspect
 
     from fakes import DATAPLANE_METHODS
-    from vpcnet.datapath.dataplane import Dataplane
 
+    from vpcnet.datapath.dataplane import Dataplane
     from vpcnet.datapath.protocol import Datapath
 
     protocol = {name for name, _ in inspect.getmembers(Datapath, inspect.isfunction) if not name.startswith("_")}
@@ -525,7 +525,7 @@ def test_restore_puts_a_bridge_endpoint_back_on_its_bridge(tmp_path):
 def test_a_version_1_state_file_is_migrated_and_keeps_its_networks(tmp_path):
     import sqlite3
 
-    from vpcnet.store import SCHEMA_VERSION, Store
+    from vpcnet.state.store import SCHEMA_VERSION, Store
 
     path = str(tmp_path / "state" / "vpcnet.db")
     (tmp_path / "state").mkdir()

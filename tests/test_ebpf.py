@@ -10,9 +10,9 @@ import platform
 import struct
 
 import pytest
-
 from conftest import is_root, require, run
-from vpcnet import ebpf
+
+from vpcnet.datapath import ebpf
 from vpcnet.errors import DataplaneError
 
 HOST, CLUSTER = "10.77.3.0/24", "10.77.0.0/16"
@@ -160,7 +160,7 @@ def routed_host(kernel, netns_factory):
 
 
 def run_in(ns: str, fn):
-    from vpcnet.lab import netns as lab_netns
+    from vpcnet_lab import netns as lab_netns
     return lab_netns.call_in(ns, fn)
 
 

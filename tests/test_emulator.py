@@ -13,12 +13,11 @@ import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
-
-from conftest import wait_for
 import requests
+from conftest import wait_for
 
-from vpcnet.cloud.aliyun_signature import sign
-from vpcnet.emulator import Emulator, serve_in_thread
+from vpcnet.cloud.aliyun.signature import sign
+from vpcnet_lab.emulator import Emulator, serve_in_thread
 
 KEY_ID, SECRET = "emu-key-id", "emu-key-secret"
 TABLE = "vtb-emu0001"

@@ -13,8 +13,8 @@ import uuid
 
 import pytest
 
-from vpcnet.emulator import Emulator, serve_in_thread
-from vpcnet.emulator.kernel import RTPROT_EMULATOR, KernelRouteError
+from vpcnet_lab.emulator import Emulator, serve_in_thread
+from vpcnet_lab.emulator.kernel import RTPROT_EMULATOR, KernelRouteError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # share the signed client (any import mode)
 from conftest import wait_for  # noqa: E402

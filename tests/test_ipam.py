@@ -7,15 +7,15 @@ import os
 import threading
 
 import pytest
+from fakes import Clock, make_config
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from fakes import Clock, make_config
+from vpcnet.docker.ipam import GATEWAY_KEY, REPLAY_WINDOW, REQUEST_TYPE_KEY, Ipam
 from vpcnet.errors import Conflict, Exhausted, InvalidRequest, NotFound
-from vpcnet.ipam import GATEWAY_KEY, REPLAY_WINDOW, REQUEST_TYPE_KEY, Ipam
 from vpcnet.routes import RouteKeeper
-from vpcnet.store import Network, Store
+from vpcnet.state.store import Network, Store
 
 GATEWAY_OPTS = {REQUEST_TYPE_KEY: GATEWAY_KEY}
 

@@ -17,7 +17,6 @@ import time
 from collections import Counter
 
 import pytest
-
 from conftest import is_root, require, run, unique, wait_for
 
 pytestmark = pytest.mark.docker
@@ -31,7 +30,7 @@ def _require_lab_prerequisites() -> None:
     require(is_root(), "needs root (network namespaces, Docker engines, mounts)")
     missing = [t for t in TOOLS if not shutil.which(t)]
     require(not missing, f"needs {', '.join(missing)}")
-    from vpcnet.lab import Lab
+    from vpcnet_lab import Lab
     left = {k: v for k, v in Lab.leftovers().items() if v}
     require(not left, f"a vpcnet lab is already on this machine ({left}): `vpcnet lab down` first")
 
@@ -43,7 +42,7 @@ def vpcnet_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def lab(request):
     _require_lab_prerequisites()
-    from vpcnet.lab import Lab
+    from vpcnet_lab import Lab
 
     lab = Lab(hosts=2, cluster_cidr=CLUSTER, reconcile_interval=2.0)
     request.addfinalizer(lambda: lab.down())
@@ -131,8 +130,8 @@ def test_cli_up_twice_status_and_down_leave_nothing(request):
 def test_down_after_a_half_failed_up_removes_it_all(request):
     """A lab whose second host never got an engine (as if `up` died there) is removed completely."""
     _require_lab_prerequisites()
-    from vpcnet.lab import Lab, lab as lab_mod
-    from vpcnet.lab import netns
+    from vpcnet_lab import Lab, netns
+    from vpcnet_lab import lab as lab_mod
 
     request.addfinalizer(lambda: Lab().down())
     half = Lab(hosts=1, cluster_cidr=CLUSTER, load_image=False)

@@ -13,7 +13,6 @@ import os
 import signal
 
 import pytest
-
 from conftest import wait_for
 from test_lab import Box, _require_lab_prerequisites
 
@@ -24,8 +23,8 @@ CLUSTER = "10.242.0.0/16"
 
 def test_two_zones_need_every_route_in_both_tables(request):
     _require_lab_prerequisites()
-    from vpcnet.lab import Lab
-    from vpcnet.lab.lab import zone_table
+    from vpcnet_lab import Lab
+    from vpcnet_lab.lab import zone_table
 
     lab = Lab(hosts=4, zones=2, cluster_cidr=CLUSTER, reconcile_interval=2.0)
     request.addfinalizer(lambda: lab.down())

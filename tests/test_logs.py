@@ -8,12 +8,10 @@ import logging
 import re
 
 import pytest
-
 from conftest import wait_for
-
 from test_plugin_cloud import SECRET, cloud_env, emu, mine  # noqa: F401  (emu: fixture)
 
-from vpcnet.logs import JsonFormatter
+from vpcnet.observability.logs import JsonFormatter
 
 NID = "f00dfeedbeef" + "2" * 52
 TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: ")
@@ -21,10 +19,10 @@ POOL_REQUEST = {"AddressSpace": "vpcnet-local", "Pool": "", "SubPool": "", "Opti
 
 
 def test_json_formatter_carries_the_call_fields_and_nothing_else():
-    record = logging.LogRecord("vpcnet.transport", logging.DEBUG, __file__, 1, "%s -> %d", ("/X", 200), None)
+    record = logging.LogRecord("vpcnet.docker.transport", logging.DEBUG, __file__, 1, "%s -> %d", ("/X", 200), None)
     record.call, record.duration_ms, record.network = "NetworkDriver.Join", 1.5, "abc"
     line = json.loads(JsonFormatter().format(record))
-    assert line["message"] == "/X -> 200" and line["level"] == "DEBUG" and line["logger"] == "vpcnet.transport"
+    assert line["message"] == "/X -> 200" and line["level"] == "DEBUG" and line["logger"] == "vpcnet.docker.transport"
     assert (line["call"], line["duration_ms"], line["network"]) == ("NetworkDriver.Join", 1.5, "abc")
     assert "endpoint" not in line and line["time"].endswith("Z")
 
@@ -49,7 +47,7 @@ def test_log_format_at_debug_and_no_secret(emu, plugin_factory, fmt):  # noqa: F
     assert lines and SECRET not in "\n".join(lines), "the AccessKey secret reached the log"
     if fmt == "text":
         ours = [line for line in lines if TEXT_LINE.match(line)]
-        assert any("vpcnet.transport: /NetworkDriver.DeleteEndpoint -> 200" in line for line in ours), lines
+        assert any("vpcnet.docker.transport: /NetworkDriver.DeleteEndpoint -> 200" in line for line in ours), lines
         assert not any(line.lstrip().startswith("{") for line in lines), "a JSON line in the text format"
         return
     records = [json.loads(line) for line in lines]          # every line is one JSON object

@@ -13,18 +13,16 @@ import urllib.error
 import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
-from conftest import wait_for
-
 from aliyun_fakes import closed_port, serving_emulator
+from conftest import wait_for
+from prometheus_client.parser import text_string_to_metric_families
 from test_aws_provider import aws_env, moto_url, provider_for, vpc  # noqa: F401  (fixtures)
 
-from vpcnet import health, metrics
 from vpcnet.cloud.aliyun import AliyunProvider
 from vpcnet.config import Config
 from vpcnet.errors import Retryable
-from vpcnet.store import Store
+from vpcnet.observability import events, health, metrics
+from vpcnet.state.store import Store
 
 POOL_REQUEST = {"AddressSpace": "vpcnet-local", "Pool": "", "SubPool": "", "Options": {}, "V6": False}
 NID = "a1b2c3d4e5f6" + "0" * 52
@@ -32,7 +30,7 @@ EID = "e1e2e3e4e5e6" + "1" * 52
 
 
 def events(name: str, **labels) -> float:
-    return metrics.EVENTS.get_sample_value(name, labels) or 0.0
+    return events.EVENTS.get_sample_value(name, labels) or 0.0
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
@@ -60,7 +58,7 @@ def healthz(url: str) -> tuple[int, dict]:
     ("TaskConflict", "conflict"), ("InvalidCIDRBlock.Duplicate", "conflict"),
     ("IncorrectStatus.RouteTableStatus", "conflict"), ("Forbidden.RAM", "error"), ("?", "error")])
 def test_cloud_outcome_names_throttling_and_conflicts(code, outcome):
-    assert metrics.cloud_outcome(code, None if outcome == "ok" else Exception()) == outcome
+    assert events.cloud_outcome(code, None if outcome == "ok" else Exception()) == outcome
 
 
 def test_metrics_addr_is_validated():
@@ -127,7 +125,7 @@ def test_state_families_are_computed_from_the_store(tmp_path):
     store.record_claim("10.9.0.0/16", "10.9.1.0/24", route_ok=False, reason="route is Pending")
     with store.tx() as db:      # what the datapath pass records (vpcnet.datapath.reconciler)
         store.set_meta(db, "datapath_repairs", '{"firewall": 3, "route": 1}')
-    state = metrics.ReconcilerState()
+    state = events.ReconcilerState()
     state.table_listed("vtb-x", 2, 200)         # the route keeper, after listing a table
     state.table_listed("vtb-y", 1, 0)           # quota unknown
     collector = metrics.StateCollector(store, link_stats=dict, reconciler=state)
@@ -246,7 +244,7 @@ def test_two_workers_one_listener_every_worker_counted(plugin_factory):
     that takes the reconciler over: counters never go backwards while the plugin runs."""
     import signal
 
-    from vpcnet.health import read_addr
+    from vpcnet.observability.health import read_addr
 
     plugin = plugin_factory({"VPCNET_WORKERS": "2"})
     plugin.metrics_url()

@@ -7,11 +7,8 @@ from __future__ import annotations
 import time
 
 import pytest
-
-from conftest import wait_for
-
 from aliyun_fakes import closed_port, serving_emulator
-
+from conftest import wait_for
 
 KEY_ID, SECRET = "plugin-key-id", "plugin-S3cret-never-logged-77e1"
 TABLE, VPC, REGION = "vtb-plug0001", "vpc-plug0001", "cn-emu-1"

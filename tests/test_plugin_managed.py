@@ -23,7 +23,6 @@ import time
 import uuid
 
 import pytest
-
 from conftest import CURRENT_DOCKER, docker_up, engine_major, free_cluster, is_root, require, run, unique
 
 pytestmark = pytest.mark.docker

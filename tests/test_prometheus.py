@@ -18,12 +18,10 @@ import urllib.parse
 import urllib.request
 
 import pytest
-
 from conftest import require, wait_for
-
 from test_plugin_cloud import ME, TABLE, cloud_env, mine
 
-from vpcnet.metrics import FAMILIES
+from vpcnet.observability.events import FAMILIES
 
 SCRAPE = "1s"
 PING_COUNT, PING_SIZE = 1500, 1000
@@ -97,7 +95,7 @@ class Prometheus:
 def emulator():
     from test_plugin_cloud import KEY_ID, REGION, SECRET, VPC
 
-    from vpcnet.emulator import Emulator, serve_in_thread
+    from vpcnet_lab.emulator import Emulator, serve_in_thread
 
     emu = Emulator(region=REGION, vpc_id=VPC, route_table_id=TABLE, credentials={KEY_ID: SECRET}, seed=5,
                    pending_delay=3.0)

@@ -10,10 +10,8 @@ import threading
 import time
 
 import pytest
-
-from conftest import wait_for
-
 from aliyun_fakes import blocks_of, closed_port, serving_emulator
+from conftest import wait_for
 
 from vpcnet import routes as routes_mod
 from vpcnet.cloud import Route, route_name
@@ -21,7 +19,7 @@ from vpcnet.cloud.aliyun import AliyunProvider
 from vpcnet.config import Config
 from vpcnet.errors import Fatal, NotReady, Retryable
 from vpcnet.routes import FATAL, PENDING, TRANSIENT, Backoff, RouteKeeper
-from vpcnet.store import Store
+from vpcnet.state.store import Store
 
 KEY_ID = "emu-key-id"
 SECRET = "S3cret-routes-never-logged-5b7e"         # distinctive, so a leak is found by a plain search

@@ -8,11 +8,9 @@ import subprocess
 import sys
 
 import pytest
-
 from aliyun_fakes import blocks_of, closed_port, serving_emulator
 
 from vpcnet.cloud import route_name
-
 
 KEY_ID, SECRET = "cli-key-id", "cli-S3cret-never-printed-0a9d"
 TABLE, VPC, REGION = "vtb-cli0001", "vpc-cli0001", "cn-emu-1"

@@ -9,11 +9,11 @@ import sys
 import uuid
 
 import pytest
-
 from conftest import is_root, require, run
 from fakes import make_plugin
-from test_transport import NID, EID, ok, post, setup_network
-from vpcnet.store import Store
+from test_transport import EID, NID, ok, post, setup_network
+
+from vpcnet.state.store import Store
 
 
 def serve(tmp_path, state_dir: str) -> subprocess.CompletedProcess:

@@ -4,8 +4,9 @@ from __future__ import annotations
 import sqlite3
 
 from fakes import make_config
-from vpcnet import status
-from vpcnet.store import Store
+
+from vpcnet.cli import status
+from vpcnet.state.store import Store
 
 
 def test_status_never_migrates_a_running_plugins_database(tmp_path):

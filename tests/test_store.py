@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from vpcnet.errors import StateError
-from vpcnet.store import SCHEMA_VERSION, Endpoint, Network, Store
+from vpcnet.state.store import SCHEMA_VERSION, Endpoint, Network, Store
 
 
 @pytest.fixture

@@ -16,9 +16,9 @@ import signal
 import sys
 
 import pytest
-
 from conftest import CURRENT_DOCKER, engine_major, is_root, require, run, unique, wait_for
-from vpcnet.lab import swarm as lab_swarm
+
+from vpcnet_lab import swarm as lab_swarm
 
 pytestmark = pytest.mark.docker
 
@@ -34,7 +34,7 @@ def swarm(request, docker_engine):
         pytest.skip(f"Swarm on vpcnet is tested on Docker >= {CURRENT_DOCKER} (tests/engines/with-docker.sh)")
     missing = [t for t in ("dockerd", "nsenter", "unshare", "debootstrap") if not shutil.which(t)]
     require(not missing, f"needs {', '.join(missing)}")
-    from vpcnet.lab import Lab
+    from vpcnet_lab import Lab
 
     left = {k: v for k, v in Lab.leftovers().items() if v}
     require(not left, f"a vpcnet lab is already on this machine ({left}): `vpcnet lab down` first")

@@ -8,10 +8,10 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import require, run
+
 from vpcnet import config as config_mod
-from vpcnet import install
+from vpcnet.cli import install
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNITS = {"vpcnet.service": install.render_service, "vpcnet-emulator.service": install.render_emulator_service}
@@ -40,7 +40,7 @@ def test_service_ordering_and_hardening():
                    "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW CAP_BPF", "SystemCallFilter=@system-service bpf",
                    "RestrictAddressFamilies=AF_UNIX AF_NETLINK AF_INET AF_INET6",
                    "ExecStartPre=+/bin/mkdir -p /run/docker/plugins", "ExecStart=/usr/local/bin/vpcnet serve",
-                   # the watchdog is pinged by a worker (vpcnet.health), not by gunicorn's master
+                   # the watchdog is pinged by a worker (vpcnet.observability.health), not by gunicorn's master
                    "WatchdogSec=60s", "NotifyAccess=all"):
         assert wanted in lines, wanted
     rw = next(line for line in lines if line.startswith("ReadWritePaths="))

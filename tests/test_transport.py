@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from fakes import MEDIA_TYPE, make_plugin
+
 from vpcnet.datapath.spec import mac_for, veth_names
+from vpcnet.docker.transport import endpoint_table
 from vpcnet.errors import DataplaneError
-from vpcnet.transport import endpoint_table
 
 NID = "a1" * 32
 NID2 = "b2" * 32

@@ -10,12 +10,15 @@ Invalid configuration raises `ConfigError` with one line naming the key and the 
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+from vpcnet import cloud
 
 DEFAULT_CONFIG_FILE = "/etc/vpcnet/vpcnet.toml"
 
@@ -250,9 +253,18 @@ def _parse(setting: Setting, raw: Any, where: str) -> Any:
         raise ConfigError(f"{where}: invalid value {'***' if setting.secret else repr(raw)}: {exc}") from None
 
 
-def validate(config: Config, check_socket_dir: bool = True) -> None:
-    from vpcnet import cloud  # late import: cloud imports config
+def parse_addr(text: str) -> tuple[str, int]:
+    """`HOST:PORT` (or `[v6]:PORT`) -> (host, port). Raises ValueError naming the problem."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    host = host.strip("[]")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r}: port must be 0..65535")
+    return host, int(port)
 
+
+def validate(config: Config, check_socket_dir: bool = True) -> None:
     if config.provider not in cloud.provider_names():
         raise ConfigError(f"VPCNET_PROVIDER: unknown provider {config.provider!r} "
                           f"(choose one of {', '.join(cloud.provider_names())})")
@@ -289,8 +301,6 @@ def validate(config: Config, check_socket_dir: bool = True) -> None:
     if config.datapath_interval <= 0:
         raise ConfigError("VPCNET_DATAPATH_INTERVAL: must be positive")
     if config.metrics_addr:
-        from vpcnet.health import parse_addr
-
         try:
             parse_addr(config.metrics_addr)
         except ValueError as exc:
@@ -310,6 +320,12 @@ def markdown_table() -> str:
         rows.append(f"| `{s.env}` | `{s.attr}` | `{default}` | {s.description} |" if default != ""
                     else f"| `{s.env}` | `{s.attr}` | | {s.description} |")
     return "\n".join(rows)
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="TOML configuration file (default /etc/vpcnet/vpcnet.toml if present; "
+                             "VPCNET_* environment variables override it)")
 
 
 if __name__ == "__main__":

@@ -11,12 +11,12 @@
 #   docker-config/cli-plugins/docker-compose             a DOCKER_CONFIG with Compose v2 as CLI plugin
 #   VERSIONS                                             the package versions, written last
 # Idempotent: with VERSIONS present nothing is downloaded (delete the directory to refresh).
-# Environment: VPCNET_CI_DOCKER_SUITE (sid), VPCNET_CI_DOCKER_MIRROR (http://deb.debian.org/debian),
+# Environment: VPCNET_CI_DOCKER_SUITE (sid), VPCNET_CI_DOCKER_MIRROR (default: the archive this host's apt
+# uses, from plugin/host-mirror.sh),
 # VPCNET_CI_DOCKER_DIR.
 set -euo pipefail
 
 SUITE=${VPCNET_CI_DOCKER_SUITE:-sid}
-MIRROR=${VPCNET_CI_DOCKER_MIRROR:-http://deb.debian.org/debian}
 DIR=${VPCNET_CI_DOCKER_DIR:-/var/cache/vpcnet-ci/docker-$SUITE}
 PACKAGES=(docker.io containerd docker-compose)
 KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
@@ -29,6 +29,8 @@ if [ -s "$DIR/VERSIONS" ] && [ -x "$DIR/root/usr/sbin/dockerd" ]; then
 fi
 [ -r "$KEYRING" ] || die "$KEYRING missing (apt-get install debian-archive-keyring)"
 command -v dpkg >/dev/null || die "dpkg not found"
+MIRROR=${VPCNET_CI_DOCKER_MIRROR:-$("$(dirname "$0")/../../plugin/host-mirror.sh")} \
+    || die "no Debian mirror: set VPCNET_CI_DOCKER_MIRROR"
 
 mkdir -p "$(dirname "$DIR")"
 work=$(mktemp -d "$DIR.fetch.XXXXXX")

@@ -98,6 +98,9 @@ class Provider(abc.ABC):
     instant = False
     #: True when `check_forwarding` asks the cloud something (it is then called every pass).
     checks_forwarding = False
+
+    def __init__(self, config) -> None:  # noqa: B027 - every provider is built from the one config object
+        pass
     #: How to raise a full table's quota, for the error that stops at it.
     quota_hint = ""
     #: True when `create_routes` writes several tables in one call (Alibaba's CreateRouteEntries).
@@ -174,8 +177,13 @@ def provider_names() -> list[str]:
     return list(PROVIDERS)
 
 
+def provider_class(name: str) -> type[Provider]:
+    """The provider class registered as `name`, its module imported only now (a provider's own
+    dependencies, botocore for aws, are needed only where it is chosen)."""
+    module_name, _, class_name = PROVIDERS[name].partition(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
 def make_provider(config) -> Provider:
-    """Instantiate the provider named by `config.provider` (imported only when chosen)."""
-    module_name, _, class_name = PROVIDERS[config.provider].partition(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(config)
+    """Instantiate the provider named by `config.provider`."""
+    return provider_class(config.provider)(config)

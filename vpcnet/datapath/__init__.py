@@ -8,7 +8,7 @@ kernel match (see the README's Usage and Layout).
 - `spec`: the desired state as values (a network's and an endpoint's specs, vpcnet's names, `Repair`).
 - `netlink`: this thread's netlink sockets in one namespace, sysctls, link lookups.
 - `links`: bridges, anchors, veth pairs, addresses, routes, proxy ARP.
-- `tc`: the eBPF fast path's programs (vpcnet.ebpf) attached, found and removed.
+- `tc`: the eBPF fast path's programs (vpcnet.datapath.ebpf) attached, found and removed.
 - `dataplane`: `Dataplane`, the real implementation of `protocol.Datapath`, composing the appliers; its
   `repair` reads the kernel and puts drift right.
 - `reconciler`: the periodic pass that calls `repair` for every network in the store.

@@ -11,7 +11,7 @@ Routed mode (`-o vpcnet.mode=routed`, per network): a leaner path with no bridge
 sits on a per-network anchor (one end of a veth pair `vpc-<id11>`/`vpp-<id11>`: this kernel may lack the
 dummy driver), so the host answers for it and its connected route keeps unknown addresses of the host
 CIDR off the default route. Per endpoint the host end of the veth is on no bridge and has no address;
-it has `proxy_arp=1` and `proxy_delay=0` (set over netlink by vpcnet.rtnl: /proc/sys is read-only in a
+it has `proxy_arp=1` and `proxy_delay=0` (set over netlink by vpcnet.datapath.rtnl: /proc/sys is read-only in a
 managed plugin) and the host routes `<container ip>/32 dev <host end>`. The container keeps the pool
 prefix Docker assigns: it ARPs for neighbours and the gateway, the host end answers, and the host
 routes by /32. Each packet between hosts thus skips the bridge and br_netfilter (Docker turns
@@ -21,7 +21,7 @@ drops what a veth sends from an address not routed back to it; masquerade and --
 bridge mode.
 
 eBPF mode (`-o vpcnet.mode=ebpf`, and the default where vpcnet.datapath.features finds the kernel and
-capabilities for it): routed mode, plus the fast path of vpcnet.ebpf. A tc
+capabilities for it): routed mode, plus the fast path of vpcnet.datapath.ebpf. A tc
 program on each endpoint's host veth (ingress) and one per network on the uplink (ingress of the default
 route's device; filter `vpcnet-<id12>`, one handle per network) hand the traffic between the host CIDR and
 the rest of the cluster CIDR straight between the container and the uplink (and between two
@@ -61,7 +61,7 @@ import logging
 from contextlib import nullcontext
 from typing import Callable, ContextManager, Sequence
 
-from vpcnet import rtnl
+from vpcnet.datapath import rtnl
 from vpcnet.datapath.features import Features, probe
 from vpcnet.datapath.firewall import PREFIXES, FirewallTable
 from vpcnet.datapath.links import Links
@@ -175,7 +175,7 @@ class Dataplane:
 
     # -- the periodic pass: drift found by reading the kernel -------------------------------------------
     def view(self, with_tc: bool = True) -> KernelView:
-        """One read of the kernel: links, addresses, routes (raw netlink dumps, vpcnet.rtnl: a fraction of
+        """One read of the kernel: links, addresses, routes (raw netlink dumps, vpcnet.datapath.rtnl: a fraction of
         pyroute2's cost per message) and, with `with_tc` (ebpf networks exist), qdiscs and uplink programs."""
         try:
             sock = self.nl.rtnl()

@@ -4,7 +4,7 @@ A network created without `-o vpcnet.mode` gets the best mode this host can do (
 bridge; `VPCNET_DEFAULT_MODE` pins one). "Can do" is found by doing it once, on a throwaway veth pair that
 is deleted again, never assumed from a kernel version:
 
-- ebpf: both fast-path programs of vpcnet.ebpf pass BPF_PROG_LOAD (the verifier then has also checked
+- ebpf: both fast-path programs of vpcnet.datapath.ebpf pass BPF_PROG_LOAD (the verifier then has also checked
   the helpers they call, bpf_fib_lookup, bpf_redirect_neigh and bpf_redirect_peer), and a clsact qdisc
   with a direct-action bpf filter attaches. Refused without CAP_BPF (or CAP_SYS_ADMIN) or on kernels
   before 5.10.
@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 from pyroute2 import IPRoute, NetlinkError
 
-from vpcnet import ebpf, rtnl
+from vpcnet.datapath import ebpf, rtnl
 from vpcnet.errors import DataplaneError
 
 log = logging.getLogger(__name__)

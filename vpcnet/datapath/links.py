@@ -5,7 +5,7 @@ veth pair, routed mode's proxy ARP and `/32` route.
 - Routed and ebpf modes: an anchor (one end of a veth pair `vpc-<id11>`/`vpp-<id11>`: this kernel may lack
   the dummy driver) holds the gateway, so the host answers for it and its connected route keeps unknown
   addresses of the host CIDR off the default route. Each endpoint's host veth is on no bridge, has
-  `proxy_arp=1`, `proxy_delay=0` (over netlink, vpcnet.rtnl: /proc/sys is read-only in a managed plugin),
+  `proxy_arp=1`, `proxy_delay=0` (over netlink, vpcnet.datapath.rtnl: /proc/sys is read-only in a managed plugin),
   and the host routes `<container ip>/32 dev <host veth>`.
 Every call is idempotent: create what is missing, accept what exists.
 """
@@ -16,7 +16,7 @@ import ipaddress
 
 from pyroute2 import IPRoute, NetlinkError
 
-from vpcnet import rtnl
+from vpcnet.datapath import rtnl
 from vpcnet.datapath.netlink import Netlink
 from vpcnet.datapath.spec import NetworkSpec, anchor_peer
 from vpcnet.errors import DataplaneError

@@ -5,7 +5,7 @@
   veth. Traffic is named by the host veths (`vh+`) and the network's addresses; the host-wide
   anti-spoofing rule (vpcnet.datapath.firewall.ANTI_SPOOFING) keeps one network's containers from
   sending as another's.
-- `ebpf`: routed, plus the tc fast path (vpcnet.ebpf); the firewall is routed mode's, for the traffic the
+- `ebpf`: routed, plus the tc fast path (vpcnet.datapath.ebpf); the firewall is routed mode's, for the traffic the
   fast path hands back.
 
 Common to all: a filter chain accepting the network's forwarding (Docker sets FORWARD's policy to DROP),

@@ -1,4 +1,4 @@
-"""Access to one network namespace's kernel: this thread's netlink sockets (pyroute2's and vpcnet.rtnl's
+"""Access to one network namespace's kernel: this thread's netlink sockets (pyroute2's and vpcnet.datapath.rtnl's
 raw one), sysctls, and the few lookups every applier needs (a link by name, the uplinks, a link's removal).
 
 Sockets are opened once per thread and process (opening one costs more than the request itself) and
@@ -15,7 +15,7 @@ from typing import Iterator
 
 from pyroute2 import IPRoute, NetlinkError
 
-from vpcnet import rtnl
+from vpcnet.datapath import rtnl
 from vpcnet.datapath.spec import DEFAULT_MTU
 from vpcnet.errors import DataplaneError
 
@@ -45,7 +45,7 @@ class Netlink:
             raise
 
     def rtnl(self):
-        """This thread's raw rtnetlink socket (vpcnet.rtnl), for what pyroute2 has no call for."""
+        """This thread's raw rtnetlink socket (vpcnet.datapath.rtnl), for what pyroute2 has no call for."""
         sock = getattr(self._local, "rtnl", None)
         if sock is None or self._local.rtnl_pid != os.getpid():
             sock = rtnl.open_socket(self.netns)

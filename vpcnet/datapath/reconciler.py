@@ -1,6 +1,6 @@
 """The store is the desired state; this makes the kernel match it: at start-up, and again periodically.
 
-Docker's calls change the store and then the kernel (vpcnet.driver, under the network's lock). This pass
+Docker's calls change the store and then the kernel (vpcnet.docker.driver, under the network's lock). This pass
 finds what changed behind vpcnet's back by reading the kernel — one `iptables-save`, one link, address,
 route and qdisc dump — not by remembering what it did, and repairs it: a firewall flushed by another tool,
 a bridge or a /32 route deleted by hand, eBPF programs left on an old uplink. Each repair is logged once
@@ -24,26 +24,15 @@ from typing import Callable, ContextManager, Iterator
 
 from vpcnet.datapath.protocol import Datapath
 from vpcnet.datapath.spec import EndpointSpec, NetworkGone, NetworkSpec, Repair
-from vpcnet.locks import become_leader, object_lock
-from vpcnet.store import Network, Store
+from vpcnet.state.locks import become_leader, object_lock
+from vpcnet.state.store import Network, Store
 
 log = logging.getLogger(__name__)
-
-REPAIRS_KEY = "datapath_repairs"
-
 
 def spec_of(net: Network) -> NetworkSpec:
     return NetworkSpec(tag=net.network_id[:12], bridge=net.bridge, gateway=net.gateway, host_cidr=net.host_cidr,
                        cluster_cidr=net.cluster_cidr, mtu=net.mtu, internal=net.internal, no_nat=net.no_nat,
                        mode=net.mode)
-
-
-def repair_counts(store: Store) -> dict[str, int]:
-    """Repairs so far by object kind (firewall, link, address, route, tc), as `vpcnet status` shows them."""
-    try:
-        return {k: int(v) for k, v in json.loads(store.get_meta(REPAIRS_KEY, "{}")).items()}
-    except ValueError:
-        return {}
 
 
 class DatapathReconciler:
@@ -88,11 +77,7 @@ class DatapathReconciler:
     def _count(self, new: Counter) -> None:
         self.repairs.update(new)
         try:
-            with self.store.tx() as db:
-                row = db.execute("SELECT value FROM meta WHERE key=?", (REPAIRS_KEY,)).fetchone()
-                total = Counter(json.loads(row["value"]) if row else {})
-                total.update(new)
-                self.store.set_meta(db, REPAIRS_KEY, json.dumps(dict(total), sort_keys=True))
+            self.store.add_repairs(new)
         except Exception as exc:       # a full disk must not stop repairs: the log has them
             log.warning("cannot record the repair counts: %s", exc)
 

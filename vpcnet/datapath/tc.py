@@ -1,4 +1,4 @@
-"""The eBPF fast path's tc side (ebpf mode): vpcnet.ebpf's programs attached, found and removed over netlink.
+"""The eBPF fast path's tc side (ebpf mode): vpcnet.datapath.ebpf's programs attached, found and removed over netlink.
 
 - Per endpoint: the container program on the ingress of its host veth (clsact, prio/handle
   `ENDPOINT_FILTER`); it goes with the veth.
@@ -16,7 +16,7 @@ from typing import Iterator
 
 from pyroute2 import IPRoute, NetlinkError
 
-from vpcnet import ebpf
+from vpcnet.datapath import ebpf
 from vpcnet.datapath.netlink import Netlink
 from vpcnet.datapath.spec import NetworkSpec, bridge_name, uplink_handle
 from vpcnet.errors import DataplaneError

@@ -1,0 +1,105 @@
+"""`vpcnet lab up|status|down`: the multi-host lab from the command line."""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def register(subparsers) -> None:
+    from vpcnet_lab.lab import DEFAULT_CLUSTER, DEFAULT_NETWORK, DEFAULT_RECONCILE
+
+    p = subparsers.add_parser(
+        "lab", help="several simulated hosts on this machine (netns + own Docker engine + vpcnet each) "
+                    "behind an emulated VPC router",
+        description="Build, inspect and remove a multi-host lab: a router namespace (vpclab-vpc) running "
+                    "the VPC emulator, and hosts vpclab-h1..hN, each with its own Docker engine "
+                    "(/run/vpclab/hK/docker.sock) and its own `vpcnet serve` using the aliyun provider "
+                    "against the emulator. Underlay 192.168.240.0/24, all inside the lab's namespaces.")
+    sub = p.add_subparsers(dest="lab_command", metavar="ACTION")
+    sub.required = True
+
+    up = sub.add_parser("up", help="build the lab (safe to run again; adds hosts up to --hosts)")
+    up.add_argument("--hosts", type=int, default=2, metavar="N", help="number of hosts (default 2)")
+    up.add_argument("--zones", type=int, default=1, metavar="Z",
+                    help="zones (1..4): host K in zone (K-1)%%Z+1, each zone a vSwitch bound to its own route "
+                         "table; the router forwards by the table of the packet's zone (default 1)")
+    up.add_argument("--cluster-cidr", default=DEFAULT_CLUSTER, metavar="CIDR",
+                    help=f"cluster CIDR the hosts' blocks are carved from (default {DEFAULT_CLUSTER})")
+    up.add_argument("--network", default=DEFAULT_NETWORK, metavar="NAME",
+                    help=f"name of the vpcnet network created on every host (default {DEFAULT_NETWORK})")
+    up.add_argument("--mode", default="default", metavar="MODE",
+                    help="datapath of that network: default (no -o: the plugins' default mode, ebpf where "
+                         "supported), bridge, routed or ebpf (-o vpcnet.mode=MODE)")
+    up.add_argument("--reconcile-interval", type=float, default=DEFAULT_RECONCILE, metavar="S",
+                    help=f"each plugin's VPCNET_RECONCILE_INTERVAL (default {DEFAULT_RECONCILE:g})")
+    up.add_argument("--no-image", action="store_true", help="do not load the test image into the engines")
+    up.set_defaults(func=_up)
+
+    st = sub.add_parser("status", help="hosts, host CIDRs, the emulated route table, route availability")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(func=_status)
+
+    down = sub.add_parser("down", help="remove everything the lab made (also after a failed up)")
+    down.set_defaults(func=_down)
+
+
+def _up(args) -> int:
+    from vpcnet_lab.lab import Lab
+    from vpcnet_lab.netns import LabError
+
+    lab = Lab(hosts=args.hosts, cluster_cidr=args.cluster_cidr, network=args.network, mode=args.mode,
+              zones=args.zones,
+              reconcile_interval=args.reconcile_interval, load_image=not args.no_image, out=sys.stdout)
+    try:
+        lab.up()
+    except LabError as exc:
+        print(f"vpcnet lab up: {exc}\n(run `vpcnet lab down` to remove what was made)", file=sys.stderr)
+        return 1
+    print(f"lab up: {len(lab.state['hosts'])} host(s) in {lab.zones} zone(s), cluster {lab.cluster_cidr}, "
+          f"network {lab.network} ({lab.mode} mode); `vpcnet lab status` shows the route table, "
+          "`vpcnet lab down` removes it all")
+    return 0
+
+
+def _status(args) -> int:
+    from vpcnet_lab.lab import Lab
+
+    status = Lab().status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0 if status.get("up") else 3
+    if not status.get("hosts") and not status.get("emulator_url"):
+        left = {k: v for k, v in status.get("leftovers", {}).items() if v}
+        print("lab is down" + (f" (leftovers: {left}; run `vpcnet lab down`)" if left else ""))
+        return 3
+    print(f"lab {'up' if status['up'] else 'DEGRADED'}: cluster {status['cluster_cidr']}, network "
+          f"{status['network']} ({status['mode']} mode), router {status['router_netns']}, "
+          f"emulator {status['emulator_url']} "
+          f"({'up' if status['emulator_up'] else 'down'})")
+    print(f"{'host':<5} {'netns':<11} {'underlay':<15} {'host CIDR':<16} {'engine':<7} {'plugin':<7} route")
+    for h in status["hosts"]:
+        route = h["route"]
+        shown = f"{route['destination']} {route['status']}" if route else "none"
+        print(f"{h['host']:<5} {h['netns']:<11} {h['underlay_ip']:<15} {h['host_cidr'] or '-':<16} "
+              f"{'up' if h['engine_up'] else 'down':<7} {'up' if h['plugin_up'] else 'down':<7} {shown}")
+        print(f"      DOCKER_HOST={h['docker_host']}")
+    for table, entries in status.get("route_tables", {}).items():
+        print(f"zone route table {table}: {', '.join(entries) or 'no custom entry'}")
+    print("emulated route table:")
+    for e in status["route_table"]:
+        print(f"  {e['destination']:<18} {e['type']:<7} {e['status']:<10} {e['next_hop'] or '-':<14} {e['entry_id']}")
+    print(f"kernel routes in {status['router_netns']}:")
+    for line in status["kernel_routes"]:
+        print(f"  {line}")
+    return 0 if status["up"] else 3
+
+
+def _down(args) -> int:
+    from vpcnet_lab.lab import Lab
+
+    left = Lab().down()
+    if left:
+        print("vpcnet lab down: left behind: " + "; ".join(left), file=sys.stderr)
+        return 1
+    print("lab down: no vpclab namespace, engine, mount or file left")
+    return 0

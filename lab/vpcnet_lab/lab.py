@@ -1,0 +1,529 @@
+"""The multi-host lab: a VPC router namespace running the emulator, and N simulated hosts.
+
+Addresses (all inside namespaces the lab creates; the machine's own interfaces are never touched):
+
+    underlay       192.168.240.0/24
+    router         192.168.240.1   (on lo of `vpclab-vpc`; the emulator listens on 192.168.240.1:8790)
+    host K         192.168.240.(10+K), interface `uplink` in `vpclab-hK`, point to point with the router
+                   (router side `to-hK`), default route via 192.168.240.1
+    containers     the cluster CIDR (default 10.240.0.0/16), one /24 per host, claimed by each host's
+                   plugin as a route `host CIDR -> i-vpclab-hK` in the emulated route table, which the
+                   emulator installs in the router namespace as `host CIDR via 192.168.240.(10+K)`
+
+Zones (`--zones N`, N <= 4): host K is in zone z = (K-1) % N + 1, with underlay address
+192.168.(239+z).(10+K) in vSwitch `vsw-zone<z>` (192.168.(239+z).0/24). Zone 1's vSwitch is bound to the
+VPC's system table vtb-emu0001, zone z's to its own custom table vtb-emu000<z>. The emulator installs
+each emulated table into its own kernel table (100+z) of the router namespace, and the router forwards
+a packet by the table of the zone it came from: one `ip rule iif to-hK lookup 100+z` per host (by
+incoming link, not source address: container packets keep their own source addresses), with an
+`unreachable` route for the cluster CIDR in each zone table so a missing host route never falls through
+to another table. So cross-zone traffic works only while both tables hold both hosts' routes, as in a
+VPC with a route table per zone. The hosts' plugins are not told the tables: they discover them from
+the vSwitches bound to them (DescribeRouteTableList). With one zone (the default) everything is in the
+main table and the addresses are those above.
+
+Files: /run/vpclab (lab.json with pids and settings, sockets, exec roots), /var/lib/vpclab (data roots,
+plugin state, logs, the emulator's state). `down()` removes all of it, also after a half-failed `up()`,
+by looking at what exists (namespaces, folders, cgroups) rather than trusting lab.json alone.
+"""
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from typing import Any
+
+from vpcnet_lab import engine as engine_mod
+from vpcnet_lab import netns
+from vpcnet_lab.engine import DATA_ROOT, RUN_ROOT, Host, alive
+from vpcnet_lab.netns import LabError, run
+
+log = logging.getLogger(__name__)
+
+PREFIX = "vpclab-"
+ROUTER_NS = "vpclab-vpc"
+UNDERLAY = ipaddress.IPv4Network("192.168.240.0/24")
+UNDERLAY_ALL = ipaddress.IPv4Network("192.168.240.0/22")   # every zone's vSwitch
+MAX_ZONES = 4
+ZONE_KERNEL_TABLE_BASE = 100          # zone z's route table is kernel table 100+z in the router netns
+RULE_PREF_BASE = 1000                 # host K's `ip rule iif to-hK` has priority 1000+K
+ROUTER_IP = "192.168.240.1"
+HOST_IP_BASE = 10                      # host K is 192.168.240.(10+K)
+MAX_HOSTS = 200
+EMULATOR_PORT = 8790
+DEFAULT_CLUSTER = "10.240.0.0/16"
+DEFAULT_NETWORK = "vpc0"
+DEFAULT_RECONCILE = 5.0
+HOST_IF = "uplink"
+REGION, VPC_ID, TABLE_ID = "cn-emu-1", "vpc-emu0001", "vtb-emu0001"
+KEY_ID = "vpclab"
+STATE_FILE = os.path.join(RUN_ROOT, "lab.json")
+LOCK_FILE = os.path.join(RUN_ROOT, ".lock")
+EMULATOR_PIDFILE = os.path.join(RUN_ROOT, "emulator.pid")
+EMULATOR_LOG = os.path.join(DATA_ROOT, "emulator.log")
+EMULATOR_STATE = os.path.join(DATA_ROOT, "emulator.json")
+NETWORK_TIMEOUT = 60.0
+CLOSED_PORT_URL = "http://127.0.0.1:9"   # metadata: never 100.100.100.200; loopback of the host netns
+
+
+def host_netns(k: int) -> str:
+    return f"{PREFIX}h{k}"
+
+
+def host_ip(k: int, zone: int = 1) -> str:
+    if not 1 <= k <= MAX_HOSTS:
+        raise LabError(f"host number {k} is out of range 1..{MAX_HOSTS}")
+    return str(zone_subnet(zone).network_address + HOST_IP_BASE + k)
+
+
+def zone_subnet(zone: int) -> ipaddress.IPv4Network:
+    """Zone z's vSwitch: 192.168.(239+z).0/24."""
+    return ipaddress.IPv4Network((int(UNDERLAY.network_address) + (zone - 1) * 256, 24))
+
+
+def zone_table(zone: int) -> str:
+    return TABLE_ID if zone == 1 else f"vtb-emu{zone:04d}"
+
+
+def zone_vswitch(zone: int) -> str:
+    return f"vsw-zone{zone}"
+
+
+def instance_id(k: int) -> str:
+    return f"i-vpclab-h{k}"
+
+
+class Lab:
+    """The lab, as an object. `with Lab(hosts=2) as lab:` brings it up and always takes it down."""
+
+    def __init__(self, hosts: int = 2, cluster_cidr: str = DEFAULT_CLUSTER, network: str = DEFAULT_NETWORK,
+                 reconcile_interval: float = DEFAULT_RECONCILE, load_image: bool = True,
+                 out=None, mode: str = "default", zones: int = 1):
+        if not 1 <= hosts <= MAX_HOSTS:
+            raise LabError(f"--hosts must be 1..{MAX_HOSTS}")
+        if not 1 <= zones <= MAX_ZONES:
+            raise LabError(f"--zones must be 1..{MAX_ZONES}")
+        from vpcnet.datapath.spec import MODES  # here: the lab's CLI stays free of pyroute2 until used
+        if mode not in ("default", *MODES):     # default: no -o, the mode the plugins resolve (VPCNET_DEFAULT_MODE)
+            raise LabError(f"--mode {mode}: unknown vpcnet mode (known: default, {', '.join(MODES)})")
+        cluster = ipaddress.IPv4Network(cluster_cidr, strict=True)
+        if cluster.overlaps(UNDERLAY_ALL):
+            raise LabError(f"cluster CIDR {cluster} overlaps the lab underlay {UNDERLAY_ALL}")
+        self.hosts = hosts
+        self.cluster_cidr = str(cluster)
+        self.network = network
+        self.mode = mode
+        self.zones = zones
+        self.reconcile_interval = float(reconcile_interval)
+        self.load_image = load_image
+        self.out = out
+        self.state: dict[str, Any] = {}
+
+    # -- small accessors ---------------------------------------------------------------------------
+    emulator_url = f"http://{ROUTER_IP}:{EMULATOR_PORT}/"
+    router_netns = ROUTER_NS
+
+    @staticmethod
+    def host_netns(k: int) -> str:
+        return host_netns(k)
+
+    def zone_of(self, k: int) -> int:
+        return (k - 1) % self.zones + 1
+
+    def host_ip(self, k: int) -> str:
+        return host_ip(k, self.zone_of(k))
+
+    def zone_tables(self) -> list[str]:
+        return [zone_table(z) for z in range(1, self.zones + 1)]
+
+    @staticmethod
+    def host(k: int) -> Host:
+        return Host(k, host_netns(k))
+
+    def docker_cmd(self, k: int) -> list[str]:
+        return self.host(k).docker
+
+    def docker(self, k: int, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+        return run([*self.docker_cmd(k), *args], check=check, timeout=timeout)
+
+    def host_indexes(self) -> list[int]:
+        return sorted(int(h) for h in self._load_state().get("hosts", {}))
+
+    def emulator(self, method: str, path: str, body: Any = None, timeout: float = 10.0) -> Any:
+        """An admin call to the emulator (`/_emulator/...`), made from inside the router namespace."""
+        return netns.http_json(ROUTER_NS, method, self.emulator_url.rstrip("/") + path, body, timeout)
+
+    def routes(self, table: str = TABLE_ID) -> list[dict]:
+        """The entries of one emulated route table (default: the system table, zone 1's)."""
+        state = self.emulator("GET", "/_emulator/state")
+        for found in state["route_tables"]:
+            if found["RouteTableId"] == table:
+                return found["entries"]
+        return []
+
+    def route_of(self, k: int, table: str = TABLE_ID) -> dict | None:
+        for entry in self.routes(table):
+            hops = entry.get("NextHops", {}).get("NextHop", [])
+            if entry.get("Type") == "Custom" and any(h.get("NextHopId") == instance_id(k) for h in hops):
+                return entry
+        return None
+
+    def host_cidr(self, k: int) -> str:
+        proc = self.docker(k, "network", "inspect", self.network, "-f",
+                           "{{range .IPAM.Config}}{{.Subnet}} {{end}}", check=False, timeout=30)
+        return proc.stdout.split()[0] if proc.returncode == 0 and proc.stdout.split() else ""
+
+    def kernel_routes(self, zone: int | None = None) -> list[str]:
+        """The router's routes: of the main table, or of zone `zone`'s kernel table."""
+        table = ["table", str(ZONE_KERNEL_TABLE_BASE + zone)] if zone else []
+        return run(["ip", "-n", ROUTER_NS, "-4", "route", "show", *table], check=False).stdout.splitlines()
+
+    def _say(self, text: str) -> None:
+        if self.out is not None:
+            print(text, file=self.out, flush=True)
+
+    # -- state ------------------------------------------------------------------------------------
+    def _load_state(self) -> dict:
+        try:
+            with open(STATE_FILE) as fh:
+                self.state = json.load(fh)
+        except (OSError, ValueError):
+            self.state = {}
+        if self.state:
+            self.zones = int(self.state.get("zones", 1))
+        return self.state
+
+    def _save_state(self) -> None:
+        os.makedirs(RUN_ROOT, mode=0o700, exist_ok=True)
+        tmp = STATE_FILE + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(self.state, fh, indent=2)
+        os.replace(tmp, STATE_FILE)
+
+    @contextmanager
+    def _locked(self):
+        os.makedirs(RUN_ROOT, mode=0o700, exist_ok=True)
+        fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise LabError("another `vpcnet lab` command holds the lab lock (waited 120s)") from None
+                    time.sleep(0.2)
+            yield
+        finally:
+            os.close(fd)
+
+    # -- up ---------------------------------------------------------------------------------------
+    def up(self) -> "Lab":
+        self._check_tools()
+        with self._locked():
+            wanted_zones = self.zones
+            state = self._load_state()
+            if state and int(state.get("zones", 1)) != wanted_zones:
+                raise LabError(f"the lab is already up with {state.get('zones', 1)} zone(s); run "
+                               "`vpcnet lab down` first to change it")
+            self.zones = wanted_zones
+            if state and state.get("cluster_cidr") != self.cluster_cidr:
+                raise LabError(f"the lab is already up with cluster CIDR {state.get('cluster_cidr')}; "
+                               "run `vpcnet lab down` first to change it")
+            if not state:
+                self.state = {"cluster_cidr": self.cluster_cidr, "network": self.network, "mode": self.mode,
+                              "zones": self.zones,
+                              "reconcile_interval": self.reconcile_interval,
+                              "key_secret": secrets.token_hex(16), "hosts": {}}
+                self._save_state()
+            else:
+                self.network = state.get("network", self.network)
+                self.mode = state.get("mode", "default")
+                self.reconcile_interval = state.get("reconcile_interval", self.reconcile_interval)
+            self._router_up()
+            wanted = max(self.hosts, len(self.state["hosts"]))
+            for k in range(1, wanted + 1):
+                self._host_up(k)
+        return self
+
+    def add_host(self) -> int:
+        """A host joining a running lab: returns its number."""
+        with self._locked():
+            self._load_state()
+            if not self.state:
+                raise LabError("the lab is not up")
+            k = max((int(h) for h in self.state["hosts"]), default=0) + 1
+            self._host_up(k)
+            self.hosts = max(self.hosts, k)
+            return k
+
+    def _check_tools(self) -> None:
+        if os.geteuid() != 0:
+            raise LabError("the lab needs root (network namespaces, Docker engines, mounts)")
+        missing = [t for t in ("ip", "nsenter", "unshare", "dockerd", "docker", "mount") if not shutil.which(t)]
+        if missing:
+            raise LabError("missing tools: " + ", ".join(missing))
+
+    def _router_up(self) -> None:
+        netns.add(ROUTER_NS)
+        netns.sysctl(ROUTER_NS, "net.ipv4.ip_forward", "1")
+        # Hosts reach each other only through the router; it must not tell them to go direct.
+        netns.sysctl(ROUTER_NS, "net.ipv4.conf.all.send_redirects", "0")
+        netns.sysctl(ROUTER_NS, "net.ipv4.conf.default.send_redirects", "0")
+        run(["ip", "-n", ROUTER_NS, "addr", "replace", f"{ROUTER_IP}/32", "dev", "lo"])
+        pid = self.state.get("emulator_pid")
+        if pid and alive(pid) and "emulator" in engine_mod._cmdline(pid) and self._emulator_answers():
+            return
+        os.makedirs(DATA_ROOT, mode=0o711, exist_ok=True)
+        env = engine_mod._clean_env()
+        pkg_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["VPCNET_EMULATOR_ACCESS_KEYS"] = f"{KEY_ID}:{self.state['key_secret']}"
+        cmd = ["nsenter", f"--net={netns.path(ROUTER_NS)}", "--", sys.executable, "-m", "vpcnet.cli",
+               "emulator", "--router-netns", ROUTER_NS, "--listen", f"{ROUTER_IP}:{EMULATOR_PORT}",
+               "--state", EMULATOR_STATE, "--region", REGION, "--vpc-id", VPC_ID, "--route-table-id", TABLE_ID,
+               "--log-level", "warning"]
+        if self.zones == 1:
+            cmd += ["--vswitch-cidr", str(UNDERLAY)]
+        else:
+            for z in range(1, self.zones + 1):
+                cmd += ["--vswitch-cidr", str(zone_subnet(z)),
+                        "--route-table", f"{zone_table(z)}={zone_vswitch(z)}:{zone_subnet(z)}",
+                        "--kernel-table", f"{zone_table(z)}={ZONE_KERNEL_TABLE_BASE + z}"]
+        for k in sorted(int(h) for h in self.state["hosts"]):
+            cmd += ["--instance", f"{instance_id(k)}={self.host_ip(k)}"]
+        with open(EMULATOR_LOG, "ab") as logf:
+            proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, env=env)
+        self.state["emulator_pid"] = proc.pid
+        self._save_state()
+        with open(EMULATOR_PIDFILE, "w") as fh:
+            fh.write(f"{proc.pid}\n")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise LabError(f"the emulator exited {proc.returncode}:\n" + engine_mod._tail(EMULATOR_LOG))
+            if self._emulator_answers():
+                self._say(f"router {ROUTER_NS}: emulator on {self.emulator_url} (router netns)"
+                          + (f", {self.zones} zones: tables {', '.join(self.zone_tables())}" if self.zones > 1
+                             else ""))
+                self._zone_tables_up(self.cluster_cidr)
+                return
+            time.sleep(0.2)
+        raise LabError("the emulator did not answer within 20s:\n" + engine_mod._tail(EMULATOR_LOG))
+
+    def _zone_tables_up(self, cluster_cidr: str) -> None:
+        """Each zone's kernel table ends in `unreachable <cluster CIDR>`: a host route missing from the
+        zone's table must not fall through to another table."""
+        for z in range(1, self.zones + 1) if self.zones > 1 else ():
+            run(["ip", "-n", ROUTER_NS, "route", "replace", "unreachable", cluster_cidr,
+                 "table", str(ZONE_KERNEL_TABLE_BASE + z)])
+
+    def _zone_rule(self, k: int) -> None:
+        """Packets from host K are routed by its zone's table (by incoming link)."""
+        if self.zones == 1:
+            return
+        pref = str(RULE_PREF_BASE + k)
+        run(["ip", "-n", ROUTER_NS, "rule", "del", "pref", pref], check=False)
+        run(["ip", "-n", ROUTER_NS, "rule", "add", "pref", pref, "iif", f"to-h{k}",
+             "lookup", str(ZONE_KERNEL_TABLE_BASE + self.zone_of(k))])
+
+    def _emulator_answers(self) -> bool:
+        try:
+            self.emulator("GET", "/_emulator/state", timeout=3)
+            return True
+        except LabError:
+            return False
+
+    def plugin_settings(self, k: int) -> dict[str, str]:
+        return {
+            "VPCNET_PROVIDER": "aliyun",
+            "VPCNET_CLUSTER_CIDR": self.cluster_cidr,
+            "VPCNET_RECONCILE_INTERVAL": str(self.reconcile_interval),
+            "VPCNET_LOG_LEVEL": "INFO",
+            "VPCNET_ALIYUN_ENDPOINT": self.emulator_url,
+            "VPCNET_ALIYUN_REGION_ID": REGION,
+            "VPCNET_ALIYUN_VPC_ID": VPC_ID,
+            # several zones: the plugin finds the tables from the vSwitches bound to them
+            "VPCNET_ALIYUN_ROUTE_TABLE_ID": TABLE_ID if self.zones == 1 else "",
+            "VPCNET_ALIYUN_INSTANCE_ID": instance_id(k),
+            "VPCNET_ALIYUN_ACCESS_KEY_ID": KEY_ID,
+            "VPCNET_ALIYUN_ACCESS_KEY_SECRET": self.state["key_secret"],
+            "VPCNET_ALIYUN_METADATA_URL": CLOSED_PORT_URL,
+        }
+
+    def _host_up(self, k: int) -> None:
+        name, ip = host_netns(k), self.host_ip(k)
+        self.state["hosts"].setdefault(str(k), {"netns": name, "ip": ip, "zone": self.zone_of(k)})
+        self._save_state()
+        netns.add(name)
+        netns.p2p_link(ROUTER_NS, f"to-h{k}", ROUTER_IP, name, HOST_IF, ip)
+        self._zone_rule(k)
+        netns.sysctl(name, "net.ipv4.ip_forward", "1")
+        self.emulator("POST", "/_emulator/instances", {"instance_id": instance_id(k), "ip": ip})
+        host = self.host(k)
+        started = host.engine_pid() is None
+        host.start_engine()
+        host.start_plugin(self.plugin_settings(k))
+        if self.load_image:
+            from vpcnet_lab import image
+            image.build(docker=host.docker)
+        cidr = self._ensure_network(k)
+        self.state["hosts"][str(k)].update({"docker_host": host.paths.docker_host, "host_cidr": cidr})
+        self._save_state()
+        self._say(f"h{k}: {'started' if started else 'already up'}  netns {name}  underlay {ip}  "
+                  f"host CIDR {cidr}\n    export DOCKER_HOST={host.paths.docker_host}")
+
+    def _ensure_network(self, k: int, timeout: float = NETWORK_TIMEOUT) -> str:
+        cidr = self.host_cidr(k)
+        if cidr:
+            return cidr
+        self.create_network(self.network, mode=self.mode, hosts=[k], timeout=timeout)
+        cidr = self.host_cidr(k)
+        if not cidr:
+            raise LabError(f"h{k}: network {self.network} has no host CIDR")
+        return cidr
+
+    def create_network(self, name: str, cluster_cidr: str | None = None, mode: str = "default",
+                       hosts: list[int] | None = None, timeout: float = NETWORK_TIMEOUT) -> None:
+        """A vpcnet network on each host (all by default), on `cluster_cidr` (default: the lab's) in
+        `mode` (default: no -o vpcnet.mode, so the plugin's default). A host claims its block of a new
+        cluster CIDR on the first request ("claim in progress"), so each create is retried until it
+        succeeds or `timeout` passes. Safe to repeat."""
+        options = ["--subnet", cluster_cidr] if cluster_cidr else []
+        if cluster_cidr:
+            self._zone_tables_up(cluster_cidr)
+        if mode != "default":
+            options += ["-o", f"vpcnet.mode={mode}"]
+        for k in hosts or self.host_indexes():
+            deadline = time.monotonic() + timeout
+            while True:
+                proc = self.docker(k, "network", "create", "-d", "vpcnet", "--ipam-driver", "vpcnet", *options,
+                                   name, check=False, timeout=60)
+                if proc.returncode == 0 or "already exists" in proc.stderr:
+                    break
+                if time.monotonic() > deadline:
+                    raise LabError(f"h{k}: network {name} not created within {timeout:.0f}s: "
+                                   f"{proc.stderr.strip()}\n" + engine_mod._tail(self.host(k).paths.plugin_log))
+                time.sleep(1.0)
+
+    # -- plugin control (tests) ----------------------------------------------------------------------
+    def kill_plugin(self, k: int) -> None:
+        self.host(k).kill_plugin(signal.SIGKILL)
+
+    def start_plugin(self, k: int) -> int:
+        self._load_state()
+        return self.host(k).start_plugin(self.plugin_settings(k))
+
+    # -- status -----------------------------------------------------------------------------------
+    def status(self) -> dict:
+        state = self._load_state()
+        if not state:
+            return {"up": False, "leftovers": self.leftovers()}
+        emulator_up = self._emulator_answers()
+        entries = self.routes() if emulator_up else []
+        hosts = []
+        for k in sorted(int(h) for h in state.get("hosts", {})):
+            host = self.host(k)
+            engine_up = host.engine_pid() is not None
+            route = None
+            for entry in entries:
+                hops = entry.get("NextHops", {}).get("NextHop", [])
+                if entry.get("Type") == "Custom" and any(h.get("NextHopId") == instance_id(k) for h in hops):
+                    route = {"destination": entry["DestinationCidrBlock"], "status": entry["Status"],
+                             "entry_id": entry["RouteEntryId"]}
+            hosts.append({
+                "host": f"h{k}", "netns": host_netns(k), "underlay_ip": self.host_ip(k), "instance_id": instance_id(k),
+                "zone": self.zone_of(k),
+                "docker_host": host.paths.docker_host, "engine_up": engine_up,
+                "plugin_up": host.plugin_pid() is not None,
+                "host_cidr": (self.host_cidr(k) if engine_up else "") or state["hosts"][str(k)].get("host_cidr", ""),
+                "route": route, "route_available": bool(route and route["status"] == "Available"),
+            })
+        return {"up": emulator_up and all(h["engine_up"] and h["plugin_up"] for h in hosts),
+                "cluster_cidr": state.get("cluster_cidr"), "network": state.get("network"),
+                "mode": state.get("mode", "bridge"),
+                "router_netns": ROUTER_NS, "emulator_url": self.emulator_url, "emulator_up": emulator_up,
+                "hosts": hosts,
+                "zones": self.zones,
+                "route_tables": {t: [e["DestinationCidrBlock"] + " -> " + ",".join(
+                    h.get("NextHopId", "") for h in e.get("NextHops", {}).get("NextHop", []))
+                    for e in (self.routes(t) if emulator_up else []) if e["Type"] == "Custom"]
+                    for t in self.zone_tables()} if self.zones > 1 else {},
+                "route_table": [{"destination": e["DestinationCidrBlock"], "type": e["Type"],
+                                 "status": e["Status"], "entry_id": e["RouteEntryId"],
+                                 "next_hop": ",".join(h.get("NextHopId", "") for h in
+                                                      e.get("NextHops", {}).get("NextHop", []))}
+                                for e in entries],
+                "kernel_routes": self.kernel_routes() if netns.exists(ROUTER_NS) else []}
+
+    @staticmethod
+    def leftovers() -> dict:
+        """What of the lab exists on this machine (empty lists after a clean `down`)."""
+        dockerds = [pid for pid in (int(p) for p in os.listdir("/proc") if p.isdigit())
+                    if any(RUN_ROOT + "/" in part for part in engine_mod._cmdline(pid))]
+        return {"netns": netns.listed(PREFIX), "processes": dockerds, "mounts": engine_mod.lab_mounts(),
+                "dirs": [d for d in (RUN_ROOT, DATA_ROOT) if os.path.exists(d)]}
+
+    # -- down -------------------------------------------------------------------------------------
+    def down(self) -> list[str]:
+        """Remove everything of the lab that exists. Returns what could not be removed (empty: clean)."""
+        os.makedirs(RUN_ROOT, mode=0o700, exist_ok=True)
+        with self._locked():
+            state = self._load_state()
+            indexes = {int(h) for h in state.get("hosts", {})}
+            for name in netns.listed(PREFIX + "h"):
+                if name[len(PREFIX) + 1:].isdigit():
+                    indexes.add(int(name[len(PREFIX) + 1:]))
+            for root in (RUN_ROOT, DATA_ROOT):
+                if os.path.isdir(root):
+                    for entry in os.listdir(root):
+                        if entry.startswith("h") and entry[1:].isdigit():
+                            indexes.add(int(entry[1:]))
+            for k in sorted(indexes):
+                host = self.host(k)
+                host.stop_engine()           # containers first, while the plugin still answers
+                host.stop_plugin()
+            pid = state.get("emulator_pid") or engine_mod._read_pid(EMULATOR_PIDFILE)
+            if pid and "emulator" in engine_mod._cmdline(pid) and ROUTER_NS in engine_mod._cmdline(pid):
+                engine_mod._stop_pid(pid, group=True, timeout=10.0)
+            for k in sorted(indexes):
+                engine_mod.kill_cgroup(self.host(k).paths.cgroup_parent)
+                netns.delete(host_netns(k))
+            for name in netns.listed(PREFIX):
+                netns.delete(name)
+            for k in sorted(indexes):
+                self.host(k).remove_files()
+            engine_mod._remove_tree(DATA_ROOT)
+            for mnt in sorted(engine_mod.lab_mounts(RUN_ROOT), reverse=True):
+                run(["umount", "-l", mnt], check=False)
+            for entry in os.listdir(RUN_ROOT) if os.path.isdir(RUN_ROOT) else []:
+                if entry != os.path.basename(LOCK_FILE):
+                    p = os.path.join(RUN_ROOT, entry)
+                    shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.unlink(p)
+        shutil.rmtree(RUN_ROOT, ignore_errors=True)
+        self.state = {}
+        left = self.leftovers()
+        return [f"{kind}: {items}" for kind, items in left.items() if items]
+
+    # -- context manager --------------------------------------------------------------------------
+    def __enter__(self) -> "Lab":
+        try:
+            return self.up()
+        except BaseException:
+            self.down()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.down()

@@ -1,0 +1,1 @@
+"""The `vpcnet` command: one module per sub-command, `main` puts them together."""

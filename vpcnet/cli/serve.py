@@ -1,0 +1,170 @@
+"""`vpcnet serve`: the plugin process — gunicorn serving the Flask app on the plugin socket.
+
+Start-up order matters for Docker: configuration and the state's schema are checked, then the socket is
+bound — well inside a second, because nothing here waits on a cloud. The gunicorn master stays lean (it
+imports neither Flask nor pyroute2: every process's memory counts); each worker assembles the plugin,
+restores the datapath of known networks (after a reboot the bridges are gone but the state is not; done
+under a lock, and idempotent) and then serves. Calls arriving meanwhile wait in the socket's backlog. The
+route keeper runs in the background of the one worker holding the reconciler lock. SIGTERM stops
+serving and removes the socket; the datapath stays, so running containers keep talking.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import sys
+
+from gunicorn.app.base import BaseApplication
+
+from vpcnet import config as config_mod
+from vpcnet.observability.logs import gunicorn_logger_class
+from vpcnet.state.store import DamagedState, Store, check_state
+
+log = logging.getLogger(__name__)
+
+
+class Plugin:
+    """The assembled plugin: one of each piece, wired the way imports flow (transport → driver → …)."""
+
+    def __init__(self, config, dataplane=None, provider_factory=None):
+        from vpcnet.datapath.dataplane import Dataplane
+        from vpcnet.docker.driver import NetworkDriver
+        from vpcnet.docker.ipam import Ipam
+        from vpcnet.docker.transport import create_app
+        from vpcnet.observability.health import Observer
+        from vpcnet.routes import RouteKeeper
+
+        self.config = config
+        os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
+        self.store = Store(config.db_path)
+        self.dataplane = dataplane or Dataplane()
+        self.routes = RouteKeeper(config, self.store, provider_factory)
+        self.ipam = Ipam(config, self.store, self.routes, host_routes=self.dataplane.overlapping_routes)
+        self.driver = NetworkDriver(config, self.store, self.dataplane)
+        self.app = create_app(self.driver, self.ipam)
+        self.observer = Observer(config, self.store, self.routes)
+        self.routes.on_leader = self.observer.start     # one listener per host: the reconciler's process
+
+    def start_background(self) -> None:
+        """In a worker, once it serves: the route keeper (and, in the worker that wins its lock,
+        /metrics) and the periodic datapath pass (each in one worker per host)."""
+        self.observer.reconciler_thread = self.routes.start_background()
+        self.driver.reconciler.start_background()
+
+    def stop_background(self) -> None:
+        self.routes.stop()
+        self.driver.reconciler.stop()
+        self.observer.stop()
+
+    def restore(self) -> None:
+        """Rebuild the datapath of known networks; one worker at a time."""
+        with open(os.path.join(self.config.state_dir, "restore.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.driver.restore()
+
+
+class _Gunicorn(BaseApplication):
+    def __init__(self, config):
+        self.config = config
+        self.plugin: Plugin | None = None
+        super().__init__()
+
+    def load_config(self) -> None:
+        cfg = self.config
+        settings = {
+            "bind": f"unix:{cfg.socket}",
+            "workers": cfg.workers,
+            "threads": cfg.threads,
+            "worker_class": "gthread",
+            "umask": 0o117,                 # socket 0660: only root and the docker group
+            "timeout": 60,
+            "graceful_timeout": 5,
+            "loglevel": cfg.log_level.lower(),
+            "errorlog": "-",
+            "logger_class": gunicorn_logger_class(cfg.log_format),
+            "accesslog": None,
+            "proc_name": "vpcnet",
+            "control_socket_disable": True,
+            "post_worker_init": lambda worker: self._plugin_call("start_background"),
+            "worker_exit": lambda server, worker: self._plugin_call("stop_background"),
+        }
+        for key, value in settings.items():
+            self.cfg.set(key, value)
+
+    def _plugin_call(self, name: str) -> None:
+        if self.plugin is not None:
+            getattr(self.plugin, name)()
+
+    def load(self):
+        """In each worker, before it accepts: assemble the plugin and restore the datapath."""
+        from vpcnet.observability.logs import setup_logging
+
+        setup_logging(self.config.log_level, self.config.log_format)
+        self.plugin = Plugin(self.config)
+        self.plugin.restore()
+        return self.plugin.app
+
+
+def run(config) -> int:
+    try:
+        check_state(config.db_path)     # a damaged file: refuse, never start empty beside live containers
+    except DamagedState as exc:
+        print(f"vpcnet: {exc}", file=sys.stderr)
+        return 1
+    log.info("vpcnet starting: driver %s, socket %s, provider %s, cluster %s, config from %s",
+             config.driver_name, config.socket, config.provider, config.cluster_cidr, config.source)
+    os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
+    Store(config.db_path).close()      # schema checked (and migrated) before the socket is bound
+    _prepare_multiprocess_metrics(config)
+    _Gunicorn(config).run()
+    return 0
+
+
+def _prepare_multiprocess_metrics(config) -> None:
+    """Several workers share their counters through prometheus_client's multiprocess files, in a fresh
+    directory made before the fork (vpcnet.observability.metrics). Here, not there: the master imports no client."""
+    import shutil
+
+    path = os.path.join(config.state_dir, "metrics-multiproc")
+    shutil.rmtree(path, ignore_errors=True)     # counters restart with the plugin, as Prometheus expects
+    if config.workers > 1 and config.metrics_addr:
+        os.makedirs(path, mode=0o700)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    else:
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+
+
+def main(argv: list[str]) -> int:
+    """`vpcnet serve [--config FILE]`, entered without building the full CLI (whose other sub-commands
+    import Flask, pyroute2 and more): the master process imports only what it needs."""
+    import argparse
+
+    from vpcnet.config import add_config_argument
+    from vpcnet.observability.logs import setup_logging
+
+    parser = argparse.ArgumentParser(prog="vpcnet serve", description=SERVE_HELP)
+    add_config_argument(parser)
+    args = parser.parse_args(argv)
+    try:
+        config = config_mod.load(args.config)
+    except config_mod.ConfigError as exc:
+        print(f"vpcnet: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level, config.log_format)
+    return run(config)
+
+
+SERVE_HELP = "run the plugin (network + IPAM driver) on its socket"
+
+
+def register(sub) -> None:
+    from vpcnet.config import add_config_argument
+
+    parser = sub.add_parser("serve", help=SERVE_HELP)   # for `vpcnet --help`; cli.main routes serve to main()
+    add_config_argument(parser)
+    parser.set_defaults(func=lambda args: main(["--config", args.config] if args.config else []))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,96 @@
+"""`vpcnet status`: host CIDRs, networks, endpoints and their addresses, read from the state.
+
+Reads the store directly, so it works whether or not the plugin is running, and makes no cloud call. The
+store is opened read-only: never migrated or written, so a running plugin's database (possibly of another
+schema version) stays exactly as the plugin left it.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from vpcnet import config as config_mod
+from vpcnet.datapath.features import DEFAULT_MODE_KEY, DefaultMode
+from vpcnet.state.store import Store
+
+
+def collect(config) -> dict:
+    if not os.path.exists(config.db_path):
+        return {"state_dir": config.state_dir, "provider": config.provider, "socket": config.socket,
+                "socket_up": os.path.exists(config.socket), "host_cidrs": [], "networks": [],
+                "datapath_repairs": {}, "default_mode": None}
+    store = Store(config.db_path, readonly=True)
+    try:
+        networks = []
+        for net in store.networks():
+            networks.append({
+                "network_id": net.network_id, "bridge": net.bridge, "host_cidr": net.host_cidr,
+                "cluster_cidr": net.cluster_cidr, "gateway": net.gateway, "mtu": net.mtu, "mode": net.mode,
+                "internal": net.internal,
+                "endpoints": [{"endpoint_id": ep.endpoint_id, "address": ep.address, "mac": ep.mac,
+                               "host_veth": ep.host_veth} for ep in store.endpoints(net.network_id)],
+            })
+        repairs = store.repair_counts()
+        default = _recorded_default(store)
+        claims = [{"cluster_cidr": c.cluster_cidr, "host_cidr": c.host_cidr, "static": c.static,
+                   "route_ok": c.route_ok, "reason": c.reason} for c in store.claims()]
+        return {"state_dir": config.state_dir, "provider": config.provider, "socket": config.socket,
+                "socket_up": os.path.exists(config.socket), "host_cidrs": claims, "networks": networks,
+                "datapath_repairs": repairs, "default_mode": default}
+    finally:
+        store.close()
+
+
+def _recorded_default(store: Store) -> dict | None:
+    """The default mode the plugin resolved at its last start (with its own capabilities), if recorded."""
+    try:
+        return json.loads(store.get_meta(DEFAULT_MODE_KEY, "")) or None
+    except ValueError:
+        return None
+
+
+def default_line(default: dict | None) -> str:
+    if not default:
+        return "default mode for new networks: not recorded yet (the plugin records it when it starts)"
+    return "default mode for new networks: " + DefaultMode(**default).describe()
+
+
+def render(status: dict) -> str:
+    lines = [f"provider {status['provider']}, socket {status['socket']} "
+             f"({'up' if status['socket_up'] else 'down'}), state {status['state_dir']}", "host CIDRs:"]
+    if not status["host_cidrs"]:
+        lines.append("  (none claimed yet)")
+    for c in status["host_cidrs"]:
+        state = "route ok" if c["route_ok"] else (c["reason"] or "route not checked yet")
+        lines.append(f"  {c['cluster_cidr']:<18} -> {c['host_cidr'] or '(not claimed)':<18} "
+                     f"{'static, ' if c['static'] else ''}{state}")
+    lines.append("networks:")
+    if not status["networks"]:
+        lines.append("  (none)")
+    for n in status["networks"]:
+        lines.append(f"  {n['network_id'][:12]}  {n['bridge']:<15} {n['host_cidr']:<18} gw {n['gateway']} "
+                     f"mtu {n['mtu']} {n['mode']}{' internal' if n['internal'] else ''}  "
+                     f"{len(n['endpoints'])} endpoint(s)")
+        for ep in n["endpoints"]:
+            lines.append(f"    {ep['endpoint_id'][:12]}  {ep['address']:<15} {ep['mac']}  {ep['host_veth']}")
+    lines.append(default_line(status.get("default_mode")))
+    repairs = status.get("datapath_repairs") or {}
+    lines.append("datapath repairs (drift found in the kernel and put right): " +
+                 (", ".join(f"{kind} {n}" for kind, n in sorted(repairs.items())) or "none"))
+    return "\n".join(lines)
+
+
+def register(sub) -> None:
+    from vpcnet.config import add_config_argument
+
+    parser = sub.add_parser("status", help="show host CIDRs, networks, endpoints and addresses")
+    add_config_argument(parser)
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+    def func(args) -> int:
+        config = config_mod.load(args.config, check_socket_dir=False)
+        status = collect(config)
+        print(json.dumps(status, indent=2) if args.json else render(status))
+        return 0
+
+    parser.set_defaults(func=func)

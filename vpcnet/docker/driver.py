@@ -1,0 +1,415 @@
+"""The network driver: Docker's network model on top of the store and the dataplane.
+
+Knows which calls Docker makes in which order, and which must be idempotent: Docker never replays
+CreateNetwork (so the network is stored before it answers), and at daemon start it sends Leave,
+DeleteEndpoint and ReleaseAddress for sandboxes that may already be gone — those succeed.
+A failed call changes no state: the store is written first (the desired state: a full state disk or a
+lost race fails before the kernel is touched), and on a kernel failure both are undone. Deletion
+removes the row first and then the kernel state; what the kernel refuses to give up is recorded as a
+leftover and removed by the next start or datapath pass. Calls about one network are serialised by a
+file lock (vpcnet.state.locks), across threads and gunicorn workers.
+
+Options: `-o com.docker.network.driver.mtu=N`, and `-o vpcnet.mode=bridge|routed|ebpf`: the datapath of
+the network, stored with it (see vpcnet.datapath: routed mode has no bridge, proxy ARP and a /32 route
+per endpoint, for a shorter per-packet path; ebpf mode adds a tc fast path that skips the host's IP stack
+for cluster traffic). Without it the network gets the host's default mode (`default_mode`):
+`VPCNET_DEFAULT_MODE=auto` takes the best mode this kernel and the plugin's capabilities allow, as probed
+once per process by vpcnet.datapath.features (ebpf, else routed, else bridge); a pinned mode the host
+cannot do is refused, naming why. The mode is stored, so a network keeps it across restarts and upgrades
+whatever the default becomes. Unknown options and modes are refused.
+
+What current engines (Docker 28/29) add:
+- `GwAllocChecker: true`: Docker then posts GwAllocCheck with the network's options before it asks IPAM
+  for a pool, so a network vpcnet would refuse (unknown -o, --ipv4=false, --ipv6) is refused before its
+  RequestPool claims a host block. The answer is always "allocate the gateway" (vpcnet's IPAM gives
+  it). Docker before 28 ignores the field and never calls GwAllocCheck.
+- `--ipv4=false` (`com.docker.network.enable_ipv4: false`, empty IPv4Data): refused, naming the flag.
+- Endpoint label `com.docker.network.endpoint.sysctls`: Docker applies it itself in the container, to
+  the interface vpcnet hands over; nothing to do here. `com.docker.network.endpoint.ifname`: refused,
+  since Docker names a plugin's interface from `DstPrefix` and never from this label.
+- `gw-priority`, and Docker 29 sending ProgramExternalConnectivity only to the gateway endpoint: Join
+  always offers the gateway and a static route for the cluster CIDR through it, so cluster traffic
+  keeps vpcnet's interface when another network gives the default route; nothing else depends on
+  ProgramExternalConnectivity (it only refuses port publishing).
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import re
+import sqlite3
+import time
+
+from vpcnet.datapath.features import DEFAULT_MODE_KEY, DefaultMode, default_mode
+from vpcnet.datapath.protocol import Datapath
+from vpcnet.datapath.reconciler import DatapathReconciler, spec_of
+from vpcnet.datapath.spec import MODES, bridge_name, mac_for, veth_names
+from vpcnet.errors import Conflict, InvalidRequest, NotFound
+from vpcnet.state.locks import object_lock
+from vpcnet.state.store import Endpoint, Network
+
+__all__ = ["NetworkDriver", "spec_of"]
+
+log = logging.getLogger(__name__)
+
+_MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
+GENERIC = "com.docker.network.generic"
+MTU_OPTION = "com.docker.network.driver.mtu"
+INTERNAL_OPTION = "com.docker.network.internal"
+IPV6_OPTION = "com.docker.network.enable_ipv6"
+IPV4_OPTION = "com.docker.network.enable_ipv4"            # Docker 28+: false with --ipv4=false
+IFNAME_OPTION = "com.docker.network.endpoint.ifname"      # Docker 28+: driver-opt / Compose interface_name
+MODE_OPTION = "vpcnet.mode"
+KNOWN_GENERIC_OPTIONS = {MTU_OPTION, MODE_OPTION}
+# A swarm-scoped network made in one line reaches the nodes with Docker's default IPAM: say what works.
+SWARM_HINT = ("For a swarm-scoped network, give each node its IPAM config: on every node `docker network create "
+              "--config-only --ipam-driver <this driver> [--subnet <cluster CIDR>] NET-config`, then on a manager "
+              "`docker network create -d <this driver> --scope swarm --attachable --config-from NET-config NET` "
+              "(docs/swarm.md)")
+ROUTE_NEXTHOP = 0                                         # Join's StaticRoutes[].RouteType: via NextHop
+
+
+class NetworkDriver:
+    def __init__(self, config, store, dataplane: Datapath):
+        self.config = config
+        self.store = store
+        self.dataplane = dataplane
+        self.reconciler = DatapathReconciler(config, store, dataplane)
+
+    @staticmethod
+    def capabilities() -> dict:
+        # Scope local: Docker keeps the network per engine (no swarm store needed). The connectivity
+        # is cross-host, through the VPC route table.
+        # GwAllocChecker: Docker 28+ then calls gw_alloc_check() before IPAM (see the module docstring).
+        return {"Scope": "local", "ConnectivityScope": "global", "GwAllocChecker": True}
+
+    def gw_alloc_check(self, options: dict) -> dict:
+        """Docker 28+, before RequestPool: refuse what create_network would, while no block is claimed
+        yet; vpcnet always wants its gateway address."""
+        generic = self._check_network_options(options or {})
+        self._network_mode(generic.get(MODE_OPTION))
+        return {"SkipIPv4": False, "SkipIPv6": False}
+
+    def default_mode(self) -> DefaultMode:
+        """The mode a network created without `-o vpcnet.mode` gets on this host, and why."""
+        return default_mode(self.config.default_mode, self.dataplane.features())
+
+    def _network_mode(self, raw) -> str:
+        """The mode asked for with -o vpcnet.mode, else the host's default; a mode the host cannot do is
+        refused, naming why (before a pool is claimed, through gw_alloc_check, on Docker 28+)."""
+        mode = _mode(raw)
+        if mode is not None:
+            features = self.dataplane.features()
+            if not features.supports(mode):
+                raise InvalidRequest(f"-o {MODE_OPTION}={mode}: this host cannot do {mode} mode "
+                                     f"({features.why_not(mode)}); use -o {MODE_OPTION}={features.best}")
+            return mode
+        default = self.default_mode()
+        if default.unsupported:
+            best = self.dataplane.features().best
+            raise InvalidRequest(f"VPCNET_DEFAULT_MODE={default.setting}: this host cannot do {default.mode} mode "
+                                 f"({default.unsupported}), or create the network with -o {MODE_OPTION}={best}")
+        return default.mode
+
+    @staticmethod
+    def _check_network_options(options: dict) -> dict:
+        """The `-o` options (generic) of a network, once every option vpcnet cannot honour is refused."""
+        generic = options.get(GENERIC) or {}
+        if not isinstance(generic, dict):
+            raise InvalidRequest(f"{GENERIC} must be an object")
+        unknown = sorted(set(generic) - KNOWN_GENERIC_OPTIONS)
+        if unknown:
+            raise InvalidRequest(f"unknown option -o {', '.join(unknown)} (vpcnet knows: "
+                                 f"{', '.join(sorted(KNOWN_GENERIC_OPTIONS))})")
+        if options.get(IPV4_OPTION) is False or str(options.get(IPV4_OPTION)).lower() == "false":
+            raise InvalidRequest("IPv4 is disabled for this network (--ipv4=false): vpcnet networks are "
+                                 "IPv4 networks; create it without --ipv4=false")
+        if _truthy(options.get(IPV6_OPTION)):
+            raise InvalidRequest("IPv6 is not supported by vpcnet: create the network without --ipv6")
+        _mode(generic.get(MODE_OPTION))
+        return generic
+
+    # -- networks ---------------------------------------------------------------------------------
+    def create_network(self, network_id: str, options: dict, ipv4_data: list, ipv6_data: list) -> dict:
+        _require_id("NetworkID", network_id)
+        options = options or {}
+        generic = self._check_network_options(options)
+        if ipv6_data:
+            raise InvalidRequest("IPv6 is not supported by vpcnet: create the network without --ipv6")
+        if not ipv4_data or len(ipv4_data) != 1:
+            raise InvalidRequest(f"a vpcnet network needs exactly one IPv4 pool, got {len(ipv4_data or [])}")
+        entry = ipv4_data[0] or {}
+        if not isinstance(entry, dict) or not isinstance(entry.get("Pool", ""), str):
+            raise InvalidRequest("IPv4Data[0] must be an object with a string Pool")
+        pool = entry.get("Pool", "")
+        pools = {r["pool_id"]: r for r in self.store.pools()}
+        if pool not in pools:
+            raise InvalidRequest(f"pool {pool or '(none)'} is not a vpcnet pool: create the network with "
+                                 f"vpcnet as its IPAM driver too (--ipam-driver, the same name as -d). {SWARM_HINT}")
+        mode = self._network_mode(generic.get(MODE_OPTION))
+        mtu = self._mtu(generic.get(MTU_OPTION))
+        net = Network(network_id=network_id, host_cidr=pool, cluster_cidr=pools[pool]["cluster_cidr"],
+                      gateway=pools[pool]["gateway"], bridge=bridge_name(network_id), mtu=mtu,
+                      internal=_truthy(options.get(INTERNAL_OPTION)),
+                      no_nat=tuple(self.config.no_nat_cidrs), created=time.time(), mode=mode)
+        with self._locked(network_id):
+            existing = self.store.network(network_id)      # under the lock: a racing identical call won
+            if existing is not None:
+                if existing.host_cidr == net.host_cidr:
+                    self.dataplane.ensure_network(spec_of(existing))
+                    return {}
+                raise Conflict(f"network {network_id[:12]} already exists with pool {existing.host_cidr}")
+            holder = self.store.network_by_host_cidr(pool)
+            if holder is not None:
+                raise Conflict(f"host CIDR {pool} (cluster CIDR {net.cluster_cidr}) is already used by network "
+                               f"{holder.network_id[:12]} on this host: one vpcnet network per cluster CIDR per "
+                               "host; create this one with --subnet <another cluster CIDR>")
+            namesake = next((n for n in self.store.networks() if n.bridge == net.bridge), None)
+            if namesake is not None:     # ids sharing the prefix the bridge name is made of: never touch theirs
+                raise Conflict(f"network {network_id[:12]} would reuse bridge {net.bridge} of network "
+                               f"{namesake.network_id[:12]}")
+            # The store first (the desired state), the kernel after: a full state disk or a lost race
+            # fails here, before anything is in the kernel.
+            try:
+                with self.store.tx() as db:
+                    self.store.add_network(db, net)
+            except sqlite3.IntegrityError:
+                raise Conflict(f"host CIDR {pool} or bridge {net.bridge} was taken by another network "
+                               "meanwhile") from None
+            spec = spec_of(net)
+            try:
+                self.dataplane.ensure_network(spec)
+            except Exception:
+                self._undo(lambda: self.store.delete_network(network_id))
+                self._undo(lambda: self.dataplane.delete_network(spec))
+                raise
+        log.info("network %s: %s mode, %s %s, %s via %s, mtu %d%s", network_id[:12], mode,
+                 "anchor" if spec.routed else "bridge", net.bridge, net.host_cidr, net.gateway, net.mtu,
+                 ", internal" if net.internal else "")
+        return {}
+
+    def _mtu(self, raw) -> int:
+        if raw in (None, ""):
+            return self.config.mtu or self.dataplane.uplink_mtu()
+        try:
+            mtu = int(str(raw).strip())
+        except ValueError:
+            raise InvalidRequest(f"-o {MTU_OPTION}={raw}: not a number") from None
+        if not 576 <= mtu <= 65535:
+            raise InvalidRequest(f"-o {MTU_OPTION}={mtu}: out of range (576..65535)")
+        return mtu
+
+    def delete_network(self, network_id: str) -> dict:
+        """The row first (with its kernel state recorded as a leftover), then the kernel. Docker ignores
+        an error here, so a kernel failure must not keep the network: it would be rebuilt at every start
+        and its host CIDR would block the next network. Whatever the kernel kept is removed later, by the
+        next start or datapath pass (`remove_leftovers`)."""
+        _require_id("NetworkID", network_id)
+        with self._locked(network_id):
+            net = self.store.network(network_id)
+            if net is None:
+                log.info("DeleteNetwork %s: not known (already gone)", network_id[:12])
+                return {}
+            self.store.delete_network(network_id, leftover=True)
+            self.remove_leftovers(f"network:{network_id}")
+        log.info("network %s deleted", network_id[:12])
+        return {}
+
+    def remove_leftovers(self, only: str | None = None) -> int:
+        return self.reconciler.remove_leftovers(only)
+
+    # -- endpoints --------------------------------------------------------------------------------
+    def create_endpoint(self, network_id: str, endpoint_id: str, interface: dict | None,
+                        options: dict | None) -> dict:
+        _require_id("NetworkID", network_id)
+        _require_id("EndpointID", endpoint_id)
+        net = self._network(network_id)
+        interface = interface or {}
+        ifname = (options or {}).get(IFNAME_OPTION)
+        if ifname:
+            raise InvalidRequest(f"{IFNAME_OPTION}={ifname}: Docker does not let a network plugin name the "
+                                 "container's interface (it is eth<N>); remove the option (Compose: "
+                                 "interface_name)")
+        if interface.get("AddressIPv6"):
+            raise InvalidRequest("IPv6 is not supported by vpcnet")
+        address = interface.get("Address") or ""
+        if not address:
+            raise InvalidRequest("CreateEndpoint without an IPv4 address: create the network with vpcnet as "
+                                 "its IPAM driver too (--ipam-driver, the same name as -d)")
+        try:
+            ip = ipaddress.IPv4Interface(address).ip
+        except ValueError:
+            raise InvalidRequest(f"Interface.Address {address!r} is not an IPv4 CIDR address") from None
+        if ip not in ipaddress.IPv4Network(net.host_cidr):
+            raise InvalidRequest(f"address {ip} is outside the network's host CIDR {net.host_cidr}")
+        given_mac = interface.get("MacAddress") or ""
+        if given_mac and (not isinstance(given_mac, str) or not _MAC.fullmatch(given_mac)):
+            raise InvalidRequest(f"Interface.MacAddress {given_mac!r} is not a MAC address")
+        mac = given_mac or mac_for(str(ip))
+        host_veth, peer_veth = veth_names(endpoint_id)
+        existing = self.store.endpoint(endpoint_id)
+        if existing is not None:
+            if existing.address != str(ip) or existing.network_id != network_id:
+                raise Conflict(f"endpoint {endpoint_id[:12]} already exists with address {existing.address}")
+            with self._locked(network_id):
+                self._ensure_endpoint(net, existing)
+            return {"Interface": {} if given_mac else {"MacAddress": existing.mac}}
+        clash = self.store.endpoint_where(network_id=network_id, address=str(ip))
+        if clash:
+            raise Conflict(f"address {ip} is already used by endpoint {clash.endpoint_id[:12]}")
+        namesake = self.store.endpoint_where(host_veth=host_veth)
+        if namesake:                 # ids sharing the prefix veth names are made of: never touch theirs
+            raise Conflict(f"endpoint {endpoint_id[:12]} would reuse veth {host_veth} of endpoint "
+                           f"{namesake.endpoint_id[:12]}")
+        ep = Endpoint(endpoint_id=endpoint_id, network_id=network_id, address=str(ip), mac=mac,
+                      host_veth=host_veth, peer_veth=peer_veth, created=time.time())
+        with self._locked(network_id):
+            again = self.store.endpoint(endpoint_id)       # a racing identical call won: its answer
+            if again is not None:
+                if again.address != str(ip) or again.network_id != network_id:
+                    raise Conflict(f"endpoint {endpoint_id[:12]} already exists with address {again.address}")
+                self._ensure_endpoint(net, again)
+                return {"Interface": {} if given_mac else {"MacAddress": again.mac}}
+            # The row first: it reserves the address and the veth names, so the undo below can only ever
+            # remove this endpoint's veth and /32 route, never a racing winner's.
+            try:
+                with self.store.tx() as db:
+                    self.store.add_endpoint(db, ep)
+            except sqlite3.IntegrityError:
+                raise Conflict(f"address {ip} or veth {host_veth} was taken by another endpoint "
+                               "meanwhile") from None
+            try:
+                self._ensure_endpoint(net, ep)
+            except Exception:
+                self._undo(lambda: self.store.delete_endpoint(endpoint_id))
+                self._undo(lambda: self.dataplane.delete_endpoint(host_veth))
+                raise
+        return {"Interface": {} if given_mac else {"MacAddress": mac}}
+
+    def delete_endpoint(self, network_id: str, endpoint_id: str) -> dict:
+        _require_id("EndpointID", endpoint_id)
+        ep = self.store.endpoint(endpoint_id)
+        if ep is None:
+            return {}
+        with self._locked(ep.network_id):
+            if self.store.endpoint(endpoint_id) is None:
+                return {}
+            self.store.delete_endpoint(endpoint_id, leftover=True)
+            self.remove_leftovers(f"endpoint:{ep.host_veth}")
+        return {}
+
+    def endpoint_info(self, network_id: str, endpoint_id: str) -> dict:
+        ep = self._endpoint(network_id, endpoint_id)
+        return {"Value": {"address": ep.address, "mac": ep.mac, "host_veth": ep.host_veth}}
+
+    def join(self, network_id: str, endpoint_id: str, sandbox_key: str, options: dict | None) -> dict:
+        net = self._network(network_id)
+        ep = self._endpoint(network_id, endpoint_id)
+        if not sandbox_key:
+            raise InvalidRequest("Join without a SandboxKey")
+        if not self.dataplane.link_exists(ep.peer_veth):
+            # After a host reboot, or a Leave that let the sandbox delete it: make a fresh pair.
+            self.dataplane.delete_endpoint(ep.host_veth)
+            self._ensure_endpoint(net, ep)
+        # The cluster CIDR through the gateway: other hosts' containers stay on this interface even when
+        # another network of the container gives the default route (gw-priority, Docker 28+).
+        cluster_route = {"Destination": net.cluster_cidr, "RouteType": ROUTE_NEXTHOP, "NextHop": net.gateway}
+        return {"InterfaceName": {"SrcName": ep.peer_veth, "DstPrefix": "eth"},
+                "Gateway": net.gateway, "StaticRoutes": [cluster_route], "DisableGatewayService": True}
+
+    def leave(self, network_id: str, endpoint_id: str) -> dict:
+        return {}      # Docker moves the interface back out of the sandbox; DeleteEndpoint removes it
+
+    def program_external_connectivity(self, network_id: str, endpoint_id: str, options: dict | None) -> dict:
+        self._endpoint(network_id, endpoint_id)
+        bindings = (options or {}).get("com.docker.network.portmap") or []
+        if bindings:
+            raise InvalidRequest("vpcnet does not publish ports (-p): containers are routed; reach them at "
+                                 "their own address from anywhere in the VPC")
+        return {}
+
+    def revoke_external_connectivity(self, network_id: str, endpoint_id: str) -> dict:
+        return {}
+
+    # -- restart ----------------------------------------------------------------------------------
+    def restore(self) -> None:
+        """At start: one datapath pass (vpcnet.datapath.reconciler) rebuilds what each known network and
+        endpoint lacks (after a reboot, or rules flushed by someone), removes deleted objects' leftovers,
+        then per-network chains and uplink programs of networks vpcnet no longer knows are dropped."""
+        nets = self.store.networks()
+        self._record_default_mode()
+        self.dataplane.ensure_host()
+        self.reconciler.reconcile()
+        known = {spec_of(n).tag for n in nets}
+        for table, chain in self.dataplane.stale_chains(known):
+            log.info("removing stale chain %s/%s", table, chain)
+            self.dataplane.drop_stale_chain(table, chain)
+        for name in self.dataplane.drop_stale_uplink_programs(known):
+            log.info("removed stale uplink program %s", name)
+
+    def _record_default_mode(self) -> None:
+        """Probe once at start, log the default and keep it in the store for `vpcnet status`/`doctor` (which
+        may run with other capabilities than the plugin's)."""
+        default = self.default_mode()
+        if default.unsupported:
+            log.error("VPCNET_DEFAULT_MODE=%s: this host cannot do it (%s); networks created without -o %s "
+                      "are refused", default.setting, default.unsupported, MODE_OPTION)
+        elif default.fallback:
+            log.warning("networks created without -o %s get %s mode: %s", MODE_OPTION, default.mode,
+                        default.fallback)
+        else:
+            log.info("networks created without -o %s get %s mode (VPCNET_DEFAULT_MODE=%s)", MODE_OPTION,
+                     default.mode, default.setting)
+        try:
+            with self.store.tx() as db:
+                self.store.set_meta(db, DEFAULT_MODE_KEY, json.dumps(default.to_dict(), sort_keys=True))
+        except Exception as exc:        # a full disk must not stop the start: the log has it
+            log.warning("cannot record the default mode: %s", exc)
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _ensure_endpoint(self, net: Network, ep: Endpoint) -> None:
+        self.dataplane.ensure_endpoint(spec_of(net), ep.host_veth, ep.peer_veth, ep.mac, ep.address)
+
+    def _network(self, network_id: str) -> Network:
+        _require_id("NetworkID", network_id)
+        net = self.store.network(network_id)
+        if net is None:
+            raise NotFound(f"unknown network {network_id[:12]}: vpcnet has no such network")
+        return net
+
+    def _endpoint(self, network_id: str, endpoint_id: str) -> Endpoint:
+        _require_id("EndpointID", endpoint_id)
+        ep = self.store.endpoint(endpoint_id)
+        if ep is None:
+            raise NotFound(f"unknown endpoint {endpoint_id[:12]} in network {network_id[:12]}")
+        return ep
+
+    def _locked(self, network_id: str):
+        """Calls about one network, and the datapath pass over it, one at a time (threads and workers)."""
+        return object_lock(self.config.state_dir, network_id)
+
+    @staticmethod
+    def _undo(action) -> None:
+        try:
+            action()
+        except Exception:
+            log.exception("undo failed")
+
+
+def _require_id(field: str, value) -> None:
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(f"missing field {field}")
+
+
+def _mode(raw) -> str | None:
+    if raw in (None, ""):
+        return None
+    mode = str(raw).strip().lower()
+    if mode not in MODES:
+        raise InvalidRequest(f"-o {MODE_OPTION}={raw}: unknown mode (vpcnet knows: {', '.join(MODES)})")
+    return mode
+
+
+def _truthy(value) -> bool:
+    return value is True or str(value).lower() in ("true", "1", "yes")

@@ -1,0 +1,165 @@
+"""The event hooks: the only part of observability that the rooms it observes import.
+
+Each event is counted where it happens, at one chokepoint: Docker's calls (transport's dispatch), cloud
+API calls (aliyun's signed RPC call, a botocore event hook for aws) and route passes (the route keeper's
+loop). Those modules call `docker_call`, `cloud_call`/`instrument_botocore`, `reconcile_pass` and
+`RECONCILER.table_listed` here and nothing else; this module imports nothing of vpcnet's, so the arrows
+point one way. The families are part of the metrics contract (docs/monitoring.md); vpcnet.observability
+.metrics renders them with the state it computes at scrape time.
+"""
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+
+disable_created_metrics()     # no `_created` series: half the lines per scrape, nothing a query needs
+
+#: Where the event families live. In multiprocess mode their values are in mmap files instead, and
+#: `serving_registry()` builds what a scrape reads.
+EVENTS = CollectorRegistry(auto_describe=True)
+
+DOCKER_REQUESTS = Counter("vpcnet_docker_requests_total", "Plugin calls Docker made, by call and outcome",
+                          ["call", "outcome"], registry=EVENTS)
+DOCKER_DURATION = Histogram("vpcnet_docker_request_duration_seconds", "Time to answer a plugin call",
+                            ["call"], registry=EVENTS,
+                            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+RECONCILES = Counter("vpcnet_route_reconcile_total", "Route reconcile passes: ok (nothing to change, or a "
+                     "route still settling), repaired (a route had to be written), error", ["outcome"],
+                     registry=EVENTS)
+CLOUD_REQUESTS = Counter("vpcnet_cloud_api_requests_total", "Cloud API requests (each attempt), by outcome: "
+                         "ok, throttled, conflict, error", ["provider", "action", "outcome"], registry=EVENTS)
+CLOUD_DURATION = Histogram("vpcnet_cloud_api_duration_seconds", "Time of one cloud API request",
+                           ["provider", "action"], registry=EVENTS,
+                           buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+for _outcome in ("ok", "repaired", "error"):
+    RECONCILES.labels(_outcome)       # present at 0 from the start, so rate() and alerts see them
+
+
+#: The families of the contract: dashboards, alerts and docs/monitoring.md rely on these names.
+FAMILIES = (
+    "vpcnet_build_info", "vpcnet_docker_requests_total", "vpcnet_docker_request_duration_seconds",
+    "vpcnet_endpoints", "vpcnet_ipam_addresses_in_use", "vpcnet_ipam_addresses_capacity",
+    "vpcnet_route_available", "vpcnet_route_reconcile_total", "vpcnet_cloud_api_requests_total",
+    "vpcnet_cloud_api_duration_seconds", "vpcnet_route_table_entries", "vpcnet_route_table_quota",
+    "vpcnet_endpoint_receive_bytes_total", "vpcnet_endpoint_transmit_bytes_total",
+    "vpcnet_endpoint_receive_packets_total", "vpcnet_endpoint_transmit_packets_total",
+    "vpcnet_endpoint_receive_drops_total", "vpcnet_endpoint_transmit_drops_total",
+    "vpcnet_datapath_repairs_total",
+)
+
+#: Kernel objects the datapath pass repairs (vpcnet.datapath.spec.Repair kinds): their series exist at 0.
+REPAIR_OBJECTS = ("firewall", "link", "address", "route", "tc")
+
+
+# -- event hooks ------------------------------------------------------------------------------------
+def docker_call(path: str | None, status: int, seconds: float) -> None:
+    """One plugin call answered (transport's dispatch). Paths vpcnet does not implement come as None and
+    share one label value, so a client posting garbage cannot grow the series without bound."""
+    call = path[1:] if path else "other"
+    DOCKER_REQUESTS.labels(call, "ok" if status == 200 else "error").inc()
+    DOCKER_DURATION.labels(call).observe(seconds)
+
+
+def reconcile_pass(fine: bool, repaired: bool) -> None:
+    """One route pass ended (the route keeper's loop): `repaired` when it wrote a route (the route is then
+    Pending for a while: not an error), `error` when it was not `fine` (a problem other than a route in
+    transition remained), else `ok`."""
+    RECONCILES.labels("repaired" if repaired else "ok" if fine else "error").inc()
+    RECONCILER.passed(fine)
+
+
+def cloud_outcome(code: str, exc: BaseException | None) -> str:
+    """ok / throttled / conflict / error, from an API error code (any provider's spelling)."""
+    if exc is None and not code:
+        return "ok"
+    low = (code or "").lower()
+    if "throttl" in low or low in ("requestlimitexceeded", "toomanyrequests", "slowdown", "http429"):
+        return "throttled"
+    if "conflict" in low or "duplicate" in low or low.startswith("incorrectstatus") or low == "routealreadyexists":
+        return "conflict"
+    return "error"
+
+
+def cloud_call(provider: str) -> Callable:
+    """Decorator for a provider's one request method `call(self, action, ...)`: counts and times it."""
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def counted(self, action: str, *args, **kwargs):
+            started = time.perf_counter()
+            try:
+                result = fn(self, action, *args, **kwargs)
+            except Exception as exc:
+                _cloud_done(provider, action, started, cloud_outcome(getattr(exc, "code", "") or "?", exc))
+                raise
+            _cloud_done(provider, action, started, "ok")
+            return result
+        return counted
+    return wrap
+
+
+def _cloud_done(provider: str, action: str, started: float, outcome: str) -> None:
+    CLOUD_REQUESTS.labels(provider, action, outcome).inc()
+    CLOUD_DURATION.labels(provider, action).observe(time.perf_counter() - started)
+
+
+def instrument_botocore(client, provider: str = "aws") -> None:
+    """Count and time every request a botocore client sends, through its event system (one hook for
+    every operation, whatever code path calls it)."""
+    events = client.meta.events
+
+    def before(context=None, **_):
+        if context is not None:
+            context["vpcnet_started"] = time.perf_counter()
+
+    def after(http_response=None, parsed=None, model=None, context=None, **_):
+        code = ""
+        if http_response is not None and http_response.status_code >= 300:
+            code = str(((parsed or {}).get("Error") or {}).get("Code") or f"HTTP{http_response.status_code}")
+        _botocore_done(provider, model, context, cloud_outcome(code, None))
+
+    def failed(exception=None, model=None, context=None, **_):
+        _botocore_done(provider, model, context, "error")
+
+    events.register("before-call.ec2", before)
+    events.register("after-call.ec2", after)
+    events.register("after-call-error.ec2", failed)
+
+
+def _botocore_done(provider: str, model, context, outcome: str) -> None:
+    started = (context or {}).get("vpcnet_started")
+    action = getattr(model, "name", "?")
+    CLOUD_REQUESTS.labels(provider, action, outcome).inc()
+    if started is not None:
+        CLOUD_DURATION.labels(provider, action).observe(time.perf_counter() - started)
+
+
+# -- what the reconciler saw ------------------------------------------------------------------------
+class ReconcilerState:
+    """The reconciler's last pass and the route tables it listed, in the process that runs it (the
+    one that serves metrics and health)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.last_pass: float | None = None      # time.time() of the last finished pass
+        self.last_ok: bool | None = None
+        self.tables: dict[str, tuple[int, int | None]] = {}   # table id -> (custom entries, quota)
+
+    def passed(self, ok: bool) -> None:
+        with self._lock:
+            self.last_pass, self.last_ok = time.time(), ok
+
+    def table_listed(self, table: str, entries: int, quota: int) -> None:
+        """A full listing of `table`: its custom entries (every owner's) and quota (0 = unknown)."""
+        with self._lock:
+            self.tables = {**self.tables, table: (entries, quota or None)}
+
+    def snapshot(self) -> tuple[float | None, bool | None, dict[str, tuple[int, int | None]]]:
+        with self._lock:
+            return self.last_pass, self.last_ok, dict(self.tables)
+
+
+RECONCILER = ReconcilerState()

@@ -1,0 +1,255 @@
+"""`/metrics` and `/healthz` beside the plugin socket, and the systemd watchdog.
+
+One listener per plugin: the gunicorn worker that holds the reconciler lock (vpcnet.routes) starts it
+when it becomes the reconciler (`Observer.start`), so with several workers only one process binds
+`VPCNET_METRICS_ADDR`, and it is the one whose reconciler state (last pass, route-table listing) the
+health check and the table gauges read; the other workers' counters reach it through prometheus_client's
+multiprocess files (vpcnet.observability.metrics). The listener is a small threading HTTP server of its own, never one
+of gunicorn's threads: a slow scrape cannot delay a Docker call.
+
+Health checks (`/healthz`: 200 and a JSON body when all pass, 503 naming the failing checks):
+- `socket`: the plugin socket accepts a connection and answers HTTP (a GET, which reaches no driver code
+  and counts as no Docker call);
+- `store`: one write transaction on the sqlite store commits;
+- `reconciler`: its thread is alive and its last pass ended within `reconciler_deadline()` (a pass may
+  legitimately spend minutes in bounded backoff against a failing cloud).
+
+Under systemd with `WatchdogSec=`, the same checks run every third of the watchdog period and
+`WATCHDOG=1` is sent to $NOTIFY_SOCKET only when they all pass, so a wedged plugin is restarted.
+The bound address (useful with port 0) is written to `<state_dir>/metrics.addr` for `vpcnet doctor`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+from vpcnet import config as config_mod
+
+log = logging.getLogger(__name__)
+
+ADDR_FILE = "metrics.addr"
+SOCKET_TIMEOUT = 2.0
+
+
+def reconciler_deadline(interval: float) -> float:
+    """Seconds without a finished pass after which the reconciler counts as dead: three intervals, and
+    never less than the longest bounded pass (a few backoffs of up to 60 s each, plus the pass lock)."""
+    return max(3 * interval, interval + 300.0)
+
+
+# -- the checks ---------------------------------------------------------------------------------------
+def socket_answers(path: str, timeout: float = SOCKET_TIMEOUT) -> str:
+    """'' when the plugin socket answers HTTP, else why not."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: plugin\r\nConnection: close\r\n\r\n")
+            head = sock.recv(64)
+    except OSError as exc:
+        return f"plugin socket {path} does not answer: {exc}"
+    if not head.startswith(b"HTTP/1."):
+        return f"plugin socket {path} answered something that is not HTTP"
+    return ""
+
+
+def store_writable(store) -> str:
+    try:
+        with store.tx() as db:
+            store.set_meta(db, "health_probe", repr(time.time()))
+    except Exception as exc:       # any sqlite failure (disk full, read-only, locked past the timeout)
+        return f"store {store.path} is not writable: {exc}"
+    return ""
+
+
+class Health:
+    """The named checks, run on demand."""
+
+    def __init__(self, config, store, reconciler_thread: Callable[[], threading.Thread | None],
+                 last_pass: Callable[[], float | None], started: float | None = None):
+        self.config = config
+        self.store = store
+        self.reconciler_thread = reconciler_thread
+        self.last_pass = last_pass
+        self.started = started if started is not None else time.time()
+
+    def reconciler(self) -> str:
+        thread = self.reconciler_thread()
+        if thread is None or not thread.is_alive():
+            return "the reconciler thread is not running"
+        deadline = reconciler_deadline(self.config.reconcile_interval)
+        since = self.last_pass() or self.started
+        age = time.time() - since
+        if age > deadline:
+            return f"no reconcile pass finished for {age:.0f} s (limit {deadline:.0f} s)"
+        return ""
+
+    def run(self) -> dict[str, str]:
+        """Check name -> '' when it passes, else the problem."""
+        return {"socket": socket_answers(self.config.socket), "store": store_writable(self.store),
+                "reconciler": self.reconciler()}
+
+
+def health_body(results: dict[str, str]) -> tuple[int, dict]:
+    failing = sorted(name for name, problem in results.items() if problem)
+    body: dict[str, Any] = {"status": "fail" if failing else "ok",
+                            "checks": {name: ({"ok": False, "problem": problem} if problem else {"ok": True})
+                                       for name, problem in results.items()}}
+    if failing:
+        body["failing"] = failing
+    return (503 if failing else 200), body
+
+
+# -- the listener -----------------------------------------------------------------------------------
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "vpcnet"
+
+    def log_message(self, fmt, *args):
+        log.debug("metrics listener: " + fmt, *args)
+
+    server: _Server
+
+    def do_GET(self):
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            from prometheus_client import CONTENT_TYPE_LATEST
+
+            self._send(200, self.server.exposition.render(), CONTENT_TYPE_LATEST)
+        elif path == "/healthz":
+            status, body = health_body(self.server.health.run())
+            self._send(status, json.dumps(body).encode() + b"\n", "application/json")
+        else:
+            self._send(404, b"vpcnet: /metrics or /healthz\n", "text/plain")
+
+    def _send(self, status: int, data: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    exposition: Any          # vpcnet.observability.metrics.Exposition, set before serving
+    health: Health
+
+
+class Observer:
+    """The listener and the watchdog of one plugin process; `start()` when it becomes the reconciler."""
+
+    def __init__(self, config, store, routes):
+        self.config = config
+        self.store = store
+        self.routes = routes
+        self.reconciler_thread: threading.Thread | None = None
+        self.server: _Server | None = None
+        self.health = Health(config, store, lambda: self.reconciler_thread,
+                             lambda: _last_pass())
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        if self.config.metrics_addr:
+            self._listen()
+        watchdog_thread = watchdog_period()
+        if watchdog_thread:
+            threading.Thread(target=self._watchdog, args=(watchdog_thread,), name="vpcnet-watchdog",
+                             daemon=True).start()
+
+    def _listen(self) -> None:
+        from vpcnet.observability import metrics
+
+        try:
+            host, port = config_mod.parse_addr(self.config.metrics_addr)
+            server = _Server((host, port), _Handler)
+        except (OSError, ValueError) as exc:
+            # Metrics are worth a loud warning, never the plugin: Docker's calls keep being served.
+            log.error("metrics and health listener not started on %s: %s", self.config.metrics_addr, exc)
+            return
+        server.exposition = metrics.Exposition(self.store)
+        server.health = self.health
+        self.server = server
+        bound = f"{server.server_address[0]!s}:{server.server_address[1]}"
+        _write_addr(self.config.state_dir, bound)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, name="vpcnet-metrics",
+                         daemon=True).start()
+        log.info("metrics on http://%s/metrics, health on http://%s/healthz", bound, bound)
+
+    def _watchdog(self, period: float) -> None:
+        while not self._stop.wait(period / 3):
+            results = self.health.run()
+            failing = {k: v for k, v in results.items() if v}
+            if failing:
+                log.warning("unhealthy, not pinging the systemd watchdog: %s",
+                            "; ".join(f"{k}: {v}" for k, v in failing.items()))
+                continue
+            sd_notify("WATCHDOG=1")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            try:
+                os.unlink(os.path.join(self.config.state_dir, ADDR_FILE))
+            except OSError:
+                pass
+
+
+def _last_pass() -> float | None:
+    from vpcnet.observability import events
+
+    return events.RECONCILER.snapshot()[0]
+
+
+def _write_addr(state_dir: str, bound: str) -> None:
+    path = os.path.join(state_dir, ADDR_FILE)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as fh:
+        fh.write(bound + "\n")
+    os.replace(tmp, path)
+
+
+def read_addr(state_dir: str) -> str:
+    """The address the plugin's listener bound (from its state dir), or ''."""
+    try:
+        with open(os.path.join(state_dir, ADDR_FILE)) as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+# -- systemd ------------------------------------------------------------------------------------------
+def watchdog_period(environ=os.environ) -> float:
+    """The watchdog period in seconds when systemd asked for pings ($WATCHDOG_USEC), else 0. (The unit
+    sets NotifyAccess=all: the pings come from a gunicorn worker, not the main process.)"""
+    try:
+        usec = int(environ.get("WATCHDOG_USEC", "0"))
+    except ValueError:
+        return 0.0
+    return usec / 1e6 if usec > 0 and environ.get("NOTIFY_SOCKET") else 0.0
+
+
+def sd_notify(state: str, environ=os.environ) -> bool:
+    """Send one datagram to systemd's notify socket (an abstract address starts with '@')."""
+    addr = environ.get("NOTIFY_SOCKET", "")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(addr)
+            sock.sendall(state.encode())
+        return True
+    except OSError as exc:
+        log.warning("cannot notify systemd (%s): %s", state, exc)
+        return False

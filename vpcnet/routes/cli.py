@@ -1,0 +1,196 @@
+"""`vpcnet routes list|sync|release|gc`: this host's VPC routes, from the command line.
+
+- `list` shows every route table this host programs, with its custom entries against its quota
+  (`used/quota`), and vpcnet's view of each entry: `mine` (this host's, vpcnet may delete it),
+  `ours-other-host` (made by vpcnet for another instance of this host's clusters), `ours-other-cluster`
+  (made by vpcnet for another cluster, or for this instance outside this host's cluster CIDRs) or
+  `foreign` (system, hand-made, anything else).
+- `sync` runs one reconcile pass (claim the block if needed, re-create a missing route) and waits, within
+  `--wait` seconds, for Pending routes to become Available. Exit 0 when this host's routes are in place.
+- `release` removes this host's routes from every table and forgets its claims (decommissioning). It
+  asks nothing.
+- `gc` lists vpcnet-made routes of this host's clusters, in every table, whose next-hop instance no
+  longer exists; `--yes` deletes them.
+
+Exit codes: 0 done; 1 a cloud or route problem (the reason on stderr); 2 a configuration error.
+All of them read the same configuration and state dir as `vpcnet serve`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from vpcnet import config as config_mod
+from vpcnet.cloud import Route
+
+EXIT_PROBLEM = 1
+
+
+def register(sub) -> None:
+    from vpcnet.config import add_config_argument
+
+    routes = sub.add_parser("routes", help="this host's VPC routes: list, sync, release, gc",
+                            description="This host's VPC routes. Exit 0 done, 1 a cloud or route "
+                            "problem (reason on stderr), 2 a configuration error.")
+    actions = routes.add_subparsers(dest="routes_command", metavar="ACTION")
+    actions.required = True
+
+    p = actions.add_parser("list", help="show the route table, vpcnet's routes marked")
+    add_config_argument(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_list)
+
+    p = actions.add_parser("sync", help="one reconcile pass; exit 0 when this host's routes are in place")
+    add_config_argument(p)
+    p.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
+                   help="how long to keep trying: retries of failing cloud calls (at least 2 s, at most "
+                        "60), a busy VPC (TaskConflict, throttling: a boot storm) and Pending routes "
+                        "becoming Available (default 60)")
+    p.set_defaults(func=cmd_sync)
+
+    p = actions.add_parser("release", help="remove this host's routes (decommissioning); asks nothing")
+    add_config_argument(p)
+    p.set_defaults(func=cmd_release)
+
+    p = actions.add_parser("gc", help="vpcnet routes whose next-hop instance is gone (dry run unless --yes)")
+    add_config_argument(p)
+    p.add_argument("--yes", action="store_true", help="delete them (default: only show them)")
+    p.set_defaults(func=cmd_gc)
+
+
+# -- plumbing ---------------------------------------------------------------------------------------
+def _open(args, deadline: float | None = None, busy_deadline: float | None = None):
+    """(config, store, keeper) for a command; logging to stderr, quiet unless VPCNET_LOG_LEVEL=DEBUG.
+    `deadline` bounds the retries of one failing cloud call (default: the keeper's 60 s),
+    `busy_deadline` those of a busy cloud (default: the keeper's BUSY_DEADLINE)."""
+    from vpcnet.observability.logs import setup_logging
+    from vpcnet.routes import Backoff, RouteKeeper
+    from vpcnet.state.store import Store
+
+    config = config_mod.load(args.config, check_socket_dir=False)
+    setup_logging("DEBUG" if config.log_level.upper() == "DEBUG" else "WARNING")
+    store = Store(config.db_path)
+    backoff = None
+    if deadline is not None or busy_deadline is not None:
+        backoff = Backoff(deadline=60.0 if deadline is None else deadline, busy_deadline=busy_deadline)
+    return config, store, RouteKeeper(config, store, backoff=backoff)
+
+
+def _close(store, keeper) -> None:
+    keeper.close()
+    store.close()
+
+
+def _line(route: Route, owner: str) -> str:
+    hop = route.next_hop or (f"({route.next_hop_type})" if route.next_hop_type else "-")
+    return f"{route.destination:<20} {hop:<24} {route.status:<10} {route.kind:<8} {owner}"
+
+
+def _usage(used: int, quota: int) -> str:
+    return f"{used}/{quota}" if quota else f"{used}/?"
+
+
+def _route_json(route: Route, owner: str) -> dict:
+    return {"destination": route.destination, "next_hop": route.next_hop, "next_hop_type": route.next_hop_type,
+            "status": route.status, "kind": route.kind, "name": route.name, "description": route.description,
+            "route_id": route.route_id, "route_table": route.table, "owner": owner}
+
+
+def _warn_if_serving(config, what: str) -> None:
+    if os.path.exists(config.socket):
+        print(f"note: the plugin socket {config.socket} exists: if `vpcnet serve` is running, its "
+              f"reconciler will {what}; stop it first when decommissioning", file=sys.stderr)
+
+
+# -- commands ---------------------------------------------------------------------------------------
+def cmd_list(args: argparse.Namespace) -> int:
+    config, store, keeper = _open(args)
+    try:
+        tables, me, routes = keeper.table()
+        clusters = keeper.clusters()
+        rows = [(r, keeper.ownership(r, me, clusters)) for r in routes]
+        claims = store.claims()
+        usage = keeper.route_table_usage()
+        names = {c: keeper.cluster_name(c) for c in clusters}
+    finally:
+        _close(store, keeper)
+    if args.json:
+        print(json.dumps({
+            "provider": config.provider, "route_table": tables[0], "instance": me, "cluster_cidrs": clusters,
+            "cluster_names": names,
+            "route_tables": [{"id": t, "entries": usage.get(t, (0, 0))[0], "quota": usage.get(t, (0, 0))[1]}
+                             for t in tables],
+            "claims": [{"cluster_cidr": c.cluster_cidr, "host_cidr": c.host_cidr, "route_ok": c.route_ok,
+                        "reason": c.reason} for c in claims],
+            "routes": [_route_json(r, owner) for r, owner in rows]}, indent=2))
+        return 0
+    print(f"provider {config.provider}, this instance {me}, cluster CIDRs "
+          + ", ".join(f"{c} ({names[c]})" for c in clusters))
+    for table in tables:
+        used, quota = usage.get(table, (0, 0))
+        print(f"\nroute table {table}: {_usage(used, quota)} custom entries used")
+        print(f"{'DESTINATION':<20} {'NEXT HOP':<24} {'STATUS':<10} {'KIND':<8} OWNER")
+        for route, owner in rows:
+            if route.table == table:
+                print(_line(route, owner))
+    mine = sum(1 for _, owner in rows if owner == "mine")
+    print(f"\n{len(rows)} entries in {len(tables)} table(s), {mine} of them this host's")
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    if args.wait < 0:
+        print("vpcnet: --wait must be 0 or more seconds", file=sys.stderr)
+        return 2
+    config, store, keeper = _open(args, deadline=max(2.0, min(60.0, args.wait)), busy_deadline=max(2.0, args.wait))
+    try:
+        result = keeper.reconcile(wait_pending=args.wait)
+        claims = store.claims()
+    finally:
+        _close(store, keeper)
+    for claim in claims:
+        state = "route Available" if claim.route_ok else (claim.reason or "route not checked")
+        print(f"{claim.cluster_cidr} -> {claim.host_cidr or '(not claimed)'}: {state}")
+    if result.ok:
+        print("routes in place")
+        return 0
+    for problem in result.problems:
+        print(f"vpcnet: {problem}", file=sys.stderr)
+    if result.pending_only:
+        print(f"vpcnet: still not Available after {args.wait:g} s (try a longer --wait)", file=sys.stderr)
+    return EXIT_PROBLEM
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    config, store, keeper = _open(args)
+    _warn_if_serving(config, "claim a block again")
+    try:
+        removed = keeper.release()
+    finally:
+        _close(store, keeper)
+    for route in removed:
+        print(f"removed {route.destination} -> {route.next_hop} from {route.table} ({route.route_id or 'no id'})")
+    print(f"released: {len(removed)} route(s) removed, claims forgotten")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    config, store, keeper = _open(args)
+    try:
+        garbage = keeper.garbage()
+        if args.yes and garbage:
+            keeper.delete_garbage(garbage)
+    finally:
+        _close(store, keeper)
+    verb = "removed" if args.yes else "would remove"
+    for route in garbage:
+        print(f"{verb} {route.destination} -> {route.next_hop} from {route.table} ({route.route_id or 'no id'}): "
+              "instance gone")
+    if not garbage:
+        print("no vpcnet route points at a vanished instance")
+    elif not args.yes:
+        print(f"{len(garbage)} route(s) would be removed: run again with --yes to delete them")
+    return 0
+

@@ -1,0 +1,385 @@
+"""The plugin's memory across restarts: one sqlite file (WAL) in the state dir.
+
+Docker never replays CreateNetwork, so everything a later call needs is written here before the call
+answers. Every change is one `BEGIN IMMEDIATE` transaction: sqlite serialises writers across threads and
+gunicorn workers, so two concurrent RequestAddress calls can never take the same address, and a crash
+mid-call leaves either the old state or the new one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+from vpcnet.errors import StateError
+
+REPAIRS_KEY = "datapath_repairs"      # meta key: the datapath pass's repair counts (JSON)
+SCHEMA_VERSION = 3     # 2: networks.mode (bridge | routed); 3: leftovers
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- This host's block inside each cluster CIDR (static, or claimed in the route table).
+CREATE TABLE IF NOT EXISTS claims (
+    cluster_cidr TEXT PRIMARY KEY,
+    host_cidr    TEXT,                -- NULL while wanted but not yet claimed
+    static       INTEGER NOT NULL DEFAULT 0,
+    reason       TEXT NOT NULL DEFAULT '',   -- why not claimed yet, or the last route problem
+    route_ok     INTEGER NOT NULL DEFAULT 0, -- 1 when the last reconcile found the route Available here
+    updated      REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pools (
+    pool_id      TEXT PRIMARY KEY,    -- the host CIDR itself: deterministic, so replays match
+    cluster_cidr TEXT NOT NULL,
+    gateway      TEXT NOT NULL,
+    cursor       INTEGER NOT NULL     -- next-fit position: released addresses wait for a full turn
+);
+CREATE TABLE IF NOT EXISTS addresses (
+    pool_id      TEXT NOT NULL REFERENCES pools(pool_id),
+    address      TEXT NOT NULL,
+    replay_epoch INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (pool_id, address)
+);
+CREATE TABLE IF NOT EXISTS networks (
+    network_id   TEXT PRIMARY KEY,
+    host_cidr    TEXT NOT NULL UNIQUE,
+    cluster_cidr TEXT NOT NULL,
+    gateway      TEXT NOT NULL,
+    bridge       TEXT NOT NULL UNIQUE,
+    mtu          INTEGER NOT NULL,
+    internal     INTEGER NOT NULL,
+    no_nat       TEXT NOT NULL,       -- JSON list
+    created      REAL NOT NULL,
+    mode         TEXT NOT NULL DEFAULT 'bridge'   -- datapath: 'bridge', 'routed' or 'ebpf' (schema 2)
+);
+CREATE TABLE IF NOT EXISTS endpoints (
+    endpoint_id  TEXT PRIMARY KEY,
+    network_id   TEXT NOT NULL REFERENCES networks(network_id),
+    address      TEXT NOT NULL,       -- bare IP
+    mac          TEXT NOT NULL,
+    host_veth    TEXT NOT NULL UNIQUE,
+    peer_veth    TEXT NOT NULL UNIQUE,
+    created      REAL NOT NULL,
+    UNIQUE (network_id, address)
+);
+-- Kernel state of deleted networks and endpoints not removed yet (the row went first, a later datapath
+-- pass removes what the kernel still holds). Never blocks a new network, it is not in `networks`.
+CREATE TABLE IF NOT EXISTS leftovers (
+    name         TEXT PRIMARY KEY,    -- 'network:<id>' or 'endpoint:<host veth>'
+    data         TEXT NOT NULL,       -- JSON: the deleted row (a network also lists its host veths)
+    since        REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class Network:
+    network_id: str
+    host_cidr: str
+    cluster_cidr: str
+    gateway: str
+    bridge: str
+    mtu: int
+    internal: bool
+    no_nat: tuple[str, ...]
+    created: float = 0.0
+    mode: str = "bridge"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    endpoint_id: str
+    network_id: str
+    address: str
+    mac: str
+    host_veth: str
+    peer_veth: str
+    created: float = 0.0
+
+
+@dataclass(frozen=True)
+class Claim:
+    cluster_cidr: str
+    host_cidr: str | None
+    static: bool
+    reason: str
+    route_ok: bool
+    updated: float
+
+
+class Store:
+    """`readonly=True` (for `vpcnet status`, `vpcnet doctor` and other readers beside a running plugin): the file is
+    opened read-only and never migrated; a missing file is an error rather than a new empty store."""
+
+    def __init__(self, path: str, readonly: bool = False):
+        self.path = path
+        self.readonly = readonly
+        self._local = threading.local()
+        if readonly:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"no vpcnet state at {path}")
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+        self._migrate()
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None or getattr(self._local, "pid", None) != os.getpid():
+            if self.readonly:
+                conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30, isolation_level=None,
+                                       check_same_thread=False)
+            else:
+                conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            if not self.readonly:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn, self._local.pid = conn, os.getpid()
+        return conn
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; taken immediately so concurrent writers queue instead of racing."""
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            # Also after a failed COMMIT (disk full, a deferred constraint): sqlite may keep the
+            # transaction open, and this thread's connection would then refuse every later BEGIN.
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    self._drop_connection()
+            if isinstance(exc, sqlite3.OperationalError) and _storage_failure(exc):
+                raise StateError(f"cannot write vpcnet's state {self.path}: {exc}; nothing was changed "
+                                 "(free space on its filesystem, then retry)") from None
+            raise
+
+    def _drop_connection(self) -> None:
+        """Forget this thread's connection (a broken one): the next call opens a fresh one."""
+        conn, self._local.conn = getattr(self._local, "conn", None), None
+        if conn is not None:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+
+    def read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        return self._conn().execute(sql, args).fetchall()
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def _migrate(self) -> None:
+        with self.tx() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            version = int(row["value"]) if row else 0
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(f"state {self.path} has schema version {version}, newer than this "
+                                   f"vpcnet ({SCHEMA_VERSION}): upgrade vpcnet or move the state away")
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            # 1 -> 2: networks gain their datapath mode; every network of a v1 state is a bridge one.
+            columns = {r["name"] for r in db.execute("PRAGMA table_info(networks)")}
+            if "mode" not in columns:
+                db.execute("ALTER TABLE networks ADD COLUMN mode TEXT NOT NULL DEFAULT 'bridge'")
+            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('schema_version', ?)",
+                       (str(SCHEMA_VERSION),))
+        os.chmod(self.path, 0o600)
+
+    # -- meta -------------------------------------------------------------------------------------
+    def get_meta(self, key: str, default: str = "") -> str:
+        rows = self.read("SELECT value FROM meta WHERE key=?", (key,))
+        return rows[0]["value"] if rows else default
+
+    def set_meta(self, db: sqlite3.Connection, key: str, value: str) -> None:
+        db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)", (key, value))
+
+    # -- the datapath pass's repairs ----------------------------------------------------------------
+    def repair_counts(self) -> dict[str, int]:
+        """Repairs so far by object kind (firewall, link, address, route, tc): kept here so the count
+        survives a restart and any worker's pass adds to it."""
+        try:
+            return {k: int(v) for k, v in json.loads(self.get_meta(REPAIRS_KEY, "{}")).items()}
+        except ValueError:
+            return {}
+
+    def add_repairs(self, new: dict[str, int]) -> None:
+        with self.tx() as db:
+            row = db.execute("SELECT value FROM meta WHERE key=?", (REPAIRS_KEY,)).fetchone()
+            total = Counter(json.loads(row["value"]) if row else {})
+            total.update(new)
+            self.set_meta(db, REPAIRS_KEY, json.dumps(dict(total), sort_keys=True))
+
+    # -- claims -----------------------------------------------------------------------------------
+    def claims(self) -> list[Claim]:
+        return [_claim(r) for r in self.read("SELECT * FROM claims ORDER BY cluster_cidr")]
+
+    def claim(self, cluster_cidr: str) -> Claim | None:
+        rows = self.read("SELECT * FROM claims WHERE cluster_cidr=?", (cluster_cidr,))
+        return _claim(rows[0]) if rows else None
+
+    def want_claim(self, cluster_cidr: str, reason: str) -> None:
+        with self.tx() as db:
+            db.execute("INSERT OR IGNORE INTO claims(cluster_cidr, host_cidr, reason, updated) "
+                       "VALUES(?, NULL, ?, ?)", (cluster_cidr, reason, time.time()))
+
+    def record_claim(self, cluster_cidr: str, host_cidr: str | None, static: bool = False,
+                     reason: str = "", route_ok: bool = False) -> None:
+        with self.tx() as db:
+            db.execute("INSERT OR REPLACE INTO claims(cluster_cidr, host_cidr, static, reason, route_ok, "
+                       "updated) VALUES(?, ?, ?, ?, ?, ?)",
+                       (cluster_cidr, host_cidr, int(static), reason, int(route_ok), time.time()))
+
+    def forget_claim(self, cluster_cidr: str) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM claims WHERE cluster_cidr=?", (cluster_cidr,))
+
+    # -- networks and endpoints -------------------------------------------------------------------
+    def networks(self) -> list[Network]:
+        return [_network(r) for r in self.read("SELECT * FROM networks ORDER BY created")]
+
+    def network(self, network_id: str) -> Network | None:
+        rows = self.read("SELECT * FROM networks WHERE network_id=?", (network_id,))
+        return _network(rows[0]) if rows else None
+
+    def network_by_host_cidr(self, host_cidr: str) -> Network | None:
+        rows = self.read("SELECT * FROM networks WHERE host_cidr=?", (host_cidr,))
+        return _network(rows[0]) if rows else None
+
+    def add_network(self, db: sqlite3.Connection, net: Network) -> None:
+        row = asdict(net)
+        row["no_nat"] = json.dumps(list(net.no_nat))
+        row["internal"] = int(net.internal)
+        db.execute(f"INSERT INTO networks({', '.join(row)}) VALUES({', '.join('?' * len(row))})",
+                   tuple(row.values()))
+
+    def delete_network(self, network_id: str, leftover: bool = False) -> None:
+        """Forget a network and its endpoints; with `leftover`, in the same transaction record their
+        kernel state as still to be removed (see `leftovers`)."""
+        with self.tx() as db:
+            if leftover:
+                net = db.execute("SELECT * FROM networks WHERE network_id=?", (network_id,)).fetchone()
+                veths = [r["host_veth"] for r in
+                         db.execute("SELECT host_veth FROM endpoints WHERE network_id=?", (network_id,))]
+                if net is not None:
+                    data = dict(net) | {"host_veths": veths}
+                    db.execute("INSERT OR REPLACE INTO leftovers(name, data, since) VALUES(?, ?, ?)",
+                               (f"network:{network_id}", json.dumps(data), time.time()))
+            db.execute("DELETE FROM endpoints WHERE network_id=?", (network_id,))
+            db.execute("DELETE FROM networks WHERE network_id=?", (network_id,))
+
+    def endpoints(self, network_id: str | None = None) -> list[Endpoint]:
+        if network_id is None:
+            rows = self.read("SELECT * FROM endpoints ORDER BY created")
+        else:
+            rows = self.read("SELECT * FROM endpoints WHERE network_id=? ORDER BY created", (network_id,))
+        return [Endpoint(**dict(r)) for r in rows]
+
+    def endpoint(self, endpoint_id: str) -> Endpoint | None:
+        rows = self.read("SELECT * FROM endpoints WHERE endpoint_id=?", (endpoint_id,))
+        return Endpoint(**dict(rows[0])) if rows else None
+
+    def endpoint_where(self, **match: str) -> Endpoint | None:
+        """The endpoint whose columns equal `match` (e.g. host_veth=..., or network_id=... address=...)."""
+        where = " AND ".join(f"{column}=?" for column in match)
+        rows = self.read(f"SELECT * FROM endpoints WHERE {where} LIMIT 1", tuple(match.values()))
+        return Endpoint(**dict(rows[0])) if rows else None
+
+    def add_endpoint(self, db: sqlite3.Connection, ep: Endpoint) -> None:
+        row = asdict(ep)
+        db.execute(f"INSERT INTO endpoints({', '.join(row)}) VALUES({', '.join('?' * len(row))})",
+                   tuple(row.values()))
+
+    def delete_endpoint(self, endpoint_id: str, leftover: bool = False) -> None:
+        with self.tx() as db:
+            if leftover:
+                row = db.execute("SELECT * FROM endpoints WHERE endpoint_id=?", (endpoint_id,)).fetchone()
+                if row is not None:
+                    db.execute("INSERT OR REPLACE INTO leftovers(name, data, since) VALUES(?, ?, ?)",
+                               (f"endpoint:{row['host_veth']}", json.dumps(dict(row)), time.time()))
+            db.execute("DELETE FROM endpoints WHERE endpoint_id=?", (endpoint_id,))
+
+    def leftovers(self) -> list[tuple[str, dict]]:
+        """(name, data) of deleted objects whose kernel state may still be there."""
+        return [(r["name"], json.loads(r["data"])) for r in self.read("SELECT * FROM leftovers ORDER BY since")]
+
+    def forget_leftover(self, name: str) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM leftovers WHERE name=?", (name,))
+
+    # -- pools and addresses (the allocation logic itself lives in ipam) -----------------------------
+    def pools(self) -> list[sqlite3.Row]:
+        return self.read("SELECT * FROM pools ORDER BY pool_id")
+
+    def addresses_per_pool(self) -> dict[str, int]:
+        """Pool (host CIDR) -> addresses handed out from it, pools without any included."""
+        rows = self.read("SELECT p.pool_id AS pool, COUNT(a.address) AS used FROM pools p "
+                         "LEFT JOIN addresses a ON a.pool_id = p.pool_id GROUP BY p.pool_id")
+        return {row["pool"]: row["used"] for row in rows}
+
+    def addresses(self, pool_id: str) -> list[str]:
+        return [r["address"] for r in self.read("SELECT address FROM addresses WHERE pool_id=?", (pool_id,))]
+
+
+def _storage_failure(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return any(word in text for word in ("disk is full", "disk i/o error", "readonly database",
+                                         "unable to open database"))
+
+
+class DamagedState(Exception):
+    """The state file exists but is not a sound vpcnet store."""
+
+
+def check_state(path: str) -> None:
+    """Refuse a damaged state file rather than start on it (or, worse, start empty while containers
+    exist): an existing file must be a sound sqlite database holding vpcnet's schema. A missing file is a
+    new host. Read-only: nothing is written."""
+    if not os.path.exists(path):
+        return
+    recovery = (f"restore {path} from a backup, or move it aside (mv {path} {path}.damaged) and re-create "
+                "this host's vpcnet networks; see the README, 'A damaged state file'")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        try:
+            verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise DamagedState(f"state file {path} is damaged ({exc}): {recovery}") from None
+    if verdict != "ok":
+        raise DamagedState(f"state file {path} is damaged (integrity check: {verdict}): {recovery}")
+    if not {"meta", "networks", "endpoints"} <= tables:
+        raise DamagedState(f"state file {path} holds no vpcnet state (empty or truncated): {recovery}")
+
+
+def _network(row: sqlite3.Row) -> Network:
+    data = dict(row)
+    data["no_nat"] = tuple(json.loads(data["no_nat"]))
+    data["internal"] = bool(data["internal"])
+    return Network(**data)
+
+
+def _claim(row: sqlite3.Row) -> Claim:
+    data = dict(row)
+    data["static"] = bool(data["static"])
+    data["route_ok"] = bool(data["route_ok"])
+    return Claim(**data)

@@ -12,7 +12,7 @@ import struct
 import pytest
 from conftest import is_root, require, run
 
-from vpcnet.datapath import ebpf
+from vpcnet.datapath.ebpf import assembler, loader, programs
 from vpcnet.errors import DataplaneError
 
 HOST, CLUSTER = "10.77.3.0/24", "10.77.0.0/16"
@@ -22,13 +22,13 @@ TC_ACT_REDIRECT, UNSPEC = 7, -1
 # -- encoding (no kernel needed) ----------------------------------------------------------------------
 
 def test_instructions_encode_as_the_kernel_defines_them():
-    a = ebpf.Asm()
+    a = assembler.Asm()
     a.mov(6, 1)                      # BPF_MOV64_REG(R6, R1)            bf 16 0000 00000000
     a.ldx(4, 2, 6, 76)               # BPF_LDX_MEM(BPF_W, R2, R6, 76)   61 62 4c00 00000000
-    a.jump(ebpf.JNE, 4, "out", imm=8, wide=False)   # BPF_JMP32_IMM(JNE, R4, 8, +1)
+    a.jump(assembler.JNE, 4, "out", imm=8, wide=False)   # BPF_JMP32_IMM(JNE, R4, 8, +1)
     a.movi(0, -1)                    # BPF_MOV64_IMM(R0, -1)             b7 00 0000 ffffffff
     a.label("out")
-    a.call(ebpf.FIB_LOOKUP)          # call 69                           85 00 0000 45000000
+    a.call(programs.FIB_LOOKUP)          # call 69                           85 00 0000 45000000
     a.exit()                         # 95 00 0000 00000000
     code = a.assemble()
     assert code.hex() == ("bf16000000000000" "61624c0000000000" "5604010008000000" "b7000000ffffffff"
@@ -36,7 +36,7 @@ def test_instructions_encode_as_the_kernel_defines_them():
 
 
 def test_a_label_defined_twice_is_refused():
-    a = ebpf.Asm()
+    a = assembler.Asm()
     a.label("x")
     with pytest.raises(ValueError, match="twice"):
         a.label("x")
@@ -45,7 +45,7 @@ def test_a_label_defined_twice_is_refused():
 @pytest.mark.parametrize("cidr,expected", [("10.77.0.0/16", (0x00004D0A, 0x0000FFFF)),
                                            ("192.168.1.128/25", (0x8001A8C0, 0x80FFFFFF))])
 def test_addresses_are_compared_as_a_load_from_the_packet_sees_them(cidr, expected):
-    assert ebpf._net(cidr) == expected
+    assert programs._net(cidr) == expected
 
 
 # -- the kernel -----------------------------------------------------------------------------------------
@@ -53,22 +53,22 @@ def test_addresses_are_compared_as_a_load_from_the_packet_sees_them(cidr, expect
 @pytest.fixture
 def kernel():
     require(is_root(), "needs root (bpf(2) with CAP_BPF)")
-    require(platform.machine() in ebpf.SYS_BPF, f"no bpf syscall number known for {platform.machine()}")
+    require(platform.machine() in loader.SYS_BPF, f"no bpf syscall number known for {platform.machine()}")
 
 
 @pytest.mark.parametrize("host,cluster", [(HOST, CLUSTER), ("10.200.1.128/25", "10.200.0.0/16"),
                                           ("192.168.255.0/24", "192.168.0.0/16"), ("10.1.0.0/16", "10.0.0.0/8")])
 def test_the_verifier_accepts_both_programs(kernel, host, cluster):
-    for program in (ebpf.container_program(host, cluster), ebpf.uplink_program(host, cluster, 7)):
-        os.close(ebpf.load(program, "vpcnet_test"))
+    for program in (programs.container_program(host, cluster), programs.uplink_program(host, cluster, 7)):
+        os.close(loader.load(program, "vpcnet_test"))
 
 
 def test_a_program_the_verifier_refuses_is_reported_with_its_log(kernel):
-    a = ebpf.Asm()
+    a = assembler.Asm()
     a.mov(0, 5)                    # r5 was never written: the verifier says so
     a.exit()
     with pytest.raises(DataplaneError, match="verifier: .*R5"):
-        ebpf.load(a.assemble(), "vpcnet_bad")
+        loader.load(a.assemble(), "vpcnet_bad")
 
 
 BPF_PROG_TEST_RUN = 10
@@ -79,14 +79,14 @@ def prog_test_run(fd: int, packet: bytes, ifindex: int = 0) -> tuple[int, bytes]
     data_in = ctypes.create_string_buffer(packet, len(packet))
     data_out = ctypes.create_string_buffer(len(packet) + 256)
     ctx = ctypes.create_string_buffer(192)          # struct __sk_buff, all zero but ifindex
-    struct.pack_into("<I", ctx, ebpf.SKB_IFINDEX, ifindex)
+    struct.pack_into("<I", ctx, programs.SKB_IFINDEX, ifindex)
     attr = bytearray(80)
     struct.pack_into("<IIIIQQII", attr, 0, fd, 0, len(packet), len(data_out), ctypes.addressof(data_in),
                      ctypes.addressof(data_out), 1, 0)
     if ifindex:
         struct.pack_into("<IIQQ", attr, 40, len(ctx), 0, ctypes.addressof(ctx), 0)
     buf = ctypes.create_string_buffer(bytes(attr), len(attr))
-    if ebpf._libc.syscall(ebpf.SYS_BPF[platform.machine()], BPF_PROG_TEST_RUN, buf, len(attr)) != 0:
+    if loader._libc.syscall(loader.SYS_BPF[platform.machine()], BPF_PROG_TEST_RUN, buf, len(attr)) != 0:
         raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
     retval, _size_in, size_out = struct.unpack_from("<iII", buf.raw, 4)
     return retval, data_out.raw[:size_out]
@@ -168,7 +168,7 @@ def test_container_program_forwards_cluster_traffic_with_ttl_and_checksum_right(
     ns, index = routed_host
 
     def check():
-        fd = ebpf.load(ebpf.container_program(HOST, CLUSTER, "10.77.3.2", index["vpc-anchor"]), "vpcnet_test")
+        fd = loader.load(programs.container_program(HOST, CLUSTER, "10.77.3.2", index["vpc-anchor"]), "vpcnet_test")
         try:
             out = {}
             for case, packet in {
@@ -215,7 +215,7 @@ def test_uplink_program_hands_this_networks_endpoints_their_packets(routed_host)
     ns, index = routed_host
 
     def check():
-        fd = ebpf.load(ebpf.uplink_program(HOST, CLUSTER, index["vpc-anchor"]), "vpcnet_test")
+        fd = loader.load(programs.uplink_program(HOST, CLUSTER, index["vpc-anchor"]), "vpcnet_test")
         try:
             return {case: (packet, *prog_test_run(fd, packet, index["uplink0"])) for case, packet in {
                 "from another host": ipv4("10.77.4.2", "10.77.3.2"),
@@ -249,19 +249,19 @@ class _RecordingLibc:
         self.log_levels: list[int] = []
 
     def syscall(self, nr, cmd, buf, size):
-        if cmd == ebpf.BPF_PROG_LOAD:
+        if cmd == loader.BPF_PROG_LOAD:
             self.log_levels.append(struct.unpack_from("<I", buf.raw, 24)[0])
         return self.real.syscall(nr, cmd, buf, size)
 
 
 def test_a_program_is_loaded_without_the_verifier_log_and_only_a_refusal_asks_for_it(kernel, monkeypatch):
-    recorder = _RecordingLibc(ebpf._libc)
-    monkeypatch.setattr(ebpf, "_libc", recorder)
-    os.close(ebpf.load(ebpf.container_program(HOST, CLUSTER), "vpcnet_ctr"))
+    recorder = _RecordingLibc(loader._libc)
+    monkeypatch.setattr(loader, "_libc", recorder)
+    os.close(loader.load(programs.container_program(HOST, CLUSTER), "vpcnet_ctr"))
     assert recorder.log_levels == [0]                     # accepted: one load, no log
-    a = ebpf.Asm()
+    a = assembler.Asm()
     a.mov(0, 5)
     a.exit()
     with pytest.raises(DataplaneError, match="verifier: .*R5"):
-        ebpf.load(a.assemble(), "vpcnet_bad")
+        loader.load(a.assemble(), "vpcnet_bad")
     assert recorder.log_levels == [0, 0, 1]               # refused: loaded again with the log, to say why

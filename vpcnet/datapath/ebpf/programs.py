@@ -1,0 +1,204 @@
+"""The two tc programs of the fast path, assembled at load time: `container_program` (tc ingress of an
+endpoint's host veth) and `uplink_program` (tc ingress of the uplink). What they do and why is in the
+package docstring (vpcnet.datapath.ebpf)."""
+from __future__ import annotations
+
+import ipaddress
+
+from vpcnet.datapath.ebpf.assembler import (
+    FP,
+    JEQ,
+    JGT,
+    JLE,
+    JLT,
+    JNE,
+    Asm,
+    _s32,
+)
+
+# helpers (enum bpf_func_id)
+REDIRECT, FIB_LOOKUP, REDIRECT_NEIGH, REDIRECT_PEER = 23, 69, 152, 155
+# bpf_fib_lookup() results
+FIB_SUCCESS = 0
+# tc verdicts
+TC_ACT_UNSPEC = -1
+AF_INET = 2
+ETH_P_IP_LE = 0x0008                       # htons(0x0800) as a little-endian load sees it
+
+# __sk_buff fields
+SKB_IFINDEX, SKB_DATA, SKB_DATA_END = 40, 76, 80
+# packet offsets: Ethernet, then the IPv4 header
+ETH_DST, ETH_SRC, ETH_TYPE, ETH_LEN = 0, 6, 12, 14
+IP_TOS, IP_TTL, IP_PROTO, IP_CHECK, IP_SADDR, IP_DADDR = (ETH_LEN + n for n in (1, 8, 9, 10, 12, 16))
+PARSED = ETH_LEN + 20
+# struct bpf_fib_lookup (64 bytes) on the stack at FIB, struct bpf_redir_neigh (20 bytes) at NH
+FIB = -64
+F_FAMILY, F_L4, F_IFINDEX, F_TOS, F_SRC, F_DST, F_SMAC, F_DMAC = (FIB + n for n in (0, 1, 8, 12, 16, 32, 52, 58))
+NH = -88
+NH_LEN = 20
+
+
+def _le(addr: ipaddress.IPv4Address) -> int:
+    """An address as a 32-bit load from packet memory sees it (network bytes, little-endian load)."""
+    return int.from_bytes(addr.packed, "little")
+
+
+def _net(cidr: str) -> tuple[int, int]:
+    net = ipaddress.IPv4Network(cidr, strict=True)
+    return _le(net.network_address), _le(net.netmask)
+
+
+# -- the two programs ----------------------------------------------------------------------------------
+# Registers: r6 the skb context, r7 the source address, r8 the destination, r2/r3 packet start/end after
+# each (re)load; r1-r5 are clobbered by every helper call.
+
+def _parse(a: Asm) -> None:
+    """r2/r3 = packet start/end; not IPv4 over Ethernet with a whole header -> pass; r7/r8 = saddr/daddr."""
+    a.mov(6, 1)
+    _packet(a)
+    a.ldx(2, 4, 2, ETH_TYPE)
+    a.jump(JNE, 4, "pass", imm=ETH_P_IP_LE)
+    a.ldx(4, 7, 2, IP_SADDR)
+    a.ldx(4, 8, 2, IP_DADDR)
+
+
+def _packet(a: Asm) -> None:
+    a.ldx(4, 2, 6, SKB_DATA)
+    a.ldx(4, 3, 6, SKB_DATA_END)
+    a.mov(4, 2)
+    a.addi(4, PARSED)
+    a.jump(JGT, 4, "pass", src=3)
+
+
+def _require_in(a: Asm, reg: int, cidr: str, inside: bool = True) -> None:
+    net, mask = _net(cidr)
+    a.mov(4, reg)
+    a.andi32(4, mask)
+    a.jump(JNE if inside else JEQ, 4, "pass", imm=net, wide=False)
+
+
+def _fib_lookup(a: Asm) -> None:
+    """TTL > 1, then bpf_fib_lookup() on the packet's header, from the device it arrived on."""
+    a.ldx(1, 4, 2, IP_TTL)
+    a.jump(JLE, 4, "pass", imm=1)                 # about to expire: the stack sends time-exceeded
+    for off in range(FIB, 0, 8):
+        a.st(8, FP, off, 0)
+    a.st(1, FP, F_FAMILY, AF_INET)
+    a.ldx(1, 4, 2, IP_PROTO)
+    a.stx(1, FP, F_L4, 4)
+    # tot_len stays 0: the helper then checks the skb itself against the egress MTU, GSO included
+    # (a tot_len would be compared as is, and a 64 KB GSO packet always "needs fragmentation").
+    a.ldx(4, 4, 6, SKB_IFINDEX)
+    a.stx(4, FP, F_IFINDEX, 4)
+    a.ldx(1, 4, 2, IP_TOS)
+    a.stx(1, FP, F_TOS, 4)
+    a.stx(4, FP, F_SRC, 7)
+    a.stx(4, FP, F_DST, 8)
+    a.mov(1, 6)
+    a.mov(2, FP)
+    a.addi(2, FIB)
+    a.movi(3, 64)
+    a.movi(4, 0)
+    a.call(FIB_LOOKUP)
+
+
+def _decrement_ttl(a: Asm, done: str) -> None:
+    """As the kernel's ip_decrease_ttl(): TTL - 1, checksum + htons(0x0100) with end-around carry.
+    Packet pointers are reloaded first (the helper call clobbered r2/r3). `done` names a fresh label."""
+    _packet(a)
+    a.ldx(1, 4, 2, IP_TTL)
+    a.subi(4, 1)
+    a.stx(1, 2, IP_TTL, 4)
+    a.ldx(2, 4, 2, IP_CHECK)
+    a.addi(4, 1)
+    a.jump(JLT, 4, done, imm=0xFFFF)
+    a.addi(4, 1)
+    a.label(done)
+    a.stx(2, 2, IP_CHECK, 4)
+
+
+def _redirect_neigh(a: Asm) -> None:
+    """bpf_redirect_neigh(fib.ifindex, {AF_INET, fib.ipv4_dst = the next hop}) and return its verdict."""
+    a.st(4, FP, NH, AF_INET)
+    a.ldx(4, 4, FP, F_DST)
+    a.stx(4, FP, NH + 4, 4)
+    for off in range(NH + 8, NH + NH_LEN, 4):
+        a.st(4, FP, off, 0)
+    a.ldx(4, 1, FP, F_IFINDEX)
+    a.mov(2, FP)
+    a.addi(2, NH)
+    a.movi(3, NH_LEN)
+    a.movi(4, 0)
+    a.call(REDIRECT_NEIGH)
+    a.exit()
+
+
+def _pass(a: Asm) -> None:
+    a.label("pass")
+    a.movi(0, TC_ACT_UNSPEC)                      # not ours: the next filter, then the normal path
+    a.exit()
+
+
+def container_program(host_cidr: str, cluster_cidr: str, address: str | None = None,
+                      anchor_ifindex: int = 0) -> bytes:
+    """tc ingress of an endpoint's host veth: container -> another host of the cluster, or -> another
+    container of this network on this host. `address`: the endpoint's own address, the only source that
+    takes the fast path (what the routed path's anti-spoofing check would let through); without it, any
+    source in the host CIDR (the probe's form)."""
+    a = Asm()
+    _parse(a)
+    if address is not None:
+        a.jump(JNE, 7, "pass", imm=_s32(_le(ipaddress.IPv4Address(address))), wide=False)
+    else:
+        _require_in(a, 7, host_cidr)
+    _require_in(a, 8, cluster_cidr)
+    net, mask = _net(host_cidr)
+    a.mov(4, 8)
+    a.andi32(4, mask)
+    a.jump(JEQ, 4, "local", imm=net, wide=False)     # this host's own containers: straight into theirs
+    _fib_lookup(a)
+    a.jump(JNE, 0, "pass", imm=FIB_SUCCESS)
+    _decrement_ttl(a, "ttl_done")
+    _redirect_neigh(a)
+    a.label("local")
+    _fib_lookup(a)
+    _to_endpoint(a, anchor_ifindex, "local_ttl_done", peer=False)
+    _pass(a)
+    return a.assemble()
+
+
+def uplink_program(host_cidr: str, cluster_cidr: str, anchor_ifindex: int) -> bytes:
+    """tc ingress of the uplink: another host of the cluster -> a container of this network."""
+    a = Asm()
+    _parse(a)
+    _require_in(a, 7, cluster_cidr)
+    _require_in(a, 8, host_cidr)
+    _fib_lookup(a)
+    _to_endpoint(a, anchor_ifindex, "ttl_done")
+    _pass(a)
+    return a.assemble()
+
+
+def _to_endpoint(a: Asm, anchor_ifindex: int, done: str, peer: bool = True) -> None:
+    """After a fib lookup towards the host CIDR: into the container behind the /32 route's host veth
+    (MACs from the lookup, TTL decremented). `peer`: bpf_redirect_peer, straight into the container's
+    namespace (no second queueing on the veth); else bpf_redirect out of the host veth, which then counts
+    the packet as the container's (vpcnet_endpoint_receive_* read the host veth's transmit counters)."""
+    # Only to an endpoint's veth: not back out where it came from, not to the network's anchor (an
+    # address no endpoint holds, routed by the connected route: the normal path answers it). The gateway
+    # is a local address: the lookup does not succeed for it.
+    a.ldx(4, 5, FP, F_IFINDEX)
+    a.jump(JEQ, 5, "pass", imm=anchor_ifindex)
+    a.ldx(4, 4, 6, SKB_IFINDEX)
+    a.jump(JEQ, 5, "pass", src=4)
+    a.jump(JNE, 0, "pass", imm=FIB_SUCCESS)
+    _decrement_ttl(a, done)
+    for off in range(0, 6, 2):                    # dst MAC = the container's, src MAC = the host veth's
+        a.ldx(2, 4, FP, F_DMAC + off)
+        a.stx(2, 2, ETH_DST + off, 4)
+        a.ldx(2, 4, FP, F_SMAC + off)
+        a.stx(2, 2, ETH_SRC + off, 4)
+    a.ldx(4, 1, FP, F_IFINDEX)
+    a.movi(2, 0)
+    a.call(REDIRECT_PEER if peer else REDIRECT)
+    a.exit()

@@ -202,11 +202,15 @@ def test_build_leaves_the_plugin_installed_and_enabled(built):
     pids = [p for p in os.listdir("/proc") if p.isdigit() and _same_file(f"/proc/{p}/root/var/lib/vpcnet", state)]
     assert pids, "a process of the plugin (its rootfs holds the state mount)"
     assert os.stat(f"/proc/{pids[0]}/root/run/xtables.lock").st_ino == os.stat("/run/xtables.lock").st_ino
-    # what a host runs only: no emulator, lab or image builder in the rootfs
-    (site,) = glob.glob(f"/proc/{pids[0]}/root/opt/vpcnet/lib/python3.*/site-packages/vpcnet")
-    assert os.path.exists(f"{site}/serve.py") and os.path.exists(f"{site}/datapath/reconciler.py")
-    for test_only in ("emulator", "lab", "image.py", "install.py", "bootstrap.py"):
-        assert not os.path.exists(f"{site}/{test_only}"), test_only
+    # what a host runs only: the vpcnet package as `pip install .` makes it, and nothing of vpcnet-lab
+    # (emulator, lab, image builder), with nothing cut out of it by the build
+    (packages,) = glob.glob(f"/proc/{pids[0]}/root/opt/vpcnet/lib/python3.*/site-packages")
+    site = f"{packages}/vpcnet"
+    assert os.path.exists(f"{site}/cli/serve.py") and os.path.exists(f"{site}/datapath/reconciler.py")
+    assert os.path.exists(f"{site}/cli/install.py") and os.path.exists(f"{site}/bootstrap.py")
+    assert not glob.glob(f"{packages}/vpcnet_lab*")
+    for test_only in ("emulator", "lab", "image.py", "plugin_client.py"):
+        assert not glob.glob(f"{site}/**/{test_only}", recursive=True), test_only
     assert set(info["Config"]["Interface"]["Types"]) == {"docker.networkdriver/1.0", "docker.ipamdriver/1.0"}
 
 

@@ -217,7 +217,7 @@ chroot "$ROOT" /opt/vpcnet/bin/python -I -c 'import vpcnet.cli.serve, vpcnet.clo
 chroot "$ROOT" iptables -V >/dev/null || die "iptables does not run in the rootfs"
 VERSION=$(chroot "$ROOT" /opt/vpcnet/bin/vpcnet --version)
 echo "${VERSION/ /-} (from $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)$(
-    git -C "$REPO" diff --quiet HEAD -- vpcnet setup.cfg 2>/dev/null || echo ', modified'))" >>"$ROOT/opt/vpcnet/MANIFEST"
+    git -C "$REPO" diff --quiet HEAD -- vpcnet pyproject.toml 2>/dev/null || echo ', modified'))" >>"$ROOT/opt/vpcnet/MANIFEST"
 "$PYTHON" "$HERE/genconfig.py" -o "$WORK/config.json"
 SIZE=$(du -sm "$ROOT" | cut -f1)
 log "rootfs ready: ${SIZE} MB, $VERSION, iptables-$BACKEND by default"

@@ -40,10 +40,10 @@ def _say(message: str) -> None:
 
 
 def source_tree() -> str:
-    """The checkout this module runs from (the directory holding setup.cfg)."""
+    """The checkout this module runs from (the directory holding pyproject.toml)."""
     tree = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not os.path.isfile(os.path.join(tree, "setup.cfg")):
-        raise BootstrapError(f"{tree} is not a vpcnet source tree (no setup.cfg): run this from a checkout")
+    if not os.path.isfile(os.path.join(tree, "pyproject.toml")):
+        raise BootstrapError(f"{tree} is not a vpcnet source tree (no pyproject.toml): run this from a checkout")
     return tree
 
 

@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "vpcnet_lab.emulator.cli",  # vpcnet emulator (the vpcnet-lab package)
     "vpcnet_lab.cli",           # vpcnet lab up|status|down (the vpcnet-lab package)
     "vpcnet.cli.install",       # vpcnet install-systemd
+    "vpcnet.cli.completion",    # vpcnet completion bash|zsh
 )
 
 #: Sub-commands of the vpcnet-lab package, which a host running the plugin does not carry.
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vpcnet", description="Docker network plugin routing containers "
                                      "through the VPC route table (no overlay).")
     parser.add_argument("--version", action="version", version=f"vpcnet {__version__}")
+    parser.set_defaults(parser=parser)      # for `vpcnet completion`, which completes the whole command
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:

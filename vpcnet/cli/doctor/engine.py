@@ -1,0 +1,100 @@
+"""The Docker engine, over its API socket: its version, whether it finds the plugin (the socket folder, or
+the managed plugin enabled), networks of vpcnet's driver the state does not know; and `docker plugin
+inspect` of a managed plugin, whose settings doctor then checks with."""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+
+from vpcnet.cli.doctor.findings import Checks, Finding, ok, problem
+
+DOCKER_SOCKET = "/var/run/docker.sock"
+DOCKER_PLUGIN_DIRS = ("/run/docker/plugins", "/etc/docker/plugins", "/usr/lib/docker/plugins")
+MIN_DOCKER = (20, 10)
+
+
+class _UnixHTTP(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float):
+        super().__init__("docker", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self._path)
+
+
+def docker_get(sock: str, path: str, timeout: float = 10.0):
+    """GET one Docker API path; the decoded JSON, or raises OSError / ValueError."""
+    conn = _UnixHTTP(sock, timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        body = resp.read()
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise ValueError(f"Docker answered HTTP {resp.status} for {path}: {body[:200].decode(errors='replace')}")
+    return json.loads(body)
+
+
+def default_docker_socket(environ=os.environ) -> str:
+    """The engine the docker CLI would talk to: DOCKER_HOST when it names a unix socket (rootless Docker,
+    a second engine), else the standard socket."""
+    host = environ.get("DOCKER_HOST", "")
+    return host[len("unix://"):] if host.startswith("unix://") else DOCKER_SOCKET
+
+
+def managed_plugin(name: str, docker_socket: str) -> tuple[dict, dict[str, str]]:
+    """(`docker plugin inspect NAME`, its VPCNET_* settings with the state dir as seen from the host)."""
+    from urllib.parse import quote
+
+    info = docker_get(docker_socket, f"/plugins/{quote(name, safe='')}/json")
+    env = dict(item.split("=", 1) for item in info.get("Settings", {}).get("Env", []) if "=" in item)
+    environ = {k: v for k, v in env.items() if k.startswith("VPCNET_")}
+    for mount in info.get("Settings", {}).get("Mounts", []):
+        if mount.get("Destination") == environ.get("VPCNET_STATE_DIR", "/var/lib/vpcnet"):
+            environ["VPCNET_STATE_DIR"] = mount.get("Source") or mount["Destination"]
+    environ["VPCNET_CONFIG"] = os.devnull          # the plugin's settings are all in its Env
+    return info, environ
+
+
+class EngineChecks(Checks):
+    def check_docker(self) -> list[Finding]:
+        ctx = self.ctx
+        try:
+            version = docker_get(ctx.docker_socket, "/version")
+        except (OSError, ValueError) as exc:
+            return [problem("docker", f"the Docker engine at {ctx.docker_socket} does not answer: {exc}",
+                            "start Docker (systemctl start docker), or pass --docker-socket")]
+        text = str(version.get("Version", "?"))
+        out = []
+        try:
+            numbers = tuple(int(x) for x in text.split("+")[0].split("-")[0].split(".")[:2])
+        except ValueError:
+            numbers = MIN_DOCKER
+        if numbers < MIN_DOCKER:
+            out.append(problem("docker", f"Docker {text} is older than {'.'.join(map(str, MIN_DOCKER))}",
+                               "upgrade the Docker engine"))
+        else:
+            out.append(ok("docker", f"Docker {text} (API {version.get('ApiVersion', '?')})"))
+        if ctx.plugin:
+            if not ctx.plugin.get("Enabled"):
+                out.append(problem("discovery", f"managed plugin {ctx.driver_name} is disabled",
+                                   f"docker plugin enable {ctx.driver_name}"))
+        elif os.path.dirname(self.config.socket) not in DOCKER_PLUGIN_DIRS:
+            out.append(problem("discovery", f"socket {self.config.socket} is outside the folders Docker looks in "
+                                            f"({', '.join(DOCKER_PLUGIN_DIRS)})",
+                               "set VPCNET_SOCKET=/run/docker/plugins/vpcnet.sock"))
+        networks = docker_get(ctx.docker_socket, "/networks")
+        ours = {n["Id"]: n.get("Name", "?") for n in networks if n.get("Driver") == ctx.driver_name}
+        known = {n.network_id for n in ctx.networks}
+        for network_id, name in sorted(ours.items()):
+            if network_id not in known:
+                out.append(problem("discovery", f"Docker network {name} ({network_id[:12]}) uses driver "
+                                                f"{ctx.driver_name} but vpcnet's state does not know it",
+                                   f"docker network rm {name} and create it again (its state was lost)"))
+        out.append(ok("discovery", f"Docker uses driver {ctx.driver_name} for {len(ours)} network(s)"))
+        return out

@@ -1,0 +1,112 @@
+"""The firewall, read with `iptables -S`: vpcnet's jump from FORWARD comes before anything that can drop
+its traffic (following jumps a few chains deep), and every chain and jump vpcnet writes is there."""
+from __future__ import annotations
+
+import subprocess
+from typing import Callable
+
+from vpcnet.cli.doctor.findings import Checks, Finding, ok, problem
+
+
+def _iptables(table: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["iptables", "-w", "10", "-t", table, "-S", *args], capture_output=True, text=True,
+                          timeout=30)
+
+
+def _rules(table: str, chain: str) -> list[list[str]] | None:
+    """`iptables -S chain` split into words per line; None when the chain does not exist."""
+    proc = _iptables(table, chain)
+    if proc.returncode != 0:
+        return None
+    return [line.split() for line in proc.stdout.splitlines()]
+
+
+def _target(rule: list[str]) -> str:
+    for flag in ("-j", "-g"):
+        if flag in rule:
+            return rule[rule.index(flag) + 1]
+    return ""
+
+
+def _blind_to(rule: list[str], ours: Callable[[str], bool]) -> bool:
+    """The rule matches a named interface (`-i X` / `-o X`, not negated) that vpcnet's traffic never
+    uses, so whatever it does cannot touch that traffic (Docker's `-o docker0 -j DROP` and the like)."""
+    for i, word in enumerate(rule[:-1]):
+        if word in ("-i", "-o") and (i == 0 or rule[i - 1] != "!") and not ours(rule[i + 1]):
+            return True
+    return False
+
+
+class FirewallChecks(Checks):
+    def check_firewall(self) -> list[Finding]:
+        from vpcnet.datapath.firewall import FORWARD_CHAIN, NAT_CHAIN, RAW_CHAIN
+        from vpcnet.datapath.reconciler import spec_of
+
+        out = []
+        forward = _rules("filter", "FORWARD")
+        if forward is None:
+            return [problem("firewall", "cannot read the FORWARD chain (`iptables -S FORWARD` failed)",
+                            "install iptables and run doctor as root")]
+        policy = next((r[2] for r in forward if r[:2] == ["-P", "FORWARD"]), "?")
+        out += self._first_jump("filter", "FORWARD", FORWARD_CHAIN, forward, policy)
+        for table, parent, chain in (("nat", "POSTROUTING", NAT_CHAIN), ("raw", "PREROUTING", RAW_CHAIN)):
+            rules = _rules(table, parent) or []
+            if not any(r[:2] == ["-A", parent] and _target(r) == chain for r in rules):
+                out.append(problem("firewall", f"no jump from {table} {parent} to {chain}",
+                                   "restart the plugin: it re-creates its chains and jumps at start"))
+        for net in self.ctx.networks:
+            spec = spec_of(net)
+            for table, parent, chain in (("filter", FORWARD_CHAIN, spec.filter_chain),
+                                         ("raw", RAW_CHAIN, spec.raw_chain)):
+                parent_rules = _rules(table, parent) or []
+                if _rules(table, chain) is None or not any(_target(r) == chain for r in parent_rules):
+                    out.append(problem("firewall", f"network {net.network_id[:12]}: chain {table} {chain} missing "
+                                                   f"or not jumped to from {parent}",
+                                       "restart the plugin: it restores every known network's rules"))
+        return out
+
+    def _first_jump(self, table: str, parent: str, chain: str, rules: list[list[str]], policy: str) -> list[Finding]:
+        appended = [r for r in rules if r[:2] == ["-A", parent]]
+        index = next((i for i, r in enumerate(appended) if _target(r) == chain and len(r) == 4), None)
+        if index is None:
+            return [problem("forward_chain", f"FORWARD (policy {policy}) has no jump to {chain}: container "
+                                             "traffic is not accepted by vpcnet's rules",
+                            f"iptables -I FORWARD 1 -j {chain}, or restart the plugin")]
+        for position, rule in enumerate(appended[:index], 1):
+            target = _target(rule)
+            if _blind_to(rule, self._our_interface):
+                continue
+            if target in ("DROP", "REJECT") or (target not in ("ACCEPT", "RETURN", "LOG", "")
+                                                and self._may_drop(table, target, depth=3)):
+                return [problem("forward_chain", f"FORWARD rule {position} (`{' '.join(rule[2:])}`) can drop "
+                                                 f"traffic before the jump to {chain} (rule {index + 1})",
+                                f"move vpcnet's jump first: iptables -D FORWARD -j {chain} && "
+                                f"iptables -I FORWARD 1 -j {chain}")]
+        return [ok("forward_chain", f"FORWARD policy {policy}; the jump to {chain} is rule {index + 1}, "
+                                    "before anything that drops")]
+
+    def _may_drop(self, table: str, chain: str, depth: int) -> bool:
+        rules = _rules(table, chain)
+        if rules is None or depth == 0:
+            return rules is not None
+        for rule in rules:
+            target = _target(rule)
+            if rule[:1] == ["-A"] and not _blind_to(rule, self._our_interface) and (target in ("DROP", "REJECT") or (
+                    target not in ("ACCEPT", "RETURN", "LOG", "") and self._may_drop(table, target, depth - 1))):
+                return True
+        return False
+
+    def _our_interface(self, name: str) -> bool:
+        """An interface vpcnet's traffic may cross: its bridges, anchors and veths, or the uplink."""
+        if name.rstrip("+").startswith(("vpc-", "vpp-", "vh")) or name in ("+", ""):
+            return True
+        if not hasattr(self, "_uplinks"):
+            from pyroute2 import IPRoute
+
+            from vpcnet.datapath.netlink import Netlink
+
+            with IPRoute() as ipr:
+                names = {link["index"]: link.get("IFLA_IFNAME") for link in ipr.get_links()}
+                self._uplinks = {names.get(i) for i in Netlink.uplinks(ipr)}
+        return name.rstrip("+") in self._uplinks or any(u and u.startswith(name.rstrip("+"))
+                                                         for u in self._uplinks if name.endswith("+"))

@@ -19,7 +19,7 @@ from vpcnet.config import Config
 from vpcnet.errors import Fatal, NotReady, Retryable
 from vpcnet.routes import loop
 from vpcnet.routes.backoff import Backoff
-from vpcnet.routes.claims import FATAL, PENDING, TRANSIENT, first_free, start_index
+from vpcnet.routes.claims import FATAL, PENDING, TRANSIENT
 from vpcnet.routes.journal import UNCERTAIN_FILE
 from vpcnet.routes.keeper import RouteKeeper
 from vpcnet.state.store import Store
@@ -706,7 +706,7 @@ def test_a_create_that_landed_without_an_answer_is_adopted(emu, hosts):
     assert not os.path.exists(state)
 
 
-# -- boot storms: busy answers and where the search starts ---------------------------------------------
+# -- boot storms: busy answers (where the search starts: tests/test_route_claims.py) ----------------------
 def test_busy_answers_do_not_use_up_the_attempts_but_stop_at_their_deadline():
     from vpcnet.errors import Busy
     answers = iter([Busy("TaskConflict")] * 20 + ["done"])
@@ -739,12 +739,3 @@ def test_busy_answers_do_not_use_up_the_attempts_but_stop_at_their_deadline():
     with pytest.raises(Retryable, match="still failing after 5 attempts"):
         Backoff(attempts=3, base=0.001, cap=0.001, busy_base=0.001, busy_cap=0.001).run("create", flaky)
 
-
-def test_the_search_starts_at_a_stable_block_spread_over_the_cluster():
-    import ipaddress
-    net = ipaddress.IPv4Network(CLUSTER)
-    starts = [start_index(f"i-host-{k}", net, 24) for k in range(50)]
-    assert starts == [start_index(f"i-host-{k}", net, 24) for k in range(50)]   # stable
-    assert len(set(starts)) >= 40 and all(0 <= s < 256 for s in starts)                    # spread
-    taken = [ipaddress.IPv4Network(f"10.200.{k}.0/24") for k in range(250, 256)]
-    assert str(first_free(net, 24, taken, 250)) == "10.200.0.0/24"              # wraps around

@@ -169,10 +169,10 @@ def serving_emulator(instances: dict[str, str], **emulator_args):
 
 def blocks_of(instance: str, cluster: str, count: int = 6, prefix: int = 24) -> list[str]:
     """The first `count` blocks `instance` tries in `cluster`, in order: a cloud host's search starts at a
-    block derived from its instance id (vpcnet.routes.start_index), so tests name blocks this way."""
+    block derived from its instance id (vpcnet.routes.claims.start_index), so tests name blocks this way."""
     import ipaddress
 
-    from vpcnet.routes import start_index
+    from vpcnet.routes.claims import start_index
     net = ipaddress.IPv4Network(cluster)
     start, blocks, size = start_index(instance, net, prefix), 2 ** (prefix - net.prefixlen), 2 ** (32 - prefix)
     return [str(ipaddress.IPv4Network((int(net.network_address) + ((start + k) % blocks) * size, prefix)))

@@ -209,7 +209,7 @@ class Clock:
 def make_plugin(tmp_path, dataplane: FakeDataplane | None = None, clock=None, **env: str) -> Assembled:
     from vpcnet.docker.driver import NetworkDriver
     from vpcnet.docker.ipam import Ipam
-    from vpcnet.routes import RouteKeeper
+    from vpcnet.routes.keeper import RouteKeeper
     from vpcnet.state.store import Store
 
     config = make_config(tmp_path, **env)

@@ -387,7 +387,8 @@ def test_paging_that_never_ends_is_bounded(fake_api, make):
 
 # -- with the route keeper ---------------------------------------------------------------------------------
 def test_route_keeper_claims_a_block_through_the_emulator_despite_faults(emu, tmp_path):
-    from vpcnet.routes import Backoff, RouteKeeper
+    from vpcnet.routes.backoff import Backoff
+    from vpcnet.routes.keeper import RouteKeeper
     from vpcnet.state.store import Store
 
     emu.set_faults(rate=0.3, codes=("Throttling", "ServiceUnavailable", "InternalError"))
@@ -502,7 +503,8 @@ def test_an_endpoint_without_the_batch_call_gets_one_create_per_table(make, tmp_
 
 
 def _keeper(emu, tmp_path, tables: str, instance: str = ME):
-    from vpcnet.routes import Backoff, RouteKeeper
+    from vpcnet.routes.backoff import Backoff
+    from vpcnet.routes.keeper import RouteKeeper
     from vpcnet.state.store import Store
 
     cfg = config(emu.test_url, state_dir=str(tmp_path / instance), aliyun_route_table_id=tables,

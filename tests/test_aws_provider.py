@@ -28,7 +28,8 @@ from vpcnet.cloud import DuplicateRoute, QuotaExceeded
 from vpcnet.cloud.aws import AwsProvider, tag_key
 from vpcnet.config import Config
 from vpcnet.errors import Fatal, Retryable
-from vpcnet.routes import Backoff, RouteKeeper
+from vpcnet.routes.backoff import Backoff
+from vpcnet.routes.keeper import RouteKeeper
 from vpcnet.state.store import Store
 
 REGION = "us-east-1"
@@ -564,8 +565,7 @@ def test_route_keeper_end_to_end(vpc, tmp_path):
         assert hand in vpc.routes()
     finally:
         for keeper, store in ((ka, sa), (kb, sb)):
-            if keeper._provider is not None:
-                keeper._provider.close()
+            keeper.close()
             store.close()
 
 
@@ -594,8 +594,7 @@ def test_two_hosts_claim_at_once(vpc, tmp_path):
             assert vpc.markers(inst) == {tag_key(block): "cluster=10.200.0.0-16"}
     finally:
         for keeper, store in keepers:
-            if keeper._provider is not None:
-                keeper._provider.close()
+            keeper.close()
             store.close()
 
 
@@ -666,8 +665,7 @@ def test_route_keeper_keeps_one_block_in_every_table(moto_url, aws_env, tmp_path
         assert zoned.routes_of(zoned.table_b)[block_b]["InstanceId"] == b
     finally:
         for keeper, store in made:
-            if keeper._provider is not None:
-                keeper._provider.close()
+            keeper.close()
             store.close()
 
 

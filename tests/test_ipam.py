@@ -14,7 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from vpcnet.docker.ipam import GATEWAY_KEY, REPLAY_WINDOW, REQUEST_TYPE_KEY, Ipam
 from vpcnet.errors import Conflict, Exhausted, InvalidRequest, NotFound
-from vpcnet.routes import RouteKeeper
+from vpcnet.routes.keeper import RouteKeeper
 from vpcnet.state.store import Network, Store
 
 GATEWAY_OPTS = {REQUEST_TYPE_KEY: GATEWAY_KEY}

@@ -13,12 +13,15 @@ import pytest
 from aliyun_fakes import blocks_of, closed_port, serving_emulator
 from conftest import wait_for
 
-from vpcnet import routes as routes_mod
 from vpcnet.cloud import Route, route_name
 from vpcnet.cloud.aliyun import AliyunProvider
 from vpcnet.config import Config
 from vpcnet.errors import Fatal, NotReady, Retryable
-from vpcnet.routes import FATAL, PENDING, TRANSIENT, Backoff, RouteKeeper
+from vpcnet.routes import loop
+from vpcnet.routes.backoff import Backoff
+from vpcnet.routes.claims import FATAL, PENDING, TRANSIENT
+from vpcnet.routes.journal import UNCERTAIN_FILE
+from vpcnet.routes.keeper import RouteKeeper
 from vpcnet.state.store import Store
 
 KEY_ID = "emu-key-id"
@@ -454,7 +457,7 @@ def test_background_reconciler_claims_repairs_and_stops(emu, hosts, caplog):
             keeper._wake.set()
             time.sleep(0.005)
         spam = time.monotonic() - spam_started
-        assert keeper.calls["list"] - lists <= 2 + int(spam / routes_mod.MIN_PASS_GAP)
+        assert keeper.calls["list"] - lists <= 2 + int(spam / loop.MIN_PASS_GAP)
     finally:
         keeper.stop()
         thread.join(5)
@@ -477,7 +480,7 @@ def test_background_reconciler_against_a_dead_endpoint_keeps_calm(emu, hosts):
 
 
 def test_one_reconciler_per_state_dir_and_the_lock_passes_on(emu, hosts, caplog, monkeypatch):
-    monkeypatch.setattr(routes_mod, "LEADER_POLL", 0.1)
+    monkeypatch.setattr(loop, "LEADER_POLL", 0.1)
     first, store = hosts(ME, name="shared", reconcile_interval=0.5)
     second, _ = hosts(ME, name="shared", reconcile_interval=0.5)
     threads = [first.start_background(), second.start_background()]
@@ -694,7 +697,7 @@ def test_a_create_that_landed_without_an_answer_is_adopted(emu, hosts):
     keeper, store = hosts(ME, provider_factory=lambda: LostAnswer(keeper.config),
                           backoff=Backoff(attempts=2, base=0.01, cap=0.02, deadline=2))
     assert not keeper.reconcile().ok
-    state = os.path.join(keeper.config.state_dir, routes_mod.UNCERTAIN_FILE)
+    state = os.path.join(keeper.config.state_dir, UNCERTAIN_FILE)
     assert os.path.exists(state)                                    # persisted, not only in memory
     LostAnswer.lose = 0
     assert keeper.reconcile(wait_pending=5).ok
@@ -703,7 +706,7 @@ def test_a_create_that_landed_without_an_answer_is_adopted(emu, hosts):
     assert not os.path.exists(state)
 
 
-# -- boot storms: busy answers and where the search starts ---------------------------------------------
+# -- boot storms: busy answers (where the search starts: tests/test_route_claims.py) ----------------------
 def test_busy_answers_do_not_use_up_the_attempts_but_stop_at_their_deadline():
     from vpcnet.errors import Busy
     answers = iter([Busy("TaskConflict")] * 20 + ["done"])
@@ -736,12 +739,3 @@ def test_busy_answers_do_not_use_up_the_attempts_but_stop_at_their_deadline():
     with pytest.raises(Retryable, match="still failing after 5 attempts"):
         Backoff(attempts=3, base=0.001, cap=0.001, busy_base=0.001, busy_cap=0.001).run("create", flaky)
 
-
-def test_the_search_starts_at_a_stable_block_spread_over_the_cluster():
-    import ipaddress
-    net = ipaddress.IPv4Network(CLUSTER)
-    starts = [routes_mod.start_index(f"i-host-{k}", net, 24) for k in range(50)]
-    assert starts == [routes_mod.start_index(f"i-host-{k}", net, 24) for k in range(50)]   # stable
-    assert len(set(starts)) >= 40 and all(0 <= s < 256 for s in starts)                    # spread
-    taken = [ipaddress.IPv4Network(f"10.200.{k}.0/24") for k in range(250, 256)]
-    assert str(routes_mod._first_free(net, 24, taken, 250)) == "10.200.0.0/24"              # wraps around

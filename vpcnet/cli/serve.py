@@ -33,7 +33,7 @@ class Plugin:
         from vpcnet.docker.ipam import Ipam
         from vpcnet.docker.transport import create_app
         from vpcnet.observability.health import Observer
-        from vpcnet.routes import RouteKeeper
+        from vpcnet.routes.keeper import RouteKeeper
 
         self.config = config
         os.makedirs(config.state_dir, mode=0o700, exist_ok=True)

@@ -66,7 +66,8 @@ def _open(args, deadline: float | None = None, busy_deadline: float | None = Non
     `deadline` bounds the retries of one failing cloud call (default: the keeper's 60 s),
     `busy_deadline` those of a busy cloud (default: the keeper's BUSY_DEADLINE)."""
     from vpcnet.observability.logs import setup_logging
-    from vpcnet.routes import Backoff, RouteKeeper
+    from vpcnet.routes.backoff import Backoff
+    from vpcnet.routes.keeper import RouteKeeper
     from vpcnet.state.store import Store
 
     config = config_mod.load(args.config, check_socket_dir=False)

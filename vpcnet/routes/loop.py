@@ -1,0 +1,104 @@
+"""The background reconciler: one per host, whatever the number of gunicorn workers.
+
+The worker holding an exclusive flock on `<state_dir>/reconciler.lock` runs it; if that worker dies the
+lock passes to another (within `LEADER_POLL` seconds). It runs a pass every `reconcile_interval`
+seconds, every PENDING_POLL seconds while a route is Pending, and after failed passes a growing pause
+(capped by MAX_FAILURE_PAUSE and the interval). It is woken early when IPAM wants a block, but never
+spins: a pass is followed by a pause of at least `MIN_PASS_GAP`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Callable
+
+from vpcnet.observability import events
+from vpcnet.routes.claims import TRANSIENT
+from vpcnet.routes.sync import PENDING_POLL, SyncResult
+from vpcnet.state.locks import LEADER_POLL, become_leader
+
+log = logging.getLogger(__name__)
+
+MIN_PASS_GAP = 0.5          # background passes start at least this far apart, however often woken
+MAX_FAILURE_PAUSE = 60.0    # cap of the growing pause after failed passes (also capped by the interval)
+
+
+class ReconcileLoop:
+    """Runs `reconcile()` in a thread while this process is the host's reconciler. `creates()` is the
+    count of creates so far (a pass that made one repaired something); `stop` ends it, `wake` asks for
+    a pass now."""
+
+    def __init__(self, config, store, reconcile: Callable[[], SyncResult], creates: Callable[[], int],
+                 stop: threading.Event, wake: threading.Event):
+        self.config = config
+        self.store = store
+        self._reconcile = reconcile
+        self._creates = creates
+        self._stop = stop
+        self._wake = wake
+        self.on_leader: Callable[[], None] = lambda: None   # told when this process becomes the reconciler
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self._run, name="vpcnet-reconciler", daemon=True)
+        thread.start()
+        return thread
+
+    def _run(self) -> None:
+        try:
+            lock_path = os.path.join(self.config.state_dir, "reconciler.lock")
+            with open(lock_path, "a") as lock:
+                if not become_leader(lock, self._stop, LEADER_POLL):     # the host's one reconciler
+                    return
+                log.info("reconciler running (pid %d, every %.0fs)", os.getpid(),
+                         self.config.reconcile_interval)
+                self.on_leader()
+                self._loop()
+        except Exception:   # never take the worker down; the flock passes to another worker
+            log.exception("reconciler stopped by an unexpected error")
+
+    def _loop(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            started, started_wall, creates = time.monotonic(), time.time(), self._creates()
+            try:
+                result = self._reconcile()
+            except Exception as exc:
+                log.exception("reconcile pass failed")
+                result = SyncResult(ok=False, problems=[f"{type(exc).__name__}: {exc}"], kinds=[TRANSIENT])
+            events.reconcile_pass(result.ok or result.pending_only, repaired=self._creates() > creates)
+            if result.ok:
+                failures = 0
+                pause = self.config.reconcile_interval
+            elif result.pending_only:
+                pause = PENDING_POLL
+            else:
+                log.warning("routes not in place: %s", "; ".join(result.problems))
+                failures += 1
+                pause = min(self.config.reconcile_interval, MAX_FAILURE_PAUSE, 2.0 ** min(failures, 6))
+            self._idle(max(pause, MIN_PASS_GAP), started, started_wall)
+
+    def _idle(self, pause: float, started: float, started_wall: float) -> None:
+        """Wait `pause` seconds after a pass (which began at `started`); end early, but never sooner
+        than MIN_PASS_GAP after its start, when woken or when another worker wants a new cluster CIDR."""
+        until = time.monotonic() + pause
+        while not self._stop.is_set():
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                return
+            if self._wake.wait(min(1.0, remaining)) or self._new_wants(started_wall):
+                self._wake.clear()
+                gap = started + MIN_PASS_GAP - time.monotonic()
+                if gap > 0:
+                    self._stop.wait(gap)
+                return
+
+    def _new_wants(self, since: float) -> bool:
+        """A cluster CIDR asked for (by any worker) since the last pass began and not claimed yet."""
+        try:
+            return any(c.host_cidr is None and c.updated >= since and c.reason == "claim in progress"
+                       for c in self.store.claims())
+        except Exception:   # a busy or broken store must not stop the reconciler
+            log.debug("cannot read the claims", exc_info=True)
+            return False

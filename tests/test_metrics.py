@@ -21,7 +21,8 @@ from test_aws_provider import aws_env, moto_url, provider_for, vpc  # noqa: F401
 from vpcnet.cloud.aliyun import AliyunProvider
 from vpcnet.config import Config
 from vpcnet.errors import Retryable
-from vpcnet.observability import events, health, metrics
+from vpcnet.observability import events as hooks
+from vpcnet.observability import health, metrics
 from vpcnet.state.store import Store
 
 POOL_REQUEST = {"AddressSpace": "vpcnet-local", "Pool": "", "SubPool": "", "Options": {}, "V6": False}
@@ -30,7 +31,7 @@ EID = "e1e2e3e4e5e6" + "1" * 52
 
 
 def events(name: str, **labels) -> float:
-    return events.EVENTS.get_sample_value(name, labels) or 0.0
+    return hooks.EVENTS.get_sample_value(name, labels) or 0.0
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
@@ -58,7 +59,7 @@ def healthz(url: str) -> tuple[int, dict]:
     ("TaskConflict", "conflict"), ("InvalidCIDRBlock.Duplicate", "conflict"),
     ("IncorrectStatus.RouteTableStatus", "conflict"), ("Forbidden.RAM", "error"), ("?", "error")])
 def test_cloud_outcome_names_throttling_and_conflicts(code, outcome):
-    assert events.cloud_outcome(code, None if outcome == "ok" else Exception()) == outcome
+    assert hooks.cloud_outcome(code, None if outcome == "ok" else Exception()) == outcome
 
 
 def test_metrics_addr_is_validated():
@@ -125,7 +126,7 @@ def test_state_families_are_computed_from_the_store(tmp_path):
     store.record_claim("10.9.0.0/16", "10.9.1.0/24", route_ok=False, reason="route is Pending")
     with store.tx() as db:      # what the datapath pass records (vpcnet.datapath.reconciler)
         store.set_meta(db, "datapath_repairs", '{"firewall": 3, "route": 1}')
-    state = events.ReconcilerState()
+    state = hooks.ReconcilerState()
     state.table_listed("vtb-x", 2, 200)         # the route keeper, after listing a table
     state.table_listed("vtb-y", 1, 0)           # quota unknown
     collector = metrics.StateCollector(store, link_stats=dict, reconciler=state)

@@ -9,8 +9,9 @@ import time
 import pytest
 from aliyun_fakes import ApiHandler, ApiState, blocks_of, closed_port, serve, serving_emulator
 
-from vpcnet.cloud import DuplicateRoute, QuotaExceeded, Route, aliyun, route_name
-from vpcnet.cloud.aliyun import AliyunProvider
+from vpcnet.cloud import DuplicateRoute, QuotaExceeded, Route, route_name
+from vpcnet.cloud.aliyun import AliyunProvider, rpc
+from vpcnet.cloud.aliyun.provider import _ecs_endpoint
 from vpcnet.config import Config
 from vpcnet.errors import Fatal, Retryable
 from vpcnet_lab.emulator.state import FAULT_STATUS
@@ -251,11 +252,11 @@ def test_unreachable_endpoint_is_retryable_at_once(make):
     start = time.monotonic()
     with pytest.raises(Retryable, match="cannot reach .*connection refused"):
         p.list_routes()
-    assert time.monotonic() - start < aliyun.API_TIMEOUT[0] + 1
+    assert time.monotonic() - start < rpc.API_TIMEOUT[0] + 1
 
 
 def test_a_slow_endpoint_is_retryable_after_the_read_timeout(emu, make, monkeypatch):
-    monkeypatch.setattr(aliyun, "API_TIMEOUT", (1.0, 0.3))
+    monkeypatch.setattr(rpc, "API_TIMEOUT", (1.0, 0.3))
     emu.set_faults(rate=0.0, latency=1.5)
     p = make(emu.test_url)
     start = time.monotonic()
@@ -421,7 +422,7 @@ def test_reserved_cidrs_is_empty_when_describe_vswitches_is_forbidden(fake_api, 
     ("http://127.0.0.1:8080/", "http://127.0.0.1:8080/"),
 ])
 def test_ecs_endpoint_sits_next_to_the_vpc_endpoint(vpc, ecs):
-    assert aliyun._ecs_endpoint(vpc) == ecs
+    assert _ecs_endpoint(vpc) == ecs
 
 
 # -- several tables: CreateRouteEntries ------------------------------------------------------------------

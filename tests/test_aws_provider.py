@@ -25,7 +25,8 @@ from aliyun_fakes import blocks_of
 from moto.server import ThreadedMotoServer
 
 from vpcnet.cloud import DuplicateRoute, QuotaExceeded
-from vpcnet.cloud.aws import AwsProvider, tag_key
+from vpcnet.cloud.aws import AwsProvider
+from vpcnet.cloud.aws.markers import tag_key
 from vpcnet.config import Config
 from vpcnet.errors import Fatal, Retryable
 from vpcnet.routes.backoff import Backoff
@@ -676,8 +677,8 @@ class TagsFailing(AwsProvider):
 
     def _api(self, what, op, **params):
         if op == "create_tags" and TagsFailing.failing:
-            from vpcnet.cloud.aws import _ApiError
-            raise _ApiError(what, "RequestLimitExceeded", "Request limit exceeded.", 503)
+            from vpcnet.cloud.aws.client import ApiError
+            raise ApiError(what, "RequestLimitExceeded", "Request limit exceeded.", 503)
         return super()._api(what, op, **params)
 
 
@@ -838,8 +839,8 @@ class DescribeThrottled(AwsProvider):
 
     def _api(self, what, op, **params):
         if op == "describe_instances" and self.throttled:
-            from vpcnet.cloud.aws import _ApiError
-            raise _ApiError(what, "RequestLimitExceeded", "Request limit exceeded.", 503)
+            from vpcnet.cloud.aws.client import ApiError
+            raise ApiError(what, "RequestLimitExceeded", "Request limit exceeded.", 503)
         return super()._api(what, op, **params)
 
 

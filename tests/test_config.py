@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
+from vpcnet import cloud
 from vpcnet import config as config_mod
 from vpcnet.config import SETTINGS, Config, ConfigError
 
@@ -178,6 +181,46 @@ def test_socket_must_end_in_sock(tmp_path, env):
 def test_unknown_provider(env):
     message = refused(env, VPCNET_PROVIDER="azure")
     assert message.startswith("VPCNET_PROVIDER") and "'azure'" in message and "local" in message
+
+
+NO_BOTOCORE = ("VPCNET_PROVIDER=aws needs botocore, which is not installed: "
+               "python3 -m vpcnet.bootstrap --extras aws (or pip install 'vpcnet[aws]')")
+# Run first in a fresh interpreter: botocore cannot be found from then on, as on a host without it.
+BLOCK_BOTOCORE = """
+import sys
+class NoBotocore:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "botocore":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NoBotocore())
+"""
+
+
+def test_a_provider_whose_dependency_is_missing_is_a_configuration_error(env, monkeypatch):
+    monkeypatch.setitem(sys.modules, "botocore", None)      # `import botocore` now fails
+    assert refused(env, VPCNET_PROVIDER="aws") == NO_BOTOCORE
+    with pytest.raises(cloud.ProviderUnavailable) as info:
+        cloud.provider_class("aws")
+    assert str(info.value) == NO_BOTOCORE
+    assert load(env, VPCNET_PROVIDER="aliyun").provider == "aliyun"     # needs nothing optional
+
+
+def test_a_provider_with_its_dependency_installed_passes_the_check(env):
+    assert cloud.missing_requirements("aws") == ""
+    assert load(env, VPCNET_PROVIDER="aws").provider == "aws"
+
+
+@pytest.mark.parametrize("argv", [["serve"], ["routes", "list"], ["doctor"]])
+def test_commands_refuse_aws_without_botocore_in_one_line(tmp_path, argv):
+    sock = tmp_path / "run" / "vpcnet.sock"
+    sock.parent.mkdir()
+    env = dict(os.environ, VPCNET_CONFIG=os.devnull, VPCNET_PROVIDER="aws",
+               VPCNET_STATE_DIR=str(tmp_path / "state"), VPCNET_SOCKET=str(sock))
+    code = BLOCK_BOTOCORE + f"from vpcnet.cli.main import main\nsys.exit(main({argv!r}))\n"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr == f"vpcnet: configuration error: {NO_BOTOCORE}\n"
+    assert not sock.exists() and not (tmp_path / "state").exists()
 
 
 def test_unknown_toml_key(tmp_path, env):

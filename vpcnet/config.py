@@ -268,6 +268,9 @@ def validate(config: Config, check_socket_dir: bool = True) -> None:
     if config.provider not in cloud.provider_names():
         raise ConfigError(f"VPCNET_PROVIDER: unknown provider {config.provider!r} "
                           f"(choose one of {', '.join(cloud.provider_names())})")
+    missing = cloud.missing_requirements(config.provider)
+    if missing:
+        raise ConfigError(missing)
     if not 8 <= config.host_prefix <= 30:
         raise ConfigError(f"VPCNET_HOST_PREFIX: /{config.host_prefix} is out of range: a host block needs "
                           "a gateway and at least one container address, so the prefix must be 8..30")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import importlib
+import importlib.util
 import re
 from dataclasses import dataclass
 
@@ -166,6 +167,13 @@ class Provider(abc.ABC):
         """Release connections."""
 
 
+class ProviderUnavailable(Fatal):
+    """The chosen provider needs a module that is not installed (botocore for aws)."""
+
+
+# name -> "module:Class". The module may declare `REQUIRES` (modules it needs beyond vpcnet's own
+# dependencies) and `EXTRA` (the vpcnet extra installing them), and must then import them only when
+# the class is first used: they are checked before that (`missing_requirements`).
 PROVIDERS = {
     "local": "vpcnet.cloud.local:LocalProvider",
     "aliyun": "vpcnet.cloud.aliyun:AliyunProvider",
@@ -177,9 +185,34 @@ def provider_names() -> list[str]:
     return list(PROVIDERS)
 
 
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):     # a finder refusing it, or a stub without a spec
+        return False
+
+
+def missing_requirements(name: str) -> str:
+    """"" when the provider registered as `name` can be imported here; else one line saying what it
+    needs and how to install it."""
+    module = importlib.import_module(PROVIDERS[name].partition(":")[0])
+    missing = [m for m in getattr(module, "REQUIRES", ()) if not _importable(m)]
+    if not missing:
+        return ""
+    extra = getattr(module, "EXTRA", "")
+    how = (f"python3 -m vpcnet.bootstrap --extras {extra} (or pip install 'vpcnet[{extra}]')" if extra
+           else f"pip install {' '.join(missing)}")
+    return (f"VPCNET_PROVIDER={name} needs {' and '.join(missing)}, which "
+            f"{'is' if len(missing) == 1 else 'are'} not installed: {how}")
+
+
 def provider_class(name: str) -> type[Provider]:
     """The provider class registered as `name`, its module imported only now (a provider's own
-    dependencies, botocore for aws, are needed only where it is chosen)."""
+    dependencies, botocore for aws, are needed only where it is chosen). ProviderUnavailable when
+    they are not installed."""
+    problem = missing_requirements(name)
+    if problem:
+        raise ProviderUnavailable(problem)
     module_name, _, class_name = PROVIDERS[name].partition(":")
     return getattr(importlib.import_module(module_name), class_name)
 

@@ -16,8 +16,6 @@ import pytest
 from conftest import require, run
 from test_bootstrap import SUDO_ENV, SYSTEM_PYTHON, externally_managed
 
-pytestmark = pytest.mark.root
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMAND = ["python3", "tests/run.py", "-q", "--no-apt"]     # apt: the machine running the suite has them
 
@@ -46,6 +44,7 @@ def first_run(fresh_clone):
     return proc, time.monotonic() - started
 
 
+@pytest.mark.root
 def test_the_command_runs_the_tests_in_a_venv_of_the_clone(fresh_clone, first_run):
     proc, seconds = first_run
     output = f"after {seconds:.0f} s, exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
@@ -60,9 +59,20 @@ def test_the_command_runs_the_tests_in_a_venv_of_the_clone(fresh_clone, first_ru
     assert imported.stdout.startswith(os.path.join(fresh_clone, "vpcnet", "")), imported.stdout
 
 
+@pytest.mark.root
 def test_a_selection_matching_no_test_fails(fresh_clone, first_run):
     assert first_run[0].returncode == 0, "the first run failed (see the test above)"
     proc = subprocess.run([*COMMAND, "-k", "no_test_is_named_like_this", "tests/test_config.py"], cwd=fresh_clone,
                           env=dict(SUDO_ENV), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     assert "no tests" in proc.stderr and "no pip install" in proc.stderr, proc.stderr
+
+
+def test_ci_runs_the_command_as_the_readme_gives_it():
+    """.ci/run's first pass is the command exactly (as root already: no sudo), the current-engine pass the
+    same command inside the engine sandbox; neither installs into the system Python."""
+    with open(os.path.join(REPO, ".ci", "run")) as fh:
+        ci = fh.read()
+    assert re.search(r"^python3 tests/run.py -q$", ci, re.M)
+    assert re.search(r"^tests/engines/with-docker.sh python3 tests/run.py -q -m docker$", ci, re.M)
+    assert not re.search(r"pip install|-m pytest", ci)

@@ -9,7 +9,7 @@ is removed from this session's chain, so botocore never touches a metadata servi
 
 Every request passes through `Ec2Client.api` and the client's botocore hooks
 (`events.instrument_botocore`, the one place to count or time API calls). Retries belong to
-`vpcnet.routes.RouteKeeper` (bounded exponential backoff with jitter), so botocore's own retries are
+`vpcnet.routes.backoff.Backoff` (bounded exponential backoff with jitter), so botocore's own retries are
 switched off (`total_max_attempts=1`): one provider call = one HTTP request, and a throttled or failed
 call comes back at once as `Retryable` (`Busy` for "not now").
 
@@ -126,7 +126,7 @@ class Ec2Client:
                     "ec2", region_name=region, endpoint_url=self._endpoint_url or None,
                     config=botocore.config.Config(
                         connect_timeout=3, read_timeout=10,
-                        # botocore's retries are OFF (one attempt per call): the RouteKeeper retries
+                        # botocore's retries are OFF (one attempt per call): vpcnet.routes retries
                         # Retryable answers with its own bounded backoff and jitter.
                         retries={"total_max_attempts": 1, "mode": "standard"}))
                 events.instrument_botocore(self._client, "aws")

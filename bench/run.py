@@ -71,7 +71,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "lab")]  # vpcnet, vpcnet_lab
 
 import cpu_profile  # noqa: E402  (bench/, next to this file)
 import goals  # noqa: E402

@@ -145,3 +145,18 @@ def test_lab_commands_work_when_vpcnet_lab_is_installed(command):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"usage: vpcnet {command}")
     assert "needs vpcnet-lab" not in proc.stdout
+
+
+def test_processes_the_lab_starts_run_the_code_this_process_runs():
+    """The lab's plugins and emulator, and the boot storm's hosts, are `python -m vpcnet.cli` children: their
+    path leads with the folders this process imported vpcnet and vpcnet_lab from (here: the checkout)."""
+    import vpcnet
+    import vpcnet_lab
+    from vpcnet_lab import engine
+    from vpcnet_lab.emulator import storm
+
+    roots = engine.with_code_path({"PYTHONPATH": "/elsewhere"})["PYTHONPATH"].split(os.pathsep)
+    assert roots[-1] == "/elsewhere" and len(roots) in (2, 3)
+    assert os.path.join(roots[0], "vpcnet", "__init__.py") == os.path.abspath(vpcnet.__file__)
+    assert os.path.join(roots[-2], "vpcnet_lab", "__init__.py") == os.path.abspath(vpcnet_lab.__file__)
+    assert os.path.join(storm.CODE, "vpcnet", "__init__.py") == os.path.abspath(vpcnet.__file__)

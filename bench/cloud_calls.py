@@ -48,7 +48,7 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path[:0] = [REPO, os.path.join(REPO, "lab")]     # this checkout's vpcnet and vpcnet_lab
 
 from vpcnet_lab.emulator import Emulator, serve_in_thread  # noqa: E402
 from vpcnet_lab.emulator.storm import boot_storm  # noqa: E402

@@ -38,7 +38,7 @@ import urllib.request
 import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "lab")]  # vpcnet, vpcnet_lab
 
 from vpcnet_lab import image, plugin_client  # noqa: E402
 

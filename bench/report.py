@@ -164,6 +164,15 @@ def update_readme(path: str, md: str) -> None:
         fh.write(replace_readme_table(text, md))
 
 
+def chart_unavailable() -> str | None:
+    """Why `chart` could not draw (matplotlib, the `bench` extra, not importable), or None."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        return f"the chart (latest.png) needs matplotlib ({exc}): pip install '.[bench]', or run with --no-chart"
+    return None
+
+
 def chart(res: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")

@@ -52,8 +52,9 @@ understate the paths' own differences a little (absolute rates are rr.py's, not 
 Goals (checked by bench/goals.py for the default network and each explicit mode, naming the
 fastest): in the results' `goals` and the Markdown's goal table.
 
-Writes latest.json, latest.md and latest.png into --out (default bench/results); --readme also puts the
-table into README.md between its markers. The lab is always taken down at the end.
+Writes latest.json, latest.md and latest.png (not with --no-chart) into --out (default bench/results);
+--readme also puts the table into README.md between its markers. The lab is always taken down at the end.
+The chart needs matplotlib (`pip install '.[bench]'`): a run without it stops before it starts.
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "lab")]  # vpcnet, vpcnet_lab
 
 import cpu_profile  # noqa: E402  (bench/, next to this file)
 import goals  # noqa: E402
@@ -477,7 +478,7 @@ def _interrupted(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=9, help="rounds, each running every contender (default 9)")
     p.add_argument("--hosts", type=int, default=2, help="lab hosts (default 2; the bench uses h1 and h2)")
@@ -497,12 +498,18 @@ def main() -> int:
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder (default bench/results)")
     p.add_argument("--readme", action="store_true", help="also put the Markdown table into README.md")
     p.add_argument("--estimate", action="store_true", help="print how long the run would take, and stop")
-    args = p.parse_args()
+    p.add_argument("--no-chart", action="store_true", help="write no latest.png (no matplotlib needed)")
+    args = p.parse_args(argv)
     if not 1 <= args.rounds <= 50 or not 1 <= args.duration <= 60 or args.hosts < 2:
         print("--rounds 1..50, --duration 1..60, --hosts >= 2", file=sys.stderr)
         return 2
     if not 0.2 <= args.crr_seconds <= 60 or not 0.2 <= args.flows_seconds <= 60 or not 100 <= args.rr_count <= 10**6:
         print("--crr-seconds and --flows-seconds 0.2..60, --rr-count 100..1000000", file=sys.stderr)
+        return 2
+    # the chart is drawn last: find out now, not after the whole run
+    problem = None if args.estimate or args.no_chart else report.chart_unavailable()
+    if problem:
+        print(f"bench/run.py: {problem}", file=sys.stderr)
         return 2
     print(estimate_text(estimate(args), args.rounds), flush=True)
     if args.estimate:

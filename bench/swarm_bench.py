@@ -18,7 +18,7 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path[:0] = [REPO, os.path.join(REPO, "lab")]     # this checkout's vpcnet and vpcnet_lab
 
 from vpcnet_lab import Lab  # noqa: E402
 from vpcnet_lab import swarm as lab_swarm  # noqa: E402

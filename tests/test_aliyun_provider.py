@@ -14,7 +14,7 @@ from vpcnet.cloud.aliyun import AliyunProvider, rpc
 from vpcnet.cloud.aliyun.provider import _ecs_endpoint
 from vpcnet.config import Config
 from vpcnet.errors import Fatal, Retryable
-from vpcnet_lab.emulator.state import FAULT_STATUS
+from vpcnet_lab.emulator.faults import FAULT_STATUS
 
 KEY_ID, SECRET = "emu-key-id", "emu-key-secret"
 ME, OTHER = "i-emu-h1", "i-emu-h2"

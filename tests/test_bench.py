@@ -282,6 +282,56 @@ def test_every_contender_has_its_own_ports():
     assert len(seen) == len(set(seen))
 
 
+# -- what a run needs, checked before it starts ----------------------------------------------------
+class _Watched:
+    """Stands in for the lab and perf: records any use, so a test can show that nothing ran."""
+
+    calls: list[str] = []
+
+    def __init__(self, *args, **kw):
+        self.calls.append("Lab()")
+
+    @classmethod
+    def leftovers(cls):
+        cls.calls.append("Lab.leftovers")
+        return {}
+
+
+def _no_matplotlib(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)       # `import matplotlib` now fails
+    monkeypatch.setattr(_Watched, "calls", [])
+    monkeypatch.setattr(run, "Lab", _Watched)
+    monkeypatch.setattr(run.cpu_profile, "available", lambda: _Watched.calls.append("perf") or True)
+    monkeypatch.setattr(run.signal, "signal", lambda *a: _Watched.calls.append("signal"))
+
+
+def test_a_run_without_matplotlib_stops_at_once_saying_how_to_get_it(monkeypatch, capsys, tmp_path):
+    _no_matplotlib(monkeypatch)
+    out = tmp_path / "results"
+    assert run.main(["--rounds", "1", "--profile", "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""                                  # not even the time estimate
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and "pip install '.[bench]'" in lines[0] and "matplotlib" in lines[0], lines
+    assert _Watched.calls == [] and not out.exists()
+
+
+def test_no_chart_and_estimate_need_no_matplotlib(monkeypatch, capsys, tmp_path):
+    _no_matplotlib(monkeypatch)
+    assert run.main(["--estimate"]) == 0
+    assert "pip install" not in capsys.readouterr().err
+    monkeypatch.setattr(run.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(_Watched, "leftovers", classmethod(lambda cls: {"netns": ["vpclab-h1"]}))
+    # --no-chart gets past the check: on to the next one, a lab already up (stubbed), which stops it
+    assert run.main(["--no-chart", "--out", str(tmp_path / "results")]) == 2
+    assert "a vpcnet lab is already on this machine" in capsys.readouterr().err
+
+
+def test_the_chart_check_passes_where_matplotlib_is_installed():
+    pytest.importorskip("matplotlib")
+    assert report.chart_unavailable() is None
+
+
 # -- plugin_bench's goals -------------------------------------------------------------------------
 def _endpoints(n: int, p99: float, rss: float) -> dict:
     return {"endpoints": n, "create_endpoint_plus_join_ms": {"p50": 1.0, "p99": p99, "max": p99},

@@ -275,9 +275,7 @@ class Host:
         return None
 
     def plugin_env(self, settings: dict[str, str]) -> dict[str, str]:
-        env = _clean_env()
-        pkg_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env = with_code_path(_clean_env())
         env.update({"VPCNET_CONFIG": os.devnull, "VPCNET_SOCKET": PLUGIN_SOCKET,
                     "VPCNET_STATE_DIR": self.paths.state_dir})
         env.update(settings)
@@ -360,6 +358,21 @@ def _clean_env() -> dict[str, str]:
            if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
            and not k.startswith("DOCKER_") and not k.startswith("VPCNET_")}
     env["NO_PROXY"] = env["no_proxy"] = "*"
+    return env
+
+
+def with_code_path(env: dict[str, str]) -> dict[str, str]:
+    """`env` with PYTHONPATH led by the folders this process imports vpcnet and vpcnet_lab from (a checkout's
+    root and its lab/, or site-packages), so a `python -m vpcnet.cli` child runs this same code."""
+    import vpcnet
+    import vpcnet_lab
+
+    roots: list[str] = []
+    for module in (vpcnet, vpcnet_lab):
+        root = os.path.dirname(os.path.dirname(os.path.abspath(str(module.__file__))))
+        if root not in roots:
+            roots.append(root)
+    env["PYTHONPATH"] = os.pathsep.join(roots + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     return env
 
 

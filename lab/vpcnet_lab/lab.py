@@ -286,9 +286,7 @@ class Lab:
         if pid and alive(pid) and "emulator" in engine_mod._cmdline(pid) and self._emulator_answers():
             return
         os.makedirs(DATA_ROOT, mode=0o711, exist_ok=True)
-        env = engine_mod._clean_env()
-        pkg_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env = engine_mod.with_code_path(engine_mod._clean_env())
         env["VPCNET_EMULATOR_ACCESS_KEYS"] = f"{KEY_ID}:{self.state['key_secret']}"
         cmd = ["nsenter", f"--net={netns.path(ROUTER_NS)}", "--", sys.executable, "-m", "vpcnet.cli",
                "emulator", "--router-netns", ROUTER_NS, "--listen", f"{ROUTER_IP}:{EMULATOR_PORT}",

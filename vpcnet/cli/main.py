@@ -52,7 +52,7 @@ def _register_missing_lab(sub, command: str) -> None:
     hint = LAB_HINT.format(command=command)
     parser = sub.add_parser(command, help="(needs vpcnet-lab) " + hint.split(" is part")[0], add_help=False)
     parser.add_argument("rest", nargs=argparse.REMAINDER)
-    parser.set_defaults(func=lambda args: _lab_missing(hint))
+    parser.set_defaults(func=lambda args: _lab_missing(hint), lab_missing=True)
 
 
 def _lab_missing(hint: str) -> int:
@@ -66,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         from vpcnet.cli import serve  # the plugin process stays lean: no other sub-command imported
 
         return serve.main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # parse_args would refuse the options meant for a missing lab command (`vpcnet lab --help`) before
+    # the placeholder could say how to install it.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "lab_missing", False):
+        parser.error("unrecognized arguments: " + " ".join(unknown))
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:

@@ -14,7 +14,8 @@ from urllib.parse import urlsplit
 
 from werkzeug.serving import WSGIRequestHandler, make_server
 
-from vpcnet_lab.emulator.state import ApiError, Emulator
+from vpcnet_lab.emulator.errors import ApiError
+from vpcnet_lab.emulator.state import Emulator
 
 __all__ = ["Emulator", "ApiError", "serve_in_thread", "make_emulator_server", "QuietRequestHandler"]
 

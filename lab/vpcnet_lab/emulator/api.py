@@ -14,7 +14,8 @@ import uuid
 
 from flask import Flask, Response, request
 
-from vpcnet_lab.emulator.state import ApiError, Emulator
+from vpcnet_lab.emulator.errors import ApiError
+from vpcnet_lab.emulator.state import Emulator
 
 log = logging.getLogger(__name__)
 

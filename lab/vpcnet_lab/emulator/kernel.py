@@ -4,11 +4,20 @@ Each Available entry `DEST -> instance` becomes `DEST via <instance's underlay I
 main table (or, with several emulated tables, in the kernel table given for its emulated table), so
 packets between simulated hosts really follow the emulated route table. Only routes with
 our own `proto` value are ever listed, replaced or removed: routes someone else installed are left alone.
+
+`KernelMirror` keeps every kernel table in step with the emulated tables: once at start, after every
+change, and every few seconds anyway (that repairs routes removed by hand and retries routes whose
+gateway was not reachable yet).
 """
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
+import threading
+from typing import Callable
+
+log = logging.getLogger(__name__)
 
 #: The rtnetlink protocol number marking routes installed by the emulator (unassigned upstream).
 RTPROT_EMULATOR = 188
@@ -94,3 +103,53 @@ class KernelRoutes:
     def clear(self) -> list[str]:
         """Remove every route we installed."""
         return self.sync({})
+
+
+class KernelMirror:
+    """The emulated tables' routes in a router namespace. `kernel_tables` maps an emulated table to its
+    kernel table number (empty: every table's routes go into the main table, the first table winning a
+    destination several hold); `desired(table or None)` gives destination -> gateway for a table (None:
+    all of them)."""
+
+    def __init__(self, netns: str, kernel_tables: dict[str, int],
+                 desired: Callable[[str | None], dict[str, str]]):
+        self.netns = netns
+        self.kernel_tables = kernel_tables
+        self._desired = desired
+        self._kernels = {number: KernelRoutes(netns, table=number)
+                         for number in sorted(set(kernel_tables.values()) or {MAIN_TABLE})}
+        self._lock = threading.Lock()
+        self._dirty = threading.Event()
+
+    def sync(self) -> list[str]:
+        """Make the namespace's routes (our proto only) match the tables now. Returns problems."""
+        problems = []
+        with self._lock:
+            for number, kernel in self._kernels.items():
+                if not self.kernel_tables:
+                    desired = self._desired(None)
+                else:
+                    desired = {}
+                    for table in [t for t, n in self.kernel_tables.items() if n == number]:
+                        for dest, ip in self._desired(table).items():
+                            desired.setdefault(dest, ip)
+                problems += kernel.sync(desired)
+        for problem in problems:
+            log.warning("router netns %s: %s", self.netns, problem)
+        return problems
+
+    def poke(self) -> None:
+        """Something changed (or the emulator is closing): run a pass now."""
+        self._dirty.set()
+
+    def run(self, closed: threading.Event) -> None:
+        """The mirror's thread: a pass on every poke and every 5 s, until `closed` is set."""
+        while not closed.is_set():
+            self._dirty.wait(timeout=5.0)
+            self._dirty.clear()
+            if closed.is_set():
+                break
+            try:
+                self.sync()
+            except Exception:   # keep the emulator serving; the next pass retries
+                log.exception("router netns %s: reconcile failed", self.netns)

@@ -20,9 +20,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import vpcnet
 from vpcnet_lab.emulator.state import Emulator
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+#: The folder holding the vpcnet this process imports (a checkout's root, or site-packages): each host runs it.
+CODE = os.path.dirname(os.path.dirname(os.path.abspath(vpcnet.__file__)))
 
 
 @dataclass
@@ -72,7 +74,7 @@ def closed_port() -> int:
 def host_env(url: str, state_dir: str, instance: str, *, cluster: str, table: str, region: str, vpc: str,
              key_id: str, secret: str, prefix: int = 24) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VPCNET_")}
-    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = CODE + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.update({
         "VPCNET_CONFIG": os.devnull, "VPCNET_STATE_DIR": state_dir,
         "VPCNET_SOCKET": os.path.join(state_dir, "vpcnet.sock"), "VPCNET_LOG_LEVEL": "WARNING",
@@ -111,7 +113,7 @@ def boot_storm(emu: Emulator, url: str, workdir: str, hosts: int, *, cluster: st
         for instance in instances:
             errs[instance] = open(os.path.join(workdir, f"{instance}.err"), "w+")
             proc = subprocess.Popen([sys.executable, "-m", "vpcnet.cli", "routes", "sync", "--wait", str(wait)],
-                                    env=envs[instance], cwd=REPO, stdout=subprocess.DEVNULL,
+                                    env=envs[instance], cwd=CODE, stdout=subprocess.DEVNULL,
                                     stderr=errs[instance], stdin=subprocess.DEVNULL)
             procs[instance] = (proc, time.monotonic())
         result = StormResult(hosts=hosts, seconds=0.0)

@@ -550,7 +550,7 @@ def main() -> int:
         fh.write(md)
     report.chart(res, os.path.join(args.out, "latest.png"))
     if args.readme:
-        report.update_readme(os.path.join(os.path.dirname(HERE), "README.md"), md)
+        report.update_readme(os.path.join(os.path.dirname(HERE), "docs", "benchmarks.md"), md)
     print(md)
     print(f"whole run: {(time.monotonic() - started) / 60:.1f} min", flush=True)
     return 0

@@ -313,7 +313,7 @@ def validate(config: Config, check_socket_dir: bool = True) -> None:
 
 
 def markdown_table() -> str:
-    """The README's configuration table, generated from SETTINGS (`python3 -m vpcnet.config`)."""
+    """The settings table of docs/settings.md, generated from SETTINGS (`python3 -m vpcnet.config`)."""
     rows = ["| Environment variable | TOML key | Default | Meaning |", "|---|---|---|---|"]
     for s in SETTINGS:
         default = ",".join(s.default) if isinstance(s.default, tuple) else s.default

@@ -53,7 +53,7 @@ Goals (checked by bench/goals.py for the default network and each explicit mode,
 fastest): in the results' `goals` and the Markdown's goal table.
 
 Writes latest.json, latest.md and latest.png into --out (default bench/results); --readme also puts the
-table into README.md between its markers. The lab is always taken down at the end.
+table into docs/benchmarks.md between its markers. The lab is always taken down at the end.
 """
 from __future__ import annotations
 
@@ -495,7 +495,7 @@ def main() -> int:
     p.add_argument("--profile", action="store_true",
                    help="also sample the CPU (perf) during one TCP stream per contender: where the cost goes")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder (default bench/results)")
-    p.add_argument("--readme", action="store_true", help="also put the Markdown table into README.md")
+    p.add_argument("--readme", action="store_true", help="also put the Markdown table into docs/benchmarks.md")
     p.add_argument("--estimate", action="store_true", help="print how long the run would take, and stop")
     args = p.parse_args()
     if not 1 <= args.rounds <= 50 or not 1 <= args.duration <= 60 or args.hosts < 2:

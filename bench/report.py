@@ -1,4 +1,4 @@
-"""bench/run.py's results as Markdown (latest.md, and README.md between its markers) and a chart.
+"""bench/run.py's results as Markdown (latest.md, and docs/benchmarks.md between its markers) and a chart.
 
 What is reported lives here too: the metrics with their labels and units, and the contenders' order.
 """
@@ -150,10 +150,10 @@ def markdown(res: dict) -> str:
 
 
 def replace_readme_table(text: str, md: str) -> str:
-    """README text with everything between the two markers replaced by `md`."""
+    """docs/benchmarks.md's text with everything between the two markers replaced by `md`."""
     start, end = text.find(README_START), text.find(README_END)
     if start < 0 or end < start:
-        raise ValueError(f"README.md needs the markers {README_START} and, after it, {README_END}")
+        raise ValueError(f"docs/benchmarks.md needs the markers {README_START} and, after it, {README_END}")
     return text[:start + len(README_START)] + "\n" + md.rstrip("\n") + "\n" + text[end:]
 
 

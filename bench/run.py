@@ -53,8 +53,8 @@ Goals (checked by bench/goals.py for the default network and each explicit mode,
 fastest): in the results' `goals` and the Markdown's goal table.
 
 Writes latest.json, latest.md and latest.png (not with --no-chart) into --out (default bench/results);
---readme also puts the table into README.md between its markers. The lab is always taken down at the end.
-The chart needs matplotlib (`pip install '.[bench]'`): a run without it stops before it starts.
+--readme also puts the table into docs/benchmarks.md between its markers. The lab is always taken down at
+the end. The chart needs matplotlib (`pip install '.[bench]'`): a run without it stops before it starts.
 """
 from __future__ import annotations
 
@@ -496,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true",
                    help="also sample the CPU (perf) during one TCP stream per contender: where the cost goes")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder (default bench/results)")
-    p.add_argument("--readme", action="store_true", help="also put the Markdown table into README.md")
+    p.add_argument("--readme", action="store_true", help="also put the Markdown table into docs/benchmarks.md")
     p.add_argument("--estimate", action="store_true", help="print how long the run would take, and stop")
     p.add_argument("--no-chart", action="store_true", help="write no latest.png (no matplotlib needed)")
     args = p.parse_args(argv)
@@ -557,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
         fh.write(md)
     report.chart(res, os.path.join(args.out, "latest.png"))
     if args.readme:
-        report.update_readme(os.path.join(os.path.dirname(HERE), "README.md"), md)
+        report.update_readme(os.path.join(os.path.dirname(HERE), "docs", "benchmarks.md"), md)
     print(md)
     print(f"whole run: {(time.monotonic() - started) / 60:.1f} min", flush=True)
     return 0

@@ -21,7 +21,7 @@ import report  # noqa: E402
 import rr  # noqa: E402
 import run  # noqa: E402
 
-README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md")
 
 
 def _free_port() -> int:
@@ -216,7 +216,7 @@ def test_default_contender_comes_first():
     assert not goals.is_vpcnet("overlay") and goals.is_vpcnet("vpcnet-ebpf")
 
 
-# -- Markdown and the README ---------------------------------------------------------------------
+# -- Markdown and docs/benchmarks.md------------------------------------------------------------------
 def test_markdown_has_both_groups_the_goal_table_and_the_summary():
     md = report.markdown(_result())
     assert "Across hosts" in md and "On one host" in md
@@ -243,10 +243,10 @@ def test_readme_table_is_replaced_between_the_markers_only():
 
 
 def test_readme_has_the_bench_table_markers():
-    with open(README) as fh:
+    with open(BENCHMARKS) as fh:
         text = fh.read()
     start, end = text.find(report.README_START), text.find(report.README_END)
-    assert 0 <= start < end, "README.md needs both bench/run.py table markers, in order"
+    assert 0 <= start < end, "docs/benchmarks.md needs both bench/run.py table markers, in order"
     assert "Benchmark " in text[start:end]
 
 

@@ -1,15 +1,26 @@
-"""The guides in docs/ are tested, not prose: their code blocks are extracted and run or validated.
+"""The documentation is tested, not prose: the README and every page of docs/ are checked, and the guides'
+code blocks are extracted and run or validated.
+
+Every page (README.md, docs/*.md):
+- every relative link resolves to a file of the checkout, and a `#anchor` to a heading of its target;
+- docs/README.md (the index) links every page of docs/, and the README links the index;
+- every `VPCNET_*` name is a real setting (or one of the few other variables vpcnet's tools read);
+- no tracker issue numbers ("issue 13"): a page says what it means.
+docs/settings.md holds the settings table exactly as `python3 -m vpcnet.config` generates it.
 
 Block tags (the info string after ```):
 - `sh test`     run here, in order, with names made unique (plugin, network, container, state dir,
-                cluster CIDR, install prefix); lines ending in `# not run in tests...` are skipped.
-- `sh cloud`    cloud-side commands (aliyun/aws CLIs, a real cloud): shell syntax checked, and every
-                `VPCNET_*` name must be a real setting.
+                cluster CIDR, install prefix); lines ending in `# not run in tests...` are skipped. Only the
+                pages with a test that runs them (RUN_PAGES) may hold such blocks.
+- `sh cloud`    cloud-side commands (aliyun/aws CLIs, a real cloud): shell syntax checked.
+- `sh host`     commands for a user's host (root, Docker, a lab): shell syntax checked; what they do is
+                covered by the tests of the code they drive.
 - `json policy` a RAM/IAM policy: must parse and name exactly the actions vpcnet calls.
 - `toml config` a vpcnet.toml example: must load with vpcnet.config.load.
 - `yaml prometheus` / `yaml rules` (monitoring.md): must pass `promtool check config` / `check rules`, and
                 the alerts `promtool test rules` below; every `vpcnet_*` name must be a served family.
-Every `sh` block must carry one of the two tags: no untested commands.
+Every `sh` block of docs/ must carry one of the three tags: no unchecked commands. (The README's blocks
+stay plain `sh`: tests/test_readme.py and tests/test_bootstrap.py check them.)
 """
 from __future__ import annotations
 
@@ -28,16 +39,25 @@ from vpcnet import config as config_mod
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(REPO, "docs")
-GUIDES = ("managed-plugin.md", "systemd.md", "deploy-aliyun.md", "deploy-aws.md", "monitoring.md")
+README = os.path.join(REPO, "README.md")
+INDEX = os.path.join(DOCS, "README.md")
+PAGES = sorted(f for f in os.listdir(DOCS) if f.endswith(".md"))
+RUN_PAGES = ("managed-plugin.md", "systemd.md", "install.md")     # each has a test below that runs its blocks
+SHELL_TAGS = ("sh test", "sh cloud", "sh host")
 BLOCK = re.compile(r"^```([^\n`]*)\n(.*?)^```\s*$", re.S | re.M)
 SKIP_MARK = re.compile(r"#\s*not run in tests")
 SETTING_NAMES = {s.env for s in config_mod.SETTINGS}
+# Variables the docs may name that are not settings: each is read by vpcnet's tools (checked below).
+OTHER_VARIABLES = {"VPCNET_CONFIG", "VPCNET_TEST_STRICT", "VPCNET_TEST_VENV", "VPCNET_TEST_TIMEOUT",
+                   "VPCNET_TEST_ENGINE", "VPCNET_EMULATOR_ACCESS_KEYS", "VPCNET_PLUGIN_CACHE"}
 
-ALIYUN_ACTIONS = {"vpc:CreateRouteEntry", "vpc:CreateRouteEntries", "vpc:DeleteRouteEntry", "vpc:DescribeRouteEntryList",
-                  "vpc:DescribeRouteTableList", "vpc:DescribeVSwitches", "ecs:DescribeInstances"}
+ALIYUN_ACTIONS = {"vpc:CreateRouteEntry", "vpc:CreateRouteEntries", "vpc:DeleteRouteEntry",
+                  "vpc:DescribeRouteEntryList", "vpc:DescribeRouteTableList", "vpc:DescribeVSwitches",
+                  "ecs:DescribeInstances"}
 ALIYUN_MUTATING = {"vpc:CreateRouteEntry", "vpc:CreateRouteEntries", "vpc:DeleteRouteEntry"}
 AWS_ACTIONS = {"ec2:DescribeRouteTables", "ec2:CreateRoute", "ec2:DeleteRoute", "ec2:ReplaceRoute",
-               "ec2:CreateTags", "ec2:DeleteTags", "ec2:DescribeTags", "ec2:DescribeInstances", "ec2:DescribeInstanceAttribute",
+               "ec2:CreateTags", "ec2:DeleteTags", "ec2:DescribeTags", "ec2:DescribeInstances",
+               "ec2:DescribeInstanceAttribute",
                "ec2:DescribeNetworkInterfaces", "ec2:DescribeSubnets", "ec2:ModifyInstanceAttribute",
                "ec2:ModifyNetworkInterfaceAttribute"}
 AWS_MUTATING = {"ec2:CreateRoute", "ec2:DeleteRoute", "ec2:ReplaceRoute"}
@@ -45,14 +65,14 @@ AWS_TAGGING = {"ec2:CreateTags", "ec2:DeleteTags"}     # the marker: on instance
 AWS_FORWARDING = {"ec2:ModifyInstanceAttribute", "ec2:ModifyNetworkInterfaceAttribute"}
 
 
-def _called_actions(package: str, pattern: str) -> set[str]:
-    """The API actions a provider package really calls, read from the source of its modules."""
+def _called_actions(provider: str, pattern: str) -> set[str]:
+    """The API actions a provider really calls, read from the source of its room (vpcnet/cloud/<provider>/)."""
     found: set[str] = set()
-    folder = os.path.join(REPO, "vpcnet", "cloud", package)
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".py"):
-            with open(os.path.join(folder, name)) as fh:
-                found |= set(re.findall(pattern, fh.read()))
+    for root, _dirs, files in os.walk(os.path.join(REPO, "vpcnet", "cloud", provider)):
+        for name in files:
+            if name.endswith(".py"):
+                with open(os.path.join(root, name)) as fh:
+                    found |= set(re.findall(pattern, fh.read()))
     return found
 
 
@@ -93,31 +113,126 @@ def bash(script: str, timeout: float = 1200, env: dict | None = None) -> subproc
     return proc
 
 
-# -- static checks ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("doc", GUIDES)
-def test_every_shell_block_is_tested_or_marked_cloud(doc):
-    tags = [tag for tag, _ in all_blocks(doc)]
-    assert tags, f"{doc} has no code blocks"
-    for tag in tags:
+# -- every page ----------------------------------------------------------------------------------------
+def read(path: str) -> str:
+    with open(path) as fh:
+        return fh.read()
+
+
+def all_pages() -> list[str]:
+    """README.md and every page of docs/, as paths."""
+    return [README] + [os.path.join(DOCS, p) for p in PAGES]
+
+
+def prose(text: str) -> str:
+    """The text without fenced code blocks and inline code: where links and headings are."""
+    text = BLOCK.sub("", text)
+    return re.sub(r"`[^`\n]*`", "", text)
+
+
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def links(path: str) -> list[str]:
+    return LINK.findall(prose(read(path)))
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped (but - and _), spaces to -."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading.strip().lower())
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def anchors(path: str) -> set[str]:
+    text = BLOCK.sub("", read(path))
+    seen: dict[str, int] = {}
+    out = set()
+    for heading in re.findall(r"^#{1,6}\s+(.+?)\s*#*\s*$", text, re.M):
+        base = slug(heading)
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        out.add(base if n == 0 else f"{base}-{n}")
+    return out
+
+
+@pytest.mark.parametrize("path", all_pages(), ids=os.path.basename)
+def test_every_relative_link_and_anchor_resolves(path):
+    broken = []
+    for target in links(path):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):          # https:, mailto:: not ours to check
+            continue
+        file, _, anchor = target.partition("#")
+        full = os.path.normpath(os.path.join(os.path.dirname(path), file)) if file else path
+        if not full.startswith(REPO + os.sep) or not os.path.exists(full):
+            broken.append(f"{target}: no file {os.path.relpath(full, REPO)}")
+        elif anchor and (not full.endswith(".md") or anchor not in anchors(full)):
+            broken.append(f"{target}: no heading #{anchor} in {os.path.relpath(full, REPO)}")
+    assert not broken, f"{os.path.relpath(path, REPO)}: " + "; ".join(broken)
+
+
+def test_the_index_lists_every_page_and_the_readme_links_the_index():
+    listed = {os.path.normpath(os.path.join(DOCS, t.partition("#")[0])) for t in links(INDEX)}
+    missing = [p for p in PAGES if p != "README.md" and os.path.join(DOCS, p) not in listed]
+    assert not missing, f"docs/README.md does not list: {missing}"
+    index_lines = [line for line in read(INDEX).splitlines() if line.startswith("- [")]
+    assert all(" — " in line for line in index_lines), "each page gets one line: [page](page) — what it holds"
+    assert "docs/README.md" in links(README)
+
+
+@pytest.mark.parametrize("path", all_pages(), ids=os.path.basename)
+def test_settings_named_in_the_docs_exist(path):
+    names = set(re.findall(r"\bVPCNET_[A-Z0-9_]*[A-Z0-9]\b", read(path)))
+    unknown = names - SETTING_NAMES - OTHER_VARIABLES
+    assert not unknown, f"{os.path.relpath(path, REPO)} names unknown settings: {sorted(unknown)}"
+
+
+def test_the_other_variables_the_docs_name_are_read_by_vpcnets_tools():
+    sources = []
+    for folder in ("vpcnet", "lab", "tests", "plugin", ".ci"):
+        for root, _dirs, files in os.walk(os.path.join(REPO, folder)):
+            sources += [read(os.path.join(root, f)) for f in files
+                        if f.endswith((".py", ".sh")) or f == "run" and root.endswith(".ci")]
+    code = "\n".join(sources)
+    assert not [v for v in OTHER_VARIABLES if v not in code]
+
+
+@pytest.mark.parametrize("path", all_pages(), ids=os.path.basename)
+def test_no_tracker_issue_numbers(path):
+    found = re.findall(r"\b(?:issue|bug|ticket)s?\s*#?\d+|(?<![\w&/])#\d+\b", prose(read(path)), re.I)
+    assert not found, f"{os.path.relpath(path, REPO)} cites {found}: say what it means instead"
+
+
+def test_settings_table_is_generated_from_the_settings():
+    text = read(os.path.join(DOCS, "settings.md"))
+    assert config_mod.markdown_table() in text, "regenerate it with: python3 -m vpcnet.config"
+    for setting in config_mod.SETTINGS:
+        assert f"`{setting.env}`" in text
+
+
+@pytest.mark.parametrize("doc", PAGES)
+def test_every_shell_block_is_tagged(doc):
+    for tag, _ in all_blocks(doc):
         if tag.split()[:1] in (["sh"], ["bash"], ["shell"], ["console"]):
-            assert tag in ("sh test", "sh cloud"), f"{doc}: untagged shell block ```{tag}"
+            assert tag in SHELL_TAGS, f"{doc}: untagged shell block ```{tag}"
+            assert tag != "sh test" or doc in RUN_PAGES, f"{doc}: `sh test` blocks but no test runs them"
 
 
-@pytest.mark.parametrize("doc", GUIDES)
-def test_settings_named_in_the_guides_exist(doc):
-    with open(os.path.join(DOCS, doc)) as fh:
-        names = set(re.findall(r"\bVPCNET_[A-Z0-9_]*[A-Z0-9]\b", fh.read()))
-    names -= {"VPCNET_TEST_STRICT", "VPCNET_EMULATOR_ACCESS_KEYS", "VPCNET_PLUGIN_CACHE"}
-    assert names <= SETTING_NAMES, f"{doc} names unknown settings: {sorted(names - SETTING_NAMES)}"
+@pytest.mark.parametrize("doc", ("managed-plugin.md", "systemd.md", "deploy-aliyun.md", "deploy-aws.md",
+                                 "monitoring.md", "install.md"))
+def test_the_guides_have_code_blocks(doc):
+    assert all_blocks(doc), f"{doc} has no code blocks"
+
+
+@pytest.mark.parametrize("doc", PAGES)
+def test_host_and_cloud_blocks_are_valid_shell(doc):
+    for body in blocks(doc, "sh host") + blocks(doc, "sh cloud"):
+        proc = subprocess.run(["bash", "-n"], input=body, capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0, f"{doc}: {proc.stderr}\n{body}"
 
 
 @pytest.mark.parametrize("doc", ("deploy-aliyun.md", "deploy-aws.md"))
-def test_cloud_blocks_are_valid_shell(doc):
-    cloud = blocks(doc, "sh cloud")
-    assert cloud
-    for body in cloud:
-        proc = subprocess.run(["bash", "-n"], input=body, capture_output=True, text=True, timeout=30)
-        assert proc.returncode == 0, f"{doc}: {proc.stderr}\n{body}"
+def test_the_deploy_guides_have_cloud_blocks(doc):
+    assert blocks(doc, "sh cloud")
 
 
 def _policy_actions(statement) -> set[str]:
@@ -199,6 +314,62 @@ def test_systemd_guide_commands(tmp_path):
     assert oct((prefix / "etc/vpcnet/vpcnet.env").stat().st_mode & 0o777) == "0o600"
 
 
+# -- install.md's uninstall: what vpcnet leaves in the kernel -----------------------------------------------
+@pytest.mark.root
+def test_uninstall_block_clears_what_vpcnet_leaves_in_the_kernel(netns_factory):
+    """The guide's kernel block, run in a namespace holding vpcnet's shared chains and a network with an
+    endpoint in each mode this kernel can do (as after a crash: nothing removed by vpcnet itself)."""
+    from vpcnet.datapath.dataplane import Dataplane
+    from vpcnet.datapath.features import probe
+    from vpcnet.datapath.spec import NetworkSpec, bridge_name, mac_for, veth_names
+
+    for tool in ("iptables", "iptables-save", "tc", "ip", "sed"):
+        require(shutil.which(tool) is not None, f"needs {tool}")
+    ns = netns_factory("vpcun")
+    for cmd in (["link", "add", "uplink0", "type", "veth", "peer", "name", "uplink0p"],
+                ["addr", "add", "192.0.2.10/24", "dev", "uplink0"], ["link", "set", "uplink0p", "up"],
+                ["link", "set", "uplink0", "up"], ["route", "add", "default", "via", "192.0.2.1"]):
+        subprocess.run(["ip", "-n", ns, *cmd], check=True, capture_output=True, timeout=30)
+    dp = Dataplane(netns=ns)
+    dp.ensure_host()
+    modes = [m for m in ("bridge", "routed", "ebpf") if probe(ns).supports(m)]
+    for i, mode in enumerate(modes):
+        tag = f"{i + 1:x}" * 12
+        host = f"10.79.{i + 1}.0/24"
+        spec = NetworkSpec(tag=tag, bridge=bridge_name(tag * 5 + "0000"), gateway=f"10.79.{i + 1}.1",
+                           host_cidr=host, cluster_cidr="10.79.0.0/16", mtu=1500, internal=False, no_nat=(),
+                           mode=mode)
+        dp.ensure_network(spec)
+        address = f"10.79.{i + 1}.2"
+        dp.ensure_endpoint(spec, *veth_names(tag * 5 + "0000"), mac_for(address), address)
+
+    def leftovers() -> list[str]:
+        out = []
+        for table in ("filter", "nat", "raw"):
+            saved = subprocess.run(["ip", "netns", "exec", ns, "iptables-save", "-t", table], capture_output=True,
+                                   text=True, timeout=30).stdout
+            out += [f"{table}: {line}" for line in saved.splitlines() if "VPCNET" in line]
+        links_ = subprocess.run(["ip", "-n", ns, "-o", "link", "show"], capture_output=True, text=True,
+                                timeout=30).stdout
+        out += [line.split(":")[1].strip() for line in links_.splitlines()
+                if re.match(r"\d+: (vpc-|vpp-|vh|vc)", line)]
+        filters = subprocess.run(["ip", "netns", "exec", ns, "tc", "filter", "show", "dev", "uplink0", "ingress"],
+                                 capture_output=True, text=True, timeout=30).stdout
+        out += [line for line in filters.splitlines() if "vpcnet-" in line]
+        return out
+
+    assert len(leftovers()) > 10, f"the setup made less than expected: {leftovers()}"
+    [script] = blocks("install.md", "sh test")
+    proc = subprocess.run(["ip", "netns", "exec", ns, "bash", "-euo", "pipefail", "-c", runnable(script, [])],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert leftovers() == []
+    # run twice: nothing left to remove is not an error
+    proc = subprocess.run(["ip", "netns", "exec", ns, "bash", "-euo", "pipefail", "-c", runnable(script, [])],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 # -- managed-plugin.md on the real engine ------------------------------------------------------------------
 @pytest.fixture
 def guide_names(tmp_path, test_image):
@@ -225,6 +396,7 @@ def guide_names(tmp_path, test_image):
     subprocess.run([*docker, "plugin", "rm", "-f", names["plugin"]], capture_output=True, timeout=60)
 
 
+@pytest.mark.docker
 def test_managed_plugin_guide_commands(guide_names):
     n = guide_names
     subs = [("vpcnet:latest", n["plugin"]), ("/var/lib/vpcnet", n["state"]), ("10.200.0.0/16", n["cluster"]),

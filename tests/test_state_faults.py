@@ -49,7 +49,7 @@ def test_serve_refuses_a_damaged_state_file_in_one_line(tmp_path, damage):
     proc = serve(tmp_path, str(state_dir))
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and db in lines[0] and "README" in lines[0] and "mv " in lines[0], proc.stderr
+    assert len(lines) == 1 and db in lines[0] and "docs/datapath.md" in lines[0] and "mv " in lines[0], proc.stderr
     assert open(db, "rb").read() == before, "the damaged file is left as it was, for recovery"
 
 

@@ -3,7 +3,7 @@
 Every setting has one name used three ways: the environment variable (`VPCNET_CLUSTER_CIDR`), the
 TOML key in `/etc/vpcnet/vpcnet.toml` (`cluster_cidr`, lower case without the prefix), and the managed
 plugin's settable `Env`. The environment wins over the file, the file over the default. `SETTINGS` is the
-single source of truth: the README's configuration table and `plugin/config.json` are checked against
+single source of truth: docs/settings.md's table and `plugin/config.json` are checked against
 it by the tests.
 
 Invalid configuration raises `ConfigError` with one line naming the key and the problem.
@@ -316,7 +316,7 @@ def validate(config: Config, check_socket_dir: bool = True) -> None:
 
 
 def markdown_table() -> str:
-    """The README's configuration table, generated from SETTINGS (`python3 -m vpcnet.config`)."""
+    """The settings table of docs/settings.md, generated from SETTINGS (`python3 -m vpcnet.config`)."""
     rows = ["| Environment variable | TOML key | Default | Meaning |", "|---|---|---|---|"]
     for s in SETTINGS:
         default = ",".join(s.default) if isinstance(s.default, tuple) else s.default

@@ -8,7 +8,7 @@ only when the prefix is `/` and systemd is PID 1. `--dry-run` prints what it wou
 
 The unit files in the source tree's `systemd/` are this module's output for `/usr/local/bin/vpcnet`
 (a test checks they match), so there is one definition of each unit. That path is the link
-`python3 -m vpcnet.bootstrap` makes to the venv in `/opt/vpcnet` (the README's install).
+`python3 -m vpcnet.bootstrap` makes to the venv in `/opt/vpcnet` (the README's first command).
 """
 from __future__ import annotations
 

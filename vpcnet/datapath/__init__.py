@@ -1,5 +1,5 @@
 """The datapath as desired state: the store says what each network and endpoint should be, this makes the
-kernel match (see the README's Usage and Layout).
+kernel match (docs/datapath.md says what each mode does, docs/architecture.md where this room sits).
 
 - `modes`: one strategy per datapath mode (bridge, routed, ebpf): what a network wants from the kernel.
 - `features`: which modes this kernel and process can do, probed once; the default mode of new networks.

@@ -355,7 +355,7 @@ def check_state(path: str) -> None:
     if not os.path.exists(path):
         return
     recovery = (f"restore {path} from a backup, or move it aside (mv {path} {path}.damaged) and re-create "
-                "this host's vpcnet networks; see the README, 'A damaged state file'")
+                "this host's vpcnet networks; see docs/datapath.md, 'A damaged state file'")
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
         try:

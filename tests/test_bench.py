@@ -167,7 +167,7 @@ def test_assemble_keeps_cross_host_at_the_top_and_same_host_apart():
     json.dumps(res)                                                              # latest.json
 
 
-def test_goals_are_issue_13s_bounds():
+def test_goals_are_the_documented_bounds():
     res = _result()
     assert _verdict(res, "vpcnet", "TCP 1 stream ≥ 0.97 × underlay")["met"] is True        # 0.98
     assert _verdict(res, "vpcnet", "TCP 4 streams ≥ 0.97 × underlay")["met"] is True       # 0.97: the bound

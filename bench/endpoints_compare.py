@@ -7,8 +7,8 @@ same machine load. The plugin runs the tree's own code (PYTHONPATH and the worki
 it); the bench driver is this tree's. Per tree and endpoint count: the medians of the rounds' p50 and
 p99 with their min-max, and the ratio this/other of the medians.
 
-Issue 12 asked that CreateEndpoint + Join p99 be no worse than before the datapath package; the other
-tree is then the parent of the commit that created vpcnet/datapath (a `git worktree add --detach`).
+The datapath package's goal was CreateEndpoint + Join p99 no worse than before it; the other
+tree was then the parent of the commit that created vpcnet/datapath (a `git worktree add --detach`).
     python3 bench/endpoints_compare.py --other /path/to/old/checkout [--counts 200,500] [--rounds 3]
 Writes bench/results/endpoints_compare.json and prints a Markdown table.
 """

@@ -1,4 +1,4 @@
-"""Issue 13's goals for vpcnet's contenders, checked on the medians of one bench/run.py run.
+"""The benchmark goals for vpcnet's contenders, checked on the medians of one bench/run.py run.
 
 Pure functions over the results dictionary (no I/O), so the verdicts can be tested on numbers.
 

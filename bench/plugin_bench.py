@@ -212,7 +212,7 @@ def bench_endpoints(count: int, mode: str = "default") -> dict:
 
 
 def check_goals(result: dict) -> list[dict]:
-    """Issue 13's per-container goals against a plugin.json-shaped result: one verdict per mode and goal.
+    """The per-container goals against a plugin.json-shaped result: one verdict per mode and goal.
     Latency and memory goals are set at 500 endpoints: a run with fewer is not a verdict (met None)."""
     out = []
     for mode, r in result.get("endpoints", {}).items():

@@ -122,6 +122,13 @@ def test_lab_commands_without_vpcnet_lab_say_how_to_install_it(argv):
     assert lines[0].endswith("pip install ./lab")
 
 
+def test_the_emulator_unit_is_refused_without_vpcnet_lab_and_nothing_is_written(tmp_path):
+    proc = _without_lab("install-systemd", "--emulator", "--prefix", str(tmp_path))
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "vpcnet-lab, which is not installed" in proc.stderr and "pip install ./lab" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_help_without_vpcnet_lab_still_lists_lab_and_emulator():
     proc = _without_lab("--help")
     assert proc.returncode == 0, proc.stderr

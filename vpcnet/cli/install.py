@@ -12,6 +12,7 @@ The unit files in the source tree's `systemd/` are this module's output for `/us
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -284,6 +285,18 @@ def register(sub) -> None:
                     "vpcnet.toml": render_toml}[args.print_unit]()
             sys.stdout.write(text)
             return 0
+        if args.emulator and not _lab_installed():
+            # the unit would start `vpcnet emulator`, which lives in vpcnet-lab: refuse before writing
+            print("vpcnet: --emulator: the emulator is part of vpcnet-lab, which is not installed here "
+                  "(from a vpcnet checkout: /opt/vpcnet/bin/pip install ./lab)", file=sys.stderr)
+            return 2
         return Installer(args.prefix, args.dry_run, args.vpcnet, args.emulator).run()
 
     parser.set_defaults(func=func)
+
+
+def _lab_installed() -> bool:
+    try:
+        return importlib.util.find_spec("vpcnet_lab") is not None
+    except ImportError:
+        return False

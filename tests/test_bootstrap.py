@@ -4,6 +4,10 @@ From a fresh clone, with the machine's `/usr/bin/python3` (externally managed, P
 sudo's minimal environment: the command installs vpcnet into /opt/vpcnet, links /usr/local/bin/vpcnet, and
 starts `vpcnet serve`; Docker can then create a vpcnet network on that plugin. Whatever /opt/vpcnet and
 /usr/local/bin/vpcnet held before is moved aside and put back afterwards.
+
+And the prefix it installs into: making the venv empties the directory, so one that is not vpcnet's
+(another program's files, a venv without vpcnet) is refused with nothing touched, while a new or empty
+one, one marked by an earlier run, or an older version's venv holding vpcnet is accepted.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 
 import pytest
 from conftest import PLUGIN_DIR, next_cluster, require, run, unique, wait_for
@@ -140,6 +145,7 @@ def test_without_a_docker_engine_the_command_says_so_in_one_line(fresh_clone, in
     assert "SERVE-WOULD-START" not in proc.stdout
     lines = [line for line in proc.stderr.splitlines() if "Docker engine" in line]
     assert len(lines) == 1 and "no-docker.sock" in lines[0] and "apt-get install docker.io" in lines[0], proc.stderr
+    assert bootstrap.whose_prefix(bootstrap.DEFAULT_PREFIX) == "marked", "the install did not mark its venv"
 
 
 def test_link_replaces_an_older_link_but_never_a_foreign_file(tmp_path):
@@ -154,3 +160,102 @@ def test_link_replaces_an_older_link_but_never_a_foreign_file(tmp_path):
         bootstrap.link(prefix, bin_dir)
     with open(os.path.join(bin_dir, "vpcnet")) as fh:
         assert "someone else" in fh.read()
+
+
+def tree_of(path) -> dict[str, bytes | str]:
+    """Every file (its bytes), link (its target) and directory under `path`, by relative path."""
+    out: dict[str, bytes | str] = {}
+    for top, dirs, files in os.walk(path):
+        for name in dirs + files:
+            full = os.path.join(top, name)
+            rel = os.path.relpath(full, path)
+            if os.path.islink(full):
+                out[rel] = "-> " + os.readlink(full)
+            elif os.path.isdir(full):
+                out[rel] = "dir"
+            else:
+                with open(full, "rb") as fh:
+                    out[rel] = fh.read()
+    return out
+
+
+def test_a_prefix_holding_another_programs_files_is_refused_with_nothing_touched(tmp_path):
+    require(os.access(SYSTEM_PYTHON, os.X_OK), f"needs the distribution's {SYSTEM_PYTHON}")
+    prefix, bin_dir = tmp_path / "opt", tmp_path / "bin"
+    (prefix / "bin").mkdir(parents=True)
+    (prefix / "bin" / "tool").write_text("#!/bin/sh\necho another program\n")
+    (prefix / "tool.conf").write_text("setting = 1\n")
+    bin_dir.mkdir()
+    os.symlink("/elsewhere/bin/vpcnet", bin_dir / "vpcnet")
+    before = tree_of(prefix)
+    env = dict(SUDO_ENV, DOCKER_HOST=f"unix://{tmp_path}/no-docker.sock")
+    proc = subprocess.run([SYSTEM_PYTHON, "-m", "vpcnet.bootstrap", "--prefix", str(prefix), "--bin-dir",
+                           str(bin_dir)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr
+    [line] = proc.stderr.splitlines()
+    assert str(prefix) in line and "not vpcnet's" in line and "choose a new or empty directory" in line, line
+    assert tree_of(prefix) == before
+    assert os.readlink(bin_dir / "vpcnet") == "/elsewhere/bin/vpcnet"
+
+
+def make_plain_venv(path) -> None:
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True, timeout=120)
+
+
+def test_whose_prefix_accepts_only_what_vpcnet_made_or_nothing(tmp_path):
+    assert bootstrap.whose_prefix(str(tmp_path / "new")) == "missing"
+    (tmp_path / "empty").mkdir()
+    assert bootstrap.whose_prefix(str(tmp_path / "empty")) == "empty"
+    (tmp_path / "marked").mkdir()
+    (tmp_path / "marked" / "leftover").write_text("")
+    (tmp_path / "marked" / bootstrap.MARKER).write_text("")
+    assert bootstrap.whose_prefix(str(tmp_path / "marked")) == "marked"
+    (tmp_path / "file").write_text("")
+    assert bootstrap.whose_prefix(str(tmp_path / "file")) is None
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "data").write_text("")
+    assert bootstrap.whose_prefix(str(tmp_path / "other")) is None
+    for system_dir in ("/opt", "/usr", "/etc"):       # only read
+        assert bootstrap.whose_prefix(system_dir) is None, system_dir
+
+
+def test_an_older_versions_venv_holding_vpcnet_is_accepted_another_venv_is_not(tmp_path):
+    venv = tmp_path / "venv"
+    make_plain_venv(venv)
+    assert bootstrap.whose_prefix(str(venv)) is None, "a venv without vpcnet is someone else's"
+    [site] = (venv / "lib").glob("python3*/site-packages")
+    (site / "vpcnet_lab-0.1.0.dist-info").mkdir()
+    assert bootstrap.whose_prefix(str(venv)) is None, "vpcnet-lab alone does not make it vpcnet's"
+    (site / "vpcnet-0.1.0.dist-info").mkdir()
+    assert bootstrap.whose_prefix(str(venv)) == "vpcnet venv"
+    with pytest.raises(bootstrap.BootstrapError):
+        bootstrap.check_prefix(str(tmp_path))       # holds the venv: not itself a venv
+
+
+def test_an_empty_prefix_is_installed_into_marked_and_accepted_again(tmp_path, monkeypatch):
+    prefix, bin_dir = tmp_path / "opt", tmp_path / "bin"
+    prefix.mkdir()
+    installs: list[str] = []
+    monkeypatch.setattr(bootstrap, "pip_install", lambda python, tree, extras: installs.append(python))
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
+    argv = ["--prefix", str(prefix), "--bin-dir", str(bin_dir)]
+    assert bootstrap.main(argv) == bootstrap.EXIT_NO_DOCKER
+    assert bootstrap.whose_prefix(str(prefix)) == "marked"
+    assert os.access(prefix / "bin" / "python", os.X_OK)
+    assert os.readlink(bin_dir / "vpcnet") == str(prefix / "bin" / "vpcnet")
+    assert bootstrap.main(argv) == bootstrap.EXIT_NO_DOCKER, "a rerun (an upgrade) is refused"
+    assert len(installs) == 2
+
+
+def test_a_venv_that_failed_half_way_is_marked_so_a_rerun_may_clear_it(tmp_path, monkeypatch):
+    prefix = tmp_path / "opt"
+
+    def half_made(path: str) -> str:
+        os.makedirs(os.path.join(path, "bin"))
+        open(os.path.join(path, "pyvenv.cfg"), "w").close()
+        raise bootstrap.BootstrapError("could not create the virtual environment: no ensurepip")
+
+    monkeypatch.setattr(bootstrap, "make_venv", half_made)
+    assert bootstrap.main(["--prefix", str(prefix), "--bin-dir", str(tmp_path / "bin")]) == 1
+    assert bootstrap.whose_prefix(str(prefix)) == "marked"
+    assert not os.path.lexists(tmp_path / "bin" / "vpcnet")

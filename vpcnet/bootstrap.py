@@ -7,15 +7,19 @@ lives in its own virtual environment, `/opt/vpcnet`, built with the distribution
 expect it). The managed plugin's rootfs uses the same `/opt/vpcnet` layout.
 
 Runs with the standard library only (it is run from the checkout, before anything is installed). Steps:
-the venv (Debian ships `venv` without `ensurepip` until `python3-venv` is installed: as root with apt, that
-package is installed, else the command says what to install) → `pip install` of this tree into it (again
-on every run: that is how a checkout is upgraded) → the link → one look for a Docker engine: without one
-answering, it says so in one line with how to get one, and exits non-zero so `&& vpcnet serve` does not
-start a plugin nobody can call.
+the prefix is checked to be vpcnet's — missing, empty, marked by an earlier run (`.vpcnet-bootstrap`), or
+a venv holding vpcnet (older versions wrote no mark) — because making the venv empties it; any other
+directory is refused with nothing touched → the venv (Debian ships `venv` without `ensurepip` until
+`python3-venv` is installed: as root with apt, that package is installed, else the command says what to
+install) → `pip install` of this tree into it (again on every run: that is how a checkout is upgraded) →
+the link → one look for a Docker engine: without one answering, it says so in one line with how to get
+one, and exits non-zero so `&& vpcnet serve` does not start a plugin nobody can call.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import glob
 import http.client
 import os
 import shutil
@@ -29,6 +33,7 @@ DOCKER_SOCKET = "/var/run/docker.sock"
 DOCKER_HELP = ("install and start one (Debian/Ubuntu: apt-get install docker.io && systemctl start docker; "
                "or https://docs.docker.com/engine/install/), then run: vpcnet serve")
 EXIT_NO_DOCKER = 3
+MARKER = ".vpcnet-bootstrap"      # in the prefix: this directory is vpcnet's venv, made by this command
 
 
 class BootstrapError(Exception):
@@ -74,6 +79,43 @@ def _install_venv_package() -> None:
         if attempt == 0:
             subprocess.run([apt, "update", "-q"], capture_output=True, text=True, timeout=600, env=env)
     raise BootstrapError(f"apt-get install python3-venv failed:\n{_tail(proc)}")
+
+
+def whose_prefix(prefix: str) -> str | None:
+    """Why `prefix` may be made into vpcnet's venv (`venv --clear` empties it): "missing", "empty",
+    "marked", "vpcnet venv"; None when it holds anything else."""
+    if not os.path.lexists(prefix):
+        return "missing"
+    if not os.path.isdir(prefix):
+        return None
+    if not os.listdir(prefix):
+        return "empty"
+    if os.path.isfile(os.path.join(prefix, MARKER)):
+        return "marked"
+    if os.path.isfile(os.path.join(prefix, "pyvenv.cfg")):
+        for site in glob.glob(os.path.join(glob.escape(prefix), "lib*", "python3*", "site-packages")):
+            for entry in os.listdir(site):
+                name = entry.lower()
+                if name == "vpcnet" or (name.startswith("vpcnet-") and name.endswith((".dist-info", ".egg-info"))):
+                    return "vpcnet venv"
+    return None
+
+
+def check_prefix(prefix: str) -> None:
+    """Refuse, before anything is touched, a prefix that is not vpcnet's."""
+    if whose_prefix(prefix) is not None:
+        return
+    what = "holds files that are not vpcnet's" if os.path.isdir(prefix) else "exists and is not a directory"
+    example = "" if os.path.abspath(prefix) == DEFAULT_PREFIX else f" (e.g. {DEFAULT_PREFIX})"
+    raise BootstrapError(f"--prefix {prefix} {what} (no {MARKER}, no venv with vpcnet in it) and installing would "
+                         f"empty it, so nothing was changed: choose a new or empty directory{example}")
+
+
+def mark(prefix: str) -> None:
+    """Mark the prefix as vpcnet's, even a half-made venv, so that a run after a failed one may clear it."""
+    if os.path.isdir(prefix):
+        with contextlib.suppress(OSError), open(os.path.join(prefix, MARKER), "w") as fh:
+            fh.write("vpcnet's virtual environment, made by python3 -m vpcnet.bootstrap\n")
 
 
 def make_venv(prefix: str) -> str:
@@ -158,7 +200,11 @@ def main(argv: list[str] | None = None) -> int:
             raise BootstrapError(f"vpcnet needs Python 3.11 or newer; {sys.executable} is "
                                  f"{sys.version.split()[0]}")
         tree = source_tree()
-        python = make_venv(args.prefix)
+        check_prefix(args.prefix)
+        try:
+            python = make_venv(args.prefix)
+        finally:
+            mark(args.prefix)
         pip_install(python, tree, args.extras)
         path = link(args.prefix, args.bin_dir)
     except (BootstrapError, OSError) as exc:

@@ -5,15 +5,20 @@ bound — well inside a second, because nothing here waits on a cloud. The gunic
 imports neither Flask nor pyroute2: every process's memory counts); each worker assembles the plugin,
 restores the datapath of known networks (after a reboot the bridges are gone but the state is not; done
 under a lock, and idempotent) and then serves. Calls arriving meanwhile wait in the socket's backlog. The
-route keeper runs in the background of the one worker holding the reconciler lock. SIGTERM stops
-serving and removes the socket; the datapath stays, so running containers keep talking.
+route keeper runs in the background of the one worker holding the reconciler lock; that worker also
+asks the Docker engine its version once, in a thread of its own (Docker may start after the plugin, or be
+waiting on it), and logs a WARNING for a release known to crash under vpcnet. SIGTERM stops serving and
+removes the socket; the datapath stays, so running containers keep talking.
 """
 from __future__ import annotations
 
 import fcntl
+import http.client
 import logging
 import os
 import sys
+import threading
+import time
 
 from gunicorn.app.base import BaseApplication
 
@@ -22,6 +27,9 @@ from vpcnet.observability.logs import gunicorn_logger_class
 from vpcnet.state.store import DamagedState, Store, check_state
 
 log = logging.getLogger(__name__)
+
+ENGINE_LOOK_FOR = 600.0     # seconds to keep asking for the engine's version (Docker may start after vpcnet)
+ENGINE_LOOK_EVERY = 10.0
 
 
 class Plugin:
@@ -44,7 +52,15 @@ class Plugin:
         self.driver = NetworkDriver(config, self.store, self.dataplane)
         self.app = create_app(self.driver, self.ipam)
         self.observer = Observer(config, self.store, self.routes)
-        self.routes.on_leader = self.observer.start     # one listener per host: the reconciler's process
+        self._stopping = threading.Event()
+        self.routes.on_leader = self._on_leader         # once per host: the reconciler's process
+
+    def _on_leader(self) -> None:
+        self.observer.start()
+        from vpcnet.cli.doctor.engine import default_docker_socket
+
+        threading.Thread(target=warn_about_engine, args=(default_docker_socket(), self._stopping),
+                         name="vpcnet-engine-version", daemon=True).start()
 
     def start_background(self) -> None:
         """In a worker, once it serves: the route keeper (and, in the worker that wins its lock,
@@ -53,6 +69,7 @@ class Plugin:
         self.driver.reconciler.start_background()
 
     def stop_background(self) -> None:
+        self._stopping.set()
         self.routes.stop()
         self.driver.reconciler.stop()
         self.observer.stop()
@@ -62,6 +79,31 @@ class Plugin:
         with open(os.path.join(self.config.state_dir, "restore.lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self.driver.restore()
+
+
+def warn_about_engine(docker_socket: str, stop: threading.Event, look_for: float = ENGINE_LOOK_FOR,
+                      every: float = ENGINE_LOOK_EVERY) -> str | None:
+    """Ask the engine on `docker_socket` its version until it answers (or `look_for` seconds pass); log a
+    WARNING when that release crashes under vpcnet. Returns the version, None when none answered."""
+    from vpcnet.cli.doctor.engine import CRASH_FIX, docker_get, engine_crash
+
+    deadline = time.monotonic() + look_for
+    while not stop.is_set():
+        try:
+            version = str(docker_get(docker_socket, "/version", timeout=5.0).get("Version", "?"))
+        except (OSError, ValueError, http.client.HTTPException, AttributeError) as exc:
+            log.debug("no Docker version from %s yet: %s", docker_socket, exc)
+            if time.monotonic() + every > deadline:
+                return None
+            stop.wait(every)
+            continue
+        crash = engine_crash(version)
+        if crash:
+            log.warning("%s (engine on %s); fix: %s", crash, docker_socket, CRASH_FIX)
+        else:
+            log.debug("Docker %s on %s has no known crash with remote network drivers", version, docker_socket)
+        return version
+    return None
 
 
 class _Gunicorn(BaseApplication):

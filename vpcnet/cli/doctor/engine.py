@@ -1,11 +1,14 @@
-"""The Docker engine, over its API socket: its version, whether it finds the plugin (the socket folder, or
-the managed plugin enabled), networks of vpcnet's driver the state does not know; and `docker plugin
-inspect` of a managed plugin, whose settings doctor then checks with."""
+"""The Docker engine, over its API socket: its version (old enough to lack what vpcnet needs, or one of the
+releases whose dockerd crashes under a remote network driver), whether it finds the plugin (the socket
+folder, or the managed plugin enabled), networks of vpcnet's driver the state does not know; and `docker
+plugin inspect` of a managed plugin, whose settings doctor then checks with. `vpcnet serve` logs the same
+version verdict (engine_crash)."""
 from __future__ import annotations
 
 import http.client
 import json
 import os
+import re
 import socket
 
 from vpcnet.cli.doctor.findings import Checks, Finding, ok, problem
@@ -13,6 +16,55 @@ from vpcnet.cli.doctor.findings import Checks, Finding, ok, problem
 DOCKER_SOCKET = "/var/run/docker.sock"
 DOCKER_PLUGIN_DIRS = ("/run/docker/plugins", "/etc/docker/plugins", "/usr/lib/docker/plugins")
 MIN_DOCKER = (20, 10)
+# Releases whose dockerd crashes on every stop of a container whose gateway endpoint belongs to a remote
+# (plugin) network driver, which on a vpcnet network is every container: [first, fixed).
+CRASHING_DOCKER = ((29, 0, 0), (29, 0, 3))
+CRASH_FIX = "upgrade the Docker engine to 29.0.3 or later"
+_VERSION = re.compile(r"v?(\d+)\.(\d+)(?:\.(\d+))?")
+
+
+def parse_version(text: str) -> tuple[int, int, int] | None:
+    """(major, minor, patch) of an engine's version string as builds and distributions spell it ("29.0.2",
+    "29.0.2-1", "29.0.2+dfsg1", "v29.0.2", "5:29.0.2-1~debian.12", "29.0"); None when it names none."""
+    text = text.strip()
+    if re.match(r"\d+:", text):                          # a package epoch
+        text = text.split(":", 1)[1]
+    match = _VERSION.match(text)
+    if match is None:
+        return None
+    major, minor, patch = match.groups()
+    return int(major), int(minor), int(patch or 0)
+
+
+def engine_crash(version: str) -> str | None:
+    """Why an engine of this version crashes under vpcnet (one sentence), or None."""
+    numbers = parse_version(version)
+    first, fixed = CRASHING_DOCKER
+    if numbers is None or not first <= numbers < fixed:
+        return None
+    return (f"Docker {version} crashes (dockerd exits) whenever a container on a vpcnet network stops: a bug of "
+            f"29.0.0 to 29.0.2 with remote network drivers, fixed in 29.0.3")
+
+
+def version_findings(version: dict) -> list[Finding]:
+    """The `docker` (old enough?) and `docker_version` (a crashing release?) verdicts on GET /version."""
+    text = str(version.get("Version", "?"))
+    numbers = parse_version(text)
+    out = []
+    if numbers is not None and numbers[:2] < MIN_DOCKER:
+        out.append(problem("docker", f"Docker {text} is older than {'.'.join(map(str, MIN_DOCKER))}",
+                           "upgrade the Docker engine"))
+    else:
+        out.append(ok("docker", f"Docker {text} (API {version.get('ApiVersion', '?')})"))
+    crash = engine_crash(text)
+    if crash:
+        out.append(problem("docker_version", crash, CRASH_FIX))
+    elif numbers is None:
+        out.append(ok("docker_version", f"Docker {text}: not a version number, so not checked against known "
+                                        f"crashes"))
+    else:
+        out.append(ok("docker_version", f"Docker {text} has no known crash with remote network drivers"))
+    return out
 
 
 class _UnixHTTP(http.client.HTTPConnection):
@@ -69,17 +121,7 @@ class EngineChecks(Checks):
         except (OSError, ValueError) as exc:
             return [problem("docker", f"the Docker engine at {ctx.docker_socket} does not answer: {exc}",
                             "start Docker (systemctl start docker), or pass --docker-socket")]
-        text = str(version.get("Version", "?"))
-        out = []
-        try:
-            numbers = tuple(int(x) for x in text.split("+")[0].split("-")[0].split(".")[:2])
-        except ValueError:
-            numbers = MIN_DOCKER
-        if numbers < MIN_DOCKER:
-            out.append(problem("docker", f"Docker {text} is older than {'.'.join(map(str, MIN_DOCKER))}",
-                               "upgrade the Docker engine"))
-        else:
-            out.append(ok("docker", f"Docker {text} (API {version.get('ApiVersion', '?')})"))
+        out = version_findings(version)
         if ctx.plugin:
             if not ctx.plugin.get("Enabled"):
                 out.append(problem("discovery", f"managed plugin {ctx.driver_name} is disabled",

@@ -3,9 +3,11 @@ Store/Ipam/RouteKeeper (local provider, in tmp_path) and the recording fake data
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
-from fakes import MEDIA_TYPE, make_plugin
+from conftest import run
+from fakes import MEDIA_TYPE, dump_db, make_plugin
 
 from vpcnet.datapath.spec import mac_for, veth_names
 from vpcnet.docker.transport import endpoint_table
@@ -510,3 +512,134 @@ def test_interface_mac_of_wrong_type_refused(client):
     refused(client, "/NetworkDriver.CreateEndpoint", {"NetworkID": NID, "EndpointID": EID,
                                                       "Interface": {"Address": address, "MacAddress": 5}},
             status=400)
+
+
+# -- ids: only the forms Docker makes ----------------------------------------------------------------
+# A NetworkID carrying an iptables rule after a newline: it would reach link and chain names, rows, logs.
+EVIL_NID = "a1b2\n-A FORWARD -j ACCEPT\n" + "0" * 40
+SWARM_NID = "x7y1k2m3n4p5q6r7s8t9u0v1w"        # swarmkit's identity.NewID: 25 lowercase base-36 characters
+BAD_IDS = {"uppercase": "A1" * 32, "short": "a1" * 31 + "a", "long": "a1" * 32 + "b", "not hex": "g1" * 32,
+           "trailing newline": "a1" * 32 + "\n", "inner space": "a1" * 16 + " " + "a1" * 15 + "a",
+           "swarm form, uppercase": SWARM_NID.upper(), "unicode digits": "\u0661" * 64, "500 kB": "a" * 500_000}
+# Every call that takes an id: its body with real values (so only the bad field can be the reason).
+ID_CALLS = {
+    "/NetworkDriver.CreateNetwork": ("NetworkID",),
+    "/NetworkDriver.DeleteNetwork": ("NetworkID",),
+    "/NetworkDriver.CreateEndpoint": ("NetworkID", "EndpointID"),
+    "/NetworkDriver.EndpointOperInfo": ("NetworkID", "EndpointID"),
+    "/NetworkDriver.DeleteEndpoint": ("NetworkID", "EndpointID"),
+    "/NetworkDriver.Join": ("NetworkID", "EndpointID", "SandboxKey"),
+    "/NetworkDriver.Leave": ("NetworkID", "EndpointID"),
+    "/NetworkDriver.ProgramExternalConnectivity": ("NetworkID", "EndpointID"),
+    "/NetworkDriver.RevokeExternalConnectivity": ("NetworkID", "EndpointID"),
+    "/IpamDriver.ReleasePool": ("PoolID",),
+    "/IpamDriver.RequestAddress": ("PoolID",),
+    "/IpamDriver.ReleaseAddress": ("PoolID", "Address"),
+}
+BAD_SANDBOX_KEYS = ["relative/netns/0123456789ab", "/var/run/docker/netns/0123\n-A FORWARD -j ACCEPT",
+                    "/var/run/docker/netns/", "/var/run/docker/netns/a b", "/" + "x" * 500_000]
+BAD_POOL_IDS = ["garbage", "10.200.0.1/24", "10.200.0.0/24\n-A FORWARD -j ACCEPT", "p" * 500_000]
+
+
+def id_call_body(path: str, pool: dict, address: str, other_pool: str) -> dict:
+    """A body for `path` that vpcnet takes, about the network (NID) and endpoint (EID) set up by the caller."""
+    body = {"NetworkID": NID, "EndpointID": EID, "SandboxKey": SANDBOX, "Options": {},
+            "PoolID": pool["PoolID"], "Address": address.split("/")[0]}
+    if path == "/NetworkDriver.CreateNetwork":
+        body = _network_body(other_pool, NID2)
+    elif path == "/NetworkDriver.CreateEndpoint":
+        body.update(EndpointID=EID2, Interface={"Address": address.replace(".2/", ".9/")})
+    elif path == "/IpamDriver.RequestAddress":
+        body["Address"] = ""
+    return body
+
+
+def one_line_naming(message: str, field: str) -> None:
+    assert message.startswith(f"{field} "), message
+    assert "\n" not in message and len(message) < 400, message[:500]
+
+
+def test_a_network_id_carrying_an_iptables_rule_is_refused_naming_it_and_changes_nothing(plug, client, caplog):
+    pool = ok(client, "/IpamDriver.RequestPool", None)
+    caplog.set_level("DEBUG")
+    message = refused_without_change(plug, client, "/NetworkDriver.CreateNetwork",
+                                     _network_body(pool["Pool"], EVIL_NID), status=400)
+    one_line_naming(message, "NetworkID")
+    assert "is not an id Docker makes" in message and "64 lowercase hex" in message
+    assert plug.store.networks() == [] and plug.dataplane.networks == {} and plug.dataplane.chains == set()
+    assert not plug.dataplane.called("ensure_network")
+    [line] = [r.getMessage() for r in caplog.records if "CreateNetwork" in r.getMessage()]
+    assert line.startswith("/NetworkDriver.CreateNetwork -> 400 NetworkID 'a1b2\\n-A FORWARD"), line
+    for record in caplog.records:      # no record carries the raw id: not its message, not its fields
+        assert "\n" not in record.getMessage() and not hasattr(record, "network"), record.__dict__
+
+
+@pytest.mark.parametrize("path,field", [(p, f) for p, fields in ID_CALLS.items() for f in fields])
+def test_values_not_of_the_form_docker_sends_are_refused_by_every_call_that_takes_them(plug, client, path, field):
+    pool = setup_network(client)
+    address = setup_endpoint(client, pool)
+    other_pool = ok(client, "/IpamDriver.RequestPool", {"Pool": "10.77.0.0/16"})["Pool"]
+    bad = {"NetworkID": BAD_IDS, "EndpointID": BAD_IDS,
+           "SandboxKey": dict(enumerate(BAD_SANDBOX_KEYS)), "PoolID": dict(enumerate(BAD_POOL_IDS)),
+           "Address": {"newline": "10.200.0.2\n-A FORWARD", "500 kB": "1" * 500_000}}[field]
+    for why, value in bad.items():
+        body = id_call_body(path, pool, address, other_pool)
+        body[field] = value
+        message = refused_without_change(plug, client, path, body, status=400)
+        expected = "address" if field == "Address" else field
+        assert message.startswith(f"{expected} "), (why, message[:300])
+        assert "\n" not in message and len(message) < 400, (why, message[:500])
+    ok(client, path, id_call_body(path, pool, address, other_pool))     # and the call with Docker's values works
+
+
+def test_a_swarm_networks_id_and_dockers_sandbox_paths_are_accepted(plug, client):
+    """Swarm-scoped networks get swarmkit's ids (CreateManagedNetwork); sandbox paths live under the
+    daemon's exec root, which is not always /var/run/docker."""
+    pool = setup_network(client, nid=SWARM_NID)
+    setup_endpoint(client, pool, nid=SWARM_NID)
+    for key in (SANDBOX, "/var/run/docker/netns/default", "/var/run/docker/netns/ingress_sbox",
+                "/run/user/1000/docker/netns/0123456789ab", "/run/vpclab/host1/exec/netns/lb_x7y1k2m3n4"):
+        ok(client, "/NetworkDriver.Join", {"NetworkID": SWARM_NID, "EndpointID": EID, "SandboxKey": key})
+    for path in ("/NetworkDriver.EndpointOperInfo", "/NetworkDriver.ProgramExternalConnectivity",
+                 "/NetworkDriver.RevokeExternalConnectivity", "/NetworkDriver.Leave", "/NetworkDriver.DeleteEndpoint"):
+        ok(client, path, {"NetworkID": SWARM_NID, "EndpointID": EID})
+    ok(client, "/NetworkDriver.DeleteNetwork", {"NetworkID": SWARM_NID})
+    assert plug.store.networks() == [] and plug.dataplane.networks == {}
+
+
+# -- ids, against the real plugin: `vpcnet serve` (gunicorn) on its unix socket, in a test namespace ------------
+POOL_REQUEST = {"AddressSpace": "vpcnet-local", "Pool": "", "SubPool": "", "Options": {}, "V6": False}
+
+
+def kernel_names(ns: str) -> str:
+    return (run(["ip", "-n", ns, "-o", "link"]).stdout + run(["ip", "netns", "exec", ns, "iptables-save"]).stdout
+            + run(["ip", "-n", ns, "-o", "route", "show", "table", "all"]).stdout)
+
+
+@pytest.mark.root
+def test_the_plugin_process_refuses_ids_not_of_dockers_forms_and_makes_nothing(plugin_factory, netns_factory):
+    ns = netns_factory("vpsock")
+    plugin = plugin_factory(netns=ns)
+    status, pool = plugin.call("/IpamDriver.RequestPool", POOL_REQUEST)
+    assert status == 200, pool
+    status, answer = plugin.call("/NetworkDriver.CreateNetwork", _network_body(pool["Pool"], EVIL_NID))
+    assert status == 400, answer
+    one_line_naming(answer["Err"], "NetworkID")
+    bad = {"NetworkID": NID.upper(), "EndpointID": EID + "\n", "SandboxKey": "/var/run/docker/netns/0123\n-A INPUT",
+           "PoolID": "10.200.0.0/24\n", "Address": "10.200.0.2\n-A INPUT"}
+    for path, fields in ID_CALLS.items():
+        for field in fields:
+            body = id_call_body(path, pool, "10.200.0.2/24", "10.77.0.0/16")
+            body[field] = bad[field]
+            status, answer = plugin.call(path, body)
+            assert status == 400, (path, field, answer)
+            assert answer["Err"].startswith("address " if field == "Address" else f"{field} "), (path, answer)
+    db = dump_db(os.path.join(plugin.state_dir, "vpcnet.db"))
+    assert db["networks"] == [] and db["endpoints"] == [] and db["addresses"] == [], db
+    kernel = kernel_names(ns)
+    assert "a1b2" not in kernel and "FORWARD -j ACCEPT" not in kernel and "vpc-" not in kernel, kernel
+    log = plugin.log()
+    assert "CreateNetwork -> 400 NetworkID 'a1b2\\n-A FORWARD -j ACCEPT\\n" in log, log
+    assert not [line for line in log.splitlines() if line.startswith(("-A ", "0" * 40))], log
+
+

@@ -14,6 +14,12 @@ class InvalidRequest(VpcnetError):
     http_status = 400
 
 
+class TooLarge(InvalidRequest):
+    """The request body is over the size vpcnet reads (Docker's own calls are far smaller)."""
+
+    http_status = 413
+
+
 class NotFound(VpcnetError):
     """The named network, endpoint, pool or address does not exist."""
 

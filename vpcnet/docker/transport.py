@@ -5,6 +5,8 @@ whatever the headers say. Answers use Docker's plugin media type. Every error le
 with `{"Err": "..."}` (the one form both the network and the IPAM client read); the mapping from
 vpcnet's exception family happens here and only here.
 
+A body over `MAX_BODY` is refused (413) unread: Docker's calls are a few hundred bytes, the largest
+(Join and ProgramExternalConnectivity with a container's port map) 100 bytes or more per published port.
 The answer's `Err` and the log line are one line of bounded length whatever the request held.
 """
 from __future__ import annotations
@@ -17,12 +19,13 @@ from typing import Any, Callable
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from vpcnet.errors import InvalidRequest, VpcnetError
+from vpcnet.errors import InvalidRequest, TooLarge, VpcnetError
 from vpcnet.observability import events
 
 log = logging.getLogger(__name__)
 
 MEDIA_TYPE = "application/vnd.docker.plugins.v1.2+json"
+MAX_BODY = 1 << 20          # 1 MiB: several thousand published ports' worth of port map
 MAX_ERR = 1000              # characters of an answer's Err (and its log line)
 
 
@@ -125,8 +128,8 @@ def create_app(driver, ipam) -> Flask:
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
-        # What the dispatcher never sees (`POST /`, a GET, a body over the limit): still Docker's form,
-        # `{"Err": ...}` in the plugin media type, not Flask's HTML page.
+        # What the dispatcher never sees (`POST /`, a GET): still Docker's form, `{"Err": ...}` in the
+        # plugin media type, not Flask's HTML page.
         return _answer({"Err": _one_line(f"{request.method} {request.path}: {exc.name}")}, exc.code or 500)
 
     return app
@@ -139,8 +142,20 @@ def _log_fields(path: str, status: int, elapsed: float, body: Body) -> dict:
     return {"call": path[1:], "status": status, "duration_ms": round(elapsed * 1000, 3), **ids}
 
 
+def _read_body() -> bytes:
+    """The body, read only when it is at most MAX_BODY bytes: a longer Content-Length is refused before
+    a byte is read, a chunked (or unannounced) body once MAX_BODY + 1 bytes have come."""
+    length = request.content_length
+    if length is not None and length > MAX_BODY:
+        raise TooLarge(f"request body of {length} bytes is over vpcnet's limit of {MAX_BODY} bytes (1 MiB)")
+    raw = request.stream.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        raise TooLarge(f"request body is over vpcnet's limit of {MAX_BODY} bytes (1 MiB)")
+    return raw
+
+
 def _parse_body() -> Body:
-    raw = request.get_data(cache=False)
+    raw = _read_body()
     if not raw.strip():
         return Body()
     try:

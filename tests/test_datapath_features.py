@@ -56,7 +56,7 @@ def test_without_cap_bpf_the_probe_really_fails_to_load_and_the_best_mode_is_rou
 def create_network(plugin, generic: dict | None = None, cluster: str = "") -> tuple[int, dict, str]:
     status, pool = plugin.call("/IpamDriver.RequestPool", {**POOL_REQUEST, "Pool": cluster})
     assert status == 200, pool
-    nid = unique("fea7") + "0" * 58
+    nid = unique("fea7") + "0" * 54          # 64 lowercase hex: the form Docker makes
     status, answer = plugin.call("/NetworkDriver.CreateNetwork", {
         "NetworkID": nid, "Options": {"com.docker.network.generic": generic or {}}, "IPv6Data": [],
         "IPv4Data": [{"AddressSpace": "vpcnet-local", "Pool": pool["Pool"],

@@ -672,3 +672,77 @@ def test_the_datapath_pass_never_rebuilds_a_network_deleted_while_it_waited(tmp_
     with pytest.raises(NetworkGone):
         with lock_for(nets[0][0]):
             pass
+
+
+# -- what Docker sends, in the forms it sends it ------------------------------------------------------------
+EVIL = "a1b2\n-A FORWARD -j ACCEPT\n" + "0" * 40
+INJECTED = "x\n2024-01-01 00:00:00 INFO vpcnet: forged line " + "y" * 100_000
+
+
+@pytest.mark.parametrize("nid", [EVIL, NID.upper(), NID[:-1], NID + "0", "c0ffee-" + NID[7:], NID + "\n",
+                                 "X7Y1K2M3N4P5Q6R7S8T9U0V1W", "x7y1k2m3n4p5q6r7s8t9u0v1", "x7y1k2m3n4p5q6r7s8t9u0v1w_"])
+def test_create_network_refuses_an_id_docker_never_makes_before_touching_anything(plug, nid):
+    pool = pool_of(plug)
+    with pytest.raises(InvalidRequest, match="^NetworkID .* is not an id Docker makes") as info:
+        create(plug, nid=nid, pool=pool)
+    assert "\n" not in str(info.value)
+    assert plug.store.networks() == [] and plug.dataplane.calls == []
+
+
+@pytest.mark.parametrize("nid", ["x7y1k2m3n4p5q6r7s8t9u0v1w", "0" * 25, "f" * 64])
+def test_swarm_and_local_network_ids_are_accepted(plug, nid):
+    net = create(plug, nid=nid)
+    assert net.bridge == bridge_name(nid) == f"vpc-{nid[:11]}"
+    endpoint(plug, nid=nid)
+    assert plug.driver.join(nid, EID, "/var/run/docker/netns/default", {})["Gateway"] == net.gateway
+
+
+def test_every_endpoint_call_refuses_a_malformed_endpoint_id_and_changes_nothing(plug):
+    create(plug)
+    endpoint(plug)
+    before = plug.snapshot()
+    d = plug.driver
+    calls = {"create_endpoint": lambda eid: d.create_endpoint(NID, eid, {"Address": "10.200.0.9/24"}, {}),
+             "endpoint_info": lambda eid: d.endpoint_info(NID, eid),
+             "join": lambda eid: d.join(NID, eid, "/var/run/docker/netns/0123456789ab", {}),
+             "leave": lambda eid: d.leave(NID, eid),
+             "program_external_connectivity": lambda eid: d.program_external_connectivity(NID, eid, {}),
+             "revoke_external_connectivity": lambda eid: d.revoke_external_connectivity(NID, eid),
+             "delete_endpoint": lambda eid: d.delete_endpoint(NID, eid)}
+    for name, call in calls.items():
+        for eid in (EID.upper(), EID + "\n", EVIL, "x7y1k2m3n4p5q6r7s8t9u0v1w"):     # a swarm *network* id form too
+            with pytest.raises(InvalidRequest, match="^EndpointID .* is not an id Docker makes") as info:
+                call(eid)
+            assert "\n" not in str(info.value), name
+    assert plug.snapshot() == before
+
+
+@pytest.mark.parametrize("key", ["0123456789ab", "/var/run/docker/netns/0123\n-A FORWARD -j ACCEPT",
+                                 "/var/run/docker/netns/", "/var/run/docker/netns/../\x00", "/" + "x" * 5000])
+def test_join_refuses_a_sandbox_key_that_is_no_sandbox_path(plug, key):
+    create(plug)
+    endpoint(plug)
+    with pytest.raises(InvalidRequest, match="^SandboxKey .* is not a sandbox path Docker makes") as info:
+        plug.driver.join(NID, EID, key, {})
+    assert "\n" not in str(info.value) and len(str(info.value)) < 300
+
+
+@pytest.mark.parametrize("case", ["mtu", "mode", "unknown option", "ifname", "mac", "address"])
+def test_a_refusal_quotes_what_it_was_sent_on_one_short_line(plug, case):
+    """A message names the value it refuses, escaped and cut: no newline into a log, no 100 kB echo."""
+    pool = pool_of(plug)
+    if case in ("mtu", "mode", "unknown option"):
+        generic = {"mtu": {MTU_OPTION: INJECTED}, "mode": {MODE_OPTION: INJECTED}, "unknown option": {INJECTED: "1"}}
+        with pytest.raises(InvalidRequest) as info:
+            create(plug, pool=pool, generic=generic[case])
+    else:
+        create(plug, pool=pool)
+        interface = {"Address": "10.200.0.9/24", "MacAddress": INJECTED if case == "mac" else ""}
+        if case == "address":
+            interface["Address"] = INJECTED
+        options = {"com.docker.network.endpoint.ifname": INJECTED} if case == "ifname" else {}
+        with pytest.raises(InvalidRequest) as info:
+            plug.driver.create_endpoint(NID, EID, interface, options)
+    message = str(info.value)
+    assert "'x\\n2024-01-01 00:00:00 INFO vpcnet: forged line" in message, message[:300]
+    assert "\n" not in message and len(message) < 400 and f"({len(INJECTED)} characters)" in message, message[:500]

@@ -144,7 +144,20 @@ def test_v6_subpool_options_refused(ipam):
 
 def test_release_unknown_pool_succeeds(ipam):
     assert ipam.release_pool("10.9.9.0/24") == {}
-    assert ipam.release_pool("garbage") == {}
+
+
+def test_a_pool_id_vpcnet_never_answered_is_refused(ipam):
+    """Docker only sends back the PoolID RequestPool answered: a host CIDR, canonical."""
+    pool = ipam.request_pool()["PoolID"]
+    before = ipam.store.pools()
+    calls = (ipam.release_pool, ipam.request_address, lambda pool_id: ipam.release_address(pool_id, "10.200.0.5"))
+    for bad in ("garbage", "", f"{pool}\n", f" {pool}", "10.200.0.1/24", "10.200.0.0/33", "fd00::/64",
+                "10.200.0.0", "010.200.0.0/24", "x" * 5_000_000):
+        for call in calls:
+            with pytest.raises(InvalidRequest, match="is not a vpcnet pool id") as info:
+                call(bad)
+            assert "\n" not in str(info.value) and len(str(info.value)) < 300
+    assert ipam.store.pools() == before
 
 
 def test_release_pool_forgets_addresses(ipam):
@@ -168,6 +181,27 @@ def test_release_pool_keeps_pool_used_by_network(ipam):
     assert ipam.release_pool(pool) == {}
     assert [r["pool_id"] for r in ipam.store.pools()] == [pool]
     assert ipam.store.addresses(pool) == [addr]
+
+
+INJECTED = "x\n2024-01-01 00:00:00 INFO vpcnet: forged line " + "y" * 100_000
+
+
+def test_a_refusal_quotes_what_it_was_sent_on_one_short_line(ipam):
+    """A message names the value it refuses, escaped and cut: no newline into a log, no 100 kB echo."""
+    pool = ipam.request_pool()["PoolID"]
+    before = (ipam.store.pools(), ipam.store.claims())
+    calls = [lambda: ipam.request_pool(pool=INJECTED), lambda: ipam.request_pool(sub_pool=INJECTED),
+             lambda: ipam.request_pool(options={INJECTED: "1"}), lambda: ipam.request_pool(address_space=INJECTED),
+             lambda: ipam.request_address(pool, INJECTED), lambda: ipam.release_address(pool, INJECTED),
+             lambda: ipam.request_address(pool, INJECTED, options=GATEWAY_OPTS),      # once a 500: a ValueError
+             lambda: ipam.release_pool(INJECTED)]
+    for call in calls:
+        with pytest.raises(InvalidRequest) as info:
+            call()
+        message = str(info.value)
+        assert "'x\\n2024-01-01 00:00:00 INFO vpcnet: forged line" in message, message[:300]
+        assert "\n" not in message and len(message) < 300 and f"({len(INJECTED)} characters)" in message, message[:400]
+    assert (ipam.store.pools(), ipam.store.claims()) == before
 
 
 # -- addresses ----------------------------------------------------------------------------------------

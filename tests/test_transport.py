@@ -1,14 +1,21 @@
 """The plugin protocol over HTTP: Flask's test client against `create_app(driver, ipam)`, with a real
-Store/Ipam/RouteKeeper (local provider, in tmp_path) and the recording fake dataplane."""
+Store/Ipam/RouteKeeper (local provider, in tmp_path) and the recording fake dataplane; and, for what only
+a real server shows (ids reaching the kernel, bodies on a socket), `vpcnet serve` itself in a test
+namespace."""
 from __future__ import annotations
 
+import io
 import json
+import os
+import socket
+import threading
 
 import pytest
-from fakes import MEDIA_TYPE, make_plugin
+from conftest import run
+from fakes import MEDIA_TYPE, dump_db, make_plugin
 
 from vpcnet.datapath.spec import mac_for, veth_names
-from vpcnet.docker.transport import endpoint_table
+from vpcnet.docker.transport import MAX_BODY, endpoint_table
 from vpcnet.errors import DataplaneError
 
 NID = "a1" * 32
@@ -510,3 +517,311 @@ def test_interface_mac_of_wrong_type_refused(client):
     refused(client, "/NetworkDriver.CreateEndpoint", {"NetworkID": NID, "EndpointID": EID,
                                                       "Interface": {"Address": address, "MacAddress": 5}},
             status=400)
+
+
+# -- ids: only the forms Docker makes ----------------------------------------------------------------
+# A NetworkID carrying an iptables rule after a newline: it would reach link and chain names, rows, logs.
+EVIL_NID = "a1b2\n-A FORWARD -j ACCEPT\n" + "0" * 40
+SWARM_NID = "x7y1k2m3n4p5q6r7s8t9u0v1w"        # swarmkit's identity.NewID: 25 lowercase base-36 characters
+BAD_IDS = {"uppercase": "A1" * 32, "short": "a1" * 31 + "a", "long": "a1" * 32 + "b", "not hex": "g1" * 32,
+           "trailing newline": "a1" * 32 + "\n", "inner space": "a1" * 16 + " " + "a1" * 15 + "a",
+           "swarm form, uppercase": SWARM_NID.upper(), "unicode digits": "\u0661" * 64, "500 kB": "a" * 500_000}
+# Every call that takes an id: its body with real values (so only the bad field can be the reason).
+ID_CALLS = {
+    "/NetworkDriver.CreateNetwork": ("NetworkID",),
+    "/NetworkDriver.DeleteNetwork": ("NetworkID",),
+    "/NetworkDriver.CreateEndpoint": ("NetworkID", "EndpointID"),
+    "/NetworkDriver.EndpointOperInfo": ("NetworkID", "EndpointID"),
+    "/NetworkDriver.DeleteEndpoint": ("NetworkID", "EndpointID"),
+    "/NetworkDriver.Join": ("NetworkID", "EndpointID", "SandboxKey"),
+    "/NetworkDriver.Leave": ("NetworkID", "EndpointID"),
+    "/NetworkDriver.ProgramExternalConnectivity": ("NetworkID", "EndpointID"),
+    "/NetworkDriver.RevokeExternalConnectivity": ("NetworkID", "EndpointID"),
+    "/IpamDriver.ReleasePool": ("PoolID",),
+    "/IpamDriver.RequestAddress": ("PoolID",),
+    "/IpamDriver.ReleaseAddress": ("PoolID", "Address"),
+}
+BAD_SANDBOX_KEYS = ["relative/netns/0123456789ab", "/var/run/docker/netns/0123\n-A FORWARD -j ACCEPT",
+                    "/var/run/docker/netns/", "/var/run/docker/netns/a b", "/" + "x" * 500_000]
+BAD_POOL_IDS = ["garbage", "10.200.0.1/24", "10.200.0.0/24\n-A FORWARD -j ACCEPT", "p" * 500_000]
+
+
+def id_call_body(path: str, pool: dict, address: str, other_pool: str) -> dict:
+    """A body for `path` that vpcnet takes, about the network (NID) and endpoint (EID) set up by the caller."""
+    body = {"NetworkID": NID, "EndpointID": EID, "SandboxKey": SANDBOX, "Options": {},
+            "PoolID": pool["PoolID"], "Address": address.split("/")[0]}
+    if path == "/NetworkDriver.CreateNetwork":
+        body = _network_body(other_pool, NID2)
+    elif path == "/NetworkDriver.CreateEndpoint":
+        body.update(EndpointID=EID2, Interface={"Address": address.replace(".2/", ".9/")})
+    elif path == "/IpamDriver.RequestAddress":
+        body["Address"] = ""
+    return body
+
+
+def one_line_naming(message: str, field: str) -> None:
+    assert message.startswith(f"{field} "), message
+    assert "\n" not in message and len(message) < 400, message[:500]
+
+
+def test_a_network_id_carrying_an_iptables_rule_is_refused_naming_it_and_changes_nothing(plug, client, caplog):
+    pool = ok(client, "/IpamDriver.RequestPool", None)
+    caplog.set_level("DEBUG")
+    message = refused_without_change(plug, client, "/NetworkDriver.CreateNetwork",
+                                     _network_body(pool["Pool"], EVIL_NID), status=400)
+    one_line_naming(message, "NetworkID")
+    assert "is not an id Docker makes" in message and "64 lowercase hex" in message
+    assert plug.store.networks() == [] and plug.dataplane.networks == {} and plug.dataplane.chains == set()
+    assert not plug.dataplane.called("ensure_network")
+    [line] = [r.getMessage() for r in caplog.records if "CreateNetwork" in r.getMessage()]
+    assert line.startswith("/NetworkDriver.CreateNetwork -> 400 NetworkID 'a1b2\\n-A FORWARD"), line
+    for record in caplog.records:      # no record carries the raw id: not its message, not its fields
+        assert "\n" not in record.getMessage() and not hasattr(record, "network"), record.__dict__
+
+
+@pytest.mark.parametrize("path,field", [(p, f) for p, fields in ID_CALLS.items() for f in fields])
+def test_values_not_of_the_form_docker_sends_are_refused_by_every_call_that_takes_them(plug, client, path, field):
+    pool = setup_network(client)
+    address = setup_endpoint(client, pool)
+    other_pool = ok(client, "/IpamDriver.RequestPool", {"Pool": "10.77.0.0/16"})["Pool"]
+    bad = {"NetworkID": BAD_IDS, "EndpointID": BAD_IDS,
+           "SandboxKey": dict(enumerate(BAD_SANDBOX_KEYS)), "PoolID": dict(enumerate(BAD_POOL_IDS)),
+           "Address": {"newline": "10.200.0.2\n-A FORWARD", "500 kB": "1" * 500_000}}[field]
+    for why, value in bad.items():
+        body = id_call_body(path, pool, address, other_pool)
+        body[field] = value
+        message = refused_without_change(plug, client, path, body, status=400)
+        expected = "address" if field == "Address" else field
+        assert message.startswith(f"{expected} "), (why, message[:300])
+        assert "\n" not in message and len(message) < 400, (why, message[:500])
+    ok(client, path, id_call_body(path, pool, address, other_pool))     # and the call with Docker's values works
+
+
+def test_a_swarm_networks_id_and_dockers_sandbox_paths_are_accepted(plug, client):
+    """Swarm-scoped networks get swarmkit's ids (CreateManagedNetwork); sandbox paths live under the
+    daemon's exec root, which is not always /var/run/docker."""
+    pool = setup_network(client, nid=SWARM_NID)
+    setup_endpoint(client, pool, nid=SWARM_NID)
+    for key in (SANDBOX, "/var/run/docker/netns/default", "/var/run/docker/netns/ingress_sbox",
+                "/run/user/1000/docker/netns/0123456789ab", "/run/vpclab/host1/exec/netns/lb_x7y1k2m3n4"):
+        ok(client, "/NetworkDriver.Join", {"NetworkID": SWARM_NID, "EndpointID": EID, "SandboxKey": key})
+    for path in ("/NetworkDriver.EndpointOperInfo", "/NetworkDriver.ProgramExternalConnectivity",
+                 "/NetworkDriver.RevokeExternalConnectivity", "/NetworkDriver.Leave", "/NetworkDriver.DeleteEndpoint"):
+        ok(client, path, {"NetworkID": SWARM_NID, "EndpointID": EID})
+    ok(client, "/NetworkDriver.DeleteNetwork", {"NetworkID": SWARM_NID})
+    assert plug.store.networks() == [] and plug.dataplane.networks == {}
+
+
+# -- ids, against the real plugin: `vpcnet serve` (gunicorn) on its unix socket, in a test namespace ------------
+POOL_REQUEST = {"AddressSpace": "vpcnet-local", "Pool": "", "SubPool": "", "Options": {}, "V6": False}
+
+
+def kernel_names(ns: str) -> str:
+    return (run(["ip", "-n", ns, "-o", "link"]).stdout + run(["ip", "netns", "exec", ns, "iptables-save"]).stdout
+            + run(["ip", "-n", ns, "-o", "route", "show", "table", "all"]).stdout)
+
+
+@pytest.mark.root
+def test_the_plugin_process_refuses_ids_not_of_dockers_forms_and_makes_nothing(plugin_factory, netns_factory):
+    ns = netns_factory("vpsock")
+    plugin = plugin_factory(netns=ns)
+    status, pool = plugin.call("/IpamDriver.RequestPool", POOL_REQUEST)
+    assert status == 200, pool
+    status, answer = plugin.call("/NetworkDriver.CreateNetwork", _network_body(pool["Pool"], EVIL_NID))
+    assert status == 400, answer
+    one_line_naming(answer["Err"], "NetworkID")
+    bad = {"NetworkID": NID.upper(), "EndpointID": EID + "\n", "SandboxKey": "/var/run/docker/netns/0123\n-A INPUT",
+           "PoolID": "10.200.0.0/24\n", "Address": "10.200.0.2\n-A INPUT"}
+    for path, fields in ID_CALLS.items():
+        for field in fields:
+            body = id_call_body(path, pool, "10.200.0.2/24", "10.77.0.0/16")
+            body[field] = bad[field]
+            status, answer = plugin.call(path, body)
+            assert status == 400, (path, field, answer)
+            assert answer["Err"].startswith("address " if field == "Address" else f"{field} "), (path, answer)
+    db = dump_db(os.path.join(plugin.state_dir, "vpcnet.db"))
+    assert db["networks"] == [] and db["endpoints"] == [] and db["addresses"] == [], db
+    kernel = kernel_names(ns)
+    assert "a1b2" not in kernel and "FORWARD -j ACCEPT" not in kernel and "vpc-" not in kernel, kernel
+    log = plugin.log()
+    assert "CreateNetwork -> 400 NetworkID 'a1b2\\n-A FORWARD -j ACCEPT\\n" in log, log
+    assert not [line for line in log.splitlines() if line.startswith(("-A ", "0" * 40))], log
+
+
+# -- the body limit ---------------------------------------------------------------------------------
+class Unreadable(io.RawIOBase):
+    """A request body that fails the test if anyone reads it."""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        raise AssertionError("the body was read")
+
+
+class Streamed(io.RawIOBase):
+    """A streamed body (no Content-Length) of `size` bytes that counts what was read of it."""
+
+    def __init__(self, size: int):
+        self.left, self.taken = size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self.left)
+        buffer[:n] = b" " * n
+        self.left -= n
+        self.taken += n
+        return n
+
+
+def post_stream(client, path: str, stream, length: int | None):
+    """POST `stream` as the body: announced with a Content-Length, or chunked (as gunicorn passes it on)."""
+    environ = {"wsgi.input": stream}
+    if length is not None:
+        environ["CONTENT_LENGTH"] = str(length)
+    else:
+        environ.update({"HTTP_TRANSFER_ENCODING": "chunked", "wsgi.input_terminated": True})
+    resp = client.post(path, headers={"Accept": MEDIA_TYPE}, environ_overrides=environ)
+    assert resp.mimetype == MEDIA_TYPE
+    return resp.status_code, json.loads(resp.data)
+
+
+def join_body_of_size(size: int) -> bytes:
+    """A Join whose Options carry a port map, padded with JSON whitespace to exactly `size` bytes."""
+    ports = [{"Proto": 6, "IP": "", "Port": p, "HostIP": "", "HostPort": p, "HostPortEnd": p} for p in range(1, 9000)]
+    body = json.dumps({"NetworkID": NID, "EndpointID": EID, "SandboxKey": SANDBOX,
+                       "Options": {"com.docker.network.portmap": ports}}).encode()
+    assert len(body) <= size, len(body)
+    return body + b" " * (size - len(body))
+
+
+def test_a_body_announced_over_the_limit_is_refused_unread(client):
+    status, answer = post_stream(client, "/NetworkDriver.CreateNetwork", Unreadable(), 5 * 1024 * 1024)
+    assert status == 413 and set(answer) == {"Err"}, answer
+    assert "5242880 bytes is over vpcnet's limit of 1048576 bytes" in answer["Err"]
+
+
+def test_a_streamed_body_over_the_limit_is_refused_after_reading_at_most_the_limit(client):
+    body = Streamed(5 * 1024 * 1024)
+    status, answer = post_stream(client, "/NetworkDriver.CreateNetwork", body, None)
+    assert status == 413 and "over vpcnet's limit" in answer["Err"], answer
+    assert body.taken <= MAX_BODY + 1 + 64 * 1024, body.taken          # at most the limit (and one buffer)
+
+
+def test_a_body_of_exactly_the_limit_is_processed_and_one_byte_more_is_refused(client):
+    assert MAX_BODY == 1 << 20
+    pool = setup_network(client)
+    setup_endpoint(client, pool)
+    status, answer = post(client, "/NetworkDriver.Join", raw=join_body_of_size(MAX_BODY))
+    assert status == 200 and answer["InterfaceName"]["SrcName"] == veth_names(EID)[1], answer
+    status, answer = post(client, "/NetworkDriver.Join", raw=join_body_of_size(MAX_BODY + 1))
+    assert status == 413 and set(answer) == {"Err"} and "1048577 bytes" in answer["Err"], answer
+
+
+# -- the body limit, against the real plugin ----------------------------------------------------------
+def send_head(plugin, path: str, headers: dict[str, str], timeout: float = 10.0) -> socket.socket:
+    """A connection to the plugin with a request's head sent, its body still to come."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    sock.connect(plugin.socket)
+    lines = [f"POST {path} HTTP/1.1", "Host: plugin", "Connection: close",
+             *(f"{k}: {v}" for k, v in headers.items())]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    return sock
+
+
+def read_answer(sock: socket.socket) -> tuple[int, dict]:
+    """The status and JSON body of the answer (raises socket.timeout when none comes)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed without an answer: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    [length] = [int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")]
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed in the middle of the answer"
+        body += chunk
+    return int(head.split()[1]), json.loads(body)
+
+
+def raw_call(plugin, path: str, body: bytes) -> tuple[int, dict]:
+    with send_head(plugin, path, {"Content-Length": str(len(body))}) as sock:
+        try:
+            sock.sendall(body)
+        except BrokenPipeError:      # answered (refused) before the body was read: the answer waits
+            pass
+        return read_answer(sock)
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    with open(f"/proc/{pid}/status") as fh:
+        return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in fh) if k in ("VmRSS", "VmHWM")}
+
+
+def worker_pid(plugin) -> int:
+    """The one gunicorn worker (VPCNET_WORKERS=1) under the plugin's master."""
+    with open(f"/proc/{plugin.proc.pid}/task/{plugin.proc.pid}/children") as fh:
+        [pid] = fh.read().split()
+    return int(pid)
+
+
+@pytest.mark.root
+def test_the_plugin_process_refuses_a_large_body_before_it_is_sent_and_never_holds_it(plugin_factory, netns_factory):
+    plugin = plugin_factory(netns=netns_factory("vpsock"))
+    big = 5 * 1024 * 1024
+    # Announced: the 413 comes while the body has not been sent (else reading the answer times out).
+    with send_head(plugin, "/NetworkDriver.CreateNetwork", {"Content-Length": str(big)}) as sock:
+        sock.sendall(b'{"NetworkID": "')
+        status, answer = read_answer(sock)
+    assert status == 413 and answer == {"Err": f"request body of {big} bytes is over vpcnet's limit of "
+                                               f"{MAX_BODY} bytes (1 MiB)"}, answer
+    # Chunked: refused once the limit is passed, while the body has not ended.
+    with send_head(plugin, "/NetworkDriver.CreateNetwork", {"Transfer-Encoding": "chunked"}) as sock:
+        chunk = b" " * 65536
+        for _ in range(MAX_BODY // len(chunk) + 1):
+            sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        status, answer = read_answer(sock)
+    assert status == 413 and "over vpcnet's limit" in answer["Err"], answer
+    # Sent whole, as fast as the socket takes it: the worker's peak memory does not grow by the body.
+    pid = worker_pid(plugin)
+    with open(f"/proc/{pid}/clear_refs", "w") as fh:
+        fh.write("5")                                        # reset the peak (VmHWM) to the current RSS
+    before = memory_kb(pid)
+    body = b'{"NetworkID": "' + b"a" * big + b'"}'
+    with send_head(plugin, "/NetworkDriver.CreateNetwork", {"Content-Length": str(len(body))}) as sock:
+        def send():
+            try:
+                sock.sendall(body)
+            except OSError:
+                pass                                         # the plugin answered and closed: expected
+        sender = threading.Thread(target=send)
+        sender.start()
+        status, answer = read_answer(sock)
+        sender.join(timeout=10)
+    after = memory_kb(pid)
+    assert status == 413, answer
+    assert after["VmHWM"] - before["VmRSS"] < 2048, (before, after)      # kB; the body is 5120 kB
+    assert plugin.call("/Plugin.Activate", None)[0] == 200               # and it serves on
+
+
+@pytest.mark.root
+def test_the_plugin_process_serves_a_join_of_exactly_the_limit(plugin_factory, netns_factory):
+    plugin = plugin_factory(netns=netns_factory("vpsock"))
+    status, pool = plugin.call("/IpamDriver.RequestPool", POOL_REQUEST)
+    assert status == 200, pool
+    assert plugin.call("/NetworkDriver.CreateNetwork", {**_network_body(pool["Pool"], NID),
+                                                        "IPv4Data": [{"Pool": pool["Pool"]}]})[0] == 200
+    address = plugin.call("/IpamDriver.RequestAddress", {"PoolID": pool["PoolID"]})[1]["Address"]
+    status, answer = plugin.call("/NetworkDriver.CreateEndpoint", {"NetworkID": NID, "EndpointID": EID,
+                                                                   "Interface": {"Address": address}})
+    assert status == 200, answer
+    status, answer = raw_call(plugin, "/NetworkDriver.Join", join_body_of_size(MAX_BODY))
+    assert status == 200 and answer["InterfaceName"]["SrcName"] == veth_names(EID)[1], answer
+    status, answer = raw_call(plugin, "/NetworkDriver.Join", join_body_of_size(MAX_BODY + 1))
+    assert status == 413 and "1048577 bytes" in answer["Err"], answer
+    assert plugin.call("/NetworkDriver.DeleteEndpoint", {"NetworkID": NID, "EndpointID": EID})[0] == 200
+    assert plugin.call("/NetworkDriver.DeleteNetwork", {"NetworkID": NID})[0] == 200

@@ -1,4 +1,5 @@
-"""The small exception family every layer raises, mapped to protocol answers in `transport` only."""
+"""The small exception family every layer raises, mapped to protocol answers in `transport` only, and
+`shown()`, the one way a message quotes a value it was sent."""
 
 
 class VpcnetError(Exception):
@@ -11,6 +12,12 @@ class InvalidRequest(VpcnetError):
     """The request is malformed or asks for something vpcnet refuses."""
 
     http_status = 400
+
+
+class TooLarge(InvalidRequest):
+    """The request body is over the size vpcnet reads (Docker's own calls are far smaller)."""
+
+    http_status = 413
 
 
 class NotFound(VpcnetError):
@@ -64,3 +71,15 @@ class StateError(VpcnetError):
     """The state (sqlite store) cannot be written or read: a full or failing disk, a damaged file."""
 
     http_status = 507
+
+
+def shown(value, limit: int = 64) -> str:
+    """`value` (from a request) as an error message may quote it: as given when it is short, printable
+    text, else escaped and cut. A message then never carries a newline into a log line, nor kilobytes
+    of someone's input back to them."""
+    text = value if isinstance(value, str) else repr(value)
+    if text and len(text) <= limit and text.isprintable() and " " not in text:
+        return text
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"

@@ -9,6 +9,10 @@ removes the row first and then the kernel state; what the kernel refuses to give
 leftover and removed by the next start or datapath pass. Calls about one network are serialised by a
 file lock (vpcnet.state.locks), across threads and gunicorn workers.
 
+Docker's ids are accepted only in the forms Docker makes (64 lowercase hex; 25 base-36 characters for a
+swarm network's id), and a SandboxKey only as a path ending in a sandbox name: an id ends up in link and
+chain names, rows and log lines. Values an error message quotes go through `vpcnet.errors.shown`.
+
 Options: `-o com.docker.network.driver.mtu=N`, and `-o vpcnet.mode=bridge|routed|ebpf`: the datapath of
 the network, stored with it (see vpcnet.datapath: routed mode has no bridge, proxy ARP and a /32 route
 per endpoint, for a shorter per-packet path; ebpf mode adds a tc fast path that skips the host's IP stack
@@ -45,7 +49,7 @@ from vpcnet.datapath.features import DEFAULT_MODE_KEY, DefaultMode, default_mode
 from vpcnet.datapath.protocol import Datapath
 from vpcnet.datapath.reconciler import DatapathReconciler, spec_of
 from vpcnet.datapath.spec import MODES, bridge_name, mac_for, veth_names
-from vpcnet.errors import Conflict, InvalidRequest, NotFound
+from vpcnet.errors import Conflict, InvalidRequest, NotFound, shown
 from vpcnet.state.locks import object_lock
 from vpcnet.state.store import Endpoint, Network
 
@@ -54,6 +58,15 @@ __all__ = ["NetworkDriver", "spec_of"]
 log = logging.getLogger(__name__)
 
 _MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
+# The ids Docker makes, and nothing else: they end up in link and chain names, rows and log lines.
+# libnetwork's stringid.GenerateRandomID (64 lowercase hex) for networks and endpoints; swarmkit's
+# identity.NewID (25 lowercase base-36 characters) for swarm-scoped networks (CreateManagedNetwork).
+_IDS = {"NetworkID": (re.compile(r"[0-9a-f]{64}|[0-9a-z]{25}"),
+                      "64 lowercase hex characters, or 25 lowercase letters and digits for a swarm network"),
+        "EndpointID": (re.compile(r"[0-9a-f]{64}"), "64 lowercase hex characters")}
+# SandboxKey: <exec root>/netns/<up to 12 characters of the sandbox id, or "default", "ingress_sbox"...>;
+# the exec root is the daemon's (--exec-root, rootless: $XDG_RUNTIME_DIR/docker), so only its shape is checked.
+_SANDBOX_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 GENERIC = "com.docker.network.generic"
 MTU_OPTION = "com.docker.network.driver.mtu"
 INTERNAL_OPTION = "com.docker.network.internal"
@@ -120,7 +133,7 @@ class NetworkDriver:
             raise InvalidRequest(f"{GENERIC} must be an object")
         unknown = sorted(set(generic) - KNOWN_GENERIC_OPTIONS)
         if unknown:
-            raise InvalidRequest(f"unknown option -o {', '.join(unknown)} (vpcnet knows: "
+            raise InvalidRequest(f"unknown option -o {', '.join(shown(k) for k in unknown[:5])} (vpcnet knows: "
                                  f"{', '.join(sorted(KNOWN_GENERIC_OPTIONS))})")
         if options.get(IPV4_OPTION) is False or str(options.get(IPV4_OPTION)).lower() == "false":
             raise InvalidRequest("IPv4 is disabled for this network (--ipv4=false): vpcnet networks are "
@@ -195,7 +208,7 @@ class NetworkDriver:
         try:
             mtu = int(str(raw).strip())
         except ValueError:
-            raise InvalidRequest(f"-o {MTU_OPTION}={raw}: not a number") from None
+            raise InvalidRequest(f"-o {MTU_OPTION}={shown(raw)}: not a number") from None
         if not 576 <= mtu <= 65535:
             raise InvalidRequest(f"-o {MTU_OPTION}={mtu}: out of range (576..65535)")
         return mtu
@@ -228,7 +241,7 @@ class NetworkDriver:
         interface = interface or {}
         ifname = (options or {}).get(IFNAME_OPTION)
         if ifname:
-            raise InvalidRequest(f"{IFNAME_OPTION}={ifname}: Docker does not let a network plugin name the "
+            raise InvalidRequest(f"{IFNAME_OPTION}={shown(ifname)}: Docker does not let a network plugin name the "
                                  "container's interface (it is eth<N>); remove the option (Compose: "
                                  "interface_name)")
         if interface.get("AddressIPv6"):
@@ -240,12 +253,12 @@ class NetworkDriver:
         try:
             ip = ipaddress.IPv4Interface(address).ip
         except ValueError:
-            raise InvalidRequest(f"Interface.Address {address!r} is not an IPv4 CIDR address") from None
+            raise InvalidRequest(f"Interface.Address {shown(address)} is not an IPv4 CIDR address") from None
         if ip not in ipaddress.IPv4Network(net.host_cidr):
             raise InvalidRequest(f"address {ip} is outside the network's host CIDR {net.host_cidr}")
         given_mac = interface.get("MacAddress") or ""
         if given_mac and (not isinstance(given_mac, str) or not _MAC.fullmatch(given_mac)):
-            raise InvalidRequest(f"Interface.MacAddress {given_mac!r} is not a MAC address")
+            raise InvalidRequest(f"Interface.MacAddress {shown(given_mac)} is not a MAC address")
         mac = given_mac or mac_for(str(ip))
         host_veth, peer_veth = veth_names(endpoint_id)
         existing = self.store.endpoint(endpoint_id)
@@ -288,6 +301,7 @@ class NetworkDriver:
         return {"Interface": {} if given_mac else {"MacAddress": mac}}
 
     def delete_endpoint(self, network_id: str, endpoint_id: str) -> dict:
+        _optional_id("NetworkID", network_id)
         _require_id("EndpointID", endpoint_id)
         ep = self.store.endpoint(endpoint_id)
         if ep is None:
@@ -300,14 +314,16 @@ class NetworkDriver:
         return {}
 
     def endpoint_info(self, network_id: str, endpoint_id: str) -> dict:
+        _require_id("NetworkID", network_id)
         ep = self._endpoint(network_id, endpoint_id)
         return {"Value": {"address": ep.address, "mac": ep.mac, "host_veth": ep.host_veth}}
 
     def join(self, network_id: str, endpoint_id: str, sandbox_key: str, options: dict | None) -> dict:
+        _require_id("NetworkID", network_id)
+        _require_id("EndpointID", endpoint_id)
+        _require_sandbox_key(sandbox_key)
         net = self._network(network_id)
         ep = self._endpoint(network_id, endpoint_id)
-        if not sandbox_key:
-            raise InvalidRequest("Join without a SandboxKey")
         if not self.dataplane.link_exists(ep.peer_veth):
             # After a host reboot, or a Leave that let the sandbox delete it: make a fresh pair.
             self.dataplane.delete_endpoint(ep.host_veth)
@@ -319,9 +335,12 @@ class NetworkDriver:
                 "Gateway": net.gateway, "StaticRoutes": [cluster_route], "DisableGatewayService": True}
 
     def leave(self, network_id: str, endpoint_id: str) -> dict:
+        _optional_id("NetworkID", network_id)
+        _require_id("EndpointID", endpoint_id)
         return {}      # Docker moves the interface back out of the sandbox; DeleteEndpoint removes it
 
     def program_external_connectivity(self, network_id: str, endpoint_id: str, options: dict | None) -> dict:
+        _require_id("NetworkID", network_id)
         self._endpoint(network_id, endpoint_id)
         bindings = (options or {}).get("com.docker.network.portmap") or []
         if bindings:
@@ -330,6 +349,8 @@ class NetworkDriver:
         return {}
 
     def revoke_external_connectivity(self, network_id: str, endpoint_id: str) -> dict:
+        _optional_id("NetworkID", network_id)
+        _require_id("EndpointID", endpoint_id)
         return {}
 
     # -- restart ----------------------------------------------------------------------------------
@@ -398,8 +419,28 @@ class NetworkDriver:
 
 
 def _require_id(field: str, value) -> None:
+    """`value` is an id of the form Docker makes for `field` (NetworkID, EndpointID); anything else is
+    refused before it reaches a row, a link name or a log line."""
     if not isinstance(value, str) or not value:
         raise InvalidRequest(f"missing field {field}")
+    form, described = _IDS[field]
+    if not form.fullmatch(value):
+        raise InvalidRequest(f"{field} {shown(value)} is not an id Docker makes ({described})")
+
+
+def _optional_id(field: str, value) -> None:
+    """Leave, DeleteEndpoint and RevokeExternalConnectivity may come without a NetworkID; one given is checked."""
+    if value:
+        _require_id(field, value)
+
+
+def _require_sandbox_key(value) -> None:
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest("Join without a SandboxKey")
+    name = value.rpartition("/")[2]
+    if not (value.startswith("/") and len(value) <= 4096 and value.isprintable() and _SANDBOX_NAME.fullmatch(name)):
+        raise InvalidRequest(f"SandboxKey {shown(value)} is not a sandbox path Docker makes "
+                             "(<exec root>/netns/<id>, e.g. /var/run/docker/netns/0123456789ab)")
 
 
 def _mode(raw) -> str | None:
@@ -407,7 +448,7 @@ def _mode(raw) -> str | None:
         return None
     mode = str(raw).strip().lower()
     if mode not in MODES:
-        raise InvalidRequest(f"-o {MODE_OPTION}={raw}: unknown mode (vpcnet knows: {', '.join(MODES)})")
+        raise InvalidRequest(f"-o {MODE_OPTION}={shown(raw)}: unknown mode (vpcnet knows: {', '.join(MODES)})")
     return mode
 
 

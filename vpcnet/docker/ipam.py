@@ -3,7 +3,8 @@
 - `RequestPool` with no `--subnet` gives this host's block in the default cluster CIDR; `--subnet` equal
   to a cluster CIDR (any range wider than a host block) gives this host's block inside it; `--subnet`
   equal to a block this host owns is Docker replaying an earlier answer. Anything else is refused.
-- The pool ID is the host CIDR itself, so every replay gets the identical answer.
+- The pool ID is the host CIDR itself, so every replay gets the identical answer; a PoolID not in that
+  form (canonical, e.g. 10.200.3.0/24) is refused before it is looked up.
 - Addresses are handed out next-fit: a cursor walks the pool, so a just-released address is not handed
   out again before the rest of the pool has been used (stale ARP caches in peers).
 - Replays: Docker (with `RequiresRequestReplay`) re-requests every address it kept after a daemon restart,
@@ -18,7 +19,7 @@ import ipaddress
 import logging
 import time
 
-from vpcnet.errors import Conflict, Exhausted, InvalidRequest, NotFound
+from vpcnet.errors import Conflict, Exhausted, InvalidRequest, NotFound, shown
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +66,13 @@ class Ipam:
         if v6:
             raise InvalidRequest("IPv6 is not supported by vpcnet: create the network without --ipv6")
         if sub_pool:
-            raise InvalidRequest(f"--ip-range {sub_pool} is not supported: a vpcnet network uses the "
+            raise InvalidRequest(f"--ip-range {shown(sub_pool)} is not supported: a vpcnet network uses the "
                                  "host's whole block")
         if options:
-            raise InvalidRequest(f"unknown --ipam-opt {', '.join(sorted(options))}: vpcnet's IPAM takes "
-                                 "no options")
+            names = ", ".join(shown(k) for k in sorted(options)[:5])
+            raise InvalidRequest(f"unknown --ipam-opt {names}: vpcnet's IPAM takes no options")
         if address_space and address_space not in (LOCAL_SPACE, GLOBAL_SPACE):
-            raise InvalidRequest(f"unknown address space {address_space!r}")
+            raise InvalidRequest(f"unknown address space {shown(address_space)}")
         cluster, host = self._resolve_pool(pool)
         gateway = _gateway(host)
         with self.store.tx() as db:
@@ -92,7 +93,8 @@ class Ipam:
         try:
             requested = ipaddress.ip_network(pool, strict=True)
         except ValueError as exc:
-            raise InvalidRequest(f"--subnet {pool}: not a valid network ({exc})") from None
+            why = f" ({exc})" if shown(pool) == pool else ""     # the error repeats the value
+            raise InvalidRequest(f"--subnet {shown(pool)}: not a valid network{why}") from None
         if requested.version != 4:
             raise InvalidRequest(f"--subnet {pool}: IPv6 is not supported by vpcnet")
         for claim in self.store.claims():                 # a replay of an earlier answer
@@ -130,6 +132,7 @@ class Ipam:
                            "remove them or choose another VPCNET_CLUSTER_CIDR")
 
     def release_pool(self, pool_id: str) -> dict:
+        _require_pool_id(pool_id)
         if self.store.network_by_host_cidr(pool_id) is not None:
             # Another network of ours still uses it (e.g. a refused duplicate create releasing its
             # request): keep it.
@@ -143,12 +146,13 @@ class Ipam:
     # -- addresses --------------------------------------------------------------------------------
     def request_address(self, pool_id: str, address: str = "", options: dict | None = None) -> dict:
         options = options or {}
+        _require_pool_id(pool_id)
         pool = self._pool(pool_id)
         host = ipaddress.IPv4Network(pool_id)
         gateway = ipaddress.IPv4Address(pool["gateway"])
         if options.get(REQUEST_TYPE_KEY) == GATEWAY_KEY:
-            if address and _bare(address) != gateway:
-                raise InvalidRequest(f"gateway {address} is not the gateway of pool {pool_id}: vpcnet's "
+            if address and _parsed(address) != gateway:
+                raise InvalidRequest(f"gateway {shown(address)} is not the gateway of pool {pool_id}: vpcnet's "
                                      f"gateway is {gateway}; omit --gateway")
             return {"Address": f"{gateway}/{host.prefixlen}", "Data": {}}
         if address:
@@ -161,15 +165,12 @@ class Ipam:
     def _pool(self, pool_id: str):
         rows = self.store.read("SELECT * FROM pools WHERE pool_id=?", (pool_id,))
         if not rows:
-            raise NotFound(f"unknown pool {pool_id!r}: no such vpcnet pool on this host")
+            raise NotFound(f"unknown pool {pool_id}: no such vpcnet pool on this host")
         return rows[0]
 
     @staticmethod
     def _check_requested(address: str, host: ipaddress.IPv4Network, gateway) -> ipaddress.IPv4Address:
-        try:
-            ip = _bare(address)
-        except ValueError:
-            raise InvalidRequest(f"address {address!r} is not a valid IPv4 address") from None
+        ip = _parsed(address)
         if ip not in host:
             raise InvalidRequest(f"address {ip} is outside pool {host}")
         if ip in (host.network_address, host.broadcast_address):
@@ -222,10 +223,8 @@ class Ipam:
         raise Exhausted(f"pool {pool_id} is exhausted: all {usable} container addresses are in use")
 
     def release_address(self, pool_id: str, address: str) -> dict:
-        try:
-            ip = _bare(address)
-        except ValueError:
-            raise InvalidRequest(f"address {address!r} is not a valid IPv4 address") from None
+        _require_pool_id(pool_id)
+        ip = _parsed(address)
         with self.store.tx() as db:
             db.execute("DELETE FROM addresses WHERE pool_id=? AND address=?", (pool_id, str(ip)))
         return {}
@@ -235,5 +234,20 @@ def _gateway(host: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
     return host.network_address + 1
 
 
-def _bare(address: str) -> ipaddress.IPv4Address:
-    return ipaddress.IPv4Address(address.split("/")[0].strip())
+def _parsed(address: str) -> ipaddress.IPv4Address:
+    """An `Address` Docker sent (bare, or with the prefix length vpcnet answered), or a clear refusal."""
+    try:
+        return ipaddress.IPv4Address(address.split("/")[0].strip())
+    except ValueError:
+        raise InvalidRequest(f"address {shown(address)} is not a valid IPv4 address") from None
+
+
+def _require_pool_id(pool_id) -> None:
+    """Docker only ever sends back the PoolID RequestPool answered: a host CIDR in canonical form."""
+    try:
+        canonical = str(ipaddress.IPv4Network(pool_id)) == pool_id
+    except ValueError:
+        canonical = False
+    if not canonical:
+        raise InvalidRequest(f"PoolID {shown(pool_id)} is not a vpcnet pool id (a host CIDR such as "
+                             "10.200.3.0/24, as RequestPool answered)")

@@ -4,6 +4,10 @@ Docker posts JSON without a Content-Type (and `null` for calls without arguments
 whatever the headers say. Answers use Docker's plugin media type. Every error leaves as a non-200 status
 with `{"Err": "..."}` (the one form both the network and the IPAM client read); the mapping from
 vpcnet's exception family happens here and only here.
+
+A body over `MAX_BODY` is refused (413) unread: Docker's calls are a few hundred bytes, the largest
+(Join and ProgramExternalConnectivity with a container's port map) 100 bytes or more per published port.
+The answer's `Err` and the log line are one line of bounded length whatever the request held.
 """
 from __future__ import annotations
 
@@ -15,12 +19,14 @@ from typing import Any, Callable
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from vpcnet.errors import InvalidRequest, VpcnetError
+from vpcnet.errors import InvalidRequest, TooLarge, VpcnetError
 from vpcnet.observability import events
 
 log = logging.getLogger(__name__)
 
 MEDIA_TYPE = "application/vnd.docker.plugins.v1.2+json"
+MAX_BODY = 1 << 20          # 1 MiB: several thousand published ports' worth of port map
+MAX_ERR = 1000              # characters of an answer's Err (and its log line)
 
 
 class Body(dict):
@@ -101,7 +107,7 @@ def create_app(driver, ipam) -> Flask:
         handler = table.get(path)
         if handler is None:
             events.docker_call(None, 404, time.perf_counter() - started)
-            return _answer({"Err": f"{path} is not implemented by vpcnet"}, 404)
+            return _answer({"Err": _one_line(f"{path} is not implemented by vpcnet")}, 404)
         body = Body()
         try:
             body = _parse_body()
@@ -112,6 +118,8 @@ def create_app(driver, ipam) -> Flask:
         except Exception as exc:     # a bug: still answer Docker with a message, and log the trace
             log.exception("%s failed", path)
             answer, status = {"Err": f"vpcnet internal error in {path}: {type(exc).__name__}: {exc}"}, 500
+        if "Err" in answer:
+            answer = {"Err": _one_line(str(answer["Err"]))}
         elapsed = time.perf_counter() - started
         events.docker_call(path, status, elapsed)
         log.log(logging.INFO if status != 200 else logging.DEBUG, "%s -> %d %s (%.1f ms)", path, status,
@@ -120,9 +128,9 @@ def create_app(driver, ipam) -> Flask:
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
-        # What the dispatcher never sees (`POST /`, a GET, a body over the limit): still Docker's form,
-        # `{"Err": ...}` in the plugin media type, not Flask's HTML page.
-        return _answer({"Err": f"{request.method} {request.path}: {exc.name}"}, exc.code or 500)
+        # What the dispatcher never sees (`POST /`, a GET): still Docker's form, `{"Err": ...}` in the
+        # plugin media type, not Flask's HTML page.
+        return _answer({"Err": _one_line(f"{request.method} {request.path}: {exc.name}")}, exc.code or 500)
 
     return app
 
@@ -130,12 +138,24 @@ def create_app(driver, ipam) -> Flask:
 def _log_fields(path: str, status: int, elapsed: float, body: Body) -> dict:
     """What a JSON log line carries about a call (vpcnet.observability.logs); ids cut to Docker's short form."""
     ids = {key: value[:12] for key, name in (("network", "NetworkID"), ("endpoint", "EndpointID"))
-           if isinstance(value := body.get(name), str)}
+           if isinstance(value := body.get(name), str) and value[:12].isascii() and value[:12].isalnum()}
     return {"call": path[1:], "status": status, "duration_ms": round(elapsed * 1000, 3), **ids}
 
 
+def _read_body() -> bytes:
+    """The body, read only when it is at most MAX_BODY bytes: a longer Content-Length is refused before
+    a byte is read, a chunked (or unannounced) body once MAX_BODY + 1 bytes have come."""
+    length = request.content_length
+    if length is not None and length > MAX_BODY:
+        raise TooLarge(f"request body of {length} bytes is over vpcnet's limit of {MAX_BODY} bytes (1 MiB)")
+    raw = request.stream.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        raise TooLarge(f"request body is over vpcnet's limit of {MAX_BODY} bytes (1 MiB)")
+    return raw
+
+
 def _parse_body() -> Body:
-    raw = request.get_data(cache=False)
+    raw = _read_body()
     if not raw.strip():
         return Body()
     try:
@@ -147,6 +167,14 @@ def _parse_body() -> Body:
     if not isinstance(data, dict):
         raise InvalidRequest(f"request body must be a JSON object, got {type(data).__name__}")
     return Body(data)
+
+
+def _one_line(text: str) -> str:
+    """`text` as one line of at most MAX_ERR characters: control characters escaped (a newline sent in a
+    request never starts a forged log line), the rest cut."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= MAX_ERR else f"{text[:MAX_ERR]}... ({len(text)} characters)"
 
 
 def _answer(payload: dict, status: int) -> Response:

@@ -49,6 +49,9 @@ its rules:
   conntrack in INPUT keeps working. Untracked packets skip the nat table: fine, cluster traffic is never
   masqueraded.
 
+Host safety: every host-side link vpcnet makes has IPv6 off (vpcnet.datapath.links says why), checked by
+the periodic pass like the rest.
+
 Every operation is idempotent: create what is missing, accept what exists, ignore what is gone. `repair`
 is the periodic pass's half (vpcnet.datapath.reconciler): one dump of links, addresses, routes and
 qdiscs and one iptables-save find what differs from the store; only those networks get a targeted look
@@ -64,10 +67,10 @@ from typing import Callable, ContextManager, Sequence
 from vpcnet.datapath import rtnl
 from vpcnet.datapath.features import Features, probe
 from vpcnet.datapath.firewall import PREFIXES, FirewallTable
-from vpcnet.datapath.links import Links
+from vpcnet.datapath.links import IPV6_OFF_VIEW, Links
 from vpcnet.datapath.modes import strategy
 from vpcnet.datapath.netlink import Netlink
-from vpcnet.datapath.spec import EndpointSpec, KernelView, NetworkGone, NetworkSpec, Repair, bridge_name
+from vpcnet.datapath.spec import EndpointSpec, KernelView, NetworkGone, NetworkSpec, Repair, anchor_peer, bridge_name
 from vpcnet.datapath.tc import TcPrograms
 from vpcnet.errors import DataplaneError
 
@@ -227,9 +230,15 @@ class Dataplane:
                 log.error("network %s: cannot repair the datapath: %s", spec.tag, exc)
         return repairs
 
+    def _ipv6_on(self, link: dict | None) -> bool:
+        """The link (as rtnl.dump_links read it) has IPv6 not as IPV6_OFF wants, and that can be put right."""
+        return link is not None and link.get("ipv6") not in (None, IPV6_OFF_VIEW) and self.links.ipv6_settable
+
     def _suspect(self, spec: NetworkSpec, endpoints: Sequence[EndpointSpec], view: KernelView) -> bool:
         link = view.links.get(spec.bridge)
         if link is None or not link["up"] or link["mtu"] != spec.mtu:
+            return True
+        if self._ipv6_on(link) or (spec.routed and self._ipv6_on(view.links.get(anchor_peer(spec.bridge)))):
             return True
         if f"{spec.gateway}/{spec.prefixlen}" not in view.addresses.get(link["index"], set()):
             return True
@@ -244,6 +253,8 @@ class Dataplane:
             if spec.routed and view.routes.get(f"{ep.address}/32") != host["index"]:
                 return True
             if spec.ebpf and host["index"] not in view.clsact:
+                return True
+            if self._ipv6_on(host):
                 return True
         return False
 
@@ -271,6 +282,10 @@ class Dataplane:
                                                    f"route on {sorted(uplinks)}"))
         if repairs:
             self._ensure_links(spec)          # rebuilds what is missing, accepts what is there
+        else:
+            ipv6 = self.links.ipv6_off([spec.bridge, anchor_peer(spec.bridge)] if spec.routed else [spec.bridge])
+            if ipv6:
+                repairs.append(Repair("link", spec.tag, f"IPv6 on for {what} {spec.bridge} ({', '.join(ipv6)})"))
         for ep in endpoints:
             repairs += self._repair_endpoint(spec, ep)
         return repairs
@@ -294,7 +309,9 @@ class Dataplane:
             if not problem and not link["flags"] & 1:
                 problem = f"host veth {ep.host_veth} down"
         if not problem:
-            return []
+            ipv6 = self.links.ipv6_off([ep.host_veth])
+            return [Repair("link", spec.tag, f"IPv6 on for host veth {ep.host_veth} of {ep.address} "
+                                             f"({', '.join(ipv6)})")] if ipv6 else []
         self.ensure_endpoint(spec, ep.host_veth, ep.peer_veth, ep.mac, ep.address)
         kind = "route" if "route" in problem else "tc" if "eBPF" in problem else "link"
         return [Repair(kind, spec.tag, problem)]

@@ -1,13 +1,15 @@
 """The datapath's host-safety against the real kernel, inside network namespaces the tests make: a container
-cannot configure the host's IPv6 (router advertisements, the CVE-2020-13401 class)."""
+cannot configure the host's IPv6 (router advertisements, the CVE-2020-13401 class), and a host vpcnet turns
+forwarding on for does not forward between its other interfaces."""
 from __future__ import annotations
 
+import logging
 import sys
 import time
 
 import pytest
-from conftest import require, run
-from test_dataplane import attach_container, host, ns_run, spec  # noqa: F401  (host: a fixture)
+from conftest import require, run, unique
+from test_dataplane import attach_container, host, ns_run, peer_host, ping, spec  # noqa: F401  (host: a fixture)
 
 from vpcnet.datapath.dataplane import Dataplane
 from vpcnet.datapath.spec import EndpointSpec, anchor_peer, mac_for, veth_names
@@ -120,3 +122,59 @@ def test_ipv6_turned_back_on_is_found_and_turned_off_by_the_periodic_pass(host, 
         assert sysctl(host, f"net.ipv6.conf.{link}.accept_ra") == "0"
     assert dp.repair(wanted) == [], "put right: the next pass finds nothing"
 
+
+def outside(host_ns: str, netns_factory, subnet: str) -> str:
+    """An 'outside' netns on a link of its own to `host_ns`: `<subnet>.2`, routed via the host's `<subnet>.1`,
+    with no relation to vpcnet (another VM's network, a VPN, a second NIC)."""
+    ns = netns_factory("vpcext")
+    link = unique("vx")
+    run(["ip", "-n", host_ns, "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", ns])
+    run(["ip", "-n", host_ns, "addr", "add", f"{subnet}.1/24", "dev", link])
+    run(["ip", "-n", host_ns, "link", "set", link, "up"])
+    run(["ip", "-n", ns, "addr", "add", f"{subnet}.2/24", "dev", "eth0"])
+    run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+    run(["ip", "-n", ns, "route", "add", "default", "via", f"{subnet}.1"])
+    return ns
+
+
+def forward_policy(ns: str) -> str:
+    return ns_run(ns, "iptables", "-S", "FORWARD").stdout.splitlines()[0].split()[2]
+
+
+@pytest.mark.parametrize("mode", ["bridge", "routed", "ebpf"])
+def test_vpcnet_turning_forwarding_on_forwards_only_what_a_chain_accepts(host, netns_factory, mode, caplog):  # noqa: F811
+    """A reboot: vpcnet starts before Docker, on a host with forwarding off and FORWARD's policy ACCEPT.
+    vpcnet turns forwarding on and, as Docker does then, the policy to DROP: its containers' traffic still
+    flows (its chain accepts it), the host's other interfaces are not routed into each other."""
+    dp = Dataplane(netns=host)
+    if mode == "ebpf":
+        require(dp.features().supports("ebpf"), dp.features().why_not("ebpf"))
+    ns_run(host, "sysctl", "-qw", "net.ipv4.ip_forward=0")        # a new namespace may inherit 1
+    assert forward_policy(host) == "ACCEPT"
+    a = outside(host, netns_factory, "172.31.1")
+    outside(host, netns_factory, "172.31.2")
+    peer_host(host, netns_factory)
+
+    with caplog.at_level(logging.WARNING, logger="vpcnet.datapath.dataplane"):
+        dp.ensure_host()                                        # what the driver's restore does first
+        s = spec(mode=mode)
+        dp.ensure_network(s)
+    assert sysctl(host, "net.ipv4.ip_forward") == "1" and forward_policy(host) == "DROP"
+    assert "net.ipv4.ip_forward was 0: vpcnet turned it on and set the filter table's FORWARD policy to DROP" \
+        in caplog.text
+    container = attach_container(host, dp, s, netns_factory, "10.77.3.2", "a" * 64)
+    assert ping(container, "10.77.9.2"), "cluster traffic (another host's container) is forwarded"
+    assert ping(container, "198.51.100.2"), "traffic leaving the cluster (masqueraded) is forwarded"
+    assert not ping(a, "172.31.2.2"), "the host routed between two interfaces that are none of vpcnet's"
+    ns_run(host, "iptables", "-P", "FORWARD", "ACCEPT")          # what a host was left with before
+    assert ping(a, "172.31.2.2")
+
+
+def test_forwarding_someone_else_turned_on_keeps_its_policy(host, caplog):  # noqa: F811
+    ns_run(host, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    dp = Dataplane(netns=host)
+    with caplog.at_level(logging.WARNING, logger="vpcnet.datapath.dataplane"):
+        dp.ensure_host()
+        dp.ensure_network(spec())
+    assert forward_policy(host) == "ACCEPT", "someone else decided (`vpcnet doctor` names it)"
+    assert "ip_forward" not in caplog.text

@@ -49,8 +49,10 @@ its rules:
   conntrack in INPUT keeps working. Untracked packets skip the nat table: fine, cluster traffic is never
   masqueraded.
 
-Host safety: every host-side link vpcnet makes has IPv6 off (vpcnet.datapath.links says why), checked by
-the periodic pass like the rest.
+Host safety: where vpcnet turns net.ipv4.ip_forward on itself (from 0: at boot it may start before
+Docker), FORWARD's policy goes to DROP first, as Docker does, so the host does not start forwarding
+between all its interfaces; and every host-side link vpcnet makes has IPv6 off (vpcnet.datapath.links
+says why), checked by the periodic pass like the rest.
 
 Every operation is idempotent: create what is missing, accept what exists, ignore what is gone. `repair`
 is the periodic pass's half (vpcnet.datapath.reconciler): one dump of links, addresses, routes and
@@ -102,8 +104,23 @@ class Dataplane:
     def ensure_host(self) -> list[str]:
         """ip_forward, the shared chains, the builtin chains' jumps to them, the anti-spoofing rule.
         Returns what was wrong."""
-        self.nl.sysctl("net.ipv4.ip_forward", "1")
+        self._ensure_forwarding()
         return self.firewall.apply([], host=True)
+
+    def _ensure_forwarding(self) -> None:
+        """net.ipv4.ip_forward=1. Where vpcnet turns it on itself (from 0: at boot vpcnet may start before
+        Docker, which sets FORWARD's policy to DROP only when it turns forwarding on), FORWARD's policy goes
+        to DROP first, as Docker does: the host then forwards only what a chain accepts (vpcnet's accepts
+        its networks' traffic), not between any two of its interfaces. Where forwarding was on already,
+        someone else decided: the policy is left alone (`vpcnet doctor` names an ACCEPT policy)."""
+        if self.nl.read_sysctl("net.ipv4.ip_forward") == "1":
+            return
+        self.firewall.set_policy("FORWARD", "DROP")          # before forwarding goes on: no window
+        if self.nl.sysctl("net.ipv4.ip_forward", "1") == "1":
+            return                                          # another worker was first (and said so)
+        log.warning("net.ipv4.ip_forward was 0: vpcnet turned it on and set the filter table's FORWARD policy "
+                    "to DROP, as Docker does when it turns forwarding on (vpcnet's chain accepts its own "
+                    "networks' traffic; anything else the host forwards needs a rule of its own)")
 
     # -- networks ---------------------------------------------------------------------------------
     def ensure_network(self, spec: NetworkSpec) -> None:
@@ -112,7 +129,7 @@ class Dataplane:
     def _ensure_links(self, spec: NetworkSpec, firewall: bool = False) -> None:
         """The bridge or anchor, its address, MTU and state, the uplink programs; with `firewall`, the
         network's rules (between the links and the programs, as a first creation needs)."""
-        self.nl.sysctl("net.ipv4.ip_forward", "1")
+        self._ensure_forwarding()
         idx = self.links.ensure_gateway_link(spec)
         if firewall:
             self._ensure_firewall(spec)

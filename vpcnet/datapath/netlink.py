@@ -61,6 +61,17 @@ class Netlink:
         """A command line run inside the namespace."""
         return (["ip", "netns", "exec", self.netns] if self.netns else []) + list(args)
 
+    def read_sysctl(self, key: str) -> str:
+        """A sysctl of this namespace (under /proc/sys)."""
+        def read() -> str:
+            with open("/proc/sys/" + key.replace(".", "/")) as fh:
+                return fh.read().strip()
+
+        try:
+            return rtnl.in_netns(self.netns, read)
+        except OSError as exc:
+            raise DataplaneError(f"cannot read {key}: {exc}") from None
+
     def sysctl(self, key: str, value: str) -> str:
         """Set a sysctl of this namespace (under /proc/sys) unless it already holds `value`; returns the value
         it held."""

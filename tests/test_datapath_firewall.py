@@ -87,6 +87,7 @@ def test_written_rules_read_back_identical_so_a_second_pass_writes_nothing(ns, m
 
 
 def test_network_create_and_delete_cost_a_few_iptables_runs(ns):
+    run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])   # on already: no policy to set
     dp = Dataplane(netns=ns)
     s = spec()
     dp.ensure_network(s)

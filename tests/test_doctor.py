@@ -1,14 +1,15 @@
 """`vpcnet doctor` against a real `vpcnet serve`: a healthy host answers exit 0, then one fault at a time
 is made for real and doctor names exactly that fault (and its fix), and is green again once the fault is
-undone. Kernel faults (the FORWARD jump, ip_forward, a stale veth) are made in a network namespace of
-the test's own, where its plugin runs; cloud faults (the route deleted, the cloud unreachable) against
-the real emulator on 127.0.0.1."""
+undone. Kernel faults (the FORWARD jump and policy, ip_forward, a stale veth) are made in a network
+namespace of the test's own, where its plugin runs; cloud faults (the route deleted, the cloud
+unreachable) against the real emulator on 127.0.0.1."""
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
 
+import pytest
 from conftest import run, unique, wait_for
 from test_plugin_cloud import ME, TABLE, cloud_env, mine
 
@@ -50,6 +51,8 @@ def test_doctor_text_output_names_problem_and_fix(plugin_factory):
 
 def test_kernel_faults_are_named_one_at_a_time(plugin_factory, netns_factory, docker_engine):
     ns = netns_factory("vpdoc")
+    # as after a boot: forwarding off; vpcnet turns it on and FORWARD's policy to DROP
+    run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=0"])
     plugin = plugin_factory(netns=ns)
     status, pool = plugin.call("/IpamDriver.RequestPool", POOL_REQUEST)
     assert status == 200, pool
@@ -77,6 +80,11 @@ def test_kernel_faults_are_named_one_at_a_time(plugin_factory, netns_factory, do
     assert "FORWARD rule 1" in only(doctor(plugin, ns)[1], "forward_chain")["detail"]
     run([*ip, "iptables", "-D", "FORWARD", "1"])
     run([*ip, "iptables", "-D", "FORWARD", "1"])
+    assert doctor(plugin, ns) == (0, {})
+
+    run([*ip, "iptables", "-P", "FORWARD", "ACCEPT"])             # forwarding everything between interfaces
+    assert "iptables -P FORWARD DROP" in only(doctor(plugin, ns)[1], "forward_policy")["fix"]
+    run([*ip, "iptables", "-P", "FORWARD", "DROP"])
     assert doctor(plugin, ns) == (0, {})
 
     run([*ip, "sysctl", "-qw", "net.ipv4.ip_forward=0"])       # this namespace's only, never the machine's
@@ -131,3 +139,35 @@ def test_doctor_talks_to_the_engine_docker_host_names():
     assert default_docker_socket({"DOCKER_HOST": "unix:///run/user/1000/docker.sock"}) == "/run/user/1000/docker.sock"
     assert default_docker_socket({"DOCKER_HOST": "tcp://127.0.0.1:2375"}) == DOCKER_SOCKET
     assert default_docker_socket({}) == DOCKER_SOCKET
+
+
+# `vpcnet doctor`'s firewall checks, run inside a namespace (they read its /proc/sys and `iptables -S`)
+FORWARD_POLICY = """
+import json
+from dataclasses import asdict
+from vpcnet.cli.doctor.findings import Context
+from vpcnet.cli.doctor.firewall import FirewallChecks
+findings = FirewallChecks(Context(None, "")).check_firewall()
+print(json.dumps([asdict(f) for f in findings if f.check == "forward_policy"]))
+"""
+
+
+@pytest.mark.root
+def test_forwarding_with_an_accept_policy_is_named_with_its_fix(netns_factory):
+    ns = netns_factory("vpdoc")
+    ip = ["ip", "netns", "exec", ns]
+
+    def finding() -> dict:
+        [found] = json.loads(run([*ip, sys.executable, "-c", FORWARD_POLICY]).stdout)
+        return found
+
+    run([*ip, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+    run([*ip, "iptables", "-P", "FORWARD", "ACCEPT"])
+    found = finding()
+    assert not found["ok"] and "ip_forward is 1 and the filter FORWARD policy is ACCEPT" in found["detail"]
+    assert found["fix"].startswith("iptables -P FORWARD DROP") and "Docker" in found["fix"]
+    run([*ip, "iptables", "-P", "FORWARD", "DROP"])
+    assert finding()["ok"]
+    run([*ip, "iptables", "-P", "FORWARD", "ACCEPT"])
+    run([*ip, "sysctl", "-qw", "net.ipv4.ip_forward=0"])       # not forwarding: nothing to say here
+    assert finding()["ok"]

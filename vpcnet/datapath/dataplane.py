@@ -49,6 +49,11 @@ its rules:
   conntrack in INPUT keeps working. Untracked packets skip the nat table: fine, cluster traffic is never
   masqueraded.
 
+Host safety: where vpcnet turns net.ipv4.ip_forward on itself (from 0: at boot it may start before
+Docker), FORWARD's policy goes to DROP first, as Docker does, so the host does not start forwarding
+between all its interfaces; and every host-side link vpcnet makes has IPv6 off (vpcnet.datapath.links
+says why), checked by the periodic pass like the rest.
+
 Every operation is idempotent: create what is missing, accept what exists, ignore what is gone. `repair`
 is the periodic pass's half (vpcnet.datapath.reconciler): one dump of links, addresses, routes and
 qdiscs and one iptables-save find what differs from the store; only those networks get a targeted look
@@ -64,10 +69,10 @@ from typing import Callable, ContextManager, Sequence
 from vpcnet.datapath import rtnl
 from vpcnet.datapath.features import Features, probe
 from vpcnet.datapath.firewall import PREFIXES, FirewallTable
-from vpcnet.datapath.links import Links
+from vpcnet.datapath.links import IPV6_OFF_VIEW, Links
 from vpcnet.datapath.modes import strategy
 from vpcnet.datapath.netlink import Netlink
-from vpcnet.datapath.spec import EndpointSpec, KernelView, NetworkGone, NetworkSpec, Repair, bridge_name
+from vpcnet.datapath.spec import EndpointSpec, KernelView, NetworkGone, NetworkSpec, Repair, anchor_peer, bridge_name
 from vpcnet.datapath.tc import TcPrograms
 from vpcnet.errors import DataplaneError
 
@@ -99,8 +104,23 @@ class Dataplane:
     def ensure_host(self) -> list[str]:
         """ip_forward, the shared chains, the builtin chains' jumps to them, the anti-spoofing rule.
         Returns what was wrong."""
-        self.nl.sysctl("net.ipv4.ip_forward", "1")
+        self._ensure_forwarding()
         return self.firewall.apply([], host=True)
+
+    def _ensure_forwarding(self) -> None:
+        """net.ipv4.ip_forward=1. Where vpcnet turns it on itself (from 0: at boot vpcnet may start before
+        Docker, which sets FORWARD's policy to DROP only when it turns forwarding on), FORWARD's policy goes
+        to DROP first, as Docker does: the host then forwards only what a chain accepts (vpcnet's accepts
+        its networks' traffic), not between any two of its interfaces. Where forwarding was on already,
+        someone else decided: the policy is left alone (`vpcnet doctor` names an ACCEPT policy)."""
+        if self.nl.read_sysctl("net.ipv4.ip_forward") == "1":
+            return
+        self.firewall.set_policy("FORWARD", "DROP")          # before forwarding goes on: no window
+        if self.nl.sysctl("net.ipv4.ip_forward", "1") == "1":
+            return                                          # another worker was first (and said so)
+        log.warning("net.ipv4.ip_forward was 0: vpcnet turned it on and set the filter table's FORWARD policy "
+                    "to DROP, as Docker does when it turns forwarding on (vpcnet's chain accepts its own "
+                    "networks' traffic; anything else the host forwards needs a rule of its own)")
 
     # -- networks ---------------------------------------------------------------------------------
     def ensure_network(self, spec: NetworkSpec) -> None:
@@ -109,7 +129,7 @@ class Dataplane:
     def _ensure_links(self, spec: NetworkSpec, firewall: bool = False) -> None:
         """The bridge or anchor, its address, MTU and state, the uplink programs; with `firewall`, the
         network's rules (between the links and the programs, as a first creation needs)."""
-        self.nl.sysctl("net.ipv4.ip_forward", "1")
+        self._ensure_forwarding()
         idx = self.links.ensure_gateway_link(spec)
         if firewall:
             self._ensure_firewall(spec)
@@ -227,9 +247,15 @@ class Dataplane:
                 log.error("network %s: cannot repair the datapath: %s", spec.tag, exc)
         return repairs
 
+    def _ipv6_on(self, link: dict | None) -> bool:
+        """The link (as rtnl.dump_links read it) has IPv6 not as IPV6_OFF wants, and that can be put right."""
+        return link is not None and link.get("ipv6") not in (None, IPV6_OFF_VIEW) and self.links.ipv6_settable
+
     def _suspect(self, spec: NetworkSpec, endpoints: Sequence[EndpointSpec], view: KernelView) -> bool:
         link = view.links.get(spec.bridge)
         if link is None or not link["up"] or link["mtu"] != spec.mtu:
+            return True
+        if self._ipv6_on(link) or (spec.routed and self._ipv6_on(view.links.get(anchor_peer(spec.bridge)))):
             return True
         if f"{spec.gateway}/{spec.prefixlen}" not in view.addresses.get(link["index"], set()):
             return True
@@ -244,6 +270,8 @@ class Dataplane:
             if spec.routed and view.routes.get(f"{ep.address}/32") != host["index"]:
                 return True
             if spec.ebpf and host["index"] not in view.clsact:
+                return True
+            if self._ipv6_on(host):
                 return True
         return False
 
@@ -271,6 +299,10 @@ class Dataplane:
                                                    f"route on {sorted(uplinks)}"))
         if repairs:
             self._ensure_links(spec)          # rebuilds what is missing, accepts what is there
+        else:
+            ipv6 = self.links.ipv6_off([spec.bridge, anchor_peer(spec.bridge)] if spec.routed else [spec.bridge])
+            if ipv6:
+                repairs.append(Repair("link", spec.tag, f"IPv6 on for {what} {spec.bridge} ({', '.join(ipv6)})"))
         for ep in endpoints:
             repairs += self._repair_endpoint(spec, ep)
         return repairs
@@ -294,7 +326,9 @@ class Dataplane:
             if not problem and not link["flags"] & 1:
                 problem = f"host veth {ep.host_veth} down"
         if not problem:
-            return []
+            ipv6 = self.links.ipv6_off([ep.host_veth])
+            return [Repair("link", spec.tag, f"IPv6 on for host veth {ep.host_veth} of {ep.address} "
+                                             f"({', '.join(ipv6)})")] if ipv6 else []
         self.ensure_endpoint(spec, ep.host_veth, ep.peer_veth, ep.mac, ep.address)
         kind = "route" if "route" in problem else "tc" if "eBPF" in problem else "link"
         return [Repair(kind, spec.tag, problem)]

@@ -106,6 +106,7 @@ class FirewallTable:
 
     def __init__(self, command_prefix: Sequence[str] = (), iptables: str = "iptables"):
         self.prefix = list(command_prefix)
+        self.iptables = iptables
         save, restore = _pair(iptables)
         self.save_cmd, self.restore_cmd = save, restore
         self._lock = threading.Lock()
@@ -140,6 +141,12 @@ class FirewallTable:
                     return problems
                 error = proc.stderr.strip()
             raise DataplaneError(f"{self.restore_cmd} failed: {error}")
+
+    def set_policy(self, chain: str, policy: str, table: str = "filter") -> None:
+        """A builtin chain's policy (`iptables -P`)."""
+        proc = self._run([self.iptables, "-w", "10", "-t", table, "-P", chain, policy])
+        if proc.returncode != 0:
+            raise DataplaneError(f"{self.iptables} -P {chain} {policy} failed: {proc.stderr.strip()}")
 
     def differs(self, saved: Saved, net: NetworkRules) -> bool:
         """Whether the kernel's rules (as `saved`) differ from what `net` wants."""

@@ -7,12 +7,20 @@ veth pair, routed mode's proxy ARP and `/32` route.
   addresses of the host CIDR off the default route. Each endpoint's host veth is on no bridge, has
   `proxy_arp=1`, `proxy_delay=0` (over netlink, vpcnet.datapath.rtnl: /proc/sys is read-only in a managed plugin),
   and the host routes `<container ip>/32 dev <host veth>`.
+- Every host-side link vpcnet makes (bridge, anchor and its peer, host veth) has IPv6 off
+  (`disable_ipv6=1`, and `accept_ra=0`, `autoconf=0` so that turning IPv6 on later starts safe): vpcnet's
+  networks carry no IPv6, and a link with IPv6 on takes router advertisements from any container behind
+  it (routes and SLAAC addresses on the host: the CVE-2020-13401 class), unfiltered by vpcnet's IPv4-only
+  firewall and eBPF checks. The kernel takes these only under /proc/sys (netlink refuses IPv6 devconf), so
+  where /proc/sys is read-only (a managed plugin) they cannot be set: said once at WARNING.
 Every call is idempotent: create what is missing, accept what exists.
 """
 from __future__ import annotations
 
 import errno
 import ipaddress
+import logging
+from typing import Sequence
 
 from pyroute2 import IPRoute, NetlinkError
 
@@ -21,12 +29,33 @@ from vpcnet.datapath.netlink import Netlink
 from vpcnet.datapath.spec import NetworkSpec, anchor_peer
 from vpcnet.errors import DataplaneError
 
+log = logging.getLogger(__name__)
 SCOPE_LINK = 253
+# What a host-side link wants of IPv6, in the order written (RAs ignored before IPv6 goes off); the values
+# as rtnl.dump_links reports them: (disable_ipv6, accept_ra, autoconf).
+IPV6_OFF = (("ipv6/accept_ra", "0"), ("ipv6/autoconf", "0"), ("ipv6/disable_ipv6", "1"))
+IPV6_OFF_VIEW = (1, 0, 0)
 
 
 class Links:
     def __init__(self, netlink: Netlink):
         self.nl = netlink
+        self.ipv6_settable = True       # False once /proc/sys refused a write (read-only): not retried
+
+    def ipv6_off(self, names: Sequence[str], fresh: bool = False) -> list[str]:
+        """IPv6 off on these host-side links (IPV6_OFF); returns what was on ("<name> disable_ipv6=0").
+        `fresh`: links just made, written without a look first (per endpoint, each read counts)."""
+        if not self.ipv6_settable:
+            return []
+        try:
+            return self.nl.link_sysctls(names, IPV6_OFF, fresh)
+        except OSError as exc:
+            if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise DataplaneError(f"cannot turn IPv6 off on {', '.join(names)}: {exc}") from None
+            self.ipv6_settable = False
+            log.warning("cannot turn IPv6 off on vpcnet's links (/proc/sys: %s): a container's IPv6 router "
+                        "advertisements can give this host routes and addresses; see docs/datapath.md", exc)
+            return []
 
     def ensure_gateway_link(self, spec: NetworkSpec) -> int:
         """The bridge or anchor, its address, MTU and state. Returns its index."""
@@ -45,6 +74,7 @@ class Links:
                 idx = self.nl.link_index(ipr, spec.bridge)
             if idx is None:
                 raise DataplaneError(f"{spec.bridge} vanished while it was being configured")
+            self.ipv6_off([spec.bridge, anchor_peer(spec.bridge)] if spec.routed else [spec.bridge])
             if spec.routed:
                 peer = self.nl.link_index(ipr, anchor_peer(spec.bridge))
                 if peer is not None:
@@ -68,14 +98,19 @@ class Links:
             raise DataplaneError(f"{'anchor' if spec.routed else 'bridge'} {spec.bridge} is missing")
         master = {} if spec.routed else {"master": br}
         host_idx = None
+        fresh = True
         try:   # one request: the pair is born (on the bridge) and up
             ipr.link("add", ifname=host_veth, kind="veth", mtu=spec.mtu, state="up", **master,
                      peer={"ifname": peer_veth, "address": mac, "mtu": spec.mtu})
         except NetlinkError as exc:
+            fresh = False
             if exc.code != errno.EEXIST:
                 raise DataplaneError(f"cannot create veth {host_veth}: {exc}") from None
             host_idx = self.nl.link_index(ipr, host_veth)      # it exists: make sure it is right
             ipr.link("set", index=host_idx, mtu=spec.mtu, state="up", **master)
+        # Up, but without carrier until Docker moves the peer into the sandbox and brings it up: nothing
+        # IPv6 has happened on the host end yet (no link-local, no router advertisement can reach it).
+        self.ipv6_off([host_veth], fresh)
         if not spec.routed:
             return host_idx
         if host_idx is None:

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from pyroute2 import IPRoute, NetlinkError
 
@@ -62,20 +61,65 @@ class Netlink:
         """A command line run inside the namespace."""
         return (["ip", "netns", "exec", self.netns] if self.netns else []) + list(args)
 
-    def sysctl(self, key: str, value: str) -> None:
-        path = "/proc/sys/" + key.replace(".", "/")
-        if self.netns:
-            subprocess.run(self.cmd("sysctl", "-qw", f"{key}={value}"), check=False, timeout=10,
-                           capture_output=True)
-            return
+    def read_sysctl(self, key: str) -> str:
+        """A sysctl of this namespace (under /proc/sys)."""
+        def read() -> str:
+            with open("/proc/sys/" + key.replace(".", "/")) as fh:
+                return fh.read().strip()
+
         try:
+            return rtnl.in_netns(self.netns, read)
+        except OSError as exc:
+            raise DataplaneError(f"cannot read {key}: {exc}") from None
+
+    def sysctl(self, key: str, value: str) -> str:
+        """Set a sysctl of this namespace (under /proc/sys) unless it already holds `value`; returns the value
+        it held."""
+        def write() -> str:
+            path = "/proc/sys/" + key.replace(".", "/")
             with open(path) as fh:
-                if fh.read().strip() == value:
-                    return
-            with open(path, "w") as fh:
-                fh.write(value)
+                old = fh.read().strip()
+            if old != value:
+                with open(path, "w") as fh:
+                    fh.write(value)
+            return old
+
+        try:
+            return rtnl.in_netns(self.netns, write)
         except OSError as exc:
             raise DataplaneError(f"cannot set {key}={value}: {exc}") from None
+
+    def link_sysctls(self, names: Sequence[str], wanted: Sequence[tuple[str, str]], fresh: bool = False) -> list[str]:
+        """Set each of `wanted` ((key, value), e.g. ("ipv6/accept_ra", "0")) under /proc/sys/net/<key's
+        family>/conf/<name>/ of every link in `names` where it differs; returns what differed ("<name>
+        accept_ra=1"). `fresh` (links just made): written without reading first, nothing returned. A link
+        or family the kernel has not (gone, or no IPv6) is skipped. Raises OSError when /proc/sys cannot
+        be written (read-only, as in a managed plugin)."""
+        def write() -> list[str]:
+            changed = []
+            for name in names:
+                for key, value in wanted:
+                    family, _, leaf = key.partition("/")
+                    path = f"/proc/sys/net/{family}/conf/{name}/{leaf}"
+                    try:
+                        if not fresh:
+                            with open(path, "rb") as fh:
+                                old = fh.read().decode().strip()
+                            if old == value:
+                                continue
+                            changed.append(f"{name} {leaf}={old}")
+                        fd = os.open(path, os.O_WRONLY)
+                        try:
+                            os.write(fd, value.encode())
+                        finally:
+                            os.close(fd)
+                    except OSError as exc:
+                        if exc.errno not in (errno.ENOENT, errno.ENODEV):
+                            raise
+                        break              # this link is gone, or the kernel has no such family
+            return changed
+
+        return rtnl.in_netns(self.netns, write)
 
     @staticmethod
     def link_index(ipr: IPRoute, name: str) -> int | None:

@@ -15,6 +15,7 @@ import os
 import socket
 import struct
 import threading
+from typing import Callable, TypeVar
 
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = "/run/netns"
@@ -26,6 +27,7 @@ IFLA_AF_SPEC, IFLA_INET_CONF, IPV4_DEVCONF_PROXY_ARP = 26, 1, 3
 NDTA_NAME, NDTA_PARMS, NDTPA_IFINDEX, NDTPA_PROXY_DELAY = 1, 6, 1, 13
 
 _libc = None
+T = TypeVar("T")
 _seq = itertools.count(1)
 
 
@@ -42,17 +44,11 @@ def setns(fd: int, nstype: int = CLONE_NEWNET) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def open_socket(netns: str | None = None) -> socket.socket:
-    """An rtnetlink socket in `netns` (a name under /run/netns), or in this process's namespace. A socket
-    stays in the namespace it was made in, so it is made by a thread that joined the namespace."""
-    def make() -> socket.socket:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-        sock.settimeout(10.0)
-        sock.bind((0, 0))
-        return sock
-
+def in_netns(netns: str | None, fn: Callable[[], T]) -> T:
+    """`fn()` in `netns` (a name under /run/netns), or here without one. A namespace is joined by a thread
+    of its own: sockets it makes stay in that namespace, and /proc/sys/net opened there is that namespace's."""
     if not netns:
-        return make()
+        return fn()
     box: dict = {}
 
     def target() -> None:
@@ -62,16 +58,29 @@ def open_socket(netns: str | None = None) -> socket.socket:
                 setns(fd)
             finally:
                 os.close(fd)
-            box["sock"] = make()
+            box["result"] = fn()
         except BaseException as exc:       # handed to the caller
             box["error"] = exc
 
     thread = threading.Thread(target=target, name=f"rtnl-{netns}", daemon=True)
     thread.start()
     thread.join(10.0)
-    if "sock" not in box:
-        raise box.get("error") or OSError(errno.ETIMEDOUT, f"joining network namespace {netns}")
-    return box["sock"]
+    if "error" in box:
+        raise box["error"]
+    if "result" not in box:
+        raise OSError(errno.ETIMEDOUT, f"joining network namespace {netns}")
+    return box["result"]
+
+
+def open_socket(netns: str | None = None) -> socket.socket:
+    """An rtnetlink socket in `netns` (a name under /run/netns), or in this process's namespace."""
+    def make() -> socket.socket:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        sock.settimeout(10.0)
+        sock.bind((0, 0))
+        return sock
+
+    return in_netns(netns, make)
 
 
 def _attr(kind: int, payload: bytes, nested: bool = False) -> bytes:
@@ -123,6 +132,8 @@ IFA_ADDRESS, IFA_LOCAL = 1, 2
 RTA_DST, RTA_OIF, RTA_MULTIPATH, RTA_TABLE = 1, 4, 9, 15
 TCA_KIND = 1
 IFF_UP = 0x1
+IFLA_INET6_CONF = 2
+DEVCONF_ACCEPT_RA, DEVCONF_AUTOCONF, DEVCONF_DISABLE_IPV6 = 3, 5, 26     # uapi linux/ipv6.h
 
 
 def _dump(sock: socket.socket, msg_type: int, body: bytes, dump: bool = True):
@@ -170,15 +181,27 @@ def _u32(raw: bytes | None) -> int | None:
 
 
 def dump_links(sock: socket.socket) -> dict[str, dict]:
-    """name -> {index, master, up, mtu} of every link."""
+    """name -> {index, master, up, mtu, ipv6} of every link; `ipv6` is (disable_ipv6, accept_ra, autoconf),
+    None where the link has no IPv6 settings (a kernel without IPv6)."""
     out = {}
     for _kind, payload in _dump(sock, RTM_GETLINK, struct.pack("=BBHiII", socket.AF_UNSPEC, 0, 0, 0, 0, 0)):
         _family, _pad, _type, index, flags, _change = struct.unpack_from("=BBHiII", payload)
         attrs = _attrs(payload, 16)
         name = attrs.get(IFLA_IFNAME, b"").split(b"\0", 1)[0].decode()
         out[name] = {"index": index, "master": _u32(attrs.get(IFLA_MASTER)), "up": bool(flags & IFF_UP),
-                     "mtu": _u32(attrs.get(IFLA_MTU))}
+                     "mtu": _u32(attrs.get(IFLA_MTU)), "ipv6": _ipv6_conf(attrs.get(IFLA_AF_SPEC))}
     return out
+
+
+def _ipv6_conf(af_spec: bytes | None) -> tuple[int, int, int] | None:
+    """(disable_ipv6, accept_ra, autoconf) from a link's IFLA_AF_SPEC: the kernel reports the interface's
+    whole IPv6 devconf there as an array of s32 indexed by DEVCONF_* (the /proc/sys values, no file read)."""
+    conf = _attrs(_attrs(af_spec or b"", 0).get(socket.AF_INET6, b""), 0).get(IFLA_INET6_CONF)
+    if conf is None or len(conf) < 4 * (DEVCONF_DISABLE_IPV6 + 1):
+        return None
+    def at(i: int) -> int:
+        return struct.unpack_from("=i", conf, 4 * i)[0]
+    return at(DEVCONF_DISABLE_IPV6), at(DEVCONF_ACCEPT_RA), at(DEVCONF_AUTOCONF)
 
 
 def dump_addresses(sock: socket.socket) -> dict[int, set[str]]:

@@ -1,5 +1,6 @@
 """The firewall, read with `iptables -S`: vpcnet's jump from FORWARD comes before anything that can drop
-its traffic (following jumps a few chains deep), and every chain and jump vpcnet writes is there."""
+its traffic (following jumps a few chains deep), every chain and jump vpcnet writes is there, and a host
+that forwards does not do it for everything (FORWARD's policy ACCEPT)."""
 from __future__ import annotations
 
 import subprocess
@@ -48,6 +49,7 @@ class FirewallChecks(Checks):
             return [problem("firewall", "cannot read the FORWARD chain (`iptables -S FORWARD` failed)",
                             "install iptables and run doctor as root")]
         policy = next((r[2] for r in forward if r[:2] == ["-P", "FORWARD"]), "?")
+        out += self._forward_policy(policy)
         out += self._first_jump("filter", "FORWARD", FORWARD_CHAIN, forward, policy)
         for table, parent, chain in (("nat", "POSTROUTING", NAT_CHAIN), ("raw", "PREROUTING", RAW_CHAIN)):
             rules = _rules(table, parent) or []
@@ -64,6 +66,21 @@ class FirewallChecks(Checks):
                                                    f"or not jumped to from {parent}",
                                        "restart the plugin: it restores every known network's rules"))
         return out
+
+    @staticmethod
+    def _forward_policy(policy: str) -> list[Finding]:
+        """Forwarding on with FORWARD's policy ACCEPT: the host routes between any two of its interfaces.
+        vpcnet sets DROP where it turns forwarding on itself (as Docker does); where it found forwarding on,
+        someone else decided, so it only says so here."""
+        with open("/proc/sys/net/ipv4/ip_forward") as fh:
+            forwarding = fh.read().strip() == "1"
+        if forwarding and policy == "ACCEPT":
+            return [problem("forward_policy", "net.ipv4.ip_forward is 1 and the filter FORWARD policy is ACCEPT: "
+                                              "this host forwards between any two of its interfaces, not only "
+                                              "vpcnet's traffic",
+                            "iptables -P FORWARD DROP (vpcnet's chain accepts its own networks' traffic; Docker "
+                            "does this itself when it turns forwarding on)")]
+        return [ok("forward_policy", f"FORWARD policy {policy} with net.ipv4.ip_forward={int(forwarding)}")]
 
     def _first_jump(self, table: str, parent: str, chain: str, rules: list[list[str]], policy: str) -> list[Finding]:
         appended = [r for r in rules if r[:2] == ["-A", parent]]

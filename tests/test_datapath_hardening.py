@@ -1,0 +1,180 @@
+"""The datapath's host-safety against the real kernel, inside network namespaces the tests make: a container
+cannot configure the host's IPv6 (router advertisements, the CVE-2020-13401 class), and a host vpcnet turns
+forwarding on for does not forward between its other interfaces."""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import pytest
+from conftest import require, run, unique
+from test_dataplane import attach_container, host, ns_run, peer_host, ping, spec  # noqa: F401  (host: a fixture)
+
+from vpcnet.datapath.dataplane import Dataplane
+from vpcnet.datapath.spec import EndpointSpec, anchor_peer, mac_for, veth_names
+
+pytestmark = pytest.mark.root
+
+# Run inside the container's namespace: a router advertisement from eth0 (link-local fe80::1) to ff02::1
+# with a default route (lifetime 1800 s), a prefix-information option (on-link, autonomous: SLAAC) for
+# 2001:db8:77::/64 and a route-information option for 2001:db8:99::/48; the kernel fills in the checksum.
+SEND_RA = r"""
+import socket, struct
+ifindex = socket.if_nametoindex("eth0")
+s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, ifindex)
+s.bind(("fe80::1", 0, 0, ifindex))
+ra = struct.pack("!BBHBBHII", 134, 0, 0, 64, 0, 1800, 0, 0)
+pio = struct.pack("!BBBBIII16s", 3, 4, 64, 0xC0, 86400, 14400, 0, socket.inet_pton(socket.AF_INET6, "2001:db8:77::"))
+rio = struct.pack("!BBBBI8s", 24, 2, 48, 0, 1800, socket.inet_pton(socket.AF_INET6, "2001:db8:99::")[:8])
+for _ in range(3):
+    s.sendto(ra + pio + rio, ("ff02::1", 0, 0, ifindex))
+"""
+
+# Run inside the container's namespace: an echo request to every node on eth0's link (ff02::1); prints the
+# source of each echo reply that is not the container's own.
+PING_ALL_NODES = r"""
+import socket, struct, time
+ifindex = socket.if_nametoindex("eth0")
+s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, ifindex)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 0)
+s.bind(("fe80::1", 0, 0, ifindex))
+s.settimeout(0.1)
+seen, deadline, next_send = set(), time.monotonic() + 1.5, 0.0
+while time.monotonic() < deadline:
+    if time.monotonic() >= next_send:
+        s.sendto(struct.pack("!BBHHH", 128, 0, 0, 7, 1) + b"vpcnet", ("ff02::1", 0, 0, ifindex))
+        next_send = time.monotonic() + 0.5
+    try:
+        data, source = s.recvfrom(2048)
+    except socket.timeout:
+        continue
+    if data[0] == 129 and source[0].split("%")[0] != "fe80::1":
+        seen.add(source[0])
+print("\n".join(sorted(seen)))
+"""
+
+
+def in_ns(ns: str, script: str) -> str:
+    return run(["ip", "netns", "exec", ns, sys.executable, "-c", script]).stdout
+
+
+def ipv6_state(ns: str) -> tuple[str, str]:
+    """What router advertisements change: IPv6 routes (main table, no link-local or multicast ones) and
+    addresses of global scope."""
+    routes = [line for line in run(["ip", "-n", ns, "-6", "route", "show"]).stdout.splitlines()
+              if not line.startswith(("fe80::", "multicast", "ff00::"))]
+    return "\n".join(routes), run(["ip", "-n", ns, "-6", "-o", "addr", "show", "scope", "global"]).stdout
+
+
+def sysctl(ns: str, key: str) -> str:
+    return ns_run(ns, "cat", "/proc/sys/" + key.replace(".", "/")).stdout.strip()
+
+
+@pytest.mark.parametrize("mode", ["bridge", "routed", "ebpf"])
+def test_a_containers_router_advertisement_configures_nothing_on_the_host(host, netns_factory, mode):  # noqa: F811
+    """IPv6 is off on every host-side link vpcnet makes: the host neither takes a route or address from a
+    container's router advertisement nor answers its IPv6."""
+    dp = Dataplane(netns=host)
+    if mode == "ebpf":
+        require(dp.features().supports("ebpf"), dp.features().why_not("ebpf"))
+    s = spec(mode=mode)
+    dp.ensure_network(s)
+    sandbox = attach_container(host, dp, s, netns_factory, "10.77.3.2", "a" * 64)
+    run(["ip", "-n", sandbox, "-6", "addr", "add", "fe80::1/64", "dev", "eth0", "nodad"])
+    time.sleep(1.2)              # DAD of whatever link-local the host gave its end (none, unless IPv6 is on)
+    before = ipv6_state(host)
+    assert "2001:db8" not in "".join(before) and "default" not in before[0]
+
+    in_ns(sandbox, SEND_RA)
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline and ipv6_state(host) == before:
+        time.sleep(0.1)
+    assert ipv6_state(host) == before, "the container's router advertisement configured the host"
+    assert in_ns(sandbox, PING_ALL_NODES).split() == [], "the host answered the container's IPv6"
+    for link in [s.bridge, veth_names("a" * 64)[0]] + ([anchor_peer(s.bridge)] if s.routed else []):
+        assert run(["ip", "-n", host, "-6", "-o", "addr", "show", "dev", link]).stdout == "", link
+        for key, value in (("disable_ipv6", "1"), ("accept_ra", "0"), ("autoconf", "0")):
+            assert sysctl(host, f"net.ipv6.conf.{link}.{key}") == value, (link, key)
+
+
+@pytest.mark.parametrize("mode", ["bridge", "routed"])
+def test_ipv6_turned_back_on_is_found_and_turned_off_by_the_periodic_pass(host, netns_factory, mode):  # noqa: F811
+    dp = Dataplane(netns=host)
+    s = spec(mode=mode)
+    dp.ensure_network(s)
+    host_veth, peer = veth_names("a" * 64)
+    attach_container(host, dp, s, netns_factory, "10.77.3.2", "a" * 64)
+    wanted = [(s, [EndpointSpec(host_veth, peer, mac_for("10.77.3.2"), "10.77.3.2")])]
+    assert dp.repair(wanted) == []
+    flipped = [s.bridge, host_veth] + ([anchor_peer(s.bridge)] if s.routed else [])
+    for link in flipped:
+        ns_run(host, "sysctl", "-qw", f"net.ipv6.conf.{link}.disable_ipv6=0", f"net.ipv6.conf.{link}.accept_ra=1")
+    repairs = dp.repair(wanted)
+    assert sorted(r.kind for r in repairs) == ["link", "link"], repairs
+    text = " ".join(r.what for r in repairs)
+    for link in flipped:
+        assert f"{link} disable_ipv6=0" in text and f"{link} accept_ra=1" in text, text
+        assert sysctl(host, f"net.ipv6.conf.{link}.disable_ipv6") == "1"
+        assert sysctl(host, f"net.ipv6.conf.{link}.accept_ra") == "0"
+    assert dp.repair(wanted) == [], "put right: the next pass finds nothing"
+
+
+def outside(host_ns: str, netns_factory, subnet: str) -> str:
+    """An 'outside' netns on a link of its own to `host_ns`: `<subnet>.2`, routed via the host's `<subnet>.1`,
+    with no relation to vpcnet (another VM's network, a VPN, a second NIC)."""
+    ns = netns_factory("vpcext")
+    link = unique("vx")
+    run(["ip", "-n", host_ns, "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", ns])
+    run(["ip", "-n", host_ns, "addr", "add", f"{subnet}.1/24", "dev", link])
+    run(["ip", "-n", host_ns, "link", "set", link, "up"])
+    run(["ip", "-n", ns, "addr", "add", f"{subnet}.2/24", "dev", "eth0"])
+    run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+    run(["ip", "-n", ns, "route", "add", "default", "via", f"{subnet}.1"])
+    return ns
+
+
+def forward_policy(ns: str) -> str:
+    return ns_run(ns, "iptables", "-S", "FORWARD").stdout.splitlines()[0].split()[2]
+
+
+@pytest.mark.parametrize("mode", ["bridge", "routed", "ebpf"])
+def test_vpcnet_turning_forwarding_on_forwards_only_what_a_chain_accepts(host, netns_factory, mode, caplog):  # noqa: F811
+    """A reboot: vpcnet starts before Docker, on a host with forwarding off and FORWARD's policy ACCEPT.
+    vpcnet turns forwarding on and, as Docker does then, the policy to DROP: its containers' traffic still
+    flows (its chain accepts it), the host's other interfaces are not routed into each other."""
+    dp = Dataplane(netns=host)
+    if mode == "ebpf":
+        require(dp.features().supports("ebpf"), dp.features().why_not("ebpf"))
+    ns_run(host, "sysctl", "-qw", "net.ipv4.ip_forward=0")        # a new namespace may inherit 1
+    assert forward_policy(host) == "ACCEPT"
+    a = outside(host, netns_factory, "172.31.1")
+    outside(host, netns_factory, "172.31.2")
+    peer_host(host, netns_factory)
+
+    with caplog.at_level(logging.WARNING, logger="vpcnet.datapath.dataplane"):
+        dp.ensure_host()                                        # what the driver's restore does first
+        s = spec(mode=mode)
+        dp.ensure_network(s)
+    assert sysctl(host, "net.ipv4.ip_forward") == "1" and forward_policy(host) == "DROP"
+    assert "net.ipv4.ip_forward was 0: vpcnet turned it on and set the filter table's FORWARD policy to DROP" \
+        in caplog.text
+    container = attach_container(host, dp, s, netns_factory, "10.77.3.2", "a" * 64)
+    assert ping(container, "10.77.9.2"), "cluster traffic (another host's container) is forwarded"
+    assert ping(container, "198.51.100.2"), "traffic leaving the cluster (masqueraded) is forwarded"
+    assert not ping(a, "172.31.2.2"), "the host routed between two interfaces that are none of vpcnet's"
+    ns_run(host, "iptables", "-P", "FORWARD", "ACCEPT")          # what a host was left with before
+    assert ping(a, "172.31.2.2")
+
+
+def test_forwarding_someone_else_turned_on_keeps_its_policy(host, caplog):  # noqa: F811
+    ns_run(host, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    dp = Dataplane(netns=host)
+    with caplog.at_level(logging.WARNING, logger="vpcnet.datapath.dataplane"):
+        dp.ensure_host()
+        dp.ensure_network(spec())
+    assert forward_policy(host) == "ACCEPT", "someone else decided (`vpcnet doctor` names it)"
+    assert "ip_forward" not in caplog.text

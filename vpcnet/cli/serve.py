@@ -1,14 +1,15 @@
 """`vpcnet serve`: the plugin process — gunicorn serving the Flask app on the plugin socket.
 
-Start-up order matters for Docker: configuration and the state's schema are checked, then the socket is
-bound — well inside a second, because nothing here waits on a cloud. The gunicorn master stays lean (it
-imports neither Flask nor pyroute2: every process's memory counts); each worker assembles the plugin,
-restores the datapath of known networks (after a reboot the bridges are gone but the state is not; done
-under a lock, and idempotent) and then serves. Calls arriving meanwhile wait in the socket's backlog. The
-route keeper runs in the background of the one worker holding the reconciler lock; that worker also
-asks the Docker engine its version once, in a thread of its own (Docker may start after the plugin, or be
-waiting on it), and logs a WARNING for a release known to crash under vpcnet. SIGTERM stops serving and
-removes the socket; the datapath stays, so running containers keep talking.
+Start-up order matters for Docker: configuration and the state's schema are checked (and a static
+VPCNET_HOST_CIDR against the blocks stored networks use: a changed one would take their route away), then
+the socket is bound — well inside a second, because nothing here waits on a cloud. The gunicorn master
+stays lean (it imports neither Flask nor pyroute2: every process's memory counts); each worker assembles
+the plugin, restores the datapath of known networks (after a reboot the bridges are gone but the state is
+not; done under a lock, and idempotent) and then serves. Calls arriving meanwhile wait in the socket's
+backlog. The route keeper runs in the background of the one worker holding the reconciler lock; that
+worker also asks the Docker engine its version once, in a thread of its own (Docker may start after the
+plugin, or be waiting on it), and logs a WARNING for a release known to crash under vpcnet. SIGTERM stops
+serving and removes the socket; the datapath stays, so running containers keep talking.
 """
 from __future__ import annotations
 
@@ -154,6 +155,10 @@ def run(config) -> int:
     except DamagedState as exc:
         print(f"vpcnet: {exc}", file=sys.stderr)
         return 1
+    stranded = stranded_networks(config)
+    if stranded:                        # refuse before anything is written: no route, no state
+        print(f"vpcnet: {stranded}", file=sys.stderr)
+        return 1
     log.info("vpcnet starting: driver %s, socket %s, provider %s, cluster %s, config from %s",
              config.driver_name, config.socket, config.provider, config.cluster_cidr, config.source)
     os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
@@ -161,6 +166,31 @@ def run(config) -> int:
     _prepare_multiprocess_metrics(config)
     _Gunicorn(config).run()
     return 0
+
+
+def stranded_networks(config) -> str:
+    """Stored networks of the configured cluster CIDR on a block other than the static VPCNET_HOST_CIDR
+    (the setting changed while they exist): the refusal to give, or "". The next reconcile pass would make
+    the new block this host's and the networks would lose their route. Read-only."""
+    if not config.host_cidr or not os.path.exists(config.db_path):
+        return ""
+    # The rule of vpcnet.routes.claims.static_host_cidr, not imported: the routes room pulls in
+    # prometheus_client, and the master stays lean.
+    store = Store(config.db_path, readonly=True)
+    try:
+        by_block: dict[str, list[str]] = {}
+        for net in store.networks():
+            if net.cluster_cidr == config.cluster_cidr and net.host_cidr != config.host_cidr:
+                by_block.setdefault(net.host_cidr, []).append(net.network_id[:12])
+    finally:
+        store.close()
+    if not by_block:
+        return ""
+    old = ", ".join(f"{block} (network {', '.join(ids)})" for block, ids in sorted(by_block.items()))
+    ids = " ".join(i for block in sorted(by_block) for i in by_block[block])
+    return (f"VPCNET_HOST_CIDR is {config.host_cidr} but this host's networks of cluster {config.cluster_cidr} "
+            f"use its earlier block {old}; starting would take that block's route away from them: remove them "
+            f"first (docker network rm {ids}), or set VPCNET_HOST_CIDR back to {', '.join(sorted(by_block))}")
 
 
 def _prepare_multiprocess_metrics(config) -> None:

@@ -4,8 +4,10 @@ into every table, and report what is still wrong (`SyncResult`).
 Every table gets this host's route with the same block: the claim itself is a create in the first table
 (the arbiter every host of the cluster writes to first; which block, by the rules of
 vpcnet.routes.claims), then every other table gets the same route; a route missing from one table is
-re-created there, and an earlier block of this host in any table is removed. The claim is written to the
-store as soon as it is made, so IPAM answers at once.
+re-created there, and an earlier block of this host in any table is removed — unless a network in the
+store still uses it (VPCNET_HOST_CIDR changed under it): that route is kept and the pass reports a FATAL
+problem naming the network, since removing it would cut its containers off from every other host. The
+claim is written to the store as soon as it is made, so IPAM answers at once.
 
 Quota: before each create the table's custom entries (every owner's, from the listing just made) are
 compared with `Provider.table_quota()`; at the quota, and on the cloud's own quota error, the pass stops
@@ -165,6 +167,7 @@ class Sync:
             wanted, listings = self._claim_new(cluster, listings, me)
             self.store.record_claim(cluster, wanted, reason="route created, waiting for Available")
         batched = self._create_batch(wanted, me, cluster, listings, problems)
+        kept: dict[str, str] = {}       # earlier blocks still used by a network -> its id
         for table in list(listings):
             entry = next((r for r in listings[table] if r.destination == wanted), None)
             if entry is None and batched.get(table):
@@ -184,21 +187,42 @@ class Sync:
             if problem:
                 problems.append(problem)
             else:
-                listings[table] = self._drop_stale(cluster, wanted, me, listings[table])
+                listings[table] = self._drop_stale(cluster, wanted, me, listings[table], kept)
+        for block, network_id in sorted(kept.items()):
+            in_use = self._in_use_message(cluster, block, network_id, wanted, bool(static))
+            log.error("%s", in_use)
+            problems.append((in_use, FATAL))
         kind = claims.worst_kind(k for _, k in problems)
         problem_text = "; ".join(p for p, _ in problems)
         self.store.record_claim(cluster, wanted, static=bool(static), reason=problem_text,
                                 route_ok=not problem_text)
         return problem_text, kind, listings
 
-    def _drop_stale(self, cluster: str, wanted: str, me: str, routes: list[Route]) -> list[Route]:
-        """This host's other blocks of `cluster` in one table (an earlier claim): one block per cluster."""
-        stale = claims.stale(routes, wanted, me, cluster, self.cluster_name(cluster))
+    def _drop_stale(self, cluster: str, wanted: str, me: str, routes: list[Route],
+                    kept: dict[str, str]) -> list[Route]:
+        """This host's other blocks of `cluster` in one table (an earlier claim): one block per cluster.
+        A block a stored network still uses is kept (its containers reach other hosts through it) and
+        added to `kept` with that network's id, for the caller to report."""
+        stale = []
+        for route in claims.stale(routes, wanted, me, cluster, self.cluster_name(cluster)):
+            holder = self.store.network_by_host_cidr(route.destination)
+            if holder is not None:
+                kept[route.destination] = holder.network_id
+            else:
+                stale.append(route)
         for route in stale:
             log.warning("route %s -> %s in %s is an earlier block of this host in cluster %s (now %s): "
                         "removing it", route.destination, me, route.table, cluster, wanted)
             self.tables.delete_route(route)
         return [r for r in routes if r not in stale]
+
+    @staticmethod
+    def _in_use_message(cluster: str, block: str, network_id: str, wanted: str, static: bool) -> str:
+        short = network_id[:12]
+        back = f", or set VPCNET_HOST_CIDR back to {block}" if static else ""
+        return (f"this host's earlier block {block} of cluster {cluster} is still used by network {short}, "
+                f"but the host's block is now {wanted}: route {block} kept so its containers still reach "
+                f"other hosts; remove the network first (docker network rm {short}){back}")
 
     def _claim_new(self, cluster: str, listings: dict[str, list[Route]],
                    me: str) -> tuple[str, dict[str, list[Route]]]:

@@ -1,11 +1,14 @@
 """vpcnet's firewall as one transaction: the diff (pure) and the real iptables inside a test netns."""
 from __future__ import annotations
 
+import subprocess
+import threading
+
 import pytest
 from conftest import is_root, require, run
 
 from vpcnet.datapath.dataplane import Dataplane
-from vpcnet.datapath.firewall import ANTI_SPOOFING, FirewallTable, parse_save
+from vpcnet.datapath.firewall import ANTI_SPOOFING, FirewallTable, _forward_jump, parse_save
 from vpcnet.datapath.modes import strategy
 from vpcnet.datapath.spec import NetworkSpec, bridge_name
 
@@ -101,7 +104,7 @@ def test_network_create_and_delete_cost_a_few_iptables_runs(ns):
 def test_the_forward_jump_comes_after_docker_user_and_a_misplaced_one_moves():
     saved = "*filter\n:FORWARD DROP [0:0]\n-A FORWARD -j VPCNET-FORWARD\n-A FORWARD -j DOCKER-USER\nCOMMIT\n"
     problems, script = FirewallTable._diff(parse_save(saved), [], [], True)
-    assert "-D FORWARD 1\n-I FORWARD 2 -j VPCNET-FORWARD\n" in script
+    assert "-D FORWARD -j VPCNET-FORWARD\n-I FORWARD 2 -j VPCNET-FORWARD\n" in script
     assert any("ahead of DOCKER-USER" in p for p in problems)
     placed = "*filter\n:FORWARD DROP [0:0]\n-A FORWARD -j DOCKER-USER\n-A FORWARD -j VPCNET-FORWARD\nCOMMIT\n"
     assert "FORWARD" not in FirewallTable._diff(parse_save(placed), [], [], True)[1].replace("VPCNET-FORWARD - ", "")
@@ -119,15 +122,81 @@ def test_a_forward_jump_behind_another_rule_moves_back_but_not_behind_dockers_ow
         return [p for p in problems if "FORWARD's jump" in p], script
 
     problems, script = diff("-j DOCKER-USER", "-j DOCKER-FORWARD", "-j DROP", "-j VPCNET-FORWARD")
-    assert "-D FORWARD 4\n-I FORWARD 2 -j VPCNET-FORWARD\n" in script
+    assert "-D FORWARD -j VPCNET-FORWARD\n-I FORWARD 2 -j VPCNET-FORWARD\n" in script
     assert problems == ["filter FORWARD's jump to VPCNET-FORWARD is behind '-j DROP'"]
     problems, script = diff("-s 10.0.0.0/8 -j DROP", "-j VPCNET-FORWARD")       # no Docker: first
-    assert "-D FORWARD 2\n-I FORWARD 1 -j VPCNET-FORWARD\n" in script and problems
+    assert "-D FORWARD -j VPCNET-FORWARD\n-I FORWARD 1 -j VPCNET-FORWARD\n" in script and problems
     problems, script = diff("-j DOCKER-USER", "-j VPCNET-FORWARD", "-j DROP", "-j VPCNET-FORWARD")
-    assert "-D FORWARD 4\n-D FORWARD 2\n-I FORWARD 2 -j VPCNET-FORWARD\n" in script
+    assert "-D FORWARD -j VPCNET-FORWARD\n" * 2 + "-I FORWARD 2 -j VPCNET-FORWARD\n" in script
     assert problems == ["filter FORWARD's jump to VPCNET-FORWARD is there 2 times"]
     for fine in (("-j DOCKER-USER", "-j VPCNET-FORWARD", "-j DROP"),
                  ("-j DOCKER-USER", "-j DOCKER-ISOLATION-STAGE-1", "-o docker0 -j DOCKER",
                   "-i br-0123abcd -o br-0123abcd -j ACCEPT", "-j VPCNET-FORWARD")):
         problems, script = diff(*fine)
         assert problems == [] and " FORWARD " not in script, (fine, script)
+
+
+# -- the FORWARD repair beside another tool writing FORWARD --------------------------------------------------
+def forward(ns: str) -> list[str]:
+    return parse_save(run(["ip", "netns", "exec", ns, "iptables-save", "-t", "filter"]).stdout).chain(
+        "filter", "FORWARD") or []
+
+
+def other_tools_rule(ns: str, n: int) -> subprocess.CompletedProcess:
+    """What Docker or firewalld does to FORWARD, as far as vpcnet can tell: a rule inserted at the top."""
+    return subprocess.run(["ip", "netns", "exec", ns, "iptables", "-w", "10", "-I", "FORWARD", "1", "-j", "ACCEPT",
+                           "-m", "comment", "--comment", f"other-{n}"], capture_output=True, text=True)
+
+
+def test_a_rule_inserted_between_the_save_and_the_repair_is_kept_and_the_jump_still_moves(ns, monkeypatch):
+    """Another tool inserts a rule into FORWARD right after vpcnet read it and before its restore: the
+    misplaced jump is deleted by its text, so the other rule stays (a number would have named it), and the
+    check after the restore moves the jump again to where it belongs."""
+    fw = Dataplane(netns=ns).firewall
+    fw.apply([])
+    other_tools_rule(ns, 0)                               # the jump is now behind another rule: a repair
+    save, inserted = fw.save, []
+
+    def then_another_tool():
+        saved = save()
+        if not inserted:
+            inserted.append(other_tools_rule(ns, 1).returncode)
+        return saved
+
+    monkeypatch.setattr(fw, "save", then_another_tool)
+    problems = fw.apply([])
+    assert problems == ["filter FORWARD's jump to VPCNET-FORWARD is behind '-m comment --comment other-0 -j ACCEPT'"]
+    assert forward(ns) == ["-j VPCNET-FORWARD", "-m comment --comment other-1 -j ACCEPT",
+                           "-m comment --comment other-0 -j ACCEPT"]
+
+
+def test_repairs_racing_another_tool_writing_forward_never_delete_its_rules(ns):
+    """A thread inserts rules into FORWARD in a loop (as Docker or a firewalld reload would) while vpcnet
+    repairs its jump again and again: every one of the other tool's rules is still there, and once the
+    other tool stops, one pass puts the jump back where it belongs, once."""
+    fw = Dataplane(netns=ns).firewall
+    fw.apply([])
+    stop, inserted = threading.Event(), []
+
+    def other_tool():
+        n = 0
+        while not stop.is_set():
+            if other_tools_rule(ns, n).returncode == 0:
+                inserted.append(n)
+            n += 1
+
+    thread = threading.Thread(target=other_tool)
+    thread.start()
+    try:
+        for _ in range(40):
+            fw.apply([])
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    fw.apply([])
+    rules = forward(ns)
+    assert inserted and len(inserted) > 10
+    missing = [n for n in inserted if f"-m comment --comment other-{n} -j ACCEPT" not in rules]
+    assert missing == [], f"{len(missing)} of the other tool's {len(inserted)} rules deleted"
+    assert rules.count("-j VPCNET-FORWARD") == 1 and rules[0] == "-j VPCNET-FORWARD", rules[:5]
+    assert _forward_jump(parse_save(run(["ip", "netns", "exec", ns, "iptables-save"]).stdout), []) == []

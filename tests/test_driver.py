@@ -239,6 +239,7 @@ def test_join_recreates_missing_veth_pair(plug):
     ep = plug.store.endpoint(EID)
     assert plug.dataplane.calls == [
         ("link_exists", peer_veth),
+        ("link_exists", peer_veth),             # again under the network's lock
         ("delete_endpoint", host_veth),
         ("ensure_endpoint", net.bridge, host_veth, peer_veth, ep.mac, 9000),
     ]
@@ -657,6 +658,94 @@ def test_racing_identical_calls_all_succeed_one_at_a_time_and_undo_nothing(tmp_p
     assert len(plug.store.networks()) == 1 and len(plug.store.endpoints()) == 1
     assert plug.dataplane.overlaps == 0                                 # never two at once
     assert not plug.dataplane.called("delete_endpoint") and not plug.dataplane.called("delete_network")
+
+
+def test_a_join_repairing_the_veth_never_brings_it_back_for_a_network_deleted_meanwhile(plug, monkeypatch):
+    """Join found the container end gone and deletes and re-makes the pair; a DeleteNetwork lands in that
+    window. The repair holds the network's lock, so the delete waits for it and removes the pair after;
+    nothing of the endpoint is left in the kernel."""
+    import threading
+
+    create(plug)
+    endpoint(plug)
+    host_veth = veth_names(EID)[0]
+    plug.dataplane.links[host_veth]["peer_present"] = False         # the sandbox took the container end
+    deleted = threading.Thread(target=plug.driver.delete_network, args=(NID,))
+    remove = plug.dataplane.delete_endpoint
+
+    def delete_network_meanwhile(name):
+        remove(name)
+        if not deleted.is_alive() and deleted.ident is None:
+            deleted.start()
+            deleted.join(timeout=1)              # done at once unless the repair holds the lock
+
+    monkeypatch.setattr(plug.dataplane, "delete_endpoint", delete_network_meanwhile)
+    try:
+        plug.driver.join(NID, EID, "/var/run/docker/netns/x", {})
+    except NotFound:
+        pass                                     # the network was gone by the time Join looked again
+    deleted.join(timeout=10)
+    assert not deleted.is_alive()
+    assert plug.store.network(NID) is None and plug.store.leftovers() == []
+    assert host_veth not in plug.dataplane.links, plug.dataplane.links
+
+
+def test_racing_joins_that_repair_one_veth_leave_one_pair(plug, monkeypatch):
+    """Two Joins both find the container end gone: the second, waiting for the lock, sees the pair the
+    first made and keeps it (it does not delete it from under the first)."""
+    import threading
+
+    create(plug)
+    endpoint(plug)
+    plug.dataplane.links[veth_names(EID)[0]]["peer_present"] = False
+    other = threading.Thread(target=plug.driver.join, args=(NID, EID, "/var/run/docker/netns/y", {}))
+    remove = plug.dataplane.delete_endpoint
+
+    def second_join_meanwhile(name):
+        remove(name)
+        if other.ident is None:
+            other.start()
+            other.join(timeout=1)
+
+    monkeypatch.setattr(plug.dataplane, "delete_endpoint", second_join_meanwhile)
+    plug.driver.join(NID, EID, "/var/run/docker/netns/x", {})
+    other.join(timeout=10)
+    assert len(plug.dataplane.called("ensure_endpoint")) == 2      # CreateEndpoint's, then one repair
+    assert list(plug.dataplane.links) == [veth_names(EID)[0]]
+
+
+def test_a_pool_released_while_its_network_is_created_is_kept(plug, monkeypatch):
+    """CreateNetwork lands between ReleasePool's check for a network and its delete: the pool stays."""
+    pool = pool_of(plug)
+    tx, armed = plug.store.tx, [True]
+
+    def create_first():
+        if armed:
+            armed.clear()
+            plug.driver.create_network(NID, {GENERIC: {}}, [{"Pool": pool}], [])
+        return tx()
+
+    monkeypatch.setattr(plug.store, "tx", create_first)
+    plug.ipam.release_pool(pool)
+    assert plug.store.network(NID) is not None
+    assert [row["pool_id"] for row in plug.store.pools()] == [pool]
+
+
+def test_a_network_created_on_a_pool_released_meanwhile_is_a_conflict(plug, monkeypatch):
+    """ReleasePool lands between CreateNetwork's look at the pools and its transaction: a 409 naming the
+    pool, and no network (row or kernel) on a pool that is gone."""
+    pool = pool_of(plug)
+    pools = plug.store.pools
+
+    def released_after_reading():
+        rows = pools()
+        plug.ipam.release_pool(pool)
+        return rows
+
+    monkeypatch.setattr(plug.store, "pools", released_after_reading)
+    with pytest.raises(Conflict, match=f"pool {pool} was released meanwhile"):
+        plug.driver.create_network(NID, {GENERIC: {}}, [{"Pool": pool}], [])
+    assert plug.store.network(NID) is None and not plug.dataplane.called("ensure_network")
 
 
 def test_the_datapath_pass_never_rebuilds_a_network_deleted_while_it_waited(tmp_path):

@@ -613,3 +613,22 @@ def test_allocation_reads_the_pool_outside_the_write_lock(tmp_path):
     inside = statements[begin:statements.index("COMMIT", begin)]
     assert not [s for s in inside if "FROM addresses" in s], inside
     assert len(inside) <= 4, inside
+
+
+# -- a pool released while an address is taken from it ------------------------------------------------------
+@pytest.mark.parametrize("wanted", ["next", "requested"])
+def test_a_pool_released_while_an_address_is_taken_is_a_clear_not_found(ipam, monkeypatch, wanted):
+    """ReleasePool lands between RequestAddress's first look at the pool and its transaction: a 404 naming
+    the pool (not a TypeError or a foreign-key error, which would be a 500), and nothing is written."""
+    pool = ipam.request_pool()["PoolID"]
+    address = str(ipaddress.IPv4Network(pool).network_address + 7) if wanted == "requested" else ""
+    epoch = ipam._replay_epoch
+
+    def released_meanwhile():
+        ipam.release_pool(pool)
+        return epoch()
+
+    monkeypatch.setattr(ipam, "_replay_epoch", released_meanwhile)
+    with pytest.raises(NotFound, match=f"pool {pool} was released meanwhile"):
+        ipam.request_address(pool, address)
+    assert ipam.store.pools() == [] and ipam.store.addresses(pool) == []

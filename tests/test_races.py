@@ -32,7 +32,16 @@ def kernel(ns: str, tag: str) -> dict:
             + [r for r in run(["ip", "-n", ns, "route"]).stdout.splitlines() if "/32" in r or "vpc-" in r],
             "addresses": [a for a in run(["ip", "-n", ns, "-o", "addr"]).stdout.splitlines() if "vpc-" in a],
             "chains": [line for line in run(["ip", "netns", "exec", ns, "iptables-save"]).stdout.splitlines()
-                       if tag in line]}
+                       if tag in line],
+            # ebpf mode: the network's program on the uplink (the host's default route), one per network
+            "programs": [line for line in run(["ip", "netns", "exec", ns, "tc", "filter", "show", "dev", "uplink0",
+                                               "ingress"]).stdout.splitlines() if f"vpcnet-{tag}" in line]}
+
+
+def endpoint_programs(ns: str, veth: str) -> list[str]:
+    """The bpf filters on an endpoint's host veth (ebpf mode: its container program)."""
+    return [line for line in run(["ip", "netns", "exec", ns, "tc", "filter", "show", "dev", veth, "ingress"],
+                                 check=False).stdout.splitlines() if " bpf " in line and " handle " in line]
 
 
 def no_500(answers: list[tuple[int, dict]], what: str) -> list[int]:
@@ -42,7 +51,7 @@ def no_500(answers: list[tuple[int, dict]], what: str) -> list[int]:
 
 
 @pytest.mark.root
-@pytest.mark.parametrize("mode", ["bridge", "routed"])
+@pytest.mark.parametrize("mode", ["bridge", "routed", "ebpf"])
 def test_racing_raw_calls_on_the_same_ids_against_the_real_plugin(plugin_factory, host, mode):  # noqa: F811
     plugin = plugin_factory({"VPCNET_WORKERS": "2", "VPCNET_THREADS": "8"}, netns=host)
     status, pool = plugin.call("/IpamDriver.RequestPool", {"Pool": ""})
@@ -55,7 +64,9 @@ def test_racing_raw_calls_on_the_same_ids_against_the_real_plugin(plugin_factory
                       "CreateNetwork")
     assert statuses.count(200) >= 1, statuses
     assert len(plugin.status()["networks"]) == 1
-    assert len([link for link in kernel(host, tag)["links"] if link.startswith("vpc-")]) == 1
+    state = kernel(host, tag)
+    assert len([link for link in state["links"] if link.startswith("vpc-")]) == 1
+    assert len(state["programs"]) == (1 if mode == "ebpf" else 0), state["programs"]
 
     # Two endpoints, each created and joined by several racers at once.
     eids = [uuid.uuid4().hex * 2 for _ in range(2)]
@@ -75,9 +86,20 @@ def test_racing_raw_calls_on_the_same_ids_against_the_real_plugin(plugin_factory
     state = kernel(host, tag)
     host_veths = [link for link in state["links"] if link.startswith("vh")]
     assert len(host_veths) == 2, state                              # one veth pair per endpoint
+
+    # Both pairs gone (a reboot, a sandbox that took them along): racing Joins re-make each pair once.
+    for veth in host_veths:
+        run(["ip", "-n", host, "link", "del", veth])
+    no_500(burst([(plugin.call, "/NetworkDriver.Join", {"NetworkID": nid, "EndpointID": eid,
+                                                         "SandboxKey": SANDBOX}) for eid in eids] * 4), "Join, repair")
+    state = kernel(host, tag)
+    assert [link for link in state["links"] if link.startswith("vh")] == host_veths, state
+    assert len([link for link in state["links"] if link.startswith("vc")]) == 2, state
+    for veth in host_veths:
+        assert len(endpoint_programs(host, veth)) == (1 if mode == "ebpf" else 0), veth
     endpoints = plugin.status()["networks"][0]["endpoints"]
     assert sorted(ep["address"] for ep in endpoints) == sorted(a.split("/")[0] for a in addrs)
-    if mode == "routed":
+    if mode != "bridge":        # routed and ebpf: a /32 route per endpoint
         for addr in addrs:
             ip = addr.split("/")[0]
             assert len([r for r in state["routes"] if r.startswith(f"{ip} ")]) == 1, state["routes"]
@@ -98,7 +120,7 @@ def test_racing_raw_calls_on_the_same_ids_against_the_real_plugin(plugin_factory
     loser = next(e for e in rivals if e != winner)
     state = kernel(host, tag)
     assert len([link for link in state["links"] if link.startswith("vh")]) == 3, state
-    if mode == "routed":
+    if mode != "bridge":
         ip = shared.split("/")[0]
         assert len([r for r in state["routes"] if r.startswith(f"{ip} ")]) == 1, state["routes"]
 
@@ -114,7 +136,7 @@ def test_racing_raw_calls_on_the_same_ids_against_the_real_plugin(plugin_factory
     assert [link for link in state["links"] if link.startswith("vh")] == \
         [link for link in host_veths if link[2:13] == keep[:11]], state
     assert [ep["address"] for ep in plugin.status()["networks"][0]["endpoints"]] == [addrs[1].split("/")[0]]
-    if mode == "routed":
+    if mode != "bridge":
         ip = addrs[1].split("/")[0]
         assert len([r for r in state["routes"] if r.startswith(f"{ip} ")]) == 1, state["routes"]
 
@@ -127,7 +149,7 @@ def test_racing_raw_calls_on_the_same_ids_against_the_real_plugin(plugin_factory
     assert plugin.status()["networks"] == []
     state = kernel(host, tag)
     assert state == {"links": [], "routes": [r for r in state["routes"] if "vpc-" not in r and "/32" not in r],
-                     "addresses": [], "chains": []}, state
+                     "addresses": [], "chains": [], "programs": []}, state
     assert " -> 500" not in plugin.log()
 
 

@@ -35,6 +35,8 @@ PARENTS = {"filter": FORWARD_CHAIN, "nat": NAT_CHAIN, "raw": RAW_CHAIN}
 BUILTIN = {"filter": "FORWARD", "nat": "POSTROUTING", "raw": "PREROUTING"}
 PREFIXES = {"filter": "VPCNET-F-", "nat": "VPCNET-N-", "raw": "VPCNET-R-"}
 TABLES = ("raw", "filter", "nat")
+ATTEMPTS = 3                  # save, diff and restore rounds of one apply
+FORWARD_MOVE = f"\n-D FORWARD -j {FORWARD_CHAIN}\n"    # in a script that moves FORWARD's jump
 HOST_VETHS = "vh+"            # iptables wildcard for every endpoint's host end
 # Routed modes: a packet from a container's veth whose source address is not routed back to that veth
 # (another network's address, anyone else's) is dropped before anything else sees it. The kernel's own
@@ -130,16 +132,28 @@ class FirewallTable:
               saved: Saved | None = None) -> list[str]:
         """One save (unless `saved` is given), one restore if anything differs. `host`: also the shared
         chains, the builtin chains' jumps to them and the anti-spoofing rule."""
+        found: list[str] | None = None
+        error, misplaced = "", False
         with self._lock:
-            for attempt in range(2):          # a concurrent writer (another worker) may win once
+            for attempt in range(ATTEMPTS):   # a concurrent writer (another worker, another tool) may win
                 current = saved if saved is not None and attempt == 0 else self.save()
                 problems, script = self._diff(current, wanted, unwanted, host)
+                found = problems if found is None else found
                 if not script:
-                    return problems
+                    return found
                 proc = self._run([self.restore_cmd, "-w", "10", "--noflush"], script)
-                if proc.returncode == 0:
-                    return problems
-                error = proc.stderr.strip()
+                if proc.returncode != 0:
+                    error, misplaced = proc.stderr.strip(), False
+                    continue
+                # A moved jump goes in at a number read before the restore: a rule another tool put into
+                # FORWARD meanwhile shifts it (and loses no one's rule: the deletes are by text). Check.
+                misplaced = FORWARD_MOVE in script and bool(_forward_jump(self.save(), []))
+                if not misplaced:
+                    return found
+            if misplaced:
+                log.warning("FORWARD changed during the repair of its jump to %s: the next pass moves it",
+                            FORWARD_CHAIN)
+                return found or []
             raise DataplaneError(f"{self.restore_cmd} failed: {error}")
 
     def set_policy(self, chain: str, policy: str, table: str = "filter") -> None:
@@ -225,7 +239,9 @@ def _forward_jump(saved: Saved, lines: list[str]) -> list[str]:
     """FORWARD -> VPCNET-FORWARD right after FORWARD -> DOCKER-USER (when Docker made it; the user's own
     rules come first), else first; only Docker's own rules may come between. A misplaced jump (ahead of
     DOCKER-USER, or behind another rule, as after a Docker restart or a firewall tool's reload) is moved
-    in the same transaction: every copy deleted by number, then one inserted where it belongs."""
+    in the same transaction: every copy deleted by its text (never by number: another tool, Docker or
+    firewalld, may change FORWARD between the save and the restore, and a number would then name its
+    rule), then one inserted where it belongs; `FirewallTable.apply` reads FORWARD back to check that."""
     forward = saved.chain("filter", "FORWARD") or []
     jump, user = f"-j {FORWARD_CHAIN}", f"-j {USER_CHAIN}"
     ours = [i for i, r in enumerate(forward) if r == jump]
@@ -233,7 +249,7 @@ def _forward_jump(saved: Saved, lines: list[str]) -> list[str]:
     start = theirs[0] + 1 if theirs else 0
     if len(ours) == 1 and ours[0] >= start and all(_DOCKERS_OWN.search(r) for r in forward[start:ours[0]]):
         return []
-    lines += [f"-D FORWARD {i + 1}" for i in sorted(ours, reverse=True)]
+    lines += [f"-D FORWARD {jump}"] * len(ours)
     lines.append(f"-I FORWARD {start - sum(1 for i in ours if i < start) + 1} {jump}")
     if not ours:
         return [f"filter FORWARD's jump to {FORWARD_CHAIN} missing"]

@@ -186,6 +186,11 @@ class NetworkDriver:
             # fails here, before anything is in the kernel.
             try:
                 with self.store.tx() as db:
+                    # A ReleasePool may have removed the pool since it was read above: checked in the
+                    # transaction that adds the network, as ReleasePool checks for a network in its own.
+                    if not self.store.has_pool(db, pool):
+                        raise Conflict(f"pool {pool} was released meanwhile (ReleasePool): request a pool "
+                                       "again, then create the network")
                     self.store.add_network(db, net)
             except sqlite3.IntegrityError:
                 raise Conflict(f"host CIDR {pool} or bridge {net.bridge} was taken by another network "
@@ -325,9 +330,15 @@ class NetworkDriver:
         net = self._network(network_id)
         ep = self._endpoint(network_id, endpoint_id)
         if not self.dataplane.link_exists(ep.peer_veth):
-            # After a host reboot, or a Leave that let the sandbox delete it: make a fresh pair.
-            self.dataplane.delete_endpoint(ep.host_veth)
-            self._ensure_endpoint(net, ep)
+            # After a host reboot, or a Leave that let the sandbox delete it: make a fresh pair, under the
+            # network's lock and from rows read again under it. A DeleteNetwork or DeleteEndpoint that won
+            # meanwhile would otherwise get its veth back, and a racing Join would delete this one's pair.
+            with self._locked(network_id):
+                net = self._network(network_id)
+                ep = self._endpoint(network_id, endpoint_id)
+                if not self.dataplane.link_exists(ep.peer_veth):
+                    self.dataplane.delete_endpoint(ep.host_veth)
+                    self._ensure_endpoint(net, ep)
         # The cluster CIDR through the gateway: other hosts' containers stay on this interface even when
         # another network of the container gives the default route (gw-priority, Docker 28+).
         cluster_route = {"Destination": net.cluster_cidr, "RouteType": ROUTE_NEXTHOP, "NextHop": net.gateway}

@@ -133,14 +133,10 @@ class Ipam:
 
     def release_pool(self, pool_id: str) -> dict:
         _require_pool_id(pool_id)
-        if self.store.network_by_host_cidr(pool_id) is not None:
+        if not self.store.release_pool(pool_id):
             # Another network of ours still uses it (e.g. a refused duplicate create releasing its
             # request): keep it.
             log.info("pool %s still used by a network: kept", pool_id)
-            return {}
-        with self.store.tx() as db:
-            db.execute("DELETE FROM addresses WHERE pool_id=?", (pool_id,))
-            db.execute("DELETE FROM pools WHERE pool_id=?", (pool_id,))
         return {}
 
     # -- addresses --------------------------------------------------------------------------------
@@ -183,6 +179,7 @@ class Ipam:
     def _take_requested(self, pool_id: str, ip: ipaddress.IPv4Address) -> None:
         epoch = self._replay_epoch()
         with self.store.tx() as db:
+            _require_pool(self.store, db, pool_id)
             row = db.execute("SELECT replay_epoch FROM addresses WHERE pool_id=? AND address=?",
                              (pool_id, str(ip))).fetchone()
             if row is None:
@@ -212,7 +209,10 @@ class Ipam:
         if not free:
             raise Exhausted(f"pool {pool_id} is exhausted: all {usable} container addresses are in use")
         with self.store.tx() as db:
-            cursor = db.execute("SELECT cursor FROM pools WHERE pool_id=?", (pool_id,)).fetchone()["cursor"]
+            row = db.execute("SELECT cursor FROM pools WHERE pool_id=?", (pool_id,)).fetchone()
+            if row is None:
+                raise _released(pool_id)
+            cursor = row["cursor"]
             start = bisect.bisect_left(free, cursor) if first <= cursor <= last else 0
             for step in range(len(free)):
                 candidate = free[(start + step) % len(free)]
@@ -228,6 +228,16 @@ class Ipam:
         with self.store.tx() as db:
             db.execute("DELETE FROM addresses WHERE pool_id=? AND address=?", (pool_id, str(ip)))
         return {}
+
+
+def _require_pool(store, db, pool_id: str) -> None:
+    """Inside the transaction that takes an address: the pool read before it may have been released since."""
+    if not store.has_pool(db, pool_id):
+        raise _released(pool_id)
+
+
+def _released(pool_id: str) -> NotFound:
+    return NotFound(f"pool {pool_id} was released meanwhile (ReleasePool): no such vpcnet pool on this host")
 
 
 def _gateway(host: ipaddress.IPv4Network) -> ipaddress.IPv4Address:

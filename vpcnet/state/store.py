@@ -328,6 +328,21 @@ class Store:
     def pools(self) -> list[sqlite3.Row]:
         return self.read("SELECT * FROM pools ORDER BY pool_id")
 
+    @staticmethod
+    def has_pool(db: sqlite3.Connection, pool_id: str) -> bool:
+        """Inside a transaction: whether the pool is (still) there."""
+        return db.execute("SELECT 1 FROM pools WHERE pool_id=?", (pool_id,)).fetchone() is not None
+
+    def release_pool(self, pool_id: str) -> bool:
+        """Forget a pool and its addresses unless a network uses it (False then). The check and the delete
+        are one transaction: a CreateNetwork cannot take the pool in between."""
+        with self.tx() as db:
+            if db.execute("SELECT 1 FROM networks WHERE host_cidr=?", (pool_id,)).fetchone() is not None:
+                return False
+            db.execute("DELETE FROM addresses WHERE pool_id=?", (pool_id,))
+            db.execute("DELETE FROM pools WHERE pool_id=?", (pool_id,))
+        return True
+
     def addresses_per_pool(self) -> dict[str, int]:
         """Pool (host CIDR) -> addresses handed out from it, pools without any included."""
         rows = self.read("SELECT p.pool_id AS pool, COUNT(a.address) AS used FROM pools p "

@@ -1,7 +1,7 @@
 """The feature probe and the default mode, against the real kernel: with all of root's capabilities the
 default is ebpf; a plugin started without CAP_BPF and CAP_SYS_ADMIN (setpriv drops them from its bounding
 set, so BPF_PROG_LOAD really fails) falls back to routed, and says so in its log, `vpcnet status` and
-`vpcnet doctor`."""
+`vpcnet doctor`. A failed probe is trusted for a while only; a success for the process's life."""
 from __future__ import annotations
 
 import json
@@ -14,6 +14,8 @@ import pytest
 from conftest import is_root, require, run, unique
 
 from vpcnet.datapath import features
+from vpcnet.datapath.dataplane import Dataplane
+from vpcnet.errors import DataplaneError
 
 NO_BPF = ("setpriv", "--bounding-set=-bpf,-sys_admin", "--")
 POOL_REQUEST = {"AddressSpace": "vpcnet-local", "Pool": "", "SubPool": "", "Options": {}, "V6": False}
@@ -36,6 +38,68 @@ def test_with_roots_capabilities_the_best_mode_is_ebpf_and_nothing_is_left_behin
     assert features.probe(ns) is found, "cached per process and namespace"
     assert "vpt" not in links(ns), "the probe's veth pair is deleted"
     assert features.default_mode("auto", found) == features.DefaultMode("ebpf", "auto")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_transient_load_failure_gives_routed_until_it_expires_then_ebpf_for_good(privileged, netns_factory,
+                                                                                     monkeypatch, caplog):
+    """One refused BPF_PROG_LOAD (memory pressure, say) must not leave this process making routed networks
+    for the rest of its life: the next network create after FAILURE_TTL probes again."""
+    ns = netns_factory("vpfeat")
+    clock = FakeClock()
+    monkeypatch.setattr(features, "CACHE", features.ProbeCache(clock=clock))
+    real_load, loads = features.ebpf.load, []
+
+    def load_failing_once(program, name):
+        loads.append(name)
+        if len(loads) == 1:
+            raise DataplaneError(f"cannot load eBPF program {name}: Cannot allocate memory")
+        return real_load(program, name)
+
+    monkeypatch.setattr(features.ebpf, "load", load_failing_once)
+    caplog.set_level("INFO", logger=features.__name__)
+    dp = Dataplane(netns=ns)                       # what network create asks
+    assert features.default_mode("auto", dp.features()).mode == "routed"
+    clock.now += features.FAILURE_TTL - 1
+    assert features.default_mode("auto", dp.features()).mode == "routed", "a failure is trusted a while"
+    assert len(loads) == 1, "and not probed again meanwhile"
+    clock.now += 2
+    assert features.default_mode("auto", dp.features()) == features.DefaultMode("ebpf", "auto")
+    assert "best mode ebpf (was routed)" in caplog.text, "the change is logged"
+    probed = len(loads)
+    clock.now += 10 * 365 * 86400
+    assert dp.features().best == "ebpf"
+    assert len(loads) == probed, "a success is never probed again"
+    assert "vpt" not in links(ns)
+
+
+def test_the_probe_cache_keeps_a_success_and_expires_a_failure_per_namespace(monkeypatch):
+    """The cache alone (no root): answers scripted per namespace, time from a fake clock."""
+    answers = {"a": [features.Features("routed", {"ebpf": "refused"}), features.Features("ebpf")],
+               "b": [features.Features("ebpf")]}
+    asked: list[str | None] = []
+
+    def fake_probe(netns):
+        asked.append(netns)
+        return answers[netns].pop(0)
+
+    monkeypatch.setattr(features, "_probe", fake_probe)
+    clock = FakeClock()
+    cache = features.ProbeCache(clock=clock, failure_ttl=60)
+    assert cache.get("a").best == "routed" and cache.get("b").best == "ebpf"
+    clock.now += 59.9
+    assert cache.get("a").best == "routed" and asked == ["a", "b"]
+    clock.now += 0.2
+    assert cache.get("a").best == "ebpf" and asked == ["a", "b", "a"]
+    clock.now += 10**9
+    assert cache.get("a").best == "ebpf" and cache.get("b").best == "ebpf" and asked == ["a", "b", "a"]
 
 
 def test_without_cap_bpf_the_probe_really_fails_to_load_and_the_best_mode_is_routed(privileged, netns_factory):

@@ -1,6 +1,7 @@
 """The emulator's router namespace: Available entries become kernel routes (proto 188) in a netns.
 
-Needs root and `ip` (iproute2); makes a uniquely named namespace and always deletes it.
+Needs root and `ip` (iproute2), checked through conftest.require (a missing one fails under
+VPCNET_TEST_STRICT=1); makes a uniquely named namespace and always deletes it.
 """
 from __future__ import annotations
 
@@ -17,14 +18,17 @@ from vpcnet_lab.emulator import Emulator, serve_in_thread
 from vpcnet_lab.emulator.kernel import RTPROT_EMULATOR, KernelRouteError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # share the signed client (any import mode)
-from conftest import wait_for  # noqa: E402
+from conftest import is_root, require, wait_for  # noqa: E402
 from test_emulator import TABLE, Client, assert_error  # noqa: E402
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
-    pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2's `ip`"),
-]
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture(autouse=True)
+def kernel_tools():
+    # through require, not skipif: strict mode must turn a missing one into a failure
+    require(is_root(), "needs root to create network namespaces")
+    require(shutil.which("ip") is not None, "needs iproute2's `ip`")
 
 
 def ip(*args: str, check: bool = True) -> str:
@@ -197,3 +201,14 @@ def test_each_route_table_in_its_own_kernel_table(router_ns):
         emu.close()
         for number in (101, 102):
             ip("-n", router_ns, "route", "flush", "table", str(number), check=False)
+
+
+def test_strict_mode_fails_these_tests_where_ip_is_missing(tmp_path):
+    """What CI relies on: with VPCNET_TEST_STRICT=1 a missing requirement is a failure, never a skip."""
+    here = os.path.abspath(__file__)
+    env = dict(os.environ, VPCNET_TEST_STRICT="1", PATH=str(tmp_path))      # no `ip` on this PATH
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", here, "-k",
+                           "restart_reconciles or missing_namespace"], env=env, capture_output=True,
+                          text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(here)))
+    assert "2 errors" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-3000:]
+    assert "required by VPCNET_TEST_STRICT=1: needs iproute2's `ip`" in proc.stdout, proc.stdout[-3000:]

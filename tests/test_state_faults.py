@@ -10,8 +10,8 @@ import uuid
 
 import pytest
 from conftest import is_root, require, run
-from fakes import make_plugin
-from test_transport import EID, NID, ok, post, setup_network
+from fakes import dump_db, make_plugin
+from test_transport import EID, EID2, NID, SANDBOX, ok, post, setup_network
 
 from vpcnet.state.store import Store
 
@@ -53,50 +53,92 @@ def test_serve_refuses_a_damaged_state_file_in_one_line(tmp_path, damage):
     assert open(db, "rb").read() == before, "the damaged file is left as it was, for recovery"
 
 
-def test_a_full_state_disk_fails_clearly_changes_nothing_and_recovers(tmp_path):
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs for the state dir, unmounted at the end."""
     require(is_root(), "needs root (mounts a small tmpfs as the state dir)")
     mnt = tmp_path / "small"
     mnt.mkdir()
     run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)])
     try:
-        plug = make_plugin(tmp_path, VPCNET_STATE_DIR=str(mnt / "state"))
-        client = plug.app().test_client()
-        pool = setup_network(client)
-        filler = mnt / "filler"
-        with open(filler, "wb", buffering=0) as fh:      # fill the disk to the last block
-            for size in (65536, 4096, 512):
-                try:
-                    while True:
-                        fh.write(b"\0" * size)
-                except OSError:
-                    pass
-        links_before = dict(plug.dataplane.links)
-        answers = []
-        for _ in range(20):                            # until sqlite needs a new page and cannot have it
-            status, answer = post(client, "/IpamDriver.RequestAddress", {"PoolID": pool["PoolID"]})
-            answers.append((status, answer))
-            if status != 200:
-                break
-            address = answer["Address"]
-            status, answer = post(client, "/NetworkDriver.CreateEndpoint", {
-                "NetworkID": NID, "EndpointID": uuid.uuid4().hex * 2, "Interface": {"Address": address}})
-            answers.append((status, answer))
-            if status != 200:
-                break
-        status, answer = answers[-1]
-        assert status == 507 and "cannot write vpcnet's state" in answer["Err"], answers[-1]
-        assert "free space" in answer["Err"]
-        # nothing half-applied: no veth beyond those of endpoints the store holds
-        assert set(plug.dataplane.links) == {e.host_veth for e in plug.store.endpoints()} | set(links_before)
-        os.remove(filler)                              # space is back: the next calls work
-        address = ok(client, "/IpamDriver.RequestAddress", {"PoolID": pool["PoolID"]})["Address"]
-        ok(client, "/NetworkDriver.CreateEndpoint", {"NetworkID": NID, "EndpointID": EID,
-                                                       "Interface": {"Address": address}})
-        assert plug.store.endpoint(EID) is not None
-        plug.store.close()
+        yield mnt
     finally:
         run(["umount", "-l", str(mnt)], check=False)
         shutil.rmtree(mnt, ignore_errors=True)
+
+
+def fill(mnt, db_path: str):
+    """The filesystem full to its last block, the store's WAL emptied first: the very next write of the
+    state needs a new block and cannot have it (a WAL with room left would take a few more commits)."""
+    conn = sqlite3.connect(db_path)
+    busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    conn.close()
+    assert busy == 0 and os.path.getsize(db_path + "-wal") == 0
+    filler = mnt / "filler"
+    with open(filler, "wb", buffering=0) as fh:
+        for size in (65536, 4096, 512):
+            try:
+                while True:
+                    fh.write(b"\0" * size)
+            except OSError:
+                pass
+    return filler
+
+
+def join(client, eid: str):
+    return post(client, "/NetworkDriver.Join", {"NetworkID": NID, "EndpointID": eid, "SandboxKey": SANDBOX,
+                                                "Options": {}})
+
+
+@pytest.mark.parametrize("call", ["CreateNetwork", "RequestAddress", "CreateEndpoint"])
+def test_a_full_state_disk_fails_the_call_clearly_changes_nothing_and_recovers(tmp_path, small_disk, call):
+    """Each call that writes the state, on a disk that is full when it writes: 507 naming the state file,
+    no row and nothing in the kernel (no bridge, no veth), and the same call works once space is back."""
+    plug = make_plugin(tmp_path, VPCNET_STATE_DIR=str(small_disk / "state"))
+    client = plug.app().test_client()
+    db = plug.config.db_path
+    network = {"NetworkID": NID, "Options": {"com.docker.network.generic": {}}, "IPv6Data": []}
+    pool = ok(client, "/IpamDriver.RequestPool", {"AddressSpace": "vpcnet-local", "Pool": "", "SubPool": "",
+                                                  "Options": {}, "V6": False})
+    network["IPv4Data"] = [{"AddressSpace": "vpcnet-local", "Pool": pool["Pool"],
+                            "Gateway": pool["Data"]["com.docker.network.gateway"]}]
+    endpoint: dict = {"NetworkID": NID, "EndpointID": EID}
+    if call != "CreateNetwork":
+        ok(client, "/NetworkDriver.CreateNetwork", network)
+        first = ok(client, "/IpamDriver.RequestAddress", {"PoolID": pool["PoolID"]})["Address"]
+        ok(client, "/NetworkDriver.CreateEndpoint", {"NetworkID": NID, "EndpointID": EID2,
+                                                       "Interface": {"Address": first}})
+    if call == "CreateEndpoint":
+        endpoint["Interface"] = {"Address": ok(client, "/IpamDriver.RequestAddress",
+                                                  {"PoolID": pool["PoolID"]})["Address"]}
+    path, body = {"CreateNetwork": ("/NetworkDriver.CreateNetwork", network),
+                  "RequestAddress": ("/IpamDriver.RequestAddress", {"PoolID": pool["PoolID"]}),
+                  "CreateEndpoint": ("/NetworkDriver.CreateEndpoint", endpoint)}[call]
+
+    rows, kernel = dump_db(db), plug.dataplane.state()
+    filler = fill(small_disk, db)
+    status, answer = post(client, path, body)
+    assert status == 507, answer
+    assert f"cannot write vpcnet's state {db}" in answer["Err"] and "free space" in answer["Err"], answer
+    assert dump_db(db) == rows, "no row written"
+    assert plug.dataplane.state() == kernel, "nothing in the kernel: no bridge, no veth"
+    if call == "CreateEndpoint":
+        assert join(client, EID)[0] == 404, "Join of the endpoint that failed: nothing half made to join"
+        assert join(client, EID2)[0] == 200, "Join writes no state: a full disk does not stop it"
+        assert plug.dataplane.state() == kernel
+
+    os.remove(filler)                                  # space is back: the same call works
+    answer = ok(client, path, body)
+    if call == "CreateNetwork":
+        assert plug.store.network(NID) is not None and len(plug.dataplane.networks) == 1
+    elif call == "RequestAddress":
+        assert plug.store.endpoint_where(network_id=NID, address=answer["Address"].split("/")[0]) is None
+        assert len(dump_db(db)["addresses"]) == len(rows["addresses"]) + 1
+    else:
+        ep = plug.store.endpoint(EID)
+        assert ep is not None and ep.host_veth in plug.dataplane.links
+        assert join(client, EID)[0] == 200
+    plug.store.close()
 
 
 def test_the_replay_window_answers_only_identical_replays(tmp_path):
@@ -111,4 +153,3 @@ def test_the_replay_window_answers_only_identical_replays(tmp_path):
     assert ok(client, "/IpamDriver.RequestAddress", body)["Address"] == address      # the replay
     status, answer = post(client, "/IpamDriver.RequestAddress", body)                # a new container
     assert status == 409 and "already in use" in answer["Err"]
-    _ = sqlite3  # the store is sqlite; nothing else to check here

@@ -12,8 +12,11 @@ is deleted again, never assumed from a kernel version:
   set on it over netlink.
 - bridge: always (what every vpcnet host already needs).
 
-The probe costs a few milliseconds (two program loads, one veth pair) and runs once per process and
-network namespace (`probe` caches it). The throwaway pair is named `vpt<pid>` and lives in the namespace
+The probe costs a few milliseconds (two program loads, one veth pair) and is cached per process and network
+namespace (`ProbeCache`): an answer with nothing missing for the process's life, any other for
+FAILURE_TTL seconds only, so a transient failure (a BPF load refused under memory pressure) does not
+leave a worker making lesser networks for good. It runs at network create, never per endpoint. The
+throwaway pair is named `vpt<pid>` and lives in the namespace
 the datapath works in, so a crash in between leaves at most one down veth pair, which the next probe of a
 process with that pid replaces.
 """
@@ -25,6 +28,8 @@ import json
 import logging
 import os
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from pyroute2 import IPRoute, NetlinkError
@@ -38,6 +43,7 @@ ORDER = ("ebpf", "routed", "bridge")          # best first
 DEFAULT_MODE_KEY = "datapath_default"         # store meta: the default the plugin resolved at its start
 TC_INGRESS = 0xFFFFFFF2
 ETH_P_IP = 0x0800
+FAILURE_TTL = 60.0                            # seconds a probe that found something missing is trusted
 # CIDRs only for assembling the programs; nothing is routed by them
 _HOST, _CLUSTER = "10.255.0.0/24", "10.255.0.0/16"
 
@@ -90,18 +96,44 @@ def default_mode(setting: str, features: Features) -> DefaultMode:
                                                f"VPCNET_DEFAULT_MODE={features.best} to silence this")
 
 
-_cache: dict[str | None, Features] = {}
-_lock = threading.Lock()
+class ProbeCache:
+    """The probe's answers per network namespace. A success is kept for the process's life; a failure
+    expires after `failure_ttl` seconds of `clock`, and the next `get` probes again."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, failure_ttl: float = FAILURE_TTL):
+        self.clock = clock
+        self.failure_ttl = failure_ttl
+        self._entries: dict[str | None, tuple[Features, float | None]] = {}    # netns -> answer, expiry
+        self._lock = threading.Lock()
+
+    def get(self, netns: str | None = None, fresh: bool = False) -> Features:
+        with self._lock:
+            entry = self._entries.get(netns)
+            if entry is not None and not fresh and (entry[1] is None or self.clock() < entry[1]):
+                return entry[0]
+            found = _probe(netns)
+            previous = entry[0] if entry is not None else None
+            expires = None if not found.missing else self.clock() + self.failure_ttl
+            self._entries[netns] = (found, expires)
+            if found != previous:        # the first answer, or a change: a re-probe that found the same is quiet
+                log.info("datapath features%s: best mode %s%s%s%s", _where(netns), found.best,
+                         f" (was {previous.best})" if previous is not None else "",
+                         "".join(f"; no {m}: {why}" for m, why in found.missing.items()),
+                         f"; probed again at a network create after {self.failure_ttl:.0f} s" if found.missing
+                         else "")
+            return found
+
+
+CACHE = ProbeCache()
 
 
 def probe(netns: str | None = None, fresh: bool = False) -> Features:
-    """The host's features, probed once per process (and network namespace)."""
-    with _lock:
-        if fresh or netns not in _cache:
-            _cache[netns] = _probe(netns)
-            log.info("datapath features: best mode %s%s", _cache[netns].best,
-                     "".join(f"; no {m}: {why}" for m, why in _cache[netns].missing.items()))
-        return _cache[netns]
+    """The host's features, through the process-wide cache (see ProbeCache)."""
+    return CACHE.get(netns, fresh)
+
+
+def _where(netns: str | None) -> str:
+    return f" in netns {netns}" if netns else ""
 
 
 def _probe(netns: str | None) -> Features:

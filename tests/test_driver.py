@@ -443,6 +443,19 @@ def test_a_pinned_default_the_host_cannot_do_is_refused_before_anything_is_made(
     assert create(plug, pool=pool, generic={MODE_OPTION: "routed"}).mode == "routed"
 
 
+def test_a_default_that_changes_after_start_is_recorded_for_status(tmp_path):
+    """A probe that fell back at start (a transient BPF failure) and later finds ebpf: the next network
+    gets ebpf, and what `vpcnet status` and `doctor` read from the store says so."""
+    fake = FakeDataplane(features=Features("routed", {"ebpf": "cannot load eBPF program: transient"}))
+    plug = make_plugin(tmp_path, dataplane=fake)
+    plug.driver.restore()
+    assert json.loads(plug.store.get_meta("datapath_default"))["mode"] == "routed"
+    fake.host_features = Features("ebpf")
+    assert create(plug).mode == "ebpf"
+    recorded = json.loads(plug.store.get_meta("datapath_default"))
+    assert recorded["mode"] == "ebpf" and not recorded.get("fallback")
+
+
 def test_a_network_stored_as_bridge_keeps_its_mode_when_the_default_is_ebpf(tmp_path):
     """An old version's network (bridge, the old default) survives an upgrade and restart as bridge."""
     plug = make_plugin(tmp_path, VPCNET_DEFAULT_MODE="bridge")

@@ -89,6 +89,7 @@ class NetworkDriver:
         self.store = store
         self.dataplane = dataplane
         self.reconciler = DatapathReconciler(config, store, dataplane)
+        self._recorded_default: dict | None = None     # what the store holds for `vpcnet status`/doctor
 
     @staticmethod
     def capabilities() -> dict:
@@ -119,6 +120,7 @@ class NetworkDriver:
                                      f"({features.why_not(mode)}); use -o {MODE_OPTION}={features.best}")
             return mode
         default = self.default_mode()
+        self._record_default_mode(default)     # the probe may have answered otherwise since start
         if default.unsupported:
             best = self.dataplane.features().best
             raise InvalidRequest(f"VPCNET_DEFAULT_MODE={default.setting}: this host cannot do {default.mode} mode "
@@ -380,10 +382,13 @@ class NetworkDriver:
         for name in self.dataplane.drop_stale_uplink_programs(known):
             log.info("removed stale uplink program %s", name)
 
-    def _record_default_mode(self) -> None:
-        """Probe once at start, log the default and keep it in the store for `vpcnet status`/`doctor` (which
-        may run with other capabilities than the plugin's)."""
-        default = self.default_mode()
+    def _record_default_mode(self, default: DefaultMode | None = None) -> None:
+        """Log the default and keep it in the store for `vpcnet status`/`doctor` (which may run with other
+        capabilities than the plugin's): at start, and again whenever a later probe answers otherwise (a
+        transient failure at start is probed again after a while, vpcnet.datapath.features)."""
+        default = default or self.default_mode()
+        if default.to_dict() == self._recorded_default:
+            return
         if default.unsupported:
             log.error("VPCNET_DEFAULT_MODE=%s: this host cannot do it (%s); networks created without -o %s "
                       "are refused", default.setting, default.unsupported, MODE_OPTION)
@@ -396,6 +401,7 @@ class NetworkDriver:
         try:
             with self.store.tx() as db:
                 self.store.set_meta(db, DEFAULT_MODE_KEY, json.dumps(default.to_dict(), sort_keys=True))
+            self._recorded_default = default.to_dict()
         except Exception as exc:        # a full disk must not stop the start: the log has it
             log.warning("cannot record the default mode: %s", exc)
 

@@ -107,7 +107,10 @@ def make_venv(prefix: str) -> str:
     from vpcnet import bootstrap
 
     try:
-        return bootstrap.make_venv(prefix)
+        bootstrap.check_prefix(prefix)      # VPCNET_TEST_VENV may name any directory: `venv --clear` empties it
+        python = bootstrap.make_venv(prefix)
+        bootstrap.mark(prefix)
+        return python
     except bootstrap.BootstrapError as exc:
         raise RunError(str(exc)) from None
 

@@ -76,3 +76,17 @@ def test_ci_runs_the_command_as_the_readme_gives_it():
     assert re.search(r"^python3 tests/run\.py$", ci, re.M), ".ci/run must run the README's `python3 tests/run.py`"
     assert re.search(r"^tests/engines/with-docker.sh python3 tests/run.py -q -m docker$", ci, re.M)
     assert not re.search(r"pip install|-m pytest", ci)
+
+
+def test_a_venv_directory_holding_other_files_is_refused_and_left_alone(tmp_path):
+    """VPCNET_TEST_VENV may name any directory, and making a venv there empties it: one that is not
+    vpcnet's is refused, untouched, before anything else runs."""
+    other = tmp_path / "not-a-venv"
+    other.mkdir()
+    (other / "keep.txt").write_text("someone else's\n")
+    proc = subprocess.run([SYSTEM_PYTHON, os.path.join(REPO, "tests", "run.py"), "--no-apt", "-q"],
+                          env={**SUDO_ENV, "VPCNET_TEST_VENV": str(other)}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "not vpcnet's" in proc.stderr, proc.stderr
+    assert [p.name for p in other.iterdir()] == ["keep.txt"]
+    assert (other / "keep.txt").read_text() == "someone else's\n"

@@ -1,8 +1,8 @@
 """The metrics and health listener under abuse, over real sockets on 127.0.0.1: thousands of idle
 connections keep its threads bounded and are dropped within seconds while a scrape (and, against a real
-`vpcnet serve`, Docker's calls on the plugin socket) still gets answered; garbage, a huge head and a
-request that never ends are answered or dropped without harm; the allow-list closes other clients'
-connections unanswered."""
+`vpcnet serve`, Docker's calls on the plugin socket) still gets answered; a flood of /healthz writes
+nothing to the store; garbage, a huge head and a request that never ends are answered or dropped without
+harm; the allow-list closes other clients' connections unanswered."""
 from __future__ import annotations
 
 import os
@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import wait_for
@@ -252,6 +253,51 @@ def test_idle_flood_against_a_real_plugin_leaves_docker_calls_answered(plugin_fa
     finally:
         flood.close()
     assert plugin.proc.poll() is None, plugin.log()
+
+
+# -- /healthz is cheap ------------------------------------------------------------------------------
+def _healthz_flood(url: str, seconds: float = 3.0) -> list[int]:
+    """/healthz from 8 clients at once, back to back, for `seconds` (well inside the store probe's 10 s)."""
+    deadline = time.monotonic() + seconds
+
+    def client(_) -> list[int]:
+        statuses = []
+        while time.monotonic() < deadline:
+            statuses.append(get(url, "/healthz")[0])
+        return statuses
+
+    with ThreadPoolExecutor(8) as pool:
+        return [status for statuses in pool.map(client, range(8)) for status in statuses]
+
+
+def test_healthz_flood_writes_nothing_and_runs_the_checks_about_once_a_second(listener):
+    server = listener()
+    assert get(server.url, "/healthz")[0] == 200
+    probe = server.store.get_meta("health_probe")
+    checks = server.stand_in.connections
+    started = time.monotonic()
+    statuses = _healthz_flood(server.url)
+    elapsed = time.monotonic() - started
+    ran = server.stand_in.connections - checks
+    print(f"\n{len(statuses)} /healthz in {elapsed:.2f} s: checks ran {ran} times")
+    assert len(statuses) >= 100 and set(statuses) == {200}, statuses[:20]
+    assert server.store.get_meta("health_probe") == probe, "a /healthz of the flood wrote to the store"
+    assert 1 <= ran <= elapsed + 2, f"the checks ran {ran} times in {elapsed:.1f} s (answers kept about a second)"
+
+
+def test_healthz_flood_on_a_real_plugin_writes_nothing_to_its_store(plugin_factory):
+    plugin = plugin_factory()
+    url = plugin.metrics_url()
+    assert get(url, "/healthz")[0] == 200
+    state = Store(os.path.join(plugin.state_dir, "vpcnet.db"), readonly=True)
+    try:
+        probe = state.get_meta("health_probe")
+        assert probe, "the first /healthz proved the store writable"
+        statuses = _healthz_flood(url)
+        assert len(statuses) >= 100 and set(statuses) == {200}, statuses[:20]
+        assert state.get_meta("health_probe") == probe, "a /healthz of the flood wrote to the store"
+    finally:
+        state.close()
 
 
 # -- bad input --------------------------------------------------------------------------------------

@@ -13,10 +13,12 @@ systemd, TasksMax counts them, and a fork of iptables-restore then fails): each 
 keep-alive), and at most `VPCNET_METRICS_MAX_CONNECTIONS` at once (`_Slots`); `VPCNET_METRICS_ALLOW`
 closes other clients' connections unanswered.
 
-Health checks (`/healthz`: 200 and a JSON body when all pass, 503 naming the failing checks):
+Health checks (`/healthz`: 200 and a JSON body when all pass, 503 naming the failing checks; one answer
+serves every request for `HEALTH_MAX_AGE`, so a flood of them costs one round of checks a second):
 - `socket`: the plugin socket accepts a connection and answers HTTP (a GET, which reaches no driver code
   and counts as no Docker call);
-- `store`: one write transaction on the sqlite store commits;
+- `store`: one write transaction on the sqlite store commits (a commit is trusted for `STORE_PROBE_EVERY`,
+  so the check writes at most that often);
 - `reconciler`: its thread is alive and its last pass ended within `reconciler_deadline()` (a pass may
   legitimately spend minutes in bounded backoff against a failing cloud).
 
@@ -46,6 +48,8 @@ ADDR_FILE = "metrics.addr"
 SOCKET_TIMEOUT = 2.0
 REQUEST_TIMEOUT = 5.0       # seconds a client has to send its request, and again to take the answer
 MAX_REQUEST_HEAD = 16384    # bytes of request line and headers; a scrape's GET needs a few hundred
+HEALTH_MAX_AGE = 1.0        # seconds one /healthz answer serves every request
+STORE_PROBE_EVERY = 10.0    # seconds a store write that committed is trusted
 
 
 def reconciler_deadline(interval: float) -> float:
@@ -80,7 +84,7 @@ def store_writable(store) -> str:
 
 
 class Health:
-    """The named checks, run on demand."""
+    """The named checks, run on demand (`run`) or reused while recent (`recent`)."""
 
     def __init__(self, config, store, reconciler_thread: Callable[[], threading.Thread | None],
                  last_pass: Callable[[], float | None], started: float | None = None):
@@ -89,6 +93,10 @@ class Health:
         self.reconciler_thread = reconciler_thread
         self.last_pass = last_pass
         self.started = started if started is not None else time.time()
+        self._lock = threading.Lock()           # one round of checks at a time; the others wait for it
+        self._answer: dict[str, str] | None = None
+        self._answered = 0.0
+        self._store_committed: float | None = None
 
     def reconciler(self) -> str:
         thread = self.reconciler_thread()
@@ -101,10 +109,32 @@ class Health:
             return f"no reconcile pass finished for {age:.0f} s (limit {deadline:.0f} s)"
         return ""
 
+    def store_check(self) -> str:
+        """The write probe, skipped while the last one that committed is recent: a failure is seen at
+        most `STORE_PROBE_EVERY` late, and the store is not written on every request."""
+        if self._store_committed is not None and time.monotonic() - self._store_committed < STORE_PROBE_EVERY:
+            return ""
+        problem = store_writable(self.store)
+        self._store_committed = None if problem else time.monotonic()
+        return problem
+
     def run(self) -> dict[str, str]:
-        """Check name -> '' when it passes, else the problem."""
-        return {"socket": socket_answers(self.config.socket), "store": store_writable(self.store),
-                "reconciler": self.reconciler()}
+        """Check name -> '' when it passes, else the problem (checked now)."""
+        with self._lock:
+            return self._run()
+
+    def recent(self, max_age: float = HEALTH_MAX_AGE) -> dict[str, str]:
+        """The last answer while it is younger than `max_age`, else a new one."""
+        with self._lock:
+            if self._answer is not None and time.monotonic() - self._answered < max_age:
+                return dict(self._answer)
+            return self._run()
+
+    def _run(self) -> dict[str, str]:
+        results = {"socket": socket_answers(self.config.socket), "store": self.store_check(),
+                   "reconciler": self.reconciler()}
+        self._answer, self._answered = dict(results), time.monotonic()
+        return results
 
 
 def health_body(results: dict[str, str]) -> tuple[int, dict]:
@@ -228,7 +258,7 @@ class _Handler(BaseHTTPRequestHandler):
                 data = self.server.exposition.render()
             self._send(200, data, CONTENT_TYPE_LATEST)
         elif path == "/healthz":
-            status, body = health_body(self.server.health.run())
+            status, body = health_body(self.server.health.recent())
             self._send(status, json.dumps(body).encode() + b"\n", "application/json")
         else:
             self._send(404, b"vpcnet: /metrics or /healthz\n", "text/plain")

@@ -225,7 +225,10 @@ def test_healthz_names_the_failing_check_and_the_watchdog_stops(plugin_factory, 
 
         os.rename(plugin.socket, plugin.socket + ".moved")     # the plugin no longer reachable by Docker
         try:
-            status, body = healthz(url)
+            def unhealthy():        # one answer serves /healthz for up to a second
+                answer = healthz(url)
+                return answer if answer[0] == 503 else None
+            status, body = wait_for(unhealthy, 3) or healthz(url)
             assert status == 503 and body["failing"] == ["socket"], body
             assert "does not answer" in body["checks"]["socket"]["problem"]
             time.sleep(0.5)                                      # pings sent before the check failed
@@ -237,7 +240,7 @@ def test_healthz_names_the_failing_check_and_the_watchdog_stops(plugin_factory, 
         finally:
             os.rename(plugin.socket + ".moved", plugin.socket)
         assert wait_for(got_ping, 5), "watchdog pings did not resume once healthy"
-        assert healthz(url)[0] == 200
+        assert wait_for(lambda: healthz(url)[0] == 200, 3)
 
 
 def test_two_workers_one_listener_every_worker_counted(plugin_factory):

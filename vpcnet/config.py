@@ -111,6 +111,10 @@ SETTINGS: tuple[Setting, ...] = (
             "drift (firewall, bridges, routes, eBPF programs)", _float),
     Setting("metrics_addr", "127.0.0.1:9753", "HOST:PORT serving Prometheus /metrics and /healthz "
             "(loopback by default; empty turns them off)"),
+    Setting("metrics_max_connections", 64, "Connections the metrics listener holds at once (a thread each); "
+            "over it, the one idle longest is closed", _int),
+    Setting("metrics_allow", (), "Client networks the metrics listener answers (comma-separated CIDRs); others "
+            "are closed unanswered; empty: anyone who can connect", _cidr_list),
     Setting("instance_id", "", "This host's instance id for the local provider (default: hostname)"),
     Setting("cluster_name", "", "This cluster's identity, written into its routes so clusters sharing a VPC "
             "never touch each other's (default: derived from the cluster CIDR, e.g. 10.200.0.0-16)",
@@ -166,6 +170,8 @@ class Config:
     reconcile_interval: float = 30.0
     datapath_interval: float = 30.0
     metrics_addr: str = "127.0.0.1:9753"
+    metrics_max_connections: int = 64
+    metrics_allow: tuple[str, ...] = ()
     instance_id: str = ""
     cluster_name: str = ""
     route_table_quota: int = 0
@@ -308,6 +314,8 @@ def validate(config: Config, check_socket_dir: bool = True) -> None:
             parse_addr(config.metrics_addr)
         except ValueError as exc:
             raise ConfigError(f"VPCNET_METRICS_ADDR: {exc} (e.g. 127.0.0.1:9753; empty turns metrics off)") from None
+    if config.metrics_max_connections < 1:
+        raise ConfigError("VPCNET_METRICS_MAX_CONNECTIONS: must be at least 1")
     if not config.socket.endswith(".sock"):
         raise ConfigError(f"VPCNET_SOCKET: {config.socket} must end in .sock (Docker discovers plugins by it)")
     sock_dir = os.path.dirname(config.socket) or "."

@@ -67,6 +67,9 @@ trap 'exit 130' INT TERM
 mkdir -p "$DATA"
 ip netns add "$NS"
 ip -n "$NS" link set lo up
+# forwarding off, as on a host at boot: the engine turns it on and so sets FORWARD to DROP, as on a real host
+# (a new namespace copies the host's value, which the host's own engine has already turned on)
+ip netns exec "$NS" sysctl -qw net.ipv4.ip_forward=0
 # a veth whose far end stays here, unaddressed: the default route has a device, and nothing answers on it
 ip -n "$NS" link add uplink type veth peer name uplink-end
 ip -n "$NS" addr add 203.0.113.10/24 dev uplink

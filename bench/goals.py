@@ -1,15 +1,31 @@
-"""The benchmark goals for vpcnet's contenders, checked on the medians of one bench/run.py run.
+"""The benchmark goals for vpcnet's contenders, checked on one bench/run.py run: on the ratio of medians and
+on each round, so that a verdict is not named from medians whose ranges overlap.
 
 Pure functions over the results dictionary (no I/O), so the verdicts can be tested on numbers.
 
 Two groups of contenders: `cross` (container on host 1 <-> container on host 2, against the underlay and
 Docker's overlay) and `same` (two containers on host 1, against Docker's bridge network). Each vpcnet
 contender is checked: the default network (`vpcnet`, created without any `-o` option) and every explicit
-mode (`vpcnet-<mode>`); the fastest of them is named, because both the default and the
-fastest mode to meet every goal.
+mode (`vpcnet-<mode>`); the fastest of them is named too, since the goals are meant for both the default
+and the fastest mode.
 
-A ratio is mine / versus on medians. For "lower is better" metrics (latency, CPU, `docker run` time)
-the bound is an upper one.
+A ratio is mine / versus. For "lower is better" metrics (latency, CPU, `docker run` time) the bound is an
+upper one. Each goal gets one verdict:
+
+  met            the goal holds on the ratio of medians AND on at least 2/3 of the paired rounds
+  missed         it fails on the ratio of medians AND on at least 2/3 of the paired rounds
+  within noise   anything between: the rounds split, they disagree with the medians, or they cannot be
+                 paired (not one sample per round each)
+  one sample     the goal rests on one sample per contender (a 1-round run, or the CPU goal: `--profile`
+                 takes one perf run per contender; a CPU entry with `samples`, several runs' totals, is
+                 judged like rounds), so there is no spread to judge it against
+
+A paired round is one round's sample of the contender against the same round's sample of the baseline.
+Why paired rounds and not a noise margin from the spread: bench/run.py runs every contender in every
+round, in a rotated order, so a change in the shared machine's load hits a round's contenders alike.
+Pairing cancels that drift; a margin computed from the spread across rounds would mostly measure the
+machine's load (min–max ranges of ±30 % and more are usual there) and call nearly every goal noise.
+2/3 is a majority rule, not a significance test; more rounds make it sharper.
 """
 from __future__ import annotations
 
@@ -18,6 +34,9 @@ from dataclasses import dataclass
 DEFAULT = "vpcnet"                       # the network created with no -o option
 MODE_PREFIX = "vpcnet-"                  # vpcnet-bridge, vpcnet-routed, vpcnet-ebpf: -o vpcnet.mode=<mode>
 CROSS, SAME = "cross", "same"
+MET, MISSED, NOISE, ONE = "met", "missed", "within noise", "one sample"
+VERDICTS = (MET, MISSED, NOISE, ONE)
+MOST = (2, 3)                            # "most rounds": the share of paired rounds a verdict needs
 
 
 @dataclass(frozen=True)
@@ -70,13 +89,23 @@ def is_vpcnet(name: str) -> bool:
     return name == DEFAULT or name.startswith(MODE_PREFIX)
 
 
+def _table(res: dict, group: str, metric: str) -> dict:
+    if metric == "cpu_ms_per_gb":
+        return (res.get("cpu_ms_per_gb") or {}) if group == CROSS else {}
+    return res.get(metric, {}) if group == CROSS else res.get("same_host", {}).get(metric, {})
+
+
 def medians(res: dict, group: str, metric: str) -> dict[str, float]:
     """Contender -> median of one metric in one group of a bench/run.py result."""
-    if metric == "cpu_ms_per_gb":
-        cpu = (res.get("cpu_ms_per_gb") or {}) if group == CROSS else {}
-        return {name: groups["total"] for name, groups in cpu.items()}
-    table = res.get(metric, {}) if group == CROSS else res.get("same_host", {}).get(metric, {})
-    return {name: d["median"] for name, d in table.items()}
+    key = "total" if metric == "cpu_ms_per_gb" else "median"
+    return {name: d[key] for name, d in _table(res, group, metric).items()}
+
+
+def samples(res: dict, group: str, metric: str) -> dict[str, list[float]]:
+    """Contender -> its per-round samples, in round order. A CPU profile entry is one sample (its total)
+    unless it carries `samples`, the totals of several profile runs."""
+    key = "total" if metric == "cpu_ms_per_gb" else "median"
+    return {name: list(d.get("samples") or [d[key]]) for name, d in _table(res, group, metric).items()}
 
 
 def ratio(res: dict, goal: Goal, mine: str) -> float | None:
@@ -84,6 +113,36 @@ def ratio(res: dict, goal: Goal, mine: str) -> float | None:
     if mine not in values or not values.get(goal.versus):
         return None
     return values[mine] / values[goal.versus]
+
+
+def rounds(res: dict, goal: Goal, mine: str) -> tuple[int, int] | None:
+    """(rounds the goal held on, paired rounds): round i of `mine` against round i of the baseline.
+    None when the two do not have one sample per round each (they cannot be paired)."""
+    by = samples(res, goal.group, goal.metric)
+    a, b = by.get(mine, []), by.get(goal.versus, [])
+    if not a or len(a) != len(b):
+        return None
+    pairs = [(x, y) for x, y in zip(a, b, strict=True) if y]
+    return sum(1 for x, y in pairs if goal.met(x / y)), len(pairs)
+
+
+def verdict(goal: Goal, r: float | None, counted: tuple[int, int] | None) -> str | None:
+    """met / missed / within noise / one sample (the module docstring), None when not measured."""
+    if r is None:
+        return None
+    if counted is None:
+        return NOISE
+    held, paired = counted
+    if paired <= 1:
+        return ONE
+    def most(n: int) -> bool:                 # in integers: 6 of 9 is 2/3, not 0.666… short of it
+        return n * MOST[1] >= paired * MOST[0]
+
+    if goal.met(r) and most(held):
+        return MET
+    if not goal.met(r) and most(paired - held):
+        return MISSED
+    return NOISE
 
 
 def vpcnet_contenders(res: dict) -> list[str]:
@@ -97,13 +156,16 @@ def vpcnet_contenders(res: dict) -> list[str]:
 
 
 def evaluate(res: dict) -> list[dict]:
-    """One verdict per goal and vpcnet contender: ratio (None: not measured in this run) and met."""
+    """One verdict per goal and vpcnet contender: the ratio of medians (None: not measured in this run),
+    `rounds` [held, paired] (None: not measured, or the rounds cannot be paired) and `verdict`."""
     out = []
     for mine in vpcnet_contenders(res):
         for goal in GOALS:
             r = ratio(res, goal, mine)
+            counted = None if r is None else rounds(res, goal, mine)
             out.append({"goal": goal.text(), "group": goal.group, "metric": goal.metric, "versus": goal.versus,
-                        "contender": mine, "ratio": r, "met": None if r is None else goal.met(r)})
+                        "contender": mine, "ratio": r, "rounds": None if counted is None else list(counted),
+                        "verdict": verdict(goal, r, counted)})
     return out
 
 
@@ -111,15 +173,14 @@ def fastest(verdicts: list[dict], res: dict) -> str | None:
     """The vpcnet contender meeting the most goals; a tie goes to the higher TCP 1 stream median."""
     counts: dict[str, int] = {}
     for v in verdicts:
-        counts[v["contender"]] = counts.get(v["contender"], 0) + bool(v["met"])
+        counts[v["contender"]] = counts.get(v["contender"], 0) + (v["verdict"] == MET)
     if not counts:
         return None
     tcp = medians(res, CROSS, "tcp_1stream_bps")
     return max(counts, key=lambda n: (counts[n], tcp.get(n, 0.0)))
 
 
-def summary(verdicts: list[dict], contender: str) -> tuple[int, int, int]:
-    """(met, measured, not measured) for one contender."""
-    mine = [v for v in verdicts if v["contender"] == contender]
-    measured = [v for v in mine if v["met"] is not None]
-    return sum(1 for v in measured if v["met"]), len(measured), len(mine) - len(measured)
+def summary(verdicts: list[dict], contender: str) -> dict[str, int]:
+    """For one contender: how many goals got each verdict, and how many were not measured (None)."""
+    mine = [v["verdict"] for v in verdicts if v["contender"] == contender]
+    return {**{name: mine.count(name) for name in VERDICTS}, "not measured": mine.count(None)}

@@ -97,24 +97,36 @@ def _goal_table(res: dict) -> list[str]:
     by = {(v["contender"], v["goal"]): v for v in verdicts}
     lines = ["| goal | " + " | ".join(head(n) for n in mine) + " |", "|---|" + "---|" * len(mine)]
     for goal in goals.GOALS:
-        cells = []
-        for n in mine:
-            v = by.get((n, goal.text()))
-            if v is None or v["ratio"] is None:
-                cells.append("–")
-            else:
-                cells.append(f"{v['ratio']:.2f} {'yes' if v['met'] else '**no**'}")
-        lines.append(f"| {goal.text()} | " + " | ".join(cells) + " |")
-    lines.append("")
+        lines.append(f"| {goal.text()} | " + " | ".join(_goal_cell(by.get((n, goal.text()))) for n in mine) + " |")
+    lines += ["", "Ratio of medians, verdict, and on how many rounds the goal held (each round's contender against "
+              "the same round's baseline). yes: met on the medians and on at least 2/3 of the rounds; **no**: "
+              "missed on both; within noise: anything between; one sample: one sample per contender, "
+              "no spread to judge it by, so no verdict.", ""]
     for n in dict.fromkeys([goals.DEFAULT, fastest]):
         if n in mine:
-            met, measured, missing = goals.summary(verdicts, n)
+            count = goals.summary(verdicts, n)
             what = "the default network" if n == goals.DEFAULT else "the fastest mode"
             if n == goals.DEFAULT == fastest:
                 what += " (also the fastest)"
-            lines.append(f"- {what}, `{n}`: {met} of {measured} goals met"
-                         + (f" ({missing} not measured in this run)" if missing else "") + ".")
+            measured = sum(count[k] for k in goals.VERDICTS)
+            others = [f"{count[k]} {k}" for k in (goals.MISSED, goals.NOISE) if count[k]]
+            others += [f"{count[goals.ONE]} on one sample"] if count[goals.ONE] else []
+            missing = count["not measured"]
+            lines.append(f"- {what}, `{n}`: {count[goals.MET]} of {measured} goals met"
+                         + (f" ({', '.join(others)})" if others else "")
+                         + (f"; {missing} not measured in this run" if missing else "") + ".")
     return lines
+
+
+def _goal_cell(v: dict | None) -> str:
+    """One goal for one contender: ratio of medians, verdict, rounds it held on."""
+    if v is None or v["ratio"] is None:
+        return "–"
+    word = {goals.MET: "yes", goals.MISSED: "**no**"}.get(v["verdict"], v["verdict"])
+    counted = v.get("rounds")
+    if v["verdict"] == goals.ONE or not counted:
+        return f"{v['ratio']:.2f} {word}"
+    return f"{v['ratio']:.2f} {word} ({counted[0]}/{counted[1]} rounds)"
 
 
 def markdown(res: dict) -> str:

@@ -120,7 +120,6 @@ class NetworkDriver:
                                      f"({features.why_not(mode)}); use -o {MODE_OPTION}={features.best}")
             return mode
         default = self.default_mode()
-        self._record_default_mode(default)     # the probe may have answered otherwise since start
         if default.unsupported:
             best = self.dataplane.features().best
             raise InvalidRequest(f"VPCNET_DEFAULT_MODE={default.setting}: this host cannot do {default.mode} mode "
@@ -207,6 +206,7 @@ class NetworkDriver:
         log.info("network %s: %s mode, %s %s, %s via %s, mtu %d%s", network_id[:12], mode,
                  "anchor" if spec.routed else "bridge", net.bridge, net.host_cidr, net.gateway, net.mtu,
                  ", internal" if net.internal else "")
+        self._record_default_mode()      # the probe may have answered otherwise since start
         return {}
 
     def _mtu(self, raw) -> int:

@@ -31,6 +31,17 @@ VPCNET_PROVIDER=aliyun and pointed at it; the metadata URL is a closed local por
    (CreateRouteEntries: the claim in the first table, then one call for the N-1 others) and once against
    an endpoint without it (one CreateRouteEntry per table; each host's first batch call is refused, and
    counted). Reported: route writes per host by action, calls per host, every block in every table.
+5. Calls per host per hour (`--hour-hosts`, default 200; `--pending LO-HI`, default 2-5; 0 hosts: skip):
+   a simulated hour on a fake clock. Each host is a real `RouteKeeper` with its background reconciler
+   (`ReconcileLoop`, 30 s interval, the clock and random source injected through `Pacing`) and its own
+   store, against an in-process table that counts every provider call (listings, creates, the AWS-style
+   source/destination check, the reserved-CIDR lookup) and keeps each new route Pending for its delay;
+   hosts do not contend for writes (that is part 3). Two cases, each "before" (the loop's old pacing:
+   no jitter, a 1 s re-check while Pending, the forwarding check on every pass) and "after" (the
+   defaults): steady state (routes Available at once) and a boot storm whose routes stay Pending
+   uniform(LO, HI) seconds. Every host starts at t = 0 (booted together). Reported: calls per host in
+   the hour by kind, and the most listings the whole VPC received in one second during the hour's last
+   10 minutes (hosts in phase list together).
 """
 from __future__ import annotations
 
@@ -50,6 +61,13 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "lab")]     # this checkout's vpcnet and vpcnet_lab
 
+from vpcnet.cloud import DuplicateRoute, Provider, Route  # noqa: E402
+from vpcnet.config import Config  # noqa: E402
+from vpcnet.routes import sync as routes_sync  # noqa: E402
+from vpcnet.routes.backoff import Backoff  # noqa: E402
+from vpcnet.routes.keeper import RouteKeeper  # noqa: E402
+from vpcnet.routes.loop import Pacing  # noqa: E402
+from vpcnet.state.store import Store  # noqa: E402
 from vpcnet_lab.emulator import Emulator, serve_in_thread  # noqa: E402
 from vpcnet_lab.emulator.storm import boot_storm  # noqa: E402
 from vpcnet_lab.plugin_client import call  # noqa: E402
@@ -339,6 +357,149 @@ def measure_tables(workdir: str, hosts: int, tables: int, batch: bool) -> dict:
         emu.close()
 
 
+HOUR = 3600.0
+HOUR_INTERVAL = 30.0
+HOUR_CLUSTER = "10.224.0.0/16"
+HOUR_TABLE = "vtb-hour001"
+
+
+class SimClock:
+    """One host's fake clock: moves only when its reconciler waits; `done()` at the end of the hour."""
+
+    def __init__(self, base: float):
+        self.t, self.base = 0.0, base
+        self.done = lambda: None
+
+    def monotonic(self) -> float:
+        return self.t
+
+    def wall(self) -> float:
+        return self.base + self.t
+
+    def wait(self, event, timeout: float) -> bool:
+        if event.is_set():
+            return True
+        self.t += timeout
+        if self.t >= HOUR:
+            self.done()
+        return event.is_set()
+
+
+class SimTable:
+    """The VPC's one route table, shared by the simulated hosts: a route is Pending for its delay,
+    measured on the clock of the host asking (each host only waits on its own route)."""
+
+    def __init__(self, pending: tuple[float, float], seed: int):
+        self.routes: dict[str, tuple[Route, float]] = {}     # destination -> (route, Available from)
+        self.pending, self.rand = pending, __import__("random").Random(seed)
+
+
+class SimProvider(Provider):
+    """An AWS-like provider (it checks forwarding) on `SimTable`, counting every call it gets."""
+
+    name = "sim"
+    checks_forwarding = True
+
+    def __init__(self, config, table: SimTable, instance: str, clock: SimClock):
+        super().__init__(config)
+        self.table, self.instance, self.clock = table, instance, clock
+        self.calls: dict[str, int] = {}
+        self.listed: list[float] = []
+
+    def _count(self, what: str) -> None:
+        self.calls[what] = self.calls.get(what, 0) + 1
+
+    def instance_id(self) -> str:
+        return self.instance
+
+    def table_id(self) -> str:
+        return HOUR_TABLE
+
+    def list_routes(self, table: str = "") -> list[Route]:
+        self._count("list")
+        self.listed.append(self.clock.t)
+        now = self.clock.wall()
+        return [Route(r.destination, r.next_hop, "Available" if now >= due else "Pending", name=r.name,
+                      description=r.description, table=HOUR_TABLE) for r, due in self.table.routes.values()]
+
+    def create_route(self, destination, name, description, client_token, table=""):
+        self._count("create")
+        if destination in self.table.routes:
+            raise DuplicateRoute(destination)
+        delay = self.table.rand.uniform(*self.table.pending)
+        self.table.routes[destination] = (Route(destination, self.instance, name=name, description=description),
+                                          self.clock.wall() + delay)
+
+    def delete_route(self, route: Route) -> None:
+        self._count("delete")
+        self.table.routes.pop(route.destination, None)
+
+    def reserved_cidrs(self) -> list[str]:
+        self._count("reserved")
+        return []
+
+    def check_forwarding(self, disable: bool) -> list[str]:
+        self._count("forwarding")
+        return []
+
+
+def simulate_hour(workdir: str, hosts: int, pending: tuple[float, float], before: bool) -> dict:
+    """`hosts` reconcilers booted together, one simulated hour each; the provider calls they made."""
+    import logging
+    import random
+
+    name = f"hour-{'before' if before else 'after'}-{pending[0]:g}-{pending[1]:g}"
+    table = SimTable(pending, seed=7)
+    saved_every = routes_sync.FORWARDING_EVERY
+    routes_sync.FORWARDING_EVERY = 1 if before else saved_every
+    logging.disable(logging.WARNING)
+    providers: list[SimProvider] = []
+    started = time.monotonic()
+    try:
+        base = time.time()
+        for h in range(hosts):
+            state = os.path.join(workdir, name, f"h{h}")
+            os.makedirs(state)
+            config = Config(provider="aliyun", state_dir=state, cluster_cidr=HOUR_CLUSTER, host_prefix=24,
+                            reconcile_interval=HOUR_INTERVAL, socket=os.path.join(state, "none.sock"))
+            clock = SimClock(base)
+            pacing = (Pacing(jitter=0.0, pending_growth=1.0) if before else Pacing(rand=random.Random(h)))
+            pacing.monotonic, pacing.wall, pacing.wait = clock.monotonic, clock.wall, clock.wait
+            provider = SimProvider(config, table, f"i-hour-{h:04d}", clock)
+            store = Store(config.db_path)
+            keeper = RouteKeeper(config, store, provider_factory=lambda p=provider: p,
+                                 backoff=Backoff(sleep=lambda _s: None), pacing=pacing)
+            clock.done = keeper.stop
+            try:
+                keeper.start_background().join(300)
+            finally:
+                keeper.close()
+                store.close()
+            providers.append(provider)
+    finally:
+        routes_sync.FORWARDING_EVERY = saved_every
+        logging.disable(logging.NOTSET)
+    kinds = sorted({k for p in providers for k in p.calls})
+    per_host = {k: round(sum(p.calls.get(k, 0) for p in providers) / hosts, 2) for k in kinds}
+    late = [int(t) for p in providers for t in p.listed if t >= HOUR - 600]
+    peak = max((late.count(sec) for sec in set(late)), default=0)
+    settled = sum(1 for p in providers if any(r.next_hop == p.instance for r, _ in table.routes.values()))
+    return {"hosts": hosts, "pacing": "before" if before else "after", "pending_s": list(pending),
+            "calls_per_host_hour": per_host, "total_per_host_hour": round(sum(per_host.values()), 2),
+            "peak_listings_per_second_last_10_min": peak, "hosts_with_a_route": settled,
+            "simulated_s": HOUR, "interval_s": HOUR_INTERVAL, "wall_s": round(time.monotonic() - started, 1)}
+
+
+def measure_hour(workdir: str, hosts: int, pending: tuple[float, float]) -> list[dict]:
+    out = []
+    for case in ((0.0, 0.0), pending):
+        for before in (True, False):
+            label = "steady" if case == (0.0, 0.0) else f"storm, Pending {case[0]:g}-{case[1]:g} s"
+            print(f"  {hosts} hosts, {label}, {'before' if before else 'after'} ...", flush=True)
+            out.append({"case": label, **simulate_hour(workdir, hosts, case, before)})
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=12, help="timed runs (at least 10)")
@@ -348,11 +509,21 @@ def main() -> int:
     parser.add_argument("--only-storm", action="store_true", help="skip parts 1 and 2")
     parser.add_argument("--tables", type=int, default=3, help="route tables of part 4 (1: skip part 4)")
     parser.add_argument("--table-hosts", type=int, default=10, help="hosts of part 4")
+    parser.add_argument("--hour-hosts", type=int, default=200, help="hosts of part 5 (0: skip part 5)")
+    parser.add_argument("--pending", default="2-5", metavar="LO-HI",
+                        help="part 5's boot storm: each route Pending uniform(LO, HI) seconds (default 2-5)")
+    parser.add_argument("--only-hour", action="store_true", help="run part 5 only")
     args = parser.parse_args()
+    lo, _, hi = args.pending.partition("-")
+    pending = (float(lo), float(hi or lo))
     runs = max(10, args.runs)
     storms = [int(n) for n in args.storm.split(",") if n.strip()]
     calls = timing = None
     storm_results = []
+    table_results = []
+    hour_results = []
+    if args.only_hour:
+        storms, args.tables, args.only_storm = [], 1, True
     with tempfile.TemporaryDirectory(prefix="vpcnet-bench-") as workdir:
         if not args.only_storm:
             print("API calls per host (emulator request counts, 1 s Pending delay, no faults) ...", flush=True)
@@ -364,16 +535,20 @@ def main() -> int:
             print(f"boot storm: {n} hosts running `vpcnet routes sync` at once, one write per "
                   f"{STORM_WRITE_INTERVAL:g} s ...", flush=True)
             storm_results.append(measure_storm(workdir, n, quota_check=(n == max(storms) and n >= 200)))
-        table_results = []
         if args.tables > 1:
             for batch in (True, False):
                 print(f"{args.table_hosts} hosts booting with {args.tables} route tables, "
                       f"{'with' if batch else 'without'} CreateRouteEntries ...", flush=True)
                 table_results.append(measure_tables(workdir, args.table_hosts, args.tables, batch))
+        if args.hour_hosts > 0:
+            print(f"calls per host per hour, simulated (fake clock, {HOUR_INTERVAL:g} s interval) ...", flush=True)
+            hour_results = measure_hour(workdir, args.hour_hosts, pending)
     if args.only_storm and os.path.exists(args.out):
         with open(args.out) as fh:
             previous = json.load(fh)
         calls, timing = previous.get("api_calls_per_host"), previous.get("time_to_route_available")
+        if args.only_hour:
+            storm_results, table_results = previous.get("boot_storms", []), previous.get("several_tables", [])
     result = {
         "benchmark": "cloud_calls",
         "generated": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -383,6 +558,7 @@ def main() -> int:
         "time_to_route_available": timing,
         "boot_storms": storm_results,
         "several_tables": table_results,
+        "calls_per_host_per_hour": hour_results,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
@@ -439,6 +615,14 @@ def main() -> int:
                   f"{r['seconds']:>8.1f} {r['calls_per_host']:>10.2f}  {writes}; same block in every table: "
                   f"{r['same_block_in_every_table']}")
             ok = ok and r["ok"]
+    if hour_results:
+        print()
+        print(f"calls per host per hour ({hour_results[0]['hosts']} hosts booted together, simulated hour, "
+              f"{HOUR_INTERVAL:g} s interval; peak = most listings the VPC got in one second, last 10 min):")
+        print(f"  {'case':<24} {'pacing':<7} {'total':>7}  {'peak/s':>6}  calls by kind")
+        for r in hour_results:
+            print(f"  {r['case']:<24} {r['pacing']:<7} {r['total_per_host_hour']:>7g}  "
+                  f"{r['peak_listings_per_second_last_10_min']:>6}  {fmt(r['calls_per_host_hour'])}")
     print(f"written to {os.path.relpath(args.out, REPO)}")
     return 0 if ok else 1
 

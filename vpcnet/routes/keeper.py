@@ -27,7 +27,7 @@ from vpcnet.routes import claims
 from vpcnet.routes.backoff import Backoff
 from vpcnet.routes.claims import TRANSIENT
 from vpcnet.routes.journal import Journal
-from vpcnet.routes.loop import ReconcileLoop
+from vpcnet.routes.loop import Pacing, ReconcileLoop
 from vpcnet.routes.sync import PENDING_POLL, Sync, SyncResult
 from vpcnet.routes.tables import RouteTables
 
@@ -41,7 +41,7 @@ class RouteKeeper:
     `RouteTables` (the cloud calls) and `ReconcileLoop` (the background reconciler)."""
 
     def __init__(self, config, store, provider_factory: Callable[[], Provider] | None = None,
-                 backoff: Backoff | None = None):
+                 backoff: Backoff | None = None, pacing: Pacing | None = None):
         self.config = config
         self.store = store
         self._lock = threading.RLock()
@@ -50,7 +50,7 @@ class RouteKeeper:
         self.tables = RouteTables(config, provider_factory, backoff or Backoff(), self._stop)
         self._sync = Sync(config, store, self.tables, Journal(config.state_dir, config.cluster_cidr))
         self._loop = ReconcileLoop(config, store, self.reconcile, lambda: self.calls["create"],
-                                   self._stop, self._wake)
+                                   self._stop, self._wake, pacing)
 
     # -- the provider and its accounting ----------------------------------------------------------
     @property

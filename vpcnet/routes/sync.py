@@ -23,8 +23,10 @@ entry's own failure is final for that table this pass, except a retryable one, w
 Uncertain creates: each create is recorded in the journal (vpcnet.routes.journal) until its outcome is
 known, and each pass first settles what earlier passes left uncertain.
 
-Forwarding: on AWS every pass also checks the instance's source/destination check and turns it off
-(`Provider.check_forwarding`); what it cannot fix is reported with the command to run.
+Forwarding: on AWS the instance's source/destination check is checked and turned off
+(`Provider.check_forwarding`) on the first pass and then every FORWARDING_EVERY-th pass (every 5 minutes
+at the default 30 s interval), and on every pass while the last check found a problem (so a fix or a
+transient error is seen at once); what it cannot fix is reported with the command to run.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ from vpcnet.routes.tables import RouteTables
 log = logging.getLogger(__name__)
 
 PENDING_POLL = 1.0          # seconds between listings while a route is Pending
+FORWARDING_EVERY = 10      # passes between two source/destination checks while all is well
 MAX_CLAIM_ATTEMPTS = 64     # creates tried for one block claim in one pass before giving up until the next
 
 
@@ -66,11 +69,15 @@ class SyncResult:
 class Sync:
     """The reconcile pass over given cluster CIDRs. The caller holds the host's route lock."""
 
-    def __init__(self, config, store, tables: RouteTables, journal: Journal):
+    def __init__(self, config, store, tables: RouteTables, journal: Journal,
+                 forwarding_every: int | None = None):
         self.config = config
         self.store = store
         self.tables = tables
         self.journal = journal
+        self.forwarding_every = max(1, FORWARDING_EVERY if forwarding_every is None else forwarding_every)
+        self._forwarding_skipped = -1             # passes since the last check; < 0: never checked
+        self._forwarding_problems: list[tuple[str, str]] = []
 
     def cluster_name(self, cluster: str) -> str:
         return claims.cluster_name(cluster, self.config.cluster_name)
@@ -127,14 +134,23 @@ class Sync:
         return result
 
     def _forwarding(self) -> list[tuple[str, str]]:
-        """The cloud's source/destination check, re-checked every pass (AWS only)."""
+        """The cloud's source/destination check (AWS only): on the first pass, every
+        `forwarding_every`-th pass after a clean check, every pass while it reports a problem."""
+        due = (self._forwarding_skipped < 0 or self._forwarding_problems
+               or self._forwarding_skipped + 1 >= self.forwarding_every)
+        if not due:
+            self._forwarding_skipped += 1
+            return []
+        self._forwarding_skipped = 0
         try:
             problems = self.tables.check_forwarding()
         except VpcnetError as exc:
-            return [(f"cannot check the source/destination check: {exc}", kind_of(exc))]
+            self._forwarding_problems = [(f"cannot check the source/destination check: {exc}", kind_of(exc))]
+            return self._forwarding_problems
         for problem in problems:
             log.warning("%s", problem)
-        return [(p, FATAL) for p in problems]
+        self._forwarding_problems = [(p, FATAL) for p in problems]
+        return self._forwarding_problems
 
     def _note(self, cluster: str, reason: str) -> None:
         claim = self.store.claim(cluster)

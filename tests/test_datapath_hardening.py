@@ -3,6 +3,7 @@ cannot configure the host's IPv6 (router advertisements, the CVE-2020-13401 clas
 forwarding on for does not forward between its other interfaces."""
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 import time
@@ -12,6 +13,8 @@ from conftest import require, run, unique
 from test_dataplane import attach_container, host, ns_run, peer_host, ping, spec  # noqa: F401  (host: a fixture)
 
 from vpcnet.datapath.dataplane import Dataplane
+from vpcnet.datapath.firewall import IPV6_CHAIN, IPV6_RULES, Ipv6Guard
+from vpcnet.datapath.netlink import Netlink
 from vpcnet.datapath.spec import EndpointSpec, anchor_peer, mac_for, veth_names
 
 pytestmark = pytest.mark.root
@@ -178,3 +181,87 @@ def test_forwarding_someone_else_turned_on_keeps_its_policy(host, caplog):  # no
         dp.ensure_network(spec())
     assert forward_policy(host) == "ACCEPT", "someone else decided (`vpcnet doctor` names it)"
     assert "ip_forward" not in caplog.text
+
+
+# -- the second guard: ip6tables, for where /proc/sys is read-only (a managed plugin) ----------------------
+
+def read_only_proc_sys(self, names, wanted, fresh=False):
+    raise OSError(errno.EROFS, "Read-only file system")
+
+
+def ip6_rules(ns: str) -> list[str]:
+    return ns_run(ns, "ip6tables", "-t", "raw", "-S").stdout.splitlines()
+
+
+def dropped(ns: str) -> int:
+    lines = ns_run(ns, "ip6tables", "-t", "raw", "-L", IPV6_CHAIN, "-v", "-n", "-x").stdout.splitlines()[2:]
+    return sum(int(line.split()[0]) for line in lines)
+
+
+@pytest.mark.parametrize("mode", ["bridge", "routed", "ebpf"])
+def test_without_the_ipv6_sysctls_ip6tables_keeps_a_containers_ipv6_off_the_host(host, netns_factory, mode,  # noqa: F811
+                                                                                 monkeypatch, caplog):
+    """As in a managed plugin: /proc/sys refuses the links' IPv6 settings, so IPv6 stays on; the host still
+    takes no route or address from a container's router advertisement and does not answer its IPv6,
+    because ip6tables drops it."""
+    monkeypatch.setattr(Netlink, "link_sysctls", read_only_proc_sys)
+    dp = Dataplane(netns=host)
+    if mode == "ebpf":
+        require(dp.features().supports("ebpf"), dp.features().why_not("ebpf"))
+    with caplog.at_level(logging.WARNING, logger="vpcnet.datapath.links"):
+        dp.ensure_host()
+        s = spec(mode=mode)
+        dp.ensure_network(s)
+        sandbox = attach_container(host, dp, s, netns_factory, "10.77.3.2", "a" * 64)
+    assert "cannot turn IPv6 off on vpcnet's links" in caplog.text
+    host_veth = veth_names("a" * 64)[0]
+    assert sysctl(host, f"net.ipv6.conf.{host_veth}.disable_ipv6") == "0", "the sysctl guard is not there"
+    run(["ip", "-n", sandbox, "-6", "addr", "add", "fe80::1/64", "dev", "eth0", "nodad"])
+    time.sleep(1.2)
+    before = ipv6_state(host)
+    assert "2001:db8" not in "".join(before) and "default" not in before[0]
+
+    in_ns(sandbox, SEND_RA)
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline and ipv6_state(host) == before:
+        time.sleep(0.1)
+    assert ipv6_state(host) == before, "the container's router advertisement configured the host"
+    assert in_ns(sandbox, PING_ALL_NODES).split() == [], "the host answered the container's IPv6"
+    assert dropped(host) >= 3, "ip6tables dropped them"
+
+
+def test_a_flushed_ipv6_guard_is_put_back_by_the_periodic_pass(host):  # noqa: F811
+    dp = Dataplane(netns=host)
+    dp.ensure_host()
+    assert dp.repair([]) == []
+    wanted = [f"-A {IPV6_CHAIN} {r}" for r in IPV6_RULES] + [f"-A PREROUTING -j {IPV6_CHAIN}"]
+    assert set(wanted) <= set(ip6_rules(host))
+    ns_run(host, "ip6tables", "-t", "raw", "-F", IPV6_CHAIN)
+    assert [r.what for r in dp.repair([])] == [f"ip6tables raw chain {IPV6_CHAIN} holds 0 rule(s), 0 of 3 wanted"]
+    assert set(wanted) <= set(ip6_rules(host))
+    ns_run(host, "ip6tables", "-t", "raw", "-F", "PREROUTING")
+    assert [r.what for r in dp.repair([])] == [f"ip6tables raw PREROUTING has no jump to {IPV6_CHAIN}"]
+    assert set(wanted) <= set(ip6_rules(host))
+    runs = dp.ipv6_guard.table.runs
+    assert dp.repair([]) == [] and dp.ipv6_guard.table.runs == runs + 1, "one ip6tables-save, nothing written"
+
+
+def test_network_and_endpoint_calls_cost_no_ip6tables_run_once_the_guard_is_in_place(host, netns_factory):  # noqa: F811
+    """The guard is one rule per link name prefix, written at start: nothing per network or endpoint."""
+    dp = Dataplane(netns=host)
+    dp.ensure_host()
+    runs = dp.ipv6_guard.table.runs
+    for mode in ("bridge", "routed"):
+        s = spec(tag=mode[0] * 12, host="10.77.4.0/24" if mode == "routed" else "10.77.3.0/24", mode=mode)
+        dp.ensure_network(s)
+        attach_container(host, dp, s, netns_factory, s.gateway[:-1] + "2", mode[0] * 64)
+        dp.delete_network(s)
+    assert dp.ipv6_guard.table.runs == runs
+
+
+def test_without_ip6tables_the_guard_is_said_once_and_nothing_fails(caplog):
+    guard = Ipv6Guard(iptables="/nonexistent/iptables")
+    with caplog.at_level(logging.INFO, logger="vpcnet.datapath.firewall"):
+        assert guard.apply() == [] and guard.apply() == []
+    assert caplog.text.count("cannot drop IPv6 from vpcnet's links with /nonexistent/ip6tables") == 1
+    assert not guard.in_place

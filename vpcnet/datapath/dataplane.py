@@ -52,7 +52,10 @@ its rules:
 Host safety: where vpcnet turns net.ipv4.ip_forward on itself (from 0: at boot it may start before
 Docker), FORWARD's policy goes to DROP first, as Docker does, so the host does not start forwarding
 between all its interfaces; and every host-side link vpcnet makes has IPv6 off (vpcnet.datapath.links
-says why), checked by the periodic pass like the rest.
+says why), checked by the periodic pass like the rest. A second, independent guard drops IPv6 arriving on
+those links in ip6tables (vpcnet.datapath.firewall.Ipv6Guard: raw `VPCNET-IPV6`, one rule per link name
+prefix), the one that holds where /proc/sys is read-only (a managed plugin); it is written at start
+and put back by the periodic pass.
 
 Every operation is idempotent: create what is missing, accept what exists, ignore what is gone. `repair`
 is the periodic pass's half (vpcnet.datapath.reconciler): one dump of links, addresses, routes and
@@ -68,7 +71,7 @@ from typing import Callable, ContextManager, Sequence
 
 from vpcnet.datapath import rtnl
 from vpcnet.datapath.features import Features, probe
-from vpcnet.datapath.firewall import PREFIXES, FirewallTable
+from vpcnet.datapath.firewall import PREFIXES, FirewallTable, Ipv6Guard
 from vpcnet.datapath.links import IPV6_OFF_VIEW, Links
 from vpcnet.datapath.modes import strategy
 from vpcnet.datapath.netlink import Netlink
@@ -88,6 +91,7 @@ class Dataplane:
         self.links = Links(self.nl)
         self.tc = TcPrograms(self.nl)
         self.firewall = FirewallTable(self.nl.cmd(), iptables)
+        self.ipv6_guard = Ipv6Guard(self.nl.cmd(), iptables)
 
     # -- host-wide --------------------------------------------------------------------------------
     def uplink_mtu(self) -> int:
@@ -102,10 +106,10 @@ class Dataplane:
         return self.links.overlapping_routes(cidr)
 
     def ensure_host(self) -> list[str]:
-        """ip_forward, the shared chains, the builtin chains' jumps to them, the anti-spoofing rule.
-        Returns what was wrong."""
+        """ip_forward, the shared chains, the builtin chains' jumps to them, the anti-spoofing rule, the
+        IPv6 guard. Returns what was wrong."""
         self._ensure_forwarding()
-        return self.firewall.apply([], host=True)
+        return self.firewall.apply([], host=True) + self.ipv6_guard.apply()
 
     def _ensure_forwarding(self) -> None:
         """net.ipv4.ip_forward=1. Where vpcnet turns it on itself (from 0: at boot vpcnet may start before
@@ -124,6 +128,8 @@ class Dataplane:
 
     # -- networks ---------------------------------------------------------------------------------
     def ensure_network(self, spec: NetworkSpec) -> None:
+        if not self.ipv6_guard.in_place:     # host-wide: written by ensure_host and the periodic pass
+            self.ipv6_guard.apply()
         self._ensure_links(spec, firewall=True)
 
     def _ensure_links(self, spec: NetworkSpec, firewall: bool = False) -> None:
@@ -224,6 +230,7 @@ class Dataplane:
         view = self.view(with_tc=any(spec.ebpf for spec, _ in networks))
         saved = self.firewall.save()
         repairs += [Repair("firewall", "-", p) for p in self.firewall.apply([], host=True, saved=saved)]
+        repairs += [Repair("firewall", "-", p) for p in self.ipv6_guard.apply()]
         # The firewall of every drifted network in one transaction (a mass flush costs one restore, not one
         # per network). The rules are the store rows' (fixed for a network's life); a network deleted
         # since the store was read is dropped first by `still_wanted`.

@@ -13,10 +13,17 @@ target; comments quoted), so text equality is rule equality. Shared chains (`VPC
 `VPCNET-POSTROUTING`, `VPCNET-RAW`) are never declared once they exist: they may hold the jumps of another
 vpcnet instance on the host (a managed plugin beside a systemd one); only missing rules are added to them
 and only named rules removed.
+
+`Ipv6Guard` is the IPv6 side: one raw chain (`VPCNET-IPV6`, jumped to from raw PREROUTING) dropping every
+IPv6 packet that arrives on a vpcnet host-side link, one rule per link name prefix. vpcnet's networks carry
+no IPv6; this keeps a container's router advertisements and any other IPv6 of its off the host where
+the links' IPv6 sysctls cannot be written (vpcnet.datapath.links: a managed plugin's /proc/sys is
+read-only), and beside them everywhere else.
 """
 from __future__ import annotations
 
 import logging
+import os
 import re
 import subprocess
 import threading
@@ -43,6 +50,14 @@ HOST_VETHS = "vh+"            # iptables wildcard for every endpoint's host end
 # strict reverse-path check, per packet, independent of the host's rp_filter sysctls (which take the
 # loosest of `all` and the device).
 ANTI_SPOOFING = f'-i {HOST_VETHS} -m rpfilter --invert -m comment --comment "vpcnet anti-spoofing" -j DROP'
+
+
+# IPv6: vpcnet's host-side links by name prefix (vpcnet.datapath.spec): endpoints' host veths, bridges and
+# anchors, anchors' peers. Raw PREROUTING: before routing, conntrack, INPUT (where ndisc takes router
+# advertisements) and FORWARD, as disable_ipv6=1 on the link would.
+IPV6_CHAIN = "VPCNET-IPV6"
+IPV6_LINKS = (HOST_VETHS, "vpc-+", "vpp-+")
+IPV6_RULES = [f'-i {prefix} -m comment --comment "vpcnet: no IPv6" -j DROP' for prefix in IPV6_LINKS]
 
 
 def rule(src: str = "", dst: str = "", iif: str = "", oif: str = "", match: str = "", comment: str = "",
@@ -273,6 +288,66 @@ def _drop(saved: Saved, table: str, chain: str) -> list[str]:
     """Lines removing `chain`: every jump to it as listed, then the chain (declared first: empties it)."""
     return [f"-D {parent} {r}" for _t, parent, r in _jumps_to(saved, {(table, chain)})] + \
         [f":{chain} - [0:0]", f"-X {chain}"]
+
+
+class Ipv6Guard:
+    """The IPv6 drop of vpcnet's host-side links (IPV6_RULES) in ip6tables, put right by `apply` like the
+    IPv4 chains: one ip6tables-save, and one ip6tables-restore --noflush only when something differs.
+    Host-wide, never per network or endpoint. Without ip6tables or IPv6 in the kernel it does nothing,
+    said once."""
+
+    def __init__(self, command_prefix: Sequence[str] = (), iptables: str = "iptables"):
+        self.table = FirewallTable(command_prefix, ip6tables_of(iptables))
+        self.in_place = False         # applied at least once by this process
+        self._said = ""               # the kind of failure last logged: each said once, until it changes
+
+    def apply(self, saved: Saved | None = None) -> list[str]:
+        """Returns what was wrong (empty when the kernel already held the guard, or cannot)."""
+        if not os.path.exists("/proc/net/if_inet6"):
+            self._say("no-ipv6", "this kernel has no IPv6: vpcnet's ip6tables guard is not needed")
+            return []
+        try:
+            with self.table._lock:
+                current = saved if saved is not None else self.table.save()
+                problems, script = self.diff(current)
+                if script:
+                    proc = self.table._run([self.table.restore_cmd, "-w", "10", "--noflush"], script)
+                    if proc.returncode != 0:
+                        raise DataplaneError(f"{self.table.restore_cmd} failed: {proc.stderr.strip()}")
+        except DataplaneError as exc:
+            self._say("failed", f"cannot drop IPv6 from vpcnet's links with {self.table.iptables} ({exc}): where their "
+                      "IPv6 sysctls cannot be set either, a container's IPv6 reaches this host; see "
+                      "docs/datapath.md", logging.WARNING)
+            return []
+        if self._said == "failed":
+            log.info("%s drops IPv6 from vpcnet's links now", self.table.iptables)
+        self.in_place, self._said = True, ""
+        return problems
+
+    def _say(self, kind: str, message: str, level: int = logging.INFO) -> None:
+        if kind != self._said:
+            log.log(level, "%s", message)
+        self._said = kind
+
+    @staticmethod
+    def diff(saved: Saved) -> tuple[list[str], str]:
+        problems, lines = [], []
+        have = saved.chain("raw", IPV6_CHAIN)
+        if have != IPV6_RULES:
+            problems.append(f"ip6tables raw chain {IPV6_CHAIN} " + ("missing" if have is None else
+                            f"holds {len(have)} rule(s), {sum(r in IPV6_RULES for r in have)} of "
+                            f"{len(IPV6_RULES)} wanted"))
+            lines += [f":{IPV6_CHAIN} - [0:0]"] + [f"-A {IPV6_CHAIN} {r}" for r in IPV6_RULES]
+        if f"-j {IPV6_CHAIN}" not in (saved.chain("raw", "PREROUTING") or []):
+            problems.append(f"ip6tables raw PREROUTING has no jump to {IPV6_CHAIN}")
+            lines.append(f"-I PREROUTING 1 -j {IPV6_CHAIN}")
+        return problems, "*raw\n" + "".join(line + "\n" for line in lines) + "COMMIT\n" if lines else ""
+
+
+def ip6tables_of(iptables: str) -> str:
+    """The ip6tables binary of the same family (iptables-legacy -> ip6tables-legacy)."""
+    head, base = os.path.split(iptables)
+    return os.path.join(head, "ip6" + base[2:] if base.startswith("iptables") else base)
 
 
 def _pair(iptables: str) -> tuple[str, str]:

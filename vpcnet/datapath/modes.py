@@ -11,7 +11,8 @@
 Common to all: a filter chain accepting the network's forwarding (Docker sets FORWARD's policy to DROP),
 a raw chain marking cluster traffic NOTRACK (stateless accept, never NATed; gateway traffic stays
 tracked), and, unless `--internal`, a nat chain masquerading only what leaves the cluster CIDR and the
-no-NAT list.
+no-NAT list. The IPv6 drop of vpcnet's links (vpcnet.datapath.firewall.Ipv6Guard) is host-wide, the same
+for every mode, and not part of any network's rules.
 """
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ import time
 import pytest
 from aliyun_fakes import ApiHandler, ApiState, MetadataHandler, MetadataState, closed_port, serve
 
-from vpcnet.cloud.aliyun import AliyunProvider
 from vpcnet.cloud.aliyun.credentials import parse_credentials_text
+from vpcnet.cloud.aliyun.provider import AliyunProvider
 from vpcnet.cloud.aliyun.signature import percent_encode
 from vpcnet.config import Config
 from vpcnet.errors import Fatal, Retryable

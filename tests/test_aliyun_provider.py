@@ -10,8 +10,8 @@ import pytest
 from aliyun_fakes import ApiHandler, ApiState, blocks_of, closed_port, serve, serving_emulator
 
 from vpcnet.cloud import DuplicateRoute, QuotaExceeded, Route, route_name
-from vpcnet.cloud.aliyun import AliyunProvider, rpc
-from vpcnet.cloud.aliyun.provider import _ecs_endpoint
+from vpcnet.cloud.aliyun import rpc
+from vpcnet.cloud.aliyun.provider import AliyunProvider, _ecs_endpoint
 from vpcnet.config import Config
 from vpcnet.errors import Fatal, Retryable
 from vpcnet_lab.emulator.faults import FAULT_STATUS

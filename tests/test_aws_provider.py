@@ -25,8 +25,8 @@ from aliyun_fakes import blocks_of
 from moto.server import ThreadedMotoServer
 
 from vpcnet.cloud import DuplicateRoute, QuotaExceeded
-from vpcnet.cloud.aws import AwsProvider
 from vpcnet.cloud.aws.markers import tag_key
+from vpcnet.cloud.aws.provider import AwsProvider
 from vpcnet.config import Config
 from vpcnet.errors import Fatal, Retryable
 from vpcnet.routes.backoff import Backoff

@@ -18,7 +18,7 @@ from conftest import wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from test_aws_provider import aws_env, moto_url, provider_for, vpc  # noqa: F401  (fixtures)
 
-from vpcnet.cloud.aliyun import AliyunProvider
+from vpcnet.cloud.aliyun.provider import AliyunProvider
 from vpcnet.config import Config
 from vpcnet.errors import Retryable
 from vpcnet.observability import events as event_hooks

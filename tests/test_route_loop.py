@@ -14,7 +14,7 @@ import pytest
 from aliyun_fakes import serving_emulator
 from test_routes import CLUSTER, FAST, KEY_ID, ME, OTHER, REGION, SECRET, TABLE, VPC, make_config
 
-from vpcnet.cloud.aliyun import AliyunProvider
+from vpcnet.cloud.aliyun.provider import AliyunProvider
 from vpcnet.routes import loop, sync
 from vpcnet.routes.backoff import Backoff
 from vpcnet.routes.keeper import RouteKeeper

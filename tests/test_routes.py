@@ -14,7 +14,7 @@ from aliyun_fakes import blocks_of, closed_port, serving_emulator
 from conftest import wait_for
 
 from vpcnet.cloud import Route, route_name
-from vpcnet.cloud.aliyun import AliyunProvider
+from vpcnet.cloud.aliyun.provider import AliyunProvider
 from vpcnet.config import Config
 from vpcnet.errors import Fatal, NotReady, Retryable
 from vpcnet.routes import loop

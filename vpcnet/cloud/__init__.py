@@ -171,13 +171,19 @@ class ProviderUnavailable(Fatal):
     """The chosen provider needs a module that is not installed (botocore for aws)."""
 
 
-# name -> "module:Class". The module may declare `REQUIRES` (modules it needs beyond vpcnet's own
-# dependencies) and `EXTRA` (the vpcnet extra installing them), and must then import them only when
-# the class is first used: they are checked before that (`missing_requirements`).
+@dataclass(frozen=True)
+class Registered:
+    """A provider as the registry knows it, before its module is imported: where its class lives, and
+    what it needs beyond vpcnet's own dependencies (checked first, so a missing one is one clear line)."""
+    path: str                          # "module:Class"
+    requires: tuple[str, ...] = ()     # modules the provider imports beyond vpcnet's dependencies
+    extra: str = ""                    # the vpcnet extra that installs them
+
+
 PROVIDERS = {
-    "local": "vpcnet.cloud.local:LocalProvider",
-    "aliyun": "vpcnet.cloud.aliyun:AliyunProvider",
-    "aws": "vpcnet.cloud.aws:AwsProvider",
+    "local": Registered("vpcnet.cloud.local:LocalProvider"),
+    "aliyun": Registered("vpcnet.cloud.aliyun.provider:AliyunProvider"),
+    "aws": Registered("vpcnet.cloud.aws.provider:AwsProvider", requires=("botocore",), extra="aws"),
 }
 
 
@@ -195,11 +201,11 @@ def _importable(module: str) -> bool:
 def missing_requirements(name: str) -> str:
     """"" when the provider registered as `name` can be imported here; else one line saying what it
     needs and how to install it."""
-    module = importlib.import_module(PROVIDERS[name].partition(":")[0])
-    missing = [m for m in getattr(module, "REQUIRES", ()) if not _importable(m)]
+    registered = PROVIDERS[name]
+    missing = [m for m in registered.requires if not _importable(m)]
     if not missing:
         return ""
-    extra = getattr(module, "EXTRA", "")
+    extra = registered.extra
     how = (f"python3 -m vpcnet.bootstrap --extras {extra} (or pip install 'vpcnet[{extra}]')" if extra
            else f"pip install {' '.join(missing)}")
     return (f"VPCNET_PROVIDER={name} needs {' and '.join(missing)}, which "
@@ -213,7 +219,7 @@ def provider_class(name: str) -> type[Provider]:
     problem = missing_requirements(name)
     if problem:
         raise ProviderUnavailable(problem)
-    module_name, _, class_name = PROVIDERS[name].partition(":")
+    module_name, _, class_name = PROVIDERS[name].path.partition(":")
     return getattr(importlib.import_module(module_name), class_name)
 
 

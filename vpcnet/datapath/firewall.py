@@ -9,7 +9,15 @@ the same transaction, so no packet ever meets it empty, and an up-to-date networ
 logged and counted.
 
 Rules are written exactly as `iptables-save` prints them (`-s`, `-d`, `-i`, `-o`, then matches, then the
-target; comments quoted), so text equality is rule equality. Shared chains (`VPCNET-FORWARD`,
+target; comments quoted; an address as its network and prefix, and none for `0.0.0.0/0`; conntrack states
+in the kernel's order, `ctstate`), so text equality is rule equality. tests/test_firewall_roundtrip.py
+proves it on the real kernel, for iptables-legacy and iptables-nft alike (1.8.9 on the test host): every
+rule shape vpcnet writes, and generated networks of every mode, comes back from iptables-save as written,
+and a second apply writes nothing. Text also spares a hash comment on each rule (Calico Felix's way),
+which a user reading `iptables-save` would have to see through. Should another iptables print a rule
+otherwise, the rule would be rewritten on every pass; `RepairLoops` (the canary) notices the same write
+read back as the same other text three passes in a row and says so once, as an ERROR naming the chain
+and both texts, counted in `vpcnet_datapath_repair_loops_total`. Shared chains (`VPCNET-FORWARD`,
 `VPCNET-POSTROUTING`, `VPCNET-RAW`) are never declared once they exist: they may hold the jumps of another
 vpcnet instance on the host (a managed plugin beside a systemd one); only missing rules are added to them
 and only named rules removed.
@@ -22,15 +30,19 @@ read-only), and beside them everywhere else.
 """
 from __future__ import annotations
 
+import functools
+import ipaddress
 import logging
 import os
 import re
 import subprocess
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from vpcnet.errors import DataplaneError
+from vpcnet.observability import events
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +74,9 @@ IPV6_RULES = [f'-i {prefix} -m comment --comment "vpcnet: no IPv6" -j DROP' for 
 
 def rule(src: str = "", dst: str = "", iif: str = "", oif: str = "", match: str = "", comment: str = "",
          target: str = "") -> str:
-    """One rule in iptables-save's canonical order."""
+    """One rule in iptables-save's canonical order and spelling (addresses as `_address` prints them)."""
     parts = []
-    for flag, value in (("-s", src), ("-d", dst), ("-i", iif), ("-o", oif)):
+    for flag, value in (("-s", _address(src)), ("-d", _address(dst)), ("-i", iif), ("-o", oif)):
         if value:
             parts += [flag, value]
     if match:
@@ -73,6 +85,29 @@ def rule(src: str = "", dst: str = "", iif: str = "", oif: str = "", match: str 
         parts.append(f'-m comment --comment "{comment}"')
     parts += ["-j", target]
     return " ".join(parts)
+
+
+@functools.lru_cache(maxsize=4096)
+def _address(cidr: str) -> str:
+    """An address match as iptables-save prints it: the network's own address (`10.1.2.3/24` is
+    `10.1.2.0/24`), and none at all for `0.0.0.0/0` (a cluster CIDR or a no-NAT entry may be that)."""
+    if not cidr:
+        return ""
+    net = ipaddress.ip_network(cidr, strict=False)
+    return "" if net.prefixlen == 0 else str(net)
+
+
+# The order in which iptables-save prints conntrack states, whatever order they were written in.
+CTSTATES = ("INVALID", "NEW", "RELATED", "ESTABLISHED", "UNTRACKED", "SNAT", "DNAT")
+
+
+def ctstate(*states: str) -> str:
+    """A `-m conntrack --ctstate` match in iptables-save's order (`ESTABLISHED,RELATED` prints back as
+    `RELATED,ESTABLISHED`)."""
+    unknown = sorted(set(states) - set(CTSTATES))
+    if unknown or not states:
+        raise ValueError(f"conntrack states {unknown or 'none'}: each must be one of {', '.join(CTSTATES)}")
+    return "-m conntrack --ctstate " + ",".join(sorted(set(states), key=CTSTATES.index))
 
 
 @dataclass
@@ -128,6 +163,7 @@ class FirewallTable:
         self.save_cmd, self.restore_cmd = save, restore
         self._lock = threading.Lock()
         self.runs = 0                 # process runs so far (the benchmark's figure)
+        self.loops = RepairLoops(iptables)
 
     def _run(self, cmd: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
         self.runs += 1
@@ -155,11 +191,13 @@ class FirewallTable:
                 problems, script = self._diff(current, wanted, unwanted, host)
                 found = problems if found is None else found
                 if not script:
+                    self.loops.seen(current, "")
                     return found
                 proc = self._run([self.restore_cmd, "-w", "10", "--noflush"], script)
                 if proc.returncode != 0:
                     error, misplaced = proc.stderr.strip(), False
                     continue
+                self.loops.seen(current, script)
                 # A moved jump goes in at a number read before the restore: a rule another tool put into
                 # FORWARD meanwhile shifts it (and loses no one's rule: the deletes are by text). Check.
                 misplaced = FORWARD_MOVE in script and bool(_forward_jump(self.save(), []))
@@ -290,6 +328,114 @@ def _drop(saved: Saved, table: str, chain: str) -> list[str]:
         [f":{chain} - [0:0]", f"-X {chain}"]
 
 
+# -- the canary -----------------------------------------------------------------------------------------
+LOOP_PASSES = 3               # the same repair this many times in a row, read back the same way: a loop
+
+
+@dataclass
+class _Write:
+    """What one restore wrote into one chain, and what the kernel printed there afterwards."""
+    declared: bool            # the chain was emptied and `rules` are all of it; else `rules` were added
+    rules: list[str]
+    before: list[str]         # the chain as read before the write, less what the write deleted
+    printed: list[str] | None = None    # what the write became, as read by the next apply that needed it again
+    passes: int = 1
+    told: bool = False
+
+    def done(self, now: list[str] | None) -> bool:
+        if self.declared:
+            return now == self.rules
+        return not Counter(self.rules) - Counter(now or [])
+
+
+class RepairLoops:
+    """The canary for the bet that text equality is rule equality. A rule the kernel prints differently
+    from how vpcnet writes it is never found in place, so it would be written on every pass, for ever.
+    After each write this keeps, per chain, what was written; when the next apply needs the very same
+    write again, it reads what the last one became (the chain, or the rules added to it since). The same
+    write needed LOOP_PASSES times in a row, coming back each time as the same other text with no rule
+    lost (a rule deleted by hand comes back short, a flush comes back empty: ordinary repairs), is
+    logged once as an ERROR naming the chain and both texts, and counted
+    (`vpcnet_datapath_repair_loops_total`)."""
+
+    def __init__(self, iptables: str):
+        self.iptables = iptables
+        self.family = "ipv6" if os.path.basename(iptables).startswith("ip6") else "ipv4"
+        self.writes: dict[tuple[str, str], _Write] = {}
+        self.loops = 0                # loops found by this process
+
+    def seen(self, saved: Saved, script: str) -> None:
+        """`script` was just written over `saved` (the kernel as read before it). Cheap when nothing was
+        written and nothing is pending: most passes."""
+        if not script and not self.writes:
+            return
+        wrote = _writes(script)
+        for key in [k for k, w in self.writes.items()
+                    if k not in wrote and (saved.chain(*k) is None or w.done(saved.chain(*k)))]:
+            del self.writes[key]      # put right (or gone) since: whatever comes next is a new repair
+        for key, (declared, rules, deleted) in wrote.items():
+            if not rules and not declared:
+                continue              # only deletions
+            now = saved.chain(*key) or []
+            last = self.writes.get(key)
+            if last is None or (last.declared, last.rules) != (declared, rules):
+                self.writes[key] = _Write(declared, rules, _added(deleted, now))
+                continue
+            printed = now if declared else _added(last.before, now)
+            whole = len(printed) >= len(rules) and printed != rules
+            last.passes = last.passes + 1 if whole and last.printed in (None, printed) else 1 + whole
+            last.printed, last.before = printed, _added(deleted, now)
+            if last.passes >= LOOP_PASSES and not last.told:
+                last.told = True
+                self._tell(key, last)
+
+    def _tell(self, key: tuple[str, str], w: _Write) -> None:
+        table, chain = key
+        ours = [r for r in w.rules if r not in (w.printed or [])] or w.rules
+        theirs = [r for r in (w.printed or []) if r not in w.rules]
+        self.loops += 1
+        events.repair_loop(self.family, table)
+        log.error("%s %s chain %s was written %d passes in a row and each time read back differently, so it "
+                  "is rewritten on every pass: vpcnet wrote %s; %s-save prints %s. A rule's text differs from how "
+                  "this iptables prints it (or another tool rewrites it after each pass); see docs/datapath.md",
+                  self.iptables, table, chain, w.passes, " | ".join(ours), self.iptables,
+                  " | ".join(theirs) or "(the same rules, in another order)")
+
+
+def _writes(script: str) -> dict[tuple[str, str], tuple[bool, list[str], list[str]]]:
+    """Per (table, chain) a restore script writes into: (declared, rules, deleted). A chain declared (and
+    so emptied) and not deleted holds exactly `rules`; otherwise `rules` were added (-A, -I) to it after
+    `deleted` (-D) were taken out."""
+    out: dict[tuple[str, str], tuple[bool, list[str], list[str]]] = {}
+    table = ""
+    for line in script.splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+        elif line.startswith(":"):
+            out[(table, line[1:].split()[0])] = (True, [], [])
+        elif line.startswith("-X "):
+            out.pop((table, line.split()[1]), None)
+        elif line.startswith(("-A ", "-I ", "-D ")):
+            op, chain, rest = line.split(" ", 2)
+            if op == "-I" and rest.split(" ", 1)[0].isdigit():
+                rest = rest.split(" ", 1)[1]
+            _declared, added, deleted = out.setdefault((table, chain), (False, [], []))
+            (deleted if op == "-D" else added).append(rest)
+    return out
+
+
+def _added(before: list[str], now: list[str]) -> list[str]:
+    """The rules of `now` beyond those of `before` (counting copies), in `now`'s order."""
+    spare = Counter(before)
+    out = []
+    for r in now:
+        if spare[r]:
+            spare[r] -= 1
+        else:
+            out.append(r)
+    return out
+
+
 class Ipv6Guard:
     """The IPv6 drop of vpcnet's host-side links (IPV6_RULES) in ip6tables, put right by `apply` like the
     IPv4 chains: one ip6tables-save, and one ip6tables-restore --noflush only when something differs.
@@ -314,6 +460,7 @@ class Ipv6Guard:
                     proc = self.table._run([self.table.restore_cmd, "-w", "10", "--noflush"], script)
                     if proc.returncode != 0:
                         raise DataplaneError(f"{self.table.restore_cmd} failed: {proc.stderr.strip()}")
+                self.table.loops.seen(current, script)
         except DataplaneError as exc:
             self._say("failed", f"cannot drop IPv6 from vpcnet's links with {self.table.iptables} ({exc}): where their "
                       "IPv6 sysctls cannot be set either, a container's IPv6 reaches this host; see "

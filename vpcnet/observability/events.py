@@ -1,9 +1,10 @@
 """The event hooks: the only part of observability that the rooms it observes import.
 
 Each event is counted where it happens, at one chokepoint: Docker's calls (transport's dispatch), cloud
-API calls (aliyun's signed RPC call, a botocore event hook for aws) and route passes (the route keeper's
-loop). Those modules call `docker_call`, `cloud_call`/`instrument_botocore`, `reconcile_pass` and
-`RECONCILER.table_listed` here and nothing else; this module imports nothing of vpcnet's, so the arrows
+API calls (aliyun's signed RPC call, a botocore event hook for aws), route passes (the route keeper's
+loop) and firewall repair loops (the firewall's canary). Those modules call `docker_call`,
+`cloud_call`/`instrument_botocore`, `reconcile_pass`, `repair_loop` and `RECONCILER.table_listed` here
+and nothing else; this module imports nothing of vpcnet's, so the arrows
 point one way. The families are part of the metrics contract (docs/monitoring.md); vpcnet.observability
 .metrics renders them with the state it computes at scrape time.
 """
@@ -35,8 +36,14 @@ CLOUD_REQUESTS = Counter("vpcnet_cloud_api_requests_total", "Cloud API requests 
 CLOUD_DURATION = Histogram("vpcnet_cloud_api_duration_seconds", "Time of one cloud API request",
                            ["provider", "action"], registry=EVENTS,
                            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+REPAIR_LOOPS = Counter("vpcnet_datapath_repair_loops_total", "Firewall chains vpcnet rewrote on several "
+                       "passes in a row while iptables-save printed the same other text back each time (a rule "
+                       "it spells differently: rewritten on every pass); each is also one ERROR log line",
+                       ["family", "table"], registry=EVENTS)
 for _outcome in ("ok", "repaired", "error"):
     RECONCILES.labels(_outcome)       # present at 0 from the start, so rate() and alerts see them
+for _family, _table in (("ipv4", "raw"), ("ipv4", "filter"), ("ipv4", "nat"), ("ipv6", "raw")):
+    REPAIR_LOOPS.labels(_family, _table)
 
 
 #: The families of the contract: dashboards, alerts and docs/monitoring.md rely on these names.
@@ -48,7 +55,7 @@ FAMILIES = (
     "vpcnet_endpoint_receive_bytes_total", "vpcnet_endpoint_transmit_bytes_total",
     "vpcnet_endpoint_receive_packets_total", "vpcnet_endpoint_transmit_packets_total",
     "vpcnet_endpoint_receive_drops_total", "vpcnet_endpoint_transmit_drops_total",
-    "vpcnet_datapath_repairs_total",
+    "vpcnet_datapath_repairs_total", "vpcnet_datapath_repair_loops_total",
 )
 
 #: Kernel objects the datapath pass repairs (vpcnet.datapath.spec.Repair kinds): their series exist at 0.
@@ -70,6 +77,11 @@ def reconcile_pass(fine: bool, repaired: bool) -> None:
     transition remained), else `ok`."""
     RECONCILES.labels("repaired" if repaired else "ok" if fine else "error").inc()
     RECONCILER.passed(fine)
+
+
+def repair_loop(family: str, table: str) -> None:
+    """The firewall found a chain it rewrites on every pass (vpcnet.datapath.firewall.RepairLoops)."""
+    REPAIR_LOOPS.labels(family, table).inc()
 
 
 def cloud_outcome(code: str, exc: BaseException | None) -> str:

@@ -44,7 +44,8 @@ class Doctor:
         # The state first: every later check reads the networks, endpoints and claims it loads.
         self._checks: list[Callable[[], list[Finding]]] = [
             host.check_state, host.check_socket, host.check_health, datapath.check_kernel,
-            datapath.check_forwarding, firewall.check_firewall, datapath.check_routed_sysctls, datapath.check_mtu,
+            datapath.check_forwarding, firewall.check_firewall, firewall.check_ipv6_guard,
+            datapath.check_routed_sysctls, datapath.check_mtu,
             engine.check_docker, datapath.check_kernel_objects, cloud.check_routes, cloud.check_clock,
             cloud.check_metadata, datapath.check_default_mode]
 

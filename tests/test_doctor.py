@@ -218,3 +218,41 @@ def test_the_ipv6_guard_missing_or_incomplete_is_named_with_its_fix(netns_factor
     assert "sysctl -w net.ipv6.conf.vhdoc0.disable_ipv6=1" in found["fix"]
     run([*ip, "sysctl", "-qw", "net.ipv6.conf.vhdoc0.disable_ipv6=1"])
     assert finding()["ok"]
+
+
+@pytest.mark.parametrize("listening", ["no file", "a socket nobody listens on"])
+def test_doctor_plugin_without_an_engine_answering_is_one_line_naming_the_socket(tmp_path, listening):
+    """`vpcnet doctor --plugin NAME` needs the engine to read the plugin's settings: with none answering at
+    the socket it says so in one finding naming the socket (text and JSON), not with a traceback."""
+    import socket as socket_mod
+
+    path = str(tmp_path / "docker.sock")
+    if listening != "no file":
+        sock = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_STREAM)
+        sock.bind(path)                                    # bound, never listening: connect is refused
+    base = [sys.executable, "-m", "vpcnet.cli", "doctor", "--plugin", "vpcnet:latest", "--docker-socket", path]
+    try:
+        text = run(base, check=False)
+        as_json = run([*base, "--json"], check=False)
+    finally:
+        if listening != "no file":
+            sock.close()
+    assert text.returncode == as_json.returncode == 1, (text.stderr, as_json.stderr)
+    assert "Traceback" not in text.stderr + as_json.stderr, text.stderr + as_json.stderr
+    [line, summary] = text.stdout.splitlines()
+    assert line.startswith(f"PROBLEM docker: the Docker engine at {path} does not answer ("), line
+    assert "managed plugin vpcnet:latest" in line and "; fix: start Docker" in line
+    assert summary == "vpcnet doctor: 1 problem(s), 0 check(s) passed"
+    report = json.loads(as_json.stdout)
+    assert report["ok"] is False and [f["check"] for f in report["findings"]] == ["docker"]
+    assert path in report["findings"][0]["detail"] and report["findings"][0]["fix"]
+
+
+@pytest.mark.docker
+def test_doctor_plugin_that_docker_does_not_have_is_one_line_naming_it(docker_engine):
+    proc = run([sys.executable, "-m", "vpcnet.cli", "doctor", "--plugin", "vpcnet-nosuch:latest"], check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    [line, _] = proc.stdout.splitlines()
+    assert line.startswith("PROBLEM docker: cannot read managed plugin vpcnet-nosuch:latest from the Docker engine "
+                           "at "), line
+    assert "HTTP 404" in line and "; fix: `docker plugin ls`" in line

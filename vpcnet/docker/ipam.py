@@ -73,7 +73,7 @@ class Ipam:
         with self.store.tx() as db:
             window = self._window(boot, now)
             if window is not None:
-                log.info("Plugin.Activate while replay window %d is open: kept as it is (not extended, "
+                log.debug("Plugin.Activate while replay window %d is open: kept as it is (not extended, "
                          "not re-armed)", window[0])
                 return False
             epoch = int(self.store.get_meta("replay_epoch", "0")) + 1

@@ -74,7 +74,7 @@ class Ipam:
             window = self._window(boot, now)
             if window is not None:
                 log.debug("Plugin.Activate while replay window %d is open: kept as it is (not extended, "
-                         "not re-armed)", window[0])
+                          "not re-armed)", window[0])
                 return False
             epoch = int(self.store.get_meta("replay_epoch", "0")) + 1
             for key, value in zip(REPLAY_KEYS, (str(epoch), repr(now + REPLAY_WINDOW), boot, "[]"), strict=True):

@@ -205,16 +205,20 @@ install -d -m 0700 "$ROOT/var/lib/vpcnet"
 chmod 1777 "$ROOT/tmp"
 install -m 0755 "$HERE/entrypoint.py" "$ROOT/usr/local/sbin/vpcnet-entrypoint"
 ln -sf /opt/vpcnet/bin/vpcnet "$ROOT/usr/local/bin/vpcnet"
-# iptables backend matching the host's Docker (what `update-alternatives --set` would write)
-for tool in iptables iptables-save iptables-restore; do
-    ln -sf "/usr/sbin/${tool/iptables/iptables-$BACKEND}" "$ROOT/etc/alternatives/$tool"
+# iptables backend matching the host's Docker (what `update-alternatives --set` would write), ip6tables
+# too (vpcnet's IPv6 guard goes beside its IPv4 rules): iptables-save -> iptables-legacy-save
+for tool in iptables iptables-save iptables-restore ip6tables ip6tables-save ip6tables-restore; do
+    ln -sf "/usr/sbin/${tool/tables/tables-$BACKEND}" "$ROOT/etc/alternatives/$tool"
 done
 : >"$ROOT/etc/resolv.conf"          # Docker bind-mounts the host's /etc/hosts and /etc/resolv.conf
 # byte-compile vpcnet here (the dependencies came compiled), so no start pays for it
 chroot "$ROOT" /opt/vpcnet/bin/python -m compileall -q "/$SITE/vpcnet" >/dev/null
 chroot "$ROOT" /opt/vpcnet/bin/python -I -c 'import vpcnet.cli.serve, vpcnet.cloud.aliyun, vpcnet.cloud.aws' \
     || die "vpcnet does not import in the rootfs"
-chroot "$ROOT" iptables -V >/dev/null || die "iptables does not run in the rootfs"
+VARIANT=$([ "$BACKEND" = legacy ] && echo legacy || echo nf_tables)      # as `iptables -V` names it
+for tool in iptables ip6tables; do
+    [[ "$(chroot "$ROOT" $tool -V)" == *"($VARIANT)"* ]] || die "$tool does not run in the rootfs as $tool-$BACKEND"
+done
 VERSION=$(chroot "$ROOT" /opt/vpcnet/bin/vpcnet --version)
 echo "${VERSION/ /-} (from $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)$(
     git -C "$REPO" diff --quiet HEAD -- vpcnet pyproject.toml 2>/dev/null || echo ', modified'))" >>"$ROOT/opt/vpcnet/MANIFEST"

@@ -9,7 +9,8 @@
    enable` return in well under a second, whatever the imports, the datapath restore or a slow cloud
    cost afterwards (connections wait in the listen backlog meanwhile).
 3. Use the iptables backend the host's Docker uses (legacy or nft: whichever holds more rules; on a tie
-   the image's default, which build.sh set to the build host's backend), then exec `vpcnet serve`.
+   the image's default, which build.sh set to the build host's backend), for ip6tables too (vpcnet's
+   IPv6 guard goes beside the IPv4 rules, in the same backend), then exec `vpcnet serve`.
 """
 import os
 import socket
@@ -18,6 +19,10 @@ import sys
 
 VPCNET = "/opt/vpcnet/bin/vpcnet"
 LISTEN_FD = 3                      # SD_LISTEN_FDS_START
+# Each tool the plugin runs, and its name in a backend: /usr/sbin/<family>-<mode><suffix>
+# (iptables-legacy-save, not iptables-save-legacy).
+BACKEND_TOOLS = {f"{family}{suffix}": (family, suffix) for family in ("iptables", "ip6tables")
+                 for suffix in ("", "-save", "-restore")}
 
 
 def check_config():
@@ -65,17 +70,17 @@ def pick_iptables() -> None:
     if legacy == nft:
         return
     mode = "legacy" if legacy > nft else "nft"
-    for tool in ("iptables", "iptables-save", "iptables-restore"):
-        link = f"/usr/local/sbin/{tool}"
+    for tool, (family, suffix) in BACKEND_TOOLS.items():
+        link, target = f"/usr/local/sbin/{tool}", f"/usr/sbin/{family}-{mode}{suffix}"
         try:
-            if os.path.realpath(f"/usr/sbin/{tool}") == os.path.realpath(f"/usr/sbin/{tool}-{mode}"):
+            if os.path.realpath(f"/usr/sbin/{tool}") == os.path.realpath(target):
                 if os.path.lexists(link):
                     os.unlink(link)
-            elif os.path.realpath(link) != os.path.realpath(f"/usr/sbin/{tool}-{mode}"):
+            elif os.path.realpath(link) != os.path.realpath(target):
                 tmp = link + ".new"
                 if os.path.lexists(tmp):
                     os.unlink(tmp)
-                os.symlink(f"/usr/sbin/{tool}-{mode}", tmp)
+                os.symlink(target, tmp)
                 os.replace(tmp, link)
         except OSError as exc:     # a read-only rootfs: keep the image's default
             print(f"vpcnet-entrypoint: cannot select iptables-{mode}: {exc}", file=sys.stderr)

@@ -197,13 +197,13 @@ class Assembled:
 
 
 class Clock:
-    """A settable clock for the replay window."""
+    """A settable clock for the replay window: (boot id, seconds since boot), as ipam.boot_clock."""
 
-    def __init__(self, now: float = 1_000_000.0):
-        self.now = now
+    def __init__(self, now: float = 1_000_000.0, boot: str = "boot-1"):
+        self.now, self.boot = now, boot
 
-    def __call__(self) -> float:
-        return self.now
+    def __call__(self) -> tuple[str, float]:
+        return self.boot, self.now
 
 
 def make_plugin(tmp_path, dataplane: FakeDataplane | None = None, clock=None, **env: str) -> Assembled:

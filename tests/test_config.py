@@ -298,3 +298,19 @@ def test_redacted_hides_secret(env):
     assert SECRET not in repr(cfg)
     assert set(red) == {s.attr for s in SETTINGS}
     assert load(env).redacted()["aliyun_access_key_secret"] == ""
+
+
+def test_the_source_dest_check_help_says_when_the_route_pass_checks():
+    """The route pass checks it on its first pass, then every FORWARDING_EVERY-th, and every pass while it
+    finds a problem (vpcnet.routes.sync): the setting's help (docs/settings.md, the managed plugin's Env)
+    says the same, not "every pass"."""
+    from vpcnet.routes import sync
+
+    [setting] = [s for s in SETTINGS if s.env == "VPCNET_AWS_DISABLE_SOURCE_DEST_CHECK"]
+    assert "on every pass" not in setting.description
+    assert f"first pass, then every {sync.FORWARDING_EVERY}th pass" in setting.description
+    assert "every pass while it finds a problem" in setting.description
+    with open(cloud.__file__) as fh:
+        source = fh.read()
+    comment = source[source.index("checks_forwarding = False") - 300:source.index("checks_forwarding = False")]
+    assert "FORWARDING_EVERY" in comment and "called every pass" not in comment

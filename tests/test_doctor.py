@@ -171,3 +171,88 @@ def test_forwarding_with_an_accept_policy_is_named_with_its_fix(netns_factory):
     run([*ip, "iptables", "-P", "FORWARD", "ACCEPT"])
     run([*ip, "sysctl", "-qw", "net.ipv4.ip_forward=0"])       # not forwarding: nothing to say here
     assert finding()["ok"]
+
+
+IPV6_GUARD = """
+import json
+from dataclasses import asdict
+from vpcnet.cli.doctor.findings import Context
+from vpcnet.cli.doctor.firewall import FirewallChecks
+print(json.dumps([asdict(f) for f in FirewallChecks(Context(None, "")).check_ipv6_guard()]))
+"""
+
+
+@pytest.mark.root
+def test_the_ipv6_guard_missing_or_incomplete_is_named_with_its_fix(netns_factory):
+    """In a namespace of the test's own: no VPCNET-IPV6 chain, then the guard as the plugin writes it,
+    then one drop gone, the PREROUTING jump gone, and a vpcnet link with IPv6 on."""
+    from vpcnet.datapath.firewall import IPV6_CHAIN, Ipv6Guard
+
+    ns = netns_factory("vpdoc")
+    ip = ["ip", "netns", "exec", ns]
+
+    def finding() -> dict:
+        [found] = json.loads(run([*ip, sys.executable, "-c", IPV6_GUARD]).stdout)
+        return found
+
+    found = finding()
+    assert not found["ok"] and f"ip6tables raw chain {IPV6_CHAIN} missing" in found["detail"], found
+    assert f"raw PREROUTING has no jump to {IPV6_CHAIN}" in found["detail"]
+    assert found["fix"].startswith("restart the plugin") and f"ip6tables -t raw -N {IPV6_CHAIN}" in found["fix"]
+    assert Ipv6Guard(["ip", "netns", "exec", ns]).apply()                   # what the plugin writes at start
+    assert finding()["ok"], finding()
+    run([*ip, "ip6tables", "-t", "raw", "-D", IPV6_CHAIN, "1"])
+    found = finding()
+    assert not found["ok"] and "holds 2 rule(s), 2 of 3 wanted" in found["detail"], found
+    assert Ipv6Guard(["ip", "netns", "exec", ns]).apply()
+    run([*ip, "ip6tables", "-t", "raw", "-D", "PREROUTING", "-j", IPV6_CHAIN])
+    found = finding()
+    assert not found["ok"] and found["detail"].startswith(f"ip6tables raw PREROUTING has no jump to {IPV6_CHAIN}")
+    assert Ipv6Guard(["ip", "netns", "exec", ns]).apply()
+    assert finding()["ok"]
+
+    run(["ip", "-n", ns, "link", "add", "vhdoc0", "type", "veth", "peer", "name", "other0"])
+    run([*ip, "sysctl", "-qw", "net.ipv6.conf.vhdoc0.disable_ipv6=0"])
+    found = finding()
+    assert not found["ok"] and "IPv6 is on on vpcnet link(s) vhdoc0 " in found["detail"], found
+    assert "sysctl -w net.ipv6.conf.vhdoc0.disable_ipv6=1" in found["fix"]
+    run([*ip, "sysctl", "-qw", "net.ipv6.conf.vhdoc0.disable_ipv6=1"])
+    assert finding()["ok"]
+
+
+@pytest.mark.parametrize("listening", ["no file", "a socket nobody listens on"])
+def test_doctor_plugin_without_an_engine_answering_is_one_line_naming_the_socket(tmp_path, listening):
+    """`vpcnet doctor --plugin NAME` needs the engine to read the plugin's settings: with none answering at
+    the socket it says so in one finding naming the socket (text and JSON), not with a traceback."""
+    import socket as socket_mod
+
+    path = str(tmp_path / "docker.sock")
+    if listening != "no file":
+        sock = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_STREAM)
+        sock.bind(path)                                    # bound, never listening: connect is refused
+    base = [sys.executable, "-m", "vpcnet.cli", "doctor", "--plugin", "vpcnet:latest", "--docker-socket", path]
+    try:
+        text = run(base, check=False)
+        as_json = run([*base, "--json"], check=False)
+    finally:
+        if listening != "no file":
+            sock.close()
+    assert text.returncode == as_json.returncode == 1, (text.stderr, as_json.stderr)
+    assert "Traceback" not in text.stderr + as_json.stderr, text.stderr + as_json.stderr
+    [line, summary] = text.stdout.splitlines()
+    assert line.startswith(f"PROBLEM docker: the Docker engine at {path} does not answer ("), line
+    assert "managed plugin vpcnet:latest" in line and "; fix: start Docker" in line
+    assert summary == "vpcnet doctor: 1 problem(s), 0 check(s) passed"
+    report = json.loads(as_json.stdout)
+    assert report["ok"] is False and [f["check"] for f in report["findings"]] == ["docker"]
+    assert path in report["findings"][0]["detail"] and report["findings"][0]["fix"]
+
+
+@pytest.mark.docker
+def test_doctor_plugin_that_docker_does_not_have_is_one_line_naming_it(docker_engine):
+    proc = run([sys.executable, "-m", "vpcnet.cli", "doctor", "--plugin", "vpcnet-nosuch:latest"], check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    [line, _] = proc.stdout.splitlines()
+    assert line.startswith("PROBLEM docker: cannot read managed plugin vpcnet-nosuch:latest from the Docker engine "
+                           "at "), line
+    assert "HTTP 404" in line and "; fix: `docker plugin ls`" in line

@@ -5,6 +5,7 @@ import ipaddress
 import multiprocessing
 import os
 import threading
+import time
 
 import pytest
 from fakes import Clock, make_config
@@ -12,6 +13,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from vpcnet.docker import ipam as ipam_module
 from vpcnet.docker.ipam import GATEWAY_KEY, REPLAY_WINDOW, REQUEST_TYPE_KEY, Ipam
 from vpcnet.errors import Conflict, Exhausted, InvalidRequest, NotFound
 from vpcnet.routes.keeper import RouteKeeper
@@ -336,6 +338,7 @@ def test_replay_window_reopens_for_next_restart(tmp_path):
     for _ in range(3):                                      # three daemon restarts
         clock.now += 1000
         ipam.open_replay_window()
+        assert ipam.request_pool(pool=pool)["PoolID"] == pool     # Docker replays the pool first
         assert ipam.request_address(pool, a["Address"]) == a
         with pytest.raises(Conflict):
             ipam.request_address(pool, a["Address"])
@@ -348,12 +351,111 @@ def test_address_allocated_inside_window_is_not_replayable(tmp_path):
     ipam = build(tmp_path, clock=clock)
     pool = ipam.request_pool()["PoolID"]
     ipam.open_replay_window()
-    fresh = ip_of(ipam.request_address(pool))
-    with pytest.raises(Conflict, match="already in use"):
-        ipam.request_address(pool, fresh)
+    ipam.request_pool(pool=pool)
     requested = ip_of(ipam.request_address(pool, "10.200.0.99"))
     with pytest.raises(Conflict, match="already in use"):
         ipam.request_address(pool, requested)
+    fresh = ip_of(ipam.request_address(pool))
+    with pytest.raises(Conflict, match="already in use"):
+        ipam.request_address(pool, fresh)
+
+
+def restarted(ipam, pool: str) -> None:
+    """What Docker sends at a daemon start: Plugin.Activate, then RequestPool naming the pool."""
+    ipam.open_replay_window()
+    assert ipam.request_pool(pool=pool)["PoolID"] == pool
+
+
+def test_the_replay_window_runs_on_the_boot_clock_not_the_wall_clock(tmp_path, monkeypatch):
+    """An NTP step or `date -s` (time.time jumping a day either way) neither closes nor opens the window;
+    only CLOCK_BOOTTIME moving past it closes it. Stored with the boot id, beside the deadline."""
+    ipam = build(tmp_path)
+    ipam.clock = ipam_module.boot_clock                     # the real clock, as `vpcnet serve` builds it
+    pool = ipam.request_pool()["PoolID"]
+    a, b = ip_of(ipam.request_address(pool)), ip_of(ipam.request_address(pool))
+    restarted(ipam, pool)
+    with open("/proc/sys/kernel/random/boot_id") as fh:
+        assert ipam.store.get_meta("replay_boot") == fh.read().strip()
+    until = float(ipam.store.get_meta("replay_until"))
+    assert 0 < until - time.clock_gettime(time.CLOCK_BOOTTIME) <= REPLAY_WINDOW
+    wall = time.time()
+    monkeypatch.setattr(time, "time", lambda: wall + 86400)          # stepped a day forward
+    assert ip_of(ipam.request_address(pool, a)) == a                  # still open
+    monkeypatch.setattr(time, "time", lambda: wall - 86400)          # and a day back
+    boottime = time.clock_gettime(time.CLOCK_BOOTTIME)
+    real_gettime = time.clock_gettime
+    monkeypatch.setattr(time, "clock_gettime", lambda clk: real_gettime(clk) + (
+        REPLAY_WINDOW + 1 if clk == time.CLOCK_BOOTTIME else 0))       # the boot clock moved past it
+    assert boottime + REPLAY_WINDOW + 1 > until
+    with pytest.raises(Conflict, match="already in use"):
+        ipam.request_address(pool, b)
+    ipam.store.close()
+
+
+def test_a_window_from_an_earlier_boot_is_closed(tmp_path):
+    """After a reboot the boot clock starts again near 0, under the old deadline: the boot id tells."""
+    clock = Clock(now=5000.0, boot="boot-1")
+    ipam = build(tmp_path, clock=clock)
+    pool = ipam.request_pool()["PoolID"]
+    a = ip_of(ipam.request_address(pool))
+    restarted(ipam, pool)
+    clock.boot, clock.now = "boot-2", 30.0                  # rebooted: 30 s since boot < the deadline
+    with pytest.raises(Conflict, match="already in use"):
+        ipam.request_address(pool, a)
+    restarted(ipam, pool)                                   # Docker starts on the new boot: a new window
+    assert ip_of(ipam.request_address(pool, a)) == a
+
+
+def test_activate_inside_an_open_window_neither_extends_nor_rearms_it(tmp_path):
+    """A second Plugin.Activate (Docker re-activating, or any local process) cannot let an address be
+    replayed twice, and cannot keep the window open past REPLAY_WINDOW after the first."""
+    clock = Clock()
+    ipam = build(tmp_path, clock=clock)
+    pool = ipam.request_pool()["PoolID"]
+    a, b = ip_of(ipam.request_address(pool)), ip_of(ipam.request_address(pool))
+    restarted(ipam, pool)
+    assert ip_of(ipam.request_address(pool, a)) == a
+    for _ in range(3):
+        clock.now += REPLAY_WINDOW / 4
+        assert ipam.open_replay_window() is False
+        ipam.request_pool(pool=pool)
+        with pytest.raises(Conflict, match="already in use"):
+            ipam.request_address(pool, a)                   # not re-armed
+    clock.now += REPLAY_WINDOW / 4 + 1                      # REPLAY_WINDOW + 1 after the first Activate
+    with pytest.raises(Conflict, match="already in use"):
+        ipam.request_address(pool, b)                       # not extended
+    assert ipam.open_replay_window() is True                # the next restart gets its own window
+    ipam.request_pool(pool=pool)
+    assert ip_of(ipam.request_address(pool, b)) == b
+
+
+def test_activate_without_a_pool_replay_replays_nothing(tmp_path):
+    """`docker plugin enable` or a restart of vpcnet activates the plugin without a daemon restart: Docker
+    replays no pool, so a `docker run --ip` for an address in use is refused, not taken as a replay."""
+    clock = Clock()
+    ipam = build(tmp_path, clock=clock)
+    pool = ipam.request_pool()["PoolID"]
+    a = ip_of(ipam.request_address(pool))
+    ipam.open_replay_window()
+    with pytest.raises(Conflict, match="already in use"):
+        ipam.request_address(pool, a)
+
+
+def test_new_work_closes_the_window_so_a_second_restart_gets_its_own(tmp_path):
+    """Docker asks for a new address only after its replays: the window closes then, and a daemon
+    restarted again a minute later replays into a fresh window."""
+    clock = Clock()
+    ipam = build(tmp_path, clock=clock)
+    pool = ipam.request_pool()["PoolID"]
+    a, b = ip_of(ipam.request_address(pool)), ip_of(ipam.request_address(pool))
+    restarted(ipam, pool)
+    assert ip_of(ipam.request_address(pool, a)) == a
+    ipam.request_address(pool)                              # a new container
+    with pytest.raises(Conflict, match="already in use"):
+        ipam.request_address(pool, b)                       # closed early
+    clock.now += 60
+    restarted(ipam, pool)
+    assert ip_of(ipam.request_address(pool, a)) == a and ip_of(ipam.request_address(pool, b)) == b
 
 
 # -- property tests -----------------------------------------------------------------------------------
@@ -390,6 +492,7 @@ class AllocationMachine(RuleBasedStateMachine):
 
     @rule()
     def request_any(self):
+        self.replayable = set()               # new work: Docker's replays are over, the window closes
         if len(self.in_use) == len(self.usable):
             with pytest.raises(Exhausted):
                 self.ipam.request_address(self.pool)
@@ -622,13 +725,13 @@ def test_a_pool_released_while_an_address_is_taken_is_a_clear_not_found(ipam, mo
     the pool (not a TypeError or a foreign-key error, which would be a 500), and nothing is written."""
     pool = ipam.request_pool()["PoolID"]
     address = str(ipaddress.IPv4Network(pool).network_address + 7) if wanted == "requested" else ""
-    epoch = ipam._replay_epoch
+    window = ipam._replay_window
 
     def released_meanwhile():
         ipam.release_pool(pool)
-        return epoch()
+        return window()
 
-    monkeypatch.setattr(ipam, "_replay_epoch", released_meanwhile)
+    monkeypatch.setattr(ipam, "_replay_window", released_meanwhile)
     with pytest.raises(NotFound, match=f"pool {pool} was released meanwhile"):
         ipam.request_address(pool, address)
     assert ipam.store.pools() == [] and ipam.store.addresses(pool) == []

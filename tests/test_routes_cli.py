@@ -134,6 +134,41 @@ def test_release_removes_only_this_hosts_routes(emu, vpcnet):
     assert set(custom(emu)) == {B[0], B[9]}
 
 
+def test_release_refuses_while_networks_use_the_block(emu, vpcnet, tmp_path):
+    """A network in the state on this host's block: release names it and the way out, and removes
+    nothing; once the network is gone it releases; `--force` releases regardless."""
+    from vpcnet.datapath.spec import bridge_name
+    from vpcnet.state.store import Network, Store
+
+    assert vpcnet("sync", "--wait", "5").returncode == 0
+    store = Store(str(tmp_path / "state" / "vpcnet.db"))
+    try:
+        [claim] = store.claims()
+        block = claim.host_cidr
+        assert block in B
+        nid = "ab" * 32
+        with store.tx() as db:
+            store.add_network(db, Network(nid, block, CLUSTER, block.replace(".0/24", ".1"), bridge_name(nid),
+                                          1500, False, ()))
+        proc = vpcnet("release")
+        assert proc.returncode == 1 and proc.stdout == "", proc
+        assert f"1 vpcnet network(s) on this host still use its block(s): {nid[:12]} ({block})" in proc.stderr
+        assert "docker network rm" in proc.stderr and "--force" in proc.stderr
+        assert hop(custom(emu)[block]) == ME and store.claims() == [claim]           # nothing released
+
+        forced = vpcnet("release", "--force")
+        assert forced.returncode == 0, forced.stderr
+        assert f"removed {block} -> {ME} from {TABLE}" in forced.stdout and block not in custom(emu)
+
+        assert vpcnet("sync", "--wait", "5").returncode == 0                           # claimed again
+        store.delete_network(nid)
+        proc = vpcnet("release")
+        assert proc.returncode == 0, proc.stderr
+        assert "1 route(s) removed" in proc.stdout and store.claims() == []
+    finally:
+        store.close()
+
+
 def test_gc_is_a_dry_run_unless_yes(emu, vpcnet):
     emu.add_custom_entry(B[5], DEAD, name=route_name(B[5]))     # vpcnet's, instance gone
     emu.add_custom_entry(B[6], DEAD, name="by-hand")                  # hand-made, instance gone

@@ -149,6 +149,7 @@ def test_the_replay_window_answers_only_identical_replays(tmp_path):
     pool = setup_network(client)
     address = ok(client, "/IpamDriver.RequestAddress", {"PoolID": pool["PoolID"]})["Address"]
     plug.ipam.open_replay_window()                     # a daemon restart
+    ok(client, "/IpamDriver.RequestPool", {"Pool": pool["Pool"]})                   # replays the pool first
     body = {"PoolID": pool["PoolID"], "Address": address.split("/")[0]}
     assert ok(client, "/IpamDriver.RequestAddress", body)["Address"] == address      # the replay
     status, answer = post(client, "/IpamDriver.RequestAddress", body)                # a new container

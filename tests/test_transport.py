@@ -5,6 +5,7 @@ namespace."""
 from __future__ import annotations
 
 import io
+import ipaddress
 import json
 import os
 import socket
@@ -289,6 +290,25 @@ def test_activate_opens_replay_window(client):
     ok(client, "/Plugin.Activate")                                # the daemon restarted
     assert ok(client, "/IpamDriver.RequestPool", {"Pool": pool["Pool"]}) == pool
     assert ok(client, "/IpamDriver.RequestAddress", body) == {"Address": address, "Data": {}}
+    assert "already in use" in refused(client, "/IpamDriver.RequestAddress", body, status=409)
+
+
+def test_a_new_endpoint_closes_the_replay_window_and_a_bare_activate_replays_nothing(client):
+    """Docker's replays come before any new endpoint: a CreateEndpoint (here for a `--ip` container, whose
+    RequestAddress named a free address) ends them. A Plugin.Activate that no pool replay follows (a
+    `docker plugin enable`, a restart of vpcnet) lets no address in use through."""
+    pool = setup_network(client)
+    address = setup_endpoint(client, pool)
+    body = {"PoolID": pool["PoolID"], "Address": address.split("/")[0], "Options": {}}
+    ok(client, "/Plugin.Activate")
+    ok(client, "/IpamDriver.RequestPool", {"Pool": pool["Pool"]})
+    other = str(ipaddress.IPv4Interface(address).ip + 40)
+    ok(client, "/IpamDriver.RequestAddress", {"PoolID": pool["PoolID"], "Address": other, "Options": {}})
+    ok(client, "/NetworkDriver.CreateEndpoint", {"NetworkID": NID, "EndpointID": EID2, "Options": {},
+                                                 "Interface": {"Address": f"{other}/24", "AddressIPv6": "",
+                                                               "MacAddress": ""}})
+    assert "already in use" in refused(client, "/IpamDriver.RequestAddress", body, status=409)
+    ok(client, "/Plugin.Activate")
     assert "already in use" in refused(client, "/IpamDriver.RequestAddress", body, status=409)
 
 

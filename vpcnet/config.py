@@ -143,7 +143,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("aws_subnet_ids", "", "Subnets whose route tables to program when no table is given "
             "(comma-separated; default: every subnet of the VPC)", _id_list),
     Setting("aws_disable_source_dest_check", True, "Turn off this instance's source/destination check "
-            "(ModifyInstanceAttribute) at start and on every pass; false: only report it", _bool),
+            "(ModifyInstanceAttribute) when the route pass finds it on: checked on the first pass, then "
+            "every 10th pass, and every pass while it finds a problem; false: only report it", _bool),
     Setting("aws_instance_id", "", "This EC2 instance's id (default: from metadata)"),
     Setting("aws_endpoint_url", "", "EC2 API URL override (e.g. a VPC endpoint, or moto in tests)"),
     Setting("aws_metadata_url", "http://169.254.169.254", "EC2 instance metadata service (IMDSv2)"),

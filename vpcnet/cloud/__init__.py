@@ -97,7 +97,8 @@ class Provider(abc.ABC):
     name = "?"
     #: True when calls are local and instant (no network): IPAM may then claim inline.
     instant = False
-    #: True when `check_forwarding` asks the cloud something (it is then called every pass).
+    #: True when `check_forwarding` asks the cloud something: the route pass then calls it on its first
+    #: pass, then every FORWARDING_EVERY-th (vpcnet.routes.sync), and every pass while it finds a problem.
     checks_forwarding = False
 
     def __init__(self, config) -> None:  # noqa: B027 - every provider is built from the one config object

@@ -7,15 +7,33 @@
   form (canonical, e.g. 10.200.3.0/24) is refused before it is looked up.
 - Addresses are handed out next-fit: a cursor walks the pool, so a just-released address is not handed
   out again before the rest of the pool has been used (stale ARP caches in peers).
-- Replays: Docker (with `RequiresRequestReplay`) re-requests every address it kept after a daemon restart,
-  and our state remembers them as in use. `Plugin.Activate` opens a replay window in which each address
-  already in use may be re-requested once and gets its identical answer; outside the window, or a second
-  time inside it, a request for an address in use is refused.
+- Replays: Docker (with `RequiresRequestReplay`) re-requests, at daemon start, each network's pool
+  (RequestPool naming the block), its gateway, and the address of every endpoint it kept (with
+  live-restore, its running containers'), in one burst before it serves any new work; our state
+  remembers those addresses as in use. A replay window lets each address in use be re-requested once,
+  with its identical answer. Outside it, or a second time inside it, a request for an address in use is
+  refused: that refusal is what keeps a `docker run --ip X` from getting an address a live container
+  holds. The window is therefore kept as narrow as Docker's burst allows:
+  - It runs on CLOCK_BOOTTIME, stored with the boot id (/proc/sys/kernel/random/boot_id): one clock for
+    every worker process, which an NTP step or `date -s` cannot move, and which restarts at a reboot, so
+    a deadline from an earlier boot counts as closed (the wall clock could open or close it wrongly).
+  - `Plugin.Activate` opens it (REPLAY_WINDOW seconds) only when none is open. An Activate inside an
+    open window (a second one from Docker, or any local process) neither extends it nor re-arms the
+    addresses already replayed in it: a duplicate address is worse than a refused replay, which Docker
+    only logs as a warning while our state keeps the address in use for that endpoint.
+  - In-use addresses of a pool are replayable only after Docker replayed that pool (RequestPool naming
+    the block) in the window: Docker does so before its endpoints' addresses, while an Activate that is
+    no daemon restart (`docker plugin enable`, a restart of vpcnet itself) replays nothing.
+  - It closes early at the first call of new work: RequestAddress for any address, or CreateEndpoint.
+    Docker makes those only after its replays, so a daemon restarted again soon after gets a fresh
+    window, and a restart followed by container activity does not stay open for the full window.
 """
 from __future__ import annotations
 
 import bisect
+import functools
 import ipaddress
+import json
 import logging
 import time
 
@@ -26,16 +44,17 @@ log = logging.getLogger(__name__)
 GATEWAY_KEY = "com.docker.network.gateway"
 REQUEST_TYPE_KEY = "RequestAddressType"
 REPLAY_WINDOW = 300.0   # seconds after Plugin.Activate in which replays of in-use addresses are honoured
+REPLAY_KEYS = ("replay_epoch", "replay_until", "replay_boot", "replay_pools")   # the window, in `meta`
 LOCAL_SPACE = "vpcnet-local"
 GLOBAL_SPACE = "vpcnet-global"
 
 
 class Ipam:
-    def __init__(self, config, store, routes, clock=time.time, host_routes=None):
+    def __init__(self, config, store, routes, clock=None, host_routes=None):
         self.config = config
         self.store = store
         self.routes = routes
-        self.clock = clock
+        self.clock = clock or boot_clock     # () -> (boot id, seconds since boot)
         # host_routes(cidr) -> descriptions of kernel routes overlapping cidr (the dataplane's view)
         self.host_routes = host_routes
 
@@ -48,17 +67,54 @@ class Ipam:
     def default_address_spaces() -> dict:
         return {"LocalDefaultAddressSpace": LOCAL_SPACE, "GlobalDefaultAddressSpace": GLOBAL_SPACE}
 
-    def open_replay_window(self) -> None:
+    def open_replay_window(self) -> bool:
+        """`Plugin.Activate`: open a replay window unless one is open (see the module docstring)."""
+        boot, now = self.clock()
         with self.store.tx() as db:
+            window = self._window(boot, now)
+            if window is not None:
+                log.debug("Plugin.Activate while replay window %d is open: kept as it is (not extended, "
+                          "not re-armed)", window[0])
+                return False
             epoch = int(self.store.get_meta("replay_epoch", "0")) + 1
-            self.store.set_meta(db, "replay_epoch", str(epoch))
-            self.store.set_meta(db, "replay_until", str(self.clock() + REPLAY_WINDOW))
+            for key, value in zip(REPLAY_KEYS, (str(epoch), repr(now + REPLAY_WINDOW), boot, "[]"), strict=True):
+                self.store.set_meta(db, key, value)
+        log.info("replay window %d open for %.0f s", epoch, REPLAY_WINDOW)
+        return True
 
-    def _replay_epoch(self) -> int:
-        """The open replay epoch, or 0 when no replay window is open."""
-        if self.clock() > float(self.store.get_meta("replay_until", "0")):
-            return 0
-        return int(self.store.get_meta("replay_epoch", "0"))
+    def end_replays(self, why: str) -> None:
+        """Close an open replay window early: Docker has moved on to new work (`why`)."""
+        boot, now = self.clock()
+        if self._window(boot, now) is None:
+            return
+        with self.store.tx() as db:
+            window = self._window(boot, now)
+            if window is not None:
+                self.store.set_meta(db, "replay_until", "0")
+                log.info("replay window %d closed: %s", window[0], why)
+
+    def _window(self, boot: str, now: float) -> tuple[int, list[str]] | None:
+        """(epoch, pools replayed in it) of the open replay window, or None when none is open."""
+        marks = self.store.read(f"SELECT key, value FROM meta WHERE key IN ({','.join('?' * len(REPLAY_KEYS))})",
+                                REPLAY_KEYS)
+        meta = {row["key"]: row["value"] for row in marks}
+        if meta.get("replay_boot") != boot or now > float(meta.get("replay_until", "0")):
+            return None     # never opened, closed, timed out, or opened before a reboot
+        return int(meta["replay_epoch"]), json.loads(meta.get("replay_pools", "[]"))
+
+    def _replay_window(self) -> tuple[int, list[str]]:
+        """(epoch, pools replayed in it) of the open replay window, or (0, []) when none is open."""
+        return self._window(*self.clock()) or (0, [])
+
+    def _pool_replayed(self, pool_id: str) -> None:
+        """Docker replayed RequestPool for `pool_id`: inside an open window, its addresses become replayable."""
+        boot, now = self.clock()
+        if self._window(boot, now) is None:
+            return
+        with self.store.tx() as db:
+            window = self._window(boot, now)
+            if window is not None and pool_id not in window[1]:
+                self.store.set_meta(db, "replay_pools", json.dumps(sorted([*window[1], pool_id])))
 
     # -- pools ------------------------------------------------------------------------------------
     def request_pool(self, pool: str = "", sub_pool: str = "", options: dict | None = None,
@@ -74,6 +130,8 @@ class Ipam:
         if address_space and address_space not in (LOCAL_SPACE, GLOBAL_SPACE):
             raise InvalidRequest(f"unknown address space {shown(address_space)}")
         cluster, host = self._resolve_pool(pool)
+        if pool == str(host):                     # naming a block this host owns: Docker's replay
+            self._pool_replayed(pool)
         gateway = _gateway(host)
         with self.store.tx() as db:
             db.execute("INSERT OR IGNORE INTO pools(pool_id, cluster_cidr, gateway, cursor) VALUES(?,?,?,?)",
@@ -155,6 +213,7 @@ class Ipam:
             ip = self._check_requested(address, host, gateway)
             self._take_requested(pool_id, ip)
         else:
+            self.end_replays(f"a new address was asked of pool {pool_id}")
             ip = self._take_next(pool_id, host, gateway)
         return {"Address": f"{ip}/{host.prefixlen}", "Data": {}}
 
@@ -177,7 +236,7 @@ class Ipam:
         return ip
 
     def _take_requested(self, pool_id: str, ip: ipaddress.IPv4Address) -> None:
-        epoch = self._replay_epoch()
+        epoch, replayed_pools = self._replay_window()
         with self.store.tx() as db:
             _require_pool(self.store, db, pool_id)
             row = db.execute("SELECT replay_epoch FROM addresses WHERE pool_id=? AND address=?",
@@ -186,7 +245,7 @@ class Ipam:
                 db.execute("INSERT INTO addresses(pool_id, address, replay_epoch) VALUES(?,?,?)",
                            (pool_id, str(ip), epoch))
                 return
-            if epoch and row["replay_epoch"] < epoch:
+            if epoch and row["replay_epoch"] < epoch and pool_id in replayed_pools:
                 db.execute("UPDATE addresses SET replay_epoch=? WHERE pool_id=? AND address=?",
                            (epoch, pool_id, str(ip)))
                 log.info("replayed address %s in pool %s", ip, pool_id)
@@ -199,7 +258,7 @@ class Ipam:
         # Stamped with the open replay epoch (as `_take_requested` does): an address handed out inside a
         # replay window was not in use when the window opened, so it is not replayable in it; stamping 0
         # would let a later `--ip` for it pass as a "replay" and hand out a duplicate.
-        epoch = self._replay_epoch()
+        epoch = self._replay_window()[0]
         # The pool's free addresses come from a read outside the write lock (WAL readers never wait for
         # a writer): inside it, one indexed read of the cursor, then an insert that the primary key
         # refuses if someone took that address since the read (try the next free one). An address
@@ -228,6 +287,18 @@ class Ipam:
         with self.store.tx() as db:
             db.execute("DELETE FROM addresses WHERE pool_id=? AND address=?", (pool_id, str(ip)))
         return {}
+
+
+@functools.cache
+def _boot_id() -> str:
+    with open("/proc/sys/kernel/random/boot_id") as fh:
+        return fh.read().strip()
+
+
+def boot_clock() -> tuple[str, float]:
+    """(this boot's id, seconds since boot): the same for every process of this boot, monotonic (counting
+    suspend), and not settable; the boot id tells a deadline from an earlier boot."""
+    return _boot_id(), time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 def _require_pool(store, db, pool_id: str) -> None:

@@ -55,9 +55,7 @@ def endpoint_table(driver, ipam) -> dict[str, Callable[[Body], dict]]:
             b.field("NetworkID", required=True), b.field("Options", dict, {}),
             b.field("IPv4Data", list, []), b.field("IPv6Data", list, [])),
         "/NetworkDriver.DeleteNetwork": lambda b: driver.delete_network(b.field("NetworkID", required=True)),
-        "/NetworkDriver.CreateEndpoint": lambda b: driver.create_endpoint(
-            b.field("NetworkID", required=True), b.field("EndpointID", required=True),
-            b.field("Interface", dict, {}), b.field("Options", dict, {})),
+        "/NetworkDriver.CreateEndpoint": lambda b: _create_endpoint(driver, ipam, b),
         "/NetworkDriver.EndpointOperInfo": lambda b: driver.endpoint_info(
             b.field("NetworkID", required=True), b.field("EndpointID", required=True)),
         "/NetworkDriver.DeleteEndpoint": lambda b: driver.delete_endpoint(
@@ -91,9 +89,17 @@ def endpoint_table(driver, ipam) -> dict[str, Callable[[Body], dict]]:
 
 
 def _activate(ipam) -> dict:
-    # Docker activates a plugin when it (re)starts using it: exactly when it replays its allocations.
+    # Docker activates a plugin when it (re)starts using it, before it replays its allocations; the IPAM
+    # decides whether this opens a replay window (ipam.py's docstring).
     ipam.open_replay_window()
     return {"Implements": ["NetworkDriver", "IpamDriver"]}
+
+
+def _create_endpoint(driver, ipam, b: Body) -> dict:
+    # A new endpoint is new work: Docker makes none before its replays are done.
+    ipam.end_replays("CreateEndpoint")
+    return driver.create_endpoint(b.field("NetworkID", required=True), b.field("EndpointID", required=True),
+                                  b.field("Interface", dict, {}), b.field("Options", dict, {}))
 
 
 def create_app(driver, ipam) -> Flask:

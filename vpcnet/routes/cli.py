@@ -8,7 +8,8 @@
 - `sync` runs one reconcile pass (claim the block if needed, re-create a missing route) and waits, within
   `--wait` seconds, for Pending routes to become Available. Exit 0 when this host's routes are in place.
 - `release` removes this host's routes from every table and forgets its claims (decommissioning). It
-  asks nothing.
+  asks nothing, but refuses while vpcnet networks still use one of those blocks (their containers would
+  lose their route): delete the networks first, or pass `--force`.
 - `gc` lists vpcnet-made routes of this host's clusters, in every table, whose next-hop instance no
   longer exists; `--yes` deletes them.
 
@@ -50,8 +51,11 @@ def register(sub) -> None:
                         "becoming Available (default 60)")
     p.set_defaults(func=cmd_sync)
 
-    p = actions.add_parser("release", help="remove this host's routes (decommissioning); asks nothing")
+    p = actions.add_parser("release", help="remove this host's routes (decommissioning); asks nothing, but "
+                                           "refuses while networks use them")
     add_config_argument(p)
+    p.add_argument("--force", action="store_true", help="release even while vpcnet networks on this host use "
+                                                        "the blocks (their containers lose their routes)")
     p.set_defaults(func=cmd_release)
 
     p = actions.add_parser("gc", help="vpcnet routes whose next-hop instance is gone (dry run unless --yes)")
@@ -166,8 +170,18 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 def cmd_release(args: argparse.Namespace) -> int:
     config, store, keeper = _open(args)
-    _warn_if_serving(config, "claim a block again")
     try:
+        clusters = set(keeper.clusters())
+        blocks = {c.host_cidr for c in store.claims() if c.host_cidr}
+        using = [n for n in store.networks() if n.cluster_cidr in clusters or n.host_cidr in blocks]
+        if using and not args.force:
+            names = ", ".join(f"{n.network_id[:12]} ({n.host_cidr})" for n in using[:5])
+            more = f" and {len(using) - 5} more" if len(using) > 5 else ""
+            print(f"vpcnet: not released: {len(using)} vpcnet network(s) on this host still use its block(s): "
+                  f"{names}{more}; their containers would lose their routes. Delete those networks first "
+                  "(docker network rm), or pass --force", file=sys.stderr)
+            return EXIT_PROBLEM
+        _warn_if_serving(config, "claim a block again")
         removed = keeper.release()
     finally:
         _close(store, keeper)

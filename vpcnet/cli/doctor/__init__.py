@@ -44,7 +44,8 @@ class Doctor:
         # The state first: every later check reads the networks, endpoints and claims it loads.
         self._checks: list[Callable[[], list[Finding]]] = [
             host.check_state, host.check_socket, host.check_health, datapath.check_kernel,
-            datapath.check_forwarding, firewall.check_firewall, datapath.check_routed_sysctls, datapath.check_mtu,
+            datapath.check_forwarding, firewall.check_firewall, firewall.check_ipv6_guard,
+            datapath.check_routed_sysctls, datapath.check_mtu,
             engine.check_docker, datapath.check_kernel_objects, cloud.check_routes, cloud.check_clock,
             cloud.check_metadata, datapath.check_default_mode]
 
@@ -82,7 +83,12 @@ def register(sub) -> None:
     def func(args) -> int:
         plugin = None
         if args.plugin:
-            plugin, environ = managed_plugin(args.plugin, args.docker_socket)
+            try:
+                plugin, environ = managed_plugin(args.plugin, args.docker_socket)
+            except (OSError, ValueError) as exc:      # nothing else can be checked without its settings
+                findings = [_unreadable_plugin(args.plugin, args.docker_socket, exc)]
+                print(render_json(findings) if args.json else render_text(findings, args.verbose))
+                return 1
             config = config_mod.load(None, environ=environ, check_socket_dir=False)
         else:
             config = config_mod.load(args.config, check_socket_dir=False)
@@ -91,3 +97,15 @@ def register(sub) -> None:
         return 0 if all(f.ok for f in findings) else 1
 
     parser.set_defaults(func=func)
+
+
+def _unreadable_plugin(name: str, docker_socket: str, exc: Exception) -> Finding:
+    """`--plugin NAME` when Docker cannot say what the plugin is: no engine answering, or no such plugin."""
+    if isinstance(exc, OSError):
+        return problem("docker", f"the Docker engine at {docker_socket} does not answer ({exc}): cannot read "
+                                 f"managed plugin {name}'s settings, so nothing else was checked",
+                       "start Docker (systemctl start docker), or pass --docker-socket (or set DOCKER_HOST) "
+                       "naming the socket of the engine that runs the plugin")
+    return problem("docker", f"cannot read managed plugin {name} from the Docker engine at {docker_socket}: "
+                             f"{exc}", "`docker plugin ls` lists the installed plugins: pass --plugin NAME:TAG "
+                                       "as it shows (e.g. vpcnet:latest)")

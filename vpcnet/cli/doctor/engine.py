@@ -88,7 +88,8 @@ def docker_get(sock: str, path: str, timeout: float = 10.0):
     finally:
         conn.close()
     if resp.status != 200:
-        raise ValueError(f"Docker answered HTTP {resp.status} for {path}: {body[:200].decode(errors='replace')}")
+        said = body[:200].decode(errors="replace").strip()
+        raise ValueError(f"Docker answered HTTP {resp.status} for {path}: {said}")
     return json.loads(body)
 
 

@@ -1,8 +1,11 @@
 """The firewall, read with `iptables -S`: vpcnet's jump from FORWARD comes before anything that can drop
 its traffic (following jumps a few chains deep), every chain and jump vpcnet writes is there, and a host
-that forwards does not do it for everything (FORWARD's policy ACCEPT)."""
+that forwards does not do it for everything (FORWARD's policy ACCEPT). The IPv6 guard, read with
+`ip6tables-save` and /proc/sys: the raw chain VPCNET-IPV6 holds its drops and raw PREROUTING jumps to it,
+and vpcnet's links have IPv6 off."""
 from __future__ import annotations
 
+import os
 import subprocess
 from typing import Callable
 
@@ -127,3 +130,58 @@ class FirewallChecks(Checks):
                 self._uplinks = {names.get(i) for i in Netlink.uplinks(ipr)}
         return name.rstrip("+") in self._uplinks or any(u and u.startswith(name.rstrip("+"))
                                                          for u in self._uplinks if name.endswith("+"))
+
+    def check_ipv6_guard(self) -> list[Finding]:
+        """A container's IPv6 (router advertisements above all) must not reach the host through vpcnet's
+        links: ip6tables raw VPCNET-IPV6 drops it, and the links have disable_ipv6=1 where /proc/sys can
+        be written (not in a managed plugin: there the ip6tables guard alone stands)."""
+        from vpcnet.datapath.firewall import IPV6_CHAIN, IPV6_RULES, Ipv6Guard
+        from vpcnet.errors import DataplaneError
+
+        if not os.path.exists("/proc/net/if_inet6"):
+            return [ok("ipv6_guard", "this kernel has no IPv6: nothing to guard")]
+        guard = Ipv6Guard()
+        try:
+            saved = guard.table.save()
+        except DataplaneError as exc:
+            return [problem("ipv6_guard", f"cannot read the IPv6 firewall ({exc}): whether a container's IPv6 "
+                                          "reaches this host is unknown",
+                            f"install {guard.table.iptables} (Debian: the iptables package) and run doctor "
+                            "as root")]
+        missing, _ = Ipv6Guard.diff(saved)
+        if missing:
+            by_hand = "; ".join([f"ip6tables -t raw -N {IPV6_CHAIN} (-F if it exists)",
+                                 *(f"ip6tables -t raw -A {IPV6_CHAIN} {r}" for r in IPV6_RULES),
+                                 f"ip6tables -t raw -I PREROUTING 1 -j {IPV6_CHAIN}"])
+            return [problem("ipv6_guard", "; ".join(missing) + ": a container's IPv6 (router advertisements "
+                                          "included) reaches this host unfiltered",
+                            "restart the plugin (it writes the guard at start and repairs it every datapath "
+                            f"pass; its log says why it could not), or by hand: {by_hand}")]
+        on = _ipv6_on_links()
+        if on and self.ctx.plugin is None:
+            return [problem("ipv6_guard", f"IPv6 is on on vpcnet link(s) {', '.join(on[:5])}"
+                                          + (f" and {len(on) - 5} more" if len(on) > 5 else "")
+                                          + f" (the ip6tables chain {IPV6_CHAIN} still drops their IPv6)",
+                            "restart the plugin (it turns IPv6 off on its links; its log says why it could "
+                            f"not), or: sysctl -w net.ipv6.conf.{on[0]}.disable_ipv6=1 for each")]
+        return [ok("ipv6_guard", f"ip6tables raw {IPV6_CHAIN} drops IPv6 from vpcnet's links"
+                                 + (f"; {len(on)} link(s) keep IPv6 on (a managed plugin cannot write /proc/sys)"
+                                    if on else ""))]
+
+
+def _ipv6_on_links() -> list[str]:
+    """vpcnet's links (bridges, anchors and their peers, host veths) whose disable_ipv6 is 0."""
+    from vpcnet.datapath.firewall import IPV6_LINKS
+
+    prefixes = tuple(p.rstrip("+") for p in IPV6_LINKS)
+    on = []
+    for name in sorted(os.listdir("/sys/class/net")):
+        if not name.startswith(prefixes):
+            continue
+        try:
+            with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6") as fh:
+                if fh.read().strip() == "0":
+                    on.append(name)
+        except OSError:           # gone meanwhile, or no IPv6 on it at all
+            continue
+    return on

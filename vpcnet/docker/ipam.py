@@ -11,6 +11,10 @@
   and our state remembers them as in use. `Plugin.Activate` opens a replay window in which each address
   already in use may be re-requested once and gets its identical answer; outside the window, or a second
   time inside it, a request for an address in use is refused.
+- `ReleaseAddress` of an address an endpoint row still holds: Docker releases an address only once it has
+  no endpoint on it (after DeleteEndpoint, or after a CreateEndpoint that failed for it: the plugin died
+  after the kernel work, before Docker got the answer). The row goes in the same transaction, its veth
+  right after (`remove_leftovers`, wired to the driver's), so the address can be handed out again.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import bisect
 import ipaddress
 import logging
 import time
+from typing import Callable
 
 from vpcnet.errors import Conflict, Exhausted, InvalidRequest, NotFound, shown
 
@@ -38,6 +43,8 @@ class Ipam:
         self.clock = clock
         # host_routes(cidr) -> descriptions of kernel routes overlapping cidr (the dataplane's view)
         self.host_routes = host_routes
+        # remove_leftovers(name) -> removes the kernel state of a forgotten endpoint (the driver's)
+        self.remove_leftovers: Callable[[str], object] | None = None
 
     # -- capabilities -----------------------------------------------------------------------------
     @staticmethod
@@ -225,8 +232,12 @@ class Ipam:
     def release_address(self, pool_id: str, address: str) -> dict:
         _require_pool_id(pool_id)
         ip = _parsed(address)
-        with self.store.tx() as db:
-            db.execute("DELETE FROM addresses WHERE pool_id=? AND address=?", (pool_id, str(ip)))
+        for ep in self.store.release_address(pool_id, str(ip)):
+            log.warning("ReleaseAddress %s: endpoint %s still held it, which Docker no longer has (its "
+                        "CreateEndpoint's answer never reached Docker, or its DeleteEndpoint failed): forgotten, "
+                        "veth %s removed", ip, ep.endpoint_id[:12], ep.host_veth)
+            if self.remove_leftovers is not None:
+                self.remove_leftovers(f"endpoint:{ep.host_veth}")
         return {}
 
 

@@ -5,7 +5,8 @@ there touches nobody else): `vpcnet serve` is armed with its test-only crash poi
 (VPCNET_TEST_CRASH_AFTER_COMMIT, vpcnet.docker.driver), which SIGKILLs the whole plugin right after
 CreateNetwork's (CreateEndpoint's) first commit; the plugin is started again, as systemd would, while Docker
 still waits on the call. Then a `docker network create` on the same cluster CIDR, and a `docker run` given
-the same address, must work, and a daemon restart (Docker's replays) must find everything in order.
+the same address, must work, and a daemon restart (Docker's replays) must find everything in order. The
+same for a CreateEndpoint killed after its last commit, before Docker read the answer.
 """
 from __future__ import annotations
 
@@ -39,15 +40,16 @@ def crashed_call(engine, plugin, trigger, call: str, *docker_args: str) -> tuple
     """Run a docker command whose `call` (network, endpoint) kills the plugin after its commit; start the
     plugin again as soon as it is dead. Returns the command's outcome and the rows the dead call left."""
     trigger.write_text(call)
-    table = "networks" if call == "network" else "endpoints"
-    before = {r[f"{call}_id"] for r in rows(plugin, table)}
+    kind = call.split("-")[0]
+    table = f"{kind}s"
+    before = {r[f"{kind}_id"] for r in rows(plugin, table)}
     proc = subprocess.Popen([*engine.docker, *docker_args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
         plugin.proc.wait(timeout=60)
         assert plugin.proc.returncode == -9, f"the crash point did not kill the plugin:\n{plugin.log()}"
         assert not trigger.exists(), "one crash per arming"
-        left = [r for r in rows(plugin, table) if r[f"{call}_id"] not in before]
+        left = [r for r in rows(plugin, table) if r[f"{kind}_id"] not in before]
         plugin.start()
         out, err = proc.communicate(timeout=120)
     finally:
@@ -87,22 +89,33 @@ def test_a_plugin_killed_between_commit_and_kernel_work_strands_nothing(engine_h
     engine("run", "-d", "--name", "two", "--network", "vpc0", "--ip", address, img, "sleep", "3600")
     assert ip_of(engine, "two") == address
     assert ping(engine, "two", ip_of(engine, "one"))
+    # CreateEndpoint dies after its second commit, before Docker has the answer: Docker releases the
+    # address, and the endpoint (never handed to a container) goes with it.
+    late_run, left = crashed_call(engine, plugin, trigger, "endpoint-ready",
+                                  "run", "-d", "--name", "late", "--network", "vpc0", img, "sleep", "3600")
+    assert len(left) == 1 and left[0]["state"] == "ready", left
+    assert late_run.returncode != 0, "Docker never got the answer: the run failed"
+    late_address, late_veth = left[0]["address"], left[0]["host_veth"]
+    engine("rm", "-f", "late")
+    engine("run", "-d", "--name", "three", "--network", "vpc0", "--ip", late_address, img, "sleep", "3600")
+    assert ping(engine, "three", address)
     links = run(["ip", "-n", ns, "-o", "link"]).stdout
-    assert lost_veth not in links and lost_bridge not in links, "the dead calls' kernel state is gone"
+    assert lost_veth not in links and lost_bridge not in links and late_veth not in links, \
+        "the dead calls' kernel state is gone"
 
     # Docker's replays after a daemon restart (RequestPool, RequestAddress of the running containers) all
     # succeed, and only the two containers' endpoints are left.
     engine.stop()
     offset = os.path.getsize(plugin.log_path)
     engine.start(live_restore=True)
-    ips = (ip_of(engine, "one"), address)
+    ips = (ip_of(engine, "one"), address, late_address)
     assert wait_for(lambda: all(f"replayed address {ip} in pool" in log_since(plugin, offset) for ip in ips), 20), \
         log_since(plugin, offset)[-5000:]
     assert errors_in(plugin, log_since(plugin, offset)) == []
     assert ping(engine, "one", address)
     assert sorted((r["address"], r["state"]) for r in rows(plugin, "endpoints")) == sorted(
         (ip, "ready") for ip in ips)
-    engine("rm", "-f", "one", "two")
+    engine("rm", "-f", "one", "two", "three")
     engine("network", "rm", "vpc0")
     assert rows(plugin, "networks") == [] and rows(plugin, "leftovers") == []
     assert "vpc-" not in run(["ip", "-n", ns, "-o", "link"]).stdout

@@ -223,3 +223,17 @@ def test_the_pass_holds_the_lock_it_checks(plug, tmp_path):
     holder.join(5)
     pass_.join(5)
     assert result == [f"network {NID}"] and plug.store.networks() == []
+
+
+def test_release_address_keeps_an_endpoint_whose_interface_is_in_a_container(plug, caplog):
+    """An address released while a joined endpoint holds it (an `--ip` honoured as a replay, then refused by
+    CreateEndpoint): the container keeps its endpoint; only the address is released, as before."""
+    client = plug.app().test_client()
+    pool = setup_network(client)
+    address = setup_endpoint(client, pool)
+    [ep] = plug.store.endpoints()
+    plug.dataplane.lose_peer(ep.host_veth)        # the container end is in the sandbox, not on the host
+    ok(client, "/IpamDriver.ReleaseAddress", {"PoolID": pool["PoolID"], "Address": address})
+    assert plug.store.endpoints() == [ep] and ep.host_veth in plug.dataplane.links
+    assert plug.store.addresses(pool["PoolID"]) == []
+    assert "its interface is in a container: kept" in caplog.text

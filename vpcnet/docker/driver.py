@@ -28,8 +28,8 @@ it (vpcnet.cli.forget).
 
 Test only: `VPCNET_TEST_CRASH_AFTER_COMMIT=<file>` arms `_crash_point`; while the file holds "network" (or
 "endpoint"), the next CreateNetwork (CreateEndpoint) deletes it and SIGKILLs the plugin's process group
-right after its first commit, as a crash there would (tests/test_crash.py). Unset, or without the file, it
-does nothing.
+right after its first commit, as a crash there would; "endpoint-ready": right after CreateEndpoint's second
+commit, before the answer (tests/test_crash.py). Unset, or without the file, it does nothing.
 
 Docker's ids are accepted only in the forms Docker makes (64 lowercase hex; 25 base-36 characters for a
 swarm network's id), and a SandboxKey only as a path ending in a sandbox name: an id ends up in link and
@@ -336,6 +336,7 @@ class NetworkDriver:
             try:
                 self._ensure_endpoint(net, ep)
                 self.store.set_ready("endpoints", endpoint_id)
+                _crash_point("endpoint-ready")
             except Exception:
                 self._undo(lambda: self.store.delete_endpoint(endpoint_id))
                 self._undo(lambda: self.dataplane.delete_endpoint(host_veth))
@@ -476,7 +477,7 @@ class NetworkDriver:
 
 def _crash_point(call: str) -> None:
     """TEST ONLY (tests/test_crash.py): with VPCNET_TEST_CRASH_AFTER_COMMIT=<file> set and the file holding
-    `call` ("network" or "endpoint"), delete the file (one crash per arming) and SIGKILL the plugin's
+    `call` ("network", "endpoint", "endpoint-ready"), delete the file (one crash per arming) and SIGKILL the plugin's
     process group, master and workers, as kill -9 of the plugin would. Inert otherwise."""
     path = os.environ.get(CRASH_ENV)
     if not path:
@@ -488,7 +489,7 @@ def _crash_point(call: str) -> None:
         os.unlink(path)
     except OSError:
         return
-    log.warning("%s: test crash point after the %s commit: killing the plugin", CRASH_ENV, call)
+    log.warning("%s: test crash point %s: killing the plugin", CRASH_ENV, call)
     os.killpg(os.getpgrp(), signal.SIGKILL)
 
 

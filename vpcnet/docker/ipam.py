@@ -14,7 +14,9 @@
 - `ReleaseAddress` of an address an endpoint row still holds: Docker releases an address only once it has
   no endpoint on it (after DeleteEndpoint, or after a CreateEndpoint that failed for it: the plugin died
   after the kernel work, before Docker got the answer). The row goes in the same transaction, its veth
-  right after (`remove_leftovers`, wired to the driver's), so the address can be handed out again.
+  right after (`remove_leftovers`, wired to the driver's), so the address can be handed out again. Only
+  while the endpoint's container end is still on the host (`peer_on_host`): one handed to a container
+  (Join) is in use whatever the IPAM was told (a `--ip` honoured as a replay), and is kept.
 """
 from __future__ import annotations
 
@@ -45,6 +47,8 @@ class Ipam:
         self.host_routes = host_routes
         # remove_leftovers(name) -> removes the kernel state of a forgotten endpoint (the driver's)
         self.remove_leftovers: Callable[[str], object] | None = None
+        # peer_on_host(peer veth) -> whether an endpoint's container end is still on the host (not joined)
+        self.peer_on_host: Callable[[str], bool] | None = None
 
     # -- capabilities -----------------------------------------------------------------------------
     @staticmethod
@@ -232,7 +236,13 @@ class Ipam:
     def release_address(self, pool_id: str, address: str) -> dict:
         _require_pool_id(pool_id)
         ip = _parsed(address)
-        for ep in self.store.release_address(pool_id, str(ip)):
+        peer_on_host = self.peer_on_host
+        gone, kept = self.store.release_address(
+            pool_id, str(ip), forget=lambda ep: peer_on_host is None or peer_on_host(ep.peer_veth))
+        for ep in kept:
+            log.warning("ReleaseAddress %s: endpoint %s still holds it and its interface is in a container: kept",
+                        ip, ep.endpoint_id[:12])
+        for ep in gone:
             log.warning("ReleaseAddress %s: endpoint %s still held it, which Docker no longer has (its "
                         "CreateEndpoint's answer never reached Docker, or its DeleteEndpoint failed): forgotten, "
                         "veth %s removed", ip, ep.endpoint_id[:12], ep.host_veth)

@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 from vpcnet.errors import StateError
 
@@ -318,19 +318,27 @@ class Store:
                self.read("SELECT * FROM endpoints WHERE state=? ORDER BY created", (PENDING,))]
         return nets, eps
 
-    def release_address(self, pool_id: str, address: str) -> list[Endpoint]:
-        """Give an address back to its pool; in the same transaction, an endpoint row still holding it
-        goes to the leftovers (Docker releases an address only when it has no endpoint on it: after
-        DeleteEndpoint, or after a CreateEndpoint whose answer never reached it). Returns those endpoints."""
+    def release_address(self, pool_id: str, address: str,
+                        forget: Callable[[Endpoint], bool] = lambda ep: True) -> tuple[list[Endpoint], list[Endpoint]]:
+        """Give an address back to its pool; in the same transaction, an endpoint row still holding it for
+        which `forget` says so goes to the leftovers (Docker releases an address only when it has no
+        endpoint on it: after DeleteEndpoint, or after a CreateEndpoint whose answer never reached it).
+        Returns (the endpoints forgotten, those kept)."""
         with self.tx() as db:
             rows = db.execute("SELECT e.* FROM endpoints e JOIN networks n ON n.network_id = e.network_id "
                               "WHERE n.host_cidr=? AND e.address=?", (pool_id, address)).fetchall()
+            gone, kept = [], []
             for row in rows:
+                ep = Endpoint(**dict(row))
+                if not forget(ep):
+                    kept.append(ep)
+                    continue
+                gone.append(ep)
                 db.execute("INSERT OR REPLACE INTO leftovers(name, data, since) VALUES(?, ?, ?)",
                            (f"endpoint:{row['host_veth']}", json.dumps(dict(row)), time.time()))
                 db.execute("DELETE FROM endpoints WHERE endpoint_id=?", (row["endpoint_id"],))
             db.execute("DELETE FROM addresses WHERE pool_id=? AND address=?", (pool_id, address))
-        return [Endpoint(**dict(r)) for r in rows]
+        return gone, kept
 
     def endpoints(self, network_id: str | None = None) -> list[Endpoint]:
         if network_id is None:

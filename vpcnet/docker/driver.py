@@ -24,7 +24,7 @@ the window after the second commit and before Docker read the answer: Docker the
 failed. For an endpoint it releases the address, which forgets the row (vpcnet.docker.ipam). For a
 network it releases the pool, which cannot tell that from a refused duplicate create releasing its own
 request; `vpcnet doctor` names such a network (Docker does not have it) and `vpcnet network forget` removes
-it (vpcnet.cli.forget).
+it (vpcnet.cli.network).
 
 Test only: `VPCNET_TEST_CRASH_AFTER_COMMIT=<file>` arms `_crash_point`; while the file holds "network" (or
 "endpoint"), the next CreateNetwork (CreateEndpoint) deletes it and SIGKILLs the plugin's process group

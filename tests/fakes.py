@@ -220,6 +220,7 @@ def make_plugin(tmp_path, dataplane: FakeDataplane | None = None, clock=None, **
     ipam = Ipam(config, store, routes, clock=clock)
     dataplane = dataplane or FakeDataplane()
     driver = NetworkDriver(config, store, dataplane)
+    ipam.remove_leftovers, ipam.peer_on_host = driver.remove_leftovers, dataplane.link_exists
     return Assembled(config, store, routes, ipam, driver, dataplane, clock)
 
 

@@ -49,7 +49,8 @@ SKIP_MARK = re.compile(r"#\s*not run in tests")
 SETTING_NAMES = {s.env for s in config_mod.SETTINGS}
 # Variables the docs may name that are not settings: each is read by vpcnet's tools (checked below).
 OTHER_VARIABLES = {"VPCNET_CONFIG", "VPCNET_TEST_STRICT", "VPCNET_TEST_VENV", "VPCNET_TEST_TIMEOUT",
-                   "VPCNET_TEST_ENGINE", "VPCNET_EMULATOR_ACCESS_KEYS", "VPCNET_PLUGIN_CACHE"}
+                   "VPCNET_TEST_ENGINE", "VPCNET_EMULATOR_ACCESS_KEYS", "VPCNET_PLUGIN_CACHE",
+                   "VPCNET_TEST_CRASH_AFTER_COMMIT"}
 
 ALIYUN_ACTIONS = {"vpc:CreateRouteEntry", "vpc:CreateRouteEntries", "vpc:DeleteRouteEntry",
                   "vpc:DescribeRouteEntryList", "vpc:DescribeRouteTableList", "vpc:DescribeVSwitches",

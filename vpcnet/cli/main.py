@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "vpcnet.cli.serve",         # vpcnet serve
     "vpcnet.cli.status",        # vpcnet status
     "vpcnet.cli.doctor",        # vpcnet doctor
+    "vpcnet.cli.network",       # vpcnet network forget
     "vpcnet.routes.cli",        # vpcnet routes list|sync|release|gc
     "vpcnet_lab.emulator.cli",  # vpcnet emulator (the vpcnet-lab package)
     "vpcnet_lab.cli",           # vpcnet lab up|status|down (the vpcnet-lab package)

@@ -51,6 +51,8 @@ class Plugin:
         self.routes = RouteKeeper(config, self.store, provider_factory)
         self.ipam = Ipam(config, self.store, self.routes, host_routes=self.dataplane.overlapping_routes)
         self.driver = NetworkDriver(config, self.store, self.dataplane)
+        self.ipam.remove_leftovers = self.driver.remove_leftovers     # ReleaseAddress of a stale endpoint
+        self.ipam.peer_on_host = self.dataplane.link_exists
         self.app = create_app(self.driver, self.ipam)
         self.observer = Observer(config, self.store, self.routes)
         self._stopping = threading.Event()

@@ -26,9 +26,9 @@ def collect(config) -> dict:
             networks.append({
                 "network_id": net.network_id, "bridge": net.bridge, "host_cidr": net.host_cidr,
                 "cluster_cidr": net.cluster_cidr, "gateway": net.gateway, "mtu": net.mtu, "mode": net.mode,
-                "internal": net.internal,
+                "internal": net.internal, "state": net.state,
                 "endpoints": [{"endpoint_id": ep.endpoint_id, "address": ep.address, "mac": ep.mac,
-                               "host_veth": ep.host_veth} for ep in store.endpoints(net.network_id)],
+                               "host_veth": ep.host_veth, "state": ep.state} for ep in store.endpoints(net.network_id)],
             })
         repairs = store.repair_counts()
         default = _recorded_default(store)

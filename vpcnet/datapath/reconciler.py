@@ -8,6 +8,13 @@ at WARNING saying what was wrong, and counted per object kind (`datapath_repairs
 meta so `vpcnet status` shows it whichever worker did the work). Deleted objects the kernel kept
 (`leftovers`) are removed here too.
 
+First of all, the pass settles rows a dead call left `pending` (vpcnet.state.store): under the network's
+lock, which a live CreateNetwork or CreateEndpoint holds from its first commit to its second, a pending row
+is one whose call died between the commit and the kernel work (or during it). Docker got no answer, so it
+has no such network or endpoint: the row goes, and its kernel state with it (as a deletion does, through
+`leftovers`). Never anything Docker has: Docker only ever heard of rows that were set `ready`. Pending
+rows of calls still running are left out of the pass.
+
 One pass per host at a time: the pass runs in the worker holding `datapath.lock` in the state dir (as the
 route reconciler does with its own lock), every `VPCNET_DATAPATH_INTERVAL` seconds.
 """
@@ -25,7 +32,7 @@ from typing import Callable, ContextManager, Iterator
 from vpcnet.datapath.protocol import Datapath
 from vpcnet.datapath.spec import EndpointSpec, NetworkGone, NetworkSpec, Repair
 from vpcnet.state.locks import become_leader, object_lock
-from vpcnet.state.store import Network, Store
+from vpcnet.state.store import PENDING, READY, Network, Store
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +63,13 @@ class DatapathReconciler:
 
     def reconcile(self) -> list[Repair]:
         """One pass over every network of the store; returns the repairs made."""
-        nets = self.store.networks()
+        self.settle_pending()
+        nets = [n for n in self.store.networks() if n.state == READY]
         ids = {spec_of(n).tag: n.network_id for n in nets}
         wanted = []
         for net in nets:
             eps = [EndpointSpec(e.host_veth, e.peer_veth, e.mac, e.address)
-                   for e in self.store.endpoints(net.network_id)]
+                   for e in self.store.endpoints(net.network_id) if e.state == READY]
             wanted.append((spec_of(net), eps))
         repairs = self.dataplane.repair(wanted, self._lock_for(ids),
                                         lambda tag: self.store.network(ids.get(tag, tag)) is not None)
@@ -73,6 +81,32 @@ class DatapathReconciler:
             self._count(Counter(r.kind for r in repairs))
         self.remove_leftovers()
         return repairs
+
+    def settle_pending(self) -> list[str]:
+        """Undo the networks and endpoints a dead call left pending (see the module docstring); returns
+        what was undone ("network <id>", "endpoint <id>")."""
+        undone = []
+        nets, eps = self.store.pending()
+        for network_id in sorted({n.network_id for n in nets} | {e.network_id for e in eps}):
+            with object_lock(self.config.state_dir, network_id):      # waits for a live call to finish
+                net = self.store.network(network_id)
+                if net is not None and net.state == PENDING:
+                    self.store.delete_network(network_id, leftover=True)     # its endpoints with it
+                    self.remove_leftovers(f"network:{network_id}")
+                    undone.append(f"network {network_id}")
+                    log.warning("network %s: its CreateNetwork died between the commit and the kernel work "
+                                "(Docker has no such network): row and kernel state removed", network_id[:12])
+                    continue
+                for ep in self.store.endpoints(network_id):
+                    if ep.state != PENDING:
+                        continue
+                    self.store.delete_endpoint(ep.endpoint_id, leftover=True)
+                    self.remove_leftovers(f"endpoint:{ep.host_veth}")
+                    undone.append(f"endpoint {ep.endpoint_id}")
+                    log.warning("endpoint %s (network %s, %s): its CreateEndpoint died between the commit and "
+                                "the kernel work (Docker has no such endpoint): row and veth %s removed",
+                                ep.endpoint_id[:12], network_id[:12], ep.address, ep.host_veth)
+        return undone
 
     def _count(self, new: Counter) -> None:
         self.repairs.update(new)

@@ -9,6 +9,28 @@ removes the row first and then the kernel state; what the kernel refuses to give
 leftover and removed by the next start or datapath pass. Calls about one network are serialised by a
 file lock (vpcnet.state.locks), across threads and gunicorn workers.
 
+A crash in the middle of a call (kill -9, an OOM kill, gunicorn's worker timeout) between the commit and
+the kernel work left a row nothing removed: a network row holds the host's block of its cluster CIDR (every
+later `docker network create` on it was refused), an endpoint row its address (every `docker run` given
+that address was refused). So CreateNetwork and CreateEndpoint write their row `pending`, in the same
+transaction that reserves it, and set it `ready` after the kernel work, before they answer. A row found
+pending under its network's lock belongs to a call that died (a live call holds the lock from the first
+commit to the second), Docker got no answer and has no such object: the datapath pass (at start, and
+every VPCNET_DATAPATH_INTERVAL) undoes the row and its kernel state (`DatapathReconciler.settle_pending`).
+Chosen over asking Docker's API for what it has: the managed plugin has no Docker socket, a plugin may
+serve an engine other than the socket it could find, and a wrong answer there would delete a network
+Docker still has. The lock makes the pending state exact, so no grace period is needed. What is left is
+the window after the second commit and before Docker read the answer: Docker then believes the call
+failed. For an endpoint it releases the address, which forgets the row (vpcnet.docker.ipam). For a
+network it releases the pool, which cannot tell that from a refused duplicate create releasing its own
+request; `vpcnet doctor` names such a network (Docker does not have it) and `vpcnet network forget` removes
+it (vpcnet.cli.network).
+
+Test only: `VPCNET_TEST_CRASH_AFTER_COMMIT=<file>` arms `_crash_point`; while the file holds "network" (or
+"endpoint"), the next CreateNetwork (CreateEndpoint) deletes it and SIGKILLs the plugin's process group
+right after its first commit, as a crash there would; "endpoint-ready": right after CreateEndpoint's second
+commit, before the answer (tests/test_crash.py). Unset, or without the file, it does nothing.
+
 Docker's ids are accepted only in the forms Docker makes (64 lowercase hex; 25 base-36 characters for a
 swarm network's id), and a SandboxKey only as a path ending in a sandbox name: an id ends up in link and
 chain names, rows and log lines. Values an error message quotes go through `vpcnet.errors.shown`.
@@ -41,7 +63,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import os
 import re
+import signal
 import sqlite3
 import time
 
@@ -51,7 +75,7 @@ from vpcnet.datapath.reconciler import DatapathReconciler, spec_of
 from vpcnet.datapath.spec import MODES, bridge_name, mac_for, veth_names
 from vpcnet.errors import Conflict, InvalidRequest, NotFound, shown
 from vpcnet.state.locks import object_lock
-from vpcnet.state.store import Endpoint, Network
+from vpcnet.state.store import PENDING, READY, Endpoint, Network
 
 __all__ = ["NetworkDriver", "spec_of"]
 
@@ -81,6 +105,7 @@ SWARM_HINT = ("For a swarm-scoped network, give each node its IPAM config: on ev
               "`docker network create -d <this driver> --scope swarm --attachable --config-from NET-config NET` "
               "(docs/swarm.md)")
 ROUTE_NEXTHOP = 0                                         # Join's StaticRoutes[].RouteType: via NextHop
+CRASH_ENV = "VPCNET_TEST_CRASH_AFTER_COMMIT"              # test only: see the module docstring
 
 
 class NetworkDriver:
@@ -166,19 +191,23 @@ class NetworkDriver:
         net = Network(network_id=network_id, host_cidr=pool, cluster_cidr=pools[pool]["cluster_cidr"],
                       gateway=pools[pool]["gateway"], bridge=bridge_name(network_id), mtu=mtu,
                       internal=_truthy(options.get(INTERNAL_OPTION)),
-                      no_nat=tuple(self.config.no_nat_cidrs), created=time.time(), mode=mode)
+                      no_nat=tuple(self.config.no_nat_cidrs), created=time.time(), mode=mode, state=PENDING)
         with self._locked(network_id):
             existing = self.store.network(network_id)      # under the lock: a racing identical call won
             if existing is not None:
                 if existing.host_cidr == net.host_cidr:
                     self.dataplane.ensure_network(spec_of(existing))
+                    if existing.state == PENDING:          # its first call died before the kernel work
+                        self.store.set_ready("networks", network_id)
                     return {}
                 raise Conflict(f"network {network_id[:12]} already exists with pool {existing.host_cidr}")
             holder = self.store.network_by_host_cidr(pool)
             if holder is not None:
                 raise Conflict(f"host CIDR {pool} (cluster CIDR {net.cluster_cidr}) is already used by network "
                                f"{holder.network_id[:12]} on this host: one vpcnet network per cluster CIDR per "
-                               "host; create this one with --subnet <another cluster CIDR>")
+                               "host; create this one with --subnet <another cluster CIDR> (if `docker network ls "
+                               f"--no-trunc` has no {holder.network_id[:12]}: vpcnet network forget "
+                               f"{holder.network_id[:12]})")
             namesake = next((n for n in self.store.networks() if n.bridge == net.bridge), None)
             if namesake is not None:     # ids sharing the prefix the bridge name is made of: never touch theirs
                 raise Conflict(f"network {network_id[:12]} would reuse bridge {net.bridge} of network "
@@ -196,9 +225,11 @@ class NetworkDriver:
             except sqlite3.IntegrityError:
                 raise Conflict(f"host CIDR {pool} or bridge {net.bridge} was taken by another network "
                                "meanwhile") from None
+            _crash_point("network")
             spec = spec_of(net)
             try:
                 self.dataplane.ensure_network(spec)
+                self.store.set_ready("networks", network_id)
             except Exception:
                 self._undo(lambda: self.store.delete_network(network_id))
                 self._undo(lambda: self.dataplane.delete_network(spec))
@@ -274,6 +305,7 @@ class NetworkDriver:
                 raise Conflict(f"endpoint {endpoint_id[:12]} already exists with address {existing.address}")
             with self._locked(network_id):
                 self._ensure_endpoint(net, existing)
+                self._ready(existing)
             return {"Interface": {} if given_mac else {"MacAddress": existing.mac}}
         clash = self.store.endpoint_where(network_id=network_id, address=str(ip))
         if clash:
@@ -283,13 +315,14 @@ class NetworkDriver:
             raise Conflict(f"endpoint {endpoint_id[:12]} would reuse veth {host_veth} of endpoint "
                            f"{namesake.endpoint_id[:12]}")
         ep = Endpoint(endpoint_id=endpoint_id, network_id=network_id, address=str(ip), mac=mac,
-                      host_veth=host_veth, peer_veth=peer_veth, created=time.time())
+                      host_veth=host_veth, peer_veth=peer_veth, created=time.time(), state=PENDING)
         with self._locked(network_id):
             again = self.store.endpoint(endpoint_id)       # a racing identical call won: its answer
             if again is not None:
                 if again.address != str(ip) or again.network_id != network_id:
                     raise Conflict(f"endpoint {endpoint_id[:12]} already exists with address {again.address}")
                 self._ensure_endpoint(net, again)
+                self._ready(again)
                 return {"Interface": {} if given_mac else {"MacAddress": again.mac}}
             # The row first: it reserves the address and the veth names, so the undo below can only ever
             # remove this endpoint's veth and /32 route, never a racing winner's.
@@ -299,8 +332,11 @@ class NetworkDriver:
             except sqlite3.IntegrityError:
                 raise Conflict(f"address {ip} or veth {host_veth} was taken by another endpoint "
                                "meanwhile") from None
+            _crash_point("endpoint")
             try:
                 self._ensure_endpoint(net, ep)
+                self.store.set_ready("endpoints", endpoint_id)
+                _crash_point("endpoint-ready")
             except Exception:
                 self._undo(lambda: self.store.delete_endpoint(endpoint_id))
                 self._undo(lambda: self.dataplane.delete_endpoint(host_veth))
@@ -409,6 +445,10 @@ class NetworkDriver:
     def _ensure_endpoint(self, net: Network, ep: Endpoint) -> None:
         self.dataplane.ensure_endpoint(spec_of(net), ep.host_veth, ep.peer_veth, ep.mac, ep.address)
 
+    def _ready(self, ep: Endpoint) -> None:
+        if ep.state != READY:                # a replayed call finishing what a dead one began
+            self.store.set_ready("endpoints", ep.endpoint_id)
+
     def _network(self, network_id: str) -> Network:
         _require_id("NetworkID", network_id)
         net = self.store.network(network_id)
@@ -433,6 +473,24 @@ class NetworkDriver:
             action()
         except Exception:
             log.exception("undo failed")
+
+
+def _crash_point(call: str) -> None:
+    """TEST ONLY (tests/test_crash.py): with VPCNET_TEST_CRASH_AFTER_COMMIT=<file> set and the file holding
+    `call` ("network", "endpoint", "endpoint-ready"), delete the file (one crash per arming) and SIGKILL the plugin's
+    process group, master and workers, as kill -9 of the plugin would. Inert otherwise."""
+    path = os.environ.get(CRASH_ENV)
+    if not path:
+        return
+    try:
+        with open(path) as fh:
+            if fh.read().strip() != call:
+                return
+        os.unlink(path)
+    except OSError:
+        return
+    log.warning("%s: test crash point %s: killing the plugin", CRASH_ENV, call)
+    os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 def _require_id(field: str, value) -> None:

@@ -27,6 +27,12 @@
   - It closes early at the first call of new work: RequestAddress for any address, or CreateEndpoint.
     Docker makes those only after its replays, so a daemon restarted again soon after gets a fresh
     window, and a restart followed by container activity does not stay open for the full window.
+- `ReleaseAddress` of an address an endpoint row still holds: Docker releases an address only once it has
+  no endpoint on it (after DeleteEndpoint, or after a CreateEndpoint that failed for it: the plugin died
+  after the kernel work, before Docker got the answer). The row goes in the same transaction, its veth
+  right after (`remove_leftovers`, wired to the driver's), so the address can be handed out again. Only
+  while the endpoint's container end is still on the host (`peer_on_host`): one handed to a container
+  (Join) is in use whatever the IPAM was told (a `--ip` honoured as a replay), and is kept.
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ import ipaddress
 import json
 import logging
 import time
+from typing import Callable
 
 from vpcnet.errors import Conflict, Exhausted, InvalidRequest, NotFound, shown
 
@@ -57,6 +64,10 @@ class Ipam:
         self.clock = clock or boot_clock     # () -> (boot id, seconds since boot)
         # host_routes(cidr) -> descriptions of kernel routes overlapping cidr (the dataplane's view)
         self.host_routes = host_routes
+        # remove_leftovers(name) -> removes the kernel state of a forgotten endpoint (the driver's)
+        self.remove_leftovers: Callable[[str], object] | None = None
+        # peer_on_host(peer veth) -> whether an endpoint's container end is still on the host (not joined)
+        self.peer_on_host: Callable[[str], bool] | None = None
 
     # -- capabilities -----------------------------------------------------------------------------
     @staticmethod
@@ -284,8 +295,18 @@ class Ipam:
     def release_address(self, pool_id: str, address: str) -> dict:
         _require_pool_id(pool_id)
         ip = _parsed(address)
-        with self.store.tx() as db:
-            db.execute("DELETE FROM addresses WHERE pool_id=? AND address=?", (pool_id, str(ip)))
+        peer_on_host = self.peer_on_host
+        gone, kept = self.store.release_address(
+            pool_id, str(ip), forget=lambda ep: peer_on_host is None or peer_on_host(ep.peer_veth))
+        for ep in kept:
+            log.warning("ReleaseAddress %s: endpoint %s still holds it and its interface is in a container: kept",
+                        ip, ep.endpoint_id[:12])
+        for ep in gone:
+            log.warning("ReleaseAddress %s: endpoint %s still held it, which Docker no longer has (its "
+                        "CreateEndpoint's answer never reached Docker, or its DeleteEndpoint failed): forgotten, "
+                        "veth %s removed", ip, ep.endpoint_id[:12], ep.host_veth)
+            if self.remove_leftovers is not None:
+                self.remove_leftovers(f"endpoint:{ep.host_veth}")
         return {}
 
 

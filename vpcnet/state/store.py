@@ -4,6 +4,12 @@ Docker never replays CreateNetwork, so everything a later call needs is written 
 answers. Every change is one `BEGIN IMMEDIATE` transaction: sqlite serialises writers across threads and
 gunicorn workers, so two concurrent RequestAddress calls can never take the same address, and a crash
 mid-call leaves either the old state or the new one.
+
+A call that also changes the kernel spans two transactions with the kernel work between them: a network
+or endpoint row is written `pending` and set `ready` once the kernel holds it (schema 4). A row still
+pending when nobody holds its network's lock belongs to a call that died in between (kill -9, an OOM
+kill, gunicorn's watchdog): Docker never got an answer, so it has no such network or endpoint, and the
+datapath pass undoes the row and its kernel state (vpcnet.datapath.reconciler, `settle_pending`).
 """
 from __future__ import annotations
 
@@ -15,12 +21,13 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 from vpcnet.errors import StateError
 
 REPAIRS_KEY = "datapath_repairs"      # meta key: the datapath pass's repair counts (JSON)
-SCHEMA_VERSION = 3     # 2: networks.mode (bridge | routed); 3: leftovers
+SCHEMA_VERSION = 4     # 2: networks.mode (bridge | routed); 3: leftovers; 4: networks/endpoints.state
+PENDING, READY = "pending", "ready"   # a row's state: its call's kernel work not done yet, or done
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -55,7 +62,8 @@ CREATE TABLE IF NOT EXISTS networks (
     internal     INTEGER NOT NULL,
     no_nat       TEXT NOT NULL,       -- JSON list
     created      REAL NOT NULL,
-    mode         TEXT NOT NULL DEFAULT 'bridge'   -- datapath: 'bridge', 'routed' or 'ebpf' (schema 2)
+    mode         TEXT NOT NULL DEFAULT 'bridge',  -- datapath: 'bridge', 'routed' or 'ebpf' (schema 2)
+    state        TEXT NOT NULL DEFAULT 'ready'    -- 'pending' until CreateNetwork's kernel work is done (4)
 );
 CREATE TABLE IF NOT EXISTS endpoints (
     endpoint_id  TEXT PRIMARY KEY,
@@ -65,6 +73,7 @@ CREATE TABLE IF NOT EXISTS endpoints (
     host_veth    TEXT NOT NULL UNIQUE,
     peer_veth    TEXT NOT NULL UNIQUE,
     created      REAL NOT NULL,
+    state        TEXT NOT NULL DEFAULT 'ready',   -- 'pending' until CreateEndpoint's kernel work is done (4)
     UNIQUE (network_id, address)
 );
 -- Kernel state of deleted networks and endpoints not removed yet (the row went first, a later datapath
@@ -89,6 +98,7 @@ class Network:
     no_nat: tuple[str, ...]
     created: float = 0.0
     mode: str = "bridge"
+    state: str = READY
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,7 @@ class Endpoint:
     host_veth: str
     peer_veth: str
     created: float = 0.0
+    state: str = READY
 
 
 @dataclass(frozen=True)
@@ -199,6 +210,10 @@ class Store:
             columns = {r["name"] for r in db.execute("PRAGMA table_info(networks)")}
             if "mode" not in columns:
                 db.execute("ALTER TABLE networks ADD COLUMN mode TEXT NOT NULL DEFAULT 'bridge'")
+            # 3 -> 4: rows gain their state; every row of a v3 state answered its call.
+            for table in ("networks", "endpoints"):
+                if "state" not in {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN state TEXT NOT NULL DEFAULT 'ready'")
             db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('schema_version', ?)",
                        (str(SCHEMA_VERSION),))
         os.chmod(self.path, 0o600)
@@ -270,10 +285,15 @@ class Store:
         db.execute(f"INSERT INTO networks({', '.join(row)}) VALUES({', '.join('?' * len(row))})",
                    tuple(row.values()))
 
-    def delete_network(self, network_id: str, leftover: bool = False) -> None:
+    def delete_network(self, network_id: str, leftover: bool = False, release_addresses: bool = False) -> None:
         """Forget a network and its endpoints; with `leftover`, in the same transaction record their
-        kernel state as still to be removed (see `leftovers`)."""
+        kernel state as still to be removed (see `leftovers`); with `release_addresses`, give their
+        endpoints' addresses back to the pool too (`vpcnet network forget`: Docker holds none of them)."""
         with self.tx() as db:
+            if release_addresses:
+                db.execute("DELETE FROM addresses WHERE pool_id=(SELECT host_cidr FROM networks WHERE network_id=?) "
+                           "AND address IN (SELECT address FROM endpoints WHERE network_id=?)",
+                           (network_id, network_id))
             if leftover:
                 net = db.execute("SELECT * FROM networks WHERE network_id=?", (network_id,)).fetchone()
                 veths = [r["host_veth"] for r in
@@ -284,6 +304,41 @@ class Store:
                                (f"network:{network_id}", json.dumps(data), time.time()))
             db.execute("DELETE FROM endpoints WHERE network_id=?", (network_id,))
             db.execute("DELETE FROM networks WHERE network_id=?", (network_id,))
+
+    def set_ready(self, table: str, key: str) -> None:
+        """The kernel holds the network (`table` "networks", `key` its id) or endpoint ("endpoints", its id)."""
+        column = {"networks": "network_id", "endpoints": "endpoint_id"}[table]
+        with self.tx() as db:
+            db.execute(f"UPDATE {table} SET state=? WHERE {column}=? AND state=?", (READY, key, PENDING))
+
+    def pending(self) -> tuple[list[Network], list[Endpoint]]:
+        """The networks and endpoints whose call has not finished its kernel work (or died before)."""
+        nets = [_network(r) for r in self.read("SELECT * FROM networks WHERE state=? ORDER BY created", (PENDING,))]
+        eps = [Endpoint(**dict(r)) for r in
+               self.read("SELECT * FROM endpoints WHERE state=? ORDER BY created", (PENDING,))]
+        return nets, eps
+
+    def release_address(self, pool_id: str, address: str,
+                        forget: Callable[[Endpoint], bool] = lambda ep: True) -> tuple[list[Endpoint], list[Endpoint]]:
+        """Give an address back to its pool; in the same transaction, an endpoint row still holding it for
+        which `forget` says so goes to the leftovers (Docker releases an address only when it has no
+        endpoint on it: after DeleteEndpoint, or after a CreateEndpoint whose answer never reached it).
+        Returns (the endpoints forgotten, those kept)."""
+        with self.tx() as db:
+            rows = db.execute("SELECT e.* FROM endpoints e JOIN networks n ON n.network_id = e.network_id "
+                              "WHERE n.host_cidr=? AND e.address=?", (pool_id, address)).fetchall()
+            gone, kept = [], []
+            for row in rows:
+                ep = Endpoint(**dict(row))
+                if not forget(ep):
+                    kept.append(ep)
+                    continue
+                gone.append(ep)
+                db.execute("INSERT OR REPLACE INTO leftovers(name, data, since) VALUES(?, ?, ?)",
+                           (f"endpoint:{row['host_veth']}", json.dumps(dict(row)), time.time()))
+                db.execute("DELETE FROM endpoints WHERE endpoint_id=?", (row["endpoint_id"],))
+            db.execute("DELETE FROM addresses WHERE pool_id=? AND address=?", (pool_id, address))
+        return gone, kept
 
     def endpoints(self, network_id: str | None = None) -> list[Endpoint]:
         if network_id is None:

@@ -11,9 +11,10 @@ from `docker plugin inspect`. Run it in the namespace the plugin runs in (the ho
 
 Each check is a method returning Findings; a check that cannot run is itself a problem, so a broken
 check never hides behind a green answer. The checks live in one module per domain: plugin (state,
-socket, /healthz), datapath (kernel modules, sysctls, MTU, links versus the state, default mode),
-firewall (chains and jumps), engine (Docker and the managed plugin), cloud (route tables, quota, clock,
-metadata); findings holds what they share and the text and JSON renderings. This module holds the order
+rows a crash left pending, socket, /healthz), datapath (kernel modules, sysctls, MTU, links versus the
+state, default mode), firewall (chains and jumps), engine (Docker and the managed plugin, networks either
+side lacks), cloud (route tables, quota, clock, metadata); findings holds what they share and the text and
+JSON renderings. This module holds the order
 they run in and the sub-command.
 """
 from __future__ import annotations
@@ -43,7 +44,7 @@ class Doctor:
         cloud = CloudChecks(self.ctx, provider_factory)
         # The state first: every later check reads the networks, endpoints and claims it loads.
         self._checks: list[Callable[[], list[Finding]]] = [
-            host.check_state, host.check_socket, host.check_health, datapath.check_kernel,
+            host.check_state, host.check_pending, host.check_socket, host.check_health, datapath.check_kernel,
             datapath.check_forwarding, firewall.check_firewall, firewall.check_ipv6_guard,
             datapath.check_routed_sysctls, datapath.check_mtu,
             engine.check_docker, datapath.check_kernel_objects, cloud.check_routes, cloud.check_clock,

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import socket
+import time
 
 from vpcnet.cli.doctor.findings import Checks, Finding, ok, problem
 
@@ -78,18 +79,25 @@ class _UnixHTTP(http.client.HTTPConnection):
         self.sock.connect(self._path)
 
 
-def docker_get(sock: str, path: str, timeout: float = 10.0):
-    """GET one Docker API path; the decoded JSON, or raises OSError / ValueError."""
+def docker_status(sock: str, path: str, timeout: float = 10.0) -> tuple[int, bytes]:
+    """GET one Docker API path: (HTTP status, body); raises OSError when the engine does not answer."""
     conn = _UnixHTTP(sock, timeout)
     try:
         conn.request("GET", path)
         resp = conn.getresponse()
-        body = resp.read()
+        return resp.status, resp.read()
+    except http.client.HTTPException as exc:
+        raise OSError(f"no HTTP answer from {sock}: {exc}") from None
     finally:
         conn.close()
-    if resp.status != 200:
+
+
+def docker_get(sock: str, path: str, timeout: float = 10.0):
+    """GET one Docker API path; the decoded JSON, or raises OSError / ValueError."""
+    status, body = docker_status(sock, path, timeout)
+    if status != 200:
         said = body[:200].decode(errors="replace").strip()
-        raise ValueError(f"Docker answered HTTP {resp.status} for {path}: {said}")
+        raise ValueError(f"Docker answered HTTP {status} for {path}: {said}")
     return json.loads(body)
 
 
@@ -140,4 +148,26 @@ class EngineChecks(Checks):
                                                 f"{ctx.driver_name} but vpcnet's state does not know it",
                                    f"docker network rm {name} and create it again (its state was lost)"))
         out.append(ok("discovery", f"Docker uses driver {ctx.driver_name} for {len(ours)} network(s)"))
+        out += stranded_findings(ctx.networks, {n["Id"] for n in networks}, time.time())
         return out
+
+
+#: A network row younger than this may be a CreateNetwork Docker has not seen answered yet (gunicorn ends a
+#: call after 60 s).
+STRANDED_AFTER = 90.0
+
+
+def stranded_findings(networks: list, docker_ids: set[str], now: float) -> list[Finding]:
+    """The other direction of `discovery`: networks in vpcnet's state that Docker does not have (its
+    CreateNetwork's answer never reached Docker). Each blocks its cluster CIDR on this host."""
+    out = []
+    for net in networks:
+        if net.network_id in docker_ids or now - net.created < STRANDED_AFTER:
+            continue
+        out.append(problem("stranded", f"network {net.network_id[:12]} (host CIDR {net.host_cidr} of cluster "
+                                       f"{net.cluster_cidr}) is in vpcnet's state but Docker does not have it: "
+                                       "`docker network create` on that cluster CIDR is refused",
+                           f"vpcnet network forget {net.network_id[:12]}"))
+    if not out:
+        out.append(ok("stranded", "every network in vpcnet's state is one Docker has"))
+    return out

@@ -33,6 +33,24 @@ class PluginChecks(Checks):
         return [ok("state", f"{self.config.db_path}: {len(ctx.networks)} network(s), "
                             f"{len(ctx.endpoints)} endpoint(s)")]
 
+    def check_pending(self) -> list[Finding]:
+        """Rows a crashed call left pending for longer than any call lasts: the plugin's datapath pass
+        undoes them (at start too), so one still here means the plugin is not running its pass."""
+        import time
+
+        from vpcnet.cli.doctor.engine import STRANDED_AFTER
+
+        store, now = self.ctx.store, time.time()
+        if store is None:
+            return []
+        nets, eps = store.pending()
+        out = [problem("pending", f"{kind} {obj_id[:12]} has been pending for {now - created:.0f} s: its call died "
+                                  "between the commit and the kernel work",
+                       "restart the plugin (its start undoes it), and see its log")
+               for kind, obj_id, created in [("network", n.network_id, n.created) for n in nets] +
+               [("endpoint", e.endpoint_id, e.created) for e in eps] if now - created > STRANDED_AFTER]
+        return out or [ok("pending", "no row left pending by a crashed call")]
+
     def socket_path(self) -> str:
         plugin = self.ctx.plugin
         if plugin:

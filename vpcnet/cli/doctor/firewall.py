@@ -157,5 +157,6 @@ class FirewallChecks(Checks):
 
             with IPRoute() as ipr:
                 names = {link["index"]: link.get("IFLA_IFNAME") for link in ipr.get_links()}
-                self._uplinks = {names.get(i) for i in Netlink.uplinks(ipr)} | set(self.ctx.config.uplinks)
+                extra = getattr(self.ctx.config, "uplinks", ())       # VPCNET_UPLINKS (no config: none)
+                self._uplinks = {names.get(i) for i in Netlink.uplinks(ipr)} | set(extra)
         return self._uplinks

@@ -305,9 +305,11 @@ class FirewallTable:
         return problems, script
 
 
-# Rules that may sit between DOCKER-USER and vpcnet's jump: Docker's own, which never see vpcnet's packets
-# (jumps to its chains, rules for docker0 and its br- bridges). Anything else there (a DROP, say) would
-# decide vpcnet's traffic first, so the jump moves back.
+# Rules that may sit between DOCKER-USER and vpcnet's jump: Docker's own (jumps to its chains, rules for
+# docker0 and its br- bridges). Those never drop vpcnet's packets; the one that could accept some, a
+# bridge's `-i br-x ! -o br-x -j ACCEPT` (a bridge container's connection to a vpcnet container), meets the
+# mangle table's ingress guard first (GUARD_TABLE). Anything else there (a DROP, say) would decide vpcnet's
+# traffic first, so the jump moves back.
 _DOCKERS_OWN = re.compile(r"-j DOCKER\S*$|-[io] (docker0|br-[0-9a-f]+)\b")
 
 

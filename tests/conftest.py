@@ -372,16 +372,18 @@ def source_seen_by(ns: str, listen_ip: str, dock, container: str, port: int = 70
 
 @pytest.fixture
 def remote_host(netns_factory):
-    """make(cluster CIDR) -> (netns, address): 'another host' of the cluster behind a veth of this host,
-    holding an address in a block of the cluster CIDR that is not this host's, routed both ways as the
-    VPC route table would. Its link is removed at the end."""
+    """make(cluster CIDR, link name) -> (netns, address): 'another host' of the cluster behind a veth of
+    this host named `link`, holding an address in a block of the cluster CIDR that is not this host's,
+    routed both ways as the VPC route table would. The veth is not the default route's device: a plugin
+    reaching that host needs it among its uplinks (VPCNET_UPLINKS=<link>), as on a host whose VPC NIC
+    does not carry the default route. Its link is removed at the end."""
     import ipaddress
 
     links: list[str] = []
 
-    def make(cluster: str) -> tuple[str, str]:
+    def make(cluster: str, link: str) -> tuple[str, str]:
         block = list(ipaddress.IPv4Network(cluster).subnets(new_prefix=24))[-2]   # far from claimed blocks
-        ns, link = netns_factory("vpcrh"), unique("vr")
+        ns = netns_factory("vpcrh")
         host_ip, peer_ip = str(block[1]), str(block[2])
         run(["ip", "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", ns])
         links.append(link)

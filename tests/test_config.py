@@ -104,6 +104,14 @@ def test_toml_keys_are_case_insensitive(tmp_path, env):
     assert cfg.host_prefix == 27
 
 
+def test_extra_uplinks_are_interface_names(env):
+    assert load(env, VPCNET_UPLINKS="eth1, bond0.100 eth1").uplinks == ("eth1", "bond0.100")
+    assert load(env).uplinks == ()
+    for bad in ("eth1;iptables", "a" * 16, "vh+", ".."):
+        with pytest.raises(ConfigError, match="VPCNET_UPLINKS: invalid value .* is not an interface name"):
+            load(env, VPCNET_UPLINKS=bad)
+
+
 def test_no_nat_list_from_environment(env):
     cfg = load(env, VPCNET_NO_NAT_CIDRS="192.168.0.0/16, 172.16.0.0/12 100.64.0.0/10")
     assert cfg.no_nat_cidrs == ("192.168.0.0/16", "172.16.0.0/12", "100.64.0.0/10")

@@ -168,6 +168,7 @@ def test_ebpf_fast_path_follows_a_replaced_and_then_renamed_uplink(tmp_path, two
         run(["ip", "-n", ns, "link", "set", "wan1", "up"])
         run(["ip", "-n", ns, "route", "replace", "default", "via", other, "dev", "wan1"])
         run(["ip", "-n", ns, "route", "replace", block, "via", other, "dev", "wan1"])
+    dpb.ensure_network(sb)         # B's own repair: its programs and isolation chains follow its new uplink
     took = repaired_within(box, lambda: sa.tc_name in tc_filters(a, "wan1")
                            and sa.tc_name not in tc_filters(a, "uplink0"), intervals=1)
     assert box.store.repair_counts().get("tc", 0) >= 1

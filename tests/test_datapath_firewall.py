@@ -30,7 +30,7 @@ def test_a_chain_that_differs_is_emptied_and_refilled_in_the_same_transaction():
     filter_part = script.split("*filter\n")[1].split("COMMIT")[0].splitlines()
     at = filter_part.index(":VPCNET-F-a1b2c3d4e5f6 - [0:0]")
     assert filter_part[at + 1].startswith("-A VPCNET-F-a1b2c3d4e5f6 -i vpc-") and len(filter_part) > at + 2
-    assert script.count("COMMIT") == 3                     # raw, filter, nat: one restore for all
+    assert script.count("COMMIT") == 4                     # raw, mangle, filter, nat: one restore for all
 
 
 def test_a_kernel_that_matches_needs_no_write():
@@ -101,13 +101,19 @@ def test_network_create_and_delete_cost_a_few_iptables_runs(ns):
     assert s.tag not in saved and "VPCNET-FORWARD" in saved and ANTI_SPOOFING in saved
 
 
+def _filter(script: str) -> str:
+    """The filter table's part of a restore script (mangle has a FORWARD chain too: the ingress guard's)."""
+    return script.split("*filter\n", 1)[1].split("COMMIT\n", 1)[0] if "*filter\n" in script else ""
+
+
 def test_the_forward_jump_comes_after_docker_user_and_a_misplaced_one_moves():
     saved = "*filter\n:FORWARD DROP [0:0]\n-A FORWARD -j VPCNET-FORWARD\n-A FORWARD -j DOCKER-USER\nCOMMIT\n"
     problems, script = FirewallTable._diff(parse_save(saved), [], [], True)
     assert "-D FORWARD -j VPCNET-FORWARD\n-I FORWARD 2 -j VPCNET-FORWARD\n" in script
     assert any("ahead of DOCKER-USER" in p for p in problems)
     placed = "*filter\n:FORWARD DROP [0:0]\n-A FORWARD -j DOCKER-USER\n-A FORWARD -j VPCNET-FORWARD\nCOMMIT\n"
-    assert "FORWARD" not in FirewallTable._diff(parse_save(placed), [], [], True)[1].replace("VPCNET-FORWARD - ", "")
+    assert "FORWARD" not in _filter(FirewallTable._diff(parse_save(placed), [], [], True)[1]).replace(
+        "VPCNET-FORWARD - ", "")
     _, fresh = FirewallTable._diff(parse_save("*filter\n:FORWARD DROP [0:0]\n-A FORWARD -j DOCKER-USER\nCOMMIT\n"),
                                    [], [], True)
     assert "-I FORWARD 2 -j VPCNET-FORWARD" in fresh
@@ -119,7 +125,7 @@ def test_a_forward_jump_behind_another_rule_moves_back_but_not_behind_dockers_ow
     def diff(*rules: str) -> tuple[list[str], str]:
         saved = "*filter\n:FORWARD DROP [0:0]\n" + "".join(f"-A FORWARD {r}\n" for r in rules) + "COMMIT\n"
         problems, script = FirewallTable._diff(parse_save(saved), [], [], True)
-        return [p for p in problems if "FORWARD's jump" in p], script
+        return [p for p in problems if "FORWARD's jump" in p], _filter(script)
 
     problems, script = diff("-j DOCKER-USER", "-j DOCKER-FORWARD", "-j DROP", "-j VPCNET-FORWARD")
     assert "-D FORWARD -j VPCNET-FORWARD\n-I FORWARD 2 -j VPCNET-FORWARD\n" in script

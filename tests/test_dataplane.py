@@ -59,10 +59,19 @@ def attach_container(host_ns: str, dp: Dataplane, netspec: NetworkSpec, netns_fa
     return sandbox
 
 
+def second_uplink(host_ns: str, link: str, via: str) -> None:
+    """Make `link` an uplink of `host_ns` too (a second default route, metric 100: the first still wins)
+    and bring vpcnet's isolation chains up to date, as the periodic pass does when the default route moves:
+    cluster traffic enters and leaves by the uplinks and vpcnet's own links only."""
+    run(["ip", "-n", host_ns, "route", "add", "default", "via", via, "dev", link, "metric", "100"])
+    dp = Dataplane(netns=host_ns)
+    dp.firewall.apply([], uplinks=dp.uplink_names())
+
+
 def peer_host(host_ns: str, netns_factory) -> str:
-    """Another 'host' behind a link of `host_ns`: 198.51.100.2 (outside the cluster) and 10.77.9.2 (a
-    container address of another host's block inside the cluster CIDR 10.77.0.0/16), and 203.0.113.2 (a
-    destination a test may put on the no-NAT list)."""
+    """Another 'host' behind a second uplink of `host_ns` (second_uplink): 198.51.100.2 (outside the
+    cluster) and 10.77.9.2 (a container address of another host's block inside the cluster CIDR
+    10.77.0.0/16), and 203.0.113.2 (a destination a test may put on the no-NAT list)."""
     peer = netns_factory("vpcpeer")
     link = unique("vp")
     run(["ip", "-n", host_ns, "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", peer])
@@ -70,6 +79,7 @@ def peer_host(host_ns: str, netns_factory) -> str:
     run(["ip", "-n", host_ns, "addr", "add", "203.0.113.1/24", "dev", link])
     run(["ip", "-n", host_ns, "link", "set", link, "up"])
     run(["ip", "-n", host_ns, "route", "add", "10.77.9.0/24", "via", "198.51.100.2"])
+    second_uplink(host_ns, link, "198.51.100.2")
     run(["ip", "-n", peer, "addr", "add", "198.51.100.2/24", "dev", "eth0"])
     run(["ip", "-n", peer, "addr", "add", "10.77.9.2/32", "dev", "eth0"])
     run(["ip", "-n", peer, "addr", "add", "203.0.113.2/24", "dev", "eth0"])
@@ -144,6 +154,7 @@ def test_containers_talk_inside_and_are_masqueraded_only_when_leaving_the_cluste
     run(["ip", "-n", outside, "addr", "add", "203.0.113.2/24", "dev", "eth0"])
     run(["ip", "-n", outside, "link", "set", "eth0", "up"])
     run(["ip", "-n", outside, "route", "add", "10.77.0.0/16", "via", "198.51.100.1"])
+    second_uplink(host, link, "198.51.100.2")
     for source in ("198.51.100.1", "10.77.3.2"):
         ns_run(outside, "iptables", "-A", "INPUT", "-p", "icmp", "-s", source, "-j", "ACCEPT")
     assert run(["ip", "netns", "exec", a, "busybox", "ping", "-c1", "-W2", "198.51.100.2"]).returncode == 0

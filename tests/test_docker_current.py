@@ -70,13 +70,14 @@ def test_gw_priority_picks_the_default_route_and_cluster_traffic_stays_on_vpcnet
     """A container on vpcnet and on a Docker bridge network: whichever gives the default route
     (gw-priority), traffic to other hosts' blocks goes out of vpcnet's interface, unNATed. Docker 29
     then sends ProgramExternalConnectivity to the gateway endpoint only: vpcnet needs none of it."""
-    plugin = plugin_factory()
+    link = unique("vr")
+    plugin = plugin_factory({"VPCNET_UPLINKS": link})
     vnet = dock.network_create(plugin).name
     bnet = unique("bnet")
     dock("network", "create", bnet)
     dock.networks.append(bnet)
     info = plugin.status()["networks"][0]
-    remote, peer = remote_host(plugin.cluster)
+    remote, peer = remote_host(plugin.cluster, link)
 
     on_vpcnet = dock.run_container(f"name={vnet},gw-priority=10", "--network", f"name={bnet}").name
     assert f"default via {info['gateway']} " in dock.exec(on_vpcnet, "ip", "route").stdout
@@ -98,12 +99,13 @@ def test_a_docker_user_drop_blocks_a_vpcnet_flow_and_removing_it_restores_it(plu
     bridge and routed mode, per network (-o) or host-wide (VPCNET_DEFAULT_MODE=routed): the supported way
     to filter cluster traffic on the host. The default (ebpf, on this kernel) hands cluster traffic
     past netfilter, DOCKER-USER included, as the README says: the DROP does not stop it."""
-    plugin = plugin_factory(dict([how.split("=")]) if how.startswith("VPCNET_") else {})
+    link = unique("vr")
+    plugin = plugin_factory({"VPCNET_UPLINKS": link, **(dict([how.split("=")]) if how.startswith("VPCNET_") else {})})
     net = dock.network_create(plugin, None, *(how.split(" ") if how.startswith("-o") else ())).name
     [status] = plugin.status()["networks"]
     assert status["mode"] == {"the default": "ebpf"}.get(how, how.split("=")[-1]), status
+    remote, peer = remote_host(plugin.cluster, link)      # before the container: its program knows the uplinks
     c = dock.run_container(net).name
-    remote, peer = remote_host(plugin.cluster)
     jumps = [line.split()[-1] for line in run(["iptables", "-S", "FORWARD"]).stdout.splitlines()
              if line.startswith("-A FORWARD -j ")]
     assert jumps.index("DOCKER-USER") < jumps.index("VPCNET-FORWARD"), jumps
@@ -141,8 +143,9 @@ def test_docker28_forward_chains_and_direct_routing_drops_leave_vpcnet_traffic_a
         assert "-A FORWARD -j DOCKER-FORWARD" in run(["iptables", "-S", "FORWARD"]).stdout
         containers = []
         for mode in ("bridge", "routed"):
-            plugin = plugin_factory()
-            remote, peer = remote_host(plugin.cluster)
+            link = unique("vr")
+            plugin = plugin_factory({"VPCNET_UPLINKS": link})
+            remote, peer = remote_host(plugin.cluster, link)
             c = dock.run_container(dock.network_create(plugin, None, "-o", f"vpcnet.mode={mode}").name).name
             assert ping(dock, c, peer), mode
             assert source_seen_by(remote, peer, dock, c) == dock.ip_of(c), mode

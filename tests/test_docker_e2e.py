@@ -18,10 +18,17 @@ def ping(dock, container: str, target: str) -> bool:
 
 
 @pytest.fixture
-def outside(netns_factory):
+def outside_link():
+    """The host's end of `outside`'s veth: not the default route's device, so a plugin that reaches the
+    outside through it names it among its uplinks (VPCNET_UPLINKS)."""
+    return unique("vo")
+
+
+@pytest.fixture
+def outside(netns_factory, outside_link):
     """An 'outside world' namespace behind a veth from the host: 198.51.100.2, reached via .1."""
     ns = netns_factory("vpco")
-    host_if = unique("vo")
+    host_if = outside_link
     run(["ip", "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns])
     run(["ip", "addr", "add", f"{OUTSIDE_HOST_IP}/30", "dev", host_if])
     run(["ip", "link", "set", host_if, "up"])
@@ -56,13 +63,14 @@ def test_two_containers_reach_each_other_by_name_and_address_and_the_host(plugin
     assert len([line for line in links.splitlines() if "lo:" not in line]) == 1, links
 
 
-def test_outside_traffic_is_masqueraded_but_no_nat_destinations_keep_the_source(plugin_factory, dock, outside):
-    plugin = plugin_factory()
+def test_outside_traffic_is_masqueraded_but_no_nat_destinations_keep_the_source(plugin_factory, dock, outside,
+                                                                               outside_link):
+    plugin = plugin_factory({"VPCNET_UPLINKS": outside_link})
     net = dock.network_create(plugin).name
     c = dock.run_container(net).name
     assert peer_seen_by(outside, dock, c) == OUTSIDE_HOST_IP
 
-    plugin2 = plugin_factory({"VPCNET_NO_NAT_CIDRS": "198.51.100.0/30"})
+    plugin2 = plugin_factory({"VPCNET_NO_NAT_CIDRS": "198.51.100.0/30", "VPCNET_UPLINKS": outside_link})
     net2 = dock.network_create(plugin2).name
     c2 = dock.run_container(net2).name
     host_cidr = plugin2.status()["networks"][0]["host_cidr"]
@@ -70,8 +78,8 @@ def test_outside_traffic_is_masqueraded_but_no_nat_destinations_keep_the_source(
     assert peer_seen_by(outside, dock, c2) == dock.ip_of(c2)
 
 
-def test_internal_network_has_no_outside_access(plugin_factory, dock, outside):
-    plugin = plugin_factory()
+def test_internal_network_has_no_outside_access(plugin_factory, dock, outside, outside_link):
+    plugin = plugin_factory({"VPCNET_UPLINKS": outside_link})         # even by an uplink
     net = dock.network_create(plugin, None, "--internal").name
     a = dock.run_container(net).name
     b = dock.run_container(net).name
@@ -260,9 +268,9 @@ def test_start_after_a_reboot_rebuilds_bridge_and_rules_from_state(plugin_factor
     assert ping(dock, a, b) and ping(dock, a, status["gateway"])
 
 
-def test_routed_mode_network_without_a_bridge(plugin_factory, dock, outside):
+def test_routed_mode_network_without_a_bridge(plugin_factory, dock, outside, outside_link):
     """`-o vpcnet.mode=routed`: no bridge, proxy ARP and a /32 route per container; same behaviour."""
-    plugin = plugin_factory()
+    plugin = plugin_factory({"VPCNET_UPLINKS": outside_link})
     net = dock.network_create(plugin, None, "-o", "vpcnet.mode=routed").name
     status = plugin.status()["networks"][0]
     anchor, gateway = status["bridge"], status["gateway"]

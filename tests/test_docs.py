@@ -346,7 +346,7 @@ def test_uninstall_block_clears_what_vpcnet_leaves_in_the_kernel(netns_factory):
 
     def leftovers() -> list[str]:
         out = []
-        for table in ("filter", "nat", "raw"):
+        for table in ("filter", "nat", "raw", "mangle"):
             saved = subprocess.run(["ip", "netns", "exec", ns, "iptables-save", "-t", table], capture_output=True,
                                    text=True, timeout=30).stdout
             out += [f"{table}: {line}" for line in saved.splitlines() if "VPCNET" in line]

@@ -82,6 +82,12 @@ def test_kernel_faults_are_named_one_at_a_time(plugin_factory, netns_factory, do
     run([*ip, "iptables", "-D", "FORWARD", "1"])
     assert doctor(plugin, ns) == (0, {})
 
+    # the isolation chains name this host's uplinks; a stale uplink there (the default route moved) is named
+    run([*ip, "iptables", "-I", "VPCNET-EGRESS", "4", "-o", "eth9", "-j", "ACCEPT"])
+    assert "VPCNET-EGRESS does not match this host's uplinks" in only(doctor(plugin, ns)[1], "isolation")["detail"]
+    run([*ip, "iptables", "-D", "VPCNET-EGRESS", "-o", "eth9", "-j", "ACCEPT"])
+    assert doctor(plugin, ns) == (0, {})
+
     run([*ip, "iptables", "-P", "FORWARD", "ACCEPT"])             # forwarding everything between interfaces
     assert "iptables -P FORWARD DROP" in only(doctor(plugin, ns)[1], "forward_policy")["fix"]
     run([*ip, "iptables", "-P", "FORWARD", "DROP"])

@@ -63,6 +63,12 @@ def test_the_verifier_accepts_both_programs(kernel, host, cluster):
         os.close(loader.load(program, "vpcnet_test"))
 
 
+@pytest.mark.parametrize("uplinks", [[], [3], [3, 9, 12]], ids=["no uplink", "one", "three"])
+def test_the_verifier_accepts_the_container_program_for_any_number_of_uplinks(kernel, uplinks):
+    """No uplink (a host without a default route yet) leaves no unreachable instruction behind."""
+    os.close(loader.load(programs.container_program(HOST, CLUSTER, "10.77.3.2", 5, uplinks), "vpcnet_test"))
+
+
 def test_a_program_the_verifier_refuses_is_reported_with_its_log(kernel):
     a = assembler.Asm()
     a.mov(0, 5)                    # r5 was never written: the verifier says so

@@ -75,6 +75,15 @@ def _cluster_name(text: str) -> str:
     return text
 
 
+def _link_list(text: str) -> tuple[str, ...]:
+    """Comma-separated interface names (what the kernel and iptables take: 1-15 letters, digits, '.', '_', '-')."""
+    items = tuple(dict.fromkeys(part.strip() for part in text.replace(" ", ",").split(",") if part.strip()))
+    for item in items:
+        if len(item) > 15 or item in (".", "..") or not all(c.isalnum() or c in "._-" for c in item):
+            raise ValueError(f"{item!r} is not an interface name (1-15 letters, digits, '.', '_' or '-')")
+    return items
+
+
 def _int(text: str) -> int:
     return int(str(text).strip())
 
@@ -95,6 +104,9 @@ SETTINGS: tuple[Setting, ...] = (
             _cidr_or_empty),
     Setting("no_nat_cidrs", (), "Destinations reached without masquerade, besides the cluster CIDR "
             "(comma-separated CIDRs)", _cidr_list),
+    Setting("uplinks", (), "Interfaces that count as uplinks besides the default route's (comma-separated "
+            "names): cluster traffic enters and leaves only by the uplinks and vpcnet's own links, so name the "
+            "VPC NIC here when it does not carry the default route", _link_list),
     Setting("mtu", 0, "Container MTU; 0 takes the MTU of the uplink (the default route's interface)",
             _int),
     Setting("default_mode", "auto", "Datapath of a network created without -o vpcnet.mode: auto (the best this "
@@ -162,6 +174,7 @@ class Config:
     host_prefix: int = 24
     host_cidr: str = ""
     no_nat_cidrs: tuple[str, ...] = ()
+    uplinks: tuple[str, ...] = ()
     mtu: int = 0
     default_mode: str = "auto"
     log_level: str = "INFO"
@@ -252,7 +265,7 @@ def load(path: str | None = None, environ: dict[str, str] | None = None,
 
 
 def _parse(setting: Setting, raw: Any, where: str) -> Any:
-    if isinstance(raw, list) and setting.parse is _cidr_list:
+    if isinstance(raw, list) and setting.parse in (_cidr_list, _link_list):
         raw = ",".join(str(x) for x in raw)
     try:
         return setting.parse(raw if isinstance(raw, str) else str(raw))

@@ -32,11 +32,14 @@ never NATs). Everything else, and anything the programs cannot resolve, takes ro
 Firewall: computed per mode by vpcnet.datapath.modes and written by vpcnet.datapath.firewall in one
 `iptables-restore --noflush` transaction, in chains of vpcnet's own so removing a network removes exactly
 its rules:
-- filter `VPCNET-FORWARD` (jumped to from FORWARD): accepts the network's traffic even though Docker
-  sets FORWARD's policy to DROP; one chain per network `VPCNET-F-<id12>`. Its jump sits right after
-  Docker's `-j DOCKER-USER` when there is one (first otherwise), so a user's DOCKER-USER rules apply to
-  vpcnet's traffic as to Docker's own networks; Docker 28's DOCKER-FORWARD comes after it and matches
-  only Docker's bridges.
+- filter `VPCNET-FORWARD` (jumped to from FORWARD): accepts the network's traffic by the uplinks and
+  vpcnet's own links even though Docker sets FORWARD's policy to DROP, through the host-wide isolation
+  chains `VPCNET-EGRESS`/`VPCNET-INGRESS` (vpcnet.datapath.firewall; their uplinks are `uplink_names`,
+  put right by the periodic pass when the default route moves); one chain per network `VPCNET-F-<id12>`.
+  Its jump sits right after Docker's `-j DOCKER-USER` when there is one (first otherwise), so a user's
+  DOCKER-USER rules apply to vpcnet's traffic as to Docker's own networks; Docker 28's DOCKER-FORWARD
+  comes after it and matches only Docker's bridges (a Docker rule that comes first and would accept a
+  bridge's traffic into vpcnet meets the isolation guard in the mangle table first).
 - nat `VPCNET-POSTROUTING` (jumped to from POSTROUTING): per network `VPCNET-N-<id12>` masquerades
   traffic from the host CIDR only when it leaves for a destination outside the cluster CIDR and the
   no-NAT list. Container-to-container traffic inside the VPC keeps its own source address.
@@ -84,10 +87,10 @@ _no_lock = nullcontext
 
 
 class Dataplane:
-    def __init__(self, netns: str | None = None, iptables: str = "iptables"):
+    def __init__(self, netns: str | None = None, iptables: str = "iptables", extra_uplinks: Sequence[str] = ()):
         self.netns = netns
         self.iptables = iptables
-        self.nl = Netlink(netns)
+        self.nl = Netlink(netns, extra_uplinks)
         self.links = Links(self.nl)
         self.tc = TcPrograms(self.nl)
         self.firewall = FirewallTable(self.nl.cmd(), iptables)
@@ -109,7 +112,15 @@ class Dataplane:
         """ip_forward, the shared chains, the builtin chains' jumps to them, the anti-spoofing rule, the
         IPv6 guard. Returns what was wrong."""
         self._ensure_forwarding()
-        return self.firewall.apply([], host=True) + self.ipv6_guard.apply()
+        return self.firewall.apply([], host=True, uplinks=self.uplink_names()) + self.ipv6_guard.apply()
+
+    def uplink_names(self) -> list[str]:
+        """Names of the uplinks: the interfaces carrying the default route(s), and those VPCNET_UPLINKS names
+        (present or not: iptables matches a name once it appears). With vpcnet's own links, the only ones
+        cluster traffic enters and leaves by (vpcnet.datapath.firewall.isolation_chains)."""
+        with self.nl.ipr() as ipr:
+            names = [name for name in (self.nl.link_name(ipr, i) for i in self.nl.uplinks(ipr)) if name]
+        return names + [name for name in self.nl.extra_uplinks if name not in names]
 
     def _ensure_forwarding(self) -> None:
         """net.ipv4.ip_forward=1. Where vpcnet turns it on itself (from 0: at boot vpcnet may start before
@@ -144,7 +155,7 @@ class Dataplane:
 
     def _ensure_firewall(self, spec: NetworkSpec) -> list[str]:
         """The network's chains and the host's, in one transaction; returns what was wrong."""
-        return self.firewall.apply([strategy(spec.mode).firewall(spec)], host=True)
+        return self.firewall.apply([strategy(spec.mode).firewall(spec)], host=True, uplinks=self.uplink_names())
 
     def delete_network(self, spec: NetworkSpec) -> None:
         self.firewall.apply([], unwanted=[spec.tag], host=False)
@@ -208,6 +219,8 @@ class Dataplane:
             links = rtnl.dump_links(sock)
             addresses = rtnl.dump_addresses(sock)
             routes, uplinks = rtnl.dump_routes(sock)
+            uplinks += [links[name]["index"] for name in self.nl.extra_uplinks
+                        if name in links and links[name]["index"] not in uplinks]
             clsact = {i for i, kinds in rtnl.dump_qdisc_kinds(sock).items() if "clsact" in kinds} \
                 if with_tc else set()
         except OSError as exc:
@@ -229,7 +242,11 @@ class Dataplane:
         repairs: list[Repair] = []
         view = self.view(with_tc=any(spec.ebpf for spec, _ in networks))
         saved = self.firewall.save()
-        repairs += [Repair("firewall", "-", p) for p in self.firewall.apply([], host=True, saved=saved)]
+        by_index = {link["index"]: name for name, link in view.links.items()}
+        uplinks = [by_index[i] for i in view.uplinks if i in by_index]
+        uplinks += [name for name in self.nl.extra_uplinks if name not in uplinks]
+        repairs += [Repair("firewall", "-", p)
+                    for p in self.firewall.apply([], host=True, saved=saved, uplinks=uplinks)]
         repairs += [Repair("firewall", "-", p) for p in self.ipv6_guard.apply()]
         # The firewall of every drifted network in one transaction (a mass flush costs one restore, not one
         # per network). The rules are the store rows' (fixed for a network's life); a network deleted
@@ -290,7 +307,7 @@ class Dataplane:
             state = ipr.link("get", index=idx)[0] if idx is not None else None
             addrs = {f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" for a in ipr.get_addr(index=idx)} \
                 if idx is not None else set()
-            uplinks = self.nl.uplinks(ipr)
+            uplinks = self.nl.all_uplinks(ipr)
             programs = self.tc.network_uplinks(ipr, spec) if spec.ebpf else set()
         what = "anchor" if spec.routed else "bridge"
         if state is None:
@@ -306,15 +323,18 @@ class Dataplane:
                                                    f"route on {sorted(uplinks)}"))
         if repairs:
             self._ensure_links(spec)          # rebuilds what is missing, accepts what is there
-        else:
+        # The endpoints' programs know the uplinks too (only those take other hosts' traffic): rebuilt
+        # with the new ones when the default route moved.
+        moved = spec.ebpf and state is not None and programs != set(uplinks)
+        if not repairs:
             ipv6 = self.links.ipv6_off([spec.bridge, anchor_peer(spec.bridge)] if spec.routed else [spec.bridge])
             if ipv6:
                 repairs.append(Repair("link", spec.tag, f"IPv6 on for {what} {spec.bridge} ({', '.join(ipv6)})"))
         for ep in endpoints:
-            repairs += self._repair_endpoint(spec, ep)
+            repairs += self._repair_endpoint(spec, ep, moved)
         return repairs
 
-    def _repair_endpoint(self, spec: NetworkSpec, ep: EndpointSpec) -> list[Repair]:
+    def _repair_endpoint(self, spec: NetworkSpec, ep: EndpointSpec, uplinks_moved: bool = False) -> list[Repair]:
         with self.nl.ipr() as ipr:
             host_idx = self.nl.link_index(ipr, ep.host_veth)
             if host_idx is None:
@@ -332,6 +352,8 @@ class Dataplane:
                     problem = f"eBPF program on {ep.host_veth} missing"
             if not problem and not link["flags"] & 1:
                 problem = f"host veth {ep.host_veth} down"
+            if not problem and uplinks_moved:
+                problem = f"eBPF program on {ep.host_veth} made for the old uplinks"
         if not problem:
             ipv6 = self.links.ipv6_off([ep.host_veth])
             return [Repair("link", spec.tag, f"IPv6 on for host veth {ep.host_veth} of {ep.address} "

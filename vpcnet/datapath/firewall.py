@@ -22,6 +22,17 @@ and both texts, counted in `vpcnet_datapath_repair_loops_total`. Shared chains (
 vpcnet instance on the host (a managed plugin beside a systemd one); only missing rules are added to them
 and only named rules removed.
 
+Isolation (docs/datapath.md): cluster traffic enters and leaves by the uplinks and vpcnet's own links. Two
+host-wide filter chains, whole chains computed from the host's uplinks alone (`isolation_chains`, declared
+and refilled when the default route moves, like a network's chains): `VPCNET-EGRESS` accepts towards
+vpcnet's links and the uplinks and returns the rest to FORWARD's later rules (Docker's); `VPCNET-INGRESS`
+accepts from them or as a conntrack reply and drops the rest. Each network's filter chain jumps to them
+(vpcnet.datapath.modes). The ingress half is repeated in the mangle table (`VPCNET-INGRESS`, jumped to
+from mangle FORWARD for `-o vh+` and `-o vpc-+`), which runs before the filter table and which Docker never
+writes: Docker 20.10 inserts a new bridge network's `-i br-x ! -o br-x -j ACCEPT` at the top of filter
+FORWARD, ahead of vpcnet's jump until the next pass, and there it would accept a bridge container's
+connection to a vpcnet container.
+
 `Ipv6Guard` is the IPv6 side: one raw chain (`VPCNET-IPV6`, jumped to from raw PREROUTING) dropping every
 IPv6 packet that arrives on a vpcnet host-side link, one rule per link name prefix. vpcnet's networks carry
 no IPv6; this keeps a container's router advertisements and any other IPv6 of its off the host where
@@ -53,7 +64,7 @@ RAW_CHAIN = "VPCNET-RAW"
 PARENTS = {"filter": FORWARD_CHAIN, "nat": NAT_CHAIN, "raw": RAW_CHAIN}
 BUILTIN = {"filter": "FORWARD", "nat": "POSTROUTING", "raw": "PREROUTING"}
 PREFIXES = {"filter": "VPCNET-F-", "nat": "VPCNET-N-", "raw": "VPCNET-R-"}
-TABLES = ("raw", "filter", "nat")
+TABLES = ("raw", "mangle", "filter", "nat")
 ATTEMPTS = 3                  # save, diff and restore rounds of one apply
 FORWARD_MOVE = f"\n-D FORWARD -j {FORWARD_CHAIN}\n"    # in a script that moves FORWARD's jump
 HOST_VETHS = "vh+"            # iptables wildcard for every endpoint's host end
@@ -70,6 +81,40 @@ ANTI_SPOOFING = f'-i {HOST_VETHS} -m rpfilter --invert -m comment --comment "vpc
 IPV6_CHAIN = "VPCNET-IPV6"
 IPV6_LINKS = (HOST_VETHS, "vpc-+", "vpp-+")
 IPV6_RULES = [f'-i {prefix} -m comment --comment "vpcnet: no IPv6" -j DROP' for prefix in IPV6_LINKS]
+
+# Where cluster traffic may enter and leave (docs/datapath.md, Isolation): vpcnet's own links and the
+# uplinks. Host-wide chains, jumped to from each network's chain (vpcnet.datapath.modes), so a network's
+# rules never depend on the uplinks and a moved default route rewrites two chains, not every network's.
+# EGRESS: a packet from a vpcnet container is accepted towards vpcnet's links and the uplinks; anything
+# else (a Docker bridge, a second NIC, a VPN) falls through to FORWARD's later rules (Docker's), which
+# treat it as any outside client: a published port is DNATed and accepted, the rest meets the policy.
+# INGRESS: a packet to a vpcnet container is accepted from vpcnet's links and the uplinks, else only as a
+# reply (conntrack RELATED,ESTABLISHED: the container opened the connection); everything else is dropped.
+# Cluster traffic is NOTRACK'd (its state UNTRACKED), but it only ever comes by an uplink or a vpcnet link,
+# accepted by interface before the state rule.
+EGRESS_CHAIN = "VPCNET-EGRESS"
+INGRESS_CHAIN = "VPCNET-INGRESS"
+VPCNET_LINKS = (HOST_VETHS, "vpc-+", "vpp-+")
+REPLIES = "-m conntrack --ctstate RELATED,ESTABLISHED"
+
+
+# The ingress half once more, in the mangle table's FORWARD (before the filter table's, and a table Docker
+# never writes): Docker 20.10 inserts each new bridge network's `-i br-x ! -o br-x -j ACCEPT` at the top of
+# filter FORWARD, ahead of vpcnet's jump until the next pass moves it back; there it would accept a bridge
+# container's connection to a vpcnet container. In mangle the guard holds whatever order FORWARD is in.
+GUARD_TABLE = "mangle"
+GUARD_JUMPS = [f"-o {HOST_VETHS} -j {INGRESS_CHAIN}", f"-o vpc-+ -j {INGRESS_CHAIN}"]
+
+
+def isolation_chains(uplinks: Sequence[str]) -> dict[tuple[str, str], list[str]]:
+    """(table, chain) -> rules: the filter chains EGRESS_CHAIN and INGRESS_CHAIN and the mangle guard
+    INGRESS_CHAIN (RETURN where filter's accepts), for these uplink names."""
+    links = (*VPCNET_LINKS, *sorted(set(uplinks)))
+    return {("filter", EGRESS_CHAIN): [rule(oif=link, target="ACCEPT") for link in links],
+            ("filter", INGRESS_CHAIN): [rule(iif=link, target="ACCEPT") for link in links]
+            + [rule(match=REPLIES, target="ACCEPT"), rule(target="DROP")],
+            (GUARD_TABLE, INGRESS_CHAIN): [rule(iif=link, target="RETURN") for link in links]
+            + [rule(match=REPLIES, target="RETURN"), rule(target="DROP")]}
 
 
 def rule(src: str = "", dst: str = "", iif: str = "", oif: str = "", match: str = "", comment: str = "",
@@ -180,15 +225,16 @@ class FirewallTable:
         return parse_save(proc.stdout)
 
     def apply(self, wanted: Sequence[NetworkRules], unwanted: Sequence[str] = (), host: bool = True,
-              saved: Saved | None = None) -> list[str]:
+              saved: Saved | None = None, uplinks: Sequence[str] = ()) -> list[str]:
         """One save (unless `saved` is given), one restore if anything differs. `host`: also the shared
-        chains, the builtin chains' jumps to them and the anti-spoofing rule."""
+        chains, the builtin chains' jumps to them, the anti-spoofing rule and the isolation chains with
+        these `uplinks` (interface names)."""
         found: list[str] | None = None
         error, misplaced = "", False
         with self._lock:
             for attempt in range(ATTEMPTS):   # a concurrent writer (another worker, another tool) may win
                 current = saved if saved is not None and attempt == 0 else self.save()
-                problems, script = self._diff(current, wanted, unwanted, host)
+                problems, script = self._diff(current, wanted, unwanted, host, uplinks)
                 found = problems if found is None else found
                 if not script:
                     self.loops.seen(current, "")
@@ -234,11 +280,11 @@ class FirewallTable:
 
     @staticmethod
     def _diff(saved: Saved, wanted: Sequence[NetworkRules], unwanted: Sequence[str],
-              host: bool) -> tuple[list[str], str]:
+              host: bool, uplinks: Sequence[str] = ()) -> tuple[list[str], str]:
         problems: list[str] = []
         lines: dict[str, list[str]] = {t: [] for t in TABLES}
         if host:
-            for table in TABLES:
+            for table in PARENTS:
                 parent, builtin = PARENTS[table], BUILTIN[table]
                 if saved.chain(table, parent) is None:
                     problems.append(f"{table} chain {parent} missing")
@@ -248,6 +294,20 @@ class FirewallTable:
                 elif f"-j {parent}" not in (saved.chain(table, builtin) or []):
                     problems.append(f"{table} {builtin} has no jump to {parent}")
                     lines[table].append(f"-I {builtin} 1 -j {parent}")
+            # whole chains, computed from the host alone: declared (emptied) and refilled when they differ,
+            # before any network's chain that jumps to them
+            for (table, chain), rules in isolation_chains(uplinks).items():
+                have = saved.chain(table, chain)
+                if have != rules:
+                    problems.append(f"{table} chain {chain} " + ("missing" if have is None else
+                                    f"holds {len(have)} rule(s), {sum(r in rules for r in have)} of "
+                                    f"{len(rules)} wanted") + f" (uplinks: {', '.join(sorted(uplinks)) or 'none'})")
+                    lines[table].append(f":{chain} - [0:0]")
+                    lines[table] += [f"-A {chain} {r}" for r in rules]
+            for jump in GUARD_JUMPS:
+                if jump not in (saved.chain(GUARD_TABLE, "FORWARD") or []):
+                    problems.append(f"{GUARD_TABLE} FORWARD has no rule '{jump}'")
+                    lines[GUARD_TABLE].append(f"-I FORWARD 1 {jump}")
             if ANTI_SPOOFING not in (saved.chain("raw", RAW_CHAIN) or []):
                 problems.append("raw anti-spoofing rule missing")
                 lines["raw"].append(f"-A {RAW_CHAIN} {ANTI_SPOOFING}")
@@ -282,9 +342,11 @@ class FirewallTable:
         return problems, script
 
 
-# Rules that may sit between DOCKER-USER and vpcnet's jump: Docker's own, which never see vpcnet's packets
-# (jumps to its chains, rules for docker0 and its br- bridges). Anything else there (a DROP, say) would
-# decide vpcnet's traffic first, so the jump moves back.
+# Rules that may sit between DOCKER-USER and vpcnet's jump: Docker's own (jumps to its chains, rules for
+# docker0 and its br- bridges). Those never drop vpcnet's packets; the one that could accept some, a
+# bridge's `-i br-x ! -o br-x -j ACCEPT` (a bridge container's connection to a vpcnet container), meets the
+# mangle table's ingress guard first (GUARD_TABLE). Anything else there (a DROP, say) would decide vpcnet's
+# traffic first, so the jump moves back.
 _DOCKERS_OWN = re.compile(r"-j DOCKER\S*$|-[io] (docker0|br-[0-9a-f]+)\b")
 
 

@@ -8,17 +8,34 @@
 - `ebpf`: routed, plus the tc fast path (vpcnet.datapath.ebpf); the firewall is routed mode's, for the traffic the
   fast path hands back.
 
-Common to all: a filter chain accepting the network's forwarding (Docker sets FORWARD's policy to DROP),
-a raw chain marking cluster traffic NOTRACK (stateless accept, never NATed; gateway traffic stays
-tracked), and, unless `--internal`, a nat chain masquerading only what leaves the cluster CIDR and the
-no-NAT list. The IPv6 drop of vpcnet's links (vpcnet.datapath.firewall.Ipv6Guard) is host-wide, the same
-for every mode, and not part of any network's rules.
+Common to all: a filter chain sending the network's forwarding to the host-wide isolation chains
+(vpcnet.datapath.firewall.isolation_chains; docs/datapath.md, Isolation): what leaves the network goes to
+`VPCNET-EGRESS`, accepted towards vpcnet's links and the uplinks, else left to FORWARD's later rules
+(Docker's: a Docker bridge's published port answers, its unpublished ones do not); what enters it goes to
+`VPCNET-INGRESS`, accepted from vpcnet's links and the uplinks or as a reply, else dropped (Docker sets
+FORWARD's policy to DROP, so vpcnet's accepts are needed at all). Bridge mode names the network by its
+bridge (`-i br -j VPCNET-EGRESS`, `-o br -j VPCNET-INGRESS`), the routed modes by the host veths and the
+host CIDR (`-s host_cidr -i vh+ -j VPCNET-EGRESS`, `-d host_cidr -o vh+ -j VPCNET-INGRESS`). `--internal`
+keeps both to the cluster CIDR and drops the rest of the network's traffic (and bridge mode accepts
+`-i br -o br` first). Then a raw chain marking cluster traffic NOTRACK (stateless accept, never NATed;
+gateway traffic stays tracked), and, unless `--internal`, a nat chain masquerading only what leaves the
+cluster CIDR and the no-NAT list. The IPv6 drop of vpcnet's links (vpcnet.datapath.firewall.Ipv6Guard)
+is host-wide, the same for every mode, and not part of any network's rules.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from vpcnet.datapath.firewall import FORWARD_CHAIN, HOST_VETHS, NAT_CHAIN, RAW_CHAIN, NetworkRules, rule
+from vpcnet.datapath.firewall import (
+    EGRESS_CHAIN,
+    FORWARD_CHAIN,
+    HOST_VETHS,
+    INGRESS_CHAIN,
+    NAT_CHAIN,
+    RAW_CHAIN,
+    NetworkRules,
+    rule,
+)
 
 if TYPE_CHECKING:
     from vpcnet.datapath.spec import NetworkSpec
@@ -36,12 +53,15 @@ class BridgeMode:
         return rule(oif=spec.bridge, **kw)
 
     def forward_rules(self, spec: NetworkSpec, comment: str) -> list[str]:
+        """From the network: on to vpcnet's links and the uplinks (EGRESS_CHAIN), else left to FORWARD's
+        later rules; to the network: from those, or a reply (INGRESS_CHAIN, which drops the rest).
+        `--internal`: only within the cluster CIDR, the rest dropped here."""
         c = {"comment": comment}
         if not spec.internal:
-            return [self._came(spec, target="ACCEPT", **c), self._goes(spec, target="ACCEPT", **c)]
+            return [self._came(spec, target=EGRESS_CHAIN, **c), self._goes(spec, target=INGRESS_CHAIN, **c)]
         return [rule(iif=spec.bridge, oif=spec.bridge, target="ACCEPT", **c),
-                self._came(spec, dst=spec.cluster_cidr, target="ACCEPT", **c),
-                self._goes(spec, src=spec.cluster_cidr, target="ACCEPT", **c),
+                self._came(spec, dst=spec.cluster_cidr, target=EGRESS_CHAIN, **c),
+                self._goes(spec, src=spec.cluster_cidr, target=INGRESS_CHAIN, **c),
                 self._came(spec, target="DROP", **c),
                 self._goes(spec, target="DROP", **c)]
 
@@ -82,10 +102,10 @@ class RoutedMode(BridgeMode):
     def forward_rules(self, spec: NetworkSpec, comment: str) -> list[str]:
         c = {"comment": comment}
         if not spec.internal:
-            return [self._came(spec, target="ACCEPT", **c), self._goes(spec, target="ACCEPT", **c)]
+            return [self._came(spec, target=EGRESS_CHAIN, **c), self._goes(spec, target=INGRESS_CHAIN, **c)]
         # within the host CIDR is covered by "to the cluster" (the host CIDR is inside it)
-        return [rule(src=spec.host_cidr, dst=spec.cluster_cidr, iif=HOST_VETHS, target="ACCEPT", **c),
-                rule(src=spec.cluster_cidr, dst=spec.host_cidr, oif=HOST_VETHS, target="ACCEPT", **c),
+        return [self._came(spec, dst=spec.cluster_cidr, target=EGRESS_CHAIN, **c),
+                self._goes(spec, src=spec.cluster_cidr, target=INGRESS_CHAIN, **c),
                 self._came(spec, target="DROP", **c),
                 self._goes(spec, target="DROP", **c)]
 

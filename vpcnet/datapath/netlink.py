@@ -20,8 +20,9 @@ from vpcnet.errors import DataplaneError
 
 
 class Netlink:
-    def __init__(self, netns: str | None = None):
+    def __init__(self, netns: str | None = None, extra_uplinks: Sequence[str] = ()):
         self.netns = netns
+        self.extra_uplinks = tuple(extra_uplinks)     # VPCNET_UPLINKS: uplinks besides the default route's
         self._local = threading.local()
 
     @contextmanager
@@ -133,6 +134,15 @@ class Netlink:
             raise
 
     @staticmethod
+    def link_name(ipr: IPRoute, index: int) -> str | None:
+        try:
+            return ipr.link("get", index=index)[0].get_attr("IFLA_IFNAME")
+        except NetlinkError as exc:
+            if exc.code in (errno.ENODEV, errno.ENOENT):
+                return None
+            raise
+
+    @staticmethod
     def uplinks(ipr: IPRoute) -> list[int]:
         """Indexes of the devices carrying the default route (main table), in route order."""
         out: list[int] = []
@@ -140,6 +150,15 @@ class Netlink:
             if route.get("dst_len") == 0:
                 hops = [route.get("RTA_OIF")] + [hop["oif"] for hop in route.get("RTA_MULTIPATH") or []]
                 out += [index for index in hops if index and index not in out]
+        return out
+
+    def all_uplinks(self, ipr: IPRoute) -> list[int]:
+        """`uplinks`, then the indexes of the configured extra uplinks that exist (VPCNET_UPLINKS)."""
+        out = self.uplinks(ipr)
+        for name in self.extra_uplinks:
+            index = self.link_index(ipr, name)
+            if index is not None and index not in out:
+                out.append(index)
         return out
 
     def uplink_mtu(self) -> int:

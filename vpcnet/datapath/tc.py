@@ -2,7 +2,8 @@
 
 - Per endpoint: the container program on the ingress of its host veth (clsact, prio/handle
   `ENDPOINT_FILTER`); it goes with the veth.
-- Per network: the uplink program on the ingress of every device carrying the default route (filter
+- Per network: the uplink program on the ingress of every uplink: each device carrying the default route,
+  and those named by VPCNET_UPLINKS (filter
   `vpcnet-<tag>`, prio `UPLINK_PRIO`, one handle per network: `uplink_handle`). It follows the default
   route: a device that no longer carries it loses the program.
 Programs are replaced in place (`replace-filter`), so re-applying never opens a gap.
@@ -53,12 +54,14 @@ class TcPrograms:
     # -- per endpoint -------------------------------------------------------------------------------
     def attach_endpoint(self, ipr: IPRoute, spec: NetworkSpec, host_idx: int, address: str) -> None:
         """The container program for the endpoint holding `address` (its only source on the fast path);
-        the anchor's index keeps same-host traffic to unknown addresses on the routed path."""
+        the anchor's index keeps same-host traffic to unknown addresses on the routed path, and only the
+        uplinks of this moment take other hosts' traffic (re-attached when the default route moves:
+        vpcnet.datapath.dataplane's repair; until then such traffic takes the routed path)."""
         anchor = self.nl.link_index(ipr, spec.bridge)
         if anchor is None:
             raise DataplaneError(f"anchor {spec.bridge} is missing")
-        self.attach(ipr, host_idx, ebpf.container_program(spec.host_cidr, spec.cluster_cidr, address, anchor),
-                    "vpcnet_ctr", spec.tc_name, *ENDPOINT_FILTER)
+        program = ebpf.container_program(spec.host_cidr, spec.cluster_cidr, address, anchor, self.nl.all_uplinks(ipr))
+        self.attach(ipr, host_idx, program, "vpcnet_ctr", spec.tc_name, *ENDPOINT_FILTER)
 
     @staticmethod
     def endpoint_has_program(ipr: IPRoute, host_idx: int) -> bool:
@@ -70,7 +73,7 @@ class TcPrograms:
         default route there is no uplink yet: traffic from other hosts takes the routed path meanwhile."""
         program = ebpf.uplink_program(spec.host_cidr, spec.cluster_cidr, anchor)
         with self.nl.ipr() as ipr:
-            uplinks = self.nl.uplinks(ipr)
+            uplinks = self.nl.all_uplinks(ipr)
             if not uplinks:
                 log.warning("network %s: no default route, so no uplink for the eBPF fast path yet; traffic "
                             "from other hosts takes the routed path", spec.tag)

@@ -1,5 +1,6 @@
 """The firewall, read with `iptables -S`: vpcnet's jump from FORWARD comes before anything that can drop
-its traffic (following jumps a few chains deep), every chain and jump vpcnet writes is there, and a host
+its traffic (following jumps a few chains deep), every chain and jump vpcnet writes is there, the
+isolation chains name this host's uplinks (cluster traffic by any other interface is refused), and a host
 that forwards does not do it for everything (FORWARD's policy ACCEPT). The IPv6 guard, read with
 `ip6tables-save` and /proc/sys: the raw chain VPCNET-IPV6 holds its drops and raw PREROUTING jumps to it,
 and vpcnet's links have IPv6 off."""
@@ -68,7 +69,33 @@ class FirewallChecks(Checks):
                     out.append(problem("firewall", f"network {net.network_id[:12]}: chain {table} {chain} missing "
                                                    f"or not jumped to from {parent}",
                                        "restart the plugin: it restores every known network's rules"))
-        return out
+        return out + self._isolation()
+
+    def _isolation(self) -> list[Finding]:
+        """The isolation chains hold what vpcnet.datapath.firewall.isolation_chains wants for this host's
+        uplinks now (a stale uplink there refuses the cluster traffic of the new one), and mangle FORWARD
+        jumps to the ingress guard."""
+        from vpcnet.datapath.firewall import GUARD_JUMPS, GUARD_TABLE, isolation_chains
+
+        if not self.ctx.networks:
+            return []
+        uplinks = sorted(u for u in self._uplink_names() if u)
+        for (table, chain), wanted in isolation_chains(uplinks).items():
+            have = _rules(table, chain)
+            text = [" ".join(r[2:]) for r in have or [] if r[:2] == ["-A", chain]]
+            if text != wanted:
+                return [problem("isolation", f"{table} chain {chain} " + ("missing" if have is None else
+                                f"does not match this host's uplinks ({', '.join(uplinks) or 'none'})") +
+                                ": cluster traffic by an uplink it misses is refused",
+                                "wait for the next datapath pass (VPCNET_DATAPATH_INTERVAL), or restart the plugin")]
+        forward = [" ".join(r[2:]) for r in _rules(GUARD_TABLE, "FORWARD") or [] if r[:2] == ["-A", "FORWARD"]]
+        missing = [jump for jump in GUARD_JUMPS if jump not in forward]
+        if missing:
+            return [problem("isolation", f"{GUARD_TABLE} FORWARD has no rule '{missing[0]}': a Docker bridge "
+                                         "network's rules may let new connections into vpcnet's containers",
+                            "wait for the next datapath pass (VPCNET_DATAPATH_INTERVAL), or restart the plugin")]
+        return [ok("isolation", f"cluster traffic enters and leaves by vpcnet's links and the uplinks "
+                                f"({', '.join(uplinks) or 'none'}) only")]
 
     @staticmethod
     def _forward_policy(policy: str) -> list[Finding]:
@@ -120,6 +147,12 @@ class FirewallChecks(Checks):
         """An interface vpcnet's traffic may cross: its bridges, anchors and veths, or the uplink."""
         if name.rstrip("+").startswith(("vpc-", "vpp-", "vh")) or name in ("+", ""):
             return True
+        uplinks = self._uplink_names()
+        return name.rstrip("+") in uplinks or any(u and u.startswith(name.rstrip("+"))
+                                                  for u in uplinks if name.endswith("+"))
+
+    def _uplink_names(self) -> set[str | None]:
+        """The default route's devices and VPCNET_UPLINKS, read once."""
         if not hasattr(self, "_uplinks"):
             from pyroute2 import IPRoute
 
@@ -127,9 +160,9 @@ class FirewallChecks(Checks):
 
             with IPRoute() as ipr:
                 names = {link["index"]: link.get("IFLA_IFNAME") for link in ipr.get_links()}
-                self._uplinks = {names.get(i) for i in Netlink.uplinks(ipr)}
-        return name.rstrip("+") in self._uplinks or any(u and u.startswith(name.rstrip("+"))
-                                                         for u in self._uplinks if name.endswith("+"))
+                extra = getattr(self.ctx.config, "uplinks", ())       # VPCNET_UPLINKS (no config: none)
+                self._uplinks = {names.get(i) for i in Netlink.uplinks(ipr)} | set(extra)
+        return self._uplinks
 
     def check_ipv6_guard(self) -> list[Finding]:
         """A container's IPv6 (router advertisements above all) must not reach the host through vpcnet's

@@ -12,7 +12,9 @@ traffic straight between the container's veth and the uplink, as Cilium's "BPF h
   destination in the cluster CIDR, TTL > 1 -> `bpf_fib_lookup` in the host namespace (its routing table
   decides the egress and next hop), TTL decremented, then
   - outside the host CIDR (another host): `bpf_redirect_neigh` out of that device (the neighbour
-    subsystem fills L2 and keeps the entry confirmed);
+    subsystem fills L2 and keeps the entry confirmed), only when that device is an uplink (their indexes
+    are built into the program; a cluster address routed over a Docker bridge or a second NIC takes the
+    normal path and meets the isolation rules, vpcnet.datapath.firewall);
   - inside it (another container of this network on this host): MACs from the lookup, as the uplink
     program below, and `bpf_redirect` out of the other container's host veth, so same-host traffic
     skips the host's forwarding and netfilter too. Not `bpf_redirect_peer` (tc ingress may use it into

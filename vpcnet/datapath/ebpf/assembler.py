@@ -10,7 +10,7 @@ W, H, B, DW = 0x00, 0x08, 0x10, 0x18
 MEM = 0x60
 K, X = 0x00, 0x08
 ADD, SUB, AND, MOV = 0x00, 0x10, 0x50, 0xB0
-JEQ, JGT, JNE, JLT, JLE, CALL, EXIT = 0x10, 0x20, 0x50, 0xA0, 0xB0, 0x80, 0x90
+JA, JEQ, JGT, JNE, JLT, JLE, CALL, EXIT = 0x00, 0x10, 0x20, 0x50, 0xA0, 0xB0, 0x80, 0x90
 SIZES = {1: B, 2: H, 4: W, 8: DW}
 FP = 10                                    # the frame pointer register (read only)
 
@@ -65,6 +65,10 @@ class Asm:
             self._emit(cls | op | X, dst, src)
         else:
             self._emit(cls | op | K, dst, imm=_s32(imm or 0))
+        self.fixups.append((len(self.insns) - 1, target))
+
+    def goto(self, target: str) -> None:
+        self._emit(JMP | JA)
         self.fixups.append((len(self.insns) - 1, target))
 
     def call(self, helper: int) -> None:

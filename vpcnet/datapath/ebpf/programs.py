@@ -4,6 +4,7 @@ package docstring (vpcnet.datapath.ebpf)."""
 from __future__ import annotations
 
 import ipaddress
+from typing import Sequence
 
 from vpcnet.datapath.ebpf.assembler import (
     FP,
@@ -140,11 +141,14 @@ def _pass(a: Asm) -> None:
 
 
 def container_program(host_cidr: str, cluster_cidr: str, address: str | None = None,
-                      anchor_ifindex: int = 0) -> bytes:
+                      anchor_ifindex: int = 0, uplinks: Sequence[int] | None = None) -> bytes:
     """tc ingress of an endpoint's host veth: container -> another host of the cluster, or -> another
     container of this network on this host. `address`: the endpoint's own address, the only source that
     takes the fast path (what the routed path's anti-spoofing check would let through); without it, any
-    source in the host CIDR (the probe's form)."""
+    source in the host CIDR (the probe's form). `uplinks`: the only devices (indexes) another host's
+    traffic is redirected out of; a lookup naming any other (a cluster address routed over a second NIC
+    or a Docker bridge) takes the normal path, where the firewall's isolation chains decide (None: any
+    device, the probe's form)."""
     a = Asm()
     _parse(a)
     if address is not None:
@@ -156,10 +160,19 @@ def container_program(host_cidr: str, cluster_cidr: str, address: str | None = N
     a.mov(4, 8)
     a.andi32(4, mask)
     a.jump(JEQ, 4, "local", imm=net, wide=False)     # this host's own containers: straight into theirs
-    _fib_lookup(a)
-    a.jump(JNE, 0, "pass", imm=FIB_SUCCESS)
-    _decrement_ttl(a, "ttl_done")
-    _redirect_neigh(a)
+    if uplinks is not None and not uplinks:
+        a.goto("pass")                            # no uplink (no default route yet): the normal path
+    else:
+        _fib_lookup(a)
+        a.jump(JNE, 0, "pass", imm=FIB_SUCCESS)
+        if uplinks is not None:
+            a.ldx(4, 5, FP, F_IFINDEX)
+            for index in uplinks:
+                a.jump(JEQ, 5, "uplink", imm=index)
+            a.goto("pass")
+            a.label("uplink")
+        _decrement_ttl(a, "ttl_done")
+        _redirect_neigh(a)
     a.label("local")
     _fib_lookup(a)
     _to_endpoint(a, anchor_ifindex, "local_ttl_done", peer=False)

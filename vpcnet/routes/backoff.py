@@ -44,13 +44,14 @@ class Backoff:
     busy_deadline: float | None = None
     busy_base: float = BUSY_BASE
     busy_cap: float = BUSY_CAP
+    monotonic: Callable[[], float] = time.monotonic     # the clock (a fake one in the storm benchmark and tests)
 
     def run(self, what: str, fn: Callable, on_retry: Callable[[Exception], None] | None = None,
             stop: threading.Event | None = None):
         """`fn()` until it succeeds, raises a non-retryable error, or the attempts or time run out.
 
         `on_retry(exc)` is told about each retryable failure; `stop`, once set, ends the waiting."""
-        start = time.monotonic()
+        start = self.monotonic()
         busy_deadline = BUSY_DEADLINE if self.busy_deadline is None else self.busy_deadline
         failures = busy = 0
         while True:
@@ -59,7 +60,7 @@ class Backoff:
             except Busy as exc:
                 last: Exception = exc
                 busy += 1
-                elapsed = time.monotonic() - start
+                elapsed = self.monotonic() - start
                 if elapsed >= busy_deadline:
                     raise Retryable(f"{what}: the cloud stayed busy for {elapsed:.0f} s ({busy} answers; last: "
                                     f"{exc})") from None
@@ -69,7 +70,7 @@ class Backoff:
             except Retryable as exc:
                 last = exc
                 failures += 1
-                elapsed = time.monotonic() - start
+                elapsed = self.monotonic() - start
                 if failures >= self.attempts or elapsed >= self.deadline:
                     raise Retryable(f"{what}: still failing after {failures + busy} attempts: {exc}") from None
                 delay = random.uniform(0, min(self.cap, self.base * 2 ** failures))

@@ -79,6 +79,12 @@ def _open(args, deadline: float | None = None, busy_deadline: float | None = Non
     return config, store, RouteKeeper(config, store, backoff=backoff)
 
 
+def sync_deadlines(wait: float) -> dict[str, float]:
+    """The backoff bounds of `routes sync --wait WAIT` (`Backoff` fields): also used by the storm harness
+    (vpcnet_lab.emulator.vstorm), which runs what `routes sync` runs on a fake clock."""
+    return {"deadline": max(2.0, min(60.0, wait)), "busy_deadline": max(2.0, wait)}
+
+
 def _close(store, keeper) -> None:
     keeper.close()
     store.close()
@@ -145,7 +151,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     if args.wait < 0:
         print("vpcnet: --wait must be 0 or more seconds", file=sys.stderr)
         return 2
-    config, store, keeper = _open(args, deadline=max(2.0, min(60.0, args.wait)), busy_deadline=max(2.0, args.wait))
+    config, store, keeper = _open(args, **sync_deadlines(args.wait))
     try:
         result = keeper.reconcile(wait_pending=args.wait)
         claims = store.claims()

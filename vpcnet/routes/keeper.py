@@ -148,14 +148,15 @@ class RouteKeeper:
         With `wait_pending` (seconds), keep listing every PENDING_POLL seconds, within that bound, while
         the only problems are routes in transition (Pending/Deleting).
         """
-        deadline = time.monotonic() + max(0.0, wait_pending)
+        clock = self._loop.pacing
+        deadline = clock.monotonic() + max(0.0, wait_pending)
         with self._lock:
             result = self._pass()
             while not result.ok and result.pending_only and not self._stop.is_set():
-                remaining = deadline - time.monotonic()
+                remaining = deadline - clock.monotonic()
                 if remaining <= 0:
                     break
-                if self._stop.wait(min(PENDING_POLL, remaining)):
+                if clock.wait(self._stop, min(PENDING_POLL, remaining)):
                     break
                 result = self._pass()
             return result

@@ -115,7 +115,7 @@ class RouteTables:
         # Optional knowledge, so a short backoff: without it an overlap is refused by the cloud anyway.
         b = self.backoff
         quick = Backoff(attempts=min(3, b.attempts), base=b.base, cap=b.cap,
-                        deadline=min(RESERVED_DEADLINE, b.deadline), sleep=b.sleep)
+                        deadline=min(RESERVED_DEADLINE, b.deadline), sleep=b.sleep, monotonic=b.monotonic)
         try:
             cidrs = quick.run("list reserved (vSwitch/subnet) CIDRs", self.provider.reserved_cidrs,
                               stop=self._stop)

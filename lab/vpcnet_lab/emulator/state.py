@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from typing import Callable
 
 from vpcnet_lab.emulator import persist
@@ -39,7 +38,7 @@ class Emulator:
                  vswitch_cidrs: tuple[str, ...] | list[str] = DEFAULT_VSWITCH_CIDRS,
                  vswitch_api: bool = False, write_interval: float = 0.0, batch_api: bool = True,
                  kernel_tables: dict[str, int] | None = None, pending_delay_max: float = 0.0,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] | None = None):
         self.region = region
         self.vpc_id = vpc_id
         self.route_table_id = route_table_id

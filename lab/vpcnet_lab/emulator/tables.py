@@ -67,14 +67,14 @@ class RouteTables:
 
     def __init__(self, lock: threading.RLock, changed: Callable[[], None], *, region: str, vpc_id: str,
                  route_table_id: str, vswitch_cidrs: tuple[str, ...] | list[str] = DEFAULT_VSWITCH_CIDRS,
-                 clock: Callable[[], float] = time.time, seed: int | None = None):
+                 clock: Callable[[], float] | None = None, seed: int | None = None):
         self._lock = lock
         self._changed = changed
         self.region = region
         self.vpc_id = vpc_id
         self.route_table_id = route_table_id
         self.vswitch_cidrs = [str(ipaddress.IPv4Network(c, strict=True)) for c in vswitch_cidrs]
-        self.clock = clock
+        self.clock: Callable[[], float] = clock or (lambda: time.time())   # looked up at each call
         self.pending_delay = 0.0
         self.pending_delay_max = 0.0      # above pending_delay: each entry's delay is uniform between them
         self._pending_rng = random.Random(seed)

@@ -6,7 +6,9 @@
   (made by vpcnet for another cluster, or for this instance outside this host's cluster CIDRs) or
   `foreign` (system, hand-made, anything else).
 - `sync` runs one reconcile pass (claim the block if needed, re-create a missing route) and waits, within
-  `--wait` seconds, for Pending routes to become Available. Exit 0 when this host's routes are in place.
+  `--wait` seconds after it, for Pending routes to become Available. Exit 0 when this host's routes are in
+  place. A busy VPC is waited for while its tables keep changing (a boot storm: vpcnet.routes.backoff),
+  and given up on after `--wait` seconds without any change.
 - `release` removes this host's routes from every table and forgets its claims (decommissioning). It
   asks nothing.
 - `gc` lists vpcnet-made routes of this host's clusters, in every table, whose next-hop instance no
@@ -46,8 +48,9 @@ def register(sub) -> None:
     add_config_argument(p)
     p.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
                    help="how long to keep trying: retries of failing cloud calls (at least 2 s, at most "
-                        "60), a busy VPC (TaskConflict, throttling: a boot storm) and Pending routes "
-                        "becoming Available (default 60)")
+                        "60); a busy VPC (TaskConflict, throttling: a boot storm) while its route tables "
+                        "do not change at all (one that keeps changing is waited for, up to 900 s); Pending "
+                        "routes becoming Available, after the pass (default 60)")
     p.set_defaults(func=cmd_sync)
 
     p = actions.add_parser("release", help="remove this host's routes (decommissioning); asks nothing")

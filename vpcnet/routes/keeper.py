@@ -145,13 +145,15 @@ class RouteKeeper:
     def reconcile(self, wait_pending: float = 0.0) -> SyncResult:
         """One pass over every cluster CIDR: claim what is missing, repair what drifted.
 
-        With `wait_pending` (seconds), keep listing every PENDING_POLL seconds, within that bound, while
-        the only problems are routes in transition (Pending/Deleting).
+        With `wait_pending` (seconds), keep listing every PENDING_POLL seconds, within that bound after
+        the first pass, while the only problems are routes in transition (Pending/Deleting).
         """
         clock = self._loop.pacing
-        deadline = clock.monotonic() + max(0.0, wait_pending)
         with self._lock:
             result = self._pass()
+            # counted from the end of the pass: a pass that waited out a boot storm's busy VPC has just
+            # written its routes, which then need their few seconds of Pending like any other
+            deadline = clock.monotonic() + max(0.0, wait_pending)
             while not result.ok and result.pending_only and not self._stop.is_set():
                 remaining = deadline - clock.monotonic()
                 if remaining <= 0:

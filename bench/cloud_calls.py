@@ -42,6 +42,15 @@ VPCNET_PROVIDER=aliyun and pointed at it; the metadata URL is a closed local por
    uniform(LO, HI) seconds. Every host starts at t = 0 (booted together). Reported: calls per host in
    the hour by kind, and the most listings the whole VPC received in one second during the hour's last
    10 minutes (hosts in phase list together).
+6. Boot storms with realistic Pending times (`--vstorm 30,50`, `--vstorm-tables 1,3`, `--rounds 3`,
+   `--pending LO-HI`; `--only-vstorm` runs this part only): that many hosts run what
+   `vpcnet routes sync --wait 60` runs, at once, against the real emulator whose new entries stay Pending
+   uniform(LO, HI) s while the VPC refuses every other route write (TaskConflict), on a fake clock
+   (vpcnet_lab.emulator.vstorm: emulated minutes in wall seconds). Round k of every case uses seed k.
+   `--before REV` runs the same rounds on the code of git revision REV (exported with `git archive`,
+   run in a subprocess) in the same run, for a before/after table. Reported per case: hosts that gave
+   up, emulated seconds until a host's sync ended (median and max over hosts; medians over rounds with
+   the range), API calls per host, the serial bound (hosts x mean Pending: one write at a time).
 """
 from __future__ import annotations
 
@@ -500,6 +509,55 @@ def measure_hour(workdir: str, hosts: int, pending: tuple[float, float]) -> list
     return out
 
 
+VSTORM_SCRIPT = """
+import json, sys
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/lab"]
+from vpcnet_lab.emulator.vstorm import virtual_storm
+hosts, tables, seed = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[6])
+pending = (float(sys.argv[4]), float(sys.argv[5]))
+print(json.dumps(virtual_storm(hosts, tables=tables, pending=pending, seed=seed).summary()))
+"""
+
+
+def vstorm_round(code: str, hosts: int, tables: int, pending: tuple[float, float], seed: int) -> dict:
+    """One storm round on the code in folder `code`, in a subprocess (so `before` and `after` never
+    share imported modules)."""
+    out = subprocess.run([sys.executable, "-c", VSTORM_SCRIPT, code, str(hosts), str(tables), str(pending[0]),
+                          str(pending[1]), str(seed)], capture_output=True, text=True, timeout=900,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    if out.returncode != 0:
+        raise RuntimeError(f"storm round failed ({code}): {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_vstorms(workdir: str, sizes: list[int], tables: list[int], rounds: int, pending: tuple[float, float],
+                    before: str) -> list[dict]:
+    codes = [("after", REPO)]
+    if before:
+        old = os.path.join(workdir, "before")
+        os.makedirs(old)
+        archive = subprocess.run(["git", "-C", REPO, "archive", before], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", old], input=archive, check=True)
+        codes.insert(0, (f"before ({before})", old))
+    out = []
+    for hosts in sizes:
+        for t in tables:
+            for label, code in codes:
+                runs = []
+                for k in range(1, rounds + 1):     # the same seeds for before and after
+                    runs.append(vstorm_round(code, hosts, t, pending, k))
+                    print(f"  {hosts} hosts, {t} table(s), {label}, round {k}: {runs[-1]}", flush=True)
+
+                def med(key: str, runs: list[dict] = runs) -> list[float]:
+                    values = [r[key] for r in runs]
+                    return [statistics.median(values), min(values), max(values)]
+                out.append({"hosts": hosts, "tables": t, "code": label, "pending_s": list(pending), "rounds": runs,
+                            "gave_up": med("gave_up"), "median_s": med("median_s"), "max_s": med("max_s"),
+                            "calls_per_host": med("calls_per_host"), "serial_bound_s": runs[0]["serial_bound_s"],
+                            "complete_rounds": sum(1 for r in runs if r["complete"])})
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=12, help="timed runs (at least 10)")
@@ -513,6 +571,13 @@ def main() -> int:
     parser.add_argument("--pending", default="2-5", metavar="LO-HI",
                         help="part 5's boot storm: each route Pending uniform(LO, HI) seconds (default 2-5)")
     parser.add_argument("--only-hour", action="store_true", help="run part 5 only")
+    parser.add_argument("--vstorm", default="30,50", metavar="N,M",
+                        help="part 6: boot storms with Pending LO-HI s on a fake clock ('' for none)")
+    parser.add_argument("--vstorm-tables", default="1,3", metavar="T,U", help="part 6: route tables per case")
+    parser.add_argument("--rounds", type=int, default=3, help="part 6: rounds per case (seeds 1..N)")
+    parser.add_argument("--before", default="", metavar="REV",
+                        help="part 6: also run the rounds on git revision REV, for a before/after table")
+    parser.add_argument("--only-vstorm", action="store_true", help="run part 6 only")
     args = parser.parse_args()
     lo, _, hi = args.pending.partition("-")
     pending = (float(lo), float(hi or lo))
@@ -522,8 +587,15 @@ def main() -> int:
     storm_results = []
     table_results = []
     hour_results = []
-    if args.only_hour:
+    vsizes = [int(n) for n in args.vstorm.split(",") if n.strip()]
+    vtables = [int(n) for n in args.vstorm_tables.split(",") if n.strip()]
+    vstorm_results: list[dict] = []
+    if args.only_hour or args.only_vstorm:
         storms, args.tables, args.only_storm = [], 1, True
+    if args.only_hour:
+        vsizes = []
+    if args.only_vstorm:
+        args.hour_hosts = 0
     with tempfile.TemporaryDirectory(prefix="vpcnet-bench-") as workdir:
         if not args.only_storm:
             print("API calls per host (emulator request counts, 1 s Pending delay, no faults) ...", flush=True)
@@ -543,12 +615,20 @@ def main() -> int:
         if args.hour_hosts > 0:
             print(f"calls per host per hour, simulated (fake clock, {HOUR_INTERVAL:g} s interval) ...", flush=True)
             hour_results = measure_hour(workdir, args.hour_hosts, pending)
+        if vsizes:
+            print(f"boot storms with Pending {pending[0]:g}-{pending[1]:g} s (fake clock, {args.rounds} rounds) ...",
+                  flush=True)
+            vstorm_results = measure_vstorms(workdir, vsizes, vtables, max(1, args.rounds), pending, args.before)
     if args.only_storm and os.path.exists(args.out):
         with open(args.out) as fh:
             previous = json.load(fh)
         calls, timing = previous.get("api_calls_per_host"), previous.get("time_to_route_available")
-        if args.only_hour:
+        if args.only_hour or args.only_vstorm:
             storm_results, table_results = previous.get("boot_storms", []), previous.get("several_tables", [])
+        if args.only_vstorm:
+            hour_results = previous.get("calls_per_host_per_hour", [])
+        if args.only_hour:
+            vstorm_results = previous.get("storms_with_pending", [])
     result = {
         "benchmark": "cloud_calls",
         "generated": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -559,6 +639,7 @@ def main() -> int:
         "boot_storms": storm_results,
         "several_tables": table_results,
         "calls_per_host_per_hour": hour_results,
+        "storms_with_pending": vstorm_results,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
@@ -623,6 +704,18 @@ def main() -> int:
         for r in hour_results:
             print(f"  {r['case']:<24} {r['pacing']:<7} {r['total_per_host_hour']:>7g}  "
                   f"{r['peak_listings_per_second_last_10_min']:>6}  {fmt(r['calls_per_host_hour'])}")
+    if vstorm_results:
+        print()
+        print("boot storms with Pending times (emulated seconds; median over rounds [min-max]):")
+        print(f"  {'hosts':>5} {'tables':>6}  {'code':<22} {'gave up':>11} {'median s':>18} {'max s':>18} "
+              f"{'calls/host':>18}  serial bound")
+
+        def rng(v: list[float]) -> str:
+            return f"{v[0]:g} [{v[1]:g}-{v[2]:g}]"
+        for r in vstorm_results:
+            print(f"  {r['hosts']:>5} {r['tables']:>6}  {r['code']:<22} {rng(r['gave_up']):>11} "
+                  f"{rng(r['median_s']):>18} {rng(r['max_s']):>18} {rng(r['calls_per_host']):>18}  "
+                  f"{r['serial_bound_s']:g} s")
     print(f"written to {os.path.relpath(args.out, REPO)}")
     return 0 if ok else 1
 

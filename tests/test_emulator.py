@@ -667,7 +667,8 @@ def test_admin_endpoints(emu_client):
     assert client.ok("DescribeInstances", InstanceIds='["i-new"]')["TotalCount"] == 0
     r = requests.post(client.url + "_emulator/config", json={"pending_delay": 0.2, "deleting_delay": 0.1},
                       timeout=5)
-    assert r.json() == {"pending_delay": 0.2, "deleting_delay": 0.1, "quota": 200, "write_interval": 0.0}
+    assert r.json() == {"pending_delay": 0.2, "pending_delay_max": 0.0, "deleting_delay": 0.1, "quota": 200,
+                        "write_interval": 0.0}
     assert requests.post(client.url + "_emulator/config", json={"quota": -1}, timeout=5).status_code == 400
     # hand-made entries and removals behind the plugin's back
     r = requests.post(client.url + "_emulator/entries",

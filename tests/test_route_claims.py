@@ -168,3 +168,24 @@ def test_cluster_identity_and_static_block():
     config = Config(cluster_cidr=CLUSTER, host_cidr="10.200.77.0/24")
     assert claims.static_host_cidr(config, CLUSTER) == "10.200.77.0/24"
     assert claims.static_host_cidr(config, "10.201.0.0/16") == ""     # only for the configured cluster
+
+
+def test_a_batch_copies_only_other_hosts_claims_as_their_owners_wrote_them():
+    """`claimed_missing`: what a host's batch write may carry for other hosts in a boot storm."""
+    first = [ours("10.200.1.0/24", OTHER),                         # another host's claim: copied
+             ours("10.200.2.0/24", ME),                            # this host's own: not a copy
+             ours("10.200.3.0/24", "i-third", status="Pending"),   # not Available yet: not copied
+             ours("10.200.4.0/24", "i-fourth", cluster="other-cluster"),   # another cluster's
+             hand_made("10.200.5.0/24", OTHER),                    # hand-made: never copied
+             ours("10.200.6.0/25", "i-fifth"),                     # not a host block (prefix 25)
+             ours("10.201.7.0/24", "i-sixth"),                     # outside the cluster CIDR
+             ours("10.200.8.0/24", "i-seventh")]                   # already in vtb-b: copied to vtb-c only
+    listings = {"vtb-a": first, "vtb-b": [ours("10.200.8.0/24", "i-seventh", table="vtb-b")], "vtb-c": []}
+    copies = claims.claimed_missing(listings, ME, CLUSTER, NAME, 24)
+    assert sorted((r.table, r.destination, r.next_hop) for r in copies) == [
+        ("vtb-b", "10.200.1.0/24", OTHER), ("vtb-c", "10.200.1.0/24", OTHER),
+        ("vtb-c", "10.200.8.0/24", "i-seventh")]
+    claim = first[0]
+    assert all((r.name, r.description) == (claim.name, claim.description) for r in copies
+               if r.destination == claim.destination)
+    assert claims.claimed_missing({"vtb-a": first}, ME, CLUSTER, NAME, 24) == []    # one table: nothing

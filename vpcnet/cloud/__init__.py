@@ -135,10 +135,13 @@ class Provider(abc.ABC):
         """Create `destination -> this instance`. Raises DuplicateRoute if the destination is taken."""
 
     def create_routes(self, destination: str, name: str, description: str, client_token: str,
-                      tables: list[str]) -> dict:
+                      tables: list[str], others: list[Route] | None = None) -> dict:
         """Create `destination -> this instance` in each of `tables` with one call (`batch_create`):
-        {table: None, or the error of that table's entry}. What fails the whole call is raised (retry it
-        with the same token); BatchUnsupported when there is no such call (then create one by one)."""
+        {table: None, or the error of that table's entry}. `others` ride along in the same call: other
+        hosts' claimed routes, each copied as it is (destination, next hop, name, description) into
+        `route.table`; their failures are not reported (each owner sees its own route). What fails the
+        whole call is raised (retry it with the same token and entries); BatchUnsupported when there is
+        no such call (then create one by one)."""
         raise BatchUnsupported(f"the {self.name} provider has no batch create")
 
     @abc.abstractmethod

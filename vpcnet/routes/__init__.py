@@ -7,10 +7,10 @@ only; nothing here imports the Docker side, the datapath or the command line):
 
 - `claims`: the claim rules as pure functions over route listings: which block to claim (`start_index`,
   `first_free`, `next_block`), which routes are this host's (`owned_in`, `ownership`, `collectable`),
-  clusters sharing a VPC (`cluster_name`, `overlap`), the quota check and the kinds of problem
-  (PENDING, TRANSIENT, FATAL).
-- `backoff`: `Backoff`, the bounded, jittered retries of every cloud call; `Busy` answers until
-  BUSY_DEADLINE.
+  clusters sharing a VPC (`cluster_name`, `overlap`), other hosts' claims a batch may copy
+  (`claimed_missing`), the quota check and the kinds of problem (PENDING, TRANSIENT, FATAL).
+- `backoff`: `Backoff`, the bounded, jittered retries of every cloud call; `Busy` answers while the
+  VPC keeps changing (given up after BUSY_DEADLINE without a change, BUSY_LIMIT in all).
 - `journal`: `Journal`, the creates whose outcome is not known yet, kept across restarts and settled
   (marked, adopted) by the next pass.
 - `tables`: `RouteTables`, the provider's calls as this room makes them: retried, counted (`calls`), each

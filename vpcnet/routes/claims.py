@@ -243,6 +243,29 @@ def after_duplicate(candidate: str, first: str, listings: Listings, me: str, clu
     return None, f"block {candidate} was taken by {holder} meanwhile; trying the next one"
 
 
+def claimed_missing(listings: Listings, me: str, cluster: str, name: str, prefix: int) -> list[Route]:
+    """Other hosts' claims that a batch write of this host may copy into the further tables: entries of
+    the first (claiming) table that are vpcnet's, of this cluster by name, a block of the host prefix
+    inside the cluster CIDR, Available, pointing at another instance, and missing from a further table;
+    one Route per (claim, table missing it), with that table set. A block is only ever copied from its
+    owner's claim, as the owner wrote it (next hop, name, description): nothing here claims a block."""
+    tables = list(listings)
+    if len(tables) < 2:
+        return []
+    net = ipaddress.IPv4Network(cluster)
+    out = []
+    for r in listings[tables[0]]:
+        if not (r.kind == "Custom" and r.marked and r.cluster == name and r.next_hop and r.next_hop != me
+                and r.status == "Available" and inside(r.destination, net)
+                and ipaddress.IPv4Network(r.destination).prefixlen == prefix):
+            continue
+        for table in tables[1:]:
+            if not any(e.destination == r.destination for e in listings[table]):
+                out.append(Route(r.destination, r.next_hop, status="", name=r.name, description=r.description,
+                                 next_hop_type=r.next_hop_type, table=table))
+    return out
+
+
 def missing_from(listings: Listings, destination: str) -> list[str]:
     """The tables with no entry for `destination`."""
     return [t for t, routes in listings.items() if not any(r.destination == destination for r in routes)]

@@ -6,7 +6,9 @@
   (made by vpcnet for another cluster, or for this instance outside this host's cluster CIDRs) or
   `foreign` (system, hand-made, anything else).
 - `sync` runs one reconcile pass (claim the block if needed, re-create a missing route) and waits, within
-  `--wait` seconds, for Pending routes to become Available. Exit 0 when this host's routes are in place.
+  `--wait` seconds after it, for Pending routes to become Available. Exit 0 when this host's routes are in
+  place. A busy VPC is waited for while its tables keep changing (a boot storm: vpcnet.routes.backoff),
+  and given up on after `--wait` seconds without any change.
 - `release` removes this host's routes from every table and forgets its claims (decommissioning). It
   asks nothing, but refuses while vpcnet networks still use one of those blocks (their containers would
   lose their route): delete the networks first, or pass `--force`.
@@ -47,8 +49,9 @@ def register(sub) -> None:
     add_config_argument(p)
     p.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
                    help="how long to keep trying: retries of failing cloud calls (at least 2 s, at most "
-                        "60), a busy VPC (TaskConflict, throttling: a boot storm) and Pending routes "
-                        "becoming Available (default 60)")
+                        "60); a busy VPC (TaskConflict, throttling: a boot storm) while its route tables "
+                        "do not change at all (one that keeps changing is waited for, up to 900 s); Pending "
+                        "routes becoming Available, after the pass (default 60)")
     p.set_defaults(func=cmd_sync)
 
     p = actions.add_parser("release", help="remove this host's routes (decommissioning); asks nothing, but "
@@ -81,6 +84,12 @@ def _open(args, deadline: float | None = None, busy_deadline: float | None = Non
     if deadline is not None or busy_deadline is not None:
         backoff = Backoff(deadline=60.0 if deadline is None else deadline, busy_deadline=busy_deadline)
     return config, store, RouteKeeper(config, store, backoff=backoff)
+
+
+def sync_deadlines(wait: float) -> dict[str, float]:
+    """The backoff bounds of `routes sync --wait WAIT` (`Backoff` fields): also used by the storm harness
+    (vpcnet_lab.emulator.vstorm), which runs what `routes sync` runs on a fake clock."""
+    return {"deadline": max(2.0, min(60.0, wait)), "busy_deadline": max(2.0, wait)}
 
 
 def _close(store, keeper) -> None:
@@ -149,7 +158,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     if args.wait < 0:
         print("vpcnet: --wait must be 0 or more seconds", file=sys.stderr)
         return 2
-    config, store, keeper = _open(args, deadline=max(2.0, min(60.0, args.wait)), busy_deadline=max(2.0, args.wait))
+    config, store, keeper = _open(args, **sync_deadlines(args.wait))
     try:
         result = keeper.reconcile(wait_pending=args.wait)
         claims = store.claims()

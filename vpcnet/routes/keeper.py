@@ -145,17 +145,20 @@ class RouteKeeper:
     def reconcile(self, wait_pending: float = 0.0) -> SyncResult:
         """One pass over every cluster CIDR: claim what is missing, repair what drifted.
 
-        With `wait_pending` (seconds), keep listing every PENDING_POLL seconds, within that bound, while
-        the only problems are routes in transition (Pending/Deleting).
+        With `wait_pending` (seconds), keep listing every PENDING_POLL seconds, within that bound after
+        the first pass, while the only problems are routes in transition (Pending/Deleting).
         """
-        deadline = time.monotonic() + max(0.0, wait_pending)
+        clock = self._loop.pacing
         with self._lock:
             result = self._pass()
+            # counted from the end of the pass: a pass that waited out a boot storm's busy VPC has just
+            # written its routes, which then need their few seconds of Pending like any other
+            deadline = clock.monotonic() + max(0.0, wait_pending)
             while not result.ok and result.pending_only and not self._stop.is_set():
-                remaining = deadline - time.monotonic()
+                remaining = deadline - clock.monotonic()
                 if remaining <= 0:
                     break
-                if self._stop.wait(min(PENDING_POLL, remaining)):
+                if clock.wait(self._stop, min(PENDING_POLL, remaining)):
                     break
                 result = self._pass()
             return result

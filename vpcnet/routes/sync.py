@@ -20,6 +20,20 @@ one call (`_create_batch`): the claim itself stays a single create in the first 
 T tables cost 2 creates instead of T. A failure of the whole call is retried with the same token; each
 entry's own failure is final for that table this pass, except a retryable one, which gets a single create.
 
+A busy VPC (a boot storm: one route write at a time in the whole VPC, each holding it while Pending)
+is waited for as long as its tables keep changing (`RouteTables.progress_probe`; the bounds and why
+in vpcnet.routes.backoff), so a storm of any size converges at the pace the VPC allows.
+
+Copies of other hosts' claims (a boot storm into several tables): the VPC takes one write at a time, so
+N hosts each writing a claim and then a batch need 2N serial writes. A host's batch call therefore
+also carries the routes of other hosts' claims it sees in the first table (Available, vpcnet's, this
+cluster's, a host-prefix block) and misses in a further table, copied as their owners wrote them
+(`claims.claimed_missing`, up to MAX_BATCH_ENTRIES and each table's quota): one write then covers every
+host claimed so far, and a host whose route is already copied everywhere writes nothing more. The
+block itself is only ever claimed by its host (the create in the first table); a copy never claims,
+and failures of copies are left to their owners. Copies happen only on a write this host makes
+anyway, never alone.
+
 Uncertain creates: each create is recorded in the journal (vpcnet.routes.journal) until its outcome is
 known, and each pass first settles what earlier passes left uncertain.
 
@@ -46,6 +60,7 @@ log = logging.getLogger(__name__)
 
 PENDING_POLL = 1.0          # seconds between listings while a route is Pending
 FORWARDING_EVERY = 10      # passes between two source/destination checks while all is well
+MAX_BATCH_ENTRIES = 50      # entries one batch create takes (Alibaba's CreateRouteEntries)
 MAX_CLAIM_ATTEMPTS = 64     # creates tried for one block claim in one pass before giving up until the next
 
 
@@ -78,6 +93,7 @@ class Sync:
         self.forwarding_every = max(1, FORWARDING_EVERY if forwarding_every is None else forwarding_every)
         self._forwarding_skipped = -1             # passes since the last check; < 0: never checked
         self._forwarding_problems: list[tuple[str, str]] = []
+        self._baseline: dict[str, list[Route]] = {}   # the pass's first listings (busy-wait progress probe)
 
     def cluster_name(self, cluster: str) -> str:
         return claims.cluster_name(cluster, self.config.cluster_name)
@@ -98,6 +114,7 @@ class Sync:
             tables = self.tables.table_ids()
             listings = {table: self.tables.list_routes(table, on_retry=still_trying) for table in tables}
             me = self.tables.instance_id()
+            self._baseline = dict(listings)
         except VpcnetError as exc:
             if isinstance(exc, Retryable):
                 reason = f"{self.config.provider} route table unreachable: {exc}"
@@ -286,7 +303,8 @@ class Sync:
         description = route_description(destination, me, self.cluster_name(cluster))
         self.journal.add(table, destination, cluster)
         try:
-            self.tables.create_route(destination, name, description, token, table, me)
+            self.tables.create_route(destination, name, description, token, table, me,
+                                     progress=self.tables.progress_probe(self._baseline))
         except QuotaExceeded as exc:
             self.journal.drop(table, destination)
             raise Fatal(f"{self._quota_message(table, used, quota)} (the cloud says: {exc})") from None
@@ -294,6 +312,26 @@ class Sync:
             self.journal.drop(table, destination)
             raise
         self.journal.drop(table, destination)
+
+    def _claims_in(self, routes: list[Route], cluster: str) -> frozenset:
+        name, net = self.cluster_name(cluster), ipaddress.IPv4Network(cluster)
+        return frozenset((r.destination, r.next_hop) for r in routes
+                         if r.kind == "Custom" and r.marked and r.cluster == name and claims.inside(r.destination, net))
+
+    def _room_for(self, others: list[Route], listings: dict[str, list[Route]], own: int) -> list[Route]:
+        """The copies of other hosts' claims that fit: the call's MAX_BATCH_ENTRIES with this host's own
+        entries first, and each table's quota (counting the copies already planned)."""
+        planned: dict[str, int] = {}
+        out: list[Route] = []
+        for route in others:
+            if own + len(out) >= MAX_BATCH_ENTRIES:
+                break
+            used = claims.custom_entries(listings[route.table]) + planned.get(route.table, 0) + 1
+            if claims.quota_full(used, self.tables.quota(route.table)):
+                continue
+            planned[route.table] = planned.get(route.table, 0) + 1
+            out.append(route)
+        return out
 
     def _create_batch(self, destination: str, me: str, cluster: str, listings: dict[str, list[Route]],
                       problems: list[tuple[str, str]]) -> dict[str, bool]:
@@ -308,7 +346,12 @@ class Sync:
         FATAL), except a retryable one, whose table then gets its own create (a fresh token: the batch's
         token belongs to the whole entry list); the entries that landed stay: each entry is whole."""
         missing = claims.missing_from(listings, destination)
-        if not getattr(self.tables.provider, "batch_create", False) or len(missing) < 2:
+        if not getattr(self.tables.provider, "batch_create", False) or not missing:
+            return {}
+        others = [r for r in claims.claimed_missing(listings, me, cluster, self.cluster_name(cluster),
+                                                    self.config.host_prefix)
+                  if r.destination != destination]
+        if len(missing) < 2 and not others:
             return {}
         tables, failed = [], set()
         for table in missing:
@@ -319,16 +362,41 @@ class Sync:
                 failed.add(table)
             else:
                 tables.append(table)
-        if len(tables) < 2:           # one table left: the single create (and its checks) handles it
+        if not tables or (len(tables) < 2 and not others):   # the single create (and its checks) handles it
             return {t: True for t in failed}
-        log.warning("route %s -> %s missing from %s: creating it in one call", destination, me, ", ".join(tables))
+        others = self._room_for(others, listings, len(tables))
+        planned = list(tables)
+
+        def replan() -> tuple[list[str], list[Route]]:
+            """Fresh listings: which planned tables still miss this host's route, which copies to carry."""
+            fresh = {t: self.tables.provider.list_routes(t) for t in listings}
+            self.tables.calls["list"] += len(fresh)
+            still = [t for t in claims.missing_from(fresh, destination) if t in planned]
+            copies = [r for r in claims.claimed_missing(fresh, me, cluster, self.cluster_name(cluster),
+                                                        self.config.host_prefix) if r.destination != destination]
+            return still, self._room_for(copies, fresh, len(still)) if still else []
+
+        first = next(iter(listings))
+        seen = [self._claims_in(listings[first], cluster)]
+
+        def settled() -> bool:
+            """No new claim in the first table since the last look (one listing)."""
+            now = self._claims_in(self.tables.provider.list_routes(first), cluster)
+            self.tables.calls["list"] += 1
+            same = now == seen[0]
+            seen[0] = now
+            return same
+        log.warning("route %s -> %s missing from %s: creating it in one call%s", destination, me, ", ".join(tables),
+                    f", with {len(others)} other hosts' claimed routes missing there" if others else "")
         token = uuid.uuid4().hex
         name = route_name(destination)
         description = route_description(destination, me, self.cluster_name(cluster))
         for table in tables:
             self.journal.add(table, destination, cluster)
         try:
-            results = self.tables.create_routes(destination, name, description, token, tables, me)
+            results = self.tables.create_routes(destination, name, description, token, tables, me,
+                                                progress=self.tables.progress_probe(self._baseline),
+                                                others=others, replan=replan, settled=settled)
         except BatchUnsupported as exc:       # nothing written: create one by one, as without a batch call
             log.info("%s; creating route %s one table at a time", exc, destination)
             for table in tables:

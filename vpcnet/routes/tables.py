@@ -21,11 +21,12 @@ import dataclasses
 import ipaddress
 import logging
 import threading
+import uuid
 from dataclasses import dataclass
 from typing import Callable
 
 from vpcnet.cloud import PROVIDERS, Provider, Route, make_provider, provider_class
-from vpcnet.errors import Fatal, Retryable
+from vpcnet.errors import Busy, Fatal, Retryable
 from vpcnet.observability import events
 from vpcnet.routes.backoff import Backoff
 from vpcnet.routes.claims import custom_entries, reserved_networks
@@ -33,6 +34,19 @@ from vpcnet.routes.claims import custom_entries, reserved_networks
 log = logging.getLogger(__name__)
 
 RESERVED_DEADLINE = 5.0     # longest retrying of the optional reserved-CIDR lookup
+SETTLE_EVERY = 5.0          # a batch create looks at most this often whether other hosts still claim
+SETTLE_MAX = 60.0           # and waits for them at most this long before writing anyway
+
+
+@dataclass
+class _Plan:
+    """What a batch create writes, as last planned (RouteTables.create_routes)."""
+    tables: list[str]
+    others: list[Route]
+    token: str
+    looked: float            # when the first table was last looked at for new claims
+    since: float             # when the waiting began
+    fresh: bool = False      # planned from listings made since the last busy answer
 
 
 @dataclass(frozen=True)
@@ -78,8 +92,31 @@ class RouteTables:
         if self._provider is not None:
             self._provider.close()
 
-    def retry(self, what: str, fn: Callable, on_retry: Callable[[Exception], None] | None = None):
-        return self.backoff.run(what, fn, on_retry=on_retry, stop=self._stop)
+    def retry(self, what: str, fn: Callable, on_retry: Callable[[Exception], None] | None = None,
+              progress: Callable[[], bool] | None = None):
+        return self.backoff.run(what, fn, on_retry=on_retry, stop=self._stop, progress=progress)
+
+    @staticmethod
+    def fingerprint(listings: dict[str, list[Route]]) -> frozenset:
+        """What the progress probe compares: every entry's table, destination, next hop and status."""
+        return frozenset((t, r.destination, r.next_hop, r.status) for t, routes in listings.items()
+                         for r in routes)
+
+    def progress_probe(self, baseline: dict[str, list[Route]]) -> Callable[[], bool]:
+        """For a busy wait (vpcnet.routes.backoff): True when the tables of `baseline` (the listings the
+        pass started from) changed since the probe last looked (an entry added, removed or changed
+        status: another host's write went through), False when nothing moved. One listing per table per
+        look; looks come once per BUSY_DEADLINE of busy answers."""
+        seen = [self.fingerprint(baseline)]
+        tables = list(baseline)
+
+        def probe() -> bool:
+            now = self.fingerprint({t: self.provider.list_routes(t) for t in tables})
+            self.calls["list"] += len(tables)
+            moved = now != seen[0]
+            seen[0] = now
+            return moved
+        return probe
 
     # -- reads ------------------------------------------------------------------------------------
     def table_ids(self) -> list[str]:
@@ -115,7 +152,7 @@ class RouteTables:
         # Optional knowledge, so a short backoff: without it an overlap is refused by the cloud anyway.
         b = self.backoff
         quick = Backoff(attempts=min(3, b.attempts), base=b.base, cap=b.cap,
-                        deadline=min(RESERVED_DEADLINE, b.deadline), sleep=b.sleep)
+                        deadline=min(RESERVED_DEADLINE, b.deadline), sleep=b.sleep, monotonic=b.monotonic)
         try:
             cidrs = quick.run("list reserved (vSwitch/subnet) CIDRs", self.provider.reserved_cidrs,
                               stop=self._stop)
@@ -142,18 +179,62 @@ class RouteTables:
 
     # -- writes -----------------------------------------------------------------------------------
     def create_route(self, destination: str, name: str, description: str, token: str, table: str,
-                     me: str) -> None:
-        """One create, retried with the same ClientToken."""
+                     me: str, progress: Callable[[], bool] | None = None) -> None:
+        """One create, retried with the same ClientToken (a busy VPC for as long as `progress` says it
+        moves: vpcnet.routes.backoff)."""
         self.calls["create"] += 1
         self.retry(f"create route {destination} -> {me} in {table}",
-                   lambda: self.provider.create_route(destination, name, description, token, table=table))
+                   lambda: self.provider.create_route(destination, name, description, token, table=table),
+                   progress=progress)
 
     def create_routes(self, destination: str, name: str, description: str, token: str, tables: list[str],
-                      me: str) -> dict:
-        """One batch create into several tables (counted once): {table: None or that entry's error}."""
+                      me: str, progress: Callable[[], bool] | None = None,
+                      others: list[Route] | None = None,
+                      replan: Callable[[], tuple[list[str], list[Route]]] | None = None,
+                      settled: Callable[[], bool] | None = None) -> dict:
+        """One batch create into several tables (counted once): {table: None or that entry's error}.
+        `others`: other hosts' claimed routes copied along (Provider.create_routes).
+
+        With `replan` and `settled` (a boot storm, vpcnet.routes.sync): the batch waits, as if the VPC
+        were busy, while other hosts are still claiming — `settled()`, asked at most every SETTLE_EVERY
+        seconds (one listing of the first table), is False while new claims appear there — for at most
+        SETTLE_MAX seconds; then `replan()` says which of `tables` still miss the route (another host's
+        batch may have copied it) and which claims to copy along, and the call is made: one batch then
+        covers the claims made meanwhile, instead of one batch per host racing the claims for the VPC.
+        A changed plan gets a new ClientToken (what landed is listed, so never created twice); no table
+        left: nothing to write."""
         self.calls["create"] += 1
-        return self.retry(f"create route {destination} -> {me} in {', '.join(tables)}",
-                          lambda: self.provider.create_routes(destination, name, description, token, tables))
+        clock = self.backoff.monotonic
+        plan = _Plan(list(tables), list(others or []), token, looked=clock(), since=clock())
+
+        def attempt() -> dict:
+            if replan is not None and settled is not None and not plan.fresh:
+                now = clock()
+                if now - plan.since < SETTLE_MAX:
+                    if now - plan.looked < SETTLE_EVERY:
+                        raise Busy("waiting for other hosts' claims to settle before the batch write")
+                    plan.looked = now
+                    if not settled():
+                        raise Busy("other hosts are still claiming blocks: waiting before the batch write")
+                fresh_tables, fresh_others = replan()
+                plan.fresh = True
+                if (fresh_tables, fresh_others) != (plan.tables, plan.others):
+                    plan.tables, plan.others, plan.token = fresh_tables, fresh_others, uuid.uuid4().hex
+            if not plan.tables:
+                return {}
+            try:
+                if plan.others:
+                    return self.provider.create_routes(destination, name, description, plan.token, plan.tables,
+                                                       others=plan.others)
+                return self.provider.create_routes(destination, name, description, plan.token, plan.tables)
+            except Busy:
+                plan.fresh = False            # lost the race for the VPC: look again before the next try
+                plan.looked = clock()
+                raise
+
+        extra = f" (and {len(others)} other hosts' claimed routes)" if others else ""
+        return self.retry(f"create route {destination} -> {me} in {', '.join(tables)}{extra}", attempt,
+                          progress=progress)
 
     def mark_route(self, table: str, route: Route, name: str, description: str) -> bool:
         return self.retry(f"mark route {route.destination} in {table}",

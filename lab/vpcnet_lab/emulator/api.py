@@ -245,6 +245,7 @@ def create_app(emulator: Emulator) -> Flask:
         data = _body()
         try:
             config = emulator.configure(pending_delay=data.get("pending_delay"),
+                                        pending_delay_max=data.get("pending_delay_max"),
                                         deleting_delay=data.get("deleting_delay"),
                                         quota=data.get("quota"),
                                         write_interval=data.get("write_interval"))

@@ -28,6 +28,9 @@ def register(subparsers) -> None:
                    help="install each Available entry as a kernel route in this network namespace")
     p.add_argument("--pending-delay", type=float, default=0.0, metavar="S",
                    help="seconds an entry stays Pending (default 0)")
+    p.add_argument("--pending-delay-max", type=float, default=0.0, metavar="S",
+                   help="above --pending-delay: each new entry stays Pending a delay drawn from "
+                        "uniform(--pending-delay, S), e.g. 2 and 5 for Alibaba's few seconds (default 0: fixed)")
     p.add_argument("--deleting-delay", type=float, default=0.0, metavar="S",
                    help="seconds an entry stays Deleting (default 0)")
     p.add_argument("--quota", type=int, default=200, metavar="N",
@@ -138,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
             kwargs["vswitch_cidrs"] = args.vswitch_cidr
         emu = Emulator(region=args.region, vpc_id=args.vpc_id, route_table_id=args.route_table_id,
                        credentials=credentials, pending_delay=args.pending_delay,
+                       pending_delay_max=args.pending_delay_max,
                        deleting_delay=args.deleting_delay, quota=args.quota, state_file=args.state,
                        router_netns=args.router_netns, seed=args.seed, **kwargs)
     except (ValueError, KernelRouteError) as exc:

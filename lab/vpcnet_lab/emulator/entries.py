@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ipaddress
 import threading
-import time
 from typing import Callable
 
 from vpcnet_lab.emulator.errors import ApiError, missing
@@ -55,7 +54,7 @@ class RouteEntries:
     def _check_writable(self, vpc_id: str, now: float | None = None) -> None:
         """The VPC-wide write lock: TaskConflict while any table of the VPC is changing, or within
         `write_interval` seconds of the VPC's last accepted write. Caller holds the lock."""
-        now = time.time() if now is None else now
+        now = self._tables.clock() if now is None else now
         for tid, table in self._tables.tables.items():
             if table["vpc_id"] != vpc_id:
                 continue
@@ -71,7 +70,7 @@ class RouteEntries:
                            "try again later.")
 
     def _wrote(self, vpc_id: str) -> None:
-        self._last_write[vpc_id] = time.time()
+        self._last_write[vpc_id] = self._tables.clock()
 
     @property
     def conflicts(self) -> int:

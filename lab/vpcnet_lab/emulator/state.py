@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
-import time
+from typing import Callable
 
 from vpcnet_lab.emulator import persist
 from vpcnet_lab.emulator.auth import Authenticator
@@ -37,7 +37,8 @@ class Emulator:
                  seed: int | None = None,
                  vswitch_cidrs: tuple[str, ...] | list[str] = DEFAULT_VSWITCH_CIDRS,
                  vswitch_api: bool = False, write_interval: float = 0.0, batch_api: bool = True,
-                 kernel_tables: dict[str, int] | None = None):
+                 kernel_tables: dict[str, int] | None = None, pending_delay_max: float = 0.0,
+                 clock: Callable[[], float] | None = None):
         self.region = region
         self.vpc_id = vpc_id
         self.route_table_id = route_table_id
@@ -61,12 +62,13 @@ class Emulator:
         self._threads: list[threading.Thread] = []
 
         self._tables = RouteTables(self._lock, self._changed, region=region, vpc_id=vpc_id,
-                                   route_table_id=route_table_id, vswitch_cidrs=vswitch_cidrs)
+                                   route_table_id=route_table_id, vswitch_cidrs=vswitch_cidrs,
+                                   clock=clock, seed=seed)
         self._auth = Authenticator(self._lock, credentials)
         self._instances = Instances(self._lock, self._changed, region=region, vpc_id=vpc_id)
         self._entries = RouteEntries(self._lock, self._changed, self._tables, self._instances)
         self.configure(pending_delay=pending_delay, deleting_delay=deleting_delay, quota=quota,
-                       write_interval=write_interval)
+                       write_interval=write_interval, pending_delay_max=pending_delay_max)
         self._faults = Faults(self._lock, seed)
 
         with self._lock:
@@ -120,17 +122,22 @@ class Emulator:
             while not self._closed.is_set():
                 self._tables.advance()
                 nxt = self._tables.next_due()
-                timeout = 1.0 if nxt is None else min(1.0, max(0.0, nxt - time.time()) + 0.001)
+                timeout = 1.0 if nxt is None else min(1.0, max(0.0, nxt - self._tables.clock()) + 0.001)
                 self._cond.wait(timeout)
 
     # ------------------------------------------------------------------ configuration
 
     def configure(self, *, pending_delay: float | None = None, deleting_delay: float | None = None,
-                  quota: int | None = None, write_interval: float | None = None) -> dict:
+                  quota: int | None = None, write_interval: float | None = None,
+                  pending_delay_max: float | None = None) -> dict:
+        """`pending_delay_max` above `pending_delay`: each new entry stays Pending for a delay drawn from
+        uniform(pending_delay, pending_delay_max) (seeded by `seed`); 0: exactly `pending_delay`."""
         with self._lock:
-            self._tables.configure(pending_delay=pending_delay, deleting_delay=deleting_delay, quota=quota)
+            self._tables.configure(pending_delay=pending_delay, deleting_delay=deleting_delay, quota=quota,
+                                   pending_delay_max=pending_delay_max)
             self._entries.configure(write_interval=write_interval)
-            return {"pending_delay": self.pending_delay, "deleting_delay": self.deleting_delay,
+            return {"pending_delay": self.pending_delay, "pending_delay_max": self._tables.pending_delay_max,
+                    "deleting_delay": self.deleting_delay,
                     "quota": self.quota, "write_interval": self.write_interval}
 
     @property

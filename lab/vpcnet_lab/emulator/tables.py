@@ -1,9 +1,12 @@
 """Route tables as data: their entries, the vSwitches bound to them, each entry's timed status, quotas.
 
-Entries move `Pending -> Available` after `pending_delay` seconds and `Deleting -> gone` after
-`deleting_delay`; `advance()` applies what is due (the emulator calls it on every access and from a ticker
-thread). Each table has its own custom-entry quota (default: the emulator-wide `quota`), and a vSwitch is
-bound to exactly one table (DescribeRouteTableList shows each table's `VSwitchIds`).
+Entries move `Pending -> Available` after `pending_delay` seconds (or, with `pending_delay_max` above
+it, after a delay drawn per entry from uniform(pending_delay, pending_delay_max) by a seeded generator:
+real Alibaba entries stay Pending for a varying few seconds) and `Deleting -> gone` after
+`deleting_delay`; `advance()` applies what is due (the emulator calls it on every access and from a
+ticker thread). Time is read from `clock` (default `time.time`; a storm on a fake clock passes its own).
+Each table has its own custom-entry quota (default: the emulator-wide `quota`), and a vSwitch is bound
+to exactly one table (DescribeRouteTableList shows each table's `VSwitchIds`).
 
 The API's checks on writes (the VPC write lock, ClientTokens, duplicates) are in `entries.py`; here is
 what the console could do by hand, and what the Describe calls for tables and vSwitches show.
@@ -11,6 +14,7 @@ what the console could do by hand, and what the Describe calls for tables and vS
 from __future__ import annotations
 
 import ipaddress
+import random
 import threading
 import time
 from typing import Callable
@@ -62,14 +66,18 @@ class RouteTables:
     rest of the emulator; `changed()` is called with it held after every change."""
 
     def __init__(self, lock: threading.RLock, changed: Callable[[], None], *, region: str, vpc_id: str,
-                 route_table_id: str, vswitch_cidrs: tuple[str, ...] | list[str] = DEFAULT_VSWITCH_CIDRS):
+                 route_table_id: str, vswitch_cidrs: tuple[str, ...] | list[str] = DEFAULT_VSWITCH_CIDRS,
+                 clock: Callable[[], float] | None = None, seed: int | None = None):
         self._lock = lock
         self._changed = changed
         self.region = region
         self.vpc_id = vpc_id
         self.route_table_id = route_table_id
         self.vswitch_cidrs = [str(ipaddress.IPv4Network(c, strict=True)) for c in vswitch_cidrs]
+        self.clock: Callable[[], float] = clock or (lambda: time.time())   # looked up at each call
         self.pending_delay = 0.0
+        self.pending_delay_max = 0.0      # above pending_delay: each entry's delay is uniform between them
+        self._pending_rng = random.Random(seed)
         self.deleting_delay = 0.0
         self.quota = 200
         self.seq = 0
@@ -77,10 +85,15 @@ class RouteTables:
         self.vswitches: dict[str, dict] = {}
 
     def configure(self, *, pending_delay: float | None = None, deleting_delay: float | None = None,
-                  quota: int | None = None) -> None:
+                  quota: int | None = None, pending_delay_max: float | None = None) -> None:
         with self._lock:
-            if pending_delay is not None:
-                self.pending_delay = _delay(pending_delay, "pending_delay")
+            low = self.pending_delay if pending_delay is None else _delay(pending_delay, "pending_delay")
+            high = self.pending_delay_max if pending_delay_max is None else _delay(pending_delay_max,
+                                                                                   "pending_delay_max")
+            if high and high < low:
+                raise ValueError(f"pending_delay_max ({high:g} s) must be 0 (a fixed delay) or at least "
+                                 f"pending_delay ({low:g} s)")
+            self.pending_delay, self.pending_delay_max = low, high
             if deleting_delay is not None:
                 self.deleting_delay = _delay(deleting_delay, "deleting_delay")
             if quota is not None:
@@ -188,18 +201,21 @@ class RouteTables:
 
     def insert_pending(self, route_table_id: str, destination: str, next_hop_id: str, next_hop_type: str,
                        name: str, description: str) -> dict:
-        """A Custom entry the API created: Pending for `pending_delay` seconds. Caller holds the lock."""
+        """A Custom entry the API created: Pending for `pending_delay` seconds (or a delay drawn from
+        uniform(pending_delay, pending_delay_max)). Caller holds the lock."""
         delay = self.pending_delay
+        if self.pending_delay_max > delay:
+            delay = self._pending_rng.uniform(delay, self.pending_delay_max)
         return self.insert_entry(route_table_id, destination, "Custom", next_hop_id, next_hop_type,
                                  name=name, description=description,
                                  status="Pending" if delay > 0 else "Available",
-                                 due=time.time() + delay if delay > 0 else None)
+                                 due=self.clock() + delay if delay > 0 else None)
 
     def start_delete(self, entry: dict) -> None:
         """An entry the API deletes: Deleting for `deleting_delay` seconds, then gone. Caller holds the lock."""
         if self.deleting_delay > 0:
             entry["Status"] = "Deleting"
-            entry["_due"] = time.time() + self.deleting_delay
+            entry["_due"] = self.clock() + self.deleting_delay
         else:
             del self.tables[entry["RouteTableId"]]["entries"][entry["RouteEntryId"]]
         self._changed()
@@ -332,7 +348,7 @@ class RouteTables:
 
     def advance(self, now: float | None = None) -> bool:
         """Apply due transitions (Pending -> Available, Deleting -> gone)."""
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         changed = False
         with self._lock:
             for table in self.tables.values():

@@ -217,7 +217,7 @@ class AliyunProvider(Provider):
                                               f"{exc}", getattr(exc, "code", "")) from None
 
     def create_routes(self, destination: str, name: str, description: str, client_token: str,
-                      tables: list[str]) -> dict[str, VpcnetError | None]:
+                      tables: list[str], others: list[Route] | None = None) -> dict[str, VpcnetError | None]:
         """`destination -> this instance` in several tables with CreateRouteEntries (one VPC write for up
         to MAX_BATCH entries). A failure of the whole call (TaskConflict, throttling, a lost answer) is
         raised, so the caller retries the same entries with the same ClientToken (entries that landed are
@@ -227,13 +227,17 @@ class AliyunProvider(Provider):
             raise BatchUnsupported(f"{self.endpoint()} has no CreateRouteEntries")
         if len(tables) > MAX_BATCH:
             raise Fatal(f"{len(tables)} route tables: CreateRouteEntries takes at most {MAX_BATCH} entries")
+        me = self.instance_id()
+        entries = [(table, destination, me, name, description) for table in tables]
+        entries += [(r.table, r.destination, r.next_hop, r.name, r.description)
+                    for r in (others or [])][:MAX_BATCH - len(entries)]
         params = {"ClientToken": client_token}
-        for i, table in enumerate(tables, 1):
-            params.update({f"RouteEntries.{i}.RouteTableId": table, f"RouteEntries.{i}.DstCidrBlock": destination,
+        for i, (table, dst, hop, entry_name, entry_description) in enumerate(entries, 1):
+            params.update({f"RouteEntries.{i}.RouteTableId": table, f"RouteEntries.{i}.DstCidrBlock": dst,
                            f"RouteEntries.{i}.NextHopType": "Instance",
-                           f"RouteEntries.{i}.NextHop": self.instance_id(), f"RouteEntries.{i}.Name": name,
+                           f"RouteEntries.{i}.NextHop": hop, f"RouteEntries.{i}.Name": entry_name,
                            # Alibaba's spelling of this field in CreateRouteEntries
-                           f"RouteEntries.{i}.Describption": description})
+                           f"RouteEntries.{i}.Describption": entry_description})
         try:
             data = self._client().call("CreateRouteEntries", params)
         except Fatal as exc:
@@ -249,6 +253,11 @@ class AliyunProvider(Provider):
         out: dict[str, VpcnetError | None] = {t: None for t in tables}
         for entry in failed:
             table = str(entry.get("RouteTableId", ""))
+            dst = str(entry.get("DstCidrBlock", "") or destination)
+            if others and dst != destination:       # another host's copied route: its owner sees it
+                log.info("aliyun: copying route %s into %s for its owner failed: %s", dst, table,
+                         entry.get("FailedCode", "?"))
+                continue
             if table not in out:
                 raise Retryable(f"CreateRouteEntries answered a failure for unknown route table {table!r}; "
                                 "listing again")

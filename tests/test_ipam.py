@@ -735,3 +735,16 @@ def test_a_pool_released_while_an_address_is_taken_is_a_clear_not_found(ipam, mo
     with pytest.raises(NotFound, match=f"pool {pool} was released meanwhile"):
         ipam.request_address(pool, address)
     assert ipam.store.pools() == [] and ipam.store.addresses(pool) == []
+
+
+def test_a_pool_replayed_as_its_subnet_cluster_cidr_makes_its_addresses_replayable(tmp_path):
+    """A network made with `--subnet <cluster CIDR>` is replayed in that form (Docker keeps the user's
+    subnet), not as the block this host answered: it counts as the pool's replay all the same."""
+    clock = Clock()
+    ipam = build(tmp_path, clock=clock)
+    cluster = "10.77.0.0/16"
+    pool = ipam.request_pool(pool=cluster)["PoolID"]
+    a = ip_of(ipam.request_address(pool))
+    assert ipam.open_replay_window() is True
+    assert ipam.request_pool(pool=cluster)["PoolID"] == pool
+    assert ip_of(ipam.request_address(pool, a)) == a

@@ -8,7 +8,8 @@
 - Addresses are handed out next-fit: a cursor walks the pool, so a just-released address is not handed
   out again before the rest of the pool has been used (stale ARP caches in peers).
 - Replays: Docker (with `RequiresRequestReplay`) re-requests, at daemon start, each network's pool
-  (RequestPool naming the block), its gateway, and the address of every endpoint it kept (with
+  (RequestPool as the network was created: the block this host answered, or the `--subnet` cluster CIDR
+  the user gave), its gateway, and the address of every endpoint it kept (with
   live-restore, its running containers'), in one burst before it serves any new work; our state
   remembers those addresses as in use. A replay window lets each address in use be re-requested once,
   with its identical answer. Outside it, or a second time inside it, a request for an address in use is
@@ -21,8 +22,8 @@
     open window (a second one from Docker, or any local process) neither extends it nor re-arms the
     addresses already replayed in it: a duplicate address is worse than a refused replay, which Docker
     only logs as a warning while our state keeps the address in use for that endpoint.
-  - In-use addresses of a pool are replayable only after Docker replayed that pool (RequestPool naming
-    the block) in the window: Docker does so before its endpoints' addresses, while an Activate that is
+  - In-use addresses of a pool are replayable only after Docker asked for that pool (RequestPool, in
+    either form) in the window: Docker does so before its endpoints' addresses, while an Activate that is
     no daemon restart (`docker plugin enable`, a restart of vpcnet itself) replays nothing.
   - It closes early at the first call of new work: RequestAddress for any address, or CreateEndpoint.
     Docker makes those only after its replays, so a daemon restarted again soon after gets a fresh
@@ -141,8 +142,7 @@ class Ipam:
         if address_space and address_space not in (LOCAL_SPACE, GLOBAL_SPACE):
             raise InvalidRequest(f"unknown address space {shown(address_space)}")
         cluster, host = self._resolve_pool(pool)
-        if pool == str(host):                     # naming a block this host owns: Docker's replay
-            self._pool_replayed(pool)
+        self._pool_replayed(str(host))            # inside a window: Docker's replay, in either form
         gateway = _gateway(host)
         with self.store.tx() as db:
             db.execute("INSERT OR IGNORE INTO pools(pool_id, cluster_cidr, gateway, cursor) VALUES(?,?,?,?)",

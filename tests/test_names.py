@@ -238,3 +238,50 @@ def test_the_plugin_setting_names_the_socket(monkeypatch):
     assert docker_socket(load(environ={**env, "VPCNET_DOCKER_SOCKET": "off"}, check_socket_dir=False)) == ""
     with pytest.raises(ConfigError, match="VPCNET_DOCKER_SOCKET.*absolute path"):
         load(environ={**env, "VPCNET_DOCKER_SOCKET": "tcp://1.2.3.4:2375"}, check_socket_dir=False)
+
+
+POOL_REQUEST = {"AddressSpace": "vpcnet-local", "Pool": "", "SubPool": "", "Options": {}, "V6": False}
+
+
+def test_a_real_plugin_names_its_series_and_log_lines(docker, plugin_factory):
+    """`vpcnet serve` asking the fake engine: once the engine lists the endpoint, /metrics carries the
+    names, and so does the JSON log line of each later call about the endpoint."""
+    from conftest import wait_for
+    from test_metrics import scrape, value
+
+    plugin = plugin_factory({"VPCNET_DOCKER_SOCKET": docker.server_address, "VPCNET_LOG_FORMAT": "json",
+                             "VPCNET_LOG_LEVEL": "DEBUG"})
+    url = plugin.metrics_url()
+    status, pool = plugin.call("/IpamDriver.RequestPool", POOL_REQUEST)
+    assert status == 200, pool
+    assert plugin.call("/NetworkDriver.CreateNetwork", {
+        "NetworkID": NET, "Options": {"com.docker.network.generic": {}}, "IPv6Data": [],
+        "IPv4Data": [{"AddressSpace": "vpcnet-local", "Pool": pool["Pool"],
+                      "Gateway": pool["Data"]["com.docker.network.gateway"]}]})[0] == 200
+    try:
+        status, address = plugin.call("/IpamDriver.RequestAddress", {"PoolID": pool["PoolID"], "Address": "",
+                                                                     "Options": {}})
+        assert status == 200, address
+        assert plugin.call("/NetworkDriver.CreateEndpoint", {
+            "NetworkID": NET, "EndpointID": EP["compose"], "Options": {},
+            "Interface": {"Address": address["Address"], "AddressIPv6": "", "MacAddress": ""}})[0] == 200
+        labels = {"network": "backend", "network_id": NET[:12], "endpoint": EP["compose"][:12],
+                  "container": "compose-1", "service": "web", "application": "shop"}
+        assert wait_for(lambda: value(scrape(url), "vpcnet_endpoint_transmit_bytes_total", **labels) is not None,
+                        10), (scrape(url), plugin.log())
+        info = {k: v for k, v in scrape(url).items() if k[0] == "vpcnet_endpoint_info"}
+        assert info == {("vpcnet_endpoint_info", tuple(sorted({**labels, "address": address["Address"].split("/")[0]
+                                                                  }.items()))): 1.0}
+        assert plugin.call("/NetworkDriver.DeleteEndpoint", {"NetworkID": NET, "EndpointID": EP["compose"]})[0] == 200
+        assert not [k for k in scrape(url) if ("container", "compose-1") in k[1]]
+    finally:
+        plugin.call("/NetworkDriver.DeleteEndpoint", {"NetworkID": NET, "EndpointID": EP["compose"]})
+        plugin.call("/NetworkDriver.DeleteNetwork", {"NetworkID": NET})
+    plugin.stop()
+    with open(plugin.log_path, errors="replace") as fh:
+        records = [json.loads(line) for line in fh.read().splitlines() if line.strip()]
+    [create] = [r for r in records if r.get("call") == "NetworkDriver.CreateEndpoint"]
+    assert "container" not in create            # not listed by the engine yet: ids only
+    delete = [r for r in records if r.get("call") == "NetworkDriver.DeleteEndpoint"][0]
+    assert (delete["network"], delete["endpoint"]) == (NET[:12], EP["compose"][:12])
+    assert (delete["container"], delete["service"], delete["application"]) == ("compose-1", "web", "shop")

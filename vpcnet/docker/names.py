@@ -16,6 +16,9 @@ dockerd), the pass stops, `failures` counts it and the next one waits `interval`
 `MAX_RETRY`: the labels stay empty until the engine answers. Entries go when their endpoint goes (`prune`),
 so the cache is as large as the endpoints on this host.
 
+The same names go on the JSON log line of each plugin call about a known endpoint (`known()`, read by
+vpcnet.docker.transport from the cache of its own process).
+
 Labels: `service` is com.docker.compose.service, else com.docker.swarm.service.name; `application` is
 com.docker.compose.project, else com.docker.stack.namespace; empty where none applies.
 """
@@ -47,6 +50,18 @@ class Names:
 
 
 NONE = Names()
+_ACTIVE: "NameCache | None" = None       # the cache this process's /metrics runs (for the log lines)
+
+
+def known(endpoint_id: str) -> Names | None:
+    """The container's names if this process's cache has them (never asks the engine): the log line of a
+    plugin call names the container the way the metrics do. None in a worker that does not serve /metrics,
+    and before the engine has listed the endpoint (its CreateEndpoint and first Join)."""
+    cache = _ACTIVE
+    if cache is None:
+        return None
+    with cache._lock:
+        return cache._names.get(endpoint_id)
 
 
 def from_labels(labels: dict | None) -> tuple[str, str]:
@@ -110,12 +125,17 @@ class NameCache:
         """Ask for a pass now (a scrape does); starts the thread on first use (the metrics listener's start)."""
         if not self.socket_path:
             return
+        global _ACTIVE
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="vpcnet-names", daemon=True)
             self._thread.start()
+            _ACTIVE = self
         self._kick.set()
 
     def stop(self) -> None:
+        global _ACTIVE
+        if _ACTIVE is self:
+            _ACTIVE = None
         self._stop.set()
         self._kick.set()
         if self._thread is not None:

@@ -8,8 +8,9 @@ from the engine's API (vpcnet.docker.engine_api), in a background thread of the 
 - GET /containers/{id}/json gives a container's labels (read once per container: they never change).
 
 `NameCache.names()` answers from memory at once, and is empty for what is not known yet. A scrape
-(`kick()`) wakes the thread, which also wakes by itself every `interval` seconds while an endpoint is
-unnamed, so a new container is named within seconds whether or not Prometheus is scraping. An endpoint the
+(`kick()`) wakes the thread, which also wakes by itself every `interval` seconds (then it reads the
+store, and asks the engine only about endpoints still unnamed), so a new container is named within
+seconds whether or not Prometheus is scraping. An endpoint the
 engine does not list (yet, or ever: a plugin driven by hand) is retried with a growing delay (up to
 `MAX_RETRY` seconds). When the engine does not answer within `timeout` (no socket, a dead one, a wedged
 dockerd), the pass stops, `failures` counts it and the next one waits `interval`, doubling up to

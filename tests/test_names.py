@@ -14,7 +14,9 @@ import time
 from http.server import BaseHTTPRequestHandler
 
 import pytest
+from conftest import wait_for
 from prometheus_client.parser import text_string_to_metric_families
+from test_metrics import scrape, value
 
 from vpcnet.docker.names import MAX_RETRY, NameCache, Names, from_labels
 from vpcnet.observability import metrics
@@ -243,40 +245,46 @@ def test_the_plugin_setting_names_the_socket(monkeypatch):
 POOL_REQUEST = {"AddressSpace": "vpcnet-local", "Pool": "", "SubPool": "", "Options": {}, "V6": False}
 
 
-def test_a_real_plugin_names_its_series_and_log_lines(docker, plugin_factory):
-    """`vpcnet serve` asking the fake engine: once the engine lists the endpoint, /metrics carries the
-    names, and so does the JSON log line of each later call about the endpoint."""
-    from conftest import wait_for
-    from test_metrics import scrape, value
-
-    plugin = plugin_factory({"VPCNET_DOCKER_SOCKET": docker.server_address, "VPCNET_LOG_FORMAT": "json",
-                             "VPCNET_LOG_LEVEL": "DEBUG"})
-    url = plugin.metrics_url()
+def _endpoint_on(plugin) -> str:
+    """The network NET and the endpoint EP["compose"] made by Docker's calls; the endpoint's address."""
     status, pool = plugin.call("/IpamDriver.RequestPool", POOL_REQUEST)
     assert status == 200, pool
     assert plugin.call("/NetworkDriver.CreateNetwork", {
         "NetworkID": NET, "Options": {"com.docker.network.generic": {}}, "IPv6Data": [],
         "IPv4Data": [{"AddressSpace": "vpcnet-local", "Pool": pool["Pool"],
                       "Gateway": pool["Data"]["com.docker.network.gateway"]}]})[0] == 200
+    status, address = plugin.call("/IpamDriver.RequestAddress", {"PoolID": pool["PoolID"], "Address": "",
+                                                                 "Options": {}})
+    assert status == 200, address
+    assert plugin.call("/NetworkDriver.CreateEndpoint", {
+        "NetworkID": NET, "EndpointID": EP["compose"], "Options": {},
+        "Interface": {"Address": address["Address"], "AddressIPv6": "", "MacAddress": ""}})[0] == 200
+    return address["Address"].split("/")[0]
+
+
+def _remove(plugin) -> None:
+    plugin.call("/NetworkDriver.DeleteEndpoint", {"NetworkID": NET, "EndpointID": EP["compose"]})
+    plugin.call("/NetworkDriver.DeleteNetwork", {"NetworkID": NET})
+
+
+def test_a_real_plugin_names_its_series_and_log_lines(docker, plugin_factory):
+    """`vpcnet serve` asking the fake engine: once the engine lists the endpoint, /metrics carries the
+    names, and so does the JSON log line of each later call about the endpoint."""
+    plugin = plugin_factory({"VPCNET_DOCKER_SOCKET": docker.server_address, "VPCNET_LOG_FORMAT": "json",
+                             "VPCNET_LOG_LEVEL": "DEBUG"})
+    url = plugin.metrics_url()
     try:
-        status, address = plugin.call("/IpamDriver.RequestAddress", {"PoolID": pool["PoolID"], "Address": "",
-                                                                     "Options": {}})
-        assert status == 200, address
-        assert plugin.call("/NetworkDriver.CreateEndpoint", {
-            "NetworkID": NET, "EndpointID": EP["compose"], "Options": {},
-            "Interface": {"Address": address["Address"], "AddressIPv6": "", "MacAddress": ""}})[0] == 200
+        address = _endpoint_on(plugin)
         labels = {"network": "backend", "network_id": NET[:12], "endpoint": EP["compose"][:12],
                   "container": "compose-1", "service": "web", "application": "shop"}
         assert wait_for(lambda: value(scrape(url), "vpcnet_endpoint_transmit_bytes_total", **labels) is not None,
                         10), (scrape(url), plugin.log())
         info = {k: v for k, v in scrape(url).items() if k[0] == "vpcnet_endpoint_info"}
-        assert info == {("vpcnet_endpoint_info", tuple(sorted({**labels, "address": address["Address"].split("/")[0]
-                                                                  }.items()))): 1.0}
+        assert info == {("vpcnet_endpoint_info", tuple(sorted({**labels, "address": address}.items()))): 1.0}
         assert plugin.call("/NetworkDriver.DeleteEndpoint", {"NetworkID": NET, "EndpointID": EP["compose"]})[0] == 200
         assert not [k for k in scrape(url) if ("container", "compose-1") in k[1]]
     finally:
-        plugin.call("/NetworkDriver.DeleteEndpoint", {"NetworkID": NET, "EndpointID": EP["compose"]})
-        plugin.call("/NetworkDriver.DeleteNetwork", {"NetworkID": NET})
+        _remove(plugin)
     plugin.stop()
     with open(plugin.log_path, errors="replace") as fh:
         records = [json.loads(line) for line in fh.read().splitlines() if line.strip()]
@@ -285,3 +293,70 @@ def test_a_real_plugin_names_its_series_and_log_lines(docker, plugin_factory):
     delete = [r for r in records if r.get("call") == "NetworkDriver.DeleteEndpoint"][0]
     assert (delete["network"], delete["endpoint"]) == (NET[:12], EP["compose"][:12])
     assert (delete["container"], delete["service"], delete["application"]) == ("compose-1", "web", "shop")
+
+
+def test_a_real_plugin_in_service_mode_serves_sums_only(docker, plugin_factory):
+    plugin = plugin_factory({"VPCNET_DOCKER_SOCKET": docker.server_address, "VPCNET_ENDPOINT_METRICS": "service"})
+    url = plugin.metrics_url()
+    try:
+        _endpoint_on(plugin)
+        labels = {"network": "backend", "network_id": NET[:12], "service": "web", "application": "shop"}
+        assert wait_for(lambda: value(scrape(url), "vpcnet_endpoint_receive_bytes_total", **labels) is not None,
+                        10), (scrape(url), plugin.log())
+        assert not [k for k in scrape(url) if k[0].startswith("vpcnet_endpoint_") and "endpoint" in dict(k[1])]
+    finally:
+        _remove(plugin)
+
+
+def test_service_mode_sums_per_service_and_never_goes_backwards(docker, store):
+    cache = cache_for(store, docker.server_address)
+    cache.refresh(now=0.0)
+    stats = {f"vh{k}": {key: (i + 1) * 10 + j for j, key in enumerate(COUNTERS)} for i, k in enumerate(EP)}
+    collector = metrics.StateCollector(store, link_stats=lambda: stats, names=cache, per="service")
+    got = samples(collector.traffic_text())
+    assert not [k for k in got if k[0] == "vpcnet_endpoint_info" or "container" in dict(k[1])]
+
+    def sent(application: str, service: str) -> float | None:
+        labels = {"network": "backend", "network_id": NET[:12], "application": application, "service": service}
+        return samples(collector.traffic_text()).get(("vpcnet_endpoint_transmit_bytes_total",
+                                                      tuple(sorted(labels.items()))))
+
+    rx = list(COUNTERS).index("rx_bytes")              # what the container sent: its host end received
+    assert sent("shop", "web") == 10 + rx
+    assert sent("pay", "pay_api") == 20 + rx
+    assert sent("", "") == (30 + rx) + (40 + rx)       # the plain one, and the one the engine does not list
+    assert len({k for k in got if k[0] == "vpcnet_endpoint_transmit_bytes_total"}) == 3
+
+    stats["vhcompose"]["rx_bytes"] += 5
+    assert sent("shop", "web") == 15 + rx
+    store.delete_endpoint(EP["compose"])                # the container goes: its sum stays
+    assert sent("shop", "web") == 15 + rx
+    docker.attached.add("late")                          # named now: it moves, and "" keeps what it had
+    cache.refresh(now=100.0)
+    assert cache.names(NET, EP["late"]).container == "late-1"
+    assert sent("", "") == (30 + rx) + (40 + rx)
+    stats["vhplain"]["rx_bytes"] += 1
+    assert sent("", "") == (31 + rx) + (40 + rx)
+
+
+def test_service_sums_drop_a_bucket_empty_for_an_hour():
+    sums = metrics.ServiceSums()
+    web, api = ("backend", "a1", "shop", "web"), ("backend", "a1", "shop", "api")
+    assert sums.totals({"e1": (web, (5, 1)), "e2": (api, (7, 1))}, now=0.0) == {web: [5, 1], api: [7, 1]}
+    assert sums.totals({"e2": (api, None)}, now=10.0) == {web: [5, 1], api: [7, 1]}    # e2's veth unreadable
+    assert sums.totals({"e2": (api, (8, 1))}, now=20.0) == {web: [5, 1], api: [8, 1]}
+    assert sums.totals({"e2": (api, (8, 1))}, now=10.0 + sums.KEEP_EMPTY) == {web: [5, 1], api: [8, 1]}
+    assert sums.totals({"e2": (api, (9, 1))}, now=11.0 + sums.KEEP_EMPTY) == {api: [9, 1]}
+    assert sums.totals({}, now=12.0 + sums.KEEP_EMPTY) == {api: [9, 1]}
+    assert sums.departed == {api: [9, 1]} and sums.last == {}
+
+
+def test_the_endpoint_metrics_setting_is_checked():
+    from vpcnet.config import ConfigError, load
+
+    env = {"VPCNET_CONFIG": os.devnull}
+    assert load(environ=env, check_socket_dir=False).endpoint_metrics == "container"
+    assert load(environ={**env, "VPCNET_ENDPOINT_METRICS": "Service"}, check_socket_dir=False).endpoint_metrics \
+        == "service"
+    with pytest.raises(ConfigError, match="VPCNET_ENDPOINT_METRICS.*container or service"):
+        load(environ={**env, "VPCNET_ENDPOINT_METRICS": "pod"}, check_socket_dir=False)

@@ -92,6 +92,13 @@ def _float(text: str) -> float:
     return float(str(text).strip())
 
 
+def _endpoint_metrics(text: str) -> str:
+    text = text.strip().lower()
+    if text not in ("container", "service"):
+        raise ValueError("must be container or service")
+    return text
+
+
 def _docker_socket(text: str) -> str:
     text = text.strip()
     text = text[len("unix://"):] if text.startswith("unix://") else text
@@ -138,6 +145,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("docker_socket", "", "The Docker engine's API socket, read (in the background) for the metrics' "
             "network, container, service and application names; empty: DOCKER_HOST's unix:// path, else "
             "/var/run/docker.sock; off: no names", _docker_socket),
+    Setting("endpoint_metrics", "container", "Per-endpoint traffic metrics: container (a series per container, "
+            "and vpcnet_endpoint_info), or service (sums per network, application and service; no per-container "
+            "series)", _endpoint_metrics),
     Setting("instance_id", "", "This host's instance id for the local provider (default: hostname)"),
     Setting("cluster_name", "", "This cluster's identity, written into its routes so clusters sharing a VPC "
             "never touch each other's (default: derived from the cluster CIDR, e.g. 10.200.0.0-16)",
@@ -198,6 +208,7 @@ class Config:
     metrics_max_connections: int = 64
     metrics_allow: tuple[str, ...] = ()
     docker_socket: str = ""
+    endpoint_metrics: str = "container"
     instance_id: str = ""
     cluster_name: str = ""
     route_table_quota: int = 0

@@ -357,7 +357,8 @@ class Observer:
             # Metrics are worth a loud warning, never the plugin: Docker's calls keep being served.
             log.error("metrics and health listener not started on %s: %s", self.config.metrics_addr, exc)
             return
-        server.exposition = metrics.Exposition(self.store, docker_socket=docker_socket(self.config))
+        server.exposition = metrics.Exposition(self.store, docker_socket=docker_socket(self.config),
+                                                per=self.config.endpoint_metrics)
         server.health = self.health
         self.server = server
         bound = f"{server.server_address[0]!s}:{server.server_address[1]}"

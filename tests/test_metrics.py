@@ -305,7 +305,7 @@ def test_a_docker_engine_that_never_answers_slows_no_plugin_call(plugin_factory,
                 samples = scrape(url)
                 slowest = max(slowest, time.monotonic() - started)
                 time.sleep(0.3)
-            assert slowest < 1.0, f"a call waited {slowest:.2f} s on the Docker engine"
+            assert slowest < 1.5, f"a call waited {slowest:.2f} s on the Docker engine (its lookups time out at 2 s)"
             labels = {"network": "", "network_id": NID[:12], "endpoint": EID[:12], "container": "", "service": "",
                       "application": ""}
             assert value(samples, "vpcnet_endpoint_receive_packets_total", **labels) is not None

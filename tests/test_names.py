@@ -171,10 +171,13 @@ def test_series_and_names_go_with_the_endpoint(docker, store):
     store.delete_endpoint(EP["compose"])
     cache.refresh(now=1.0)
     assert not [k for k in samples(collector.traffic_text()) if ("endpoint", EP["compose"][:12]) in k[1]]
+    assert EP["compose"] in cache._names            # one pass longer, for its DeleteEndpoint's log line
+    cache.refresh(now=1.5)
     assert EP["compose"] not in cache._names
     store.delete_network(NET)
     cache.refresh(now=2.0)
-    assert cache._names == {} and cache._networks == {} and cache._retry == {}
+    cache.refresh(now=2.5)
+    assert cache._names == {} and cache._networks == {} and cache._retry == {} and cache._gone == set()
 
 
 def test_a_dead_socket_counts_failures_backs_off_and_leaves_names_empty(store, tmp_path):

@@ -93,7 +93,8 @@ class NameCache:
         self._names: dict[str, Names] = {}                         # endpoint id -> its names, once known
         self._networks: dict[str, str] = {}                        # network id -> name
         self._containers: dict[str, tuple[str, str]] = {}          # container id -> (service, application)
-        self._retry: dict[str, tuple[int, float]] = {}             # unnamed endpoint -> (tries, next try)
+        self._retry: dict[str, tuple[int, float]] = {}             # unnamed endpoint or network -> (tries, next try)
+        self._gone: set[str] = set()                               # named endpoints gone at the last prune
         self._engine_retry = 0.0                                   # the engine's next try after a failure
         self._engine_delay = 0.0
         self._kick = threading.Event()
@@ -115,9 +116,15 @@ class NameCache:
         live = list(live)
         keep = set(networks) | {e for _, e in live}
         with self._lock:
-            for table in (self._names, self._retry, self._networks):
+            for table in (self._retry, self._networks):
                 for key in [k for k in table if k not in keep]:
                     del table[key]
+            # A gone endpoint's names stay one pass longer: its DeleteEndpoint's log line, written just
+            # after the row goes, still names it (the series come from the store and are gone already).
+            gone = {k for k in self._names if k not in keep}
+            for key in gone & self._gone:
+                del self._names[key]
+            self._gone = gone - self._gone
             endpoints = {e for _, e in live}
             if len(self._containers) > 2 * len(endpoints) + 16:     # containers gone: labels read again
                 self._containers.clear()

@@ -189,15 +189,17 @@ def test_plugin_metrics_follow_calls_and_endpoints(plugin_factory):
     host_cidr = _network_with_endpoint(plugin)
     try:
         samples = scrape(url)
-        assert value(samples, "vpcnet_endpoints", network=NID[:12]) == 1
+        assert value(samples, "vpcnet_endpoints", network="", network_id=NID[:12]) == 1
         assert value(samples, "vpcnet_ipam_addresses_in_use", host_cidr=host_cidr) == 1
         assert value(samples, "vpcnet_route_available", cluster_cidr=plugin.cluster, host_cidr=host_cidr) == 1
         assert value(samples, "vpcnet_route_reconcile_total", outcome="error") == 0
-        received = value(samples, "vpcnet_endpoint_receive_packets_total", network=NID[:12], endpoint=EID[:12])
+        # no Docker network of this id: the names stay empty
+        received = value(samples, "vpcnet_endpoint_receive_packets_total", network="", network_id=NID[:12],
+                         endpoint=EID[:12], container="", service="", application="")
         assert received is not None, "no per-endpoint series for a live veth"
         assert plugin.call("/NetworkDriver.DeleteEndpoint", {"NetworkID": NID, "EndpointID": EID})[0] == 200
         samples = scrape(url)
-        assert value(samples, "vpcnet_endpoints", network=NID[:12]) == 0
+        assert value(samples, "vpcnet_endpoints", network="", network_id=NID[:12]) == 0
         assert not [k for k in samples if k[0].startswith("vpcnet_endpoint_") and ("endpoint", EID[:12]) in k[1]], \
             "per-endpoint series outlived the endpoint"
     finally:
@@ -277,3 +279,80 @@ def test_two_workers_one_listener_every_worker_counted(plugin_factory):
             return None
     assert wait_for(lambda: total() == 20, 15), (total(), plugin.log())
     assert plugin.log().count("metrics on http://") <= 2, "more than one process bound the listener at once"
+
+
+def test_a_docker_engine_that_never_answers_slows_no_plugin_call(plugin_factory, tmp_path):
+    """VPCNET_DOCKER_SOCKET at a socket that takes connections and never answers: Docker's calls stay fast
+    while the name lookups wait out their timeouts, the names stay empty, and the failures are counted."""
+    wedged = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    wedged.bind(str(tmp_path / "wedged.sock"))
+    wedged.listen(64)
+    try:
+        plugin = plugin_factory({"VPCNET_DOCKER_SOCKET": str(tmp_path / "wedged.sock")})
+        url = plugin.metrics_url()
+        _network_with_endpoint(plugin)
+        try:
+            scrape(url)                 # wakes the lookups: they now hang on the engine
+            slowest = 0.0
+            for _ in range(10):
+                started = time.monotonic()
+                status, answer = plugin.call("/NetworkDriver.Join", {
+                    "NetworkID": NID, "EndpointID": EID, "SandboxKey": "/var/run/docker/netns/0123456789ab",
+                    "Options": {}})
+                assert status == 200, answer
+                slowest = max(slowest, time.monotonic() - started)
+                started = time.monotonic()
+                samples = scrape(url)
+                slowest = max(slowest, time.monotonic() - started)
+                time.sleep(0.3)
+            assert slowest < 1.5, f"a call waited {slowest:.2f} s on the Docker engine (its lookups time out at 2 s)"
+            labels = {"network": "", "network_id": NID[:12], "endpoint": EID[:12], "container": "", "service": "",
+                      "application": ""}
+            assert value(samples, "vpcnet_endpoint_receive_packets_total", **labels) is not None
+            assert wait_for(lambda: (value(scrape(url), "vpcnet_docker_lookup_failures_total") or 0) >= 1, 15), \
+                plugin.log()
+        finally:
+            plugin.call("/NetworkDriver.DeleteEndpoint", {"NetworkID": NID, "EndpointID": EID})
+            plugin.call("/NetworkDriver.DeleteNetwork", {"NetworkID": NID})
+    finally:
+        wedged.close()
+
+
+@pytest.mark.docker
+def test_docker_names_every_endpoint_series_and_they_go_with_the_container(plugin_factory, dock):
+    """Containers labelled as Compose and swarm make them, and a plain one, on a real engine: every
+    per-endpoint family and vpcnet_endpoint_info carry the network's, container's, service's and
+    application's names, and `docker rm` takes the container's series away."""
+    plugin = plugin_factory()
+    url = plugin.metrics_url()
+    net = dock.network_create(plugin).name
+    network_id = dock("network", "inspect", "-f", "{{.Id}}", net).stdout.strip()[:12]
+    web = dock.run_container(net, "--label", "com.docker.compose.project=shop",
+                             "--label", "com.docker.compose.service=web").name
+    api = dock.run_container(net, "--label", "com.docker.swarm.service.name=pay_api",
+                             "--label", "com.docker.stack.namespace=pay").name
+    plain = dock.run_container(net).name
+    want = {web: ("web", "shop"), api: ("pay_api", "pay"), plain: ("", "")}
+
+    def info() -> dict[str, dict]:
+        return {dict(k[1])["container"]: dict(k[1]) for k in scrape(url) if k[0] == "vpcnet_endpoint_info"}
+
+    assert wait_for(lambda: set(want) <= set(info()), 20), (info(), plugin.log())
+    seen = info()
+    samples = scrape(url)
+    for name, (service, application) in want.items():
+        labels = seen[name]
+        endpoint = dock("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.EndpointID}}{{end}}",
+                        name).stdout.strip()[:12]
+        assert labels == {"network": net, "network_id": network_id, "endpoint": endpoint, "container": name,
+                          "service": service, "application": application, "address": dock.ip_of(name)}
+        del labels["address"]
+        for suffix, _, _ in metrics.LINK_STATS:
+            assert value(samples, f"vpcnet_endpoint_{suffix}", **labels) is not None, (suffix, name)
+    assert value(samples, "vpcnet_endpoints", network=net, network_id=network_id) == 3
+    assert value(samples, "vpcnet_docker_lookup_failures_total") == 0
+
+    dock("rm", "-f", web)
+    assert wait_for(lambda: not [k for k in scrape(url) if ("container", web) in k[1]], 10), \
+        "the removed container's series outlived it"
+    assert set(info()) == {api, plain}

@@ -117,7 +117,7 @@ def test_prometheus_scrapes_vpcnet_while_docker_runs_containers(emulator, plugin
         network = dock("network", "inspect", "-f", "{{.Id}}", net).stdout.strip()[:12]
         a, b, c = (dock.run_container(net).name for _ in range(3))
 
-        count = f'vpcnet_endpoints{{network="{network}"}}'
+        count = f'vpcnet_endpoints{{network="{net}",network_id="{network}"}}'
         assert prom.wait_value(count, lambda v: v == 3) == 3
         assert prom.wait_value('vpcnet_docker_requests_total{call="NetworkDriver.CreateEndpoint",outcome="ok"}',
                                lambda v: v == 3) == 3

@@ -92,6 +92,21 @@ def _float(text: str) -> float:
     return float(str(text).strip())
 
 
+def _endpoint_metrics(text: str) -> str:
+    text = text.strip().lower()
+    if text not in ("container", "service"):
+        raise ValueError("must be container or service")
+    return text
+
+
+def _docker_socket(text: str) -> str:
+    text = text.strip()
+    text = text[len("unix://"):] if text.startswith("unix://") else text
+    if text and text != "off" and not text.startswith("/"):
+        raise ValueError("must be an absolute path to a unix socket (or unix://PATH), empty, or off")
+    return text
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("socket", "/run/docker/plugins/vpcnet.sock",
             "Unix socket the plugin serves; its file name (without .sock) is the driver name"),
@@ -127,6 +142,12 @@ SETTINGS: tuple[Setting, ...] = (
             "over it, the one idle longest is closed", _int),
     Setting("metrics_allow", (), "Client networks the metrics listener answers (comma-separated CIDRs); others "
             "are closed unanswered; empty: anyone who can connect", _cidr_list),
+    Setting("docker_socket", "", "The Docker engine's API socket, read (in the background) for the metrics' "
+            "network, container, service and application names; empty: DOCKER_HOST's unix:// path, else "
+            "/var/run/docker.sock; off: no names", _docker_socket),
+    Setting("endpoint_metrics", "container", "Per-endpoint traffic metrics: container (a series per container, "
+            "and vpcnet_endpoint_info), or service (sums per network, application and service; no per-container "
+            "series)", _endpoint_metrics),
     Setting("instance_id", "", "This host's instance id for the local provider (default: hostname)"),
     Setting("cluster_name", "", "This cluster's identity, written into its routes so clusters sharing a VPC "
             "never touch each other's (default: derived from the cluster CIDR, e.g. 10.200.0.0-16)",
@@ -186,6 +207,8 @@ class Config:
     metrics_addr: str = "127.0.0.1:9753"
     metrics_max_connections: int = 64
     metrics_allow: tuple[str, ...] = ()
+    docker_socket: str = ""
+    endpoint_metrics: str = "container"
     instance_id: str = ""
     cluster_name: str = ""
     route_table_quota: int = 0

@@ -37,7 +37,7 @@ def docker_has(docker_socket: str, network_id: str) -> tuple[bool | None, str]:
     why) when it cannot be asked."""
     import json
 
-    from vpcnet.cli.doctor.engine import docker_status
+    from vpcnet.docker.engine_api import docker_status
 
     try:
         status, body = docker_status(docker_socket, f"/networks/{quote(network_id, safe='')}", timeout=10.0)
@@ -118,8 +118,8 @@ def forget(config, network: str, force: bool, docker_socket: str, dataplane=None
 
 
 def register(sub) -> None:
-    from vpcnet.cli.doctor.engine import default_docker_socket
     from vpcnet.config import add_config_argument
+    from vpcnet.docker.engine_api import default_docker_socket
 
     parser = sub.add_parser("network", help="vpcnet's own view of its networks (escape hatches)")
     group = parser.add_subparsers(dest="network_command", metavar="ACTION")

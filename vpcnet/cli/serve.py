@@ -60,7 +60,7 @@ class Plugin:
 
     def _on_leader(self) -> None:
         self.observer.start()
-        from vpcnet.cli.doctor.engine import default_docker_socket
+        from vpcnet.docker.engine_api import default_docker_socket
 
         threading.Thread(target=warn_about_engine, args=(default_docker_socket(), self._stopping),
                          name="vpcnet-engine-version", daemon=True).start()
@@ -88,7 +88,8 @@ def warn_about_engine(docker_socket: str, stop: threading.Event, look_for: float
                       every: float = ENGINE_LOOK_EVERY) -> str | None:
     """Ask the engine on `docker_socket` its version until it answers (or `look_for` seconds pass); log a
     WARNING when that release crashes under vpcnet. Returns the version, None when none answered."""
-    from vpcnet.cli.doctor.engine import CRASH_FIX, docker_get, engine_crash
+    from vpcnet.cli.doctor.engine import CRASH_FIX, engine_crash
+    from vpcnet.docker.engine_api import docker_get
 
     deadline = time.monotonic() + look_for
     while not stop.is_set():

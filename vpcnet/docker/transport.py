@@ -19,6 +19,7 @@ from typing import Any, Callable
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
+from vpcnet.docker.names import known
 from vpcnet.errors import InvalidRequest, TooLarge, VpcnetError
 from vpcnet.observability import events
 
@@ -142,10 +143,16 @@ def create_app(driver, ipam) -> Flask:
 
 
 def _log_fields(path: str, status: int, elapsed: float, body: Body) -> dict:
-    """What a JSON log line carries about a call (vpcnet.observability.logs); ids cut to Docker's short form."""
+    """What a JSON log line carries about a call (vpcnet.observability.logs); ids cut to Docker's short form,
+    and the container's names when this process has them (vpcnet.docker.names, never asked here)."""
     ids = {key: value[:12] for key, name in (("network", "NetworkID"), ("endpoint", "EndpointID"))
            if isinstance(value := body.get(name), str) and value[:12].isascii() and value[:12].isalnum()}
-    return {"call": path[1:], "status": status, "duration_ms": round(elapsed * 1000, 3), **ids}
+    fields = {"call": path[1:], "status": status, "duration_ms": round(elapsed * 1000, 3), **ids}
+    endpoint = body.get("EndpointID")
+    names = known(endpoint) if "endpoint" in ids and isinstance(endpoint, str) else None
+    if names is not None:
+        fields.update(container=names.container, service=names.service, application=names.application)
+    return fields
 
 
 def _read_body() -> bytes:

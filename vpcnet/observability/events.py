@@ -56,6 +56,7 @@ FAMILIES = (
     "vpcnet_endpoint_receive_packets_total", "vpcnet_endpoint_transmit_packets_total",
     "vpcnet_endpoint_receive_drops_total", "vpcnet_endpoint_transmit_drops_total",
     "vpcnet_datapath_repairs_total", "vpcnet_datapath_repair_loops_total",
+    "vpcnet_endpoint_info", "vpcnet_docker_lookup_failures_total",
 )
 
 #: Kernel objects the datapath pass repairs (vpcnet.datapath.spec.Repair kinds): their series exist at 0.

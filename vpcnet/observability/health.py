@@ -357,7 +357,8 @@ class Observer:
             # Metrics are worth a loud warning, never the plugin: Docker's calls keep being served.
             log.error("metrics and health listener not started on %s: %s", self.config.metrics_addr, exc)
             return
-        server.exposition = metrics.Exposition(self.store)
+        server.exposition = metrics.Exposition(self.store, docker_socket=docker_socket(self.config),
+                                                per=self.config.endpoint_metrics)
         server.health = self.health
         self.server = server
         bound = f"{server.server_address[0]!s}:{server.server_address[1]}"
@@ -381,10 +382,21 @@ class Observer:
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
+            self.server.exposition.close()
             try:
                 os.unlink(os.path.join(self.config.state_dir, ADDR_FILE))
             except OSError:
                 pass
+
+
+def docker_socket(config) -> str:
+    """The engine that names the metrics' endpoints: VPCNET_DOCKER_SOCKET, else DOCKER_HOST's, else the
+    standard socket; "" when set to off."""
+    from vpcnet.docker.engine_api import default_docker_socket
+
+    if config.docker_socket == "off":
+        return ""
+    return config.docker_socket or default_docker_socket()
 
 
 def _last_pass() -> float | None:

@@ -2,9 +2,11 @@
 
 A JSON line holds `time` (UTC, ISO 8601), `level`, `logger`, `pid`, `message`, and the fields a log call
 passed as `extra`: transport's line for each Docker call carries `call`, `status`, `duration_ms`,
-`network` and `endpoint` (12-character ids, when the call names them). gunicorn's own lines use the same
-formatter, so every line of the plugin's output parses. No secret is ever put in a record (providers
-scrub their messages); the formatter adds nothing that was not in the record.
+`network` and `endpoint` (12-character ids, when the call names them), and `container`, `service` and
+`application` once the process serving /metrics has read them from Docker (vpcnet.docker.names).
+gunicorn's own lines use the same formatter, so every line of the plugin's output parses. No secret is
+ever put in a record (providers scrub their messages); the formatter adds nothing that was not in the
+record.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import time
 
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-EXTRA_FIELDS = ("call", "status", "duration_ms", "network", "endpoint")
+EXTRA_FIELDS = ("call", "status", "duration_ms", "network", "endpoint", "container", "service", "application")
 
 
 class JsonFormatter(logging.Formatter):

@@ -11,6 +11,12 @@ Two kinds of family:
   fast path redirects into it past the host end). No per-call bookkeeping can drift, and an endpoint's
   series go with it.
 
+Per-endpoint series are named the way operators think: `network` (the Docker network's name; its
+12-character id is `network_id`), `container`, `service` and `application` (Compose's or swarm's), read
+from the Docker engine in the background by vpcnet.docker.names and empty until it answers;
+`vpcnet_endpoint_info` joins an address to them. VPCNET_ENDPOINT_METRICS=service serves the traffic
+families summed per (network, application, service) instead (ServiceSums).
+
 Several gunicorn workers: counters and histograms then use prometheus_client's multiprocess mode
 (`vpcnet serve` points PROMETHEUS_MULTIPROC_DIR at a fresh directory under the state dir before it forks,
 and `MultiProcessCollector` adds the workers' files up), so a scrape of the one worker that serves
@@ -22,12 +28,14 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import time
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from vpcnet import __version__
+from vpcnet.docker.names import NONE, NameCache
 from vpcnet.observability.events import EVENTS, RECONCILER, REPAIR_OBJECTS, ReconcilerState
 
 log = logging.getLogger(__name__)
@@ -65,10 +73,14 @@ class StateCollector:
     """Gauges and per-endpoint counters from the store and the kernel, computed at each scrape."""
 
     def __init__(self, store, link_stats: Callable[[], dict[str, dict[str, int]]] = veth_stats,
-                 reconciler: ReconcilerState = RECONCILER):
+                 reconciler: ReconcilerState = RECONCILER, names: NameCache | None = None,
+                 per: str = "container"):
         self.store = store
         self.link_stats = link_stats
         self.reconciler = reconciler
+        self.names = names          # None: no Docker engine to ask, every name empty
+        self.per = per              # VPCNET_ENDPOINT_METRICS: container, or service (sums, see ServiceSums)
+        self.sums = ServiceSums()
 
     def describe(self):
         return []       # unchecked collector: its series are known only at scrape time
@@ -78,6 +90,7 @@ class StateCollector:
         build.add_metric([__version__], 1)
         yield build
         yield from self._endpoints()
+        yield from self._lookups()
         yield from self._ipam()
         yield from self._routes()
         yield from self._tables()
@@ -94,15 +107,24 @@ class StateCollector:
         yield family
 
     def _endpoints(self):
-        endpoints = GaugeMetricFamily("vpcnet_endpoints", "Endpoints present now, by Docker network id",
-                                      labels=["network"])
+        endpoints = GaugeMetricFamily("vpcnet_endpoints", "Endpoints present now, by Docker network",
+                                      labels=["network", "network_id"])
         networks = {n.network_id: 0 for n in self.store.networks()}
         eps = self.store.endpoints()
         for ep in eps:
             networks[ep.network_id] = networks.get(ep.network_id, 0) + 1
         for network_id, count in networks.items():
-            endpoints.add_metric([network_id[:12]], count)
+            name = self.names.network_name(network_id) if self.names else ""
+            endpoints.add_metric([name, network_id[:12]], count)
         yield endpoints
+
+    def _lookups(self):
+        failures = CounterMetricFamily("vpcnet_docker_lookup_failures", "Passes that could not read container "
+                                       "and network names from the Docker engine (it did not answer in time)")
+        failures.add_metric([], self.names.failures if self.names else 0)
+        yield failures
+        if self.names:
+            self.names.kick()       # names for endpoints still unnamed, looked up in the background
 
     def traffic_text(self) -> str:
         """The per-endpoint counters in the text exposition format (0.0.4), rendered here: with 500
@@ -114,18 +136,36 @@ class StateCollector:
         except Exception as exc:      # the kernel unreadable: the store's families still answer
             log.warning("cannot read the veth counters: %s", exc)
             stats = {}
+        if self.per == "service":
+            return self._service_text(eps, stats)
         rows = []
+        info: list[str] = []
         for ep in eps:
+            names = self.names.names(ep.network_id, ep.endpoint_id) if self.names else NONE
+            labels = (f'network="{_label(names.network)}",network_id="{_label(ep.network_id[:12])}",'
+                      f'endpoint="{_label(ep.endpoint_id[:12])}",container="{_label(names.container)}",'
+                      f'service="{_label(names.service)}",application="{_label(names.application)}"')
+            info.extend(f'vpcnet_endpoint_info{{{labels},address="{_label(address)}"}} 1.0\n'
+                        for address in (ep.address,) if address)
             counters = stats.get(ep.host_veth)
             if counters is not None:  # veth gone (or not yet made): no series, rather than a false 0
-                rows.append((f'{{network="{_label(ep.network_id[:12])}",endpoint="{_label(ep.endpoint_id[:12])}"}} ',
-                             counters))
-        out = []
-        for suffix, text, key in LINK_STATS:
-            name = f"vpcnet_endpoint_{suffix}"
-            out.append(f"# HELP {name} {text}\n# TYPE {name} counter\n")
-            out.extend(f"{name}{labels}{float(_counter(counters, key))!r}\n" for labels, counters in rows)
-        return "".join(out)
+                rows.append((f"{{{labels}}} ", [_counter(counters, key) for _, _, key in LINK_STATS]))
+        return _render(rows, ["# HELP vpcnet_endpoint_info An endpoint on this host and its names (always 1; "
+                              "one series per address)\n# TYPE vpcnet_endpoint_info gauge\n", *info])
+
+    def _service_text(self, eps, stats) -> str:
+        """VPCNET_ENDPOINT_METRICS=service: the same families summed per (network, application, service),
+        no per-container series (and no vpcnet_endpoint_info)."""
+        live = {}
+        for ep in eps:
+            names = self.names.names(ep.network_id, ep.endpoint_id) if self.names else NONE
+            counters = stats.get(ep.host_veth)
+            values = tuple(_counter(counters, key) for _, _, key in LINK_STATS) if counters is not None else None
+            live[ep.endpoint_id] = ((names.network, ep.network_id[:12], names.application, names.service), values)
+        rows = [(f'{{network="{_label(net)}",network_id="{_label(nid)}",application="{_label(app)}",'
+                 f'service="{_label(svc)}"}} ', values)
+                for (net, nid, app, svc), values in sorted(self.sums.totals(live, time.monotonic()).items())]
+        return _render(rows, [])
 
     def _ipam(self):
         in_use = GaugeMetricFamily("vpcnet_ipam_addresses_in_use", "Container addresses handed out",
@@ -159,17 +199,84 @@ class StateCollector:
         yield quota
 
 
+def _render(rows: list[tuple[str, list[int]]], out: list[str]) -> str:
+    """The per-endpoint families' text: `rows` of (labels, one value per LINK_STATS family)."""
+    for i, (suffix, text, _) in enumerate(LINK_STATS):
+        name = f"vpcnet_endpoint_{suffix}"
+        out.append(f"# HELP {name} {text}\n# TYPE {name} counter\n")
+        out.extend(f"{name}{labels}{float(values[i])!r}\n" for labels, values in rows)
+    return "".join(out)
+
+
+class ServiceSums:
+    """The per-service counters of VPCNET_ENDPOINT_METRICS=service. A bucket's value is its live
+    endpoints' counters plus what its departed ones had counted when last read, so a sum does not go
+    down when a container goes, or moves to another bucket once its names are known (which `rate()`
+    would read as a counter reset); what a departed endpoint counted after the last scrape is lost. A
+    bucket without endpoints for KEEP_EMPTY seconds is dropped, so churning services cannot grow the
+    series without bound."""
+
+    KEEP_EMPTY = 3600.0
+
+    def __init__(self):
+        self.last: dict[str, tuple[tuple, tuple[int, ...]]] = {}    # endpoint id -> (bucket, values read)
+        self.departed: dict[tuple, list[int]] = {}
+        self.empty_since: dict[tuple, float] = {}
+
+    def totals(self, live: dict[str, tuple[tuple, tuple[int, ...] | None]], now: float) -> dict[tuple, list[int]]:
+        """`live`: endpoint id -> (bucket, its counters, or None when its veth cannot be read now)."""
+        seen: dict[str, tuple[tuple, tuple[int, ...]]] = {}
+        for endpoint_id, (bucket, values) in live.items():
+            if values is None:                      # veth not readable now: keep what it had
+                if endpoint_id in self.last and self.last[endpoint_id][0] == bucket:
+                    seen[endpoint_id] = self.last[endpoint_id]
+                continue
+            seen[endpoint_id] = (bucket, values)
+        for endpoint_id, (bucket, values) in self.last.items():
+            if endpoint_id not in seen or seen[endpoint_id][0] != bucket:
+                acc = self.departed.setdefault(bucket, [0] * len(values))
+                for i, v in enumerate(values):
+                    acc[i] += v
+        self.last = seen
+        totals = {bucket: list(acc) for bucket, acc in self.departed.items()}
+        for bucket, values in seen.values():
+            acc = totals.setdefault(bucket, [0] * len(values))
+            for i, v in enumerate(values):
+                acc[i] += v
+        occupied = {bucket for bucket, _ in seen.values()}
+        for bucket in list(totals):
+            if bucket in occupied:
+                self.empty_since.pop(bucket, None)
+            elif now - self.empty_since.setdefault(bucket, now) > self.KEEP_EMPTY:
+                del totals[bucket], self.departed[bucket], self.empty_since[bucket]
+        return totals
+
+
+def _live(store) -> tuple[list[str], list[tuple[str, str]]]:
+    """This host's network ids and (network id, endpoint id) pairs, for the name lookups."""
+    return [n.network_id for n in store.networks()], [(e.network_id, e.endpoint_id) for e in store.endpoints()]
+
+
 def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 class Exposition:
     """What `/metrics` answers: the registry rendered by prometheus_client, then the per-endpoint
-    counters (StateCollector.traffic_text)."""
+    counters (StateCollector.traffic_text). `docker_socket`: the engine whose API names the endpoints
+    ("" for none: names stay empty); its lookups start at once, in a thread of their own."""
 
-    def __init__(self, store, link_stats: Callable[[], dict[str, dict[str, int]]] = veth_stats):
-        self.state = StateCollector(store, link_stats)
+    def __init__(self, store, link_stats: Callable[[], dict[str, dict[str, int]]] = veth_stats,
+                 docker_socket: str = "", per: str = "container"):
+        self.names = NameCache(docker_socket, lambda: _live(store)) if docker_socket else None
+        self.state = StateCollector(store, link_stats, names=self.names, per=per)
         self.registry = serving_registry(self.state)
+        if self.names:
+            self.names.kick()
+
+    def close(self) -> None:
+        if self.names:
+            self.names.stop()
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest

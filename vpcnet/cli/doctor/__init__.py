@@ -25,10 +25,11 @@ from typing import Callable
 from vpcnet import config as config_mod
 from vpcnet.cli.doctor.cloud import CloudChecks
 from vpcnet.cli.doctor.datapath import DatapathChecks
-from vpcnet.cli.doctor.engine import DOCKER_SOCKET, EngineChecks, default_docker_socket, managed_plugin
+from vpcnet.cli.doctor.engine import EngineChecks, managed_plugin
 from vpcnet.cli.doctor.findings import Context, Finding, problem, render_json, render_text
 from vpcnet.cli.doctor.firewall import FirewallChecks
 from vpcnet.cli.doctor.plugin import PluginChecks
+from vpcnet.docker.engine_api import DOCKER_SOCKET, default_docker_socket
 
 __all__ = ["DOCKER_SOCKET", "Doctor", "Finding", "default_docker_socket", "register"]
 

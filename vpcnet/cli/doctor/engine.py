@@ -2,19 +2,16 @@
 releases whose dockerd crashes under a remote network driver), whether it finds the plugin (the socket
 folder, or the managed plugin enabled), networks of vpcnet's driver the state does not know; and `docker
 plugin inspect` of a managed plugin, whose settings doctor then checks with. `vpcnet serve` logs the same
-version verdict (engine_crash)."""
+version verdict (engine_crash). The API client itself is vpcnet.docker.engine_api."""
 from __future__ import annotations
 
-import http.client
-import json
 import os
 import re
-import socket
 import time
 
 from vpcnet.cli.doctor.findings import Checks, Finding, ok, problem
+from vpcnet.docker.engine_api import docker_get
 
-DOCKER_SOCKET = "/var/run/docker.sock"
 DOCKER_PLUGIN_DIRS = ("/run/docker/plugins", "/etc/docker/plugins", "/usr/lib/docker/plugins")
 MIN_DOCKER = (20, 10)
 # Releases whose dockerd crashes on every stop of a container whose gateway endpoint belongs to a remote
@@ -66,46 +63,6 @@ def version_findings(version: dict) -> list[Finding]:
     else:
         out.append(ok("docker_version", f"Docker {text} has no known crash with remote network drivers"))
     return out
-
-
-class _UnixHTTP(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float):
-        super().__init__("docker", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self._path)
-
-
-def docker_status(sock: str, path: str, timeout: float = 10.0) -> tuple[int, bytes]:
-    """GET one Docker API path: (HTTP status, body); raises OSError when the engine does not answer."""
-    conn = _UnixHTTP(sock, timeout)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    except http.client.HTTPException as exc:
-        raise OSError(f"no HTTP answer from {sock}: {exc}") from None
-    finally:
-        conn.close()
-
-
-def docker_get(sock: str, path: str, timeout: float = 10.0):
-    """GET one Docker API path; the decoded JSON, or raises OSError / ValueError."""
-    status, body = docker_status(sock, path, timeout)
-    if status != 200:
-        said = body[:200].decode(errors="replace").strip()
-        raise ValueError(f"Docker answered HTTP {status} for {path}: {said}")
-    return json.loads(body)
-
-
-def default_docker_socket(environ=os.environ) -> str:
-    """The engine the docker CLI would talk to: DOCKER_HOST when it names a unix socket (rootless Docker,
-    a second engine), else the standard socket."""
-    host = environ.get("DOCKER_HOST", "")
-    return host[len("unix://"):] if host.startswith("unix://") else DOCKER_SOCKET
 
 
 def managed_plugin(name: str, docker_socket: str) -> tuple[dict, dict[str, str]]:

@@ -508,32 +508,38 @@ tests:
           - exp_labels: {severity: warning, instance: h1, object: firewall}
             exp_annotations:
               summary: "something keeps undoing vpcnet's firewall state on h1"
-              description: "The datapath pass has been repairing it for 15 minutes: another tool (a firewall manager, a network agent, a script) changes what vpcnet writes. The plugin's WARNING lines say what was wrong each time."
+              description: "The datapath pass has been repairing it for 15 minutes: another tool (a firewall manager,
+                a network agent, a script) changes what vpcnet writes. The plugin's WARNING lines say what was wrong
+                each time."
       - eval_time: 15m
         alertname: VpcnetIpamBlockNearlyFull
         exp_alerts:
           - exp_labels: {severity: warning, instance: h1, host_cidr: 10.200.1.0/24}
             exp_annotations:
               summary: "host block 10.200.1.0/24 of h1 is 92.89% used"
-              description: "A full block refuses new containers on this host: spread them to other hosts; hosts that claim a block later get a larger one with a smaller VPCNET_HOST_PREFIX."
+              description: "A full block refuses new containers on this host: spread them to other hosts; hosts that
+                claim a block later get a larger one with a smaller VPCNET_HOST_PREFIX."
       - eval_time: 24m
         alertname: VpcnetDatapathPassStale
         exp_alerts:
           - exp_labels: {severity: critical, instance: h3}
             exp_annotations:
               summary: "no successful datapath pass on h3 for 24m 0s"
-              description: "Drift (flushed rules, deleted routes) is no longer repaired. See the plugin's ERROR lines and `vpcnet doctor`."
+              description: "Drift (flushed rules, deleted routes) is no longer repaired. See the plugin's ERROR lines
+                and `vpcnet doctor`."
       - eval_time: 26m
         alertname: VpcnetDatapathPassStale
         exp_alerts:
           - exp_labels: {severity: critical, instance: h1}
             exp_annotations:
               summary: "no successful datapath pass on h1 for 16m 0s"
-              description: "Drift (flushed rules, deleted routes) is no longer repaired. See the plugin's ERROR lines and `vpcnet doctor`."
+              description: "Drift (flushed rules, deleted routes) is no longer repaired. See the plugin's ERROR lines
+                and `vpcnet doctor`."
           - exp_labels: {severity: critical, instance: h3}
             exp_annotations:
               summary: "no successful datapath pass on h3 for 26m 0s"
-              description: "Drift (flushed rules, deleted routes) is no longer repaired. See the plugin's ERROR lines and `vpcnet doctor`."
+              description: "Drift (flushed rules, deleted routes) is no longer repaired. See the plugin's ERROR lines
+                and `vpcnet doctor`."
       - eval_time: 29m
         alertname: VpcnetRoutePassStale
       - eval_time: 31m
@@ -542,7 +548,8 @@ tests:
           - exp_labels: {severity: critical, instance: h1}
             exp_annotations:
               summary: "no successful route reconcile pass on h1 for 21m 0s"
-              description: "This host's route is no longer checked or repaired. See the plugin's log and `vpcnet doctor` (cloud reachable, credentials, quota)."
+              description: "This host's route is no longer checked or repaired. See the plugin's log and `vpcnet
+                doctor` (cloud reachable, credentials, quota)."
 """
 
 

@@ -42,6 +42,7 @@ class FakeDataplane:
         self.fail: dict[str, Exception] = {}
         self.kernel_routes: list[str] = []         # what overlapping_routes() finds, e.g. "10.200.0.0/16 dev x"
         self.routes: dict[str, str] = {}           # routed modes: container address -> host veth (/32 routes)
+        self.unrepaired: list[str] = []            # networks the last repair could not put right
 
     def _call(self, name: str, *args) -> None:
         self.calls.append((name, *args))
@@ -79,6 +80,7 @@ class FakeDataplane:
         from vpcnet.datapath.spec import Repair
 
         self._call("repair", tuple(spec.tag for spec, _ in networks))
+        self.unrepaired = []
         repairs = [Repair("firewall", "-", p) for p in self.ensure_host()]
         for spec, endpoints in networks:
             try:
@@ -98,6 +100,7 @@ class FakeDataplane:
                         repairs.append(Repair("route" if spec.routed else "link", spec.tag,
                                               f"{ep.host_veth} of {ep.address}"))
             except Exception:       # as the real one: one broken network never stops the pass
+                self.unrepaired.append(spec.tag)
                 continue
         return repairs
 

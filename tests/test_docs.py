@@ -439,6 +439,34 @@ tests:
         values: '5x20'
       - series: 'up{job="vpcnet", instance="h1"}'
         values: '1x20'
+      # h1: a repair every minute (something fights vpcnet); h2: one burst of 3, then none
+      - series: 'vpcnet_datapath_repairs_total{instance="h1", object="firewall"}'
+        values: '0+1x40'
+      - series: 'vpcnet_datapath_repairs_total{instance="h2", object="firewall"}'
+        values: '0 0 3x38'
+      - series: 'vpcnet_datapath_repairs_total{instance="h1", object="route"}'
+        values: '0x40'
+      # h1's block 235 of 253 used (93 %), h2's 200 (79 %)
+      - series: 'vpcnet_ipam_addresses_in_use{instance="h1", host_cidr="10.200.1.0/24"}'
+        values: '235x40'
+      - series: 'vpcnet_ipam_addresses_capacity{instance="h1", host_cidr="10.200.1.0/24"}'
+        values: '253x40'
+      - series: 'vpcnet_ipam_addresses_in_use{instance="h2", host_cidr="10.200.2.0/24"}'
+        values: '200x40'
+      - series: 'vpcnet_ipam_addresses_capacity{instance="h2", host_cidr="10.200.2.0/24"}'
+        values: '253x40'
+      # promtool's clock starts at 0: h1's passes succeed until minute 10 (600 s) and never again, h2's
+      # every minute, h3's never since it started
+      - series: 'vpcnet_datapath_last_success_timestamp_seconds{instance="h1"}'
+        values: '0+60x10 600x30'
+      - series: 'vpcnet_datapath_last_success_timestamp_seconds{instance="h2"}'
+        values: '0+60x40'
+      - series: 'vpcnet_datapath_last_success_timestamp_seconds{instance="h3"}'
+        values: '0x40'
+      - series: 'vpcnet_route_reconcile_last_success_timestamp_seconds{instance="h1"}'
+        values: '0+60x10 600x30'
+      - series: 'vpcnet_route_reconcile_last_success_timestamp_seconds{instance="h2"}'
+        values: '0+60x40'
     alert_rule_test:
       - eval_time: 5m
         alertname: VpcnetRouteNotAvailable
@@ -472,6 +500,56 @@ tests:
               description: "Other tools share the account's API rate; vpcnet backs off, but claims and repairs wait."
       - eval_time: 10m
         alertname: VpcnetDown
+      - eval_time: 14m
+        alertname: VpcnetRepairsContinue
+      - eval_time: 30m
+        alertname: VpcnetRepairsContinue
+        exp_alerts:
+          - exp_labels: {severity: warning, instance: h1, object: firewall}
+            exp_annotations:
+              summary: "something keeps undoing vpcnet's firewall state on h1"
+              description: "The datapath pass has been repairing it for 15 minutes: another tool (a firewall manager,
+                a network agent, a script) changes what vpcnet writes. The plugin's WARNING lines say what was wrong
+                each time."
+      - eval_time: 15m
+        alertname: VpcnetIpamBlockNearlyFull
+        exp_alerts:
+          - exp_labels: {severity: warning, instance: h1, host_cidr: 10.200.1.0/24}
+            exp_annotations:
+              summary: "host block 10.200.1.0/24 of h1 is 92.89% used"
+              description: "A full block refuses new containers on this host: spread them to other hosts; hosts that
+                claim a block later get a larger one with a smaller VPCNET_HOST_PREFIX."
+      - eval_time: 24m
+        alertname: VpcnetDatapathPassStale
+        exp_alerts:
+          - exp_labels: {severity: critical, instance: h3}
+            exp_annotations:
+              summary: "no successful datapath pass on h3 for 24m 0s"
+              description: "Drift (flushed rules, deleted routes) is no longer repaired. See the plugin's ERROR lines
+                and `vpcnet doctor`."
+      - eval_time: 26m
+        alertname: VpcnetDatapathPassStale
+        exp_alerts:
+          - exp_labels: {severity: critical, instance: h1}
+            exp_annotations:
+              summary: "no successful datapath pass on h1 for 16m 0s"
+              description: "Drift (flushed rules, deleted routes) is no longer repaired. See the plugin's ERROR lines
+                and `vpcnet doctor`."
+          - exp_labels: {severity: critical, instance: h3}
+            exp_annotations:
+              summary: "no successful datapath pass on h3 for 26m 0s"
+              description: "Drift (flushed rules, deleted routes) is no longer repaired. See the plugin's ERROR lines
+                and `vpcnet doctor`."
+      - eval_time: 29m
+        alertname: VpcnetRoutePassStale
+      - eval_time: 31m
+        alertname: VpcnetRoutePassStale
+        exp_alerts:
+          - exp_labels: {severity: critical, instance: h1}
+            exp_annotations:
+              summary: "no successful route reconcile pass on h1 for 21m 0s"
+              description: "This host's route is no longer checked or repaired. See the plugin's log and `vpcnet
+                doctor` (cloud reachable, credentials, quota)."
 """
 
 

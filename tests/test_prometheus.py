@@ -132,6 +132,11 @@ def test_prometheus_scrapes_vpcnet_while_docker_runs_containers(emulator, plugin
                                                       timeout=10).read())["data"])
         served = {f for f in FAMILIES if f in names or f + "_count" in names}
         assert served == set(FAMILIES), f"missing: {sorted(set(FAMILIES) - served)}"
+        # the datapath's own work: the start pass succeeded, the network's chains were written
+        assert prom.value("time() - vpcnet_datapath_last_success_timestamp_seconds") < 120
+        assert prom.value("time() - vpcnet_route_reconcile_last_success_timestamp_seconds") < 120
+        assert prom.value('vpcnet_iptables_restore_total{family="ipv4",outcome="ok"}') >= 1
+        assert prom.value('vpcnet_iptables_restore_total{family="ipv4",outcome="failed"}') == 0
         assert prom.value(f'vpcnet_route_table_quota{{table="{TABLE}"}}') == 200
         assert prom.value(f'vpcnet_route_table_entries{{table="{TABLE}"}}') == 1
 

@@ -95,6 +95,7 @@ class Dataplane:
         self.tc = TcPrograms(self.nl)
         self.firewall = FirewallTable(self.nl.cmd(), iptables)
         self.ipv6_guard = Ipv6Guard(self.nl.cmd(), iptables)
+        self.unrepaired: list[str] = []     # networks the last repair could not put right
 
     # -- host-wide --------------------------------------------------------------------------------
     def uplink_mtu(self) -> int:
@@ -240,6 +241,7 @@ class Dataplane:
         on a host left alone). A network that looks wrong in the dumps is looked at again under its
         lock (`lock_for`), where no Docker call is changing it, and only then repaired."""
         repairs: list[Repair] = []
+        self.unrepaired = []                      # tags of networks whose repair failed (logged below)
         view = self.view(with_tc=any(spec.ebpf for spec, _ in networks))
         saved = self.firewall.save()
         by_index = {link["index"]: name for name, link in view.links.items()}
@@ -269,6 +271,7 @@ class Dataplane:
                 continue
             except Exception as exc:              # one broken network never stops the pass
                 log.error("network %s: cannot repair the datapath: %s", spec.tag, exc)
+                self.unrepaired.append(spec.tag)
         return repairs
 
     def _ipv6_on(self, link: dict | None) -> bool:

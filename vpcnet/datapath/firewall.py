@@ -6,7 +6,8 @@ kernel holds with one `iptables-save`, diffs it against what is wanted, and writ
 with one `iptables-restore --noflush`: a chain that differs is declared (which empties it) and refilled in
 the same transaction, so no packet ever meets it empty, and an up-to-date network costs one process run
 (the save) and no write. The diff is also the drift report: each difference is named, so a repair can be
-logged and counted.
+logged and counted. Every restore run (this one, `drop`'s, the IPv6 guard's) is counted by family and
+outcome in `vpcnet_iptables_restore_total`.
 
 Rules are written exactly as `iptables-save` prints them (`-s`, `-d`, `-i`, `-o`, then matches, then the
 target; comments quoted; an address as its network and prefix, and none for `0.0.0.0/0`; conntrack states
@@ -218,6 +219,17 @@ class FirewallTable:
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise DataplaneError(f"{' '.join(full)}: {exc}") from None
 
+    def _restore(self, script: str) -> subprocess.CompletedProcess:
+        """One `iptables-restore --noflush` of `script`, counted by outcome (`vpcnet_iptables_restore_total`):
+        the only way this module writes rules."""
+        try:
+            proc = self._run([self.restore_cmd, "-w", "10", "--noflush"], script)
+        except DataplaneError:
+            events.iptables_restore(self.loops.family, ok=False)
+            raise
+        events.iptables_restore(self.loops.family, ok=proc.returncode == 0)
+        return proc
+
     def save(self) -> Saved:
         proc = self._run([self.save_cmd])
         if proc.returncode != 0:
@@ -239,7 +251,7 @@ class FirewallTable:
                 if not script:
                     self.loops.seen(current, "")
                     return found
-                proc = self._run([self.restore_cmd, "-w", "10", "--noflush"], script)
+                proc = self._restore(script)
                 if proc.returncode != 0:
                     error, misplaced = proc.stderr.strip(), False
                     continue
@@ -274,7 +286,7 @@ class FirewallTable:
             script = "".join(f"*{t}\n" + "".join(x + "\n" for x in lines[t]) + "COMMIT\n"
                              for t in TABLES if lines[t])
             if script:
-                proc = self._run([self.restore_cmd, "-w", "10", "--noflush"], script)
+                proc = self._restore(script)
                 if proc.returncode != 0:
                     raise DataplaneError(f"{self.restore_cmd} failed: {proc.stderr.strip()}")
 
@@ -519,7 +531,7 @@ class Ipv6Guard:
                 current = saved if saved is not None else self.table.save()
                 problems, script = self.diff(current)
                 if script:
-                    proc = self.table._run([self.table.restore_cmd, "-w", "10", "--noflush"], script)
+                    proc = self.table._restore(script)
                     if proc.returncode != 0:
                         raise DataplaneError(f"{self.table.restore_cmd} failed: {proc.stderr.strip()}")
                 self.table.loops.seen(current, script)

@@ -13,6 +13,9 @@ if TYPE_CHECKING:
 
 
 class Datapath(Protocol):
+    #: The networks (tags) the last `repair` could not put right (each logged as an ERROR).
+    unrepaired: list[str]
+
     def uplink_mtu(self) -> int: ...
 
     def features(self) -> Features: ...

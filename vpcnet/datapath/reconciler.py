@@ -17,6 +17,11 @@ rows of calls still running are left out of the pass.
 
 One pass per host at a time: the pass runs in the worker holding `datapath.lock` in the state dir (as the
 route reconciler does with its own lock), every `VPCNET_DATAPATH_INTERVAL` seconds.
+
+Each pass is timed (`vpcnet_datapath_pass_duration_seconds`, `trigger` start for a worker's first pass,
+which rebuilds after a reboot, else periodic), and one that ends with the kernel matching the store (no
+exception, no network whose repair failed: `Datapath.unrepaired`) moves
+`vpcnet_datapath_last_success_timestamp_seconds` (vpcnet.observability.events).
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from typing import Callable, ContextManager, Iterator
 
 from vpcnet.datapath.protocol import Datapath
 from vpcnet.datapath.spec import EndpointSpec, NetworkGone, NetworkSpec, Repair
+from vpcnet.observability import events
 from vpcnet.state.locks import become_leader, object_lock
 from vpcnet.state.store import PENDING, READY, Network, Store
 
@@ -50,6 +56,7 @@ class DatapathReconciler:
         self.repairs: Counter[str] = Counter()      # this process's repairs by kind (for metrics)
         self._stop = threading.Event()
         self.passes = 0
+        self._trigger = "start"       # this process's first pass (driver.restore's), then "periodic"
 
     def _lock_for(self, ids: dict[str, str]) -> Callable[[NetworkSpec], ContextManager]:
         @contextmanager
@@ -62,7 +69,18 @@ class DatapathReconciler:
         return locked
 
     def reconcile(self) -> list[Repair]:
-        """One pass over every network of the store; returns the repairs made."""
+        """One pass over every network of the store; returns the repairs made. Timed, and a success
+        (the kernel matches the store at its end) is recorded (vpcnet.observability.events)."""
+        trigger, self._trigger = self._trigger, "periodic"
+        started, ok = time.monotonic(), False
+        try:
+            repairs = self._pass()
+            ok = not self.dataplane.unrepaired
+            return repairs
+        finally:
+            events.datapath_pass(trigger, time.monotonic() - started, ok)
+
+    def _pass(self) -> list[Repair]:
         self.settle_pending()
         nets = [n for n in self.store.networks() if n.state == READY]
         ids = {spec_of(n).tag: n.network_id for n in nets}

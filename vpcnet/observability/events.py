@@ -2,9 +2,11 @@
 
 Each event is counted where it happens, at one chokepoint: Docker's calls (transport's dispatch), cloud
 API calls (aliyun's signed RPC call, a botocore event hook for aws), route passes (the route keeper's
-loop) and firewall repair loops (the firewall's canary). Those modules call `docker_call`,
-`cloud_call`/`instrument_botocore`, `reconcile_pass`, `repair_loop` and `RECONCILER.table_listed` here
-and nothing else; this module imports nothing of vpcnet's, so the arrows
+loop), firewall repair loops (the firewall's canary), datapath passes (the datapath reconciler),
+iptables-restore runs (the firewall's one runner of it) and eBPF program loads (the loader). Those
+modules call `docker_call`, `cloud_call`/`instrument_botocore`, `reconcile_pass`, `repair_loop`,
+`datapath_pass`, `iptables_restore`, `bpf_program_load` and `RECONCILER.table_listed` here and nothing
+else; this module imports nothing of vpcnet's, so the arrows
 point one way. The families are part of the metrics contract (docs/monitoring.md); vpcnet.observability
 .metrics renders them with the state it computes at scrape time.
 """
@@ -15,7 +17,7 @@ import threading
 import time
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 disable_created_metrics()     # no `_created` series: half the lines per scrape, nothing a query needs
 
@@ -40,10 +42,41 @@ REPAIR_LOOPS = Counter("vpcnet_datapath_repair_loops_total", "Firewall chains vp
                        "passes in a row while iptables-save printed the same other text back each time (a rule "
                        "it spells differently: rewritten on every pass); each is also one ERROR log line",
                        ["family", "table"], registry=EVENTS)
+# The datapath's own work (Calico Felix's families are the model). The timestamps are gauges that only
+# grow: with several workers (multiprocess mode) the newest of every worker's, dead ones' included, is
+# the host's ("max"); the pass and the route loop run in one worker at a time, and that worker changes.
+DATAPATH_PASS = Histogram("vpcnet_datapath_pass_duration_seconds", "Time of one datapath pass (read the kernel, "
+                          "repair what differs from the state): start (a worker's first, which rebuilds after "
+                          "a reboot) or periodic", ["trigger"], registry=EVENTS,
+                          buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+DATAPATH_LAST_SUCCESS = Gauge("vpcnet_datapath_last_success_timestamp_seconds", "Unix time the last datapath "
+                              "pass ended with the kernel matching the state (0: none yet)", registry=EVENTS,
+                              multiprocess_mode="max")
+ROUTE_LAST_SUCCESS = Gauge("vpcnet_route_reconcile_last_success_timestamp_seconds", "Unix time the last route "
+                           "reconcile pass ended without a problem (a route still Pending counts as none; 0: none yet)",
+                           registry=EVENTS, multiprocess_mode="max")
+IPTABLES_RESTORES = Counter("vpcnet_iptables_restore_total", "iptables-restore (ipv4) and ip6tables-restore "
+                            "(ipv6) runs, by outcome: ok, failed (a non-zero exit, or it could not be run)",
+                            ["family", "outcome"], registry=EVENTS)
+BPF_LOADS = Counter("vpcnet_bpf_program_loads_total", "eBPF programs loaded into the kernel (bpf(2) PROG_LOAD), "
+                    "by program (container, uplink, probe) and outcome: ok, failed (the kernel refused it)",
+                    ["program", "outcome"], registry=EVENTS)
+#: The `program` label of each kernel program name (vpcnet.datapath.tc attaches the first two,
+#: vpcnet.datapath.features probes with the others); any other name is "other", so the label stays bounded.
+BPF_PROGRAMS = {"vpcnet_ctr": "container", "vpcnet_uplink": "uplink", "vpcnet_probe_c": "probe",
+                "vpcnet_probe_u": "probe"}
+
 for _outcome in ("ok", "repaired", "error"):
     RECONCILES.labels(_outcome)       # present at 0 from the start, so rate() and alerts see them
 for _family, _table in (("ipv4", "raw"), ("ipv4", "filter"), ("ipv4", "nat"), ("ipv6", "raw")):
     REPAIR_LOOPS.labels(_family, _table)
+for _trigger in ("start", "periodic"):
+    DATAPATH_PASS.labels(_trigger)
+for _outcome in ("ok", "failed"):
+    for _family in ("ipv4", "ipv6"):
+        IPTABLES_RESTORES.labels(_family, _outcome)
+    for _program in ("container", "uplink"):
+        BPF_LOADS.labels(_program, _outcome)
 
 
 #: The families of the contract: dashboards, alerts and docs/monitoring.md rely on these names.
@@ -57,6 +90,9 @@ FAMILIES = (
     "vpcnet_endpoint_receive_drops_total", "vpcnet_endpoint_transmit_drops_total",
     "vpcnet_datapath_repairs_total", "vpcnet_datapath_repair_loops_total",
     "vpcnet_endpoint_info", "vpcnet_docker_lookup_failures_total",
+    "vpcnet_datapath_pass_duration_seconds", "vpcnet_datapath_last_success_timestamp_seconds",
+    "vpcnet_route_reconcile_last_success_timestamp_seconds", "vpcnet_iptables_restore_total",
+    "vpcnet_bpf_program_loads_total",
 )
 
 #: Kernel objects the datapath pass repairs (vpcnet.datapath.spec.Repair kinds): their series exist at 0.
@@ -78,6 +114,26 @@ def reconcile_pass(fine: bool, repaired: bool) -> None:
     transition remained), else `ok`."""
     RECONCILES.labels("repaired" if repaired else "ok" if fine else "error").inc()
     RECONCILER.passed(fine)
+    if fine:
+        ROUTE_LAST_SUCCESS.set_to_current_time()
+
+
+def datapath_pass(trigger: str, seconds: float, ok: bool) -> None:
+    """One datapath pass ended (the datapath reconciler), `ok` when the kernel matched the state at its
+    end (every difference repaired); `trigger`: start (a worker's first pass) or periodic."""
+    DATAPATH_PASS.labels(trigger).observe(seconds)
+    if ok:
+        DATAPATH_LAST_SUCCESS.set_to_current_time()
+
+
+def iptables_restore(family: str, ok: bool) -> None:
+    """One iptables-restore (`family` ipv4) or ip6tables-restore (ipv6) run ended (the firewall)."""
+    IPTABLES_RESTORES.labels(family, "ok" if ok else "failed").inc()
+
+
+def bpf_program_load(name: str, ok: bool) -> None:
+    """One eBPF program load ended (the loader): accepted, or refused for good."""
+    BPF_LOADS.labels(BPF_PROGRAMS.get(name, "other"), "ok" if ok else "failed").inc()
 
 
 def repair_loop(family: str, table: str) -> None:

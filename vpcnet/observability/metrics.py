@@ -22,6 +22,9 @@ Several gunicorn workers: counters and histograms then use prometheus_client's m
 and `MultiProcessCollector` adds the workers' files up), so a scrape of the one worker that serves
 (the route keeper's, see vpcnet.observability.health) counts every worker's calls; the state families are
 computed from shared state and need no such help. With one worker (the default) values stay in memory.
+The datapath's own families (pass duration, iptables-restore runs, eBPF program loads) are events too;
+the two last-success timestamps are gauges whose newest value across workers is the host's (multiprocess
+mode "max": the datapath pass and the route loop move to another worker when theirs dies).
 """
 from __future__ import annotations
 

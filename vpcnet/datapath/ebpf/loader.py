@@ -1,5 +1,6 @@
 """Loading a tc (sched_cls) program with the bpf(2) syscall, through ctypes; attaching is
-vpcnet.datapath.tc's job (netlink)."""
+vpcnet.datapath.tc's job (netlink). Each load is counted by program name and outcome
+(`vpcnet_bpf_program_loads_total`, vpcnet.observability.events)."""
 from __future__ import annotations
 
 import ctypes
@@ -10,6 +11,7 @@ import struct
 import sys
 
 from vpcnet.errors import DataplaneError
+from vpcnet.observability import events
 
 # -- loading ------------------------------------------------------------------------------------------
 BPF_PROG_LOAD = 5
@@ -21,7 +23,17 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 def load(insns: bytes, name: str) -> int:
     """Load a tc (sched_cls) program; the file descriptor is the caller's to close. A refusal raises
-    DataplaneError with the reason (and, for the verifier, the end of its log)."""
+    DataplaneError with the reason (and, for the verifier, the end of its log). Counted either way."""
+    try:
+        fd = _load(insns, name)
+    except DataplaneError:
+        events.bpf_program_load(name, ok=False)
+        raise
+    events.bpf_program_load(name, ok=True)
+    return fd
+
+
+def _load(insns: bytes, name: str) -> int:
     if sys.byteorder != "little":
         raise DataplaneError("vpcnet.mode=ebpf needs a little-endian machine")
     nr = SYS_BPF.get(platform.machine())

@@ -7,7 +7,7 @@ and skip on older engines; the firewall test for DOCKER-USER runs on every engin
 from __future__ import annotations
 
 import pytest
-from conftest import run, source_seen_by, unique
+from conftest import run, source_seen_by, unique, wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -123,7 +123,8 @@ def test_a_docker_user_drop_blocks_a_vpcnet_flow_and_removing_it_restores_it(plu
             assert not ping(dock, c, peer), "a DOCKER-USER DROP applies to vpcnet traffic"
     finally:
         run(["iptables", "-D", *rule])
-    assert ping(dock, c, peer), "and removing it restores the flow"
+    # within a few pings: one lost echo on a loaded machine is not a DROP left behind
+    assert wait_for(lambda: ping(dock, c, peer), 10), "and removing it restores the flow"
 
 
 def test_docker28_forward_chains_and_direct_routing_drops_leave_vpcnet_traffic_alone(

@@ -2,6 +2,7 @@
 finds each by reading the kernel and repairs it, logs it and counts it."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -23,6 +24,7 @@ from test_dataplane import (  # noqa: F401
 from vpcnet.datapath.dataplane import Dataplane
 from vpcnet.datapath.reconciler import DatapathReconciler
 from vpcnet.datapath.spec import veth_names
+from vpcnet.observability.logs import TEXT_FORMAT, JsonFormatter
 from vpcnet.state.store import Endpoint, Network, Store
 
 pytestmark = pytest.mark.root
@@ -99,6 +101,30 @@ def test_firewall_flushed_with_forward_drop_comes_back(box, netns_factory, caplo
     assert any("VPCNET-F-" in r.getMessage() and "firewall" in r.getMessage() for r in caplog.records)
     assert box.store.repair_counts().get("firewall", 0) >= 1
     print(f"firewall repaired in {took:.2f}s")
+
+
+def test_a_repair_line_carries_its_fields_in_json(box, caplog):
+    """The pass's repair line, as `VPCNET_LOG_FORMAT=json` writes it: event, kind, network, outcome as
+    fields; the text line stays the same prose, without them."""
+    s = spec(mode="routed")
+    box.network(s)
+    box.reconciler.reconcile()
+    ns_run(box.ns, "iptables", "-t", "filter", "-F")
+    caplog.set_level(logging.WARNING, logger="vpcnet.datapath.reconciler")
+    caplog.clear()
+    assert any(r.kind == "firewall" for r in box.reconciler.reconcile())
+    records = [r for r in caplog.records if r.name == "vpcnet.datapath.reconciler"]
+    lines = [json.loads(JsonFormatter().format(r)) for r in records]
+    firewall = [line for line in lines if line.get("kind") == "firewall"]
+    assert firewall, lines
+    assert all((line["event"], line["outcome"], line["level"]) == ("datapath_repair", "repaired", "WARNING")
+               for line in firewall), firewall
+    ours = [line for line in firewall if "network" in line]           # the host's shared chains: no network
+    assert ours and all(line["network"] == s.tag for line in ours), firewall
+    assert all(line["message"].startswith(f"datapath repaired (firewall, network {s.tag}): ") for line in ours)
+    assert any(f"VPCNET-F-{s.tag}" in line["message"] for line in ours)
+    text = logging.Formatter(TEXT_FORMAT).format(records[0])
+    assert "datapath repaired (" in text and "datapath_repair" not in text and "{" not in text
 
 
 @pytest.mark.parametrize("mode", ["routed", "ebpf"])

@@ -9,7 +9,7 @@ import re
 
 import pytest
 from conftest import wait_for
-from test_plugin_cloud import SECRET, cloud_env, emu, mine  # noqa: F401  (emu: fixture)
+from test_plugin_cloud import ME, SECRET, TABLE, cloud_env, emu, mine  # noqa: F401  (emu: fixture)
 
 from vpcnet.observability.logs import JsonFormatter
 
@@ -57,4 +57,10 @@ def test_log_format_at_debug_and_no_secret(emu, plugin_factory, fmt):  # noqa: F
     assert isinstance(delete["duration_ms"], float) and delete["level"] == "DEBUG"
     assert calls["NetworkDriver.Join"]["status"] == 400 and calls["NetworkDriver.Join"]["level"] == "INFO"
     assert "IpamDriver.RequestPool" in calls
+    claimed = [r for r in records if r.get("event") == "route_claim" and r.get("outcome") == "claimed"]
+    assert len(claimed) == 1, records                           # the route pass's line, with its fields
+    entry = mine(emu)[0]
+    assert (claimed[0]["table"], claimed[0]["destination"], claimed[0]["next_hop"]) == \
+        (TABLE, entry["DestinationCidrBlock"], ME)
+    assert claimed[0]["cluster"] and claimed[0]["message"].startswith(f"claimed block {entry['DestinationCidrBlock']}")
     assert any(r["logger"].startswith("gunicorn") for r in records), "gunicorn's lines are JSON too"

@@ -270,7 +270,8 @@ class Dataplane:
             except NetworkGone:                   # deleted (or its creation undone) meanwhile
                 continue
             except Exception as exc:              # one broken network never stops the pass
-                log.error("network %s: cannot repair the datapath: %s", spec.tag, exc)
+                log.error("network %s: cannot repair the datapath: %s", spec.tag, exc,
+                          extra={"event": "datapath_repair", "network": spec.tag, "outcome": "failed"})
                 self.unrepaired.append(spec.tag)
         return repairs
 

@@ -263,7 +263,8 @@ class FirewallTable:
                     return found
             if misplaced:
                 log.warning("FORWARD changed during the repair of its jump to %s: the next pass moves it",
-                            FORWARD_CHAIN)
+                            FORWARD_CHAIN, extra={"event": "firewall_drift", "kind": "firewall", "table": "filter",
+                                                  "chain": "FORWARD", "outcome": "retry"})
                 return found or []
             raise DataplaneError(f"{self.restore_cmd} failed: {error}")
 
@@ -473,7 +474,9 @@ class RepairLoops:
                   "is rewritten on every pass: vpcnet wrote %s; %s-save prints %s. A rule's text differs from how "
                   "this iptables prints it (or another tool rewrites it after each pass); see docs/datapath.md",
                   self.iptables, table, chain, w.passes, " | ".join(ours), self.iptables,
-                  " | ".join(theirs) or "(the same rules, in another order)")
+                  " | ".join(theirs) or "(the same rules, in another order)",
+                  extra={"event": "datapath_repair_loop", "kind": "firewall", "family": self.family, "table": table,
+                         "chain": chain, "outcome": "loop"})
 
 
 def _writes(script: str) -> dict[tuple[str, str], tuple[bool, list[str], list[str]]]:

@@ -94,7 +94,9 @@ class DatapathReconciler:
         self.passes += 1
         for r in repairs:
             log.warning("datapath repaired (%s%s): %s", r.kind,
-                        f", network {r.network}" if r.network != "-" else "", r.what)
+                        f", network {r.network}" if r.network != "-" else "", r.what,
+                        extra={"event": "datapath_repair", "kind": r.kind, "outcome": "repaired",
+                               "network": r.network if r.network != "-" else None})
         if repairs:
             self._count(Counter(r.kind for r in repairs))
         self.remove_leftovers()

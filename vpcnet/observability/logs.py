@@ -4,6 +4,9 @@ A JSON line holds `time` (UTC, ISO 8601), `level`, `logger`, `pid`, `message`, a
 passed as `extra`: transport's line for each Docker call carries `call`, `status`, `duration_ms`,
 `network` and `endpoint` (12-character ids, when the call names them), and `container`, `service` and
 `application` once the process serving /metrics has read them from Docker (vpcnet.docker.names).
+The datapath pass's repair lines and the route pass's claim, create, delete and problem lines carry
+`event` (`datapath_repair`, `route_create`, ...), `kind`, `outcome` and what they name of `network`,
+`cluster`, `table`, `chain`, `family`, `destination`, `next_hop` (docs/monitoring.md lists them).
 gunicorn's own lines use the same formatter, so every line of the plugin's output parses. No secret is
 ever put in a record (providers scrub their messages); the formatter adds nothing that was not in the
 record.
@@ -17,7 +20,8 @@ import time
 
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-EXTRA_FIELDS = ("call", "status", "duration_ms", "network", "endpoint", "container", "service", "application")
+EXTRA_FIELDS = ("call", "status", "duration_ms", "network", "endpoint", "container", "service", "application",
+                "event", "kind", "outcome", "cluster", "table", "destination", "next_hop", "family", "chain")
 
 
 class JsonFormatter(logging.Formatter):

@@ -196,7 +196,9 @@ class RouteKeeper:
                        if self.owned(r, me, clusters)]
             for route in removed:
                 self.tables.delete_route(route)
-                log.info("released route %s -> %s from %s", route.destination, me, route.table)
+                log.info("released route %s -> %s from %s", route.destination, me, route.table,
+                         extra={"event": "route_delete", "table": route.table, "destination": route.destination,
+                                "next_hop": me, "outcome": "released"})
             for cluster in clusters:
                 self.store.forget_claim(cluster)
             return removed
@@ -223,7 +225,9 @@ class RouteKeeper:
             for route in routes:
                 self.tables.delete_route(route)
                 log.info("removed route %s -> %s from %s (instance gone)", route.destination, route.next_hop,
-                         route.table)
+                         route.table, extra={"event": "route_delete", "table": route.table,
+                                             "destination": route.destination, "next_hop": route.next_hop,
+                                             "outcome": "instance_gone"})
             return list(routes)
 
     # -- the background reconciler (vpcnet.routes.loop) -------------------------------------------

@@ -108,7 +108,8 @@ class ReconcileLoop:
                             PENDING_POLL * clock.pending_growth ** min(pending, 16))
                 pending += 1
             else:
-                log.warning("routes not in place: %s", "; ".join(result.problems))
+                log.warning("routes not in place: %s", "; ".join(result.problems),
+                            extra={"event": "route_problem", "outcome": "not_in_place"})
                 failures += 1
                 pause = min(interval, MAX_FAILURE_PAUSE, 2.0 ** min(failures, 6))
             if self._idle(max(clock.jittered(pause), MIN_PASS_GAP), started, started_wall):

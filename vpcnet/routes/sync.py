@@ -122,7 +122,7 @@ class Sync:
                 reason = f"cannot read the {self.config.provider} route table: {exc}"
             for cluster in clusters:
                 self._note(cluster, reason)
-            log.warning("%s", reason)
+            log.warning("%s", reason, extra={"event": "route_problem", "kind": kind_of(exc), "outcome": "failed"})
             result.add(reason, kind_of(exc))
             return result
         except Exception as exc:  # a provider bug or an unexpected library error: keep serving
@@ -165,7 +165,7 @@ class Sync:
             self._forwarding_problems = [(f"cannot check the source/destination check: {exc}", kind_of(exc))]
             return self._forwarding_problems
         for problem in problems:
-            log.warning("%s", problem)
+            log.warning("%s", problem, extra={"event": "route_problem", "kind": FATAL, "outcome": "forwarding"})
         self._forwarding_problems = [(p, FATAL) for p in problems]
         return self._forwarding_problems
 
@@ -190,11 +190,14 @@ class Sync:
             wanted = claims.find_mine(cluster, name, listings, me, self.config.host_prefix)
             if wanted:
                 log.info("found this host's block %s in cluster %s (route tables %s)",
-                         wanted, cluster, ", ".join(listings))
+                         wanted, cluster, ", ".join(listings),
+                         extra={"event": "route_claim", "cluster": cluster, "destination": wanted,
+                                "table": ",".join(listings), "outcome": "found"})
         if overlap and not wanted:
             raise Fatal(overlap)            # claiming now could take a block of the other cluster
         if overlap:                         # keep this host's own block in place, and say it loudly
-            log.warning("%s", overlap)
+            log.warning("%s", overlap, extra={"event": "route_problem", "kind": FATAL, "cluster": cluster,
+                                              "destination": wanted, "outcome": "overlap"})
             problems.append((overlap, FATAL))
         if not wanted:
             wanted, listings = self._claim_new(cluster, listings, me)
@@ -206,7 +209,9 @@ class Sync:
             if entry is None and batched.get(table):
                 continue                       # failed in the batch just now: its problem is recorded
             if entry is None and table not in batched:
-                log.warning("route %s -> %s missing from %s: creating it", wanted, me, table)
+                log.warning("route %s -> %s missing from %s: creating it", wanted, me, table,
+                            extra={"event": "route_create", "cluster": cluster, "table": table,
+                                   "destination": wanted, "next_hop": me, "outcome": "missing"})
                 try:
                     self._create(wanted, me, table, cluster, listings[table])
                 except DuplicateRoute:
@@ -223,7 +228,8 @@ class Sync:
                 listings[table] = self._drop_stale(cluster, wanted, me, listings[table], kept)
         for block, network_id in sorted(kept.items()):
             in_use = self._in_use_message(cluster, block, network_id, wanted, bool(static))
-            log.error("%s", in_use)
+            log.error("%s", in_use, extra={"event": "route_problem", "kind": FATAL, "cluster": cluster,
+                                           "destination": block, "network": network_id[:12], "outcome": "in_use"})
             problems.append((in_use, FATAL))
         kind = claims.worst_kind(k for _, k in problems)
         problem_text = "; ".join(p for p, _ in problems)
@@ -245,7 +251,9 @@ class Sync:
                 stale.append(route)
         for route in stale:
             log.warning("route %s -> %s in %s is an earlier block of this host in cluster %s (now %s): "
-                        "removing it", route.destination, me, route.table, cluster, wanted)
+                        "removing it", route.destination, me, route.table, cluster, wanted,
+                        extra={"event": "route_delete", "cluster": cluster, "table": route.table,
+                               "destination": route.destination, "next_hop": me, "outcome": "stale"})
             self.tables.delete_route(route)
         return [r for r in routes if r not in stale]
 
@@ -277,12 +285,16 @@ class Sync:
             except DuplicateRoute:
                 listings = {**listings, first: self.tables.list_routes(first)}
                 adopt, why = claims.after_duplicate(str(candidate), first, listings, me, cluster, name, prefix)
-                log.info("%s", why)
+                log.info("%s", why, extra={"event": "route_claim", "cluster": cluster, "table": first,
+                                           "destination": str(candidate),
+                                           "outcome": "adopted" if adopt else "refused"})
                 if adopt:
                     return adopt, listings
                 refused = candidate
                 continue
-            log.info("claimed block %s in cluster %s (route table %s)", candidate, cluster, first)
+            log.info("claimed block %s in cluster %s (route table %s)", candidate, cluster, first,
+                     extra={"event": "route_claim", "cluster": cluster, "table": first, "destination": str(candidate),
+                            "next_hop": me, "outcome": "claimed"})
             return str(candidate), {**listings, first: self.tables.list_routes(first)}
         raise Retryable(f"no block of {cluster} claimed after {MAX_CLAIM_ATTEMPTS} attempts (other hosts "
                         "keep winning them); trying again on the next pass")
@@ -387,7 +399,9 @@ class Sync:
             seen[0] = now
             return same
         log.warning("route %s -> %s missing from %s: creating it in one call%s", destination, me, ", ".join(tables),
-                    f", with {len(others)} other hosts' claimed routes missing there" if others else "")
+                    f", with {len(others)} other hosts' claimed routes missing there" if others else "",
+                    extra={"event": "route_create", "cluster": cluster, "table": ",".join(tables),
+                           "destination": destination, "next_hop": me, "outcome": "missing"})
         token = uuid.uuid4().hex
         name = route_name(destination)
         description = route_description(destination, me, self.cluster_name(cluster))

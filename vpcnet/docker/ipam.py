@@ -96,14 +96,21 @@ class Ipam:
 
     def end_replays(self, why: str) -> None:
         """Close an open replay window early: Docker has moved on to new work (`why`)."""
+        def close(db, window: tuple[int, list[str]]) -> None:
+            self.store.set_meta(db, "replay_until", "0")
+            log.info("replay window %d closed: %s", window[0], why)
+        self._change_open_window(close)
+
+    def _change_open_window(self, change) -> None:
+        """`change(db, window)` in a transaction, if a replay window is open: looked at once without the
+        write lock (every RequestAddress asks; mostly none is open), then again inside it."""
         boot, now = self.clock()
         if self._window(boot, now) is None:
             return
         with self.store.tx() as db:
             window = self._window(boot, now)
             if window is not None:
-                self.store.set_meta(db, "replay_until", "0")
-                log.info("replay window %d closed: %s", window[0], why)
+                change(db, window)
 
     def _window(self, boot: str, now: float) -> tuple[int, list[str]] | None:
         """(epoch, pools replayed in it) of the open replay window, or None when none is open."""
@@ -120,13 +127,10 @@ class Ipam:
 
     def _pool_replayed(self, pool_id: str) -> None:
         """Docker replayed RequestPool for `pool_id`: inside an open window, its addresses become replayable."""
-        boot, now = self.clock()
-        if self._window(boot, now) is None:
-            return
-        with self.store.tx() as db:
-            window = self._window(boot, now)
-            if window is not None and pool_id not in window[1]:
+        def add(db, window: tuple[int, list[str]]) -> None:
+            if pool_id not in window[1]:
                 self.store.set_meta(db, "replay_pools", json.dumps(sorted([*window[1], pool_id])))
+        self._change_open_window(add)
 
     # -- pools ------------------------------------------------------------------------------------
     def request_pool(self, pool: str = "", sub_pool: str = "", options: dict | None = None,

@@ -19,7 +19,7 @@ MEDIA_TYPE = "application/vnd.docker.plugins.v1.2+json"
 
 DATAPLANE_METHODS = ("ensure_host", "ensure_network", "delete_network", "network_exists", "stale_chains",
                      "drop_stale_chain", "drop_stale_uplink_programs", "ensure_endpoint", "delete_endpoint",
-                     "link_exists", "uplink_mtu", "overlapping_routes", "repair", "features")
+                     "link_exists", "uplink_mtu", "overlapping_routes", "repair", "features", "forget_peers")
 
 
 class FakeDataplane:
@@ -151,6 +151,9 @@ class FakeDataplane:
         if spec.routed:                        # routed modes: a /32 route to the host end ("replace")
             self.links[host_veth]["route"] = f"{address}/32"
             self.routes[address] = host_veth
+
+    def forget_peers(self, addresses) -> None:
+        self._call("forget_peers", list(addresses))
 
     def delete_endpoint(self, host_veth: str) -> None:
         self._call("delete_endpoint", host_veth)

@@ -99,6 +99,20 @@ def _endpoint_metrics(text: str) -> str:
     return text
 
 
+def _on_off(text: str) -> str:
+    text = text.strip().lower()
+    if text not in ("on", "off"):
+        raise ValueError("must be on or off")
+    return text
+
+
+def _positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise ValueError("must be 1 or more")
+    return value
+
+
 def _docker_socket(text: str) -> str:
     text = text.strip()
     text = text[len("unix://"):] if text.startswith("unix://") else text
@@ -148,6 +162,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("endpoint_metrics", "container", "Per-endpoint traffic metrics: container (a series per container, "
             "and vpcnet_endpoint_info), or service (sums per network, application and service; no per-container "
             "series)", _endpoint_metrics),
+    Setting("peer_metrics", "on", "Per-peer traffic (vpcnet_endpoint_peer_*: bytes and packets per endpoint and "
+            "peer address, counted by eBPF programs on the endpoints' host veths, in every mode): on or off. Off, "
+            "and with VPCNET_ENDPOINT_METRICS=service, no counting program is loaded", _on_off),
+    Setting("peers_per_endpoint", 32, "Peers with a series of their own per endpoint and direction (the "
+            "busiest when a slot is free, kept for the endpoint's life); the rest sum into peer=\"other\"",
+            _positive_int),
     Setting("instance_id", "", "This host's instance id for the local provider (default: hostname)"),
     Setting("cluster_name", "", "This cluster's identity, written into its routes so clusters sharing a VPC "
             "never touch each other's (default: derived from the cluster CIDR, e.g. 10.200.0.0-16)",
@@ -209,6 +229,8 @@ class Config:
     metrics_allow: tuple[str, ...] = ()
     docker_socket: str = ""
     endpoint_metrics: str = "container"
+    peer_metrics: str = "on"
+    peers_per_endpoint: int = 32
     instance_id: str = ""
     cluster_name: str = ""
     route_table_quota: int = 0
@@ -236,6 +258,12 @@ class Config:
     def driver_name(self) -> str:
         name = os.path.basename(self.socket)
         return name[:-5] if name.endswith(".sock") else name
+
+    @property
+    def peers(self) -> bool:
+        """Count traffic per peer: VPCNET_PEER_METRICS=on, and per-container metrics (a service sum has
+        no endpoint to put a peer on)."""
+        return self.peer_metrics == "on" and self.endpoint_metrics == "container"
 
     @property
     def db_path(self) -> str:

@@ -47,7 +47,7 @@ class Plugin:
         self.config = config
         os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
         self.store = Store(config.db_path)
-        self.dataplane = dataplane or Dataplane(extra_uplinks=config.uplinks)
+        self.dataplane = dataplane or Dataplane(extra_uplinks=config.uplinks, peers=config.peers)
         self.routes = RouteKeeper(config, self.store, provider_factory)
         self.ipam = Ipam(config, self.store, self.routes, host_routes=self.dataplane.overlapping_routes)
         self.driver = NetworkDriver(config, self.store, self.dataplane)

@@ -29,6 +29,11 @@ containers of the network on this host, veth to veth): no pass through the host'
 IP forwarding or netfilter (the same traffic the conntrack bypass below already accepts statelessly and
 never NATs). Everything else, and anything the programs cannot resolve, takes routed mode's path.
 
+Peer counting (VPCNET_PEER_METRICS, `peers`): in every mode, small tc programs on each endpoint's host
+veth (and, in ebpf mode, the fast path's own programs) count traffic per peer into one map per host
+(vpcnet.datapath.tc, vpcnet.datapath.ebpf.maps); they go with the veth, the periodic pass puts missing ones
+back, and a deleted endpoint's keys leave the map (`forget_peers`).
+
 Firewall: computed per mode by vpcnet.datapath.modes and written by vpcnet.datapath.firewall in one
 `iptables-restore --noflush` transaction, in chains of vpcnet's own so removing a network removes exactly
 its rules:
@@ -73,6 +78,7 @@ from contextlib import nullcontext
 from typing import Callable, ContextManager, Sequence
 
 from vpcnet.datapath import rtnl
+from vpcnet.datapath.ebpf import maps
 from vpcnet.datapath.features import Features, probe
 from vpcnet.datapath.firewall import PREFIXES, FirewallTable, Ipv6Guard
 from vpcnet.datapath.links import IPV6_OFF_VIEW, Links
@@ -87,12 +93,13 @@ _no_lock = nullcontext
 
 
 class Dataplane:
-    def __init__(self, netns: str | None = None, iptables: str = "iptables", extra_uplinks: Sequence[str] = ()):
+    def __init__(self, netns: str | None = None, iptables: str = "iptables", extra_uplinks: Sequence[str] = (),
+                 peers: bool = False):
         self.netns = netns
         self.iptables = iptables
         self.nl = Netlink(netns, extra_uplinks)
         self.links = Links(self.nl)
-        self.tc = TcPrograms(self.nl)
+        self.tc = TcPrograms(self.nl, peers)     # peers: count traffic per peer (VPCNET_PEER_METRICS)
         self.firewall = FirewallTable(self.nl.cmd(), iptables)
         self.ipv6_guard = Ipv6Guard(self.nl.cmd(), iptables)
         self.unrepaired: list[str] = []     # networks the last repair could not put right
@@ -193,9 +200,14 @@ class Dataplane:
         """A veth pair for an endpoint of network `spec`. Bridge mode: host end on the bridge. Routed and
         ebpf modes: host end on no bridge, answering ARP for the container's neighbours and gateway (proxy
         ARP), and a route `<address>/32 dev <host end>` (it goes with the veth); ebpf mode also attaches the
-        container program to the host end (it goes with the veth too)."""
+        container program to the host end (it goes with the veth too). With peer counting, the counting
+        programs too (vpcnet.datapath.tc), in every mode."""
         with self.nl.ipr() as ipr:
             host_idx = self.links.ensure_veth(ipr, spec, host_veth, peer_veth, mac)
+            if self.tc.peers and not spec.ebpf:
+                index = host_idx if host_idx is not None else self.nl.link_index(ipr, host_veth)
+                if index is not None:
+                    self.tc.attach_counting(ipr, spec, index)
         if not spec.routed or host_idx is None:
             return
         self.links.proxy_arp(host_idx, host_veth)
@@ -206,6 +218,12 @@ class Dataplane:
 
     def delete_endpoint(self, host_veth: str) -> None:
         self.nl.delete_link(host_veth)       # the peer goes with it, wherever it is
+
+    def forget_peers(self, addresses: Sequence[str]) -> None:
+        """Deleted endpoints' per-peer counts leave the peer map (IPAM may hand the addresses out again);
+        one walk of the map for all of them."""
+        if self.tc.peers and addresses:
+            maps.forget(set(addresses))
 
     def link_exists(self, name: str) -> bool:
         with self.nl.ipr() as ipr:
@@ -297,7 +315,7 @@ class Dataplane:
                 return True
             if spec.routed and view.routes.get(f"{ep.address}/32") != host["index"]:
                 return True
-            if spec.ebpf and host["index"] not in view.clsact:
+            if (spec.ebpf or self.tc.peers) and host["index"] not in view.clsact:
                 return True
             if self._ipv6_on(host):
                 return True
@@ -354,6 +372,8 @@ class Dataplane:
                     problem = f"route {ep.address}/32 dev {ep.host_veth} missing"
                 elif spec.ebpf and not self.tc.endpoint_has_program(ipr, host_idx):
                     problem = f"eBPF program on {ep.host_veth} missing"
+            if not problem and self.tc.peers and not self.tc.endpoint_counts(ipr, host_idx):
+                problem = f"eBPF peer counting program on {ep.host_veth} missing"
             if not problem and not link["flags"] & 1:
                 problem = f"host veth {ep.host_veth} down"
             if not problem and uplinks_moved:

@@ -147,12 +147,14 @@ class DatapathReconciler:
                 if name.startswith("network:"):
                     for veth in data.get("host_veths", []):
                         self.dataplane.delete_endpoint(veth)
-                    row = {k: v for k, v in data.items() if k != "host_veths"}
+                    self.dataplane.forget_peers(data.get("addresses", []))
+                    row = {k: v for k, v in data.items() if k not in ("host_veths", "addresses")}
                     row["no_nat"] = tuple(json.loads(row["no_nat"]))
                     row["internal"] = bool(row["internal"])
                     self.dataplane.delete_network(spec_of(Network(**row)))
                 else:
                     self.dataplane.delete_endpoint(data["host_veth"])
+                    self.dataplane.forget_peers([data["address"]] if data.get("address") else [])
                 self.store.forget_leftover(name)
             except Exception as exc:
                 left += 1

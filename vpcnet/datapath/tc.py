@@ -6,6 +6,13 @@
   and those named by VPCNET_UPLINKS (filter
   `vpcnet-<tag>`, prio `UPLINK_PRIO`, one handle per network: `uplink_handle`). It follows the default
   route: a device that no longer carries it loses the program.
+- Peer counting (VPCNET_PEER_METRICS, `TcPrograms.peers`): the host's peer map (vpcnet.datapath.ebpf.maps),
+  written by a counting program on the egress of every endpoint's host veth (prio/handle `COUNT_FILTER`:
+  what the container receives), by the container program (ebpf mode: what it sends, counted first) or,
+  in routed and bridge modes, by a counting program in the container program's place (ingress,
+  `ENDPOINT_FILTER`), and by the uplink program (ebpf mode: what it hands into a container with
+  bpf_redirect_peer, which passes no hook of the host veth). They go with the veth; the map goes with
+  the last program holding it.
 Programs are replaced in place (`replace-filter`), so re-applying never opens a gap.
 """
 from __future__ import annotations
@@ -13,11 +20,13 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from contextlib import contextmanager
 from typing import Iterator
 
 from pyroute2 import IPRoute, NetlinkError
 
 from vpcnet.datapath import ebpf
+from vpcnet.datapath.ebpf import maps
 from vpcnet.datapath.netlink import Netlink
 from vpcnet.datapath.spec import NetworkSpec, bridge_name, uplink_handle
 from vpcnet.errors import DataplaneError
@@ -25,17 +34,39 @@ from vpcnet.errors import DataplaneError
 log = logging.getLogger(__name__)
 
 TC_INGRESS = 0xFFFFFFF2           # clsact's ingress hook
+TC_EGRESS = 0xFFFFFFF3            # clsact's egress hook
 ETH_P_IP = 0x0800
 ENDPOINT_FILTER = (0x7F00, 1)     # (prio, handle) of the program on an endpoint's host veth
+COUNT_FILTER = (0x7F02, 1)        # (prio, handle) of the receive counting program (egress of the host veth)
 UPLINK_PRIO = 0x7F01              # the uplink's programs: one handle per network (uplink_handle)
 
 
 class TcPrograms:
-    def __init__(self, netlink: Netlink):
+    def __init__(self, netlink: Netlink, peers: bool = False):
         self.nl = netlink
+        self.peers = peers               # VPCNET_PEER_METRICS: count per peer
+        self.peers_off = "" if peers else "VPCNET_PEER_METRICS=off"   # why peers are not counted ("": they are)
+
+    @contextmanager
+    def peer_map(self) -> Iterator[int | None]:
+        """The host's peer map for the programs being loaded (None: counting is off, or the map cannot be
+        had: said once, and `peers_off` says why). Closed after: the programs hold it."""
+        fd = None
+        if self.peers:
+            try:
+                fd = maps.find_or_create()
+            except DataplaneError as exc:
+                if not self.peers_off:
+                    log.warning("peer counting is off: %s", exc)
+                self.peers_off = str(exc)
+        try:
+            yield fd
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     def attach(self, ipr: IPRoute, index: int, program: bytes, prog_name: str, filter_name: str, prio: int,
-               handle: int) -> None:
+               handle: int, parent: int = TC_INGRESS) -> None:
         fd = ebpf.load(program, prog_name)
         try:
             try:
@@ -44,7 +75,7 @@ class TcPrograms:
                 if exc.code != errno.EEXIST:
                     raise DataplaneError(f"cannot add the clsact qdisc to link {index}: {exc}") from None
             try:
-                ipr.tc("replace-filter", "bpf", index, handle, fd=fd, name=filter_name, parent=TC_INGRESS,
+                ipr.tc("replace-filter", "bpf", index, handle, fd=fd, name=filter_name, parent=parent,
                        classid=1, direct_action=True, prio=prio, protocol=ETH_P_IP)
             except NetlinkError as exc:
                 raise DataplaneError(f"cannot attach eBPF program {filter_name} to link {index}: {exc}") from None
@@ -60,18 +91,52 @@ class TcPrograms:
         anchor = self.nl.link_index(ipr, spec.bridge)
         if anchor is None:
             raise DataplaneError(f"anchor {spec.bridge} is missing")
-        program = ebpf.container_program(spec.host_cidr, spec.cluster_cidr, address, anchor, self.nl.all_uplinks(ipr))
-        self.attach(ipr, host_idx, program, "vpcnet_ctr", spec.tc_name, *ENDPOINT_FILTER)
+        with self.peer_map() as map_fd:
+            program = ebpf.container_program(spec.host_cidr, spec.cluster_cidr, address, anchor,
+                                             self.nl.all_uplinks(ipr), map_fd=map_fd)
+            self.attach(ipr, host_idx, program, "vpcnet_ctr", spec.tc_name, *ENDPOINT_FILTER)
+            if map_fd is not None:
+                self._attach_receive_count(ipr, spec, host_idx, map_fd)
+
+    def attach_counting(self, ipr: IPRoute, spec: NetworkSpec, host_idx: int) -> None:
+        """Routed and bridge modes: the counting programs on the endpoint's host veth (ingress: what the
+        container sends; egress: what it receives); nothing with counting off."""
+        with self.peer_map() as map_fd:
+            if map_fd is None:
+                return
+            program = ebpf.count_program(maps.TRANSMIT, spec.cluster_cidr, map_fd)
+            try:
+                self.attach(ipr, host_idx, program, "vpcnet_count", spec.tc_name, *ENDPOINT_FILTER)
+                self._attach_receive_count(ipr, spec, host_idx, map_fd)
+            except DataplaneError as exc:     # never worth an endpoint: counted nowhere, said once
+                if not self.peers_off:
+                    log.warning("peer counting is off: %s", exc)
+                self.peers_off = str(exc)
+
+    def _attach_receive_count(self, ipr: IPRoute, spec: NetworkSpec, host_idx: int, map_fd: int) -> None:
+        program = ebpf.count_program(maps.RECEIVE, spec.cluster_cidr, map_fd)
+        self.attach(ipr, host_idx, program, "vpcnet_count", spec.tc_name, *COUNT_FILTER, parent=TC_EGRESS)
 
     @staticmethod
     def endpoint_has_program(ipr: IPRoute, host_idx: int) -> bool:
         return any(f.get_attr("TCA_KIND") == "bpf" for f in ipr.get_filters(index=host_idx, parent=TC_INGRESS))
 
+    @staticmethod
+    def endpoint_counts(ipr: IPRoute, host_idx: int) -> bool:
+        """The receive counting program is on the endpoint's host veth (its ingress half is checked by
+        endpoint_has_program)."""
+        return any(f.get_attr("TCA_KIND") == "bpf" for f in ipr.get_filters(index=host_idx, parent=TC_EGRESS)) \
+            and TcPrograms.endpoint_has_program(ipr, host_idx)
+
     # -- per network, on the uplinks ----------------------------------------------------------------
     def ensure_uplink_programs(self, spec: NetworkSpec, anchor: int) -> None:
         """The network's program on each uplink, replaced in place (a restart never opens a gap). Without a
         default route there is no uplink yet: traffic from other hosts takes the routed path meanwhile."""
-        program = ebpf.uplink_program(spec.host_cidr, spec.cluster_cidr, anchor)
+        with self.peer_map() as map_fd:
+            program = ebpf.uplink_program(spec.host_cidr, spec.cluster_cidr, anchor, map_fd=map_fd)
+            self._ensure_uplink_programs(spec, program)
+
+    def _ensure_uplink_programs(self, spec: NetworkSpec, program: bytes) -> None:
         with self.nl.ipr() as ipr:
             uplinks = self.nl.all_uplinks(ipr)
             if not uplinks:

@@ -64,7 +64,7 @@ BPF_LOADS = Counter("vpcnet_bpf_program_loads_total", "eBPF programs loaded into
 #: The `program` label of each kernel program name (vpcnet.datapath.tc attaches the first two,
 #: vpcnet.datapath.features probes with the others); any other name is "other", so the label stays bounded.
 BPF_PROGRAMS = {"vpcnet_ctr": "container", "vpcnet_uplink": "uplink", "vpcnet_probe_c": "probe",
-                "vpcnet_probe_u": "probe"}
+                "vpcnet_probe_u": "probe", "vpcnet_count": "count"}
 
 for _outcome in ("ok", "repaired", "error"):
     RECONCILES.labels(_outcome)       # present at 0 from the start, so rate() and alerts see them
@@ -93,6 +93,8 @@ FAMILIES = (
     "vpcnet_datapath_pass_duration_seconds", "vpcnet_datapath_last_success_timestamp_seconds",
     "vpcnet_route_reconcile_last_success_timestamp_seconds", "vpcnet_iptables_restore_total",
     "vpcnet_bpf_program_loads_total",
+    "vpcnet_endpoint_peer_transmit_bytes_total", "vpcnet_endpoint_peer_receive_bytes_total",
+    "vpcnet_endpoint_peer_transmit_packets_total", "vpcnet_endpoint_peer_receive_packets_total",
 )
 
 #: Kernel objects the datapath pass repairs (vpcnet.datapath.spec.Repair kinds): their series exist at 0.

@@ -358,7 +358,9 @@ class Observer:
             log.error("metrics and health listener not started on %s: %s", self.config.metrics_addr, exc)
             return
         server.exposition = metrics.Exposition(self.store, docker_socket=docker_socket(self.config),
-                                                per=self.config.endpoint_metrics)
+                                                per=self.config.endpoint_metrics,
+                                                peer_stats=metrics.peer_map if self.config.peers else None,
+                                                peers_per_endpoint=self.config.peers_per_endpoint)
         server.health = self.health
         self.server = server
         bound = f"{server.server_address[0]!s}:{server.server_address[1]}"

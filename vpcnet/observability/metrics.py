@@ -17,6 +17,14 @@ from the Docker engine in the background by vpcnet.docker.names and empty until 
 `vpcnet_endpoint_info` joins an address to them. VPCNET_ENDPOINT_METRICS=service serves the traffic
 families summed per (network, application, service) instead (ServiceSums).
 
+Who talks to whom (`vpcnet_endpoint_peer_{transmit,receive}_{bytes,packets}_total`, the same labels plus
+`peer`): read at scrape time from the host's peer map, which vpcnet's eBPF programs write
+(vpcnet.datapath.ebpf.maps; VPCNET_PEER_METRICS). `peer` is the other side's address inside the cluster
+CIDR, `outside` beyond it, `other` the sum of the peers past VPCNET_PEERS_PER_ENDPOINT (PeerTotals: sticky
+per endpoint, cumulative, so no counter ever goes down). Off with VPCNET_ENDPOINT_METRICS=service: a
+service sum has no endpoint to hang a peer on, and the per-address join that names peers
+(vpcnet_endpoint_info) is not served then either.
+
 Several gunicorn workers: counters and histograms then use prometheus_client's multiprocess mode
 (`vpcnet serve` points PROMETHEUS_MULTIPROC_DIR at a fresh directory under the state dir before it forks,
 and `MultiProcessCollector` adds the workers' files up), so a scrape of the one worker that serves
@@ -64,6 +72,69 @@ def veth_stats() -> dict[str, dict[str, int]]:
     return link_stats(prefix="vh", peers=True)
 
 
+PEER_FAMILIES = (   # (family suffix, help, direction in the peer map, 0 bytes / 1 packets)
+    ("transmit_bytes_total", "Bytes the container sent, by peer", 0, 0),
+    ("receive_bytes_total", "Bytes the container received, by peer", 1, 0),
+    ("transmit_packets_total", "Packets the container sent, by peer", 0, 1),
+    ("receive_packets_total", "Packets the container received, by peer", 1, 1),
+)
+OUTSIDE, OTHER = "outside", "other"
+PeerReading = dict[tuple[str | None, int, str | None], tuple[int, int]]   # vpcnet.datapath.ebpf.maps.read_all
+
+
+def peer_map() -> PeerReading:
+    from vpcnet.datapath.ebpf import maps
+
+    return maps.read_all()
+
+
+class PeerTotals:
+    """The bounded, never-decreasing peer series of each endpoint. Per endpoint and direction, up to
+    `bound` peers get a series of their own: when a slot is free, the busiest new peers since the last
+    scrape take it, and keep it for the endpoint's life (a series that came and went would read as a
+    counter reset). Every other peer's traffic adds to `other`; `outside` is always its own. Each value is
+    the sum of what the map gained between scrapes (a key's value that went down was evicted and made
+    again: all of it is new), so an LRU eviction loses at most what was counted since the last scrape,
+    and never lowers a counter. An endpoint that goes takes its state with it."""
+
+    def __init__(self, bound: int):
+        self.bound = bound
+        self.last: dict[str, dict[tuple[int, str | None], tuple[int, int]]] = {}   # endpoint id -> raw values
+        self.chosen: dict[str, dict[int, set[str]]] = {}                             # endpoint id -> dir -> peers
+        self.totals: dict[str, dict[tuple[int, str], list[int]]] = {}               # endpoint id -> (dir, label)
+
+    def update(self, live: dict[str, dict[tuple[int, str | None], tuple[int, int]]]) \
+            -> dict[str, dict[tuple[int, str], list[int]]]:
+        """`live`: endpoint id -> (direction, peer or None for outside) -> (bytes, packets) as the map
+        holds them now. Returns endpoint id -> (direction, peer label) -> [bytes, packets]."""
+        for gone in set(self.last) - set(live):
+            del self.last[gone], self.chosen[gone], self.totals[gone]
+        for endpoint_id, raw in live.items():
+            last = self.last.get(endpoint_id, {})
+            chosen = self.chosen.setdefault(endpoint_id, {})
+            totals = self.totals.setdefault(endpoint_id, {})
+            deltas: dict[tuple[int, str | None], tuple[int, int]] = {}
+            for key, (nbytes, npackets) in raw.items():
+                before = last.get(key)
+                if before is not None and nbytes >= before[0] and npackets >= before[1]:
+                    nbytes, npackets = nbytes - before[0], npackets - before[1]
+                if nbytes or npackets:
+                    deltas[key] = (nbytes, npackets)
+            self.last[endpoint_id] = dict(raw)
+            for (direction, peer), (nbytes, npackets) in sorted(deltas.items(), key=lambda kv: -kv[1][0]):
+                label = OUTSIDE if peer is None else peer
+                mine = chosen.setdefault(direction, set())
+                if peer is not None and label not in mine:
+                    if len(mine) < self.bound:
+                        mine.add(label)
+                    else:
+                        label = OTHER
+                acc = totals.setdefault((direction, label), [0, 0])
+                acc[0] += nbytes
+                acc[1] += npackets
+        return self.totals
+
+
 def _counter(counters: dict[str, int], key: str) -> int:
     """What the container received is read on its own end when that end could be read: in ebpf mode
     traffic from other hosts enters the container's namespace without passing the host end's transmit
@@ -77,13 +148,16 @@ class StateCollector:
 
     def __init__(self, store, link_stats: Callable[[], dict[str, dict[str, int]]] = veth_stats,
                  reconciler: ReconcilerState = RECONCILER, names: NameCache | None = None,
-                 per: str = "container"):
+                 per: str = "container", peer_stats: Callable[[], PeerReading] | None = None,
+                 peers_per_endpoint: int = 32):
         self.store = store
         self.link_stats = link_stats
         self.reconciler = reconciler
         self.names = names          # None: no Docker engine to ask, every name empty
         self.per = per              # VPCNET_ENDPOINT_METRICS: container, or service (sums, see ServiceSums)
         self.sums = ServiceSums()
+        self.peer_stats = peer_stats    # None: VPCNET_PEER_METRICS=off, no peer families
+        self.peers = PeerTotals(peers_per_endpoint)
 
     def describe(self):
         return []       # unchecked collector: its series are known only at scrape time
@@ -143,6 +217,8 @@ class StateCollector:
             return self._service_text(eps, stats)
         rows = []
         info: list[str] = []
+        peer_rows = self._peer_rows(eps)
+        peer_series: dict[tuple[int, str], list[int]] = {}
         for ep in eps:
             names = self.names.names(ep.network_id, ep.endpoint_id) if self.names else NONE
             labels = (f'network="{_label(names.network)}",network_id="{_label(ep.network_id[:12])}",'
@@ -153,8 +229,27 @@ class StateCollector:
             counters = stats.get(ep.host_veth)
             if counters is not None:  # veth gone (or not yet made): no series, rather than a false 0
                 rows.append((f"{{{labels}}} ", [_counter(counters, key) for _, _, key in LINK_STATS]))
-        return _render(rows, ["# HELP vpcnet_endpoint_info An endpoint on this host and its names (always 1; "
-                              "one series per address)\n# TYPE vpcnet_endpoint_info gauge\n", *info])
+            for (direction, peer), values in sorted(peer_rows.get(ep.endpoint_id, {}).items()):
+                peer_series[(direction, f'{{{labels},peer="{_label(peer)}"}} ')] = values
+        out = _render(rows, ["# HELP vpcnet_endpoint_info An endpoint on this host and its names (always 1; "
+                             "one series per address)\n# TYPE vpcnet_endpoint_info gauge\n", *info])
+        return out + (_render_peers(peer_series) if self.peer_stats is not None else "")
+
+    def _peer_rows(self, eps) -> dict[str, dict[tuple[int, str], list[int]]]:
+        """Endpoint id -> (direction, peer label) -> [bytes, packets], from the peer map (PeerTotals)."""
+        if self.peer_stats is None:
+            return {}
+        try:
+            reading = self.peer_stats() if eps else {}
+        except Exception as exc:      # the map unreadable: no new counts this scrape, none lost
+            log.warning("cannot read the peer map: %s", exc)
+            return {ep_id: dict(v) for ep_id, v in self.peers.totals.items()}
+        by_address: dict[str, dict[tuple[int, str | None], tuple[int, int]]] = {}
+        for (address, direction, peer), values in reading.items():
+            if address is not None:
+                by_address.setdefault(address, {})[(direction, peer)] = values
+        live = {ep.endpoint_id: by_address.get(ep.address, {}) for ep in eps if ep.address}
+        return {ep_id: dict(v) for ep_id, v in self.peers.update(live).items()}
 
     def _service_text(self, eps, stats) -> str:
         """VPCNET_ENDPOINT_METRICS=service: the same families summed per (network, application, service),
@@ -208,6 +303,17 @@ def _render(rows: list[tuple[str, list[int]]], out: list[str]) -> str:
         name = f"vpcnet_endpoint_{suffix}"
         out.append(f"# HELP {name} {text}\n# TYPE {name} counter\n")
         out.extend(f"{name}{labels}{float(values[i])!r}\n" for labels, values in rows)
+    return "".join(out)
+
+
+def _render_peers(rows: dict[tuple[int, str], list[int]]) -> str:
+    """The peer families' text: `rows` (direction, labels) -> [bytes, packets]."""
+    out = []
+    for suffix, text, direction, which in PEER_FAMILIES:
+        name = f"vpcnet_endpoint_peer_{suffix}"
+        out.append(f"# HELP {name} {text}\n# TYPE {name} counter\n")
+        out.extend(f"{name}{labels}{float(values[which])!r}\n"
+                   for (d, labels), values in rows.items() if d == direction)
     return "".join(out)
 
 
@@ -270,9 +376,12 @@ class Exposition:
     ("" for none: names stay empty); its lookups start at once, in a thread of their own."""
 
     def __init__(self, store, link_stats: Callable[[], dict[str, dict[str, int]]] = veth_stats,
-                 docker_socket: str = "", per: str = "container"):
+                 docker_socket: str = "", per: str = "container", peer_stats: Callable[[], PeerReading] | None = None,
+                 peers_per_endpoint: int = 32):
         self.names = NameCache(docker_socket, lambda: _live(store)) if docker_socket else None
-        self.state = StateCollector(store, link_stats, names=self.names, per=per)
+        self.state = StateCollector(store, link_stats, names=self.names, per=per,
+                                    peer_stats=peer_stats if per == "container" else None,
+                                    peers_per_endpoint=peers_per_endpoint)
         self.registry = serving_registry(self.state)
         if self.names:
             self.names.kick()

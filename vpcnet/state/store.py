@@ -296,10 +296,11 @@ class Store:
                            (network_id, network_id))
             if leftover:
                 net = db.execute("SELECT * FROM networks WHERE network_id=?", (network_id,)).fetchone()
-                veths = [r["host_veth"] for r in
-                         db.execute("SELECT host_veth FROM endpoints WHERE network_id=?", (network_id,))]
+                rows = db.execute("SELECT host_veth, address FROM endpoints WHERE network_id=?",
+                                  (network_id,)).fetchall()
                 if net is not None:
-                    data = dict(net) | {"host_veths": veths}
+                    data = dict(net) | {"host_veths": [r["host_veth"] for r in rows],
+                                        "addresses": [r["address"] for r in rows]}
                     db.execute("INSERT OR REPLACE INTO leftovers(name, data, since) VALUES(?, ?, ?)",
                                (f"network:{network_id}", json.dumps(data), time.time()))
             db.execute("DELETE FROM endpoints WHERE network_id=?", (network_id,))

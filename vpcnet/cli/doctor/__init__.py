@@ -49,7 +49,7 @@ class Doctor:
             datapath.check_forwarding, firewall.check_firewall, firewall.check_ipv6_guard,
             datapath.check_routed_sysctls, datapath.check_mtu,
             engine.check_docker, datapath.check_kernel_objects, cloud.check_routes, cloud.check_clock,
-            cloud.check_metadata, datapath.check_default_mode]
+            cloud.check_metadata, datapath.check_default_mode, datapath.check_peer_counting]
 
     def checks(self) -> list[Callable[[], list[Finding]]]:
         return list(self._checks)

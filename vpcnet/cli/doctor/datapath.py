@@ -89,6 +89,38 @@ class DatapathChecks(Checks):
                                                   "back to")]
         return [ok("default_mode", line)]
 
+    def check_peer_counting(self) -> list[Finding]:
+        """Who talks to whom (VPCNET_PEER_METRICS): on or off, and why; on a host that cannot load eBPF
+        programs (the features probe) it counts nothing."""
+        from vpcnet.datapath.ebpf import maps
+        from vpcnet.datapath.features import probe
+
+        if self.config.peer_metrics != "on":
+            return [ok("peer_counting", "off (VPCNET_PEER_METRICS=off): no vpcnet_endpoint_peer_* families")]
+        if self.config.endpoint_metrics != "container":
+            return [ok("peer_counting", "off (VPCNET_ENDPOINT_METRICS=service: per-peer series need "
+                                        "per-container metrics)")]
+        features = probe()
+        if not features.supports("ebpf"):
+            return [problem("peer_counting", "VPCNET_PEER_METRICS=on, but this host cannot load eBPF programs "
+                                             f"({features.why_not('ebpf')}): peer counting is off, "
+                                             "vpcnet_endpoint_peer_* stay empty",
+                            "give the plugin CAP_BPF and CAP_NET_ADMIN on Linux 5.10 or newer, or set "
+                            "VPCNET_PEER_METRICS=off")]
+        fds = maps.find_all()
+        try:
+            keys = sum(1 for fd in fds for _ in maps.entries(fd))
+        finally:
+            for fd in fds:
+                os.close(fd)
+        endpoints = len(self.ctx.endpoints)
+        if not fds and endpoints:
+            return [problem("peer_counting", f"on, but no {maps.MAP_NAME.decode()} map exists for "
+                                             f"{endpoints} endpoint(s): their counting programs are missing",
+                            "restart the plugin (its first pass puts them back), or recreate the containers")]
+        return [ok("peer_counting", f"on: {keys} endpoint-peer key(s) in {len(fds)} "
+                                    f"{maps.MAP_NAME.decode()} map(s) (at most {maps.MAX_ENTRIES})")]
+
     def check_forwarding(self) -> list[Finding]:
         value = _sysctl("net.ipv4.ip_forward")
         if value != "1":

@@ -34,12 +34,18 @@ shortens what the slow path would have done (vpcnet's own rules accept that traf
 decides anything the routing table did not; what it bypasses is the host's other rules, DOCKER-USER
 included (README, Firewall).
 
+Who talks to whom (VPCNET_PEER_METRICS): with the host's peer map (maps.py), the container program first
+counts what the container sends, the uplink program what it hands into a container, and `count_program`
+(tc egress of every endpoint's host veth, and tc ingress too in routed and bridge modes) the rest, per
+(endpoint address, direction, peer address or outside): a map lookup and two adds per packet, measured
+by bench/peers_bench.py.
+
 The programs are a few dozen instructions: assembled at load time (assembler.py, programs.py) (no compiler, no object
 file), loaded with the bpf(2) syscall (loader.py) and attached by vpcnet.datapath.tc through netlink. They are declared
 "Dual BSD/GPL" to the kernel (bpf_fib_lookup is a GPL-only helper), as Cilium's datapath is.
 Little-endian machines only (x86_64, arm64): packet fields are compared as loaded.
 """
 from vpcnet.datapath.ebpf.loader import load
-from vpcnet.datapath.ebpf.programs import container_program, uplink_program
+from vpcnet.datapath.ebpf.programs import container_program, count_program, uplink_program
 
-__all__ = ["container_program", "load", "uplink_program"]
+__all__ = ["container_program", "count_program", "load", "uplink_program"]

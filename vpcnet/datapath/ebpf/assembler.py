@@ -5,9 +5,10 @@ from __future__ import annotations
 import struct
 
 # -- the instruction set (linux/bpf.h, linux/bpf_common.h) -------------------------------------------
-LDX, ST, STX, ALU, JMP, JMP32, ALU64 = 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07
+LD, LDX, ST, STX, ALU, JMP, JMP32, ALU64 = 0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07
 W, H, B, DW = 0x00, 0x08, 0x10, 0x18
-MEM = 0x60
+IMM, MEM = 0x00, 0x60
+PSEUDO_MAP_FD = 1                          # ld_imm64's src: imm is a map's file descriptor
 K, X = 0x00, 0x08
 ADD, SUB, AND, MOV = 0x00, 0x10, 0x50, 0xB0
 JA, JEQ, JGT, JNE, JLT, JLE, CALL, EXIT = 0x00, 0x10, 0x20, 0x50, 0xA0, 0xB0, 0x80, 0x90
@@ -38,6 +39,9 @@ class Asm:
     def movi(self, dst: int, imm: int) -> None:
         self._emit(ALU64 | MOV | K, dst, imm=imm)
 
+    def add(self, dst: int, src: int) -> None:
+        self._emit(ALU64 | ADD | X, dst, src)
+
     def addi(self, dst: int, imm: int) -> None:
         self._emit(ALU64 | ADD | K, dst, imm=imm)
 
@@ -48,6 +52,12 @@ class Asm:
         self._emit(ALU | AND | K, dst, imm=_s32(imm))
 
     # memory
+    def ld_map(self, dst: int, map_fd: int) -> None:
+        """dst = the map behind `map_fd` (ld_imm64 with BPF_PSEUDO_MAP_FD: two instruction slots; the
+        kernel swaps the descriptor for the map when it loads the program)."""
+        self._emit(LD | IMM | DW, dst, PSEUDO_MAP_FD, imm=map_fd)
+        self._emit(0)
+
     def ldx(self, size: int, dst: int, src: int, off: int) -> None:
         self._emit(LDX | MEM | SIZES[size], dst, src, off)
 

@@ -1,6 +1,8 @@
 """The two tc programs of the fast path, assembled at load time: `container_program` (tc ingress of an
 endpoint's host veth) and `uplink_program` (tc ingress of the uplink). What they do and why is in the
-package docstring (vpcnet.datapath.ebpf)."""
+package docstring (vpcnet.datapath.ebpf). With a peer map (vpcnet.datapath.ebpf.maps), both also count
+bytes and packets per peer (`_count`), and `count_program` does only that (tc ingress and egress of an
+endpoint's host veth, in every mode)."""
 from __future__ import annotations
 
 import ipaddress
@@ -18,6 +20,8 @@ from vpcnet.datapath.ebpf.assembler import (
 )
 
 # helpers (enum bpf_func_id)
+MAP_LOOKUP, MAP_UPDATE = 1, 2
+BPF_NOEXIST = 1
 REDIRECT, FIB_LOOKUP, REDIRECT_NEIGH, REDIRECT_PEER = 23, 69, 152, 155
 # bpf_fib_lookup() results
 FIB_SUCCESS = 0
@@ -27,7 +31,7 @@ AF_INET = 2
 ETH_P_IP_LE = 0x0008                       # htons(0x0800) as a little-endian load sees it
 
 # __sk_buff fields
-SKB_IFINDEX, SKB_DATA, SKB_DATA_END = 40, 76, 80
+SKB_LEN, SKB_IFINDEX, SKB_DATA, SKB_DATA_END = 0, 40, 76, 80
 # packet offsets: Ethernet, then the IPv4 header
 ETH_DST, ETH_SRC, ETH_TYPE, ETH_LEN = 0, 6, 12, 14
 IP_TOS, IP_TTL, IP_PROTO, IP_CHECK, IP_SADDR, IP_DADDR = (ETH_LEN + n for n in (1, 8, 9, 10, 12, 16))
@@ -37,6 +41,9 @@ FIB = -64
 F_FAMILY, F_L4, F_IFINDEX, F_TOS, F_SRC, F_DST, F_SMAC, F_DMAC = (FIB + n for n in (0, 1, 8, 12, 16, 32, 52, 58))
 NH = -88
 NH_LEN = 20
+# the peer map's key (40 bytes: endpoint address, direction, pad, peer address) and a new value (16 bytes)
+KEY, KEY_LEN, VAL = -128, 40, -144
+TRANSMIT, RECEIVE = 0, 1                   # vpcnet.datapath.ebpf.maps.TRANSMIT/RECEIVE
 
 
 def _le(addr: ipaddress.IPv4Address) -> int:
@@ -140,17 +147,77 @@ def _pass(a: Asm) -> None:
     a.exit()
 
 
+def _count(a: Asm, map_fd: int, direction: int, cluster_cidr: str, tag: str) -> None:
+    """Add the packet (skb->len bytes, one packet) to the peer map's key (the endpoint's address,
+    `direction`, the peer's address), addresses as ::ffff:a.b.c.d; a peer beyond the cluster CIDR is all
+    zero (outside). The endpoint is the source of what it transmits (r7), the destination of what it
+    receives (r8). Per-CPU values: a plain add, no lock. Clobbers r0-r5 (packet pointers included)."""
+    endpoint, peer = (7, 8) if direction == TRANSMIT else (8, 7)
+    net, mask = _net(cluster_cidr)
+    for off in range(KEY, KEY + KEY_LEN, 8):
+        a.st(8, FP, off, 0)
+    a.st(4, FP, KEY + 8, _s32(0xFFFF0000))                # ::ffff:
+    a.stx(4, FP, KEY + 12, endpoint)
+    a.st(4, FP, KEY + 16, direction)
+    a.mov(4, peer)
+    a.andi32(4, mask)
+    a.jump(JNE, 4, f"{tag}_key", imm=net, wide=False)     # outside: the address stays all zero
+    a.st(4, FP, KEY + 32, _s32(0xFFFF0000))
+    a.stx(4, FP, KEY + 36, peer)
+    a.label(f"{tag}_key")
+    a.ld_map(1, map_fd)
+    a.mov(2, FP)
+    a.addi(2, KEY)
+    a.call(MAP_LOOKUP)
+    a.jump(JEQ, 0, f"{tag}_new", imm=0)
+    a.ldx(8, 4, 0, 0)
+    a.ldx(4, 5, 6, SKB_LEN)
+    a.add(4, 5)
+    a.stx(8, 0, 0, 4)
+    a.ldx(8, 4, 0, 8)
+    a.addi(4, 1)
+    a.stx(8, 0, 8, 4)
+    a.goto(f"{tag}_done")
+    a.label(f"{tag}_new")                              # first packet of this key on this CPU
+    a.ldx(4, 5, 6, SKB_LEN)
+    a.stx(8, FP, VAL, 5)
+    a.st(8, FP, VAL + 8, 1)
+    a.ld_map(1, map_fd)
+    a.mov(2, FP)
+    a.addi(2, KEY)
+    a.mov(3, FP)
+    a.addi(3, VAL)
+    a.movi(4, BPF_NOEXIST)
+    a.call(MAP_UPDATE)                             # full map: the LRU evicts; a race: the other CPU's key
+    a.label(f"{tag}_done")
+
+
+def count_program(direction: int, cluster_cidr: str, map_fd: int) -> bytes:
+    """Counting only (tc on an endpoint's host veth: ingress = what the container sent, egress = what it
+    receives); every packet continues as if the program were not there (TC_ACT_UNSPEC)."""
+    a = Asm()
+    _parse(a)
+    _count(a, map_fd, direction, cluster_cidr, "count")
+    _pass(a)
+    return a.assemble()
+
+
 def container_program(host_cidr: str, cluster_cidr: str, address: str | None = None,
-                      anchor_ifindex: int = 0, uplinks: Sequence[int] | None = None) -> bytes:
+                      anchor_ifindex: int = 0, uplinks: Sequence[int] | None = None,
+                      map_fd: int | None = None) -> bytes:
     """tc ingress of an endpoint's host veth: container -> another host of the cluster, or -> another
     container of this network on this host. `address`: the endpoint's own address, the only source that
     takes the fast path (what the routed path's anti-spoofing check would let through); without it, any
     source in the host CIDR (the probe's form). `uplinks`: the only devices (indexes) another host's
     traffic is redirected out of; a lookup naming any other (a cluster address routed over a second NIC
     or a Docker bridge) takes the normal path, where the firewall's isolation chains decide (None: any
-    device, the probe's form)."""
+    device, the probe's form). `map_fd`: the peer map, where every IPv4 packet the container sends is
+    counted first, whatever happens to it next."""
     a = Asm()
     _parse(a)
+    if map_fd is not None:
+        _count(a, map_fd, TRANSMIT, cluster_cidr, "tx")
+        _packet(a)
     if address is not None:
         a.jump(JNE, 7, "pass", imm=_s32(_le(ipaddress.IPv4Address(address))), wide=False)
     else:
@@ -180,19 +247,22 @@ def container_program(host_cidr: str, cluster_cidr: str, address: str | None = N
     return a.assemble()
 
 
-def uplink_program(host_cidr: str, cluster_cidr: str, anchor_ifindex: int) -> bytes:
-    """tc ingress of the uplink: another host of the cluster -> a container of this network."""
+def uplink_program(host_cidr: str, cluster_cidr: str, anchor_ifindex: int, map_fd: int | None = None) -> bytes:
+    """tc ingress of the uplink: another host of the cluster -> a container of this network. `map_fd`: the
+    peer map, where each packet handed into a container is counted as received (bpf_redirect_peer passes
+    no hook of the host veth, where the counting program would see it)."""
     a = Asm()
     _parse(a)
     _require_in(a, 7, cluster_cidr)
     _require_in(a, 8, host_cidr)
     _fib_lookup(a)
-    _to_endpoint(a, anchor_ifindex, "ttl_done")
+    _to_endpoint(a, anchor_ifindex, "ttl_done", map_fd=map_fd, cluster_cidr=cluster_cidr)
     _pass(a)
     return a.assemble()
 
 
-def _to_endpoint(a: Asm, anchor_ifindex: int, done: str, peer: bool = True) -> None:
+def _to_endpoint(a: Asm, anchor_ifindex: int, done: str, peer: bool = True, map_fd: int | None = None,
+                 cluster_cidr: str = "") -> None:
     """After a fib lookup towards the host CIDR: into the container behind the /32 route's host veth
     (MACs from the lookup, TTL decremented). `peer`: bpf_redirect_peer, straight into the container's
     namespace (no second queueing on the veth); else bpf_redirect out of the host veth, which then counts
@@ -211,6 +281,8 @@ def _to_endpoint(a: Asm, anchor_ifindex: int, done: str, peer: bool = True) -> N
         a.stx(2, 2, ETH_DST + off, 4)
         a.ldx(2, 4, FP, F_SMAC + off)
         a.stx(2, 2, ETH_SRC + off, 4)
+    if map_fd is not None:
+        _count(a, map_fd, RECEIVE, cluster_cidr, "rx")
     a.ldx(4, 1, FP, F_IFINDEX)
     a.movi(2, 0)
     a.call(REDIRECT_PEER if peer else REDIRECT)

@@ -1,0 +1,246 @@
+"""Who talks to whom (issue 21): the peer map written by vpcnet's eBPF programs (vpcnet.datapath.ebpf.maps,
+vpcnet.datapath.tc) and the `vpcnet_endpoint_peer_*` families (vpcnet.observability.metrics.PeerTotals).
+Real kernel, in namespaces the tests make (two simulated hosts as in test_dataplane), real traffic (ping):
+counts per peer and direction for a same-host peer, another host's container and outside, in every mode;
+the bound (N series + other, never decreasing, also across an eviction); the switch off loads nothing;
+the counting programs go with their endpoint and network, and the periodic pass puts them back."""
+from __future__ import annotations
+
+import os
+
+import pytest
+from conftest import is_root, require, run, wait_for
+from prometheus_client.parser import text_string_to_metric_families
+from test_dataplane import attach_container, spec
+
+from vpcnet.datapath.dataplane import Dataplane
+from vpcnet.datapath.ebpf import maps
+from vpcnet.datapath.spec import EndpointSpec, mac_for, veth_names
+from vpcnet.observability import metrics
+from vpcnet.state.store import Endpoint, Network, Store
+
+CLUSTER = "10.78.0.0/16"
+A_BLOCK, B_BLOCK = "10.78.3.0/24", "10.78.4.0/24"
+PAYLOAD = 100
+FRAME = 14 + 20 + 8 + PAYLOAD          # what skb->len is at tc: Ethernet, IPv4, ICMP, payload
+TX, RX = maps.TRANSMIT, maps.RECEIVE
+
+
+@pytest.fixture
+def hosts(netns_factory):
+    """Two simulated hosts on one link (the VPC), each routing the other's block to it."""
+    require(is_root(), "needs root (bpf(2), namespaces)")
+    a, b = netns_factory("vpcpa"), netns_factory("vpcpb")
+    run(["ip", "-n", a, "link", "add", "uplink0", "type", "veth", "peer", "name", "uplink0", "netns", b])
+    for ns, me, other, block in ((a, "192.0.2.10", "192.0.2.20", B_BLOCK), (b, "192.0.2.20", "192.0.2.10", A_BLOCK)):
+        run(["ip", "-n", ns, "addr", "add", f"{me}/24", "dev", "uplink0"])
+        run(["ip", "-n", ns, "link", "set", "uplink0", "up"])
+        run(["ip", "-n", ns, "route", "add", "default", "via", other])
+        run(["ip", "-n", ns, "route", "add", block, "via", other])
+    return a, b
+
+
+def ping(ns: str, target: str, count: int = 3) -> None:
+    run(["ip", "netns", "exec", ns, "busybox", "ping", "-q", "-A", "-c", str(count), "-W", "2", "-s", str(PAYLOAD),
+         target])
+
+
+def reading(address: str) -> dict[tuple[int, str | None], tuple[int, int]]:
+    return {(d, peer): v for (ep, d, peer), v in maps.read_all().items() if ep == address}
+
+
+def setup(hosts, netns_factory, mode: str, peers: bool = True):
+    a, b = hosts
+    sa = spec(mode=mode, host=A_BLOCK, cluster=CLUSTER, tag="a1b2c3d4e5f7")
+    sb = spec(mode=mode, host=B_BLOCK, cluster=CLUSTER, tag="b1b2c3d4e5f7")
+    dpa, dpb = Dataplane(netns=a, peers=peers), Dataplane(netns=b, peers=peers)
+    dpa.ensure_network(sa)
+    dpb.ensure_network(sb)
+    boxes = {ip: attach_container(ns, dp, s, netns_factory, ip, eid * 64)
+             for ns, dp, s, ip, eid in ((a, dpa, sa, "10.78.3.2", "a"), (a, dpa, sa, "10.78.3.3", "c"),
+                                        (b, dpb, sb, "10.78.4.2", "b"))}
+    return dpa, dpb, sa, sb, boxes
+
+
+@pytest.mark.parametrize("mode", ["bridge", "routed", "ebpf"])
+def test_traffic_is_counted_per_peer_and_direction_in_every_mode(hosts, netns_factory, mode):
+    dpa, dpb, sa, sb, boxes = setup(hosts, netns_factory, mode)
+    me = "10.78.3.2"
+    try:
+        maps.forget({me, "10.78.3.3", "10.78.4.2"})         # a leftover of an earlier run on this kernel
+        ping(boxes[me], "10.78.3.3", 3)                     # same host
+        ping(boxes[me], "10.78.4.2", 4)                     # another host
+        ping(boxes[me], "192.0.2.20", 5)                    # outside the cluster CIDR (masqueraded)
+        got = reading(me)
+        assert got[(TX, "10.78.3.3")] == (3 * FRAME, 3), got
+        assert got[(RX, "10.78.3.3")] == (3 * FRAME, 3), got
+        assert got[(TX, "10.78.4.2")] == (4 * FRAME, 4), got
+        assert got[(RX, "10.78.4.2")] == (4 * FRAME, 4), got
+        assert got[(TX, None)] == (5 * FRAME, 5), got
+        assert got[(RX, None)] == (5 * FRAME, 5), got
+        assert set(got) == {(d, p) for d in (TX, RX) for p in ("10.78.3.3", "10.78.4.2", None)}, got
+        # the other ends saw it the other way round
+        assert reading("10.78.4.2")[(RX, me)] == (4 * FRAME, 4)
+        assert reading("10.78.3.3")[(TX, me)] == (3 * FRAME, 3)
+    finally:
+        dpa.delete_network(sa)
+        dpb.delete_network(sb)
+        dpa.forget_peers([me, "10.78.3.3", "10.78.4.2"])
+    assert reading(me) == {}
+
+
+def test_the_switch_off_loads_no_counting_and_serves_no_family(hosts, netns_factory, tmp_path):
+    dpa, dpb, sa, sb, boxes = setup(hosts, netns_factory, "routed", peers=False)
+    a, _b = hosts
+    maps.forget({"10.78.3.2"})
+    ping(boxes["10.78.3.2"], "10.78.4.2", 2)
+    assert reading("10.78.3.2") == {}
+    host_veth = veth_names("a" * 64)[0]
+    filters = run(["ip", "netns", "exec", a, "tc", "filter", "show", "dev", host_veth, "egress"], check=False).stdout
+    assert "bpf" not in filters
+    store = Store(str(tmp_path / "vpcnet.db"))
+    collector = metrics.StateCollector(store, link_stats=dict, peer_stats=None)
+    assert "vpcnet_endpoint_peer" not in collector.traffic_text()
+    store.close()
+
+
+def test_counting_programs_go_with_the_endpoint_and_the_pass_puts_them_back(hosts, netns_factory):
+    dpa, dpb, sa, sb, boxes = setup(hosts, netns_factory, "routed")
+    a, _b = hosts
+    host_veth, peer_veth = veth_names("a" * 64)
+
+    def filters(direction: str) -> str:
+        return run(["ip", "netns", "exec", a, "tc", "filter", "show", "dev", host_veth, direction], check=False).stdout
+
+    assert "vpcnet_count" in filters("ingress") and "vpcnet_count" in filters("egress")
+    run(["ip", "netns", "exec", a, "tc", "qdisc", "del", "dev", host_veth, "clsact"])
+    ep = EndpointSpec(host_veth, peer_veth, mac_for("10.78.3.2"), "10.78.3.2")
+    repairs = dpa.repair([(sa, [ep])])
+    assert any("counting" in r.what for r in repairs), repairs
+    assert "vpcnet_count" in filters("ingress") and "vpcnet_count" in filters("egress")
+    maps.forget({"10.78.3.2"})
+    ping(boxes["10.78.3.2"], "10.78.4.2", 2)
+    assert reading("10.78.3.2")[(TX, "10.78.4.2")][1] == 2
+
+
+# -- the exporter: bounded, sticky, never decreasing ----------------------------------------------------
+
+NET = "d1b2c3d4e5f6" + "0" * 52
+EID = "f" * 64
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = Store(str(tmp_path / "vpcnet.db"))
+    with store.tx() as db:
+        store.add_network(db, Network(NET, "10.9.1.0/24", "10.9.0.0/16", "10.9.1.1", "vbr-d1b2c3", 1500, False, ()))
+        store.add_endpoint(db, Endpoint(EID, NET, "10.9.1.2", "02:00:00:00:00:01", "vhpeers", "vcpeers"))
+    yield store
+    store.close()
+
+
+def peer_samples(text: str) -> dict[tuple[str, str], float]:
+    return {(s.name, s.labels["peer"]): s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name.startswith("vpcnet_endpoint_peer_")}
+
+
+def test_the_busiest_peers_keep_their_series_the_rest_sum_into_other_and_nothing_goes_down(store):
+    """N=3 peers of their own out of N+k=5, then an eviction (a value that went down), new peers and more
+    traffic: 3 series + other + outside, each never lower than at the scrape before."""
+    now: dict = {}
+    collector = metrics.StateCollector(store, link_stats=dict, peer_stats=lambda: dict(now), peers_per_endpoint=3)
+    me = "10.9.1.2"
+    for i, nbytes in enumerate((500, 400, 300, 200, 100)):
+        now[(me, TX, f"10.9.2.{i}")] = (nbytes, 1)
+    now[(me, TX, None)] = (50, 1)
+    first = peer_samples(collector.traffic_text())
+    tx = "vpcnet_endpoint_peer_transmit_bytes_total"
+    assert {p for n, p in first if n == tx} == {"10.9.2.0", "10.9.2.1", "10.9.2.2", "other", "outside"}, first
+    assert first[(tx, "other")] == 300 and first[(tx, "10.9.2.0")] == 500
+    assert first[("vpcnet_endpoint_peer_transmit_packets_total", "other")] == 2
+    # the busiest peer's key is evicted and made again (smaller), a new big peer appears, others grow
+    now[(me, TX, "10.9.2.0")] = (10, 1)
+    now[(me, TX, "10.9.2.9")] = (10_000, 5)
+    now[(me, TX, "10.9.2.4")] = (150, 2)
+    second = peer_samples(collector.traffic_text())
+    assert set(second) == set(first), second                    # sticky: no new series, none gone
+    assert all(second[k] >= first[k] for k in first), (first, second)
+    assert second[(tx, "10.9.2.0")] == 510
+    assert second[(tx, "other")] == 300 + 10_000 + 50
+    # a dropped map entry (LRU eviction without re-creation) lowers nothing
+    del now[(me, TX, "10.9.2.1")]
+    third = peer_samples(collector.traffic_text())
+    assert all(third[k] >= second[k] for k in second)
+    # the endpoint goes: its series go
+    store.delete_endpoint(EID)
+    assert peer_samples(collector.traffic_text()) == {}
+
+
+def test_with_n_plus_k_real_peers_the_bound_holds(hosts, netns_factory, tmp_path):
+    """A container sends UDP to 6 addresses of another host's block (counted as they leave it, whoever
+    answers) with VPCNET_PEERS_PER_ENDPOINT=4: 4 series and other, whose sum is what the map holds."""
+    dpa, dpb, sa, sb, boxes = setup(hosts, netns_factory, "ebpf")
+    me = "10.78.3.2"
+    maps.forget({me})
+    send = ("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "for i in range(6):\n    for _ in range(i + 1): s.sendto(b'x' * 100, (f'10.78.4.{i + 2}', 9))")
+    run(["ip", "netns", "exec", boxes[me], "python3", "-c", send])
+    wait_for(lambda: sum(p for (d, _), (_, p) in reading(me).items() if d == TX) >= 21, 5, 0.05)
+    store = Store(str(tmp_path / "vpcnet.db"))
+    try:
+        with store.tx() as db:
+            store.add_network(db, Network(NET, A_BLOCK, CLUSTER, "10.78.3.1", "vbr-d1b2c3", 1500, False, ()))
+            store.add_endpoint(db, Endpoint(EID, NET, me, "02:00:00:00:00:01", "vhpeers", "vcpeers"))
+        collector = metrics.StateCollector(store, link_stats=dict, peer_stats=maps.read_all, peers_per_endpoint=4)
+        got = peer_samples(collector.traffic_text())
+        packets = {p: v for (n, p), v in got.items() if n == "vpcnet_endpoint_peer_transmit_packets_total"}
+        assert len(packets) == 5 and "other" in packets, packets
+        assert sum(packets.values()) == sum(range(1, 7)), packets
+        assert packets["other"] == 1 + 2, packets               # the two quietest
+    finally:
+        store.close()
+
+
+def test_the_programs_with_counting_pass_the_verifier(hosts):
+    from vpcnet.datapath.ebpf import load, programs
+    fd = maps.find_or_create()
+    try:
+        for name, code in (("c", programs.container_program(A_BLOCK, CLUSTER, "10.78.3.2", 5, [2], map_fd=fd)),
+                           ("u", programs.uplink_program(A_BLOCK, CLUSTER, 5, map_fd=fd)),
+                           ("t", programs.count_program(TX, CLUSTER, fd)),
+                           ("r", programs.count_program(RX, CLUSTER, fd))):
+            os.close(load(code, f"vpcnet_test_{name}"))
+    finally:
+        os.close(fd)
+
+
+def test_keys_are_ipv6_ready_and_round_trip():
+    key = maps.peer_key("10.78.3.2", RX, "10.78.4.9")
+    assert len(key) == maps.KEY_SIZE
+    assert maps.parse_key(key) == ("10.78.3.2", RX, "10.78.4.9")
+    assert maps.parse_key(maps.peer_key("fd00::2", TX, None)) == ("fd00::2", TX, None)
+
+
+
+@pytest.mark.parametrize("env,expected", [({"VPCNET_PEER_METRICS": "off"}, "off (VPCNET_PEER_METRICS=off)"),
+                                          ({"VPCNET_ENDPOINT_METRICS": "service"}, "off (VPCNET_ENDPOINT_METRICS"),
+                                          ({}, "on: ")])
+def test_doctor_says_whether_peers_are_counted_and_why_not(env, expected):
+    require(is_root(), "needs root (the features probe, the map lookup)")
+    from vpcnet import config as config_mod
+    from vpcnet.cli.doctor.datapath import DatapathChecks
+    from vpcnet.cli.doctor.findings import Context
+
+    config = config_mod.load(environ={"VPCNET_CONFIG": os.devnull, **env}, check_socket_dir=False)
+    assert config.peers is (not env)
+    [finding] = DatapathChecks(Context(config, "")).check_peer_counting()
+    assert finding.ok and finding.detail.startswith(expected), finding
+
+
+def test_bad_peer_settings_are_refused_by_name():
+    from vpcnet import config as config_mod
+
+    for env, word in (({"VPCNET_PEER_METRICS": "maybe"}, "VPCNET_PEER_METRICS"),
+                      ({"VPCNET_PEERS_PER_ENDPOINT": "0"}, "VPCNET_PEERS_PER_ENDPOINT")):
+        with pytest.raises(config_mod.ConfigError, match=word):
+            config_mod.load(environ={"VPCNET_CONFIG": os.devnull, **env}, check_socket_dir=False)

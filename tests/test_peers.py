@@ -271,3 +271,80 @@ def test_the_map_goes_with_the_last_program_holding_it(hosts, netns_factory, mod
     dpa.delete_network(sa)
     dpb.delete_network(sb)
     assert wait_for(lambda: not (map_ids() & ours), 10), "the map outlived its programs"
+
+
+WITHOUT_SYS_ADMIN = """
+import json, sys
+sys.path.insert(0, {root!r})
+from vpcnet.datapath.dataplane import Dataplane
+from vpcnet.datapath.ebpf import maps
+from vpcnet.datapath.spec import EndpointSpec, NetworkSpec
+spec = NetworkSpec(**json.loads(sys.argv[1]))
+ep = EndpointSpec(*json.loads(sys.argv[2]))
+dp = Dataplane(peers=True)
+assert maps.local(), "CAP_SYS_ADMIN was not dropped"
+if sys.argv[3] == "create":
+    dp.ensure_network(spec)
+    dp.ensure_endpoint(spec, ep.host_veth, ep.peer_veth, ep.mac, ep.address)
+else:
+    dp.repair([(spec, [ep])])
+    print("ready", flush=True)
+    sys.stdin.readline()
+    print(json.dumps([[k[1], k[2], v] for k, v in maps.read_all().items() if k[0] == ep.address]), flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["routed", "ebpf"])
+def test_without_cap_sys_admin_the_map_is_the_processs_and_a_restart_takes_the_programs_over(
+        hosts, netns_factory, mode):
+    """The managed plugin and the systemd unit have CAP_BPF and CAP_NET_ADMIN, not CAP_SYS_ADMIN: no map
+    lookup by id. A process (in host A, capability dropped) makes the network and endpoint and exits; the
+    next process's datapath pass attaches the counting programs again, and it reads what they count."""
+    import dataclasses
+    import json
+    import subprocess
+    import sys
+
+    require(shutil_which("setpriv"), "needs setpriv (util-linux)")
+    a, b = hosts
+    s = spec(mode=mode, host=A_BLOCK, cluster=CLUSTER, tag="a1b2c3d4e5f8")
+    sb = spec(mode=mode, host=B_BLOCK, cluster=CLUSTER, tag="b1b2c3d4e5f8")
+    Dataplane(netns=b, peers=True).ensure_network(sb)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    host_veth, peer_veth = veth_names("d" * 64)
+    ep = EndpointSpec(host_veth, peer_veth, mac_for("10.78.3.2"), "10.78.3.2")
+    script = WITHOUT_SYS_ADMIN.format(root=root)
+    cmd = ["ip", "netns", "exec", a, "setpriv", "--bounding-set", "-sys_admin", sys.executable, "-c", script,
+           json.dumps(dataclasses.asdict(s)), json.dumps(dataclasses.astuple(ep))]
+    run([*cmd, "create"])
+    box = netns_factory("vpcsb")
+    run(["ip", "-n", a, "link", "set", peer_veth, "netns", box])
+    for step in (["link", "set", peer_veth, "name", "eth0"], ["addr", "add", "10.78.3.2/24", "dev", "eth0"],
+                 ["link", "set", "eth0", "up"], ["route", "add", "default", "via", s.gateway]):
+        run(["ip", "-n", box, *step])
+    other = Dataplane(netns=b, peers=True)
+    other.ensure_endpoint(sb, *veth_names("e" * 64), mac_for("10.78.4.2"), "10.78.4.2")
+    box_b = netns_factory("vpcsb")
+    run(["ip", "-n", b, "link", "set", veth_names("e" * 64)[1], "netns", box_b])
+    for step in (["link", "set", veth_names("e" * 64)[1], "name", "eth0"],
+                 ["addr", "add", "10.78.4.2/24", "dev", "eth0"],
+                 ["link", "set", "eth0", "up"], ["route", "add", "default", "via", sb.gateway]):
+        run(["ip", "-n", box_b, *step])
+    proc = subprocess.Popen([*cmd, "adopt"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        sent, received = ping(box, "10.78.4.2", 4)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        got = {(d, p): tuple(v) for d, p, v in json.loads(proc.stdout.readline())}
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    assert got[(TX, "10.78.4.2")] == (sent * FRAME, sent), got
+    assert got[(RX, "10.78.4.2")] == (received * FRAME, received), got
+
+
+def shutil_which(name: str) -> bool:
+    import shutil
+    return shutil.which(name) is not None

@@ -279,6 +279,8 @@ class Dataplane:
             for problem in self.firewall.apply(drifted, host=False):
                 tag = next((r.tag for r in drifted if r.tag in problem), "-")
                 repairs.append(Repair("firewall", tag, problem))
+        if self.tc.peers and maps.local():
+            self._adopt_counting(networks, view, lock_for)
         for spec, endpoints in networks:
             if not self._suspect(spec, endpoints, view):
                 continue
@@ -292,6 +294,40 @@ class Dataplane:
                           extra={"event": "datapath_repair", "network": spec.tag, "outcome": "failed"})
                 self.unrepaired.append(spec.tag)
         return repairs
+
+    def _adopt_counting(self, networks: Sequence[tuple[NetworkSpec, Sequence[EndpointSpec]]], view: KernelView,
+                        lock_for: Callable[[NetworkSpec], ContextManager] | None) -> None:
+        """Where the peer map is this process's own (vpcnet.datapath.ebpf.maps.local: no CAP_SYS_ADMIN), the
+        counting programs another process attached (before a restart) write a map this one cannot read:
+        attach them again (replaced in place, no gap), so they write this process's. Not drift: no Repair."""
+        adopted = 0
+        for spec, endpoints in networks:
+            stale = [ep for ep in endpoints if ep.host_veth in view.links
+                     and view.links[ep.host_veth]["index"] not in self.tc.counted]
+            uplinks = spec.ebpf and spec.tc_name not in self.tc.counted_uplinks
+            if not stale and not uplinks:
+                continue
+            try:
+                with (lock_for(spec) if lock_for else _no_lock()):
+                    with self.nl.ipr() as ipr:
+                        for ep in stale:
+                            index = self.nl.link_index(ipr, ep.host_veth)
+                            if index is None:
+                                continue
+                            if spec.ebpf:
+                                self.tc.attach_endpoint(ipr, spec, index, ep.address)
+                            else:
+                                self.tc.attach_counting(ipr, spec, index)
+                            adopted += 1
+                        anchor = self.nl.link_index(ipr, spec.bridge) if uplinks else None
+                    if anchor is not None:
+                        self.tc.ensure_uplink_programs(spec, anchor)
+            except NetworkGone:
+                continue
+            except Exception as exc:              # the normal repair below still runs
+                log.warning("network %s: cannot attach the peer counting programs again: %s", spec.tag, exc)
+        if adopted:
+            log.info("peer counting: %d endpoint(s) now count into this process's map", adopted)
 
     def _ipv6_on(self, link: dict | None) -> bool:
         """The link (as rtnl.dump_links read it) has IPv6 not as IPV6_OFF wants, and that can be put right."""

@@ -46,6 +46,10 @@ class TcPrograms:
         self.nl = netlink
         self.peers = peers               # VPCNET_PEER_METRICS: count per peer
         self.peers_off = "" if peers else "VPCNET_PEER_METRICS=off"   # why peers are not counted ("": they are)
+        # What this process attached counting programs to (host veth indexes, network filter names): where
+        # the map is the process's own (maps.local), the others write an earlier process's map.
+        self.counted: set[int] = set()
+        self.counted_uplinks: set[str] = set()
 
     @contextmanager
     def peer_map(self) -> Iterator[int | None]:
@@ -97,6 +101,7 @@ class TcPrograms:
             self.attach(ipr, host_idx, program, "vpcnet_ctr", spec.tc_name, *ENDPOINT_FILTER)
             if map_fd is not None:
                 self._attach_receive_count(ipr, spec, host_idx, map_fd)
+                self.counted.add(host_idx)
 
     def attach_counting(self, ipr: IPRoute, spec: NetworkSpec, host_idx: int) -> None:
         """Routed and bridge modes: the counting programs on the endpoint's host veth (ingress: what the
@@ -108,6 +113,7 @@ class TcPrograms:
             try:
                 self.attach(ipr, host_idx, program, "vpcnet_count", spec.tc_name, *ENDPOINT_FILTER)
                 self._attach_receive_count(ipr, spec, host_idx, map_fd)
+                self.counted.add(host_idx)
             except DataplaneError as exc:     # never worth an endpoint: counted nowhere, said once
                 if not self.peers_off:
                     log.warning("peer counting is off: %s", exc)
@@ -135,6 +141,8 @@ class TcPrograms:
         with self.peer_map() as map_fd:
             program = ebpf.uplink_program(spec.host_cidr, spec.cluster_cidr, anchor, map_fd=map_fd)
             self._ensure_uplink_programs(spec, program)
+            if map_fd is not None:
+                self.counted_uplinks.add(spec.tc_name)
 
     def _ensure_uplink_programs(self, spec: NetworkSpec, program: bytes) -> None:
         with self.nl.ipr() as ipr:

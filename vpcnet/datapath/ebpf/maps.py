@@ -16,10 +16,14 @@ interface indexes are not (the lab's hosts are namespaces of one kernel); a dele
 dropped (`forget`), as IPAM may hand its address out again.
 
 No pinning, no file: the map lives as long as a program using it (the programs hold it) or a process
-holding its descriptor; every process finds it again by name (BPF_MAP_GET_NEXT_ID, which needs
-CAP_SYS_ADMIN, as loading the programs does), so several workers and a restarted plugin share one map,
-and the last program detached (network delete) frees it. Two workers creating it at the same moment make
-two maps: readers sum every map of that name, so nothing is lost or counted twice.
+holding its descriptor. Where the process may look maps up by id (BPF_MAP_GET_NEXT_ID: CAP_SYS_ADMIN),
+every process finds it again by name, so several workers and a restarted plugin share one map, and the
+last program detached (network delete) frees it; two workers creating it at the same moment make two
+maps: readers sum every map of that name, so nothing is lost or counted twice. Where it may not (the
+managed plugin and the systemd unit have CAP_BPF and CAP_NET_ADMIN only), the map is the process's own
+(`local`): created once, held until the process ends, read by that process; a new process's datapath
+pass re-attaches the counting programs so they write its map (vpcnet.datapath.dataplane), and the old map
+goes with the old programs. With several workers, a worker then reads only what its own programs count.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import ipaddress
 import os
 import platform
 import struct
+import threading
 from typing import Iterator
 
 from vpcnet.errors import DataplaneError
@@ -117,8 +122,20 @@ def _info(fd: int) -> tuple[int, int, int, int, bytes]:
     return mtype, mid, ksize, vsize, info.raw[24:40].rstrip(b"\0")
 
 
+_local: list[int] = []                           # this process's own map (when it may not look maps up)
+_local_lock = threading.Lock()
+
+
+def local() -> bool:
+    """This process may not look maps up by id: its map is its own."""
+    attr = bytearray(12)
+    ret, err = _bpf(BPF_MAP_GET_NEXT_ID, attr)
+    return ret < 0 and err in (errno.EPERM, errno.EACCES)
+
+
 def find_all() -> list[int]:
-    """Descriptors (the caller's to close) of every vpcnet peer map on this host, oldest first."""
+    """Descriptors (the caller's to close) of every vpcnet peer map on this host, oldest first; where
+    this process may not look them up, its own map (if it made one)."""
     fds: list[int] = []
     start = 0
     for _ in range(1 << 20):                     # bounded: map ids are finite
@@ -126,7 +143,9 @@ def find_all() -> list[int]:
         struct.pack_into("<I", attr, 0, start)
         ret, err = _bpf(BPF_MAP_GET_NEXT_ID, attr)
         if ret < 0:
-            break                                # ENOENT: no more (EPERM: not allowed to look)
+            if start == 0 and err in (errno.EPERM, errno.EACCES):
+                return [os.dup(fd) for fd in _local]
+            break                                # ENOENT: no more
         start = struct.unpack_from("<I", attr, 4)[0]
         attr = bytearray(12)
         struct.pack_into("<I", attr, 0, start)
@@ -146,7 +165,13 @@ def find_all() -> list[int]:
 
 
 def find_or_create() -> int:
-    """The host's peer map (the oldest, when a race made two), created when there is none."""
+    """The host's peer map (the oldest, when a race made two), created when there is none; where this
+    process may not look maps up, its own (made once, kept open)."""
+    if local():
+        with _local_lock:
+            if not _local:
+                _local.append(create())
+            return os.dup(_local[0])
     fds = find_all()
     for fd in fds[1:]:
         os.close(fd)

@@ -348,3 +348,22 @@ def test_without_cap_sys_admin_the_map_is_the_processs_and_a_restart_takes_the_p
 def shutil_which(name: str) -> bool:
     import shutil
     return shutil.which(name) is not None
+
+
+def test_status_says_whether_peers_are_counted_and_why_not(tmp_path):
+    from vpcnet import config as config_mod
+    from vpcnet.cli import status
+
+    def line(env: dict, default: dict | None) -> str:
+        config = config_mod.load(environ={"VPCNET_CONFIG": os.devnull, "VPCNET_STATE_DIR": str(tmp_path), **env},
+                                 check_socket_dir=False)
+        return status.peer_line(config, default)
+
+    assert line({}, {"mode": "ebpf", "setting": "auto"}) == "peer counting: on (vpcnet_endpoint_peer_*)"
+    assert "off (VPCNET_PEER_METRICS=off)" in line({"VPCNET_PEER_METRICS": "off"}, None)
+    assert "off (VPCNET_ENDPOINT_METRICS=service)" in line({"VPCNET_ENDPOINT_METRICS": "service"}, None)
+    fell_back = {"mode": "routed", "setting": "auto", "fallback": "cannot load eBPF programs: EPERM"}
+    assert "cannot load eBPF programs (cannot load eBPF programs: EPERM)" in line({}, fell_back)
+    config = config_mod.load(environ={"VPCNET_CONFIG": os.devnull, "VPCNET_STATE_DIR": str(tmp_path)},
+                             check_socket_dir=False)
+    assert "peer counting: on" in status.render(status.collect(config))

@@ -18,7 +18,7 @@ def collect(config) -> dict:
     if not os.path.exists(config.db_path):
         return {"state_dir": config.state_dir, "provider": config.provider, "socket": config.socket,
                 "socket_up": os.path.exists(config.socket), "host_cidrs": [], "networks": [],
-                "datapath_repairs": {}, "default_mode": None}
+                "datapath_repairs": {}, "default_mode": None, "peer_counting": peer_line(config, None)}
     store = Store(config.db_path, readonly=True)
     try:
         networks = []
@@ -36,7 +36,8 @@ def collect(config) -> dict:
                    "route_ok": c.route_ok, "reason": c.reason} for c in store.claims()]
         return {"state_dir": config.state_dir, "provider": config.provider, "socket": config.socket,
                 "socket_up": os.path.exists(config.socket), "host_cidrs": claims, "networks": networks,
-                "datapath_repairs": repairs, "default_mode": default}
+                "datapath_repairs": repairs, "default_mode": default,
+                "peer_counting": peer_line(config, default)}
     finally:
         store.close()
 
@@ -53,6 +54,18 @@ def default_line(default: dict | None) -> str:
     if not default:
         return "default mode for new networks: not recorded yet (the plugin records it when it starts)"
     return "default mode for new networks: " + DefaultMode(**default).describe()
+
+
+def peer_line(config, default: dict | None) -> str:
+    """Who talks to whom (VPCNET_PEER_METRICS): on, or off and why. A plugin whose default mode fell back
+    from ebpf cannot load eBPF programs, so it counts no peer either."""
+    if config.peer_metrics != "on":
+        return "peer counting: off (VPCNET_PEER_METRICS=off)"
+    if config.endpoint_metrics != "container":
+        return "peer counting: off (VPCNET_ENDPOINT_METRICS=service)"
+    if default and default.get("fallback"):
+        return f"peer counting: off, this host cannot load eBPF programs ({default['fallback']})"
+    return "peer counting: on (vpcnet_endpoint_peer_*)"
 
 
 def render(status: dict) -> str:
@@ -74,6 +87,8 @@ def render(status: dict) -> str:
         for ep in n["endpoints"]:
             lines.append(f"    {ep['endpoint_id'][:12]}  {ep['address']:<15} {ep['mac']}  {ep['host_veth']}")
     lines.append(default_line(status.get("default_mode")))
+    if status.get("peer_counting"):
+        lines.append(status["peer_counting"])
     repairs = status.get("datapath_repairs") or {}
     lines.append("datapath repairs (drift found in the kernel and put right): " +
                  (", ".join(f"{kind} {n}" for kind, n in sorted(repairs.items())) or "none"))

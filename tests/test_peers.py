@@ -367,3 +367,35 @@ def test_status_says_whether_peers_are_counted_and_why_not(tmp_path):
     config = config_mod.load(environ={"VPCNET_CONFIG": os.devnull, "VPCNET_STATE_DIR": str(tmp_path)},
                              check_socket_dir=False)
     assert "peer counting: on" in status.render(status.collect(config))
+
+
+DOCTOR = """
+import json, os, sys, types
+sys.path.insert(0, {root!r})
+from vpcnet import config as config_mod
+from vpcnet.cli.doctor.datapath import DatapathChecks
+from vpcnet.cli.doctor.findings import Context
+config = config_mod.load(environ={{"VPCNET_CONFIG": os.devnull}}, check_socket_dir=False)
+ctx = Context(config, "", endpoints=[types.SimpleNamespace(host_veth=sys.argv[1])])
+[f] = DatapathChecks(ctx).check_peer_counting()
+print(json.dumps([f.ok, f.detail]))
+"""
+
+
+def test_doctor_names_an_endpoint_whose_counting_filter_was_deleted(hosts, netns_factory):
+    import json
+    import sys
+
+    dpa, dpb, sa, sb, boxes = setup(hosts, netns_factory, "bridge")
+    a, _b = hosts
+    host_veth = veth_names("a" * 64)[0]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def doctor() -> list:
+        out = run(["ip", "netns", "exec", a, sys.executable, "-c", DOCTOR.format(root=root), host_veth]).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    assert doctor()[0] is True
+    run(["ip", "netns", "exec", a, "tc", "filter", "del", "dev", host_veth, "egress"])
+    found, detail = doctor()
+    assert found is False and host_veth in detail, detail

@@ -113,13 +113,34 @@ class DatapathChecks(Checks):
         finally:
             for fd in fds:
                 os.close(fd)
-        endpoints = len(self.ctx.endpoints)
-        if not fds and endpoints:
-            return [problem("peer_counting", f"on, but no {maps.MAP_NAME.decode()} map exists for "
-                                             f"{endpoints} endpoint(s): their counting programs are missing",
-                            "restart the plugin (its first pass puts them back), or recreate the containers")]
+        missing = self._uncounted()
+        if missing:
+            return [problem("peer_counting", f"on, but {len(missing)} endpoint host veth(s) have no receive "
+                                             f"counting program: {', '.join(missing[:5])}",
+                            "recreate those containers (the periodic pass puts a removed clsact qdisc back, "
+                            "not a single filter deleted from it)")]
         return [ok("peer_counting", f"on: {keys} endpoint-peer key(s) in {len(fds)} "
                                     f"{maps.MAP_NAME.decode()} map(s) (at most {maps.MAX_ENTRIES})")]
+
+    def _uncounted(self) -> list[str]:
+        """Host veths of this host's endpoints (present now) without the egress counting program."""
+        from pyroute2 import IPRoute, NetlinkError
+
+        from vpcnet.datapath.tc import TC_EGRESS
+
+        out = []
+        with IPRoute() as ipr:
+            for ep in self.ctx.endpoints:
+                found = ipr.link_lookup(ifname=ep.host_veth)
+                if not found:
+                    continue
+                try:
+                    filters = ipr.get_filters(index=found[0], parent=TC_EGRESS)
+                except NetlinkError:
+                    filters = []
+                if not any(f.get_attr("TCA_KIND") == "bpf" for f in filters):
+                    out.append(ep.host_veth)
+        return out
 
     def check_forwarding(self) -> list[Finding]:
         value = _sysctl("net.ipv4.ip_forward")

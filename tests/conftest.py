@@ -349,7 +349,8 @@ def dock(docker_engine, test_image):
 
 def source_seen_by(ns: str, listen_ip: str, dock, container: str, port: int = 7007) -> str:
     """Connect from the container to a TCP server on listen_ip in `ns`; the source address the server saw
-    ("" when nothing arrived)."""
+    ("" when nothing arrived). The client starts only once the server listens (a loaded machine may take
+    seconds to start Python), and tries again while nothing arrived, at most 3 times."""
     import textwrap
 
     server = subprocess.Popen(
@@ -357,11 +358,20 @@ def source_seen_by(ns: str, listen_ip: str, dock, container: str, port: int = 70
             import socket
             s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("{listen_ip}", {port})); s.listen(1); s.settimeout(20)
+            print("listening", flush=True)
             c, addr = s.accept(); print(addr[0], flush=True); c.close()
         """)], stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(0.3)
-        dock.exec(container, "sh", "-c", f"echo hi | nc -w 3 {listen_ip} {port}", check=False)
+        assert server.stdout is not None
+        if server.stdout.readline().strip() != "listening":       # ends at the server's exit, at worst
+            return ""
+        for _ in range(3):
+            dock.exec(container, "sh", "-c", f"echo hi | nc -w 3 {listen_ip} {port}", check=False)
+            if server.poll() is not None:
+                break
+            time.sleep(0.5)
+            if server.poll() is not None:
+                break
         out, _ = server.communicate(timeout=25)
         return out.strip()
     finally:

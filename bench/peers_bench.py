@@ -143,7 +143,7 @@ def per_packet(repeats: int = 9, runs: int = 1_000_000) -> dict:
     fds = []
     try:
         fds = [load(base.assemble(), "vpcnet_bench_b"),
-               load(programs.count_program(maps.RECEIVE, "10.81.0.0/16", map_fd), "vpcnet_bench_c")]
+               load(programs.count_program(maps.RECEIVE, "10.81.0.0/16", map_fd, "10.81.3.2"), "vpcnet_bench_c")]
         samples: dict[str, list[int]] = {"without": [], "with": []}
         for _ in range(repeats):
             samples["without"].append(ns_per_run(fds[0], packet, runs))

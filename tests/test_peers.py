@@ -2,6 +2,7 @@
 vpcnet.datapath.tc) and the `vpcnet_endpoint_peer_*` families (vpcnet.observability.metrics.PeerTotals).
 Real kernel, in namespaces the tests make (two simulated hosts as in test_dataplane), real traffic (ping):
 counts per peer and direction for a same-host peer, another host's container and outside, in every mode;
+a forged source (and in bridge mode a flooded frame) counted under no one;
 the bound (N series + other, never decreasing, also across an eviction); the switch off loads nothing;
 the counting programs go with their endpoint and network, and the periodic pass puts them back."""
 from __future__ import annotations
@@ -89,6 +90,66 @@ def test_traffic_is_counted_per_peer_and_direction_in_every_mode(hosts, netns_fa
         dpb.delete_network(sb)
         dpa.forget_peers([me, "10.78.3.3", "10.78.4.2"])
     assert reading(me) == {}
+
+
+FORGE = """
+import socket, struct, sys
+src, dst, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def csum(b):
+    t = sum(struct.unpack(f"!{len(b) // 2}H", b))
+    t = (t >> 16) + (t & 0xffff)
+    return ~(t + (t >> 16)) & 0xffff
+icmp = struct.pack("!BBHHH", 8, 0, 0, 7, 1) + b"x" * {payload}
+icmp = icmp[:2] + struct.pack("!H", csum(icmp)) + icmp[4:]
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 1, 0, 64, 1, 0, socket.inet_aton(src), socket.inet_aton(dst))
+ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+if len(sys.argv) > 4:          # a broadcast frame, as a bridge floods it to every port
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    s.bind(("eth0", 0x0800))
+    for _ in range(n):
+        s.send(b"\\xff" * 6 + s.getsockname()[4] + b"\\x08\\x00" + ip + icmp)
+else:
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    for _ in range(n):
+        s.sendto(ip + icmp, (dst, 0))
+""".replace("{payload}", str(PAYLOAD))
+
+
+def veth_packets(ns: str, link: str, direction: str = "rx") -> int:
+    return int(run(["ip", "netns", "exec", ns, "cat", f"/sys/class/net/{link}/statistics/{direction}_packets"]).stdout)
+
+
+@pytest.mark.parametrize("mode", ["bridge", "routed", "ebpf"])
+def test_a_forged_source_is_counted_under_no_one(hosts, netns_factory, mode):
+    """A container sends echo requests from another container's address and from one nobody holds: no
+    key under either, none under its own for them (its real ping alone is counted), though its host
+    veth saw them (what vpcnet_endpoint_transmit_* read). Bridge mode: a frame the bridge floods to every
+    port is not counted as the receive of the endpoints it was not for."""
+    dpa, dpb, sa, sb, boxes = setup(hosts, netns_factory, mode)
+    a, _b = hosts
+    me, other, nobody = "10.78.3.2", "10.78.3.3", "10.78.3.77"
+    host_veth = veth_names("a" * 64)[0]
+    try:
+        maps.forget({me, other, nobody, "10.78.4.2"})
+        before = veth_packets(a, host_veth)
+        for forged in (other, nobody):
+            run(["ip", "netns", "exec", boxes[me], "python3", "-c", FORGE, forged, "10.78.4.2", "3"])
+        assert wait_for(lambda: veth_packets(a, host_veth) - before >= 6, 5, 0.05), "the forged packets left"
+        sent, _received = ping(boxes[me], "10.78.4.2", 2)
+        if mode == "bridge":
+            flooded = veth_packets(a, host_veth, "tx")
+            run(["ip", "netns", "exec", boxes[other], "python3", "-c", FORGE, other, nobody, "3", "broadcast"])
+            assert wait_for(lambda: veth_packets(a, host_veth, "tx") - flooded >= 3, 5, 0.05), "not flooded to me"
+        got = reading(me)
+        assert got[(TX, "10.78.4.2")] == (sent * FRAME, sent), got
+        assert not [k for k in got if k[0] == TX and k[1] != "10.78.4.2"], got
+        assert (RX, other) not in got, got
+        assert not [k for k in reading(other) if k[0] == TX and k[1] != nobody], reading(other)
+        assert reading(nobody) == {}
+    finally:
+        dpa.delete_network(sa)
+        dpb.delete_network(sb)
+        dpa.forget_peers([me, other, nobody, "10.78.4.2"])
 
 
 def test_the_switch_off_loads_no_counting_and_serves_no_family(hosts, netns_factory, tmp_path):
@@ -209,8 +270,8 @@ def test_the_programs_with_counting_pass_the_verifier(hosts):
     try:
         for name, code in (("c", programs.container_program(A_BLOCK, CLUSTER, "10.78.3.2", 5, [2], map_fd=fd)),
                            ("u", programs.uplink_program(A_BLOCK, CLUSTER, 5, map_fd=fd)),
-                           ("t", programs.count_program(TX, CLUSTER, fd)),
-                           ("r", programs.count_program(RX, CLUSTER, fd))):
+                           ("t", programs.count_program(TX, CLUSTER, fd, "10.78.3.2")),
+                           ("r", programs.count_program(RX, CLUSTER, fd, "10.78.3.2"))):
             os.close(load(code, f"vpcnet_test_{name}"))
     finally:
         os.close(fd)

@@ -207,7 +207,7 @@ class Dataplane:
             if self.tc.peers and not spec.ebpf:
                 index = host_idx if host_idx is not None else self.nl.link_index(ipr, host_veth)
                 if index is not None:
-                    self.tc.attach_counting(ipr, spec, index)
+                    self.tc.attach_counting(ipr, spec, index, address)
         if not spec.routed or host_idx is None:
             return
         self.links.proxy_arp(host_idx, host_veth)
@@ -317,7 +317,7 @@ class Dataplane:
                             if spec.ebpf:
                                 self.tc.attach_endpoint(ipr, spec, index, ep.address)
                             else:
-                                self.tc.attach_counting(ipr, spec, index)
+                                self.tc.attach_counting(ipr, spec, index, ep.address)
                             adopted += 1
                         anchor = self.nl.link_index(ipr, spec.bridge) if uplinks else None
                     if anchor is not None:

@@ -100,27 +100,29 @@ class TcPrograms:
                                              self.nl.all_uplinks(ipr), map_fd=map_fd)
             self.attach(ipr, host_idx, program, "vpcnet_ctr", spec.tc_name, *ENDPOINT_FILTER)
             if map_fd is not None:
-                self._attach_receive_count(ipr, spec, host_idx, map_fd)
+                self._attach_receive_count(ipr, spec, host_idx, map_fd, address)
                 self.counted.add(host_idx)
 
-    def attach_counting(self, ipr: IPRoute, spec: NetworkSpec, host_idx: int) -> None:
-        """Routed and bridge modes: the counting programs on the endpoint's host veth (ingress: what the
-        container sends; egress: what it receives); nothing with counting off."""
+    def attach_counting(self, ipr: IPRoute, spec: NetworkSpec, host_idx: int, address: str) -> None:
+        """Routed and bridge modes: the counting programs of the endpoint holding `address` on its host veth
+        (ingress: what the container sends from it; egress: what it receives at it); nothing with
+        counting off."""
         with self.peer_map() as map_fd:
             if map_fd is None:
                 return
-            program = ebpf.count_program(maps.TRANSMIT, spec.cluster_cidr, map_fd)
+            program = ebpf.count_program(maps.TRANSMIT, spec.cluster_cidr, map_fd, address)
             try:
                 self.attach(ipr, host_idx, program, "vpcnet_count", spec.tc_name, *ENDPOINT_FILTER)
-                self._attach_receive_count(ipr, spec, host_idx, map_fd)
+                self._attach_receive_count(ipr, spec, host_idx, map_fd, address)
                 self.counted.add(host_idx)
             except DataplaneError as exc:     # never worth an endpoint: counted nowhere, said once
                 if not self.peers_off:
                     log.warning("peer counting is off: %s", exc)
                 self.peers_off = str(exc)
 
-    def _attach_receive_count(self, ipr: IPRoute, spec: NetworkSpec, host_idx: int, map_fd: int) -> None:
-        program = ebpf.count_program(maps.RECEIVE, spec.cluster_cidr, map_fd)
+    def _attach_receive_count(self, ipr: IPRoute, spec: NetworkSpec, host_idx: int, map_fd: int,
+                              address: str) -> None:
+        program = ebpf.count_program(maps.RECEIVE, spec.cluster_cidr, map_fd, address)
         self.attach(ipr, host_idx, program, "vpcnet_count", spec.tc_name, *COUNT_FILTER, parent=TC_EGRESS)
 
     @staticmethod

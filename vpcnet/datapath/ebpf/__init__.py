@@ -38,7 +38,9 @@ Who talks to whom (VPCNET_PEER_METRICS): with the host's peer map (maps.py), the
 counts what the container sends, the uplink program what it hands into a container, and `count_program`
 (tc egress of every endpoint's host veth, and tc ingress too in routed and bridge modes) the rest, per
 (endpoint address, direction, peer address or outside): a map lookup and two adds per packet, measured
-by bench/peers_bench.py.
+by bench/peers_bench.py. The container and counting programs are per endpoint and have its address built
+in: only packets from (sent) or to (received) that address are counted, never a forged source or a frame
+a bridge flooded to the veth.
 
 The programs are a few dozen instructions: assembled at load time (assembler.py, programs.py) (no compiler, no object
 file), loaded with the bpf(2) syscall (loader.py) and attached by vpcnet.datapath.tc through netlink. They are declared

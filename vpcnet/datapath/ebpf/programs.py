@@ -147,12 +147,17 @@ def _pass(a: Asm) -> None:
     a.exit()
 
 
-def _count(a: Asm, map_fd: int, direction: int, cluster_cidr: str, tag: str) -> None:
+def _count(a: Asm, map_fd: int, direction: int, cluster_cidr: str, tag: str, address: str | None) -> None:
     """Add the packet (skb->len bytes, one packet) to the peer map's key (the endpoint's address,
     `direction`, the peer's address), addresses as ::ffff:a.b.c.d; a peer beyond the cluster CIDR is all
     zero (outside). The endpoint is the source of what it transmits (r7), the destination of what it
-    receives (r8). Per-CPU values: a plain add, no lock. Clobbers r0-r5 (packet pointers included)."""
+    receives (r8). `address`: the endpoint's own, built in; a packet whose endpoint-side address is any
+    other (a forged source, a frame a bridge flooded to this veth) is counted under no one (None: the
+    uplink program, where the fib lookup has just routed the destination to the endpoint's own /32).
+    Per-CPU values: a plain add, no lock. Clobbers r0-r5 (packet pointers included)."""
     endpoint, peer = (7, 8) if direction == TRANSMIT else (8, 7)
+    if address is not None:
+        a.jump(JNE, endpoint, f"{tag}_done", imm=_s32(_le(ipaddress.IPv4Address(address))), wide=False)
     net, mask = _net(cluster_cidr)
     for off in range(KEY, KEY + KEY_LEN, 8):
         a.st(8, FP, off, 0)
@@ -192,12 +197,13 @@ def _count(a: Asm, map_fd: int, direction: int, cluster_cidr: str, tag: str) -> 
     a.label(f"{tag}_done")
 
 
-def count_program(direction: int, cluster_cidr: str, map_fd: int) -> bytes:
+def count_program(direction: int, cluster_cidr: str, map_fd: int, address: str) -> bytes:
     """Counting only (tc on an endpoint's host veth: ingress = what the container sent, egress = what it
-    receives); every packet continues as if the program were not there (TC_ACT_UNSPEC)."""
+    receives), of the endpoint holding `address` (one program per endpoint: only its own address counts);
+    every packet continues as if the program were not there (TC_ACT_UNSPEC)."""
     a = Asm()
     _parse(a)
-    _count(a, map_fd, direction, cluster_cidr, "count")
+    _count(a, map_fd, direction, cluster_cidr, "count", address)
     _pass(a)
     return a.assemble()
 
@@ -211,12 +217,14 @@ def container_program(host_cidr: str, cluster_cidr: str, address: str | None = N
     source in the host CIDR (the probe's form). `uplinks`: the only devices (indexes) another host's
     traffic is redirected out of; a lookup naming any other (a cluster address routed over a second NIC
     or a Docker bridge) takes the normal path, where the firewall's isolation chains decide (None: any
-    device, the probe's form). `map_fd`: the peer map, where every IPv4 packet the container sends is
-    counted first, whatever happens to it next."""
+    device, the probe's form). `map_fd`: the peer map, where every IPv4 packet the container sends from
+    `address` (required with it) is counted first, whatever happens to it next; a forged source, never."""
     a = Asm()
     _parse(a)
     if map_fd is not None:
-        _count(a, map_fd, TRANSMIT, cluster_cidr, "tx")
+        if address is None:
+            raise ValueError("counting needs the endpoint's address")
+        _count(a, map_fd, TRANSMIT, cluster_cidr, "tx", address)
         _packet(a)
     if address is not None:
         a.jump(JNE, 7, "pass", imm=_s32(_le(ipaddress.IPv4Address(address))), wide=False)
@@ -282,7 +290,7 @@ def _to_endpoint(a: Asm, anchor_ifindex: int, done: str, peer: bool = True, map_
         a.ldx(2, 4, FP, F_SMAC + off)
         a.stx(2, 2, ETH_SRC + off, 4)
     if map_fd is not None:
-        _count(a, map_fd, RECEIVE, cluster_cidr, "rx")
+        _count(a, map_fd, RECEIVE, cluster_cidr, "rx", None)
     a.ldx(4, 1, FP, F_IFINDEX)
     a.movi(2, 0)
     a.call(REDIRECT_PEER if peer else REDIRECT)

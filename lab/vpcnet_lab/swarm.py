@@ -34,6 +34,7 @@ def install_managed_plugin(lab, k: int, cluster_cidr: str, name: str = PLUGIN) -
     host = lab.host(k)
     host.stop_plugin()
     settings = dict(lab.plugin_settings(k), VPCNET_CLUSTER_CIDR=cluster_cidr)
+    settings.pop("VPCNET_DOCKER_SOCKET")    # not in the plugin's root filesystem: the shipped default
     os.makedirs(managed_state_dir(k), mode=0o700, exist_ok=True)
     run(["bash", build_script(), name, f"state.source={managed_state_dir(k)}",
          *(f"{key}={value}" for key, value in settings.items())],

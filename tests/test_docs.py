@@ -641,3 +641,27 @@ def test_the_dashboards_service_pairs_join_the_peer_families_across_hosts(tmp_pa
     proc = subprocess.run(["promtool", "test", "rules", "pairs-test.yml"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_dashboard_is_importable_as_is():
+    """What Grafana's import needs of docs/grafana/vpcnet.json: the data source chosen through the
+    `datasource` variable (no __inputs to fill), a variable per level, unique panel ids, no panels on top
+    of each other."""
+    with open(os.path.join(DOCS, "grafana", "vpcnet.json")) as fh:
+        board = json.load(fh)
+    assert board["uid"] == "vpcnet" and board["schemaVersion"] >= 39 and "__inputs" not in board
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert (variables["datasource"]["type"], variables["datasource"]["query"]) == ("datasource", "prometheus")
+    assert {"instance", "application", "service", "container", "network"} <= set(variables)
+    ids, cells = set(), set()
+    for panel in board["panels"]:
+        assert panel["id"] not in ids, panel["title"]
+        ids.add(panel["id"])
+        if panel["type"] != "row":
+            assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+            assert panel["targets"] and all(t["expr"] for t in panel["targets"]), panel["title"]
+        g = panel["gridPos"]
+        assert g["x"] + g["w"] <= 24, panel["title"]
+        mine = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+        assert not mine & cells, f"{panel['title']} overlaps another panel"
+        cells |= mine

@@ -520,7 +520,9 @@ def test_the_grafana_dashboard_answers_from_a_real_prometheus(lab, tmp_path):
         assert (instance[1], names["shop"], "web", "shop", ip["shop"]) in table, table
         assert (instance[2], names["pay"], "api", "pay", ip["pay"]) in table, table
         assert rate_of("Endpoints") >= 2 and rate_of("Hosts scraped") == 2
-        assert rate_of("Route available") == 2
+        routes = shown("Route available")                       # every host's route of every cluster CIDR
+        assert {r["metric"]["instance"] for r in routes} == set(instance.values()), routes
+        assert all(float(r["value"][1]) == 1 for r in routes), routes
         assert rate_of("Docker calls", call="NetworkDriver.CreateEndpoint") > 0, \
             json.dumps(prom.query('vpcnet_docker_requests_total{call="NetworkDriver.CreateEndpoint"}[1m]'))
         latency = _series(shown("Docker call p99 latency"), call="NetworkDriver.Join")

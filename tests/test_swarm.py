@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 
 import pytest
 from conftest import CURRENT_DOCKER, engine_major, is_root, require, run, unique, wait_for
@@ -173,10 +174,16 @@ networks:
 
 
 def test_a_stack_on_the_external_swarm_network(swarm, tmp_path):
+    """Also the Grafana dashboard against the managed plugins: a real Prometheus scrapes both while the
+    stack's tasks talk across hosts, and every panel's query answers (the names stay empty: the managed
+    plugin has no Docker socket, docs/monitoring.md#names)."""
+    from test_lab import RouterPrometheus, dashboard_queries, substitute
+
     lab = swarm
     path = tmp_path / "stack.yml"
     path.write_text(STACK)
     stack = unique("st")
+    prom = RouterPrometheus(lab, tmp_path, [1, 2])
     lab.docker(1, "stack", "deploy", "--resolve-image", "never", "--detach=true", "-c", str(path), stack)
     try:
         found = converged(lab, f"{stack}_app", 2)
@@ -187,7 +194,20 @@ def test_a_stack_on_the_external_swarm_network(swarm, tmp_path):
         assert lab.docker(1, "exec", one["id"], "ping", "-c1", "-W2", f"tasks.{stack}_app",
                           check=False).returncode == 0
         assert lab.docker(1, "exec", one["id"], "ping", "-c1", "-W2", two["ip"], check=False).returncode == 0
+        flood = lab.docker(1, "exec", one["id"], "ping", "-A", "-q", "-c", "300", "-s", "1000", two["ip"],
+                           check=False, timeout=60)
+        assert "300 packets received" in flood.stdout, flood.stdout
+        time.sleep(2)                                            # a scrape of each host after it
+        panels, variables = dashboard_queries()
+        everything = {name: ".*" for name in variables}
+        failed = {t: a for t, exprs in panels.items() for e in exprs
+                  if (a := prom.answer(substitute(e, everything)))["status"] != "success"}
+        assert not failed, failed
+        sent = {r["metric"]["instance"] for e in panels["Sent per host"]
+                for r in prom.query(substitute(e, everything)) if float(r["value"][1]) > 0}
+        assert len(sent) == 2, sent
     finally:
+        prom.stop()
         lab.docker(1, "stack", "rm", stack)
     assert wait_for(lambda: tasks(lab, f"{stack}_app") == [], 60, 1.0)
 

@@ -407,10 +407,11 @@ def _churn_batch(dock, net: str, names: list[str]) -> None:
 
 
 @pytest.mark.docker
-def test_churn_of_500_containers_leaves_no_per_endpoint_series(dock, plugin_factory):
+def test_churn_of_500_containers_leaves_no_per_endpoint_series(plugin_factory, dock):
     """500 containers started (named by the real engine's API) and removed, in batches: the plugin's
     /metrics is back to its before state, series for series (vpcnet_endpoint_info included), and held
-    every batch's endpoints while they ran."""
+    every batch's endpoints while they ran. (plugin_factory before dock: the network is removed while
+    the plugin still runs; the other way round Docker retries the gone plugin for about 100 s.)"""
     plugin = plugin_factory({"VPCNET_DATAPATH_INTERVAL": "30"})
     url = plugin.metrics_url()
     net = dock.network_create(plugin).name
@@ -455,7 +456,7 @@ networks:
 
 
 @pytest.mark.docker
-def test_a_real_compose_project_and_a_plain_container_are_named(dock, plugin_factory, tmp_path):
+def test_a_real_compose_project_and_a_plain_container_are_named(plugin_factory, dock, tmp_path):
     """The names from the real engine: a Compose project's container (real `docker compose up`; on Docker
     20.10, which has no Compose v2, a container carrying the labels Compose sets) and a plain one, while
     Prometheus-like scrapes come every 0.1 s, so lookups run while Docker is still starting them."""

@@ -66,11 +66,45 @@ def test_config_json_env_is_exactly_the_settings():
     assert "rbind" in state["Options"] and state["Settable"] == ["source"]
     lock = next(m for m in cfg["Mounts"] if m["Name"] == "xtables-lock")   # the host's iptables lock
     assert lock["Source"] == lock["Destination"] == "/run/xtables.lock" and lock["Type"] == "bind"
+    # the shipped plugin has no Docker socket (it would grant full control of the engine)
+    assert [m["Name"] for m in cfg["Mounts"]] == ["state", "xtables-lock"]
+    assert not any("docker" in m["Source"] for m in cfg["Mounts"])
 
 
 def test_genconfig_check_mode():
     proc = run([sys.executable, os.path.join(REPO, "plugin", "genconfig.py"), "--check"], check=False)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_genconfig_docker_socket_adds_the_mount_and_points_the_setting_at_it():
+    from vpcnet.config import SETTINGS
+
+    genconfig = os.path.join(REPO, "plugin", "genconfig.py")
+    plain = json.loads(run([sys.executable, genconfig]).stdout)
+    with_socket = json.loads(run([sys.executable, genconfig, "--docker-socket"]).stdout)
+    mount = with_socket["Mounts"].pop()
+    assert mount == {"Name": "docker-socket", "Description": mount["Description"], "Settable": ["source"],
+                     "Source": "/var/run/docker.sock", "Destination": "/run/docker-host.sock", "Type": "bind",
+                     "Options": ["rbind", "ro"]}
+    assert "full control" in mount["Description"]
+    changed = [(a["Name"], b["Value"]) for a, b in zip(plain["Env"], with_socket["Env"], strict=True) if a != b]
+    assert changed == [("VPCNET_DOCKER_SOCKET", "/run/docker-host.sock")]
+    setting = next(s for s in SETTINGS if s.env == "VPCNET_DOCKER_SOCKET")
+    assert setting.parse("/run/docker-host.sock") == "/run/docker-host.sock"
+    with_socket["Env"], plain["Env"] = [], []
+    assert with_socket == plain                       # nothing else differs
+    both = run([sys.executable, genconfig, "--check", "--docker-socket"], check=False)
+    assert both.returncode == 2 and "has no Docker socket" in both.stderr, both.stderr
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["--docker-socket", "vpcnet-x:latest", "VPCNET_MTU"], "expected KEY=VALUE, got VPCNET_MTU"),
+    (["--docker-socket", "--dir"], "--dir needs a directory"),
+    (["--docker-socket", "--bogus"], "the first argument is the plugin name, got --bogus"),
+])
+def test_build_sh_refuses_bad_arguments_before_building(argv, error):
+    proc = run(["bash", BUILD, *argv], check=False, timeout=30)
+    assert proc.returncode == 2 and error in proc.stderr, (proc.returncode, proc.stderr)
 
 
 # -- the real thing ---------------------------------------------------------------------------------------

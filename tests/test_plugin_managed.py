@@ -439,3 +439,41 @@ def _same_file(path: str, st: os.stat_result) -> bool:
     except OSError:
         return False
     return (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
+
+
+def test_the_docker_socket_option_over_an_installed_plugin(built, tmp_path):
+    """build.sh --docker-socket replacing the installed plugin: the settings carry over except
+    VPCNET_DOCKER_SOCKET, which follows the option; a docker-socket source that is no socket is refused
+    before enable, naming it; with the engine's socket the plugin has it at /run/docker-host.sock, a later
+    --docker-socket build carries the source over, and a plain build drops the mount again."""
+    docker_host = os.environ.get("DOCKER_HOST", "")
+    engine = docker_host[len("unix://"):] if docker_host.startswith("unix://") else "/var/run/docker.sock"
+    require(os.path.exists(engine), f"needs the engine's socket at {engine}")
+    missing = str(tmp_path / "no-such.sock")
+
+    def build(*args: str) -> subprocess.CompletedProcess:
+        return run(["bash", BUILD, *args], check=False, timeout=1200)
+
+    try:
+        refused = build("--docker-socket", built.name, f"docker-socket.source={missing}")
+        assert refused.returncode == 1 and f"{missing} is not a socket" in refused.stderr, refused.stderr
+        assert built.inspect()["Enabled"] is False
+        env = built.env()
+        assert env["VPCNET_DOCKER_SOCKET"] == "/run/docker-host.sock"
+        assert env["VPCNET_CLUSTER_CIDR"] == built.cluster and env["VPCNET_LOG_LEVEL"] == "DEBUG"
+        built.docker("plugin", "set", built.name, f"docker-socket.source={engine}")
+        built.enable()
+        again = build("--docker-socket", built.name)              # the source carries over
+        assert again.returncode == 0, again.stderr
+        info = built.inspect()
+        assert info["Enabled"] and next(m for m in info["Settings"]["Mounts"]
+                                        if m["Name"] == "docker-socket")["Source"] == engine
+        state = os.stat(built.state_dir)
+        pids = [p for p in os.listdir("/proc") if p.isdigit() and _same_file(f"/proc/{p}/root/var/lib/vpcnet", state)]
+        assert pids and _same_file(f"/proc/{pids[0]}/root/run/docker-host.sock", os.stat(engine))
+    finally:
+        plain = build(built.name)                                 # back to the shipped config
+    assert plain.returncode == 0, plain.stderr
+    info = built.inspect()
+    assert [m["Name"] for m in info["Settings"]["Mounts"]] == ["state", "xtables-lock"]
+    assert built.env()["VPCNET_DOCKER_SOCKET"] == "" and built.env()["VPCNET_CLUSTER_CIDR"] == built.cluster

@@ -469,7 +469,8 @@ def test_the_docker_socket_option_over_an_installed_plugin(built, tmp_path):
         assert info["Enabled"] and next(m for m in info["Settings"]["Mounts"]
                                         if m["Name"] == "docker-socket")["Source"] == engine
         state = os.stat(built.state_dir)
-        pids = [p for p in os.listdir("/proc") if p.isdigit() and _same_file(f"/proc/{p}/root/var/lib/vpcnet", state)]
+        pids = [p for p in os.listdir("/proc")
+                if p.isdigit() and _same_file(f"/proc/{p}/root/var/lib/vpcnet", state)]
         assert pids and _same_file(f"/proc/{pids[0]}/root/run/docker-host.sock", os.stat(engine))
     finally:
         plain = build(built.name)                                 # back to the shipped config

@@ -5,8 +5,8 @@ dead socket, a wedged one: the scrape never waits, the labels stay empty, the fa
 names and series going with their endpoint. Against the real engine (docker-marked): a real Compose project
 and a plain container named while scrapes come (Docker 20.10 has no Compose v2: there, a container with
 Compose's labels set by hand), and the churn of 500 containers leaving no per-endpoint series behind. A
-swarm service's names are checked against the fake engine only: a real swarm needs the managed plugin,
-which has no Docker socket (docs/monitoring.md#names), so its names are empty."""
+swarm service's names are checked here against the fake engine; against a real swarm (the managed plugin
+built with --docker-socket, docs/monitoring.md#names) in tests/test_swarm.py."""
 from __future__ import annotations
 
 import json

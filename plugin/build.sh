@@ -1,15 +1,23 @@
 #!/bin/bash
 # Build the vpcnet managed Docker plugin from this checkout and install it, enabled.
 #
-#   plugin/build.sh [NAME[:TAG]] [KEY=VALUE ...]   build, `docker plugin create`, set, enable
-#                                                  (default NAME vpcnet:latest)
-#   plugin/build.sh --dir DIR                      only write the plugin directory (DIR/config.json,
-#                                                  DIR/rootfs) for `docker plugin create` elsewhere
+#   plugin/build.sh [--docker-socket] [NAME[:TAG]] [KEY=VALUE ...]
+#                                    build, `docker plugin create`, set, enable (default NAME vpcnet:latest)
+#   plugin/build.sh [--docker-socket] --dir DIR
+#                                    only write the plugin directory (DIR/config.json, DIR/rootfs) for
+#                                    `docker plugin create` elsewhere
+#
+# --docker-socket: the plugin also gets the host's Docker socket (mount `docker-socket`, source
+# /var/run/docker.sock, settable as docker-socket.source=PATH) at /run/docker-host.sock, and
+# VPCNET_DOCKER_SOCKET points there, so its metrics carry container, service and application names.
+# It gives the plugin full control of the Docker engine; without it (the default) the names are empty.
 #
 # KEY=VALUE pairs are applied with `docker plugin set` before the plugin is enabled: VPCNET_* settings
-# (VPCNET_HOST_CIDR=10.200.3.0/24) or the state dir's host path (state.source=/var/lib/vpcnet).
+# (VPCNET_HOST_CIDR=10.200.3.0/24), the state dir's host path (state.source=/var/lib/vpcnet), or with
+# --docker-socket the socket's (docker-socket.source=/run/docker.sock).
 # If a plugin NAME is already installed, its settings are carried over to the new build (the offline
-# upgrade path; the state dir is a bind mount of a host directory, so networks and addresses survive).
+# upgrade path; the state dir is a bind mount of a host directory, so networks and addresses survive),
+# except VPCNET_DOCKER_SOCKET, which follows --docker-socket of the new build.
 #
 # No container registry is needed: the root filesystem is a Debian root made by debootstrap from the
 # host's Debian mirror, with the dependencies in a venv (/opt/vpcnet) from the host's pip configuration
@@ -32,10 +40,15 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(dirname "$HERE")
 OUTDIR=""
-if [ "${1:-}" = "--dir" ]; then
-    [ $# -ge 2 ] || { echo "build.sh: --dir needs a directory" >&2; exit 2; }
-    OUTDIR=$2; shift 2
-fi
+DOCKER_SOCKET=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --dir) [ $# -ge 2 ] || { echo "build.sh: --dir needs a directory" >&2; exit 2; }
+               OUTDIR=$2; shift 2 ;;
+        --docker-socket) DOCKER_SOCKET=--docker-socket; shift ;;
+        *) break ;;
+    esac
+done
 NAME=${1:-vpcnet:latest}
 [ $# -gt 0 ] && shift
 case "$NAME" in *=*|-*) echo "build.sh: the first argument is the plugin name, got $NAME" >&2; exit 2 ;; esac
@@ -222,9 +235,9 @@ done
 VERSION=$(chroot "$ROOT" /opt/vpcnet/bin/vpcnet --version)
 echo "${VERSION/ /-} (from $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)$(
     git -C "$REPO" diff --quiet HEAD -- vpcnet pyproject.toml 2>/dev/null || echo ', modified'))" >>"$ROOT/opt/vpcnet/MANIFEST"
-"$PYTHON" "$HERE/genconfig.py" -o "$WORK/config.json"
+"$PYTHON" "$HERE/genconfig.py" $DOCKER_SOCKET -o "$WORK/config.json"
 SIZE=$(du -sm "$ROOT" | cut -f1)
-log "rootfs ready: ${SIZE} MB, $VERSION, iptables-$BACKEND by default"
+log "rootfs ready: ${SIZE} MB, $VERSION, iptables-$BACKEND by default${DOCKER_SOCKET:+, with the Docker socket mount}"
 
 if [ -n "$OUTDIR" ]; then
     echo "plugin directory $WORK: rootfs ${SIZE} MB; install it with: docker plugin create NAME $WORK"
@@ -235,8 +248,8 @@ fi
 carry=()
 if "$DOCKER" plugin inspect "$NAME" >/dev/null 2>&1; then
     mapfile -t carry < <("$DOCKER" plugin inspect -f \
-        '{{range .Settings.Env}}{{println .}}{{end}}{{range .Settings.Mounts}}{{if eq .Name "state"}}state.source={{.Source}}{{println}}{{end}}{{end}}' \
-        "$NAME" | grep -E '^(VPCNET_[A-Z0-9_]+|state\.source)=' || true)
+        '{{range .Settings.Env}}{{println .}}{{end}}{{range .Settings.Mounts}}{{if eq .Name "state" "docker-socket"}}{{.Name}}.source={{.Source}}{{println}}{{end}}{{end}}' \
+        "$NAME" | grep -E '^(VPCNET_[A-Z0-9_]+|state\.source|docker-socket\.source)=' | grep -v '^VPCNET_DOCKER_SOCKET=' || true)
     log "replacing the installed $NAME (its settings are carried over)"
     "$DOCKER" plugin disable -f "$NAME" >/dev/null 2>&1 || true
     "$DOCKER" plugin rm -f "$NAME" >/dev/null
@@ -248,7 +261,8 @@ known=$(sed -n 's/.*"Name": "\(VPCNET_[A-Z0-9_]*\)".*/\1/p' "$WORK/config.json")
 settings=()
 for kv in "${carry[@]}"; do
     k=${kv%%=*}
-    if [ "$k" = state.source ] || grep -qx "$k" <<<"$known"; then settings+=("$kv"); fi
+    if [ "$k" = state.source ] || grep -qx "$k" <<<"$known"; then settings+=("$kv")
+    elif [ "$k" = docker-socket.source ] && [ -n "$DOCKER_SOCKET" ]; then settings+=("$kv"); fi
 done
 settings+=("$@")
 if [ ${#settings[@]} -gt 0 ]; then
@@ -260,6 +274,11 @@ if [ -z "${VPCNET_PLUGIN_NO_ENABLE:-}" ]; then
     # the host's iptables lock (a bind-mounted file must exist; iptables-legacy makes it on first use)
     lock=$("$DOCKER" plugin inspect -f '{{range .Settings.Mounts}}{{if eq .Name "xtables-lock"}}{{.Source}}{{end}}{{end}}' "$NAME")
     if [ -n "$lock" ] && [ ! -e "$lock" ]; then install -m 0600 /dev/null "$lock"; fi
+    # the Docker socket is not made here: without an engine there, the plugin could not start
+    sock=$("$DOCKER" plugin inspect -f '{{range .Settings.Mounts}}{{if eq .Name "docker-socket"}}{{.Source}}{{end}}{{end}}' "$NAME")
+    if [ -n "$sock" ] && [ ! -S "$sock" ]; then
+        die "--docker-socket: $sock is not a socket (set docker-socket.source=PATH to the engine's socket); $NAME is created, not enabled"
+    fi
     t1=$(date +%s%N)
     "$DOCKER" plugin enable "$NAME" >/dev/null
     t2=$(date +%s%N)

@@ -4,6 +4,7 @@
     python3 plugin/genconfig.py            # print config.json
     python3 plugin/genconfig.py -o FILE    # write it
     python3 plugin/genconfig.py --check    # exit 1 if plugin/config.json is not what SETTINGS gives
+    python3 plugin/genconfig.py --docker-socket [-o FILE]   # with the host's Docker socket (see below)
 
 Every `VPCNET_*` setting becomes a settable `Env` entry ({Name, Description, Settable, Value}) with the
 setting's default, so `docker plugin set NAME VPCNET_X=...` works for each of them and nothing else.
@@ -17,6 +18,14 @@ Capabilities (Docker adds its default set — CHOWN, DAC_OVERRIDE, NET_RAW, SETU
 - CAP_BPF: loading the tc programs of ebpf-mode networks, the default mode where the kernel allows it
   (with CAP_NET_ADMIN, which networking program types need too). Without it new networks default to
   routed mode (vpcnet status and doctor say why) and -o vpcnet.mode=ebpf is refused, with the reason.
+--docker-socket (plugin/build.sh --docker-socket): one more mount, `docker-socket`, binds the host's
+/var/run/docker.sock at /run/docker-host.sock, and VPCNET_DOCKER_SOCKET defaults to that path, so the
+metrics carry container, service and application names. It hands the plugin full control of the engine
+(the Docker API is root on the host), so the shipped config.json does not have it; `docker plugin
+install` of such a build lists the mount among the privileges the user grants. A build-time option, not
+a settable mount with an empty source in every build: Docker hands a mount's source to runc as it is
+(moby's plugin/v2 InitSpec), and a bind of an empty or missing source fails the plugin's enable.
+
 Nothing else: no CAP_SYS_ADMIN (vpcnet never enters a network namespace in the plugin; Docker moves the
 container end of the veth itself), no CAP_SYS_MODULE (the host's Docker has already loaded the netfilter
 and bridge modules).
@@ -37,6 +46,8 @@ STATE_DIR = "/var/lib/vpcnet"
 XTABLES_LOCK = "/run/xtables.lock"      # XT_LOCK_NAME of iptables(8)
 ENTRYPOINT = ["/usr/local/sbin/vpcnet-entrypoint", "serve"]
 CAPABILITIES = ["CAP_NET_ADMIN", "CAP_BPF"]
+DOCKER_SOCKET_SOURCE = "/var/run/docker.sock"       # the host's engine (docker-socket.source moves it)
+DOCKER_SOCKET_PATH = "/run/docker-host.sock"        # where the plugin reads it
 
 
 def env_value(default) -> str:
@@ -48,12 +59,33 @@ def env_value(default) -> str:
     return str(default)
 
 
-def env_entries() -> list[dict]:
-    return [{"Name": s.env, "Description": s.description, "Settable": ["value"], "Value": env_value(s.default)}
-            for s in SETTINGS]
+def env_entries(docker_socket: bool = False) -> list[dict]:
+    entries = [{"Name": s.env, "Description": s.description, "Settable": ["value"], "Value": env_value(s.default)}
+               for s in SETTINGS]
+    if docker_socket:
+        for entry in entries:
+            if entry["Name"] == "VPCNET_DOCKER_SOCKET":
+                entry["Value"] = DOCKER_SOCKET_PATH
+    return entries
 
 
-def config() -> dict:
+def docker_socket_mount() -> dict:
+    return {
+        "Name": "docker-socket",
+        "Description": "The host's Docker API socket, for the metrics' container, service and application "
+                       "names; it gives the plugin full control of the Docker engine",
+        "Settable": ["source"],
+        "Source": DOCKER_SOCKET_SOURCE,
+        "Destination": DOCKER_SOCKET_PATH,
+        "Type": "bind",
+        # ro keeps the plugin from replacing the file; it does not stop API calls (connect() on a
+        # socket of a read-only mount works)
+        "Options": ["rbind", "ro"],
+    }
+
+
+def config(docker_socket: bool = False) -> dict:
+    """The plugin's config.json; `docker_socket` adds the host's Docker socket (see the module doc)."""
     return {
         "Description": "vpcnet: routed container networking through the cloud VPC route table (network "
                        "and IPAM driver, no overlay)",
@@ -87,21 +119,26 @@ def config() -> dict:
             "Destination": XTABLES_LOCK,
             "Type": "bind",
             "Options": ["bind", "rw"],
-        }],
-        "Env": env_entries(),
+        }] + ([docker_socket_mount()] if docker_socket else []),
+        "Env": env_entries(docker_socket),
     }
 
 
-def render() -> str:
-    return json.dumps(config(), indent=2) + "\n"
+def render(docker_socket: bool = False) -> str:
+    return json.dumps(config(docker_socket), indent=2) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--output", metavar="FILE")
     parser.add_argument("--check", action="store_true", help="compare with plugin/config.json")
+    parser.add_argument("--docker-socket", action="store_true",
+                        help=f"bind the host's {DOCKER_SOCKET_SOURCE} at {DOCKER_SOCKET_PATH} for the metrics' "
+                             "names (grants the plugin full control of the Docker engine)")
     args = parser.parse_args(argv)
-    text = render()
+    if args.check and args.docker_socket:
+        parser.error("--check compares the shipped plugin/config.json, which has no Docker socket")
+    text = render(args.docker_socket)
     if args.check:
         path = os.path.join(HERE, "config.json")
         with open(path) as fh:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -303,6 +304,259 @@ def test_ebpf_mode_carries_cross_host_traffic_past_both_hosts_stacks_and_outlive
         for k in (1, 2):
             lab.docker(k, "network", "rm", "vpce", check=False)
     assert [uplink_programs(lab, k) for k in (1, 2)] == before, "the programs go with the network"
+
+
+# ------------------------------------------------------------------------------ the Grafana dashboard
+DASHBOARD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "grafana",
+                         "vpcnet.json")
+PEER_FAMILIES = [f"vpcnet_endpoint_peer_{d}_{u}_total" for d in ("transmit", "receive") for u in ("bytes", "packets")]
+PROMETHEUS_PORT = 19090        # in the lab's router namespace, which has nothing else on it
+GRAFANA_BUILTINS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}
+COMPOSE_FILE = """\
+services:
+  {service}:
+    image: vpcnet-testbox:latest
+    pull_policy: never
+    command: ["sleep", "3600"]
+    networks: [{network}]
+networks:
+  {network}:
+    external: true
+"""
+#: (host, Compose project, service): two projects, one on each host, talking across hosts
+PROJECTS = ((1, "shop", "web"), (2, "pay", "api"))
+FLOOD_COUNT, FLOOD_SIZE = 600, 1000
+
+
+class RouterPrometheus:
+    """A real Prometheus in the lab's router namespace, scraping every host's plugin on its underlay
+    address (the lab serves /metrics there) every second; queried with curl in that namespace."""
+
+    def __init__(self, lab, tmp_path, hosts: list[int]):
+        from vpcnet_lab.lab import METRICS_PORT
+
+        require(shutil.which("prometheus") is not None and shutil.which("curl") is not None,
+                "needs prometheus (Debian's prometheus package) and curl")
+        self.netns = lab.router_netns
+        self.dir = tmp_path / "prometheus"
+        self.dir.mkdir()
+        targets = ", ".join(f"'{lab.host_ip(k)}:{METRICS_PORT}'" for k in hosts)
+        (self.dir / "prometheus.yml").write_text(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            f"scrape_configs:\n  - job_name: vpcnet\n    static_configs:\n      - targets: [{targets}]\n")
+        self.url = f"http://127.0.0.1:{PROMETHEUS_PORT}"
+        self.log = open(self.dir / "prometheus.log", "w")
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.netns, "prometheus", f"--config.file={self.dir / 'prometheus.yml'}",
+             f"--storage.tsdb.path={self.dir / 'data'}", f"--web.listen-address=127.0.0.1:{PROMETHEUS_PORT}",
+             "--log.level=warn"], stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        assert wait_for(lambda: self._ready(), 30, step=0.3), self.tail()
+        # scraped every host once: what happens from here is in its data
+        assert wait_for(lambda: len(self.query("up == 1")) == len(hosts), 30, step=0.3), self.query("up")
+
+    def _get(self, path: str, *args: str) -> subprocess.CompletedProcess:
+        return run(["ip", "netns", "exec", self.netns, "curl", "-sS", "--noproxy", "*", "--max-time", "10",
+                    *args, self.url + path], check=False, timeout=20)
+
+    def _ready(self) -> bool:
+        assert self.proc.poll() is None, self.tail()
+        return self._get("/-/ready", "-f").returncode == 0
+
+    def tail(self) -> str:
+        self.log.flush()
+        return (self.dir / "prometheus.log").read_text()[-3000:]
+
+    def answer(self, expr: str) -> dict:
+        """Prometheus's whole answer to an instant query (status success or error)."""
+        out = self._get("/api/v1/query", "--data-urlencode", f"query={expr}")
+        assert out.returncode == 0, (expr, out.stderr)
+        return json.loads(out.stdout)
+
+    def query(self, expr: str) -> list[dict]:
+        answer = self.answer(expr)
+        assert answer["status"] == "success", (expr, answer)
+        return answer["data"]["result"]
+
+    def families(self) -> set[str]:
+        return set(json.loads(self._get("/api/v1/label/__name__/values").stdout)["data"])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self.log.close()
+
+
+def substitute(expr: str, variables: dict[str, str]) -> str:
+    """A panel's query as Grafana sends it: its built-in intervals and the dashboard's variables (each
+    a regex, as Grafana formats a multi-value variable for =~) put in."""
+    for name, value in GRAFANA_BUILTINS.items():
+        expr = expr.replace(name, value)
+    for name, value in variables.items():
+        expr = re.sub(r"\$\{" + name + r"\}|\$" + name + r"(?![A-Za-z0-9_])", lambda _m, v=value: v, expr)
+    left = re.findall(r"\$\{?[A-Za-z_][A-Za-z0-9_]*", expr)
+    assert not left, f"a variable the dashboard does not define: {left} in {expr}"
+    return expr
+
+
+def dashboard_queries() -> tuple[dict[str, list[str]], dict[str, str]]:
+    """The panels' queries by title, and the template variables' queries by name."""
+    with open(DASHBOARD) as fh:
+        board = json.load(fh)
+    panels = {p["title"]: [t["expr"] for t in p.get("targets", [])] for p in board["panels"] if p["type"] != "row"}
+    variables = {v["name"]: v.get("definition", "") for v in board["templating"]["list"] if v["type"] == "query"}
+    return panels, variables
+
+
+def start_project(lab, k: int, project: str, service: str, tmp_path, compose: bool) -> str:
+    """Compose project `project` with one service on host k (vpc0); its container's name. Where the
+    engine has no Compose v2 (Docker 20.10), the container is made with the labels Compose would set."""
+    if compose:
+        path = tmp_path / f"{project}.yml"
+        path.write_text(COMPOSE_FILE.format(service=service, network=lab.network))
+        lab.docker(k, "compose", "-p", project, "-f", str(path), "up", "-d", timeout=120)
+    else:
+        lab.docker(k, "run", "-d", "--name", f"{project}-{service}-1", "--network", lab.network,
+                   "--label", f"com.docker.compose.project={project}", "--label",
+                   f"com.docker.compose.service={service}", "--label", "com.docker.compose.container-number=1",
+                   "vpcnet-testbox:latest", "sleep", "3600")
+    return f"{project}-{service}-1"
+
+
+def stop_project(lab, k: int, project: str, service: str, tmp_path, compose: bool) -> None:
+    if compose and (tmp_path / f"{project}.yml").exists():
+        lab.docker(k, "compose", "-p", project, "-f", str(tmp_path / f"{project}.yml"), "down", "-t", "1",
+                   check=False, timeout=120)
+    lab.docker(k, "rm", "-f", f"{project}-{service}-1", check=False)
+
+
+def _series(result: list[dict], **labels: str) -> list[float]:
+    return [float(r["value"][1]) for r in result if all(r["metric"].get(k) == v for k, v in labels.items())]
+
+
+def test_the_grafana_dashboard_answers_from_a_real_prometheus(lab, tmp_path):
+    """docs/grafana/vpcnet.json against a real Prometheus scraping both hosts' plugins while two
+    Compose projects talk across the hosts: every panel's and variable's query answers, and the
+    traffic panels show the traffic under the right application, service, container and host."""
+    from vpcnet.observability.events import FAMILIES
+    from vpcnet_lab.lab import METRICS_PORT
+
+    panels, variables = dashboard_queries()
+    known = set(FAMILIES) | set(PEER_FAMILIES)
+    used = {name for exprs in [*panels.values(), list(variables.values())] for e in exprs
+            for name in re.findall(r"\bvpcnet_[a-z0-9_]+", e)}
+    unknown = {n for n in used if n not in known and re.sub(r"_(bucket|sum|count)$", "", n) not in known}
+    assert not unknown, f"the dashboard names families vpcnet does not serve: {sorted(unknown)}"
+
+    compose = lab.docker(1, "compose", "version", check=False).returncode == 0
+    names = {}
+    prom = None
+    try:
+        # a container come and gone first: h1's call families exist before Prometheus's first scrape, so
+        # the Compose project's calls make their rate
+        lab.docker(1, "run", "--rm", "--network", lab.network, "vpcnet-testbox:latest", "true")
+        prom = RouterPrometheus(lab, tmp_path, [1, 2])
+        for k, project, service in PROJECTS:
+            names[project] = start_project(lab, k, project, service, tmp_path, compose)
+        ip = {p: lab.docker(k, "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+                            names[p]).stdout.strip() for k, p, _ in PROJECTS}
+        instance = {k: f"{lab.host_ip(k)}:{METRICS_PORT}" for k in (1, 2)}
+        # the names reach Prometheus from both hosts (each plugin asks its own engine)
+        for k, project, service in PROJECTS:
+            info = (f'vpcnet_endpoint_info{{instance="{instance[k]}",application="{project}",service="{service}",'
+                    f'container="{names[project]}",address="{ip[project]}"}}')
+            assert wait_for(lambda info=info: prom.query(info), 30, 0.5), \
+                f"{info}: {json.dumps(prom.query('vpcnet_endpoint_info'))}"
+        flood = lab.docker(1, "exec", names["shop"], "ping", "-A", "-q", "-c", str(FLOOD_COUNT), "-s",
+                           str(FLOOD_SIZE), "-W", "5", ip["pay"], timeout=120)
+        assert f"{FLOOD_COUNT} packets transmitted, {FLOOD_COUNT} packets received" in flood.stdout, flood.stdout
+        sent = FLOOD_COUNT * (FLOOD_SIZE + 28)
+        by_service = "sum by (application, service) (increase(vpcnet_endpoint_transmit_bytes_total[1m]))"
+        assert wait_for(lambda: [v for v in _series(prom.query(by_service), application="shop", service="web")
+                                 if v >= sent * 0.9], 20, 0.5), prom.query(by_service)
+        time.sleep(2)                                           # one more scrape on each host
+
+        everything = {name: ".*" for name in variables}
+        failed, empty = {}, []
+        for title, exprs in panels.items():
+            for expr in exprs:
+                answer = prom.answer(substitute(expr, everything))
+                if answer["status"] != "success":
+                    failed[title] = answer
+                elif not answer["data"]["result"]:
+                    empty.append(title)
+        for name, definition in variables.items():      # label_values(SELECTOR, LABEL), as Grafana asks it
+            m = re.fullmatch(r"label_values\((.*), *(\w+)\)", definition)
+            assert m, definition
+            answer = prom.answer(f"group by ({m[2]}) ({substitute(m[1], everything)})")
+            if answer["status"] != "success" or not answer["data"]["result"]:
+                failed[f"variable {name}"] = answer
+        assert not failed, failed
+
+        def shown(title: str, variables: dict[str, str] = everything) -> list[dict]:
+            return [r for e in panels[title] for r in prom.query(substitute(e, variables))]
+
+        def rate_of(title: str, variables: dict[str, str] = everything, **labels: str) -> float:
+            return sum(_series(shown(title, variables), **labels))
+
+        # the flood is in the last minute: every level shows it, named
+        assert rate_of("Cluster traffic") > 0
+        assert rate_of("Sent per host", instance=instance[1]) > 0       # the echo requests
+        assert rate_of("Sent per host", instance=instance[2]) > 0       # and their replies
+        assert rate_of("Sent per application", application="shop") > 0
+        assert rate_of("Sent per service", application="shop", service="web") > 0
+        assert rate_of("Sent per service", application="pay", service="api") > 0      # the replies
+        assert rate_of("Packets sent per service", application="shop", service="web") > 0
+        assert rate_of("Sent per container", container=names["shop"], instance=instance[1]) > 0
+        top = shown("Top 10 containers (sent + received)")
+        assert {r["metric"].get("container") for r in top} >= {names["shop"], names["pay"]}, top
+        assert rate_of("Top 10 services (sent + received)", application="shop", service="web") > 0
+        table = {(r["metric"]["instance"], r["metric"]["container"], r["metric"]["service"],
+                  r["metric"]["application"], r["metric"]["address"]) for r in shown("Containers")}
+        assert (instance[1], names["shop"], "web", "shop", ip["shop"]) in table, table
+        assert (instance[2], names["pay"], "api", "pay", ip["pay"]) in table, table
+        assert rate_of("Endpoints") >= 2 and rate_of("Hosts scraped") == 2
+        routes = shown("Route available")                       # every host's route of every cluster CIDR
+        assert {r["metric"]["instance"] for r in routes} == set(instance.values()), routes
+        assert all(float(r["value"][1]) == 1 for r in routes), routes
+        assert rate_of("Docker calls", call="NetworkDriver.CreateEndpoint") > 0, \
+            json.dumps(prom.query('vpcnet_docker_requests_total{call="NetworkDriver.CreateEndpoint"}[1m]'))
+        latency = _series(shown("Docker call p99 latency"), call="NetworkDriver.Join")
+        assert latency and 0 < latency[0] < 10, shown("Docker call p99 latency")
+        assert rate_of("Since the last good datapath pass") > 0
+        # one application picked: only its services; one host picked: only its containers
+        pay = dict(everything, application="pay")
+        assert {(r["metric"]["application"], r["metric"]["service"]) for r in shown("Sent per service", pay)} \
+            == {("pay", "api")}
+        one = dict(everything, instance=re.escape(instance[2]).replace("\\", "\\\\"))   # as Grafana escapes it
+        assert {r["metric"]["instance"] for r in shown("Sent per container", one)} == {instance[2]}
+
+        pairs = "Service to service (bytes/s sent)"
+        plugin_families = prom.families()
+        assert set(PEER_FAMILIES) <= plugin_families, plugin_families
+        assert rate_of(pairs, application="shop", service="web", peer_application="pay",
+                       peer_service="api") > 0, shown(pairs)
+
+        print("\nsum by (application, service) of the traffic families, bytes in the last minute:")
+        for family in ("transmit_bytes", "receive_bytes", "transmit_packets", "receive_packets"):
+            expr = f"sum by (application, service) (increase(vpcnet_endpoint_{family}_total[1m]))"
+            for r in prom.query(expr):
+                print(f"  {family:17} {r['metric']}: {float(r['value'][1]):.0f}")
+        served = sorted(set(PEER_FAMILIES) & plugin_families)
+        print(f"service-to-service join ({pairs}), peer families served: {served}")
+        for r in shown(pairs):
+            print(f"  {r['metric']}: {float(r['value'][1]):.0f} B/s")
+        print(f"panels answering: {sum(len(e) for e in panels.values()) } queries of {len(panels)} panels, "
+              f"{len(variables)} variables; empty with this traffic: {sorted(set(empty))}")
+    finally:
+        if prom is not None:
+            prom.stop()
+        for k, project, service in PROJECTS:
+            stop_project(lab, k, project, service, tmp_path, compose)
 
 
 def test_a_third_host_joining_later_gets_its_own_block_and_is_reachable(lab, boxes):

@@ -66,11 +66,45 @@ def test_config_json_env_is_exactly_the_settings():
     assert "rbind" in state["Options"] and state["Settable"] == ["source"]
     lock = next(m for m in cfg["Mounts"] if m["Name"] == "xtables-lock")   # the host's iptables lock
     assert lock["Source"] == lock["Destination"] == "/run/xtables.lock" and lock["Type"] == "bind"
+    # the shipped plugin has no Docker socket (it would grant full control of the engine)
+    assert [m["Name"] for m in cfg["Mounts"]] == ["state", "xtables-lock"]
+    assert not any("docker" in m["Source"] for m in cfg["Mounts"])
 
 
 def test_genconfig_check_mode():
     proc = run([sys.executable, os.path.join(REPO, "plugin", "genconfig.py"), "--check"], check=False)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_genconfig_docker_socket_adds_the_mount_and_points_the_setting_at_it():
+    from vpcnet.config import SETTINGS
+
+    genconfig = os.path.join(REPO, "plugin", "genconfig.py")
+    plain = json.loads(run([sys.executable, genconfig]).stdout)
+    with_socket = json.loads(run([sys.executable, genconfig, "--docker-socket"]).stdout)
+    mount = with_socket["Mounts"].pop()
+    assert mount == {"Name": "docker-socket", "Description": mount["Description"], "Settable": ["source"],
+                     "Source": "/var/run/docker.sock", "Destination": "/run/docker-host.sock", "Type": "bind",
+                     "Options": ["rbind", "ro"]}
+    assert "full control" in mount["Description"]
+    changed = [(a["Name"], b["Value"]) for a, b in zip(plain["Env"], with_socket["Env"], strict=True) if a != b]
+    assert changed == [("VPCNET_DOCKER_SOCKET", "/run/docker-host.sock")]
+    setting = next(s for s in SETTINGS if s.env == "VPCNET_DOCKER_SOCKET")
+    assert setting.parse("/run/docker-host.sock") == "/run/docker-host.sock"
+    with_socket["Env"], plain["Env"] = [], []
+    assert with_socket == plain                       # nothing else differs
+    both = run([sys.executable, genconfig, "--check", "--docker-socket"], check=False)
+    assert both.returncode == 2 and "has no Docker socket" in both.stderr, both.stderr
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["--docker-socket", "vpcnet-x:latest", "VPCNET_MTU"], "expected KEY=VALUE, got VPCNET_MTU"),
+    (["--docker-socket", "--dir"], "--dir needs a directory"),
+    (["--docker-socket", "--bogus"], "the first argument is the plugin name, got --bogus"),
+])
+def test_build_sh_refuses_bad_arguments_before_building(argv, error):
+    proc = run(["bash", BUILD, *argv], check=False, timeout=30)
+    assert proc.returncode == 2 and error in proc.stderr, (proc.returncode, proc.stderr)
 
 
 # -- the real thing ---------------------------------------------------------------------------------------
@@ -405,3 +439,42 @@ def _same_file(path: str, st: os.stat_result) -> bool:
     except OSError:
         return False
     return (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
+
+
+def test_the_docker_socket_option_over_an_installed_plugin(built, tmp_path):
+    """build.sh --docker-socket replacing the installed plugin: the settings carry over except
+    VPCNET_DOCKER_SOCKET, which follows the option; a docker-socket source that is no socket is refused
+    before enable, naming it; with the engine's socket the plugin has it at /run/docker-host.sock, a later
+    --docker-socket build carries the source over, and a plain build drops the mount again."""
+    docker_host = os.environ.get("DOCKER_HOST", "")
+    engine = docker_host[len("unix://"):] if docker_host.startswith("unix://") else "/var/run/docker.sock"
+    require(os.path.exists(engine), f"needs the engine's socket at {engine}")
+    missing = str(tmp_path / "no-such.sock")
+
+    def build(*args: str) -> subprocess.CompletedProcess:
+        return run(["bash", BUILD, *args], check=False, timeout=1200)
+
+    try:
+        refused = build("--docker-socket", built.name, f"docker-socket.source={missing}")
+        assert refused.returncode == 1 and f"{missing} is not a socket" in refused.stderr, refused.stderr
+        assert built.inspect()["Enabled"] is False
+        env = built.env()
+        assert env["VPCNET_DOCKER_SOCKET"] == "/run/docker-host.sock"
+        assert env["VPCNET_CLUSTER_CIDR"] == built.cluster and env["VPCNET_LOG_LEVEL"] == "DEBUG"
+        built.docker("plugin", "set", built.name, f"docker-socket.source={engine}")
+        built.enable()
+        again = build("--docker-socket", built.name)              # the source carries over
+        assert again.returncode == 0, again.stderr
+        info = built.inspect()
+        assert info["Enabled"] and next(m for m in info["Settings"]["Mounts"]
+                                        if m["Name"] == "docker-socket")["Source"] == engine
+        state = os.stat(built.state_dir)
+        pids = [p for p in os.listdir("/proc")
+                if p.isdigit() and _same_file(f"/proc/{p}/root/var/lib/vpcnet", state)]
+        assert pids and _same_file(f"/proc/{pids[0]}/root/run/docker-host.sock", os.stat(engine))
+    finally:
+        plain = build(built.name)                                 # back to the shipped config
+    assert plain.returncode == 0, plain.stderr
+    info = built.inspect()
+    assert [m["Name"] for m in info["Settings"]["Mounts"]] == ["state", "xtables-lock"]
+    assert built.env()["VPCNET_DOCKER_SOCKET"] == "" and built.env()["VPCNET_CLUSTER_CIDR"] == built.cluster

@@ -2,8 +2,9 @@
 legacy socket plugins in swarm mode), on a current engine (Docker 28+: tests/engines/with-docker.sh).
 
 A 2-host lab (its own engines and emulated VPC); the lab's own `vpcnet serve` are stopped and each
-engine gets the managed plugin (plugin/build.sh) set up as the lab's plugin was (aliyun provider against
-the emulator), on a cluster CIDR of its own. Then a swarm across both engines, the per-node config-only
+engine gets the managed plugin (plugin/build.sh --docker-socket, with its own engine's socket, so the
+metrics carry the tasks' names) set up as the lab's plugin was (aliyun provider against the emulator), on
+a cluster CIDR of its own. Then a swarm across both engines, the per-node config-only
 networks and the swarm-scoped network made from them (docs/swarm.md), and a service on it.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 
 import pytest
 from conftest import CURRENT_DOCKER, engine_major, is_root, require, run, unique, wait_for
@@ -59,7 +61,8 @@ def tasks(lab, service: str) -> list[dict]:
                 continue
             info = json.loads(inspect.stdout)[0]
             nets = info["NetworkSettings"]["Networks"]
-            out.append({"host": k, "id": cid, "ip": next(iter(nets.values()))["IPAddress"]})
+            out.append({"host": k, "id": cid, "ip": next(iter(nets.values()))["IPAddress"],
+                        "name": info["Name"].lstrip("/")})
     return out
 
 
@@ -173,21 +176,63 @@ networks:
 
 
 def test_a_stack_on_the_external_swarm_network(swarm, tmp_path):
+    """Also the names and the Grafana dashboard against the managed plugins (built with --docker-socket):
+    a real Prometheus scrapes both while the stack's tasks talk across hosts; each task is named on its
+    host's /metrics (service = the swarm service, application = the stack), and the dashboard's panels
+    answer and show the stack's service by name."""
+    from test_lab import RouterPrometheus, _series, dashboard_queries, substitute
+
+    from vpcnet_lab.lab import METRICS_PORT
+
     lab = swarm
     path = tmp_path / "stack.yml"
     path.write_text(STACK)
     stack = unique("st")
+    prom = RouterPrometheus(lab, tmp_path, [1, 2])
     lab.docker(1, "stack", "deploy", "--resolve-image", "never", "--detach=true", "-c", str(path), stack)
     try:
-        found = converged(lab, f"{stack}_app", 2)
+        service = f"{stack}_app"
+        found = converged(lab, service, 2)
         assert sorted(t["host"] for t in found) == [1, 2]
         for t in found:
             assert ipaddress.IPv4Address(t["ip"]) in lab_swarm_block(lab, t["host"]), t
+        instance = {k: f"{lab.host_ip(k)}:{METRICS_PORT}" for k in (1, 2)}
+        for t in found:          # each plugin names its own host's task, from its engine's socket
+            info = (f'vpcnet_endpoint_info{{instance="{instance[t["host"]]}",network="vpcs",container="{t["name"]}",'
+                    f'service="{service}",application="{stack}",address="{t["ip"]}"}}')
+            assert wait_for(lambda info=info: prom.query(info), 30, 0.5), \
+                f"{info}: {json.dumps(prom.query('vpcnet_endpoint_info'))}"
         one, two = sorted(found, key=lambda t: t["host"])
         assert lab.docker(1, "exec", one["id"], "ping", "-c1", "-W2", f"tasks.{stack}_app",
                           check=False).returncode == 0
         assert lab.docker(1, "exec", one["id"], "ping", "-c1", "-W2", two["ip"], check=False).returncode == 0
+        flood = lab.docker(1, "exec", one["id"], "ping", "-A", "-q", "-c", "300", "-s", "1000", two["ip"],
+                           check=False, timeout=60)
+        assert "300 packets received" in flood.stdout, flood.stdout
+        time.sleep(2)                                            # a scrape of each host after it
+        panels, variables = dashboard_queries()
+        everything = {name: ".*" for name in variables}
+        failed = {t: a for t, exprs in panels.items() for e in exprs
+                  if (a := prom.answer(substitute(e, everything)))["status"] != "success"}
+        assert not failed, failed
+        sent = {r["metric"]["instance"] for e in panels["Sent per host"]
+                for r in prom.query(substitute(e, everything)) if float(r["value"][1]) > 0}
+        assert len(sent) == 2, sent
+
+        def shown(title: str, variables: dict[str, str]) -> list[dict]:
+            return [r for e in panels[title] for r in prom.query(substitute(e, variables))]
+
+        # the stack picked as the application: its service's traffic, by name, from both hosts
+        picked = dict(everything, application=stack)
+        per_service = shown("Sent per service", picked)
+        assert {(r["metric"]["application"], r["metric"]["service"]) for r in per_service} == {(stack, service)}, \
+            per_service
+        assert sum(_series(per_service, application=stack, service=service)) > 0, per_service
+        table = {(r["metric"]["instance"], r["metric"]["container"], r["metric"]["service"],
+                  r["metric"]["application"], r["metric"]["address"]) for r in shown("Containers", picked)}
+        assert table == {(instance[t["host"]], t["name"], service, stack, t["ip"]) for t in found}, table
     finally:
+        prom.stop()
         lab.docker(1, "stack", "rm", stack)
     assert wait_for(lambda: tasks(lab, f"{stack}_app") == [], 60, 1.0)
 

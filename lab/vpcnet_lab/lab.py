@@ -64,6 +64,7 @@ DEFAULT_CLUSTER = "10.240.0.0/16"
 DEFAULT_NETWORK = "vpc0"
 DEFAULT_RECONCILE = 5.0
 HOST_IF = "uplink"
+METRICS_PORT = 9753         # each host's plugin serves /metrics on host_ip(k):METRICS_PORT
 REGION, VPC_ID, TABLE_ID = "cn-emu-1", "vpc-emu0001", "vtb-emu0001"
 KEY_ID = "vpclab"
 STATE_FILE = os.path.join(RUN_ROOT, "lab.json")
@@ -359,6 +360,10 @@ class Lab:
             "VPCNET_ALIYUN_ACCESS_KEY_ID": KEY_ID,
             "VPCNET_ALIYUN_ACCESS_KEY_SECRET": self.state["key_secret"],
             "VPCNET_ALIYUN_METADATA_URL": CLOSED_PORT_URL,
+            # /metrics on the host's underlay address: a Prometheus in the router's namespace scrapes every host
+            "VPCNET_METRICS_ADDR": f"{self.host_ip(k)}:{METRICS_PORT}",
+            # the names come from this host's own engine (the plugin runs in its mount namespace)
+            "VPCNET_DOCKER_SOCKET": self.host(k).paths.socket,
         }
 
     def _host_up(self, k: int) -> None:

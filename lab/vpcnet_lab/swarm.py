@@ -3,9 +3,11 @@
 Docker refuses legacy socket plugins in swarm mode, so each host's `vpcnet serve` is stopped and its
 engine gets the managed plugin (plugin/build.sh of this checkout, no registry), set up as the lab's
 plugin was: the aliyun provider against the emulator, as instance i-vpclab-hK, its state in
-/var/lib/vpclab/hK/vpcnet-managed. A driver answering `Scope: local` is node-local in swarm: every node
-runs its own IPAM, so a swarm-scoped vpcnet network is made from a `--config-only` network on every
-node (`swarm_network`), and each task gets an address of its own host's block.
+/var/lib/vpclab/hK/vpcnet-managed, built with `--docker-socket` and given the host's own engine socket
+(/run/vpclab/hK/docker.sock), so its metrics name each task's container, swarm service and stack. A
+driver answering `Scope: local` is node-local in swarm: every node runs its own IPAM, so a swarm-scoped
+vpcnet network is made from a `--config-only` network on every node (`swarm_network`), and each task
+gets an address of its own host's block.
 """
 from __future__ import annotations
 
@@ -30,12 +32,15 @@ def managed_state_dir(k: int) -> str:
 
 
 def install_managed_plugin(lab, k: int, cluster_cidr: str, name: str = PLUGIN) -> None:
-    """Replace host k's `vpcnet serve` by the managed plugin `name`, enabled, on `cluster_cidr`."""
+    """Replace host k's `vpcnet serve` by the managed plugin `name`, enabled, on `cluster_cidr`, with
+    host k's engine socket (build.sh --docker-socket) for the metrics' names."""
     host = lab.host(k)
     host.stop_plugin()
     settings = dict(lab.plugin_settings(k), VPCNET_CLUSTER_CIDR=cluster_cidr)
+    settings.pop("VPCNET_DOCKER_SOCKET")    # the build's default: where the docker-socket mount puts it
     os.makedirs(managed_state_dir(k), mode=0o700, exist_ok=True)
-    run(["bash", build_script(), name, f"state.source={managed_state_dir(k)}",
+    run(["bash", build_script(), "--docker-socket", name, f"state.source={managed_state_dir(k)}",
+         f"docker-socket.source={host.paths.socket}",
          *(f"{key}={value}" for key, value in settings.items())],
         env=dict(os.environ, DOCKER_HOST=host.paths.docker_host), timeout=BUILD_TIMEOUT)
 

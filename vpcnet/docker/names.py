@@ -6,6 +6,8 @@ from the engine's API (vpcnet.docker.engine_api), in a background thread of the 
 /metrics, and never on a plugin call's path:
 - GET /networks/{id} gives the network's name and, by endpoint id, the containers attached on this engine;
 - GET /containers/{id}/json gives a container's labels (read once per container: they never change).
+  While Docker starts a container the network lists it as `ep-<endpoint id>`, no container id: such an
+  endpoint (or one whose container the engine does not know) is asked about again on a later pass.
 
 `NameCache.names()` answers from memory at once, and is empty for what is not known yet. A scrape
 (`kick()`) wakes the thread, which also wakes by itself every `interval` seconds (then it reads the
@@ -235,8 +237,15 @@ class NameCache:
             with self._lock:
                 labels = self._containers.get(container_id)
             if labels is None:
-                info = self._get(f"/containers/{quote(container_id, safe='')}/json")
-                labels = from_labels(((info or {}).get("Config") or {}).get("Labels"))
+                # While Docker starts a container, the network lists it under "ep-<endpoint id>" instead of
+                # its id, and that is no container (404): not named yet, asked again on a later pass.
+                info = None if container_id.startswith("ep-") else \
+                    self._get(f"/containers/{quote(container_id, safe='')}/json")
+                if info is None:
+                    with self._lock:
+                        self._later(endpoint_id, now)
+                    continue
+                labels = from_labels((info.get("Config") or {}).get("Labels"))
                 with self._lock:
                     self._containers[container_id] = labels
             with self._lock:

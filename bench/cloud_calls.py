@@ -256,7 +256,7 @@ def measure_time(workdir: str, runs: int) -> dict:
             serve.start()
             started = serve.started
             sockets.append(serve.wait_socket())
-            if not wait_until(lambda: available(emu), 60, step=0.005):
+            if not wait_until(lambda emu=emu: available(emu), 60, step=0.005):
                 raise RuntimeError(f"run {i}: route not Available within 60 s: see {serve.log_path}")
             samples.append(time.monotonic() - started)
             requests.append(sum(emu.request_counts.values()))

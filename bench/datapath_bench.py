@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 from vpcnet import config as config_mod  # noqa: E402
 from vpcnet.datapath.dataplane import Dataplane  # noqa: E402
 from vpcnet.datapath.reconciler import spec_of  # noqa: E402
-from vpcnet.datapath.spec import bridge_name, mac_for, veth_names
+from vpcnet.datapath.spec import bridge_name, mac_for, veth_names  # noqa: E402
 from vpcnet.docker.driver import NetworkDriver  # noqa: E402
 from vpcnet.state.store import Endpoint, Network, Store  # noqa: E402
 

@@ -590,7 +590,7 @@ def test_two_hosts_claim_at_once(vpc, tmp_path):
         blocks = [s.claim("10.200.0.0/16").host_cidr for _, s in keepers]
         assert len(set(blocks)) == len(blocks)
         routes = vpc.routes()
-        for block, inst in zip(blocks, instances):
+        for block, inst in zip(blocks, instances, strict=True):
             assert routes[block]["InstanceId"] == inst
             assert vpc.markers(inst) == {tag_key(block): "cluster=10.200.0.0-16"}
     finally:

@@ -27,7 +27,8 @@ def test_fifty_hosts_booting_at_once_all_converge(emu, tmp_path):
     hand = emu.add_custom_entry("10.230.7.0/24", FOREIGN_HOP, name="by-hand", description="ops")
     other = emu.add_custom_entry("10.230.9.0/24", FOREIGN_HOP, name="vpcnet-10-230-9-0-24",
                                  description=f"vpcnet: host CIDR 10.230.9.0/24 of {FOREIGN_HOP} cluster=10.230.0.0-16")
-    before = {e["RouteEntryId"]: e for e in emu.entries() if e["Type"] == "System" or e["RouteEntryId"] in (hand, other)}
+    before = {e["RouteEntryId"]: e for e in emu.entries()
+              if e["Type"] == "System" or e["RouteEntryId"] in (hand, other)}
 
     result = boot_storm(emu, emu.test_url, str(tmp_path), HOSTS, cluster=CLUSTER, wait=60, timeout=90)
     print("boot storm:", result.summary())

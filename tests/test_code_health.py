@@ -1,4 +1,4 @@
-"""Lint, types and the layering contract, as part of the suite: `ruff check vpcnet lab`, `mypy` and
+"""Lint, types and the layering contract, as part of the suite: `ruff check vpcnet lab tests bench`, `mypy` and
 `lint-imports` (all configured in pyproject.toml) must pass, run from the environment running the tests.
 
 The contract is only worth something if it can fail: a copy of vpcnet/ with one import pointing up the
@@ -33,7 +33,7 @@ def check(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("cmd", [
-    ["ruff", "check", "vpcnet", "lab"],
+    ["ruff", "check", "vpcnet", "lab", "tests", "bench"],
     ["mypy"],
     ["lint-imports", "--no-cache", "--no-logo"],
 ], ids=["ruff", "mypy", "lint-imports"])

@@ -52,8 +52,8 @@ def _as_save(script: str) -> str:
 
 def test_shared_chains_are_never_declared_once_they_exist():
     """They may hold another vpcnet instance's jumps: only missing rules are added."""
-    saved = ("*filter\n:VPCNET-FORWARD - [0:0]\n-A FORWARD -j VPCNET-FORWARD\n-A VPCNET-FORWARD -j VPCNET-F-other0000000\n"
-             "COMMIT\n")
+    saved = ("*filter\n:VPCNET-FORWARD - [0:0]\n-A FORWARD -j VPCNET-FORWARD\n"
+             "-A VPCNET-FORWARD -j VPCNET-F-other0000000\nCOMMIT\n")
     _, script = script_for(saved, spec())
     assert ":VPCNET-FORWARD" not in script and "-D VPCNET-FORWARD" not in script
     assert "-A VPCNET-FORWARD -j VPCNET-F-a1b2c3d4e5f6" in script

@@ -433,9 +433,11 @@ tests:
         values: '150x20'
       - series: 'vpcnet_route_table_quota{instance="h1", table="vtb-2"}'
         values: '200x20'
-      - series: 'vpcnet_cloud_api_requests_total{instance="h1", provider="aliyun", action="CreateRouteEntry", outcome="throttled"}'
+      - series: 'vpcnet_cloud_api_requests_total{instance="h1", provider="aliyun",
+          action="CreateRouteEntry", outcome="throttled"}'
         values: '0+2x20'
-      - series: 'vpcnet_cloud_api_requests_total{instance="h2", provider="aliyun", action="CreateRouteEntry", outcome="throttled"}'
+      - series: 'vpcnet_cloud_api_requests_total{instance="h2", provider="aliyun",
+          action="CreateRouteEntry", outcome="throttled"}'
         values: '5x20'
       - series: 'up{job="vpcnet", instance="h1"}'
         values: '1x20'

@@ -69,6 +69,6 @@ def test_two_zones_need_every_route_in_both_tables(request):
     finally:
         os.killpg(plugin, signal.SIGCONT)
     # h1's reconciler puts the same block back into zone 2's table, and cross-zone traffic resumes
-    assert wait_for(lambda: any(e["DestinationCidrBlock"] == entry["DestinationCidrBlock"] and e["Status"] == "Available"
-                                for e in lab.routes(two)), 30, 0.5)
+    assert wait_for(lambda: any(e["DestinationCidrBlock"] == entry["DestinationCidrBlock"]
+                                and e["Status"] == "Available" for e in lab.routes(two)), 30, 0.5)
     assert wait_for(lambda: b.pings(a.ip, wait=1), 15) and a.pings(b.ip)

@@ -20,7 +20,7 @@ from test_aws_provider import aws_env, moto_url, provider_for, vpc  # noqa: F401
 
 from vpcnet.cloud.aliyun.provider import AliyunProvider
 from vpcnet.config import Config
-from vpcnet.errors import Retryable
+from vpcnet.errors import Retryable, VpcnetError
 from vpcnet.observability import events as event_hooks
 from vpcnet.observability import health, metrics
 from vpcnet.state.store import Store
@@ -110,7 +110,7 @@ def test_aws_calls_are_counted_through_the_botocore_hook(vpc, provider_for):  # 
                   outcome="ok") == before + 1
     bad = events("vpcnet_cloud_api_requests_total", provider="aws", action="DescribeRouteTables", outcome="error")
     missing = provider_for(vpc.config(me, aws_route_table_id="rtb-00000000000000000"))
-    with pytest.raises(Exception):
+    with pytest.raises(VpcnetError):
         missing.list_routes()
     assert events("vpcnet_cloud_api_requests_total", provider="aws", action="DescribeRouteTables",
                   outcome="error") == bad + 1

@@ -48,7 +48,7 @@ def test_config_json_env_is_exactly_the_settings():
         "plugin/config.json is stale: run python3 plugin/genconfig.py -o plugin/config.json"
     env = cfg["Env"]
     assert [e["Name"] for e in env] == [s.env for s in SETTINGS]
-    for entry, setting in zip(env, SETTINGS):
+    for entry, setting in zip(env, SETTINGS, strict=True):
         assert entry["Description"] == setting.description
         assert entry["Settable"] == ["value"]
         assert entry["Value"] == genconfig.env_value(setting.default)
@@ -115,7 +115,8 @@ class Managed:
         self.name = f"vpcnet-ci-{uuid.uuid4().hex[:8]}:latest"
         self.state_dir = state_dir
         self.cluster = free_cluster(228, 250, shuffle=True)
-        self.cluster2 = free_cluster(228, 250, (self.cluster,), shuffle=True)    # a second network needs its own cluster CIDR
+        # a second network needs its own cluster CIDR
+        self.cluster2 = free_cluster(228, 250, (self.cluster,), shuffle=True)
         self.cluster3 = free_cluster(228, 250, (self.cluster, self.cluster2), shuffle=True)     # one never claimed
         self.cluster4 = free_cluster(228, 250, (self.cluster, self.cluster2, self.cluster3), shuffle=True)
         self.label = unique("vpcnet-managed-")

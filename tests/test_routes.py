@@ -187,7 +187,7 @@ def test_convergence_with_30_percent_retryable_faults(emu, hosts):
     blocks = [s.claim(CLUSTER).host_cidr for _, s in keepers]
     assert len(set(blocks)) == len(instances)                          # all distinct
     assert sorted(e["DestinationCidrBlock"] for e in entries) == sorted(blocks)   # nothing leaked
-    for (keeper, store), iid in zip(keepers, instances):
+    for (_keeper, store), iid in zip(keepers, instances, strict=True):
         mine = [e for e in entries if hop(e) == iid]
         assert len(mine) == 1 and mine[0]["DestinationCidrBlock"] == store.claim(CLUSTER).host_cidr
         assert mine[0]["Status"] == "Available"
@@ -223,7 +223,7 @@ def test_hosts_claiming_at_once_get_distinct_blocks(emu, hosts, count):
     assert len(set(blocks)) == count
     entries = custom(emu)
     assert len(entries) == count                                     # one route each, no leftovers
-    for iid, block in zip(instances, blocks):
+    for iid, block in zip(instances, blocks, strict=True):
         [mine] = [e for e in entries if hop(e) == iid]
         assert mine["DestinationCidrBlock"] == block and mine["Status"] == "Available"
 

@@ -153,8 +153,8 @@ def test_the_one_line_swarm_form_fails_saying_what_to_run_instead(swarm):
     service = unique("bad")
     lab.docker(1, "service", "create", "--detach", "--no-resolve-image", "--name", service, "--network", "vpcbad",
                "vpcnet-testbox:latest", "sleep", "3600")
-    errors = wait_for(lambda: [line for line in lab.docker(1, "service", "ps", "--no-trunc", "--format",
-                                                            "{{.Error}}", service).stdout.splitlines() if line], 60, 1.0)
+    errors = wait_for(lambda: [line for line in lab.docker(1, "service", "ps", "--no-trunc", "--format", "{{.Error}}",
+                                                            service).stdout.splitlines() if line], 60, 1.0)
     lab.docker(1, "service", "rm", service)
     assert errors and "--config-only" in errors[0] and "--config-from" in errors[0], errors
 

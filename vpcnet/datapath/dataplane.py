@@ -69,8 +69,11 @@ under their lock, and each difference put right is returned as a `Repair`.
 from __future__ import annotations
 
 import logging
+import socket
 from contextlib import nullcontext
 from typing import Callable, ContextManager, Sequence
+
+from pyroute2 import NetlinkError
 
 from vpcnet.datapath import rtnl
 from vpcnet.datapath.features import Features, probe
@@ -174,7 +177,7 @@ class Dataplane:
         out = []
         saved = self.firewall.save()
         with self.nl.ipr() as ipr:
-            for table, prefix in PREFIXES.items():
+            for table, prefix in PREFIXES:
                 for chain in saved.chains(table):
                     tag = chain[len(prefix):]
                     if chain.startswith(prefix) and tag not in known_tags and \
@@ -196,6 +199,8 @@ class Dataplane:
         container program to the host end (it goes with the veth too)."""
         with self.nl.ipr() as ipr:
             host_idx = self.links.ensure_veth(ipr, spec, host_veth, peer_veth, mac)
+            if not spec.routed and spec.published(address):
+                self._hairpin(ipr, host_veth)
         if not spec.routed or host_idx is None:
             return
         self.links.proxy_arp(host_idx, host_veth)
@@ -206,6 +211,69 @@ class Dataplane:
 
     def delete_endpoint(self, host_veth: str) -> None:
         self.nl.delete_link(host_veth)       # the peer goes with it, wherever it is
+
+    # -- published ports ----------------------------------------------------------------------------
+    def ensure_ports(self, spec: NetworkSpec, endpoints: Sequence[EndpointSpec], adding: bool = True) -> None:
+        """The network's published ports as `spec.ports` holds them: its firewall, in one transaction, and in
+        ebpf mode the container programs of `endpoints` (those whose ports changed), which leave the
+        published ports' replies to the host. `adding`: the programs first (a reply is never sent the fast
+        way while its DNAT rule exists), else the rules first."""
+        if not adding:
+            self._ensure_firewall(spec)
+        with self.nl.ipr() as ipr:
+            for ep in endpoints:
+                idx = self.nl.link_index(ipr, ep.host_veth)
+                if idx is not None and spec.ebpf:
+                    self.tc.attach_endpoint(ipr, spec, idx, ep.address)
+                elif idx is not None and not spec.routed and spec.published(ep.address):
+                    self._hairpin(ipr, ep.host_veth)
+        if adding:
+            self._ensure_firewall(spec)
+
+    def _hairpin(self, ipr, host_veth: str) -> None:
+        """Bridge mode: the bridge may send a frame back out of the port it came in by (hairpin mode, as
+        Docker sets it without its userland proxy), so a container reaches its own published port through
+        the host's address (br_netfilter DNATs it on the bridge, back towards the same port)."""
+        idx = self.nl.link_index(ipr, host_veth)
+        if idx is not None:
+            try:
+                ipr.brport("set", index=idx, mode=1)
+            except NetlinkError as exc:
+                raise DataplaneError(f"cannot set hairpin mode on {host_veth}: {exc}") from None
+
+    def port_taken(self, proto: str, host_ip: str, port: int) -> str:
+        """Why `port` (`proto`, on `host_ip` or every address) cannot be published on this host, or "": a
+        socket of the host holds it (a host process, Docker's docker-proxy: a trial bind says so; the
+        address not being the host's too), or Docker's own DNAT rules publish it (nat DOCKER, Docker
+        without its userland proxy)."""
+        kind, number = {"tcp": (socket.SOCK_STREAM, socket.IPPROTO_TCP), "udp": (socket.SOCK_DGRAM, socket.IPPROTO_UDP),
+                        "sctp": (socket.SOCK_STREAM, 132)}[proto]
+
+        def bind() -> str:
+            try:
+                sock = socket.socket(socket.AF_INET, kind, number)
+            except OSError:
+                return ""                     # no such protocol here (sctp without its module): nothing holds it
+            try:
+                if proto != "udp":            # a connection in TIME_WAIT holds no port; a listener does
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((host_ip or "0.0.0.0", port))
+                return ""
+            except OSError as exc:
+                return f"{host_ip or '0.0.0.0'}:{port}/{proto}: {exc.strerror or exc}"
+            finally:
+                sock.close()
+
+        why = rtnl.in_netns(self.netns, bind)
+        if why:
+            return why
+        for rule in self.firewall.save().chain("nat", "DOCKER") or []:
+            words = rule.split()
+            value = dict(zip(words, words[1:], strict=False))
+            if "DNAT" in words and value.get("--dport") == str(port) and value.get("-p") == proto and \
+                    (not host_ip or value.get("-d", f"{host_ip}/32") == f"{host_ip}/32"):
+                return f"{host_ip or '0.0.0.0'}:{port}/{proto}: Docker publishes it (nat DOCKER: {rule})"
+        return ""
 
     def link_exists(self, name: str) -> bool:
         with self.nl.ipr() as ipr:

@@ -92,7 +92,8 @@ IPV6_RULES = [f'-i {prefix} -m comment --comment "vpcnet: no IPv6" -j DROP' for 
 # Where cluster traffic may enter and leave (docs/datapath.md, Isolation): vpcnet's own links and the
 # uplinks. Host-wide chains, jumped to from each network's chain (vpcnet.datapath.modes), so a network's
 # rules never depend on the uplinks and a moved default route rewrites two chains, not every network's.
-# EGRESS: a packet from a vpcnet container is accepted towards vpcnet's links and the uplinks; anything
+# EGRESS: a packet from a vpcnet container is accepted towards vpcnet's links and the uplinks, and as the
+# reply of a published port's connection (conntrack DNAT) towards wherever its client is; anything
 # else (a Docker bridge, a second NIC, a VPN) falls through to FORWARD's later rules (Docker's), which
 # treat it as any outside client: a published port is DNATed and accepted, the rest meets the policy.
 # INGRESS: a packet to a vpcnet container is accepted from vpcnet's links and the uplinks, else only as a
@@ -121,7 +122,8 @@ def isolation_chains(uplinks: Sequence[str]) -> dict[tuple[str, str], list[str]]
     """(table, chain) -> rules: the filter chains EGRESS_CHAIN and INGRESS_CHAIN and the mangle guard
     INGRESS_CHAIN (RETURN where filter's accepts), for these uplink names."""
     links = (*VPCNET_LINKS, *sorted(set(uplinks)))
-    return {("filter", EGRESS_CHAIN): [rule(oif=link, target="ACCEPT") for link in links],
+    return {("filter", EGRESS_CHAIN): [rule(oif=link, target="ACCEPT") for link in links]
+            + [rule(match=PUBLISHED, target="ACCEPT")],
             ("filter", INGRESS_CHAIN): [rule(iif=link, target="ACCEPT") for link in links]
             + [rule(match=REPLIES, target="ACCEPT"), rule(match=PUBLISHED, target="ACCEPT"), rule(target="DROP")],
             (GUARD_TABLE, INGRESS_CHAIN): [rule(iif=link, target="RETURN") for link in links]

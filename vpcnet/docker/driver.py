@@ -406,6 +406,7 @@ class NetworkDriver:
         call (Docker 29) finds the same rows and only makes sure of the kernel. A port no one can have is
         refused with nothing changed; a kernel failure puts the rows back as they were."""
         _require_id("NetworkID", network_id)
+        _require_id("EndpointID", endpoint_id)
         net = self._network(network_id)
         self._endpoint(network_id, endpoint_id)
         asked = ports.parse(options)

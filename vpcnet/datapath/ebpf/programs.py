@@ -34,6 +34,7 @@ IP_TOS, IP_FRAG, IP_TTL, IP_PROTO, IP_CHECK, IP_SADDR, IP_DADDR = (ETH_LEN + n f
 PARSED = ETH_LEN + 20
 FRAG_MASK_LE = 0xFF3F                      # htons(0x3FFF) (more fragments, offset) as a little-endian load sees it
 PROTO_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132}
+MAX_PUBLISHED = 64                         # published ports one container program compares a packet against
 # struct bpf_fib_lookup (64 bytes) on the stack at FIB, struct bpf_redir_neigh (20 bytes) at NH
 FIB = -64
 F_FAMILY, F_L4, F_IFINDEX, F_TOS, F_SRC, F_DST, F_SMAC, F_DMAC = (FIB + n for n in (0, 1, 8, 12, 16, 32, 52, 58))
@@ -145,7 +146,14 @@ def _pass(a: Asm) -> None:
 def _published_replies(a: Asm, published: Sequence[tuple[str, int]]) -> None:
     """A reply from a published container port (`published`: (proto, port)) -> pass: the host's conntrack
     must undo the DNAT (the client reached the host's port, not the container's). So does any packet whose
-    ports cannot be read cheaply (a fragment, IP options), while the endpoint publishes anything."""
+    ports cannot be read cheaply (a fragment, IP options), while the endpoint publishes anything. An
+    endpoint publishing more than MAX_PUBLISHED ports (a wide range) leaves all its TCP, UDP and SCTP
+    cluster traffic to the host: a compare per port would make a long program for every packet."""
+    if len(published) > MAX_PUBLISHED:
+        a.ldx(1, 5, 2, IP_PROTO)
+        for number in sorted(set(PROTO_NUMBERS.values())):
+            a.jump(JEQ, 5, "pass", imm=number)
+        return
     a.ldx(2, 4, 2, IP_FRAG)
     a.andi32(4, FRAG_MASK_LE)
     a.jump(JNE, 4, "pass", imm=0, wide=False)          # a fragment: the ports may not be in it

@@ -252,3 +252,17 @@ def test_a_version_4_state_gains_the_ports_table(tmp_path):
     version = store.ports_version()
     store.close()
     assert version == "0"
+
+
+def test_vpcnet_status_lists_the_published_ports(plug):
+    """`docker port` cannot show a network plugin's mappings (moby type-asserts EndpointOperInfo's portmap as
+    Go []types.PortBinding, a remote driver's JSON never is one): `vpcnet status` shows them."""
+    from vpcnet.cli.status import collect, render
+
+    address = endpoint(plug)
+    plug.driver.program_external_connectivity(NID, EID, portmap(binding(TCP, 80, 8080, host_ip="10.0.0.5")))
+    status = collect(plug.config)
+    [ep] = status["networks"][0]["endpoints"]
+    assert ep["ports"] == [{"proto": "tcp", "host_ip": "10.0.0.5", "host_port": 8080, "container_port": 80,
+                            "family": "ipv4"}]
+    assert f"published 10.0.0.5:8080 -> {address}:80/tcp" in render(status)

@@ -97,6 +97,13 @@ def test_a_published_port_answers_every_client_with_its_real_source(two_hosts, n
             dpa.ensure_ports(published, [a1_veth])
             assert ask(b1) == "hello 10.77.4.2"
 
+        # a DNAT rule deleted behind vpcnet's back: the datapath pass finds it by reading the kernel, puts it back
+        ns_run(a, "iptables", "-t", "nat", "-F", published.ports_chain)
+        assert ask(b) != "hello 192.0.2.20"
+        repairs = dpa.repair([(published, [a1_veth])])
+        assert [r.what for r in repairs] == [f"nat chain {published.ports_chain} holds 0 rule(s), 0 of 1 wanted"]
+        assert ask(b) == "hello 192.0.2.20" and dpa.repair([(published, [a1_veth])]) == []
+
         dpa.ensure_ports(sa, [a1_veth], adding=False)        # unpublished
         assert ask(b) != "hello 192.0.2.20" and ask(b1) != "hello 10.77.4.2"
         assert "VPCNET-P-" not in ns_run(a, "iptables", "-t", "nat", "-S").stdout

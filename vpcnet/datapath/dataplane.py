@@ -44,6 +44,10 @@ its rules:
   traffic from the host CIDR only when it leaves for a destination outside the cluster CIDR and the
   no-NAT list. Container-to-container traffic inside the VPC keeps its own source address.
 - `--internal` networks: forwarding only within the cluster CIDR, no masquerade.
+- nat `VPCNET-DNAT` (jumped to from nat PREROUTING and OUTPUT for the host's own addresses): per network
+  with published ports `VPCNET-P-<id12>`, one DNAT per host port (`ensure_ports`; vpcnet.datapath.modes
+  says what else they need: tracked replies, hairpin). `port_taken` is the conflict check before one is
+  chosen: a trial bind in this namespace, and Docker's own DNAT rules.
 - raw `VPCNET-RAW` (jumped to from raw PREROUTING): the routed modes' anti-spoofing rule, and per network
   `VPCNET-R-<id12>` marks forwarded traffic between the host CIDR and the cluster CIDR NOTRACK. That
   traffic is accepted statelessly and never NATed, so conntrack (a lookup and an entry per flow, on every

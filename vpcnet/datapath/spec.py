@@ -18,7 +18,7 @@ PROTOCOLS = {6: "tcp", 17: "udp", 132: "sctp"}     # Docker's PortBinding.Proto 
 class PortMapping:
     """One published port (`-p`): the host's `host_port` (on `host_ip`, or every host address when empty) to
     `container_port` of the endpoint holding `address`. Always one host port: Docker's ranges and `-P` are
-    resolved to one by the driver (vpcnet.docker.ports). `family` is "ipv4" (IPv6, issue 19, adds "ipv6"
+    resolved to one by the driver (vpcnet.docker.ports). `family` is "ipv4" (IPv6 support adds "ipv6"
     and ip6tables)."""
     proto: str                  # tcp | udp | sctp
     host_ip: str                # bare IP, or "" for every address of the host

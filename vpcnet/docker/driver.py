@@ -55,8 +55,16 @@ What current engines (Docker 28/29) add:
   since Docker names a plugin's interface from `DstPrefix` and never from this label.
 - `gw-priority`, and Docker 29 sending ProgramExternalConnectivity only to the gateway endpoint: Join
   always offers the gateway and a static route for the cluster CIDR through it, so cluster traffic
-  keeps vpcnet's interface when another network gives the default route; nothing else depends on
-  ProgramExternalConnectivity (it only refuses port publishing).
+  keeps vpcnet's interface when another network gives the default route; nothing but published ports
+  depends on ProgramExternalConnectivity.
+
+Published ports (`-p`, `-P`, Compose `ports:`): ProgramExternalConnectivity publishes the endpoint's port
+bindings (vpcnet.docker.ports parses them and chooses host ports), RevokeExternalConnectivity and
+DeleteEndpoint unpublish them. The `ports` rows are the desired state, written first; the network's rules
+follow (vpcnet.datapath.modes), in ebpf mode the endpoint's program too. Both calls may repeat (Docker 29
+sends them whenever the endpoint becomes, or stops being, the container's gateway): the same request
+keeps the same ports. Host ports are host-wide, so one Program or Revoke at a time chooses them (the
+`ports.lock` file, inside the network's lock).
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ So for a remote driver:
 - `-p 8000-8001:80-81`: Docker sends one binding per container port, each with its host port.
 - HostIP: "" or 0.0.0.0 every address; an IPv4 address of the host only that one. A loopback address is
   refused: without a userland proxy, it would need `route_localnet`, which lets the network reach 127/8.
-  IPv6 host addresses wait for IPv6 (issue 19): `::` (Docker 28 may add it beside 0.0.0.0) is left out and
+  IPv6 host addresses wait for IPv6 support: `::` (Docker 28 may add it beside 0.0.0.0) is left out and
   logged, another IPv6 address is refused.
 The exposed ports (`com.docker.network.endpoint.exposedports`) need nothing: a container is reachable at
 its own address on every port anyway.

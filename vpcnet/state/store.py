@@ -81,7 +81,7 @@ CREATE TABLE IF NOT EXISTS endpoints (
 -- endpoint (ON DELETE CASCADE), the rules are the network's (vpcnet.datapath.modes), recomputed from here.
 CREATE TABLE IF NOT EXISTS ports (
     endpoint_id    TEXT NOT NULL REFERENCES endpoints(endpoint_id) ON DELETE CASCADE,
-    family         TEXT NOT NULL DEFAULT 'ipv4',   -- 'ipv4' (IPv6, issue 19: 'ipv6')
+    family         TEXT NOT NULL DEFAULT 'ipv4',   -- 'ipv4' ('ipv6' with IPv6 support)
     proto          TEXT NOT NULL,                  -- tcp | udp | sctp
     host_ip        TEXT NOT NULL,                  -- '' for every address of the host
     host_port      INTEGER NOT NULL,               -- the one in use (chosen from `asked` for -P or a range)

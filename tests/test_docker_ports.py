@@ -134,6 +134,11 @@ def test_published_ports_answer_with_the_clients_address_and_follow_the_containe
     again = published(plugin)
     assert len(again) == 4 and f"0.0.0.0:18080->{dock.ip_of(web)}:80/tcp" in again
     assert seen_from_host(OUTSIDE_HOST_IP, 18080, outside) == OUTSIDE_PEER_IP
+    dock("network", "disconnect", net, web)
+    assert published(plugin) == [] and ports_chain(plugin) == []
+    assert seen_from_host(OUTSIDE_HOST_IP, 18080, outside) == ""
+    dock("network", "connect", net, web)          # a running container joins: Docker publishes again
+    assert len(published(plugin)) == 4 and seen_from_host(OUTSIDE_HOST_IP, 18080, outside) == OUTSIDE_PEER_IP
     dock("rm", "-f", web)
     assert published(plugin) == [] and ports_chain(plugin) == []
     assert seen_from_host(OUTSIDE_HOST_IP, 18080, outside) == ""

@@ -132,5 +132,6 @@ def test_port_taken_sees_host_sockets_and_dockers_rules(two_hosts):  # noqa: F81
     ns_run(a, "iptables", "-t", "nat", "-N", "DOCKER")
     ns_run(a, "iptables", "-t", "nat", "-A", "DOCKER", "!", "-i", "docker0", "-p", "udp", "-m", "udp", "--dport",
            "5353", "-j", "DNAT", "--to-destination", "172.17.0.2:53")
+    dp = Dataplane(netns=a)                 # Docker's rules are read once per call (2 s): a fresh read
     assert "Docker publishes it" in dp.port_taken("udp", "", 5353)
     assert dp.port_taken("udp", "", 535) == "" and dp.port_taken("tcp", "", 5353) == ""

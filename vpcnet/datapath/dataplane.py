@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from contextlib import nullcontext
 from typing import Callable, ContextManager, Sequence
 
@@ -91,6 +92,7 @@ from vpcnet.errors import DataplaneError
 
 log = logging.getLogger(__name__)
 _no_lock = nullcontext
+DOCKER_NAT_TTL = 2.0          # seconds port_taken reuses its read of Docker's DNAT rules
 
 
 class Dataplane:
@@ -103,6 +105,7 @@ class Dataplane:
         self.firewall = FirewallTable(self.nl.cmd(), iptables)
         self.ipv6_guard = Ipv6Guard(self.nl.cmd(), iptables)
         self.unrepaired: list[str] = []     # networks the last repair could not put right
+        self._docker_nat: tuple[float, list[str]] = (-DOCKER_NAT_TTL, [])    # (read at, Docker's nat DOCKER rules)
 
     # -- host-wide --------------------------------------------------------------------------------
     def uplink_mtu(self) -> int:
@@ -271,7 +274,10 @@ class Dataplane:
         why = rtnl.in_netns(self.netns, bind)
         if why:
             return why
-        for rule in self.firewall.save().chain("nat", "DOCKER") or []:
+        now = time.monotonic()
+        if now - self._docker_nat[0] > DOCKER_NAT_TTL:      # one read for the ports of one call, not one each
+            self._docker_nat = (now, self.firewall.save().chain("nat", "DOCKER") or [])
+        for rule in self._docker_nat[1]:
             words = rule.split()
             value = dict(zip(words, words[1:], strict=False))
             if "DNAT" in words and value.get("--dport") == str(port) and value.get("-p") == proto and \

@@ -141,6 +141,7 @@ def main() -> int:
         samples: dict[str, dict[str, list[float]]] = {n: {"tcp_bps": [], "rr_p50_us": [], "crr_per_s": []}
                                                       for n in names}
         time.sleep(0.5)
+        load = [os.getloadavg()[0]]
         for r in range(args.rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
                 net, source, address, iperf_port, rr_port = contenders[name]
@@ -148,7 +149,9 @@ def main() -> int:
                 samples[name]["tcp_bps"].append(tcp(source, address, iperf_port, args.duration))
                 samples[name]["rr_p50_us"].append(rr(source, address, rr_port, "rr", args.duration)["p50_us"])
                 samples[name]["crr_per_s"].append(rr(source, address, rr_port, "crr", args.duration)["cps"])
+        load.append(os.getloadavg()[0])
         result = {"rounds": args.rounds, "duration_s": args.duration, "mode": "ebpf", "samples": samples,
+                  "load_average_1m": {"start": load[0], "end": load[1], "cpus": os.cpu_count()},
                   "medians": {n: {m: statistics.median(v) for m, v in ms.items()} for n, ms in samples.items()},
                   "ratios": {n: {m: {"median": statistics.median(v) / statistics.median(samples["unpublished"][m]),
                                      "min": min(x / y for x, y in zip(v, samples["unpublished"][m], strict=True)),
@@ -157,6 +160,7 @@ def main() -> int:
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=2)
+        print(f"load average {load[0]:.1f} -> {load[1]:.1f} on {os.cpu_count()} CPUs")
         print("| contender | TCP Gbit/s | RR p50 µs | connections/s | ratio TCP | ratio RR p50 | ratio conn/s |")
         print("|---|---|---|---|---|---|---|")
         for n in names:

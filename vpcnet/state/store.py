@@ -10,6 +10,10 @@ or endpoint row is written `pending` and set `ready` once the kernel holds it (s
 pending when nobody holds its network's lock belongs to a call that died in between (kill -9, an OOM
 kill, gunicorn's watchdog): Docker never got an answer, so it has no such network or endpoint, and the
 datapath pass undoes the row and its kernel state (vpcnet.datapath.reconciler, `settle_pending`).
+
+Published ports (schema 5) are rows of `ports`, one per host port, going with their endpoint (a foreign
+key with ON DELETE CASCADE); every change moves the meta key `ports_version` (triggers), so a datapath
+pass that read them before a concurrent Program or Revoke passes again.
 """
 from __future__ import annotations
 

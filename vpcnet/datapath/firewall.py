@@ -19,9 +19,9 @@ which a user reading `iptables-save` would have to see through. Should another i
 otherwise, the rule would be rewritten on every pass; `RepairLoops` (the canary) notices the same write
 read back as the same other text three passes in a row and says so once, as an ERROR naming the chain
 and both texts, counted in `vpcnet_datapath_repair_loops_total`. Shared chains (`VPCNET-FORWARD`,
-`VPCNET-POSTROUTING`, `VPCNET-RAW`, and `VPCNET-DNAT` for published ports) are never declared once they exist: they may hold the jumps of another
-vpcnet instance on the host (a managed plugin beside a systemd one); only missing rules are added to them
-and only named rules removed.
+`VPCNET-POSTROUTING`, `VPCNET-RAW`, and `VPCNET-DNAT` for published ports) are never declared once they
+exist: they may hold the jumps of another vpcnet instance on the host (a managed plugin beside a systemd
+one); only missing rules are added to them and only named rules removed.
 
 Isolation (docs/datapath.md): cluster traffic enters and leaves by the uplinks and vpcnet's own links. Two
 host-wide filter chains, whole chains computed from the host's uplinks alone (`isolation_chains`, declared

@@ -20,7 +20,8 @@ import pytest
 from conftest import run
 from test_dataplane import attach_container, ns_run, spec, two_hosts  # noqa: F401  (a fixture)
 
-from vpcnet.datapath.dataplane import Dataplane
+from vpcnet.datapath import rtnl
+from vpcnet.datapath.dataplane import Dataplane, held_in_proc
 from vpcnet.datapath.spec import EndpointSpec, PortMapping, mac_for, veth_names
 
 pytestmark = pytest.mark.root
@@ -123,6 +124,11 @@ def test_port_taken_sees_host_sockets_and_dockers_rules(two_hosts):  # noqa: F81
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
         assert "Address already in use" in dp.port_taken("tcp", "", 8089)
+        # without CAP_NET_BIND_SERVICE (the managed plugin) a port below 1024 cannot be bound to try: the
+        # kernel's socket tables answer instead
+        held = lambda *args: rtnl.in_netns(a, lambda: held_in_proc(*args))    # noqa: E731
+        assert "a socket of the host holds it (0.0.0.0)" in held("tcp", "", 8089)
+        assert held("tcp", "192.0.2.10", 8089) and not held("tcp", "", 8090) and not held("udp", "", 8089)
         assert "Address already in use" in dp.port_taken("tcp", "192.0.2.10", 8089)
         assert dp.port_taken("udp", "", 8089) == ""
     finally:

@@ -72,6 +72,7 @@ under their lock, and each difference put right is returned as a `Repair`.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import time
@@ -93,6 +94,36 @@ from vpcnet.errors import DataplaneError
 log = logging.getLogger(__name__)
 _no_lock = nullcontext
 DOCKER_NAT_TTL = 2.0          # seconds port_taken reuses its read of Docker's DNAT rules
+
+
+def held_in_proc(proto: str, host_ip: str, port: int) -> str:
+    """Whether a socket of this namespace holds `port` (a TCP listener, a bound UDP socket), from
+    /proc/net/{tcp,udp}{,6} (of the calling thread: see rtnl.in_netns): the check where a trial bind is not
+    allowed. SCTP is not listed there: ""."""
+    if proto == "sctp":
+        return ""
+    want = ipaddress.ip_address(host_ip) if host_ip else None
+    for name in (proto, proto + "6"):
+        try:
+            with open(f"/proc/thread-self/net/{name}") as fh:      # this thread's namespace (rtnl.in_netns)
+                lines = fh.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 4 or (proto == "tcp" and fields[3] != "0A"):
+                continue
+            address, _, hex_port = fields[1].partition(":")
+            if int(hex_port, 16) != port:
+                continue
+            raw = bytes.fromhex(address)
+            words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            local = ipaddress.ip_address(words)
+            if isinstance(local, ipaddress.IPv6Address) and local.ipv4_mapped:
+                local = local.ipv4_mapped
+            if want is None or local.is_unspecified or local == want:
+                return f"{host_ip or '0.0.0.0'}:{port}/{proto}: a socket of the host holds it ({local})"
+    return ""
 
 
 class Dataplane:
@@ -266,6 +297,8 @@ class Dataplane:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind((host_ip or "0.0.0.0", port))
                 return ""
+            except PermissionError:           # a port below 1024 without CAP_NET_BIND_SERVICE (the managed
+                return held_in_proc(proto, host_ip, port)      # plugin): the kernel's socket tables say
             except OSError as exc:
                 return f"{host_ip or '0.0.0.0'}:{port}/{proto}: {exc.strerror or exc}"
             finally:

@@ -1,7 +1,7 @@
 """Published ports on the real kernel (issue 20), every mode, two simulated hosts (test_dataplane.two_hosts:
 their uplinks are the two ends of one link, each routing the other's host CIDR to it as the VPC does).
 
-Host A publishes 192.0.2.10:8080 -> container A1 (10.77.3.2):80. It answers from:
+Host A publishes 192.0.2.10:8080 -> container A1 (10.77.3.2):80 (and 5353/udp -> 53, asked from B1). It answers from:
 - host B (another host of the VPC, and what an outside client looks like: its source is no cluster address),
 - container B1 on host B (10.77.4.2; B's network has the VPC on its no-NAT list, so A1 sees the cluster
   address: the reply goes towards the cluster CIDR, which in ebpf mode is the fast path's traffic),
@@ -39,6 +39,32 @@ SERVE = textwrap.dedent("""
         c.sendall(("hello " + addr[0]).encode()); c.close()
 """)
 
+UDP_SERVE = textwrap.dedent("""
+    import socket
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", 53)); s.settimeout(60)
+    print("ready", flush=True)
+    while True:
+        try:
+            data, addr = s.recvfrom(512)
+        except OSError:
+            break
+        s.sendto(("hello " + addr[0]).encode(), addr)
+""")
+
+UDP_ASK = textwrap.dedent("""
+    import socket, sys
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1)
+    for _ in range(3):
+        s.sendto(b"hi", (sys.argv[1], int(sys.argv[2])))
+        try:
+            data, addr = s.recvfrom(512)
+            print(data.decode() if addr == (sys.argv[1], int(sys.argv[2])) else "from " + str(addr)); break
+        except OSError as exc:
+            err = type(exc).__name__
+    else:
+        print(err)
+""")
+
 CONNECT = textwrap.dedent("""
     import socket, sys
     try:
@@ -73,11 +99,15 @@ def test_a_published_port_answers_every_client_with_its_real_source(two_hosts, n
         ns_run(ns, "iptables", "-P", "FORWARD", "DROP")      # as Docker leaves it
     server = subprocess.Popen(["ip", "netns", "exec", a1, sys.executable, "-c", SERVE], stdout=subprocess.PIPE,
                               text=True)
+    udp = subprocess.Popen(["ip", "netns", "exec", a1, sys.executable, "-c", UDP_SERVE], stdout=subprocess.PIPE,
+                           text=True)
     try:
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        assert udp.stdout is not None and udp.stdout.readline().strip() == "ready"
         assert ask(b) != "hello 192.0.2.20", "nothing published yet"
         a1_veth = EndpointSpec(*veth_names("a" * 64), mac_for("10.77.3.2"), "10.77.3.2")
-        published = sa.__class__(**{**sa.__dict__, "ports": (PortMapping("tcp", "", 8080, "10.77.3.2", 80),)})
+        published = sa.__class__(**{**sa.__dict__, "ports": (PortMapping("tcp", "", 8080, "10.77.3.2", 80),
+                                                             PortMapping("udp", "", 5353, "10.77.3.2", 53))})
         dpa.ensure_ports(published, [a1_veth])
         dpa.ensure_ports(published, [a1_veth])                # idempotent
         assert dpa.firewall.apply([], host=True, uplinks=dpa.uplink_names()) == []
@@ -90,6 +120,8 @@ def test_a_published_port_answers_every_client_with_its_real_source(two_hosts, n
         assert ask(a).startswith("hello "), "the host itself (OUTPUT)"
         assert ask(b, port=8081) != "hello 192.0.2.20"
         assert ask(b, "10.77.3.2", 80) == "hello 192.0.2.20", "still reachable at its own address"
+        udp_ask = ["ip", "netns", "exec", b1, sys.executable, "-c", UDP_ASK, "192.0.2.10", "5353"]
+        assert run(udp_ask, timeout=10).stdout.strip() == "hello 10.77.4.2", "UDP, from the host's address:port"
 
         if mode == "ebpf":     # the catch: the program without the published port sends replies the fast way
             with dpa.nl.ipr() as ipr:
@@ -102,7 +134,7 @@ def test_a_published_port_answers_every_client_with_its_real_source(two_hosts, n
         ns_run(a, "iptables", "-t", "nat", "-F", published.ports_chain)
         assert ask(b) != "hello 192.0.2.20"
         repairs = dpa.repair([(published, [a1_veth])])
-        assert [r.what for r in repairs] == [f"nat chain {published.ports_chain} holds 0 rule(s), 0 of 1 wanted"]
+        assert [r.what for r in repairs] == [f"nat chain {published.ports_chain} holds 0 rule(s), 0 of 2 wanted"]
         assert ask(b) == "hello 192.0.2.20" and dpa.repair([(published, [a1_veth])]) == []
 
         dpa.ensure_ports(sa, [a1_veth], adding=False)        # unpublished
@@ -110,8 +142,9 @@ def test_a_published_port_answers_every_client_with_its_real_source(two_hosts, n
         assert "VPCNET-P-" not in ns_run(a, "iptables", "-t", "nat", "-S").stdout
         assert ask(b, "10.77.3.2", 80) == "hello 192.0.2.20"
     finally:
-        server.kill()
-        server.wait(timeout=10)
+        for proc in (server, udp):
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 def test_port_taken_sees_host_sockets_and_dockers_rules(two_hosts):  # noqa: F811

@@ -19,7 +19,8 @@ MEDIA_TYPE = "application/vnd.docker.plugins.v1.2+json"
 
 DATAPLANE_METHODS = ("ensure_host", "ensure_network", "delete_network", "network_exists", "stale_chains",
                      "drop_stale_chain", "drop_stale_uplink_programs", "ensure_endpoint", "delete_endpoint",
-                     "link_exists", "uplink_mtu", "overlapping_routes", "repair", "features", "forget_peers")
+                     "link_exists", "uplink_mtu", "overlapping_routes", "repair", "features", "forget_peers",
+                     "ensure_ports", "port_taken")
 
 
 class FakeDataplane:
@@ -43,6 +44,8 @@ class FakeDataplane:
         self.kernel_routes: list[str] = []         # what overlapping_routes() finds, e.g. "10.200.0.0/16 dev x"
         self.routes: dict[str, str] = {}           # routed modes: container address -> host veth (/32 routes)
         self.unrepaired: list[str] = []            # networks the last repair could not put right
+        self.host_sockets: dict[tuple[str, str, int], str] = {}   # (proto, host ip, port) -> holder: port_taken
+        self.programs: dict[str, tuple] = {}       # ebpf: host veth -> the published (proto, port) of its program
 
     def _call(self, name: str, *args) -> None:
         self.calls.append((name, *args))
@@ -151,6 +154,8 @@ class FakeDataplane:
         if spec.routed:                        # routed modes: a /32 route to the host end ("replace")
             self.links[host_veth]["route"] = f"{address}/32"
             self.routes[address] = host_veth
+        if spec.ebpf:                          # the container program, with the endpoint's published ports
+            self.programs[host_veth] = spec.published(address)
 
     def forget_peers(self, addresses) -> None:
         self._call("forget_peers", list(addresses))
@@ -166,6 +171,27 @@ class FakeDataplane:
         if name in self.links:
             return True
         return any(link["peer"] == name and link.get("peer_present", True) for link in self.links.values())
+
+    def ensure_ports(self, spec, endpoints, adding: bool = True) -> None:
+        self._call("ensure_ports", spec.tag, tuple(str(p) for p in spec.ports), adding)
+        if spec.bridge not in self.networks:
+            raise DataplaneError(f"bridge {spec.bridge} is missing")
+        self.networks[spec.bridge] = spec          # the network's rules, its published ports included
+        if spec.ebpf:
+            for ep in endpoints:
+                if ep.host_veth in self.links:
+                    self.programs[ep.host_veth] = spec.published(ep.address)
+
+    def port_taken(self, proto: str, host_ip: str, port: int) -> str:
+        self._call("port_taken", proto, host_ip, port)
+        for (p, ip, number), holder in self.host_sockets.items():
+            if (p, number) == (proto, port) and (not ip or not host_ip or ip == host_ip):
+                return f"{host_ip or '0.0.0.0'}:{port}/{proto}: {holder}"
+        return ""
+
+    def published(self) -> list[str]:
+        """Every published port the 'kernel' holds, as text."""
+        return sorted(str(p) for spec in self.networks.values() for p in spec.ports)
 
     # -- test helpers -----------------------------------------------------------------------------
     def lose_peer(self, host_veth: str) -> None:

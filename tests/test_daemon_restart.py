@@ -105,6 +105,12 @@ def engine_host(netns_factory, plugin_factory, root):
     shutil.rmtree(engine.data_root, ignore_errors=True)
 
 
+def published(plugin) -> list[str]:
+    """The published ports in the plugin's state, as host:port->container:port/proto."""
+    return sorted(f"{p['host_ip']}:{p['host_port']}->{ep['address']}:{p['container_port']}/{p['proto']}"
+                  for n in plugin.status()["networks"] for ep in n["endpoints"] for p in ep["ports"])
+
+
 def ping(engine: Engine, container: str, target: str) -> bool:
     return engine("exec", container, "ping", "-c1", "-W2", target, check=False).returncode == 0
 
@@ -134,10 +140,11 @@ def test_daemon_restart_keeps_networks_and_containers_working(engine_host, plugi
     img = image.build(engine.docker)
     engine("network", "create", "-d", plugin.name, "--ipam-driver", plugin.name, "vpc0")
     subnet_before = engine("network", "inspect", "vpc0", "-f", "{{json .IPAM.Config}}").stdout
-    engine("run", "-d", "--name", "one", "--network", "vpc0", img, "sleep", "3600")
+    engine("run", "-d", "--name", "one", "--network", "vpc0", "-p", "18100:80", img, "sleep", "3600")
     engine("run", "-d", "--name", "two", "--network", "vpc0", img, "sleep", "3600")
     ip_one, ip_two = ip_of(engine, "one"), ip_of(engine, "two")
     assert ping(engine, "one", ip_two)
+    assert published(plugin) == [f"0.0.0.0:18100->{ip_one}:80/tcp"]
 
     engine.stop()
     if live_restore:   # containers kept running, and talking, while the daemon was away
@@ -159,7 +166,11 @@ def test_daemon_restart_keeps_networks_and_containers_working(engine_host, plugi
     assert errors_in(plugin, log_since(plugin, offset)) == [], "every replay and stale clean-up call succeeded"
     assert engine("network", "inspect", "vpc0", "-f", "{{json .IPAM.Config}}").stdout == subnet_before
     if not live_restore:
+        assert published(plugin) == [], "the containers stopped with the daemon: their ports went with them"
         engine("start", "one", "two")
+    assert published(plugin) == [f"0.0.0.0:18100->{ip_of(engine, 'one')}:80/tcp"], "exactly the running one's"
+    chain = run(["ip", "netns", "exec", ns, "iptables", "-t", "nat", "-S"]).stdout
+    assert chain.count("-j DNAT --to-destination") == 1 and f"{ip_of(engine, 'one')}:80" in chain
     assert ping(engine, "one", "two"), "by name after the restart"
     assert {ip_of(engine, "one"), ip_of(engine, "two")} == {ip_one, ip_two} or not live_restore
     engine("run", "-d", "--name", "three", "--network", "vpc0", img, "sleep", "3600")
@@ -172,6 +183,7 @@ def test_daemon_restart_keeps_networks_and_containers_working(engine_host, plugi
         ip_of(engine, c) for c in ("one", "two", "three")), "no leaked endpoint or address"
 
     engine("rm", "-f", "one", "two", "three")
+    assert published(plugin) == []
     engine("network", "rm", "vpc0")
     assert plugin.status()["networks"] == []
     assert "vpc-" not in run(["ip", "-n", ns, "link"]).stdout

@@ -182,13 +182,6 @@ def test_pool_exhaustion_is_a_clear_error(plugin_factory, dock):
     assert "exhausted: all 5 container addresses are in use" in refused.stderr
 
 
-def test_port_publishing_is_refused_clearly(plugin_factory, dock):
-    plugin = plugin_factory()
-    net = dock.network_create(plugin).name
-    refused = dock.run_container(net, "-p", "8080:80", check=False)
-    assert refused.returncode != 0 and "does not publish ports" in refused.stderr
-
-
 def test_plugin_kill9_keeps_traffic_and_restart_serves_old_and_new(plugin_factory, dock):
     plugin = plugin_factory()
     net = dock.network_create(plugin).name

@@ -24,6 +24,7 @@ stay plain `sh`: tests/test_readme.py and tests/test_bootstrap.py check them.)
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -322,7 +323,7 @@ def test_uninstall_block_clears_what_vpcnet_leaves_in_the_kernel(netns_factory):
     endpoint in each mode this kernel can do (as after a crash: nothing removed by vpcnet itself)."""
     from vpcnet.datapath.dataplane import Dataplane
     from vpcnet.datapath.features import probe
-    from vpcnet.datapath.spec import NetworkSpec, bridge_name, mac_for, veth_names
+    from vpcnet.datapath.spec import EndpointSpec, NetworkSpec, PortMapping, bridge_name, mac_for, veth_names
 
     for tool in ("iptables", "iptables-save", "tc", "ip", "sed"):
         require(shutil.which(tool) is not None, f"needs {tool}")
@@ -343,6 +344,8 @@ def test_uninstall_block_clears_what_vpcnet_leaves_in_the_kernel(netns_factory):
         dp.ensure_network(spec)
         address = f"10.79.{i + 1}.2"
         dp.ensure_endpoint(spec, *veth_names(tag * 5 + "0000"), mac_for(address), address)
+        published = dataclasses.replace(spec, ports=(PortMapping("tcp", "", 8080 + i, address, 80),))
+        dp.ensure_ports(published, [EndpointSpec(*veth_names(tag * 5 + "0000"), mac_for(address), address)])
 
     def leftovers() -> list[str]:
         out = []

@@ -6,6 +6,7 @@ unreachable) against the real emulator on 127.0.0.1."""
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 
@@ -96,6 +97,24 @@ def test_kernel_faults_are_named_one_at_a_time(plugin_factory, netns_factory, do
     run([*ip, "sysctl", "-qw", "net.ipv4.ip_forward=0"])       # this namespace's only, never the machine's
     assert "sysctl -w net.ipv4.ip_forward=1" in only(doctor(plugin, ns)[1], "ip_forward")["fix"]
     run([*ip, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+    assert doctor(plugin, ns) == (0, {})
+
+    # a published port: its DNAT rule deleted by hand, or the jump to vpcnet's DNAT chain, is named
+    status, answer = plugin.call("/NetworkDriver.ProgramExternalConnectivity", {
+        "NetworkID": nid, "EndpointID": eid, "Options": {"com.docker.network.portmap": [
+            {"Proto": 6, "IP": "", "Port": 80, "HostIP": "", "HostPort": 18080, "HostPortEnd": 18080}]}})
+    assert status == 200, answer
+    assert doctor(plugin, ns) == (0, {})
+    chain = f"VPCNET-P-{nid[:12]}"
+    dnat = shlex.split(run([*ip, "iptables", "-t", "nat", "-S", chain]).stdout.splitlines()[1])[2:]
+    run([*ip, "iptables", "-t", "nat", "-D", chain, *dnat])
+    finding = only(doctor(plugin, ns)[1], "firewall")
+    assert f"nat chain {chain} does not hold its published ports (0.0.0.0:18080->" in finding["detail"], finding
+    run([*ip, "iptables", "-t", "nat", "-A", chain, *dnat])
+    jump = ["OUTPUT", "!", "-d", "127.0.0.0/8", "-m", "addrtype", "--dst-type", "LOCAL", "-j", "VPCNET-DNAT"]
+    run([*ip, "iptables", "-t", "nat", "-D", *jump])
+    assert "no jump from nat OUTPUT to VPCNET-DNAT" in only(doctor(plugin, ns)[1], "firewall")["detail"]
+    run([*ip, "iptables", "-t", "nat", "-A", *jump])
     assert doctor(plugin, ns) == (0, {})
 
     stale = "vh" + unique("")[:6] + "stal"

@@ -69,6 +69,14 @@ def test_the_verifier_accepts_the_container_program_for_any_number_of_uplinks(ke
     os.close(loader.load(programs.container_program(HOST, CLUSTER, "10.77.3.2", 5, uplinks), "vpcnet_test"))
 
 
+@pytest.mark.parametrize("count", [1, 3, programs.MAX_PUBLISHED, programs.MAX_PUBLISHED + 1])
+def test_the_verifier_accepts_the_container_program_with_published_ports(kernel, count):
+    """Published ports (issue 20): their replies are left to the host; past MAX_PUBLISHED, all of it."""
+    published = [(("tcp", "udp", "sctp")[i % 3], 1000 + i) for i in range(count)]
+    program = programs.container_program(HOST, CLUSTER, "10.77.3.2", 5, [3], published)
+    os.close(loader.load(program, "vpcnet_test"))
+
+
 def test_a_program_the_verifier_refuses_is_reported_with_its_log(kernel):
     a = assembler.Asm()
     a.mov(0, 5)                    # r5 was never written: the verifier says so

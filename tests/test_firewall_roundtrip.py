@@ -37,7 +37,7 @@ from vpcnet.datapath.firewall import (
     rule,
 )
 from vpcnet.datapath.modes import strategy
-from vpcnet.datapath.spec import MODES, NetworkSpec, bridge_name
+from vpcnet.datapath.spec import MODES, NetworkSpec, PortMapping, bridge_name
 from vpcnet.observability.events import EVENTS
 
 BACKENDS = ("iptables-legacy", "iptables-nft")
@@ -169,12 +169,21 @@ class Net:
     cluster: str
     host: str
     no_nat: tuple[str, ...]
+    ports: tuple[tuple[str, str, int, int], ...] = ()     # published: (proto, host ip, host port, container port)
 
     def spec(self) -> NetworkSpec:
         host = ipaddress.IPv4Network(self.host)
+        address = str(host.network_address + 2)
+        ports = () if self.internal else tuple(sorted(PortMapping(proto, host_ip, host_port, address, port)
+                                                      for proto, host_ip, host_port, port in self.ports))
         return NetworkSpec(tag=self.tag, bridge=bridge_name(self.tag), gateway=str(host.network_address + 1),
                            host_cidr=self.host, cluster_cidr=self.cluster, mtu=1500, internal=self.internal,
-                           no_nat=self.no_nat, mode=self.mode)
+                           no_nat=self.no_nat, mode=self.mode, ports=ports)
+
+
+PORTS = st.tuples(st.sampled_from(("tcp", "udp", "sctp")),
+                  st.one_of(st.just(""), st.builds(lambda a: str(ipaddress.IPv4Address(a)), st.integers(1, 2**32 - 2))),
+                  st.integers(1, 65535), st.integers(1, 65535))
 
 
 CIDRS = st.builds(lambda a, p: str(ipaddress.IPv4Network((a, p), strict=False)),
@@ -190,9 +199,11 @@ def nets(draw, tag: str) -> tuple[Net, Net]:
         prefix = draw(st.integers(16, 30))
         block = draw(st.integers(0, 2 ** (prefix - cluster.prefixlen) - 1))
         host = ipaddress.IPv4Network((int(cluster.network_address) + block * 2 ** (32 - prefix), prefix))
-        made.append((str(host), tuple(draw(st.lists(CIDRS, max_size=4))), draw(st.booleans())))
+        published = tuple(draw(st.lists(PORTS, max_size=3, unique_by=lambda p: (p[0], p[1], p[2]))))
+        made.append((str(host), tuple(draw(st.lists(CIDRS, max_size=4))), draw(st.booleans()), published))
     mode = draw(st.sampled_from(MODES))
-    first, second = (Net(tag, mode, internal, str(cluster), host, no_nat) for host, no_nat, internal in made)
+    first, second = (Net(tag, mode, internal, str(cluster), host, no_nat, published)
+                     for host, no_nat, internal, published in made)
     return first, second
 
 
@@ -203,7 +214,8 @@ def hosts(draw) -> list[tuple[Net, Net]]:
     return [draw(nets(tag)) for tag in tags]
 
 
-ODD = [(Net("00000000000a", "bridge", False, "0.0.0.0/0", "10.9.0.0/16", ("0.0.0.0/0", "192.168.1.7/32")),
+ODD = [(Net("00000000000a", "bridge", False, "0.0.0.0/0", "10.9.0.0/16", ("0.0.0.0/0", "192.168.1.7/32"),
+            (("tcp", "", 8080, 80), ("udp", "10.0.0.5", 53, 53), ("sctp", "", 65535, 1))),
         Net("00000000000a", "bridge", True, "0.0.0.0/0", "172.16.4.0/30", ())),
        (Net("00000000000b", "routed", True, "0.0.0.0/0", "10.9.0.0/24", ()),
         Net("00000000000b", "routed", False, "0.0.0.0/0", "10.9.1.0/24", ("0.0.0.0/0",))),

@@ -187,7 +187,7 @@ def test_the_isolation_chains_follow_the_default_route_and_an_up_to_date_pass_wr
     run(["ip", "-n", a, "route", "replace", "default", "via", "198.18.0.20", "dev", "wan1"])
     repairs = dp.repair([(s, [])])
     assert [r.what for r in repairs if "VPCNET-EGRESS" in r.what] == [
-        "filter chain VPCNET-EGRESS holds 4 rule(s), 3 of 4 wanted (uplinks: wan1)"], repairs
+        "filter chain VPCNET-EGRESS holds 5 rule(s), 4 of 5 wanted (uplinks: wan1)"], repairs
     assert "-o wan1 -j ACCEPT" in egress() and "uplink0" not in egress()
     runs = dp.firewall.runs
     assert dp.repair([(s, [])]) == [] and dp.firewall.runs == runs + 1, "one iptables-save, nothing written"

@@ -559,6 +559,35 @@ def test_the_grafana_dashboard_answers_from_a_real_prometheus(lab, tmp_path):
             stop_project(lab, k, project, service, tmp_path, compose)
 
 
+def test_a_published_port_answers_a_container_on_another_host_in_ebpf_mode(lab, boxes):
+    """Issue 20's catch: h1's container publishes 18080; h2's container connects to it at h1's gateway of vpc0
+    (a cluster address: h2 sends it unmasqueraded, the fast paths carry the request) and at h1's own address
+    (masqueraded by h2). The reply to the cluster address must leave h1 through its conntrack (un-DNATed),
+    not the container program's fast path: the connection answers, and the server saw the client's own
+    address. h2's host itself reaches it too."""
+    from test_docker_ports import SERVE, peer_of
+
+    assert uplink_programs(lab, 1), "vpc0 is an ebpf-mode network (the default on this kernel)"
+    web = unique("lab1-web-")
+    lab.docker(1, "run", "-d", "--name", web, "--network", "vpc0", "-p", "18080:80", "vpcnet-testbox:latest", *SERVE)
+    try:
+        gateway = lab.docker(1, "network", "inspect", "-f", "{{(index .IPAM.Config 0).Gateway}}", "vpc0").stdout.strip()
+        client = boxes(2)
+        h1 = "192.168.240.11"                 # host 1 on the underlay (vpcnet_lab.lab)
+
+        def seen(address: str) -> str:
+            return peer_of(client.sh("sh", "-c", f"nc -w 3 {address} 18080 </dev/null", check=False).stdout)
+
+        assert wait_for(lambda: seen(gateway) == client.ip, 20, 0.5), "h2's container, unmasqueraded"
+        assert seen(h1) == "192.168.240.12", "h2's container through h1's own address (masqueraded by h2)"
+        out = run(["ip", "netns", "exec", lab.host_netns(2), "busybox", "nc", "-w", "3", h1, "18080"],
+                  input="", check=False).stdout
+        assert peer_of(out) == "192.168.240.12", "h2 itself"
+    finally:
+        lab.docker(1, "rm", "-f", web, check=False)
+    assert seen(gateway) == "", "gone with the container"
+
+
 def test_a_third_host_joining_later_gets_its_own_block_and_is_reachable(lab, boxes):
     k = lab.add_host()
     assert k == 3

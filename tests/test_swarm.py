@@ -237,6 +237,47 @@ def test_a_stack_on_the_external_swarm_network(swarm, tmp_path):
     assert wait_for(lambda: tasks(lab, f"{stack}_app") == [], 60, 1.0)
 
 
+def test_a_published_service_in_host_mode_answers_through_vpcnet_and_the_routing_mesh_needs_ipvs(swarm):
+    """`--publish` on a service on a vpcnet network. `mode=host` publishes on the task's node through vpcnet
+    (ProgramExternalConnectivity on the task's vpcnet endpoint, its gateway): it answers with the client's
+    own address, and the task is still reached over vpcnet at its own address. The ingress routing mesh
+    (the default mode) is Docker's own: the task also joins the `ingress` overlay and `docker_gwbridge`,
+    and Docker programs the mesh with IPVS, which this machine's kernel lacks (dockerd logs "Could not get
+    ipvs family information from the kernel"): where /proc/net/ip_vs exists, the mesh must answer on
+    every node, else it must not answer here at all (so a kernel with IPVS makes this test check it)."""
+    from test_docker_ports import SERVE, peer_of
+
+    lab = swarm
+    if lab.docker(1, "network", "inspect", "vpcs", check=False).returncode != 0:
+        lab_swarm.swarm_network(lab, [1, 2], "vpcs", SWARM_CLUSTER, PLUGIN)
+    service = unique("pub")
+    node = lab.docker(1, "info", "-f", "{{.Name}}").stdout.strip()
+    lab.docker(1, "service", "create", "--detach", "--no-resolve-image", "--name", service, "--network", "vpcs",
+               "--replicas", "1", "--constraint", f"node.hostname=={node}", "--publish", "published=18088,target=80",
+               "--publish", "mode=host,published=18089,target=80", "vpcnet-testbox:latest", *SERVE, timeout=120)
+    try:
+        assert wait_for(lambda: len(tasks(lab, service)) == 1, 90, 1.0), lab.docker(1, "service", "ps", service).stdout
+        [task] = tasks(lab, service)
+        own = lab.docker(1, "inspect", "-f", '{{(index .NetworkSettings.Networks "vpcs").IPAddress}}',
+                         task["id"]).stdout.strip()
+
+        def seen(k: int, address: str, port: int) -> str:
+            proc = run(["ip", "netns", "exec", lab.host_netns(k), "busybox", "nc", "-w", "3", address, str(port)],
+                       input="", check=False)
+            return peer_of(proc.stdout)
+
+        assert ipaddress.IPv4Address(own) in lab_swarm_block(lab, 1)
+        assert wait_for(lambda: seen(2, "192.168.240.11", 18089) == "192.168.240.12", 30, 1.0), "host mode"
+        assert seen(2, own, 80) == "192.168.240.12", "over vpcnet, at the task's own address"
+        ipvs = run(["ip", "netns", "exec", lab.host_netns(1), "test", "-e", "/proc/net/ip_vs"],
+                   check=False).returncode == 0
+        mesh = [seen(2, "192.168.240.11", 18088), seen(1, "192.168.240.12", 18088)]
+        assert all(mesh) if ipvs else not any(mesh), (ipvs, mesh)
+    finally:
+        lab.docker(1, "service", "rm", service, check=False)
+    assert wait_for(lambda: tasks(lab, service) == [], 60, 1.0)
+
+
 def lab_swarm_block(lab, k: int) -> ipaddress.IPv4Network:
     block = block_of(lab, k, SWARM_CLUSTER)
     assert block is not None

@@ -456,8 +456,13 @@ def test_refused_endpoint_and_address_calls_change_nothing(plug, client):
         ("/IpamDriver.ReleaseAddress", {"PoolID": pid, "Address": "nope"}, "not a valid"),
         ("/NetworkDriver.ProgramExternalConnectivity", {
             "NetworkID": NID, "EndpointID": EID,
-            "Options": {"com.docker.network.portmap": [{"Proto": 6, "Port": 80, "HostPort": 8080}]}},
-         "does not publish ports"),
+            "Options": {"com.docker.network.portmap": [{"Proto": 6, "Port": 80, "HostPort": 8080,
+                                                         "HostIP": "127.0.0.1"}]}},
+         "route_localnet"),
+        ("/NetworkDriver.ProgramExternalConnectivity", {
+            "NetworkID": NID, "EndpointID": EID,
+            "Options": {"com.docker.network.portmap": [{"Proto": 1, "Port": 80, "HostPort": 8080}]}},
+         "is not tcp (6), udp (17) or sctp (132)"),
     ]
     for path, body, text in cases:
         message = refused_without_change(plug, client, path, body)

@@ -1,4 +1,8 @@
-"""`vpcnet status`: host CIDRs, networks, endpoints and their addresses, read from the state.
+"""`vpcnet status`: host CIDRs, networks, endpoints and their addresses and published ports, read from the state.
+
+Published ports are shown here because `docker port` and `docker ps` cannot show a network plugin's: the
+daemon reads them from EndpointOperInfo only as Go `[]types.PortBinding` (moby `getEndpointPortMapInfo`),
+and a remote driver's answer arrives as decoded JSON (`[]interface{}`), which that type assertion skips.
 
 Reads the store directly, so it works whether or not the plugin is running, and makes no cloud call. The
 store is opened read-only: never migrated or written, so a running plugin's database (possibly of another
@@ -8,10 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 
 from vpcnet import config as config_mod
 from vpcnet.datapath.features import DEFAULT_MODE_KEY, DefaultMode
-from vpcnet.state.store import Store
+from vpcnet.state.store import Port, Store
 
 
 def collect(config) -> dict:
@@ -22,13 +27,19 @@ def collect(config) -> dict:
     store = Store(config.db_path, readonly=True)
     try:
         networks = []
+        published: dict[str, list[dict]] = {}
+        for port in _ports(store):
+            published.setdefault(port.endpoint_id, []).append(
+                {"proto": port.proto, "host_ip": port.host_ip or "0.0.0.0", "host_port": port.host_port,
+                 "container_port": port.container_port, "family": port.family})
         for net in store.networks():
             networks.append({
                 "network_id": net.network_id, "bridge": net.bridge, "host_cidr": net.host_cidr,
                 "cluster_cidr": net.cluster_cidr, "gateway": net.gateway, "mtu": net.mtu, "mode": net.mode,
                 "internal": net.internal, "state": net.state,
                 "endpoints": [{"endpoint_id": ep.endpoint_id, "address": ep.address, "mac": ep.mac,
-                               "host_veth": ep.host_veth, "state": ep.state} for ep in store.endpoints(net.network_id)],
+                               "host_veth": ep.host_veth, "state": ep.state,
+                               "ports": published.get(ep.endpoint_id, [])} for ep in store.endpoints(net.network_id)],
             })
         repairs = store.repair_counts()
         default = _recorded_default(store)
@@ -40,6 +51,14 @@ def collect(config) -> dict:
                 "peer_counting": peer_line(config, default)}
     finally:
         store.close()
+
+
+def _ports(store: Store) -> list[Port]:
+    """The published ports; none from a state a plugin before schema 5 wrote (it has no such table)."""
+    try:
+        return store.ports()
+    except sqlite3.OperationalError:
+        return []
 
 
 def _recorded_default(store: Store) -> dict | None:
@@ -86,6 +105,9 @@ def render(status: dict) -> str:
                      f"{len(n['endpoints'])} endpoint(s)")
         for ep in n["endpoints"]:
             lines.append(f"    {ep['endpoint_id'][:12]}  {ep['address']:<15} {ep['mac']}  {ep['host_veth']}")
+            for p in ep.get("ports", []):
+                lines.append(f"      published {p['host_ip']}:{p['host_port']} -> {ep['address']}:"
+                             f"{p['container_port']}/{p['proto']}")
     lines.append(default_line(status.get("default_mode")))
     if status.get("peer_counting"):
         lines.append(status["peer_counting"])

@@ -49,6 +49,10 @@ its rules:
   traffic from the host CIDR only when it leaves for a destination outside the cluster CIDR and the
   no-NAT list. Container-to-container traffic inside the VPC keeps its own source address.
 - `--internal` networks: forwarding only within the cluster CIDR, no masquerade.
+- nat `VPCNET-DNAT` (jumped to from nat PREROUTING and OUTPUT for the host's own addresses): per network
+  with published ports `VPCNET-P-<id12>`, one DNAT per host port (`ensure_ports`; vpcnet.datapath.modes
+  says what else they need: tracked replies, hairpin). `port_taken` is the conflict check before one is
+  chosen: a trial bind in this namespace, and Docker's own DNAT rules.
 - raw `VPCNET-RAW` (jumped to from raw PREROUTING): the routed modes' anti-spoofing rule, and per network
   `VPCNET-R-<id12>` marks forwarded traffic between the host CIDR and the cluster CIDR NOTRACK. That
   traffic is accepted statelessly and never NATed, so conntrack (a lookup and an entry per flow, on every
@@ -73,9 +77,14 @@ under their lock, and each difference put right is returned as a `Repair`.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
+import time
 from contextlib import nullcontext
 from typing import Callable, ContextManager, Sequence
+
+from pyroute2 import NetlinkError
 
 from vpcnet.datapath import rtnl
 from vpcnet.datapath.ebpf import maps
@@ -90,6 +99,37 @@ from vpcnet.errors import DataplaneError
 
 log = logging.getLogger(__name__)
 _no_lock = nullcontext
+DOCKER_NAT_TTL = 2.0          # seconds port_taken reuses its read of Docker's DNAT rules
+
+
+def held_in_proc(proto: str, host_ip: str, port: int) -> str:
+    """Whether a socket of this namespace holds `port` (a TCP listener, a bound UDP socket), from
+    /proc/net/{tcp,udp}{,6} (of the calling thread: see rtnl.in_netns): the check where a trial bind is not
+    allowed. SCTP is not listed there: ""."""
+    if proto == "sctp":
+        return ""
+    want = ipaddress.ip_address(host_ip) if host_ip else None
+    for name in (proto, proto + "6"):
+        try:
+            with open(f"/proc/thread-self/net/{name}") as fh:      # this thread's namespace (rtnl.in_netns)
+                lines = fh.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 4 or (proto == "tcp" and fields[3] != "0A"):
+                continue
+            address, _, hex_port = fields[1].partition(":")
+            if int(hex_port, 16) != port:
+                continue
+            raw = bytes.fromhex(address)
+            words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            local = ipaddress.ip_address(words)
+            if isinstance(local, ipaddress.IPv6Address) and local.ipv4_mapped:
+                local = local.ipv4_mapped
+            if want is None or local.is_unspecified or local == want:
+                return f"{host_ip or '0.0.0.0'}:{port}/{proto}: a socket of the host holds it ({local})"
+    return ""
 
 
 class Dataplane:
@@ -103,6 +143,7 @@ class Dataplane:
         self.firewall = FirewallTable(self.nl.cmd(), iptables)
         self.ipv6_guard = Ipv6Guard(self.nl.cmd(), iptables)
         self.unrepaired: list[str] = []     # networks the last repair could not put right
+        self._docker_nat: tuple[float, list[str]] = (-DOCKER_NAT_TTL, [])    # (read at, Docker's nat DOCKER rules)
 
     # -- host-wide --------------------------------------------------------------------------------
     def uplink_mtu(self) -> int:
@@ -181,7 +222,7 @@ class Dataplane:
         out = []
         saved = self.firewall.save()
         with self.nl.ipr() as ipr:
-            for table, prefix in PREFIXES.items():
+            for table, prefix in PREFIXES:
                 for chain in saved.chains(table):
                     tag = chain[len(prefix):]
                     if chain.startswith(prefix) and tag not in known_tags and \
@@ -208,6 +249,8 @@ class Dataplane:
                 index = host_idx if host_idx is not None else self.nl.link_index(ipr, host_veth)
                 if index is not None:
                     self.tc.attach_counting(ipr, spec, index, address)
+            if not spec.routed and spec.published(address):
+                self._hairpin(ipr, host_veth)
         if not spec.routed or host_idx is None:
             return
         self.links.proxy_arp(host_idx, host_veth)
@@ -224,6 +267,74 @@ class Dataplane:
         one walk of the map for all of them."""
         if self.tc.peers and addresses:
             maps.forget(set(addresses))
+
+    # -- published ports ----------------------------------------------------------------------------
+    def ensure_ports(self, spec: NetworkSpec, endpoints: Sequence[EndpointSpec], adding: bool = True) -> None:
+        """The network's published ports as `spec.ports` holds them: its firewall, in one transaction, and in
+        ebpf mode the container programs of `endpoints` (those whose ports changed), which leave the
+        published ports' replies to the host. `adding`: the programs first (a reply is never sent the fast
+        way while its DNAT rule exists), else the rules first."""
+        if not adding:
+            self._ensure_firewall(spec)
+        with self.nl.ipr() as ipr:
+            for ep in endpoints:
+                idx = self.nl.link_index(ipr, ep.host_veth)
+                if idx is not None and spec.ebpf:
+                    self.tc.attach_endpoint(ipr, spec, idx, ep.address)
+                elif idx is not None and not spec.routed and spec.published(ep.address):
+                    self._hairpin(ipr, ep.host_veth)
+        if adding:
+            self._ensure_firewall(spec)
+
+    def _hairpin(self, ipr, host_veth: str) -> None:
+        """Bridge mode: the bridge may send a frame back out of the port it came in by (hairpin mode, as
+        Docker sets it without its userland proxy), so a container reaches its own published port through
+        the host's address (br_netfilter DNATs it on the bridge, back towards the same port)."""
+        idx = self.nl.link_index(ipr, host_veth)
+        if idx is not None:
+            try:
+                ipr.brport("set", index=idx, mode=1)
+            except NetlinkError as exc:
+                raise DataplaneError(f"cannot set hairpin mode on {host_veth}: {exc}") from None
+
+    def port_taken(self, proto: str, host_ip: str, port: int) -> str:
+        """Why `port` (`proto`, on `host_ip` or every address) cannot be published on this host, or "": a
+        socket of the host holds it (a host process, Docker's docker-proxy: a trial bind says so; the
+        address not being the host's too), or Docker's own DNAT rules publish it (nat DOCKER, Docker
+        without its userland proxy)."""
+        kind, number = {"tcp": (socket.SOCK_STREAM, socket.IPPROTO_TCP), "udp": (socket.SOCK_DGRAM, socket.IPPROTO_UDP),
+                        "sctp": (socket.SOCK_STREAM, 132)}[proto]
+
+        def bind() -> str:
+            try:
+                sock = socket.socket(socket.AF_INET, kind, number)
+            except OSError:
+                return ""                     # no such protocol here (sctp without its module): nothing holds it
+            try:
+                if proto != "udp":            # a connection in TIME_WAIT holds no port; a listener does
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((host_ip or "0.0.0.0", port))
+                return ""
+            except PermissionError:           # a port below 1024 without CAP_NET_BIND_SERVICE (the managed
+                return held_in_proc(proto, host_ip, port)      # plugin): the kernel's socket tables say
+            except OSError as exc:
+                return f"{host_ip or '0.0.0.0'}:{port}/{proto}: {exc.strerror or exc}"
+            finally:
+                sock.close()
+
+        why = rtnl.in_netns(self.netns, bind)
+        if why:
+            return why
+        now = time.monotonic()
+        if now - self._docker_nat[0] > DOCKER_NAT_TTL:      # one read for the ports of one call, not one each
+            self._docker_nat = (now, self.firewall.save().chain("nat", "DOCKER") or [])
+        for rule in self._docker_nat[1]:
+            words = rule.split()
+            value = dict(zip(words, words[1:], strict=False))
+            if "DNAT" in words and value.get("--dport") == str(port) and value.get("-p") == proto and \
+                    (not host_ip or value.get("-d", f"{host_ip}/32") == f"{host_ip}/32"):
+                return f"{host_ip or '0.0.0.0'}:{port}/{proto}: Docker publishes it (nat DOCKER: {rule})"
+        return ""
 
     def link_exists(self, name: str) -> bool:
         with self.nl.ipr() as ipr:

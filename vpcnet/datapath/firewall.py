@@ -19,9 +19,9 @@ which a user reading `iptables-save` would have to see through. Should another i
 otherwise, the rule would be rewritten on every pass; `RepairLoops` (the canary) notices the same write
 read back as the same other text three passes in a row and says so once, as an ERROR naming the chain
 and both texts, counted in `vpcnet_datapath_repair_loops_total`. Shared chains (`VPCNET-FORWARD`,
-`VPCNET-POSTROUTING`, `VPCNET-RAW`) are never declared once they exist: they may hold the jumps of another
-vpcnet instance on the host (a managed plugin beside a systemd one); only missing rules are added to them
-and only named rules removed.
+`VPCNET-POSTROUTING`, `VPCNET-RAW`, and `VPCNET-DNAT` for published ports) are never declared once they
+exist: they may hold the jumps of another vpcnet instance on the host (a managed plugin beside a systemd
+one); only missing rules are added to them and only named rules removed.
 
 Isolation (docs/datapath.md): cluster traffic enters and leaves by the uplinks and vpcnet's own links. Two
 host-wide filter chains, whole chains computed from the host's uplinks alone (`isolation_chains`, declared
@@ -62,9 +62,15 @@ FORWARD_CHAIN = "VPCNET-FORWARD"
 USER_CHAIN = "DOCKER-USER"          # Docker's chain for the user's own forwarding rules
 NAT_CHAIN = "VPCNET-POSTROUTING"
 RAW_CHAIN = "VPCNET-RAW"
+DNAT_CHAIN = "VPCNET-DNAT"    # published ports (nat): jumped to for local destinations, before routing
 PARENTS = {"filter": FORWARD_CHAIN, "nat": NAT_CHAIN, "raw": RAW_CHAIN}
 BUILTIN = {"filter": "FORWARD", "nat": "POSTROUTING", "raw": "PREROUTING"}
-PREFIXES = {"filter": "VPCNET-F-", "nat": "VPCNET-N-", "raw": "VPCNET-R-"}
+# The shared chains beyond one per table, and the builtin chains' jumps to them: as Docker jumps to its
+# DOCKER chain, for packets to one of the host's own addresses, arriving (PREROUTING) or sent by the host
+# itself (OUTPUT; never to 127.0.0.0/8: vpcnet leaves route_localnet alone, docs/usage.md).
+MORE_PARENTS = {("nat", DNAT_CHAIN): [("PREROUTING", f"-m addrtype --dst-type LOCAL -j {DNAT_CHAIN}"),
+                                      ("OUTPUT", f"! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j {DNAT_CHAIN}")]}
+PREFIXES = [("filter", "VPCNET-F-"), ("nat", "VPCNET-N-"), ("raw", "VPCNET-R-"), ("nat", "VPCNET-P-")]
 TABLES = ("raw", "mangle", "filter", "nat")
 ATTEMPTS = 3                  # save, diff and restore rounds of one apply
 FORWARD_MOVE = f"\n-D FORWARD -j {FORWARD_CHAIN}\n"    # in a script that moves FORWARD's jump
@@ -86,17 +92,22 @@ IPV6_RULES = [f'-i {prefix} -m comment --comment "vpcnet: no IPv6" -j DROP' for 
 # Where cluster traffic may enter and leave (docs/datapath.md, Isolation): vpcnet's own links and the
 # uplinks. Host-wide chains, jumped to from each network's chain (vpcnet.datapath.modes), so a network's
 # rules never depend on the uplinks and a moved default route rewrites two chains, not every network's.
-# EGRESS: a packet from a vpcnet container is accepted towards vpcnet's links and the uplinks; anything
+# EGRESS: a packet from a vpcnet container is accepted towards vpcnet's links and the uplinks, and as the
+# reply of a published port's connection (conntrack DNAT) towards wherever its client is; anything
 # else (a Docker bridge, a second NIC, a VPN) falls through to FORWARD's later rules (Docker's), which
 # treat it as any outside client: a published port is DNATed and accepted, the rest meets the policy.
 # INGRESS: a packet to a vpcnet container is accepted from vpcnet's links and the uplinks, else only as a
-# reply (conntrack RELATED,ESTABLISHED: the container opened the connection); everything else is dropped.
+# reply (conntrack RELATED,ESTABLISHED: the container opened the connection) or to a published port
+# (conntrack DNAT: vpcnet's VPCNET-DNAT chain chose the container); everything else is dropped.
 # Cluster traffic is NOTRACK'd (its state UNTRACKED), but it only ever comes by an uplink or a vpcnet link,
 # accepted by interface before the state rule.
 EGRESS_CHAIN = "VPCNET-EGRESS"
 INGRESS_CHAIN = "VPCNET-INGRESS"
 VPCNET_LINKS = (HOST_VETHS, "vpc-+", "vpp-+")
 REPLIES = "-m conntrack --ctstate RELATED,ESTABLISHED"
+# A published port's connection (DNATed to a vpcnet container by VPCNET-DNAT, whatever link it came by: a
+# Docker bridge's container or a second NIC reach a published port as any outside client does).
+PUBLISHED = "-m conntrack --ctstate DNAT"
 
 
 # The ingress half once more, in the mangle table's FORWARD (before the filter table's, and a table Docker
@@ -111,11 +122,12 @@ def isolation_chains(uplinks: Sequence[str]) -> dict[tuple[str, str], list[str]]
     """(table, chain) -> rules: the filter chains EGRESS_CHAIN and INGRESS_CHAIN and the mangle guard
     INGRESS_CHAIN (RETURN where filter's accepts), for these uplink names."""
     links = (*VPCNET_LINKS, *sorted(set(uplinks)))
-    return {("filter", EGRESS_CHAIN): [rule(oif=link, target="ACCEPT") for link in links],
+    return {("filter", EGRESS_CHAIN): [rule(oif=link, target="ACCEPT") for link in links]
+            + [rule(match=PUBLISHED, target="ACCEPT")],
             ("filter", INGRESS_CHAIN): [rule(iif=link, target="ACCEPT") for link in links]
-            + [rule(match=REPLIES, target="ACCEPT"), rule(target="DROP")],
+            + [rule(match=REPLIES, target="ACCEPT"), rule(match=PUBLISHED, target="ACCEPT"), rule(target="DROP")],
             (GUARD_TABLE, INGRESS_CHAIN): [rule(iif=link, target="RETURN") for link in links]
-            + [rule(match=REPLIES, target="RETURN"), rule(target="DROP")]}
+            + [rule(match=REPLIES, target="RETURN"), rule(match=PUBLISHED, target="RETURN"), rule(target="DROP")]}
 
 
 def rule(src: str = "", dst: str = "", iif: str = "", oif: str = "", match: str = "", comment: str = "",
@@ -307,6 +319,14 @@ class FirewallTable:
                 elif f"-j {parent}" not in (saved.chain(table, builtin) or []):
                     problems.append(f"{table} {builtin} has no jump to {parent}")
                     lines[table].append(f"-I {builtin} 1 -j {parent}")
+            for (table, parent), jumps in MORE_PARENTS.items():
+                if saved.chain(table, parent) is None:
+                    problems.append(f"{table} chain {parent} missing")
+                    lines[table].append(f":{parent} - [0:0]")
+                for builtin, jump in jumps:
+                    if jump not in (saved.chain(table, builtin) or []):
+                        problems.append(f"{table} {builtin} has no jump to {parent}")
+                        lines[table].append(f"-A {builtin} {jump}")
             # whole chains, computed from the host alone: declared (emptied) and refilled when they differ,
             # before any network's chain that jumps to them
             for (table, chain), rules in isolation_chains(uplinks).items():
@@ -338,7 +358,7 @@ class FirewallTable:
                     problems.append(f"{table} {chain} has no rule '{r}'")
                     lines[table].append(f"-A {chain} {r}")
             # chains of this network it no longer wants (a network changed to --internal loses its NAT)
-            for table, prefix in PREFIXES.items():
+            for table, prefix in PREFIXES:
                 chain = prefix + net.tag
                 if (table, chain) not in net.chains and saved.chain(table, chain) is not None:
                     lines[table] += _drop(saved, table, chain)
@@ -347,7 +367,7 @@ class FirewallTable:
                 if (table, chain, r) not in net.links:
                     lines[table].append(f"-D {chain} {r}")
         for tag in unwanted:
-            for table, prefix in PREFIXES.items():
+            for table, prefix in PREFIXES:
                 if saved.chain(table, prefix + tag) is not None:
                     lines[table] += _drop(saved, table, prefix + tag)
         script = "".join(f"*{t}\n" + "".join(line + "\n" for line in lines[t]) + "COMMIT\n"
@@ -390,7 +410,8 @@ def _jumps_to(saved: Saved, chains: set[tuple[str, str]]) -> list[tuple[str, str
     """(table, chain, rule) of the rules in shared chains that jump to one of `chains`."""
     out = []
     for table, chain_name in chains:
-        for parent in (PARENTS[table], BUILTIN[table]):
+        parents = [PARENTS[table], BUILTIN[table]] + [p for t, p in MORE_PARENTS if t == table]
+        for parent in parents:
             for r in saved.chain(table, parent) or []:
                 if r.endswith(f"-j {chain_name}"):
                     out.append((table, parent, r))

@@ -19,7 +19,16 @@ host CIDR (`-s host_cidr -i vh+ -j VPCNET-EGRESS`, `-d host_cidr -o vh+ -j VPCNE
 keeps both to the cluster CIDR and drops the rest of the network's traffic (and bridge mode accepts
 `-i br -o br` first). Then a raw chain marking cluster traffic NOTRACK (stateless accept, never NATed;
 gateway traffic stays tracked), and, unless `--internal`, a nat chain masquerading only what leaves the
-cluster CIDR and the no-NAT list. The IPv6 drop of vpcnet's links (vpcnet.datapath.firewall.Ipv6Guard)
+cluster CIDR and the no-NAT list.
+
+Published ports (`-p`, the spec's `ports`): a nat chain `VPCNET-P-<tag>` (jumped to from the host-wide
+`VPCNET-DNAT`, itself jumped to from PREROUTING and OUTPUT for the host's own addresses) DNATs each host
+port to its container; the raw chain keeps the replies of each published container port tracked (RETURN
+ahead of the NOTRACK rules, so conntrack un-DNATs them also towards the cluster CIDR), and the nat chain
+masquerades a container's connection to its own published port (hairpin). The isolation chains accept a
+DNATed connection whatever link it came by (vpcnet.datapath.firewall).
+
+The IPv6 drop of vpcnet's links (vpcnet.datapath.firewall.Ipv6Guard)
 is host-wide, the same for every mode, and not part of any network's rules.
 """
 from __future__ import annotations
@@ -27,6 +36,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vpcnet.datapath.firewall import (
+    DNAT_CHAIN,
     EGRESS_CHAIN,
     FORWARD_CHAIN,
     HOST_VETHS,
@@ -71,19 +81,34 @@ class BridgeMode:
     def firewall(self, spec: NetworkSpec) -> NetworkRules:
         comment = f"vpcnet {spec.tag}"
         gateway = spec.gateway + "/32"
+        published = sorted({(p.address, p.proto, p.container_port) for p in spec.ports})
         chains = {
             ("filter", spec.filter_chain): self.forward_rules(spec, comment),
             ("raw", spec.raw_chain): [
                 rule(dst=gateway, comment=comment, target="RETURN"),
                 rule(src=gateway, comment=comment, target="RETURN"),
+                # a published port's replies stay tracked: conntrack undoes the DNAT of a client in the
+                # cluster CIDR (the request, to a host address, was tracked)
+                *[rule(src=f"{address}/32", match=f"-p {proto} -m {proto} --sport {port}", comment=comment,
+                       target="RETURN") for address, proto, port in published],
                 rule(src=spec.host_cidr, dst=spec.cluster_cidr, comment=comment, target="CT --notrack"),
                 rule(src=spec.cluster_cidr, dst=spec.host_cidr, comment=comment, target="CT --notrack")],
         }
         links = [("filter", FORWARD_CHAIN, rule(target=spec.filter_chain)),
                  ("raw", RAW_CHAIN, rule(target=spec.raw_chain))]
+        if spec.ports:
+            chains[("nat", spec.ports_chain)] = [
+                rule(dst=f"{p.host_ip}/32" if p.host_ip else "",
+                     match=f"-p {p.proto} -m {p.proto} --dport {p.host_port}", comment=comment,
+                     target=f"DNAT --to-destination {p.address}:{p.container_port}")
+                for p in spec.ports]
+            links.append(("nat", DNAT_CHAIN, rule(target=spec.ports_chain)))
         if not spec.internal:
             chains[("nat", spec.nat_chain)] = (
-                [rule(dst=dest, comment=comment, target="RETURN") for dest in (spec.cluster_cidr, *spec.no_nat)]
+                # a container reaching its own published port (hairpin): its reply must come back by the host
+                [rule(src=f"{address}/32", dst=f"{address}/32", match=f"-p {proto} -m {proto} --dport {port}",
+                      comment=comment, target="MASQUERADE") for address, proto, port in published]
+                + [rule(dst=dest, comment=comment, target="RETURN") for dest in (spec.cluster_cidr, *spec.no_nat)]
                 + self.nat_local_return(spec, comment) + [rule(comment=comment, target="MASQUERADE")])
             links.append(("nat", NAT_CHAIN, rule(src=spec.host_cidr, target=spec.nat_chain)))
         return NetworkRules(tag=spec.tag, chains=chains, links=links)

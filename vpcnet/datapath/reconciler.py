@@ -3,7 +3,8 @@
 Docker's calls change the store and then the kernel (vpcnet.docker.driver, under the network's lock). This pass
 finds what changed behind vpcnet's back by reading the kernel — one `iptables-save`, one link, address,
 route and qdisc dump — not by remembering what it did, and repairs it: a firewall flushed by another tool,
-a bridge or a /32 route deleted by hand, eBPF programs left on an old uplink. Each repair is logged once
+a bridge or a /32 route deleted by hand, eBPF programs left on an old uplink, a published port's DNAT
+rule deleted (the published ports are the `ports` rows, part of each network's firewall). Each repair is logged once
 at WARNING saying what was wrong, and counted per object kind (`datapath_repairs`, kept in the store's
 meta so `vpcnet status` shows it whichever worker did the work). Deleted objects the kernel kept
 (`leftovers`) are removed here too.
@@ -32,20 +33,23 @@ import threading
 import time
 from collections import Counter
 from contextlib import contextmanager
-from typing import Callable, ContextManager, Iterator
+from typing import Callable, ContextManager, Iterator, Sequence
 
 from vpcnet.datapath.protocol import Datapath
-from vpcnet.datapath.spec import EndpointSpec, NetworkGone, NetworkSpec, Repair
+from vpcnet.datapath.spec import EndpointSpec, NetworkGone, NetworkSpec, PortMapping, Repair
 from vpcnet.observability import events
 from vpcnet.state.locks import become_leader, object_lock
-from vpcnet.state.store import PENDING, READY, Network, Store
+from vpcnet.state.store import PENDING, READY, Network, Port, Store
 
 log = logging.getLogger(__name__)
 
-def spec_of(net: Network) -> NetworkSpec:
+def spec_of(net: Network, ports: Sequence[Port] = ()) -> NetworkSpec:
+    """The network's spec; with `ports` (the store's rows of its endpoints), its published ports too."""
     return NetworkSpec(tag=net.network_id[:12], bridge=net.bridge, gateway=net.gateway, host_cidr=net.host_cidr,
                        cluster_cidr=net.cluster_cidr, mtu=net.mtu, internal=net.internal, no_nat=net.no_nat,
-                       mode=net.mode)
+                       mode=net.mode, ports=tuple(sorted(
+                           PortMapping(p.proto, p.host_ip, p.host_port, p.address, p.container_port, p.family)
+                           for p in ports)))
 
 
 class DatapathReconciler:
@@ -81,14 +85,28 @@ class DatapathReconciler:
             events.datapath_pass(trigger, time.monotonic() - started, ok)
 
     def _pass(self) -> list[Repair]:
+        """One pass; again (at most twice) while the published ports changed under it (a Program or Revoke
+        that wrote its rules after this pass read the store, which this pass would otherwise undo)."""
+        repairs: list[Repair] = []
+        for _ in range(3):
+            version = self.store.ports_version()
+            repairs += self._once()
+            if self.store.ports_version() == version:
+                break
+        return repairs
+
+    def _once(self) -> list[Repair]:
         self.settle_pending()
         nets = [n for n in self.store.networks() if n.state == READY]
         ids = {spec_of(n).tag: n.network_id for n in nets}
         wanted = []
+        ports: dict[str, list[Port]] = {}
+        for port in self.store.ports():
+            ports.setdefault(port.endpoint_id, []).append(port)
         for net in nets:
-            eps = [EndpointSpec(e.host_veth, e.peer_veth, e.mac, e.address)
-                   for e in self.store.endpoints(net.network_id) if e.state == READY]
-            wanted.append((spec_of(net), eps))
+            endpoints = [e for e in self.store.endpoints(net.network_id) if e.state == READY]
+            eps = [EndpointSpec(e.host_veth, e.peer_veth, e.mac, e.address) for e in endpoints]
+            wanted.append((spec_of(net, [p for e in endpoints for p in ports.get(e.endpoint_id, [])]), eps))
         repairs = self.dataplane.repair(wanted, self._lock_for(ids),
                                         lambda tag: self.store.network(ids.get(tag, tag)) is not None)
         self.passes += 1

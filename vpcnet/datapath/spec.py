@@ -11,6 +11,24 @@ from dataclasses import dataclass
 
 MODES = ("bridge", "routed", "ebpf")
 DEFAULT_MTU = 1500
+PROTOCOLS = {6: "tcp", 17: "udp", 132: "sctp"}     # Docker's PortBinding.Proto numbers -> iptables' names
+
+
+@dataclass(frozen=True, order=True)
+class PortMapping:
+    """One published port (`-p`): the host's `host_port` (on `host_ip`, or every host address when empty) to
+    `container_port` of the endpoint holding `address`. Always one host port: Docker's ranges and `-P` are
+    resolved to one by the driver (vpcnet.docker.ports). `family` is "ipv4" (IPv6 support adds "ipv6"
+    and ip6tables)."""
+    proto: str                  # tcp | udp | sctp
+    host_ip: str                # bare IP, or "" for every address of the host
+    host_port: int
+    address: str                # the container's (endpoint's) address
+    container_port: int
+    family: str = "ipv4"
+
+    def __str__(self) -> str:
+        return f"{self.host_ip or '0.0.0.0'}:{self.host_port}->{self.address}:{self.container_port}/{self.proto}"
 
 
 @dataclass(frozen=True)
@@ -25,6 +43,12 @@ class NetworkSpec:
     no_nat: tuple[str, ...] = ()
     mode: str = "bridge"        # "routed": no bridge, proxy ARP and a /32 route per endpoint; "ebpf": routed
                                 # plus the tc fast path
+    ports: tuple[PortMapping, ...] = ()     # the published ports of the network's endpoints (sorted)
+
+    def published(self, address: str) -> tuple[tuple[str, int], ...]:
+        """(proto, container port) the endpoint holding `address` publishes: the replies the ebpf fast
+        path must leave to the host (its conntrack undoes the DNAT)."""
+        return tuple(sorted({(p.proto, p.container_port) for p in self.ports if p.address == address}))
 
     @property
     def routed(self) -> bool:
@@ -54,6 +78,10 @@ class NetworkSpec:
     @property
     def raw_chain(self) -> str:
         return f"VPCNET-R-{self.tag}"
+
+    @property
+    def ports_chain(self) -> str:
+        return f"VPCNET-P-{self.tag}"
 
 
 class NetworkGone(Exception):

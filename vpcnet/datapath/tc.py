@@ -91,13 +91,15 @@ class TcPrograms:
         """The container program for the endpoint holding `address` (its only source on the fast path);
         the anchor's index keeps same-host traffic to unknown addresses on the routed path, and only the
         uplinks of this moment take other hosts' traffic (re-attached when the default route moves:
-        vpcnet.datapath.dataplane's repair; until then such traffic takes the routed path)."""
+        vpcnet.datapath.dataplane's repair; until then such traffic takes the routed path). The replies of
+        the endpoint's published ports (`spec.ports`) are left to the host (re-attached when they change)."""
         anchor = self.nl.link_index(ipr, spec.bridge)
         if anchor is None:
             raise DataplaneError(f"anchor {spec.bridge} is missing")
         with self.peer_map() as map_fd:
             program = ebpf.container_program(spec.host_cidr, spec.cluster_cidr, address, anchor,
-                                             self.nl.all_uplinks(ipr), map_fd=map_fd)
+                                             self.nl.all_uplinks(ipr), map_fd=map_fd,
+                                             published=spec.published(address))
             self.attach(ipr, host_idx, program, "vpcnet_ctr", spec.tc_name, *ENDPOINT_FILTER)
             if map_fd is not None:
                 self._attach_receive_count(ipr, spec, host_idx, map_fd, address)

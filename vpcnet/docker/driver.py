@@ -55,11 +55,20 @@ What current engines (Docker 28/29) add:
   since Docker names a plugin's interface from `DstPrefix` and never from this label.
 - `gw-priority`, and Docker 29 sending ProgramExternalConnectivity only to the gateway endpoint: Join
   always offers the gateway and a static route for the cluster CIDR through it, so cluster traffic
-  keeps vpcnet's interface when another network gives the default route; nothing else depends on
-  ProgramExternalConnectivity (it only refuses port publishing).
+  keeps vpcnet's interface when another network gives the default route; nothing but published ports
+  depends on ProgramExternalConnectivity.
+
+Published ports (`-p`, `-P`, Compose `ports:`): ProgramExternalConnectivity publishes the endpoint's port
+bindings (vpcnet.docker.ports parses them and chooses host ports), RevokeExternalConnectivity and
+DeleteEndpoint unpublish them. The `ports` rows are the desired state, written first; the network's rules
+follow (vpcnet.datapath.modes), in ebpf mode the endpoint's program too. Both calls may repeat (Docker 29
+sends them whenever the endpoint becomes, or stops being, the container's gateway): the same request
+keeps the same ports. Host ports are host-wide, so one Program or Revoke at a time chooses them (the
+`ports.lock` file, inside the network's lock).
 """
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import json
 import logging
@@ -68,14 +77,17 @@ import re
 import signal
 import sqlite3
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 from vpcnet.datapath.features import DEFAULT_MODE_KEY, DefaultMode, default_mode
 from vpcnet.datapath.protocol import Datapath
 from vpcnet.datapath.reconciler import DatapathReconciler, spec_of
-from vpcnet.datapath.spec import MODES, bridge_name, mac_for, veth_names
+from vpcnet.datapath.spec import MODES, EndpointSpec, bridge_name, mac_for, veth_names
+from vpcnet.docker import ports
 from vpcnet.errors import Conflict, InvalidRequest, NotFound, shown
 from vpcnet.state.locks import object_lock
-from vpcnet.state.store import PENDING, READY, Endpoint, Network
+from vpcnet.state.store import PENDING, READY, Endpoint, Network, Port
 
 __all__ = ["NetworkDriver", "spec_of"]
 
@@ -196,7 +208,7 @@ class NetworkDriver:
             existing = self.store.network(network_id)      # under the lock: a racing identical call won
             if existing is not None:
                 if existing.host_cidr == net.host_cidr:
-                    self.dataplane.ensure_network(spec_of(existing))
+                    self.dataplane.ensure_network(self._spec(existing))
                     if existing.state == PENDING:          # its first call died before the kernel work
                         self.store.set_ready("networks", network_id)
                     return {}
@@ -352,8 +364,16 @@ class NetworkDriver:
         with self._locked(ep.network_id):
             if self.store.endpoint(endpoint_id) is None:
                 return {}
-            self.store.delete_endpoint(endpoint_id, leftover=True)
+            published = self.store.ports(endpoint_id=endpoint_id)
+            self.store.delete_endpoint(endpoint_id, leftover=True)      # its ports with it
             self.remove_leftovers(f"endpoint:{ep.host_veth}")
+            net = self.store.network(ep.network_id)
+            if published and net is not None:     # normally gone already (RevokeExternalConnectivity)
+                try:
+                    self.dataplane.ensure_ports(self._spec(net), [], adding=False)
+                except Exception as exc:
+                    log.warning("endpoint %s: the rules of its published ports stay until the datapath pass: %s",
+                                endpoint_id[:12], exc)
         return {}
 
     def endpoint_info(self, network_id: str, endpoint_id: str) -> dict:
@@ -389,18 +409,92 @@ class NetworkDriver:
         return {}      # Docker moves the interface back out of the sandbox; DeleteEndpoint removes it
 
     def program_external_connectivity(self, network_id: str, endpoint_id: str, options: dict | None) -> dict:
+        """Publish the endpoint's ports (vpcnet.docker.ports): the rows (the desired state) replace the
+        endpoint's, then the network's rules follow (and, in ebpf mode, the endpoint's program). A repeated
+        call (Docker 29) finds the same rows and only makes sure of the kernel. A port no one can have is
+        refused with nothing changed; a kernel failure puts the rows back as they were."""
         _require_id("NetworkID", network_id)
+        _require_id("EndpointID", endpoint_id)
+        net = self._network(network_id)
         self._endpoint(network_id, endpoint_id)
-        bindings = (options or {}).get("com.docker.network.portmap") or []
-        if bindings:
-            raise InvalidRequest("vpcnet does not publish ports (-p): containers are routed; reach them at "
-                                 "their own address from anywhere in the VPC")
+        asked = ports.parse(options)
+        if asked and net.internal:
+            raise InvalidRequest(f"network {network_id[:12]} is --internal: it has no way out, so nothing on it can "
+                                 "publish a port (-p); publish on a network that is not internal")
+        with self._locked(network_id), self._ports_lock():
+            ep = self._endpoint(network_id, endpoint_id)
+            everyone = self.store.ports()
+            before = [p for p in everyone if p.endpoint_id == endpoint_id]
+            others = [p for p in everyone if p.endpoint_id != endpoint_id]
+
+            def taken(port: Port) -> str:
+                holder = next((o for o in others if o.clashes(port)), None)
+                if holder is not None:
+                    return (f"vpcnet publishes it for endpoint {holder.endpoint_id[:12]} ({holder.address}:"
+                            f"{holder.container_port}/{holder.proto})")
+                if any(b.clashes(port) for b in before):
+                    return ""             # this endpoint's own, asked otherwise now
+                return self.dataplane.port_taken(port.proto, port.host_ip, port.host_port)
+
+            chosen = ports.choose(endpoint_id, asked, before, taken, ports.ephemeral_range())
+            if not chosen and not before:
+                return {}                 # nothing published, before or now: nothing to do
+            if _rows(chosen) != _rows(before):
+                self.store.set_ports(endpoint_id, chosen)
+            try:
+                self._apply_ports(net, ep, adding=True)
+            except Exception:
+                if _rows(chosen) != _rows(before):
+                    self._undo(lambda: self.store.set_ports(endpoint_id, before))
+                    self._undo(lambda: self._apply_ports(net, ep, adding=False))
+                raise
+        if _rows(chosen) != _rows(before):
+            log.info("endpoint %s (%s): published ports %s", endpoint_id[:12], ep.address,
+                     ", ".join(f"{p.host_ip or '0.0.0.0'}:{p.host_port}->{p.container_port}/{p.proto}"
+                               for p in chosen) or "none")
         return {}
 
     def revoke_external_connectivity(self, network_id: str, endpoint_id: str) -> dict:
+        """Unpublish the endpoint's ports: the rows go, then the rules. Docker ignores a failure here, so a
+        kernel failure is logged and left to the datapath pass (the rules follow the rows). Repeats and
+        unknown endpoints are fine."""
         _optional_id("NetworkID", network_id)
         _require_id("EndpointID", endpoint_id)
+        ep = self.store.endpoint(endpoint_id)
+        if ep is None:
+            return {}
+        with self._locked(ep.network_id), self._ports_lock():
+            if not self.store.ports(endpoint_id=endpoint_id):
+                return {}
+            self.store.set_ports(endpoint_id, [])
+            net = self.store.network(ep.network_id)
+            if net is not None:
+                try:
+                    self._apply_ports(net, ep, adding=False)
+                except Exception as exc:
+                    log.warning("endpoint %s: its published ports are forgotten, but the kernel kept their rules "
+                                "(the datapath pass removes them): %s", endpoint_id[:12], exc)
+        log.info("endpoint %s (%s): published ports removed", endpoint_id[:12], ep.address)
         return {}
+
+    def _apply_ports(self, net: Network, ep: Endpoint, adding: bool) -> None:
+        self.dataplane.ensure_ports(self._spec(net), [EndpointSpec(ep.host_veth, ep.peer_veth, ep.mac, ep.address)],
+                                    adding)
+
+    def _spec(self, net: Network):
+        """The network's spec with its published ports (the store's rows)."""
+        return spec_of(net, self.store.ports(network_id=net.network_id))
+
+    @contextmanager
+    def _ports_lock(self) -> Iterator[None]:
+        """Host ports are host-wide: one Program/Revoke at a time chooses them (a file of its own, never a
+        stripe of the per-network locks, which are held around it)."""
+        with open(os.path.join(self.config.state_dir, "ports.lock"), "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     # -- restart ----------------------------------------------------------------------------------
     def restore(self) -> None:
@@ -443,7 +537,7 @@ class NetworkDriver:
 
     # -- helpers ----------------------------------------------------------------------------------
     def _ensure_endpoint(self, net: Network, ep: Endpoint) -> None:
-        self.dataplane.ensure_endpoint(spec_of(net), ep.host_veth, ep.peer_veth, ep.mac, ep.address)
+        self.dataplane.ensure_endpoint(self._spec(net), ep.host_veth, ep.peer_veth, ep.mac, ep.address)
 
     def _ready(self, ep: Endpoint) -> None:
         if ep.state != READY:                # a replayed call finishing what a dead one began
@@ -473,6 +567,11 @@ class NetworkDriver:
             action()
         except Exception:
             log.exception("undo failed")
+
+
+def _rows(chosen: list[Port]) -> list[tuple]:
+    """Rows as stored (the address is read with them, not stored)."""
+    return sorted((p.family, p.proto, p.host_ip, p.host_port, p.container_port, p.asked) for p in chosen)
 
 
 def _crash_point(call: str) -> None:

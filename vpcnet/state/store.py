@@ -10,6 +10,10 @@ or endpoint row is written `pending` and set `ready` once the kernel holds it (s
 pending when nobody holds its network's lock belongs to a call that died in between (kill -9, an OOM
 kill, gunicorn's watchdog): Docker never got an answer, so it has no such network or endpoint, and the
 datapath pass undoes the row and its kernel state (vpcnet.datapath.reconciler, `settle_pending`).
+
+Published ports (schema 5) are rows of `ports`, one per host port, going with their endpoint (a foreign
+key with ON DELETE CASCADE); every change moves the meta key `ports_version` (triggers), so a datapath
+pass that read them before a concurrent Program or Revoke passes again.
 """
 from __future__ import annotations
 
@@ -23,10 +27,11 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
-from vpcnet.errors import StateError
+from vpcnet.errors import Conflict, StateError
 
 REPAIRS_KEY = "datapath_repairs"      # meta key: the datapath pass's repair counts (JSON)
-SCHEMA_VERSION = 4     # 2: networks.mode (bridge | routed); 3: leftovers; 4: networks/endpoints.state
+PORTS_VERSION_KEY = "ports_version"   # meta key: moved by every change of the published ports (a trigger)
+SCHEMA_VERSION = 5     # 2: networks.mode (bridge | routed); 3: leftovers; 4: networks/endpoints.state; 5: ports
 PENDING, READY = "pending", "ready"   # a row's state: its call's kernel work not done yet, or done
 
 SCHEMA = """
@@ -76,6 +81,18 @@ CREATE TABLE IF NOT EXISTS endpoints (
     state        TEXT NOT NULL DEFAULT 'ready',   -- 'pending' until CreateEndpoint's kernel work is done (4)
     UNIQUE (network_id, address)
 );
+-- Published ports (-p, schema 5): each one host port to one endpoint's container port. A row goes with its
+-- endpoint (ON DELETE CASCADE), the rules are the network's (vpcnet.datapath.modes), recomputed from here.
+CREATE TABLE IF NOT EXISTS ports (
+    endpoint_id    TEXT NOT NULL REFERENCES endpoints(endpoint_id) ON DELETE CASCADE,
+    family         TEXT NOT NULL DEFAULT 'ipv4',   -- 'ipv4' ('ipv6' with IPv6 support)
+    proto          TEXT NOT NULL,                  -- tcp | udp | sctp
+    host_ip        TEXT NOT NULL,                  -- '' for every address of the host
+    host_port      INTEGER NOT NULL,               -- the one in use (chosen from `asked` for -P or a range)
+    container_port INTEGER NOT NULL,
+    asked          TEXT NOT NULL,                  -- the host port as Docker asked: '' (-P), '8080', '8000-8010'
+    PRIMARY KEY (family, proto, host_ip, host_port)
+);
 -- Kernel state of deleted networks and endpoints not removed yet (the row went first, a later datapath
 -- pass removes what the kernel still holds). Never blocks a new network, it is not in `networks`.
 CREATE TABLE IF NOT EXISTS leftovers (
@@ -111,6 +128,25 @@ class Endpoint:
     peer_veth: str
     created: float = 0.0
     state: str = READY
+
+
+@dataclass(frozen=True)
+class Port:
+    """A `ports` row; `address` is its endpoint's (read with it, not stored twice)."""
+    endpoint_id: str
+    proto: str
+    host_ip: str
+    host_port: int
+    container_port: int
+    asked: str = ""
+    family: str = "ipv4"
+    address: str = ""
+
+    def clashes(self, other: Port) -> bool:
+        """Both would take the same host port: same family and protocol and port, and one of them on every
+        address or both on the same one."""
+        return (self.family, self.proto, self.host_port) == (other.family, other.proto, other.host_port) and \
+            (not self.host_ip or not other.host_ip or self.host_ip == other.host_ip)
 
 
 @dataclass(frozen=True)
@@ -210,6 +246,13 @@ class Store:
             columns = {r["name"] for r in db.execute("PRAGMA table_info(networks)")}
             if "mode" not in columns:
                 db.execute("ALTER TABLE networks ADD COLUMN mode TEXT NOT NULL DEFAULT 'bridge'")
+            # 5: every change of `ports` (cascades from a deleted endpoint included) moves `ports_version`, so a
+            # datapath pass that read the ports before a concurrent change sees it and passes again.
+            for event in ("INSERT", "DELETE"):
+                db.execute(f"CREATE TRIGGER IF NOT EXISTS ports_{event.lower()} AFTER {event} ON ports BEGIN "
+                           f"INSERT OR REPLACE INTO meta(key, value) VALUES('{PORTS_VERSION_KEY}', "
+                           f"COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key='{PORTS_VERSION_KEY}'), 0) "
+                           "+ 1); END")
             # 3 -> 4: rows gain their state; every row of a v3 state answered its call.
             for table in ("networks", "endpoints"):
                 if "state" not in {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}:
@@ -371,6 +414,41 @@ class Store:
                     db.execute("INSERT OR REPLACE INTO leftovers(name, data, since) VALUES(?, ?, ?)",
                                (f"endpoint:{row['host_veth']}", json.dumps(dict(row)), time.time()))
             db.execute("DELETE FROM endpoints WHERE endpoint_id=?", (endpoint_id,))
+
+    # -- published ports ----------------------------------------------------------------------------
+    def ports(self, network_id: str | None = None, endpoint_id: str | None = None) -> list[Port]:
+        """The published ports (of one network, or one endpoint), each with its endpoint's address."""
+        where, args = [], []
+        for column, value in (("e.network_id", network_id), ("p.endpoint_id", endpoint_id)):
+            if value is not None:
+                where.append(f"{column}=?")
+                args.append(value)
+        rows = self.read("SELECT p.*, e.address AS address FROM ports p JOIN endpoints e ON e.endpoint_id = "
+                         f"p.endpoint_id {'WHERE ' + ' AND '.join(where) if where else ''} "
+                         "ORDER BY p.family, p.proto, p.host_port, p.host_ip", tuple(args))
+        return [Port(**dict(r)) for r in rows]
+
+    def ports_version(self) -> str:
+        return self.get_meta(PORTS_VERSION_KEY, "0")
+
+    def set_ports(self, endpoint_id: str, ports: list[Port]) -> None:
+        """The endpoint's published ports become `ports`, in one transaction that also checks them against
+        every other endpoint's (raises `Conflict` naming the holder: nothing is changed then)."""
+        with self.tx() as db:
+            others = [Port(**dict(r)) for r in db.execute(
+                "SELECT p.*, e.address AS address FROM ports p JOIN endpoints e ON e.endpoint_id = p.endpoint_id "
+                "WHERE p.endpoint_id<>?", (endpoint_id,))]
+            for port in ports:
+                holder = next((o for o in others if o.clashes(port)), None)
+                if holder is not None:
+                    raise Conflict(f"host port {port.host_ip or '0.0.0.0'}:{port.host_port}/{port.proto} is already "
+                                   f"published by vpcnet for endpoint {holder.endpoint_id[:12]} ({holder.address}:"
+                                   f"{holder.container_port})")
+            db.execute("DELETE FROM ports WHERE endpoint_id=?", (endpoint_id,))
+            for port in ports:
+                db.execute("INSERT INTO ports(endpoint_id, family, proto, host_ip, host_port, container_port, asked) "
+                           "VALUES(?, ?, ?, ?, ?, ?, ?)", (endpoint_id, port.family, port.proto, port.host_ip,
+                                                           port.host_port, port.container_port, port.asked))
 
     def leftovers(self) -> list[tuple[str, dict]]:
         """(name, data) of deleted objects whose kernel state may still be there."""

@@ -69,7 +69,46 @@ class FirewallChecks(Checks):
                     out.append(problem("firewall", f"network {net.network_id[:12]}: chain {table} {chain} missing "
                                                    f"or not jumped to from {parent}",
                                        "restart the plugin: it restores every known network's rules"))
-        return out + self._isolation()
+        return out + self._published() + self._isolation()
+
+    def _published(self) -> list[Finding]:
+        """The published ports: nat PREROUTING and OUTPUT jump to VPCNET-DNAT, and each network's
+        VPCNET-P-<id12> holds exactly the DNAT rules of its endpoints' ports (the store's rows)."""
+        from vpcnet.datapath.firewall import MORE_PARENTS
+        from vpcnet.datapath.modes import strategy
+        from vpcnet.datapath.reconciler import spec_of
+
+        store = self.ctx.store
+        try:
+            rows = store.ports() if store is not None else []
+        except Exception:             # a state written before schema 5: nothing published
+            rows = []
+        out = []
+        for (table, parent), jumps in MORE_PARENTS.items():
+            for builtin, jump in jumps:
+                have = _iptables(table, builtin).stdout.splitlines()
+                if f"-A {builtin} {jump}" not in have:
+                    out.append(problem("firewall", f"no jump from {table} {builtin} to {parent} (published ports "
+                                                   "do not answer)",
+                                       "restart the plugin: it re-creates its chains and jumps at start"))
+        count = 0
+        for net in self.ctx.networks:
+            spec = spec_of(net, [p for p in rows if p.endpoint_id in
+                                 {ep.endpoint_id for ep in self.ctx.endpoints if ep.network_id == net.network_id}])
+            if not spec.ports:
+                continue
+            wanted = strategy(spec.mode).firewall(spec).chains[("nat", spec.ports_chain)]
+            proc = _iptables("nat", spec.ports_chain)
+            have = [line.split(" ", 2)[2] for line in proc.stdout.splitlines() if line.startswith("-A ")]
+            count += len(spec.ports)
+            if proc.returncode != 0 or have != wanted:
+                missing = [str(p) for p, r in zip(spec.ports, wanted, strict=True) if r not in have]
+                out.append(problem("firewall", f"network {net.network_id[:12]}: nat chain {spec.ports_chain} does not "
+                                               f"hold its published ports ({', '.join(missing) or 'other rules too'})",
+                                   "wait for the datapath pass (VPCNET_DATAPATH_INTERVAL), or restart the plugin"))
+        if count and not out:
+            out.append(ok("firewall", f"{count} published port(s) in place"))
+        return out
 
     def _isolation(self) -> list[Finding]:
         """The isolation chains hold what vpcnet.datapath.firewall.isolation_chains wants for this host's

@@ -20,6 +20,10 @@ traffic straight between the container's veth and the uplink, as Cilium's "BPF h
     skips the host's forwarding and netfilter too. Not `bpf_redirect_peer` (tc ingress may use it into
     any veth's peer since 5.10, and it would save the veth's queueing): it bypasses the host veth's
     transmit counters, which vpcnet's per-container receive metrics read.
+  An endpoint that publishes ports (`-p`) has them built into its program: a packet whose source port is
+  one of them (the reply to a client that reached the host's port, DNATed) takes the normal path, so the
+  host's conntrack un-DNATs it; so do fragments and packets with IP options (their ports are not read),
+  and, past 64 published ports, all its TCP, UDP and SCTP cluster traffic (vpcnet.datapath.modes).
 - `uplink_program` (tc ingress of the uplink, one filter per network): source in the cluster CIDR,
   destination in the host CIDR, TTL > 1 -> `bpf_fib_lookup` (the endpoint's /32 route gives its host
   veth), MACs rewritten from the lookup, TTL decremented, `bpf_redirect_peer` straight into the

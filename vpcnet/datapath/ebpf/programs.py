@@ -34,8 +34,11 @@ ETH_P_IP_LE = 0x0008                       # htons(0x0800) as a little-endian lo
 SKB_LEN, SKB_IFINDEX, SKB_DATA, SKB_DATA_END = 0, 40, 76, 80
 # packet offsets: Ethernet, then the IPv4 header
 ETH_DST, ETH_SRC, ETH_TYPE, ETH_LEN = 0, 6, 12, 14
-IP_TOS, IP_TTL, IP_PROTO, IP_CHECK, IP_SADDR, IP_DADDR = (ETH_LEN + n for n in (1, 8, 9, 10, 12, 16))
+IP_TOS, IP_FRAG, IP_TTL, IP_PROTO, IP_CHECK, IP_SADDR, IP_DADDR = (ETH_LEN + n for n in (1, 6, 8, 9, 10, 12, 16))
 PARSED = ETH_LEN + 20
+FRAG_MASK_LE = 0xFF3F                      # htons(0x3FFF) (more fragments, offset) as a little-endian load sees it
+PROTO_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132}
+MAX_PUBLISHED = 64                         # published ports one container program compares a packet against
 # struct bpf_fib_lookup (64 bytes) on the stack at FIB, struct bpf_redir_neigh (20 bytes) at NH
 FIB = -64
 F_FAMILY, F_L4, F_IFINDEX, F_TOS, F_SRC, F_DST, F_SMAC, F_DMAC = (FIB + n for n in (0, 1, 8, 12, 16, 32, 52, 58))
@@ -208,9 +211,36 @@ def count_program(direction: int, cluster_cidr: str, map_fd: int, address: str) 
     return a.assemble()
 
 
+def _published_replies(a: Asm, published: Sequence[tuple[str, int]]) -> None:
+    """A reply from a published container port (`published`: (proto, port)) -> pass: the host's conntrack
+    must undo the DNAT (the client reached the host's port, not the container's). So does any packet whose
+    ports cannot be read cheaply (a fragment, IP options), while the endpoint publishes anything. An
+    endpoint publishing more than MAX_PUBLISHED ports (a wide range) leaves all its TCP, UDP and SCTP
+    cluster traffic to the host: a compare per port would make a long program for every packet."""
+    if len(published) > MAX_PUBLISHED:
+        a.ldx(1, 5, 2, IP_PROTO)
+        for number in sorted(set(PROTO_NUMBERS.values())):
+            a.jump(JEQ, 5, "pass", imm=number)
+        return
+    a.ldx(2, 4, 2, IP_FRAG)
+    a.andi32(4, FRAG_MASK_LE)
+    a.jump(JNE, 4, "pass", imm=0, wide=False)          # a fragment: the ports may not be in it
+    a.ldx(1, 4, 2, ETH_LEN)
+    a.jump(JNE, 4, "pass", imm=0x45)                  # IPv4 with options: the stack decides
+    a.mov(4, 2)
+    a.addi(4, PARSED + 2)
+    a.jump(JGT, 4, "pass", src=3)                     # no source port in the packet
+    a.ldx(1, 5, 2, IP_PROTO)
+    a.ldx(2, 4, 2, PARSED)                            # the source port, as a little-endian load sees it
+    for n, (proto, port) in enumerate(published):
+        a.jump(JNE, 5, f"not_{n}", imm=PROTO_NUMBERS[proto])
+        a.jump(JEQ, 4, "pass", imm=int.from_bytes(port.to_bytes(2, "big"), "little"))
+        a.label(f"not_{n}")
+
+
 def container_program(host_cidr: str, cluster_cidr: str, address: str | None = None,
                       anchor_ifindex: int = 0, uplinks: Sequence[int] | None = None,
-                      map_fd: int | None = None) -> bytes:
+                      map_fd: int | None = None, published: Sequence[tuple[str, int]] = ()) -> bytes:
     """tc ingress of an endpoint's host veth: container -> another host of the cluster, or -> another
     container of this network on this host. `address`: the endpoint's own address, the only source that
     takes the fast path (what the routed path's anti-spoofing check would let through); without it, any
@@ -218,7 +248,9 @@ def container_program(host_cidr: str, cluster_cidr: str, address: str | None = N
     traffic is redirected out of; a lookup naming any other (a cluster address routed over a second NIC
     or a Docker bridge) takes the normal path, where the firewall's isolation chains decide (None: any
     device, the probe's form). `map_fd`: the peer map, where every IPv4 packet the container sends from
-    `address` (required with it) is counted first, whatever happens to it next; a forged source, never."""
+    `address` (required with it) is counted first, whatever happens to it next; a forged source, never.
+    `published`: (proto, port) of the endpoint's published ports, whose replies take the normal path
+    (`_published_replies`)."""
     a = Asm()
     _parse(a)
     if map_fd is not None:
@@ -231,6 +263,8 @@ def container_program(host_cidr: str, cluster_cidr: str, address: str | None = N
     else:
         _require_in(a, 7, host_cidr)
     _require_in(a, 8, cluster_cidr)
+    if published:
+        _published_replies(a, published)
     net, mask = _net(host_cidr)
     a.mov(4, 8)
     a.andi32(4, mask)

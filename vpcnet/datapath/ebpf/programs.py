@@ -240,7 +240,7 @@ def _published_replies(a: Asm, published: Sequence[tuple[str, int]]) -> None:
 
 def container_program(host_cidr: str, cluster_cidr: str, address: str | None = None,
                       anchor_ifindex: int = 0, uplinks: Sequence[int] | None = None,
-                      map_fd: int | None = None, published: Sequence[tuple[str, int]] = ()) -> bytes:
+                      *, map_fd: int | None = None, published: Sequence[tuple[str, int]] = ()) -> bytes:
     """tc ingress of an endpoint's host veth: container -> another host of the cluster, or -> another
     container of this network on this host. `address`: the endpoint's own address, the only source that
     takes the fast path (what the routed path's anti-spoofing check would let through); without it, any

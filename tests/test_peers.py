@@ -216,8 +216,12 @@ def test_the_busiest_peers_keep_their_series_the_rest_sum_into_other_and_nothing
     for i, nbytes in enumerate((500, 400, 300, 200, 100)):
         now[(me, TX, f"10.9.2.{i}")] = (nbytes, 1)
     now[(me, TX, None)] = (50, 1)
-    first = peer_samples(collector.traffic_text())
+    born = peer_samples(collector.traffic_text())
     tx = "vpcnet_endpoint_peer_transmit_bytes_total"
+    # a new series is served at 0 first, so rate() sees its first traffic
+    assert {p for n, p in born if n == tx} == {"10.9.2.0", "10.9.2.1", "10.9.2.2", "other", "outside"}, born
+    assert set(born.values()) == {0}, born
+    first = peer_samples(collector.traffic_text())
     assert {p for n, p in first if n == tx} == {"10.9.2.0", "10.9.2.1", "10.9.2.2", "other", "outside"}, first
     assert first[(tx, "other")] == 300 and first[(tx, "10.9.2.0")] == 500
     assert first[("vpcnet_endpoint_peer_transmit_packets_total", "other")] == 2
@@ -255,6 +259,7 @@ def test_with_n_plus_k_real_peers_the_bound_holds(hosts, netns_factory, tmp_path
             store.add_network(db, Network(NET, A_BLOCK, CLUSTER, "10.78.3.1", "vbr-d1b2c3", 1500, False, ()))
             store.add_endpoint(db, Endpoint(EID, NET, me, "02:00:00:00:00:01", "vhpeers", "vcpeers"))
         collector = metrics.StateCollector(store, link_stats=dict, peer_stats=maps.read_all, peers_per_endpoint=4)
+        assert set(peer_samples(collector.traffic_text()).values()) == {0}      # born at 0: rate() sees it all
         got = peer_samples(collector.traffic_text())
         packets = {p: v for (n, p), v in got.items() if n == "vpcnet_endpoint_peer_transmit_packets_total"}
         assert len(packets) == 5 and "other" in packets, packets

@@ -181,7 +181,7 @@ def test_prometheus_scrapes_vpcnet_while_docker_runs_containers(emulator, plugin
         assert set(PEER_FAMILIES) <= names, sorted(set(PEER_FAMILIES) - names)
         with open(os.path.join(os.path.dirname(__file__), "..", "docs", "monitoring.md")) as fh:
             assert SERVICE_JOIN in fh.read(), "the join below is the one docs/monitoring.md shows"
-        # rate() needs an increase between two samples: a series that first appears with its total has none
+        # the join's rate over traffic that goes on while Prometheus scrapes
         dock.exec(a, "ping", "-A", "-q", "-c", "200", "-W", "5", b_ip, timeout=60)
         got = prom.wait_value(f"sum({SERVICE_JOIN})", lambda v: v > 0)
         assert got is not None and got > 0, prom.query(SERVICE_JOIN)

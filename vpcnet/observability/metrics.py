@@ -95,13 +95,17 @@ class PeerTotals:
     counter reset). Every other peer's traffic adds to `other`; `outside` is always its own. Each value is
     the sum of what the map gained between scrapes (a key's value that went down was evicted and made
     again: all of it is new), so an LRU eviction loses at most what was counted since the last scrape,
-    and never lowers a counter. An endpoint that goes takes its state with it."""
+    and never lowers a counter. A new series is served at 0 at its first scrape and with its value from
+    the next one on: Prometheus takes a series' first sample as its start, so a peer that appeared
+    holding its first traffic would never show that traffic in rate() or increase() (a short exchange,
+    over before the next scrape, not at all). An endpoint that goes takes its state with it."""
 
     def __init__(self, bound: int):
         self.bound = bound
         self.last: dict[str, dict[tuple[int, str | None], tuple[int, int]]] = {}   # endpoint id -> raw values
         self.chosen: dict[str, dict[int, set[str]]] = {}                             # endpoint id -> dir -> peers
         self.totals: dict[str, dict[tuple[int, str], list[int]]] = {}               # endpoint id -> (dir, label)
+        self.served: dict[str, set[tuple[int, str]]] = {}                            # series served once
 
     def update(self, live: dict[str, dict[tuple[int, str | None], tuple[int, int]]]) \
             -> dict[str, dict[tuple[int, str], list[int]]]:
@@ -109,6 +113,7 @@ class PeerTotals:
         holds them now. Returns endpoint id -> (direction, peer label) -> [bytes, packets]."""
         for gone in set(self.last) - set(live):
             del self.last[gone], self.chosen[gone], self.totals[gone]
+            self.served.pop(gone, None)
         for endpoint_id, raw in live.items():
             last = self.last.get(endpoint_id, {})
             chosen = self.chosen.setdefault(endpoint_id, {})
@@ -132,7 +137,16 @@ class PeerTotals:
                 acc = totals.setdefault((direction, label), [0, 0])
                 acc[0] += nbytes
                 acc[1] += npackets
-        return self.totals
+        return self.view()
+
+    def view(self) -> dict[str, dict[tuple[int, str], list[int]]]:
+        """What a scrape serves: each series' total, or 0 the first time it is served."""
+        out: dict[str, dict[tuple[int, str], list[int]]] = {}
+        for endpoint_id, totals in self.totals.items():
+            served = self.served.setdefault(endpoint_id, set())
+            out[endpoint_id] = {key: (list(v) if key in served else [0, 0]) for key, v in totals.items()}
+            served.update(totals)
+        return out
 
 
 def _counter(counters: dict[str, int], key: str) -> int:
@@ -243,13 +257,13 @@ class StateCollector:
             reading = self.peer_stats() if eps else {}
         except Exception as exc:      # the map unreadable: no new counts this scrape, none lost
             log.warning("cannot read the peer map: %s", exc)
-            return {ep_id: dict(v) for ep_id, v in self.peers.totals.items()}
+            return self.peers.view()
         by_address: dict[str, dict[tuple[int, str | None], tuple[int, int]]] = {}
         for (address, direction, peer), values in reading.items():
             if address is not None:
                 by_address.setdefault(address, {})[(direction, peer)] = values
         live = {ep.endpoint_id: by_address.get(ep.address, {}) for ep in eps if ep.address}
-        return {ep_id: dict(v) for ep_id, v in self.peers.update(live).items()}
+        return self.peers.update(live)
 
     def _service_text(self, eps, stats) -> str:
         """VPCNET_ENDPOINT_METRICS=service: the same families summed per (network, application, service),

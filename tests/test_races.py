@@ -39,7 +39,8 @@ def kernel(ns: str, tag: str) -> dict:
 
 
 def endpoint_programs(ns: str, veth: str) -> list[str]:
-    """The bpf filters on an endpoint's host veth (ebpf mode: its container program)."""
+    """The bpf filters on an endpoint's host veth's ingress (ebpf mode: its container program; the other
+    modes: the peer counting program, VPCNET_PEER_METRICS being on by default)."""
     return [line for line in run(["ip", "netns", "exec", ns, "tc", "filter", "show", "dev", veth, "ingress"],
                                  check=False).stdout.splitlines() if " bpf " in line and " handle " in line]
 
@@ -95,8 +96,10 @@ def test_racing_raw_calls_on_the_same_ids_against_the_real_plugin(plugin_factory
     state = kernel(host, tag)
     assert [link for link in state["links"] if link.startswith("vh")] == host_veths, state
     assert len([link for link in state["links"] if link.startswith("vc")]) == 2, state
-    for veth in host_veths:
-        assert len(endpoint_programs(host, veth)) == (1 if mode == "ebpf" else 0), veth
+    for veth in host_veths:     # one program each: ebpf's container program (it counts peers too), else
+        programs = endpoint_programs(host, veth)                     # the peer counting program
+        assert len(programs) == 1, (veth, programs)
+        assert f"name {'vpcnet_ctr' if mode == 'ebpf' else 'vpcnet_count'} " in programs[0], (veth, programs)
     endpoints = plugin.status()["networks"][0]["endpoints"]
     assert sorted(ep["address"] for ep in endpoints) == sorted(a.split("/")[0] for a in addrs)
     if mode != "bridge":        # routed and ebpf: a /32 route per endpoint

@@ -431,3 +431,14 @@ def netns_factory(root):
             except (ProcessLookupError, ValueError):
                 pass
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """End a process started with start_new_session=True, and its group: SIGTERM, then SIGKILL after 20 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)

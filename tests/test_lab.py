@@ -18,7 +18,7 @@ import time
 from collections import Counter
 
 import pytest
-from conftest import is_root, require, run, unique, wait_for
+from conftest import is_root, require, run, stop_group, unique, wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -381,13 +381,7 @@ class RouterPrometheus:
         return set(json.loads(self._get("/api/v1/label/__name__/values").stdout)["data"])
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+        stop_group(self.proc)
         self.log.close()
 
 

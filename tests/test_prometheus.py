@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import urllib.parse
 import urllib.request
 
 import pytest
-from conftest import require, wait_for
+from conftest import require, stop_group, wait_for
 from test_plugin_cloud import ME, TABLE, cloud_env, mine
 
 from vpcnet.observability.events import FAMILIES
@@ -90,13 +89,7 @@ class Prometheus:
         return found[0] if found else self.value(expr)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+        stop_group(self.proc)
         self.log.close()
 
 

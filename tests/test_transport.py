@@ -451,7 +451,8 @@ def test_refused_endpoint_and_address_calls_change_nothing(plug, client):
          "not the gateway"),
         ("/IpamDriver.RequestPool", {"Pool": "10.200.0.0/17"}, "overlaps"),
         ("/IpamDriver.RequestPool", {"Pool": "10.200.99.0/24"}, "neither a cluster CIDR"),
-        ("/IpamDriver.RequestPool", {"V6": True}, "IPv6"),
+        ("/IpamDriver.RequestPool", {"V6": True, "Pool": "10.200.0.0/16"}, "asked for an IPv6 pool"),
+        ("/IpamDriver.RequestPool", {"V6": True, "Pool": "::/64"}, "one /80 block"),
         ("/IpamDriver.RequestPool", {"Options": {"x": "y"}}, "--ipam-opt"),
         ("/IpamDriver.ReleaseAddress", {"PoolID": pid, "Address": "nope"}, "not a valid"),
         ("/NetworkDriver.ProgramExternalConnectivity", {
@@ -462,6 +463,19 @@ def test_refused_endpoint_and_address_calls_change_nothing(plug, client):
     for path, body, text in cases:
         message = refused_without_change(plug, client, path, body)
         assert text in message, (path, message)
+
+
+def test_v6_pool_and_addresses_over_http(client):
+    """Docker's IPv6 calls as it sends them: RequestPool with V6 (`--ipv6`), RequestAddress on that PoolID."""
+    pool = ok(client, "/IpamDriver.RequestPool", {"AddressSpace": "vpcnet-local", "Pool": "", "SubPool": "",
+                                                   "Options": {}, "V6": True})
+    block = ipaddress.IPv6Network(pool["Pool"])
+    assert pool["PoolID"] == pool["Pool"] and block.prefixlen == 80
+    assert pool["Data"] == {"com.docker.network.gateway": f"{block.network_address + 1}/80"}
+    first = ok(client, "/IpamDriver.RequestAddress", {"PoolID": pool["PoolID"], "Address": "", "Options": {}})
+    assert first == {"Address": f"{block.network_address + 2}/128", "Data": {}}
+    assert ok(client, "/IpamDriver.ReleaseAddress", {"PoolID": pool["PoolID"], "Address": first["Address"]}) == {}
+    assert ok(client, "/IpamDriver.ReleasePool", {"PoolID": pool["PoolID"]}) == {}
 
 
 def test_ipv4data_entry_of_wrong_type_is_refused_without_change(plug, client):

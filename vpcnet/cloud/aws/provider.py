@@ -72,6 +72,7 @@ class AwsProvider(Provider):
     instant = False
     checks_forwarding = True
     quota_hint = QUOTA_HINT
+    quota_per_family = True      # AWS: "routes per route table" is one quota for IPv4 and one for IPv6
 
     def __init__(self, config, session: botocore.session.Session | None = None):
         self.config = config
@@ -387,11 +388,15 @@ class AwsProvider(Provider):
                 cidr = subnet.get("CidrBlock")
                 if cidr:
                     cidrs.append(str(ipaddress.IPv4Network(cidr, strict=False)))
+                for assoc in subnet.get("Ipv6CidrBlockAssociationSet", []) or []:
+                    cidr6 = assoc.get("Ipv6CidrBlock")
+                    if cidr6 and (assoc.get("Ipv6CidrBlockState") or {}).get("State", "associated") == "associated":
+                        cidrs.append(str(ipaddress.IPv6Network(cidr6, strict=False)))
             token = resp.get("NextToken")
             if not token:
                 break
             params["NextToken"] = token
-        return sorted(set(cidrs), key=ipaddress.IPv4Network)
+        return sorted(set(cidrs), key=lambda c: (":" in c, ipaddress.ip_network(c)))
 
     def check_forwarding(self, disable: bool) -> list[str]:
         """SourceDestCheck of this instance and its secondary ENIs: turned off when `disable` (and

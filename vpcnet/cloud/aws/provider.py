@@ -14,6 +14,10 @@ so every host derives the same list. A subnet that is neither (no association an
 refused, naming the candidates and the settings. The quota per table is `VPCNET_ROUTE_TABLE_QUOTA`, or
 AWS's default of 50 routes (Service Quotas code L-93826ACB, raisable to 1,000).
 
+IPv6: an IPv6 host block is CreateRoute/DeleteRoute/ReplaceRoute with `DestinationIpv6CidrBlock`; AWS counts
+IPv6 routes against their own quota (`quota_per_family`); the subnets' IPv6 CIDRs are reserved as their IPv4
+ones. A route-table block must lie outside the VPC's /56 (docs/deploy-aws.md, "IPv6 host blocks").
+
 Source/destination check: `check_forwarding` reads the instance's SourceDestCheck (and that of its
 secondary ENIs) and, unless `VPCNET_AWS_DISABLE_SOURCE_DEST_CHECK=false`, turns it off
 (ModifyInstanceAttribute / ModifyNetworkInterfaceAttribute, as flannel's aws-vpc backend did); when that

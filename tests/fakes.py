@@ -18,7 +18,8 @@ from vpcnet.errors import DataplaneError
 MEDIA_TYPE = "application/vnd.docker.plugins.v1.2+json"
 
 DATAPLANE_METHODS = ("ensure_host", "ensure_network", "delete_network", "network_exists", "stale_chains",
-                     "drop_stale_chain", "drop_stale_uplink_programs", "ensure_endpoint", "delete_endpoint",
+                     "drop_stale_chain", "drop_stale_uplink_programs", "ensure_endpoint", "ensure_endpoint_ipv6",
+                     "delete_endpoint",
                      "link_exists", "uplink_mtu", "overlapping_routes", "repair", "features")
 
 
@@ -151,6 +152,15 @@ class FakeDataplane:
         if spec.routed:                        # routed modes: a /32 route to the host end ("replace")
             self.links[host_veth]["route"] = f"{address}/32"
             self.routes[address] = host_veth
+
+    def ensure_endpoint_ipv6(self, spec, host_veth: str, address: str) -> None:
+        self._call("ensure_endpoint_ipv6", spec.bridge, host_veth, address)
+        if not spec.routed:
+            raise DataplaneError(f"IPv6 needs routed or ebpf mode; network {spec.tag} is in {spec.mode} mode")
+        if host_veth not in self.links:
+            raise DataplaneError(f"veth {host_veth} is missing")
+        self.links[host_veth]["route6"] = f"{address}/128"
+        self.routes[address] = host_veth
 
     def delete_endpoint(self, host_veth: str) -> None:
         self._call("delete_endpoint", host_veth)

@@ -1,0 +1,175 @@
+"""The routed modes' IPv6 datapath (vpcnet.datapath.ipv6) against the real kernel, in namespaces the tests make:
+containers with a /128 and fe80::1 as gateway reach each other through the host, send only from their own
+address, and never give the host a router advertisement; the repair pass keeps it so."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+from conftest import run
+
+from vpcnet.datapath.dataplane import Dataplane
+from vpcnet.datapath.ipv6 import GATEWAY, Ipv6Endpoint
+from vpcnet.datapath.spec import EndpointSpec, NetworkSpec, bridge_name, mac_for, veth_names
+
+pytestmark = pytest.mark.root
+TAG = "c1d2e3f4a5b6"
+BLOCK = "fd00:77:3:0:1::"          # this host's /80 block (the addresses below are inside it)
+A, B, C = f"{BLOCK}2", f"{BLOCK}3", f"{BLOCK}4"
+
+
+def spec(mode: str) -> NetworkSpec:
+    return NetworkSpec(tag=TAG, bridge=bridge_name(TAG + "0" * 52), gateway="10.77.3.1", host_cidr="10.77.3.0/24",
+                       cluster_cidr="10.77.0.0/16", mtu=1500, mode=mode)
+
+
+def ns_run(ns: str, *cmd: str, check: bool = True):
+    return run(["ip", "netns", "exec", ns, *cmd], check=check)
+
+
+def ping6(ns: str, target: str, source: str = "") -> bool:
+    extra = ["-I", source] if source else []
+    return ns_run(ns, "busybox", "ping", "-6", "-c1", "-W2", *extra, target, check=False).returncode == 0
+
+
+@pytest.fixture
+def host(netns_factory):
+    """A simulated host with an uplink holding the default routes (both families)."""
+    ns = netns_factory("vpc6h")
+    run(["ip", "-n", ns, "link", "add", "uplink0", "type", "veth", "peer", "name", "uplink0p"])
+    run(["ip", "-n", ns, "addr", "add", "192.0.2.10/24", "dev", "uplink0"])
+    run(["ip", "-n", ns, "link", "set", "uplink0p", "up"])
+    run(["ip", "-n", ns, "link", "set", "uplink0", "up"])
+    run(["ip", "-n", ns, "route", "add", "default", "via", "192.0.2.1"])
+    return ns
+
+
+def container(host: str, dp: Dataplane, netspec: NetworkSpec, netns_factory, ip4: str, ip6: str, eid: str) -> str:
+    """What Docker does at Join for a dual-stack endpoint: the container end into a sandbox as eth0, the
+    IPv4 address with the pool prefix, the IPv6 one as the /128 vpcnet's IPAM answers, and the default
+    routes Join's Gateway and GatewayIPv6 give."""
+    sandbox = netns_factory("vpc6c")
+    host_veth, peer = veth_names(eid)
+    dp.ensure_endpoint(netspec, host_veth, peer, mac_for(ip4), ip4)
+    run(["ip", "-n", host, "link", "set", peer, "netns", sandbox])
+    run(["ip", "-n", sandbox, "link", "set", peer, "name", "eth0"])
+    ns_run(sandbox, "sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=0")
+    run(["ip", "-n", sandbox, "addr", "add", f"{ip4}/24", "dev", "eth0"])
+    run(["ip", "-n", sandbox, "-6", "addr", "add", f"{ip6}/128", "dev", "eth0", "nodad"])
+    run(["ip", "-n", sandbox, "link", "set", "eth0", "up"])
+    run(["ip", "-n", sandbox, "route", "add", "default", "via", netspec.gateway])
+    run(["ip", "-n", sandbox, "-6", "route", "add", "default", "via", GATEWAY, "dev", "eth0"])
+    return sandbox
+
+
+def guard_drops(host: str) -> int:
+    out = ns_run(host, "ip6tables", "-t", "raw", "-L", "VPCNET-IPV6", "-v", "-x", "-n").stdout
+    return sum(int(line.split()[0]) for line in out.splitlines()[2:] if "DROP" in line)
+
+
+RA_SENDER = r"""
+import socket, struct, sys
+# a router advertisement (type 134) with a prefix information option for 2001:db8:66::/64 (on-link,
+# autonomous), to all nodes: what a hostile container sends to configure the host
+prefix = socket.inet_pton(socket.AF_INET6, "2001:db8:66::")
+pio = struct.pack("!BBBBIII", 3, 4, 64, 0xC0, 86400, 14400, 0) + prefix
+ra = struct.pack("!BBHBBHII", 134, 0, 0, 64, 0, 1800, 0, 0) + pio
+s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 255)
+s.setsockopt(socket.SOL_SOCKET, 25, b"eth0")
+for _ in range(3):
+    s.sendto(ra, ("ff02::1", 0, 0, socket.if_nametoindex("eth0")))
+"""
+
+
+@pytest.mark.parametrize("mode", ["routed", "ebpf"])
+def test_two_containers_reach_each_other_over_ipv6_through_the_host(host, netns_factory, mode):
+    dp = Dataplane(netns=host)
+    if mode == "ebpf" and not dp.features().supports("ebpf"):
+        pytest.skip(f"this kernel cannot do ebpf mode: {dp.features().why_not('ebpf')}")
+    wanted: list[Ipv6Endpoint] = []
+    dp.ipv6_endpoints = lambda: list(wanted)           # the store's rows, as the driver will hand them
+    s = spec(mode)
+    dp.ensure_network(s)
+    eids = ("a" * 64, "b" * 64)
+    wanted += [Ipv6Endpoint(veth_names(eids[0])[0], A), Ipv6Endpoint(veth_names(eids[1])[0], B)]
+    ca = container(host, dp, s, netns_factory, "10.77.3.2", A, eids[0])
+    cb = container(host, dp, s, netns_factory, "10.77.3.3", B, eids[1])
+    for eid, address in zip(eids, (A, B), strict=True):
+        dp.ensure_endpoint_ipv6(s, veth_names(eid)[0], address)
+    ns_run(host, "ip6tables", "-P", "FORWARD", "DROP")         # as Docker 27+ sets it with IPv6 on
+    assert ns_run(host, "sysctl", "-n", "net.ipv6.conf.all.forwarding").stdout.strip() == "1"
+    assert ping6(ca, B) and ping6(cb, A)
+    routes = ns_run(host, "ip", "-6", "route").stdout
+    assert f"{A} dev {veth_names(eids[0])[0]}" in routes and f"{B} dev {veth_names(eids[1])[0]}" in routes
+    assert "fe80::1/64" in ns_run(host, "ip", "-6", "addr", "show", "dev", veth_names(eids[0])[0]).stdout
+    # IPv4 still as before
+    assert ns_run(ca, "busybox", "ping", "-c1", "-W2", "10.77.3.3", check=False).returncode == 0
+
+
+def test_a_container_sends_ipv6_only_from_its_own_address_and_its_advertisements_never_reach_the_host(
+        host, netns_factory):
+    dp = Dataplane(netns=host)
+    eids = ("a" * 64, "b" * 64)
+    dp.ipv6_endpoints = lambda: [Ipv6Endpoint(veth_names(eids[0])[0], A), Ipv6Endpoint(veth_names(eids[1])[0], B)]
+    s = spec("routed")
+    dp.ensure_network(s)
+    ca = container(host, dp, s, netns_factory, "10.77.3.2", A, eids[0])
+    cb = container(host, dp, s, netns_factory, "10.77.3.3", B, eids[1])
+    for eid, address in zip(eids, (A, B), strict=True):
+        dp.ensure_endpoint_ipv6(s, veth_names(eid)[0], address)
+    assert ping6(ca, B)
+    # spoofing: container a takes a third address of the block (nobody's) and sends from it
+    run(["ip", "-n", ca, "-6", "addr", "add", f"{C}/128", "dev", "eth0", "nodad"])
+    before = guard_drops(host)
+    assert not ping6(ca, B, source=C)
+    assert guard_drops(host) > before
+    assert ping6(cb, A) and ping6(ca, B)               # their own addresses still pass
+    # a router advertisement from a container: dropped before ndisc, the host learns nothing
+    before = guard_drops(host)
+    ns_run(ca, sys.executable, "-c", RA_SENDER)
+    assert guard_drops(host) >= before + 3
+    host_routes = ns_run(host, "ip", "-6", "route").stdout + ns_run(host, "ip", "-6", "addr").stdout
+    assert "2001:db8:66" not in host_routes and "default" not in ns_run(host, "ip", "-6", "route").stdout
+    veth = veth_names(eids[0])[0]
+    assert ns_run(host, "sysctl", "-n", f"net.ipv6.conf.{veth}.accept_ra").stdout.strip() == "0"
+
+
+def test_the_repair_pass_keeps_ipv6_endpoints_as_wanted(host, netns_factory):
+    dp = Dataplane(netns=host)
+    eids = ("a" * 64, "b" * 64)
+    veths = [veth_names(e)[0] for e in eids]
+    dp.ipv6_endpoints = lambda: [Ipv6Endpoint(veths[0], A), Ipv6Endpoint(veths[1], B)]
+    s = spec("routed")
+    dp.ensure_network(s)
+    ca = container(host, dp, s, netns_factory, "10.77.3.2", A, eids[0])
+    container(host, dp, s, netns_factory, "10.77.3.3", B, eids[1])
+    for veth, address in zip(veths, (A, B), strict=True):
+        dp.ensure_endpoint_ipv6(s, veth, address)
+    endpoints = [EndpointSpec(veths[i], veth_names(e)[1], mac_for(f"10.77.3.{i + 2}"), f"10.77.3.{i + 2}")
+                 for i, e in enumerate(eids)]
+    assert dp.repair([(s, endpoints)]) == []           # all in place: nothing to do, IPv6 left on
+    assert ping6(ca, B)
+    # drift: b's /128 route goes, the guard is flushed
+    run(["ip", "-n", host, "-6", "route", "del", f"{B}/128"])
+    ns_run(host, "ip6tables", "-t", "raw", "-F", "VPCNET-IPV6")
+    repairs = dp.repair([(s, endpoints)])
+    kinds = sorted({r.kind for r in repairs})
+    assert kinds == ["firewall", "route"], repairs
+    assert ping6(ca, B)
+    assert dp.repair([(s, endpoints)]) == []
+
+
+def test_bridge_mode_refuses_ipv6_clearly(host):
+    dp = Dataplane(netns=host)
+    s = spec("bridge")
+    dp.ensure_network(s)
+    from vpcnet.errors import DataplaneError
+    with pytest.raises(DataplaneError, match="IPv6 needs routed or ebpf mode"):
+        dp.ensure_endpoint_ipv6(s, "vhnone", A)
+
+
+def test_ipv6_endpoint_values_are_checked():
+    with pytest.raises(ValueError, match="not an IPv6 address"):
+        Ipv6Endpoint("vhx", "10.0.0.1")

@@ -48,6 +48,9 @@ class Plugin:
         os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
         self.store = Store(config.db_path)
         self.dataplane = dataplane or Dataplane(extra_uplinks=config.uplinks)
+        from vpcnet.datapath.ipv6 import Ipv6Endpoint
+        # the IPv6 guard's desired state: every IPv6 endpoint in the store, read each time it is written
+        self.dataplane.ipv6_endpoints = lambda: [Ipv6Endpoint(v, a) for v, a in self.store.ipv6_endpoints()]
         self.routes = RouteKeeper(config, self.store, provider_factory)
         self.ipam = Ipam(config, self.store, self.routes, host_routes=self.dataplane.overlapping_routes)
         self.driver = NetworkDriver(config, self.store, self.dataplane)

@@ -107,6 +107,7 @@ class Dataplane:
         self.ipv6_endpoints: Callable[[], Sequence[Ipv6Endpoint]] = tuple
         self.unrepaired: list[str] = []     # networks the last repair could not put right
         self._v6_veths: set[str] = set()    # host veths with IPv6 on by design, as of the last repair
+        self._guarded: set[str] = set()     # host veths the IPv6 guard let through when last written
 
     # -- host-wide --------------------------------------------------------------------------------
     def uplink_mtu(self) -> int:
@@ -129,6 +130,7 @@ class Dataplane:
     def _apply_ipv6_guard(self) -> list[str]:
         """The IPv6 guard with every IPv6 endpoint's own traffic let through (vpcnet.datapath.ipv6)."""
         endpoints = list(self.ipv6_endpoints())
+        self._guarded = {ep.host_veth for ep in endpoints}
         return self.ipv6_guard.apply(allow=guard_rules(endpoints), forward=forward_rules(endpoints))
 
     def uplink_names(self) -> list[str]:
@@ -219,9 +221,6 @@ class Dataplane:
             self.links.route_endpoint(ipr, address, host_idx, host_veth)
             if spec.ebpf:
                 self.tc.attach_endpoint(ipr, spec, host_idx, address)
-        v6 = next((ep for ep in self.ipv6_endpoints() if ep.host_veth == host_veth), None)
-        if v6 is not None:                    # ensure_veth turned IPv6 off on it: on again, as wanted
-            self.ensure_endpoint_ipv6(spec, host_veth, v6.address)
 
     def ensure_endpoint_ipv6(self, spec: NetworkSpec, host_veth: str, address: str) -> None:
         """IPv6 for an endpoint whose veth `ensure_endpoint` made: routed and ebpf modes only (ebpf's programs
@@ -253,6 +252,8 @@ class Dataplane:
 
     def delete_endpoint(self, host_veth: str) -> None:
         self.nl.delete_link(host_veth)       # the peer goes with it, wherever it is
+        if host_veth in self._guarded:       # an IPv6 endpoint (its row is gone): its rules go too
+            self._apply_ipv6_guard()
 
     def link_exists(self, name: str) -> bool:
         with self.nl.ipr() as ipr:
@@ -415,5 +416,8 @@ class Dataplane:
             return [Repair("link", spec.tag, f"IPv6 on for host veth {ep.host_veth} of {ep.address} "
                                              f"({', '.join(ipv6)})")] if ipv6 else []
         self.ensure_endpoint(spec, ep.host_veth, ep.peer_veth, ep.mac, ep.address)
+        v6 = next((e for e in self.ipv6_endpoints() if e.host_veth == ep.host_veth), None)
+        if v6 is not None:                    # ensure_veth turned IPv6 off on it: on again, as wanted
+            self.ensure_endpoint_ipv6(spec, ep.host_veth, v6.address)
         kind = "route" if "route" in problem else "tc" if "eBPF" in problem else "link"
         return [Repair(kind, spec.tag, problem)]

@@ -26,7 +26,8 @@ from typing import Callable, Iterator
 from vpcnet.errors import StateError
 
 REPAIRS_KEY = "datapath_repairs"      # meta key: the datapath pass's repair counts (JSON)
-SCHEMA_VERSION = 4     # 2: networks.mode (bridge | routed); 3: leftovers; 4: networks/endpoints.state
+SCHEMA_VERSION = 5     # 2: networks.mode (bridge | routed); 3: leftovers; 4: networks/endpoints.state;
+                       # 5: IPv6 (networks.host_cidr_v6, cluster_cidr_v6, gateway_v6; endpoints.address_v6)
 PENDING, READY = "pending", "ready"   # a row's state: its call's kernel work not done yet, or done
 
 SCHEMA = """
@@ -63,7 +64,10 @@ CREATE TABLE IF NOT EXISTS networks (
     no_nat       TEXT NOT NULL,       -- JSON list
     created      REAL NOT NULL,
     mode         TEXT NOT NULL DEFAULT 'bridge',  -- datapath: 'bridge', 'routed' or 'ebpf' (schema 2)
-    state        TEXT NOT NULL DEFAULT 'ready'    -- 'pending' until CreateNetwork's kernel work is done (4)
+    state        TEXT NOT NULL DEFAULT 'ready',   -- 'pending' until CreateNetwork's kernel work is done (4)
+    host_cidr_v6    TEXT NOT NULL DEFAULT '',     -- this host's IPv6 block, '' for an IPv4-only network (5)
+    cluster_cidr_v6 TEXT NOT NULL DEFAULT '',
+    gateway_v6      TEXT NOT NULL DEFAULT ''      -- the IPv6 pool's gateway (the block's first address)
 );
 CREATE TABLE IF NOT EXISTS endpoints (
     endpoint_id  TEXT PRIMARY KEY,
@@ -74,6 +78,7 @@ CREATE TABLE IF NOT EXISTS endpoints (
     peer_veth    TEXT NOT NULL UNIQUE,
     created      REAL NOT NULL,
     state        TEXT NOT NULL DEFAULT 'ready',   -- 'pending' until CreateEndpoint's kernel work is done (4)
+    address_v6   TEXT NOT NULL DEFAULT '',        -- bare IPv6 address, '' without one (5)
     UNIQUE (network_id, address)
 );
 -- Kernel state of deleted networks and endpoints not removed yet (the row went first, a later datapath
@@ -99,6 +104,9 @@ class Network:
     created: float = 0.0
     mode: str = "bridge"
     state: str = READY
+    host_cidr_v6: str = ""      # IPv6: this host's block, its cluster CIDR and gateway ("" without IPv6)
+    cluster_cidr_v6: str = ""
+    gateway_v6: str = ""
 
 
 @dataclass(frozen=True)
@@ -111,6 +119,7 @@ class Endpoint:
     peer_veth: str
     created: float = 0.0
     state: str = READY
+    address_v6: str = ""        # bare IPv6 address, "" without one
 
 
 @dataclass(frozen=True)
@@ -214,6 +223,11 @@ class Store:
             for table in ("networks", "endpoints"):
                 if "state" not in {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}:
                     db.execute(f"ALTER TABLE {table} ADD COLUMN state TEXT NOT NULL DEFAULT 'ready'")
+            # 4 -> 5: IPv6; every row of a v4 state is IPv4-only.
+            for table, column in (("networks", "host_cidr_v6"), ("networks", "cluster_cidr_v6"),
+                                  ("networks", "gateway_v6"), ("endpoints", "address_v6")):
+                if column not in {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
             db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('schema_version', ?)",
                        (str(SCHEMA_VERSION),))
         os.chmod(self.path, 0o600)
@@ -275,7 +289,8 @@ class Store:
         return _network(rows[0]) if rows else None
 
     def network_by_host_cidr(self, host_cidr: str) -> Network | None:
-        rows = self.read("SELECT * FROM networks WHERE host_cidr=?", (host_cidr,))
+        """The network holding a host block of either family."""
+        rows = self.read("SELECT * FROM networks WHERE host_cidr=? OR host_cidr_v6=?", (host_cidr, host_cidr))
         return _network(rows[0]) if rows else None
 
     def add_network(self, db: sqlite3.Connection, net: Network) -> None:
@@ -293,6 +308,9 @@ class Store:
             if release_addresses:
                 db.execute("DELETE FROM addresses WHERE pool_id=(SELECT host_cidr FROM networks WHERE network_id=?) "
                            "AND address IN (SELECT address FROM endpoints WHERE network_id=?)",
+                           (network_id, network_id))
+                db.execute("DELETE FROM addresses WHERE pool_id=(SELECT host_cidr_v6 FROM networks WHERE "
+                           "network_id=?) AND address IN (SELECT address_v6 FROM endpoints WHERE network_id=?)",
                            (network_id, network_id))
             if leftover:
                 net = db.execute("SELECT * FROM networks WHERE network_id=?", (network_id,)).fetchone()
@@ -326,12 +344,18 @@ class Store:
         Returns (the endpoints forgotten, those kept)."""
         with self.tx() as db:
             rows = db.execute("SELECT e.* FROM endpoints e JOIN networks n ON n.network_id = e.network_id "
-                              "WHERE n.host_cidr=? AND e.address=?", (pool_id, address)).fetchall()
+                              "WHERE (n.host_cidr=? AND e.address=?) OR (n.host_cidr_v6=? AND e.address_v6=?)",
+                              (pool_id, address, pool_id, address)).fetchall()
             gone, kept = [], []
             for row in rows:
                 ep = Endpoint(**dict(row))
                 if not forget(ep):
                     kept.append(ep)
+                    if ep.address_v6 == address and ep.address != address:
+                        # Docker released the IPv6 address of a running container (it turned IPv6 off by
+                        # sysctl) without telling the driver: the endpoint keeps its IPv4 only, so nothing
+                        # of the datapath lets the address through any more (the guard reads this row).
+                        db.execute("UPDATE endpoints SET address_v6='' WHERE endpoint_id=?", (ep.endpoint_id,))
                     continue
                 gone.append(ep)
                 db.execute("INSERT OR REPLACE INTO leftovers(name, data, since) VALUES(?, ?, ?)",
@@ -371,6 +395,11 @@ class Store:
                                (f"endpoint:{row['host_veth']}", json.dumps(dict(row)), time.time()))
             db.execute("DELETE FROM endpoints WHERE endpoint_id=?", (endpoint_id,))
 
+    def ipv6_endpoints(self) -> list[tuple[str, str]]:
+        """(host veth, IPv6 address) of every endpoint with one: what the IPv6 datapath lets through."""
+        return [(r["host_veth"], r["address_v6"]) for r in
+                self.read("SELECT host_veth, address_v6 FROM endpoints WHERE address_v6 != '' ORDER BY host_veth")]
+
     def leftovers(self) -> list[tuple[str, dict]]:
         """(name, data) of deleted objects whose kernel state may still be there."""
         return [(r["name"], json.loads(r["data"])) for r in self.read("SELECT * FROM leftovers ORDER BY since")]
@@ -392,7 +421,8 @@ class Store:
         """Forget a pool and its addresses unless a network uses it (False then). The check and the delete
         are one transaction: a CreateNetwork cannot take the pool in between."""
         with self.tx() as db:
-            if db.execute("SELECT 1 FROM networks WHERE host_cidr=?", (pool_id,)).fetchone() is not None:
+            if db.execute("SELECT 1 FROM networks WHERE host_cidr=? OR host_cidr_v6=?",
+                          (pool_id, pool_id)).fetchone() is not None:
                 return False
             db.execute("DELETE FROM addresses WHERE pool_id=?", (pool_id,))
             db.execute("DELETE FROM pools WHERE pool_id=?", (pool_id,))

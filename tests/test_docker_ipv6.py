@@ -12,6 +12,7 @@ import uuid
 
 import pytest
 from conftest import run
+from test_doctor import doctor
 
 pytestmark = pytest.mark.docker
 
@@ -67,6 +68,7 @@ def test_dual_stack_routed_network_containers_reach_each_other_over_ipv6(plugin_
     assert f"{ip6_a.split('/')[0]} dev {host_veth}" in run(["ip", "-6", "route", "show"]).stdout
     # a container's router advertisement never configures the host (the guard drops its IPv6 but its own)
     assert run(["sysctl", "-n", f"net.ipv6.conf.{host_veth}.accept_ra"]).stdout.strip() == "0"
+    assert "ipv6_guard" not in doctor(plugin)[1], "doctor knows the IPv6 endpoints' rules and links"
     dock.cleanup()
     assert ip6_a.split("/")[0] not in run(["ip", "-6", "route", "show"]).stdout
     assert host_veth not in run(["ip6tables-save", "-t", "raw"]).stdout, "its guard rules went with it"

@@ -3,6 +3,7 @@ containers with a /128 and fe80::1 as gateway reach each other through the host,
 address, and never give the host a router advertisement; the repair pass keeps it so."""
 from __future__ import annotations
 
+import ipaddress
 import sys
 
 import pytest
@@ -173,3 +174,75 @@ def test_bridge_mode_refuses_ipv6_clearly(host):
 def test_ipv6_endpoint_values_are_checked():
     with pytest.raises(ValueError, match="not an IPv6 address"):
         Ipv6Endpoint("vhx", "10.0.0.1")
+
+
+# -- two hosts through the emulated VPC -----------------------------------------------------------------
+KEY_ID, SECRET, TABLE = "v6-key", "v6-S3cret-never-logged", "vtb-v6x0001"
+CLUSTER6 = "fd00:6e:1::/48"
+
+
+def test_two_hosts_ipv6_containers_reach_each_other_through_the_vpc_router_unencapsulated(netns_factory, tmp_path):
+    """Each host claims an IPv6 /80 through the aliyun provider from the emulator over HTTP; the emulator
+    routes each block via its host's IPv6 underlay address in a real router namespace; a container on
+    host A reaches one on host B, and the router forwards plain IPv6 with the containers' own addresses."""
+    from aliyun_fakes import closed_port, serving_emulator
+    from conftest import wait_for
+
+    from vpcnet.config import Config
+    from vpcnet.routes.backoff import Backoff
+    from vpcnet.routes.keeper import RouteKeeper
+    from vpcnet.state.store import Store
+
+    router = netns_factory("vpc6r")
+    ns_run(router, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1", "net.ipv4.ip_forward=1")
+    hosts = {}
+    for name, v4, v6 in (("a", "192.0.2", "fd77:a:"), ("b", "198.51.100", "fd77:b:")):
+        ns = netns_factory(f"vpc6{name}")
+        run(["ip", "-n", ns, "link", "add", "uplink0", "type", "veth", "peer", "name", f"r{name}", "netns", router])
+        run(["ip", "-n", ns, "addr", "add", f"{v4}.10/24", "dev", "uplink0"])
+        run(["ip", "-n", ns, "-6", "addr", "add", f"{v6}:10/64", "dev", "uplink0", "nodad"])
+        run(["ip", "-n", router, "addr", "add", f"{v4}.1/24", "dev", f"r{name}"])
+        run(["ip", "-n", router, "-6", "addr", "add", f"{v6}:1/64", "dev", f"r{name}", "nodad"])
+        for where, link in ((ns, "uplink0"), (router, f"r{name}")):
+            run(["ip", "-n", where, "link", "set", link, "up"])
+        run(["ip", "-n", ns, "route", "add", "default", "via", f"{v4}.1"])
+        run(["ip", "-n", ns, "-6", "route", "add", "default", "via", f"{v6}:1"])
+        hosts[name] = (ns, f"i-v6{name}", f"{v4}.10", f"{v6}:10")
+    made = []
+    with serving_emulator({}, route_table_id=TABLE, credentials={KEY_ID: SECRET}, router_netns=router) as emu:
+        try:
+            containers = {}
+            for name, (ns, instance, ip4, ip6) in hosts.items():
+                emu.register_instance(instance, ip4, ip6)
+                config = Config(provider="aliyun", state_dir=str(tmp_path / name), cluster_cidr="10.77.0.0/16",
+                                cluster_cidr_v6=CLUSTER6, aliyun_endpoint=emu.test_url, aliyun_region_id="cn-emu-1",
+                                aliyun_route_table_id=TABLE, aliyun_vpc_id="vpc-emu0001", aliyun_instance_id=instance,
+                                aliyun_access_key_id=KEY_ID, aliyun_access_key_secret=SECRET,
+                                aliyun_metadata_url=f"http://127.0.0.1:{closed_port()}")
+                store = Store(config.db_path)
+                keeper = RouteKeeper(config, store, backoff=Backoff(attempts=5, base=0.01, cap=0.1, deadline=10))
+                made.append((keeper, store))
+                store.want_claim(CLUSTER6, "asked")
+                assert keeper.reconcile(wait_pending=5).ok
+                block = store.claim(CLUSTER6).host_cidr
+                address = str(ipaddress.IPv6Network(block).network_address + 2)
+                dp = Dataplane(netns=ns)
+                eid = name * 64
+                dp.ipv6_endpoints = (lambda e=eid, a=address: [Ipv6Endpoint(veth_names(e)[0], a)])
+                s = spec("routed")
+                dp.ensure_network(s)
+                containers[name] = (container(ns, dp, s, netns_factory, "10.77.3.2", address, eid), address)
+                dp.ensure_endpoint_ipv6(s, veth_names(eid)[0], address)
+            (ca, addr_a), (cb, addr_b) = containers["a"], containers["b"]
+            routes = lambda: ns_run(router, "ip", "-6", "route").stdout      # noqa: E731
+            assert wait_for(lambda: all(f"via {ip6}" in routes() for _, _, _, ip6 in hosts.values()), 10), routes()
+            ns_run(router, "ip6tables", "-I", "FORWARD", "-s", f"{addr_a}/128", "-d", f"{addr_b}/128",
+                   "-p", "ipv6-icmp", "-j", "ACCEPT")
+            # the first packets wait for neighbour discovery on links just made: allow it a few seconds
+            assert wait_for(lambda: ping6(ca, addr_b), 15) and ping6(cb, addr_a)
+            seen = ns_run(router, "ip6tables", "-L", "FORWARD", "-v", "-x", "-n").stdout.splitlines()[2]
+            assert int(seen.split()[0]) > 0, "the router forwarded IPv6 from container a's own address"
+        finally:
+            for keeper, store in made:
+                keeper.close()
+                store.close()

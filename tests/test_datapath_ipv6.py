@@ -137,6 +137,32 @@ def test_a_container_sends_ipv6_only_from_its_own_address_and_its_advertisements
     assert ns_run(host, "sysctl", "-n", f"net.ipv6.conf.{veth}.accept_ra").stdout.strip() == "0"
 
 
+def test_only_the_uplinks_and_vpcnet_containers_reach_an_ipv6_container(host, netns_factory):
+    """The IPv4 isolation's ingress half, for IPv6: a neighbour behind another link of the host (a Docker
+    bridge network, a VPN) does not reach a vpcnet container; one behind the uplink does."""
+    dp = Dataplane(netns=host)
+    eid = "a" * 64
+    dp.ipv6_endpoints = lambda: [Ipv6Endpoint(veth_names(eid)[0], A)]
+    s = spec("routed")
+    dp.ensure_network(s)
+    ca = container(host, dp, s, netns_factory, "10.77.3.2", A, eid)
+    dp.ensure_endpoint_ipv6(s, veth_names(eid)[0], A)
+    for link, prefix in (("uplink0", "fd55"), ("other0", "fd66")):
+        far = netns_factory("vpc6f")
+        if link == "other0":
+            run(["ip", "-n", host, "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", far])
+        else:
+            run(["ip", "-n", host, "link", "set", "uplink0p", "netns", far, "name", "eth0"])
+        run(["ip", "-n", host, "-6", "addr", "add", f"{prefix}::1/64", "dev", link, "nodad"])
+        run(["ip", "-n", host, "link", "set", link, "up"])
+        run(["ip", "-n", far, "-6", "addr", "add", f"{prefix}::2/64", "dev", "eth0", "nodad"])
+        run(["ip", "-n", far, "link", "set", "eth0", "up"])
+        run(["ip", "-n", far, "-6", "route", "add", "default", "via", f"{prefix}::1"])
+        reached = any(ping6(far, A) for _ in range(3))       # the first may wait for neighbour discovery
+        assert reached == (link == "uplink0"), link
+    assert ping6(ca, "fd66::2"), "the container itself may still open a connection there (the reply is let in)"
+
+
 def test_the_repair_pass_keeps_ipv6_endpoints_as_wanted(host, netns_factory):
     dp = Dataplane(netns=host)
     eids = ("a" * 64, "b" * 64)

@@ -904,6 +904,9 @@ def test_ipv6_inputs_refused_clearly_and_nothing_left(plug):
     with pytest.raises(InvalidRequest, match="one IPv6 pool"):
         plug.driver.create_network(NID, {GENERIC: {MODE_OPTION: "routed"}}, [{"Pool": pool_of(plug)}],
                                    [{"Pool": pool6}, {"Pool": pool6}])
+    with pytest.raises(InvalidRequest, match="--internal with --ipv6 is not supported yet"):
+        plug.driver.create_network(NID, {GENERIC: {MODE_OPTION: "routed"}, INTERNAL_OPTION: True},
+                                   [{"Pool": pool_of(plug)}], [{"Pool": pool6}])
     assert plug.store.networks() == [] and plug.dataplane.networks == {}
     net, pool6 = dual_stack(plug)
     address = plug.ipam.request_address(net.host_cidr)["Address"]

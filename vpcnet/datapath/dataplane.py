@@ -131,7 +131,8 @@ class Dataplane:
         """The IPv6 guard with every IPv6 endpoint's own traffic let through (vpcnet.datapath.ipv6)."""
         endpoints = list(self.ipv6_endpoints())
         self._guarded = {ep.host_veth for ep in endpoints}
-        return self.ipv6_guard.apply(allow=guard_rules(endpoints), forward=forward_rules(endpoints))
+        uplinks = self.uplink_names() if endpoints else []
+        return self.ipv6_guard.apply(allow=guard_rules(endpoints), forward=forward_rules(endpoints, uplinks))
 
     def uplink_names(self) -> list[str]:
         """Names of the uplinks: the interfaces carrying the default route(s), and those VPCNET_UPLINKS names

@@ -26,7 +26,9 @@ routing, conntrack and ndisc): a packet from an endpoint's host veth passes only
 address as its source (anti-spoofing), or as neighbour discovery (solicitation, advertisement) from a
 link-local address; everything else IPv6 from a vpcnet link is dropped as before: router advertisements and
 solicitations, redirects, any other source. `forward_rules` accept the endpoints' traffic in ip6tables'
-filter FORWARD (Docker 27+ sets its policy to DROP when it turns IPv6 forwarding on).
+filter FORWARD (Docker 27+ sets its policy to DROP when it turns IPv6 forwarding on), and towards the
+containers only what the uplinks or other vpcnet containers send, or replies (the IPv4 isolation's ingress
+half; its egress half, towards the uplinks and vpcnet's links only, is not repeated for IPv6 yet).
 """
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ IFA_F_NODAD = 0x02
 # address detection (the gateway address is the host's own on every veth), IPv6 on last.
 IPV6_ON = (("ipv6/accept_ra", "0"), ("ipv6/autoconf", "0"), ("ipv6/accept_dad", "0"),
            ("ipv6/disable_ipv6", "0"))
+HOST_VETHS = "vh+"             # every endpoint's host end (vpcnet.datapath.spec.veth_names)
 ND_TYPES = ("135", "136")      # neighbour solicitation, advertisement (numbers: as ip6tables-save prints them)
 
 
@@ -79,14 +82,18 @@ def guard_rules(endpoints: Sequence[Ipv6Endpoint]) -> list[str]:
     return rules
 
 
-def forward_rules(endpoints: Sequence[Ipv6Endpoint]) -> list[str]:
-    """ip6tables filter rules accepting the endpoints' forwarded traffic both ways (the raw guard has already
-    checked its source): one pair per endpoint, so nothing but vpcnet's IPv6 endpoints is let through."""
-    rules = []
-    for ep in sorted(endpoints, key=lambda e: e.host_veth):
-        address = ipaddress.IPv6Address(ep.address)
-        rules.append(f"-s {address}/128 -i {ep.host_veth} -j ACCEPT")
-        rules.append(f"-d {address}/128 -o {ep.host_veth} -j ACCEPT")
+def forward_rules(endpoints: Sequence[Ipv6Endpoint], uplinks: Sequence[str] = ()) -> list[str]:
+    """ip6tables filter rules for the endpoints' forwarded traffic, as the IPv4 isolation chains do: what an
+    IPv6 endpoint sends (its source already checked by the raw guard) is accepted; towards the containers,
+    only what comes by the uplinks or from another vpcnet container, or a reply; the rest to a host veth is
+    dropped (a Docker bridge network's container, a VPN, a second NIC never reach a vpcnet container).
+    Empty without IPv6 endpoints."""
+    if not endpoints:
+        return []
+    rules = [f"-s {ipaddress.IPv6Address(ep.address)}/128 -i {ep.host_veth} -j ACCEPT"
+             for ep in sorted(endpoints, key=lambda e: e.host_veth)]
+    rules += [f"-i {uplink} -o {HOST_VETHS} -j ACCEPT" for uplink in sorted({u for u in uplinks if u})]
+    rules += [f"-o {HOST_VETHS} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT", f"-o {HOST_VETHS} -j DROP"]
     return rules
 
 

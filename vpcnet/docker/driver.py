@@ -196,6 +196,9 @@ class NetworkDriver:
                                  f"vpcnet as its IPAM driver too (--ipam-driver, the same name as -d). {SWARM_HINT}")
         mode = self._network_mode(generic.get(MODE_OPTION))
         v6 = _ipv6_pool(ipv6_data, pools, mode)
+        if v6 and _truthy(options.get(INTERNAL_OPTION)):
+            raise InvalidRequest("--internal with --ipv6 is not supported yet: vpcnet keeps an internal network's "
+                                 "IPv4 inside the cluster CIDR but not its IPv6; create it without --ipv6")
         mtu = self._mtu(generic.get(MTU_OPTION))
         net = Network(network_id=network_id, host_cidr=pool, cluster_cidr=pools[pool]["cluster_cidr"],
                       gateway=pools[pool]["gateway"], bridge=bridge_name(network_id), mtu=mtu,

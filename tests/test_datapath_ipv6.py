@@ -188,6 +188,26 @@ def test_the_repair_pass_keeps_ipv6_endpoints_as_wanted(host, netns_factory):
     assert dp.repair([(s, endpoints)]) == []
 
 
+def test_an_endpoint_that_loses_its_ipv6_address_loses_its_route_and_rules_at_once(host, netns_factory):
+    """Docker releases a running container's IPv6 address when the container turns IPv6 off by sysctl: no
+    route or rule may outlive the address it served."""
+    dp = Dataplane(netns=host)
+    eid = "a" * 64
+    veth = veth_names(eid)[0]
+    wanted = [Ipv6Endpoint(veth, A)]
+    dp.ipv6_endpoints = lambda: list(wanted)
+    s = spec("routed")
+    dp.ensure_network(s)
+    container(host, dp, s, netns_factory, "10.77.3.2", A, eid)
+    dp.ensure_endpoint_ipv6(s, veth, A)
+    assert A in ns_run(host, "ip", "-6", "route").stdout and A in ns_run(host, "ip6tables-save").stdout
+    wanted.clear()                                     # the store forgot it (vpcnet.docker.ipam)
+    dp.drop_endpoint_ipv6(veth, A)
+    assert A not in ns_run(host, "ip", "-6", "route").stdout
+    assert A not in ns_run(host, "ip6tables-save").stdout
+    dp.drop_endpoint_ipv6(veth, A)                     # again: nothing left to remove, no error
+
+
 def test_bridge_mode_refuses_ipv6_clearly(host):
     dp = Dataplane(netns=host)
     s = spec("bridge")

@@ -891,6 +891,8 @@ def test_dual_stack_network_endpoint_and_join(plug, mode):
     plug.ipam.release_address(pool6, address6)
     assert plug.store.endpoint(EID).address == address.split("/")[0] and plug.store.endpoint(EID).address_v6 == ""
     assert plug.store.ipv6_endpoints() == []
+    assert plug.dataplane.called("drop_endpoint_ipv6") == [("drop_endpoint_ipv6", veth_names(EID)[0], bare6)]
+    assert bare6 not in plug.dataplane.routes and bare6 not in plug.store.addresses(pool6)
 
 
 def test_ipv6_inputs_refused_clearly_and_nothing_left(plug):

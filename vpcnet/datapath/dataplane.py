@@ -234,6 +234,14 @@ class Dataplane:
             self.ipv6.ensure_endpoint(ipr, host_veth, address)
         self._apply_ipv6_guard()
 
+    def drop_endpoint_ipv6(self, host_veth: str, address: str) -> None:
+        """An endpoint lost its IPv6 address while its container runs (Docker released it; the row no longer
+        has it): its /128 route goes now, and the guard, rewritten from the desired state, no longer lets the
+        address through."""
+        with self.nl.ipr() as ipr:
+            self.ipv6.unroute(ipr, host_veth, address)
+        self._apply_ipv6_guard()
+
     def _repair_ipv6(self, endpoints: dict[str, Ipv6Endpoint], view: KernelView) -> list[Repair]:
         """IPv6 endpoints whose veth is there but whose IPv6 (on, gateway, /128 route) is not."""
         repairs = []

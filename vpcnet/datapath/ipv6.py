@@ -143,6 +143,17 @@ class RoutedIpv6:
             raise DataplaneError(f"cannot route {address} to {host_veth}: {exc}") from None
         return idx
 
+    def unroute(self, ipr: IPRoute, host_veth: str, address: str) -> None:
+        """Remove `<address>/128 dev <host veth>`; one already gone (or the veth) is not an error."""
+        idx = self.nl.link_index(ipr, host_veth)
+        if idx is None:
+            return
+        try:
+            ipr.route("del", family=AF_INET6, dst=str(ipaddress.IPv6Address(address)), dst_len=128, oif=idx)
+        except NetlinkError as exc:
+            if exc.code not in (errno.ESRCH, errno.ENOENT):
+                raise DataplaneError(f"cannot remove the route of {address} from {host_veth}: {exc}") from None
+
     @staticmethod
     def routed_via(ipr: IPRoute, address: str) -> int | None:
         """The link the host routes an IPv6 `address` over, or None."""

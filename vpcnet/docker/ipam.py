@@ -82,6 +82,8 @@ class Ipam:
         self.remove_leftovers: Callable[[str], object] | None = None
         # peer_on_host(peer veth) -> whether an endpoint's container end is still on the host (not joined)
         self.peer_on_host: Callable[[str], bool] | None = None
+        # drop_ipv6(host veth, address) -> removes the IPv6 datapath of an endpoint that lost its address
+        self.drop_ipv6: Callable[[str, str], object] | None = None
 
     # -- capabilities -----------------------------------------------------------------------------
     @staticmethod
@@ -356,6 +358,14 @@ class Ipam:
         gone, kept = self.store.release_address(
             pool_id, str(ip), forget=lambda ep: peer_on_host is None or peer_on_host(ep.peer_veth))
         for ep in kept:
+            if ep.address_v6 == str(ip) and ep.address != str(ip):
+                # Docker releases a running container's IPv6 address when the container turns IPv6 off:
+                # the endpoint keeps its IPv4 only (the store forgot this one), and so does the datapath
+                log.info("ReleaseAddress %s: endpoint %s keeps running without IPv6: its IPv6 route and rules go",
+                         ip, ep.endpoint_id[:12])
+                if self.drop_ipv6 is not None:
+                    self.drop_ipv6(ep.host_veth, str(ip))
+                continue
             log.warning("ReleaseAddress %s: endpoint %s still holds it and its interface is in a container: kept",
                         ip, ep.endpoint_id[:12])
         for ep in gone:

@@ -69,6 +69,14 @@ def test_dual_stack_routed_network_containers_reach_each_other_over_ipv6(plugin_
     # a container's router advertisement never configures the host (the guard drops its IPv6 but its own)
     assert run(["sysctl", "-n", f"net.ipv6.conf.{host_veth}.accept_ra"]).stdout.strip() == "0"
     assert "ipv6_guard" not in doctor(plugin)[1], "doctor knows the IPv6 endpoints' rules and links"
+    # kill -9 and a restart: the kernel keeps forwarding IPv6 meanwhile, the restarted plugin rewrites the
+    # guard from its state (its endpoints' rules kept) and serves a new dual-stack container
+    plugin.kill9()
+    assert ping6(dock, a, ip6_b)
+    plugin.start()
+    d = dock.run_container(net).name
+    assert ping6(dock, d, ip6_a.split("/")[0]) and ping6(dock, a, ip6_b)
+    dock("rm", "-f", d)
     dock.cleanup()
     assert ip6_a.split("/")[0] not in run(["ip", "-6", "route", "show"]).stdout
     assert host_veth not in run(["ip6tables-save", "-t", "raw"]).stdout, "its guard rules went with it"

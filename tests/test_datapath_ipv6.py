@@ -181,31 +181,39 @@ def test_the_repair_pass_keeps_ipv6_endpoints_as_wanted(host, netns_factory):
     # drift: b's /128 route goes, the guard is flushed
     run(["ip", "-n", host, "-6", "route", "del", f"{B}/128"])
     ns_run(host, "ip6tables", "-t", "raw", "-F", "VPCNET-IPV6")
+    ns_run(host, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=0")
     repairs = dp.repair([(s, endpoints)])
     kinds = sorted({r.kind for r in repairs})
     assert kinds == ["firewall", "route"], repairs
+    assert any("IPv6 forwarding" in r.what for r in repairs), repairs
     assert ping6(ca, B)
     assert dp.repair([(s, endpoints)]) == []
 
 
-def test_an_endpoint_that_loses_its_ipv6_address_loses_its_route_and_rules_at_once(host, netns_factory):
+def test_an_endpoint_that_loses_its_ipv6_address_can_no_longer_use_it_at_once(host, netns_factory):
     """Docker releases a running container's IPv6 address when the container turns IPv6 off by sysctl: no
-    route or rule may outlive the address it served."""
+    route may outlive the address it served, and the container can no longer send from it (the guard's
+    reverse-path check goes with the route)."""
     dp = Dataplane(netns=host)
-    eid = "a" * 64
-    veth = veth_names(eid)[0]
-    wanted = [Ipv6Endpoint(veth, A)]
+    eids = ("a" * 64, "b" * 64)
+    veths = [veth_names(e)[0] for e in eids]
+    wanted = [Ipv6Endpoint(veths[0], A), Ipv6Endpoint(veths[1], B)]
     dp.ipv6_endpoints = lambda: list(wanted)
     s = spec("routed")
     dp.ensure_network(s)
-    container(host, dp, s, netns_factory, "10.77.3.2", A, eid)
-    dp.ensure_endpoint_ipv6(s, veth, A)
-    assert A in ns_run(host, "ip", "-6", "route").stdout and A in ns_run(host, "ip6tables-save").stdout
-    wanted.clear()                                     # the store forgot it (vpcnet.docker.ipam)
-    dp.drop_endpoint_ipv6(veth, A)
+    ca = container(host, dp, s, netns_factory, "10.77.3.2", A, eids[0])
+    cb = container(host, dp, s, netns_factory, "10.77.3.3", B, eids[1])
+    for veth, address in zip(veths, (A, B), strict=True):
+        dp.ensure_endpoint_ipv6(s, veth, address)
+    assert ping6(ca, B) and f"{A} dev {veths[0]}" in ns_run(host, "ip", "-6", "route").stdout
+    wanted.pop(0)                                      # the store forgot it (vpcnet.docker.ipam)
+    dp.drop_endpoint_ipv6(veths[0], A)
     assert A not in ns_run(host, "ip", "-6", "route").stdout
-    assert A not in ns_run(host, "ip6tables-save").stdout
-    dp.drop_endpoint_ipv6(veth, A)                     # again: nothing left to remove, no error
+    before = guard_drops(host)
+    assert not ping6(ca, B), "a's packets from its former address are dropped on the way in"
+    assert guard_drops(host) > before
+    assert ping6(cb, "fd66::9") is False and B in ns_run(host, "ip", "-6", "route").stdout   # b is untouched
+    dp.drop_endpoint_ipv6(veths[0], A)                 # again: nothing left to remove, no error
 
 
 def test_bridge_mode_refuses_ipv6_clearly(host):

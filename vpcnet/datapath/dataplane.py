@@ -60,10 +60,11 @@ those links in ip6tables (vpcnet.datapath.firewall.Ipv6Guard: raw `VPCNET-IPV6`,
 prefix), the one that holds where /proc/sys is read-only (a managed plugin); it is written at start
 and put back by the periodic pass.
 
-IPv6 (vpcnet.datapath.ipv6; the driver does not use it yet): `ensure_endpoint_ipv6` gives an endpoint of a
+IPv6 (vpcnet.datapath.ipv6): `ensure_endpoint_ipv6` gives an endpoint of a
 routed or ebpf network its IPv6 (IPv6 on for its host veth, fe80::1 as the container's gateway on it, a /128
-route), and the guard lets exactly the endpoints in `ipv6_endpoints()` (the desired state, read each time)
-send from their own address; the periodic pass keeps both, and leaves IPv6 on where it is wanted.
+route), and the guard, while `ipv6_endpoints()` (the desired state) has any, lets a veth send from what the
+host routes back to it: the endpoint's own /128; the periodic pass keeps both, and leaves IPv6 on where it
+is wanted.
 
 Every operation is idempotent: create what is missing, accept what exists, ignore what is gone. `repair`
 is the periodic pass's half (vpcnet.datapath.reconciler): one dump of links, addresses, routes and
@@ -107,7 +108,8 @@ class Dataplane:
         self.ipv6_endpoints: Callable[[], Sequence[Ipv6Endpoint]] = tuple
         self.unrepaired: list[str] = []     # networks the last repair could not put right
         self._v6_veths: set[str] = set()    # host veths with IPv6 on by design, as of the last repair
-        self._guarded: set[str] = set()     # host veths the IPv6 guard let through when last written
+        self._guard_ipv6 = False            # the guard as last written here lets IPv6 endpoints through
+        self._ipv6_host = False             # IPv6 forwarding checked by this process
 
     # -- host-wide --------------------------------------------------------------------------------
     def uplink_mtu(self) -> int:
@@ -128,11 +130,13 @@ class Dataplane:
         return self.firewall.apply([], host=True, uplinks=self.uplink_names()) + self._apply_ipv6_guard()
 
     def _apply_ipv6_guard(self) -> list[str]:
-        """The IPv6 guard with every IPv6 endpoint's own traffic let through (vpcnet.datapath.ipv6)."""
-        endpoints = list(self.ipv6_endpoints())
-        self._guarded = {ep.host_veth for ep in endpoints}
-        uplinks = self.uplink_names() if endpoints else []
-        return self.ipv6_guard.apply(allow=guard_rules(endpoints), forward=forward_rules(endpoints, uplinks))
+        """The IPv6 guard, letting IPv6 endpoints' own traffic through while the host has any
+        (vpcnet.datapath.ipv6)."""
+        any_ipv6 = bool(list(self.ipv6_endpoints()))
+        uplinks = self.uplink_names() if any_ipv6 else []
+        problems = self.ipv6_guard.apply(allow=guard_rules(any_ipv6), forward=forward_rules(any_ipv6, uplinks))
+        self._guard_ipv6 = any_ipv6 and self.ipv6_guard.in_place
+        return problems
 
     def uplink_names(self) -> list[str]:
         """Names of the uplinks: the interfaces carrying the default route(s), and those VPCNET_UPLINKS names
@@ -229,22 +233,26 @@ class Dataplane:
         `ipv6_endpoints()` (the desired state first): the guard written here lets its traffic through."""
         if not spec.routed:
             raise DataplaneError(f"IPv6 needs routed or ebpf mode; network {spec.tag} is in {spec.mode} mode")
-        self.ipv6.ensure_host(self.uplink_names())
+        if not self._ipv6_host:               # the first IPv6 endpoint of this process: forwarding
+            self.ipv6.ensure_host(self.uplink_names())
+            self._ipv6_host = True
+        if not self._guard_ipv6:              # the guard's rules for IPv6 endpoints (the same for all)
+            self._apply_ipv6_guard()
         with self.nl.ipr() as ipr:
             self.ipv6.ensure_endpoint(ipr, host_veth, address)
-        self._apply_ipv6_guard()
 
     def drop_endpoint_ipv6(self, host_veth: str, address: str) -> None:
         """An endpoint lost its IPv6 address while its container runs (Docker released it; the row no longer
-        has it): its /128 route goes now, and the guard, rewritten from the desired state, no longer lets the
-        address through."""
+        has it): its /128 route goes now, and with it the guard's permission (the reverse path) to send from
+        the address."""
         with self.nl.ipr() as ipr:
             self.ipv6.unroute(ipr, host_veth, address)
-        self._apply_ipv6_guard()
 
     def _repair_ipv6(self, endpoints: dict[str, Ipv6Endpoint], view: KernelView) -> list[Repair]:
-        """IPv6 endpoints whose veth is there but whose IPv6 (on, gateway, /128 route) is not."""
-        repairs = []
+        """IPv6 forwarding while there are IPv6 endpoints, and the endpoints whose veth is there but whose
+        IPv6 (on, gateway, /128 route) is not."""
+        repairs = [Repair("route", "-", f"IPv6 forwarding: {what}")
+                   for what in (self.ipv6.ensure_host(self.uplink_names()) if endpoints else [])]
         for ep in endpoints.values():
             link = view.links.get(ep.host_veth)
             if link is None:
@@ -261,8 +269,6 @@ class Dataplane:
 
     def delete_endpoint(self, host_veth: str) -> None:
         self.nl.delete_link(host_veth)       # the peer goes with it, wherever it is
-        if host_veth in self._guarded:       # an IPv6 endpoint (its row is gone): its rules go too
-            self._apply_ipv6_guard()
 
     def link_exists(self, name: str) -> bool:
         with self.nl.ipr() as ipr:

@@ -1,6 +1,6 @@
 """The routed modes' IPv6 datapath: what an endpoint with an IPv6 address needs of the host, as values and
-appliers beside the IPv4 ones (vpcnet.datapath.links, .firewall). Not yet used by the driver, which still
-refuses `--ipv6` (docs/ipv6-plan.md says what is left).
+appliers beside the IPv4 ones (vpcnet.datapath.links, .firewall). The driver uses it for `--ipv6` networks in
+routed and ebpf mode (docs/ipv6-plan.md says what is left).
 
 Per endpoint (`ensure_endpoint`):
 - The container has its address as a `/128` (vpcnet's IPAM answers so) and its default route via
@@ -22,13 +22,16 @@ that way (AWS, Alibaba): each uplink whose accept_ra is 1 gets 2 first (take the
 turning forwarding on never costs the host its default route.
 
 The ip6tables side (`guard_rules`, written by vpcnet.datapath.firewall.Ipv6Guard in raw PREROUTING, before
-routing, conntrack and ndisc): a packet from an endpoint's host veth passes only with that endpoint's own
-address as its source (anti-spoofing), or as neighbour discovery (solicitation, advertisement) from a
-link-local address; everything else IPv6 from a vpcnet link is dropped as before: router advertisements and
-solicitations, redirects, any other source. `forward_rules` accept the endpoints' traffic in ip6tables'
-filter FORWARD (Docker 27+ sets its policy to DROP when it turns IPv6 forwarding on), and towards the
-containers only what the uplinks or other vpcnet containers send, or replies (the IPv4 isolation's ingress
-half; its egress half, towards the uplinks and vpcnet's links only, is not repeated for IPv6 yet).
+routing, conntrack and ndisc): a packet from a host veth passes only with a source the host routes back to
+that veth, which is an IPv6 endpoint's own /128 and nothing else (anti-spoofing, as IPv4's reverse-path
+check), or as neighbour discovery (solicitation, advertisement) from a link-local address; everything else
+IPv6 from a vpcnet link is dropped as before: router advertisements and solicitations, redirects, any other
+source. The rules are the same for any number of endpoints (none per endpoint: creating one costs the
+firewall nothing), present while the host has an IPv6 endpoint. `forward_rules` accept the endpoints'
+traffic in ip6tables' filter FORWARD (Docker 27+ sets its policy to DROP when it turns IPv6 forwarding
+on), and towards the containers only what the uplinks or other vpcnet containers send, or replies (the
+IPv4 isolation's ingress half; its egress half, towards the uplinks and vpcnet's links only, is not
+repeated for IPv6 yet).
 """
 from __future__ import annotations
 
@@ -67,31 +70,32 @@ class Ipv6Endpoint:
             raise ValueError(f"{self.address} is not an IPv6 address")
 
 
-def guard_rules(endpoints: Sequence[Ipv6Endpoint]) -> list[str]:
-    """The raw-table rules letting each endpoint's own IPv6 through (its address, and neighbour discovery
-    from link-local addresses), to go before the guard's drops. Sorted: the same endpoints give the same
-    chain, whatever order the store read them in. Written as ip6tables-save prints them, so a pass that
-    finds them in place writes nothing."""
-    rules = []
-    for ep in sorted(endpoints, key=lambda e: e.host_veth):
-        address = ipaddress.IPv6Address(ep.address)
-        rules.append(f'-s {address}/128 -i {ep.host_veth} -m comment --comment "vpcnet: own IPv6" -j RETURN')
-        for kind in ND_TYPES:
-            rules.append(f"-s fe80::/10 -i {ep.host_veth} -p ipv6-icmp -m icmp6 --icmpv6-type {kind} "
-                         f'-m comment --comment "vpcnet: neighbour discovery" -j RETURN')
+def guard_rules(any_ipv6: bool) -> list[str]:
+    """The raw-table rules letting IPv6 endpoints' own traffic through, to go before the guard's drops: a
+    packet whose source the host routes back to the veth it came in by (strict reverse path: only an IPv6
+    endpoint's own /128 is routed to its veth, so a container cannot send as another, nor as anyone
+    outside), and neighbour solicitations and advertisements from link-local addresses. Everything else
+    from a host veth is dropped by the guard, router advertisements (always link-local) included. The
+    same few rules for any number of endpoints: an endpoint costs the firewall nothing, its /128 route is
+    its permission. None while the host has no IPv6 endpoint (the guard then drops all IPv6, as before).
+    Written as ip6tables-save prints them, so a pass that finds them in place writes nothing."""
+    if not any_ipv6:
+        return []
+    rules = [f"-s fe80::/10 -i {HOST_VETHS} -p ipv6-icmp -m icmp6 --icmpv6-type {kind} "
+             f'-m comment --comment "vpcnet: neighbour discovery" -j RETURN' for kind in ND_TYPES]
+    rules.append(f'! -s fe80::/10 -i {HOST_VETHS} -m rpfilter -m comment --comment "vpcnet: own IPv6" -j RETURN')
     return rules
 
 
-def forward_rules(endpoints: Sequence[Ipv6Endpoint], uplinks: Sequence[str] = ()) -> list[str]:
-    """ip6tables filter rules for the endpoints' forwarded traffic, as the IPv4 isolation chains do: what an
-    IPv6 endpoint sends (its source already checked by the raw guard) is accepted; towards the containers,
-    only what comes by the uplinks or from another vpcnet container, or a reply; the rest to a host veth is
+def forward_rules(any_ipv6: bool, uplinks: Sequence[str] = ()) -> list[str]:
+    """ip6tables filter rules for the endpoints' forwarded traffic, as the IPv4 isolation chains do: what a
+    container sends (its source already checked by the raw guard) is accepted; towards the containers, only
+    what comes by the uplinks or from another vpcnet container, or a reply; the rest to a host veth is
     dropped (a Docker bridge network's container, a VPN, a second NIC never reach a vpcnet container).
-    Empty without IPv6 endpoints."""
-    if not endpoints:
+    None while the host has no IPv6 endpoint."""
+    if not any_ipv6:
         return []
-    rules = [f"-s {ipaddress.IPv6Address(ep.address)}/128 -i {ep.host_veth} -j ACCEPT"
-             for ep in sorted(endpoints, key=lambda e: e.host_veth)]
+    rules = [f"-i {HOST_VETHS} -j ACCEPT"]
     rules += [f"-i {uplink} -o {HOST_VETHS} -j ACCEPT" for uplink in sorted({u for u in uplinks if u})]
     rules += [f"-o {HOST_VETHS} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT", f"-o {HOST_VETHS} -j DROP"]
     return rules

@@ -184,7 +184,8 @@ class FirewallChecks(Checks):
                             "as root")]
         # IPv6 endpoints (dual-stack networks): their own traffic is let through, and their links keep IPv6 on
         v6 = [Ipv6Endpoint(ep.host_veth, ep.address_v6) for ep in self.ctx.endpoints if getattr(ep, "address_v6", "")]
-        missing, _ = Ipv6Guard.diff(saved, guard_rules(v6), forward_rules(v6, [u for u in self._uplink_names() if u]))
+        missing, _ = Ipv6Guard.diff(saved, guard_rules(bool(v6)),
+                                    forward_rules(bool(v6), [u for u in self._uplink_names() if u]))
         if missing:
             by_hand = "; ".join([f"ip6tables -t raw -N {IPV6_CHAIN} (-F if it exists)",
                                  *(f"ip6tables -t raw -A {IPV6_CHAIN} {r}" for r in IPV6_RULES),

@@ -18,9 +18,9 @@ from vpcnet.errors import DataplaneError
 MEDIA_TYPE = "application/vnd.docker.plugins.v1.2+json"
 
 DATAPLANE_METHODS = ("ensure_host", "ensure_network", "delete_network", "network_exists", "stale_chains",
-                     "drop_stale_chain", "drop_stale_uplink_programs", "ensure_endpoint", "delete_endpoint",
-                     "link_exists", "uplink_mtu", "overlapping_routes", "repair", "features", "forget_peers",
-                     "ensure_ports", "port_taken")
+                     "drop_stale_chain", "drop_stale_uplink_programs", "ensure_endpoint", "ensure_endpoint_ipv6",
+                     "drop_endpoint_ipv6", "delete_endpoint", "link_exists", "uplink_mtu", "overlapping_routes",
+                     "repair", "features", "forget_peers", "ensure_ports", "port_taken")
 
 
 class FakeDataplane:
@@ -160,6 +160,21 @@ class FakeDataplane:
     def forget_peers(self, addresses) -> None:
         self._call("forget_peers", list(addresses))
 
+    def ensure_endpoint_ipv6(self, spec, host_veth: str, address: str) -> None:
+        self._call("ensure_endpoint_ipv6", spec.bridge, host_veth, address)
+        if not spec.routed:
+            raise DataplaneError(f"IPv6 needs routed or ebpf mode; network {spec.tag} is in {spec.mode} mode")
+        if host_veth not in self.links:
+            raise DataplaneError(f"veth {host_veth} is missing")
+        self.links[host_veth]["route6"] = f"{address}/128"
+        self.routes[address] = host_veth
+
+    def drop_endpoint_ipv6(self, host_veth: str, address: str) -> None:
+        self._call("drop_endpoint_ipv6", host_veth, address)
+        if self.routes.get(address) == host_veth:
+            del self.routes[address]
+        self.links.get(host_veth, {}).pop("route6", None)
+
     def delete_endpoint(self, host_veth: str) -> None:
         self._call("delete_endpoint", host_veth)
         self.links.pop(host_veth, None)
@@ -253,6 +268,7 @@ def make_plugin(tmp_path, dataplane: FakeDataplane | None = None, clock=None, **
     dataplane = dataplane or FakeDataplane()
     driver = NetworkDriver(config, store, dataplane)
     ipam.remove_leftovers, ipam.peer_on_host = driver.remove_leftovers, dataplane.link_exists
+    ipam.drop_ipv6 = dataplane.drop_endpoint_ipv6
     return Assembled(config, store, routes, ipam, driver, dataplane, clock)
 
 

@@ -13,6 +13,7 @@ and only secondary ENIs separately).
 from __future__ import annotations
 
 import http.server
+import ipaddress
 import json
 import logging
 import socket
@@ -28,7 +29,7 @@ from vpcnet.cloud import DuplicateRoute, QuotaExceeded
 from vpcnet.cloud.aws.markers import tag_key
 from vpcnet.cloud.aws.provider import AwsProvider
 from vpcnet.config import Config
-from vpcnet.errors import Fatal, Retryable
+from vpcnet.errors import Fatal, NotReady, Retryable
 from vpcnet.routes.backoff import Backoff
 from vpcnet.routes.keeper import RouteKeeper
 from vpcnet.state.store import Store
@@ -512,9 +513,10 @@ def test_no_secret_in_logs_or_errors(vpc, fake_imds, provider_for, monkeypatch, 
 
 
 # -- end to end with the RouteKeeper --------------------------------------------------------------
-def _keeper(vpc, tmp_path, name, instance):
+def _keeper(vpc, tmp_path, name, instance, **extra):
     (tmp_path / name).mkdir()
-    config = vpc.config(instance, state_dir=str(tmp_path / name), cluster_cidr="10.200.0.0/16", host_prefix=24)
+    config = vpc.config(instance, state_dir=str(tmp_path / name), cluster_cidr="10.200.0.0/16", host_prefix=24,
+                        **extra)
     store = Store(str(tmp_path / name / "s.db"))
     keeper = RouteKeeper(config, store, provider_factory=lambda: AwsProvider(config),
                          backoff=Backoff(attempts=3, base=0.01, cap=0.05, deadline=5))
@@ -564,6 +566,70 @@ def test_route_keeper_end_to_end(vpc, tmp_path):
         ka.delete_garbage(garbage)
         assert block_b not in vpc.routes() and vpc.tags() == {}
         assert hand in vpc.routes()
+    finally:
+        for keeper, store in ((ka, sa), (kb, sb)):
+            keeper.close()
+            store.close()
+
+
+V6 = "fd00:aaaa:bbbb::/48"      # a ULA cluster range: outside the VPC's /56, what route-table mode can use
+
+
+def _v6_routes(vpc) -> dict[str, dict]:
+    table = vpc.ec2.describe_route_tables(RouteTableIds=[vpc.table])["RouteTables"][0]
+    return {r["DestinationIpv6CidrBlock"]: r for r in table["Routes"] if r.get("DestinationIpv6CidrBlock")}
+
+
+def test_ipv6_blocks_are_claimed_with_destination_ipv6_cidr_block_and_counted_per_family(vpc, tmp_path):
+    """IPv6 host blocks go into the route table as CreateRoute DestinationIpv6CidrBlock -> the instance, marked
+    and owned as IPv4 ones; AWS counts each family's routes against its own quota, so a table full of IPv4
+    routes still takes IPv6 ones."""
+    a, b = vpc.instance(), vpc.instance()
+    ka, sa = _keeper(vpc, tmp_path, "a", a, route_table_quota=2, cluster_cidr_v6=V6)
+    kb, sb = _keeper(vpc, tmp_path, "b", b, route_table_quota=2, cluster_cidr_v6=V6)
+    try:
+        assert ka.reconcile().ok and kb.reconcile().ok            # two IPv4 routes: the IPv4 quota is full
+        for keeper in (ka, kb):
+            with pytest.raises(NotReady, match="not yet claimed"):
+                keeper.host_cidr(V6)                              # IPAM asks: the next pass claims it
+            result = keeper.reconcile()
+            assert result.ok, result.problems
+        block_a, block_b = sa.claim(V6).host_cidr, sb.claim(V6).host_cidr
+        assert block_a != block_b and all(ipaddress.IPv6Network(x).subnet_of(ipaddress.IPv6Network(V6))
+                                          and x.endswith("/80") for x in (block_a, block_b))
+        routes = _v6_routes(vpc)
+        assert (routes[block_a]["InstanceId"], routes[block_b]["InstanceId"]) == (a, b)
+        assert vpc.markers(a)[tag_key(block_a)] == "cluster=fd00.aaaa.bbbb..-48"
+        tables, me, listed = ka.table()
+        owners = {r.destination: ka.ownership(r, me) for r in listed}
+        assert owners[block_a] == "mine" and owners[block_b] == "ours-other-host"
+
+        # drift: host b's IPv6 route deleted behind vpcnet's back is re-created; a restart finds its block
+        vpc.ec2.delete_route(RouteTableId=vpc.table, DestinationIpv6CidrBlock=block_b)
+        sb.forget_claim(V6)
+        sb.want_claim(V6, "restart")
+        assert kb.reconcile().ok and sb.claim(V6).host_cidr == block_b
+        assert _v6_routes(vpc)[block_b]["InstanceId"] == b
+
+        # a third IPv4 block does not fit, an IPv6 one would: the quota is per family
+        c = vpc.instance()
+        kc, sc = _keeper(vpc, tmp_path, "c", c, route_table_quota=2)
+        try:
+            result = kc.reconcile()
+            assert not result.ok and "is full: 2/2" in result.problems[0]
+        finally:
+            kc.close()
+            sc.close()
+
+        # release and gc cover IPv6 routes as IPv4 ones
+        v4_a = sa.claim("10.200.0.0/16").host_cidr
+        assert sorted(r.destination for r in ka.release()) == sorted([block_a, v4_a])
+        assert block_a not in _v6_routes(vpc)
+        vpc.ec2.terminate_instances(InstanceIds=[b])
+        garbage = ka.garbage()
+        assert block_b in [r.destination for r in garbage]
+        ka.delete_garbage(garbage)
+        assert _v6_routes(vpc) == {}
     finally:
         for keeper, store in ((ka, sa), (kb, sb)):
             keeper.close()

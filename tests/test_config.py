@@ -1,6 +1,7 @@
 """Configuration: defaults, TOML file then environment precedence, one clear line per invalid value."""
 from __future__ import annotations
 
+import ipaddress
 import os
 import subprocess
 import sys
@@ -166,6 +167,36 @@ def test_static_host_cidr_too_small(env, host_cidr):
 def test_cluster_not_wider_than_host_block(env, cluster, prefix):
     message = refused(env, VPCNET_CLUSTER_CIDR=cluster, VPCNET_HOST_PREFIX=prefix)
     assert message.startswith("VPCNET_CLUSTER_CIDR") and "larger than one host block" in message
+
+
+def test_ipv6_defaults_a_ula_48_derived_from_the_cluster_identity_and_80_blocks(env):
+    cfg = load(env)
+    assert (cfg.cluster_cidr_v6, cfg.host_prefix_v6) == ("", 80)
+    derived = ipaddress.IPv6Network(cfg.default_cluster_cidr_v6)
+    assert derived.prefixlen == 48 and derived.subnet_of(ipaddress.IPv6Network("fd00::/8"))
+    assert cfg.default_cluster_cidr_v6 == load(env).default_cluster_cidr_v6     # every host computes the same
+    named = load(env, VPCNET_CLUSTER_NAME="alpha").default_cluster_cidr_v6
+    other = load(env, VPCNET_CLUSTER_CIDR="10.201.0.0/16").default_cluster_cidr_v6
+    assert len({cfg.default_cluster_cidr_v6, named, other}) == 3               # clusters differ, so do their ULAs
+    assert named == config_mod.derived_ula("alpha")
+    given = load(env, VPCNET_CLUSTER_CIDR_V6="2001:db8:7::/48", VPCNET_HOST_PREFIX_V6="64")
+    assert given.default_cluster_cidr_v6 == "2001:db8:7::/48"
+    assert (given.host_prefix_for("2001:db8:7::/48"), given.host_prefix_for("10.200.0.0/16")) == (64, 24)
+
+
+@pytest.mark.parametrize("extra,start,why", [
+    ({"VPCNET_CLUSTER_CIDR_V6": "fd00::1/48"}, "VPCNET_CLUSTER_CIDR_V6", "host bits set"),
+    ({"VPCNET_CLUSTER_CIDR_V6": "10.0.0.0/8"}, "VPCNET_CLUSTER_CIDR_V6", "an IPv4 network: this setting takes an"),
+    ({"VPCNET_CLUSTER_CIDR_V6": "fd00::/80"}, "VPCNET_CLUSTER_CIDR_V6", "larger than one host block"),
+    ({"VPCNET_CLUSTER_CIDR_V6": "fe80::/48"}, "VPCNET_CLUSTER_CIDR_V6", "not a unicast range"),
+    ({"VPCNET_CLUSTER_CIDR_V6": "ff00::/16", "VPCNET_HOST_PREFIX_V6": "64"}, "VPCNET_CLUSTER_CIDR_V6",
+     "not a unicast range"),
+    ({"VPCNET_HOST_PREFIX_V6": "121"}, "VPCNET_HOST_PREFIX_V6", "out of range"),
+    ({"VPCNET_HOST_PREFIX_V6": "8"}, "VPCNET_HOST_PREFIX_V6", "out of range"),
+])
+def test_ipv6_settings_refused_clearly(env, extra, start, why):
+    message = refused(env, **extra)
+    assert message.startswith(start) and why in message
 
 
 def test_empty_cluster_cidr(env):

@@ -6,6 +6,7 @@ RequestAddress after a restart and cleans up stale sandboxes; both must go throu
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -119,6 +120,11 @@ def ip_of(engine: Engine, container: str) -> str:
     return engine("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", container).stdout.strip()
 
 
+def ip6_of(engine: Engine, container: str) -> str:
+    return engine("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.GlobalIPv6Address}}{{end}}",
+                  container).stdout.strip()
+
+
 def errors_in(plugin, text: str | None = None) -> list[str]:
     """The transport's lines of calls answered other than 200 (in `text`, else the log's tail)."""
     return [line for line in (plugin.log() if text is None else text).splitlines()
@@ -132,19 +138,24 @@ def log_since(plugin, offset: int) -> str:
         return fh.read().decode(errors="replace")
 
 
-@pytest.mark.parametrize("live_restore", [True, False], ids=["live-restore", "no-live-restore"])
-def test_daemon_restart_keeps_networks_and_containers_working(engine_host, plugin_factory, live_restore):
+@pytest.mark.parametrize("live_restore,ipv6", [(True, False), (False, False), (True, True)],
+                         ids=["live-restore", "no-live-restore", "live-restore-dual-stack"])
+def test_daemon_restart_keeps_networks_and_containers_working(engine_host, plugin_factory, live_restore, ipv6):
     engine, ns = engine_host
-    plugin = plugin_factory(netns=ns)
+    cluster6 = "fd00:5e:1::/48"
+    plugin = plugin_factory({"VPCNET_CLUSTER_CIDR_V6": cluster6}, netns=ns)
     engine.start(live_restore)
     img = image.build(engine.docker)
-    engine("network", "create", "-d", plugin.name, "--ipam-driver", plugin.name, "vpc0")
+    dual = ("--ipv6", "--subnet", plugin.cluster, "--subnet", cluster6, "-o", "vpcnet.mode=routed") if ipv6 else ()
+    engine("network", "create", "-d", plugin.name, "--ipam-driver", plugin.name, *dual, "vpc0")
     subnet_before = engine("network", "inspect", "vpc0", "-f", "{{json .IPAM.Config}}").stdout
     engine("run", "-d", "--name", "one", "--network", "vpc0", "-p", "18100:80", img, "sleep", "3600")
     engine("run", "-d", "--name", "two", "--network", "vpc0", img, "sleep", "3600")
     ip_one, ip_two = ip_of(engine, "one"), ip_of(engine, "two")
     assert ping(engine, "one", ip_two)
     assert published(plugin) == [f"0.0.0.0:18100->{ip_one}:80/tcp"]
+    six = {c: ip6_of(engine, c) for c in ("one", "two")} if ipv6 else {}
+    assert not ipv6 or ping(engine, "one", six["two"])
 
     engine.stop()
     if live_restore:   # containers kept running, and talking, while the daemon was away
@@ -160,11 +171,15 @@ def test_daemon_restart_keeps_networks_and_containers_working(engine_host, plugi
     def replayed() -> bool:
         text = log_since(plugin, offset)
         return "/IpamDriver.RequestPool -> 200 " in text and (not live_restore or all(
-            f"replayed address {ip} in pool" in text for ip in (ip_one, ip_two)))
+            f"replayed address {ip} in pool" in text for ip in (ip_one, ip_two, *six.values())))
 
     assert wait_for(replayed, 10), f"no replay reached the plugin:\n{log_since(plugin, offset)[-5000:]}"
     assert errors_in(plugin, log_since(plugin, offset)) == [], "every replay and stale clean-up call succeeded"
-    assert engine("network", "inspect", "vpc0", "-f", "{{json .IPAM.Config}}").stdout == subnet_before
+    subnets = engine("network", "inspect", "vpc0", "-f", "{{json .IPAM.Config}}").stdout
+    if ipv6:    # given with --subnet: Docker 20.10 records each subnet's first address as its gateway at a restart
+        assert [c["Subnet"] for c in json.loads(subnets)] == [c["Subnet"] for c in json.loads(subnet_before)]
+    else:
+        assert subnets == subnet_before
     if not live_restore:
         assert published(plugin) == [], "the containers stopped with the daemon: their ports went with them"
         engine("start", "one", "two")
@@ -177,6 +192,9 @@ def test_daemon_restart_keeps_networks_and_containers_working(engine_host, plugi
     ip_three = ip_of(engine, "three")
     assert ip_three not in (ip_of(engine, "one"), ip_of(engine, "two")), "no duplicate address after replays"
     assert ping(engine, "three", "one")
+    if ipv6:
+        assert ip6_of(engine, "three") not in six.values() and ping(engine, "three", ip6_of(engine, "one"))
+        assert {ip6_of(engine, c) for c in ("one", "two")} == set(six.values())
     assert errors_in(plugin) == [], "every replay and stale clean-up call succeeded"
     endpoints = plugin.status()["networks"][0]["endpoints"]
     assert sorted(ep["address"] for ep in endpoints) == sorted(

@@ -2,6 +2,7 @@
 repairing a missing veth pair, restore() at start-up. The dataplane is the recording fake."""
 from __future__ import annotations
 
+import ipaddress
 import json
 
 import pytest
@@ -218,7 +219,8 @@ def test_endpoint_labels_of_current_docker(plug):
 @pytest.mark.parametrize("options,text", [
     ({"com.docker.network.enable_ipv4": False}, r"IPv4 is disabled for this network \(--ipv4=false\)"),
     ({"com.docker.network.enable_ipv4": "false"}, "--ipv4=false"),
-    ({"com.docker.network.enable_ipv6": True}, "without --ipv6")])
+    ({"com.docker.network.enable_ipv6": True, GENERIC: {MODE_OPTION: "bridge"}},
+     "IPv6 \\(--ipv6\\) needs -o vpcnet.mode=routed or ebpf")])
 def test_ip_family_options_refused_by_create_and_gw_alloc_check(plug, options, text):
     with pytest.raises(InvalidRequest, match=text):
         plug.driver.gw_alloc_check(options)
@@ -849,3 +851,75 @@ def test_a_refusal_quotes_what_it_was_sent_on_one_short_line(plug, case):
     message = str(info.value)
     assert "'x\\n2024-01-01 00:00:00 INFO vpcnet: forged line" in message, message[:300]
     assert "\n" not in message and len(message) < 400 and f"({len(INJECTED)} characters)" in message, message[:500]
+
+
+# -- IPv6 ---------------------------------------------------------------------------------------------
+def dual_stack(plug, mode="routed"):
+    pool4, pool6 = pool_of(plug), plug.ipam.request_pool(v6=True)["PoolID"]
+    plug.driver.create_network(NID, {GENERIC: {MODE_OPTION: mode}, "com.docker.network.enable_ipv6": True},
+                               [{"Pool": pool4, "Gateway": ""}], [{"Pool": pool6, "Gateway": ""}])
+    return plug.store.network(NID), pool6
+
+
+@pytest.mark.parametrize("mode", ["routed", "ebpf"])
+def test_dual_stack_network_endpoint_and_join(plug, mode):
+    """--ipv6: the network keeps its IPv6 block; an endpoint gets its IPv6 address on the host (routed path,
+    ebpf networks too) and Join gives the container fe80::1 as its IPv6 gateway and the IPv6 cluster CIDR
+    through it."""
+    assert plug.driver.gw_alloc_check({"com.docker.network.enable_ipv6": True, GENERIC: {MODE_OPTION: mode}}) \
+        == {"SkipIPv4": False, "SkipIPv6": False}
+    net, pool6 = dual_stack(plug, mode)
+    assert (net.host_cidr_v6, net.cluster_cidr_v6) == (pool6, plug.config.default_cluster_cidr_v6)
+    assert net.gateway_v6 == str(ipaddress.IPv6Network(pool6).network_address + 1)
+    address = plug.ipam.request_address(net.host_cidr)["Address"]
+    address6 = plug.ipam.request_address(pool6)["Address"]
+    plug.driver.create_endpoint(NID, EID, {"Address": address, "AddressIPv6": address6}, {})
+    bare6 = address6.split("/")[0]
+    assert plug.store.endpoint(EID).address_v6 == bare6
+    assert plug.store.ipv6_endpoints() == [(veth_names(EID)[0], bare6)]
+    assert plug.dataplane.called("ensure_endpoint_ipv6") == [("ensure_endpoint_ipv6", net.bridge, veth_names(EID)[0],
+                                                              bare6)]
+    answer = plug.driver.join(NID, EID, "/var/run/docker/netns/x", {})
+    assert answer["GatewayIPv6"] == "fe80::1" and answer["Gateway"] == net.gateway
+    assert answer["StaticRoutes"][1] == {"Destination": net.cluster_cidr_v6, "RouteType": 0, "NextHop": "fe80::1"}
+    # the IPv6 pool is the network's: not released under it, and a second network cannot take the block
+    assert plug.ipam.release_pool(pool6) == {} and pool6 in [p["pool_id"] for p in plug.store.pools()]
+    # Docker releases the IPv6 address of a running container (IPv6 turned off by sysctl): the endpoint
+    # keeps its IPv4 only, and nothing lets the IPv6 address through any more
+    plug.dataplane.links[veth_names(EID)[0]]["peer_present"] = False       # joined: in the container
+    plug.ipam.peer_on_host = plug.dataplane.link_exists
+    plug.ipam.release_address(pool6, address6)
+    assert plug.store.endpoint(EID).address == address.split("/")[0] and plug.store.endpoint(EID).address_v6 == ""
+    assert plug.store.ipv6_endpoints() == []
+    assert plug.dataplane.called("drop_endpoint_ipv6") == [("drop_endpoint_ipv6", veth_names(EID)[0], bare6)]
+    assert bare6 not in plug.dataplane.routes and bare6 not in plug.store.addresses(pool6)
+
+
+def test_ipv6_inputs_refused_clearly_and_nothing_left(plug):
+    pool6 = plug.ipam.request_pool(v6=True)["PoolID"]
+    with pytest.raises(InvalidRequest, match="needs -o vpcnet.mode=routed or ebpf"):
+        plug.driver.create_network(NID, {GENERIC: {MODE_OPTION: "bridge"}}, [{"Pool": pool_of(plug)}],
+                                   [{"Pool": pool6}])
+    with pytest.raises(InvalidRequest, match="is not a vpcnet IPv6 pool"):
+        plug.driver.create_network(NID, {GENERIC: {MODE_OPTION: "routed"}}, [{"Pool": pool_of(plug)}],
+                                   [{"Pool": "fd99::/64"}])
+    with pytest.raises(InvalidRequest, match="one IPv6 pool"):
+        plug.driver.create_network(NID, {GENERIC: {MODE_OPTION: "routed"}}, [{"Pool": pool_of(plug)}],
+                                   [{"Pool": pool6}, {"Pool": pool6}])
+    with pytest.raises(InvalidRequest, match="--internal with --ipv6 is not supported yet"):
+        plug.driver.create_network(NID, {GENERIC: {MODE_OPTION: "routed"}, INTERNAL_OPTION: True},
+                                   [{"Pool": pool_of(plug)}], [{"Pool": pool6}])
+    assert plug.store.networks() == [] and plug.dataplane.networks == {}
+    net, pool6 = dual_stack(plug)
+    address = plug.ipam.request_address(net.host_cidr)["Address"]
+    for bad, why in (("fd99::5/128", "outside the network's IPv6 block"), ("nope", "not an IPv6 CIDR address"),
+                     ("10.1.2.3/24", "not an IPv6 CIDR address")):
+        with pytest.raises(InvalidRequest, match=why):
+            plug.driver.create_endpoint(NID, EID, {"Address": address, "AddressIPv6": bad}, {})
+    assert plug.store.endpoints() == [] and plug.dataplane.links == {}
+    # an IPv4-only network refuses an IPv6 address
+    create(plug, nid=NID2, pool=pool_of(plug, "10.201.0.0/16"), generic={MODE_OPTION: "routed"})
+    address2 = plug.ipam.request_address(plug.store.network(NID2).host_cidr)["Address"]
+    with pytest.raises(InvalidRequest, match="has no IPv6"):
+        plug.driver.create_endpoint(NID2, EID2, {"Address": address2, "AddressIPv6": "fd00::5/128"}, {})
+    assert plug.store.endpoints() == []

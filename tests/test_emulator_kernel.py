@@ -153,6 +153,49 @@ def test_restart_reconciles_kernel_routes(router_ns, started, tmp_path):
     assert_error(client2.create("10.202.5.0/24"), 404, "InvalidInstanceId.NotFound")
 
 
+def our_routes6(ns: str) -> dict[str, str]:
+    out = {}
+    for line in ip("-n", ns, "-6", "route", "show", "proto", str(RTPROT_EMULATOR)).splitlines():
+        words = line.split()
+        if words and "via" in words:
+            out[words[0]] = words[words.index("via") + 1]
+    return out
+
+
+def test_ipv6_entries_route_via_the_instances_ipv6_underlay(router_ns, started, tmp_path):
+    """IPv6 custom entries (DestinationCidrBlock takes both families) become IPv6 kernel routes in the router
+    namespace, via the instance's IPv6 underlay address; IPv4 ones stay as they were."""
+    ip("-n", router_ns, "addr", "add", "fd77::1/64", "dev", "under0", "nodad")
+    state = str(tmp_path / "emu.json")
+    emu, client = started(state_file=state)
+    emu.register_instance("i-host1", "192.168.77.2", "fd77::2")
+    emu.register_instance("i-host2", "192.168.77.3")                 # no IPv6 underlay
+    assert client.create("10.205.1.0/24")[0] == 200
+    assert client.create("fd00:1:2:0:1::/80")[0] == 200
+    assert wait_for(lambda: our_routes6(router_ns) == {"fd00:1:2:0:1::/80": "fd77::2"}, 10)
+    assert our_routes(router_ns) == {"10.205.1.0/24": "192.168.77.2"}
+    assert "via fd77::2" in ip("-n", router_ns, "-6", "route", "get", "fd00:1:2:0:1::7")   # packets follow it
+    listed = {e["DestinationCidrBlock"]: e for e in client.list()}
+    assert listed["fd00:1:2:0:1::/80"]["IpVersion"] == "ipv6" and listed["10.205.1.0/24"]["IpVersion"] == "ipv4"
+    assert [e["DestinationCidrBlock"] for e in client.list(IpVersion="IPv6")] == ["fd00:1:2:0:1::/80"]
+    assert_error(client.create("fd00:1:2:0:1::/80", hop="i-host2"), 400, "InvalidCIDRBlock.Duplicate")
+    assert_error(client.create("fd00:1:2:0:1::1/80"), 400, "InvalidCidrBlock.Malformed")
+    # an instance without an IPv6 underlay: its IPv6 entry is listed, but has no kernel route
+    assert client.create("fd00:1:2:0:2::/80", hop="i-host2")[0] == 200
+    emu.sync_kernel()
+    assert "fd00:1:2:0:2::/80" not in our_routes6(router_ns)
+
+    # a restart keeps the IPv6 underlay; an IPv6 route removed by hand comes back
+    emu.close()
+    ip("-n", router_ns, "-6", "route", "del", "fd00:1:2:0:1::/80")
+    emu2, client2 = started(state_file=state)
+    assert our_routes6(router_ns) == {"fd00:1:2:0:1::/80": "fd77::2"}
+    entry = next(e for e in client2.list() if e["DestinationCidrBlock"] == "fd00:1:2:0:1::/80")
+    assert client2.call("DeleteRouteEntry", RouteTableId=TABLE, RouteEntryId=entry["RouteEntryId"])[0] == 200
+    assert wait_for(lambda: our_routes6(router_ns) == {}, 10)
+    assert our_routes(router_ns) == {"10.205.1.0/24": "192.168.77.2"}
+
+
 def test_unreachable_gateway_is_reported_not_fatal(router_ns, started):
     emu, client = started()
     emu.register_instance("i-far", "172.31.0.9")       # no link to it in the router namespace

@@ -129,11 +129,11 @@ def test_default_cluster_overlapping_a_wider_subnet_in_use_refused(ipam):
         ipam.request_pool()
 
 
-def test_v6_subpool_options_refused(ipam):
-    with pytest.raises(InvalidRequest, match="IPv6"):
-        ipam.request_pool(v6=True)
-    with pytest.raises(InvalidRequest, match="IPv6"):
+def test_subpool_options_and_a_family_mismatch_refused(ipam):
+    with pytest.raises(InvalidRequest, match="fd00::/64 is an IPv6 network, asked for an IPv4 pool"):
         ipam.request_pool(pool="fd00::/64")
+    with pytest.raises(InvalidRequest, match="10.0.0.0/8 is an IPv4 network, asked for an IPv6 pool"):
+        ipam.request_pool(pool="10.0.0.0/8", v6=True)
     with pytest.raises(InvalidRequest, match="--ip-range"):
         ipam.request_pool(sub_pool="10.200.0.0/26")
     with pytest.raises(InvalidRequest, match="unknown --ipam-opt color"):
@@ -153,7 +153,7 @@ def test_a_pool_id_vpcnet_never_answered_is_refused(ipam):
     pool = ipam.request_pool()["PoolID"]
     before = ipam.store.pools()
     calls = (ipam.release_pool, ipam.request_address, lambda pool_id: ipam.release_address(pool_id, "10.200.0.5"))
-    for bad in ("garbage", "", f"{pool}\n", f" {pool}", "10.200.0.1/24", "10.200.0.0/33", "fd00::/64",
+    for bad in ("garbage", "", f"{pool}\n", f" {pool}", "10.200.0.1/24", "10.200.0.0/33", "fd00:0::/64", "FD00::/64",
                 "10.200.0.0", "010.200.0.0/24", "x" * 5_000_000):
         for call in calls:
             with pytest.raises(InvalidRequest, match="is not a vpcnet pool id") as info:
@@ -748,3 +748,113 @@ def test_a_pool_replayed_as_its_subnet_cluster_cidr_makes_its_addresses_replayab
     assert ipam.open_replay_window() is True
     assert ipam.request_pool(pool=cluster)["PoolID"] == pool
     assert ip_of(ipam.request_address(pool, a)) == a
+
+
+# -- IPv6 pools and addresses -----------------------------------------------------------------------
+def test_v6_default_pool_is_this_hosts_block_of_the_derived_ula(ipam):
+    answer = ipam.request_pool(v6=True)
+    host = ipaddress.IPv6Network(answer["Pool"])
+    cluster = ipaddress.IPv6Network(ipam.config.default_cluster_cidr_v6)
+    assert cluster.prefixlen == 48 and cluster.subnet_of(ipaddress.IPv6Network("fd00::/8"))
+    assert answer["PoolID"] == answer["Pool"] and host.prefixlen == 80 and host.subnet_of(cluster)
+    assert answer["Data"] == {GATEWAY_KEY: f"{host.network_address + 1}/80"}
+    # the same call again (Docker's replay, in either form) answers the same; the v4 pool is apart
+    assert ipam.request_pool(v6=True) == answer == ipam.request_pool(pool=answer["Pool"], v6=True)
+    v4 = ipam.request_pool()
+    assert ipaddress.ip_network(v4["Pool"]).version == 4
+    assert {c.cluster_cidr: c.host_cidr for c in ipam.store.claims()} == {
+        "10.200.0.0/16": v4["Pool"], str(cluster): answer["Pool"]}
+    # both blocks are this host's routes in the (local) route table, each of its own cluster identity
+    routes = {r.destination: r for r in ipam.routes.provider.list_routes()}
+    assert set(routes) == {v4["Pool"], answer["Pool"]}
+    assert routes[answer["Pool"]].cluster == str(cluster).replace("/", "-").replace(":", ".")
+
+
+def test_v6_cluster_cidr_setting_and_subnet(tmp_path):
+    ipam = build(tmp_path, VPCNET_CLUSTER_CIDR_V6="fd00:aa::/48", VPCNET_HOST_PREFIX_V6="64")
+    answer = ipam.request_pool(v6=True)
+    assert ipaddress.IPv6Network(answer["Pool"]).subnet_of(ipaddress.IPv6Network("fd00:aa::/48"))
+    assert answer["Pool"].endswith("/64")
+    other = ipam.request_pool(pool="fd00:bb::/56", v6=True)       # --subnet: an IPv6 cluster CIDR
+    assert ipaddress.IPv6Network(other["Pool"]).subnet_of(ipaddress.IPv6Network("fd00:bb::/56"))
+    with pytest.raises(Conflict, match="overlaps the cluster CIDR fd00:bb::/56"):
+        ipam.request_pool(pool="fd00:bb::/52", v6=True)
+    with pytest.raises(InvalidRequest, match="neither a cluster CIDR"):
+        ipam.request_pool(pool="fd00:cc::/64", v6=True)
+    with pytest.raises(InvalidRequest, match="not a valid network"):
+        ipam.request_pool(pool="fd00:cc::1/48", v6=True)
+
+
+def test_v6_size_only_subnet_gets_the_default_block_or_a_clear_refusal(ipam):
+    """Docker 29 sends `--subnet ::/96` to a remote IPAM as the pool "::/96"."""
+    answer = ipam.request_pool(pool="::/96", v6=True)
+    assert answer == ipam.request_pool(v6=True)
+    before = ipam.store.claims()
+    for pool in ("::/64", "::/0"):
+        with pytest.raises(InvalidRequest, match=r"vpcnet gives each host one /80 block.*::/80 or longer"):
+            ipam.request_pool(pool=pool, v6=True)
+    assert ipam.store.claims() == before
+
+
+def test_v6_addresses_next_fit_as_128s_ip6_and_no_duplicate(ipam):
+    pool = ipam.request_pool(v6=True)["PoolID"]
+    host = ipaddress.IPv6Network(pool)
+    gw = ipam.request_address(pool, options=GATEWAY_OPTS)
+    assert gw["Address"] == f"{host.network_address + 1}/80"
+    first, second = (ipam.request_address(pool)["Address"] for _ in range(2))
+    assert (first, second) == (f"{host.network_address + 2}/128", f"{host.network_address + 3}/128")
+    wanted = str(host.network_address + 0xabcd)                      # docker run --ip6
+    assert ipam.request_address(pool, address=wanted)["Address"] == f"{wanted}/128"
+    with pytest.raises(Conflict, match="already in use"):
+        ipam.request_address(pool, address=wanted)
+    with pytest.raises(Conflict, match="already in use"):             # any spelling of the same address
+        ipam.request_address(pool, address=ipaddress.IPv6Address(wanted).exploded)
+    ipam.release_address(pool, first)
+    third = ip_of(ipam.request_address(pool))                         # next-fit: not the one just released
+    assert third == str(host.network_address + 4)
+    for bad, why in ((str(host.network_address), "subnet-router anycast"), (str(host.network_address + 1),
+                     "gateway"), ("fd00:ffff::5", "outside pool"), ("10.200.0.5", "not a valid IPv6 address"),
+                     ("zz::1", "not a valid IPv6 address")):
+        with pytest.raises(InvalidRequest, match=why):
+            ipam.request_address(pool, address=bad)
+    assert sorted(ipam.store.addresses(pool)) == sorted(str(host.network_address + k) for k in (3, 4, 0xabcd))
+
+
+def test_v6_small_block_exhausts_wraps_and_leaves_nothing_half_written(tmp_path):
+    ipam = build(tmp_path, VPCNET_HOST_PREFIX_V6="120")          # 256 addresses: 254 for containers
+    pool = ipam.request_pool(v6=True)["PoolID"]
+    got = [ip_of(ipam.request_address(pool)) for _ in range(254)]
+    assert len(set(got)) == 254
+    with pytest.raises(Exhausted, match="all 254 container addresses are in use"):
+        ipam.request_address(pool)
+    assert len(ipam.store.addresses(pool)) == 254
+    ipam.release_address(pool, got[100])
+    assert ip_of(ipam.request_address(pool)) == got[100]          # after the wrap, the one free address
+
+
+def test_v6_concurrent_requests_never_share_an_address(tmp_path):
+    ipam = build(tmp_path)
+    pool = ipam.request_pool(v6=True)["PoolID"]
+    got: list[str] = []
+    errors: list[Exception] = []
+
+    def worker():
+        for _ in range(25):
+            try:
+                got.append(ip_of(ipam.request_address(pool)))
+            except Exception as exc:       # noqa: BLE001 - collected and asserted below
+                errors.append(exc)
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and len(got) == 150 and len(set(got)) == 150
+
+
+def test_v6_pool_ids_in_canonical_form_only(ipam):
+    pool = ipam.request_pool(v6=True)["PoolID"]
+    with pytest.raises(InvalidRequest, match="not a vpcnet pool id"):
+        ipam.request_address(ipaddress.IPv6Network(pool).exploded)
+    assert ipam.release_pool(pool) == {}
+    assert ipam.store.pools() == [] or pool not in [p["pool_id"] for p in ipam.store.pools()]

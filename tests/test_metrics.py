@@ -123,7 +123,11 @@ def test_state_families_are_computed_from_the_store(tmp_path):
                    ("10.9.1.0/24", "10.9.0.0/16", "10.9.1.1", 0))
         for ip in ("10.9.1.2", "10.9.1.3"):
             db.execute("INSERT INTO addresses(pool_id, address) VALUES(?,?)", ("10.9.1.0/24", ip))
+        db.execute("INSERT INTO pools(pool_id, cluster_cidr, gateway, cursor) VALUES(?,?,?,?)",   # an IPv6 pool
+                   ("fd00:9:1:0:1::/80", "fd00:9:1::/48", "fd00:9:1:0:1::1", 2))
+        db.execute("INSERT INTO addresses(pool_id, address) VALUES(?,?)", ("fd00:9:1:0:1::/80", "fd00:9:1:0:1::2"))
     store.record_claim("10.9.0.0/16", "10.9.1.0/24", route_ok=False, reason="route is Pending")
+    store.record_claim("fd00:9:1::/48", "fd00:9:1:0:1::/80", route_ok=True)
     with store.tx() as db:      # what the datapath pass records (vpcnet.datapath.reconciler)
         store.set_meta(db, "datapath_repairs", '{"firewall": 3, "route": 1}')
     state = event_hooks.ReconcilerState()
@@ -133,6 +137,9 @@ def test_state_families_are_computed_from_the_store(tmp_path):
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in collector.collect() for s in f.samples}
     assert value(samples, "vpcnet_ipam_addresses_in_use", host_cidr="10.9.1.0/24") == 2
     assert value(samples, "vpcnet_ipam_addresses_capacity", host_cidr="10.9.1.0/24") == 253
+    assert value(samples, "vpcnet_ipam_addresses_in_use", host_cidr="fd00:9:1:0:1::/80") == 1
+    assert value(samples, "vpcnet_ipam_addresses_capacity", host_cidr="fd00:9:1:0:1::/80") == 2 ** 48 - 2
+    assert value(samples, "vpcnet_route_available", cluster_cidr="fd00:9:1::/48", host_cidr="fd00:9:1:0:1::/80") == 1
     assert value(samples, "vpcnet_route_available", cluster_cidr="10.9.0.0/16", host_cidr="10.9.1.0/24") == 0
     assert value(samples, "vpcnet_route_table_entries", table="vtb-x") == 2
     assert value(samples, "vpcnet_route_table_quota", table="vtb-x") == 200

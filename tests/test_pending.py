@@ -182,10 +182,11 @@ def test_a_v3_state_is_migrated_with_every_row_ready(tmp_path):
     conn.commit()
     conn.close()
     store = Store(path)
-    assert store.get_meta("schema_version") == str(SCHEMA_VERSION) == "5"
+    assert store.get_meta("schema_version") == str(SCHEMA_VERSION) == "6"
     assert [n.state for n in store.networks()] == ["ready"] and [e.state for e in store.endpoints()] == ["ready"]
     assert store.pending() == ([], [])
     assert store.ports() == [], "schema 5: the ports table, empty"
+    assert [n.host_cidr_v6 for n in store.networks()] == [""] and store.ipv6_endpoints() == [], "6: IPv4-only rows"
 
 
 def test_doctor_names_a_network_docker_does_not_have_once_past_the_grace(plug):

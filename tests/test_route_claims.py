@@ -56,9 +56,56 @@ def test_wide_routes_do_not_take_blocks_but_entries_reserved_and_refused_ones_do
         == "10.200.4.0/24"
 
 
-def test_reserved_cidrs_keep_ipv4_with_host_bits_and_ignore_the_rest():
-    found, ignored = claims.reserved_networks(["10.200.5.7/24", "fd00::/64", "nonsense"])
-    assert found == nets("10.200.5.0/24") and ignored == ["fd00::/64", "nonsense"]
+def test_reserved_cidrs_keep_both_families_with_host_bits_and_ignore_the_rest():
+    found, ignored = claims.reserved_networks(["10.200.5.7/24", "fd00::1/64", "nonsense"])
+    assert found == [ipaddress.IPv4Network("10.200.5.0/24"), ipaddress.IPv6Network("fd00::/64")]
+    assert ignored == ["nonsense"]
+
+
+# -- IPv6 -------------------------------------------------------------------------------------------
+V6 = "fd12:3456:789a::/48"
+NET6 = ipaddress.IPv6Network(V6)
+NAME6 = "fd12.3456.789a..-48"
+
+
+def test_a_v6_cluster_identity_fits_the_marker():
+    assert claims.cluster_name(V6) == NAME6
+    dest = "fd12:3456:789a:0:1::/80"
+    assert ours(dest, cluster=NAME6).cluster == NAME6
+
+
+def test_v6_blocks_are_searched_by_skipping_taken_ranges_not_block_by_block():
+    """A /48 holds 2**32 /80 blocks: a wide taken range inside it is jumped over in one step."""
+    taken = [ipaddress.IPv6Network("fd12:3456:789a::/64"),            # 2**16 blocks
+             ipaddress.IPv6Network("fd12:3456:789a:1::/80")]
+    assert str(claims.first_free(NET6, 80, taken)) == "fd12:3456:789a:1:1::/80"
+    taken.append(ipaddress.IPv6Network("fd12:3456:789a::/49"))         # half the cluster
+    assert str(claims.first_free(NET6, 80, taken)) == "fd12:3456:789a:8000::/80"
+    start = claims.start_index("i-host-1", NET6, 80)
+    assert 0 <= start < 2 ** 32 and start == claims.start_index("i-host-1", NET6, 80)
+    # from a start inside the taken half, the search runs on to the end, then wraps to the front
+    assert str(claims.first_free(NET6, 80, [ipaddress.IPv6Network("fd12:3456:789a:8000::/49")], 2 ** 31)) \
+        == "fd12:3456:789a::/80"
+    assert claims.first_free(NET6, 80, [NET6]) is None
+    # the families never mix: IPv4 destinations take nothing of an IPv6 cluster and the other way round
+    listings = {"vtb-a": [ours("10.200.0.0/24", OTHER), Route("::/0", "", kind="System"),
+                          ours("fd12:3456:789a::/80", OTHER, NAME6)]}
+    assert claims.taken(NET6, listings) == [ipaddress.IPv6Network("fd12:3456:789a::/80")]
+    assert claims.taken(NET, listings) == nets("10.200.0.0/24")
+
+
+def test_v6_ownership_overlap_and_quota_per_family():
+    mine6 = ours("fd12:3456:789a:0:2::/80", ME, NAME6)
+    assert claims.owned_in(mine6, ME, V6, NAME6) and not claims.owned_in(mine6, ME, CLUSTER, NAME)
+    assert not claims.owned_in(ours("10.200.3.0/24"), ME, V6, NAME6)
+    assert claims.ownership(mine6, ME, [CLUSTER, V6]) == "mine"
+    assert claims.find_mine(V6, NAME6, {"vtb-a": [ours("10.200.3.0/24"), mine6]}, ME, 80) == mine6.destination
+    other_cluster = ours("fd12:3456:789a:0:9::/80", OTHER, "beta")
+    assert "cluster beta" in claims.overlap(V6, NAME6, {"vtb-a": [other_cluster]})
+    assert claims.overlap(CLUSTER, NAME, {"vtb-a": [other_cluster]}) == ""
+    routes = [ours("10.200.3.0/24"), mine6, other_cluster, Route("::/0", "", kind="System")]
+    assert claims.custom_entries(routes) == 3
+    assert (claims.custom_entries(routes, 4), claims.custom_entries(routes, 6)) == (1, 2)
 
 
 def test_only_vpcnet_routes_of_this_instance_and_cluster_are_owned():

@@ -739,3 +739,44 @@ def test_busy_answers_do_not_use_up_the_attempts_but_stop_at_their_deadline():
     with pytest.raises(Retryable, match="still failing after 5 attempts"):
         Backoff(attempts=3, base=0.001, cap=0.001, busy_base=0.001, busy_cap=0.001).run("create", flaky)
 
+
+
+# -- IPv6 ---------------------------------------------------------------------------------------------
+V6 = "fd00:1:2::/48"
+
+
+def test_ipv6_blocks_through_the_aliyun_api_share_the_table_and_its_quota(emu, hosts):
+    """IPv6 host blocks are CreateRouteEntry entries like IPv4 ones (DestinationCidrBlock takes both), claimed
+    apart per host, kept in place, and counted against the table's one quota of custom entries (Alibaba's
+    documents name a single 200-entry quota, not one per family: planned as shared)."""
+    a, sa = hosts(ME, name="a", cluster_cidr_v6=V6)
+    b, sb = hosts(OTHER, name="b", cluster_cidr_v6=V6)
+    for keeper in (a, b):
+        with pytest.raises(NotReady, match="not yet claimed"):
+            keeper.host_cidr(V6)
+        assert keeper.reconcile(wait_pending=5).ok
+    block_a, block_b = sa.claim(V6).host_cidr, sb.claim(V6).host_cidr
+    assert block_a != block_b and {ipaddress.IPv6Network(x).prefixlen for x in (block_a, block_b)} == {80}
+    entries = by_dest(emu)
+    assert (hop(entries[block_a]), hop(entries[block_b])) == (ME, OTHER)
+    assert entries[block_a]["IpVersion"] == "ipv6" and "cluster=fd00.1.2..-48" in entries[block_a]["Description"]
+    assert len(custom(emu)) == 4                                   # each host: one IPv4 and one IPv6 block
+
+    # drift: an IPv6 route removed by hand comes back
+    emu.remove_entry(entries[block_a]["RouteEntryId"])
+    assert converge(a).ok and hop(by_dest(emu)[block_a]) == ME
+
+    # one quota for both families: a third host's IPv6 claim meets the table full of four entries
+    emu.configure(quota=4)
+    c, sc = hosts(DEAD, name="c", cluster_cidr_v6=V6, cluster_cidr="10.251.0.0/16", route_table_quota=4)
+    emu.register_instance(DEAD, "192.168.0.12")
+    sc.want_claim(V6, "asked")
+    result = c.reconcile(wait_pending=5)
+    assert not result.ok and all("full: 4/4" in p for p in result.problems) and len(custom(emu)) == 4
+    assert sc.claim(V6).host_cidr is None
+
+    # release takes both of a host's blocks, and nobody else's
+    v4_b = sb.claim(CLUSTER).host_cidr
+    assert sorted(r.destination for r in b.release()) == sorted([block_b, v4_b])
+    assert wait_for(lambda: block_b not in by_dest(emu) and v4_b not in by_dest(emu), 10)
+    assert hop(by_dest(emu)[block_a]) == ME

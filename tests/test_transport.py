@@ -379,8 +379,9 @@ def test_refused_network_creates_change_nothing(plug, client):
         (_network_body(""), "not a vpcnet pool"),
         (_network_body(pool, generic={"com.docker.network.driver.mtu": "9x"}), "not a number"),
         (_network_body(pool, generic={"com.docker.network.driver.mtu": "100"}), "out of range"),
-        (_network_body(pool, **{"com.docker.network.enable_ipv6": True}), "IPv6"),
-        ({**_network_body(pool), "IPv6Data": [{"Pool": "fd00::/64"}]}, "IPv6"),
+        (_network_body(pool, generic={"vpcnet.mode": "bridge"}, **{"com.docker.network.enable_ipv6": True}),
+         "IPv6 (--ipv6) needs -o vpcnet.mode=routed or ebpf"),
+        ({**_network_body(pool), "IPv6Data": [{"Pool": "fd00::/64"}]}, "is not a vpcnet IPv6 pool"),
         ({**_network_body(pool), "IPv4Data": []}, "exactly one IPv4 pool"),
         ({**_network_body(pool, **{"com.docker.network.enable_ipv4": False}), "IPv4Data": []}, "--ipv4=false"),
         ({**_network_body(pool), "IPv4Data": [{"Pool": pool}, {"Pool": other_pool}]}, "exactly one IPv4 pool"),
@@ -410,7 +411,8 @@ def test_gw_alloc_check_answers_allocate_and_refuses_before_any_pool(plug, clien
     assert ok(client, "/NetworkDriver.GwAllocCheck", None) == {"SkipIPv4": False, "SkipIPv6": False}
     cases = [({"com.docker.network.enable_ipv4": False}, "--ipv4=false"),
              ({"com.docker.network.enable_ipv4": False, "com.docker.network.enable_ipv6": True}, "--ipv4=false"),
-             ({"com.docker.network.enable_ipv6": True}, "without --ipv6"),
+             ({"com.docker.network.enable_ipv6": True, "com.docker.network.generic": {"vpcnet.mode": "bridge"}},
+              "needs -o vpcnet.mode=routed or ebpf"),
              ({"com.docker.network.generic": {"com.docker.network.bridge.name": "br0"}}, "unknown option -o"),
              ({"com.docker.network.generic": {"vpcnet.mode": "ipvlan"}}, "unknown mode")]
     for options, text in cases:
@@ -451,7 +453,8 @@ def test_refused_endpoint_and_address_calls_change_nothing(plug, client):
          "not the gateway"),
         ("/IpamDriver.RequestPool", {"Pool": "10.200.0.0/17"}, "overlaps"),
         ("/IpamDriver.RequestPool", {"Pool": "10.200.99.0/24"}, "neither a cluster CIDR"),
-        ("/IpamDriver.RequestPool", {"V6": True}, "IPv6"),
+        ("/IpamDriver.RequestPool", {"V6": True, "Pool": "10.200.0.0/16"}, "asked for an IPv6 pool"),
+        ("/IpamDriver.RequestPool", {"V6": True, "Pool": "::/64"}, "one /80 block"),
         ("/IpamDriver.RequestPool", {"Options": {"x": "y"}}, "--ipam-opt"),
         ("/IpamDriver.ReleaseAddress", {"PoolID": pid, "Address": "nope"}, "not a valid"),
         ("/NetworkDriver.ProgramExternalConnectivity", {
@@ -467,6 +470,19 @@ def test_refused_endpoint_and_address_calls_change_nothing(plug, client):
     for path, body, text in cases:
         message = refused_without_change(plug, client, path, body)
         assert text in message, (path, message)
+
+
+def test_v6_pool_and_addresses_over_http(client):
+    """Docker's IPv6 calls as it sends them: RequestPool with V6 (`--ipv6`), RequestAddress on that PoolID."""
+    pool = ok(client, "/IpamDriver.RequestPool", {"AddressSpace": "vpcnet-local", "Pool": "", "SubPool": "",
+                                                   "Options": {}, "V6": True})
+    block = ipaddress.IPv6Network(pool["Pool"])
+    assert pool["PoolID"] == pool["Pool"] and block.prefixlen == 80
+    assert pool["Data"] == {"com.docker.network.gateway": f"{block.network_address + 1}/80"}
+    first = ok(client, "/IpamDriver.RequestAddress", {"PoolID": pool["PoolID"], "Address": "", "Options": {}})
+    assert first == {"Address": f"{block.network_address + 2}/128", "Data": {}}
+    assert ok(client, "/IpamDriver.ReleaseAddress", {"PoolID": pool["PoolID"], "Address": first["Address"]}) == {}
+    assert ok(client, "/IpamDriver.ReleasePool", {"PoolID": pool["PoolID"]}) == {}
 
 
 def test_ipv4data_entry_of_wrong_type_is_refused_without_change(plug, client):

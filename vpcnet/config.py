@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import ipaddress
 import os
 import tomllib
@@ -57,6 +58,18 @@ def _cidr_list(text: str) -> tuple[str, ...]:
 def _cidr_or_empty(text: str) -> str:
     text = text.strip()
     return str(ipaddress.IPv4Network(text, strict=True)) if text else ""
+
+
+def _cidr6_or_empty(text: str) -> str:
+    text = text.strip()
+    if not text:
+        return ""
+    try:
+        return str(ipaddress.IPv6Network(text, strict=True))
+    except ValueError as exc:
+        if "/" in text and "." in text.split("/")[0]:
+            raise ValueError("an IPv4 network: this setting takes an IPv6 CIDR (e.g. fd12:3456:789a::/48)") from None
+        raise ValueError(f"not an IPv6 CIDR ({exc})") from None
 
 
 def _id_list(text: str) -> str:
@@ -131,6 +144,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("host_prefix", 24, "Prefix length of each host's block (its host CIDR)", _int),
     Setting("host_cidr", "", "Static host CIDR for the default cluster CIDR (skips claiming)",
             _cidr_or_empty),
+    Setting("cluster_cidr_v6", "", "Default IPv6 cluster CIDR (networks made with --ipv6): every host's IPv6 block "
+            "is carved from it; empty: a ULA /48 derived from the cluster identity (fd + the first 40 bits of "
+            "SHA-256 of VPCNET_CLUSTER_NAME, or of the default name of VPCNET_CLUSTER_CIDR)", _cidr6_or_empty),
+    Setting("host_prefix_v6", 80, "Prefix length of each host's IPv6 block (the /80 the clouds delegate as an "
+            "interface's IPv6 prefix)", _int),
     Setting("no_nat_cidrs", (), "Destinations reached without masquerade, besides the cluster CIDR "
             "(comma-separated CIDRs)", _cidr_list),
     Setting("uplinks", (), "Interfaces that count as uplinks besides the default route's (comma-separated "
@@ -214,6 +232,8 @@ class Config:
     cluster_cidr: str = "10.200.0.0/16"
     host_prefix: int = 24
     host_cidr: str = ""
+    cluster_cidr_v6: str = ""
+    host_prefix_v6: int = 80
     no_nat_cidrs: tuple[str, ...] = ()
     uplinks: tuple[str, ...] = ()
     mtu: int = 0
@@ -269,6 +289,16 @@ class Config:
     def db_path(self) -> str:
         return os.path.join(self.state_dir, "vpcnet.db")
 
+    @property
+    def default_cluster_cidr_v6(self) -> str:
+        """The IPv6 cluster CIDR of networks made with --ipv6 and no IPv6 --subnet: VPCNET_CLUSTER_CIDR_V6, else
+        `derived_ula`."""
+        return self.cluster_cidr_v6 or derived_ula(self.cluster_name or self.cluster_cidr.replace("/", "-"))
+
+    def host_prefix_for(self, cluster: str) -> int:
+        """The host block prefix length in a cluster CIDR of either family."""
+        return self.host_prefix_v6 if ":" in cluster else self.host_prefix
+
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
 
@@ -279,6 +309,14 @@ class Config:
             value = getattr(self, s.attr)
             out[s.attr] = ("***" if value else "") if s.secret else value
         return out
+
+
+def derived_ula(identity: str) -> str:
+    """A ULA /48 (RFC 4193: fd00::/8 and a 40-bit global id) whose global id is the first 40 bits of
+    SHA-256 of the cluster identity: every host of a cluster computes the same one without asking anyone,
+    and clusters of different identities sharing a VPC get different ones (as RFC 4193's random id)."""
+    digest = hashlib.sha256(f"vpcnet-ula:{identity}".encode()).digest()[:5]
+    return str(ipaddress.IPv6Network((int.from_bytes(b"\xfd" + digest + bytes(10), "big"), 48)))
 
 
 assert {s.attr for s in SETTINGS} == {f.name for f in dataclasses.fields(Config)} - {"source"}
@@ -358,6 +396,16 @@ def validate(config: Config, check_socket_dir: bool = True) -> None:
         if host.prefixlen > 30:
             raise ConfigError(f"VPCNET_HOST_CIDR: {host} is too small for a gateway and one container "
                               "(at most /30)")
+    cluster6 = ipaddress.IPv6Network(config.default_cluster_cidr_v6)
+    if not 16 <= config.host_prefix_v6 <= 120:
+        raise ConfigError(f"VPCNET_HOST_PREFIX_V6: /{config.host_prefix_v6} is out of range (16..120; the clouds "
+                          "delegate /80 prefixes, the default)")
+    if cluster6.prefixlen >= config.host_prefix_v6:
+        raise ConfigError(f"VPCNET_CLUSTER_CIDR_V6: {cluster6} must be larger than one host block "
+                          f"(/{config.host_prefix_v6}, VPCNET_HOST_PREFIX_V6)")
+    if cluster6.is_link_local or cluster6.is_multicast or cluster6.is_loopback or cluster6.is_unspecified:
+        raise ConfigError(f"VPCNET_CLUSTER_CIDR_V6: {cluster6} is not a unicast range containers can be "
+                          "routed in (choose a ULA fd00::/8 range, or a global one the VPC routes)")
     if config.mtu and not 576 <= config.mtu <= 65535:
         raise ConfigError(f"VPCNET_MTU: {config.mtu} is out of range (0 = from uplink, else 576..65535)")
     if config.default_mode not in ("auto", "bridge", "routed", "ebpf"):

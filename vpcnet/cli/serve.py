@@ -48,11 +48,15 @@ class Plugin:
         os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
         self.store = Store(config.db_path)
         self.dataplane = dataplane or Dataplane(extra_uplinks=config.uplinks, peers=config.peers)
+        from vpcnet.datapath.ipv6 import Ipv6Endpoint
+        # the IPv6 guard's desired state: every IPv6 endpoint in the store, read each time it is written
+        self.dataplane.ipv6_endpoints = lambda: [Ipv6Endpoint(v, a) for v, a in self.store.ipv6_endpoints()]
         self.routes = RouteKeeper(config, self.store, provider_factory)
         self.ipam = Ipam(config, self.store, self.routes, host_routes=self.dataplane.overlapping_routes)
         self.driver = NetworkDriver(config, self.store, self.dataplane)
         self.ipam.remove_leftovers = self.driver.remove_leftovers     # ReleaseAddress of a stale endpoint
         self.ipam.peer_on_host = self.dataplane.link_exists
+        self.ipam.drop_ipv6 = self.dataplane.drop_endpoint_ipv6
         self.app = create_app(self.driver, self.ipam)
         self.observer = Observer(config, self.store, self.routes)
         self._stopping = threading.Event()

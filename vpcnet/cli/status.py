@@ -36,9 +36,10 @@ def collect(config) -> dict:
             networks.append({
                 "network_id": net.network_id, "bridge": net.bridge, "host_cidr": net.host_cidr,
                 "cluster_cidr": net.cluster_cidr, "gateway": net.gateway, "mtu": net.mtu, "mode": net.mode,
-                "internal": net.internal, "state": net.state,
+                "internal": net.internal, "state": net.state, "host_cidr_v6": net.host_cidr_v6,
+                "cluster_cidr_v6": net.cluster_cidr_v6, "gateway_v6": net.gateway_v6,
                 "endpoints": [{"endpoint_id": ep.endpoint_id, "address": ep.address, "mac": ep.mac,
-                               "host_veth": ep.host_veth, "state": ep.state,
+                               "host_veth": ep.host_veth, "state": ep.state, "address_v6": ep.address_v6,
                                "ports": published.get(ep.endpoint_id, [])} for ep in store.endpoints(net.network_id)],
             })
         repairs = store.repair_counts()
@@ -103,8 +104,11 @@ def render(status: dict) -> str:
         lines.append(f"  {n['network_id'][:12]}  {n['bridge']:<15} {n['host_cidr']:<18} gw {n['gateway']} "
                      f"mtu {n['mtu']} {n['mode']}{' internal' if n['internal'] else ''}  "
                      f"{len(n['endpoints'])} endpoint(s)")
+        if n.get("host_cidr_v6"):
+            lines.append(f"  {'':<12}  {'':<15} {n['host_cidr_v6']} (IPv6, cluster {n['cluster_cidr_v6']})")
         for ep in n["endpoints"]:
-            lines.append(f"    {ep['endpoint_id'][:12]}  {ep['address']:<15} {ep['mac']}  {ep['host_veth']}")
+            v6 = f"  {ep['address_v6']}" if ep.get("address_v6") else ""
+            lines.append(f"    {ep['endpoint_id'][:12]}  {ep['address']:<15} {ep['mac']}  {ep['host_veth']}{v6}")
             for p in ep.get("ports", []):
                 lines.append(f"      published {p['host_ip']}:{p['host_port']} -> {ep['address']}:"
                              f"{p['container_port']}/{p['proto']}")

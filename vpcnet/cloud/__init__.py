@@ -67,7 +67,7 @@ def table_list(value) -> list[str]:
 
 @dataclass(frozen=True)
 class Route:
-    destination: str              # CIDR, e.g. "10.200.3.0/24"
+    destination: str              # CIDR, e.g. "10.200.3.0/24" or "fd12:3456:789a::/80"
     next_hop: str                 # instance id, or "" when the next hop is not an instance
     status: str = "Available"     # Available | Pending | Deleting (Alibaba's words; others map to them)
     kind: str = "Custom"          # Custom | System
@@ -107,6 +107,9 @@ class Provider(abc.ABC):
     quota_hint = ""
     #: True when `create_routes` writes several tables in one call (Alibaba's CreateRouteEntries).
     batch_create = False
+    #: True when the cloud counts IPv4 and IPv6 routes against separate quotas of `table_quota()` each (AWS);
+    #: False: every custom entry counts against one quota (Alibaba's documents name one 200-entry quota per table).
+    quota_per_family = False
 
     @abc.abstractmethod
     def instance_id(self) -> str:

@@ -69,6 +69,12 @@ those links in ip6tables (vpcnet.datapath.firewall.Ipv6Guard: raw `VPCNET-IPV6`,
 prefix), the one that holds where /proc/sys is read-only (a managed plugin); it is written at start
 and put back by the periodic pass.
 
+IPv6 (vpcnet.datapath.ipv6): `ensure_endpoint_ipv6` gives an endpoint of a
+routed or ebpf network its IPv6 (IPv6 on for its host veth, fe80::1 as the container's gateway on it, a /128
+route), and the guard, while `ipv6_endpoints()` (the desired state) has any, lets a veth send from what the
+host routes back to it: the endpoint's own /128; the periodic pass keeps both, and leaves IPv6 on where it
+is wanted.
+
 Every operation is idempotent: create what is missing, accept what exists, ignore what is gone. `repair`
 is the periodic pass's half (vpcnet.datapath.reconciler): one dump of links, addresses, routes and
 qdiscs and one iptables-save find what differs from the store; only those networks get a targeted look
@@ -90,6 +96,7 @@ from vpcnet.datapath import rtnl
 from vpcnet.datapath.ebpf import maps
 from vpcnet.datapath.features import Features, probe
 from vpcnet.datapath.firewall import PREFIXES, FirewallTable, Ipv6Guard
+from vpcnet.datapath.ipv6 import Ipv6Endpoint, RoutedIpv6, forward_rules, guard_rules
 from vpcnet.datapath.links import IPV6_OFF_VIEW, Links
 from vpcnet.datapath.modes import strategy
 from vpcnet.datapath.netlink import Netlink
@@ -142,8 +149,15 @@ class Dataplane:
         self.tc = TcPrograms(self.nl, peers)     # peers: count traffic per peer (VPCNET_PEER_METRICS)
         self.firewall = FirewallTable(self.nl.cmd(), iptables)
         self.ipv6_guard = Ipv6Guard(self.nl.cmd(), iptables)
+        self.ipv6 = RoutedIpv6(self.nl)
+        # The host's endpoints with an IPv6 address, read from the desired state each time the guard is
+        # written (every worker writes the whole chain, so none may go by what it alone has seen).
+        self.ipv6_endpoints: Callable[[], Sequence[Ipv6Endpoint]] = tuple
         self.unrepaired: list[str] = []     # networks the last repair could not put right
         self._docker_nat: tuple[float, list[str]] = (-DOCKER_NAT_TTL, [])    # (read at, Docker's nat DOCKER rules)
+        self._v6_veths: set[str] = set()    # host veths with IPv6 on by design, as of the last repair
+        self._guard_ipv6 = False            # the guard as last written here lets IPv6 endpoints through
+        self._ipv6_host = False             # IPv6 forwarding checked by this process
 
     # -- host-wide --------------------------------------------------------------------------------
     def uplink_mtu(self) -> int:
@@ -161,7 +175,16 @@ class Dataplane:
         """ip_forward, the shared chains, the builtin chains' jumps to them, the anti-spoofing rule, the
         IPv6 guard. Returns what was wrong."""
         self._ensure_forwarding()
-        return self.firewall.apply([], host=True, uplinks=self.uplink_names()) + self.ipv6_guard.apply()
+        return self.firewall.apply([], host=True, uplinks=self.uplink_names()) + self._apply_ipv6_guard()
+
+    def _apply_ipv6_guard(self) -> list[str]:
+        """The IPv6 guard, letting IPv6 endpoints' own traffic through while the host has any
+        (vpcnet.datapath.ipv6)."""
+        any_ipv6 = bool(list(self.ipv6_endpoints()))
+        uplinks = self.uplink_names() if any_ipv6 else []
+        problems = self.ipv6_guard.apply(allow=guard_rules(any_ipv6), forward=forward_rules(any_ipv6, uplinks))
+        self._guard_ipv6 = any_ipv6 and self.ipv6_guard.in_place
+        return problems
 
     def uplink_names(self) -> list[str]:
         """Names of the uplinks: the interfaces carrying the default route(s), and those VPCNET_UPLINKS names
@@ -189,7 +212,7 @@ class Dataplane:
     # -- networks ---------------------------------------------------------------------------------
     def ensure_network(self, spec: NetworkSpec) -> None:
         if not self.ipv6_guard.in_place:     # host-wide: written by ensure_host and the periodic pass
-            self.ipv6_guard.apply()
+            self._apply_ipv6_guard()
         self._ensure_links(spec, firewall=True)
 
     def _ensure_links(self, spec: NetworkSpec, firewall: bool = False) -> None:
@@ -258,6 +281,46 @@ class Dataplane:
             self.links.route_endpoint(ipr, address, host_idx, host_veth)
             if spec.ebpf:
                 self.tc.attach_endpoint(ipr, spec, host_idx, address)
+
+    def ensure_endpoint_ipv6(self, spec: NetworkSpec, host_veth: str, address: str) -> None:
+        """IPv6 for an endpoint whose veth `ensure_endpoint` made: routed and ebpf modes only (ebpf's programs
+        pass IPv6 to the stack, so its IPv6 takes the routed path). The endpoint must already be among
+        `ipv6_endpoints()` (the desired state first): the guard written here lets its traffic through."""
+        if not spec.routed:
+            raise DataplaneError(f"IPv6 needs routed or ebpf mode; network {spec.tag} is in {spec.mode} mode")
+        if not self._ipv6_host:               # the first IPv6 endpoint of this process: forwarding
+            self.ipv6.ensure_host(self.uplink_names())
+            self._ipv6_host = True
+        if not self._guard_ipv6:              # the guard's rules for IPv6 endpoints (the same for all)
+            self._apply_ipv6_guard()
+        with self.nl.ipr() as ipr:
+            self.ipv6.ensure_endpoint(ipr, host_veth, address)
+
+    def drop_endpoint_ipv6(self, host_veth: str, address: str) -> None:
+        """An endpoint lost its IPv6 address while its container runs (Docker released it; the row no longer
+        has it): its /128 route goes now, and with it the guard's permission (the reverse path) to send from
+        the address."""
+        with self.nl.ipr() as ipr:
+            self.ipv6.unroute(ipr, host_veth, address)
+
+    def _repair_ipv6(self, endpoints: dict[str, Ipv6Endpoint], view: KernelView) -> list[Repair]:
+        """IPv6 forwarding while there are IPv6 endpoints, and the endpoints whose veth is there but whose
+        IPv6 (on, gateway, /128 route) is not."""
+        repairs = [Repair("route", "-", f"IPv6 forwarding: {what}")
+                   for what in (self.ipv6.ensure_host(self.uplink_names()) if endpoints else [])]
+        for ep in endpoints.values():
+            link = view.links.get(ep.host_veth)
+            if link is None:
+                continue
+            with self.nl.ipr() as ipr:
+                routed = self.ipv6.routed_via(ipr, ep.address) == link["index"]
+            if routed and link.get("ipv6") in (None, (0, 0, 0)):
+                continue
+            with self.nl.ipr() as ipr:
+                self.ipv6.ensure_endpoint(ipr, ep.host_veth, ep.address)
+            repairs.append(Repair("route", "-", f"IPv6 of {ep.address} on {ep.host_veth} "
+                                                f"{'off' if routed else 'not routed'}"))
+        return repairs
 
     def delete_endpoint(self, host_veth: str) -> None:
         self.nl.delete_link(host_veth)       # the peer goes with it, wherever it is
@@ -378,7 +441,10 @@ class Dataplane:
         uplinks += [name for name in self.nl.extra_uplinks if name not in uplinks]
         repairs += [Repair("firewall", "-", p)
                     for p in self.firewall.apply([], host=True, saved=saved, uplinks=uplinks)]
-        repairs += [Repair("firewall", "-", p) for p in self.ipv6_guard.apply()]
+        repairs += [Repair("firewall", "-", p) for p in self._apply_ipv6_guard()]
+        v6 = {ep.host_veth: ep for ep in self.ipv6_endpoints()}
+        self._v6_veths = set(v6)
+        repairs += self._repair_ipv6(v6, view)
         # The firewall of every drifted network in one transaction (a mass flush costs one restore, not one
         # per network). The rules are the store rows' (fixed for a network's life); a network deleted
         # since the store was read is dropped first by `still_wanted`.
@@ -464,7 +530,7 @@ class Dataplane:
                 return True
             if (spec.ebpf or self.tc.peers) and host["index"] not in view.clsact:
                 return True
-            if self._ipv6_on(host):
+            if self._ipv6_on(host) and ep.host_veth not in self._v6_veths:
                 return True
         return False
 
@@ -525,10 +591,15 @@ class Dataplane:
                 problem = f"host veth {ep.host_veth} down"
             if not problem and uplinks_moved:
                 problem = f"eBPF program on {ep.host_veth} made for the old uplinks"
+        if not problem and ep.host_veth in self._v6_veths:
+            return []                         # IPv6 on by design: _repair_ipv6 looks after it
         if not problem:
             ipv6 = self.links.ipv6_off([ep.host_veth])
             return [Repair("link", spec.tag, f"IPv6 on for host veth {ep.host_veth} of {ep.address} "
                                              f"({', '.join(ipv6)})")] if ipv6 else []
         self.ensure_endpoint(spec, ep.host_veth, ep.peer_veth, ep.mac, ep.address)
+        v6 = next((e for e in self.ipv6_endpoints() if e.host_veth == ep.host_veth), None)
+        if v6 is not None:                    # ensure_veth turned IPv6 off on it: on again, as wanted
+            self.ensure_endpoint_ipv6(spec, ep.host_veth, v6.address)
         kind = "route" if "route" in problem else "tc" if "eBPF" in problem else "link"
         return [Repair(kind, spec.tag, problem)]

@@ -88,6 +88,7 @@ ANTI_SPOOFING = f'-i {HOST_VETHS} -m rpfilter --invert -m comment --comment "vpc
 IPV6_CHAIN = "VPCNET-IPV6"
 IPV6_LINKS = (HOST_VETHS, "vpc-+", "vpp-+")
 IPV6_RULES = [f'-i {prefix} -m comment --comment "vpcnet: no IPv6" -j DROP' for prefix in IPV6_LINKS]
+IPV6_FORWARD_CHAIN = "VPCNET-FORWARD6"      # IPv6 endpoints' forwarded traffic (vpcnet.datapath.ipv6)
 
 # Where cluster traffic may enter and leave (docs/datapath.md, Isolation): vpcnet's own links and the
 # uplinks. Host-wide chains, jumped to from each network's chain (vpcnet.datapath.modes), so a network's
@@ -537,15 +538,19 @@ def _added(before: list[str], now: list[str]) -> list[str]:
 class Ipv6Guard:
     """The IPv6 drop of vpcnet's host-side links (IPV6_RULES) in ip6tables, put right by `apply` like the
     IPv4 chains: one ip6tables-save, and one ip6tables-restore --noflush only when something differs.
-    Host-wide, never per network or endpoint. Without ip6tables or IPv6 in the kernel it does nothing,
-    said once."""
+    Host-wide. Without ip6tables or IPv6 in the kernel it does nothing, said once.
+
+    Endpoints with IPv6 (vpcnet.datapath.ipv6): `allow` rules go before the drops in the same raw chain (each
+    endpoint's own source address, and neighbour discovery), and `forward` rules fill the filter chain
+    `VPCNET-FORWARD6`, jumped to first from filter FORWARD while it has any; both in the same restore, the
+    desired state of every IPv6 endpoint of the host at once."""
 
     def __init__(self, command_prefix: Sequence[str] = (), iptables: str = "iptables"):
         self.table = FirewallTable(command_prefix, ip6tables_of(iptables))
         self.in_place = False         # applied at least once by this process
         self._said = ""               # the kind of failure last logged: each said once, until it changes
 
-    def apply(self, saved: Saved | None = None) -> list[str]:
+    def apply(self, saved: Saved | None = None, allow: Sequence[str] = (), forward: Sequence[str] = ()) -> list[str]:
         """Returns what was wrong (empty when the kernel already held the guard, or cannot)."""
         if not os.path.exists("/proc/net/if_inet6"):
             self._say("no-ipv6", "this kernel has no IPv6: vpcnet's ip6tables guard is not needed")
@@ -553,7 +558,7 @@ class Ipv6Guard:
         try:
             with self.table._lock:
                 current = saved if saved is not None else self.table.save()
-                problems, script = self.diff(current)
+                problems, script = self.diff(current, allow, forward)
                 if script:
                     proc = self.table._restore(script)
                     if proc.returncode != 0:
@@ -575,18 +580,31 @@ class Ipv6Guard:
         self._said = kind
 
     @staticmethod
-    def diff(saved: Saved) -> tuple[list[str], str]:
+    def diff(saved: Saved, allow: Sequence[str] = (), forward: Sequence[str] = ()) -> tuple[list[str], str]:
         problems, lines = [], []
+        wanted = [*allow, *IPV6_RULES]
         have = saved.chain("raw", IPV6_CHAIN)
-        if have != IPV6_RULES:
+        if have != wanted:
             problems.append(f"ip6tables raw chain {IPV6_CHAIN} " + ("missing" if have is None else
-                            f"holds {len(have)} rule(s), {sum(r in IPV6_RULES for r in have)} of "
-                            f"{len(IPV6_RULES)} wanted"))
-            lines += [f":{IPV6_CHAIN} - [0:0]"] + [f"-A {IPV6_CHAIN} {r}" for r in IPV6_RULES]
+                            f"holds {len(have)} rule(s), {sum(r in wanted for r in have)} of "
+                            f"{len(wanted)} wanted"))
+            lines += [f":{IPV6_CHAIN} - [0:0]"] + [f"-A {IPV6_CHAIN} {r}" for r in wanted]
         if f"-j {IPV6_CHAIN}" not in (saved.chain("raw", "PREROUTING") or []):
             problems.append(f"ip6tables raw PREROUTING has no jump to {IPV6_CHAIN}")
             lines.append(f"-I PREROUTING 1 -j {IPV6_CHAIN}")
-        return problems, "*raw\n" + "".join(line + "\n" for line in lines) + "COMMIT\n" if lines else ""
+        script = "*raw\n" + "".join(line + "\n" for line in lines) + "COMMIT\n" if lines else ""
+        filter_lines = []
+        have_forward = saved.chain("filter", IPV6_FORWARD_CHAIN)
+        if (forward or have_forward) and have_forward != list(forward):
+            problems.append(f"ip6tables filter chain {IPV6_FORWARD_CHAIN} holds {len(have_forward or [])} "
+                            f"rule(s), {len(forward)} wanted")
+            filter_lines += [f":{IPV6_FORWARD_CHAIN} - [0:0]"] + [f"-A {IPV6_FORWARD_CHAIN} {r}" for r in forward]
+        if forward and f"-j {IPV6_FORWARD_CHAIN}" not in (saved.chain("filter", "FORWARD") or []):
+            problems.append(f"ip6tables filter FORWARD has no jump to {IPV6_FORWARD_CHAIN}")
+            filter_lines.append(f"-I FORWARD 1 -j {IPV6_FORWARD_CHAIN}")
+        if filter_lines:
+            script += "*filter\n" + "".join(line + "\n" for line in filter_lines) + "COMMIT\n"
+        return problems, script
 
 
 def ip6tables_of(iptables: str) -> str:

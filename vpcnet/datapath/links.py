@@ -147,16 +147,17 @@ class Links:
             return None
 
     def overlapping_routes(self, cidr: str) -> list[str]:
-        """Kernel routes (main table, not the default route) overlapping `cidr`, described for humans."""
-        net = ipaddress.IPv4Network(cidr)
+        """Kernel routes (main table, not the default route) overlapping `cidr` (either family), described for
+        humans."""
+        net = ipaddress.ip_network(cidr)
         found = []
         with self.nl.ipr() as ipr:
             names = {link["index"]: link.get("IFLA_IFNAME") for link in ipr.get_links()}
-            for route in ipr.route("dump", table=254, family=2):
+            for route in ipr.route("dump", table=254, family=2 if net.version == 4 else 10):
                 dst, dst_len = route.get("RTA_DST"), route.get("dst_len")
                 if not dst or not dst_len:
                     continue
-                other = ipaddress.IPv4Network(f"{dst}/{dst_len}", strict=False)
+                other = ipaddress.ip_network(f"{dst}/{dst_len}", strict=False)
                 if other.overlaps(net):
                     found.append(f"{other} dev {names.get(route.get('RTA_OIF'), '?')}")
         return found

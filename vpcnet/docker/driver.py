@@ -44,9 +44,16 @@ once per process by vpcnet.datapath.features (ebpf, else routed, else bridge); a
 cannot do is refused, naming why. The mode is stored, so a network keeps it across restarts and upgrades
 whatever the default becomes. Unknown options and modes are refused.
 
+IPv6 (`--ipv6`, dual-stack; routed and ebpf modes, whose programs pass IPv6 to the stack, so an ebpf
+network's IPv6 takes routed mode's path; bridge mode refuses it): the network keeps its IPv6 block from
+IPv6Data, an endpoint its IPv6 address from Interface.AddressIPv6 (a /128, vpcnet.docker.ipam), the host
+gives it IPv6 on its veth and a /128 route (vpcnet.datapath.ipv6), and Join answers `GatewayIPv6` fe80::1
+(a link-local address on the host veth: no proxy NDP) with the IPv6 cluster CIDR through it. IPv6-only
+networks (`--ipv4=false`) are refused still.
+
 What current engines (Docker 28/29) add:
 - `GwAllocChecker: true`: Docker then posts GwAllocCheck with the network's options before it asks IPAM
-  for a pool, so a network vpcnet would refuse (unknown -o, --ipv4=false, --ipv6) is refused before its
+  for a pool, so a network vpcnet would refuse (unknown -o, --ipv4=false, --ipv6 in bridge mode) is refused before its
   RequestPool claims a host block. The answer is always "allocate the gateway" (vpcnet's IPAM gives
   it). Docker before 28 ignores the field and never calls GwAllocCheck.
 - `--ipv4=false` (`com.docker.network.enable_ipv4: false`, empty IPv4Data): refused, naming the flag.
@@ -81,6 +88,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from vpcnet.datapath.features import DEFAULT_MODE_KEY, DefaultMode, default_mode
+from vpcnet.datapath.ipv6 import GATEWAY as IPV6_GATEWAY
 from vpcnet.datapath.protocol import Datapath
 from vpcnet.datapath.reconciler import DatapathReconciler, spec_of
 from vpcnet.datapath.spec import MODES, EndpointSpec, bridge_name, mac_for, veth_names
@@ -139,7 +147,9 @@ class NetworkDriver:
         """Docker 28+, before RequestPool: refuse what create_network would, while no block is claimed
         yet; vpcnet always wants its gateway address."""
         generic = self._check_network_options(options or {})
-        self._network_mode(generic.get(MODE_OPTION))
+        mode = self._network_mode(generic.get(MODE_OPTION))
+        if _truthy((options or {}).get(IPV6_OPTION)):
+            _ipv6_mode(mode)
         return {"SkipIPv4": False, "SkipIPv6": False}
 
     def default_mode(self) -> DefaultMode:
@@ -176,8 +186,6 @@ class NetworkDriver:
         if options.get(IPV4_OPTION) is False or str(options.get(IPV4_OPTION)).lower() == "false":
             raise InvalidRequest("IPv4 is disabled for this network (--ipv4=false): vpcnet networks are "
                                  "IPv4 networks; create it without --ipv4=false")
-        if _truthy(options.get(IPV6_OPTION)):
-            raise InvalidRequest("IPv6 is not supported by vpcnet: create the network without --ipv6")
         _mode(generic.get(MODE_OPTION))
         return generic
 
@@ -186,8 +194,8 @@ class NetworkDriver:
         _require_id("NetworkID", network_id)
         options = options or {}
         generic = self._check_network_options(options)
-        if ipv6_data:
-            raise InvalidRequest("IPv6 is not supported by vpcnet: create the network without --ipv6")
+        if _truthy(options.get(IPV6_OPTION)):
+            _ipv6_mode(self._network_mode(generic.get(MODE_OPTION)))
         if not ipv4_data or len(ipv4_data) != 1:
             raise InvalidRequest(f"a vpcnet network needs exactly one IPv4 pool, got {len(ipv4_data or [])}")
         entry = ipv4_data[0] or {}
@@ -199,11 +207,15 @@ class NetworkDriver:
             raise InvalidRequest(f"pool {pool or '(none)'} is not a vpcnet pool: create the network with "
                                  f"vpcnet as its IPAM driver too (--ipam-driver, the same name as -d). {SWARM_HINT}")
         mode = self._network_mode(generic.get(MODE_OPTION))
+        v6 = _ipv6_pool(ipv6_data, pools, mode)
+        if v6 and _truthy(options.get(INTERNAL_OPTION)):
+            raise InvalidRequest("--internal with --ipv6 is not supported yet: vpcnet keeps an internal network's "
+                                 "IPv4 inside the cluster CIDR but not its IPv6; create it without --ipv6")
         mtu = self._mtu(generic.get(MTU_OPTION))
         net = Network(network_id=network_id, host_cidr=pool, cluster_cidr=pools[pool]["cluster_cidr"],
                       gateway=pools[pool]["gateway"], bridge=bridge_name(network_id), mtu=mtu,
                       internal=_truthy(options.get(INTERNAL_OPTION)),
-                      no_nat=tuple(self.config.no_nat_cidrs), created=time.time(), mode=mode, state=PENDING)
+                      no_nat=tuple(self.config.no_nat_cidrs), created=time.time(), mode=mode, state=PENDING, **v6)
         with self._locked(network_id):
             existing = self.store.network(network_id)      # under the lock: a racing identical call won
             if existing is not None:
@@ -213,7 +225,8 @@ class NetworkDriver:
                         self.store.set_ready("networks", network_id)
                     return {}
                 raise Conflict(f"network {network_id[:12]} already exists with pool {existing.host_cidr}")
-            holder = self.store.network_by_host_cidr(pool)
+            holder = self.store.network_by_host_cidr(pool) or (
+                self.store.network_by_host_cidr(net.host_cidr_v6) if net.host_cidr_v6 else None)
             if holder is not None:
                 raise Conflict(f"host CIDR {pool} (cluster CIDR {net.cluster_cidr}) is already used by network "
                                f"{holder.network_id[:12]} on this host: one vpcnet network per cluster CIDR per "
@@ -294,8 +307,7 @@ class NetworkDriver:
             raise InvalidRequest(f"{IFNAME_OPTION}={shown(ifname)}: Docker does not let a network plugin name the "
                                  "container's interface (it is eth<N>); remove the option (Compose: "
                                  "interface_name)")
-        if interface.get("AddressIPv6"):
-            raise InvalidRequest("IPv6 is not supported by vpcnet")
+        address_v6 = _address_v6(net, interface.get("AddressIPv6") or "")
         address = interface.get("Address") or ""
         if not address:
             raise InvalidRequest("CreateEndpoint without an IPv4 address: create the network with vpcnet as "
@@ -327,7 +339,8 @@ class NetworkDriver:
             raise Conflict(f"endpoint {endpoint_id[:12]} would reuse veth {host_veth} of endpoint "
                            f"{namesake.endpoint_id[:12]}")
         ep = Endpoint(endpoint_id=endpoint_id, network_id=network_id, address=str(ip), mac=mac,
-                      host_veth=host_veth, peer_veth=peer_veth, created=time.time(), state=PENDING)
+                      host_veth=host_veth, peer_veth=peer_veth, created=time.time(), state=PENDING,
+                      address_v6=address_v6)
         with self._locked(network_id):
             again = self.store.endpoint(endpoint_id)       # a racing identical call won: its answer
             if again is not None:
@@ -399,9 +412,13 @@ class NetworkDriver:
                     self._ensure_endpoint(net, ep)
         # The cluster CIDR through the gateway: other hosts' containers stay on this interface even when
         # another network of the container gives the default route (gw-priority, Docker 28+).
-        cluster_route = {"Destination": net.cluster_cidr, "RouteType": ROUTE_NEXTHOP, "NextHop": net.gateway}
-        return {"InterfaceName": {"SrcName": ep.peer_veth, "DstPrefix": "eth"},
-                "Gateway": net.gateway, "StaticRoutes": [cluster_route], "DisableGatewayService": True}
+        routes = [{"Destination": net.cluster_cidr, "RouteType": ROUTE_NEXTHOP, "NextHop": net.gateway}]
+        answer = {"InterfaceName": {"SrcName": ep.peer_veth, "DstPrefix": "eth"},
+                  "Gateway": net.gateway, "StaticRoutes": routes, "DisableGatewayService": True}
+        if ep.address_v6:           # IPv6: the gateway on the host veth, link-local (vpcnet.datapath.ipv6)
+            answer["GatewayIPv6"] = IPV6_GATEWAY
+            routes.append({"Destination": net.cluster_cidr_v6, "RouteType": ROUTE_NEXTHOP, "NextHop": IPV6_GATEWAY})
+        return answer
 
     def leave(self, network_id: str, endpoint_id: str) -> dict:
         _optional_id("NetworkID", network_id)
@@ -538,6 +555,8 @@ class NetworkDriver:
     # -- helpers ----------------------------------------------------------------------------------
     def _ensure_endpoint(self, net: Network, ep: Endpoint) -> None:
         self.dataplane.ensure_endpoint(self._spec(net), ep.host_veth, ep.peer_veth, ep.mac, ep.address)
+        if ep.address_v6:
+            self.dataplane.ensure_endpoint_ipv6(self._spec(net), ep.host_veth, ep.address_v6)
 
     def _ready(self, ep: Endpoint) -> None:
         if ep.state != READY:                # a replayed call finishing what a dead one began
@@ -624,6 +643,47 @@ def _mode(raw) -> str | None:
     if mode not in MODES:
         raise InvalidRequest(f"-o {MODE_OPTION}={shown(raw)}: unknown mode (vpcnet knows: {', '.join(MODES)})")
     return mode
+
+
+def _ipv6_mode(mode: str) -> None:
+    """IPv6 takes routed mode's path (ebpf networks too: their programs pass IPv6 to the stack)."""
+    if mode == "bridge":
+        raise InvalidRequest(f"IPv6 (--ipv6) needs -o {MODE_OPTION}=routed or ebpf: bridge mode carries IPv4 only "
+                             "so far")
+
+
+def _ipv6_pool(ipv6_data, pools: dict, mode: str) -> dict:
+    """The IPv6 half of a network (Network's host_cidr_v6, cluster_cidr_v6, gateway_v6) from CreateNetwork's
+    IPv6Data: none, or one vpcnet IPv6 pool."""
+    if not ipv6_data:
+        return {}
+    _ipv6_mode(mode)
+    entry = ipv6_data[0] if len(ipv6_data) == 1 else None
+    if not isinstance(entry, dict) or not isinstance(entry.get("Pool", ""), str):
+        raise InvalidRequest(f"a vpcnet network takes one IPv6 pool (an object with a string Pool), got "
+                             f"{len(ipv6_data)}")
+    pool = entry.get("Pool", "")
+    if pool not in pools or ":" not in pool:
+        raise InvalidRequest(f"IPv6 pool {shown(pool) or '(none)'} is not a vpcnet IPv6 pool: create the network "
+                             "with vpcnet as its IPAM driver too (--ipam-driver, the same name as -d)")
+    return {"host_cidr_v6": pool, "cluster_cidr_v6": pools[pool]["cluster_cidr"], "gateway_v6": pools[pool]["gateway"]}
+
+
+def _address_v6(net: Network, address: str) -> str:
+    """CreateEndpoint's Interface.AddressIPv6 (CIDR form) as a bare address inside the network's IPv6 block,
+    or "" when none was given."""
+    if not address:
+        return ""
+    if not net.host_cidr_v6:
+        raise InvalidRequest(f"Interface.AddressIPv6 {shown(address)}: network {net.network_id[:12]} has no IPv6 "
+                             "(create it with --ipv6)")
+    try:
+        ip = ipaddress.IPv6Interface(address).ip
+    except ValueError:
+        raise InvalidRequest(f"Interface.AddressIPv6 {shown(address)} is not an IPv6 CIDR address") from None
+    if ip not in ipaddress.IPv6Network(net.host_cidr_v6):
+        raise InvalidRequest(f"address {ip} is outside the network's IPv6 block {net.host_cidr_v6}")
+    return str(ip)
 
 
 def _truthy(value) -> bool:

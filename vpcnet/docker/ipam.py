@@ -3,6 +3,15 @@
 - `RequestPool` with no `--subnet` gives this host's block in the default cluster CIDR; `--subnet` equal
   to a cluster CIDR (any range wider than a host block) gives this host's block inside it; `--subnet`
   equal to a block this host owns is Docker replaying an earlier answer. Anything else is refused.
+- IPv6 (`V6`: `--ipv6`; alone with `--ipv4=false`, Docker 28+): the same rules, one family at a time, in
+  the default IPv6 cluster CIDR (VPCNET_CLUSTER_CIDR_V6, default a ULA /48 derived from the cluster identity)
+  with /80 host blocks (VPCNET_HOST_PREFIX_V6), claimed and routed as the IPv4 ones. A `--subnet` of the other
+  family is refused; Docker 29's size-only `--subnet ::/N` gets this host's block of the default IPv6 cluster
+  CIDR when N is at least the host prefix (the block is as large as asked, or larger), else a refusal naming
+  the sizes. The gateway is the block's first address, as for IPv4; container addresses are answered as
+  `/128`s: a container then has no on-link prefix and sends everything through its gateway, so the host
+  needs no neighbour discovery proxying between containers. A block's addresses are too many to list, so
+  the next-fit walk skips the addresses in use from the cursor (`_take_next_v6`), bounded by their number.
 - The pool ID is the host CIDR itself, so every replay gets the identical answer; a PoolID not in that
   form (canonical, e.g. 10.200.3.0/24) is refused before it is looked up.
 - Addresses are handed out next-fit: a cursor walks the pool, so a just-released address is not handed
@@ -53,7 +62,11 @@ GATEWAY_KEY = "com.docker.network.gateway"
 REQUEST_TYPE_KEY = "RequestAddressType"
 REPLAY_WINDOW = 300.0   # seconds after Plugin.Activate in which replays of in-use addresses are honoured
 REPLAY_KEYS = ("replay_epoch", "replay_until", "replay_boot", "replay_pools")   # the window, in `meta`
+RACE_SLACK = 64        # IPv6 next-fit: extra offsets tried for addresses other workers take meanwhile
 LOCAL_SPACE = "vpcnet-local"
+
+Net = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 GLOBAL_SPACE = "vpcnet-global"
 
 
@@ -69,6 +82,8 @@ class Ipam:
         self.remove_leftovers: Callable[[str], object] | None = None
         # peer_on_host(peer veth) -> whether an endpoint's container end is still on the host (not joined)
         self.peer_on_host: Callable[[str], bool] | None = None
+        # drop_ipv6(host veth, address) -> removes the IPv6 datapath of an endpoint that lost its address
+        self.drop_ipv6: Callable[[str, str], object] | None = None
 
     # -- capabilities -----------------------------------------------------------------------------
     @staticmethod
@@ -135,8 +150,6 @@ class Ipam:
     # -- pools ------------------------------------------------------------------------------------
     def request_pool(self, pool: str = "", sub_pool: str = "", options: dict | None = None,
                      v6: bool = False, address_space: str = "") -> dict:
-        if v6:
-            raise InvalidRequest("IPv6 is not supported by vpcnet: create the network without --ipv6")
         if sub_pool:
             raise InvalidRequest(f"--ip-range {shown(sub_pool)} is not supported: a vpcnet network uses the "
                                  "host's whole block")
@@ -145,52 +158,62 @@ class Ipam:
             raise InvalidRequest(f"unknown --ipam-opt {names}: vpcnet's IPAM takes no options")
         if address_space and address_space not in (LOCAL_SPACE, GLOBAL_SPACE):
             raise InvalidRequest(f"unknown address space {shown(address_space)}")
-        cluster, host = self._resolve_pool(pool)
+        cluster, host = self._resolve_pool(pool, 6 if v6 else 4)
         self._pool_replayed(str(host))            # inside a window: Docker's replay, in either form
         gateway = _gateway(host)
+        # the next-fit cursor: an address for IPv4; an offset in the pool for IPv6 (an IPv6 address does not
+        # fit sqlite's 64-bit INTEGER; an offset in a /16..120 block does)
+        cursor = int(gateway) + 1 if host.version == 4 else 2
         with self.store.tx() as db:
             db.execute("INSERT OR IGNORE INTO pools(pool_id, cluster_cidr, gateway, cursor) VALUES(?,?,?,?)",
-                       (str(host), str(cluster), str(gateway), int(gateway) + 1))
+                       (str(host), str(cluster), str(gateway), cursor))
         log.info("pool %s (cluster %s, gateway %s)", host, cluster, gateway)
         return {"PoolID": str(host), "Pool": str(host),
                 "Data": {GATEWAY_KEY: f"{gateway}/{host.prefixlen}"}}
 
-    def _resolve_pool(self, pool: str) -> tuple[ipaddress.IPv4Network, ipaddress.IPv4Network]:
-        """(cluster CIDR, host CIDR) for a RequestPool's `Pool`."""
-        if not pool:
-            cluster = ipaddress.IPv4Network(self.config.cluster_cidr)
-            self._refuse_overlap(cluster, f"the default cluster CIDR {cluster} (VPCNET_CLUSTER_CIDR)")
-            host = ipaddress.IPv4Network(self.routes.host_cidr(str(cluster)))
+    def _resolve_pool(self, pool: str, version: int) -> tuple[Net, Net]:
+        """(cluster CIDR, host CIDR) for a RequestPool's `Pool`, of the family Docker asked for (`V6`)."""
+        default, setting = ((self.config.cluster_cidr, "VPCNET_CLUSTER_CIDR") if version == 4 else
+                            (self.config.default_cluster_cidr_v6, "VPCNET_CLUSTER_CIDR_V6"))
+        prefix = self.config.host_prefix if version == 4 else self.config.host_prefix_v6
+        requested = _requested_pool(pool, version) if pool else None
+        if requested is not None and version == 6 and requested.network_address == ipaddress.IPv6Address(0):
+            # Docker 29's size-only form (`--subnet ::/96`): "a pool of this size, you choose"
+            if requested.prefixlen < prefix:
+                raise InvalidRequest(f"--subnet {pool} asks for a /{requested.prefixlen} pool: vpcnet gives each "
+                                     f"host one /{prefix} block (VPCNET_HOST_PREFIX_V6); use --subnet ::/{prefix} "
+                                     "or longer, an IPv6 cluster CIDR, or no IPv6 --subnet")
+            log.info("--subnet %s (a size only): this host's /%d block of the default IPv6 cluster CIDR %s",
+                     pool, prefix, default)
+            requested = None
+        if requested is None:
+            cluster = ipaddress.ip_network(default)
+            self._refuse_overlap(cluster, f"the default {'IPv6 ' if version == 6 else ''}cluster CIDR {cluster} "
+                                          f"({setting})")
+            host = ipaddress.ip_network(self.routes.host_cidr(str(cluster)))
             self._refuse_auto_pool_in_use(host, cluster)
             return cluster, host
-        try:
-            requested = ipaddress.ip_network(pool, strict=True)
-        except ValueError as exc:
-            why = f" ({exc})" if shown(pool) == pool else ""     # the error repeats the value
-            raise InvalidRequest(f"--subnet {shown(pool)}: not a valid network{why}") from None
-        if requested.version != 4:
-            raise InvalidRequest(f"--subnet {pool}: IPv6 is not supported by vpcnet")
         for claim in self.store.claims():                 # a replay of an earlier answer
             if claim.host_cidr == str(requested):
-                return ipaddress.IPv4Network(claim.cluster_cidr), requested
-        if requested.prefixlen >= self.config.host_prefix:
+                return ipaddress.ip_network(claim.cluster_cidr), requested
+        if requested.prefixlen >= prefix:
             raise InvalidRequest(
-                f"--subnet {pool} is neither a cluster CIDR (a range wider than the /{self.config.host_prefix} "
-                f"host blocks, e.g. the default {self.config.cluster_cidr}) nor a block this host owns; "
-                "omit --subnet to use the default cluster CIDR")
+                f"--subnet {pool} is neither a cluster CIDR (a range wider than the /{prefix} "
+                f"host blocks, e.g. the default {default}) nor a block this host owns; "
+                f"omit --subnet to use the default {'IPv6 ' if version == 6 else ''}cluster CIDR")
         self._refuse_overlap(requested, f"--subnet {pool}")
-        return requested, ipaddress.IPv4Network(self.routes.host_cidr(str(requested)))
+        return requested, ipaddress.ip_network(self.routes.host_cidr(str(requested)))
 
-    def _refuse_overlap(self, cluster: ipaddress.IPv4Network, what: str) -> None:
+    def _refuse_overlap(self, cluster: Net, what: str) -> None:
         """Cluster CIDRs in use on this host are equal or disjoint, whichever path asked for them (a
         default request must not slip inside a wider --subnet cluster CIDR claimed earlier)."""
         for claim in self.store.claims():
-            other = ipaddress.IPv4Network(claim.cluster_cidr)
-            if other != cluster and other.overlaps(cluster):
+            other = ipaddress.ip_network(claim.cluster_cidr)
+            if other.version == cluster.version and other != cluster and other.overlaps(cluster):
                 raise Conflict(f"{what} overlaps the cluster CIDR {other} already in use on this "
                                "host: use it exactly, or a range that does not overlap it")
 
-    def _refuse_auto_pool_in_use(self, host: ipaddress.IPv4Network, cluster: ipaddress.IPv4Network) -> None:
+    def _refuse_auto_pool_in_use(self, host: Net, cluster: Net) -> None:
         """Without --subnet, Docker checks the pool against the host's routes and, on an overlap, asks
         again — forever, since this host has one block per cluster CIDR. Refuse clearly instead.
         (Replays always name their pool, so they never come this way.)"""
@@ -202,7 +225,7 @@ class Ipam:
         overlapping = self.host_routes(str(host)) if self.host_routes else []
         if overlapping:
             raise Conflict(f"this host's block {host} overlaps route(s) on this host: {'; '.join(overlapping)}; "
-                           "remove them or choose another VPCNET_CLUSTER_CIDR")
+                           f"remove them or choose another VPCNET_CLUSTER_CIDR{'_V6' if host.version == 6 else ''}")
 
     def release_pool(self, pool_id: str) -> dict:
         _require_pool_id(pool_id)
@@ -217,10 +240,10 @@ class Ipam:
         options = options or {}
         _require_pool_id(pool_id)
         pool = self._pool(pool_id)
-        host = ipaddress.IPv4Network(pool_id)
-        gateway = ipaddress.IPv4Address(pool["gateway"])
+        host = ipaddress.ip_network(pool_id)
+        gateway = ipaddress.ip_address(pool["gateway"])
         if options.get(REQUEST_TYPE_KEY) == GATEWAY_KEY:
-            if address and _parsed(address) != gateway:
+            if address and _parsed(address, host.version) != gateway:
                 raise InvalidRequest(f"gateway {shown(address)} is not the gateway of pool {pool_id}: vpcnet's "
                                      f"gateway is {gateway}; omit --gateway")
             return {"Address": f"{gateway}/{host.prefixlen}", "Data": {}}
@@ -229,8 +252,9 @@ class Ipam:
             self._take_requested(pool_id, ip)
         else:
             self.end_replays(f"a new address was asked of pool {pool_id}")
-            ip = self._take_next(pool_id, host, gateway)
-        return {"Address": f"{ip}/{host.prefixlen}", "Data": {}}
+            ip = (self._take_next(pool_id, host, gateway) if host.version == 4
+                  else self._take_next_v6(pool_id, host))
+        return {"Address": f"{ip}/{_address_prefix(host)}", "Data": {}}
 
     def _pool(self, pool_id: str):
         rows = self.store.read("SELECT * FROM pools WHERE pool_id=?", (pool_id,))
@@ -239,18 +263,20 @@ class Ipam:
         return rows[0]
 
     @staticmethod
-    def _check_requested(address: str, host: ipaddress.IPv4Network, gateway) -> ipaddress.IPv4Address:
-        ip = _parsed(address)
+    def _check_requested(address: str, host: Net, gateway) -> Address:
+        ip = _parsed(address, host.version)
         if ip not in host:
             raise InvalidRequest(f"address {ip} is outside pool {host}")
-        if ip in (host.network_address, host.broadcast_address):
+        if host.version == 6 and ip == host.network_address:
+            raise InvalidRequest(f"address {ip} is the subnet-router anycast address of pool {host}")
+        if host.version == 4 and ip in (host.network_address, host.broadcast_address):
             raise InvalidRequest(f"address {ip} is the {'network' if ip == host.network_address else 'broadcast'}"
                                  f" address of pool {host}")
         if ip == gateway:
             raise InvalidRequest(f"address {ip} is the gateway of pool {host}")
         return ip
 
-    def _take_requested(self, pool_id: str, ip: ipaddress.IPv4Address) -> None:
+    def _take_requested(self, pool_id: str, ip: Address) -> None:
         epoch, replayed_pools = self._replay_window()
         with self.store.tx() as db:
             _require_pool(self.store, db, pool_id)
@@ -296,13 +322,50 @@ class Ipam:
                     return ipaddress.IPv4Address(candidate)
         raise Exhausted(f"pool {pool_id} is exhausted: all {usable} container addresses are in use")
 
+    def _take_next_v6(self, pool_id: str, host: ipaddress.IPv6Network) -> ipaddress.IPv6Address:
+        """Next-fit in an IPv6 block, which is far too large to list its free addresses (a /80 holds 2**48):
+        from the cursor (an offset in the block), the first offset not in use. Offsets 0 (the subnet-router
+        anycast address) and 1 (the gateway) are never handed out. Among len(in use) + 1 consecutive
+        offsets one is free, so the walk is bounded by the addresses in use (plus RACE_SLACK for addresses
+        other workers take meanwhile), not by the block's size."""
+        base, size = int(host.network_address), host.num_addresses
+        usable = size - 2
+        epoch = self._replay_window()[0]      # stamped as in `_take_next`, for the same reason
+        used = {int(ipaddress.IPv6Address(a)) - base for a in self.store.addresses(pool_id)}
+        if len(used) >= usable:
+            raise Exhausted(f"pool {pool_id} is exhausted: all {usable} container addresses are in use")
+        with self.store.tx() as db:
+            row = db.execute("SELECT cursor FROM pools WHERE pool_id=?", (pool_id,)).fetchone()
+            if row is None:
+                raise _released(pool_id)
+            start = row["cursor"] - 2 if 2 <= row["cursor"] < size else 0
+            for step in range(min(usable, len(used) + 1 + RACE_SLACK)):
+                offset = 2 + (start + step) % usable
+                if offset in used:
+                    continue
+                candidate = ipaddress.IPv6Address(base + offset)
+                if db.execute("INSERT OR IGNORE INTO addresses(pool_id, address, replay_epoch) VALUES(?,?,?)",
+                              (pool_id, str(candidate), epoch)).rowcount:
+                    db.execute("UPDATE pools SET cursor=? WHERE pool_id=?", (offset + 1, pool_id))
+                    return candidate
+        raise Exhausted(f"pool {pool_id}: no free address found after {len(used) + 1 + RACE_SLACK} tries "
+                        f"({len(used)} in use of {usable})")
+
     def release_address(self, pool_id: str, address: str) -> dict:
         _require_pool_id(pool_id)
-        ip = _parsed(address)
+        ip = _parsed(address, ipaddress.ip_network(pool_id).version)
         peer_on_host = self.peer_on_host
         gone, kept = self.store.release_address(
             pool_id, str(ip), forget=lambda ep: peer_on_host is None or peer_on_host(ep.peer_veth))
         for ep in kept:
+            if ep.address_v6 == str(ip) and ep.address != str(ip):
+                # Docker releases a running container's IPv6 address when the container turns IPv6 off:
+                # the endpoint keeps its IPv4 only (the store forgot this one), and so does the datapath
+                log.info("ReleaseAddress %s: endpoint %s keeps running without IPv6: its IPv6 route and rules go",
+                         ip, ep.endpoint_id[:12])
+                if self.drop_ipv6 is not None:
+                    self.drop_ipv6(ep.host_veth, str(ip))
+                continue
             log.warning("ReleaseAddress %s: endpoint %s still holds it and its interface is in a container: kept",
                         ip, ep.endpoint_id[:12])
         for ep in gone:
@@ -336,24 +399,48 @@ def _released(pool_id: str) -> NotFound:
     return NotFound(f"pool {pool_id} was released meanwhile (ReleasePool): no such vpcnet pool on this host")
 
 
-def _gateway(host: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
+def _gateway(host: Net) -> Address:
     return host.network_address + 1
 
 
-def _parsed(address: str) -> ipaddress.IPv4Address:
-    """An `Address` Docker sent (bare, or with the prefix length vpcnet answered), or a clear refusal."""
+def _address_prefix(host: Net) -> int:
+    """The prefix length an address is answered with: the block's for IPv4; /128 for IPv6, so the
+    container has no on-link prefix and reaches every other address, its neighbours' too, through its
+    gateway (no neighbour discovery between containers, none proxied by the host; Calico answers so)."""
+    return host.prefixlen if host.version == 4 else 128
+
+
+def _requested_pool(pool: str, version: int) -> Net:
+    """A RequestPool's `Pool` as a network of the family Docker asked for, or a clear refusal."""
     try:
-        return ipaddress.IPv4Address(address.split("/")[0].strip())
+        requested = ipaddress.ip_network(pool, strict=True)
+    except ValueError as exc:
+        why = f" ({exc})" if shown(pool) == pool else ""     # the error repeats the value
+        raise InvalidRequest(f"--subnet {shown(pool)}: not a valid network{why}") from None
+    if requested.version != version:
+        raise InvalidRequest(f"--subnet {pool} is an IPv{requested.version} network, asked for an IPv{version} "
+                             "pool: give IPv6 subnets with --ipv6, IPv4 ones without")
+    return requested
+
+
+def _parsed(address: str, version: int = 4) -> Address:
+    """An `Address` Docker sent (bare, or with the prefix length vpcnet answered) of the pool's family, or a
+    clear refusal."""
+    try:
+        ip = ipaddress.ip_address(address.split("/")[0].strip())
     except ValueError:
-        raise InvalidRequest(f"address {shown(address)} is not a valid IPv4 address") from None
+        ip = None
+    if ip is None or ip.version != version:
+        raise InvalidRequest(f"address {shown(address)} is not a valid IPv{version} address") from None
+    return ip
 
 
 def _require_pool_id(pool_id) -> None:
     """Docker only ever sends back the PoolID RequestPool answered: a host CIDR in canonical form."""
     try:
-        canonical = str(ipaddress.IPv4Network(pool_id)) == pool_id
-    except ValueError:
+        canonical = str(ipaddress.ip_network(pool_id)) == pool_id
+    except (ValueError, TypeError):
         canonical = False
     if not canonical:
         raise InvalidRequest(f"PoolID {shown(pool_id)} is not a vpcnet pool id (a host CIDR such as "
-                             "10.200.3.0/24, as RequestPool answered)")
+                             "10.200.3.0/24 or fd12:3456:789a::/80, as RequestPool answered)")

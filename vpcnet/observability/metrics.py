@@ -286,7 +286,8 @@ class StateCollector:
                                      "holds (without network, broadcast and gateway)", labels=["host_cidr"])
         for pool, used in self.store.addresses_per_pool().items():
             in_use.add_metric([pool], used)
-            capacity.add_metric([pool], max(0, ipaddress.IPv4Network(pool).num_addresses - 3))
+            block = ipaddress.ip_network(pool)    # without network, broadcast, gateway (IPv6: anycast, gateway)
+            capacity.add_metric([pool], max(0, block.num_addresses - (3 if block.version == 4 else 2)))
         yield in_use
         yield capacity
 

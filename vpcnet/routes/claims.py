@@ -30,6 +30,12 @@ Quota: before each create the table's custom entries (every owner's) are compare
 quota (`quota_full`); at the quota the pass stops with a FATAL problem (`quota_message`) naming the
 table, the figures and how to raise the quota.
 
+Families: a cluster CIDR is IPv4 or IPv6 (VPCNET_CLUSTER_CIDR_V6; /80 blocks, VPCNET_HOST_PREFIX_V6) and every
+rule looks only at routes of its own family: an IPv4 route never takes, owns or overlaps anything of an IPv6
+cluster, nor the other way round. An IPv6 cluster's default identity writes its colons as dots
+(`fd12.3456.789a..-48`), which the marker's `cluster=` can carry. A /48 holds 2**32 /80 blocks, so the block
+search (`first_free`) jumps over taken ranges instead of trying blocks one by one.
+
 Kinds of problem a pass reports (what waiting can fix): PENDING (a route is Pending/Deleting: list again
 shortly), TRANSIENT (the cloud failed retryably even after the backoff: try again later), FATAL
 (configuration, quota, a block held by someone else: needs a person).
@@ -62,8 +68,10 @@ def worst_kind(kinds: Iterable[str]) -> str:
 
 # -- clusters ---------------------------------------------------------------------------------------
 def default_cluster_name(cluster: str) -> str:
-    """A cluster's identity when VPCNET_CLUSTER_NAME is not set: its CIDR, e.g. `10.200.0.0-16`."""
-    return cluster.replace("/", "-")
+    """A cluster's identity when VPCNET_CLUSTER_NAME is not set: its CIDR, e.g. `10.200.0.0-16`, or for an
+    IPv6 one with its colons as dots (the marker's `cluster=` takes letters, digits, '.', '_', '-'), e.g.
+    `fd12.3456.789a..-48`."""
+    return cluster.replace("/", "-").replace(":", ".")
 
 
 def cluster_name(cluster: str, configured: str = "") -> str:
@@ -79,26 +87,42 @@ def static_host_cidr(config, cluster: str) -> str:
     return ""
 
 
-def is_v4(cidr: str) -> bool:
+Net = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def network(cidr: str) -> Net | None:
+    """`cidr` as a network of either family, or None when it is not one (a malformed destination)."""
     try:
-        ipaddress.IPv4Network(cidr)
-        return True
+        return ipaddress.ip_network(cidr)
     except ValueError:
-        return False
+        return None
 
 
-def inside(cidr: str, net: ipaddress.IPv4Network) -> bool:
-    return is_v4(cidr) and ipaddress.IPv4Network(cidr).subnet_of(net)
+def is_v4(cidr: str) -> bool:
+    found = network(cidr)
+    return found is not None and found.version == 4
+
+
+def same_family(cidr: str, net: Net) -> Net | None:
+    """`cidr` as a network if it is one of `net`'s family (a v4 route never counts inside a v6 cluster, nor
+    the other way round), else None."""
+    found = network(cidr)
+    return found if found is not None and found.version == net.version else None
+
+
+def inside(cidr: str, net: Net) -> bool:
+    found = same_family(cidr, net)
+    return found is not None and found.subnet_of(net)  # type: ignore[arg-type]
 
 
 def overlap(cluster: str, name: str, listings: Listings) -> str:
     """Another vpcnet cluster's route inside this cluster CIDR (two clusters would claim each other's
     blocks): the refusal to give, or "". Such routes are never claimed, adopted or repaired."""
-    net = ipaddress.IPv4Network(cluster)
+    net = ipaddress.ip_network(cluster)
     for table, routes in listings.items():
         for r in routes:
-            if (r.kind == "Custom" and r.cluster and r.cluster != name and is_v4(r.destination)
-                    and ipaddress.IPv4Network(r.destination).overlaps(net)):
+            dest = same_family(r.destination, net)
+            if r.kind == "Custom" and r.cluster and r.cluster != name and dest is not None and dest.overlaps(net):
                 return (f"cluster CIDR {cluster} (cluster {name}) overlaps route {r.destination} -> "
                         f"{r.next_hop or '?'} of vpcnet cluster {r.cluster} in route table {table}: two "
                         "clusters sharing a VPC need disjoint cluster CIDRs; choose another "
@@ -113,7 +137,7 @@ def owned_in(route: Route, me: str, cluster: str, name: str) -> bool:
     cluster CIDR and of that cluster (or made before routes carried a cluster)."""
     return (route.kind == "Custom" and route.marked and route.next_hop == me
             and route.cluster in ("", name)
-            and inside(route.destination, ipaddress.IPv4Network(cluster)))
+            and inside(route.destination, ipaddress.ip_network(cluster)))
 
 
 def owned(route: Route, me: str, clusters: list[str], configured_name: str = "") -> bool:
@@ -123,7 +147,7 @@ def owned(route: Route, me: str, clusters: list[str], configured_name: str = "")
 
 def of_clusters(route: Route, clusters: list[str], configured_name: str = "") -> bool:
     """Inside one of `clusters` and of its identity (or of none), whoever the next hop is."""
-    return any(inside(route.destination, ipaddress.IPv4Network(c))
+    return any(inside(route.destination, ipaddress.ip_network(c))
                and route.cluster in ("", cluster_name(c, configured_name)) for c in clusters)
 
 
@@ -151,8 +175,8 @@ def find_mine(cluster: str, name: str, listings: Listings, me: str, prefix: int)
     else the lowest; one block whatever the tables say."""
     for routes in listings.values():
         mine = sorted((r.destination for r in routes if owned_in(r, me, cluster, name)
-                       and ipaddress.IPv4Network(r.destination).prefixlen == prefix),
-                      key=ipaddress.IPv4Network)
+                       and ipaddress.ip_network(r.destination).prefixlen == prefix),
+                      key=ipaddress.ip_network)
         if mine:
             return mine[0]
     return None
@@ -175,50 +199,63 @@ def landed_unmarked(routes: list[Route], destination: str, me: str) -> Route | N
 
 
 # -- which block to claim ---------------------------------------------------------------------------
-def start_index(instance: str, cluster: ipaddress.IPv4Network, prefix: int) -> int:
+def start_index(instance: str, cluster: Net, prefix: int) -> int:
     """Where this instance starts looking for a free block: stable for it, spread across instances."""
     blocks = 2 ** (prefix - cluster.prefixlen)
     return int.from_bytes(hashlib.sha256(instance.encode()).digest()[:8], "big") % blocks
 
 
-def first_free(cluster: ipaddress.IPv4Network, prefix: int, taken: list[ipaddress.IPv4Network],
-               start: int = 0) -> ipaddress.IPv4Network | None:
+def first_free(cluster: Net, prefix: int, taken: list[Net], start: int = 0) -> Net | None:
     """The first block of the cluster, from block number `start` on (wrapping around), not equal to,
-    inside or around any taken destination."""
+    inside or around any taken destination. A taken destination wider than a block is skipped whole, so
+    the search looks at no more than len(taken) + 1 blocks per side of the wrap, however many blocks the
+    cluster holds (an IPv6 /48 holds 2**32 /80s)."""
     blocks = 2 ** (prefix - cluster.prefixlen)
-    size = 2 ** (32 - prefix)
+    size = 2 ** (cluster.max_prefixlen - prefix)
     base = int(cluster.network_address)
-    for i in range(blocks):
-        block = ipaddress.IPv4Network((base + ((start + i) % blocks) * size, prefix))
-        if not any(block.overlaps(t) for t in taken):
-            return block
+    spans = sorted(((int(t.network_address) - base) // size,
+                    (int(t.broadcast_address) - base) // size) for t in taken
+                   if t.version == cluster.version and t.overlaps(cluster))
+    start %= blocks
+    for low, high in ((start, blocks - 1), (0, start - 1)):
+        index = low
+        for first, last in spans:
+            if index > high:
+                break
+            if last < index:
+                continue
+            if first > index:
+                break
+            index = last + 1
+        if index <= high:
+            return ipaddress.ip_network((base + index * size, prefix))
     return None
 
 
-def taken(cluster: ipaddress.IPv4Network, listings: Listings) -> list[ipaddress.IPv4Network]:
+def taken(cluster: Net, listings: Listings) -> list[Net]:
     """Destinations of any table that make a block of `cluster` unavailable. Entries inside the cluster
     CIDR block what they overlap; wider ones (a default route, a VPN route covering the whole cluster)
     do not, since a host route is more specific than them."""
     return [d for routes in listings.values()
-            for d in (ipaddress.IPv4Network(r.destination) for r in routes if is_v4(r.destination))
-            if d.overlaps(cluster) and d.prefixlen > cluster.prefixlen]
+            for d in (same_family(r.destination, cluster) for r in routes)
+            if d is not None and d.overlaps(cluster) and d.prefixlen > cluster.prefixlen]
 
 
-def reserved_networks(cidrs: Iterable[str]) -> tuple[list[ipaddress.IPv4Network], list[str]]:
-    """The provider's reserved (vSwitch/subnet) CIDRs as networks, and those ignored (not IPv4).
-    Host bits are tolerated: a reserved range is avoided whatever its spelling."""
-    nets, ignored = [], []
+def reserved_networks(cidrs: Iterable[str]) -> tuple[list[Net], list[str]]:
+    """The provider's reserved (vSwitch/subnet) CIDRs as networks of either family, and those ignored (not
+    a network). Host bits are tolerated: a reserved range is avoided whatever its spelling."""
+    nets: list[Net] = []
+    ignored = []
     for cidr in cidrs:
         try:
-            nets.append(ipaddress.IPv4Network(cidr, strict=False))
+            nets.append(ipaddress.ip_network(cidr, strict=False))
         except ValueError:
             ignored.append(cidr)
     return nets, ignored
 
 
-def next_block(cluster: ipaddress.IPv4Network, prefix: int, listings: Listings,
-               reserved: list[ipaddress.IPv4Network], start: int,
-               refused: ipaddress.IPv4Network | None = None) -> ipaddress.IPv4Network | None:
+def next_block(cluster: Net, prefix: int, listings: Listings, reserved: list[Net], start: int,
+               refused: Net | None = None) -> Net | None:
     """The block to try to claim: the first free one from `start` given every table's entries, the
     reserved CIDRs and the block just `refused` (a duplicate the listing may not show yet)."""
     avoid = taken(cluster, listings) + reserved + ([refused] if refused is not None else [])
@@ -252,12 +289,12 @@ def claimed_missing(listings: Listings, me: str, cluster: str, name: str, prefix
     tables = list(listings)
     if len(tables) < 2:
         return []
-    net = ipaddress.IPv4Network(cluster)
+    net = ipaddress.ip_network(cluster)
     out = []
     for r in listings[tables[0]]:
         if not (r.kind == "Custom" and r.marked and r.cluster == name and r.next_hop and r.next_hop != me
                 and r.status == "Available" and inside(r.destination, net)
-                and ipaddress.IPv4Network(r.destination).prefixlen == prefix):
+                and ipaddress.ip_network(r.destination).prefixlen == prefix):
             continue
         for table in tables[1:]:
             if not any(e.destination == r.destination for e in listings[table]):
@@ -288,9 +325,16 @@ def entry_problem(wanted: str, me: str, table: str, entry: Route | None) -> tupl
 
 
 # -- quota ------------------------------------------------------------------------------------------
-def custom_entries(routes: list[Route]) -> int:
-    """Custom entries of a table, every owner's: what its quota counts."""
-    return sum(1 for r in routes if r.kind == "Custom")
+def family(cidr: str) -> int:
+    """4 or 6: the address family of a destination (an unparsable one counts as IPv4)."""
+    found = network(cidr)
+    return found.version if found is not None else 4
+
+
+def custom_entries(routes: list[Route], version: int = 0) -> int:
+    """Custom entries of a table, every owner's: what its quota counts. With `version` (4 or 6), only that
+    family's: for a cloud that counts each family against its own quota (AWS)."""
+    return sum(1 for r in routes if r.kind == "Custom" and (not version or family(r.destination) == version))
 
 
 def quota_full(used: int, quota: int) -> bool:

@@ -124,7 +124,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     try:
         tables, me, routes = keeper.table()
         clusters = keeper.clusters()
-        rows = [(r, keeper.ownership(r, me, clusters)) for r in routes]
+        rows = [(r, keeper.ownership(r, me)) for r in routes]       # of every cluster it may own, IPv6 too
         claims = store.claims()
         usage = keeper.route_table_usage()
         names = {c: keeper.cluster_name(c) for c in clusters}

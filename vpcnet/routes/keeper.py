@@ -91,9 +91,17 @@ class RouteKeeper:
         return claims.cluster_name(cluster, self.config.cluster_name)
 
     def clusters(self) -> list[str]:
+        """The cluster CIDRs a pass reconciles: every claim's, and the default IPv4 one (the default IPv6 one
+        only once a network asked for it: a host without IPv6 networks claims no IPv6 block)."""
         known = {c.cluster_cidr for c in self.store.claims()}
         known.add(self.config.cluster_cidr)
         return sorted(known)
+
+    def known_clusters(self) -> list[str]:
+        """The cluster CIDRs whose routes this host may own or collect: `clusters()` and the default IPv6
+        one, claimed or not (a host that forgot its claim, or never made one, still releases its own IPv6
+        route and collects a gone host's)."""
+        return sorted({*self.clusters(), self.config.default_cluster_cidr_v6})
 
     @contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -174,11 +182,11 @@ class RouteKeeper:
     def owned(self, route: Route, me: str, clusters: list[str] | None = None) -> bool:
         """A route this host may delete: vpcnet's, to this instance, inside one of its cluster CIDRs and
         of that cluster's identity (or made before routes carried one)."""
-        return claims.owned(route, me, clusters or self.clusters(), self.config.cluster_name)
+        return claims.owned(route, me, clusters or self.known_clusters(), self.config.cluster_name)
 
     def ownership(self, route: Route, me: str, clusters: list[str] | None = None) -> str:
         """How `routes list` labels a route: mine, ours-other-host, ours-other-cluster or foreign."""
-        return claims.ownership(route, me, clusters or self.clusters(), self.config.cluster_name)
+        return claims.ownership(route, me, clusters or self.known_clusters(), self.config.cluster_name)
 
     def table(self) -> tuple[list[str], str, list[Route]]:
         """(route table ids, this instance id, every entry of every table) for `routes list`."""
@@ -191,7 +199,7 @@ class RouteKeeper:
         """Remove this host's routes from every table (decommissioning) and forget its claims."""
         with self._lock, self._exclusive():
             me = self.tables.instance_id()
-            clusters = self.clusters()
+            clusters = self.known_clusters()
             removed = [r for table in self.tables.table_ids() for r in self.tables.list_routes(table)
                        if self.owned(r, me, clusters)]
             for route in removed:
@@ -207,7 +215,7 @@ class RouteKeeper:
         """vpcnet-marked routes of this host's clusters, in any table, whose next-hop instance is gone."""
         with self._lock:
             me = self.tables.instance_id()
-            clusters = self.clusters()
+            clusters = self.known_clusters()
             exists: dict[str, bool] = {}
             out = []
             for route in (r for table in self.tables.table_ids() for r in self.tables.list_routes(table)):

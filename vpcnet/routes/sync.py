@@ -9,8 +9,9 @@ store still uses it (VPCNET_HOST_CIDR changed under it): that route is kept and 
 problem naming the network, since removing it would cut its containers off from every other host. The
 claim is written to the store as soon as it is made, so IPAM answers at once.
 
-Quota: before each create the table's custom entries (every owner's, from the listing just made) are
-compared with `Provider.table_quota()`; at the quota, and on the cloud's own quota error, the pass stops
+Quota: before each create the table's custom entries (every owner's, from the listing just made; only the
+created route's family where the cloud counts each family against its own quota, `Provider.quota_per_family`:
+AWS) are compared with `Provider.table_quota()`; at the quota, and on the cloud's own quota error, the pass stops
 with a FATAL problem naming the table, the figures and how to raise the quota — no create is tried and
 nothing retries in a loop.
 
@@ -187,7 +188,7 @@ class Sync:
         static = claims.static_host_cidr(self.config, cluster)
         wanted = static or (claim.host_cidr if claim else None)
         if not wanted:
-            wanted = claims.find_mine(cluster, name, listings, me, self.config.host_prefix)
+            wanted = claims.find_mine(cluster, name, listings, me, self.config.host_prefix_for(cluster))
             if wanted:
                 log.info("found this host's block %s in cluster %s (route tables %s)",
                          wanted, cluster, ", ".join(listings),
@@ -270,7 +271,8 @@ class Sync:
         """Claim a free block by creating its route in the first table (the arbiter every host of the
         cluster writes to first); a block is taken when any table has an entry overlapping it. The
         search starts at a block derived from the instance id, so hosts booting together spread out."""
-        net, prefix, name = ipaddress.IPv4Network(cluster), self.config.host_prefix, self.cluster_name(cluster)
+        net, name = ipaddress.ip_network(cluster), self.cluster_name(cluster)
+        prefix = self.config.host_prefix_for(cluster)
         reserved = self.tables.reserved_cidrs()
         first = next(iter(listings))
         start = 0 if self.tables.instant else claims.start_index(me, net, prefix)
@@ -299,6 +301,13 @@ class Sync:
         raise Retryable(f"no block of {cluster} claimed after {MAX_CLAIM_ATTEMPTS} attempts (other hosts "
                         "keep winning them); trying again on the next pass")
 
+    def _used(self, routes: list[Route], destination: str) -> int:
+        """The custom entries of a table that count against the quota a create of `destination` meets: every
+        entry, or only its family's where the cloud counts each family on its own (AWS:
+        `Provider.quota_per_family`)."""
+        per_family = getattr(self.tables.provider, "quota_per_family", False)
+        return claims.custom_entries(routes, claims.family(destination) if per_family else 0)
+
     def _quota_message(self, table: str, used: int, quota: int) -> str:
         return claims.quota_message(table, used, quota, self.tables.quota_hint())
 
@@ -306,7 +315,7 @@ class Sync:
         """Create `destination -> me` in `table`, after checking the table's quota against `routes`
         (its current listing). The attempt is recorded as uncertain until it is known to have landed
         marked, so a create whose marking failed is adopted or cleaned on a later pass."""
-        used = claims.custom_entries(routes)
+        used = self._used(routes, destination)
         quota = self.tables.quota(table)
         if claims.quota_full(used, quota):
             raise Fatal(self._quota_message(table, used, quota))
@@ -326,7 +335,7 @@ class Sync:
         self.journal.drop(table, destination)
 
     def _claims_in(self, routes: list[Route], cluster: str) -> frozenset:
-        name, net = self.cluster_name(cluster), ipaddress.IPv4Network(cluster)
+        name, net = self.cluster_name(cluster), ipaddress.ip_network(cluster)
         return frozenset((r.destination, r.next_hop) for r in routes
                          if r.kind == "Custom" and r.marked and r.cluster == name and claims.inside(r.destination, net))
 
@@ -338,7 +347,7 @@ class Sync:
         for route in others:
             if own + len(out) >= MAX_BATCH_ENTRIES:
                 break
-            used = claims.custom_entries(listings[route.table]) + planned.get(route.table, 0) + 1
+            used = self._used(listings[route.table], route.destination) + planned.get(route.table, 0) + 1
             if claims.quota_full(used, self.tables.quota(route.table)):
                 continue
             planned[route.table] = planned.get(route.table, 0) + 1
@@ -361,13 +370,13 @@ class Sync:
         if not getattr(self.tables.provider, "batch_create", False) or not missing:
             return {}
         others = [r for r in claims.claimed_missing(listings, me, cluster, self.cluster_name(cluster),
-                                                    self.config.host_prefix)
+                                                    self.config.host_prefix_for(cluster))
                   if r.destination != destination]
         if len(missing) < 2 and not others:
             return {}
         tables, failed = [], set()
         for table in missing:
-            used = claims.custom_entries(listings[table])
+            used = self._used(listings[table], destination)
             quota = self.tables.quota(table)
             if claims.quota_full(used, quota):
                 problems.append((self._quota_message(table, used, quota), FATAL))
@@ -385,7 +394,8 @@ class Sync:
             self.tables.calls["list"] += len(fresh)
             still = [t for t in claims.missing_from(fresh, destination) if t in planned]
             copies = [r for r in claims.claimed_missing(fresh, me, cluster, self.cluster_name(cluster),
-                                                        self.config.host_prefix) if r.destination != destination]
+                                                        self.config.host_prefix_for(cluster))
+                      if r.destination != destination]
             return still, self._room_for(copies, fresh, len(still)) if still else []
 
         first = next(iter(listings))
@@ -434,7 +444,7 @@ class Sync:
                 continue
             failed.add(table)
             if isinstance(error, QuotaExceeded):
-                used = claims.custom_entries(listings[table])
+                used = self._used(listings[table], destination)
                 problems.append((f"{self._quota_message(table, used, self.tables.quota(table))} "
                                  f"(the cloud says: {error})", FATAL))
             else:

@@ -18,7 +18,6 @@ Usage: `route_table_usage()` returns `{table id: (custom entries, quota)}` as of
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import logging
 import threading
 import uuid
@@ -29,7 +28,7 @@ from vpcnet.cloud import PROVIDERS, Provider, Route, make_provider, provider_cla
 from vpcnet.errors import Busy, Fatal, Retryable
 from vpcnet.observability import events
 from vpcnet.routes.backoff import Backoff
-from vpcnet.routes.claims import custom_entries, reserved_networks
+from vpcnet.routes.claims import Net, custom_entries, reserved_networks
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +145,7 @@ class RouteTables:
     def quota_hint(self) -> str:
         return getattr(self.provider, "quota_hint", "")
 
-    def reserved_cidrs(self) -> list[ipaddress.IPv4Network]:
+    def reserved_cidrs(self) -> list[Net]:
         """The provider's reserved CIDRs (vSwitches/subnets); none known when it cannot tell."""
         self.calls["reserved"] += 1
         # Optional knowledge, so a short backoff: without it an overlap is refused by the cloud anyway.
@@ -162,7 +161,7 @@ class RouteTables:
             return []
         nets, ignored = reserved_networks(cidrs)
         for cidr in ignored:
-            log.debug("ignoring reserved CIDR %r (not IPv4)", cidr)
+            log.debug("ignoring reserved CIDR %r (not a CIDR)", cidr)
         return nets
 
     def instance_exists(self, instance: str) -> bool:

@@ -31,7 +31,8 @@ from vpcnet.errors import Conflict, StateError
 
 REPAIRS_KEY = "datapath_repairs"      # meta key: the datapath pass's repair counts (JSON)
 PORTS_VERSION_KEY = "ports_version"   # meta key: moved by every change of the published ports (a trigger)
-SCHEMA_VERSION = 5     # 2: networks.mode (bridge | routed); 3: leftovers; 4: networks/endpoints.state; 5: ports
+SCHEMA_VERSION = 6     # 2: networks.mode (bridge | routed); 3: leftovers; 4: networks/endpoints.state; 5: ports;
+                       # 6: IPv6 (networks.host_cidr_v6, cluster_cidr_v6, gateway_v6; endpoints.address_v6)
 PENDING, READY = "pending", "ready"   # a row's state: its call's kernel work not done yet, or done
 
 SCHEMA = """
@@ -68,7 +69,10 @@ CREATE TABLE IF NOT EXISTS networks (
     no_nat       TEXT NOT NULL,       -- JSON list
     created      REAL NOT NULL,
     mode         TEXT NOT NULL DEFAULT 'bridge',  -- datapath: 'bridge', 'routed' or 'ebpf' (schema 2)
-    state        TEXT NOT NULL DEFAULT 'ready'    -- 'pending' until CreateNetwork's kernel work is done (4)
+    state        TEXT NOT NULL DEFAULT 'ready',   -- 'pending' until CreateNetwork's kernel work is done (4)
+    host_cidr_v6    TEXT NOT NULL DEFAULT '',     -- this host's IPv6 block, '' for an IPv4-only network (6)
+    cluster_cidr_v6 TEXT NOT NULL DEFAULT '',
+    gateway_v6      TEXT NOT NULL DEFAULT ''      -- the IPv6 pool's gateway (the block's first address)
 );
 CREATE TABLE IF NOT EXISTS endpoints (
     endpoint_id  TEXT PRIMARY KEY,
@@ -79,6 +83,7 @@ CREATE TABLE IF NOT EXISTS endpoints (
     peer_veth    TEXT NOT NULL UNIQUE,
     created      REAL NOT NULL,
     state        TEXT NOT NULL DEFAULT 'ready',   -- 'pending' until CreateEndpoint's kernel work is done (4)
+    address_v6   TEXT NOT NULL DEFAULT '',        -- bare IPv6 address, '' without one (6)
     UNIQUE (network_id, address)
 );
 -- Published ports (-p, schema 5): each one host port to one endpoint's container port. A row goes with its
@@ -116,6 +121,9 @@ class Network:
     created: float = 0.0
     mode: str = "bridge"
     state: str = READY
+    host_cidr_v6: str = ""      # IPv6: this host's block, its cluster CIDR and gateway ("" without IPv6)
+    cluster_cidr_v6: str = ""
+    gateway_v6: str = ""
 
 
 @dataclass(frozen=True)
@@ -128,6 +136,7 @@ class Endpoint:
     peer_veth: str
     created: float = 0.0
     state: str = READY
+    address_v6: str = ""        # bare IPv6 address, "" without one
 
 
 @dataclass(frozen=True)
@@ -257,6 +266,11 @@ class Store:
             for table in ("networks", "endpoints"):
                 if "state" not in {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}:
                     db.execute(f"ALTER TABLE {table} ADD COLUMN state TEXT NOT NULL DEFAULT 'ready'")
+            # 5 -> 6: IPv6; every row of an older state is IPv4-only.
+            for table, column in (("networks", "host_cidr_v6"), ("networks", "cluster_cidr_v6"),
+                                  ("networks", "gateway_v6"), ("endpoints", "address_v6")):
+                if column not in {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
             db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('schema_version', ?)",
                        (str(SCHEMA_VERSION),))
         os.chmod(self.path, 0o600)
@@ -318,7 +332,8 @@ class Store:
         return _network(rows[0]) if rows else None
 
     def network_by_host_cidr(self, host_cidr: str) -> Network | None:
-        rows = self.read("SELECT * FROM networks WHERE host_cidr=?", (host_cidr,))
+        """The network holding a host block of either family."""
+        rows = self.read("SELECT * FROM networks WHERE host_cidr=? OR host_cidr_v6=?", (host_cidr, host_cidr))
         return _network(rows[0]) if rows else None
 
     def add_network(self, db: sqlite3.Connection, net: Network) -> None:
@@ -336,6 +351,9 @@ class Store:
             if release_addresses:
                 db.execute("DELETE FROM addresses WHERE pool_id=(SELECT host_cidr FROM networks WHERE network_id=?) "
                            "AND address IN (SELECT address FROM endpoints WHERE network_id=?)",
+                           (network_id, network_id))
+                db.execute("DELETE FROM addresses WHERE pool_id=(SELECT host_cidr_v6 FROM networks WHERE "
+                           "network_id=?) AND address IN (SELECT address_v6 FROM endpoints WHERE network_id=?)",
                            (network_id, network_id))
             if leftover:
                 net = db.execute("SELECT * FROM networks WHERE network_id=?", (network_id,)).fetchone()
@@ -370,12 +388,18 @@ class Store:
         Returns (the endpoints forgotten, those kept)."""
         with self.tx() as db:
             rows = db.execute("SELECT e.* FROM endpoints e JOIN networks n ON n.network_id = e.network_id "
-                              "WHERE n.host_cidr=? AND e.address=?", (pool_id, address)).fetchall()
+                              "WHERE (n.host_cidr=? AND e.address=?) OR (n.host_cidr_v6=? AND e.address_v6=?)",
+                              (pool_id, address, pool_id, address)).fetchall()
             gone, kept = [], []
             for row in rows:
                 ep = Endpoint(**dict(row))
                 if not forget(ep):
                     kept.append(ep)
+                    if ep.address_v6 == address and ep.address != address:
+                        # Docker released the IPv6 address of a running container (it turned IPv6 off by
+                        # sysctl) without telling the driver: the endpoint keeps its IPv4 only, so nothing
+                        # of the datapath lets the address through any more (the guard reads this row).
+                        db.execute("UPDATE endpoints SET address_v6='' WHERE endpoint_id=?", (ep.endpoint_id,))
                     continue
                 gone.append(ep)
                 db.execute("INSERT OR REPLACE INTO leftovers(name, data, since) VALUES(?, ?, ?)",
@@ -450,6 +474,11 @@ class Store:
                            "VALUES(?, ?, ?, ?, ?, ?, ?)", (endpoint_id, port.family, port.proto, port.host_ip,
                                                            port.host_port, port.container_port, port.asked))
 
+    def ipv6_endpoints(self) -> list[tuple[str, str]]:
+        """(host veth, IPv6 address) of every endpoint with one: what the IPv6 datapath lets through."""
+        return [(r["host_veth"], r["address_v6"]) for r in
+                self.read("SELECT host_veth, address_v6 FROM endpoints WHERE address_v6 != '' ORDER BY host_veth")]
+
     def leftovers(self) -> list[tuple[str, dict]]:
         """(name, data) of deleted objects whose kernel state may still be there."""
         return [(r["name"], json.loads(r["data"])) for r in self.read("SELECT * FROM leftovers ORDER BY since")]
@@ -471,7 +500,8 @@ class Store:
         """Forget a pool and its addresses unless a network uses it (False then). The check and the delete
         are one transaction: a CreateNetwork cannot take the pool in between."""
         with self.tx() as db:
-            if db.execute("SELECT 1 FROM networks WHERE host_cidr=?", (pool_id,)).fetchone() is not None:
+            if db.execute("SELECT 1 FROM networks WHERE host_cidr=? OR host_cidr_v6=?",
+                          (pool_id, pool_id)).fetchone() is not None:
                 return False
             db.execute("DELETE FROM addresses WHERE pool_id=?", (pool_id,))
             db.execute("DELETE FROM pools WHERE pool_id=?", (pool_id,))

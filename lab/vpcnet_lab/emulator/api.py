@@ -225,14 +225,15 @@ def create_app(emulator: Emulator) -> Flask:
     @app.post("/_emulator/instances")
     def admin_add_instance():
         data = _body()
-        instance_id, ip = data.get("instance_id"), data.get("ip")
-        if not isinstance(instance_id, str) or not instance_id or not isinstance(ip, str):
-            return _bad("need {\"instance_id\": str, \"ip\": str}")
+        instance_id, ip, ip6 = data.get("instance_id"), data.get("ip"), data.get("ip6", "")
+        if (not isinstance(instance_id, str) or not instance_id or not isinstance(ip, str)
+                or not isinstance(ip6, str)):
+            return _bad("need {\"instance_id\": str, \"ip\": str} (and optionally \"ip6\": str)")
         try:
-            emulator.register_instance(instance_id, ip)
+            emulator.register_instance(instance_id, ip, ip6)
         except ValueError as exc:
             return _bad(str(exc))
-        return _json({"instance_id": instance_id, "ip": ip})
+        return _json({"instance_id": instance_id, "ip": ip, "ip6": ip6})
 
     @app.delete("/_emulator/instances/<instance_id>")
     def admin_delete_instance(instance_id):

@@ -151,11 +151,11 @@ class RouteEntries:
             if entry["DestinationCidrBlock"] == dest:
                 raise ApiError("InvalidCIDRBlock.Duplicate", f"The specified DestinationCidrBlock {dest} "
                                f"already exists in route table {route_table_id}.")
-        net = ipaddress.IPv4Network(dest)
+        net = ipaddress.ip_network(dest)
         if net.prefixlen > 0:
             for entry in entries:
-                if entry["Type"] == "System" and net.overlaps(
-                        ipaddress.IPv4Network(entry["DestinationCidrBlock"])):
+                other = ipaddress.ip_network(entry["DestinationCidrBlock"])
+                if entry["Type"] == "System" and other.version == net.version and net.overlaps(other):
                     raise ApiError("InvalidCidrBlock", f"The specified DestinationCidrBlock {dest} "
                                    f"overlaps the system route {entry['DestinationCidrBlock']}.")
         custom = sum(1 for e in entries if e["Type"] != "System")
@@ -286,7 +286,8 @@ class RouteEntries:
                     "NextHopType": hop["NextHopType"],
                     "IpVersion": entry["IpVersion"],
                 }
-                if all(checks.get(k, v) == v for k, v in filters.items()):
+                if all(checks.get(k, v) == v or (k == "IpVersion" and checks[k] == v.lower())
+                       for k, v in filters.items()):
                     matching.append(entry)
                     if len(matching) > max_result:
                         break

@@ -1,7 +1,8 @@
 """ECS instances the emulator knows: the next hops a route entry may name, and DescribeInstances.
 
-An instance is an id and its underlay (primary private) IP; the kernel-route mirror sends a destination
-to that IP. Deregistering one leaves its route entries in place, as releasing an instance does.
+An instance is an id and its underlay (primary private) IP, and optionally an IPv6 underlay address; the
+kernel-route mirror sends a destination to the underlay address of its family. Deregistering one leaves its
+route entries in place, as releasing an instance does.
 """
 from __future__ import annotations
 
@@ -20,17 +21,24 @@ class Instances:
         self.region = region
         self.vpc_id = vpc_id
         self.ips: dict[str, str] = {}
+        self.ips6: dict[str, str] = {}
 
-    def register(self, instance_id: str, underlay_ip: str) -> None:
+    def register(self, instance_id: str, underlay_ip: str, underlay_ip6: str = "") -> None:
         ip = str(ipaddress.IPv4Address(underlay_ip))
+        ip6 = str(ipaddress.IPv6Address(underlay_ip6)) if underlay_ip6 else ""
         with self._lock:
             self.ips[instance_id] = ip
+            if ip6:
+                self.ips6[instance_id] = ip6
+            else:
+                self.ips6.pop(instance_id, None)
             self._changed()
 
     def deregister(self, instance_id: str) -> bool:
         """Forget an instance (as if it were released). Its route entries stay, like in a real VPC."""
         with self._lock:
             found = self.ips.pop(instance_id, None) is not None
+            self.ips6.pop(instance_id, None)
             if found:
                 self._changed()
             return found
@@ -56,3 +64,4 @@ class Instances:
     def restore(self, data: dict) -> None:
         """Take the instances from a state file's contents."""
         self.ips = dict(data.get("instances", {}))
+        self.ips6 = dict(data.get("instances6", {}))

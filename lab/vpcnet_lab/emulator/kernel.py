@@ -29,7 +29,9 @@ class KernelRouteError(Exception):
 
 
 class KernelRoutes:
-    """Keeps the emulator's routes in one kernel routing table of one network namespace (IPv4)."""
+    """Keeps the emulator's routes in one kernel routing table of one network namespace (IPv4 and IPv6: an
+    IPv6 destination goes via the instance's IPv6 underlay address, since the kernel takes no IPv4 gateway
+    for an IPv6 route)."""
 
     def __init__(self, netns: str, proto: int = RTPROT_EMULATOR, table: int = MAIN_TABLE):
         if not netns or "/" in netns or netns in (".", ".."):
@@ -60,11 +62,12 @@ class KernelRoutes:
     def _routes(self, ns) -> tuple[dict[str, str], set[str]]:
         """(ours: dest -> gateway, foreign: destinations of other routes in the same table)."""
         ours, foreign = {}, set()
-        for route in ns.get_routes(family=2, table=self.table):
+        routes = list(ns.get_routes(family=2, table=self.table)) + list(ns.get_routes(family=10, table=self.table))
+        for route in routes:
             if route.get_attr("RTA_TABLE", route["table"]) != self.table:
                 continue
-            dst = route.get_attr("RTA_DST") or "0.0.0.0"
-            net = str(ipaddress.IPv4Network(f"{dst}/{route['dst_len']}", strict=False))
+            dst = route.get_attr("RTA_DST") or ("::" if route["family"] == 10 else "0.0.0.0")
+            net = str(ipaddress.ip_network(f"{dst}/{route['dst_len']}", strict=False))
             if route["proto"] == self.proto:
                 ours[net] = route.get_attr("RTA_GATEWAY") or ""
             else:
@@ -81,7 +84,7 @@ class KernelRoutes:
             for dest in current:
                 if dest not in desired:
                     try:
-                        ns.route("del", dst=dest, proto=self.proto, table=self.table)
+                        ns.route("del", dst=dest, proto=self.proto, table=self.table, family=_family(dest))
                     except Exception as exc:  # already gone or not ours: nothing to undo
                         if getattr(exc, "code", None) != 3:
                             problems.append(f"cannot remove route {dest}: {exc}")
@@ -93,7 +96,8 @@ class KernelRoutes:
                                     "route to it that the emulator did not install")
                     continue
                 try:
-                    ns.route("replace", dst=dest, gateway=gateway, proto=self.proto, table=self.table)
+                    ns.route("replace", dst=dest, gateway=gateway, proto=self.proto, table=self.table,
+                             family=_family(dest))
                 except Exception as exc:
                     problems.append(f"cannot install route {dest} via {gateway}: {exc}")
         finally:
@@ -103,6 +107,10 @@ class KernelRoutes:
     def clear(self) -> list[str]:
         """Remove every route we installed."""
         return self.sync({})
+
+
+def _family(cidr: str) -> int:
+    return 10 if ":" in cidr else 2
 
 
 class KernelMirror:

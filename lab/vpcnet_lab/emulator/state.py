@@ -197,8 +197,8 @@ class Emulator:
 
     # ------------------------------------------------------------------ instances, tables, vSwitches
 
-    def register_instance(self, instance_id: str, underlay_ip: str) -> None:
-        self._instances.register(instance_id, underlay_ip)
+    def register_instance(self, instance_id: str, underlay_ip: str, underlay_ip6: str = "") -> None:
+        self._instances.register(instance_id, underlay_ip, underlay_ip6)
 
     def deregister_instance(self, instance_id: str) -> bool:
         return self._instances.deregister(instance_id)
@@ -284,7 +284,7 @@ class Emulator:
         whose instance is registered, of one table (default: all; the first table wins a destination
         two tables hold)."""
         with self._lock:
-            return self._tables.instance_routes(self._instances.ips, route_table_id)
+            return self._tables.instance_routes(self._instances.ips, route_table_id, self._instances.ips6)
 
     def sync_kernel(self) -> list[str]:
         """Make the router namespace's routes (our proto only) match the tables now. Returns problems."""
@@ -315,6 +315,7 @@ class Emulator:
     def _save_locked(self) -> None:
         if self.state_file:
             persist.save(self.state_file, {**self._tables.dump(), "instances": self._instances.ips,
+                                           "instances6": self._instances.ips6,
                                            "client_tokens": self._entries.client_tokens,
                                            "nonces": self._auth.nonces})
 

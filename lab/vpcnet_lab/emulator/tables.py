@@ -27,17 +27,23 @@ SERVICE_CIDR = "100.64.0.0/10"
 
 
 def normalize_cidr(value: str) -> str:
-    """'10.1.2.0/24' -> canonical string; raises InvalidCidrBlock.Malformed (IPv4 only, host bits clear)."""
+    """'10.1.2.0/24' or 'fd00:1::/80' -> canonical string; raises InvalidCidrBlock.Malformed (host bits clear).
+    Alibaba's DestinationCidrBlock takes IPv4 and IPv6 CIDR blocks alike."""
     text = (value or "").strip()
     try:
         if "/" not in text:
             raise ValueError("no prefix length")
-        net = ipaddress.IPv4Network(text, strict=True)
+        net = ipaddress.ip_network(text, strict=True)
     except (ValueError, TypeError) as exc:
         raise ApiError("InvalidCidrBlock.Malformed",
-                       f"The specified DestinationCidrBlock {value!r} is not a valid IPv4 CIDR block ({exc}).") \
-            from None
+                       f"The specified DestinationCidrBlock {value!r} is not a valid IPv4 or IPv6 CIDR block "
+                       f"({exc}).") from None
     return str(net)
+
+
+def ip_version(cidr: str) -> str:
+    """An entry's `IpVersion` as DescribeRouteEntryList shows it."""
+    return "ipv6" if ":" in cidr else "ipv4"
 
 
 def check_quota(value) -> int:
@@ -190,7 +196,7 @@ class RouteTables:
             "Type": kind,
             "Status": status,
             "Description": description,
-            "IpVersion": "ipv4",
+            "IpVersion": ip_version(destination),
             "NextHops": {"NextHop": [{"NextHopId": next_hop_id, "NextHopType": next_hop_type,
                                       "Enabled": 1, "Weight": 0}]},
             "_seq": self.seq,
@@ -269,10 +275,12 @@ class RouteTables:
                 out.extend(public(e) for e in table["entries"].values())
             return out
 
-    def instance_routes(self, instances: dict[str, str], route_table_id: str | None = None) -> dict[str, str]:
+    def instance_routes(self, instances: dict[str, str], route_table_id: str | None = None,
+                        instances6: dict[str, str] | None = None) -> dict[str, str]:
         """destination -> underlay IP of the next hop, for every Available (or Deleting) entry whose next
         hop is one of `instances`, of one table (default: all; the first table wins a destination two
-        tables hold)."""
+        tables hold). An IPv6 destination goes to the instance's IPv6 underlay address (`instances6`; the
+        kernel takes no IPv4 gateway for an IPv6 route): without one it has no kernel route."""
         with self._lock:
             self.advance()
             out: dict[str, str] = {}
@@ -284,6 +292,8 @@ class RouteTables:
                         continue
                     hop = entry["NextHops"]["NextHop"][0]
                     ip = instances.get(hop["NextHopId"])
+                    if ":" in entry["DestinationCidrBlock"]:
+                        ip = (instances6 or {}).get(hop["NextHopId"]) if ip else None
                     if hop["NextHopType"] == "Instance" and ip:
                         out.setdefault(entry["DestinationCidrBlock"], ip)
             return out

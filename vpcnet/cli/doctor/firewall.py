@@ -208,6 +208,7 @@ class FirewallChecks(Checks):
         links: ip6tables raw VPCNET-IPV6 drops it, and the links have disable_ipv6=1 where /proc/sys can
         be written (not in a managed plugin: there the ip6tables guard alone stands)."""
         from vpcnet.datapath.firewall import IPV6_CHAIN, IPV6_RULES, Ipv6Guard
+        from vpcnet.datapath.ipv6 import Ipv6Endpoint, forward_rules, guard_rules
         from vpcnet.errors import DataplaneError
 
         if not os.path.exists("/proc/net/if_inet6"):
@@ -220,7 +221,10 @@ class FirewallChecks(Checks):
                                           "reaches this host is unknown",
                             f"install {guard.table.iptables} (Debian: the iptables package) and run doctor "
                             "as root")]
-        missing, _ = Ipv6Guard.diff(saved)
+        # IPv6 endpoints (dual-stack networks): their own traffic is let through, and their links keep IPv6 on
+        v6 = [Ipv6Endpoint(ep.host_veth, ep.address_v6) for ep in self.ctx.endpoints if getattr(ep, "address_v6", "")]
+        missing, _ = Ipv6Guard.diff(saved, guard_rules(bool(v6)),
+                                    forward_rules(bool(v6), [u for u in self._uplink_names() if u]))
         if missing:
             by_hand = "; ".join([f"ip6tables -t raw -N {IPV6_CHAIN} (-F if it exists)",
                                  *(f"ip6tables -t raw -A {IPV6_CHAIN} {r}" for r in IPV6_RULES),
@@ -229,7 +233,7 @@ class FirewallChecks(Checks):
                                           "included) reaches this host unfiltered",
                             "restart the plugin (it writes the guard at start and repairs it every datapath "
                             f"pass; its log says why it could not), or by hand: {by_hand}")]
-        on = _ipv6_on_links()
+        on = [name for name in _ipv6_on_links() if name not in {ep.host_veth for ep in v6}]
         if on and self.ctx.plugin is None:
             return [problem("ipv6_guard", f"IPv6 is on on vpcnet link(s) {', '.join(on[:5])}"
                                           + (f" and {len(on) - 5} more" if len(on) > 5 else "")

@@ -12,6 +12,11 @@ list). Without it the tables are discovered once: those the VPC's vSwitches are 
 which shows a bound vSwitch is ambiguous: vpcnet refuses, naming the candidates and the setting. A
 table's quota is `VPCNET_ROUTE_TABLE_QUOTA`, or Alibaba's default of 200 custom entries.
 
+IPv6: an IPv6 host block is an entry like an IPv4 one (DestinationCidrBlock takes both families). Every
+custom entry counts against the table's one quota (`Provider.quota_per_family` stays False: Alibaba's
+documents name a single 200-entry quota); listings are made without `IpVersion` (the emulator then lists
+both families; a real account is still to confirm it, docs/ipv6-plan.md).
+
 Several tables: when this host's route is missing from more than one table (every table but the
 claiming one after a claim, or a repair), `create_routes` writes them all with one CreateRouteEntries
 call (up to 50 entries, one VPC write). A failure of the whole call (TaskConflict while another host

@@ -14,6 +14,10 @@ so every host derives the same list. A subnet that is neither (no association an
 refused, naming the candidates and the settings. The quota per table is `VPCNET_ROUTE_TABLE_QUOTA`, or
 AWS's default of 50 routes (Service Quotas code L-93826ACB, raisable to 1,000).
 
+IPv6: an IPv6 host block is CreateRoute/DeleteRoute/ReplaceRoute with `DestinationIpv6CidrBlock`; AWS counts
+IPv6 routes against their own quota (`quota_per_family`); the subnets' IPv6 CIDRs are reserved as their IPv4
+ones. A route-table block must lie outside the VPC's /56 (docs/deploy-aws.md, "IPv6 host blocks").
+
 Source/destination check: `check_forwarding` reads the instance's SourceDestCheck (and that of its
 secondary ENIs) and, unless `VPCNET_AWS_DISABLE_SOURCE_DEST_CHECK=false`, turns it off
 (ModifyInstanceAttribute / ModifyNetworkInterfaceAttribute, as flannel's aws-vpc backend did); when that
@@ -72,6 +76,7 @@ class AwsProvider(Provider):
     instant = False
     checks_forwarding = True
     quota_hint = QUOTA_HINT
+    quota_per_family = True      # AWS: "routes per route table" is one quota for IPv4 and one for IPv6
 
     def __init__(self, config, session: botocore.session.Session | None = None):
         self.config = config
@@ -387,11 +392,15 @@ class AwsProvider(Provider):
                 cidr = subnet.get("CidrBlock")
                 if cidr:
                     cidrs.append(str(ipaddress.IPv4Network(cidr, strict=False)))
+                for assoc in subnet.get("Ipv6CidrBlockAssociationSet", []) or []:
+                    cidr6 = assoc.get("Ipv6CidrBlock")
+                    if cidr6 and (assoc.get("Ipv6CidrBlockState") or {}).get("State", "associated") == "associated":
+                        cidrs.append(str(ipaddress.IPv6Network(cidr6, strict=False)))
             token = resp.get("NextToken")
             if not token:
                 break
             params["NextToken"] = token
-        return sorted(set(cidrs), key=ipaddress.IPv4Network)
+        return sorted(set(cidrs), key=lambda c: (":" in c, ipaddress.ip_network(c)))
 
     def check_forwarding(self, disable: bool) -> list[str]:
         """SourceDestCheck of this instance and its secondary ENIs: turned off when `disable` (and

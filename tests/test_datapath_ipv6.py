@@ -1,0 +1,302 @@
+"""The routed modes' IPv6 datapath (vpcnet.datapath.ipv6) against the real kernel, in namespaces the tests make:
+containers with a /128 and fe80::1 as gateway reach each other through the host, send only from their own
+address, and never give the host a router advertisement; the repair pass keeps it so."""
+from __future__ import annotations
+
+import ipaddress
+import sys
+
+import pytest
+from conftest import run
+
+from vpcnet.datapath.dataplane import Dataplane
+from vpcnet.datapath.ipv6 import GATEWAY, Ipv6Endpoint
+from vpcnet.datapath.spec import EndpointSpec, NetworkSpec, bridge_name, mac_for, veth_names
+
+pytestmark = pytest.mark.root
+TAG = "c1d2e3f4a5b6"
+BLOCK = "fd00:77:3:0:1::"          # this host's /80 block (the addresses below are inside it)
+A, B, C = f"{BLOCK}2", f"{BLOCK}3", f"{BLOCK}4"
+
+
+def spec(mode: str) -> NetworkSpec:
+    return NetworkSpec(tag=TAG, bridge=bridge_name(TAG + "0" * 52), gateway="10.77.3.1", host_cidr="10.77.3.0/24",
+                       cluster_cidr="10.77.0.0/16", mtu=1500, mode=mode)
+
+
+def ns_run(ns: str, *cmd: str, check: bool = True):
+    return run(["ip", "netns", "exec", ns, *cmd], check=check)
+
+
+def ping6(ns: str, target: str, source: str = "") -> bool:
+    extra = ["-I", source] if source else []
+    return ns_run(ns, "busybox", "ping", "-6", "-c1", "-W2", *extra, target, check=False).returncode == 0
+
+
+@pytest.fixture
+def host(netns_factory):
+    """A simulated host with an uplink holding the default routes (both families)."""
+    ns = netns_factory("vpc6h")
+    run(["ip", "-n", ns, "link", "add", "uplink0", "type", "veth", "peer", "name", "uplink0p"])
+    run(["ip", "-n", ns, "addr", "add", "192.0.2.10/24", "dev", "uplink0"])
+    run(["ip", "-n", ns, "link", "set", "uplink0p", "up"])
+    run(["ip", "-n", ns, "link", "set", "uplink0", "up"])
+    run(["ip", "-n", ns, "route", "add", "default", "via", "192.0.2.1"])
+    return ns
+
+
+def container(host: str, dp: Dataplane, netspec: NetworkSpec, netns_factory, ip4: str, ip6: str, eid: str) -> str:
+    """What Docker does at Join for a dual-stack endpoint: the container end into a sandbox as eth0, the
+    IPv4 address with the pool prefix, the IPv6 one as the /128 vpcnet's IPAM answers, and the default
+    routes Join's Gateway and GatewayIPv6 give."""
+    sandbox = netns_factory("vpc6c")
+    host_veth, peer = veth_names(eid)
+    dp.ensure_endpoint(netspec, host_veth, peer, mac_for(ip4), ip4)
+    run(["ip", "-n", host, "link", "set", peer, "netns", sandbox])
+    run(["ip", "-n", sandbox, "link", "set", peer, "name", "eth0"])
+    ns_run(sandbox, "sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=0")
+    run(["ip", "-n", sandbox, "addr", "add", f"{ip4}/24", "dev", "eth0"])
+    run(["ip", "-n", sandbox, "-6", "addr", "add", f"{ip6}/128", "dev", "eth0", "nodad"])
+    run(["ip", "-n", sandbox, "link", "set", "eth0", "up"])
+    run(["ip", "-n", sandbox, "route", "add", "default", "via", netspec.gateway])
+    run(["ip", "-n", sandbox, "-6", "route", "add", "default", "via", GATEWAY, "dev", "eth0"])
+    return sandbox
+
+
+def guard_drops(host: str) -> int:
+    out = ns_run(host, "ip6tables", "-t", "raw", "-L", "VPCNET-IPV6", "-v", "-x", "-n").stdout
+    return sum(int(line.split()[0]) for line in out.splitlines()[2:] if "DROP" in line)
+
+
+RA_SENDER = r"""
+import socket, struct, sys
+# a router advertisement (type 134) with a prefix information option for 2001:db8:66::/64 (on-link,
+# autonomous), to all nodes: what a hostile container sends to configure the host
+prefix = socket.inet_pton(socket.AF_INET6, "2001:db8:66::")
+pio = struct.pack("!BBBBIII", 3, 4, 64, 0xC0, 86400, 14400, 0) + prefix
+ra = struct.pack("!BBHBBHII", 134, 0, 0, 64, 0, 1800, 0, 0) + pio
+s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 255)
+s.setsockopt(socket.SOL_SOCKET, 25, b"eth0")
+for _ in range(3):
+    s.sendto(ra, ("ff02::1", 0, 0, socket.if_nametoindex("eth0")))
+"""
+
+
+@pytest.mark.parametrize("mode", ["routed", "ebpf"])
+def test_two_containers_reach_each_other_over_ipv6_through_the_host(host, netns_factory, mode):
+    dp = Dataplane(netns=host)
+    if mode == "ebpf" and not dp.features().supports("ebpf"):
+        pytest.skip(f"this kernel cannot do ebpf mode: {dp.features().why_not('ebpf')}")
+    wanted: list[Ipv6Endpoint] = []
+    dp.ipv6_endpoints = lambda: list(wanted)           # the store's rows, as the driver will hand them
+    s = spec(mode)
+    dp.ensure_network(s)
+    eids = ("a" * 64, "b" * 64)
+    wanted += [Ipv6Endpoint(veth_names(eids[0])[0], A), Ipv6Endpoint(veth_names(eids[1])[0], B)]
+    ca = container(host, dp, s, netns_factory, "10.77.3.2", A, eids[0])
+    cb = container(host, dp, s, netns_factory, "10.77.3.3", B, eids[1])
+    for eid, address in zip(eids, (A, B), strict=True):
+        dp.ensure_endpoint_ipv6(s, veth_names(eid)[0], address)
+    ns_run(host, "ip6tables", "-P", "FORWARD", "DROP")         # as Docker 27+ sets it with IPv6 on
+    assert ns_run(host, "sysctl", "-n", "net.ipv6.conf.all.forwarding").stdout.strip() == "1"
+    assert ping6(ca, B) and ping6(cb, A)
+    routes = ns_run(host, "ip", "-6", "route").stdout
+    assert f"{A} dev {veth_names(eids[0])[0]}" in routes and f"{B} dev {veth_names(eids[1])[0]}" in routes
+    assert "fe80::1/64" in ns_run(host, "ip", "-6", "addr", "show", "dev", veth_names(eids[0])[0]).stdout
+    # IPv4 still as before
+    assert ns_run(ca, "busybox", "ping", "-c1", "-W2", "10.77.3.3", check=False).returncode == 0
+
+
+def test_a_container_sends_ipv6_only_from_its_own_address_and_its_advertisements_never_reach_the_host(
+        host, netns_factory):
+    dp = Dataplane(netns=host)
+    eids = ("a" * 64, "b" * 64)
+    dp.ipv6_endpoints = lambda: [Ipv6Endpoint(veth_names(eids[0])[0], A), Ipv6Endpoint(veth_names(eids[1])[0], B)]
+    s = spec("routed")
+    dp.ensure_network(s)
+    ca = container(host, dp, s, netns_factory, "10.77.3.2", A, eids[0])
+    cb = container(host, dp, s, netns_factory, "10.77.3.3", B, eids[1])
+    for eid, address in zip(eids, (A, B), strict=True):
+        dp.ensure_endpoint_ipv6(s, veth_names(eid)[0], address)
+    assert ping6(ca, B)
+    # spoofing: container a takes a third address of the block (nobody's) and sends from it
+    run(["ip", "-n", ca, "-6", "addr", "add", f"{C}/128", "dev", "eth0", "nodad"])
+    before = guard_drops(host)
+    assert not ping6(ca, B, source=C)
+    assert guard_drops(host) > before
+    assert ping6(cb, A) and ping6(ca, B)               # their own addresses still pass
+    # a router advertisement from a container: dropped before ndisc, the host learns nothing
+    before = guard_drops(host)
+    ns_run(ca, sys.executable, "-c", RA_SENDER)
+    assert guard_drops(host) >= before + 3
+    host_routes = ns_run(host, "ip", "-6", "route").stdout + ns_run(host, "ip", "-6", "addr").stdout
+    assert "2001:db8:66" not in host_routes and "default" not in ns_run(host, "ip", "-6", "route").stdout
+    veth = veth_names(eids[0])[0]
+    assert ns_run(host, "sysctl", "-n", f"net.ipv6.conf.{veth}.accept_ra").stdout.strip() == "0"
+
+
+def test_only_the_uplinks_and_vpcnet_containers_reach_an_ipv6_container(host, netns_factory):
+    """The IPv4 isolation's ingress half, for IPv6: a neighbour behind another link of the host (a Docker
+    bridge network, a VPN) does not reach a vpcnet container; one behind the uplink does."""
+    dp = Dataplane(netns=host)
+    eid = "a" * 64
+    dp.ipv6_endpoints = lambda: [Ipv6Endpoint(veth_names(eid)[0], A)]
+    s = spec("routed")
+    dp.ensure_network(s)
+    ca = container(host, dp, s, netns_factory, "10.77.3.2", A, eid)
+    dp.ensure_endpoint_ipv6(s, veth_names(eid)[0], A)
+    for link, prefix in (("uplink0", "fd55"), ("other0", "fd66")):
+        far = netns_factory("vpc6f")
+        if link == "other0":
+            run(["ip", "-n", host, "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", far])
+        else:
+            run(["ip", "-n", host, "link", "set", "uplink0p", "netns", far, "name", "eth0"])
+        run(["ip", "-n", host, "-6", "addr", "add", f"{prefix}::1/64", "dev", link, "nodad"])
+        run(["ip", "-n", host, "link", "set", link, "up"])
+        run(["ip", "-n", far, "-6", "addr", "add", f"{prefix}::2/64", "dev", "eth0", "nodad"])
+        run(["ip", "-n", far, "link", "set", "eth0", "up"])
+        run(["ip", "-n", far, "-6", "route", "add", "default", "via", f"{prefix}::1"])
+        reached = any(ping6(far, A) for _ in range(3))       # the first may wait for neighbour discovery
+        assert reached == (link == "uplink0"), link
+    assert ping6(ca, "fd66::2"), "the container itself may still open a connection there (the reply is let in)"
+
+
+def test_the_repair_pass_keeps_ipv6_endpoints_as_wanted(host, netns_factory):
+    dp = Dataplane(netns=host)
+    eids = ("a" * 64, "b" * 64)
+    veths = [veth_names(e)[0] for e in eids]
+    dp.ipv6_endpoints = lambda: [Ipv6Endpoint(veths[0], A), Ipv6Endpoint(veths[1], B)]
+    s = spec("routed")
+    dp.ensure_network(s)
+    ca = container(host, dp, s, netns_factory, "10.77.3.2", A, eids[0])
+    container(host, dp, s, netns_factory, "10.77.3.3", B, eids[1])
+    for veth, address in zip(veths, (A, B), strict=True):
+        dp.ensure_endpoint_ipv6(s, veth, address)
+    endpoints = [EndpointSpec(veths[i], veth_names(e)[1], mac_for(f"10.77.3.{i + 2}"), f"10.77.3.{i + 2}")
+                 for i, e in enumerate(eids)]
+    assert dp.repair([(s, endpoints)]) == []           # all in place: nothing to do, IPv6 left on
+    assert ping6(ca, B)
+    # drift: b's /128 route goes, the guard is flushed
+    run(["ip", "-n", host, "-6", "route", "del", f"{B}/128"])
+    ns_run(host, "ip6tables", "-t", "raw", "-F", "VPCNET-IPV6")
+    ns_run(host, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=0")
+    repairs = dp.repair([(s, endpoints)])
+    kinds = sorted({r.kind for r in repairs})
+    assert kinds == ["firewall", "route"], repairs
+    assert any("IPv6 forwarding" in r.what for r in repairs), repairs
+    assert ping6(ca, B)
+    assert dp.repair([(s, endpoints)]) == []
+
+
+def test_an_endpoint_that_loses_its_ipv6_address_can_no_longer_use_it_at_once(host, netns_factory):
+    """Docker releases a running container's IPv6 address when the container turns IPv6 off by sysctl: no
+    route may outlive the address it served, and the container can no longer send from it (the guard's
+    reverse-path check goes with the route)."""
+    dp = Dataplane(netns=host)
+    eids = ("a" * 64, "b" * 64)
+    veths = [veth_names(e)[0] for e in eids]
+    wanted = [Ipv6Endpoint(veths[0], A), Ipv6Endpoint(veths[1], B)]
+    dp.ipv6_endpoints = lambda: list(wanted)
+    s = spec("routed")
+    dp.ensure_network(s)
+    ca = container(host, dp, s, netns_factory, "10.77.3.2", A, eids[0])
+    cb = container(host, dp, s, netns_factory, "10.77.3.3", B, eids[1])
+    for veth, address in zip(veths, (A, B), strict=True):
+        dp.ensure_endpoint_ipv6(s, veth, address)
+    assert ping6(ca, B) and f"{A} dev {veths[0]}" in ns_run(host, "ip", "-6", "route").stdout
+    wanted.pop(0)                                      # the store forgot it (vpcnet.docker.ipam)
+    dp.drop_endpoint_ipv6(veths[0], A)
+    assert A not in ns_run(host, "ip", "-6", "route").stdout
+    before = guard_drops(host)
+    assert not ping6(ca, B), "a's packets from its former address are dropped on the way in"
+    assert guard_drops(host) > before
+    assert ping6(cb, "fd66::9") is False and B in ns_run(host, "ip", "-6", "route").stdout   # b is untouched
+    dp.drop_endpoint_ipv6(veths[0], A)                 # again: nothing left to remove, no error
+
+
+def test_bridge_mode_refuses_ipv6_clearly(host):
+    dp = Dataplane(netns=host)
+    s = spec("bridge")
+    dp.ensure_network(s)
+    from vpcnet.errors import DataplaneError
+    with pytest.raises(DataplaneError, match="IPv6 needs routed or ebpf mode"):
+        dp.ensure_endpoint_ipv6(s, "vhnone", A)
+
+
+def test_ipv6_endpoint_values_are_checked():
+    with pytest.raises(ValueError, match="not an IPv6 address"):
+        Ipv6Endpoint("vhx", "10.0.0.1")
+
+
+# -- two hosts through the emulated VPC -----------------------------------------------------------------
+KEY_ID, SECRET, TABLE = "v6-key", "v6-S3cret-never-logged", "vtb-v6x0001"
+CLUSTER6 = "fd00:6e:1::/48"
+
+
+def test_two_hosts_ipv6_containers_reach_each_other_through_the_vpc_router_unencapsulated(netns_factory, tmp_path):
+    """Each host claims an IPv6 /80 through the aliyun provider from the emulator over HTTP; the emulator
+    routes each block via its host's IPv6 underlay address in a real router namespace; a container on
+    host A reaches one on host B, and the router forwards plain IPv6 with the containers' own addresses."""
+    from aliyun_fakes import closed_port, serving_emulator
+    from conftest import wait_for
+
+    from vpcnet.config import Config
+    from vpcnet.routes.backoff import Backoff
+    from vpcnet.routes.keeper import RouteKeeper
+    from vpcnet.state.store import Store
+
+    router = netns_factory("vpc6r")
+    ns_run(router, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1", "net.ipv4.ip_forward=1")
+    hosts = {}
+    for name, v4, v6 in (("a", "192.0.2", "fd77:a:"), ("b", "198.51.100", "fd77:b:")):
+        ns = netns_factory(f"vpc6{name}")
+        run(["ip", "-n", ns, "link", "add", "uplink0", "type", "veth", "peer", "name", f"r{name}", "netns", router])
+        run(["ip", "-n", ns, "addr", "add", f"{v4}.10/24", "dev", "uplink0"])
+        run(["ip", "-n", ns, "-6", "addr", "add", f"{v6}:10/64", "dev", "uplink0", "nodad"])
+        run(["ip", "-n", router, "addr", "add", f"{v4}.1/24", "dev", f"r{name}"])
+        run(["ip", "-n", router, "-6", "addr", "add", f"{v6}:1/64", "dev", f"r{name}", "nodad"])
+        for where, link in ((ns, "uplink0"), (router, f"r{name}")):
+            run(["ip", "-n", where, "link", "set", link, "up"])
+        run(["ip", "-n", ns, "route", "add", "default", "via", f"{v4}.1"])
+        run(["ip", "-n", ns, "-6", "route", "add", "default", "via", f"{v6}:1"])
+        hosts[name] = (ns, f"i-v6{name}", f"{v4}.10", f"{v6}:10")
+    made = []
+    with serving_emulator({}, route_table_id=TABLE, credentials={KEY_ID: SECRET}, router_netns=router) as emu:
+        try:
+            containers = {}
+            for name, (ns, instance, ip4, ip6) in hosts.items():
+                emu.register_instance(instance, ip4, ip6)
+                config = Config(provider="aliyun", state_dir=str(tmp_path / name), cluster_cidr="10.77.0.0/16",
+                                cluster_cidr_v6=CLUSTER6, aliyun_endpoint=emu.test_url, aliyun_region_id="cn-emu-1",
+                                aliyun_route_table_id=TABLE, aliyun_vpc_id="vpc-emu0001", aliyun_instance_id=instance,
+                                aliyun_access_key_id=KEY_ID, aliyun_access_key_secret=SECRET,
+                                aliyun_metadata_url=f"http://127.0.0.1:{closed_port()}")
+                store = Store(config.db_path)
+                keeper = RouteKeeper(config, store, backoff=Backoff(attempts=5, base=0.01, cap=0.1, deadline=10))
+                made.append((keeper, store))
+                store.want_claim(CLUSTER6, "asked")
+                assert keeper.reconcile(wait_pending=5).ok
+                block = store.claim(CLUSTER6).host_cidr
+                address = str(ipaddress.IPv6Network(block).network_address + 2)
+                dp = Dataplane(netns=ns)
+                eid = name * 64
+                dp.ipv6_endpoints = (lambda e=eid, a=address: [Ipv6Endpoint(veth_names(e)[0], a)])
+                s = spec("routed")
+                dp.ensure_network(s)
+                containers[name] = (container(ns, dp, s, netns_factory, "10.77.3.2", address, eid), address)
+                dp.ensure_endpoint_ipv6(s, veth_names(eid)[0], address)
+            (ca, addr_a), (cb, addr_b) = containers["a"], containers["b"]
+            routes = lambda: ns_run(router, "ip", "-6", "route").stdout      # noqa: E731
+            assert wait_for(lambda: all(f"via {ip6}" in routes() for _, _, _, ip6 in hosts.values()), 10), routes()
+            ns_run(router, "ip6tables", "-I", "FORWARD", "-s", f"{addr_a}/128", "-d", f"{addr_b}/128",
+                   "-p", "ipv6-icmp", "-j", "ACCEPT")
+            # the first packets wait for neighbour discovery on links just made: allow it a few seconds
+            assert wait_for(lambda: ping6(ca, addr_b), 15) and ping6(cb, addr_a)
+            seen = ns_run(router, "ip6tables", "-L", "FORWARD", "-v", "-x", "-n").stdout.splitlines()[2]
+            assert int(seen.split()[0]) > 0, "the router forwarded IPv6 from container a's own address"
+        finally:
+            for keeper, store in made:
+                keeper.close()
+                store.close()

@@ -251,13 +251,15 @@ def test_a_published_service_in_host_mode_answers_through_vpcnet_and_the_routing
     if lab.docker(1, "network", "inspect", "vpcs", check=False).returncode != 0:
         lab_swarm.swarm_network(lab, [1, 2], "vpcs", SWARM_CLUSTER, PLUGIN)
     service = unique("pub")
-    node = lab.docker(1, "info", "-f", "{{.Name}}").stdout.strip()
+    # By node id: the lab's engines share the machine's hostname, so `node.hostname` matches every node.
+    node = lab.docker(1, "info", "-f", "{{.Swarm.NodeID}}").stdout.strip()
     lab.docker(1, "service", "create", "--detach", "--no-resolve-image", "--name", service, "--network", "vpcs",
-               "--replicas", "1", "--constraint", f"node.hostname=={node}", "--publish", "published=18088,target=80",
+               "--replicas", "1", "--constraint", f"node.id=={node}", "--publish", "published=18088,target=80",
                "--publish", "mode=host,published=18089,target=80", "vpcnet-testbox:latest", *SERVE, timeout=120)
     try:
         assert wait_for(lambda: len(tasks(lab, service)) == 1, 90, 1.0), lab.docker(1, "service", "ps", service).stdout
         [task] = tasks(lab, service)
+        assert task["host"] == 1, task
         own = lab.docker(1, "inspect", "-f", '{{(index .NetworkSettings.Networks "vpcs").IPAddress}}',
                          task["id"]).stdout.strip()
 

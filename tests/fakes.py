@@ -151,6 +151,8 @@ class FakeDataplane:
         if host_veth not in self.links:        # like the real one: an existing pair is kept as it is
             self.links[host_veth] = {"peer": peer_veth, "mac": mac, "peer_present": True}
         self.links[host_veth].update(bridge=bridge, mtu=mtu)
+        if not address:                        # an IPv6-only endpoint: no /32, no program (as the real one)
+            return
         if spec.routed:                        # routed modes: a /32 route to the host end ("replace")
             self.links[host_veth]["route"] = f"{address}/32"
             self.routes[address] = host_veth

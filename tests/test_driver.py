@@ -217,8 +217,10 @@ def test_endpoint_labels_of_current_docker(plug):
 
 
 @pytest.mark.parametrize("options,text", [
-    ({"com.docker.network.enable_ipv4": False}, r"IPv4 is disabled for this network \(--ipv4=false\)"),
+    ({"com.docker.network.enable_ipv4": False}, r"IPv4 is disabled for this network \(--ipv4=false\) and IPv6"),
     ({"com.docker.network.enable_ipv4": "false"}, "--ipv4=false"),
+    ({"com.docker.network.enable_ipv4": False, "com.docker.network.enable_ipv6": True, GENERIC: {MODE_OPTION: "bridge"}},
+     "IPv6 \\(--ipv6\\) needs -o vpcnet.mode=routed or ebpf"),
     ({"com.docker.network.enable_ipv6": True, GENERIC: {MODE_OPTION: "bridge"}},
      "IPv6 \\(--ipv6\\) needs -o vpcnet.mode=routed or ebpf")])
 def test_ip_family_options_refused_by_create_and_gw_alloc_check(plug, options, text):
@@ -906,9 +908,6 @@ def test_ipv6_inputs_refused_clearly_and_nothing_left(plug):
     with pytest.raises(InvalidRequest, match="one IPv6 pool"):
         plug.driver.create_network(NID, {GENERIC: {MODE_OPTION: "routed"}}, [{"Pool": pool_of(plug)}],
                                    [{"Pool": pool6}, {"Pool": pool6}])
-    with pytest.raises(InvalidRequest, match="--internal with --ipv6 is not supported yet"):
-        plug.driver.create_network(NID, {GENERIC: {MODE_OPTION: "routed"}, INTERNAL_OPTION: True},
-                                   [{"Pool": pool_of(plug)}], [{"Pool": pool6}])
     assert plug.store.networks() == [] and plug.dataplane.networks == {}
     net, pool6 = dual_stack(plug)
     address = plug.ipam.request_address(net.host_cidr)["Address"]
@@ -923,3 +922,105 @@ def test_ipv6_inputs_refused_clearly_and_nothing_left(plug):
     with pytest.raises(InvalidRequest, match="has no IPv6"):
         plug.driver.create_endpoint(NID2, EID2, {"Address": address2, "AddressIPv6": "fd00::5/128"}, {})
     assert plug.store.endpoints() == []
+
+
+# -- IPv6-only networks (--ipv6 --ipv4=false, Docker 28+) ----------------------------------------------------
+V6_ONLY = {"com.docker.network.enable_ipv4": False, "com.docker.network.enable_ipv6": True}
+
+
+def ipv6_only(plug, nid=NID, mode="routed", subnet="", **options):
+    pool6 = plug.ipam.request_pool(pool=subnet, v6=True)["PoolID"]
+    plug.driver.create_network(nid, {GENERIC: {MODE_OPTION: mode}, **V6_ONLY, **options}, [],
+                               [{"Pool": pool6, "Gateway": ""}])
+    return plug.store.network(nid), pool6
+
+
+@pytest.mark.parametrize("mode", ["routed", "ebpf"])
+def test_ipv6_only_network_endpoint_join_and_removal(plug, mode):
+    """--ipv4=false: no IPv4 pool comes (empty IPv4Data); the network row has only its IPv6 block, an endpoint
+    only its IPv6 address (no /32 route, no IPv4 program), Join answers no IPv4 gateway, fe80::1 as the IPv6
+    one and only the IPv6 cluster CIDR; -p is refused; removal leaves nothing."""
+    assert plug.driver.gw_alloc_check({**V6_ONLY, GENERIC: {MODE_OPTION: mode}}) == {"SkipIPv4": False,
+                                                                                      "SkipIPv6": False}
+    net, pool6 = ipv6_only(plug, mode=mode)
+    assert (net.host_cidr, net.gateway, net.cluster_cidr) == ("", "", "")
+    assert (net.host_cidr_v6, net.cluster_cidr_v6) == (pool6, plug.config.default_cluster_cidr_v6)
+    assert spec_of(net).ipv4 is False and net.bridge in plug.dataplane.networks
+    addresses = []
+    for eid in (EID, EID2):
+        address6 = plug.ipam.request_address(pool6)["Address"]
+        answer = plug.driver.create_endpoint(NID, eid, {"AddressIPv6": address6}, {})
+        bare6 = address6.split("/")[0]
+        assert answer["Interface"]["MacAddress"] == mac_for(bare6)
+        assert (plug.store.endpoint(eid).address, plug.store.endpoint(eid).address_v6) == ("", bare6)
+        addresses.append(bare6)
+    assert plug.dataplane.routes == {a: veth_names(e)[0] for a, e in zip(addresses, (EID, EID2), strict=True)}
+    assert plug.dataplane.programs == {} and all("route" not in plug.dataplane.links[veth_names(e)[0]]
+                                                 for e in (EID, EID2))
+    answer = plug.driver.join(NID, EID, "/var/run/docker/netns/x", {})
+    assert "Gateway" not in answer and answer["GatewayIPv6"] == "fe80::1"
+    assert answer["StaticRoutes"] == [{"Destination": net.cluster_cidr_v6, "RouteType": 0, "NextHop": "fe80::1"}]
+    portmap = {"com.docker.network.portmap": [{"Proto": 6, "IP": "", "Port": 80, "HostIP": "", "HostPort": 8080,
+                                               "HostPortEnd": 8080}]}
+    with pytest.raises(InvalidRequest, match="is IPv6-only .*publishes ports .* on IPv4 only"):
+        plug.driver.program_external_connectivity(NID, EID, portmap)
+    assert plug.store.ports() == []
+    assert plug.driver.program_external_connectivity(NID, EID, {}) == {}
+    # a replayed CreateEndpoint gets the same answer; another address for the same id is a conflict
+    assert plug.driver.create_endpoint(NID, EID, {"AddressIPv6": f"{addresses[0]}/128"}, {})["Interface"]
+    with pytest.raises(Conflict, match=f"already exists with address {addresses[0]}"):
+        plug.driver.create_endpoint(NID, EID, {"AddressIPv6": f"{addresses[1]}/128"}, {})
+    # a replayed CreateNetwork is accepted
+    plug.driver.create_network(NID, {GENERIC: {MODE_OPTION: mode}, **V6_ONLY}, [], [{"Pool": pool6}])
+    for eid, bare6 in zip((EID, EID2), addresses, strict=True):
+        plug.driver.delete_endpoint(NID, eid)
+        plug.ipam.release_address(pool6, bare6)
+    plug.driver.delete_network(NID)
+    plug.ipam.release_pool(pool6)
+    assert plug.store.networks() == [] and plug.store.endpoints() == [] and plug.store.pools() == []
+    assert plug.dataplane.networks == {} and plug.dataplane.links == {} and plug.dataplane.routes == {}
+
+
+def test_two_ipv6_only_networks_and_one_block_per_network(plug):
+    """Several IPv6-only networks (rows without an IPv4 block) on one host, one per IPv6 cluster CIDR: a
+    second network on the same IPv6 block is refused naming it and its holder."""
+    net, pool6 = ipv6_only(plug)
+    other, other6 = ipv6_only(plug, nid=NID2, subnet="fd77:1::/48")
+    assert [n.network_id for n in plug.store.networks()] == [NID, NID2] and other6 != pool6
+    with pytest.raises(Conflict, match=f"host CIDR {pool6} .* already used by network {NID[:12]}"):
+        plug.driver.create_network("ab" * 32, {GENERIC: {MODE_OPTION: "routed"}, **V6_ONLY}, [], [{"Pool": pool6}])
+    assert [n.network_id for n in plug.store.networks()] == [NID, NID2]
+
+
+def test_ipv6_only_inputs_refused_clearly_and_nothing_left(plug):
+    pool4, pool6 = pool_of(plug), plug.ipam.request_pool(v6=True)["PoolID"]
+    cases = [({**V6_ONLY, GENERIC: {MODE_OPTION: "routed"}}, [{"Pool": pool4}], [{"Pool": pool6}],
+              r"--ipv4=false, yet Docker sent 1 IPv4 pool\(s\)"),
+             ({**V6_ONLY, GENERIC: {MODE_OPTION: "routed"}}, [], [], "needs an IPv6 pool: add --ipv6"),
+             ({**V6_ONLY, GENERIC: {MODE_OPTION: "bridge"}}, [], [{"Pool": pool6}], "needs -o vpcnet.mode=routed"),
+             ({**V6_ONLY, GENERIC: {MODE_OPTION: "routed"}}, [], [{"Pool": "fd99::/80"}], "not a vpcnet IPv6 pool"),
+             ({GENERIC: {MODE_OPTION: "routed"}}, [{"Pool": pool6}], [], r"is not a vpcnet pool \(IPv4\)")]
+    for options, data4, data6, why in cases:
+        with pytest.raises(InvalidRequest, match=why):
+            plug.driver.create_network(NID, options, data4, data6)
+        assert plug.store.networks() == [] and plug.dataplane.networks == {}
+    net, pool6 = ipv6_only(plug)
+    for interface, why in (({"Address": "10.200.0.5/24"}, "is IPv6-only .* no IPv4 addresses"),
+                           ({}, "without an IPv6 address"),
+                           ({"AddressIPv6": "fd99::5/128"}, "outside the network's IPv6 block")):
+        with pytest.raises(InvalidRequest, match=why):
+            plug.driver.create_endpoint(NID, EID, interface, {})
+    assert plug.store.endpoints() == [] and plug.dataplane.links == {}
+
+
+def test_internal_dual_stack_and_ipv6_only_networks_are_made(plug):
+    """--internal --ipv6 (refused before): the network is stored internal with its IPv6 block (the
+    datapath keeps its IPv6 inside the IPv6 cluster CIDR: vpcnet.datapath.ipv6)."""
+    pool4, pool6 = pool_of(plug), plug.ipam.request_pool(v6=True)["PoolID"]
+    plug.driver.create_network(NID, {GENERIC: {MODE_OPTION: "routed"}, INTERNAL_OPTION: True,
+                                     "com.docker.network.enable_ipv6": True}, [{"Pool": pool4}], [{"Pool": pool6}])
+    net = plug.store.network(NID)
+    assert net.internal and net.host_cidr_v6 == pool6
+    assert spec_of(net).host_cidr_v6 == pool6 and spec_of(net).cluster_cidr_v6 == net.cluster_cidr_v6
+    other, _ = ipv6_only(plug, nid=NID2, subnet="fd77:1::/48", **{INTERNAL_OPTION: True})
+    assert other.internal and other.host_cidr == ""

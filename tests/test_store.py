@@ -202,3 +202,77 @@ def test_readonly_store_of_a_missing_file_is_an_error_not_a_new_file(db_path):
     with pytest.raises(FileNotFoundError):
         Store(db_path, readonly=True)
     assert not os.path.exists(db_path)
+
+
+# Schema 6's networks and endpoints (before IPv6-only networks): a row keyed by its IPv4 block and address.
+SCHEMA_6 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE networks (network_id TEXT PRIMARY KEY, host_cidr TEXT NOT NULL UNIQUE, cluster_cidr TEXT NOT NULL,
+    gateway TEXT NOT NULL, bridge TEXT NOT NULL UNIQUE, mtu INTEGER NOT NULL, internal INTEGER NOT NULL,
+    no_nat TEXT NOT NULL, created REAL NOT NULL, mode TEXT NOT NULL DEFAULT 'bridge',
+    state TEXT NOT NULL DEFAULT 'ready', host_cidr_v6 TEXT NOT NULL DEFAULT '',
+    cluster_cidr_v6 TEXT NOT NULL DEFAULT '', gateway_v6 TEXT NOT NULL DEFAULT '');
+CREATE TABLE endpoints (endpoint_id TEXT PRIMARY KEY, network_id TEXT NOT NULL REFERENCES networks(network_id),
+    address TEXT NOT NULL, mac TEXT NOT NULL, host_veth TEXT NOT NULL UNIQUE, peer_veth TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL, state TEXT NOT NULL DEFAULT 'ready', address_v6 TEXT NOT NULL DEFAULT '',
+    UNIQUE (network_id, address));
+CREATE TABLE ports (endpoint_id TEXT NOT NULL REFERENCES endpoints(endpoint_id) ON DELETE CASCADE,
+    family TEXT NOT NULL DEFAULT 'ipv4', proto TEXT NOT NULL, host_ip TEXT NOT NULL, host_port INTEGER NOT NULL,
+    container_port INTEGER NOT NULL, asked TEXT NOT NULL, PRIMARY KEY (family, proto, host_ip, host_port));
+INSERT INTO meta VALUES ('schema_version', '6');
+INSERT INTO networks VALUES ('aa', '10.200.0.0/24', '10.200.0.0/16', '10.200.0.1', 'vpc-aa', 1500, 0, '[]', 1.0,
+    'routed', 'ready', 'fd00:1::/80', 'fd00:1::/48', 'fd00:1::1');
+INSERT INTO endpoints VALUES ('e1', 'aa', '10.200.0.2', '02:42:0a:c8:00:02', 'vhe1', 'vce1', 2.0, 'ready',
+    'fd00:1::2');
+INSERT INTO ports VALUES ('e1', 'ipv4', 'tcp', '', 8080, 80, '8080');
+"""
+
+
+def _v6_only(network_id: str, block: str, bridge: str) -> Network:
+    return Network(network_id, "", "", "", bridge, 1500, False, (), 3.0, "routed",
+                   host_cidr_v6=block, cluster_cidr_v6="fd00:1::/48", gateway_v6=block.split("/")[0] + "1")
+
+
+def test_schema_6_state_becomes_7_with_its_rows_and_takes_ipv6_only_networks(db_path):
+    """A schema 6 state (network rows keyed by their IPv4 block) is rebuilt in place: rows, foreign keys
+    and the cascade of ports kept; then IPv6-only rows (no IPv4 block, no IPv4 address) fit, several of them,
+    while a block or an address of either family stays one row's."""
+    os.makedirs(os.path.dirname(db_path))
+    conn = sqlite3.connect(db_path)
+    conn.executescript(SCHEMA_6)
+    conn.close()
+    Store(db_path, readonly=True).networks()          # a reader beside an old plugin reads it as it is
+    store = Store(db_path)
+    assert store.get_meta("schema_version") == str(SCHEMA_VERSION)
+    assert [n.host_cidr for n in store.networks()] == ["10.200.0.0/24"]
+    assert [(e.address, e.address_v6) for e in store.endpoints("aa")] == [("10.200.0.2", "fd00:1::2")]
+    assert [p.host_port for p in store.ports()] == [8080]
+    store.close()
+    Store(db_path).close()                              # idempotent: a second start changes nothing
+    store = Store(db_path)
+    assert store.read("PRAGMA foreign_keys")[0][0] == 1
+    with pytest.raises(sqlite3.IntegrityError):         # the foreign key holds after the rebuild
+        with store.tx() as db:
+            store.add_endpoint(db, Endpoint("e9", "nope", "10.200.0.9", "m", "vhe9", "vce9", 1.0))
+    with store.tx() as db:
+        store.add_network(db, _v6_only("bb", "fd00:1:0:0:2::/80", "vpc-bb"))
+        store.add_network(db, _v6_only("cc", "fd00:1:0:0:3::/80", "vpc-cc"))
+        for n in (2, 3):
+            store.add_endpoint(db, Endpoint(f"b{n}", "bb", "", f"m{n}", f"vhb{n}", f"vcb{n}", 4.0,
+                                            address_v6=f"fd00:1:0:0:2::{n}"))
+    assert store.network_by_host_cidr("") is None
+    assert store.network_by_host_cidr("fd00:1:0:0:3::/80").network_id == "cc"
+    assert [e.address for e in store.endpoints("bb")] == ["", ""]
+    for clash in (_v6_only("dd", "fd00:1:0:0:2::/80", "vpc-dd"),
+                  Network("ee", "10.200.0.0/24", "10.200.0.0/16", "10.200.0.1", "vpc-ee", 1500, False, (), 5.0)):
+        with pytest.raises(sqlite3.IntegrityError):
+            with store.tx() as db:
+                store.add_network(db, clash)
+    for address, address_v6 in (("", "fd00:1:0:0:2::2"), ("10.200.0.2", "")):
+        with pytest.raises(sqlite3.IntegrityError):
+            with store.tx() as db:
+                store.add_endpoint(db, Endpoint("x", "bb" if address_v6 else "aa", address, "m", "vhx", "vcx", 6.0,
+                                                address_v6=address_v6))
+    store.delete_endpoint("e1")                         # its ports go with it (the cascade)
+    assert store.ports() == []
+    store.close()

@@ -410,7 +410,8 @@ def test_gw_alloc_check_answers_allocate_and_refuses_before_any_pool(plug, clien
                                                                                "SkipIPv6": False}
     assert ok(client, "/NetworkDriver.GwAllocCheck", None) == {"SkipIPv4": False, "SkipIPv6": False}
     cases = [({"com.docker.network.enable_ipv4": False}, "--ipv4=false"),
-             ({"com.docker.network.enable_ipv4": False, "com.docker.network.enable_ipv6": True}, "--ipv4=false"),
+             ({"com.docker.network.enable_ipv4": False, "com.docker.network.enable_ipv6": True,
+               "com.docker.network.generic": {"vpcnet.mode": "bridge"}}, "needs -o vpcnet.mode=routed or ebpf"),
              ({"com.docker.network.enable_ipv6": True, "com.docker.network.generic": {"vpcnet.mode": "bridge"}},
               "needs -o vpcnet.mode=routed or ebpf"),
              ({"com.docker.network.generic": {"com.docker.network.bridge.name": "br0"}}, "unknown option -o"),

@@ -222,7 +222,7 @@ class Dataplane:
         idx = self.links.ensure_gateway_link(spec)
         if firewall:
             self._ensure_firewall(spec)
-        if spec.ebpf:
+        if spec.ebpf and spec.ipv4:
             self.tc.ensure_uplink_programs(spec, idx)
 
     def _ensure_firewall(self, spec: NetworkSpec) -> list[str]:
@@ -268,6 +268,8 @@ class Dataplane:
         programs too (vpcnet.datapath.tc), in every mode."""
         with self.nl.ipr() as ipr:
             host_idx = self.links.ensure_veth(ipr, spec, host_veth, peer_veth, mac)
+            if not address:                   # IPv6-only: its IPv6 is ensure_endpoint_ipv6's
+                return
             if self.tc.peers and not spec.ebpf:
                 index = host_idx if host_idx is not None else self.nl.link_index(ipr, host_veth)
                 if index is not None:
@@ -479,9 +481,9 @@ class Dataplane:
         attach them again (replaced in place, no gap), so they write this process's. Not drift: no Repair."""
         adopted = 0
         for spec, endpoints in networks:
-            stale = [ep for ep in endpoints if ep.host_veth in view.links
+            stale = [ep for ep in endpoints if ep.address and ep.host_veth in view.links
                      and view.links[ep.host_veth]["index"] not in self.tc.counted]
-            uplinks = spec.ebpf and spec.tc_name not in self.tc.counted_uplinks
+            uplinks = spec.ebpf and spec.ipv4 and spec.tc_name not in self.tc.counted_uplinks
             if not stale and not uplinks:
                 continue
             try:
@@ -516,9 +518,9 @@ class Dataplane:
             return True
         if self._ipv6_on(link) or (spec.routed and self._ipv6_on(view.links.get(anchor_peer(spec.bridge)))):
             return True
-        if f"{spec.gateway}/{spec.prefixlen}" not in view.addresses.get(link["index"], set()):
+        if spec.ipv4 and f"{spec.gateway}/{spec.prefixlen}" not in view.addresses.get(link["index"], set()):
             return True
-        if spec.ebpf and view.uplink_programs.get(spec.tc_name, set()) != set(view.uplinks):
+        if spec.ebpf and spec.ipv4 and view.uplink_programs.get(spec.tc_name, set()) != set(view.uplinks):
             return True
         for ep in endpoints:
             host = view.links.get(ep.host_veth)
@@ -526,9 +528,9 @@ class Dataplane:
                 continue                          # no veth: the container is gone, Docker will say so
             if not spec.routed and host["master"] != link["index"]:
                 return True
-            if spec.routed and view.routes.get(f"{ep.address}/32") != host["index"]:
+            if spec.routed and ep.address and view.routes.get(f"{ep.address}/32") != host["index"]:
                 return True
-            if (spec.ebpf or self.tc.peers) and host["index"] not in view.clsact:
+            if (spec.ebpf or self.tc.peers) and ep.address and host["index"] not in view.clsact:
                 return True
             if self._ipv6_on(host) and ep.host_veth not in self._v6_veths:
                 return True
@@ -543,7 +545,7 @@ class Dataplane:
             addrs = {f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" for a in ipr.get_addr(index=idx)} \
                 if idx is not None else set()
             uplinks = self.nl.all_uplinks(ipr)
-            programs = self.tc.network_uplinks(ipr, spec) if spec.ebpf else set()
+            programs = self.tc.network_uplinks(ipr, spec) if spec.ebpf and spec.ipv4 else set()
         what = "anchor" if spec.routed else "bridge"
         if state is None:
             repairs.append(Repair("link", spec.tag, f"{what} {spec.bridge} missing"))
@@ -551,16 +553,16 @@ class Dataplane:
             repairs.append(Repair("link", spec.tag, f"{what} {spec.bridge} down"))
         elif state.get_attr("IFLA_MTU") != spec.mtu:
             repairs.append(Repair("link", spec.tag, f"{what} {spec.bridge} has MTU {state.get_attr('IFLA_MTU')}"))
-        elif f"{spec.gateway}/{spec.prefixlen}" not in addrs:
+        elif spec.ipv4 and f"{spec.gateway}/{spec.prefixlen}" not in addrs:
             repairs.append(Repair("address", spec.tag, f"gateway {spec.gateway} missing on {spec.bridge}"))
-        elif spec.ebpf and programs != set(uplinks):
+        elif spec.ebpf and spec.ipv4 and programs != set(uplinks):
             repairs.append(Repair("tc", spec.tag, f"uplink programs on links {sorted(programs)}, default "
                                                    f"route on {sorted(uplinks)}"))
         if repairs:
             self._ensure_links(spec)          # rebuilds what is missing, accepts what is there
         # The endpoints' programs know the uplinks too (only those take other hosts' traffic): rebuilt
         # with the new ones when the default route moved.
-        moved = spec.ebpf and state is not None and programs != set(uplinks)
+        moved = spec.ebpf and spec.ipv4 and state is not None and programs != set(uplinks)
         if not repairs:
             ipv6 = self.links.ipv6_off([spec.bridge, anchor_peer(spec.bridge)] if spec.routed else [spec.bridge])
             if ipv6:
@@ -580,16 +582,16 @@ class Dataplane:
                 master = self.nl.link_index(ipr, spec.bridge)
                 if link.get_attr("IFLA_MASTER") != master:
                     problem = f"host veth {ep.host_veth} of {ep.address} not on bridge {spec.bridge}"
-            else:
+            elif ep.address:                  # an IPv6-only endpoint: no /32, no program (_repair_ipv6's)
                 if self.links.routed_via(ipr, ep.address) != host_idx:
                     problem = f"route {ep.address}/32 dev {ep.host_veth} missing"
                 elif spec.ebpf and not self.tc.endpoint_has_program(ipr, host_idx):
                     problem = f"eBPF program on {ep.host_veth} missing"
-            if not problem and self.tc.peers and not self.tc.endpoint_counts(ipr, host_idx):
+            if not problem and self.tc.peers and ep.address and not self.tc.endpoint_counts(ipr, host_idx):
                 problem = f"eBPF peer counting program on {ep.host_veth} missing"
             if not problem and not link["flags"] & 1:
                 problem = f"host veth {ep.host_veth} down"
-            if not problem and uplinks_moved:
+            if not problem and uplinks_moved and ep.address:
                 problem = f"eBPF program on {ep.host_veth} made for the old uplinks"
         if not problem and ep.host_veth in self._v6_veths:
             return []                         # IPv6 on by design: _repair_ipv6 looks after it

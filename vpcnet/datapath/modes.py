@@ -79,6 +79,8 @@ class BridgeMode:
         return [rule(oif=spec.bridge, comment=comment, target="RETURN")]
 
     def firewall(self, spec: NetworkSpec) -> NetworkRules:
+        if not spec.ipv4:       # IPv6-only: no IPv4 rules (its IPv6 is the host-wide ip6tables chains')
+            return NetworkRules(tag=spec.tag)
         comment = f"vpcnet {spec.tag}"
         gateway = spec.gateway + "/32"
         published = sorted({(p.address, p.proto, p.container_port) for p in spec.ports})

@@ -44,6 +44,8 @@ class NetworkSpec:
     mode: str = "bridge"        # "routed": no bridge, proxy ARP and a /32 route per endpoint; "ebpf": routed
                                 # plus the tc fast path
     ports: tuple[PortMapping, ...] = ()     # the published ports of the network's endpoints (sorted)
+    host_cidr_v6: str = ""      # IPv6: this host's block and the IPv6 cluster CIDR ("" without IPv6)
+    cluster_cidr_v6: str = ""
 
     def published(self, address: str) -> tuple[tuple[str, int], ...]:
         """(proto, container port) the endpoint holding `address` publishes: the replies the ebpf fast
@@ -64,8 +66,14 @@ class NetworkSpec:
         return f"vpcnet-{self.tag}"
 
     @property
+    def ipv4(self) -> bool:
+        """The network has IPv4 (a host block): not an IPv6-only one (`--ipv4=false`), which has no IPv4
+        gateway, rules, routes or programs at all."""
+        return bool(self.host_cidr)
+
+    @property
     def prefixlen(self) -> int:
-        return ipaddress.IPv4Network(self.host_cidr).prefixlen
+        return ipaddress.IPv4Network(self.host_cidr).prefixlen if self.host_cidr else 0
 
     @property
     def filter_chain(self) -> str:
@@ -93,7 +101,7 @@ class EndpointSpec:
     host_veth: str
     peer_veth: str
     mac: str
-    address: str                # bare IP
+    address: str                # bare IPv4 address, "" on an IPv6-only network
 
 
 @dataclass(frozen=True)
@@ -136,6 +144,6 @@ def uplink_handle(tag: str) -> int:
 
 def mac_for(ip: str) -> str:
     """Deterministic MAC from the IPv4 address (as Docker's bridge does): a reused address keeps its MAC,
-    so peers' ARP caches stay right."""
-    octets = ipaddress.IPv4Address(ip).packed
+    so peers' ARP caches stay right. An IPv6-only endpoint's from its IPv6 address's last 32 bits."""
+    octets = ipaddress.ip_address(ip).packed[-4:]
     return "02:42:" + ":".join(f"{b:02x}" for b in octets)

@@ -148,7 +148,7 @@ class NetworkDriver:
         yet; vpcnet always wants its gateway address."""
         generic = self._check_network_options(options or {})
         mode = self._network_mode(generic.get(MODE_OPTION))
-        if _truthy((options or {}).get(IPV6_OPTION)):
+        if _truthy((options or {}).get(IPV6_OPTION)) or _ipv4_off(options or {}):
             _ipv6_mode(mode)
         return {"SkipIPv4": False, "SkipIPv6": False}
 
@@ -183,9 +183,9 @@ class NetworkDriver:
         if unknown:
             raise InvalidRequest(f"unknown option -o {', '.join(shown(k) for k in unknown[:5])} (vpcnet knows: "
                                  f"{', '.join(sorted(KNOWN_GENERIC_OPTIONS))})")
-        if options.get(IPV4_OPTION) is False or str(options.get(IPV4_OPTION)).lower() == "false":
-            raise InvalidRequest("IPv4 is disabled for this network (--ipv4=false): vpcnet networks are "
-                                 "IPv4 networks; create it without --ipv4=false")
+        if _ipv4_off(options) and not _truthy(options.get(IPV6_OPTION)):
+            raise InvalidRequest("IPv4 is disabled for this network (--ipv4=false) and IPv6 is not enabled: a "
+                                 "network needs one family; add --ipv6, or create it without --ipv4=false")
         _mode(generic.get(MODE_OPTION))
         return generic
 
@@ -194,41 +194,51 @@ class NetworkDriver:
         _require_id("NetworkID", network_id)
         options = options or {}
         generic = self._check_network_options(options)
-        if _truthy(options.get(IPV6_OPTION)):
+        ipv4_off = _ipv4_off(options)
+        if _truthy(options.get(IPV6_OPTION)) or ipv4_off:
             _ipv6_mode(self._network_mode(generic.get(MODE_OPTION)))
-        if not ipv4_data or len(ipv4_data) != 1:
-            raise InvalidRequest(f"a vpcnet network needs exactly one IPv4 pool, got {len(ipv4_data or [])}")
-        entry = ipv4_data[0] or {}
-        if not isinstance(entry, dict) or not isinstance(entry.get("Pool", ""), str):
-            raise InvalidRequest("IPv4Data[0] must be an object with a string Pool")
-        pool = entry.get("Pool", "")
         pools = {r["pool_id"]: r for r in self.store.pools()}
-        if pool not in pools:
-            raise InvalidRequest(f"pool {pool or '(none)'} is not a vpcnet pool: create the network with "
-                                 f"vpcnet as its IPAM driver too (--ipam-driver, the same name as -d). {SWARM_HINT}")
+        if ipv4_off:                 # IPv6-only (Docker 28+): no IPv4 pool asked, none given
+            if ipv4_data:
+                raise InvalidRequest(f"--ipv4=false, yet Docker sent {len(ipv4_data)} IPv4 pool(s) (IPv4Data): "
+                                     "an IPv6-only network has none")
+            if not ipv6_data:
+                raise InvalidRequest("an IPv6-only network (--ipv4=false) needs an IPv6 pool: add --ipv6")
+            pool, v4 = "", {"host_cidr": "", "cluster_cidr": "", "gateway": ""}
+        else:
+            if not ipv4_data or len(ipv4_data) != 1:
+                raise InvalidRequest(f"a vpcnet network needs exactly one IPv4 pool, got {len(ipv4_data or [])} "
+                                     "(an IPv6-only one: --ipv6 --ipv4=false, Docker 28+)")
+            entry = ipv4_data[0] or {}
+            if not isinstance(entry, dict) or not isinstance(entry.get("Pool", ""), str):
+                raise InvalidRequest("IPv4Data[0] must be an object with a string Pool")
+            pool = entry.get("Pool", "")
+            if pool not in pools or ":" in pool:
+                raise InvalidRequest(f"pool {shown(pool) or '(none)'} is not a vpcnet pool (IPv4): create the network "
+                                     "with vpcnet as its IPAM driver too (--ipam-driver, the same name as -d). "
+                                     f"{SWARM_HINT}")
+            v4 = {"host_cidr": pool, "cluster_cidr": pools[pool]["cluster_cidr"], "gateway": pools[pool]["gateway"]}
         mode = self._network_mode(generic.get(MODE_OPTION))
         v6 = _ipv6_pool(ipv6_data, pools, mode)
-        if v6 and _truthy(options.get(INTERNAL_OPTION)):
-            raise InvalidRequest("--internal with --ipv6 is not supported yet: vpcnet keeps an internal network's "
-                                 "IPv4 inside the cluster CIDR but not its IPv6; create it without --ipv6")
         mtu = self._mtu(generic.get(MTU_OPTION))
-        net = Network(network_id=network_id, host_cidr=pool, cluster_cidr=pools[pool]["cluster_cidr"],
-                      gateway=pools[pool]["gateway"], bridge=bridge_name(network_id), mtu=mtu,
+        net = Network(network_id=network_id, **v4, bridge=bridge_name(network_id), mtu=mtu,
                       internal=_truthy(options.get(INTERNAL_OPTION)),
                       no_nat=tuple(self.config.no_nat_cidrs), created=time.time(), mode=mode, state=PENDING, **v6)
         with self._locked(network_id):
             existing = self.store.network(network_id)      # under the lock: a racing identical call won
             if existing is not None:
-                if existing.host_cidr == net.host_cidr:
+                if (existing.host_cidr, existing.host_cidr_v6) == (net.host_cidr, net.host_cidr_v6):
                     self.dataplane.ensure_network(self._spec(existing))
                     if existing.state == PENDING:          # its first call died before the kernel work
                         self.store.set_ready("networks", network_id)
                     return {}
-                raise Conflict(f"network {network_id[:12]} already exists with pool {existing.host_cidr}")
-            holder = self.store.network_by_host_cidr(pool) or (
-                self.store.network_by_host_cidr(net.host_cidr_v6) if net.host_cidr_v6 else None)
+                raise Conflict(f"network {network_id[:12]} already exists with pool "
+                               f"{existing.host_cidr or existing.host_cidr_v6}")
+            holder = self.store.network_by_host_cidr(pool) or self.store.network_by_host_cidr(net.host_cidr_v6)
             if holder is not None:
-                raise Conflict(f"host CIDR {pool} (cluster CIDR {net.cluster_cidr}) is already used by network "
+                block, cluster = (pool, net.cluster_cidr) if pool and holder.host_cidr == pool else \
+                    (net.host_cidr_v6, net.cluster_cidr_v6)
+                raise Conflict(f"host CIDR {block} (cluster CIDR {cluster}) is already used by network "
                                f"{holder.network_id[:12]} on this host: one vpcnet network per cluster CIDR per "
                                "host; create this one with --subnet <another cluster CIDR> (if `docker network ls "
                                f"--no-trunc` has no {holder.network_id[:12]}: vpcnet network forget "
@@ -243,13 +253,14 @@ class NetworkDriver:
                 with self.store.tx() as db:
                     # A ReleasePool may have removed the pool since it was read above: checked in the
                     # transaction that adds the network, as ReleasePool checks for a network in its own.
-                    if not self.store.has_pool(db, pool):
-                        raise Conflict(f"pool {pool} was released meanwhile (ReleasePool): request a pool "
-                                       "again, then create the network")
+                    for wanted in (pool, net.host_cidr_v6):
+                        if wanted and not self.store.has_pool(db, wanted):
+                            raise Conflict(f"pool {wanted} was released meanwhile (ReleasePool): request a pool "
+                                           "again, then create the network")
                     self.store.add_network(db, net)
             except sqlite3.IntegrityError:
-                raise Conflict(f"host CIDR {pool} or bridge {net.bridge} was taken by another network "
-                               "meanwhile") from None
+                raise Conflict(f"host CIDR {pool or net.host_cidr_v6} or bridge {net.bridge} was taken by another "
+                               "network meanwhile") from None
             _crash_point("network")
             spec = spec_of(net)
             try:
@@ -259,9 +270,11 @@ class NetworkDriver:
                 self._undo(lambda: self.store.delete_network(network_id))
                 self._undo(lambda: self.dataplane.delete_network(spec))
                 raise
-        log.info("network %s: %s mode, %s %s, %s via %s, mtu %d%s", network_id[:12], mode,
-                 "anchor" if spec.routed else "bridge", net.bridge, net.host_cidr, net.gateway, net.mtu,
-                 ", internal" if net.internal else "")
+        log.info("network %s: %s mode, %s %s, %s, mtu %d%s", network_id[:12], mode,
+                 "anchor" if spec.routed else "bridge", net.bridge,
+                 ", ".join(f"{block} via {gateway}" for block, gateway in ((net.host_cidr, net.gateway),
+                                                                           (net.host_cidr_v6, IPV6_GATEWAY)) if block),
+                 net.mtu, ", internal" if net.internal else "")
         self._record_default_mode()      # the probe may have answered otherwise since start
         return {}
 
@@ -308,44 +321,41 @@ class NetworkDriver:
                                  "container's interface (it is eth<N>); remove the option (Compose: "
                                  "interface_name)")
         address_v6 = _address_v6(net, interface.get("AddressIPv6") or "")
-        address = interface.get("Address") or ""
-        if not address:
-            raise InvalidRequest("CreateEndpoint without an IPv4 address: create the network with vpcnet as "
-                                 "its IPAM driver too (--ipam-driver, the same name as -d)")
-        try:
-            ip = ipaddress.IPv4Interface(address).ip
-        except ValueError:
-            raise InvalidRequest(f"Interface.Address {shown(address)} is not an IPv4 CIDR address") from None
-        if ip not in ipaddress.IPv4Network(net.host_cidr):
-            raise InvalidRequest(f"address {ip} is outside the network's host CIDR {net.host_cidr}")
+        ip = _address_v4(net, interface.get("Address") or "")
+        if not ip and (net.host_cidr or not address_v6):
+            raise InvalidRequest(f"CreateEndpoint without an {'IPv4' if net.host_cidr else 'IPv6'} address: create "
+                                 "the network with vpcnet as its IPAM driver too (--ipam-driver, the same name as -d)")
         given_mac = interface.get("MacAddress") or ""
         if given_mac and (not isinstance(given_mac, str) or not _MAC.fullmatch(given_mac)):
             raise InvalidRequest(f"Interface.MacAddress {shown(given_mac)} is not a MAC address")
-        mac = given_mac or mac_for(str(ip))
+        mac = given_mac or mac_for(ip or address_v6)
         host_veth, peer_veth = veth_names(endpoint_id)
         existing = self.store.endpoint(endpoint_id)
         if existing is not None:
-            if existing.address != str(ip) or existing.network_id != network_id:
-                raise Conflict(f"endpoint {endpoint_id[:12]} already exists with address {existing.address}")
+            if (existing.address, existing.address_v6) != (ip, address_v6) or existing.network_id != network_id:
+                raise Conflict(f"endpoint {endpoint_id[:12]} already exists with address "
+                               f"{existing.address or existing.address_v6}")
             with self._locked(network_id):
                 self._ensure_endpoint(net, existing)
                 self._ready(existing)
             return {"Interface": {} if given_mac else {"MacAddress": existing.mac}}
-        clash = self.store.endpoint_where(network_id=network_id, address=str(ip))
-        if clash:
-            raise Conflict(f"address {ip} is already used by endpoint {clash.endpoint_id[:12]}")
+        for column, value in (("address", ip), ("address_v6", address_v6)):
+            clash = self.store.endpoint_where(network_id=network_id, **{column: value}) if value else None
+            if clash:
+                raise Conflict(f"address {value} is already used by endpoint {clash.endpoint_id[:12]}")
         namesake = self.store.endpoint_where(host_veth=host_veth)
         if namesake:                 # ids sharing the prefix veth names are made of: never touch theirs
             raise Conflict(f"endpoint {endpoint_id[:12]} would reuse veth {host_veth} of endpoint "
                            f"{namesake.endpoint_id[:12]}")
-        ep = Endpoint(endpoint_id=endpoint_id, network_id=network_id, address=str(ip), mac=mac,
+        ep = Endpoint(endpoint_id=endpoint_id, network_id=network_id, address=ip, mac=mac,
                       host_veth=host_veth, peer_veth=peer_veth, created=time.time(), state=PENDING,
                       address_v6=address_v6)
         with self._locked(network_id):
             again = self.store.endpoint(endpoint_id)       # a racing identical call won: its answer
             if again is not None:
-                if again.address != str(ip) or again.network_id != network_id:
-                    raise Conflict(f"endpoint {endpoint_id[:12]} already exists with address {again.address}")
+                if (again.address, again.address_v6) != (ip, address_v6) or again.network_id != network_id:
+                    raise Conflict(f"endpoint {endpoint_id[:12]} already exists with address "
+                                   f"{again.address or again.address_v6}")
                 self._ensure_endpoint(net, again)
                 self._ready(again)
                 return {"Interface": {} if given_mac else {"MacAddress": again.mac}}
@@ -355,7 +365,7 @@ class NetworkDriver:
                 with self.store.tx() as db:
                     self.store.add_endpoint(db, ep)
             except sqlite3.IntegrityError:
-                raise Conflict(f"address {ip} or veth {host_veth} was taken by another endpoint "
+                raise Conflict(f"address {ip or address_v6} or veth {host_veth} was taken by another endpoint "
                                "meanwhile") from None
             _crash_point("endpoint")
             try:
@@ -412,9 +422,12 @@ class NetworkDriver:
                     self._ensure_endpoint(net, ep)
         # The cluster CIDR through the gateway: other hosts' containers stay on this interface even when
         # another network of the container gives the default route (gw-priority, Docker 28+).
-        routes = [{"Destination": net.cluster_cidr, "RouteType": ROUTE_NEXTHOP, "NextHop": net.gateway}]
-        answer = {"InterfaceName": {"SrcName": ep.peer_veth, "DstPrefix": "eth"},
-                  "Gateway": net.gateway, "StaticRoutes": routes, "DisableGatewayService": True}
+        routes = [{"Destination": net.cluster_cidr, "RouteType": ROUTE_NEXTHOP, "NextHop": net.gateway}] \
+            if ep.address else []
+        answer = {"InterfaceName": {"SrcName": ep.peer_veth, "DstPrefix": "eth"}, "StaticRoutes": routes,
+                  "DisableGatewayService": True}
+        if ep.address:              # an IPv6-only network's endpoint has no IPv4 and no IPv4 gateway
+            answer["Gateway"] = net.gateway
         if ep.address_v6:           # IPv6: the gateway on the host veth, link-local (vpcnet.datapath.ipv6)
             answer["GatewayIPv6"] = IPV6_GATEWAY
             routes.append({"Destination": net.cluster_cidr_v6, "RouteType": ROUTE_NEXTHOP, "NextHop": IPV6_GATEWAY})
@@ -435,6 +448,9 @@ class NetworkDriver:
         net = self._network(network_id)
         self._endpoint(network_id, endpoint_id)
         asked = ports.parse(options)
+        if asked and not net.host_cidr:
+            raise InvalidRequest(f"network {network_id[:12]} is IPv6-only (--ipv4=false): vpcnet publishes ports (-p) "
+                                 "on IPv4 only so far; publish on a network with IPv4")
         if asked and net.internal:
             raise InvalidRequest(f"network {network_id[:12]} is --internal: it has no way out, so nothing on it can "
                                  "publish a port (-p); publish on a network that is not internal")
@@ -667,6 +683,29 @@ def _ipv6_pool(ipv6_data, pools: dict, mode: str) -> dict:
         raise InvalidRequest(f"IPv6 pool {shown(pool) or '(none)'} is not a vpcnet IPv6 pool: create the network "
                              "with vpcnet as its IPAM driver too (--ipam-driver, the same name as -d)")
     return {"host_cidr_v6": pool, "cluster_cidr_v6": pools[pool]["cluster_cidr"], "gateway_v6": pools[pool]["gateway"]}
+
+
+def _ipv4_off(options: dict) -> bool:
+    """--ipv4=false (Docker 28+): an IPv6-only network."""
+    value = options.get(IPV4_OPTION)
+    return value is False or str(value).lower() == "false"
+
+
+def _address_v4(net: Network, address: str) -> str:
+    """CreateEndpoint's Interface.Address (CIDR form) as a bare address inside the network's IPv4 block, or ""
+    when none was given."""
+    if not address:
+        return ""
+    if not net.host_cidr:
+        raise InvalidRequest(f"Interface.Address {shown(address)}: network {net.network_id[:12]} is IPv6-only "
+                             "(--ipv4=false): it has no IPv4 addresses")
+    try:
+        ip = ipaddress.IPv4Interface(address).ip
+    except ValueError:
+        raise InvalidRequest(f"Interface.Address {shown(address)} is not an IPv4 CIDR address") from None
+    if ip not in ipaddress.IPv4Network(net.host_cidr):
+        raise InvalidRequest(f"address {ip} is outside the network's host CIDR {net.host_cidr}")
+    return str(ip)
 
 
 def _address_v6(net: Network, address: str) -> str:

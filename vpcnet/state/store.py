@@ -31,8 +31,9 @@ from vpcnet.errors import Conflict, StateError
 
 REPAIRS_KEY = "datapath_repairs"      # meta key: the datapath pass's repair counts (JSON)
 PORTS_VERSION_KEY = "ports_version"   # meta key: moved by every change of the published ports (a trigger)
-SCHEMA_VERSION = 6     # 2: networks.mode (bridge | routed); 3: leftovers; 4: networks/endpoints.state; 5: ports;
-                       # 6: IPv6 (networks.host_cidr_v6, cluster_cidr_v6, gateway_v6; endpoints.address_v6)
+SCHEMA_VERSION = 7     # 2: networks.mode (bridge | routed); 3: leftovers; 4: networks/endpoints.state; 5: ports;
+                       # 6: IPv6 (networks.host_cidr_v6, cluster_cidr_v6, gateway_v6; endpoints.address_v6);
+                       # 7: IPv6-only networks (networks.host_cidr '' allowed: unique where set, per family)
 PENDING, READY = "pending", "ready"   # a row's state: its call's kernel work not done yet, or done
 
 SCHEMA = """
@@ -60,7 +61,7 @@ CREATE TABLE IF NOT EXISTS addresses (
 );
 CREATE TABLE IF NOT EXISTS networks (
     network_id   TEXT PRIMARY KEY,
-    host_cidr    TEXT NOT NULL UNIQUE,
+    host_cidr    TEXT NOT NULL,       -- this host's IPv4 block, '' for an IPv6-only network (7)
     cluster_cidr TEXT NOT NULL,
     gateway      TEXT NOT NULL,
     bridge       TEXT NOT NULL UNIQUE,
@@ -77,14 +78,13 @@ CREATE TABLE IF NOT EXISTS networks (
 CREATE TABLE IF NOT EXISTS endpoints (
     endpoint_id  TEXT PRIMARY KEY,
     network_id   TEXT NOT NULL REFERENCES networks(network_id),
-    address      TEXT NOT NULL,       -- bare IP
+    address      TEXT NOT NULL,       -- bare IPv4 address, '' on an IPv6-only network (7)
     mac          TEXT NOT NULL,
     host_veth    TEXT NOT NULL UNIQUE,
     peer_veth    TEXT NOT NULL UNIQUE,
     created      REAL NOT NULL,
     state        TEXT NOT NULL DEFAULT 'ready',   -- 'pending' until CreateEndpoint's kernel work is done (4)
-    address_v6   TEXT NOT NULL DEFAULT '',        -- bare IPv6 address, '' without one (6)
-    UNIQUE (network_id, address)
+    address_v6   TEXT NOT NULL DEFAULT ''         -- bare IPv6 address, '' without one (6)
 );
 -- Published ports (-p, schema 5): each one host port to one endpoint's container port. A row goes with its
 -- endpoint (ON DELETE CASCADE), the rules are the network's (vpcnet.datapath.modes), recomputed from here.
@@ -106,6 +106,16 @@ CREATE TABLE IF NOT EXISTS leftovers (
     since        REAL NOT NULL
 );
 """
+# Schema 7: a host block is one network's, and an address one endpoint's, per family; '' (none of that family,
+# an IPv6-only network's IPv4) is no block and no address. Made after the column migrations (the IPv6 columns).
+INDEXES = """
+CREATE UNIQUE INDEX IF NOT EXISTS networks_host_cidr ON networks(host_cidr) WHERE host_cidr != '';
+CREATE UNIQUE INDEX IF NOT EXISTS networks_host_cidr_v6 ON networks(host_cidr_v6) WHERE host_cidr_v6 != '';
+CREATE UNIQUE INDEX IF NOT EXISTS endpoints_address ON endpoints(network_id, address) WHERE address != '';
+CREATE UNIQUE INDEX IF NOT EXISTS endpoints_address_v6 ON endpoints(network_id, address_v6) WHERE address_v6 != '';
+"""
+# 6 -> 7: the UNIQUE constraints these indexes replace (a table constraint is dropped only by rebuilding it)
+OLD_UNIQUE = {"networks": ["host_cidr"], "endpoints": ["network_id", "address"]}
 
 
 @dataclass(frozen=True)
@@ -241,6 +251,16 @@ class Store:
             self._local.conn = None
 
     def _migrate(self) -> None:
+        # A table rebuilt (6 -> 7) is dropped and its copy renamed: with foreign keys on, the drop would
+        # delete (or refuse) the rows referring to it. Off for the migration only (outside a transaction, as
+        # sqlite wants), checked whole before the commit (PRAGMA foreign_key_check).
+        self._conn().execute("PRAGMA foreign_keys=OFF")
+        try:
+            self._migrate_tx()
+        finally:
+            self._conn().execute("PRAGMA foreign_keys=ON")
+
+    def _migrate_tx(self) -> None:
         with self.tx() as db:
             db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
@@ -271,6 +291,17 @@ class Store:
                                   ("networks", "gateway_v6"), ("endpoints", "address_v6")):
                 if column not in {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}:
                     db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
+            # 6 -> 7: IPv6-only networks; their rows have no IPv4 block or address ('').
+            for table in OLD_UNIQUE:
+                if _has_unique(db, table, OLD_UNIQUE[table]):
+                    _rebuild(db, table)
+            for statement in INDEXES.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            broken = db.execute("PRAGMA foreign_key_check").fetchall()
+            if broken:
+                raise RuntimeError(f"state {self.path}: {len(broken)} row(s) refer to rows that do not exist "
+                                   f"(first: {tuple(broken[0])}): nothing was changed")
             db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('schema_version', ?)",
                        (str(SCHEMA_VERSION),))
         os.chmod(self.path, 0o600)
@@ -332,7 +363,9 @@ class Store:
         return _network(rows[0]) if rows else None
 
     def network_by_host_cidr(self, host_cidr: str) -> Network | None:
-        """The network holding a host block of either family."""
+        """The network holding a host block of either family ('' is no block: none)."""
+        if not host_cidr:
+            return None
         rows = self.read("SELECT * FROM networks WHERE host_cidr=? OR host_cidr_v6=?", (host_cidr, host_cidr))
         return _network(rows[0]) if rows else None
 
@@ -548,6 +581,26 @@ def check_state(path: str) -> None:
         raise DamagedState(f"state file {path} is damaged (integrity check: {verdict}): {recovery}")
     if not {"meta", "networks", "endpoints"} <= tables:
         raise DamagedState(f"state file {path} holds no vpcnet state (empty or truncated): {recovery}")
+
+
+def _has_unique(db: sqlite3.Connection, table: str, columns: list[str]) -> bool:
+    """Whether `table` still has a UNIQUE table constraint on exactly `columns` (an older schema's)."""
+    for index in db.execute(f"PRAGMA index_list({table})").fetchall():
+        if index["origin"] == "u" and \
+                [r["name"] for r in db.execute(f"PRAGMA index_info('{index['name']}')")] == columns:
+            return True
+    return False
+
+
+def _rebuild(db: sqlite3.Connection, table: str) -> None:
+    """`table` as SCHEMA has it now, its rows kept (sqlite's way to drop a table constraint: a new table, the
+    rows copied, the old one dropped, the new one renamed). Inside the migration's transaction."""
+    create = next(s for s in SCHEMA.split(";") if f"CREATE TABLE IF NOT EXISTS {table} (" in s)
+    db.execute(create.replace(f"CREATE TABLE IF NOT EXISTS {table} (", f"CREATE TABLE {table}_new ("))
+    columns = ", ".join(r["name"] for r in db.execute(f"PRAGMA table_info({table})"))
+    db.execute(f"INSERT INTO {table}_new({columns}) SELECT {columns} FROM {table}")
+    db.execute(f"DROP TABLE {table}")
+    db.execute(f"ALTER TABLE {table}_new RENAME TO {table}")
 
 
 def _network(row: sqlite3.Row) -> Network:

@@ -219,7 +219,8 @@ def test_endpoint_labels_of_current_docker(plug):
 @pytest.mark.parametrize("options,text", [
     ({"com.docker.network.enable_ipv4": False}, r"IPv4 is disabled for this network \(--ipv4=false\) and IPv6"),
     ({"com.docker.network.enable_ipv4": "false"}, "--ipv4=false"),
-    ({"com.docker.network.enable_ipv4": False, "com.docker.network.enable_ipv6": True, GENERIC: {MODE_OPTION: "bridge"}},
+    ({"com.docker.network.enable_ipv4": False, "com.docker.network.enable_ipv6": True,
+      GENERIC: {MODE_OPTION: "bridge"}},
      "IPv6 \\(--ipv6\\) needs -o vpcnet.mode=routed or ebpf"),
     ({"com.docker.network.enable_ipv6": True, GENERIC: {MODE_OPTION: "bridge"}},
      "IPv6 \\(--ipv6\\) needs -o vpcnet.mode=routed or ebpf")])

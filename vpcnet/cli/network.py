@@ -101,17 +101,19 @@ def forget(config, network: str, force: bool, docker_socket: str, dataplane=None
             left = DatapathReconciler(config, store, dataplane).remove_leftovers(f"network:{net.network_id}")
         kind = "anchor" if net.mode != "bridge" else "bridge"
         state = "" if net.state == "ready" else f", {net.state}"
-        out(f"forgot network {net.network_id[:12]} ({net.mode} mode{state}, host CIDR {net.host_cidr} of cluster "
-            f"{net.cluster_cidr}{', not known to Docker' if has is False else ', forced'})")
+        block, cluster = net.host_cidr or net.host_cidr_v6, net.cluster_cidr or net.cluster_cidr_v6
+        out(f"forgot network {net.network_id[:12]} ({net.mode} mode{state}, host CIDR {block} of cluster {cluster}"
+            f"{', not known to Docker' if has is False else ', forced'})")
         for ep in endpoints:
-            out(f"  endpoint {ep.endpoint_id[:12]}: address {ep.address} released, veth {ep.host_veth}")
+            out(f"  endpoint {ep.endpoint_id[:12]}: address {ep.address or ep.address_v6} released, "
+                f"veth {ep.host_veth}")
         if left:
             out(f"  the kernel kept some of it ({kind} {net.bridge}, chains, routes): recorded, the plugin's next "
                 "datapath pass removes it (see its log)")
         else:
             out(f"  kernel state removed: {kind} {net.bridge}, its chains and rules"
                 f"{', uplink programs' if net.mode == 'ebpf' else ''}, {len(endpoints)} veth(s)")
-        out(f"  `docker network create` on {net.cluster_cidr} can use host CIDR {net.host_cidr} again")
+        out(f"  `docker network create` on {cluster} can use host CIDR {block} again")
         return 0
     finally:
         store.close()

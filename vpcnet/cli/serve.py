@@ -51,6 +51,7 @@ class Plugin:
         from vpcnet.datapath.ipv6 import Ipv6Endpoint
         # the IPv6 guard's desired state: every IPv6 endpoint in the store, read each time it is written
         self.dataplane.ipv6_endpoints = lambda: [Ipv6Endpoint(v, a) for v, a in self.store.ipv6_endpoints()]
+        self.dataplane.ipv6_internal = self.store.ipv6_internal
         self.routes = RouteKeeper(config, self.store, provider_factory)
         self.ipam = Ipam(config, self.store, self.routes, host_routes=self.dataplane.overlapping_routes)
         self.driver = NetworkDriver(config, self.store, self.dataplane)

@@ -101,14 +101,15 @@ def render(status: dict) -> str:
     if not status["networks"]:
         lines.append("  (none)")
     for n in status["networks"]:
-        lines.append(f"  {n['network_id'][:12]}  {n['bridge']:<15} {n['host_cidr']:<18} gw {n['gateway']} "
+        lines.append(f"  {n['network_id'][:12]}  {n['bridge']:<15} {n['host_cidr'] or '(IPv6 only)':<18} "
+                     f"gw {n['gateway'] or '-'} "
                      f"mtu {n['mtu']} {n['mode']}{' internal' if n['internal'] else ''}  "
                      f"{len(n['endpoints'])} endpoint(s)")
         if n.get("host_cidr_v6"):
             lines.append(f"  {'':<12}  {'':<15} {n['host_cidr_v6']} (IPv6, cluster {n['cluster_cidr_v6']})")
         for ep in n["endpoints"]:
             v6 = f"  {ep['address_v6']}" if ep.get("address_v6") else ""
-            lines.append(f"    {ep['endpoint_id'][:12]}  {ep['address']:<15} {ep['mac']}  {ep['host_veth']}{v6}")
+            lines.append(f"    {ep['endpoint_id'][:12]}  {ep['address'] or '-':<15} {ep['mac']}  {ep['host_veth']}{v6}")
             for p in ep.get("ports", []):
                 lines.append(f"      published {p['host_ip']}:{p['host_port']} -> {ep['address']}:"
                              f"{p['container_port']}/{p['proto']}")

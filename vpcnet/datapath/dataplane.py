@@ -153,6 +153,8 @@ class Dataplane:
         # The host's endpoints with an IPv6 address, read from the desired state each time the guard is
         # written (every worker writes the whole chain, so none may go by what it alone has seen).
         self.ipv6_endpoints: Callable[[], Sequence[Ipv6Endpoint]] = tuple
+        # (host IPv6 block, IPv6 cluster CIDR) of every --internal network with IPv6, read likewise
+        self.ipv6_internal: Callable[[], Sequence[tuple[str, str]]] = tuple
         self.unrepaired: list[str] = []     # networks the last repair could not put right
         self._docker_nat: tuple[float, list[str]] = (-DOCKER_NAT_TTL, [])    # (read at, Docker's nat DOCKER rules)
         self._v6_veths: set[str] = set()    # host veths with IPv6 on by design, as of the last repair
@@ -182,7 +184,8 @@ class Dataplane:
         (vpcnet.datapath.ipv6)."""
         any_ipv6 = bool(list(self.ipv6_endpoints()))
         uplinks = self.uplink_names() if any_ipv6 else []
-        problems = self.ipv6_guard.apply(allow=guard_rules(any_ipv6), forward=forward_rules(any_ipv6, uplinks))
+        problems = self.ipv6_guard.apply(allow=guard_rules(any_ipv6),
+                                         forward=forward_rules(any_ipv6, uplinks, self.ipv6_internal()))
         self._guard_ipv6 = any_ipv6 and self.ipv6_guard.in_place
         return problems
 
@@ -211,7 +214,9 @@ class Dataplane:
 
     # -- networks ---------------------------------------------------------------------------------
     def ensure_network(self, spec: NetworkSpec) -> None:
-        if not self.ipv6_guard.in_place:     # host-wide: written by ensure_host and the periodic pass
+        # host-wide: written by ensure_host and the periodic pass; again for a network with IPv6, whose block
+        # may be in (or, as a new --internal one, missing from) the --internal rules (one save, a write if so)
+        if not self.ipv6_guard.in_place or spec.host_cidr_v6:
             self._apply_ipv6_guard()
         self._ensure_links(spec, firewall=True)
 
@@ -230,6 +235,8 @@ class Dataplane:
         return self.firewall.apply([strategy(spec.mode).firewall(spec)], host=True, uplinks=self.uplink_names())
 
     def delete_network(self, spec: NetworkSpec) -> None:
+        if spec.internal and spec.host_cidr_v6:     # its --internal IPv6 rules go (the row went first)
+            self._apply_ipv6_guard()
         self.firewall.apply([], unwanted=[spec.tag], host=False)
         if spec.ebpf:
             self.tc.drop_network_programs(spec)
@@ -293,7 +300,9 @@ class Dataplane:
         if not self._ipv6_host:               # the first IPv6 endpoint of this process: forwarding
             self.ipv6.ensure_host(self.uplink_names())
             self._ipv6_host = True
-        if not self._guard_ipv6:              # the guard's rules for IPv6 endpoints (the same for all)
+        # the guard's rules for IPv6 endpoints (the same for all); an --internal network's endpoint makes sure
+        # of its network's rules in the kernel itself (one ip6tables-save), whoever wrote the guard last
+        if not self._guard_ipv6 or spec.internal:
             self._apply_ipv6_guard()
         with self.nl.ipr() as ipr:
             self.ipv6.ensure_endpoint(ipr, host_veth, address)

@@ -29,9 +29,14 @@ IPv6 from a vpcnet link is dropped as before: router advertisements and solicita
 source. The rules are the same for any number of endpoints (none per endpoint: creating one costs the
 firewall nothing), present while the host has an IPv6 endpoint. `forward_rules` accept the endpoints'
 traffic in ip6tables' filter FORWARD (Docker 27+ sets its policy to DROP when it turns IPv6 forwarding
-on), and towards the containers only what the uplinks or other vpcnet containers send, or replies (the
-IPv4 isolation's ingress half; its egress half, towards the uplinks and vpcnet's links only, is not
-repeated for IPv6 yet).
+on): what the containers send only towards the uplinks and vpcnet's links (the rest is left to FORWARD's later
+rules, Docker's), and towards the containers only what the uplinks or other vpcnet containers send, or replies:
+both halves of the IPv4 isolation. An `--internal` network's IPv6 stays inside its IPv6 cluster CIDR (two drops
+per such network, ahead of the rest), as its IPv4 stays inside the IPv4 one.
+
+IPv6-only networks (`--ipv4=false`) take the same path: their endpoints have no IPv4 address, so nothing of
+IPv4 is made for them (no /32 route, no proxy ARP, no IPv4 rules, programs or anchor address), and their
+IPv6 is exactly a dual-stack endpoint's.
 """
 from __future__ import annotations
 
@@ -57,6 +62,7 @@ IFA_F_NODAD = 0x02
 IPV6_ON = (("ipv6/accept_ra", "0"), ("ipv6/autoconf", "0"), ("ipv6/accept_dad", "0"),
            ("ipv6/disable_ipv6", "0"))
 HOST_VETHS = "vh+"             # every endpoint's host end (vpcnet.datapath.spec.veth_names)
+VPCNET_LINKS = (HOST_VETHS, "vpc-+", "vpp-+")     # vpcnet's host-side links (as vpcnet.datapath.firewall's)
 ND_TYPES = ("135", "136")      # neighbour solicitation, advertisement (numbers: as ip6tables-save prints them)
 
 
@@ -87,16 +93,28 @@ def guard_rules(any_ipv6: bool) -> list[str]:
     return rules
 
 
-def forward_rules(any_ipv6: bool, uplinks: Sequence[str] = ()) -> list[str]:
-    """ip6tables filter rules for the endpoints' forwarded traffic, as the IPv4 isolation chains do: what a
-    container sends (its source already checked by the raw guard) is accepted; towards the containers, only
-    what comes by the uplinks or from another vpcnet container, or a reply; the rest to a host veth is
-    dropped (a Docker bridge network's container, a VPN, a second NIC never reach a vpcnet container).
-    None while the host has no IPv6 endpoint."""
+def forward_rules(any_ipv6: bool, uplinks: Sequence[str] = (), internal: Sequence[tuple[str, str]] = ()) -> list[str]:
+    """ip6tables filter rules for the endpoints' forwarded traffic, as the IPv4 isolation chains do
+    (vpcnet.datapath.firewall.isolation_chains):
+    - `--internal` networks first, each given as (its host IPv6 block, its IPv6 cluster CIDR): what its
+      containers send outside the cluster CIDR, and what comes to them from outside it, is dropped;
+    - egress: what a container sends (its source already checked by the raw guard) is accepted towards vpcnet's
+      links and the uplinks only; anything else (a Docker bridge, a second NIC, a VPN) is left to FORWARD's
+      later rules (Docker's), as IPv4's VPCNET-EGRESS does;
+    - ingress: towards the containers, only what comes by the uplinks or from another vpcnet container, or a
+      reply; the rest to a host veth is dropped (a Docker bridge network's container, a VPN, a second NIC
+      never reach a vpcnet container).
+    None while the host has no IPv6 endpoint (the guard then drops all IPv6 of vpcnet's links)."""
     if not any_ipv6:
         return []
-    rules = [f"-i {HOST_VETHS} -j ACCEPT"]
-    rules += [f"-i {uplink} -o {HOST_VETHS} -j ACCEPT" for uplink in sorted({u for u in uplinks if u})]
+    rules = []
+    for block, cluster in sorted(set(internal)):
+        block, cluster = str(ipaddress.IPv6Network(block)), str(ipaddress.IPv6Network(cluster))
+        rules += [f'-s {block} ! -d {cluster} -i {HOST_VETHS} -m comment --comment "vpcnet: --internal" -j DROP',
+                  f'! -s {cluster} -d {block} -o {HOST_VETHS} -m comment --comment "vpcnet: --internal" -j DROP']
+    uplinks = sorted({u for u in uplinks if u})
+    rules += [f"-i {HOST_VETHS} -o {link} -j ACCEPT" for link in (*VPCNET_LINKS, *uplinks)]
+    rules += [f"-i {uplink} -o {HOST_VETHS} -j ACCEPT" for uplink in uplinks]
     rules += [f"-o {HOST_VETHS} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT", f"-o {HOST_VETHS} -j DROP"]
     return rules
 

@@ -512,6 +512,12 @@ class Store:
         return [(r["host_veth"], r["address_v6"]) for r in
                 self.read("SELECT host_veth, address_v6 FROM endpoints WHERE address_v6 != '' ORDER BY host_veth")]
 
+    def ipv6_internal(self) -> list[tuple[str, str]]:
+        """(host IPv6 block, IPv6 cluster CIDR) of every --internal network with IPv6: kept inside it."""
+        return [(r["host_cidr_v6"], r["cluster_cidr_v6"]) for r in
+                self.read("SELECT host_cidr_v6, cluster_cidr_v6 FROM networks WHERE internal=1 AND host_cidr_v6 != '' "
+                          "ORDER BY host_cidr_v6")]
+
     def leftovers(self) -> list[tuple[str, dict]]:
         """(name, data) of deleted objects whose kernel state may still be there."""
         return [(r["name"], json.loads(r["data"])) for r in self.read("SELECT * FROM leftovers ORDER BY since")]

@@ -204,7 +204,7 @@ class DatapathChecks(Checks):
         out = []
         stored = {ep.host_veth for ep in endpoints}
         bridges = {n.bridge for n in networks if n.mode == "bridge"}
-        routed = [ipaddress.IPv4Network(n.host_cidr) for n in networks if n.mode != "bridge"]
+        routed = [ipaddress.IPv4Network(n.host_cidr) for n in networks if n.mode != "bridge" and n.host_cidr]
         for name, link in sorted(links.items()):
             if not name or not name.startswith("vh") or name in stored:
                 continue
@@ -221,7 +221,8 @@ class DatapathChecks(Checks):
         for ep in endpoints:
             if ep.host_veth not in links:
                 out.append(problem("missing_veth", f"endpoint {ep.endpoint_id[:12]} (network "
-                                                   f"{ep.network_id[:12]}, {ep.address}) has no host veth "
+                                                   f"{ep.network_id[:12]}, {ep.address or ep.address_v6}) has no "
+                                                   "host veth "
                                                    f"{ep.host_veth}", "docker rm -f the container that used it "
                                                                       "(its network namespace is gone), or "
                                                                       "restart it"))

@@ -121,8 +121,9 @@ def stranded_findings(networks: list, docker_ids: set[str], now: float) -> list[
     for net in networks:
         if net.network_id in docker_ids or now - net.created < STRANDED_AFTER:
             continue
-        out.append(problem("stranded", f"network {net.network_id[:12]} (host CIDR {net.host_cidr} of cluster "
-                                       f"{net.cluster_cidr}) is in vpcnet's state but Docker does not have it: "
+        block, cluster = net.host_cidr or net.host_cidr_v6, net.cluster_cidr or net.cluster_cidr_v6
+        out.append(problem("stranded", f"network {net.network_id[:12]} (host CIDR {block} of cluster {cluster}) is "
+                                       "in vpcnet's state but Docker does not have it: "
                                        "`docker network create` on that cluster CIDR is refused",
                            f"vpcnet network forget {net.network_id[:12]}"))
     if not out:

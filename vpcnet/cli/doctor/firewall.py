@@ -224,7 +224,9 @@ class FirewallChecks(Checks):
         # IPv6 endpoints (dual-stack networks): their own traffic is let through, and their links keep IPv6 on
         v6 = [Ipv6Endpoint(ep.host_veth, ep.address_v6) for ep in self.ctx.endpoints if getattr(ep, "address_v6", "")]
         missing, _ = Ipv6Guard.diff(saved, guard_rules(bool(v6)),
-                                    forward_rules(bool(v6), [u for u in self._uplink_names() if u]))
+                                    forward_rules(bool(v6), [u for u in self._uplink_names() if u],
+                                                  [(n.host_cidr_v6, n.cluster_cidr_v6) for n in self.ctx.networks
+                                                   if n.internal and n.host_cidr_v6]))
         if missing:
             by_hand = "; ".join([f"ip6tables -t raw -N {IPV6_CHAIN} (-F if it exists)",
                                  *(f"ip6tables -t raw -A {IPV6_CHAIN} {r}" for r in IPV6_RULES),

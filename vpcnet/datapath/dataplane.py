@@ -73,7 +73,9 @@ IPv6 (vpcnet.datapath.ipv6): `ensure_endpoint_ipv6` gives an endpoint of a
 routed or ebpf network its IPv6 (IPv6 on for its host veth, fe80::1 as the container's gateway on it, a /128
 route), and the guard, while `ipv6_endpoints()` (the desired state) has any, lets a veth send from what the
 host routes back to it: the endpoint's own /128; the periodic pass keeps both, and leaves IPv6 on where it
-is wanted.
+is wanted. `ipv6_internal()` (the --internal networks with IPv6) adds their rules to the same write. An
+IPv6-only network (`spec.ipv4` false) and its endpoints (address "") get nothing of IPv4: no anchor address,
+chains, /32 routes, proxy ARP or tc programs, and the repair pass looks for none.
 
 Every operation is idempotent: create what is missing, accept what exists, ignore what is gone. `repair`
 is the periodic pass's half (vpcnet.datapath.reconciler): one dump of links, addresses, routes and

@@ -29,7 +29,8 @@ masquerades a container's connection to its own published port (hairpin). The is
 DNATed connection whatever link it came by (vpcnet.datapath.firewall).
 
 The IPv6 drop of vpcnet's links (vpcnet.datapath.firewall.Ipv6Guard)
-is host-wide, the same for every mode, and not part of any network's rules.
+is host-wide, the same for every mode, and not part of any network's rules; so are an --internal network's
+IPv6 rules (vpcnet.datapath.ipv6.forward_rules). An IPv6-only network (`--ipv4=false`) has no rules here.
 """
 from __future__ import annotations
 

@@ -48,15 +48,21 @@ IPv6 (`--ipv6`, dual-stack; routed and ebpf modes, whose programs pass IPv6 to t
 network's IPv6 takes routed mode's path; bridge mode refuses it): the network keeps its IPv6 block from
 IPv6Data, an endpoint its IPv6 address from Interface.AddressIPv6 (a /128, vpcnet.docker.ipam), the host
 gives it IPv6 on its veth and a /128 route (vpcnet.datapath.ipv6), and Join answers `GatewayIPv6` fe80::1
-(a link-local address on the host veth: no proxy NDP) with the IPv6 cluster CIDR through it. IPv6-only
-networks (`--ipv4=false`) are refused still.
+(a link-local address on the host veth: no proxy NDP) with the IPv6 cluster CIDR through it.
+IPv6-only networks (`--ipv6 --ipv4=false`, Docker 28+: no IPv4 RequestPool, an empty IPv4Data): the row has
+only its IPv6 block (store schema 7), each endpoint only its IPv6 address, Join answers no `Gateway` and only
+the IPv6 route, the datapath makes nothing of IPv4 for them, and `-p` on them is refused (vpcnet publishes on
+IPv4 only so far). `--internal --ipv6`: the network's IPv6 stays inside its IPv6 cluster CIDR as its IPv4
+inside the IPv4 one (vpcnet.datapath.ipv6.forward_rules).
 
 What current engines (Docker 28/29) add:
 - `GwAllocChecker: true`: Docker then posts GwAllocCheck with the network's options before it asks IPAM
-  for a pool, so a network vpcnet would refuse (unknown -o, --ipv4=false, --ipv6 in bridge mode) is refused before its
+  for a pool, so a network vpcnet would refuse (unknown -o, --ipv4=false without --ipv6, IPv6 in bridge mode) is
+  refused before its
   RequestPool claims a host block. The answer is always "allocate the gateway" (vpcnet's IPAM gives
   it). Docker before 28 ignores the field and never calls GwAllocCheck.
-- `--ipv4=false` (`com.docker.network.enable_ipv4: false`, empty IPv4Data): refused, naming the flag.
+- `--ipv4=false` (`com.docker.network.enable_ipv4: false`, empty IPv4Data): an IPv6-only network with --ipv6,
+  refused naming the flag without it.
 - Endpoint label `com.docker.network.endpoint.sysctls`: Docker applies it itself in the container, to
   the interface vpcnet hands over; nothing to do here. `com.docker.network.endpoint.ifname`: refused,
   since Docker names a plugin's interface from `DstPrefix` and never from this label.

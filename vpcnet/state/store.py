@@ -11,6 +11,11 @@ pending when nobody holds its network's lock belongs to a call that died in betw
 kill, gunicorn's watchdog): Docker never got an answer, so it has no such network or endpoint, and the
 datapath pass undoes the row and its kernel state (vpcnet.datapath.reconciler, `settle_pending`).
 
+IPv6-only networks (schema 7): a network row without an IPv4 block has host_cidr, cluster_cidr and gateway
+'', its endpoints address ''; host blocks and addresses are unique per family where set (partial indexes,
+which replaced schema 6's UNIQUE constraints: the migration rebuilds both tables in place, foreign keys
+checked before it commits).
+
 Published ports (schema 5) are rows of `ports`, one per host port, going with their endpoint (a foreign
 key with ON DELETE CASCADE); every change moves the meta key `ports_version` (triggers), so a datapath
 pass that read them before a concurrent Program or Revoke passes again.

@@ -161,6 +161,7 @@ class Dataplane:
         self._docker_nat: tuple[float, list[str]] = (-DOCKER_NAT_TTL, [])    # (read at, Docker's nat DOCKER rules)
         self._v6_veths: set[str] = set()    # host veths with IPv6 on by design, as of the last repair
         self._guard_ipv6 = False            # the guard as last written here lets IPv6 endpoints through
+        self._guard_internal: set[str] = set()    # the --internal IPv6 blocks in the guard as last written here
         self._ipv6_host = False             # IPv6 forwarding checked by this process
 
     # -- host-wide --------------------------------------------------------------------------------
@@ -186,9 +187,11 @@ class Dataplane:
         (vpcnet.datapath.ipv6)."""
         any_ipv6 = bool(list(self.ipv6_endpoints()))
         uplinks = self.uplink_names() if any_ipv6 else []
+        internal = list(self.ipv6_internal())
         problems = self.ipv6_guard.apply(allow=guard_rules(any_ipv6),
-                                         forward=forward_rules(any_ipv6, uplinks, self.ipv6_internal()))
+                                         forward=forward_rules(any_ipv6, uplinks, internal))
         self._guard_ipv6 = any_ipv6 and self.ipv6_guard.in_place
+        self._guard_internal = {block for block, _ in internal} if self._guard_ipv6 else set()
         return problems
 
     def uplink_names(self) -> list[str]:
@@ -302,9 +305,9 @@ class Dataplane:
         if not self._ipv6_host:               # the first IPv6 endpoint of this process: forwarding
             self.ipv6.ensure_host(self.uplink_names())
             self._ipv6_host = True
-        # the guard's rules for IPv6 endpoints (the same for all); an --internal network's endpoint makes sure
-        # of its network's rules in the kernel itself (one ip6tables-save), whoever wrote the guard last
-        if not self._guard_ipv6 or spec.internal:
+        # the guard's rules for IPv6 endpoints (the same for all), with an --internal network's own rules: written
+        # (or found in place: one ip6tables-save) unless this process last wrote them so itself
+        if not self._guard_ipv6 or (spec.internal and spec.host_cidr_v6 not in self._guard_internal):
             self._apply_ipv6_guard()
         with self.nl.ipr() as ipr:
             self.ipv6.ensure_endpoint(ipr, host_veth, address)

@@ -11,9 +11,10 @@ import subprocess
 import uuid
 
 import pytest
-from conftest import run, unique
+from conftest import run, unique, wait_for
 from test_docker_ipv6 import ipv6_sysctls_kept, ping6  # noqa: F401  (a fixture, used by name)
 from test_doctor import doctor
+from test_metrics import scrape
 
 pytestmark = pytest.mark.docker
 
@@ -34,6 +35,7 @@ def test_ipv6_only_network_two_containers_ping_and_removal_leaves_nothing(
         current_docker, plugin_factory, dock, ipv6_sysctls_kept):  # noqa: F811
     cluster6 = cluster_v6()
     plugin = plugin_factory({"VPCNET_CLUSTER_CIDR_V6": cluster6})
+    url = plugin.metrics_url()
     net = dock.network_create(plugin, None, "--ipv6", "--ipv4=false", "-o", "vpcnet.mode=routed").name
     network_id = dock("network", "inspect", "-f", "{{.Id}}", net).stdout.strip()
     status = plugin.status()["networks"][0]
@@ -53,6 +55,9 @@ def test_ipv6_only_network_two_containers_ping_and_removal_leaves_nothing(
     refused = dock.run_container(net, "-p", "18080:80", check=False)
     assert refused.returncode != 0 and "is IPv6-only" in refused.stderr, refused.stderr
     assert len(plugin.status()["networks"][0]["endpoints"]) == 2
+    # the metrics name each endpoint by its IPv6 address (it has no other)
+    addresses = lambda: {dict(k[1]).get("address") for k in scrape(url) if k[0] == "vpcnet_endpoint_info"}  # noqa: E731
+    assert wait_for(lambda: {ip6_a.split("/")[0], ip6_b} <= addresses(), 20), addresses()
     code, problems = doctor(plugin)
     assert not {"ipv6_guard", "stale_veth", "missing_veth", "missing_bridge"} & set(problems), problems
     dock.cleanup()

@@ -991,6 +991,12 @@ def test_two_ipv6_only_networks_and_one_block_per_network(plug):
     with pytest.raises(Conflict, match=f"host CIDR {pool6} .* already used by network {NID[:12]}"):
         plug.driver.create_network("ab" * 32, {GENERIC: {MODE_OPTION: "routed"}, **V6_ONLY}, [], [{"Pool": pool6}])
     assert [n.network_id for n in plug.store.networks()] == [NID, NID2]
+    # a network deleted with its endpoint still there: the leftover path removes the veth, forgets no "" peer
+    plug.driver.create_endpoint(NID2, EID2, {"AddressIPv6": plug.ipam.request_address(other6)["Address"]}, {})
+    plug.dataplane.calls.clear()
+    plug.driver.delete_network(NID2)
+    assert plug.store.leftovers() == [] and veth_names(EID2)[0] not in plug.dataplane.links
+    assert all("" not in args[0] for name, *args in plug.dataplane.calls if name == "forget_peers")
 
 
 def test_ipv6_only_inputs_refused_clearly_and_nothing_left(plug):

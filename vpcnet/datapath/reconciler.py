@@ -166,7 +166,8 @@ class DatapathReconciler:
                 if name.startswith("network:"):
                     for veth in data.get("host_veths", []):
                         self.dataplane.delete_endpoint(veth)
-                    self.dataplane.forget_peers(data.get("addresses", []))
+                    # an IPv6-only network's endpoints have no IPv4 address ("")
+                    self.dataplane.forget_peers([a for a in data.get("addresses", []) if a])
                     row = {k: v for k, v in data.items() if k not in ("host_veths", "addresses")}
                     row["no_nat"] = tuple(json.loads(row["no_nat"]))
                     row["internal"] = bool(row["internal"])

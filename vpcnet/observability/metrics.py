@@ -239,7 +239,7 @@ class StateCollector:
                       f'endpoint="{_label(ep.endpoint_id[:12])}",container="{_label(names.container)}",'
                       f'service="{_label(names.service)}",application="{_label(names.application)}"')
             info.extend(f'vpcnet_endpoint_info{{{labels},address="{_label(address)}"}} 1.0\n'
-                        for address in (ep.address, ep.address_v6) if address)
+                        for address in (ep.address or ep.address_v6,) if address)   # IPv6-only: its IPv6
             counters = stats.get(ep.host_veth)
             if counters is not None:  # veth gone (or not yet made): no series, rather than a false 0
                 rows.append((f"{{{labels}}} ", [_counter(counters, key) for _, _, key in LINK_STATS]))

@@ -49,7 +49,8 @@ def spec_of(net: Network, ports: Sequence[Port] = ()) -> NetworkSpec:
                        cluster_cidr=net.cluster_cidr, mtu=net.mtu, internal=net.internal, no_nat=net.no_nat,
                        mode=net.mode, ports=tuple(sorted(
                            PortMapping(p.proto, p.host_ip, p.host_port, p.address, p.container_port, p.family)
-                           for p in ports)))
+                           for p in ports)),
+                       host_cidr_v6=net.host_cidr_v6 or "", cluster_cidr_v6=net.cluster_cidr_v6 or "")
 
 
 class DatapathReconciler:

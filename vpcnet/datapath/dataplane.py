@@ -71,9 +71,11 @@ and put back by the periodic pass.
 
 IPv6 (vpcnet.datapath.ipv6): `ensure_endpoint_ipv6` gives an endpoint of a
 routed or ebpf network its IPv6 (IPv6 on for its host veth, fe80::1 as the container's gateway on it, a /128
-route), and the guard, while `ipv6_endpoints()` (the desired state) has any, lets a veth send from what the
-host routes back to it: the endpoint's own /128; the periodic pass keeps both, and leaves IPv6 on where it
-is wanted.
+route; in ebpf mode the IPv6 container program, vpcnet.datapath.ebpf.programs6, and the network's IPv6
+uplink program comes with the network; `drop_endpoint_ipv6` removes the program with the route), and the
+guard, while `ipv6_endpoints()` (the desired state) has any, lets a veth send from what the host routes
+back to it: the endpoint's own /128; the periodic pass keeps all of it, and leaves IPv6 on where it is
+wanted.
 
 Every operation is idempotent: create what is missing, accept what exists, ignore what is gone. `repair`
 is the periodic pass's half (vpcnet.datapath.reconciler): one dump of links, addresses, routes and

@@ -1,6 +1,8 @@
 """The routed modes' IPv6 datapath (vpcnet.datapath.ipv6) against the real kernel, in namespaces the tests make:
 containers with a /128 and fe80::1 as gateway reach each other through the host, send only from their own
-address, and never give the host a router advertisement; the repair pass keeps it so."""
+address, and never give the host a router advertisement; the repair pass keeps it so. The ebpf fast path over
+IPv6 (vpcnet.datapath.ebpf.programs6): two hosts through a router namespace, what takes it and what falls
+back to the stack, and peer counting of IPv6."""
 from __future__ import annotations
 
 import ipaddress
@@ -321,18 +323,13 @@ def count6(ns: str, *flows: tuple[str, str]) -> None:
                f"{src}>{dst}")
 
 
-@pytest.mark.parametrize("mode", ["routed", "ebpf"])
-def test_ebpf_mode_carries_ipv6_past_the_hosts_stacks_on_one_host_and_across_a_router(netns_factory, mode):
-    """Two hosts whose uplinks meet in a router namespace (which routes each host's IPv4 and IPv6 blocks to it,
-    as the VPC does). In ebpf mode, IPv6 between containers (on one host and across the router) never
-    passes either host's ip6tables FORWARD chain (the programs carry it: only packets sent before a
-    neighbour was resolved take the stack), while the router sees every packet with the containers' own
-    addresses; routed mode sends all of it through FORWARD. Hop limit 1 still gets time exceeded from each
-    host (traceroute), fragments take the stack, a forged source and router advertisements meet the guard;
-    the repair pass puts a lost program back; an IPv6 address that goes takes its program with it."""
-    require(shutil.which("iperf3") is not None, "needs iperf3")
-    from test_dataplane import tcp_transfer
+A1, A2, B1 = "fd00:77:3:0:1::2", "fd00:77:3:0:1::3", "fd00:77:4:0:1::2"
 
+
+def two_hosts6(netns_factory, mode: str, peers: bool = False):
+    """Two hosts whose uplinks meet in a router namespace routing each host's IPv4 and IPv6 blocks to it (as
+    the VPC does), a dual-stack network of `mode` on each, containers A1 and A2 on host a, B1 on host b.
+    Returns (hosts, specs, dataplanes, {IPv6 address: container netns}, the wanted IPv6 endpoints, router)."""
     router = netns_factory("vpc6r")
     ns_run(router, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1", "net.ipv4.ip_forward=1")
     hosts, specs, dps = {}, {}, {}
@@ -353,12 +350,11 @@ def test_ebpf_mode_carries_ipv6_past_the_hosts_stacks_on_one_host_and_across_a_r
                                   gateway=f"10.77.{k}.1", host_cidr=f"10.77.{k}.0/24", cluster_cidr="10.77.0.0/16",
                                   mtu=1500, mode=mode, host_cidr_v6=f"fd00:77:{k}:0:1::/80",
                                   cluster_cidr_v6=CLUSTER6_FAST)
-        dps[name] = Dataplane(netns=ns)
+        dps[name] = Dataplane(netns=ns, peers=peers)
         hosts[name] = ns
     if mode == "ebpf" and not dps["a"].features().supports("ebpf"):
         pytest.skip(f"this kernel cannot do ebpf mode: {dps['a'].features().why_not('ebpf')}")
-    a, b = hosts["a"], hosts["b"]
-    a1, a2, b1 = "fd00:77:3:0:1::2", "fd00:77:3:0:1::3", "fd00:77:4:0:1::2"
+    a1, a2, b1 = A1, A2, B1
     wanted = {"a": [Ipv6Endpoint(veth_names("a" * 64)[0], a1), Ipv6Endpoint(veth_names("c" * 64)[0], a2)],
               "b": [Ipv6Endpoint(veth_names("b" * 64)[0], b1)]}
     boxes = {}
@@ -369,6 +365,24 @@ def test_ebpf_mode_carries_ipv6_past_the_hosts_stacks_on_one_host_and_across_a_r
         dp.ensure_network(specs[name])
         boxes[ip6] = container(hosts[name], dp, specs[name], netns_factory, ip4, ip6, eid)
         dp.ensure_endpoint_ipv6(specs[name], veth_names(eid)[0], ip6)
+    return hosts, specs, dps, boxes, wanted, router
+
+
+@pytest.mark.parametrize("mode", ["routed", "ebpf"])
+def test_ebpf_mode_carries_ipv6_past_the_hosts_stacks_on_one_host_and_across_a_router(netns_factory, mode):
+    """Two hosts whose uplinks meet in a router namespace (which routes each host's IPv4 and IPv6 blocks to it,
+    as the VPC does). In ebpf mode, IPv6 between containers (on one host and across the router) never
+    passes either host's ip6tables FORWARD chain (the programs carry it: only packets sent before a
+    neighbour was resolved take the stack), while the router sees every packet with the containers' own
+    addresses; routed mode sends all of it through FORWARD. Hop limit 1 still gets time exceeded from each
+    host (traceroute), fragments take the stack, a forged source and router advertisements meet the guard;
+    the repair pass puts a lost program back; an IPv6 address that goes takes its program with it."""
+    require(shutil.which("iperf3") is not None, "needs iperf3")
+    from test_dataplane import tcp_transfer
+
+    hosts, specs, dps, boxes, wanted, router = two_hosts6(netns_factory, mode)
+    a, b = hosts["a"], hosts["b"]
+    a1, a2, b1 = A1, A2, B1
     ca, ca2, cb = boxes[a1], boxes[a2], boxes[b1]
     veth_a = veth_names("a" * 64)[0]
     filters = lambda ns, dev: ns_run(ns, "tc", "filter", "show", "dev", dev, "ingress", check=False).stdout  # noqa: E731
@@ -407,6 +421,7 @@ def test_ebpf_mode_carries_ipv6_past_the_hosts_stacks_on_one_host_and_across_a_r
     before = guard_drops(a)
     assert not ping6(ca, b1, source="fd00:77:3:0:1::9")
     assert guard_drops(a) > before
+    run(["ip", "-n", ca, "-6", "addr", "del", "fd00:77:3:0:1::9/128", "dev", "eth0"])
     # router advertisements go to the stack, whose guard drops them
     before = guard_drops(a)
     ns_run(ca, sys.executable, "-c", RA_SENDER)
@@ -420,8 +435,51 @@ def test_ebpf_mode_carries_ipv6_past_the_hosts_stacks_on_one_host_and_across_a_r
     ns_run(a, "tc", "qdisc", "del", "dev", veth_a, "clsact")
     assert [r.kind for r in dps["a"].repair([(specs["a"], endpoints)])] == ["tc"]
     assert "vpcnet_ctr6" in filters(a, veth_a)
+    # ... and so does the network's IPv6 uplink program
+    ns_run(a, "tc", "filter", "del", "dev", "uplink0", "ingress", "pref", str(0x7F05))
+    repairs = dps["a"].repair([(specs["a"], endpoints)])      # the endpoints' programs are rebuilt with it
+    assert {r.kind for r in repairs} == {"tc"} and "uplink programs" in repairs[0].what, repairs
+    assert f"vpcnet6-{specs['a'].tag}" in filters(a, "uplink0") and ping6(ca, b1)
     # an IPv6 address that goes takes its program with it (the IPv4 one stays)
     wanted["a"].pop(0)
     dps["a"].drop_endpoint_ipv6(veth_a, a1)
     assert "vpcnet_ctr6" not in filters(a, veth_a) and "vpcnet_ctr" in filters(a, veth_a)
     assert ns_run(ca, "busybox", "ping", "-c1", "-W2", "10.77.4.2", check=False).returncode == 0
+
+
+PAYLOAD = 100
+FRAME6 = 14 + 40 + 8 + PAYLOAD          # skb->len at tc: Ethernet, IPv6, ICMPv6 echo, payload
+
+
+def ping6_counted(ns: str, target: str, count: int) -> tuple[int, int]:
+    """(echo requests sent, replies received), as ping counted them."""
+    import re
+    out = ns_run(ns, "busybox", "ping", "-6", "-q", "-A", "-c", str(count), "-W", "2", "-s", str(PAYLOAD),
+                 target, check=False).stdout
+    sent, received = re.search(r"(\d+) packets transmitted, (\d+) packets received", out).groups()
+    assert int(sent) == count, out
+    return int(sent), int(received)
+
+
+@pytest.mark.parametrize("mode", ["routed", "ebpf"])
+def test_ipv6_traffic_is_counted_per_peer_and_direction(netns_factory, mode):
+    """Peer counting (VPCNET_PEER_METRICS) counts IPv6 as IPv4: per (endpoint address, direction, peer),
+    a same-host peer, another host's container and outside the IPv6 cluster CIDR (all zero), in routed
+    mode by the counting programs, in ebpf mode by the container, uplink and counting programs."""
+    from vpcnet.datapath.ebpf import maps
+    hosts, specs, dps, boxes, _wanted, _router = two_hosts6(netns_factory, mode, peers=True)
+    maps.forget({A1, A2, B1})                          # a leftover of an earlier run on this kernel
+    try:
+        assert wait_for(lambda: ping6(boxes[A1], B1) and ping6(boxes[A1], A2) and ping6(boxes[A1], "fd77:b::10"), 15)
+        maps.forget({A1})                               # from here on, every packet is counted exactly
+        counted = {A2: ping6_counted(boxes[A1], A2, 3), B1: ping6_counted(boxes[A1], B1, 4),
+                   None: ping6_counted(boxes[A1], "fd77:b::10", 5)}
+        got = {(d, peer): v for (ep, d, peer), v in maps.read_all().items() if ep == A1}
+        for peer, (sent, received) in counted.items():
+            assert got[(maps.TRANSMIT, peer)] == (sent * FRAME6, sent), (peer, got)
+            assert got[(maps.RECEIVE, peer)] == (received * FRAME6, received), (peer, got)
+        assert set(got) == {(d, p) for d in (maps.TRANSMIT, maps.RECEIVE) for p in (A2, B1, None)}, got
+    finally:
+        for name in ("a", "b"):
+            dps[name].delete_network(specs[name])
+        maps.forget({A1, A2, B1})

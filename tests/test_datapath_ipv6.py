@@ -445,6 +445,9 @@ def test_ebpf_mode_carries_ipv6_past_the_hosts_stacks_on_one_host_and_across_a_r
     dps["a"].drop_endpoint_ipv6(veth_a, a1)
     assert "vpcnet_ctr6" not in filters(a, veth_a) and "vpcnet_ctr" in filters(a, veth_a)
     assert ns_run(ca, "busybox", "ping", "-c1", "-W2", "10.77.4.2", check=False).returncode == 0
+    # the network's programs, IPv6's included, go with it
+    dps["a"].delete_network(specs["a"])
+    assert "vpcnet" not in filters(a, "uplink0"), filters(a, "uplink0")
 
 
 PAYLOAD = 100

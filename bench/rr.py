@@ -67,9 +67,16 @@ def percentiles_us(samples_ns: list[int]) -> dict[str, float]:
 
 # -- server ---------------------------------------------------------------------------------------
 def _listen(port: int, backlog: int) -> socket.socket:
-    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    lsock.bind(("0.0.0.0", port))
+    """Both families where the namespace has IPv6 (one dual-stack socket), else IPv4."""
+    try:
+        lsock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        lsock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lsock.bind(("::", port))
+    except OSError:
+        lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lsock.bind(("0.0.0.0", port))
     lsock.listen(backlog)
     return lsock
 
@@ -169,7 +176,7 @@ def server(port: int, flows_port: int | None, max_seconds: float) -> int:
 
 # -- clients --------------------------------------------------------------------------------------
 def _connect(host: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.settimeout(STALL_S)
     try:
         sock.connect((host, port))

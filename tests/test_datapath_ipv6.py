@@ -1,13 +1,16 @@
 """The routed modes' IPv6 datapath (vpcnet.datapath.ipv6) against the real kernel, in namespaces the tests make:
 containers with a /128 and fe80::1 as gateway reach each other through the host, send only from their own
-address, and never give the host a router advertisement; the repair pass keeps it so."""
+address, and never give the host a router advertisement; the repair pass keeps it so. The ebpf fast path over
+IPv6 (vpcnet.datapath.ebpf.programs6): two hosts through a router namespace, what takes it and what falls
+back to the stack, and peer counting of IPv6."""
 from __future__ import annotations
 
 import ipaddress
+import shutil
 import sys
 
 import pytest
-from conftest import run
+from conftest import require, run, wait_for
 
 from vpcnet.datapath.dataplane import Dataplane
 from vpcnet.datapath.ipv6 import GATEWAY, Ipv6Endpoint
@@ -240,7 +243,6 @@ def test_two_hosts_ipv6_containers_reach_each_other_through_the_vpc_router_unenc
     routes each block via its host's IPv6 underlay address in a real router namespace; a container on
     host A reaches one on host B, and the router forwards plain IPv6 with the containers' own addresses."""
     from aliyun_fakes import closed_port, serving_emulator
-    from conftest import wait_for
 
     from vpcnet.config import Config
     from vpcnet.routes.backoff import Backoff
@@ -300,3 +302,187 @@ def test_two_hosts_ipv6_containers_reach_each_other_through_the_vpc_router_unenc
             for keeper, store in made:
                 keeper.close()
                 store.close()
+
+
+# -- the ebpf fast path over IPv6 (vpcnet.datapath.ebpf.programs6) ------------------------------------------
+CLUSTER6_FAST = "fd00:77::/32"
+
+
+def counters6(ns: str, chain: str = "FORWARD") -> dict[str, int]:
+    """Packets per rule comment in ip6tables' filter `chain` (the counting rules the test adds)."""
+    out = {}
+    for line in ns_run(ns, "ip6tables", "-L", chain, "-v", "-n", "-x").stdout.splitlines()[2:]:
+        if "/* " in line:
+            out[line.split("/* ")[1].split(" */")[0]] = int(line.split()[0])
+    return out
+
+
+def count6(ns: str, *flows: tuple[str, str]) -> None:
+    for src, dst in flows:
+        ns_run(ns, "ip6tables", "-I", "FORWARD", "1", "-s", src, "-d", dst, "-m", "comment", "--comment",
+               f"{src}>{dst}")
+
+
+A1, A2, B1 = "fd00:77:3:0:1::2", "fd00:77:3:0:1::3", "fd00:77:4:0:1::2"
+
+
+def two_hosts6(netns_factory, mode: str, peers: bool = False):
+    """Two hosts whose uplinks meet in a router namespace routing each host's IPv4 and IPv6 blocks to it (as
+    the VPC does), a dual-stack network of `mode` on each, containers A1 and A2 on host a, B1 on host b.
+    Returns (hosts, specs, dataplanes, {IPv6 address: container netns}, the wanted IPv6 endpoints, router)."""
+    router = netns_factory("vpc6r")
+    ns_run(router, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1", "net.ipv4.ip_forward=1")
+    hosts, specs, dps = {}, {}, {}
+    for name, v4, v6, k in (("a", "192.0.2", "fd77:a:", 3), ("b", "198.51.100", "fd77:b:", 4)):
+        ns = netns_factory(f"vpc6{name}")
+        run(["ip", "-n", ns, "link", "add", "uplink0", "type", "veth", "peer", "name", f"r{name}", "netns", router])
+        run(["ip", "-n", ns, "addr", "add", f"{v4}.10/24", "dev", "uplink0"])
+        run(["ip", "-n", ns, "-6", "addr", "add", f"{v6}:10/64", "dev", "uplink0", "nodad"])
+        run(["ip", "-n", router, "addr", "add", f"{v4}.1/24", "dev", f"r{name}"])
+        run(["ip", "-n", router, "-6", "addr", "add", f"{v6}:1/64", "dev", f"r{name}", "nodad"])
+        for where, link in ((ns, "uplink0"), (router, f"r{name}")):
+            run(["ip", "-n", where, "link", "set", link, "up"])
+        run(["ip", "-n", ns, "route", "add", "default", "via", f"{v4}.1"])
+        run(["ip", "-n", ns, "-6", "route", "add", "default", "via", f"{v6}:1"])
+        run(["ip", "-n", router, "route", "add", f"10.77.{k}.0/24", "via", f"{v4}.10"])
+        run(["ip", "-n", router, "-6", "route", "add", f"fd00:77:{k}:0:1::/80", "via", f"{v6}:10"])
+        specs[name] = NetworkSpec(tag=f"{name}1d2e3f4a5b6", bridge=bridge_name(f"{name}1d2e3f4a5b6" + "0" * 52),
+                                  gateway=f"10.77.{k}.1", host_cidr=f"10.77.{k}.0/24", cluster_cidr="10.77.0.0/16",
+                                  mtu=1500, mode=mode, host_cidr_v6=f"fd00:77:{k}:0:1::/80",
+                                  cluster_cidr_v6=CLUSTER6_FAST)
+        dps[name] = Dataplane(netns=ns, peers=peers)
+        hosts[name] = ns
+    if mode == "ebpf" and not dps["a"].features().supports("ebpf"):
+        pytest.skip(f"this kernel cannot do ebpf mode: {dps['a'].features().why_not('ebpf')}")
+    a1, a2, b1 = A1, A2, B1
+    wanted = {"a": [Ipv6Endpoint(veth_names("a" * 64)[0], a1), Ipv6Endpoint(veth_names("c" * 64)[0], a2)],
+              "b": [Ipv6Endpoint(veth_names("b" * 64)[0], b1)]}
+    boxes = {}
+    for name, ip4, ip6, eid in (("a", "10.77.3.2", a1, "a" * 64), ("a", "10.77.3.3", a2, "c" * 64),
+                                ("b", "10.77.4.2", b1, "b" * 64)):
+        dp = dps[name]
+        dp.ipv6_endpoints = (lambda n=name: list(wanted[n]))
+        dp.ensure_network(specs[name])
+        boxes[ip6] = container(hosts[name], dp, specs[name], netns_factory, ip4, ip6, eid)
+        dp.ensure_endpoint_ipv6(specs[name], veth_names(eid)[0], ip6)
+    return hosts, specs, dps, boxes, wanted, router
+
+
+@pytest.mark.parametrize("mode", ["routed", "ebpf"])
+def test_ebpf_mode_carries_ipv6_past_the_hosts_stacks_on_one_host_and_across_a_router(netns_factory, mode):
+    """Two hosts whose uplinks meet in a router namespace (which routes each host's IPv4 and IPv6 blocks to it,
+    as the VPC does). In ebpf mode, IPv6 between containers (on one host and across the router) never
+    passes either host's ip6tables FORWARD chain (the programs carry it: only packets sent before a
+    neighbour was resolved take the stack), while the router sees every packet with the containers' own
+    addresses; routed mode sends all of it through FORWARD. Hop limit 1 still gets time exceeded from each
+    host (traceroute), fragments take the stack, a forged source and router advertisements meet the guard;
+    the repair pass puts a lost program back; an IPv6 address that goes takes its program with it."""
+    require(shutil.which("iperf3") is not None, "needs iperf3")
+    from test_dataplane import tcp_transfer
+
+    hosts, specs, dps, boxes, wanted, router = two_hosts6(netns_factory, mode)
+    a, b = hosts["a"], hosts["b"]
+    a1, a2, b1 = A1, A2, B1
+    ca, ca2, cb = boxes[a1], boxes[a2], boxes[b1]
+    veth_a = veth_names("a" * 64)[0]
+    filters = lambda ns, dev: ns_run(ns, "tc", "filter", "show", "dev", dev, "ingress", check=False).stdout  # noqa: E731
+    if mode == "ebpf":
+        assert "vpcnet_ctr6" in filters(a, veth_a) and "vpcnet_ctr" in filters(a, veth_a).replace("vpcnet_ctr6", "")
+        uplink = filters(a, "uplink0")
+        assert f"vpcnet6-{specs['a'].tag}" in uplink and f"vpcnet-{specs['a'].tag}" in uplink, uplink
+    else:
+        assert "vpcnet" not in filters(a, "uplink0") and "vpcnet_ctr6" not in filters(a, veth_a)
+    for ns in (a, b):
+        ns_run(ns, "ip6tables", "-P", "FORWARD", "DROP")              # as Docker 27+ sets it with IPv6 on
+        count6(ns, (a1, b1), (b1, a1), (a1, a2), (a2, a1))
+    count6(router, (a1, b1))
+    assert wait_for(lambda: ping6(ca, b1), 15) and ping6(cb, a1) and ping6(ca, a2) and ping6(ca2, a1)
+    for client, server, address in ((ca, cb, b1), (cb, ca, a1), (ca, ca2, a2), (ca2, ca, a1)):
+        assert tcp_transfer(client, server, address) > 1_000_000, (client, address)
+    seen = {ns: counters6(ns) for ns in (a, b)}
+    for ns in (a, b):
+        flows = {k: v for k, v in seen[ns].items() if ns == a or b1 in k}
+        if mode == "ebpf":     # only the packets sent before a neighbour was resolved
+            assert max(flows.values()) <= 3, seen
+        else:
+            assert min(flows.values()) > 100, seen                   # every packet through FORWARD
+    assert counters6(router)[f"{a1}>{b1}"] > 100, "the router saw the containers' own IPv6 addresses"
+
+    # hop limit 1: each host's stack answers with time exceeded (host A, the router, host B, the container)
+    trace = ns_run(ca, "busybox", "traceroute", "-6", "-n", "-q", "1", "-w", "2", "-m", "5", b1).stdout
+    hops = [line.split()[1] for line in trace.splitlines()[1:] if line.strip()]
+    assert hops == ["fd77:a::10", "fd77:a::1", "fd77:b::10", b1], trace
+    # fragments (a 3000-byte echo over 1500-byte links: the container fragments it) take the stack
+    before = counters6(a)[f"{a1}>{b1}"]
+    assert ns_run(ca, "busybox", "ping", "-6", "-c2", "-W2", "-s", "3000", b1, check=False).returncode == 0
+    assert counters6(a)[f"{a1}>{b1}"] >= before + 2, "2 echoes (reassembled by conntrack) through host A's FORWARD"
+    # a forged source never takes the fast path: the stack's guard drops it
+    run(["ip", "-n", ca, "-6", "addr", "add", "fd00:77:3:0:1::9/128", "dev", "eth0", "nodad"])
+    before = guard_drops(a)
+    assert not ping6(ca, b1, source="fd00:77:3:0:1::9")
+    assert guard_drops(a) > before
+    run(["ip", "-n", ca, "-6", "addr", "del", "fd00:77:3:0:1::9/128", "dev", "eth0"])
+    # router advertisements go to the stack, whose guard drops them
+    before = guard_drops(a)
+    ns_run(ca, sys.executable, "-c", RA_SENDER)
+    assert guard_drops(a) >= before + 3
+    if mode != "ebpf":
+        return
+    # the repair pass: a veth's programs lost (its qdisc deleted) come back, IPv6's included
+    endpoints = [EndpointSpec(veth_names(e)[0], veth_names(e)[1], mac_for(ip), ip)
+                 for e, ip in (("a" * 64, "10.77.3.2"), ("c" * 64, "10.77.3.3"))]
+    assert dps["a"].repair([(specs["a"], endpoints)]) == []
+    ns_run(a, "tc", "qdisc", "del", "dev", veth_a, "clsact")
+    assert [r.kind for r in dps["a"].repair([(specs["a"], endpoints)])] == ["tc"]
+    assert "vpcnet_ctr6" in filters(a, veth_a)
+    # ... and so does the network's IPv6 uplink program
+    ns_run(a, "tc", "filter", "del", "dev", "uplink0", "ingress", "pref", str(0x7F05))
+    repairs = dps["a"].repair([(specs["a"], endpoints)])      # the endpoints' programs are rebuilt with it
+    assert {r.kind for r in repairs} == {"tc"} and "uplink programs" in repairs[0].what, repairs
+    assert f"vpcnet6-{specs['a'].tag}" in filters(a, "uplink0") and ping6(ca, b1)
+    # an IPv6 address that goes takes its program with it (the IPv4 one stays)
+    wanted["a"].pop(0)
+    dps["a"].drop_endpoint_ipv6(veth_a, a1)
+    assert "vpcnet_ctr6" not in filters(a, veth_a) and "vpcnet_ctr" in filters(a, veth_a)
+    assert ns_run(ca, "busybox", "ping", "-c1", "-W2", "10.77.4.2", check=False).returncode == 0
+    # the network's programs, IPv6's included, go with it
+    dps["a"].delete_network(specs["a"])
+    assert "vpcnet" not in filters(a, "uplink0"), filters(a, "uplink0")
+
+
+PAYLOAD = 100
+FRAME6 = 14 + 40 + 8 + PAYLOAD          # skb->len at tc: Ethernet, IPv6, ICMPv6 echo, payload
+
+
+def ping6_counted(ns: str, target: str, count: int) -> tuple[int, int]:
+    """(echo requests sent, replies received), as ping counted them."""
+    import re
+    out = ns_run(ns, "busybox", "ping", "-6", "-q", "-A", "-c", str(count), "-W", "2", "-s", str(PAYLOAD),
+                 target, check=False).stdout
+    sent, received = re.search(r"(\d+) packets transmitted, (\d+) packets received", out).groups()
+    assert int(sent) == count, out
+    return int(sent), int(received)
+
+
+@pytest.mark.parametrize("mode", ["routed", "ebpf"])
+def test_ipv6_traffic_is_counted_per_peer_and_direction(netns_factory, mode):
+    """Peer counting (VPCNET_PEER_METRICS) counts IPv6 as IPv4: per (endpoint address, direction, peer),
+    a same-host peer, another host's container and outside the IPv6 cluster CIDR (all zero), in routed
+    mode by the counting programs, in ebpf mode by the container, uplink and counting programs."""
+    from vpcnet.datapath.ebpf import maps
+    hosts, specs, dps, boxes, _wanted, _router = two_hosts6(netns_factory, mode, peers=True)
+    maps.forget({A1, A2, B1})                          # a leftover of an earlier run on this kernel
+    try:
+        assert wait_for(lambda: ping6(boxes[A1], B1) and ping6(boxes[A1], A2) and ping6(boxes[A1], "fd77:b::10"), 15)
+        maps.forget({A1})                               # from here on, every packet is counted exactly
+        counted = {A2: ping6_counted(boxes[A1], A2, 3), B1: ping6_counted(boxes[A1], B1, 4),
+                   None: ping6_counted(boxes[A1], "fd77:b::10", 5)}
+        got = {(d, peer): v for (ep, d, peer), v in maps.read_all().items() if ep == A1}
+        for peer, (sent, received) in counted.items():
+            assert got[(maps.TRANSMIT, peer)] == (sent * FRAME6, sent), (peer, got)
+            assert got[(maps.RECEIVE, peer)] == (received * FRAME6, received), (peer, got)
+        assert set(got) == {(d, p) for d in (maps.TRANSMIT, maps.RECEIVE) for p in (A2, B1, None)}, got
+    finally:
+        for name in ("a", "b"):
+            dps[name].delete_network(specs[name])
+        maps.forget({A1, A2, B1})

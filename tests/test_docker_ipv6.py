@@ -85,7 +85,7 @@ def test_dual_stack_routed_network_containers_reach_each_other_over_ipv6(plugin_
 def test_ipv6_alone_takes_the_default_ipv6_cluster_cidr_and_bridge_mode_refuses_it(
         current_docker, plugin_factory, dock, ipv6_sysctls_kept):
     """Docker 25+ asks a remote IPAM for an IPv6 pool on `--ipv6` alone: this host's /80 of the default IPv6
-    cluster CIDR (a ULA /48 derived from the cluster identity). An ebpf network's IPv6 takes the routed path."""
+    cluster CIDR (a ULA /48 derived from the cluster identity). An ebpf network carries it on its IPv6 fast path."""
     plugin = plugin_factory()
     net = dock.network_create(plugin, None, "--ipv6").name      # the host's default mode (ebpf where it can)
     status = plugin.status()["networks"][0]

@@ -279,3 +279,150 @@ def test_a_program_is_loaded_without_the_verifier_log_and_only_a_refusal_asks_fo
     with pytest.raises(DataplaneError, match="verifier: .*R5"):
         loader.load(a.assemble(), "vpcnet_bad")
     assert recorder.log_levels == [0, 0, 1]               # refused: loaded again with the log, to say why
+
+
+# -- IPv6 (vpcnet.datapath.ebpf.programs6) ----------------------------------------------------------------
+HOST6, CLUSTER6 = "fd00:77:3:0:1::/80", "fd00:77::/32"
+ME6, OTHER6, REMOTE6 = "fd00:77:3:0:1::2", "fd00:77:3:0:1::3", "fd00:77:4:0:1::2"
+
+
+def ipv6(src: str, dst: str, hops: int = 64, nh: int = 17, payload: bytes = b"\x30\x39\x00\x35" + b"\x00" * 12,
+         ethertype: int = 0x86DD) -> bytes:
+    header = struct.pack("!IHBB16s16s", 0x6000_0000 | 0x12345, len(payload), nh, hops,
+                         ipaddress.IPv6Address(src).packed, ipaddress.IPv6Address(dst).packed)
+    return b"\x02" * 6 + b"\x02\x00\x00\x00\x00\x01" + struct.pack("!H", ethertype) + header + payload
+
+
+def icmp6(src: str, dst: str, kind: int, hops: int = 64) -> bytes:
+    return ipv6(src, dst, hops, nh=58, payload=bytes([kind, 0, 0, 0]) + b"\x00" * 12)
+
+
+def test_ipv6_prefixes_are_compared_word_by_word_as_loads_see_them():
+    from vpcnet.datapath.ebpf import programs6
+    assert programs6._net6("fd00:77::/48") == [(0x7700_00FD, 0xFFFF_FFFF), (0x0000_0000, 0x0000_FFFF)]
+    assert len(programs6._net6(HOST6)) == 3
+    for bad in ("fe80::/10", "ff00::/8", "::/0", "fc00::/6"):
+        with pytest.raises(ValueError, match="link-local or multicast"):
+            programs6.container_program6(HOST6, bad, ME6)
+
+
+@pytest.fixture
+def routed_host6(routed_host):
+    """routed_host with IPv6: forwarding, the uplink's next hop fd77:a::1 (resolved) for the IPv6 cluster
+    CIDR, both endpoints' /128 routes and resolved neighbours, and an address of the block routed back
+    out of the uplink."""
+    ns, index = routed_host
+    run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
+    run(["ip", "-n", ns, "-6", "addr", "add", "fd77:a::10/64", "dev", "uplink0", "nodad"])
+    run(["ip", "-n", ns, "-6", "route", "add", CLUSTER6, "via", "fd77:a::1"])
+    run(["ip", "-n", ns, "-6", "neigh", "replace", "fd77:a::1", "lladdr", "02:bb:00:00:00:01", "dev", "uplink0",
+         "nud", "permanent"])
+    for dev, address, mac in (("vhendpoint", ME6, "02:42:0a:4d:03:02"), ("vhother", OTHER6, "02:42:0a:4d:03:03")):
+        run(["ip", "-n", ns, "-6", "route", "add", f"{address}/128", "dev", dev])
+        run(["ip", "-n", ns, "-6", "neigh", "replace", address, "lladdr", mac, "dev", dev, "nud", "permanent"])
+    run(["ip", "-n", ns, "-6", "route", "add", "fd00:77:3:0:1::10/128", "via", "fd77:a::1"])
+    return ns, index
+
+
+def test_the_verifier_accepts_the_ipv6_programs(kernel):
+    from vpcnet.datapath.ebpf import programs6
+    published = [("tcp", 80), ("udp", 53)]
+    many = [("tcp", 1000 + i) for i in range(programs.MAX_PUBLISHED + 1)]
+    for program in (programs6.container_program6(HOST6, CLUSTER6, ME6),
+                    programs6.container_program6(HOST6, CLUSTER6, ME6, 5, []),
+                    programs6.container_program6(HOST6, CLUSTER6, ME6, 5, [3, 9], published=published),
+                    programs6.container_program6("2001:db8:1:2:3::/80", "2001:db8::/32", "2001:db8:1:2:3::9", 5,
+                                                 [3], published=many),
+                    programs6.uplink_program6(HOST6, CLUSTER6, 7)):
+        os.close(loader.load(program, "vpcnet_test"))
+
+
+def test_container_program6_forwards_plain_cluster_traffic_and_leaves_the_rest_to_the_stack(routed_host6):
+    from vpcnet.datapath.ebpf import programs6
+    ns, index = routed_host6
+
+    def check():
+        fd = loader.load(programs6.container_program6(HOST6, CLUSTER6, ME6, index["vpc-anchor"],
+                                                      [index["uplink0"]], published=[("tcp", 8080)]), "vpcnet_test")
+        try:
+            return {case: (packet, *prog_test_run(fd, packet, index["vhendpoint"])) for case, packet in {
+                "to another host": ipv6(ME6, REMOTE6),
+                "tcp to another host": ipv6(ME6, REMOTE6, nh=6),
+                "echo request": icmp6(ME6, REMOTE6, 128),
+                "to another container of this host": ipv6(ME6, OTHER6),
+                "back to itself": ipv6(ME6, ME6),
+                "an address of the block routed out of the uplink": ipv6(ME6, "fd00:77:3:0:1::10"),
+                "an address of the block nobody holds": ipv6(ME6, "fd00:77:3:0:1::99"),
+                "the gateway": ipv6(ME6, "fe80::1"),
+                "multicast": ipv6(ME6, "ff02::1"),
+                "leaving the cluster": ipv6(ME6, "2001:db8::2"),
+                "forged source": ipv6("fd00:77:3:0:1::9", REMOTE6),
+                "a neighbour's source": ipv6(OTHER6, REMOTE6),
+                "link-local source": ipv6("fe80::42:aff:fe4d:302", REMOTE6),
+                "hop limit 1": ipv6(ME6, REMOTE6, hops=1),
+                "hop limit 0": ipv6(ME6, REMOTE6, hops=0),
+                "a fragment": ipv6(ME6, REMOTE6, nh=44),
+                "hop-by-hop options": ipv6(ME6, REMOTE6, nh=0),
+                "routing header": ipv6(ME6, REMOTE6, nh=43),
+                "no next header": ipv6(ME6, REMOTE6, nh=59),
+                "router solicitation": icmp6(ME6, REMOTE6, 133),
+                "router advertisement": icmp6(ME6, OTHER6, 134),
+                "neighbour solicitation": icmp6(ME6, REMOTE6, 135),
+                "neighbour advertisement": icmp6(ME6, REMOTE6, 136),
+                "redirect": icmp6(ME6, REMOTE6, 137),
+                "a published port's reply": ipv6(ME6, REMOTE6, nh=6, payload=b"\x1f\x90\x30\x39" + b"\x00" * 16),
+                "not IPv6": ipv6(ME6, REMOTE6, ethertype=0x0800),
+                "truncated": ipv6(ME6, REMOTE6, payload=b"\x00\x01"),
+            }.items()}
+        finally:
+            os.close(fd)
+
+    results = run_in(ns, check)
+    for case in ("to another host", "tcp to another host", "echo request"):
+        packet, verdict, data = results[case]
+        assert verdict == TC_ACT_REDIRECT, case
+        assert data[21] == packet[21] - 1, f"{case}: hop limit decremented"
+        assert data[:21] == packet[:21] and data[22:] == packet[22:], case
+    packet, verdict, data = results["to another container of this host"]
+    assert verdict == TC_ACT_REDIRECT, "same host: straight into the other container"
+    assert data[0:6] == bytes.fromhex("02420a4d0303"), "destination MAC: the other container's"
+    assert data[6:12] == bytes.fromhex("02aa00000002"), "source MAC: its host veth's"
+    assert data[21] == 63 and data[12:21] == packet[12:21] and data[22:] == packet[22:]
+    passed = set(results) - {"to another host", "tcp to another host", "echo request",
+                             "to another container of this host"}
+    for case in sorted(passed):
+        packet, verdict, data = results[case]
+        assert verdict == UNSPEC, case
+        assert data == packet, f"{case}: left as it was, for the normal path"
+
+
+def test_uplink_program6_hands_this_networks_ipv6_endpoints_their_packets(routed_host6):
+    from vpcnet.datapath.ebpf import programs6
+    ns, index = routed_host6
+
+    def check():
+        fd = loader.load(programs6.uplink_program6(HOST6, CLUSTER6, index["vpc-anchor"]), "vpcnet_test")
+        try:
+            return {case: (packet, *prog_test_run(fd, packet, index["uplink0"])) for case, packet in {
+                "from another host": ipv6(REMOTE6, ME6),
+                "routed back out of the uplink": ipv6(REMOTE6, "fd00:77:3:0:1::10"),
+                "nobody's address": ipv6(REMOTE6, "fd00:77:3:0:1::99"),
+                "from outside the cluster": ipv6("2001:db8::2", ME6),
+                "another network's block": ipv6(REMOTE6, "fd00:77:5:0:1::2"),
+                "hop limit 1": ipv6(REMOTE6, ME6, hops=1),
+                "a fragment": ipv6(REMOTE6, ME6, nh=44),
+                "router advertisement": icmp6(REMOTE6, ME6, 134),
+                "link-local source": ipv6("fe80::1", ME6),
+            }.items()}
+        finally:
+            os.close(fd)
+
+    results = run_in(ns, check)
+    packet, verdict, data = results["from another host"]
+    assert verdict == TC_ACT_REDIRECT
+    assert data[0:6] == bytes.fromhex("02420a4d0302"), "destination MAC: the container's"
+    assert data[6:12] == bytes.fromhex("02aa00000001"), "source MAC: the endpoint's host veth"
+    assert data[21] == 63 and data[12:21] == packet[12:21] and data[22:] == packet[22:]
+    for case in sorted(set(results) - {"from another host"}):
+        packet, verdict, data = results[case]
+        assert verdict == UNSPEC and data == packet, (case, packet.hex(), data.hex())

@@ -71,11 +71,13 @@ and put back by the periodic pass.
 
 IPv6 (vpcnet.datapath.ipv6): `ensure_endpoint_ipv6` gives an endpoint of a
 routed or ebpf network its IPv6 (IPv6 on for its host veth, fe80::1 as the container's gateway on it, a /128
-route), and the guard, while `ipv6_endpoints()` (the desired state) has any, lets a veth send from what the
-host routes back to it: the endpoint's own /128; the periodic pass keeps both, and leaves IPv6 on where it
-is wanted. `ipv6_internal()` (the --internal networks with IPv6) adds their rules to the same write. An
+route; in ebpf mode the IPv6 container program, vpcnet.datapath.ebpf.programs6, and the network's IPv6
+uplink program comes with the network; `drop_endpoint_ipv6` removes the program with the route), and the
+guard, while `ipv6_endpoints()` (the desired state) has any, lets a veth send from what the host routes
+back to it: the endpoint's own /128; the periodic pass keeps all of it, and leaves IPv6 on where it is
+wanted. `ipv6_internal()` (the --internal networks with IPv6) adds their rules to the same write. An
 IPv6-only network (`spec.ipv4` false) and its endpoints (address "") get nothing of IPv4: no anchor address,
-chains, /32 routes, proxy ARP or tc programs, and the repair pass looks for none.
+chains, /32 routes, proxy ARP or IPv4 tc programs, and the repair pass looks for none.
 
 Every operation is idempotent: create what is missing, accept what exists, ignore what is gone. `repair`
 is the periodic pass's half (vpcnet.datapath.reconciler): one dump of links, addresses, routes and
@@ -232,7 +234,7 @@ class Dataplane:
         idx = self.links.ensure_gateway_link(spec)
         if firewall:
             self._ensure_firewall(spec)
-        if spec.ebpf and spec.ipv4:
+        if spec.ebpf:                          # the IPv4 and (with an IPv6 block) IPv6 uplink programs
             self.tc.ensure_uplink_programs(spec, idx)
 
     def _ensure_firewall(self, spec: NetworkSpec) -> list[str]:
@@ -297,9 +299,11 @@ class Dataplane:
                 self.tc.attach_endpoint(ipr, spec, host_idx, address)
 
     def ensure_endpoint_ipv6(self, spec: NetworkSpec, host_veth: str, address: str) -> None:
-        """IPv6 for an endpoint whose veth `ensure_endpoint` made: routed and ebpf modes only (ebpf's programs
-        pass IPv6 to the stack, so its IPv6 takes the routed path). The endpoint must already be among
-        `ipv6_endpoints()` (the desired state first): the guard written here lets its traffic through."""
+        """IPv6 for an endpoint whose veth `ensure_endpoint` made: routed and ebpf modes only; in ebpf mode
+        (with the network's IPv6 block in `spec`) the IPv6 container program too, with `address` built in
+        (vpcnet.datapath.ebpf.programs6), after the /128 route; with peer counting in routed mode, the IPv6
+        counting programs. The endpoint must already be among `ipv6_endpoints()` (the desired state first):
+        the guard written here lets its traffic through."""
         if not spec.routed:
             raise DataplaneError(f"IPv6 needs routed or ebpf mode; network {spec.tag} is in {spec.mode} mode")
         if not self._ipv6_host:               # the first IPv6 endpoint of this process: forwarding
@@ -310,14 +314,23 @@ class Dataplane:
         if not self._guard_ipv6 or (spec.internal and spec.host_cidr_v6 not in self._guard_internal):
             self._apply_ipv6_guard()
         with self.nl.ipr() as ipr:
-            self.ipv6.ensure_endpoint(ipr, host_veth, address)
+            idx = self.ipv6.ensure_endpoint(ipr, host_veth, address)
+            if spec.ebpf:
+                self.tc.attach_endpoint6(ipr, spec, idx, address)
+            elif self.tc.peers:
+                self.tc.attach_counting6(ipr, spec, idx, address)
 
     def drop_endpoint_ipv6(self, host_veth: str, address: str) -> None:
         """An endpoint lost its IPv6 address while its container runs (Docker released it; the row no longer
-        has it): its /128 route goes now, and with it the guard's permission (the reverse path) to send from
-        the address."""
+        has it): its IPv6 programs leave the veth (no fast path for the address), then its /128 route goes,
+        and with it the guard's permission (the reverse path) to send from the address; its peer counts
+        leave the map."""
         with self.nl.ipr() as ipr:
+            idx = self.nl.link_index(ipr, host_veth)
+            if idx is not None:
+                self.tc.drop_endpoint6(ipr, idx)
             self.ipv6.unroute(ipr, host_veth, address)
+        self.forget_peers([address])
 
     def _repair_ipv6(self, endpoints: dict[str, Ipv6Endpoint], view: KernelView) -> list[Repair]:
         """IPv6 forwarding while there are IPv6 endpoints, and the endpoints whose veth is there but whose
@@ -355,11 +368,14 @@ class Dataplane:
         way while its DNAT rule exists), else the rules first."""
         if not adding:
             self._ensure_firewall(spec)
+        v6 = {e.host_veth: e.address for e in self.ipv6_endpoints()} if spec.ebpf and endpoints else {}
         with self.nl.ipr() as ipr:
             for ep in endpoints:
                 idx = self.nl.link_index(ipr, ep.host_veth)
                 if idx is not None and spec.ebpf:
                     self.tc.attach_endpoint(ipr, spec, idx, ep.address)
+                    if ep.host_veth in v6:
+                        self.tc.attach_endpoint6(ipr, spec, idx, v6[ep.host_veth])
                 elif idx is not None and not spec.routed and spec.published(ep.address):
                     self._hairpin(ipr, ep.host_veth)
         if adding:
@@ -494,6 +510,7 @@ class Dataplane:
         counting programs another process attached (before a restart) write a map this one cannot read:
         attach them again (replaced in place, no gap), so they write this process's. Not drift: no Repair."""
         adopted = 0
+        v6 = {e.host_veth: e.address for e in self.ipv6_endpoints()}
         for spec, endpoints in networks:
             stale = [ep for ep in endpoints if ep.address and ep.host_veth in view.links
                      and view.links[ep.host_veth]["index"] not in self.tc.counted]
@@ -511,6 +528,9 @@ class Dataplane:
                                 self.tc.attach_endpoint(ipr, spec, index, ep.address)
                             else:
                                 self.tc.attach_counting(ipr, spec, index, ep.address)
+                            if ep.host_veth in v6:
+                                (self.tc.attach_endpoint6 if spec.ebpf else self.tc.attach_counting6)(
+                                    ipr, spec, index, v6[ep.host_veth])
                             adopted += 1
                         anchor = self.nl.link_index(ipr, spec.bridge) if uplinks else None
                     if anchor is not None:
@@ -535,6 +555,8 @@ class Dataplane:
         if spec.ipv4 and f"{spec.gateway}/{spec.prefixlen}" not in view.addresses.get(link["index"], set()):
             return True
         if spec.ebpf and spec.ipv4 and view.uplink_programs.get(spec.tc_name, set()) != set(view.uplinks):
+            return True
+        if spec.ebpf and spec.host_cidr_v6 and view.uplink_programs.get(spec.tc_name6, set()) != set(view.uplinks):
             return True
         for ep in endpoints:
             host = view.links.get(ep.host_veth)
@@ -603,6 +625,9 @@ class Dataplane:
                     problem = f"eBPF program on {ep.host_veth} missing"
             if not problem and self.tc.peers and ep.address and not self.tc.endpoint_counts(ipr, host_idx):
                 problem = f"eBPF peer counting program on {ep.host_veth} missing"
+            if not problem and spec.ebpf and spec.host_cidr_v6 and ep.host_veth in self._v6_veths \
+                    and not self.tc.endpoint_has_program6(ipr, host_idx):
+                problem = f"eBPF IPv6 program on {ep.host_veth} missing"
             if not problem and not link["flags"] & 1:
                 problem = f"host veth {ep.host_veth} down"
             if not problem and uplinks_moved and ep.address:

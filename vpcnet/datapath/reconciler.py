@@ -50,7 +50,8 @@ def spec_of(net: Network, ports: Sequence[Port] = ()) -> NetworkSpec:
                        mode=net.mode, host_cidr_v6=net.host_cidr_v6, cluster_cidr_v6=net.cluster_cidr_v6,
                        ports=tuple(sorted(
                            PortMapping(p.proto, p.host_ip, p.host_port, p.address, p.container_port, p.family)
-                           for p in ports)))
+                           for p in ports)),
+                       host_cidr_v6=net.host_cidr_v6 or "", cluster_cidr_v6=net.cluster_cidr_v6 or "")
 
 
 class DatapathReconciler:

@@ -44,8 +44,8 @@ class NetworkSpec:
     mode: str = "bridge"        # "routed": no bridge, proxy ARP and a /32 route per endpoint; "ebpf": routed
                                 # plus the tc fast path
     ports: tuple[PortMapping, ...] = ()     # the published ports of the network's endpoints (sorted)
-    host_cidr_v6: str = ""      # IPv6: this host's block and the IPv6 cluster CIDR ("" without IPv6)
-    cluster_cidr_v6: str = ""
+    host_cidr_v6: str = ""      # the network's IPv6 block and cluster CIDR ("": no IPv6); the ebpf fast
+    cluster_cidr_v6: str = ""   # path's IPv6 programs have them built in
 
     def published(self, address: str) -> tuple[tuple[str, int], ...]:
         """(proto, container port) the endpoint holding `address` publishes: the replies the ebpf fast
@@ -70,6 +70,11 @@ class NetworkSpec:
         """The network has IPv4 (a host block): not an IPv6-only one (`--ipv4=false`), which has no IPv4
         gateway, rules, routes or programs at all."""
         return bool(self.host_cidr)
+
+    @property
+    def tc_name6(self) -> str:
+        """The name of the network's IPv6 uplink program (vpcnet.datapath.tc)."""
+        return f"vpcnet6-{self.tag}"
 
     @property
     def prefixlen(self) -> int:
@@ -121,7 +126,7 @@ class KernelView:
     routes: dict[str, int]      # "<ip>/32" (main table) -> output link index
     clsact: set[int]            # link indexes with a clsact qdisc
     uplinks: list[int]
-    uplink_programs: dict[str, set[int]]   # tc filter name -> link indexes
+    uplink_programs: dict[str, set[int]]   # tc filter name (both families') -> link indexes
 
 
 def bridge_name(network_id: str) -> str:

@@ -13,6 +13,12 @@
   `ENDPOINT_FILTER`), and by the uplink program (ebpf mode: what it hands into a container with
   bpf_redirect_peer, which passes no hook of the host veth). They go with the veth; the map goes with
   the last program holding it.
+- IPv6 (vpcnet.datapath.ebpf.programs6): separate filters of protocol ETH_P_IPV6 beside the IPv4 ones (so
+  neither family's program ever runs for the other's packets, and hosts whose IPv4 filters exist keep
+  them): an IPv6 endpoint's container program (`ENDPOINT6_FILTER`, from `ensure_endpoint_ipv6` until its
+  address goes: `drop_endpoint6`), its receive counting program (`COUNT6_FILTER`), and, per network with
+  an IPv6 block, `vpcnet6-<tag>` on the uplinks (prio `UPLINK6_PRIO`, the same handle). The IPv4 default
+  route's devices are the uplinks of both families.
 Programs are replaced in place (`replace-filter`), so re-applying never opens a gap.
 """
 from __future__ import annotations
@@ -26,7 +32,7 @@ from typing import Iterator
 from pyroute2 import IPRoute, NetlinkError
 
 from vpcnet.datapath import ebpf
-from vpcnet.datapath.ebpf import maps
+from vpcnet.datapath.ebpf import maps, programs6
 from vpcnet.datapath.netlink import Netlink
 from vpcnet.datapath.spec import NetworkSpec, bridge_name, uplink_handle
 from vpcnet.errors import DataplaneError
@@ -36,9 +42,14 @@ log = logging.getLogger(__name__)
 TC_INGRESS = 0xFFFFFFF2           # clsact's ingress hook
 TC_EGRESS = 0xFFFFFFF3            # clsact's egress hook
 ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
 ENDPOINT_FILTER = (0x7F00, 1)     # (prio, handle) of the program on an endpoint's host veth
 COUNT_FILTER = (0x7F02, 1)        # (prio, handle) of the receive counting program (egress of the host veth)
 UPLINK_PRIO = 0x7F01              # the uplink's programs: one handle per network (uplink_handle)
+ENDPOINT6_FILTER = (0x7F03, 1)    # IPv6: the container program (ingress of the host veth)
+COUNT6_FILTER = (0x7F04, 1)       # IPv6: the receive counting program (egress of the host veth)
+UPLINK6_PRIO = 0x7F05             # IPv6: the uplink's programs (`vpcnet6-<tag>`)
+UPLINK_PRIOS = {"vpcnet-": (UPLINK_PRIO, ETH_P_IP), "vpcnet6-": (UPLINK6_PRIO, ETH_P_IPV6)}   # by name prefix
 
 
 class TcPrograms:
@@ -70,7 +81,7 @@ class TcPrograms:
                 os.close(fd)
 
     def attach(self, ipr: IPRoute, index: int, program: bytes, prog_name: str, filter_name: str, prio: int,
-               handle: int, parent: int = TC_INGRESS) -> None:
+               handle: int, parent: int = TC_INGRESS, protocol: int = ETH_P_IP) -> None:
         fd = ebpf.load(program, prog_name)
         try:
             try:
@@ -80,7 +91,7 @@ class TcPrograms:
                     raise DataplaneError(f"cannot add the clsact qdisc to link {index}: {exc}") from None
             try:
                 ipr.tc("replace-filter", "bpf", index, handle, fd=fd, name=filter_name, parent=parent,
-                       classid=1, direct_action=True, prio=prio, protocol=ETH_P_IP)
+                       classid=1, direct_action=True, prio=prio, protocol=protocol)
             except NetlinkError as exc:
                 raise DataplaneError(f"cannot attach eBPF program {filter_name} to link {index}: {exc}") from None
         finally:
@@ -104,6 +115,64 @@ class TcPrograms:
             if map_fd is not None:
                 self._attach_receive_count(ipr, spec, host_idx, map_fd, address)
                 self.counted.add(host_idx)
+
+    def attach_endpoint6(self, ipr: IPRoute, spec: NetworkSpec, host_idx: int, address: str) -> None:
+        """The IPv6 container program for the endpoint holding the IPv6 `address` (and, counting, its IPv6
+        receive counting program), as attach_endpoint does for IPv4; nothing for a network without an
+        IPv6 block."""
+        if not (spec.host_cidr_v6 and spec.cluster_cidr_v6):
+            return
+        anchor = self.nl.link_index(ipr, spec.bridge)
+        if anchor is None:
+            raise DataplaneError(f"anchor {spec.bridge} is missing")
+        with self.peer_map() as map_fd:
+            program = programs6.container_program6(spec.host_cidr_v6, spec.cluster_cidr_v6, address, anchor,
+                                                   self.nl.all_uplinks(ipr), map_fd=map_fd,
+                                                   published=spec.published(address))
+            self.attach(ipr, host_idx, program, "vpcnet_ctr6", spec.tc_name, *ENDPOINT6_FILTER,
+                        protocol=ETH_P_IPV6)
+            if map_fd is not None:
+                self._attach_receive_count6(ipr, spec, host_idx, map_fd, address)
+
+    def attach_counting6(self, ipr: IPRoute, spec: NetworkSpec, host_idx: int, address: str) -> None:
+        """Routed mode: the IPv6 counting programs of the endpoint holding the IPv6 `address`; nothing with
+        counting off or without the network's IPv6 cluster CIDR."""
+        if not spec.cluster_cidr_v6:
+            return
+        with self.peer_map() as map_fd:
+            if map_fd is None:
+                return
+            program = programs6.count_program6(maps.TRANSMIT, spec.cluster_cidr_v6, map_fd, address)
+            try:
+                self.attach(ipr, host_idx, program, "vpcnet_count6", spec.tc_name, *ENDPOINT6_FILTER,
+                            protocol=ETH_P_IPV6)
+                self._attach_receive_count6(ipr, spec, host_idx, map_fd, address)
+            except DataplaneError as exc:     # never worth an endpoint: counted nowhere, said once
+                if not self.peers_off:
+                    log.warning("peer counting is off: %s", exc)
+                self.peers_off = str(exc)
+
+    def _attach_receive_count6(self, ipr: IPRoute, spec: NetworkSpec, host_idx: int, map_fd: int,
+                               address: str) -> None:
+        program = programs6.count_program6(maps.RECEIVE, spec.cluster_cidr_v6, map_fd, address)
+        self.attach(ipr, host_idx, program, "vpcnet_count6", spec.tc_name, *COUNT6_FILTER, parent=TC_EGRESS,
+                    protocol=ETH_P_IPV6)
+
+    def drop_endpoint6(self, ipr: IPRoute, host_idx: int) -> None:
+        """The IPv6 programs leave the host veth (its IPv6 address went); none there: nothing to do."""
+        for (prio, handle), parent in ((ENDPOINT6_FILTER, TC_INGRESS), (COUNT6_FILTER, TC_EGRESS)):
+            try:
+                ipr.tc("del-filter", "bpf", host_idx, handle, parent=parent, prio=prio, protocol=ETH_P_IPV6)
+            except NetlinkError as exc:
+                if exc.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
+                    raise DataplaneError(f"cannot remove the IPv6 eBPF program from link {host_idx}: {exc}") \
+                        from None
+
+    @staticmethod
+    def endpoint_has_program6(ipr: IPRoute, host_idx: int) -> bool:
+        """The IPv6 container (or counting) program is on the host veth's ingress."""
+        return any(f.get_attr("TCA_KIND") == "bpf" and f["info"] >> 16 == ENDPOINT6_FILTER[0]
+                   for f in ipr.get_filters(index=host_idx, parent=TC_INGRESS))
 
     def attach_counting(self, ipr: IPRoute, spec: NetworkSpec, host_idx: int, address: str) -> None:
         """Routed and bridge modes: the counting programs of the endpoint holding `address` on its host veth
@@ -129,7 +198,8 @@ class TcPrograms:
 
     @staticmethod
     def endpoint_has_program(ipr: IPRoute, host_idx: int) -> bool:
-        return any(f.get_attr("TCA_KIND") == "bpf" for f in ipr.get_filters(index=host_idx, parent=TC_INGRESS))
+        return any(f.get_attr("TCA_KIND") == "bpf" and f["info"] >> 16 == ENDPOINT_FILTER[0]
+                   for f in ipr.get_filters(index=host_idx, parent=TC_INGRESS))
 
     @staticmethod
     def endpoint_counts(ipr: IPRoute, host_idx: int) -> bool:
@@ -140,30 +210,38 @@ class TcPrograms:
 
     # -- per network, on the uplinks ----------------------------------------------------------------
     def ensure_uplink_programs(self, spec: NetworkSpec, anchor: int) -> None:
-        """The network's program on each uplink, replaced in place (a restart never opens a gap). Without a
-        default route there is no uplink yet: traffic from other hosts takes the routed path meanwhile."""
+        """The network's program on each uplink, replaced in place (a restart never opens a gap), and its
+        IPv6 one where it has an IPv6 block. Without a default route there is no uplink yet: traffic from
+        other hosts takes the routed path meanwhile."""
         with self.peer_map() as map_fd:
-            program = ebpf.uplink_program(spec.host_cidr, spec.cluster_cidr, anchor, map_fd=map_fd)
-            self._ensure_uplink_programs(spec, program)
-            if map_fd is not None:
+            programs = [(spec.tc_name, ebpf.uplink_program(spec.host_cidr, spec.cluster_cidr, anchor, map_fd=map_fd))
+                        ] if spec.ipv4 else []             # an IPv6-only network has no IPv4 program
+            if spec.host_cidr_v6 and spec.cluster_cidr_v6:
+                programs.append((spec.tc_name6, programs6.uplink_program6(spec.host_cidr_v6, spec.cluster_cidr_v6,
+                                                                          anchor, map_fd=map_fd)))
+            self._ensure_uplink_programs(spec, programs)
+            if map_fd is not None and spec.ipv4:
                 self.counted_uplinks.add(spec.tc_name)
 
-    def _ensure_uplink_programs(self, spec: NetworkSpec, program: bytes) -> None:
+    def _ensure_uplink_programs(self, spec: NetworkSpec, programs: list[tuple[str, bytes]]) -> None:
         with self.nl.ipr() as ipr:
             uplinks = self.nl.all_uplinks(ipr)
             if not uplinks:
                 log.warning("network %s: no default route, so no uplink for the eBPF fast path yet; traffic "
                             "from other hosts takes the routed path", spec.tag)
-            for index in uplinks:
-                self.attach(ipr, index, program, "vpcnet_uplink", spec.tc_name, UPLINK_PRIO,
-                            uplink_handle(spec.tag))
+            for name, program in programs:
+                prio, protocol = uplink_prio(name)
+                for index in uplinks:
+                    self.attach(ipr, index, program, "vpcnet_uplink6" if protocol == ETH_P_IPV6 else "vpcnet_uplink",
+                                name, prio, uplink_handle(spec.tag), protocol=protocol)
             # The default route moved (a new uplink, a renamed or replaced device): the program leaves the
             # devices that no longer carry it.
+            names = {name for name, _ in programs}
             for index, handle, name in list(self.uplink_programs(ipr)):
-                if name == spec.tc_name and index not in uplinks:
+                if name in names and index not in uplinks:
                     log.warning("network %s: eBPF uplink program left on link %d, which no longer carries "
                                 "the default route: removed", spec.tag, index)
-                    self.drop_uplink_program(ipr, index, handle)
+                    self.drop_uplink_program(ipr, index, handle, name)
 
     def uplink_programs(self, ipr: IPRoute, clsact: set[int] | None = None) -> Iterator[tuple[int, int, str]]:
         """(link index, handle, name) of every vpcnet uplink program on this host: one qdisc dump finds
@@ -179,16 +257,24 @@ class TcPrograms:
             for f in filters:
                 options = f.get_attr("TCA_OPTIONS")
                 fname = options.get_attr("TCA_BPF_NAME") if options else None
-                if f["info"] >> 16 == UPLINK_PRIO and fname and fname.startswith("vpcnet-"):
+                if fname and any(fname.startswith(prefix) and f["info"] >> 16 == prio
+                                 for prefix, (prio, _proto) in UPLINK_PRIOS.items()):
                     yield index, f["handle"], fname
 
     def network_uplinks(self, ipr: IPRoute, spec: NetworkSpec) -> set[int]:
-        """The links carrying this network's uplink program."""
-        return {i for i, _h, name in self.uplink_programs(ipr) if name == spec.tc_name}
+        """The links carrying this network's uplink program (with an IPv6 block: its IPv6 one too)."""
+        found: dict[str, set[int]] = {}
+        for i, _h, name in self.uplink_programs(ipr):
+            found.setdefault(name, set()).add(i)
+        links = found.get(spec.tc_name, set())
+        if spec.host_cidr_v6 and spec.cluster_cidr_v6:
+            links = links & found.get(spec.tc_name6, set())
+        return links
 
-    def drop_uplink_program(self, ipr: IPRoute, index: int, handle: int) -> None:
+    def drop_uplink_program(self, ipr: IPRoute, index: int, handle: int, name: str) -> None:
+        prio, protocol = uplink_prio(name)
         try:
-            ipr.tc("del-filter", "bpf", index, handle, parent=TC_INGRESS, prio=UPLINK_PRIO, protocol=ETH_P_IP)
+            ipr.tc("del-filter", "bpf", index, handle, parent=TC_INGRESS, prio=prio, protocol=protocol)
         except NetlinkError as exc:
             if exc.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
                 raise DataplaneError(f"cannot remove eBPF program from link {index}: {exc}") from None
@@ -196,8 +282,8 @@ class TcPrograms:
     def drop_network_programs(self, spec: NetworkSpec) -> None:
         with self.nl.ipr() as ipr:
             for index, handle, name in list(self.uplink_programs(ipr)):
-                if name == spec.tc_name:
-                    self.drop_uplink_program(ipr, index, handle)
+                if name in (spec.tc_name, spec.tc_name6):
+                    self.drop_uplink_program(ipr, index, handle, name)
 
     def drop_stale_uplink_programs(self, known_tags: set[str]) -> list[str]:
         """Remove uplink programs of networks vpcnet no longer knows and whose anchor is gone (as for
@@ -205,8 +291,13 @@ class TcPrograms:
         dropped = []
         with self.nl.ipr() as ipr:
             for index, handle, name in list(self.uplink_programs(ipr)):
-                tag = name[len("vpcnet-"):]
+                tag = name.partition("-")[2]
                 if tag not in known_tags and self.nl.link_index(ipr, bridge_name(tag)) is None:
-                    self.drop_uplink_program(ipr, index, handle)
+                    self.drop_uplink_program(ipr, index, handle, name)
                     dropped.append(name)
         return dropped
+
+
+def uplink_prio(name: str) -> tuple[int, int]:
+    """(prio, protocol) of an uplink program's filter, by its name (`vpcnet-<tag>` or `vpcnet6-<tag>`)."""
+    return next(value for prefix, value in UPLINK_PRIOS.items() if name.startswith(prefix))

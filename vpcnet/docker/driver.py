@@ -44,8 +44,8 @@ once per process by vpcnet.datapath.features (ebpf, else routed, else bridge); a
 cannot do is refused, naming why. The mode is stored, so a network keeps it across restarts and upgrades
 whatever the default becomes. Unknown options and modes are refused.
 
-IPv6 (`--ipv6`, dual-stack; routed and ebpf modes, whose programs pass IPv6 to the stack, so an ebpf
-network's IPv6 takes routed mode's path; bridge mode refuses it): the network keeps its IPv6 block from
+IPv6 (`--ipv6`, dual-stack; routed and ebpf modes, ebpf with its IPv6 fast path,
+vpcnet.datapath.ebpf.programs6; bridge mode refuses it): the network keeps its IPv6 block from
 IPv6Data, an endpoint its IPv6 address from Interface.AddressIPv6 (a /128, vpcnet.docker.ipam), the host
 gives it IPv6 on its veth and a /128 route (vpcnet.datapath.ipv6), and Join answers `GatewayIPv6` fe80::1
 (a link-local address on the host veth: no proxy NDP) with the IPv6 cluster CIDR through it.
@@ -668,7 +668,7 @@ def _mode(raw) -> str | None:
 
 
 def _ipv6_mode(mode: str) -> None:
-    """IPv6 takes routed mode's path (ebpf networks too: their programs pass IPv6 to the stack)."""
+    """IPv6 needs routed mode's path (ebpf networks add their IPv6 fast path to it)."""
     if mode == "bridge":
         raise InvalidRequest(f"IPv6 (--ipv6) needs -o {MODE_OPTION}=routed or ebpf: bridge mode carries IPv4 only "
                              "so far")

@@ -46,6 +46,16 @@ by bench/peers_bench.py. The container and counting programs are per endpoint an
 in: only packets from (sent) or to (received) that address are counted, never a forged source or a frame
 a bridge flooded to the veth.
 
+IPv6 (programs6.py): the same two programs and the counting one for IPv6, separate tc filters of protocol
+ETH_P_IPV6 (vpcnet.datapath.tc) for an endpoint with an IPv6 address and a network with an IPv6 block:
+`bpf_fib_lookup` with AF_INET6, `bpf_redirect_neigh` to other hosts, `bpf_redirect` to this host's
+containers, `bpf_redirect_peer` from the uplink, the endpoint's own IPv6 address as the only source. The
+same rule, only plain traffic the routing table resolves: hop limit <= 1, any extension header (so every
+fragment), ICMPv6 neighbour discovery (types 133-137), link-local or multicast addresses, a forged source
+(the stack's reverse-path guard drops it), a published port's reply, an address of the block no /128
+routes to a veth: all left to the stack. Still one verified program per endpoint with its address built in
+(the per-network program with addresses in a map is another step of issue 19).
+
 The programs are a few dozen instructions: assembled at load time (assembler.py, programs.py) (no compiler, no object
 file), loaded with the bpf(2) syscall (loader.py) and attached by vpcnet.datapath.tc through netlink. They are declared
 "Dual BSD/GPL" to the kernel (bpf_fib_lookup is a GPL-only helper), as Cilium's datapath is.

@@ -6,7 +6,7 @@ endpoint's host veth, in every mode)."""
 from __future__ import annotations
 
 import ipaddress
-from typing import Sequence
+from typing import Callable, Sequence
 
 from vpcnet.datapath.ebpf.assembler import (
     FP,
@@ -173,6 +173,12 @@ def _count(a: Asm, map_fd: int, direction: int, cluster_cidr: str, tag: str, add
     a.st(4, FP, KEY + 32, _s32(0xFFFF0000))
     a.stx(4, FP, KEY + 36, peer)
     a.label(f"{tag}_key")
+    _add_to_map(a, map_fd, tag)
+
+
+def _add_to_map(a: Asm, map_fd: int, tag: str) -> None:
+    """The key built at KEY: its per-CPU value gets skb->len bytes and one packet (a new key: created with
+    them). Ends at the label `<tag>_done`. Clobbers r0-r5."""
     a.ld_map(1, map_fd)
     a.mov(2, FP)
     a.addi(2, KEY)
@@ -304,11 +310,14 @@ def uplink_program(host_cidr: str, cluster_cidr: str, anchor_ifindex: int, map_f
 
 
 def _to_endpoint(a: Asm, anchor_ifindex: int, done: str, peer: bool = True, map_fd: int | None = None,
-                 cluster_cidr: str = "") -> None:
+                 cluster_cidr: str = "", *, decrement: Callable[[Asm, str], None] | None = None,
+                 count: Callable[[Asm], None] | None = None) -> None:
     """After a fib lookup towards the host CIDR: into the container behind the /32 route's host veth
     (MACs from the lookup, TTL decremented). `peer`: bpf_redirect_peer, straight into the container's
     namespace (no second queueing on the veth); else bpf_redirect out of the host veth, which then counts
-    the packet as the container's (vpcnet_endpoint_receive_* read the host veth's transmit counters)."""
+    the packet as the container's (vpcnet_endpoint_receive_* read the host veth's transmit counters).
+    `decrement` and `count`: the family's TTL (hop limit) decrement and receive counting (IPv4's by
+    default: `_decrement_ttl`, `_count` into `map_fd`; vpcnet.datapath.ebpf.programs6 passes IPv6's)."""
     # Only to an endpoint's veth: not back out where it came from, not to the network's anchor (an
     # address no endpoint holds, routed by the connected route: the normal path answers it). The gateway
     # is a local address: the lookup does not succeed for it.
@@ -317,13 +326,15 @@ def _to_endpoint(a: Asm, anchor_ifindex: int, done: str, peer: bool = True, map_
     a.ldx(4, 4, 6, SKB_IFINDEX)
     a.jump(JEQ, 5, "pass", src=4)
     a.jump(JNE, 0, "pass", imm=FIB_SUCCESS)
-    _decrement_ttl(a, done)
+    (decrement or _decrement_ttl)(a, done)
     for off in range(0, 6, 2):                    # dst MAC = the container's, src MAC = the host veth's
         a.ldx(2, 4, FP, F_DMAC + off)
         a.stx(2, 2, ETH_DST + off, 4)
         a.ldx(2, 4, FP, F_SMAC + off)
         a.stx(2, 2, ETH_SRC + off, 4)
-    if map_fd is not None:
+    if count is not None:
+        count(a)
+    elif map_fd is not None:
         _count(a, map_fd, RECEIVE, cluster_cidr, "rx", None)
     a.ldx(4, 1, FP, F_IFINDEX)
     a.movi(2, 0)

@@ -43,6 +43,7 @@ from vpcnet.state.store import PENDING, READY, Network, Port, Store
 
 log = logging.getLogger(__name__)
 
+
 def spec_of(net: Network, ports: Sequence[Port] = ()) -> NetworkSpec:
     """The network's spec; with `ports` (the store's rows of its endpoints), its published ports too."""
     return NetworkSpec(tag=net.network_id[:12], bridge=net.bridge, gateway=net.gateway, host_cidr=net.host_cidr,
@@ -50,8 +51,7 @@ def spec_of(net: Network, ports: Sequence[Port] = ()) -> NetworkSpec:
                        mode=net.mode, host_cidr_v6=net.host_cidr_v6, cluster_cidr_v6=net.cluster_cidr_v6,
                        ports=tuple(sorted(
                            PortMapping(p.proto, p.host_ip, p.host_port, p.address, p.container_port, p.family)
-                           for p in ports)),
-                       host_cidr_v6=net.host_cidr_v6 or "", cluster_cidr_v6=net.cluster_cidr_v6 or "")
+                           for p in ports)))
 
 
 class DatapathReconciler:

@@ -73,7 +73,9 @@ IPv6 (vpcnet.datapath.ipv6): `ensure_endpoint_ipv6` gives an endpoint of a
 routed or ebpf network its IPv6 (IPv6 on for its host veth, fe80::1 as the container's gateway on it, a /128
 route), and the guard, while `ipv6_endpoints()` (the desired state) has any, lets a veth send from what the
 host routes back to it: the endpoint's own /128; the periodic pass keeps both, and leaves IPv6 on where it
-is wanted.
+is wanted. A dual-stack bridge network's bridge holds fe80::1 and the host's IPv6 block is routed to it
+(`ensure_network`); each of its endpoints has its own guard rule (its address, from its port), written when
+it comes and goes; the periodic pass keeps the bridge's IPv6 too.
 
 Every operation is idempotent: create what is missing, accept what exists, ignore what is gone. `repair`
 is the periodic pass's half (vpcnet.datapath.reconciler): one dump of links, addresses, routes and
@@ -153,11 +155,15 @@ class Dataplane:
         # The host's endpoints with an IPv6 address, read from the desired state each time the guard is
         # written (every worker writes the whole chain, so none may go by what it alone has seen).
         self.ipv6_endpoints: Callable[[], Sequence[Ipv6Endpoint]] = tuple
+        # Held around reading them and writing the guard: the guard names each bridge-mode endpoint, so two
+        # workers writing at once must not let the one that read the store first write last.
+        self.ipv6_guard_lock: Callable[[], ContextManager] = _no_lock
         self.unrepaired: list[str] = []     # networks the last repair could not put right
         self._docker_nat: tuple[float, list[str]] = (-DOCKER_NAT_TTL, [])    # (read at, Docker's nat DOCKER rules)
         self._v6_veths: set[str] = set()    # host veths with IPv6 on by design, as of the last repair
         self._guard_ipv6 = False            # the guard as last written here lets IPv6 endpoints through
         self._ipv6_host = False             # IPv6 forwarding checked by this process
+        self._bridged_veths: set[str] = set()   # bridge ports the guard as last written here lets IPv6 from
 
     # -- host-wide --------------------------------------------------------------------------------
     def uplink_mtu(self) -> int:
@@ -179,11 +185,17 @@ class Dataplane:
 
     def _apply_ipv6_guard(self) -> list[str]:
         """The IPv6 guard, letting IPv6 endpoints' own traffic through while the host has any
-        (vpcnet.datapath.ipv6)."""
-        any_ipv6 = bool(list(self.ipv6_endpoints()))
-        uplinks = self.uplink_names() if any_ipv6 else []
-        problems = self.ipv6_guard.apply(allow=guard_rules(any_ipv6), forward=forward_rules(any_ipv6, uplinks))
-        self._guard_ipv6 = any_ipv6 and self.ipv6_guard.in_place
+        (vpcnet.datapath.ipv6): one rule set for the routed modes' endpoints, one rule per bridge-mode
+        endpoint (its address from its bridge port)."""
+        with self.ipv6_guard_lock():
+            endpoints = list(self.ipv6_endpoints())
+            bridged = [ep for ep in endpoints if ep.bridge]
+            routed = len(bridged) < len(endpoints)
+            uplinks = self.uplink_names() if endpoints else []
+            problems = self.ipv6_guard.apply(allow=guard_rules(routed, bridged),
+                                             forward=forward_rules(routed, uplinks, bool(bridged)))
+        self._guard_ipv6 = routed and self.ipv6_guard.in_place
+        self._bridged_veths = {ep.host_veth for ep in bridged} if self.ipv6_guard.in_place else set()
         return problems
 
     def uplink_names(self) -> list[str]:
@@ -220,6 +232,10 @@ class Dataplane:
         network's rules (between the links and the programs, as a first creation needs)."""
         self._ensure_forwarding()
         idx = self.links.ensure_gateway_link(spec)
+        if spec.bridged_ipv6:
+            self._ensure_ipv6_host()
+            with self.nl.ipr() as ipr:
+                self.ipv6.ensure_bridge(ipr, spec.bridge, spec.host_cidr_v6)
         if firewall:
             self._ensure_firewall(spec)
         if spec.ebpf:
@@ -283,25 +299,37 @@ class Dataplane:
                 self.tc.attach_endpoint(ipr, spec, host_idx, address)
 
     def ensure_endpoint_ipv6(self, spec: NetworkSpec, host_veth: str, address: str) -> None:
-        """IPv6 for an endpoint whose veth `ensure_endpoint` made: routed and ebpf modes only (ebpf's programs
-        pass IPv6 to the stack, so its IPv6 takes the routed path). The endpoint must already be among
-        `ipv6_endpoints()` (the desired state first): the guard written here lets its traffic through."""
+        """IPv6 for an endpoint whose veth `ensure_endpoint` made. Routed and ebpf modes (ebpf's programs pass
+        IPv6 to the stack, so its IPv6 takes the routed path): IPv6 on its host veth, the gateway, a /128
+        route. Bridge mode: nothing on the veth (a bridge port, IPv6 off: the bridge carries the network's
+        IPv6, `ensure_network`), the guard's rule for this port and address. The endpoint must already be
+        among `ipv6_endpoints()` (the desired state first): the guard written here lets its traffic through."""
+        if not spec.host_cidr_v6 and not spec.routed:
+            raise DataplaneError(f"network {spec.tag} has no IPv6 block: bridge mode carries IPv6 only on "
+                                 "networks created with --ipv6")
+        self._ensure_ipv6_host()
         if not spec.routed:
-            raise DataplaneError(f"IPv6 needs routed or ebpf mode; network {spec.tag} is in {spec.mode} mode")
-        if not self._ipv6_host:               # the first IPv6 endpoint of this process: forwarding
-            self.ipv6.ensure_host(self.uplink_names())
-            self._ipv6_host = True
+            if host_veth not in self._bridged_veths:      # its own rule (one per bridge-mode endpoint)
+                self._apply_ipv6_guard()
+            return
         if not self._guard_ipv6:              # the guard's rules for IPv6 endpoints (the same for all)
             self._apply_ipv6_guard()
         with self.nl.ipr() as ipr:
             self.ipv6.ensure_endpoint(ipr, host_veth, address)
 
+    def _ensure_ipv6_host(self) -> None:
+        if not self._ipv6_host:               # the first IPv6 network or endpoint of this process: forwarding
+            self.ipv6.ensure_host(self.uplink_names())
+            self._ipv6_host = True
+
     def drop_endpoint_ipv6(self, host_veth: str, address: str) -> None:
         """An endpoint lost its IPv6 address while its container runs (Docker released it; the row no longer
         has it): its /128 route goes now, and with it the guard's permission (the reverse path) to send from
-        the address."""
+        the address; a bridge port's rule goes from the guard."""
         with self.nl.ipr() as ipr:
             self.ipv6.unroute(ipr, host_veth, address)
+        if self._may_guard(host_veth):
+            self._apply_ipv6_guard()
 
     def _repair_ipv6(self, endpoints: dict[str, Ipv6Endpoint], view: KernelView) -> list[Repair]:
         """IPv6 forwarding while there are IPv6 endpoints, and the endpoints whose veth is there but whose
@@ -322,8 +350,41 @@ class Dataplane:
                                                 f"{'off' if routed else 'not routed'}"))
         return repairs
 
+    def _repair_bridges_ipv6(self, specs: Sequence[NetworkSpec],
+                             lock_for: Callable[[NetworkSpec], ContextManager] | None) -> list[Repair]:
+        """Bridge mode's IPv6 (vpcnet.datapath.ipv6.RoutedIpv6.ensure_bridge): the block's route, the gateway,
+        the bridge's IPv6 settings; looked at again under the network's lock and put right. A missing
+        bridge is the network repair's (it makes the bridge and this with it)."""
+        repairs = []
+        for spec in specs:
+            with self.nl.ipr() as ipr:
+                wrong = self.ipv6.bridge_wrong(ipr, spec.bridge, spec.host_cidr_v6)
+            if not wrong or wrong.endswith("missing") and wrong.startswith("bridge "):
+                continue
+            try:
+                with (lock_for(spec) if lock_for else _no_lock()):
+                    with self.nl.ipr() as ipr:
+                        wrong = self.ipv6.bridge_wrong(ipr, spec.bridge, spec.host_cidr_v6)
+                        if wrong and not wrong.startswith("bridge "):
+                            self.ipv6.ensure_bridge(ipr, spec.bridge, spec.host_cidr_v6)
+                            repairs.append(Repair("route" if "route" in wrong else "link", spec.tag, wrong))
+            except NetworkGone:
+                continue
+            except Exception as exc:              # one broken network never stops the pass
+                log.error("network %s: cannot repair the bridge's IPv6: %s", spec.tag, exc,
+                          extra={"event": "datapath_repair", "network": spec.tag, "outcome": "failed"})
+                self.unrepaired.append(spec.tag)
+        return repairs
+
     def delete_endpoint(self, host_veth: str) -> None:
         self.nl.delete_link(host_veth)       # the peer goes with it, wherever it is
+        if self._may_guard(host_veth):        # its guard rule (the row is gone: the guard is written without)
+            self._apply_ipv6_guard()
+
+    def _may_guard(self, host_veth: str) -> bool:
+        """The guard may hold a rule for this bridge port: it did as this process last wrote it, or this
+        process has not written it yet (another worker did)."""
+        return host_veth in self._bridged_veths or not self.ipv6_guard.in_place
 
     def forget_peers(self, addresses: Sequence[str]) -> None:
         """Deleted endpoints' per-peer counts leave the peer map (IPAM may hand the addresses out again);
@@ -442,9 +503,10 @@ class Dataplane:
         repairs += [Repair("firewall", "-", p)
                     for p in self.firewall.apply([], host=True, saved=saved, uplinks=uplinks)]
         repairs += [Repair("firewall", "-", p) for p in self._apply_ipv6_guard()]
-        v6 = {ep.host_veth: ep for ep in self.ipv6_endpoints()}
+        v6 = {ep.host_veth: ep for ep in self.ipv6_endpoints() if not ep.bridge}
         self._v6_veths = set(v6)
         repairs += self._repair_ipv6(v6, view)
+        repairs += self._repair_bridges_ipv6([spec for spec, _ in networks if spec.bridged_ipv6], lock_for)
         # The firewall of every drifted network in one transaction (a mass flush costs one restore, not one
         # per network). The rules are the store rows' (fixed for a network's life); a network deleted
         # since the store was read is dropped first by `still_wanted`.
@@ -514,7 +576,8 @@ class Dataplane:
         link = view.links.get(spec.bridge)
         if link is None or not link["up"] or link["mtu"] != spec.mtu:
             return True
-        if self._ipv6_on(link) or (spec.routed and self._ipv6_on(view.links.get(anchor_peer(spec.bridge)))):
+        if (self._ipv6_on(link) and not spec.bridged_ipv6) or \
+                (spec.routed and self._ipv6_on(view.links.get(anchor_peer(spec.bridge)))):
             return True
         if f"{spec.gateway}/{spec.prefixlen}" not in view.addresses.get(link["index"], set()):
             return True
@@ -561,7 +624,7 @@ class Dataplane:
         # The endpoints' programs know the uplinks too (only those take other hosts' traffic): rebuilt
         # with the new ones when the default route moved.
         moved = spec.ebpf and state is not None and programs != set(uplinks)
-        if not repairs:
+        if not repairs and not spec.bridged_ipv6:
             ipv6 = self.links.ipv6_off([spec.bridge, anchor_peer(spec.bridge)] if spec.routed else [spec.bridge])
             if ipv6:
                 repairs.append(Repair("link", spec.tag, f"IPv6 on for {what} {spec.bridge} ({', '.join(ipv6)})"))

@@ -47,7 +47,7 @@ def spec_of(net: Network, ports: Sequence[Port] = ()) -> NetworkSpec:
     """The network's spec; with `ports` (the store's rows of its endpoints), its published ports too."""
     return NetworkSpec(tag=net.network_id[:12], bridge=net.bridge, gateway=net.gateway, host_cidr=net.host_cidr,
                        cluster_cidr=net.cluster_cidr, mtu=net.mtu, internal=net.internal, no_nat=net.no_nat,
-                       mode=net.mode, ports=tuple(sorted(
+                       mode=net.mode, host_cidr_v6=net.host_cidr_v6, ports=tuple(sorted(
                            PortMapping(p.proto, p.host_ip, p.host_port, p.address, p.container_port, p.family)
                            for p in ports)))
 

@@ -44,6 +44,7 @@ class NetworkSpec:
     mode: str = "bridge"        # "routed": no bridge, proxy ARP and a /32 route per endpoint; "ebpf": routed
                                 # plus the tc fast path
     ports: tuple[PortMapping, ...] = ()     # the published ports of the network's endpoints (sorted)
+    host_cidr_v6: str = ""      # IPv6: this host's block of the network ("" without IPv6)
 
     def published(self, address: str) -> tuple[tuple[str, int], ...]:
         """(proto, container port) the endpoint holding `address` publishes: the replies the ebpf fast
@@ -54,6 +55,11 @@ class NetworkSpec:
     def routed(self) -> bool:
         """No bridge: the anchor, proxy ARP and /32 routes (routed and ebpf modes)."""
         return self.mode in ("routed", "ebpf")
+
+    @property
+    def bridged_ipv6(self) -> bool:
+        """Bridge mode with IPv6: the bridge carries it (vpcnet.datapath.ipv6.RoutedIpv6.ensure_bridge)."""
+        return bool(self.host_cidr_v6) and not self.routed
 
     @property
     def ebpf(self) -> bool:

@@ -44,16 +44,18 @@ once per process by vpcnet.datapath.features (ebpf, else routed, else bridge); a
 cannot do is refused, naming why. The mode is stored, so a network keeps it across restarts and upgrades
 whatever the default becomes. Unknown options and modes are refused.
 
-IPv6 (`--ipv6`, dual-stack; routed and ebpf modes, whose programs pass IPv6 to the stack, so an ebpf
-network's IPv6 takes routed mode's path; bridge mode refuses it): the network keeps its IPv6 block from
-IPv6Data, an endpoint its IPv6 address from Interface.AddressIPv6 (a /128, vpcnet.docker.ipam), the host
-gives it IPv6 on its veth and a /128 route (vpcnet.datapath.ipv6), and Join answers `GatewayIPv6` fe80::1
-(a link-local address on the host veth: no proxy NDP) with the IPv6 cluster CIDR through it. IPv6-only
-networks (`--ipv4=false`) are refused still.
+IPv6 (`--ipv6`, dual-stack, every mode; an ebpf network's programs pass IPv6 to the stack, so its IPv6
+takes routed mode's path): the network keeps its IPv6 block from IPv6Data, an endpoint its IPv6 address
+from Interface.AddressIPv6 (a /128, vpcnet.docker.ipam), the host gives it IPv6 on its veth and a /128
+route (vpcnet.datapath.ipv6; bridge mode: the block routed to the bridge, and a guard rule for the port),
+and Join answers `GatewayIPv6` fe80::1 (a link-local address on the host veth or bridge: no proxy NDP)
+with the IPv6 cluster CIDR through it; in bridge mode also the host's block as a connected route, so the
+network's containers resolve each other on the bridge. IPv6-only networks (`--ipv4=false`) are refused
+still.
 
 What current engines (Docker 28/29) add:
 - `GwAllocChecker: true`: Docker then posts GwAllocCheck with the network's options before it asks IPAM
-  for a pool, so a network vpcnet would refuse (unknown -o, --ipv4=false, --ipv6 in bridge mode) is refused before its
+  for a pool, so a network vpcnet would refuse (unknown -o, --ipv4=false) is refused before its
   RequestPool claims a host block. The answer is always "allocate the gateway" (vpcnet's IPAM gives
   it). Docker before 28 ignores the field and never calls GwAllocCheck.
 - `--ipv4=false` (`com.docker.network.enable_ipv4: false`, empty IPv4Data): refused, naming the flag.
@@ -125,6 +127,7 @@ SWARM_HINT = ("For a swarm-scoped network, give each node its IPAM config: on ev
               "`docker network create -d <this driver> --scope swarm --attachable --config-from NET-config NET` "
               "(docs/swarm.md)")
 ROUTE_NEXTHOP = 0                                         # Join's StaticRoutes[].RouteType: via NextHop
+ROUTE_CONNECTED = 1                                       # ... on the interface's link, no next hop
 CRASH_ENV = "VPCNET_TEST_CRASH_AFTER_COMMIT"              # test only: see the module docstring
 
 
@@ -147,9 +150,7 @@ class NetworkDriver:
         """Docker 28+, before RequestPool: refuse what create_network would, while no block is claimed
         yet; vpcnet always wants its gateway address."""
         generic = self._check_network_options(options or {})
-        mode = self._network_mode(generic.get(MODE_OPTION))
-        if _truthy((options or {}).get(IPV6_OPTION)):
-            _ipv6_mode(mode)
+        self._network_mode(generic.get(MODE_OPTION))
         return {"SkipIPv4": False, "SkipIPv6": False}
 
     def default_mode(self) -> DefaultMode:
@@ -194,8 +195,6 @@ class NetworkDriver:
         _require_id("NetworkID", network_id)
         options = options or {}
         generic = self._check_network_options(options)
-        if _truthy(options.get(IPV6_OPTION)):
-            _ipv6_mode(self._network_mode(generic.get(MODE_OPTION)))
         if not ipv4_data or len(ipv4_data) != 1:
             raise InvalidRequest(f"a vpcnet network needs exactly one IPv4 pool, got {len(ipv4_data or [])}")
         entry = ipv4_data[0] or {}
@@ -207,7 +206,7 @@ class NetworkDriver:
             raise InvalidRequest(f"pool {pool or '(none)'} is not a vpcnet pool: create the network with "
                                  f"vpcnet as its IPAM driver too (--ipam-driver, the same name as -d). {SWARM_HINT}")
         mode = self._network_mode(generic.get(MODE_OPTION))
-        v6 = _ipv6_pool(ipv6_data, pools, mode)
+        v6 = _ipv6_pool(ipv6_data, pools)
         if v6 and _truthy(options.get(INTERNAL_OPTION)):
             raise InvalidRequest("--internal with --ipv6 is not supported yet: vpcnet keeps an internal network's "
                                  "IPv4 inside the cluster CIDR but not its IPv6; create it without --ipv6")
@@ -415,9 +414,11 @@ class NetworkDriver:
         routes = [{"Destination": net.cluster_cidr, "RouteType": ROUTE_NEXTHOP, "NextHop": net.gateway}]
         answer = {"InterfaceName": {"SrcName": ep.peer_veth, "DstPrefix": "eth"},
                   "Gateway": net.gateway, "StaticRoutes": routes, "DisableGatewayService": True}
-        if ep.address_v6:           # IPv6: the gateway on the host veth, link-local (vpcnet.datapath.ipv6)
+        if ep.address_v6:           # IPv6: the gateway on the host veth or bridge, link-local (vpcnet.datapath.ipv6)
             answer["GatewayIPv6"] = IPV6_GATEWAY
             routes.append({"Destination": net.cluster_cidr_v6, "RouteType": ROUTE_NEXTHOP, "NextHop": IPV6_GATEWAY})
+            if net.mode == "bridge":    # the block on the bridge's link: the network's containers resolve each other
+                routes.append({"Destination": net.host_cidr_v6, "RouteType": ROUTE_CONNECTED})
         return answer
 
     def leave(self, network_id: str, endpoint_id: str) -> dict:
@@ -645,19 +646,11 @@ def _mode(raw) -> str | None:
     return mode
 
 
-def _ipv6_mode(mode: str) -> None:
-    """IPv6 takes routed mode's path (ebpf networks too: their programs pass IPv6 to the stack)."""
-    if mode == "bridge":
-        raise InvalidRequest(f"IPv6 (--ipv6) needs -o {MODE_OPTION}=routed or ebpf: bridge mode carries IPv4 only "
-                             "so far")
-
-
-def _ipv6_pool(ipv6_data, pools: dict, mode: str) -> dict:
+def _ipv6_pool(ipv6_data, pools: dict) -> dict:
     """The IPv6 half of a network (Network's host_cidr_v6, cluster_cidr_v6, gateway_v6) from CreateNetwork's
     IPv6Data: none, or one vpcnet IPv6 pool."""
     if not ipv6_data:
         return {}
-    _ipv6_mode(mode)
     entry = ipv6_data[0] if len(ipv6_data) == 1 else None
     if not isinstance(entry, dict) or not isinstance(entry.get("Pool", ""), str):
         raise InvalidRequest(f"a vpcnet network takes one IPv6 pool (an object with a string Pool), got "

@@ -479,6 +479,12 @@ class Store:
         return [(r["host_veth"], r["address_v6"]) for r in
                 self.read("SELECT host_veth, address_v6 FROM endpoints WHERE address_v6 != '' ORDER BY host_veth")]
 
+    def ipv6_bridge_ports(self) -> dict[str, str]:
+        """host veth -> bridge of every IPv6 endpoint of a bridge-mode network (its veth is a port of it)."""
+        return {r["host_veth"]: r["bridge"] for r in self.read(
+            "SELECT e.host_veth, n.bridge FROM endpoints e JOIN networks n ON n.network_id = e.network_id "
+            "WHERE e.address_v6 != '' AND n.mode = 'bridge'")}
+
     def leftovers(self) -> list[tuple[str, dict]]:
         """(name, data) of deleted objects whose kernel state may still be there."""
         return [(r["name"], json.loads(r["data"])) for r in self.read("SELECT * FROM leftovers ORDER BY since")]

@@ -164,6 +164,12 @@ def test_the_repair_pass_puts_the_bridges_ipv6_back(netns_factory):
     assert [r.what for r in repairs] == [f"IPv6 settings of {s.bridge}: accept_ra=1"], repairs
     assert "fe80::1/64" in ns_run(host, "ip", "-6", "addr", "show", "dev", s.bridge).stdout
     assert dp.repair([(s, endpoints)]) == []
+    # the whole bridge deleted: made again, with its IPv6, and the ports put back on it
+    run(["ip", "-n", host, "link", "del", s.bridge])
+    assert dp.repair([(s, endpoints)])
+    assert f"{BLOCK}/80 dev {s.bridge}" in ns_run(host, "ip", "-6", "route").stdout
+    assert any(ping6(ca, B) for _ in range(3))
+    assert dp.repair([(s, endpoints)]) == []
 
 
 def test_a_bridge_endpoint_leaving_takes_its_rule_with_it(netns_factory):

@@ -357,11 +357,11 @@ class Dataplane:
         bridge is the network repair's (it makes the bridge and this with it)."""
         repairs = []
         for spec in specs:
-            with self.nl.ipr() as ipr:
-                wrong = self.ipv6.bridge_wrong(ipr, spec.bridge, spec.host_cidr_v6)
-            if not wrong or wrong.endswith("missing") and wrong.startswith("bridge "):
-                continue
             try:
+                with self.nl.ipr() as ipr:
+                    wrong = self.ipv6.bridge_wrong(ipr, spec.bridge, spec.host_cidr_v6)
+                if not wrong or wrong.startswith("bridge "):
+                    continue
                 with (lock_for(spec) if lock_for else _no_lock()):
                     with self.nl.ipr() as ipr:
                         wrong = self.ipv6.bridge_wrong(ipr, spec.bridge, spec.host_cidr_v6)

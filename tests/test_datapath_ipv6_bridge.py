@@ -215,3 +215,23 @@ def test_the_guard_is_written_from_rows_read_under_the_host_lock(netns_factory):
     dp.ensure_endpoint_ipv6(s, VETHS[0], A)
     assert reads and all(reads), reads
     assert f"--physdev-in {VETHS[0]}" in ns_run(host, "ip6tables-save", "-t", "raw").stdout
+
+
+def test_without_br_netfilter_a_dual_stack_bridge_network_is_refused_clearly(netns_factory, monkeypatch):
+    """The per-port rules see a bridge's IPv6 only through br_netfilter: without the module (no
+    /proc/sys/net/bridge), the network is refused, naming it, rather than made without its guard."""
+    from vpcnet.errors import DataplaneError
+
+    host = make_host(netns_factory)
+    dp = Dataplane(netns=host)
+    real = dp.nl.read_sysctl
+
+    def read(key: str) -> str:
+        if key.startswith("net.bridge."):
+            raise DataplaneError(f"cannot read {key}: [Errno 2] No such file or directory")
+        return real(key)
+
+    monkeypatch.setattr(dp.nl, "read_sysctl", read)
+    with pytest.raises(DataplaneError, match="IPv6 in bridge mode needs the br_netfilter module"):
+        dp.ensure_network(spec())
+    assert "inet6 fe80::1/64" not in ns_run(host, "ip", "-6", "addr").stdout

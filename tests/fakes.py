@@ -164,10 +164,14 @@ class FakeDataplane:
 
     def ensure_endpoint_ipv6(self, spec, host_veth: str, address: str) -> None:
         self._call("ensure_endpoint_ipv6", spec.bridge, host_veth, address)
-        if not spec.routed:
-            raise DataplaneError(f"IPv6 needs routed or ebpf mode; network {spec.tag} is in {spec.mode} mode")
+        if not spec.host_cidr_v6 and not spec.routed:
+            raise DataplaneError(f"network {spec.tag} has no IPv6 block: bridge mode carries IPv6 only on "
+                                 "networks created with --ipv6")
         if host_veth not in self.links:
             raise DataplaneError(f"veth {host_veth} is missing")
+        if not spec.routed:                    # bridge mode: the bridge carries it, the guard names the port
+            self.links[host_veth]["bridged6"] = address
+            return
         self.links[host_veth]["route6"] = f"{address}/128"
         self.routes[address] = host_veth
 

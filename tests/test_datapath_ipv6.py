@@ -219,12 +219,14 @@ def test_an_endpoint_that_loses_its_ipv6_address_can_no_longer_use_it_at_once(ho
     dp.drop_endpoint_ipv6(veths[0], A)                 # again: nothing left to remove, no error
 
 
-def test_bridge_mode_refuses_ipv6_clearly(host):
+def test_a_bridge_network_without_an_ipv6_block_refuses_ipv6_endpoints_clearly(host):
+    """Bridge mode's IPv6 is the bridge's (tests/test_datapath_ipv6_bridge.py): a network made without one."""
     dp = Dataplane(netns=host)
     s = spec("bridge")
     dp.ensure_network(s)
     from vpcnet.errors import DataplaneError
-    with pytest.raises(DataplaneError, match="IPv6 needs routed or ebpf mode"):
+    with pytest.raises(DataplaneError, match="has no IPv6 block: bridge mode carries IPv6 only on networks created "
+                                             "with --ipv6"):
         dp.ensure_endpoint_ipv6(s, "vhnone", A)
 
 

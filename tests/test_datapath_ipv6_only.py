@@ -117,7 +117,10 @@ def test_ipv6_only_containers_reach_each_other_and_nothing_of_ipv4_is_made(host,
     assert "inet " not in ns_run(host, "ip", "-4", "addr", "show", "dev", s.bridge).stdout
     assert ns_run(host, "ip", "-4", "route", "show", "dev", veths[0]).stdout.strip() == ""
     assert TAG not in ns_run(host, "iptables-save").stdout
-    assert "bpf" not in ns_run(host, "tc", "filter", "show", "dev", veths[0], "ingress").stdout
+    filters = [line for line in ns_run(host, "tc", "filter", "show", "dev", veths[0], "ingress").stdout.splitlines()
+               if " bpf " in line]
+    assert all("protocol ipv6 " in line for line in filters), filters       # no IPv4 program
+    assert any("name vpcnet_ctr6 " in line for line in filters) == (mode == "ebpf"), filters   # IPv6's fast path
     # the repair pass finds nothing to do, then puts a lost /128 back
     endpoints = [EndpointSpec(v, veth_names(e)[1], mac_for(a), "") for v, e, a in zip(veths, eids, (A, B),
                                                                                        strict=True)]

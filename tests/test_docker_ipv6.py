@@ -1,6 +1,7 @@
 """Dual-stack vpcnet networks against the real engine: `docker network create --ipv6` on a routed network
 gives each container an IPv6 /128 of this host's block beside its IPv4 address, fe80::1 as its IPv6 gateway,
-and two containers reach each other over IPv6 through the host. Runs on every engine.
+and two containers reach each other over IPv6 through the host; on a bridge-mode network the same, with
+the block on the bridge's link, so the two resolve and reach each other on the bridge. Runs on every engine.
 
 The plugin turns IPv6 forwarding on for the namespace it serves (the machine's own, on the shared engine):
 the test puts the forwarding and accept_ra sysctls back as they were.
@@ -40,13 +41,15 @@ def addresses(dock, container: str, network: str) -> tuple[str, str]:
     return ip4, ip6 + " " + gw6
 
 
-def test_dual_stack_routed_network_containers_reach_each_other_over_ipv6(plugin_factory, dock, ipv6_sysctls_kept):
+@pytest.mark.parametrize("mode", ["routed", "bridge"])
+def test_dual_stack_network_containers_reach_each_other_over_ipv6(plugin_factory, dock, ipv6_sysctls_kept, mode):
     cluster6 = f"fd{uuid.uuid4().hex[:2]}:{uuid.uuid4().hex[:4]}:{uuid.uuid4().hex[:4]}::/48"
     plugin = plugin_factory({"VPCNET_CLUSTER_CIDR_V6": cluster6})
     # --subnet for the IPv6 cluster CIDR: Docker before 25 asks a remote IPAM for an IPv6 pool only then
     net = dock.network_create(plugin, None, "--ipv6", "--subnet", plugin.cluster, "--subnet", cluster6,
-                              "-o", "vpcnet.mode=routed").name
+                              "-o", f"vpcnet.mode={mode}").name
     status = plugin.status()["networks"][0]
+    bridge = status["bridge"] if mode == "bridge" else ""
     block = ipaddress.IPv6Network(status["host_cidr_v6"])
     assert block.prefixlen == 80 and block.subnet_of(ipaddress.IPv6Network(cluster6))
     a, b = dock.run_container(net).name, dock.run_container(net).name
@@ -57,6 +60,9 @@ def test_dual_stack_routed_network_containers_reach_each_other_over_ipv6(plugin_
     ip6_b = addresses(dock, b, net)[1].split()[0].split("/")[0]
     assert ping6(dock, a, ip6_b) and ping6(dock, b, ip6_a.split("/")[0])
     assert dock.exec(a, "ping", "-c1", "-W2", dock.ip_of(b), check=False).returncode == 0, "IPv4 as before"
+    if bridge:      # Join's connected route: the block is on the link, b's address resolved on the bridge
+        assert f"{block} dev eth0" in dock.exec(a, "ip", "-6", "route").stdout
+        assert ip6_b in dock.exec(a, "ip", "-6", "neigh").stdout
     # docker run --ip6: the address asked for; the same again is refused and leaves nothing behind
     wanted = str(block.network_address + 0x99)
     c = dock.run_container(net, "--ip6", wanted).name
@@ -65,9 +71,14 @@ def test_dual_stack_routed_network_containers_reach_each_other_over_ipv6(plugin_
     assert taken.returncode != 0 and "already in use" in taken.stderr, taken.stderr
     assert len(plugin.status()["networks"][0]["endpoints"]) == 3
     host_veth = next(ep["host_veth"] for ep in plugin.status()["networks"][0]["endpoints"] if ep["address"] == ip4_a)
-    assert f"{ip6_a.split('/')[0]} dev {host_veth}" in run(["ip", "-6", "route", "show"]).stdout
+    if bridge:      # the block routed to the bridge, the guard's rule for a's port and address
+        assert f"{block} dev {bridge}" in run(["ip", "-6", "route", "show"]).stdout
+        assert f"-s {ip6_a} -i {bridge} -m physdev --physdev-in {host_veth}" in \
+            run(["ip6tables-save", "-t", "raw"]).stdout
+    else:
+        assert f"{ip6_a.split('/')[0]} dev {host_veth}" in run(["ip", "-6", "route", "show"]).stdout
     # a container's router advertisement never configures the host (the guard drops its IPv6 but its own)
-    assert run(["sysctl", "-n", f"net.ipv6.conf.{host_veth}.accept_ra"]).stdout.strip() == "0"
+    assert run(["sysctl", "-n", f"net.ipv6.conf.{bridge or host_veth}.accept_ra"]).stdout.strip() == "0"
     assert "ipv6_guard" not in doctor(plugin)[1], "doctor knows the IPv6 endpoints' rules and links"
     # kill -9 and a restart: the kernel keeps forwarding IPv6 meanwhile, the restarted plugin rewrites the
     # guard from its state (its endpoints' rules kept) and serves a new dual-stack container
@@ -79,10 +90,11 @@ def test_dual_stack_routed_network_containers_reach_each_other_over_ipv6(plugin_
     dock("rm", "-f", d)
     dock.cleanup()
     assert ip6_a.split("/")[0] not in run(["ip", "-6", "route", "show"]).stdout
+    assert not bridge or bridge not in run(["ip", "-6", "route", "show"]).stdout, "the bridge's block went too"
     assert host_veth not in run(["ip6tables-save", "-t", "raw"]).stdout, "its guard rules went with it"
 
 
-def test_ipv6_alone_takes_the_default_ipv6_cluster_cidr_and_bridge_mode_refuses_it(
+def test_ipv6_alone_takes_the_default_ipv6_cluster_cidr(
         current_docker, plugin_factory, dock, ipv6_sysctls_kept):
     """Docker 25+ asks a remote IPAM for an IPv6 pool on `--ipv6` alone: this host's /80 of the default IPv6
     cluster CIDR (a ULA /48 derived from the cluster identity). An ebpf network carries it on its IPv6 fast path."""
@@ -94,6 +106,3 @@ def test_ipv6_alone_takes_the_default_ipv6_cluster_cidr_and_bridge_mode_refuses_
     assert status["cluster_cidr_v6"].endswith("/48")
     a, b = dock.run_container(net).name, dock.run_container(net).name
     assert ping6(dock, a, addresses(dock, b, net)[1].split()[0].split("/")[0])
-    refused = dock.network_create(plugin, None, "--ipv6", "--subnet", "10.96.0.0/16", "-o", "vpcnet.mode=bridge",
-                                  check=False)
-    assert refused.returncode != 0 and "needs -o vpcnet.mode=routed or ebpf" in refused.stderr, refused.stderr

@@ -221,9 +221,7 @@ def test_endpoint_labels_of_current_docker(plug):
     ({"com.docker.network.enable_ipv4": "false"}, "--ipv4=false"),
     ({"com.docker.network.enable_ipv4": False, "com.docker.network.enable_ipv6": True,
       GENERIC: {MODE_OPTION: "bridge"}},
-     "IPv6 \\(--ipv6\\) needs -o vpcnet.mode=routed or ebpf"),
-    ({"com.docker.network.enable_ipv6": True, GENERIC: {MODE_OPTION: "bridge"}},
-     "IPv6 \\(--ipv6\\) needs -o vpcnet.mode=routed or ebpf")])
+     "an IPv6-only network \\(--ipv6 --ipv4=false\\) needs -o vpcnet.mode=routed or ebpf")])
 def test_ip_family_options_refused_by_create_and_gw_alloc_check(plug, options, text):
     with pytest.raises(InvalidRequest, match=text):
         plug.driver.gw_alloc_check(options)
@@ -864,11 +862,12 @@ def dual_stack(plug, mode="routed"):
     return plug.store.network(NID), pool6
 
 
-@pytest.mark.parametrize("mode", ["routed", "ebpf"])
+@pytest.mark.parametrize("mode", ["routed", "ebpf", "bridge"])
 def test_dual_stack_network_endpoint_and_join(plug, mode):
     """--ipv6: the network keeps its IPv6 block; an endpoint gets its IPv6 address on the host (routed path,
-    ebpf networks too) and Join gives the container fe80::1 as its IPv6 gateway and the IPv6 cluster CIDR
-    through it."""
+    ebpf networks too; bridge mode: the bridge) and Join gives the container fe80::1 as its IPv6 gateway
+    and the IPv6 cluster CIDR through it; in bridge mode also the block on the link, so the network's
+    containers resolve each other on the bridge."""
     assert plug.driver.gw_alloc_check({"com.docker.network.enable_ipv6": True, GENERIC: {MODE_OPTION: mode}}) \
         == {"SkipIPv4": False, "SkipIPv6": False}
     net, pool6 = dual_stack(plug, mode)
@@ -885,6 +884,10 @@ def test_dual_stack_network_endpoint_and_join(plug, mode):
     answer = plug.driver.join(NID, EID, "/var/run/docker/netns/x", {})
     assert answer["GatewayIPv6"] == "fe80::1" and answer["Gateway"] == net.gateway
     assert answer["StaticRoutes"][1] == {"Destination": net.cluster_cidr_v6, "RouteType": 0, "NextHop": "fe80::1"}
+    assert answer["StaticRoutes"][2:] == ([{"Destination": pool6, "RouteType": 1}] if mode == "bridge" else [])
+    assert plug.dataplane.networks[net.bridge].host_cidr_v6 == pool6, "the datapath gets the network's IPv6 block"
+    # the guard's desired state (vpcnet.cli.serve): a bridge-mode endpoint's rule names its bridge
+    assert plug.store.ipv6_bridge_ports() == ({veth_names(EID)[0]: net.bridge} if mode == "bridge" else {})
     # the IPv6 pool is the network's: not released under it, and a second network cannot take the block
     assert plug.ipam.release_pool(pool6) == {} and pool6 in [p["pool_id"] for p in plug.store.pools()]
     # Docker releases the IPv6 address of a running container (IPv6 turned off by sysctl): the endpoint
@@ -900,9 +903,6 @@ def test_dual_stack_network_endpoint_and_join(plug, mode):
 
 def test_ipv6_inputs_refused_clearly_and_nothing_left(plug):
     pool6 = plug.ipam.request_pool(v6=True)["PoolID"]
-    with pytest.raises(InvalidRequest, match="needs -o vpcnet.mode=routed or ebpf"):
-        plug.driver.create_network(NID, {GENERIC: {MODE_OPTION: "bridge"}}, [{"Pool": pool_of(plug)}],
-                                   [{"Pool": pool6}])
     with pytest.raises(InvalidRequest, match="is not a vpcnet IPv6 pool"):
         plug.driver.create_network(NID, {GENERIC: {MODE_OPTION: "routed"}}, [{"Pool": pool_of(plug)}],
                                    [{"Pool": "fd99::/64"}])

@@ -379,8 +379,6 @@ def test_refused_network_creates_change_nothing(plug, client):
         (_network_body(""), "not a vpcnet pool"),
         (_network_body(pool, generic={"com.docker.network.driver.mtu": "9x"}), "not a number"),
         (_network_body(pool, generic={"com.docker.network.driver.mtu": "100"}), "out of range"),
-        (_network_body(pool, generic={"vpcnet.mode": "bridge"}, **{"com.docker.network.enable_ipv6": True}),
-         "IPv6 (--ipv6) needs -o vpcnet.mode=routed or ebpf"),
         ({**_network_body(pool), "IPv6Data": [{"Pool": "fd00::/64"}]}, "is not a vpcnet IPv6 pool"),
         ({**_network_body(pool), "IPv4Data": []}, "exactly one IPv4 pool"),
         ({**_network_body(pool, **{"com.docker.network.enable_ipv4": False}), "IPv4Data": []}, "--ipv4=false"),
@@ -412,8 +410,6 @@ def test_gw_alloc_check_answers_allocate_and_refuses_before_any_pool(plug, clien
     cases = [({"com.docker.network.enable_ipv4": False}, "--ipv4=false"),
              ({"com.docker.network.enable_ipv4": False, "com.docker.network.enable_ipv6": True,
                "com.docker.network.generic": {"vpcnet.mode": "bridge"}}, "needs -o vpcnet.mode=routed or ebpf"),
-             ({"com.docker.network.enable_ipv6": True, "com.docker.network.generic": {"vpcnet.mode": "bridge"}},
-              "needs -o vpcnet.mode=routed or ebpf"),
              ({"com.docker.network.generic": {"com.docker.network.bridge.name": "br0"}}, "unknown option -o"),
              ({"com.docker.network.generic": {"vpcnet.mode": "ipvlan"}}, "unknown mode")]
     for options, text in cases:

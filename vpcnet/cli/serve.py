@@ -49,9 +49,12 @@ class Plugin:
         self.store = Store(config.db_path)
         self.dataplane = dataplane or Dataplane(extra_uplinks=config.uplinks, peers=config.peers)
         from vpcnet.datapath.ipv6 import Ipv6Endpoint
+        from vpcnet.state.locks import host_lock
         # the IPv6 guard's desired state: every IPv6 endpoint in the store, read each time it is written
-        self.dataplane.ipv6_endpoints = lambda: [Ipv6Endpoint(v, a) for v, a in self.store.ipv6_endpoints()]
+        self.dataplane.ipv6_endpoints = lambda: self._ipv6_endpoints(Ipv6Endpoint)
         self.dataplane.ipv6_internal = self.store.ipv6_internal
+        # one guard writer at a time on the host, reading the rows under it: none writes an older state last
+        self.dataplane.ipv6_guard_lock = lambda: host_lock(config.state_dir, "ipv6-guard")
         self.routes = RouteKeeper(config, self.store, provider_factory)
         self.ipam = Ipam(config, self.store, self.routes, host_routes=self.dataplane.overlapping_routes)
         self.driver = NetworkDriver(config, self.store, self.dataplane)
@@ -62,6 +65,12 @@ class Plugin:
         self.observer = Observer(config, self.store, self.routes)
         self._stopping = threading.Event()
         self.routes.on_leader = self._on_leader         # once per host: the reconciler's process
+
+    def _ipv6_endpoints(self, make) -> list:
+        """The IPv6 guard's desired state: every IPv6 endpoint in the store (vpcnet.datapath.ipv6.Ipv6Endpoint),
+        with its bridge when its network is in bridge mode."""
+        ports = self.store.ipv6_bridge_ports()
+        return [make(v, a, ports.get(v, "")) for v, a in self.store.ipv6_endpoints()]
 
     def _on_leader(self) -> None:
         self.observer.start()

@@ -77,7 +77,10 @@ guard, while `ipv6_endpoints()` (the desired state) has any, lets a veth send fr
 back to it: the endpoint's own /128; the periodic pass keeps all of it, and leaves IPv6 on where it is
 wanted. `ipv6_internal()` (the --internal networks with IPv6) adds their rules to the same write. An
 IPv6-only network (`spec.ipv4` false) and its endpoints (address "") get nothing of IPv4: no anchor address,
-chains, /32 routes, proxy ARP or IPv4 tc programs, and the repair pass looks for none.
+chains, /32 routes, proxy ARP or IPv4 tc programs, and the repair pass looks for none. A dual-stack bridge
+network's bridge holds fe80::1 and the host's IPv6 block is routed to it (`ensure_network`); each of its
+endpoints has its own guard rule (its address, from its port), written when it comes and goes; the
+periodic pass keeps the bridge's IPv6 too.
 
 Every operation is idempotent: create what is missing, accept what exists, ignore what is gone. `repair`
 is the periodic pass's half (vpcnet.datapath.reconciler): one dump of links, addresses, routes and
@@ -159,12 +162,16 @@ class Dataplane:
         self.ipv6_endpoints: Callable[[], Sequence[Ipv6Endpoint]] = tuple
         # (host IPv6 block, IPv6 cluster CIDR) of every --internal network with IPv6, read likewise
         self.ipv6_internal: Callable[[], Sequence[tuple[str, str]]] = tuple
+        # Held around reading them and writing the guard: the guard names each bridge-mode endpoint, so two
+        # workers writing at once must not let the one that read the store first write last.
+        self.ipv6_guard_lock: Callable[[], ContextManager] = _no_lock
         self.unrepaired: list[str] = []     # networks the last repair could not put right
         self._docker_nat: tuple[float, list[str]] = (-DOCKER_NAT_TTL, [])    # (read at, Docker's nat DOCKER rules)
         self._v6_veths: set[str] = set()    # host veths with IPv6 on by design, as of the last repair
         self._guard_ipv6 = False            # the guard as last written here lets IPv6 endpoints through
         self._guard_internal: set[str] = set()    # the --internal IPv6 blocks in the guard as last written here
         self._ipv6_host = False             # IPv6 forwarding checked by this process
+        self._bridged_veths: set[str] = set()   # bridge ports the guard as last written here lets IPv6 from
 
     # -- host-wide --------------------------------------------------------------------------------
     def uplink_mtu(self) -> int:
@@ -186,14 +193,20 @@ class Dataplane:
 
     def _apply_ipv6_guard(self) -> list[str]:
         """The IPv6 guard, letting IPv6 endpoints' own traffic through while the host has any
-        (vpcnet.datapath.ipv6)."""
-        any_ipv6 = bool(list(self.ipv6_endpoints()))
-        uplinks = self.uplink_names() if any_ipv6 else []
-        internal = list(self.ipv6_internal())
-        problems = self.ipv6_guard.apply(allow=guard_rules(any_ipv6),
-                                         forward=forward_rules(any_ipv6, uplinks, internal))
-        self._guard_ipv6 = any_ipv6 and self.ipv6_guard.in_place
-        self._guard_internal = {block for block, _ in internal} if self._guard_ipv6 else set()
+        (vpcnet.datapath.ipv6): one rule set for the routed modes' endpoints, one rule per bridge-mode
+        endpoint (its address from its bridge port), and the --internal networks' rules."""
+        with self.ipv6_guard_lock():
+            endpoints = list(self.ipv6_endpoints())
+            bridged = [ep for ep in endpoints if ep.bridge]
+            routed = len(bridged) < len(endpoints)
+            uplinks = self.uplink_names() if endpoints else []
+            internal = list(self.ipv6_internal())
+            problems = self.ipv6_guard.apply(allow=guard_rules(routed, bridged),
+                                             forward=forward_rules(routed, uplinks, internal, bool(bridged)))
+        in_place = self.ipv6_guard.in_place
+        self._guard_ipv6 = routed and in_place
+        self._bridged_veths = {ep.host_veth for ep in bridged} if in_place else set()
+        self._guard_internal = {block for block, _ in internal} if in_place and endpoints else set()
         return problems
 
     def uplink_names(self) -> list[str]:
@@ -232,6 +245,10 @@ class Dataplane:
         network's rules (between the links and the programs, as a first creation needs)."""
         self._ensure_forwarding()
         idx = self.links.ensure_gateway_link(spec)
+        if spec.bridged_ipv6:
+            self._ensure_ipv6_host()
+            with self.nl.ipr() as ipr:
+                self.ipv6.ensure_bridge(ipr, spec.bridge, spec.host_cidr_v6)
         if firewall:
             self._ensure_firewall(spec)
         if spec.ebpf:                          # the IPv4 and (with an IPv6 block) IPv6 uplink programs
@@ -299,19 +316,31 @@ class Dataplane:
                 self.tc.attach_endpoint(ipr, spec, host_idx, address)
 
     def ensure_endpoint_ipv6(self, spec: NetworkSpec, host_veth: str, address: str) -> None:
-        """IPv6 for an endpoint whose veth `ensure_endpoint` made: routed and ebpf modes only; in ebpf mode
-        (with the network's IPv6 block in `spec`) the IPv6 container program too, with `address` built in
-        (vpcnet.datapath.ebpf.programs6), after the /128 route; with peer counting in routed mode, the IPv6
-        counting programs. The endpoint must already be among `ipv6_endpoints()` (the desired state first):
-        the guard written here lets its traffic through."""
+        """IPv6 for an endpoint whose veth `ensure_endpoint` made. Routed and ebpf modes: IPv6 on its host
+        veth, the gateway, a /128 route; in ebpf mode (with the network's IPv6 block in `spec`) the IPv6
+        container program too, with `address` built in (vpcnet.datapath.ebpf.programs6), after the /128 route;
+        with peer counting in the other modes, the IPv6 counting programs. Bridge mode: nothing on the veth (a
+        bridge port, IPv6 off: the bridge carries the network's IPv6, `ensure_network`), the guard's rule for
+        this port and address (and the counting programs). The endpoint must already be among
+        `ipv6_endpoints()` (the desired state first): the guard written here lets its traffic through."""
+        if not spec.host_cidr_v6 and not spec.routed:
+            raise DataplaneError(f"network {spec.tag} has no IPv6 block: bridge mode carries IPv6 only on "
+                                 "networks created with --ipv6")
+        self._ensure_ipv6_host()
+        # the guard's rules (for a bridge port, its own), with an --internal network's own rules: written (or
+        # found in place: one ip6tables-save) unless this process last wrote them so itself
+        internal_missing = spec.internal and spec.host_cidr_v6 not in self._guard_internal
         if not spec.routed:
-            raise DataplaneError(f"IPv6 needs routed or ebpf mode; network {spec.tag} is in {spec.mode} mode")
-        if not self._ipv6_host:               # the first IPv6 endpoint of this process: forwarding
-            self.ipv6.ensure_host(self.uplink_names())
-            self._ipv6_host = True
-        # the guard's rules for IPv6 endpoints (the same for all), with an --internal network's own rules: written
-        # (or found in place: one ip6tables-save) unless this process last wrote them so itself
-        if not self._guard_ipv6 or (spec.internal and spec.host_cidr_v6 not in self._guard_internal):
+            if host_veth not in self._bridged_veths or internal_missing:
+                self._apply_ipv6_guard()
+            if self.tc.peers:                  # peer counting, on the bridge port as in routed mode
+                with self.nl.ipr() as ipr:
+                    idx = self.nl.link_index(ipr, host_veth)
+                    if idx is None:
+                        raise DataplaneError(f"veth {host_veth} is missing")
+                    self.tc.attach_counting6(ipr, spec, idx, address)
+            return
+        if not self._guard_ipv6 or internal_missing:
             self._apply_ipv6_guard()
         with self.nl.ipr() as ipr:
             idx = self.ipv6.ensure_endpoint(ipr, host_veth, address)
@@ -320,17 +349,24 @@ class Dataplane:
             elif self.tc.peers:
                 self.tc.attach_counting6(ipr, spec, idx, address)
 
+    def _ensure_ipv6_host(self) -> None:
+        if not self._ipv6_host:               # the first IPv6 network or endpoint of this process: forwarding
+            self.ipv6.ensure_host(self.uplink_names())
+            self._ipv6_host = True
+
     def drop_endpoint_ipv6(self, host_veth: str, address: str) -> None:
         """An endpoint lost its IPv6 address while its container runs (Docker released it; the row no longer
         has it): its IPv6 programs leave the veth (no fast path for the address), then its /128 route goes,
-        and with it the guard's permission (the reverse path) to send from the address; its peer counts
-        leave the map."""
+        and with it the guard's permission (the reverse path) to send from the address; a bridge port's rule
+        goes from the guard; its peer counts leave the map."""
         with self.nl.ipr() as ipr:
             idx = self.nl.link_index(ipr, host_veth)
             if idx is not None:
                 self.tc.drop_endpoint6(ipr, idx)
             self.ipv6.unroute(ipr, host_veth, address)
         self.forget_peers([address])
+        if self._may_guard(host_veth):
+            self._apply_ipv6_guard()
 
     def _repair_ipv6(self, endpoints: dict[str, Ipv6Endpoint], view: KernelView) -> list[Repair]:
         """IPv6 forwarding while there are IPv6 endpoints, and the endpoints whose veth is there but whose
@@ -351,8 +387,41 @@ class Dataplane:
                                                 f"{'off' if routed else 'not routed'}"))
         return repairs
 
+    def _repair_bridges_ipv6(self, specs: Sequence[NetworkSpec],
+                             lock_for: Callable[[NetworkSpec], ContextManager] | None) -> list[Repair]:
+        """Bridge mode's IPv6 (vpcnet.datapath.ipv6.RoutedIpv6.ensure_bridge): the block's route, the gateway,
+        the bridge's IPv6 settings; looked at again under the network's lock and put right. A missing
+        bridge is the network repair's (it makes the bridge and this with it)."""
+        repairs = []
+        for spec in specs:
+            try:
+                with self.nl.ipr() as ipr:
+                    wrong = self.ipv6.bridge_wrong(ipr, spec.bridge, spec.host_cidr_v6)
+                if not wrong or wrong.startswith("bridge "):
+                    continue
+                with (lock_for(spec) if lock_for else _no_lock()):
+                    with self.nl.ipr() as ipr:
+                        wrong = self.ipv6.bridge_wrong(ipr, spec.bridge, spec.host_cidr_v6)
+                        if wrong and not wrong.startswith("bridge "):
+                            self.ipv6.ensure_bridge(ipr, spec.bridge, spec.host_cidr_v6)
+                            repairs.append(Repair("route" if "route" in wrong else "link", spec.tag, wrong))
+            except NetworkGone:
+                continue
+            except Exception as exc:              # one broken network never stops the pass
+                log.error("network %s: cannot repair the bridge's IPv6: %s", spec.tag, exc,
+                          extra={"event": "datapath_repair", "network": spec.tag, "outcome": "failed"})
+                self.unrepaired.append(spec.tag)
+        return repairs
+
     def delete_endpoint(self, host_veth: str) -> None:
         self.nl.delete_link(host_veth)       # the peer goes with it, wherever it is
+        if self._may_guard(host_veth):        # its guard rule (the row is gone: the guard is written without)
+            self._apply_ipv6_guard()
+
+    def _may_guard(self, host_veth: str) -> bool:
+        """The guard may hold a rule for this bridge port: it did as this process last wrote it, or this
+        process has not written it yet (another worker did)."""
+        return host_veth in self._bridged_veths or not self.ipv6_guard.in_place
 
     def forget_peers(self, addresses: Sequence[str]) -> None:
         """Deleted endpoints' per-peer counts leave the peer map (IPAM may hand the addresses out again);
@@ -474,9 +543,10 @@ class Dataplane:
         repairs += [Repair("firewall", "-", p)
                     for p in self.firewall.apply([], host=True, saved=saved, uplinks=uplinks)]
         repairs += [Repair("firewall", "-", p) for p in self._apply_ipv6_guard()]
-        v6 = {ep.host_veth: ep for ep in self.ipv6_endpoints()}
+        v6 = {ep.host_veth: ep for ep in self.ipv6_endpoints() if not ep.bridge}
         self._v6_veths = set(v6)
         repairs += self._repair_ipv6(v6, view)
+        repairs += self._repair_bridges_ipv6([spec for spec, _ in networks if spec.bridged_ipv6], lock_for)
         # The firewall of every drifted network in one transaction (a mass flush costs one restore, not one
         # per network). The rules are the store rows' (fixed for a network's life); a network deleted
         # since the store was read is dropped first by `still_wanted`.
@@ -550,7 +620,8 @@ class Dataplane:
         link = view.links.get(spec.bridge)
         if link is None or not link["up"] or link["mtu"] != spec.mtu:
             return True
-        if self._ipv6_on(link) or (spec.routed and self._ipv6_on(view.links.get(anchor_peer(spec.bridge)))):
+        if (self._ipv6_on(link) and not spec.bridged_ipv6) or \
+                (spec.routed and self._ipv6_on(view.links.get(anchor_peer(spec.bridge)))):
             return True
         if spec.ipv4 and f"{spec.gateway}/{spec.prefixlen}" not in view.addresses.get(link["index"], set()):
             return True
@@ -599,7 +670,7 @@ class Dataplane:
         # The endpoints' programs know the uplinks too (only those take other hosts' traffic): rebuilt
         # with the new ones when the default route moved.
         moved = spec.ebpf and spec.ipv4 and state is not None and programs != set(uplinks)
-        if not repairs:
+        if not repairs and not spec.bridged_ipv6:
             ipv6 = self.links.ipv6_off([spec.bridge, anchor_peer(spec.bridge)] if spec.routed else [spec.bridge])
             if ipv6:
                 repairs.append(Repair("link", spec.tag, f"IPv6 on for {what} {spec.bridge} ({', '.join(ipv6)})"))

@@ -541,7 +541,8 @@ class Ipv6Guard:
     Host-wide. Without ip6tables or IPv6 in the kernel it does nothing, said once.
 
     Endpoints with IPv6 (vpcnet.datapath.ipv6): `allow` rules go before the drops in the same raw chain (each
-    endpoint's own source address, and neighbour discovery), and `forward` rules fill the filter chain
+    endpoint's own source address, and neighbour discovery; in bridge mode one rule per endpoint, its address
+    from its bridge port, after drops of router advertisements from any port), and `forward` rules fill the filter chain
     `VPCNET-FORWARD6`, jumped to first from filter FORWARD while it has any; both in the same restore, the
     desired state of every IPv6 endpoint of the host at once."""
 

@@ -1,6 +1,6 @@
-"""The routed modes' IPv6 datapath: what an endpoint with an IPv6 address needs of the host, as values and
-appliers beside the IPv4 ones (vpcnet.datapath.links, .firewall). The driver uses it for `--ipv6` networks in
-routed and ebpf mode (docs/ipv6-plan.md says what is left).
+"""The IPv6 datapath: what an endpoint with an IPv6 address needs of the host, as values and appliers beside
+the IPv4 ones (vpcnet.datapath.links, .firewall). The driver uses it for `--ipv6` networks in every mode:
+routed and ebpf mode first below, bridge mode at the end (docs/ipv6-plan.md says what is left).
 
 Per endpoint (`ensure_endpoint`):
 - The container has its address as a `/128` (vpcnet's IPAM answers so) and its default route via
@@ -32,11 +32,21 @@ traffic in ip6tables' filter FORWARD (Docker 27+ sets its policy to DROP when it
 on): what the containers send only towards the uplinks and vpcnet's links (the rest is left to FORWARD's later
 rules, Docker's), and towards the containers only what the uplinks or other vpcnet containers send, or replies:
 both halves of the IPv4 isolation. An `--internal` network's IPv6 stays inside its IPv6 cluster CIDR (two drops
-per such network, ahead of the rest), as its IPv4 stays inside the IPv4 one.
+per such network and kind of link, ahead of the rest), as its IPv4 stays inside the IPv4 one.
 
 IPv6-only networks (`--ipv4=false`) take the same path: their endpoints have no IPv4 address, so nothing of
 IPv4 is made for them (no /32 route, no proxy ARP, no IPv4 rules, programs or anchor address), and their
 IPv6 is exactly a dual-stack endpoint's.
+
+Bridge mode (`ensure_bridge`, `bridge_rules`): the network's bridge carries its IPv6. The bridge holds
+`GATEWAY` (without DAD, and the bridge has accept_dad=0: no container can take it away) and the host's block
+is routed to it; Join also answers the block as a connected route, so the network's containers resolve each
+other on the bridge and talk directly. The ports (host veths) keep IPv6 off. The bridge's own
+nf_call_ip6tables passes its IPv6 through ip6tables (br_netfilter), where the guard drops router
+advertisements and redirects from any port and lets each endpoint send only from its own address by its own
+port (`-m physdev`): the bridge's routes lead to the bridge, not to a port, so the reverse-path check cannot
+tell its containers apart, and each endpoint has a rule (the guard is rewritten when one comes or goes,
+under `Dataplane.ipv6_guard_lock`). `forward_rules` treat the bridges (`vpc-+`) as the host veths.
 """
 from __future__ import annotations
 
@@ -64,19 +74,22 @@ IPV6_ON = (("ipv6/accept_ra", "0"), ("ipv6/autoconf", "0"), ("ipv6/accept_dad", 
 HOST_VETHS = "vh+"             # every endpoint's host end (vpcnet.datapath.spec.veth_names)
 VPCNET_LINKS = (HOST_VETHS, "vpc-+", "vpp-+")     # vpcnet's host-side links (as vpcnet.datapath.firewall's)
 ND_TYPES = ("135", "136")      # neighbour solicitation, advertisement (numbers: as ip6tables-save prints them)
+BRIDGES = "vpc-+"              # bridge mode's bridges (vpcnet.datapath.spec.bridge_name)
+NO_BRIDGED = (("134", "router advertisement"), ("137", "redirect"))
 
 
 @dataclass(frozen=True)
 class Ipv6Endpoint:
     host_veth: str
     address: str                # bare IPv6 address
+    bridge: str = ""            # bridge mode: the network's bridge (the host veth is a port of it); else ""
 
     def __post_init__(self) -> None:
         if ipaddress.ip_address(self.address).version != 6:
             raise ValueError(f"{self.address} is not an IPv6 address")
 
 
-def guard_rules(any_ipv6: bool) -> list[str]:
+def guard_rules(any_ipv6: bool, bridged: Sequence[Ipv6Endpoint] = ()) -> list[str]:
     """The raw-table rules letting IPv6 endpoints' own traffic through, to go before the guard's drops: a
     packet whose source the host routes back to the veth it came in by (strict reverse path: only an IPv6
     endpoint's own /128 is routed to its veth, so a container cannot send as another, nor as anyone
@@ -84,38 +97,68 @@ def guard_rules(any_ipv6: bool) -> list[str]:
     from a host veth is dropped by the guard, router advertisements (always link-local) included. The
     same few rules for any number of endpoints: an endpoint costs the firewall nothing, its /128 route is
     its permission. None while the host has no IPv6 endpoint (the guard then drops all IPv6, as before).
-    Written as ip6tables-save prints them, so a pass that finds them in place writes nothing."""
-    if not any_ipv6:
+
+    `bridged`: the endpoints of bridge-mode networks (`bridge_rules`). Written as ip6tables-save prints
+    them, so a pass that finds them in place writes nothing."""
+    rules = []
+    if any_ipv6:
+        rules += [f"-s fe80::/10 -i {HOST_VETHS} -p ipv6-icmp -m icmp6 --icmpv6-type {kind} "
+                  f'-m comment --comment "vpcnet: neighbour discovery" -j RETURN' for kind in ND_TYPES]
+        rules.append(f'! -s fe80::/10 -i {HOST_VETHS} -m rpfilter -m comment --comment "vpcnet: own IPv6" -j RETURN')
+    return rules + bridge_rules(bridged)
+
+
+def bridge_rules(bridged: Sequence[Ipv6Endpoint]) -> list[str]:
+    """Bridge mode's half of the guard. A bridge's IPv6 reaches ip6tables through br_netfilter (the bridge's
+    own nf_call_ip6tables, set by `ensure_bridge`), bridged between two ports as well as routed, with `-i`
+    the bridge and `--physdev-in` the port it came in by. The bridge's routes all lead to the bridge, not to
+    a port, so a reverse-path check cannot tell one container from another: each endpoint gets its own rule,
+    its address from its own port (anti-spoofing, per container). Before those, router advertisements and
+    redirects from any port are dropped (they never reach another container nor the host); neighbour
+    solicitations and advertisements from link-local addresses pass (containers resolve each other and the
+    gateway). The guard's `-i vpc-+` drop takes the rest (a forged source, duplicate address detection's
+    probes from `::`, anything link-local but neighbour discovery). None without bridge-mode endpoints."""
+    if not bridged:
         return []
-    rules = [f"-s fe80::/10 -i {HOST_VETHS} -p ipv6-icmp -m icmp6 --icmpv6-type {kind} "
-             f'-m comment --comment "vpcnet: neighbour discovery" -j RETURN' for kind in ND_TYPES]
-    rules.append(f'! -s fe80::/10 -i {HOST_VETHS} -m rpfilter -m comment --comment "vpcnet: own IPv6" -j RETURN')
+    rules = [f"-i {BRIDGES} -p ipv6-icmp -m icmp6 --icmpv6-type {kind} "
+             f'-m comment --comment "vpcnet: {what} from a container" -j DROP' for kind, what in NO_BRIDGED]
+    rules += [f"-s fe80::/10 -i {BRIDGES} -p ipv6-icmp -m icmp6 --icmpv6-type {kind} "
+              f'-m comment --comment "vpcnet: neighbour discovery" -j RETURN' for kind in ND_TYPES]
+    rules += [f"-s {ipaddress.IPv6Address(ep.address)}/128 -i {ep.bridge} -m physdev --physdev-in {ep.host_veth} "
+              f'-m comment --comment "vpcnet: own IPv6" -j RETURN'
+              for ep in sorted(bridged, key=lambda e: (e.bridge, e.host_veth))]
     return rules
 
 
-def forward_rules(any_ipv6: bool, uplinks: Sequence[str] = (), internal: Sequence[tuple[str, str]] = ()) -> list[str]:
+def forward_rules(any_ipv6: bool, uplinks: Sequence[str] = (), internal: Sequence[tuple[str, str]] = (),
+                  bridged: bool = False) -> list[str]:
     """ip6tables filter rules for the endpoints' forwarded traffic, as the IPv4 isolation chains do
-    (vpcnet.datapath.firewall.isolation_chains):
+    (vpcnet.datapath.firewall.isolation_chains), for the host veths (`any_ipv6`: routed-mode IPv6 endpoints
+    exist) and vpcnet's bridges (`bridged`: bridge-mode ones exist), whose traffic between two ports passes
+    here too (br_netfilter):
     - `--internal` networks first, each given as (its host IPv6 block, its IPv6 cluster CIDR): what its
       containers send outside the cluster CIDR, and what comes to them from outside it, is dropped;
     - egress: what a container sends (its source already checked by the raw guard) is accepted towards vpcnet's
       links and the uplinks only; anything else (a Docker bridge, a second NIC, a VPN) is left to FORWARD's
       later rules (Docker's), as IPv4's VPCNET-EGRESS does;
     - ingress: towards the containers, only what comes by the uplinks or from another vpcnet container, or a
-      reply; the rest to a host veth is dropped (a Docker bridge network's container, a VPN, a second NIC
-      never reach a vpcnet container).
+      reply; the rest to a host veth or bridge is dropped (a Docker bridge network's container, a VPN, a
+      second NIC never reach a vpcnet container).
     None while the host has no IPv6 endpoint (the guard then drops all IPv6 of vpcnet's links)."""
-    if not any_ipv6:
+    if not any_ipv6 and not bridged:
         return []
+    links = ([HOST_VETHS] if any_ipv6 else []) + ([BRIDGES] if bridged else [])
     rules = []
     for block, cluster in sorted(set(internal)):
         block, cluster = str(ipaddress.IPv6Network(block)), str(ipaddress.IPv6Network(cluster))
-        rules += [f'-s {block} ! -d {cluster} -i {HOST_VETHS} -m comment --comment "vpcnet: --internal" -j DROP',
-                  f'! -s {cluster} -d {block} -o {HOST_VETHS} -m comment --comment "vpcnet: --internal" -j DROP']
+        for link in links:
+            rules += [f'-s {block} ! -d {cluster} -i {link} -m comment --comment "vpcnet: --internal" -j DROP',
+                      f'! -s {cluster} -d {block} -o {link} -m comment --comment "vpcnet: --internal" -j DROP']
     uplinks = sorted({u for u in uplinks if u})
-    rules += [f"-i {HOST_VETHS} -o {link} -j ACCEPT" for link in (*VPCNET_LINKS, *uplinks)]
-    rules += [f"-i {uplink} -o {HOST_VETHS} -j ACCEPT" for uplink in uplinks]
-    rules += [f"-o {HOST_VETHS} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT", f"-o {HOST_VETHS} -j DROP"]
+    rules += [f"-i {link} -o {dst} -j ACCEPT" for link in links for dst in (*VPCNET_LINKS, *uplinks)]
+    rules += [f"-i {uplink} -o {link} -j ACCEPT" for link in links for uplink in uplinks]
+    rules += [f"-o {link} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT" for link in links]
+    rules += [f"-o {link} -j DROP" for link in links]
     return rules
 
 
@@ -175,6 +218,57 @@ class RoutedIpv6:
         except NetlinkError as exc:
             if exc.code not in (errno.ESRCH, errno.ENOENT):
                 raise DataplaneError(f"cannot remove the route of {address} from {host_veth}: {exc}") from None
+
+    def ensure_bridge(self, ipr: IPRoute, bridge: str, block: str) -> int:
+        """Bridge mode: the bridge carries the network's IPv6. IPv6 on for it (IPV6_ON: no advertisement
+        taken, no duplicate address detection), `GATEWAY` on it (no DAD: nothing a container answers can
+        take it away), the host's IPv6 `block` routed to it, and its own nf_call_ip6tables on, so its IPv6
+        passes ip6tables (the guard's per-port rules, `bridge_rules`) whatever the host-wide
+        bridge-nf-call-ip6tables says. Needs br_netfilter. Idempotent; returns the bridge's index."""
+        idx = self.nl.link_index(ipr, bridge)
+        if idx is None:
+            raise DataplaneError(f"bridge {bridge} is missing")
+        try:
+            self.nl.read_sysctl("net.bridge.bridge-nf-call-ip6tables")
+        except DataplaneError:
+            raise DataplaneError("IPv6 in bridge mode needs the br_netfilter module (its ip6tables rules tell one "
+                                 "container from another by bridge port): modprobe br_netfilter, or use -o "
+                                 "vpcnet.mode=routed") from None
+        try:
+            self.nl.link_sysctls([bridge], IPV6_ON)
+        except OSError as exc:
+            raise DataplaneError(f"cannot turn IPv6 on for {bridge} (/proc/sys: {exc})") from None
+        try:
+            ipr.link("set", index=idx, kind="bridge", br_nf_call_ip6tables=1)
+        except NetlinkError as exc:
+            raise DataplaneError(f"cannot pass {bridge}'s IPv6 through ip6tables (nf_call_ip6tables): {exc}") from None
+        try:
+            ipr.addr("add", index=idx, family=AF_INET6, address=GATEWAY, prefixlen=64, flags=IFA_F_NODAD)
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise DataplaneError(f"cannot put the IPv6 gateway {GATEWAY} on {bridge}: {exc}") from None
+        net = ipaddress.IPv6Network(block)
+        try:
+            ipr.route("replace", family=AF_INET6, dst=str(net.network_address), dst_len=net.prefixlen, oif=idx)
+        except NetlinkError as exc:
+            raise DataplaneError(f"cannot route {block} to {bridge}: {exc}") from None
+        return idx
+
+    def bridge_wrong(self, ipr: IPRoute, bridge: str, block: str) -> str:
+        """What `ensure_bridge` would put right on this bridge (for the repair pass), or ""."""
+        idx = self.nl.link_index(ipr, bridge)
+        if idx is None:
+            return f"bridge {bridge} missing"
+        net = ipaddress.IPv6Network(block)
+        if self.routed_via(ipr, str(net.network_address + 2)) != idx:
+            return f"route {block} dev {bridge} missing"
+        if not any(a.get_attr("IFA_ADDRESS") == GATEWAY for a in ipr.get_addr(index=idx, family=AF_INET6)):
+            return f"IPv6 gateway {GATEWAY} missing on {bridge}"
+        wrong = [f"{key.split('/')[1]}={have}" for key, want in IPV6_ON
+                 if (have := self.nl.read_sysctl(f"net.ipv6.conf.{bridge}.{key.split('/')[1]}")) != want]
+        if wrong:
+            return f"IPv6 settings of {bridge}: {', '.join(wrong)}"
+        return ""
 
     @staticmethod
     def routed_via(ipr: IPRoute, address: str) -> int | None:

@@ -8,8 +8,9 @@ veth pair, routed mode's proxy ARP and `/32` route.
   `proxy_arp=1`, `proxy_delay=0` (over netlink, vpcnet.datapath.rtnl: /proc/sys is read-only in a managed plugin),
   and the host routes `<container ip>/32 dev <host veth>`.
 - Every host-side link vpcnet makes (bridge, anchor and its peer, host veth) has IPv6 off
-  (`disable_ipv6=1`, and `accept_ra=0`, `autoconf=0` so that turning IPv6 on later starts safe): vpcnet's
-  networks carry no IPv6, and a link with IPv6 on takes router advertisements from any container behind
+  (`disable_ipv6=1`, and `accept_ra=0`, `autoconf=0` so that turning IPv6 on later starts safe), but a
+  dual-stack bridge network's bridge and a routed endpoint's host veth with IPv6 (vpcnet.datapath.ipv6,
+  with its own guards): a link with IPv6 on takes router advertisements from any container behind
   it (routes and SLAAC addresses on the host: the CVE-2020-13401 class), unfiltered by vpcnet's IPv4-only
   firewall and eBPF checks. The kernel takes these only under /proc/sys (netlink refuses IPv6 devconf), so
   where /proc/sys is read-only (a managed plugin) they cannot be set: said once at WARNING.
@@ -74,7 +75,8 @@ class Links:
                 idx = self.nl.link_index(ipr, spec.bridge)
             if idx is None:
                 raise DataplaneError(f"{spec.bridge} vanished while it was being configured")
-            self.ipv6_off([spec.bridge, anchor_peer(spec.bridge)] if spec.routed else [spec.bridge])
+            if not spec.bridged_ipv6:   # an IPv6 bridge: vpcnet.datapath.ipv6.RoutedIpv6.ensure_bridge
+                self.ipv6_off([spec.bridge, anchor_peer(spec.bridge)] if spec.routed else [spec.bridge])
             if spec.routed:
                 peer = self.nl.link_index(ipr, anchor_peer(spec.bridge))
                 if peer is not None:

@@ -28,9 +28,11 @@ ahead of the NOTRACK rules, so conntrack un-DNATs them also towards the cluster 
 masquerades a container's connection to its own published port (hairpin). The isolation chains accept a
 DNATed connection whatever link it came by (vpcnet.datapath.firewall).
 
-The IPv6 drop of vpcnet's links (vpcnet.datapath.firewall.Ipv6Guard)
-is host-wide, the same for every mode, and not part of any network's rules; so are an --internal network's
-IPv6 rules (vpcnet.datapath.ipv6.forward_rules). An IPv6-only network (`--ipv4=false`) has no rules here.
+The IPv6 drop of vpcnet's links (vpcnet.datapath.firewall.Ipv6Guard), and the rules letting IPv6 endpoints
+through it (vpcnet.datapath.ipv6: a reverse-path check for the routed modes, a rule per endpoint and bridge
+port for bridge mode), are host-wide, one ip6tables transaction, and not part of any network's rules; so are
+an --internal network's IPv6 rules (vpcnet.datapath.ipv6.forward_rules). An IPv6-only network
+(`--ipv4=false`) has no rules here.
 """
 from __future__ import annotations
 

@@ -58,6 +58,11 @@ class NetworkSpec:
         return self.mode in ("routed", "ebpf")
 
     @property
+    def bridged_ipv6(self) -> bool:
+        """Bridge mode with IPv6: the bridge carries it (vpcnet.datapath.ipv6.RoutedIpv6.ensure_bridge)."""
+        return bool(self.host_cidr_v6) and not self.routed
+
+    @property
     def ebpf(self) -> bool:
         return self.mode == "ebpf"
 

@@ -44,20 +44,22 @@ once per process by vpcnet.datapath.features (ebpf, else routed, else bridge); a
 cannot do is refused, naming why. The mode is stored, so a network keeps it across restarts and upgrades
 whatever the default becomes. Unknown options and modes are refused.
 
-IPv6 (`--ipv6`, dual-stack; routed and ebpf modes, ebpf with its IPv6 fast path,
-vpcnet.datapath.ebpf.programs6; bridge mode refuses it): the network keeps its IPv6 block from
-IPv6Data, an endpoint its IPv6 address from Interface.AddressIPv6 (a /128, vpcnet.docker.ipam), the host
-gives it IPv6 on its veth and a /128 route (vpcnet.datapath.ipv6), and Join answers `GatewayIPv6` fe80::1
-(a link-local address on the host veth: no proxy NDP) with the IPv6 cluster CIDR through it.
-IPv6-only networks (`--ipv6 --ipv4=false`, Docker 28+: no IPv4 RequestPool, an empty IPv4Data): the row has
-only its IPv6 block (store schema 7), each endpoint only its IPv6 address, Join answers no `Gateway` and only
-the IPv6 route, the datapath makes nothing of IPv4 for them, and `-p` on them is refused (vpcnet publishes on
-IPv4 only so far). `--internal --ipv6`: the network's IPv6 stays inside its IPv6 cluster CIDR as its IPv4
-inside the IPv4 one (vpcnet.datapath.ipv6.forward_rules).
+IPv6 (`--ipv6`, dual-stack, every mode; ebpf with its IPv6 fast path, vpcnet.datapath.ebpf.programs6): the
+network keeps its IPv6 block from IPv6Data, an endpoint its IPv6 address from Interface.AddressIPv6 (a /128,
+vpcnet.docker.ipam), the host gives it IPv6 on its veth and a /128 route (vpcnet.datapath.ipv6; bridge mode:
+the block routed to the bridge, and a guard rule for the port), and Join answers `GatewayIPv6` fe80::1 (a
+link-local address on the host veth or bridge: no proxy NDP) with the IPv6 cluster CIDR through it; in
+bridge mode also the host's block as a connected route, so the network's containers resolve each other on
+the bridge. IPv6-only networks (`--ipv6 --ipv4=false`, Docker 28+, routed and ebpf modes: no IPv4
+RequestPool, an empty IPv4Data): the row has only its IPv6 block (store schema 7), each endpoint only its
+IPv6 address, Join answers no `Gateway` and only the IPv6 route, the datapath makes nothing of IPv4 for
+them, and `-p` on them is refused (vpcnet publishes on IPv4 only so far). `--internal --ipv6`: the
+network's IPv6 stays inside its IPv6 cluster CIDR as its IPv4 inside the IPv4 one
+(vpcnet.datapath.ipv6.forward_rules).
 
 What current engines (Docker 28/29) add:
 - `GwAllocChecker: true`: Docker then posts GwAllocCheck with the network's options before it asks IPAM
-  for a pool, so a network vpcnet would refuse (unknown -o, --ipv4=false without --ipv6, IPv6 in bridge mode) is
+  for a pool, so a network vpcnet would refuse (unknown -o, --ipv4=false without --ipv6 or in bridge mode) is
   refused before its
   RequestPool claims a host block. The answer is always "allocate the gateway" (vpcnet's IPAM gives
   it). Docker before 28 ignores the field and never calls GwAllocCheck.
@@ -131,6 +133,7 @@ SWARM_HINT = ("For a swarm-scoped network, give each node its IPAM config: on ev
               "`docker network create -d <this driver> --scope swarm --attachable --config-from NET-config NET` "
               "(docs/swarm.md)")
 ROUTE_NEXTHOP = 0                                         # Join's StaticRoutes[].RouteType: via NextHop
+ROUTE_CONNECTED = 1                                       # ... on the interface's link, no next hop
 CRASH_ENV = "VPCNET_TEST_CRASH_AFTER_COMMIT"              # test only: see the module docstring
 
 
@@ -154,8 +157,8 @@ class NetworkDriver:
         yet; vpcnet always wants its gateway address."""
         generic = self._check_network_options(options or {})
         mode = self._network_mode(generic.get(MODE_OPTION))
-        if _truthy((options or {}).get(IPV6_OPTION)) or _ipv4_off(options or {}):
-            _ipv6_mode(mode)
+        if _ipv4_off(options or {}):
+            _ipv6_only_mode(mode)
         return {"SkipIPv4": False, "SkipIPv6": False}
 
     def default_mode(self) -> DefaultMode:
@@ -201,8 +204,8 @@ class NetworkDriver:
         options = options or {}
         generic = self._check_network_options(options)
         ipv4_off = _ipv4_off(options)
-        if _truthy(options.get(IPV6_OPTION)) or ipv4_off:
-            _ipv6_mode(self._network_mode(generic.get(MODE_OPTION)))
+        if ipv4_off:
+            _ipv6_only_mode(self._network_mode(generic.get(MODE_OPTION)))
         pools = {r["pool_id"]: r for r in self.store.pools()}
         if ipv4_off:                 # IPv6-only (Docker 28+): no IPv4 pool asked, none given
             if ipv4_data:
@@ -225,7 +228,7 @@ class NetworkDriver:
                                      f"{SWARM_HINT}")
             v4 = {"host_cidr": pool, "cluster_cidr": pools[pool]["cluster_cidr"], "gateway": pools[pool]["gateway"]}
         mode = self._network_mode(generic.get(MODE_OPTION))
-        v6 = _ipv6_pool(ipv6_data, pools, mode)
+        v6 = _ipv6_pool(ipv6_data, pools)
         mtu = self._mtu(generic.get(MTU_OPTION))
         net = Network(network_id=network_id, **v4, bridge=bridge_name(network_id), mtu=mtu,
                       internal=_truthy(options.get(INTERNAL_OPTION)),
@@ -434,9 +437,11 @@ class NetworkDriver:
                   "DisableGatewayService": True}
         if ep.address:              # an IPv6-only network's endpoint has no IPv4 and no IPv4 gateway
             answer["Gateway"] = net.gateway
-        if ep.address_v6:           # IPv6: the gateway on the host veth, link-local (vpcnet.datapath.ipv6)
+        if ep.address_v6:           # IPv6: the gateway on the host veth or bridge, link-local (vpcnet.datapath.ipv6)
             answer["GatewayIPv6"] = IPV6_GATEWAY
             routes.append({"Destination": net.cluster_cidr_v6, "RouteType": ROUTE_NEXTHOP, "NextHop": IPV6_GATEWAY})
+            if net.mode == "bridge":    # the block on the bridge's link: the network's containers resolve each other
+                routes.append({"Destination": net.host_cidr_v6, "RouteType": ROUTE_CONNECTED})
         return answer
 
     def leave(self, network_id: str, endpoint_id: str) -> dict:
@@ -667,19 +672,18 @@ def _mode(raw) -> str | None:
     return mode
 
 
-def _ipv6_mode(mode: str) -> None:
-    """IPv6 needs routed mode's path (ebpf networks add their IPv6 fast path to it)."""
+def _ipv6_only_mode(mode: str) -> None:
+    """An IPv6-only network needs routed mode's path (a bridge carries IPv6 beside IPv4 only, so far)."""
     if mode == "bridge":
-        raise InvalidRequest(f"IPv6 (--ipv6) needs -o {MODE_OPTION}=routed or ebpf: bridge mode carries IPv4 only "
-                             "so far")
+        raise InvalidRequest(f"an IPv6-only network (--ipv6 --ipv4=false) needs -o {MODE_OPTION}=routed or ebpf: "
+                             "bridge mode carries IPv6 only beside IPv4 so far")
 
 
-def _ipv6_pool(ipv6_data, pools: dict, mode: str) -> dict:
+def _ipv6_pool(ipv6_data, pools: dict) -> dict:
     """The IPv6 half of a network (Network's host_cidr_v6, cluster_cidr_v6, gateway_v6) from CreateNetwork's
     IPv6Data: none, or one vpcnet IPv6 pool."""
     if not ipv6_data:
         return {}
-    _ipv6_mode(mode)
     entry = ipv6_data[0] if len(ipv6_data) == 1 else None
     if not isinstance(entry, dict) or not isinstance(entry.get("Pool", ""), str):
         raise InvalidRequest(f"a vpcnet network takes one IPv6 pool (an object with a string Pool), got "

@@ -17,16 +17,28 @@ import os
 import threading
 import zlib
 from contextlib import contextmanager
-from typing import IO, Iterator
+from typing import IO, ContextManager, Iterator
 
 STRIPES = 64
 
 
-@contextmanager
-def object_lock(state_dir: str, key: str) -> Iterator[None]:
+def object_lock(state_dir: str, key: str) -> ContextManager[None]:
     folder = os.path.join(state_dir, "locks")
     os.makedirs(folder, mode=0o700, exist_ok=True)
     path = os.path.join(folder, f"{zlib.crc32(key.encode()) % STRIPES:02d}.lock")
+    return _locked(path)
+
+
+def host_lock(state_dir: str, name: str) -> ContextManager[None]:
+    """A lock of its own (no stripe) for one host-wide thing, held while object locks may be held too:
+    sharing a stripe with one of those would wait for itself."""
+    folder = os.path.join(state_dir, "locks")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    return _locked(os.path.join(folder, f"{name}.lock"))
+
+
+@contextmanager
+def _locked(path: str) -> Iterator[None]:
     with open(path, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:

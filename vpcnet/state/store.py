@@ -523,6 +523,12 @@ class Store:
                 self.read("SELECT host_cidr_v6, cluster_cidr_v6 FROM networks WHERE internal=1 AND host_cidr_v6 != '' "
                           "ORDER BY host_cidr_v6")]
 
+    def ipv6_bridge_ports(self) -> dict[str, str]:
+        """host veth -> bridge of every IPv6 endpoint of a bridge-mode network (its veth is a port of it)."""
+        return {r["host_veth"]: r["bridge"] for r in self.read(
+            "SELECT e.host_veth, n.bridge FROM endpoints e JOIN networks n ON n.network_id = e.network_id "
+            "WHERE e.address_v6 != '' AND n.mode = 'bridge'")}
+
     def leftovers(self) -> list[tuple[str, dict]]:
         """(name, data) of deleted objects whose kernel state may still be there."""
         return [(r["name"], json.loads(r["data"])) for r in self.read("SELECT * FROM leftovers ORDER BY since")]

@@ -222,11 +222,15 @@ class FirewallChecks(Checks):
                             f"install {guard.table.iptables} (Debian: the iptables package) and run doctor "
                             "as root")]
         # IPv6 endpoints (dual-stack networks): their own traffic is let through, and their links keep IPv6 on
-        v6 = [Ipv6Endpoint(ep.host_veth, ep.address_v6) for ep in self.ctx.endpoints if getattr(ep, "address_v6", "")]
-        missing, _ = Ipv6Guard.diff(saved, guard_rules(bool(v6)),
-                                    forward_rules(bool(v6), [u for u in self._uplink_names() if u],
-                                                  [(n.host_cidr_v6, n.cluster_cidr_v6) for n in self.ctx.networks
-                                                   if n.internal and n.host_cidr_v6]))
+        bridges = {n.network_id: n.bridge for n in self.ctx.networks if n.mode == "bridge"}
+        v6 = [Ipv6Endpoint(ep.host_veth, ep.address_v6, bridges.get(ep.network_id, ""))
+              for ep in self.ctx.endpoints if getattr(ep, "address_v6", "")]
+        bridged = [ep for ep in v6 if ep.bridge]
+        routed = len(bridged) < len(v6)
+        internal = [(n.host_cidr_v6, n.cluster_cidr_v6) for n in self.ctx.networks if n.internal and n.host_cidr_v6]
+        missing, _ = Ipv6Guard.diff(saved, guard_rules(routed, bridged),
+                                    forward_rules(routed, [u for u in self._uplink_names() if u], internal,
+                                                  bool(bridged)))
         if missing:
             by_hand = "; ".join([f"ip6tables -t raw -N {IPV6_CHAIN} (-F if it exists)",
                                  *(f"ip6tables -t raw -A {IPV6_CHAIN} {r}" for r in IPV6_RULES),
@@ -235,7 +239,9 @@ class FirewallChecks(Checks):
                                           "included) reaches this host unfiltered",
                             "restart the plugin (it writes the guard at start and repairs it every datapath "
                             f"pass; its log says why it could not), or by hand: {by_hand}")]
-        on = [name for name in _ipv6_on_links() if name not in {ep.host_veth for ep in v6}]
+        wanted_on = {ep.host_veth for ep in v6 if not ep.bridge} | \
+            {n.bridge for n in self.ctx.networks if n.mode == "bridge" and getattr(n, "host_cidr_v6", "")}
+        on = [name for name in _ipv6_on_links() if name not in wanted_on]
         if on and self.ctx.plugin is None:
             return [problem("ipv6_guard", f"IPv6 is on on vpcnet link(s) {', '.join(on[:5])}"
                                           + (f" and {len(on) - 5} more" if len(on) > 5 else "")

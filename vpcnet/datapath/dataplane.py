@@ -100,6 +100,7 @@ from vpcnet.datapath.ipv6 import Ipv6Endpoint, RoutedIpv6, forward_rules, guard_
 from vpcnet.datapath.links import IPV6_OFF_VIEW, Links
 from vpcnet.datapath.modes import strategy
 from vpcnet.datapath.netlink import Netlink
+from vpcnet.datapath.ports6 import Ports6
 from vpcnet.datapath.spec import EndpointSpec, KernelView, NetworkGone, NetworkSpec, Repair, anchor_peer, bridge_name
 from vpcnet.datapath.tc import TcPrograms
 from vpcnet.errors import DataplaneError
@@ -109,14 +110,15 @@ _no_lock = nullcontext
 DOCKER_NAT_TTL = 2.0          # seconds port_taken reuses its read of Docker's DNAT rules
 
 
-def held_in_proc(proto: str, host_ip: str, port: int) -> str:
+def held_in_proc(proto: str, host_ip: str, port: int, family: str = "ipv4") -> str:
     """Whether a socket of this namespace holds `port` (a TCP listener, a bound UDP socket), from
     /proc/net/{tcp,udp}{,6} (of the calling thread: see rtnl.in_netns): the check where a trial bind is not
-    allowed. SCTP is not listed there: ""."""
+    allowed. IPv6 (`family`): only the IPv6 tables (a socket on 0.0.0.0 holds no IPv6 port). SCTP is not
+    listed there: ""."""
     if proto == "sctp":
         return ""
     want = ipaddress.ip_address(host_ip) if host_ip else None
-    for name in (proto, proto + "6"):
+    for name in ((proto + "6",) if family == "ipv6" else (proto, proto + "6")):
         try:
             with open(f"/proc/thread-self/net/{name}") as fh:      # this thread's namespace (rtnl.in_netns)
                 lines = fh.read().splitlines()[1:]
@@ -135,7 +137,8 @@ def held_in_proc(proto: str, host_ip: str, port: int) -> str:
             if isinstance(local, ipaddress.IPv6Address) and local.ipv4_mapped:
                 local = local.ipv4_mapped
             if want is None or local.is_unspecified or local == want:
-                return f"{host_ip or '0.0.0.0'}:{port}/{proto}: a socket of the host holds it ({local})"
+                shown = f"[{host_ip or '::'}]" if family == "ipv6" else host_ip or "0.0.0.0"
+                return f"{shown}:{port}/{proto}: a socket of the host holds it ({local})"
     return ""
 
 
@@ -150,11 +153,13 @@ class Dataplane:
         self.firewall = FirewallTable(self.nl.cmd(), iptables)
         self.ipv6_guard = Ipv6Guard(self.nl.cmd(), iptables)
         self.ipv6 = RoutedIpv6(self.nl)
+        self.ports6 = Ports6(self.ipv6_guard.table)     # IPv6 published ports (ip6tables nat)
         # The host's endpoints with an IPv6 address, read from the desired state each time the guard is
         # written (every worker writes the whole chain, so none may go by what it alone has seen).
         self.ipv6_endpoints: Callable[[], Sequence[Ipv6Endpoint]] = tuple
         self.unrepaired: list[str] = []     # networks the last repair could not put right
-        self._docker_nat: tuple[float, list[str]] = (-DOCKER_NAT_TTL, [])    # (read at, Docker's nat DOCKER rules)
+        # per family: (read at, Docker's nat DOCKER rules)
+        self._docker_nat: dict[str, tuple[float, list[str]]] = {}
         self._v6_veths: set[str] = set()    # host veths with IPv6 on by design, as of the last repair
         self._guard_ipv6 = False            # the guard as last written here lets IPv6 endpoints through
         self._ipv6_host = False             # IPv6 forwarding checked by this process
@@ -177,12 +182,12 @@ class Dataplane:
         self._ensure_forwarding()
         return self.firewall.apply([], host=True, uplinks=self.uplink_names()) + self._apply_ipv6_guard()
 
-    def _apply_ipv6_guard(self) -> list[str]:
+    def _apply_ipv6_guard(self, saved=None) -> list[str]:
         """The IPv6 guard, letting IPv6 endpoints' own traffic through while the host has any
         (vpcnet.datapath.ipv6)."""
         any_ipv6 = bool(list(self.ipv6_endpoints()))
         uplinks = self.uplink_names() if any_ipv6 else []
-        problems = self.ipv6_guard.apply(allow=guard_rules(any_ipv6), forward=forward_rules(any_ipv6, uplinks))
+        problems = self.ipv6_guard.apply(saved, allow=guard_rules(any_ipv6), forward=forward_rules(any_ipv6, uplinks))
         self._guard_ipv6 = any_ipv6 and self.ipv6_guard.in_place
         return problems
 
@@ -231,6 +236,7 @@ class Dataplane:
 
     def delete_network(self, spec: NetworkSpec) -> None:
         self.firewall.apply([], unwanted=[spec.tag], host=False)
+        self.ports6.apply([NetworkSpec(**{**spec.__dict__, "ports": ()})])    # its IPv6 ports' chains too
         if spec.ebpf:
             self.tc.drop_network_programs(spec)
         self.nl.delete_link(spec.bridge)
@@ -333,12 +339,14 @@ class Dataplane:
 
     # -- published ports ----------------------------------------------------------------------------
     def ensure_ports(self, spec: NetworkSpec, endpoints: Sequence[EndpointSpec], adding: bool = True) -> None:
-        """The network's published ports as `spec.ports` holds them: its firewall, in one transaction, and in
-        ebpf mode the container programs of `endpoints` (those whose ports changed), which leave the
-        published ports' replies to the host. `adding`: the programs first (a reply is never sent the fast
-        way while its DNAT rule exists), else the rules first."""
+        """The network's published ports as `spec.ports` holds them: its firewall, in one transaction per
+        family (ip6tables for the IPv6 ones, vpcnet.datapath.ports6), and in ebpf mode the container programs
+        of `endpoints` (those whose ports changed), which leave the published ports' replies to the host.
+        `adding`: the programs first (a reply is never sent the fast way while its DNAT rule exists), else
+        the rules first."""
         if not adding:
             self._ensure_firewall(spec)
+            self.ports6.apply([spec])
         with self.nl.ipr() as ipr:
             for ep in endpoints:
                 idx = self.nl.link_index(ipr, ep.host_veth)
@@ -348,6 +356,7 @@ class Dataplane:
                     self._hairpin(ipr, ep.host_veth)
         if adding:
             self._ensure_firewall(spec)
+            self.ports6.apply([spec])
 
     def _hairpin(self, ipr, host_veth: str) -> None:
         """Bridge mode: the bridge may send a frame back out of the port it came in by (hairpin mode, as
@@ -360,28 +369,33 @@ class Dataplane:
             except NetlinkError as exc:
                 raise DataplaneError(f"cannot set hairpin mode on {host_veth}: {exc}") from None
 
-    def port_taken(self, proto: str, host_ip: str, port: int) -> str:
-        """Why `port` (`proto`, on `host_ip` or every address) cannot be published on this host, or "": a
-        socket of the host holds it (a host process, Docker's docker-proxy: a trial bind says so; the
+    def port_taken(self, proto: str, host_ip: str, port: int, family: str = "ipv4") -> str:
+        """Why `port` (`proto`, on `host_ip` or every address of `family`) cannot be published on this host, or
+        "": a socket of the host holds it (a host process, Docker's docker-proxy: a trial bind says so; the
         address not being the host's too), or Docker's own DNAT rules publish it (nat DOCKER, Docker
-        without its userland proxy)."""
+        without its userland proxy; ip6tables' for IPv6). IPv6 is tried with an IPV6_V6ONLY socket: a
+        listener on [::] (both families) holds it, one on 0.0.0.0 does not."""
         kind, number = {"tcp": (socket.SOCK_STREAM, socket.IPPROTO_TCP), "udp": (socket.SOCK_DGRAM, socket.IPPROTO_UDP),
                         "sctp": (socket.SOCK_STREAM, 132)}[proto]
+        v6 = family == "ipv6"
+        shown = f"[{host_ip or '::'}]" if v6 else host_ip or "0.0.0.0"
 
         def bind() -> str:
             try:
-                sock = socket.socket(socket.AF_INET, kind, number)
+                sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, kind, number)
             except OSError:
-                return ""                     # no such protocol here (sctp without its module): nothing holds it
+                return ""                     # no such protocol here (sctp without its module, no IPv6): none holds it
             try:
                 if proto != "udp":            # a connection in TIME_WAIT holds no port; a listener does
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind((host_ip or "0.0.0.0", port))
+                if v6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((host_ip or ("::" if v6 else "0.0.0.0"), port))
                 return ""
             except PermissionError:           # a port below 1024 without CAP_NET_BIND_SERVICE (the managed
-                return held_in_proc(proto, host_ip, port)      # plugin): the kernel's socket tables say
+                return held_in_proc(proto, host_ip, port, family)      # plugin): the kernel's socket tables say
             except OSError as exc:
-                return f"{host_ip or '0.0.0.0'}:{port}/{proto}: {exc.strerror or exc}"
+                return f"{shown}:{port}/{proto}: {exc.strerror or exc}"
             finally:
                 sock.close()
 
@@ -389,14 +403,18 @@ class Dataplane:
         if why:
             return why
         now = time.monotonic()
-        if now - self._docker_nat[0] > DOCKER_NAT_TTL:      # one read for the ports of one call, not one each
-            self._docker_nat = (now, self.firewall.save().chain("nat", "DOCKER") or [])
-        for rule in self._docker_nat[1]:
+        read_at, rules = self._docker_nat.get(family, (-DOCKER_NAT_TTL, []))
+        if now - read_at > DOCKER_NAT_TTL:                  # one read for the ports of one call, not one each
+            saved = self.ports6.save() if v6 else self.firewall.save()
+            rules = (saved.chain("nat", "DOCKER") if saved is not None else None) or []
+            self._docker_nat[family] = (now, rules)
+        full = f"{host_ip}/{128 if v6 else 32}"
+        for rule in rules:
             words = rule.split()
             value = dict(zip(words, words[1:], strict=False))
             if "DNAT" in words and value.get("--dport") == str(port) and value.get("-p") == proto and \
-                    (not host_ip or value.get("-d", f"{host_ip}/32") == f"{host_ip}/32"):
-                return f"{host_ip or '0.0.0.0'}:{port}/{proto}: Docker publishes it (nat DOCKER: {rule})"
+                    (not host_ip or value.get("-d", full) == full):
+                return f"{shown}:{port}/{proto}: Docker publishes it (nat DOCKER: {rule})"
         return ""
 
     def link_exists(self, name: str) -> bool:
@@ -441,7 +459,8 @@ class Dataplane:
         uplinks += [name for name in self.nl.extra_uplinks if name not in uplinks]
         repairs += [Repair("firewall", "-", p)
                     for p in self.firewall.apply([], host=True, saved=saved, uplinks=uplinks)]
-        repairs += [Repair("firewall", "-", p) for p in self._apply_ipv6_guard()]
+        saved6 = self.ports6.save()
+        repairs += [Repair("firewall", "-", p) for p in self._apply_ipv6_guard(saved6)]
         v6 = {ep.host_veth: ep for ep in self.ipv6_endpoints()}
         self._v6_veths = set(v6)
         repairs += self._repair_ipv6(v6, view)
@@ -456,6 +475,7 @@ class Dataplane:
             for problem in self.firewall.apply(drifted, host=False):
                 tag = next((r.tag for r in drifted if r.tag in problem), "-")
                 repairs.append(Repair("firewall", tag, problem))
+        repairs += self._repair_ports6([spec for spec, _ in networks], saved6, still_wanted)
         if self.tc.peers and maps.local():
             self._adopt_counting(networks, view, lock_for)
         for spec, endpoints in networks:
@@ -471,6 +491,25 @@ class Dataplane:
                           extra={"event": "datapath_repair", "network": spec.tag, "outcome": "failed"})
                 self.unrepaired.append(spec.tag)
         return repairs
+
+    def _repair_ports6(self, specs: Sequence[NetworkSpec], saved6, still_wanted) -> list[Repair]:
+        """The IPv6 published ports (ip6tables nat, vpcnet.datapath.ports6) of every network, in one
+        transaction; a network without any loses chains it still has. Nothing to read without ip6tables."""
+        if saved6 is None:
+            return []
+        from vpcnet.datapath import ports6
+        drifted = [spec for spec in specs if ports6.diff(saved6, [spec])[1]]
+        if still_wanted is not None:
+            drifted = [spec for spec in drifted if still_wanted(spec.tag)]
+        if not drifted:
+            return []
+        try:
+            problems = self.ports6.apply(drifted, saved6)
+        except DataplaneError as exc:
+            log.error("cannot repair the IPv6 published ports: %s", exc)
+            self.unrepaired += [spec.tag for spec in drifted]
+            return []
+        return [Repair("firewall", next((s.tag for s in drifted if s.tag in p), "-"), p) for p in problems]
 
     def _adopt_counting(self, networks: Sequence[tuple[NetworkSpec, Sequence[EndpointSpec]]], view: KernelView,
                         lock_for: Callable[[NetworkSpec], ContextManager] | None) -> None:

@@ -29,7 +29,8 @@ IPv6 from a vpcnet link is dropped as before: router advertisements and solicita
 source. The rules are the same for any number of endpoints (none per endpoint: creating one costs the
 firewall nothing), present while the host has an IPv6 endpoint. `forward_rules` accept the endpoints'
 traffic in ip6tables' filter FORWARD (Docker 27+ sets its policy to DROP when it turns IPv6 forwarding
-on), and towards the containers only what the uplinks or other vpcnet containers send, or replies (the
+on), and towards the containers only what the uplinks or other vpcnet containers send, replies, or a
+published port's connection (vpcnet.datapath.ports6) (the
 IPv4 isolation's ingress half; its egress half, towards the uplinks and vpcnet's links only, is not
 repeated for IPv6 yet).
 """
@@ -90,14 +91,17 @@ def guard_rules(any_ipv6: bool) -> list[str]:
 def forward_rules(any_ipv6: bool, uplinks: Sequence[str] = ()) -> list[str]:
     """ip6tables filter rules for the endpoints' forwarded traffic, as the IPv4 isolation chains do: what a
     container sends (its source already checked by the raw guard) is accepted; towards the containers, only
-    what comes by the uplinks or from another vpcnet container, or a reply; the rest to a host veth is
+    what comes by the uplinks or from another vpcnet container, or a reply, or a published port's connection
+    (DNATed by vpcnet.datapath.ports6, whatever link it came by); the rest to a host veth is
     dropped (a Docker bridge network's container, a VPN, a second NIC never reach a vpcnet container).
     None while the host has no IPv6 endpoint."""
     if not any_ipv6:
         return []
     rules = [f"-i {HOST_VETHS} -j ACCEPT"]
     rules += [f"-i {uplink} -o {HOST_VETHS} -j ACCEPT" for uplink in sorted({u for u in uplinks if u})]
-    rules += [f"-o {HOST_VETHS} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT", f"-o {HOST_VETHS} -j DROP"]
+    rules += [f"-o {HOST_VETHS} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+              f"-o {HOST_VETHS} -m conntrack --ctstate DNAT -j ACCEPT",      # a published port (ports6)
+              f"-o {HOST_VETHS} -j DROP"]
     return rules
 
 

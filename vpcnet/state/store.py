@@ -11,9 +11,10 @@ pending when nobody holds its network's lock belongs to a call that died in betw
 kill, gunicorn's watchdog): Docker never got an answer, so it has no such network or endpoint, and the
 datapath pass undoes the row and its kernel state (vpcnet.datapath.reconciler, `settle_pending`).
 
-Published ports (schema 5) are rows of `ports`, one per host port, going with their endpoint (a foreign
-key with ON DELETE CASCADE); every change moves the meta key `ports_version` (triggers), so a datapath
-pass that read them before a concurrent Program or Revoke passes again.
+Published ports (schema 5) are rows of `ports`, one per host port and family, going with their endpoint (a
+foreign key with ON DELETE CASCADE; an IPv6 one also with the endpoint's IPv6 address); every change moves
+the meta key `ports_version` (triggers), so a datapath pass that read them before a concurrent Program or
+Revoke passes again.
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ PORTS_VERSION_KEY = "ports_version"   # meta key: moved by every change of the p
 SCHEMA_VERSION = 6     # 2: networks.mode (bridge | routed); 3: leftovers; 4: networks/endpoints.state; 5: ports;
                        # 6: IPv6 (networks.host_cidr_v6, cluster_cidr_v6, gateway_v6; endpoints.address_v6)
 PENDING, READY = "pending", "ready"   # a row's state: its call's kernel work not done yet, or done
+# A published port's container address: its endpoint's of the port's family.
+_ADDRESS = "CASE p.family WHEN 'ipv6' THEN e.address_v6 ELSE e.address END"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -90,7 +93,7 @@ CREATE TABLE IF NOT EXISTS endpoints (
 -- endpoint (ON DELETE CASCADE), the rules are the network's (vpcnet.datapath.modes), recomputed from here.
 CREATE TABLE IF NOT EXISTS ports (
     endpoint_id    TEXT NOT NULL REFERENCES endpoints(endpoint_id) ON DELETE CASCADE,
-    family         TEXT NOT NULL DEFAULT 'ipv4',   -- 'ipv4' ('ipv6' with IPv6 support)
+    family         TEXT NOT NULL DEFAULT 'ipv4',   -- 'ipv4', or 'ipv6' (to the endpoint's address_v6)
     proto          TEXT NOT NULL,                  -- tcp | udp | sctp
     host_ip        TEXT NOT NULL,                  -- '' for every address of the host
     host_port      INTEGER NOT NULL,               -- the one in use (chosen from `asked` for -P or a range)
@@ -141,7 +144,7 @@ class Endpoint:
 
 @dataclass(frozen=True)
 class Port:
-    """A `ports` row; `address` is its endpoint's (read with it, not stored twice)."""
+    """A `ports` row; `address` is its endpoint's of the row's family (read with it, not stored twice)."""
     endpoint_id: str
     proto: str
     host_ip: str
@@ -150,6 +153,13 @@ class Port:
     asked: str = ""
     family: str = "ipv4"
     address: str = ""
+
+    @property
+    def host(self) -> str:
+        """The host side as a user writes it: `0.0.0.0:8080`, `10.0.0.5:8080`, `[::]:8080`, `[2001:db8::1]:8080`."""
+        if self.family == "ipv6":
+            return f"[{self.host_ip or '::'}]:{self.host_port}"
+        return f"{self.host_ip or '0.0.0.0'}:{self.host_port}"
 
     def clashes(self, other: Port) -> bool:
         """Both would take the same host port: same family and protocol and port, and one of them on every
@@ -400,6 +410,9 @@ class Store:
                         # sysctl) without telling the driver: the endpoint keeps its IPv4 only, so nothing
                         # of the datapath lets the address through any more (the guard reads this row).
                         db.execute("UPDATE endpoints SET address_v6='' WHERE endpoint_id=?", (ep.endpoint_id,))
+                        # ... nor any IPv6 port it published: their rows go with the address (the driver
+                        # writes the rules again from the rows, vpcnet.docker.driver.drop_ipv6)
+                        db.execute("DELETE FROM ports WHERE endpoint_id=? AND family='ipv6'", (ep.endpoint_id,))
                     continue
                 gone.append(ep)
                 db.execute("INSERT OR REPLACE INTO leftovers(name, data, since) VALUES(?, ?, ?)",
@@ -447,7 +460,7 @@ class Store:
             if value is not None:
                 where.append(f"{column}=?")
                 args.append(value)
-        rows = self.read("SELECT p.*, e.address AS address FROM ports p JOIN endpoints e ON e.endpoint_id = "
+        rows = self.read("SELECT p.*, " + _ADDRESS + " AS address FROM ports p JOIN endpoints e ON e.endpoint_id = "
                          f"p.endpoint_id {'WHERE ' + ' AND '.join(where) if where else ''} "
                          "ORDER BY p.family, p.proto, p.host_port, p.host_ip", tuple(args))
         return [Port(**dict(r)) for r in rows]
@@ -460,12 +473,12 @@ class Store:
         every other endpoint's (raises `Conflict` naming the holder: nothing is changed then)."""
         with self.tx() as db:
             others = [Port(**dict(r)) for r in db.execute(
-                "SELECT p.*, e.address AS address FROM ports p JOIN endpoints e ON e.endpoint_id = p.endpoint_id "
-                "WHERE p.endpoint_id<>?", (endpoint_id,))]
+                "SELECT p.*, " + _ADDRESS + " AS address FROM ports p JOIN endpoints e ON e.endpoint_id = "
+                "p.endpoint_id WHERE p.endpoint_id<>?", (endpoint_id,))]
             for port in ports:
                 holder = next((o for o in others if o.clashes(port)), None)
                 if holder is not None:
-                    raise Conflict(f"host port {port.host_ip or '0.0.0.0'}:{port.host_port}/{port.proto} is already "
+                    raise Conflict(f"host port {port.host}/{port.proto} is already "
                                    f"published by vpcnet for endpoint {holder.endpoint_id[:12]} ({holder.address}:"
                                    f"{holder.container_port})")
             db.execute("DELETE FROM ports WHERE endpoint_id=?", (endpoint_id,))

@@ -73,7 +73,8 @@ IPv6 (vpcnet.datapath.ipv6): `ensure_endpoint_ipv6` gives an endpoint of a
 routed or ebpf network its IPv6 (IPv6 on for its host veth, fe80::1 as the container's gateway on it, a /128
 route), and the guard, while `ipv6_endpoints()` (the desired state) has any, lets a veth send from what the
 host routes back to it: the endpoint's own /128; the periodic pass keeps both, and leaves IPv6 on where it
-is wanted.
+is wanted. Published ports on IPv6 host addresses are the same DNAT in ip6tables (vpcnet.datapath.ports6),
+written by `ensure_ports` and the periodic pass beside the IPv4 ones.
 
 Every operation is idempotent: create what is missing, accept what exists, ignore what is gone. `repair`
 is the periodic pass's half (vpcnet.datapath.reconciler): one dump of links, addresses, routes and

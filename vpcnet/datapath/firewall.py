@@ -542,7 +542,8 @@ class Ipv6Guard:
 
     Endpoints with IPv6 (vpcnet.datapath.ipv6): `allow` rules go before the drops in the same raw chain (each
     endpoint's own source address, and neighbour discovery), and `forward` rules fill the filter chain
-    `VPCNET-FORWARD6`, jumped to first from filter FORWARD while it has any; both in the same restore, the
+    `VPCNET-FORWARD6`, jumped to from filter FORWARD while it has any (right after DOCKER-USER where Docker
+    made one, else first; a jump found in place is left where it is); both in the same restore, the
     desired state of every IPv6 endpoint of the host at once."""
 
     def __init__(self, command_prefix: Sequence[str] = (), iptables: str = "iptables"):

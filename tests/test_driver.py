@@ -923,3 +923,18 @@ def test_ipv6_inputs_refused_clearly_and_nothing_left(plug):
     with pytest.raises(InvalidRequest, match="has no IPv6"):
         plug.driver.create_endpoint(NID2, EID2, {"Address": address2, "AddressIPv6": "fd00::5/128"}, {})
     assert plug.store.endpoints() == []
+
+
+def test_an_ipv6_address_is_one_endpoints(plug):
+    """Two endpoints given the same IPv6 address (distinct IPv4 ones): the second is refused, naming the holder,
+    and leaves nothing; the same endpoint id again with another IPv6 address is refused too."""
+    net, pool6 = dual_stack(plug)
+    a4, b4 = (plug.ipam.request_address(net.host_cidr)["Address"] for _ in range(2))
+    a6, other6 = (plug.ipam.request_address(pool6)["Address"] for _ in range(2))
+    plug.driver.create_endpoint(NID, EID, {"Address": a4, "AddressIPv6": a6}, {})
+    state = plug.snapshot()
+    with pytest.raises(Conflict, match=f"IPv6 address {a6.split('/')[0]} is already used by endpoint {EID[:12]}"):
+        plug.driver.create_endpoint(NID, EID2, {"Address": b4, "AddressIPv6": a6}, {})
+    with pytest.raises(Conflict, match=f"already exists with address {a4.split('/')[0]} and {a6.split('/')[0]}"):
+        plug.driver.create_endpoint(NID, EID, {"Address": a4, "AddressIPv6": other6}, {})
+    assert plug.snapshot() == state

@@ -328,8 +328,9 @@ class NetworkDriver:
         host_veth, peer_veth = veth_names(endpoint_id)
         existing = self.store.endpoint(endpoint_id)
         if existing is not None:
-            if existing.address != str(ip) or existing.network_id != network_id:
-                raise Conflict(f"endpoint {endpoint_id[:12]} already exists with address {existing.address}")
+            if (existing.address, existing.address_v6, existing.network_id) != (str(ip), address_v6, network_id):
+                raise Conflict(f"endpoint {endpoint_id[:12]} already exists with address {existing.address}"
+                               f"{f' and {existing.address_v6}' if existing.address_v6 else ''}")
             with self._locked(network_id):
                 self._ensure_endpoint(net, existing)
                 self._ready(existing)
@@ -337,6 +338,9 @@ class NetworkDriver:
         clash = self.store.endpoint_where(network_id=network_id, address=str(ip))
         if clash:
             raise Conflict(f"address {ip} is already used by endpoint {clash.endpoint_id[:12]}")
+        clash = self.store.endpoint_where(network_id=network_id, address_v6=address_v6) if address_v6 else None
+        if clash:
+            raise Conflict(f"IPv6 address {address_v6} is already used by endpoint {clash.endpoint_id[:12]}")
         namesake = self.store.endpoint_where(host_veth=host_veth)
         if namesake:                 # ids sharing the prefix veth names are made of: never touch theirs
             raise Conflict(f"endpoint {endpoint_id[:12]} would reuse veth {host_veth} of endpoint "
@@ -347,8 +351,9 @@ class NetworkDriver:
         with self._locked(network_id):
             again = self.store.endpoint(endpoint_id)       # a racing identical call won: its answer
             if again is not None:
-                if again.address != str(ip) or again.network_id != network_id:
-                    raise Conflict(f"endpoint {endpoint_id[:12]} already exists with address {again.address}")
+                if (again.address, again.address_v6, again.network_id) != (str(ip), address_v6, network_id):
+                    raise Conflict(f"endpoint {endpoint_id[:12]} already exists with address {again.address}"
+                                   f"{f' and {again.address_v6}' if again.address_v6 else ''}")
                 self._ensure_endpoint(net, again)
                 self._ready(again)
                 return {"Interface": {} if given_mac else {"MacAddress": again.mac}}
@@ -358,8 +363,8 @@ class NetworkDriver:
                 with self.store.tx() as db:
                     self.store.add_endpoint(db, ep)
             except sqlite3.IntegrityError:
-                raise Conflict(f"address {ip} or veth {host_veth} was taken by another endpoint "
-                               "meanwhile") from None
+                raise Conflict(f"address {ip}{f' or {address_v6}' if address_v6 else ''} or veth {host_veth} was "
+                               "taken by another endpoint meanwhile") from None
             _crash_point("endpoint")
             try:
                 self._ensure_endpoint(net, ep)

@@ -5,6 +5,7 @@ container saw: no proxy in between, the client's own address."""
 from __future__ import annotations
 
 import ipaddress
+import shlex
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from conftest import run, unique
 from test_docker_current import require_compose
 from test_docker_e2e import OUTSIDE_HOST_IP, OUTSIDE_PEER_IP, outside, outside_link  # noqa: F401  (fixtures)
 from test_docker_ipv6 import ipv6_sysctls_kept  # noqa: F401  (a fixture)
+from test_doctor import doctor
 
 pytestmark = pytest.mark.docker
 
@@ -268,6 +270,15 @@ def test_ipv6_published_ports_on_a_dual_stack_network(plugin_factory, dock, outs
         holder.kill()
         holder.wait(timeout=10)
     assert published6(plugin) == have and len(ports_chain6(plugin)) == 2, "nothing left of the refused ones"
+
+    # doctor checks them: in place, then a DNAT rule deleted by hand is named
+    assert "firewall" not in doctor(plugin)[1]
+    tag = plugin.status()["networks"][0]["network_id"][:12]
+    dnat = shlex.split(ports_chain6(plugin)[0])[2:]
+    run(["ip6tables", "-t", "nat", "-D", f"VPCNET-P-{tag}", *dnat])
+    finding = doctor(plugin)[1]["firewall"][0]
+    assert f"ip6tables nat chain VPCNET-P-{tag} does not hold its published ports ([" in finding["detail"], finding
+    run(["ip6tables", "-t", "nat", "-A", f"VPCNET-P-{tag}", *dnat])
 
     rules = ports_chain6(plugin)
     plugin.kill9()

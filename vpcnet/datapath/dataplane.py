@@ -84,6 +84,7 @@ under their lock, and each difference put right is returned as a `Repair`.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import socket
@@ -237,7 +238,7 @@ class Dataplane:
 
     def delete_network(self, spec: NetworkSpec) -> None:
         self.firewall.apply([], unwanted=[spec.tag], host=False)
-        self.ports6.apply([NetworkSpec(**{**spec.__dict__, "ports": ()})])    # its IPv6 ports' chains too
+        self.ports6.apply([dataclasses.replace(spec, ports=())])    # its IPv6 ports' chains too
         if spec.ebpf:
             self.tc.drop_network_programs(spec)
         self.nl.delete_link(spec.bridge)

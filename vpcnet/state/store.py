@@ -89,9 +89,6 @@ CREATE TABLE IF NOT EXISTS endpoints (
     address_v6   TEXT NOT NULL DEFAULT '',        -- bare IPv6 address, '' without one (6)
     UNIQUE (network_id, address)
 );
--- An IPv6 address is one endpoint's, as an IPv4 one (UNIQUE above): racing CreateEndpoints given the same one
--- cannot both win.
-CREATE UNIQUE INDEX IF NOT EXISTS endpoints_address_v6 ON endpoints(network_id, address_v6) WHERE address_v6 != '';
 -- Published ports (-p, schema 5): each one host port to one endpoint's container port. A row goes with its
 -- endpoint (ON DELETE CASCADE), the rules are the network's (vpcnet.datapath.modes), recomputed from here.
 CREATE TABLE IF NOT EXISTS ports (
@@ -284,6 +281,10 @@ class Store:
                                   ("networks", "gateway_v6"), ("endpoints", "address_v6")):
                 if column not in {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}:
                     db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
+            # An IPv6 address is one endpoint's, as an IPv4 one (UNIQUE (network_id, address)): racing
+            # CreateEndpoints given the same one cannot both win. After the column exists (an older state).
+            db.execute("CREATE UNIQUE INDEX IF NOT EXISTS endpoints_address_v6 ON endpoints(network_id, address_v6) "
+                       "WHERE address_v6 != ''")
             db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('schema_version', ?)",
                        (str(SCHEMA_VERSION),))
         os.chmod(self.path, 0o600)

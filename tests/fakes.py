@@ -44,7 +44,7 @@ class FakeDataplane:
         self.kernel_routes: list[str] = []         # what overlapping_routes() finds, e.g. "10.200.0.0/16 dev x"
         self.routes: dict[str, str] = {}           # routed modes: container address -> host veth (/32 routes)
         self.unrepaired: list[str] = []            # networks the last repair could not put right
-        self.host_sockets: dict[tuple[str, str, int], str] = {}   # (proto, host ip, port) -> holder: port_taken
+        self.host_sockets: dict[tuple, str] = {}   # (proto, host ip, port[, family]) -> holder: port_taken
         self.programs: dict[str, tuple] = {}       # ebpf: host veth -> the published (proto, port) of its program
 
     def _call(self, name: str, *args) -> None:
@@ -203,11 +203,13 @@ class FakeDataplane:
                 if ep.host_veth in self.links:
                     self.programs[ep.host_veth] = spec.published(ep.address)
 
-    def port_taken(self, proto: str, host_ip: str, port: int) -> str:
-        self._call("port_taken", proto, host_ip, port)
-        for (p, ip, number), holder in self.host_sockets.items():
-            if (p, number) == (proto, port) and (not ip or not host_ip or ip == host_ip):
-                return f"{host_ip or '0.0.0.0'}:{port}/{proto}: {holder}"
+    def port_taken(self, proto: str, host_ip: str, port: int, family: str = "ipv4") -> str:
+        self._call("port_taken", proto, host_ip, port, family)
+        for key, holder in self.host_sockets.items():     # (proto, ip, port[, family: "ipv4" without])
+            p, ip, number = key[:3]
+            if (p, number, key[3] if len(key) > 3 else "ipv4") == (proto, port, family) and \
+                    (not ip or not host_ip or ip == host_ip):
+                return f"{host_ip or ('::' if family == 'ipv6' else '0.0.0.0')}:{port}/{proto}: {holder}"
         return ""
 
     def published(self) -> list[str]:
@@ -274,7 +276,7 @@ def make_plugin(tmp_path, dataplane: FakeDataplane | None = None, clock=None, **
     dataplane = dataplane or FakeDataplane()
     driver = NetworkDriver(config, store, dataplane)
     ipam.remove_leftovers, ipam.peer_on_host = driver.remove_leftovers, dataplane.link_exists
-    ipam.drop_ipv6 = dataplane.drop_endpoint_ipv6
+    ipam.drop_ipv6 = driver.drop_ipv6
     return Assembled(config, store, routes, ipam, driver, dataplane, clock)
 
 

@@ -6,7 +6,9 @@ there touches nobody else): `vpcnet serve` is armed with its test-only crash poi
 CreateNetwork's (CreateEndpoint's) first commit; the plugin is started again, as systemd would, while Docker
 still waits on the call. Then a `docker network create` on the same cluster CIDR, and a `docker run` given
 the same address, must work, and a daemon restart (Docker's replays) must find everything in order. The
-same for a CreateEndpoint killed after its last commit, before Docker read the answer.
+same for a CreateEndpoint killed after its last commit, before Docker read the answer. The network is
+dual-stack, so every check holds for both families (test_races.ipv6_in_order: one /128 route per IPv6
+address and no other, no IPv6 address twice, the guard as the store wants it).
 """
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ import sys
 
 import pytest
 from conftest import free_cluster, run, unique, wait_for
-from test_daemon_restart import engine_host, errors_in, ip_of, log_since, ping  # noqa: F401
+from test_daemon_restart import engine_host, errors_in, ip6_of, ip_of, log_since, ping  # noqa: F401
 from test_doctor import doctor
+from test_races import ipv6_in_order
 
 from vpcnet_lab import image
 
@@ -61,19 +64,23 @@ def crashed_call(engine, plugin, trigger, call: str, *docker_args: str) -> tuple
 
 def test_a_plugin_killed_between_commit_and_kernel_work_strands_nothing(engine_host, plugin_factory,  # noqa: F811
                                                                         tmp_path):
+    """On a dual-stack network: the dead calls strand no block and no address of either family, leave no
+    /128 route and no IPv6 address twice, and the guard keeps matching the store."""
     engine, ns = engine_host
     trigger = tmp_path / "crash-after-commit"
-    plugin = plugin_factory({CRASH_ENV: str(trigger)}, netns=ns)
+    cluster6 = "fd00:5e:2::/48"
+    plugin = plugin_factory({CRASH_ENV: str(trigger), "VPCNET_CLUSTER_CIDR_V6": cluster6}, netns=ns)
     engine.start(live_restore=True)
     img = image.build(engine.docker)
-    create = ["network", "create", "-d", plugin.name, "--ipam-driver", plugin.name, "--subnet", plugin.cluster]
+    create = ["network", "create", "-d", plugin.name, "--ipam-driver", plugin.name, "--subnet", plugin.cluster,
+              "--ipv6", "--subnet", cluster6]
 
-    # CreateNetwork dies after its commit: its row holds the host's block of the cluster CIDR.
+    # CreateNetwork dies after its commit: its row holds the host's block of each cluster CIDR.
     lost_net, left = crashed_call(engine, plugin, trigger, "network", *create, "vpc-lost")
-    assert len(left) == 1 and left[0]["state"] == "pending", left
+    assert len(left) == 1 and left[0]["state"] == "pending" and left[0]["host_cidr_v6"], left
     assert lost_net.returncode != 0, "Docker never got an answer: the create failed"
     lost_bridge = left[0]["bridge"]
-    engine(*create, "vpc0")          # on the same cluster CIDR, so on the same host block
+    engine(*create, "vpc0")          # on the same cluster CIDRs, so on the same host blocks
     assert "died between the commit and the kernel work" in plugin.log()
     assert [r["network_id"] for r in rows(plugin, "networks")] == [
         engine("network", "inspect", "-f", "{{.Id}}", "vpc0").stdout.strip()]
@@ -82,23 +89,27 @@ def test_a_plugin_killed_between_commit_and_kernel_work_strands_nothing(engine_h
     # CreateEndpoint dies after its commit: its row holds the address.
     lost_run, left = crashed_call(engine, plugin, trigger, "endpoint",
                                   "run", "-d", "--name", "lost", "--network", "vpc0", img, "sleep", "3600")
-    assert len(left) == 1 and left[0]["state"] == "pending", left
+    assert len(left) == 1 and left[0]["state"] == "pending" and left[0]["address_v6"], left
     assert lost_run.returncode != 0, "Docker never got an answer: the run failed"
-    address, lost_veth = left[0]["address"], left[0]["host_veth"]
+    address, address6, lost_veth = left[0]["address"], left[0]["address_v6"], left[0]["host_veth"]
     engine("rm", "-f", "lost")
-    engine("run", "-d", "--name", "two", "--network", "vpc0", "--ip", address, img, "sleep", "3600")
-    assert ip_of(engine, "two") == address
-    assert ping(engine, "two", ip_of(engine, "one"))
+    engine("run", "-d", "--name", "two", "--network", "vpc0", "--ip", address, "--ip6", address6, img, "sleep",
+           "3600")
+    assert (ip_of(engine, "two"), ip6_of(engine, "two")) == (address, address6), "neither address stranded"
+    assert ping(engine, "two", ip_of(engine, "one")) and ping(engine, "two", ip6_of(engine, "one"))
+    ipv6_in_order(ns, plugin.status())
     # CreateEndpoint dies after its second commit, before Docker has the answer: Docker releases the
     # address, and the endpoint (never handed to a container) goes with it.
     late_run, left = crashed_call(engine, plugin, trigger, "endpoint-ready",
                                   "run", "-d", "--name", "late", "--network", "vpc0", img, "sleep", "3600")
     assert len(left) == 1 and left[0]["state"] == "ready", left
     assert late_run.returncode != 0, "Docker never got the answer: the run failed"
-    late_address, late_veth = left[0]["address"], left[0]["host_veth"]
+    late_address, late6, late_veth = left[0]["address"], left[0]["address_v6"], left[0]["host_veth"]
     engine("rm", "-f", "late")
-    engine("run", "-d", "--name", "three", "--network", "vpc0", "--ip", late_address, img, "sleep", "3600")
-    assert ping(engine, "three", address)
+    engine("run", "-d", "--name", "three", "--network", "vpc0", "--ip", late_address, "--ip6", late6, img, "sleep",
+           "3600")
+    assert ping(engine, "three", address) and ping(engine, "three", address6)
+    ipv6_in_order(ns, plugin.status())
     links = run(["ip", "-n", ns, "-o", "link"]).stdout
     assert lost_veth not in links and lost_bridge not in links and late_veth not in links, \
         "the dead calls' kernel state is gone"
@@ -112,13 +123,15 @@ def test_a_plugin_killed_between_commit_and_kernel_work_strands_nothing(engine_h
     assert wait_for(lambda: all(f"replayed address {ip} in pool" in log_since(plugin, offset) for ip in ips), 20), \
         log_since(plugin, offset)[-5000:]
     assert errors_in(plugin, log_since(plugin, offset)) == []
-    assert ping(engine, "one", address)
+    assert ping(engine, "one", address) and ping(engine, "one", late6)
     assert sorted((r["address"], r["state"]) for r in rows(plugin, "endpoints")) == sorted(
         (ip, "ready") for ip in ips)
+    ipv6_in_order(ns, plugin.status())
     engine("rm", "-f", "one", "two", "three")
     engine("network", "rm", "vpc0")
     assert rows(plugin, "networks") == [] and rows(plugin, "leftovers") == []
     assert "vpc-" not in run(["ip", "-n", ns, "-o", "link"]).stdout
+    assert ipv6_in_order(ns, plugin.status()) == {"routes": [], "dnat": []}
 
 
 def test_network_forget_removes_a_network_docker_does_not_have_and_refuses_one_it_has(

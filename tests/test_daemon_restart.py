@@ -107,8 +107,11 @@ def engine_host(netns_factory, plugin_factory, root):
 
 
 def published(plugin) -> list[str]:
-    """The published ports in the plugin's state, as host:port->container:port/proto."""
+    """The published ports in the plugin's state, as host:port->container:port/proto ([::]:port->[v6]:port/proto
+    for IPv6)."""
     return sorted(f"{p['host_ip']}:{p['host_port']}->{ep['address']}:{p['container_port']}/{p['proto']}"
+                  if p.get("family", "ipv4") == "ipv4" else
+                  f"[{p['host_ip']}]:{p['host_port']}->[{ep['address_v6']}]:{p['container_port']}/{p['proto']}"
                   for n in plugin.status()["networks"] for ep in n["endpoints"] for p in ep["ports"])
 
 
@@ -153,8 +156,10 @@ def test_daemon_restart_keeps_networks_and_containers_working(engine_host, plugi
     engine("run", "-d", "--name", "two", "--network", "vpc0", img, "sleep", "3600")
     ip_one, ip_two = ip_of(engine, "one"), ip_of(engine, "two")
     assert ping(engine, "one", ip_two)
-    assert published(plugin) == [f"0.0.0.0:18100->{ip_one}:80/tcp"]
     six = {c: ip6_of(engine, c) for c in ("one", "two")} if ipv6 else {}
+    # on a dual-stack network -p publishes on both families (20.10 sends one binding without an address)
+    port6 = [f"[::]:18100->[{six['one']}]:80/tcp"] if ipv6 else []
+    assert published(plugin) == [f"0.0.0.0:18100->{ip_one}:80/tcp", *port6]
     assert not ipv6 or ping(engine, "one", six["two"])
 
     engine.stop()
@@ -183,9 +188,12 @@ def test_daemon_restart_keeps_networks_and_containers_working(engine_host, plugi
     if not live_restore:
         assert published(plugin) == [], "the containers stopped with the daemon: their ports went with them"
         engine("start", "one", "two")
-    assert published(plugin) == [f"0.0.0.0:18100->{ip_of(engine, 'one')}:80/tcp"], "exactly the running one's"
+    port6 = [f"[::]:18100->[{ip6_of(engine, 'one')}]:80/tcp"] if ipv6 else []
+    assert published(plugin) == [f"0.0.0.0:18100->{ip_of(engine, 'one')}:80/tcp", *port6], "exactly the running one's"
     chain = run(["ip", "netns", "exec", ns, "iptables", "-t", "nat", "-S"]).stdout
     assert chain.count("-j DNAT --to-destination") == 1 and f"{ip_of(engine, 'one')}:80" in chain
+    chain6 = run(["ip", "netns", "exec", ns, "ip6tables", "-t", "nat", "-S"]).stdout
+    assert chain6.count("-j DNAT --to-destination") == len(port6) and (not ipv6 or f"[{six['one']}]:80" in chain6)
     assert ping(engine, "one", "two"), "by name after the restart"
     assert {ip_of(engine, "one"), ip_of(engine, "two")} == {ip_one, ip_two} or not live_restore
     engine("run", "-d", "--name", "three", "--network", "vpc0", img, "sleep", "3600")

@@ -236,3 +236,73 @@ def test_the_plugin_process_repairs_a_flushed_firewall_and_counts_it(plugin_fact
     assert wait_for(lambda: plugin.status()["datapath_repairs"].get("firewall", 0) >= 1, 5.0)
     assert "datapath repaired (firewall, network" in plugin.log()
     plugin.call("/NetworkDriver.DeleteNetwork", {"NetworkID": nid})
+
+
+def status_of(store: Store) -> dict:
+    """The store as `vpcnet status --json` shows it (what test_races.ipv6_in_order compares the kernel with)."""
+    ports: dict[str, list[dict]] = {}
+    for p in store.ports():
+        ports.setdefault(p.endpoint_id, []).append({"family": p.family, "container_port": p.container_port})
+    return {"networks": [{"endpoints": [{"address_v6": ep.address_v6, "host_veth": ep.host_veth,
+                                         "ports": ports.get(ep.endpoint_id, [])}
+                                        for ep in store.endpoints(net.network_id)]} for net in store.networks()]}
+
+
+@pytest.mark.parametrize("mode", ["routed", "ebpf"])
+def test_dual_stack_faults_are_repaired_to_exactly_what_the_store_holds(box, mode):
+    """A dual-stack network with an IPv6 published port, and the faults a host throws at it: a /128 route
+    deleted, ip6tables flushed (guard, forwarding rules, DNAT), an endpoint's row gone (deleted while the
+    plugin was down: its leftovers). After each pass: one /128 route per IPv6 endpoint and no other, no IPv6
+    address twice, the guard and the IPv6 DNAT rules exactly the store's, and IPv6 flows again."""
+    from test_datapath_ipv6 import container, ping6
+    from test_races import ipv6_in_order
+
+    from vpcnet.datapath.ipv6 import Ipv6Endpoint
+    from vpcnet.datapath.reconciler import spec_of
+    from vpcnet.state.store import Port
+
+    block, a6, b6 = "fd00:77:3:0:1::/80", "fd00:77:3:0:1::2", "fd00:77:3:0:1::3"
+    box.dp.ipv6_endpoints = lambda: [Ipv6Endpoint(v, a) for v, a in box.store.ipv6_endpoints()]
+    s = spec(mode=mode)
+    net = Network(network_id=s.tag + "0" * 52, host_cidr=s.host_cidr, cluster_cidr=s.cluster_cidr, gateway=s.gateway,
+                  bridge=s.bridge, mtu=s.mtu, internal=False, no_nat=(), mode=mode, host_cidr_v6=block,
+                  cluster_cidr_v6="fd00:77::/48", gateway_v6="fd00:77:3:0:1::1")
+    with box.store.tx() as db:
+        box.store.add_network(db, net)
+    box.dp.ensure_network(s)
+    sandboxes = {}
+    for ip4, ip6, eid in (("10.77.3.2", a6, "a" * 64), ("10.77.3.3", b6, "b" * 64)):
+        host_veth, peer = veth_names(eid)
+        with box.store.tx() as db:         # the desired state first, as the driver writes it
+            box.store.add_endpoint(db, Endpoint(eid, net.network_id, ip4, "02:42:00:00:00:01", host_veth, peer,
+                                                address_v6=ip6))
+        sandboxes[eid] = container(box.ns, box.dp, s, box.netns_factory, ip4, ip6, eid)
+        box.dp.ensure_endpoint_ipv6(s, host_veth, ip6)
+    box.store.set_ports("a" * 64, [Port("a" * 64, "tcp", "", 18080, 80, "18080", "ipv6")])
+    box.dp.ensure_ports(spec_of(net, box.store.ports(network_id=net.network_id)), [])
+    a = sandboxes["a" * 64]
+    box.reconciler.reconcile()
+    assert box.reconciler.reconcile() == [], "in order: nothing to repair"
+    assert len(ipv6_in_order(box.ns, status_of(box.store))["dnat"]) == 1 and ping6(a, b6)
+
+    run(["ip", "-n", box.ns, "-6", "route", "del", f"{b6}/128"])
+    assert not ping6(a, b6)
+    assert any("IPv6 of" in r.what and b6 in r.what for r in box.reconciler.reconcile())
+    ipv6_in_order(box.ns, status_of(box.store))
+    assert ping6(a, b6)
+
+    for table in ("raw", "filter", "nat"):
+        ns_run(box.ns, "ip6tables", "-t", table, "-F")
+    repairs = [r.what for r in box.reconciler.reconcile()]
+    assert any("VPCNET-IPV6" in w for w in repairs) and any(f"VPCNET-P-{s.tag}" in w for w in repairs), repairs
+    ipv6_in_order(box.ns, status_of(box.store))
+    assert ping6(a, b6) and box.reconciler.reconcile() == []
+
+    # an endpoint deleted while the plugin was down (its row gone to the leftovers): the pass takes its veth,
+    # /128 route and IPv6 DNAT; nothing of it is left
+    box.store.delete_endpoint("a" * 64, leftover=True)
+    box.reconciler.reconcile()
+    state = ipv6_in_order(box.ns, status_of(box.store))
+    assert state["dnat"] == [] and a6 not in " ".join(state["routes"])
+    assert f"VPCNET-P-{s.tag}" not in ns_run(box.ns, "ip6tables-save").stdout
+    assert box.reconciler.reconcile() == []

@@ -963,7 +963,7 @@ def test_ipv6_only_network_endpoint_join_and_removal(plug, mode):
     assert answer["StaticRoutes"] == [{"Destination": net.cluster_cidr_v6, "RouteType": 0, "NextHop": "fe80::1"}]
     portmap = {"com.docker.network.portmap": [{"Proto": 6, "IP": "", "Port": 80, "HostIP": "", "HostPort": 8080,
                                                "HostPortEnd": 8080}]}
-    with pytest.raises(InvalidRequest, match="is IPv6-only .*publishes ports .* on IPv4 only"):
+    with pytest.raises(InvalidRequest, match="is IPv6-only .*publishes ports"):
         plug.driver.program_external_connectivity(NID, EID, portmap)
     assert plug.store.ports() == []
     assert plug.driver.program_external_connectivity(NID, EID, {}) == {}
@@ -1031,3 +1031,18 @@ def test_internal_dual_stack_and_ipv6_only_networks_are_made(plug):
     assert spec_of(net).host_cidr_v6 == pool6 and spec_of(net).cluster_cidr_v6 == net.cluster_cidr_v6
     other, _ = ipv6_only(plug, nid=NID2, subnet="fd77:1::/48", **{INTERNAL_OPTION: True})
     assert other.internal and other.host_cidr == ""
+
+
+def test_an_ipv6_address_is_one_endpoints(plug):
+    """Two endpoints given the same IPv6 address (distinct IPv4 ones): the second is refused, naming the holder,
+    and leaves nothing; the same endpoint id again with another IPv6 address is refused too."""
+    net, pool6 = dual_stack(plug)
+    a4, b4 = (plug.ipam.request_address(net.host_cidr)["Address"] for _ in range(2))
+    a6, other6 = (plug.ipam.request_address(pool6)["Address"] for _ in range(2))
+    plug.driver.create_endpoint(NID, EID, {"Address": a4, "AddressIPv6": a6}, {})
+    state = plug.snapshot()
+    with pytest.raises(Conflict, match=f"IPv6 address {a6.split('/')[0]} is already used by endpoint {EID[:12]}"):
+        plug.driver.create_endpoint(NID, EID2, {"Address": b4, "AddressIPv6": a6}, {})
+    with pytest.raises(Conflict, match=f"already exists with address {a4.split('/')[0]} and {a6.split('/')[0]}"):
+        plug.driver.create_endpoint(NID, EID, {"Address": a4, "AddressIPv6": other6}, {})
+    assert plug.snapshot() == state

@@ -49,7 +49,7 @@ def portmap(*bindings: dict, exposed: tuple = ()) -> dict:
 
 def published(plug) -> list[str]:
     """What the store holds and what the (fake) kernel holds: always the same, as text."""
-    stored = sorted(f"{p.host_ip or '0.0.0.0'}:{p.host_port}->{p.address}:{p.container_port}/{p.proto}"
+    stored = sorted(f"{p.host}->{f'[{p.address}]' if p.family == 'ipv6' else p.address}:{p.container_port}/{p.proto}"
                     for p in plug.store.ports())
     assert plug.dataplane.published() == stored
     return stored
@@ -179,7 +179,9 @@ def test_a_kernel_failure_puts_the_rows_back(plug):
 # -- refusals ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bad, text", [
     (binding(host_ip="127.0.0.1", host_port=8080), "route_localnet"),
-    (binding(host_ip="::1", host_port=8080), "IPv4 addresses only"),
+    (binding(host_ip="::1", host_port=8080), r"-p \[::1\].*route_localnet"),
+    (binding(host_ip="2001:db8::1", host_port=8080), r"the endpoint has no IPv6 address \(create the network with "
+                                                     "--ipv6"),
     (binding(host_ip="not-an-ip", host_port=8080), "is not an IP address"),
     (binding(proto=1, host_port=8080), "is not tcp"),
     (binding(port=0, host_port=8080), "container port 0"),
@@ -194,12 +196,136 @@ def test_bad_bindings_are_refused_naming_them(plug, bad, text):
     assert plug.snapshot() == state
 
 
-def test_ipv6_wildcard_is_left_out_beside_ipv4(plug):
-    """Docker 28 may send [::] beside 0.0.0.0 for `-p 8080:80`: IPv4 is published, IPv6 waits for issue 19."""
+def test_ipv6_wildcard_is_left_out_beside_ipv4_on_an_ipv4_network(plug):
+    """Docker 28 sends [::] beside 0.0.0.0 for `-p 8080:80`: an IPv4-only network publishes IPv4 only."""
     address = endpoint(plug)
-    plug.driver.program_external_connectivity(NID, EID, portmap(binding(TCP, 80, 8080),
+    plug.driver.program_external_connectivity(NID, EID, portmap(binding(TCP, 80, 8080, host_ip="0.0.0.0"),
                                                                 binding(TCP, 80, 8080, host_ip="::")))
     assert published(plug) == [f"0.0.0.0:8080->{address}:80/tcp"]
+    assert plug.store.ports()[0].family == "ipv4"
+
+
+# -- IPv6 (dual-stack networks) ---------------------------------------------------------------------------
+@pytest.fixture
+def plug6(tmp_path):
+    plug = make_plugin(tmp_path)
+    pool4, pool6 = plug.ipam.request_pool()["PoolID"], plug.ipam.request_pool(v6=True)["PoolID"]
+    plug.driver.create_network(NID, {GENERIC: {"vpcnet.mode": "ebpf"}, "com.docker.network.enable_ipv6": True},
+                               [{"Pool": pool4, "Gateway": ""}], [{"Pool": pool6, "Gateway": ""}])
+    return plug
+
+
+def endpoint6(plug, eid=EID) -> tuple[str, str]:
+    net = plug.store.network(NID)
+    address = plug.ipam.request_address(net.host_cidr)["Address"]
+    address6 = plug.ipam.request_address(net.host_cidr_v6)["Address"]
+    plug.driver.create_endpoint(NID, eid, {"Address": address, "AddressIPv6": address6}, {})
+    return address.split("/")[0], address6.split("/")[0]
+
+
+@pytest.mark.parametrize("engine, bindings", [
+    ("28", [binding(TCP, 80, 8080, host_ip="0.0.0.0"), binding(TCP, 80, 8080, host_ip="::")]),
+    ("20.10", [binding(TCP, 80, 8080)]),
+])
+def test_a_dual_stack_endpoint_publishes_on_both_families(plug6, engine, bindings):
+    """`-p 8080:80`: Docker 28 sends 0.0.0.0 and [::], 20.10 one binding without an address; both publish on
+    the host's IPv4 and IPv6 addresses, to the container's address of each family, and Revoke takes both."""
+    address, address6 = endpoint6(plug6)
+    plug6.driver.program_external_connectivity(NID, EID, portmap(*bindings))
+    assert published(plug6) == [f"0.0.0.0:8080->{address}:80/tcp", f"[::]:8080->[{address6}]:80/tcp"]
+    assert sorted(p.family for p in plug6.store.ports()) == ["ipv4", "ipv6"]
+    # the ebpf programs learn each family's published ports by the endpoint's address of that family
+    spec = plug6.driver._spec(plug6.store.network(NID))
+    assert spec.published(address) == spec.published(address6) == (("tcp", 80),)
+    assert [p.family for p in spec.ports if p.address == address6] == ["ipv6"]
+    plug6.driver.revoke_external_connectivity(NID, EID)
+    assert published(plug6) == []
+
+
+def test_explicit_ipv4_or_ipv6_host_addresses_publish_that_family_only(plug6):
+    address, address6 = endpoint6(plug6)
+    plug6.driver.program_external_connectivity(NID, EID, portmap(binding(TCP, 80, 8080, host_ip="0.0.0.0"),
+                                                                 binding(UDP, 53, 5353, host_ip="2001:db8::1"),
+                                                                 binding(TCP, 443, 8443, host_ip="10.0.0.5")))
+    assert published(plug6) == [f"0.0.0.0:8080->{address}:80/tcp", f"10.0.0.5:8443->{address}:443/tcp",
+                                f"[2001:db8::1]:5353->[{address6}]:53/udp"]
+
+
+def test_host_ports_are_checked_per_family(plug6):
+    """A port a host process holds on IPv6 only (or Docker's ip6tables rules) refuses the IPv6 binding, naming
+    it, and publishes nothing; the same port held on IPv4 only leaves IPv6 free, and the other way round."""
+    endpoint6(plug6)
+    plug6.dataplane.host_sockets[("tcp", "", 8080, "ipv6")] = "Address already in use"
+    state = plug6.snapshot()
+    with pytest.raises(Conflict, match=r"-p \[::\]:8080:80/tcp: cannot publish port 8080: ::?:8080/tcp: Address "
+                                       "already in use"):
+        plug6.driver.program_external_connectivity(NID, EID, portmap(binding(TCP, 80, 8080, host_ip="0.0.0.0"),
+                                                                     binding(TCP, 80, 8080, host_ip="::")))
+    assert plug6.snapshot() == state
+    plug6.dataplane.host_sockets = {("tcp", "", 8080): "held on IPv4"}
+    with pytest.raises(Conflict, match="held on IPv4"):
+        plug6.driver.program_external_connectivity(NID, EID, portmap(binding(TCP, 80, 8080)))
+    plug6.driver.program_external_connectivity(NID, EID, portmap(binding(TCP, 80, 8080, host_ip="::")))
+    assert [p.family for p in plug6.store.ports()] == ["ipv6"]
+    assert ("port_taken", "tcp", "", 8080, "ipv6") in plug6.dataplane.called("port_taken")
+
+
+def test_another_endpoints_ipv6_port_clashes_only_in_its_family(plug6):
+    endpoint6(plug6)
+    endpoint6(plug6, EID2)
+    plug6.driver.program_external_connectivity(NID, EID2, portmap(binding(TCP, 80, 8080, host_ip="::")))
+    with pytest.raises(Conflict, match="vpcnet publishes it for endpoint fadefadefade"):
+        plug6.driver.program_external_connectivity(NID, EID, portmap(binding(TCP, 80, 8080, host_ip="2001:db8::1")))
+    plug6.driver.program_external_connectivity(NID, EID, portmap(binding(TCP, 80, 8080, host_ip="0.0.0.0")))
+    assert len(published(plug6)) == 2
+
+
+def test_p_gives_both_families_the_same_host_port(plug6):
+    """-P: Docker 28 sends 0.0.0.0 and [::] with no host port: one port for both, as Docker's own allocator."""
+    endpoint6(plug6)
+    plug6.driver.program_external_connectivity(NID, EID, portmap(binding(TCP, 80, 0, host_ip="0.0.0.0"),
+                                                                 binding(TCP, 80, 0, host_ip="::")))
+    v4, v6 = sorted(plug6.store.ports(), key=lambda p: p.family)
+    assert (v4.family, v6.family) == ("ipv4", "ipv6") and v4.host_port == v6.host_port
+
+
+@pytest.mark.parametrize("bad, text", [
+    (binding(host_ip="::1", host_port=8080), r"-p \[::1\].*loopback.*route_localnet"),
+    (binding(host_ip="fe80::1", host_port=8080), "link-local host address"),
+])
+def test_ipv6_loopback_and_link_local_host_addresses_are_refused(plug6, bad, text):
+    endpoint6(plug6)
+    state = plug6.snapshot()
+    with pytest.raises(InvalidRequest, match=text):
+        plug6.driver.program_external_connectivity(NID, EID, portmap(bad))
+    assert plug6.snapshot() == state
+
+
+def test_a_released_ipv6_address_takes_its_published_ports_at_once(plug6):
+    """Docker releases a running container's IPv6 address (it turned IPv6 off): its IPv6 ports' rows and rules
+    go with it (no DNAT to an address IPAM may hand to another container), its IPv4 ones stay."""
+    address, address6 = endpoint6(plug6)
+    plug6.driver.program_external_connectivity(NID, EID, portmap(binding(TCP, 80, 8080)))
+    assert len(published(plug6)) == 2
+    plug6.dataplane.links[plug6.store.endpoint(EID).host_veth]["peer_present"] = False     # in the container
+    plug6.ipam.release_address(plug6.store.network(NID).host_cidr_v6, address6)
+    assert published(plug6) == [f"0.0.0.0:8080->{address}:80/tcp"]
+    # Docker 29 programs again (the endpoint stays the gateway): only IPv4 now, nothing refused
+    plug6.driver.program_external_connectivity(NID, EID, portmap(binding(TCP, 80, 8080, host_ip="0.0.0.0"),
+                                                                 binding(TCP, 80, 8080, host_ip="::")))
+    assert published(plug6) == [f"0.0.0.0:8080->{address}:80/tcp"]
+
+
+def test_vpcnet_status_shows_ipv6_ports(plug6):
+    from vpcnet.cli.status import collect, render
+
+    _address, address6 = endpoint6(plug6)
+    plug6.driver.program_external_connectivity(NID, EID, portmap(binding(TCP, 80, 8080, host_ip="::")))
+    status = collect(plug6.config)
+    [ep] = status["networks"][0]["endpoints"]
+    assert ep["ports"] == [{"proto": "tcp", "host_ip": "::", "host_port": 8080, "container_port": 80,
+                            "family": "ipv6"}]
+    assert f"published [::]:8080 -> [{address6}]:80/tcp" in render(status)
 
 
 def test_an_internal_network_refuses_to_publish(tmp_path):

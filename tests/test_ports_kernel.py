@@ -174,3 +174,109 @@ def test_port_taken_sees_host_sockets_and_dockers_rules(two_hosts):  # noqa: F81
     dp = Dataplane(netns=a)                 # Docker's rules are read once per call (2 s): a fresh read
     assert "Docker publishes it" in dp.port_taken("udp", "", 5353)
     assert dp.port_taken("udp", "", 535) == "" and dp.port_taken("tcp", "", 5353) == ""
+
+
+# -- IPv6 ----------------------------------------------------------------------------------------------------
+H6, H6_OTHER, B6 = "2001:db8:1::10", "2001:db8:1::11", "2001:db8:1::20"      # host A's uplink addresses, host B's
+A1_6, A2_6 = "fd00:77:3:0:1::2", "fd00:77:3:0:1::3"                          # containers of host A's IPv6 block
+
+
+@pytest.mark.parametrize("mode", ["routed", "ebpf"])
+def test_a_published_port_answers_on_the_hosts_ipv6_addresses(two_hosts, netns_factory, mode):  # noqa: F811
+    """`-p 8080:80` and `-p [2001:db8:1::10]:8081:80` on a dual-stack network: ip6tables DNATs the host's IPv6
+    address to the container's, which sees each client's own source (another host, a container of this host
+    through the host's address, itself, the host); the repair pass puts a flushed chain back, and
+    unpublishing takes every rule."""
+    from test_datapath_ipv6 import container
+
+    from vpcnet.datapath import ports6
+    from vpcnet.datapath.firewall import parse_save
+    from vpcnet.datapath.ipv6 import Ipv6Endpoint
+
+    a, b = two_hosts
+    for ns, mine in ((a, (H6, H6_OTHER)), (b, (B6,))):
+        for address in mine:
+            run(["ip", "-n", ns, "-6", "addr", "add", f"{address}/64", "dev", "uplink0", "nodad"])
+    sa = spec(mode=mode, host="10.77.3.0/24")
+    dpa = Dataplane(netns=a)
+    v6 = [Ipv6Endpoint(veth_names("a" * 64)[0], A1_6), Ipv6Endpoint(veth_names("c" * 64)[0], A2_6)]
+    dpa.ipv6_endpoints = lambda: v6
+    dpa.ensure_host()
+    dpa.ensure_network(sa)
+    a1 = container(a, dpa, sa, netns_factory, "10.77.3.2", A1_6, "a" * 64)
+    a2 = container(a, dpa, sa, netns_factory, "10.77.3.3", A2_6, "c" * 64)
+    for ep in v6:
+        dpa.ensure_endpoint_ipv6(sa, ep.host_veth, ep.address)
+    ns_run(a, "ip6tables", "-P", "FORWARD", "DROP")         # as Docker 27+ leaves it
+    server = subprocess.Popen(["ip", "netns", "exec", a1, sys.executable, "-c", SERVE.replace(
+        "socket.socket()", "socket.socket(socket.AF_INET6)").replace('"0.0.0.0"', '"::"')], stdout=subprocess.PIPE,
+        text=True)
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        assert ask(b, H6) != f"hello {B6}", "nothing published yet"
+        a1_veth = EndpointSpec(*veth_names("a" * 64), mac_for("10.77.3.2"), "10.77.3.2")
+        published = sa.__class__(**{**sa.__dict__, "ports": (
+            PortMapping("tcp", "", 8080, A1_6, 80, "ipv6"), PortMapping("tcp", H6, 8081, A1_6, 80, "ipv6"))})
+        dpa.ensure_ports(published, [a1_veth])
+        dpa.ensure_ports(published, [a1_veth])                # idempotent
+        saved = parse_save(ns_run(a, "ip6tables-save").stdout)
+        assert ports6.diff(saved, [published]) == ([], ""), "every rule reads back as written"
+        assert f"-j DNAT --to-destination [{A1_6}]:80" in ns_run(a, "ip6tables", "-t", "nat", "-S").stdout
+        assert "VPCNET-P-" not in ns_run(a, "iptables", "-t", "nat", "-S").stdout, "no IPv4 rule for them"
+
+        assert ask(b, H6) == f"hello {B6}", "another host (or outside): its own address"
+        assert ask(b, H6_OTHER) == f"hello {B6}", "[::]: every IPv6 address of the host"
+        assert ask(b, H6, 8081) == f"hello {B6}" and ask(b, H6_OTHER, 8081) != f"hello {B6}", "one address only"
+        assert ask(a2, H6) == f"hello {A2_6}", "a container on this host (hairpin): its own address"
+        assert ask(a1, H6).startswith("hello "), "the container itself, through the host's port"
+        assert ask(a, H6).startswith("hello "), "the host itself (OUTPUT)"
+        assert ask(b, "192.0.2.10") != f"hello {B6}" and not ask(b, "192.0.2.10").startswith("hello")
+
+        # a DNAT chain flushed behind vpcnet's back: the datapath pass finds it and puts it back
+        ns_run(a, "ip6tables", "-t", "nat", "-F", published.ports_chain)
+        assert ask(b, H6) != f"hello {B6}"
+        repairs = dpa.repair([(published, [a1_veth])])
+        flushed = f"ip6tables nat chain {published.ports_chain} holds 0 rule(s), 0 of 2 wanted"
+        assert flushed in [r.what for r in repairs]
+        assert ask(b, H6) == f"hello {B6}" and dpa.repair([(published, [a1_veth])]) == []
+
+        dpa.ensure_ports(sa, [a1_veth], adding=False)        # unpublished
+        assert ask(b, H6) != f"hello {B6}" and ask(a2, H6) != f"hello {A2_6}"
+        assert "VPCNET-P-" not in ns_run(a, "ip6tables", "-t", "nat", "-S").stdout
+        dpa.ensure_ports(published, [a1_veth])
+        dpa.delete_network(published)
+        assert "VPCNET-P-" not in ns_run(a, "ip6tables", "-t", "nat", "-S").stdout, "a deleted network's go too"
+    finally:
+        server.kill()
+        server.wait(timeout=10)
+
+
+def test_port_taken_checks_ipv6_apart(two_hosts):  # noqa: F811
+    """IPv6: a trial bind with IPV6_V6ONLY (a socket on 0.0.0.0 holds no IPv6 port, one on [::] holds both)
+    and Docker's ip6tables DNAT rules."""
+    a, _b = two_hosts
+    run(["ip", "-n", a, "-6", "addr", "add", f"{H6}/64", "dev", "uplink0", "nodad"])
+    dp = Dataplane(netns=a)
+    for bound, v4, v6 in (("0.0.0.0", True, False), ("::", True, True)):
+        family = "AF_INET6" if ":" in bound else "AF_INET"
+        holder = subprocess.Popen(["ip", "netns", "exec", a, sys.executable, "-c",
+                                   f"import socket,time; s=socket.socket(socket.{family}); s.bind(('{bound}', 8089)); "
+                                   "s.listen(); print('ready', flush=True); time.sleep(60)"],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+            assert bool(dp.port_taken("tcp", "", 8089)) == v4, bound
+            assert bool(dp.port_taken("tcp", "", 8089, "ipv6")) == v6, bound
+            assert bool(dp.port_taken("tcp", H6, 8089, "ipv6")) == v6, bound
+            held = rtnl.in_netns(a, lambda: held_in_proc("tcp", "", 8089, "ipv6"))
+            assert bool(held) == v6 and (not v6 or "[::]:8089/tcp: a socket of the host holds it" in held)
+        finally:
+            holder.kill()
+            holder.wait(timeout=10)
+    assert "Cannot assign requested address" in dp.port_taken("tcp", "2001:db8:1::99", 8089, "ipv6"), "not the host's"
+    ns_run(a, "ip6tables", "-t", "nat", "-N", "DOCKER")
+    ns_run(a, "ip6tables", "-t", "nat", "-A", "DOCKER", "!", "-i", "docker0", "-p", "tcp", "-m", "tcp", "--dport",
+           "8443", "-j", "DNAT", "--to-destination", "[fd00:dead::2]:443")
+    dp = Dataplane(netns=a)
+    assert "Docker publishes it" in dp.port_taken("tcp", "", 8443, "ipv6")
+    assert dp.port_taken("tcp", "", 8443) == "", "Docker's IPv6 rule holds no IPv4 port"

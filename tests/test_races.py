@@ -156,6 +156,112 @@ def test_racing_raw_calls_on_the_same_ids_against_the_real_plugin(plugin_factory
     assert " -> 500" not in plugin.log()
 
 
+def ipv6_in_order(ns: str, status: dict) -> dict:
+    """The IPv6 invariants after any fault, between the kernel of `ns` and the store (`vpcnet status`): each
+    IPv6 endpoint has exactly one /128 route, over its own host veth, and no other /128 route of a vpcnet veth
+    is left; no IPv6 address is held twice; the ip6tables guard is what the store's endpoints want; the IPv6
+    published ports' DNAT rules are exactly the store's. Returns what it read (for more checks)."""
+    from vpcnet.datapath.firewall import IPV6_CHAIN, IPV6_FORWARD_CHAIN, IPV6_RULES, parse_save
+    from vpcnet.datapath.ipv6 import guard_rules
+
+    endpoints = [ep for n in status["networks"] for ep in n["endpoints"]]
+    wanted = sorted(f"{ep['address_v6']} dev {ep['host_veth']}" for ep in endpoints if ep.get("address_v6"))
+    v6 = [ep["address_v6"] for ep in endpoints if ep.get("address_v6")]
+    assert len(v6) == len(set(v6)), f"an IPv6 address held twice: {sorted(v6)}"
+    routes = [" ".join(r.split()[:3]) for r in run(["ip", "-n", ns, "-6", "route", "show"]).stdout.splitlines()
+              if " dev vh" in r and "fe80::" not in r]
+    assert sorted(routes) == wanted, f"/128 routes {routes}, the store's endpoints want {wanted}"
+    saved = parse_save(run(["ip", "netns", "exec", ns, "ip6tables-save"]).stdout)
+    guard = saved.chain("raw", IPV6_CHAIN)
+    if guard is not None:             # written once the plugin started; with IPv6 endpoints, their rules
+        assert guard == [*guard_rules(bool(v6)), *IPV6_RULES] or (not v6 and guard[-len(IPV6_RULES):] == IPV6_RULES), \
+            guard
+    if v6:
+        assert saved.chain("filter", IPV6_FORWARD_CHAIN), "no IPv6 forwarding rules for the IPv6 endpoints"
+    dnat = sorted(r.split("--to-destination ")[1] for chain, rules in saved.chains("nat").items()
+                  if chain.startswith("VPCNET-P-") for r in rules)
+    ports = sorted(f"[{ep['address_v6']}]:{p['container_port']}" for ep in endpoints for p in ep["ports"]
+                   if p["family"] == "ipv6")
+    assert dnat == ports, f"ip6tables DNAT to {dnat}, the store publishes {ports}"
+    return {"routes": routes, "dnat": dnat}
+
+
+@pytest.mark.root
+def test_racing_dual_stack_calls_leave_one_route_per_ipv6_address_and_the_guard_matching(
+        plugin_factory, host):  # noqa: F811
+    """Dual-stack (routed): racing CreateNetwork, CreateEndpoint (the same ids; two ids for one IPv6
+    address), ProgramExternalConnectivity with IPv6 ports, Revoke and deletes, across two workers: never a
+    500, one /128 route per IPv6 address, no IPv6 address twice, the guard and the IPv6 DNAT rules always
+    what the store holds, and nothing left at the end."""
+    plugin = plugin_factory({"VPCNET_WORKERS": "2", "VPCNET_THREADS": "8"}, netns=host)
+    status, pool = plugin.call("/IpamDriver.RequestPool", {"Pool": ""})
+    status6, pool6 = plugin.call("/IpamDriver.RequestPool", {"Pool": "", "V6": True})
+    assert status == status6 == 200, (pool, pool6)
+    nid = uuid.uuid4().hex * 2
+    create_net = {"NetworkID": nid, "Options": {"com.docker.network.generic": {"vpcnet.mode": "routed"},
+                                                "com.docker.network.enable_ipv6": True},
+                  "IPv4Data": [{"Pool": pool["Pool"], "Gateway": pool["Data"]["com.docker.network.gateway"]}],
+                  "IPv6Data": [{"Pool": pool6["Pool"], "Gateway": pool6["Data"]["com.docker.network.gateway"]}]}
+    no_500(burst([(plugin.call, "/NetworkDriver.CreateNetwork", create_net)] * RACERS), "CreateNetwork")
+    assert plugin.status()["networks"][0]["host_cidr_v6"] == pool6["Pool"]
+
+    def address(pool_id: str) -> str:
+        status, answer = plugin.call("/IpamDriver.RequestAddress", {"PoolID": pool_id})
+        assert status == 200, answer
+        return answer["Address"]
+
+    eids = [uuid.uuid4().hex * 2 for _ in range(2)]
+    pairs = [(address(pool["PoolID"]), address(pool6["PoolID"])) for _ in eids]
+    calls = [(plugin.call, "/NetworkDriver.CreateEndpoint",
+              {"NetworkID": nid, "EndpointID": eid, "Interface": {"Address": a4, "AddressIPv6": a6}})
+             for eid, (a4, a6) in zip(eids, pairs, strict=True) for _ in range(RACERS // 2)]
+    assert no_500(burst(calls), "CreateEndpoint").count(200) >= 2
+    ipv6_in_order(host, plugin.status())
+
+    # two endpoints racing for one IPv6 address (distinct IPv4 ones): one wins, the other is refused
+    shared6 = address(pool6["PoolID"])
+    rivals = [(uuid.uuid4().hex * 2, address(pool["PoolID"])) for _ in range(2)]
+    answers = burst([(plugin.call, "/NetworkDriver.CreateEndpoint",
+                      {"NetworkID": nid, "EndpointID": eid, "Interface": {"Address": a4, "AddressIPv6": shared6}})
+                     for eid, a4 in rivals for _ in range(RACERS // 2)])
+    no_500(answers, "CreateEndpoint, one IPv6 address")
+    winners = {eid for (eid, _), (status, _) in zip([r for r in rivals for _ in range(RACERS // 2)], answers,
+                                                    strict=True) if status == 200}
+    assert len(winners) == 1, answers
+    ipv6_in_order(host, plugin.status())
+
+    # racing Program (IPv6 ports, Docker 28's [::] beside 0.0.0.0) and Revoke on one endpoint, Program on another
+    portmap = {"com.docker.network.portmap": [
+        {"Proto": 6, "IP": "", "Port": 80, "HostIP": ip, "HostPort": 18580, "HostPortEnd": 18580}
+        for ip in ("0.0.0.0", "::")]}
+    other = {"com.docker.network.portmap": [{"Proto": 17, "IP": "", "Port": 53, "HostIP": "::", "HostPort": 18553,
+                                             "HostPortEnd": 18553}]}
+    calls = [(plugin.call, "/NetworkDriver.ProgramExternalConnectivity",
+              {"NetworkID": nid, "EndpointID": eids[0], "Options": portmap})] * 3
+    calls += [(plugin.call, "/NetworkDriver.RevokeExternalConnectivity", {"NetworkID": nid, "EndpointID": eids[0]})] * 2
+    calls += [(plugin.call, "/NetworkDriver.ProgramExternalConnectivity",
+               {"NetworkID": nid, "EndpointID": eids[1], "Options": other})] * 3
+    no_500(burst(calls), "Program/Revoke")
+    state = ipv6_in_order(host, plugin.status())
+    assert f"[{pairs[1][1].split('/')[0]}]:53" in state["dnat"]
+    no_500(burst([(plugin.call, "/NetworkDriver.ProgramExternalConnectivity",
+                   {"NetworkID": nid, "EndpointID": eids[0], "Options": portmap})] * 3), "Program")
+    assert len(ipv6_in_order(host, plugin.status())["dnat"]) == 2
+
+    for eid in [*eids, *winners]:
+        no_500(burst([(plugin.call, "/NetworkDriver.DeleteEndpoint", {"NetworkID": nid, "EndpointID": eid})] * 3),
+               "DeleteEndpoint")
+    state = ipv6_in_order(host, plugin.status())
+    assert state == {"routes": [], "dnat": []}, state
+    no_500(burst([(plugin.call, "/NetworkDriver.DeleteNetwork", {"NetworkID": nid})] * RACERS), "DeleteNetwork")
+    for a4, a6 in pairs:
+        plugin.call("/IpamDriver.ReleaseAddress", {"PoolID": pool["PoolID"], "Address": a4.split("/")[0]})
+        plugin.call("/IpamDriver.ReleaseAddress", {"PoolID": pool6["PoolID"], "Address": a6.split("/")[0]})
+    assert plugin.status()["networks"] == []
+    assert nid[:12] not in run(["ip", "netns", "exec", host, "ip6tables-save"]).stdout
+    assert " -> 500" not in plugin.log()
+
+
 @pytest.mark.docker
 def test_racing_docker_run_rm_and_network_rm_on_one_network(plugin_factory, dock):
     """Concurrent `docker run` and `docker rm -f` on one network, then `docker network rm` racing the

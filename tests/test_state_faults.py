@@ -90,30 +90,52 @@ def join(client, eid: str):
                                                 "Options": {}})
 
 
-@pytest.mark.parametrize("call", ["CreateNetwork", "RequestAddress", "CreateEndpoint"])
-def test_a_full_state_disk_fails_the_call_clearly_changes_nothing_and_recovers(tmp_path, small_disk, call):
+@pytest.mark.parametrize("call, family", [
+    ("CreateNetwork", "ipv4"), ("RequestAddress", "ipv4"), ("CreateEndpoint", "ipv4"),
+    ("CreateNetwork", "dual"), ("RequestAddress", "dual"), ("CreateEndpoint", "dual"),
+    ("ProgramExternalConnectivity", "dual")])
+def test_a_full_state_disk_fails_the_call_clearly_changes_nothing_and_recovers(tmp_path, small_disk, call, family):
     """Each call that writes the state, on a disk that is full when it writes: 507 naming the state file,
-    no row and nothing in the kernel (no bridge, no veth), and the same call works once space is back."""
+    no row (no half-written one: an endpoint without its IPv6 address, a port of one family) and nothing in
+    the kernel (no bridge, no veth, no /128 route, no DNAT), and the same call works once space is back.
+    `dual`: on a dual-stack network, the IPv6 address (RequestAddress of the IPv6 pool), the endpoint with
+    both addresses, the published port on both families."""
     plug = make_plugin(tmp_path, VPCNET_STATE_DIR=str(small_disk / "state"))
     client = plug.app().test_client()
     db = plug.config.db_path
+    dual = family == "dual"
     network = {"NetworkID": NID, "Options": {"com.docker.network.generic": {}}, "IPv6Data": []}
     pool = ok(client, "/IpamDriver.RequestPool", {"AddressSpace": "vpcnet-local", "Pool": "", "SubPool": "",
                                                   "Options": {}, "V6": False})
     network["IPv4Data"] = [{"AddressSpace": "vpcnet-local", "Pool": pool["Pool"],
                             "Gateway": pool["Data"]["com.docker.network.gateway"]}]
+    if dual:
+        pool6 = ok(client, "/IpamDriver.RequestPool", {"AddressSpace": "vpcnet-local", "Pool": "", "SubPool": "",
+                                                       "Options": {}, "V6": True})
+        network["IPv6Data"] = [{"AddressSpace": "vpcnet-local", "Pool": pool6["Pool"],
+                                "Gateway": pool6["Data"]["com.docker.network.gateway"]}]
+        network["Options"]["com.docker.network.enable_ipv6"] = True
+
+    def interface() -> dict:
+        out = {"Address": ok(client, "/IpamDriver.RequestAddress", {"PoolID": pool["PoolID"]})["Address"]}
+        if dual:
+            out["AddressIPv6"] = ok(client, "/IpamDriver.RequestAddress", {"PoolID": pool6["PoolID"]})["Address"]
+        return out
+
     endpoint: dict = {"NetworkID": NID, "EndpointID": EID}
     if call != "CreateNetwork":
         ok(client, "/NetworkDriver.CreateNetwork", network)
-        first = ok(client, "/IpamDriver.RequestAddress", {"PoolID": pool["PoolID"]})["Address"]
-        ok(client, "/NetworkDriver.CreateEndpoint", {"NetworkID": NID, "EndpointID": EID2,
-                                                       "Interface": {"Address": first}})
+        ok(client, "/NetworkDriver.CreateEndpoint", {"NetworkID": NID, "EndpointID": EID2, "Interface": interface()})
     if call == "CreateEndpoint":
-        endpoint["Interface"] = {"Address": ok(client, "/IpamDriver.RequestAddress",
-                                                  {"PoolID": pool["PoolID"]})["Address"]}
+        endpoint["Interface"] = interface()
+    portmap = {"com.docker.network.portmap": [{"Proto": 6, "IP": "", "Port": 80, "HostIP": ip, "HostPort": 18080,
+                                               "HostPortEnd": 18080} for ip in ("0.0.0.0", "::")]}
     path, body = {"CreateNetwork": ("/NetworkDriver.CreateNetwork", network),
-                  "RequestAddress": ("/IpamDriver.RequestAddress", {"PoolID": pool["PoolID"]}),
-                  "CreateEndpoint": ("/NetworkDriver.CreateEndpoint", endpoint)}[call]
+                  "RequestAddress": ("/IpamDriver.RequestAddress", {"PoolID": (pool6 if dual else pool)["PoolID"]}),
+                  "CreateEndpoint": ("/NetworkDriver.CreateEndpoint", endpoint),
+                  "ProgramExternalConnectivity": ("/NetworkDriver.ProgramExternalConnectivity",
+                                                  {"NetworkID": NID, "EndpointID": EID2, "Options": portmap}),
+                  }[call]
 
     rows, kernel = dump_db(db), plug.dataplane.state()
     filler = fill(small_disk, db)
@@ -121,7 +143,7 @@ def test_a_full_state_disk_fails_the_call_clearly_changes_nothing_and_recovers(t
     assert status == 507, answer
     assert f"cannot write vpcnet's state {db}" in answer["Err"] and "free space" in answer["Err"], answer
     assert dump_db(db) == rows, "no row written"
-    assert plug.dataplane.state() == kernel, "nothing in the kernel: no bridge, no veth"
+    assert plug.dataplane.state() == kernel, "nothing in the kernel: no bridge, no veth, no route, no rule"
     if call == "CreateEndpoint":
         assert join(client, EID)[0] == 404, "Join of the endpoint that failed: nothing half made to join"
         assert join(client, EID2)[0] == 200, "Join writes no state: a full disk does not stop it"
@@ -131,13 +153,18 @@ def test_a_full_state_disk_fails_the_call_clearly_changes_nothing_and_recovers(t
     answer = ok(client, path, body)
     if call == "CreateNetwork":
         assert plug.store.network(NID) is not None and len(plug.dataplane.networks) == 1
+        assert plug.store.network(NID).host_cidr_v6 == (pool6["Pool"] if dual else "")
     elif call == "RequestAddress":
         assert plug.store.endpoint_where(network_id=NID, address=answer["Address"].split("/")[0]) is None
         assert len(dump_db(db)["addresses"]) == len(rows["addresses"]) + 1
-    else:
+    elif call == "CreateEndpoint":
         ep = plug.store.endpoint(EID)
         assert ep is not None and ep.host_veth in plug.dataplane.links
+        assert ep.address_v6 == (endpoint["Interface"]["AddressIPv6"].split("/")[0] if dual else "")
         assert join(client, EID)[0] == 200
+    else:
+        assert sorted(p.family for p in plug.store.ports()) == ["ipv4", "ipv6"]
+        assert len(plug.dataplane.published()) == 2
     plug.store.close()
 
 

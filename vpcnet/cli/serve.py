@@ -60,7 +60,7 @@ class Plugin:
         self.driver = NetworkDriver(config, self.store, self.dataplane)
         self.ipam.remove_leftovers = self.driver.remove_leftovers     # ReleaseAddress of a stale endpoint
         self.ipam.peer_on_host = self.dataplane.link_exists
-        self.ipam.drop_ipv6 = self.dataplane.drop_endpoint_ipv6
+        self.ipam.drop_ipv6 = self.driver.drop_ipv6
         self.app = create_app(self.driver, self.ipam)
         self.observer = Observer(config, self.store, self.routes)
         self._stopping = threading.Event()

@@ -30,7 +30,8 @@ def collect(config) -> dict:
         published: dict[str, list[dict]] = {}
         for port in _ports(store):
             published.setdefault(port.endpoint_id, []).append(
-                {"proto": port.proto, "host_ip": port.host_ip or "0.0.0.0", "host_port": port.host_port,
+                {"proto": port.proto, "host_ip": port.host_ip or ("::" if port.family == "ipv6" else "0.0.0.0"),
+                 "host_port": port.host_port,
                  "container_port": port.container_port, "family": port.family})
         for net in store.networks():
             networks.append({
@@ -111,7 +112,9 @@ def render(status: dict) -> str:
             v6 = f"  {ep['address_v6']}" if ep.get("address_v6") else ""
             lines.append(f"    {ep['endpoint_id'][:12]}  {ep['address'] or '-':<15} {ep['mac']}  {ep['host_veth']}{v6}")
             for p in ep.get("ports", []):
-                lines.append(f"      published {p['host_ip']}:{p['host_port']} -> {ep['address']}:"
+                host, container = (f"[{p['host_ip']}]", f"[{ep.get('address_v6')}]") if p.get("family") == "ipv6" \
+                    else (p["host_ip"], ep["address"])
+                lines.append(f"      published {host}:{p['host_port']} -> {container}:"
                              f"{p['container_port']}/{p['proto']}")
     lines.append(default_line(status.get("default_mode")))
     if status.get("peer_counting"):

@@ -81,6 +81,8 @@ chains, /32 routes, proxy ARP or IPv4 tc programs, and the repair pass looks for
 network's bridge holds fe80::1 and the host's IPv6 block is routed to it (`ensure_network`); each of its
 endpoints has its own guard rule (its address, from its port), written when it comes and goes; the
 periodic pass keeps the bridge's IPv6 too.
+Published ports on IPv6 host addresses are the same DNAT in ip6tables (vpcnet.datapath.ports6),
+written by `ensure_ports` and the periodic pass beside the IPv4 ones.
 
 Every operation is idempotent: create what is missing, accept what exists, ignore what is gone. `repair`
 is the periodic pass's half (vpcnet.datapath.reconciler): one dump of links, addresses, routes and
@@ -90,6 +92,7 @@ under their lock, and each difference put right is returned as a `Repair`.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import socket
@@ -107,6 +110,7 @@ from vpcnet.datapath.ipv6 import Ipv6Endpoint, RoutedIpv6, forward_rules, guard_
 from vpcnet.datapath.links import IPV6_OFF_VIEW, Links
 from vpcnet.datapath.modes import strategy
 from vpcnet.datapath.netlink import Netlink
+from vpcnet.datapath.ports6 import Ports6
 from vpcnet.datapath.spec import EndpointSpec, KernelView, NetworkGone, NetworkSpec, Repair, anchor_peer, bridge_name
 from vpcnet.datapath.tc import TcPrograms
 from vpcnet.errors import DataplaneError
@@ -116,14 +120,15 @@ _no_lock = nullcontext
 DOCKER_NAT_TTL = 2.0          # seconds port_taken reuses its read of Docker's DNAT rules
 
 
-def held_in_proc(proto: str, host_ip: str, port: int) -> str:
+def held_in_proc(proto: str, host_ip: str, port: int, family: str = "ipv4") -> str:
     """Whether a socket of this namespace holds `port` (a TCP listener, a bound UDP socket), from
     /proc/net/{tcp,udp}{,6} (of the calling thread: see rtnl.in_netns): the check where a trial bind is not
-    allowed. SCTP is not listed there: ""."""
+    allowed. IPv6 (`family`): only the IPv6 tables (a socket on 0.0.0.0 holds no IPv6 port). SCTP is not
+    listed there: ""."""
     if proto == "sctp":
         return ""
     want = ipaddress.ip_address(host_ip) if host_ip else None
-    for name in (proto, proto + "6"):
+    for name in ((proto + "6",) if family == "ipv6" else (proto, proto + "6")):
         try:
             with open(f"/proc/thread-self/net/{name}") as fh:      # this thread's namespace (rtnl.in_netns)
                 lines = fh.read().splitlines()[1:]
@@ -142,7 +147,8 @@ def held_in_proc(proto: str, host_ip: str, port: int) -> str:
             if isinstance(local, ipaddress.IPv6Address) and local.ipv4_mapped:
                 local = local.ipv4_mapped
             if want is None or local.is_unspecified or local == want:
-                return f"{host_ip or '0.0.0.0'}:{port}/{proto}: a socket of the host holds it ({local})"
+                shown = f"[{host_ip or '::'}]" if family == "ipv6" else host_ip or "0.0.0.0"
+                return f"{shown}:{port}/{proto}: a socket of the host holds it ({local})"
     return ""
 
 
@@ -157,6 +163,7 @@ class Dataplane:
         self.firewall = FirewallTable(self.nl.cmd(), iptables)
         self.ipv6_guard = Ipv6Guard(self.nl.cmd(), iptables)
         self.ipv6 = RoutedIpv6(self.nl)
+        self.ports6 = Ports6(self.ipv6_guard.table)     # IPv6 published ports (ip6tables nat)
         # The host's endpoints with an IPv6 address, read from the desired state each time the guard is
         # written (every worker writes the whole chain, so none may go by what it alone has seen).
         self.ipv6_endpoints: Callable[[], Sequence[Ipv6Endpoint]] = tuple
@@ -166,7 +173,8 @@ class Dataplane:
         # workers writing at once must not let the one that read the store first write last.
         self.ipv6_guard_lock: Callable[[], ContextManager] = _no_lock
         self.unrepaired: list[str] = []     # networks the last repair could not put right
-        self._docker_nat: tuple[float, list[str]] = (-DOCKER_NAT_TTL, [])    # (read at, Docker's nat DOCKER rules)
+        # per family: (read at, Docker's nat DOCKER rules)
+        self._docker_nat: dict[str, tuple[float, list[str]]] = {}
         self._v6_veths: set[str] = set()    # host veths with IPv6 on by design, as of the last repair
         self._guard_ipv6 = False            # the guard as last written here lets IPv6 endpoints through
         self._guard_internal: set[str] = set()    # the --internal IPv6 blocks in the guard as last written here
@@ -191,7 +199,7 @@ class Dataplane:
         self._ensure_forwarding()
         return self.firewall.apply([], host=True, uplinks=self.uplink_names()) + self._apply_ipv6_guard()
 
-    def _apply_ipv6_guard(self) -> list[str]:
+    def _apply_ipv6_guard(self, saved=None) -> list[str]:
         """The IPv6 guard, letting IPv6 endpoints' own traffic through while the host has any
         (vpcnet.datapath.ipv6): one rule set for the routed modes' endpoints, one rule per bridge-mode
         endpoint (its address from its bridge port), and the --internal networks' rules."""
@@ -201,7 +209,7 @@ class Dataplane:
             routed = len(bridged) < len(endpoints)
             uplinks = self.uplink_names() if endpoints else []
             internal = list(self.ipv6_internal())
-            problems = self.ipv6_guard.apply(allow=guard_rules(routed, bridged),
+            problems = self.ipv6_guard.apply(saved, allow=guard_rules(routed, bridged),
                                              forward=forward_rules(routed, uplinks, internal, bool(bridged)))
         in_place = self.ipv6_guard.in_place
         self._guard_ipv6 = routed and in_place
@@ -262,6 +270,7 @@ class Dataplane:
         if spec.internal and spec.host_cidr_v6:     # its --internal IPv6 rules go (the row went first)
             self._apply_ipv6_guard()
         self.firewall.apply([], unwanted=[spec.tag], host=False)
+        self.ports6.apply([dataclasses.replace(spec, ports=())])    # its IPv6 ports' chains too
         if spec.ebpf:
             self.tc.drop_network_programs(spec)
         self.nl.delete_link(spec.bridge)
@@ -431,13 +440,15 @@ class Dataplane:
 
     # -- published ports ----------------------------------------------------------------------------
     def ensure_ports(self, spec: NetworkSpec, endpoints: Sequence[EndpointSpec], adding: bool = True) -> None:
-        """The network's published ports as `spec.ports` holds them: its firewall, in one transaction, and in
-        ebpf mode the container programs of `endpoints` (those whose ports changed), which leave the
-        published ports' replies to the host. `adding`: the programs first (a reply is never sent the fast
-        way while its DNAT rule exists), else the rules first."""
+        """The network's published ports as `spec.ports` holds them: its firewall, in one transaction per
+        family (ip6tables for the IPv6 ones, vpcnet.datapath.ports6), and in ebpf mode the container programs
+        of `endpoints` (those whose ports changed), which leave the published ports' replies to the host.
+        `adding`: the programs first (a reply is never sent the fast way while its DNAT rule exists), else
+        the rules first."""
         if not adding:
             self._ensure_firewall(spec)
-        v6 = {e.host_veth: e.address for e in self.ipv6_endpoints()} if spec.ebpf and endpoints else {}
+            self.ports6.apply([spec])
+        v6 = {e.host_veth: e.address for e in self.ipv6_endpoints()} if endpoints else {}
         with self.nl.ipr() as ipr:
             for ep in endpoints:
                 idx = self.nl.link_index(ipr, ep.host_veth)
@@ -445,10 +456,12 @@ class Dataplane:
                     self.tc.attach_endpoint(ipr, spec, idx, ep.address)
                     if ep.host_veth in v6:
                         self.tc.attach_endpoint6(ipr, spec, idx, v6[ep.host_veth])
-                elif idx is not None and not spec.routed and spec.published(ep.address):
+                elif idx is not None and not spec.routed and (
+                        spec.published(ep.address) or (ep.host_veth in v6 and spec.published(v6[ep.host_veth]))):
                     self._hairpin(ipr, ep.host_veth)
         if adding:
             self._ensure_firewall(spec)
+            self.ports6.apply([spec])
 
     def _hairpin(self, ipr, host_veth: str) -> None:
         """Bridge mode: the bridge may send a frame back out of the port it came in by (hairpin mode, as
@@ -461,28 +474,33 @@ class Dataplane:
             except NetlinkError as exc:
                 raise DataplaneError(f"cannot set hairpin mode on {host_veth}: {exc}") from None
 
-    def port_taken(self, proto: str, host_ip: str, port: int) -> str:
-        """Why `port` (`proto`, on `host_ip` or every address) cannot be published on this host, or "": a
-        socket of the host holds it (a host process, Docker's docker-proxy: a trial bind says so; the
+    def port_taken(self, proto: str, host_ip: str, port: int, family: str = "ipv4") -> str:
+        """Why `port` (`proto`, on `host_ip` or every address of `family`) cannot be published on this host, or
+        "": a socket of the host holds it (a host process, Docker's docker-proxy: a trial bind says so; the
         address not being the host's too), or Docker's own DNAT rules publish it (nat DOCKER, Docker
-        without its userland proxy)."""
+        without its userland proxy; ip6tables' for IPv6). IPv6 is tried with an IPV6_V6ONLY socket: a
+        listener on [::] (both families) holds it, one on 0.0.0.0 does not."""
         kind, number = {"tcp": (socket.SOCK_STREAM, socket.IPPROTO_TCP), "udp": (socket.SOCK_DGRAM, socket.IPPROTO_UDP),
                         "sctp": (socket.SOCK_STREAM, 132)}[proto]
+        v6 = family == "ipv6"
+        shown = f"[{host_ip or '::'}]" if v6 else host_ip or "0.0.0.0"
 
         def bind() -> str:
             try:
-                sock = socket.socket(socket.AF_INET, kind, number)
+                sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, kind, number)
             except OSError:
-                return ""                     # no such protocol here (sctp without its module): nothing holds it
+                return ""                     # no such protocol here (sctp without its module, no IPv6): none holds it
             try:
                 if proto != "udp":            # a connection in TIME_WAIT holds no port; a listener does
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind((host_ip or "0.0.0.0", port))
+                if v6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((host_ip or ("::" if v6 else "0.0.0.0"), port))
                 return ""
             except PermissionError:           # a port below 1024 without CAP_NET_BIND_SERVICE (the managed
-                return held_in_proc(proto, host_ip, port)      # plugin): the kernel's socket tables say
+                return held_in_proc(proto, host_ip, port, family)      # plugin): the kernel's socket tables say
             except OSError as exc:
-                return f"{host_ip or '0.0.0.0'}:{port}/{proto}: {exc.strerror or exc}"
+                return f"{shown}:{port}/{proto}: {exc.strerror or exc}"
             finally:
                 sock.close()
 
@@ -490,14 +508,18 @@ class Dataplane:
         if why:
             return why
         now = time.monotonic()
-        if now - self._docker_nat[0] > DOCKER_NAT_TTL:      # one read for the ports of one call, not one each
-            self._docker_nat = (now, self.firewall.save().chain("nat", "DOCKER") or [])
-        for rule in self._docker_nat[1]:
+        read_at, rules = self._docker_nat.get(family, (-DOCKER_NAT_TTL, []))
+        if now - read_at > DOCKER_NAT_TTL:                  # one read for the ports of one call, not one each
+            saved = self.ports6.save() if v6 else self.firewall.save()
+            rules = (saved.chain("nat", "DOCKER") if saved is not None else None) or []
+            self._docker_nat[family] = (now, rules)
+        full = f"{host_ip}/{128 if v6 else 32}"
+        for rule in rules:
             words = rule.split()
             value = dict(zip(words, words[1:], strict=False))
             if "DNAT" in words and value.get("--dport") == str(port) and value.get("-p") == proto and \
-                    (not host_ip or value.get("-d", f"{host_ip}/32") == f"{host_ip}/32"):
-                return f"{host_ip or '0.0.0.0'}:{port}/{proto}: Docker publishes it (nat DOCKER: {rule})"
+                    (not host_ip or value.get("-d", full) == full):
+                return f"{shown}:{port}/{proto}: Docker publishes it (nat DOCKER: {rule})"
         return ""
 
     def link_exists(self, name: str) -> bool:
@@ -542,7 +564,8 @@ class Dataplane:
         uplinks += [name for name in self.nl.extra_uplinks if name not in uplinks]
         repairs += [Repair("firewall", "-", p)
                     for p in self.firewall.apply([], host=True, saved=saved, uplinks=uplinks)]
-        repairs += [Repair("firewall", "-", p) for p in self._apply_ipv6_guard()]
+        saved6 = self.ports6.save()
+        repairs += [Repair("firewall", "-", p) for p in self._apply_ipv6_guard(saved6)]
         v6 = {ep.host_veth: ep for ep in self.ipv6_endpoints() if not ep.bridge}
         self._v6_veths = set(v6)
         repairs += self._repair_ipv6(v6, view)
@@ -558,6 +581,7 @@ class Dataplane:
             for problem in self.firewall.apply(drifted, host=False):
                 tag = next((r.tag for r in drifted if r.tag in problem), "-")
                 repairs.append(Repair("firewall", tag, problem))
+        repairs += self._repair_ports6([spec for spec, _ in networks], saved6, still_wanted)
         if self.tc.peers and maps.local():
             self._adopt_counting(networks, view, lock_for)
         for spec, endpoints in networks:
@@ -573,6 +597,25 @@ class Dataplane:
                           extra={"event": "datapath_repair", "network": spec.tag, "outcome": "failed"})
                 self.unrepaired.append(spec.tag)
         return repairs
+
+    def _repair_ports6(self, specs: Sequence[NetworkSpec], saved6, still_wanted) -> list[Repair]:
+        """The IPv6 published ports (ip6tables nat, vpcnet.datapath.ports6) of every network, in one
+        transaction; a network without any loses chains it still has. Nothing to read without ip6tables."""
+        if saved6 is None:
+            return []
+        from vpcnet.datapath import ports6
+        drifted = [spec for spec in specs if ports6.diff(saved6, [spec])[1]]
+        if still_wanted is not None:
+            drifted = [spec for spec in drifted if still_wanted(spec.tag)]
+        if not drifted:
+            return []
+        try:
+            problems = self.ports6.apply(drifted, saved6)
+        except DataplaneError as exc:
+            log.error("cannot repair the IPv6 published ports: %s", exc)
+            self.unrepaired += [spec.tag for spec in drifted]
+            return []
+        return [Repair("firewall", next((s.tag for s in drifted if s.tag in p), "-"), p) for p in problems]
 
     def _adopt_counting(self, networks: Sequence[tuple[NetworkSpec, Sequence[EndpointSpec]]], view: KernelView,
                         lock_for: Callable[[NetworkSpec], ContextManager] | None) -> None:

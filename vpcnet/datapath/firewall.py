@@ -542,8 +542,9 @@ class Ipv6Guard:
 
     Endpoints with IPv6 (vpcnet.datapath.ipv6): `allow` rules go before the drops in the same raw chain (each
     endpoint's own source address, and neighbour discovery; in bridge mode one rule per endpoint, its address
-    from its bridge port, after drops of router advertisements from any port), and `forward` rules fill the filter chain
-    `VPCNET-FORWARD6`, jumped to first from filter FORWARD while it has any; both in the same restore, the
+    from its bridge port, after drops of router advertisements from any port), and `forward` rules fill the
+    filter chain `VPCNET-FORWARD6`, jumped to from filter FORWARD while it has any (right after DOCKER-USER
+    where Docker made one, else first; a jump found in place is left where it is); both in the same restore, the
     desired state of every IPv6 endpoint of the host at once."""
 
     def __init__(self, command_prefix: Sequence[str] = (), iptables: str = "iptables"):
@@ -600,9 +601,13 @@ class Ipv6Guard:
             problems.append(f"ip6tables filter chain {IPV6_FORWARD_CHAIN} holds {len(have_forward or [])} "
                             f"rule(s), {len(forward)} wanted")
             filter_lines += [f":{IPV6_FORWARD_CHAIN} - [0:0]"] + [f"-A {IPV6_FORWARD_CHAIN} {r}" for r in forward]
-        if forward and f"-j {IPV6_FORWARD_CHAIN}" not in (saved.chain("filter", "FORWARD") or []):
+        builtin = saved.chain("filter", "FORWARD") or []
+        if forward and f"-j {IPV6_FORWARD_CHAIN}" not in builtin:
             problems.append(f"ip6tables filter FORWARD has no jump to {IPV6_FORWARD_CHAIN}")
-            filter_lines.append(f"-I FORWARD 1 -j {IPV6_FORWARD_CHAIN}")
+            # right after Docker's DOCKER-USER (Docker 27+ makes it in ip6tables too), so the user's rules
+            # there filter vpcnet's IPv6, its published ports included, as IPv4's; first without it
+            at = builtin.index(f"-j {USER_CHAIN}") + 2 if f"-j {USER_CHAIN}" in builtin else 1
+            filter_lines.append(f"-I FORWARD {at} -j {IPV6_FORWARD_CHAIN}")
         if filter_lines:
             script += "*filter\n" + "".join(line + "\n" for line in filter_lines) + "COMMIT\n"
         return problems, script

@@ -29,9 +29,10 @@ IPv6 from a vpcnet link is dropped as before: router advertisements and solicita
 source. The rules are the same for any number of endpoints (none per endpoint: creating one costs the
 firewall nothing), present while the host has an IPv6 endpoint. `forward_rules` accept the endpoints'
 traffic in ip6tables' filter FORWARD (Docker 27+ sets its policy to DROP when it turns IPv6 forwarding
-on): what the containers send only towards the uplinks and vpcnet's links (the rest is left to FORWARD's later
-rules, Docker's), and towards the containers only what the uplinks or other vpcnet containers send, or replies:
-both halves of the IPv4 isolation. An `--internal` network's IPv6 stays inside its IPv6 cluster CIDR (two drops
+on): what the containers send only towards the uplinks and vpcnet's links (the rest is left to FORWARD's
+later rules, Docker's), and towards the containers only what the uplinks or other vpcnet containers send,
+replies, or a published port's connection (vpcnet.datapath.ports6): both halves of the IPv4 isolation. An
+`--internal` network's IPv6 stays inside its IPv6 cluster CIDR (two drops
 per such network and kind of link, ahead of the rest), as its IPv4 stays inside the IPv4 one.
 
 IPv6-only networks (`--ipv4=false`) take the same path: their endpoints have no IPv4 address, so nothing of
@@ -142,7 +143,8 @@ def forward_rules(any_ipv6: bool, uplinks: Sequence[str] = (), internal: Sequenc
       links and the uplinks only; anything else (a Docker bridge, a second NIC, a VPN) is left to FORWARD's
       later rules (Docker's), as IPv4's VPCNET-EGRESS does;
     - ingress: towards the containers, only what comes by the uplinks or from another vpcnet container, or a
-      reply; the rest to a host veth or bridge is dropped (a Docker bridge network's container, a VPN, a
+      reply, or a published port's connection (DNATed by vpcnet.datapath.ports6, whatever link it came by);
+      the rest to a host veth or bridge is dropped (a Docker bridge network's container, a VPN, a
       second NIC never reach a vpcnet container).
     None while the host has no IPv6 endpoint (the guard then drops all IPv6 of vpcnet's links)."""
     if not any_ipv6 and not bridged:
@@ -157,7 +159,8 @@ def forward_rules(any_ipv6: bool, uplinks: Sequence[str] = (), internal: Sequenc
     uplinks = sorted({u for u in uplinks if u})
     rules += [f"-i {link} -o {dst} -j ACCEPT" for link in links for dst in (*VPCNET_LINKS, *uplinks)]
     rules += [f"-i {uplink} -o {link} -j ACCEPT" for link in links for uplink in uplinks]
-    rules += [f"-o {link} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT" for link in links]
+    rules += [f"-o {link} -m conntrack --ctstate {state} -j ACCEPT" for link in links
+              for state in ("RELATED,ESTABLISHED", "DNAT")]      # DNAT: a published port (ports6)
     rules += [f"-o {link} -j DROP" for link in links]
     return rules
 

@@ -26,7 +26,8 @@ Published ports (`-p`, the spec's `ports`): a nat chain `VPCNET-P-<tag>` (jumped
 port to its container; the raw chain keeps the replies of each published container port tracked (RETURN
 ahead of the NOTRACK rules, so conntrack un-DNATs them also towards the cluster CIDR), and the nat chain
 masquerades a container's connection to its own published port (hairpin). The isolation chains accept a
-DNATed connection whatever link it came by (vpcnet.datapath.firewall).
+DNATed connection whatever link it came by (vpcnet.datapath.firewall). These are the IPv4 ports; the IPv6
+ones are the same in ip6tables (vpcnet.datapath.ports6).
 
 The IPv6 drop of vpcnet's links (vpcnet.datapath.firewall.Ipv6Guard), and the rules letting IPv6 endpoints
 through it (vpcnet.datapath.ipv6: a reverse-path check for the routed modes, a rule per endpoint and bridge
@@ -86,7 +87,8 @@ class BridgeMode:
             return NetworkRules(tag=spec.tag)
         comment = f"vpcnet {spec.tag}"
         gateway = spec.gateway + "/32"
-        published = sorted({(p.address, p.proto, p.container_port) for p in spec.ports})
+        ports = [p for p in spec.ports if p.family == "ipv4"]     # IPv6 ones: ip6tables (vpcnet.datapath.ports6)
+        published = sorted({(p.address, p.proto, p.container_port) for p in ports})
         chains = {
             ("filter", spec.filter_chain): self.forward_rules(spec, comment),
             ("raw", spec.raw_chain): [
@@ -101,12 +103,12 @@ class BridgeMode:
         }
         links = [("filter", FORWARD_CHAIN, rule(target=spec.filter_chain)),
                  ("raw", RAW_CHAIN, rule(target=spec.raw_chain))]
-        if spec.ports:
+        if ports:
             chains[("nat", spec.ports_chain)] = [
                 rule(dst=f"{p.host_ip}/32" if p.host_ip else "",
                      match=f"-p {p.proto} -m {p.proto} --dport {p.host_port}", comment=comment,
                      target=f"DNAT --to-destination {p.address}:{p.container_port}")
-                for p in spec.ports]
+                for p in ports]
             links.append(("nat", DNAT_CHAIN, rule(target=spec.ports_chain)))
         if not spec.internal:
             chains[("nat", spec.nat_chain)] = (

@@ -18,8 +18,8 @@ PROTOCOLS = {6: "tcp", 17: "udp", 132: "sctp"}     # Docker's PortBinding.Proto 
 class PortMapping:
     """One published port (`-p`): the host's `host_port` (on `host_ip`, or every host address when empty) to
     `container_port` of the endpoint holding `address`. Always one host port: Docker's ranges and `-P` are
-    resolved to one by the driver (vpcnet.docker.ports). `family` is "ipv4" (IPv6 support adds "ipv6"
-    and ip6tables)."""
+    resolved to one by the driver (vpcnet.docker.ports). `family` "ipv6": an IPv6 host address (or every
+    one) to the endpoint's IPv6 `address`, written with ip6tables (vpcnet.datapath.ports6)."""
     proto: str                  # tcp | udp | sctp
     host_ip: str                # bare IP, or "" for every address of the host
     host_port: int
@@ -28,6 +28,8 @@ class PortMapping:
     family: str = "ipv4"
 
     def __str__(self) -> str:
+        if self.family == "ipv6":
+            return f"[{self.host_ip or '::'}]:{self.host_port}->[{self.address}]:{self.container_port}/{self.proto}"
         return f"{self.host_ip or '0.0.0.0'}:{self.host_port}->{self.address}:{self.container_port}/{self.proto}"
 
 
@@ -49,7 +51,8 @@ class NetworkSpec:
 
     def published(self, address: str) -> tuple[tuple[str, int], ...]:
         """(proto, container port) the endpoint holding `address` publishes: the replies the ebpf fast
-        path must leave to the host (its conntrack undoes the DNAT)."""
+        path must leave to the host (its conntrack undoes the DNAT). An endpoint's IPv4 and IPv6 addresses
+        name its ports of each family apart: `published(address_v6)` are those of its IPv6 program."""
         return tuple(sorted({(p.proto, p.container_port) for p in self.ports if p.address == address}))
 
     @property

@@ -79,7 +79,10 @@ DeleteEndpoint unpublish them. The `ports` rows are the desired state, written f
 follow (vpcnet.datapath.modes), in ebpf mode the endpoint's program too. Both calls may repeat (Docker 29
 sends them whenever the endpoint becomes, or stops being, the container's gateway): the same request
 keeps the same ports. Host ports are host-wide, so one Program or Revoke at a time chooses them (the
-`ports.lock` file, inside the network's lock).
+`ports.lock` file, inside the network's lock). IPv6 (vpcnet.docker.ports says which binding takes which
+family): an endpoint with an IPv6 address publishes its IPv6 bindings to that address, with ip6tables
+(vpcnet.datapath.ports6), host ports chosen and checked per family; one whose IPv6 address Docker releases
+loses its IPv6 ports with it (`drop_ipv6`).
 """
 from __future__ import annotations
 
@@ -343,7 +346,7 @@ class NetworkDriver:
         if existing is not None:
             if (existing.address, existing.address_v6) != (ip, address_v6) or existing.network_id != network_id:
                 raise Conflict(f"endpoint {endpoint_id[:12]} already exists with address "
-                               f"{existing.address or existing.address_v6}")
+                               f"{' and '.join(a for a in (existing.address, existing.address_v6) if a)}")
             with self._locked(network_id):
                 self._ensure_endpoint(net, existing)
                 self._ready(existing)
@@ -351,7 +354,8 @@ class NetworkDriver:
         for column, value in (("address", ip), ("address_v6", address_v6)):
             clash = self.store.endpoint_where(network_id=network_id, **{column: value}) if value else None
             if clash:
-                raise Conflict(f"address {value} is already used by endpoint {clash.endpoint_id[:12]}")
+                raise Conflict(f"{'IPv6 address' if column == 'address_v6' else 'address'} {value} is already used "
+                               f"by endpoint {clash.endpoint_id[:12]}")
         namesake = self.store.endpoint_where(host_veth=host_veth)
         if namesake:                 # ids sharing the prefix veth names are made of: never touch theirs
             raise Conflict(f"endpoint {endpoint_id[:12]} would reuse veth {host_veth} of endpoint "
@@ -364,7 +368,7 @@ class NetworkDriver:
             if again is not None:
                 if (again.address, again.address_v6) != (ip, address_v6) or again.network_id != network_id:
                     raise Conflict(f"endpoint {endpoint_id[:12]} already exists with address "
-                                   f"{again.address or again.address_v6}")
+                                   f"{' and '.join(a for a in (again.address, again.address_v6) if a)}")
                 self._ensure_endpoint(net, again)
                 self._ready(again)
                 return {"Interface": {} if given_mac else {"MacAddress": again.mac}}
@@ -374,8 +378,8 @@ class NetworkDriver:
                 with self.store.tx() as db:
                     self.store.add_endpoint(db, ep)
             except sqlite3.IntegrityError:
-                raise Conflict(f"address {ip or address_v6} or veth {host_veth} was taken by another endpoint "
-                               "meanwhile") from None
+                raise Conflict(f"address {' or '.join(a for a in (ip, address_v6) if a)} or veth {host_veth} was "
+                               "taken by another endpoint meanwhile") from None
             _crash_point("endpoint")
             try:
                 self._ensure_endpoint(net, ep)
@@ -457,16 +461,17 @@ class NetworkDriver:
         _require_id("NetworkID", network_id)
         _require_id("EndpointID", endpoint_id)
         net = self._network(network_id)
-        self._endpoint(network_id, endpoint_id)
-        asked = ports.parse(options)
+        asked = ports.parse(options, ipv6=bool(self._endpoint(network_id, endpoint_id).address_v6))
         if asked and not net.host_cidr:
             raise InvalidRequest(f"network {network_id[:12]} is IPv6-only (--ipv4=false): vpcnet publishes ports (-p) "
-                                 "on IPv4 only so far; publish on a network with IPv4")
+                                 "on networks with IPv4 (and on their IPv6) so far; publish on a dual-stack network")
         if asked and net.internal:
             raise InvalidRequest(f"network {network_id[:12]} is --internal: it has no way out, so nothing on it can "
                                  "publish a port (-p); publish on a network that is not internal")
         with self._locked(network_id), self._ports_lock():
             ep = self._endpoint(network_id, endpoint_id)
+            if any(a.family == "ipv6" for a in asked) and not ep.address_v6:    # released meanwhile
+                asked = [a for a in asked if a.family != "ipv6"]
             everyone = self.store.ports()
             before = [p for p in everyone if p.endpoint_id == endpoint_id]
             others = [p for p in everyone if p.endpoint_id != endpoint_id]
@@ -478,7 +483,7 @@ class NetworkDriver:
                             f"{holder.container_port}/{holder.proto})")
                 if any(b.clashes(port) for b in before):
                     return ""             # this endpoint's own, asked otherwise now
-                return self.dataplane.port_taken(port.proto, port.host_ip, port.host_port)
+                return self.dataplane.port_taken(port.proto, port.host_ip, port.host_port, port.family)
 
             chosen = ports.choose(endpoint_id, asked, before, taken, ports.ephemeral_range())
             if not chosen and not before:
@@ -494,7 +499,7 @@ class NetworkDriver:
                 raise
         if _rows(chosen) != _rows(before):
             log.info("endpoint %s (%s): published ports %s", endpoint_id[:12], ep.address,
-                     ", ".join(f"{p.host_ip or '0.0.0.0'}:{p.host_port}->{p.container_port}/{p.proto}"
+                     ", ".join(f"{p.host}->{p.container_port}/{p.proto}"
                                for p in chosen) or "none")
         return {}
 
@@ -520,6 +525,20 @@ class NetworkDriver:
                                 "(the datapath pass removes them): %s", endpoint_id[:12], exc)
         log.info("endpoint %s (%s): published ports removed", endpoint_id[:12], ep.address)
         return {}
+
+    def drop_ipv6(self, host_veth: str, address: str) -> None:
+        """ReleaseAddress of a running container's IPv6 address (it turned IPv6 off; the store has already
+        cleared the endpoint's address_v6 and its IPv6 ports' rows, vpcnet.state.store.release_address): its
+        /128 route goes, and with its ports the network's IPv6 rules are written again at once, so no DNAT
+        outlives the address (IPAM may hand it to another container)."""
+        ep = self.store.endpoint_where(host_veth=host_veth)
+        self.dataplane.drop_endpoint_ipv6(host_veth, address)
+        if ep is None:
+            return
+        with self._locked(ep.network_id), self._ports_lock():
+            net = self.store.network(ep.network_id)
+            if net is not None:
+                self._apply_ports(net, ep, adding=False)
 
     def _apply_ports(self, net: Network, ep: Endpoint, adding: bool) -> None:
         self.dataplane.ensure_ports(self._spec(net), [EndpointSpec(ep.host_veth, ep.peer_veth, ep.mac, ep.address)],

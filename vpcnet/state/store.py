@@ -16,9 +16,10 @@ IPv6-only networks (schema 7): a network row without an IPv4 block has host_cidr
 which replaced schema 6's UNIQUE constraints: the migration rebuilds both tables in place, foreign keys
 checked before it commits).
 
-Published ports (schema 5) are rows of `ports`, one per host port, going with their endpoint (a foreign
-key with ON DELETE CASCADE); every change moves the meta key `ports_version` (triggers), so a datapath
-pass that read them before a concurrent Program or Revoke passes again.
+Published ports (schema 5) are rows of `ports`, one per host port and family, going with their endpoint (a
+foreign key with ON DELETE CASCADE; an IPv6 one also with the endpoint's IPv6 address); every change moves
+the meta key `ports_version` (triggers), so a datapath pass that read them before a concurrent Program or
+Revoke passes again.
 """
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ SCHEMA_VERSION = 7     # 2: networks.mode (bridge | routed); 3: leftovers; 4: ne
                        # 6: IPv6 (networks.host_cidr_v6, cluster_cidr_v6, gateway_v6; endpoints.address_v6);
                        # 7: IPv6-only networks (networks.host_cidr '' allowed: unique where set, per family)
 PENDING, READY = "pending", "ready"   # a row's state: its call's kernel work not done yet, or done
+# A published port's container address: its endpoint's of the port's family.
+_ADDRESS = "CASE p.family WHEN 'ipv6' THEN e.address_v6 ELSE e.address END"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -95,7 +98,7 @@ CREATE TABLE IF NOT EXISTS endpoints (
 -- endpoint (ON DELETE CASCADE), the rules are the network's (vpcnet.datapath.modes), recomputed from here.
 CREATE TABLE IF NOT EXISTS ports (
     endpoint_id    TEXT NOT NULL REFERENCES endpoints(endpoint_id) ON DELETE CASCADE,
-    family         TEXT NOT NULL DEFAULT 'ipv4',   -- 'ipv4' ('ipv6' with IPv6 support)
+    family         TEXT NOT NULL DEFAULT 'ipv4',   -- 'ipv4', or 'ipv6' (to the endpoint's address_v6)
     proto          TEXT NOT NULL,                  -- tcp | udp | sctp
     host_ip        TEXT NOT NULL,                  -- '' for every address of the host
     host_port      INTEGER NOT NULL,               -- the one in use (chosen from `asked` for -P or a range)
@@ -156,7 +159,7 @@ class Endpoint:
 
 @dataclass(frozen=True)
 class Port:
-    """A `ports` row; `address` is its endpoint's (read with it, not stored twice)."""
+    """A `ports` row; `address` is its endpoint's of the row's family (read with it, not stored twice)."""
     endpoint_id: str
     proto: str
     host_ip: str
@@ -165,6 +168,13 @@ class Port:
     asked: str = ""
     family: str = "ipv4"
     address: str = ""
+
+    @property
+    def host(self) -> str:
+        """The host side as a user writes it: `0.0.0.0:8080`, `10.0.0.5:8080`, `[::]:8080`, `[2001:db8::1]:8080`."""
+        if self.family == "ipv6":
+            return f"[{self.host_ip or '::'}]:{self.host_port}"
+        return f"{self.host_ip or '0.0.0.0'}:{self.host_port}"
 
     def clashes(self, other: Port) -> bool:
         """Both would take the same host port: same family and protocol and port, and one of them on every
@@ -438,6 +448,9 @@ class Store:
                         # sysctl) without telling the driver: the endpoint keeps its IPv4 only, so nothing
                         # of the datapath lets the address through any more (the guard reads this row).
                         db.execute("UPDATE endpoints SET address_v6='' WHERE endpoint_id=?", (ep.endpoint_id,))
+                        # ... nor any IPv6 port it published: their rows go with the address (the driver
+                        # writes the rules again from the rows, vpcnet.docker.driver.drop_ipv6)
+                        db.execute("DELETE FROM ports WHERE endpoint_id=? AND family='ipv6'", (ep.endpoint_id,))
                     continue
                 gone.append(ep)
                 db.execute("INSERT OR REPLACE INTO leftovers(name, data, since) VALUES(?, ?, ?)",
@@ -485,7 +498,7 @@ class Store:
             if value is not None:
                 where.append(f"{column}=?")
                 args.append(value)
-        rows = self.read("SELECT p.*, e.address AS address FROM ports p JOIN endpoints e ON e.endpoint_id = "
+        rows = self.read("SELECT p.*, " + _ADDRESS + " AS address FROM ports p JOIN endpoints e ON e.endpoint_id = "
                          f"p.endpoint_id {'WHERE ' + ' AND '.join(where) if where else ''} "
                          "ORDER BY p.family, p.proto, p.host_port, p.host_ip", tuple(args))
         return [Port(**dict(r)) for r in rows]
@@ -498,12 +511,12 @@ class Store:
         every other endpoint's (raises `Conflict` naming the holder: nothing is changed then)."""
         with self.tx() as db:
             others = [Port(**dict(r)) for r in db.execute(
-                "SELECT p.*, e.address AS address FROM ports p JOIN endpoints e ON e.endpoint_id = p.endpoint_id "
-                "WHERE p.endpoint_id<>?", (endpoint_id,))]
+                "SELECT p.*, " + _ADDRESS + " AS address FROM ports p JOIN endpoints e ON e.endpoint_id = "
+                "p.endpoint_id WHERE p.endpoint_id<>?", (endpoint_id,))]
             for port in ports:
                 holder = next((o for o in others if o.clashes(port)), None)
                 if holder is not None:
-                    raise Conflict(f"host port {port.host_ip or '0.0.0.0'}:{port.host_port}/{port.proto} is already "
+                    raise Conflict(f"host port {port.host}/{port.proto} is already "
                                    f"published by vpcnet for endpoint {holder.endpoint_id[:12]} ({holder.address}:"
                                    f"{holder.container_port})")
             db.execute("DELETE FROM ports WHERE endpoint_id=?", (endpoint_id,))

@@ -164,6 +164,7 @@ class VirtualStorm:
     requests: dict[str, int] = field(default_factory=dict)
     conflicts: int = 0
     blocks: dict[str, dict[str, list[str]]] = field(default_factory=dict)    # table -> instance -> blocks
+    families: int = 1                      # 2: every host also claims an IPv6 block (a dual-stack network)
     unclaimed: list[str] = field(default_factory=list)   # routes to a host without that block in table 1
     wall_s: float = 0.0
 
@@ -177,18 +178,20 @@ class VirtualStorm:
 
     @property
     def duplicates(self) -> int:
-        """Hosts with more than one block in a table, or blocks held by more than one host."""
+        """Hosts with more than one block of a family in a table, or blocks held by more than one host."""
         bad = 0
         for per_host in self.blocks.values():
             held = [b for bs in per_host.values() for b in bs]
-            bad += sum(1 for bs in per_host.values() if len(bs) > 1) + len(held) - len(set(held))
+            bad += sum(1 for bs in per_host.values() for v6 in (False, True)
+                       if len([b for b in bs if (":" in b) == v6]) > 1) + len(held) - len(set(held))
         return bad
 
     @property
     def complete(self) -> bool:
-        """Every host has one block, the same in every table."""
+        """Every host has one block (of each family), the same in every table."""
         first = self.blocks.get(TABLES[0], {})
-        return (len(first) == self.hosts and all(len(b) == 1 for b in first.values())
+        return (len(first) == self.hosts and all(len(b) == self.families == len({":" in x for x in b})
+                                                 for b in first.values())
                 and all(self.blocks.get(t) == first for t in TABLES[:self.tables]))
 
     def summary(self) -> dict:
@@ -196,7 +199,7 @@ class VirtualStorm:
         return {"hosts": self.hosts, "tables": self.tables, "pending_s": list(self.pending),
                 "gave_up": self.gave_up, "median_s": round(statistics.median(times), 1) if times else None,
                 "max_s": round(max(times), 1) if times else None,
-                "serial_bound_s": round(serial_bound(self.hosts, self.pending), 1),
+                "serial_bound_s": round(serial_bound(self.hosts * self.families, self.pending), 1),
                 "calls_per_host": round(self.calls_per_host, 2),
                 "writes_per_host": round(sum(n for a, n in self.requests.items()
                                              if a.startswith("CreateRouteEntr")) / max(1, self.hosts), 2),
@@ -211,9 +214,11 @@ def serial_bound(hosts: int, pending: tuple[float, float]) -> float:
 
 
 def virtual_storm(hosts: int, tables: int = 1, pending: tuple[float, float] = (2.0, 5.0), seed: int = 1,
-                  wait: float = 60.0, cluster: str = "10.232.0.0/16", workdir: str | None = None) -> VirtualStorm:
+                  wait: float = 60.0, cluster: str = "10.232.0.0/16", workdir: str | None = None,
+                  cluster_v6: str = "") -> VirtualStorm:
     """`hosts` hosts boot at once and each runs `routes sync --wait <wait>` into `tables` route tables
-    (the first is the claiming table) of one VPC whose new entries stay Pending uniform(*pending) s."""
+    (the first is the claiming table) of one VPC whose new entries stay Pending uniform(*pending) s.
+    `cluster_v6`: every host also has a dual-stack network wanting its IPv6 block of that cluster CIDR."""
     if not 1 <= tables <= len(TABLES):
         raise ValueError(f"tables must be 1..{len(TABLES)}")
     clock = VirtualClock()
@@ -225,9 +230,10 @@ def virtual_storm(hosts: int, tables: int = 1, pending: tuple[float, float] = (2
         emu.add_route_table(table)
     instances = [f"i-vstorm-{k:04d}" for k in range(1, hosts + 1)]
     for k, instance in enumerate(instances, start=1):
-        emu.register_instance(instance, str(ipaddress.IPv4Address("172.16.0.0") + k))
+        emu.register_instance(instance, str(ipaddress.IPv4Address("172.16.0.0") + k),
+                              str(ipaddress.IPv6Address("fd00:172:16::") + k) if cluster_v6 else "")
     app = create_app(emu)
-    result = VirtualStorm(hosts=hosts, tables=tables, pending=pending)
+    result = VirtualStorm(hosts=hosts, tables=tables, pending=pending, families=2 if cluster_v6 else 1)
     saved_state = random.getstate()
     random.seed(seed)                              # the backoff's jitter
     logging.disable(logging.WARNING)
@@ -241,8 +247,12 @@ def virtual_storm(hosts: int, tables: int = 1, pending: tuple[float, float] = (2
                 state = os.path.join(base, instance)
                 env = host_env(URL, state, instance, cluster=cluster, table=",".join(ids), region=REGION,
                                vpc=VPC, key_id=KEY_ID, secret=SECRET)
+                if cluster_v6:
+                    env["VPCNET_CLUSTER_CIDR_V6"] = cluster_v6
                 config = config_mod.load(os.devnull, environ=env, check_socket_dir=False)
                 store = Store(config.db_path)
+                if cluster_v6:                 # as RequestPool with V6 leaves it: wanted, not claimed yet
+                    store.want_claim(cluster_v6, "a dual-stack network")
                 pacing = Pacing(monotonic=clock.monotonic, wall=clock.wall, wait=clock.wait)
                 bounds = sync_deadlines(wait)
                 backoff = Backoff(deadline=bounds["deadline"], busy_deadline=bounds["busy_deadline"],

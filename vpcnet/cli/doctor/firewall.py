@@ -13,8 +13,8 @@ from typing import Callable
 from vpcnet.cli.doctor.findings import Checks, Finding, ok, problem
 
 
-def _iptables(table: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["iptables", "-w", "10", "-t", table, "-S", *args], capture_output=True, text=True,
+def _iptables(table: str, *args: str, binary: str = "iptables") -> subprocess.CompletedProcess:
+    return subprocess.run([binary, "-w", "10", "-t", table, "-S", *args], capture_output=True, text=True,
                           timeout=30)
 
 
@@ -73,7 +73,9 @@ class FirewallChecks(Checks):
 
     def _published(self) -> list[Finding]:
         """The published ports: nat PREROUTING and OUTPUT jump to VPCNET-DNAT, and each network's
-        VPCNET-P-<id12> holds exactly the DNAT rules of its endpoints' ports (the store's rows)."""
+        VPCNET-P-<id12> holds exactly the DNAT rules of its endpoints' ports (the store's rows); the same in
+        ip6tables for the IPv6 ones (vpcnet.datapath.ports6)."""
+        from vpcnet.datapath import ports6
         from vpcnet.datapath.firewall import MORE_PARENTS
         from vpcnet.datapath.modes import strategy
         from vpcnet.datapath.reconciler import spec_of
@@ -84,30 +86,42 @@ class FirewallChecks(Checks):
         except Exception:             # a state written before schema 5: nothing published
             rows = []
         out = []
-        for (table, parent), jumps in MORE_PARENTS.items():
-            for builtin, jump in jumps:
-                have = _iptables(table, builtin).stdout.splitlines()
-                if f"-A {builtin} {jump}" not in have:
-                    out.append(problem("firewall", f"no jump from {table} {builtin} to {parent} (published ports "
-                                                   "do not answer)",
-                                       "restart the plugin: it re-creates its chains and jumps at start"))
+        families = {p.family for p in rows}
+        jumps = [("iptables", table, parent, builtin, jump) for (table, parent), parent_jumps in MORE_PARENTS.items()
+                 for builtin, jump in parent_jumps]
+        if "ipv6" in families:
+            jumps += [("ip6tables", "nat", parent, builtin, jump) for parent, parent_jumps in ports6.HOST_JUMPS.items()
+                      for builtin, jump in parent_jumps]
+        for binary, table, parent, builtin, jump in jumps:
+            have = _iptables(table, builtin, binary=binary).stdout.splitlines()
+            if f"-A {builtin} {jump}" not in have:
+                shown = "ip6tables " if binary == "ip6tables" else ""
+                out.append(problem("firewall", f"no jump from {shown}{table} {builtin} to {parent} (published "
+                                               "ports do not answer)",
+                                   "restart the plugin: it re-creates its chains and jumps at start"))
         count = 0
         for net in self.ctx.networks:
             spec = spec_of(net, [p for p in rows if p.endpoint_id in
                                  {ep.endpoint_id for ep in self.ctx.endpoints if ep.network_id == net.network_id}])
-            if not spec.ports:
-                continue
-            wanted = strategy(spec.mode).firewall(spec).chains[("nat", spec.ports_chain)]
-            proc = _iptables("nat", spec.ports_chain)
-            have = [line.split(" ", 2)[2] for line in proc.stdout.splitlines() if line.startswith("-A ")]
-            count += len(spec.ports)
-            if proc.returncode != 0 or have != wanted:
-                missing = [str(p) for p, r in zip(spec.ports, wanted, strict=True) if r not in have]
-                out.append(problem("firewall", f"network {net.network_id[:12]}: nat chain {spec.ports_chain} does not "
-                                               f"hold its published ports ({', '.join(missing) or 'other rules too'})",
-                                   "wait for the datapath pass (VPCNET_DATAPATH_INTERVAL), or restart the plugin"))
+            for family, binary in (("ipv4", "iptables"), ("ipv6", "ip6tables")):
+                mine = [p for p in spec.ports if p.family == family]
+                if not mine:
+                    continue
+                rules = strategy(spec.mode).firewall(spec) if family == "ipv4" else ports6.wanted(spec)
+                wanted = rules.chains[("nat", spec.ports_chain)] if rules is not None else []
+                proc = _iptables("nat", spec.ports_chain, binary=binary)
+                have = [line.split(" ", 2)[2] for line in proc.stdout.splitlines() if line.startswith("-A ")]
+                count += len(mine)
+                if proc.returncode != 0 or have != wanted:
+                    missing = [str(p) for p, r in zip(mine, wanted, strict=True) if r not in have]
+                    shown = "ip6tables " if binary == "ip6tables" else ""
+                    out.append(problem("firewall", f"network {net.network_id[:12]}: {shown}nat chain "
+                                                   f"{spec.ports_chain} does not hold its published ports "
+                                                   f"({', '.join(missing) or 'other rules too'})",
+                                       "wait for the datapath pass (VPCNET_DATAPATH_INTERVAL), or restart the plugin"))
         if count and not out:
-            out.append(ok("firewall", f"{count} published port(s) in place"))
+            out.append(ok("firewall", f"{count} published port(s) in place" +
+                          (" (IPv4 and IPv6)" if families == {"ipv4", "ipv6"} else "")))
         return out
 
     def _isolation(self) -> list[Finding]:

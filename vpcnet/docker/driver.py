@@ -89,6 +89,7 @@ from typing import Iterator
 
 from vpcnet.datapath.features import DEFAULT_MODE_KEY, DefaultMode, default_mode
 from vpcnet.datapath.ipv6 import GATEWAY as IPV6_GATEWAY
+from vpcnet.datapath.ipv6 import unavailable as ipv6_unavailable
 from vpcnet.datapath.protocol import Datapath
 from vpcnet.datapath.reconciler import DatapathReconciler, spec_of
 from vpcnet.datapath.spec import MODES, EndpointSpec, bridge_name, mac_for, veth_names
@@ -208,6 +209,11 @@ class NetworkDriver:
                                  f"vpcnet as its IPAM driver too (--ipam-driver, the same name as -d). {SWARM_HINT}")
         mode = self._network_mode(generic.get(MODE_OPTION))
         v6 = _ipv6_pool(ipv6_data, pools, mode)
+        if not v6 and _truthy(options.get(IPV6_OPTION)):
+            raise InvalidRequest("--ipv6 (enable_ipv6) but Docker sent no IPv6 pool: Docker before 25 asks a network "
+                                 "plugin's IPAM for one only with an IPv6 --subnet (Compose: an IPv6 ipam.config "
+                                 "subnet); add --subnet <IPv6 cluster CIDR>, e.g. the default "
+                                 f"{self.config.default_cluster_cidr_v6}")
         if v6 and _truthy(options.get(INTERNAL_OPTION)):
             raise InvalidRequest("--internal with --ipv6 is not supported yet: vpcnet keeps an internal network's "
                                  "IPv4 inside the cluster CIDR but not its IPv6; create it without --ipv6")
@@ -650,6 +656,9 @@ def _ipv6_mode(mode: str) -> None:
     if mode == "bridge":
         raise InvalidRequest(f"IPv6 (--ipv6) needs -o {MODE_OPTION}=routed or ebpf: bridge mode carries IPv4 only "
                              "so far")
+    why = ipv6_unavailable()
+    if why:
+        raise InvalidRequest(f"IPv6 (--ipv6) cannot be served by this vpcnet: {why}")
 
 
 def _ipv6_pool(ipv6_data, pools: dict, mode: str) -> dict:

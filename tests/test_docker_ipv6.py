@@ -160,19 +160,15 @@ def test_compose_enable_ipv6_with_and_without_an_ipv6_subnet_and_ipv6_address(
     """Compose's `enable_ipv6: true` on two vpcnet networks, one with IPv4 and IPv6 `ipam.config` subnets
     (cluster CIDRs) and a service's `ipv6_address`, one without any (the default cluster CIDRs): the two
     services of each are dual-stack and reach each other over IPv6, and `down` leaves no network, endpoint,
-    veth or IPv6 route. Docker before 25 asks for no IPv6 pool without an IPv6 subnet: there the second
-    network is refused, saying to add one, and leaves nothing. (One network per container: two dual-stack
-    vpcnet networks on one container are not supported, docs/usage.md.)"""
-    from conftest import engine_major
-
+    veth or IPv6 route. (One network per container: two dual-stack vpcnet networks on one container are not
+    supported, docs/usage.md.)"""
     cluster6 = f"fd{uuid.uuid4().hex[:2]}:{uuid.uuid4().hex[:4]}:{uuid.uuid4().hex[:4]}::/48"
     default6 = f"fd{uuid.uuid4().hex[:2]}:{uuid.uuid4().hex[:4]}:{uuid.uuid4().hex[:4]}::/48"
     plugin = plugin_factory({"VPCNET_CLUSTER_CIDR_V6": default6})
     cluster4 = free_cluster(100, 227, (plugin.cluster,))
     wanted = str(ipaddress.IPv6Network(cluster6).network_address + 0x77)   # in this host's first /80 of it
     command, env = compose_command(dock.docker)
-    asks_v6_alone = engine_major(dock.docker) >= 25
-    parts = [WITH_SUBNET, WITHOUT_SUBNET] if asks_v6_alone else [WITH_SUBNET]
+    parts = [WITH_SUBNET, WITHOUT_SUBNET]
     projects = {}
     veths = lambda: {w for w in run(["ip", "-o", "link"]).stdout.split() if w.startswith("vh")}   # noqa: E731
     before = veths()
@@ -187,20 +183,15 @@ def test_compose_enable_ipv6_with_and_without_an_ipv6_subnet_and_ipv6_address(
         return projects[name]
 
     try:
-        if not asks_v6_alone:
-            refused = run([*project([WITHOUT_SUBNET]), "up", "-d"], check=False, timeout=180, env=env)
-            assert refused.returncode != 0 and "no IPv6 pool: Docker before 25" in refused.stderr, refused.stderr
         compose = project(parts)
         up = run([*compose, "up", "-d"], check=False, timeout=180, env=env)
         assert up.returncode == 0, up.stderr
         nets = {n["cluster_cidr"]: n for n in plugin.status()["networks"]}
-        assert set(nets) == ({cluster4, plugin.cluster} if asks_v6_alone else {cluster4}), nets
+        assert set(nets) == {cluster4, plugin.cluster}, nets
         assert ipaddress.IPv6Network(nets[cluster4]["host_cidr_v6"]).subnet_of(ipaddress.IPv6Network(cluster6))
-        if asks_v6_alone:
-            assert ipaddress.IPv6Network(nets[plugin.cluster]["host_cidr_v6"]).subnet_of(
-                ipaddress.IPv6Network(default6))
+        assert ipaddress.IPv6Network(nets[plugin.cluster]["host_cidr_v6"]).subnet_of(ipaddress.IPv6Network(default6))
         name = compose[compose.index("-p") + 1]
-        for network, one, other in (("withsub", "a", "b"), ("nosub", "c", "d"))[:len(parts)]:
+        for network, one, other in (("withsub", "a", "b"), ("nosub", "c", "d")):
             full, one, other = f"{name}_{network}", f"{name}-{one}-1", f"{name}-{other}-1"
             ip6_one = addresses(dock, one, full)[1].split()[0].split("/")[0]
             ip6_other = addresses(dock, other, full)[1].split()[0].split("/")[0]

@@ -909,11 +909,6 @@ def test_ipv6_inputs_refused_clearly_and_nothing_left(plug):
     with pytest.raises(InvalidRequest, match="--internal with --ipv6 is not supported yet"):
         plug.driver.create_network(NID, {GENERIC: {MODE_OPTION: "routed"}, INTERNAL_OPTION: True},
                                    [{"Pool": pool_of(plug)}], [{"Pool": pool6}])
-    # Docker before 25 sends --ipv6 without an IPv6 pool unless an IPv6 --subnet is given: not a quiet IPv4-only network
-    with pytest.raises(InvalidRequest, match="no IPv6 pool: Docker before 25 .* add --subnet <IPv6 cluster CIDR>, "
-                                             f"e.g. the default {plug.config.default_cluster_cidr_v6}"):
-        plug.driver.create_network(NID, {GENERIC: {MODE_OPTION: "routed"}, "com.docker.network.enable_ipv6": True},
-                                   [{"Pool": pool_of(plug)}], [])
     assert plug.store.networks() == [] and plug.dataplane.networks == {}
     net, pool6 = dual_stack(plug)
     address = plug.ipam.request_address(net.host_cidr)["Address"]

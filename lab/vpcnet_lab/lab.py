@@ -14,8 +14,8 @@ Addresses (all inside namespaces the lab creates; the machine's own interfaces a
                    per host, installed as `block via fd00:192:168:240::(10+K)` (the instance's IPv6
                    underlay address, registered with the emulator as "ip6")
 
-`--ipv6` makes the lab's network (vpc0) dual-stack: `--ipv6 --subnet <IPv6 cluster CIDR>` (an IPv6 --subnet
-because Docker before 25 asks a remote IPAM for an IPv6 pool only then).
+`--ipv6` makes the lab's network (vpc0) dual-stack: `docker network create --ipv6`, on the IPv6 cluster CIDR
+the hosts' plugins are given (VPCNET_CLUSTER_CIDR_V6).
 The underlay is dual-stack with or without it, so `create_network(..., ipv6=True)` works on any lab.
 
 Zones (`--zones N`, N <= 4): host K is in zone z = (K-1) % N + 1, with underlay address
@@ -487,17 +487,15 @@ class Lab:
                        cluster_cidr_v6: str | None = None) -> None:
         """A vpcnet network on each host (all by default), on `cluster_cidr` (default: the lab's) in
         `mode` (default: no -o vpcnet.mode, so the plugin's default); with `ipv6`, dual-stack on
-        `cluster_cidr_v6` (default: the lab's), given as --subnet (Docker before 25 asks a remote IPAM
-        for an IPv6 pool only with an IPv6 --subnet). A host claims its block of a new cluster CIDR
-        on the first request ("claim in progress"), so each create is retried until it succeeds or
-        `timeout` passes. Safe to repeat."""
+        `cluster_cidr_v6` (given as an IPv6 --subnet; default: none, the plugins' default, the lab's). A
+        host claims its block of a new cluster CIDR on the first request ("claim in progress"), so each
+        create is retried until it succeeds or `timeout` passes. Safe to repeat."""
         options = ["--subnet", cluster_cidr] if cluster_cidr else []
         if cluster_cidr:
             self._zone_tables_up(cluster_cidr)
         if ipv6:
-            cluster6 = cluster_cidr_v6 or self.cluster_cidr_v6
-            options += ["--ipv6", "--subnet", cluster6]
-            self._zone_tables_up(cluster6)
+            options += ["--ipv6", *(("--subnet", cluster_cidr_v6) if cluster_cidr_v6 else ())]
+            self._zone_tables_up(cluster_cidr_v6 or self.cluster_cidr_v6)
         if mode != "default":
             options += ["-o", f"vpcnet.mode={mode}"]
         for k in hosts or self.host_indexes():

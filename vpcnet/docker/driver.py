@@ -209,11 +209,6 @@ class NetworkDriver:
                                  f"vpcnet as its IPAM driver too (--ipam-driver, the same name as -d). {SWARM_HINT}")
         mode = self._network_mode(generic.get(MODE_OPTION))
         v6 = _ipv6_pool(ipv6_data, pools, mode)
-        if not v6 and _truthy(options.get(IPV6_OPTION)):
-            raise InvalidRequest("--ipv6 (enable_ipv6) but Docker sent no IPv6 pool: Docker before 25 asks a network "
-                                 "plugin's IPAM for one only with an IPv6 --subnet (Compose: an IPv6 ipam.config "
-                                 "subnet); add --subnet <IPv6 cluster CIDR>, e.g. the default "
-                                 f"{self.config.default_cluster_cidr_v6}")
         if v6 and _truthy(options.get(INTERNAL_OPTION)):
             raise InvalidRequest("--internal with --ipv6 is not supported yet: vpcnet keeps an internal network's "
                                  "IPv4 inside the cluster CIDR but not its IPv6; create it without --ipv6")

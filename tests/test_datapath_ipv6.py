@@ -488,3 +488,21 @@ def test_ipv6_traffic_is_counted_per_peer_and_direction(netns_factory, mode):
         for name in ("a", "b"):
             dps[name].delete_network(specs[name])
         maps.forget({A1, A2, B1})
+
+
+def test_ipv6_is_refused_naming_why_where_proc_sys_is_read_only(root):
+    """A managed plugin's /proc/sys is read-only (Docker mounts it so), and the kernel takes a link's IPv6
+    settings only there: vpcnet says so (the driver and the IPAM refuse `--ipv6` with it, before a block is
+    claimed) instead of failing each container. Checked in a private mount namespace with /proc/sys
+    remounted read-only, as in a plugin's container."""
+    import os
+
+    from vpcnet.datapath.ipv6 import unavailable
+
+    assert unavailable() == "", "writable here"
+    code = "from vpcnet.datapath.ipv6 import unavailable\nprint(unavailable())\n"
+    out = run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+               "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && exec \"$0\" -c \"$1\"",
+               sys.executable, code], env=dict(os.environ))
+    assert "/proc/sys is read-only here" in out.stdout and "vpcnet serve" in out.stdout, out.stdout + out.stderr
+    assert "no IPv6" in unavailable("/nonexistent/ipv6/forwarding")

@@ -9,10 +9,11 @@ the test puts the forwarding and accept_ra sysctls back as they were.
 from __future__ import annotations
 
 import ipaddress
+import os
 import uuid
 
 import pytest
-from conftest import run
+from conftest import free_cluster, run, unique
 from test_doctor import doctor
 
 pytestmark = pytest.mark.docker
@@ -106,3 +107,114 @@ def test_ipv6_alone_takes_the_default_ipv6_cluster_cidr(
     assert status["cluster_cidr_v6"].endswith("/48")
     a, b = dock.run_container(net).name, dock.run_container(net).name
     assert ping6(dock, a, addresses(dock, b, net)[1].split()[0].split("/")[0])
+
+
+# -- Compose: enable_ipv6 ------------------------------------------------------------------------------
+WITH_SUBNET = """\
+  a:
+    image: {image}
+    command: ["sleep", "3600"]
+    networks:
+      withsub:
+        ipv6_address: {wanted}
+  b:
+    image: {image}
+    command: ["sleep", "3600"]
+    networks: [withsub]
+""", """\
+  withsub:
+    driver: {driver}
+    enable_ipv6: true
+    driver_opts:
+      vpcnet.mode: routed
+    ipam:
+      driver: {driver}
+      config:
+        - subnet: {cluster4}
+        - subnet: {cluster6}
+"""
+WITHOUT_SUBNET = """\
+  c:
+    image: {image}
+    command: ["sleep", "3600"]
+    networks: [nosub]
+  d:
+    image: {image}
+    command: ["sleep", "3600"]
+    networks: [nosub]
+""", """\
+  nosub:
+    driver: {driver}
+    enable_ipv6: true
+    ipam:
+      driver: {driver}
+"""
+
+
+def compose_command(docker: list[str]) -> tuple[list[str], dict | None]:
+    """`docker compose` and its environment: the engine's own Compose v2, else the one
+    tests/engines/fetch-docker.sh keeps beside Docker 28 (a CLI plugin also Docker 20.10's CLI runs)."""
+    if run([*docker, "compose", "version"], check=False).returncode == 0:
+        return [*docker, "compose"], None
+    fetch = os.path.join(os.path.dirname(os.path.abspath(__file__)), "engines", "fetch-docker.sh")
+    cache = run([fetch], check=False, timeout=900).stdout.strip()
+    env = dict(os.environ, DOCKER_CONFIG=os.path.join(cache, "docker-config"))
+    if not cache or run([*docker, "compose", "version"], check=False, env=env).returncode != 0:
+        pytest.fail("needs Compose v2: the engine's `docker compose`, or tests/engines/fetch-docker.sh's")
+    return [*docker, "compose"], env
+
+
+def test_compose_enable_ipv6_with_and_without_an_ipv6_subnet_and_ipv6_address(
+        plugin_factory, dock, tmp_path, ipv6_sysctls_kept):
+    """Compose's `enable_ipv6: true` on two vpcnet networks, one with IPv4 and IPv6 `ipam.config` subnets
+    (cluster CIDRs) and a service's `ipv6_address`, one without any (the default cluster CIDRs): the two
+    services of each are dual-stack and reach each other over IPv6, and `down` leaves no network, endpoint,
+    veth or IPv6 route. (One network per container: two dual-stack vpcnet networks on one container are not
+    supported, docs/usage.md.)"""
+    cluster6 = f"fd{uuid.uuid4().hex[:2]}:{uuid.uuid4().hex[:4]}:{uuid.uuid4().hex[:4]}::/48"
+    default6 = f"fd{uuid.uuid4().hex[:2]}:{uuid.uuid4().hex[:4]}:{uuid.uuid4().hex[:4]}::/48"
+    plugin = plugin_factory({"VPCNET_CLUSTER_CIDR_V6": default6})
+    cluster4 = free_cluster(100, 227, (plugin.cluster,))
+    wanted = str(ipaddress.IPv6Network(cluster6).network_address + 0x77)   # in this host's first /80 of it
+    command, env = compose_command(dock.docker)
+    parts = [WITH_SUBNET, WITHOUT_SUBNET]
+    projects = {}
+    veths = lambda: {w for w in run(["ip", "-o", "link"]).stdout.split() if w.startswith("vh")}   # noqa: E731
+    before = veths()
+
+    def project(parts) -> list[str]:
+        name = unique("vpc6c")
+        path = tmp_path / f"{name}.yml"
+        text = "services:\n" + "".join(p[0] for p in parts) + "networks:\n" + "".join(p[1] for p in parts)
+        path.write_text(text.format(image=dock.image, driver=plugin.name, wanted=wanted, cluster4=cluster4,
+                                    cluster6=cluster6))
+        projects[name] = [*command, "-p", name, "-f", str(path)]
+        return projects[name]
+
+    try:
+        compose = project(parts)
+        up = run([*compose, "up", "-d"], check=False, timeout=180, env=env)
+        assert up.returncode == 0, up.stderr
+        nets = {n["cluster_cidr"]: n for n in plugin.status()["networks"]}
+        assert set(nets) == {cluster4, plugin.cluster}, nets
+        assert ipaddress.IPv6Network(nets[cluster4]["host_cidr_v6"]).subnet_of(ipaddress.IPv6Network(cluster6))
+        assert ipaddress.IPv6Network(nets[plugin.cluster]["host_cidr_v6"]).subnet_of(ipaddress.IPv6Network(default6))
+        name = compose[compose.index("-p") + 1]
+        for network, one, other in (("withsub", "a", "b"), ("nosub", "c", "d")):
+            full, one, other = f"{name}_{network}", f"{name}-{one}-1", f"{name}-{other}-1"
+            ip6_one = addresses(dock, one, full)[1].split()[0].split("/")[0]
+            ip6_other = addresses(dock, other, full)[1].split()[0].split("/")[0]
+            if network == "withsub":
+                assert ip6_one == wanted, "ipv6_address honoured"
+            assert ping6(dock, one, ip6_other) and ping6(dock, other, ip6_one), network
+        routes = run(["ip", "-6", "route", "show"]).stdout
+        assert f"{wanted} dev vh" in routes, routes
+    finally:
+        downs = [run([*compose, "down", "--timeout", "1"], check=False, timeout=180, env=env)
+                 for compose in projects.values()]
+    assert all(down.returncode == 0 for down in downs), [down.stderr for down in downs]
+    for name in projects:
+        assert run([*dock.docker, "network", "ls", "-q", "--filter", f"name={name}_"]).stdout.split() == []
+    assert plugin.status()["networks"] == [], "no network, endpoint or address left in vpcnet's store"
+    assert wanted not in run(["ip", "-6", "route", "show"]).stdout
+    assert veths() == before, "no veth left"

@@ -756,7 +756,8 @@ def test_cli_serves_and_stops_on_sigterm(tmp_path):
     state = tmp_path / "cli-state.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "vpcnet.cli", "emulator", "--listen", f"127.0.0.1:{port}",
-         "--access-key", f"cli-key:{secret}", "--instance", "i-cli=192.168.77.5", "--pending-delay", "0.1",
+         "--access-key", f"cli-key:{secret}", "--instance", "i-cli=192.168.77.5",
+         "--instance", "i-cli6=192.168.77.6,fd00:77::6", "--pending-delay", "0.1",
          "--quota", "7", "--fault-rate", "0", "--seed", "3", "--state", str(state)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -770,7 +771,8 @@ def test_cli_serves_and_stops_on_sigterm(tmp_path):
 
         assert wait_for(up, 15.0, 0.1), "emulator did not come up"
         state_body = requests.get(url + "_emulator/state", timeout=5).json()
-        assert state_body["config"]["quota"] == 7 and state_body["instances"] == {"i-cli": "192.168.77.5"}
+        assert state_body["config"]["quota"] == 7 and state_body["instances"] == {"i-cli": "192.168.77.5",
+                                                                                 "i-cli6": "192.168.77.6"}
         client = Client(url, key_id="cli-key", secret=secret)
         assert client.create("10.55.0.0/24", hop="i-cli")[0] == 200
         assert_error(Client(url).call("DescribeRouteEntryList", RouteTableId=TABLE), 404,
@@ -786,6 +788,7 @@ def test_cli_serves_and_stops_on_sigterm(tmp_path):
     assert secret not in out and secret not in err
     assert "Signature=" not in err          # request lines carry no query string
     assert "10.55.0.0/24" in state.read_text()
+    assert json.loads(state.read_text())["instances6"] == {"i-cli6": "fd00:77::6"}, "ID=IP,IP6: its IPv6 underlay"
 
 
 def test_cli_rejects_bad_arguments():
@@ -795,3 +798,6 @@ def test_cli_rejects_bad_arguments():
     proc = subprocess.run([sys.executable, "-m", "vpcnet.cli", "emulator", "--access-key", "no-colon-secret"],
                           cwd=REPO, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "no-colon-secret" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "vpcnet.cli", "emulator", "--instance", "i-x=192.168.77.5,"],
+                          cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "--instance wants ID=IP[,IP6]" in proc.stderr, proc.stderr

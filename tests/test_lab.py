@@ -24,6 +24,7 @@ pytestmark = pytest.mark.docker
 
 CLUSTER = "10.241.0.0/16"
 EBPF_CLUSTER = "10.244.0.0/16"        # a second cluster CIDR, for the ebpf-mode network
+DUAL_CLUSTER = "10.245.0.0/16"        # a third, for the dual-stack network (IPv6: the lab's IPv6 cluster CIDR)
 TOOLS = ("dockerd", "docker", "nsenter", "unshare", "iperf3", "busybox", "tcpdump", "ip")
 
 
@@ -91,19 +92,25 @@ def boxes(lab):
 # First in the file: it needs the machine without a lab, before the module's lab fixture builds one.
 
 def test_cli_up_twice_status_and_down_leave_nothing(request):
+    """`lab up --ipv6`: a dual-stack lab, each host's IPv4 and IPv6 blocks routed by the emulated VPC via its
+    underlay address of the same family; `lab down` leaves nothing."""
+    from vpcnet_lab.lab import DEFAULT_CLUSTER_V6
+
     _require_lab_prerequisites()
     request.addfinalizer(lambda: vpcnet_cli("lab", "down", timeout=180))
-    up = vpcnet_cli("lab", "up", "--hosts", "2", "--cluster-cidr", CLUSTER, "--no-image")
+    up = vpcnet_cli("lab", "up", "--hosts", "2", "--cluster-cidr", CLUSTER, "--no-image", "--ipv6")
     assert up.returncode == 0, up.stdout + up.stderr
     assert "DOCKER_HOST=unix:///run/vpclab/h1/docker.sock" in up.stdout
     assert "DOCKER_HOST=unix:///run/vpclab/h2/docker.sock" in up.stdout
 
-    again = vpcnet_cli("lab", "up", "--hosts", "2", "--cluster-cidr", CLUSTER, "--no-image")
+    again = vpcnet_cli("lab", "up", "--hosts", "2", "--cluster-cidr", CLUSTER, "--no-image", "--ipv6")
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.count("already up") == 2
 
     other = vpcnet_cli("lab", "up", "--cluster-cidr", "10.242.0.0/16")
     assert other.returncode == 1 and "already up with cluster CIDR" in other.stderr
+    v4only = vpcnet_cli("lab", "up", "--cluster-cidr", CLUSTER)
+    assert v4only.returncode == 1 and "already up with --ipv6" in v4only.stderr, v4only.stderr
 
     status = vpcnet_cli("lab", "status", "--json")
     assert status.returncode == 0, status.stdout + status.stderr
@@ -115,8 +122,15 @@ def test_cli_up_twice_status_and_down_leave_nothing(request):
         assert ipaddress.IPv4Network(h["host_cidr"]).subnet_of(ipaddress.IPv4Network(CLUSTER))
         assert h["route_available"] and h["route"]["destination"] == h["host_cidr"]
         assert any(line.startswith(f"{h['host_cidr']} via {h['underlay_ip']}") for line in data["kernel_routes"])
+        # vpc0 is dual-stack: the host's /80 of the lab's IPv6 cluster CIDR, routed via its IPv6 underlay address
+        block6 = ipaddress.IPv6Network(h["host_cidr6"])
+        assert block6.prefixlen == 80 and block6.subnet_of(ipaddress.IPv6Network(DEFAULT_CLUSTER_V6)), h
+        assert h["route6_available"] and h["route6"]["destination"] == h["host_cidr6"], h
+        assert any(line.startswith(f"{h['host_cidr6']} via {h['underlay_ip6']}") for line in data["kernel_routes6"])
+    assert data["ipv6"] and len({h["host_cidr6"] for h in data["hosts"]}) == 2
     human = vpcnet_cli("lab", "status")
     assert human.returncode == 0 and "Available" in human.stdout and "i-vpclab-h2" in human.stdout
+    assert "dual-stack" in human.stdout and f"{data['hosts'][1]['host_cidr6']} Available" in human.stdout
 
     down = vpcnet_cli("lab", "down", timeout=180)
     assert down.returncode == 0, down.stdout + down.stderr
@@ -187,10 +201,74 @@ def test_containers_on_two_hosts_talk_over_plain_ip_through_the_router(lab, boxe
         assert "vxlan" not in run(["nsenter", "-t", str(box.pid), "-n", "ip", "-d", "link", "show"]).stdout
 
 
+def ipv6_of(lab, k: int, container: str, network: str) -> str:
+    return lab.docker(k, "inspect", "-f", f'{{{{(index .NetworkSettings.Networks "{network}").GlobalIPv6Address}}}}',
+                      container).stdout.strip()
+
+
+def peer6_of(table: str, port: int) -> str:
+    """The remote address of the established connection to `port` in a /proc/net/tcp6 dump ("" if none)."""
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) > 3 and fields[3] in ("01", "08") and int(fields[1].split(":")[1], 16) == port:
+            raw = bytes.fromhex(fields[2].split(":")[0])           # four 32-bit words, each in host order
+            return str(ipaddress.IPv6Address(b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))))
+    return ""
+
+
+def test_a_dual_stack_network_carries_ipv6_between_hosts_unencapsulated_with_the_containers_addresses(lab):
+    """A dual-stack network on both hosts (what `lab up --ipv6` makes vpc0): a container on h1 reaches one on
+    h2 over IPv6, the receiver sees the sender's own IPv6 address, and the router forwards plain IPv6
+    carrying the containers' addresses; IPv4 works beside it."""
+    lab.create_network("vpc6", DUAL_CLUSTER, ipv6=True)
+    a, b = Box(lab, 1, "vpc6"), Box(lab, 2, "vpc6")
+    try:
+        a6, b6 = ipv6_of(lab, 1, a.name, "vpc6"), ipv6_of(lab, 2, b.name, "vpc6")
+        for k, addr in ((1, a6), (2, b6)):
+            block = lab.host_cidr(k, "vpc6", family=6)
+            assert ipaddress.IPv6Network(block).subnet_of(ipaddress.IPv6Network(lab.cluster_cidr_v6)), block
+            assert ipaddress.IPv6Address(addr) in ipaddress.IPv6Network(block), (addr, block)
+            assert (lab.route_of(k, family=6) or {}).get("DestinationCidrBlock") == block
+            assert wait_for(lambda b=block, k=k: any(r.startswith(f"{b} via {lab.host_ip6(k)}")
+                                                     for r in lab.kernel_routes(family=6)), 20, 0.5)
+        capture = subprocess.Popen(
+            ["ip", "netns", "exec", lab.router_netns, "timeout", "20", "tcpdump", "-lnni", "to-h2", "-c", "2",
+             f"ip6 and host {a6} and host {b6}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(1.0)                                            # tcpdump attaching
+            assert wait_for(lambda: a.sh("ping", "-6", "-c1", "-W2", b6, check=False).returncode == 0, 20, 0.5)
+            out, _ = capture.communicate(timeout=25)
+        finally:
+            if capture.poll() is None:
+                capture.kill()
+                capture.wait()
+        assert f"IP6 {a6} > {b6}: ICMP6, echo request" in out, out
+        assert f"IP6 {b6} > {a6}: ICMP6, echo reply" in out, out
+        # TCP over IPv6: the server on h2 sees h1's container's own address
+        b.sh("sh", "-c", "nc -ll -p 7006 -e cat /proc/net/tcp6 >/dev/null 2>&1 &")
+        seen = ""
+        for _ in range(10):
+            seen = peer6_of(a.sh("sh", "-c", f"nc -w 3 {b6} 7006 </dev/null", check=False).stdout, 7006)
+            if seen:
+                break
+            time.sleep(0.5)
+        assert seen == a6
+        assert a.pings(b.ip), "IPv4 beside it"
+    finally:
+        a.remove()
+        b.remove()
+        for k in (1, 2):
+            lab.docker(k, "network", "rm", "vpc6", check=False)
+
+
 def test_a_deleted_route_breaks_traffic_until_the_reconciler_restores_it(lab, boxes):
     a, b = boxes(1), boxes(2)
     assert a.pings(b.ip)
-    entry = lab.route_of(2)
+    block = lab.host_cidr(2)          # vpc0's: h2 may hold blocks of other cluster CIDRs too
+
+    def entry_of() -> dict:
+        return next((e for e in lab.routes() if e["DestinationCidrBlock"] == block), {})
+    entry = entry_of()
     assert entry and entry["Status"] == "Available"
     plugin = lab.host(2).plugin_pid()
     os.killpg(plugin, signal.SIGSTOP)               # hold h2's reconciler while we look at the break
@@ -201,9 +279,8 @@ def test_a_deleted_route_breaks_traffic_until_the_reconciler_restores_it(lab, bo
         assert not a.pings(b.ip, wait=1), "h1 -> h2 still works without h2's route"
     finally:
         os.killpg(plugin, signal.SIGCONT)
-    restored = wait_for(lambda: (lab.route_of(2) or {}).get("Status") == "Available", 30, 0.5)
+    restored = wait_for(lambda: entry_of().get("Status") == "Available", 30, 0.5)
     assert restored, lab.status()["route_table"]
-    assert lab.route_of(2)["DestinationCidrBlock"] == entry["DestinationCidrBlock"]
     assert wait_for(lambda: a.pings(b.ip, wait=1), 15)
 
 

@@ -70,8 +70,8 @@ def block_of(lab, k: int, cluster: str) -> ipaddress.IPv4Network | None:
     """Host k's block of `cluster`: its route in the emulated VPC route table."""
     for entry in lab.routes():
         hops = [h.get("NextHopId") for h in entry.get("NextHops", {}).get("NextHop", [])]
-        dest = ipaddress.IPv4Network(entry["DestinationCidrBlock"])
-        if f"i-vpclab-h{k}" in hops and dest.subnet_of(ipaddress.IPv4Network(cluster)):
+        dest = ipaddress.ip_network(entry["DestinationCidrBlock"])
+        if f"i-vpclab-h{k}" in hops and dest.version == 4 and dest.subnet_of(ipaddress.IPv4Network(cluster)):
             return dest
     return None
 
@@ -112,6 +112,41 @@ def converged(lab, service: str, replicas: int) -> list[dict]:
     assert wait_for(lambda: len(tasks(lab, service)) == replicas, 90, 1.0), \
         lab.docker(1, "service", "ps", "--no-trunc", service).stdout
     return tasks(lab, service)
+
+
+SWARM6_CLUSTER, SWARM6_CLUSTER_V6 = "10.249.0.0/16", "fd00:10:249::/48"
+
+
+def test_an_ipv6_swarm_network_is_refused_on_every_node_naming_why_and_claims_no_ipv6_block(swarm):
+    """Swarm needs the managed plugin, whose /proc/sys Docker mounts read-only, and the kernel takes a link's
+    IPv6 settings only there: a swarm network made from a config-only network with `--ipv6` (each node then
+    asks vpcnet for IPv6 itself: swarm's allocator is not involved) is refused when a task lands, with the
+    reason in `docker service ps`, and no node claims an IPv6 block. (Docker refuses `--ipv6` beside
+    `--config-from` itself.)"""
+    lab = swarm
+    beside = lab.docker(1, "network", "create", "-d", PLUGIN, "--scope", "swarm", "--ipv6", "--config-from",
+                        "none-config", "vpcbad6", check=False)
+    assert beside.returncode != 0 and "configuration network" in beside.stderr, beside.stderr
+    lab_swarm.swarm_network(lab, [1, 2], "vpcs6", SWARM6_CLUSTER, PLUGIN, ipv6=SWARM6_CLUSTER_V6)
+    service = unique("six")
+    try:
+        lab.docker(1, "service", "create", "--detach", "--no-resolve-image", "--name", service, "--network", "vpcs6",
+                   "--replicas", "2", "--replicas-max-per-node", "1", "vpcnet-testbox:latest", "sleep", "3600",
+                   timeout=120)
+
+        def errors() -> list[str]:
+            return [line for line in lab.docker(1, "service", "ps", "--no-trunc", "--format", "{{.Node}} {{.Error}}",
+                                                service).stdout.splitlines() if "IPv6" in line]
+        assert wait_for(lambda: len(errors()) >= 2, 90, 1.0), lab.docker(1, "service", "ps", "--no-trunc", service)
+        assert all("cannot be served by this vpcnet: /proc/sys is read-only" in e and "Swarm" in e
+                   for e in errors()), errors()
+        assert tasks(lab, service) == []
+        assert not [e for e in lab.routes() if ":" in e["DestinationCidrBlock"]], "no IPv6 block claimed"
+    finally:
+        lab.docker(1, "service", "rm", service, check=False)
+        assert wait_for(lambda: lab.docker(1, "network", "rm", "vpcs6", check=False).returncode == 0, 60, 1.0)
+        for k in (1, 2):
+            lab.docker(k, "network", "rm", "vpcs6-config", check=False)
 
 
 def test_scale_drain_and_a_daemon_restart(swarm):

@@ -6,7 +6,7 @@ import sys
 
 
 def register(subparsers) -> None:
-    from vpcnet_lab.lab import DEFAULT_CLUSTER, DEFAULT_NETWORK, DEFAULT_RECONCILE
+    from vpcnet_lab.lab import DEFAULT_CLUSTER, DEFAULT_CLUSTER_V6, DEFAULT_NETWORK, DEFAULT_RECONCILE
 
     p = subparsers.add_parser(
         "lab", help="several simulated hosts on this machine (netns + own Docker engine + vpcnet each) "
@@ -14,7 +14,8 @@ def register(subparsers) -> None:
         description="Build, inspect and remove a multi-host lab: a router namespace (vpclab-vpc) running "
                     "the VPC emulator, and hosts vpclab-h1..hN, each with its own Docker engine "
                     "(/run/vpclab/hK/docker.sock) and its own `vpcnet serve` using the aliyun provider "
-                    "against the emulator. Underlay 192.168.240.0/24, all inside the lab's namespaces.")
+                    "against the emulator. Underlay 192.168.240.0/24 and fd00:192:168:240::/64, all inside the lab's "
+                    "namespaces.")
     sub = p.add_subparsers(dest="lab_command", metavar="ACTION")
     sub.required = True
 
@@ -25,6 +26,11 @@ def register(subparsers) -> None:
                          "table; the router forwards by the table of the packet's zone (default 1)")
     up.add_argument("--cluster-cidr", default=DEFAULT_CLUSTER, metavar="CIDR",
                     help=f"cluster CIDR the hosts' blocks are carved from (default {DEFAULT_CLUSTER})")
+    up.add_argument("--ipv6", action="store_true",
+                    help="make that network dual-stack: every container also gets an IPv6 address of its host's "
+                         "/80 of --cluster-cidr-v6, routed by the emulated VPC like the IPv4 blocks")
+    up.add_argument("--cluster-cidr-v6", default=DEFAULT_CLUSTER_V6, metavar="CIDR",
+                    help=f"IPv6 cluster CIDR the hosts' IPv6 blocks are carved from (default {DEFAULT_CLUSTER_V6})")
     up.add_argument("--network", default=DEFAULT_NETWORK, metavar="NAME",
                     help=f"name of the vpcnet network created on every host (default {DEFAULT_NETWORK})")
     up.add_argument("--mode", default="default", metavar="MODE",
@@ -48,15 +54,17 @@ def _up(args) -> int:
     from vpcnet_lab.netns import LabError
 
     lab = Lab(hosts=args.hosts, cluster_cidr=args.cluster_cidr, network=args.network, mode=args.mode,
-              zones=args.zones,
+              zones=args.zones, ipv6=args.ipv6, cluster_cidr_v6=args.cluster_cidr_v6,
               reconcile_interval=args.reconcile_interval, load_image=not args.no_image, out=sys.stdout)
     try:
         lab.up()
     except LabError as exc:
         print(f"vpcnet lab up: {exc}\n(run `vpcnet lab down` to remove what was made)", file=sys.stderr)
         return 1
-    print(f"lab up: {len(lab.state['hosts'])} host(s) in {lab.zones} zone(s), cluster {lab.cluster_cidr}, "
-          f"network {lab.network} ({lab.mode} mode); `vpcnet lab status` shows the route table, "
+    print(f"lab up: {len(lab.state['hosts'])} host(s) in {lab.zones} zone(s), cluster {lab.cluster_cidr}"
+          f"{' and ' + lab.cluster_cidr_v6 if lab.ipv6 else ''}, "
+          f"network {lab.network} ({lab.mode} mode{', dual-stack' if lab.ipv6 else ''}); "
+          "`vpcnet lab status` shows the route table, "
           "`vpcnet lab down` removes it all")
     return 0
 
@@ -72,8 +80,10 @@ def _status(args) -> int:
         left = {k: v for k, v in status.get("leftovers", {}).items() if v}
         print("lab is down" + (f" (leftovers: {left}; run `vpcnet lab down`)" if left else ""))
         return 3
-    print(f"lab {'up' if status['up'] else 'DEGRADED'}: cluster {status['cluster_cidr']}, network "
-          f"{status['network']} ({status['mode']} mode), router {status['router_netns']}, "
+    print(f"lab {'up' if status['up'] else 'DEGRADED'}: cluster {status['cluster_cidr']}"
+          f"{' and ' + status['cluster_cidr_v6'] if status['ipv6'] else ''}, network "
+          f"{status['network']} ({status['mode']} mode{', dual-stack' if status['ipv6'] else ''}), "
+          f"router {status['router_netns']}, "
           f"emulator {status['emulator_url']} "
           f"({'up' if status['emulator_up'] else 'down'})")
     print(f"{'host':<5} {'netns':<11} {'underlay':<15} {'host CIDR':<16} {'engine':<7} {'plugin':<7} route")
@@ -82,6 +92,10 @@ def _status(args) -> int:
         shown = f"{route['destination']} {route['status']}" if route else "none"
         print(f"{h['host']:<5} {h['netns']:<11} {h['underlay_ip']:<15} {h['host_cidr'] or '-':<16} "
               f"{'up' if h['engine_up'] else 'down':<7} {'up' if h['plugin_up'] else 'down':<7} {shown}")
+        if h["route6"] or h["host_cidr6"]:
+            route6 = h["route6"]
+            print(f"      IPv6: underlay {h['underlay_ip6']}, host block {h['host_cidr6'] or '-'}, route "
+                  + (f"{route6['destination']} {route6['status']}" if route6 else "none"))
         print(f"      DOCKER_HOST={h['docker_host']}")
     for table, entries in status.get("route_tables", {}).items():
         print(f"zone route table {table}: {', '.join(entries) or 'no custom entry'}")
@@ -89,7 +103,7 @@ def _status(args) -> int:
     for e in status["route_table"]:
         print(f"  {e['destination']:<18} {e['type']:<7} {e['status']:<10} {e['next_hop'] or '-':<14} {e['entry_id']}")
     print(f"kernel routes in {status['router_netns']}:")
-    for line in status["kernel_routes"]:
+    for line in status["kernel_routes"] + [r for r in status["kernel_routes6"] if " via " in r]:
         print(f"  {line}")
     return 0 if status["up"] else 3
 

@@ -2,25 +2,33 @@
 
 Addresses (all inside namespaces the lab creates; the machine's own interfaces are never touched):
 
-    underlay       192.168.240.0/24
-    router         192.168.240.1   (on lo of `vpclab-vpc`; the emulator listens on 192.168.240.1:8790)
-    host K         192.168.240.(10+K), interface `uplink` in `vpclab-hK`, point to point with the router
-                   (router side `to-hK`), default route via 192.168.240.1
+    underlay       192.168.240.0/24 and fd00:192:168:240::/64 (dual-stack)
+    router         192.168.240.1 and fd00:192:168:240::1 (on lo of `vpclab-vpc`; the emulator listens on
+                   192.168.240.1:8790)
+    host K         192.168.240.(10+K) and fd00:192:168:240::(10+K), interface `uplink` in `vpclab-hK`, point
+                   to point with the router (router side `to-hK`), default routes via the router
     containers     the cluster CIDR (default 10.240.0.0/16), one /24 per host, claimed by each host's
                    plugin as a route `host CIDR -> i-vpclab-hK` in the emulated route table, which the
-                   emulator installs in the router namespace as `host CIDR via 192.168.240.(10+K)`
+                   emulator installs in the router namespace as `host CIDR via 192.168.240.(10+K)`;
+                   on dual-stack networks also the IPv6 cluster CIDR (default fd00:10:240::/48), one /80
+                   per host, installed as `block via fd00:192:168:240::(10+K)` (the instance's IPv6
+                   underlay address, registered with the emulator as "ip6")
+
+`--ipv6` makes the lab's network (vpc0) dual-stack: `docker network create --ipv6`, on the IPv6 cluster CIDR
+the hosts' plugins are given (VPCNET_CLUSTER_CIDR_V6).
+The underlay is dual-stack with or without it, so `create_network(..., ipv6=True)` works on any lab.
 
 Zones (`--zones N`, N <= 4): host K is in zone z = (K-1) % N + 1, with underlay address
-192.168.(239+z).(10+K) in vSwitch `vsw-zone<z>` (192.168.(239+z).0/24). Zone 1's vSwitch is bound to the
-VPC's system table vtb-emu0001, zone z's to its own custom table vtb-emu000<z>. The emulator installs
-each emulated table into its own kernel table (100+z) of the router namespace, and the router forwards
-a packet by the table of the zone it came from: one `ip rule iif to-hK lookup 100+z` per host (by
-incoming link, not source address: container packets keep their own source addresses), with an
-`unreachable` route for the cluster CIDR in each zone table so a missing host route never falls through
-to another table. So cross-zone traffic works only while both tables hold both hosts' routes, as in a
-VPC with a route table per zone. The hosts' plugins are not told the tables: they discover them from
-the vSwitches bound to them (DescribeRouteTableList). With one zone (the default) everything is in the
-main table and the addresses are those above.
+192.168.(239+z).(10+K) (and fd00:192:168:(239+z)::(10+K)) in vSwitch `vsw-zone<z>` (192.168.(239+z).0/24).
+Zone 1's vSwitch is bound to the VPC's system table vtb-emu0001, zone z's to its own custom table
+vtb-emu000<z>. The emulator installs each emulated table into its own kernel table (100+z) of the router
+namespace, and the router forwards a packet by the table of the zone it came from: one `ip rule iif to-hK
+lookup 100+z` per host and family (by incoming link, not source address: container packets keep their own
+source addresses), with an `unreachable` route for the cluster CIDR (and the IPv6 one) in each zone table so
+a missing host route never falls through to another table. So cross-zone traffic works only while both
+tables hold both hosts' routes, as in a VPC with a route table per zone. The hosts' plugins are not told the
+tables: they discover them from the vSwitches bound to them (DescribeRouteTableList). With one zone (the
+default) everything is in the main table and the addresses are those above.
 
 Files: /run/vpclab (lab.json with pids and settings, sockets, exec roots), /var/lib/vpclab (data roots,
 plugin state, logs, the emulator's state). `down()` removes all of it, also after a half-failed `up()`,
@@ -57,10 +65,12 @@ MAX_ZONES = 4
 ZONE_KERNEL_TABLE_BASE = 100          # zone z's route table is kernel table 100+z in the router netns
 RULE_PREF_BASE = 1000                 # host K's `ip rule iif to-hK` has priority 1000+K
 ROUTER_IP = "192.168.240.1"
+ROUTER_IP6 = "fd00:192:168:240::1"
 HOST_IP_BASE = 10                      # host K is 192.168.240.(10+K)
 MAX_HOSTS = 200
 EMULATOR_PORT = 8790
 DEFAULT_CLUSTER = "10.240.0.0/16"
+DEFAULT_CLUSTER_V6 = "fd00:10:240::/48"
 DEFAULT_NETWORK = "vpc0"
 DEFAULT_RECONCILE = 5.0
 HOST_IF = "uplink"
@@ -86,6 +96,16 @@ def host_ip(k: int, zone: int = 1) -> str:
     return str(zone_subnet(zone).network_address + HOST_IP_BASE + k)
 
 
+def host_ip6(k: int, zone: int = 1) -> str:
+    """Host K's IPv6 underlay address, fd00:192:168:(239+zone)::(10+K): its IPv4 one written into IPv6."""
+    host_ip(k, zone)
+    return str(ipaddress.IPv6Address(f"fd00:192:168:{239 + zone}::{HOST_IP_BASE + k}"))
+
+
+def router_ip6(zone: int = 1) -> str:
+    return str(ipaddress.IPv6Address(f"fd00:192:168:{239 + zone}::1"))
+
+
 def zone_subnet(zone: int) -> ipaddress.IPv4Network:
     """Zone z's vSwitch: 192.168.(239+z).0/24."""
     return ipaddress.IPv4Network((int(UNDERLAY.network_address) + (zone - 1) * 256, 24))
@@ -108,7 +128,8 @@ class Lab:
 
     def __init__(self, hosts: int = 2, cluster_cidr: str = DEFAULT_CLUSTER, network: str = DEFAULT_NETWORK,
                  reconcile_interval: float = DEFAULT_RECONCILE, load_image: bool = True,
-                 out=None, mode: str = "default", zones: int = 1):
+                 out=None, mode: str = "default", zones: int = 1, ipv6: bool = False,
+                 cluster_cidr_v6: str = DEFAULT_CLUSTER_V6):
         if not 1 <= hosts <= MAX_HOSTS:
             raise LabError(f"--hosts must be 1..{MAX_HOSTS}")
         if not 1 <= zones <= MAX_ZONES:
@@ -119,8 +140,18 @@ class Lab:
         cluster = ipaddress.IPv4Network(cluster_cidr, strict=True)
         if cluster.overlaps(UNDERLAY_ALL):
             raise LabError(f"cluster CIDR {cluster} overlaps the lab underlay {UNDERLAY_ALL}")
+        try:
+            cluster6 = ipaddress.IPv6Network(cluster_cidr_v6, strict=True)
+        except ValueError as exc:
+            raise LabError(f"--cluster-cidr-v6 {cluster_cidr_v6}: {exc}") from None
+        if cluster6.prefixlen > 64:
+            raise LabError(f"--cluster-cidr-v6 {cluster6}: too small for several /80 host blocks (at most /64)")
+        if cluster6.overlaps(ipaddress.IPv6Network("fd00:192:168::/48")):
+            raise LabError(f"--cluster-cidr-v6 {cluster6} overlaps the lab's IPv6 underlay fd00:192:168::/48")
         self.hosts = hosts
         self.cluster_cidr = str(cluster)
+        self.cluster_cidr_v6 = str(cluster6)
+        self.ipv6 = bool(ipv6)
         self.network = network
         self.mode = mode
         self.zones = zones
@@ -142,6 +173,9 @@ class Lab:
 
     def host_ip(self, k: int) -> str:
         return host_ip(k, self.zone_of(k))
+
+    def host_ip6(self, k: int) -> str:
+        return host_ip6(k, self.zone_of(k))
 
     def zone_tables(self) -> list[str]:
         return [zone_table(z) for z in range(1, self.zones + 1)]
@@ -171,22 +205,52 @@ class Lab:
                 return found["entries"]
         return []
 
-    def route_of(self, k: int, table: str = TABLE_ID) -> dict | None:
+    def route_of(self, k: int, table: str = TABLE_ID, family: int = 4) -> dict | None:
+        """Host k's custom entry of `family` (4 or 6) in `table`, or None."""
         for entry in self.routes(table):
             hops = entry.get("NextHops", {}).get("NextHop", [])
-            if entry.get("Type") == "Custom" and any(h.get("NextHopId") == instance_id(k) for h in hops):
+            if (entry.get("Type") == "Custom" and any(h.get("NextHopId") == instance_id(k) for h in hops)
+                    and (":" in entry.get("DestinationCidrBlock", "")) == (family == 6)):
                 return entry
         return None
 
-    def host_cidr(self, k: int) -> str:
-        proc = self.docker(k, "network", "inspect", self.network, "-f",
-                           "{{range .IPAM.Config}}{{.Subnet}} {{end}}", check=False, timeout=30)
-        return proc.stdout.split()[0] if proc.returncode == 0 and proc.stdout.split() else ""
+    def host_cidr(self, k: int, network: str | None = None, family: int = 4) -> str:
+        """Host k's block of `network` (default: the lab's) in `family` (4 or 6), or "". From host k's
+        plugin state (read-only, as `vpcnet status` reads it): Docker's IPAM.Config shows a `--subnet` as
+        given (the cluster CIDR), not the block the plugin answered; from Docker where there is no state."""
+        proc = self.docker(k, "network", "inspect", network or self.network, "-f",
+                           "{{.Id}} {{range .IPAM.Config}}{{.Subnet}} {{end}}", check=False, timeout=30)
+        words = proc.stdout.split() if proc.returncode == 0 else []
+        if not words:
+            return ""
+        row = self._plugin_network(k, words[0])
+        if row is not None:
+            return (row.host_cidr_v6 if family == 6 else row.host_cidr) or ""
+        found = [s for s in words[1:] if (":" in s) == (family == 6)]
+        return found[0] if found else ""
 
-    def kernel_routes(self, zone: int | None = None) -> list[str]:
-        """The router's routes: of the main table, or of zone `zone`'s kernel table."""
+    def _plugin_network(self, k: int, network_id: str):
+        """Host k's `vpcnet serve` state of network `network_id` (None without one)."""
+        import sqlite3
+
+        from vpcnet.state.store import Store
+
+        db = os.path.join(self.host(k).paths.state_dir, "vpcnet.db")
+        try:
+            store = Store(db, readonly=True)
+        except FileNotFoundError:
+            return None
+        try:
+            return store.network(network_id)
+        except sqlite3.Error:
+            return None
+        finally:
+            store.close()
+
+    def kernel_routes(self, zone: int | None = None, family: int = 4) -> list[str]:
+        """The router's routes of `family` (4 or 6): of the main table, or of zone `zone`'s kernel table."""
         table = ["table", str(ZONE_KERNEL_TABLE_BASE + zone)] if zone else []
-        return run(["ip", "-n", ROUTER_NS, "-4", "route", "show", *table], check=False).stdout.splitlines()
+        return run(["ip", "-n", ROUTER_NS, f"-{family}", "route", "show", *table], check=False).stdout.splitlines()
 
     def _say(self, text: str) -> None:
         if self.out is not None:
@@ -201,6 +265,8 @@ class Lab:
             self.state = {}
         if self.state:
             self.zones = int(self.state.get("zones", 1))
+            self.ipv6 = bool(self.state.get("ipv6"))
+            self.cluster_cidr_v6 = self.state.get("cluster_cidr_v6", DEFAULT_CLUSTER_V6)
         return self.state
 
     def _save_state(self) -> None:
@@ -233,18 +299,23 @@ class Lab:
     def up(self) -> "Lab":
         self._check_tools()
         with self._locked():
-            wanted_zones = self.zones
+            wanted_zones, wanted6 = self.zones, (self.ipv6, self.cluster_cidr_v6)
             state = self._load_state()
             if state and int(state.get("zones", 1)) != wanted_zones:
                 raise LabError(f"the lab is already up with {state.get('zones', 1)} zone(s); run "
                                "`vpcnet lab down` first to change it")
             self.zones = wanted_zones
+            self.ipv6, self.cluster_cidr_v6 = wanted6
             if state and state.get("cluster_cidr") != self.cluster_cidr:
                 raise LabError(f"the lab is already up with cluster CIDR {state.get('cluster_cidr')}; "
                                "run `vpcnet lab down` first to change it")
+            if state and (bool(state.get("ipv6")), state.get("cluster_cidr_v6", DEFAULT_CLUSTER_V6)) != wanted6:
+                raise LabError("the lab is already up " + (f"with --ipv6 (IPv6 cluster CIDR "
+                               f"{state.get('cluster_cidr_v6')})" if state.get("ipv6") else "without --ipv6")
+                               + "; run `vpcnet lab down` first to change it")
             if not state:
                 self.state = {"cluster_cidr": self.cluster_cidr, "network": self.network, "mode": self.mode,
-                              "zones": self.zones,
+                              "zones": self.zones, "ipv6": self.ipv6, "cluster_cidr_v6": self.cluster_cidr_v6,
                               "reconcile_interval": self.reconcile_interval,
                               "key_secret": secrets.token_hex(16), "hosts": {}}
                 self._save_state()
@@ -279,10 +350,12 @@ class Lab:
     def _router_up(self) -> None:
         netns.add(ROUTER_NS)
         netns.sysctl(ROUTER_NS, "net.ipv4.ip_forward", "1")
+        netns.sysctl(ROUTER_NS, "net.ipv6.conf.all.forwarding", "1")
         # Hosts reach each other only through the router; it must not tell them to go direct.
         netns.sysctl(ROUTER_NS, "net.ipv4.conf.all.send_redirects", "0")
         netns.sysctl(ROUTER_NS, "net.ipv4.conf.default.send_redirects", "0")
         run(["ip", "-n", ROUTER_NS, "addr", "replace", f"{ROUTER_IP}/32", "dev", "lo"])
+        run(["ip", "-n", ROUTER_NS, "-6", "addr", "replace", f"{ROUTER_IP6}/128", "dev", "lo", "nodad"])
         pid = self.state.get("emulator_pid")
         if pid and alive(pid) and "emulator" in engine_mod._cmdline(pid) and self._emulator_answers():
             return
@@ -301,7 +374,7 @@ class Lab:
                         "--route-table", f"{zone_table(z)}={zone_vswitch(z)}:{zone_subnet(z)}",
                         "--kernel-table", f"{zone_table(z)}={ZONE_KERNEL_TABLE_BASE + z}"]
         for k in sorted(int(h) for h in self.state["hosts"]):
-            cmd += ["--instance", f"{instance_id(k)}={self.host_ip(k)}"]
+            cmd += ["--instance", f"{instance_id(k)}={self.host_ip(k)},{self.host_ip6(k)}"]
         with open(EMULATOR_LOG, "ab") as logf:
             proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True, env=env)
@@ -318,15 +391,17 @@ class Lab:
                           + (f", {self.zones} zones: tables {', '.join(self.zone_tables())}" if self.zones > 1
                              else ""))
                 self._zone_tables_up(self.cluster_cidr)
+                self._zone_tables_up(self.cluster_cidr_v6)
                 return
             time.sleep(0.2)
         raise LabError("the emulator did not answer within 20s:\n" + engine_mod._tail(EMULATOR_LOG))
 
     def _zone_tables_up(self, cluster_cidr: str) -> None:
-        """Each zone's kernel table ends in `unreachable <cluster CIDR>`: a host route missing from the
-        zone's table must not fall through to another table."""
+        """Each zone's kernel table ends in `unreachable <cluster CIDR>` (either family): a host route
+        missing from the zone's table must not fall through to another table."""
+        family = "-6" if ":" in cluster_cidr else "-4"
         for z in range(1, self.zones + 1) if self.zones > 1 else ():
-            run(["ip", "-n", ROUTER_NS, "route", "replace", "unreachable", cluster_cidr,
+            run(["ip", "-n", ROUTER_NS, family, "route", "replace", "unreachable", cluster_cidr,
                  "table", str(ZONE_KERNEL_TABLE_BASE + z)])
 
     def _zone_rule(self, k: int) -> None:
@@ -334,9 +409,10 @@ class Lab:
         if self.zones == 1:
             return
         pref = str(RULE_PREF_BASE + k)
-        run(["ip", "-n", ROUTER_NS, "rule", "del", "pref", pref], check=False)
-        run(["ip", "-n", ROUTER_NS, "rule", "add", "pref", pref, "iif", f"to-h{k}",
-             "lookup", str(ZONE_KERNEL_TABLE_BASE + self.zone_of(k))])
+        for family in ("-4", "-6"):
+            run(["ip", "-n", ROUTER_NS, family, "rule", "del", "pref", pref], check=False)
+            run(["ip", "-n", ROUTER_NS, family, "rule", "add", "pref", pref, "iif", f"to-h{k}",
+                 "lookup", str(ZONE_KERNEL_TABLE_BASE + self.zone_of(k))])
 
     def _emulator_answers(self) -> bool:
         try:
@@ -349,6 +425,7 @@ class Lab:
         return {
             "VPCNET_PROVIDER": "aliyun",
             "VPCNET_CLUSTER_CIDR": self.cluster_cidr,
+            "VPCNET_CLUSTER_CIDR_V6": self.cluster_cidr_v6,
             "VPCNET_RECONCILE_INTERVAL": str(self.reconcile_interval),
             "VPCNET_LOG_LEVEL": "INFO",
             "VPCNET_ALIYUN_ENDPOINT": self.emulator_url,
@@ -367,14 +444,15 @@ class Lab:
         }
 
     def _host_up(self, k: int) -> None:
-        name, ip = host_netns(k), self.host_ip(k)
-        self.state["hosts"].setdefault(str(k), {"netns": name, "ip": ip, "zone": self.zone_of(k)})
+        name, ip, ip6 = host_netns(k), self.host_ip(k), self.host_ip6(k)
+        self.state["hosts"].setdefault(str(k), {"netns": name, "ip": ip, "ip6": ip6, "zone": self.zone_of(k)})
         self._save_state()
         netns.add(name)
-        netns.p2p_link(ROUTER_NS, f"to-h{k}", ROUTER_IP, name, HOST_IF, ip)
+        netns.p2p_link(ROUTER_NS, f"to-h{k}", ROUTER_IP, name, HOST_IF, ip,
+                       router_ip6=router_ip6(self.zone_of(k)), host_ip6=ip6)
         self._zone_rule(k)
         netns.sysctl(name, "net.ipv4.ip_forward", "1")
-        self.emulator("POST", "/_emulator/instances", {"instance_id": instance_id(k), "ip": ip})
+        self.emulator("POST", "/_emulator/instances", {"instance_id": instance_id(k), "ip": ip, "ip6": ip6})
         host = self.host(k)
         started = host.engine_pid() is None
         host.start_engine()
@@ -385,28 +463,39 @@ class Lab:
         cidr = self._ensure_network(k)
         self.state["hosts"][str(k)].update({"docker_host": host.paths.docker_host, "host_cidr": cidr})
         self._save_state()
-        self._say(f"h{k}: {'started' if started else 'already up'}  netns {name}  underlay {ip}  "
-                  f"host CIDR {cidr}\n    export DOCKER_HOST={host.paths.docker_host}")
+        cidr6 = self.host_cidr(k, family=6) if self.ipv6 else ""
+        if cidr6:
+            self.state["hosts"][str(k)]["host_cidr6"] = cidr6
+            self._save_state()
+        self._say(f"h{k}: {'started' if started else 'already up'}  netns {name}  underlay {ip} {ip6}  "
+                  f"host CIDR {cidr}{' ' + cidr6 if cidr6 else ''}\n    export DOCKER_HOST={host.paths.docker_host}")
 
     def _ensure_network(self, k: int, timeout: float = NETWORK_TIMEOUT) -> str:
         cidr = self.host_cidr(k)
         if cidr:
             return cidr
-        self.create_network(self.network, mode=self.mode, hosts=[k], timeout=timeout)
+        self.create_network(self.network, mode=self.mode, hosts=[k], timeout=timeout, ipv6=self.ipv6)
         cidr = self.host_cidr(k)
         if not cidr:
             raise LabError(f"h{k}: network {self.network} has no host CIDR")
+        if self.ipv6 and not self.host_cidr(k, family=6):
+            raise LabError(f"h{k}: network {self.network} has no IPv6 host block")
         return cidr
 
     def create_network(self, name: str, cluster_cidr: str | None = None, mode: str = "default",
-                       hosts: list[int] | None = None, timeout: float = NETWORK_TIMEOUT) -> None:
+                       hosts: list[int] | None = None, timeout: float = NETWORK_TIMEOUT, ipv6: bool = False,
+                       cluster_cidr_v6: str | None = None) -> None:
         """A vpcnet network on each host (all by default), on `cluster_cidr` (default: the lab's) in
-        `mode` (default: no -o vpcnet.mode, so the plugin's default). A host claims its block of a new
-        cluster CIDR on the first request ("claim in progress"), so each create is retried until it
-        succeeds or `timeout` passes. Safe to repeat."""
+        `mode` (default: no -o vpcnet.mode, so the plugin's default); with `ipv6`, dual-stack on
+        `cluster_cidr_v6` (given as an IPv6 --subnet; default: none, the plugins' default, the lab's). A
+        host claims its block of a new cluster CIDR on the first request ("claim in progress"), so each
+        create is retried until it succeeds or `timeout` passes. Safe to repeat."""
         options = ["--subnet", cluster_cidr] if cluster_cidr else []
         if cluster_cidr:
             self._zone_tables_up(cluster_cidr)
+        if ipv6:
+            options += ["--ipv6", *(("--subnet", cluster_cidr_v6) if cluster_cidr_v6 else ())]
+            self._zone_tables_up(cluster_cidr_v6 or self.cluster_cidr_v6)
         if mode != "default":
             options += ["-o", f"vpcnet.mode={mode}"]
         for k in hosts or self.host_indexes():
@@ -440,22 +529,31 @@ class Lab:
         for k in sorted(int(h) for h in state.get("hosts", {})):
             host = self.host(k)
             engine_up = host.engine_pid() is not None
-            route = None
+            route = route6 = None
             for entry in entries:
                 hops = entry.get("NextHops", {}).get("NextHop", [])
                 if entry.get("Type") == "Custom" and any(h.get("NextHopId") == instance_id(k) for h in hops):
-                    route = {"destination": entry["DestinationCidrBlock"], "status": entry["Status"],
+                    found = {"destination": entry["DestinationCidrBlock"], "status": entry["Status"],
                              "entry_id": entry["RouteEntryId"]}
+                    if ":" in found["destination"]:
+                        route6 = found
+                    else:
+                        route = found
             hosts.append({
-                "host": f"h{k}", "netns": host_netns(k), "underlay_ip": self.host_ip(k), "instance_id": instance_id(k),
+                "host": f"h{k}", "netns": host_netns(k), "underlay_ip": self.host_ip(k),
+                "underlay_ip6": self.host_ip6(k), "instance_id": instance_id(k),
                 "zone": self.zone_of(k),
                 "docker_host": host.paths.docker_host, "engine_up": engine_up,
                 "plugin_up": host.plugin_pid() is not None,
                 "host_cidr": (self.host_cidr(k) if engine_up else "") or state["hosts"][str(k)].get("host_cidr", ""),
                 "route": route, "route_available": bool(route and route["status"] == "Available"),
+                "host_cidr6": ((self.host_cidr(k, family=6) if engine_up else "")
+                               or state["hosts"][str(k)].get("host_cidr6", "")),
+                "route6": route6, "route6_available": bool(route6 and route6["status"] == "Available"),
             })
         return {"up": emulator_up and all(h["engine_up"] and h["plugin_up"] for h in hosts),
                 "cluster_cidr": state.get("cluster_cidr"), "network": state.get("network"),
+                "ipv6": bool(state.get("ipv6")), "cluster_cidr_v6": self.cluster_cidr_v6,
                 "mode": state.get("mode", "bridge"),
                 "router_netns": ROUTER_NS, "emulator_url": self.emulator_url, "emulator_up": emulator_up,
                 "hosts": hosts,
@@ -469,7 +567,8 @@ class Lab:
                                  "next_hop": ",".join(h.get("NextHopId", "") for h in
                                                       e.get("NextHops", {}).get("NextHop", []))}
                                 for e in entries],
-                "kernel_routes": self.kernel_routes() if netns.exists(ROUTER_NS) else []}
+                "kernel_routes": self.kernel_routes() if netns.exists(ROUTER_NS) else [],
+                "kernel_routes6": self.kernel_routes(family=6) if netns.exists(ROUTER_NS) else []}
 
     @staticmethod
     def leftovers() -> dict:

@@ -3,7 +3,8 @@
 Every link is created directly inside lab namespaces (`ip -n NS link add ... peer ... netns OTHER`), so
 nothing ever appears in, or is changed in, the machine's own network namespace. A host's underlay link is
 point-to-point: `192.168.240.(10+K)/32 peer 192.168.240.1` on the host side, `192.168.240.1/32 peer
-192.168.240.(10+K)` on the router side. Every packet between hosts therefore crosses the router, as in a
+192.168.240.(10+K)` on the router side, and the same in IPv6 (`fd00:192:168:240::(10+K)/128 peer
+fd00:192:168:240::1`). Every packet between hosts therefore crosses the router, as in a
 VPC, where every packet goes through the vRouter.
 """
 from __future__ import annotations
@@ -80,9 +81,10 @@ def link_exists(name: str, ifname: str) -> bool:
 
 
 def p2p_link(router_ns: str, router_if: str, router_ip: str, host_ns: str, host_if: str, host_ip: str,
-             mtu: int = 1500) -> None:
+             mtu: int = 1500, router_ip6: str = "", host_ip6: str = "") -> None:
     """A veth pair router_ns:router_if <-> host_ns:host_if, addressed point to point, both ends up,
-    and the host's default route via the router. Idempotent."""
+    and the host's default route via the router; with `router_ip6` and `host_ip6`, the same in IPv6
+    (`/128 peer /128`, no duplicate address detection: both ends are known). Idempotent."""
     if not link_exists(router_ns, router_if):
         if link_exists(host_ns, host_if):
             run(["ip", "-n", host_ns, "link", "del", host_if], check=False)
@@ -93,6 +95,12 @@ def p2p_link(router_ns: str, router_if: str, router_ip: str, host_ns: str, host_
         run(["ip", "-n", ns, "addr", "replace", f"{local}/32", "peer", f"{peer}/32", "dev", ifname])
         run(["ip", "-n", ns, "link", "set", ifname, "up"])
     run(["ip", "-n", host_ns, "route", "replace", "default", "via", router_ip, "dev", host_if])
+    if router_ip6 and host_ip6:
+        for ns, ifname, local, peer in ((router_ns, router_if, router_ip6, host_ip6),
+                                        (host_ns, host_if, host_ip6, router_ip6)):
+            run(["ip", "-n", ns, "-6", "addr", "replace", f"{local}/128", "peer", f"{peer}/128", "dev", ifname,
+                 "nodad"])
+        run(["ip", "-n", host_ns, "-6", "route", "replace", "default", "via", router_ip6, "dev", host_if])
 
 
 def ip_d_link(name: str) -> str:

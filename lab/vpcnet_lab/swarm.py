@@ -7,7 +7,9 @@ plugin was: the aliyun provider against the emulator, as instance i-vpclab-hK, i
 (/run/vpclab/hK/docker.sock), so its metrics name each task's container, swarm service and stack. A
 driver answering `Scope: local` is node-local in swarm: every node runs its own IPAM, so a swarm-scoped
 vpcnet network is made from a `--config-only` network on every node (`swarm_network`), and each task
-gets an address of its own host's block.
+gets an address of its own host's block. A config-only network made with `--ipv6` (`ipv6=`) makes the swarm
+network ask for IPv6 on every node, which the managed plugin refuses (its /proc/sys is read-only: swarm
+services get IPv4 only, docs/swarm.md).
 """
 from __future__ import annotations
 
@@ -57,11 +59,14 @@ def init_swarm(lab, hosts: list[int]) -> None:
 
 
 def swarm_network(lab, hosts: list[int], network: str, cluster_cidr: str, name: str = PLUGIN,
-                  options: tuple[str, ...] = ()) -> None:
+                  options: tuple[str, ...] = (), ipv6: str = "", check: bool = True):
     """A swarm-scoped vpcnet network: `NET-config` (--config-only, vpcnet IPAM on the cluster CIDR,
-    `options` as -o) on every host, then the network itself on the manager, hosts[0]."""
+    `options` as -o; with `ipv6`, an IPv6 cluster CIDR, also `--ipv6 --subnet <it>`, which the swarm network
+    inherits: Docker refuses --ipv6 beside --config-from) on every host, then the network itself on the
+    manager, hosts[0]. Returns the last `docker network create` (check=False: its failure too)."""
+    six = ("--ipv6", "--subnet", ipv6) if ipv6 else ()
     for k in hosts:
-        lab.docker(k, "network", "create", "--config-only", "--ipam-driver", name, "--subnet", cluster_cidr,
+        lab.docker(k, "network", "create", "--config-only", "--ipam-driver", name, "--subnet", cluster_cidr, *six,
                    *(arg for opt in options for arg in ("-o", opt)), f"{network}-config")
-    lab.docker(hosts[0], "network", "create", "-d", name, "--scope", "swarm", "--attachable",
-               "--config-from", f"{network}-config", network)
+    return lab.docker(hosts[0], "network", "create", "-d", name, "--scope", "swarm", "--attachable",
+                      "--config-from", f"{network}-config", network, check=check)

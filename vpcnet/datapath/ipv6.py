@@ -54,6 +54,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -65,6 +66,7 @@ from vpcnet.errors import DataplaneError
 log = logging.getLogger(__name__)
 
 GATEWAY = "fe80::1"
+FORWARDING = "/proc/sys/net/ipv6/conf/all/forwarding"
 AF_INET6 = 10
 SCOPE_LINK = 253
 IFA_F_NODAD = 0x02
@@ -88,6 +90,20 @@ class Ipv6Endpoint:
     def __post_init__(self) -> None:
         if ipaddress.ip_address(self.address).version != 6:
             raise ValueError(f"{self.address} is not an IPv6 address")
+
+
+def unavailable(path: str = FORWARDING) -> str:
+    """Why this process cannot give endpoints IPv6 ("" when it can). The kernel takes a link's IPv6 settings
+    (accept_ra, autoconf, forwarding) only under /proc/sys (netlink refuses IPv6 devconf), which Docker mounts
+    read-only in a managed plugin's container: there IPv6 is refused when a network asks for it, before any
+    block is claimed, rather than failing each container."""
+    if not os.path.exists(path):
+        return "this kernel has no IPv6 (no /proc/sys/net/ipv6)"
+    if not os.access(path, os.W_OK):
+        return ("/proc/sys is read-only here (a managed plugin: Docker mounts it read-only in the plugin's container) "
+                "and the kernel takes a link's IPv6 settings only there; run vpcnet as a service (`vpcnet serve`, "
+                "docs/systemd.md) for IPv6. Swarm, which needs the managed plugin, gets IPv4 only")
+    return ""
 
 
 def guard_rules(any_ipv6: bool, bridged: Sequence[Ipv6Endpoint] = ()) -> list[str]:

@@ -100,6 +100,7 @@ from typing import Iterator
 
 from vpcnet.datapath.features import DEFAULT_MODE_KEY, DefaultMode, default_mode
 from vpcnet.datapath.ipv6 import GATEWAY as IPV6_GATEWAY
+from vpcnet.datapath.ipv6 import unavailable as ipv6_unavailable
 from vpcnet.datapath.protocol import Datapath
 from vpcnet.datapath.reconciler import DatapathReconciler, spec_of
 from vpcnet.datapath.spec import MODES, EndpointSpec, bridge_name, mac_for, veth_names
@@ -162,6 +163,8 @@ class NetworkDriver:
         mode = self._network_mode(generic.get(MODE_OPTION))
         if _ipv4_off(options or {}):
             _ipv6_only_mode(mode)
+        if _ipv4_off(options or {}) or _truthy((options or {}).get(IPV6_OPTION)):
+            _ipv6_served()
         return {"SkipIPv4": False, "SkipIPv6": False}
 
     def default_mode(self) -> DefaultMode:
@@ -698,11 +701,19 @@ def _ipv6_only_mode(mode: str) -> None:
                              "bridge mode carries IPv6 only beside IPv4 so far")
 
 
+def _ipv6_served() -> None:
+    """IPv6 needs a writable /proc/sys (vpcnet.datapath.ipv6.unavailable): refused before a block is claimed."""
+    why = ipv6_unavailable()
+    if why:
+        raise InvalidRequest(f"IPv6 (--ipv6) cannot be served by this vpcnet: {why}")
+
+
 def _ipv6_pool(ipv6_data, pools: dict) -> dict:
     """The IPv6 half of a network (Network's host_cidr_v6, cluster_cidr_v6, gateway_v6) from CreateNetwork's
     IPv6Data: none, or one vpcnet IPv6 pool."""
     if not ipv6_data:
         return {}
+    _ipv6_served()
     entry = ipv6_data[0] if len(ipv6_data) == 1 else None
     if not isinstance(entry, dict) or not isinstance(entry.get("Pool", ""), str):
         raise InvalidRequest(f"a vpcnet network takes one IPv6 pool (an object with a string Pool), got "

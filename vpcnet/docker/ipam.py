@@ -54,6 +54,7 @@ import logging
 import time
 from typing import Callable
 
+from vpcnet.datapath.ipv6 import unavailable as ipv6_unavailable
 from vpcnet.errors import Conflict, Exhausted, InvalidRequest, NotFound, shown
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,8 @@ class Ipam:
             raise InvalidRequest(f"unknown --ipam-opt {names}: vpcnet's IPAM takes no options")
         if address_space and address_space not in (LOCAL_SPACE, GLOBAL_SPACE):
             raise InvalidRequest(f"unknown address space {shown(address_space)}")
+        if v6 and (why := ipv6_unavailable()):       # before a block is claimed (Docker before 28)
+            raise InvalidRequest(f"IPv6 (--ipv6) cannot be served by this vpcnet: {why}")
         cluster, host = self._resolve_pool(pool, 6 if v6 else 4)
         self._pool_replayed(str(host))            # inside a window: Docker's replay, in either form
         gateway = _gateway(host)

@@ -62,8 +62,9 @@ def register(subparsers) -> None:
                         "default: the test key emu-key-id)")
     p.add_argument("--sts-key", action="append", default=[], metavar="ID:SECRET:TOKEN",
                    help="accept this temporary key with its SecurityToken (repeatable)")
-    p.add_argument("--instance", action="append", default=[], metavar="ID=IP",
-                   help="register an instance and its underlay IP (repeatable)")
+    p.add_argument("--instance", action="append", default=[], metavar="ID=IP[,IP6]",
+                   help="register an instance and its underlay IP, and optionally its IPv6 underlay address, "
+                        "which its IPv6 route entries go via in the router namespace (repeatable)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log level (request lines show method, path and status only)")
     p.set_defaults(func=run)
@@ -113,10 +114,11 @@ def run(args: argparse.Namespace) -> int:
             sts.append(parts)
         instances = []
         for item in args.instance:
-            iid, sep, ip = item.partition("=")
-            if not sep or not iid or not ip:
-                raise ValueError(f"--instance wants ID=IP, got {item!r}")
-            instances.append((iid, ip))
+            iid, sep, ips = item.partition("=")
+            ip, comma, ip6 = ips.partition(",")
+            if not sep or not iid or not ip or (comma and not ip6):
+                raise ValueError(f"--instance wants ID=IP[,IP6], got {item!r}")
+            instances.append((iid, ip, ip6))
         tables = []
         for item in args.route_table:
             table_id, _, binds = item.partition("=")
@@ -152,8 +154,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         for key_id, secret, token in sts:
             emu.add_sts_credentials(key_id, secret, token)
-        for iid, ip in instances:
-            emu.register_instance(iid, ip)
+        for iid, ip, ip6 in instances:
+            emu.register_instance(iid, ip, ip6)
         known = {t["RouteTableId"] for t in emu.route_tables()}
         for table_id, vswitches in tables:
             if table_id not in known:          # a state file may hold it already

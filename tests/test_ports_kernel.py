@@ -12,6 +12,7 @@ In ebpf mode, the same programs without the published port show the catch: B1's 
 """
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -197,7 +198,8 @@ def test_a_published_port_answers_on_the_hosts_ipv6_addresses(two_hosts, netns_f
     for ns, mine in ((a, (H6, H6_OTHER)), (b, (B6,))):
         for address in mine:
             run(["ip", "-n", ns, "-6", "addr", "add", f"{address}/64", "dev", "uplink0", "nodad"])
-    sa = spec(mode=mode, host="10.77.3.0/24")
+    sa = dataclasses.replace(spec(mode=mode, host="10.77.3.0/24"), host_cidr_v6="fd00:77:3:0:1::/80",
+                             cluster_cidr_v6="fd00:77::/32")       # dual-stack: only such a network has IPv6 ports
     dpa = Dataplane(netns=a)
     v6 = [Ipv6Endpoint(veth_names("a" * 64)[0], A1_6), Ipv6Endpoint(veth_names("c" * 64)[0], A2_6)]
     dpa.ipv6_endpoints = lambda: v6

@@ -270,7 +270,8 @@ class Dataplane:
         if spec.internal and spec.host_cidr_v6:     # its --internal IPv6 rules go (the row went first)
             self._apply_ipv6_guard()
         self.firewall.apply([], unwanted=[spec.tag], host=False)
-        self.ports6.apply([dataclasses.replace(spec, ports=())])    # its IPv6 ports' chains too
+        if spec.host_cidr_v6:                  # its IPv6 ports' chains too (only a dual-stack one has any)
+            self.ports6.apply([dataclasses.replace(spec, ports=())])
         if spec.ebpf:
             self.tc.drop_network_programs(spec)
         self.nl.delete_link(spec.bridge)
@@ -447,13 +448,15 @@ class Dataplane:
         the rules first."""
         if not adding:
             self._ensure_firewall(spec)
-            self.ports6.apply([spec])
+            if spec.host_cidr_v6:              # IPv6 ports: only on a dual-stack network (no ip6tables run else)
+                self.ports6.apply([spec])
         v6 = {e.host_veth: e.address for e in self.ipv6_endpoints()} if endpoints else {}
         with self.nl.ipr() as ipr:
             for ep in endpoints:
                 idx = self.nl.link_index(ipr, ep.host_veth)
                 if idx is not None and spec.ebpf:
-                    self.tc.attach_endpoint(ipr, spec, idx, ep.address)
+                    if ep.address:                 # an IPv6-only endpoint has no IPv4 program
+                        self.tc.attach_endpoint(ipr, spec, idx, ep.address)
                     if ep.host_veth in v6:
                         self.tc.attach_endpoint6(ipr, spec, idx, v6[ep.host_veth])
                 elif idx is not None and not spec.routed and (
@@ -461,7 +464,8 @@ class Dataplane:
                     self._hairpin(ipr, ep.host_veth)
         if adding:
             self._ensure_firewall(spec)
-            self.ports6.apply([spec])
+            if spec.host_cidr_v6:              # IPv6 ports: only on a dual-stack network (no ip6tables run else)
+                self.ports6.apply([spec])
 
     def _hairpin(self, ipr, host_veth: str) -> None:
         """Bridge mode: the bridge may send a frame back out of the port it came in by (hairpin mode, as

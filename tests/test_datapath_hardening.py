@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import subprocess
 import sys
 import time
 
@@ -16,6 +17,7 @@ from vpcnet.datapath.dataplane import Dataplane
 from vpcnet.datapath.firewall import IPV6_CHAIN, IPV6_RULES, Ipv6Guard
 from vpcnet.datapath.netlink import Netlink
 from vpcnet.datapath.spec import EndpointSpec, anchor_peer, mac_for, veth_names
+from vpcnet.datapath.tc import GUARD_FILTER
 
 pytestmark = pytest.mark.root
 
@@ -265,3 +267,113 @@ def test_without_ip6tables_the_guard_is_said_once_and_nothing_fails(caplog):
         assert guard.apply() == [] and guard.apply() == []
     assert caplog.text.count("cannot drop IPv6 from vpcnet's links with /nonexistent/ip6tables") == 1
     assert not guard.in_place
+
+
+# Run inside a container's namespace (argv: the MAC of the sending container, seconds): what arrives at eth0
+# from it, one line each: "ip <source>" per UDP packet to port 9999, "arp <sender address>" per ARP packet
+# whose sender hardware address is that MAC. Prints "ready" first.
+SNIFF = r"""
+import socket, struct, sys, time
+mac = bytes.fromhex(sys.argv[1].replace(":", ""))
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+s.bind(("eth0", 0))
+s.settimeout(0.1)
+print("ready", flush=True)
+seen, deadline = set(), time.monotonic() + float(sys.argv[2])
+while time.monotonic() < deadline:
+    try:
+        f = s.recv(2048)
+    except socket.timeout:
+        continue
+    kind = struct.unpack("!H", f[12:14])[0]
+    if kind == 0x0800 and f[23] == 17 and struct.unpack("!H", f[36:38])[0] == 9999:
+        seen.add("ip " + socket.inet_ntoa(f[26:30]))
+    if kind == 0x0806 and f[22:28] == mac:
+        seen.add("arp " + socket.inet_ntoa(f[28:32]))
+print("\n".join(sorted(seen)))
+"""
+
+# Run inside a container's namespace (argv: destination, neighbour's MAC, sources...): a raw IPv4/UDP packet
+# (IP_HDRINCL: any source) to the destination's port 9999 from each source, and from eth0 for each source
+# a gratuitous ARP (broadcast) and an ARP reply to the neighbour's MAC, both claiming the source address.
+FORGE = r"""
+import socket, struct, sys, time
+dest, neighbour, sources = sys.argv[1], bytes.fromhex(sys.argv[2].replace(":", "")), sys.argv[3:]
+raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+link = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+link.bind(("eth0", 0))
+mine = link.getsockname()[4]
+def arp(op, to, spa, tha, tpa):
+    return (to + mine + struct.pack("!HHHBBH", 0x0806, 1, 0x0800, 6, 4, op) + mine + socket.inet_aton(spa)
+            + tha + socket.inet_aton(tpa))
+for _ in range(3):
+    for src in sources:
+        udp = struct.pack("!HHHH", 4000, 9999, 8 + 6, 0) + b"vpcnet"
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0, socket.inet_aton(src),
+                         socket.inet_aton(dest))
+        raw.sendto(ip + udp, (dest, 0))
+        link.send(arp(1, b"\xff" * 6, src, b"\0" * 6, src))
+        link.send(arp(2, neighbour, src, neighbour, src))
+    time.sleep(0.2)
+"""
+
+
+def sniffing(ns: str, mac: str, secs: float):
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", SNIFF, mac, str(secs)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def sniffed(proc) -> set[str]:
+    out, _ = proc.communicate(timeout=30)
+    return set(out.split("\n")) - {""}
+
+
+def test_a_bridge_mode_container_sends_ipv4_and_arp_only_as_itself(host, netns_factory):  # noqa: F811
+    """Bridge mode: the routed modes' reverse-path check (-i vh+) never sees bridged traffic, so each bridge
+    port has its own guard (vpcnet.datapath.tc.guard_program). A container sending raw packets from a
+    neighbour's address, an unused one of its block or one outside reaches neither the neighbour on the
+    bridge nor another host; nor does an ARP packet claiming such an address; its own do."""
+    dp = Dataplane(netns=host)
+    s = spec()
+    dp.ensure_network(s)
+    other = peer_host(host, netns_factory)                        # holds 10.77.9.2 (a cluster address)
+    a = attach_container(host, dp, s, netns_factory, "10.77.3.2", "a" * 64)
+    b = attach_container(host, dp, s, netns_factory, "10.77.3.3", "b" * 64)
+    ns_run(host, "iptables", "-P", "FORWARD", "DROP")            # as Docker sets it
+    mac_a, mac_b = mac_for("10.77.3.2"), mac_for("10.77.3.3")
+    assert ping(a, "10.77.3.3") and ping(a, "10.77.9.2")
+    forged = ["10.77.3.3", "10.77.3.77", "10.77.9.99", "192.0.2.99", "0.0.0.0"]
+    for dest, ns in (("10.77.3.3", b), ("10.77.9.2", other)):
+        proc = sniffing(ns, mac_a if ns == b else "00:00:00:00:00:00", 3.0)
+        run(["ip", "netns", "exec", a, sys.executable, "-c", FORGE, dest, mac_b, "10.77.3.2", *forged])
+        seen = sniffed(proc)
+        assert "ip 10.77.3.2" in seen, f"the container's own packets reach {dest}: {seen}"
+        assert not {f"ip {src}" for src in forged} & seen, f"forged sources reached {dest}: {seen}"
+        if ns == b:
+            assert "arp 10.77.3.2" in seen, seen
+            assert not {f"arp {src}" for src in forged} & seen, f"forged ARP reached the neighbour: {seen}"
+    assert ping(a, "10.77.3.3") and ping(b, "10.77.9.2"), "the containers' own traffic still flows"
+
+
+def test_a_bridge_ports_deleted_anti_spoofing_filter_is_put_back_by_the_periodic_pass(host, netns_factory):  # noqa: F811
+    dp = Dataplane(netns=host)
+    s = spec()
+    dp.ensure_network(s)
+    a = attach_container(host, dp, s, netns_factory, "10.77.3.2", "a" * 64)
+    attach_container(host, dp, s, netns_factory, "10.77.3.3", "b" * 64)
+    host_veth, peer = veth_names("a" * 64)
+    endpoints = [EndpointSpec(host_veth=host_veth, peer_veth=peer, mac=mac_for("10.77.3.2"), address="10.77.3.2"),
+                 EndpointSpec(host_veth=veth_names("b" * 64)[0], peer_veth=veth_names("b" * 64)[1],
+                              mac=mac_for("10.77.3.3"), address="10.77.3.3")]
+    assert dp.repair([(s, endpoints)]) == [], "nothing to put right on a host left alone"
+    run(["tc", "-n", host, "filter", "del", "dev", host_veth, "ingress", "pref", str(GUARD_FILTER[0])])
+    repairs = dp.repair([(s, endpoints)])
+    assert [(r.kind, r.what) for r in repairs] == \
+        [("tc", f"anti-spoofing filter for 10.77.3.2 on {host_veth} missing")], repairs
+    with Netlink(host).ipr() as ipr:
+        index = Netlink.link_index(ipr, host_veth)
+    assert index is not None and dp.tc.has_guard(index, "10.77.3.2")
+    assert dp.repair([(s, endpoints)]) == []
+    assert ping(a, "10.77.3.3")

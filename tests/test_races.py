@@ -38,11 +38,13 @@ def kernel(ns: str, tag: str) -> dict:
                                                "ingress"]).stdout.splitlines() if f"vpcnet-{tag}" in line]}
 
 
-def endpoint_programs(ns: str, veth: str) -> list[str]:
-    """The bpf filters on an endpoint's host veth's ingress (ebpf mode: its container program; the other
-    modes: the peer counting program, VPCNET_PEER_METRICS being on by default)."""
+def endpoint_programs(ns: str, veth: str, classic: bool = False) -> list[str]:
+    """The eBPF filters on an endpoint's host veth's ingress (ebpf mode: its container program; the other
+    modes: the peer counting program, VPCNET_PEER_METRICS being on by default); with `classic`, the classic
+    BPF ones instead (bridge mode: the anti-spoofing guard)."""
     return [line for line in run(["ip", "netns", "exec", ns, "tc", "filter", "show", "dev", veth, "ingress"],
-                                 check=False).stdout.splitlines() if " bpf " in line and " handle " in line]
+                                 check=False).stdout.splitlines()
+            if " bpf " in line and " handle " in line and (" bytecode " in line) == classic]
 
 
 def no_500(answers: list[tuple[int, dict]], what: str) -> list[int]:
@@ -100,6 +102,8 @@ def test_racing_raw_calls_on_the_same_ids_against_the_real_plugin(plugin_factory
         programs = endpoint_programs(host, veth)                     # the peer counting program
         assert len(programs) == 1, (veth, programs)
         assert f"name {'vpcnet_ctr' if mode == 'ebpf' else 'vpcnet_count'} " in programs[0], (veth, programs)
+        guards = endpoint_programs(host, veth, classic=True)         # bridge mode: its anti-spoofing guard
+        assert len(guards) == (mode == "bridge"), (veth, guards)
     endpoints = plugin.status()["networks"][0]["endpoints"]
     assert sorted(ep["address"] for ep in endpoints) == sorted(a.split("/")[0] for a in addrs)
     if mode != "bridge":        # routed and ebpf: a /32 route per endpoint

@@ -5,7 +5,9 @@ path's programs), `firewall` (the chains, one iptables-restore transaction), all
 Per network: a bridge (`vpc-<network id[:11]>`) holding the gateway address; per endpoint: a veth pair,
 host end (`vh<endpoint id[:11]>`) on the bridge, container end (`vc...`) handed to Docker to move into
 the sandbox. Links and addresses go through pyroute2; the firewall through `iptables-restore` (the same
-binary family Docker uses, so both see one rule set).
+binary family Docker uses, so both see one rule set). Bridge mode's anti-spoofing: a classic BPF tc filter
+on each host end's ingress (vpcnet.datapath.tc.guard_program: IPv4 and ARP only from the endpoint's own
+address; routed mode's reverse-path check never sees what is bridged), with the veth, checked by `repair`.
 
 Routed mode (`-o vpcnet.mode=routed`, per network): a leaner path with no bridge. The gateway address
 sits on a per-network anchor (one end of a veth pair `vpc-<id11>`/`vpp-<id11>`: this kernel may lack the
@@ -305,16 +307,19 @@ class Dataplane:
         """A veth pair for an endpoint of network `spec`. Bridge mode: host end on the bridge. Routed and
         ebpf modes: host end on no bridge, answering ARP for the container's neighbours and gateway (proxy
         ARP), and a route `<address>/32 dev <host end>` (it goes with the veth); ebpf mode also attaches the
-        container program to the host end (it goes with the veth too). With peer counting, the counting
+        container program to the host end (it goes with the veth too). Bridge mode: the anti-spoofing guard
+        on the host end's ingress (vpcnet.datapath.tc.guard_program: IPv4 and ARP only from `address`; the
+        routed modes' reverse-path check cannot see bridged traffic). With peer counting, the counting
         programs too (vpcnet.datapath.tc), in every mode."""
         with self.nl.ipr() as ipr:
             host_idx = self.links.ensure_veth(ipr, spec, host_veth, peer_veth, mac)
             if not address:                   # IPv6-only: its IPv6 is ensure_endpoint_ipv6's
                 return
-            if self.tc.peers and not spec.ebpf:
-                index = host_idx if host_idx is not None else self.nl.link_index(ipr, host_veth)
-                if index is not None:
-                    self.tc.attach_counting(ipr, spec, index, address)
+            index = host_idx
+            if not spec.routed:               # bridge mode: its anti-spoofing guard, ahead of the counting
+                index = self.tc.attach_guard(host_idx, address, host_veth)
+            if self.tc.peers and not spec.ebpf and index is not None:
+                self.tc.attach_counting(ipr, spec, index, address)
             if not spec.routed and spec.published(address):
                 self._hairpin(ipr, host_veth)
         if not spec.routed or host_idx is None:
@@ -682,6 +687,8 @@ class Dataplane:
                 continue                          # no veth: the container is gone, Docker will say so
             if not spec.routed and host["master"] != link["index"]:
                 return True
+            if not spec.routed and ep.address and not self._guarded(host["index"], ep.address):
+                return True
             if spec.routed and ep.address and view.routes.get(f"{ep.address}/32") != host["index"]:
                 return True
             if (spec.ebpf or self.tc.peers) and ep.address and host["index"] not in view.clsact:
@@ -689,6 +696,14 @@ class Dataplane:
             if self._ipv6_on(host) and ep.host_veth not in self._v6_veths:
                 return True
         return False
+
+    def _guarded(self, index: int, address: str) -> bool:
+        """Bridge mode: the endpoint's anti-spoofing guard is in place (one small netlink request; a failed
+        read makes the network a suspect, looked at again under its lock)."""
+        try:
+            return self.tc.has_guard(index, address)
+        except DataplaneError:
+            return False
 
     def _repair_network(self, spec: NetworkSpec, endpoints: Sequence[EndpointSpec]) -> list[Repair]:
         """Under the network's lock: a targeted look at each piece, repaired where still wrong."""
@@ -736,6 +751,8 @@ class Dataplane:
                 master = self.nl.link_index(ipr, spec.bridge)
                 if link.get_attr("IFLA_MASTER") != master:
                     problem = f"host veth {ep.host_veth} of {ep.address} not on bridge {spec.bridge}"
+                elif ep.address and not self.tc.has_guard(host_idx, ep.address):
+                    problem = f"anti-spoofing filter for {ep.address} on {ep.host_veth} missing"
             elif ep.address:                  # an IPv6-only endpoint: no /32, no program (_repair_ipv6's)
                 if self.links.routed_via(ipr, ep.address) != host_idx:
                     problem = f"route {ep.address}/32 dev {ep.host_veth} missing"
@@ -760,5 +777,5 @@ class Dataplane:
         v6 = next((e for e in self.ipv6_endpoints() if e.host_veth == ep.host_veth), None)
         if v6 is not None:                    # ensure_veth turned IPv6 off on it: on again, as wanted
             self.ensure_endpoint_ipv6(spec, ep.host_veth, v6.address)
-        kind = "route" if "route" in problem else "tc" if "eBPF" in problem else "link"
+        kind = "route" if "route" in problem else "tc" if "eBPF" in problem or "filter" in problem else "link"
         return [Repair(kind, spec.tag, problem)]

@@ -156,6 +156,11 @@ def test_a_dual_stack_service_across_two_hosts(swarm):
         for k in (1, 2):
             lab.docker(k, "network", "rm", "vpcs6-config", check=False)
 
+        def left() -> list[str]:       # the tasks' endpoints, until each node has removed its task
+            return [a for k in (1, 2) for a in endpoints_on(lab, k)
+                    if ipaddress.ip_address(a) in ipaddress.ip_network(SWARM6_CLUSTER)]
+        assert wait_for(lambda: not left(), 60, 1.0), left()
+
 
 def test_scale_drain_and_a_daemon_restart(swarm):
     lab, service = swarm, swarm.swarm_service

@@ -18,6 +18,17 @@ Capabilities (Docker adds its default set — CHOWN, DAC_OVERRIDE, NET_RAW, SETU
 - CAP_BPF: loading the tc programs of ebpf-mode networks, the default mode where the kernel allows it
   (with CAP_NET_ADMIN, which networking program types need too). Without it new networks default to
   routed mode (vpcnet status and doctor say why) and -o vpcnet.mode=ebpf is refused, with the reason.
+Mounts besides the state directory and the host's iptables lock: `host-sys-net` binds the host's
+/proc/sys/net read-write at /run/vpcnet/host-sys-net (vpcnet.datapath.netlink.HOST_SYS_NET). Docker mounts
+the plugin's own /proc/sys read-only, and the kernel takes a link's IPv6 settings (accept_ra, autoconf,
+accept_dad, disable_ipv6, forwarding) only there (netlink's IFLA_INET6 takes only the token and
+addr_gen_mode): without it, no IPv6 for the plugin's networks, nor for swarm services, which need the
+managed plugin. The plugin shares the host's network namespace, and /proc/sys/net shows the namespace of
+the process that opens it, so its writes there set the host's own settings. Security: the plugin can write
+every net.* sysctl of the host's network namespace (vpcnet writes only its links' IPv6 settings and
+net.ipv6.conf.all.forwarding, and reads the rest as before); CAP_NET_ADMIN, which it already has, sets
+most of the IPv4 ones through netlink anyway. It gives nothing outside /proc/sys/net (no kernel.*, vm.*,
+fs.*), and `docker plugin install` lists the mount among the privileges the user grants.
 --docker-socket (plugin/build.sh --docker-socket): one more mount, `docker-socket`, binds the host's
 /var/run/docker.sock at /run/docker-host.sock, and VPCNET_DOCKER_SOCKET defaults to that path, so the
 metrics carry container, service and application names. It hands the plugin full control of the engine
@@ -46,6 +57,8 @@ STATE_DIR = "/var/lib/vpcnet"
 XTABLES_LOCK = "/run/xtables.lock"      # XT_LOCK_NAME of iptables(8)
 ENTRYPOINT = ["/usr/local/sbin/vpcnet-entrypoint", "serve"]
 CAPABILITIES = ["CAP_NET_ADMIN", "CAP_BPF"]
+HOST_SYS_NET_SOURCE = "/proc/sys/net"               # the host's net sysctls (its network namespace's)
+HOST_SYS_NET = "/run/vpcnet/host-sys-net"           # vpcnet.datapath.netlink.HOST_SYS_NET
 DOCKER_SOCKET_SOURCE = "/var/run/docker.sock"       # the host's engine (docker-socket.source moves it)
 DOCKER_SOCKET_PATH = "/run/docker-host.sock"        # where the plugin reads it
 
@@ -119,6 +132,18 @@ def config(docker_socket: bool = False) -> dict:
             "Destination": XTABLES_LOCK,
             "Type": "bind",
             "Options": ["bind", "rw"],
+        }, {
+            # the links' IPv6 settings and IPv6 forwarding (see the module doc): the plugin's own
+            # /proc/sys is read-only
+            "Name": "host-sys-net",
+            "Description": "The host's /proc/sys/net, read-write: the links' IPv6 settings (accept_ra, "
+                           "disable_ipv6, ...) and IPv6 forwarding, which the kernel takes only there; it lets "
+                           "the plugin write every net.* sysctl of the host",
+            "Settable": [],
+            "Source": HOST_SYS_NET_SOURCE,
+            "Destination": HOST_SYS_NET,
+            "Type": "bind",
+            "Options": ["rbind", "rw"],
         }] + ([docker_socket_mount()] if docker_socket else []),
         "Env": env_entries(docker_socket),
     }

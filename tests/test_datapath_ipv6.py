@@ -490,19 +490,61 @@ def test_ipv6_traffic_is_counted_per_peer_and_direction(netns_factory, mode):
         maps.forget({A1, A2, B1})
 
 
-def test_ipv6_is_refused_naming_why_where_proc_sys_is_read_only(root):
-    """A managed plugin's /proc/sys is read-only (Docker mounts it so), and the kernel takes a link's IPv6
-    settings only there: vpcnet says so (the driver and the IPAM refuse `--ipv6` with it, before a block is
-    claimed) instead of failing each container. Checked in a private mount namespace with /proc/sys
-    remounted read-only, as in a plugin's container."""
+# A managed plugin's view, in a private mount and network namespace: /proc/sys read-only (Docker mounts it
+# so), /run a tmpfs, and (`mounted`) the namespace's /proc/sys/net bound read-write at HOST_SYS_NET, as
+# plugin/config.json's host-sys-net mount does.
+PLUGIN_VIEW = ("mount -t tmpfs none /run && {bind}mount --bind /proc/sys /proc/sys && "
+               "mount -o remount,bind,ro /proc/sys && exec \"$0\" -c \"$1\"")
+BIND = "mkdir -p /run/vpcnet/host-sys-net && mount --bind /proc/sys/net /run/vpcnet/host-sys-net && "
+IN_PLUGIN = """
+import errno
+from pyroute2 import IPRoute
+from vpcnet.datapath.ipv6 import IPV6_ON, unavailable
+from vpcnet.datapath.netlink import Netlink
+with IPRoute() as ipr:
+    ipr.link("add", ifname="vhx6", kind="veth", peer={"ifname": "vhx6p"})
+print("why:", unavailable())
+try:
+    Netlink().link_sysctls(["vhx6"], IPV6_ON)
+    print("forwarding_was", Netlink().sysctl("net.ipv6.conf.all.forwarding", "1"))
+except OSError as exc:
+    print("refused:", errno.errorcode[exc.errno])
+for leaf in ("accept_ra", "autoconf", "accept_dad", "disable_ipv6"):
+    print(leaf, open(f"/proc/sys/net/ipv6/conf/vhx6/{leaf}").read().strip())
+print("forwarding", open("/proc/sys/net/ipv6/conf/all/forwarding").read().strip())
+"""
+
+
+def in_plugin_view(mounted: bool) -> dict[str, str]:
     import os
 
+    out = run(["unshare", "-m", "-n", "--propagation", "private", "sh", "-c",
+               PLUGIN_VIEW.format(bind=BIND if mounted else ""), sys.executable, IN_PLUGIN], env=dict(os.environ))
+    return dict(line.split(" ", 1) for line in out.stdout.splitlines())
+
+
+def test_ipv6_is_refused_naming_why_where_proc_sys_is_read_only_without_the_plugins_mount(root):
+    """A managed plugin's /proc/sys is read-only (Docker mounts it so), and the kernel takes a link's IPv6
+    settings only there: without config.json's host-sys-net mount (a plugin built before it) vpcnet says so
+    (the driver and the IPAM refuse `--ipv6` with it, before a block is claimed) instead of failing each
+    container, and writing a link's IPv6 settings fails with EROFS."""
     from vpcnet.datapath.ipv6 import unavailable
 
     assert unavailable() == "", "writable here"
-    code = "from vpcnet.datapath.ipv6 import unavailable\nprint(unavailable())\n"
-    out = run(["unshare", "-m", "--propagation", "private", "sh", "-c",
-               "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && exec \"$0\" -c \"$1\"",
-               sys.executable, code], env=dict(os.environ))
-    assert "/proc/sys is read-only here" in out.stdout and "vpcnet serve" in out.stdout, out.stdout + out.stderr
+    seen = in_plugin_view(mounted=False)
+    assert "/proc/sys is read-only here" in seen["why:"] and "/run/vpcnet/host-sys-net mount" in seen["why:"]
+    assert "vpcnet serve" in seen["why:"] and seen["refused:"] == "EROFS", seen
+    assert seen["disable_ipv6"] == "0" and seen["accept_ra"] == "1", seen      # the kernel's defaults, untouched
     assert "no IPv6" in unavailable("/nonexistent/ipv6/forwarding")
+
+
+def test_the_plugins_host_sys_net_mount_takes_the_ipv6_settings(root):
+    """With the host's /proc/sys/net bound read-write at HOST_SYS_NET (plugin/config.json), /proc/sys
+    read-only: IPv6 is available, and a link's IPv6 settings (IPV6_ON, in order) and IPv6 forwarding are
+    written through the mount and hold in the namespace's own /proc/sys (the one the process is in: a plugin
+    shares the host's)."""
+    seen = in_plugin_view(mounted=True)
+    assert seen.get("why:") == "", seen
+    assert "refused:" not in seen and seen["forwarding_was"] == "0", seen
+    assert (seen["accept_ra"], seen["autoconf"], seen["accept_dad"], seen["disable_ipv6"]) == ("0", "0", "0", "0")
+    assert seen["forwarding"] == "1", seen

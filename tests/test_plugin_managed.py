@@ -67,7 +67,12 @@ def test_config_json_env_is_exactly_the_settings():
     lock = next(m for m in cfg["Mounts"] if m["Name"] == "xtables-lock")   # the host's iptables lock
     assert lock["Source"] == lock["Destination"] == "/run/xtables.lock" and lock["Type"] == "bind"
     # the shipped plugin has no Docker socket (it would grant full control of the engine)
-    assert [m["Name"] for m in cfg["Mounts"]] == ["state", "xtables-lock"]
+    assert [m["Name"] for m in cfg["Mounts"]] == ["state", "xtables-lock", "host-sys-net"]
+    # the host's net sysctls, where vpcnet.datapath.netlink writes them (the plugin's /proc/sys is read-only)
+    from vpcnet.datapath.netlink import HOST_SYS_NET
+    sys_net = next(m for m in cfg["Mounts"] if m["Name"] == "host-sys-net")
+    assert (sys_net["Source"], sys_net["Destination"], sys_net["Type"]) == ("/proc/sys/net", HOST_SYS_NET, "bind")
+    assert "rw" in sys_net["Options"] and sys_net["Settable"] == []
     assert not any("docker" in m["Source"] for m in cfg["Mounts"])
 
 
@@ -346,6 +351,30 @@ def test_ebpf_mode_works_with_the_capabilities_the_plugin_is_given(built):
     assert f"vpcnet-{tag}" not in run(["tc", "filter", "show", "dev", uplink, "ingress"], check=False).stdout
 
 
+def test_dual_stack_network_through_the_host_sys_net_mount(built):
+    """IPv6 in the managed plugin: Docker mounts the plugin's /proc/sys read-only, and config.json's
+    `host-sys-net` mount (the host's /proc/sys/net, read-write) is where it writes the host veths' IPv6
+    settings and IPv6 forwarding. A dual-stack network's two containers ping each other over IPv6, and the
+    host's own /proc/sys shows what the plugin wrote."""
+    net = built.network("--subnet", built.cluster4, "--ipv6")
+    a, b = built.container(net, built.image), built.container(net, built.image)
+    a6, b6 = (built.docker("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.GlobalIPv6Address}}{{end}}",
+                           c).stdout.strip() for c in (a, b))
+    assert a6 and b6 and ipaddress.IPv6Address(a6).is_private, (a6, b6, built.plugin_log())
+    ping6 = [built.docker("exec", c, "ping", "-6", "-c", "2", "-W", "2", t, check=False, timeout=30).returncode
+             for c, t in ((a, b6), (b, a6))]
+    assert ping6 == [0, 0], built.plugin_log()
+    host_veth = run(["ip", "-6", "route", "get", a6]).stdout.split(" dev ")[1].split()[0]
+    conf = {leaf: open(f"/proc/sys/net/ipv6/conf/{host_veth}/{leaf}").read().strip()
+            for leaf in ("disable_ipv6", "accept_ra", "autoconf", "accept_dad")}
+    assert conf == {"disable_ipv6": "0", "accept_ra": "0", "autoconf": "0", "accept_dad": "0"}, conf
+    assert open("/proc/sys/net/ipv6/conf/all/forwarding").read().strip() == "1"
+    built.docker("rm", "-f", a, b)
+    built.containers[:] = [c for c in built.containers if c not in (a, b)]
+    built.docker("network", "rm", net)
+    built.networks.remove(net)
+
+
 def test_compose_with_the_managed_plugins_name(built, tmp_path):
     """Compose v2 with `driver: vpcnet-ci-...:latest` (the managed plugin's name) on both: up, reach by
     service name, down leaves nothing (Docker 28+, where CI provides Compose v2)."""
@@ -477,5 +506,5 @@ def test_the_docker_socket_option_over_an_installed_plugin(built, tmp_path):
         plain = build(built.name)                                 # back to the shipped config
     assert plain.returncode == 0, plain.stderr
     info = built.inspect()
-    assert [m["Name"] for m in info["Settings"]["Mounts"]] == ["state", "xtables-lock"]
+    assert [m["Name"] for m in info["Settings"]["Mounts"]] == ["state", "xtables-lock", "host-sys-net"]
     assert built.env()["VPCNET_DOCKER_SOCKET"] == "" and built.env()["VPCNET_CLUSTER_CIDR"] == built.cluster

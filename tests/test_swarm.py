@@ -61,7 +61,8 @@ def tasks(lab, service: str) -> list[dict]:
                 continue
             info = json.loads(inspect.stdout)[0]
             nets = info["NetworkSettings"]["Networks"]
-            out.append({"host": k, "id": cid, "ip": next(iter(nets.values()))["IPAddress"],
+            net = next(iter(nets.values()))
+            out.append({"host": k, "id": cid, "ip": net["IPAddress"], "ip6": net["GlobalIPv6Address"],
                         "name": info["Name"].lstrip("/")})
     return out
 
@@ -117,12 +118,12 @@ def converged(lab, service: str, replicas: int) -> list[dict]:
 SWARM6_CLUSTER, SWARM6_CLUSTER_V6 = "10.249.0.0/16", "fd00:10:249::/48"
 
 
-def test_an_ipv6_swarm_network_is_refused_on_every_node_naming_why_and_claims_no_ipv6_block(swarm):
-    """Swarm needs the managed plugin, whose /proc/sys Docker mounts read-only, and the kernel takes a link's
-    IPv6 settings only there: a swarm network made from a config-only network with `--ipv6` (each node then
-    asks vpcnet for IPv6 itself: swarm's allocator is not involved) is refused when a task lands, with the
-    reason in `docker service ps`, and no node claims an IPv6 block. (Docker refuses `--ipv6` beside
-    `--config-from` itself.)"""
+def test_a_dual_stack_service_across_two_hosts(swarm):
+    """IPv6 for swarm services: a swarm network made from config-only networks made with `--ipv6` (each node
+    asks its own vpcnet for IPv6: swarm's allocator is not involved; Docker refuses `--ipv6` beside
+    `--config-from` itself). The managed plugin writes the host veths' IPv6 settings through its host-sys-net
+    mount (Docker mounts its /proc/sys read-only), so each task gets an IPv6 address of its own host's IPv6
+    block, claimed in the VPC route table, and the tasks reach each other over IPv6 across the two hosts."""
     lab = swarm
     beside = lab.docker(1, "network", "create", "-d", PLUGIN, "--scope", "swarm", "--ipv6", "--config-from",
                         "none-config", "vpcbad6", check=False)
@@ -133,20 +134,32 @@ def test_an_ipv6_swarm_network_is_refused_on_every_node_naming_why_and_claims_no
         lab.docker(1, "service", "create", "--detach", "--no-resolve-image", "--name", service, "--network", "vpcs6",
                    "--replicas", "2", "--replicas-max-per-node", "1", "vpcnet-testbox:latest", "sleep", "3600",
                    timeout=120)
-
-        def errors() -> list[str]:
-            return [line for line in lab.docker(1, "service", "ps", "--no-trunc", "--format", "{{.Node}} {{.Error}}",
-                                                service).stdout.splitlines() if "IPv6" in line]
-        assert wait_for(lambda: len(errors()) >= 2, 90, 1.0), lab.docker(1, "service", "ps", "--no-trunc", service)
-        assert all("cannot be served by this vpcnet: /proc/sys is read-only" in e and "Swarm" in e
-                   for e in errors()), errors()
-        assert tasks(lab, service) == []
-        assert not [e for e in lab.routes() if ":" in e["DestinationCidrBlock"]], "no IPv6 block claimed"
+        assert wait_for(lambda: len(tasks(lab, service)) == 2, 90, 1.0), \
+            lab.docker(1, "service", "ps", "--no-trunc", service).stdout
+        one, two = sorted(tasks(lab, service), key=lambda t: t["host"])
+        assert (one["host"], two["host"]) == (1, 2), (one, two)
+        blocks6 = {}
+        for entry in lab.routes():
+            dest = ipaddress.ip_network(entry["DestinationCidrBlock"])
+            if dest.version == 6 and dest.subnet_of(ipaddress.IPv6Network(SWARM6_CLUSTER_V6)):
+                for hop in entry.get("NextHops", {}).get("NextHop", []):
+                    blocks6[hop.get("NextHopId")] = dest
+        for t in (one, two):
+            assert t["ip6"] and ipaddress.IPv6Address(t["ip6"]) in blocks6[f"i-vpclab-h{t['host']}"], (t, blocks6)
+        for k, src, dst in ((1, one, two), (2, two, one)):
+            assert lab.docker(k, "exec", src["id"], "ping", "-6", "-c1", "-W2", dst["ip6"],
+                              check=False).returncode == 0, (src, dst)
+        assert lab.docker(1, "exec", one["id"], "ping", "-c1", "-W2", two["ip"], check=False).returncode == 0
     finally:
         lab.docker(1, "service", "rm", service, check=False)
         assert wait_for(lambda: lab.docker(1, "network", "rm", "vpcs6", check=False).returncode == 0, 60, 1.0)
         for k in (1, 2):
             lab.docker(k, "network", "rm", "vpcs6-config", check=False)
+
+        def left() -> list[str]:       # the tasks' endpoints, until each node has removed its task
+            return [a for k in (1, 2) for a in endpoints_on(lab, k)
+                    if ipaddress.ip_address(a) in ipaddress.ip_network(SWARM6_CLUSTER)]
+        assert wait_for(lambda: not left(), 60, 1.0), left()
 
 
 def test_scale_drain_and_a_daemon_restart(swarm):

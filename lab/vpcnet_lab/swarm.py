@@ -8,8 +8,8 @@ plugin was: the aliyun provider against the emulator, as instance i-vpclab-hK, i
 driver answering `Scope: local` is node-local in swarm: every node runs its own IPAM, so a swarm-scoped
 vpcnet network is made from a `--config-only` network on every node (`swarm_network`), and each task
 gets an address of its own host's block. A config-only network made with `--ipv6` (`ipv6=`) makes the swarm
-network ask for IPv6 on every node, which the managed plugin refuses (its /proc/sys is read-only: swarm
-services get IPv4 only, docs/swarm.md).
+network ask for IPv6 on every node: its tasks are dual-stack (the managed plugin writes the links' IPv6
+settings through its host-sys-net mount, docs/swarm.md).
 """
 from __future__ import annotations
 

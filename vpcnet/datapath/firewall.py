@@ -37,8 +37,8 @@ connection to a vpcnet container.
 `Ipv6Guard` is the IPv6 side: one raw chain (`VPCNET-IPV6`, jumped to from raw PREROUTING) dropping every
 IPv6 packet that arrives on a vpcnet host-side link, one rule per link name prefix. vpcnet's networks carry
 no IPv6; this keeps a container's router advertisements and any other IPv6 of its off the host where
-the links' IPv6 sysctls cannot be written (vpcnet.datapath.links: a managed plugin's /proc/sys is
-read-only), and beside them everywhere else.
+the links' IPv6 sysctls cannot be written (vpcnet.datapath.links: a managed plugin built without the
+host-sys-net mount, whose /proc/sys is read-only), and beside them everywhere else.
 """
 from __future__ import annotations
 

@@ -60,7 +60,7 @@ from typing import Sequence
 
 from pyroute2 import IPRoute, NetlinkError
 
-from vpcnet.datapath.netlink import Netlink
+from vpcnet.datapath.netlink import HOST_SYS_NET, Netlink, sysctl_path
 from vpcnet.errors import DataplaneError
 
 log = logging.getLogger(__name__)
@@ -95,15 +95,20 @@ class Ipv6Endpoint:
 def unavailable(path: str = FORWARDING) -> str:
     """Why this process cannot give endpoints IPv6 ("" when it can). The kernel takes a link's IPv6 settings
     (accept_ra, autoconf, forwarding) only under /proc/sys (netlink refuses IPv6 devconf), which Docker mounts
-    read-only in a managed plugin's container: there IPv6 is refused when a network asks for it, before any
-    block is claimed, rather than failing each container."""
+    read-only in a managed plugin's container; plugin/config.json binds the host's /proc/sys/net read-write
+    at vpcnet.datapath.netlink.HOST_SYS_NET for that, and vpcnet.datapath.netlink writes there. Without
+    either (a plugin built before the mount) IPv6 is refused when a network asks for it, before any block is
+    claimed, rather than failing each container."""
     if not os.path.exists(path):
         return "this kernel has no IPv6 (no /proc/sys/net/ipv6)"
-    if not os.access(path, os.W_OK):
-        return ("/proc/sys is read-only here (a managed plugin: Docker mounts it read-only in the plugin's container) "
-                "and the kernel takes a link's IPv6 settings only there; run vpcnet as a service (`vpcnet serve`, "
-                "docs/systemd.md) for IPv6. Swarm, which needs the managed plugin, gets IPv4 only")
-    return ""
+    if os.access(path, os.W_OK):
+        return ""
+    if path == FORWARDING and os.access(sysctl_path("net.ipv6.conf.all.forwarding"), os.W_OK):
+        return ""                   # the managed plugin's mount of the host's /proc/sys/net
+    return ("/proc/sys is read-only here (a managed plugin: Docker mounts it read-only in the plugin's container) "
+            f"and the kernel takes a link's IPv6 settings only there; this plugin has no {HOST_SYS_NET} mount "
+            "(of the host's /proc/sys/net, which plugin/build.sh's builds have): rebuild and reinstall it, or run "
+            "vpcnet as a service (`vpcnet serve`, docs/systemd.md)")
 
 
 def guard_rules(any_ipv6: bool, bridged: Sequence[Ipv6Endpoint] = ()) -> list[str]:

@@ -12,8 +12,9 @@ veth pair, routed mode's proxy ARP and `/32` route.
   dual-stack bridge network's bridge and a routed endpoint's host veth with IPv6 (vpcnet.datapath.ipv6,
   with its own guards): a link with IPv6 on takes router advertisements from any container behind
   it (routes and SLAAC addresses on the host: the CVE-2020-13401 class), unfiltered by vpcnet's IPv4-only
-  firewall and eBPF checks. The kernel takes these only under /proc/sys (netlink refuses IPv6 devconf), so
-  where /proc/sys is read-only (a managed plugin) they cannot be set: said once at WARNING.
+  firewall and eBPF checks. The kernel takes these only under /proc/sys (netlink refuses IPv6 devconf): a
+  managed plugin writes them through its mount of the host's /proc/sys/net (vpcnet.datapath.netlink);
+  where neither is writable (a plugin built without that mount) they cannot be set: said once at WARNING.
 Every call is idempotent: create what is missing, accept what exists.
 """
 from __future__ import annotations

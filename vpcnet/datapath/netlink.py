@@ -3,6 +3,12 @@ raw one), sysctls, and the few lookups every applier needs (a link by name, the 
 
 Sockets are opened once per thread and process (opening one costs more than the request itself) and
 dropped after any failure that may have put them out of step.
+
+Sysctls are read and written under /proc/sys (`sysctl_path`), except in a managed plugin: Docker mounts
+its /proc/sys read-only, and plugin/config.json binds the host's /proc/sys/net read-write at `HOST_SYS_NET`
+(the plugin shares the host's network namespace, and /proc/sys/net shows the namespace of the process that
+opens it), so there the `net.*` ones are written through that mount: the links' IPv6 settings, which the
+kernel takes nowhere else (netlink refuses IPv6 devconf), and IPv6 forwarding.
 """
 from __future__ import annotations
 
@@ -17,6 +23,26 @@ from pyroute2 import IPRoute, NetlinkError
 from vpcnet.datapath import rtnl
 from vpcnet.datapath.spec import DEFAULT_MTU
 from vpcnet.errors import DataplaneError
+
+PROC_SYS_NET = "/proc/sys/net"
+HOST_SYS_NET = "/run/vpcnet/host-sys-net"    # the managed plugin's mount of the host's /proc/sys/net
+
+
+def sys_net_root(proc: str = PROC_SYS_NET, mount: str = HOST_SYS_NET) -> str:
+    """Where the `net.*` sysctls are written: /proc/sys/net, or the managed plugin's rw mount of it when
+    /proc/sys is read-only here and the mount is present (plugin/config.json, plugin/genconfig.py)."""
+    probe = "ipv4/ip_forward"       # a file (sysctl directories refuse W_OK even to root), always there
+    if os.access(os.path.join(proc, probe), os.W_OK) or not os.access(os.path.join(mount, probe), os.W_OK):
+        return proc
+    return mount
+
+
+def sysctl_path(key: str) -> str:
+    """The file of a sysctl ("net.ipv6.conf.all.forwarding"): `net.*` ones under `sys_net_root()`."""
+    path = key.replace(".", "/")
+    if path.startswith("net/"):
+        return sys_net_root() + path[3:]
+    return "/proc/sys/" + path
 
 
 class Netlink:
@@ -65,7 +91,7 @@ class Netlink:
     def read_sysctl(self, key: str) -> str:
         """A sysctl of this namespace (under /proc/sys)."""
         def read() -> str:
-            with open("/proc/sys/" + key.replace(".", "/")) as fh:
+            with open(sysctl_path(key)) as fh:
                 return fh.read().strip()
 
         try:
@@ -77,7 +103,7 @@ class Netlink:
         """Set a sysctl of this namespace (under /proc/sys) unless it already holds `value`; returns the value
         it held."""
         def write() -> str:
-            path = "/proc/sys/" + key.replace(".", "/")
+            path = sysctl_path(key)
             with open(path) as fh:
                 old = fh.read().strip()
             if old != value:
@@ -95,13 +121,14 @@ class Netlink:
         family>/conf/<name>/ of every link in `names` where it differs; returns what differed ("<name>
         accept_ra=1"). `fresh` (links just made): written without reading first, nothing returned. A link
         or family the kernel has not (gone, or no IPv6) is skipped. Raises OSError when /proc/sys cannot
-        be written (read-only, as in a managed plugin)."""
+        be written (read-only, as in a managed plugin without the `HOST_SYS_NET` mount)."""
         def write() -> list[str]:
             changed = []
+            root = sys_net_root()
             for name in names:
                 for key, value in wanted:
                     family, _, leaf = key.partition("/")
-                    path = f"/proc/sys/net/{family}/conf/{name}/{leaf}"
+                    path = f"{root}/{family}/conf/{name}/{leaf}"
                     try:
                         if not fresh:
                             with open(path, "rb") as fh:

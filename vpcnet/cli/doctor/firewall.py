@@ -220,7 +220,8 @@ class FirewallChecks(Checks):
     def check_ipv6_guard(self) -> list[Finding]:
         """A container's IPv6 (router advertisements above all) must not reach the host through vpcnet's
         links: ip6tables raw VPCNET-IPV6 drops it, and the links have disable_ipv6=1 where /proc/sys can
-        be written (not in a managed plugin: there the ip6tables guard alone stands)."""
+        be written (not in a managed plugin built without the host-sys-net mount: there the ip6tables guard
+        alone stands)."""
         from vpcnet.datapath.firewall import IPV6_CHAIN, IPV6_RULES, Ipv6Guard
         from vpcnet.datapath.ipv6 import Ipv6Endpoint, forward_rules, guard_rules
         from vpcnet.errors import DataplaneError
@@ -263,7 +264,7 @@ class FirewallChecks(Checks):
                             "restart the plugin (it turns IPv6 off on its links; its log says why it could "
                             f"not), or: sysctl -w net.ipv6.conf.{on[0]}.disable_ipv6=1 for each")]
         return [ok("ipv6_guard", f"ip6tables raw {IPV6_CHAIN} drops IPv6 from vpcnet's links"
-                                 + (f"; {len(on)} link(s) keep IPv6 on (a managed plugin cannot write /proc/sys)"
+                                 + (f"; {len(on)} link(s) keep IPv6 on (a plugin without the host-sys-net mount)"
                                     if on else ""))]
 
 

@@ -1,4 +1,4 @@
-"""The plugin killed in the middle of a call, between the store commit and the kernel work (issue 18).
+"""The plugin killed in the middle of a call, between the store commit and the kernel work.
 
 End to end on a dedicated engine in its own netns (test_daemon_restart's `engine_host`: a daemon restart
 there touches nobody else): `vpcnet serve` is armed with its test-only crash point

@@ -1,4 +1,4 @@
-"""Published ports (issue 20) with the real engine and kernel: `docker run -p/-P`, Compose `ports:`, conflicts,
+"""Published ports with the real engine and kernel: `docker run -p/-P`, Compose `ports:`, conflicts,
 stop/start/rm, a plugin kill -9 and restart, DOCKER-USER. The published container answers every client with
 the table of its TCP connections (`nc -ll -e cat /proc/net/tcp /proc/net/tcp6`), so a test reads the source address the
 container saw: no proxy in between, the client's own address."""

@@ -71,7 +71,7 @@ def test_the_verifier_accepts_the_container_program_for_any_number_of_uplinks(ke
 
 @pytest.mark.parametrize("count", [1, 3, programs.MAX_PUBLISHED, programs.MAX_PUBLISHED + 1])
 def test_the_verifier_accepts_the_container_program_with_published_ports(kernel, count):
-    """Published ports (issue 20): their replies are left to the host; past MAX_PUBLISHED, all of it."""
+    """Published ports: their replies are left to the host; past MAX_PUBLISHED, all of it."""
     published = [(("tcp", "udp", "sctp")[i % 3], 1000 + i) for i in range(count)]
     program = programs.container_program(HOST, CLUSTER, "10.77.3.2", 5, [3], published=published)
     os.close(loader.load(program, "vpcnet_test"))

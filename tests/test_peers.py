@@ -1,4 +1,4 @@
-"""Who talks to whom (issue 21): the peer map written by vpcnet's eBPF programs (vpcnet.datapath.ebpf.maps,
+"""Who talks to whom: the peer map written by vpcnet's eBPF programs (vpcnet.datapath.ebpf.maps,
 vpcnet.datapath.tc) and the `vpcnet_endpoint_peer_*` families (vpcnet.observability.metrics.PeerTotals).
 Real kernel, in namespaces the tests make (two simulated hosts as in test_dataplane), real traffic (ping):
 counts per peer and direction for a same-host peer, another host's container and outside, in every mode;

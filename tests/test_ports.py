@@ -1,4 +1,4 @@
-"""Published ports through the driver (issue 20), with the real store and the recording fake dataplane:
+"""Published ports through the driver, with the real store and the recording fake dataplane:
 Docker's call sequences (20.10/28: Join, Program once, Revoke at stop; 29: Program and Revoke whenever
 the endpoint becomes or stops being the gateway, with Join's options, repeated; moby's
 daemon/libnetwork/drivers/remote/driver.go), how host ports are chosen, conflicts, refusals, and that a

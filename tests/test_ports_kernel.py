@@ -1,4 +1,4 @@
-"""Published ports on the real kernel (issue 20), every mode, two simulated hosts (test_dataplane.two_hosts:
+"""Published ports on the real kernel, every mode, two simulated hosts (test_dataplane.two_hosts:
 their uplinks are the two ends of one link, each routing the other's host CIDR to it as the VPC does).
 
 Host A publishes 192.0.2.10:8080 -> container A1 (10.77.3.2):80 (and 5353/udp -> 53, asked from B1). It answers from:

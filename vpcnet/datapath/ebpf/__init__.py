@@ -54,7 +54,7 @@ same rule, only plain traffic the routing table resolves: hop limit <= 1, any ex
 fragment), ICMPv6 neighbour discovery (types 133-137), link-local or multicast addresses, a forged source
 (the stack's reverse-path guard drops it), a published port's reply, an address of the block no /128
 routes to a veth: all left to the stack. Still one verified program per endpoint with its address built in
-(the per-network program with addresses in a map is another step of issue 19).
+(the per-network program with addresses in a map is another step: docs/ipv6-plan.md, "Left to do").
 
 The programs are a few dozen instructions: assembled at load time (assembler.py, programs.py) (no compiler, no object
 file), loaded with the bpf(2) syscall (loader.py) and attached by vpcnet.datapath.tc through netlink. They are declared

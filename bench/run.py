@@ -517,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench/run.py needs root (it builds a vpcnet lab)", file=sys.stderr)
         return 2
-    left = {k: v for k, v in Lab.leftovers().items() if v}
+    left = Lab.present()
     if left:
         print(f"a vpcnet lab is already on this machine ({left}); run `vpcnet lab down` first", file=sys.stderr)
         return 2

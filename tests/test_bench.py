@@ -378,8 +378,8 @@ class _Watched:
         self.calls.append("Lab()")
 
     @classmethod
-    def leftovers(cls):
-        cls.calls.append("Lab.leftovers")
+    def present(cls):
+        cls.calls.append("Lab.present")
         return {}
 
 
@@ -407,7 +407,7 @@ def test_no_chart_and_estimate_need_no_matplotlib(monkeypatch, capsys, tmp_path)
     assert run.main(["--estimate"]) == 0
     assert "pip install" not in capsys.readouterr().err
     monkeypatch.setattr(run.os, "geteuid", lambda: 0)
-    monkeypatch.setattr(_Watched, "leftovers", classmethod(lambda cls: {"netns": ["vpclab-h1"]}))
+    monkeypatch.setattr(_Watched, "present", classmethod(lambda cls: {"netns": ["vpclab-h1"]}))
     # --no-chart gets past the check: on to the next one, a lab already up (stubbed), which stops it
     assert run.main(["--no-chart", "--out", str(tmp_path / "results")]) == 2
     assert "a vpcnet lab is already on this machine" in capsys.readouterr().err

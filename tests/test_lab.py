@@ -33,7 +33,7 @@ def _require_lab_prerequisites() -> None:
     missing = [t for t in TOOLS if not shutil.which(t)]
     require(not missing, f"needs {', '.join(missing)}")
     from vpcnet_lab import Lab
-    left = {k: v for k, v in Lab.leftovers().items() if v}
+    left = Lab.present()
     require(not left, f"a vpcnet lab is already on this machine ({left}): `vpcnet lab down` first")
 
 
@@ -157,6 +157,35 @@ def test_down_after_a_half_failed_up_removes_it_all(request):
     os.makedirs("/var/lib/vpclab/h2/docker", exist_ok=True)
     assert Lab().down() == []
     assert Lab.leftovers() == {"netns": [], "processes": [], "mounts": [], "dirs": []}
+
+
+
+def test_the_files_of_a_lab_whose_processes_are_gone_block_nothing(request):
+    """What a reboot or a torn-down sandbox leaves of a lab (its folders and state, with no namespace, engine
+    or emulator alive) does not count as a lab up; while a `vpcnet lab` command holds the lock, it does."""
+    import fcntl
+
+    _require_lab_prerequisites()
+    from vpcnet_lab import Lab
+    from vpcnet_lab import lab as lab_mod
+
+    request.addfinalizer(lambda: Lab().down())
+    os.makedirs("/run/vpclab/h1", mode=0o700)
+    os.makedirs("/var/lib/vpclab/h1/docker")
+    dead = subprocess.Popen(["true"])
+    dead.wait()                                                    # a pid that is surely not running
+    with open(lab_mod.EMULATOR_PIDFILE, "w") as fh:
+        fh.write(str(dead.pid))
+    with open(lab_mod.STATE_FILE, "w") as fh:
+        fh.write('{"hosts": {"1": {"netns": "vpclab-h1"}}, "emulator_pid": %d}' % dead.pid)
+    fd = os.open(lab_mod.LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)                             # as `lab up` holds it while it works
+        assert Lab.present() == {"dirs": ["/run/vpclab", "/var/lib/vpclab"]}
+    finally:
+        os.close(fd)
+    assert Lab.present() == {}
+    assert not os.path.exists("/run/vpclab") and not os.path.exists("/var/lib/vpclab")
 
 
 # ------------------------------------------------------------------------------------------ datapath

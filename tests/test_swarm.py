@@ -38,7 +38,7 @@ def swarm(request, docker_engine):
     require(not missing, f"needs {', '.join(missing)}")
     from vpcnet_lab import Lab
 
-    left = {k: v for k, v in Lab.leftovers().items() if v}
+    left = Lab.present()
     require(not left, f"a vpcnet lab is already on this machine ({left}): `vpcnet lab down` first")
     lab = Lab(hosts=2, cluster_cidr=LAB_CLUSTER, reconcile_interval=2.0)
     request.addfinalizer(lambda: lab.down())

@@ -578,6 +578,29 @@ class Lab:
         return {"netns": netns.listed(PREFIX), "processes": dockerds, "mounts": engine_mod.lab_mounts(),
                 "dirs": [d for d in (RUN_ROOT, DATA_ROOT) if os.path.exists(d)]}
 
+    @classmethod
+    def present(cls) -> dict:
+        """What of a lab is on this machine (empty: none), after removing the files of a lab whose machine
+        went away under it. Files alone, with no namespace, engine, mount or emulator left and the lab lock
+        free, are what a reboot or a torn-down sandbox leaves: they block nothing and are removed here."""
+        left = {kind: items for kind, items in cls.leftovers().items() if items}
+        if set(left) != {"dirs"}:
+            return left
+        if os.path.isdir(RUN_ROOT):
+            fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return left                                   # a `vpcnet lab` command is running
+                if alive(engine_mod._read_pid(EMULATOR_PIDFILE)):
+                    return left
+                shutil.rmtree(RUN_ROOT, ignore_errors=True)
+            finally:
+                os.close(fd)
+        engine_mod._remove_tree(DATA_ROOT)
+        return {kind: items for kind, items in cls.leftovers().items() if items}
+
     # -- down -------------------------------------------------------------------------------------
     def down(self) -> list[str]:
         """Remove everything of the lab that exists. Returns what could not be removed (empty: clean)."""

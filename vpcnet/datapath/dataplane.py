@@ -22,9 +22,10 @@ bridge mode.
 
 eBPF mode (`-o vpcnet.mode=ebpf`, and the default where vpcnet.datapath.features finds the kernel and
 capabilities for it): routed mode, plus the fast path of vpcnet.datapath.ebpf. A tc
-program on each endpoint's host veth (ingress) and one per network on the uplink (ingress of the default
-route's device; filter `vpcnet-<id12>`, one handle per network) hand the traffic between the host CIDR and
-the rest of the cluster CIDR straight between the container and the uplink (and between two
+program on each endpoint's host veth (ingress: one program per network, each endpoint's address and
+published ports in the endpoint maps, vpcnet.datapath.ebpf.endpoints) and one per network on the uplink
+(ingress of the default route's device; filter `vpcnet-<id12>`, one handle per network) hand the traffic
+between the host CIDR and the rest of the cluster CIDR straight between the container and the uplink (and between two
 containers of the network on this host, veth to veth): no pass through the host's
 IP forwarding or netfilter (the same traffic the conntrack bypass below already accepts statelessly and
 never NATs). Everything else, and anything the programs cannot resolve, takes routed mode's path.
@@ -33,6 +34,11 @@ Peer counting (VPCNET_PEER_METRICS, `peers`): in every mode, small tc programs o
 veth (and, in ebpf mode, the fast path's own programs) count traffic per peer into one map per host
 (vpcnet.datapath.tc, vpcnet.datapath.ebpf.maps); they go with the veth, the periodic pass puts missing ones
 back, and a deleted endpoint's keys leave the map (`forget_peers`).
+
+The endpoint maps are this process's own: the periodic pass reads them, repairs an entry this process
+wrote that is missing or wrong, takes over (attaches its own programs, writes its own entries; no Repair)
+the endpoints whose entries another process wrote (before a restart, another worker), and drops the
+entries of veths that are gone (`_drop_stale_facts`).
 
 Firewall: computed per mode by vpcnet.datapath.modes and written by vpcnet.datapath.firewall in one
 `iptables-restore --noflush` transaction, in chains of vpcnet's own so removing a network removes exactly
@@ -578,6 +584,7 @@ class Dataplane:
         self._v6_veths = set(v6)
         self._v6_addresses = {veth: ep.address for veth, ep in v6.items()}
         self._drop_stale_facts(view)
+        self.tc.uplinks = tuple(view.uplinks)     # what endpoint programs built from now on take
         repairs += self._repair_ipv6(v6, view)
         repairs += self._repair_bridges_ipv6([spec for spec, _ in networks if spec.bridged_ipv6], lock_for)
         # The firewall of every drifted network in one transaction (a mass flush costs one restore, not one

@@ -193,6 +193,20 @@ def dump_links(sock: socket.socket) -> dict[str, dict]:
     return out
 
 
+def link_index(sock: socket.socket, name: str) -> int | None:
+    """The index of the link called `name` (one targeted RTM_GETLINK, nothing parsed but the header);
+    None: no such link."""
+    body = struct.pack("=BBHiII", socket.AF_UNSPEC, 0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, name.encode() + b"\0")
+    try:
+        for _kind, payload in _dump(sock, RTM_GETLINK, body, dump=False):
+            return struct.unpack_from("=i", payload, 4)[0]
+    except OSError as exc:
+        if exc.errno in (errno.ENODEV, errno.ENOENT):
+            return None
+        raise
+    return None
+
+
 def _ipv6_conf(af_spec: bytes | None) -> tuple[int, int, int] | None:
     """(disable_ipv6, accept_ra, autoconf) from a link's IFLA_AF_SPEC: the kernel reports the interface's
     whole IPv6 devconf there as an array of s32 indexed by DEVCONF_* (the /proc/sys values, no file read)."""

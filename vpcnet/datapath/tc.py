@@ -1,13 +1,17 @@
 """The eBPF fast path's tc side (ebpf mode): vpcnet.datapath.ebpf's programs attached, found and removed over netlink.
 
-- Per endpoint: the container program on the ingress of its host veth (clsact, prio/handle
-  `ENDPOINT_FILTER`); it goes with the veth.
+- Per endpoint: the network's container program on the ingress of its host veth (clsact, prio/handle
+  `ENDPOINT_FILTER`); the filter goes with the veth. One program per network and family, loaded once by
+  this process (`shared`: again only when its uplinks or anchor change) and attached to every endpoint's
+  veth; each endpoint's own facts (address, published ports) are its entry in this process's endpoint
+  maps (`facts`, vpcnet.datapath.ebpf.endpoints), written before its filter is attached.
 - Per network: the uplink program on the ingress of every uplink: each device carrying the default route,
   and those named by VPCNET_UPLINKS (filter
   `vpcnet-<tag>`, prio `UPLINK_PRIO`, one handle per network: `uplink_handle`). It follows the default
   route: a device that no longer carries it loses the program.
 - Peer counting (VPCNET_PEER_METRICS, `TcPrograms.peers`): the host's peer map (vpcnet.datapath.ebpf.maps),
-  written by a counting program on the egress of every endpoint's host veth (prio/handle `COUNT_FILTER`:
+  written by a counting program (one per network and direction, shared as the container program is) on
+  the egress of every endpoint's host veth (prio/handle `COUNT_FILTER`:
   what the container receives), by the container program (ebpf mode: what it sends, counted first) or,
   in routed and bridge modes, by a counting program in the container program's place (ingress,
   `ENDPOINT_FILTER`), and by the uplink program (ebpf mode: what it hands into a container with
@@ -69,6 +73,10 @@ class TcPrograms:
         # network's shared endpoint programs, loaded (verified) once and kept while their inputs hold.
         self._shared: dict[tuple[str, str], tuple[tuple, int, bool]] = {}
         self._shared_lock = threading.Lock()
+        # The uplinks as last read (the uplink programs' upkeep, the periodic pass's view, or the first
+        # endpoint): what the container programs built now take other hosts' traffic out of. Not read again
+        # per endpoint (a dump of the whole route table, a /32 and a /128 per container).
+        self.uplinks: tuple[int, ...] | None = None
 
     @contextmanager
     def peer_map(self) -> Iterator[int | None]:
@@ -132,10 +140,12 @@ class TcPrograms:
             os.close(fd)               # the filter holds the program now
 
     def attach_fd(self, ipr: IPRoute, index: int, fd: int, filter_name: str, prio: int, handle: int,
-                  parent: int = TC_INGRESS, protocol: int = ETH_P_IP) -> None:
-        """A loaded program (`fd`, still the caller's) as the filter `filter_name` on link `index`."""
+                  parent: int = TC_INGRESS, protocol: int = ETH_P_IP, qdisc: bool = True) -> None:
+        """A loaded program (`fd`, still the caller's) as the filter `filter_name` on link `index`; `qdisc`
+        False: the caller has just made sure of the link's clsact qdisc."""
         try:
-            ipr.tc("add", "clsact", index)
+            if qdisc:
+                ipr.tc("add", "clsact", index)
         except NetlinkError as exc:
             if exc.code != errno.EEXIST:
                 raise DataplaneError(f"cannot add the clsact qdisc to link {index}: {exc}") from None
@@ -146,13 +156,14 @@ class TcPrograms:
             raise DataplaneError(f"cannot attach eBPF program {filter_name} to link {index}: {exc}") from None
 
     def _attach_shared(self, ipr: IPRoute, index: int, shared: tuple[int | None, bool], filter_name: str,
-                       prio: int, handle: int, parent: int = TC_INGRESS, protocol: int = ETH_P_IP) -> bool:
+                       prio: int, handle: int, parent: int = TC_INGRESS, protocol: int = ETH_P_IP,
+                       qdisc: bool = True) -> bool:
         """Attach what `shared` returned (closing its descriptor); False: there was nothing to attach."""
         fd, counting = shared
         if fd is None:
             return False
         try:
-            self.attach_fd(ipr, index, fd, filter_name, prio, handle, parent, protocol)
+            self.attach_fd(ipr, index, fd, filter_name, prio, handle, parent, protocol, qdisc)
         finally:
             os.close(fd)
         return counting
@@ -161,6 +172,14 @@ class TcPrograms:
     def counting(self) -> bool:
         """Peers are counted (asked for, and nothing has turned it off)."""
         return self.peers and not self.peers_off
+
+    def _anchor_and_uplinks(self, ipr: IPRoute, spec: NetworkSpec) -> tuple[int, tuple[int, ...]]:
+        anchor = self.nl.index_of(ipr, spec.bridge)
+        if anchor is None:
+            raise DataplaneError(f"anchor {spec.bridge} is missing")
+        if self.uplinks is None:
+            self.uplinks = tuple(self.nl.all_uplinks(ipr))
+        return anchor, self.uplinks
 
     def facts_wanted(self, spec: NetworkSpec, family: int) -> bool:
         """Endpoints of `spec` have an entry in the family's endpoint map (ebpf mode's container programs, or
@@ -178,10 +197,7 @@ class TcPrograms:
         addresses on the routed path, and only the uplinks of this moment take other hosts' traffic (a new
         program, attached again, when the default route moves: vpcnet.datapath.dataplane's repair; until
         then such traffic takes the routed path). With counting, the shared receive counting program too."""
-        anchor = self.nl.link_index(ipr, spec.bridge)
-        if anchor is None:
-            raise DataplaneError(f"anchor {spec.bridge} is missing")
-        uplinks = tuple(self.nl.all_uplinks(ipr))
+        anchor, uplinks = self._anchor_and_uplinks(ipr, spec)
         self.facts.write(host_idx, address, spec.published(address))
         endpoints_fd = self.facts.fd(4)
         program = self.shared("ctr", spec, (spec.host_cidr, spec.cluster_cidr, anchor, uplinks),
@@ -197,10 +213,7 @@ class TcPrograms:
         nothing for a network without an IPv6 block."""
         if not (spec.host_cidr_v6 and spec.cluster_cidr_v6):
             return
-        anchor = self.nl.link_index(ipr, spec.bridge)
-        if anchor is None:
-            raise DataplaneError(f"anchor {spec.bridge} is missing")
-        uplinks = tuple(self.nl.all_uplinks(ipr))
+        anchor, uplinks = self._anchor_and_uplinks(ipr, spec)
         self.facts.write(host_idx, address, spec.published(address))
         endpoints_fd = self.facts.fd(6)
         host6, cluster6 = spec.host_cidr_v6, spec.cluster_cidr_v6
@@ -242,7 +255,7 @@ class TcPrograms:
 
     def _attach_receive_count6(self, ipr: IPRoute, spec: NetworkSpec, host_idx: int) -> None:
         self._attach_shared(ipr, host_idx, self._count6(spec, maps.RECEIVE), spec.tc_name, *COUNT6_FILTER,
-                            parent=TC_EGRESS, protocol=ETH_P_IPV6)
+                            parent=TC_EGRESS, protocol=ETH_P_IPV6, qdisc=False)
 
     def drop_endpoint6(self, ipr: IPRoute, host_idx: int) -> None:
         """The IPv6 programs leave the host veth (its IPv6 address went), then its IPv6 entry leaves the
@@ -285,7 +298,7 @@ class TcPrograms:
 
     def _attach_receive_count(self, ipr: IPRoute, spec: NetworkSpec, host_idx: int) -> None:
         self._attach_shared(ipr, host_idx, self._count4(spec, maps.RECEIVE), spec.tc_name, *COUNT_FILTER,
-                            parent=TC_EGRESS)
+                            parent=TC_EGRESS, qdisc=False)
 
     @staticmethod
     def endpoint_has_program(ipr: IPRoute, host_idx: int) -> bool:
@@ -317,6 +330,7 @@ class TcPrograms:
     def _ensure_uplink_programs(self, spec: NetworkSpec, programs: list[tuple[str, bytes]]) -> None:
         with self.nl.ipr() as ipr:
             uplinks = self.nl.all_uplinks(ipr)
+            self.uplinks = tuple(uplinks)
             if not uplinks:
                 log.warning("network %s: no default route, so no uplink for the eBPF fast path yet; traffic "
                             "from other hosts takes the routed path", spec.tag)

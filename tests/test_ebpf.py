@@ -506,3 +506,32 @@ def test_uplink_program6_hands_this_networks_ipv6_endpoints_their_packets(routed
     for case in sorted(set(results) - {"from another host"}):
         packet, verdict, data = results[case]
         assert verdict == UNSPEC and data == packet, (case, packet.hex(), data.hex())
+
+
+def test_the_raw_netlink_attach_makes_the_filter_tc_would(kernel, netns_factory):
+    """vpcnet.datapath.rtnl's clsact qdisc and bpf filter (CreateEndpoint's path, instead of pyroute2's):
+    the qdisc once, the filter with its priority, protocol and direct action, replaced in place."""
+    from vpcnet.datapath import rtnl
+    ns = netns_factory("vpcrtnl")
+    run(["ip", "-n", ns, "link", "add", "vhx", "type", "veth", "peer", "name", "vcx"])
+    index = int(run(["ip", "-n", ns, "-o", "link", "show", "dev", "vhx"]).stdout.split(":")[0])
+    facts = endpoints.EndpointFacts()
+    fds = [loader.load(programs.container_program(HOST, CLUSTER, facts.fd(4)), "vpcnet_ctr") for _ in range(2)]
+    sock = rtnl.open_socket(ns)
+    try:
+        assert rtnl.add_clsact(sock, index) is True and rtnl.add_clsact(sock, index) is False
+        for fd in fds:                                 # the second replaces the first in place
+            rtnl.replace_bpf_filter(sock, index, 0xFFFFFFF2, 0x7F00, 0x0800, 1, fd, "vpcnet-abc")
+        rtnl.replace_bpf_filter(sock, index, 0xFFFFFFF3, 0x7F04, 0x86DD, 1, fds[0], "vpcnet-abc")
+        with pytest.raises(OSError):
+            rtnl.replace_bpf_filter(sock, 99999, 0xFFFFFFF2, 0x7F00, 0x0800, 1, fds[0], "vpcnet-abc")
+    finally:
+        sock.close()
+        for fd in fds:
+            os.close(fd)
+        facts.close()
+    ingress = run(["ip", "netns", "exec", ns, "tc", "filter", "show", "dev", "vhx", "ingress"]).stdout
+    egress = run(["ip", "netns", "exec", ns, "tc", "filter", "show", "dev", "vhx", "egress"]).stdout
+    assert ingress.count("direct-action") == 1 and "protocol ip pref 32512 bpf" in ingress, ingress
+    assert "vpcnet-abc" in ingress and "handle 0x1" in ingress, ingress
+    assert "protocol ipv6 pref 32516 bpf" in egress and "direct-action" in egress, egress

@@ -4,7 +4,8 @@ Routed and ebpf modes need two settings on each endpoint's host veth: `proxy_arp
 container's ARP for its neighbours) and the ARP `proxy_delay` of 0 (or each broadcast request waits up to
 0.8 s). Both are usually written under /proc/sys, which is read-only inside a managed plugin; the kernel
 takes them over netlink as well, with CAP_NET_ADMIN: RTM_SETLINK with the interface's IPv4 devconf, and
-RTM_SETNEIGHTBL with the interface's parameters of the ARP table.
+RTM_SETNEIGHTBL with the interface's parameters of the ARP table. And, for CreateEndpoint's path, where
+pyroute2's cost per request counts: a link's index by name, the clsact qdisc and a tc bpf filter.
 """
 from __future__ import annotations
 
@@ -88,10 +89,10 @@ def _attr(kind: int, payload: bytes, nested: bool = False) -> bytes:
     return struct.pack("=HH", length, kind | (NLA_F_NESTED if nested else 0)) + payload + b"\0" * (-length % 4)
 
 
-def _request(sock: socket.socket, msg_type: int, body: bytes) -> None:
+def _request(sock: socket.socket, msg_type: int, body: bytes, flags: int = 0) -> None:
     """Send one request and wait for its acknowledgement; a refusal raises OSError(errno)."""
     seq = next(_seq)
-    sock.send(struct.pack("=IHHII", 16 + len(body), msg_type, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body)
+    sock.send(struct.pack("=IHHII", 16 + len(body), msg_type, NLM_F_REQUEST | NLM_F_ACK | flags, seq, 0) + body)
     for _ in range(16):                                  # only our acknowledgement is expected
         data = sock.recv(65536)
         while len(data) >= 16:
@@ -119,6 +120,44 @@ def set_arp_proxy_delay(sock: socket.socket, index: int, msecs: int = 0) -> None
     body = struct.pack("=BBH", socket.AF_INET, 0, 0) + _attr(NDTA_NAME, b"arp_cache\0") + \
         _attr(NDTA_PARMS, parms, nested=True)
     _request(sock, RTM_SETNEIGHTBL, body)
+
+
+# -- tc: the clsact qdisc and a bpf filter, as `tc qdisc add ... clsact` and `tc filter replace ... bpf da`
+RTM_NEWQDISC, RTM_NEWTFILTER = 36, 44
+NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x100, 0x200, 0x400
+TCA_KIND_ATTR, TCA_OPTIONS = 1, 2
+TCA_BPF_CLASSID, TCA_BPF_FD, TCA_BPF_NAME, TCA_BPF_FLAGS = 3, 6, 7, 8
+TCA_BPF_FLAG_ACT_DIRECT = 1
+TC_H_CLSACT, TC_H_CLSACT_HANDLE = 0xFFFFFFF1, 0xFFFF0000
+
+
+def _tcmsg(index: int, handle: int, parent: int, info: int) -> bytes:
+    return struct.pack("=BBHiIII", socket.AF_UNSPEC, 0, 0, index, handle, parent, info)
+
+
+def add_clsact(sock: socket.socket, index: int) -> bool:
+    """The clsact qdisc on link `index`; False: it has one already. A refusal raises OSError(errno)."""
+    try:
+        body = _tcmsg(index, TC_H_CLSACT_HANDLE, TC_H_CLSACT, 0) + _attr(TCA_KIND_ATTR, b"clsact\0")
+        _request(sock, RTM_NEWQDISC, body, NLM_F_CREATE | NLM_F_EXCL)
+    except OSError as exc:
+        if exc.errno == errno.EEXIST:
+            return False
+        raise
+    return True
+
+
+def replace_bpf_filter(sock: socket.socket, index: int, parent: int, prio: int, protocol: int, handle: int, fd: int,
+                       name: str, classid: int = 1) -> None:
+    """The loaded program `fd` as the direct-action bpf filter (`prio`, `protocol`, `handle`) on `parent` (a
+    clsact hook) of link `index`, made or replaced in place. A refusal raises OSError(errno)."""
+    options = (_attr(TCA_BPF_FD, struct.pack("=I", fd)) + _attr(TCA_BPF_NAME, name.encode() + b"\0")
+               + _attr(TCA_BPF_CLASSID, struct.pack("=I", classid))
+               + _attr(TCA_BPF_FLAGS, struct.pack("=I", TCA_BPF_FLAG_ACT_DIRECT)))
+    info = (prio << 16) | socket.htons(protocol)
+    body = (_tcmsg(index, handle, parent, info) + _attr(TCA_KIND_ATTR, b"bpf\0")
+            + _attr(TCA_OPTIONS, options, nested=True))
+    _request(sock, RTM_NEWTFILTER, body, NLM_F_CREATE | NLM_F_REPLACE)
 
 
 # -- dumps, parsed only as far as the datapath pass needs ------------------------------------------------

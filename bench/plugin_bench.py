@@ -21,6 +21,7 @@ Writes plugin.json (1-3) and metrics.json (4) into --out (default bench/results)
     python3 bench/plugin_bench.py [--rounds 20] [--endpoints 500] [--modes default,ebpf] [--out DIR]
                                   [--only all|metrics|endpoints|docker-run] [--metrics-endpoints 500]
     python3 bench/plugin_bench.py --endpoints-only FILE    2 and 3 only (no Docker engine needed), to FILE
+    --ipv6: 2 and 3 on dual-stack networks (each endpoint an IPv4 and an IPv6 address)
 """
 from __future__ import annotations
 
@@ -169,7 +170,9 @@ def _prefix_for(count: int) -> int:
     return max(prefix, 16)
 
 
-def bench_endpoints(count: int, mode: str = "default") -> dict:
+def bench_endpoints(count: int, mode: str = "default", ipv6: bool = False) -> dict:
+    """CreateEndpoint + Join latency over `count` endpoints of one network of `mode`; `ipv6`: a dual-stack
+    network (an IPv6 pool from the default IPv6 cluster CIDR, each endpoint an IPv6 address too)."""
     netns = f"vpcbench{uuid.uuid4().hex[:6]}"
     sh("ip", "netns", "add", netns)
     name = f"vpcbench{uuid.uuid4().hex[:6]}"
@@ -181,16 +184,25 @@ def bench_endpoints(count: int, mode: str = "default") -> dict:
                 pool = call(plugin.sock, "/IpamDriver.RequestPool", {"Pool": ""})
                 nid = uuid.uuid4().hex + uuid.uuid4().hex
                 gateway = pool["Data"]["com.docker.network.gateway"]
-                call(plugin.sock, "/NetworkDriver.CreateNetwork", {
-                    "NetworkID": nid, "Options": generic_options(mode),
-                    "IPv4Data": [{"Pool": pool["Pool"], "Gateway": gateway}]})
+                create_net = {"NetworkID": nid, "Options": generic_options(mode),
+                              "IPv4Data": [{"Pool": pool["Pool"], "Gateway": gateway}]}
+                pool6 = call(plugin.sock, "/IpamDriver.RequestPool", {"Pool": "", "V6": True}) if ipv6 else None
+                if pool6 is not None:
+                    create_net["Options"] = {**create_net["Options"], "com.docker.network.enable_ipv6": True}
+                    create_net["IPv6Data"] = [{"Pool": pool6["Pool"],
+                                               "Gateway": pool6["Data"]["com.docker.network.gateway"]}]
+                call(plugin.sock, "/NetworkDriver.CreateNetwork", create_net)
                 create, join, both = [], [], []
                 for _ in range(count):
                     eid = uuid.uuid4().hex + uuid.uuid4().hex
-                    addr = call(plugin.sock, "/IpamDriver.RequestAddress", {"PoolID": pool["PoolID"]})["Address"]
+                    interface = {"Address": call(plugin.sock, "/IpamDriver.RequestAddress",
+                                                 {"PoolID": pool["PoolID"]})["Address"]}
+                    if pool6 is not None:
+                        interface["AddressIPv6"] = call(plugin.sock, "/IpamDriver.RequestAddress",
+                                                        {"PoolID": pool6["PoolID"]})["Address"]
                     t0 = time.perf_counter()
                     call(plugin.sock, "/NetworkDriver.CreateEndpoint",
-                         {"NetworkID": nid, "EndpointID": eid, "Interface": {"Address": addr}})
+                         {"NetworkID": nid, "EndpointID": eid, "Interface": interface})
                     t1 = time.perf_counter()
                     call(plugin.sock, "/NetworkDriver.Join", {"NetworkID": nid, "EndpointID": eid,
                                                               "SandboxKey": "/var/run/docker/netns/bench"})
@@ -203,7 +215,7 @@ def bench_endpoints(count: int, mode: str = "default") -> dict:
     finally:
         sh("ip", "netns", "del", netns, check=False)
     ms = lambda v: round(v * 1000, 2)   # noqa: E731
-    return {"endpoints": count, "mode": mode, "resolved_mode": resolved,
+    return {"endpoints": count, "mode": mode, "resolved_mode": resolved, "dual_stack": ipv6,
             "create_endpoint_plus_join_ms": {"p50": ms(pct(both, 0.5)), "p99": ms(pct(both, 0.99)),
                                              "max": ms(max(both))},
             "create_endpoint_ms": {"p50": ms(pct(create, 0.5)), "p99": ms(pct(create, 0.99))},
@@ -412,6 +424,7 @@ def main() -> int:
     parser.add_argument("--endpoints-only", metavar="FILE",
                         help="only the CreateEndpoint + Join latency and RSS (no Docker engine needed), to FILE")
     parser.add_argument("--metrics-endpoints", type=int, default=500)
+    parser.add_argument("--ipv6", action="store_true", help="endpoints bench: dual-stack networks and endpoints")
     parser.add_argument("--scrape-every", type=float, default=5.0, metavar="S",
                         help="seconds between scrapes during the on/off comparison (Prometheus' default is 15)")
     parser.add_argument("--only", choices=("all", "metrics", "endpoints", "docker-run"), default="all")
@@ -420,7 +433,7 @@ def main() -> int:
     if not 1 <= args.endpoints <= 4000 or not 1 <= args.rounds <= 500:
         parser.error("--endpoints 1..4000, --rounds 1..500")
     if args.endpoints_only:
-        by_mode = {m: bench_endpoints(args.endpoints, m) for m in args.modes}
+        by_mode = {m: bench_endpoints(args.endpoints, m, args.ipv6) for m in args.modes}
         only = {"endpoints": by_mode, "when": _now()}
         only["goals"] = check_goals(only)
         with open(args.endpoints_only, "w") as fh:
@@ -440,7 +453,7 @@ def main() -> int:
     if args.only in ("all", "docker-run"):
         result["docker_run"] = bench_docker_run(args.rounds, image.build(), args.modes)
     if args.only in ("all", "endpoints"):
-        result["endpoints"] = {m: bench_endpoints(args.endpoints, m) for m in args.modes}
+        result["endpoints"] = {m: bench_endpoints(args.endpoints, m, args.ipv6) for m in args.modes}
     result["when"] = _now()
     result["goals"] = check_goals(result)
     with open(os.path.join(args.out, "plugin.json"), "w") as fh:

@@ -548,3 +548,31 @@ def test_the_plugins_host_sys_net_mount_takes_the_ipv6_settings(root):
     assert "refused:" not in seen and seen["forwarding_was"] == "0", seen
     assert (seen["accept_ra"], seen["autoconf"], seen["accept_dad"], seen["disable_ipv6"]) == ("0", "0", "0", "0")
     assert seen["forwarding"] == "1", seen
+
+
+def test_ebpf_ipv6_endpoints_share_one_program_and_the_pass_repairs_their_entries(netns_factory):
+    """One IPv6 container program per network (vpcnet.datapath.ebpf.endpoints): each IPv6 endpoint is an
+    entry in the IPv6 endpoint map; the pass puts a missing one back; a released IPv6 address takes its entry
+    (and only it: the endpoint's IPv4 entry stays)."""
+    from vpcnet.datapath.ebpf import endpoints, maps
+    hosts, specs, dps, boxes, wanted, _router = two_hosts6(netns_factory, "ebpf")
+    a, dp, s = hosts["a"], dps["a"], specs["a"]
+    veths = [ep.host_veth for ep in wanted["a"]]
+    index = {veth: int(run(["ip", "-n", a, "-o", "link", "show", "dev", veth]).stdout.split(":")[0]) for veth in veths}
+    ids = [run(["ip", "netns", "exec", a, "tc", "filter", "show", "dev", veth, "ingress", "protocol", "ipv6"]).stdout
+           .split(" id ")[1].split()[0] for veth in veths]
+    assert ids[0] == ids[1], "one IPv6 program for both endpoints"
+    assert dp.tc.facts.lookup(6, index[veths[0]]) == endpoints.value(A1, ())
+    endpoints_a = [EndpointSpec(veths[i], veth_names(e)[1], mac_for(f"10.77.3.{i + 2}"), f"10.77.3.{i + 2}")
+                   for i, e in enumerate(("a" * 64, "c" * 64))]
+    assert dp.repair([(s, endpoints_a)]) == []
+    assert wait_for(lambda: ping6(boxes[A1], B1), 15)
+    maps.delete(dp.tc.facts.fd(6), endpoints.key(index[veths[1]]))
+    repairs = dp.repair([(s, endpoints_a)])
+    assert [r.what for r in repairs] == [f"eBPF map entry of {A2} on {veths[1]} missing"], repairs
+    assert dp.tc.facts.lookup(6, index[veths[1]]) == endpoints.value(A2, ())
+    assert ping6(boxes[A1], B1) and ping6(boxes[A1], A2)
+    wanted["a"].pop(0)
+    dp.drop_endpoint_ipv6(veths[0], A1)
+    assert dp.tc.facts.lookup(6, index[veths[0]]) is None
+    assert dp.tc.facts.lookup(4, index[veths[0]]) == endpoints.value("10.77.3.2", ())

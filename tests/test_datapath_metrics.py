@@ -16,6 +16,7 @@ from test_ebpf import kernel  # noqa: F401  (a fixture)
 from test_metrics import value
 
 from vpcnet.datapath.ebpf import assembler, loader, programs
+from vpcnet.datapath.ebpf.endpoints import EndpointFacts
 from vpcnet.datapath.reconciler import DatapathReconciler
 from vpcnet.errors import DataplaneError
 from vpcnet.observability import events as hooks
@@ -129,7 +130,11 @@ def test_the_route_timestamp_moves_only_on_a_pass_without_problems():
 
 def test_program_loads_are_counted_by_program_and_outcome(kernel):  # noqa: F811
     ok, failed = (events("vpcnet_bpf_program_loads_total", program="container", outcome=o) for o in ("ok", "failed"))
-    os.close(loader.load(programs.container_program("10.77.3.0/24", "10.77.0.0/16"), "vpcnet_ctr"))
+    facts = EndpointFacts()
+    try:
+        os.close(loader.load(programs.container_program("10.77.3.0/24", "10.77.0.0/16", facts.fd(4)), "vpcnet_ctr"))
+    finally:
+        facts.close()
     bad = assembler.Asm()
     bad.mov(0, 5)                                # r5 never written: the verifier refuses it
     bad.exit()

@@ -478,6 +478,75 @@ def test_ebpf_internal_network_still_reaches_only_the_cluster(two_hosts, netns_f
     assert not ping(ca, "198.51.100.2"), "internal: no outside access"
 
 
+def forwarded_by(ns: str) -> int:
+    """IPv4 packets the host's stack has forwarded (Ip ForwDatagrams, /proc/net/snmp of the namespace)."""
+    lines = [line.split() for line in run(["ip", "netns", "exec", ns, "cat", "/proc/net/snmp"]).stdout.splitlines()
+             if line.startswith("Ip:")]
+    return int(lines[1][lines[0].index("ForwDatagrams")])
+
+
+def program_ids(ns: str, dev: str) -> list[int]:
+    """The ids of the programs the device's ingress filters run."""
+    import re
+    return [int(n) for n in re.findall(r"\bid (\d+)", tc_filters(ns, dev))]
+
+
+def test_ebpf_endpoints_share_one_program_the_pass_repairs_their_entries_and_a_new_process_takes_over(
+        two_hosts, netns_factory):
+    """One verified container program per network (issue 19): each endpoint is an entry in the endpoint map
+    (vpcnet.datapath.ebpf.endpoints). The periodic pass puts back an entry that went missing or stale; a
+    new process (a restart) attaches its own program and writes its own entries, with no drift reported,
+    and the traffic never stops taking the fast path."""
+    from vpcnet.datapath.ebpf import endpoints, maps
+    from vpcnet.datapath.spec import EndpointSpec
+    a, b = two_hosts
+    sa, sb = spec(mode="ebpf", host="10.77.3.0/24"), spec(mode="ebpf", tag="b1b2c3d4e5f6", host="10.77.4.0/24")
+    dpa, dpb = Dataplane(netns=a), Dataplane(netns=b)
+    dpa.ensure_network(sa)
+    dpb.ensure_network(sb)
+    ca = attach_container(a, dpa, sa, netns_factory, "10.77.3.2", "a" * 64)
+    attach_container(a, dpa, sa, netns_factory, "10.77.3.3", "c" * 64)
+    attach_container(b, dpb, sb, netns_factory, "10.77.4.2", "b" * 64)
+    eps = [EndpointSpec(*veth_names(eid * 64), mac_for(ip), ip) for eid, ip in (("a", "10.77.3.2"), ("c", "10.77.3.3"))]
+    index = {ep.address: int(run(["ip", "-n", a, "-o", "link", "show", "dev", ep.host_veth]).stdout.split(":")[0])
+             for ep in eps}
+    first, second = (program_ids(a, ep.host_veth) for ep in eps)
+    assert len(first) == 1 and first == second, "one program for both endpoints"
+    assert dpa.tc.facts.lookup(4, index["10.77.3.2"]) == endpoints.value("10.77.3.2", ())
+    assert ping(ca, "10.77.4.2")
+    forwarded = forwarded_by(a)
+
+    def ten(ns: str, target: str) -> bool:
+        return run(["ip", "netns", "exec", ns, "busybox", "ping", "-q", "-A", "-c10", "-W2", target],
+                   check=False).returncode == 0
+    assert dpa.repair([(sa, eps)]) == [], "nothing wrong"
+
+    # an entry gone, another wrong: the pass says so and writes them again
+    maps.delete(dpa.tc.facts.fd(4), endpoints.key(index["10.77.3.2"]))
+    maps.update(dpa.tc.facts.fd(4), endpoints.key(index["10.77.3.3"]), endpoints.value("10.77.3.9", ()))
+    repairs = dpa.repair([(sa, eps)])
+    assert sorted(r.what for r in repairs) == [
+        f"eBPF map entry of 10.77.3.2 on {eps[0].host_veth} missing",
+        f"eBPF map entry of 10.77.3.3 on {eps[1].host_veth} stale"], repairs
+    for ep in eps:
+        assert dpa.tc.facts.lookup(4, index[ep.address]) == endpoints.value(ep.address, ())
+    assert ten(ca, "10.77.4.2")
+
+    # a new process (the old one's programs and maps keep serving meanwhile): its own program, its own
+    # entries, taken over without a word of drift
+    dpa.tc.close()
+    assert ten(ca, "10.77.4.2"), "the filters hold the old program and its map"
+    restarted = Dataplane(netns=a)
+    assert restarted.repair([(sa, eps)]) == []
+    now = program_ids(a, eps[0].host_veth)
+    assert now == program_ids(a, eps[1].host_veth) and now != first, (now, first)
+    assert restarted.tc.facts.lookup(4, index["10.77.3.2"]) == endpoints.value("10.77.3.2", ())
+    assert ten(ca, "10.77.4.2")
+    assert forwarded_by(a) - forwarded <= 3, "the fast path all along (but a neighbour to resolve)"
+    restarted.delete_endpoint(eps[0].host_veth)
+    assert restarted.tc.facts.lookup(4, index["10.77.3.2"]) is None, "its entry goes with it"
+
+
 def test_ebpf_programs_go_with_their_network_and_stale_ones_are_dropped(two_hosts, netns_factory):
     a, _b = two_hosts
     dp = Dataplane(netns=a)

@@ -12,7 +12,7 @@ import struct
 import pytest
 from conftest import is_root, require, run
 
-from vpcnet.datapath.ebpf import assembler, loader, programs
+from vpcnet.datapath.ebpf import assembler, endpoints, loader, programs
 from vpcnet.errors import DataplaneError
 
 HOST, CLUSTER = "10.77.3.0/24", "10.77.0.0/16"
@@ -50,31 +50,41 @@ def test_addresses_are_compared_as_a_load_from_the_packet_sees_them(cidr, expect
 
 # -- the kernel -----------------------------------------------------------------------------------------
 
+def test_an_endpoints_entry_holds_its_address_and_its_published_ports_as_the_program_compares_them():
+    entry = endpoints.value("10.77.3.2", [("tcp", 8080), ("udp", 53)])
+    assert len(entry) == endpoints.VALUE[4] and entry[:4] == bytes([10, 77, 3, 2])
+    assert struct.unpack_from("<III", entry, 4) == (2, 0x901F0006, 0x35000011)
+    wide = endpoints.value("fd00:77:3:0:1::2", [("tcp", 1000 + i) for i in range(programs.MAX_PUBLISHED + 1)])
+    assert len(wide) == endpoints.VALUE[6] and wide[:16] == ipaddress.IPv6Address("fd00:77:3:0:1::2").packed
+    assert struct.unpack_from("<I", wide, 16)[0] == programs.MAX_PUBLISHED + 1, "past the limit: the count only"
+    assert wide[20:] == bytes(4 * programs.MAX_PUBLISHED)
+
+
 @pytest.fixture
 def kernel():
     require(is_root(), "needs root (bpf(2) with CAP_BPF)")
     require(platform.machine() in loader.SYS_BPF, f"no bpf syscall number known for {platform.machine()}")
 
 
+@pytest.fixture
+def facts(kernel):
+    """A fresh pair of endpoint maps (vpcnet.datapath.ebpf.endpoints), closed after."""
+    made = endpoints.EndpointFacts()
+    yield made
+    made.close()
+
+
 @pytest.mark.parametrize("host,cluster", [(HOST, CLUSTER), ("10.200.1.128/25", "10.200.0.0/16"),
                                           ("192.168.255.0/24", "192.168.0.0/16"), ("10.1.0.0/16", "10.0.0.0/8")])
-def test_the_verifier_accepts_both_programs(kernel, host, cluster):
-    for program in (programs.container_program(host, cluster), programs.uplink_program(host, cluster, 7)):
+def test_the_verifier_accepts_both_programs(facts, host, cluster):
+    for program in (programs.container_program(host, cluster, facts.fd(4)), programs.uplink_program(host, cluster, 7)):
         os.close(loader.load(program, "vpcnet_test"))
 
 
 @pytest.mark.parametrize("uplinks", [[], [3], [3, 9, 12]], ids=["no uplink", "one", "three"])
-def test_the_verifier_accepts_the_container_program_for_any_number_of_uplinks(kernel, uplinks):
+def test_the_verifier_accepts_the_container_program_for_any_number_of_uplinks(facts, uplinks):
     """No uplink (a host without a default route yet) leaves no unreachable instruction behind."""
-    os.close(loader.load(programs.container_program(HOST, CLUSTER, "10.77.3.2", 5, uplinks), "vpcnet_test"))
-
-
-@pytest.mark.parametrize("count", [1, 3, programs.MAX_PUBLISHED, programs.MAX_PUBLISHED + 1])
-def test_the_verifier_accepts_the_container_program_with_published_ports(kernel, count):
-    """Published ports: their replies are left to the host; past MAX_PUBLISHED, all of it."""
-    published = [(("tcp", "udp", "sctp")[i % 3], 1000 + i) for i in range(count)]
-    program = programs.container_program(HOST, CLUSTER, "10.77.3.2", 5, [3], published=published)
-    os.close(loader.load(program, "vpcnet_test"))
+    os.close(loader.load(programs.container_program(HOST, CLUSTER, facts.fd(4), 5, uplinks), "vpcnet_test"))
 
 
 def test_a_program_the_verifier_refuses_is_reported_with_its_log(kernel):
@@ -181,8 +191,11 @@ def run_in(ns: str, fn):
 def test_container_program_forwards_cluster_traffic_with_ttl_and_checksum_right(routed_host):
     ns, index = routed_host
 
+    facts = endpoints.EndpointFacts()
+    facts.write(index["vhendpoint"], "10.77.3.2", ())
+
     def check():
-        fd = loader.load(programs.container_program(HOST, CLUSTER, "10.77.3.2", index["vpc-anchor"]), "vpcnet_test")
+        fd = loader.load(programs.container_program(HOST, CLUSTER, facts.fd(4), index["vpc-anchor"]), "vpcnet_test")
         try:
             out = {}
             for case, packet in {
@@ -205,7 +218,10 @@ def test_container_program_forwards_cluster_traffic_with_ttl_and_checksum_right(
         finally:
             os.close(fd)
 
-    results = run_in(ns, check)
+    try:
+        results = run_in(ns, check)
+    finally:
+        facts.close()
     for case in ("to another host", "checksum carry"):
         packet, verdict, data = results[case]
         assert verdict == TC_ACT_REDIRECT, case
@@ -223,6 +239,62 @@ def test_container_program_forwards_cluster_traffic_with_ttl_and_checksum_right(
         packet, verdict, data = results[case]
         assert verdict == UNSPEC, case
         assert data == packet, f"{case}: left as it was, for the normal path"
+
+
+def udp_from(src: str, dst: str, sport: int, proto: int = 17) -> bytes:
+    """ipv4() with a source port (the first two bytes after the header)."""
+    packet = ipv4(src, dst, proto=proto)
+    return packet[:34] + sport.to_bytes(2, "big") + packet[36:]
+
+
+def test_one_container_program_serves_every_endpoint_by_its_entry(routed_host):
+    """One program per network (issue 19): attached to two endpoints' veths, it takes each one's own address
+    (and only it) from the veth's entry; a veth without one takes the normal path; published ports are read
+    from the entry, so changing them is writing the entry again, with no new program."""
+    ns, index = routed_host
+    facts = endpoints.EndpointFacts()
+    me, other = index["vhendpoint"], index["vhother"]
+    facts.write(me, "10.77.3.2", [("udp", 5353), ("tcp", 8080)])
+    facts.write(other, "10.77.3.3", ())
+    wide = [("udp", 1000 + i) for i in range(programs.MAX_PUBLISHED + 1)]
+
+    def check():
+        fd = loader.load(programs.container_program(HOST, CLUSTER, facts.fd(4), index["vpc-anchor"],
+                                                    [index["uplink0"]]), "vpcnet_test")
+        try:
+            runs = {}
+            for case, (packet, ifindex) in {
+                "mine, from my veth": (udp_from("10.77.3.2", "10.77.4.2", 4000), me),
+                "the other's, from its veth": (udp_from("10.77.3.3", "10.77.4.2", 4000), other),
+                "mine, from the other's veth": (udp_from("10.77.3.2", "10.77.4.2", 4000), other),
+                "the other's, from my veth": (udp_from("10.77.3.3", "10.77.4.2", 4000), me),
+                "from a veth with no entry": (udp_from("10.77.3.2", "10.77.4.2", 4000), index["uplink0p"]),
+                "my published port's reply": (udp_from("10.77.3.2", "10.77.4.2", 5353), me),
+                "my published tcp port's reply": (udp_from("10.77.3.2", "10.77.4.2", 8080, proto=6), me),
+                "udp from my published tcp port": (udp_from("10.77.3.2", "10.77.4.2", 8080), me),
+                "the other's, from my published port": (udp_from("10.77.3.3", "10.77.4.2", 5353), other),
+            }.items():
+                runs[case] = prog_test_run(fd, packet, ifindex)[0]
+            facts.write(me, "10.77.3.2", ())                     # the ports went: the same program forwards
+            runs["my former published port's reply"] = prog_test_run(
+                fd, udp_from("10.77.3.2", "10.77.4.2", 5353), me)[0]
+            facts.write(me, "10.77.3.2", wide)                   # a wide range: all of its UDP to the host
+            runs["any udp, past the limit"] = prog_test_run(fd, udp_from("10.77.3.2", "10.77.4.2", 4000), me)[0]
+            runs["icmp, past the limit"] = prog_test_run(fd, ipv4("10.77.3.2", "10.77.4.2", proto=1), me)[0]
+            facts.remove(me)
+            runs["mine, entry removed"] = prog_test_run(fd, udp_from("10.77.3.2", "10.77.4.2", 4000), me)[0]
+            return runs
+        finally:
+            os.close(fd)
+
+    try:
+        runs = run_in(ns, check)
+    finally:
+        facts.close()
+    forwarded = {"mine, from my veth", "the other's, from its veth", "udp from my published tcp port",
+                 "the other's, from my published port", "my former published port's reply", "icmp, past the limit"}
+    assert {case for case, verdict in runs.items() if verdict == TC_ACT_REDIRECT} == forwarded, runs
+    assert all(verdict == UNSPEC for case, verdict in runs.items() if case not in forwarded), runs
 
 
 def test_uplink_program_hands_this_networks_endpoints_their_packets(routed_host):
@@ -271,7 +343,11 @@ class _RecordingLibc:
 def test_a_program_is_loaded_without_the_verifier_log_and_only_a_refusal_asks_for_it(kernel, monkeypatch):
     recorder = _RecordingLibc(loader._libc)
     monkeypatch.setattr(loader, "_libc", recorder)
-    os.close(loader.load(programs.container_program(HOST, CLUSTER), "vpcnet_ctr"))
+    facts = endpoints.EndpointFacts()
+    try:
+        os.close(loader.load(programs.container_program(HOST, CLUSTER, facts.fd(4)), "vpcnet_ctr"))
+    finally:
+        facts.close()
     assert recorder.log_levels == [0]                     # accepted: one load, no log
     a = assembler.Asm()
     a.mov(0, 5)
@@ -303,7 +379,7 @@ def test_ipv6_prefixes_are_compared_word_by_word_as_loads_see_them():
     assert len(programs6._net6(HOST6)) == 3
     for bad in ("fe80::/10", "ff00::/8", "::/0", "fc00::/6"):
         with pytest.raises(ValueError, match="link-local or multicast"):
-            programs6.container_program6(HOST6, bad, ME6)
+            programs6.container_program6(HOST6, bad, 0)
 
 
 @pytest.fixture
@@ -324,15 +400,13 @@ def routed_host6(routed_host):
     return ns, index
 
 
-def test_the_verifier_accepts_the_ipv6_programs(kernel):
+def test_the_verifier_accepts_the_ipv6_programs(facts):
     from vpcnet.datapath.ebpf import programs6
-    published = [("tcp", 80), ("udp", 53)]
-    many = [("tcp", 1000 + i) for i in range(programs.MAX_PUBLISHED + 1)]
-    for program in (programs6.container_program6(HOST6, CLUSTER6, ME6),
-                    programs6.container_program6(HOST6, CLUSTER6, ME6, 5, []),
-                    programs6.container_program6(HOST6, CLUSTER6, ME6, 5, [3, 9], published=published),
-                    programs6.container_program6("2001:db8:1:2:3::/80", "2001:db8::/32", "2001:db8:1:2:3::9", 5,
-                                                 [3], published=many),
+    fd = facts.fd(6)
+    for program in (programs6.container_program6(HOST6, CLUSTER6, fd),
+                    programs6.container_program6(HOST6, CLUSTER6, fd, 5, []),
+                    programs6.container_program6(HOST6, CLUSTER6, fd, 5, [3, 9]),
+                    programs6.container_program6("2001:db8:1:2:3::/80", "2001:db8::/32", fd, 5, [3]),
                     programs6.uplink_program6(HOST6, CLUSTER6, 7)):
         os.close(loader.load(program, "vpcnet_test"))
 
@@ -341,9 +415,12 @@ def test_container_program6_forwards_plain_cluster_traffic_and_leaves_the_rest_t
     from vpcnet.datapath.ebpf import programs6
     ns, index = routed_host6
 
+    facts = endpoints.EndpointFacts()
+    facts.write(index["vhendpoint"], ME6, [("tcp", 8080)])
+
     def check():
-        fd = loader.load(programs6.container_program6(HOST6, CLUSTER6, ME6, index["vpc-anchor"],
-                                                      [index["uplink0"]], published=[("tcp", 8080)]), "vpcnet_test")
+        fd = loader.load(programs6.container_program6(HOST6, CLUSTER6, facts.fd(6), index["vpc-anchor"],
+                                                      [index["uplink0"]]), "vpcnet_test")
         try:
             return {case: (packet, *prog_test_run(fd, packet, index["vhendpoint"])) for case, packet in {
                 "to another host": ipv6(ME6, REMOTE6),
@@ -377,7 +454,10 @@ def test_container_program6_forwards_plain_cluster_traffic_and_leaves_the_rest_t
         finally:
             os.close(fd)
 
-    results = run_in(ns, check)
+    try:
+        results = run_in(ns, check)
+    finally:
+        facts.close()
     for case in ("to another host", "tcp to another host", "echo request"):
         packet, verdict, data = results[case]
         assert verdict == TC_ACT_REDIRECT, case
@@ -426,3 +506,32 @@ def test_uplink_program6_hands_this_networks_ipv6_endpoints_their_packets(routed
     for case in sorted(set(results) - {"from another host"}):
         packet, verdict, data = results[case]
         assert verdict == UNSPEC and data == packet, (case, packet.hex(), data.hex())
+
+
+def test_the_raw_netlink_attach_makes_the_filter_tc_would(kernel, netns_factory):
+    """vpcnet.datapath.rtnl's clsact qdisc and bpf filter (CreateEndpoint's path, instead of pyroute2's):
+    the qdisc once, the filter with its priority, protocol and direct action, replaced in place."""
+    from vpcnet.datapath import rtnl
+    ns = netns_factory("vpcrtnl")
+    run(["ip", "-n", ns, "link", "add", "vhx", "type", "veth", "peer", "name", "vcx"])
+    index = int(run(["ip", "-n", ns, "-o", "link", "show", "dev", "vhx"]).stdout.split(":")[0])
+    facts = endpoints.EndpointFacts()
+    fds = [loader.load(programs.container_program(HOST, CLUSTER, facts.fd(4)), "vpcnet_ctr") for _ in range(2)]
+    sock = rtnl.open_socket(ns)
+    try:
+        assert rtnl.add_clsact(sock, index) is True and rtnl.add_clsact(sock, index) is False
+        for fd in fds:                                 # the second replaces the first in place
+            rtnl.replace_bpf_filter(sock, index, 0xFFFFFFF2, 0x7F00, 0x0800, 1, fd, "vpcnet-abc")
+        rtnl.replace_bpf_filter(sock, index, 0xFFFFFFF3, 0x7F04, 0x86DD, 1, fds[0], "vpcnet-abc")
+        with pytest.raises(OSError):
+            rtnl.replace_bpf_filter(sock, 99999, 0xFFFFFFF2, 0x7F00, 0x0800, 1, fds[0], "vpcnet-abc")
+    finally:
+        sock.close()
+        for fd in fds:
+            os.close(fd)
+        facts.close()
+    ingress = run(["ip", "netns", "exec", ns, "tc", "filter", "show", "dev", "vhx", "ingress"]).stdout
+    egress = run(["ip", "netns", "exec", ns, "tc", "filter", "show", "dev", "vhx", "egress"]).stdout
+    assert ingress.count("direct-action") == 1 and "protocol ip pref 32512 bpf" in ingress, ingress
+    assert "vpcnet-abc" in ingress and "handle 0x1" in ingress, ingress
+    assert "protocol ipv6 pref 32516 bpf" in egress and "direct-action" in egress, egress

@@ -272,15 +272,19 @@ def test_with_n_plus_k_real_peers_the_bound_holds(hosts, netns_factory, tmp_path
 
 def test_the_programs_with_counting_pass_the_verifier(hosts):
     from vpcnet.datapath.ebpf import load, programs
+    from vpcnet.datapath.ebpf.endpoints import EndpointFacts
     fd = maps.find_or_create()
+    facts = EndpointFacts()
     try:
-        for name, code in (("c", programs.container_program(A_BLOCK, CLUSTER, "10.78.3.2", 5, [2], map_fd=fd)),
+        ep = facts.fd(4)
+        for name, code in (("c", programs.container_program(A_BLOCK, CLUSTER, ep, 5, [2], map_fd=fd)),
                            ("u", programs.uplink_program(A_BLOCK, CLUSTER, 5, map_fd=fd)),
-                           ("t", programs.count_program(TX, CLUSTER, fd, "10.78.3.2")),
-                           ("r", programs.count_program(RX, CLUSTER, fd, "10.78.3.2"))):
+                           ("t", programs.count_program(TX, CLUSTER, fd, ep)),
+                           ("r", programs.count_program(RX, CLUSTER, fd, ep))):
             os.close(load(code, f"vpcnet_test_{name}"))
     finally:
         os.close(fd)
+        facts.close()
 
 
 def test_keys_are_ipv6_ready_and_round_trip():

@@ -24,9 +24,10 @@ bridge mode.
 
 eBPF mode (`-o vpcnet.mode=ebpf`, and the default where vpcnet.datapath.features finds the kernel and
 capabilities for it): routed mode, plus the fast path of vpcnet.datapath.ebpf. A tc
-program on each endpoint's host veth (ingress) and one per network on the uplink (ingress of the default
-route's device; filter `vpcnet-<id12>`, one handle per network) hand the traffic between the host CIDR and
-the rest of the cluster CIDR straight between the container and the uplink (and between two
+program on each endpoint's host veth (ingress: one program per network, each endpoint's address and
+published ports in the endpoint maps, vpcnet.datapath.ebpf.endpoints) and one per network on the uplink
+(ingress of the default route's device; filter `vpcnet-<id12>`, one handle per network) hand the traffic
+between the host CIDR and the rest of the cluster CIDR straight between the container and the uplink (and between two
 containers of the network on this host, veth to veth): no pass through the host's
 IP forwarding or netfilter (the same traffic the conntrack bypass below already accepts statelessly and
 never NATs). Everything else, and anything the programs cannot resolve, takes routed mode's path.
@@ -35,6 +36,11 @@ Peer counting (VPCNET_PEER_METRICS, `peers`): in every mode, small tc programs o
 veth (and, in ebpf mode, the fast path's own programs) count traffic per peer into one map per host
 (vpcnet.datapath.tc, vpcnet.datapath.ebpf.maps); they go with the veth, the periodic pass puts missing ones
 back, and a deleted endpoint's keys leave the map (`forget_peers`).
+
+The endpoint maps are this process's own: the periodic pass reads them, repairs an entry this process
+wrote that is missing or wrong, takes over (attaches its own programs, writes its own entries; no Repair)
+the endpoints whose entries another process wrote (before a restart, another worker), and drops the
+entries of veths that are gone (`_drop_stale_facts`).
 
 Firewall: computed per mode by vpcnet.datapath.modes and written by vpcnet.datapath.firewall in one
 `iptables-restore --noflush` transaction, in chains of vpcnet's own so removing a network removes exactly
@@ -105,6 +111,7 @@ from typing import Callable, ContextManager, Sequence
 from pyroute2 import NetlinkError
 
 from vpcnet.datapath import rtnl
+from vpcnet.datapath.ebpf import endpoints as ep_maps
 from vpcnet.datapath.ebpf import maps
 from vpcnet.datapath.features import Features, probe
 from vpcnet.datapath.firewall import PREFIXES, FirewallTable, Ipv6Guard
@@ -178,6 +185,7 @@ class Dataplane:
         # per family: (read at, Docker's nat DOCKER rules)
         self._docker_nat: dict[str, tuple[float, list[str]]] = {}
         self._v6_veths: set[str] = set()    # host veths with IPv6 on by design, as of the last repair
+        self._v6_addresses: dict[str, str] = {}   # their IPv6 addresses (routed and ebpf modes), likewise
         self._guard_ipv6 = False            # the guard as last written here lets IPv6 endpoints through
         self._guard_internal: set[str] = set()    # the --internal IPv6 blocks in the guard as last written here
         self._ipv6_host = False             # IPv6 forwarding checked by this process
@@ -276,6 +284,7 @@ class Dataplane:
             self.ports6.apply([dataclasses.replace(spec, ports=())])
         if spec.ebpf:
             self.tc.drop_network_programs(spec)
+        self.tc.forget_network(spec)
         self.nl.delete_link(spec.bridge)
 
     def network_exists(self, spec: NetworkSpec) -> bool:
@@ -429,7 +438,11 @@ class Dataplane:
         return repairs
 
     def delete_endpoint(self, host_veth: str) -> None:
-        self.nl.delete_link(host_veth)       # the peer goes with it, wherever it is
+        with self.nl.ipr() as ipr:
+            idx = self.nl.link_index(ipr, host_veth)
+        self.nl.delete_link(host_veth)       # the peer goes with it, wherever it is (and the filters)
+        if idx is not None:
+            self.tc.forget_endpoint(idx)      # its entries in the endpoint maps
         if self._may_guard(host_veth):        # its guard rule (the row is gone: the guard is written without)
             self._apply_ipv6_guard()
 
@@ -539,6 +552,7 @@ class Dataplane:
     def view(self, with_tc: bool = True) -> KernelView:
         """One read of the kernel: links, addresses, routes (raw netlink dumps, vpcnet.datapath.rtnl: a fraction of
         pyroute2's cost per message) and, with `with_tc` (ebpf networks exist), qdiscs and uplink programs."""
+        facts = self.tc.facts.read()          # before the links (KernelView.facts says why)
         try:
             sock = self.nl.rtnl()
             links = rtnl.dump_links(sock)
@@ -556,7 +570,7 @@ class Dataplane:
             with self.nl.ipr() as ipr:
                 for index, _handle, name in self.tc.uplink_programs(ipr, clsact):
                     programs.setdefault(name, set()).add(index)
-        return KernelView(links, addresses, routes, clsact, uplinks, programs)
+        return KernelView(links, addresses, routes, clsact, uplinks, programs, facts)
 
     def repair(self, networks: Sequence[tuple[NetworkSpec, Sequence[EndpointSpec]]],
                lock_for: Callable[[NetworkSpec], ContextManager] | None = None,
@@ -577,6 +591,9 @@ class Dataplane:
         repairs += [Repair("firewall", "-", p) for p in self._apply_ipv6_guard(saved6)]
         v6 = {ep.host_veth: ep for ep in self.ipv6_endpoints() if not ep.bridge}
         self._v6_veths = set(v6)
+        self._v6_addresses = {veth: ep.address for veth, ep in v6.items()}
+        self._drop_stale_facts(view)
+        self.tc.uplinks = tuple(view.uplinks)     # what endpoint programs built from now on take
         repairs += self._repair_ipv6(v6, view)
         repairs += self._repair_bridges_ipv6([spec for spec, _ in networks if spec.bridged_ipv6], lock_for)
         # The firewall of every drifted network in one transaction (a mass flush costs one restore, not one
@@ -606,6 +623,20 @@ class Dataplane:
                           extra={"event": "datapath_repair", "network": spec.tag, "outcome": "failed"})
                 self.unrepaired.append(spec.tag)
         return repairs
+
+    def _drop_stale_facts(self, view: KernelView) -> None:
+        """Entries of this process's endpoint maps whose host veth has gone (an endpoint another worker
+        deleted, or whose deletion failed half way): they leave the maps. Not drift: no Repair."""
+        live = {link["index"] for link in view.links.values()}
+        for family, index in view.facts:
+            if index not in live:
+                self.tc.facts.remove(index, (family,))
+
+    def _facts_wrong(self, spec: NetworkSpec, family: int, address: str, index: int,
+                     have: bytes | None) -> bool:
+        """The endpoint's entry (`have`, None: none) is not what its address and published ports make."""
+        return bool(address) and self.tc.facts_wanted(spec, family) and \
+            have != ep_maps.value(address, spec.published(address))
 
     def _repair_ports6(self, specs: Sequence[NetworkSpec], saved6, still_wanted) -> list[Repair]:
         """The IPv6 published ports (ip6tables nat, vpcnet.datapath.ports6) of every network, in one
@@ -664,6 +695,18 @@ class Dataplane:
         if adopted:
             log.info("peer counting: %d endpoint(s) now count into this process's map", adopted)
 
+    def _adopt_endpoint(self, spec: NetworkSpec, ep: EndpointSpec, host_idx: int) -> None:
+        """An endpoint whose entries this process never wrote (its programs and entries are another
+        process's: the one before a restart or a kill -9, or another worker): its entries written here and
+        this process's shared programs attached (replaced in place: no gap). Not drift: no Repair."""
+        address6 = self._v6_addresses.get(ep.host_veth, "")
+        with self.nl.ipr() as ipr:
+            if ep.address:
+                (self.tc.attach_endpoint if spec.ebpf else self.tc.attach_counting)(ipr, spec, host_idx, ep.address)
+            if address6:
+                (self.tc.attach_endpoint6 if spec.ebpf else self.tc.attach_counting6)(ipr, spec, host_idx, address6)
+        log.debug("endpoint %s: its eBPF entries and programs taken over by this process", ep.host_veth)
+
     def _ipv6_on(self, link: dict | None) -> bool:
         """The link (as rtnl.dump_links read it) has IPv6 not as IPV6_OFF wants, and that can be put right."""
         return link is not None and link.get("ipv6") not in (None, IPV6_OFF_VIEW) and self.links.ipv6_settable
@@ -692,6 +735,10 @@ class Dataplane:
             if spec.routed and ep.address and view.routes.get(f"{ep.address}/32") != host["index"]:
                 return True
             if (spec.ebpf or self.tc.peers) and ep.address and host["index"] not in view.clsact:
+                return True
+            address6 = self._v6_addresses.get(ep.host_veth, "")
+            if any(self._facts_wrong(spec, family, address, host["index"], view.facts.get((family, host["index"])))
+                   for family, address in ((4, ep.address), (6, address6))):
                 return True
             if self._ipv6_on(host) and ep.host_veth not in self._v6_veths:
                 return True
@@ -767,6 +814,18 @@ class Dataplane:
                 problem = f"host veth {ep.host_veth} down"
             if not problem and uplinks_moved and ep.address:
                 problem = f"eBPF program on {ep.host_veth} made for the old uplinks"
+            adopt = False
+            for family, address in ((4, ep.address), (6, self._v6_addresses.get(ep.host_veth, ""))):
+                have = self.tc.facts.lookup(family, host_idx)
+                if problem or not self._facts_wrong(spec, family, address, host_idx, have):
+                    continue
+                if (family, host_idx) in self.tc.facts.written:
+                    problem = f"eBPF map entry of {address} on {ep.host_veth} {'missing' if have is None else 'stale'}"
+                else:
+                    adopt = True          # another process's (before a restart, another worker): taken over
+        if adopt and not problem:
+            self._adopt_endpoint(spec, ep, host_idx)
+            return []
         if not problem and ep.host_veth in self._v6_veths:
             return []                         # IPv6 on by design: _repair_ipv6 looks after it
         if not problem:

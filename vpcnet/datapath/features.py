@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pyroute2 import IPRoute, NetlinkError
 
 from vpcnet.datapath import ebpf, rtnl
+from vpcnet.datapath.ebpf.endpoints import EndpointFacts
 from vpcnet.errors import DataplaneError
 
 log = logging.getLogger(__name__)
@@ -190,12 +191,15 @@ def _routed(index: int, netns: str | None) -> str:
 
 def _ebpf(ipr: IPRoute, index: int) -> str:
     fds = []
+    facts = EndpointFacts()                   # the endpoint map the container program reads (closed after)
     try:
-        for program, prog_name in ((ebpf.container_program(_HOST, _CLUSTER, "10.255.0.2"), "vpcnet_probe_c"),
+        for program, prog_name in ((ebpf.container_program(_HOST, _CLUSTER, facts.fd(4)), "vpcnet_probe_c"),
                                    (ebpf.uplink_program(_HOST, _CLUSTER, index), "vpcnet_probe_u")):
             fds.append(ebpf.load(program, prog_name))
     except DataplaneError as exc:
+        facts.close()
         return str(exc).replace("cannot load eBPF program", "the kernel refuses the fast-path program", 1)
+    facts.close()                             # the loaded programs hold the map
     try:
         try:
             ipr.tc("add", "clsact", index)

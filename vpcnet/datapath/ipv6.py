@@ -213,7 +213,7 @@ class RoutedIpv6:
     def ensure_endpoint(self, ipr: IPRoute, host_veth: str, address: str) -> int:
         """IPv6 on for the host veth (IPV6_ON), the gateway on it, `<address>/128` routed to it. Idempotent.
         Returns the veth's index."""
-        idx = self.nl.link_index(ipr, host_veth)
+        idx = self.nl.index_of(ipr, host_veth)
         if idx is None:
             raise DataplaneError(f"veth {host_veth} is missing")
         try:

@@ -97,7 +97,7 @@ class Links:
         """The endpoint's veth pair, up, with the network's MTU (bridge mode: host end on the bridge).
         Returns the host end's index; None for a pair just made in bridge mode, which needs nothing more
         (one lookup fewer per endpoint)."""
-        br = self.nl.link_index(ipr, spec.bridge)
+        br = self.nl.index_of(ipr, spec.bridge)
         if br is None:
             raise DataplaneError(f"{'anchor' if spec.routed else 'bridge'} {spec.bridge} is missing")
         master = {} if spec.routed else {"master": br}
@@ -110,7 +110,7 @@ class Links:
             fresh = False
             if exc.code != errno.EEXIST:
                 raise DataplaneError(f"cannot create veth {host_veth}: {exc}") from None
-            host_idx = self.nl.link_index(ipr, host_veth)      # it exists: make sure it is right
+            host_idx = self.nl.index_of(ipr, host_veth)      # it exists: make sure it is right
             ipr.link("set", index=host_idx, mtu=spec.mtu, state="up", **master)
         # Up, but without carrier until Docker moves the peer into the sandbox and brings it up: nothing
         # IPv6 has happened on the host end yet (no link-local, no router advertisement can reach it).
@@ -118,7 +118,7 @@ class Links:
         if not spec.routed:
             return host_idx
         if host_idx is None:
-            host_idx = self.nl.link_index(ipr, host_veth)
+            host_idx = self.nl.index_of(ipr, host_veth)
         if host_idx is None:
             raise DataplaneError(f"veth {host_veth} vanished while it was being configured")
         return host_idx

@@ -149,6 +149,15 @@ class Netlink:
 
         return rtnl.in_netns(self.netns, write)
 
+    def index_of(self, ipr: IPRoute, name: str) -> int | None:
+        """link_index over the raw socket (vpcnet.datapath.rtnl: a fraction of pyroute2's cost per call, which
+        counts on CreateEndpoint's path); pyroute2's where the raw socket fails."""
+        try:
+            return rtnl.link_index(self.rtnl(), name)
+        except OSError:
+            self.drop_rtnl()
+            return self.link_index(ipr, name)
+
     @staticmethod
     def link_index(ipr: IPRoute, name: str) -> int | None:
         # A targeted RTM_GETLINK by name: link_lookup() would dump every link, which grows with the

@@ -4,7 +4,8 @@ Routed and ebpf modes need two settings on each endpoint's host veth: `proxy_arp
 container's ARP for its neighbours) and the ARP `proxy_delay` of 0 (or each broadcast request waits up to
 0.8 s). Both are usually written under /proc/sys, which is read-only inside a managed plugin; the kernel
 takes them over netlink as well, with CAP_NET_ADMIN: RTM_SETLINK with the interface's IPv4 devconf, and
-RTM_SETNEIGHTBL with the interface's parameters of the ARP table.
+RTM_SETNEIGHTBL with the interface's parameters of the ARP table. And, for CreateEndpoint's path, where
+pyroute2's cost per request counts: a link's index by name, the clsact qdisc and a tc bpf filter.
 """
 from __future__ import annotations
 
@@ -88,9 +89,21 @@ def _attr(kind: int, payload: bytes, nested: bool = False) -> bytes:
     return struct.pack("=HH", length, kind | (NLA_F_NESTED if nested else 0)) + payload + b"\0" * (-length % 4)
 
 
-def _request(sock: socket.socket, msg_type: int, body: bytes) -> None:
+def _request(sock: socket.socket, msg_type: int, body: bytes, flags: int = 0) -> None:
     """Send one request and wait for its acknowledgement; a refusal raises OSError(errno)."""
-    _request_flags(sock, msg_type, body, 0)
+    seq = next(_seq)
+    sock.send(struct.pack("=IHHII", 16 + len(body), msg_type, NLM_F_REQUEST | NLM_F_ACK | flags, seq, 0) + body)
+    for _ in range(16):                                  # only our acknowledgement is expected
+        data = sock.recv(65536)
+        while len(data) >= 16:
+            length, kind, _flags, got_seq, _pid = struct.unpack_from("=IHHII", data)
+            if kind == NLMSG_ERROR and got_seq == seq:
+                code = -struct.unpack_from("=i", data, 16)[0]
+                if code:
+                    raise OSError(code, os.strerror(code))
+                return
+            data = data[(length + 3) & ~3:]
+    raise OSError(errno.EPROTO, "no netlink acknowledgement")
 
 
 def set_proxy_arp(sock: socket.socket, index: int, on: bool = True) -> None:
@@ -179,6 +192,20 @@ def dump_links(sock: socket.socket) -> dict[str, dict]:
         out[name] = {"index": index, "master": _u32(attrs.get(IFLA_MASTER)), "up": bool(flags & IFF_UP),
                      "mtu": _u32(attrs.get(IFLA_MTU)), "ipv6": _ipv6_conf(attrs.get(IFLA_AF_SPEC))}
     return out
+
+
+def link_index(sock: socket.socket, name: str) -> int | None:
+    """The index of the link called `name` (one targeted RTM_GETLINK, nothing parsed but the header);
+    None: no such link."""
+    body = struct.pack("=BBHiII", socket.AF_UNSPEC, 0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, name.encode() + b"\0")
+    try:
+        for _kind, payload in _dump(sock, RTM_GETLINK, body, dump=False):
+            return struct.unpack_from("=i", payload, 4)[0]
+    except OSError as exc:
+        if exc.errno in (errno.ENODEV, errno.ENOENT):
+            return None
+        raise
+    return None
 
 
 def _ipv6_conf(af_spec: bytes | None) -> tuple[int, int, int] | None:
@@ -318,13 +345,15 @@ def _parse_link(data: bytes, start: int, end: int, wanted: bytes, out: dict) -> 
         out[name.decode()] = counters
 
 
-# -- tc: the classic-BPF filters of bridge mode's anti-spoofing guard (vpcnet.datapath.tc.guard_program) ------
-# pyroute2 has no call for a classic BPF filter (its TCA_BPF_OPS is a single word): written and read here.
+# -- tc: the clsact qdisc and cls_bpf filters, as `tc qdisc add ... clsact` and `tc filter replace ... bpf da`
+# Over this socket, a request costs a fraction of pyroute2's, which counts on CreateEndpoint's path (the
+# eBPF container programs) and in every bridge port's anti-spoofing guard (vpcnet.datapath.tc.guard_program);
+# pyroute2 has no call for a classic BPF filter at all (its TCA_BPF_OPS is a single word).
 RTM_NEWQDISC, RTM_NEWTFILTER, RTM_GETTFILTER = 36, 44, 46
-NLM_F_CREATE, NLM_F_EXCL = 0x400, 0x200
+NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x100, 0x200, 0x400
 TC_H_CLSACT, TC_H_CLSACT_HANDLE = 0xFFFFFFF1, 0xFFFF0000
 TCA_OPTIONS = 2
-TCA_BPF_CLASSID, TCA_BPF_OPS_LEN, TCA_BPF_OPS, TCA_BPF_NAME, TCA_BPF_FLAGS = 3, 4, 5, 7, 8
+TCA_BPF_CLASSID, TCA_BPF_OPS_LEN, TCA_BPF_OPS, TCA_BPF_FD, TCA_BPF_NAME, TCA_BPF_FLAGS = 3, 4, 5, 6, 7, 8
 TCA_BPF_FLAG_ACT_DIRECT = 1
 
 
@@ -333,14 +362,32 @@ def _tcmsg(index: int, handle: int, parent: int, prio: int, protocol: int) -> by
                        (prio << 16) | socket.htons(protocol))
 
 
-def ensure_clsact(sock: socket.socket, index: int) -> None:
-    """The clsact qdisc on link `index` (one there already is fine)."""
+def add_clsact(sock: socket.socket, index: int) -> bool:
+    """The clsact qdisc on link `index`; False: it has one already. A refusal raises OSError(errno)."""
     body = _tcmsg(index, TC_H_CLSACT_HANDLE, TC_H_CLSACT, 0, 0) + _attr(TCA_KIND, b"clsact\0")
     try:
-        _request_flags(sock, RTM_NEWQDISC, body, NLM_F_CREATE | NLM_F_EXCL)
+        _request(sock, RTM_NEWQDISC, body, NLM_F_CREATE | NLM_F_EXCL)
     except OSError as exc:
-        if exc.errno != errno.EEXIST:
-            raise
+        if exc.errno == errno.EEXIST:
+            return False
+        raise
+    return True
+
+
+def _bpf_filter(index: int, parent: int, prio: int, protocol: int, handle: int, options: bytes) -> bytes:
+    options += _attr(TCA_BPF_FLAGS, struct.pack("=I", TCA_BPF_FLAG_ACT_DIRECT))
+    return _tcmsg(index, handle, parent, prio, protocol) + _attr(TCA_KIND, b"bpf\0") + \
+        _attr(TCA_OPTIONS, options, nested=True)
+
+
+def replace_bpf_filter(sock: socket.socket, index: int, parent: int, prio: int, protocol: int, handle: int, fd: int,
+                       name: str, classid: int = 1) -> None:
+    """The loaded program `fd` as the direct-action bpf filter (`prio`, `protocol`, `handle`) on `parent` (a
+    clsact hook) of link `index`, made or replaced in place. A refusal raises OSError(errno)."""
+    options = (_attr(TCA_BPF_FD, struct.pack("=I", fd)) + _attr(TCA_BPF_NAME, name.encode() + b"\0")
+               + _attr(TCA_BPF_CLASSID, struct.pack("=I", classid)))
+    _request(sock, RTM_NEWTFILTER, _bpf_filter(index, parent, prio, protocol, handle, options),
+             NLM_F_CREATE | NLM_F_REPLACE)
 
 
 def replace_classic_bpf(sock: socket.socket, index: int, parent: int, prio: int, handle: int, protocol: int,
@@ -349,11 +396,8 @@ def replace_classic_bpf(sock: socket.socket, index: int, parent: int, prio: int,
     action mode (its return value is the verdict), created or replaced in place. Classic BPF needs no bpf()
     syscall: it loads wherever cls_bpf does."""
     options = _attr(TCA_BPF_OPS_LEN, struct.pack("=H", len(ops) // 8)) + _attr(TCA_BPF_OPS, ops) + \
-        _attr(TCA_BPF_CLASSID, struct.pack("=I", 1)) + _attr(TCA_BPF_NAME, name.encode() + b"\0") + \
-        _attr(TCA_BPF_FLAGS, struct.pack("=I", TCA_BPF_FLAG_ACT_DIRECT))
-    body = _tcmsg(index, handle, parent, prio, protocol) + _attr(TCA_KIND, b"bpf\0") + \
-        _attr(TCA_OPTIONS, options, nested=True)
-    _request_flags(sock, RTM_NEWTFILTER, body, NLM_F_CREATE)
+        _attr(TCA_BPF_CLASSID, struct.pack("=I", 1)) + _attr(TCA_BPF_NAME, name.encode() + b"\0")
+    _request(sock, RTM_NEWTFILTER, _bpf_filter(index, parent, prio, protocol, handle, options), NLM_F_CREATE)
 
 
 def classic_bpf_ops(sock: socket.socket, index: int, parent: int, prio: int, handle: int,
@@ -369,37 +413,6 @@ def classic_bpf_ops(sock: socket.socket, index: int, parent: int, prio: int, han
             return _attrs(attrs.get(TCA_OPTIONS, b""), 0).get(TCA_BPF_OPS)
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
-            return None
-        raise
-    return None
-
-
-def _request_flags(sock: socket.socket, msg_type: int, body: bytes, flags: int) -> None:
-    """`_request` with extra netlink flags (NLM_F_CREATE ...)."""
-    seq = next(_seq)
-    sock.send(struct.pack("=IHHII", 16 + len(body), msg_type, NLM_F_REQUEST | NLM_F_ACK | flags, seq, 0) + body)
-    for _ in range(16):                                  # only our acknowledgement is expected
-        data = sock.recv(65536)
-        while len(data) >= 16:
-            length, kind, _flags, got_seq, _pid = struct.unpack_from("=IHHII", data)
-            if kind == NLMSG_ERROR and got_seq == seq:
-                code = -struct.unpack_from("=i", data, 16)[0]
-                if code:
-                    raise OSError(code, os.strerror(code))
-                return
-            data = data[(length + 3) & ~3:]
-    raise OSError(errno.EPROTO, "no netlink acknowledgement")
-
-
-def link_index(sock: socket.socket, name: str) -> int | None:
-    """The index of link `name`, or None: one RTM_GETLINK by name, nothing else of the answer parsed (a
-    fraction of pyroute2's cost)."""
-    body = struct.pack("=BBHiII", socket.AF_UNSPEC, 0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, name.encode() + b"\0")
-    try:
-        for _kind, payload in _dump(sock, RTM_GETLINK, body, dump=False):
-            return struct.unpack_from("=i", payload, 4)[0]
-    except OSError as exc:
-        if exc.errno in (errno.ENODEV, errno.ENOENT):
             return None
         raise
     return None

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MODES = ("bridge", "routed", "ebpf")
 DEFAULT_MTU = 1500
@@ -135,6 +135,9 @@ class KernelView:
     clsact: set[int]            # link indexes with a clsact qdisc
     uplinks: list[int]
     uplink_programs: dict[str, set[int]]   # tc filter name (both families') -> link indexes
+    # (family, host veth index) -> entry in this process's endpoint maps (vpcnet.datapath.ebpf.endpoints),
+    # read before the links: an entry there has its veth in `links` unless the veth has gone
+    facts: dict[tuple[int, int], bytes] = field(default_factory=dict)
 
 
 def bridge_name(network_id: str) -> str:

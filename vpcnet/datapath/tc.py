@@ -1,13 +1,17 @@
 """The eBPF fast path's tc side (ebpf mode): vpcnet.datapath.ebpf's programs attached, found and removed over netlink.
 
-- Per endpoint: the container program on the ingress of its host veth (clsact, prio/handle
-  `ENDPOINT_FILTER`); it goes with the veth.
+- Per endpoint: the network's container program on the ingress of its host veth (clsact, prio/handle
+  `ENDPOINT_FILTER`); the filter goes with the veth. One program per network and family, loaded once by
+  this process (`shared`: again only when its uplinks or anchor change) and attached to every endpoint's
+  veth; each endpoint's own facts (address, published ports) are its entry in this process's endpoint
+  maps (`facts`, vpcnet.datapath.ebpf.endpoints), written before its filter is attached.
 - Per network: the uplink program on the ingress of every uplink: each device carrying the default route,
   and those named by VPCNET_UPLINKS (filter
   `vpcnet-<tag>`, prio `UPLINK_PRIO`, one handle per network: `uplink_handle`). It follows the default
   route: a device that no longer carries it loses the program.
 - Peer counting (VPCNET_PEER_METRICS, `TcPrograms.peers`): the host's peer map (vpcnet.datapath.ebpf.maps),
-  written by a counting program on the egress of every endpoint's host veth (prio/handle `COUNT_FILTER`:
+  written by a counting program (one per network and direction, shared as the container program is) on
+  the egress of every endpoint's host veth (prio/handle `COUNT_FILTER`:
   what the container receives), by the container program (ebpf mode: what it sends, counted first) or,
   in routed and bridge modes, by a counting program in the container program's place (ingress,
   `ENDPOINT_FILTER`), and by the uplink program (ebpf mode: what it hands into a container with
@@ -33,13 +37,15 @@ import ipaddress
 import logging
 import os
 import struct
+import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 from pyroute2 import IPRoute, NetlinkError
 
 from vpcnet.datapath import ebpf, rtnl
 from vpcnet.datapath.ebpf import maps, programs6
+from vpcnet.datapath.ebpf.endpoints import EndpointFacts
 from vpcnet.datapath.netlink import Netlink
 from vpcnet.datapath.spec import NetworkSpec, bridge_name, uplink_handle
 from vpcnet.errors import DataplaneError
@@ -97,6 +103,16 @@ class TcPrograms:
         # the map is the process's own (maps.local), the others write an earlier process's map.
         self.counted: set[int] = set()
         self.counted_uplinks: set[str] = set()
+        # The endpoints' facts the shared programs read (vpcnet.datapath.ebpf.endpoints): this process's maps.
+        self.facts = EndpointFacts()
+        # (kind, network tag) -> (what the program was built from, its descriptor, whether it counts): each
+        # network's shared endpoint programs, loaded (verified) once and kept while their inputs hold.
+        self._shared: dict[tuple[str, str], tuple[tuple, int, bool]] = {}
+        self._shared_lock = threading.Lock()
+        # The uplinks as last read (the uplink programs' upkeep, the periodic pass's view, or the first
+        # endpoint): what the container programs built now take other hosts' traffic out of. Not read again
+        # per endpoint (a dump of the whole route table, a /32 and a /128 per container).
+        self.uplinks: tuple[int, ...] | None = None
 
     @contextmanager
     def peer_map(self) -> Iterator[int | None]:
@@ -116,22 +132,107 @@ class TcPrograms:
             if fd is not None:
                 os.close(fd)
 
+    def shared(self, kind: str, spec: NetworkSpec, inputs: tuple, build: Callable[[int | None], bytes | None],
+               prog_name: str) -> tuple[int | None, bool]:
+        """(a descriptor of the network's shared program of `kind`, the caller's to close; whether it counts
+        into the peer map). Loaded and verified on first use, and again only when `inputs` (what `build`,
+        given the peer map or None, makes it from: the uplinks, the anchor...) change; the old one stays
+        with the filters still holding it. (None, False): `build` made nothing (a counting program with
+        counting off)."""
+        with self._shared_lock:
+            held = self._shared.get((kind, spec.tag))
+            if held is None or held[0] != inputs:
+                with self.peer_map() as map_fd:
+                    program = build(map_fd)
+                    if program is None:
+                        return None, False
+                    fd = ebpf.load(program, prog_name)
+                    counting = map_fd is not None
+                if held is not None:
+                    os.close(held[1])
+                held = self._shared[(kind, spec.tag)] = (inputs, fd, counting)
+            return os.dup(held[1]), held[2]
+
+    def forget_network(self, spec: NetworkSpec) -> None:
+        """The network went: its shared programs are no longer this process's to hold (filters still
+        holding one keep it until they go)."""
+        with self._shared_lock:
+            for kind_tag in [k for k in self._shared if k[1] == spec.tag]:
+                os.close(self._shared.pop(kind_tag)[1])
+
+    def close(self) -> None:
+        with self._shared_lock:
+            for _inputs, fd, _counting in self._shared.values():
+                os.close(fd)
+            self._shared.clear()
+        self.facts.close()
+
     def attach(self, ipr: IPRoute, index: int, program: bytes, prog_name: str, filter_name: str, prio: int,
                handle: int, parent: int = TC_INGRESS, protocol: int = ETH_P_IP) -> None:
         fd = ebpf.load(program, prog_name)
         try:
-            try:
-                ipr.tc("add", "clsact", index)
-            except NetlinkError as exc:
-                if exc.code != errno.EEXIST:
-                    raise DataplaneError(f"cannot add the clsact qdisc to link {index}: {exc}") from None
-            try:
-                ipr.tc("replace-filter", "bpf", index, handle, fd=fd, name=filter_name, parent=parent,
-                       classid=1, direct_action=True, prio=prio, protocol=protocol)
-            except NetlinkError as exc:
-                raise DataplaneError(f"cannot attach eBPF program {filter_name} to link {index}: {exc}") from None
+            self.attach_fd(ipr, index, fd, filter_name, prio, handle, parent, protocol)
         finally:
             os.close(fd)               # the filter holds the program now
+
+    def attach_fd(self, ipr: IPRoute, index: int, fd: int, filter_name: str, prio: int, handle: int,
+                  parent: int = TC_INGRESS, protocol: int = ETH_P_IP, qdisc: bool = True) -> None:
+        """A loaded program (`fd`, still the caller's) as the filter `filter_name` on link `index`; `qdisc`
+        False: the caller has just made sure of the link's clsact qdisc. Over the raw rtnetlink socket
+        (vpcnet.datapath.rtnl: a fraction of pyroute2's cost per request, which counts on CreateEndpoint's
+        path); pyroute2's, and its error, where that fails."""
+        try:
+            sock = self.nl.rtnl()
+            if qdisc:
+                rtnl.add_clsact(sock, index)
+            rtnl.replace_bpf_filter(sock, index, parent, prio, protocol, handle, fd, filter_name)
+            return
+        except OSError:
+            self.nl.drop_rtnl()
+        try:
+            if qdisc:
+                ipr.tc("add", "clsact", index)
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise DataplaneError(f"cannot add the clsact qdisc to link {index}: {exc}") from None
+        try:
+            ipr.tc("replace-filter", "bpf", index, handle, fd=fd, name=filter_name, parent=parent,
+                   classid=1, direct_action=True, prio=prio, protocol=protocol)
+        except NetlinkError as exc:
+            raise DataplaneError(f"cannot attach eBPF program {filter_name} to link {index}: {exc}") from None
+
+    def _attach_shared(self, ipr: IPRoute, index: int, shared: tuple[int | None, bool], filter_name: str,
+                       prio: int, handle: int, parent: int = TC_INGRESS, protocol: int = ETH_P_IP,
+                       qdisc: bool = True) -> bool:
+        """Attach what `shared` returned (closing its descriptor); False: there was nothing to attach."""
+        fd, counting = shared
+        if fd is None:
+            return False
+        try:
+            self.attach_fd(ipr, index, fd, filter_name, prio, handle, parent, protocol, qdisc)
+        finally:
+            os.close(fd)
+        return counting
+
+    @property
+    def counting(self) -> bool:
+        """Peers are counted (asked for, and nothing has turned it off)."""
+        return self.peers and not self.peers_off
+
+    def _anchor_and_uplinks(self, ipr: IPRoute, spec: NetworkSpec) -> tuple[int, tuple[int, ...]]:
+        anchor = self.nl.index_of(ipr, spec.bridge)
+        if anchor is None:
+            raise DataplaneError(f"anchor {spec.bridge} is missing")
+        if self.uplinks is None:
+            self.uplinks = tuple(self.nl.all_uplinks(ipr))
+        return anchor, self.uplinks
+
+    def facts_wanted(self, spec: NetworkSpec, family: int) -> bool:
+        """Endpoints of `spec` have an entry in the family's endpoint map (ebpf mode's container programs, or
+        the counting programs, read it)."""
+        if family == 4:
+            return spec.ipv4 and (spec.ebpf or self.counting)
+        return bool(spec.cluster_cidr_v6) and ((spec.ebpf and bool(spec.host_cidr_v6)) or self.counting)
 
     # -- per endpoint -------------------------------------------------------------------------------
     def attach_guard(self, index: int | None, address: str, name: str = "") -> int:
@@ -144,7 +245,7 @@ class TcPrograms:
                 index = rtnl.link_index(sock, name)
                 if index is None:
                     raise DataplaneError(f"veth {name} vanished while it was being configured")
-            rtnl.ensure_clsact(sock, index)
+            rtnl.add_clsact(sock, index)
             rtnl.replace_classic_bpf(sock, index, TC_INGRESS, *GUARD_FILTER, ETH_P_ALL, guard_program(address),
                                      "vpcnet_guard")
         except OSError as exc:
@@ -164,67 +265,76 @@ class TcPrograms:
         return ops == guard_program(address)
 
     def attach_endpoint(self, ipr: IPRoute, spec: NetworkSpec, host_idx: int, address: str) -> None:
-        """The container program for the endpoint holding `address` (its only source on the fast path);
-        the anchor's index keeps same-host traffic to unknown addresses on the routed path, and only the
-        uplinks of this moment take other hosts' traffic (re-attached when the default route moves:
-        vpcnet.datapath.dataplane's repair; until then such traffic takes the routed path). The replies of
-        the endpoint's published ports (`spec.ports`) are left to the host (re-attached when they change)."""
-        anchor = self.nl.link_index(ipr, spec.bridge)
-        if anchor is None:
-            raise DataplaneError(f"anchor {spec.bridge} is missing")
-        with self.peer_map() as map_fd:
-            program = ebpf.container_program(spec.host_cidr, spec.cluster_cidr, address, anchor,
-                                             self.nl.all_uplinks(ipr), map_fd=map_fd,
-                                             published=spec.published(address))
-            self.attach(ipr, host_idx, program, "vpcnet_ctr", spec.tc_name, *ENDPOINT_FILTER)
-            if map_fd is not None:
-                self._attach_receive_count(ipr, spec, host_idx, map_fd, address)
-                self.counted.add(host_idx)
+        """The endpoint holding `address` gets its entry in the IPv4 endpoint map (its address: its only
+        source on the fast path; its published ports, `spec.ports`, whose replies are left to the host:
+        written again when they change), then the network's shared container program on the ingress of its
+        host veth (loaded once per network: `shared`). The anchor's index keeps same-host traffic to unknown
+        addresses on the routed path, and only the uplinks of this moment take other hosts' traffic (a new
+        program, attached again, when the default route moves: vpcnet.datapath.dataplane's repair; until
+        then such traffic takes the routed path). With counting, the shared receive counting program too."""
+        anchor, uplinks = self._anchor_and_uplinks(ipr, spec)
+        self.facts.write(host_idx, address, spec.published(address))
+        endpoints_fd = self.facts.fd(4)
+        program = self.shared("ctr", spec, (spec.host_cidr, spec.cluster_cidr, anchor, uplinks),
+                              lambda map_fd: ebpf.container_program(spec.host_cidr, spec.cluster_cidr, endpoints_fd,
+                                                                    anchor, uplinks, map_fd=map_fd), "vpcnet_ctr")
+        if self._attach_shared(ipr, host_idx, program, spec.tc_name, *ENDPOINT_FILTER):
+            self._attach_receive_count(ipr, spec, host_idx)
+            self.counted.add(host_idx)
 
     def attach_endpoint6(self, ipr: IPRoute, spec: NetworkSpec, host_idx: int, address: str) -> None:
-        """The IPv6 container program for the endpoint holding the IPv6 `address` (and, counting, its IPv6
-        receive counting program), as attach_endpoint does for IPv4; nothing for a network without an
-        IPv6 block."""
+        """The IPv6 entry of the endpoint holding the IPv6 `address` and the network's shared IPv6 container
+        program (and, counting, its IPv6 receive counting program), as attach_endpoint does for IPv4;
+        nothing for a network without an IPv6 block."""
         if not (spec.host_cidr_v6 and spec.cluster_cidr_v6):
             return
-        anchor = self.nl.link_index(ipr, spec.bridge)
-        if anchor is None:
-            raise DataplaneError(f"anchor {spec.bridge} is missing")
-        with self.peer_map() as map_fd:
-            program = programs6.container_program6(spec.host_cidr_v6, spec.cluster_cidr_v6, address, anchor,
-                                                   self.nl.all_uplinks(ipr), map_fd=map_fd,
-                                                   published=spec.published(address))
-            self.attach(ipr, host_idx, program, "vpcnet_ctr6", spec.tc_name, *ENDPOINT6_FILTER,
-                        protocol=ETH_P_IPV6)
-            if map_fd is not None:
-                self._attach_receive_count6(ipr, spec, host_idx, map_fd, address)
+        anchor, uplinks = self._anchor_and_uplinks(ipr, spec)
+        self.facts.write(host_idx, address, spec.published(address))
+        endpoints_fd = self.facts.fd(6)
+        host6, cluster6 = spec.host_cidr_v6, spec.cluster_cidr_v6
+        program = self.shared("ctr6", spec, (host6, cluster6, anchor, uplinks),
+                              lambda map_fd: programs6.container_program6(host6, cluster6, endpoints_fd, anchor,
+                                                                          uplinks, map_fd=map_fd), "vpcnet_ctr6")
+        if self._attach_shared(ipr, host_idx, program, spec.tc_name, *ENDPOINT6_FILTER, protocol=ETH_P_IPV6):
+            self._attach_receive_count6(ipr, spec, host_idx)
+
+    def _count6(self, spec: NetworkSpec, direction: int) -> tuple[int | None, bool]:
+        endpoints_fd = self.facts.fd(6)
+        cluster6 = spec.cluster_cidr_v6
+        return self.shared(f"count6-{direction}", spec, (cluster6,),
+                           lambda map_fd: None if map_fd is None else
+                           programs6.count_program6(direction, cluster6, map_fd, endpoints_fd), "vpcnet_count6")
+
+    def _count4(self, spec: NetworkSpec, direction: int) -> tuple[int | None, bool]:
+        endpoints_fd = self.facts.fd(4)
+        cluster = spec.cluster_cidr
+        return self.shared(f"count-{direction}", spec, (cluster,),
+                           lambda map_fd: None if map_fd is None else
+                           ebpf.count_program(direction, cluster, map_fd, endpoints_fd), "vpcnet_count")
 
     def attach_counting6(self, ipr: IPRoute, spec: NetworkSpec, host_idx: int, address: str) -> None:
-        """Routed mode: the IPv6 counting programs of the endpoint holding the IPv6 `address`; nothing with
-        counting off or without the network's IPv6 cluster CIDR."""
-        if not spec.cluster_cidr_v6:
+        """Routed and bridge modes: the IPv6 entry of the endpoint holding the IPv6 `address` and the
+        network's shared IPv6 counting programs; nothing with counting off or without the network's IPv6
+        cluster CIDR."""
+        if not spec.cluster_cidr_v6 or not self.peers:
             return
-        with self.peer_map() as map_fd:
-            if map_fd is None:
-                return
-            program = programs6.count_program6(maps.TRANSMIT, spec.cluster_cidr_v6, map_fd, address)
-            try:
-                self.attach(ipr, host_idx, program, "vpcnet_count6", spec.tc_name, *ENDPOINT6_FILTER,
-                            protocol=ETH_P_IPV6)
-                self._attach_receive_count6(ipr, spec, host_idx, map_fd, address)
-            except DataplaneError as exc:     # never worth an endpoint: counted nowhere, said once
-                if not self.peers_off:
-                    log.warning("peer counting is off: %s", exc)
-                self.peers_off = str(exc)
+        try:
+            self.facts.write(host_idx, address, spec.published(address))
+            if self._attach_shared(ipr, host_idx, self._count6(spec, maps.TRANSMIT), spec.tc_name,
+                                   *ENDPOINT6_FILTER, protocol=ETH_P_IPV6):
+                self._attach_receive_count6(ipr, spec, host_idx)
+        except DataplaneError as exc:     # never worth an endpoint: counted nowhere, said once
+            if not self.peers_off:
+                log.warning("peer counting is off: %s", exc)
+            self.peers_off = str(exc)
 
-    def _attach_receive_count6(self, ipr: IPRoute, spec: NetworkSpec, host_idx: int, map_fd: int,
-                               address: str) -> None:
-        program = programs6.count_program6(maps.RECEIVE, spec.cluster_cidr_v6, map_fd, address)
-        self.attach(ipr, host_idx, program, "vpcnet_count6", spec.tc_name, *COUNT6_FILTER, parent=TC_EGRESS,
-                    protocol=ETH_P_IPV6)
+    def _attach_receive_count6(self, ipr: IPRoute, spec: NetworkSpec, host_idx: int) -> None:
+        self._attach_shared(ipr, host_idx, self._count6(spec, maps.RECEIVE), spec.tc_name, *COUNT6_FILTER,
+                            parent=TC_EGRESS, protocol=ETH_P_IPV6, qdisc=False)
 
     def drop_endpoint6(self, ipr: IPRoute, host_idx: int) -> None:
-        """The IPv6 programs leave the host veth (its IPv6 address went); none there: nothing to do."""
+        """The IPv6 programs leave the host veth (its IPv6 address went), then its IPv6 entry leaves the
+        endpoint map; none there: nothing to do."""
         for (prio, handle), parent in ((ENDPOINT6_FILTER, TC_INGRESS), (COUNT6_FILTER, TC_EGRESS)):
             try:
                 ipr.tc("del-filter", "bpf", host_idx, handle, parent=parent, prio=prio, protocol=ETH_P_IPV6)
@@ -232,6 +342,11 @@ class TcPrograms:
                 if exc.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
                     raise DataplaneError(f"cannot remove the IPv6 eBPF program from link {host_idx}: {exc}") \
                         from None
+        self.facts.remove(host_idx, (6,))
+
+    def forget_endpoint(self, host_idx: int) -> None:
+        """The endpoint behind the host veth `host_idx` went (its filters with its veth): its entries go."""
+        self.facts.remove(host_idx)
 
     @staticmethod
     def endpoint_has_program6(ipr: IPRoute, host_idx: int) -> bool:
@@ -240,26 +355,25 @@ class TcPrograms:
                    for f in ipr.get_filters(index=host_idx, parent=TC_INGRESS))
 
     def attach_counting(self, ipr: IPRoute, spec: NetworkSpec, host_idx: int, address: str) -> None:
-        """Routed and bridge modes: the counting programs of the endpoint holding `address` on its host veth
-        (ingress: what the container sends from it; egress: what it receives at it); nothing with
-        counting off."""
-        with self.peer_map() as map_fd:
-            if map_fd is None:
-                return
-            program = ebpf.count_program(maps.TRANSMIT, spec.cluster_cidr, map_fd, address)
-            try:
-                self.attach(ipr, host_idx, program, "vpcnet_count", spec.tc_name, *ENDPOINT_FILTER)
-                self._attach_receive_count(ipr, spec, host_idx, map_fd, address)
+        """Routed and bridge modes: the entry of the endpoint holding `address` and the network's shared
+        counting programs on its host veth (ingress: what the container sends from it; egress: what it
+        receives at it); nothing with counting off."""
+        if not self.peers:
+            return
+        try:
+            self.facts.write(host_idx, address, spec.published(address))
+            if self._attach_shared(ipr, host_idx, self._count4(spec, maps.TRANSMIT), spec.tc_name,
+                                   *ENDPOINT_FILTER):
+                self._attach_receive_count(ipr, spec, host_idx)
                 self.counted.add(host_idx)
-            except DataplaneError as exc:     # never worth an endpoint: counted nowhere, said once
-                if not self.peers_off:
-                    log.warning("peer counting is off: %s", exc)
-                self.peers_off = str(exc)
+        except DataplaneError as exc:     # never worth an endpoint: counted nowhere, said once
+            if not self.peers_off:
+                log.warning("peer counting is off: %s", exc)
+            self.peers_off = str(exc)
 
-    def _attach_receive_count(self, ipr: IPRoute, spec: NetworkSpec, host_idx: int, map_fd: int,
-                              address: str) -> None:
-        program = ebpf.count_program(maps.RECEIVE, spec.cluster_cidr, map_fd, address)
-        self.attach(ipr, host_idx, program, "vpcnet_count", spec.tc_name, *COUNT_FILTER, parent=TC_EGRESS)
+    def _attach_receive_count(self, ipr: IPRoute, spec: NetworkSpec, host_idx: int) -> None:
+        self._attach_shared(ipr, host_idx, self._count4(spec, maps.RECEIVE), spec.tc_name, *COUNT_FILTER,
+                            parent=TC_EGRESS, qdisc=False)
 
     @staticmethod
     def endpoint_has_program(ipr: IPRoute, host_idx: int) -> bool:
@@ -291,6 +405,7 @@ class TcPrograms:
     def _ensure_uplink_programs(self, spec: NetworkSpec, programs: list[tuple[str, bytes]]) -> None:
         with self.nl.ipr() as ipr:
             uplinks = self.nl.all_uplinks(ipr)
+            self.uplinks = tuple(uplinks)
             if not uplinks:
                 log.warning("network %s: no default route, so no uplink for the eBPF fast path yet; traffic "
                             "from other hosts takes the routed path", spec.tag)

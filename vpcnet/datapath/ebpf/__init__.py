@@ -7,7 +7,8 @@ chains). The traffic that pays it is exactly the traffic vpcnet already accepts 
 NATs: host CIDR <-> cluster CIDR (the conntrack bypass in vpcnet.datapath). These programs hand that
 traffic straight between the container's veth and the uplink, as Cilium's "BPF host routing" does:
 
-- `container_program` (tc ingress of each endpoint's host veth, i.e. packets leaving the container):
+- `container_program` (tc ingress of each endpoint's host veth, i.e. packets leaving the container; one
+  program per network, its endpoints' facts in a map, below):
   source the endpoint's own address (what the routed path's anti-spoofing rule lets through),
   destination in the cluster CIDR, TTL > 1 -> `bpf_fib_lookup` in the host namespace (its routing table
   decides the egress and next hop), TTL decremented, then
@@ -20,8 +21,8 @@ traffic straight between the container's veth and the uplink, as Cilium's "BPF h
     skips the host's forwarding and netfilter too. Not `bpf_redirect_peer` (tc ingress may use it into
     any veth's peer since 5.10, and it would save the veth's queueing): it bypasses the host veth's
     transmit counters, which vpcnet's per-container receive metrics read.
-  An endpoint that publishes ports (`-p`) has them built into its program: a packet whose source port is
-  one of them (the reply to a client that reached the host's port, DNATed) takes the normal path, so the
+  An endpoint that publishes ports (`-p`) has them in its entry of the endpoint map: a packet whose source
+  port is one of them (the reply to a client that reached the host's port, DNATed) takes the normal path, so the
   host's conntrack un-DNATs it; so do fragments and packets with IP options (their ports are not read),
   and, past 64 published ports, all its TCP, UDP and SCTP cluster traffic (vpcnet.datapath.modes).
 - `uplink_program` (tc ingress of the uplink, one filter per network): source in the cluster CIDR,
@@ -42,9 +43,17 @@ Who talks to whom (VPCNET_PEER_METRICS): with the host's peer map (maps.py), the
 counts what the container sends, the uplink program what it hands into a container, and `count_program`
 (tc egress of every endpoint's host veth, and tc ingress too in routed and bridge modes) the rest, per
 (endpoint address, direction, peer address or outside): a map lookup and two adds per packet, measured
-by bench/peers_bench.py. The container and counting programs are per endpoint and have its address built
-in: only packets from (sent) or to (received) that address are counted, never a forged source or a frame
-a bridge flooded to the veth.
+by bench/peers_bench.py. The container and counting programs read the endpoint's address from its entry:
+only packets from (sent) or to (received) that address are counted, never a forged source or a frame a
+bridge flooded to the veth.
+
+One program per network (endpoints.py): the container and counting programs are loaded and verified once
+per network, family and process (vpcnet.datapath.tc caches them, and loads again only when what is built in
+changes: the uplinks, the anchor, the CIDRs), and attached to every endpoint's host veth. What differs per
+endpoint — its own address and its published ports — is its entry in a hash map per family, keyed by the
+host veth's interface index (`skb->ifindex` on both of the veth's tc hooks); a veth without an entry takes
+the normal path. The entry is looked up once per packet (r9 keeps it across helper calls). Creating an
+endpoint is writing its entry and attaching a filter: no verifier pass per endpoint.
 
 IPv6 (programs6.py): the same two programs and the counting one for IPv6, separate tc filters of protocol
 ETH_P_IPV6 (vpcnet.datapath.tc) for an endpoint with an IPv6 address and a network with an IPv6 block:
@@ -53,12 +62,12 @@ containers, `bpf_redirect_peer` from the uplink, the endpoint's own IPv6 address
 same rule, only plain traffic the routing table resolves: hop limit <= 1, any extension header (so every
 fragment), ICMPv6 neighbour discovery (types 133-137), link-local or multicast addresses, a forged source
 (the stack's reverse-path guard drops it), a published port's reply, an address of the block no /128
-routes to a veth: all left to the stack. Still one verified program per endpoint with its address built in
-(the per-network program with addresses in a map is another step: docs/ipv6-plan.md, "Left to do").
+routes to a veth: all left to the stack. As IPv4's, one program per network, the endpoint's IPv6 address
+and published ports in the IPv6 endpoint map.
 
-The programs are a few dozen instructions: assembled at load time (assembler.py, programs.py) (no compiler, no object
-file), loaded with the bpf(2) syscall (loader.py) and attached by vpcnet.datapath.tc through netlink. They are declared
-"Dual BSD/GPL" to the kernel (bpf_fib_lookup is a GPL-only helper), as Cilium's datapath is.
+The programs are a few hundred instructions: assembled at load time (assembler.py, programs.py) (no compiler,
+no object file), loaded with the bpf(2) syscall (loader.py) and attached by vpcnet.datapath.tc through netlink.
+They are declared "Dual BSD/GPL" to the kernel (bpf_fib_lookup is a GPL-only helper), as Cilium's datapath is.
 Little-endian machines only (x86_64, arm64): packet fields are compared as loaded.
 """
 from vpcnet.datapath.ebpf.loader import load

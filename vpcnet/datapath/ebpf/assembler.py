@@ -10,7 +10,7 @@ W, H, B, DW = 0x00, 0x08, 0x10, 0x18
 IMM, MEM = 0x00, 0x60
 PSEUDO_MAP_FD = 1                          # ld_imm64's src: imm is a map's file descriptor
 K, X = 0x00, 0x08
-ADD, SUB, AND, MOV = 0x00, 0x10, 0x50, 0xB0
+ADD, SUB, OR, AND, LSH, MOV = 0x00, 0x10, 0x40, 0x50, 0x60, 0xB0
 JA, JEQ, JGT, JNE, JLT, JLE, CALL, EXIT = 0x00, 0x10, 0x20, 0x50, 0xA0, 0xB0, 0x80, 0x90
 SIZES = {1: B, 2: H, 4: W, 8: DW}
 FP = 10                                    # the frame pointer register (read only)
@@ -50,6 +50,12 @@ class Asm:
 
     def andi32(self, dst: int, imm: int) -> None:
         self._emit(ALU | AND | K, dst, imm=_s32(imm))
+
+    def or_(self, dst: int, src: int) -> None:
+        self._emit(ALU64 | OR | X, dst, src)
+
+    def lshi(self, dst: int, imm: int) -> None:
+        self._emit(ALU64 | LSH | K, dst, imm=imm)
 
     # memory
     def ld_map(self, dst: int, map_fd: int) -> None:

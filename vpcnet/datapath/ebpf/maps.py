@@ -44,7 +44,7 @@ KEY_SIZE, VALUE_SIZE = 40, 16
 TRANSMIT, RECEIVE = 0, 1
 OUTSIDE = bytes(16)
 
-BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM, BPF_MAP_DELETE_ELEM, BPF_MAP_GET_NEXT_KEY = 0, 1, 3, 4
+BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM, BPF_MAP_GET_NEXT_KEY = 0, 1, 2, 3, 4
 BPF_MAP_GET_NEXT_ID, BPF_MAP_GET_FD_BY_ID, BPF_OBJ_GET_INFO_BY_FD = 12, 14, 15
 BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
 SYS_BPF = {"x86_64": 321, "aarch64": 280}
@@ -211,11 +211,71 @@ def entries(fd: int, ncpus: int | None = None) -> Iterator[tuple[bytes, int, int
         yield key.raw, total_bytes, total_packets
 
 
-def delete(fd: int, key: bytes) -> None:
-    raw = ctypes.create_string_buffer(key, KEY_SIZE)
+def delete(fd: int, key: bytes) -> bool:
+    """Remove `key` from the map behind `fd`; False: it was not there."""
+    raw = ctypes.create_string_buffer(key, len(key))
     attr = bytearray(32)
     struct.pack_into("<IIQ", attr, 0, fd, 0, ctypes.addressof(raw))
-    _bpf(BPF_MAP_DELETE_ELEM, attr)
+    ret, _err = _bpf(BPF_MAP_DELETE_ELEM, attr)
+    return ret == 0
+
+
+# -- plain maps (vpcnet.datapath.ebpf.endpoints) ------------------------------------------------------------
+
+def create_map(map_type: int, key_size: int, value_size: int, max_entries: int, name: bytes, flags: int = 0) -> int:
+    """A new map (the descriptor is the caller's); a refusal raises DataplaneError naming the map."""
+    attr = bytearray(72)
+    struct.pack_into("<IIIII", attr, 0, map_type, key_size, value_size, max_entries, flags)
+    attr[28:28 + min(len(name), 15)] = name[:15]
+    fd, err = _bpf(BPF_MAP_CREATE, attr)
+    if fd < 0:
+        hint = {errno.EPERM: "needs CAP_BPF (or CAP_SYS_ADMIN)", errno.ENOSYS: "this kernel has no bpf(2)",
+                errno.ENOMEM: "out of memory (or the locked-memory limit, before Linux 5.11)",
+                }.get(err, os.strerror(err))
+        raise DataplaneError(f"cannot create the eBPF map {name.decode()}: {hint}")
+    return fd
+
+
+def update(fd: int, key: bytes, value: bytes) -> None:
+    """Create or replace `key`'s value (atomically: a program sees the old value or the new one)."""
+    raw_key = ctypes.create_string_buffer(key, len(key))
+    raw_value = ctypes.create_string_buffer(value, len(value))
+    attr = bytearray(32)
+    struct.pack_into("<IIQQQ", attr, 0, fd, 0, ctypes.addressof(raw_key), ctypes.addressof(raw_value), 0)
+    ret, err = _bpf(BPF_MAP_UPDATE_ELEM, attr)
+    if ret < 0:
+        hint = " (the map is full)" if err == errno.E2BIG else ""
+        raise DataplaneError(f"cannot write an eBPF map entry: {os.strerror(err)}{hint}")
+
+
+def lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
+    """`key`'s value in a (not per-CPU) map; None: not there."""
+    raw_key = ctypes.create_string_buffer(key, len(key))
+    value = ctypes.create_string_buffer(value_size)
+    attr = bytearray(32)
+    struct.pack_into("<IIQQ", attr, 0, fd, 0, ctypes.addressof(raw_key), ctypes.addressof(value))
+    return value.raw if _bpf(BPF_MAP_LOOKUP_ELEM, attr)[0] == 0 else None
+
+
+def items(fd: int, key_size: int, value_size: int, limit: int) -> dict[bytes, bytes]:
+    """Every key and value of a (not per-CPU) map, at most `limit` of them."""
+    key = ctypes.create_string_buffer(key_size)
+    nxt = ctypes.create_string_buffer(key_size)
+    value = ctypes.create_string_buffer(value_size)
+    out: dict[bytes, bytes] = {}
+    first = True
+    for _ in range(limit):
+        attr = bytearray(32)
+        struct.pack_into("<IIQQ", attr, 0, fd, 0, 0 if first else ctypes.addressof(key), ctypes.addressof(nxt))
+        if _bpf(BPF_MAP_GET_NEXT_KEY, attr)[0] < 0:
+            break
+        first = False
+        ctypes.memmove(key, nxt, key_size)
+        attr = bytearray(32)
+        struct.pack_into("<IIQQ", attr, 0, fd, 0, ctypes.addressof(key), ctypes.addressof(value))
+        if _bpf(BPF_MAP_LOOKUP_ELEM, attr)[0] == 0:
+            out[key.raw] = value.raw
+    return out
 
 
 def read_all() -> dict[tuple[str | None, int, str | None], tuple[int, int]]:

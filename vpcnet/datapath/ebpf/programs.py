@@ -47,6 +47,11 @@ NH_LEN = 20
 # the peer map's key (40 bytes: endpoint address, direction, pad, peer address) and a new value (16 bytes)
 KEY, KEY_LEN, VAL = -128, 40, -144
 TRANSMIT, RECEIVE = 0, 1                   # vpcnet.datapath.ebpf.maps.TRANSMIT/RECEIVE
+# the endpoint map's key (the host veth's index) at EP_KEY; its value (vpcnet.datapath.ebpf.endpoints) is
+# held in r9 (callee-saved: it outlives helper calls) from `_endpoint` on
+EP_KEY = -152
+EP = 9
+EP_PUBLISHED, EP_PORTS = 4, 8              # IPv4 value: address at 0 (vpcnet.datapath.ebpf.endpoints.value)
 
 
 def _le(addr: ipaddress.IPv4Address) -> int:
@@ -60,8 +65,8 @@ def _net(cidr: str) -> tuple[int, int]:
 
 
 # -- the two programs ----------------------------------------------------------------------------------
-# Registers: r6 the skb context, r7 the source address, r8 the destination, r2/r3 packet start/end after
-# each (re)load; r1-r5 are clobbered by every helper call.
+# Registers: r6 the skb context, r7 the source address, r8 the destination, r9 the endpoint's entry (the
+# per-endpoint programs), r2/r3 packet start/end after each (re)load; r1-r5 are clobbered by every helper call.
 
 def _parse(a: Asm) -> None:
     """r2/r3 = packet start/end; not IPv4 over Ethernet with a whole header -> pass; r7/r8 = saddr/daddr."""
@@ -150,17 +155,32 @@ def _pass(a: Asm) -> None:
     a.exit()
 
 
-def _count(a: Asm, map_fd: int, direction: int, cluster_cidr: str, tag: str, address: str | None) -> None:
+def _endpoint(a: Asm, endpoints_fd: int) -> None:
+    """r9 = the entry of the endpoint whose host veth the packet is on (skb->ifindex, on both of its tc
+    hooks), from the family's endpoint map (vpcnet.datapath.ebpf.endpoints); none (not an endpoint this
+    process knows) -> pass. Packet pointers must be reloaded after (the helper clobbers r1-r5)."""
+    a.ldx(4, 4, 6, SKB_IFINDEX)
+    a.stx(4, FP, EP_KEY, 4)
+    a.ld_map(1, endpoints_fd)
+    a.mov(2, FP)
+    a.addi(2, EP_KEY)
+    a.call(MAP_LOOKUP)
+    a.jump(JEQ, 0, "pass", imm=0)
+    a.mov(EP, 0)
+
+
+def _count(a: Asm, map_fd: int, direction: int, cluster_cidr: str, tag: str, own: bool) -> None:
     """Add the packet (skb->len bytes, one packet) to the peer map's key (the endpoint's address,
     `direction`, the peer's address), addresses as ::ffff:a.b.c.d; a peer beyond the cluster CIDR is all
     zero (outside). The endpoint is the source of what it transmits (r7), the destination of what it
-    receives (r8). `address`: the endpoint's own, built in; a packet whose endpoint-side address is any
-    other (a forged source, a frame a bridge flooded to this veth) is counted under no one (None: the
-    uplink program, where the fib lookup has just routed the destination to the endpoint's own /32).
-    Per-CPU values: a plain add, no lock. Clobbers r0-r5 (packet pointers included)."""
+    receives (r8). `own`: only the endpoint's own address (its entry's, r9) is counted; a packet whose
+    endpoint-side address is any other (a forged source, a frame a bridge flooded to this veth) is counted
+    under no one (False: the uplink program, where the fib lookup has just routed the destination to the
+    endpoint's own /32). Per-CPU values: a plain add, no lock. Clobbers r0-r5 (packet pointers included)."""
     endpoint, peer = (7, 8) if direction == TRANSMIT else (8, 7)
-    if address is not None:
-        a.jump(JNE, endpoint, f"{tag}_done", imm=_s32(_le(ipaddress.IPv4Address(address))), wide=False)
+    if own:
+        a.ldx(4, 4, EP, 0)
+        a.jump(JNE, endpoint, f"{tag}_done", src=4, wide=False)
     net, mask = _net(cluster_cidr)
     for off in range(KEY, KEY + KEY_LEN, 8):
         a.st(8, FP, off, 0)
@@ -206,28 +226,49 @@ def _add_to_map(a: Asm, map_fd: int, tag: str) -> None:
     a.label(f"{tag}_done")
 
 
-def count_program(direction: int, cluster_cidr: str, map_fd: int, address: str) -> bytes:
+def count_program(direction: int, cluster_cidr: str, map_fd: int, endpoints_fd: int) -> bytes:
     """Counting only (tc on an endpoint's host veth: ingress = what the container sent, egress = what it
-    receives), of the endpoint holding `address` (one program per endpoint: only its own address counts);
-    every packet continues as if the program were not there (TC_ACT_UNSPEC)."""
+    receives), of the endpoint whose entry the veth has in the IPv4 endpoint map `endpoints_fd` (one
+    program per network, shared by its endpoints: only the entry's address counts); every packet continues
+    as if the program were not there (TC_ACT_UNSPEC)."""
     a = Asm()
     _parse(a)
-    _count(a, map_fd, direction, cluster_cidr, "count", address)
+    _endpoint(a, endpoints_fd)
+    _count(a, map_fd, direction, cluster_cidr, "count", True)
     _pass(a)
     return a.assemble()
 
 
-def _published_replies(a: Asm, published: Sequence[tuple[str, int]]) -> None:
-    """A reply from a published container port (`published`: (proto, port)) -> pass: the host's conntrack
-    must undo the DNAT (the client reached the host's port, not the container's). So does any packet whose
-    ports cannot be read cheaply (a fragment, IP options), while the endpoint publishes anything. An
-    endpoint publishing more than MAX_PUBLISHED ports (a wide range) leaves all its TCP, UDP and SCTP
-    cluster traffic to the host: a compare per port would make a long program for every packet."""
-    if len(published) > MAX_PUBLISHED:
-        a.ldx(1, 5, 2, IP_PROTO)
-        for number in sorted(set(PROTO_NUMBERS.values())):
-            a.jump(JEQ, 5, "pass", imm=number)
-        return
+def _published_ports(a: Asm, published_off: int, proto_off: int, port_off: int,
+                     readable: Callable[[Asm], None] | None = None) -> None:
+    """The endpoint's published ports, from its entry (r9; vpcnet.datapath.ebpf.endpoints: the count at
+    `published_off`, the slots after it): a packet from one of them (the source port at packet offset
+    `port_off`, the protocol at `proto_off`) -> pass; past MAX_PUBLISHED, any TCP, UDP or SCTP packet ->
+    pass; nothing to compare for an endpoint that publishes none. `readable`: the family's checks that the
+    port can be read (they jump to pass when not), before the compares. Clobbers r1, r4, r5."""
+    a.ldx(4, 1, EP, published_off)
+    a.jump(JEQ, 1, "published_done", imm=0)
+    a.ldx(1, 5, 2, proto_off)
+    a.jump(JLE, 1, "published_each", imm=MAX_PUBLISHED)
+    for number in sorted(set(PROTO_NUMBERS.values())):
+        a.jump(JEQ, 5, "pass", imm=number)
+    a.goto("published_done")
+    a.label("published_each")
+    if readable is not None:
+        readable(a)
+    a.ldx(2, 4, 2, port_off)                          # the source port, as a little-endian load sees it
+    a.lshi(4, 16)
+    a.or_(4, 5)                                       # [proto, 0, port]: an entry's slot (endpoints.slot)
+    for n in range(MAX_PUBLISHED):                    # the count bounds the compares (unrolled: no loop)
+        a.jump(JLE, 1, "published_done", imm=n)
+        a.ldx(4, 5, EP, published_off + 4 + 4 * n)
+        a.jump(JEQ, 5, "pass", src=4, wide=False)
+    a.label("published_done")
+
+
+def _ports_readable(a: Asm) -> None:
+    """IPv4: a fragment or a header with options -> pass (the ports may not be where they are looked for);
+    no source port in the packet -> pass. Keeps r1 and r5."""
     a.ldx(2, 4, 2, IP_FRAG)
     a.andi32(4, FRAG_MASK_LE)
     a.jump(JNE, 4, "pass", imm=0, wide=False)          # a fragment: the ports may not be in it
@@ -236,41 +277,39 @@ def _published_replies(a: Asm, published: Sequence[tuple[str, int]]) -> None:
     a.mov(4, 2)
     a.addi(4, PARSED + 2)
     a.jump(JGT, 4, "pass", src=3)                     # no source port in the packet
-    a.ldx(1, 5, 2, IP_PROTO)
-    a.ldx(2, 4, 2, PARSED)                            # the source port, as a little-endian load sees it
-    for n, (proto, port) in enumerate(published):
-        a.jump(JNE, 5, f"not_{n}", imm=PROTO_NUMBERS[proto])
-        a.jump(JEQ, 4, "pass", imm=int.from_bytes(port.to_bytes(2, "big"), "little"))
-        a.label(f"not_{n}")
 
 
-def container_program(host_cidr: str, cluster_cidr: str, address: str | None = None,
-                      anchor_ifindex: int = 0, uplinks: Sequence[int] | None = None,
-                      *, map_fd: int | None = None, published: Sequence[tuple[str, int]] = ()) -> bytes:
+def _published_replies(a: Asm) -> None:
+    """A reply from a published container port -> pass: the host's conntrack must undo the DNAT (the client
+    reached the host's port, not the container's). So does any packet whose ports cannot be read cheaply
+    (a fragment, IP options), while the endpoint publishes anything. An endpoint publishing more than
+    MAX_PUBLISHED ports (a wide range) leaves all its TCP, UDP and SCTP cluster traffic to the host. The
+    ports are the endpoint's entry's (r9)."""
+    _published_ports(a, EP_PUBLISHED, IP_PROTO, PARSED, _ports_readable)
+
+
+def container_program(host_cidr: str, cluster_cidr: str, endpoints_fd: int, anchor_ifindex: int = 0,
+                      uplinks: Sequence[int] | None = None, *, map_fd: int | None = None) -> bytes:
     """tc ingress of an endpoint's host veth: container -> another host of the cluster, or -> another
-    container of this network on this host. `address`: the endpoint's own address, the only source that
-    takes the fast path (what the routed path's anti-spoofing check would let through); without it, any
-    source in the host CIDR (the probe's form). `uplinks`: the only devices (indexes) another host's
-    traffic is redirected out of; a lookup naming any other (a cluster address routed over a second NIC
-    or a Docker bridge) takes the normal path, where the firewall's isolation chains decide (None: any
-    device, the probe's form). `map_fd`: the peer map, where every IPv4 packet the container sends from
-    `address` (required with it) is counted first, whatever happens to it next; a forged source, never.
-    `published`: (proto, port) of the endpoint's published ports, whose replies take the normal path
-    (`_published_replies`)."""
+    container of this network on this host. One program per network, shared by its endpoints: the facts of
+    each (vpcnet.datapath.ebpf.endpoints) are its entry in the IPv4 endpoint map `endpoints_fd`, by the host
+    veth's index: its own address, the only source that takes the fast path (what the routed path's
+    anti-spoofing check would let through), and its published ports, whose replies take the normal path
+    (`_published_replies`); a veth without an entry: the normal path. `uplinks`: the only devices
+    (indexes) another host's traffic is redirected out of; a lookup naming any other (a cluster address
+    routed over a second NIC or a Docker bridge) takes the normal path, where the firewall's isolation
+    chains decide (None: any device). `map_fd`: the peer map, where every IPv4 packet the container sends
+    from its address is counted first, whatever happens to it next; a forged source, never."""
     a = Asm()
     _parse(a)
+    _endpoint(a, endpoints_fd)
     if map_fd is not None:
-        if address is None:
-            raise ValueError("counting needs the endpoint's address")
-        _count(a, map_fd, TRANSMIT, cluster_cidr, "tx", address)
-        _packet(a)
-    if address is not None:
-        a.jump(JNE, 7, "pass", imm=_s32(_le(ipaddress.IPv4Address(address))), wide=False)
-    else:
-        _require_in(a, 7, host_cidr)
+        _count(a, map_fd, TRANSMIT, cluster_cidr, "tx", True)
+    _packet(a)
+    a.ldx(4, 4, EP, 0)
+    a.jump(JNE, 7, "pass", src=4, wide=False)           # not the endpoint's own address
     _require_in(a, 8, cluster_cidr)
-    if published:
-        _published_replies(a, published)
+    _published_replies(a)
     net, mask = _net(host_cidr)
     a.mov(4, 8)
     a.andi32(4, mask)
@@ -335,7 +374,7 @@ def _to_endpoint(a: Asm, anchor_ifindex: int, done: str, peer: bool = True, map_
     if count is not None:
         count(a)
     elif map_fd is not None:
-        _count(a, map_fd, RECEIVE, cluster_cidr, "rx", None)
+        _count(a, map_fd, RECEIVE, cluster_cidr, "rx", False)
     a.ldx(4, 1, FP, F_IFINDEX)
     a.movi(2, 0)
     a.call(REDIRECT_PEER if peer else REDIRECT)

@@ -28,6 +28,7 @@ from typing import Sequence
 
 from vpcnet.datapath.ebpf.assembler import FP, JEQ, JGT, JLE, JNE, Asm, _s32
 from vpcnet.datapath.ebpf.programs import (
+    EP,
     F_DST,
     F_FAMILY,
     F_IFINDEX,
@@ -39,7 +40,6 @@ from vpcnet.datapath.ebpf.programs import (
     FIB_SUCCESS,
     KEY,
     KEY_LEN,
-    MAX_PUBLISHED,
     NH,
     NH_LEN,
     PROTO_NUMBERS,
@@ -50,7 +50,9 @@ from vpcnet.datapath.ebpf.programs import (
     SKB_IFINDEX,
     TRANSMIT,
     _add_to_map,
+    _endpoint,
     _pass,
+    _published_ports,
     _to_endpoint,
 )
 
@@ -62,6 +64,7 @@ IP6_VTC, IP6_NEXT, IP6_HOPS, IP6_SADDR, IP6_DADDR = (14 + n for n in (0, 6, 7, 8
 L4 = 14 + 40
 PARSED6 = L4 + 4                           # ports, or ICMPv6 type and code: read from every packet
 ICMPV6 = 58
+PUBLISHED6 = 16                            # IPv6 entry: address at 0, published count at 16, ports after
 FAST_NEXT = sorted({*PROTO_NUMBERS.values(), ICMPV6})     # TCP, UDP, SCTP, ICMPv6: no extension header
 ND_FIRST, ND_LAST = 133, 137               # router solicitation ... redirect
 FLOWINFO_LE = 0xFFFFFF0F                   # htonl(0x0FFFFFFF) (traffic class + flow label) as a load sees it
@@ -95,11 +98,13 @@ def _in6(a: Asm, off: int, cidr: str, outside: str) -> None:
         a.jump(JNE, 4, outside, imm=_s32(net), wide=False)
 
 
-def _is(a: Asm, off: int, address: str, other: str) -> None:
-    """Jump to `other` unless the 16 bytes at packet offset `off` are `address`."""
-    for i, word in enumerate(_words(ipaddress.IPv6Address(address))):
-        a.ldx(4, 4, 2, off + 4 * i)
-        a.jump(JNE, 4, other, imm=_s32(word), wide=False)
+def _is_own(a: Asm, off: int, other: str) -> None:
+    """Jump to `other` unless the 16 bytes at packet offset `off` are the endpoint's own address (the first
+    16 bytes of its entry, r9: vpcnet.datapath.ebpf.endpoints)."""
+    for i in range(0, 16, 4):
+        a.ldx(4, 4, 2, off + i)
+        a.ldx(4, 5, EP, i)
+        a.jump(JNE, 4, other, src=5, wide=False)
 
 
 def _packet6(a: Asm, length: int) -> None:
@@ -188,13 +193,13 @@ def _redirect_neigh6(a: Asm) -> None:
     a.exit()
 
 
-def _count6(a: Asm, map_fd: int, direction: int, cluster_cidr6: str, tag: str, address: str | None) -> None:
+def _count6(a: Asm, map_fd: int, direction: int, cluster_cidr6: str, tag: str, own: bool) -> None:
     """As programs._count, for IPv6 (r2: the packet, PARSED6 bytes checked): the key is (the endpoint's
-    address, `direction`, the peer's address, all zero beyond the IPv6 cluster CIDR); `address`, when
-    given, is the only endpoint-side address counted. Clobbers r0-r5."""
+    address, `direction`, the peer's address, all zero beyond the IPv6 cluster CIDR); `own`: only the
+    endpoint's own address (its entry's, r9) is counted. Clobbers r0-r5."""
     endpoint, peer = (IP6_SADDR, IP6_DADDR) if direction == TRANSMIT else (IP6_DADDR, IP6_SADDR)
-    if address is not None:
-        _is(a, endpoint, address, f"{tag}_done")
+    if own:
+        _is_own(a, endpoint, f"{tag}_done")
     for off in range(KEY, KEY + KEY_LEN, 8):
         a.st(8, FP, off, 0)
     for i in range(0, 16, 4):
@@ -209,31 +214,25 @@ def _count6(a: Asm, map_fd: int, direction: int, cluster_cidr6: str, tag: str, a
     _add_to_map(a, map_fd, tag)
 
 
-def count_program6(direction: int, cluster_cidr6: str, map_fd: int, address: str) -> bytes:
-    """count_program for IPv6: counting only, of the endpoint holding the IPv6 `address`; every packet
-    continues as if the program were not there."""
+def count_program6(direction: int, cluster_cidr6: str, map_fd: int, endpoints_fd: int) -> bytes:
+    """count_program for IPv6: counting only, of the endpoint whose entry the veth has in the IPv6 endpoint
+    map `endpoints_fd` (shared by a network's endpoints); every packet continues as if the program were not
+    there."""
     _checked(cluster_cidr6, "cluster CIDR")
     a = Asm()
     _parse6(a, L4)
-    _count6(a, map_fd, direction, cluster_cidr6, "count", address)
+    _endpoint(a, endpoints_fd)
+    _packet6(a, L4)
+    _count6(a, map_fd, direction, cluster_cidr6, "count", True)
     _pass(a)
     return a.assemble()
 
 
-def _published_replies6(a: Asm, published: Sequence[tuple[str, int]]) -> None:
-    """programs._published_replies for IPv6: a packet from a published container port -> pass (the host's
-    conntrack undoes the DNAT); past MAX_PUBLISHED ports, all TCP, UDP and SCTP. Fragments and extension
-    headers never get here (_plain), so the source port is at L4."""
-    a.ldx(1, 5, 2, IP6_NEXT)
-    if len(published) > MAX_PUBLISHED:
-        for number in sorted(set(PROTO_NUMBERS.values())):
-            a.jump(JEQ, 5, "pass", imm=number)
-        return
-    a.ldx(2, 4, 2, L4)                                 # the source port, as a little-endian load sees it
-    for n, (proto, port) in enumerate(published):
-        a.jump(JNE, 5, f"not_{n}", imm=PROTO_NUMBERS[proto])
-        a.jump(JEQ, 4, "pass", imm=int.from_bytes(port.to_bytes(2, "big"), "little"))
-        a.label(f"not_{n}")
+def _published_replies6(a: Asm) -> None:
+    """programs._published_replies for IPv6, from the endpoint's entry (r9): a packet from a published
+    container port -> pass (the host's conntrack undoes the DNAT); past MAX_PUBLISHED ports, all TCP, UDP
+    and SCTP. Fragments and extension headers never get here (_plain), so the source port is at L4."""
+    _published_ports(a, PUBLISHED6, IP6_NEXT, L4)
 
 
 def _not_to(a: Asm, indexes: Sequence[int]) -> None:
@@ -244,27 +243,27 @@ def _not_to(a: Asm, indexes: Sequence[int]) -> None:
             a.jump(JEQ, 5, "pass", imm=index)
 
 
-def container_program6(host_cidr6: str, cluster_cidr6: str, address: str, anchor_ifindex: int = 0,
-                       uplinks: Sequence[int] | None = None, *, map_fd: int | None = None,
-                       published: Sequence[tuple[str, int]] = ()) -> bytes:
+def container_program6(host_cidr6: str, cluster_cidr6: str, endpoints_fd: int, anchor_ifindex: int = 0,
+                       uplinks: Sequence[int] | None = None, *, map_fd: int | None = None) -> bytes:
     """tc ingress of an IPv6 endpoint's host veth (protocol ETH_P_IPV6): container -> another host of the
     cluster, or another container of this network on this host, as programs.container_program does for
-    IPv4. `address`: the endpoint's own IPv6 address, the only source taking the fast path (a forged one
-    goes to the stack, whose reverse-path guard drops it); `uplinks`, `map_fd` (every packet sent from
-    `address` is counted first), `published` as there."""
+    IPv4, and as it shared by a network's endpoints: each one's facts are its entry in the IPv6 endpoint map
+    `endpoints_fd` (vpcnet.datapath.ebpf.endpoints): its own IPv6 address, the only source taking the fast
+    path (a forged one goes to the stack, whose reverse-path guard drops it), and its published ports;
+    `uplinks`, `map_fd` (every packet sent from the address is counted first) as there."""
     _checked(cluster_cidr6, "cluster CIDR")
     _checked(host_cidr6, "host block")
-    ipaddress.IPv6Address(address)
     a = Asm()
     _parse6(a)
+    _endpoint(a, endpoints_fd)
+    _packet6(a, PARSED6)
     if map_fd is not None:
-        _count6(a, map_fd, TRANSMIT, cluster_cidr6, "tx", address)
+        _count6(a, map_fd, TRANSMIT, cluster_cidr6, "tx", True)
         _packet6(a, PARSED6)
-    _is(a, IP6_SADDR, address, "pass")
+    _is_own(a, IP6_SADDR, "pass")
     _in6(a, IP6_DADDR, cluster_cidr6, "pass")
     _plain(a)
-    if published:
-        _published_replies6(a, published)
+    _published_replies6(a)
     _in6(a, IP6_DADDR, host_cidr6, "remote")
     # this host's block: straight into the other container, if a /128 routes the address to a veth
     _fib_lookup6(a)
@@ -303,7 +302,7 @@ def uplink_program6(host_cidr6: str, cluster_cidr6: str, anchor_ifindex: int, ma
 
     def count(asm: Asm) -> None:
         if map_fd is not None:
-            _count6(asm, map_fd, RECEIVE, cluster_cidr6, "rx", None)
+            _count6(asm, map_fd, RECEIVE, cluster_cidr6, "rx", False)
 
     _to_endpoint(a, anchor_ifindex, "hops_done", decrement=_decrement_hops, count=count)
     _pass(a)

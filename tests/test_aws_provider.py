@@ -25,6 +25,7 @@ import pytest
 from aliyun_fakes import blocks_of
 from moto.server import ThreadedMotoServer
 
+from vpcnet.cli.doctor.cloud import CloudChecks
 from vpcnet.cloud import DuplicateRoute, QuotaExceeded
 from vpcnet.cloud.aws.markers import tag_key
 from vpcnet.cloud.aws.provider import AwsProvider
@@ -594,6 +595,12 @@ def test_ipv6_blocks_are_claimed_with_destination_ipv6_cidr_block_and_counted_pe
                 keeper.host_cidr(V6)                              # IPAM asks: the next pass claims it
             result = keeper.reconcile()
             assert result.ok, result.problems
+        _tables, _me, listing = ka.table()                        # a listing: the usage, per family
+        assert ka.route_table_usage() == {vpc.table: {"ipv4": (2, 2), "ipv6": (2, 2)}}
+        findings = CloudChecks._quota_findings(ka.provider, vpc.table, listing)      # `vpcnet doctor`
+        assert [(f.ok, f.detail) for f in findings] == [
+            (False, f"route table {vpc.table} holds 2 of 2 custom IPv4 entries (100%)"),
+            (False, f"route table {vpc.table} holds 2 of 2 custom IPv6 entries (100%)")]
         block_a, block_b = sa.claim(V6).host_cidr, sb.claim(V6).host_cidr
         assert block_a != block_b and all(ipaddress.IPv6Network(x).subnet_of(ipaddress.IPv6Network(V6))
                                           and x.endswith("/80") for x in (block_a, block_b))

@@ -428,14 +428,22 @@ tests:
         values: '1 1 1 1 1 1 1'
       - series: 'vpcnet_route_reconcile_total{instance="h1", outcome="error"}'
         values: '0+1x20'
-      - series: 'vpcnet_route_table_entries{instance="h1", table="vtb-1"}'
+      - series: 'vpcnet_route_table_entries{instance="h1", table="vtb-1", family="all"}'
         values: '170x20'
-      - series: 'vpcnet_route_table_quota{instance="h1", table="vtb-1"}'
+      - series: 'vpcnet_route_table_quota{instance="h1", table="vtb-1", family="all"}'
         values: '200x20'
-      - series: 'vpcnet_route_table_entries{instance="h1", table="vtb-2"}'
+      - series: 'vpcnet_route_table_entries{instance="h1", table="vtb-2", family="all"}'
         values: '150x20'
-      - series: 'vpcnet_route_table_quota{instance="h1", table="vtb-2"}'
+      - series: 'vpcnet_route_table_quota{instance="h1", table="vtb-2", family="all"}'
         values: '200x20'
+      - series: 'vpcnet_route_table_entries{instance="h1", table="rtb-3", family="ipv4"}'
+        values: '40x20'
+      - series: 'vpcnet_route_table_quota{instance="h1", table="rtb-3", family="ipv4"}'
+        values: '50x20'
+      - series: 'vpcnet_route_table_entries{instance="h1", table="rtb-3", family="ipv6"}'
+        values: '45x20'
+      - series: 'vpcnet_route_table_quota{instance="h1", table="rtb-3", family="ipv6"}'
+        values: '50x20'
       - series: 'vpcnet_cloud_api_requests_total{instance="h1", provider="aliyun",
           action="CreateRouteEntry", outcome="throttled"}'
         values: '0+2x20'
@@ -492,9 +500,13 @@ tests:
       - eval_time: 15m
         alertname: VpcnetRouteTableQuotaHigh
         exp_alerts:
-          - exp_labels: {severity: warning, table: vtb-1}
+          - exp_labels: {severity: warning, table: vtb-1, family: all}
             exp_annotations:
-              summary: "route table vtb-1 is 85% full"
+              summary: "route table vtb-1 is 85% full (all)"
+              description: "New hosts cannot claim a block once it is full: `vpcnet routes gc`, or raise the quota."
+          - exp_labels: {severity: warning, table: rtb-3, family: ipv6}
+            exp_annotations:
+              summary: "route table rtb-3 is 90% full (ipv6)"
               description: "New hosts cannot claim a block once it is full: `vpcnet routes gc`, or raise the quota."
       - eval_time: 16m
         alertname: VpcnetCloudThrottled

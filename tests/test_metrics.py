@@ -131,8 +131,9 @@ def test_state_families_are_computed_from_the_store(tmp_path):
     with store.tx() as db:      # what the datapath pass records (vpcnet.datapath.reconciler)
         store.set_meta(db, "datapath_repairs", '{"firewall": 3, "route": 1}')
     state = event_hooks.ReconcilerState()
-    state.table_listed("vtb-x", 2, 200)         # the route keeper, after listing a table
-    state.table_listed("vtb-y", 1, 0)           # quota unknown
+    state.table_listed("vtb-x", {"all": (2, 200)})         # the route keeper, after listing a table
+    state.table_listed("vtb-y", {"all": (1, 0)})           # quota unknown
+    state.table_listed("rtb-z", {"ipv4": (3, 50), "ipv6": (1, 50)})   # a quota per family (AWS)
     collector = metrics.StateCollector(store, link_stats=dict, reconciler=state)
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in collector.collect() for s in f.samples}
     assert value(samples, "vpcnet_ipam_addresses_in_use", host_cidr="10.9.1.0/24") == 2
@@ -141,10 +142,14 @@ def test_state_families_are_computed_from_the_store(tmp_path):
     assert value(samples, "vpcnet_ipam_addresses_capacity", host_cidr="fd00:9:1:0:1::/80") == 2 ** 48 - 2
     assert value(samples, "vpcnet_route_available", cluster_cidr="fd00:9:1::/48", host_cidr="fd00:9:1:0:1::/80") == 1
     assert value(samples, "vpcnet_route_available", cluster_cidr="10.9.0.0/16", host_cidr="10.9.1.0/24") == 0
-    assert value(samples, "vpcnet_route_table_entries", table="vtb-x") == 2
-    assert value(samples, "vpcnet_route_table_quota", table="vtb-x") == 200
-    assert value(samples, "vpcnet_route_table_entries", table="vtb-y") == 1
-    assert ("vpcnet_route_table_quota", (("table", "vtb-y"),)) not in samples
+    assert value(samples, "vpcnet_route_table_entries", table="vtb-x", family="all") == 2
+    assert value(samples, "vpcnet_route_table_quota", table="vtb-x", family="all") == 200
+    assert value(samples, "vpcnet_route_table_entries", table="vtb-y", family="all") == 1
+    assert ("vpcnet_route_table_quota", (("family", "all"), ("table", "vtb-y"))) not in samples
+    assert value(samples, "vpcnet_route_table_entries", table="rtb-z", family="ipv4") == 3
+    assert value(samples, "vpcnet_route_table_entries", table="rtb-z", family="ipv6") == 1
+    assert value(samples, "vpcnet_route_table_quota", table="rtb-z", family="ipv6") == 50
+    assert ("vpcnet_route_table_entries", (("family", "all"), ("table", "rtb-z"))) not in samples
     assert value(samples, "vpcnet_datapath_repairs_total", object="firewall") == 3
     assert value(samples, "vpcnet_datapath_repairs_total", object="route") == 1
     assert value(samples, "vpcnet_datapath_repairs_total", object="link") == 0     # present from the start

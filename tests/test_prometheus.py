@@ -140,8 +140,8 @@ def test_prometheus_scrapes_vpcnet_while_docker_runs_containers(emulator, plugin
         assert prom.value("time() - vpcnet_route_reconcile_last_success_timestamp_seconds") < 120
         assert prom.value('vpcnet_iptables_restore_total{family="ipv4",outcome="ok"}') >= 1
         assert prom.value('vpcnet_iptables_restore_total{family="ipv4",outcome="failed"}') == 0
-        assert prom.value(f'vpcnet_route_table_quota{{table="{TABLE}"}}') == 200
-        assert prom.value(f'vpcnet_route_table_entries{{table="{TABLE}"}}') == 1
+        assert prom.value(f'vpcnet_route_table_quota{{table="{TABLE}",family="all"}}') == 200
+        assert prom.value(f'vpcnet_route_table_entries{{table="{TABLE}",family="all"}}') == 1
 
         # traffic: B's receive bytes grow by at least what the flood sent it
         endpoint = dock("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.EndpointID}}{{end}}",

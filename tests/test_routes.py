@@ -124,7 +124,7 @@ def test_first_start_claims_and_restart_lists_once(emu, hosts, tmp_path):
     assert entry["RouteEntryName"].startswith("vpcnet") and entry["Description"].startswith("vpcnet")
     # first start: 1 listing pass + 1 create + 1 listing that sees it Available (+ the vSwitch lookup)
     assert keeper.calls == {"list": 2, "create": 1, "delete": 0, "reserved": 1, "instance": 0}
-    assert keeper.route_table_usage() == {TABLE: (1, 200)}
+    assert keeper.route_table_usage() == {TABLE: {"all": (1, 200)}}      # one quota for both families
     counts = emu.request_counts
     assert counts["CreateRouteEntry"] == 1 and counts["DescribeRouteEntryList"] == 2
 
@@ -624,7 +624,7 @@ def test_quota_is_checked_before_the_create(emu, hosts):
     assert f"route table {TABLE} is full: 2/2 custom entries" in result.problems[0]
     assert "Quota Center" in result.problems[0] and "does not retry" in result.problems[0]
     assert "CreateRouteEntry" not in emu.request_counts and keeper.calls["create"] == 0
-    assert keeper.route_table_usage() == {TABLE: (2, 2)}
+    assert keeper.route_table_usage() == {TABLE: {"all": (2, 2)}}
     assert "full" in store.claim(CLUSTER).reason
 
 

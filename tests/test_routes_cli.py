@@ -84,7 +84,7 @@ def test_sync_then_list(emu, vpcnet):
 
     data = json.loads(vpcnet("list", "--json").stdout)
     assert data["route_table"] == TABLE and data["instance"] == ME and data["cluster_cidrs"] == [CLUSTER]
-    assert data["route_tables"] == [{"id": TABLE, "entries": 2, "quota": 200}]
+    assert data["route_tables"] == [{"id": TABLE, "usage": [{"family": "all", "entries": 2, "quota": 200}]}]
     owners = {r["destination"]: r["owner"] for r in data["routes"]}
     assert owners[B[1]] == "mine" and owners[B[0]] == "ours-other-host"
     assert owners["192.168.0.0/24"] == "foreign"

@@ -217,18 +217,21 @@ class ReconcilerState:
         self._lock = threading.Lock()
         self.last_pass: float | None = None      # time.time() of the last finished pass
         self.last_ok: bool | None = None
-        self.tables: dict[str, tuple[int, int | None]] = {}   # table id -> (custom entries, quota)
+        # table id -> {family ("all", "ipv4", "ipv6"): (custom entries, quota)}
+        self.tables: dict[str, dict[str, tuple[int, int | None]]] = {}
 
     def passed(self, ok: bool) -> None:
         with self._lock:
             self.last_pass, self.last_ok = time.time(), ok
 
-    def table_listed(self, table: str, entries: int, quota: int) -> None:
-        """A full listing of `table`: its custom entries (every owner's) and quota (0 = unknown)."""
+    def table_listed(self, table: str, usage: dict[str, tuple[int, int]]) -> None:
+        """A full listing of `table`: per family its quota counts ("all" where one quota counts both), its
+        custom entries (every owner's) and quota (0 = unknown)."""
         with self._lock:
-            self.tables = {**self.tables, table: (entries, quota or None)}
+            self.tables = {**self.tables, table: {family: (entries, quota or None)
+                                                  for family, (entries, quota) in usage.items()}}
 
-    def snapshot(self) -> tuple[float | None, bool | None, dict[str, tuple[int, int | None]]]:
+    def snapshot(self) -> tuple[float | None, bool | None, dict[str, dict[str, tuple[int, int | None]]]]:
         with self._lock:
             return self.last_pass, self.last_ok, dict(self.tables)
 

@@ -301,13 +301,15 @@ class StateCollector:
 
     def _tables(self):
         entries = GaugeMetricFamily("vpcnet_route_table_entries", "Custom entries in the route table "
-                                    "(as of the last reconcile pass)", labels=["table"])
-        quota = GaugeMetricFamily("vpcnet_route_table_quota", "Custom entries the route table may hold",
-                                  labels=["table"])
-        for table, (count, limit) in self.reconciler.snapshot()[2].items():
-            entries.add_metric([table], count)
-            if limit is not None:
-                quota.add_metric([table], limit)
+                                    "(as of the last reconcile pass), of the family its quota counts (all: "
+                                    "one quota for both)", labels=["table", "family"])
+        quota = GaugeMetricFamily("vpcnet_route_table_quota", "Custom entries of the family the route table "
+                                  "may hold", labels=["table", "family"])
+        for table, usage in self.reconciler.snapshot()[2].items():
+            for family, (count, limit) in usage.items():
+                entries.add_metric([table, family], count)
+                if limit is not None:
+                    quota.add_metric([table, family], limit)
         yield entries
         yield quota
 

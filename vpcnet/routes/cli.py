@@ -27,6 +27,7 @@ import sys
 
 from vpcnet import config as config_mod
 from vpcnet.cloud import Route
+from vpcnet.routes.tables import FAMILY_NAMES
 
 EXIT_PROBLEM = 1
 
@@ -106,6 +107,13 @@ def _usage(used: int, quota: int) -> str:
     return f"{used}/{quota}" if quota else f"{used}/?"
 
 
+def _usage_line(usage: dict[str, tuple[int, int]]) -> str:
+    """`3/200`, or where each family has its own quota `IPv4 3/50, IPv6 1/50`."""
+    if set(usage) <= {"all"}:
+        return _usage(*usage.get("all", (0, 0)))
+    return ", ".join(f"{FAMILY_NAMES[f]} {_usage(*usage[f])}" for f in sorted(usage))
+
+
 def _route_json(route: Route, owner: str) -> dict:
     return {"destination": route.destination, "next_hop": route.next_hop, "next_hop_type": route.next_hop_type,
             "status": route.status, "kind": route.kind, "name": route.name, "description": route.description,
@@ -134,7 +142,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(json.dumps({
             "provider": config.provider, "route_table": tables[0], "instance": me, "cluster_cidrs": clusters,
             "cluster_names": names,
-            "route_tables": [{"id": t, "entries": usage.get(t, (0, 0))[0], "quota": usage.get(t, (0, 0))[1]}
+            "route_tables": [{"id": t, "usage": [{"family": f, "entries": n, "quota": q}
+                                                 for f, (n, q) in sorted(usage.get(t, {"all": (0, 0)}).items())]}
                              for t in tables],
             "claims": [{"cluster_cidr": c.cluster_cidr, "host_cidr": c.host_cidr, "route_ok": c.route_ok,
                         "reason": c.reason} for c in claims],
@@ -143,8 +152,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     print(f"provider {config.provider}, this instance {me}, cluster CIDRs "
           + ", ".join(f"{c} ({names[c]})" for c in clusters))
     for table in tables:
-        used, quota = usage.get(table, (0, 0))
-        print(f"\nroute table {table}: {_usage(used, quota)} custom entries used")
+        print(f"\nroute table {table}: {_usage_line(usage.get(table, {}))} custom entries used")
         print(f"{'DESTINATION':<20} {'NEXT HOP':<24} {'STATUS':<10} {'KIND':<8} OWNER")
         for route, owner in rows:
             if route.table == table:

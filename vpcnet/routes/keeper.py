@@ -67,8 +67,9 @@ class RouteKeeper:
         """Logical cloud calls by kind (a retried call counts once), for the benchmark and tests."""
         return self.tables.calls
 
-    def route_table_usage(self) -> dict[str, tuple[int, int]]:
-        """{table id: (custom entries, quota)} as of the last listing; quota 0 = unknown."""
+    def route_table_usage(self) -> dict[str, dict[str, tuple[int, int]]]:
+        """{table id: {family ("all", or "ipv4"/"ipv6" where each has its own quota): (custom entries,
+        quota)}} as of the last listing; quota 0 = unknown."""
         return self.tables.route_table_usage()
 
     @property

@@ -11,9 +11,11 @@ Pending -> Available, + one `reserved` lookup of vSwitch CIDRs, cached by the pr
 `forwarding` check); restart = T listings (+ the forwarding check); per container = 0 (IPAM reads the
 store only).
 
-Usage: `route_table_usage()` returns `{table id: (custom entries, quota)}` as of the last listing (quota
-0 = unknown; `VPCNET_ROUTE_TABLE_QUOTA`, default the cloud's): the values of
-`vpcnet_route_table_entries{table}` and `vpcnet_route_table_quota{table}`.
+Usage: `route_table_usage()` returns `{table id: {family: (custom entries, quota)}}` as of the last listing
+(quota 0 = unknown; `VPCNET_ROUTE_TABLE_QUOTA`, default the cloud's). `family` is "all" where the cloud
+counts both families against one quota (Alibaba, as far as its documents say), and "ipv4" and "ipv6" where
+it counts each against its own (AWS: `Provider.quota_per_family`): the values of
+`vpcnet_route_table_entries{table,family}` and `vpcnet_route_table_quota{table,family}`.
 """
 from __future__ import annotations
 
@@ -51,8 +53,21 @@ class _Plan:
 @dataclass(frozen=True)
 class TableUsage:
     table: str
-    entries: int      # custom entries, every owner's
+    entries: int      # custom entries, every owner's, of `family`
     quota: int        # 0 = unknown
+    family: str = "all"   # "all": one quota for both families; "ipv4" or "ipv6": that family's own
+
+
+FAMILIES = {4: "ipv4", 6: "ipv6"}
+FAMILY_NAMES = {"ipv4": "IPv4", "ipv6": "IPv6"}
+
+
+def table_usage(table: str, routes: list[Route], quota: int, per_family: bool) -> list[TableUsage]:
+    """What `routes` (a full listing of `table`) use of its quota: one figure for both families, or (a cloud
+    counting each family against its own quota) one per family."""
+    if not per_family:
+        return [TableUsage(table, custom_entries(routes), quota)]
+    return [TableUsage(table, custom_entries(routes, version), quota, name) for version, name in FAMILIES.items()]
 
 
 class RouteTables:
@@ -69,7 +84,7 @@ class RouteTables:
         # Logical cloud calls, for the benchmark: a call retried by the backoff counts once.
         self.calls = {"list": 0, "create": 0, "delete": 0, "reserved": 0, "instance": 0}
         # Entries and quota per route table, as of the last listing (for `routes list` and metrics).
-        self.usage: dict[str, TableUsage] = {}
+        self.usage: dict[str, list[TableUsage]] = {}
 
     @property
     def provider(self) -> Provider:
@@ -130,14 +145,15 @@ class RouteTables:
         self.calls["list"] += 1
         routes = self.retry(f"list routes of {table}", lambda: self.provider.list_routes(table), on_retry)
         routes = [r if r.table else dataclasses.replace(r, table=table) for r in routes]
-        usage = self.usage[table] = TableUsage(table, custom_entries(routes), self.provider.table_quota(table))
-        events.RECONCILER.table_listed(table, usage.entries, usage.quota)
+        usage = self.usage[table] = table_usage(table, routes, self.provider.table_quota(table),
+                                                getattr(self.provider, "quota_per_family", False))
+        events.RECONCILER.table_listed(table, {u.family: (u.entries, u.quota) for u in usage})
         return routes
 
-    def route_table_usage(self) -> dict[str, tuple[int, int]]:
-        """{table id: (custom entries, quota)} as of the last listing; quota 0 = unknown. For
-        `vpcnet_route_table_entries{table}` / `vpcnet_route_table_quota{table}`."""
-        return {t: (u.entries, u.quota) for t, u in self.usage.items()}
+    def route_table_usage(self) -> dict[str, dict[str, tuple[int, int]]]:
+        """{table id: {family: (custom entries, quota)}} as of the last listing; quota 0 = unknown. For
+        `vpcnet_route_table_entries{table,family}` / `vpcnet_route_table_quota{table,family}`."""
+        return {t: {u.family: (u.entries, u.quota) for u in usage} for t, usage in self.usage.items()}
 
     def quota(self, table: str) -> int:
         return self.provider.table_quota(table)

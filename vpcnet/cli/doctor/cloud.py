@@ -12,6 +12,7 @@ import urllib.request
 from typing import Callable
 
 from vpcnet.cli.doctor.findings import HTTP_TIMEOUT, Checks, Context, Finding, ok, problem
+from vpcnet.routes.tables import FAMILY_NAMES, table_usage
 
 CLOCK_SKEW_LIMIT = 300.0       # seconds; signatures fail past 15 min, so warn well before
 QUOTA_WARN = 0.8
@@ -60,7 +61,7 @@ class CloudChecks(Checks):
             for table, routes in listings.items():
                 out.append(self._route_finding(claim.host_cidr, me, table, routes))
         for table, routes in listings.items():
-            out.append(self._quota_finding(provider, table, routes))
+            out.extend(self._quota_findings(provider, table, routes))
         try:
             forwarding = provider.check_forwarding(disable=False)    # look only: doctor never repairs
         except Exception as exc:
@@ -86,17 +87,25 @@ class CloudChecks(Checks):
         return ok("route", f"{host_cidr} -> {me} Available in {table}")
 
     @staticmethod
-    def _quota_finding(provider, table: str, routes: list) -> Finding:
-        quota = provider.table_quota(table) or None
-        custom = sum(1 for r in routes if r.kind == "Custom")
-        if not quota:
-            return ok("quota", f"{table}: {custom} custom entries (no quota)")
-        share = custom / quota
-        if share > QUOTA_WARN:
-            return problem("quota", f"route table {table} holds {custom} of {quota} custom entries ({share:.0%})",
-                           "run `vpcnet routes gc`, or raise the route table quota "
-                           f"({provider.quota_hint or 'see the cloud console'})")
-        return ok("quota", f"{table}: {custom} of {quota} custom entries ({share:.0%})")
+    def _quota_findings(provider, table: str, routes: list) -> list[Finding]:
+        """One finding per quota the table has: one for both families, or one per family where the cloud
+        counts each against its own (AWS)."""
+        out = []
+        for usage in table_usage(table, routes, provider.table_quota(table),
+                                 getattr(provider, "quota_per_family", False)):
+            kind = "" if usage.family == "all" else f"{FAMILY_NAMES[usage.family]} "
+            custom, quota = usage.entries, usage.quota
+            if not quota:
+                out.append(ok("quota", f"{table}: {custom} custom {kind}entries (no quota)"))
+                continue
+            share = custom / quota
+            if share > QUOTA_WARN:
+                out.append(problem("quota", f"route table {table} holds {custom} of {quota} custom {kind}entries "
+                                            f"({share:.0%})", "run `vpcnet routes gc`, or raise the route table "
+                                            f"quota ({provider.quota_hint or 'see the cloud console'})"))
+            else:
+                out.append(ok("quota", f"{table}: {custom} of {quota} custom {kind}entries ({share:.0%})"))
+        return out
 
     def _endpoint(self) -> str:
         if self.config.provider == "aliyun":

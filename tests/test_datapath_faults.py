@@ -23,7 +23,7 @@ from test_dataplane import (  # noqa: F401
 
 from vpcnet.datapath.dataplane import Dataplane
 from vpcnet.datapath.reconciler import DatapathReconciler
-from vpcnet.datapath.spec import veth_names
+from vpcnet.datapath.spec import mac_for, veth_names
 from vpcnet.observability.logs import TEXT_FORMAT, JsonFormatter
 from vpcnet.state.store import Endpoint, Network, Store
 
@@ -54,7 +54,7 @@ class Host:
         sandbox = attach_container(self.ns, self.dp, s, self.netns_factory, ip, eid)
         host_veth, peer = veth_names(eid)
         with self.store.tx() as db:
-            self.store.add_endpoint(db, Endpoint(eid, s.tag + "0" * 52, ip, "02:42:00:00:00:01", host_veth, peer))
+            self.store.add_endpoint(db, Endpoint(eid, s.tag + "0" * 52, ip, mac_for(ip), host_veth, peer))
         return sandbox
 
 
@@ -274,7 +274,7 @@ def test_dual_stack_faults_are_repaired_to_exactly_what_the_store_holds(box, mod
     for ip4, ip6, eid in (("10.77.3.2", a6, "a" * 64), ("10.77.3.3", b6, "b" * 64)):
         host_veth, peer = veth_names(eid)
         with box.store.tx() as db:         # the desired state first, as the driver writes it
-            box.store.add_endpoint(db, Endpoint(eid, net.network_id, ip4, "02:42:00:00:00:01", host_veth, peer,
+            box.store.add_endpoint(db, Endpoint(eid, net.network_id, ip4, mac_for(ip4), host_veth, peer,
                                                 address_v6=ip6))
         sandboxes[eid] = container(box.ns, box.dp, s, box.netns_factory, ip4, ip6, eid)
         box.dp.ensure_endpoint_ipv6(s, host_veth, ip6)

@@ -11,10 +11,12 @@ import time
 
 import pytest
 from conftest import require, run, unique
+from test_datapath_ipv6 import port_drops
 from test_dataplane import attach_container, host, ns_run, peer_host, ping, spec  # noqa: F401  (host: a fixture)
 
 from vpcnet.datapath.dataplane import Dataplane
 from vpcnet.datapath.firewall import IPV6_CHAIN, IPV6_RULES, Ipv6Guard
+from vpcnet.datapath.guard import GuardFacts
 from vpcnet.datapath.netlink import Netlink
 from vpcnet.datapath.spec import EndpointSpec, anchor_peer, mac_for, veth_names
 from vpcnet.datapath.tc import GUARD_FILTER
@@ -205,7 +207,8 @@ def test_without_the_ipv6_sysctls_ip6tables_keeps_a_containers_ipv6_off_the_host
                                                                                  monkeypatch, caplog):
     """As in a managed plugin: /proc/sys refuses the links' IPv6 settings, so IPv6 stays on; the host still
     takes no route or address from a container's router advertisement and does not answer its IPv6,
-    because ip6tables drops it."""
+    because ip6tables drops it (in bridge mode the port's anti-spoofing filter drops it first: a network
+    without IPv6 lets no IPv6 through its ports)."""
     monkeypatch.setattr(Netlink, "link_sysctls", read_only_proc_sys)
     dp = Dataplane(netns=host)
     if mode == "ebpf":
@@ -229,7 +232,10 @@ def test_without_the_ipv6_sysctls_ip6tables_keeps_a_containers_ipv6_off_the_host
         time.sleep(0.1)
     assert ipv6_state(host) == before, "the container's router advertisement configured the host"
     assert in_ns(sandbox, PING_ALL_NODES).split() == [], "the host answered the container's IPv6"
-    assert dropped(host) >= 3, "ip6tables dropped them"
+    if mode == "bridge":
+        assert port_drops(host, host_veth) >= 3, "the port's filter dropped them"
+    else:
+        assert dropped(host) >= 3, "ip6tables dropped them"
 
 
 def test_a_flushed_ipv6_guard_is_put_back_by_the_periodic_pass(host):  # noqa: F811
@@ -332,7 +338,7 @@ def sniffed(proc) -> set[str]:
 
 def test_a_bridge_mode_container_sends_ipv4_and_arp_only_as_itself(host, netns_factory):  # noqa: F811
     """Bridge mode: the routed modes' reverse-path check (-i vh+) never sees bridged traffic, so each bridge
-    port has its own guard (vpcnet.datapath.tc.guard_program). A container sending raw packets from a
+    port has its own guard (vpcnet.datapath.guard). A container sending raw packets from a
     neighbour's address, an unused one of its block or one outside reaches neither the neighbour on the
     bridge nor another host; nor does an ARP packet claiming such an address; its own do."""
     dp = Dataplane(netns=host)
@@ -357,6 +363,40 @@ def test_a_bridge_mode_container_sends_ipv4_and_arp_only_as_itself(host, netns_f
     assert ping(a, "10.77.3.3") and ping(b, "10.77.9.2"), "the containers' own traffic still flows"
 
 
+MAC_FORGE = r"""
+import socket, struct, sys, time
+forged, to = (bytes.fromhex(m.replace(":", "")) for m in sys.argv[1:3])
+src, dst = socket.inet_aton(sys.argv[3]), socket.inet_aton(sys.argv[4])
+link = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+link.bind(("eth0", 0))
+mine = link.getsockname()[4]
+udp = struct.pack("!HHHH", 4000, 9999, 8 + 6, 0) + b"vpcnet"
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0, src, dst)
+for _ in range(3):
+    link.send(to + forged + b"\x08\x00" + ip + udp)             # its own address, another MAC
+    link.send(to + mine + struct.pack("!HHHBBH", 0x0806, 1, 0x0800, 6, 4, 2) + forged + src + to + dst)
+    time.sleep(0.2)
+"""
+
+
+def test_a_bridge_mode_container_sends_only_with_its_own_mac(host, netns_factory):  # noqa: F811
+    """A frame from another MAC would teach the bridge to send that MAC's frames to this port, and an ARP
+    answer naming another MAC would point a neighbour's traffic there: the port's guard lets neither on,
+    even with the container's own IPv4 address as the source."""
+    dp = Dataplane(netns=host)
+    s = spec()
+    dp.ensure_network(s)
+    a = attach_container(host, dp, s, netns_factory, "10.77.3.2", "a" * 64)
+    b = attach_container(host, dp, s, netns_factory, "10.77.3.3", "b" * 64)
+    assert ping(a, "10.77.3.3") and ping(b, "10.77.3.2")         # b knows a's MAC
+    forged = "02:42:66:66:66:66"
+    run(["ip", "netns", "exec", a, sys.executable, "-c", MAC_FORGE, forged, mac_for("10.77.3.3"),
+         "10.77.3.2", "10.77.3.3"])
+    assert forged not in run(["bridge", "-n", host, "fdb", "show", "br", s.bridge]).stdout, "the bridge learnt it"
+    assert forged not in ns_run(b, "ip", "neigh", "show", "10.77.3.2").stdout, "b's neighbour entry changed"
+    assert ping(a, "10.77.3.3"), "its own traffic still flows"
+
+
 def test_a_bridge_ports_deleted_anti_spoofing_filter_is_put_back_by_the_periodic_pass(host, netns_factory):  # noqa: F811
     dp = Dataplane(netns=host)
     s = spec()
@@ -371,9 +411,9 @@ def test_a_bridge_ports_deleted_anti_spoofing_filter_is_put_back_by_the_periodic
     run(["tc", "-n", host, "filter", "del", "dev", host_veth, "ingress", "pref", str(GUARD_FILTER[0])])
     repairs = dp.repair([(s, endpoints)])
     assert [(r.kind, r.what) for r in repairs] == \
-        [("tc", f"anti-spoofing filter for 10.77.3.2 on {host_veth} missing")], repairs
+        [("tc", f"anti-spoofing filter for 10.77.3.2 on {host_veth} missing or out of date")], repairs
     with Netlink(host).ipr() as ipr:
         index = Netlink.link_index(ipr, host_veth)
-    assert index is not None and dp.tc.has_guard(index, "10.77.3.2")
+    assert index is not None and dp.tc.has_guard(index, GuardFacts(mac_for("10.77.3.2"), "10.77.3.2"))
     assert dp.repair([(s, endpoints)]) == []
     assert ping(a, "10.77.3.3")

@@ -71,6 +71,15 @@ def guard_drops(host: str) -> int:
     return sum(int(line.split()[0]) for line in out.splitlines()[2:] if "DROP" in line)
 
 
+def port_drops(host: str, veth: str) -> int:
+    """What the tc filters on `veth`'s ingress dropped (bridge mode's anti-spoofing guard: the clsact qdisc
+    counts its TC_ACT_SHOT verdicts)."""
+    out = ns_run(host, "tc", "-s", "qdisc", "show", "dev", veth).stdout
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("qdisc clsact"))
+    return int(lines[at + 1].split("dropped ")[1].split(",")[0])
+
+
 RA_SENDER = r"""
 import socket, struct, sys
 # a router advertisement (type 134) with a prefix information option for 2001:db8:66::/64 (on-link,

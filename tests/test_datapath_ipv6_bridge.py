@@ -4,16 +4,19 @@ through a router, send only from their own address, cannot give each other a rou
 repair pass puts the bridge's IPv6 back."""
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
 
 import pytest
 from conftest import run
-from test_datapath_ipv6 import RA_SENDER, guard_drops, ns_run, ping6
+from test_datapath_ipv6 import RA_SENDER, ns_run, ping6, port_drops
 
 from vpcnet.datapath.dataplane import Dataplane
+from vpcnet.datapath.guard import GuardFacts
 from vpcnet.datapath.ipv6 import GATEWAY, Ipv6Endpoint
+from vpcnet.datapath.netlink import Netlink
 from vpcnet.datapath.spec import EndpointSpec, NetworkSpec, bridge_name, mac_for, veth_names
 
 pytestmark = pytest.mark.root
@@ -22,6 +25,8 @@ BLOCK = "fd00:77:3:0:2::"          # this host's /80 block
 A, B, C = f"{BLOCK}2", f"{BLOCK}3", f"{BLOCK}4"
 EIDS = ("a" * 64, "b" * 64)
 VETHS = [veth_names(e)[0] for e in EIDS]
+BRIDGE_RULE = "own IPv6, checked per port by its tc filter"
+UPLINK = "fd77:a::10"              # the host's uplink address (make_host): reached through the gateway
 
 
 def spec(block: str = BLOCK, host4: str = "10.77.3") -> NetworkSpec:
@@ -102,16 +107,16 @@ def test_a_bridge_container_sends_only_from_its_own_address_and_its_advertisemen
     assert ping6(ca, B)
     # a forged source: a takes a third address of the block (nobody's), and b's, and sends from them
     run(["ip", "-n", ca, "-6", "addr", "add", f"{C}/128", "dev", "eth0", "nodad"])
-    before = guard_drops(host)
+    before = port_drops(host, VETHS[0])
     assert not ping6(ca, B, source=C)
-    assert guard_drops(host) > before
+    assert port_drops(host, VETHS[0]) > before, "a's port dropped them"
     assert not ping6(ca, "fd77:a::1", source=C), "nor towards the gateway and out"
     assert ping6(ca, B) and ping6(cb, A), "their own addresses still pass"
     # a router advertisement from a, to all nodes on the bridge: b (accept_ra=1) and the host take nothing
-    before = guard_drops(host)
+    before = port_drops(host, VETHS[0])
     ns_run(ca, sys.executable, "-c", RA_SENDER)
     time.sleep(0.3)
-    assert guard_drops(host) >= before + 3
+    assert port_drops(host, VETHS[0]) >= before + 3
     for where in (cb, host):
         seen = ns_run(where, "ip", "-6", "route").stdout + ns_run(where, "ip", "-6", "addr").stdout
         assert "2001:db8:66" not in seen, (where, seen)
@@ -141,6 +146,80 @@ def test_bridge_containers_reach_another_hosts_containers_through_a_router_with_
     assert int(seen.split()[0]) > 0, "the router forwarded plain IPv6 from container a's own address"
 
 
+NA_SENDER = r"""
+import socket, struct, sys
+# unsolicited neighbour advertisements (type 136, Override) for each target named, with this link's MAC as
+# the target's link-layer address, to all nodes: what a hostile container sends to take others' traffic
+mac = open("/sys/class/net/eth0/address").read().strip()
+s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 0)       # the sender's own cache: untouched
+for target in sys.argv[1:]:
+    option = struct.pack("!BB", 2, 1) + bytes.fromhex(mac.replace(":", ""))
+    na = struct.pack("!BBHI", 136, 0, 0, 0x20000000) + socket.inet_pton(socket.AF_INET6, target) + option
+    for _ in range(3):
+        s.sendto(na, ("ff02::1", 0, 0, socket.if_nametoindex("eth0")))
+"""
+
+
+NA_SNIFFER = r"""
+import socket, sys, time
+# the targets of the neighbour advertisements this namespace receives for a while
+s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+s.settimeout(0.1)
+print("ready", flush=True)
+end = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:
+    try:
+        data = s.recv(2048)
+    except socket.timeout:
+        continue
+    if data[0] == 136:
+        print(socket.inet_ntop(socket.AF_INET6, data[8:24]), flush=True)
+"""
+
+
+def advertisements_seen(receiver: str, sender: str, targets: list[str]) -> list[str]:
+    """The targets of the neighbour advertisements `receiver` got while `sender` advertised `targets`."""
+    proc = subprocess.Popen(["ip", "netns", "exec", receiver, sys.executable, "-c", NA_SNIFFER, "2"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        ns_run(sender, sys.executable, "-c", NA_SENDER, *targets)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    return out.split()
+
+
+def lladdr(ns: str, address: str, dev: str) -> str:
+    shown = ns_run(ns, "ip", "-6", "neigh", "show", address, "dev", dev).stdout.split()
+    return shown[shown.index("lladdr") + 1] if "lladdr" in shown else ""
+
+
+def test_a_bridge_container_cannot_advertise_the_gateway_or_a_neighbours_address(netns_factory):
+    """On a bridge, a forged neighbour advertisement would take traffic from everyone: one for `fe80::1`
+    (sent from the container's own link-local address, which the ip6tables guard alone let through) points
+    every container's gateway at it, one for a neighbour's address points the host's traffic for that
+    neighbour at it. The port's filter lets a container advertise only its own addresses."""
+    host = make_host(netns_factory)
+    _dp, s, _wanted, ca, cb = two_containers(host, netns_factory)
+    assert ping6(cb, UPLINK) and ping6(ca, B)                      # b resolves its gateway, fe80::1
+    ping6(host, B)                                                 # the host resolves b on the bridge
+    gateway_mac = ns_run(host, "cat", f"/sys/class/net/{s.bridge}/address").stdout.strip()
+    mac_a, mac_b = mac_for("10.77.3.2"), mac_for("10.77.3.3")
+    assert lladdr(cb, GATEWAY, "eth0") == gateway_mac and lladdr(host, B, s.bridge) == mac_b
+    before = port_drops(host, VETHS[0])
+    seen = advertisements_seen(cb, ca, [GATEWAY, B, A])
+    assert port_drops(host, VETHS[0]) >= before + 6, "a's port dropped both forged kinds"
+    assert GATEWAY not in seen and B not in seen, f"b received forged advertisements: {seen}"
+    assert seen.count(A) == 3, f"a's advertisements of its own address reach b: {seen}"
+    assert lladdr(cb, GATEWAY, "eth0") == gateway_mac, "b's gateway now points at a"
+    assert lladdr(host, B, s.bridge) == mac_b, "the host's traffic for b now goes to a"
+    assert lladdr(host, A, s.bridge) in ("", mac_a)
+    assert ping6(cb, A) and ping6(ca, B) and ping6(cb, UPLINK)
+
+
 def test_the_repair_pass_puts_the_bridges_ipv6_back(netns_factory):
     host = make_host(netns_factory)
     dp, s, _wanted, ca, _cb = two_containers(host, netns_factory)
@@ -148,16 +227,19 @@ def test_the_repair_pass_puts_the_bridges_ipv6_back(netns_factory):
                  for i, e in enumerate(EIDS)]
     assert dp.repair([(s, endpoints)]) == []           # all in place: nothing to do, the bridge's IPv6 left on
     assert ping6(ca, B)
-    # drift: the block's route and the gateway go, b's rule goes from the guard, a sysctl is turned back
+    # drift: the block's route and the gateway go, b's port filter loses its IPv6 half (as an older one
+    # would be), a sysctl is turned back
     run(["ip", "-n", host, "-6", "route", "del", f"{BLOCK}/80"])
     run(["ip", "-n", host, "-6", "addr", "del", "fe80::1/64", "dev", s.bridge])
-    rules = ns_run(host, "ip6tables", "-t", "raw", "-S", "VPCNET-IPV6").stdout.splitlines()[1:]   # after -N
-    number = next(i for i, r in enumerate(rules, 1) if f"--physdev-in {VETHS[1]}" in r)
-    ns_run(host, "ip6tables", "-t", "raw", "-D", "VPCNET-IPV6", str(number))
+    with Netlink(host).ipr() as ipr:
+        index_b = Netlink.link_index(ipr, VETHS[1])
+    dp.tc.attach_guard(index_b, GuardFacts(mac_for("10.77.3.3"), "10.77.3.3"))
     assert not ping6(ca, B)
     repairs = dp.repair([(s, endpoints)])
     whats = " | ".join(r.what for r in repairs)
-    assert f"route {BLOCK}/80 dev {s.bridge} missing" in whats and "VPCNET-IPV6" in whats, repairs
+    assert f"route {BLOCK}/80 dev {s.bridge} missing" in whats, repairs
+    assert f"anti-spoofing filter for 10.77.3.3 on {VETHS[1]} missing or out of date" in whats, repairs
+    assert dp.tc.guard_facts(index_b) == GuardFacts(mac_for("10.77.3.3"), "10.77.3.3", B)
     assert any(ping6(ca, B) for _ in range(3))
     ns_run(host, "sysctl", "-qw", f"net.ipv6.conf.{s.bridge}.accept_ra=1")
     repairs = dp.repair([(s, endpoints)])
@@ -174,23 +256,28 @@ def test_the_repair_pass_puts_the_bridges_ipv6_back(netns_factory):
 
 def test_a_bridge_endpoint_leaving_takes_its_rule_with_it(netns_factory):
     """Docker releases a running container's IPv6 address when the container turns IPv6 off by sysctl (the
-    row forgets it), or the endpoint goes: the guard is written without the port's rule at once."""
+    row forgets it): its port's filter lets no IPv6 through from then on. The last bridge-mode IPv6 endpoint
+    going takes the guard's bridge rules with it."""
     host = make_host(netns_factory)
     dp, _s, wanted, ca, cb = two_containers(host, netns_factory)
     assert ping6(ca, B)
     wanted.pop(0)
     dp.drop_endpoint_ipv6(VETHS[0], A)
-    assert f"--physdev-in {VETHS[0]}" not in ns_run(host, "ip6tables-save", "-t", "raw").stdout
+    with Netlink(host).ipr() as ipr:
+        index_a = Netlink.link_index(ipr, VETHS[0])
+    assert dp.tc.guard_facts(index_a) == GuardFacts(mac_for("10.77.3.2"), "10.77.3.2"), "no IPv6 half left"
     assert not ping6(ca, B), "a can no longer send from its former address"
+    assert BRIDGE_RULE in ns_run(host, "ip6tables-save", "-t", "raw").stdout, "b still has IPv6"
     wanted.pop(0)
     dp.delete_endpoint(VETHS[1])
-    assert "--physdev-in" not in ns_run(host, "ip6tables-save", "-t", "raw").stdout
+    assert BRIDGE_RULE not in ns_run(host, "ip6tables-save", "-t", "raw").stdout, "no bridge-mode IPv6 left"
 
 
 
 def test_the_guard_is_written_from_rows_read_under_the_host_lock(netns_factory):
-    """The guard names each bridge-mode endpoint: two workers writing it at once must not let the one that
-    read the rows first write last, so the rows are read, and the guard written, under one host lock."""
+    """The guard's bridge rules follow the rows (whether bridge-mode IPv6 endpoints exist): two workers
+    writing it at once must not let the one that read the rows first write last, so the rows are read, and
+    the guard written, under one host lock."""
     host = make_host(netns_factory)
     dp = Dataplane(netns=host)
     s = spec()
@@ -214,7 +301,7 @@ def test_the_guard_is_written_from_rows_read_under_the_host_lock(netns_factory):
     container(host, dp, s, netns_factory, "10.77.3.2", A, EIDS[0])
     dp.ensure_endpoint_ipv6(s, VETHS[0], A)
     assert reads and all(reads), reads
-    assert f"--physdev-in {VETHS[0]}" in ns_run(host, "ip6tables-save", "-t", "raw").stdout
+    assert BRIDGE_RULE in ns_run(host, "ip6tables-save", "-t", "raw").stdout
 
 
 def test_without_br_netfilter_a_dual_stack_bridge_network_is_refused_clearly(netns_factory, monkeypatch):

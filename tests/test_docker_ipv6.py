@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 import uuid
 
 import pytest
 from conftest import free_cluster, run, unique
 from test_doctor import doctor
+
+from vpcnet.datapath.guard import GuardFacts
+from vpcnet.datapath.netlink import Netlink
+from vpcnet.datapath.tc import TcPrograms
 
 pytestmark = pytest.mark.docker
 
@@ -72,10 +77,11 @@ def test_dual_stack_network_containers_reach_each_other_over_ipv6(plugin_factory
     assert taken.returncode != 0 and "already in use" in taken.stderr, taken.stderr
     assert len(plugin.status()["networks"][0]["endpoints"]) == 3
     host_veth = next(ep["host_veth"] for ep in plugin.status()["networks"][0]["endpoints"] if ep["address"] == ip4_a)
-    if bridge:      # the block routed to the bridge, the guard's rule for a's port and address
+    if bridge:      # the block routed to the bridge, a's port filter lets a's MAC and addresses through
         assert f"{block} dev {bridge}" in run(["ip", "-6", "route", "show"]).stdout
-        assert f"-s {ip6_a} -i {bridge} -m physdev --physdev-in {host_veth}" in \
-            run(["ip6tables-save", "-t", "raw"]).stdout
+        mac_a = dock("inspect", "-f", f'{{{{(index .NetworkSettings.Networks "{net}").MacAddress}}}}', a).stdout
+        assert TcPrograms(Netlink()).guard_facts(socket.if_nametoindex(host_veth)) == \
+            GuardFacts(mac_a.strip(), ip4_a, ip6_a.split("/")[0])
     else:
         assert f"{ip6_a.split('/')[0]} dev {host_veth}" in run(["ip", "-6", "route", "show"]).stdout
     # a container's router advertisement never configures the host (the guard drops its IPv6 but its own)

@@ -36,7 +36,7 @@ from vpcnet.datapath.firewall import (
     ip6tables_of,
     rule,
 )
-from vpcnet.datapath.ipv6 import Ipv6Endpoint, guard_rules
+from vpcnet.datapath.ipv6 import guard_rules
 from vpcnet.datapath.modes import strategy
 from vpcnet.datapath.spec import MODES, NetworkSpec, PortMapping, bridge_name
 from vpcnet.observability.events import EVENTS
@@ -115,7 +115,7 @@ SHAPES: dict[str, list[str]] = {
 }
 SHAPES_V6 = [*IPV6_RULES, rule(iif="eth+", match=ctstate("ESTABLISHED", "RELATED"), target="ACCEPT"),
              # the guard's rules for IPv6 endpoints, routed and bridge mode (vpcnet.datapath.ipv6)
-             *guard_rules(True, [Ipv6Endpoint("vh0123456789a", "fd00:77:3:0:2::02", "vpc-0123456789a")])]
+             *guard_rules(True, bridged=True)]
 SHAPE_CHAINS = {"raw": "VPCNET-R-shapes", "filter": "VPCNET-F-shapes", "nat": "VPCNET-N-shapes"}
 
 

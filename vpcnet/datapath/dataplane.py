@@ -6,8 +6,8 @@ Per network: a bridge (`vpc-<network id[:11]>`) holding the gateway address; per
 host end (`vh<endpoint id[:11]>`) on the bridge, container end (`vc...`) handed to Docker to move into
 the sandbox. Links and addresses go through pyroute2; the firewall through `iptables-restore` (the same
 binary family Docker uses, so both see one rule set). Bridge mode's anti-spoofing: a classic BPF tc filter
-on each host end's ingress (vpcnet.datapath.tc.guard_program: IPv4 and ARP only from the endpoint's own
-address; routed mode's reverse-path check never sees what is bridged), with the veth, checked by `repair`.
+on each host end's ingress (vpcnet.datapath.guard: only the endpoint's own MAC, and IPv4, ARP and IPv6 only
+as itself; routed mode's reverse-path check never sees what is bridged), with the veth, checked by `repair`.
 
 Routed mode (`-o vpcnet.mode=routed`, per network): a leaner path with no bridge. The gateway address
 sits on a per-network anchor (one end of a veth pair `vpc-<id11>`/`vpp-<id11>`: this kernel may lack the
@@ -115,6 +115,7 @@ from vpcnet.datapath.ebpf import endpoints as ep_maps
 from vpcnet.datapath.ebpf import maps
 from vpcnet.datapath.features import Features, probe
 from vpcnet.datapath.firewall import PREFIXES, FirewallTable, Ipv6Guard
+from vpcnet.datapath.guard import GuardFacts
 from vpcnet.datapath.ipv6 import Ipv6Endpoint, RoutedIpv6, forward_rules, guard_rules
 from vpcnet.datapath.links import IPV6_OFF_VIEW, Links
 from vpcnet.datapath.modes import strategy
@@ -189,7 +190,8 @@ class Dataplane:
         self._guard_ipv6 = False            # the guard as last written here lets IPv6 endpoints through
         self._guard_internal: set[str] = set()    # the --internal IPv6 blocks in the guard as last written here
         self._ipv6_host = False             # IPv6 forwarding checked by this process
-        self._bridged_veths: set[str] = set()   # bridge ports the guard as last written here lets IPv6 from
+        self._guard_bridged = False         # the guard as last written here has bridge mode's rules
+        self._bridged6: dict[str, str] = {}  # bridge ports with IPv6 by design: their addresses (last repair)
 
     # -- host-wide --------------------------------------------------------------------------------
     def uplink_mtu(self) -> int:
@@ -211,19 +213,19 @@ class Dataplane:
 
     def _apply_ipv6_guard(self, saved=None) -> list[str]:
         """The IPv6 guard, letting IPv6 endpoints' own traffic through while the host has any
-        (vpcnet.datapath.ipv6): one rule set for the routed modes' endpoints, one rule per bridge-mode
-        endpoint (its address from its bridge port), and the --internal networks' rules."""
+        (vpcnet.datapath.ipv6): one rule set for the routed modes' endpoints, one for bridge mode's (each
+        port's own filter checks its addresses: vpcnet.datapath.guard), and the --internal networks' rules."""
         with self.ipv6_guard_lock():
             endpoints = list(self.ipv6_endpoints())
             bridged = [ep for ep in endpoints if ep.bridge]
             routed = len(bridged) < len(endpoints)
             uplinks = self.uplink_names() if endpoints else []
             internal = list(self.ipv6_internal())
-            problems = self.ipv6_guard.apply(saved, allow=guard_rules(routed, bridged),
+            problems = self.ipv6_guard.apply(saved, allow=guard_rules(routed, bool(bridged)),
                                              forward=forward_rules(routed, uplinks, internal, bool(bridged)))
         in_place = self.ipv6_guard.in_place
         self._guard_ipv6 = routed and in_place
-        self._bridged_veths = {ep.host_veth for ep in bridged} if in_place else set()
+        self._guard_bridged = bool(bridged) and in_place
         self._guard_internal = {block for block, _ in internal} if in_place and endpoints else set()
         return problems
 
@@ -317,16 +319,16 @@ class Dataplane:
         ebpf modes: host end on no bridge, answering ARP for the container's neighbours and gateway (proxy
         ARP), and a route `<address>/32 dev <host end>` (it goes with the veth); ebpf mode also attaches the
         container program to the host end (it goes with the veth too). Bridge mode: the anti-spoofing guard
-        on the host end's ingress (vpcnet.datapath.tc.guard_program: IPv4 and ARP only from `address`; the
-        routed modes' reverse-path check cannot see bridged traffic). With peer counting, the counting
-        programs too (vpcnet.datapath.tc), in every mode."""
+        on the host end's ingress (vpcnet.datapath.guard: `mac`, and IPv4 and ARP only from `address`, no
+        IPv6 until `ensure_endpoint_ipv6`; the routed modes' reverse-path check cannot see bridged traffic).
+        With peer counting, the counting programs too (vpcnet.datapath.tc), in every mode."""
         with self.nl.ipr() as ipr:
             host_idx = self.links.ensure_veth(ipr, spec, host_veth, peer_veth, mac)
             if not address:                   # IPv6-only: its IPv6 is ensure_endpoint_ipv6's
                 return
             index = host_idx
             if not spec.routed:               # bridge mode: its anti-spoofing guard, ahead of the counting
-                index = self.tc.attach_guard(host_idx, address, host_veth)
+                index = self.tc.attach_guard(host_idx, GuardFacts(mac, address), host_veth)
             if self.tc.peers and not spec.ebpf and index is not None:
                 self.tc.attach_counting(ipr, spec, index, address)
             if not spec.routed and spec.published(address):
@@ -343,9 +345,10 @@ class Dataplane:
         """IPv6 for an endpoint whose veth `ensure_endpoint` made. Routed and ebpf modes: IPv6 on its host
         veth, the gateway, a /128 route; in ebpf mode (with the network's IPv6 block in `spec`) the IPv6
         container program too, with `address` built in (vpcnet.datapath.ebpf.programs6), after the /128 route;
-        with peer counting in the other modes, the IPv6 counting programs. Bridge mode: nothing on the veth (a
-        bridge port, IPv6 off: the bridge carries the network's IPv6, `ensure_network`), the guard's rule for
-        this port and address (and the counting programs). The endpoint must already be among
+        with peer counting in the other modes, the IPv6 counting programs. Bridge mode: no IPv6 on the veth (a
+        bridge port: the bridge carries the network's IPv6, `ensure_network`); the port's anti-spoofing
+        filter lets `address` through from now on, the guard's bridge rules are in place (and the counting
+        programs). The endpoint must already be among
         `ipv6_endpoints()` (the desired state first): the guard written here lets its traffic through."""
         if not spec.host_cidr_v6 and not spec.routed:
             raise DataplaneError(f"network {spec.tag} has no IPv6 block: bridge mode carries IPv6 only on "
@@ -355,13 +358,15 @@ class Dataplane:
         # found in place: one ip6tables-save) unless this process last wrote them so itself
         internal_missing = spec.internal and spec.host_cidr_v6 not in self._guard_internal
         if not spec.routed:
-            if host_veth not in self._bridged_veths or internal_missing:
+            if not self._guard_bridged or internal_missing:
                 self._apply_ipv6_guard()
+            with self.nl.ipr() as ipr:
+                idx = self.nl.link_index(ipr, host_veth)
+            if idx is None:
+                raise DataplaneError(f"veth {host_veth} is missing")
+            self._guard_ipv6_of(idx, host_veth, address)
             if self.tc.peers:                  # peer counting, on the bridge port as in routed mode
                 with self.nl.ipr() as ipr:
-                    idx = self.nl.link_index(ipr, host_veth)
-                    if idx is None:
-                        raise DataplaneError(f"veth {host_veth} is missing")
                     self.tc.attach_counting6(ipr, spec, idx, address)
             return
         if not self._guard_ipv6 or internal_missing:
@@ -372,6 +377,17 @@ class Dataplane:
                 self.tc.attach_endpoint6(ipr, spec, idx, address)
             elif self.tc.peers:
                 self.tc.attach_counting6(ipr, spec, idx, address)
+
+    def _guard_ipv6_of(self, index: int, host_veth: str, address6: str) -> bool:
+        """The anti-spoofing filter of bridge port `index` rewritten to let the IPv6 `address6` through (""
+        to let no IPv6 through), its MAC and IPv4 address as they are; False: the port has no filter of
+        ours (a routed endpoint's veth)."""
+        facts = self.tc.guard_facts(index)
+        if facts is None:
+            return False
+        if facts.address6 != address6:
+            self.tc.attach_guard(index, dataclasses.replace(facts, address6=address6), host_veth)
+        return True
 
     def _ensure_ipv6_host(self) -> None:
         if not self._ipv6_host:               # the first IPv6 network or endpoint of this process: forwarding
@@ -388,8 +404,10 @@ class Dataplane:
             if idx is not None:
                 self.tc.drop_endpoint6(ipr, idx)
             self.ipv6.unroute(ipr, host_veth, address)
+        if idx is not None:
+            self._guard_ipv6_of(idx, host_veth, "")    # a bridge port: no IPv6 from it any more
         self.forget_peers([address])
-        if self._may_guard(host_veth):
+        if self._bridge_rules_may_go():
             self._apply_ipv6_guard()
 
     def _repair_ipv6(self, endpoints: dict[str, Ipv6Endpoint], view: KernelView) -> list[Repair]:
@@ -443,13 +461,15 @@ class Dataplane:
         self.nl.delete_link(host_veth)       # the peer goes with it, wherever it is (and the filters)
         if idx is not None:
             self.tc.forget_endpoint(idx)      # its entries in the endpoint maps
-        if self._may_guard(host_veth):        # its guard rule (the row is gone: the guard is written without)
+        if self._bridge_rules_may_go():      # the last bridge-mode IPv6 endpoint: no bridge rules after it
             self._apply_ipv6_guard()
 
-    def _may_guard(self, host_veth: str) -> bool:
-        """The guard may hold a rule for this bridge port: it did as this process last wrote it, or this
-        process has not written it yet (another worker did)."""
-        return host_veth in self._bridged_veths or not self.ipv6_guard.in_place
+    def _bridge_rules_may_go(self) -> bool:
+        """The guard may hold bridge mode's rules with no bridge-mode IPv6 endpoint left (the rows already
+        say so): it did as this process last wrote it, or this process has not written it yet."""
+        if not (self._guard_bridged or not self.ipv6_guard.in_place):
+            return False
+        return not any(ep.bridge for ep in self.ipv6_endpoints())
 
     def forget_peers(self, addresses: Sequence[str]) -> None:
         """Deleted endpoints' per-peer counts leave the peer map (IPAM may hand the addresses out again);
@@ -589,7 +609,9 @@ class Dataplane:
                     for p in self.firewall.apply([], host=True, saved=saved, uplinks=uplinks)]
         saved6 = self.ports6.save()
         repairs += [Repair("firewall", "-", p) for p in self._apply_ipv6_guard(saved6)]
-        v6 = {ep.host_veth: ep for ep in self.ipv6_endpoints() if not ep.bridge}
+        every6 = list(self.ipv6_endpoints())
+        v6 = {ep.host_veth: ep for ep in every6 if not ep.bridge}
+        self._bridged6 = {ep.host_veth: ep.address for ep in every6 if ep.bridge}
         self._v6_veths = set(v6)
         self._v6_addresses = {veth: ep.address for veth, ep in v6.items()}
         self._drop_stale_facts(view)
@@ -730,7 +752,7 @@ class Dataplane:
                 continue                          # no veth: the container is gone, Docker will say so
             if not spec.routed and host["master"] != link["index"]:
                 return True
-            if not spec.routed and ep.address and not self._guarded(host["index"], ep.address):
+            if not spec.routed and ep.address and not self._guarded(host["index"], self._guard_of(ep)):
                 return True
             if spec.routed and ep.address and view.routes.get(f"{ep.address}/32") != host["index"]:
                 return True
@@ -744,11 +766,16 @@ class Dataplane:
                 return True
         return False
 
-    def _guarded(self, index: int, address: str) -> bool:
+    def _guard_of(self, ep: EndpointSpec) -> GuardFacts:
+        """What a bridge-mode endpoint's anti-spoofing filter must hold (its IPv6 address as of the last
+        repair's reading of the rows)."""
+        return GuardFacts(ep.mac, ep.address, self._bridged6.get(ep.host_veth, ""))
+
+    def _guarded(self, index: int, facts: GuardFacts) -> bool:
         """Bridge mode: the endpoint's anti-spoofing guard is in place (one small netlink request; a failed
         read makes the network a suspect, looked at again under its lock)."""
         try:
-            return self.tc.has_guard(index, address)
+            return self.tc.has_guard(index, facts)
         except DataplaneError:
             return False
 
@@ -798,8 +825,8 @@ class Dataplane:
                 master = self.nl.link_index(ipr, spec.bridge)
                 if link.get_attr("IFLA_MASTER") != master:
                     problem = f"host veth {ep.host_veth} of {ep.address} not on bridge {spec.bridge}"
-                elif ep.address and not self.tc.has_guard(host_idx, ep.address):
-                    problem = f"anti-spoofing filter for {ep.address} on {ep.host_veth} missing"
+                elif ep.address and not self.tc.has_guard(host_idx, self._guard_of(ep)):
+                    problem = f"anti-spoofing filter for {ep.address} on {ep.host_veth} missing or out of date"
             elif ep.address:                  # an IPv6-only endpoint: no /32, no program (_repair_ipv6's)
                 if self.links.routed_via(ipr, ep.address) != host_idx:
                     problem = f"route {ep.address}/32 dev {ep.host_veth} missing"

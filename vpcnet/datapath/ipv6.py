@@ -45,9 +45,9 @@ is routed to it; Join also answers the block as a connected route, so the networ
 other on the bridge and talk directly. The ports (host veths) keep IPv6 off. The bridge's own
 nf_call_ip6tables passes its IPv6 through ip6tables (br_netfilter), where the guard drops router
 advertisements and redirects from any port and lets each endpoint send only from its own address by its own
-port (`-m physdev`): the bridge's routes lead to the bridge, not to a port, so the reverse-path check cannot
-tell its containers apart, and each endpoint has a rule (the guard is rewritten when one comes or goes,
-under `Dataplane.ipv6_guard_lock`). `forward_rules` treat the bridges (`vpc-+`) as the host veths.
+port: the bridge's routes lead to the bridge, not to a port, so the reverse-path check cannot tell its
+containers apart; each port's own tc filter does (vpcnet.datapath.guard), and the guard's bridge rules are
+the same for any number of endpoints. `forward_rules` treat the bridges (`vpc-+`) as the host veths.
 """
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ def unavailable(path: str = FORWARDING) -> str:
             "vpcnet as a service (`vpcnet serve`, docs/systemd.md)")
 
 
-def guard_rules(any_ipv6: bool, bridged: Sequence[Ipv6Endpoint] = ()) -> list[str]:
+def guard_rules(any_ipv6: bool, bridged: bool = False) -> list[str]:
     """The raw-table rules letting IPv6 endpoints' own traffic through, to go before the guard's drops: a
     packet whose source the host routes back to the veth it came in by (strict reverse path: only an IPv6
     endpoint's own /128 is routed to its veth, so a container cannot send as another, nor as anyone
@@ -120,7 +120,7 @@ def guard_rules(any_ipv6: bool, bridged: Sequence[Ipv6Endpoint] = ()) -> list[st
     same few rules for any number of endpoints: an endpoint costs the firewall nothing, its /128 route is
     its permission. None while the host has no IPv6 endpoint (the guard then drops all IPv6, as before).
 
-    `bridged`: the endpoints of bridge-mode networks (`bridge_rules`). Written as ip6tables-save prints
+    `bridged`: the host has bridge-mode IPv6 endpoints (`bridge_rules`). Written as ip6tables-save prints
     them, so a pass that finds them in place writes nothing."""
     rules = []
     if any_ipv6:
@@ -130,25 +130,22 @@ def guard_rules(any_ipv6: bool, bridged: Sequence[Ipv6Endpoint] = ()) -> list[st
     return rules + bridge_rules(bridged)
 
 
-def bridge_rules(bridged: Sequence[Ipv6Endpoint]) -> list[str]:
+def bridge_rules(bridged: bool) -> list[str]:
     """Bridge mode's half of the guard. A bridge's IPv6 reaches ip6tables through br_netfilter (the bridge's
     own nf_call_ip6tables, set by `ensure_bridge`), bridged between two ports as well as routed, with `-i`
-    the bridge and `--physdev-in` the port it came in by. The bridge's routes all lead to the bridge, not to
-    a port, so a reverse-path check cannot tell one container from another: each endpoint gets its own rule,
-    its address from its own port (anti-spoofing, per container). Before those, router advertisements and
-    redirects from any port are dropped (they never reach another container nor the host); neighbour
-    solicitations and advertisements from link-local addresses pass (containers resolve each other and the
-    gateway). The guard's `-i vpc-+` drop takes the rest (a forged source, duplicate address detection's
-    probes from `::`, anything link-local but neighbour discovery). None without bridge-mode endpoints."""
+    the bridge. The bridge's routes all lead to the bridge, not to a port, so no rule here can tell one
+    container from another: each port's own anti-spoofing filter does (vpcnet.datapath.guard: the
+    endpoint's MAC, its IPv6 address or its link-local one as the source, neighbour advertisements for those
+    only, no IPv6 at all without an IPv6 address), before the bridge sees the frame. Here, router
+    advertisements and redirects from any port are dropped (they never reach another container nor the
+    host; the port's filter drops them too), and the rest the ports let through is let on. The same rules
+    for any number of endpoints (none per endpoint: creating one costs the firewall nothing); none without
+    bridge-mode IPv6 endpoints (`bridged`)."""
     if not bridged:
         return []
     rules = [f"-i {BRIDGES} -p ipv6-icmp -m icmp6 --icmpv6-type {kind} "
              f'-m comment --comment "vpcnet: {what} from a container" -j DROP' for kind, what in NO_BRIDGED]
-    rules += [f"-s fe80::/10 -i {BRIDGES} -p ipv6-icmp -m icmp6 --icmpv6-type {kind} "
-              f'-m comment --comment "vpcnet: neighbour discovery" -j RETURN' for kind in ND_TYPES]
-    rules += [f"-s {ipaddress.IPv6Address(ep.address)}/128 -i {ep.bridge} -m physdev --physdev-in {ep.host_veth} "
-              f'-m comment --comment "vpcnet: own IPv6" -j RETURN'
-              for ep in sorted(bridged, key=lambda e: (e.bridge, e.host_veth))]
+    rules.append(f'-i {BRIDGES} -m comment --comment "vpcnet: own IPv6, checked per port by its tc filter" -j RETURN')
     return rules
 
 
@@ -247,7 +244,7 @@ class RoutedIpv6:
         """Bridge mode: the bridge carries the network's IPv6. IPv6 on for it (IPV6_ON: no advertisement
         taken, no duplicate address detection), `GATEWAY` on it (no DAD: nothing a container answers can
         take it away), the host's IPv6 `block` routed to it, and its own nf_call_ip6tables on, so its IPv6
-        passes ip6tables (the guard's per-port rules, `bridge_rules`) whatever the host-wide
+        passes ip6tables (the guard's bridge rules, `bridge_rules`) whatever the host-wide
         bridge-nf-call-ip6tables says. Needs br_netfilter. Idempotent; returns the bridge's index."""
         idx = self.nl.link_index(ipr, bridge)
         if idx is None:

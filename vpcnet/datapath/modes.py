@@ -1,7 +1,7 @@
 """One strategy per datapath mode: what a network of that mode wants from the kernel's firewall.
 
 - `bridge`: a Linux bridge holds the gateway; the network's traffic is named by the bridge (`-i/-o br`).
-  Its anti-spoofing is no rule here: a tc filter per bridge port (vpcnet.datapath.tc.guard_program).
+  Its anti-spoofing is no rule here: a tc filter per bridge port (vpcnet.datapath.guard).
 - `routed`: no bridge; an anchor holds the gateway, the host routes each container by /32 over its host
   veth. Traffic is named by the host veths (`vh+`) and the network's addresses; the host-wide
   anti-spoofing rule (vpcnet.datapath.firewall.ANTI_SPOOFING) keeps one network's containers from

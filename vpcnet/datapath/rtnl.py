@@ -347,7 +347,7 @@ def _parse_link(data: bytes, start: int, end: int, wanted: bytes, out: dict) -> 
 
 # -- tc: the clsact qdisc and cls_bpf filters, as `tc qdisc add ... clsact` and `tc filter replace ... bpf da`
 # Over this socket, a request costs a fraction of pyroute2's, which counts on CreateEndpoint's path (the
-# eBPF container programs) and in every bridge port's anti-spoofing guard (vpcnet.datapath.tc.guard_program);
+# eBPF container programs) and in every bridge port's anti-spoofing guard (vpcnet.datapath.guard);
 # pyroute2 has no call for a classic BPF filter at all (its TCA_BPF_OPS is a single word).
 RTM_NEWQDISC, RTM_NEWTFILTER, RTM_GETTFILTER = 36, 44, 46
 NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x100, 0x200, 0x400

@@ -23,29 +23,27 @@
   address goes: `drop_endpoint6`), its receive counting program (`COUNT6_FILTER`), and, per network with
   an IPv6 block, `vpcnet6-<tag>` on the uplinks (prio `UPLINK6_PRIO`, the same handle). The IPv4 default
   route's devices are the uplinks of both families.
-- Bridge mode's anti-spoofing guard (`attach_guard`, `guard_program`): a classic BPF filter (no bpf()
-  syscall, no eBPF needed) on the ingress of every bridge-mode endpoint's host veth (prio/handle
-  `GUARD_FILTER`, protocol all, ahead of the counting programs): IPv4 only from the endpoint's own address,
-  ARP only with it as the sender's address; the rest of those two is dropped, anything else goes on to the
-  next filter. It goes with the veth.
+- Bridge mode's anti-spoofing guard (`attach_guard`; the program: vpcnet.datapath.guard): a classic BPF
+  filter (no bpf() syscall, no eBPF needed) on the ingress of every bridge-mode endpoint's host veth
+  (prio/handle `GUARD_FILTER`, protocol all, ahead of the counting programs): the endpoint's own MAC, IPv4,
+  ARP and IPv6 pass on to the next filter, the rest is dropped. It goes with the veth.
 Programs are replaced in place (`replace-filter`), so re-applying never opens a gap.
 """
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
 import os
-import struct
 import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from pyroute2 import IPRoute, NetlinkError
 
-from vpcnet.datapath import ebpf, rtnl
+from vpcnet.datapath import ebpf, guard, rtnl
 from vpcnet.datapath.ebpf import maps, programs6
 from vpcnet.datapath.ebpf.endpoints import EndpointFacts
+from vpcnet.datapath.guard import GuardFacts
 from vpcnet.datapath.netlink import Netlink
 from vpcnet.datapath.spec import NetworkSpec, bridge_name, uplink_handle
 from vpcnet.errors import DataplaneError
@@ -65,33 +63,6 @@ UPLINK6_PRIO = 0x7F05             # IPv6: the uplink's programs (`vpcnet6-<tag>`
 GUARD_FILTER = (0x7E00, 1)        # (prio, handle) of bridge mode's anti-spoofing guard (ingress, before all)
 ETH_P_ALL = 0x0003
 UPLINK_PRIOS = {"vpcnet-": (UPLINK_PRIO, ETH_P_IP), "vpcnet6-": (UPLINK6_PRIO, ETH_P_IPV6)}   # by name prefix
-
-
-# classic BPF (struct sock_filter): opcodes, and the verdicts of a direct-action cls_bpf filter
-BPF_LD_H_ABS, BPF_LD_W_ABS, BPF_JEQ_K, BPF_RET_K = 0x28, 0x20, 0x15, 0x06
-TC_ACT_UNSPEC, TC_ACT_SHOT = 0xFFFFFFFF, 2
-ETH_P_ARP = 0x0806
-
-
-def guard_program(address: str) -> bytes:
-    """Bridge mode's anti-spoofing guard for the endpoint owning the IPv4 `address`, as classic BPF (offsets
-    from the Ethernet header): an IPv4 packet passes on (TC_ACT_UNSPEC: to the next filter, the counting
-    program) only with `address` as its source, an ARP packet only with `address` as its sender's protocol
-    address (a container can neither answer nor announce a neighbour's address); both are dropped otherwise
-    (0.0.0.0 too: vpcnet's addresses come from IPAM, never DHCP). Other frames go on unchecked (IPv6 is the
-    ip6tables guard's). A frame too short to hold the field read ends the program with 0 (TC_ACT_OK): too
-    short to be taken as IPv4 or ARP by anyone."""
-    own = int(ipaddress.IPv4Address(address))
-    ops = [(BPF_LD_H_ABS, 0, 0, 12),              # 0: the EtherType
-           (BPF_JEQ_K, 0, 2, ETH_P_IP),           # 1: IPv4 -> 2, else -> 4
-           (BPF_LD_W_ABS, 0, 0, 14 + 12),         # 2: its source address
-           (BPF_JEQ_K, 3, 4, own),                # 3: own -> 7, else -> 8
-           (BPF_JEQ_K, 0, 2, ETH_P_ARP),          # 4: ARP -> 5, else -> 7
-           (BPF_LD_W_ABS, 0, 0, 14 + 14),         # 5: the sender's protocol address
-           (BPF_JEQ_K, 0, 1, own),                # 6: own -> 7, else -> 8
-           (BPF_RET_K, 0, 0, TC_ACT_UNSPEC),      # 7: on to the next filter
-           (BPF_RET_K, 0, 0, TC_ACT_SHOT)]        # 8: dropped
-    return b"".join(struct.pack("=HBBI", *op) for op in ops)
 
 
 class TcPrograms:
@@ -235,8 +206,8 @@ class TcPrograms:
         return bool(spec.cluster_cidr_v6) and ((spec.ebpf and bool(spec.host_cidr_v6)) or self.counting)
 
     # -- per endpoint -------------------------------------------------------------------------------
-    def attach_guard(self, index: int | None, address: str, name: str = "") -> int:
-        """Bridge mode: the anti-spoofing guard (`guard_program`) of the endpoint owning `address` on its
+    def attach_guard(self, index: int | None, facts: GuardFacts, name: str = "") -> int:
+        """Bridge mode: the anti-spoofing guard (vpcnet.datapath.guard) of the endpoint with `facts` on its
         host veth's ingress (link `index`, or looked up by `name`), replaced in place (no gap). A few raw
         netlink requests, no program load. Returns the link's index."""
         sock = self.nl.rtnl()
@@ -246,23 +217,27 @@ class TcPrograms:
                 if index is None:
                     raise DataplaneError(f"veth {name} vanished while it was being configured")
             rtnl.add_clsact(sock, index)
-            rtnl.replace_classic_bpf(sock, index, TC_INGRESS, *GUARD_FILTER, ETH_P_ALL, guard_program(address),
+            rtnl.replace_classic_bpf(sock, index, TC_INGRESS, *GUARD_FILTER, ETH_P_ALL, guard.program(facts),
                                      "vpcnet_guard")
         except OSError as exc:
             if exc.errno == errno.EPROTO:
                 self.nl.drop_rtnl()
-            raise DataplaneError(f"cannot attach the anti-spoofing filter for {address} to link "
+            raise DataplaneError(f"cannot attach the anti-spoofing filter for {facts.address} to link "
                                  f"{index or name}: {exc.strerror or exc}") from None
         return index
 
-    def has_guard(self, index: int, address: str) -> bool:
-        """The anti-spoofing guard for `address` is on link `index` (one for another address is not)."""
+    def guard_facts(self, index: int) -> GuardFacts | None:
+        """The endpoint facts of the anti-spoofing guard on link `index` (None: no guard of ours there)."""
         try:
             ops = rtnl.classic_bpf_ops(self.nl.rtnl(), index, TC_INGRESS, *GUARD_FILTER, ETH_P_ALL)
         except OSError as exc:
             self.nl.drop_rtnl()
             raise DataplaneError(f"cannot read the anti-spoofing filter of link {index}: {exc}") from None
-        return ops == guard_program(address)
+        return guard.facts(ops)
+
+    def has_guard(self, index: int, facts: GuardFacts) -> bool:
+        """The anti-spoofing guard for exactly `facts` is on link `index`."""
+        return self.guard_facts(index) == facts
 
     def attach_endpoint(self, ipr: IPRoute, spec: NetworkSpec, host_idx: int, address: str) -> None:
         """The endpoint holding `address` gets its entry in the IPv4 endpoint map (its address: its only

@@ -243,7 +243,7 @@ class FirewallChecks(Checks):
         bridged = [ep for ep in v6 if ep.bridge]
         routed = len(bridged) < len(v6)
         internal = [(n.host_cidr_v6, n.cluster_cidr_v6) for n in self.ctx.networks if n.internal and n.host_cidr_v6]
-        missing, _ = Ipv6Guard.diff(saved, guard_rules(routed, bridged),
+        missing, _ = Ipv6Guard.diff(saved, guard_rules(routed, bool(bridged)),
                                     forward_rules(routed, [u for u in self._uplink_names() if u], internal,
                                                   bool(bridged)))
         if missing:

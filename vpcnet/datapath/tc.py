@@ -194,9 +194,19 @@ class TcPrograms:
         anchor = self.nl.index_of(ipr, spec.bridge)
         if anchor is None:
             raise DataplaneError(f"anchor {spec.bridge} is missing")
-        if self.uplinks is None:
+        if self.uplinks is None or self._new_extra_uplink(ipr, self.uplinks):
             self.uplinks = tuple(self.nl.all_uplinks(ipr))
         return anchor, self.uplinks
+
+    def _new_extra_uplink(self, ipr: IPRoute, known: tuple[int, ...]) -> bool:
+        """A link named in VPCNET_UPLINKS exists and is not among the uplinks as last read (it was made
+        since): one link lookup per name, so a configured uplink counts from the next endpoint on, not from
+        the next pass. A moved default route still waits for the pass (it takes a route dump to see)."""
+        for name in self.nl.extra_uplinks:
+            index = self.nl.index_of(ipr, name)
+            if index is not None and index not in known:
+                return True
+        return False
 
     def facts_wanted(self, spec: NetworkSpec, family: int) -> bool:
         """Endpoints of `spec` have an entry in the family's endpoint map (ebpf mode's container programs, or

@@ -1,5 +1,6 @@
 """A small eBPF assembler: the instruction set vpcnet's programs use (linux/bpf.h, linux/bpf_common.h),
-labels with forward jumps, and the encoding the kernel loads. No compiler, no object file."""
+labels with forward jumps, and the encoding the kernel loads. No compiler, no object file (why not restricted C,
+measured: docs/datapath.md, "Why a Python assembler, not C")."""
 from __future__ import annotations
 
 import struct

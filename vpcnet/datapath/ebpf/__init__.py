@@ -38,7 +38,7 @@ the egress MTU. The map of this host's endpoints is taken only for a frame no lo
 MTU allows (the entry holds it); a longer one (GSO, or one needing fragmentation) goes to the fib lookup,
 which checks it as before. The map mirrors the /32 (/128) routes vpcnet writes for its endpoints (an entry
 is written after the route, removed before it and before the veth: endpoints.py), so it delivers where
-the endpoint's route leads, without the lookup (about half those programs' own time:
+the endpoint's route leads, without the lookup (half to two thirds of those programs' own time:
 bench/fastpath_cost.py). Traffic to other hosts still needs `bpf_fib_lookup`: the egress device and the
 next hop are the routing table's and the neighbour table's, which change without vpcnet (a route moved, a
 next hop's MAC), and `bpf_redirect_neigh` without them would look the route up itself. Everything else —

@@ -13,7 +13,9 @@ counting). The same shape as IPv4's (the package docstring says why and what), w
   (global or ULA) address and the destination inside the cluster CIDR, which the builders refuse to let
   overlap fe80::/10 or ff00::/8.
 - Hop limit <= 1 goes to the stack (it sends time exceeded); else it is decremented (no header checksum).
-- `bpf_fib_lookup` with AF_INET6 (flow label included), `bpf_redirect_neigh` with the IPv6 next hop.
+- `bpf_fib_lookup` with AF_INET6 (flow label included), `bpf_redirect_neigh` with the IPv6 next hop; this
+  host's containers are first looked up in the IPv6 map of this host's endpoints (programs._local_endpoint,
+  `_key6`: the destination's 16 bytes), the fib lookup only for an address without an entry there.
 - A destination in this host's IPv6 block whose route is not an endpoint's veth (no /128 for it: the
   lookup names an uplink, the anchor or the veth it came in by) takes the stack: IPv6 blocks have no
   connected route on the anchor as IPv4's host CIDR has.

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""The fast path's own cost per packet: the container programs of this tree against another checkout's, in
-one run (root).
+"""The fast path's own cost per packet: the container and uplink programs of this tree against another
+checkout's, in one run (root).
 
 The kernel runs each program on a crafted packet (BPF_PROG_TEST_RUN, once per call, `--repeat` calls per
 sample: the median of the kernel's ns per run), arriving on an endpoint's host veth in a namespace set up as a
@@ -8,7 +8,11 @@ vpcnet host (an uplink with a resolved next hop for the cluster, the anchor, two
 /32 and /128 routes and resolved neighbours: the shape of tests/test_ebpf.py's routed_host). Cases, each for
 IPv4 and IPv6: to another host (`bpf_fib_lookup`, then `bpf_redirect_neigh`), to another container of this
 host (lookup, MACs, `bpf_redirect`), and the same from an endpoint publishing two ports (the published-port
-compare). Peer counting off (the counting adds the same map update in both trees: bench/peers_bench.py).
+compare); the uplink program (arriving on the uplink) to this host's container (lookup, MACs,
+`bpf_redirect_peer`), and to one that has no entry in the map of this host's endpoints by address (where
+the tree has that map: its miss, then the fib lookup; in a tree without it, the same fib path as the case
+before). The map's entries are those vpcnet writes: the container's MAC, the host veth's index, MAC and MTU.
+Peer counting off (the counting adds the same map update in both trees: bench/peers_bench.py).
 
 Each round runs this script once per tree (`--child`, with PYTHONPATH on the tree: its own programs, as
 built by its own API: the address and ports built in, or the endpoint's entry in a map), alternating which
@@ -121,7 +125,21 @@ def child(repeat: int) -> dict[str, int]:
              for line in sh("ip", "-o", "link").splitlines()}
     me, anchor, uplinks = index["vhendpoint"], index["vpc-anchor"], [index["uplink0"]]
     shared = "address" not in inspect.signature(programs.container_program).parameters
+    local = "local_fd" in inspect.signature(programs.uplink_program).parameters
     keep = []
+
+    def local_entries(facts, family: int, wanted: tuple[str, ...]) -> dict:
+        """The local map's entries of these containers (vhendpoint's, vhother's), as vpcnet writes them."""
+        from vpcnet.datapath.ebpf import endpoints
+        links = {link["ifname"]: link for link in json.loads(sh("ip", "-j", "link"))}
+        for dev, v4, v6, mac in (("vhendpoint", ME, ME6, "02:42:0a:4d:03:02"),
+                                 ("vhother", OTHER, OTHER6, "02:42:0a:4d:03:03")):
+            address = v4 if family == 4 else v6
+            if address in wanted:
+                facts.write_local(links[dev]["ifindex"], address, endpoints.local_value(
+                    links[dev]["ifindex"], links[dev]["mtu"], mac, links[dev]["address"]))
+        return {"local_fd": facts.local_fd(family)}
+
     if shared:                                         # one program per network, the endpoint in a map
         from vpcnet.datapath.ebpf.endpoints import EndpointFacts
 
@@ -129,24 +147,45 @@ def child(repeat: int) -> dict[str, int]:
             facts = EndpointFacts()
             keep.append(facts)
             facts.write(me, ME if family == 4 else ME6, published)
+            extra = local_entries(facts, family, (OTHER, OTHER6)) if local else {}
             if family == 4:
-                return programs.container_program(HOST, CLUSTER, facts.fd(4), anchor, uplinks)
-            return programs6.container_program6(HOST6, CLUSTER6, facts.fd(6), anchor, uplinks)
+                return programs.container_program(HOST, CLUSTER, facts.fd(4), anchor, uplinks, **extra)
+            return programs6.container_program6(HOST6, CLUSTER6, facts.fd(6), anchor, uplinks, **extra)
     else:                                              # the address and ports built in
         def build(family: int, published: tuple) -> bytes:
             if family == 4:
                 return programs.container_program(HOST, CLUSTER, ME, anchor, uplinks, published=published)
             return programs6.container_program6(HOST6, CLUSTER6, ME6, anchor, uplinks, published=published)
+    def build_uplink(family: int) -> bytes:
+        extra = {}
+        if local:                                      # vhendpoint's entry only: vhother's address misses
+            from vpcnet.datapath.ebpf.endpoints import EndpointFacts
+            facts = EndpointFacts()
+            keep.append(facts)
+            extra = local_entries(facts, family, (ME, ME6))
+        if family == 4:
+            return programs.uplink_program(HOST, CLUSTER, anchor, **extra)
+        return programs6.uplink_program6(HOST6, CLUSTER6, anchor, **extra)
+
     out = {}
-    for family, remote, local, make in ((4, REMOTE, OTHER, packet4), (6, REMOTE6, OTHER6, packet6)):
+    for family, remote, other, make in ((4, REMOTE, OTHER, packet4), (6, REMOTE6, OTHER6, packet6)):
         for label, published in (("", ()), (", publishing 2 ports", PUBLISHED)):
             fd = loader.load(build(family, published), "vpcnet_cost")
             try:
                 src = ME if family == 4 else ME6
                 out[f"IPv{family} to another host{label}"] = ns_per_run(fd, make(src, remote), me, repeat)
-                out[f"IPv{family} to this host's container{label}"] = ns_per_run(fd, make(src, local), me, repeat)
+                out[f"IPv{family} to this host's container{label}"] = ns_per_run(fd, make(src, other), me, repeat)
             finally:
                 os.close(fd)
+        fd = loader.load(build_uplink(family), "vpcnet_cost")
+        try:
+            mine = ME if family == 4 else ME6
+            out[f"IPv{family} uplink to this host's container"] = ns_per_run(fd, make(remote, mine), index["uplink0"],
+                                                                             repeat)
+            out[f"IPv{family} uplink to a container without a local entry"] = ns_per_run(
+                fd, make(remote, other), index["uplink0"], repeat)
+        finally:
+            os.close(fd)
     for facts in keep:
         facts.close()
     return out

@@ -581,7 +581,17 @@ def test_ebpf_ipv6_endpoints_share_one_program_and_the_pass_repairs_their_entrie
     assert [r.what for r in repairs] == [f"eBPF map entry of {A2} on {veths[1]} missing"], repairs
     assert dp.tc.facts.lookup(6, index[veths[1]]) == endpoints.value(A2, ())
     assert ping6(boxes[A1], B1) and ping6(boxes[A1], A2)
+    # the IPv6 map of this host's endpoints by address: its entries, and one gone missing put back
+    local = {address: dp.tc.facts.lookup_local(address) for address in (A1, A2)}
+    assert {address: endpoints.local_ifindex(entry or bytes(4)) for address, entry in local.items()} == \
+        {A1: index[veths[0]], A2: index[veths[1]]}
+    maps.delete(dp.tc.facts.local_fd(6), ipaddress.IPv6Address(A2).packed)
+    repairs = dp.repair([(s, endpoints_a)])
+    assert [r.what for r in repairs] == [f"eBPF local endpoint entry of {A2} on {veths[1]} missing"], repairs
+    assert dp.tc.facts.lookup_local(A2) == local[A2] and ping6(boxes[A1], A2)
     wanted["a"].pop(0)
     dp.drop_endpoint_ipv6(veths[0], A1)
     assert dp.tc.facts.lookup(6, index[veths[0]]) is None
+    assert dp.tc.facts.lookup_local(A1) is None, "nothing reaches the address through the map any more"
     assert dp.tc.facts.lookup(4, index[veths[0]]) == endpoints.value("10.77.3.2", ())
+    assert dp.tc.facts.lookup_local("10.77.3.2") is not None

@@ -535,3 +535,187 @@ def test_the_raw_netlink_attach_makes_the_filter_tc_would(kernel, netns_factory)
     assert ingress.count("direct-action") == 1 and "protocol ip pref 32512 bpf" in ingress, ingress
     assert "vpcnet-abc" in ingress and "handle 0x1" in ingress, ingress
     assert "protocol ipv6 pref 32516 bpf" in egress and "direct-action" in egress, egress
+
+
+# -- this host's endpoints by address (vpcnet.datapath.ebpf.endpoints.local_value) ------------------------
+# An address of the block with no route at all, in the local map behind vhother: only the map delivers to it
+# (the fib lookup finds the anchor's connected route, and the programs leave that to the stack).
+MAPPED, MAPPED_MAC = "10.77.3.20", "02:42:0a:4d:03:14"
+MAPPED6 = "fd00:77:3:0:1::20"
+SHORT_MTU = "10.77.3.21"                    # in the map with an MTU shorter than the test packets: the fib path
+
+
+def test_a_local_entry_holds_what_delivery_needs_as_the_programs_read_it():
+    entry = endpoints.local_value(7, 1500, "02:42:0a:4d:03:14", "02:aa:00:00:00:02")
+    assert len(entry) == endpoints.LOCAL_VALUE == 24
+    assert struct.unpack_from("<II", entry) == (7, 1514), "the veth's index, the longest frame it takes"
+    assert entry[programs.LOCAL_DMAC:programs.LOCAL_DMAC + 6] == bytes.fromhex("02420a4d0314")
+    assert entry[programs.LOCAL_SMAC:programs.LOCAL_SMAC + 6] == bytes.fromhex("02aa00000002")
+    assert endpoints.local_ifindex(entry) == 7
+    with pytest.raises(ValueError, match="not a MAC"):
+        endpoints.local_value(7, 1500, "02:42", "02:aa:00:00:00:02")
+
+
+def test_the_verifier_accepts_the_programs_reading_the_local_map_with_and_without_counting(facts):
+    from vpcnet.datapath.ebpf import maps, programs6
+    peers = maps.create()
+    try:
+        for map_fd in (None, peers):
+            for program in (
+                    programs.container_program(HOST, CLUSTER, facts.fd(4), 5, [3], map_fd=map_fd,
+                                               local_fd=facts.local_fd(4)),
+                    programs.container_program(HOST, CLUSTER, facts.fd(4), 5, [], map_fd=map_fd,
+                                               local_fd=facts.local_fd(4)),
+                    programs.uplink_program(HOST, CLUSTER, 7, map_fd=map_fd, local_fd=facts.local_fd(4)),
+                    programs6.container_program6(HOST6, CLUSTER6, facts.fd(6), 5, [3], map_fd=map_fd,
+                                                 local_fd=facts.local_fd(6)),
+                    programs6.uplink_program6(HOST6, CLUSTER6, 7, map_fd=map_fd, local_fd=facts.local_fd(6))):
+                os.close(loader.load(program, "vpcnet_test"))
+    finally:
+        os.close(peers)
+
+
+def test_the_local_map_delivers_without_a_fib_lookup_and_a_removed_entry_falls_back(routed_host):
+    """The uplink program (another host -> a container here) and the container program (-> another container
+    of the network here) find the destination in the map of this host's endpoints: MACs and veth from its
+    entry, TTL and checksum as the kernel's forwarding writes them, no route or neighbour needed. What the
+    fib path leaves to the stack still goes there (TTL 1, a spoofed source, a published port's reply, a
+    frame longer than the veth's MTU, back into the veth it came from); a destination without an entry takes
+    the fib lookup as before; an entry removed with its endpoint delivers nothing more."""
+    from vpcnet.datapath.ebpf import maps
+    ns, index = routed_host
+    me, other = index["vhendpoint"], index["vhother"]
+    facts = endpoints.EndpointFacts()
+    facts.write(me, "10.77.3.2", [("udp", 5353)])
+    facts.write(other, MAPPED, ())
+    facts.write_local(other, MAPPED, endpoints.local_value(other, 1500, MAPPED_MAC, "02:aa:00:00:00:02"))
+    local = facts.local_fd(4)
+    maps.update(local, ipaddress.IPv4Address(SHORT_MTU).packed,
+                endpoints.local_value(other, 20, MAPPED_MAC, "02:aa:00:00:00:02"))
+    # this container's own address in the map: the container program must not hand it back to its own veth
+    maps.update(local, ipaddress.IPv4Address("10.77.3.2").packed,
+                endpoints.local_value(me, 1500, "02:42:0a:4d:03:99", "02:aa:00:00:00:01"))
+
+    def check():
+        uplink = loader.load(programs.uplink_program(HOST, CLUSTER, index["vpc-anchor"], local_fd=local), "vpcnet_test")
+        ctr = loader.load(programs.container_program(HOST, CLUSTER, facts.fd(4), index["vpc-anchor"],
+                                                     [index["uplink0"]], local_fd=local), "vpcnet_test")
+        try:
+            out = {}
+            for case, (fd, packet, ifindex) in {
+                "uplink: in the map": (uplink, ipv4("10.77.4.2", MAPPED), index["uplink0"]),
+                "uplink: in the map, checksum carry": (uplink, ipv4("10.77.4.2", MAPPED, ident=ident_for_checksum(
+                    "10.77.4.2", MAPPED, 64, 0xFFFE)), index["uplink0"]),
+                "uplink: routed, in the map with another MAC": (uplink, ipv4("10.77.4.2", "10.77.3.2"),
+                                                                 index["uplink0"]),
+                "uplink: in the map, ttl 1": (uplink, ipv4("10.77.4.2", MAPPED, ttl=1), index["uplink0"]),
+                "uplink: in the map, ttl 0": (uplink, ipv4("10.77.4.2", MAPPED, ttl=0), index["uplink0"]),
+                "uplink: longer than the veth's MTU": (uplink, ipv4("10.77.4.2", SHORT_MTU), index["uplink0"]),
+                "uplink: from outside the cluster": (uplink, ipv4("198.51.100.2", MAPPED), index["uplink0"]),
+                "uplink: in the map, from its own veth": (uplink, ipv4("10.77.4.2", MAPPED), other),
+                "container: in the map": (ctr, ipv4("10.77.3.2", MAPPED), me),
+                "container: in the map, ttl 1": (ctr, ipv4("10.77.3.2", MAPPED, ttl=1), me),
+                "container: spoofed source": (ctr, ipv4("10.77.3.9", MAPPED), me),
+                "container: a published port's reply": (ctr, udp_from("10.77.3.2", MAPPED, 5353), me),
+                "container: longer than the veth's MTU": (ctr, ipv4("10.77.3.2", SHORT_MTU), me),
+                "container: back to itself": (ctr, ipv4("10.77.3.2", "10.77.3.2"), me),
+                "container: routed, not in the map": (ctr, ipv4("10.77.3.2", "10.77.3.3"), me),
+            }.items():
+                out[case] = (packet, *prog_test_run(fd, packet, ifindex))
+            facts.remove(other)                                    # its endpoint went: its entries go
+            out["removed"] = facts.lookup_local(MAPPED)
+            for case, (fd, ifindex) in {"uplink: removed": (uplink, index["uplink0"]),
+                                        "container: removed": (ctr, me)}.items():
+                packet = ipv4("10.77.4.2" if fd == uplink else "10.77.3.2", MAPPED)
+                out[case] = (packet, *prog_test_run(fd, packet, ifindex))
+            return out
+        finally:
+            os.close(uplink)
+            os.close(ctr)
+
+    try:
+        results = run_in(ns, check)
+    finally:
+        facts.close()
+    assert results.pop("removed") is None, "the entry went with its endpoint"
+    for case in ("uplink: in the map", "uplink: in the map, checksum carry", "container: in the map"):
+        packet, verdict, data = results.pop(case)
+        assert verdict == TC_ACT_REDIRECT, case
+        assert data[0:6] == bytes.fromhex("02420a4d0314"), f"{case}: destination MAC: the entry's container's"
+        assert data[6:12] == bytes.fromhex("02aa00000002"), f"{case}: source MAC: the entry's host veth's"
+        assert data[22] == packet[22] - 1 and checksum(data[14:34]) == 0, f"{case}: TTL and checksum"
+        assert data[24:26] == forwarded_checksum(packet), f"{case}: the very bytes the kernel's forwarding writes"
+        assert data[12:22] == packet[12:22] and data[23:24] == packet[23:24] and data[26:] == packet[26:], case
+    packet, verdict, data = results.pop("uplink: routed, in the map with another MAC")
+    assert verdict == TC_ACT_REDIRECT and data[0:6] == bytes.fromhex("02420a4d0399"), "the map's, not the fib's"
+    packet, verdict, data = results.pop("container: routed, not in the map")
+    assert verdict == TC_ACT_REDIRECT and data[0:6] == bytes.fromhex("02420a4d0303"), "no entry: the fib path"
+    for case, (packet, verdict, data) in results.items():
+        assert verdict == UNSPEC and data == packet, f"{case}: left as it was, for the normal path"
+
+
+def test_the_ipv6_local_map_delivers_without_a_fib_lookup_and_a_removed_entry_falls_back(routed_host6):
+    from vpcnet.datapath.ebpf import programs6
+    ns, index = routed_host6
+    me, other = index["vhendpoint"], index["vhother"]
+    facts = endpoints.EndpointFacts()
+    facts.write(me, ME6, ())
+    facts.write(other, MAPPED6, ())
+    facts.write_local(other, MAPPED6, endpoints.local_value(other, 1500, MAPPED_MAC, "02:aa:00:00:00:02"))
+    local = facts.local_fd(6)
+
+    def check():
+        uplink = loader.load(programs6.uplink_program6(HOST6, CLUSTER6, index["vpc-anchor"], local_fd=local),
+                             "vpcnet_test")
+        ctr = loader.load(programs6.container_program6(HOST6, CLUSTER6, facts.fd(6), index["vpc-anchor"],
+                                                       [index["uplink0"]], local_fd=local), "vpcnet_test")
+        try:
+            out = {}
+            for case, (fd, packet, ifindex) in {
+                "uplink: in the map": (uplink, ipv6(REMOTE6, MAPPED6), index["uplink0"]),
+                "uplink: in the map, hop limit 1": (uplink, ipv6(REMOTE6, MAPPED6, hops=1), index["uplink0"]),
+                "uplink: in the map, a fragment": (uplink, ipv6(REMOTE6, MAPPED6, nh=44), index["uplink0"]),
+                "uplink: routed, not in the map": (uplink, ipv6(REMOTE6, ME6), index["uplink0"]),
+                "container: in the map": (ctr, ipv6(ME6, MAPPED6), me),
+                "container: in the map, hop limit 1": (ctr, ipv6(ME6, MAPPED6, hops=1), me),
+                "container: forged source": (ctr, ipv6("fd00:77:3:0:1::9", MAPPED6), me),
+                "container: neighbour solicitation": (ctr, icmp6(ME6, MAPPED6, 135), me),
+            }.items():
+                out[case] = (packet, *prog_test_run(fd, packet, ifindex))
+            facts.remove(other, (6,))
+            out["removed"] = facts.lookup_local(MAPPED6)
+            out["uplink: removed"] = (ipv6(REMOTE6, MAPPED6), *prog_test_run(uplink, ipv6(REMOTE6, MAPPED6),
+                                                                            index["uplink0"]))
+            out["container: removed"] = (ipv6(ME6, MAPPED6), *prog_test_run(ctr, ipv6(ME6, MAPPED6), me))
+            return out
+        finally:
+            os.close(uplink)
+            os.close(ctr)
+
+    try:
+        results = run_in(ns, check)
+    finally:
+        facts.close()
+    assert results.pop("removed") is None, "the entry went with its endpoint's IPv6 address"
+    for case in ("uplink: in the map", "container: in the map"):
+        packet, verdict, data = results.pop(case)
+        assert verdict == TC_ACT_REDIRECT, case
+        assert data[0:6] == bytes.fromhex("02420a4d0314") and data[6:12] == bytes.fromhex("02aa00000002"), case
+        assert data[21] == 63 and data[12:21] == packet[12:21] and data[22:] == packet[22:], case
+    packet, verdict, data = results.pop("uplink: routed, not in the map")
+    assert verdict == TC_ACT_REDIRECT and data[0:6] == bytes.fromhex("02420a4d0302"), "no entry: the fib path"
+    for case, (packet, verdict, data) in results.items():
+        assert verdict == UNSPEC and data == packet, f"{case}: left as it was, for the normal path"
+
+
+def test_removing_an_endpoints_entries_spares_a_new_endpoint_holding_its_address(facts):
+    """IPAM may hand a deleted endpoint's address to a new one: the old one's removal, however late, leaves
+    the new one's entry by address alone."""
+    facts.write(11, MAPPED, ())
+    facts.write_local(11, MAPPED, endpoints.local_value(11, 1500, MAPPED_MAC, "02:aa:00:00:00:02"))
+    facts.write(12, MAPPED, ())
+    facts.write_local(12, MAPPED, endpoints.local_value(12, 1500, MAPPED_MAC, "02:aa:00:00:00:03"))
+    facts.remove(11)
+    assert endpoints.local_ifindex(facts.lookup_local(MAPPED) or b"") == 12
+    facts.remove(12)
+    assert facts.lookup_local(MAPPED) is None and facts.read_local() == {}

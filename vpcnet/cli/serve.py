@@ -47,7 +47,8 @@ class Plugin:
         self.config = config
         os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
         self.store = Store(config.db_path)
-        self.dataplane = dataplane or Dataplane(extra_uplinks=config.uplinks, peers=config.peers)
+        self.dataplane = dataplane or Dataplane(extra_uplinks=config.uplinks, peers=config.peers,
+                                                local_endpoints=config.workers <= 1)
         from vpcnet.datapath.ipv6 import Ipv6Endpoint
         from vpcnet.state.locks import host_lock
         # the IPv6 guard's desired state: every IPv6 endpoint in the store, read each time it is written

@@ -40,7 +40,12 @@ back, and a deleted endpoint's keys leave the map (`forget_peers`).
 The endpoint maps are this process's own: the periodic pass reads them, repairs an entry this process
 wrote that is missing or wrong, takes over (attaches its own programs, writes its own entries; no Repair)
 the endpoints whose entries another process wrote (before a restart, another worker), and drops the
-entries of veths that are gone (`_drop_stale_facts`).
+entries of veths that are gone (`_drop_stale_facts`). The same for the map of this host's endpoints by
+address (vpcnet.datapath.ebpf.endpoints.local_value: compared with the veth's index, MTU and MAC and its
+other end's, the container's, MAC as the kernel has it), whose entries leave before the veth or the route
+does (`delete_endpoint`, `drop_endpoint_ipv6`); and the uplink programs another process attached (reading
+its map, which nobody updates any more) are replaced by this process's at its first pass
+(`TcPrograms.own_uplinks`).
 
 Firewall: computed per mode by vpcnet.datapath.modes and written by vpcnet.datapath.firewall in one
 `iptables-restore --noflush` transaction, in chains of vpcnet's own so removing a network removes exactly
@@ -164,12 +169,14 @@ def held_in_proc(proto: str, host_ip: str, port: int, family: str = "ipv4") -> s
 
 class Dataplane:
     def __init__(self, netns: str | None = None, iptables: str = "iptables", extra_uplinks: Sequence[str] = (),
-                 peers: bool = False):
+                 peers: bool = False, local_endpoints: bool = True):
         self.netns = netns
         self.iptables = iptables
         self.nl = Netlink(netns, extra_uplinks)
         self.links = Links(self.nl)
-        self.tc = TcPrograms(self.nl, peers)     # peers: count traffic per peer (VPCNET_PEER_METRICS)
+        # peers: count traffic per peer (VPCNET_PEER_METRICS); local_endpoints: the map of this host's
+        # endpoints by address (vpcnet.datapath.tc: off with several workers)
+        self.tc = TcPrograms(self.nl, peers, local_endpoints)
         self.firewall = FirewallTable(self.nl.cmd(), iptables)
         self.ipv6_guard = Ipv6Guard(self.nl.cmd(), iptables)
         self.ipv6 = RoutedIpv6(self.nl)
@@ -458,9 +465,9 @@ class Dataplane:
     def delete_endpoint(self, host_veth: str) -> None:
         with self.nl.ipr() as ipr:
             idx = self.nl.link_index(ipr, host_veth)
+        if idx is not None:                   # its entries in the endpoint maps first: from now on no packet
+            self.tc.forget_endpoint(idx)      # reaches it through the map of this host's endpoints
         self.nl.delete_link(host_veth)       # the peer goes with it, wherever it is (and the filters)
-        if idx is not None:
-            self.tc.forget_endpoint(idx)      # its entries in the endpoint maps
         if self._bridge_rules_may_go():      # the last bridge-mode IPv6 endpoint: no bridge rules after it
             self._apply_ipv6_guard()
 
@@ -572,6 +579,7 @@ class Dataplane:
     def view(self, with_tc: bool = True) -> KernelView:
         """One read of the kernel: links, addresses, routes (raw netlink dumps, vpcnet.datapath.rtnl: a fraction of
         pyroute2's cost per message) and, with `with_tc` (ebpf networks exist), qdiscs and uplink programs."""
+        local = self.tc.facts.read_local()    # before the facts (KernelView.local says why)
         facts = self.tc.facts.read()          # before the links (KernelView.facts says why)
         try:
             sock = self.nl.rtnl()
@@ -590,7 +598,7 @@ class Dataplane:
             with self.nl.ipr() as ipr:
                 for index, _handle, name in self.tc.uplink_programs(ipr, clsact):
                     programs.setdefault(name, set()).add(index)
-        return KernelView(links, addresses, routes, clsact, uplinks, programs, facts)
+        return KernelView(links, addresses, routes, clsact, uplinks, programs, facts, local)
 
     def repair(self, networks: Sequence[tuple[NetworkSpec, Sequence[EndpointSpec]]],
                lock_for: Callable[[NetworkSpec], ContextManager] | None = None,
@@ -648,11 +656,28 @@ class Dataplane:
 
     def _drop_stale_facts(self, view: KernelView) -> None:
         """Entries of this process's endpoint maps whose host veth has gone (an endpoint another worker
-        deleted, or whose deletion failed half way): they leave the maps. Not drift: no Repair."""
+        deleted, or whose deletion failed half way): they leave the maps; so does an entry of the map of
+        this host's endpoints by address that names a veth that has gone, or one whose facts do not hold that
+        address. Not drift: no Repair."""
         live = {link["index"] for link in view.links.values()}
+        for (family, key), value in view.local.items():
+            index = ep_maps.local_ifindex(value)
+            facts = view.facts.get((family, index))
+            if index not in live or facts is None or facts[:ep_maps.ADDRESS[family]] != key:
+                self.tc.facts.remove_local(family, key, index)
         for family, index in view.facts:
             if index not in live:
                 self.tc.facts.remove(index, (family,))
+
+    def _local_wrong(self, spec: NetworkSpec, family: int, address: str, l2: dict | None,
+                     have: bytes | None) -> bool:
+        """The endpoint's entry by address (`have`, None: none) is not what its veth makes (`l2`: as
+        rtnl.link_l2 reads it; TcPrograms.local_entry). A veth whose entry cannot be made (its other end
+        unreadable) is not looked at."""
+        if not address or not self.tc.local_wanted(spec, family):
+            return False
+        wanted = self.tc.local_entry(l2)
+        return wanted is not None and have != wanted
 
     def _facts_wrong(self, spec: NetworkSpec, family: int, address: str, index: int,
                      have: bytes | None) -> bool:
@@ -729,6 +754,31 @@ class Dataplane:
                 (self.tc.attach_endpoint6 if spec.ebpf else self.tc.attach_counting6)(ipr, spec, host_idx, address6)
         log.debug("endpoint %s: its eBPF entries and programs taken over by this process", ep.host_veth)
 
+    def _local_suspect(self, spec: NetworkSpec, address: str, address6: str, host: dict, view: KernelView) -> bool:
+        """An entry by address of the endpoint is not what its veth (`host`, as dump_links read it) makes:
+        its other end's MAC read here (one targeted request per endpoint and pass, only where the map is
+        wanted)."""
+        wanted = [(family, a) for family, a in ((4, address), (6, address6))
+                  if a and self.tc.local_wanted(spec, family)]
+        if not wanted:
+            return False
+        try:
+            peer = rtnl.peer_mac(self.nl.rtnl(), host.get("peer"), host.get("peer_netnsid"))
+        except OSError:
+            self.nl.drop_rtnl()
+            return True                           # unreadable now: looked at again under the lock
+        l2 = dict(host, peer_mac=peer)
+        return any(self._local_wrong(spec, family, a, l2, view.local.get((family, ipaddress.ip_address(a).packed)))
+                   for family, a in wanted)
+
+    def _link_l2(self, index: int) -> dict | None:
+        """rtnl.link_l2 of link `index` (one targeted read), as _local_wrong compares it; None: gone."""
+        try:
+            return rtnl.link_l2(self.nl.rtnl(), index)
+        except OSError as exc:
+            self.nl.drop_rtnl()
+            raise DataplaneError(f"cannot read link {index}: {exc}") from None
+
     def _ipv6_on(self, link: dict | None) -> bool:
         """The link (as rtnl.dump_links read it) has IPv6 not as IPV6_OFF wants, and that can be put right."""
         return link is not None and link.get("ipv6") not in (None, IPV6_OFF_VIEW) and self.links.ipv6_settable
@@ -746,6 +796,8 @@ class Dataplane:
             return True
         if spec.ebpf and spec.host_cidr_v6 and view.uplink_programs.get(spec.tc_name6, set()) != set(view.uplinks):
             return True
+        if spec.ebpf and spec.tag not in self.tc.own_uplinks:
+            return True                           # another process's uplink programs (before a restart)
         for ep in endpoints:
             host = view.links.get(ep.host_veth)
             if host is None:
@@ -761,6 +813,8 @@ class Dataplane:
             address6 = self._v6_addresses.get(ep.host_veth, "")
             if any(self._facts_wrong(spec, family, address, host["index"], view.facts.get((family, host["index"])))
                    for family, address in ((4, ep.address), (6, address6))):
+                return True
+            if self._local_suspect(spec, ep.address, address6, host, view):
                 return True
             if self._ipv6_on(host) and ep.host_veth not in self._v6_veths:
                 return True
@@ -803,6 +857,11 @@ class Dataplane:
                                                    f"route on {sorted(uplinks)}"))
         if repairs:
             self._ensure_links(spec)          # rebuilds what is missing, accepts what is there
+        elif spec.ebpf and idx is not None and spec.tag not in self.tc.own_uplinks:
+            # Another process's uplink programs (before a restart): they read its map of this host's
+            # endpoints, which nobody updates any more; this process's take their place (replaced in place,
+            # no gap). Not drift: no Repair.
+            self.tc.ensure_uplink_programs(spec, idx)
         # The endpoints' programs know the uplinks too (only those take other hosts' traffic): rebuilt
         # with the new ones when the default route moved.
         moved = spec.ebpf and spec.ipv4 and state is not None and programs != set(uplinks)
@@ -842,6 +901,7 @@ class Dataplane:
             if not problem and uplinks_moved and ep.address:
                 problem = f"eBPF program on {ep.host_veth} made for the old uplinks"
             adopt = False
+            l2 = None
             for family, address in ((4, ep.address), (6, self._v6_addresses.get(ep.host_veth, ""))):
                 have = self.tc.facts.lookup(family, host_idx)
                 if problem or not self._facts_wrong(spec, family, address, host_idx, have):
@@ -850,6 +910,19 @@ class Dataplane:
                     problem = f"eBPF map entry of {address} on {ep.host_veth} {'missing' if have is None else 'stale'}"
                 else:
                     adopt = True          # another process's (before a restart, another worker): taken over
+            for family, address in ((4, ep.address), (6, self._v6_addresses.get(ep.host_veth, ""))):
+                if problem or adopt or not address or not self.tc.local_wanted(spec, family):
+                    continue
+                if l2 is None:
+                    l2 = self._link_l2(host_idx)
+                have = self.tc.facts.lookup_local(address)
+                if not self._local_wrong(spec, family, address, l2, have):
+                    continue
+                if (family, host_idx) in self.tc.facts.local:
+                    problem = (f"eBPF local endpoint entry of {address} on {ep.host_veth} "
+                               f"{'missing' if have is None else 'stale'}")
+                else:
+                    adopt = True
         if adopt and not problem:
             self._adopt_endpoint(spec, ep, host_idx)
             return []

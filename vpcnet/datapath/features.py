@@ -191,10 +191,11 @@ def _routed(index: int, netns: str | None) -> str:
 
 def _ebpf(ipr: IPRoute, index: int) -> str:
     fds = []
-    facts = EndpointFacts()                   # the endpoint map the container program reads (closed after)
+    facts = EndpointFacts()                   # the endpoint maps the programs read (closed after)
     try:
-        for program, prog_name in ((ebpf.container_program(_HOST, _CLUSTER, facts.fd(4)), "vpcnet_probe_c"),
-                                   (ebpf.uplink_program(_HOST, _CLUSTER, index), "vpcnet_probe_u")):
+        ep, local = facts.fd(4), facts.local_fd(4)
+        for program, prog_name in ((ebpf.container_program(_HOST, _CLUSTER, ep, local_fd=local), "vpcnet_probe_c"),
+                                   (ebpf.uplink_program(_HOST, _CLUSTER, index, local_fd=local), "vpcnet_probe_u")):
             fds.append(ebpf.load(program, prog_name))
     except DataplaneError as exc:
         facts.close()

@@ -128,7 +128,7 @@ def set_arp_proxy_delay(sock: socket.socket, index: int, msecs: int = 0) -> None
 NLMSG_DONE = 3
 NLM_F_DUMP = 0x300
 RTM_GETLINK, RTM_GETADDR, RTM_GETROUTE, RTM_GETQDISC = 18, 22, 26, 38
-IFLA_IFNAME, IFLA_MTU, IFLA_MASTER = 3, 4, 10
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER = 1, 3, 4, 10
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 RTA_DST, RTA_OIF, RTA_MULTIPATH, RTA_TABLE = 1, 4, 9, 15
 TCA_KIND = 1
@@ -182,16 +182,67 @@ def _u32(raw: bytes | None) -> int | None:
 
 
 def dump_links(sock: socket.socket) -> dict[str, dict]:
-    """name -> {index, master, up, mtu, ipv6} of every link; `ipv6` is (disable_ipv6, accept_ra, autoconf),
-    None where the link has no IPv6 settings (a kernel without IPv6)."""
+    """name -> {index, master, up, mtu, mac, peer, peer_netnsid, ipv6} of every link; `mac` is "aa:bb:..."
+    (None: no link-layer address); `peer` the index of a veth's other end (IFLA_LINK; None: none),
+    `peer_netnsid` the id of its namespace when not this one (None: this one), as `peer_mac` takes them;
+    `ipv6` is (disable_ipv6, accept_ra, autoconf), None where the link has no IPv6 settings (a kernel
+    without IPv6)."""
     out = {}
     for _kind, payload in _dump(sock, RTM_GETLINK, struct.pack("=BBHiII", socket.AF_UNSPEC, 0, 0, 0, 0, 0)):
         _family, _pad, _type, index, flags, _change = struct.unpack_from("=BBHiII", payload)
         attrs = _attrs(payload, 16)
         name = attrs.get(IFLA_IFNAME, b"").split(b"\0", 1)[0].decode()
         out[name] = {"index": index, "master": _u32(attrs.get(IFLA_MASTER)), "up": bool(flags & IFF_UP),
-                     "mtu": _u32(attrs.get(IFLA_MTU)), "ipv6": _ipv6_conf(attrs.get(IFLA_AF_SPEC))}
+                     "mtu": _u32(attrs.get(IFLA_MTU)), "mac": _mac(attrs.get(IFLA_ADDRESS)),
+                     "peer": _u32(attrs.get(IFLA_LINK)), "peer_netnsid": _s32(attrs.get(IFLA_LINK_NETNSID)),
+                     "ipv6": _ipv6_conf(attrs.get(IFLA_AF_SPEC))}
     return out
+
+
+def _s32(raw: bytes | None) -> int | None:
+    return struct.unpack("=i", raw[:4])[0] if raw is not None and len(raw) >= 4 else None
+
+
+def _mac(raw: bytes | None) -> str | None:
+    return ":".join(f"{b:02x}" for b in raw) if raw is not None and len(raw) == 6 else None
+
+
+def _get_link(sock: socket.socket, index: int, netnsid: int | None = None) -> dict[int, bytes] | None:
+    """The attributes of link `index` (of the namespace the kernel calls `netnsid`, relative to this
+    socket's: IFLA_TARGET_NETNSID; None: this one), one targeted RTM_GETLINK; None: no such link."""
+    body = struct.pack("=BBHiII", socket.AF_UNSPEC, 0, 0, index, 0, 0)
+    if netnsid is not None:
+        body += _attr(IFLA_TARGET_NETNSID, struct.pack("=i", netnsid))
+    try:
+        for _kind, payload in _dump(sock, RTM_GETLINK, body, dump=False):
+            return _attrs(payload, 16)
+    except OSError as exc:
+        if exc.errno in (errno.ENODEV, errno.ENOENT, errno.EINVAL):     # EINVAL: that namespace id is gone
+            return None
+        raise
+    return None
+
+
+def peer_mac(sock: socket.socket, index: int | None, netnsid: int | None) -> str | None:
+    """The MAC of a veth's other end (`index` and `netnsid` as dump_links gives them), wherever it is: in
+    this namespace, or a container's (no namespace is entered); None: none, or it cannot be read."""
+    if not index:
+        return None
+    attrs = _get_link(sock, index, netnsid)
+    return _mac(attrs.get(IFLA_ADDRESS)) if attrs is not None else None
+
+
+def link_l2(sock: socket.socket, index: int) -> dict | None:
+    """{index, mac, mtu, peer_mac} of the veth `index`: its own MAC and MTU, and its other end's MAC
+    (`peer_mac`; None where it cannot be read); None: no such link, or one without an Ethernet address."""
+    attrs = _get_link(sock, index)
+    if attrs is None:
+        return None
+    mac, mtu = _mac(attrs.get(IFLA_ADDRESS)), _u32(attrs.get(IFLA_MTU))
+    if mac is None or mtu is None:
+        return None
+    return {"index": index, "mac": mac, "mtu": mtu,
+            "peer_mac": peer_mac(sock, _u32(attrs.get(IFLA_LINK)), _s32(attrs.get(IFLA_LINK_NETNSID)))}
 
 
 def link_index(sock: socket.socket, name: str) -> int | None:

@@ -138,6 +138,10 @@ class KernelView:
     # (family, host veth index) -> entry in this process's endpoint maps (vpcnet.datapath.ebpf.endpoints),
     # read before the links: an entry there has its veth in `links` unless the veth has gone
     facts: dict[tuple[int, int], bytes] = field(default_factory=dict)
+    # (family, address key) -> entry in this process's maps of this host's endpoints by address, read before
+    # the facts: an entry there was written after its facts (vpcnet.datapath.tc.attach_endpoint), so its
+    # facts are in `facts` unless the endpoint has gone meanwhile
+    local: dict[tuple[int, bytes], bytes] = field(default_factory=dict)
 
 
 def bridge_name(network_id: str) -> str:

@@ -4,11 +4,15 @@
   `ENDPOINT_FILTER`); the filter goes with the veth. One program per network and family, loaded once by
   this process (`shared`: again only when its uplinks or anchor change) and attached to every endpoint's
   veth; each endpoint's own facts (address, published ports) are its entry in this process's endpoint
-  maps (`facts`, vpcnet.datapath.ebpf.endpoints), written before its filter is attached.
+  maps (`facts`, vpcnet.datapath.ebpf.endpoints), written before its filter is attached, with its entry in
+  the map of this host's endpoints by address (`write_local`: what the uplink program and the other
+  endpoints' container programs deliver to it by, without a fib lookup).
 - Per network: the uplink program on the ingress of every uplink: each device carrying the default route,
   and those named by VPCNET_UPLINKS (filter
   `vpcnet-<tag>`, prio `UPLINK_PRIO`, one handle per network: `uplink_handle`). It follows the default
-  route: a device that no longer carries it loses the program.
+  route: a device that no longer carries it loses the program. It reads this process's map of this host's
+  endpoints: `own_uplinks` are the networks whose uplink programs this process attached (after a restart,
+  the periodic pass puts its own in place of the old process's).
 - Peer counting (VPCNET_PEER_METRICS, `TcPrograms.peers`): the host's peer map (vpcnet.datapath.ebpf.maps),
   written by a counting program (one per network and direction, shared as the container program is) on
   the egress of every endpoint's host veth (prio/handle `COUNT_FILTER`:
@@ -42,7 +46,7 @@ from pyroute2 import IPRoute, NetlinkError
 
 from vpcnet.datapath import ebpf, guard, rtnl
 from vpcnet.datapath.ebpf import maps, programs6
-from vpcnet.datapath.ebpf.endpoints import EndpointFacts
+from vpcnet.datapath.ebpf.endpoints import EndpointFacts, local_value
 from vpcnet.datapath.guard import GuardFacts
 from vpcnet.datapath.netlink import Netlink
 from vpcnet.datapath.spec import NetworkSpec, bridge_name, uplink_handle
@@ -66,9 +70,13 @@ UPLINK_PRIOS = {"vpcnet-": (UPLINK_PRIO, ETH_P_IP), "vpcnet6-": (UPLINK6_PRIO, E
 
 
 class TcPrograms:
-    def __init__(self, netlink: Netlink, peers: bool = False):
+    def __init__(self, netlink: Netlink, peers: bool = False, local_endpoints: bool = True):
         self.nl = netlink
         self.peers = peers               # VPCNET_PEER_METRICS: count per peer
+        # The map of this host's endpoints by address, read by the uplink and container programs (off: they
+        # find every endpoint by the fib lookup). Off with several workers: each has its own maps, and one
+        # worker's programs would keep an endpoint another deleted until its next pass.
+        self.local_endpoints = local_endpoints
         self.peers_off = "" if peers else "VPCNET_PEER_METRICS=off"   # why peers are not counted ("": they are)
         # What this process attached counting programs to (host veth indexes, network filter names): where
         # the map is the process's own (maps.local), the others write an earlier process's map.
@@ -84,6 +92,10 @@ class TcPrograms:
         # endpoint): what the container programs built now take other hosts' traffic out of. Not read again
         # per endpoint (a dump of the whole route table, a /32 and a /128 per container).
         self.uplinks: tuple[int, ...] | None = None
+        # Networks whose uplink programs this process attached (reading its endpoint maps): another process's
+        # (before a restart) read that process's map of this host's endpoints, which this one never updates;
+        # the periodic pass takes them over (vpcnet.datapath.dataplane).
+        self.own_uplinks: set[str] = set()
 
     @contextmanager
     def peer_map(self) -> Iterator[int | None]:
@@ -130,6 +142,7 @@ class TcPrograms:
         with self._shared_lock:
             for kind_tag in [k for k in self._shared if k[1] == spec.tag]:
                 os.close(self._shared.pop(kind_tag)[1])
+        self.own_uplinks.discard(spec.tag)
 
     def close(self) -> None:
         with self._shared_lock:
@@ -249,6 +262,39 @@ class TcPrograms:
         """The anti-spoofing guard for exactly `facts` is on link `index`."""
         return self.guard_facts(index) == facts
 
+    def local_wanted(self, spec: NetworkSpec, family: int) -> bool:
+        """Endpoints of `spec` have an entry in the family's map of this host's endpoints by address (ebpf
+        mode's uplink and container programs read it)."""
+        return self.local_endpoints and spec.ebpf and \
+            (spec.ipv4 if family == 4 else bool(spec.host_cidr_v6 and spec.cluster_cidr_v6))
+
+    def local_fd(self, family: int) -> int | None:
+        """The family's map of this host's endpoints by address for the programs being built (None: off)."""
+        return self.facts.local_fd(family) if self.local_endpoints else None
+
+    def local_entry(self, l2: dict | None) -> bytes | None:
+        """The entry by address of the endpoint behind a host veth, from what rtnl.link_l2 (or dump_links and
+        peer_mac) read of it: its index, MTU and MAC, and its other end's MAC (the container's, as the kernel
+        has it, wherever the container put it); None: the map is off, or something is missing (the veth
+        went, its other end cannot be read): no entry, the fib lookup delivers."""
+        if not self.local_endpoints or not l2 or not (l2.get("mac") and l2.get("mtu") and l2.get("peer_mac")):
+            return None
+        return local_value(l2["index"], l2["mtu"], l2["peer_mac"], l2["mac"])
+
+    def write_local(self, host_idx: int, address: str) -> None:
+        """The entry of the endpoint holding `address` behind the host veth `host_idx` in the map of this host's
+        endpoints by address (vpcnet.datapath.ebpf.endpoints.local_value, from the veth read now:
+        `local_entry`); none where `local_entry` makes none."""
+        if not self.local_endpoints:
+            return
+        try:
+            entry = self.local_entry(rtnl.link_l2(self.nl.rtnl(), host_idx))
+        except OSError as exc:
+            self.nl.drop_rtnl()
+            raise DataplaneError(f"cannot read link {host_idx} of {address}: {exc}") from None
+        if entry is not None:
+            self.facts.write_local(host_idx, address, entry)
+
     def attach_endpoint(self, ipr: IPRoute, spec: NetworkSpec, host_idx: int, address: str) -> None:
         """The endpoint holding `address` gets its entry in the IPv4 endpoint map (its address: its only
         source on the fast path; its published ports, `spec.ports`, whose replies are left to the host:
@@ -256,30 +302,36 @@ class TcPrograms:
         host veth (loaded once per network: `shared`). The anchor's index keeps same-host traffic to unknown
         addresses on the routed path, and only the uplinks of this moment take other hosts' traffic (a new
         program, attached again, when the default route moves: vpcnet.datapath.dataplane's repair; until
-        then such traffic takes the routed path). With counting, the shared receive counting program too."""
+        then such traffic takes the routed path). With counting, the shared receive counting program too. Its
+        entry in the map of this host's endpoints by address too (`write_local`): the uplink program and the
+        other endpoints' container programs deliver to it without a fib lookup."""
         anchor, uplinks = self._anchor_and_uplinks(ipr, spec)
         self.facts.write(host_idx, address, spec.published(address))
-        endpoints_fd = self.facts.fd(4)
+        self.write_local(host_idx, address)
+        endpoints_fd, local_fd = self.facts.fd(4), self.local_fd(4)
         program = self.shared("ctr", spec, (spec.host_cidr, spec.cluster_cidr, anchor, uplinks),
                               lambda map_fd: ebpf.container_program(spec.host_cidr, spec.cluster_cidr, endpoints_fd,
-                                                                    anchor, uplinks, map_fd=map_fd), "vpcnet_ctr")
+                                                                    anchor, uplinks, map_fd=map_fd, local_fd=local_fd),
+                              "vpcnet_ctr")
         if self._attach_shared(ipr, host_idx, program, spec.tc_name, *ENDPOINT_FILTER):
             self._attach_receive_count(ipr, spec, host_idx)
             self.counted.add(host_idx)
 
     def attach_endpoint6(self, ipr: IPRoute, spec: NetworkSpec, host_idx: int, address: str) -> None:
-        """The IPv6 entry of the endpoint holding the IPv6 `address` and the network's shared IPv6 container
-        program (and, counting, its IPv6 receive counting program), as attach_endpoint does for IPv4;
-        nothing for a network without an IPv6 block."""
+        """The IPv6 entries of the endpoint holding the IPv6 `address` (its facts, its entry by address) and
+        the network's shared IPv6 container program (and, counting, its IPv6 receive counting program), as
+        attach_endpoint does for IPv4; nothing for a network without an IPv6 block."""
         if not (spec.host_cidr_v6 and spec.cluster_cidr_v6):
             return
         anchor, uplinks = self._anchor_and_uplinks(ipr, spec)
         self.facts.write(host_idx, address, spec.published(address))
-        endpoints_fd = self.facts.fd(6)
+        self.write_local(host_idx, address)
+        endpoints_fd, local_fd = self.facts.fd(6), self.local_fd(6)
         host6, cluster6 = spec.host_cidr_v6, spec.cluster_cidr_v6
         program = self.shared("ctr6", spec, (host6, cluster6, anchor, uplinks),
                               lambda map_fd: programs6.container_program6(host6, cluster6, endpoints_fd, anchor,
-                                                                          uplinks, map_fd=map_fd), "vpcnet_ctr6")
+                                                                          uplinks, map_fd=map_fd, local_fd=local_fd),
+                              "vpcnet_ctr6")
         if self._attach_shared(ipr, host_idx, program, spec.tc_name, *ENDPOINT6_FILTER, protocol=ETH_P_IPV6):
             self._attach_receive_count6(ipr, spec, host_idx)
 
@@ -318,8 +370,9 @@ class TcPrograms:
                             parent=TC_EGRESS, protocol=ETH_P_IPV6, qdisc=False)
 
     def drop_endpoint6(self, ipr: IPRoute, host_idx: int) -> None:
-        """The IPv6 programs leave the host veth (its IPv6 address went), then its IPv6 entry leaves the
-        endpoint map; none there: nothing to do."""
+        """The IPv6 programs leave the host veth (its IPv6 address went), then its IPv6 entries leave the
+        endpoint maps (the one by address too: nothing reaches it through the map any more); none there:
+        nothing to do."""
         for (prio, handle), parent in ((ENDPOINT6_FILTER, TC_INGRESS), (COUNT6_FILTER, TC_EGRESS)):
             try:
                 ipr.tc("del-filter", "bpf", host_idx, handle, parent=parent, prio=prio, protocol=ETH_P_IPV6)
@@ -330,7 +383,8 @@ class TcPrograms:
         self.facts.remove(host_idx, (6,))
 
     def forget_endpoint(self, host_idx: int) -> None:
-        """The endpoint behind the host veth `host_idx` went (its filters with its veth): its entries go."""
+        """The endpoint behind the host veth `host_idx` goes: its entries go (called before its veth is
+        deleted, so no packet reaches it through the map of this host's endpoints from then on)."""
         self.facts.remove(host_idx)
 
     @staticmethod
@@ -378,14 +432,17 @@ class TcPrograms:
         IPv6 one where it has an IPv6 block. Without a default route there is no uplink yet: traffic from
         other hosts takes the routed path meanwhile."""
         with self.peer_map() as map_fd:
-            programs = [(spec.tc_name, ebpf.uplink_program(spec.host_cidr, spec.cluster_cidr, anchor, map_fd=map_fd))
+            programs = [(spec.tc_name, ebpf.uplink_program(spec.host_cidr, spec.cluster_cidr, anchor, map_fd=map_fd,
+                                                           local_fd=self.local_fd(4)))
                         ] if spec.ipv4 else []             # an IPv6-only network has no IPv4 program
             if spec.host_cidr_v6 and spec.cluster_cidr_v6:
                 programs.append((spec.tc_name6, programs6.uplink_program6(spec.host_cidr_v6, spec.cluster_cidr_v6,
-                                                                          anchor, map_fd=map_fd)))
+                                                                          anchor, map_fd=map_fd,
+                                                                          local_fd=self.local_fd(6))))
             self._ensure_uplink_programs(spec, programs)
             if map_fd is not None and spec.ipv4:
                 self.counted_uplinks.add(spec.tc_name)
+            self.own_uplinks.add(spec.tag)
 
     def _ensure_uplink_programs(self, spec: NetworkSpec, programs: list[tuple[str, bytes]]) -> None:
         with self.nl.ipr() as ipr:

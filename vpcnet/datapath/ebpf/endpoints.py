@@ -19,6 +19,20 @@ process's programs and maps until the new process's first datapath pass attaches
 writes its own entries (vpcnet.datapath.dataplane: an entry this process never wrote is adopted, not
 drift; one it wrote and that is gone or differs is repaired). Not preallocated: memory follows the
 endpoints (MAX_ENDPOINTS per family and process).
+
+This host's endpoints by address (`local`, ebpf mode only): a second hash map per family, keyed by the
+container's address (IPv4: 4 bytes, IPv6: 16, network order), whose value (LOCAL_VALUE = 24 bytes) holds what
+delivering into that container needs without `bpf_fib_lookup`: the host veth's index (u32), the longest frame
+(u32: the host veth's MTU + 14, the Ethernet header; a longer one, GSO included, takes the fib path, which
+checks it against the MTU), the container's MAC (6 bytes: its end of the veth's, as the kernel has it), the
+host veth's MAC (6), 2 bytes of padding. The uplink programs read it for every packet to this host's containers,
+the container programs for every packet to another container of the network on this host (programs.py); a
+miss takes the fib path as before. An entry mirrors the endpoint's /32 (/128) route: written after it, in
+the same places as the endpoint's facts (vpcnet.datapath.tc.attach_endpoint, attach_endpoint6), and removed
+before the veth or the route goes (`remove`: only while it still names that veth, so an address handed to a
+new endpoint keeps the new one's entry), so a deleted endpoint receives nothing through it at once and no
+entry outlives its veth to deliver to a reused interface index. Repaired and taken over by the same pass as
+the facts (vpcnet.datapath.dataplane).
 """
 from __future__ import annotations
 
@@ -39,6 +53,9 @@ PUBLISHED = ADDRESS                         # offset of the published count: rig
 PORTS = {family: off + 4 for family, off in PUBLISHED.items()}
 VALUE = {family: off + 4 * MAX_PUBLISHED for family, off in PORTS.items()}
 NAMES = {4: b"vpcnet_ep4", 6: b"vpcnet_ep6"}
+LOCAL_NAMES = {4: b"vpcnet_lo4", 6: b"vpcnet_lo6"}
+LOCAL_IFINDEX, LOCAL_MAXLEN, LOCAL_DMAC, LOCAL_SMAC, LOCAL_VALUE = 0, 4, 8, 14, 24
+ETH_LEN = 14
 
 
 def slot(proto: str, port: int) -> int:
@@ -63,13 +80,36 @@ def key(ifindex: int) -> bytes:
     return struct.pack("<I", ifindex)
 
 
+def _mac(mac: str) -> bytes:
+    raw = bytes.fromhex(mac.replace(":", ""))
+    if len(raw) != 6:
+        raise ValueError(f"{mac!r} is not a MAC address")
+    return raw
+
+
+def local_value(ifindex: int, mtu: int, container_mac: str, host_mac: str) -> bytes:
+    """The local entry of the container behind the host veth `ifindex` (MTU `mtu`, MAC `host_mac`), whose own
+    end of the veth has `container_mac`."""
+    out = bytearray(LOCAL_VALUE)
+    struct.pack_into("<II", out, 0, ifindex, mtu + ETH_LEN)
+    out[LOCAL_DMAC:LOCAL_DMAC + 6] = _mac(container_mac)
+    out[LOCAL_SMAC:LOCAL_SMAC + 6] = _mac(host_mac)
+    return bytes(out)
+
+
+def local_ifindex(value: bytes) -> int:
+    return struct.unpack_from("<I", value, LOCAL_IFINDEX)[0]
+
+
 class EndpointFacts:
     """This process's two maps (made when first needed), what it wrote to them, and their reads."""
 
     def __init__(self) -> None:
         self._fds: dict[int, int] = {}
+        self._local_fds: dict[int, int] = {}
         self._lock = threading.Lock()
         self.written: set[tuple[int, int]] = set()     # (family, ifindex) this process wrote
+        self.local: dict[tuple[int, int], bytes] = {}   # (family, ifindex) -> the address key this process wrote
 
     def fd(self, family: int) -> int:
         """The family's map (made on first use; this object keeps it open)."""
@@ -79,14 +119,58 @@ class EndpointFacts:
                                                     NAMES[family], BPF_F_NO_PREALLOC)
             return self._fds[family]
 
+    def local_fd(self, family: int) -> int:
+        """The family's map of this host's endpoints by address (made on first use; this object keeps it)."""
+        with self._lock:
+            if family not in self._local_fds:
+                self._local_fds[family] = maps.create_map(BPF_MAP_TYPE_HASH, ADDRESS[family], LOCAL_VALUE,
+                                                          MAX_ENDPOINTS, LOCAL_NAMES[family], BPF_F_NO_PREALLOC)
+            return self._local_fds[family]
+
+    def write_local(self, ifindex: int, address: str, value: bytes) -> None:
+        """The local entry of the endpoint holding `address` behind the host veth `ifindex` (`local_value`)."""
+        addr = ipaddress.ip_address(address)
+        maps.update(self.local_fd(addr.version), addr.packed, value)
+        self.local[(addr.version, ifindex)] = addr.packed
+
+    def lookup_local(self, address: str) -> bytes | None:
+        """The local entry of `address` now (None: none, or no map yet)."""
+        addr = ipaddress.ip_address(address)
+        fd = self._local_fds.get(addr.version)
+        return maps.lookup(fd, addr.packed, LOCAL_VALUE) if fd is not None else None
+
+    def read_local(self) -> dict[tuple[int, bytes], bytes]:
+        """(family, address key) -> value of every local entry in the kernel now."""
+        out: dict[tuple[int, bytes], bytes] = {}
+        for family, fd in list(self._local_fds.items()):
+            for raw, val in maps.items(fd, ADDRESS[family], LOCAL_VALUE, MAX_ENDPOINTS + 1).items():
+                out[(family, raw)] = val
+        return out
+
+    def remove_local(self, family: int, address_key: bytes, ifindex: int) -> None:
+        """The local entry of that address goes, if it still names the host veth `ifindex` (an address handed
+        to a new endpoint since keeps the new one's entry)."""
+        fd = self._local_fds.get(family)
+        if self.local.get((family, ifindex)) == address_key:
+            del self.local[(family, ifindex)]
+        if fd is None:
+            return
+        have = maps.lookup(fd, address_key, LOCAL_VALUE)
+        if have is not None and local_ifindex(have) == ifindex:
+            maps.delete(fd, address_key)
+
     def write(self, ifindex: int, address: str, published: Sequence[tuple[str, int]]) -> None:
         family = ipaddress.ip_address(address).version
         maps.update(self.fd(family), key(ifindex), value(address, published))
         self.written.add((family, ifindex))
 
     def remove(self, ifindex: int, families: Sequence[int] = (4, 6)) -> None:
-        """The endpoint behind `ifindex` is gone (or lost that family's address): its entries go."""
+        """The endpoint behind `ifindex` is gone (or lost that family's address): its entries go, its local
+        entry (by address) first."""
         for family in families:
+            address_key = self.local.get((family, ifindex))
+            if address_key is not None:
+                self.remove_local(family, address_key, ifindex)
             self.written.discard((family, ifindex))
             if family in self._fds:
                 maps.delete(self._fds[family], key(ifindex))
@@ -106,10 +190,12 @@ class EndpointFacts:
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
+            for fd in [*self._fds.values(), *self._local_fds.values()]:
                 os.close(fd)
             self._fds.clear()
+            self._local_fds.clear()
             self.written.clear()
+            self.local.clear()
 
     def __del__(self) -> None:
         try:

@@ -52,6 +52,12 @@ TRANSMIT, RECEIVE = 0, 1                   # vpcnet.datapath.ebpf.maps.TRANSMIT/
 EP_KEY = -152
 EP = 9
 EP_PUBLISHED, EP_PORTS = 4, 8              # IPv4 value: address at 0 (vpcnet.datapath.ebpf.endpoints.value)
+# the local map's key (the destination address: 4 or 16 bytes) at LOCAL_KEY; its value
+# (vpcnet.datapath.ebpf.endpoints.local_value) in r9 from `_local_endpoint` on (the uplink programs do not use
+# r9 otherwise, the container programs no longer need the endpoint's own entry by then)
+LOCAL_KEY = -168
+LOCAL = 9
+LOCAL_IFINDEX, LOCAL_MAXLEN, LOCAL_DMAC, LOCAL_SMAC = 0, 4, 8, 14     # endpoints.local_value
 
 
 def _le(addr: ipaddress.IPv4Address) -> int:
@@ -289,7 +295,8 @@ def _published_replies(a: Asm) -> None:
 
 
 def container_program(host_cidr: str, cluster_cidr: str, endpoints_fd: int, anchor_ifindex: int = 0,
-                      uplinks: Sequence[int] | None = None, *, map_fd: int | None = None) -> bytes:
+                      uplinks: Sequence[int] | None = None, *, map_fd: int | None = None,
+                      local_fd: int | None = None) -> bytes:
     """tc ingress of an endpoint's host veth: container -> another host of the cluster, or -> another
     container of this network on this host. One program per network, shared by its endpoints: the facts of
     each (vpcnet.datapath.ebpf.endpoints) are its entry in the IPv4 endpoint map `endpoints_fd`, by the host
@@ -299,7 +306,10 @@ def container_program(host_cidr: str, cluster_cidr: str, endpoints_fd: int, anch
     (indexes) another host's traffic is redirected out of; a lookup naming any other (a cluster address
     routed over a second NIC or a Docker bridge) takes the normal path, where the firewall's isolation
     chains decide (None: any device). `map_fd`: the peer map, where every IPv4 packet the container sends
-    from its address is counted first, whatever happens to it next; a forged source, never."""
+    from its address is counted first, whatever happens to it next; a forged source, never. `local_fd`: the
+    IPv4 map of this host's endpoints by address (vpcnet.datapath.ebpf.endpoints.local_value): another
+    container of the network found there is delivered to without `bpf_fib_lookup` (`_local_endpoint`); not
+    found (or None): the fib lookup, as before."""
     a = Asm()
     _parse(a)
     _endpoint(a, endpoints_fd)
@@ -328,24 +338,90 @@ def container_program(host_cidr: str, cluster_cidr: str, endpoints_fd: int, anch
         _decrement_ttl(a, "ttl_done")
         _redirect_neigh(a)
     a.label("local")
+    if local_fd is not None:
+        _ttl_above_one(a)
+        _local_endpoint(a, local_fd, _key4, "local_fib")
+        _deliver_local(a, "local_map_ttl_done", peer=False)
+        a.label("local_fib")
+        _packet(a)
     _fib_lookup(a)
     _to_endpoint(a, anchor_ifindex, "local_ttl_done", peer=False)
     _pass(a)
     return a.assemble()
 
 
-def uplink_program(host_cidr: str, cluster_cidr: str, anchor_ifindex: int, map_fd: int | None = None) -> bytes:
+def uplink_program(host_cidr: str, cluster_cidr: str, anchor_ifindex: int, map_fd: int | None = None,
+                   local_fd: int | None = None) -> bytes:
     """tc ingress of the uplink: another host of the cluster -> a container of this network. `map_fd`: the
     peer map, where each packet handed into a container is counted as received (bpf_redirect_peer passes
-    no hook of the host veth, where the counting program would see it)."""
+    no hook of the host veth, where the counting program would see it). `local_fd`: the IPv4 map of this
+    host's endpoints by address: a destination found there is delivered without `bpf_fib_lookup`
+    (`_local_endpoint`); not found (or None): the fib lookup finds the endpoint's /32 route, as before."""
     a = Asm()
     _parse(a)
     _require_in(a, 7, cluster_cidr)
     _require_in(a, 8, host_cidr)
+    if local_fd is not None:
+        _ttl_above_one(a)
+        _local_endpoint(a, local_fd, _key4, "fib")
+        _deliver_local(a, "map_ttl_done", count=None if map_fd is None else
+                       lambda asm: _count(asm, map_fd, RECEIVE, cluster_cidr, "lrx", False))
+        a.label("fib")
+        _packet(a)
     _fib_lookup(a)
     _to_endpoint(a, anchor_ifindex, "ttl_done", map_fd=map_fd, cluster_cidr=cluster_cidr)
     _pass(a)
     return a.assemble()
+
+
+def _ttl_above_one(a: Asm) -> None:
+    """TTL <= 1 -> pass (the stack sends time exceeded), as `_fib_lookup` checks it (r2: the packet)."""
+    a.ldx(1, 4, 2, IP_TTL)
+    a.jump(JLE, 4, "pass", imm=1)
+
+
+def _key4(a: Asm) -> None:
+    a.stx(4, FP, LOCAL_KEY, 8)                        # the destination address (r8)
+
+
+def _local_endpoint(a: Asm, local_fd: int, key: Callable[[Asm], None], miss: str) -> None:
+    """r9 = the entry of the packet's destination in the family's map of this host's endpoints (`local_fd`,
+    vpcnet.datapath.ebpf.endpoints.local_value; `key` stores the address at LOCAL_KEY). Not there, or the
+    frame longer than the host veth's MTU allows (a GSO packet, one needing fragmentation: `bpf_fib_lookup`
+    checks those against the MTU as it always did) -> `miss` (packet pointers to be reloaded); the veth the
+    packet came in by -> pass, as after a fib lookup. Clobbers r0-r5."""
+    key(a)
+    a.ld_map(1, local_fd)
+    a.mov(2, FP)
+    a.addi(2, LOCAL_KEY)
+    a.call(MAP_LOOKUP)
+    a.jump(JEQ, 0, miss, imm=0)
+    a.mov(LOCAL, 0)
+    a.ldx(4, 4, 6, SKB_LEN)
+    a.ldx(4, 5, LOCAL, LOCAL_MAXLEN)
+    a.jump(JGT, 4, miss, src=5)
+    a.ldx(4, 5, LOCAL, LOCAL_IFINDEX)
+    a.ldx(4, 4, 6, SKB_IFINDEX)
+    a.jump(JEQ, 5, "pass", src=4)
+
+
+def _deliver_local(a: Asm, done: str, peer: bool = True, *, decrement: Callable[[Asm, str], None] | None = None,
+                   count: Callable[[Asm], None] | None = None) -> None:
+    """After `_local_endpoint` found the destination (r9): TTL (hop limit) decremented, MACs from the entry
+    (the container's, the host veth's), `count`ed, and into the container as `_to_endpoint` hands it
+    (`peer`: bpf_redirect_peer; else bpf_redirect out of the host veth)."""
+    (decrement or _decrement_ttl)(a, done)
+    for off in range(0, 6, 2):                    # dst MAC = the container's, src MAC = the host veth's
+        a.ldx(2, 4, LOCAL, LOCAL_DMAC + off)
+        a.stx(2, 2, ETH_DST + off, 4)
+        a.ldx(2, 4, LOCAL, LOCAL_SMAC + off)
+        a.stx(2, 2, ETH_SRC + off, 4)
+    if count is not None:
+        count(a)
+    a.ldx(4, 1, LOCAL, LOCAL_IFINDEX)
+    a.movi(2, 0)
+    a.call(REDIRECT_PEER if peer else REDIRECT)
+    a.exit()
 
 
 def _to_endpoint(a: Asm, anchor_ifindex: int, done: str, peer: bool = True, map_fd: int | None = None,

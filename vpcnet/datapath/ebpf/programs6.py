@@ -13,7 +13,9 @@ counting). The same shape as IPv4's (the package docstring says why and what), w
   (global or ULA) address and the destination inside the cluster CIDR, which the builders refuse to let
   overlap fe80::/10 or ff00::/8.
 - Hop limit <= 1 goes to the stack (it sends time exceeded); else it is decremented (no header checksum).
-- `bpf_fib_lookup` with AF_INET6 (flow label included), `bpf_redirect_neigh` with the IPv6 next hop.
+- `bpf_fib_lookup` with AF_INET6 (flow label included), `bpf_redirect_neigh` with the IPv6 next hop; this
+  host's containers are first looked up in the IPv6 map of this host's endpoints (programs._local_endpoint,
+  `_key6`: the destination's 16 bytes), the fib lookup only for an address without an entry there.
 - A destination in this host's IPv6 block whose route is not an endpoint's veth (no /128 for it: the
   lookup names an uplink, the anchor or the veth it came in by) takes the stack: IPv6 blocks have no
   connected route on the anchor as IPv4's host CIDR has.
@@ -40,6 +42,7 @@ from vpcnet.datapath.ebpf.programs import (
     FIB_SUCCESS,
     KEY,
     KEY_LEN,
+    LOCAL_KEY,
     NH,
     NH_LEN,
     PROTO_NUMBERS,
@@ -50,7 +53,9 @@ from vpcnet.datapath.ebpf.programs import (
     SKB_IFINDEX,
     TRANSMIT,
     _add_to_map,
+    _deliver_local,
     _endpoint,
+    _local_endpoint,
     _pass,
     _published_ports,
     _to_endpoint,
@@ -243,14 +248,23 @@ def _not_to(a: Asm, indexes: Sequence[int]) -> None:
             a.jump(JEQ, 5, "pass", imm=index)
 
 
+def _key6(a: Asm) -> None:
+    """The destination address (r2: the packet) at LOCAL_KEY: the local map's key."""
+    for i in range(0, 16, 4):
+        a.ldx(4, 4, 2, IP6_DADDR + i)
+        a.stx(4, FP, LOCAL_KEY + i, 4)
+
+
 def container_program6(host_cidr6: str, cluster_cidr6: str, endpoints_fd: int, anchor_ifindex: int = 0,
-                       uplinks: Sequence[int] | None = None, *, map_fd: int | None = None) -> bytes:
+                       uplinks: Sequence[int] | None = None, *, map_fd: int | None = None,
+                       local_fd: int | None = None) -> bytes:
     """tc ingress of an IPv6 endpoint's host veth (protocol ETH_P_IPV6): container -> another host of the
     cluster, or another container of this network on this host, as programs.container_program does for
     IPv4, and as it shared by a network's endpoints: each one's facts are its entry in the IPv6 endpoint map
     `endpoints_fd` (vpcnet.datapath.ebpf.endpoints): its own IPv6 address, the only source taking the fast
     path (a forged one goes to the stack, whose reverse-path guard drops it), and its published ports;
-    `uplinks`, `map_fd` (every packet sent from the address is counted first) as there."""
+    `uplinks`, `map_fd` (every packet sent from the address is counted first), `local_fd` (the IPv6 map of
+    this host's endpoints by address: the other container found there without `bpf_fib_lookup`) as there."""
     _checked(cluster_cidr6, "cluster CIDR")
     _checked(host_cidr6, "host block")
     a = Asm()
@@ -265,7 +279,13 @@ def container_program6(host_cidr6: str, cluster_cidr6: str, endpoints_fd: int, a
     _plain(a)
     _published_replies6(a)
     _in6(a, IP6_DADDR, host_cidr6, "remote")
-    # this host's block: straight into the other container, if a /128 routes the address to a veth
+    # this host's block: straight into the other container, found in the local map or, if a /128 routes the
+    # address to a veth, by the fib lookup
+    if local_fd is not None:
+        _local_endpoint(a, local_fd, _key6, "local_fib")
+        _deliver_local(a, "local_map_hops_done", peer=False, decrement=_decrement_hops)
+        a.label("local_fib")
+        _packet6(a, PARSED6)
     _fib_lookup6(a)
     _not_to(a, list(uplinks or ()))
     _to_endpoint(a, anchor_ifindex, "local_hops_done", peer=False, decrement=_decrement_hops)
@@ -287,10 +307,12 @@ def container_program6(host_cidr6: str, cluster_cidr6: str, endpoints_fd: int, a
     return a.assemble()
 
 
-def uplink_program6(host_cidr6: str, cluster_cidr6: str, anchor_ifindex: int, map_fd: int | None = None) -> bytes:
+def uplink_program6(host_cidr6: str, cluster_cidr6: str, anchor_ifindex: int, map_fd: int | None = None,
+                    local_fd: int | None = None) -> bytes:
     """tc ingress of the uplink (protocol ETH_P_IPV6): another host of the cluster -> a container of this
     network's IPv6 block, straight into its namespace (bpf_redirect_peer), counted as received with
-    `map_fd`, as programs.uplink_program does for IPv4."""
+    `map_fd`, found in the IPv6 map of this host's endpoints `local_fd` without `bpf_fib_lookup` (a miss,
+    or None: the fib lookup), as programs.uplink_program does for IPv4."""
     _checked(cluster_cidr6, "cluster CIDR")
     _checked(host_cidr6, "host block")
     a = Asm()
@@ -298,6 +320,12 @@ def uplink_program6(host_cidr6: str, cluster_cidr6: str, anchor_ifindex: int, ma
     _in6(a, IP6_SADDR, cluster_cidr6, "pass")
     _in6(a, IP6_DADDR, host_cidr6, "pass")
     _plain(a)
+    if local_fd is not None:
+        _local_endpoint(a, local_fd, _key6, "fib")
+        _deliver_local(a, "map_hops_done", decrement=_decrement_hops, count=None if map_fd is None else
+                       lambda asm: _count6(asm, map_fd, RECEIVE, cluster_cidr6, "lrx", False))
+        a.label("fib")
+        _packet6(a, PARSED6)
     _fib_lookup6(a)
 
     def count(asm: Asm) -> None:

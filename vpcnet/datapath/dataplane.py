@@ -545,8 +545,9 @@ class Dataplane:
         return ""
 
     def link_exists(self, name: str) -> bool:
+        """Join asks it of every endpoint's peer: one raw RTM_GETLINK (netlink.index_of)."""
         with self.nl.ipr() as ipr:
-            return self.nl.link_index(ipr, name) is not None
+            return self.nl.index_of(ipr, name) is not None
 
     # -- the periodic pass: drift found by reading the kernel -------------------------------------------
     def view(self, with_tc: bool = True) -> KernelView:

@@ -94,24 +94,19 @@ class Links:
 
     def ensure_veth(self, ipr: IPRoute, spec: NetworkSpec, host_veth: str, peer_veth: str,
                     mac: str) -> int | None:
-        """The endpoint's veth pair, up, with the network's MTU (bridge mode: host end on the bridge).
-        Returns the host end's index; None for a pair just made in bridge mode, which needs nothing more
-        (one lookup fewer per endpoint)."""
+        """The endpoint's veth pair, up, with the network's MTU (bridge mode: host end on the bridge). Returns
+        the host end's index; None for a pair just made in bridge mode, which needs nothing more (one lookup
+        fewer per endpoint). Over the raw rtnetlink socket (vpcnet.datapath.rtnl); pyroute2's, and its error,
+        where that fails."""
         br = self.nl.index_of(ipr, spec.bridge)
         if br is None:
             raise DataplaneError(f"{'anchor' if spec.routed else 'bridge'} {spec.bridge} is missing")
-        master = {} if spec.routed else {"master": br}
-        host_idx = None
-        fresh = True
-        try:   # one request: the pair is born (on the bridge) and up
-            ipr.link("add", ifname=host_veth, kind="veth", mtu=spec.mtu, state="up", **master,
-                     peer={"ifname": peer_veth, "address": mac, "mtu": spec.mtu})
-        except NetlinkError as exc:
-            fresh = False
-            if exc.code != errno.EEXIST:
-                raise DataplaneError(f"cannot create veth {host_veth}: {exc}") from None
-            host_idx = self.nl.index_of(ipr, host_veth)      # it exists: make sure it is right
-            ipr.link("set", index=host_idx, mtu=spec.mtu, state="up", **master)
+        master = None if spec.routed else br
+        try:
+            fresh, host_idx = self._veth_raw(spec, host_veth, peer_veth, mac, master)
+        except OSError:
+            self.nl.drop_rtnl()
+            fresh, host_idx = self._veth_pyroute2(ipr, spec, host_veth, peer_veth, mac, master)
         # Up, but without carrier until Docker moves the peer into the sandbox and brings it up: nothing
         # IPv6 has happened on the host end yet (no link-local, no router advertisement can reach it).
         self.ipv6_off([host_veth], fresh)
@@ -122,6 +117,43 @@ class Links:
         if host_idx is None:
             raise DataplaneError(f"veth {host_veth} vanished while it was being configured")
         return host_idx
+
+    def _veth_raw(self, spec: NetworkSpec, host_veth: str, peer_veth: str, mac: str,
+                  master: int | None) -> tuple[bool, int | None]:
+        """(made now, the host end's index where it existed). One request: the pair is born (on the bridge)
+        and up; a pair that exists is made right (MTU, up, bridge)."""
+        sock = self.nl.rtnl()
+        try:
+            rtnl.create_veth(sock, host_veth, peer_veth, spec.mtu, mac, master)
+            return True, None
+        except OSError as exc:
+            if exc.errno != errno.EEXIST:
+                raise
+        host_idx = rtnl.link_index(sock, host_veth)
+        if host_idx is None:
+            raise DataplaneError(f"cannot create veth {host_veth}: the name of its peer {peer_veth} is taken")
+        rtnl.set_link(sock, host_idx, mtu=spec.mtu, up=True, master=master)
+        return False, host_idx
+
+    def _veth_pyroute2(self, ipr: IPRoute, spec: NetworkSpec, host_veth: str, peer_veth: str, mac: str,
+                       master: int | None) -> tuple[bool, int | None]:
+        """_veth_raw through pyroute2 (where the raw socket failed)."""
+        bridge = {} if master is None else {"master": master}
+        try:
+            ipr.link("add", ifname=host_veth, kind="veth", mtu=spec.mtu, state="up", **bridge,
+                     peer={"ifname": peer_veth, "address": mac, "mtu": spec.mtu})
+            return True, None
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise DataplaneError(f"cannot create veth {host_veth}: {exc}") from None
+        host_idx = self.nl.link_index(ipr, host_veth)      # it exists: make sure it is right
+        if host_idx is None:
+            raise DataplaneError(f"cannot create veth {host_veth}: the name of its peer {peer_veth} is taken")
+        try:
+            ipr.link("set", index=host_idx, mtu=spec.mtu, state="up", **bridge)
+        except NetlinkError as exc:
+            raise DataplaneError(f"cannot configure veth {host_veth}: {exc}") from None
+        return False, host_idx
 
     def proxy_arp(self, host_idx: int, host_veth: str) -> None:
         """Proxy ARP answers the container for every address the host routes elsewhere (its neighbours on
@@ -134,8 +166,14 @@ class Links:
             self.nl.drop_rtnl()
             raise DataplaneError(f"cannot turn on proxy ARP for {host_veth}: {exc}") from None
 
-    @staticmethod
-    def route_endpoint(ipr: IPRoute, address: str, host_idx: int, host_veth: str) -> None:
+    def route_endpoint(self, ipr: IPRoute, address: str, host_idx: int, host_veth: str) -> None:
+        """`<address>/32 dev <host veth>` (proto static, scope link), made or replaced; over the raw rtnetlink
+        socket, pyroute2's (and its error) where that fails."""
+        try:
+            rtnl.replace_route(self.nl.rtnl(), address, 32, host_idx)
+            return
+        except OSError:
+            self.nl.drop_rtnl()
         try:
             ipr.route("replace", dst=address, dst_len=32, oif=host_idx, scope=SCOPE_LINK)
         except NetlinkError as exc:

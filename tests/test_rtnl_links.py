@@ -225,3 +225,38 @@ def test_a_refused_ipv6_gateway_names_the_veth_and_the_undo_leaves_no_veth_or_ro
     assert vpcnet_links(ns) == []
     assert ip4 not in run(["ip", "-n", ns, "-4", "route"]).stdout
     assert ip6 not in run(["ip", "-n", ns, "-6", "route", "show", "table", "all"]).stdout
+
+
+def ipv6_conf(ns: str, link: str) -> dict[str, str]:
+    keys = ("disable_ipv6", "accept_ra", "autoconf", "accept_dad")
+    return {key: run(["ip", "netns", "exec", ns, "cat", f"/proc/sys/net/ipv6/conf/{link}/{key}"]).stdout.strip()
+            for key in keys}
+
+
+@pytest.mark.parametrize("mode", ["bridge", "routed", "ebpf"])
+def test_a_dual_stack_endpoints_host_veth_is_never_turned_off_and_on(netns_factory, mode):
+    """CreateEndpoint of a dual-stack endpoint (`ipv6=True`, as the driver says): in the routed modes the host
+    veth takes no router advertisement nor autoconfiguration from birth but keeps IPv6 on for
+    ensure_endpoint_ipv6 (turning it off and on again costs the kernel a link down and up); an IPv4-only
+    endpoint's and a bridge port's have IPv6 off, as before."""
+    ns = host(netns_factory)
+    wanted: list[Ipv6Endpoint] = []
+    dp = dataplane(ns, wanted)
+    s = spec(mode)
+    if mode == "ebpf" and not dp.features().supports("ebpf"):
+        pytest.skip(f"this kernel cannot do ebpf mode: {dp.features().why_not('ebpf')}")
+    dp.ensure_network(s)
+    assert run(["ip", "netns", "exec", ns, "sysctl", "-n", "net.ipv6.conf.default.disable_ipv6"]).stdout.strip() == "0"
+    (eid, ip4, ip6), (eid4, ip4_only, _) = ENDPOINTS
+    host_veth, peer = veth_names(eid)
+    wanted.append(Ipv6Endpoint(host_veth, ip6, "" if s.routed else s.bridge))
+    dp.ensure_endpoint(s, host_veth, peer, mac_for(ip4), ip4, ipv6=True)
+    off = {"disable_ipv6": "1", "accept_ra": "0", "autoconf": "0", "accept_dad": "1"}
+    quiet = {"disable_ipv6": "0", "accept_ra": "0", "autoconf": "0", "accept_dad": "1"}
+    assert ipv6_conf(ns, host_veth) == (quiet if s.routed else off)
+    dp.ensure_endpoint_ipv6(s, host_veth, ip6)
+    assert ipv6_conf(ns, host_veth) == ({**quiet, "accept_dad": "0"} if s.routed else off)
+    dp.ensure_endpoint(s, host_veth, peer, mac_for(ip4), ip4, ipv6=True)          # a replay leaves it so
+    assert ipv6_conf(ns, host_veth) == ({**quiet, "accept_dad": "0"} if s.routed else off)
+    dp.ensure_endpoint(s, *veth_names(eid4), mac_for(ip4_only), ip4_only)
+    assert ipv6_conf(ns, veth_names(eid4)[0]) == off

@@ -312,16 +312,19 @@ class Dataplane:
         return self.tc.drop_stale_uplink_programs(known_tags)
 
     # -- endpoints --------------------------------------------------------------------------------
-    def ensure_endpoint(self, spec: NetworkSpec, host_veth: str, peer_veth: str, mac: str, address: str) -> None:
+    def ensure_endpoint(self, spec: NetworkSpec, host_veth: str, peer_veth: str, mac: str, address: str,
+                        ipv6: bool = False) -> None:
         """A veth pair for an endpoint of network `spec`. Bridge mode: host end on the bridge. Routed and
         ebpf modes: host end on no bridge, answering ARP for the container's neighbours and gateway (proxy
         ARP), and a route `<address>/32 dev <host end>` (it goes with the veth); ebpf mode also attaches the
         container program to the host end (it goes with the veth too). Bridge mode: the anti-spoofing guard
         on the host end's ingress (vpcnet.datapath.tc.guard_program: IPv4 and ARP only from `address`; the
         routed modes' reverse-path check cannot see bridged traffic). With peer counting, the counting
-        programs too (vpcnet.datapath.tc), in every mode."""
+        programs too (vpcnet.datapath.tc), in every mode. `ipv6`: `ensure_endpoint_ipv6` comes next (the
+        endpoint has an IPv6 address): in the routed modes the host veth's IPv6 is then left for it to turn
+        on rather than turned off here first (vpcnet.datapath.links.Links.ensure_veth says why)."""
         with self.nl.ipr() as ipr:
-            host_idx = self.links.ensure_veth(ipr, spec, host_veth, peer_veth, mac)
+            host_idx = self.links.ensure_veth(ipr, spec, host_veth, peer_veth, mac, ipv6=ipv6 and spec.routed)
             if not address:                   # IPv6-only: its IPv6 is ensure_endpoint_ipv6's
                 return
             index = host_idx
@@ -833,9 +836,9 @@ class Dataplane:
             ipv6 = self.links.ipv6_off([ep.host_veth])
             return [Repair("link", spec.tag, f"IPv6 on for host veth {ep.host_veth} of {ep.address} "
                                              f"({', '.join(ipv6)})")] if ipv6 else []
-        self.ensure_endpoint(spec, ep.host_veth, ep.peer_veth, ep.mac, ep.address)
         v6 = next((e for e in self.ipv6_endpoints() if e.host_veth == ep.host_veth), None)
-        if v6 is not None:                    # ensure_veth turned IPv6 off on it: on again, as wanted
+        self.ensure_endpoint(spec, ep.host_veth, ep.peer_veth, ep.mac, ep.address, ipv6=v6 is not None)
+        if v6 is not None:                    # its IPv6, as wanted
             self.ensure_endpoint_ipv6(spec, ep.host_veth, v6.address)
         kind = "route" if "route" in problem else "tc" if "eBPF" in problem or "filter" in problem else "link"
         return [Repair(kind, spec.tag, problem)]

@@ -4,7 +4,9 @@ path's programs), `firewall` (the chains, one iptables-restore transaction), all
 
 Per network: a bridge (`vpc-<network id[:11]>`) holding the gateway address; per endpoint: a veth pair,
 host end (`vh<endpoint id[:11]>`) on the bridge, container end (`vc...`) handed to Docker to move into
-the sandbox. Links and addresses go through pyroute2; the firewall through `iptables-restore` (the same
+the sandbox. Links and addresses go through netlink: an endpoint's (veth pair, routes, addresses, tc filters, the
+lookups of CreateEndpoint and Join) over vpcnet.datapath.rtnl's raw socket, the rest and the fallback through
+pyroute2; the firewall through `iptables-restore` (the same
 binary family Docker uses, so both see one rule set). Bridge mode's anti-spoofing: a classic BPF tc filter
 on each host end's ingress (vpcnet.datapath.tc.guard_program: IPv4 and ARP only from the endpoint's own
 address; routed mode's reverse-path check never sees what is bridged), with the veth, checked by `repair`.

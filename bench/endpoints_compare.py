@@ -49,7 +49,8 @@ def code_of(tree: str) -> str:
 
 
 def summary(values: list[float]) -> dict:
-    return {"median": round(statistics.median(values), 2), "min": min(values), "max": max(values)}
+    return {"median": round(statistics.median(values), 2), "min": min(values), "max": max(values),
+            "rounds": values}
 
 
 def main() -> int:

@@ -260,3 +260,23 @@ def test_a_dual_stack_endpoints_host_veth_is_never_turned_off_and_on(netns_facto
     assert ipv6_conf(ns, host_veth) == ({**quiet, "accept_dad": "0"} if s.routed else off)
     dp.ensure_endpoint(s, *veth_names(eid4), mac_for(ip4_only), ip4_only)
     assert ipv6_conf(ns, veth_names(eid4)[0]) == off
+
+
+def test_a_targeted_answer_larger_than_the_buffer_is_an_error_not_a_short_read(netns_factory, monkeypatch):
+    """Targeted answers are read into rtnl.ANSWER_MAX bytes: one that does not fit is refused (EMSGSIZE), and
+    the socket stays in step (the next request gets its own answer); Netlink.index_of then asks pyroute2."""
+    ns = host(netns_factory)
+    sock = rtnl.open_socket(ns)
+    try:
+        index = rtnl.link_index(sock, "uplink0")
+        monkeypatch.setattr(rtnl, "ANSWER_MAX", 64)           # a link's answer is well over 64 bytes
+        with pytest.raises(OSError) as short:
+            rtnl.link_index(sock, "uplink0")
+        assert short.value.errno == errno.EMSGSIZE
+        dp = Dataplane(netns=ns)
+        with dp.nl.ipr() as ipr:
+            assert dp.nl.index_of(ipr, "uplink0") == index, "pyroute2's answer"
+        monkeypatch.undo()
+        assert rtnl.link_index(sock, "uplink0p") == rtnl.link_index(sock, "uplink0p") != index
+    finally:
+        sock.close()

@@ -6,7 +6,8 @@ namespace of its own, the real dataplane, N endpoints on one network of `--mode`
 once per tree, alternating which goes first, so both see the same machine load. The plugin runs the tree's
 own code (PYTHONPATH and the working directory point at it); the bench driver is this tree's. Per tree and
 endpoint count, for CreateEndpoint alone (the kernel's part: veth, route, programs) and CreateEndpoint +
-Join: the medians of the rounds' p50 and p99 with their min-max, and the ratio this/other of the medians.
+Join: the medians of the rounds' p50 and p99 with their min-max, and the ratio this/other of the medians;
+likewise the plugin's RSS (master + workers) with the endpoints, and the mode `--mode default` resolved to.
 
 The datapath package's goal was CreateEndpoint + Join p99 no worse than before it; the other
 tree was then the parent of the commit that created vpcnet/datapath (a `git worktree add --detach`).
@@ -48,7 +49,8 @@ def code_of(tree: str) -> str:
 
 
 def summary(values: list[float]) -> dict:
-    return {"median": round(statistics.median(values), 2), "min": min(values), "max": max(values)}
+    return {"median": round(statistics.median(values), 2), "min": min(values), "max": max(values),
+            "rounds": values}
 
 
 def main() -> int:
@@ -56,7 +58,8 @@ def main() -> int:
     parser.add_argument("--other", required=True, help="a checkout of vpcnet to compare against")
     parser.add_argument("--counts", default="200,500", help="endpoints per run, comma-separated")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--mode", default="ebpf", help="the network's mode (plugin_bench's --modes; default ebpf)")
+    parser.add_argument("--mode", default="ebpf", help="the network's mode (plugin_bench's --modes, `default`: no "
+                                                       "-o, the plugin's choice; default ebpf)")
     parser.add_argument("--ipv6", action="store_true", help="dual-stack networks and endpoints")
     parser.add_argument("--json", default=os.path.join(HERE, "results", "endpoints_compare.json"))
     args = parser.parse_args()
@@ -77,6 +80,8 @@ def main() -> int:
         for which in ("this", "other"):
             row[which] = {f"{call}_{q}": summary([run[f"{call}_ms"][q] for run in by[which]])
                           for call in CALLS for q in ("p50", "p99")}
+            row[which]["rss_mb"] = summary([run["rss_mb"][f"with_{count}_endpoints"] for run in by[which]])
+            row[f"{which}_resolved_modes"] = sorted({run.get("resolved_mode", "?") for run in by[which]})
         for key in row["this"]:
             row[f"ratio_{key}_this_over_other"] = round(row["this"][key]["median"] / row["other"][key]["median"], 3)
         results.append(row)
@@ -90,13 +95,16 @@ def main() -> int:
     print(f"this: {doc['this']}\nother: {doc['other']}\n")
     print("| endpoints | call | this p50 | other p50 | p50 ratio | this p99 | other p99 | p99 ratio |")
     print("|---|---|---|---|---|---|---|---|")
-    fmt = lambda s: f"{s['median']} ms ({s['min']}-{s['max']})"   # noqa: E731
+    fmt = lambda s, unit="ms": f"{s['median']} {unit} ({s['min']}-{s['max']})"   # noqa: E731
     for row in results:
         for call in CALLS:
             this, other_ = row["this"], row["other"]
             print(f"| {row['endpoints']} | {call} | {fmt(this[call + '_p50'])} | {fmt(other_[call + '_p50'])} | "
                   f"{row[f'ratio_{call}_p50_this_over_other']} | {fmt(this[call + '_p99'])} | "
                   f"{fmt(other_[call + '_p99'])} | {row[f'ratio_{call}_p99_this_over_other']} |")
+        print(f"| {row['endpoints']} | plugin RSS | {fmt(row['this']['rss_mb'], 'MB')} | "
+              f"{fmt(row['other']['rss_mb'], 'MB')} | "
+              f"{row['ratio_rss_mb_this_over_other']} | | | |")
     return 0
 
 

@@ -142,7 +142,7 @@ class FakeDataplane:
         self._call("drop_stale_uplink_programs", frozenset(known_tags))
         return []
 
-    def ensure_endpoint(self, spec, host_veth: str, peer_veth: str, mac: str, address: str) -> None:
+    def ensure_endpoint(self, spec, host_veth: str, peer_veth: str, mac: str, address: str, ipv6: bool = False) -> None:
         # logged with the address only when the mode routes one (bridge mode: 5 arguments)
         bridge, mtu = spec.bridge, spec.mtu
         self._call("ensure_endpoint", bridge, host_veth, peer_veth, mac, mtu, *([address] if spec.routed else []))

@@ -4,7 +4,9 @@ path's programs), `firewall` (the chains, one iptables-restore transaction), all
 
 Per network: a bridge (`vpc-<network id[:11]>`) holding the gateway address; per endpoint: a veth pair,
 host end (`vh<endpoint id[:11]>`) on the bridge, container end (`vc...`) handed to Docker to move into
-the sandbox. Links and addresses go through pyroute2; the firewall through `iptables-restore` (the same
+the sandbox. Links and addresses go through netlink: an endpoint's (veth pair, routes, addresses, tc filters, the
+lookups of CreateEndpoint and Join) over vpcnet.datapath.rtnl's raw socket, the rest and the fallback through
+pyroute2; the firewall through `iptables-restore` (the same
 binary family Docker uses, so both see one rule set). Bridge mode's anti-spoofing: a classic BPF tc filter
 on each host end's ingress (vpcnet.datapath.guard: only the endpoint's own MAC, and IPv4, ARP and IPv6 only
 as itself; routed mode's reverse-path check never sees what is bridged), with the veth, checked by `repair`.
@@ -321,16 +323,20 @@ class Dataplane:
         return self.tc.drop_stale_uplink_programs(known_tags)
 
     # -- endpoints --------------------------------------------------------------------------------
-    def ensure_endpoint(self, spec: NetworkSpec, host_veth: str, peer_veth: str, mac: str, address: str) -> None:
+    def ensure_endpoint(self, spec: NetworkSpec, host_veth: str, peer_veth: str, mac: str, address: str,
+                        ipv6: bool = False) -> None:
         """A veth pair for an endpoint of network `spec`. Bridge mode: host end on the bridge. Routed and
         ebpf modes: host end on no bridge, answering ARP for the container's neighbours and gateway (proxy
         ARP), and a route `<address>/32 dev <host end>` (it goes with the veth); ebpf mode also attaches the
         container program to the host end (it goes with the veth too). Bridge mode: the anti-spoofing guard
         on the host end's ingress (vpcnet.datapath.guard: `mac`, and IPv4 and ARP only from `address`, no
         IPv6 until `ensure_endpoint_ipv6`; the routed modes' reverse-path check cannot see bridged traffic).
-        With peer counting, the counting programs too (vpcnet.datapath.tc), in every mode."""
+        With peer counting, the counting programs too (vpcnet.datapath.tc), in every mode. `ipv6`:
+        `ensure_endpoint_ipv6` comes next (the endpoint has an IPv6 address): in the routed modes the host
+        veth's IPv6 is then left for it to turn on rather than turned off here first
+        (vpcnet.datapath.links.Links.ensure_veth says why)."""
         with self.nl.ipr() as ipr:
-            host_idx = self.links.ensure_veth(ipr, spec, host_veth, peer_veth, mac)
+            host_idx = self.links.ensure_veth(ipr, spec, host_veth, peer_veth, mac, ipv6=ipv6 and spec.routed)
             if not address:                   # IPv6-only: its IPv6 is ensure_endpoint_ipv6's
                 return
             index = host_idx
@@ -572,8 +578,9 @@ class Dataplane:
         return ""
 
     def link_exists(self, name: str) -> bool:
+        """Join asks it of every endpoint's peer: one raw RTM_GETLINK (netlink.index_of)."""
         with self.nl.ipr() as ipr:
-            return self.nl.link_index(ipr, name) is not None
+            return self.nl.index_of(ipr, name) is not None
 
     # -- the periodic pass: drift found by reading the kernel -------------------------------------------
     def view(self, with_tc: bool = True) -> KernelView:
@@ -932,9 +939,9 @@ class Dataplane:
             ipv6 = self.links.ipv6_off([ep.host_veth])
             return [Repair("link", spec.tag, f"IPv6 on for host veth {ep.host_veth} of {ep.address} "
                                              f"({', '.join(ipv6)})")] if ipv6 else []
-        self.ensure_endpoint(spec, ep.host_veth, ep.peer_veth, ep.mac, ep.address)
         v6 = next((e for e in self.ipv6_endpoints() if e.host_veth == ep.host_veth), None)
-        if v6 is not None:                    # ensure_veth turned IPv6 off on it: on again, as wanted
+        self.ensure_endpoint(spec, ep.host_veth, ep.peer_veth, ep.mac, ep.address, ipv6=v6 is not None)
+        if v6 is not None:                    # its IPv6, as wanted
             self.ensure_endpoint_ipv6(spec, ep.host_veth, v6.address)
         kind = "route" if "route" in problem else "tc" if "eBPF" in problem or "filter" in problem else "link"
         return [Repair(kind, spec.tag, problem)]

@@ -60,6 +60,7 @@ from typing import Sequence
 
 from pyroute2 import IPRoute, NetlinkError
 
+from vpcnet.datapath import rtnl
 from vpcnet.datapath.netlink import HOST_SYS_NET, Netlink, sysctl_path
 from vpcnet.errors import DataplaneError
 
@@ -217,23 +218,35 @@ class RoutedIpv6:
             self.nl.link_sysctls([host_veth], IPV6_ON)
         except OSError as exc:
             raise DataplaneError(f"cannot turn IPv6 on for {host_veth} (/proc/sys: {exc})") from None
+        dst = str(ipaddress.IPv6Address(address))
+        try:                # the raw rtnetlink socket (vpcnet.datapath.rtnl); pyroute2's, and its error, where it fails
+            sock = self.nl.rtnl()
+            rtnl.add_address(sock, idx, GATEWAY, 64, IFA_F_NODAD)
+            rtnl.replace_route(sock, dst, 128, idx)
+            return idx
+        except OSError:
+            self.nl.drop_rtnl()
         try:
             ipr.addr("add", index=idx, family=AF_INET6, address=GATEWAY, prefixlen=64, flags=IFA_F_NODAD)
         except NetlinkError as exc:
             if exc.code != errno.EEXIST:
                 raise DataplaneError(f"cannot put the IPv6 gateway {GATEWAY} on {host_veth}: {exc}") from None
         try:
-            ipr.route("replace", family=AF_INET6, dst=str(ipaddress.IPv6Address(address)), dst_len=128, oif=idx,
-                      scope=SCOPE_LINK)
+            ipr.route("replace", family=AF_INET6, dst=dst, dst_len=128, oif=idx, scope=SCOPE_LINK)
         except NetlinkError as exc:
             raise DataplaneError(f"cannot route {address} to {host_veth}: {exc}") from None
         return idx
 
     def unroute(self, ipr: IPRoute, host_veth: str, address: str) -> None:
         """Remove `<address>/128 dev <host veth>`; one already gone (or the veth) is not an error."""
-        idx = self.nl.link_index(ipr, host_veth)
+        idx = self.nl.index_of(ipr, host_veth)
         if idx is None:
             return
+        try:
+            rtnl.delete_route(self.nl.rtnl(), str(ipaddress.IPv6Address(address)), 128, idx)
+            return
+        except OSError:
+            self.nl.drop_rtnl()
         try:
             ipr.route("del", family=AF_INET6, dst=str(ipaddress.IPv6Address(address)), dst_len=128, oif=idx)
         except NetlinkError as exc:

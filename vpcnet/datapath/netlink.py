@@ -215,9 +215,14 @@ class Netlink:
     def delete_link(self, name: str) -> None:
         """Delete a link if it exists (a veth's peer goes with it, wherever it is)."""
         with self.ipr() as ipr:
-            idx = self.link_index(ipr, name)
+            idx = self.index_of(ipr, name)
             if idx is None:
                 return
+            try:                        # the raw socket; pyroute2's, and its error, where that fails
+                rtnl.delete_link(self.rtnl(), idx)
+                return
+            except OSError:
+                self.drop_rtnl()
             try:
                 ipr.link("del", index=idx)
             except NetlinkError as exc:

@@ -4,8 +4,9 @@ Routed and ebpf modes need two settings on each endpoint's host veth: `proxy_arp
 container's ARP for its neighbours) and the ARP `proxy_delay` of 0 (or each broadcast request waits up to
 0.8 s). Both are usually written under /proc/sys, which is read-only inside a managed plugin; the kernel
 takes them over netlink as well, with CAP_NET_ADMIN: RTM_SETLINK with the interface's IPv4 devconf, and
-RTM_SETNEIGHTBL with the interface's parameters of the ARP table. And, for CreateEndpoint's path, where
-pyroute2's cost per request counts: a link's index by name, the clsact qdisc and a tc bpf filter.
+RTM_SETNEIGHTBL with the interface's parameters of the ARP table. And, for CreateEndpoint's and Join's path,
+where pyroute2's cost per request counts (about a millisecond of Python each): a link's index by name, the veth
+pair, a link's MTU, state and bridge, an address, a route, the clsact qdisc and a tc bpf filter.
 """
 from __future__ import annotations
 
@@ -137,6 +138,21 @@ IFLA_INET6_CONF = 2
 DEVCONF_ACCEPT_RA, DEVCONF_AUTOCONF, DEVCONF_DISABLE_IPV6 = 3, 5, 26     # uapi linux/ipv6.h
 
 
+ANSWER_MAX = 1 << 16     # a targeted request's answer (one link, one filter) is a few KB
+
+
+def _recv(sock: socket.socket, dump: bool) -> bytes:
+    """One datagram. A dump's may be as large as the kernel makes them (1 MB asked; it caps them at 32 KB);
+    a targeted answer is read into ANSWER_MAX, checked for truncation: asking 1 MB of recv() costs ~60 µs
+    of allocation per call, a tenth of a link lookup's whole time."""
+    if dump:
+        return sock.recv(1 << 20)
+    data, _ancillary, flags, _address = sock.recvmsg(ANSWER_MAX)
+    if flags & socket.MSG_TRUNC:
+        raise OSError(errno.EMSGSIZE, f"netlink answer larger than {ANSWER_MAX} bytes")
+    return data
+
+
 def _dump(sock: socket.socket, msg_type: int, body: bytes, dump: bool = True):
     """Yield (type, payload) of every message of one dump; with `dump=False`, of the one answer to a
     targeted request."""
@@ -144,7 +160,7 @@ def _dump(sock: socket.socket, msg_type: int, body: bytes, dump: bool = True):
     flags = NLM_F_REQUEST | (NLM_F_DUMP if dump else 0)
     sock.send(struct.pack("=IHHII", 16 + len(body), msg_type, flags, seq, 0) + body)
     for _ in range(100000):                              # bounded: a dump ends with NLMSG_DONE
-        data = sock.recv(1 << 20)
+        data = _recv(sock, dump)
         offset = 0
         while offset + 16 <= len(data):
             length, kind, _flags, got_seq, _pid = struct.unpack_from("=IHHII", data, offset)
@@ -467,3 +483,113 @@ def classic_bpf_ops(sock: socket.socket, index: int, parent: int, prio: int, han
             return None
         raise
     return None
+
+
+# -- links, addresses and routes of an endpoint, as pyroute2's `link("add", kind="veth", ...)`,
+# `addr("add", ...)` and `route("replace"/"del", ...)` wrote them (the same messages, `ip` shows the same),
+# for CreateEndpoint's path: pyroute2 costs about a millisecond of Python per request on this machine, a
+# request here a small fraction of it.
+RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_NEWROUTE, RTM_DELROUTE = 16, 17, 20, 24, 25
+IFLA_ADDRESS, IFLA_LINKINFO = 1, 18
+IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
+RT_TABLE_MAIN, RTPROT_STATIC, RTN_UNICAST = 254, 4, 1
+RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RT_SCOPE_NOWHERE = 0, 253, 255
+
+
+def _ifinfo(index: int = 0, flags: int = 0, change: int = 0) -> bytes:
+    return struct.pack("=BBHiII", socket.AF_UNSPEC, 0, 0, index, flags, change)
+
+
+def _mac_bytes(text: str) -> bytes:
+    raw = bytes.fromhex(text.replace(":", ""))
+    if len(raw) != 6:
+        raise ValueError(f"{text!r} is not a MAC address")
+    return raw
+
+
+def create_veth(sock: socket.socket, name: str, peer: str, mtu: int, peer_mac: str = "",
+                master: int | None = None) -> None:
+    """The veth pair `name` (this end: up, on bridge `master` if given) and `peer` (down, MAC `peer_mac`), both
+    with `mtu`, in one RTM_NEWLINK (NLM_F_EXCL: EEXIST when either name is taken). The kernel makes both ends
+    or neither. A refusal raises OSError(errno)."""
+    peer_attrs = _attr(IFLA_IFNAME, peer.encode() + b"\0") + _attr(IFLA_MTU, struct.pack("=I", mtu))
+    if peer_mac:
+        peer_attrs += _attr(IFLA_ADDRESS, _mac_bytes(peer_mac))
+    info = _attr(IFLA_INFO_KIND, b"veth\0") + \
+        _attr(IFLA_INFO_DATA, _attr(VETH_INFO_PEER, _ifinfo() + peer_attrs, nested=True), nested=True)
+    body = _ifinfo(flags=IFF_UP, change=IFF_UP) + _attr(IFLA_IFNAME, name.encode() + b"\0") + \
+        _attr(IFLA_MTU, struct.pack("=I", mtu)) + \
+        (_attr(IFLA_MASTER, struct.pack("=I", master)) if master is not None else b"") + \
+        _attr(IFLA_LINKINFO, info, nested=True)
+    _request(sock, RTM_NEWLINK, body, NLM_F_CREATE | NLM_F_EXCL)
+
+
+def set_link(sock: socket.socket, index: int, mtu: int | None = None, up: bool | None = None,
+             master: int | None = None) -> None:
+    """Link `index`'s MTU, state and bridge (each only when given), in one RTM_NEWLINK without
+    NLM_F_CREATE (ENODEV: no such link). A refusal raises OSError(errno)."""
+    body = _ifinfo(index, IFF_UP if up else 0, IFF_UP if up is not None else 0)
+    if mtu is not None:
+        body += _attr(IFLA_MTU, struct.pack("=I", mtu))
+    if master is not None:
+        body += _attr(IFLA_MASTER, struct.pack("=I", master))
+    _request(sock, RTM_NEWLINK, body)
+
+
+def delete_link(sock: socket.socket, index: int) -> bool:
+    """Delete link `index` (a veth's peer goes with it); False: there is no such link."""
+    try:
+        _request(sock, RTM_DELLINK, _ifinfo(index))
+    except OSError as exc:
+        if exc.errno in (errno.ENODEV, errno.ENOENT):
+            return False
+        raise
+    return True
+
+
+def _family(address: str) -> tuple[int, bytes]:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    return family, socket.inet_pton(family, address)
+
+
+def add_address(sock: socket.socket, index: int, address: str, prefixlen: int, flags: int = 0) -> bool:
+    """`address/prefixlen` on link `index` (`flags`: IFA_F_*, e.g. IFA_F_NODAD); False: it is there already.
+    IPv4 gets IFA_LOCAL and IFA_ADDRESS as `ip addr add` sends them, IPv6 IFA_ADDRESS. A refusal raises
+    OSError(errno)."""
+    family, raw = _family(address)
+    body = struct.pack("=BBBBI", family, prefixlen, flags, RT_SCOPE_UNIVERSE, index) + _attr(IFA_ADDRESS, raw)
+    if family == socket.AF_INET:
+        body += _attr(IFA_LOCAL, raw)
+    try:
+        _request(sock, RTM_NEWADDR, body, NLM_F_CREATE | NLM_F_EXCL)
+    except OSError as exc:
+        if exc.errno == errno.EEXIST:
+            return False
+        raise
+    return True
+
+
+def _route(dst: str, prefixlen: int, oif: int, scope: int, protocol: int = RTPROT_STATIC,
+           kind: int = RTN_UNICAST) -> bytes:
+    family, raw = _family(dst)
+    return struct.pack("=BBBBBBBBI", family, prefixlen, 0, 0, RT_TABLE_MAIN, protocol, scope, kind, 0) + \
+        _attr(RTA_DST, raw) + _attr(RTA_OIF, struct.pack("=I", oif))
+
+
+def replace_route(sock: socket.socket, dst: str, prefixlen: int, oif: int, scope: int = RT_SCOPE_LINK) -> None:
+    """`dst/prefixlen dev <oif>` in the main table (proto static, unicast; IPv4 with `scope`, the kernel sets
+    IPv6's), made or replaced: `ip route replace DST/LEN dev DEV proto static scope link`. A refusal raises
+    OSError(errno)."""
+    _request(sock, RTM_NEWROUTE, _route(dst, prefixlen, oif, scope), NLM_F_CREATE | NLM_F_REPLACE)
+
+
+def delete_route(sock: socket.socket, dst: str, prefixlen: int, oif: int) -> bool:
+    """Remove `dst/prefixlen dev <oif>` from the main table, whatever its protocol and scope (as `ip route del`
+    asks); False: there is no such route."""
+    try:
+        _request(sock, RTM_DELROUTE, _route(dst, prefixlen, oif, RT_SCOPE_NOWHERE, 0, 0))
+    except OSError as exc:
+        if exc.errno in (errno.ESRCH, errno.ENOENT, errno.ENODEV):
+            return False
+        raise
+    return True

@@ -603,7 +603,8 @@ class NetworkDriver:
 
     # -- helpers ----------------------------------------------------------------------------------
     def _ensure_endpoint(self, net: Network, ep: Endpoint) -> None:
-        self.dataplane.ensure_endpoint(self._spec(net), ep.host_veth, ep.peer_veth, ep.mac, ep.address)
+        self.dataplane.ensure_endpoint(self._spec(net), ep.host_veth, ep.peer_veth, ep.mac, ep.address,
+                                       ipv6=bool(ep.address_v6))
         if ep.address_v6:
             self.dataplane.ensure_endpoint_ipv6(self._spec(net), ep.host_veth, ep.address_v6)
 

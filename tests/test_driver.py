@@ -862,6 +862,20 @@ def dual_stack(plug, mode="routed"):
     return plug.store.network(NID), pool6
 
 
+@pytest.mark.parametrize("generic,uplink", [({MTU_OPTION: "1279"}, 1500), ({}, 1200)])
+def test_an_ipv6_network_below_ipv6s_minimum_mtu_is_refused_at_creation(tmp_path, generic, uplink):
+    """IPv6 needs links of 1280 bytes or more: a dual-stack network with a smaller MTU (asked for, or the
+    uplink's) is refused when it is made, naming the MTU, instead of refusing each of its containers."""
+    plug = make_plugin(tmp_path, dataplane=FakeDataplane(uplink=uplink))
+    pool4, pool6 = pool_of(plug), plug.ipam.request_pool(v6=True)["PoolID"]
+    with pytest.raises(InvalidRequest, match="needs an MTU of at least 1280") as info:
+        plug.driver.create_network(NID, {GENERIC: generic, "com.docker.network.enable_ipv6": True},
+                                   [{"Pool": pool4, "Gateway": ""}], [{"Pool": pool6, "Gateway": ""}])
+    assert str(uplink if not generic else 1279) in str(info.value) and MTU_OPTION in str(info.value)
+    assert plug.store.networks() == [] and plug.dataplane.networks == {}
+    assert create(plug, generic={MTU_OPTION: "1279"}).mtu == 1279, "IPv4 alone takes it"
+
+
 @pytest.mark.parametrize("mode", ["routed", "ebpf", "bridge"])
 def test_dual_stack_network_endpoint_and_join(plug, mode):
     """--ipv6: the network keeps its IPv6 block; an endpoint gets its IPv6 address on the host (routed path,

@@ -125,6 +125,7 @@ _IDS = {"NetworkID": (re.compile(r"[0-9a-f]{64}|[0-9a-z]{25}"),
 _SANDBOX_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 GENERIC = "com.docker.network.generic"
 MTU_OPTION = "com.docker.network.driver.mtu"
+IPV6_MIN_MTU = 1280                   # RFC 8200: every IPv6 link carries 1280-byte packets
 INTERNAL_OPTION = "com.docker.network.internal"
 IPV6_OPTION = "com.docker.network.enable_ipv6"
 IPV4_OPTION = "com.docker.network.enable_ipv4"            # Docker 28+: false with --ipv4=false
@@ -236,6 +237,10 @@ class NetworkDriver:
         mode = self._network_mode(generic.get(MODE_OPTION))
         v6 = _ipv6_pool(ipv6_data, pools)
         mtu = self._mtu(generic.get(MTU_OPTION))
+        if v6.get("host_cidr_v6") and mtu < IPV6_MIN_MTU:
+            raise InvalidRequest(f"an IPv6 network needs an MTU of at least {IPV6_MIN_MTU} (IPv6's minimum), got "
+                                 f"{mtu}{'' if generic.get(MTU_OPTION) else ' (the uplink MTU)'}: set -o "
+                                 f"{MTU_OPTION}=1280 or more, or leave out --ipv6")
         net = Network(network_id=network_id, **v4, bridge=bridge_name(network_id), mtu=mtu,
                       internal=_truthy(options.get(INTERNAL_OPTION)),
                       no_nat=tuple(self.config.no_nat_cidrs), created=time.time(), mode=mode, state=PENDING, **v6)

@@ -654,3 +654,24 @@ def test_reachable_pings_an_ipv6_peer_in_its_namespace(netns_factory):
     assert not bench.reachable(run.Contender(goals.CROSS, "underlay-v6", client, server, "fd00:be::3", None), 1.5)
     assert time.monotonic() - started < 10
     assert client.mtu() == 1500
+
+
+class _SameAddressLab(_RefusingLab):
+    """An engine pair that creates the overlay but gives both containers the same IPv6 address."""
+
+    def docker(self, k, *args, check=True, timeout=120):
+        self.calls.append((k, *args))
+        out = {"inspect": "4242\n" if "{{.State.Pid}}" in args else "10.0.250.2 fd00:250::2\n"}.get(args[0], "")
+        return subprocess.CompletedProcess(args, 0, out, "")
+
+
+def test_an_overlay_giving_both_containers_one_ipv6_address_is_left_out():
+    lab = _SameAddressLab()
+    bench = run.Bench(lab, _args(ipv6=True))
+    bench.overlay_v6()
+    assert bench.contenders == []
+    assert bench.not_measured == {"overlay-v6": "both containers on ov6 got the same IPv6 address fd00:250::2"}
+    runs = [c for c in lab.calls if c[1] == "run"]
+    assert [(c[0], c[c.index("--ip6") + 1]) for c in runs] == [(1, "fd00:250::a1"), (2, "fd00:250::a2")]
+    assert (1, "rm", "-f", "bench-ov6-1") in lab.calls and (2, "rm", "-f", "bench-ov6-2") in lab.calls
+    assert lab.calls[-1] == (1, "network", "rm", "ov6")                # nothing of it left behind

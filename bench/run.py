@@ -112,7 +112,7 @@ COST = {"iperf_overhead": 0.15, "rr_per_pingpong": 50e-6, "client_start": 0.1, "
         "teardown": 20.0}
 V6_CONTENDERS = ("underlay-v6", "vpcnet-v6", "overlay-v6")   # --ipv6: the IPv6 twins of these three
 OVERLAY_V6 = ("ov6", "10.0.250.0/24", "fd00:250::/64")      # Docker's dual-stack overlay: name, subnets
-OVERLAY_V6_ADDRESSES = ("fd00:250::a1", "fd00:250::a2")    # --ip6 of its containers on h1 and h2 (see overlay_v6)
+OVERLAY_V6_ADDRESS = "fd00:250::a2"                        # --ip6 of h2's container, if needed (overlay_v6)
 
 
 def sh(cmd: list[str], timeout: float = 120, check: bool = True, **kw) -> subprocess.CompletedProcess:
@@ -334,19 +334,25 @@ class Bench:
         self.lab.docker(1, "network", "rm", name, check=False)
 
     def _overlay_v6_contender(self, name: str, timeout: float) -> str:
-        """Adds the overlay-v6 contender on network `name`; else says why it cannot be measured. The
-        containers' IPv6 addresses are given (--ip6): swarm's allocator hands out IPv4 only, so each engine
-        may take IPv6 from the pool on its own, the same first address on both (on Docker 20.10 without
-        --ip6, a ping to "the other" container's IPv6 address answered and iperf3's connection to it was
-        refused: most likely the client's own address)."""
+        """Adds the overlay-v6 contender on network `name`; else says why it cannot be measured. Swarm's
+        allocator hands out IPv4 only, so each engine may take the pool's first IPv6 address on its own:
+        where both containers got the same one, h2's is asked for another with --ip6."""
         try:
-            a, b = (self.container(k, f"bench-ov6-{k}", name, "--ip6", OVERLAY_V6_ADDRESSES[k - 1]) for k in (1, 2))
-        except RuntimeError as exc:
+            a, b = self.container(1, "bench-ov6-1", name), self.container(2, "bench-ov6-2", name)
+        except (LabError, RuntimeError) as exc:
             return f"no container on {name}: {exc}"
         if not (a.address6 and b.address6):
             return f"the containers on {name} got no IPv6 address ({a.address6 or '-'}, {b.address6 or '-'})"
         if a.address6 == b.address6:
-            return f"both containers on {name} got the same IPv6 address {a.address6}"
+            same = (f"both containers on {name} got the same IPv6 address {a.address6} (each engine allocates "
+                    "the overlay's IPv6 addresses on its own: swarm's allocator hands out IPv4 only)")
+            self.lab.docker(2, "rm", "-f", "bench-ov6-2", check=False)
+            try:
+                b = self.container(2, "bench-ov6-2", name, "--ip6", OVERLAY_V6_ADDRESS)
+            except (LabError, RuntimeError) as exc:
+                return f"{same}, and `docker run --ip6 {OVERLAY_V6_ADDRESS}` on h2 failed: {exc}"
+            if b.address6 != OVERLAY_V6_ADDRESS:
+                return f"{same}, and `docker run --ip6 {OVERLAY_V6_ADDRESS}` on h2 gave {b.address6 or 'none'}"
         c = Contender(CROSS, "overlay-v6", a, b, b.address6, name)
         if not self.reachable(c, timeout):
             neigh = sh(a.cmd("ip", "-6", "neigh", "show", b.address6), check=False).stdout.strip() or "none"

@@ -22,10 +22,11 @@ With --ipv6 (the lab comes up with `--ipv6`: vpc0 dual-stack), also across hosts
   underlay-v6    host namespace <-> host namespace, between their IPv6 underlay addresses
   vpcnet-v6      the `vpcnet` contender's two containers on vpc0, between their IPv6 addresses
   overlay-v6     Docker's overlay made dual-stack (`ov6`: --ipv6 and an IPv6 --subnet), between the
-                 containers' IPv6 addresses. Where Docker's overlay does not carry IPv6 across hosts (its
-                 engines add neighbour entries for the containers' IPv4 addresses only, moby/moby#47125),
-                 the two containers do not reach each other: the contender is left out, and the results
-                 (`meta.not_measured`) and the Markdown say so with what was seen.
+                 containers' IPv6 addresses. Where Docker's overlay does not carry IPv6 across hosts, the
+                 contender is left out, and the results (`meta.not_measured`) and the Markdown say so with
+                 what was seen: a container that cannot attach (with the engine log's task error), the same
+                 IPv6 address on both, or no reply between them (with the neighbour entry: the overlay adds
+                 neighbour entries for the containers' IPv4 addresses only, moby/moby#47125).
   Each is held to the IPv4 goals against the baselines of its own family (bench/goals.py). A flag, not
   always: the IPv6 contenders add a third to every round, and runs without it stay comparable with the
   IPv4-only runs before them (the lab, its network and contenders unchanged).
@@ -76,6 +77,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import signal
 import statistics
 import subprocess
@@ -338,9 +340,13 @@ class Bench:
         allocator hands out IPv4 only, so each engine may take the pool's first IPv6 address on its own:
         where both containers got the same one, h2's is asked for another with --ip6."""
         try:
-            a, b = self.container(1, "bench-ov6-1", name), self.container(2, "bench-ov6-2", name)
+            a = self.container(1, "bench-ov6-1", name)
         except (LabError, RuntimeError) as exc:
-            return f"no container on {name}: {exc}"
+            return f"no container on {name}: {exc}" + self.task_errors(1)
+        try:
+            b = self.container(2, "bench-ov6-2", name)
+        except (LabError, RuntimeError) as exc:
+            return f"no container on {name}: {exc}" + self.task_errors(2)
         if not (a.address6 and b.address6):
             return f"the containers on {name} got no IPv6 address ({a.address6 or '-'}, {b.address6 or '-'})"
         if a.address6 == b.address6:
@@ -350,7 +356,7 @@ class Bench:
             try:
                 b = self.container(2, "bench-ov6-2", name, "--ip6", OVERLAY_V6_ADDRESS)
             except (LabError, RuntimeError) as exc:
-                return f"{same}, and `docker run --ip6 {OVERLAY_V6_ADDRESS}` on h2 failed: {exc}"
+                return f"{same}, and `docker run --ip6 {OVERLAY_V6_ADDRESS}` on h2 failed: {exc}" + self.task_errors(2)
             if b.address6 != OVERLAY_V6_ADDRESS:
                 return f"{same}, and `docker run --ip6 {OVERLAY_V6_ADDRESS}` on h2 gave {b.address6 or 'none'}"
         c = Contender(CROSS, "overlay-v6", a, b, b.address6, name)
@@ -362,6 +368,17 @@ class Bench:
                     f"neighbour entry for it: {neigh}): this engine's overlay does not carry IPv6 across hosts")
         self.contenders.append(c)
         return ""
+
+    def task_errors(self, k: int, limit: int = 3) -> str:
+        """The last swarm task errors in host k's engine log: why an overlay attachment failed, which the
+        client's "context deadline exceeded" does not say. "" when there are none, or no log."""
+        try:
+            with open(self.lab.host(k).paths.engine_log, errors="replace") as fh:
+                lines = [line for line in fh.read().splitlines()[-5000:] if "fatal task error" in line]
+        except (OSError, AttributeError):
+            return ""
+        found = [m.group(1) for m in (re.search(r'error="([^"]*)"', line) for line in lines[-limit:]) if m]
+        return f" (h{k}'s engine log: fatal task error: {'; '.join(found)})" if found else ""
 
     def reachable(self, c: Contender, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

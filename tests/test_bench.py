@@ -681,3 +681,35 @@ def test_an_overlay_giving_both_containers_one_ipv6_address_is_left_out():
     assert [(c[0], "--ip6" in c) for c in runs] == [(1, False), (2, False), (2, True)]
     assert (1, "rm", "-f", "bench-ov6-1") in lab.calls and (2, "rm", "-f", "bench-ov6-2") in lab.calls
     assert lab.calls[-1] == (1, "network", "rm", "ov6")                # nothing of it left behind
+
+
+class _UnattachableLab(_RefusingLab):
+    """Creates the overlay, but its engine fails the container's attachment, saying why only in its log."""
+
+    def __init__(self, log: str):
+        super().__init__()
+        self.paths = type("Paths", (), {"engine_log": log})()
+
+    def host(self, k):
+        return self
+
+    def docker(self, k, *args, check=True, timeout=120):
+        self.calls.append((k, *args))
+        if args[0] == "run":
+            raise run.LabError("docker run ... exited 125: attaching to network failed, make sure your network "
+                               "options are correct and check manager logs: context deadline exceeded")
+        return subprocess.CompletedProcess(args, 0, "", "")
+
+
+def test_an_overlay_attachment_failure_is_explained_from_the_engine_log(tmp_path):
+    log = tmp_path / "dockerd.log"
+    log.write_text('time="x" level=info msg="loading plugin"\n'
+                   'time="x" level=error msg="fatal task error" error="Invalid address fd00:250::2: It does not '
+                   'belong to any of this network\'s subnets" module=node/agent/taskmanager\n')
+    bench = run.Bench(_UnattachableLab(str(log)), _args(ipv6=True))
+    bench.overlay_v6()
+    assert bench.contenders == []
+    assert bench.not_measured["overlay-v6"].endswith(
+        "context deadline exceeded (h1's engine log: fatal task error: Invalid address fd00:250::2: It does not "
+        "belong to any of this network's subnets)")
+    assert bench.task_errors(2) and not run.Bench(_UnattachableLab(str(tmp_path / "none")), None).task_errors(1)

@@ -674,9 +674,9 @@ def test_an_overlay_giving_both_containers_one_ipv6_address_is_left_out():
     bench.overlay_v6()
     assert bench.contenders == []
     why = bench.not_measured["overlay-v6"]
-    assert why.startswith("both containers on ov6 got the same IPv6 address fd00:250::2 (")
-    assert why.endswith("`docker run --ip6 fd00:250::a2` on h2 failed: docker run ... exited 125: attaching to "
-                        "network failed: context deadline exceeded")
+    assert why == ("both containers on ov6 got the same IPv6 address fd00:250::2, and `docker run --ip6 "
+                   "fd00:250::a2` on h2 failed: docker run ... exited 125: attaching to network failed: context "
+                   "deadline exceeded")
     runs = [c for c in lab.calls if c[1] == "run"]
     assert [(c[0], "--ip6" in c) for c in runs] == [(1, False), (2, False), (2, True)]
     assert (1, "rm", "-f", "bench-ov6-1") in lab.calls and (2, "rm", "-f", "bench-ov6-2") in lab.calls

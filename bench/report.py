@@ -151,7 +151,7 @@ def markdown(res: dict) -> str:
                   "a dual-stack Docker overlay, each measured between their IPv6 addresses):", "",
                   *_metric_table(res, CROSS, True)]
     for name, why in (m.get("not_measured") or {}).items():
-        lines += ["", f"Not measured: `{name}`: {why}"]
+        lines += ["", f"Not measured: `{name}`: {' '.join(why.split())}"]      # one paragraph, whatever it quotes
     if present(res, SAME):
         lines += ["", "On one host (both containers on h1; `docker-bridge` is a user-defined Docker bridge "
                   "network):", "", *_metric_table(res, SAME)]

@@ -536,6 +536,8 @@ def test_markdown_shows_ipv6_in_a_table_of_its_own_and_what_was_left_out():
     assert "| metric | underlay-v6 | vpcnet-v6 | overlay-v6 |" in rest
     assert "| TCP request-response p50 (µs) | 80.0 (72.0–96.0) | 82.0 (73.8–98.4) | – |" in rest
     assert f"Not measured: `overlay-v6`: {why}" in md
+    md = report.markdown(_v6_result(not_measured={"overlay-v6": "exited 125: deadline\n\nRun 'docker run --help'"}))
+    assert "Not measured: `overlay-v6`: exited 125: deadline Run 'docker run --help'\n" in md
     assert "| vpcnet-v6/underlay-v6 | vpcnet-v6/overlay-v6 |" in md
     assert "| goal | vpcnet (no -o: ebpf, fastest) | vpcnet-routed | vpcnet-v6 |" in md
     assert ("| TCP 1 stream ≥ 0.97 × underlay | 0.98 yes (3/3 rounds) | 0.90 **no** (0/3 rounds) "

@@ -1,6 +1,7 @@
 """Where the CPU goes on each contender's path: `perf record` (cpu-clock sampling, every CPU) during one
 TCP stream, kernel symbols grouped by the piece of the datapath they belong to, as CPU milliseconds per
-gigabyte delivered. Used by `bench/run.py --profile`; needs perf (Debian: linux-perf).
+gigabyte delivered. Used by `bench/run.py --profile` (`--profile-runs N`: N such streams per contender,
+combined by `median_of`); needs perf (Debian: linux-perf). IPv4's and IPv6's symbols fall in the same groups.
 
 Per gigabyte, so a slower path is not made to look cheaper by moving fewer bytes. The groups are the
 datapath's pieces: copying to and from user space (the useful work, the same on every path), the TCP
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import tempfile
 
@@ -22,10 +24,12 @@ GROUPS = [  # (group, symbol pattern); first match wins
     ("vxlan", r"^(vxlan|udp_tunnel|iptunnel|__iptunnel|udp4_lib_rcv|__udp4_lib_rcv|udp_queue_rcv|skb_udp_tunnel)"),
     ("conntrack+nat", r"^(__)?(nf_conntrack|nf_ct_|nf_nat|nf_confirm|hash_conntrack|tcp_in_window|"
                       r"nf_nat_ipv4|__nf_ct|nf_ct_seq)"),
-    ("netfilter rules", r"^(__)?(nft_|nf_hook|nf_tables|ipt_|xt_|nft_do_chain|nf_reinject|nf_iterate)"),
+    ("netfilter rules", r"^(__)?(nft_|nf_hook|nf_tables|ipt_|ip6t_|ip6table_|iptable_|xt_|nft_do_chain|nf_reinject|"
+                        r"nf_iterate)"),
     ("bridge", r"^(__)?(br_|nf_bridge|brnf_|br_nf)"),
     ("ebpf", r"^(bpf_|__bpf|cls_bpf|sch_handle_ingress|tcf_classify|skb_do_redirect|bpf_prog_)"),
-    ("routing+ip", r"^(__)?(ip_|ip4_|fib|rt_|dst_|inet_|ipv4_|ip_forward|icmp_|neigh_|__neigh|arp_)"),
+    ("routing+ip", r"^(__)?(ip_|ip4_|fib|rt_|dst_|inet_|ipv4_|ip_forward|icmp_|neigh_|__neigh|arp_|"
+                   r"ip6_|ip6mr|ipv6_|rt6_|inet6_|icmpv6_|icmp6_|ndisc_|nd_tbl)"),        # IPv6's too
     ("veth+queues", r"^(__)?(veth_|netif_|napi_|process_backlog|net_rx_action|dev_|__dev_|enqueue_to_backlog|"
                     r"handle_softirqs|do_softirq|__local_bh_enable_ip|"
                     r"eth_type_trans|skb_|__skb_|validate_xmit|sch_direct|qdisc|kfree_skb|consume_skb|"
@@ -78,4 +82,16 @@ def per_gigabyte(seconds: dict[str, float], delivered_bytes: float) -> dict[str,
     for group, value in seconds.items():
         out[group if group in out else "other"] += value * 1000 / gb
     out["total"] = sum(out[name] for name in ORDER)
+    return out
+
+
+def median_of(runs: list[dict[str, float]]) -> dict:
+    """Several `per_gigabyte` results of one contender as one: each piece's median, `total` the median of
+    the runs' totals (so not always the sum of the pieces' medians), and `samples` the runs' totals in run
+    order, which bench/goals.py pairs run by run with the baseline's like rounds."""
+    if not runs:
+        raise ValueError("no profile runs")
+    out: dict = {name: statistics.median(r.get(name, 0.0) for r in runs) for name in ORDER}
+    out["total"] = statistics.median(r["total"] for r in runs)
+    out["samples"] = [r["total"] for r in runs]
     return out

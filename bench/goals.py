@@ -9,6 +9,11 @@ contender is checked: the default network (`vpcnet`, created without any `-o` op
 mode (`vpcnet-<mode>`); the fastest of them is named too, since the goals are meant for both the default
 and the fastest mode.
 
+IPv6 (`bench/run.py --ipv6`): a contender whose name ends in `-v6` (`vpcnet-v6`, the default network over
+IPv6) is held to the same goals against the baselines of its own family (`underlay-v6`, `overlay-v6`):
+`baseline()` names them, so an IPv6 path is never judged against an IPv4 one. The fastest mode is named
+among the IPv4 contenders only (IPv6 is measured on the default network alone).
+
 A ratio is mine / versus. For "lower is better" metrics (latency, CPU, `docker run` time) the bound is an
 upper one. Each goal gets one verdict:
 
@@ -33,6 +38,7 @@ from dataclasses import dataclass
 
 DEFAULT = "vpcnet"                       # the network created with no -o option
 MODE_PREFIX = "vpcnet-"                  # vpcnet-bridge, vpcnet-routed, vpcnet-ebpf: -o vpcnet.mode=<mode>
+V6 = "-v6"                               # a contender measured over IPv6: underlay-v6, vpcnet-v6, overlay-v6
 CROSS, SAME = "cross", "same"
 MET, MISSED, NOISE, ONE = "met", "missed", "within noise", "one sample"
 VERDICTS = (MET, MISSED, NOISE, ONE)
@@ -89,6 +95,15 @@ def is_vpcnet(name: str) -> bool:
     return name == DEFAULT or name.startswith(MODE_PREFIX)
 
 
+def is_v6(name: str) -> bool:
+    return name.endswith(V6)
+
+
+def baseline(versus: str, mine: str) -> str:
+    """The contender `mine` is compared with for a goal against `versus`: the one of its own family."""
+    return versus + V6 if is_v6(mine) and not is_v6(versus) else versus
+
+
 def _table(res: dict, group: str, metric: str) -> dict:
     if metric == "cpu_ms_per_gb":
         return (res.get("cpu_ms_per_gb") or {}) if group == CROSS else {}
@@ -110,20 +125,37 @@ def samples(res: dict, group: str, metric: str) -> dict[str, list[float]]:
 
 def ratio(res: dict, goal: Goal, mine: str) -> float | None:
     values = medians(res, goal.group, goal.metric)
-    if mine not in values or not values.get(goal.versus):
+    versus = baseline(goal.versus, mine)
+    if mine not in values or not values.get(versus):
         return None
-    return values[mine] / values[goal.versus]
+    return values[mine] / values[versus]
 
 
 def rounds(res: dict, goal: Goal, mine: str) -> tuple[int, int] | None:
     """(rounds the goal held on, paired rounds): round i of `mine` against round i of the baseline.
     None when the two do not have one sample per round each (they cannot be paired)."""
+    pairs = _pairs(res, goal, mine)
+    if pairs is None:
+        return None
+    return sum(1 for x, y in pairs if goal.met(x / y)), len(pairs)
+
+
+def _pairs(res: dict, goal: Goal, mine: str) -> list[tuple[float, float]] | None:
     by = samples(res, goal.group, goal.metric)
-    a, b = by.get(mine, []), by.get(goal.versus, [])
+    a, b = by.get(mine, []), by.get(baseline(goal.versus, mine), [])
     if not a or len(a) != len(b):
         return None
-    pairs = [(x, y) for x, y in zip(a, b, strict=True) if y]
-    return sum(1 for x, y in pairs if goal.met(x / y)), len(pairs)
+    return [(x, y) for x, y in zip(a, b, strict=True) if y]
+
+
+def spread(res: dict, goal: Goal, mine: str) -> tuple[float, float] | None:
+    """(lowest, highest) of the paired rounds' ratios: how far one round's ratio strays from the medians'.
+    None when the rounds cannot be paired or there are fewer than two."""
+    pairs = _pairs(res, goal, mine)
+    if not pairs or len(pairs) < 2:
+        return None
+    each = [x / y for x, y in pairs]
+    return min(each), max(each)
 
 
 def verdict(goal: Goal, r: float | None, counted: tuple[int, int] | None) -> str | None:
@@ -152,28 +184,37 @@ def vpcnet_contenders(res: dict) -> list[str]:
         for metric in ("tcp_1stream_bps", "container_start_s"):
             names += [n for n in medians(res, group, metric) if is_vpcnet(n) and n not in names]
     order = [DEFAULT] + [MODE_PREFIX + m for m in ("bridge", "routed", "ebpf")]
-    return sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))
+
+    def key(n: str) -> tuple[bool, int, str]:            # IPv4 first, then the same order over IPv6
+        bare = n[:-len(V6)] if is_v6(n) else n
+        return is_v6(n), order.index(bare) if bare in order else len(order), n
+    return sorted(names, key=key)
 
 
 def evaluate(res: dict) -> list[dict]:
     """One verdict per goal and vpcnet contender: the ratio of medians (None: not measured in this run),
-    `rounds` [held, paired] (None: not measured, or the rounds cannot be paired) and `verdict`."""
+    `rounds` [held, paired] (None: not measured, or the rounds cannot be paired), `spread` [lowest,
+    highest] of the paired rounds' ratios (None: fewer than two pairs) and `verdict`. `versus` is the
+    baseline actually used (`underlay-v6` for `vpcnet-v6`), `goal` the goal's text as in GOALS."""
     out = []
     for mine in vpcnet_contenders(res):
         for goal in GOALS:
             r = ratio(res, goal, mine)
             counted = None if r is None else rounds(res, goal, mine)
-            out.append({"goal": goal.text(), "group": goal.group, "metric": goal.metric, "versus": goal.versus,
-                        "contender": mine, "ratio": r, "rounds": None if counted is None else list(counted),
-                        "verdict": verdict(goal, r, counted)})
+            band = None if r is None else spread(res, goal, mine)
+            out.append({"goal": goal.text(), "group": goal.group, "metric": goal.metric,
+                        "versus": baseline(goal.versus, mine), "contender": mine, "ratio": r,
+                        "rounds": None if counted is None else list(counted),
+                        "spread": None if band is None else list(band), "verdict": verdict(goal, r, counted)})
     return out
 
 
 def fastest(verdicts: list[dict], res: dict) -> str | None:
-    """The vpcnet contender meeting the most goals; a tie goes to the higher TCP 1 stream median."""
+    """The IPv4 vpcnet contender meeting the most goals; a tie goes to the higher TCP 1 stream median."""
     counts: dict[str, int] = {}
     for v in verdicts:
-        counts[v["contender"]] = counts.get(v["contender"], 0) + (v["verdict"] == MET)
+        if not is_v6(v["contender"]):
+            counts[v["contender"]] = counts.get(v["contender"], 0) + (v["verdict"] == MET)
     if not counts:
         return None
     tcp = medians(res, CROSS, "tcp_1stream_bps")

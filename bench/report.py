@@ -8,7 +8,8 @@ import cpu_profile
 import goals
 
 CROSS, SAME = goals.CROSS, goals.SAME
-CROSS_NAMES = ("underlay", "vpcnet", "vpcnet-bridge", "vpcnet-routed", "vpcnet-ebpf", "overlay", "bridge")
+CROSS_NAMES = ("underlay", "vpcnet", "vpcnet-bridge", "vpcnet-routed", "vpcnet-ebpf", "overlay", "bridge",
+               "underlay-v6", "vpcnet-v6", "overlay-v6")         # the -v6 ones: bench/run.py --ipv6
 SAME_NAMES = ("vpcnet", "vpcnet-bridge", "vpcnet-routed", "vpcnet-ebpf", "docker-bridge")
 FLOWS = 64
 METRICS = [  # key, label, unit, higher is better
@@ -43,14 +44,15 @@ def group_data(res: dict, group: str, metric: str) -> dict:
     return res.get(metric, {}) if group == CROSS else res.get("same_host", {}).get(metric, {})
 
 
-def present(res: dict, group: str) -> list[str]:
+def present(res: dict, group: str, v6: bool | None = None) -> list[str]:
+    """The contenders of a group in the run, in their order; `v6` True/False: only those over IPv6/IPv4."""
     order = CROSS_NAMES if group == CROSS else SAME_NAMES
     mtu = res.get("mtu" if group == CROSS else "same_host_mtu", {})
-    return [n for n in order if n in mtu]
+    return [n for n in order if n in mtu and (v6 is None or goals.is_v6(n) == v6)]
 
 
-def _metric_table(res: dict, group: str) -> list[str]:
-    names = present(res, group)
+def _metric_table(res: dict, group: str, v6: bool | None = None) -> list[str]:
+    names = present(res, group, v6)
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for metric, label, unit, _hib in METRICS:
         data = group_data(res, group, metric)
@@ -70,7 +72,8 @@ def _ratio_table(res: dict, group: str) -> list[str]:
     names = present(res, group)
     versus = ("underlay", "overlay") if group == CROSS else ("docker-bridge",)
     prefix = "" if group == CROSS else "same:"
-    pairs = [(c, o) for c in names if goals.is_vpcnet(c) for o in versus if o in names]
+    pairs = [(c, goals.baseline(o, c)) for c in names if goals.is_vpcnet(c) for o in versus
+             if goals.baseline(o, c) in names]
     if not pairs:
         return []
     lines = ["| metric | " + " | ".join(f"{c}/{o}" for c, o in pairs) + " |", "|---|" + "---|" * len(pairs)]
@@ -101,11 +104,14 @@ def _goal_table(res: dict) -> list[str]:
     lines += ["", "Ratio of medians, verdict, and on how many rounds the goal held (each round's contender against "
               "the same round's baseline). yes: met on the medians and on at least 2/3 of the rounds; **no**: "
               "missed on both; within noise: anything between; one sample: one sample per contender, "
-              "no spread to judge it by, so no verdict.", ""]
-    for n in dict.fromkeys([goals.DEFAULT, fastest]):
+              "no spread to judge it by, so no verdict."
+              + (" A `-v6` contender is held to each goal against the baseline over IPv6 (`underlay-v6`, "
+                 "`overlay-v6`)." if any(goals.is_v6(n) for n in mine) else ""), ""]
+    for n in dict.fromkeys([goals.DEFAULT, fastest, goals.DEFAULT + goals.V6]):
         if n in mine:
             count = goals.summary(verdicts, n)
-            what = "the default network" if n == goals.DEFAULT else "the fastest mode"
+            what = {goals.DEFAULT: "the default network",
+                    goals.DEFAULT + goals.V6: "the default network over IPv6"}.get(n, "the fastest mode")
             if n == goals.DEFAULT == fastest:
                 what += " (also the fastest)"
             measured = sum(count[k] for k in goals.VERDICTS)
@@ -138,7 +144,14 @@ def markdown(res: dict) -> str:
              f"kernel {m['kernel']}, {m['cpus']} CPUs, Docker {m['docker']}, {m['iperf3']}; load average at the end "
              f"{' '.join(m.get('loadavg_at_end', []))}. Median (min–max) per contender. `vpcnet` is the network "
              f"created with no `-o` option (here: {mode} mode); `vpcnet-<mode>` has `-o vpcnet.mode=<mode>`.", "",
-             "Across hosts (client container on h1, server on h2):", "", *_metric_table(res, CROSS)]
+             "Across hosts (client container on h1, server on h2):", "",
+             *_metric_table(res, CROSS, False if present(res, CROSS, True) else None)]
+    if present(res, CROSS, True):
+        lines += ["", "Across hosts over IPv6 (`bench/run.py --ipv6`: the lab's underlay, `vpc0` dual-stack, and "
+                  "a dual-stack Docker overlay, each measured between their IPv6 addresses):", "",
+                  *_metric_table(res, CROSS, True)]
+    for name, why in (m.get("not_measured") or {}).items():
+        lines += ["", f"Not measured: `{name}`: {' '.join(why.split())}"]      # one paragraph, whatever it quotes
     if present(res, SAME):
         lines += ["", "On one host (both containers on h1; `docker-bridge` is a user-defined Docker bridge "
                   "network):", "", *_metric_table(res, SAME)]
@@ -151,11 +164,19 @@ def markdown(res: dict) -> str:
     cpu = res.get("cpu_ms_per_gb")
     if cpu:
         shown = [n for n in present(res, CROSS) if n in cpu]
-        lines += ["", "Where the CPU goes (`--profile`): CPU milliseconds per GB delivered during one TCP stream, "
+        runs = max((len(cpu[n].get("samples") or [0]) for n in shown), default=1)
+        each = ("during one TCP stream" if runs <= 1 else
+                f"during a TCP stream, {runs} runs per contender in rotated order (`--profile-runs`): each "
+                "piece's median, the total the median of the runs' totals, its min–max below")
+        lines += ["", f"Where the CPU goes (`--profile`): CPU milliseconds per GB delivered {each}, "
                   "both CPUs sampled by perf, kernel symbols grouped by datapath piece (bench/cpu_profile.py).", "",
                   "| piece | " + " | ".join(shown) + " |", "|---|" + "---|" * len(shown)]
         for group in cpu_profile.ORDER + ["total"]:
             lines.append(f"| {group} | " + " | ".join(f"{cpu[n][group]:.0f}" for n in shown) + " |")
+        if runs > 1:
+            lines.append("| total, min–max | " + " | ".join(
+                f"{min(cpu[n]['samples']):.0f}–{max(cpu[n]['samples']):.0f}" if cpu[n].get("samples") else "–"
+                for n in shown) + " |")
     lines += ["", f"Reproduce: `{m['command']}` (root; builds and removes its own `vpcnet lab`"
               + (f"; this run took {m['elapsed_s'] / 60:.0f} min" if m.get("elapsed_s") else "") + ")."]
     return "\n".join(lines) + "\n"
@@ -191,7 +212,8 @@ def chart(res: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     colors = {"underlay": "#7f7f7f", "vpcnet": "#2ca02c", "vpcnet-bridge": "#c7e9c0", "vpcnet-routed": "#98df8a",
-              "vpcnet-ebpf": "#006d2c", "overlay": "#d62728", "bridge": "#1f77b4", "docker-bridge": "#1f77b4"}
+              "vpcnet-ebpf": "#006d2c", "overlay": "#d62728", "bridge": "#1f77b4", "docker-bridge": "#1f77b4",
+              "underlay-v6": "#c7c7c7", "vpcnet-v6": "#74c476", "overlay-v6": "#ff9896"}
     panels = [("tcp_1stream_bps", "TCP 1 stream (Gbit/s)", 1e9), ("tcp_4stream_bps", "TCP 4 streams (Gbit/s)", 1e9),
               ("udp_64b_pps", "UDP 64 B received (kpps)", 1e3), ("rr_p50_us", "TCP RR p50 (µs, lower is better)", 1),
               ("rr_p99_us", "TCP RR p99 (µs, lower is better)", 1), ("crr_cps", "connections/s (k)", 1e3),
@@ -232,7 +254,9 @@ def chart(res: dict, path: str) -> None:
             values = [cpu[n][group] for n in shown]
             ax.bar(shown, values, bottom=bottom, color=colour, label=group)
             bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-        ax.set_title("CPU ms per GB, one TCP stream (lower is better)", fontsize=9)
+        runs = max((len(cpu[n].get("samples") or [0]) for n in shown), default=1)
+        ax.set_title("CPU ms per GB, " + ("one TCP stream" if runs <= 1 else f"median of {runs} TCP streams")
+                     + " (lower is better)", fontsize=9)
         ax.tick_params(axis="x", labelrotation=30, labelsize=7)
         ax.legend(fontsize=6, loc="lower left", ncol=2)
     if same:

@@ -339,7 +339,8 @@ def test_readme_has_the_bench_table_markers():
 # -- time budget ----------------------------------------------------------------------------------
 def _args(**kw):
     defaults = {"rounds": 9, "duration": 3, "rr_count": 5000, "crr_seconds": 2.0, "flows_seconds": 2.0,
-                "no_bridge": False, "no_same_host": False, "skip_mode": [], "all_modes": False, "profile": True}
+                "no_bridge": False, "no_same_host": False, "skip_mode": [], "all_modes": False, "profile": True,
+                "ipv6": False, "profile_runs": 1}
     defaults.update(kw)
     return type("Args", (), defaults)()
 
@@ -464,3 +465,253 @@ def test_summary_says_when_the_default_is_the_fastest():
     res = _result()
     res["fastest"] = "vpcnet"
     assert "- the default network (also the fastest), `vpcnet`:" in report.markdown(res)
+
+
+# -- IPv6 contenders (bench/run.py --ipv6) -----------------------------------------------------------
+V6_MEDIANS = {  # the IPv6 underlay at half the IPv4 one: a goal judged against the wrong family would show it
+    "tcp_1stream_bps": {"underlay-v6": 50, "vpcnet-v6": 49, "overlay-v6": 30},
+    "tcp_4stream_bps": {"underlay-v6": 50, "vpcnet-v6": 45, "overlay-v6": 30},
+    "udp_64b_pps": {"underlay-v6": 50, "vpcnet-v6": 48},
+    "rr_p50_us": {"underlay-v6": 80, "vpcnet-v6": 82},
+    "crr_cps": {"underlay-v6": 500, "vpcnet-v6": 490, "overlay-v6": 400},
+    "flows_tps": {"underlay-v6": 500, "vpcnet-v6": 499, "overlay-v6": 300},
+}
+
+
+def _v6_result(cpu: dict | None = None, not_measured: dict | None = None) -> dict:
+    res = _result(cpu=cpu)
+    samples = {goals.CROSS: _samples({m: {**CROSS_MEDIANS.get(m, {}), **V6_MEDIANS.get(m, {})}
+                                      for m in set(CROSS_MEDIANS) | set(V6_MEDIANS)}),
+               goals.SAME: _samples(SAME_MEDIANS)}
+    mtu = {goals.CROSS: {n: 1500 for n in ("underlay", "vpcnet", "vpcnet-routed", "overlay", "underlay-v6",
+                                           "vpcnet-v6", "overlay-v6")},
+           goals.SAME: {n: 1500 for n in ("vpcnet", "vpcnet-routed", "docker-bridge")}}
+    meta = {**res["meta"], "ipv6": True, **({"not_measured": not_measured} if not_measured else {})}
+    return run.assemble(meta, samples, mtu, cpu or {})
+
+
+def test_ipv6_contenders_are_judged_against_the_ipv6_baselines():
+    res = _v6_result()
+    assert res["ratios"]["tcp_1stream_bps:vpcnet-v6/underlay-v6"] == pytest.approx(49 / 50)
+    assert res["ratios"]["tcp_1stream_bps:vpcnet-v6/overlay-v6"] == pytest.approx(49 / 30)
+    assert not [k for k in res["ratios"] if k.endswith("/underlay") and "-v6" in k]    # never across families
+    assert "tcp_1stream_bps:vpcnet/underlay-v6" not in res["ratios"]
+    v = _verdict(res, "vpcnet-v6", TCP1)
+    assert v["versus"] == "underlay-v6" and v["ratio"] == pytest.approx(0.98) and v["verdict"] == goals.MET
+    assert v["rounds"] == [3, 3] and v["spread"] == pytest.approx([0.98, 0.98])
+    assert _verdict(res, "vpcnet-v6", "TCP 4 streams ≥ 0.97 × underlay")["verdict"] == goals.MISSED   # 0.90
+    assert _verdict(res, "vpcnet-v6", "UDP 64 B pps ≥ 0.95 × underlay")["ratio"] == pytest.approx(0.96)
+    assert _verdict(res, "vpcnet-v6", "RR p50 ≤ 1.05 × underlay")["ratio"] == pytest.approx(82 / 80)
+    assert _verdict(res, "vpcnet-v6", "TCP 1 stream ≥ 1.25 × overlay")["versus"] == "overlay-v6"
+    # the IPv4 default keeps its IPv4 baselines
+    assert _verdict(res, "vpcnet", TCP1)["versus"] == "underlay"
+    assert _verdict(res, "vpcnet", TCP1)["ratio"] == pytest.approx(0.98)
+    assert goals.vpcnet_contenders(res) == ["vpcnet", "vpcnet-routed", "vpcnet-v6"]
+    assert goals.baseline("underlay", "vpcnet-v6") == "underlay-v6"
+    assert goals.baseline("underlay-v6", "vpcnet-v6") == "underlay-v6"
+    assert goals.baseline("docker-bridge", "vpcnet-routed") == "docker-bridge"
+
+
+def test_the_fastest_mode_is_an_ipv4_one():
+    verdicts = [{"contender": "vpcnet-v6", "verdict": "met"}, {"contender": "vpcnet-v6", "verdict": "met"},
+                {"contender": "vpcnet", "verdict": "met"}]
+    tcp = {"tcp_1stream_bps": {"vpcnet": {"median": 1}, "vpcnet-v6": {"median": 2}}}
+    assert goals.fastest(verdicts, tcp) == "vpcnet"
+    assert goals.fastest([{"contender": "vpcnet-v6", "verdict": "met"}], tcp) is None
+
+
+def test_the_spread_is_the_paired_rounds_ratios():
+    vpcnet = [90.0, 100.0, 65.0, 95.0, 60.0, 110.0, 70.0, 105.0, 80.0]
+    v = _verdict(_rounds(UNDERLAY, vpcnet), "vpcnet", TCP1)
+    each = [x / y for x, y in zip(vpcnet, UNDERLAY, strict=True)]
+    assert v["spread"] == pytest.approx([min(each), max(each)])
+    assert _verdict(_rounds([100.0], [120.0]), "vpcnet", TCP1)["spread"] is None        # one pair: no spread
+
+
+def test_markdown_shows_ipv6_in_a_table_of_its_own_and_what_was_left_out():
+    why = "fd00:250::2 on h1 got no reply from fd00:250::3 on h2 within 30 s"
+    md = report.markdown(_v6_result(not_measured={"overlay-v6": why}))
+    ipv4, _, rest = md.partition("Across hosts over IPv6")
+    assert "| metric | underlay | vpcnet | vpcnet-routed | overlay |" in ipv4 and "-v6" not in ipv4.split("\n\n")[2]
+    assert "| metric | underlay-v6 | vpcnet-v6 | overlay-v6 |" in rest
+    assert "| TCP request-response p50 (µs) | 80.0 (72.0–96.0) | 82.0 (73.8–98.4) | – |" in rest
+    assert f"Not measured: `overlay-v6`: {why}" in md
+    md = report.markdown(_v6_result(not_measured={"overlay-v6": "exited 125: deadline\n\nRun 'docker run --help'"}))
+    assert "Not measured: `overlay-v6`: exited 125: deadline Run 'docker run --help'\n" in md
+    assert "| vpcnet-v6/underlay-v6 | vpcnet-v6/overlay-v6 |" in md
+    assert "| goal | vpcnet (no -o: ebpf, fastest) | vpcnet-routed | vpcnet-v6 |" in md
+    assert ("| TCP 1 stream ≥ 0.97 × underlay | 0.98 yes (3/3 rounds) | 0.90 **no** (0/3 rounds) "
+            "| 0.98 yes (3/3 rounds) |") in md
+    assert "against the baseline over IPv6" in md
+    assert "- the default network over IPv6, `vpcnet-v6`:" in md
+    assert "Across hosts over IPv6" not in report.markdown(_result())       # an IPv4 run reads as before
+
+
+def test_cpu_profile_groups_ipv6_symbols_like_ipv4_ones():
+    group = run.cpu_profile.group_of
+    for v4, v6 in (("ip_forward", "ip6_forward"), ("ip_rcv", "ipv6_rcv"), ("fib_table_lookup", "fib6_table_lookup"),
+                   ("ip_finish_output2", "ip6_finish_output2"), ("ipt_do_table", "ip6t_do_table"),
+                   ("arp_process", "ndisc_rcv"), ("icmp_rcv", "icmpv6_rcv"), ("rt_dst_alloc", "rt6_lookup"),
+                   ("tcp_v4_rcv", "tcp_v6_rcv")):
+        assert group(v6) == group(v4) != "other", (v4, v6)
+
+
+def test_several_profile_runs_give_the_cpu_goal_a_verdict():
+    pieces = dict.fromkeys(run.cpu_profile.ORDER, 0.0)
+    def runs(*totals):
+        return [{**pieces, "tcp": t * 0.5, "copy": t * 0.5, "total": t} for t in totals]
+    under = run.cpu_profile.median_of(runs(600, 700, 650))
+    assert under["total"] == 650 and under["samples"] == [600, 700, 650] and under["tcp"] == 325
+    mine = run.cpu_profile.median_of(runs(590, 690, 640))
+    res = _rounds(UNDERLAY, UNDERLAY, cpu={"underlay": under, "vpcnet": mine})
+    v = _verdict(res, "vpcnet", CPU)
+    assert v["verdict"] == goals.MET and v["rounds"] == [3, 3]
+    assert v["spread"] == pytest.approx([590 / 600, 690 / 700])
+    md = report.markdown(res)
+    assert "3 runs per contender" in md and "| total, min–max | 600–700 | 590–690 |" in md
+    with pytest.raises(ValueError):
+        run.cpu_profile.median_of([])
+
+
+def test_ipv6_contenders_in_the_estimate():
+    base = run.estimate(_args())
+    v6 = run.estimate(_args(ipv6=True))
+    assert v6["contenders"] == {"cross": base["contenders"]["cross"] + 3, "same": base["contenders"]["same"]}
+    assert v6["total_s"] > base["total_s"] and v6["profile_s"] > base["profile_s"]
+    assert run.estimate(_args(profile_runs=3))["profile_s"] == pytest.approx(3 * base["profile_s"])
+    seen = [p for group, name in run.ALL for p in run.ports(group, name)]
+    assert len(seen) == len(set(seen)) and (goals.CROSS, "vpcnet-v6") in run.ALL
+
+
+class _Lab(_Watched):
+    """A lab that records how it was asked for and fails to come up, so main() stops right after."""
+
+    made: list[dict] = []
+
+    def __init__(self, *args, **kw):
+        self.made.append(kw)
+
+    def up(self):
+        raise run.LabError("not in a unit test")
+
+    def down(self):
+        return []
+
+
+@pytest.mark.parametrize("flags, ipv6", [([], False), (["--ipv6"], True)])
+def test_ipv6_brings_the_lab_up_dual_stack(monkeypatch, capsys, tmp_path, flags, ipv6):
+    monkeypatch.setattr(run, "Lab", _Lab)
+    monkeypatch.setattr(_Lab, "made", [])
+    monkeypatch.setattr(run.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(run.signal, "signal", lambda *a: None)
+    assert run.main(["--no-chart", "--rounds", "1", "--out", str(tmp_path), *flags]) == 1
+    assert [kw.get("ipv6") for kw in _Lab.made] == [ipv6]
+    assert "bench failed: not in a unit test" in capsys.readouterr().err
+
+
+def test_profile_runs_are_checked_before_anything_starts(monkeypatch, capsys):
+    _no_matplotlib(monkeypatch)
+    assert run.main(["--profile-runs", "3", "--no-chart"]) == 2                # without --profile
+    assert run.main(["--profile", "--profile-runs", "0", "--no-chart"]) == 2
+    assert "--profile-runs 1..20" in capsys.readouterr().err and _Watched.calls == []
+    assert run.main(["--estimate", "--ipv6", "--profile", "--profile-runs", "3"]) == 0
+    assert "9 cross-host + 4 same-host contenders" in capsys.readouterr().out
+
+
+class _RefusingLab:
+    """A lab whose engine refuses the dual-stack overlay: records every docker call."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def docker(self, k, *args, check=True, timeout=120):
+        self.calls.append((k, *args))
+        return subprocess.CompletedProcess(args, 1, "", "Error response from daemon: IPv6 not supported\n")
+
+
+def test_an_overlay_refusing_ipv6_is_left_out_saying_why():
+    lab = _RefusingLab()
+    bench = run.Bench(lab, _args(ipv6=True))
+    bench.overlay_v6()
+    assert bench.contenders == []
+    assert bench.not_measured == {"overlay-v6": "`docker network create -d overlay --ipv6 --subnet fd00:250::/64` "
+                                                "refused: Error response from daemon: IPv6 not supported"}
+    assert [c[1:3] for c in lab.calls] == [("network", "create")]          # nothing else made, nothing to remove
+
+
+def test_reachable_pings_an_ipv6_peer_in_its_namespace(netns_factory):
+    """The check each contender passes before it is measured (and overlay-v6 must pass to be measured at
+    all), over IPv6 between two real namespaces: the peer answers, an address nobody holds does not."""
+    a, b = netns_factory("bv6a"), netns_factory("bv6b")
+    subprocess.run(["ip", "-n", a, "link", "add", "v6a", "type", "veth", "peer", "name", "v6b", "netns", b],
+                   check=True)
+    for ns, dev, addr in ((a, "v6a", "fd00:be::1/64"), (b, "v6b", "fd00:be::2/64")):
+        subprocess.run(["ip", "-n", ns, "addr", "add", addr, "dev", dev, "nodad"], check=True)
+        subprocess.run(["ip", "-n", ns, "link", "set", dev, "up"], check=True)
+    client = run.Endpoint(f"/run/netns/{a}", "", "v6a", "fd00:be::1")
+    server = run.Endpoint(f"/run/netns/{b}", "", "v6b", "fd00:be::2")
+    bench = run.Bench(None, _args(ipv6=True))
+    assert bench.reachable(run.Contender(goals.CROSS, "underlay-v6", client, server, "fd00:be::2", None), 10)
+    started = time.monotonic()
+    assert not bench.reachable(run.Contender(goals.CROSS, "underlay-v6", client, server, "fd00:be::3", None), 1.5)
+    assert time.monotonic() - started < 10
+    assert client.mtu() == 1500
+
+
+class _SameAddressLab(_RefusingLab):
+    """An engine pair that creates the overlay, gives both containers the same IPv6 address and fails
+    `docker run --ip6` on it as Docker 20.10 did in the lab."""
+
+    def docker(self, k, *args, check=True, timeout=120):
+        self.calls.append((k, *args))
+        if args[0] == "run" and "--ip6" in args:
+            raise run.LabError("docker run ... exited 125: attaching to network failed: context deadline exceeded")
+        out = {"inspect": "4242\n" if "{{.State.Pid}}" in args else "10.0.250.2 fd00:250::2\n"}.get(args[0], "")
+        return subprocess.CompletedProcess(args, 0, out, "")
+
+
+def test_an_overlay_giving_both_containers_one_ipv6_address_is_left_out():
+    lab = _SameAddressLab()
+    bench = run.Bench(lab, _args(ipv6=True))
+    bench.overlay_v6()
+    assert bench.contenders == []
+    why = bench.not_measured["overlay-v6"]
+    assert why == ("both containers on ov6 got the same IPv6 address fd00:250::2, and `docker run --ip6 "
+                   "fd00:250::a2` on h2 failed: docker run ... exited 125: attaching to network failed: context "
+                   "deadline exceeded")
+    runs = [c for c in lab.calls if c[1] == "run"]
+    assert [(c[0], "--ip6" in c) for c in runs] == [(1, False), (2, False), (2, True)]
+    assert (1, "rm", "-f", "bench-ov6-1") in lab.calls and (2, "rm", "-f", "bench-ov6-2") in lab.calls
+    assert lab.calls[-1] == (1, "network", "rm", "ov6")                # nothing of it left behind
+
+
+class _UnattachableLab(_RefusingLab):
+    """Creates the overlay, but its engine fails the container's attachment, saying why only in its log."""
+
+    def __init__(self, log: str):
+        super().__init__()
+        self.paths = type("Paths", (), {"engine_log": log})()
+
+    def host(self, k):
+        return self
+
+    def docker(self, k, *args, check=True, timeout=120):
+        self.calls.append((k, *args))
+        if args[0] == "run":
+            raise run.LabError("docker run ... exited 125: attaching to network failed, make sure your network "
+                               "options are correct and check manager logs: context deadline exceeded")
+        return subprocess.CompletedProcess(args, 0, "", "")
+
+
+def test_an_overlay_attachment_failure_is_explained_from_the_engine_log(tmp_path):
+    log = tmp_path / "dockerd.log"
+    log.write_text('time="x" level=info msg="loading plugin"\n'
+                   'time="x" level=error msg="fatal task error" error="Invalid address fd00:250::2: It does not '
+                   'belong to any of this network\'s subnets" module=node/agent/taskmanager\n')
+    bench = run.Bench(_UnattachableLab(str(log)), _args(ipv6=True))
+    bench.overlay_v6()
+    assert bench.contenders == []
+    assert bench.not_measured["overlay-v6"].endswith(
+        "context deadline exceeded (h1's engine log: fatal task error: Invalid address fd00:250::2: It does not "
+        "belong to any of this network's subnets)")
+    assert bench.task_errors(2) and not run.Bench(_UnattachableLab(str(tmp_path / "none")), None).task_errors(1)

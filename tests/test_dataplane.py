@@ -493,7 +493,7 @@ def program_ids(ns: str, dev: str) -> list[int]:
 
 def test_ebpf_endpoints_share_one_program_the_pass_repairs_their_entries_and_a_new_process_takes_over(
         two_hosts, netns_factory):
-    """One verified container program per network (issue 19): each endpoint is an entry in the endpoint map
+    """One verified container program per network: each endpoint is an entry in the endpoint map
     (vpcnet.datapath.ebpf.endpoints). The periodic pass puts back an entry that went missing or stale; a
     new process (a restart) attaches its own program and writes its own entries, with no drift reported,
     and the traffic never stops taking the fast path."""

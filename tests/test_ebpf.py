@@ -248,7 +248,7 @@ def udp_from(src: str, dst: str, sport: int, proto: int = 17) -> bytes:
 
 
 def test_one_container_program_serves_every_endpoint_by_its_entry(routed_host):
-    """One program per network (issue 19): attached to two endpoints' veths, it takes each one's own address
+    """One program per network: attached to two endpoints' veths, it takes each one's own address
     (and only it) from the veth's entry; a veth without one takes the normal path; published ports are read
     from the entry, so changing them is writing the entry again, with no new program."""
     ns, index = routed_host

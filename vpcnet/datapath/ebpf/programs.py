@@ -405,17 +405,23 @@ def _local_endpoint(a: Asm, local_fd: int, key: Callable[[Asm], None], miss: str
     a.jump(JEQ, 5, "pass", src=4)
 
 
+def _set_macs(a: Asm, base: int, dmac: int, smac: int) -> None:
+    """The frame's destination MAC = the container's, source MAC = the host veth's, read 2 bytes at a time
+    from register `base` + `dmac` and + `smac` (the fib lookup's answer on the stack, or a local entry)."""
+    for off in range(0, 6, 2):
+        a.ldx(2, 4, base, dmac + off)
+        a.stx(2, 2, ETH_DST + off, 4)
+        a.ldx(2, 4, base, smac + off)
+        a.stx(2, 2, ETH_SRC + off, 4)
+
+
 def _deliver_local(a: Asm, done: str, peer: bool = True, *, decrement: Callable[[Asm, str], None] | None = None,
                    count: Callable[[Asm], None] | None = None) -> None:
     """After `_local_endpoint` found the destination (r9): TTL (hop limit) decremented, MACs from the entry
     (the container's, the host veth's), `count`ed, and into the container as `_to_endpoint` hands it
     (`peer`: bpf_redirect_peer; else bpf_redirect out of the host veth)."""
     (decrement or _decrement_ttl)(a, done)
-    for off in range(0, 6, 2):                    # dst MAC = the container's, src MAC = the host veth's
-        a.ldx(2, 4, LOCAL, LOCAL_DMAC + off)
-        a.stx(2, 2, ETH_DST + off, 4)
-        a.ldx(2, 4, LOCAL, LOCAL_SMAC + off)
-        a.stx(2, 2, ETH_SRC + off, 4)
+    _set_macs(a, LOCAL, LOCAL_DMAC, LOCAL_SMAC)
     if count is not None:
         count(a)
     a.ldx(4, 1, LOCAL, LOCAL_IFINDEX)
@@ -442,11 +448,7 @@ def _to_endpoint(a: Asm, anchor_ifindex: int, done: str, peer: bool = True, map_
     a.jump(JEQ, 5, "pass", src=4)
     a.jump(JNE, 0, "pass", imm=FIB_SUCCESS)
     (decrement or _decrement_ttl)(a, done)
-    for off in range(0, 6, 2):                    # dst MAC = the container's, src MAC = the host veth's
-        a.ldx(2, 4, FP, F_DMAC + off)
-        a.stx(2, 2, ETH_DST + off, 4)
-        a.ldx(2, 4, FP, F_SMAC + off)
-        a.stx(2, 2, ETH_SRC + off, 4)
+    _set_macs(a, FP, F_DMAC, F_SMAC)
     if count is not None:
         count(a)
     elif map_fd is not None:

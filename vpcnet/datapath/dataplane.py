@@ -380,16 +380,13 @@ class Dataplane:
             self._guard_ipv6_of(idx, host_veth, address)
             if self.tc.peers:                  # peer counting, on the bridge port as in routed mode
                 with self.nl.ipr() as ipr:
-                    self.tc.attach_counting6(ipr, spec, idx, address)
+                    self.tc.attach_counting(ipr, spec, idx, address)
             return
         if not self._guard_ipv6 or internal_missing:
             self._apply_ipv6_guard()
         with self.nl.ipr() as ipr:
             idx = self.ipv6.ensure_endpoint(ipr, host_veth, address)
-            if spec.ebpf:
-                self.tc.attach_endpoint6(ipr, spec, idx, address)
-            elif self.tc.peers:
-                self.tc.attach_counting6(ipr, spec, idx, address)
+            self.tc.attach_for(ipr, spec, idx, address)
 
     def _guard_ipv6_of(self, index: int, host_veth: str, address6: str) -> bool:
         """The anti-spoofing filter of bridge port `index` rewritten to let the IPv6 `address6` through (""
@@ -509,7 +506,7 @@ class Dataplane:
                     if ep.address:                 # an IPv6-only endpoint has no IPv4 program
                         self.tc.attach_endpoint(ipr, spec, idx, ep.address)
                     if ep.host_veth in v6:
-                        self.tc.attach_endpoint6(ipr, spec, idx, v6[ep.host_veth])
+                        self.tc.attach_endpoint(ipr, spec, idx, v6[ep.host_veth])
                 elif idx is not None and not spec.routed and (
                         spec.published(ep.address) or (ep.host_veth in v6 and spec.published(v6[ep.host_veth]))):
                     self._hairpin(ipr, ep.host_veth)
@@ -731,13 +728,9 @@ class Dataplane:
                             index = self.nl.link_index(ipr, ep.host_veth)
                             if index is None:
                                 continue
-                            if spec.ebpf:
-                                self.tc.attach_endpoint(ipr, spec, index, ep.address)
-                            else:
-                                self.tc.attach_counting(ipr, spec, index, ep.address)
-                            if ep.host_veth in v6:
-                                (self.tc.attach_endpoint6 if spec.ebpf else self.tc.attach_counting6)(
-                                    ipr, spec, index, v6[ep.host_veth])
+                            for address in (ep.address, v6.get(ep.host_veth, "")):
+                                if address:
+                                    self.tc.attach_for(ipr, spec, index, address)
                             adopted += 1
                         anchor = self.nl.link_index(ipr, spec.bridge) if uplinks else None
                     if anchor is not None:
@@ -755,10 +748,9 @@ class Dataplane:
         this process's shared programs attached (replaced in place: no gap). Not drift: no Repair."""
         address6 = self._v6_addresses.get(ep.host_veth, "")
         with self.nl.ipr() as ipr:
-            if ep.address:
-                (self.tc.attach_endpoint if spec.ebpf else self.tc.attach_counting)(ipr, spec, host_idx, ep.address)
-            if address6:
-                (self.tc.attach_endpoint6 if spec.ebpf else self.tc.attach_counting6)(ipr, spec, host_idx, address6)
+            for address in (ep.address, address6):
+                if address:
+                    self.tc.attach_for(ipr, spec, host_idx, address)
         log.debug("endpoint %s: its eBPF entries and programs taken over by this process", ep.host_veth)
 
     def _local_suspect(self, spec: NetworkSpec, address: str, address6: str, host: dict, view: KernelView) -> bool:

@@ -40,6 +40,7 @@ import logging
 import os
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from pyroute2 import IPRoute, NetlinkError
@@ -67,6 +68,34 @@ UPLINK6_PRIO = 0x7F05             # IPv6: the uplink's programs (`vpcnet6-<tag>`
 GUARD_FILTER = (0x7E00, 1)        # (prio, handle) of bridge mode's anti-spoofing guard (ingress, before all)
 ETH_P_ALL = 0x0003
 UPLINK_PRIOS = {"vpcnet-": (UPLINK_PRIO, ETH_P_IP), "vpcnet6-": (UPLINK6_PRIO, ETH_P_IPV6)}   # by name prefix
+
+
+@dataclass(frozen=True)
+class FamilyFilters:
+    """What differs between the families on an endpoint's host veth: where its filters go, for which
+    protocol, and which programs they hold (kinds and names end in `suffix`)."""
+    version: int
+    endpoint: tuple[int, int]         # (prio, handle): container or transmit counting program, ingress
+    count_filter: tuple[int, int]     # (prio, handle): receive counting program, egress
+    protocol: int
+    suffix: str
+    container: Callable[..., bytes]   # (host, cluster, endpoints_fd, anchor, uplinks, map_fd=, local_fd=)
+    count: Callable[..., bytes]       # (direction, cluster, map_fd, endpoints_fd)
+
+    def blocks(self, spec: NetworkSpec) -> tuple[str, str]:
+        """The network's (host block, cluster CIDR) of this family ("" where it has none)."""
+        return (spec.host_cidr, spec.cluster_cidr) if self.version == 4 else (spec.host_cidr_v6, spec.cluster_cidr_v6)
+
+
+FAMILIES = {
+    4: FamilyFilters(4, ENDPOINT_FILTER, COUNT_FILTER, ETH_P_IP, "", ebpf.container_program, ebpf.count_program),
+    6: FamilyFilters(6, ENDPOINT6_FILTER, COUNT6_FILTER, ETH_P_IPV6, "6", programs6.container_program6,
+                     programs6.count_program6),
+}
+
+
+def _version(address: str) -> int:
+    return 6 if ":" in address else 4
 
 
 class TcPrograms:
@@ -296,86 +325,76 @@ class TcPrograms:
             self.facts.write_local(host_idx, address, entry)
 
     def attach_endpoint(self, ipr: IPRoute, spec: NetworkSpec, host_idx: int, address: str) -> None:
-        """The endpoint holding `address` gets its entry in the IPv4 endpoint map (its address: its only
-        source on the fast path; its published ports, `spec.ports`, whose replies are left to the host:
-        written again when they change), then the network's shared container program on the ingress of its
-        host veth (loaded once per network: `shared`). The anchor's index keeps same-host traffic to unknown
-        addresses on the routed path, and only the uplinks of this moment take other hosts' traffic (a new
-        program, attached again, when the default route moves: vpcnet.datapath.dataplane's repair; until
-        then such traffic takes the routed path). With counting, the shared receive counting program too. Its
-        entry in the map of this host's endpoints by address too (`write_local`): the uplink program and the
-        other endpoints' container programs deliver to it without a fib lookup."""
-        anchor, uplinks = self._anchor_and_uplinks(ipr, spec)
-        self.facts.write(host_idx, address, spec.published(address))
-        self.write_local(host_idx, address)
-        endpoints_fd, local_fd = self.facts.fd(4), self.local_fd(4)
-        program = self.shared("ctr", spec, (spec.host_cidr, spec.cluster_cidr, anchor, uplinks),
-                              lambda map_fd: ebpf.container_program(spec.host_cidr, spec.cluster_cidr, endpoints_fd,
-                                                                    anchor, uplinks, map_fd=map_fd, local_fd=local_fd),
-                              "vpcnet_ctr")
-        if self._attach_shared(ipr, host_idx, program, spec.tc_name, *ENDPOINT_FILTER):
-            self._attach_receive_count(ipr, spec, host_idx)
-            self.counted.add(host_idx)
-
-    def attach_endpoint6(self, ipr: IPRoute, spec: NetworkSpec, host_idx: int, address: str) -> None:
-        """The IPv6 entries of the endpoint holding the IPv6 `address` (its facts, its entry by address) and
-        the network's shared IPv6 container program (and, counting, its IPv6 receive counting program), as
-        attach_endpoint does for IPv4; nothing for a network without an IPv6 block."""
-        if not (spec.host_cidr_v6 and spec.cluster_cidr_v6):
+        """ebpf mode: the endpoint holding `address` (either family: the family's filters, maps and programs,
+        `FAMILIES`) gets its entry in the family's endpoint map (its address: its only source on the fast
+        path; its published ports, `spec.published`, whose replies are left to the host: written again when
+        they change), its entry in the map of this host's endpoints by address (`write_local`: the uplink
+        program and the other endpoints' container programs deliver to it without a fib lookup), then the
+        network's shared container program of that family on the ingress of its host veth (loaded once per
+        network: `shared`). The anchor's index keeps same-host traffic to unknown addresses on the routed
+        path, and only the uplinks of this moment take other hosts' traffic (a new program, attached again,
+        when the default route moves: vpcnet.datapath.dataplane's repair; until then such traffic takes the
+        routed path). With counting, the shared receive counting program too. Nothing for a family the
+        network has no block of."""
+        family = FAMILIES[_version(address)]
+        host, cluster = family.blocks(spec)
+        if not (host and cluster):
             return
         anchor, uplinks = self._anchor_and_uplinks(ipr, spec)
         self.facts.write(host_idx, address, spec.published(address))
         self.write_local(host_idx, address)
-        endpoints_fd, local_fd = self.facts.fd(6), self.local_fd(6)
-        host6, cluster6 = spec.host_cidr_v6, spec.cluster_cidr_v6
-        program = self.shared("ctr6", spec, (host6, cluster6, anchor, uplinks),
-                              lambda map_fd: programs6.container_program6(host6, cluster6, endpoints_fd, anchor,
-                                                                          uplinks, map_fd=map_fd, local_fd=local_fd),
-                              "vpcnet_ctr6")
-        if self._attach_shared(ipr, host_idx, program, spec.tc_name, *ENDPOINT6_FILTER, protocol=ETH_P_IPV6):
-            self._attach_receive_count6(ipr, spec, host_idx)
+        endpoints_fd, local_fd = self.facts.fd(family.version), self.local_fd(family.version)
+        program = self.shared(f"ctr{family.suffix}", spec, (host, cluster, anchor, uplinks),
+                              lambda map_fd: family.container(host, cluster, endpoints_fd, anchor, uplinks,
+                                                              map_fd=map_fd, local_fd=local_fd),
+                              f"vpcnet_ctr{family.suffix}")
+        if self._attach_shared(ipr, host_idx, program, spec.tc_name, *family.endpoint, protocol=family.protocol):
+            self._attach_receive_count(ipr, spec, host_idx, family)
+            self.counted.add(host_idx)
 
-    def _count6(self, spec: NetworkSpec, direction: int) -> tuple[int | None, bool]:
-        endpoints_fd = self.facts.fd(6)
-        cluster6 = spec.cluster_cidr_v6
-        return self.shared(f"count6-{direction}", spec, (cluster6,),
-                           lambda map_fd: None if map_fd is None else
-                           programs6.count_program6(direction, cluster6, map_fd, endpoints_fd), "vpcnet_count6")
-
-    def _count4(self, spec: NetworkSpec, direction: int) -> tuple[int | None, bool]:
-        endpoints_fd = self.facts.fd(4)
-        cluster = spec.cluster_cidr
-        return self.shared(f"count-{direction}", spec, (cluster,),
-                           lambda map_fd: None if map_fd is None else
-                           ebpf.count_program(direction, cluster, map_fd, endpoints_fd), "vpcnet_count")
-
-    def attach_counting6(self, ipr: IPRoute, spec: NetworkSpec, host_idx: int, address: str) -> None:
-        """Routed and bridge modes: the IPv6 entry of the endpoint holding the IPv6 `address` and the
-        network's shared IPv6 counting programs; nothing with counting off or without the network's IPv6
+    def attach_counting(self, ipr: IPRoute, spec: NetworkSpec, host_idx: int, address: str) -> None:
+        """Routed and bridge modes: the entry of the endpoint holding `address` (either family) and the
+        network's shared counting programs of that family on its host veth (ingress: what the container
+        sends from it; egress: what it receives at it); nothing with counting off, or without the family's
         cluster CIDR."""
-        if not spec.cluster_cidr_v6 or not self.peers:
+        family = FAMILIES[_version(address)]
+        if not self.peers or not family.blocks(spec)[1]:
             return
         try:
             self.facts.write(host_idx, address, spec.published(address))
-            if self._attach_shared(ipr, host_idx, self._count6(spec, maps.TRANSMIT), spec.tc_name,
-                                   *ENDPOINT6_FILTER, protocol=ETH_P_IPV6):
-                self._attach_receive_count6(ipr, spec, host_idx)
+            if self._attach_shared(ipr, host_idx, self._count(spec, family, maps.TRANSMIT), spec.tc_name,
+                                   *family.endpoint, protocol=family.protocol):
+                self._attach_receive_count(ipr, spec, host_idx, family)
+                self.counted.add(host_idx)
         except DataplaneError as exc:     # never worth an endpoint: counted nowhere, said once
             if not self.peers_off:
                 log.warning("peer counting is off: %s", exc)
             self.peers_off = str(exc)
 
-    def _attach_receive_count6(self, ipr: IPRoute, spec: NetworkSpec, host_idx: int) -> None:
-        self._attach_shared(ipr, host_idx, self._count6(spec, maps.RECEIVE), spec.tc_name, *COUNT6_FILTER,
-                            parent=TC_EGRESS, protocol=ETH_P_IPV6, qdisc=False)
+    def attach_for(self, ipr: IPRoute, spec: NetworkSpec, host_idx: int, address: str) -> None:
+        """What the endpoint holding `address` gets in the network's mode: its container program (ebpf
+        mode) or its counting programs (the others)."""
+        (self.attach_endpoint if spec.ebpf else self.attach_counting)(ipr, spec, host_idx, address)
+
+    def _count(self, spec: NetworkSpec, family: FamilyFilters, direction: int) -> tuple[int | None, bool]:
+        endpoints_fd = self.facts.fd(family.version)
+        cluster = family.blocks(spec)[1]
+        return self.shared(f"count{family.suffix}-{direction}", spec, (cluster,),
+                           lambda map_fd: None if map_fd is None else
+                           family.count(direction, cluster, map_fd, endpoints_fd), f"vpcnet_count{family.suffix}")
+
+    def _attach_receive_count(self, ipr: IPRoute, spec: NetworkSpec, host_idx: int, family: FamilyFilters) -> None:
+        self._attach_shared(ipr, host_idx, self._count(spec, family, maps.RECEIVE), spec.tc_name, *family.count_filter,
+                            parent=TC_EGRESS, protocol=family.protocol, qdisc=False)
 
     def drop_endpoint6(self, ipr: IPRoute, host_idx: int) -> None:
         """The IPv6 programs leave the host veth (its IPv6 address went), then its IPv6 entries leave the
         endpoint maps (the one by address too: nothing reaches it through the map any more); none there:
         nothing to do."""
-        for (prio, handle), parent in ((ENDPOINT6_FILTER, TC_INGRESS), (COUNT6_FILTER, TC_EGRESS)):
+        six = FAMILIES[6]
+        for (prio, handle), parent in ((six.endpoint, TC_INGRESS), (six.count_filter, TC_EGRESS)):
             try:
-                ipr.tc("del-filter", "bpf", host_idx, handle, parent=parent, prio=prio, protocol=ETH_P_IPV6)
+                ipr.tc("del-filter", "bpf", host_idx, handle, parent=parent, prio=prio, protocol=six.protocol)
             except NetlinkError as exc:
                 if exc.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
                     raise DataplaneError(f"cannot remove the IPv6 eBPF program from link {host_idx}: {exc}") \
@@ -392,27 +411,6 @@ class TcPrograms:
         """The IPv6 container (or counting) program is on the host veth's ingress."""
         return any(f.get_attr("TCA_KIND") == "bpf" and f["info"] >> 16 == ENDPOINT6_FILTER[0]
                    for f in ipr.get_filters(index=host_idx, parent=TC_INGRESS))
-
-    def attach_counting(self, ipr: IPRoute, spec: NetworkSpec, host_idx: int, address: str) -> None:
-        """Routed and bridge modes: the entry of the endpoint holding `address` and the network's shared
-        counting programs on its host veth (ingress: what the container sends from it; egress: what it
-        receives at it); nothing with counting off."""
-        if not self.peers:
-            return
-        try:
-            self.facts.write(host_idx, address, spec.published(address))
-            if self._attach_shared(ipr, host_idx, self._count4(spec, maps.TRANSMIT), spec.tc_name,
-                                   *ENDPOINT_FILTER):
-                self._attach_receive_count(ipr, spec, host_idx)
-                self.counted.add(host_idx)
-        except DataplaneError as exc:     # never worth an endpoint: counted nowhere, said once
-            if not self.peers_off:
-                log.warning("peer counting is off: %s", exc)
-            self.peers_off = str(exc)
-
-    def _attach_receive_count(self, ipr: IPRoute, spec: NetworkSpec, host_idx: int) -> None:
-        self._attach_shared(ipr, host_idx, self._count4(spec, maps.RECEIVE), spec.tc_name, *COUNT_FILTER,
-                            parent=TC_EGRESS, qdisc=False)
 
     @staticmethod
     def endpoint_has_program(ipr: IPRoute, host_idx: int) -> bool:

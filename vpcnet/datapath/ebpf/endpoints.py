@@ -28,7 +28,7 @@ checks it against the MTU), the container's MAC (6 bytes: its end of the veth's,
 host veth's MAC (6), 2 bytes of padding. The uplink programs read it for every packet to this host's containers,
 the container programs for every packet to another container of the network on this host (programs.py); a
 miss takes the fib path as before. An entry mirrors the endpoint's /32 (/128) route: written after it, in
-the same places as the endpoint's facts (vpcnet.datapath.tc.attach_endpoint, attach_endpoint6), and removed
+the same places as the endpoint's facts (vpcnet.datapath.tc.attach_endpoint, for either family), and removed
 before the veth or the route goes (`remove`: only while it still names that veth, so an address handed to a
 new endpoint keeps the new one's entry), so a deleted endpoint receives nothing through it at once and no
 entry outlives its veth to deliver to a reused interface index. Repaired and taken over by the same pass as

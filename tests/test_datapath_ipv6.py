@@ -1,7 +1,7 @@
 """The routed modes' IPv6 datapath (vpcnet.datapath.ipv6) against the real kernel, in namespaces the tests make:
-containers with a /128 and fe80::1 as gateway reach each other through the host, send only from their own
-address, and never give the host a router advertisement; the repair pass keeps it so. The ebpf fast path over
-IPv6 (vpcnet.datapath.ebpf.programs6): two hosts through a router namespace, what takes it and what falls
+containers with a /128 and their host veth's link-local gateway reach each other through the host, send only
+from their own address, and never give the host a router advertisement; the repair pass keeps it so. The ebpf
+fast path over IPv6 (vpcnet.datapath.ebpf.programs6): two hosts through a router namespace, what takes it and what falls
 back to the stack, and peer counting of IPv6."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from conftest import require, run, wait_for
 
 from vpcnet.datapath.dataplane import Dataplane
-from vpcnet.datapath.ipv6 import GATEWAY, Ipv6Endpoint
+from vpcnet.datapath.ipv6 import Ipv6Endpoint, link_gateway
 from vpcnet.datapath.spec import EndpointSpec, NetworkSpec, bridge_name, mac_for, veth_names
 
 pytestmark = pytest.mark.root
@@ -62,7 +62,7 @@ def container(host: str, dp: Dataplane, netspec: NetworkSpec, netns_factory, ip4
     run(["ip", "-n", sandbox, "-6", "addr", "add", f"{ip6}/128", "dev", "eth0", "nodad"])
     run(["ip", "-n", sandbox, "link", "set", "eth0", "up"])
     run(["ip", "-n", sandbox, "route", "add", "default", "via", netspec.gateway])
-    run(["ip", "-n", sandbox, "-6", "route", "add", "default", "via", GATEWAY, "dev", "eth0"])
+    run(["ip", "-n", sandbox, "-6", "route", "add", "default", "via", link_gateway(host_veth), "dev", "eth0"])
     return sandbox
 
 
@@ -116,7 +116,8 @@ def test_two_containers_reach_each_other_over_ipv6_through_the_host(host, netns_
     assert ping6(ca, B) and ping6(cb, A)
     routes = ns_run(host, "ip", "-6", "route").stdout
     assert f"{A} dev {veth_names(eids[0])[0]}" in routes and f"{B} dev {veth_names(eids[1])[0]}" in routes
-    assert "fe80::1/64" in ns_run(host, "ip", "-6", "addr", "show", "dev", veth_names(eids[0])[0]).stdout
+    veth_a = veth_names(eids[0])[0]
+    assert f"{link_gateway(veth_a)}/64" in ns_run(host, "ip", "-6", "addr", "show", "dev", veth_a).stdout
     # IPv4 still as before
     assert ns_run(ca, "busybox", "ping", "-c1", "-W2", "10.77.3.3", check=False).returncode == 0
 

@@ -15,7 +15,7 @@ from test_datapath_ipv6 import RA_SENDER, ns_run, ping6, port_drops
 
 from vpcnet.datapath.dataplane import Dataplane
 from vpcnet.datapath.guard import GuardFacts
-from vpcnet.datapath.ipv6 import GATEWAY, Ipv6Endpoint
+from vpcnet.datapath.ipv6 import Ipv6Endpoint, link_gateway
 from vpcnet.datapath.netlink import Netlink
 from vpcnet.datapath.spec import EndpointSpec, NetworkSpec, bridge_name, mac_for, veth_names
 
@@ -66,7 +66,7 @@ def container(host: str, dp: Dataplane, netspec: NetworkSpec, netns_factory, ip4
     run(["ip", "-n", sandbox, "link", "set", "eth0", "up"])
     run(["ip", "-n", sandbox, "-6", "route", "add", netspec.host_cidr_v6, "dev", "eth0"])
     run(["ip", "-n", sandbox, "route", "add", "default", "via", netspec.gateway])
-    run(["ip", "-n", sandbox, "-6", "route", "add", "default", "via", GATEWAY, "dev", "eth0"])
+    run(["ip", "-n", sandbox, "-6", "route", "add", "default", "via", link_gateway(netspec.bridge), "dev", "eth0"])
     return sandbox
 
 
@@ -90,9 +90,9 @@ def test_two_containers_on_one_bridge_resolve_and_reach_each_other_over_ipv6(net
     assert ping6(ca, B) and ping6(cb, A)
     # neighbour discovery between the two containers, on the bridge: a resolved b's own MAC
     assert mac_for("10.77.3.3") in ns_run(ca, "ip", "-6", "neigh", "show", B).stdout
-    assert ping6(ca, GATEWAY + "%eth0"), "the gateway answers on the bridge"
+    assert ping6(ca, link_gateway(s.bridge) + "%eth0"), "the gateway answers on the bridge"
     shown = ns_run(host, "ip", "-6", "addr", "show", "dev", s.bridge).stdout
-    assert "fe80::1/64" in shown and "nodad" in shown, shown
+    assert f"{link_gateway(s.bridge)}/64" in shown and "nodad" in shown, shown
     assert f"{BLOCK}/80 dev {s.bridge}" in ns_run(host, "ip", "-6", "route").stdout
     assert ns_run(host, "sysctl", "-n", f"net.ipv6.conf.{s.bridge}.accept_ra").stdout.strip() == "0"
     assert ns_run(host, "sysctl", "-n", "net.ipv6.conf.all.forwarding").stdout.strip() == "1"
@@ -120,7 +120,7 @@ def test_a_bridge_container_sends_only_from_its_own_address_and_its_advertisemen
     for where in (cb, host):
         seen = ns_run(where, "ip", "-6", "route").stdout + ns_run(where, "ip", "-6", "addr").stdout
         assert "2001:db8:66" not in seen, (where, seen)
-    assert "default via fe80::1" in ns_run(cb, "ip", "-6", "route").stdout
+    assert "default via fe80::1:" in ns_run(cb, "ip", "-6", "route").stdout
     assert len(ns_run(cb, "ip", "-6", "route", "show", "default").stdout.splitlines()) == 1, "no second router"
 
 
@@ -198,23 +198,24 @@ def lladdr(ns: str, address: str, dev: str) -> str:
 
 
 def test_a_bridge_container_cannot_advertise_the_gateway_or_a_neighbours_address(netns_factory):
-    """On a bridge, a forged neighbour advertisement would take traffic from everyone: one for `fe80::1`
+    """On a bridge, a forged neighbour advertisement would take traffic from everyone: one for the gateway
     (sent from the container's own link-local address, which the ip6tables guard alone let through) points
     every container's gateway at it, one for a neighbour's address points the host's traffic for that
     neighbour at it. The port's filter lets a container advertise only its own addresses."""
     host = make_host(netns_factory)
     _dp, s, _wanted, ca, cb = two_containers(host, netns_factory)
-    assert ping6(cb, UPLINK) and ping6(ca, B)                      # b resolves its gateway, fe80::1
+    gateway = link_gateway(s.bridge)
+    assert ping6(cb, UPLINK) and ping6(ca, B)                      # b resolves its gateway
     ping6(host, B)                                                 # the host resolves b on the bridge
     gateway_mac = ns_run(host, "cat", f"/sys/class/net/{s.bridge}/address").stdout.strip()
     mac_a, mac_b = mac_for("10.77.3.2"), mac_for("10.77.3.3")
-    assert lladdr(cb, GATEWAY, "eth0") == gateway_mac and lladdr(host, B, s.bridge) == mac_b
+    assert lladdr(cb, gateway, "eth0") == gateway_mac and lladdr(host, B, s.bridge) == mac_b
     before = port_drops(host, VETHS[0])
-    seen = advertisements_seen(cb, ca, [GATEWAY, B, A])
+    seen = advertisements_seen(cb, ca, [gateway, B, A])
     assert port_drops(host, VETHS[0]) >= before + 6, "a's port dropped both forged kinds"
-    assert GATEWAY not in seen and B not in seen, f"b received forged advertisements: {seen}"
+    assert gateway not in seen and B not in seen, f"b received forged advertisements: {seen}"
     assert seen.count(A) == 3, f"a's advertisements of its own address reach b: {seen}"
-    assert lladdr(cb, GATEWAY, "eth0") == gateway_mac, "b's gateway now points at a"
+    assert lladdr(cb, gateway, "eth0") == gateway_mac, "b's gateway now points at a"
     assert lladdr(host, B, s.bridge) == mac_b, "the host's traffic for b now goes to a"
     assert lladdr(host, A, s.bridge) in ("", mac_a)
     assert ping6(cb, A) and ping6(ca, B) and ping6(cb, UPLINK)
@@ -223,6 +224,7 @@ def test_a_bridge_container_cannot_advertise_the_gateway_or_a_neighbours_address
 def test_the_repair_pass_puts_the_bridges_ipv6_back(netns_factory):
     host = make_host(netns_factory)
     dp, s, _wanted, ca, _cb = two_containers(host, netns_factory)
+    gateway = f"{link_gateway(s.bridge)}/64"
     endpoints = [EndpointSpec(VETHS[i], veth_names(e)[1], mac_for(f"10.77.3.{i + 2}"), f"10.77.3.{i + 2}")
                  for i, e in enumerate(EIDS)]
     assert dp.repair([(s, endpoints)]) == []           # all in place: nothing to do, the bridge's IPv6 left on
@@ -230,7 +232,7 @@ def test_the_repair_pass_puts_the_bridges_ipv6_back(netns_factory):
     # drift: the block's route and the gateway go, b's port filter loses its IPv6 half (as an older one
     # would be), a sysctl is turned back
     run(["ip", "-n", host, "-6", "route", "del", f"{BLOCK}/80"])
-    run(["ip", "-n", host, "-6", "addr", "del", "fe80::1/64", "dev", s.bridge])
+    run(["ip", "-n", host, "-6", "addr", "del", gateway, "dev", s.bridge])
     with Netlink(host).ipr() as ipr:
         index_b = Netlink.link_index(ipr, VETHS[1])
     dp.tc.attach_guard(index_b, GuardFacts(mac_for("10.77.3.3"), "10.77.3.3"))
@@ -244,7 +246,7 @@ def test_the_repair_pass_puts_the_bridges_ipv6_back(netns_factory):
     ns_run(host, "sysctl", "-qw", f"net.ipv6.conf.{s.bridge}.accept_ra=1")
     repairs = dp.repair([(s, endpoints)])
     assert [r.what for r in repairs] == [f"IPv6 settings of {s.bridge}: accept_ra=1"], repairs
-    assert "fe80::1/64" in ns_run(host, "ip", "-6", "addr", "show", "dev", s.bridge).stdout
+    assert gateway in ns_run(host, "ip", "-6", "addr", "show", "dev", s.bridge).stdout
     assert dp.repair([(s, endpoints)]) == []
     # the whole bridge deleted: made again, with its IPv6, and the ports put back on it
     run(["ip", "-n", host, "link", "del", s.bridge])
@@ -321,4 +323,4 @@ def test_without_br_netfilter_a_dual_stack_bridge_network_is_refused_clearly(net
     monkeypatch.setattr(dp.nl, "read_sysctl", read)
     with pytest.raises(DataplaneError, match="IPv6 in bridge mode needs the br_netfilter module"):
         dp.ensure_network(spec())
-    assert "inet6 fe80::1/64" not in ns_run(host, "ip", "-6", "addr").stdout
+    assert "inet6 fe80::1:" not in ns_run(host, "ip", "-6", "addr").stdout

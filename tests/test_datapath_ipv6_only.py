@@ -8,7 +8,7 @@ import pytest
 from conftest import run, wait_for
 
 from vpcnet.datapath.dataplane import Dataplane
-from vpcnet.datapath.ipv6 import GATEWAY, Ipv6Endpoint
+from vpcnet.datapath.ipv6 import Ipv6Endpoint, link_gateway
 from vpcnet.datapath.spec import EndpointSpec, NetworkSpec, bridge_name, mac_for, veth_names
 
 pytestmark = pytest.mark.root
@@ -76,7 +76,7 @@ def container(host: str, dp: Dataplane, netspec: NetworkSpec, netns_factory, ip6
     ns_run(sandbox, "sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=0")
     run(["ip", "-n", sandbox, "-6", "addr", "add", f"{ip6}/128", "dev", "eth0", "nodad"])
     run(["ip", "-n", sandbox, "link", "set", "eth0", "up"])
-    run(["ip", "-n", sandbox, "-6", "route", "add", "default", "via", GATEWAY, "dev", "eth0"])
+    run(["ip", "-n", sandbox, "-6", "route", "add", "default", "via", link_gateway(host_veth), "dev", "eth0"])
     return sandbox
 
 

@@ -1,5 +1,6 @@
 """Dual-stack vpcnet networks against the real engine: `docker network create --ipv6` on a routed network
-gives each container an IPv6 /128 of this host's block beside its IPv4 address, fe80::1 as its IPv6 gateway,
+gives each container an IPv6 /128 of this host's block beside its IPv4 address, a link-local IPv6 gateway of its
+host link's own,
 and two containers reach each other over IPv6 through the host; on a bridge-mode network the same, with
 the block on the bridge's link, so the two resolve and reach each other on the bridge. Runs on every engine.
 
@@ -61,7 +62,7 @@ def test_dual_stack_network_containers_reach_each_other_over_ipv6(plugin_factory
     a, b = dock.run_container(net).name, dock.run_container(net).name
     ip4_a, six_a = addresses(dock, a, net)
     ip6_a, gw6 = six_a.split()
-    assert gw6 == "fe80::1" and ipaddress.IPv6Interface(ip6_a).network.prefixlen == 128
+    assert gw6.startswith("fe80::1:") and ipaddress.IPv6Interface(ip6_a).network.prefixlen == 128   # link_gateway
     assert ipaddress.IPv6Interface(ip6_a).ip in block
     ip6_b = addresses(dock, b, net)[1].split()[0].split("/")[0]
     assert ping6(dock, a, ip6_b) and ping6(dock, b, ip6_a.split("/")[0])
@@ -224,3 +225,35 @@ def test_compose_enable_ipv6_with_and_without_an_ipv6_subnet_and_ipv6_address(
     assert plugin.status()["networks"] == [], "no network, endpoint or address left in vpcnet's store"
     assert wanted not in run(["ip", "-6", "route", "show"]).stdout
     assert veths() == before, "no veth left"
+
+
+def test_a_container_on_two_dual_stack_networks_gets_each_ones_routes_on_its_own_interface(
+        plugin_factory, dock, ipv6_sysctls_kept):
+    """Docker installs a Join's next-hop routes without naming the interface: it asks the kernel which link
+    reaches the next hop. With one fe80::1 behind every vpcnet link, the second network's IPv6 route went out
+    of the first interface, and the container answered that network's traffic from the wrong link (dropped
+    by the first link's anti-spoofing). Each link's own gateway (vpcnet.datapath.ipv6.link_gateway) keeps
+    both ways working."""
+    def cluster6() -> str:        # as `ip` prints it (no leading zeros)
+        return str(ipaddress.IPv6Network(f"fd{uuid.uuid4().hex[:10]}".ljust(12, "0")[:4] + ":"
+                                         + f"{uuid.uuid4().hex[:4]}:{uuid.uuid4().hex[:4]}::/48"))
+
+    first6, second6 = cluster6(), cluster6()
+    plugin = plugin_factory({"VPCNET_CLUSTER_CIDR_V6": first6})
+    second4 = free_cluster(120, 200, exclude=(plugin.cluster,))
+    one = dock.network_create(plugin, None, "--ipv6", "--subnet", plugin.cluster, "--subnet", first6).name
+    two = dock.network_create(plugin, None, "--ipv6", "--subnet", second4, "--subnet", second6).name
+    a, b, c = dock.run_container(one).name, dock.run_container(two).name, dock.run_container(one).name
+    dock("network", "connect", two, a)
+    routes = dock.exec(a, "ip", "-6", "route").stdout
+    gw_one, gw_two = (addresses(dock, a, net)[1].split()[1] for net in (one, two))
+    assert gw_one != gw_two, (gw_one, gw_two)
+    assert f"{first6} via {gw_one} dev eth0" in routes and f"{second6} via {gw_two} dev eth1" in routes, routes
+    a_on_two = addresses(dock, a, two)[1].split()[0].split("/")[0]
+    b6 = addresses(dock, b, two)[1].split()[0].split("/")[0]
+    c6 = addresses(dock, c, one)[1].split()[0].split("/")[0]
+    assert ping6(dock, b, a_on_two), "b reaches a on their network, and a answers from that network's link"
+    a_on_one = addresses(dock, a, one)[1].split()[0].split("/")[0]
+    assert ping6(dock, a, b6) and ping6(dock, a, c6) and ping6(dock, c, a_on_one)
+    dock("network", "disconnect", two, a)
+    assert ping6(dock, a, c6), "the first network untouched"

@@ -9,6 +9,7 @@ import pytest
 from fakes import FakeDataplane, make_plugin
 
 from vpcnet.datapath.features import Features
+from vpcnet.datapath.ipv6 import link_gateway
 from vpcnet.datapath.spec import bridge_name, mac_for, veth_names
 from vpcnet.docker.driver import GENERIC, INTERNAL_OPTION, MODE_OPTION, MTU_OPTION, spec_of
 from vpcnet.errors import Conflict, DataplaneError, InvalidRequest, NotFound
@@ -879,8 +880,9 @@ def test_an_ipv6_network_below_ipv6s_minimum_mtu_is_refused_at_creation(tmp_path
 @pytest.mark.parametrize("mode", ["routed", "ebpf", "bridge"])
 def test_dual_stack_network_endpoint_and_join(plug, mode):
     """--ipv6: the network keeps its IPv6 block; an endpoint gets its IPv6 address on the host (routed path,
-    ebpf networks too; bridge mode: the bridge) and Join gives the container fe80::1 as its IPv6 gateway
-    and the IPv6 cluster CIDR through it; in bridge mode also the block on the link, so the network's
+    ebpf networks too; bridge mode: the bridge) and Join gives the container its host link's own link-local
+    address as its IPv6 gateway, on its interface, and the IPv6 cluster CIDR through it; in bridge mode also
+    the block on the link, so the network's
     containers resolve each other on the bridge."""
     assert plug.driver.gw_alloc_check({"com.docker.network.enable_ipv6": True, GENERIC: {MODE_OPTION: mode}}) \
         == {"SkipIPv4": False, "SkipIPv6": False}
@@ -896,9 +898,11 @@ def test_dual_stack_network_endpoint_and_join(plug, mode):
     assert plug.dataplane.called("ensure_endpoint_ipv6") == [("ensure_endpoint_ipv6", net.bridge, veth_names(EID)[0],
                                                               bare6)]
     answer = plug.driver.join(NID, EID, "/var/run/docker/netns/x", {})
-    assert answer["GatewayIPv6"] == "fe80::1" and answer["Gateway"] == net.gateway
-    assert answer["StaticRoutes"][1] == {"Destination": net.cluster_cidr_v6, "RouteType": 0, "NextHop": "fe80::1"}
-    assert answer["StaticRoutes"][2:] == ([{"Destination": pool6, "RouteType": 1}] if mode == "bridge" else [])
+    gateway6 = link_gateway(net.bridge if mode == "bridge" else veth_names(EID)[0])
+    assert answer["GatewayIPv6"] == gateway6 and gateway6.startswith("fe80::1:") and answer["Gateway"] == net.gateway
+    assert answer["StaticRoutes"][1:3] == [{"Destination": f"{gateway6}/128", "RouteType": 1},
+                                           {"Destination": net.cluster_cidr_v6, "RouteType": 0, "NextHop": gateway6}]
+    assert answer["StaticRoutes"][3:] == ([{"Destination": pool6, "RouteType": 1}] if mode == "bridge" else [])
     assert plug.dataplane.networks[net.bridge].host_cidr_v6 == pool6, "the datapath gets the network's IPv6 block"
     # the guard's desired state (vpcnet.cli.serve): a bridge-mode endpoint's rule names its bridge
     assert plug.store.ipv6_bridge_ports() == ({veth_names(EID)[0]: net.bridge} if mode == "bridge" else {})
@@ -953,8 +957,9 @@ def ipv6_only(plug, nid=NID, mode="routed", subnet="", **options):
 @pytest.mark.parametrize("mode", ["routed", "ebpf"])
 def test_ipv6_only_network_endpoint_join_and_removal(plug, mode):
     """--ipv4=false: no IPv4 pool comes (empty IPv4Data); the network row has only its IPv6 block, an endpoint
-    only its IPv6 address (no /32 route, no IPv4 program), Join answers no IPv4 gateway, fe80::1 as the IPv6
-    one and only the IPv6 cluster CIDR; -p is refused; removal leaves nothing."""
+    only its IPv6 address (no /32 route, no IPv4 program), Join answers no IPv4 gateway, the host veth's own
+    link-local address as the IPv6 one and only the IPv6 cluster CIDR through it; -p is refused; removal
+    leaves nothing."""
     assert plug.driver.gw_alloc_check({**V6_ONLY, GENERIC: {MODE_OPTION: mode}}) == {"SkipIPv4": False,
                                                                                       "SkipIPv6": False}
     net, pool6 = ipv6_only(plug, mode=mode)
@@ -973,8 +978,13 @@ def test_ipv6_only_network_endpoint_join_and_removal(plug, mode):
     assert plug.dataplane.programs == {} and all("route" not in plug.dataplane.links[veth_names(e)[0]]
                                                  for e in (EID, EID2))
     answer = plug.driver.join(NID, EID, "/var/run/docker/netns/x", {})
-    assert "Gateway" not in answer and answer["GatewayIPv6"] == "fe80::1"
-    assert answer["StaticRoutes"] == [{"Destination": net.cluster_cidr_v6, "RouteType": 0, "NextHop": "fe80::1"}]
+    gateway6 = link_gateway(veth_names(EID)[0])
+    assert "Gateway" not in answer and answer["GatewayIPv6"] == gateway6
+    assert answer["StaticRoutes"] == [{"Destination": f"{gateway6}/128", "RouteType": 1},
+                                      {"Destination": net.cluster_cidr_v6, "RouteType": 0, "NextHop": gateway6}]
+    # a gateway of each link's own: one container's two interfaces never share one (Docker routes by next hop)
+    gateway6_2 = plug.driver.join(NID, EID2, "/var/run/docker/netns/x", {})["GatewayIPv6"]
+    assert gateway6_2 == link_gateway(veth_names(EID2)[0]) != gateway6
     portmap = {"com.docker.network.portmap": [{"Proto": 6, "IP": "", "Port": 80, "HostIP": "", "HostPort": 8080,
                                                "HostPortEnd": 8080}]}
     with pytest.raises(InvalidRequest, match="is IPv6-only .*publishes ports"):

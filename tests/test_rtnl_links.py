@@ -14,7 +14,7 @@ from conftest import run
 
 from vpcnet.datapath import rtnl
 from vpcnet.datapath.dataplane import Dataplane
-from vpcnet.datapath.ipv6 import Ipv6Endpoint
+from vpcnet.datapath.ipv6 import Ipv6Endpoint, link_gateway
 from vpcnet.datapath.spec import NetworkSpec, bridge_name, mac_for, veth_names
 from vpcnet.errors import DataplaneError
 
@@ -127,7 +127,7 @@ def test_the_raw_requests_leave_the_kernel_as_pyroute2s_did(netns_factory, monke
         assert "master" not in link
         assert f"{ENDPOINTS[0][1]} dev {host_veth} proto static scope link" in routes4, routes4
         assert f"{ENDPOINTS[0][2]} dev {host_veth} proto static metric 1024" in routes6, routes6
-        assert "fe80::1/64" in run(["ip", "-n", ns, "-6", "addr", "show", "dev", host_veth]).stdout
+        assert f"{link_gateway(host_veth)}/64" in run(["ip", "-n", ns, "-6", "addr", "show", "dev", host_veth]).stdout
 
 
 def _refused(*_args, **_kw):
@@ -219,7 +219,7 @@ def test_a_refused_ipv6_gateway_names_the_veth_and_the_undo_leaves_no_veth_or_ro
     wanted.append(Ipv6Endpoint(host_veth, ip6))
     dp.ensure_endpoint(s, host_veth, peer, mac_for(ip4), ip4)
     assert f"{ip4} dev {host_veth}" in run(["ip", "-n", ns, "-4", "route"]).stdout
-    with pytest.raises(DataplaneError, match=f"cannot put the IPv6 gateway fe80::1 on {host_veth}"):
+    with pytest.raises(DataplaneError, match=f"cannot put the IPv6 gateway {link_gateway(host_veth)} on {host_veth}"):
         dp.ensure_endpoint_ipv6(s, host_veth, ip6)
     dp.delete_endpoint(host_veth)
     assert vpcnet_links(ns) == []

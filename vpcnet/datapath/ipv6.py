@@ -3,14 +3,16 @@ the IPv4 ones (vpcnet.datapath.links, .firewall). The driver uses it for `--ipv6
 routed and ebpf mode first below, bridge mode at the end (docs/ipv6-plan.md says what is left).
 
 Per endpoint (`ensure_endpoint`):
-- The container has its address as a `/128` (vpcnet's IPAM answers so) and its default route via
-  `GATEWAY` (fe80::1) on its interface: Join answers that as `GatewayIPv6`. With no on-link prefix, every
-  packet of the container goes to the gateway, its neighbours' on this host too.
-- The host veth holds `GATEWAY` itself (a link-local address: the same one on every host veth is fine,
-  each is scoped to its link), without duplicate address detection, so the container's neighbour
-  solicitation for it is answered by the host at once. No proxy NDP: Linux's proxy NDP wants one entry per
-  proxied address, and with the gateway on the veth none is needed (the AWS VPC CNI does the same with
-  fe80::1; Calico answers with the veth's own link-local address). Its IPv6 sysctls are written in the
+- The container has its address as a `/128` (vpcnet's IPAM answers so) and its default route via its
+  gateway on its interface: a link-local address of the host veth's own (`link_gateway`), which Join answers
+  as `GatewayIPv6` and as a `/128` on the interface. With no on-link prefix, every packet of the container
+  goes to the gateway, its neighbours' on this host too. One address per link, not fe80::1 everywhere:
+  Docker asks the kernel which link reaches a route's next hop, and only an address of the link's own
+  gives a container on two vpcnet networks each network's routes on that network's interface.
+- The host veth holds the gateway itself, without duplicate address detection, so the container's
+  neighbour solicitation for it is answered by the host at once. No proxy NDP: Linux's proxy NDP wants one
+  entry per proxied address, and with the gateway on the veth none is needed (Calico answers with the veth's
+  own link-local address; the AWS VPC CNI with fe80::1). Its IPv6 sysctls are written in the
   order `IPV6_ON` gives: router advertisements and autoconfiguration off before IPv6 comes on, so no
   advertisement from the container is ever taken (and with forwarding on the kernel ignores them anyway,
   unless accept_ra=2).
@@ -40,7 +42,8 @@ IPv4 is made for them (no /32 route, no proxy ARP, no IPv4 rules, programs or an
 IPv6 is exactly a dual-stack endpoint's.
 
 Bridge mode (`ensure_bridge`, `bridge_rules`): the network's bridge carries its IPv6. The bridge holds
-`GATEWAY` (without DAD, and the bridge has accept_dad=0: no container can take it away) and the host's block
+its gateway (`link_gateway` of the bridge: without DAD, and the bridge has accept_dad=0: no container can
+take it away) and the host's block
 is routed to it; Join also answers the block as a connected route, so the network's containers resolve each
 other on the bridge and talk directly. The ports (host veths) keep IPv6 off. The bridge's own
 nf_call_ip6tables passes its IPv6 through ip6tables (br_netfilter), where the guard drops router
@@ -52,6 +55,7 @@ the same for any number of endpoints. `forward_rules` treat the bridges (`vpc-+`
 from __future__ import annotations
 
 import errno
+import hashlib
 import ipaddress
 import logging
 import os
@@ -66,7 +70,16 @@ from vpcnet.errors import DataplaneError
 
 log = logging.getLogger(__name__)
 
-GATEWAY = "fe80::1"
+def link_gateway(link: str) -> str:
+    """The container's IPv6 gateway behind the host link `link` (its host veth; in bridge mode the bridge): a
+    link-local address of its own per link, `fe80::1:` and 48 bits of SHA-256 of the link's name. Docker puts
+    a next hop into the container's routes without naming the interface (moby's programRoute asks the kernel
+    which link reaches the next hop): with the same fe80::1 behind every vpcnet link, a container on two
+    dual-stack vpcnet networks had both networks' routes on its first interface, and answered the second
+    network's traffic from the wrong link. Join also answers this address as a /128 on the interface, so the
+    kernel's answer is the right link. `fe80::1:` never begins a Docker MAC's EUI-64 (`fe80::42:`)."""
+    digest = hashlib.sha256(link.encode()).hexdigest()
+    return str(ipaddress.IPv6Address(f"fe80::1:{digest[:4]}:{digest[4:8]}:{digest[8:12]}"))
 FORWARDING = "/proc/sys/net/ipv6/conf/all/forwarding"
 AF_INET6 = 10
 SCOPE_LINK = 253
@@ -209,8 +222,8 @@ class RoutedIpv6:
         return changed
 
     def ensure_endpoint(self, ipr: IPRoute, host_veth: str, address: str) -> int:
-        """IPv6 on for the host veth (IPV6_ON), the gateway on it, `<address>/128` routed to it. Idempotent.
-        Returns the veth's index."""
+        """IPv6 on for the host veth (IPV6_ON), its gateway (`link_gateway`) on it, `<address>/128` routed to
+        it. Idempotent. Returns the veth's index."""
         idx = self.nl.index_of(ipr, host_veth)
         if idx is None:
             raise DataplaneError(f"veth {host_veth} is missing")
@@ -219,18 +232,19 @@ class RoutedIpv6:
         except OSError as exc:
             raise DataplaneError(f"cannot turn IPv6 on for {host_veth} (/proc/sys: {exc})") from None
         dst = str(ipaddress.IPv6Address(address))
+        gateway = link_gateway(host_veth)
         try:                # the raw rtnetlink socket (vpcnet.datapath.rtnl); pyroute2's, and its error, where it fails
             sock = self.nl.rtnl()
-            rtnl.add_address(sock, idx, GATEWAY, 64, IFA_F_NODAD)
+            rtnl.add_address(sock, idx, gateway, 64, IFA_F_NODAD)
             rtnl.replace_route(sock, dst, 128, idx)
             return idx
         except OSError:
             self.nl.drop_rtnl()
         try:
-            ipr.addr("add", index=idx, family=AF_INET6, address=GATEWAY, prefixlen=64, flags=IFA_F_NODAD)
+            ipr.addr("add", index=idx, family=AF_INET6, address=gateway, prefixlen=64, flags=IFA_F_NODAD)
         except NetlinkError as exc:
             if exc.code != errno.EEXIST:
-                raise DataplaneError(f"cannot put the IPv6 gateway {GATEWAY} on {host_veth}: {exc}") from None
+                raise DataplaneError(f"cannot put the IPv6 gateway {gateway} on {host_veth}: {exc}") from None
         try:
             ipr.route("replace", family=AF_INET6, dst=dst, dst_len=128, oif=idx, scope=SCOPE_LINK)
         except NetlinkError as exc:
@@ -255,8 +269,8 @@ class RoutedIpv6:
 
     def ensure_bridge(self, ipr: IPRoute, bridge: str, block: str) -> int:
         """Bridge mode: the bridge carries the network's IPv6. IPv6 on for it (IPV6_ON: no advertisement
-        taken, no duplicate address detection), `GATEWAY` on it (no DAD: nothing a container answers can
-        take it away), the host's IPv6 `block` routed to it, and its own nf_call_ip6tables on, so its IPv6
+        taken, no duplicate address detection), its gateway (`link_gateway`) on it (no DAD: nothing a container
+        answers can take it away), the host's IPv6 `block` routed to it, and its own nf_call_ip6tables on, so its IPv6
         passes ip6tables (the guard's bridge rules, `bridge_rules`) whatever the host-wide
         bridge-nf-call-ip6tables says. Needs br_netfilter. Idempotent; returns the bridge's index."""
         idx = self.nl.link_index(ipr, bridge)
@@ -277,10 +291,12 @@ class RoutedIpv6:
         except NetlinkError as exc:
             raise DataplaneError(f"cannot pass {bridge}'s IPv6 through ip6tables (nf_call_ip6tables): {exc}") from None
         try:
-            ipr.addr("add", index=idx, family=AF_INET6, address=GATEWAY, prefixlen=64, flags=IFA_F_NODAD)
+            ipr.addr("add", index=idx, family=AF_INET6, address=link_gateway(bridge), prefixlen=64,
+                     flags=IFA_F_NODAD)
         except NetlinkError as exc:
             if exc.code != errno.EEXIST:
-                raise DataplaneError(f"cannot put the IPv6 gateway {GATEWAY} on {bridge}: {exc}") from None
+                raise DataplaneError(f"cannot put the IPv6 gateway {link_gateway(bridge)} on {bridge}: {exc}") \
+                    from None
         net = ipaddress.IPv6Network(block)
         try:
             ipr.route("replace", family=AF_INET6, dst=str(net.network_address), dst_len=net.prefixlen, oif=idx)
@@ -296,8 +312,8 @@ class RoutedIpv6:
         net = ipaddress.IPv6Network(block)
         if self.routed_via(ipr, str(net.network_address + 2)) != idx:
             return f"route {block} dev {bridge} missing"
-        if not any(a.get_attr("IFA_ADDRESS") == GATEWAY for a in ipr.get_addr(index=idx, family=AF_INET6)):
-            return f"IPv6 gateway {GATEWAY} missing on {bridge}"
+        if not any(a.get_attr("IFA_ADDRESS") == link_gateway(bridge) for a in ipr.get_addr(index=idx, family=AF_INET6)):
+            return f"IPv6 gateway {link_gateway(bridge)} missing on {bridge}"
         wrong = [f"{key.split('/')[1]}={have}" for key, want in IPV6_ON
                  if (have := self.nl.read_sysctl(f"net.ipv6.conf.{bridge}.{key.split('/')[1]}")) != want]
         if wrong:

@@ -47,8 +47,10 @@ whatever the default becomes. Unknown options and modes are refused.
 IPv6 (`--ipv6`, dual-stack, every mode; ebpf with its IPv6 fast path, vpcnet.datapath.ebpf.programs6): the
 network keeps its IPv6 block from IPv6Data, an endpoint its IPv6 address from Interface.AddressIPv6 (a /128,
 vpcnet.docker.ipam), the host gives it IPv6 on its veth and a /128 route (vpcnet.datapath.ipv6; bridge mode:
-the block routed to the bridge, and a guard rule for the port), and Join answers `GatewayIPv6` fe80::1 (a
-link-local address on the host veth or bridge: no proxy NDP) with the IPv6 cluster CIDR through it; in
+the block routed to the bridge, and a guard rule for the port), and Join answers `GatewayIPv6`: a link-local
+address of the host veth's (bridge mode: the bridge's) own (vpcnet.datapath.ipv6.link_gateway: no proxy NDP,
+and a container on two networks gets each one's routes on its own interface), as a /128 on the interface
+and with the IPv6 cluster CIDR through it; in
 bridge mode also the host's block as a connected route, so the network's containers resolve each other on
 the bridge. IPv6-only networks (`--ipv6 --ipv4=false`, Docker 28+, routed and ebpf modes: no IPv4
 RequestPool, an empty IPv4Data): the row has only its IPv6 block (store schema 7), each endpoint only its
@@ -99,7 +101,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from vpcnet.datapath.features import DEFAULT_MODE_KEY, DefaultMode, default_mode
-from vpcnet.datapath.ipv6 import GATEWAY as IPV6_GATEWAY
+from vpcnet.datapath.ipv6 import link_gateway
 from vpcnet.datapath.ipv6 import unavailable as ipv6_unavailable
 from vpcnet.datapath.protocol import Datapath
 from vpcnet.datapath.reconciler import DatapathReconciler, spec_of
@@ -293,7 +295,7 @@ class NetworkDriver:
         log.info("network %s: %s mode, %s %s, %s, mtu %d%s", network_id[:12], mode,
                  "anchor" if spec.routed else "bridge", net.bridge,
                  ", ".join(f"{block} via {gateway}" for block, gateway in ((net.host_cidr, net.gateway),
-                                                                           (net.host_cidr_v6, IPV6_GATEWAY)) if block),
+                                                                           (net.host_cidr_v6, "link-local")) if block),
                  net.mtu, ", internal" if net.internal else "")
         self._record_default_mode()      # the probe may have answered otherwise since start
         return {}
@@ -450,8 +452,11 @@ class NetworkDriver:
         if ep.address:              # an IPv6-only network's endpoint has no IPv4 and no IPv4 gateway
             answer["Gateway"] = net.gateway
         if ep.address_v6:           # IPv6: the gateway on the host veth or bridge, link-local (vpcnet.datapath.ipv6)
-            answer["GatewayIPv6"] = IPV6_GATEWAY
-            routes.append({"Destination": net.cluster_cidr_v6, "RouteType": ROUTE_NEXTHOP, "NextHop": IPV6_GATEWAY})
+            gateway6 = link_gateway(net.bridge if net.mode == "bridge" else ep.host_veth)
+            answer["GatewayIPv6"] = gateway6
+            # the gateway on this interface first: Docker asks the kernel which link reaches a next hop
+            routes.append({"Destination": f"{gateway6}/128", "RouteType": ROUTE_CONNECTED})
+            routes.append({"Destination": net.cluster_cidr_v6, "RouteType": ROUTE_NEXTHOP, "NextHop": gateway6})
             if net.mode == "bridge":    # the block on the bridge's link: the network's containers resolve each other
                 routes.append({"Destination": net.host_cidr_v6, "RouteType": ROUTE_CONNECTED})
         return answer

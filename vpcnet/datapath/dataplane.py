@@ -85,7 +85,7 @@ prefix), the one that holds where /proc/sys is read-only (a managed plugin); it 
 and put back by the periodic pass.
 
 IPv6 (vpcnet.datapath.ipv6): `ensure_endpoint_ipv6` gives an endpoint of a
-routed or ebpf network its IPv6 (IPv6 on for its host veth, fe80::1 as the container's gateway on it, a /128
+routed or ebpf network its IPv6 (IPv6 on for its host veth, its own link-local gateway on it (ipv6.link_gateway), a /128
 route; in ebpf mode the IPv6 container program, vpcnet.datapath.ebpf.programs6, and the network's IPv6
 uplink program comes with the network; `drop_endpoint_ipv6` removes the program with the route), and the
 guard, while `ipv6_endpoints()` (the desired state) has any, lets a veth send from what the host routes
@@ -93,7 +93,7 @@ back to it: the endpoint's own /128; the periodic pass keeps all of it, and leav
 wanted. `ipv6_internal()` (the --internal networks with IPv6) adds their rules to the same write. An
 IPv6-only network (`spec.ipv4` false) and its endpoints (address "") get nothing of IPv4: no anchor address,
 chains, /32 routes, proxy ARP or IPv4 tc programs, and the repair pass looks for none. A dual-stack bridge
-network's bridge holds fe80::1 and the host's IPv6 block is routed to it (`ensure_network`); each of its
+network's bridge holds its link-local gateway and the host's IPv6 block is routed to it (`ensure_network`); each of its
 endpoints has its own guard rule (its address, from its port), written when it comes and goes; the
 periodic pass keeps the bridge's IPv6 too.
 Published ports on IPv6 host addresses are the same DNAT in ip6tables (vpcnet.datapath.ports6),

@@ -13,7 +13,7 @@ only what the endpoint may send as itself (`program`):
   (the EUI-64 one of its MAC: the kernel's default in a container's namespace), and of ICMPv6:
   - no router advertisement or redirect (the host's ip6tables guard drops those too);
   - a neighbour advertisement only for its own address or its own link-local one (a forged one for
-    `fe80::1` would take the gateway's traffic of every container on the bridge);
+    the gateway would take the gateway's traffic of every container on the bridge);
   - from the link-local address, neighbour discovery only (solicitation, advertisement).
   No hop-by-hop, routing or destination-options header either (neighbour discovery behind one would pass
   unread). Without an IPv6 address (a network without `--ipv6`, or a container that turned IPv6 off): no

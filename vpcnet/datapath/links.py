@@ -89,7 +89,7 @@ class Links:
                     ipr.link("set", index=peer, state="up")
             try:
                 ipr.link("set", index=idx, mtu=spec.mtu)
-                if spec.ipv4:           # an IPv6-only network's anchor holds no address (fe80::1 is per veth)
+                if spec.ipv4:           # an IPv6-only network's anchor holds no address (the IPv6 gateway is per veth)
                     ipr.addr("add", index=idx, address=spec.gateway, prefixlen=spec.prefixlen)
             except NetlinkError as exc:
                 if exc.code != errno.EEXIST:

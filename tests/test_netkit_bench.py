@@ -54,3 +54,16 @@ def test_a_netkit_pair_in_l2_mode_or_the_kernels_refusal(netns):
     detail = subprocess.run(["ip", "-n", netns, "-d", "-j", "link", "show", "nkpeer0"], capture_output=True,
                             text=True, check=True).stdout
     assert '"netkit"' in detail and nk.link(netns, "nkpeer0")["address"] != "00:00:00:00:00:00"   # L2: a MAC
+
+
+@root
+def test_moving_a_device_by_a_process_pid_as_docker_does(netns):
+    sandbox = f"nkt-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", sandbox], check=True)
+    try:
+        subprocess.run(["ip", "-n", netns, "link", "add", "out0", "type", "veth", "peer", "name", "in0"], check=True)
+        assert nk.move_by_pid(netns, "in0", sandbox) == "link set in0 netns <pid>: ok"
+        assert nk.link(sandbox, "in0")["ifname"] == "in0"
+        assert subprocess.run(["ip", "-n", netns, "link", "show", "in0"], capture_output=True).returncode != 0
+    finally:
+        subprocess.run(["ip", "netns", "del", sandbox], check=False)

@@ -10,6 +10,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import threading
 from typing import Sequence
 
 import pytest
@@ -89,22 +90,25 @@ class Host:
         described = self.provider.inner.describe()
         return list(described.ipv4 if version == 4 else described.ipv6)
 
+    @staticmethod
+    def record(db, address: str) -> None:
+        """The IPAM's row for an address it hands out (inside the take's transaction)."""
+        db.execute("INSERT OR IGNORE INTO pools(pool_id, cluster_cidr, gateway, cursor) VALUES(?, ?, ?, 0)",
+                   ("eni", CLUSTER, "10.240.0.1"))
+        db.execute("INSERT INTO addresses(pool_id, address) VALUES('eni', ?)", (address,))
+
     def use(self, address: str) -> None:
         """The IPAM records an address it handed out."""
         with self.store.tx() as db:
-            db.execute("INSERT OR IGNORE INTO pools(pool_id, cluster_cidr, gateway, cursor) VALUES(?, ?, ?, 0)",
-                       ("eni", CLUSTER, "10.240.0.1"))
-            db.execute("INSERT INTO addresses(pool_id, address) VALUES('eni', ?)", (address,))
+            self.record(db, address)
 
     def free(self, address: str) -> None:
         with self.store.tx() as db:
             db.execute("DELETE FROM addresses WHERE address=?", (address,))
 
     def take(self, version: int = 4) -> str:
-        """take_address, then record the address, as the IPAM does."""
-        address = self.pool.take_address(version).address
-        self.use(address)
-        return address
+        """take_address, the address recorded in the same transaction, as the IPAM does."""
+        return self.pool.take_address(version, record=self.record).address
 
 
 @pytest.fixture
@@ -212,6 +216,29 @@ def test_the_broadcast_address_of_the_range_is_never_handed_out(tmp_path):
     assert sorted(taken, key=ipaddress.ip_address)[-1] == "10.240.0.254"
     with pytest.raises(NoFreePrefix, match="^no free IPv4 address for a container on this host: "):
         host.take()                                 # and the range is used up
+
+
+def test_concurrent_containers_never_get_the_same_address(tmp_path):
+    host = Host(tmp_path, warm_prefixes=2)
+    host.pool.sync()
+    got: list[str] = []
+    errors: list[Exception] = []
+
+    def start_containers() -> None:
+        try:
+            for _ in range(6):
+                got.append(host.take())
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start_containers) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors and len(got) == 36 and len(set(got)) == 36
+    # the warm pair holds 30 addresses; the rest from one synchronous assign, whoever came first
+    assert [count for _, count, _ in host.provider.assigns] == [2, 1]
 
 
 # -- release after the cooldown --------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ interface that vpcnet did not assign (another tool's, a hand-made one) is left a
   pauses for NO_FREE_PAUSE seconds (as the AWS VPC CNI does), said once in the log with the fix. A pass makes
   at most one describe, one capacity (once per process), and per family one assign and one unassign (plus
   one assign repeating a lost one's token), and starts no call after PASS_BUDGET seconds.
-- `take_address(version, in_use)`: an address from a held prefix; when none is free, one synchronous assign
+- `take_address(version, in_use, record)`: an address from a held prefix, recorded by the IPAM's `record` in
+  the same store transaction; when none is free, one synchronous assign
   (bounded: one call, after a bounded wait for the host's prefix lock), and if that fails the provider's
   error, saying what failed and what to do.
 - `status()`: per family the prefixes, addresses in use and free, how many more the interface takes, and a
@@ -43,6 +44,7 @@ import ipaddress
 import json
 import logging
 import os
+import sqlite3
 import threading
 import time
 import uuid
@@ -397,14 +399,17 @@ class PrefixPool:
                 {k: v for k, v in _json_dict(text).items() if k != family}, sort_keys=True), "{}")
 
     # -- what the IPAM asks ------------------------------------------------------------------------------
-    def take_address(self, version: int, in_use: Collection[str] = ()) -> TakenAddress:
+    def take_address(self, version: int, in_use: Collection[str] = (),
+                     record: Callable[[sqlite3.Connection, str], None] | None = None) -> TakenAddress:
         """A free address of IP `version` from a held prefix: not in `in_use` (the caller's view, besides
-        the store's), not a reserved one of the range. The caller records it in the store right away.
+        the store's), not a reserved one of the range. `record(db, address)` writes the IPAM's row for it in
+        the same transaction, so concurrent callers never get the same address; a caller without `record`
+        must record it right away and serialise its takes.
 
         When no held prefix has one: one synchronous assign of one prefix (the next pass restores the warm
         target). Raises NoFreePrefix (also while growth is paused), InterfaceFull, PrefixesUnsupported,
         Busy or Retryable, each saying that the container got no address, why, and what to do."""
-        taken = self._take(version, in_use)
+        taken = self._take(version, in_use, record)
         if taken is not None:
             return taken
         what = f"no free IPv{version} address for a container on this host"
@@ -414,14 +419,14 @@ class PrefixPool:
                                f"{pause[0] - self._clock():.0f} s after: {pause[1]}")
         try:
             with self._exclusive():
-                taken = self._take(version, in_use)       # another process may have assigned meanwhile
+                taken = self._take(version, in_use, record)       # another process may have assigned meanwhile
                 if taken is not None:
                     return taken
                 interface = self._describe()
                 settled = PrefixPassResult()
                 on_interface = self._settle(interface, settled)
                 _log_problems(settled)
-                taken = self._take(version, in_use)       # a settled assign may have brought one
+                taken = self._take(version, in_use, record)       # a settled assign may have brought one
                 if taken is not None:
                     return taken
                 capacity = self._known_capacity()
@@ -435,13 +440,14 @@ class PrefixPool:
                 got = self._assign(version, 1, on_interface[version])
         except VpcnetError as exc:
             raise _explained(exc, what) from exc
-        taken = self._take(version, in_use, tuple(got))
+        taken = self._take(version, in_use, record, tuple(got))
         if taken is None:
             raise Exhausted(f"{what}: the prefix just assigned ({', '.join(got)}) has no free address "
                             "(taken meanwhile by other containers); try again")
         return taken
 
-    def _take(self, version: int, in_use: Collection[str], assigned: tuple[str, ...] = ()) -> TakenAddress | None:
+    def _take(self, version: int, in_use: Collection[str], record: Callable[[sqlite3.Connection, str], None] | None,
+              assigned: tuple[str, ...] = ()) -> TakenAddress | None:
         reserved = self._reserved(version)
         extra = {ipaddress.ip_address(a) for a in in_use if a}
 
@@ -455,7 +461,7 @@ class PrefixPool:
                     return prefix.prefix, address
             return None
 
-        chosen = self.store.take_prefix_address(_family(version), pick, self._clock())
+        chosen = self.store.take_prefix_address(_family(version), pick, self._clock(), record)
         return None if chosen is None else TakenAddress(chosen[1], chosen[0], assigned)
 
     def _reserved(self, version: int) -> set:

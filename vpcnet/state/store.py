@@ -449,16 +449,20 @@ class Store:
             return counts
 
     def take_prefix_address(self, family: str, pick: Callable[[list[HeldPrefix], set[str]], tuple[str, str] | None],
-                            now: float) -> tuple[str, str] | None:
+                            now: float, record: Callable[[sqlite3.Connection, str], None] | None = None
+                            ) -> tuple[str, str] | None:
         """(prefix, address) that `pick(held prefixes, addresses in use)` chooses, in one transaction that
-        marks the prefix taken (in use from now, so no pass releases it before the address is recorded);
-        None when `pick` finds none."""
+        marks the prefix taken (in use from now, so no pass releases it before the address is recorded) and
+        calls `record(db, address)` (the IPAM's row: a concurrent take then sees the address in use); None
+        when `pick` finds none."""
         with self.tx() as db:
             held = [HeldPrefix(**dict(r)) for r in
                     db.execute("SELECT * FROM prefixes WHERE family=? AND state=?", (family, HELD)).fetchall()]
             chosen = pick(sorted(held, key=lambda p: _sort_key(p.prefix)), _in_use(db, family))
             if chosen is not None:
                 db.execute("UPDATE prefixes SET taken=?, unused_since=NULL WHERE prefix=?", (now, chosen[0]))
+                if record is not None:
+                    record(db, chosen[1])
             return chosen
 
     def begin_release(self, family: str, prefixes: list[str], unused_before: float, taken_before: float) -> list[str]:

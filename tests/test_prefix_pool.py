@@ -21,11 +21,12 @@ from vpcnet.cloud.prefixes import (
     InterfacePrefixes,
     NoFreePrefix,
     PrefixCapacity,
+    PrefixesUnsupported,
     PrefixProvider,
     make_prefix_provider,
 )
 from vpcnet.config import Config
-from vpcnet.errors import Fatal, Retryable
+from vpcnet.errors import Busy, Fatal, Retryable
 from vpcnet.routes.prefixes import LISTING_LAG, NO_FREE_PAUSE, PASS_BUDGET, TAKE_GRACE, PrefixPool
 from vpcnet.state.store import Store
 
@@ -381,6 +382,74 @@ def test_interface_full_from_the_cloud_is_said_to_the_container(tmp_path):
     with pytest.raises(InterfaceFull, match="^no free IPv4 address for a container on this host: interface"):
         host.pool.take_address(4)
     assert host.store.assign_records() == []        # refused: nothing in flight
+
+
+class Described(Counting):
+    """The real provider, with what a cloud adds: secondary private addresses on the interface, an instance
+    type without prefixes, or a busy answer to assigns."""
+
+    def __init__(self, inner: PrefixProvider, secondary: int = 0, unsupported: bool = False, busy: bool = False):
+        super().__init__(inner)
+        self.secondary, self.unsupported, self.busy = secondary, unsupported, busy
+
+    def describe(self) -> InterfacePrefixes:
+        seen = self.inner.describe()
+        return InterfacePrefixes(seen.interface_id, seen.ipv4, seen.ipv6, ipv4_addresses=1 + self.secondary)
+
+    def capacity(self) -> PrefixCapacity:
+        if self.unsupported:
+            raise PrefixesUnsupported("instance type t2.micro is not built on Nitro: only Nitro instances hold "
+                                      "prefixes; use a Nitro instance type")
+        return self.inner.capacity()
+
+    def assign(self, version: int, count: int, client_token: str) -> list[str]:
+        if self.busy:
+            self.assigns.append((version, count, client_token))
+            raise Busy("Throttling: the request was denied due to request throttling; try again")
+        return super().assign(version, count, client_token)
+
+
+def test_secondary_private_addresses_take_prefix_slots(tmp_path):
+    host = Host(tmp_path, warm_prefixes=10)
+    host.pool._provider = host.provider = Described(host.provider.inner, secondary=9)
+    result = host.pool.sync()                       # 15 slots less 9 secondary addresses: 6 prefixes
+    assert len(result.assigned) == 6 and [n for _, n, _ in host.provider.assigns] == [6]
+    assert host.pool.sync().full == [4]
+
+
+def test_an_instance_without_prefixes_says_so_in_the_pass_and_to_the_container(tmp_path):
+    host = Host(tmp_path)
+    host.pool._provider = host.provider = Described(host.provider.inner, unsupported=True)
+    result = host.pool.sync()
+    assert "cannot hold prefixes" in result.problems[0] and "Nitro" in result.problems[0]
+    with pytest.raises(PrefixesUnsupported, match="^no free IPv4 address for a container on this host: .*Nitro"):
+        host.pool.take_address(4)
+    assert host.provider.assigns == [] and host.pool.status().supported is False
+
+
+def test_a_throttled_synchronous_assign_is_a_busy_answer_settled_by_the_next_pass(tmp_path):
+    host = Host(tmp_path, warm_prefixes=0)
+    host.pool._provider = host.provider = Described(host.provider.inner, busy=True)
+    with pytest.raises(Busy, match="^no free IPv4 address for a container on this host: Throttling"):
+        host.pool.take_address(4)
+    assert len(host.provider.assigns) == 1          # one call, no retry loop in a container start
+    host.provider.busy = False
+    result = host.pool.sync()                       # nothing appeared: asked again with the same token
+    tokens = {token for _, _, token in host.provider.assigns}
+    assert len(host.provider.assigns) == 2 and len(tokens) == 1
+    assert result.adopted == host.held() == host.on_interface() and host.store.assign_records() == []
+
+
+def test_a_release_whose_answer_was_lost_is_finished_by_the_next_pass(tmp_path):
+    host = Host(tmp_path, warm_prefixes=0, prefix_cooldown=0.0)
+    taken = host.pool.take_address(4)
+    host.clock.now += TAKE_GRACE + 1
+    host.store.prefix_use("ipv4", host.clock.now)
+    host.store.begin_release("ipv4", [taken.prefix], host.clock.now, host.clock.now)
+    host.provider.inner.unassign(4, [taken.prefix])   # the unassign landed; vpcnet died before forgetting it
+    result = host.pool.sync()
+    assert result.released == [taken.prefix] and result.gone == [] and host.held() == []
+    assert host.provider.unassigns == []
 
 
 # -- a lost answer ---------------------------------------------------------------------------------------------

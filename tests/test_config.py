@@ -303,6 +303,46 @@ def test_bad_reconcile_interval(env):
     assert refused(env, VPCNET_RECONCILE_INTERVAL="0").startswith("VPCNET_RECONCILE_INTERVAL")
 
 
+# -- addressing: route-table or eni-prefix ----------------------------------------------------------------
+def test_addressing_defaults_to_route_table_with_one_warm_prefix_and_a_30_s_cooldown(env):
+    cfg = load(env)
+    assert (cfg.addressing, cfg.warm_prefixes, cfg.prefix_cooldown) == ("route-table", 1, 30.0)
+
+
+def test_eni_prefix_addressing_and_its_pool_from_the_file_and_the_environment(tmp_path, env):
+    path = write_toml(tmp_path, 'addressing = "eni-prefix"\nwarm_prefixes = 3\nprefix_cooldown = 5\n')
+    cfg = load(env, path)
+    assert (cfg.addressing, cfg.warm_prefixes, cfg.prefix_cooldown) == ("eni-prefix", 3, 5.0)
+    cfg = load(env, path, VPCNET_ADDRESSING="Route-Table", VPCNET_WARM_PREFIXES="0")
+    assert (cfg.addressing, cfg.warm_prefixes) == ("route-table", 0)
+
+
+@pytest.mark.parametrize("value", ("eni", "prefix", "vpc-route", ""))
+def test_an_unknown_addressing_is_refused_naming_both_choices(env, value):
+    message = refused(env, VPCNET_ADDRESSING=value)
+    assert message.startswith("VPCNET_ADDRESSING") and "route-table" in message and "eni-prefix" in message
+
+
+@pytest.mark.parametrize("value", ("-1", "11", "two"))
+def test_warm_prefixes_is_0_to_10(env, value):
+    message = refused(env, VPCNET_WARM_PREFIXES=value)
+    assert message.startswith("VPCNET_WARM_PREFIXES")
+    assert "0..10" in message or "invalid literal" in message
+
+
+@pytest.mark.parametrize("value", ("-1", "nan", "inf"))
+def test_prefix_cooldown_is_a_finite_number_of_seconds(env, value):
+    assert refused(env, VPCNET_PREFIX_COOLDOWN=value).startswith("VPCNET_PREFIX_COOLDOWN")
+
+
+def test_eni_prefix_addressing_needs_a_provider_with_prefixes(env, monkeypatch):
+    from vpcnet.cloud import prefixes
+    assert load(env, VPCNET_ADDRESSING="eni-prefix").addressing == "eni-prefix"
+    monkeypatch.delitem(prefixes.PREFIX_PROVIDERS, "local")
+    message = refused(env, VPCNET_ADDRESSING="eni-prefix")
+    assert message.startswith("VPCNET_ADDRESSING") and "'local'" in message and "aliyun" in message
+
+
 # -- secrets --------------------------------------------------------------------------------------------
 def test_secret_never_in_errors(tmp_path, env):
     # an error elsewhere in a file that also holds the secret

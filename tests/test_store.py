@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from vpcnet.errors import StateError
-from vpcnet.state.store import SCHEMA_VERSION, Endpoint, Network, Store
+from vpcnet.state.store import SCHEMA_VERSION, AssignRecord, Endpoint, Network, Store
 
 
 @pytest.fixture
@@ -202,6 +202,28 @@ def test_readonly_store_of_a_missing_file_is_an_error_not_a_new_file(db_path):
     with pytest.raises(FileNotFoundError):
         Store(db_path, readonly=True)
     assert not os.path.exists(db_path)
+
+
+def test_a_schema_7_state_gains_the_prefix_tables_of_eni_prefix_addressing(db_path):
+    """Schema 8: the host's prefixes and an assign in flight; a schema 7 state gets them, empty, rows kept."""
+    store = Store(db_path)
+    with store.tx() as db:
+        db.execute("DROP TABLE prefixes")
+        db.execute("DROP TABLE prefix_assigns")
+        store.set_meta(db, "schema_version", "7")
+        store.set_meta(db, "kept", "yes")
+    store.close()
+    store = Store(db_path)
+    assert store.get_meta("schema_version") == str(SCHEMA_VERSION) == "8" and store.get_meta("kept") == "yes"
+    assert store.held_prefixes() == [] and store.assign_records() == []
+    record = AssignRecord("token-1", "ipv4", 2, ("10.0.0.0/28",), 5.0)
+    store.record_assign(record)
+    assert store.assign_records() == [record]
+    store.settle_assign("token-1", "ipv4", ["10.0.0.32/28", "10.0.0.16/28"], 6.0)
+    assert store.assign_records() == []
+    assert [(p.prefix, p.state, p.unused_since) for p in store.held_prefixes("ipv4")] == \
+        [("10.0.0.16/28", "held", 6.0), ("10.0.0.32/28", "held", 6.0)]
+    store.close()
 
 
 # Schema 6's networks and endpoints (before IPv6-only networks): a row keyed by its IPv4 block and address.

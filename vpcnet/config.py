@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from vpcnet import cloud
+from vpcnet.cloud.prefixes import PREFIX_PROVIDERS
 
 DEFAULT_CONFIG_FILE = "/etc/vpcnet/vpcnet.toml"
 
@@ -126,6 +127,23 @@ def _positive_int(text: str) -> int:
     return value
 
 
+ADDRESSING_MODES = ("route-table", "eni-prefix")
+
+
+def _addressing(text: str) -> str:
+    text = text.strip().lower()
+    if text not in ADDRESSING_MODES:
+        raise ValueError(f"must be {' or '.join(ADDRESSING_MODES)}")
+    return text
+
+
+def _warm_prefixes(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value <= 10:
+        raise ValueError("must be 0..10 (10 is the most one cloud call assigns)")
+    return value
+
+
 def _docker_socket(text: str) -> str:
     text = text.strip()
     text = text[len("unix://"):] if text.startswith("unix://") else text
@@ -192,6 +210,13 @@ SETTINGS: tuple[Setting, ...] = (
             _cluster_name),
     Setting("route_table_quota", 0, "Custom entries each route table may hold (0: the cloud's default, "
             "Alibaba 200, AWS 50); vpcnet stops before exceeding it", _int),
+    Setting("addressing", "route-table", "How a host's block reaches it: route-table (one VPC route per host "
+            "and cluster CIDR) or eni-prefix (IPv4 /28 and IPv6 /80 prefixes on the host's network interface, "
+            "no route; docs/eni-prefix.md)", _addressing),
+    Setting("warm_prefixes", 1, "eni-prefix addressing: free prefixes kept ready per family in use (0..10), so a "
+            "container start does not wait on the cloud", _warm_prefixes),
+    Setting("prefix_cooldown", 30.0, "eni-prefix addressing: seconds a wholly unused prefix above the warm "
+            "target stays before it is released", _float),
     # Alibaba Cloud
     Setting("aliyun_endpoint", "", "Alibaba Cloud VPC API URL (default https://vpc.<region>.aliyuncs.com/)"),
     Setting("aliyun_region_id", "", "Alibaba Cloud region id (default: from instance metadata)"),
@@ -254,6 +279,9 @@ class Config:
     instance_id: str = ""
     cluster_name: str = ""
     route_table_quota: int = 0
+    addressing: str = "route-table"
+    warm_prefixes: int = 1
+    prefix_cooldown: float = 30.0
     aliyun_endpoint: str = ""
     aliyun_region_id: str = ""
     aliyun_route_table_id: str = ""
@@ -418,6 +446,11 @@ def validate(config: Config, check_socket_dir: bool = True) -> None:
         raise ConfigError("VPCNET_WORKERS/VPCNET_THREADS: must be at least 1")
     if config.route_table_quota < 0:
         raise ConfigError("VPCNET_ROUTE_TABLE_QUOTA: must be 0 (the cloud's default) or more")
+    if not 0 <= config.prefix_cooldown < float("inf"):
+        raise ConfigError("VPCNET_PREFIX_COOLDOWN: must be a number of seconds, 0 or more")
+    if config.addressing == "eni-prefix" and config.provider not in PREFIX_PROVIDERS:
+        raise ConfigError(f"VPCNET_ADDRESSING: provider {config.provider!r} has no ENI prefixes (eni-prefix "
+                          f"addressing needs one of {', '.join(sorted(PREFIX_PROVIDERS))})")
     if config.reconcile_interval <= 0:
         raise ConfigError("VPCNET_RECONCILE_INTERVAL: must be positive")
     if config.datapath_interval <= 0:

@@ -21,6 +21,8 @@ only; nothing here imports the Docker side, the datapath or the command line):
 - `keeper`: `RouteKeeper`, what the rest of vpcnet uses: `host_cidr` for IPAM, `reconcile`, `table`,
   `ownership`, `release`, `garbage`/`delete_garbage`, `start_background`/`stop`, `close`.
 - `cli`: `vpcnet routes list|sync|release|gc`.
+- `prefixes`: `PrefixPool`, eni-prefix addressing's way instead of routes: this host's prefixes on its
+  network interface, kept warm by passes, the IPAM's addresses taken from them (docs/eni-prefix.md).
 """
 from vpcnet.routes.backoff import Backoff
 from vpcnet.routes.claims import FATAL, PENDING, TRANSIENT, start_index

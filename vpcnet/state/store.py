@@ -16,6 +16,10 @@ IPv6-only networks (schema 7): a network row without an IPv4 block has host_cidr
 which replaced schema 6's UNIQUE constraints: the migration rebuilds both tables in place, foreign keys
 checked before it commits).
 
+eni-prefix addressing (schema 8): `prefixes` holds the prefixes this host holds on its network interface and
+since when each is wholly unused, `prefix_assigns` an assign whose answer is not in yet (its client token and
+the interface's prefixes before it), so a lost answer is settled by the next pass (vpcnet.routes.prefixes).
+
 Published ports (schema 5) are rows of `ports`, one per host port and family, going with their endpoint (a
 foreign key with ON DELETE CASCADE; an IPv6 one also with the endpoint's IPv6 address); every change moves
 the meta key `ports_version` (triggers), so a datapath pass that read them before a concurrent Program or
@@ -23,6 +27,7 @@ Revoke passes again.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import sqlite3
@@ -37,10 +42,12 @@ from vpcnet.errors import Conflict, StateError
 
 REPAIRS_KEY = "datapath_repairs"      # meta key: the datapath pass's repair counts (JSON)
 PORTS_VERSION_KEY = "ports_version"   # meta key: moved by every change of the published ports (a trigger)
-SCHEMA_VERSION = 7     # 2: networks.mode (bridge | routed); 3: leftovers; 4: networks/endpoints.state; 5: ports;
+SCHEMA_VERSION = 8     # 2: networks.mode (bridge | routed); 3: leftovers; 4: networks/endpoints.state; 5: ports;
                        # 6: IPv6 (networks.host_cidr_v6, cluster_cidr_v6, gateway_v6; endpoints.address_v6);
-                       # 7: IPv6-only networks (networks.host_cidr '' allowed: unique where set, per family)
+                       # 7: IPv6-only networks (networks.host_cidr '' allowed: unique where set, per family);
+                       # 8: eni-prefix addressing (prefixes, prefix_assigns)
 PENDING, READY = "pending", "ready"   # a row's state: its call's kernel work not done yet, or done
+HELD, RELEASING = "held", "releasing"  # a prefix's state: addresses may be taken from it, or it is being given back
 # A published port's container address: its endpoint's of the port's family.
 _ADDRESS = "CASE p.family WHEN 'ipv6' THEN e.address_v6 ELSE e.address END"
 
@@ -105,6 +112,24 @@ CREATE TABLE IF NOT EXISTS ports (
     container_port INTEGER NOT NULL,
     asked          TEXT NOT NULL,                  -- the host port as Docker asked: '' (-P), '8080', '8000-8010'
     PRIMARY KEY (family, proto, host_ip, host_port)
+);
+-- eni-prefix addressing (8): the prefixes this host holds on its interface (only those vpcnet assigned or
+-- adopted from an assign of its own: any other prefix of the interface is never taken or released).
+CREATE TABLE IF NOT EXISTS prefixes (
+    prefix       TEXT PRIMARY KEY,    -- as the cloud writes it: 10.0.0.16/28, fd00:1::/80
+    family       TEXT NOT NULL,       -- 'ipv4' | 'ipv6'
+    state        TEXT NOT NULL DEFAULT 'held',   -- 'held', or 'releasing' once chosen to be given back
+    unused_since REAL,                -- since when no address of it is in use (NULL while one is)
+    taken        REAL NOT NULL DEFAULT 0,        -- when an address of it was last handed out
+    added        REAL NOT NULL
+);
+-- An assign whose answer has not been recorded: settled by the next pass (the prefixes that appeared).
+CREATE TABLE IF NOT EXISTS prefix_assigns (
+    client_token TEXT PRIMARY KEY,
+    family       TEXT NOT NULL,
+    count        INTEGER NOT NULL,
+    before       TEXT NOT NULL,       -- JSON list: the interface's prefixes of the family just before it
+    since        REAL NOT NULL
 );
 -- Kernel state of deleted networks and endpoints not removed yet (the row went first, a later datapath
 -- pass removes what the kernel still holds). Never blocks a new network, it is not in `networks`.
@@ -181,6 +206,27 @@ class Port:
         address or both on the same one."""
         return (self.family, self.proto, self.host_port) == (other.family, other.proto, other.host_port) and \
             (not self.host_ip or not other.host_ip or self.host_ip == other.host_ip)
+
+
+@dataclass(frozen=True)
+class HeldPrefix:
+    """A `prefixes` row: a prefix this host holds on its interface."""
+    prefix: str
+    family: str                 # 'ipv4' | 'ipv6'
+    state: str = HELD
+    unused_since: float | None = None
+    taken: float = 0.0
+    added: float = 0.0
+
+
+@dataclass(frozen=True)
+class AssignRecord:
+    """A `prefix_assigns` row: an assign sent whose answer is not recorded yet."""
+    client_token: str
+    family: str
+    count: int
+    before: tuple[str, ...]
+    since: float
 
 
 @dataclass(frozen=True)
@@ -329,6 +375,14 @@ class Store:
     def set_meta(self, db: sqlite3.Connection, key: str, value: str) -> None:
         db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)", (key, value))
 
+    def change_meta(self, key: str, change: Callable[[str], str], default: str = "") -> str:
+        """Read, change and write one meta value in one transaction; returns the new value."""
+        with self.tx() as db:
+            row = db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+            value = change(row["value"] if row else default)
+            self.set_meta(db, key, value)
+            return value
+
     # -- the datapath pass's repairs ----------------------------------------------------------------
     def repair_counts(self) -> dict[str, int]:
         """Repairs so far by object kind (firewall, link, address, route, tc): kept here so the count
@@ -368,6 +422,89 @@ class Store:
     def forget_claim(self, cluster_cidr: str) -> None:
         with self.tx() as db:
             db.execute("DELETE FROM claims WHERE cluster_cidr=?", (cluster_cidr,))
+
+    # -- eni-prefix addressing: this host's prefixes ----------------------------------------------------
+    def held_prefixes(self, family: str | None = None) -> list[HeldPrefix]:
+        """The prefixes this host holds (of one family), lowest first."""
+        rows = self.read("SELECT * FROM prefixes" + (" WHERE family=?" if family else ""),
+                         (family,) if family else ())
+        return sorted((HeldPrefix(**dict(r)) for r in rows), key=lambda p: _sort_key(p.prefix))
+
+    def addresses_in_use(self, family: str) -> set[str]:
+        """Every address of `family` the IPAM handed out or an endpoint holds."""
+        return _in_use(self._conn(), family)
+
+    def prefix_use(self, family: str, now: float) -> dict[str, int]:
+        """Addresses in use per held prefix of `family` (releasing ones included); in the same transaction a
+        prefix found wholly unused gets `unused_since` (now, unless it has one), one in use loses it."""
+        with self.tx() as db:
+            used = _in_use(db, family)
+            counts: dict[str, int] = {}
+            for row in db.execute("SELECT prefix, unused_since FROM prefixes WHERE family=?", (family,)).fetchall():
+                counts[row["prefix"]] = count = _count_in(row["prefix"], used)
+                if count:
+                    db.execute("UPDATE prefixes SET unused_since=NULL WHERE prefix=?", (row["prefix"],))
+                elif row["unused_since"] is None:
+                    db.execute("UPDATE prefixes SET unused_since=? WHERE prefix=?", (now, row["prefix"]))
+            return counts
+
+    def take_prefix_address(self, family: str, pick: Callable[[list[HeldPrefix], set[str]], tuple[str, str] | None],
+                            now: float, record: Callable[[sqlite3.Connection, str], None] | None = None
+                            ) -> tuple[str, str] | None:
+        """(prefix, address) that `pick(held prefixes, addresses in use)` chooses, in one transaction that
+        marks the prefix taken (in use from now, so no pass releases it before the address is recorded) and
+        calls `record(db, address)` (the IPAM's row: a concurrent take then sees the address in use); None
+        when `pick` finds none."""
+        with self.tx() as db:
+            held = [HeldPrefix(**dict(r)) for r in
+                    db.execute("SELECT * FROM prefixes WHERE family=? AND state=?", (family, HELD)).fetchall()]
+            chosen = pick(sorted(held, key=lambda p: _sort_key(p.prefix)), _in_use(db, family))
+            if chosen is not None:
+                db.execute("UPDATE prefixes SET taken=?, unused_since=NULL WHERE prefix=?", (now, chosen[0]))
+                if record is not None:
+                    record(db, chosen[1])
+            return chosen
+
+    def begin_release(self, family: str, prefixes: list[str], unused_before: float, taken_before: float) -> list[str]:
+        """Of `prefixes`, those still held, unused since before `unused_before`, not handed an address since
+        `taken_before` and with no address in use now, become `releasing` (no address is taken from them any
+        more); returns them. One transaction, so a concurrent take either wins or sees them releasing."""
+        with self.tx() as db:
+            used = _in_use(db, family)
+            chosen = []
+            for prefix in prefixes:
+                row = db.execute("SELECT * FROM prefixes WHERE prefix=? AND family=? AND state=?",
+                                 (prefix, family, HELD)).fetchone()
+                if row is None or row["unused_since"] is None or row["unused_since"] > unused_before \
+                        or row["taken"] > taken_before or _count_in(prefix, used):
+                    continue
+                db.execute("UPDATE prefixes SET state=? WHERE prefix=?", (RELEASING, prefix))
+                chosen.append(prefix)
+            return chosen
+
+    def forget_prefixes(self, prefixes: list[str]) -> None:
+        """The prefixes are off the interface (released, or gone behind vpcnet's back)."""
+        with self.tx() as db:
+            db.executemany("DELETE FROM prefixes WHERE prefix=?", [(p,) for p in prefixes])
+
+    def assign_records(self) -> list[AssignRecord]:
+        return [AssignRecord(r["client_token"], r["family"], r["count"], tuple(json.loads(r["before"])), r["since"])
+                for r in self.read("SELECT * FROM prefix_assigns ORDER BY since")]
+
+    def record_assign(self, record: AssignRecord) -> None:
+        """Written before the assign is sent: its answer may be lost, the record is not."""
+        with self.tx() as db:
+            db.execute("INSERT OR REPLACE INTO prefix_assigns(client_token, family, count, before, since) "
+                       "VALUES(?, ?, ?, ?, ?)", (record.client_token, record.family, record.count,
+                                                 json.dumps(list(record.before)), record.since))
+
+    def settle_assign(self, client_token: str, family: str, prefixes: list[str], now: float) -> None:
+        """The assign's prefixes are this host's (none: it did not happen), and its record goes, in one
+        transaction: a crash leaves either the record (settled again) or the prefixes."""
+        with self.tx() as db:
+            db.executemany("INSERT OR IGNORE INTO prefixes(prefix, family, state, unused_since, taken, added) "
+                           "VALUES(?, ?, ?, ?, 0, ?)", [(p, family, HELD, now, now) for p in prefixes])
+            db.execute("DELETE FROM prefix_assigns WHERE client_token=?", (client_token,))
 
     # -- networks and endpoints -------------------------------------------------------------------
     def networks(self) -> list[Network]:
@@ -578,6 +715,24 @@ class Store:
 
     def addresses(self, pool_id: str) -> list[str]:
         return [r["address"] for r in self.read("SELECT address FROM addresses WHERE pool_id=?", (pool_id,))]
+
+
+def _in_use(db: sqlite3.Connection, family: str) -> set[str]:
+    """The addresses of `family` the IPAM handed out or an endpoint holds (IPv6 ones contain a colon)."""
+    rows = db.execute("SELECT address FROM addresses UNION SELECT address FROM endpoints "
+                      "UNION SELECT address_v6 FROM endpoints").fetchall()
+    v6 = family == "ipv6"
+    return {r[0] for r in rows if r[0] and (":" in r[0]) == v6}
+
+
+def _count_in(prefix: str, addresses: set[str]) -> int:
+    network = ipaddress.ip_network(prefix)
+    return sum(1 for a in addresses if ipaddress.ip_address(a) in network)
+
+
+def _sort_key(prefix: str) -> tuple[int, int]:
+    network = ipaddress.ip_network(prefix)
+    return network.version, int(network.network_address)
 
 
 def _storage_failure(exc: sqlite3.OperationalError) -> bool:

@@ -24,10 +24,12 @@ details):
 - Limits. On an attached interface, private IPs + IPv4 prefixes may not exceed the instance type's
   `Ipv4AddressesPerInterface`, and IPv6 addresses + IPv6 prefixes its `Ipv6AddressesPerInterface`; over it:
   `PrivateIpAddressLimitExceeded` for both families (the IPv6 code is not documented). A prefix call on an
-  instance whose type's `Hypervisor` is not `nitro`: `UnsupportedOperation` (EC2's exact code for it is not
-  documented). More than 10 per call, or count and list together: `InvalidParameterValue`.
+  instance whose type's `Hypervisor` is not `nitro` (bare-metal types, which list none, count as Nitro):
+  `UnsupportedOperation` (EC2's exact code for it is not documented). More than 10 per call, or count
+  and list together: `InvalidParameterValue`.
 - Unassigning a prefix the interface does not hold: `InvalidParameterValue` for the whole call, nothing
-  changes (as EC2 answers for private IPs). An unknown interface: `InvalidNetworkInterfaceID.NotFound`.
+  changes (EC2 documents no code for it; vpcnet does not depend on which). An unknown interface:
+  `InvalidNetworkInterfaceID.NotFound`.
 - Explicit prefixes (`Ipv4Prefix.N` / `Ipv6Prefix.N` on an assign) are taken as given if free.
 - Failures on demand (`fail`): the given code with HTTP 400, or the status given (throttling is
   `RequestLimitExceeded` with 503, as EC2 answers); the call does not take effect. A lost answer
@@ -253,7 +255,8 @@ class Ec2Standin:
         if instance is None:
             return
         info = INSTANCE_TYPES.get(instance.instance_type, {})
-        if info.get("Hypervisor") != "nitro":
+        # Bare-metal types list no hypervisor; they are Nitro systems and take prefixes.
+        if info.get("Hypervisor", "nitro" if info.get("BareMetal") else "") != "nitro":
             raise StandinError("UnsupportedOperation", f"The instance type {instance.instance_type} does not "
                                "support prefix delegation")
         network = info.get("NetworkInfo", {})

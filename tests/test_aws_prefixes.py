@@ -195,6 +195,14 @@ def test_capacity_of_a_xen_instance_type_says_no_and_why(standin, providers):
     assert "xen" in cap.reason and "Nitro" in cap.reason and "route-table" in cap.reason
 
 
+def test_capacity_of_a_bare_metal_type_which_lists_no_hypervisor(standin, providers):
+    metal = Host(standin, instance_type="m5.metal")
+    p = providers(metal.config())
+    cap = p.capacity()
+    assert (cap.instance_type, cap.ipv4_prefixes, cap.ipv6_prefixes, cap.supported) == ("m5.metal", 49, 50, True)
+    assert len(p.assign(4, 1, "t")) == 1
+
+
 # -- errors ---------------------------------------------------------------------------------------
 def test_a_full_interface_is_interface_full(host, providers):
     p = providers(host.config())
@@ -268,6 +276,28 @@ def test_a_lost_answer_is_retryable_and_a_describe_shows_what_to_adopt(host, pro
     appeared = set(after.ipv4) - set(before.ipv4)
     assert len(appeared) == 2 and set(kept) <= set(after.ipv4)
     assert appeared == set(host.standin.prefixes(host.interface, 4)) - set(kept)
+
+
+def test_an_unassign_whose_answer_was_lost_is_done_on_its_retry(host, providers):
+    p = providers(host.config())
+    got = p.assign(4, 2, "t")
+    host.standin.lose_answer("UnassignPrivateIpAddresses")
+    with pytest.raises(Retryable):
+        p.unassign(4, got)
+    assert host.standin.prefixes(host.interface, 4) == []      # it took effect
+    p.unassign(4, got)                                          # EC2 refuses the retry: gone is done
+    assert p.describe().ipv4 == ()
+
+
+def test_an_unassign_refused_while_the_prefix_is_still_held_is_fatal(host, providers):
+    """The second round (only what is still held) is refused again: no loop, the refusal is reported."""
+    p = providers(host.config())
+    got = p.assign(4, 1, "t")
+    host.standin.fail("UnassignPrivateIpAddresses", "InvalidParameterValue", times=2)
+    with pytest.raises(Fatal) as info:
+        p.unassign(4, got)
+    assert not isinstance(info.value, Retryable) and "InvalidParameterValue" in str(info.value)
+    assert p.describe().ipv4 == tuple(got)
 
 
 def test_a_lost_ipv6_answer_too(host, providers):

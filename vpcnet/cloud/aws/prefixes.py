@@ -53,7 +53,6 @@ FULL_CODES = frozenset({"PrivateIpAddressLimitExceeded"})
 UNSUPPORTED_CODES = frozenset({"UnsupportedOperation"})
 DENIED_CODES = frozenset({"UnauthorizedOperation", "AccessDenied", "AccessDeniedException"})
 INTERFACE_GONE = "InvalidNetworkInterfaceID.NotFound"
-NOT_ASSIGNED = "InvalidParameterValue"              # unassigning something the interface does not hold
 RESERVE_HINT = ("reserve a range of type prefix in the subnet (`aws ec2 create-subnet-cidr-reservation "
                 "--subnet-id {subnet} --cidr <CIDR> --reservation-type prefix`), or free addresses in it")
 INTERFACE_HINT = "set VPCNET_AWS_NETWORK_INTERFACE_ID to this instance's primary network interface"
@@ -174,8 +173,9 @@ class AwsPrefixes(PrefixProvider):
         if version not in (4, 6):
             raise ValueError(f"unassign: IP version 4 or 6, not {version}")
         wanted = list(prefixes)
-        # The second round takes only what the interface still holds: a prefix already gone makes EC2
-        # refuse the whole call, and gone is what we want.
+        # A prefix already gone makes EC2 refuse the whole call (with a code it does not document for
+        # prefixes; InvalidParameterValue for addresses), and gone is what we want: on a refusal that is
+        # not "not now" nor "not allowed", the second round takes only what the interface still holds.
         for attempt in range(2):
             if not wanted:
                 return
@@ -186,8 +186,9 @@ class AwsPrefixes(PrefixProvider):
                 if exc.code == INTERFACE_GONE:
                     log.warning("aws: network interface %s is gone, and its prefixes with it", self._interface)
                     return
-                if exc.code != NOT_ASSIGNED or attempt:
-                    raise self._mapped(exc) from None
+                mapped = self._mapped(exc)
+                if attempt or isinstance(mapped, Retryable) or exc.code in DENIED_CODES:
+                    raise mapped from None
             held = self.describe()
             wanted = [p for p in wanted if p in (held.ipv4 if version == 4 else held.ipv6)]
 

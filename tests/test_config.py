@@ -393,3 +393,13 @@ def test_the_source_dest_check_help_says_when_the_route_pass_checks():
         source = fh.read()
     comment = source[source.index("checks_forwarding = False") - 300:source.index("checks_forwarding = False")]
     assert "FORWARDING_EVERY" in comment and "called every pass" not in comment
+
+
+def test_the_aws_network_interface_comes_from_the_environment_or_the_file(tmp_path, env):
+    """VPCNET_AWS_NETWORK_INTERFACE_ID names the interface eni-prefix addressing assigns prefixes to (empty:
+    the AWS prefix provider reads it from instance metadata); the environment wins over the file."""
+    assert load(env).aws_network_interface_id == ""
+    path = write_toml(tmp_path, 'aws_network_interface_id = "eni-0file0000000000001"\n')
+    assert load(env, path).aws_network_interface_id == "eni-0file0000000000001"
+    cfg = load(env, path, VPCNET_AWS_NETWORK_INTERFACE_ID="eni-0env00000000000001")
+    assert cfg.aws_network_interface_id == "eni-0env00000000000001"

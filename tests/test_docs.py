@@ -15,7 +15,8 @@ Block tags (the info string after ```):
 - `sh cloud`    cloud-side commands (aliyun/aws CLIs, a real cloud): shell syntax checked.
 - `sh host`     commands for a user's host (root, Docker, a lab): shell syntax checked; what they do is
                 covered by the tests of the code they drive.
-- `json policy` a RAM/IAM policy: must parse and name exactly the actions vpcnet calls.
+- `json policy` a RAM/IAM policy: must parse and name exactly the actions vpcnet calls (`json policy
+                eni-prefix`: those of eni-prefix addressing, vpcnet/cloud/aws/prefixes.py).
 - `toml config` a vpcnet.toml example: must load with vpcnet.config.load.
 - `yaml prometheus` / `yaml rules` (monitoring.md): must pass `promtool check config` / `check rules`, and
                 the alerts `promtool test rules` below; every `vpcnet_*` name must be a served family.
@@ -62,26 +63,40 @@ AWS_ACTIONS = {"ec2:DescribeRouteTables", "ec2:CreateRoute", "ec2:DeleteRoute", 
                "ec2:DescribeInstanceAttribute",
                "ec2:DescribeNetworkInterfaces", "ec2:DescribeSubnets", "ec2:ModifyInstanceAttribute",
                "ec2:ModifyNetworkInterfaceAttribute"}
+# The prefix calls of eni-prefix addressing (vpcnet/cloud/aws/prefixes.py), their own policy in the guide.
+AWS_PREFIX_ACTIONS = {"ec2:DescribeNetworkInterfaces", "ec2:AssignPrivateIpAddresses",
+                      "ec2:UnassignPrivateIpAddresses", "ec2:AssignIpv6Addresses", "ec2:UnassignIpv6Addresses",
+                      "ec2:DescribeInstanceTypes", "ec2:DescribeInstances", "ec2:GetSubnetCidrReservations"}
+AWS_PREFIX_MUTATING = {"ec2:AssignPrivateIpAddresses", "ec2:UnassignPrivateIpAddresses",
+                       "ec2:AssignIpv6Addresses", "ec2:UnassignIpv6Addresses"}
 AWS_MUTATING = {"ec2:CreateRoute", "ec2:DeleteRoute", "ec2:ReplaceRoute"}
 AWS_TAGGING = {"ec2:CreateTags", "ec2:DeleteTags"}     # the marker: on instances and route tables
 AWS_FORWARDING = {"ec2:ModifyInstanceAttribute", "ec2:ModifyNetworkInterfaceAttribute"}
 
 
-def _called_actions(provider: str, pattern: str) -> set[str]:
-    """The API actions a provider really calls, read from the source of its room (vpcnet/cloud/<provider>/)."""
+def _called_actions(provider: str, pattern: str, only: str = "", but: str = "") -> set[str]:
+    """The API actions a provider really calls, read from the source of its room (vpcnet/cloud/<provider>/):
+    of the module `only` alone, or of all modules `but` that one."""
     found: set[str] = set()
     for root, _dirs, files in os.walk(os.path.join(REPO, "vpcnet", "cloud", provider)):
         for name in files:
-            if name.endswith(".py"):
+            if name.endswith(".py") and (not only or name == only) and name != but:
                 with open(os.path.join(root, name)) as fh:
                     found |= set(re.findall(pattern, fh.read()))
     return found
 
 
+EC2_OPERATION = r'"((?:describe|create|delete|replace|modify|assign|unassign|get)_[a-z0-9_]+)"'
+
+
+def _ec2_actions(**which: str) -> set[str]:
+    return {"ec2:" + "".join(w.capitalize() for w in op.split("_"))
+            for op in _called_actions("aws", EC2_OPERATION, **which)}
+
+
 def test_the_policies_name_exactly_the_actions_the_providers_call():
-    aws = {"ec2:" + "".join(w.capitalize() for w in op.split("_"))
-           for op in _called_actions("aws", r'"((?:describe|create|delete|replace|modify)_[a-z_]+)"')}
-    assert aws == AWS_ACTIONS
+    assert _ec2_actions(but="prefixes.py") == AWS_ACTIONS
+    assert _ec2_actions(only="prefixes.py") == AWS_PREFIX_ACTIONS
     aliyun = {"vpc:" + a for a in _called_actions("aliyun", r'\._client\(\)\.call\("(\w+)"')}
     aliyun |= {"ecs:" + a for a in _called_actions("aliyun", r'self\._ecs\.call\("(\w+)"')}
     assert aliyun == ALIYUN_ACTIONS
@@ -279,8 +294,19 @@ def test_aws_iam_policy_is_least_privilege():
             assert _policy_actions(statement) <= AWS_FORWARDING
             assert all(re.fullmatch(r"arn:aws:ec2:[a-z0-9-]+:\d{12}:(instance|network-interface)/\*", r)
                        for r in resources)
+    (body,) = blocks("deploy-aws.md", "json policy eni-prefix")
+    prefixes = json.loads(body)
+    assert prefixes["Version"] == "2012-10-17"
+    assert set().union(*(_policy_actions(s) for s in prefixes["Statement"])) == AWS_PREFIX_ACTIONS
+    for statement in prefixes["Statement"]:
+        assert statement["Effect"] == "Allow"
+        if _policy_actions(statement) & AWS_PREFIX_MUTATING:
+            assert _policy_actions(statement) <= AWS_PREFIX_MUTATING
+            resources = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
+            assert all(re.fullmatch(r"arn:aws:ec2:[a-z0-9-]+:\d{12}:network-interface/\*", r) for r in resources)
     with open(os.path.join(DOCS, "deploy-aws.md")) as fh:
         text = fh.read()
+    assert "--reservation-type prefix" in text
     assert "--no-source-dest-check" in text and "--http-put-response-hop-limit 2" in text
     assert "L-93826ACB" in text and "VPCNET_AWS_DISABLE_SOURCE_DEST_CHECK" in text
 

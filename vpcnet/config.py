@@ -242,6 +242,8 @@ SETTINGS: tuple[Setting, ...] = (
             "(ModifyInstanceAttribute) when the route pass finds it on: checked on the first pass, then "
             "every 10th pass, and every pass while it finds a problem; false: only report it", _bool),
     Setting("aws_instance_id", "", "This EC2 instance's id (default: from metadata)"),
+    Setting("aws_network_interface_id", "", "The network interface whose prefixes eni-prefix addressing "
+            "assigns: this instance's primary one (default: from metadata, the interface of its MAC)"),
     Setting("aws_endpoint_url", "", "EC2 API URL override (e.g. a VPC endpoint, or moto in tests)"),
     Setting("aws_metadata_url", "http://169.254.169.254", "EC2 instance metadata service (IMDSv2)"),
 )
@@ -298,6 +300,7 @@ class Config:
     aws_subnet_ids: str = ""
     aws_disable_source_dest_check: bool = True
     aws_instance_id: str = ""
+    aws_network_interface_id: str = ""
     aws_endpoint_url: str = ""
     aws_metadata_url: str = "http://169.254.169.254"
     source: str = field(default="defaults", compare=False)

@@ -15,7 +15,8 @@ Block tags (the info string after ```):
 - `sh cloud`    cloud-side commands (aliyun/aws CLIs, a real cloud): shell syntax checked.
 - `sh host`     commands for a user's host (root, Docker, a lab): shell syntax checked; what they do is
                 covered by the tests of the code they drive.
-- `json policy` a RAM/IAM policy: must parse and name exactly the actions vpcnet calls.
+- `json policy` a RAM/IAM policy: must parse and name exactly the actions vpcnet calls (`json policy-eni`:
+                the one eni-prefix addressing needs on top of it; both together name every call).
 - `toml config` a vpcnet.toml example: must load with vpcnet.config.load.
 - `yaml prometheus` / `yaml rules` (monitoring.md): must pass `promtool check config` / `check rules`, and
                 the alerts `promtool test rules` below; every `vpcnet_*` name must be a served family.
@@ -57,6 +58,12 @@ ALIYUN_ACTIONS = {"vpc:CreateRouteEntry", "vpc:CreateRouteEntries", "vpc:DeleteR
                   "vpc:DescribeRouteEntryList", "vpc:DescribeRouteTableList", "vpc:DescribeVSwitches",
                   "ecs:DescribeInstances"}
 ALIYUN_MUTATING = {"vpc:CreateRouteEntry", "vpc:CreateRouteEntries", "vpc:DeleteRouteEntry"}
+# eni-prefix addressing (vpcnet/cloud/aliyun/ecs.py), a policy of its own
+ALIYUN_ENI_ACTIONS = {"ecs:DescribeNetworkInterfaces", "ecs:AssignPrivateIpAddresses",
+                      "ecs:UnassignPrivateIpAddresses", "ecs:AssignIpv6Addresses", "ecs:UnassignIpv6Addresses",
+                      "ecs:DescribeInstances", "ecs:DescribeInstanceTypes", "vpc:ListVSwitchCidrReservations"}
+ALIYUN_ENI_MUTATING = {"ecs:AssignPrivateIpAddresses", "ecs:UnassignPrivateIpAddresses",
+                       "ecs:AssignIpv6Addresses", "ecs:UnassignIpv6Addresses"}
 AWS_ACTIONS = {"ec2:DescribeRouteTables", "ec2:CreateRoute", "ec2:DeleteRoute", "ec2:ReplaceRoute",
                "ec2:CreateTags", "ec2:DeleteTags", "ec2:DescribeTags", "ec2:DescribeInstances",
                "ec2:DescribeInstanceAttribute",
@@ -84,7 +91,7 @@ def test_the_policies_name_exactly_the_actions_the_providers_call():
     assert aws == AWS_ACTIONS
     aliyun = {"vpc:" + a for a in _called_actions("aliyun", r'\._client\(\)\.call\("(\w+)"')}
     aliyun |= {"ecs:" + a for a in _called_actions("aliyun", r'self\._ecs\.call\("(\w+)"')}
-    assert aliyun == ALIYUN_ACTIONS
+    assert aliyun == ALIYUN_ACTIONS | ALIYUN_ENI_ACTIONS
 
 
 def blocks(doc: str, info: str | None = None) -> list[str]:
@@ -258,6 +265,25 @@ def test_aliyun_ram_policy_is_least_privilege():
     from vpcnet.cloud.aliyun import rpc
     for action in ALIYUN_ACTIONS:
         assert action in rpc._PERMISSIONS
+
+
+def test_aliyun_eni_prefix_policy_is_least_privilege():
+    (body,) = blocks("deploy-aliyun.md", "json policy-eni")
+    policy = json.loads(body)
+    assert policy["Version"] == "1"
+    actions = set().union(*(_policy_actions(s) for s in policy["Statement"]))
+    assert actions == ALIYUN_ENI_ACTIONS
+    for statement in policy["Statement"]:
+        assert statement["Effect"] == "Allow"
+        if _policy_actions(statement) & ALIYUN_ENI_MUTATING:
+            assert _policy_actions(statement) <= ALIYUN_ENI_MUTATING
+            resources = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
+            assert all(re.fullmatch(r"acs:ecs:[a-z0-9-]+:\d+:networkinterface/(eni-[a-z0-9]+|\*)", r)
+                       for r in resources)
+    # the prefix provider's own hint names the same permissions
+    from vpcnet.cloud.aliyun import ecs
+    for action in ALIYUN_ENI_ACTIONS:
+        assert action in ecs.PERMISSIONS
 
 
 def test_aws_iam_policy_is_least_privilege():

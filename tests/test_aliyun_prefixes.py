@@ -273,6 +273,10 @@ def test_answers_the_emulator_never_gives(fake, make):
     with pytest.raises(Fatal, match="ecs:AssignIpv6Addresses") as info:
         p.assign(6, 1, "tok-f6")
     assert SECRET not in str(info.value)
+    # an endpoint that does not serve ECS: the ECS endpoint setting is what to check
+    state.answers["UnassignPrivateIpAddresses"] = (404, {"Code": "InvalidAction.NotFound", "Message": "no"})
+    with pytest.raises(Fatal, match="VPCNET_ALIYUN_ECS_ENDPOINT"):
+        p.unassign(4, ["10.0.0.0/28"])
     # the reserved ranges cannot be listed: None, for the doctor to say so
     state.answers["DescribeNetworkInterfaces"] = (200, {"NetworkInterfaceSets": {"NetworkInterfaceSet": [
         {"NetworkInterfaceId": ENI, "VSwitchId": "vsw-x"}]}})

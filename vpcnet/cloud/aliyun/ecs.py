@@ -160,6 +160,9 @@ class AliyunPrefixes(PrefixProvider):
         if code.startswith(FORBIDDEN_PREFIXES):
             return coded_error(Fatal, f"{text}: the RAM user or role lacks a permission: grant it {PERMISSIONS}",
                                raw)
+        if code.startswith("invalidaction"):
+            return coded_error(Fatal, f"{text}: the endpoint does not know this ECS call: check "
+                               "VPCNET_ALIYUN_ECS_ENDPOINT", raw)
         if code.startswith("quotaexceeded"):        # rpc raised its route-table QuotaExceeded: not that here
             return coded_error(Fatal, text, raw)
         return exc

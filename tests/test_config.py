@@ -244,6 +244,17 @@ def test_a_provider_whose_dependency_is_missing_is_a_configuration_error(env, mo
     assert load(env, VPCNET_PROVIDER="aliyun").provider == "aliyun"     # needs nothing optional
 
 
+def test_the_aliyun_eni_settings(env, tmp_path):
+    """The ECS endpoint (a full URL, as the VPC endpoint) and the primary ENI of eni-prefix addressing:
+    empty by default (then derived and read from metadata), from the environment or the TOML file."""
+    c = load(env)
+    assert (c.aliyun_ecs_endpoint, c.aliyun_network_interface_id) == ("", "")
+    c = load(env, VPCNET_ALIYUN_ECS_ENDPOINT="http://127.0.0.1:9/", VPCNET_ALIYUN_NETWORK_INTERFACE_ID="eni-bp1x")
+    assert (c.aliyun_ecs_endpoint, c.aliyun_network_interface_id) == ("http://127.0.0.1:9/", "eni-bp1x")
+    path = write_toml(tmp_path, 'aliyun_network_interface_id = "eni-toml"\n')
+    assert load(env, path).aliyun_network_interface_id == "eni-toml"
+
+
 def test_a_provider_with_its_dependency_installed_passes_the_check(env):
     assert cloud.missing_requirements("aws") == ""
     assert load(env, VPCNET_PROVIDER="aws").provider == "aws"

@@ -16,7 +16,8 @@ Block tags (the info string after ```):
 - `sh host`     commands for a user's host (root, Docker, a lab): shell syntax checked; what they do is
                 covered by the tests of the code they drive.
 - `json policy` a RAM/IAM policy: must parse and name exactly the actions vpcnet calls (`json policy
-                eni-prefix`: those of eni-prefix addressing, vpcnet/cloud/aws/prefixes.py).
+                eni-prefix`: those eni-prefix addressing needs on top of it, vpcnet/cloud/aws/prefixes.py and
+                vpcnet/cloud/aliyun/ecs.py; both together name every call).
 - `toml config` a vpcnet.toml example: must load with vpcnet.config.load.
 - `yaml prometheus` / `yaml rules` (monitoring.md): must pass `promtool check config` / `check rules`, and
                 the alerts `promtool test rules` below; every `vpcnet_*` name must be a served family.
@@ -58,6 +59,12 @@ ALIYUN_ACTIONS = {"vpc:CreateRouteEntry", "vpc:CreateRouteEntries", "vpc:DeleteR
                   "vpc:DescribeRouteEntryList", "vpc:DescribeRouteTableList", "vpc:DescribeVSwitches",
                   "ecs:DescribeInstances"}
 ALIYUN_MUTATING = {"vpc:CreateRouteEntry", "vpc:CreateRouteEntries", "vpc:DeleteRouteEntry"}
+# eni-prefix addressing (vpcnet/cloud/aliyun/ecs.py), a policy of its own
+ALIYUN_ENI_ACTIONS = {"ecs:DescribeNetworkInterfaces", "ecs:AssignPrivateIpAddresses",
+                      "ecs:UnassignPrivateIpAddresses", "ecs:AssignIpv6Addresses", "ecs:UnassignIpv6Addresses",
+                      "ecs:DescribeInstances", "ecs:DescribeInstanceTypes", "vpc:ListVSwitchCidrReservations"}
+ALIYUN_ENI_MUTATING = {"ecs:AssignPrivateIpAddresses", "ecs:UnassignPrivateIpAddresses",
+                       "ecs:AssignIpv6Addresses", "ecs:UnassignIpv6Addresses"}
 AWS_ACTIONS = {"ec2:DescribeRouteTables", "ec2:CreateRoute", "ec2:DeleteRoute", "ec2:ReplaceRoute",
                "ec2:CreateTags", "ec2:DeleteTags", "ec2:DescribeTags", "ec2:DescribeInstances",
                "ec2:DescribeInstanceAttribute",
@@ -99,7 +106,7 @@ def test_the_policies_name_exactly_the_actions_the_providers_call():
     assert _ec2_actions(only="prefixes.py") == AWS_PREFIX_ACTIONS
     aliyun = {"vpc:" + a for a in _called_actions("aliyun", r'\._client\(\)\.call\("(\w+)"')}
     aliyun |= {"ecs:" + a for a in _called_actions("aliyun", r'self\._ecs\.call\("(\w+)"')}
-    assert aliyun == ALIYUN_ACTIONS
+    assert aliyun == ALIYUN_ACTIONS | ALIYUN_ENI_ACTIONS
 
 
 def blocks(doc: str, info: str | None = None) -> list[str]:
@@ -273,6 +280,25 @@ def test_aliyun_ram_policy_is_least_privilege():
     from vpcnet.cloud.aliyun import rpc
     for action in ALIYUN_ACTIONS:
         assert action in rpc._PERMISSIONS
+
+
+def test_aliyun_eni_prefix_policy_is_least_privilege():
+    (body,) = blocks("deploy-aliyun.md", "json policy eni-prefix")
+    policy = json.loads(body)
+    assert policy["Version"] == "1"
+    actions = set().union(*(_policy_actions(s) for s in policy["Statement"]))
+    assert actions == ALIYUN_ENI_ACTIONS
+    for statement in policy["Statement"]:
+        assert statement["Effect"] == "Allow"
+        if _policy_actions(statement) & ALIYUN_ENI_MUTATING:
+            assert _policy_actions(statement) <= ALIYUN_ENI_MUTATING
+            resources = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
+            assert all(re.fullmatch(r"acs:ecs:[a-z0-9-]+:\d+:networkinterface/(eni-[a-z0-9]+|\*)", r)
+                       for r in resources)
+    # the prefix provider's own hint names the same permissions
+    from vpcnet.cloud.aliyun import ecs
+    for action in ALIYUN_ENI_ACTIONS:
+        assert action in ecs.PERMISSIONS
 
 
 def test_aws_iam_policy_is_least_privilege():

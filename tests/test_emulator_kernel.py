@@ -255,3 +255,47 @@ def test_strict_mode_fails_these_tests_where_ip_is_missing(tmp_path):
                           text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(here)))
     assert "2 errors" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-3000:]
     assert "required by VPCNET_TEST_STRICT=1: needs iproute2's `ip`" in proc.stdout, proc.stdout[-3000:]
+
+
+def test_eni_prefixes_become_kernel_routes_to_their_instance(router_ns, started, tmp_path):
+    """An assigned prefix is delivered to its instance: `prefix via <underlay>` in the router namespace (an
+    IPv6 /80 via the instance's IPv6 underlay address); unassigning or releasing the instance takes it out."""
+    from vpcnet_lab.emulator.enis import eni_id_of
+    ip("-n", router_ns, "addr", "add", "fd77::1/64", "dev", "under0", "nodad")
+    state = str(tmp_path / "emu.json")
+    emu, client = started(state_file=state)
+    emu.register_instance("i-host1", "192.168.77.2", "fd77::2")
+    emu.register_instance("i-host2", "192.168.77.3")
+    emu.add_cidr_reservation("vsw-emu0001", "10.77.0.0/26")
+    emu.set_vswitch_ipv6("vsw-emu0001", "fd00:77:1::/64")
+    eni1, eni2 = eni_id_of("i-host1"), eni_id_of("i-host2")
+
+    def ecs(action, **params):
+        status, body = client.call(action, Version="2014-05-26", **params)
+        assert status == 200, body
+        return body
+
+    ecs("AssignPrivateIpAddresses", NetworkInterfaceId=eni1, Ipv4PrefixCount=2)
+    ecs("AssignPrivateIpAddresses", NetworkInterfaceId=eni2, Ipv4PrefixCount=1)
+    ecs("AssignIpv6Addresses", NetworkInterfaceId=eni1, Ipv6PrefixCount=1)
+    assert wait_for(lambda: our_routes(router_ns) == {"10.77.0.0/28": "192.168.77.2", "10.77.0.16/28": "192.168.77.2",
+                                                      "10.77.0.32/28": "192.168.77.3"}, 10), routes(router_ns)
+    assert wait_for(lambda: our_routes6(router_ns) == {"fd00:77:1::/80": "fd77::2"}, 10)
+    assert "via 192.168.77.3" in ip("-n", router_ns, "route", "get", "10.77.0.40")     # packets follow it
+    assert "via fd77::2" in ip("-n", router_ns, "-6", "route", "get", "fd00:77:1::1234")
+
+    # a restart reconciles: a prefix route removed while it was down comes back
+    emu.close()
+    ip("-n", router_ns, "route", "del", "10.77.0.16/28")
+    emu2, client = started(state_file=state)
+    assert our_routes(router_ns)["10.77.0.16/28"] == "192.168.77.2"
+
+    status, body = client.call("UnassignPrivateIpAddresses", Version="2014-05-26", NetworkInterfaceId=eni1,
+                               **{"Ipv4Prefix.1": "10.77.0.0/28"})
+    assert status == 200, body
+    status, body = client.call("UnassignIpv6Addresses", Version="2014-05-26", NetworkInterfaceId=eni1,
+                               **{"Ipv6Prefix.1": "fd00:77:1::/80"})
+    assert status == 200, body
+    assert wait_for(lambda: "10.77.0.0/28" not in our_routes(router_ns) and our_routes6(router_ns) == {}, 10)
+    emu2.deregister_instance("i-host2")
+    assert wait_for(lambda: our_routes(router_ns) == {"10.77.0.16/28": "192.168.77.2"}, 10), routes(router_ns)

@@ -230,8 +230,10 @@ SETTINGS: tuple[Setting, ...] = (
             "(must not be group- or world-readable)"),
     Setting("aliyun_ram_role", "", "RAM role attached to the instance, for temporary credentials"),
     Setting("aliyun_metadata_url", "http://100.100.100.200", "Alibaba Cloud instance metadata service"),
-    Setting("aliyun_ecs_endpoint", "", "ECS API URL used by routes gc to check instances (default: the VPC "
-            "endpoint with vpc→ecs)"),
+    Setting("aliyun_ecs_endpoint", "", "ECS API URL, for ENI prefixes and routes gc (default: the VPC "
+            "endpoint with vpc→ecs, so https://ecs.<region>.aliyuncs.com/)"),
+    Setting("aliyun_network_interface_id", "", "This instance's primary ENI, where eni-prefix addressing puts its "
+            "prefixes (default: from metadata, the interface of the primary MAC)"),
     # AWS
     Setting("aws_region", "", "AWS region (default: from instance metadata)"),
     Setting("aws_route_table_id", "", "EC2 route table(s) to program, comma-separated (default: the tables of "
@@ -295,6 +297,7 @@ class Config:
     aliyun_ram_role: str = ""
     aliyun_metadata_url: str = "http://100.100.100.200"
     aliyun_ecs_endpoint: str = ""
+    aliyun_network_interface_id: str = ""
     aws_region: str = ""
     aws_route_table_id: str = ""
     aws_subnet_ids: str = ""

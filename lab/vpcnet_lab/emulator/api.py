@@ -1,4 +1,7 @@
-"""HTTP face of the emulator: the Alibaba Cloud VPC RPC actions at `/` and unsigned admin endpoints.
+"""HTTP face of the emulator: the Alibaba Cloud VPC and ECS RPC actions at `/` and unsigned admin endpoints.
+
+One endpoint serves both APIs, dispatched by Action: the VPC actions (`ACTIONS`) and ECS's DescribeInstances
+take any Version; the ECS network-interface actions (`ecs_actions.ECS_ACTIONS`) only ECS's 2014-05-26.
 
 RPC requests (GET query or POST form, both accepted) carry the common parameters and are verified with
 the shared signer; answers are JSON in Alibaba's shapes, errors `{"RequestId", "HostId", "Code",
@@ -14,6 +17,7 @@ import uuid
 
 from flask import Flask, Response, request
 
+from vpcnet_lab.emulator.ecs_actions import ECS_ACTIONS, ECS_VERSION, list_vswitch_cidr_reservations
 from vpcnet_lab.emulator.errors import ApiError
 from vpcnet_lab.emulator.state import Emulator
 
@@ -134,7 +138,7 @@ def _describe_instances(emu: Emulator, p: dict) -> dict:
             raise ApiError("InvalidInstanceIds.Malformed", "InstanceIds must be a JSON list of strings.") from None
         if len(ids) > 100:
             raise ApiError("InvalidInstanceIds.ValueNotSupported", "At most 100 InstanceIds per request.")
-    instances = emu.describe_instances(ids)
+    instances = [{**i, "InstanceType": emu.enis.instance_type(i["InstanceId"])} for i in emu.describe_instances(ids)]
     return {"TotalCount": len(instances), "PageNumber": page, "PageSize": size,
             "Instances": {"Instance": instances[(page - 1) * size: page * size]}}
 
@@ -148,6 +152,7 @@ ACTIONS = {
     "DescribeRouteTableList": _describe_route_table_list,
     "DescribeVSwitches": _describe_vswitches,
     "DescribeInstances": _describe_instances,
+    "ListVSwitchCidrReservations": list_vswitch_cidr_reservations,
 }
 
 
@@ -176,14 +181,16 @@ def create_app(emulator: Emulator) -> Flask:
             if latency > 0:
                 time.sleep(latency)
             emulator.authenticate(request.method, params)
-            handler = ACTIONS.get(action)
+            ecs = ECS_ACTIONS.get(action) if params.get("Version") == ECS_VERSION else None
+            handler = ecs or ACTIONS.get(action)
             if action == "DescribeVSwitches" and not emulator.vswitch_api:
                 handler = None
             if action in ("CreateRouteEntries", "DeleteRouteEntries") and not emulator.batch_api:
                 handler = None
             if handler is None:
                 raise ApiError("InvalidAction.NotFound", f"Specified api {action} is not found "
-                               "(the emulator implements " + ", ".join(ACTIONS) + ").", 404)
+                               "in this Version (the emulator implements " + ", ".join(ACTIONS) + ", and "
+                               f"with Version {ECS_VERSION} " + ", ".join(ECS_ACTIONS) + ").", 404)
             fault = emulator.draw_fault()
             if fault is not None:
                 raise fault
@@ -226,14 +233,18 @@ def create_app(emulator: Emulator) -> Flask:
     def admin_add_instance():
         data = _body()
         instance_id, ip, ip6 = data.get("instance_id"), data.get("ip"), data.get("ip6", "")
+        kind = data.get("instance_type", "")
         if (not isinstance(instance_id, str) or not instance_id or not isinstance(ip, str)
-                or not isinstance(ip6, str)):
-            return _bad("need {\"instance_id\": str, \"ip\": str} (and optionally \"ip6\": str)")
+                or not isinstance(ip6, str) or not isinstance(kind, str)):
+            return _bad("need {\"instance_id\": str, \"ip\": str} (and optionally \"ip6\": str, "
+                        "\"instance_type\": str)")
         try:
-            emulator.register_instance(instance_id, ip, ip6)
+            emulator.register_instance(instance_id, ip, ip6, kind)
         except ValueError as exc:
             return _bad(str(exc))
-        return _json({"instance_id": instance_id, "ip": ip, "ip6": ip6})
+        return _json({"instance_id": instance_id, "ip": ip, "ip6": ip6,
+                      "network_interface_id": emulator.network_interface_id(instance_id),
+                      "instance_type": emulator.enis.instance_type(instance_id)})
 
     @app.delete("/_emulator/instances/<instance_id>")
     def admin_delete_instance(instance_id):
@@ -297,6 +308,41 @@ def create_app(emulator: Emulator) -> Flask:
         except (TypeError, ValueError) as exc:
             return _bad(str(exc))
         return _json({"vswitch_id": vsw, "cidr": cidr})
+
+    @app.post("/_emulator/cidr-reservations")
+    def admin_add_reservation():
+        """{"vswitch_id", "cidr", "type": "Prefix" (default)}: a vSwitch reserved CIDR block."""
+        data = _body()
+        vsw, cidr, kind = data.get("vswitch_id"), data.get("cidr"), data.get("type", "Prefix")
+        if not isinstance(vsw, str) or not vsw or not isinstance(cidr, str) or not isinstance(kind, str):
+            return _bad("need {\"vswitch_id\": str, \"cidr\": str, \"type\": \"Prefix\" (optional)}")
+        try:
+            reservation_id = emulator.add_cidr_reservation(vsw, cidr, kind)
+        except ValueError as exc:
+            return _bad(str(exc))
+        return _json({"VSwitchCidrReservationId": reservation_id})
+
+    @app.post("/_emulator/vswitch-ipv6")
+    def admin_vswitch_ipv6():
+        """{"vswitch_id", "cidr"}: the vSwitch's IPv6 CIDR, where IPv6 /80 prefixes come from."""
+        data = _body()
+        vsw, cidr = data.get("vswitch_id"), data.get("cidr")
+        if not isinstance(vsw, str) or not vsw or not isinstance(cidr, str):
+            return _bad("need {\"vswitch_id\": str, \"cidr\": str}")
+        try:
+            emulator.set_vswitch_ipv6(vsw, cidr)
+        except ValueError as exc:
+            return _bad(str(exc))
+        return _json({"vswitch_id": vsw, "ipv6_cidr": cidr})
+
+    @app.post("/_emulator/network-interfaces/<eni_id>/hold")
+    def admin_hold_interface(eni_id):
+        """{"seconds": N}: writes to the interface answer Operation.Conflict meanwhile."""
+        seconds = _body().get("seconds", 0)
+        if not isinstance(seconds, (int, float)) or not 0 <= seconds <= 600:
+            return _bad("need {\"seconds\": number between 0 and 600}")
+        emulator.hold_interface(eni_id, seconds)
+        return _json({"network_interface_id": eni_id, "seconds": seconds})
 
     @app.post("/_emulator/entries")
     def admin_add_entry():

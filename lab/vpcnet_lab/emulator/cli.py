@@ -65,6 +65,11 @@ def register(subparsers) -> None:
     p.add_argument("--instance", action="append", default=[], metavar="ID=IP[,IP6]",
                    help="register an instance and its underlay IP, and optionally its IPv6 underlay address, "
                         "which its IPv6 route entries go via in the router namespace (repeatable)")
+    p.add_argument("--prefix-range", action="append", default=[], metavar="VSW=CIDR",
+                   help="a reserved CIDR block of type Prefix in vSwitch VSW, where ENI IPv4 /28 prefixes come "
+                        "from (repeatable)")
+    p.add_argument("--vswitch-ipv6", action="append", default=[], metavar="VSW=CIDR",
+                   help="the IPv6 CIDR of vSwitch VSW, where ENI IPv6 /80 prefixes come from (repeatable)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log level (request lines show method, path and status only)")
     p.set_defaults(func=run)
@@ -119,6 +124,15 @@ def run(args: argparse.Namespace) -> int:
             if not sep or not iid or not ip or (comma and not ip6):
                 raise ValueError(f"--instance wants ID=IP[,IP6], got {item!r}")
             instances.append((iid, ip, ip6))
+        ranges: list[tuple[str, str]] = []
+        ipv6: list[tuple[str, str]] = []
+        for option, items, into in (("--prefix-range", args.prefix_range, ranges),
+                                    ("--vswitch-ipv6", args.vswitch_ipv6, ipv6)):
+            for item in items:
+                vsw, sep, cidr = item.partition("=")
+                if not sep or not vsw or not cidr:
+                    raise ValueError(f"{option} wants VSW=CIDR, got {item!r}")
+                into.append((vsw, cidr))
         tables = []
         for item in args.route_table:
             table_id, _, binds = item.partition("=")
@@ -163,6 +177,10 @@ def run(args: argparse.Namespace) -> int:
             else:
                 for vsw, cidr in vswitches.items():
                     emu.add_vswitch(vsw, cidr, table_id)
+        for vsw, cidr in ranges:
+            emu.add_cidr_reservation(vsw, cidr)
+        for vsw, cidr in ipv6:
+            emu.set_vswitch_ipv6(vsw, cidr)
         emu.set_faults(rate=args.fault_rate, codes=args.fault_codes, latency=args.latency)
         server = make_emulator_server(emu, host, port)
     except (ValueError, OSError) as exc:

@@ -3,8 +3,9 @@
 It puts together the pieces, each in its own module, around one lock (safe from many threads):
 `tables` (route tables, entries and their Pending/Deleting timers, quotas), `entries` (the API's writes
 and the VPC write lock), `instances` (next hops, DescribeInstances), `auth` (signature, timestamp, nonces),
-`faults` (injected faults, latency, request counts), `kernel` (the routes in a router namespace) and
-`persist` (the state file). Everything that decides an answer lives in those pieces; `api.py` only parses
+`faults` (injected faults, latency, request counts), `enis` (ECS network interfaces and their address
+prefixes, reserved ranges, instance types), `kernel` (the routes in a router namespace: route entries and
+prefixes) and `persist` (the state file). Everything that decides an answer lives in those pieces; `api.py` only parses
 requests and turns `ApiError` into Alibaba-shaped error answers.
 
 Timed transitions happen lazily on every access and in a small ticker thread here (so kernel routes and
@@ -12,12 +13,14 @@ the state file follow promptly even when nobody asks).
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import threading
 from typing import Callable
 
 from vpcnet_lab.emulator import persist
 from vpcnet_lab.emulator.auth import Authenticator
+from vpcnet_lab.emulator.enis import INSTANCE_TYPES, NetworkInterfaces, eni_id_of
 from vpcnet_lab.emulator.entries import RouteEntries
 from vpcnet_lab.emulator.errors import ApiError
 from vpcnet_lab.emulator.faults import DEFAULT_FAULT_CODES, Faults
@@ -67,6 +70,8 @@ class Emulator:
         self._auth = Authenticator(self._lock, credentials)
         self._instances = Instances(self._lock, self._changed, region=region, vpc_id=vpc_id)
         self._entries = RouteEntries(self._lock, self._changed, self._tables, self._instances)
+        self._enis = NetworkInterfaces(self._lock, self._changed, region=region, vpc_id=vpc_id,
+                                       vswitch_of=self._vswitch_of, clock=clock)
         self.configure(pending_delay=pending_delay, deleting_delay=deleting_delay, quota=quota,
                        write_interval=write_interval, pending_delay_max=pending_delay_max)
         self._faults = Faults(self._lock, seed)
@@ -197,11 +202,31 @@ class Emulator:
 
     # ------------------------------------------------------------------ instances, tables, vSwitches
 
-    def register_instance(self, instance_id: str, underlay_ip: str, underlay_ip6: str = "") -> None:
-        self._instances.register(instance_id, underlay_ip, underlay_ip6)
+    def register_instance(self, instance_id: str, underlay_ip: str, underlay_ip6: str = "",
+                          instance_type: str = "") -> None:
+        """An instance (and its primary ENI); `instance_type` (default: kept, else ecs.g7.large) fixes
+        how many prefixes the ENI can hold."""
+        if instance_type and instance_type not in INSTANCE_TYPES:
+            raise ValueError(f"unknown instance type {instance_type!r}; known: {', '.join(INSTANCE_TYPES)}")
+        with self._lock:
+            self._instances.register(instance_id, underlay_ip, underlay_ip6)
+            self._enis.attach_primary(instance_id, self._instances.ips[instance_id],
+                                      self._instances.ips6.get(instance_id, ""), instance_type)
 
     def deregister_instance(self, instance_id: str) -> bool:
-        return self._instances.deregister(instance_id)
+        """Forget an instance: its route entries stay, its primary ENI and prefixes go with it."""
+        with self._lock:
+            self._enis.detach_instance(instance_id)
+            return self._instances.deregister(instance_id)
+
+    def _vswitch_of(self, ip: str) -> str:
+        """The vSwitch whose CIDR holds `ip`, else the VPC's first one (caller holds the lock)."""
+        vswitches = self._tables.describe_vswitches(self.vpc_id)
+        address = ipaddress.ip_address(ip)
+        for vsw in vswitches:
+            if address in ipaddress.ip_network(vsw["CidrBlock"]):
+                return vsw["VSwitchId"]
+        return vswitches[0]["VSwitchId"] if vswitches else "vsw-emu0001"
 
     def instances(self) -> dict[str, str]:
         return self._instances.copy()
@@ -225,6 +250,26 @@ class Emulator:
 
     def route_tables(self) -> list[dict]:
         return self._tables.list_tables()
+
+    # ------------------------------------------------------------------ network interfaces, prefixes
+
+    @property
+    def enis(self) -> NetworkInterfaces:
+        """The ECS side: primary ENIs, their prefixes, reserved ranges (the ECS actions in api.py use it)."""
+        return self._enis
+
+    def add_cidr_reservation(self, vswitch_id: str, cidr: str, kind: str = "Prefix") -> str:
+        return self._enis.add_reservation(vswitch_id, cidr, kind)
+
+    def set_vswitch_ipv6(self, vswitch_id: str, cidr: str) -> None:
+        self._enis.set_vswitch_ipv6(vswitch_id, cidr)
+
+    def network_interface_id(self, instance_id: str) -> str:
+        """The primary ENI of a registered instance."""
+        return eni_id_of(instance_id)
+
+    def hold_interface(self, eni_id: str, seconds: float) -> None:
+        self._enis.hold(eni_id, seconds)
 
     # ------------------------------------------------------------------ entries by hand
 
@@ -282,9 +327,12 @@ class Emulator:
     def desired_kernel_routes(self, route_table_id: str | None = None) -> dict[str, str]:
         """destination -> underlay IP of the next hop, for every Available (or Deleting) instance entry
         whose instance is registered, of one table (default: all; the first table wins a destination
-        two tables hold)."""
+        two tables hold), and for every ENI prefix (in every table)."""
         with self._lock:
-            return self._tables.instance_routes(self._instances.ips, route_table_id, self._instances.ips6)
+            routes = self._tables.instance_routes(self._instances.ips, route_table_id, self._instances.ips6)
+            # the VPC delivers a prefix's addresses to its interface whatever the route table
+            routes.update(self._enis.kernel_routes())
+            return routes
 
     def sync_kernel(self) -> list[str]:
         """Make the router namespace's routes (our proto only) match the tables now. Returns problems."""
@@ -304,6 +352,8 @@ class Emulator:
                 "vswitches": self._tables.copy_vswitches(),
                 "write_conflicts": self._entries.conflicts,
                 "instances": self._instances.copy(),
+                "network_interfaces": {k: dict(v) for k, v in self._enis.enis.items()},
+                "cidr_reservations": {k: list(v) for k, v in self._enis.reservations.items()},
                 "config": {"pending_delay": self.pending_delay, "deleting_delay": self.deleting_delay,
                            "quota": self.quota, "write_interval": self.write_interval},
                 "faults": self.faults(),
@@ -317,7 +367,7 @@ class Emulator:
             persist.save(self.state_file, {**self._tables.dump(), "instances": self._instances.ips,
                                            "instances6": self._instances.ips6,
                                            "client_tokens": self._entries.client_tokens,
-                                           "nonces": self._auth.nonces})
+                                           "nonces": self._auth.nonces, **self._enis.dump()})
 
     def _load(self, path: str) -> None:
         try:
@@ -325,7 +375,10 @@ class Emulator:
             self._tables.restore(data)
             self._instances.restore(data)
             self._entries.restore(data)
+            self._enis.restore(data)
             self._auth.restore(data)
+            for instance_id, ip in self._instances.ips.items():   # a state file from before ENIs existed
+                self._enis.attach_primary(instance_id, ip, self._instances.ips6.get(instance_id, ""))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"cannot load emulator state from {path}: {exc}") from exc
         self._tables.advance()

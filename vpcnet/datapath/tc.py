@@ -431,8 +431,11 @@ class TcPrograms:
         IPv6 one where it has an IPv6 block. Without a default route there is no uplink yet: traffic from
         other hosts takes the routed path meanwhile."""
         with self.peer_map() as map_fd:
+            # eni-prefix: the endpoint map tells the fib lookup's endpoint veths (the range is every host's)
+            endpoints_fd = self.facts.fd(4) if spec.shared_range else None
             programs = [(spec.tc_name, ebpf.uplink_program(spec.host_cidr, spec.cluster_cidr, anchor, map_fd=map_fd,
-                                                           local_fd=self.local_fd(4), shared=spec.shared_range))
+                                                           local_fd=self.local_fd(4), shared=spec.shared_range,
+                                                           endpoints_fd=endpoints_fd))
                         ] if spec.ipv4 else []             # an IPv6-only network has no IPv4 program
             if spec.host_cidr_v6 and spec.cluster_cidr_v6:
                 programs.append((spec.tc_name6, programs6.uplink_program6(spec.host_cidr_v6, spec.cluster_cidr_v6,

@@ -330,7 +330,7 @@ def container_program(host_cidr: str, cluster_cidr: str, endpoints_fd: int, anch
             _deliver_local(a, "local_map_ttl_done", peer=False)
             a.label("remote")
             _packet(a)
-        _to_uplink(a, uplinks)
+        _shared_fib(a, endpoints_fd, anchor_ifindex, uplinks)
         _pass(a)
         return a.assemble()
     net, mask = _net(host_cidr)
@@ -363,40 +363,54 @@ def container_program(host_cidr: str, cluster_cidr: str, endpoints_fd: int, anch
     return a.assemble()
 
 
-def _to_uplink(a: Asm, uplinks: Sequence[int] | None) -> None:
-    """The fib lookup of the destination (r8); out of one of `uplinks` (None: any device) with the
-    neighbour's MAC, anything else -> pass. A shared range's container program, where every address of the
-    range not in the local map may be another host's."""
-    if uplinks is not None and not uplinks:
-        a.goto("pass")                            # no uplink (no default route yet): the normal path
-        return
+def _endpoint_veth(a: Asm, endpoints_fd: int, miss: str) -> None:
+    """After a successful fib lookup: its device an endpoint's host veth (one with an entry in the endpoint
+    map `endpoints_fd`), else -> `miss`; r0 = FIB_SUCCESS again for `_to_endpoint`. Clobbers r0-r5."""
+    a.ldx(4, 4, FP, F_IFINDEX)
+    a.stx(4, FP, EP_KEY, 4)
+    a.ld_map(1, endpoints_fd)
+    a.mov(2, FP)
+    a.addi(2, EP_KEY)
+    a.call(MAP_LOOKUP)
+    a.jump(JEQ, 0, miss, imm=0)
+    a.movi(0, FIB_SUCCESS)
+
+
+def _shared_fib(a: Asm, endpoints_fd: int, anchor_ifindex: int, uplinks: Sequence[int] | None) -> None:
+    """A shared range's container program after its local map: the fib lookup of the destination (r8); out
+    of one of `uplinks` (None: any device but an endpoint's) with the neighbour's MAC: another host's
+    container; to an endpoint's host veth (a packet the local map did not take, a GSO one): into it; else
+    -> pass. Every address of the range not on this host may be another host's."""
     _fib_lookup(a)
     a.jump(JNE, 0, "pass", imm=FIB_SUCCESS)
-    if uplinks is not None:
+    if uplinks:
         a.ldx(4, 5, FP, F_IFINDEX)
         for index in uplinks:
             a.jump(JEQ, 5, "uplink", imm=index)
-        a.goto("pass")
+    _endpoint_veth(a, endpoints_fd, "uplink" if uplinks is None else "pass")
+    _to_endpoint(a, anchor_ifindex, "local_ttl_done", peer=False)
+    if uplinks is None or uplinks:
         a.label("uplink")
-    _decrement_ttl(a, "ttl_done")
-    _redirect_neigh(a)
+        _decrement_ttl(a, "ttl_done")
+        _redirect_neigh(a)
 
 
 def uplink_program(host_cidr: str, cluster_cidr: str, anchor_ifindex: int, map_fd: int | None = None,
-                   local_fd: int | None = None, shared: bool = False) -> bytes:
+                   local_fd: int | None = None, shared: bool = False, endpoints_fd: int | None = None) -> bytes:
     """tc ingress of the uplink: another host of the cluster -> a container of this network. `map_fd`: the
     peer map, where each packet handed into a container is counted as received (bpf_redirect_peer passes
     no hook of the host veth, where the counting program would see it). `local_fd`: the IPv4 map of this
     host's endpoints by address: a destination found there is delivered without `bpf_fib_lookup`
     (`_local_endpoint`); not found (or None): the fib lookup finds the endpoint's /32 route, as before.
-    `shared`: `host_cidr` is a range shared with other hosts (eni-prefix addressing): only a destination in
-    the local map is this host's container and delivered to; anything else takes the normal path (without
-    the local map, all of it: the fib lookup could name an uplink, where a peer redirect fails)."""
+    `shared`: `host_cidr` is a range shared with other hosts (eni-prefix addressing), so the fib lookup's
+    device must be an endpoint's host veth (an entry in the IPv4 endpoint map `endpoints_fd`: not another
+    uplink, where a peer redirect fails); without that map, only the local map's destinations are
+    delivered and the rest takes the normal path."""
     a = Asm()
     _parse(a)
     _require_in(a, 7, cluster_cidr)
     _require_in(a, 8, host_cidr)
-    if shared:
+    if shared and endpoints_fd is None:
         if local_fd is not None:
             _ttl_above_one(a)
             _local_endpoint(a, local_fd, _key4, "pass")
@@ -412,6 +426,9 @@ def uplink_program(host_cidr: str, cluster_cidr: str, anchor_ifindex: int, map_f
         a.label("fib")
         _packet(a)
     _fib_lookup(a)
+    if shared and endpoints_fd is not None:
+        a.jump(JNE, 0, "pass", imm=FIB_SUCCESS)
+        _endpoint_veth(a, endpoints_fd, "pass")
     _to_endpoint(a, anchor_ifindex, "ttl_done", map_fd=map_fd, cluster_cidr=cluster_cidr)
     _pass(a)
     return a.assemble()

@@ -131,9 +131,11 @@ def test_a_network_remembers_eni_prefix_and_its_datapath_shares_the_range(plug):
     spec = plug.driver._spec(net)
     assert spec.shared_range and spec.prefixlen == 32       # the anchor holds the gateway alone, not the range
     address = plug.ipam.request_address(RANGE)["Address"]
-    answer = plug.driver.create_endpoint(NID, EID, {"Address": address, "MacAddress": ""}, {})
-    assert answer == {} or "Interface" in answer
+    plug.driver.create_endpoint(NID, EID, {"Address": address, "MacAddress": ""}, {})
     assert plug.store.endpoints(NID)[0].address == str(ip_of({"Address": address}))
+    join = plug.driver.join(NID, EID, "/var/run/docker/netns/x", {})
+    # the range is the container's on-link prefix already: no static route for it (the kernel would refuse)
+    assert join["Gateway"] == "10.0.0.1" and join["StaticRoutes"] == []
 
 
 def test_bridge_mode_is_refused_leaving_nothing(plug):

@@ -455,9 +455,10 @@ class NetworkDriver:
                     self.dataplane.delete_endpoint(ep.host_veth)
                     self._ensure_endpoint(net, ep)
         # The cluster CIDR through the gateway: other hosts' containers stay on this interface even when
-        # another network of the container gives the default route (gw-priority, Docker 28+).
+        # another network of the container gives the default route (gw-priority, Docker 28+). In eni-prefix
+        # addressing the cluster CIDR is the range, the container's on-link prefix already (proxy ARP answers).
         routes = [{"Destination": net.cluster_cidr, "RouteType": ROUTE_NEXTHOP, "NextHop": net.gateway}] \
-            if ep.address else []
+            if ep.address and net.addressing != "eni-prefix" else []
         answer = {"InterfaceName": {"SrcName": ep.peer_veth, "DstPrefix": "eth"}, "StaticRoutes": routes,
                   "DisableGatewayService": True}
         if ep.address:              # an IPv6-only network's endpoint has no IPv4 and no IPv4 gateway

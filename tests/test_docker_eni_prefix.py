@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import urllib.request
 
 import pytest
 from conftest import run, wait_for
@@ -58,6 +59,8 @@ def test_a_network_over_this_host_s_prefixes_end_to_end_and_nothing_left(plugin_
     assert f"/{ipaddress.IPv4Network(plugin.cluster).prefixlen} " in dock.exec(a, "ip", "-o", "-4", "addr").stdout
     assert ping(dock, a, ip_b) and ping(dock, b, ip_a)
     assert ping(dock, a, subnet[1]), "container -> gateway (the anchor's /32)"
+    with urllib.request.urlopen(plugin.metrics_url() + "/healthz", timeout=10) as answer:
+        assert answer.status == 200, "the prefix keeper is this mode's reconciler"
     routes = run(["ip", "-4", "route"]).stdout
     assert plugin.cluster not in routes, "the range is never on-link on the host"
     assert f"{ip_a} dev vh" in routes and f"{ip_b} dev vh" in routes

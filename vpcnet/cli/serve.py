@@ -149,8 +149,11 @@ class PrefixKeeper:
 
     def run_once(self):
         """One pass, logged: what it changed at INFO, a quiet one at DEBUG."""
+        from vpcnet.observability import events
+
         result = self.pool.sync()
         self.passes += 1
+        events.reconcile_pass(result.ok, repaired=False)     # the host's reconciler in this mode (/healthz)
         changed = {"assigned": result.assigned, "adopted": result.adopted, "released": result.released,
                    "gone": result.gone}
         said = "; ".join(f"{what} {', '.join(prefixes)}" for what, prefixes in changed.items() if prefixes)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import threading
 
 import pytest
 from fakes import make_plugin
 
+from vpcnet.cli import serve
 from vpcnet.cli.serve import PrefixKeeper, mixed_addressing
 from vpcnet.docker.driver import GENERIC, MODE_OPTION
 from vpcnet.docker.ipam import GATEWAY_KEY, REQUEST_TYPE_KEY
@@ -151,7 +153,7 @@ def make_plugin_state():
     return FakeDataplane().state()
 
 
-def test_a_mode_switch_is_refused_while_networks_of_the_other_addressing_exist(tmp_path):
+def test_a_mode_switch_is_refused_while_networks_of_the_other_addressing_exist(tmp_path, capsys):
     before = make_plugin(tmp_path)                          # route-table addressing
     pool = before.ipam.request_pool()["PoolID"]
     before.driver.create_network(NID, {GENERIC: {}}, [{"Pool": pool, "Gateway": ""}], [])
@@ -163,6 +165,8 @@ def test_a_mode_switch_is_refused_while_networks_of_the_other_addressing_exist(t
         after.ipam.request_pool()
     assert [p["pool_id"] for p in after.store.pools()] == [pool]
     assert mixed_addressing(before.config) == ""
+    assert serve.run(after.config) == 1                    # refused before the socket is bound
+    assert refusal in capsys.readouterr().err and not os.path.exists(after.config.socket)
 
 
 def test_the_background_pass_keeps_the_warm_prefix_and_logs_it(plug, caplog):

@@ -272,7 +272,11 @@ def make_plugin(tmp_path, dataplane: FakeDataplane | None = None, clock=None, **
     store = Store(config.db_path)
     routes = RouteKeeper(config, store)
     clock = clock or Clock()
-    ipam = Ipam(config, store, routes, clock=clock)
+    prefixes = None
+    if config.addressing == "eni-prefix":        # the real pool over the embedded LocalPrefixes
+        from vpcnet.routes.prefixes import PrefixPool
+        prefixes = PrefixPool(config, store)
+    ipam = Ipam(config, store, routes, clock=clock, prefixes=prefixes)
     dataplane = dataplane or FakeDataplane()
     driver = NetworkDriver(config, store, dataplane)
     ipam.remove_leftovers, ipam.peer_on_host = driver.remove_leftovers, dataplane.link_exists

@@ -182,7 +182,7 @@ def test_a_v3_state_is_migrated_with_every_row_ready(tmp_path):
     conn.commit()
     conn.close()
     store = Store(path)
-    assert store.get_meta("schema_version") == str(SCHEMA_VERSION) == "8"
+    assert store.get_meta("schema_version") == str(SCHEMA_VERSION) == "9"
     assert [n.state for n in store.networks()] == ["ready"] and [e.state for e in store.endpoints()] == ["ready"]
     assert store.pending() == ([], [])
     assert store.ports() == [], "schema 5: the ports table, empty"

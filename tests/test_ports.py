@@ -373,7 +373,7 @@ def test_a_version_4_state_gains_the_ports_table(tmp_path):
     conn.commit()
     conn.close()
     store = Store(path)
-    assert store.get_meta("schema_version") == str(SCHEMA_VERSION) == "8"
+    assert store.get_meta("schema_version") == str(SCHEMA_VERSION) == "9"
     assert store.ports() == []
     version = store.ports_version()
     store.close()

@@ -214,7 +214,7 @@ def test_a_schema_7_state_gains_the_prefix_tables_of_eni_prefix_addressing(db_pa
         store.set_meta(db, "kept", "yes")
     store.close()
     store = Store(db_path)
-    assert store.get_meta("schema_version") == str(SCHEMA_VERSION) == "8" and store.get_meta("kept") == "yes"
+    assert store.get_meta("schema_version") == str(SCHEMA_VERSION) == "9" and store.get_meta("kept") == "yes"
     assert store.held_prefixes() == [] and store.assign_records() == []
     record = AssignRecord("token-1", "ipv4", 2, ("10.0.0.0/28",), 5.0)
     store.record_assign(record)
@@ -223,6 +223,27 @@ def test_a_schema_7_state_gains_the_prefix_tables_of_eni_prefix_addressing(db_pa
     assert store.assign_records() == []
     assert [(p.prefix, p.state, p.unused_since) for p in store.held_prefixes("ipv4")] == \
         [("10.0.0.16/28", "held", 6.0), ("10.0.0.32/28", "held", 6.0)]
+    store.close()
+
+
+def test_a_schema_8_state_s_networks_are_route_table_ones_and_eni_prefix_ones_are_remembered(db_path):
+    """Schema 9: a network remembers its addressing; an older state's networks all are route-table ones."""
+    store = Store(db_path)
+    with store.tx() as db:
+        store.add_network(db, Network("aa", "10.200.0.0/24", "10.200.0.0/16", "10.200.0.1", "vpc-aa", 1500, False,
+                                      (), 1.0, "routed"))
+    store.close()
+    conn = sqlite3.connect(db_path)      # back to schema 8: the column gone (sqlite 3.35+ drops columns)
+    conn.execute("ALTER TABLE networks DROP COLUMN addressing")
+    conn.execute("UPDATE meta SET value='8' WHERE key='schema_version'")
+    conn.commit()
+    conn.close()
+    store = Store(db_path)
+    assert store.get_meta("schema_version") == "9" and store.network("aa").addressing == "route-table"
+    with store.tx() as db:
+        store.add_network(db, Network("bb", "10.0.0.0/20", "10.0.0.0/20", "10.0.0.1", "vpc-bb", 1500, False, (), 2.0,
+                                      "routed", addressing="eni-prefix"))
+    assert [n.addressing for n in store.networks()] == ["route-table", "eni-prefix"]
     store.close()
 
 

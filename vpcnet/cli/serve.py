@@ -10,6 +10,11 @@ backlog. The route keeper runs in the background of the one worker holding the r
 worker also asks the Docker engine its version once, in a thread of its own (Docker may start after the
 plugin, or be waiting on it), and logs a WARNING for a release known to crash under vpcnet. SIGTERM stops
 serving and removes the socket; the datapath stays, so running containers keep talking.
+
+eni-prefix addressing (VPCNET_ADDRESSING=eni-prefix, docs/eni-prefix.md): start-up is refused while the
+state holds networks of route-table addressing (and the other way round); the IPAM takes addresses from the
+host's PrefixPool, and the worker that would run the route keeper runs the pool's pass instead
+(`PrefixKeeper`: PrefixPool.sync() every VPCNET_RECONCILE_INTERVAL, each pass bounded by its own budget).
 """
 from __future__ import annotations
 
@@ -57,7 +62,12 @@ class Plugin:
         # one guard writer at a time on the host, reading the rows under it: none writes an older state last
         self.dataplane.ipv6_guard_lock = lambda: host_lock(config.state_dir, "ipv6-guard")
         self.routes = RouteKeeper(config, self.store, provider_factory)
-        self.ipam = Ipam(config, self.store, self.routes, host_routes=self.dataplane.overlapping_routes)
+        self.prefixes = None
+        if config.addressing == "eni-prefix":
+            from vpcnet.routes.prefixes import PrefixPool
+            self.prefixes = PrefixPool(config, self.store)
+        self.ipam = Ipam(config, self.store, self.routes, host_routes=self.dataplane.overlapping_routes,
+                         prefixes=self.prefixes)
         self.driver = NetworkDriver(config, self.store, self.dataplane)
         self.ipam.remove_leftovers = self.driver.remove_leftovers     # ReleaseAddress of a stale endpoint
         self.ipam.peer_on_host = self.dataplane.link_exists
@@ -66,6 +76,8 @@ class Plugin:
         self.observer = Observer(config, self.store, self.routes)
         self._stopping = threading.Event()
         self.routes.on_leader = self._on_leader         # once per host: the reconciler's process
+        self.prefix_keeper = None if self.prefixes is None else \
+            PrefixKeeper(config, self.prefixes, self._stopping, self._on_leader)
 
     def _ipv6_endpoints(self, make) -> list:
         """The IPv6 guard's desired state: every IPv6 endpoint in the store (vpcnet.datapath.ipv6.Ipv6Endpoint),
@@ -83,7 +95,10 @@ class Plugin:
     def start_background(self) -> None:
         """In a worker, once it serves: the route keeper (and, in the worker that wins its lock,
         /metrics) and the periodic datapath pass (each in one worker per host)."""
-        self.observer.reconciler_thread = self.routes.start_background()
+        if self.prefix_keeper is not None:     # eni-prefix: no route to keep, the prefixes instead
+            self.observer.reconciler_thread = self.prefix_keeper.start()
+        else:
+            self.observer.reconciler_thread = self.routes.start_background()
         self.driver.reconciler.start_background()
 
     def stop_background(self) -> None:
@@ -91,12 +106,61 @@ class Plugin:
         self.routes.stop()
         self.driver.reconciler.stop()
         self.observer.stop()
+        if self.prefixes is not None:
+            self.prefixes.close()
 
     def restore(self) -> None:
         """Rebuild the datapath of known networks; one worker at a time."""
         with open(os.path.join(self.config.state_dir, "restore.lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self.driver.restore()
+
+
+class PrefixKeeper:
+    """eni-prefix addressing's background pass: `PrefixPool.sync()` every VPCNET_RECONCILE_INTERVAL seconds,
+    in the host's one reconciler (the worker holding `<state_dir>/reconciler.lock`, as the route loop). A
+    pass is bounded by the pool (PASS_BUDGET, one call of each kind); its problems it logs itself."""
+
+    def __init__(self, config, pool, stop: threading.Event, on_leader):
+        self.config = config
+        self.pool = pool
+        self._stop = stop
+        self._on_leader = on_leader
+        self.passes = 0
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self._run, name="vpcnet-prefixes", daemon=True)
+        thread.start()
+        return thread
+
+    def _run(self) -> None:
+        from vpcnet.state.locks import LEADER_POLL, become_leader
+        try:
+            with open(os.path.join(self.config.state_dir, "reconciler.lock"), "a") as lock:
+                if not become_leader(lock, self._stop, LEADER_POLL):
+                    return
+                log.info("prefix keeper running (pid %d, every %.0fs)", os.getpid(), self.config.reconcile_interval)
+                self._on_leader()
+                while not self._stop.is_set():
+                    self.run_once()
+                    self._stop.wait(self.config.reconcile_interval)
+        except Exception:   # never take the worker down; the flock passes to another worker
+            log.exception("prefix keeper stopped by an unexpected error")
+
+    def run_once(self):
+        """One pass, logged: what it changed at INFO, a quiet one at DEBUG."""
+        from vpcnet.observability import events
+
+        result = self.pool.sync()
+        self.passes += 1
+        events.reconcile_pass(result.ok, repaired=False)     # the host's reconciler in this mode (/healthz)
+        changed = {"assigned": result.assigned, "adopted": result.adopted, "released": result.released,
+                   "gone": result.gone}
+        said = "; ".join(f"{what} {', '.join(prefixes)}" for what, prefixes in changed.items() if prefixes)
+        calls = ", ".join(f"{kind} {n}" for kind, n in sorted(result.calls.items())) or "none"
+        (log.info if said else log.debug)("prefix pass: %s (cloud calls: %s)%s", said or "nothing to change",
+                                           calls, "" if result.ok else f", {len(result.problems)} problem(s)")
+        return result
 
 
 def warn_about_engine(docker_socket: str, stop: threading.Event, look_for: float = ENGINE_LOOK_FOR,
@@ -173,7 +237,7 @@ def run(config) -> int:
     except DamagedState as exc:
         print(f"vpcnet: {exc}", file=sys.stderr)
         return 1
-    stranded = stranded_networks(config)
+    stranded = stranded_networks(config) or mixed_addressing(config)
     if stranded:                        # refuse before anything is written: no route, no state
         print(f"vpcnet: {stranded}", file=sys.stderr)
         return 1
@@ -209,6 +273,20 @@ def stranded_networks(config) -> str:
     return (f"VPCNET_HOST_CIDR is {config.host_cidr} but this host's networks of cluster {config.cluster_cidr} "
             f"use its earlier block {old}; starting would take that block's route away from them: remove them "
             f"first (docker network rm {ids}), or set VPCNET_HOST_CIDR back to {', '.join(sorted(by_block))}")
+
+
+def mixed_addressing(config) -> str:
+    """Stored networks of the other addressing than VPCNET_ADDRESSING's (a host never mixes them,
+    docs/eni-prefix.md): the refusal to give, or "". Read-only."""
+    if not os.path.exists(config.db_path):
+        return ""
+    from vpcnet.state.store import addressing_conflict
+    store = Store(config.db_path, readonly=True)
+    try:
+        others = [n for n in store.networks() if n.addressing != config.addressing]
+    finally:
+        store.close()
+    return addressing_conflict(config.addressing, others) if others else ""
 
 
 def _prepare_multiprocess_metrics(config) -> None:

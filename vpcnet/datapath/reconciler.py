@@ -49,6 +49,7 @@ def spec_of(net: Network, ports: Sequence[Port] = ()) -> NetworkSpec:
     return NetworkSpec(tag=net.network_id[:12], bridge=net.bridge, gateway=net.gateway, host_cidr=net.host_cidr,
                        cluster_cidr=net.cluster_cidr, mtu=net.mtu, internal=net.internal, no_nat=net.no_nat,
                        mode=net.mode, host_cidr_v6=net.host_cidr_v6, cluster_cidr_v6=net.cluster_cidr_v6,
+                       shared_range=net.addressing == "eni-prefix",
                        ports=tuple(sorted(
                            PortMapping(p.proto, p.host_ip, p.host_port, p.address, p.container_port, p.family)
                            for p in ports)))

@@ -48,6 +48,10 @@ class NetworkSpec:
     ports: tuple[PortMapping, ...] = ()     # the published ports of the network's endpoints (sorted)
     host_cidr_v6: str = ""      # the network's IPv6 block and cluster CIDR ("": no IPv6); the ebpf fast
     cluster_cidr_v6: str = ""   # path's IPv6 programs have them built in
+    # eni-prefix addressing: host_cidr is the range every host shares (its prefixes are this host's part),
+    # so nothing treats the whole of it as this host's: the anchor holds the gateway as a /32 (no on-link
+    # range), and the ebpf programs tell this host's containers by their map of local endpoints
+    shared_range: bool = False
 
     def published(self, address: str) -> tuple[tuple[str, int], ...]:
         """(proto, container port) the endpoint holding `address` publishes: the replies the ebpf fast
@@ -86,6 +90,10 @@ class NetworkSpec:
 
     @property
     def prefixlen(self) -> int:
+        """The prefix length of the gateway address on the bridge or anchor (its connected route): the
+        host block's; a /32 for a shared range, whose other addresses may be other hosts' containers."""
+        if self.shared_range and self.host_cidr:
+            return 32
         return ipaddress.IPv4Network(self.host_cidr).prefixlen if self.host_cidr else 0
 
     @property

@@ -344,9 +344,10 @@ class TcPrograms:
         self.facts.write(host_idx, address, spec.published(address))
         self.write_local(host_idx, address)
         endpoints_fd, local_fd = self.facts.fd(family.version), self.local_fd(family.version)
-        program = self.shared(f"ctr{family.suffix}", spec, (host, cluster, anchor, uplinks),
+        shared = {"shared": True} if spec.shared_range and family.version == 4 else {}   # eni-prefix: IPv4 only
+        program = self.shared(f"ctr{family.suffix}", spec, (host, cluster, anchor, uplinks, *shared),
                               lambda map_fd: family.container(host, cluster, endpoints_fd, anchor, uplinks,
-                                                              map_fd=map_fd, local_fd=local_fd),
+                                                              map_fd=map_fd, local_fd=local_fd, **shared),
                               f"vpcnet_ctr{family.suffix}")
         if self._attach_shared(ipr, host_idx, program, spec.tc_name, *family.endpoint, protocol=family.protocol):
             self._attach_receive_count(ipr, spec, host_idx, family)
@@ -430,8 +431,11 @@ class TcPrograms:
         IPv6 one where it has an IPv6 block. Without a default route there is no uplink yet: traffic from
         other hosts takes the routed path meanwhile."""
         with self.peer_map() as map_fd:
+            # eni-prefix: the endpoint map tells the fib lookup's endpoint veths (the range is every host's)
+            endpoints_fd = self.facts.fd(4) if spec.shared_range else None
             programs = [(spec.tc_name, ebpf.uplink_program(spec.host_cidr, spec.cluster_cidr, anchor, map_fd=map_fd,
-                                                           local_fd=self.local_fd(4)))
+                                                           local_fd=self.local_fd(4), shared=spec.shared_range,
+                                                           endpoints_fd=endpoints_fd))
                         ] if spec.ipv4 else []             # an IPv6-only network has no IPv4 program
             if spec.host_cidr_v6 and spec.cluster_cidr_v6:
                 programs.append((spec.tc_name6, programs6.uplink_program6(spec.host_cidr_v6, spec.cluster_cidr_v6,

@@ -176,7 +176,17 @@ class NetworkDriver:
 
     def _network_mode(self, raw) -> str:
         """The mode asked for with -o vpcnet.mode, else the host's default; a mode the host cannot do is
-        refused, naming why (before a pool is claimed, through gw_alloc_check, on Docker 28+)."""
+        refused, naming why (before a pool is claimed, through gw_alloc_check, on Docker 28+); so is bridge
+        mode in eni-prefix addressing (a bridge needs an on-link block of its own, the range is every host's)."""
+        mode = self._host_mode(raw)
+        if mode == "bridge" and self.config.addressing == "eni-prefix":
+            asked = f"-o {MODE_OPTION}=bridge" if _mode(raw) else f"VPCNET_DEFAULT_MODE={self.config.default_mode}"
+            raise InvalidRequest(f"{asked}: bridge mode is refused in eni-prefix addressing (VPCNET_ADDRESSING="
+                                 "eni-prefix): a bridge needs an on-link block of this host's own, and the range "
+                                 f"is shared by every host; use -o {MODE_OPTION}=routed or ebpf")
+        return mode
+
+    def _host_mode(self, raw) -> str:
         mode = _mode(raw)
         if mode is not None:
             features = self.dataplane.features()
@@ -245,7 +255,8 @@ class NetworkDriver:
                                  f"{MTU_OPTION}=1280 or more, or leave out --ipv6")
         net = Network(network_id=network_id, **v4, bridge=bridge_name(network_id), mtu=mtu,
                       internal=_truthy(options.get(INTERNAL_OPTION)),
-                      no_nat=tuple(self.config.no_nat_cidrs), created=time.time(), mode=mode, state=PENDING, **v6)
+                      no_nat=tuple(self.config.no_nat_cidrs), created=time.time(), mode=mode, state=PENDING,
+                      addressing=self.config.addressing, **v6)
         with self._locked(network_id):
             existing = self.store.network(network_id)      # under the lock: a racing identical call won
             if existing is not None:
@@ -444,9 +455,10 @@ class NetworkDriver:
                     self.dataplane.delete_endpoint(ep.host_veth)
                     self._ensure_endpoint(net, ep)
         # The cluster CIDR through the gateway: other hosts' containers stay on this interface even when
-        # another network of the container gives the default route (gw-priority, Docker 28+).
+        # another network of the container gives the default route (gw-priority, Docker 28+). In eni-prefix
+        # addressing the cluster CIDR is the range, the container's on-link prefix already (proxy ARP answers).
         routes = [{"Destination": net.cluster_cidr, "RouteType": ROUTE_NEXTHOP, "NextHop": net.gateway}] \
-            if ep.address else []
+            if ep.address and net.addressing != "eni-prefix" else []
         answer = {"InterfaceName": {"SrcName": ep.peer_veth, "DstPrefix": "eth"}, "StaticRoutes": routes,
                   "DisableGatewayService": True}
         if ep.address:              # an IPv6-only network's endpoint has no IPv4 and no IPv4 gateway

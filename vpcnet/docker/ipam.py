@@ -37,6 +37,13 @@
   - It closes early at the first call of new work: RequestAddress for any address, or CreateEndpoint.
     Docker makes those only after its replays, so a daemon restarted again soon after gets a fresh
     window, and a restart followed by container activity does not stay open for the full window.
+- eni-prefix addressing (VPCNET_ADDRESSING=eni-prefix, docs/eni-prefix.md): the pool is the range, the
+  cluster CIDR every host shares (`--subnet` may only name it), its PoolID the range itself, its gateway the
+  range's first address (never handed out by any host). An address comes from one of this host's prefixes
+  (vpcnet.routes.prefixes.PrefixPool.take_address, given as `prefixes`), the IPAM's row written in the same
+  transaction, and is answered with the range's prefix length; a `--ip` must be inside a prefix this host
+  holds. IPv6 is not served in this mode yet. Bridge mode is the driver's to refuse; a network of the other
+  addressing in the state refuses every RequestPool (a host never mixes the two).
 - `ReleaseAddress` of an address an endpoint row still holds: Docker releases an address only once it has
   no endpoint on it (after DeleteEndpoint, or after a CreateEndpoint that failed for it: the plugin died
   after the kernel work, before Docker got the answer). The row goes in the same transaction, its veth
@@ -56,6 +63,7 @@ from typing import Callable
 
 from vpcnet.datapath.ipv6 import unavailable as ipv6_unavailable
 from vpcnet.errors import Conflict, Exhausted, InvalidRequest, NotFound, shown
+from vpcnet.state.store import addressing_conflict
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +79,16 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 GLOBAL_SPACE = "vpcnet-global"
 
 
+ENI_PREFIX = "eni-prefix"     # VPCNET_ADDRESSING's value for addresses from this host's ENI prefixes
+
+
 class Ipam:
-    def __init__(self, config, store, routes, clock=None, host_routes=None):
+    def __init__(self, config, store, routes, clock=None, host_routes=None, prefixes=None):
         self.config = config
         self.store = store
         self.routes = routes
+        # eni-prefix addressing: the host's PrefixPool (vpcnet.routes.prefixes), where addresses come from
+        self.prefixes = prefixes
         self.clock = clock or boot_clock     # () -> (boot id, seconds since boot)
         # host_routes(cidr) -> descriptions of kernel routes overlapping cidr (the dataplane's view)
         self.host_routes = host_routes
@@ -159,6 +172,9 @@ class Ipam:
             raise InvalidRequest(f"unknown --ipam-opt {names}: vpcnet's IPAM takes no options")
         if address_space and address_space not in (LOCAL_SPACE, GLOBAL_SPACE):
             raise InvalidRequest(f"unknown address space {shown(address_space)}")
+        self._refuse_other_addressing()
+        if self.eni_prefix:
+            return self._request_range(pool, v6)
         if v6 and (why := ipv6_unavailable()):       # before a block is claimed (Docker before 28)
             raise InvalidRequest(f"IPv6 (--ipv6) cannot be served by this vpcnet: {why}")
         cluster, host = self._resolve_pool(pool, 6 if v6 else 4)
@@ -173,6 +189,43 @@ class Ipam:
         log.info("pool %s (cluster %s, gateway %s)", host, cluster, gateway)
         return {"PoolID": str(host), "Pool": str(host),
                 "Data": {GATEWAY_KEY: f"{gateway}/{host.prefixlen}"}}
+
+    @property
+    def eni_prefix(self) -> bool:
+        return self.config.addressing == ENI_PREFIX
+
+    def _refuse_other_addressing(self) -> None:
+        """A host never mixes the two addressings: networks of the other one in the state refuse a new pool
+        (`vpcnet serve` refuses to start so; this is the same rule, should the state change under it)."""
+        mine = self.config.addressing
+        others = [n for n in self.store.networks() if n.addressing != mine]
+        if others:
+            raise Conflict(addressing_conflict(mine, others))
+
+    def _request_range(self, pool: str, v6: bool) -> dict:
+        """eni-prefix addressing: the pool is the range (the cluster CIDR) every host shares; the gateway
+        its first address."""
+        if v6:
+            raise InvalidRequest("IPv6 (--ipv6) is not served in eni-prefix addressing (VPCNET_ADDRESSING="
+                                 "eni-prefix) yet: create the network without --ipv6")
+        cluster = ipaddress.IPv4Network(self.config.cluster_cidr)
+        if pool and _requested_pool(pool, 4) != cluster:
+            raise InvalidRequest(f"--subnet {pool}: in eni-prefix addressing a network's pool is the range this "
+                                 f"host's prefixes come from, VPCNET_CLUSTER_CIDR {cluster}; use --subnet "
+                                 f"{cluster} or omit --subnet")
+        if not pool:          # replays always name their pool: this is a new network
+            holder = self.store.network_by_host_cidr(str(cluster))
+            if holder is not None:
+                raise Conflict(f"the range {cluster} is already used by network {holder.network_id[:12]}: one "
+                               "vpcnet network per range per host in eni-prefix addressing")
+        self._pool_replayed(str(cluster))
+        gateway = _gateway(cluster)
+        with self.store.tx() as db:
+            db.execute("INSERT OR IGNORE INTO pools(pool_id, cluster_cidr, gateway, cursor) VALUES(?,?,?,?)",
+                       (str(cluster), str(cluster), str(gateway), 0))
+        log.info("pool %s (eni-prefix range, gateway %s)", cluster, gateway)
+        return {"PoolID": str(cluster), "Pool": str(cluster),
+                "Data": {GATEWAY_KEY: f"{gateway}/{cluster.prefixlen}"}}
 
     def _resolve_pool(self, pool: str, version: int) -> tuple[Net, Net]:
         """(cluster CIDR, host CIDR) for a RequestPool's `Pool`, of the family Docker asked for (`V6`)."""
@@ -250,6 +303,9 @@ class Ipam:
                 raise InvalidRequest(f"gateway {shown(address)} is not the gateway of pool {pool_id}: vpcnet's "
                                      f"gateway is {gateway}; omit --gateway")
             return {"Address": f"{gateway}/{host.prefixlen}", "Data": {}}
+        if self.eni_prefix and host.version == 4:
+            return {"Address": f"{self._take_from_prefixes(pool_id, host, gateway, address)}/{host.prefixlen}",
+                    "Data": {}}
         if address:
             ip = self._check_requested(address, host, gateway)
             self._take_requested(pool_id, ip)
@@ -279,10 +335,36 @@ class Ipam:
             raise InvalidRequest(f"address {ip} is the gateway of pool {host}")
         return ip
 
-    def _take_requested(self, pool_id: str, ip: Address) -> None:
+    def _take_from_prefixes(self, pool_id: str, host: Net, gateway, address: str) -> Address:
+        """eni-prefix addressing: `address` (a --ip, or a replay) if a prefix this host holds has it, else
+        the next free one of its prefixes (PrefixPool.take_address), the row written in its transaction."""
+        if self.prefixes is None:
+            raise InvalidRequest("eni-prefix addressing without this host's prefix pool: restart vpcnet")
+        if address:
+            ip = self._check_requested(address, host, gateway)
+
+            def held(db) -> None:
+                if self.store.mark_prefix_taken(db, str(ip), time.time()) is None:
+                    held = ", ".join(p.prefix for p in self.store.held_prefixes("ipv4")) or "none yet"
+                    raise InvalidRequest(f"address {ip} is in none of this host's prefixes ({held}): in eni-prefix "
+                                         "addressing a --ip must be inside one of them; omit --ip")
+            self._take_requested(pool_id, ip, held)
+            return ip
+        self.end_replays(f"a new address was asked of pool {pool_id}")
+        epoch = self._replay_window()[0]      # stamped as in `_take_next`, for the same reason
+
+        def record(db, taken: str) -> None:
+            _require_pool(self.store, db, pool_id)
+            db.execute("INSERT INTO addresses(pool_id, address, replay_epoch) VALUES(?,?,?)", (pool_id, taken, epoch))
+        return ipaddress.ip_address(self.prefixes.take_address(4, record=record).address)
+
+    def _take_requested(self, pool_id: str, ip: Address, check: Callable | None = None) -> None:
+        """`ip` recorded in the pool, or honoured as a replay; `check(db)` first, in the same transaction."""
         epoch, replayed_pools = self._replay_window()
         with self.store.tx() as db:
             _require_pool(self.store, db, pool_id)
+            if check is not None:
+                check(db)
             row = db.execute("SELECT replay_epoch FROM addresses WHERE pool_id=? AND address=?",
                              (pool_id, str(ip))).fetchone()
             if row is None:

@@ -19,6 +19,8 @@ checked before it commits).
 eni-prefix addressing (schema 8): `prefixes` holds the prefixes this host holds on its network interface and
 since when each is wholly unused, `prefix_assigns` an assign whose answer is not in yet (its client token and
 the interface's prefixes before it), so a lost answer is settled by the next pass (vpcnet.routes.prefixes).
+A network remembers its addressing (schema 9, `networks.addressing`): in eni-prefix mode its host_cidr is the
+range every host shares (the pool), and this host's part of it is the prefixes it holds.
 
 Published ports (schema 5) are rows of `ports`, one per host port and family, going with their endpoint (a
 foreign key with ON DELETE CASCADE; an IPv6 one also with the endpoint's IPv6 address); every change moves
@@ -42,10 +44,10 @@ from vpcnet.errors import Conflict, StateError
 
 REPAIRS_KEY = "datapath_repairs"      # meta key: the datapath pass's repair counts (JSON)
 PORTS_VERSION_KEY = "ports_version"   # meta key: moved by every change of the published ports (a trigger)
-SCHEMA_VERSION = 8     # 2: networks.mode (bridge | routed); 3: leftovers; 4: networks/endpoints.state; 5: ports;
+SCHEMA_VERSION = 9     # 2: networks.mode (bridge | routed); 3: leftovers; 4: networks/endpoints.state; 5: ports;
                        # 6: IPv6 (networks.host_cidr_v6, cluster_cidr_v6, gateway_v6; endpoints.address_v6);
                        # 7: IPv6-only networks (networks.host_cidr '' allowed: unique where set, per family);
-                       # 8: eni-prefix addressing (prefixes, prefix_assigns)
+                       # 8: eni-prefix addressing (prefixes, prefix_assigns); 9: networks.addressing
 PENDING, READY = "pending", "ready"   # a row's state: its call's kernel work not done yet, or done
 HELD, RELEASING = "held", "releasing"  # a prefix's state: addresses may be taken from it, or it is being given back
 # A published port's container address: its endpoint's of the port's family.
@@ -88,7 +90,9 @@ CREATE TABLE IF NOT EXISTS networks (
     state        TEXT NOT NULL DEFAULT 'ready',   -- 'pending' until CreateNetwork's kernel work is done (4)
     host_cidr_v6    TEXT NOT NULL DEFAULT '',     -- this host's IPv6 block, '' for an IPv4-only network (6)
     cluster_cidr_v6 TEXT NOT NULL DEFAULT '',
-    gateway_v6      TEXT NOT NULL DEFAULT ''      -- the IPv6 pool's gateway (the block's first address)
+    gateway_v6      TEXT NOT NULL DEFAULT '',     -- the IPv6 pool's gateway (the block's first address)
+    addressing      TEXT NOT NULL DEFAULT 'route-table'   -- 'route-table', or 'eni-prefix': host_cidr is the
+                                                          -- range shared by every host (9)
 );
 CREATE TABLE IF NOT EXISTS endpoints (
     endpoint_id  TEXT PRIMARY KEY,
@@ -167,6 +171,7 @@ class Network:
     host_cidr_v6: str = ""      # IPv6: this host's block, its cluster CIDR and gateway ("" without IPv6)
     cluster_cidr_v6: str = ""
     gateway_v6: str = ""
+    addressing: str = "route-table"     # eni-prefix: host_cidr is the range every host shares (docs/eni-prefix.md)
 
 
 @dataclass(frozen=True)
@@ -352,6 +357,9 @@ class Store:
                                   ("networks", "gateway_v6"), ("endpoints", "address_v6")):
                 if column not in {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}:
                     db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
+            # 8 -> 9: networks remember their addressing; every network of an older state is route-table.
+            if "addressing" not in {r["name"] for r in db.execute("PRAGMA table_info(networks)")}:
+                db.execute("ALTER TABLE networks ADD COLUMN addressing TEXT NOT NULL DEFAULT 'route-table'")
             # 6 -> 7: IPv6-only networks; their rows have no IPv4 block or address ('').
             for table in OLD_UNIQUE:
                 if _has_unique(db, table, OLD_UNIQUE[table]):
@@ -447,6 +455,18 @@ class Store:
                 elif row["unused_since"] is None:
                     db.execute("UPDATE prefixes SET unused_since=? WHERE prefix=?", (now, row["prefix"]))
             return counts
+
+    @staticmethod
+    def mark_prefix_taken(db: sqlite3.Connection, address: str, now: float) -> str | None:
+        """Inside a transaction: the held prefix holding `address` (a --ip, a replay), marked taken now as
+        `take_prefix_address` marks it (no pass gives it back meanwhile); None when no held prefix has it."""
+        ip = ipaddress.ip_address(address)
+        family = f"ipv{ip.version}"
+        for row in db.execute("SELECT prefix FROM prefixes WHERE family=? AND state=?", (family, HELD)).fetchall():
+            if ip in ipaddress.ip_network(row["prefix"]):
+                db.execute("UPDATE prefixes SET taken=?, unused_since=NULL WHERE prefix=?", (now, row["prefix"]))
+                return row["prefix"]
+        return None
 
     def take_prefix_address(self, family: str, pick: Callable[[list[HeldPrefix], set[str]], tuple[str, str] | None],
                             now: float, record: Callable[[sqlite3.Connection, str], None] | None = None
@@ -715,6 +735,15 @@ class Store:
 
     def addresses(self, pool_id: str) -> list[str]:
         return [r["address"] for r in self.read("SELECT address FROM addresses WHERE pool_id=?", (pool_id,))]
+
+
+def addressing_conflict(mine: str, others: list[Network]) -> str:
+    """The refusal to serve in addressing `mine` while `others` (networks of the other one) exist."""
+    ids = " ".join(n.network_id[:12] for n in others)
+    return (f"VPCNET_ADDRESSING is {mine} but this host's state has {len(others)} network(s) of "
+            f"{others[0].addressing} addressing ({ids}): a host never mixes the two; remove them first "
+            f"(docker network rm {ids}), or set VPCNET_ADDRESSING back to {others[0].addressing} "
+            "(docs/eni-prefix.md, Switching modes)")
 
 
 def _in_use(db: sqlite3.Connection, family: str) -> set[str]:

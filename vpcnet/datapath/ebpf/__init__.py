@@ -33,6 +33,14 @@ traffic straight between the container's veth and the uplink, as Cilium's "BPF h
   it, TTL decremented, `bpf_redirect_peer` straight into the container's namespace (no second queueing on
   the veth).
 
+eni-prefix addressing (docs/eni-prefix.md): the network's block is the range every host shares (the spec's
+`shared_range`), so an address in it says nothing of where its container is. Both programs then tell this
+host's containers by the maps: the container program delivers a destination found in the map of this
+host's endpoints; any other goes to `bpf_fib_lookup`, whose answer is taken when it is an uplink (another
+host's container: `bpf_redirect_neigh`) or an endpoint's host veth (an entry in the endpoint map: a GSO
+frame the local map did not take); the uplink program delivers the local map's destinations, or what the
+lookup routes to an endpoint's host veth, and leaves the rest of the range to the normal path.
+
 Only a lookup that succeeds is taken: the helper then has also checked the packet (GSO included) against
 the egress MTU. The map of this host's endpoints is taken only for a frame no longer than its host veth's
 MTU allows (the entry holds it); a longer one (GSO, or one needing fragmentation) goes to the fib lookup,

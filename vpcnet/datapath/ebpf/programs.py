@@ -296,7 +296,7 @@ def _published_replies(a: Asm) -> None:
 
 def container_program(host_cidr: str, cluster_cidr: str, endpoints_fd: int, anchor_ifindex: int = 0,
                       uplinks: Sequence[int] | None = None, *, map_fd: int | None = None,
-                      local_fd: int | None = None) -> bytes:
+                      local_fd: int | None = None, shared: bool = False) -> bytes:
     """tc ingress of an endpoint's host veth: container -> another host of the cluster, or -> another
     container of this network on this host. One program per network, shared by its endpoints: the facts of
     each (vpcnet.datapath.ebpf.endpoints) are its entry in the IPv4 endpoint map `endpoints_fd`, by the host
@@ -309,7 +309,10 @@ def container_program(host_cidr: str, cluster_cidr: str, endpoints_fd: int, anch
     from its address is counted first, whatever happens to it next; a forged source, never. `local_fd`: the
     IPv4 map of this host's endpoints by address (vpcnet.datapath.ebpf.endpoints.local_value): another
     container of the network found there is delivered to without `bpf_fib_lookup` (`_local_endpoint`); not
-    found (or None): the fib lookup, as before."""
+    found (or None): the fib lookup, as before. `shared`: `host_cidr` is a range shared with other hosts
+    (eni-prefix addressing), so an address in it is no sign of this host's container: one found in the
+    local map is delivered to, any other takes the fib lookup, out of an uplink (another host's) or not
+    fast at all (the normal path routes it by its /32)."""
     a = Asm()
     _parse(a)
     _endpoint(a, endpoints_fd)
@@ -320,6 +323,16 @@ def container_program(host_cidr: str, cluster_cidr: str, endpoints_fd: int, anch
     a.jump(JNE, 7, "pass", src=4, wide=False)           # not the endpoint's own address
     _require_in(a, 8, cluster_cidr)
     _published_replies(a)
+    if shared:                                        # the range is the cluster CIDR, required above
+        if local_fd is not None:                      # this host's own containers: straight into theirs
+            _ttl_above_one(a)
+            _local_endpoint(a, local_fd, _key4, "remote")
+            _deliver_local(a, "local_map_ttl_done", peer=False)
+            a.label("remote")
+            _packet(a)
+        _shared_fib(a, endpoints_fd, anchor_ifindex, uplinks)
+        _pass(a)
+        return a.assemble()
     net, mask = _net(host_cidr)
     a.mov(4, 8)
     a.andi32(4, mask)
@@ -350,17 +363,61 @@ def container_program(host_cidr: str, cluster_cidr: str, endpoints_fd: int, anch
     return a.assemble()
 
 
+def _endpoint_veth(a: Asm, endpoints_fd: int, miss: str) -> None:
+    """After a successful fib lookup: its device an endpoint's host veth (one with an entry in the endpoint
+    map `endpoints_fd`), else -> `miss`; r0 = FIB_SUCCESS again for `_to_endpoint`. Clobbers r0-r5."""
+    a.ldx(4, 4, FP, F_IFINDEX)
+    a.stx(4, FP, EP_KEY, 4)
+    a.ld_map(1, endpoints_fd)
+    a.mov(2, FP)
+    a.addi(2, EP_KEY)
+    a.call(MAP_LOOKUP)
+    a.jump(JEQ, 0, miss, imm=0)
+    a.movi(0, FIB_SUCCESS)
+
+
+def _shared_fib(a: Asm, endpoints_fd: int, anchor_ifindex: int, uplinks: Sequence[int] | None) -> None:
+    """A shared range's container program after its local map: the fib lookup of the destination (r8); out
+    of one of `uplinks` (None: any device but an endpoint's) with the neighbour's MAC: another host's
+    container; to an endpoint's host veth (a packet the local map did not take, a GSO one): into it; else
+    -> pass. Every address of the range not on this host may be another host's."""
+    _fib_lookup(a)
+    a.jump(JNE, 0, "pass", imm=FIB_SUCCESS)
+    if uplinks:
+        a.ldx(4, 5, FP, F_IFINDEX)
+        for index in uplinks:
+            a.jump(JEQ, 5, "uplink", imm=index)
+    _endpoint_veth(a, endpoints_fd, "uplink" if uplinks is None else "pass")
+    _to_endpoint(a, anchor_ifindex, "local_ttl_done", peer=False)
+    if uplinks is None or uplinks:
+        a.label("uplink")
+        _decrement_ttl(a, "ttl_done")
+        _redirect_neigh(a)
+
+
 def uplink_program(host_cidr: str, cluster_cidr: str, anchor_ifindex: int, map_fd: int | None = None,
-                   local_fd: int | None = None) -> bytes:
+                   local_fd: int | None = None, shared: bool = False, endpoints_fd: int | None = None) -> bytes:
     """tc ingress of the uplink: another host of the cluster -> a container of this network. `map_fd`: the
     peer map, where each packet handed into a container is counted as received (bpf_redirect_peer passes
     no hook of the host veth, where the counting program would see it). `local_fd`: the IPv4 map of this
     host's endpoints by address: a destination found there is delivered without `bpf_fib_lookup`
-    (`_local_endpoint`); not found (or None): the fib lookup finds the endpoint's /32 route, as before."""
+    (`_local_endpoint`); not found (or None): the fib lookup finds the endpoint's /32 route, as before.
+    `shared`: `host_cidr` is a range shared with other hosts (eni-prefix addressing), so the fib lookup's
+    device must be an endpoint's host veth (an entry in the IPv4 endpoint map `endpoints_fd`: not another
+    uplink, where a peer redirect fails); without that map, only the local map's destinations are
+    delivered and the rest takes the normal path."""
     a = Asm()
     _parse(a)
     _require_in(a, 7, cluster_cidr)
     _require_in(a, 8, host_cidr)
+    if shared and endpoints_fd is None:
+        if local_fd is not None:
+            _ttl_above_one(a)
+            _local_endpoint(a, local_fd, _key4, "pass")
+            _deliver_local(a, "map_ttl_done", count=None if map_fd is None else
+                           lambda asm: _count(asm, map_fd, RECEIVE, cluster_cidr, "lrx", False))
+        _pass(a)
+        return a.assemble()
     if local_fd is not None:
         _ttl_above_one(a)
         _local_endpoint(a, local_fd, _key4, "fib")
@@ -369,6 +426,9 @@ def uplink_program(host_cidr: str, cluster_cidr: str, anchor_ifindex: int, map_f
         a.label("fib")
         _packet(a)
     _fib_lookup(a)
+    if shared and endpoints_fd is not None:
+        a.jump(JNE, 0, "pass", imm=FIB_SUCCESS)
+        _endpoint_veth(a, endpoints_fd, "pass")
     _to_endpoint(a, anchor_ifindex, "ttl_done", map_fd=map_fd, cluster_cidr=cluster_cidr)
     _pass(a)
     return a.assemble()

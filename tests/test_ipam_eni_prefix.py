@@ -1,0 +1,178 @@
+"""eni-prefix addressing in the IPAM and the driver (docs/eni-prefix.md): the range as the pool, addresses from
+this host's prefixes (a real PrefixPool over the embedded LocalPrefixes, a real Store), the refusals."""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import threading
+
+import pytest
+from fakes import make_plugin
+
+from vpcnet.cli import serve
+from vpcnet.cli.serve import PrefixKeeper, mixed_addressing
+from vpcnet.docker.driver import GENERIC, MODE_OPTION
+from vpcnet.docker.ipam import GATEWAY_KEY, REQUEST_TYPE_KEY
+from vpcnet.errors import Conflict, InvalidRequest
+from vpcnet.routes.prefixes import PrefixPool
+
+RANGE = "10.0.0.0/20"
+NID = "e1" * 32
+EID = "ab" * 32
+ENI = {"VPCNET_ADDRESSING": "eni-prefix", "VPCNET_CLUSTER_CIDR": RANGE, "VPCNET_PREFIX_COOLDOWN": "0"}
+
+
+@pytest.fixture
+def plug(tmp_path):
+    return make_plugin(tmp_path, **ENI)
+
+
+def held(plug) -> list[ipaddress.IPv4Network]:
+    return [ipaddress.IPv4Network(p.prefix) for p in plug.store.held_prefixes("ipv4")]
+
+
+def ip_of(answer: dict) -> ipaddress.IPv4Address:
+    return ipaddress.IPv4Interface(answer["Address"]).ip
+
+
+def test_the_pool_is_the_range_and_its_first_address_the_gateway(plug):
+    answer = plug.ipam.request_pool()
+    assert answer == {"PoolID": RANGE, "Pool": RANGE, "Data": {GATEWAY_KEY: "10.0.0.1/20"}}
+    assert plug.ipam.request_pool(pool=RANGE) == answer         # --subnet naming the range, and replays
+    assert plug.store.claims() == [] and plug.routes.provider.list_routes() == []   # no route, no claim
+    gateway = plug.ipam.request_address(RANGE, options={REQUEST_TYPE_KEY: GATEWAY_KEY})
+    assert gateway["Address"] == "10.0.0.1/20"
+
+
+def test_another_subnet_and_ipv6_are_refused_clearly(plug):
+    with pytest.raises(InvalidRequest, match=r"--subnet 10\.9\.0\.0/16: in eni-prefix addressing .* 10\.0\.0\.0/20"):
+        plug.ipam.request_pool(pool="10.9.0.0/16")
+    with pytest.raises(InvalidRequest, match="IPv6 .* not served in eni-prefix"):
+        plug.ipam.request_pool(v6=True)
+    assert plug.store.pools() == []
+
+
+def test_addresses_come_from_this_host_s_prefixes_with_the_range_s_prefix_length(plug):
+    pool = plug.ipam.request_pool()["PoolID"]
+    answers = [plug.ipam.request_address(pool) for _ in range(20)]     # more than one /28 holds
+    assert all(a["Address"].endswith("/20") for a in answers)
+    addresses = [ip_of(a) for a in answers]
+    assert len(set(addresses)) == 20
+    prefixes = held(plug)
+    assert len(prefixes) >= 2 and all(p.prefixlen == 28 for p in prefixes)
+    assert all(any(a in p for p in prefixes) for a in addresses)
+    range_ = ipaddress.IPv4Network(RANGE)
+    assert not {range_.network_address, range_.network_address + 1, range_.broadcast_address} & set(addresses)
+    assert sorted(plug.store.addresses(pool)) == sorted(str(a) for a in addresses)
+
+
+def test_concurrent_requests_never_get_the_same_address(tmp_path):
+    plugs = [make_plugin(tmp_path, **ENI) for _ in range(3)]       # three workers on one state
+    pool = plugs[0].ipam.request_pool()["PoolID"]
+    got: list[str] = []
+    errors: list[Exception] = []
+
+    def take(plug) -> None:
+        for _ in range(10):
+            try:
+                got.append(plug.ipam.request_address(pool)["Address"])
+            except Exception as exc:    # noqa: BLE001 (reported below)
+                errors.append(exc)
+    threads = [threading.Thread(target=take, args=(p,)) for p in plugs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(got) == 30 and len(set(got)) == 30
+
+
+def test_a_requested_address_inside_a_held_prefix_is_honoured_outside_refused(plug):
+    pool = plug.ipam.request_pool()["PoolID"]
+    first = ip_of(plug.ipam.request_address(pool))
+    prefix = next(p for p in held(plug) if first in p)
+    wanted = prefix.broadcast_address                      # a /28's last address is an ordinary one here
+    assert plug.ipam.request_address(pool, str(wanted))["Address"] == f"{wanted}/20"
+    with pytest.raises(Conflict, match="already in use"):
+        plug.ipam.request_address(pool, str(wanted))
+    outside = ipaddress.IPv4Network(RANGE).broadcast_address - 1
+    with pytest.raises(InvalidRequest, match=rf"address {outside} is in none of this host's prefixes \({prefix}"):
+        plug.ipam.request_address(pool, str(outside))
+    with pytest.raises(InvalidRequest, match="gateway"):
+        plug.ipam.request_address(pool, "10.0.0.1")
+    assert sorted(plug.store.addresses(pool)) == sorted([str(first), str(wanted)])
+
+
+def test_release_frees_the_address(plug):
+    pool = plug.ipam.request_pool()["PoolID"]
+    address = plug.ipam.request_address(pool)["Address"]
+    plug.ipam.release_address(pool, address)
+    assert plug.store.addresses(pool) == []
+    assert str(ip_of({"Address": address})) not in plug.store.addresses_in_use("ipv4")
+
+
+def test_a_replay_of_an_address_in_use_is_honoured_once_in_the_window(plug):
+    pool = plug.ipam.request_pool()["PoolID"]
+    address = str(ip_of(plug.ipam.request_address(pool)))
+    plug.ipam.open_replay_window()                          # Docker restarted
+    assert plug.ipam.request_pool(pool=RANGE)["PoolID"] == pool
+    assert plug.ipam.request_address(pool, address)["Address"] == f"{address}/20"
+    with pytest.raises(Conflict, match="already in use"):
+        plug.ipam.request_address(pool, address)
+
+
+def create(plug, nid=NID, generic=None):
+    pool = plug.ipam.request_pool()["PoolID"]
+    plug.driver.create_network(nid, {GENERIC: generic or {}}, [{"Pool": pool, "Gateway": ""}], [])
+    return plug.store.network(nid)
+
+
+def test_a_network_remembers_eni_prefix_and_its_datapath_shares_the_range(plug):
+    net = create(plug)
+    assert net.addressing == "eni-prefix" and net.host_cidr == RANGE and net.gateway == "10.0.0.1"
+    spec = plug.driver._spec(net)
+    assert spec.shared_range and spec.prefixlen == 32       # the anchor holds the gateway alone, not the range
+    address = plug.ipam.request_address(RANGE)["Address"]
+    plug.driver.create_endpoint(NID, EID, {"Address": address, "MacAddress": ""}, {})
+    assert plug.store.endpoints(NID)[0].address == str(ip_of({"Address": address}))
+    join = plug.driver.join(NID, EID, "/var/run/docker/netns/x", {})
+    # the range is the container's on-link prefix already: no static route for it (the kernel would refuse)
+    assert join["Gateway"] == "10.0.0.1" and join["StaticRoutes"] == []
+
+
+def test_bridge_mode_is_refused_leaving_nothing(plug):
+    with pytest.raises(InvalidRequest, match="bridge mode is refused in eni-prefix addressing"):
+        plug.driver.gw_alloc_check({GENERIC: {MODE_OPTION: "bridge"}})
+    with pytest.raises(InvalidRequest, match="bridge mode is refused in eni-prefix addressing"):
+        create(plug, generic={MODE_OPTION: "bridge"})
+    assert plug.store.networks() == [] and plug.dataplane.state() == make_plugin_state()
+
+
+def make_plugin_state():
+    from fakes import FakeDataplane
+    return FakeDataplane().state()
+
+
+def test_a_mode_switch_is_refused_while_networks_of_the_other_addressing_exist(tmp_path, capsys):
+    before = make_plugin(tmp_path)                          # route-table addressing
+    pool = before.ipam.request_pool()["PoolID"]
+    before.driver.create_network(NID, {GENERIC: {}}, [{"Pool": pool, "Gateway": ""}], [])
+    after = make_plugin(tmp_path, **ENI)
+    refusal = mixed_addressing(after.config)
+    assert f"VPCNET_ADDRESSING is eni-prefix but this host's state has 1 network(s) of route-table addressing " \
+           f"({NID[:12]})" in refusal and f"docker network rm {NID[:12]}" in refusal
+    with pytest.raises(Conflict, match="a host never mixes the two"):
+        after.ipam.request_pool()
+    assert [p["pool_id"] for p in after.store.pools()] == [pool]
+    assert mixed_addressing(before.config) == ""
+    assert serve.run(after.config) == 1                    # refused before the socket is bound
+    assert refusal in capsys.readouterr().err and not os.path.exists(after.config.socket)
+
+
+def test_the_background_pass_keeps_the_warm_prefix_and_logs_it(plug, caplog):
+    keeper = PrefixKeeper(plug.config, PrefixPool(plug.config, plug.store), threading.Event(), lambda: None)
+    with caplog.at_level(logging.INFO, logger="vpcnet.cli.serve"):
+        result = keeper.run_once()
+    assert result.ok and len(result.assigned) == 1 and held(plug) == [ipaddress.IPv4Network(result.assigned[0])]
+    assert any("prefix pass: assigned" in r.getMessage() for r in caplog.records)
+    assert keeper.run_once().assigned == []                 # level-triggered: the target is met

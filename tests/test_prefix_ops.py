@@ -162,6 +162,9 @@ def test_prefix_calls_are_counted_by_outcome(tmp_path):
         host.pool._end_pause(4)
         host.pool.sync()                                 # two more do not fit in the /27
         assert count("assign", "no_free_prefix") == before[("assign", "no_free_prefix")] + 1
+        paused = samples_of(metrics.StateCollector(host.store, link_stats=dict,
+                                                   prefixes=metrics.prefix_status(host.config, host.store)))
+        assert paused[("vpcnet_prefix_growth_paused", (("family", "ipv4"),))] == 1
         host.pool.config = host.config.replace(warm_prefixes=0)
         host.pool.sync()                                 # unused, no cooldown: given back
         assert count("unassign", "ok") == before[("unassign", "ok")] + 1
@@ -284,3 +287,42 @@ def test_routes_sync_says_a_pause_and_exits_0(tmp_path):
     proc = routes_sync(tmp_path, VPCNET_CLUSTER_CIDR="10.240.0.0/27", VPCNET_HOST_PREFIX="28")
     assert proc.returncode == 0, proc.stderr
     assert "IPv4: new prefixes paused:" in proc.stdout and "VPCNET_CLUSTER_CIDR" in proc.stdout
+
+
+def test_status_and_doctor_of_a_dual_stack_host(tmp_path, no_cloud):
+    host = Host(tmp_path, cluster_cidr_v6="fd00:10::/64")
+    try:
+        address = host.pool.take_address(6).address        # the host's one /80, assigned there and then
+        assert address == "fd00:10::2"
+        host.pool.sync()
+        got = status.collect(host.config)["prefixes"]
+        assert [f["version"] for f in got["families"]] == [4, 6]
+        ipv6 = got["families"][1]
+        assert (ipv6["prefixes"], ipv6["capacity"], ipv6["room"]) == (["fd00:10::/80"], 1, 0)
+        assert "IPv6: 1 prefix(es): fd00:10::/80" in status.render(status.collect(host.config))
+        ctx, checks = host.doctor()
+        found = problems(checks.check_prefix_pool())       # one /80 is all a local interface holds: full
+        assert ["IPv6: the interface holds all the prefixes its instance type allows (1)" in t
+                for t in found["prefix_capacity"]] == [True]
+        details = [f.detail for f in checks.check_reserved_ranges()]
+        assert "the cluster CIDR fd00:10::/64 is the subnet's reserved IPv6 range of type prefix" in details
+        ctx.store.close()
+    finally:
+        host.close()
+
+
+def test_doctor_runs_the_prefix_checks_and_skips_the_route_ones(tmp_path):
+    """The whole `vpcnet doctor --json` in eni-prefix addressing (the kernel read only, no engine)."""
+    assert routes_sync(tmp_path).returncode == 0
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("VPCNET_")}
+    environ.update({"VPCNET_CONFIG": os.devnull, "VPCNET_STATE_DIR": str(tmp_path / "state"),
+                    "VPCNET_SOCKET": str(tmp_path / "vpcnet.sock"), "VPCNET_INSTANCE_ID": "h1",
+                    "VPCNET_ADDRESSING": "eni-prefix", "VPCNET_CLUSTER_CIDR": CLUSTER, "VPCNET_METRICS_ADDR": ""})
+    proc = subprocess.run([sys.executable, "-m", "vpcnet.cli", "doctor", "--json", "--docker-socket",
+                           str(tmp_path / "no-docker.sock")], env=environ, capture_output=True, text=True,
+                          timeout=120)
+    report = json.loads(proc.stdout)
+    by_check = {f["check"]: f for f in report["findings"]}
+    assert by_check["reserved_range"]["ok"] and by_check["prefix_capacity"]["ok"], report
+    assert by_check["routes"]["ok"] and "skipped: eni-prefix addressing" in by_check["routes"]["detail"]
+    assert not {"route", "claim", "quota", "source_dest_check"} & set(by_check)

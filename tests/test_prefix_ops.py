@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from fakes import make_config
 
 from vpcnet.cli import status
 from vpcnet.cli.doctor.cloud import CloudChecks
@@ -18,7 +19,7 @@ from vpcnet.cli.doctor.findings import Context
 from vpcnet.cli.doctor.plugin import PluginChecks
 from vpcnet.cli.doctor.prefixes import PrefixChecks
 from vpcnet.cloud.local import LOCAL_CAPACITY_V4, LocalPrefixes
-from vpcnet.config import Config
+from vpcnet.config import Config, ConfigError
 from vpcnet.observability import events, metrics
 from vpcnet.routes import prefixes as prefixes_mod
 from vpcnet.routes.prefixes import PrefixPool
@@ -326,3 +327,13 @@ def test_doctor_runs_the_prefix_checks_and_skips_the_route_ones(tmp_path):
     assert by_check["reserved_range"]["ok"] and by_check["prefix_capacity"]["ok"], report
     assert by_check["routes"]["ok"] and "skipped: eni-prefix addressing" in by_check["routes"]["detail"]
     assert not {"route", "claim", "quota", "source_dest_check"} & set(by_check)
+
+
+def test_a_reserved_26_is_a_valid_cluster_cidr_in_eni_prefix_addressing_only(tmp_path):
+    """The range is no host block: VPCNET_HOST_PREFIX does not bound it, one /28 does."""
+    assert make_config(tmp_path, ADDRESSING="eni-prefix", CLUSTER_CIDR="192.168.0.64/26").cluster_cidr \
+        == "192.168.0.64/26"
+    with pytest.raises(ConfigError, match="holds no /28 prefix"):
+        make_config(tmp_path, ADDRESSING="eni-prefix", CLUSTER_CIDR="192.168.0.64/29")
+    with pytest.raises(ConfigError, match="must be larger than one host block"):
+        make_config(tmp_path, CLUSTER_CIDR="192.168.0.64/26")

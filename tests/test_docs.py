@@ -532,6 +532,11 @@ tests:
         values: '0+60x10 600x30'
       - series: 'vpcnet_route_reconcile_last_success_timestamp_seconds{instance="h2"}'
         values: '0+60x40'
+      # h1: paused 120 s at a time, a 1-minute gap between pauses (still no free prefix); h2: one pause
+      - series: 'vpcnet_prefix_growth_paused{instance="h1", family="ipv4"}'
+        values: '0 1 1 0 1 1 0 1 1 0 1 1 0 1 1 0 1 1 0 1 1 0 1 1'
+      - series: 'vpcnet_prefix_growth_paused{instance="h2", family="ipv4"}'
+        values: '0 1 1 0x21'
     alert_rule_test:
       - eval_time: 5m
         alertname: VpcnetRouteNotAvailable
@@ -588,6 +593,17 @@ tests:
               summary: "host block 10.200.1.0/24 of h1 is 92.89% used"
               description: "A full block refuses new containers on this host: spread them to other hosts; hosts that
                 claim a block later get a larger one with a smaller VPCNET_HOST_PREFIX."
+      - eval_time: 8m
+        alertname: VpcnetPrefixGrowthPaused
+      - eval_time: 20m
+        alertname: VpcnetPrefixGrowthPaused
+        exp_alerts:
+          - exp_labels: {severity: warning, instance: h1, family: ipv4}
+            exp_annotations:
+              summary: "no free ipv4 prefix for h1 in its subnet"
+              description: "New prefixes keep being refused: containers fail to start once this host's are full.
+                Reserve a larger range of type prefix, or free addresses in the subnet; `vpcnet doctor` there names
+                the reservation."
       - eval_time: 24m
         alertname: VpcnetDatapathPassStale
         exp_alerts:

@@ -420,7 +420,11 @@ def validate(config: Config, check_socket_dir: bool = True) -> None:
     if not config.cluster_cidr:
         raise ConfigError("VPCNET_CLUSTER_CIDR: must be set")
     cluster = ipaddress.IPv4Network(config.cluster_cidr)
-    if cluster.prefixlen >= config.host_prefix:
+    if config.addressing == "eni-prefix":
+        # the range prefixes come from (a reserved /26 is common): no host block, at least one /28
+        if cluster.prefixlen > 28:
+            raise ConfigError(f"VPCNET_CLUSTER_CIDR: {cluster} holds no /28 prefix (eni-prefix addressing)")
+    elif cluster.prefixlen >= config.host_prefix:
         raise ConfigError(f"VPCNET_CLUSTER_CIDR: {cluster} must be larger than one host block "
                           f"(/{config.host_prefix}, VPCNET_HOST_PREFIX)")
     if config.host_cidr:

@@ -4,26 +4,34 @@ Published ports are shown here because `docker port` and `docker ps` cannot show
 daemon reads them from EndpointOperInfo only as Go `[]types.PortBinding` (moby `getEndpointPortMapInfo`),
 and a remote driver's answer arrives as decoded JSON (`[]interface{}`), which that type assertion skips.
 
+In eni-prefix addressing (docs/eni-prefix.md) it shows, instead of host CIDRs, this host's prefixes per
+family: held, addresses in use and free, how many more the interface takes, and a growth pause with its
+reason (`PrefixPool.status()`, what the last pass wrote in the store).
+
 Reads the store directly, so it works whether or not the plugin is running, and makes no cloud call. The
 store is opened read-only: never migrated or written, so a running plugin's database (possibly of another
 schema version) stays exactly as the plugin left it.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sqlite3
+import time
 
 from vpcnet import config as config_mod
 from vpcnet.datapath.features import DEFAULT_MODE_KEY, DefaultMode
+from vpcnet.routes.prefixes import PrefixPool
 from vpcnet.state.store import Port, Store
 
 
 def collect(config) -> dict:
     if not os.path.exists(config.db_path):
         return {"state_dir": config.state_dir, "provider": config.provider, "socket": config.socket,
-                "socket_up": os.path.exists(config.socket), "host_cidrs": [], "networks": [],
-                "datapath_repairs": {}, "default_mode": None, "peer_counting": peer_line(config, None)}
+                "socket_up": os.path.exists(config.socket), "addressing": config.addressing, "host_cidrs": [],
+                "prefixes": None, "networks": [], "datapath_repairs": {}, "default_mode": None,
+                "peer_counting": peer_line(config, None)}
     store = Store(config.db_path, readonly=True)
     try:
         networks = []
@@ -48,11 +56,24 @@ def collect(config) -> dict:
         claims = [{"cluster_cidr": c.cluster_cidr, "host_cidr": c.host_cidr, "static": c.static,
                    "route_ok": c.route_ok, "reason": c.reason} for c in store.claims()]
         return {"state_dir": config.state_dir, "provider": config.provider, "socket": config.socket,
-                "socket_up": os.path.exists(config.socket), "host_cidrs": claims, "networks": networks,
+                "socket_up": os.path.exists(config.socket), "addressing": config.addressing,
+                "host_cidrs": claims, "prefixes": _prefixes(config, store), "networks": networks,
                 "datapath_repairs": repairs, "default_mode": default,
                 "peer_counting": peer_line(config, default)}
     finally:
         store.close()
+
+
+def _prefixes(config, store: Store) -> dict | None:
+    """This host's prefixes in eni-prefix addressing (None in route-table addressing), from the store:
+    PrefixPool.status() makes no cloud call. A state of a plugin before schema 8 has none."""
+    if config.addressing != "eni-prefix":
+        return None
+    try:
+        return json.loads(json.dumps(dataclasses.asdict(PrefixPool(config, store).status())))   # lists, as --json
+    except sqlite3.OperationalError:
+        return {"interface_id": "", "instance_type": "", "supported": True, "families": [],
+                "reason": "the state was written by a plugin without eni-prefix addressing (schema before 8)"}
 
 
 def _ports(store: Store) -> list[Port]:
@@ -91,8 +112,13 @@ def peer_line(config, default: dict | None) -> str:
 
 def render(status: dict) -> str:
     lines = [f"provider {status['provider']}, socket {status['socket']} "
-             f"({'up' if status['socket_up'] else 'down'}), state {status['state_dir']}", "host CIDRs:"]
-    if not status["host_cidrs"]:
+             f"({'up' if status['socket_up'] else 'down'}), state {status['state_dir']}"]
+    eni_prefix = status.get("addressing") == "eni-prefix"
+    if eni_prefix:
+        lines += prefix_lines(status.get("prefixes"))
+    if not eni_prefix or status["host_cidrs"]:
+        lines.append("host CIDRs:")
+    if not eni_prefix and not status["host_cidrs"]:
         lines.append("  (none claimed yet)")
     for c in status["host_cidrs"]:
         state = "route ok" if c["route_ok"] else (c["reason"] or "route not checked yet")
@@ -125,10 +151,42 @@ def render(status: dict) -> str:
     return "\n".join(lines)
 
 
+def prefix_lines(prefixes: dict | None, now: float | None = None) -> list[str]:
+    """The eni-prefix section of `render`: the interface, then one line per family (and its pause)."""
+    prefixes = prefixes or {}
+    interface = prefixes.get("interface_id")
+    if not interface:
+        head = "addressing eni-prefix, interface: not described yet (the plugin's first prefix pass does it)"
+    else:
+        head = f"addressing eni-prefix, interface {interface}" + (
+            f" ({prefixes['instance_type']})" if prefixes.get("instance_type") else "")
+    lines = [head + ":"]
+    if prefixes.get("reason"):
+        lines.append(f"  {'no prefixes on this instance: ' if not prefixes.get('supported', True) else ''}"
+                     f"{prefixes['reason']}")
+    now = time.time() if now is None else now
+    for family in prefixes.get("families") or []:
+        name = f"IPv{family['version']}"
+        held = family["prefixes"]
+        releasing = f" ({len(family['releasing'])} being released)" if family["releasing"] else ""
+        room = ("room not known yet" if family["room"] is None else
+                f"the interface takes {family['room']} more (of {family['capacity']})")
+        lines.append(f"  {name}: {len(held)} prefix(es){releasing}"
+                     f"{': ' + ', '.join(held[:8]) if held else ''}{' ...' if len(held) > 8 else ''}")
+        lines.append(f"  {'':<{len(name)}}  {family['addresses_in_use']} address(es) in use, "
+                     f"{family['addresses_free']} free, {family['free_prefixes']} prefix(es) wholly free; {room}")
+        if family.get("paused_until"):
+            lines.append(f"  {'':<{len(name)}}  new prefixes paused for another "
+                         f"{max(0.0, family['paused_until'] - now):.0f} s: {family['pause_reason']}")
+    if not prefixes.get("families"):
+        lines.append("  (no prefix held yet)")
+    return lines
+
+
 def register(sub) -> None:
     from vpcnet.config import add_config_argument
 
-    parser = sub.add_parser("status", help="show host CIDRs, networks, endpoints and addresses")
+    parser = sub.add_parser("status", help="show host CIDRs (or prefixes), networks, endpoints and addresses")
     add_config_argument(parser)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 

@@ -3,10 +3,10 @@
 Each event is counted where it happens, at one chokepoint: Docker's calls (transport's dispatch), cloud
 API calls (aliyun's signed RPC call, a botocore event hook for aws), route passes (the route keeper's
 loop), firewall repair loops (the firewall's canary), datapath passes (the datapath reconciler),
-iptables-restore runs (the firewall's one runner of it) and eBPF program loads (the loader). Those
-modules call `docker_call`, `cloud_call`/`instrument_botocore`, `reconcile_pass`, `repair_loop`,
-`datapath_pass`, `iptables_restore`, `bpf_program_load` and `RECONCILER.table_listed` here and nothing
-else; this module imports nothing of vpcnet's, so the arrows
+iptables-restore runs (the firewall's one runner of it), eBPF program loads (the loader) and ENI prefix
+assigns and releases (the prefix pool). Those modules call `docker_call`, `cloud_call`/`instrument_botocore`,
+`reconcile_pass`, `repair_loop`, `datapath_pass`, `iptables_restore`, `bpf_program_load`, `prefix_call` and
+`RECONCILER.table_listed` here and nothing else; this module imports nothing of vpcnet's, so the arrows
 point one way. The families are part of the metrics contract (docs/monitoring.md); vpcnet.observability
 .metrics renders them with the state it computes at scrape time.
 """
@@ -61,6 +61,13 @@ IPTABLES_RESTORES = Counter("vpcnet_iptables_restore_total", "iptables-restore (
 BPF_LOADS = Counter("vpcnet_bpf_program_loads_total", "eBPF programs loaded into the kernel (bpf(2) PROG_LOAD), "
                     "by program (container, uplink, probe) and outcome: ok, failed (the kernel refused it)",
                     ["program", "outcome"], registry=EVENTS)
+PREFIX_CALLS = Counter("vpcnet_prefix_calls_total", "eni-prefix addressing: prefix assign and unassign calls "
+                       "to the cloud, by IP family and outcome: ok, no_free_prefix (the subnet or reserved range "
+                       "has none left), interface_full, unsupported (the instance type holds none), busy "
+                       "(throttled), retryable (a timeout, a 5xx, a lost answer), refused (any other refusal)",
+                       ["call", "family", "outcome"], registry=EVENTS)
+#: Its outcomes (vpcnet.routes.prefixes maps each exception to one), so the label stays bounded.
+PREFIX_OUTCOMES = ("ok", "no_free_prefix", "interface_full", "unsupported", "busy", "retryable", "refused")
 #: The `program` label of each kernel program name (vpcnet.datapath.tc attaches the first two,
 #: vpcnet.datapath.features probes with the others); any other name is "other", so the label stays bounded.
 BPF_PROGRAMS = {"vpcnet_ctr": "container", "vpcnet_uplink": "uplink", "vpcnet_probe_c": "probe",
@@ -95,7 +102,12 @@ FAMILIES = (
     "vpcnet_bpf_program_loads_total",
     "vpcnet_endpoint_peer_transmit_bytes_total", "vpcnet_endpoint_peer_receive_bytes_total",
     "vpcnet_endpoint_peer_transmit_packets_total", "vpcnet_endpoint_peer_receive_packets_total",
+    "vpcnet_prefixes_held", "vpcnet_prefix_addresses_in_use", "vpcnet_prefix_addresses_free",
+    "vpcnet_prefix_interface_capacity", "vpcnet_prefix_growth_paused", "vpcnet_prefix_calls_total",
 )
+#: The families served only with VPCNET_ADDRESSING=eni-prefix (the state ones by vpcnet.observability.metrics,
+#: the calls once the prefix pool has made one).
+PREFIX_FAMILIES = tuple(f for f in FAMILIES if f.startswith(("vpcnet_prefix_", "vpcnet_prefixes_")))
 
 #: Kernel objects the datapath pass repairs (vpcnet.datapath.spec.Repair kinds): their series exist at 0.
 REPAIR_OBJECTS = ("firewall", "link", "address", "route", "tc")
@@ -136,6 +148,12 @@ def iptables_restore(family: str, ok: bool) -> None:
 def bpf_program_load(name: str, ok: bool) -> None:
     """One eBPF program load ended (the loader): accepted, or refused for good."""
     BPF_LOADS.labels(BPF_PROGRAMS.get(name, "other"), "ok" if ok else "failed").inc()
+
+
+def prefix_call(call: str, family: str, outcome: str) -> None:
+    """One prefix assign or unassign call to the cloud ended (the prefix pool): `call` assign or unassign,
+    `family` ipv4 or ipv6, `outcome` one of PREFIX_OUTCOMES (anything else counts as refused)."""
+    PREFIX_CALLS.labels(call, family, outcome if outcome in PREFIX_OUTCOMES else "refused").inc()
 
 
 def repair_loop(family: str, table: str) -> None:

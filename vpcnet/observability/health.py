@@ -360,7 +360,8 @@ class Observer:
         server.exposition = metrics.Exposition(self.store, docker_socket=docker_socket(self.config),
                                                 per=self.config.endpoint_metrics,
                                                 peer_stats=metrics.peer_map if self.config.peers else None,
-                                                peers_per_endpoint=self.config.peers_per_endpoint)
+                                                peers_per_endpoint=self.config.peers_per_endpoint,
+                                                prefixes=metrics.prefix_status(self.config, self.store))
         server.health = self.health
         self.server = server
         bound = f"{server.server_address[0]!s}:{server.server_address[1]}"

@@ -5,7 +5,9 @@ Two kinds of family:
 - Events, counted where they happen through vpcnet.observability.events, the one module of this room the
   others import: Docker's calls, cloud API calls, route passes.
 - State, computed here at scrape time from the store and the kernel (`StateCollector`): endpoints, IPAM
-  addresses, route availability, route-table entries and quota, per-endpoint traffic (the veth's
+  addresses, route availability, route-table entries and quota, in eni-prefix addressing this host's
+  prefixes (`PrefixPool.status()`, from the store: no cloud call; the IPAM's pool is then the range all
+  hosts share, so it gets no capacity series), per-endpoint traffic (the veth's
   counters read over netlink, named from the container's side: what the container sent is what the host
   end received; what it received is read on the container's own end, which also counts what the ebpf
   fast path redirects into it past the host end). No per-call bookkeeping can drift, and an endpoint's
@@ -48,6 +50,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from vpcnet import __version__
 from vpcnet.docker.names import NONE, NameCache
 from vpcnet.observability.events import EVENTS, RECONCILER, REPAIR_OBJECTS, ReconcilerState
+from vpcnet.routes.prefixes import PoolStatus
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +166,7 @@ class StateCollector:
     def __init__(self, store, link_stats: Callable[[], dict[str, dict[str, int]]] = veth_stats,
                  reconciler: ReconcilerState = RECONCILER, names: NameCache | None = None,
                  per: str = "container", peer_stats: Callable[[], PeerReading] | None = None,
-                 peers_per_endpoint: int = 32):
+                 peers_per_endpoint: int = 32, prefixes: Callable[[], PoolStatus] | None = None):
         self.store = store
         self.link_stats = link_stats
         self.reconciler = reconciler
@@ -172,6 +175,7 @@ class StateCollector:
         self.sums = ServiceSums()
         self.peer_stats = peer_stats    # None: VPCNET_PEER_METRICS=off, no peer families
         self.peers = PeerTotals(peers_per_endpoint)
+        self.prefixes = prefixes        # None: route-table addressing, no prefix families
 
     def describe(self):
         return []       # unchecked collector: its series are known only at scrape time
@@ -185,6 +189,7 @@ class StateCollector:
         yield from self._ipam()
         yield from self._routes()
         yield from self._tables()
+        yield from self._prefix_families()
         yield from self._repairs()
 
     def _repairs(self):
@@ -286,6 +291,8 @@ class StateCollector:
                                      "holds (without network, broadcast and gateway)", labels=["host_cidr"])
         for pool, used in self.store.addresses_per_pool().items():
             in_use.add_metric([pool], used)
+            if self.prefixes is not None:
+                continue     # eni-prefix: the pool is the range every host shares; vpcnet_prefix_* say this host's
             block = ipaddress.ip_network(pool)    # without network, broadcast, gateway (IPv6: anycast, gateway)
             capacity.add_metric([pool], max(0, block.num_addresses - (3 if block.version == 4 else 2)))
         yield in_use
@@ -312,6 +319,45 @@ class StateCollector:
                     quota.add_metric([table, family], limit)
         yield entries
         yield quota
+
+
+    def _prefix_families(self):
+        """eni-prefix addressing: this host's prefixes per family, as the store holds them (what the last
+        pass learnt of the interface for its capacity; none until a pass has read it)."""
+        if self.prefixes is None:
+            return
+        status = self.prefixes()
+        held = GaugeMetricFamily("vpcnet_prefixes_held", "eni-prefix addressing: prefixes this host holds on "
+                                 "its interface (being released included)", labels=["family"])
+        in_use = GaugeMetricFamily("vpcnet_prefix_addresses_in_use", "eni-prefix addressing: container "
+                                   "addresses in use in this host's prefixes", labels=["family"])
+        free = GaugeMetricFamily("vpcnet_prefix_addresses_free", "eni-prefix addressing: addresses still free "
+                                 "in this host's prefixes (not being released, without the range's own)",
+                                 labels=["family"])
+        capacity = GaugeMetricFamily("vpcnet_prefix_interface_capacity", "eni-prefix addressing: prefixes the "
+                                     "interface can hold in all, from its instance type (held ones and other "
+                                     "tools' included)", labels=["family"])
+        paused = GaugeMetricFamily("vpcnet_prefix_growth_paused", "eni-prefix addressing: 1 while new prefixes "
+                                   "are paused after the cloud had no free one", labels=["family"])
+        for family in status.families:
+            name = f"ipv{family.version}"
+            held.add_metric([name], len(family.prefixes))
+            in_use.add_metric([name], family.addresses_in_use)
+            free.add_metric([name], family.addresses_free)
+            if family.capacity is not None:
+                capacity.add_metric([name], family.capacity)
+            paused.add_metric([name], 1 if family.paused_until is not None else 0)
+        yield from (held, in_use, free, capacity, paused)
+
+
+def prefix_status(config, store) -> Callable[[], PoolStatus] | None:
+    """What the prefix families are computed from: in eni-prefix addressing the prefix pool's `status`
+    (the store only; the pool here never makes a cloud call), else None."""
+    if config.addressing != "eni-prefix":
+        return None
+    from vpcnet.routes.prefixes import PrefixPool
+
+    return PrefixPool(config, store).status
 
 
 def _render(rows: list[tuple[str, list[int]]], out: list[str]) -> str:
@@ -390,15 +436,16 @@ def _label(value: str) -> str:
 class Exposition:
     """What `/metrics` answers: the registry rendered by prometheus_client, then the per-endpoint
     counters (StateCollector.traffic_text). `docker_socket`: the engine whose API names the endpoints
-    ("" for none: names stay empty); its lookups start at once, in a thread of their own."""
+    ("" for none: names stay empty); its lookups start at once, in a thread of their own. `prefixes`: in
+    eni-prefix addressing, the prefix pool's `status` (its families are served then only)."""
 
     def __init__(self, store, link_stats: Callable[[], dict[str, dict[str, int]]] = veth_stats,
                  docker_socket: str = "", per: str = "container", peer_stats: Callable[[], PeerReading] | None = None,
-                 peers_per_endpoint: int = 32):
+                 peers_per_endpoint: int = 32, prefixes: Callable[[], PoolStatus] | None = None):
         self.names = NameCache(docker_socket, lambda: _live(store)) if docker_socket else None
         self.state = StateCollector(store, link_stats, names=self.names, per=per,
                                     peer_stats=peer_stats if per == "container" else None,
-                                    peers_per_endpoint=peers_per_endpoint)
+                                    peers_per_endpoint=peers_per_endpoint, prefixes=prefixes)
         self.registry = serving_registry(self.state)
         if self.names:
             self.names.kick()

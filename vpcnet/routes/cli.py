@@ -9,6 +9,10 @@
   `--wait` seconds after it, for Pending routes to become Available. Exit 0 when this host's routes are in
   place. A busy VPC is waited for while its tables keep changing (a boot storm: vpcnet.routes.backoff),
   and given up on after `--wait` seconds without any change.
+  With `VPCNET_ADDRESSING=eni-prefix` (docs/eni-prefix.md) there is no route to write: `sync` runs one
+  pass of this host's prefix pool instead (PrefixPool.sync: settle a lost assign, keep the warm target,
+  give back what cooled), prints what it did and the prefixes per family, and exits 0 when the pass met
+  no problem (a full interface or a growth pause is said, not a failure: the pass did all it could).
 - `release` removes this host's routes from every table and forgets its claims (decommissioning). It
   asks nothing, but refuses while vpcnet networks still use one of those blocks (their containers would
   lose their route): delete the networks first, or pass `--force`.
@@ -46,13 +50,15 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_list)
 
-    p = actions.add_parser("sync", help="one reconcile pass; exit 0 when this host's routes are in place")
+    p = actions.add_parser("sync", help="one reconcile pass; exit 0 when this host's routes are in place "
+                                        "(eni-prefix addressing: one prefix pass)")
     add_config_argument(p)
     p.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
                    help="how long to keep trying: retries of failing cloud calls (at least 2 s, at most "
                         "60); a busy VPC (TaskConflict, throttling: a boot storm) while its route tables "
                         "do not change at all (one that keeps changing is waited for, up to 900 s); Pending "
-                        "routes becoming Available, after the pass (default 60)")
+                        "routes becoming Available, after the pass (default 60; eni-prefix addressing: "
+                        "unused, a prefix pass has its own bound)")
     p.set_defaults(func=cmd_sync)
 
     p = actions.add_parser("release", help="remove this host's routes (decommissioning); asks nothing, but "
@@ -166,6 +172,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
     if args.wait < 0:
         print("vpcnet: --wait must be 0 or more seconds", file=sys.stderr)
         return 2
+    if config_mod.load(args.config, check_socket_dir=False).addressing == "eni-prefix":
+        return _prefix_sync(args)
     config, store, keeper = _open(args, **sync_deadlines(args.wait))
     try:
         result = keeper.reconcile(wait_pending=args.wait)
@@ -182,6 +190,45 @@ def cmd_sync(args: argparse.Namespace) -> int:
         print(f"vpcnet: {problem}", file=sys.stderr)
     if result.pending_only:
         print(f"vpcnet: still not Available after {args.wait:g} s (try a longer --wait)", file=sys.stderr)
+    return EXIT_PROBLEM
+
+
+def _prefix_sync(args: argparse.Namespace) -> int:
+    """`routes sync` in eni-prefix addressing: one pass of this host's prefix pool, what it did, and the
+    prefixes per family after it."""
+    from vpcnet.observability.logs import setup_logging
+    from vpcnet.routes.prefixes import PrefixPool
+    from vpcnet.state.store import Store
+
+    config = config_mod.load(args.config, check_socket_dir=False)
+    setup_logging("DEBUG" if config.log_level.upper() == "DEBUG" else "ERROR")
+    store = Store(config.db_path)
+    pool = PrefixPool(config, store)
+    try:
+        result = pool.sync()
+        status = pool.status()
+    finally:
+        pool.close()
+        store.close()
+    for verb, prefixes in (("assigned", result.assigned), ("adopted (an assign whose answer was lost)", result.adopted),
+                           ("released", result.released), ("forgotten (gone from the interface)", result.gone)):
+        for prefix in prefixes:
+            print(f"{verb} {prefix}")
+    for version in result.full:
+        print(f"IPv{version}: short of the warm target ({config.warm_prefixes} free), and the interface holds "
+              "all the prefixes its instance type allows")
+    for version, why in sorted(result.paused.items()):
+        print(f"IPv{version}: new prefixes paused: {why}")
+    for family in status.families:
+        room = "?" if family.room is None else str(family.room)
+        print(f"IPv{family.version} on {status.interface_id or '?'}: {len(family.prefixes)} prefix(es) held, "
+              f"{family.addresses_in_use} address(es) in use, {family.addresses_free} free, room for {room} more")
+    calls = ", ".join(f"{kind} {n}" for kind, n in sorted(result.calls.items())) or "none"
+    if result.ok:
+        print(f"prefixes in place (cloud calls: {calls})")
+        return 0
+    for problem in result.problems:
+        print(f"vpcnet: {problem}", file=sys.stderr)
     return EXIT_PROBLEM
 
 

@@ -19,6 +19,8 @@ interface that vpcnet did not assign (another tool's, a hand-made one) is left a
   error, saying what failed and what to do.
 - `status()`: per family the prefixes, addresses in use and free, how many more the interface takes, and a
   pause; from the store only (a pass writes what it learnt of the interface there), never a cloud call.
+  `vpcnet status`, `vpcnet doctor` and the metrics show it; every assign and unassign call is counted
+  (vpcnet_prefix_calls_total, by outcome).
 
 Lost answers. Before an assign is sent, its record (client token, family, count, the interface's prefixes
 of that family) is in the store; the answer and the record's removal are one transaction. A record found
@@ -63,7 +65,8 @@ from vpcnet.cloud.prefixes import (
     PrefixProvider,
     make_prefix_provider,
 )
-from vpcnet.errors import Exhausted, Fatal, Retryable, VpcnetError
+from vpcnet.errors import Busy, Exhausted, Fatal, Retryable, VpcnetError
+from vpcnet.observability import events
 from vpcnet.state.store import HELD, RELEASING, AssignRecord, HeldPrefix
 
 log = logging.getLogger(__name__)
@@ -329,7 +332,13 @@ class PrefixPool:
     # -- the cloud calls that change the interface ---------------------------------------------------------
     def _call_assign(self, version: int, count: int, token: str) -> list[str]:
         self.calls["assign"] += 1
-        return list(self.provider.assign(version, count, token))
+        try:
+            got = list(self.provider.assign(version, count, token))
+        except Exception as exc:
+            events.prefix_call("assign", _family(version), _outcome(exc))
+            raise
+        events.prefix_call("assign", _family(version), "ok")
+        return got
 
     def _assign(self, version: int, count: int, before: Collection[str]) -> list[str]:
         """Assign `count` prefixes, recorded before the call so a lost answer is settled later. A Fatal
@@ -357,7 +366,9 @@ class PrefixPool:
         self.calls["unassign"] += 1
         try:
             self.provider.unassign(version, prefixes)
+            events.prefix_call("unassign", _family(version), "ok")
         except VpcnetError as exc:
+            events.prefix_call("unassign", _family(version), _outcome(exc))
             result.problems.append(f"releasing IPv{version} prefixes {', '.join(prefixes)} (tried again on the "
                                    f"next pass): {exc}")
             return
@@ -582,6 +593,15 @@ def _room(version: int, interface: InterfacePrefixes, on_interface: dict[int, se
     if version == 4:
         return max(0, capacity.ipv4_prefixes - len(on_interface[4]) - max(0, interface.ipv4_addresses - 1))
     return max(0, capacity.ipv6_prefixes - len(on_interface[6]))
+
+
+def _outcome(exc: BaseException) -> str:
+    """The `outcome` label of vpcnet_prefix_calls_total for a call that raised `exc`."""
+    for cls, outcome in ((NoFreePrefix, "no_free_prefix"), (InterfaceFull, "interface_full"),
+                         (PrefixesUnsupported, "unsupported"), (Busy, "busy"), (Retryable, "retryable")):
+        if isinstance(exc, cls):
+            return outcome
+    return "refused"
 
 
 def _log_problems(result: PrefixPassResult) -> None:

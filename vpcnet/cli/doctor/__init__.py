@@ -2,7 +2,8 @@
 
 It reads and never repairs: the state (read-only sqlite), /proc/sys, the kernel's links and routes
 (netlink), the firewall (`iptables -S`), the Docker engine's API, the plugin's `/healthz`, and the cloud's
-route table (one listing; the read-only calls `vpcnet routes list` makes). Exit 0 when every check
+route table (one listing; the read-only calls `vpcnet routes list` makes), or in eni-prefix addressing the
+subnet's reserved ranges (one listing; never an assign or a release). Exit 0 when every check
 passes, 1 otherwise, with one line per problem.
 
 Against `vpcnet serve` it uses the same configuration (file and VPCNET_* variables) and so the same state
@@ -13,8 +14,9 @@ Each check is a method returning Findings; a check that cannot run is itself a p
 check never hides behind a green answer. The checks live in one module per domain: plugin (state,
 rows a crash left pending, socket, /healthz), datapath (kernel modules, sysctls, MTU, links versus the
 state, default mode), firewall (chains and jumps), engine (Docker and the managed plugin, networks either
-side lacks), cloud (route tables, quota, clock, metadata); findings holds what they share and the text and
-JSON renderings. This module holds the order
+side lacks), cloud (route tables, quota, clock, metadata), prefixes (eni-prefix addressing: the reserved
+range, the interface's capacity, a growth pause, an assign left unsettled; the route-table findings are
+skipped in that mode); findings holds what they share and the text and JSON renderings. This module holds the order
 they run in and the sub-command.
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ from vpcnet.cli.doctor.engine import EngineChecks, managed_plugin
 from vpcnet.cli.doctor.findings import Context, Finding, problem, render_json, render_text
 from vpcnet.cli.doctor.firewall import FirewallChecks
 from vpcnet.cli.doctor.plugin import PluginChecks
+from vpcnet.cli.doctor.prefixes import PrefixChecks
 from vpcnet.docker.engine_api import DOCKER_SOCKET, default_docker_socket
 
 __all__ = ["DOCKER_SOCKET", "Doctor", "Finding", "default_docker_socket", "register"]
@@ -38,17 +41,19 @@ log = logging.getLogger(__name__)
 
 class Doctor:
     def __init__(self, config, docker_socket: str = DOCKER_SOCKET, plugin: dict | None = None,
-                 provider_factory: Callable | None = None):
+                 provider_factory: Callable | None = None, prefix_provider_factory: Callable | None = None):
         self.ctx = Context(config, docker_socket, plugin)
         host, engine = PluginChecks(self.ctx), EngineChecks(self.ctx)
         datapath, firewall = DatapathChecks(self.ctx), FirewallChecks(self.ctx)
         cloud = CloudChecks(self.ctx, provider_factory)
+        prefixes = PrefixChecks(self.ctx, prefix_provider_factory)
         # The state first: every later check reads the networks, endpoints and claims it loads.
         self._checks: list[Callable[[], list[Finding]]] = [
             host.check_state, host.check_pending, host.check_socket, host.check_health, datapath.check_kernel,
             datapath.check_forwarding, firewall.check_firewall, firewall.check_ipv6_guard,
             datapath.check_routed_sysctls, datapath.check_mtu,
-            engine.check_docker, datapath.check_kernel_objects, cloud.check_routes, cloud.check_clock,
+            engine.check_docker, datapath.check_kernel_objects, cloud.check_routes,
+            prefixes.check_reserved_ranges, prefixes.check_prefix_pool, cloud.check_clock,
             cloud.check_metadata, datapath.check_default_mode, datapath.check_peer_counting]
 
     def checks(self) -> list[Callable[[], list[Finding]]]:

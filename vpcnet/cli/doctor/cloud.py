@@ -1,7 +1,8 @@
 """The cloud: this host's route in every table it must be in (present, Available, its next hop this
 instance), each table's quota headroom, the cloud forwarding routed traffic, the clock against the API's
 (signatures fail when it drifts) and the metadata service when the configuration relies on it. Only the
-read-only calls `vpcnet routes list` makes."""
+read-only calls `vpcnet routes list` makes. In eni-prefix addressing the route findings are skipped (said in
+one finding): prefixes.py checks that mode."""
 from __future__ import annotations
 
 import email.utils
@@ -35,6 +36,11 @@ class CloudChecks(Checks):
         instance; each table's quota headroom; the cloud forwarding routed traffic (AWS source/dest)."""
         from vpcnet.errors import Retryable
 
+        if self.config.addressing == "eni-prefix":
+            # No route is written in this mode, and AWS's source/destination check covers prefixes (it
+            # stays on): prefixes.py checks this mode instead.
+            return [ok("routes", "skipped: eni-prefix addressing writes no route, so route presence, route-table "
+                                 "quota and the source/destination check do not apply (see the prefix checks)")]
         provider = self.provider()
         where = self._endpoint() or provider.table_id()
         try:

@@ -6,7 +6,14 @@ import sys
 
 
 def register(subparsers) -> None:
-    from vpcnet_lab.lab import DEFAULT_CLUSTER, DEFAULT_CLUSTER_V6, DEFAULT_NETWORK, DEFAULT_RECONCILE
+    from vpcnet_lab.lab import (
+        ADDRESSING_MODES,
+        DEFAULT_CLUSTER,
+        DEFAULT_CLUSTER_V6,
+        DEFAULT_INSTANCE_TYPE,
+        DEFAULT_NETWORK,
+        DEFAULT_RECONCILE,
+    )
 
     p = subparsers.add_parser(
         "lab", help="several simulated hosts on this machine (netns + own Docker engine + vpcnet each) "
@@ -31,8 +38,17 @@ def register(subparsers) -> None:
                          "/80 of --cluster-cidr-v6, routed by the emulated VPC like the IPv4 blocks")
     up.add_argument("--cluster-cidr-v6", default=DEFAULT_CLUSTER_V6, metavar="CIDR",
                     help=f"IPv6 cluster CIDR the hosts' IPv6 blocks are carved from (default {DEFAULT_CLUSTER_V6})")
+    up.add_argument("--addressing", default="route-table", choices=ADDRESSING_MODES,
+                    help="route-table (default: each host's block a route in the emulated route table) or "
+                         "eni-prefix (the cluster CIDR is the vSwitch's reserved range of type Prefix, the IPv6 "
+                         "one its IPv6 CIDR; each host's plugin assigns /28 and /80 prefixes to its ENI; the "
+                         "route table stays empty)")
+    up.add_argument("--instance-type", default=DEFAULT_INSTANCE_TYPE, metavar="TYPE",
+                    help="the hosts' ECS instance type, which fixes how many prefixes their ENI holds "
+                         f"(default {DEFAULT_INSTANCE_TYPE})")
     up.add_argument("--network", default=DEFAULT_NETWORK, metavar="NAME",
-                    help=f"name of the vpcnet network created on every host (default {DEFAULT_NETWORK})")
+                    help=f"name of the vpcnet network created on every host (default {DEFAULT_NETWORK}; "
+                         "'' for none)")
     up.add_argument("--mode", default="default", metavar="MODE",
                     help="datapath of that network: default (no -o: the plugins' default mode, ebpf where "
                          "supported), bridge, routed or ebpf (-o vpcnet.mode=MODE)")
@@ -55,16 +71,18 @@ def _up(args) -> int:
 
     lab = Lab(hosts=args.hosts, cluster_cidr=args.cluster_cidr, network=args.network, mode=args.mode,
               zones=args.zones, ipv6=args.ipv6, cluster_cidr_v6=args.cluster_cidr_v6,
+              addressing=args.addressing, instance_type=args.instance_type,
               reconcile_interval=args.reconcile_interval, load_image=not args.no_image, out=sys.stdout)
     try:
         lab.up()
     except LabError as exc:
         print(f"vpcnet lab up: {exc}\n(run `vpcnet lab down` to remove what was made)", file=sys.stderr)
         return 1
-    print(f"lab up: {len(lab.state['hosts'])} host(s) in {lab.zones} zone(s), cluster {lab.cluster_cidr}"
+    print(f"lab up: {len(lab.state['hosts'])} host(s) in {lab.zones} zone(s), {lab.addressing} addressing, "
+          f"cluster {lab.cluster_cidr}"
           f"{' and ' + lab.cluster_cidr_v6 if lab.ipv6 else ''}, "
-          f"network {lab.network} ({lab.mode} mode{', dual-stack' if lab.ipv6 else ''}); "
-          "`vpcnet lab status` shows the route table, "
+          f"network {lab.network or '(none)'} ({lab.mode} mode{', dual-stack' if lab.ipv6 else ''}); "
+          "`vpcnet lab status` shows the route table and prefixes, "
           "`vpcnet lab down` removes it all")
     return 0
 
@@ -80,9 +98,12 @@ def _status(args) -> int:
         left = {k: v for k, v in status.get("leftovers", {}).items() if v}
         print("lab is down" + (f" (leftovers: {left}; run `vpcnet lab down`)" if left else ""))
         return 3
-    print(f"lab {'up' if status['up'] else 'DEGRADED'}: cluster {status['cluster_cidr']}"
+    eni_prefix = status.get("addressing") == "eni-prefix"
+    print(f"lab {'up' if status['up'] else 'DEGRADED'}: {status.get('addressing', 'route-table')} addressing"
+          + (f" ({status.get('instance_type')} hosts)" if eni_prefix else "")
+          + f", {'reserved range' if eni_prefix else 'cluster'} {status['cluster_cidr']}"
           f"{' and ' + status['cluster_cidr_v6'] if status['ipv6'] else ''}, network "
-          f"{status['network']} ({status['mode']} mode{', dual-stack' if status['ipv6'] else ''}), "
+          f"{status['network'] or '(none)'} ({status['mode']} mode{', dual-stack' if status['ipv6'] else ''}), "
           f"router {status['router_netns']}, "
           f"emulator {status['emulator_url']} "
           f"({'up' if status['emulator_up'] else 'down'})")
@@ -90,8 +111,12 @@ def _status(args) -> int:
     for h in status["hosts"]:
         route = h["route"]
         shown = f"{route['destination']} {route['status']}" if route else "none"
+        if eni_prefix:       # a route here would be a bug: shown too
+            shown = (f"ENI {h.get('network_interface_id') or '-'}" + (f", route {shown}" if route else ""))
         print(f"{h['host']:<5} {h['netns']:<11} {h['underlay_ip']:<15} {h['host_cidr'] or '-':<16} "
               f"{'up' if h['engine_up'] else 'down':<7} {'up' if h['plugin_up'] else 'down':<7} {shown}")
+        if eni_prefix:
+            print(f"      prefixes: {', '.join(h.get('prefixes', []) + h.get('prefixes6', [])) or 'none'}")
         if h["route6"] or h["host_cidr6"]:
             route6 = h["route6"]
             print(f"      IPv6: underlay {h['underlay_ip6']}, host block {h['host_cidr6'] or '-'}, route "

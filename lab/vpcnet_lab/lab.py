@@ -14,6 +14,15 @@ Addresses (all inside namespaces the lab creates; the machine's own interfaces a
                    per host, installed as `block via fd00:192:168:240::(10+K)` (the instance's IPv6
                    underlay address, registered with the emulator as "ip6")
 
+eni-prefix addressing (`--addressing eni-prefix`, docs/eni-prefix.md): no host claims a block in the route
+table, which stays empty of vpcnet routes. The cluster CIDR is instead the emulated vSwitch's reserved range
+of type Prefix (IPv4 /28s; the IPv6 cluster CIDR is the vSwitch's IPv6 CIDR, for /80s), identical on every
+host, and host K is registered with the emulator with its instance type (`--instance-type`) and its primary
+ENI, which its plugin is told (VPCNET_ALIYUN_NETWORK_INTERFACE_ID) along with the ECS endpoint (the
+emulator's URL). The plugins assign prefixes to their ENIs through the ECS API; the emulator installs each
+assigned prefix in the router namespace as `prefix via <host K's underlay address>`. One zone only: a
+reserved range belongs to one vSwitch.
+
 `--ipv6` makes the lab's network (vpc0) dual-stack: `docker network create --ipv6`, on the IPv6 cluster CIDR
 the hosts' plugins are given (VPCNET_CLUSTER_CIDR_V6).
 The underlay is dual-stack with or without it, so `create_network(..., ipv6=True)` works on any lab.
@@ -77,6 +86,9 @@ HOST_IF = "uplink"
 METRICS_PORT = 9753         # each host's plugin serves /metrics on host_ip(k):METRICS_PORT
 REGION, VPC_ID, TABLE_ID = "cn-emu-1", "vpc-emu0001", "vtb-emu0001"
 KEY_ID = "vpclab"
+LAB_VSWITCH = "vsw-emu0001"       # with one zone: the emulator's vSwitch of the underlay (its first)
+ADDRESSING_MODES = ("route-table", "eni-prefix")
+DEFAULT_INSTANCE_TYPE = "ecs.g7.large"
 STATE_FILE = os.path.join(RUN_ROOT, "lab.json")
 LOCK_FILE = os.path.join(RUN_ROOT, ".lock")
 EMULATOR_PIDFILE = os.path.join(RUN_ROOT, "emulator.pid")
@@ -129,7 +141,8 @@ class Lab:
     def __init__(self, hosts: int = 2, cluster_cidr: str = DEFAULT_CLUSTER, network: str = DEFAULT_NETWORK,
                  reconcile_interval: float = DEFAULT_RECONCILE, load_image: bool = True,
                  out=None, mode: str = "default", zones: int = 1, ipv6: bool = False,
-                 cluster_cidr_v6: str = DEFAULT_CLUSTER_V6):
+                 cluster_cidr_v6: str = DEFAULT_CLUSTER_V6, addressing: str = "route-table",
+                 instance_type: str = DEFAULT_INSTANCE_TYPE):
         if not 1 <= hosts <= MAX_HOSTS:
             raise LabError(f"--hosts must be 1..{MAX_HOSTS}")
         if not 1 <= zones <= MAX_ZONES:
@@ -137,7 +150,23 @@ class Lab:
         from vpcnet.datapath.spec import MODES  # here: the lab's CLI stays free of pyroute2 until used
         if mode not in ("default", *MODES):     # default: no -o, the mode the plugins resolve (VPCNET_DEFAULT_MODE)
             raise LabError(f"--mode {mode}: unknown vpcnet mode (known: default, {', '.join(MODES)})")
+        if addressing not in ADDRESSING_MODES:
+            raise LabError(f"--addressing {addressing}: unknown (known: {', '.join(ADDRESSING_MODES)})")
+        if addressing == "eni-prefix":
+            if zones != 1:
+                raise LabError("--addressing eni-prefix takes one zone: the range prefixes come from is reserved "
+                               "in one vSwitch")
+            if mode == "bridge":
+                raise LabError("--addressing eni-prefix refuses --mode bridge: a bridge needs one on-link block "
+                               "per host, and the range is shared by all hosts (docs/eni-prefix.md)")
+        from vpcnet_lab.emulator.enis import INSTANCE_TYPES, IPV4_PREFIX_LEN
+        if instance_type not in INSTANCE_TYPES:
+            raise LabError(f"--instance-type {instance_type}: unknown to the emulator (known: "
+                           f"{', '.join(INSTANCE_TYPES)})")
         cluster = ipaddress.IPv4Network(cluster_cidr, strict=True)
+        if addressing == "eni-prefix" and cluster.prefixlen > IPV4_PREFIX_LEN:
+            raise LabError(f"cluster CIDR {cluster}: a reserved range of type Prefix holds at least one "
+                           f"/{IPV4_PREFIX_LEN}")
         if cluster.overlaps(UNDERLAY_ALL):
             raise LabError(f"cluster CIDR {cluster} overlaps the lab underlay {UNDERLAY_ALL}")
         try:
@@ -155,6 +184,8 @@ class Lab:
         self.network = network
         self.mode = mode
         self.zones = zones
+        self.addressing = addressing
+        self.instance_type = instance_type
         self.reconcile_interval = float(reconcile_interval)
         self.load_image = load_image
         self.out = out
@@ -218,6 +249,8 @@ class Lab:
         """Host k's block of `network` (default: the lab's) in `family` (4 or 6), or "". From host k's
         plugin state (read-only, as `vpcnet status` reads it): Docker's IPAM.Config shows a `--subnet` as
         given (the cluster CIDR), not the block the plugin answered; from Docker where there is no state."""
+        if not (network or self.network):
+            return ""
         proc = self.docker(k, "network", "inspect", network or self.network, "-f",
                            "{{.Id}} {{range .IPAM.Config}}{{.Subnet}} {{end}}", check=False, timeout=30)
         words = proc.stdout.split() if proc.returncode == 0 else []
@@ -247,6 +280,16 @@ class Lab:
         finally:
             store.close()
 
+    def interface(self, k: int) -> dict:
+        """Host k's primary ENI as the emulator holds it (`id`, `vswitch`, `ipv4_prefixes`, `ipv6_prefixes`,
+        ...), or {} when the emulator does not know it."""
+        return self._interfaces().get(instance_id(k), {})
+
+    def _interfaces(self) -> dict[str, dict]:
+        """instance id -> its primary ENI, from the emulator's state."""
+        state = self.emulator("GET", "/_emulator/state")
+        return {eni["instance"]: eni for eni in state.get("network_interfaces", {}).values()}
+
     def kernel_routes(self, zone: int | None = None, family: int = 4) -> list[str]:
         """The router's routes of `family` (4 or 6): of the main table, or of zone `zone`'s kernel table."""
         table = ["table", str(ZONE_KERNEL_TABLE_BASE + zone)] if zone else []
@@ -267,6 +310,8 @@ class Lab:
             self.zones = int(self.state.get("zones", 1))
             self.ipv6 = bool(self.state.get("ipv6"))
             self.cluster_cidr_v6 = self.state.get("cluster_cidr_v6", DEFAULT_CLUSTER_V6)
+            self.addressing = self.state.get("addressing", "route-table")
+            self.instance_type = self.state.get("instance_type", DEFAULT_INSTANCE_TYPE)
         return self.state
 
     def _save_state(self) -> None:
@@ -300,7 +345,11 @@ class Lab:
         self._check_tools()
         with self._locked():
             wanted_zones, wanted6 = self.zones, (self.ipv6, self.cluster_cidr_v6)
+            wanted_addressing = (self.addressing, self.instance_type)
             state = self._load_state()
+            if state and (self.addressing, self.instance_type) != wanted_addressing:
+                raise LabError(f"the lab is already up with --addressing {self.addressing} (instance type "
+                               f"{self.instance_type}); run `vpcnet lab down` first to change it")
             if state and int(state.get("zones", 1)) != wanted_zones:
                 raise LabError(f"the lab is already up with {state.get('zones', 1)} zone(s); run "
                                "`vpcnet lab down` first to change it")
@@ -316,6 +365,7 @@ class Lab:
             if not state:
                 self.state = {"cluster_cidr": self.cluster_cidr, "network": self.network, "mode": self.mode,
                               "zones": self.zones, "ipv6": self.ipv6, "cluster_cidr_v6": self.cluster_cidr_v6,
+                              "addressing": self.addressing, "instance_type": self.instance_type,
                               "reconcile_interval": self.reconcile_interval,
                               "key_secret": secrets.token_hex(16), "hosts": {}}
                 self._save_state()
@@ -368,6 +418,11 @@ class Lab:
                "--log-level", "warning"]
         if self.zones == 1:
             cmd += ["--vswitch-cidr", str(UNDERLAY)]
+            if self.addressing == "eni-prefix":
+                # the range prefixes come from, and the vSwitch's IPv6 CIDR (always: the underlay is
+                # dual-stack with or without --ipv6, so a dual-stack network works on any lab)
+                cmd += ["--prefix-range", f"{LAB_VSWITCH}={self.cluster_cidr}",
+                        "--vswitch-ipv6", f"{LAB_VSWITCH}={self.cluster_cidr_v6}"]
         else:
             for z in range(1, self.zones + 1):
                 cmd += ["--vswitch-cidr", str(zone_subnet(z)),
@@ -422,7 +477,7 @@ class Lab:
             return False
 
     def plugin_settings(self, k: int) -> dict[str, str]:
-        return {
+        settings = {
             "VPCNET_PROVIDER": "aliyun",
             "VPCNET_CLUSTER_CIDR": self.cluster_cidr,
             "VPCNET_CLUSTER_CIDR_V6": self.cluster_cidr_v6,
@@ -442,6 +497,14 @@ class Lab:
             # the names come from this host's own engine (the plugin runs in its mount namespace)
             "VPCNET_DOCKER_SOCKET": self.host(k).paths.socket,
         }
+        if self.addressing == "eni-prefix":
+            from vpcnet_lab.emulator.enis import eni_id_of
+            settings.update({
+                "VPCNET_ADDRESSING": "eni-prefix",       # VPCNET_CLUSTER_CIDR above: the reserved range
+                "VPCNET_ALIYUN_ECS_ENDPOINT": self.emulator_url,
+                "VPCNET_ALIYUN_NETWORK_INTERFACE_ID": eni_id_of(instance_id(k)),
+            })
+        return settings
 
     def _host_up(self, k: int) -> None:
         name, ip, ip6 = host_netns(k), self.host_ip(k), self.host_ip6(k)
@@ -452,7 +515,8 @@ class Lab:
                        router_ip6=router_ip6(self.zone_of(k)), host_ip6=ip6)
         self._zone_rule(k)
         netns.sysctl(name, "net.ipv4.ip_forward", "1")
-        self.emulator("POST", "/_emulator/instances", {"instance_id": instance_id(k), "ip": ip, "ip6": ip6})
+        self.emulator("POST", "/_emulator/instances", {"instance_id": instance_id(k), "ip": ip, "ip6": ip6,
+                                                       "instance_type": self.instance_type})
         host = self.host(k)
         started = host.engine_pid() is None
         host.start_engine()
@@ -463,18 +527,26 @@ class Lab:
         cidr = self._ensure_network(k)
         self.state["hosts"][str(k)].update({"docker_host": host.paths.docker_host, "host_cidr": cidr})
         self._save_state()
-        cidr6 = self.host_cidr(k, family=6) if self.ipv6 else ""
+        cidr6 = self.host_cidr(k, family=6) if self.ipv6 and self.network else ""
         if cidr6:
             self.state["hosts"][str(k)]["host_cidr6"] = cidr6
             self._save_state()
-        self._say(f"h{k}: {'started' if started else 'already up'}  netns {name}  underlay {ip} {ip6}  "
-                  f"host CIDR {cidr}{' ' + cidr6 if cidr6 else ''}\n    export DOCKER_HOST={host.paths.docker_host}")
+        where = (f"ENI {self.plugin_settings(k)['VPCNET_ALIYUN_NETWORK_INTERFACE_ID']} ({self.instance_type})"
+                 if self.addressing == "eni-prefix" else f"host CIDR {cidr}{' ' + cidr6 if cidr6 else ''}")
+        self._say(f"h{k}: {'started' if started else 'already up'}  netns {name}  underlay {ip} {ip6}  {where}\n"
+                  f"    export DOCKER_HOST={host.paths.docker_host}")
 
     def _ensure_network(self, k: int, timeout: float = NETWORK_TIMEOUT) -> str:
+        """The lab's network on host k (none when the lab has no network name): its host CIDR, "" in
+        eni-prefix addressing, where a host has prefixes instead of a block."""
+        if not self.network:
+            return ""
         cidr = self.host_cidr(k)
         if cidr:
             return cidr
         self.create_network(self.network, mode=self.mode, hosts=[k], timeout=timeout, ipv6=self.ipv6)
+        if self.addressing == "eni-prefix":
+            return ""
         cidr = self.host_cidr(k)
         if not cidr:
             raise LabError(f"h{k}: network {self.network} has no host CIDR")
@@ -525,6 +597,7 @@ class Lab:
             return {"up": False, "leftovers": self.leftovers()}
         emulator_up = self._emulator_answers()
         entries = self.routes() if emulator_up else []
+        interfaces = self._interfaces() if emulator_up else {}
         hosts = []
         for k in sorted(int(h) for h in state.get("hosts", {})):
             host = self.host(k)
@@ -550,11 +623,16 @@ class Lab:
                 "host_cidr6": ((self.host_cidr(k, family=6) if engine_up else "")
                                or state["hosts"][str(k)].get("host_cidr6", "")),
                 "route6": route6, "route6_available": bool(route6 and route6["status"] == "Available"),
+                "network_interface_id": interfaces.get(instance_id(k), {}).get("id", ""),
+                "prefixes": list(interfaces.get(instance_id(k), {}).get("ipv4_prefixes", [])),
+                "prefixes6": list(interfaces.get(instance_id(k), {}).get("ipv6_prefixes", [])),
             })
         return {"up": emulator_up and all(h["engine_up"] and h["plugin_up"] for h in hosts),
                 "cluster_cidr": state.get("cluster_cidr"), "network": state.get("network"),
                 "ipv6": bool(state.get("ipv6")), "cluster_cidr_v6": self.cluster_cidr_v6,
                 "mode": state.get("mode", "bridge"),
+                "addressing": state.get("addressing", "route-table"),
+                "instance_type": state.get("instance_type", DEFAULT_INSTANCE_TYPE),
                 "router_netns": ROUTER_NS, "emulator_url": self.emulator_url, "emulator_up": emulator_up,
                 "hosts": hosts,
                 "zones": self.zones,

@@ -100,7 +100,9 @@ def p2p_link(router_ns: str, router_if: str, router_ip: str, host_ns: str, host_
                                         (host_ns, host_if, host_ip6, router_ip6)):
             run(["ip", "-n", ns, "-6", "addr", "replace", f"{local}/128", "peer", f"{peer}/128", "dev", ifname,
                  "nodad"])
-        run(["ip", "-n", host_ns, "-6", "route", "replace", "default", "via", router_ip6, "dev", host_if])
+        # onlink: the /128 peer route comes only once the kernel has seen the veth's carrier (linkwatch, up to
+        # a second later); without it the gateway was sometimes "No route to host"
+        run(["ip", "-n", host_ns, "-6", "route", "replace", "default", "via", router_ip6, "dev", host_if, "onlink"])
 
 
 def ip_d_link(name: str) -> str:

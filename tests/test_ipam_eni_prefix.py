@@ -267,3 +267,17 @@ def test_a_dual_stack_endpoint_joins_with_its_link_local_gateway(plug):
     assert join["StaticRoutes"] == [{"Destination": f"{gateway6}/128", "RouteType": 1},
                                     {"Destination": RANGE6, "RouteType": 0, "NextHop": gateway6}]
     assert PrefixPool(plug.config, plug.store).families() == [4, 6]
+
+
+def test_an_ipv6_only_network_takes_the_ipv6_range_alone(plug):
+    pool6 = plug.ipam.request_pool(v6=True)["PoolID"]
+    plug.driver.create_network(NID, {GENERIC: {MODE_OPTION: "routed"}, "com.docker.network.enable_ipv4": False,
+                                     "com.docker.network.enable_ipv6": True},
+                               [], [{"Pool": pool6, "Gateway": ""}])
+    net = plug.store.network(NID)
+    assert (net.host_cidr, net.host_cidr_v6, net.addressing) == ("", RANGE6, "eni-prefix")
+    address6 = plug.ipam.request_address(RANGE6)["Address"]
+    plug.driver.create_endpoint(NID, EID, {"Address": "", "AddressIPv6": address6, "MacAddress": ""}, {})
+    join = plug.driver.join(NID, EID, "/var/run/docker/netns/x", {})
+    assert "Gateway" not in join and ipaddress.IPv6Address(join["GatewayIPv6"]).is_link_local
+    assert held(plug) == [] and len(held6(plug)) == 1            # no IPv4 prefix for an IPv6-only network

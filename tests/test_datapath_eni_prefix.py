@@ -1,24 +1,30 @@
 """eni-prefix addressing's datapath against the real kernel (docs/eni-prefix.md): two simulated hosts share
 one range, each holding /28 prefixes of it, and a router namespace (the VPC) routes each /28 to its host.
 The host's part of the range is its containers' /32s only: the anchor holds the gateway alone (no on-link
-range), and other hosts' containers leave by the uplink, in routed and ebpf modes."""
+range), and other hosts' containers leave by the uplink, in routed and ebpf modes. IPv6 the same way: one
+range shared by both hosts, each holding one /80 of it."""
 from __future__ import annotations
 
 import os
 import shutil
 
 import pytest
-from conftest import require, run
+from conftest import require, run, wait_for
+from test_datapath_ipv6 import container, count6, counters6, ping6
 from test_dataplane import count_rule, counters, forward_counts, ns_run, ping, tc_filters, tcp_transfer
 
 from vpcnet.datapath.dataplane import Dataplane
-from vpcnet.datapath.ebpf import endpoints, loader, programs
+from vpcnet.datapath.ebpf import endpoints, loader, programs, programs6
+from vpcnet.datapath.ipv6 import Ipv6Endpoint
 from vpcnet.datapath.spec import NetworkSpec, anchor_peer, bridge_name, mac_for, veth_names
 
 pytestmark = pytest.mark.root
 
 RANGE, GATEWAY = "10.0.0.0/20", "10.0.0.1"
 PREFIX_A, PREFIX_B = "10.0.0.16/28", "10.0.0.32/28"
+RANGE6 = "fd00:9::/64"                               # the vSwitch's (subnet's) IPv6 CIDR
+PREFIX6_A, PREFIX6_B = "fd00:9::/80", "fd00:9:0:0:1::/80"
+A1, A2, B1 = "fd00:9::2", "fd00:9::3", "fd00:9:0:0:1::2"
 
 
 def spec(tag: str, mode: str) -> NetworkSpec:
@@ -141,3 +147,90 @@ def test_ebpf_mode_carries_traffic_between_hosts_sharing_a_range_past_their_ip_s
         for eid in eids:
             dp.delete_endpoint(veth_names(eid)[0])
         dp.delete_network(s)
+
+
+@pytest.mark.parametrize("uplinks", [None, [], [3], [3, 9]], ids=["any", "none", "one", "two"])
+@pytest.mark.parametrize("local", [True, False], ids=["local map", "no local map"])
+def test_the_verifier_accepts_a_shared_ipv6_range_s_programs(uplinks, local):
+    facts = endpoints.EndpointFacts()
+    try:
+        local_fd = facts.local_fd(6) if local else None
+        made = [programs6.container_program6(RANGE6, RANGE6, facts.fd(6), 5, uplinks, local_fd=local_fd, shared=True),
+                programs6.uplink_program6(RANGE6, RANGE6, 5, local_fd=local_fd, endpoints_fd=facts.fd(6))]
+        for program in made:
+            os.close(loader.load(program, "vpcnet_test"))
+    finally:
+        facts.close()
+
+
+def dual_stack_spec(tag: str, mode: str) -> NetworkSpec:
+    return NetworkSpec(tag=tag, bridge=bridge_name(tag + "0" * 52), gateway=GATEWAY, host_cidr=RANGE,
+                       cluster_cidr=RANGE, mtu=1500, mode=mode, shared_range=True, host_cidr_v6=RANGE6,
+                       cluster_cidr_v6=RANGE6)
+
+
+@pytest.fixture
+def vpc6(vpc):
+    """The VPC of `vpc` with IPv6: each uplink and the router's side of it hold an address of their own
+    subnet, and the router routes A's /80 to A and B's to B (the VPC delivers a prefix to its interface)."""
+    router, a, b = vpc
+    ns_run(router, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+    for ns, subnet, link in ((a, "fd77:a:", "ra"), (b, "fd77:b:", "rb")):
+        run(["ip", "-n", router, "-6", "addr", "add", f"{subnet}:1/64", "dev", link, "nodad"])
+        run(["ip", "-n", ns, "-6", "addr", "add", f"{subnet}:10/64", "dev", "uplink0", "nodad"])
+        run(["ip", "-n", ns, "-6", "route", "add", "default", "via", f"{subnet}:1", "dev", "uplink0"])
+    run(["ip", "-n", router, "-6", "route", "add", PREFIX6_A, "via", "fd77:a::10"])
+    run(["ip", "-n", router, "-6", "route", "add", PREFIX6_B, "via", "fd77:b::10"])
+    return vpc
+
+
+@pytest.mark.parametrize("mode", ["routed", "ebpf"])
+def test_ipv6_containers_on_two_hosts_sharing_one_range_reach_each_other(vpc6, netns_factory, mode):
+    """A dual-stack network whose IPv6 half is one range shared by two hosts, each holding a /80 of it: no
+    route to the range on either host (its containers' /128s only), other hosts' containers by the default
+    route. In ebpf mode the programs carry it past both hosts' ip6tables FORWARD, across the router and on
+    one host; an address of the range neither host holds gets no answer (no loop)."""
+    _router, a, b = vpc6
+    specs = {a: dual_stack_spec("a1b2c3d4e5f6", mode), b: dual_stack_spec("a1b2c3d4e5f6", mode)}
+    dps = {a: Dataplane(netns=a), b: Dataplane(netns=b)}
+    if mode == "ebpf" and not dps[a].features().supports("ebpf"):
+        pytest.skip(f"this kernel cannot do ebpf mode: {dps[a].features().why_not('ebpf')}")
+    wanted = {a: [Ipv6Endpoint(veth_names("a" * 64)[0], A1), Ipv6Endpoint(veth_names("c" * 64)[0], A2)],
+              b: [Ipv6Endpoint(veth_names("b" * 64)[0], B1)]}
+    boxes = {}
+    try:
+        for ns, ip4, ip6, eid in ((a, "10.0.0.18", A1, "a" * 64), (a, "10.0.0.19", A2, "c" * 64),
+                                  (b, "10.0.0.34", B1, "b" * 64)):
+            dps[ns].ipv6_endpoints = (lambda n=ns: list(wanted[n]))
+            dps[ns].ensure_network(specs[ns])
+            boxes[ip6] = container(ns, dps[ns], specs[ns], netns_factory, ip4, ip6, eid)
+            dps[ns].ensure_endpoint_ipv6(specs[ns], veth_names(eid)[0], ip6)
+        ca, ca2, cb = boxes[A1], boxes[A2], boxes[B1]
+        for ns in (a, b):
+            assert RANGE6.split("/")[0] + "/64" not in ns_run(ns, "ip", "-6", "route", "show", "table", "all").stdout
+            ns_run(ns, "ip6tables", "-P", "FORWARD", "DROP")          # as Docker 27+ sets it with IPv6 on
+            count6(ns, (A1, B1), (B1, A1), (A1, A2))
+        assert wait_for(lambda: ping6(ca, B1), 15), "across hosts: out of the uplink, the VPC's route"
+        assert ping6(cb, A1) and ping6(ca, A2) and ping6(ca2, A1), "both ways, and on one host by the /128s"
+        if mode == "ebpf":
+            require(shutil.which("iperf3") is not None, "needs iperf3")
+            assert tc_filters(a, "uplink0").count(f"vpcnet6-{specs[a].tag}") == 1, tc_filters(a, "uplink0")
+            for client, server, address in ((ca, cb, B1), (cb, ca, A1), (ca, ca2, A2)):
+                assert tcp_transfer(client, server, address) > 1_000_000, address
+            seen = {ns: counters6(ns) for ns in (a, b)}
+            for ns in (a, b):
+                flows = {k: v for k, v in seen[ns].items() if ns == a or B1 in k}
+                assert max(flows.values()) <= 3, seen        # only packets sent before a neighbour was resolved
+        else:
+            seen = {ns: counters6(ns) for ns in (a, b)}
+            assert seen[a][f"{A1}>{B1}"] >= 1 and seen[b][f"{B1}>{A1}"] >= 1, seen
+        assert not ping6(ca, "fd00:9:0:0:2::5"), "an address of the range nobody holds: no answer"
+    finally:
+        for ns, eids in ((a, ("a" * 64, "c" * 64)), (b, ("b" * 64,))):
+            wanted[ns] = []
+            for eid in eids:
+                dps[ns].delete_endpoint(veth_names(eid)[0])
+            dps[ns].delete_network(specs[ns])
+    for ns in (a, b):
+        assert "fd00:9:" not in ns_run(ns, "ip", "-6", "route", "show", "table", "all").stdout
+        assert "vpcnet" not in tc_filters(ns, "uplink0")

@@ -18,9 +18,11 @@ from vpcnet.errors import Conflict, InvalidRequest
 from vpcnet.routes.prefixes import PrefixPool
 
 RANGE = "10.0.0.0/20"
+RANGE6 = "fd00:9::/64"       # the vSwitch's (subnet's) IPv6 CIDR: /80 prefixes come from it
 NID = "e1" * 32
 EID = "ab" * 32
-ENI = {"VPCNET_ADDRESSING": "eni-prefix", "VPCNET_CLUSTER_CIDR": RANGE, "VPCNET_PREFIX_COOLDOWN": "0"}
+ENI = {"VPCNET_ADDRESSING": "eni-prefix", "VPCNET_CLUSTER_CIDR": RANGE, "VPCNET_CLUSTER_CIDR_V6": RANGE6,
+       "VPCNET_PREFIX_COOLDOWN": "0"}
 
 
 @pytest.fixture
@@ -45,11 +47,15 @@ def test_the_pool_is_the_range_and_its_first_address_the_gateway(plug):
     assert gateway["Address"] == "10.0.0.1/20"
 
 
-def test_another_subnet_and_ipv6_are_refused_clearly(plug):
+def test_another_subnet_is_refused_clearly(plug):
     with pytest.raises(InvalidRequest, match=r"--subnet 10\.9\.0\.0/16: in eni-prefix addressing .* 10\.0\.0\.0/20"):
         plug.ipam.request_pool(pool="10.9.0.0/16")
-    with pytest.raises(InvalidRequest, match="IPv6 .* not served in eni-prefix"):
-        plug.ipam.request_pool(v6=True)
+    with pytest.raises(InvalidRequest, match=r"--subnet fd00:1::/64: in eni-prefix addressing .*_V6 fd00:9::/64"):
+        plug.ipam.request_pool(pool="fd00:1::/64", v6=True)
+    with pytest.raises(InvalidRequest, match=r"--subnet ::/48 asks for a /48 pool: .* the range fd00:9::/64"):
+        plug.ipam.request_pool(pool="::/48", v6=True)          # Docker 29's size-only form, larger than the range
+    with pytest.raises(InvalidRequest, match="is an IPv4 network, asked for an IPv6 pool"):
+        plug.ipam.request_pool(pool=RANGE, v6=True)
     assert plug.store.pools() == []
 
 
@@ -176,3 +182,102 @@ def test_the_background_pass_keeps_the_warm_prefix_and_logs_it(plug, caplog):
     assert result.ok and len(result.assigned) == 1 and held(plug) == [ipaddress.IPv4Network(result.assigned[0])]
     assert any("prefix pass: assigned" in r.getMessage() for r in caplog.records)
     assert keeper.run_once().assigned == []                 # level-triggered: the target is met
+
+
+# -- IPv6: the /80 prefix as the network's IPv6 half ---------------------------------------------------------
+
+def held6(plug) -> list[ipaddress.IPv6Network]:
+    return [ipaddress.IPv6Network(p.prefix) for p in plug.store.held_prefixes("ipv6")]
+
+
+def test_the_ipv6_pool_is_the_ipv6_range_and_addresses_come_from_the_host_s_80_as_128s(plug):
+    answer = plug.ipam.request_pool(v6=True)
+    assert answer == {"PoolID": RANGE6, "Pool": RANGE6, "Data": {GATEWAY_KEY: "fd00:9::1/64"}}
+    assert plug.ipam.request_pool(pool=RANGE6, v6=True) == answer      # --subnet naming the range, and replays
+    assert plug.ipam.request_pool(pool="::/80", v6=True) == answer      # Docker 29's size-only form
+    assert plug.store.claims() == [] and plug.routes.provider.list_routes() == []
+    assert plug.ipam.request_address(RANGE6, options={REQUEST_TYPE_KEY: GATEWAY_KEY})["Address"] == "fd00:9::1/64"
+    answers = [plug.ipam.request_address(RANGE6)["Address"] for _ in range(5)]
+    assert all(a.endswith("/128") for a in answers) and len(set(answers)) == 5
+    [prefix] = held6(plug)
+    assert prefix.prefixlen == 80 and prefix.subnet_of(ipaddress.IPv6Network(RANGE6))
+    addresses = {ipaddress.IPv6Interface(a).ip for a in answers}
+    assert all(a in prefix for a in addresses)
+    assert not {ipaddress.IPv6Address("fd00:9::"), ipaddress.IPv6Address("fd00:9::1")} & addresses
+    assert sorted(plug.store.addresses(RANGE6)) == sorted(str(a) for a in addresses)
+    assert held(plug) == []                   # an IPv6 address takes no IPv4 prefix
+
+
+def test_a_requested_ipv6_address_inside_the_held_80_is_honoured_outside_refused(plug):
+    plug.ipam.request_pool(v6=True)
+    first = ipaddress.IPv6Interface(plug.ipam.request_address(RANGE6)["Address"]).ip
+    [prefix] = held6(plug)
+    wanted = prefix.network_address + 0xBEEF
+    assert plug.ipam.request_address(RANGE6, f"{wanted}/128")["Address"] == f"{wanted}/128"
+    with pytest.raises(Conflict, match="already in use"):
+        plug.ipam.request_address(RANGE6, str(wanted))
+    outside = prefix.broadcast_address + 1                         # in the range, in no prefix of this host's
+    with pytest.raises(InvalidRequest, match=rf"address {outside} is in none of this host's prefixes \({prefix}\)"):
+        plug.ipam.request_address(RANGE6, str(outside))
+    with pytest.raises(InvalidRequest, match="gateway"):
+        plug.ipam.request_address(RANGE6, "fd00:9::1")
+    with pytest.raises(InvalidRequest, match="outside pool"):
+        plug.ipam.request_address(RANGE6, "fd00:8::5")
+    assert sorted(plug.store.addresses(RANGE6)) == sorted([str(first), str(wanted)])
+    plug.ipam.release_address(RANGE6, f"{wanted}/128")
+    assert plug.store.addresses(RANGE6) == [str(first)]
+
+
+def test_an_ipv6_replay_is_honoured_once_in_the_window(plug):
+    plug.ipam.request_pool(v6=True)
+    address = str(ipaddress.IPv6Interface(plug.ipam.request_address(RANGE6)["Address"]).ip)
+    plug.ipam.open_replay_window()                          # Docker restarted
+    assert plug.ipam.request_pool(pool=RANGE6, v6=True)["PoolID"] == RANGE6
+    assert plug.ipam.request_address(RANGE6, address)["Address"] == f"{address}/128"
+    with pytest.raises(Conflict, match="already in use"):
+        plug.ipam.request_address(RANGE6, address)
+
+
+def test_a_second_dual_stack_network_on_the_ipv6_range_is_refused(plug):
+    create_dual_stack(plug)
+    with pytest.raises(Conflict, match=r"the range fd00:9::/64 is already used by network"):
+        plug.ipam.request_pool(v6=True)
+
+
+def create_dual_stack(plug, nid=NID):
+    pool = plug.ipam.request_pool()["PoolID"]
+    pool6 = plug.ipam.request_pool(v6=True)["PoolID"]
+    plug.driver.create_network(nid, {GENERIC: {}}, [{"Pool": pool, "Gateway": ""}],
+                               [{"Pool": pool6, "Gateway": ""}])
+    return plug.store.network(nid)
+
+
+def test_a_dual_stack_endpoint_joins_with_its_link_local_gateway(plug):
+    net = create_dual_stack(plug)
+    assert (net.host_cidr_v6, net.cluster_cidr_v6, net.addressing) == (RANGE6, RANGE6, "eni-prefix")
+    assert plug.driver._spec(net).shared_range
+    address = plug.ipam.request_address(RANGE)["Address"]
+    address6 = plug.ipam.request_address(RANGE6)["Address"]
+    plug.driver.create_endpoint(NID, EID, {"Address": address, "AddressIPv6": address6, "MacAddress": ""}, {})
+    [ep] = plug.store.endpoints(NID)
+    assert ep.address_v6 == str(ipaddress.IPv6Interface(address6).ip)
+    join = plug.driver.join(NID, EID, "/var/run/docker/netns/x", {})
+    gateway6 = join["GatewayIPv6"]
+    assert ipaddress.IPv6Address(gateway6).is_link_local
+    assert join["StaticRoutes"] == [{"Destination": f"{gateway6}/128", "RouteType": 1},
+                                    {"Destination": RANGE6, "RouteType": 0, "NextHop": gateway6}]
+    assert PrefixPool(plug.config, plug.store).families() == [4, 6]
+
+
+def test_an_ipv6_only_network_takes_the_ipv6_range_alone(plug):
+    pool6 = plug.ipam.request_pool(v6=True)["PoolID"]
+    plug.driver.create_network(NID, {GENERIC: {MODE_OPTION: "routed"}, "com.docker.network.enable_ipv4": False,
+                                     "com.docker.network.enable_ipv6": True},
+                               [], [{"Pool": pool6, "Gateway": ""}])
+    net = plug.store.network(NID)
+    assert (net.host_cidr, net.host_cidr_v6, net.addressing) == ("", RANGE6, "eni-prefix")
+    address6 = plug.ipam.request_address(RANGE6)["Address"]
+    plug.driver.create_endpoint(NID, EID, {"Address": "", "AddressIPv6": address6, "MacAddress": ""}, {})
+    join = plug.driver.join(NID, EID, "/var/run/docker/netns/x", {})
+    assert "Gateway" not in join and ipaddress.IPv6Address(join["GatewayIPv6"]).is_link_local
+    assert held(plug) == [] and len(held6(plug)) == 1            # no IPv4 prefix for an IPv6-only network

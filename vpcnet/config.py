@@ -164,7 +164,8 @@ SETTINGS: tuple[Setting, ...] = (
             _cidr_or_empty),
     Setting("cluster_cidr_v6", "", "Default IPv6 cluster CIDR (networks made with --ipv6): every host's IPv6 block "
             "is carved from it; empty: a ULA /48 derived from the cluster identity (fd + the first 40 bits of "
-            "SHA-256 of VPCNET_CLUSTER_NAME, or of the default name of VPCNET_CLUSTER_CIDR)", _cidr6_or_empty),
+            "SHA-256 of VPCNET_CLUSTER_NAME, or of the default name of VPCNET_CLUSTER_CIDR); in eni-prefix addressing "
+            "the IPv6 range the host's /80 prefix comes from (the vSwitch's or subnet's IPv6 CIDR)", _cidr6_or_empty),
     Setting("host_prefix_v6", 80, "Prefix length of each host's IPv6 block (the /80 the clouds delegate as an "
             "interface's IPv6 prefix)", _int),
     Setting("no_nat_cidrs", (), "Destinations reached without masquerade, besides the cluster CIDR "

@@ -50,7 +50,8 @@ class NetworkSpec:
     cluster_cidr_v6: str = ""   # path's IPv6 programs have them built in
     # eni-prefix addressing: host_cidr is the range every host shares (its prefixes are this host's part),
     # so nothing treats the whole of it as this host's: the anchor holds the gateway as a /32 (no on-link
-    # range), and the ebpf programs tell this host's containers by their map of local endpoints
+    # range), and the ebpf programs tell this host's containers by their map of local endpoints; so does
+    # host_cidr_v6, the IPv6 range (IPv6 has no on-link block on the host in any routed mode)
     shared_range: bool = False
 
     def published(self, address: str) -> tuple[tuple[str, int], ...]:

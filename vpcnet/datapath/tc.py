@@ -79,7 +79,7 @@ class FamilyFilters:
     count_filter: tuple[int, int]     # (prio, handle): receive counting program, egress
     protocol: int
     suffix: str
-    container: Callable[..., bytes]   # (host, cluster, endpoints_fd, anchor, uplinks, map_fd=, local_fd=)
+    container: Callable[..., bytes]   # (host, cluster, endpoints_fd, anchor, uplinks, map_fd=, local_fd=, shared=)
     count: Callable[..., bytes]       # (direction, cluster, map_fd, endpoints_fd)
 
     def blocks(self, spec: NetworkSpec) -> tuple[str, str]:
@@ -344,7 +344,7 @@ class TcPrograms:
         self.facts.write(host_idx, address, spec.published(address))
         self.write_local(host_idx, address)
         endpoints_fd, local_fd = self.facts.fd(family.version), self.local_fd(family.version)
-        shared = {"shared": True} if spec.shared_range and family.version == 4 else {}   # eni-prefix: IPv4 only
+        shared = {"shared": True} if spec.shared_range else {}     # eni-prefix: the range is every host's
         program = self.shared(f"ctr{family.suffix}", spec, (host, cluster, anchor, uplinks, *shared),
                               lambda map_fd: family.container(host, cluster, endpoints_fd, anchor, uplinks,
                                                               map_fd=map_fd, local_fd=local_fd, **shared),
@@ -438,9 +438,9 @@ class TcPrograms:
                                                            endpoints_fd=endpoints_fd))
                         ] if spec.ipv4 else []             # an IPv6-only network has no IPv4 program
             if spec.host_cidr_v6 and spec.cluster_cidr_v6:
-                programs.append((spec.tc_name6, programs6.uplink_program6(spec.host_cidr_v6, spec.cluster_cidr_v6,
-                                                                          anchor, map_fd=map_fd,
-                                                                          local_fd=self.local_fd(6))))
+                programs.append((spec.tc_name6, programs6.uplink_program6(
+                    spec.host_cidr_v6, spec.cluster_cidr_v6, anchor, map_fd=map_fd, local_fd=self.local_fd(6),
+                    endpoints_fd=self.facts.fd(6) if spec.shared_range else None)))
             self._ensure_uplink_programs(spec, programs)
             if map_fd is not None and spec.ipv4:
                 self.counted_uplinks.add(spec.tc_name)

@@ -42,8 +42,11 @@
   range's first address (never handed out by any host). An address comes from one of this host's prefixes
   (vpcnet.routes.prefixes.PrefixPool.take_address, given as `prefixes`), the IPAM's row written in the same
   transaction, and is answered with the range's prefix length; a `--ip` must be inside a prefix this host
-  holds. IPv6 is not served in this mode yet. Bridge mode is the driver's to refuse; a network of the other
-  addressing in the state refuses every RequestPool (a host never mixes the two).
+  holds. IPv6 (`--ipv6`) the same way: the pool is the IPv6 range (VPCNET_CLUSTER_CIDR_V6, the vSwitch's
+  or subnet's IPv6 CIDR), addresses come from this host's /80 prefix and are answered as `/128`s, as in
+  route-table addressing (the container's gateway is its host veth's link-local one, which Join answers).
+  Bridge mode is the driver's to refuse; a network of the other addressing in the state refuses every
+  RequestPool (a host never mixes the two).
 - `ReleaseAddress` of an address an endpoint row still holds: Docker releases an address only once it has
   no endpoint on it (after DeleteEndpoint, or after a CreateEndpoint that failed for it: the plugin died
   after the kernel work, before Docker got the answer). The row goes in the same transaction, its veth
@@ -203,15 +206,23 @@ class Ipam:
             raise Conflict(addressing_conflict(mine, others))
 
     def _request_range(self, pool: str, v6: bool) -> dict:
-        """eni-prefix addressing: the pool is the range (the cluster CIDR) every host shares; the gateway
-        its first address."""
-        if v6:
-            raise InvalidRequest("IPv6 (--ipv6) is not served in eni-prefix addressing (VPCNET_ADDRESSING="
-                                 "eni-prefix) yet: create the network without --ipv6")
-        cluster = ipaddress.IPv4Network(self.config.cluster_cidr)
-        if pool and _requested_pool(pool, 4) != cluster:
+        """eni-prefix addressing: the pool is the range (the cluster CIDR, VPCNET_CLUSTER_CIDR_V6 for IPv6)
+        every host shares; the gateway its first address. Docker 29's size-only IPv6 `--subnet ::/N` gets the
+        range when it is as large as asked, or larger."""
+        version, setting = (6, "VPCNET_CLUSTER_CIDR_V6") if v6 else (4, "VPCNET_CLUSTER_CIDR")
+        if v6 and (why := ipv6_unavailable()):
+            raise InvalidRequest(f"IPv6 (--ipv6) cannot be served by this vpcnet: {why}")
+        cluster = ipaddress.ip_network(self.config.default_cluster_cidr_v6 if v6 else self.config.cluster_cidr)
+        requested = _requested_pool(pool, version) if pool else None
+        if requested is not None and v6 and requested.network_address == ipaddress.IPv6Address(0):
+            if requested.prefixlen < cluster.prefixlen:
+                raise InvalidRequest(f"--subnet {pool} asks for a /{requested.prefixlen} pool: in eni-prefix "
+                                     f"addressing a network's IPv6 pool is the range {cluster} ({setting}); use "
+                                     f"--subnet {cluster}, or no IPv6 --subnet")
+            requested = cluster                   # a size only: the range is as large as asked, or larger
+        if requested is not None and requested != cluster:
             raise InvalidRequest(f"--subnet {pool}: in eni-prefix addressing a network's pool is the range this "
-                                 f"host's prefixes come from, VPCNET_CLUSTER_CIDR {cluster}; use --subnet "
+                                 f"host's prefixes come from, {setting} {cluster}; use --subnet "
                                  f"{cluster} or omit --subnet")
         if not pool:          # replays always name their pool: this is a new network
             holder = self.store.network_by_host_cidr(str(cluster))
@@ -303,8 +314,8 @@ class Ipam:
                 raise InvalidRequest(f"gateway {shown(address)} is not the gateway of pool {pool_id}: vpcnet's "
                                      f"gateway is {gateway}; omit --gateway")
             return {"Address": f"{gateway}/{host.prefixlen}", "Data": {}}
-        if self.eni_prefix and host.version == 4:
-            return {"Address": f"{self._take_from_prefixes(pool_id, host, gateway, address)}/{host.prefixlen}",
+        if self.eni_prefix:
+            return {"Address": f"{self._take_from_prefixes(pool_id, host, gateway, address)}/{_address_prefix(host)}",
                     "Data": {}}
         if address:
             ip = self._check_requested(address, host, gateway)
@@ -345,7 +356,7 @@ class Ipam:
 
             def held(db) -> None:
                 if self.store.mark_prefix_taken(db, str(ip), time.time()) is None:
-                    held = ", ".join(p.prefix for p in self.store.held_prefixes("ipv4")) or "none yet"
+                    held = ", ".join(p.prefix for p in self.store.held_prefixes(f"ipv{ip.version}")) or "none yet"
                     raise InvalidRequest(f"address {ip} is in none of this host's prefixes ({held}): in eni-prefix "
                                          "addressing a --ip must be inside one of them; omit --ip")
             self._take_requested(pool_id, ip, held)
@@ -356,7 +367,7 @@ class Ipam:
         def record(db, taken: str) -> None:
             _require_pool(self.store, db, pool_id)
             db.execute("INSERT INTO addresses(pool_id, address, replay_epoch) VALUES(?,?,?)", (pool_id, taken, epoch))
-        return ipaddress.ip_address(self.prefixes.take_address(4, record=record).address)
+        return ipaddress.ip_address(self.prefixes.take_address(host.version, record=record).address)
 
     def _take_requested(self, pool_id: str, ip: Address, check: Callable | None = None) -> None:
         """`ip` recorded in the pool, or honoured as a replay; `check(db)` first, in the same transaction."""

@@ -133,6 +133,10 @@ class PrefixChecks(Checks):
             name = f"IPv{family.version}"
             if family.capacity is None or family.room is None:
                 out.append(ok("prefix_capacity", f"{name}: capacity not known yet (the next pass reads it)"))
+            elif family.version == 6 and family.room <= 0 and family.addresses_free > 0:
+                # a full interface is no problem while its /80s have free addresses: 2**48 each never run short
+                out.append(ok("prefix_capacity", f"{name}: the interface holds the {family.capacity} /80 prefix(es) "
+                                                 f"it can; {family.addresses_free} address(es) free in them"))
             else:
                 out.append(self._capacity_finding(name, family.capacity, family.room, family.addresses_free))
             if family.paused_until is not None:

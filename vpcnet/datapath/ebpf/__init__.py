@@ -39,7 +39,8 @@ host's containers by the maps: the container program delivers a destination foun
 host's endpoints; any other goes to `bpf_fib_lookup`, whose answer is taken when it is an uplink (another
 host's container: `bpf_redirect_neigh`) or an endpoint's host veth (an entry in the endpoint map: a GSO
 frame the local map did not take); the uplink program delivers the local map's destinations, or what the
-lookup routes to an endpoint's host veth, and leaves the rest of the range to the normal path.
+lookup routes to an endpoint's host veth, and leaves the rest of the range to the normal path. The IPv6
+programs do the same with the IPv6 maps (programs6.py: the IPv6 range, this host's part of it a /80 prefix).
 
 Only a lookup that succeeds is taken: the helper then has also checked the packet (GSO included) against
 the egress MTU. The map of this host's endpoints is taken only for a frame no longer than its host veth's

@@ -19,6 +19,12 @@ counting). The same shape as IPv4's (the package docstring says why and what), w
 - A destination in this host's IPv6 block whose route is not an endpoint's veth (no /128 for it: the
   lookup names an uplink, the anchor or the veth it came in by) takes the stack: IPv6 blocks have no
   connected route on the anchor as IPv4's host CIDR has.
+- eni-prefix addressing (`shared`): the network's IPv6 block is the range every host shares (this host's
+  part is its /80 prefix), so an address in it says nothing of where its container is; as IPv4's, both
+  programs tell this host's containers by the maps (programs._endpoint_veth): the container program
+  delivers the local map's destinations, and sends any other of the range by the fib lookup out of an
+  uplink (another host's container) or into an endpoint's host veth; the uplink program delivers only
+  into an endpoint's host veth.
 
 Registers: r6 the skb context, r2/r3 packet start/end after each (re)load; r1-r5 are clobbered by every
 helper call. Addresses are read from the packet each time (they do not fit a register).
@@ -55,6 +61,7 @@ from vpcnet.datapath.ebpf.programs import (
     _add_to_map,
     _deliver_local,
     _endpoint,
+    _endpoint_veth,
     _local_endpoint,
     _pass,
     _published_ports,
@@ -257,14 +264,17 @@ def _key6(a: Asm) -> None:
 
 def container_program6(host_cidr6: str, cluster_cidr6: str, endpoints_fd: int, anchor_ifindex: int = 0,
                        uplinks: Sequence[int] | None = None, *, map_fd: int | None = None,
-                       local_fd: int | None = None) -> bytes:
+                       local_fd: int | None = None, shared: bool = False) -> bytes:
     """tc ingress of an IPv6 endpoint's host veth (protocol ETH_P_IPV6): container -> another host of the
     cluster, or another container of this network on this host, as programs.container_program does for
     IPv4, and as it shared by a network's endpoints: each one's facts are its entry in the IPv6 endpoint map
     `endpoints_fd` (vpcnet.datapath.ebpf.endpoints): its own IPv6 address, the only source taking the fast
     path (a forged one goes to the stack, whose reverse-path guard drops it), and its published ports;
     `uplinks`, `map_fd` (every packet sent from the address is counted first), `local_fd` (the IPv6 map of
-    this host's endpoints by address: the other container found there without `bpf_fib_lookup`) as there."""
+    this host's endpoints by address: the other container found there without `bpf_fib_lookup`) as there.
+    `shared`: `host_cidr6` is a range shared with other hosts (eni-prefix addressing): a destination in the
+    local map is delivered to, any other takes the fib lookup, out of an uplink or into an endpoint's veth
+    (`_shared_fib6`)."""
     _checked(cluster_cidr6, "cluster CIDR")
     _checked(host_cidr6, "host block")
     a = Asm()
@@ -278,6 +288,15 @@ def container_program6(host_cidr6: str, cluster_cidr6: str, endpoints_fd: int, a
     _in6(a, IP6_DADDR, cluster_cidr6, "pass")
     _plain(a)
     _published_replies6(a)
+    if shared:                                         # the range is the cluster CIDR, required above
+        if local_fd is not None:                       # this host's own containers: straight into theirs
+            _local_endpoint(a, local_fd, _key6, "remote")
+            _deliver_local(a, "local_map_hops_done", peer=False, decrement=_decrement_hops)
+            a.label("remote")
+            _packet6(a, PARSED6)
+        _shared_fib6(a, endpoints_fd, anchor_ifindex, uplinks)
+        _pass(a)
+        return a.assemble()
     _in6(a, IP6_DADDR, host_cidr6, "remote")
     # this host's block: straight into the other container, found in the local map or, if a /128 routes the
     # address to a veth, by the fib lookup
@@ -307,12 +326,33 @@ def container_program6(host_cidr6: str, cluster_cidr6: str, endpoints_fd: int, a
     return a.assemble()
 
 
+def _shared_fib6(a: Asm, endpoints_fd: int, anchor_ifindex: int, uplinks: Sequence[int] | None) -> None:
+    """programs._shared_fib for IPv6: the fib lookup of the destination; out of one of `uplinks` (None: any
+    device but an endpoint's) to the next hop: another host's container; to an endpoint's host veth (an
+    entry in the IPv6 endpoint map `endpoints_fd`: a packet the local map did not take): into it; else ->
+    pass."""
+    _fib_lookup6(a)
+    a.jump(JNE, 0, "pass", imm=FIB_SUCCESS)
+    if uplinks:
+        a.ldx(4, 5, FP, F_IFINDEX)
+        for index in uplinks:
+            a.jump(JEQ, 5, "uplink", imm=index)
+    _endpoint_veth(a, endpoints_fd, "uplink" if uplinks is None else "pass")
+    _to_endpoint(a, anchor_ifindex, "local_hops_done", peer=False, decrement=_decrement_hops)
+    if uplinks is None or uplinks:
+        a.label("uplink")
+        _decrement_hops(a, "hops_done")
+        _redirect_neigh6(a)
+
+
 def uplink_program6(host_cidr6: str, cluster_cidr6: str, anchor_ifindex: int, map_fd: int | None = None,
-                    local_fd: int | None = None) -> bytes:
+                    local_fd: int | None = None, endpoints_fd: int | None = None) -> bytes:
     """tc ingress of the uplink (protocol ETH_P_IPV6): another host of the cluster -> a container of this
     network's IPv6 block, straight into its namespace (bpf_redirect_peer), counted as received with
     `map_fd`, found in the IPv6 map of this host's endpoints `local_fd` without `bpf_fib_lookup` (a miss,
-    or None: the fib lookup), as programs.uplink_program does for IPv4."""
+    or None: the fib lookup), as programs.uplink_program does for IPv4. `endpoints_fd` (eni-prefix
+    addressing: `host_cidr6` is a range shared with other hosts): the IPv6 endpoint map, and the fib
+    lookup's device must have an entry there (an endpoint's host veth, not an uplink)."""
     _checked(cluster_cidr6, "cluster CIDR")
     _checked(host_cidr6, "host block")
     a = Asm()
@@ -327,6 +367,9 @@ def uplink_program6(host_cidr6: str, cluster_cidr6: str, anchor_ifindex: int, ma
         a.label("fib")
         _packet6(a, PARSED6)
     _fib_lookup6(a)
+    if endpoints_fd is not None:
+        a.jump(JNE, 0, "pass", imm=FIB_SUCCESS)
+        _endpoint_veth(a, endpoints_fd, "pass")
 
     def count(asm: Asm) -> None:
         if map_fd is not None:

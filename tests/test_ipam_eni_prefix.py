@@ -8,6 +8,7 @@ import os
 import threading
 
 import pytest
+from conftest import wait_for
 from fakes import make_plugin
 
 from vpcnet.cli import serve
@@ -281,3 +282,24 @@ def test_an_ipv6_only_network_takes_the_ipv6_range_alone(plug):
     join = plug.driver.join(NID, EID, "/var/run/docker/netns/x", {})
     assert "Gateway" not in join and ipaddress.IPv6Address(join["GatewayIPv6"]).is_link_local
     assert held(plug) == [] and len(held6(plug)) == 1            # no IPv4 prefix for an IPv6-only network
+
+
+def test_the_background_pass_refills_at_once_when_containers_took_the_warm_prefix(tmp_path):
+    plug = make_plugin(tmp_path, **ENI, VPCNET_RECONCILE_INTERVAL="300")
+    pool = PrefixPool(plug.config, plug.store)
+    stop = threading.Event()
+    keeper = PrefixKeeper(plug.config, pool, stop, lambda: None)
+    thread = keeper.start()
+    try:
+        assert wait_for(lambda: keeper.passes >= 1, 10) and len(held(plug)) == 1
+        assert not pool.short_of_warm_target()
+        pool_id = plug.ipam.request_pool()["PoolID"]
+        plug.ipam.request_address(pool_id)                   # the warm prefix is in use now
+        # long before the 300 s interval: a second pass restores a wholly free prefix
+        assert wait_for(lambda: keeper.passes >= 2 and len(held(plug)) == 2, 5)
+        assert not pool.short_of_warm_target()
+        passes = keeper.passes
+        assert not wait_for(lambda: keeper.passes > passes, 2.5)   # at the target: no pass until the interval
+    finally:
+        stop.set()
+        thread.join(10)

@@ -14,7 +14,8 @@ serving and removes the socket; the datapath stays, so running containers keep t
 eni-prefix addressing (VPCNET_ADDRESSING=eni-prefix, docs/eni-prefix.md): start-up is refused while the
 state holds networks of route-table addressing (and the other way round); the IPAM takes addresses from the
 host's PrefixPool, and the worker that would run the route keeper runs the pool's pass instead
-(`PrefixKeeper`: PrefixPool.sync() every VPCNET_RECONCILE_INTERVAL, each pass bounded by its own budget).
+(`PrefixKeeper`: PrefixPool.sync() every VPCNET_RECONCILE_INTERVAL and as soon as containers took the warm
+prefixes, each pass bounded by its own budget).
 """
 from __future__ import annotations
 
@@ -116,10 +117,14 @@ class Plugin:
             self.driver.restore()
 
 
+REFILL_POLL = 1.0     # seconds between the prefix keeper's looks (store only) for a used-up warm pool
+
+
 class PrefixKeeper:
-    """eni-prefix addressing's background pass: `PrefixPool.sync()` every VPCNET_RECONCILE_INTERVAL seconds,
-    in the host's one reconciler (the worker holding `<state_dir>/reconciler.lock`, as the route loop). A
-    pass is bounded by the pool (PASS_BUDGET, one call of each kind); its problems it logs itself."""
+    """eni-prefix addressing's background pass: `PrefixPool.sync()` every VPCNET_RECONCILE_INTERVAL seconds, and
+    as soon as containers took the warm prefixes (seen within REFILL_POLL s), in the host's one reconciler (the
+    worker holding `<state_dir>/reconciler.lock`, as the route loop). A pass is bounded by the pool
+    (PASS_BUDGET, one call of each kind); its problems it logs itself."""
 
     def __init__(self, config, pool, stop: threading.Event, on_leader):
         self.config = config
@@ -142,10 +147,22 @@ class PrefixKeeper:
                 log.info("prefix keeper running (pid %d, every %.0fs)", os.getpid(), self.config.reconcile_interval)
                 self._on_leader()
                 while not self._stop.is_set():
-                    self.run_once()
-                    self._stop.wait(self.config.reconcile_interval)
+                    result = self.run_once()
+                    self._wait_for_next_pass(refill=result.ok)
         except Exception:   # never take the worker down; the flock passes to another worker
             log.exception("prefix keeper stopped by an unexpected error")
+
+    def _wait_for_next_pass(self, refill: bool) -> None:
+        """Until VPCNET_RECONCILE_INTERVAL is over, or, after a pass without problems, until containers took
+        the warm prefixes (asked of the store every REFILL_POLL s: the IPAM may run in another worker), so a
+        container start rarely waits on an assign. After a failed pass only the interval: no retry storm."""
+        deadline = time.monotonic() + self.config.reconcile_interval
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or self._stop.wait(min(REFILL_POLL, left)):
+                return
+            if refill and self.pool.short_of_warm_target():
+                return
 
     def run_once(self):
         """One pass, logged: what it changed at INFO, a quiet one at DEBUG."""

@@ -17,6 +17,8 @@ interface that vpcnet did not assign (another tool's, a hand-made one) is left a
   the same store transaction; when none is free, one synchronous assign
   (bounded: one call, after a bounded wait for the host's prefix lock), and if that fails the provider's
   error, saying what failed and what to do.
+- `short_of_warm_target()`: whether containers took the warm prefixes (a family below the target that can
+  grow), from the store: the background pass asks it every second and then runs at once.
 - `status()`: per family the prefixes, addresses in use and free, how many more the interface takes, and a
   pause; from the store only (a pass writes what it learnt of the interface there), never a cloud call.
   `vpcnet status`, `vpcnet doctor` and the metrics show it; every assign and unassign call is counted
@@ -522,6 +524,16 @@ class PrefixPool:
                 snapshot.get("room", {}).get(str(version)), pause[0] if pause else None, pause[1] if pause else ""))
         return PoolStatus(snapshot.get("interface_id", ""), snapshot.get("instance_type", ""),
                           snapshot.get("supported", True), snapshot.get("reason", ""), tuple(families))
+
+    def short_of_warm_target(self) -> bool:
+        """Whether containers took the warm prefixes of a family whose growth can go on (room on the
+        interface, no pause): the background pass then runs before its interval is over, so that the next
+        container start does not wait on an assign. From the store only, cheap enough to ask every second."""
+        for family in self.status().families:
+            can_grow = (family.room is None or family.room > 0) and family.paused_until is None
+            if can_grow and family.free_prefixes < self.config.warm_prefixes:
+                return True
+        return False
 
     # -- one pass or assign at a time -----------------------------------------------------------------------
     @contextmanager

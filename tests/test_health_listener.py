@@ -20,7 +20,7 @@ import pytest
 from conftest import wait_for
 
 from vpcnet.config import Config
-from vpcnet.observability import health
+from vpcnet.observability import events, health
 from vpcnet.state.store import Store
 
 IDLE = 2000             # idle connections of a flood
@@ -94,7 +94,10 @@ class Listener:
 
 
 @pytest.fixture
-def listener(tmp_path):
+def listener(tmp_path, monkeypatch):
+    # a freshly started plugin's reconciler state: earlier tests of this process recorded route passes in the
+    # process-wide one, and once they are older than the reconciler's deadline /healthz rightly answers 503
+    monkeypatch.setattr(events, "RECONCILER", events.ReconcilerState())
     made: list[Listener] = []
 
     def start(**settings) -> Listener:

@@ -14,6 +14,10 @@ IPv6) is held to the same goals against the baselines of its own family (`underl
 `baseline()` names them, so an IPv6 path is never judged against an IPv4 one. The fastest mode is named
 among the IPv4 contenders only (IPv6 is measured on the default network alone).
 
+eni-prefix addressing (`bench/run.py --addressing eni-prefix`): the default network is named `vpcnet-eni`
+(`vpcnet-eni-v6` over IPv6), so a result never passes for the route-table one; it is held to the same goals
+as `vpcnet`. Explicit modes do not exist there (one vpcnet network per range per host).
+
 A ratio is mine / versus. For "lower is better" metrics (latency, CPU, `docker run` time) the bound is an
 upper one. Each goal gets one verdict:
 
@@ -37,6 +41,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DEFAULT = "vpcnet"                       # the network created with no -o option
+ENI = "vpcnet-eni"                       # the same network in eni-prefix addressing (bench/run.py --addressing)
+DEFAULTS = (DEFAULT, ENI)
 MODE_PREFIX = "vpcnet-"                  # vpcnet-bridge, vpcnet-routed, vpcnet-ebpf: -o vpcnet.mode=<mode>
 V6 = "-v6"                               # a contender measured over IPv6: underlay-v6, vpcnet-v6, overlay-v6
 CROSS, SAME = "cross", "same"
@@ -93,6 +99,11 @@ GOALS = [
 
 def is_vpcnet(name: str) -> bool:
     return name == DEFAULT or name.startswith(MODE_PREFIX)
+
+
+def is_default(name: str) -> bool:
+    """The network created with no -o option, in either addressing."""
+    return name in DEFAULTS
 
 
 def is_v6(name: str) -> bool:
@@ -183,7 +194,7 @@ def vpcnet_contenders(res: dict) -> list[str]:
     for group in (CROSS, SAME):
         for metric in ("tcp_1stream_bps", "container_start_s"):
             names += [n for n in medians(res, group, metric) if is_vpcnet(n) and n not in names]
-    order = [DEFAULT] + [MODE_PREFIX + m for m in ("bridge", "routed", "ebpf")]
+    order = [DEFAULT, ENI] + [MODE_PREFIX + m for m in ("bridge", "routed", "ebpf")]
 
     def key(n: str) -> tuple[bool, int, str]:            # IPv4 first, then the same order over IPv6
         bare = n[:-len(V6)] if is_v6(n) else n

@@ -8,9 +8,9 @@ import cpu_profile
 import goals
 
 CROSS, SAME = goals.CROSS, goals.SAME
-CROSS_NAMES = ("underlay", "vpcnet", "vpcnet-bridge", "vpcnet-routed", "vpcnet-ebpf", "overlay", "bridge",
-               "underlay-v6", "vpcnet-v6", "overlay-v6")         # the -v6 ones: bench/run.py --ipv6
-SAME_NAMES = ("vpcnet", "vpcnet-bridge", "vpcnet-routed", "vpcnet-ebpf", "docker-bridge")
+CROSS_NAMES = ("underlay", "vpcnet", "vpcnet-eni", "vpcnet-bridge", "vpcnet-routed", "vpcnet-ebpf", "overlay",
+               "bridge", "underlay-v6", "vpcnet-v6", "vpcnet-eni-v6", "overlay-v6")  # -v6: bench/run.py --ipv6
+SAME_NAMES = ("vpcnet", "vpcnet-eni", "vpcnet-bridge", "vpcnet-routed", "vpcnet-ebpf", "docker-bridge")
 FLOWS = 64
 METRICS = [  # key, label, unit, higher is better
     ("tcp_1stream_bps", "TCP throughput, 1 stream", "Gbit/s", True),
@@ -94,7 +94,7 @@ def _goal_table(res: dict) -> list[str]:
     mode = res["meta"].get("default_mode") or "unknown"
 
     def head(n: str) -> str:
-        tags = (["no -o: " + mode] if n == goals.DEFAULT else []) + (["fastest"] if n == fastest else [])
+        tags = (["no -o: " + mode] if goals.is_default(n) else []) + (["fastest"] if n == fastest else [])
         return n + (f" ({', '.join(tags)})" if tags else "")
 
     by = {(v["contender"], v["goal"]): v for v in verdicts}
@@ -107,12 +107,13 @@ def _goal_table(res: dict) -> list[str]:
               "no spread to judge it by, so no verdict."
               + (" A `-v6` contender is held to each goal against the baseline over IPv6 (`underlay-v6`, "
                  "`overlay-v6`)." if any(goals.is_v6(n) for n in mine) else ""), ""]
-    for n in dict.fromkeys([goals.DEFAULT, fastest, goals.DEFAULT + goals.V6]):
+    defaults = [d for d in goals.DEFAULTS if d in mine]
+    for n in dict.fromkeys([*defaults, fastest, *(d + goals.V6 for d in defaults)]):
         if n in mine:
             count = goals.summary(verdicts, n)
-            what = {goals.DEFAULT: "the default network",
-                    goals.DEFAULT + goals.V6: "the default network over IPv6"}.get(n, "the fastest mode")
-            if n == goals.DEFAULT == fastest:
+            what = ("the default network" if goals.is_default(n) else "the default network over IPv6"
+                    if goals.is_default(n.removesuffix(goals.V6)) else "the fastest mode")
+            if goals.is_default(n) and n == fastest:
                 what += " (also the fastest)"
             measured = sum(count[k] for k in goals.VERDICTS)
             others = [f"{count[k]} {k}" for k in (goals.MISSED, goals.NOISE) if count[k]]
@@ -135,6 +136,17 @@ def _goal_cell(v: dict | None) -> str:
     return f"{v['ratio']:.2f} {word} ({counted[0]}/{counted[1]} rounds)"
 
 
+def _naming(meta: dict, mode: str) -> str:
+    """What the vpcnet contenders' names stand for, and in which addressing the lab ran."""
+    if meta.get("addressing", "route-table") == "eni-prefix":
+        return ("Addressing: **eni-prefix** (`bench/run.py --addressing eni-prefix`: each host's containers take "
+                "their addresses from /28 and /80 prefixes assigned to its ENI, the route table holds no vpcnet "
+                f"route). `{goals.ENI}` is the lab's network created with no `-o` option (here: {mode} mode), "
+                "the only vpcnet network a host can have on the range.")
+    return (f"Addressing: route-table. `vpcnet` is the network created with no `-o` option (here: {mode} mode); "
+            "`vpcnet-<mode>` has `-o vpcnet.mode=<mode>`.")
+
+
 def markdown(res: dict) -> str:
     m = res["meta"]
     mode = m.get("default_mode") or "unknown"
@@ -142,8 +154,7 @@ def markdown(res: dict) -> str:
              f"{m['rr_count']} ping-pongs per RR sample, {m.get('crr_seconds', '–')} s of connections per CRR "
              f"sample, {m.get('flows', FLOWS)} flows for {m.get('flows_seconds', '–')} s per flows sample; "
              f"kernel {m['kernel']}, {m['cpus']} CPUs, Docker {m['docker']}, {m['iperf3']}; load average at the end "
-             f"{' '.join(m.get('loadavg_at_end', []))}. Median (min–max) per contender. `vpcnet` is the network "
-             f"created with no `-o` option (here: {mode} mode); `vpcnet-<mode>` has `-o vpcnet.mode=<mode>`.", "",
+             f"{' '.join(m.get('loadavg_at_end', []))}. Median (min–max) per contender. {_naming(m, mode)}", "",
              "Across hosts (client container on h1, server on h2):", "",
              *_metric_table(res, CROSS, False if present(res, CROSS, True) else None)]
     if present(res, CROSS, True):
@@ -213,7 +224,8 @@ def chart(res: dict, path: str) -> None:
 
     colors = {"underlay": "#7f7f7f", "vpcnet": "#2ca02c", "vpcnet-bridge": "#c7e9c0", "vpcnet-routed": "#98df8a",
               "vpcnet-ebpf": "#006d2c", "overlay": "#d62728", "bridge": "#1f77b4", "docker-bridge": "#1f77b4",
-              "underlay-v6": "#c7c7c7", "vpcnet-v6": "#74c476", "overlay-v6": "#ff9896"}
+              "underlay-v6": "#c7c7c7", "vpcnet-v6": "#74c476", "overlay-v6": "#ff9896", "vpcnet-eni": "#2ca02c",
+              "vpcnet-eni-v6": "#74c476"}
     panels = [("tcp_1stream_bps", "TCP 1 stream (Gbit/s)", 1e9), ("tcp_4stream_bps", "TCP 4 streams (Gbit/s)", 1e9),
               ("udp_64b_pps", "UDP 64 B received (kpps)", 1e3), ("rr_p50_us", "TCP RR p50 (µs, lower is better)", 1),
               ("rr_p99_us", "TCP RR p99 (µs, lower is better)", 1), ("crr_cps", "connections/s (k)", 1e3),
@@ -262,7 +274,9 @@ def chart(res: dict, path: str) -> None:
     if same:
         for ax, (metric, title, scale) in zip(flat[2 * cols:], panels, strict=False):
             bars(ax, SAME, metric, title, scale)
-    fig.suptitle(f"vpcnet vs underlay, Docker overlay and bridge — {res['meta']['rounds']} rounds, median with "
+    addressing = res["meta"].get("addressing", "route-table")
+    fig.suptitle(f"vpcnet ({addressing} addressing) vs underlay, Docker overlay and bridge — "
+                 f"{res['meta']['rounds']} rounds, median with "
                  f"min–max ({res['meta']['date']})", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

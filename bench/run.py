@@ -2,7 +2,7 @@
 """vpcnet versus the underlay, Docker's VXLAN overlay and Docker's bridge network, on one lab, in one run.
 
     python3 bench/run.py [--rounds 9] [--duration 3] [--crr-seconds 2] [--flows-seconds 2] [--profile]
-                         [--profile-runs 1] [--ipv6]
+                         [--profile-runs 1] [--ipv6] [--addressing route-table|eni-prefix]
     python3 bench/run.py --rounds 9 --profile --estimate      how long that takes, without running it
 
 Builds a `vpcnet lab` (root; refuses to run next to a lab already up) and measures two groups of
@@ -30,8 +30,17 @@ With --ipv6 (the lab comes up with `--ipv6`: vpc0 dual-stack), also across hosts
   Each is held to the IPv4 goals against the baselines of its own family (bench/goals.py). A flag, not
   always: the IPv6 contenders add a third to every round, and runs without it stay comparable with the
   IPv4-only runs before them (the lab, its network and contenders unchanged).
+With --addressing eni-prefix (the lab comes up with `vpcnet lab up --addressing eni-prefix`: each host's
+containers take their addresses from /28 (and /80) prefixes its plugin assigns to its ENI, the route table
+holds no vpcnet route, docs/eni-prefix.md):
+  vpcnet-eni     in place of `vpcnet`: the containers on vpc0 (no -o option), in that addressing; with --ipv6
+                 `vpcnet-eni-v6` in place of `vpcnet-v6`. Held to the same goals as `vpcnet`.
+  No explicit-mode contenders: a host has one vpcnet network per range in that addressing (the lab's range
+  is vpc0's), and bridge mode is refused there; the results' `meta.not_measured` says so. The underlay,
+  Docker's overlay and bridge are measured as in route-table addressing (they do not depend on it).
+  Results go to eni-prefix.{json,md,png}, so latest.* stays the route-table run's (--readme is refused).
 On one host (client and server containers both on host 1):
-  vpcnet, vpcnet-<mode>   two containers on the same vpcnet network
+  vpcnet, vpcnet-<mode>   two containers on the same vpcnet network (vpcnet-eni: --addressing eni-prefix)
   docker-bridge           two containers on a user-defined `docker network create` bridge network
 Each round runs every metric for every contender, in a rotated order, so drifts hit all alike.
 
@@ -67,7 +76,8 @@ understate the paths' own differences a little (absolute rates are rr.py's, not 
 Goals (checked by bench/goals.py for the default network and each explicit mode, naming the
 fastest): in the results' `goals` and the Markdown's goal table.
 
-Writes latest.json, latest.md and latest.png (not with --no-chart) into --out (default bench/results);
+Writes latest.json, latest.md and latest.png (not with --no-chart) into --out (default bench/results), or
+eni-prefix.* with --addressing eni-prefix;
 --readme also puts the table into docs/benchmarks.md between its markers. The lab is always taken down at
 the end. The chart needs matplotlib (`pip install '.[bench]'`): a run without it stops before it starts.
 """
@@ -94,6 +104,7 @@ import goals  # noqa: E402
 import report  # noqa: E402
 
 from vpcnet_lab import Lab, LabError  # noqa: E402
+from vpcnet_lab.lab import ADDRESSING_MODES  # noqa: E402
 
 IMAGE = "vpcnet-testbox:latest"
 CLUSTER = "10.240.0.0/16"                # vpc0, the lab's network: no -o option
@@ -115,6 +126,21 @@ COST = {"iperf_overhead": 0.15, "rr_per_pingpong": 50e-6, "client_start": 0.1, "
 V6_CONTENDERS = ("underlay-v6", "vpcnet-v6", "overlay-v6")   # --ipv6: the IPv6 twins of these three
 OVERLAY_V6 = ("ov6", "10.0.250.0/24", "fd00:250::/64")      # Docker's dual-stack overlay: name, subnets
 OVERLAY_V6_ADDRESS = "fd00:250::a2"                        # --ip6 of h2's container, if needed (overlay_v6)
+ENI_PREFIX = "eni-prefix"                                  # --addressing: the lab's, as `vpcnet lab up` takes it
+
+
+def addressing(args) -> str:
+    return getattr(args, "addressing", "route-table")
+
+
+def default_contender(args) -> str:
+    """The name of the default network's contender: `vpcnet`, or `vpcnet-eni` in eni-prefix addressing."""
+    return goals.ENI if addressing(args) == ENI_PREFIX else goals.DEFAULT
+
+
+def results_name(args) -> str:
+    """The results files' name: latest.* for route-table runs, eni-prefix.* for the other addressing."""
+    return "latest" if addressing(args) == "route-table" else addressing(args)
 
 
 def sh(cmd: list[str], timeout: float = 120, check: bool = True, **kw) -> subprocess.CompletedProcess:
@@ -163,7 +189,10 @@ class Contender:
 
 
 def wanted_modes(args, default_mode: str | None) -> list[str]:
-    """The explicit modes to measure: all but --skip-mode, and but the one the default already is."""
+    """The explicit modes to measure: all but --skip-mode, and but the one the default already is. None in
+    eni-prefix addressing: a host has one vpcnet network per range there, the lab's."""
+    if addressing(args) == ENI_PREFIX:
+        return []
     return [m for m in MODES if m not in args.skip_mode and (args.all_modes or m != default_mode)]
 
 
@@ -185,11 +214,12 @@ def estimate(args, default_mode: str | None = "bridge") -> dict:
     profile = runs * cross * (args.duration + c["profile_per_contender"]) if args.profile else 0.0
     total = setup + args.rounds * per_round + profile + c["teardown"]
     return {"contenders": {"cross": cross, "same": same}, "setup_s": setup, "per_round_s": per_round,
-            "profile_s": profile, "total_s": total}
+            "profile_s": profile, "total_s": total, "addressing": addressing(args)}
 
 
 def estimate_text(est: dict, rounds: int) -> str:
-    return (f"{est['contenders']['cross']} cross-host + {est['contenders']['same']} same-host contenders, "
+    where = f" ({est['addressing']} addressing)" if est.get("addressing", "route-table") != "route-table" else ""
+    return (f"{est['contenders']['cross']} cross-host + {est['contenders']['same']} same-host contenders{where}, "
             f"{rounds} rounds: expected ~{est['total_s'] / 60:.0f} min (set-up {est['setup_s'] / 60:.1f} min, "
             f"{est['per_round_s']:.0f} s per round, profile {est['profile_s'] / 60:.1f} min; "
             "this 2-CPU machine's figures, more when it is busy)")
@@ -259,8 +289,11 @@ class Bench:
         lab, args = self.lab, self.args
         self.check_default_network()
         self.modes = wanted_modes(args, self.default_mode)
-        print(f"default network {DEFAULT_NET} (no -o): mode {self.default_mode or 'unknown'}; explicit modes "
-              f"measured: {', '.join(self.modes) or 'none'}", flush=True)
+        if addressing(args) == ENI_PREFIX:
+            self.not_measured.update(self.eni_prefix_left_out())
+        print(f"default network {DEFAULT_NET} (no -o, {addressing(args)} addressing): mode "
+              f"{self.default_mode or 'unknown'}; explicit modes measured: {', '.join(self.modes) or 'none'}",
+              flush=True)
         h1 = Endpoint(f"/run/netns/{lab.host_netns(1)}", lab.host_ip(1), "uplink")
         h2 = Endpoint(f"/run/netns/{lab.host_netns(2)}", lab.host_ip(2), "uplink")
         self.add(CROSS, "underlay", h1, h2, h2.address, None)
@@ -268,7 +301,8 @@ class Bench:
             h1_6 = Endpoint(h1.ns_path, lab.host_ip6(1), "uplink", lab.host_ip6(1))
             h2_6 = Endpoint(h2.ns_path, lab.host_ip6(2), "uplink", lab.host_ip6(2))
             self.add(CROSS, "underlay-v6", h1_6, h2_6, h2_6.address6, None)
-        vpcnets = [("vpcnet", DEFAULT_NET)]
+        default = default_contender(args)
+        vpcnets = [(default, DEFAULT_NET)]
         for mode in self.modes:
             network, cluster = MODE_NETWORKS[mode]
             self.create_vpcnet_network(network, cluster, mode)
@@ -280,7 +314,7 @@ class Bench:
                 if not (a.address6 and b.address6):
                     raise RuntimeError(f"--ipv6: the containers on {DEFAULT_NET} got no IPv6 address "
                                        f"({a.address6 or '-'}, {b.address6 or '-'}): is the lab's network dual-stack?")
-                self.add(CROSS, "vpcnet-v6", a, b, b.address6, network)
+                self.add(CROSS, default + goals.V6, a, b, b.address6, network)
             if not args.no_same_host:
                 s = self.container(1, f"bench-{network}-s", network)
                 self.add(SAME, name, a, s, s.address, network)
@@ -316,6 +350,18 @@ class Bench:
         for c in self.contenders:           # a new cluster CIDR's route on each host is a reconcile away
             self.wait_reachable(c)
         time.sleep(1.0)
+
+    def eni_prefix_left_out(self) -> dict[str, str]:
+        """The explicit-mode contenders eni-prefix addressing cannot have, and why (the default's own mode
+        is left out as in route-table addressing: the same datapath twice)."""
+        why = {"bridge": "bridge mode is refused in eni-prefix addressing: a bridge needs an on-link block of its "
+                         "own per host, and the range is shared by all hosts (docs/eni-prefix.md)"}
+        for mode in MODES:
+            if mode not in why and mode != self.default_mode:
+                why[mode] = (f"a host has one vpcnet network per range in eni-prefix addressing, and the lab's range "
+                             f"is {DEFAULT_NET}'s (`{goals.ENI}`, {self.default_mode or 'unknown'} mode): a network "
+                             f"with -o vpcnet.mode={mode} would need a range of its own")
+        return {f"vpcnet-{mode}": text for mode, text in why.items()}
 
     def overlay_v6(self, timeout: float = 30.0) -> None:
         """Docker's overlay over IPv6 (`ov6`, dual-stack), or why not: `not_measured["overlay-v6"]`."""
@@ -509,6 +555,9 @@ class Bench:
         a = self.args
         explicit = {f"vpcnet-{m}": f"-o vpcnet.mode={m} (network {MODE_NETWORKS[m][0]}, --subnet "
                                    f"{MODE_NETWORKS[m][1]})" for m in self.modes}
+        default = default_contender(a)
+        how = (" in eni-prefix addressing (addresses from /28 and /80 prefixes on each host's ENI, delivered by "
+               "the emulated VPC; no route entry)" if addressing(a) == ENI_PREFIX else " (routed by the emulated VPC)")
         return {
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": "python3 bench/run.py " + " ".join(sys.argv[1:]),
@@ -518,27 +567,27 @@ class Bench:
             "loadavg_at_end": open("/proc/loadavg").read().split()[:3],   # other work on the machine skews it
             "docker": sh(self.lab.docker_cmd(1) + ["version", "-f", "{{.Server.Version}}"]).stdout.strip(),
             "iperf3": sh(["iperf3", "--version"]).stdout.splitlines()[0],
-            "default_mode": self.default_mode,
+            "default_mode": self.default_mode, "addressing": addressing(a),
             "ipv6": bool(a.ipv6), "profile_runs": a.profile_runs if a.profile else 0,
             **({"not_measured": dict(self.not_measured)} if self.not_measured else {}),
             "contenders": {
                 CROSS: {
                     "underlay": "host netns h1 <-> host netns h2 (through the router netns)",
-                    "vpcnet": f"container on vpcnet network {DEFAULT_NET} (no -o option: mode "
-                              f"{self.default_mode or 'unknown'}) on h1 <-> on h2 (routed by the emulated VPC)",
+                    default: f"container on vpcnet network {DEFAULT_NET} (no -o option: mode "
+                             f"{self.default_mode or 'unknown'}) on h1 <-> on h2{how}",
                     **{n: f"container on {d} on h1 <-> on h2" for n, d in explicit.items()},
                     "overlay": "container on swarm overlay `ov` (VXLAN) on h1 <-> on h2",
                     "bridge": "container on docker0 on h1 -> published port on h2 (NAT both ends)",
                     **({"underlay-v6": f"host netns h1 <-> host netns h2 over IPv6 ({self.lab.host_ip6(1)} <-> "
                                        f"{self.lab.host_ip6(2)}, through the router netns)",
-                        "vpcnet-v6": f"the vpcnet contender's containers on {DEFAULT_NET} (dual-stack, `vpcnet lab "
-                                     "up --ipv6`), between their IPv6 addresses",
+                        default + goals.V6: f"the {default} contender's containers on {DEFAULT_NET} (dual-stack, "
+                                            "`vpcnet lab up --ipv6`), between their IPv6 addresses",
                         "overlay-v6": f"container on swarm overlay `{OVERLAY_V6[0]}` (VXLAN; --ipv6 --subnet "
                                       f"{OVERLAY_V6[2]}) on h1 <-> on h2, between their IPv6 addresses"}
                        if a.ipv6 else {}),
                 },
                 SAME: {
-                    "vpcnet": f"two containers on {DEFAULT_NET} on h1",
+                    default: f"two containers on {DEFAULT_NET} on h1",
                     **{n: f"two containers on {d} on h1" for n, d in explicit.items()},
                     "docker-bridge": f"two containers on a user-defined bridge network ({DOCKER_BRIDGE_NET}) on h1",
                 },
@@ -620,6 +669,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ipv6", action="store_true",
                    help="also measure over IPv6: the lab comes up dual-stack, with underlay-v6, vpcnet-v6 (vpc0's "
                         "IPv6) and overlay-v6 (Docker's overlay with --ipv6, where it carries IPv6) contenders")
+    p.add_argument("--addressing", default="route-table", choices=ADDRESSING_MODES,
+                   help="the lab's addressing (vpcnet lab up --addressing): route-table (default) or eni-prefix, "
+                        "where the default network is measured as `vpcnet-eni` and the results go to "
+                        "eni-prefix.{json,md,png}")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder (default bench/results)")
     p.add_argument("--readme", action="store_true", help="also put the Markdown table into docs/benchmarks.md")
     p.add_argument("--estimate", action="store_true", help="print how long the run would take, and stop")
@@ -633,6 +686,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not 1 <= args.profile_runs <= 20 or (args.profile_runs > 1 and not args.profile):
         print("--profile-runs 1..20, and more than 1 only with --profile", file=sys.stderr)
+        return 2
+    if args.addressing == ENI_PREFIX and (args.readme or args.all_modes or args.skip_mode):
+        print("--addressing eni-prefix measures the default network alone (a host has one vpcnet network per "
+              "range there), without --all-modes or --skip-mode, and writes eni-prefix.{json,md,png}: "
+              "docs/benchmarks.md's table (--readme) is the route-table run's", file=sys.stderr)
         return 2
     # the chart is drawn last: find out now, not after the whole run
     problem = None if args.estimate or args.no_chart else report.chart_unavailable()
@@ -654,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
-    lab = Lab(hosts=args.hosts, cluster_cidr=CLUSTER, out=sys.stdout, ipv6=args.ipv6)
+    lab = Lab(hosts=args.hosts, cluster_cidr=CLUSTER, out=sys.stdout, ipv6=args.ipv6, addressing=args.addressing)
     bench = None
     started = time.monotonic()
     signal.signal(signal.SIGTERM, _interrupted)      # a kill still stops the servers and takes the lab down
@@ -678,12 +736,14 @@ def main(argv: list[str] | None = None) -> int:
         left = lab.down()
         if left:
             print("lab down left: " + "; ".join(left), file=sys.stderr)
-    with open(os.path.join(args.out, "latest.json"), "w") as fh:
+    name = results_name(args)
+    with open(os.path.join(args.out, f"{name}.json"), "w") as fh:
         json.dump(res, fh, indent=2)
     md = report.markdown(res)
-    with open(os.path.join(args.out, "latest.md"), "w") as fh:
+    with open(os.path.join(args.out, f"{name}.md"), "w") as fh:
         fh.write(md)
-    report.chart(res, os.path.join(args.out, "latest.png"))
+    if not args.no_chart:
+        report.chart(res, os.path.join(args.out, f"{name}.png"))
     if args.readme:
         report.update_readme(os.path.join(os.path.dirname(HERE), "docs", "benchmarks.md"), md)
     print(md)

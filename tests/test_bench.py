@@ -715,3 +715,89 @@ def test_an_overlay_attachment_failure_is_explained_from_the_engine_log(tmp_path
         "context deadline exceeded (h1's engine log: fatal task error: Invalid address fd00:250::2: It does not "
         "belong to any of this network's subnets)")
     assert bench.task_errors(2) and not run.Bench(_UnattachableLab(str(tmp_path / "none")), None).task_errors(1)
+
+
+# -- eni-prefix addressing (bench/run.py --addressing eni-prefix) ------------------------------------
+def _eni_result(ipv6: bool = False) -> dict:
+    """An eni-prefix run's figures: the route-table ones with `vpcnet` named `vpcnet-eni`, no explicit mode."""
+    def renamed(medians: dict) -> dict:
+        return {m: {{"vpcnet": "vpcnet-eni", "vpcnet-v6": "vpcnet-eni-v6"}.get(n, n): v for n, v in by.items()
+                    if n != "vpcnet-routed"} for m, by in medians.items()}
+    cross = {m: {**CROSS_MEDIANS.get(m, {}), **(V6_MEDIANS.get(m, {}) if ipv6 else {})}
+             for m in set(CROSS_MEDIANS) | set(V6_MEDIANS)}
+    samples = {goals.CROSS: _samples(renamed(cross)), goals.SAME: _samples(renamed(SAME_MEDIANS))}
+    names = ("underlay", "vpcnet-eni", "overlay") + (("underlay-v6", "vpcnet-eni-v6", "overlay-v6") if ipv6 else ())
+    mtu = {goals.CROSS: dict.fromkeys(names, 1500), goals.SAME: dict.fromkeys(("vpcnet-eni", "docker-bridge"), 1500)}
+    meta = {**_result()["meta"], "addressing": "eni-prefix", "ipv6": ipv6,
+            "not_measured": {"vpcnet-routed": "a host has one vpcnet network per range"}}
+    return run.assemble(meta, samples, mtu, {})
+
+
+def test_eni_prefix_default_network_is_held_to_the_default_s_goals():
+    res = _eni_result(ipv6=True)
+    assert goals.vpcnet_contenders(res) == ["vpcnet-eni", "vpcnet-eni-v6"]
+    assert goals.is_default("vpcnet-eni") and not goals.is_default("vpcnet-ebpf")
+    assert res["ratios"]["tcp_1stream_bps:vpcnet-eni/underlay"] == pytest.approx(0.98)
+    assert res["ratios"]["same:tcp_1stream_bps:vpcnet-eni/docker-bridge"] == pytest.approx(100 / 95)
+    assert _verdict(res, "vpcnet-eni", TCP1)["verdict"] == goals.MET                           # 0.98
+    assert _verdict(res, "vpcnet-eni", "UDP 64 B pps ≥ 0.95 × underlay")["verdict"] == goals.MISSED   # 0.94
+    v6 = _verdict(res, "vpcnet-eni-v6", TCP1)
+    assert v6["versus"] == "underlay-v6" and v6["ratio"] == pytest.approx(49 / 50)
+    assert res["fastest"] == "vpcnet-eni"
+    per_contender = {n: sum(1 for v in res["goals"] if v["contender"] == n) for n in goals.vpcnet_contenders(res)}
+    assert per_contender == {"vpcnet-eni": len(goals.GOALS), "vpcnet-eni-v6": len(goals.GOALS)}
+
+
+def test_eni_prefix_markdown_names_the_addressing_and_what_was_left_out():
+    md = report.markdown(_eni_result(ipv6=True))
+    assert "Addressing: **eni-prefix**" in md and "`vpcnet-eni` is the lab's network" in md
+    assert "| metric | underlay | vpcnet-eni | overlay |" in md
+    assert "| metric | underlay-v6 | vpcnet-eni-v6 | overlay-v6 |" in md
+    assert "| goal | vpcnet-eni (no -o: ebpf, fastest) | vpcnet-eni-v6 |" in md
+    assert "- the default network (also the fastest), `vpcnet-eni`:" in md
+    assert "- the default network over IPv6, `vpcnet-eni-v6`:" in md
+    assert "Not measured: `vpcnet-routed`: a host has one vpcnet network per range" in md
+    assert "Addressing: route-table." in report.markdown(_result())
+
+
+def test_eni_prefix_runs_measure_no_explicit_mode_in_the_estimate():
+    eni = run.estimate(_args(addressing="eni-prefix"))
+    assert eni["contenders"] == {"cross": 4, "same": 2}         # underlay, vpcnet-eni, overlay, bridge; + docker-bridge
+    assert run.estimate(_args(addressing="eni-prefix", ipv6=True))["contenders"] == {"cross": 7, "same": 2}
+    assert eni["total_s"] < run.estimate(_args())["total_s"]
+    assert "(eni-prefix addressing)" in run.estimate_text(eni, 9)
+    assert "addressing" not in run.estimate_text(run.estimate(_args()), 9)
+    for default_mode in ("ebpf", "routed", None):
+        assert run.wanted_modes(_args(addressing="eni-prefix"), default_mode) == []
+    assert run.default_contender(_args(addressing="eni-prefix")) == "vpcnet-eni"
+    assert run.default_contender(_args()) == "vpcnet"
+    assert run.results_name(_args(addressing="eni-prefix")) == "eni-prefix"
+    assert run.results_name(_args()) == "latest"
+
+
+def test_eni_prefix_says_why_each_explicit_mode_is_left_out():
+    bench = run.Bench(None, _args(addressing="eni-prefix"))
+    bench.default_mode = "ebpf"
+    why = bench.eni_prefix_left_out()
+    assert sorted(why) == ["vpcnet-bridge", "vpcnet-routed"]           # ebpf: the default network itself
+    assert "bridge mode is refused in eni-prefix addressing" in why["vpcnet-bridge"]
+    assert "one vpcnet network per range" in why["vpcnet-routed"] and "-o vpcnet.mode=routed" in why["vpcnet-routed"]
+
+
+@pytest.mark.parametrize("flag", [["--readme"], ["--all-modes"], ["--skip-mode", "routed"]])
+def test_eni_prefix_refuses_what_it_cannot_do_before_anything_starts(monkeypatch, capsys, flag):
+    _no_matplotlib(monkeypatch)
+    assert run.main(["--addressing", "eni-prefix", "--no-chart", *flag]) == 2
+    assert "--addressing eni-prefix measures the default network alone" in capsys.readouterr().err
+    assert _Watched.calls == []
+
+
+@pytest.mark.parametrize("flags, addressing", [([], "route-table"), (["--addressing", "eni-prefix"], "eni-prefix")])
+def test_addressing_brings_the_lab_up_in_that_mode(monkeypatch, capsys, tmp_path, flags, addressing):
+    monkeypatch.setattr(run, "Lab", _Lab)
+    monkeypatch.setattr(_Lab, "made", [])
+    monkeypatch.setattr(run.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(run.signal, "signal", lambda *a: None)
+    assert run.main(["--no-chart", "--rounds", "1", "--out", str(tmp_path), *flags]) == 1
+    assert [kw.get("addressing") for kw in _Lab.made] == [addressing]
+    assert list(tmp_path.iterdir()) == []                          # a failed run writes no results

@@ -117,8 +117,11 @@ def _status(args) -> int:
               f"{'up' if h['engine_up'] else 'down':<7} {'up' if h['plugin_up'] else 'down':<7} {shown}")
         if eni_prefix:
             print(f"      prefixes: {', '.join(h.get('prefixes', []) + h.get('prefixes6', [])) or 'none'}")
-        if h["route6"] or h["host_cidr6"]:
-            route6 = h["route6"]
+        route6 = h["route6"]
+        if eni_prefix and (route6 or h["host_cidr6"]):     # the range, no block: a route here would be a bug
+            print(f"      IPv6: underlay {h['underlay_ip6']}, range {h['host_cidr6'] or '-'}"
+                  + (f", route {route6['destination']} {route6['status']}" if route6 else ""))
+        elif route6 or h["host_cidr6"]:
             print(f"      IPv6: underlay {h['underlay_ip6']}, host block {h['host_cidr6'] or '-'}, route "
                   + (f"{route6['destination']} {route6['status']}" if route6 else "none"))
         print(f"      DOCKER_HOST={h['docker_host']}")

@@ -25,8 +25,9 @@ from test_lab import Box, _require_lab_prerequisites, vpcnet_cli
 
 pytestmark = pytest.mark.docker
 
-RANGE = "10.246.0.0/20"               # the reserved range (larger than a route-table host block: config checks it)
-PING_RANGE = "10.247.0.0/20"
+# reserved ranges: inside the lab vSwitch (192.168.240.0/22), beside the hosts' 192.168.240.0/24
+RANGE = "192.168.242.0/23"
+PING_RANGE = "192.168.241.0/24"
 RANGE6 = "fd00:10:246::/64"
 
 # Run inside a host's network namespace with that host's plugin settings: what its ECS client sees and does.
@@ -169,7 +170,13 @@ def test_the_lab_refuses_what_eni_prefix_addressing_cannot_do():
     with pytest.raises(LabError, match="bridge"):
         Lab(mode="bridge", addressing="eni-prefix")
     with pytest.raises(LabError, match="/28"):
-        Lab(cluster_cidr="10.246.0.0/29", addressing="eni-prefix")
+        Lab(cluster_cidr="192.168.242.0/29", addressing="eni-prefix")
+    # a VPC reserves a range only inside the vSwitch, and the hosts' addresses are not in it
+    for outside in ("10.246.0.0/20", "192.168.240.0/23", "192.168.240.128/26"):
+        with pytest.raises(LabError, match="inside the lab vSwitch 192.168.240.0/22"):
+            Lab(cluster_cidr=outside, addressing="eni-prefix")
+    assert Lab(addressing="eni-prefix").cluster_cidr == "192.168.242.0/23"       # the default range
+    assert Lab().cluster_cidr == "10.240.0.0/16"
     with pytest.raises(LabError, match="instance-type"):
         Lab(addressing="eni-prefix", instance_type="ecs.nosuch.large")
     with pytest.raises(LabError, match="addressing"):

@@ -10,9 +10,12 @@ def register(subparsers) -> None:
         ADDRESSING_MODES,
         DEFAULT_CLUSTER,
         DEFAULT_CLUSTER_V6,
+        DEFAULT_ENI_RANGE,
         DEFAULT_INSTANCE_TYPE,
         DEFAULT_NETWORK,
         DEFAULT_RECONCILE,
+        UNDERLAY,
+        UNDERLAY_ALL,
     )
 
     p = subparsers.add_parser(
@@ -31,8 +34,10 @@ def register(subparsers) -> None:
     up.add_argument("--zones", type=int, default=1, metavar="Z",
                     help="zones (1..4): host K in zone (K-1)%%Z+1, each zone a vSwitch bound to its own route "
                          "table; the router forwards by the table of the packet's zone (default 1)")
-    up.add_argument("--cluster-cidr", default=DEFAULT_CLUSTER, metavar="CIDR",
-                    help=f"cluster CIDR the hosts' blocks are carved from (default {DEFAULT_CLUSTER})")
+    up.add_argument("--cluster-cidr", default=None, metavar="CIDR",
+                    help=f"cluster CIDR the hosts' blocks are carved from (default {DEFAULT_CLUSTER}); with "
+                         f"--addressing eni-prefix the reserved range, inside the lab vSwitch {UNDERLAY_ALL} "
+                         f"beside the hosts' {UNDERLAY} (default {DEFAULT_ENI_RANGE})")
     up.add_argument("--ipv6", action="store_true",
                     help="make that network dual-stack: every container also gets an IPv6 address of its host's "
                          "/80 of --cluster-cidr-v6, routed by the emulated VPC like the IPv4 blocks")

@@ -175,6 +175,9 @@ def test_the_lab_refuses_what_eni_prefix_addressing_cannot_do():
     for outside in ("10.246.0.0/20", "192.168.240.0/23", "192.168.240.128/26"):
         with pytest.raises(LabError, match="inside the lab vSwitch 192.168.240.0/22"):
             Lab(cluster_cidr=outside, addressing="eni-prefix")
+    refused = vpcnet_cli("lab", "up", "--addressing", "eni-prefix", "--cluster-cidr", "10.246.0.0/20")
+    assert refused.returncode == 1 and "inside the lab vSwitch" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr and "vpcnet lab down" not in refused.stderr     # nothing was made
     assert Lab(addressing="eni-prefix").cluster_cidr == "192.168.242.0/23"       # the default range
     assert Lab().cluster_cidr == "10.240.0.0/16"
     with pytest.raises(LabError, match="instance-type"):

@@ -74,10 +74,14 @@ def _up(args) -> int:
     from vpcnet_lab.lab import Lab
     from vpcnet_lab.netns import LabError
 
-    lab = Lab(hosts=args.hosts, cluster_cidr=args.cluster_cidr, network=args.network, mode=args.mode,
-              zones=args.zones, ipv6=args.ipv6, cluster_cidr_v6=args.cluster_cidr_v6,
-              addressing=args.addressing, instance_type=args.instance_type,
-              reconcile_interval=args.reconcile_interval, load_image=not args.no_image, out=sys.stdout)
+    try:
+        lab = Lab(hosts=args.hosts, cluster_cidr=args.cluster_cidr, network=args.network, mode=args.mode,
+                  zones=args.zones, ipv6=args.ipv6, cluster_cidr_v6=args.cluster_cidr_v6,
+                  addressing=args.addressing, instance_type=args.instance_type,
+                  reconcile_interval=args.reconcile_interval, load_image=not args.no_image, out=sys.stdout)
+    except LabError as exc:               # settings refused before anything is made
+        print(f"vpcnet lab up: {exc}", file=sys.stderr)
+        return 1
     try:
         lab.up()
     except LabError as exc:

@@ -63,6 +63,8 @@ from vpcnet_lab.emulator.enis import eni_id_of  # noqa: E402
 
 KEY_ID, SECRET = "bench-key-id", "bench-key-secret"
 REGION, VPC, TABLE, VSW = "cn-emu-1", "vpc-bench001", "vtb-bench001", "vsw-emu0001"
+VSWITCH_CIDR = "10.96.0.0/15"         # the hosts' vSwitch: the reserved ranges must lie inside it
+HOSTS_FROM = "10.97.128.1"            # the hosts' own addresses, in the vSwitch beside the ranges
 STORM_RANGE = "10.96.0.0/16"          # 4,096 /28s: room for the largest storm's first prefixes
 HOST_RANGE = "10.97.0.0/20"           # part 2's reserved range (256 /28s)
 ROUTE_CLUSTER = "10.98.0.0/16"        # part 2's route-table cluster CIDR
@@ -124,12 +126,13 @@ def serve_wide(emu: Emulator, backlog: int):
 # -- 1. the boot storm -------------------------------------------------------------------------------------
 def prefix_storm(workdir: str, hosts: int, timeout: float = 600.0) -> dict:
     """`hosts` hosts each run one PrefixPool.sync() at once against one emulator over HTTP."""
-    emu = Emulator(region=REGION, vpc_id=VPC, route_table_id=TABLE, credentials={KEY_ID: SECRET})
+    emu = Emulator(region=REGION, vpc_id=VPC, route_table_id=TABLE, credentials={KEY_ID: SECRET},
+                   vswitch_cidrs=[VSWITCH_CIDR])
     emu.add_cidr_reservation(VSW, STORM_RANGE)
     url, stop_http = serve_wide(emu, hosts + 64)
     instances = [f"i-pstorm-{k:04d}" for k in range(hosts)]
     for k, instance in enumerate(instances):
-        emu.register_instance(instance, str(ipaddress.IPv4Address("172.16.0.1") + k))
+        emu.register_instance(instance, str(ipaddress.IPv4Address(HOSTS_FROM) + k))
     pools, stores = [], []
     elapsed: dict[str, float] = {}
     problems: dict[str, list[str]] = {}
@@ -196,10 +199,11 @@ def route_storm(hosts: int, seed: int) -> dict:
 def one_host(workdir: str, mode: str, containers: int, latency: float, gap: float, name: str,
              interval: float = 30.0) -> dict:
     """N RequestAddress calls on one host in `mode`, its background pass running; latencies and cloud calls."""
-    emu = Emulator(region=REGION, vpc_id=VPC, route_table_id=TABLE, credentials={KEY_ID: SECRET})
+    emu = Emulator(region=REGION, vpc_id=VPC, route_table_id=TABLE, credentials={KEY_ID: SECRET},
+                   vswitch_cidrs=[VSWITCH_CIDR])
     emu.add_cidr_reservation(VSW, HOST_RANGE)
     instance = "i-bench-host"
-    emu.register_instance(instance, "172.16.0.1", "", BIG_TYPE)
+    emu.register_instance(instance, HOSTS_FROM, "", BIG_TYPE)
     emu.set_faults(latency=latency)
     url, stop_http = serve_in_thread(emu)
     state = os.path.join(workdir, name)

@@ -297,3 +297,45 @@ def test_answers_the_emulator_never_gives(fake, make):
     cap = p.capacity()
     assert not cap.supported and "ecs.new.large" in cap.reason
 
+
+
+def test_a_boots_pass_makes_four_calls_its_capacity_read_reusing_the_pass_describe(emu, tmp_path):
+    """A boot's first pass on Alibaba: DescribeNetworkInterfaces, DescribeInstances, DescribeInstanceTypes,
+    AssignPrivateIpAddresses; the capacity reads the interface's secondary addresses from the pass's own
+    describe instead of describing it again. The next pass describes afresh (nothing kept across passes)."""
+    from vpcnet.routes.prefixes import PrefixPool
+    from vpcnet.state.store import Store
+
+    cfg = config(emu.test_url, addressing="eni-prefix", cluster_cidr=RANGE, state_dir=str(tmp_path),
+                 socket=str(tmp_path / "none.sock"))
+    store = Store(cfg.db_path)
+    provider = AliyunPrefixes(cfg)
+    try:
+        pool = PrefixPool(cfg, store, provider)
+        emu.reset_request_counts()
+        first = pool.sync()
+        assert first.problems == [], first.problems
+        assert emu.request_counts == {"DescribeNetworkInterfaces": 1, "DescribeInstances": 1,
+                                      "DescribeInstanceTypes": 1, "AssignPrivateIpAddresses": 1}
+        [held] = provider.describe().ipv4
+        assert [h.prefix for h in store.held_prefixes()] == [held]
+        # the next pass describes the interface afresh, once (the capacity stays the pool's, read once per
+        # process); the warm prefix is there, so it makes no other call
+        emu.reset_request_counts()
+        assert pool.sync().problems == []
+        assert emu.request_counts == {"DescribeNetworkInterfaces": 1}
+    finally:
+        provider.close()
+        store.close()
+
+
+def test_capacity_counts_the_secondary_addresses_of_the_interface_it_is_given(emu, make):
+    p = make(emu.test_url)
+    emu.reset_request_counts()
+    seen = p.describe()
+    busier = InterfacePrefixes(seen.interface_id, seen.ipv4, seen.ipv6, ipv4_addresses=3, ipv6_addresses=1)
+    cap = p.capacity(busier)             # ecs.g7.large: 6 slots, the primary and 2 secondary addresses take 3
+    assert (cap.ipv4_prefixes, cap.ipv6_prefixes) == (3, 5)
+    assert emu.request_counts["DescribeNetworkInterfaces"] == 1          # only the describe above
+    assert p.capacity().ipv4_prefixes == 5                               # given none: it describes itself
+    assert emu.request_counts["DescribeNetworkInterfaces"] == 2

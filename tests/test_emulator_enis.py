@@ -171,6 +171,57 @@ def test_prefixes_come_only_from_a_reserved_range(make_emu):
         emu.add_cidr_reservation("vsw-emu0001", "192.168.0.224/27")
 
 
+def test_a_reserved_range_and_a_named_prefix_must_lie_inside_the_vswitch(make_emu):
+    """A VPC refuses a reserved range outside its vSwitch's CIDR of that family, and a prefix asked for by name
+    outside the interface's vSwitch; neither refusal changes anything. The codes are the closest documented
+    ones (enis.RESERVATION_OUTSIDE_VSWITCH, enis.PREFIX_OUTSIDE_VSWITCH: none is documented for these)."""
+    emu, client = make_emu()                              # vsw-emu0001 is 192.168.0.0/24, no IPv6 CIDR yet
+    from vpcnet_lab.emulator.errors import ApiError
+
+    # by the Python interface, the admin API and the VPC API's CreateVSwitchCidrReservation alike
+    for outside in ("10.9.0.0/26", "192.168.0.0/23", "192.168.1.0/28"):
+        with pytest.raises(ApiError) as refused:
+            emu.add_cidr_reservation("vsw-emu0001", outside)
+        assert refused.value.code == "Mismatch.VSwitchAndPrivateIpAddress", outside
+        r = requests.post(emu.test_url + "_emulator/cidr-reservations",
+                          json={"vswitch_id": "vsw-emu0001", "cidr": outside}, timeout=5)
+        assert r.status_code == 400 and "Mismatch.VSwitchAndPrivateIpAddress" in r.json()["error"], r.text
+        assert_error(client.call("CreateVSwitchCidrReservation", VSwitchId="vsw-emu0001",
+                                 VSwitchCidrReservationCidr=outside), 400, "Mismatch.VSwitchAndPrivateIpAddress")
+    assert_error(client.call("CreateVSwitchCidrReservation", VSwitchId="vsw-nosuch",
+                             VSwitchCidrReservationCidr="192.168.0.64/26"), 404, "InvalidVSwitchId.NotFound")
+    # IPv6: inside the vSwitch's IPv6 CIDR, which it must have
+    assert_error(client.call("CreateVSwitchCidrReservation", VSwitchId="vsw-emu0001", IpVersion="IPv6",
+                             VSwitchCidrReservationCidr="fd00:77:1::/80"), 400, "Mismatch.VSwitchAndPrivateIpAddress")
+    emu.set_vswitch_ipv6("vsw-emu0001", V6)
+    assert_error(client.call("CreateVSwitchCidrReservation", VSwitchId="vsw-emu0001", IpVersion="IPv6",
+                             VSwitchCidrReservationCidr="fd00:77:2::/80"), 400, "Mismatch.VSwitchAndPrivateIpAddress")
+    assert client.ok("ListVSwitchCidrReservations", VSwitchId="vsw-emu0001")["VSwitchCidrReservations"] == []
+
+    # inside: accepted, by the VPC API too, and prefixes come from it
+    body = client.ok("CreateVSwitchCidrReservation", VSwitchId="vsw-emu0001",
+                     VSwitchCidrReservationCidr="192.168.0.64/26", VSwitchCidrReservationType="prefix")
+    assert body["VSwitchCidrReservationId"].startswith("vcr-")
+    [listed] = client.ok("ListVSwitchCidrReservations", VSwitchId="vsw-emu0001")["VSwitchCidrReservations"]
+    assert (listed["VSwitchCidrReservationCidr"], listed["Type"]) == ("192.168.0.64/26", "Prefix")
+    assert emu.add_cidr_reservation("vsw-emu0001", "fd00:77:1:0:8::/80").startswith("vcr-")
+
+    # a prefix by name: outside the vSwitch's CIDR of its family -> the mismatch; inside but not in a reserved
+    # range of type Prefix -> not enough addresses, as before
+    assert_error(client.ecs("AssignPrivateIpAddresses", NetworkInterfaceId=ENI1, **{"Ipv4Prefix.1": "10.9.0.16/28"}),
+                 400, "InvalidPrivateIpAddress.Mismatch")
+    assert_error(client.ecs("AssignPrivateIpAddresses", NetworkInterfaceId=ENI1,
+                            **{"Ipv4Prefix.1": "192.168.0.16/28"}), 400, "InvalidVSwitchId.IpNotEnough")
+    assert_error(client.ecs("AssignIpv6Addresses", NetworkInterfaceId=ENI1, **{"Ipv6Prefix.1": "fd00:77:2::/80"}),
+                 400, "InvalidPrivateIpAddress.Mismatch")
+    assert client.prefixes(ENI1) == ([], [])
+    assert client.ecs("AssignPrivateIpAddresses", NetworkInterfaceId=ENI1, **{"Ipv4Prefix.1": "192.168.0.80/28"}
+                      )[0] == 200
+    assert client.ecs("AssignIpv6Addresses", NetworkInterfaceId=ENI1, **{"Ipv6Prefix.1": "fd00:77:1:0:5::/80"}
+                      )[0] == 200
+    assert client.prefixes(ENI1) == (["192.168.0.80/28"], ["fd00:77:1:0:5::/80"])
+
+
 def test_list_vswitch_cidr_reservations(emu_client):
     emu, client = emu_client
     assert client.assign4(ENI1, 1)[0] == 200

@@ -263,7 +263,10 @@ def test_eni_prefixes_become_kernel_routes_to_their_instance(router_ns, started,
     from vpcnet_lab.emulator.enis import eni_id_of
     ip("-n", router_ns, "addr", "add", "fd77::1/64", "dev", "under0", "nodad")
     state = str(tmp_path / "emu.json")
-    emu, client = started(state_file=state)
+    # the instances' vSwitch holds the reserved range (a VPC requires it; their underlay addresses, on the
+    # router namespace's own link, stand outside it here)
+    vswitch = ["10.77.0.0/16"]
+    emu, client = started(state_file=state, vswitch_cidrs=vswitch)
     emu.register_instance("i-host1", "192.168.77.2", "fd77::2")
     emu.register_instance("i-host2", "192.168.77.3")
     emu.add_cidr_reservation("vsw-emu0001", "10.77.0.0/26")
@@ -287,7 +290,7 @@ def test_eni_prefixes_become_kernel_routes_to_their_instance(router_ns, started,
     # a restart reconciles: a prefix route removed while it was down comes back
     emu.close()
     ip("-n", router_ns, "route", "del", "10.77.0.16/28")
-    emu2, client = started(state_file=state)
+    emu2, client = started(state_file=state, vswitch_cidrs=vswitch)
     assert our_routes(router_ns)["10.77.0.16/28"] == "192.168.77.2"
 
     status, body = client.call("UnassignPrivateIpAddresses", Version="2014-05-26", NetworkInterfaceId=eni1,

@@ -5,7 +5,8 @@ CIDR; every host is registered with its instance type and primary ENI, and its `
 VPCNET_ADDRESSING=eni-prefix and that ENI. The first test drives the ECS API itself, with each host's own
 settings from inside that host's namespace, the way a host's plugin does: prefixes appear on the right ENI
 and as kernel routes via the right host in the router namespace, and never as route-table entries. The
-second one is the whole path through the plugins (containers on two hosts ping each other).
+second one is the whole path through the plugins (containers on two hosts ping each other); the last one is
+that path over IPv6 (`lab up --addressing eni-prefix --ipv6`: each container's /128 from its host's /80).
 
 Needs what tests/test_lab.py needs; refuses to run next to a lab that is already up; the lab is always
 taken down. Run under `flock /tmp/vpclab.lock` on a shared machine.
@@ -24,8 +25,9 @@ from test_lab import Box, _require_lab_prerequisites, vpcnet_cli
 
 pytestmark = pytest.mark.docker
 
-RANGE = "10.246.0.0/20"               # the reserved range (larger than a route-table host block: config checks it)
-PING_RANGE = "10.247.0.0/20"
+# reserved ranges: inside the lab vSwitch (192.168.240.0/22), beside the hosts' 192.168.240.0/24
+RANGE = "192.168.242.0/23"
+PING_RANGE = "192.168.241.0/24"
 RANGE6 = "fd00:10:246::/64"
 
 # Run inside a host's network namespace with that host's plugin settings: what its ECS client sees and does.
@@ -168,7 +170,16 @@ def test_the_lab_refuses_what_eni_prefix_addressing_cannot_do():
     with pytest.raises(LabError, match="bridge"):
         Lab(mode="bridge", addressing="eni-prefix")
     with pytest.raises(LabError, match="/28"):
-        Lab(cluster_cidr="10.246.0.0/29", addressing="eni-prefix")
+        Lab(cluster_cidr="192.168.242.0/29", addressing="eni-prefix")
+    # a VPC reserves a range only inside the vSwitch, and the hosts' addresses are not in it
+    for outside in ("10.246.0.0/20", "192.168.240.0/23", "192.168.240.128/26"):
+        with pytest.raises(LabError, match="inside the lab vSwitch 192.168.240.0/22"):
+            Lab(cluster_cidr=outside, addressing="eni-prefix")
+    refused = vpcnet_cli("lab", "up", "--addressing", "eni-prefix", "--cluster-cidr", "10.246.0.0/20")
+    assert refused.returncode == 1 and "inside the lab vSwitch" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr and "vpcnet lab down" not in refused.stderr     # nothing was made
+    assert Lab(addressing="eni-prefix").cluster_cidr == "192.168.242.0/23"       # the default range
+    assert Lab().cluster_cidr == "10.240.0.0/16"
     with pytest.raises(LabError, match="instance-type"):
         Lab(addressing="eni-prefix", instance_type="ecs.nosuch.large")
     with pytest.raises(LabError, match="addressing"):
@@ -176,7 +187,7 @@ def test_the_lab_refuses_what_eni_prefix_addressing_cannot_do():
 
 
 def test_containers_on_two_eni_prefix_hosts_reach_each_other_unencapsulated_with_their_own_addresses(request):
-    """IPv4 only: the plugin does not serve IPv6 in this mode yet (RequestPool refuses --ipv6)."""
+    """IPv4 only (the dual-stack test is the last one of the file)."""
     _require_lab_prerequisites()
     from vpcnet_lab import Lab
 
@@ -214,3 +225,68 @@ def test_containers_on_two_eni_prefix_hosts_reach_each_other_unencapsulated_with
             dump.wait(timeout=10)
     assert f"{a.ip} > {b.ip}: ICMP echo request" in out, out
     assert custom_entries(lab) == []
+
+
+PING_RANGE6 = "fd00:10:247::/64"
+
+
+def test_dual_stack_containers_on_two_eni_prefix_hosts_reach_each_other_over_ipv6_with_their_own_addresses(request):
+    """`lab up --addressing eni-prefix --ipv6`: vpc0 is dual-stack; each container's IPv6 address is a /128 of
+    its own host's /80, and the two reach each other both ways (ping6, TCP) with their own IPv6 source
+    addresses, through the router's kernel route per prefix and no route-table entry."""
+    from test_lab import ipv6_of, peer6_of
+
+    _require_lab_prerequisites()
+    from vpcnet_lab import Lab
+
+    lab = Lab(hosts=2, cluster_cidr=PING_RANGE, cluster_cidr_v6=PING_RANGE6, addressing="eni-prefix", ipv6=True,
+              reconcile_interval=2.0)
+    request.addfinalizer(lambda: lab.down())
+    lab.up()
+    boxes: list[Box] = []
+    request.addfinalizer(lambda: [b.remove() for b in boxes])
+    a, b = Box(lab, 1), Box(lab, 2)
+    boxes += [a, b]
+    addr6 = {box.host: ipv6_of(lab, box.host, box.name, lab.network) for box in (a, b)}
+
+    # each container's IPv6 address is in its own host's /80, and that /80 is routed to the host
+    for box in (a, b):
+        prefixes = lab.interface(box.host)["ipv6_prefixes"]
+        assert any(ipaddress.IPv6Address(addr6[box.host]) in ipaddress.IPv6Network(p) for p in prefixes), (
+            addr6[box.host], prefixes)
+        for p in prefixes:
+            assert ipaddress.IPv6Network(p).subnet_of(ipaddress.IPv6Network(PING_RANGE6)) and p.endswith("/80")
+            assert wait_for(lambda p=p, k=box.host: routed_via(lab, p, lab.host_ip6(k)), 10, 0.2), p
+    assert addr6[1] != addr6[2]
+
+    # ping6 both ways; the router forwards the containers' own addresses, unencapsulated, to h2
+    dump = subprocess.Popen(
+        ["ip", "netns", "exec", lab.router_netns, "timeout", "20", "tcpdump", "-lnni", "to-h2", "-c", "2",
+         f"ip6 and host {addr6[1]} and host {addr6[2]}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        text=True)
+    try:
+        time.sleep(1.0)                                            # tcpdump attaching
+        assert wait_for(lambda: a.sh("ping", "-6", "-c1", "-W2", addr6[2], check=False).returncode == 0, 20, 0.5), (
+            f"{addr6[1]} -> {addr6[2]}")
+        out, _ = dump.communicate(timeout=30)
+    finally:
+        if dump.poll() is None:
+            dump.kill()
+            dump.wait(timeout=10)
+    assert f"IP6 {addr6[1]} > {addr6[2]}: ICMP6, echo request" in out, out
+    assert f"IP6 {addr6[2]} > {addr6[1]}: ICMP6, echo reply" in out, out
+    assert b.sh("ping", "-6", "-c1", "-W2", addr6[1], check=False).returncode == 0, f"{addr6[2]} -> {addr6[1]}"
+
+    # TCP over IPv6 both ways: each server sees the other container's own address
+    for server, client, port in ((b, a, 7006), (a, b, 7007)):
+        server.sh("sh", "-c", f"nc -ll -p {port} -e cat /proc/net/tcp6 >/dev/null 2>&1 &")
+        seen = ""
+        for _ in range(10):
+            seen = peer6_of(client.sh("sh", "-c", f"nc -w 3 {addr6[server.host]} {port} </dev/null",
+                                      check=False).stdout, port)
+            if seen:
+                break
+            time.sleep(0.5)
+        assert seen == addr6[client.host], (server.host, seen)
+    assert a.pings(b.ip), "IPv4 beside it"
+    assert custom_entries(lab) == [], "eni-prefix addressing writes no route entry"

@@ -67,8 +67,8 @@ class Counting(PrefixProvider):
         self.unassigns.append((version, tuple(prefixes)))
         self.inner.unassign(version, prefixes)
 
-    def capacity(self) -> PrefixCapacity:
-        return self.inner.capacity()
+    def capacity(self, held: InterfacePrefixes | None = None) -> PrefixCapacity:
+        return self.inner.capacity(held)
 
 
 class Host:
@@ -396,11 +396,11 @@ class Described(Counting):
         seen = self.inner.describe()
         return InterfacePrefixes(seen.interface_id, seen.ipv4, seen.ipv6, ipv4_addresses=1 + self.secondary)
 
-    def capacity(self) -> PrefixCapacity:
+    def capacity(self, held: InterfacePrefixes | None = None) -> PrefixCapacity:
         if self.unsupported:
             raise PrefixesUnsupported("instance type t2.micro is not built on Nitro: only Nitro instances hold "
                                       "prefixes; use a Nitro instance type")
-        return self.inner.capacity()
+        return self.inner.capacity(held)
 
     def assign(self, version: int, count: int, client_token: str) -> list[str]:
         if self.busy:

@@ -10,9 +10,12 @@ def register(subparsers) -> None:
         ADDRESSING_MODES,
         DEFAULT_CLUSTER,
         DEFAULT_CLUSTER_V6,
+        DEFAULT_ENI_RANGE,
         DEFAULT_INSTANCE_TYPE,
         DEFAULT_NETWORK,
         DEFAULT_RECONCILE,
+        UNDERLAY,
+        UNDERLAY_ALL,
     )
 
     p = subparsers.add_parser(
@@ -31,8 +34,10 @@ def register(subparsers) -> None:
     up.add_argument("--zones", type=int, default=1, metavar="Z",
                     help="zones (1..4): host K in zone (K-1)%%Z+1, each zone a vSwitch bound to its own route "
                          "table; the router forwards by the table of the packet's zone (default 1)")
-    up.add_argument("--cluster-cidr", default=DEFAULT_CLUSTER, metavar="CIDR",
-                    help=f"cluster CIDR the hosts' blocks are carved from (default {DEFAULT_CLUSTER})")
+    up.add_argument("--cluster-cidr", default=None, metavar="CIDR",
+                    help=f"cluster CIDR the hosts' blocks are carved from (default {DEFAULT_CLUSTER}); with "
+                         f"--addressing eni-prefix the reserved range, inside the lab vSwitch {UNDERLAY_ALL} "
+                         f"beside the hosts' {UNDERLAY} (default {DEFAULT_ENI_RANGE})")
     up.add_argument("--ipv6", action="store_true",
                     help="make that network dual-stack: every container also gets an IPv6 address of its host's "
                          "/80 of --cluster-cidr-v6, routed by the emulated VPC like the IPv4 blocks")
@@ -69,10 +74,14 @@ def _up(args) -> int:
     from vpcnet_lab.lab import Lab
     from vpcnet_lab.netns import LabError
 
-    lab = Lab(hosts=args.hosts, cluster_cidr=args.cluster_cidr, network=args.network, mode=args.mode,
-              zones=args.zones, ipv6=args.ipv6, cluster_cidr_v6=args.cluster_cidr_v6,
-              addressing=args.addressing, instance_type=args.instance_type,
-              reconcile_interval=args.reconcile_interval, load_image=not args.no_image, out=sys.stdout)
+    try:
+        lab = Lab(hosts=args.hosts, cluster_cidr=args.cluster_cidr, network=args.network, mode=args.mode,
+                  zones=args.zones, ipv6=args.ipv6, cluster_cidr_v6=args.cluster_cidr_v6,
+                  addressing=args.addressing, instance_type=args.instance_type,
+                  reconcile_interval=args.reconcile_interval, load_image=not args.no_image, out=sys.stdout)
+    except LabError as exc:               # settings refused before anything is made
+        print(f"vpcnet lab up: {exc}", file=sys.stderr)
+        return 1
     try:
         lab.up()
     except LabError as exc:
@@ -117,8 +126,11 @@ def _status(args) -> int:
               f"{'up' if h['engine_up'] else 'down':<7} {'up' if h['plugin_up'] else 'down':<7} {shown}")
         if eni_prefix:
             print(f"      prefixes: {', '.join(h.get('prefixes', []) + h.get('prefixes6', [])) or 'none'}")
-        if h["route6"] or h["host_cidr6"]:
-            route6 = h["route6"]
+        route6 = h["route6"]
+        if eni_prefix and (route6 or h["host_cidr6"]):     # the range, no block: a route here would be a bug
+            print(f"      IPv6: underlay {h['underlay_ip6']}, range {h['host_cidr6'] or '-'}"
+                  + (f", route {route6['destination']} {route6['status']}" if route6 else ""))
+        elif route6 or h["host_cidr6"]:
             print(f"      IPv6: underlay {h['underlay_ip6']}, host block {h['host_cidr6'] or '-'}, route "
                   + (f"{route6['destination']} {route6['status']}" if route6 else "none"))
         print(f"      DOCKER_HOST={h['docker_host']}")

@@ -21,7 +21,9 @@ host, and host K is registered with the emulator with its instance type (`--inst
 ENI, which its plugin is told (VPCNET_ALIYUN_NETWORK_INTERFACE_ID) along with the ECS endpoint (the
 emulator's URL). The plugins assign prefixes to their ENIs through the ECS API; the emulator installs each
 assigned prefix in the router namespace as `prefix via <host K's underlay address>`. One zone only: a
-reserved range belongs to one vSwitch.
+reserved range belongs to one vSwitch. A VPC reserves a range inside the vSwitch's CIDR, so in this mode
+the lab's vSwitch is 192.168.240.0/22: the hosts in its first /24 (the underlay above), the reserved range
+in the rest (default 192.168.242.0/23); IPv6 /80s come from the vSwitch's IPv6 CIDR, the IPv6 cluster CIDR.
 
 `--ipv6` makes the lab's network (vpc0) dual-stack: `docker network create --ipv6`, on the IPv6 cluster CIDR
 the hosts' plugins are given (VPCNET_CLUSTER_CIDR_V6).
@@ -79,6 +81,7 @@ HOST_IP_BASE = 10                      # host K is 192.168.240.(10+K)
 MAX_HOSTS = 200
 EMULATOR_PORT = 8790
 DEFAULT_CLUSTER = "10.240.0.0/16"
+DEFAULT_ENI_RANGE = "192.168.242.0/23"   # eni-prefix addressing: the reserved range, inside the lab vSwitch
 DEFAULT_CLUSTER_V6 = "fd00:10:240::/48"
 DEFAULT_NETWORK = "vpc0"
 DEFAULT_RECONCILE = 5.0
@@ -138,7 +141,7 @@ def instance_id(k: int) -> str:
 class Lab:
     """The lab, as an object. `with Lab(hosts=2) as lab:` brings it up and always takes it down."""
 
-    def __init__(self, hosts: int = 2, cluster_cidr: str = DEFAULT_CLUSTER, network: str = DEFAULT_NETWORK,
+    def __init__(self, hosts: int = 2, cluster_cidr: str | None = None, network: str = DEFAULT_NETWORK,
                  reconcile_interval: float = DEFAULT_RECONCILE, load_image: bool = True,
                  out=None, mode: str = "default", zones: int = 1, ipv6: bool = False,
                  cluster_cidr_v6: str = DEFAULT_CLUSTER_V6, addressing: str = "route-table",
@@ -163,11 +166,19 @@ class Lab:
         if instance_type not in INSTANCE_TYPES:
             raise LabError(f"--instance-type {instance_type}: unknown to the emulator (known: "
                            f"{', '.join(INSTANCE_TYPES)})")
+        if cluster_cidr is None:
+            cluster_cidr = DEFAULT_ENI_RANGE if addressing == "eni-prefix" else DEFAULT_CLUSTER
         cluster = ipaddress.IPv4Network(cluster_cidr, strict=True)
         if addressing == "eni-prefix" and cluster.prefixlen > IPV4_PREFIX_LEN:
             raise LabError(f"cluster CIDR {cluster}: a reserved range of type Prefix holds at least one "
                            f"/{IPV4_PREFIX_LEN}")
-        if cluster.overlaps(UNDERLAY_ALL):
+        if addressing == "eni-prefix":
+            # the emulator, as a VPC, reserves a range only inside its vSwitch: here the lab vSwitch
+            if not cluster.subnet_of(UNDERLAY_ALL) or cluster.overlaps(UNDERLAY):
+                raise LabError(f"cluster CIDR {cluster}: with --addressing eni-prefix it is the vSwitch's reserved "
+                               f"range, so it must lie inside the lab vSwitch {UNDERLAY_ALL} and outside the hosts' "
+                               f"{UNDERLAY} (e.g. {DEFAULT_ENI_RANGE})")
+        elif cluster.overlaps(UNDERLAY_ALL):
             raise LabError(f"cluster CIDR {cluster} overlaps the lab underlay {UNDERLAY_ALL}")
         try:
             cluster6 = ipaddress.IPv6Network(cluster_cidr_v6, strict=True)
@@ -417,7 +428,8 @@ class Lab:
                "--state", EMULATOR_STATE, "--region", REGION, "--vpc-id", VPC_ID, "--route-table-id", TABLE_ID,
                "--log-level", "warning"]
         if self.zones == 1:
-            cmd += ["--vswitch-cidr", str(UNDERLAY)]
+            # eni-prefix: the vSwitch holds the hosts and the reserved range beside them, as in a VPC
+            cmd += ["--vswitch-cidr", str(UNDERLAY_ALL if self.addressing == "eni-prefix" else UNDERLAY)]
             if self.addressing == "eni-prefix":
                 # the range prefixes come from, and the vSwitch's IPv6 CIDR (always: the underlay is
                 # dual-stack with or without --ipv6, so a dual-stack network works on any lab)

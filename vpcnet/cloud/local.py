@@ -162,7 +162,7 @@ class LocalPrefixes(PrefixProvider):
             if held is not None:
                 held[key] = [p for p in held.get(key, ()) if p not in gone]
 
-    def capacity(self) -> PrefixCapacity:
+    def capacity(self, held: InterfacePrefixes | None = None) -> PrefixCapacity:
         return PrefixCapacity("local", ipv4_prefixes=LOCAL_CAPACITY_V4, ipv6_prefixes=LOCAL_CAPACITY_V6)
 
     def reserved_ranges(self, version: int = 4) -> list[str] | None:

@@ -94,8 +94,10 @@ class PrefixProvider(abc.ABC):
         """Take `prefixes` off the interface; one already gone is not an error."""
 
     @abc.abstractmethod
-    def capacity(self) -> PrefixCapacity:
-        """How many prefixes the interface can hold, from its instance type."""
+    def capacity(self, held: InterfacePrefixes | None = None) -> PrefixCapacity:
+        """How many prefixes the interface can hold, from its instance type. `held`: the interface as the
+        caller just described it in this pass, for a provider that would otherwise describe it again (its
+        secondary addresses take slots too); None: the provider reads what it needs itself."""
 
     def reserved_ranges(self, version: int = 4) -> list[str] | None:
         """The subnet's (vSwitch's) reserved CIDRs of type prefix, where prefixes come from; [] when there

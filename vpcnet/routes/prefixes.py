@@ -175,7 +175,7 @@ class PrefixPool:
                 self._forget_gone(on_interface, result)
                 capacity: PrefixCapacity | None = None
                 try:
-                    capacity = self._known_capacity()
+                    capacity = self._known_capacity(interface)
                 except VpcnetError as exc:
                     result.problems.append(f"cannot read the interface's capacity (no prefix is assigned until "
                                            f"then): {exc}")
@@ -256,13 +256,15 @@ class PrefixPool:
                       extra={"event": "prefix_release", "outcome": "gone", "family": held.family,
                              "destination": held.prefix})
 
-    def _known_capacity(self) -> PrefixCapacity:
+    def _known_capacity(self, interface: InterfacePrefixes) -> PrefixCapacity:
         """The interface's capacity, read once per process (an instance type changes only with a restart);
-        an instance without prefixes is a capacity of none, with the reason."""
+        an instance without prefixes is a capacity of none, with the reason. `interface` is this pass's own
+        describe, handed to the provider so it does not describe the interface again (never an older one:
+        the answer is not kept past the call)."""
         if self._capacity is None:
             self.calls["capacity"] += 1
             try:
-                self._capacity = self.provider.capacity()
+                self._capacity = self.provider.capacity(interface)
             except PrefixesUnsupported as exc:
                 self._capacity = PrefixCapacity("", 0, 0, supported=False, reason=str(exc))
         return self._capacity
@@ -442,7 +444,7 @@ class PrefixPool:
                 taken = self._take(version, in_use, record)       # a settled assign may have brought one
                 if taken is not None:
                     return taken
-                capacity = self._known_capacity()
+                capacity = self._known_capacity(interface)
                 if not capacity.supported:
                     raise PrefixesUnsupported(capacity.reason)
                 if _room(version, interface, on_interface, capacity) <= 0:

@@ -17,7 +17,12 @@ import uuid
 
 from flask import Flask, Response, request
 
-from vpcnet_lab.emulator.ecs_actions import ECS_ACTIONS, ECS_VERSION, list_vswitch_cidr_reservations
+from vpcnet_lab.emulator.ecs_actions import (
+    ECS_ACTIONS,
+    ECS_VERSION,
+    create_vswitch_cidr_reservation,
+    list_vswitch_cidr_reservations,
+)
 from vpcnet_lab.emulator.errors import ApiError
 from vpcnet_lab.emulator.state import Emulator
 
@@ -153,6 +158,7 @@ ACTIONS = {
     "DescribeVSwitches": _describe_vswitches,
     "DescribeInstances": _describe_instances,
     "ListVSwitchCidrReservations": list_vswitch_cidr_reservations,
+    "CreateVSwitchCidrReservation": create_vswitch_cidr_reservation,
 }
 
 
@@ -318,6 +324,8 @@ def create_app(emulator: Emulator) -> Flask:
             return _bad("need {\"vswitch_id\": str, \"cidr\": str, \"type\": \"Prefix\" (optional)}")
         try:
             reservation_id = emulator.add_cidr_reservation(vsw, cidr, kind)
+        except ApiError as exc:
+            return _bad(f"{exc.code}: {exc.message}", exc.status)
         except ValueError as exc:
             return _bad(str(exc))
         return _json({"VSwitchCidrReservationId": reservation_id})

@@ -103,6 +103,7 @@ def _parse_keys(items: list[str]) -> dict[str, str]:
 def run(args: argparse.Namespace) -> int:
     from vpcnet.observability.logs import setup_logging
     from vpcnet_lab.emulator import Emulator, make_emulator_server
+    from vpcnet_lab.emulator.errors import ApiError
     from vpcnet_lab.emulator.kernel import KernelRouteError
 
     setup_logging(args.log_level)
@@ -183,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
             emu.set_vswitch_ipv6(vsw, cidr)
         emu.set_faults(rate=args.fault_rate, codes=args.fault_codes, latency=args.latency)
         server = make_emulator_server(emu, host, port)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, ApiError) as exc:       # ApiError: a --prefix-range outside its vSwitch
         print(f"vpcnet emulator: {exc}", file=sys.stderr)
         emu.close()
         return 2

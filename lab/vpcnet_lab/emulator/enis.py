@@ -7,6 +7,12 @@ by the VPC API's ListVSwitchCidrReservations), its IPv6 /80s from the vSwitch's 
 instance type fixes how many address slots an interface has (DescribeInstanceTypes); a prefix takes one
 slot, the primary address another.
 
+A reserved range must lie inside its vSwitch's CIDR (IPv4) or IPv6 CIDR (IPv6), and a prefix asked for by
+name (`Ipv4Prefix.N`, `Ipv6Prefix.N`) inside the interface's vSwitch's CIDR of its family, as a real VPC
+requires; the codes of those two refusals are not documented anywhere found, so they are the closest
+documented ones (see RESERVATION_OUTSIDE_VSWITCH and PREFIX_OUTSIDE_VSWITCH). The system-reserved addresses
+of a vSwitch (its first and last three, IPv6 nine) are not modelled: a range may hold them here.
+
 Errors are the real codes (names from the ECS SDK models and Terway); which of the two "full" codes the
 real API gives when is not documented: here `QuotaExceeded.PrivateIpAddress` when no IPv4 slot is left at
 all, `InvalidOperation.Ipv4CountExceeded` when some are but fewer than asked (IPv6: always
@@ -35,6 +41,14 @@ IPV4_PREFIX_LEN = 28
 IPV6_PREFIX_LEN = 80
 MAX_PER_CALL = 10
 MAX_CLIENT_TOKENS = 10000
+#: CreateVSwitchCidrReservation of a range outside the vSwitch's CIDR: no code is documented for it; this is
+#: the VPC API's documented code for an address that does not belong to the vSwitch named
+#: (CheckCanAllocateVpcPrivateIpAddress: "The vswitch and privateIpAddress are mismatched").
+RESERVATION_OUTSIDE_VSWITCH = "Mismatch.VSwitchAndPrivateIpAddress"
+#: Ipv4Prefix.N / Ipv6Prefix.N outside the interface's vSwitch: no prefix code is documented; this is the ECS
+#: API's documented code for an address outside the vSwitch's CIDR (ModifyInstanceVpcAttribute: "Specified
+#: private IP address is not in the CIDR block of virtual switch").
+PREFIX_OUTSIDE_VSWITCH = "InvalidPrivateIpAddress.Mismatch"
 DEFAULT_INSTANCE_TYPE = "ecs.g7.large"
 #: Instance types the emulator knows, with the DescribeInstanceTypes limits vpcnet reads (figures of the
 #: real families' small sizes; the last one has a single address slot: no room for any prefix).
@@ -70,16 +84,18 @@ def _within(prefix: str, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> 
 class NetworkInterfaces:
     """`enis` (eni id -> interface dict), the reserved ranges, vSwitch IPv6 CIDRs and ClientTokens, guarded
     by `lock` (shared with the rest of the emulator); `changed()` is called with it held after a change.
-    `vswitch_of(ip)` names the vSwitch an underlay address is in; `underlay(instance)` gives its
-    (IPv4, IPv6) underlay addresses."""
+    `vswitch_of(ip)` names the vSwitch an underlay address is in; `vswitch_cidr(vsw)` gives a vSwitch's
+    IPv4 CIDR ("" for an unknown vSwitch)."""
 
     def __init__(self, lock: threading.RLock, changed: Callable[[], None], *, region: str, vpc_id: str,
-                 vswitch_of: Callable[[str], str], clock: Callable[[], float] | None = None):
+                 vswitch_of: Callable[[str], str], vswitch_cidr: Callable[[str], str],
+                 clock: Callable[[], float] | None = None):
         self._lock = lock
         self._changed = changed
         self.region = region
         self.vpc_id = vpc_id
         self._vswitch_of = vswitch_of
+        self._vswitch_cidr = vswitch_cidr
         self._clock = clock or time.monotonic
         self.enis: dict[str, dict] = {}
         self.instance_types: dict[str, str] = {}       # instance id -> instance type
@@ -114,11 +130,21 @@ class NetworkInterfaces:
                 self._changed()
 
     def add_reservation(self, vswitch_id: str, cidr: str, kind: str = "Prefix") -> str:
-        """A reserved CIDR block of the vSwitch (`kind` Prefix: where IPv4 prefixes come from)."""
+        """A reserved CIDR block of the vSwitch (`kind` Prefix: where IPv4 prefixes come from), inside the
+        vSwitch's CIDR of its family (ApiError otherwise, as CreateVSwitchCidrReservation answers)."""
         net = ipaddress.ip_network(cidr, strict=True)
         if net.version == 4 and net.prefixlen > IPV4_PREFIX_LEN:
             raise ValueError(f"a reserved range must hold at least one /{IPV4_PREFIX_LEN}, not {cidr}")
         with self._lock:
+            home = self._vswitch_cidr(vswitch_id)
+            if not home:
+                raise ApiError("InvalidVSwitchId.NotFound", f"The specified vSwitch {vswitch_id} does not exist.",
+                               404)
+            if net.version == 6:
+                home = self.vswitch_ipv6.get(vswitch_id, "")
+            if not home or not _within(str(net), ipaddress.ip_network(home)):
+                raise ApiError(RESERVATION_OUTSIDE_VSWITCH, f"The reserved CIDR block {net} is not inside the "
+                               f"IPv{net.version} CIDR block of vSwitch {vswitch_id} ({home or 'none'}).")
             taken = self.reservations.setdefault(vswitch_id, [])
             for other in taken:
                 if (other["cidr"], other["type"]) == (str(net), kind):    # again (a restart on a state file)
@@ -255,7 +281,7 @@ class NetworkInterfaces:
             self._check_room(version, eni, asked)
             pool = self._pool(version, eni)
             if wanted:
-                prefixes = [self._check_wanted(version, p, pool) for p in wanted]
+                prefixes = [self._check_wanted(version, p, pool, eni) for p in wanted]
             else:
                 prefixes = self._free(version, pool, asked)
             eni["ipv4_prefixes" if version == 4 else "ipv6_prefixes"].extend(prefixes)
@@ -314,7 +340,7 @@ class NetworkInterfaces:
         raise ApiError("InvalidVSwitchId.IpNotEnough", f"The specified vSwitch has not enough free IP "
                        f"addresses ({what}).")
 
-    def _check_wanted(self, version: int, prefix: str, pool: list) -> str:
+    def _check_wanted(self, version: int, prefix: str, pool: list, eni: dict) -> str:
         size = IPV4_PREFIX_LEN if version == 4 else IPV6_PREFIX_LEN
         try:
             net = ipaddress.ip_network(prefix, strict=True)
@@ -322,6 +348,10 @@ class NetworkInterfaces:
             raise ApiError("InvalidParameter", f"The specified prefix {prefix!r} is malformed.") from None
         if net.version != version or net.prefixlen != size:
             raise ApiError("InvalidParameter", f"The specified prefix {prefix} is not an IPv{version} /{size}.")
+        home = self._vswitch_cidr(eni["vswitch"]) if version == 4 else self.vswitch_ipv6.get(eni["vswitch"], "")
+        if not home or not _within(str(net), ipaddress.ip_network(home)):
+            raise ApiError(PREFIX_OUTSIDE_VSWITCH, f"The specified prefix {prefix} is not in the CIDR block of "
+                           f"vSwitch {eni['vswitch']} ({home or f'no IPv{version} CIDR'}).")
         if not any(_within(str(net), p) for p in pool):
             raise ApiError("InvalidVSwitchId.IpNotEnough", f"The specified prefix {prefix} is not in a range "
                            "the vSwitch assigns prefixes from.")

@@ -71,7 +71,8 @@ class Emulator:
         self._instances = Instances(self._lock, self._changed, region=region, vpc_id=vpc_id)
         self._entries = RouteEntries(self._lock, self._changed, self._tables, self._instances)
         self._enis = NetworkInterfaces(self._lock, self._changed, region=region, vpc_id=vpc_id,
-                                       vswitch_of=self._vswitch_of, clock=clock)
+                                       vswitch_of=self._vswitch_of, vswitch_cidr=self._vswitch_cidr,
+                                       clock=clock)
         self.configure(pending_delay=pending_delay, deleting_delay=deleting_delay, quota=quota,
                        write_interval=write_interval, pending_delay_max=pending_delay_max)
         self._faults = Faults(self._lock, seed)
@@ -227,6 +228,13 @@ class Emulator:
             if address in ipaddress.ip_network(vsw["CidrBlock"]):
                 return vsw["VSwitchId"]
         return vswitches[0]["VSwitchId"] if vswitches else "vsw-emu0001"
+
+    def _vswitch_cidr(self, vswitch_id: str) -> str:
+        """A vSwitch's IPv4 CIDR, "" when no VPC has it (caller holds the lock)."""
+        for vsw in self._tables.describe_vswitches(self.vpc_id):
+            if vsw["VSwitchId"] == vswitch_id:
+                return str(vsw["CidrBlock"])
+        return ""
 
     def instances(self) -> dict[str, str]:
         return self._instances.copy()

@@ -20,7 +20,9 @@ then repeated once for the prefixes the interface still holds.
 Capacity: a prefix takes one address slot of the interface. IPv4 prefixes = EniPrivateIpAddressQuantity
 - 1 (the primary address) - secondary addresses; IPv6 prefixes = EniIpv6AddressQuantity - IPv6 addresses
 the interface holds (the same rule). An instance type with no IPv4 slot to spare holds no prefix at all:
-assign then raises PrefixesUnsupported rather than InterfaceFull.
+assign then raises PrefixesUnsupported rather than InterfaceFull. The addresses held come from the describe
+the caller hands in (the pool's pass just made one: a boot's pass is then four calls), else from a describe
+of its own; nothing is kept between calls.
 """
 from __future__ import annotations
 
@@ -291,8 +293,9 @@ class AliyunPrefixes(PrefixProvider):
                 self._ecs.call("UnassignIpv6Addresses", params)
 
     # -- capacity and reserved ranges ----------------------------------------------------------------
-    def capacity(self) -> PrefixCapacity:
-        held = self.describe()
+    def capacity(self, held: InterfacePrefixes | None = None) -> PrefixCapacity:
+        # the pass's own describe, when given: a boot's pass is then four calls, not five
+        held = held if held is not None else self.describe()
         instance = self._identity.instance_id()
         with self._errors("DescribeInstances"):
             data = self._ecs.call("DescribeInstances", {"InstanceIds": json.dumps([instance]), "PageSize": "10"})

@@ -201,7 +201,7 @@ class AwsPrefixes(PrefixProvider):
             self._ec2.api(what, "unassign_ipv6_addresses", NetworkInterfaceId=eni, Ipv6Prefixes=prefixes)
 
     # -- the instance type and the subnet -----------------------------------------------------------
-    def capacity(self) -> PrefixCapacity:
+    def capacity(self, held: InterfacePrefixes | None = None) -> PrefixCapacity:
         if self._capacity is not None:
             return self._capacity
         kind = self._instance_type()

@@ -107,7 +107,8 @@ from vpcnet_lab import Lab, LabError  # noqa: E402
 from vpcnet_lab.lab import ADDRESSING_MODES  # noqa: E402
 
 IMAGE = "vpcnet-testbox:latest"
-CLUSTER = "10.240.0.0/16"                # vpc0, the lab's network: no -o option
+CLUSTER = "10.240.0.0/16"                # vpc0, the lab's network: no -o option (route-table addressing;
+                                         # eni-prefix takes the lab's reserved range inside its vSwitch)
 DEFAULT_NET = "vpc0"
 MODES = ("bridge", "routed", "ebpf")
 MODE_NETWORKS = {"bridge": ("vpcb", "10.243.0.0/16"), "routed": ("vpcr", "10.241.0.0/16"),
@@ -712,7 +713,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
-    lab = Lab(hosts=args.hosts, cluster_cidr=CLUSTER, out=sys.stdout, ipv6=args.ipv6, addressing=args.addressing)
+    cluster = CLUSTER if args.addressing == "route-table" else None
+    lab = Lab(hosts=args.hosts, cluster_cidr=cluster, out=sys.stdout, ipv6=args.ipv6, addressing=args.addressing)
     bench = None
     started = time.monotonic()
     signal.signal(signal.SIGTERM, _interrupted)      # a kill still stops the servers and takes the lab down

@@ -800,4 +800,6 @@ def test_addressing_brings_the_lab_up_in_that_mode(monkeypatch, capsys, tmp_path
     monkeypatch.setattr(run.signal, "signal", lambda *a: None)
     assert run.main(["--no-chart", "--rounds", "1", "--out", str(tmp_path), *flags]) == 1
     assert [kw.get("addressing") for kw in _Lab.made] == [addressing]
+    # eni-prefix takes the lab's own reserved range: the emulator refuses one outside the lab's vSwitch
+    assert [kw.get("cluster_cidr") for kw in _Lab.made] == [run.CLUSTER if addressing == "route-table" else None]
     assert list(tmp_path.iterdir()) == []                          # a failed run writes no results

@@ -39,11 +39,10 @@ never taken from a prefix being given back. Addresses a prefix never hands out: 
 CIDR's) first address, which is every network's gateway, its network address and (IPv4) its broadcast one.
 
 One pass or assign at a time per host: a threading lock and `<state_dir>/prefixes.lock` (plugin workers,
-the CLI), each waited for a bounded time.
+the CLI; vpcnet.state.locks.exclusive_within), both within one bounded wait.
 """
 from __future__ import annotations
 
-import fcntl
 import ipaddress
 import json
 import logging
@@ -69,6 +68,7 @@ from vpcnet.cloud.prefixes import (
 )
 from vpcnet.errors import Busy, Exhausted, Fatal, Retryable, VpcnetError
 from vpcnet.observability import events
+from vpcnet.state import locks
 from vpcnet.state.store import HELD, RELEASING, AssignRecord, HeldPrefix
 
 log = logging.getLogger(__name__)
@@ -539,25 +539,13 @@ class PrefixPool:
     @contextmanager
     def _exclusive(self) -> Iterator[None]:
         """This host's prefix changes one at a time, across threads and processes; a bounded wait."""
-        deadline = self._monotonic() + LOCK_WAIT
+        started = self._monotonic()                  # one wait for the thread lock and the file's
         if not self._lock.acquire(timeout=LOCK_WAIT):
             raise Retryable(f"another pass over this host's prefixes has run for over {LOCK_WAIT:.0f} s")
         try:
-            os.makedirs(self.config.state_dir, mode=0o700, exist_ok=True)
-            with open(os.path.join(self.config.state_dir, "prefixes.lock"), "a") as fh:
-                while True:
-                    try:
-                        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        if self._monotonic() >= deadline:
-                            raise Retryable(f"another vpcnet process on this host has been changing its "
-                                            f"prefixes for over {LOCK_WAIT:.0f} s (lock {fh.name})") from None
-                        time.sleep(0.05)
-                try:
-                    yield
-                finally:
-                    fcntl.flock(fh, fcntl.LOCK_UN)
+            with locks.exclusive_within(os.path.join(self.config.state_dir, "prefixes.lock"), LOCK_WAIT,
+                                        "changing its prefixes", clock=self._monotonic, started=started):
+                yield
         finally:
             self._lock.release()
 

@@ -17,6 +17,9 @@ interface that vpcnet did not assign (another tool's, a hand-made one) is left a
   the same store transaction; when none is free, one synchronous assign
   (bounded: one call, after a bounded wait for the host's prefix lock), and if that fails the provider's
   error, saying what failed and what to do.
+- `release_all(force)`: decommissioning (`vpcnet routes release`): every prefix given back, after settling
+  a lost assign; refused while an address is in use unless `force`; all marked releasing in one
+  transaction first, so a failed unassign leaves them releasing for the next pass, never handed out again.
 - `short_of_warm_target()`: whether containers took the warm prefixes (a family below the target that can
   grow), from the store: the background pass asks it every second and then runs at once.
 - `status()`: per family the prefixes, addresses in use and free, how many more the interface takes, and a
@@ -364,7 +367,7 @@ class PrefixPool:
                         "destination": ",".join(got)})
         return got
 
-    def _unassign(self, version: int, prefixes: list[str], result: PrefixPassResult) -> None:
+    def _unassign(self, version: int, prefixes: list[str], result: PrefixPassResult, why: str = "") -> None:
         self.calls["unassign"] += 1
         try:
             self.provider.unassign(version, prefixes)
@@ -376,10 +379,63 @@ class PrefixPool:
             return
         self.store.forget_prefixes(prefixes)
         result.released.extend(prefixes)
-        log.info("released IPv%d prefixes %s (unused for %.0f s, above the warm target of %d)", version,
-                 ", ".join(prefixes), self.config.prefix_cooldown, self.config.warm_prefixes,
+        log.info("released IPv%d prefixes %s (%s)", version, ", ".join(prefixes),
+                 why or f"unused for {self.config.prefix_cooldown:.0f} s, above the warm target of "
+                 f"{self.config.warm_prefixes}",
                  extra={"event": "prefix_release", "outcome": "released", "family": _family(version),
                         "destination": ",".join(prefixes)})
+
+    # -- decommissioning ---------------------------------------------------------------------------------
+    def release_all(self, force: bool = False) -> PrefixPassResult:
+        """Give back every prefix this host holds (`vpcnet routes release`): settle first any assign whose
+        answer was lost (its prefixes are ours to give back too; one still unsettled: nothing is released),
+        then mark them all releasing in one store transaction, refused while an address of one is in use
+        unless `force`; then per family unassign them (MAX_PER_CALL per call) and forget each once the
+        cloud answered. An unassign that fails leaves its prefixes releasing, never handed out again: the
+        next pass, or `release` again, finishes them. Problems are reported, never raised."""
+        result = PrefixPassResult()
+        calls_before = Counter(self.calls)
+        try:
+            with self._exclusive():
+                interface = self._describe()
+                on_interface = self._settle(interface, result)
+                self._forget_gone(on_interface, result)
+                unsettled = self.store.assign_records()
+                if unsettled:
+                    result.problems.append(
+                        f"{len(unsettled)} assign(s) of this host lost their answer and are not settled yet (see "
+                        "above), so their prefixes are not known: nothing was released; run `vpcnet routes "
+                        "release` again")
+                else:
+                    self._release_every(on_interface, result, force)
+                    capacity: PrefixCapacity | None = None
+                    try:
+                        capacity = self._known_capacity()       # for status's room after it
+                    except VpcnetError as exc:
+                        log.info("cannot read the interface's capacity: %s", exc)
+                    self._remember(interface, on_interface, capacity)
+        except VpcnetError as exc:
+            result.problems.append(str(exc))
+        result.calls = self.calls - calls_before
+        _log_problems(result)
+        return result
+
+    def _release_every(self, on_interface: dict[int, set[str]], result: PrefixPassResult, force: bool) -> None:
+        releasing, busy = self.store.begin_release_all(self._clock() - TAKE_GRACE, force)
+        if busy and not force:
+            result.problems.append(
+                f"not released: {len(busy)} prefix(es) still have addresses in use or just handed out "
+                f"({', '.join(busy[:5])}{' ...' if len(busy) > 5 else ''}): remove the containers first, or "
+                "pass --force")
+            return
+        for version in (4, 6):
+            mine = [p.prefix for p in releasing if _version(p.family) == version]
+            for start in range(0, len(mine), MAX_PER_CALL):
+                chunk = mine[start:start + MAX_PER_CALL]
+                self._unassign(version, chunk, result, "this host's prefixes given back: vpcnet routes release")
+                if chunk[0] in result.released:
+                    on_interface[version].difference_update(chunk)
+
 
     # -- growth pauses after NoFreePrefix -----------------------------------------------------------------
     def _pause(self, version: int) -> tuple[float, str] | None:

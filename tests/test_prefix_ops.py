@@ -300,7 +300,10 @@ def test_status_and_doctor_of_a_dual_stack_host(tmp_path, no_cloud):
         assert [f["version"] for f in got["families"]] == [4, 6]
         ipv6 = got["families"][1]
         assert (ipv6["prefixes"], ipv6["capacity"], ipv6["room"]) == (["fd00:10::/80"], 1, 0)
-        assert "IPv6: 1 prefix(es): fd00:10::/80" in status.render(status.collect(host.config))
+        rendered = status.render(status.collect(host.config))
+        assert "IPv6: 1 prefix(es): fd00:10::/80" in rendered
+        assert "0 address(es) in use, " in rendered and "0 prefix(es) wholly free" not in rendered
+        assert not ipv6["short"] and not got["families"][0]["short"], "the /80 in use is no shortage"
         ctx, checks = host.doctor()
         # one /80 is all an interface holds, and its 2**48 addresses never run short: no capacity problem
         findings = checks.check_prefix_pool()

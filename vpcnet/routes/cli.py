@@ -237,8 +237,9 @@ def _prefix_sync(args: argparse.Namespace) -> int:
         for prefix in prefixes:
             print(f"{verb} {prefix}")
     for version in result.full:
-        print(f"IPv{version}: short of the warm target ({config.warm_prefixes} free), and the interface holds "
-              "all the prefixes its instance type allows")
+        target = f"the warm target ({config.warm_prefixes} free)" if version == 4 else "its one /80"
+        print(f"IPv{version}: short of {target}, and the interface holds all the prefixes its instance type "
+              "allows")
     for version, why in sorted(result.paused.items()):
         print(f"IPv{version}: new prefixes paused: {why}")
     for family in status.families:

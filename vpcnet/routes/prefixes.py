@@ -7,9 +7,10 @@ interface that vpcnet did not assign (another tool's, a hand-made one) is left a
 (vpcnet.cloud.prefixes) only moves prefixes; everything about which are ours lives here.
 
 - `sync()`, one pass: settle an assign whose answer was lost; forget prefixes gone from the interface; then
-  per family in use keep VPCNET_WARM_PREFIXES prefixes wholly free (no address in use), assigning the
-  difference (at most MAX_PER_CALL in one call, never past the interface's capacity), and give back wholly
-  unused prefixes above that once unused for VPCNET_PREFIX_COOLDOWN. After NoFreePrefix growth of that family
+  per family in use keep its target (IPv4: VPCNET_WARM_PREFIXES /28s wholly free, no address in use; IPv6:
+  exactly one /80 held), assigning the difference (at most MAX_PER_CALL in one call, never past the
+  interface's capacity), and give back wholly unused prefixes above that once unused for
+  VPCNET_PREFIX_COOLDOWN. After NoFreePrefix growth of that family
   pauses for NO_FREE_PAUSE seconds (as the AWS VPC CNI does), said once in the log with the fix. A pass makes
   at most one describe, one capacity (once per process), and per family one assign and one unassign (plus
   one assign repeating a lost one's token), and starts no call after PASS_BUDGET seconds.
@@ -21,7 +22,9 @@ interface that vpcnet did not assign (another tool's, a hand-made one) is left a
   a lost assign; refused while an address is in use unless `force`; all marked releasing in one
   transaction first, so a failed unassign leaves them releasing for the next pass, never handed out again.
 - `short_of_warm_target()`: whether containers took the warm prefixes (a family below the target that can
-  grow), from the store: the background pass asks it every second and then runs at once.
+  grow), from the store: the background pass asks it every second and then runs at once. The target is
+  IPv4's only: a host holds exactly one IPv6 /80 (assigned when it holds none, never a second), so an
+  IPv6 family whose /80 has addresses in use is not short (`_target`).
 - `status()`: per family the prefixes, addresses in use and free, how many more the interface takes, and a
   pause; from the store only (a pass writes what it learnt of the interface there), never a cloud call.
   `vpcnet status`, `vpcnet doctor` and the metrics show it; every assign and unassign call is counted
@@ -122,6 +125,7 @@ class FamilyStatus:
     room: int | None                      # how many more it can take; None: not known yet
     paused_until: float | None = None     # growth paused until then (wall clock)
     pause_reason: str = ""
+    short: bool = False                   # below its target (IPv4: the warm /28s; IPv6: its one /80), can grow
 
 
 @dataclass(frozen=True)
@@ -280,16 +284,27 @@ class PrefixPool:
         if releasing and self._in_budget(deadline, result):
             self._unassign(version, releasing, result)
         free = [p for p in held if p.state == HELD and self._wholly_free(p, in_use, now)]
-        warm = self.config.warm_prefixes
-        if len(free) < warm:
-            self._grow(version, warm - len(free), interface, on_interface, capacity, result, deadline)
-        elif len(free) > warm and self._in_budget(deadline, result):
-            cooled = [p.prefix for p in free[warm:]
+        short, keep_free = self._target(version, sum(1 for p in held if p.state == HELD), len(free))
+        if short > 0:
+            self._grow(version, short, interface, on_interface, capacity, result, deadline)
+        elif len(free) > keep_free and self._in_budget(deadline, result):
+            cooled = [p.prefix for p in free[keep_free:]
                       if p.unused_since is not None and p.unused_since <= now - self.config.prefix_cooldown]
             chosen = self.store.begin_release(family, cooled[:MAX_PER_CALL], now - self.config.prefix_cooldown,
                                               now - TAKE_GRACE)
             if chosen:
                 self._unassign(version, chosen, result)
+
+    def _target(self, version: int, held: int, free: int) -> tuple[int, int]:
+        """(how many prefixes the family is short of, how many wholly free ones it keeps) with `held` held
+        (not releasing) and `free` of them wholly free. IPv4: VPCNET_WARM_PREFIXES /28s kept wholly free.
+        IPv6: a host holds exactly one /80 (2**48 addresses never run short), whatever the warm target:
+        one assigned when it holds none, never a second; an extra one (an older version's, an adopted
+        one) wholly free and cooled is given back, the last one never."""
+        if version == 4:
+            warm = self.config.warm_prefixes
+            return max(0, warm - free), warm
+        return max(0, 1 - held), max(0, 1 - (held - free))
 
     def _grow(self, version: int, need: int, interface: InterfacePrefixes, on_interface: dict[int, set[str]],
               capacity: PrefixCapacity | None, result: PrefixPassResult, deadline: float) -> None:
@@ -574,10 +589,13 @@ class PrefixPool:
                     free += network.num_addresses - count - sum(1 for a in reserved if a in network)
                     free_prefixes += self._wholly_free(prefix, {prefix.prefix: count}, now)
             pause = self._pause(version)
+            room = snapshot.get("room", {}).get(str(version))
+            below = self._target(version, sum(1 for p in held if p.state == HELD), free_prefixes)[0] > 0
             families.append(FamilyStatus(
                 version, tuple(p.prefix for p in held), tuple(p.prefix for p in held if p.state == RELEASING),
-                in_use, free, free_prefixes, snapshot.get("capacity", {}).get(str(version)),
-                snapshot.get("room", {}).get(str(version)), pause[0] if pause else None, pause[1] if pause else ""))
+                in_use, free, free_prefixes, snapshot.get("capacity", {}).get(str(version)), room,
+                pause[0] if pause else None, pause[1] if pause else "",
+                short=below and (room is None or room > 0) and pause is None))
         return PoolStatus(snapshot.get("interface_id", ""), snapshot.get("instance_type", ""),
                           snapshot.get("supported", True), snapshot.get("reason", ""), tuple(families))
 
@@ -585,11 +603,7 @@ class PrefixPool:
         """Whether containers took the warm prefixes of a family whose growth can go on (room on the
         interface, no pause): the background pass then runs before its interval is over, so that the next
         container start does not wait on an assign. From the store only, cheap enough to ask every second."""
-        for family in self.status().families:
-            can_grow = (family.room is None or family.room > 0) and family.paused_until is None
-            if can_grow and family.free_prefixes < self.config.warm_prefixes:
-                return True
-        return False
+        return any(family.short for family in self.status().families)
 
     # -- one pass or assign at a time -----------------------------------------------------------------------
     @contextmanager

@@ -372,3 +372,41 @@ def fake_imds():
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+# -- the warm pool on an interface with room for several /80s ---------------------------------------------
+def test_the_pool_keeps_exactly_one_80_where_the_instance_type_takes_ten(host, providers, tmp_path):
+    """m5.large takes 10 IPv6 prefixes: the warm target (IPv4's) must not make the pool want a second /80
+    when the first has addresses in use; an extra one (assigned by an older version) goes after the
+    cooldown, the one in use stays."""
+    from vpcnet.routes.prefixes import PrefixPool
+    from vpcnet.state.store import AssignRecord, Store
+
+    config = host.config(state_dir=str(tmp_path / "state"), cluster_cidr=host.subnet_cidr,
+                         cluster_cidr_v6=host.subnet_v6, addressing="eni-prefix", warm_prefixes=2,
+                         prefix_cooldown=0.0)
+    store = Store(str(tmp_path / "vpcnet.db"))
+    provider = providers(config)
+    pool = PrefixPool(config, store, provider)
+
+    def record(db, address: str) -> None:
+        db.execute("INSERT OR IGNORE INTO pools(pool_id, cluster_cidr, gateway, cursor) VALUES('eni', ?, ?, 0)",
+                   (host.subnet_cidr, "10.0.1.1"))
+        db.execute("INSERT INTO addresses(pool_id, address) VALUES('eni', ?)", (address,))
+
+    try:
+        mine = pool.take_address(6, record=record).prefix
+        first = pool.sync()
+        assert first.ok and first.full == [] and len(first.assigned) == 2, first     # two IPv4 /28s only
+        assert provider.describe().ipv6 == (mine,)
+        v4, v6 = pool.status().families
+        assert v6.room == 9 and not v6.short and not v4.short and not pool.short_of_warm_target()
+        # an older version's second /80, its answer recorded as a lost assign: adopted, then given back
+        store.record_assign(AssignRecord("vpcnet-older", "ipv6", 1, (mine,), 0.0))
+        extra = provider.assign(6, 1, "vpcnet-older")
+        second = pool.sync()                    # cooldown 0: adopted and given back at once
+        assert second.ok and second.adopted == extra and second.released == extra, second
+        assert provider.describe().ipv6 == (mine,) and [p.prefix for p in store.held_prefixes("ipv6")] == [mine]
+        assert pool.sync().assigned == [], "and no second /80 again"
+    finally:
+        store.close()

@@ -300,7 +300,10 @@ def test_status_and_doctor_of_a_dual_stack_host(tmp_path, no_cloud):
         assert [f["version"] for f in got["families"]] == [4, 6]
         ipv6 = got["families"][1]
         assert (ipv6["prefixes"], ipv6["capacity"], ipv6["room"]) == (["fd00:10::/80"], 1, 0)
-        assert "IPv6: 1 prefix(es): fd00:10::/80" in status.render(status.collect(host.config))
+        rendered = status.render(status.collect(host.config))
+        assert "IPv6: 1 prefix(es): fd00:10::/80" in rendered
+        assert "0 address(es) in use, " in rendered and "0 prefix(es) wholly free" not in rendered
+        assert not ipv6["short"] and not got["families"][0]["short"], "the /80 in use is no shortage"
         ctx, checks = host.doctor()
         # one /80 is all an interface holds, and its 2**48 addresses never run short: no capacity problem
         findings = checks.check_prefix_pool()
@@ -338,3 +341,107 @@ def test_a_reserved_26_is_a_valid_cluster_cidr_in_eni_prefix_addressing_only(tmp
         make_config(tmp_path, ADDRESSING="eni-prefix", CLUSTER_CIDR="192.168.0.64/29")
     with pytest.raises(ConfigError, match="must be larger than one host block"):
         make_config(tmp_path, CLUSTER_CIDR="192.168.0.64/26")
+
+
+# -- vpcnet routes list / release / gc ------------------------------------------------------------------------
+def routes(tmp_path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """`vpcnet routes ARGS` for the Host of `tmp_path` (its state dir, instance h1, eni-prefix addressing)."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("VPCNET_")}
+    environ.update({"VPCNET_CONFIG": os.devnull, "VPCNET_STATE_DIR": str(tmp_path / "state"),
+                    "VPCNET_SOCKET": str(tmp_path / "vpcnet.sock"), "VPCNET_INSTANCE_ID": "h1",
+                    "VPCNET_ADDRESSING": "eni-prefix", "VPCNET_CLUSTER_CIDR": CLUSTER, **env})
+    return subprocess.run([sys.executable, "-m", "vpcnet.cli", "routes", *args], env=environ,
+                          capture_output=True, text=True, timeout=60)
+
+
+def on_interface(host: Host) -> tuple[list[str], list[str]]:
+    described = LocalPrefixes(host.config).describe()
+    return list(described.ipv4), list(described.ipv6)
+
+
+def test_routes_list_shows_the_prefixes_per_family_from_the_store(host, no_cloud, monkeypatch, capsys):
+    from argparse import Namespace
+
+    from vpcnet.routes import cli as routes_cli
+    host.use(17)                                     # 14 from the first /28, 3 from a second one
+    host.pool.take_address(6)                        # this host's one IPv6 /80
+    assert host.pool.sync().ok
+    for key, value in {"VPCNET_CONFIG": os.devnull, "VPCNET_STATE_DIR": host.config.state_dir,
+                       "VPCNET_SOCKET": host.config.socket, "VPCNET_INSTANCE_ID": "h1",
+                       "VPCNET_ADDRESSING": "eni-prefix", "VPCNET_CLUSTER_CIDR": CLUSTER}.items():
+        monkeypatch.setenv(key, value)
+    assert routes_cli.cmd_list(Namespace(config=os.devnull, json=True)) == 0      # no_cloud: from the store only
+    got = json.loads(capsys.readouterr().out)
+    assert got["addressing"] == "eni-prefix" and got["interface_id"] == "lni-h1"
+    v4, v6 = got["families"]
+    assert [(p["prefix"], p["state"], p["addresses_in_use"]) for p in v4["prefixes"]] == [
+        ("10.240.0.0/28", "held", 14), ("10.240.0.16/28", "held", 3), ("10.240.0.32/28", "held", 0)]
+    assert v4["addresses_in_use"] == 17 and v4["room"] == LOCAL_CAPACITY_V4 - 3
+    assert v6["version"] == 6 and [p["prefix"] for p in v6["prefixes"]] == on_interface(host)[1]
+    assert routes_cli.cmd_list(Namespace(config=os.devnull, json=False)) == 0
+    text = capsys.readouterr().out
+    assert "addressing eni-prefix (no route is written: this host's prefixes), interface lni-h1" in text
+    assert "10.240.0.16/28           held       3" in text and "\nIPv6: 1 prefix(es)" in text
+    assert "route table" not in text
+
+
+def test_routes_release_gives_back_every_prefix_and_refuses_while_used(host, tmp_path):
+    from vpcnet.state.store import Network
+    used = host.use(2)
+    host.pool.take_address(6)
+    assert host.pool.sync().ok
+    held = [p.prefix for p in host.store.held_prefixes()]
+    assert len(held) == 3 and on_interface(host) != ([], [])
+    with host.store.tx() as db:                      # a network on this host takes addresses from them
+        host.store.add_network(db, Network("n" * 64, CLUSTER, CLUSTER, "10.240.0.1", "vpc-nnnnnnnnnnn", 1500,
+                                           False, (), addressing="eni-prefix"))
+    refused = routes(tmp_path, "release")
+    assert refused.returncode == 1 and "1 vpcnet network(s)" in refused.stderr and "--force" in refused.stderr
+    host.store.delete_network("n" * 64)
+    busy = routes(tmp_path, "release")
+    assert busy.returncode == 1 and "addresses in use" in busy.stderr and "10.240.0.0/28" in busy.stderr
+    assert [p.prefix for p in host.store.held_prefixes()] == held, "nothing half-started"
+    assert {p.state for p in host.store.held_prefixes()} == {"held"}
+    forced = routes(tmp_path, "release", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert sorted(line.split()[1] for line in forced.stdout.splitlines() if line.startswith("released ")) \
+        == sorted(held)
+    assert forced.stdout.splitlines()[-1] == "released: 3 prefix(es) given back"
+    assert host.store.held_prefixes() == [] and on_interface(host) == ([], []), "nothing left on the interface"
+    assert used and host.pool.status().families[0].room == LOCAL_CAPACITY_V4
+
+
+def test_routes_release_adopts_a_lost_assign_before_giving_everything_back(host, tmp_path):
+    assert host.pool.sync().ok
+    before = on_interface(host)[0]
+    host.store.record_assign(AssignRecord("vpcnet-lost", "ipv4", 1, tuple(before), time.time()))
+    lost = LocalPrefixes(host.config).assign(4, 1, "vpcnet-lost")      # the answer never reached the store
+    proc = routes(tmp_path, "release")
+    assert proc.returncode == 0, proc.stderr
+    assert f"adopted {lost[0]} (an assign whose answer was lost)" in proc.stdout
+    assert on_interface(host) == ([], []) and host.store.assign_records() == []
+
+
+def test_a_failed_unassign_leaves_the_prefixes_releasing_and_the_next_pass_finishes(host):
+    class FailingUnassign(LocalPrefixes):
+        def unassign(self, version, prefixes):
+            raise prefixes_mod.Retryable("the cloud is away")
+
+    assert host.pool.sync().ok
+    held = [p.prefix for p in host.store.held_prefixes()]
+    failing = PrefixPool(host.config, host.store, FailingUnassign(host.config))
+    result = failing.release_all()
+    assert not result.ok and "the cloud is away" in result.problems[0] and result.released == []
+    assert {p.state for p in host.store.held_prefixes()} == {"releasing"}
+    assert host.pool.take_address(4).prefix not in held, "never handed out again (a new prefix is assigned)"
+    finished = host.pool.sync()                      # the next pass gives them back
+    assert finished.ok and set(held) <= set(finished.released)
+    assert {p.state for p in host.store.held_prefixes()} == {"held"}, "no release left half-done"
+    assert sorted(p.prefix for p in host.store.held_prefixes()) == sorted(on_interface(host)[0])
+
+
+def test_routes_gc_refuses_in_eni_prefix_addressing_naming_the_right_commands(tmp_path):
+    proc = routes(tmp_path, "gc", "--yes")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "does not apply in eni-prefix addressing" in proc.stderr
+    assert "`vpcnet routes release`" in proc.stderr and "`vpcnet routes sync`" in proc.stderr

@@ -540,9 +540,37 @@ def test_an_ipv6_address_comes_from_the_host_s_one_80_and_its_capacity_is_respec
     assert taken.assigned == ("fd00:10::/80",) and taken.address == "fd00:10::2"
     host.use(taken.address)
     assert host.pool.families() == [4, 6]
-    result = host.pool.sync()                       # the /80 is in use; a second does not fit
-    assert 6 in result.full and not any(v == 6 for v, _, _ in host.provider.assigns[1:])
+    result = host.pool.sync()                       # the /80 is in use: it is still all this host wants
+    assert result.ok and result.full == [] and not any(v == 6 for v, _, _ in host.provider.assigns[1:])
     assert host.take(6) == "fd00:10::3"
+
+
+def test_the_warm_target_is_ipv4_s_only_the_ipv6_family_is_never_short_while_its_80_is_held(tmp_path):
+    host = Host(tmp_path, warm_prefixes=3)
+    host.use(host.pool.take_address(6).address)
+    assert host.pool.sync().ok
+    assert len(host.held(4)) == 3 and host.held(6) == ["fd00:10::/80"]
+    v4, v6 = host.pool.status().families
+    assert (v4.free_prefixes, v4.short) == (3, False)
+    assert (v6.free_prefixes, v6.short, v6.room) == (0, False, 0)
+    assert not host.pool.short_of_warm_target(), "the background pass must not run every second for IPv6"
+    assert host.pool.sync().full == []
+    host.take()                                     # an IPv4 /28 no longer wholly free: IPv4 is short
+    assert host.pool.status().families[0].short and host.pool.short_of_warm_target()
+
+
+def test_a_host_without_its_80_is_short_and_gets_one_whatever_the_warm_target(tmp_path):
+    from vpcnet.state.store import Network
+    host = Host(tmp_path, warm_prefixes=0)
+    with host.store.tx() as db:                     # a dual-stack network: IPv6 is in use, no /80 held yet
+        host.store.add_network(db, Network("n" * 64, CLUSTER, CLUSTER, "10.240.0.1", "vpc-nnnnnnnnnnn", 1500, False,
+                                           (), cluster_cidr_v6=CLUSTER_V6, addressing="eni-prefix"))
+    v4, v6 = host.pool.status().families
+    assert not v4.short and v6.short and host.pool.short_of_warm_target()
+    result = host.pool.sync()
+    assert result.ok and result.assigned == ["fd00:10::/80"] and host.held(4) == []
+    assert not host.pool.short_of_warm_target()
+    assert host.pool.sync().assigned == [], "never a second /80"
 
 
 # -- status ---------------------------------------------------------------------------------------------------

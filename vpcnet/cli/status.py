@@ -173,8 +173,10 @@ def prefix_lines(prefixes: dict | None, now: float | None = None) -> list[str]:
                 f"the interface takes {family['room']} more (of {family['capacity']})")
         lines.append(f"  {name}: {len(held)} prefix(es){releasing}"
                      f"{': ' + ', '.join(held[:8]) if held else ''}{' ...' if len(held) > 8 else ''}")
+        # IPv6 has no warm pool (a host holds exactly one /80): its wholly free count says nothing
+        wholly = f", {family['free_prefixes']} prefix(es) wholly free" if family["version"] == 4 else ""
         lines.append(f"  {'':<{len(name)}}  {family['addresses_in_use']} address(es) in use, "
-                     f"{family['addresses_free']} free, {family['free_prefixes']} prefix(es) wholly free; {room}")
+                     f"{family['addresses_free']} free{wholly}; {room}")
         if family.get("paused_until"):
             lines.append(f"  {'':<{len(name)}}  new prefixes paused for another "
                          f"{max(0.0, family['paused_until'] - now):.0f} s: {family['pause_reason']}")

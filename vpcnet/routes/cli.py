@@ -19,6 +19,12 @@
 - `gc` lists vpcnet-made routes of this host's clusters, in every table, whose next-hop instance no
   longer exists; `--yes` deletes them.
 
+With `VPCNET_ADDRESSING=eni-prefix` no route is written, and the commands are about this host's prefixes:
+`list` shows them per family from the store (state, addresses in use; no cloud call), `release` gives them
+all back through the prefix provider (PrefixPool.release_all: refused while vpcnet networks or addresses
+use them, unless `--force`), and `gc` refuses (exit 2): a vanished instance's prefixes went with its
+interface, so there is nothing to collect; it names `routes release` and `routes sync` instead.
+
 Exit codes: 0 done; 1 a cloud or route problem (the reason on stderr); 2 a configuration error.
 All of them read the same configuration and state dir as `vpcnet serve`.
 """
@@ -34,6 +40,7 @@ from vpcnet.cloud import Route
 from vpcnet.routes.tables import FAMILY_NAMES
 
 EXIT_PROBLEM = 1
+EXIT_CONFIG = 2
 
 
 def register(sub) -> None:
@@ -45,7 +52,8 @@ def register(sub) -> None:
     actions = routes.add_subparsers(dest="routes_command", metavar="ACTION")
     actions.required = True
 
-    p = actions.add_parser("list", help="show the route table, vpcnet's routes marked")
+    p = actions.add_parser("list", help="show the route table, vpcnet's routes marked (eni-prefix addressing: "
+                                        "this host's prefixes)")
     add_config_argument(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_list)
@@ -61,14 +69,17 @@ def register(sub) -> None:
                         "unused, a prefix pass has its own bound)")
     p.set_defaults(func=cmd_sync)
 
-    p = actions.add_parser("release", help="remove this host's routes (decommissioning); asks nothing, but "
-                                           "refuses while networks use them")
+    p = actions.add_parser("release", help="remove this host's routes (eni-prefix addressing: give back its "
+                                           "prefixes; decommissioning); asks nothing, but refuses while networks "
+                                           "use them")
     add_config_argument(p)
     p.add_argument("--force", action="store_true", help="release even while vpcnet networks on this host use "
-                                                        "the blocks (their containers lose their routes)")
+                                                        "the blocks or prefixes (their containers lose their "
+                                                        "routes, or addresses)")
     p.set_defaults(func=cmd_release)
 
-    p = actions.add_parser("gc", help="vpcnet routes whose next-hop instance is gone (dry run unless --yes)")
+    p = actions.add_parser("gc", help="vpcnet routes whose next-hop instance is gone (dry run unless --yes; "
+                                      "refused in eni-prefix addressing)")
     add_config_argument(p)
     p.add_argument("--yes", action="store_true", help="delete them (default: only show them)")
     p.set_defaults(func=cmd_gc)
@@ -133,7 +144,25 @@ def _warn_if_serving(config, what: str) -> None:
 
 
 # -- commands ---------------------------------------------------------------------------------------
+def _eni_prefix(args: argparse.Namespace) -> bool:
+    return config_mod.load(args.config, check_socket_dir=False).addressing == "eni-prefix"
+
+
+def _open_pool(args):
+    """(config, store, pool) for a command in eni-prefix addressing; logging as `_open`'s."""
+    from vpcnet.observability.logs import setup_logging
+    from vpcnet.routes.prefixes import PrefixPool
+    from vpcnet.state.store import Store
+
+    config = config_mod.load(args.config, check_socket_dir=False)
+    setup_logging("DEBUG" if config.log_level.upper() == "DEBUG" else "ERROR")
+    store = Store(config.db_path)
+    return config, store, PrefixPool(config, store)
+
+
 def cmd_list(args: argparse.Namespace) -> int:
+    if _eni_prefix(args):
+        return _prefix_list(args)
     config, store, keeper = _open(args)
     try:
         tables, me, routes = keeper.table()
@@ -172,7 +201,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     if args.wait < 0:
         print("vpcnet: --wait must be 0 or more seconds", file=sys.stderr)
         return 2
-    if config_mod.load(args.config, check_socket_dir=False).addressing == "eni-prefix":
+    if _eni_prefix(args):
         return _prefix_sync(args)
     config, store, keeper = _open(args, **sync_deadlines(args.wait))
     try:
@@ -196,14 +225,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 def _prefix_sync(args: argparse.Namespace) -> int:
     """`routes sync` in eni-prefix addressing: one pass of this host's prefix pool, what it did, and the
     prefixes per family after it."""
-    from vpcnet.observability.logs import setup_logging
-    from vpcnet.routes.prefixes import PrefixPool
-    from vpcnet.state.store import Store
-
-    config = config_mod.load(args.config, check_socket_dir=False)
-    setup_logging("DEBUG" if config.log_level.upper() == "DEBUG" else "ERROR")
-    store = Store(config.db_path)
-    pool = PrefixPool(config, store)
+    config, store, pool = _open_pool(args)
     try:
         result = pool.sync()
         status = pool.status()
@@ -215,8 +237,9 @@ def _prefix_sync(args: argparse.Namespace) -> int:
         for prefix in prefixes:
             print(f"{verb} {prefix}")
     for version in result.full:
-        print(f"IPv{version}: short of the warm target ({config.warm_prefixes} free), and the interface holds "
-              "all the prefixes its instance type allows")
+        target = f"the warm target ({config.warm_prefixes} free)" if version == 4 else "its one /80"
+        print(f"IPv{version}: short of {target}, and the interface holds all the prefixes its instance type "
+              "allows")
     for version, why in sorted(result.paused.items()):
         print(f"IPv{version}: new prefixes paused: {why}")
     for family in status.families:
@@ -232,7 +255,85 @@ def _prefix_sync(args: argparse.Namespace) -> int:
     return EXIT_PROBLEM
 
 
+def _prefix_list(args: argparse.Namespace) -> int:
+    """`routes list` in eni-prefix addressing: this host's prefixes per family, from the store (what the
+    last pass learnt of the interface; no cloud call), each with its state and addresses in use."""
+    import ipaddress
+
+    config, store, pool = _open_pool(args)
+    try:
+        status = pool.status()
+        held = store.held_prefixes()
+        used = {family: {ipaddress.ip_address(a) for a in store.addresses_in_use(family)}
+                for family in {p.family for p in held}}
+        cluster_cidrs = [c for c in (config.cluster_cidr, config.default_cluster_cidr_v6)
+                         if any(f.version == ipaddress.ip_network(c).version for f in status.families)]
+    finally:
+        pool.close()
+        store.close()
+    rows = [(p, sum(1 for a in used[p.family] if a in ipaddress.ip_network(p.prefix))) for p in held]
+    if args.json:
+        print(json.dumps({
+            "provider": config.provider, "addressing": "eni-prefix", "interface_id": status.interface_id,
+            "instance_type": status.instance_type, "cluster_cidrs": cluster_cidrs,
+            "families": [{"version": f.version, "addresses_in_use": f.addresses_in_use,
+                          "addresses_free": f.addresses_free, "free_prefixes": f.free_prefixes,
+                          "capacity": f.capacity, "room": f.room, "paused_until": f.paused_until,
+                          "pause_reason": f.pause_reason,
+                          "prefixes": [{"prefix": p.prefix, "state": p.state, "addresses_in_use": n}
+                                       for p, n in rows if p.family == f"ipv{f.version}"]}
+                         for f in status.families]}, indent=2))
+        return 0
+    print(f"provider {config.provider}, addressing eni-prefix (no route is written: this host's prefixes), "
+          f"interface {status.interface_id or '? (no pass yet)'}, ranges {', '.join(cluster_cidrs)}")
+    for family in status.families:
+        room = "?" if family.room is None else str(family.room)
+        print(f"\nIPv{family.version}: {len(family.prefixes)} prefix(es), {family.addresses_in_use} address(es) "
+              f"in use, {family.addresses_free} free, room for {room} more"
+              + (f"; new prefixes paused: {family.pause_reason}" if family.paused_until else ""))
+        print(f"{'PREFIX':<24} {'STATE':<10} IN USE")
+        for prefix, count in rows:
+            if prefix.family == f"ipv{family.version}":
+                print(f"{prefix.prefix:<24} {prefix.state:<10} {count}")
+    print(f"\n{len(held)} prefix(es) held, from the store as of the last pass (`vpcnet routes sync` runs one)")
+    return 0
+
+
+def _prefix_release(args: argparse.Namespace) -> int:
+    """`routes release` in eni-prefix addressing: give back every prefix of this host (decommissioning)."""
+    config, store, pool = _open_pool(args)
+    try:
+        using = store.networks()
+        if using and not args.force:
+            names = ", ".join(n.network_id[:12] for n in using[:5])
+            more = f" and {len(using) - 5} more" if len(using) > 5 else ""
+            print(f"vpcnet: not released: {len(using)} vpcnet network(s) on this host still take addresses from "
+                  f"its prefixes: {names}{more}; their containers would lose them. Delete those networks first "
+                  "(docker network rm), or pass --force", file=sys.stderr)
+            return EXIT_PROBLEM
+        _warn_if_serving(config, "assign prefixes again (its warm pool)")
+        result = pool.release_all(force=args.force)
+        left = [p.prefix for p in store.held_prefixes()]
+    finally:
+        pool.close()
+        store.close()
+    for prefix in result.adopted:
+        print(f"adopted {prefix} (an assign whose answer was lost)")
+    for prefix in result.released:
+        print(f"released {prefix}")
+    for problem in result.problems:
+        print(f"vpcnet: {problem}", file=sys.stderr)
+    if left:
+        print(f"vpcnet: {len(left)} prefix(es) still held: {', '.join(left)}", file=sys.stderr)
+    if result.problems or left:
+        return EXIT_PROBLEM
+    print(f"released: {len(result.released)} prefix(es) given back")
+    return 0
+
+
 def cmd_release(args: argparse.Namespace) -> int:
+    if _eni_prefix(args):
+        return _prefix_release(args)
     config, store, keeper = _open(args)
     try:
         clusters = set(keeper.clusters())
@@ -256,6 +357,13 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    if _eni_prefix(args):
+        print("vpcnet: routes gc does not apply in eni-prefix addressing: no route is written, and a vanished "
+              "instance's prefixes went with its network interface, so there is nothing to collect. This "
+              "host's prefixes: `vpcnet routes list`; unused ones are given back after VPCNET_PREFIX_COOLDOWN "
+              "by the plugin or `vpcnet routes sync`; all of them (decommissioning): `vpcnet routes release`",
+              file=sys.stderr)
+        return EXIT_CONFIG
     config, store, keeper = _open(args)
     try:
         garbage = keeper.garbage()

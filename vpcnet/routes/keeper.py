@@ -6,18 +6,17 @@ claim exists it answers "host CIDR not yet claimed: <reason>" (with a provider w
 the local one, it claims inline). A configured block (VPCNET_HOST_CIDR) is answered at once and its
 route checked by the next pass.
 
-Each pass (and `routes sync`/`release`/`gc` from the CLI) holds `<state_dir>/routes.lock`, so the plugin
-and the CLI never claim for the same host at the same time; in one process `_lock` orders the threads.
+Each pass (and `routes sync`/`release`/`gc` from the CLI) holds `<state_dir>/routes.lock` (waited for at most
+PASS_LOCK_WAIT: vpcnet.state.locks.exclusive_within), so the plugin and the CLI never claim for the same
+host at the same time; in one process `_lock` orders the threads.
 `release` removes only this host's own routes and `gc` only routes of this host's clusters whose
 next-hop instance is gone (the rules in vpcnet.routes.claims).
 """
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import threading
-import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -30,6 +29,7 @@ from vpcnet.routes.journal import Journal
 from vpcnet.routes.loop import Pacing, ReconcileLoop
 from vpcnet.routes.sync import PENDING_POLL, Sync, SyncResult
 from vpcnet.routes.tables import RouteTables
+from vpcnet.state import locks
 
 log = logging.getLogger(__name__)
 
@@ -107,23 +107,9 @@ class RouteKeeper:
     @contextmanager
     def _exclusive(self) -> Iterator[None]:
         """This host's route changes one at a time across processes (plugin workers, the CLI)."""
-        os.makedirs(self.config.state_dir, mode=0o700, exist_ok=True)
-        with open(os.path.join(self.config.state_dir, "routes.lock"), "a") as fh:
-            deadline = time.monotonic() + PASS_LOCK_WAIT
-            while True:
-                try:
-                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise Retryable(f"another vpcnet process on this host has been changing routes for "
-                                        f"over {PASS_LOCK_WAIT:.0f} s (lock {fh.name})") from None
-                    if self._stop.wait(0.05):
-                        raise Retryable("stopping") from None
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        with locks.exclusive_within(os.path.join(self.config.state_dir, "routes.lock"), PASS_LOCK_WAIT,
+                                    "changing routes", stop=self._stop):
+            yield
 
     # -- what IPAM asks ---------------------------------------------------------------------------
     def host_cidr(self, cluster_cidr: str) -> str:

@@ -7,9 +7,10 @@ interface that vpcnet did not assign (another tool's, a hand-made one) is left a
 (vpcnet.cloud.prefixes) only moves prefixes; everything about which are ours lives here.
 
 - `sync()`, one pass: settle an assign whose answer was lost; forget prefixes gone from the interface; then
-  per family in use keep VPCNET_WARM_PREFIXES prefixes wholly free (no address in use), assigning the
-  difference (at most MAX_PER_CALL in one call, never past the interface's capacity), and give back wholly
-  unused prefixes above that once unused for VPCNET_PREFIX_COOLDOWN. After NoFreePrefix growth of that family
+  per family in use keep its target (IPv4: VPCNET_WARM_PREFIXES /28s wholly free, no address in use; IPv6:
+  exactly one /80 held), assigning the difference (at most MAX_PER_CALL in one call, never past the
+  interface's capacity), and give back wholly unused prefixes above that once unused for
+  VPCNET_PREFIX_COOLDOWN. After NoFreePrefix growth of that family
   pauses for NO_FREE_PAUSE seconds (as the AWS VPC CNI does), said once in the log with the fix. A pass makes
   at most one describe, one capacity (once per process), and per family one assign and one unassign (plus
   one assign repeating a lost one's token), and starts no call after PASS_BUDGET seconds.
@@ -17,8 +18,13 @@ interface that vpcnet did not assign (another tool's, a hand-made one) is left a
   the same store transaction; when none is free, one synchronous assign
   (bounded: one call, after a bounded wait for the host's prefix lock), and if that fails the provider's
   error, saying what failed and what to do.
+- `release_all(force)`: decommissioning (`vpcnet routes release`): every prefix given back, after settling
+  a lost assign; refused while an address is in use unless `force`; all marked releasing in one
+  transaction first, so a failed unassign leaves them releasing for the next pass, never handed out again.
 - `short_of_warm_target()`: whether containers took the warm prefixes (a family below the target that can
-  grow), from the store: the background pass asks it every second and then runs at once.
+  grow), from the store: the background pass asks it every second and then runs at once. The target is
+  IPv4's only: a host holds exactly one IPv6 /80 (assigned when it holds none, never a second), so an
+  IPv6 family whose /80 has addresses in use is not short (`_target`).
 - `status()`: per family the prefixes, addresses in use and free, how many more the interface takes, and a
   pause; from the store only (a pass writes what it learnt of the interface there), never a cloud call.
   `vpcnet status`, `vpcnet doctor` and the metrics show it; every assign and unassign call is counted
@@ -39,11 +45,10 @@ never taken from a prefix being given back. Addresses a prefix never hands out: 
 CIDR's) first address, which is every network's gateway, its network address and (IPv4) its broadcast one.
 
 One pass or assign at a time per host: a threading lock and `<state_dir>/prefixes.lock` (plugin workers,
-the CLI), each waited for a bounded time.
+the CLI; vpcnet.state.locks.exclusive_within), both within one bounded wait.
 """
 from __future__ import annotations
 
-import fcntl
 import ipaddress
 import json
 import logging
@@ -69,6 +74,7 @@ from vpcnet.cloud.prefixes import (
 )
 from vpcnet.errors import Busy, Exhausted, Fatal, Retryable, VpcnetError
 from vpcnet.observability import events
+from vpcnet.state import locks
 from vpcnet.state.store import HELD, RELEASING, AssignRecord, HeldPrefix
 
 log = logging.getLogger(__name__)
@@ -119,6 +125,7 @@ class FamilyStatus:
     room: int | None                      # how many more it can take; None: not known yet
     paused_until: float | None = None     # growth paused until then (wall clock)
     pause_reason: str = ""
+    short: bool = False                   # below its target (IPv4: the warm /28s; IPv6: its one /80), can grow
 
 
 @dataclass(frozen=True)
@@ -279,16 +286,27 @@ class PrefixPool:
         if releasing and self._in_budget(deadline, result):
             self._unassign(version, releasing, result)
         free = [p for p in held if p.state == HELD and self._wholly_free(p, in_use, now)]
-        warm = self.config.warm_prefixes
-        if len(free) < warm:
-            self._grow(version, warm - len(free), interface, on_interface, capacity, result, deadline)
-        elif len(free) > warm and self._in_budget(deadline, result):
-            cooled = [p.prefix for p in free[warm:]
+        short, keep_free = self._target(version, sum(1 for p in held if p.state == HELD), len(free))
+        if short > 0:
+            self._grow(version, short, interface, on_interface, capacity, result, deadline)
+        elif len(free) > keep_free and self._in_budget(deadline, result):
+            cooled = [p.prefix for p in free[keep_free:]
                       if p.unused_since is not None and p.unused_since <= now - self.config.prefix_cooldown]
             chosen = self.store.begin_release(family, cooled[:MAX_PER_CALL], now - self.config.prefix_cooldown,
                                               now - TAKE_GRACE)
             if chosen:
                 self._unassign(version, chosen, result)
+
+    def _target(self, version: int, held: int, free: int) -> tuple[int, int]:
+        """(how many prefixes the family is short of, how many wholly free ones it keeps) with `held` held
+        (not releasing) and `free` of them wholly free. IPv4: VPCNET_WARM_PREFIXES /28s kept wholly free.
+        IPv6: a host holds exactly one /80 (2**48 addresses never run short), whatever the warm target:
+        one assigned when it holds none, never a second; an extra one (an older version's, an adopted
+        one) wholly free and cooled is given back, the last one never."""
+        if version == 4:
+            warm = self.config.warm_prefixes
+            return max(0, warm - free), warm
+        return max(0, 1 - held), max(0, 1 - (held - free))
 
     def _grow(self, version: int, need: int, interface: InterfacePrefixes, on_interface: dict[int, set[str]],
               capacity: PrefixCapacity | None, result: PrefixPassResult, deadline: float) -> None:
@@ -366,7 +384,7 @@ class PrefixPool:
                         "destination": ",".join(got)})
         return got
 
-    def _unassign(self, version: int, prefixes: list[str], result: PrefixPassResult) -> None:
+    def _unassign(self, version: int, prefixes: list[str], result: PrefixPassResult, why: str = "") -> None:
         self.calls["unassign"] += 1
         try:
             self.provider.unassign(version, prefixes)
@@ -378,10 +396,63 @@ class PrefixPool:
             return
         self.store.forget_prefixes(prefixes)
         result.released.extend(prefixes)
-        log.info("released IPv%d prefixes %s (unused for %.0f s, above the warm target of %d)", version,
-                 ", ".join(prefixes), self.config.prefix_cooldown, self.config.warm_prefixes,
+        log.info("released IPv%d prefixes %s (%s)", version, ", ".join(prefixes),
+                 why or f"unused for {self.config.prefix_cooldown:.0f} s, above the warm target of "
+                 f"{self.config.warm_prefixes}",
                  extra={"event": "prefix_release", "outcome": "released", "family": _family(version),
                         "destination": ",".join(prefixes)})
+
+    # -- decommissioning ---------------------------------------------------------------------------------
+    def release_all(self, force: bool = False) -> PrefixPassResult:
+        """Give back every prefix this host holds (`vpcnet routes release`): settle first any assign whose
+        answer was lost (its prefixes are ours to give back too; one still unsettled: nothing is released),
+        then mark them all releasing in one store transaction, refused while an address of one is in use
+        unless `force`; then per family unassign them (MAX_PER_CALL per call) and forget each once the
+        cloud answered. An unassign that fails leaves its prefixes releasing, never handed out again: the
+        next pass, or `release` again, finishes them. Problems are reported, never raised."""
+        result = PrefixPassResult()
+        calls_before = Counter(self.calls)
+        try:
+            with self._exclusive():
+                interface = self._describe()
+                on_interface = self._settle(interface, result)
+                self._forget_gone(on_interface, result)
+                unsettled = self.store.assign_records()
+                if unsettled:
+                    result.problems.append(
+                        f"{len(unsettled)} assign(s) of this host lost their answer and are not settled yet (see "
+                        "above), so their prefixes are not known: nothing was released; run `vpcnet routes "
+                        "release` again")
+                else:
+                    self._release_every(on_interface, result, force)
+                    capacity: PrefixCapacity | None = None
+                    try:
+                        capacity = self._known_capacity(interface)   # for status's room after it
+                    except VpcnetError as exc:
+                        log.info("cannot read the interface's capacity: %s", exc)
+                    self._remember(interface, on_interface, capacity)
+        except VpcnetError as exc:
+            result.problems.append(str(exc))
+        result.calls = self.calls - calls_before
+        _log_problems(result)
+        return result
+
+    def _release_every(self, on_interface: dict[int, set[str]], result: PrefixPassResult, force: bool) -> None:
+        releasing, busy = self.store.begin_release_all(self._clock() - TAKE_GRACE, force)
+        if busy and not force:
+            result.problems.append(
+                f"not released: {len(busy)} prefix(es) still have addresses in use or just handed out "
+                f"({', '.join(busy[:5])}{' ...' if len(busy) > 5 else ''}): remove the containers first, or "
+                "pass --force")
+            return
+        for version in (4, 6):
+            mine = [p.prefix for p in releasing if _version(p.family) == version]
+            for start in range(0, len(mine), MAX_PER_CALL):
+                chunk = mine[start:start + MAX_PER_CALL]
+                self._unassign(version, chunk, result, "this host's prefixes given back: vpcnet routes release")
+                if chunk[0] in result.released:
+                    on_interface[version].difference_update(chunk)
+
 
     # -- growth pauses after NoFreePrefix -----------------------------------------------------------------
     def _pause(self, version: int) -> tuple[float, str] | None:
@@ -520,10 +591,13 @@ class PrefixPool:
                     free += network.num_addresses - count - sum(1 for a in reserved if a in network)
                     free_prefixes += self._wholly_free(prefix, {prefix.prefix: count}, now)
             pause = self._pause(version)
+            room = snapshot.get("room", {}).get(str(version))
+            below = self._target(version, sum(1 for p in held if p.state == HELD), free_prefixes)[0] > 0
             families.append(FamilyStatus(
                 version, tuple(p.prefix for p in held), tuple(p.prefix for p in held if p.state == RELEASING),
-                in_use, free, free_prefixes, snapshot.get("capacity", {}).get(str(version)),
-                snapshot.get("room", {}).get(str(version)), pause[0] if pause else None, pause[1] if pause else ""))
+                in_use, free, free_prefixes, snapshot.get("capacity", {}).get(str(version)), room,
+                pause[0] if pause else None, pause[1] if pause else "",
+                short=below and (room is None or room > 0) and pause is None))
         return PoolStatus(snapshot.get("interface_id", ""), snapshot.get("instance_type", ""),
                           snapshot.get("supported", True), snapshot.get("reason", ""), tuple(families))
 
@@ -531,35 +605,19 @@ class PrefixPool:
         """Whether containers took the warm prefixes of a family whose growth can go on (room on the
         interface, no pause): the background pass then runs before its interval is over, so that the next
         container start does not wait on an assign. From the store only, cheap enough to ask every second."""
-        for family in self.status().families:
-            can_grow = (family.room is None or family.room > 0) and family.paused_until is None
-            if can_grow and family.free_prefixes < self.config.warm_prefixes:
-                return True
-        return False
+        return any(family.short for family in self.status().families)
 
     # -- one pass or assign at a time -----------------------------------------------------------------------
     @contextmanager
     def _exclusive(self) -> Iterator[None]:
         """This host's prefix changes one at a time, across threads and processes; a bounded wait."""
-        deadline = self._monotonic() + LOCK_WAIT
+        started = self._monotonic()                  # one wait for the thread lock and the file's
         if not self._lock.acquire(timeout=LOCK_WAIT):
             raise Retryable(f"another pass over this host's prefixes has run for over {LOCK_WAIT:.0f} s")
         try:
-            os.makedirs(self.config.state_dir, mode=0o700, exist_ok=True)
-            with open(os.path.join(self.config.state_dir, "prefixes.lock"), "a") as fh:
-                while True:
-                    try:
-                        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        if self._monotonic() >= deadline:
-                            raise Retryable(f"another vpcnet process on this host has been changing its "
-                                            f"prefixes for over {LOCK_WAIT:.0f} s (lock {fh.name})") from None
-                        time.sleep(0.05)
-                try:
-                    yield
-                finally:
-                    fcntl.flock(fh, fcntl.LOCK_UN)
+            with locks.exclusive_within(os.path.join(self.config.state_dir, "prefixes.lock"), LOCK_WAIT,
+                                        "changing its prefixes", clock=self._monotonic, started=started):
+                yield
         finally:
             self._lock.release()
 

@@ -9,15 +9,22 @@ for each other.
 
 `become_leader` is the other kind: one holder per host for as long as it runs (the route reconciler, the
 datapath pass), the other workers waiting their turn in case it dies.
+
+`exclusive_within` is a third: one host-wide change at a time (this host's routes, its prefixes), but a
+waiter gives up after a bounded wait with a Retryable naming the lock file, rather than queueing behind a
+pass stuck on a cloud for ever.
 """
 from __future__ import annotations
 
 import fcntl
 import os
 import threading
+import time
 import zlib
 from contextlib import contextmanager
-from typing import IO, ContextManager, Iterator
+from typing import IO, Callable, ContextManager, Iterator
+
+from vpcnet.errors import Retryable
 
 STRIPES = 64
 
@@ -61,3 +68,40 @@ def become_leader(lock: IO, stop: threading.Event, poll: float = LEADER_POLL) ->
         except BlockingIOError:
             if stop.wait(poll):
                 return False
+
+
+#: A waiter for `exclusive_within` retries the flock this often (seconds).
+EXCLUSIVE_POLL = 0.05
+
+
+@contextmanager
+def exclusive_within(path: str, wait: float, doing: str, *, stop: threading.Event | None = None,
+                     clock: Callable[[], float] = time.monotonic, started: float | None = None) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (created, with its folder) for the block, waiting at most `wait`
+    seconds from `started` (on `clock`; default: now) for another holder (a process, or a thread: each open
+    is its own open file description). Past that: Retryable "another vpcnet process on this host has been
+    `doing` for over `wait` s (lock `path`)"; `stop` set while waiting: Retryable too. The retries are
+    bounded in count as well as by the clock (an injected clock may stand still)."""
+    deadline = (clock() if started is None else started) + wait
+    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+    with open(path, "a") as fh:
+        held = False
+        for _ in range(int(wait / EXCLUSIVE_POLL) + 2):
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = True
+                break
+            except BlockingIOError:
+                if clock() >= deadline:
+                    break
+                if stop is None:
+                    time.sleep(EXCLUSIVE_POLL)
+                elif stop.wait(EXCLUSIVE_POLL):
+                    raise Retryable(f"stopping (waiting for lock {path})") from None
+        if not held:
+            raise Retryable(f"another vpcnet process on this host has been {doing} for over {wait:.0f} s "
+                            f"(lock {path})")
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -502,6 +502,22 @@ class Store:
                 chosen.append(prefix)
             return chosen
 
+    def begin_release_all(self, taken_before: float, force: bool) -> tuple[list[HeldPrefix], list[str]]:
+        """Decommissioning: (every prefix now `releasing`, those of them with an address in use or handed one
+        since `taken_before`). In one transaction: unless `force`, any such prefix leaves every prefix as it
+        was (nothing is half-started); else, or with none, every held prefix becomes `releasing`, so no
+        address is taken from any of them any more."""
+        with self.tx() as db:
+            rows = [HeldPrefix(**dict(r)) for r in db.execute("SELECT * FROM prefixes").fetchall()]
+            used = {f: _in_use(db, f) for f in {r.family for r in rows}}
+            busy = [r.prefix for r in sorted(rows, key=lambda r: _sort_key(r.prefix))
+                    if _count_in(r.prefix, used[r.family]) or r.taken > taken_before]
+            if busy and not force:
+                return [], busy
+            db.execute("UPDATE prefixes SET state=?", (RELEASING,))
+            releasing = [HeldPrefix(**dict(r)) for r in db.execute("SELECT * FROM prefixes").fetchall()]
+            return sorted(releasing, key=lambda r: _sort_key(r.prefix)), busy
+
     def forget_prefixes(self, prefixes: list[str]) -> None:
         """The prefixes are off the interface (released, or gone behind vpcnet's back)."""
         with self.tx() as db:

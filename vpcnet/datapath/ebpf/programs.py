@@ -6,6 +6,7 @@ endpoint's host veth, in every mode)."""
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from vpcnet.datapath.ebpf.assembler import (
@@ -376,23 +377,40 @@ def _endpoint_veth(a: Asm, endpoints_fd: int, miss: str) -> None:
     a.movi(0, FIB_SUCCESS)
 
 
-def _shared_fib(a: Asm, endpoints_fd: int, anchor_ifindex: int, uplinks: Sequence[int] | None) -> None:
-    """A shared range's container program after its local map: the fib lookup of the destination (r8); out
-    of one of `uplinks` (None: any device but an endpoint's) with the neighbour's MAC: another host's
-    container; to an endpoint's host veth (a packet the local map did not take, a GSO one): into it; else
-    -> pass. Every address of the range not on this host may be another host's."""
-    _fib_lookup(a)
+@dataclass(frozen=True)
+class FibFamily:
+    """One address family's steps around a fib lookup, for the emitters both families share
+    (`_shared_fib`): the lookup of the packet's header, the TTL (hop limit) decrement and the redirect to
+    the lookup's next hop, with the names of the labels the decrements end at (fresh per program)."""
+    lookup: Callable[[Asm], None]
+    decrement: Callable[[Asm, str], None]
+    redirect_neigh: Callable[[Asm], None]
+    local_done: str
+    remote_done: str
+
+
+IPV4 = FibFamily(_fib_lookup, _decrement_ttl, _redirect_neigh, "local_ttl_done", "ttl_done")
+
+
+def _shared_fib(a: Asm, endpoints_fd: int, anchor_ifindex: int, uplinks: Sequence[int] | None,
+                family: FibFamily = IPV4) -> None:
+    """A shared range's container program after its local map: the fib lookup of the destination; out of
+    one of `uplinks` (None: any device but an endpoint's) to the neighbour: another host's container; to an
+    endpoint's host veth (an entry in the family's endpoint map `endpoints_fd`: a packet the local map did
+    not take, a GSO one): into it; else -> pass. Every address of the range not on this host may be
+    another host's. `family`: IPv4's steps, or IPv6's (vpcnet.datapath.ebpf.programs6.IPV6)."""
+    family.lookup(a)
     a.jump(JNE, 0, "pass", imm=FIB_SUCCESS)
     if uplinks:
         a.ldx(4, 5, FP, F_IFINDEX)
         for index in uplinks:
             a.jump(JEQ, 5, "uplink", imm=index)
     _endpoint_veth(a, endpoints_fd, "uplink" if uplinks is None else "pass")
-    _to_endpoint(a, anchor_ifindex, "local_ttl_done", peer=False)
+    _to_endpoint(a, anchor_ifindex, family.local_done, peer=False, decrement=family.decrement)
     if uplinks is None or uplinks:
         a.label("uplink")
-        _decrement_ttl(a, "ttl_done")
-        _redirect_neigh(a)
+        family.decrement(a, family.remote_done)
+        family.redirect_neigh(a)
 
 
 def uplink_program(host_cidr: str, cluster_cidr: str, anchor_ifindex: int, map_fd: int | None = None,

@@ -58,6 +58,7 @@ from vpcnet.datapath.ebpf.programs import (
     SKB_DATA_END,
     SKB_IFINDEX,
     TRANSMIT,
+    FibFamily,
     _add_to_map,
     _deliver_local,
     _endpoint,
@@ -65,6 +66,7 @@ from vpcnet.datapath.ebpf.programs import (
     _local_endpoint,
     _pass,
     _published_ports,
+    _shared_fib,
     _to_endpoint,
 )
 
@@ -205,6 +207,8 @@ def _redirect_neigh6(a: Asm) -> None:
     a.exit()
 
 
+IPV6 = FibFamily(_fib_lookup6, _decrement_hops, _redirect_neigh6, "local_hops_done", "hops_done")
+
 def _count6(a: Asm, map_fd: int, direction: int, cluster_cidr6: str, tag: str, own: bool) -> None:
     """As programs._count, for IPv6 (r2: the packet, PARSED6 bytes checked): the key is (the endpoint's
     address, `direction`, the peer's address, all zero beyond the IPv6 cluster CIDR); `own`: only the
@@ -274,7 +278,7 @@ def container_program6(host_cidr6: str, cluster_cidr6: str, endpoints_fd: int, a
     this host's endpoints by address: the other container found there without `bpf_fib_lookup`) as there.
     `shared`: `host_cidr6` is a range shared with other hosts (eni-prefix addressing): a destination in the
     local map is delivered to, any other takes the fib lookup, out of an uplink or into an endpoint's veth
-    (`_shared_fib6`)."""
+    (programs._shared_fib, with `IPV6`'s steps)."""
     _checked(cluster_cidr6, "cluster CIDR")
     _checked(host_cidr6, "host block")
     a = Asm()
@@ -294,7 +298,7 @@ def container_program6(host_cidr6: str, cluster_cidr6: str, endpoints_fd: int, a
             _deliver_local(a, "local_map_hops_done", peer=False, decrement=_decrement_hops)
             a.label("remote")
             _packet6(a, PARSED6)
-        _shared_fib6(a, endpoints_fd, anchor_ifindex, uplinks)
+        _shared_fib(a, endpoints_fd, anchor_ifindex, uplinks, IPV6)
         _pass(a)
         return a.assemble()
     _in6(a, IP6_DADDR, host_cidr6, "remote")
@@ -324,25 +328,6 @@ def container_program6(host_cidr6: str, cluster_cidr6: str, endpoints_fd: int, a
         _redirect_neigh6(a)
     _pass(a)
     return a.assemble()
-
-
-def _shared_fib6(a: Asm, endpoints_fd: int, anchor_ifindex: int, uplinks: Sequence[int] | None) -> None:
-    """programs._shared_fib for IPv6: the fib lookup of the destination; out of one of `uplinks` (None: any
-    device but an endpoint's) to the next hop: another host's container; to an endpoint's host veth (an
-    entry in the IPv6 endpoint map `endpoints_fd`: a packet the local map did not take): into it; else ->
-    pass."""
-    _fib_lookup6(a)
-    a.jump(JNE, 0, "pass", imm=FIB_SUCCESS)
-    if uplinks:
-        a.ldx(4, 5, FP, F_IFINDEX)
-        for index in uplinks:
-            a.jump(JEQ, 5, "uplink", imm=index)
-    _endpoint_veth(a, endpoints_fd, "uplink" if uplinks is None else "pass")
-    _to_endpoint(a, anchor_ifindex, "local_hops_done", peer=False, decrement=_decrement_hops)
-    if uplinks is None or uplinks:
-        a.label("uplink")
-        _decrement_hops(a, "hops_done")
-        _redirect_neigh6(a)
 
 
 def uplink_program6(host_cidr6: str, cluster_cidr6: str, anchor_ifindex: int, map_fd: int | None = None,

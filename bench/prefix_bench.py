@@ -2,7 +2,8 @@
 """eni-prefix addressing's figures (docs/eni-prefix.md): a boot storm, and one host going to 200 containers.
 
     python3 bench/prefix_bench.py [--storm 200,1000] [--rounds 3] [--containers 200] [--latency 0.1]
-                                  [--vstorm 50] [--out bench/results/prefixes.json]
+                                  [--vstorm 50] [--docker-runs 200] [--datapath routed]
+                                  [--out bench/results/prefixes.json]
 
 Everything runs on 127.0.0.1: the emulator (Alibaba-compatible ECS and VPC APIs, signed requests) served
 over real HTTP in this process (`serve_in_thread`), and vpcnet's real pieces (Config, Store, PrefixPool,
@@ -30,6 +31,21 @@ AliyunPrefixes, Ipam, RouteKeeper) in this process; the metadata URL is a closed
    containers came (including the background passes), prefixes held, and the RequestAddress latency (p50,
    p99, max) per mode, with the ratio of eni-prefix's p99 to route-table's (goal <= 1.10) as the median over
    rounds and its range.
+3. `docker run` on a real engine, 0 to N containers (`--docker-runs`, default 200; 0 skips it, and it is
+   skipped when no engine answers): what the goal names, the wall time of each `docker run -d` (the CLI, the
+   engine, containerd and the plugin's Docker calls), one after another on one vpcnet network. The plugin is
+   `vpcnet serve` as a child process on its own socket in /run/docker/plugins, as the real-engine tests run
+   it (tests/conftest.py PluginProcess), with the aliyun provider over HTTP to the emulator in this process
+   (`--latency` per API call, `ecs.g7.xlarge`), its warm pool at the default and its background pass as
+   `vpcnet serve` runs it; the network's datapath `--datapath` (default routed: eni-prefix refuses bridge).
+   In eni-prefix mode against route-table mode (the host's block claimed before: the network is created
+   once RequestPool answers), alternating rounds; cloud calls counted while the containers came. Reported
+   per mode p50/p99/max ms, and the p99 ratio as the median over rounds with its range. Every container
+   (labelled), the network and the plugin are removed after each round, also on failure. There is no
+   Docker 20.10 engine here: run it against Docker 28 in its sandbox, parts 1 and 2 off:
+
+       tests/engines/with-docker.sh python3 bench/prefix_bench.py --storm '' --vstorm '' --containers 0 \
+           --rounds 3 --docker-runs 200 --out bench/results/prefix-docker-runs.json
 """
 from __future__ import annotations
 
@@ -41,8 +57,10 @@ import logging
 import math
 import os
 import platform
+import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -58,6 +76,7 @@ from vpcnet.docker.ipam import Ipam  # noqa: E402
 from vpcnet.routes.keeper import RouteKeeper  # noqa: E402
 from vpcnet.routes.prefixes import PrefixPool  # noqa: E402
 from vpcnet.state.store import Store  # noqa: E402
+from vpcnet_lab import plugin_client  # noqa: E402
 from vpcnet_lab.emulator import Emulator, make_emulator_server, serve_in_thread  # noqa: E402
 from vpcnet_lab.emulator.enis import eni_id_of  # noqa: E402
 
@@ -70,6 +89,8 @@ HOST_RANGE = "10.97.0.0/20"           # part 2's reserved range (256 /28s)
 ROUTE_CLUSTER = "10.98.0.0/16"        # part 2's route-table cluster CIDR
 STORM_GOAL_S, STORM_GOAL_CALLS = 60.0, 5.0
 P99_GOAL = 1.10
+ENGINE_HOST = "i-bench-engine"
+PLUGIN_DIR = "/run/docker/plugins"       # where Docker looks for a plugin's socket
 BIG_TYPE = "ecs.g7.xlarge"            # 15 address slots: 14 prefixes, 224 addresses (200 containers fit)
 
 
@@ -266,6 +287,150 @@ def one_host(workdir: str, mode: str, containers: int, latency: float, gap: floa
             "slow_over_latency": sum(1 for x in latencies if x >= latency * 0.9)}
 
 
+# -- 3. `docker run` on a real engine, 0 to N containers -----------------------------------------------
+RUN_TIMEOUT_S = 120.0                 # one `docker run -d`; a run slower than this fails the round
+
+
+def docker_cmd(*args: str, timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def engine_version() -> str:
+    """The engine `docker` answers with (DOCKER_HOST), '' when none does."""
+    try:
+        done = docker_cmd("version", "--format", "{{.Server.Version}}", timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def plugin_env(url: str, state: str, driver: str, mode: str, interval: float) -> dict[str, str]:
+    """`vpcnet serve`'s environment as the real-engine tests give it (tests/conftest.py PluginProcess), on the
+    aliyun provider pointed at the emulator; the metadata URL a closed local port."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    env.update({"VPCNET_SOCKET": os.path.join(PLUGIN_DIR, driver + ".sock"), "VPCNET_STATE_DIR": state,
+                "VPCNET_CONFIG": os.devnull, "VPCNET_METRICS_ADDR": "127.0.0.1:0", "VPCNET_LOG_LEVEL": "INFO",
+                "VPCNET_PROVIDER": "aliyun", "VPCNET_ADDRESSING": mode,
+                "VPCNET_CLUSTER_CIDR": HOST_RANGE if mode == "eni-prefix" else ROUTE_CLUSTER,
+                "VPCNET_WARM_PREFIXES": "1", "VPCNET_RECONCILE_INTERVAL": f"{interval:g}",
+                "VPCNET_ALIYUN_ENDPOINT": url, "VPCNET_ALIYUN_REGION_ID": REGION, "VPCNET_ALIYUN_VPC_ID": VPC,
+                "VPCNET_ALIYUN_ROUTE_TABLE_ID": TABLE, "VPCNET_ALIYUN_INSTANCE_ID": ENGINE_HOST,
+                "VPCNET_ALIYUN_NETWORK_INTERFACE_ID": eni_id_of(ENGINE_HOST),
+                "VPCNET_ALIYUN_ACCESS_KEY_ID": KEY_ID, "VPCNET_ALIYUN_ACCESS_KEY_SECRET": SECRET,
+                "VPCNET_ALIYUN_METADATA_URL": f"http://127.0.0.1:{closed_port()}/"})
+    return env
+
+
+def log_tail(path: str, chars: int = 3000) -> str:
+    """The end of the plugin's log (it lives in the bench's temporary directory, gone after the run)."""
+    with open(path, errors="replace") as fh:
+        return fh.read()[-chars:]
+
+
+def start_plugin(env: dict[str, str], log_path: str, wait: float = 30.0) -> subprocess.Popen:
+    """`vpcnet serve` in a session of its own, once its socket answers Plugin.Activate."""
+    with open(log_path, "a") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "vpcnet.cli", "serve"], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vpcnet serve exited {proc.returncode}:\n{log_tail(log_path)}")
+        try:
+            if plugin_client.call(env["VPCNET_SOCKET"], "/Plugin.Activate", None, timeout=2)[0] == 200:
+                return proc
+        except OSError:
+            pass
+        time.sleep(0.05)
+    stop_plugin(proc)
+    raise RuntimeError(f"vpcnet serve's socket did not answer within {wait} s:\n{log_tail(log_path)}")
+
+
+def stop_plugin(proc: subprocess.Popen) -> None:
+    """SIGTERM to the plugin's session (its master and workers), SIGKILL after 15 s."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    try:                                   # workers outliving their master
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def remove_all(label: str, network: str | None) -> int:
+    """Remove the containers carrying `label` and the network; the containers still there afterwards."""
+    for _ in range(3):                                       # bounded: a busy engine may refuse a few
+        ids = docker_cmd("ps", "-aq", "--filter", f"label={label}", timeout=60).stdout.split()
+        if not ids:
+            break
+        for k in range(0, len(ids), 50):
+            docker_cmd("rm", "-f", *ids[k:k + 50], timeout=300)
+    if network:
+        docker_cmd("network", "rm", network, timeout=60)
+    return len(docker_cmd("ps", "-aq", "--filter", f"label={label}", timeout=60).stdout.split())
+
+
+def docker_runs(workdir: str, mode: str, containers: int, latency: float, image: str, name: str,
+                interval: float = 30.0, datapath: str = "routed") -> dict:
+    """`docker run -d` N times, one after another, on one vpcnet network in `mode`; wall times and cloud calls."""
+    emu = Emulator(region=REGION, vpc_id=VPC, route_table_id=TABLE, credentials={KEY_ID: SECRET})
+    emu.add_cidr_reservation(VSW, HOST_RANGE)
+    emu.register_instance(ENGINE_HOST, "172.16.0.1", "", BIG_TYPE)
+    emu.set_faults(latency=latency)
+    url, stop_http = serve_in_thread(emu)
+    state = os.path.join(workdir, name)
+    os.makedirs(state)
+    driver = f"vpcnet-bench-{os.getpid()}-{name}"
+    label = f"vpcnet-bench={driver}"
+    socket_path = os.path.join(PLUGIN_DIR, driver + ".sock")
+    network = None
+    plugin = None
+    times: list[float] = []
+    try:
+        env = plugin_env(url, state, driver, mode, interval)
+        plugin = start_plugin(env, os.path.join(state, "plugin.log"))
+        deadline = time.monotonic() + 60                   # route-table: the block is claimed first
+        while True:
+            done = docker_cmd("network", "create", "-d", driver, "--ipam-driver", driver,
+                              "-o", f"vpcnet.mode={datapath}", driver, timeout=120)
+            if done.returncode == 0:
+                network = driver
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"docker network create: {done.stderr.strip()}\n"
+                                   f"{log_tail(os.path.join(state, 'plugin.log'))}")
+            time.sleep(0.5)
+        time.sleep(2.0)                           # the first pass is over: warm prefix held, route Available
+        emu.reset_request_counts()
+        for k in range(containers):
+            t0 = time.perf_counter()
+            done = docker_cmd("run", "-d", "--label", label, "--name", f"{driver}-{k}", "--network", network,
+                              image, "sleep", "86400")
+            times.append(time.perf_counter() - t0)
+            if done.returncode != 0:
+                raise RuntimeError(f"docker run {k + 1} of {containers}: {done.stderr.strip()}\n"
+                                   f"{log_tail(os.path.join(state, 'plugin.log'))}")
+        requests = dict(sorted(emu.request_counts.items()))
+        held = len(emu.enis.enis[eni_id_of(ENGINE_HOST)]["ipv4_prefixes"])
+    finally:
+        left = remove_all(label, network)
+        if plugin is not None:
+            stop_plugin(plugin)
+        if os.path.exists(socket_path):                # left by a plugin that had to be killed
+            os.unlink(socket_path)
+        stop_http()
+        emu.close()
+    ms = [x * 1000 for x in times]
+    return {"mode": mode, "containers": containers, "started": len(times), "left_after_cleanup": left,
+            "cloud_calls": sum(requests.values()), "requests": requests, "prefixes_held": held,
+            "p50_ms": round(percentile(ms, 0.50), 1), "p99_ms": round(percentile(ms, 0.99), 1),
+            "max_ms": round(max(ms), 1)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--storm", default="200,1000", metavar="N,M", help="eni-prefix boot storms ('' none)")
@@ -277,13 +442,18 @@ def main() -> int:
     parser.add_argument("--gap", type=float, default=0.2, help="part 2: seconds between address requests")
     parser.add_argument("--interval", type=float, default=30.0,
                         help="part 2: VPCNET_RECONCILE_INTERVAL, the background pass's period (default 30)")
+    parser.add_argument("--docker-runs", type=int, default=200, metavar="N",
+                        help="part 3: containers started with `docker run -d` on the engine DOCKER_HOST names "
+                             "(skipped when no engine answers; 0: skip)")
+    parser.add_argument("--datapath", default="routed", help="part 3: the network's vpcnet.mode")
     parser.add_argument("--out", default=os.path.join(REPO, "bench", "results", "prefixes.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("vpcnet").setLevel(logging.CRITICAL)   # expected problems are in the figures
     rounds = max(1, args.rounds)
     load_before = os.getloadavg()
-    result: dict = {"benchmark": "prefixes", "storms": [], "route_table_storms": [], "containers": None}
+    result: dict = {"benchmark": "prefixes", "storms": [], "route_table_storms": [], "containers": None,
+                    "docker_runs": None}
     with tempfile.TemporaryDirectory(prefix="vpcnet-prefix-bench-") as workdir:
         for hosts in [int(n) for n in args.storm.split(",") if n.strip()]:
             runs = []
@@ -317,6 +487,24 @@ def main() -> int:
                 "reconcile_interval_s": args.interval, "rounds": runs,
                 "p99_ratio": spread(ratios), "goal": P99_GOAL,
                 "goal_met": statistics.median(ratios) <= P99_GOAL}
+        engine = engine_version() if args.docker_runs > 0 else ""
+        if args.docker_runs > 0 and not engine:
+            print("part 3 skipped: no Docker engine answers (run it in tests/engines/with-docker.sh)", flush=True)
+        if engine:
+            from vpcnet_lab import image as test_image
+            image = test_image.build()
+            runs = []
+            for k in range(rounds):
+                for mode in ("route-table", "eni-prefix"):
+                    runs.append(docker_runs(workdir, mode, args.docker_runs, args.latency, image,
+                                            f"{'rt' if mode == 'route-table' else 'eni'}{k}", args.interval,
+                                            args.datapath))
+                    print(f"docker run 0 to {args.docker_runs}, {mode}, round {k + 1}: {runs[-1]}", flush=True)
+            ratios = [e["p99_ms"] / r["p99_ms"] for r, e in zip(runs[0::2], runs[1::2], strict=True)]
+            result["docker_runs"] = {
+                "engine": engine, "containers": args.docker_runs, "latency_s": args.latency,
+                "reconcile_interval_s": args.interval, "datapath": args.datapath, "rounds": runs,
+                "p99_ratio": spread(ratios), "goal": P99_GOAL, "goal_met": statistics.median(ratios) <= P99_GOAL}
     result["generated"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     result["host"] = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
                       "load_avg_before": [round(x, 2) for x in load_before],
@@ -342,6 +530,14 @@ def main() -> int:
             print(f"0 to {c['containers']} containers, {mode:<11}: p99 {[r['p99_ms'] for r in mine]} ms, "
                   f"cloud calls {[r['cloud_calls'] for r in mine]}")
         print(f"p99 ratio eni-prefix / route-table: {c['p99_ratio']} (goal <= {P99_GOAL})")
+    d = result["docker_runs"]
+    if d:
+        for mode in ("route-table", "eni-prefix"):
+            mine = [r for r in d["rounds"] if r["mode"] == mode]
+            print(f"docker run 0 to {d['containers']}, {mode:<11}: p50 {[r['p50_ms'] for r in mine]} ms, "
+                  f"p99 {[r['p99_ms'] for r in mine]} ms, max {[r['max_ms'] for r in mine]} ms, "
+                  f"cloud calls {[r['cloud_calls'] for r in mine]}")
+        print(f"docker run p99 ratio eni-prefix / route-table: {d['p99_ratio']} (goal <= {P99_GOAL})")
     print(f"load average {result['host']['load_avg_before']} -> {result['host']['load_avg_after']}; "
           f"written to {os.path.relpath(args.out, REPO)}")
     return 0

@@ -29,6 +29,7 @@ Revoke passes again.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import os
@@ -446,7 +447,7 @@ class Store:
         """Addresses in use per held prefix of `family` (releasing ones included); in the same transaction a
         prefix found wholly unused gets `unused_since` (now, unless it has one), one in use loses it."""
         with self.tx() as db:
-            used = _in_use(db, family)
+            used = _parsed(_in_use(db, family))
             counts: dict[str, int] = {}
             for row in db.execute("SELECT prefix, unused_since FROM prefixes WHERE family=?", (family,)).fetchall():
                 counts[row["prefix"]] = count = _count_in(row["prefix"], used)
@@ -490,7 +491,7 @@ class Store:
         `taken_before` and with no address in use now, become `releasing` (no address is taken from them any
         more); returns them. One transaction, so a concurrent take either wins or sees them releasing."""
         with self.tx() as db:
-            used = _in_use(db, family)
+            used = _parsed(_in_use(db, family))
             chosen = []
             for prefix in prefixes:
                 row = db.execute("SELECT * FROM prefixes WHERE prefix=? AND family=? AND state=?",
@@ -770,11 +771,22 @@ def _in_use(db: sqlite3.Connection, family: str) -> set[str]:
     return {r[0] for r in rows if r[0] and (":" in r[0]) == v6}
 
 
-def _count_in(prefix: str, addresses: set[str]) -> int:
-    network = ipaddress.ip_network(prefix)
-    return sum(1 for a in addresses if ipaddress.ip_address(a) in network)
+def _parsed(addresses: set[str]) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """Parsed once per transaction, not once per prefix they are counted against."""
+    return [ipaddress.ip_address(a) for a in addresses]
 
 
+def _count_in(prefix: str, addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> int:
+    network = _prefix_network(prefix)
+    return sum(1 for a in addresses if a in network)
+
+
+@functools.lru_cache(maxsize=4096)
+def _prefix_network(prefix: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(prefix)
+
+
+@functools.lru_cache(maxsize=4096)
 def _sort_key(prefix: str) -> tuple[int, int]:
     network = ipaddress.ip_network(prefix)
     return network.version, int(network.network_address)

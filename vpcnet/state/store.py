@@ -510,7 +510,7 @@ class Store:
         address is taken from any of them any more."""
         with self.tx() as db:
             rows = [HeldPrefix(**dict(r)) for r in db.execute("SELECT * FROM prefixes").fetchall()]
-            used = {f: _in_use(db, f) for f in {r.family for r in rows}}
+            used = {f: _parsed(_in_use(db, f)) for f in {r.family for r in rows}}
             busy = [r.prefix for r in sorted(rows, key=lambda r: _sort_key(r.prefix))
                     if _count_in(r.prefix, used[r.family]) or r.taken > taken_before]
             if busy and not force:

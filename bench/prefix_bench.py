@@ -377,9 +377,10 @@ def remove_all(label: str, network: str | None) -> int:
 def docker_runs(workdir: str, mode: str, containers: int, latency: float, image: str, name: str,
                 interval: float = 30.0, datapath: str = "routed") -> dict:
     """`docker run -d` N times, one after another, on one vpcnet network in `mode`; wall times and cloud calls."""
-    emu = Emulator(region=REGION, vpc_id=VPC, route_table_id=TABLE, credentials={KEY_ID: SECRET})
+    emu = Emulator(region=REGION, vpc_id=VPC, route_table_id=TABLE, credentials={KEY_ID: SECRET},
+                   vswitch_cidrs=[VSWITCH_CIDR])
     emu.add_cidr_reservation(VSW, HOST_RANGE)
-    emu.register_instance(ENGINE_HOST, "172.16.0.1", "", BIG_TYPE)
+    emu.register_instance(ENGINE_HOST, HOSTS_FROM, "", BIG_TYPE)
     emu.set_faults(latency=latency)
     url, stop_http = serve_in_thread(emu)
     state = os.path.join(workdir, name)

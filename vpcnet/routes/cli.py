@@ -34,10 +34,12 @@ import argparse
 import json
 import os
 import sys
+from typing import Callable
 
 from vpcnet import config as config_mod
 from vpcnet.cloud import Route
 from vpcnet.routes.tables import FAMILY_NAMES
+from vpcnet.state.store import Network
 
 EXIT_PROBLEM = 1
 EXIT_CONFIG = 2
@@ -299,18 +301,24 @@ def _prefix_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_release(using: list[Network], what: str, loss: str, name: Callable[[Network], str]) -> int:
+    """`routes release` refused while networks of this host still depend on what it would give back."""
+    names = ", ".join(name(n) for n in using[:5])
+    more = f" and {len(using) - 5} more" if len(using) > 5 else ""
+    print(f"vpcnet: not released: {len(using)} vpcnet network(s) on this host {what}: {names}{more}; their "
+          f"containers would {loss}. Delete those networks first (docker network rm), or pass --force",
+          file=sys.stderr)
+    return EXIT_PROBLEM
+
+
 def _prefix_release(args: argparse.Namespace) -> int:
     """`routes release` in eni-prefix addressing: give back every prefix of this host (decommissioning)."""
     config, store, pool = _open_pool(args)
     try:
         using = store.networks()
         if using and not args.force:
-            names = ", ".join(n.network_id[:12] for n in using[:5])
-            more = f" and {len(using) - 5} more" if len(using) > 5 else ""
-            print(f"vpcnet: not released: {len(using)} vpcnet network(s) on this host still take addresses from "
-                  f"its prefixes: {names}{more}; their containers would lose them. Delete those networks first "
-                  "(docker network rm), or pass --force", file=sys.stderr)
-            return EXIT_PROBLEM
+            return _refuse_release(using, "still take addresses from its prefixes", "lose them",
+                                   lambda n: n.network_id[:12])
         _warn_if_serving(config, "assign prefixes again (its warm pool)")
         result = pool.release_all(force=args.force)
         left = [p.prefix for p in store.held_prefixes()]
@@ -340,12 +348,8 @@ def cmd_release(args: argparse.Namespace) -> int:
         blocks = {c.host_cidr for c in store.claims() if c.host_cidr}
         using = [n for n in store.networks() if n.cluster_cidr in clusters or n.host_cidr in blocks]
         if using and not args.force:
-            names = ", ".join(f"{n.network_id[:12]} ({n.host_cidr})" for n in using[:5])
-            more = f" and {len(using) - 5} more" if len(using) > 5 else ""
-            print(f"vpcnet: not released: {len(using)} vpcnet network(s) on this host still use its block(s): "
-                  f"{names}{more}; their containers would lose their routes. Delete those networks first "
-                  "(docker network rm), or pass --force", file=sys.stderr)
-            return EXIT_PROBLEM
+            return _refuse_release(using, "still use its block(s)", "lose their routes",
+                                   lambda n: f"{n.network_id[:12]} ({n.host_cidr})")
         _warn_if_serving(config, "claim a block again")
         removed = keeper.release()
     finally:

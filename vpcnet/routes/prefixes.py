@@ -174,23 +174,32 @@ class PrefixPool:
     # -- one pass --------------------------------------------------------------------------------------
     def sync(self) -> PrefixPassResult:
         """One level-triggered pass (see the module docstring); problems are reported, never raised."""
+        deadline = self._monotonic() + PASS_BUDGET
+
+        def keep(interface: InterfacePrefixes, on_interface: dict[int, set[str]], result: PrefixPassResult) -> None:
+            capacity: PrefixCapacity | None = None
+            try:
+                capacity = self._known_capacity(interface)
+            except VpcnetError as exc:
+                result.problems.append(f"cannot read the interface's capacity (no prefix is assigned until "
+                                       f"then): {exc}")
+            for version in self.families():
+                self._keep(version, interface, on_interface, capacity, result, deadline)
+            self._remember(interface, on_interface, capacity)
+        return self._pass(keep)
+
+    def _pass(self, body: Callable[[InterfacePrefixes, dict[int, set[str]], PrefixPassResult], None]
+              ) -> PrefixPassResult:
+        """The frame every pass shares: under the host's lock, describe the interface, settle lost assigns and
+        forget prefixes gone from it, then `body`; its calls counted and its problems logged, never raised."""
         result = PrefixPassResult()
         calls_before = Counter(self.calls)
-        deadline = self._monotonic() + PASS_BUDGET
         try:
             with self._exclusive():
                 interface = self._describe()
                 on_interface = self._settle(interface, result)
                 self._forget_gone(on_interface, result)
-                capacity: PrefixCapacity | None = None
-                try:
-                    capacity = self._known_capacity(interface)
-                except VpcnetError as exc:
-                    result.problems.append(f"cannot read the interface's capacity (no prefix is assigned until "
-                                           f"then): {exc}")
-                for version in self.families():
-                    self._keep(version, interface, on_interface, capacity, result, deadline)
-                self._remember(interface, on_interface, capacity)
+                body(interface, on_interface, result)
         except VpcnetError as exc:
             result.problems.append(str(exc))
         result.calls = self.calls - calls_before
@@ -412,32 +421,23 @@ class PrefixPool:
         unless `force`; then per family unassign them (MAX_PER_CALL per call) and forget each once the
         cloud answered. An unassign that fails leaves its prefixes releasing, never handed out again: the
         next pass, or `release` again, finishes them. Problems are reported, never raised."""
-        result = PrefixPassResult()
-        calls_before = Counter(self.calls)
-        try:
-            with self._exclusive():
-                interface = self._describe()
-                on_interface = self._settle(interface, result)
-                self._forget_gone(on_interface, result)
-                unsettled = self.store.assign_records()
-                if unsettled:
-                    result.problems.append(
-                        f"{len(unsettled)} assign(s) of this host lost their answer and are not settled yet (see "
-                        "above), so their prefixes are not known: nothing was released; run `vpcnet routes "
-                        "release` again")
-                else:
-                    self._release_every(on_interface, result, force)
-                    capacity: PrefixCapacity | None = None
-                    try:
-                        capacity = self._known_capacity(interface)   # for status's room after it
-                    except VpcnetError as exc:
-                        log.info("cannot read the interface's capacity: %s", exc)
-                    self._remember(interface, on_interface, capacity)
-        except VpcnetError as exc:
-            result.problems.append(str(exc))
-        result.calls = self.calls - calls_before
-        _log_problems(result)
-        return result
+        def release(interface: InterfacePrefixes, on_interface: dict[int, set[str]],
+                    result: PrefixPassResult) -> None:
+            unsettled = self.store.assign_records()
+            if unsettled:
+                result.problems.append(
+                    f"{len(unsettled)} assign(s) of this host lost their answer and are not "
+                    "settled yet (see above), so their prefixes are not known: nothing was released; run "
+                    "`vpcnet routes release` again")
+                return
+            self._release_every(on_interface, result, force)
+            capacity: PrefixCapacity | None = None
+            try:
+                capacity = self._known_capacity(interface)   # for status's room after it
+            except VpcnetError as exc:
+                log.info("cannot read the interface's capacity: %s", exc)
+            self._remember(interface, on_interface, capacity)
+        return self._pass(release)
 
     def _release_every(self, on_interface: dict[int, set[str]], result: PrefixPassResult, force: bool) -> None:
         releasing, busy = self.store.begin_release_all(self._clock() - TAKE_GRACE, force)

@@ -559,7 +559,7 @@ def test_the_warm_target_is_ipv4_s_only_the_ipv6_family_is_never_short_while_its
     assert host.pool.status().families[0].short and host.pool.short_of_warm_target()
 
 
-def test_a_host_without_its_80_is_short_and_gets_one_whatever_the_warm_target(tmp_path):
+def test_a_host_without_its_80_is_short_and_gets_one_and_gives_it_back_once_nothing_needs_it(tmp_path):
     from vpcnet.state.store import Network
     host = Host(tmp_path, warm_prefixes=0)
     with host.store.tx() as db:                     # a dual-stack network: IPv6 is in use, no /80 held yet
@@ -571,6 +571,13 @@ def test_a_host_without_its_80_is_short_and_gets_one_whatever_the_warm_target(tm
     assert result.ok and result.assigned == ["fd00:10::/80"] and host.held(4) == []
     assert not host.pool.short_of_warm_target()
     assert host.pool.sync().assigned == [], "never a second /80"
+    # the dual-stack network gone and no warm pool wanted: the unused /80 goes after the cooldown, like a /28
+    host.store.delete_network("n" * 64)
+    host.pool.sync()
+    assert host.held(6) == ["fd00:10::/80"], "not before the cooldown"
+    host.clock.now += 31
+    assert host.pool.sync().released == ["fd00:10::/80"] and host.held(6) == []
+    assert not host.pool.short_of_warm_target()
 
 
 # -- status ---------------------------------------------------------------------------------------------------

@@ -215,7 +215,7 @@ SETTINGS: tuple[Setting, ...] = (
             "and cluster CIDR) or eni-prefix (IPv4 /28 and IPv6 /80 prefixes on the host's network interface, "
             "no route; docs/eni-prefix.md)", _addressing),
     Setting("warm_prefixes", 1, "eni-prefix addressing: free IPv4 /28 prefixes kept ready (0..10), so a "
-            "container start does not wait on the cloud (IPv6: a host holds exactly one /80)", _warm_prefixes),
+            "container start does not wait on the cloud (IPv6: a host holds at most one /80)", _warm_prefixes),
     Setting("prefix_cooldown", 30.0, "eni-prefix addressing: seconds a wholly unused prefix above the warm "
             "target stays before it is released", _float),
     # Alibaba Cloud

@@ -173,7 +173,7 @@ def prefix_lines(prefixes: dict | None, now: float | None = None) -> list[str]:
                 f"the interface takes {family['room']} more (of {family['capacity']})")
         lines.append(f"  {name}: {len(held)} prefix(es){releasing}"
                      f"{': ' + ', '.join(held[:8]) if held else ''}{' ...' if len(held) > 8 else ''}")
-        # IPv6 has no warm pool (a host holds exactly one /80): its wholly free count says nothing
+        # IPv6 has no warm pool (a host holds at most one /80): its wholly free count says nothing
         wholly = f", {family['free_prefixes']} prefix(es) wholly free" if family["version"] == 4 else ""
         lines.append(f"  {'':<{len(name)}}  {family['addresses_in_use']} address(es) in use, "
                      f"{family['addresses_free']} free{wholly}; {room}")

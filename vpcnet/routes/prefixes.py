@@ -8,7 +8,8 @@ interface that vpcnet did not assign (another tool's, a hand-made one) is left a
 
 - `sync()`, one pass: settle an assign whose answer was lost; forget prefixes gone from the interface; then
   per family in use keep its target (IPv4: VPCNET_WARM_PREFIXES /28s wholly free, no address in use; IPv6:
-  exactly one /80 held), assigning the difference (at most MAX_PER_CALL in one call, never past the
+  one /80 held, never a second, and none once no dual-stack network or address needs it and the warm
+  target is 0), assigning the difference (at most MAX_PER_CALL in one call, never past the
   interface's capacity), and give back wholly unused prefixes above that once unused for
   VPCNET_PREFIX_COOLDOWN. After NoFreePrefix growth of that family
   pauses for NO_FREE_PAUSE seconds (as the AWS VPC CNI does), said once in the log with the fix. A pass makes
@@ -311,13 +312,17 @@ class PrefixPool:
     def _target(self, version: int, held: int, free: int) -> tuple[int, int]:
         """(how many prefixes the family is short of, how many wholly free ones it keeps) with `held` held
         (not releasing) and `free` of them wholly free. IPv4: VPCNET_WARM_PREFIXES /28s kept wholly free.
-        IPv6: a host holds exactly one /80 (2**48 addresses never run short), whatever the warm target:
-        one assigned when it holds none, never a second; an extra one (an older version's, an adopted
-        one) wholly free and cooled is given back, the last one never."""
+        IPv6: a host holds at most one /80 (2**48 addresses never run short): one assigned when it holds
+        none, never a second; an extra one (an older version's, an adopted one) wholly free and cooled is
+        given back. The one /80 is wanted while a dual-stack network exists, one of its addresses is in use
+        or a warm pool is wanted at all (VPCNET_WARM_PREFIXES > 0): with a warm target of 0 and no
+        dual-stack network left, an unused /80 is given back like a /28."""
+        warm = self.config.warm_prefixes
         if version == 4:
-            warm = self.config.warm_prefixes
             return max(0, warm - free), warm
-        return max(0, 1 - held), max(0, 1 - (held - free))
+        in_use = held - free
+        want = 1 if warm > 0 or in_use > 0 or any(n.cluster_cidr_v6 for n in self.store.networks()) else 0
+        return max(0, want - held), max(0, want - in_use)
 
     def _grow(self, version: int, need: int, interface: InterfacePrefixes, on_interface: dict[int, set[str]],
               capacity: PrefixCapacity | None, result: PrefixPassResult, deadline: float) -> None:

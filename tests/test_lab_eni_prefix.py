@@ -186,18 +186,24 @@ def test_the_lab_refuses_what_eni_prefix_addressing_cannot_do():
         Lab(addressing="eni")
 
 
-def test_containers_on_two_eni_prefix_hosts_reach_each_other_unencapsulated_with_their_own_addresses(request):
-    """IPv4 only (the dual-stack test is the last one of the file)."""
+def two_hosts_with_a_box_each(request, **lab_settings) -> tuple:
+    """A two-host lab in eni-prefix addressing on PING_RANGE and a container on each host, both removed (and
+    the lab taken down) when the test ends, also on failure."""
     _require_lab_prerequisites()
     from vpcnet_lab import Lab
 
-    lab = Lab(hosts=2, cluster_cidr=PING_RANGE, addressing="eni-prefix", reconcile_interval=2.0)
+    lab = Lab(hosts=2, cluster_cidr=PING_RANGE, addressing="eni-prefix", reconcile_interval=2.0, **lab_settings)
     request.addfinalizer(lambda: lab.down())
     lab.up()
     boxes: list[Box] = []
     request.addfinalizer(lambda: [b.remove() for b in boxes])
-    a, b = Box(lab, 1), Box(lab, 2)
-    boxes += [a, b]
+    boxes += [Box(lab, 1), Box(lab, 2)]
+    return lab, boxes[0], boxes[1]
+
+
+def test_containers_on_two_eni_prefix_hosts_reach_each_other_unencapsulated_with_their_own_addresses(request):
+    """IPv4 only (the dual-stack test is the last one of the file)."""
+    lab, a, b = two_hosts_with_a_box_each(request)
     assert custom_entries(lab) == [], "eni-prefix addressing writes no route entry"
 
     # each container's address is in a prefix of its own host's ENI, with the range's prefix length
@@ -236,17 +242,7 @@ def test_dual_stack_containers_on_two_eni_prefix_hosts_reach_each_other_over_ipv
     addresses, through the router's kernel route per prefix and no route-table entry."""
     from test_lab import ipv6_of, peer6_of
 
-    _require_lab_prerequisites()
-    from vpcnet_lab import Lab
-
-    lab = Lab(hosts=2, cluster_cidr=PING_RANGE, cluster_cidr_v6=PING_RANGE6, addressing="eni-prefix", ipv6=True,
-              reconcile_interval=2.0)
-    request.addfinalizer(lambda: lab.down())
-    lab.up()
-    boxes: list[Box] = []
-    request.addfinalizer(lambda: [b.remove() for b in boxes])
-    a, b = Box(lab, 1), Box(lab, 2)
-    boxes += [a, b]
+    lab, a, b = two_hosts_with_a_box_each(request, cluster_cidr_v6=PING_RANGE6, ipv6=True)
     addr6 = {box.host: ipv6_of(lab, box.host, box.name, lab.network) for box in (a, b)}
 
     # each container's IPv6 address is in its own host's /80, and that /80 is routed to the host
